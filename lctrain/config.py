@@ -1,0 +1,276 @@
+"""Configuration: OmegaConf structured configs, YAML recipes and `key=value` overrides.
+
+The dataclass defaults below ARE the embedded default job (`lctrain train` with no arguments): a tiny
+hybrid that trains on CPU in a few minutes. Recipes in recipes/ override them; the command line
+overrides the recipe. `validate` checks every cross-field rule before any work starts and names the
+key and the fix in its error.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+# One letter per block kind in model.layer_pattern.
+LAYER_KINDS = {
+    "G": "gated DeltaNet",
+    "D": "DeltaNet",
+    "M": "Mamba-2 style gated linear attention",
+    "S": "sliding-window softmax attention",
+    "A": "global softmax attention",
+}
+LINEAR_LAYERS = set("GDM")
+ATTENTION_LAYERS = set("SA")
+ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
+KERNEL_BACKENDS = ("auto", "naive", "torch", "triton")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and what to change."""
+
+
+@dataclass
+class RopeConfig:
+    base: float = 10000.0
+    # none | linear (position interpolation) | ntk (NTK-aware base change) | yarn
+    scaling: str = "none"
+    factor: float = 1.0
+    # the context length the base was trained for; 0 means data.seq_len
+    original_max_position: int = 0
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 264  # byte tokenizer: 256 bytes + specials, rounded up
+    d_model: int = 128
+    # one letter per block: G gated DeltaNet, D DeltaNet, M Mamba-2, S sliding-window attn, A global attn
+    layer_pattern: Any = "GSGA"  # a string or a list of letters
+    n_heads: int = 4  # heads of the linear-recurrent mixers
+    head_dim: int = 32  # d_k = d_v of the linear-recurrent mixers
+    attn_heads: int = 4
+    attn_head_dim: int = 32
+    window: int = 128  # sliding-window attention span (tokens, including the current one)
+    conv_size: int = 4  # short causal depthwise conv of the linear mixers
+    mlp_ratio: float = 4.0  # SwiGLU hidden size = mlp_ratio * 2/3 * d_model, rounded up to 32
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    checkpoint_activations: bool = False
+    chunk_size: int = 64
+    kernel_backend: str = "auto"
+    init_std: float = 0.02
+    rope: RopeConfig = field(default_factory=RopeConfig)
+
+
+@dataclass
+class ParallelConfig:
+    cp: int = 1  # context-parallel degree: the sequence is split into cp contiguous shards
+    tp: int = 1  # tensor-parallel degree (heads and vocabulary)
+    pp: int = 1  # pipeline-parallel degree
+    # processes on this node when `lctrain train` launches them itself; 0 = cp * tp * pp
+    nproc_per_node: int = 0
+    dist_backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+
+
+@dataclass
+class DataConfig:
+    # "embedded" = text this machine already has + synthetic needle samples, built once into MDS
+    # shards under cache_dir; anything else is a local path (or remote URL) of MDS shards written by
+    # `lctrain data prepare`.
+    source: str = "embedded"
+    cache_dir: str = "~/.cache/lctrain"
+    tokenizer: str = "byte"  # "byte" or a path to a HF tokenizers `tokenizer.json`
+    seq_len: int = 512
+    micro_batch_size: int = 8
+    needle_fraction: float = 0.5  # share of synthetic passkey/needle samples in the embedded mix
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    seed: int = 1234
+    out_dir: str = "runs/default"
+    log_every: int = 10
+    ckpt_every: int = 0  # 0 = only at the end
+    resume: bool = True  # continue from the latest checkpoint in out_dir if there is one
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalConfig:
+    niah_lengths: list = field(default_factory=lambda: [512])
+    niah_depths: list = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    niah_tasks: list = field(default_factory=lambda: ["s_niah_1"])
+    niah_samples: int = 10
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def default_config() -> DictConfig:
+    return OmegaConf.structured(Config)
+
+
+def load_config(recipe: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults <- recipe YAML <- `key=value` overrides, then `validate`."""
+    cfg = default_config()
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {str(recipe)!r} does not exist; pass a YAML file such as recipes/default.yaml")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"recipe {path}: {_explain(err)}") from None
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. train.steps=50 parallel.cp=2)")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"override: {_explain(err)}") from None
+    validate(cfg)
+    return cfg
+
+
+def _explain(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    if "not in struct" in msg or "Key" in msg and "not" in msg:
+        return f"unknown key {key!r}: check the spelling against `lctrain config show` ({msg})"
+    if key:
+        return f"{key}: {msg}"
+    return msg
+
+
+def _fail(key: str, problem: str, fix: str) -> None:
+    raise ConfigError(f"{key}: {problem}; {fix}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every rule that can be checked without building anything. Raises ConfigError."""
+    m, p, d, t = cfg.model, cfg.parallel, cfg.data, cfg.train
+    pattern = m.layer_pattern
+    if isinstance(pattern, (list, ListConfig)):
+        pattern = "".join(str(x) for x in pattern)
+    if not pattern:
+        _fail("model.layer_pattern", "is empty", f"give one letter per block, e.g. 'GSGA' ({_letters()})")
+    for i, letter in enumerate(pattern):
+        if letter not in LAYER_KINDS:
+            _fail("model.layer_pattern", f"unknown layer letter {letter!r} at position {i}", f"use only {_letters()}")
+    for key in ("d_model", "n_heads", "head_dim", "attn_heads", "attn_head_dim", "vocab_size", "chunk_size", "conv_size"):
+        if getattr(m, key) < 1:
+            _fail(f"model.{key}", f"must be positive, got {getattr(m, key)}", "set a positive integer")
+    if m.kernel_backend not in KERNEL_BACKENDS:
+        _fail("model.kernel_backend", f"unknown backend {m.kernel_backend!r}", f"use one of {KERNEL_BACKENDS}")
+    if m.rope.scaling not in ROPE_SCALINGS:
+        _fail("model.rope.scaling", f"unknown scaling {m.rope.scaling!r}", f"use one of {ROPE_SCALINGS}")
+    if m.rope.scaling != "none" and m.rope.factor <= 1.0:
+        _fail("model.rope.factor", f"is {m.rope.factor} with scaling={m.rope.scaling}", "set a factor > 1 (context extension ratio)")
+    if m.rope.base <= 1.0:
+        _fail("model.rope.base", f"must exceed 1, got {m.rope.base}", "use e.g. 10000 (grow it with context length)")
+    if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_head_dim % 2:
+        _fail("model.attn_head_dim", f"must be even for RoPE, got {m.attn_head_dim}", "use an even head dim")
+    if "S" in pattern and m.window < 1:
+        _fail("model.window", f"must be positive, got {m.window}", "set the sliding-window span in tokens")
+
+    for key in ("cp", "tp", "pp"):
+        if getattr(p, key) < 1:
+            _fail(f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}", "use 1 to switch it off")
+    if p.pp > 1 and len(pattern) % p.pp:
+        _fail("parallel.pp", f"{len(pattern)} layers do not split into {p.pp} pipeline stages", "choose pp dividing the number of layers")
+    if p.tp > 1:
+        if any(c in LINEAR_LAYERS for c in pattern) and m.n_heads % p.tp:
+            _fail("model.n_heads", f"{m.n_heads} heads do not divide over parallel.tp={p.tp}", "make n_heads a multiple of tp")
+        if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_heads % p.tp:
+            _fail("model.attn_heads", f"{m.attn_heads} heads do not divide over parallel.tp={p.tp}", "make attn_heads a multiple of tp")
+        if m.vocab_size % p.tp:
+            _fail("model.vocab_size", f"{m.vocab_size} does not divide over parallel.tp={p.tp}", "pad vocab_size to a multiple of tp")
+    if p.cp > 1:
+        shard = d.seq_len // p.cp
+        if d.seq_len % p.cp:
+            _fail("data.seq_len", f"{d.seq_len} does not split into parallel.cp={p.cp} equal shards", "make seq_len a multiple of cp")
+        if any(c in LINEAR_LAYERS for c in pattern) and shard % m.chunk_size:
+            _fail("data.seq_len", f"each of the {p.cp} context-parallel shards holds {shard} tokens, not a multiple of model.chunk_size={m.chunk_size}",
+                  f"make seq_len a multiple of cp * chunk_size = {p.cp * m.chunk_size}")
+        if "A" in pattern and (m.attn_heads // p.tp) % p.cp:
+            _fail("model.attn_heads", f"{m.attn_heads // p.tp} attention heads per TP rank do not split over parallel.cp={p.cp} (Ulysses all-to-all)",
+                  "make attn_heads / tp a multiple of cp")
+        if "S" in pattern and m.window - 1 > shard:
+            _fail("model.window", f"window {m.window} reaches past the previous rank's shard of {shard} tokens",
+                  "use window <= seq_len / cp + 1 or a smaller cp")
+        if any(c in LINEAR_LAYERS for c in pattern) and m.conv_size - 1 > shard:
+            _fail("model.conv_size", f"conv reaches past the previous rank's shard of {shard} tokens", "use a smaller conv_size or cp")
+    if p.dist_backend not in ("auto", "nccl", "gloo"):
+        _fail("parallel.dist_backend", f"unknown backend {p.dist_backend!r}", "use auto, nccl or gloo")
+
+    if d.seq_len < 2:
+        _fail("data.seq_len", f"must be >= 2, got {d.seq_len}", "set the training context length in tokens")
+    if d.micro_batch_size < 1:
+        _fail("data.micro_batch_size", f"must be >= 1, got {d.micro_batch_size}", "set a positive batch size")
+    if not 0.0 <= d.needle_fraction <= 1.0:
+        _fail("data.needle_fraction", f"must lie in [0, 1], got {d.needle_fraction}", "set the share of needle samples")
+    if d.tokenizer != "byte" and not Path(os.path.expanduser(d.tokenizer)).is_file():
+        _fail("data.tokenizer", f"{d.tokenizer!r} is neither 'byte' nor an existing tokenizer.json", "pass 'byte' or the path of a HF tokenizer.json")
+
+    if t.steps < 1:
+        _fail("train.steps", f"must be >= 1, got {t.steps}", "set the number of optimizer steps")
+    if t.lr <= 0:
+        _fail("train.lr", f"must be positive, got {t.lr}", "set a learning rate such as 3e-4")
+    if t.grad_accum < 1:
+        _fail("train.grad_accum", f"must be >= 1, got {t.grad_accum}", "set the micro-batches per step")
+    if t.device not in ("auto", "cpu", "cuda"):
+        _fail("train.device", f"unknown device {t.device!r}", "use auto, cpu or cuda")
+    if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        _fail("train.dtype", f"unknown dtype {t.dtype!r}", "use auto, float32, bfloat16 or float16")
+
+
+def _letters() -> str:
+    return ", ".join(f"{k}={v}" for k, v in LAYER_KINDS.items())
+
+
+def layer_pattern(cfg_model: Any) -> str:
+    """model.layer_pattern as a string, whether the recipe gave a string or a list of letters."""
+    pattern = cfg_model.layer_pattern
+    if isinstance(pattern, (list, ListConfig)):
+        return "".join(str(x) for x in pattern)
+    return str(pattern)
+
+
+def world_size_needed(cfg: DictConfig) -> int:
+    p = cfg.parallel
+    return p.nproc_per_node or p.cp * p.tp * p.pp
+
+
+def split_recipe_and_overrides(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`[RECIPE.yaml] [key=value ...]` as the CLI takes them: the first argument is a recipe unless it is an override."""
+    args = list(args)
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    stray = [a for a in args if "=" not in a]
+    if stray:
+        raise ConfigError(f"argument {stray[0]!r} is neither the recipe (it must come first) nor a key=value override")
+    return None, args

@@ -1,0 +1,1 @@
+"""Communication only: mesh, context-parallel state passing, halo exchange, Ulysses attention."""

@@ -1,0 +1,16 @@
+"""Test set-up shared by every test.
+
+CPU runs (CI) execute Triton kernels through the interpreter, which must be switched on before
+triton is first imported, so this happens in pytest_configure, before any test module loads torch.
+Runs that select the `gpu` marker compile the kernels for the real device instead.
+"""
+import os
+
+
+def pytest_configure(config):
+    markexpr = config.getoption("markexpr", "") or ""
+    gpu_run = "gpu" in markexpr and "not gpu" not in markexpr
+    if not gpu_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not gpu_run else os.environ.get("DS_ACCELERATOR", "cuda"))
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
