@@ -1,0 +1,74 @@
+"""Configuration: recipes, overrides and the validation errors that must name the key and the fix."""
+from pathlib import Path
+
+import pytest
+
+from lctrain.cli import main as cli_main
+from lctrain.config import ConfigError, layer_pattern, load_config, split_recipe_and_overrides
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_defaults_validate_and_overrides_apply():
+    cfg = load_config(overrides=["train.steps=7", "parallel.cp=2", "model.layer_pattern=GDMSA"])
+    assert cfg.train.steps == 7 and cfg.parallel.cp == 2
+    assert layer_pattern(cfg.model) == "GDMSA"
+
+
+def test_layer_pattern_as_list():
+    cfg = load_config(overrides=["model.layer_pattern=[G,S,A]"])
+    assert layer_pattern(cfg.model) == "GSA"
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_validates(recipe):
+    load_config(recipe)
+
+
+@pytest.mark.parametrize(
+    "overrides, key, fix",
+    [
+        (["model.layer_pattern=GXA"], "model.layer_pattern", "use only"),
+        (["data.seq_len=500", "parallel.cp=2"], "data.seq_len", "multiple of cp * chunk_size = 128"),
+        (["data.seq_len=513", "parallel.cp=2"], "data.seq_len", "multiple of cp"),
+        (["parallel.tp=3"], "model.n_heads", "multiple of tp"),
+        (["parallel.cp=8", "data.seq_len=1024", "model.attn_heads=4"], "model.attn_heads", "multiple of cp"),
+        (["model.rope.scaling=magic"], "model.rope.scaling", "use one of"),
+        (["model.rope.scaling=yarn", "model.rope.factor=1.0"], "model.rope.factor", "factor > 1"),
+        (["model.kernel_backend=cuda"], "model.kernel_backend", "use one of"),
+        (["train.steps=0"], "train.steps", "number of optimizer steps"),
+        (["data.tokenizer=/no/such/tokenizer.json"], "data.tokenizer", "tokenizer.json"),
+        (["parallel.pp=3"], "parallel.pp", "pipeline stages"),
+        (["model.nheads=4"], "model.nheads", "unknown key"),
+        (["train.steps=many"], "train.steps", "could not be converted"),
+        (["train.steps"], "train.steps", "key=value"),
+    ],
+)
+def test_validation_names_key_and_fix(overrides, key, fix):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    assert key in str(info.value) and fix in str(info.value)
+
+
+def test_missing_recipe_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_recipe_then_overrides_order(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  steps: 11\nmodel:\n  d_model: 64\n")
+    cfg = load_config(recipe, ["train.steps=12"])
+    assert cfg.train.steps == 12 and cfg.model.d_model == 64
+    assert split_recipe_and_overrides([str(recipe), "a.b=1"]) == (str(recipe), ["a.b=1"])
+    with pytest.raises(ConfigError, match="neither the recipe"):
+        split_recipe_and_overrides(["a.b=1", "stray"])
+
+
+def test_cli_config_show_and_errors(capsys):
+    assert cli_main(["config", "show", "model.d_model=96"]) == 0
+    assert "d_model: 96" in capsys.readouterr().out
+    assert cli_main(["config", "show", "model.layer_pattern=Q"]) == 2
+    assert "model.layer_pattern" in capsys.readouterr().err
+    assert cli_main(["no-such-command"]) == 2
+    assert cli_main(["bench"]) == 2
