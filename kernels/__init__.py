@@ -1,0 +1,22 @@
+"""Math only: naive recurrent references, chunkwise torch and Triton implementations of the mixers.
+
+See ``api.py`` for the backends and how Triton kernels register. Nothing here imports
+torch.distributed.
+"""
+from .api import (
+    apply_transition,
+    apply_transition_transposed,
+    delta_rule,
+    gated_delta_rule,
+    gated_linear_attn,
+    register_backend,
+    resolve_backend,
+    shard_state_grad,
+    shard_transition,
+)
+
+__all__ = [
+    "delta_rule", "gated_delta_rule", "gated_linear_attn",
+    "shard_transition", "shard_state_grad", "apply_transition", "apply_transition_transposed",
+    "register_backend", "resolve_backend",
+]
