@@ -1,0 +1,84 @@
+"""`lctrain train [RECIPE.yaml] [key=value ...]`: validate the config, then run or launch the job.
+
+When WORLD_SIZE is unset (not under torchrun / srun) and the config needs more than one process
+(parallel.nproc_per_node, else cp * tp * pp), this command starts that many local processes through
+torch.distributed.run, each re-running the same command; otherwise it runs the loop in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lctrain.config import ConfigError, load_config, split_recipe_and_overrides, world_size_needed
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="lctrain train",
+        description="Train a model. No arguments: the embedded CPU-sized default job.",
+        epilog="example: lctrain train recipes/default.yaml train.steps=50 parallel.cp=2",
+    )
+    parser.add_argument("args", nargs="*", help="an optional recipe YAML, then key=value overrides")
+    return parser.parse_args(argv)
+
+
+def _self_launch(argv: list[str], nproc: int, use_cuda: bool) -> int:
+    """Start `nproc` local ranks with torch.distributed.run, each running `lctrain train argv`."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    print(f"lctrain train: launching {nproc} local processes", flush=True)
+    try:
+        torchrun_main(["--standalone", f"--nproc_per_node={nproc}", "-m", "lctrain.cli", "train", *argv])
+    except ChildFailedError as err:
+        print(f"lctrain train: a worker failed: {err.get_first_failure()[1].message}", file=sys.stderr)
+        return 1
+    except SystemExit as err:  # torchrun's argument errors
+        return int(err.code or 0)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    ns = _parse(argv)
+    try:
+        recipe, overrides = split_recipe_and_overrides(ns.args)
+        cfg = load_config(recipe, overrides)
+    except ConfigError as err:
+        print(f"lctrain train: configuration error: {err}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    nproc = world_size_needed(cfg)
+    if "WORLD_SIZE" not in os.environ and nproc > 1:
+        use_cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+        if use_cuda and nproc > torch.cuda.device_count():
+            print(
+                f"lctrain train: configuration error: parallel needs {nproc} processes but this node has "
+                f"{torch.cuda.device_count()} GPUs; lower parallel.cp/tp/pp or run under torchrun/srun across nodes",
+                file=sys.stderr,
+            )
+            return 2
+        return _self_launch(list(argv), nproc, use_cuda)
+
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) % (cfg.parallel.cp * cfg.parallel.tp * cfg.parallel.pp):
+        print(
+            f"lctrain train: configuration error: WORLD_SIZE={os.environ['WORLD_SIZE']} is not a multiple of "
+            f"parallel.cp*tp*pp={cfg.parallel.cp * cfg.parallel.tp * cfg.parallel.pp}; fix the launcher or parallel.*",
+            file=sys.stderr,
+        )
+        return 2
+
+    from lctrain.train.checkpoint import CheckpointError
+    from lctrain.train.loop import TrainingError, train
+
+    try:
+        train(cfg)
+    except (CheckpointError, TrainingError) as err:
+        print(f"lctrain train: error: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,31 @@
+"""The language-model loss, correct under context parallelism.
+
+Under CP each rank holds a contiguous shard of one sequence. `loss` is this rank's share:
+(sum of its token losses) / (number of valid tokens in the whole CP group's sequence), so that the
+SUM of parameter gradients over the CP ranks is the gradient of the full-sequence mean loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, cp_group=None, position_offset: int = 0):
+    """-> (loss, mean_loss): this rank's differentiable share and the detached full-sequence mean.
+
+    Labels equal to -100 are ignored. With `cp_group` None (or of size 1) both are the plain mean.
+    """
+    if input_ids.shape != labels.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} must have the same shape [B, T_local]")
+    logits = model(input_ids, position_offset=position_offset)
+    token_losses = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    stats = torch.stack([token_losses.detach(), (labels != IGNORE_INDEX).sum().to(token_losses.dtype)])
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=cp_group)
+    total_loss, n_tokens = stats[0], stats[1].clamp(min=1.0)
+    return token_losses / n_tokens, total_loss / n_tokens
