@@ -266,3 +266,76 @@ def test_default_recipe_mirrors_the_defaults():
     from lctrain.config import default_config
 
     assert OmegaConf.to_container(load_config(RECIPES / "default.yaml")) == OmegaConf.to_container(default_config())
+
+
+# ---------------------------------------------------------------- CP / DP gradient semantics (2 gloo processes)
+def _positionwise_model(vocab=13, dim=8):
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Embedding(vocab, dim), torch.nn.Tanh(), torch.nn.Linear(dim, vocab))
+
+
+class _PosModel(torch.nn.Module):
+    """Token-wise model (no mixing across positions), so a CP shard's logits need no communication."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _positionwise_model()
+
+    def forward(self, ids, position_offset=0):
+        return self.net(ids)
+
+
+def _grad_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from lctrain.train.loop import reduce_gradients
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, 13, (2, 2, 12), generator=g)
+        labels = torch.randint(0, 13, (2, 2, 12), generator=g)
+        labels[0, 0, :9] = -100  # uneven valid tokens across the two CP shards
+        results = {}
+        # context parallel: both ranks hold halves of sequence batch 0
+        model = _PosModel()
+        shard = slice(rank * 6, (rank + 1) * 6)
+        loss, mean = lm_loss(model, ids[0][:, shard], labels[0][:, shard], cp_group=dist.group.WORLD, position_offset=rank * 6)
+        loss.backward()
+        reduce_gradients(list(model.parameters()), dist.group.WORLD, dp_size=1)
+        results["cp_mean"] = mean
+        results["cp_grads"] = [p.grad.clone() for p in model.parameters()]
+        # data parallel: rank r holds sequence batch r
+        model = _PosModel()
+        loss, mean = lm_loss(model, ids[rank], labels[rank])
+        loss.backward()
+        reduce_gradients(list(model.parameters()), dist.group.WORLD, dp_size=2)
+        results["dp_grads"] = [p.grad.clone() for p in model.parameters()]
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cp_and_dp_gradients_match_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_grad_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 13, (2, 2, 12), generator=g)
+    labels = torch.randint(0, 13, (2, 2, 12), generator=g)
+    labels[0, 0, :9] = -100
+    model = _PosModel()
+    loss, _ = lm_loss(model, ids[0], labels[0])
+    loss.backward()
+    want_cp = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    dp_losses = [lm_loss(model, ids[r], labels[r])[0] for r in range(2)]
+    (sum(dp_losses) / 2).backward()
+    want_dp = [p.grad.clone() for p in model.parameters()]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(got["cp_mean"], loss.detach())
+        for a, b in zip(got["cp_grads"], want_cp):
+            torch.testing.assert_close(a, b)
+        for a, b in zip(got["dp_grads"], want_dp):
+            torch.testing.assert_close(a, b)
