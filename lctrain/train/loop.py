@@ -239,7 +239,7 @@ def _train(cfg: DictConfig, device: torch.device, mesh) -> dict:
     main = mesh.is_main()
     cp_group, cp_rank, cp_size = mesh.cp_group(), mesh.cp_rank(), mesh.cp_size()
     dp_rank, dp_size, grad_group = mesh.dp_rank(), mesh.dp_size(), mesh.dp_cp_group()
-    tp_group, tp_rank = _tp_group_and_rank(cfg)
+    tp_group, tp_rank = _tp_group_and_rank(cfg, mesh)
     dtype = pick_dtype(t, device)
 
     seed_everything(t.seed)
@@ -333,10 +333,12 @@ def _train(cfg: DictConfig, device: torch.device, mesh) -> dict:
     return summary
 
 
-def _tp_group_and_rank(cfg: DictConfig):
-    """The tensor-parallel group and rank from megatron-core's parallel_state (None, 0 without TP)."""
+def _tp_group_and_rank(cfg: DictConfig, mesh):
+    """The tensor-parallel group and rank (None, 0 without TP)."""
     if cfg.parallel.tp == 1:
         return None, 0
+    if hasattr(mesh, "tp_group"):
+        return mesh.tp_group(), mesh.tp_rank()
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_rank()
