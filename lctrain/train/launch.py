@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from lctrain.config import ConfigError, load_config, split_recipe_and_overrides, world_size_needed
 
@@ -73,6 +74,8 @@ def main(argv: list[str]) -> int:
         )
         return 2
 
+    # megatron-core warns at import that it falls back to torch without Transformer Engine / Apex
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     from lctrain.train.checkpoint import CheckpointError
     from lctrain.train.loop import TrainingError, train
 

@@ -160,6 +160,8 @@ class _Reporter:
         self.main, self.cfg = main, cfg
         self.out_dir = Path(cfg.train.out_dir)
         self.progress = self.task = self.tb = None
+        self.tps_ema = None
+        self.window_tokens, self.window_time = 0.0, 0.0
         if not main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -186,13 +188,17 @@ class _Reporter:
         if not self.main:
             return
         if self.progress is not None:
-            self.progress.console.print(text)
+            self.progress.console.print(text, markup=False, highlight=False)
         else:
             print(text, flush=True)
 
-    def step(self, step: int, loss: float, lr: float, tps: float, grad_norm: float) -> None:
+    def step(self, step: int, loss: float, lr: float, tokens: float, seconds: float, grad_norm: float) -> None:
         if not self.main:
             return
+        tps = tokens / max(seconds, 1e-9)
+        self.tps_ema = tps if self.tps_ema is None else 0.9 * self.tps_ema + 0.1 * tps
+        self.window_tokens += tokens
+        self.window_time += seconds
         record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tps, "grad_norm": grad_norm}
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
@@ -202,10 +208,12 @@ class _Reporter:
             self.tb.add_scalar("train/tokens_per_s", tps, step)
             self.tb.add_scalar("train/grad_norm", grad_norm, step)
         if self.progress is not None:
-            self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
+            self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tps=f"{self.tps_ema:,.0f}")
         every = self.cfg.train.log_every
         if every > 0 and (step % every == 0 or step == self.cfg.train.steps):
-            self.say(f"step {step}/{self.cfg.train.steps}  loss {loss:.4f}  lr {lr:.3e}  grad_norm {grad_norm:.3f}  {tps:,.0f} tok/s")
+            window_tps = self.window_tokens / max(self.window_time, 1e-9)  # mean since the last log line
+            self.window_tokens, self.window_time = 0.0, 0.0
+            self.say(f"step {step}/{self.cfg.train.steps}  loss {loss:.4f}  lr {lr:.3e}  grad_norm {grad_norm:.3f}  {window_tps:,.0f} tok/s")
 
     def close(self) -> None:
         if not self.main:
@@ -311,8 +319,7 @@ def _train(cfg: DictConfig, device: torch.device, mesh) -> dict:
                 raise TrainingError(f"loss became {step_loss} at step {step + 1}; lower train.lr or check the data")
             first_loss = step_loss if first_loss is None else first_loss
             last_loss = step_loss
-            tps = tokens_per_step / max(1e-9, time.perf_counter() - step_start)
-            reporter.step(step + 1, step_loss, lr, tps, float(grad_norm))
+            reporter.step(step + 1, step_loss, lr, tokens_per_step, time.perf_counter() - step_start, float(grad_norm))
 
             done = step + 1
             if t.ckpt_every > 0 and done % t.ckpt_every == 0 and done < t.steps:
