@@ -1,1 +1,29 @@
-"""Communication only: mesh, context-parallel state passing, halo exchange, Ulysses attention."""
+"""Communication only: mesh, context-parallel state passing, halo exchange, Ulysses attention.
+
+- ``lctrain.parallel.mesh``: ``init_mesh`` / ``destroy_mesh`` and the group queries (megatron-core).
+- ``lctrain.parallel.context_parallel(op, group)``: a linear-recurrent op over contiguous CP shards.
+- ``lctrain.parallel.halo.prepend_halo``: previous rank's last tokens (short conv, sliding window).
+- ``lctrain.parallel.ulysses.ulysses_attention``: all-to-all attention over the CP group (DeepSpeed).
+"""
+from .mesh import (
+    MeshInfo,
+    cp_group,
+    cp_rank,
+    cp_size,
+    destroy_mesh,
+    dp_cp_group,
+    dp_cp_size,
+    dp_rank,
+    dp_size,
+    init_mesh,
+    is_main,
+    mesh_info,
+    tp_group,
+    tp_rank,
+    tp_size,
+)
+
+__all__ = [
+    "MeshInfo", "init_mesh", "destroy_mesh", "mesh_info", "cp_group", "cp_rank", "cp_size",
+    "tp_group", "tp_rank", "tp_size", "dp_rank", "dp_size", "dp_cp_group", "dp_cp_size", "is_main",
+]
