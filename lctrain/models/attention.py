@@ -1,0 +1,156 @@
+"""Softmax attention block: global causal ("A") or causal sliding window ("S", `window` tokens
+including the current one), RoPE at global positions.
+
+Under context parallelism (cp_group of size > 1):
+- global attention goes through Ulysses (`lctrain.parallel.ulysses.ulysses_attention`): each rank sees
+  the full sequence for heads/P heads;
+- sliding-window attention prepends the previous rank's last window-1 keys/values
+  (`lctrain.parallel.halo.prepend_halo`); halo keys sit at positions offset-halo .. offset-1 and the
+  zeros rank 0 receives (negative positions) are masked out.
+The parallel modules are imported lazily, only when CP is on.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import RotaryEmbedding
+
+
+def _group_size(group) -> int:
+    if group is None:
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean [Tq, Tk], True where query at q_pos may attend key at k_pos: causal, key position >= 0,
+    and within the last `window` positions (including its own) when window is given."""
+    qp, kp = q_pos[:, None], k_pos[None, :]
+    allowed = (kp <= qp) & (kp >= 0)
+    if window is not None:
+        allowed &= kp > qp - window
+    return allowed
+
+
+def masked_attention(q, k, v, q_pos, k_pos, window=None):
+    """SDPA on [B, T, H, D] tensors with the mask of `window_mask`. Returns [B, Tq, H, D]."""
+    mask = window_mask(q_pos, k_pos, window)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def causal_attention(q, k, v):
+    """Plain causal SDPA (flash on CUDA) on [B, T, H, D]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return out.transpose(1, 2)
+
+
+_FLEX = None
+_BLOCK_MASKS: dict = {}
+
+
+def _flex_sliding_window(q, k, v, window: int, halo: int, first_valid: int = 0):
+    """FlexAttention sliding window on CUDA (no T x T mask in memory). Key j sits at local position
+    j - halo, query i at i; keys j < first_valid (the zeros CP rank 0 receives as halo) are excluded."""
+    global _FLEX
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _FLEX is None:
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    Tq, Tk = q.shape[1], k.shape[1]
+    key = (Tq, Tk, window, halo, first_valid, str(q.device))
+    block_mask = _BLOCK_MASKS.get(key)
+    if block_mask is None:
+        def mask_mod(b, h, qi, kj):
+            kpos = kj - halo
+            return (kpos <= qi) & (kpos > qi - window) & (kj >= first_valid)
+
+        block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=Tq, KV_LEN=Tk, device=q.device, _compile=True)
+        _BLOCK_MASKS[key] = block_mask
+    out = _FLEX(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+    return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head softmax attention with RoPE; `window=None` for global causal attention."""
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, *, window: int | None, rope: RotaryEmbedding,
+                 cp_group=None, use_flex: bool = True):
+        super().__init__()
+        if window is not None and window < 1:
+            raise ValueError(f"model.window must be >= 1, got {window}")
+        self.n_heads, self.head_dim, self.window = n_heads, head_dim, window
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.o_proj.is_output_projection = True
+        self.rope = rope
+        self.cp_group = cp_group if _group_size(cp_group) > 1 else None
+        self.use_flex = use_flex
+
+    # ------------------------------------------------------------------ cache
+    def new_cache(self, batch_size: int, device) -> dict:
+        return {"k": None, "v": None, "pos": None}
+
+    def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, D = self.n_heads, self.head_dim
+        pos = torch.arange(position_offset, position_offset + T, device=x.device)
+        q = self.rope(self.q_proj(x).view(B, T, H, D), pos)
+        k = self.rope(self.k_proj(x).view(B, T, H, D), pos)
+        v = self.v_proj(x).view(B, T, H, D)
+        if cache is not None:
+            if self.cp_group is not None:
+                raise ValueError("incremental decoding (cache=) is single-process; build the model with cp_group=None")
+            out = self._attend_cached(q, k, v, pos, cache)
+        elif self.cp_group is not None:
+            out = self._attend_cp(q, k, v, position_offset)
+        else:
+            out = self._attend_local(q, k, v)
+        return self.o_proj(out.reshape(B, T, H * D))
+
+    def _attend_local(self, q, k, v):
+        T = q.shape[1]
+        if self.window is None or self.window >= T:
+            return causal_attention(q, k, v)
+        if self.use_flex and q.is_cuda:
+            return _flex_sliding_window(q, k, v, self.window, halo=0)
+        pos = torch.arange(T, device=q.device)
+        return masked_attention(q, k, v, pos, pos, self.window)
+
+    def _attend_cp(self, q, k, v, position_offset: int):
+        if self.window is None:
+            from lctrain.parallel.ulysses import ulysses_attention
+
+            return ulysses_attention(q, k, v, self.cp_group, causal_attention)
+        from lctrain.parallel.halo import prepend_halo
+
+        halo = self.window - 1
+        T = q.shape[1]
+        if halo == 0:
+            return masked_attention(q, k, v, torch.arange(T, device=q.device), torch.arange(T, device=q.device), 1)
+        k = prepend_halo(k, halo, self.cp_group, dim=1)
+        v = prepend_halo(v, halo, self.cp_group, dim=1)
+        q_pos = torch.arange(position_offset, position_offset + T, device=q.device)
+        k_pos = torch.arange(position_offset - halo, position_offset + T, device=q.device)
+        if self.use_flex and q.is_cuda:
+            return _flex_sliding_window(q, k, v, self.window, halo=halo, first_valid=max(0, halo - position_offset))
+        return masked_attention(q, k, v, q_pos, k_pos, self.window)
+
+    def _attend_cached(self, q, k, v, pos, cache: dict):
+        if cache.get("k") is not None:
+            k = torch.cat([cache["k"], k], dim=1)
+            v = torch.cat([cache["v"], v], dim=1)
+            k_pos = torch.cat([cache["pos"], pos])
+        else:
+            k_pos = pos
+        out = masked_attention(q, k, v, pos, k_pos, self.window)
+        keep = k.shape[1] if self.window is None else min(k.shape[1], self.window - 1)
+        start = k.shape[1] - keep
+        cache["k"], cache["v"], cache["pos"] = k[:, start:].detach(), v[:, start:].detach(), k_pos[start:]
+        return out

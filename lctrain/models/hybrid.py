@@ -1,0 +1,153 @@
+"""HybridLM: embedding -> blocks from model.layer_pattern -> final RMSNorm -> LM head (tied or not).
+
+Each block: x = x + mixer(norm1(x)); x = x + mlp(norm2(x)), mixer chosen by the block's letter
+(G gated DeltaNet, D DeltaNet, M Mamba-2 style, S sliding-window attention, A global attention).
+
+Context parallelism: every rank passes its contiguous shard of the sequence and
+position_offset = cp_rank * T_local; the mixers do the cross-rank work (see their modules).
+Incremental decoding: `cache = model.new_cache(B, device)`, then `model(prompt, cache=cache)` (prefill)
+and `model(next_token[:, None], cache=cache)` per step; positions continue from the tokens the
+cache has seen.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Attention
+from .layers import RMSNorm, SwiGLU, swiglu_hidden_size
+from .linear_mixers import DeltaNetMixer, Mamba2Mixer
+from .rope import RotaryEmbedding
+
+LAYER_LETTERS = "GDMSA"
+
+
+def _cfg(cfg_model: Any, key: str, default=None):
+    return getattr(cfg_model, key, default) if not isinstance(cfg_model, dict) else cfg_model.get(key, default)
+
+
+def _pattern(cfg_model: Any) -> str:
+    pattern = _cfg(cfg_model, "layer_pattern")
+    if not isinstance(pattern, str):
+        pattern = "".join(str(x) for x in pattern)
+    if not pattern:
+        raise ValueError("model.layer_pattern is empty; give one letter per block, e.g. 'GSGA'")
+    for i, letter in enumerate(pattern):
+        if letter not in LAYER_LETTERS:
+            raise ValueError(f"model.layer_pattern: unknown layer letter {letter!r} at position {i}; use only {LAYER_LETTERS}")
+    return pattern
+
+
+class Block(nn.Module):
+    """Pre-norm mixer + residual, pre-norm SwiGLU MLP + residual."""
+
+    def __init__(self, kind: str, cfg_model: Any, rope: RotaryEmbedding | None, cp_group=None):
+        super().__init__()
+        m = cfg_model
+        d = m.d_model
+        self.kind = kind
+        self.norm1 = RMSNorm(d, m.norm_eps)
+        self.norm2 = RMSNorm(d, m.norm_eps)
+        lin = dict(n_heads=m.n_heads, head_dim=m.head_dim, conv_size=m.conv_size, backend=m.kernel_backend,
+                   chunk_size=m.chunk_size, norm_eps=m.norm_eps, cp_group=cp_group)
+        if kind in "GD":
+            self.mixer = DeltaNetMixer(d, gated=kind == "G", **lin)
+        elif kind == "M":
+            self.mixer = Mamba2Mixer(d, **lin)
+        else:
+            self.mixer = Attention(d, m.attn_heads, m.attn_head_dim, window=m.window if kind == "S" else None,
+                                   rope=rope, cp_group=cp_group)
+        self.mlp = SwiGLU(d, swiglu_hidden_size(d, m.mlp_ratio))
+
+    def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None) -> torch.Tensor:
+        x = x + self.mixer(self.norm1(x), position_offset, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class LMCache:
+    """Decoding state of a HybridLM: one dict per block (recurrent state + conv tails, or KV cache)
+    and the number of tokens seen so far."""
+
+    def __init__(self, n_layers: int, batch_size: int):
+        self.layers: list[dict] = [{} for _ in range(n_layers)]
+        self.batch_size = batch_size
+        self.seen_tokens = 0
+
+
+class HybridLM(nn.Module):
+    def __init__(self, model_cfg: Any, cp_group=None, *, max_position: int | None = None):
+        """`max_position`: the original context length YaRN uses when model.rope.original_max_position
+        is 0 (pass the training seq_len)."""
+        super().__init__()
+        m = model_cfg
+        self.cfg = m
+        self.pattern = _pattern(m)
+        self.cp_group = cp_group
+        self.checkpoint_activations = bool(_cfg(m, "checkpoint_activations", False))
+        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        rope = None
+        if any(c in "SA" for c in self.pattern):
+            r = m.rope
+            original = int(r.original_max_position) or int(max_position or 0)
+            rope = RotaryEmbedding(m.attn_head_dim, float(r.base), str(r.scaling), float(r.factor), original)
+        self.blocks = nn.ModuleList(Block(c, m, rope, cp_group) for c in self.pattern)
+        self.norm = RMSNorm(m.d_model, m.norm_eps)
+        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        self._init_weights(float(m.init_std))
+        if m.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def _init_weights(self, std: float) -> None:
+        """N(0, std) for embeddings and projections; output projections (mixer out, MLP down) use
+        std / sqrt(2 * n_layers) so the residual stream's variance does not grow with depth."""
+        out_std = std / math.sqrt(2 * len(self.pattern))
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                s = out_std if getattr(module, "is_output_projection", False) else std
+                nn.init.normal_(module.weight, mean=0.0, std=s)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def new_cache(self, batch_size: int, device=None) -> LMCache:
+        return LMCache(len(self.blocks), batch_size)
+
+    def forward(self, input_ids: torch.Tensor, *, position_offset: int = 0, cache: LMCache | None = None) -> torch.Tensor:
+        """input_ids [B, T_local] -> float32 logits [B, T_local, vocab]. Positions of the tokens are
+        position_offset + (tokens the cache has seen) + 0 .. T-1."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        offset = int(position_offset)
+        if cache is not None:
+            if cache.batch_size != input_ids.shape[0]:
+                raise ValueError(f"cache was made for batch {cache.batch_size}, got input batch {input_ids.shape[0]}")
+            offset += cache.seen_tokens
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache.layers[i]
+            if self.checkpoint_activations and cache is None and torch.is_grad_enabled():
+                x = checkpoint(block, x, offset, None, use_reentrant=False)
+            else:
+                x = block(x, offset, layer_cache)
+        if cache is not None:
+            cache.seen_tokens += input_ids.shape[1]
+        return self.lm_head(self.norm(x)).float()
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Distinct parameters (a tied head counts once); optionally without the embedding table."""
+        seen, total = set(), 0
+        for p in self.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        if exclude_embeddings:
+            total -= self.embed.weight.numel()
+        return total
+
+
+def build_model(cfg_model: Any, cp_group=None, *, max_position: int | None = None) -> HybridLM:
+    return HybridLM(cfg_model, cp_group=cp_group, max_position=max_position)

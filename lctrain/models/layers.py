@@ -1,0 +1,81 @@
+"""Small building blocks shared by the blocks: RMSNorm, gated RMSNorm, SwiGLU MLP, short causal conv."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32, returned in x's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """Output norm of the linear mixers: RMSNorm(o) * silu(gate), per head (normalised over the last dim)."""
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = super().forward(x).float() * F.silu(gate.float())
+        return y.to(x.dtype)
+
+
+def swiglu_hidden_size(d_model: int, mlp_ratio: float) -> int:
+    """mlp_ratio * 2/3 * d_model rounded up to a multiple of 32 (keeps SwiGLU's parameters ~ a GELU MLP's)."""
+    hidden = int(math.ceil(mlp_ratio * 2.0 / 3.0 * d_model))
+    return max(32, 32 * int(math.ceil(hidden / 32)))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.down_proj.is_output_projection = True  # scaled init, see HybridLM._init_weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise conv over time on [B, T, C], kernel `kernel_size`, no bias, optional SiLU.
+
+    `prefix` ([B, kernel_size-1, C]) supplies the inputs before the first position: the cached tail
+    when decoding, or the previous CP rank's last positions (halo). Without it zeros are used. The
+    conv then runs "valid" over prefix + x. Returns (y [B, T, C], the last kernel_size-1 inputs of
+    prefix + x, i.e. the tail to cache)."""
+
+    def __init__(self, channels: int, kernel_size: int, activation: bool = True):
+        super().__init__()
+        if kernel_size < 1:
+            raise ValueError(f"model.conv_size must be >= 1, got {kernel_size}")
+        self.kernel_size = kernel_size
+        self.activation = activation
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # Conv1d's default init
+
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        K = self.kernel_size
+        if prefix is None:
+            prefix = x.new_zeros(B, K - 1, C)
+        elif tuple(prefix.shape) != (B, K - 1, C):
+            raise ValueError(f"conv prefix must be [B, conv_size-1, C] = {[B, K - 1, C]}, got {list(prefix.shape)}")
+        xcat = torch.cat([prefix.to(x.dtype), x], dim=1)
+        y = F.conv1d(xcat.transpose(1, 2), self.weight.to(x.dtype), groups=C).transpose(1, 2)
+        if self.activation:
+            y = F.silu(y)
+        return y, xcat[:, xcat.shape[1] - (K - 1):]

@@ -1,0 +1,182 @@
+"""Linear-recurrent mixers: Gated DeltaNet ("G"), DeltaNet ("D") and a Mamba-2-style gated linear
+attention ("M"), on the ops of `lctrain.kernels` (backend = model.kernel_backend, chunk = model.chunk_size).
+
+DeltaNet / Gated DeltaNet (Yang et al. 2024):
+  q, k, v = silu(conv(x W_q)), silu(conv(x W_k)), silu(conv(x W_v))   (short causal depthwise conv)
+  q, k L2-normalised per head; beta = sigmoid(x W_b) per head;
+  gated only: g = -exp(A_log) * softplus(x W_a + dt_bias)  (log-decay per head and token, Mamba-style)
+  o = op(q, k, v, [g], beta); o = RMSNorm(o) * silu(x W_g) per head; out = o W_o.
+Mamba-2 style (scalar gate per head, no beta; heads have their own B/C, i.e. one "group" per head):
+  xs, z = x W_x, x W_z;  B, C = x W_B, x W_C;  xs, B, C go through the short conv + SiLU;
+  dt = softplus(x W_dt + dt_bias) per head;  g = -exp(A_log) * dt;
+  o = gated_linear_attn(q=C, k=B, v=dt * xs, g) + D * xs;  o = RMSNorm(o) * silu(z);  out = o W_o.
+
+Under CP the op is wrapped with `lctrain.parallel.context_parallel(op, cp_group)` and each conv gets
+the previous rank's last conv_size-1 inputs via `prepend_halo`. Both are imported only when CP is on.
+
+Incremental decoding: the cache holds the recurrent state [B, H, K, V] (float32) and each conv's tail.
+A prefill calls the chunk op with initial_state / output_final_state; a one-token step calls it with T=1.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lctrain import kernels
+
+from .attention import _group_size
+from .layers import GatedRMSNorm, ShortConv
+
+
+def _init_decay_params(n_heads: int, A_init_range=(1.0, 16.0), dt_min=1e-3, dt_max=0.1):
+    """Mamba-2's init: A ~ U(A_init_range) stored as log, dt ~ logU(dt_min, dt_max) stored through the
+    inverse softplus so that softplus(dt_bias) = dt at initialisation."""
+    A = torch.empty(n_heads).uniform_(*A_init_range)
+    dt = torch.exp(torch.rand(n_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=1e-4)
+    dt_bias = dt + torch.log(-torch.expm1(-dt))
+    return nn.Parameter(torch.log(A)), nn.Parameter(dt_bias)
+
+
+def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class _LinearMixerBase(nn.Module):
+    """Shared plumbing: the op (wrapped for CP lazily), conv halos, cache handling."""
+
+    op_name: str = ""
+
+    def __init__(self, *, n_heads: int, head_dim: int, conv_size: int, backend: str, chunk_size: int, cp_group=None):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.conv_size = conv_size
+        self.backend, self.chunk_size = backend, chunk_size
+        self.cp_group = cp_group if _group_size(cp_group) > 1 else None
+        self._cp_op = None
+
+    def _op(self):
+        op = getattr(kernels, self.op_name)
+        if self.cp_group is None:
+            return op
+        if self._cp_op is None:
+            from lctrain.parallel import context_parallel
+
+            self._cp_op = context_parallel(op, self.cp_group)
+        return self._cp_op
+
+    def _conv(self, conv: ShortConv, x: torch.Tensor, cache: dict | None, name: str) -> torch.Tensor:
+        """Runs one short conv, taking its prefix from the cache (decoding) or the CP halo."""
+        if cache is not None:
+            y, tail = conv(x, cache.get(name))
+            cache[name] = tail.detach()
+            return y
+        if self.cp_group is not None and self.conv_size > 1:
+            from lctrain.parallel.halo import prepend_halo
+
+            xh = prepend_halo(x, self.conv_size - 1, self.cp_group, dim=1)
+            y, _ = conv(x, xh[:, : self.conv_size - 1])
+            return y
+        return conv(x)[0]
+
+    def _run_op(self, args: tuple, cache: dict | None, scale=None) -> torch.Tensor:
+        kw = dict(backend=self.backend, chunk_size=self.chunk_size)
+        if scale is not None:
+            kw["scale"] = scale
+        if cache is not None:
+            if self.cp_group is not None:
+                raise ValueError("incremental decoding (cache=) is single-process; build the model with cp_group=None")
+            o, state = self._op()(*args, initial_state=cache.get("state"), output_final_state=True, **kw)
+            cache["state"] = state.detach()
+            return o
+        o, _ = self._op()(*args, **kw)
+        return o
+
+    def new_cache(self, batch_size: int, device) -> dict:
+        return {}
+
+
+class DeltaNetMixer(_LinearMixerBase):
+    """DeltaNet (gated=False, op delta_rule) or Gated DeltaNet (gated=True, op gated_delta_rule)."""
+
+    def __init__(self, d_model: int, *, n_heads: int, head_dim: int, conv_size: int, gated: bool,
+                 backend: str = "auto", chunk_size: int = 64, norm_eps: float = 1e-6, cp_group=None):
+        super().__init__(n_heads=n_heads, head_dim=head_dim, conv_size=conv_size, backend=backend,
+                         chunk_size=chunk_size, cp_group=cp_group)
+        self.gated = gated
+        self.op_name = "gated_delta_rule" if gated else "delta_rule"
+        inner = n_heads * head_dim
+        self.q_proj = nn.Linear(d_model, inner, bias=False)
+        self.k_proj = nn.Linear(d_model, inner, bias=False)
+        self.v_proj = nn.Linear(d_model, inner, bias=False)
+        self.b_proj = nn.Linear(d_model, n_heads, bias=False)
+        if gated:
+            self.a_proj = nn.Linear(d_model, n_heads, bias=False)
+            self.A_log, self.dt_bias = _init_decay_params(n_heads)
+        self.q_conv = ShortConv(inner, conv_size)
+        self.k_conv = ShortConv(inner, conv_size)
+        self.v_conv = ShortConv(inner, conv_size)
+        self.g_proj = nn.Linear(d_model, inner, bias=False)
+        self.o_norm = GatedRMSNorm(head_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(inner, d_model, bias=False)
+        self.o_proj.is_output_projection = True
+
+    def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, D = self.n_heads, self.head_dim
+        q = self._conv(self.q_conv, self.q_proj(x), cache, "q_conv").view(B, T, H, D)
+        k = self._conv(self.k_conv, self.k_proj(x), cache, "k_conv").view(B, T, H, D)
+        v = self._conv(self.v_conv, self.v_proj(x), cache, "v_conv").view(B, T, H, D)
+        q, k = _l2norm(q), _l2norm(k)
+        v = v.to(q.dtype)
+        beta = torch.sigmoid(self.b_proj(x).float())
+        if self.gated:
+            g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+            o = self._run_op((q, k, v, g, beta), cache)
+        else:
+            o = self._run_op((q, k, v, beta), cache)
+        o = self.o_norm(o, self.g_proj(x).view(B, T, H, D))
+        return self.o_proj(o.reshape(B, T, H * D).to(x.dtype))
+
+
+class Mamba2Mixer(_LinearMixerBase):
+    """Mamba-2-style scalar-gated linear attention on `gated_linear_attn` (see module doc)."""
+
+    op_name = "gated_linear_attn"
+
+    def __init__(self, d_model: int, *, n_heads: int, head_dim: int, conv_size: int,
+                 backend: str = "auto", chunk_size: int = 64, norm_eps: float = 1e-6, cp_group=None):
+        super().__init__(n_heads=n_heads, head_dim=head_dim, conv_size=conv_size, backend=backend,
+                         chunk_size=chunk_size, cp_group=cp_group)
+        inner = n_heads * head_dim
+        self.x_proj = nn.Linear(d_model, inner, bias=False)
+        self.z_proj = nn.Linear(d_model, inner, bias=False)
+        self.B_proj = nn.Linear(d_model, inner, bias=False)
+        self.C_proj = nn.Linear(d_model, inner, bias=False)
+        self.dt_proj = nn.Linear(d_model, n_heads, bias=False)
+        self.A_log, self.dt_bias = _init_decay_params(n_heads)
+        self.D = nn.Parameter(torch.ones(n_heads))
+        self.x_conv = ShortConv(inner, conv_size)
+        self.B_conv = ShortConv(inner, conv_size)
+        self.C_conv = ShortConv(inner, conv_size)
+        self.o_norm = GatedRMSNorm(head_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(inner, d_model, bias=False)
+        self.o_proj.is_output_projection = True
+
+    def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, D = self.n_heads, self.head_dim
+        xs = self._conv(self.x_conv, self.x_proj(x), cache, "x_conv").view(B, T, H, D)
+        k = self._conv(self.B_conv, self.B_proj(x), cache, "B_conv").view(B, T, H, D)
+        q = self._conv(self.C_conv, self.C_proj(x), cache, "C_conv").view(B, T, H, D)
+        dt = F.softplus(self.dt_proj(x).float() + self.dt_bias.float())  # [B, T, H]
+        g = -torch.exp(self.A_log.float()) * dt
+        v = (xs.float() * dt[..., None]).to(q.dtype)
+        o = self._run_op((q, k.to(q.dtype), v, g), cache)
+        o = o.float() + self.D.float()[:, None] * xs.float()
+        o = self.o_norm(o, self.z_proj(x).view(B, T, H, D))
+        return self.o_proj(o.reshape(B, T, H * D).to(x.dtype))
