@@ -1,0 +1,375 @@
+"""Models: layers, RoPE scalings, attention masks, HybridLM forward/backward, checkpointing,
+incremental decoding and (when lctrain.parallel provides it) context parallelism on 2 gloo processes.
+
+Tiny float32 shapes on CPU, backends "torch" and "naive".
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lctrain.config import default_config
+from lctrain.models import (
+    Attention,
+    DeltaNetMixer,
+    HybridLM,
+    Mamba2Mixer,
+    RotaryEmbedding,
+    ShortConv,
+    build_model,
+    rope_inv_freq,
+)
+from lctrain.models.attention import masked_attention
+
+BACKENDS = ["torch", "naive"]
+
+
+def tiny_cfg(pattern="GSGA", backend="torch", **over):
+    cfg = default_config().model
+    cfg.vocab_size = 64
+    cfg.d_model = 32
+    cfg.n_heads = 2
+    cfg.head_dim = 8
+    cfg.attn_heads = 2
+    cfg.attn_head_dim = 8
+    cfg.window = 5
+    cfg.conv_size = 3
+    cfg.mlp_ratio = 2.0
+    cfg.chunk_size = 8
+    cfg.kernel_backend = backend
+    cfg.layer_pattern = pattern
+    for key, value in over.items():
+        if key.startswith("rope_"):
+            setattr(cfg.rope, key[5:], value)
+        else:
+            setattr(cfg, key, value)
+    return cfg
+
+
+def _rope(head_dim=8, **kw):
+    return RotaryEmbedding(head_dim, **kw)
+
+
+# ----------------------------------------------------------------------------------------- layers
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["gated_delta", "delta", "mamba2", "sliding", "global"])
+def test_mixer_forward_backward_shapes_and_finite(kind, backend):
+    torch.manual_seed(0)
+    d, B, T = 24, 2, 13
+    if kind in ("gated_delta", "delta"):
+        layer = DeltaNetMixer(d, n_heads=2, head_dim=6, conv_size=4, gated=kind == "gated_delta",
+                              backend=backend, chunk_size=4)
+    elif kind == "mamba2":
+        layer = Mamba2Mixer(d, n_heads=3, head_dim=4, conv_size=4, backend=backend, chunk_size=4)
+    else:
+        layer = Attention(d, 2, 6, window=4 if kind == "sliding" else None, rope=_rope(6))
+    x = torch.randn(B, T, d, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (B, T, d)
+    (y * torch.randn_like(y)).sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert x.grad.abs().sum() > 0
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
+
+
+def test_mixers_are_causal():
+    torch.manual_seed(1)
+    d, T = 16, 12
+    layers = [DeltaNetMixer(d, n_heads=2, head_dim=4, conv_size=3, gated=True, backend="torch", chunk_size=4),
+              DeltaNetMixer(d, n_heads=2, head_dim=4, conv_size=3, gated=False, backend="torch", chunk_size=4),
+              Mamba2Mixer(d, n_heads=2, head_dim=4, conv_size=3, backend="torch", chunk_size=4),
+              Attention(d, 2, 4, window=3, rope=_rope(4)), Attention(d, 2, 4, window=None, rope=_rope(4))]
+    x = torch.randn(1, T, d)
+    x2 = x.clone()
+    x2[:, 7:] = torch.randn(1, T - 7, d)
+    for layer in layers:
+        y, y2 = layer(x), layer(x2)
+        torch.testing.assert_close(y[:, :7], y2[:, :7])
+        assert not torch.allclose(y[:, 7:], y2[:, 7:])
+
+
+def test_gate_is_a_log_decay_in_range():
+    torch.manual_seed(2)
+    layer = DeltaNetMixer(16, n_heads=4, head_dim=4, conv_size=2, gated=True, backend="torch")
+    x = torch.randn(3, 9, 16) * 5
+    g = -torch.exp(layer.A_log) * F.softplus(layer.a_proj(x) + layer.dt_bias)
+    assert (g <= 0).all() and (g > -1e3).all()
+    # Mamba-2 init: softplus(dt_bias) = dt in [1e-3, 0.1]
+    dt = F.softplus(layer.dt_bias)
+    assert ((dt >= 1e-4) & (dt <= 0.1 + 1e-6)).all()
+
+
+def test_short_conv_matches_brute_force_and_prefix_chains():
+    torch.manual_seed(3)
+    conv = ShortConv(5, 4, activation=False)
+    x = torch.randn(2, 11, 5)
+    y, tail = conv(x)
+    w = conv.weight[:, 0, :]  # [C, K]; output t = sum_j w[:, j] * x[t - (K-1) + j]
+    xp = torch.cat([torch.zeros(2, 3, 5), x], dim=1)
+    want = torch.stack([(xp[:, t:t + 4] * w.T[None]).sum(1) for t in range(11)], dim=1)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(tail, x[:, -3:])
+    y1, t1 = conv(x[:, :6])
+    y2, _ = conv(x[:, 6:], t1)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y)
+
+
+# ----------------------------------------------------------------------------------------- RoPE
+
+@pytest.mark.parametrize("scaling", ["linear", "ntk", "yarn"])
+def test_rope_scalings_reduce_to_plain_at_factor_one(scaling):
+    plain, m0 = rope_inv_freq(16, 10000.0)
+    theta, m = rope_inv_freq(16, 10000.0, scaling, 1.0, original_max_position=64)
+    torch.testing.assert_close(theta, plain)
+    assert m == m0 == 1.0
+
+
+def test_rope_linear_and_ntk_frequencies():
+    d, base, s = 16, 10000.0, 4.0
+    plain, _ = rope_inv_freq(d, base)
+    torch.testing.assert_close(plain, base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d))
+    linear, _ = rope_inv_freq(d, base, "linear", s)
+    torch.testing.assert_close(linear, plain / s)
+    ntk, _ = rope_inv_freq(d, base, "ntk", s)
+    torch.testing.assert_close(ntk[0], plain[0])  # highest frequency untouched
+    torch.testing.assert_close(ntk[-1], plain[-1] / s)  # lowest frequency interpolated by s
+    assert (ntk[1:] < plain[1:]).all()
+
+
+def test_rope_yarn_ramp_and_temperature():
+    d, base, s, L = 64, 10000.0, 8.0, 256
+    plain, _ = rope_inv_freq(d, base)
+    yarn, mscale = rope_inv_freq(d, base, "yarn", s, original_max_position=L)
+    turns = L * plain / (2 * math.pi)
+    fast, slow = turns > 32, turns < 1
+    assert fast.any() and slow.any() and (~fast & ~slow).any()
+    torch.testing.assert_close(yarn[fast], plain[fast])
+    torch.testing.assert_close(yarn[slow], plain[slow] / s)
+    mid = ~fast & ~slow
+    assert ((yarn[mid] < plain[mid]) & (yarn[mid] > plain[mid] / s)).all()
+    assert mscale == pytest.approx(0.1 * math.log(s) + 1)
+    with pytest.raises(ValueError, match="original_max_position"):
+        rope_inv_freq(d, base, "yarn", s, original_max_position=0)
+
+
+def test_rope_rotates_pairs_by_position_times_frequency():
+    torch.manual_seed(4)
+    rope = _rope(8, base=100.0)
+    x = torch.randn(1, 3, 2, 8)
+    pos = torch.tensor([0, 5, 1000])
+    y = rope(x, pos)
+    theta = rope_inv_freq(8, 100.0)[0].float()
+    zx = torch.complex(x[..., :4], x[..., 4:])
+    zy = zx * torch.polar(torch.ones(3, 4), pos[:, None].float() * theta)[None, :, None, :]
+    torch.testing.assert_close(y, torch.cat([zy.real, zy.imag], -1), atol=1e-4, rtol=1e-4)
+
+
+def test_model_passes_max_position_to_yarn():
+    cfg = tiny_cfg("A", rope_scaling="yarn", rope_factor=4.0)
+    with pytest.raises(ValueError, match="original_max_position"):
+        HybridLM(cfg)
+    model = HybridLM(cfg, max_position=64)
+    assert model.blocks[0].mixer.rope.mscale == pytest.approx(0.1 * math.log(4.0) + 1)
+
+
+# ----------------------------------------------------------------------------------------- attention
+
+def _brute_attention(q, k, v, window):
+    B, T, H, D = q.shape
+    out = torch.zeros_like(q)
+    for i in range(T):
+        lo = 0 if window is None else max(0, i - window + 1)
+        s = torch.einsum("bhd,bjhd->bhj", q[:, i], k[:, lo:i + 1]) / math.sqrt(D)
+        out[:, i] = torch.einsum("bhj,bjhd->bhd", s.softmax(-1), v[:, lo:i + 1])
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 3, 6, None])
+def test_attention_equals_brute_force(window):
+    torch.manual_seed(5)
+    layer = Attention(16, 2, 8, window=window, rope=_rope(8))
+    x = torch.randn(2, 11, 16)
+    B, T, _ = x.shape
+    pos = torch.arange(T)
+    q = layer.rope(layer.q_proj(x).view(B, T, 2, 8), pos)
+    k = layer.rope(layer.k_proj(x).view(B, T, 2, 8), pos)
+    v = layer.v_proj(x).view(B, T, 2, 8)
+    want = layer.o_proj(_brute_attention(q, k, v, window).reshape(B, T, 16))
+    torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_attention_ignores_negative_positions():
+    """What CP rank 0 sees: halo keys at negative positions (zeros) must not be attended."""
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(1, 5, 2, 4) for _ in range(3))
+    halo_k, halo_v = torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4)
+    out = masked_attention(q, torch.cat([halo_k, k], 1), torch.cat([halo_v, v], 1),
+                           torch.arange(5), torch.arange(-2, 5), window=3)
+    torch.testing.assert_close(out, _brute_attention(q, k, v, 3))
+
+
+@pytest.mark.parametrize("window", [4, None])
+def test_attention_invariant_to_common_position_offset(window):
+    torch.manual_seed(7)
+    layer = Attention(16, 2, 8, window=window, rope=_rope(8))
+    x = torch.randn(1, 9, 16)
+    y0 = layer(x, position_offset=0)
+    torch.testing.assert_close(layer(x, position_offset=37), y0, atol=1e-4, rtol=1e-4)
+    # but a query/key shift does change positions: rope itself depends on the offset
+    pos = torch.arange(9)
+    xr = torch.randn(1, 9, 2, 8)
+    assert not torch.allclose(layer.rope(xr, pos), layer.rope(xr, pos + 37))
+
+
+# ----------------------------------------------------------------------------------------- HybridLM
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", ["GSGA", "DMGA", ["G", "S", "M", "A", "D"]])
+def test_hybrid_forward_backward(pattern, backend):
+    torch.manual_seed(8)
+    model = build_model(tiny_cfg(pattern, backend))
+    assert len(model.blocks) == len(pattern)
+    assert [b.kind for b in model.blocks] == list(pattern)
+    ids = torch.randint(0, 64, (2, 19))
+    logits = model(ids)
+    assert logits.shape == (2, 19, 64) and logits.dtype == torch.float32
+    loss = F.cross_entropy(logits.reshape(-1, 64), torch.randint(0, 64, (2 * 19,)))
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
+
+
+def test_tied_and_untied_heads():
+    torch.manual_seed(9)
+    tied = build_model(tiny_cfg("GA", tie_embeddings=True))
+    untied = build_model(tiny_cfg("GA", tie_embeddings=False))
+    assert tied.lm_head.weight is tied.embed.weight
+    assert untied.lm_head.weight is not untied.embed.weight
+    assert untied.num_parameters() - tied.num_parameters() == 64 * 32
+    assert tied.num_parameters() == sum(p.numel() for p in tied.parameters())
+    assert tied.num_parameters(exclude_embeddings=True) == tied.num_parameters() - 64 * 32
+    ids = torch.randint(0, 64, (1, 7))
+    tied(ids).sum().backward()
+    assert tied.embed.weight.grad is not None
+
+
+def test_init_scales_output_projections():
+    torch.manual_seed(10)
+    model = build_model(tiny_cfg("GSGAGSGA", init_std=0.05, d_model=256, n_heads=4, head_dim=64))
+    block = model.blocks[0]
+    assert block.mixer.q_proj.weight.std().item() == pytest.approx(0.05, rel=0.05)
+    assert block.mlp.down_proj.weight.std().item() == pytest.approx(0.05 / math.sqrt(16), rel=0.05)
+    assert block.mixer.o_proj.weight.std().item() == pytest.approx(0.05 / math.sqrt(16), rel=0.05)
+
+
+def test_activation_checkpointing_gives_identical_loss_and_grads():
+    torch.manual_seed(11)
+    plain = build_model(tiny_cfg("GSMA"))
+    ckpt_cfg = tiny_cfg("GSMA", checkpoint_activations=True)
+    ckpt = build_model(ckpt_cfg)
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.checkpoint_activations and not plain.checkpoint_activations
+    ids = torch.randint(0, 64, (2, 17))
+    labels = torch.randint(0, 64, (2, 17))
+    losses = []
+    for model in (plain, ckpt):
+        loss = F.cross_entropy(model(ids, position_offset=3).reshape(-1, 64), labels.reshape(-1))
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", ["GSDMA", "SAMG"])
+def test_incremental_decoding_matches_full_forward(pattern, backend):
+    torch.manual_seed(12)
+    model = build_model(tiny_cfg(pattern, backend)).eval()
+    ids = torch.randint(0, 64, (2, 23))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, ids.device)
+        parts = [model(ids[:, :9], cache=cache), model(ids[:, 9:14], cache=cache)]  # two prefills
+        parts += [model(ids[:, t:t + 1], cache=cache) for t in range(14, 23)]
+    assert cache.seen_tokens == 23
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=0)
+    # the sliding-window KV cache keeps only window-1 positions
+    for block, layer_cache in zip(model.blocks, cache.layers):
+        if block.kind == "S":
+            assert layer_cache["k"].shape[1] == model.cfg.window - 1
+
+
+def test_position_offset_reaches_attention_rope():
+    torch.manual_seed(13)
+    model = build_model(tiny_cfg("A")).eval()
+    ids = torch.randint(0, 64, (1, 8))
+    # a single global-attention block with plain RoPE depends only on relative positions
+    torch.testing.assert_close(model(ids, position_offset=100), model(ids), atol=1e-4, rtol=1e-4)
+    yarn = build_model(tiny_cfg("A", rope_scaling="yarn", rope_factor=4.0, rope_original_max_position=16)).eval()
+    assert not torch.allclose(yarn(ids), model(ids))
+
+
+def test_bad_pattern_names_the_key():
+    with pytest.raises(ValueError, match="layer_pattern"):
+        build_model(tiny_cfg("GXA"))
+    with pytest.raises(ValueError, match="layer_pattern"):
+        build_model(tiny_cfg(""))
+
+
+# ----------------------------------------------------------------------------------------- context parallel
+
+def _cp_available() -> bool:
+    try:
+        from lctrain.parallel import context_parallel  # noqa: F401
+        from lctrain.parallel.halo import prepend_halo  # noqa: F401
+        from lctrain.parallel.ulysses import ulysses_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _cp_worker(rank, world, pattern):
+    import torch.distributed as dist
+
+    torch.manual_seed(14)
+    cfg = tiny_cfg(pattern, "torch", window=4, chunk_size=4)
+    full_model = build_model(cfg)
+    cp_model = build_model(cfg, cp_group=dist.group.WORLD)
+    cp_model.load_state_dict(full_model.state_dict())
+    T = 16
+    ids = torch.randint(0, 64, (2, T))
+    weights = torch.randn(2, T, 64)
+    full = full_model(ids)
+    (full * weights).sum().backward()
+    Tl = T // world
+    local = cp_model(ids[:, rank * Tl:(rank + 1) * Tl], position_offset=rank * Tl)
+    (local * weights[:, rank * Tl:(rank + 1) * Tl]).sum().backward()
+    grads = []
+    for p in cp_model.parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        grads.append(g)
+    out = (local - full[:, rank * Tl:(rank + 1) * Tl]).abs().max().item()
+    grad_err = max(((g - p.grad).norm() / (p.grad.norm() + 1e-12)).item()
+                   for g, p in zip(grads, full_model.parameters()))
+    return out, grad_err
+
+
+@pytest.mark.skipif(not _cp_available(), reason="lctrain.parallel (context_parallel, halo, ulysses) not landed yet")
+@pytest.mark.parametrize("pattern", ["GSMA", "DS"])
+def test_context_parallel_matches_one_process(pattern):
+    from dist_utils import run_world
+
+    for out_err, grad_err in run_world(_cp_worker, 2, pattern, timeout=240):
+        assert out_err < 1e-4
+        assert grad_err < 1e-3
