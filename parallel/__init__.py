@@ -5,6 +5,7 @@
 - ``lctrain.parallel.halo.prepend_halo``: previous rank's last tokens (short conv, sliding window).
 - ``lctrain.parallel.ulysses.ulysses_attention``: all-to-all attention over the CP group (DeepSpeed).
 """
+from .context_parallel import ContextParallelError, ContextParallelOp, context_parallel
 from .mesh import (
     MeshInfo,
     cp_group,
@@ -24,6 +25,7 @@ from .mesh import (
 )
 
 __all__ = [
+    "context_parallel", "ContextParallelOp", "ContextParallelError",
     "MeshInfo", "init_mesh", "destroy_mesh", "mesh_info", "cp_group", "cp_rank", "cp_size",
     "tp_group", "tp_rank", "tp_size", "dp_rank", "dp_size", "dp_cp_group", "dp_cp_size", "is_main",
 ]

@@ -12,13 +12,14 @@ are killed at once; the whole run is bounded by ``timeout`` seconds (collectives
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
 import traceback
 from datetime import timedelta
 
-import torch.multiprocessing as mp
+import multiprocessing as mp
 
 
 class WorkerError(RuntimeError):
@@ -51,7 +52,8 @@ def _worker(rank, world_size, port, fn, args, results, init_pg, timeout):
                 pass
             if dist.is_initialized():
                 dist.destroy_process_group()
-        results.put((rank, "ok", out))
+        # plain pickle: tensors travel by value, not as shared memory that dies with this process
+        results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         results.put((rank, "error", traceback.format_exc()))
         raise SystemExit(1)
@@ -88,7 +90,7 @@ def run_world(fn, world_size: int, *args, timeout: float = 180.0, init_process_g
                     continue
             if status == "error":
                 raise WorkerError(f"rank {rank} of {world_size} failed:\n{value}")
-            out[rank] = value
+            out[rank] = pickle.loads(value)
     finally:
         for p in procs:
             if p.is_alive() and len(out) < world_size:

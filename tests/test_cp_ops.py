@@ -1,0 +1,230 @@
+"""Context parallelism on gloo CPU worlds of 2, 3 and 4 processes against one process.
+
+Each world run checks several random cases (a world costs seconds to start): outputs, every rank's
+outgoing state and the gradients of q, k, v, g, beta and the initial state equal the single-process op
+on the full sequence (float32, <= 1e-5 relative to the largest reference value). The reference is the
+full sequence run as P consecutive pieces chained through initial_state, which is the same op but
+also exposes the state after every shard so that a loss may put weight on each rank's final state.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_utils import WorkerError, run_world
+
+OPS = {"delta": "delta_rule", "gated_delta": "gated_delta_rule", "gla": "gated_linear_attn"}
+RTOL = 1e-5
+
+
+def make_inputs(seed, kind, B, T, H, K, V, with_init):
+    """Full-sequence inputs, identical on every process (same seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    x = {"q": r(B, T, H, K), "k": F.normalize(r(B, T, H, K), dim=-1), "v": r(B, T, H, V)}
+    if kind in ("gated_delta", "gla"):
+        x["g"] = -F.softplus(r(B, T, H)) * 0.3
+    if kind in ("delta", "gated_delta"):
+        x["beta"] = torch.sigmoid(r(B, T, H))
+    x["init"] = r(B, H, K, V) if with_init else None
+    x["do"] = r(B, T, H, V)
+    return x
+
+
+def op_args(kind, t):
+    extra = {"delta": ("beta",), "gated_delta": ("g", "beta"), "gla": ("g",)}[kind]
+    return (t["q"], t["k"], t["v"]) + tuple(t[n] for n in extra)
+
+
+def leaves(kind, x, sl):
+    """Slices of the full inputs as fresh leaves that require grad."""
+    names = ["q", "k", "v"] + (["g"] if "g" in x else []) + (["beta"] if "beta" in x else [])
+    return {n: x[n][:, sl].clone().requires_grad_() for n in names}
+
+
+def state_weights(seed, P, B, H, K, V):
+    gen = torch.Generator().manual_seed(seed + 7)
+    return [torch.randn(B, H, K, V, generator=gen) for _ in range(P)]
+
+
+def reference(case, P):
+    """Single process: the full sequence as P consecutive pieces chained through the state."""
+    from lctrain import kernels
+    seed, kind, B, Tl, H, K, V, backend, chunk, with_init, weigh_states = case
+    x = make_inputs(seed, kind, B, P * Tl, H, K, V, with_init)
+    t = leaves(kind, x, slice(None))
+    init = x["init"].clone().requires_grad_() if with_init else None
+    W = state_weights(seed, P, B, H, K, V)
+    fn = getattr(kernels, OPS[kind])
+    full_args = op_args(kind, t)
+    state, outs, states, loss = init, [], [], 0.0
+    for r in range(P):
+        sl = slice(r * Tl, (r + 1) * Tl)
+        o, state = fn(*(a[:, sl] for a in full_args), initial_state=state, output_final_state=True,
+                      backend="naive")
+        outs.append(o)
+        states.append(state)
+        loss = loss + (o * x["do"][:, sl]).sum()
+        if weigh_states:
+            loss = loss + (state * W[r]).sum()
+    loss.backward()
+    o_direct, s_direct = fn(*op_args(kind, x), initial_state=x["init"], output_final_state=True, backend="naive")
+    grads = {n: v.grad for n, v in t.items()}
+    return dict(o=torch.cat(outs, 1).detach(), states=[s.detach() for s in states], grads=grads,
+                init_grad=None if init is None else init.grad, o_direct=o_direct, s_direct=s_direct)
+
+
+def cp_worker(rank, P, cases, checkpoint_mode="none"):
+    """Runs every case on this rank's shard; returns the local outputs, state and gradients."""
+    import torch.distributed as dist
+    from torch.utils.checkpoint import checkpoint
+
+    from lctrain import kernels
+    from lctrain.parallel import context_parallel
+
+    out = []
+    for case in cases:
+        seed, kind, B, Tl, H, K, V, backend, chunk, with_init, weigh_states = case
+        x = make_inputs(seed, kind, B, P * Tl, H, K, V, with_init)
+        t = leaves(kind, x, slice(rank * Tl, (rank + 1) * Tl))
+        init = x["init"].clone().requires_grad_() if with_init else None
+        W = state_weights(seed, P, B, H, K, V)
+        cp_op = context_parallel(getattr(kernels, OPS[kind]), dist.group.WORLD)
+
+        def run(*tensors):
+            return cp_op(*tensors, initial_state=init, output_final_state=True, backend=backend, chunk_size=chunk)
+
+        args = op_args(kind, t)
+        if checkpoint_mode == "none":
+            o, s = run(*args)
+        else:
+            o, s = checkpoint(run, *args, use_reentrant=(checkpoint_mode == "reentrant"))
+        loss = (o * x["do"][:, rank * Tl:(rank + 1) * Tl]).sum()
+        if weigh_states:
+            loss = loss + (s * W[rank]).sum()
+        loss.backward()
+        out.append(dict(o=o.detach(), state=s.detach(), grads={n: v.grad for n, v in t.items()},
+                        init_grad=None if init is None else init.grad,
+                        gathers=cp_op.gathers, reused=cp_op.replays_reused))
+    return out
+
+
+def assert_close(got, want, what):
+    scale = want.abs().max().clamp(min=1e-6)
+    err = (got.double() - want.double()).abs().max() / scale
+    assert err <= RTOL, f"{what}: max error {err:.2e} relative to max |ref| {scale:.3g} exceeds {RTOL}"
+
+
+def check_world(P, cases, results):
+    for i, case in enumerate(cases):
+        ref = reference(case, P)
+        kind, Tl = case[1], case[3]
+        tag = f"case {case}"
+        assert_close(ref["o"], ref["o_direct"], f"{tag}: chained reference vs one call")
+        assert_close(ref["states"][-1], ref["s_direct"], f"{tag}: chained final state vs one call")
+        for r in range(P):
+            got = results[r][i]
+            sl = slice(r * Tl, (r + 1) * Tl)
+            assert_close(got["o"], ref["o"][:, sl], f"{tag} rank {r}: output")
+            assert_close(got["state"], ref["states"][r], f"{tag} rank {r}: outgoing state")
+            for name, g in got["grads"].items():
+                assert_close(g, ref["grads"][name][:, sl], f"{tag} rank {r}: d{name}")
+            if ref["init_grad"] is not None:
+                if r == 0:
+                    assert_close(got["init_grad"], ref["init_grad"], f"{tag}: d initial_state")
+                else:
+                    assert got["init_grad"] is None, "initial_state of ranks > 0 must not get a gradient"
+
+
+def random_cases(seed, n, backends=("naive", "torch")):
+    """(seed, kind, B, T_local, H, K, V, backend, chunk, with_init, weigh_states) with random sizes."""
+    gen = torch.Generator().manual_seed(seed)
+    pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=gen))]  # noqa: E731
+    cases = []
+    for i in range(n):
+        kind = ("delta", "gated_delta", "gla")[i % 3]
+        backend = backends[i % len(backends)]
+        chunk = pick([4, 8])
+        cases.append((seed * 100 + i, kind, pick([1, 2]), chunk * pick([1, 2, 3]), pick([1, 2]), pick([4, 8]),
+                      pick([4, 6, 8]), backend, chunk, bool(i % 2), bool((i // 2) % 2)))
+    return cases
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_cp_ops_match_single_process(P):
+    cases = random_cases(P, 6)
+    results = run_world(cp_worker, P, cases, timeout=240)
+    check_world(P, cases, results)
+    for r in range(P):
+        assert all(res["gathers"] == 1 for res in results[r]), "one state all-gather per forward"
+
+
+def test_cp_under_activation_checkpointing():
+    """Non-reentrant checkpoint replays reuse the gathered state (no second gather) and stay exact;
+    reentrant checkpoint communicates again, in the same order on every rank, without deadlock."""
+    P = 2
+    cases = random_cases(11, 3, backends=("torch",))
+    for mode, gathers, reused in (("non_reentrant", 1, 1), ("reentrant", 2, 0)):
+        results = run_world(cp_worker, P, cases, mode, timeout=240)
+        check_world(P, cases, results)
+        for r in range(P):
+            for res in results[r]:
+                assert (res["gathers"], res["reused"]) == (gathers, reused), (mode, res["gathers"], res["reused"])
+
+
+def error_worker(rank, P, what):
+    import torch.distributed as dist
+
+    from lctrain.kernels import gated_delta_rule
+    from lctrain.parallel import context_parallel
+    from lctrain.parallel.context_parallel import ContextParallelError
+
+    Tl = 8 if what != "ragged" else 6
+    if what == "mismatch" and rank == 1:
+        Tl = 16
+    B, H, K = 1, 2, 4
+    q, k, v = (torch.randn(B, Tl, H, K) for _ in range(3))
+    g, beta = -torch.rand(B, Tl, H), torch.rand(B, Tl, H)
+    op = context_parallel(gated_delta_rule, dist.group.WORLD)
+    try:
+        op(q, k, v, g, beta, chunk_size=4 if what != "ragged" else 4, backend="torch")
+    except ContextParallelError as err:
+        return str(err)
+    return None
+
+
+def test_cp_errors_are_raised_on_every_rank():
+    msgs = run_world(error_worker, 2, "mismatch", timeout=120)
+    assert all(m and "disagree on shapes" in m for m in msgs), msgs
+    msgs = run_world(error_worker, 2, "ragged", timeout=120)
+    assert all(m and "cp * chunk_size = 8" in m for m in msgs), msgs
+
+
+def test_cp_rejects_bad_group_and_op():
+    from lctrain.kernels import delta_rule
+    from lctrain.parallel import context_parallel
+    from lctrain.parallel.context_parallel import ContextParallelError
+
+    with pytest.raises(ContextParallelError, match="ProcessGroup"):
+        context_parallel(delta_rule, group="cp")
+    with pytest.raises(ContextParallelError, match="unsupported op"):
+        context_parallel(torch.matmul, group=None)
+    # no group: the plain op
+    q, k, v = (torch.randn(1, 8, 1, 4) for _ in range(3))
+    beta = torch.rand(1, 8, 1)
+    o1, _ = context_parallel(delta_rule, None)(q, k, v, beta, backend="naive")
+    o2, _ = delta_rule(q, k, v, beta, backend="naive")
+    torch.testing.assert_close(o1, o2)
+
+
+def failing_worker(rank, P):
+    if rank == 1:
+        raise RuntimeError("boom on purpose")
+    import torch.distributed as dist
+    dist.barrier()  # would hang forever without fail-fast
+
+
+def test_dist_utils_fails_fast():
+    with pytest.raises(WorkerError, match="boom on purpose"):
+        run_world(failing_worker, 2, timeout=60)
