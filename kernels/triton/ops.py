@@ -1,0 +1,282 @@
+"""Triton backend of lctrain.kernels: the three mixers (autograd) and the CP primitives.
+
+``lctrain.kernels.api`` imports this module lazily and calls the functions below with the public
+signatures minus ``backend``; inputs arrive validated. Layout and math: see ``chunk_kernels.py``.
+
+Forward  : wy_fwd (gam, Tm, W, Ut) -> state_fwd (per-chunk states h, U) -> output_fwd (o).
+Backward : recompute wy_fwd and state_fwd (nothing but the inputs is saved for backward), then
+           dv_local -> state_bwd (reverse pass: dh, dU, d initial_state) -> dqk (dq, dk, dW, dgam)
+           -> wy_bwd (dk, dv, dbeta, dg).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import chunk_kernels as ck
+
+CHUNK = ck.CHUNK
+MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _pow2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def _check(op: str, q, k, v, chunk_size: int) -> None:
+    if chunk_size != CHUNK:
+        raise ValueError(f"{op}: the Triton backend uses chunk_size={CHUNK}; got chunk_size={chunk_size}. "
+                         f"Pass chunk_size={CHUNK} or use backend='torch'.")
+    K, V = k.shape[-1], v.shape[-1]
+    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
+        raise ValueError(f"{op}: the Triton backend supports head dims up to {MAX_HEAD_DIM}; got K={K}, "
+                         f"V={V}. Use backend='torch' for larger heads.")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x is not None and x.dtype not in _DTYPES:
+            raise TypeError(f"{op}: the Triton backend takes float16, bfloat16 or float32 {name}; got "
+                            f"{x.dtype}. Cast the inputs or use backend='torch' (float64).")
+
+
+class _Cfg:
+    """Block sizes and launch settings for one problem shape."""
+
+    def __init__(self, K: int, V: int):
+        self.K, self.V = K, V
+        self.BK = _pow2(K)
+        self.BVP = min(_pow2(V), 128 if self.BK <= 128 else 64)    # parallel (per-chunk) kernels
+        self.BVS = 64 if self.BK <= 64 else 32                     # sequential state kernels
+        self.BVW = min(_pow2(V), 64)                               # WY kernels
+        self.warps_seq = 4
+        self.warps_par = 4 if self.BK <= 64 else 8
+
+
+def _dummy(ref: torch.Tensor) -> torch.Tensor:
+    return torch.empty(1, device=ref.device, dtype=torch.float32)
+
+
+def _wy_fwd(k, v, g, beta, cfg: _Cfg, want_u: bool = True):
+    """gam (fp32 in-chunk cumsum of g, or None), Tm, W, Ut (None where not applicable)."""
+    B, T, H, K = k.shape
+    NT = triton.cdiv(T, CHUNK)
+    has_g, has_w = g is not None, beta is not None
+    if not has_g and not has_w:
+        return None, None, None, None
+    d = _dummy(k)
+    gam = torch.empty(B, T, H, device=k.device, dtype=torch.float32) if has_g else None
+    tm = w = u = None
+    has_v = has_w and want_u and v is not None
+    if has_w:
+        tm = torch.empty(B, T, H, CHUNK, device=k.device, dtype=torch.float32)
+        w = torch.empty_like(k)
+        if has_v:
+            u = torch.empty_like(v)
+    V = v.shape[-1] if v is not None else 16
+    ck.wy_fwd_kernel[(NT, B * H)](
+        k, v if has_v else d, beta if has_w else d, g if has_g else d, gam if has_g else d,
+        tm if has_w else d, w if has_w else d, u if has_v else d,
+        T, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVW, C=CHUNK, HAS_G=has_g, HAS_W=has_w, HAS_V=has_v,
+        num_warps=4)
+    return gam, tm, w, u
+
+
+def _state_fwd(k, w, u, gam, s0, cfg: _Cfg, *, store_h: bool, store_vnew: bool,
+               store_final: bool, compute_a: bool = False):
+    """Per-chunk incoming states h [B, NT, H, K, V] (u's dtype), U = Ut - W S, final state, A."""
+    B, T, H, K = k.shape
+    V = u.shape[-1]
+    NT = triton.cdiv(T, CHUNK)
+    d = _dummy(k)
+    h = torch.empty(B, NT, H, K, V, device=k.device, dtype=k.dtype) if store_h else None
+    vnew = torch.empty_like(u) if (store_vnew and w is not None) else None
+    st = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32) if store_final else None
+    a = torch.empty(B, H, K, K, device=k.device, dtype=torch.float32) if compute_a else None
+    nvb = triton.cdiv(V, cfg.BVS)
+    grid = (nvb + (triton.cdiv(K, cfg.BVS) if compute_a else 0), B * H)
+    ck.state_fwd_kernel[grid](
+        k, w if w is not None else d, u, gam if gam is not None else d,
+        s0 if s0 is not None else d, h if store_h else d, vnew if vnew is not None else d,
+        st if store_final else d, a if compute_a else d,
+        T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVS, C=CHUNK, NVB=nvb,
+        HAS_G=gam is not None, HAS_W=w is not None, HAS_S0=s0 is not None,
+        STORE_H=store_h, STORE_VNEW=vnew is not None, STORE_ST=store_final, COMPUTE_A=compute_a,
+        num_warps=cfg.warps_seq)
+    return h, (vnew if vnew is not None else u), st, a
+
+
+def _output_fwd(q, k, vnew, h, gam, scale, cfg: _Cfg):
+    B, T, H, K = q.shape
+    V = vnew.shape[-1]
+    NT = triton.cdiv(T, CHUNK)
+    o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
+    grid = (triton.cdiv(V, cfg.BVP), NT, B * H)
+    ck.output_fwd_kernel[grid](q, k, vnew, h, gam if gam is not None else _dummy(q), o, scale,
+                               T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVP, C=CHUNK,
+                               HAS_G=gam is not None, num_warps=cfg.warps_par)
+    return o
+
+
+def _dv_local(q, k, do, gam, scale, cfg: _Cfg):
+    B, T, H, K = q.shape
+    V = do.shape[-1]
+    NT = triton.cdiv(T, CHUNK)
+    dvl = torch.empty_like(do)
+    grid = (triton.cdiv(V, cfg.BVP), NT, B * H)
+    ck.dv_local_kernel[grid](q, k, do, gam if gam is not None else _dummy(q), dvl, scale,
+                             T, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVP, C=CHUNK,
+                             HAS_G=gam is not None, num_warps=cfg.warps_par)
+    return dvl
+
+
+def _state_bwd(q, k, w, do, dvl, gam, dst, scale, cfg: _Cfg, *, store: bool):
+    """Reverse pass: dh per chunk, full dU, gradient of the initial state (fp32)."""
+    B, T, H, K = q.shape
+    V = do.shape[-1]
+    NT = triton.cdiv(T, CHUNK)
+    d = _dummy(q)
+    dh = torch.empty(B, NT, H, K, V, device=q.device, dtype=q.dtype) if store else None
+    du = torch.empty_like(do) if store else None
+    ds0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(V, cfg.BVS), B * H)
+    ck.state_bwd_kernel[grid](
+        q, k, w if w is not None else d, do, dvl, gam if gam is not None else d,
+        dst if dst is not None else d, dh if store else d, du if store else d, ds0, scale,
+        T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVS, C=CHUNK,
+        HAS_G=gam is not None, HAS_W=w is not None, HAS_DST=dst is not None,
+        STORE_DH=store, STORE_DU=store, num_warps=cfg.warps_seq)
+    return dh, du, ds0
+
+
+def _forward(q, k, v, g, beta, s0, scale, want_final):
+    cfg = _Cfg(k.shape[-1], v.shape[-1])
+    gam, _tm, w, ut = _wy_fwd(k, v, g, beta, cfg)
+    u = ut if w is not None else v
+    h, vnew, st, _ = _state_fwd(k, w, u, gam, s0, cfg, store_h=True, store_vnew=True,
+                                store_final=want_final)
+    o = _output_fwd(q, k, vnew, h, gam, scale, cfg)
+    return o, st
+
+
+def _backward(q, k, v, g, beta, s0, scale, do, dst):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, CHUNK)
+    cfg = _Cfg(K, V)
+    has_g, has_w = g is not None, beta is not None
+    gam, tm, w, ut = _wy_fwd(k, v, g, beta, cfg)
+    u = ut if has_w else v
+    h, vnew, _, _ = _state_fwd(k, w, u, gam, s0, cfg, store_h=True, store_vnew=True,
+                               store_final=False)
+    dvl = _dv_local(q, k, do, gam, scale, cfg)
+    dh, du, ds0 = _state_bwd(q, k, w, do, dvl, gam, dst, scale, cfg, store=True)
+    del dvl
+    d = _dummy(q)
+    dq = torch.empty_like(q)
+    dk = torch.empty(B, T, H, K, device=k.device, dtype=torch.float32) if has_w else torch.empty_like(k)
+    dw = torch.empty(B, T, H, K, device=k.device, dtype=torch.float32) if has_w else None
+    dgam = torch.empty(B, T, H, device=k.device, dtype=torch.float32) if has_g else None
+    ck.dqk_kernel[(NT, B * H)](
+        q, k, vnew, do, h, dh, du if has_w else d, gam if has_g else d,
+        dq, dk, dw if has_w else d, dgam if has_g else d, scale,
+        T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVP, C=CHUNK, HAS_G=has_g, HAS_W=has_w,
+        FINAL_DG=not has_w, num_warps=cfg.warps_par)
+    del h, dh
+    if not has_w:
+        return dq, dk, du.to(v.dtype), (dgam.to(g.dtype) if has_g else None), None, ds0
+    dk_out = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dbeta = torch.empty_like(beta)
+    dg = torch.empty_like(g) if has_g else None
+    ck.wy_bwd_kernel[(NT, B * H)](
+        k, v, beta, gam if has_g else d, tm, dw, du, dk, dgam if has_g else d,
+        dk_out, dv, dbeta, dg if has_g else d,
+        T, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVW, C=CHUNK, HAS_G=has_g, num_warps=cfg.warps_par)
+    return dq, dk_out, dv, dg, dbeta, ds0
+
+
+class _ChunkRecurrence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, s0, scale, want_final):
+        o, st = _forward(q, k, v, g, beta, s0, scale, want_final)
+        ctx.save_for_backward(q, k, v, g, beta, s0)
+        ctx.scale = scale
+        if st is not None:
+            return o, st
+        return o, None
+
+    @staticmethod
+    def backward(ctx, do, dst):
+        q, k, v, g, beta, s0 = ctx.saved_tensors
+        do = do.contiguous()
+        dst = None if dst is None else dst.contiguous().float()
+        dq, dk, dv, dg, dbeta, ds0 = _backward(q, k, v, g, beta, s0, ctx.scale, do, dst)
+        ds0 = None if s0 is None else ds0.to(s0.dtype)
+        return dq, dk, dv, dg, dbeta, ds0, None, None
+
+
+def _run(op, q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size):
+    _check(op, q, k, v, chunk_size)
+    K = k.shape[-1]
+    scale = float(K ** -0.5 if scale is None else scale)
+    dt = q.dtype
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    # k, v share q's dtype (api validates); per-token scalars go to fp32 for the kernels
+    g = None if g is None else g.contiguous().float()
+    beta = None if beta is None else beta.contiguous().float()
+    s0 = None if initial_state is None else initial_state.contiguous().float()
+    o, st = _ChunkRecurrence.apply(q, k, v, g, beta, s0, scale, bool(output_final_state))
+    return o.to(dt), (st if output_final_state else None)
+
+
+def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
+               chunk_size=CHUNK):
+    return _run("delta_rule", q, k, v, None, beta, scale, initial_state, output_final_state,
+                chunk_size)
+
+
+def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+                     chunk_size=CHUNK):
+    return _run("gated_delta_rule", q, k, v, g, beta, scale, initial_state, output_final_state,
+                chunk_size)
+
+
+def gated_linear_attn(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
+                      chunk_size=CHUNK):
+    return _run("gated_linear_attn", q, k, v, g, None, scale, initial_state, output_final_state,
+                chunk_size)
+
+
+# ------------------------------------------------------------------------ context-parallel primitives
+
+def shard_transition(kind, k, v, *, g=None, beta=None, chunk_size=CHUNK):
+    """(A, Bst): A [B, H, K, K] fp32 (the shard's transition product, carried in the same state
+    pass as Bst), or [B, H] = exp(sum g) for "gla"; Bst [B, H, K, V] fp32 = final state from 0."""
+    _check("shard_transition", None, k, v, chunk_size)
+    k, v = k.contiguous(), v.contiguous()
+    g = None if g is None else g.contiguous().float()
+    beta = None if beta is None else beta.contiguous().float()
+    cfg = _Cfg(k.shape[-1], v.shape[-1])
+    with torch.no_grad():
+        gam, _tm, w, ut = _wy_fwd(k, v, g, beta, cfg)
+        if kind == "gla":
+            _, _, bst, _ = _state_fwd(k, None, v, gam, None, cfg, store_h=False, store_vnew=False,
+                                      store_final=True)
+            return torch.exp(g.sum(dim=1)), bst
+        _, _, bst, a = _state_fwd(k, w, ut, gam, None, cfg, store_h=False, store_vnew=False,
+                                  store_final=True, compute_a=True)
+        return a, bst
+
+
+def shard_state_grad(kind, q, k, do, *, g=None, beta=None, scale=None, chunk_size=CHUNK):
+    """G [B, H, K, V] fp32 = d sum(o * do) / d initial_state, by a reverse state-only pass."""
+    _check("shard_state_grad", q, k, do, chunk_size)
+    scale = float(k.shape[-1] ** -0.5 if scale is None else scale)
+    q, k, do = q.contiguous(), k.contiguous(), do.contiguous().to(q.dtype)
+    g = None if g is None else g.contiguous().float()
+    beta = None if beta is None else beta.contiguous().float()
+    cfg = _Cfg(k.shape[-1], do.shape[-1])
+    with torch.no_grad():
+        gam, _tm, w, _ = _wy_fwd(k, None, g, beta, cfg, want_u=False)
+        dvl = _dv_local(q, k, do, gam, scale, cfg)
+        _, _, ds0 = _state_bwd(q, k, w, do, dvl, gam, None, scale, cfg, store=False)
+    return ds0
