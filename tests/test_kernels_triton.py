@@ -1,0 +1,158 @@
+"""Triton backend against the naive recurrence, on CPU through the Triton interpreter.
+
+Outputs, final states and every gradient (q, k, v, g, beta, initial_state, with a final-state
+gradient) in float32 and float16; the CP primitives against their naive definitions; input errors.
+Shapes are tiny so the interpreter stays fast; T covers a partial chunk, one exact chunk and a
+ragged third chunk. bfloat16 is not tested here: the interpreter computes it wrongly on CPU (it is
+tested on the GPU, tests/test_kernels_gpu.py).
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lctrain.kernels import (delta_rule, gated_delta_rule, gated_linear_attn, shard_state_grad,
+                             shard_transition)
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs CUDA or TRITON_INTERPRET=1 (set by conftest on CPU runs)")
+
+MIXERS = ("delta", "gated_delta", "gla")
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(kind, B, T, H, K, V, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)
+    x = dict(
+        q=r(B, T, H, K),
+        k=F.normalize(r(B, T, H, K), dim=-1),
+        v=r(B, T, H, V),
+        g=F.logsigmoid(r(B, T, H) + 2.0) if kind != "delta" else None,
+        beta=torch.sigmoid(r(B, T, H)) if kind != "gla" else None,
+        initial_state=r(B, H, K, V),
+    )
+    for name in ("q", "k", "v"):
+        x[name] = x[name].to(dtype)
+    return x
+
+
+def call(kind, x, backend):
+    kw = dict(initial_state=x["initial_state"], output_final_state=True, backend=backend)
+    if kind == "delta":
+        return delta_rule(x["q"], x["k"], x["v"], x["beta"], **kw)
+    if kind == "gated_delta":
+        return gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], **kw)
+    return gated_linear_attn(x["q"], x["k"], x["v"], x["g"], **kw)
+
+
+def outputs_and_grads(kind, x, backend, do, dS):
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items() if t is not None}
+    o, S = call(kind, leaves, backend)
+    loss = (o.float() * do).sum() + (S * dS).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return o.detach(), S.detach(), dict(zip(leaves, grads))
+
+
+CASES = [  # (B, T, K, V, dtype, tol): T=37 partial chunk, 64 exact, 130 ragged third chunk
+    (1, 37, 16, 16, torch.float32, 1e-4),
+    (2, 64, 32, 16, torch.float32, 1e-4),
+    (1, 130, 16, 32, torch.float32, 1e-4),
+    (1, 130, 32, 32, torch.float16, 1e-2),
+]
+
+
+@pytest.mark.parametrize("kind", MIXERS)
+@pytest.mark.parametrize("B,T,K,V,dtype,tol", CASES)
+def test_triton_matches_naive(kind, B, T, K, V, dtype, tol):
+    H = 2
+    x = make_inputs(kind, B, T, H, K, V, dtype, seed=hash((kind, T, K, V)) % 1000)
+    gen = torch.Generator().manual_seed(7)
+    do = torch.randn(B, T, H, V, generator=gen)
+    dS = torch.randn(B, H, K, V, generator=gen)
+    # the reference runs in float64 on the same (rounded) inputs
+    x64 = {n: (t.double() if t is not None else None) for n, t in x.items()}
+    o_ref, S_ref, g_ref = outputs_and_grads(kind, x64, "naive", do.double(), dS.double())
+    o, S, g = outputs_and_grads(kind, x, "triton", do, dS)
+    assert o.dtype == dtype and o.shape == (B, T, H, V)
+    assert S.dtype == torch.float32 and S.shape == (B, H, K, V)
+    assert torch.isfinite(o).all()
+    assert rel(o, o_ref) < tol, f"output rel err {rel(o, o_ref)}"
+    assert rel(S, S_ref) < tol, f"final state rel err {rel(S, S_ref)}"
+    for name, ref in g_ref.items():
+        assert g[name].dtype == x[name].dtype, name
+        err = rel(g[name], ref)
+        assert err < tol, f"d{name} rel err {err}"
+
+
+@pytest.mark.parametrize("kind", MIXERS)
+def test_triton_without_initial_state_or_final_state(kind):
+    B, T, H, K, V = 1, 70, 2, 16, 16
+    x = make_inputs(kind, B, T, H, K, V, torch.float32, seed=3)
+    x["initial_state"] = None
+    args = dict(output_final_state=False)
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items() if t is not None}
+    outs = {}
+    for backend in ("naive", "triton"):
+        lv = {n: t.detach().clone().requires_grad_() for n, t in leaves.items()}
+        if kind == "delta":
+            o, S = delta_rule(lv["q"], lv["k"], lv["v"], lv["beta"], backend=backend, **args)
+        elif kind == "gated_delta":
+            o, S = gated_delta_rule(lv["q"], lv["k"], lv["v"], lv["g"], lv["beta"], backend=backend,
+                                    **args)
+        else:
+            o, S = gated_linear_attn(lv["q"], lv["k"], lv["v"], lv["g"], backend=backend, **args)
+        assert S is None
+        o.square().sum().backward()
+        outs[backend] = (o.detach(), {n: t.grad for n, t in lv.items()})
+    assert rel(outs["triton"][0], outs["naive"][0]) < 1e-4
+    for n in leaves:
+        assert rel(outs["triton"][1][n], outs["naive"][1][n]) < 1e-4, n
+
+
+@pytest.mark.parametrize("kind", MIXERS)
+@pytest.mark.parametrize("T", [37, 130])
+def test_cp_primitives_match_naive(kind, T):
+    B, H, K, V = 2, 2, 16, 32
+    x = make_inputs(kind, B, T, H, K, V, torch.float32, seed=T)
+    do = torch.randn(B, T, H, V)
+    kw = dict(g=x["g"], beta=x["beta"])
+    A_ref, B_ref = shard_transition(kind, x["k"].double(), x["v"].double(),
+                                    g=None if x["g"] is None else x["g"].double(),
+                                    beta=None if x["beta"] is None else x["beta"].double(),
+                                    backend="naive")
+    A, Bst = shard_transition(kind, x["k"], x["v"], backend="triton", **kw)
+    assert A.dtype == Bst.dtype == torch.float32
+    assert A.shape == ((B, H) if kind == "gla" else (B, H, K, K))
+    assert rel(A, A_ref) < 1e-4 and rel(Bst, B_ref) < 1e-4
+    G_ref = shard_state_grad(kind, x["q"].double(), x["k"].double(), do.double(),
+                             g=None if x["g"] is None else x["g"].double(),
+                             beta=None if x["beta"] is None else x["beta"].double(), backend="naive")
+    G = shard_state_grad(kind, x["q"], x["k"], do, backend="triton", **kw)
+    assert G.dtype == torch.float32 and G.shape == (B, H, K, V)
+    assert rel(G, G_ref) < 1e-4
+
+
+def test_triton_head_dim_not_power_of_two():
+    B, T, H, K, V = 1, 40, 1, 20, 24
+    x = make_inputs("gated_delta", B, T, H, K, V, torch.float32, seed=11)
+    o_ref, S_ref = call("gated_delta", x, "naive")
+    o, S = call("gated_delta", x, "triton")
+    assert rel(o, o_ref) < 1e-4 and rel(S, S_ref) < 1e-4
+
+
+def test_triton_rejects_what_it_cannot_run():
+    x = make_inputs("delta", 1, 8, 1, 16, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="chunk_size=64"):
+        delta_rule(x["q"], x["k"], x["v"], x["beta"], backend="triton", chunk_size=32)
+    q = torch.randn(1, 8, 1, 300)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        delta_rule(q, q, q, x["beta"], backend="triton")
+    q64 = x["q"].double()
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        delta_rule(q64, x["k"].double(), x["v"].double(), x["beta"], backend="triton")
