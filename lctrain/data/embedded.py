@@ -1,0 +1,119 @@
+"""The embedded default dataset: the machine's own text (corpus.py) + synthetic needle samples, as MDS.
+
+`ensure_embedded_dataset(data_cfg)` builds it once under
+`<data.cache_dir>/embedded-<hash>` where the hash covers everything that changes the samples
+(seq_len, needle_fraction, tokenizer, seed, sample count, corpus fingerprint, format version), and
+returns that path; later calls reuse it.
+
+Several ranks may call it at once: one builder per node (LOCAL_RANK 0 by default) writes it into a
+temporary directory and renames it into place (atomic, so a concurrent builder on another node
+sharing the cache just finds it done); the other ranks wait for the directory to appear (no
+torch.distributed barrier is needed). A failed build leaves `<path>.failed` with the error so that
+waiting ranks stop at once instead of timing out.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lctrain.data.corpus import corpus_fingerprint, embedded_documents
+from lctrain.data.mds import DatasetExistsError, write_mds
+from lctrain.data.needle import _SentenceIds, training_needle_sample
+from lctrain.data.packing import packed_epochs, token_dtype
+from lctrain.data.tokenizer import get_tokenizer
+
+FORMAT_VERSION = 1
+# Enough samples for the default job (train.steps 300 x micro_batch 8 = 2400) without repeating
+# one, and at least ~2M tokens for short sequence lengths.
+MIN_SAMPLES = 2400
+MIN_TOKENS = 1 << 21
+
+
+def default_num_samples(seq_len: int) -> int:
+    return max(MIN_SAMPLES, math.ceil(MIN_TOKENS / (seq_len + 1)))
+
+
+def embedded_settings(data_cfg: Any, num_samples: int | None = None) -> dict:
+    tok = get_tokenizer(data_cfg)
+    return {
+        "format": FORMAT_VERSION,
+        "seq_len": int(data_cfg.seq_len),
+        "needle_fraction": float(data_cfg.needle_fraction),
+        "tokenizer": tok.name,
+        "seed": int(data_cfg.seed),
+        "num_samples": int(num_samples or default_num_samples(int(data_cfg.seq_len))),
+        "corpus": corpus_fingerprint(),
+    }
+
+
+def embedded_dataset_path(data_cfg: Any, num_samples: int | None = None) -> Path:
+    settings = embedded_settings(data_cfg, num_samples)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(os.path.expanduser(str(data_cfg.cache_dir))).absolute() / f"embedded-{digest}"
+
+
+def build_embedded_samples(tokenizer: Any, seq_len: int, num_samples: int, needle_fraction: float, seed: int) -> list[np.ndarray]:
+    """The samples of the embedded dataset (each seq_len + 1 ids), text and needle samples interleaved."""
+    length = seq_len + 1
+    n_needle = round(needle_fraction * num_samples)
+    n_text = num_samples - n_needle
+    text: list[np.ndarray] = []
+    if n_text:
+        doc_ids = [tokenizer.encode(d) for d in embedded_documents()]
+        text = packed_epochs(doc_ids, length, tokenizer.eos_id, n_text, seed)
+    rng = random.Random(f"needle-{seed}")
+    cache = _SentenceIds(tokenizer)
+    needles = [np.asarray(training_needle_sample(tokenizer, length, rng, _encode_cache=cache), dtype=np.int64)
+               for _ in range(n_needle)]
+    kinds = [0] * n_text + [1] * n_needle
+    random.Random(f"mix-{seed}").shuffle(kinds)
+    it_text, it_needle = iter(text), iter(needles)
+    return [next(it_needle) if k else next(it_text) for k in kinds]
+
+
+def ensure_embedded_dataset(data_cfg: Any, *, num_samples: int | None = None, builder: bool | None = None,
+                            timeout_s: float = 3600.0) -> Path:
+    """Local MDS path of the embedded dataset for `data_cfg`, built on first use (see module doc).
+
+    builder: whether this process builds it if missing; default: LOCAL_RANK (0 if unset) == 0.
+    Non-builders wait up to timeout_s for the builder.
+    """
+    settings = embedded_settings(data_cfg, num_samples)
+    path = embedded_dataset_path(data_cfg, num_samples)
+    failed = path.with_name(path.name + ".failed")
+    if (path / "index.json").is_file():
+        return path
+    if builder is None:
+        builder = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if builder:
+        failed.unlink(missing_ok=True)
+        tok = get_tokenizer(data_cfg)
+        try:
+            samples = build_embedded_samples(tok, settings["seq_len"], settings["num_samples"],
+                                             settings["needle_fraction"], settings["seed"])
+            write_mds(path, samples, sample_len=settings["seq_len"] + 1, dtype=token_dtype(tok.vocab_size),
+                      meta=dict(settings, source="embedded", vocab_size=tok.vocab_size, eos_id=tok.eos_id))
+        except DatasetExistsError:
+            pass  # another builder finished it first
+        except BaseException as err:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            failed.write_text(f"{type(err).__name__}: {err}")
+            raise
+        return path
+    deadline = time.monotonic() + timeout_s
+    while not (path / "index.json").is_file():
+        if failed.is_file():
+            raise RuntimeError(f"building the embedded dataset {path} failed on the builder rank: {failed.read_text()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f}s for the embedded dataset {path}; the builder (LOCAL_RANK 0) "
+                               "did not finish: check its log, or build it first with `lctrain data prepare`")
+        time.sleep(0.2)
+    return path

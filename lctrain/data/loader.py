@@ -1,0 +1,148 @@
+"""The training loader: MDS samples of seq_len + 1 tokens -> this CP rank's slice of inputs and labels.
+
+All ranks of one TP x CP (x PP) group read the same samples (`replication` in StreamingDataset, which
+groups consecutive global ranks: this matches megatron-core's rank order, where data-parallel is the
+outer dimension); data-parallel ranks read different samples. Each CP rank keeps its contiguous slice
+[cp_rank * T / cp, (cp_rank + 1) * T / cp) of input_ids = tokens[:-1] and labels = tokens[1:], so the
+labels are the global shift even at slice edges.
+
+StreamingDataset reads RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE from the environment (not
+from torch.distributed); `build_train_loader` checks that they agree with the ranks it is given.
+Building several loaders in one process is safe: local-only datasets (remote=None) each register
+their own shared-memory prefix.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from lctrain.data.mds import read_meta
+
+
+class DataError(ValueError):
+    """The data settings or files are wrong; the message says what to change."""
+
+
+def cp_slice(tokens: np.ndarray | torch.Tensor, cp_rank: int, cp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels) of CP rank `cp_rank` from one sample (or a batch) of seq_len + 1 tokens."""
+    t = torch.as_tensor(np.asarray(tokens).astype(np.int64)) if not torch.is_tensor(tokens) else tokens.long()
+    seq_len = t.shape[-1] - 1
+    if seq_len % cp_size:
+        raise DataError(f"data.seq_len={seq_len} does not split into parallel.cp={cp_size} equal slices; make seq_len a multiple of cp")
+    if not 0 <= cp_rank < cp_size:
+        raise DataError(f"cp_rank={cp_rank} is outside [0, {cp_size})")
+    n = seq_len // cp_size
+    lo, hi = cp_rank * n, (cp_rank + 1) * n
+    return t[..., lo:hi].contiguous(), t[..., lo + 1:hi + 1].contiguous()
+
+
+def _dataset_class():
+    from streaming import StreamingDataset
+
+    class TokenSamples(StreamingDataset):
+        """StreamingDataset whose items are this CP rank's {"input_ids", "labels"} (LongTensor [T_local])."""
+
+        def __init__(self, *, cp_rank: int, cp_size: int, **kwargs):
+            super().__init__(**kwargs)
+            self.cp_rank, self.cp_size = cp_rank, cp_size
+
+        def get_item(self, idx: int, retry: int = 7) -> dict:
+            tokens = super().get_item(idx, retry)["tokens"]
+            input_ids, labels = cp_slice(tokens, self.cp_rank, self.cp_size)
+            return {"input_ids": input_ids, "labels": labels}
+
+    return TokenSamples
+
+
+class TrainLoader:
+    """Iterates batches for ever (epoch after epoch); state_dict()/load_state_dict() for checkpoints."""
+
+    def __init__(self, dataset, loader, *, path: Path, seq_len: int, cp_rank: int, cp_size: int):
+        self.dataset, self.loader, self.path = dataset, loader, path
+        self.seq_len, self.cp_rank, self.cp_size = seq_len, cp_rank, cp_size
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            empty = True
+            for batch in self.loader:
+                empty = False
+                yield batch
+            if empty:
+                raise DataError(f"the dataset {self.path} yields no full batch for this rank; use a smaller "
+                                "data.micro_batch_size or fewer data-parallel ranks, or prepare more data")
+
+    def state_dict(self) -> dict:
+        return {"streaming": self.loader.state_dict(), "path": str(self.path), "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seq_len") not in (None, self.seq_len):
+            raise DataError(f"the checkpoint's loader state is for seq_len={state['seq_len']}, this run uses {self.seq_len}; "
+                            "resume with the same data.seq_len or start a fresh out_dir")
+        if state.get("streaming") is not None:
+            self.loader.load_state_dict(state["streaming"])
+
+
+def resolve_dataset(data_cfg: Any) -> Path:
+    """Local MDS directory for data.source: "embedded" (built on first use) or a path from `lctrain data prepare`."""
+    if str(data_cfg.source) == "embedded":
+        from lctrain.data.embedded import ensure_embedded_dataset
+
+        return ensure_embedded_dataset(data_cfg)
+    src = str(data_cfg.source)
+    if "://" in src:
+        raise DataError(f"data.source={src!r}: remote datasets are not supported yet; copy the MDS directory locally and pass its path")
+    path = Path(os.path.expanduser(src)).absolute()
+    if not (path / "index.json").is_file():
+        raise DataError(f"data.source={src!r} is not an MDS dataset (no index.json); "
+                        "write one with `lctrain data prepare --out DIR` or use data.source=embedded")
+    return path
+
+
+def _check_env(global_rank: int, world_size: int) -> None:
+    """StreamingDataset takes the world from env vars; make sure they say what the trainer says."""
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    env_rank = int(os.environ.get("RANK", "0"))
+    if (env_rank, env_world) != (global_rank, world_size):
+        if "WORLD_SIZE" not in os.environ and world_size > 1:
+            raise DataError(f"rank {global_rank} of {world_size}: RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE are not set; "
+                            "launch with torchrun (or `lctrain train`), which sets them for mosaicml-streaming")
+        raise DataError(f"the environment says RANK={env_rank} WORLD_SIZE={env_world} but the loader was built for "
+                        f"global_rank={global_rank} world_size={world_size}; pass the torch.distributed rank and world size")
+
+
+def build_train_loader(data_cfg: Any, *, dp_rank: int, dp_size: int, cp_rank: int, cp_size: int, tp_size: int = 1,
+                       global_rank: int = 0, world_size: int = 1) -> TrainLoader:
+    """Batches {"input_ids", "labels"}: LongTensor [micro_batch_size, seq_len / cp_size] for this rank."""
+    from streaming import StreamingDataLoader
+
+    seq_len, batch = int(data_cfg.seq_len), int(data_cfg.micro_batch_size)
+    if world_size % dp_size:
+        raise DataError(f"world_size={world_size} is not a multiple of dp_size={dp_size}")
+    replication = world_size // dp_size  # TP x CP x PP ranks that read the same sample
+    if world_size > 1 and global_rank // replication != dp_rank:
+        raise DataError(f"global rank {global_rank} with {replication} ranks per data-parallel group should be dp rank "
+                        f"{global_rank // replication}, got dp_rank={dp_rank}: the mesh must put data parallelism outermost "
+                        "(megatron-core's default order)")
+    if seq_len % cp_size:
+        raise DataError(f"data.seq_len={seq_len} does not split into parallel.cp={cp_size} equal slices; make seq_len a multiple of cp")
+    _check_env(global_rank, world_size)
+    path = resolve_dataset(data_cfg)
+    meta = read_meta(path)
+    if meta.get("sample_len") not in (None, seq_len + 1):
+        raise DataError(f"{path} holds samples of {meta['sample_len']} tokens but data.seq_len={seq_len} needs {seq_len + 1}; "
+                        f"set data.seq_len={meta['sample_len'] - 1} or prepare the data again with --seq-len {seq_len}")
+    dataset = _dataset_class()(
+        local=str(path), remote=None, shuffle=True, shuffle_seed=int(data_cfg.seed), batch_size=batch,
+        replication=replication if replication > 1 else None, cp_rank=cp_rank, cp_size=cp_size,
+    )
+    if dataset.num_samples < batch * dp_size:
+        raise DataError(f"{path} holds {dataset.num_samples} samples, fewer than one global batch "
+                        f"(micro_batch_size {batch} x {dp_size} data-parallel ranks); prepare more data")
+    workers = int(getattr(data_cfg, "num_workers", 0) or 0)
+    loader = StreamingDataLoader(dataset, batch_size=batch, num_workers=workers, drop_last=True,
+                                 persistent_workers=workers > 0)
+    return TrainLoader(dataset, loader, path=path, seq_len=seq_len, cp_rank=cp_rank, cp_size=cp_size)

@@ -1,0 +1,215 @@
+"""Needle-in-a-haystack (RULER S-NIAH) prompts, for training samples and for evals.
+
+Tasks:
+  s_niah_1  a number hidden in repeated noise sentences (the classic passkey)
+  s_niah_2  a number hidden in essay text (the embedded corpus)
+  s_niah_3  a UUID hidden in essay text
+The needle is "One of the special magic numbers for {key} is: {value}." (uuids for s_niah_3), placed
+at a sentence boundary at `depth` in [0, 1] of the haystack; the prompt ends with the question and the
+answer prefix, and the answer is " {value}".
+
+The builders work on token ids so that the prompt has EXACTLY the requested number of tokens for any
+tokenizer (pieces are encoded separately and the haystack's last sentence is cut at a token);
+`niah_prompt` returns text whose re-encoding is within +-1% of the target (exact for the byte
+tokenizer on ASCII text).
+"""
+from __future__ import annotations
+
+import random
+import uuid as _uuid
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE_TEMPLATE = "One of the special magic {kind} for {key} is: {value}."
+QUESTION_TEMPLATE = (
+    "What is the special magic {kind_one} for {key} mentioned in the provided text? "
+    "The special magic {kind_one} for {key} mentioned in the provided text is:"
+)
+TASKS = ("s_niah_1", "s_niah_2", "s_niah_3")
+
+_KEY_WORDS_A = ("amber", "brave", "calm", "dusty", "eager", "faint", "gentle", "hollow", "icy", "jolly",
+                "keen", "lively", "mellow", "noble", "odd", "proud", "quiet", "rapid", "silent", "tidy")
+_KEY_WORDS_B = ("anchor", "badger", "canyon", "dragon", "ember", "falcon", "garden", "harbor", "island",
+                "jungle", "kettle", "lantern", "meadow", "needle", "orchard", "pepper", "quarry", "river",
+                "saddle", "tunnel")
+
+
+@dataclass
+class NeedleSample:
+    """One prompt: `prompt_ids` ends with the answer prefix; `answer_ids` is what should follow."""
+
+    task: str
+    key: str
+    value: str
+    prompt_ids: list[int]
+    answer_ids: list[int]
+    prompt_text: str
+    answer_text: str
+    depth: float  # requested depth
+    needle_start: int  # token offset of the needle inside prompt_ids
+    needle_len: int
+    haystack_len: int  # haystack tokens (prompt minus needle minus question)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def actual_depth(self) -> float:
+        return self.needle_start / max(1, self.haystack_len)
+
+
+def random_key(rng: random.Random) -> str:
+    return f"{rng.choice(_KEY_WORDS_A)}-{rng.choice(_KEY_WORDS_B)}"
+
+
+def random_number(rng: random.Random, digits: int) -> str:
+    if digits < 1:
+        raise ValueError(f"digits must be >= 1, got {digits}")
+    return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+
+
+def random_uuid(rng: random.Random) -> str:
+    return str(_uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def needle_text(task: str, key: str, value: str) -> str:
+    return NEEDLE_TEMPLATE.format(kind=_kind(task), key=key, value=value)
+
+
+def question_text(task: str, key: str) -> str:
+    return QUESTION_TEMPLATE.format(kind_one=_kind(task)[:-1], key=key)
+
+
+def _kind(task: str) -> str:
+    _check_task(task)
+    return "uuids" if task == "s_niah_3" else "numbers"
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown needle task {task!r}; use one of {TASKS}")
+
+
+def _haystack_sentences(task: str, rng: random.Random) -> tuple[list[str], int]:
+    """The haystack's sentences and where to start reading them (random start for essays)."""
+    if task == "s_niah_1":
+        return [s + "." for s in NOISE.rstrip(".").split(". ")], 0
+    from lctrain.data.corpus import essay_sentences
+
+    sents = essay_sentences()
+    return sents, rng.randrange(len(sents))
+
+
+class _SentenceIds:
+    """Token ids of sentences, encoded once each (sentence + " ", so they join with a space)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tok, self.cache = tokenizer, {}
+
+    def __call__(self, s: str) -> list[int]:
+        ids = self.cache.get(s)
+        if ids is None:
+            ids = self.cache[s] = self.tok.encode(s + " ")
+        return ids
+
+
+def build_needle_sample(
+    task: str,
+    tokenizer: Any,
+    prompt_tokens: int,
+    depth: float,
+    rng: random.Random,
+    *,
+    digits: int = 7,
+    key: str | None = None,
+    value: str | None = None,
+    _encode_cache: _SentenceIds | None = None,
+) -> NeedleSample:
+    """A prompt of exactly `prompt_tokens` tokens with the needle at `depth`, ending with the question."""
+    _check_task(task)
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"needle depth must lie in [0, 1], got {depth}")
+    key = key or random_key(rng)
+    if value is None:
+        value = random_uuid(rng) if task == "s_niah_3" else random_number(rng, digits)
+    enc = _encode_cache or _SentenceIds(tokenizer)
+    needle_ids = tokenizer.encode(needle_text(task, key, value) + " ")
+    question_ids = tokenizer.encode("\n\n" + question_text(task, key))
+    answer_text = " " + value
+    answer_ids = tokenizer.encode(answer_text)
+    hay_budget = prompt_tokens - len(needle_ids) - len(question_ids)
+    if hay_budget < 0:
+        raise ValueError(f"prompt_tokens={prompt_tokens} is too short for the needle and the question "
+                         f"({len(needle_ids) + len(question_ids)} tokens); use a longer length")
+
+    # Haystack: words (each encoded with its trailing space) until the budget is met, the last one
+    # cut at a token. The needle goes to the sentence end closest to depth * budget, or to the
+    # closest word boundary when no sentence ends within 2% of the haystack of that point.
+    sents, start = _haystack_sentences(task, rng)
+    pieces: list[list[int]] = []
+    texts: list[str] = []
+    sentence_end = [True]  # per boundary: does a sentence end there (boundary 0 = start)
+    total, i = 0, start
+    while total < hay_budget:
+        words = sents[i % len(sents)].split()
+        for w_i, w in enumerate(words):
+            ids = enc(w)
+            take = ids[: hay_budget - total]
+            pieces.append(take)
+            texts.append(w + " " if len(take) == len(ids) else tokenizer.decode(take))
+            sentence_end.append(w_i == len(words) - 1)
+            total += len(take)
+            if total >= hay_budget:
+                break
+        i += 1
+
+    bounds = [0]
+    for p in pieces:
+        bounds.append(bounds[-1] + len(p))
+    target = depth * hay_budget
+    by_distance = sorted(range(len(bounds)), key=lambda j: (abs(bounds[j] - target), j))
+    cut = by_distance[0]
+    sentence_cuts = [j for j in by_distance if sentence_end[j] or j == len(bounds) - 1]
+    if sentence_cuts and abs(bounds[sentence_cuts[0]] - target) <= 0.02 * hay_budget:
+        cut = sentence_cuts[0]
+    hay_before = [t for p in pieces[:cut] for t in p]
+    hay_after = [t for p in pieces[cut:] for t in p]
+    prompt_ids = hay_before + needle_ids + hay_after + question_ids
+    assert len(prompt_ids) == prompt_tokens, (len(prompt_ids), prompt_tokens)
+
+    prompt_text = ("".join(texts[:cut]) + needle_text(task, key, value) + " " + "".join(texts[cut:])
+                   + "\n\n" + question_text(task, key))
+    return NeedleSample(task=task, key=key, value=value, prompt_ids=prompt_ids, answer_ids=answer_ids,
+                        prompt_text=prompt_text, answer_text=answer_text, depth=depth,
+                        needle_start=len(hay_before), needle_len=len(needle_ids), haystack_len=hay_budget)
+
+
+def niah_prompt(task: str, tokenizer: Any, target_tokens: int, depth: float, *, seed: int = 0,
+                digits: int = 7) -> tuple[str, str]:
+    """(prompt_text, answer_text) with about `target_tokens` prompt tokens (+-1%) and the needle at `depth`."""
+    s = build_needle_sample(task, tokenizer, target_tokens, depth, random.Random(seed), digits=digits)
+    return s.prompt_text, s.answer_text
+
+
+def training_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, tasks: Sequence[str] = ("s_niah_1", "s_niah_2"),
+                           digits: int = 5, _encode_cache: _SentenceIds | None = None) -> list[int]:
+    """`length` token ids: a needle prompt at a random depth whose last tokens are the answer digits.
+
+    Used for training samples (length = seq_len + 1): the loss on the final answer tokens rewards
+    retrieving the number from far back in the context.
+    """
+    task = rng.choice(list(tasks))
+    value = random_number(rng, digits)
+    answer_len = len(tokenizer.encode(" " + value))
+    s = build_needle_sample(task, tokenizer, length - answer_len, rng.random(), rng, value=value,
+                            _encode_cache=_encode_cache)
+    ids = s.prompt_ids + s.answer_ids
+    assert len(ids) == length
+    return ids
+
+
+def answer_from_prompt(prompt_text: str, key: str) -> str | None:
+    """The value the prompt's needle gives for `key` (what a perfect reader answers), or None."""
+    import re
+
+    m = re.search(r"One of the special magic (?:numbers|uuids) for " + re.escape(key) + r" is: ([0-9a-f\-]+)\.", prompt_text)
+    return m.group(1) if m else None
