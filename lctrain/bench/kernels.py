@@ -1,0 +1,252 @@
+"""`lctrain bench kernels`: time our Triton mixers against fla-core and torch SDPA in one process.
+
+For each sequence length: forward and forward+backward (``triton.testing.do_bench``, median ms)
+and the peak extra GPU memory of one forward+backward, for
+
+    ours: delta_rule, gated_delta_rule, gated_linear_attn    (lctrain.kernels, backend="triton")
+    fla:  chunk_delta_rule, chunk_gated_delta_rule           (fla-core, imported lazily here only)
+    sdpa: torch scaled_dot_product_attention, causal, flash backend
+
+Ratios are ours / fla for the same recurrence, measured in the same process on the same GPU.
+fla refuses its gated backward on Triton 3.4 - 3.7.0 on Hopper (its issue #640); when that guard
+applies it is lifted for the benchmark and the output says so (our own gradients are checked by
+``pytest -m gpu``). Writes the result as JSON with ``--json PATH``; ``lctrain bench record PATH``
+appends it to BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+from typing import Callable
+
+OURS = ("delta", "gated_delta", "gla")
+FLA_OF = {"delta": "fla_delta", "gated_delta": "fla_gated_delta"}
+ALL_METHODS = ("delta", "gated_delta", "gla", "fla_delta", "fla_gated_delta", "sdpa")
+COLUMNS = ["T", "method", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd / fla", "fwd+bwd / fla",
+           "peak / fla"]
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="lctrain bench kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--T", type=int, nargs="+", default=[16384, 32768, 65536, 131072],
+                   help="sequence lengths (default: 16K 32K 64K 128K)")
+    p.add_argument("--B", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--H", type=int, default=16, help="heads (default 16)")
+    p.add_argument("--D", type=int, default=128, help="head dim, for q/k and v (default 128)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(ALL_METHODS))
+    p.add_argument("--no-fla", action="store_true", help="skip fla-core (no ratios then)")
+    p.add_argument("--no-sdpa", action="store_true", help="skip torch SDPA")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default 25)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms (default 100)")
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
+    return p.parse_args(argv)
+
+
+def _load_fla(notes: list[str]):
+    """Import fla-core lazily; lift its Hopper/Triton guard on the gated backward if it applies."""
+    import importlib.metadata as md
+
+    import torch
+    import triton
+    from packaging import version
+
+    from fla.ops.delta_rule import chunk_delta_rule
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    try:
+        fla_version = md.version("fla-core")
+    except md.PackageNotFoundError:
+        fla_version = "unknown"
+    tv = version.parse(triton.__version__)
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    if hopper and version.parse("3.4.0") <= tv < version.parse("3.7.1"):
+        import fla.ops.common.chunk_o as chunk_o
+        if hasattr(chunk_o, "TRITON_ABOVE_3_7_1"):
+            chunk_o.TRITON_ABOVE_3_7_1 = True
+            notes.append(f"fla-core {fla_version}: its guard refusing the gated backward on Hopper with "
+                         f"Triton {triton.__version__} (fla issue #640) was lifted by monkeypatch "
+                         "(fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True) for this benchmark")
+    return chunk_delta_rule, chunk_gated_delta_rule, fla_version
+
+
+def _make_inputs(B, T, H, D, dtype, device):
+    import torch
+    import torch.nn.functional as F
+    gen = torch.Generator(device=device).manual_seed(T)
+    r = lambda *s: torch.randn(*s, generator=gen, device=device)
+    x = dict(
+        q=r(B, T, H, D).to(dtype),
+        k=F.normalize(r(B, T, H, D), dim=-1).to(dtype),
+        v=r(B, T, H, D).to(dtype),
+        g=F.logsigmoid(r(B, T, H) + 3.0),               # float32 log-decay
+        beta=torch.sigmoid(r(B, T, H)).to(dtype),
+    )
+    for t in x.values():
+        t.requires_grad_(True)
+    x["do"] = r(B, T, H, D).to(dtype)
+    return x
+
+
+def _method_fns(name: str, x: dict, fla) -> tuple[Callable, list]:
+    """(forward returning the output, differentiable inputs) of one method."""
+    import torch
+    import torch.nn.functional as F
+
+    from lctrain.kernels import delta_rule, gated_delta_rule, gated_linear_attn
+    q, k, v, g, beta = x["q"], x["k"], x["v"], x["g"], x["beta"]
+    if name == "delta":
+        return (lambda: delta_rule(q, k, v, beta, backend="triton")[0]), [q, k, v, beta]
+    if name == "gated_delta":
+        return (lambda: gated_delta_rule(q, k, v, g, beta, backend="triton")[0]), [q, k, v, g, beta]
+    if name == "gla":
+        return (lambda: gated_linear_attn(q, k, v, g, backend="triton")[0]), [q, k, v, g]
+    if name == "fla_delta":
+        return (lambda: fla[0](q, k, v, beta)[0]), [q, k, v, beta]
+    if name == "fla_gated_delta":
+        return (lambda: fla[1](q, k, v, g, beta)[0]), [q, k, v, g, beta]
+    if name == "sdpa":
+        qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v))
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def fwd():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
+        return fwd, [qt, kt, vt]
+    raise ValueError(name)
+
+
+def _measure(fwd, inputs, do, warmup, rep):
+    import torch
+    import triton.testing
+
+    def fwd_only():
+        with torch.no_grad():
+            fwd()
+
+    def fwd_bwd():
+        o = fwd()
+        torch.autograd.grad(o, inputs, do)
+
+    fwd_bwd()  # compile / autotune outside the timed region
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    t_fwd = triton.testing.do_bench(fwd_only, warmup=warmup, rep=rep, return_mode="median")
+    t_all = triton.testing.do_bench(fwd_bwd, warmup=warmup, rep=rep, return_mode="median")
+    return t_fwd, t_all, peak
+
+
+def _agreement(x, fla, notes):
+    """Same function? max relative difference of ours vs fla outputs and input grads (bf16)."""
+    import torch
+    for ours, theirs in (("delta", "fla_delta"), ("gated_delta", "fla_gated_delta")):
+        res = []
+        for name in (ours, theirs):
+            fwd, inputs = _method_fns(name, x, fla)
+            o = fwd()
+            grads = torch.autograd.grad(o, inputs, x["do"])
+            res.append([o] + list(grads))
+        errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(*res)]
+        notes.append(f"agreement {ours} vs {theirs} at T={x['q'].shape[1]}: rel diff of o and input "
+                     f"grads = {', '.join(f'{e:.1e}' for e in errs)}")
+
+
+def run(args) -> dict:
+    import torch
+    import triton
+    if not torch.cuda.is_available():
+        raise SystemExit("lctrain bench kernels needs a CUDA GPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    notes: list[str] = []
+    methods = [m for m in args.methods if not (args.no_fla and m.startswith("fla_"))
+               and not (args.no_sdpa and m == "sdpa")]
+    fla = None
+    fla_version = None
+    if any(m.startswith("fla_") for m in methods):
+        try:
+            *fla, fla_version = _load_fla(notes)
+        except ImportError as e:
+            notes.append(f"fla-core not importable ({e}); fla rows skipped")
+            methods = [m for m in methods if not m.startswith("fla_")]
+    rows = []
+    raw = []
+    for i, T in enumerate(args.T):
+        x = _make_inputs(args.B, T, args.H, args.D, dtype, "cuda")
+        if i == 0 and fla is not None:
+            _agreement(x, fla, notes)
+        res = {}
+        for m in methods:
+            fwd, inputs = _method_fns(m, x, fla)
+            try:
+                res[m] = _measure(fwd, inputs, x["do"], args.warmup, args.rep)
+            except torch.cuda.OutOfMemoryError:
+                res[m] = None
+                notes.append(f"{m} at T={T}: out of memory")
+            del fwd, inputs
+            torch.cuda.empty_cache()
+            r = res[m]
+            print(f"T={T} {m}: " + ("OOM" if r is None else
+                                    f"fwd {r[0]:.3f} ms, fwd+bwd {r[1]:.3f} ms, peak {r[2]:.0f} MiB"),
+                  flush=True)
+        del x
+        torch.cuda.empty_cache()
+        for m in methods:
+            r = res[m]
+            ref = res.get(FLA_OF.get(m, ""))
+            ratio = lambda j: (round(r[j] / ref[j], 3) if (r is not None and ref is not None) else None)
+            rows.append([T, m,
+                         None if r is None else round(r[0], 3),
+                         None if r is None else round(r[1], 3),
+                         None if r is None else round(r[2], 1),
+                         ratio(0), ratio(1), ratio(2)])
+            raw.append({"T": T, "method": m, "fwd_ms": None if r is None else r[0],
+                        "fwd_bwd_ms": None if r is None else r[1],
+                        "peak_mib": None if r is None else r[2]})
+    dev = torch.cuda.get_device_name()
+    return {
+        "title": f"Kernels: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}",
+        "command": "lctrain bench kernels " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+        "device": dev,
+        "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                     "fla-core": fla_version},
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "notes": notes + ["times: triton.testing.do_bench median; peak MiB: max extra GPU memory "
+                          "allocated during one fwd+bwd beyond the inputs; ratios: ours / fla "
+                          "(fla_delta for delta, fla_gated_delta for gated_delta)"],
+        "columns": COLUMNS,
+        "rows": rows,
+        "raw": raw,
+    }
+
+
+def format_table(columns, rows) -> str:
+    cells = [[("—" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(columns)]
+    line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths))
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(argv)
+    args.argv = argv
+    result = run(args)
+    print()
+    print(result["title"], "-", result["device"], result["versions"])
+    for n in result["notes"]:
+        print("note:", n)
+    print(format_table(result["columns"], result["rows"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""`lctrain bench record RESULT.json`: append a benchmark result to BENCHMARKS.md.
+
+A result is a dict (or a JSON file of one) with the keys every benchmark writes:
+
+    title    str                  heading of the section
+    command  str                  the command that produced it
+    device   str                  GPU name
+    versions dict[str, str|None]  e.g. torch / triton / fla-core
+    date     str
+    notes    list[str]            optional
+    columns  list[str]
+    rows     list[list]           one list per table row, None rendered as "—"
+
+BENCHMARKS.md is written only through this module: figures are never typed by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+REQUIRED = ("title", "command", "device", "columns", "rows")
+HEADER = ("# Benchmarks\n\nWritten by `lctrain bench record` from the JSON results of `lctrain bench "
+          "...` commands; never edited by hand.\n")
+
+
+def _load(result) -> dict:
+    if isinstance(result, (str, os.PathLike)):
+        with open(result) as f:
+            result = json.load(f)
+    if not isinstance(result, dict):
+        raise TypeError(f"a benchmark result must be a dict or a JSON file of one, got {type(result).__name__}")
+    missing = [k for k in REQUIRED if k not in result]
+    if missing:
+        raise ValueError(f"benchmark result lacks keys {missing}; it needs {list(REQUIRED)}")
+    return result
+
+
+def _cell(x) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:g}"
+    return str(x).replace("|", "\\|")
+
+
+def render(result) -> str:
+    """The markdown section for one result."""
+    r = _load(result)
+    versions = r.get("versions") or {}
+    ver = ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None)
+    lines = [f"## {r['title']}", ""]
+    lines.append(f"- command: `{r['command']}`")
+    lines.append(f"- device: {r['device']}" + (f" ({ver})" if ver else ""))
+    if r.get("date"):
+        lines.append(f"- date: {r['date']}")
+    for note in r.get("notes") or []:
+        lines.append(f"- note: {note}")
+    lines.append("")
+    cols = r["columns"]
+    lines.append("| " + " | ".join(_cell(c) for c in cols) + " |")
+    lines.append("|" + "|".join("---" for _ in cols) + "|")
+    for row in r["rows"]:
+        if len(row) != len(cols):
+            raise ValueError(f"row {row} has {len(row)} cells, the table has {len(cols)} columns")
+        lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def append_to_benchmarks_md(result_json_path_or_dict, md_path: str = "BENCHMARKS.md") -> str:
+    """Render a result and append it to ``md_path`` (created with a header if absent).
+    Returns the appended section."""
+    section = render(result_json_path_or_dict)
+    exists = os.path.exists(md_path)
+    with open(md_path, "a") as f:
+        if not exists:
+            f.write(HEADER)
+        f.write("\n" + section)
+    return section
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lctrain bench record",
+                                description="append benchmark results (JSON) to BENCHMARKS.md")
+    p.add_argument("results", nargs="+", help="result JSON file(s) written by `lctrain bench ... --json`")
+    p.add_argument("--md", default="BENCHMARKS.md", help="markdown file to append to (default BENCHMARKS.md)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    for path in args.results:
+        append_to_benchmarks_md(path, args.md)
+        print(f"recorded {path} in {args.md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
