@@ -228,3 +228,103 @@ def failing_worker(rank, P):
 def test_dist_utils_fails_fast():
     with pytest.raises(WorkerError, match="boom on purpose"):
         run_world(failing_worker, 2, timeout=60)
+
+
+# ------------------------------------------------------------------ halo exchange and Ulysses attention
+
+def _causal_sdpa(q, k, v):
+    """[B, T, H, D] -> [B, T, H, D] causal softmax attention."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return o.transpose(1, 2)
+
+
+def _halo_conv_inputs(seed, P, B, Tl, C, ks):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, P * Tl, C, generator=gen), torch.randn(C, ks, generator=gen),
+            torch.randn(B, P * Tl, C, generator=gen))
+
+
+def _ulysses_inputs(seed, P, B, Tl, H, D):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, P * Tl, H, D, generator=gen) for _ in range(4)]  # q, k, v, do
+
+
+def comm_worker(rank, P, seed, B, Tl, C, ks, H, D):
+    """Short causal depthwise conv through prepend_halo, and Ulysses attention, on this rank's shard."""
+    import torch.distributed as dist
+
+    from lctrain.parallel.halo import prepend_halo
+    from lctrain.parallel.ulysses import ulysses_attention
+
+    group = dist.group.WORLD
+    sl = slice(rank * Tl, (rank + 1) * Tl)
+    x_full, w_full, dy = _halo_conv_inputs(seed, P, B, Tl, C, ks)
+    x = x_full[:, sl].clone().requires_grad_()
+    w = w_full.clone().requires_grad_()
+    xh = prepend_halo(x, ks - 1, group, dim=1)                       # [B, Tl + ks - 1, C]
+    y = F.conv1d(xh.transpose(1, 2), w[:, None, :], groups=C).transpose(1, 2)
+    (y * dy[:, sl]).sum().backward()
+    dw = w.grad.clone()
+    dist.all_reduce(dw)                                              # parameter gradients sum over CP
+
+    q_full, k_full, v_full, do = _ulysses_inputs(seed, P, B, Tl, H, D)
+    q, k, v = (t[:, sl].clone().requires_grad_() for t in (q_full, k_full, v_full))
+    o = ulysses_attention(q, k, v, group, _causal_sdpa)
+    (o * do[:, sl]).sum().backward()
+    return dict(y=y.detach(), dx=x.grad, dw=dw, o=o.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
+
+
+@pytest.mark.parametrize("P,H", [(2, 4), (3, 3), (4, 4)])
+def test_halo_conv_and_ulysses_match_single_process(P, H):
+    seed, B, Tl, C, ks, D = 5 + P, 2, 6, 5, 4, 8
+    results = run_world(comm_worker, P, seed, B, Tl, C, ks, H, D, timeout=240)
+
+    x_full, w_full, dy = _halo_conv_inputs(seed, P, B, Tl, C, ks)
+    x, w = x_full.clone().requires_grad_(), w_full.clone().requires_grad_()
+    y = F.conv1d(F.pad(x.transpose(1, 2), (ks - 1, 0)), w[:, None, :], groups=C).transpose(1, 2)
+    (y * dy).sum().backward()
+
+    q_full, k_full, v_full, do = _ulysses_inputs(seed, P, B, Tl, H, D)
+    q, k, v = (t.clone().requires_grad_() for t in (q_full, k_full, v_full))
+    o = _causal_sdpa(q, k, v)
+    (o * do).sum().backward()
+
+    for r, got in enumerate(results):
+        sl = slice(r * Tl, (r + 1) * Tl)
+        assert_close(got["y"], y.detach()[:, sl], f"rank {r}: conv output")
+        assert_close(got["dx"], x.grad[:, sl], f"rank {r}: conv input gradient (halo gradient returned)")
+        assert_close(got["dw"], w.grad, f"rank {r}: conv weight gradient summed over CP")
+        assert_close(got["o"], o.detach()[:, sl], f"rank {r}: Ulysses output")
+        for name, ref in (("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+            assert_close(got[name], ref[:, sl], f"rank {r}: Ulysses {name}")
+
+
+def test_halo_and_ulysses_without_group():
+    from lctrain.parallel.halo import prepend_halo
+    from lctrain.parallel.ulysses import ulysses_attention
+
+    x = torch.randn(2, 5, 3)
+    out = prepend_halo(x, 2, None, dim=1)
+    assert out.shape == (2, 7, 3) and out[:, :2].abs().sum() == 0 and torch.equal(out[:, 2:], x)
+    assert prepend_halo(x, 0, None) is x
+    with pytest.raises(ValueError, match="exceeds the local shard"):
+        prepend_halo(x, 6, None, dim=1)
+    q, k, v = (torch.randn(1, 4, 2, 8) for _ in range(3))
+    torch.testing.assert_close(ulysses_attention(q, k, v, None, _causal_sdpa), _causal_sdpa(q, k, v))
+
+
+def heads_error_worker(rank, P):
+    import torch.distributed as dist
+
+    from lctrain.parallel.ulysses import ulysses_attention
+    q = torch.randn(1, 4, 3, 8)
+    try:
+        ulysses_attention(q, q, q, dist.group.WORLD, _causal_sdpa)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_ulysses_heads_not_divisible_is_a_clear_error():
+    msgs = run_world(heads_error_worker, 2, timeout=120)
+    assert all(m and "multiple of parallel.cp=2" in m for m in msgs), msgs
