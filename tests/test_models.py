@@ -338,11 +338,12 @@ def _cp_available() -> bool:
     return True
 
 
-def _cp_worker(rank, world, pattern):
+def _cp_errors(rank, world, pattern, **over):
+    """(max |logits error|, max relative gradient error) of the CP model on this rank vs one process."""
     import torch.distributed as dist
 
     torch.manual_seed(14)
-    cfg = tiny_cfg(pattern, "torch", window=4, chunk_size=4)
+    cfg = tiny_cfg(pattern, "torch", window=4, chunk_size=4, **over)
     full_model = build_model(cfg)
     cp_model = build_model(cfg, cp_group=dist.group.WORLD)
     cp_model.load_state_dict(full_model.state_dict())
@@ -365,11 +366,38 @@ def _cp_worker(rank, world, pattern):
     return out, grad_err
 
 
+def _cp_worker(rank, world):
+    return [_cp_errors(rank, world, "GSMA"), _cp_errors(rank, world, "DSA", checkpoint_activations=True)]
+
+
 @pytest.mark.skipif(not _cp_available(), reason="lctrain.parallel (context_parallel, halo, ulysses) not landed yet")
-@pytest.mark.parametrize("pattern", ["GSMA", "DS"])
-def test_context_parallel_matches_one_process(pattern):
+def test_context_parallel_matches_one_process():
+    """Patterns GSMA and DSA (the latter with activation checkpointing) on 2 gloo ranks: each rank's
+    logits equal the one-process logits of its shard; summed gradients equal the one-process ones."""
     from dist_utils import run_world
 
-    for out_err, grad_err in run_world(_cp_worker, 2, pattern, timeout=240):
-        assert out_err < 1e-4
-        assert grad_err < 1e-3
+    for per_rank in run_world(_cp_worker, 2, timeout=240):
+        for out_err, grad_err in per_rank:
+            assert out_err < 1e-4
+            assert grad_err < 1e-3
+
+
+# ----------------------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offset", [0, 512])
+def test_flex_sliding_window_matches_masked_attention_on_cuda(offset):
+    """The FlexAttention path (CUDA) equals the masked SDPA path, incl. a CP halo whose keys at
+    negative positions (CP rank 0) must be masked out."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from lctrain.models.attention import _flex_sliding_window
+
+    torch.manual_seed(15)
+    B, T, H, D, W = 2, 512, 4, 64, 64
+    q, k, v = (torch.randn(B, T + (W - 1 if i else 0), H, D, device="cuda") for i in range(3))
+    q_pos = torch.arange(offset, offset + T, device="cuda")
+    k_pos = torch.arange(offset - (W - 1), offset + T, device="cuda")
+    want = masked_attention(q, k, v, q_pos, k_pos, W)
+    got = _flex_sliding_window(q, k, v, W, halo=W - 1, first_valid=max(0, W - 1 - offset))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -60,7 +60,7 @@ def _flex_sliding_window(q, k, v, window: int, halo: int, first_valid: int = 0):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if _FLEX is None:
-        _FLEX = torch.compile(flex_attention, dynamic=False)
+        _FLEX = torch.compile(flex_attention)
     Tq, Tk = q.shape[1], k.shape[1]
     key = (Tq, Tk, window, halo, first_valid, str(q.device))
     block_mask = _BLOCK_MASKS.get(key)
@@ -147,9 +147,10 @@ class Attention(nn.Module):
             k = torch.cat([cache["k"], k], dim=1)
             v = torch.cat([cache["v"], v], dim=1)
             k_pos = torch.cat([cache["pos"], pos])
-        else:
+            out = masked_attention(q, k, v, pos, k_pos, self.window)
+        else:  # first prefill: the same kernels as training (no T x T mask for long prompts)
             k_pos = pos
-        out = masked_attention(q, k, v, pos, k_pos, self.window)
+            out = self._attend_local(q, k, v)
         keep = k.shape[1] if self.window is None else min(k.shape[1], self.window - 1)
         start = k.shape[1] - keep
         cache["k"], cache["v"], cache["pos"] = k[:, start:].detach(), v[:, start:].detach(), k_pos[start:]
