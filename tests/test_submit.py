@@ -254,26 +254,10 @@ def test_slurm_rendered_job_runs_a_two_process_gloo_world(tmp_path, capsys, monk
     assert f"job {job_id} (restart 0)" in log.read_text()
 
 
-def _training_parts_missing() -> list[str]:
-    import importlib
-
-    missing = []
-    for module, attr in (("lctrain.models", "build_model"), ("lctrain.data", "build_train_loader"), ("lctrain.parallel.mesh", "init_mesh")):
-        try:
-            if not hasattr(importlib.import_module(module), attr):
-                missing.append(f"{module}.{attr}")
-        except ImportError:
-            missing.append(module)
-    return missing
-
-
 @slurm_test
 def test_slurm_submit_trains_two_steps_and_checkpoints(tmp_path, capsys, monkeypatch):
     """`lctrain submit` for real: a tiny CPU job (cp=2, 2 gloo processes) trains 2 steps and leaves ckpt/latest."""
     _require_cluster()
-    missing = _training_parts_missing()
-    if missing:  # TEMPORARY, until the training job's parts have landed
-        pytest.skip(f"needs the real {', '.join(missing)} (not landed yet)")
     monkeypatch.chdir(tmp_path)
     out_dir = tmp_path / "run"
     rc, out, err = _submit([*TINY, "model.layer_pattern=GSMA", "parallel.cp=2", "train.steps=2",
