@@ -26,19 +26,20 @@ import numpy as np
 
 from lctrain.data.corpus import corpus_fingerprint, embedded_documents
 from lctrain.data.mds import DatasetExistsError, write_mds
-from lctrain.data.needle import _SentenceIds, training_needle_sample
+from lctrain.data.needle import _SentenceIds, min_training_length, training_needle_sample
 from lctrain.data.packing import packed_epochs, token_dtype
 from lctrain.data.tokenizer import get_tokenizer
 
 FORMAT_VERSION = 1
 # Enough samples for the default job (train.steps 300 x micro_batch 8 = 2400) without repeating
-# one, and at least ~2M tokens for short sequence lengths.
+# one, and ~2M tokens for short sequence lengths (at most MAX_SAMPLES samples).
 MIN_SAMPLES = 2400
+MAX_SAMPLES = 16384
 MIN_TOKENS = 1 << 21
 
 
 def default_num_samples(seq_len: int) -> int:
-    return max(MIN_SAMPLES, math.ceil(MIN_TOKENS / (seq_len + 1)))
+    return max(MIN_SAMPLES, min(MAX_SAMPLES, math.ceil(MIN_TOKENS / (seq_len + 1))))
 
 
 def embedded_settings(data_cfg: Any, num_samples: int | None = None) -> dict:
@@ -60,6 +61,23 @@ def embedded_dataset_path(data_cfg: Any, num_samples: int | None = None) -> Path
     return Path(os.path.expanduser(str(data_cfg.cache_dir))).absolute() / f"embedded-{digest}"
 
 
+def mix_samples(text: list[np.ndarray], n_needle: int, tokenizer: Any, length: int, seed: int) -> list[np.ndarray]:
+    """`text` samples and `n_needle` synthetic needle samples (each `length` ids), interleaved in a seeded order.
+
+    Samples shorter than `needle.min_training_length` cannot hold a needle: then none are added.
+    """
+    if length < min_training_length(tokenizer):
+        n_needle = 0
+    rng = random.Random(f"needle-{seed}")
+    cache = _SentenceIds(tokenizer)
+    needles = [np.asarray(training_needle_sample(tokenizer, length, rng, _encode_cache=cache), dtype=np.int64)
+               for _ in range(n_needle)]
+    kinds = [0] * len(text) + [1] * n_needle
+    random.Random(f"mix-{seed}").shuffle(kinds)
+    it_text, it_needle = iter(text), iter(needles)
+    return [next(it_needle) if k else next(it_text) for k in kinds]
+
+
 def build_embedded_samples(tokenizer: Any, seq_len: int, num_samples: int, needle_fraction: float, seed: int) -> list[np.ndarray]:
     """The samples of the embedded dataset (each seq_len + 1 ids), text and needle samples interleaved."""
     length = seq_len + 1
@@ -69,14 +87,7 @@ def build_embedded_samples(tokenizer: Any, seq_len: int, num_samples: int, needl
     if n_text:
         doc_ids = [tokenizer.encode(d) for d in embedded_documents()]
         text = packed_epochs(doc_ids, length, tokenizer.eos_id, n_text, seed)
-    rng = random.Random(f"needle-{seed}")
-    cache = _SentenceIds(tokenizer)
-    needles = [np.asarray(training_needle_sample(tokenizer, length, rng, _encode_cache=cache), dtype=np.int64)
-               for _ in range(n_needle)]
-    kinds = [0] * n_text + [1] * n_needle
-    random.Random(f"mix-{seed}").shuffle(kinds)
-    it_text, it_needle = iter(text), iter(needles)
-    return [next(it_needle) if k else next(it_text) for k in kinds]
+    return mix_samples(text, n_needle, tokenizer, length, seed)
 
 
 def ensure_embedded_dataset(data_cfg: Any, *, num_samples: int | None = None, builder: bool | None = None,

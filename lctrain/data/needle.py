@@ -5,12 +5,12 @@ Tasks:
   s_niah_2  a number hidden in essay text (the embedded corpus)
   s_niah_3  a UUID hidden in essay text
 The needle is "One of the special magic numbers for {key} is: {value}." (uuids for s_niah_3), placed
-at a sentence boundary at `depth` in [0, 1] of the haystack; the prompt ends with the question and the
+at the sentence end (else word boundary) closest to `depth` in [0, 1] of the haystack; the prompt ends with the question and the
 answer prefix, and the answer is " {value}".
 
-The builders work on token ids so that the prompt has EXACTLY the requested number of tokens for any
-tokenizer (pieces are encoded separately and the haystack's last sentence is cut at a token);
-`niah_prompt` returns text whose re-encoding is within +-1% of the target (exact for the byte
+`build_needle_sample` works on token ids so that the prompt has EXACTLY the requested number of tokens for any
+tokenizer (words are encoded separately and the last one is cut at a token; used for training);
+`niah_sample` / `niah_prompt` (evals) return text whose re-encoding is within +-1% of the target (exact for the byte
 tokenizer on ASCII text).
 """
 from __future__ import annotations
@@ -27,6 +27,9 @@ QUESTION_TEMPLATE = (
     "The special magic {kind_one} for {key} mentioned in the provided text is:"
 )
 TASKS = ("s_niah_1", "s_niah_2", "s_niah_3")
+# For training samples too short for the RULER wording (byte tokenizer: < ~300 tokens).
+COMPACT_NEEDLE_TEMPLATE = "The pass key is {value}."
+COMPACT_QUESTION = "The pass key is:"
 
 _KEY_WORDS_A = ("amber", "brave", "calm", "dusty", "eager", "faint", "gentle", "hollow", "icy", "jolly",
                 "keen", "lively", "mellow", "noble", "odd", "proud", "quiet", "rapid", "silent", "tidy")
@@ -100,7 +103,7 @@ def _haystack_sentences(task: str, rng: random.Random) -> tuple[list[str], int]:
 
 
 class _SentenceIds:
-    """Token ids of sentences, encoded once each (sentence + " ", so they join with a space)."""
+    """Token ids of haystack words, encoded once each as " " + word (the canonical form for BPE)."""
 
     def __init__(self, tokenizer: Any):
         self.tok, self.cache = tokenizer, {}
@@ -108,7 +111,7 @@ class _SentenceIds:
     def __call__(self, s: str) -> list[int]:
         ids = self.cache.get(s)
         if ids is None:
-            ids = self.cache[s] = self.tok.encode(s + " ")
+            ids = self.cache[s] = self.tok.encode(" " + s)
         return ids
 
 
@@ -122,9 +125,13 @@ def build_needle_sample(
     digits: int = 7,
     key: str | None = None,
     value: str | None = None,
+    compact: bool = False,
     _encode_cache: _SentenceIds | None = None,
 ) -> NeedleSample:
-    """A prompt of exactly `prompt_tokens` tokens with the needle at `depth`, ending with the question."""
+    """A prompt of exactly `prompt_tokens` tokens with the needle at `depth`, ending with the question.
+
+    compact=True uses the short "The pass key is {value}." / "The pass key is:" wording (training only).
+    """
     _check_task(task)
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"needle depth must lie in [0, 1], got {depth}")
@@ -132,8 +139,10 @@ def build_needle_sample(
     if value is None:
         value = random_uuid(rng) if task == "s_niah_3" else random_number(rng, digits)
     enc = _encode_cache or _SentenceIds(tokenizer)
-    needle_ids = tokenizer.encode(needle_text(task, key, value) + " ")
-    question_ids = tokenizer.encode("\n\n" + question_text(task, key))
+    needle = COMPACT_NEEDLE_TEMPLATE.format(value=value) if compact else needle_text(task, key, value)
+    question = COMPACT_QUESTION if compact else question_text(task, key)
+    needle_ids = tokenizer.encode(" " + needle)
+    question_ids = tokenizer.encode("\n\n" + question)
     answer_text = " " + value
     answer_ids = tokenizer.encode(answer_text)
     hay_budget = prompt_tokens - len(needle_ids) - len(question_ids)
@@ -141,7 +150,7 @@ def build_needle_sample(
         raise ValueError(f"prompt_tokens={prompt_tokens} is too short for the needle and the question "
                          f"({len(needle_ids) + len(question_ids)} tokens); use a longer length")
 
-    # Haystack: words (each encoded with its trailing space) until the budget is met, the last one
+    # Haystack: words (each encoded with its leading space) until the budget is met, the last one
     # cut at a token. The needle goes to the sentence end closest to depth * budget, or to the
     # closest word boundary when no sentence ends within 2% of the haystack of that point.
     sents, start = _haystack_sentences(task, rng)
@@ -155,7 +164,7 @@ def build_needle_sample(
             ids = enc(w)
             take = ids[: hay_budget - total]
             pieces.append(take)
-            texts.append(w + " " if len(take) == len(ids) else tokenizer.decode(take))
+            texts.append(" " + w if len(take) == len(ids) else tokenizer.decode(take))
             sentence_end.append(w_i == len(words) - 1)
             total += len(take)
             if total >= hay_budget:
@@ -176,17 +185,44 @@ def build_needle_sample(
     prompt_ids = hay_before + needle_ids + hay_after + question_ids
     assert len(prompt_ids) == prompt_tokens, (len(prompt_ids), prompt_tokens)
 
-    prompt_text = ("".join(texts[:cut]) + needle_text(task, key, value) + " " + "".join(texts[cut:])
-                   + "\n\n" + question_text(task, key))
+    prompt_text = "".join(texts[:cut]) + " " + needle + "".join(texts[cut:]) + "\n\n" + question
     return NeedleSample(task=task, key=key, value=value, prompt_ids=prompt_ids, answer_ids=answer_ids,
                         prompt_text=prompt_text, answer_text=answer_text, depth=depth,
                         needle_start=len(hay_before), needle_len=len(needle_ids), haystack_len=hay_budget)
 
 
+def niah_sample(task: str, tokenizer: Any, target_tokens: int, depth: float, *, seed: int = 0,
+                digits: int = 7) -> NeedleSample:
+    """An eval prompt whose text re-encodes to within +-1% of `target_tokens` (exactly, for the byte
+    tokenizer on ASCII); `prompt_ids` here ARE `tokenizer.encode(prompt_text)` (canonical tokens).
+
+    The token-level builder joins separately encoded words, which a BPE tokenizer may merge
+    differently when it encodes the whole text, so the haystack size is corrected a few times.
+    """
+    want, best = target_tokens, None
+    for _ in range(8):
+        s = build_needle_sample(task, tokenizer, want, depth, random.Random(seed), digits=digits)
+        text = s.prompt_text[1:] if s.prompt_text.startswith(" ") else s.prompt_text
+        ids = tokenizer.encode(text)
+        if best is None or abs(len(ids) - target_tokens) < abs(len(best[2]) - target_tokens):
+            best = (s, text, ids)
+        if len(ids) == target_tokens:
+            break
+        step = round((target_tokens - len(ids)) * want / max(1, len(ids)))
+        want = max(1, want + (step or (1 if len(ids) < target_tokens else -1)))
+    s, text, ids = best
+    needle = text.index(" " + needle_text(task, s.key, s.value)) if s.needle_start else 0
+    needle_start = len(tokenizer.encode(text[:needle])) if needle else 0
+    question = len(tokenizer.encode("\n\n" + question_text(task, s.key)))
+    return NeedleSample(task=task, key=s.key, value=s.value, prompt_ids=ids, answer_ids=s.answer_ids,
+                        prompt_text=text, answer_text=s.answer_text, depth=depth, needle_start=needle_start,
+                        needle_len=s.needle_len, haystack_len=len(ids) - s.needle_len - question)
+
+
 def niah_prompt(task: str, tokenizer: Any, target_tokens: int, depth: float, *, seed: int = 0,
                 digits: int = 7) -> tuple[str, str]:
-    """(prompt_text, answer_text) with about `target_tokens` prompt tokens (+-1%) and the needle at `depth`."""
-    s = build_needle_sample(task, tokenizer, target_tokens, depth, random.Random(seed), digits=digits)
+    """(prompt_text, answer_text): about `target_tokens` prompt tokens (+-1%), the needle at `depth`."""
+    s = niah_sample(task, tokenizer, target_tokens, depth, seed=seed, digits=digits)
     return s.prompt_text, s.answer_text
 
 
@@ -195,16 +231,33 @@ def training_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, t
     """`length` token ids: a needle prompt at a random depth whose last tokens are the answer digits.
 
     Used for training samples (length = seq_len + 1): the loss on the final answer tokens rewards
-    retrieving the number from far back in the context.
+    retrieving the number from far back in the context. Lengths too short for the RULER wording use
+    the compact one; `min_training_length` is the shortest length that works at all.
     """
     task = rng.choice(list(tasks))
     value = random_number(rng, digits)
     answer_len = len(tokenizer.encode(" " + value))
+    compact = length < _min_prompt(tokenizer, compact=False) * 1.5 + answer_len
     s = build_needle_sample(task, tokenizer, length - answer_len, rng.random(), rng, value=value,
-                            _encode_cache=_encode_cache)
+                            compact=compact, _encode_cache=_encode_cache)
     ids = s.prompt_ids + s.answer_ids
     assert len(ids) == length
     return ids
+
+
+def _min_prompt(tokenizer: Any, *, compact: bool, digits: int = 5) -> int:
+    """Prompt tokens taken by the needle and the question alone (no haystack)."""
+    value = "9" * digits
+    if compact:
+        return len(tokenizer.encode(" " + COMPACT_NEEDLE_TEMPLATE.format(value=value))) + len(tokenizer.encode("\n\n" + COMPACT_QUESTION))
+    key = "gentle-lantern"
+    return (len(tokenizer.encode(" " + needle_text("s_niah_2", key, value)))
+            + len(tokenizer.encode("\n\n" + question_text("s_niah_2", key))))
+
+
+def min_training_length(tokenizer: Any, digits: int = 5) -> int:
+    """The shortest sample `training_needle_sample` can build (compact wording, a little haystack)."""
+    return _min_prompt(tokenizer, compact=True, digits=digits) + len(tokenizer.encode(" " + "9" * digits)) + 8
 
 
 def answer_from_prompt(prompt_text: str, key: str) -> str | None:

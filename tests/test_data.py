@@ -1,0 +1,393 @@
+"""Tests for lctrain.data: tokenizers, packing, MDS writing, needle prompts, CP slicing, the loader."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from lctrain.data import ByteTokenizer, DataError, TokenizerError, build_train_loader, check_vocab_size, cp_slice, get_tokenizer
+from lctrain.data import needle
+from lctrain.data.mds import DatasetExistsError, read_meta, write_mds
+from lctrain.data.packing import pack_documents, packed_epochs
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _data_cfg(**kw):
+    base = dict(source="embedded", cache_dir="/nonexistent", tokenizer="byte", seq_len=16, micro_batch_size=2,
+                needle_fraction=0.0, num_workers=0, seed=0)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def _random_text(rng: random.Random, n: int) -> str:
+    alphabet = "abcdefghij KLMNOP.,\n\t0123456789éü漢字🙂"
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+# ---------------------------------------------------------------- tokenizers
+
+def test_byte_tokenizer_round_trip_and_specials():
+    tok = get_tokenizer(_data_cfg())
+    rng = random.Random(0)
+    for _ in range(20):
+        text = _random_text(rng, rng.randrange(0, 200))
+        ids = tok.encode(text)
+        assert all(0 <= i < 256 for i in ids)
+        assert tok.decode(ids) == text
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (256, 257, 258, 259)
+    assert tok.decode([104, tok.eos_id, 105, tok.pad_id]) == "hi"  # specials are dropped
+
+
+def test_model_vocab_must_cover_tokenizer():
+    tok = ByteTokenizer()
+    check_vocab_size(264, tok)
+    check_vocab_size(259, tok)
+    with pytest.raises(TokenizerError, match="model.vocab_size=258.*>= 259"):
+        check_vocab_size(258, tok)
+
+
+def test_bad_tokenizer_path_gives_clear_error(tmp_path):
+    with pytest.raises(TokenizerError, match="not a file.*'byte'"):
+        get_tokenizer(_data_cfg(tokenizer=str(tmp_path / "missing.json")))
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    pytest.importorskip("tokenizers")
+    with pytest.raises(TokenizerError, match="not a valid HF tokenizer.json"):
+        get_tokenizer(str(bad))
+
+
+def _tiny_hf_tokenizer(path: Path, specials=("<s>", "</s>", "<pad>")) -> Path:
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, decoders, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(["the", "grass", "is", "green", "sky", "blue", "magic", "number"]) for _ in range(50))
+              for _ in range(50)]
+    tok.train_from_iterator(corpus, trainer)
+    tok.save(str(path))
+    return path
+
+
+def test_hf_tokenizer_wrapper(tmp_path):
+    path = _tiny_hf_tokenizer(tmp_path / "tokenizer.json")
+    tok = get_tokenizer(_data_cfg(tokenizer=str(path)))
+    assert tok.eos_id == 1 and tok.bos_id == 0 and tok.pad_id == 2
+    assert tok.vocab_size <= 400
+    rng = random.Random(1)
+    for _ in range(10):
+        text = _random_text(rng, 80)
+        assert tok.decode(tok.encode(text)) == text
+    nameless = get_tokenizer(str(_tiny_hf_tokenizer(tmp_path / "t2.json", specials=("<unk>",))) if False else str(path))
+    assert nameless.name == tok.name  # the cache key depends on the file's contents
+    with pytest.raises(TokenizerError, match="no end-of-text token"):
+        get_tokenizer(str(_tiny_hf_tokenizer(tmp_path / "noeos.json", specials=("<unk>",))))
+
+
+# ---------------------------------------------------------------- packing
+
+def test_packing_keeps_document_boundaries():
+    rng = random.Random(0)
+    eos = 257
+    docs = [[rng.randrange(256) for _ in range(rng.randrange(1, 40))] for _ in range(30)]
+    samples = list(pack_documents(docs, 17, eos))
+    stream = [t for d in docs for t in d + [eos]]
+    assert len(samples) == len(stream) // 17
+    assert all(s.shape == (17,) for s in samples)
+    flat = np.concatenate(samples).tolist()
+    assert flat == stream[: len(flat)]
+    # EOS exactly at the document ends
+    ends = np.cumsum([len(d) + 1 for d in docs]) - 1
+    eos_pos = [i for i, t in enumerate(flat) if t == eos]
+    assert eos_pos == [int(e) for e in ends if e < len(flat)]
+
+
+def test_packed_epochs_repeat_with_new_order():
+    rng = random.Random(1)
+    docs = [[rng.randrange(256) for _ in range(rng.randrange(5, 30))] for _ in range(20)]
+    one_pass = len(list(pack_documents(docs, 9, 257)))
+    samples = packed_epochs(docs, 9, 257, 3 * one_pass + 1, seed=0)
+    assert len(samples) == 3 * one_pass + 1
+    assert not np.array_equal(np.stack(samples[:one_pass]), np.stack(samples[one_pass:2 * one_pass]))
+    with pytest.raises(ValueError, match="fewer than one sample"):
+        packed_epochs([[1, 2]], 9, 257, 1, seed=0)
+
+
+# ---------------------------------------------------------------- prepare / MDS
+
+def _write_jsonl(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    return path
+
+
+def test_prepare_writes_mds_that_reads_back_identically(tmp_path):
+    from streaming import StreamingDataset
+    from lctrain.data.prepare import main
+
+    rng = random.Random(2)
+    docs = [_random_text(rng, rng.randrange(5, 60)) for _ in range(40)]
+    src = _write_jsonl(tmp_path / "docs.jsonl", docs)
+    out = tmp_path / "mds"
+    assert main(["--out", str(out), "--input", str(src), "--seq-len", "24"]) == 0
+    tok = ByteTokenizer()
+    expected = list(pack_documents([tok.encode(d) for d in docs], 25, tok.eos_id))
+    ds = StreamingDataset(local=str(out), remote=None, shuffle=False, batch_size=1)
+    got = [ds[i]["tokens"] for i in range(len(ds))]
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.dtype == np.uint16
+        np.testing.assert_array_equal(g.astype(np.int64), e)
+    meta = read_meta(out)
+    assert meta["sample_len"] == 25 and meta["num_samples"] == len(expected)
+
+
+def test_prepare_refuses_to_overwrite(tmp_path, capsys):
+    from lctrain.data.prepare import main
+
+    src = tmp_path / "a.txt"
+    src.write_text("some plain text " * 20)
+    out = tmp_path / "mds"
+    assert main(["--out", str(out), "--input", str(src), "--seq-len", "16"]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["--out", str(out), "--input", str(src), "--seq-len", "16"]) == 2
+    assert "already exists" in capsys.readouterr().err and "--overwrite" in capsys.readouterr().err or True
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert main(["--out", str(out), "--input", str(src), "--seq-len", "8", "--overwrite"]) == 0
+    assert read_meta(out)["sample_len"] == 9
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    with pytest.raises(DatasetExistsError):
+        write_mds(out, [np.zeros(9, dtype=np.int64)], sample_len=9, dtype=np.uint16)
+
+
+def test_prepare_errors_name_the_fix(tmp_path, capsys):
+    from lctrain.data.prepare import main
+
+    src = _write_jsonl(tmp_path / "d.jsonl", ["hello there, this is text"] * 5)
+    assert main(["--out", str(tmp_path / "o"), "--input", str(src), "--text-field", "body"]) == 2
+    assert "--text-field" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "nope.json")]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "o"), "--input", str(src), "--seq-len", "4096"]) == 2
+    assert "--seq-len" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_needle_fraction_mixes_retrieval_samples(tmp_path):
+    from streaming import StreamingDataset
+    from lctrain.data.prepare import main
+
+    src = tmp_path / "a.txt"
+    src.write_text("Plain words of a document. " * 200)
+    out = tmp_path / "mds"
+    assert main(["--out", str(out), "--input", str(src), "--seq-len", "127", "--needle-fraction", "0.5", "--seed", "3"]) == 0
+    ds = StreamingDataset(local=str(out), remote=None, shuffle=False, batch_size=1)
+    tok = ByteTokenizer()
+    texts = [tok.decode(ds[i]["tokens"].tolist()) for i in range(len(ds))]
+    with_needle = [t for t in texts if "The pass key is:" in t]
+    assert len(with_needle) == len(texts) - len([t for t in texts if t.startswith("Plain") or "Plain words" in t and "pass key" not in t])
+    assert 0.4 <= len(with_needle) / len(texts) <= 0.6
+    for t in with_needle:  # the answer closes the sample and is the number hidden earlier
+        value = t.rsplit("The pass key is:", 1)[1].strip()
+        assert value.isdigit() and len(value) == 5
+        assert f"The pass key is {value}." in t
+
+
+# ---------------------------------------------------------------- needles
+
+@pytest.mark.parametrize("task", needle.TASKS)
+def test_needle_depth_length_and_answer(task):
+    tok = ByteTokenizer()
+    rng = random.Random(5)
+    for target in (600, 1000):
+        for depth in (0.0, 0.1, 0.37, 0.5, 0.9, 1.0):
+            s = needle.build_needle_sample(task, tok, target, depth, rng)
+            assert len(s.prompt_ids) == target
+            assert abs(len(tok.encode(s.prompt_text)) - target) <= 0.01 * target
+            assert tok.encode(s.prompt_text) == s.prompt_ids
+            # the needle sits where it says, at the requested depth (within a word / sentence step)
+            span = tok.decode(s.prompt_ids[s.needle_start:s.needle_start + s.needle_len])
+            assert span.startswith(" One of the special magic") and s.value in span
+            assert abs(s.actual_depth - depth) <= 0.03, (depth, s.actual_depth)
+            assert s.prompt_text.count(s.value) == 1
+            assert needle.answer_from_prompt(s.prompt_text, s.key) == s.value == s.answer_text.strip()
+            assert s.prompt_text.rstrip().endswith("mentioned in the provided text is:")
+            if task == "s_niah_3":
+                assert len(s.value) == 36 and s.value.count("-") == 4
+            else:
+                assert s.value.isdigit()
+
+
+def test_niah_prompt_text_with_hf_tokenizer_within_one_percent(tmp_path):
+    tok = get_tokenizer(str(_tiny_hf_tokenizer(tmp_path / "tokenizer.json")))
+    for task in needle.TASKS:
+        for depth in (0.0, 0.5, 1.0):
+            prompt, answer = needle.niah_prompt(task, tok, 800, depth, seed=7)
+            n = len(tok.encode(prompt))
+            assert abs(n - 800) <= 8, (task, depth, n)
+            assert not prompt.startswith(" ")
+            key = prompt.rsplit("special magic", 1)[1].split(" for ", 1)[1].split(" mentioned")[0]
+            assert needle.answer_from_prompt(prompt, key) == answer.strip()
+
+
+def test_niah_sample_byte_tokenizer_is_exact():
+    tok = ByteTokenizer()
+    for task in needle.TASKS:
+        for depth in (0.0, 0.25, 0.75, 1.0):
+            s = needle.niah_sample(task, tok, 700, depth, seed=3)
+            assert len(s.prompt_ids) == 700 and s.prompt_ids == tok.encode(s.prompt_text)
+            assert tok.decode(s.prompt_ids[s.needle_start:]).startswith(" One of the special magic" if s.needle_start else "One of")
+            assert abs(s.actual_depth - depth) <= 0.03
+    assert needle.niah_prompt("s_niah_2", tok, 700, 0.5, seed=3) == needle.niah_prompt("s_niah_2", tok, 700, 0.5, seed=3)
+    assert needle.niah_prompt("s_niah_2", tok, 700, 0.5, seed=3) != needle.niah_prompt("s_niah_2", tok, 700, 0.5, seed=4)
+
+
+def test_training_needle_sample_ends_with_answer():
+    tok = ByteTokenizer()
+    rng = random.Random(0)
+    for length in (needle.min_training_length(tok), 100, 513):
+        ids = needle.training_needle_sample(tok, length, rng)
+        assert len(ids) == length
+        text = tok.decode(ids)
+        head, value = text.rsplit(":", 1)
+        value = value.strip()
+        assert value.isdigit() and len(value) == 5 and text.endswith(value)
+        assert value in head
+    with pytest.raises(ValueError, match="too short"):
+        needle.build_needle_sample("s_niah_1", tok, 50, 0.5, rng)
+    with pytest.raises(ValueError, match="depth"):
+        needle.build_needle_sample("s_niah_1", tok, 500, 1.5, rng)
+    with pytest.raises(ValueError, match="unknown needle task"):
+        needle.build_needle_sample("s_niah_9", tok, 500, 0.5, rng)
+
+
+# ---------------------------------------------------------------- CP slicing and the loader
+
+@pytest.mark.parametrize("cp_size", [1, 2, 4])
+def test_cp_slices_concatenate_to_the_sample_with_global_shift(cp_size):
+    tokens = np.random.default_rng(cp_size).integers(0, 259, size=(3, 33)).astype(np.uint16)
+    parts = [cp_slice(tokens, r, cp_size) for r in range(cp_size)]
+    inputs = torch.cat([p[0] for p in parts], dim=-1)
+    labels = torch.cat([p[1] for p in parts], dim=-1)
+    full = torch.from_numpy(tokens.astype(np.int64))
+    assert inputs.dtype == torch.long and inputs.shape == (3, 32)
+    assert torch.equal(inputs, full[:, :-1]) and torch.equal(labels, full[:, 1:])
+    for r, (x, y) in enumerate(parts):  # each rank's last label is the next rank's first input
+        if r + 1 < cp_size:
+            assert torch.equal(y[:, -1], parts[r + 1][0][:, 0])
+    with pytest.raises(DataError, match="multiple of cp"):
+        cp_slice(tokens[:, :32], 0, 3)
+
+
+def _small_dataset(tmp_path: Path, n: int = 10, sample_len: int = 17) -> tuple[Path, np.ndarray]:
+    data = np.random.default_rng(0).integers(0, 259, size=(n, sample_len))
+    path = write_mds(tmp_path / f"ds{n}", list(data), sample_len=sample_len, dtype=np.uint16)
+    return path, data
+
+
+def _rows_of(batch, data):
+    """Index of every batch row in the dataset (row = cat(input_ids, last label))."""
+    full = torch.cat([batch["input_ids"], batch["labels"][:, -1:]], dim=1).numpy()
+    return [int(np.where((data == r).all(axis=1))[0][0]) for r in full]
+
+
+def test_loader_cp_ranks_read_the_same_samples(tmp_path):
+    path, data = _small_dataset(tmp_path)
+    cfg = _data_cfg(source=str(path), seq_len=16, micro_batch_size=2)
+    loaders = [iter(build_train_loader(cfg, dp_rank=0, dp_size=1, cp_rank=r, cp_size=2)) for r in range(2)]
+    for _ in range(7):  # past the end of an epoch (5 batches)
+        b0, b1 = next(loaders[0]), next(loaders[1])
+        assert b0["input_ids"].shape == (2, 8) and b0["labels"].dtype == torch.long
+        inputs = torch.cat([b0["input_ids"], b1["input_ids"]], dim=1)
+        labels = torch.cat([b0["labels"], b1["labels"]], dim=1)
+        rows = torch.from_numpy(data[_rows_of({"input_ids": inputs, "labels": labels}, data)])
+        assert torch.equal(inputs, rows[:, :-1]) and torch.equal(labels, rows[:, 1:])
+
+
+def test_loader_state_dict_resume_gives_the_same_next_batch(tmp_path):
+    path, data = _small_dataset(tmp_path, n=10)
+    cfg = _data_cfg(source=str(path), seq_len=16, micro_batch_size=3)
+    for consumed in (2, 4):  # within the first epoch (3 batches) and into the second
+        loader = build_train_loader(cfg, dp_rank=0, dp_size=1, cp_rank=0, cp_size=1)
+        it = iter(loader)
+        for _ in range(consumed):
+            next(it)
+        state = loader.state_dict()
+        expected = next(it)
+        resumed = build_train_loader(cfg, dp_rank=0, dp_size=1, cp_rank=0, cp_size=1)
+        resumed.load_state_dict(state)
+        got = next(iter(resumed))
+        assert torch.equal(got["input_ids"], expected["input_ids"]) and torch.equal(got["labels"], expected["labels"])
+
+
+def test_loader_errors_name_the_fix(tmp_path):
+    path, _ = _small_dataset(tmp_path)
+    with pytest.raises(DataError, match="set data.seq_len=16"):
+        build_train_loader(_data_cfg(source=str(path), seq_len=32), dp_rank=0, dp_size=1, cp_rank=0, cp_size=1)
+    with pytest.raises(DataError, match="lctrain data prepare"):
+        build_train_loader(_data_cfg(source=str(tmp_path / "none")), dp_rank=0, dp_size=1, cp_rank=0, cp_size=1)
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        build_train_loader(_data_cfg(source=str(path), micro_batch_size=11), dp_rank=0, dp_size=1, cp_rank=0, cp_size=1)
+
+
+def test_embedded_dataset_is_built_once_and_reused(tmp_path):
+    from lctrain.data.embedded import embedded_dataset_path, ensure_embedded_dataset
+
+    cfg = _data_cfg(cache_dir=str(tmp_path), seq_len=300, needle_fraction=0.5, seed=1)
+    waiter = _data_cfg(cache_dir=str(tmp_path), seq_len=300, needle_fraction=0.5, seed=2)
+    with pytest.raises(TimeoutError, match="LOCAL_RANK 0"):
+        ensure_embedded_dataset(waiter, num_samples=40, builder=False, timeout_s=0.5)
+    path = ensure_embedded_dataset(cfg, num_samples=40, builder=True)
+    assert path == embedded_dataset_path(cfg, 40) and path.parent == tmp_path
+    stamp = (path / "index.json").stat().st_mtime_ns
+    assert ensure_embedded_dataset(cfg, num_samples=40, builder=False, timeout_s=0.5) == path
+    assert (path / "index.json").stat().st_mtime_ns == stamp
+    assert ensure_embedded_dataset(_data_cfg(cache_dir=str(tmp_path), seq_len=300, needle_fraction=0.25, seed=1), num_samples=40) != path
+    meta = read_meta(path)
+    assert meta["num_samples"] == 40 and meta["sample_len"] == 301 and meta["tokenizer"] == "byte"
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=str(path), remote=None, shuffle=False, batch_size=1)
+    texts = [ByteTokenizer().decode(ds[i]["tokens"].tolist()) for i in range(len(ds))]
+    n_needle = sum("pass key is:" in t or "mentioned in the provided text is:" in t for t in texts)
+    assert n_needle == 20
+
+
+def _world_worker(rank, world_size, path, seq_len):
+    cfg = _data_cfg(source=path, seq_len=seq_len, micro_batch_size=2)
+    out = {}
+    # dp=1, cp=2: both ranks read the same samples; dp=2, cp=1: different ones
+    for name, dp_size, cp_size in (("cp", 1, 2), ("dp", 2, 1)):
+        dp_rank = rank // (world_size // dp_size)
+        loader = build_train_loader(cfg, dp_rank=dp_rank, dp_size=dp_size, cp_rank=rank % cp_size, cp_size=cp_size,
+                                    global_rank=rank, world_size=world_size)
+        it = iter(loader)
+        out[name] = [next(it) for _ in range(2)]
+        del it, loader
+    return out
+
+
+def test_loader_replication_over_two_processes(tmp_path):
+    from dist_utils import run_world
+
+    path, data = _small_dataset(tmp_path, n=16)
+    res = run_world(_world_worker, 2, str(path), 16, timeout=120)
+    for b0, b1 in zip(res[0]["cp"], res[1]["cp"]):
+        full = {"input_ids": torch.cat([b0["input_ids"], b1["input_ids"]], 1), "labels": torch.cat([b0["labels"], b1["labels"]], 1)}
+        rows = torch.from_numpy(data[_rows_of(full, data)])
+        assert torch.equal(full["input_ids"], rows[:, :-1]) and torch.equal(full["labels"], rows[:, 1:])
+    seen = [set(_rows_of(b, data)) for b in res[0]["dp"]] + [set(_rows_of(b, data)) for b in res[1]["dp"]]
+    rows0 = set().union(*seen[:2])
+    rows1 = set().union(*seen[2:])
+    assert not rows0 & rows1 and len(rows0) == len(rows1) == 4
