@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 from pathlib import Path
@@ -90,8 +89,7 @@ def test_hf_tokenizer_wrapper(tmp_path):
     for _ in range(10):
         text = _random_text(rng, 80)
         assert tok.decode(tok.encode(text)) == text
-    nameless = get_tokenizer(str(_tiny_hf_tokenizer(tmp_path / "t2.json", specials=("<unk>",))) if False else str(path))
-    assert nameless.name == tok.name  # the cache key depends on the file's contents
+    assert get_tokenizer(str(path)).name == tok.name != "byte"  # the cache key follows the file's contents
     with pytest.raises(TokenizerError, match="no end-of-text token"):
         get_tokenizer(str(_tiny_hf_tokenizer(tmp_path / "noeos.json", specials=("<unk>",))))
 
@@ -162,7 +160,8 @@ def test_prepare_refuses_to_overwrite(tmp_path, capsys):
     assert main(["--out", str(out), "--input", str(src), "--seq-len", "16"]) == 0
     before = sorted(p.name for p in out.iterdir())
     assert main(["--out", str(out), "--input", str(src), "--seq-len", "16"]) == 2
-    assert "already exists" in capsys.readouterr().err and "--overwrite" in capsys.readouterr().err or True
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err
     assert sorted(p.name for p in out.iterdir()) == before
     assert main(["--out", str(out), "--input", str(src), "--seq-len", "8", "--overwrite"]) == 0
     assert read_meta(out)["sample_len"] == 9
@@ -196,8 +195,8 @@ def test_prepare_needle_fraction_mixes_retrieval_samples(tmp_path):
     tok = ByteTokenizer()
     texts = [tok.decode(ds[i]["tokens"].tolist()) for i in range(len(ds))]
     with_needle = [t for t in texts if "The pass key is:" in t]
-    assert len(with_needle) == len(texts) - len([t for t in texts if t.startswith("Plain") or "Plain words" in t and "pass key" not in t])
-    assert 0.4 <= len(with_needle) / len(texts) <= 0.6
+    assert len(texts) % 2 == 0 and len(with_needle) == len(texts) // 2  # one needle sample per text sample
+    assert all("pass key" not in t and "words of a" in t for t in texts if t not in with_needle)
     for t in with_needle:  # the answer closes the sample and is the number hidden earlier
         value = t.rsplit("The pass key is:", 1)[1].strip()
         assert value.isdigit() and len(value) == 5
