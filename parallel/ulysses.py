@@ -15,12 +15,22 @@ import torch
 import torch.distributed as dist
 
 
+def get_accelerator_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name()
+
+
 def _distributed_attention_class():
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed.comm as ds_comm
     from deepspeed.sequence.layer import DistributedAttention
     if not ds_comm.is_initialized():
+        if get_accelerator_name() == "cpu":
+            # DeepSpeed's CPU backend would JIT-compile a shared-memory all-reduce extension (a minute
+            # on first use) that Ulysses never calls: it only needs all_to_all_single.
+            import deepspeed.ops
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         # wraps the torch.distributed world that already exists; initialises nothing new
         ds_comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
     return DistributedAttention

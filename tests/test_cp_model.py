@@ -1,0 +1,124 @@
+"""A whole training step of a tiny hybrid model under context parallelism equals the one-process step.
+
+The mesh comes from megatron-core (init_mesh with parallel.cp / data parallel from the world size);
+each CP rank takes its contiguous slice of the same (seq_len + 1)-token sample; loss through
+lm_loss, gradients summed over the dp x cp group by the training loop's reduce_gradients, then one
+SGD step. Compared with the same step on one process over the full sequence: the loss, every
+parameter gradient and every updated parameter. Layers: gated DeltaNet, sliding-window attention
+(halo), DeltaNet, Mamba-2 (context_parallel + conv halos) and global attention (Ulysses); activation
+checkpointing off and on (where replays must reuse the gathered states: one all-gather per layer).
+"""
+from __future__ import annotations
+
+import torch
+
+from dist_utils import run_world
+
+PATTERN = "GSDMA"
+SEQ_LEN = 16
+# float64 models: the comparison then measures the method, not float32 rounding (which reaches
+# ~1e-4 relative on small reduced gradients such as Mamba-2's D); lm_loss's float32 logits bound it.
+DTYPE = torch.float64
+RTOL = 2e-6
+
+
+def tiny_model_cfg(checkpointing: bool):
+    from lctrain.config import default_config
+
+    m = default_config().model
+    m.vocab_size, m.d_model, m.layer_pattern = 64, 32, PATTERN
+    m.n_heads, m.head_dim, m.attn_heads, m.attn_head_dim = 2, 8, 2, 8
+    m.window, m.conv_size, m.mlp_ratio, m.chunk_size = 5, 3, 2.0, 4
+    m.kernel_backend = "torch"
+    m.checkpoint_activations = checkpointing
+    return m
+
+
+def sample(seed: int):
+    """(input_ids, labels) of one (seq_len + 1)-token sample, batch of 2, some labels ignored."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 64, (2, SEQ_LEN + 1), generator=gen)
+    labels = tokens[:, 1:].clone()
+    labels[0, 3] = labels[1, SEQ_LEN - 2] = -100
+    return tokens[:, :-1], labels
+
+
+def one_step(model, batches, *, cp_group=None, cp_rank=0, cp_size=1, grad_group=None, dp_size=1):
+    """lm_loss + backward per batch, gradient reduction, SGD step; returns (mean loss, grads, params)."""
+    from lctrain.train.loop import reduce_gradients
+    from lctrain.train.step import lm_loss
+
+    params = list(model.parameters())
+    # SGD: its update is linear in the gradient (Adam's first step ~ sign(g) would amplify rounding)
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1)
+    means = []
+    for input_ids, labels in batches:
+        Tl = SEQ_LEN // cp_size
+        sl = slice(cp_rank * Tl, (cp_rank + 1) * Tl)
+        loss, mean = lm_loss(model, input_ids[:, sl], labels[:, sl], cp_group=cp_group, position_offset=cp_rank * Tl)
+        (loss / len(batches)).backward()
+        means.append(mean.item())
+    reduce_gradients(params, grad_group, dp_size)
+    grads = [p.grad.detach().clone() for p in params]
+    opt.step()
+    return sum(means) / len(means), grads, [p.detach().clone() for p in params]
+
+
+def model_worker(rank, world, cp, checkpoint_modes):
+    from lctrain.parallel import mesh
+
+    mesh.init_mesh({"cp": cp, "tp": 1, "pp": 1}, "cpu")
+    assert (mesh.cp_size(), mesh.dp_size()) == (cp, world // cp), (mesh.cp_size(), mesh.dp_size())
+    out = []
+    for checkpointing in checkpoint_modes:
+        model = build(checkpointing, cp_group=mesh.cp_group())
+        batch = sample(100 + mesh.dp_rank())
+        loss, grads, params = one_step(model, [batch], cp_group=mesh.cp_group(), cp_rank=mesh.cp_rank(), cp_size=cp,
+                                       grad_group=mesh.dp_cp_group(), dp_size=mesh.dp_size())
+        counts = [(b.mixer._cp_op.gathers, b.mixer._cp_op.replays_reused) for b in model.blocks
+                  if getattr(b.mixer, "_cp_op", None) is not None]
+        out.append(dict(checkpointing=checkpointing, loss=loss, grads=grads,
+                        params=params, counts=counts))
+    return out
+
+
+def build(checkpointing: bool, cp_group=None):
+    from lctrain.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(tiny_model_cfg(checkpointing), cp_group=cp_group).to(DTYPE)
+
+
+def _rel(got, ref):
+    return ((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12)).item()
+
+
+def check(results, dp: int):
+    """Every rank's step against the one-process step over the dp replicas' full samples."""
+    refs = {}
+    names = [n for n, _ in build(False).named_parameters()]
+    for rank, rank_results in enumerate(results):
+        for res in rank_results:
+            ckpt = res["checkpointing"]
+            if ckpt not in refs:  # one process: the replicas' samples as gradient accumulation
+                refs[ckpt] = one_step(build(ckpt), [sample(100 + d) for d in range(dp)])
+            ref_loss, ref_grads, ref_params = refs[ckpt]
+            where = f"rank {rank}, checkpointing={ckpt}"
+            if dp == 1:  # lm_loss's mean_loss is the full-sequence mean on every CP rank
+                assert abs(res["loss"] - ref_loss) <= RTOL * abs(ref_loss), (where, res["loss"], ref_loss)
+            for name, got, ref in zip(names, res["grads"], ref_grads):
+                assert _rel(got, ref) <= RTOL, f"{where}: gradient of {name} differs by {_rel(got, ref):.2e}"
+            for name, got, ref in zip(names, res["params"], ref_params):
+                assert _rel(got, ref) <= RTOL, f"{where}: updated {name} differs by {_rel(got, ref):.2e}"
+            # one state all-gather per linear layer per step; under checkpointing the replay reuses it
+            assert len(res["counts"]) == 3, res["counts"]
+            want = (1, 1) if ckpt else (1, 0)
+            assert all(c == want for c in res["counts"]), (where, res["counts"])
+
+
+def test_cp2_training_step_equals_one_process_with_and_without_checkpointing():
+    check(run_world(model_worker, 2, 2, (False, True), timeout=300, init_process_group=False), dp=1)
+
+
+def test_cp2_times_dp2_training_step_equals_one_process():
+    check(run_world(model_worker, 4, 2, (True,), timeout=300, init_process_group=False), dp=2)
