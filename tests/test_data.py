@@ -336,6 +336,10 @@ def test_loader_errors_name_the_fix(tmp_path):
         build_train_loader(_data_cfg(source=str(path), seq_len=32), dp_rank=0, dp_size=1, cp_rank=0, cp_size=1)
     with pytest.raises(DataError, match="lctrain data prepare"):
         build_train_loader(_data_cfg(source=str(tmp_path / "none")), dp_rank=0, dp_size=1, cp_rank=0, cp_size=1)
+    with pytest.raises(DataError, match="data.tokenizer"):
+        prepared = write_mds(tmp_path / "hf", [np.zeros(17, dtype=np.int64)] * 4, sample_len=17, dtype=np.uint16,
+                             meta={"tokenizer": "hf-0123456789abcdef"})
+        build_train_loader(_data_cfg(source=str(prepared)), dp_rank=0, dp_size=1, cp_rank=0, cp_size=1)
     with pytest.raises(DataError, match="fewer than one global batch"):
         build_train_loader(_data_cfg(source=str(path), micro_batch_size=11), dp_rank=0, dp_size=1, cp_rank=0, cp_size=1)
 
@@ -363,7 +367,7 @@ def test_embedded_dataset_is_built_once_and_reused(tmp_path):
     assert n_needle == 20
 
 
-def _world_worker(rank, world_size, path, seq_len):
+def _world_worker(rank, world_size, path, seq_len, other_paths):
     cfg = _data_cfg(source=path, seq_len=seq_len, micro_batch_size=2)
     out = {}
     # dp=1, cp=2: both ranks read the same samples; dp=2, cp=1: different ones
@@ -374,6 +378,13 @@ def _world_worker(rank, world_size, path, seq_len):
         it = iter(loader)
         out[name] = [next(it) for _ in range(2)]
         del it, loader
+    # ranks that would read different datasets are stopped with a clear error
+    try:
+        build_train_loader(_data_cfg(source=other_paths[rank], seq_len=seq_len, micro_batch_size=2), dp_rank=rank, dp_size=2,
+                           cp_rank=0, cp_size=1, global_rank=rank, world_size=world_size)
+        out["mismatch"] = "no error"
+    except DataError as err:
+        out["mismatch"] = str(err)
     return out
 
 
@@ -381,7 +392,9 @@ def test_loader_replication_over_two_processes(tmp_path):
     from dist_utils import run_world
 
     path, data = _small_dataset(tmp_path, n=16)
-    res = run_world(_world_worker, 2, str(path), 16, timeout=120)
+    others = [str(_small_dataset(tmp_path, n=n)[0]) for n in (8, 12)]
+    res = run_world(_world_worker, 2, str(path), 16, others, timeout=120)
+    assert all("ranks read different datasets" in r["mismatch"] for r in res), [r["mismatch"] for r in res]
     for b0, b1 in zip(res[0]["cp"], res[1]["cp"]):
         full = {"input_ids": torch.cat([b0["input_ids"], b1["input_ids"]], 1), "labels": torch.cat([b0["labels"], b1["labels"]], 1)}
         rows = torch.from_numpy(data[_rows_of(full, data)])

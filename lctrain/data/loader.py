@@ -114,6 +114,22 @@ def _check_env(global_rank: int, world_size: int) -> None:
                         f"global_rank={global_rank} world_size={world_size}; pass the torch.distributed rank and world size")
 
 
+def _check_same_dataset_everywhere(path: Path, meta: dict) -> None:
+    """Every rank must read the same samples (the embedded corpus depends on each machine's files)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    mine = (path.name, meta.get("num_samples"), meta.get("corpus"))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    odd = [r for r, x in enumerate(everyone) if x != everyone[0]]
+    if odd:
+        raise DataError(f"ranks read different datasets (rank 0: {everyone[0]}, rank {odd[0]}: {everyone[odd[0]]}); "
+                        "on several machines the embedded corpus can differ: write one with `lctrain data prepare` "
+                        "to a shared path and pass it as data.source")
+
+
 def build_train_loader(data_cfg: Any, *, dp_rank: int, dp_size: int, cp_rank: int, cp_size: int, tp_size: int = 1,
                        global_rank: int = 0, world_size: int = 1) -> TrainLoader:
     """Batches {"input_ids", "labels"}: LongTensor [micro_batch_size, seq_len / cp_size] for this rank."""
@@ -132,6 +148,14 @@ def build_train_loader(data_cfg: Any, *, dp_rank: int, dp_size: int, cp_rank: in
     _check_env(global_rank, world_size)
     path = resolve_dataset(data_cfg)
     meta = read_meta(path)
+    _check_same_dataset_everywhere(path, meta)
+    if meta.get("tokenizer") is not None:
+        from lctrain.data.tokenizer import get_tokenizer
+
+        ours = get_tokenizer(data_cfg).name
+        if meta["tokenizer"] != ours:
+            raise DataError(f"{path} was tokenized with {meta['tokenizer']!r} but data.tokenizer={data_cfg.tokenizer!r} is {ours!r}; "
+                            "set data.tokenizer to the tokenizer the data was prepared with, or prepare it again")
     if meta.get("sample_len") not in (None, seq_len + 1):
         raise DataError(f"{path} holds samples of {meta['sample_len']} tokens but data.seq_len={seq_len} needs {seq_len + 1}; "
                         f"set data.seq_len={meta['sample_len'] - 1} or prepare the data again with --seq-len {seq_len}")
