@@ -328,3 +328,21 @@ def heads_error_worker(rank, P):
 def test_ulysses_heads_not_divisible_is_a_clear_error():
     msgs = run_world(heads_error_worker, 2, timeout=120)
     assert all(m and "multiple of parallel.cp=2" in m for m in msgs), msgs
+
+
+def test_bench_cp_runs_on_cpu(tmp_path):
+    """`lctrain bench cp --device cpu` launches torchrun with 2 gloo ranks and writes its JSON/markdown."""
+    import json
+
+    from lctrain.bench.cp import COLUMNS, main
+
+    out, md = tmp_path / "cp.json", tmp_path / "BENCH.md"
+    rc = main(["--device", "cpu", "--nproc", "2", "--T", "16", "--H", "2", "--D", "8", "--chunk-size", "8",
+               "--warmup", "0", "--iters", "1", "--json", str(out), "--record", str(md)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["columns"] == COLUMNS and len(result["rows"]) == 1
+    row = dict(zip(COLUMNS, result["rows"][0]))
+    assert row["T/rank"] == 16 and row["T total"] == 32
+    assert row["CP fwd+bwd ms"] > 0 and row["efficiency"] > 0
+    assert "weak scaling, CP=2" in md.read_text()
