@@ -40,24 +40,6 @@ def cp_slice(tokens: np.ndarray | torch.Tensor, cp_rank: int, cp_size: int) -> t
     return t[..., lo:hi].contiguous(), t[..., lo + 1:hi + 1].contiguous()
 
 
-def _dataset_class():
-    from streaming import StreamingDataset
-
-    class TokenSamples(StreamingDataset):
-        """StreamingDataset whose items are this CP rank's {"input_ids", "labels"} (LongTensor [T_local])."""
-
-        def __init__(self, *, cp_rank: int, cp_size: int, **kwargs):
-            super().__init__(**kwargs)
-            self.cp_rank, self.cp_size = cp_rank, cp_size
-
-        def get_item(self, idx: int, retry: int = 7) -> dict:
-            tokens = super().get_item(idx, retry)["tokens"]
-            input_ids, labels = cp_slice(tokens, self.cp_rank, self.cp_size)
-            return {"input_ids": input_ids, "labels": labels}
-
-    return TokenSamples
-
-
 class TrainLoader:
     """Iterates batches for ever (epoch after epoch); state_dict()/load_state_dict() for checkpoints."""
 
@@ -159,7 +141,9 @@ def build_train_loader(data_cfg: Any, *, dp_rank: int, dp_size: int, cp_rank: in
     if meta.get("sample_len") not in (None, seq_len + 1):
         raise DataError(f"{path} holds samples of {meta['sample_len']} tokens but data.seq_len={seq_len} needs {seq_len + 1}; "
                         f"set data.seq_len={meta['sample_len'] - 1} or prepare the data again with --seq-len {seq_len}")
-    dataset = _dataset_class()(
+    from lctrain.data.token_dataset import TokenSamples
+
+    dataset = TokenSamples(
         local=str(path), remote=None, shuffle=True, shuffle_seed=int(data_cfg.seed), batch_size=batch,
         replication=replication if replication > 1 else None, cp_rank=cp_rank, cp_size=cp_size,
     )
