@@ -351,6 +351,10 @@ def test_embedded_dataset_is_built_once_and_reused(tmp_path):
     waiter = _data_cfg(cache_dir=str(tmp_path), seq_len=300, needle_fraction=0.5, seed=2)
     with pytest.raises(TimeoutError, match="LOCAL_RANK 0"):
         ensure_embedded_dataset(waiter, num_samples=40, builder=False, timeout_s=0.5)
+    failed = embedded_dataset_path(waiter, 40).with_name(embedded_dataset_path(waiter, 40).name + ".failed")
+    failed.write_text("ValueError: boom")
+    with pytest.raises(RuntimeError, match="failed on the builder rank: ValueError: boom"):
+        ensure_embedded_dataset(waiter, num_samples=40, builder=False, timeout_s=5)
     path = ensure_embedded_dataset(cfg, num_samples=40, builder=True)
     assert path == embedded_dataset_path(cfg, 40) and path.parent == tmp_path
     stamp = (path / "index.json").stat().st_mtime_ns

@@ -9,7 +9,8 @@ Several ranks may call it at once: one builder per node (LOCAL_RANK 0 by default
 temporary directory and renames it into place (atomic, so a concurrent builder on another node
 sharing the cache just finds it done); the other ranks wait for the directory to appear (no
 torch.distributed barrier is needed). A failed build leaves `<path>.failed` with the error so that
-waiting ranks stop at once instead of timing out.
+waiting ranks stop at once instead of timing out (markers from more than STALE_FAILURE_S before a
+rank started waiting are ignored as left over from an earlier run).
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ FORMAT_VERSION = 1
 MIN_SAMPLES = 2400
 MAX_SAMPLES = 16384
 MIN_TOKENS = 1 << 21
+# A failure marker older than this (before the waiting rank started) is left over from an earlier run.
+STALE_FAILURE_S = 120.0
 
 
 def default_num_samples(seq_len: int) -> int:
@@ -120,8 +123,9 @@ def ensure_embedded_dataset(data_cfg: Any, *, num_samples: int | None = None, bu
             raise
         return path
     deadline = time.monotonic() + timeout_s
+    started = time.time()
     while not (path / "index.json").is_file():
-        if failed.is_file():
+        if failed.is_file() and failed.stat().st_mtime > started - STALE_FAILURE_S:
             raise RuntimeError(f"building the embedded dataset {path} failed on the builder rank: {failed.read_text()}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {timeout_s:.0f}s for the embedded dataset {path}; the builder (LOCAL_RANK 0) "
