@@ -34,6 +34,7 @@ Conventions
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Callable
 
@@ -187,7 +188,7 @@ class ContextParallelOp:
     def _gather_and_fold(self, k, v, g, beta, initial_state, backend, chunk_size):
         A, Bst = shard_transition(self.kind, k, v, g=g, beta=beta, backend=backend, chunk_size=chunk_size)
         dt = torch.promote_types(torch.float32, Bst.dtype)
-        with torch.no_grad():
+        with _exact(k.device):
             A, Bst = A.to(dt), Bst.to(dt)
             if self.rank == 0 and initial_state is not None:
                 # rank 0 hands on its real outgoing state, S_out(0) = A_0 S_0 + B_0
@@ -209,7 +210,7 @@ class ContextParallelOp:
         """dS_out(r) from this rank's output gradient do and final-state gradient u (or None)."""
         G = shard_state_grad(self.kind, q, k, do, g=g, beta=beta, scale=scale, backend=backend, chunk_size=chunk_size)
         A_all = stash.A_all
-        with torch.no_grad():
+        with _exact(q.device):
             G = G.to(A_all.dtype)
             if u is not None:
                 G = G + apply_transition_transposed(A_all[self.rank], u.to(A_all.dtype))
@@ -223,8 +224,17 @@ class ContextParallelOp:
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward (a checkpoint replays forwards only there)."""
-    return torch._C._current_graph_task_id() != -1
+    """True while autograd runs a backward (a checkpoint replays forwards only there). Without the
+    probe (older torch) it answers False: replays then communicate again, which is still correct."""
+    probe = getattr(torch._C, "_current_graph_task_id", None)
+    return probe is not None and probe() != -1
+
+
+@contextlib.contextmanager
+def _exact(device: torch.device):
+    """No autograd and no autocast: the folds of (A, B) and of G stay in fp32 under bf16 training."""
+    with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+        yield
 
 
 def _comm_device(x: torch.Tensor, group) -> torch.device:
