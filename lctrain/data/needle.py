@@ -92,13 +92,13 @@ def _check_task(task: str) -> None:
         raise ValueError(f"unknown needle task {task!r}; use one of {TASKS}")
 
 
-def _haystack_sentences(task: str, rng: random.Random) -> tuple[list[str], int]:
+def _haystack_sentences(task: str, rng: random.Random) -> tuple[Sequence[str], int]:
     """The haystack's sentences and where to start reading them (random start for essays)."""
     if task == "s_niah_1":
         return [s + "." for s in NOISE.rstrip(".").split(". ")], 0
-    from lctrain.data.corpus import essay_sentences
+    from lctrain.data.corpus import _essay_sentences
 
-    sents = essay_sentences()
+    sents = _essay_sentences()  # the cached tuple: no copy per sample
     return sents, rng.randrange(len(sents))
 
 
