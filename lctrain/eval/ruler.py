@@ -372,7 +372,8 @@ def build_sample(task: str | TaskSpec, length: int, depth: float, tokenizer, *, 
 
     if n_tokens([]) > budget:
         raise ValueError(f"{spec.name} at length {length}: the template and needles alone take {n_tokens([])} tokens, "
-                         f"more than length - max_new_tokens = {budget}; use a longer length or fewer new tokens")
+                         f"more than length - max_new_tokens = {budget}; use lengths >= {n_tokens([]) + max_new_tokens} "
+                         "or fewer --max-new-tokens")
     # largest word count that fits (exponential then binary search), then fill the last word by characters
     lo, hi = 0, 1
     while n_tokens(words(hi)) <= budget:
