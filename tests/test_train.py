@@ -1,7 +1,7 @@
 """Tests of the training job: loss, LR schedule, checkpoints (atomic, resumable), the CLI and CP launch.
 
-Until lctrain.models / lctrain.data / lctrain.parallel.mesh land, the `parts` fixture stands in tiny
-stubs for the missing ones (TEMPORARY; each stub is used only while the real module is absent).
+They run the real model, data loader and mesh on CPU with a tiny config (TINY) and a dataset cache
+shared by the session.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import math
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -31,81 +30,26 @@ TINY = [
 ]
 
 
-# ---------------------------------------------------------------- stubs (temporary, see docstring)
-class _StubLM(torch.nn.Module):
-    def __init__(self, m, cp_group=None):
-        super().__init__()
-        self.embed = torch.nn.Embedding(m.vocab_size, m.d_model)
-        self.norm = torch.nn.LayerNorm(m.d_model)
-        self.mix = torch.nn.Linear(m.d_model, m.d_model)
-
-    def forward(self, input_ids, *, position_offset=0, cache=None):
-        x = self.embed(input_ids)
-        x = x + torch.tanh(self.mix(self.norm(torch.cumsum(x, dim=1) / torch.arange(1, x.shape[1] + 1).view(1, -1, 1))))
-        return (x @ self.embed.weight.T).float()
-
-
-class _StubLoader:
-    def __init__(self, data_cfg, **kw):
-        self.cfg, self.index = data_cfg, 0
-
-    def __iter__(self):
-        while True:
-            g = torch.Generator().manual_seed(self.cfg.seed * 100003 + self.index)
-            seq = torch.randint(0, 64, (self.cfg.micro_batch_size, self.cfg.seq_len + 1), generator=g)
-            self.index += 1
-            yield {"input_ids": seq[:, :-1], "labels": seq[:, 1:]}
-
-    def state_dict(self):
-        return {"index": self.index}
-
-    def load_state_dict(self, state):
-        self.index = state["index"]
-
-
-def _stub_mesh():
-    mod = types.ModuleType("lctrain.parallel.mesh")
-    mod.init_mesh = lambda parallel_cfg, device: None
-    mod.destroy_mesh = lambda: None
-    mod.cp_group = mod.dp_cp_group = lambda: None
-    mod.cp_rank = mod.dp_rank = lambda: 0
-    mod.cp_size = mod.dp_size = lambda: 1
-    mod.is_main = lambda: True
-    return mod
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One embedded-dataset cache for the whole session (the TINY dataset is built once)."""
+    return tmp_path_factory.mktemp("lctrain_cache")
 
 
 @pytest.fixture
-def parts(monkeypatch):
-    """Real modules where they exist, stubs for the missing ones. Returns the names stubbed."""
-    import lctrain.data
-    import lctrain.models
-    import lctrain.parallel
-
-    stubbed = []
-    if not hasattr(lctrain.models, "build_model"):
-        monkeypatch.setattr(lctrain.models, "build_model", lambda m, cp_group=None: _StubLM(m, cp_group), raising=False)
-        stubbed.append("models")
-    if not hasattr(lctrain.data, "build_train_loader"):
-        monkeypatch.setattr(lctrain.data, "build_train_loader", _StubLoader, raising=False)
-        stubbed.append("data")
-    try:
-        import lctrain.parallel.mesh  # noqa: F401
-    except ImportError:
-        mod = _stub_mesh()
-        monkeypatch.setitem(sys.modules, "lctrain.parallel.mesh", mod)
-        monkeypatch.setattr(lctrain.parallel, "mesh", mod, raising=False)
-        stubbed.append("mesh")
-    return stubbed
+def parts(data_cache):
+    """The overrides every in-process run takes: TINY plus the shared data cache."""
+    return [f"data.cache_dir={data_cache}"]
 
 
 def _metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _run(out_dir: Path, *extra: str) -> int:
+def _run(parts: list[str], out_dir: Path, *extra: str) -> int:
     from lctrain.cli import main
 
-    return main(["train", *TINY, f"train.out_dir={out_dir}", *extra])
+    return main(["train", *TINY, *parts, f"train.out_dir={out_dir}", *extra])
 
 
 # ---------------------------------------------------------------- loss and schedule
@@ -168,7 +112,7 @@ def test_train_writes_checkpoint_and_resume_continues(tmp_path, parts, monkeypat
     from lctrain.train import loop
 
     full, split = tmp_path / "full", tmp_path / "split"
-    assert _run(full, "train.steps=5") == 0
+    assert _run(parts, full, "train.steps=5") == 0
     assert ckpt_mod.latest_checkpoint(full).name == "step_5"
     # the split run dies right after its step-3 checkpoint ...
     real_save = loop.save_checkpoint
@@ -179,14 +123,14 @@ def test_train_writes_checkpoint_and_resume_continues(tmp_path, parts, monkeypat
 
     monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
     with pytest.raises(_Crash):
-        _run(split, "train.steps=5", "train.ckpt_every=3")
+        _run(parts, split, "train.steps=5", "train.ckpt_every=3")
     monkeypatch.setattr(loop, "save_checkpoint", real_save)
     ckpt = ckpt_mod.latest_checkpoint(split)
     assert ckpt is not None and ckpt.name == "step_3"
     assert (split / "config.yaml").is_file() and not list((split / "ckpt").glob("*.tmp"))
     assert torch.load(ckpt / "rank0.pt", weights_only=False)["loader"] is not None
     # ... and resuming continues at step 4 from the same loader position: the same losses and LRs
-    assert _run(split, "train.steps=5", "train.ckpt_every=3") == 0
+    assert _run(parts, split, "train.steps=5", "train.ckpt_every=3") == 0
     full_m, split_m = _metrics(full), _metrics(split)
     assert [m["step"] for m in split_m] == [1, 2, 3, 4, 5]
     for a, b in zip(full_m, split_m):
@@ -196,8 +140,8 @@ def test_train_writes_checkpoint_and_resume_continues(tmp_path, parts, monkeypat
 
 
 def test_resume_refuses_a_different_model(tmp_path, parts, capsys):
-    assert _run(tmp_path, "train.steps=1") == 0
-    assert _run(tmp_path, "train.steps=2", "model.d_model=48") == 1
+    assert _run(parts, tmp_path, "train.steps=1") == 0
+    assert _run(parts, tmp_path, "train.steps=2", "model.d_model=48") == 1
     err = capsys.readouterr().err
     assert "model.d_model" in err and "train.resume=false" in err
 
@@ -205,20 +149,22 @@ def test_resume_refuses_a_different_model(tmp_path, parts, capsys):
 def test_load_model_for_eval_without_distributed(tmp_path, parts):
     import torch.distributed as dist
 
-    assert _run(tmp_path, "train.steps=2") == 0
+    assert _run(parts, tmp_path, "train.steps=2") == 0
     assert not (dist.is_available() and dist.is_initialized())
     for where in (tmp_path, tmp_path / "ckpt", tmp_path / "ckpt" / "latest", tmp_path / "ckpt" / "step_2"):
         model, cfg = ckpt_mod.load_model_for_eval(where, "cpu")
         assert cfg.model.d_model == 32 and not model.training
     # the loaded weights are the trained ones, not a fresh init
-    fresh = __import__("lctrain.models", fromlist=["build_model"]).build_model(cfg.model)
+    from lctrain.models import build_model
+
+    fresh = build_model(cfg.model)
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
     with pytest.raises(ckpt_mod.CheckpointError, match="not a checkpoint"):
         ckpt_mod.load_model_for_eval(tmp_path / "nowhere")
 
 
 def test_failed_save_leaves_previous_checkpoint_loadable(tmp_path, parts, monkeypatch):
-    assert _run(tmp_path, "train.steps=2") == 0
+    assert _run(parts, tmp_path, "train.steps=2") == 0
     before = ckpt_mod.latest_checkpoint(tmp_path)
     real_save = ckpt_mod.dcp.save
 
@@ -228,17 +174,18 @@ def test_failed_save_leaves_previous_checkpoint_loadable(tmp_path, parts, monkey
 
     monkeypatch.setattr(ckpt_mod.dcp, "save", crash_midway)
     with pytest.raises(OSError, match="disk full"):
-        _run(tmp_path, "train.steps=4")
+        _run(parts, tmp_path, "train.steps=4")
     assert (tmp_path / "ckpt" / "step_4.tmp").is_dir()
     assert ckpt_mod.latest_checkpoint(tmp_path) == before
     model, _ = ckpt_mod.load_model_for_eval(tmp_path)
     monkeypatch.setattr(ckpt_mod.dcp, "save", real_save)
-    assert _run(tmp_path, "train.steps=4") == 0  # the stale .tmp is cleaned up by the next save
+    assert _run(parts, tmp_path, "train.steps=4") == 0  # the stale .tmp is cleaned up by the next save
     assert ckpt_mod.latest_checkpoint(tmp_path).name == "step_4"
     assert not (tmp_path / "ckpt" / "step_4.tmp").exists()
 
 
 def test_bad_override_exits_2_before_any_work(tmp_path, capsys):
+    """The config error names the key, on one line, and nothing is written (no data build, no out_dir)."""
     from lctrain.cli import main
 
     assert main(["train", "train.stepz=3", f"train.out_dir={tmp_path}"]) == 2
@@ -342,30 +289,14 @@ def test_cp_and_dp_gradients_match_one_process(tmp_path):
 
 
 # ---------------------------------------------------------------- self-launched context parallelism
-def _real_parts_missing() -> list[str]:
-    import importlib
-
-    missing = []
-    for module, attr in (("lctrain.models", "build_model"), ("lctrain.data", "build_train_loader"), ("lctrain.parallel.mesh", "init_mesh")):
-        try:
-            if not hasattr(importlib.import_module(module), attr):
-                missing.append(f"{module}.{attr}")
-        except ImportError:
-            missing.append(module)
-    return missing
-
-
 @pytest.mark.slow
-def test_cp2_self_launch_runs_two_steps(tmp_path):
+def test_cp2_self_launch_runs_two_steps(tmp_path, data_cache):
     """`lctrain train parallel.cp=2` with no torchrun around it starts 2 gloo processes itself."""
-    missing = _real_parts_missing()
-    if missing:
-        pytest.skip(f"needs the real {', '.join(missing)} (not landed yet)")
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "lctrain.cli", "train", *TINY, "model.layer_pattern=GSMA", "parallel.cp=2",
-           "train.steps=2", f"train.out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}"]
+           "train.steps=2", f"train.out_dir={out}", f"data.cache_dir={data_cache}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "launching 2 local processes" in proc.stdout
