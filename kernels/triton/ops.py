@@ -38,8 +38,44 @@ def _check(op: str, q, k, v, chunk_size: int) -> None:
                             f"{x.dtype}. Cast the inputs or use backend='torch' (float64).")
 
 
+_CFG_KEYS = ("BVP", "BVS", "BVW", "warps_seq", "warps_par", "warps_wy")
+_overrides: dict[str, int] = {}
+
+
+def set_config(**overrides: int) -> dict[str, int]:
+    """Override launch settings for every later call (tuning sweeps, tests); no arguments clears them.
+
+    Keys: BVP (V block of the per-chunk kernels), BVS (V block of the sequential state passes:
+    smaller means more programs in flight), BVW (V block of the WY kernels), warps_seq, warps_par,
+    warps_wy. V blocks must be powers of two >= 16. Also read once from the environment variable
+    LCTRAIN_TRITON_CFG="BVS=16,warps_seq=4". Returns the previous overrides."""
+    global _overrides
+    for key, val in overrides.items():
+        if key not in _CFG_KEYS:
+            raise ValueError(f"set_config: unknown key {key!r}; choose from {_CFG_KEYS}")
+        if not isinstance(val, int) or val < 1 or (key.startswith("BV") and (val < 16 or val & (val - 1))):
+            raise ValueError(f"set_config: {key}={val!r} must be a positive int"
+                             + (" and a power of two >= 16" if key.startswith("BV") else ""))
+    previous, _overrides = _overrides, dict(overrides)
+    return previous
+
+
+def _env_config() -> None:
+    import os
+    spec = os.environ.get("LCTRAIN_TRITON_CFG", "").strip()
+    if spec:
+        try:
+            pairs = dict(item.split("=") for item in spec.split(",") if item)
+            set_config(**{k.strip(): int(v) for k, v in pairs.items()})
+        except ValueError as e:
+            raise ValueError(f"LCTRAIN_TRITON_CFG={spec!r} is not KEY=INT[,KEY=INT]: {e}") from None
+
+
+_env_config()
+
+
 class _Cfg:
-    """Block sizes and launch settings for one problem shape."""
+    """Block sizes and launch settings for one problem shape (defaults measured on an H100)."""
 
     def __init__(self, K: int, V: int):
         self.K, self.V = K, V
@@ -49,6 +85,9 @@ class _Cfg:
         self.BVW = min(_pow2(V), 64)                               # WY kernels
         self.warps_seq = 4
         self.warps_par = 4 if self.BK <= 64 else 8
+        self.warps_wy = 4
+        for key, val in _overrides.items():
+            setattr(self, key, val)
 
 
 def _dummy(ref: torch.Tensor) -> torch.Tensor:
@@ -76,7 +115,7 @@ def _wy_fwd(k, v, g, beta, cfg: _Cfg, want_u: bool = True):
         k, v if has_v else d, beta if has_w else d, g if has_g else d, gam if has_g else d,
         tm if has_w else d, w if has_w else d, u if has_v else d,
         T, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVW, C=CHUNK, HAS_G=has_g, HAS_W=has_w, HAS_V=has_v,
-        num_warps=4)
+        num_warps=cfg.warps_wy)
     return gam, tm, w, u
 
 
@@ -167,9 +206,10 @@ def _backward(q, k, v, g, beta, s0, scale, do, dst):
     u = ut if has_w else v
     h, vnew, _, _ = _state_fwd(k, w, u, gam, s0, cfg, store_h=True, store_vnew=True,
                                store_final=False)
+    del u, ut  # free what is dead as soon as it is: this backward sets the op's peak memory
     dvl = _dv_local(q, k, do, gam, scale, cfg)
     dh, du, ds0 = _state_bwd(q, k, w, do, dvl, gam, dst, scale, cfg, store=True)
-    del dvl
+    del dvl, w  # wy_bwd recomputes W from Tm
     d = _dummy(q)
     dq = torch.empty_like(q)
     dk = torch.empty(B, T, H, K, device=k.device, dtype=torch.float32) if has_w else torch.empty_like(k)
@@ -180,7 +220,7 @@ def _backward(q, k, v, g, beta, s0, scale, do, dst):
         dq, dk, dw if has_w else d, dgam if has_g else d, scale,
         T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVP, C=CHUNK, HAS_G=has_g, HAS_W=has_w,
         FINAL_DG=not has_w, num_warps=cfg.warps_par)
-    del h, dh
+    del h, dh, vnew
     if not has_w:
         return dq, dk, du.to(v.dtype), (dgam.to(g.dtype) if has_g else None), None, ds0
     dk_out = torch.empty_like(k)

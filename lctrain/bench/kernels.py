@@ -41,6 +41,9 @@ def _parse(argv):
     p.add_argument("--no-sdpa", action="store_true", help="skip torch SDPA")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default 25)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms (default 100)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=INT[,KEY=INT]",
+                   help="also time our kernels with these launch settings (see "
+                        "lctrain.kernels.triton.ops.set_config), rows named METHOD@NAME; repeatable")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
     return p.parse_args(argv)
 
@@ -117,6 +120,21 @@ def _method_fns(name: str, x: dict, fla) -> tuple[Callable, list]:
     raise ValueError(name)
 
 
+def _parse_variants(specs):
+    """[(name, {key: int})], the default settings first."""
+    out = [("", {})]
+    for spec in specs:
+        name, _, body = spec.partition(":")
+        if not name or not body:
+            raise SystemExit(f"--variant {spec!r}: expected NAME:KEY=INT[,KEY=INT]")
+        try:
+            kv = {k.strip(): int(v) for k, v in (item.split("=") for item in body.split(",") if item)}
+        except ValueError:
+            raise SystemExit(f"--variant {spec!r}: expected NAME:KEY=INT[,KEY=INT]") from None
+        out.append((name, kv))
+    return out
+
+
 def _measure(fwd, inputs, do, warmup, rep):
     import torch
     import triton.testing
@@ -144,6 +162,7 @@ def _measure(fwd, inputs, do, warmup, rep):
 def _agreement(x, fla, notes):
     """Same function? max relative difference of ours vs fla outputs and input grads (bf16)."""
     import torch
+    print("checking ours against fla (fla's first call autotunes: this can take minutes)", flush=True)
     for ours, theirs in (("delta", "fla_delta"), ("gated_delta", "fla_gated_delta")):
         res = []
         for name in (ours, theirs):
@@ -173,6 +192,12 @@ def run(args) -> dict:
         except ImportError as e:
             notes.append(f"fla-core not importable ({e}); fla rows skipped")
             methods = [m for m in methods if not m.startswith("fla_")]
+    from lctrain.kernels.triton import ops as triton_ops
+    variants = _parse_variants(args.variant)
+    for _, kv in variants:  # validate before any timing
+        triton_ops.set_config(**triton_ops.set_config(**kv))
+    runs = [(m, "", {}) for m in methods]
+    runs += [(m, name, kv) for name, kv in variants[1:] for m in methods if m in OURS]
     rows = []
     raw = []
     for i, T in enumerate(args.T):
@@ -180,24 +205,29 @@ def run(args) -> dict:
         if i == 0 and fla is not None:
             _agreement(x, fla, notes)
         res = {}
-        for m in methods:
+        for m, vname, kv in runs:
+            label = f"{m}@{vname}" if vname else m
             fwd, inputs = _method_fns(m, x, fla)
+            previous = triton_ops.set_config(**kv) if vname else None
             try:
-                res[m] = _measure(fwd, inputs, x["do"], args.warmup, args.rep)
+                res[label] = _measure(fwd, inputs, x["do"], args.warmup, args.rep)
             except torch.cuda.OutOfMemoryError:
-                res[m] = None
-                notes.append(f"{m} at T={T}: out of memory")
+                res[label] = None
+                notes.append(f"{label} at T={T}: out of memory")
+            finally:
+                if previous is not None:
+                    triton_ops.set_config(**previous)
             del fwd, inputs
             torch.cuda.empty_cache()
-            r = res[m]
-            print(f"T={T} {m}: " + ("OOM" if r is None else
-                                    f"fwd {r[0]:.3f} ms, fwd+bwd {r[1]:.3f} ms, peak {r[2]:.0f} MiB"),
+            r = res[label]
+            print(f"T={T} {label}: " + ("OOM" if r is None else
+                                        f"fwd {r[0]:.3f} ms, fwd+bwd {r[1]:.3f} ms, peak {r[2]:.0f} MiB"),
                   flush=True)
         del x
         torch.cuda.empty_cache()
-        for m in methods:
+        for m in res:
             r = res[m]
-            ref = res.get(FLA_OF.get(m, ""))
+            ref = res.get(FLA_OF.get(m.split("@")[0], ""))
             ratio = lambda j: (round(r[j] / ref[j], 3) if (r is not None and ref is not None) else None)
             rows.append([T, m,
                          None if r is None else round(r[0], 3),
@@ -208,6 +238,9 @@ def run(args) -> dict:
                         "fwd_bwd_ms": None if r is None else r[1],
                         "peak_mib": None if r is None else r[2]})
     dev = torch.cuda.get_device_name()
+    if len(variants) > 1:
+        notes.append("variants (METHOD@NAME rows): " + "; ".join(
+            f"{name} = {kv}" for name, kv in variants[1:]))
     return {
         "title": f"Kernels: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}",
         "command": "lctrain bench kernels " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
