@@ -59,6 +59,24 @@ def _worker(rank, world_size, port, fn, args, results, init_pg, timeout):
         raise SystemExit(1)
 
 
+_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _first_failure(errors: dict, results, world_size: int) -> str:
+    """One rank failing makes its peers fail in their next collective ("connection closed by peer"),
+    and those tracebacks may arrive first: collect for a moment, then put the likely cause first."""
+    end = time.monotonic() + 2.0
+    while len(errors) < world_size and time.monotonic() < end:
+        try:
+            rank, status, value = results.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if status == "error":
+            errors[rank] = value
+    order = sorted(errors, key=lambda r: (any(m in errors[r] for m in _SECONDARY), r))
+    return "\n".join(f"rank {r} of {world_size} failed:\n{errors[r]}" for r in order)
+
+
 def run_world(fn, world_size: int, *args, timeout: float = 180.0, init_process_group: bool = True):
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes; list of results by rank."""
     ctx = mp.get_context("spawn")
@@ -89,7 +107,7 @@ def run_world(fn, world_size: int, *args, timeout: float = 180.0, init_process_g
                 else:
                     continue
             if status == "error":
-                raise WorkerError(f"rank {rank} of {world_size} failed:\n{value}")
+                raise WorkerError(_first_failure({rank: value}, results, world_size))
             out[rank] = pickle.loads(value)
     finally:
         for p in procs:
