@@ -116,9 +116,9 @@ def test_triton_without_initial_state_or_final_state(kind):
 
 
 @pytest.mark.parametrize("kind", MIXERS)
-@pytest.mark.parametrize("T", [37, 130])
+@pytest.mark.parametrize("T", [100])
 def test_cp_primitives_match_naive(kind, T):
-    B, H, K, V = 2, 2, 16, 32
+    B, H, K, V = 2, 2, 16, 16
     x = make_inputs(kind, B, T, H, K, V, torch.float32, seed=T)
     do = torch.randn(B, T, H, V)
     kw = dict(g=x["g"], beta=x["beta"])
@@ -169,7 +169,7 @@ def small_blocks():
 
 @pytest.mark.parametrize("kind", MIXERS)
 def test_triton_several_v_blocks(kind, small_blocks):
-    B, T, H, K, V = 1, 100, 2, 32, 48
+    B, T, H, K, V = 1, 70, 1, 32, 48
     x = make_inputs(kind, B, T, H, K, V, torch.float32, seed=5)
     do, dS = torch.randn(B, T, H, V), torch.randn(B, H, K, V)
     o_ref, S_ref, g_ref = outputs_and_grads(kind, x, "naive", do, dS)
