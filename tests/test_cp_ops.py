@@ -8,6 +8,8 @@ also exposes the state after every shard so that a loss may put weight on each r
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,11 +153,37 @@ def random_cases(seed, n, backends=("naive", "torch")):
     return cases
 
 
+# One process world per size runs every distributed check (a world costs seconds to start); the tests
+# below read their part of its results. WORLD_PLANS[P]: what that world runs.
+OPS_CASES = {P: random_cases(P, 6) for P in (2, 3, 4)}
+CKPT_CASES = random_cases(11, 3, backends=("torch",))
+COMM_ARGS = {2: (7, 2, 6, 5, 4, 4, 8), 3: (8, 2, 6, 5, 4, 3, 8), 4: (9, 2, 6, 5, 4, 4, 8)}  # seed B Tl C ks H D
+CKPT_MODES = ("non_reentrant", "reentrant")
+ERROR_CASES = ("mismatch", "ragged", "heads")
+
+
+def world_worker(rank, P):
+    out = {"ops": cp_worker(rank, P, OPS_CASES[P]), "comm": comm_worker(rank, P, *COMM_ARGS[P])}
+    if P == 2:
+        out["ckpt"] = {mode: cp_worker(rank, P, CKPT_CASES, mode) for mode in CKPT_MODES}
+        out["errors"] = {what: error_worker(rank, P, what) for what in ERROR_CASES}
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def world(P):
+    """Results of world_worker on every rank of a P-process gloo world (run once per session)."""
+    return run_world(world_worker, P, timeout=300)
+
+
+def part(P, key):
+    return [r[key] for r in world(P)]
+
+
 @pytest.mark.parametrize("P", [2, 3, 4])
 def test_cp_ops_match_single_process(P):
-    cases = random_cases(P, 6)
-    results = run_world(cp_worker, P, cases, timeout=240)
-    check_world(P, cases, results)
+    results = part(P, "ops")
+    check_world(P, OPS_CASES[P], results)
     for r in range(P):
         assert all(res["gathers"] == 1 for res in results[r]), "one state all-gather per forward"
 
@@ -164,10 +192,9 @@ def test_cp_under_activation_checkpointing():
     """Non-reentrant checkpoint replays reuse the gathered state (no second gather) and stay exact;
     reentrant checkpoint communicates again, in the same order on every rank, without deadlock."""
     P = 2
-    cases = random_cases(11, 3, backends=("torch",))
     for mode, gathers, reused in (("non_reentrant", 1, 1), ("reentrant", 2, 0)):
-        results = run_world(cp_worker, P, cases, mode, timeout=240)
-        check_world(P, cases, results)
+        results = [r[mode] for r in part(P, "ckpt")]
+        check_world(P, CKPT_CASES, results)
         for r in range(P):
             for res in results[r]:
                 assert (res["gathers"], res["reused"]) == (gathers, reused), (mode, res["gathers"], res["reused"])
@@ -180,6 +207,14 @@ def error_worker(rank, P, what):
     from lctrain.parallel import context_parallel
     from lctrain.parallel.context_parallel import ContextParallelError
 
+    if what == "heads":
+        from lctrain.parallel.ulysses import ulysses_attention
+        q = torch.randn(1, 4, 3, 8)
+        try:
+            ulysses_attention(q, q, q, dist.group.WORLD, _causal_sdpa)
+        except ValueError as err:
+            return str(err)
+        return None
     Tl = 8 if what != "ragged" else 6
     if what == "mismatch" and rank == 1:
         Tl = 16
@@ -195,10 +230,11 @@ def error_worker(rank, P, what):
 
 
 def test_cp_errors_are_raised_on_every_rank():
-    msgs = run_world(error_worker, 2, "mismatch", timeout=120)
-    assert all(m and "disagree on shapes" in m for m in msgs), msgs
-    msgs = run_world(error_worker, 2, "ragged", timeout=120)
-    assert all(m and "cp * chunk_size = 8" in m for m in msgs), msgs
+    errors = part(2, "errors")
+    for what, expected in (("mismatch", "disagree on shapes"), ("ragged", "cp * chunk_size = 8"),
+                           ("heads", "multiple of parallel.cp=2")):
+        msgs = [e[what] for e in errors]
+        assert all(m and expected in m for m in msgs), (what, msgs)
 
 
 def test_cp_rejects_bad_group_and_op():
@@ -274,10 +310,10 @@ def comm_worker(rank, P, seed, B, Tl, C, ks, H, D):
     return dict(y=y.detach(), dx=x.grad, dw=dw, o=o.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
 
 
-@pytest.mark.parametrize("P,H", [(2, 4), (3, 3), (4, 4)])
-def test_halo_conv_and_ulysses_match_single_process(P, H):
-    seed, B, Tl, C, ks, D = 5 + P, 2, 6, 5, 4, 8
-    results = run_world(comm_worker, P, seed, B, Tl, C, ks, H, D, timeout=240)
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_halo_conv_and_ulysses_match_single_process(P):
+    seed, B, Tl, C, ks, H, D = COMM_ARGS[P]
+    results = part(P, "comm")
 
     x_full, w_full, dy = _halo_conv_inputs(seed, P, B, Tl, C, ks)
     x, w = x_full.clone().requires_grad_(), w_full.clone().requires_grad_()
@@ -311,23 +347,6 @@ def test_halo_and_ulysses_without_group():
         prepend_halo(x, 6, None, dim=1)
     q, k, v = (torch.randn(1, 4, 2, 8) for _ in range(3))
     torch.testing.assert_close(ulysses_attention(q, k, v, None, _causal_sdpa), _causal_sdpa(q, k, v))
-
-
-def heads_error_worker(rank, P):
-    import torch.distributed as dist
-
-    from lctrain.parallel.ulysses import ulysses_attention
-    q = torch.randn(1, 4, 3, 8)
-    try:
-        ulysses_attention(q, q, q, dist.group.WORLD, _causal_sdpa)
-    except ValueError as err:
-        return str(err)
-    return None
-
-
-def test_ulysses_heads_not_divisible_is_a_clear_error():
-    msgs = run_world(heads_error_worker, 2, timeout=120)
-    assert all(m and "multiple of parallel.cp=2" in m for m in msgs), msgs
 
 
 def test_bench_cp_runs_on_cpu(tmp_path):
