@@ -38,7 +38,7 @@ def _check(op: str, q, k, v, chunk_size: int) -> None:
                             f"{x.dtype}. Cast the inputs or use backend='torch' (float64).")
 
 
-_CFG_KEYS = ("BVP", "BVS", "BVW", "warps_seq", "warps_par", "warps_wy")
+_CFG_KEYS = ("BVP", "BVS", "BVW", "warps_seq", "warps_par", "warps_wy", "stages_seq", "stages_par")
 _overrides: dict[str, int] = {}
 
 
@@ -47,7 +47,7 @@ def set_config(**overrides: int) -> dict[str, int]:
 
     Keys: BVP (V block of the per-chunk kernels), BVS (V block of the sequential state passes:
     smaller means more programs in flight), BVW (V block of the WY kernels), warps_seq, warps_par,
-    warps_wy. V blocks must be powers of two >= 16. Also read once from the environment variable
+    warps_wy, stages_seq, stages_par (software-pipelining depth; Triton's default when unset). V blocks must be powers of two >= 16. Also read once from the environment variable
     LCTRAIN_TRITON_CFG="BVS=16,warps_seq=4". Returns the previous overrides."""
     global _overrides
     for key, val in overrides.items():
@@ -86,8 +86,17 @@ class _Cfg:
         self.warps_seq = 4
         self.warps_par = 4 if self.BK <= 64 else 8
         self.warps_wy = 4
+        self.stages_seq = None
+        self.stages_par = None
         for key, val in _overrides.items():
             setattr(self, key, val)
+        self.seq = self._launch(self.warps_seq, self.stages_seq)
+        self.par = self._launch(self.warps_par, self.stages_par)
+        self.wy = self._launch(self.warps_wy, self.stages_par)
+
+    @staticmethod
+    def _launch(warps, stages) -> dict:
+        return {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
 
 
 def _dummy(ref: torch.Tensor) -> torch.Tensor:
@@ -115,7 +124,7 @@ def _wy_fwd(k, v, g, beta, cfg: _Cfg, want_u: bool = True):
         k, v if has_v else d, beta if has_w else d, g if has_g else d, gam if has_g else d,
         tm if has_w else d, w if has_w else d, u if has_v else d,
         T, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVW, C=CHUNK, HAS_G=has_g, HAS_W=has_w, HAS_V=has_v,
-        num_warps=cfg.warps_wy)
+        **cfg.wy)
     return gam, tm, w, u
 
 
@@ -139,7 +148,7 @@ def _state_fwd(k, w, u, gam, s0, cfg: _Cfg, *, store_h: bool, store_vnew: bool,
         T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVS, C=CHUNK, NVB=nvb,
         HAS_G=gam is not None, HAS_W=w is not None, HAS_S0=s0 is not None,
         STORE_H=store_h, STORE_VNEW=vnew is not None, STORE_ST=store_final, COMPUTE_A=compute_a,
-        num_warps=cfg.warps_seq)
+        **cfg.seq)
     return h, (vnew if vnew is not None else u), st, a
 
 
@@ -151,7 +160,7 @@ def _output_fwd(q, k, vnew, h, gam, scale, cfg: _Cfg):
     grid = (triton.cdiv(V, cfg.BVP), NT, B * H)
     ck.output_fwd_kernel[grid](q, k, vnew, h, gam if gam is not None else _dummy(q), o, scale,
                                T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVP, C=CHUNK,
-                               HAS_G=gam is not None, num_warps=cfg.warps_par)
+                               HAS_G=gam is not None, **cfg.par)
     return o
 
 
@@ -163,7 +172,7 @@ def _dv_local(q, k, do, gam, scale, cfg: _Cfg):
     grid = (triton.cdiv(V, cfg.BVP), NT, B * H)
     ck.dv_local_kernel[grid](q, k, do, gam if gam is not None else _dummy(q), dvl, scale,
                              T, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVP, C=CHUNK,
-                             HAS_G=gam is not None, num_warps=cfg.warps_par)
+                             HAS_G=gam is not None, **cfg.par)
     return dvl
 
 
@@ -182,7 +191,7 @@ def _state_bwd(q, k, w, do, dvl, gam, dst, scale, cfg: _Cfg, *, store: bool):
         dst if dst is not None else d, dh if store else d, du if store else d, ds0, scale,
         T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVS, C=CHUNK,
         HAS_G=gam is not None, HAS_W=w is not None, HAS_DST=dst is not None,
-        STORE_DH=store, STORE_DU=store, num_warps=cfg.warps_seq)
+        STORE_DH=store, STORE_DU=store, **cfg.seq)
     return dh, du, ds0
 
 
@@ -219,7 +228,7 @@ def _backward(q, k, v, g, beta, s0, scale, do, dst):
         q, k, vnew, do, h, dh, du if has_w else d, gam if has_g else d,
         dq, dk, dw if has_w else d, dgam if has_g else d, scale,
         T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVP, C=CHUNK, HAS_G=has_g, HAS_W=has_w,
-        FINAL_DG=not has_w, num_warps=cfg.warps_par)
+        FINAL_DG=not has_w, **cfg.par)
     del h, dh, vnew
     if not has_w:
         return dq, dk, du.to(v.dtype), (dgam.to(g.dtype) if has_g else None), None, ds0
@@ -230,7 +239,7 @@ def _backward(q, k, v, g, beta, s0, scale, do, dst):
     ck.wy_bwd_kernel[(NT, B * H)](
         k, v, beta, gam if has_g else d, tm, dw, du, dk, dgam if has_g else d,
         dk_out, dv, dbeta, dg if has_g else d,
-        T, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVW, C=CHUNK, HAS_G=has_g, num_warps=cfg.warps_par)
+        T, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVW, C=CHUNK, HAS_G=has_g, **cfg.par)
     return dq, dk_out, dv, dg, dbeta, ds0
 
 
