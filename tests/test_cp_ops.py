@@ -164,6 +164,8 @@ ERROR_CASES = ("mismatch", "ragged", "heads")
 
 def world_worker(rank, P):
     out = {"ops": cp_worker(rank, P, OPS_CASES[P]), "comm": comm_worker(rank, P, *COMM_ARGS[P])}
+    if P == 4:
+        out["mesh"] = mesh_worker(rank, P)
     if P == 2:
         out["ckpt"] = {mode: cp_worker(rank, P, CKPT_CASES, mode) for mode in CKPT_MODES}
         out["errors"] = {what: error_worker(rank, P, what) for what in ERROR_CASES}
@@ -252,6 +254,59 @@ def test_cp_rejects_bad_group_and_op():
     o1, _ = context_parallel(delta_rule, None)(q, k, v, beta, backend="naive")
     o2, _ = delta_rule(q, k, v, beta, backend="naive")
     torch.testing.assert_close(o1, o2)
+
+
+def mesh_worker(rank, P):
+    """megatron-core groups for tp=2 x cp=2 on the already initialised world, then torn down."""
+    import torch.distributed as dist
+
+    from lctrain.parallel import mesh
+    info = mesh.init_mesh({"tp": 2, "cp": 2, "pp": 1}, "cpu")
+    assert mesh.init_mesh({"tp": 2, "cp": 2}) is info, "init_mesh must be idempotent"
+    try:
+        mesh.init_mesh({"tp": 1, "cp": 4})
+        clash = None
+    except RuntimeError as err:
+        clash = str(err)
+    ranks = lambda g: None if g is None else dist.get_process_group_ranks(g)  # noqa: E731
+    out = dict(info=info, cp=ranks(mesh.cp_group()), tp=ranks(mesh.tp_group()), dp_cp=ranks(mesh.dp_cp_group()),
+               cp_rank=mesh.cp_rank(), tp_rank=mesh.tp_rank(), dp=(mesh.dp_rank(), mesh.dp_size()), clash=clash,
+               main=mesh.is_main())
+    mesh.destroy_mesh()
+    out["after"] = (mesh.mesh_info(), mesh.cp_size(), dist.is_initialized())
+    return out
+
+
+def test_mesh_groups_tp2_cp2():
+    for rank, m in enumerate(part(4, "mesh")):
+        assert (m["info"].tp, m["info"].cp, m["info"].dp, m["info"].world_size) == (2, 2, 1, 4)
+        # megatron order tp-cp-...: tp pairs are neighbours, cp pairs stride over tp
+        assert m["tp"] == [rank - rank % 2, rank - rank % 2 + 1]
+        assert m["cp"] == [rank % 2, rank % 2 + 2] and m["cp_rank"] == rank // 2 and m["tp_rank"] == rank % 2
+        assert m["dp_cp"] == m["cp"] and m["dp"] == (0, 1)
+        assert m["main"] == (rank == 0)
+        assert m["clash"] and "destroy_mesh" in m["clash"]
+        assert m["after"] == (None, 1, True), "destroy_mesh keeps a process group it did not create"
+
+
+def test_mesh_single_process():
+    import torch.distributed as dist
+
+    from lctrain.parallel import mesh
+    if dist.is_initialized():
+        pytest.skip("this pytest process already has a process group")
+    with pytest.raises(ValueError, match="not divisible by tp\\*pp\\*cp"):
+        mesh.init_mesh({"cp": 2})
+    assert not dist.is_initialized(), "a failed init_mesh must not leave a process group behind"
+    try:
+        info = mesh.init_mesh(None, "cpu")
+        assert (info.world_size, info.cp, info.dp, info.backend) == (1, 1, 1, "gloo")
+        assert mesh.cp_group() is None and mesh.cp_size() == 1 and mesh.dp_cp_group() is not None
+    finally:
+        mesh.destroy_mesh()
+    assert not dist.is_initialized() and mesh.mesh_info() is None
+    with pytest.raises(ValueError, match="parallel.cp must be an integer >= 1"):
+        mesh.init_mesh({"cp": 0})
 
 
 def failing_worker(rank, P):
