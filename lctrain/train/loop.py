@@ -46,9 +46,24 @@ def pick_device(train_cfg) -> torch.device:
             raise TrainingError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); lower parallel.nproc_per_node")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    torch.set_num_threads(cpu_threads())
     return torch.device("cpu")
+
+
+def cpu_threads() -> int:
+    """Intra-op threads on CPU: OMP_NUM_THREADS when set (torchrun sets 1 per worker), else the
+    cores per local rank, but 1 when the machine is already busy (load average >= cores): the small
+    ops of these models then lose far more to OpenMP barriers waiting on descheduled threads than
+    they gain (measured on the 2-core CI box: 2 threads under load ran ~20x slower than 1)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = os.cpu_count() or 1
+    per_rank = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    try:
+        busy = os.getloadavg()[0] >= cores
+    except OSError:
+        busy = False
+    return 1 if busy else per_rank
 
 
 def pick_dtype(train_cfg, device: torch.device) -> torch.dtype:
@@ -59,6 +74,10 @@ def pick_dtype(train_cfg, device: torch.device) -> torch.dtype:
     if dtype == torch.float16 and device.type != "cuda":
         raise TrainingError("train.dtype=float16 needs a CUDA device; use float32 or bfloat16 on CPU")
     return dtype
+
+
+def _device_text(device: torch.device) -> str:
+    return f"cpu ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device)
 
 
 def seed_everything(seed: int) -> None:
@@ -274,7 +293,7 @@ def _train(cfg: DictConfig, device: torch.device, mesh) -> dict:
     n_params = sum(p.numel() for p in params)
     reporter.say(
         f"lctrain train: {n_params / 1e6:.2f}M parameters, layers {cfg.model.layer_pattern}, seq_len {cfg.data.seq_len}, "
-        f"world {world} (dp {dp_size} x cp {cp_size} x tp {cfg.parallel.tp}), {device.type} {str(dtype).replace('torch.', '')}, "
+        f"world {world} (dp {dp_size} x cp {cp_size} x tp {cfg.parallel.tp}), {_device_text(device)} {str(dtype).replace('torch.', '')}, "
         f"steps {start_step}->{t.steps}" + (f", resumed from {resume_from}" if resume_from else "")
     )
 
