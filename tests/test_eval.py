@@ -314,13 +314,14 @@ def test_niah_cli_writes_json_and_heatmaps(ckpt, tmp_path):
     from lctrain.eval import niah
 
     out = tmp_path / "niah"
-    rc = niah.main(["--ckpt", str(ckpt), "--lengths", "256,300", "--depths", "0:1:3", "--samples", "2",
+    rc = niah.main(["--ckpt", str(ckpt), "--lengths", "256,300", "--depths", "0:1:2", "--samples", "1",
                     "--tasks", "s_niah_1", "--template", "train", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "niah_train.json").read_text())
-    assert report["template"] == "train" and len(report["records"]) == 2 * 3 * 2
+    assert report["template"] == "train" and len(report["records"]) == 2 * 2 * 1
+    assert [(r["length"], r["depth"]) for r in report["records"]] == [(256, 0.0), (256, 1.0), (300, 0.0), (300, 1.0)]
     grid = report["summary"]["s_niah_1"]["grid"]
-    assert len(grid) == 3 and all(len(row) == 2 for row in grid)
+    assert len(grid) == 2 and all(len(row) == 2 for row in grid)
     assert all(0.0 <= v <= 100.0 for row in grid for v in row)
     png = out / "niah_s_niah_1_train.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
@@ -362,7 +363,7 @@ def test_cli_errors_name_the_fix(ckpt, capsys):
 
 @pytest.mark.slow
 def test_niah_cli_cp2_self_launch_equals_cp1(ckpt, tmp_path):
-    args = ["--lengths", "256", "--depths", "0,1", "--samples", "2", "--template", "train"]
+    args = ["--lengths", "256", "--depths", "0.5", "--samples", "2", "--template", "train"]
     outs = []
     for extra, name in (([], "cp1"), (["parallel.cp=2"], "cp2")):
         out = tmp_path / name

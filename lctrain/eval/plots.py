@@ -41,13 +41,17 @@ def niah_heatmap(path: str | Path, lengths: Sequence[int], depths: Sequence[floa
 
 
 def loss_curves(path: str | Path, curves: Sequence[tuple[str, Sequence[float], Sequence[float]]], title: str,
-                ylabel: str = "next-token loss (nats)") -> Path:
-    """One line per (label, positions, losses), log-scaled x."""
+                ylabel: str = "next-token loss (nats)", train_lengths: Sequence[int | None] | None = None) -> Path:
+    """One line per (label, positions, losses), log-scaled x; a dotted vertical line of the same
+    colour marks each curve's training length when given and inside the plotted range."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, x, y in curves:
-        ax.plot(x, y, label=label, linewidth=1.4)
+    for n, (label, x, y) in enumerate(curves):
+        (line,) = ax.plot(x, y, label=label, linewidth=1.4)
+        L = train_lengths[n] if train_lengths else None
+        if L and x and L < max(x):
+            ax.axvline(L, color=line.get_color(), linestyle=":", linewidth=1.0)
     ax.set_xscale("log")
     ax.set_xlabel("token position")
     ax.set_ylabel(ylabel)

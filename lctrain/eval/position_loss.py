@@ -290,7 +290,8 @@ def main(argv: list[str]) -> int:
             if ctx.main:
                 print(f"position-loss: {label}: mean {total:.4f} over {int(acc.counts.sum())} tokens "
                       f"({time.perf_counter() - start:.1f}s)", flush=True)
-            results.append({"label": label, "checkpoint": str(path), "mean_loss": total, "tokens": int(acc.counts.sum()),
+            results.append({"label": label, "checkpoint": str(path), "train_seq_len": int(ckpt_cfg.data.seq_len),
+                            "mean_loss": total, "tokens": int(acc.counts.sum()),
                             "per_position": {"mean": _nan_to_none(acc.mean().tolist()), "count": acc.counts.long().tolist()},
                             "smoothed": sm})
             del model, cp_model
@@ -341,7 +342,8 @@ def write_outputs(out: Path, results: list[dict], *, seq_len: int, data: str, bi
                 w.writerow([r["label"], f"{row[0]:.2f}", row[1], row[2], f"{row[3]:.6f}", row[4]])
     curves = [(r["label"], r["smoothed"]["position"], r["smoothed"]["loss"]) for r in results]
     loss_curves(paths[3], curves, f"next-token loss by position, seq_len {seq_len}, data {data} "
-                                  f"({bins_per_decade} log bins/decade)")
+                                  f"({bins_per_decade} log bins/decade; dotted: training length)",
+                train_lengths=[r.get("train_seq_len") for r in results])
     for r in results:
         print(f"  {r['label']}: mean loss {r['mean_loss']:.4f}")
     print(f"lctrain eval position-loss: wrote {', '.join(str(p) for p in paths)}", flush=True)
