@@ -156,6 +156,8 @@ def random_cases(seed, n, backends=("naive", "torch")):
 # One process world per size runs every distributed check (a world costs seconds to start); the tests
 # below read their part of its results. WORLD_PLANS[P]: what that world runs.
 OPS_CASES = {P: random_cases(P, 6) for P in (2, 3, 4)}
+# the Triton backend's CP primitives (interpreter on CPU, float32; its chunk size is 64)
+OPS_CASES[2].append((77, "gated_delta", 1, 64, 1, 16, 16, "triton", 64, True, True))
 CKPT_CASES = random_cases(11, 3, backends=("torch",))
 COMM_ARGS = {2: (7, 2, 6, 5, 4, 4, 8), 3: (8, 2, 6, 5, 4, 3, 8), 4: (9, 2, 6, 5, 4, 4, 8)}  # seed B Tl C ks H D
 CKPT_MODES = ("non_reentrant", "reentrant")
