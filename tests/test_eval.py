@@ -122,8 +122,8 @@ def test_sample_length_and_depth(task, tokenizer):
             needle = tokenizer.decode(s.prompt_ids[s.needle_token_start:s.needle_token_start + s.needle_tokens])
             assert needle.startswith("One of the special magic") and s.answers[0] in needle, needle
             assert s.extra["keys"][0] in needle
-            # depth: within 5% of the context (+ one sentence of the haystack at the shortest length)
-            slack = 0.05 if length == 8192 else 0.08
+            # depth: the nearest sentence boundary, within 10% of the context (5% once sentences are short)
+            slack = 0.05 if length == 8192 else 0.1
             assert abs(s.measured_depth - depth) <= slack, (task, length, depth, s.measured_depth)
             for answer in s.answers:
                 assert s.prompt.count(answer) == 1

@@ -24,8 +24,9 @@ Placement and length (both in tokens of the model's tokenizer):
   haystack is grown word by word (then character by character in its last word) to the largest
   prompt that fits, so the prompt is within a token or two of length - max_new_tokens.
 - `depth` in [0, 1] is the fraction of the context (the haystack with its needles) that lies before
-  the queried needle. The needle goes to the sentence boundary nearest that point when one lies
-  within 2.5% of the context, else to the nearest word boundary. Other needles (distractor keys,
+  the queried needle. The needle goes to the sentence boundary nearest that point (as RULER and the
+  training samples place needles) when one lies within 10% of the context, else to the nearest word
+  boundary (only very short or very long-sentenced haystacks); `measured_depth` records where it went. Other needles (distractor keys,
   further values) go to random depths.
 Scoring is RULER's string_match_all: the fraction of the reference values that occur in the
 prediction, case-insensitive; for one needle, exact containment of the value.
@@ -56,6 +57,7 @@ class Template:
     description: str = ""
     number_digits: int = 7
     single_only: bool = False
+    key_words: str = "ours"  # "ours" (ADJECTIVES x NOUNS below) or "train" (lctrain.data.needle's key words)
 
 
 RULER_NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
@@ -119,7 +121,7 @@ TEMPLATES: dict[str, Template] = {
     # haystack + needle + "\n\n" + singular question ending in "is:", 5-digit numbers
     "train": Template("train", _train_needle, _train_prompt,
                       "the embedded training data's passkey format (lctrain.data.needle); 5-digit numbers",
-                      number_digits=5, single_only=True),
+                      number_digits=5, single_only=True, key_words="train"),
 }
 
 
@@ -167,7 +169,11 @@ NOUNS = (
 ).split()
 
 
-def random_key(rng: random.Random) -> str:
+def random_key(rng: random.Random, words: str = "ours") -> str:
+    if words == "train":  # the keys the embedded training samples use
+        from lctrain.data.needle import random_key as train_key
+
+        return train_key(rng)
     return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
 
 
@@ -290,7 +296,7 @@ def _insertion_points(context_words: list[str]) -> tuple[list[int], list[int], i
     return word_bounds, sentence_bounds, pos
 
 
-def insert_needles(haystack_words: list[str], needles: list[tuple[float, str]], sentence_slack: float = 0.05) -> tuple[str, list[int]]:
+def insert_needles(haystack_words: list[str], needles: list[tuple[float, str]], sentence_slack: float = 0.1) -> tuple[str, list[int]]:
     """Context text with each (depth, needle) inserted; returns (text, char offset of each needle).
 
     A needle at depth d goes to the sentence boundary nearest d * len(haystack) when one lies within
@@ -341,7 +347,7 @@ def build_sample(task: str | TaskSpec, length: int, depth: float, tokenizer, *, 
 
     keys: list[str] = []
     while len(keys) < spec.num_keys:
-        key = random_key(rng)
+        key = random_key(rng, tmpl.key_words)
         if key not in keys:
             keys.append(key)
     values = [[random_value(rng, spec.value_type, tmpl.number_digits) for _ in range(spec.num_values)] for _ in keys]
