@@ -6,7 +6,9 @@ at N*T (every rank holds T tokens), so the ideal CP time equals the one-device t
     weak-scaling efficiency = time(1 device, T) / time(CP = N, N*T)      (target >= 0.85)
 
 Times are medians over iterations of the slowest rank (a CP step ends when its last rank ends); the
-one-device time is the same plain op run on every rank at once, averaged over ranks. Peak memory is
+one-device time is the same plain op run on every rank at once, averaged over ranks. The state pass
+(shard_transition) and state-gradient pass (shard_state_grad) are also timed alone: with the two small
+all-gathers they are all that CP adds to the plain op's forward and backward. Peak memory is
 the largest per-device peak of one forward+backward. fla-core's own CP (``fla.ops.cp``) is timed side
 by side when it can be imported (benchmark-only dependency, never imported by lctrain itself).
 
@@ -26,7 +28,7 @@ import sys
 import time
 
 COLUMNS = ["T/rank", "T total", "1-dev fwd ms", "1-dev fwd+bwd ms", "CP fwd ms", "CP fwd+bwd ms", "efficiency",
-           "1-dev peak MiB", "CP peak MiB", "fla 1-dev fwd+bwd ms", "fla CP fwd+bwd ms", "fla efficiency"]
+           "state pass ms", "state-grad pass ms", "1-dev peak MiB", "CP peak MiB", "fla 1-dev fwd+bwd ms", "fla CP fwd+bwd ms", "fla efficiency"]
 GPU_DEFAULTS = dict(T=[8192, 16384, 32768, 65536], H=16, D=128, dtype="bf16", chunk_size=64, warmup=5, iters=20)
 CPU_DEFAULTS = dict(T=[64, 128], H=2, D=16, dtype="fp32", chunk_size=16, warmup=1, iters=3)
 
@@ -213,7 +215,7 @@ def _worker(args, argv) -> int:
     import torch
     import torch.distributed as dist
 
-    from lctrain.kernels import gated_delta_rule
+    from lctrain.kernels import gated_delta_rule, shard_state_grad, shard_transition
     from lctrain.parallel import context_parallel
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -245,6 +247,11 @@ def _worker(args, argv) -> int:
                 res[f"{name}_fwd_bwd_ms"] = _timed(f_bwd, device, group, args.warmup, args.iters, slowest)
                 res[f"{name}_peak_mib"] = _peak_mib(f_bwd, device, group)
             res["efficiency"] = res["single_fwd_bwd_ms"] / res["cp_fwd_bwd_ms"]
+            # CP's own compute, local and without communication: where the overhead comes from
+            trans = lambda: shard_transition("gated_delta", x["k"], x["v"], g=x["g"], beta=x["beta"], **kw)  # noqa: E731
+            sgrad = lambda: shard_state_grad("gated_delta", x["q"], x["k"], x["do"], g=x["g"], beta=x["beta"], **kw)  # noqa: E731
+            res["state_pass_ms"] = _timed(trans, device, group, args.warmup, args.iters, False)
+            res["state_grad_pass_ms"] = _timed(sgrad, device, group, args.warmup, args.iters, False)
             res["fla_single_fwd_bwd_ms"] = res["fla_cp_fwd_bwd_ms"] = res["fla_efficiency"] = None
             if not args.no_fla and device.type == "cuda":
                 fla = _fla_methods(x, group, notes if T == args.T[0] else [])
@@ -257,7 +264,8 @@ def _worker(args, argv) -> int:
                 notes.append("fla-core CP not timed: " + ("--no-fla" if args.no_fla else "it needs CUDA"))
             raw.append(res)
             rows.append([T, P * T] + [_round(res[k]) for k in (
-                "single_fwd_ms", "single_fwd_bwd_ms", "cp_fwd_ms", "cp_fwd_bwd_ms", "efficiency", "single_peak_mib",
+                "single_fwd_ms", "single_fwd_bwd_ms", "cp_fwd_ms", "cp_fwd_bwd_ms", "efficiency", "state_pass_ms",
+                "state_grad_pass_ms", "single_peak_mib",
                 "cp_peak_mib", "fla_single_fwd_bwd_ms", "fla_cp_fwd_bwd_ms", "fla_efficiency")])
             if rank == 0:
                 print(f"T/rank {T}: 1-dev {res['single_fwd_bwd_ms']:.3f} ms, CP={P} {res['cp_fwd_bwd_ms']:.3f} ms, "
