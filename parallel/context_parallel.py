@@ -172,7 +172,8 @@ class ContextParallelOp:
         B, T, H, K = (tuple(k.shape) + (0, 0, 0, 0))[:4] if isinstance(k, torch.Tensor) else (0, 0, 0, 0)
         V = v.shape[-1] if isinstance(v, torch.Tensor) else 0
         meta = torch.tensor([B, T, H, K, V, _KIND_IDS[self.kind], int(chunk_size) if isinstance(chunk_size, int) else -1,
-                             int(bool(problem))], dtype=torch.int64, device=_comm_device(k, self.group))
+                             int(bool(problem))], dtype=torch.int64,
+                            device=_comm_device(k if isinstance(k, torch.Tensor) else None, self.group))
         metas = _all_gather(meta, self.group).tolist()
         if problem:
             raise ContextParallelError(problem)
@@ -237,10 +238,12 @@ def _exact(device: torch.device):
         yield
 
 
-def _comm_device(x: torch.Tensor, group) -> torch.device:
+def _comm_device(x: torch.Tensor | None, group) -> torch.device:
     """Where tensors for ``group``'s collectives must live: CUDA for NCCL, CPU otherwise (gloo)."""
     if dist.get_backend(group) == "nccl":
-        return x.device if x.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+        if x is not None and x.device.type == "cuda":
+            return x.device
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
