@@ -277,10 +277,20 @@ def _cp_eval_worker(rank, world, ckpt_path, prompts, windows, seq_len):
     records = run_niah(model, ByteTokenizer(), tasks=["s_niah_1"], lengths=[256], depths=[0.0, 1.0], samples=2,
                        template="train", ctx=ctx, cp_model=cp_model, log=None)
     acc = score_checkpoint(cp_model, iter(windows), seq_len, num_windows=8, batch_size=2, pad_id=258, ctx=ctx)
-    return [(g.tokens, g.first_logits, g.cp_prefill_tokens) for g in gens], records, acc.sums, acc.counts
+    runtime.stop()
+    # the same world as 2 data-parallel replicas (cp=1): samples and windows are dealt out, results gathered
+    cfg = runtime.eval_config(ckpt_path, None, ["parallel.cp=1"])
+    ctx = runtime.start(cfg)
+    assert (ctx.dp_size, ctx.cp_size) == (world, 1)
+    model, cp_model, _, _ = runtime.load_models(ckpt_path, ctx, cfg)
+    dp_records = run_niah(model, ByteTokenizer(), tasks=["s_niah_1"], lengths=[256], depths=[0.0, 1.0], samples=2,
+                          template="train", ctx=ctx, cp_model=cp_model, log=None)
+    dp_acc = score_checkpoint(model, iter(windows), seq_len, num_windows=8, batch_size=2, pad_id=258, ctx=ctx)
+    return ([(g.tokens, g.first_logits, g.cp_prefill_tokens) for g in gens], records, acc.sums, acc.counts,
+            dp_records, dp_acc.sums, dp_acc.counts)
 
 
-def test_cp2_evals_equal_one_process(ckpt):
+def test_cp2_and_dp2_evals_equal_one_process(ckpt):
     from lctrain.eval.niah import run_niah
     from lctrain.train.checkpoint import load_model_for_eval
 
@@ -296,7 +306,7 @@ def test_cp2_evals_equal_one_process(ckpt):
     ref_records = run_niah(model, ByteTokenizer(), tasks=["s_niah_1"], lengths=[256], depths=[0.0, 1.0], samples=2,
                            template="train", log=None)
     ref_acc = score_checkpoint(model, iter(windows), seq_len, num_windows=8, batch_size=2, pad_id=258)
-    for gens, records, sums, counts in results:  # every rank returns the full answer
+    for gens, records, sums, counts, dp_records, dp_sums, dp_counts in results:  # every rank has the full answer
         assert [t for t, _, _ in gens] == [r.tokens for r in ref_gens]
         assert [n for _, _, n in gens] == [64, 64, 0]  # sharded prefill of the first 64, then the rest
         for (_, logits, _), ref in zip(gens, ref_gens):
@@ -305,6 +315,10 @@ def test_cp2_evals_equal_one_process(ckpt):
         assert [r["cp_prefill_tokens"] for r in records] == [224] * 4
         torch.testing.assert_close(sums, ref_acc.sums, rtol=1e-4, atol=1e-4)
         assert torch.equal(counts, ref_acc.counts)
+        assert [r["prediction"] for r in dp_records] == [r["prediction"] for r in ref_records]
+        assert [r["index"] for r in dp_records] == [r["index"] for r in ref_records]
+        torch.testing.assert_close(dp_sums, ref_acc.sums, rtol=1e-4, atol=1e-4)
+        assert torch.equal(dp_counts, ref_acc.counts)
 
 
 # ---------------------------------------------------------------------------------------- CLIs
