@@ -377,14 +377,20 @@ def test_cli_errors_name_the_fix(ckpt, capsys):
 
 @pytest.mark.slow
 def test_niah_cli_cp2_self_launch_equals_cp1(ckpt, tmp_path):
-    args = ["--lengths", "256", "--depths", "0.5", "--samples", "2", "--template", "train"]
-    outs = []
-    for extra, name in (([], "cp1"), (["parallel.cp=2"], "cp2")):
-        out = tmp_path / name
-        proc = subprocess.run([sys.executable, "-m", "lctrain.cli", "eval", "niah", "--ckpt", str(ckpt), *args,
-                               "--out", str(out), *extra], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        outs.append(json.loads((out / "niah_train.json").read_text()))
-    assert outs[1]["parallel"] == {"cp": 2, "dp": 1}
-    assert [r["prediction"] for r in outs[0]["records"]] == [r["prediction"] for r in outs[1]["records"]]
-    assert all(r["cp_prefill_tokens"] > 0 for r in outs[1]["records"])
+    from lctrain.eval.niah import run_niah
+    from lctrain.train.checkpoint import load_model_for_eval
+
+    out = tmp_path / "cp2"
+    proc = subprocess.run([sys.executable, "-m", "lctrain.cli", "eval", "niah", "--ckpt", str(ckpt), "--lengths", "256",
+                           "--depths", "0.5", "--samples", "2", "--template", "train", "--out", str(out), "parallel.cp=2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launching 2 local processes" in proc.stdout
+    report = json.loads((out / "niah_train.json").read_text())
+    assert report["parallel"] == {"cp": 2, "dp": 1}
+    assert all(r["cp_prefill_tokens"] > 0 for r in report["records"])
+    with _quiet():
+        model, _ = load_model_for_eval(ckpt)
+    ref = run_niah(model, ByteTokenizer(), tasks=["s_niah_1"], lengths=[256], depths=[0.5], samples=2, template="train",
+                   seed=0, log=None)
+    assert [r["prediction"] for r in report["records"]] == [r["prediction"] for r in ref]
