@@ -248,6 +248,30 @@ def test_position_loss_equals_direct_computation():
         assert loss == pytest.approx(float(sums[first - 1:last].sum() / counts[first - 1:last].sum()))
 
 
+def test_windows_from_mds_text_and_embedded(tmp_path):
+    import numpy as np
+
+    from lctrain.data.mds import write_mds
+    from lctrain.eval.position_loss import iter_windows
+
+    samples = [np.arange(9) + 10 * i for i in range(3)]
+    mds = write_mds(tmp_path / "mds", samples, sample_len=9, dtype=np.uint16)
+    windows = list(iter_windows(str(mds), ByteTokenizer(), 11))
+    stream = np.concatenate(samples).tolist()
+    assert windows == [stream[:12], stream[12:24]]  # the samples read as one stream, cut into seq_len + 1
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("hello world")
+    (tmp_path / "docs" / "b.jsonl").write_text(json.dumps({"text": "abc"}) + "\n" + json.dumps({"text": "x"}) + "\n")
+    tok = ByteTokenizer()
+    docs = list(iter_windows(str(tmp_path / "docs"), tok, 8))
+    assert docs == [tok.encode("hello wor"), tok.encode("abc")]  # one document per window, 1-token docs dropped
+    packed = list(iter_windows(str(tmp_path / "docs"), tok, 5, pack=True))
+    assert packed[0] == tok.encode("hello ") and packed[1] == tok.encode("world") + [tok.eos_id]
+    emb = next(iter_windows("embedded", tok, 100))
+    assert len(emb) == 101
+
+
 def test_log_bins_cover_every_position_once():
     for n, k in ((1, 20), (7, 20), (1000, 20), (131072, 5)):
         bins = log_bins(n, k)
