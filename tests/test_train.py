@@ -305,3 +305,17 @@ def test_cp2_self_launch_runs_two_steps(tmp_path, data_cache):
     assert [m["step"] for m in steps] == [1, 2] and all(math.isfinite(m["loss"]) for m in steps)
     ckpt = ckpt_mod.latest_checkpoint(out)
     assert ckpt.name == "step_2" and {p.name for p in ckpt.glob("rank*.pt")} == {"rank0.pt", "rank1.pt"}
+
+
+def test_cpu_threads_policy(monkeypatch):
+    from lctrain.train import loop
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert loop.cpu_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(loop.os, "cpu_count", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(loop.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert loop.cpu_threads() == 4
+    monkeypatch.setattr(loop.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert loop.cpu_threads() == 1
