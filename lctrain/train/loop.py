@@ -297,6 +297,9 @@ def _train(cfg: DictConfig, device: torch.device, mesh) -> dict:
         f"steps {start_step}->{t.steps}" + (f", resumed from {resume_from}" if resume_from else "")
     )
 
+    if start_step >= t.steps:
+        reporter.say(f"lctrain train: {resume_from} is already at step {start_step} of train.steps={t.steps}; nothing to do "
+                     "(raise train.steps to continue, or use a new train.out_dir / train.resume=false to start over)")
     batches = _Infinite(loader)
     model.train()
     first_loss = last_loss = None
