@@ -92,8 +92,9 @@ class _Stash:
 
 class ContextParallelOp:
     """See ``context_parallel``. Attributes: ``name``, ``kind``, ``group``; counters
-    ``gathers`` (state all-gathers issued by forwards) and ``replays_reused`` (checkpoint replays that
-    reused a stash instead of communicating), useful in tests and benchmarks."""
+    ``gathers`` (state all-gathers issued by forwards), ``replays_reused`` (checkpoint replays that
+    reused a stash instead of communicating) and ``shape_checks`` (cross-rank shape checks), useful in
+    tests and benchmarks."""
 
     def __init__(self, op, group):
         self.name = _op_name(op)
@@ -108,8 +109,10 @@ class ContextParallelOp:
         self.size = 1 if group is None else dist.get_world_size(group)
         self.rank = 0 if group is None else dist.get_rank(group)
         self._stashes: list[weakref.ref] = []
+        self._validated = None  # local shapes last checked against every rank's (see _check_inputs)
         self.gathers = 0
         self.replays_reused = 0
+        self.shape_checks = 0
 
     def __repr__(self) -> str:
         return f"context_parallel({self.name}, cp={self.size}, rank={self.rank})"
@@ -127,7 +130,11 @@ class ContextParallelOp:
         g, beta = named.get("g"), named.get("beta")
         stash = self._replay_stash()
         if stash is None:
-            self._check_inputs(q, k, v, g, beta, initial_state, chunk_size)
+            signature = _signature(q, k, v, g, beta, chunk_size)
+            if signature != self._validated:
+                self._check_inputs(q, k, v, g, beta, initial_state, chunk_size)
+                self._validated = signature
+                self.shape_checks += 1
             A_all, S_in = self._gather_and_fold(k, v, g, beta, initial_state, backend, chunk_size)
             stash = _Stash(A_all, S_in)
             if torch.is_grad_enabled() and not _in_backward():
@@ -154,7 +161,12 @@ class ContextParallelOp:
 
     def _check_inputs(self, q, k, v, g, beta, initial_state, chunk_size) -> None:
         """Local checks, then one tiny all-gather so that every rank sees every rank's shapes and
-        raises the same error (a rank failing alone would leave the others hanging in a collective)."""
+        raises the same error (a rank failing alone would leave the others hanging in a collective).
+
+        Runs on the first call and whenever this rank's shapes change, not on every call: the gather
+        costs a host-device sync. Ranks whose shapes agree change them together, so they skip or
+        check together; only shapes that change on some ranks alone can then reach the state
+        all-gather unchecked (and fail there, or hang on NCCL until its timeout)."""
         problem = ""
         try:
             for name, x, nd in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("g", g, 3), ("beta", beta, 3)):
@@ -222,6 +234,11 @@ class ContextParallelOp:
             if u is not None:
                 D = D + u.to(D.dtype)
         return D
+
+
+def _signature(q, k, v, g, beta, chunk_size):
+    shape = lambda x: None if not isinstance(x, torch.Tensor) else tuple(x.shape)  # noqa: E731
+    return shape(q), shape(k), shape(v), shape(g), shape(beta), chunk_size
 
 
 def _in_backward() -> bool:

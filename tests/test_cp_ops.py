@@ -161,7 +161,7 @@ OPS_CASES[2].append((77, "gated_delta", 1, 64, 1, 16, 16, "triton", 64, True, Tr
 CKPT_CASES = random_cases(11, 3, backends=("torch",))
 COMM_ARGS = {2: (7, 2, 6, 5, 4, 4, 8), 3: (8, 2, 6, 5, 4, 3, 8), 4: (9, 2, 6, 5, 4, 4, 8)}  # seed B Tl C ks H D
 CKPT_MODES = ("non_reentrant", "reentrant")
-ERROR_CASES = ("mismatch", "ragged", "heads")
+ERROR_CASES = ("mismatch", "ragged", "heads", "recheck")
 
 
 def world_worker(rank, P):
@@ -219,6 +219,12 @@ def error_worker(rank, P, what):
         except ValueError as err:
             return str(err)
         return None
+    if what == "recheck":  # shapes are checked across ranks again only when they change
+        op = context_parallel(gated_delta_rule, dist.group.WORLD)
+        for Tl in (8, 8, 16, 16, 8):
+            x = [torch.randn(1, Tl, 2, 4) for _ in range(3)] + [-torch.rand(1, Tl, 2), torch.rand(1, Tl, 2)]
+            op(*x, chunk_size=4, backend="torch")
+        return (op.shape_checks, op.gathers)
     Tl = 8 if what != "ragged" else 6
     if what == "mismatch" and rank == 1:
         Tl = 16
@@ -239,6 +245,7 @@ def test_cp_errors_are_raised_on_every_rank():
                            ("heads", "multiple of parallel.cp=2")):
         msgs = [e[what] for e in errors]
         assert all(m and expected in m for m in msgs), (what, msgs)
+    assert all(e["recheck"] == (3, 5) for e in errors), [e["recheck"] for e in errors]
 
 
 def test_cp_rejects_bad_group_and_op():
