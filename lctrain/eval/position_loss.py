@@ -341,8 +341,9 @@ def write_outputs(out: Path, results: list[dict], *, seq_len: int, data: str, bi
             for row in zip(s["position"], s["first"], s["last"], s["loss"], s["tokens"]):
                 w.writerow([r["label"], f"{row[0]:.2f}", row[1], row[2], f"{row[3]:.6f}", row[4]])
     curves = [(r["label"], r["smoothed"]["position"], r["smoothed"]["loss"]) for r in results]
-    loss_curves(paths[3], curves, f"next-token loss by position, seq_len {seq_len}, data {data} "
-                                  f"({bins_per_decade} log bins/decade; dotted: training length)",
+    loss_curves(paths[3], curves, f"next-token loss by position: seq_len {seq_len}, data {Path(data).name or data}, "
+                                  f"{num_windows} windows\nmean over {bins_per_decade} log-spaced bins per decade; "
+                                  "dotted: training length",
                 train_lengths=[r.get("train_seq_len") for r in results])
     for r in results:
         print(f"  {r['label']}: mean loss {r['mean_loss']:.4f}")
