@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -319,3 +320,21 @@ def test_cpu_threads_policy(monkeypatch):
     assert loop.cpu_threads() == 4
     monkeypatch.setattr(loop.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
     assert loop.cpu_threads() == 1
+
+
+def test_cpu_threads_guard_drops_to_one_thread_when_steps_slow_down():
+    from lctrain.train.loop import _CpuThreadsGuard
+
+    said = []
+    reporter = types.SimpleNamespace(say=said.append)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        guard = _CpuThreadsGuard(torch.device("cpu"))
+        for i, t in enumerate([5.0, 1.0, 1.1, 0.9, 1.2, 3.0]):  # warm-up, steady, 3.3x: keep threads
+            guard.observe(i, t, reporter)
+        assert torch.get_num_threads() == 2 and not said
+        guard.observe(6, 4.0, reporter)  # 4.4x the best step
+        assert torch.get_num_threads() == 1 and "1 CPU thread" in said[0]
+    finally:
+        torch.set_num_threads(before)

@@ -76,6 +76,32 @@ def pick_dtype(train_cfg, device: torch.device) -> torch.dtype:
     return dtype
 
 
+class _CpuThreadsGuard:
+    """Drops to 1 intra-op thread when CPU steps suddenly run much slower than the best so far.
+
+    When other processes compete for the cores, OpenMP barriers wait on descheduled threads and a
+    multi-threaded step of these small ops can become 10-20x slower (measured on a 2-core box);
+    one thread keeps most of the speed. Checked every step after a few warm-up steps; acts once."""
+
+    def __init__(self, device: torch.device):
+        self.active = device.type == "cpu" and torch.get_num_threads() > 1
+        self.best = math.inf
+
+    def observe(self, steps_done: int, step_time: float, reporter) -> None:
+        if not self.active:
+            return
+        if steps_done >= 3:
+            if step_time > 4 * self.best:
+                torch.set_num_threads(1)
+                self.active = False
+                reporter.say(f"lctrain train: a step took {step_time:.2f}s against {self.best:.2f}s at best; the cores look busy, "
+                             "continuing with 1 CPU thread (set OMP_NUM_THREADS to choose)")
+                return
+            self.best = min(self.best, step_time)
+        elif steps_done >= 1:
+            self.best = min(self.best, step_time)
+
+
 def _device_text(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device)
 
@@ -300,6 +326,7 @@ def _train(cfg: DictConfig, device: torch.device, mesh) -> dict:
     if start_step >= t.steps:
         reporter.say(f"lctrain train: {resume_from} is already at step {start_step} of train.steps={t.steps}; nothing to do "
                      "(raise train.steps to continue, or use a new train.out_dir / train.resume=false to start over)")
+    threads_guard = _CpuThreadsGuard(device)
     batches = _Infinite(loader)
     model.train()
     first_loss = last_loss = None
@@ -341,7 +368,9 @@ def _train(cfg: DictConfig, device: torch.device, mesh) -> dict:
                 raise TrainingError(f"loss became {step_loss} at step {step + 1}; lower train.lr or check the data")
             first_loss = step_loss if first_loss is None else first_loss
             last_loss = step_loss
-            reporter.step(step + 1, step_loss, lr, tokens_per_step, time.perf_counter() - step_start, float(grad_norm))
+            step_time = time.perf_counter() - step_start
+            reporter.step(step + 1, step_loss, lr, tokens_per_step, step_time, float(grad_norm))
+            threads_guard.observe(step - start_step, step_time, reporter)
 
             done = step + 1
             if t.ckpt_every > 0 and done % t.ckpt_every == 0 and done < t.steps:
