@@ -306,6 +306,10 @@ def test_cp2_self_launch_runs_two_steps(tmp_path, data_cache):
     assert [m["step"] for m in steps] == [1, 2] and all(math.isfinite(m["loss"]) for m in steps)
     ckpt = ckpt_mod.latest_checkpoint(out)
     assert ckpt.name == "step_2" and {p.name for p in ckpt.glob("rank*.pt")} == {"rank0.pt", "rank1.pt"}
+    # both ranks resume from it
+    proc = subprocess.run([*cmd[:-3], "train.steps=3", *cmd[-2:]], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and [m["step"] for m in _metrics(out)] == [1, 2, 3]
 
 
 def test_cpu_threads_policy(monkeypatch):
