@@ -162,6 +162,10 @@ def test_templates_follow_ruler_and_the_training_format():
     t = build_sample("s_niah_1", 512, 0.5, tok, template="train", max_new_tokens=16)
     assert t.prompt.endswith("\n\n" + question_text("s_niah_1", t.extra["query"]))
     assert len(t.answers[0]) == 5 and t.prompt.startswith("The grass is green.")
+    assert t.template == "train"
+    short = build_sample("s_niah_1", 256, 0.5, tok, template="train", max_new_tokens=16)
+    assert short.template == "train_compact"  # as training_needle_sample writes a 256-token sample
+    assert short.prompt.endswith("\n\nThe pass key is:") and f"The pass key is {short.answers[0]}." in short.prompt
     with pytest.raises(ValueError, match="one needle"):
         build_sample("mk_niah_1", 4096, 0.5, tok, template="train")
     with pytest.raises(ValueError, match="use lengths >="):
@@ -387,7 +391,7 @@ def test_position_loss_cli_plots_several_checkpoints(ckpt, tmp_path):
 def test_cli_errors_name_the_fix(ckpt, capsys):
     from lctrain.eval import niah, position_loss
 
-    assert niah.main(["--ckpt", str(ckpt), "--lengths", "128", "--template", "train"]) == 2
+    assert niah.main(["--ckpt", str(ckpt), "--lengths", "40", "--template", "train"]) == 2
     assert "use lengths >=" in capsys.readouterr().err
     assert niah.main(["--ckpt", str(ckpt), "model.d_model=64"]) == 2
     assert "cannot change for an eval" in capsys.readouterr().err

@@ -79,7 +79,7 @@ def run_niah(model, tokenizer, *, tasks, lengths, depths, samples: int, template
                     tokens = gen.tokens[:-1] if gen.tokens and gen.tokens[-1] == eos else gen.tokens
                     prediction = tokenizer.decode(tokens)
                     records.append({
-                        "task": task, "length": length, "depth": depth, "index": index, "template": template,
+                        "task": task, "length": length, "depth": depth, "index": index, "template": s.template,
                         "answers": s.answers, "prediction": prediction, "score": string_match_all(prediction, s.answers),
                         "prompt_tokens": len(s.prompt_ids), "max_new_tokens": new_tokens,
                         "measured_depth": round(s.measured_depth, 4), "cp_prefill_tokens": gen.cp_prefill_tokens,

@@ -17,7 +17,9 @@ Templates ("ruler", the default) are RULER's: needle "One of the special magic {
 text?", answer prefix " The special magic {type} for {query} mentioned in the provided text are",
 singularised when only one answer is asked for, as RULER does. Template "passkey" is the classic
 passkey-retrieval prompt (Mohtashami & Jaggi 2023); template "train" is the passkey format the
-embedded training data uses (`lctrain.data.needle`), for models trained only on that.
+embedded training data uses (`lctrain.data.needle`), for models trained only on that: RULER's needle
+and singular question without the introduction, or, at lengths where the training data does so, its
+compact wording ("The pass key is 12345." ... "The pass key is:"); each record names the one used.
 
 Placement and length (both in tokens of the model's tokenizer):
 - `length` is the whole sequence budget as in RULER: prompt tokens + max_new_tokens <= length; the
@@ -112,6 +114,28 @@ def _train_prompt(context: str, query: str, spec: "TaskSpec", n_answers: int) ->
     return f"{context}\n\n{question_text(_train_task(spec), query)}"
 
 
+def _compact_needle(key: str, value: str, spec: "TaskSpec") -> str:
+    from lctrain.data.needle import COMPACT_NEEDLE_TEMPLATE
+
+    return COMPACT_NEEDLE_TEMPLATE.format(value=value)
+
+
+def _compact_prompt(context: str, query: str, spec: "TaskSpec", n_answers: int) -> str:
+    from lctrain.data.needle import COMPACT_QUESTION
+
+    return f"{context}\n\n{COMPACT_QUESTION}"
+
+
+def train_uses_compact(length: int, tokenizer, digits: int = 5) -> bool:
+    """Whether lctrain.data.needle.training_needle_sample writes a sample of `length` tokens in its
+    compact wording: when length < 1.5 x (needle + question tokens of the full wording) + answer tokens."""
+    from lctrain.data.needle import needle_text, question_text
+
+    value, key = "9" * digits, "gentle-lantern"
+    full = len(tokenizer.encode(" " + needle_text("s_niah_2", key, value))) + len(tokenizer.encode("\n\n" + question_text("s_niah_2", key)))
+    return length < full * 1.5 + len(tokenizer.encode(" " + value))
+
+
 TEMPLATES: dict[str, Template] = {
     "ruler": Template("ruler", _ruler_needle, _ruler_prompt, "RULER's niah needle, question and answer prefix; 7-digit numbers"),
     "passkey": Template("passkey", _passkey_needle, _passkey_prompt,
@@ -122,6 +146,11 @@ TEMPLATES: dict[str, Template] = {
     "train": Template("train", _train_needle, _train_prompt,
                       "the embedded training data's passkey format (lctrain.data.needle); 5-digit numbers",
                       number_digits=5, single_only=True, key_words="train"),
+    # its compact wording, which the training data uses for samples too short for the full one
+    # (`--template train` switches to it by itself at such lengths, as training did)
+    "train_compact": Template("train_compact", _compact_needle, _compact_prompt,
+                              "the embedded training data's compact passkey format (short samples); 5-digit numbers",
+                              number_digits=5, single_only=True),
 }
 
 
@@ -338,6 +367,8 @@ def build_sample(task: str | TaskSpec, length: int, depth: float, tokenizer, *, 
     if isinstance(task, str) and task not in TASKS:
         raise ValueError(f"unknown NIAH task {task!r}; use one of {sorted(TASKS)}")
     tmpl = get_template(template) if isinstance(template, str) else template
+    if tmpl.name == "train" and train_uses_compact(length, tokenizer, tmpl.number_digits):
+        tmpl = TEMPLATES["train_compact"]  # what a training sample of this length looks like
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must lie in [0, 1], got {depth}")
     if tmpl.single_only and spec.num_keys * spec.num_values > 1:
