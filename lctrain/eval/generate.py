@@ -20,13 +20,13 @@ on the last rank.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from lctrain.models.attention import Attention
-from lctrain.models.hybrid import LMCache
 from lctrain.models.layers import ShortConv
 
 
@@ -65,7 +65,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, eos_id: int | None = Non
     if len(prompt_ids) < 1:
         raise ValueError("the prompt is empty")
     device = next(model.parameters()).device
-    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else _null()
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     with ctx:
         if _group_size(cp_group) == 1:
             cache = model.new_cache(1, device)
@@ -75,14 +75,6 @@ def generate(model, prompt_ids, max_new_tokens: int, *, eos_id: int | None = Non
         if cp_model is None:
             raise ValueError("generate under context parallelism needs cp_model (the model built with cp_group)")
         return _generate_cp(model, cp_model, list(prompt_ids), max_new_tokens, eos_id, cp_group, device)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def cp_prefill_length(n_tokens: int, cp: int, model_cfg) -> int:

@@ -30,6 +30,7 @@ import json
 import math
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -148,7 +149,7 @@ class PositionLoss:
         labels = window_ids[:, a + 1:b + 1].clone()
         labels[~(window_valid[:, a + 1:b + 1] & window_valid[:, a:b])] = IGNORE_INDEX
         labels = labels.to(device)
-        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else _null()
+        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
         with ctx:
             logits = model(inputs, position_offset=a)
         loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
@@ -159,14 +160,6 @@ class PositionLoss:
     def mean(self) -> torch.Tensor:
         """Per-position mean loss (NaN where no window had a token)."""
         return torch.where(self.counts > 0, self.sums / self.counts.clamp(min=1), torch.full_like(self.sums, float("nan")))
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def log_bins(n: int, per_decade: int = 20) -> list[tuple[int, int]]:

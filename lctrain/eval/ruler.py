@@ -284,8 +284,6 @@ class NeedleSample:
     needle_token_start: int  # token offset of the queried needle in prompt_ids
     context_token_span: tuple[int, int]  # [start, end) tokens of the context (haystack + needles)
     extra: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
-
     needle_tokens: int = 0  # tokens of the queried needle
 
     @property
