@@ -72,3 +72,18 @@ def test_cli_config_show_and_errors(capsys):
     assert "model.layer_pattern" in capsys.readouterr().err
     assert cli_main(["no-such-command"]) == 2
     assert cli_main(["bench"]) == 2
+
+
+def test_train_refuses_a_vocab_smaller_than_the_tokenizer(capsys, tmp_path):
+    code = cli_main(["train", "model.vocab_size=200", f"train.out_dir={tmp_path}/run"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "model.vocab_size" in err and ">= 259" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_yarn_takes_its_original_length_from_seq_len():
+    from lctrain.models import build_model
+
+    cfg = load_config(overrides=["model.rope.scaling=yarn", "model.rope.factor=4", "model.layer_pattern=A"])
+    build_model(cfg.model, max_position=cfg.data.seq_len)  # must not raise for original_max_position=0

@@ -254,7 +254,7 @@ def load_model_for_eval(ckpt_dir: str | os.PathLike, device: str | torch.device 
     cfg = OmegaConf.load(ckpt / "config.yaml")
     if cfg.parallel.tp * cfg.parallel.pp != 1:
         raise CheckpointError(f"{ckpt} was written with tp={cfg.parallel.tp}, pp={cfg.parallel.pp}; load_model_for_eval needs tp=pp=1 checkpoints")
-    model = build_model(cfg.model, cp_group=None)
+    model = build_model(cfg.model, cp_group=None, max_position=int(cfg.data.seq_len))
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
     model.load_state_dict(state["model"])

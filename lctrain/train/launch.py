@@ -12,6 +12,7 @@ import sys
 import warnings
 
 from lctrain.config import ConfigError, load_config, split_recipe_and_overrides, world_size_needed
+from lctrain.data.tokenizer import TokenizerError, check_model_vocab
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -48,7 +49,8 @@ def main(argv: list[str]) -> int:
     try:
         recipe, overrides = split_recipe_and_overrides(ns.args)
         cfg = load_config(recipe, overrides)
-    except ConfigError as err:
+        check_model_vocab(cfg)
+    except (ConfigError, TokenizerError) as err:
         print(f"lctrain train: configuration error: {err}", file=sys.stderr)
         return 2
 

@@ -295,8 +295,11 @@ def _train(cfg: DictConfig, device: torch.device, mesh) -> dict:
     tp_group, tp_rank = _tp_group_and_rank(cfg, mesh)
     dtype = pick_dtype(t, device)
 
+    if cp_size != cfg.parallel.cp or (cfg.parallel.cp > 1 and cp_group is None):
+        # context_parallel(op, None) falls back to the plain op: a missing group would train on wrong math.
+        raise TrainingError(f"parallel.cp={cfg.parallel.cp} but the mesh has a CP group of size {cp_size}")
     seed_everything(t.seed)
-    model = build_model(cfg.model, cp_group=cp_group).to(device)
+    model = build_model(cfg.model, cp_group=cp_group, max_position=cfg.data.seq_len).to(device)
     broadcast_parameters(model, grad_group)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, t)
