@@ -1,0 +1,29 @@
+"""`lctrain bench record`: a benchmark's JSON result becomes a BENCHMARKS.md section, appended, never rewritten."""
+import json
+
+from lctrain.bench.report import append_to_benchmarks_md, render
+from lctrain.cli import main as cli_main
+
+RESULT = {
+    "title": "Kernels: test", "command": "lctrain bench kernels --T 16384", "device": "Some GPU",
+    "versions": {"torch": "2.x", "triton": "3.y"}, "date": "2026-01-01 00:00 UTC", "notes": ["a note"],
+    "columns": ["T", "method", "fwd+bwd ms"],
+    "rows": [[16384, "delta", 3.8437], [32768, "gated_delta", 9.4189]],
+}
+
+
+def test_render_has_command_device_date_and_every_row():
+    text = render(RESULT)
+    for needle in ("Kernels: test", "lctrain bench kernels --T 16384", "Some GPU", "2026-01-01", "a note", "| 16384 |", "gated_delta"):
+        assert needle in text, needle
+
+
+def test_record_appends_and_keeps_what_was_there(tmp_path):
+    md = tmp_path / "BENCHMARKS.md"
+    append_to_benchmarks_md(RESULT, str(md))
+    first = md.read_text()
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(dict(RESULT, title="Second run")))
+    assert cli_main(["bench", "record", str(path), "--md", str(md)]) == 0
+    text = md.read_text()
+    assert text.startswith(first) and "Second run" in text
