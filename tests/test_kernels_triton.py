@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from lctrain.kernels import (delta_rule, gated_delta_rule, gated_linear_attn, shard_state_grad,
                              shard_transition)
+from kernel_cases import call, outputs_and_grads
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
@@ -40,23 +41,6 @@ def make_inputs(kind, B, T, H, K, V, dtype, seed):
     for name in ("q", "k", "v"):
         x[name] = x[name].to(dtype)
     return x
-
-
-def call(kind, x, backend):
-    kw = dict(initial_state=x["initial_state"], output_final_state=True, backend=backend)
-    if kind == "delta":
-        return delta_rule(x["q"], x["k"], x["v"], x["beta"], **kw)
-    if kind == "gated_delta":
-        return gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], **kw)
-    return gated_linear_attn(x["q"], x["k"], x["v"], x["g"], **kw)
-
-
-def outputs_and_grads(kind, x, backend, do, dS):
-    leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items() if t is not None}
-    o, S = call(kind, leaves, backend)
-    loss = (o.float() * do).sum() + (S * dS).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return o.detach(), S.detach(), dict(zip(leaves, grads))
 
 
 CASES = [  # (B, T, K, V, dtype, tol): T=37 partial chunk, 64 exact, 130 ragged third chunk
