@@ -133,6 +133,8 @@ def main(argv: list[str]) -> int:
     ns = _parse(argv)
     from lctrain.config import ConfigError, split_recipe_and_overrides
 
+    from lctrain.launcher import self_launch
+
     from . import runtime
 
     try:
@@ -162,7 +164,7 @@ def main(argv: list[str]) -> int:
         print(f"lctrain eval niah: error: {err}", file=sys.stderr)
         return 2
     if runtime.needs_launch(cfg):
-        return runtime.self_launch(["eval", "niah"], list(argv), runtime.nproc(cfg), runtime.launch_uses_cuda(cfg))
+        return self_launch(["eval", "niah"], list(argv), runtime.nproc(cfg), runtime.launch_uses_cuda(cfg))
 
     seed = ns.seed if ns.seed is not None else int(cfg.eval.seed)
     ctx = runtime.start(cfg)

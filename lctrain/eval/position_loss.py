@@ -236,6 +236,8 @@ def main(argv: list[str]) -> int:
     ns = _parse(argv)
     from lctrain.config import ConfigError, split_recipe_and_overrides
 
+    from lctrain.launcher import self_launch
+
     from . import runtime
 
     try:
@@ -263,7 +265,7 @@ def main(argv: list[str]) -> int:
         print(f"lctrain eval position-loss: error: {err}", file=sys.stderr)
         return 2
     if runtime.needs_launch(cfg):
-        return runtime.self_launch(["eval", "position-loss"], list(argv), runtime.nproc(cfg), runtime.launch_uses_cuda(cfg))
+        return self_launch(["eval", "position-loss"], list(argv), runtime.nproc(cfg), runtime.launch_uses_cuda(cfg))
 
     from .niah import _tokenizer
 

@@ -10,7 +10,6 @@ like `lctrain train`. World = cp x dp: CP ranks share one sequence, DP groups sp
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,26 +69,6 @@ def eval_config(ckpt: str | os.PathLike, recipe: str | None, overrides: list[str
 
 def nproc(cfg: DictConfig) -> int:
     return int(cfg.parallel.nproc_per_node or cfg.parallel.cp)
-
-
-def self_launch(command: list[str], argv: list[str], n: int, use_cuda: bool) -> int:
-    """Start `n` local ranks with torch.distributed.run, each running `lctrain <command> argv`.
-    (The same launch as lctrain.train.launch, for an eval sub-command.)"""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun_main
-
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    if not use_cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    print(f"lctrain {' '.join(command)}: launching {n} local processes", flush=True)
-    try:
-        torchrun_main(["--standalone", f"--nproc_per_node={n}", "-m", "lctrain.cli", *command, *argv])
-    except ChildFailedError as err:
-        print(f"lctrain {' '.join(command)}: a worker failed: {err.get_first_failure()[1].message}", file=sys.stderr)
-        return 1
-    except SystemExit as err:
-        return int(err.code or 0)
-    return 0
 
 
 def needs_launch(cfg: DictConfig) -> bool:

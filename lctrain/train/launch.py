@@ -12,6 +12,7 @@ import sys
 import warnings
 
 from lctrain.config import ConfigError, load_config, split_recipe_and_overrides, world_size_needed
+from lctrain.launcher import self_launch
 from lctrain.data.tokenizer import TokenizerError, check_model_vocab
 
 
@@ -23,25 +24,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("args", nargs="*", help="an optional recipe YAML, then key=value overrides")
     return parser.parse_args(argv)
-
-
-def _self_launch(argv: list[str], nproc: int, use_cuda: bool) -> int:
-    """Start `nproc` local ranks with torch.distributed.run, each running `lctrain train argv`."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun_main
-
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    if not use_cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    print(f"lctrain train: launching {nproc} local processes", flush=True)
-    try:
-        torchrun_main(["--standalone", f"--nproc_per_node={nproc}", "-m", "lctrain.cli", "train", *argv])
-    except ChildFailedError as err:
-        print(f"lctrain train: a worker failed: {err.get_first_failure()[1].message}", file=sys.stderr)
-        return 1
-    except SystemExit as err:  # torchrun's argument errors
-        return int(err.code or 0)
-    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -66,7 +48,7 @@ def main(argv: list[str]) -> int:
                 file=sys.stderr,
             )
             return 2
-        return _self_launch(list(argv), nproc, use_cuda)
+        return self_launch(["train"], list(argv), nproc, use_cuda)
 
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) % (cfg.parallel.cp * cfg.parallel.tp * cfg.parallel.pp):
         print(
