@@ -252,6 +252,49 @@ def test_niah_sample_byte_tokenizer_is_exact():
     assert needle.niah_prompt("s_niah_2", tok, 700, 0.5, seed=3) != needle.niah_prompt("s_niah_2", tok, 700, 0.5, seed=4)
 
 
+def test_packed_needle_sample_holds_several_complete_units():
+    tok = ByteTokenizer()
+    rng = random.Random(1)
+    n_units = n_copy = 0
+    for _ in range(20):
+        ids = needle.packed_needle_sample(tok, 513, rng, copy_share=0.5)
+        assert len(ids) == 513 and ids[-1] != tok.eos_id
+        units = [tok.decode(u) for u in _split(ids, tok.eos_id)]
+        n_units += len(units)
+        for i, text in enumerate(units):
+            if "\n\n" in text and not any(w in text for w in ("pass key", "magic number")):  # a copy unit
+                first, second = text.split("\n\n", 1)
+                assert first.startswith(second) and len(second) >= len(first) - 3
+                assert i < len(units) - 1  # a passkey unit ends the sample
+                n_copy += 1
+                continue
+            head, value = text.rsplit(":", 1)
+            value = value.strip()  # every passkey unit ends with its own answer, hidden earlier in that unit
+            assert value.isdigit() and len(value) == 5 and (f"is {value}." in head or f"is: {value}." in head)
+    assert n_units >= 40 and n_copy >= 5  # several units per sample, copy units among them
+    with pytest.raises(ValueError, match="too short"):
+        needle.packed_needle_sample(tok, 20, rng)
+
+
+def test_copy_unit_repeats_its_first_line():
+    tok = ByteTokenizer()
+    ids = needle.copy_unit(tok, 101, random.Random(0))
+    first, second = tok.decode(ids).split("\n\n")
+    assert len(ids) == 101 and first.split() and all(len(w) == 5 and w.isdigit() for w in first.split()[:-1])
+    assert first.startswith(second)
+
+
+def _split(ids, sep):
+    out, cur = [], []
+    for t in ids:
+        if t == sep:
+            out.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    return out + [cur]
+
+
 def test_training_needle_sample_ends_with_answer():
     tok = ByteTokenizer()
     rng = random.Random(0)

@@ -27,11 +27,16 @@ import numpy as np
 
 from lctrain.data.corpus import corpus_fingerprint, embedded_documents
 from lctrain.data.mds import DatasetExistsError, write_mds
-from lctrain.data.needle import _SentenceIds, min_training_length, training_needle_sample
+from lctrain.data.needle import _SentenceIds, min_training_length, packed_needle_sample, training_needle_sample
 from lctrain.data.packing import packed_epochs, token_dtype
 from lctrain.data.tokenizer import get_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: half of the needle samples pack several passkey units (needle.packed_needle_sample)
+# Share of needle samples that pack several passkey units; the rest hold one needle over the whole
+# length (the eval's length stays in distribution).
+PACKED_NEEDLE_SHARE = 0.8
+# Share of the packed samples' units that are digit-copy units (needle.copy_unit).
+COPY_UNIT_SHARE = 0.6
 # Enough samples for the default job (train.steps 300 x micro_batch 8 = 2400) without repeating
 # one, and ~2M tokens for short sequence lengths (at most MAX_SAMPLES samples).
 MIN_SAMPLES = 2400
@@ -49,6 +54,8 @@ def embedded_settings(data_cfg: Any, num_samples: int | None = None) -> dict:
     tok = get_tokenizer(data_cfg)
     return {
         "format": FORMAT_VERSION,
+        "packed_needle_share": PACKED_NEEDLE_SHARE,
+        "copy_unit_share": COPY_UNIT_SHARE,
         "seq_len": int(data_cfg.seq_len),
         "needle_fraction": float(data_cfg.needle_fraction),
         "tokenizer": tok.name,
@@ -67,14 +74,20 @@ def embedded_dataset_path(data_cfg: Any, num_samples: int | None = None) -> Path
 def mix_samples(text: list[np.ndarray], n_needle: int, tokenizer: Any, length: int, seed: int) -> list[np.ndarray]:
     """`text` samples and `n_needle` synthetic needle samples (each `length` ids), interleaved in a seeded order.
 
+    A share PACKED_NEEDLE_SHARE of the needle samples holds several passkey units (dense retrieval
+    signal), the rest one needle over the whole length.
+
     Samples shorter than `needle.min_training_length` cannot hold a needle: then none are added.
     """
     if length < min_training_length(tokenizer):
         n_needle = 0
     rng = random.Random(f"needle-{seed}")
     cache = _SentenceIds(tokenizer)
-    needles = [np.asarray(training_needle_sample(tokenizer, length, rng, _encode_cache=cache), dtype=np.int64)
-               for _ in range(n_needle)]
+    needles = []
+    for _ in range(n_needle):
+        build = packed_needle_sample if rng.random() < PACKED_NEEDLE_SHARE else training_needle_sample
+        kw = {"copy_share": COPY_UNIT_SHARE} if build is packed_needle_sample else {}
+        needles.append(np.asarray(build(tokenizer, length, rng, _encode_cache=cache, **kw), dtype=np.int64))
     kinds = [0] * len(text) + [1] * n_needle
     random.Random(f"mix-{seed}").shuffle(kinds)
     it_text, it_needle = iter(text), iter(needles)

@@ -15,6 +15,7 @@ tokenizer on ASCII text).
 """
 from __future__ import annotations
 
+import math
 import random
 import uuid as _uuid
 from dataclasses import dataclass, field
@@ -227,21 +228,93 @@ def niah_prompt(task: str, tokenizer: Any, target_tokens: int, depth: float, *, 
 
 
 def training_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, tasks: Sequence[str] = ("s_niah_1", "s_niah_2"),
-                           digits: int = 5, _encode_cache: _SentenceIds | None = None) -> list[int]:
+                           digits: int = 5, compact: bool | None = None,
+                           _encode_cache: _SentenceIds | None = None) -> list[int]:
     """`length` token ids: a needle prompt at a random depth whose last tokens are the answer digits.
 
     Used for training samples (length = seq_len + 1): the loss on the final answer tokens rewards
     retrieving the number from far back in the context. Lengths too short for the RULER wording use
     the compact one; `min_training_length` is the shortest length that works at all.
+    compact=True/False forces a wording (packed samples put RULER-worded units into short spans too).
     """
     task = rng.choice(list(tasks))
     value = random_number(rng, digits)
     answer_len = len(tokenizer.encode(" " + value))
-    compact = length < _min_prompt(tokenizer, compact=False) * 1.5 + answer_len
+    if compact is None:
+        compact = length < _min_prompt(tokenizer, compact=False) * 1.5 + answer_len
     s = build_needle_sample(task, tokenizer, length - answer_len, rng.random(), rng, value=value,
                             compact=compact, _encode_cache=_encode_cache)
     ids = s.prompt_ids + s.answer_ids
     assert len(ids) == length
+    return ids
+
+
+# Packed samples: passkey units of at most this many tokens (so that the needle-to-question distance varies).
+MAX_UNIT_TOKENS = 450
+
+
+def copy_unit(tokenizer: Any, length: int, rng: random.Random, *, digits: int = 5) -> list[int]:
+    """`length` token ids: a line of random `digits`-digit numbers, a blank line, then the same line again.
+
+    Every token of the repeat can be predicted only by copying from the first line: a dense signal
+    for the induction (copy) heads that passkey retrieval rests on, which the few answer digits of
+    passkey units alone train too slowly. The repeat is cut to fit `length`.
+    """
+    if length < 4:
+        raise ValueError(f"a copy unit needs >= 4 tokens, got {length}")
+    sep = tokenizer.encode("\n\n")
+    half = (length - len(sep)) // 2 + 1
+    line: list[int] = []
+    while len(line) < half:
+        line += tokenizer.encode(" " + random_number(rng, digits))
+    ids = line[:half] + sep + line
+    return ids[:length]
+
+
+def packed_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, tasks: Sequence[str] = ("s_niah_1", "s_niah_2"),
+                         digits: int = 5, max_unit: int = MAX_UNIT_TOKENS, full_unit_share: float = 0.5,
+                         copy_share: float = 0.0, _encode_cache: _SentenceIds | None = None) -> list[int]:
+    """`length` token ids holding SEVERAL complete passkey units joined by EOS, the last one ending the sample.
+
+    Each unit is a `training_needle_sample`; its length is drawn log-uniformly from the shortest that
+    works up to `max_unit`, so that short needle-to-question distances (where copying is learned
+    first) are common and long ones occur. Units follow the length rule for their wording (compact
+    below ~340 byte tokens); with probability `full_unit_share` one unit of 240+ tokens uses RULER's
+    wording regardless, so that the wording the evals use at longer lengths is trained densely too.
+    One sample thus yields several answers at varied distances instead of one. A share `copy_share`
+    of the other units are `copy_unit`s (dense copying signal). Units are separated by EOS as packed
+    documents are; a passkey unit ends the sample.
+    """
+    lo = min_training_length(tokenizer, digits)
+    if length < lo:
+        raise ValueError(f"length={length} is too short for a passkey unit (>= {lo} tokens); use a longer seq_len")
+    eos = getattr(tokenizer, "eos_id", None)
+    sep = [] if eos is None else [eos]
+    enc = _encode_cache or _SentenceIds(tokenizer)
+    units: list[tuple[int, bool | str | None]] = []  # (tokens, forced wording or "copy")
+    left = length
+    full_lo = _min_prompt(tokenizer, compact=False, digits=digits) + len(tokenizer.encode(" " + "9" * digits)) + 16
+    if rng.random() < full_unit_share and left >= full_lo + lo + len(sep):
+        n = rng.randint(full_lo, min(max_unit, left - lo - len(sep)))
+        units.append((n, False))
+        left -= n + len(sep)
+    # the rest becomes the last unit when another unit + separator would not fit beside a shortest one
+    while left > min(max_unit, 2 * lo + len(sep)):
+        hi = min(max_unit, left - lo - len(sep))
+        n = min(hi, max(lo, round(math.exp(rng.uniform(math.log(lo), math.log(hi))))))
+        units.append((n, "copy" if rng.random() < copy_share else None))
+        left -= n + len(sep)
+    rng.shuffle(units)
+    units.append((left, None))  # a passkey unit always ends the sample
+    ids: list[int] = []
+    for i, (n, kind) in enumerate(units):
+        if kind == "copy":
+            ids += copy_unit(tokenizer, n, rng, digits=digits)
+        else:
+            ids += training_needle_sample(tokenizer, n, rng, tasks=tasks, digits=digits, compact=kind, _encode_cache=enc)
+        if i < len(units) - 1:
+            ids += sep
+    assert len(ids) == length, (len(ids), length)
     return ids
 
 
