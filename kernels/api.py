@@ -171,6 +171,19 @@ def _validate(q, k, v, *, g=None, beta=None, need_g=False, need_beta=False, scal
 
 # ----------------------------------------------------------------------------------------- the ops
 
+def _dispatch(op_name, backend, chunk_size, q, k, v, g, beta, **kw):
+    """Run a validated op on the chosen backend. g / beta are None where the mixer has none; the
+    Triton entry points take the ones it has positionally, in the order (g, beta)."""
+    which = resolve_backend(backend, op_name, q.device)
+    if which == "naive":
+        return naive.naive_recurrence(q, k, v, g=g, beta=beta, **kw)
+    if which == "torch":
+        return _chunk_module().chunk_recurrence(q, k, v, g=g, beta=beta, chunk_size=chunk_size, **kw)
+    fn = _REGISTRY.get((which, op_name)) or _triton_fn(op_name)[0]
+    gates = tuple(x for x in (g, beta) if x is not None)
+    return fn(q, k, v, *gates, chunk_size=chunk_size, **kw)
+
+
 def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
                backend="auto", chunk_size=64):
     """DeltaNet: S_t = (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T, o_t = scale S_t^T q_t.
@@ -178,14 +191,8 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
     Returns (o [B, T, H, V] in q.dtype, final state [B, H, K, V] float32 or None)."""
     _validate(q, k, v, beta=beta, need_beta=True, scale=scale, initial_state=initial_state,
               chunk_size=chunk_size)
-    which = resolve_backend(backend, "delta_rule", q.device)
-    kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    if which == "naive":
-        return naive.naive_recurrence(q, k, v, beta=beta, **kw)
-    if which == "torch":
-        return _chunk_module().chunk_recurrence(q, k, v, beta=beta, chunk_size=chunk_size, **kw)
-    fn = _REGISTRY.get((which, "delta_rule")) or _triton_fn("delta_rule")[0]
-    return fn(q, k, v, beta, chunk_size=chunk_size, **kw)
+    return _dispatch("delta_rule", backend, chunk_size, q, k, v, None, beta,
+                     scale=scale, initial_state=initial_state, output_final_state=output_final_state)
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
@@ -193,14 +200,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     """Gated DeltaNet: S_t = exp(g_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T."""
     _validate(q, k, v, g=g, beta=beta, need_g=True, need_beta=True, scale=scale,
               initial_state=initial_state, chunk_size=chunk_size)
-    which = resolve_backend(backend, "gated_delta_rule", q.device)
-    kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    if which == "naive":
-        return naive.naive_recurrence(q, k, v, g=g, beta=beta, **kw)
-    if which == "torch":
-        return _chunk_module().chunk_recurrence(q, k, v, g=g, beta=beta, chunk_size=chunk_size, **kw)
-    fn = _REGISTRY.get((which, "gated_delta_rule")) or _triton_fn("gated_delta_rule")[0]
-    return fn(q, k, v, g, beta, chunk_size=chunk_size, **kw)
+    return _dispatch("gated_delta_rule", backend, chunk_size, q, k, v, g, beta,
+                     scale=scale, initial_state=initial_state, output_final_state=output_final_state)
 
 
 def gated_linear_attn(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
@@ -208,14 +209,8 @@ def gated_linear_attn(q, k, v, g, *, scale=None, initial_state=None, output_fina
     """Mamba-2 style scalar-gated linear attention: S_t = exp(g_t) S_{t-1} + k_t v_t^T."""
     _validate(q, k, v, g=g, need_g=True, scale=scale, initial_state=initial_state,
               chunk_size=chunk_size)
-    which = resolve_backend(backend, "gated_linear_attn", q.device)
-    kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    if which == "naive":
-        return naive.naive_recurrence(q, k, v, g=g, **kw)
-    if which == "torch":
-        return _chunk_module().chunk_recurrence(q, k, v, g=g, chunk_size=chunk_size, **kw)
-    fn = _REGISTRY.get((which, "gated_linear_attn")) or _triton_fn("gated_linear_attn")[0]
-    return fn(q, k, v, g, chunk_size=chunk_size, **kw)
+    return _dispatch("gated_linear_attn", backend, chunk_size, q, k, v, g, None,
+                     scale=scale, initial_state=initial_state, output_final_state=output_final_state)
 
 
 # ------------------------------------------------------------------------ context-parallel primitives
