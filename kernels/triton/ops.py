@@ -38,7 +38,8 @@ def _check(op: str, q, k, v, chunk_size: int) -> None:
                             f"{x.dtype}. Cast the inputs or use backend='torch' (float64).")
 
 
-_CFG_KEYS = ("BVP", "BVS", "BVW", "warps_seq", "warps_par", "warps_wy", "stages_seq", "stages_par")
+_CFG_KEYS = ("BVP", "BVS", "BVW", "BKD", "BKB", "BVB", "warps_seq", "warps_seqb", "warps_par",
+             "warps_wy", "warps_solve", "warps_wyb", "stages_seq", "stages_par")
 _overrides: dict[str, int] = {}
 
 
@@ -46,8 +47,11 @@ def set_config(**overrides: int) -> dict[str, int]:
     """Override launch settings for every later call (tuning sweeps, tests); no arguments clears them.
 
     Keys: BVP (V block of the per-chunk kernels), BVS (V block of the sequential state passes:
-    smaller means more programs in flight), BVW (V block of the WY kernels), warps_seq, warps_par,
-    warps_wy, stages_seq, stages_par (software-pipelining depth; Triton's default when unset). V blocks must be powers of two >= 16. Also read once from the environment variable
+    smaller means more programs in flight), BVW (V block of the W/U products), BKD (K block of
+    dq/dk), BKB / BVB (K / V blocks of the WY backward), warps_seq (forward state pass),
+    warps_seqb (backward state pass), warps_par, warps_wy (W/U products), warps_solve (the 16x16
+    triangular solve), warps_wyb (WY backward), stages_seq, stages_par (software-pipelining depth;
+    Triton's default when unset). V blocks must be powers of two >= 16. Also read once from the environment variable
     LCTRAIN_TRITON_CFG="BVS=16,warps_seq=4". Returns the previous overrides."""
     global _overrides
     for key, val in overrides.items():
@@ -81,18 +85,27 @@ class _Cfg:
         self.K, self.V = K, V
         self.BK = _pow2(K)
         self.BVP = min(_pow2(V), 128 if self.BK <= 128 else 64)    # parallel (per-chunk) kernels
-        self.BVS = 64 if self.BK <= 64 else 32                     # sequential state kernels
+        self.BVS = 32 if self.BK <= 64 else 16                     # sequential state kernels
         self.BVW = min(_pow2(V), 64)                               # WY kernels
+        self.BKD = min(self.BK, 64)
+        self.BKB = 32
+        self.BVB = 32
         self.warps_seq = 4
+        self.warps_seqb = 8
         self.warps_par = 4 if self.BK <= 64 else 8
-        self.warps_wy = 4
+        self.warps_wy = 8
+        self.warps_solve = 4
+        self.warps_wyb = 8
         self.stages_seq = None
         self.stages_par = None
         for key, val in _overrides.items():
             setattr(self, key, val)
         self.seq = self._launch(self.warps_seq, self.stages_seq)
+        self.seqb = self._launch(self.warps_seqb, self.stages_seq)
         self.par = self._launch(self.warps_par, self.stages_par)
         self.wy = self._launch(self.warps_wy, self.stages_par)
+        self.solve = self._launch(self.warps_solve, None)
+        self.wyb = self._launch(self.warps_wyb, self.stages_par)
 
     @staticmethod
     def _launch(warps, stages) -> dict:
@@ -103,28 +116,41 @@ def _dummy(ref: torch.Tensor) -> torch.Tensor:
     return torch.empty(1, device=ref.device, dtype=torch.float32)
 
 
-def _wy_fwd(k, v, g, beta, cfg: _Cfg, want_u: bool = True):
-    """gam (fp32 in-chunk cumsum of g, or None), Tm, W, Ut (None where not applicable)."""
+def _wy_solve(k, g, beta, cfg: _Cfg):
+    """gam (fp32 in-chunk cumsum of g, or None) and Tm = (I + L)^-1 per chunk (k's dtype, or None)."""
     B, T, H, K = k.shape
-    NT = triton.cdiv(T, CHUNK)
     has_g, has_w = g is not None, beta is not None
     if not has_g and not has_w:
-        return None, None, None, None
+        return None, None
     d = _dummy(k)
     gam = torch.empty(B, T, H, device=k.device, dtype=torch.float32) if has_g else None
-    tm = w = u = None
-    has_v = has_w and want_u and v is not None
-    if has_w:
-        tm = torch.empty(B, T, H, CHUNK, device=k.device, dtype=torch.float32)
-        w = torch.empty_like(k)
-        if has_v:
-            u = torch.empty_like(v)
-    V = v.shape[-1] if v is not None else 16
-    ck.wy_fwd_kernel[(NT, B * H)](
-        k, v if has_v else d, beta if has_w else d, g if has_g else d, gam if has_g else d,
-        tm if has_w else d, w if has_w else d, u if has_v else d,
-        T, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVW, C=CHUNK, HAS_G=has_g, HAS_W=has_w, HAS_V=has_v,
-        **cfg.wy)
+    tm = torch.empty(B, T, H, CHUNK, device=k.device, dtype=k.dtype) if has_w else None
+    ck.wy_solve_kernel[(triton.cdiv(T, CHUNK), B * H)](
+        k, beta if has_w else d, g if has_g else d, gam if has_g else d, tm if has_w else d,
+        T, H, K=K, BKS=min(cfg.BK, 64), C=CHUNK, HAS_G=has_g, HAS_W=has_w, **cfg.solve)
+    return gam, tm
+
+
+def _wy_apply(k, v, beta, gam, tm, cfg: _Cfg, want_u: bool = True):
+    """W = Tm diag(beta Gam) K and (want_u) Ut = Tm diag(beta) V; (None, None) without beta."""
+    if tm is None:
+        return None, None
+    B, T, H, K = k.shape
+    d = _dummy(k)
+    w = torch.empty_like(k)
+    u = torch.empty_like(v) if want_u else None
+    V = v.shape[-1] if want_u else 16
+    ck.wy_apply_kernel[(triton.cdiv(T, CHUNK), B * H)](
+        k, v if want_u else d, beta, gam if gam is not None else d, tm, w, u if want_u else d,
+        T, H, K=K, V=V, BK=min(cfg.BK, 64), BV=cfg.BVW, C=CHUNK, HAS_G=gam is not None,
+        HAS_V=want_u, **cfg.wy)
+    return w, u
+
+
+def _wy_fwd(k, v, g, beta, cfg: _Cfg, want_u: bool = True):
+    """gam, Tm, W, Ut (None where not applicable)."""
+    gam, tm = _wy_solve(k, g, beta, cfg)
+    w, u = _wy_apply(k, v, beta, gam, tm, cfg, want_u=want_u and v is not None)
     return gam, tm, w, u
 
 
@@ -191,27 +217,36 @@ def _state_bwd(q, k, w, do, dvl, gam, dst, scale, cfg: _Cfg, *, store: bool):
         dst if dst is not None else d, dh if store else d, du if store else d, ds0, scale,
         T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVS, C=CHUNK,
         HAS_G=gam is not None, HAS_W=w is not None, HAS_DST=dst is not None,
-        STORE_DH=store, STORE_DU=store, **cfg.seq)
+        STORE_DH=store, STORE_DU=store, **cfg.seqb)
     return dh, du, ds0
 
 
+def _chunk_suffix_sum(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] -> sum of x over the rows at and after each row inside its chunk (dgam -> dg)."""
+    B, T, H = x.shape
+    NT = triton.cdiv(T, CHUNK)
+    xp = torch.nn.functional.pad(x, (0, 0, 0, NT * CHUNK - T)).view(B, NT, CHUNK, H)
+    return xp.flip(2).cumsum(2).flip(2).reshape(B, NT * CHUNK, H)[:, :T]
+
+
 def _forward(q, k, v, g, beta, s0, scale, want_final):
+    """o, final state, and (gam, Tm): what the backward needs besides the inputs."""
     cfg = _Cfg(k.shape[-1], v.shape[-1])
-    gam, _tm, w, ut = _wy_fwd(k, v, g, beta, cfg)
+    gam, tm, w, ut = _wy_fwd(k, v, g, beta, cfg)
     u = ut if w is not None else v
     h, vnew, st, _ = _state_fwd(k, w, u, gam, s0, cfg, store_h=True, store_vnew=True,
                                 store_final=want_final)
     o = _output_fwd(q, k, vnew, h, gam, scale, cfg)
-    return o, st
+    return o, st, gam, tm
 
 
-def _backward(q, k, v, g, beta, s0, scale, do, dst):
+def _backward(q, k, v, g, beta, s0, scale, do, dst, gam, tm):
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, CHUNK)
     cfg = _Cfg(K, V)
     has_g, has_w = g is not None, beta is not None
-    gam, tm, w, ut = _wy_fwd(k, v, g, beta, cfg)
+    w, ut = _wy_apply(k, v, beta, gam, tm, cfg)  # Tm and gam come from the forward
     u = ut if has_w else v
     h, vnew, _, _ = _state_fwd(k, w, u, gam, s0, cfg, store_h=True, store_vnew=True,
                                store_final=False)
@@ -221,33 +256,37 @@ def _backward(q, k, v, g, beta, s0, scale, do, dst):
     del dvl, w  # wy_bwd recomputes W from Tm
     d = _dummy(q)
     dq = torch.empty_like(q)
-    dk = torch.empty(B, T, H, K, device=k.device, dtype=torch.float32) if has_w else torch.empty_like(k)
-    dw = torch.empty(B, T, H, K, device=k.device, dtype=torch.float32) if has_w else None
-    dgam = torch.empty(B, T, H, device=k.device, dtype=torch.float32) if has_g else None
-    ck.dqk_kernel[(NT, B * H)](
+    dk = torch.empty_like(k)  # with beta: the partial dk that wy_bwd completes
+    dw = torch.empty_like(k) if has_w else None
+    nkb = triton.cdiv(K, cfg.BKD)
+    dgam = torch.empty(nkb, B, T, H, device=k.device, dtype=torch.float32) if has_g else None
+    ck.dqk_kernel[(nkb * NT, B * H)](
         q, k, vnew, do, h, dh, du if has_w else d, gam if has_g else d,
         dq, dk, dw if has_w else d, dgam if has_g else d, scale,
-        T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVP, C=CHUNK, HAS_G=has_g, HAS_W=has_w,
-        FINAL_DG=not has_w, **cfg.par)
+        T, NT, H, K=K, V=V, BK=cfg.BKD, BV=cfg.BVP, C=CHUNK, HAS_G=has_g, HAS_W=has_w, **cfg.par)
     del h, dh, vnew
+    if has_g:
+        dgam = dgam.sum(0) if nkb > 1 else dgam[0]
     if not has_w:
-        return dq, dk, du.to(v.dtype), (dgam.to(g.dtype) if has_g else None), None, ds0
-    dk_out = torch.empty_like(k)
+        dg = _chunk_suffix_sum(dgam).to(g.dtype) if has_g else None
+        return dq, dk, du.to(v.dtype), dg, None, ds0
+    dk_out = dk  # wy_bwd completes dk in place (each program reads its block before writing it)
     dv = torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     dg = torch.empty_like(g) if has_g else None
     ck.wy_bwd_kernel[(NT, B * H)](
         k, v, beta, gam if has_g else d, tm, dw, du, dk, dgam if has_g else d,
         dk_out, dv, dbeta, dg if has_g else d,
-        T, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVW, C=CHUNK, HAS_G=has_g, **cfg.par)
+        T, H, K=K, V=V, BK=min(cfg.BK, cfg.BKB), BV=min(_pow2(V), cfg.BVB), C=CHUNK, HAS_G=has_g,
+        **cfg.wyb)
     return dq, dk_out, dv, dg, dbeta, ds0
 
 
 class _ChunkRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, s0, scale, want_final):
-        o, st = _forward(q, k, v, g, beta, s0, scale, want_final)
-        ctx.save_for_backward(q, k, v, g, beta, s0)
+        o, st, gam, tm = _forward(q, k, v, g, beta, s0, scale, want_final)
+        ctx.save_for_backward(q, k, v, g, beta, s0, gam, tm)
         ctx.scale = scale
         if st is not None:
             return o, st
@@ -255,10 +294,10 @@ class _ChunkRecurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dst):
-        q, k, v, g, beta, s0 = ctx.saved_tensors
+        q, k, v, g, beta, s0, gam, tm = ctx.saved_tensors
         do = do.contiguous()
         dst = None if dst is None else dst.contiguous().float()
-        dq, dk, dv, dg, dbeta, ds0 = _backward(q, k, v, g, beta, s0, ctx.scale, do, dst)
+        dq, dk, dv, dg, dbeta, ds0 = _backward(q, k, v, g, beta, s0, ctx.scale, do, dst, gam, tm)
         ds0 = None if s0 is None else ds0.to(s0.dtype)
         return dq, dk, dv, dg, dbeta, ds0, None, None
 

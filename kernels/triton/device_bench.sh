@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device call: install, (optionally) GPU tests, kernel bench with fla in-process, per-kernel
+# profile, a launch-setting sweep. Run from the repository root on the GPU machine:
+#   bash kernels/triton/device_bench.sh [tests] [bench] [profile] [sweep]      (default: all four)
+# Carry `.whl` (fla_core wheel) and `.tcache` (Triton cache from an earlier call: compiled kernels
+# and fla's autotune results; saves minutes). Results land in $OUT.
+set -u
+STEPS="${*:-tests bench profile sweep}"
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tcache FLA_CACHE_RESULTS=1
+R=$PWD
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/tcache
+[ -f .tcache/autotune.tgz ] && tar xzf .tcache/autotune.tgz -C /tmp/tcache
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 1
+export PYTHONPATH=/tmp/site
+cd /tmp
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw,utilization.gpu --format=csv
+# only the autotune choices travel back (the compiled kernels are too large for one file)
+save_cache() { (cd /tmp/tcache && find . -name '*.autotune.json' | tar czf "$OUT/autotune.tgz" -T -) \
+  && ls -la "$OUT/autotune.tgz"; }
+for s in $STEPS; do
+  echo "=== $s $(date +%T)"
+  case $s in
+    tests) python3 -m pytest -m gpu -q -x -p no:cacheprovider -c "$R/pyproject.toml" --rootdir "$R" \
+             "$R/tests/test_kernels_gpu.py" 2>&1 | tail -5 ;;
+    bench) python3 -m lctrain.cli bench kernels --json "$OUT/bench.json" \
+             ${BENCH_ARGS:---warmup 10 --rep 50} 2>&1 | tee "$OUT/bench.txt" | grep -v "^T="; save_cache ;;
+    profile) python3 -m lctrain.bench.profile_kernels --T 131072 > "$OUT/profile.txt" 2>&1; save_cache ;;
+    sweep) python3 -m lctrain.cli bench kernels --T 65536 --no-sdpa --no-fla --warmup 5 --rep 30 \
+             --methods delta gated_delta gla --json "$OUT/sweep.json" ${SWEEP:-} 2>&1 \
+             | tee "$OUT/sweep.txt" | grep -v "^T=" ;;
+  esac
+done
+echo "=== done $(date +%T)"
