@@ -144,9 +144,12 @@ def test_triton_rejects_what_it_cannot_run():
 
 @pytest.fixture
 def small_blocks():
-    """V blocks of 16 everywhere, so every V loop and V-block grid runs more than one block."""
+    """K and V blocks of 16 everywhere, so every K / V loop and block grid runs more than one block
+    (dq/dk then sums several dgam parts)."""
     from lctrain.kernels.triton import ops
-    previous = ops.set_config(BVP=16, BVS=16, BVW=16, warps_seq=2, warps_par=2, warps_wy=2)
+    previous = ops.set_config(BVP=16, BVO=16, BVS=16, BVW=16, BKS=16, BKD=16, BKB=16, BVB=16,
+                              warps_seq=2, warps_seqb=2, warps_par=2, warps_out=2, warps_wy=2,
+                              warps_solve=1, warps_wyb=2)
     yield
     ops.set_config(**previous)
 
@@ -173,3 +176,5 @@ def test_set_config_rejects_bad_values():
         ops.set_config(BQ=16)
     with pytest.raises(ValueError, match="power of two"):
         ops.set_config(BVS=24)
+    with pytest.raises(ValueError, match="power of two"):
+        ops.set_config(BKD=8)

@@ -38,28 +38,30 @@ def _check(op: str, q, k, v, chunk_size: int) -> None:
                             f"{x.dtype}. Cast the inputs or use backend='torch' (float64).")
 
 
-_CFG_KEYS = ("BVP", "BVS", "BVW", "BKD", "BKB", "BVB", "warps_seq", "warps_seqb", "warps_par",
-             "warps_wy", "warps_solve", "warps_wyb", "stages_seq", "stages_par")
+_CFG_KEYS = ("BVP", "BVO", "BVS", "BVW", "BKS", "BKD", "BKB", "BVB", "warps_seq", "warps_seqb",
+             "warps_par", "warps_out", "warps_wy", "warps_solve", "warps_wyb", "stages_seq",
+             "stages_par")
 _overrides: dict[str, int] = {}
 
 
 def set_config(**overrides: int) -> dict[str, int]:
     """Override launch settings for every later call (tuning sweeps, tests); no arguments clears them.
 
-    Keys: BVP (V block of the per-chunk kernels), BVS (V block of the sequential state passes:
-    smaller means more programs in flight), BVW (V block of the W/U products), BKD (K block of
-    dq/dk), BKB / BVB (K / V blocks of the WY backward), warps_seq (forward state pass),
-    warps_seqb (backward state pass), warps_par, warps_wy (W/U products), warps_solve (the 16x16
-    triangular solve), warps_wyb (WY backward), stages_seq, stages_par (software-pipelining depth;
-    Triton's default when unset). V blocks must be powers of two >= 16. Also read once from the environment variable
+    Keys: BVP (V block of dv_local and dq/dk), BVO (V block of the output kernel), BVS (V block of
+    the sequential state passes: smaller means more programs in flight), BVW (V block of the W/U
+    products), BKS (K block of the triangular solve's K K^T), BKD (K block of dq/dk), BKB / BVB
+    (K / V blocks of the WY backward), warps_seq (forward state pass), warps_seqb (backward state
+    pass), warps_par (dv_local, dq/dk), warps_out (output), warps_wy (W/U products), warps_solve
+    (the 16x16 triangular solve), warps_wyb (WY backward), stages_seq, stages_par
+    (software-pipelining depth; Triton's default when unset). V blocks must be powers of two >= 16. Also read once from the environment variable
     LCTRAIN_TRITON_CFG="BVS=16,warps_seq=4". Returns the previous overrides."""
     global _overrides
     for key, val in overrides.items():
         if key not in _CFG_KEYS:
             raise ValueError(f"set_config: unknown key {key!r}; choose from {_CFG_KEYS}")
-        if not isinstance(val, int) or val < 1 or (key.startswith("BV") and (val < 16 or val & (val - 1))):
+        if not isinstance(val, int) or val < 1 or (key.startswith("B") and (val < 16 or val & (val - 1))):
             raise ValueError(f"set_config: {key}={val!r} must be a positive int"
-                             + (" and a power of two >= 16" if key.startswith("BV") else ""))
+                             + (" and a power of two >= 16" if key.startswith("B") else ""))
     previous, _overrides = _overrides, dict(overrides)
     return previous
 
@@ -87,12 +89,15 @@ class _Cfg:
         self.BVP = min(_pow2(V), 128 if self.BK <= 128 else 64)    # parallel (per-chunk) kernels
         self.BVS = 32 if self.BK <= 64 else 16                     # sequential state kernels
         self.BVW = min(_pow2(V), 64)                               # WY kernels
+        self.BVO = self.BVP
+        self.BKS = 64
         self.BKD = min(self.BK, 64)
         self.BKB = 32
         self.BVB = 32
         self.warps_seq = 4
         self.warps_seqb = 8
         self.warps_par = 4 if self.BK <= 64 else 8
+        self.warps_out = self.warps_par
         self.warps_wy = 8
         self.warps_solve = 4
         self.warps_wyb = 8
@@ -103,6 +108,7 @@ class _Cfg:
         self.seq = self._launch(self.warps_seq, self.stages_seq)
         self.seqb = self._launch(self.warps_seqb, self.stages_seq)
         self.par = self._launch(self.warps_par, self.stages_par)
+        self.out = self._launch(self.warps_out, self.stages_par)
         self.wy = self._launch(self.warps_wy, self.stages_par)
         self.solve = self._launch(self.warps_solve, None)
         self.wyb = self._launch(self.warps_wyb, self.stages_par)
@@ -127,7 +133,7 @@ def _wy_solve(k, g, beta, cfg: _Cfg):
     tm = torch.empty(B, T, H, CHUNK, device=k.device, dtype=k.dtype) if has_w else None
     ck.wy_solve_kernel[(triton.cdiv(T, CHUNK), B * H)](
         k, beta if has_w else d, g if has_g else d, gam if has_g else d, tm if has_w else d,
-        T, H, K=K, BKS=min(cfg.BK, 64), C=CHUNK, HAS_G=has_g, HAS_W=has_w, **cfg.solve)
+        T, H, K=K, BKS=min(cfg.BK, cfg.BKS), C=CHUNK, HAS_G=has_g, HAS_W=has_w, **cfg.solve)
     return gam, tm
 
 
@@ -183,10 +189,10 @@ def _output_fwd(q, k, vnew, h, gam, scale, cfg: _Cfg):
     V = vnew.shape[-1]
     NT = triton.cdiv(T, CHUNK)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
-    grid = (triton.cdiv(V, cfg.BVP), NT, B * H)
+    grid = (triton.cdiv(V, cfg.BVO), NT, B * H)
     ck.output_fwd_kernel[grid](q, k, vnew, h, gam if gam is not None else _dummy(q), o, scale,
-                               T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVP, C=CHUNK,
-                               HAS_G=gam is not None, **cfg.par)
+                               T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVO, C=CHUNK,
+                               HAS_G=gam is not None, **cfg.out)
     return o
 
 
