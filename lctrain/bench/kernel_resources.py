@@ -1,0 +1,138 @@
+"""Developer tool: registers, spills and shared memory of our Triton kernels on Hopper, without a GPU.
+
+    python -m lctrain.bench.kernel_resources [--D 128] [--cfg KEY=INT[,KEY=INT]] [--target 90]
+
+Runs one forward and backward of each mixer through ``lctrain.kernels.triton.ops`` on meta tensors
+with every kernel launch intercepted, so exactly the launches ops makes (same constexprs, warps and
+stages, under the current launch settings) are compiled for sm_<target> by Triton and read back
+with the ``cuobjdump`` that ships with Triton. A STACK above 0 means the kernel spills registers to
+local memory: on Hopper that was the main cause of slow kernels here (see kernels/triton/NOTES.md).
+Use the Triton version of the GPU machines (3.6) for numbers that match them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+_SIG = {"torch.bfloat16": "*bf16", "torch.float16": "*fp16", "torch.float32": "*fp32"}
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kw)` records the call."""
+
+    def __init__(self, fn, calls):
+        self.fn, self.calls = fn, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.calls.append((self.fn, args, kw))
+
+
+def record_launches(D: int, dtype_name: str) -> list:
+    """(jit function, args, kwargs) of every launch of one fwd+bwd of each mixer, on meta tensors."""
+    import torch
+
+    from lctrain.kernels.triton import chunk_kernels as ck
+    from lctrain.kernels.triton import ops
+    dtype = getattr(torch, dtype_name)
+    calls: list = []
+    names = [n for n in dir(ck) if n.endswith("_kernel")]
+    saved = {n: getattr(ck, n) for n in names}
+    try:
+        for n in names:
+            setattr(ck, n, _Recorder(saved[n], calls))
+        B, T, H = 1, 256, 2
+        m = dict(device="meta")
+        q, k, v, do = (torch.empty(B, T, H, D, dtype=dtype, **m) for _ in range(4))
+        g = torch.empty(B, T, H, dtype=torch.float32, **m)
+        beta = torch.empty(B, T, H, dtype=torch.float32, **m)
+        for gate, b in ((None, beta), (g, beta), (g, None)):
+            _, _, gam, tm = ops._forward(q, k, v, gate, b, None, 1.0, False)
+            ops._backward(q, k, v, gate, b, None, 1.0, do, None, gam, tm)
+    finally:
+        for n, fn in saved.items():
+            setattr(ck, n, fn)
+    return calls
+
+
+def _signature(fn, args, kw):
+    import inspect
+
+    import torch
+    params = list(inspect.signature(fn.fn).parameters)
+    sig, consts = {}, {}
+    for name, val in zip(params, args):
+        if isinstance(val, torch.Tensor):
+            sig[name] = _SIG[str(val.dtype)]
+        elif isinstance(val, float):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    for name, val in kw.items():
+        if name not in ("num_warps", "num_stages"):
+            sig[name] = "constexpr"
+            consts[name] = val
+    return sig, consts
+
+
+def compile_report(calls, target: int) -> list[dict]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    rows, seen = [], set()
+    for fn, args, kw in calls:
+        sig, consts = _signature(fn, args, kw)
+        opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
+        key = (fn.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(consts.items())),
+               tuple(sorted(opts.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                  target=GPUTarget("cuda", target, 32), options=opts)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True,
+                                   text=True, check=True).stdout
+            sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True,
+                                  check=True).stdout
+        reg = re.search(r"REG:(\d+)", usage)
+        stack = re.search(r"STACK:(\d+)", usage)
+        flags = ",".join(k for k, v in consts.items() if k.startswith("HAS_") and v) or "-"
+        rows.append({"kernel": fn.fn.__name__, "flags": flags,
+                     "blocks": ",".join(f"{k}={v}" for k, v in consts.items() if k.startswith("B")),
+                     "warps": opts.get("num_warps"), "stages": opts.get("num_stages"),
+                     "regs": int(reg.group(1)) if reg else None,
+                     "spill_bytes": int(stack.group(1)) if stack else None,
+                     "smem": compiled.metadata.shared, "gmma": sass.count("GMMA"),
+                     "local_loads": sass.count("LDL")})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lctrain.bench.kernel_resources",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--D", type=int, default=128, help="head dim of q/k and v (default 128)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--cfg", default="", metavar="KEY=INT[,KEY=INT]",
+                   help="launch settings, as LCTRAIN_TRITON_CFG (see ops.set_config)")
+    p.add_argument("--target", type=int, default=90, help="compute capability x10 (default 90)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    from lctrain.kernels.triton import ops
+    if args.cfg:
+        ops.set_config(**{k.strip(): int(v) for k, v in (i.split("=") for i in args.cfg.split(","))})
+    rows = compile_report(record_launches(args.D, args.dtype), args.target)
+    cols = ["kernel", "flags", "warps", "stages", "regs", "spill_bytes", "local_loads", "smem", "gmma",
+            "blocks"]
+    print("  ".join(cols))
+    for r in rows:
+        print("  ".join(str(r[c]) for c in cols))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
