@@ -42,6 +42,7 @@ def test_every_recipe_validates(recipe):
         (["model.nheads=4"], "model.nheads", "unknown key"),
         (["train.steps=many"], "train.steps", "could not be converted"),
         (["train.steps"], "train.steps", "key=value"),
+        (["model.init_std=0"], "model.init_std", "null for sqrt(2 / (5 d_model))"),
     ],
 )
 def test_validation_names_key_and_fix(overrides, key, fix):
@@ -87,3 +88,11 @@ def test_yarn_takes_its_original_length_from_seq_len():
 
     cfg = load_config(overrides=["model.rope.scaling=yarn", "model.rope.factor=4", "model.layer_pattern=A"])
     build_model(cfg.model, max_position=cfg.data.seq_len)  # must not raise for original_max_position=0
+
+
+def test_init_std_null_scales_with_width():
+    from lctrain.config import init_std
+    cfg = load_config()
+    assert cfg.model.init_std is None
+    assert abs(init_std(cfg.model) - (2 / (5 * cfg.model.d_model)) ** 0.5) < 1e-12
+    assert init_std(load_config(overrides=["model.init_std=0.02"]).model) == 0.02

@@ -401,3 +401,11 @@ def test_flex_sliding_window_matches_masked_attention_on_cuda(offset):
     want = masked_attention(q, k, v, q_pos, k_pos, W)
     got = _flex_sliding_window(q, k, v, W, halo=W - 1, first_valid=max(0, W - 1 - offset))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_default_init_is_width_scaled():
+    """model.init_std null: N(0, sqrt(2 / (5 d_model))) for embeddings and projections."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("GA", init_std=None, d_model=256, n_heads=4, head_dim=64))
+    std = model.embed.weight.std().item()
+    assert abs(std - (2 / (5 * 256)) ** 0.5) < 0.003, std

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lctrain.config import init_std
+
 from .attention import Attention
 from .layers import RMSNorm, SwiGLU, swiglu_hidden_size
 from .linear_mixers import DeltaNetMixer, Mamba2Mixer
@@ -97,7 +99,7 @@ class HybridLM(nn.Module):
         self.blocks = nn.ModuleList(Block(c, m, rope, cp_group) for c in self.pattern)
         self.norm = RMSNorm(m.d_model, m.norm_eps)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
-        self._init_weights(float(m.init_std))
+        self._init_weights(init_std(m))
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
