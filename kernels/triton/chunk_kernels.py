@@ -183,6 +183,13 @@ def wy_solve_kernel(k_ptr, beta_ptr, g_ptr, gam_ptr, tm_ptr, T, H, K: tl.constex
 
 
 @triton.jit
+def _tm_tile(tm_ptr, base_g, rt, mt, H, C: tl.constexpr):
+    """The chunk's [C, C] Tm (rows rt, zeros past T), as wy_solve_kernel stored it."""
+    rc = tl.arange(0, C)
+    return tl.load(tm_ptr + base_g * C + rt[:, None] * H * C + rc[None, :], mask=mt[:, None], other=0.0)
+
+
+@triton.jit
 def wy_apply_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, w_ptr, u_ptr,
                     T, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     C: tl.constexpr, HAS_G: tl.constexpr, HAS_V: tl.constexpr):
@@ -195,8 +202,7 @@ def wy_apply_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, w_ptr, u_ptr,
     base_g = b * T * H + h
     rt = n * C + tl.arange(0, C)
     mt = rt < T
-    rc = tl.arange(0, C)
-    tm = tl.load(tm_ptr + base_g * C + rt[:, None] * H * C + rc[None, :], mask=mt[:, None], other=0.0)
+    tm = _tm_tile(tm_ptr, base_g, rt, mt, H, C)
     beta = tl.load(beta_ptr + base_g + rt * H, mask=mt, other=0.0).to(tl.float32)
     kscale = beta
     if HAS_G:
@@ -544,12 +550,13 @@ def dqk_kernel(q_ptr, k_ptr, vnew_ptr, do_ptr, h_ptr, dh_ptr, du_ptr, gam_ptr,
 
 @triton.jit
 def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, dw_ptr, du_ptr, dk_ptr, dgam_ptr,
-                  dk_out_ptr, dv_ptr, dbeta_ptr, dg_ptr,
+                  dv_ptr, dbeta_ptr, dg_ptr,
                   T, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   C: tl.constexpr, HAS_G: tl.constexpr):
     """Backward of W = Tm diag(beta Gam) K, Ut = Tm diag(beta) V through Tm = (I + L)^-1:
         dR = Tm^T [dW | dU],  dL = -strict_lower(dR [W | Ut]^T),
-    then dk, dv, dbeta and dgam (finished into dg by an in-chunk suffix sum). Grid (NT, B*H).
+    then dk (completed in place over the partial dk of dqk_kernel), dv, dbeta and dgam (finished
+    into dg by an in-chunk suffix sum). Grid (NT, B*H).
 
     K and V are walked in BK / BV column blocks so that only [C, C] accumulators (dL, K K^T) stay
     live; the products take the inputs' dtype with fp32 accumulation. dk needs the whole dL, so
@@ -561,9 +568,7 @@ def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, dw_ptr, du_ptr, dk_pt
     base_g = b * T * H + h
     rt = n * C + tl.arange(0, C)
     mt = rt < T
-    rc = tl.arange(0, C)
-    tm = tl.load(tm_ptr + base_g * C + rt[:, None] * H * C + rc[None, :], mask=mt[:, None], other=0.0)
-    tm = tm.to(k_ptr.dtype.element_ty)
+    tm = _tm_tile(tm_ptr, base_g, rt, mt, H, C).to(k_ptr.dtype.element_ty)
     tmt = tl.trans(tm)
     beta = tl.load(beta_ptr + base_g + rt * H, mask=mt, other=0.0).to(tl.float32)
     if HAS_G:
@@ -617,8 +622,8 @@ def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, dw_ptr, du_ptr, dk_pt
                      other=0.0).to(tl.float32)
         drw = tl.dot(tmt, dwc.to(kc.dtype))
         dk += drw * kscale[:, None] + tl.dot(zb, kc) + tl.dot(zbt, kc)
-        tl.store(dk_out_ptr + base_g * K + rt[:, None] * H * K + rk[None, :],
-                 dk.to(dk_out_ptr.dtype.element_ty), mask=mtk)
+        tl.store(dk_ptr + base_g * K + rt[:, None] * H * K + rk[None, :],
+                 dk.to(dk_ptr.dtype.element_ty), mask=mtk)
     tl.store(dbeta_ptr + base_g + rt * H, dbeta.to(dbeta_ptr.dtype.element_ty), mask=mt)
     if HAS_G:
         zg = gmat * beta[:, None]

@@ -53,7 +53,8 @@ def set_config(**overrides: int) -> dict[str, int]:
     (K / V blocks of the WY backward), warps_seq (forward state pass), warps_seqb (backward state
     pass), warps_par (dv_local, dq/dk), warps_out (output), warps_wy (W/U products), warps_solve
     (the 16x16 triangular solve), warps_wyb (WY backward), stages_seq, stages_par
-    (software-pipelining depth; Triton's default when unset). V blocks must be powers of two >= 16. Also read once from the environment variable
+    (software-pipelining depth; Triton's default when unset). Block sizes (B...) must be powers of
+    two >= 16. Also read once from the environment variable
     LCTRAIN_TRITON_CFG="BVS=16,warps_seq=4". Returns the previous overrides."""
     global _overrides
     for key, val in overrides.items():
@@ -276,16 +277,15 @@ def _backward(q, k, v, g, beta, s0, scale, do, dst, gam, tm):
     if not has_w:
         dg = _chunk_suffix_sum(dgam).to(g.dtype) if has_g else None
         return dq, dk, du.to(v.dtype), dg, None, ds0
-    dk_out = dk  # wy_bwd completes dk in place (each program reads its block before writing it)
     dv = torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     dg = torch.empty_like(g) if has_g else None
     ck.wy_bwd_kernel[(NT, B * H)](
         k, v, beta, gam if has_g else d, tm, dw, du, dk, dgam if has_g else d,
-        dk_out, dv, dbeta, dg if has_g else d,
+        dv, dbeta, dg if has_g else d,
         T, H, K=K, V=V, BK=min(cfg.BK, cfg.BKB), BV=min(_pow2(V), cfg.BVB), C=CHUNK, HAS_G=has_g,
         **cfg.wyb)
-    return dq, dk_out, dv, dg, dbeta, ds0
+    return dq, dk, dv, dg, dbeta, ds0  # wy_bwd completed dk in place
 
 
 class _ChunkRecurrence(torch.autograd.Function):
