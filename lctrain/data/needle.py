@@ -241,7 +241,7 @@ def training_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, t
     value = random_number(rng, digits)
     answer_len = len(tokenizer.encode(" " + value))
     if compact is None:
-        compact = length < _min_prompt(tokenizer, compact=False) * 1.5 + answer_len
+        compact = uses_compact_wording(tokenizer, length, answer_len)
     s = build_needle_sample(task, tokenizer, length - answer_len, rng.random(), rng, value=value,
                             compact=compact, _encode_cache=_encode_cache)
     ids = s.prompt_ids + s.answer_ids
@@ -326,6 +326,12 @@ def _min_prompt(tokenizer: Any, *, compact: bool, digits: int = 5) -> int:
     key = "gentle-lantern"
     return (len(tokenizer.encode(" " + needle_text("s_niah_2", key, value)))
             + len(tokenizer.encode("\n\n" + question_text("s_niah_2", key))))
+
+
+def uses_compact_wording(tokenizer: Any, length: int, answer_tokens: int) -> bool:
+    """Whether a training sample of `length` tokens (answer included) is too short for the full
+    wording and uses the compact one: length < 1.5 x (full needle + question tokens) + answer tokens."""
+    return length < _min_prompt(tokenizer, compact=False) * 1.5 + answer_tokens
 
 
 def min_training_length(tokenizer: Any, digits: int = 5) -> int:

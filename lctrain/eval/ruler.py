@@ -128,12 +128,10 @@ def _compact_prompt(context: str, query: str, spec: "TaskSpec", n_answers: int) 
 
 def train_uses_compact(length: int, tokenizer, digits: int = 5) -> bool:
     """Whether lctrain.data.needle.training_needle_sample writes a sample of `length` tokens in its
-    compact wording: when length < 1.5 x (needle + question tokens of the full wording) + answer tokens."""
-    from lctrain.data.needle import needle_text, question_text
+    compact wording (the rule is needle.uses_compact_wording)."""
+    from lctrain.data.needle import uses_compact_wording
 
-    value, key = "9" * digits, "gentle-lantern"
-    full = len(tokenizer.encode(" " + needle_text("s_niah_2", key, value))) + len(tokenizer.encode("\n\n" + question_text("s_niah_2", key)))
-    return length < full * 1.5 + len(tokenizer.encode(" " + value))
+    return uses_compact_wording(tokenizer, length, len(tokenizer.encode(" " + "9" * digits)))
 
 
 TEMPLATES: dict[str, Template] = {
