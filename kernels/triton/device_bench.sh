@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One device call: install, (optionally) GPU tests, kernel bench with fla in-process, per-kernel
 # profile, a launch-setting sweep. Run from the repository root on the GPU machine:
-#   bash kernels/triton/device_bench.sh [tests] [bench] [profile] [sweep]      (default: all four)
+#   bash kernels/triton/device_bench.sh [tests] [bench] [profile] [sweep] [tune]  (default: the first four)
 # Carry `.whl` (fla_core wheel) and `.tcache` (Triton cache from an earlier call: compiled kernels
 # and fla's autotune results; saves minutes). Results land in $OUT.
 set -u
 STEPS="${*:-tests bench profile sweep}"
+# TUNE_ARGS: extra arguments of lctrain.bench.tune_kernels (e.g. "--kernels dqk --methods delta")
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tcache FLA_CACHE_RESULTS=1
 R=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/tcache
@@ -29,6 +30,8 @@ for s in $STEPS; do
     sweep) python3 -m lctrain.cli bench kernels --T 65536 --no-sdpa --no-fla --warmup 5 --rep 30 \
              --methods delta gated_delta gla --json "$OUT/sweep.json" ${SWEEP:-} 2>&1 \
              | tee "$OUT/sweep.txt" | grep -v "^T=" ;;
+    tune) python3 -m lctrain.bench.tune_kernels --json "$OUT/tune.json" ${TUNE_ARGS:-} 2>&1 \
+             | tee "$OUT/tune.txt" | grep -v "compile failed" ;;
   esac
 done
 echo "=== done $(date +%T)"

@@ -3,10 +3,10 @@
 ``lctrain.kernels.api`` imports this module lazily and calls the functions below with the public
 signatures minus ``backend``; inputs arrive validated. Layout and math: see ``chunk_kernels.py``.
 
-Forward  : wy_fwd (gam, Tm, W, Ut) -> state_fwd (per-chunk states h, U) -> output_fwd (o).
-Backward : recompute wy_fwd and state_fwd (nothing but the inputs is saved for backward), then
-           dv_local -> state_bwd (reverse pass: dh, dU, d initial_state) -> dqk (dq, dk, dW, dgam)
-           -> wy_bwd (dk, dv, dbeta, dg).
+Forward  : wy_solve (gam, Tm) -> wy_apply (W, Ut) -> state_fwd (per-chunk states h, U) -> output_fwd (o).
+Backward : wy_apply again from the saved gam and Tm, state_fwd again (per-chunk states are not kept
+           between forward and backward), then dv_local -> state_bwd (reverse pass: dh, dU,
+           d initial_state) -> dqk (dq, dk, dW, dgam) -> wy_bwd (dk, dv, dbeta, dg).
 """
 from __future__ import annotations
 
@@ -38,24 +38,33 @@ def _check(op: str, q, k, v, chunk_size: int) -> None:
                             f"{x.dtype}. Cast the inputs or use backend='torch' (float64).")
 
 
-_CFG_KEYS = ("BVP", "BVO", "BVS", "BVW", "BKS", "BKD", "BKB", "BVB", "warps_seq", "warps_seqb",
-             "warps_par", "warps_out", "warps_wy", "warps_solve", "warps_wyb", "stages_seq",
-             "stages_par")
+# Launch settings, per kernel: block sizes (B...), warps and software-pipelining stages. Every key
+# tunes exactly one kernel, so a sweep can vary all kernels at once and read each kernel's time apart
+# (lctrain.bench.tune_kernels).
+KERNEL_KEYS = {
+    "wy_solve": ("BKS", "warps_solve", "stages_solve"),
+    "wy_apply": ("BKW", "BVW", "warps_wy", "stages_wy"),
+    "state_fwd": ("BVS", "warps_seq", "stages_seq"),
+    "output_fwd": ("BVO", "warps_out", "stages_out"),
+    "dv_local": ("BVP", "warps_dv", "stages_dv"),
+    "state_bwd": ("BVSB", "warps_seqb", "stages_seqb"),
+    "dqk": ("BKD", "BVD", "warps_dqk", "stages_dqk"),
+    "wy_bwd": ("BKB", "BVB", "warps_wyb", "stages_wyb"),
+}
+_CFG_KEYS = tuple(key for keys in KERNEL_KEYS.values() for key in keys)
 _overrides: dict[str, int] = {}
 
 
 def set_config(**overrides: int) -> dict[str, int]:
     """Override launch settings for every later call (tuning sweeps, tests); no arguments clears them.
 
-    Keys: BVP (V block of dv_local and dq/dk), BVO (V block of the output kernel), BVS (V block of
-    the sequential state passes: smaller means more programs in flight), BVW (V block of the W/U
-    products), BKS (K block of the triangular solve's K K^T), BKD (K block of dq/dk), BKB / BVB
-    (K / V blocks of the WY backward), warps_seq (forward state pass), warps_seqb (backward state
-    pass), warps_par (dv_local, dq/dk), warps_out (output), warps_wy (W/U products), warps_solve
-    (the 16x16 triangular solve), warps_wyb (WY backward), stages_seq, stages_par
-    (software-pipelining depth; Triton's default when unset). Block sizes (B...) must be powers of
-    two >= 16. Also read once from the environment variable
-    LCTRAIN_TRITON_CFG="BVS=16,warps_seq=4". Returns the previous overrides."""
+    Keys (see KERNEL_KEYS for the kernel each one tunes): BKS (K block of the triangular solve's
+    K K^T), BKW / BVW (K / V blocks of the W / U products), BVS / BVSB (V block of the forward /
+    backward sequential state pass: smaller means more programs in flight), BVO (V block of the
+    output), BVP (V block of dv_local), BKD / BVD (K / V blocks of dq/dk), BKB / BVB (K / V blocks
+    of the WY backward); warps_* and stages_* set num_warps / num_stages of one kernel (Triton's
+    default stages when unset). Block sizes must be powers of two >= 16. Also read once from the
+    environment variable LCTRAIN_TRITON_CFG="BVS=16,warps_seq=4". Returns the previous overrides."""
     global _overrides
     for key, val in overrides.items():
         if key not in _CFG_KEYS:
@@ -82,40 +91,36 @@ _env_config()
 
 
 class _Cfg:
-    """Block sizes and launch settings for one problem shape (defaults measured on an H100)."""
+    """Block sizes and launch settings for one problem shape (defaults measured on an H100);
+    `overrides` (tuning) take precedence over set_config's, which take precedence over defaults."""
 
-    def __init__(self, K: int, V: int):
+    def __init__(self, K: int, V: int, overrides: dict[str, int] | None = None):
         self.K, self.V = K, V
         self.BK = _pow2(K)
-        self.BVP = min(_pow2(V), 128 if self.BK <= 128 else 64)    # parallel (per-chunk) kernels
-        self.BVS = 32 if self.BK <= 64 else 16                     # sequential state kernels
-        self.BVW = min(_pow2(V), 64)                               # WY kernels
-        self.BVO = self.BVP
-        self.BKS = 64
-        self.BKD = min(self.BK, 64)
-        self.BKB = 32
-        self.BVB = 32
-        self.warps_seq = 4
-        self.warps_seqb = 8
-        self.warps_par = 4 if self.BK <= 64 else 8
-        self.warps_out = self.warps_par
-        self.warps_wy = 8
-        self.warps_solve = 4
-        self.warps_wyb = 8
-        self.stages_seq = None
-        self.stages_par = None
-        for key, val in _overrides.items():
+        BV = _pow2(V)
+        big = self.BK > 64
+        defaults = dict(
+            BKS=64, warps_solve=4,
+            BKW=min(self.BK, 64), BVW=min(BV, 64), warps_wy=8,
+            BVS=16 if big else 32, warps_seq=4,
+            BVO=min(BV, 128 if self.BK <= 128 else 64), warps_out=8 if big else 4,
+            BVP=min(BV, 128 if self.BK <= 128 else 64), warps_dv=8 if big else 4,
+            BVSB=16 if big else 32, warps_seqb=8,
+            BKD=min(self.BK, 64), BVD=min(BV, 128 if self.BK <= 128 else 64),
+            warps_dqk=8 if big else 4,
+            BKB=32, BVB=32, warps_wyb=8,
+        )
+        defaults.update(_overrides)
+        defaults.update(overrides or {})
+        self.values = defaults
+        for key, val in defaults.items():
             setattr(self, key, val)
-        self.seq = self._launch(self.warps_seq, self.stages_seq)
-        self.seqb = self._launch(self.warps_seqb, self.stages_seq)
-        self.par = self._launch(self.warps_par, self.stages_par)
-        self.out = self._launch(self.warps_out, self.stages_par)
-        self.wy = self._launch(self.warps_wy, self.stages_par)
-        self.solve = self._launch(self.warps_solve, None)
-        self.wyb = self._launch(self.warps_wyb, self.stages_par)
 
-    @staticmethod
-    def _launch(warps, stages) -> dict:
+    def launch(self, kernel: str) -> dict:
+        """num_warps (and num_stages when set) of one kernel."""
+        keys = KERNEL_KEYS[kernel]
+        warps = self.values[next(k for k in keys if k.startswith("warps_"))]
+        stages = self.values.get(next(k for k in keys if k.startswith("stages_")))
         return {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
 
 
@@ -134,7 +139,7 @@ def _wy_solve(k, g, beta, cfg: _Cfg):
     tm = torch.empty(B, T, H, CHUNK, device=k.device, dtype=k.dtype) if has_w else None
     ck.wy_solve_kernel[(triton.cdiv(T, CHUNK), B * H)](
         k, beta if has_w else d, g if has_g else d, gam if has_g else d, tm if has_w else d,
-        T, H, K=K, BKS=min(cfg.BK, cfg.BKS), C=CHUNK, HAS_G=has_g, HAS_W=has_w, **cfg.solve)
+        T, H, K=K, BKS=min(cfg.BK, cfg.BKS), C=CHUNK, HAS_G=has_g, HAS_W=has_w, **cfg.launch("wy_solve"))
     return gam, tm
 
 
@@ -149,8 +154,8 @@ def _wy_apply(k, v, beta, gam, tm, cfg: _Cfg, want_u: bool = True):
     V = v.shape[-1] if want_u else 16
     ck.wy_apply_kernel[(triton.cdiv(T, CHUNK), B * H)](
         k, v if want_u else d, beta, gam if gam is not None else d, tm, w, u if want_u else d,
-        T, H, K=K, V=V, BK=min(cfg.BK, 64), BV=cfg.BVW, C=CHUNK, HAS_G=gam is not None,
-        HAS_V=want_u, **cfg.wy)
+        T, H, K=K, V=V, BK=min(cfg.BK, cfg.BKW), BV=cfg.BVW, C=CHUNK, HAS_G=gam is not None,
+        HAS_V=want_u, **cfg.launch("wy_apply"))
     return w, u
 
 
@@ -181,7 +186,7 @@ def _state_fwd(k, w, u, gam, s0, cfg: _Cfg, *, store_h: bool, store_vnew: bool,
         T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVS, C=CHUNK, NVB=nvb,
         HAS_G=gam is not None, HAS_W=w is not None, HAS_S0=s0 is not None,
         STORE_H=store_h, STORE_VNEW=vnew is not None, STORE_ST=store_final, COMPUTE_A=compute_a,
-        **cfg.seq)
+        **cfg.launch("state_fwd"))
     return h, (vnew if vnew is not None else u), st, a
 
 
@@ -193,7 +198,7 @@ def _output_fwd(q, k, vnew, h, gam, scale, cfg: _Cfg):
     grid = (triton.cdiv(V, cfg.BVO), NT, B * H)
     ck.output_fwd_kernel[grid](q, k, vnew, h, gam if gam is not None else _dummy(q), o, scale,
                                T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVO, C=CHUNK,
-                               HAS_G=gam is not None, **cfg.out)
+                               HAS_G=gam is not None, **cfg.launch("output_fwd"))
     return o
 
 
@@ -205,7 +210,7 @@ def _dv_local(q, k, do, gam, scale, cfg: _Cfg):
     grid = (triton.cdiv(V, cfg.BVP), NT, B * H)
     ck.dv_local_kernel[grid](q, k, do, gam if gam is not None else _dummy(q), dvl, scale,
                              T, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVP, C=CHUNK,
-                             HAS_G=gam is not None, **cfg.par)
+                             HAS_G=gam is not None, **cfg.launch("dv_local"))
     return dvl
 
 
@@ -218,14 +223,55 @@ def _state_bwd(q, k, w, do, dvl, gam, dst, scale, cfg: _Cfg, *, store: bool):
     dh = torch.empty(B, NT, H, K, V, device=q.device, dtype=q.dtype) if store else None
     du = torch.empty_like(do) if store else None
     ds0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(V, cfg.BVS), B * H)
+    grid = (triton.cdiv(V, cfg.BVSB), B * H)
     ck.state_bwd_kernel[grid](
         q, k, w if w is not None else d, do, dvl, gam if gam is not None else d,
         dst if dst is not None else d, dh if store else d, du if store else d, ds0, scale,
-        T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVS, C=CHUNK,
+        T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVSB, C=CHUNK,
         HAS_G=gam is not None, HAS_W=w is not None, HAS_DST=dst is not None,
-        STORE_DH=store, STORE_DU=store, **cfg.seqb)
+        STORE_DH=store, STORE_DU=store, **cfg.launch("state_bwd"))
     return dh, du, ds0
+
+
+def _dqk(q, k, vnew, do, h, dh, du, gam, scale, cfg: _Cfg):
+    """dq, the partial dk (state and intra-chunk terms), dW = -dU S0^T (with du), dgam (fp32, with
+    gam; the K-block parts summed)."""
+    B, T, H, K = q.shape
+    V = do.shape[-1]
+    NT = triton.cdiv(T, CHUNK)
+    has_g, has_w = gam is not None, du is not None
+    d = _dummy(q)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dw = torch.empty_like(k) if has_w else None
+    bk = min(cfg.BK, cfg.BKD)
+    nkb = triton.cdiv(K, bk)
+    dgam = torch.empty(nkb, B, T, H, device=k.device, dtype=torch.float32) if has_g else None
+    ck.dqk_kernel[(nkb * NT, B * H)](
+        q, k, vnew, do, h, dh, du if has_w else d, gam if has_g else d,
+        dq, dk, dw if has_w else d, dgam if has_g else d, scale,
+        T, NT, H, K=K, V=V, BK=bk, BV=min(_pow2(V), cfg.BVD), C=CHUNK, HAS_G=has_g,
+        HAS_W=has_w, **cfg.launch("dqk"))
+    if has_g:
+        dgam = dgam.sum(0) if nkb > 1 else dgam[0]
+    return dq, dk, dw, dgam
+
+
+def _wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg: _Cfg):
+    """dv, dbeta, dg (with gam) through the WY transform; completes dk IN PLACE."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    has_g = gam is not None
+    d = _dummy(k)
+    dv = torch.empty_like(v)
+    dbeta = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
+    dg = torch.empty(B, T, H, device=k.device, dtype=torch.float32) if has_g else None
+    ck.wy_bwd_kernel[(triton.cdiv(T, CHUNK), B * H)](
+        k, v, beta, gam if has_g else d, tm, dw, du, dk, dgam if has_g else d,
+        dv, dbeta, dg if has_g else d,
+        T, H, K=K, V=V, BK=min(cfg.BK, cfg.BKB), BV=min(_pow2(V), cfg.BVB), C=CHUNK, HAS_G=has_g,
+        **cfg.launch("wy_bwd"))
+    return dv, dbeta, dg
 
 
 def _chunk_suffix_sum(x: torch.Tensor) -> torch.Tensor:
@@ -248,10 +294,7 @@ def _forward(q, k, v, g, beta, s0, scale, want_final):
 
 
 def _backward(q, k, v, g, beta, s0, scale, do, dst, gam, tm):
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    NT = triton.cdiv(T, CHUNK)
-    cfg = _Cfg(K, V)
+    cfg = _Cfg(k.shape[-1], v.shape[-1])
     has_g, has_w = g is not None, beta is not None
     w, ut = _wy_apply(k, v, beta, gam, tm, cfg)  # Tm and gam come from the forward
     u = ut if has_w else v
@@ -261,30 +304,12 @@ def _backward(q, k, v, g, beta, s0, scale, do, dst, gam, tm):
     dvl = _dv_local(q, k, do, gam, scale, cfg)
     dh, du, ds0 = _state_bwd(q, k, w, do, dvl, gam, dst, scale, cfg, store=True)
     del dvl, w  # wy_bwd recomputes W from Tm
-    d = _dummy(q)
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)  # with beta: the partial dk that wy_bwd completes
-    dw = torch.empty_like(k) if has_w else None
-    nkb = triton.cdiv(K, cfg.BKD)
-    dgam = torch.empty(nkb, B, T, H, device=k.device, dtype=torch.float32) if has_g else None
-    ck.dqk_kernel[(nkb * NT, B * H)](
-        q, k, vnew, do, h, dh, du if has_w else d, gam if has_g else d,
-        dq, dk, dw if has_w else d, dgam if has_g else d, scale,
-        T, NT, H, K=K, V=V, BK=cfg.BKD, BV=cfg.BVP, C=CHUNK, HAS_G=has_g, HAS_W=has_w, **cfg.par)
+    dq, dk, dw, dgam = _dqk(q, k, vnew, do, h, dh, du if has_w else None, gam, scale, cfg)
     del h, dh, vnew
-    if has_g:
-        dgam = dgam.sum(0) if nkb > 1 else dgam[0]
     if not has_w:
         dg = _chunk_suffix_sum(dgam).to(g.dtype) if has_g else None
         return dq, dk, du.to(v.dtype), dg, None, ds0
-    dv = torch.empty_like(v)
-    dbeta = torch.empty_like(beta)
-    dg = torch.empty_like(g) if has_g else None
-    ck.wy_bwd_kernel[(NT, B * H)](
-        k, v, beta, gam if has_g else d, tm, dw, du, dk, dgam if has_g else d,
-        dv, dbeta, dg if has_g else d,
-        T, H, K=K, V=V, BK=min(cfg.BK, cfg.BKB), BV=min(_pow2(V), cfg.BVB), C=CHUNK, HAS_G=has_g,
-        **cfg.wyb)
+    dv, dbeta, dg = _wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg)
     return dq, dk, dv, dg, dbeta, ds0  # wy_bwd completed dk in place
 
 

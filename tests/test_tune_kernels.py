@@ -1,0 +1,53 @@
+"""The per-kernel tuning tool (lctrain.bench.tune_kernels), through the Triton interpreter."""
+import os
+
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lctrain.bench import tune_kernels as tk  # noqa: E402
+from lctrain.kernels.triton import ops  # noqa: E402
+
+
+def test_every_candidate_tunes_only_its_own_kernel():
+    """Kernels are tuned independently, which holds only if no candidate touches another's keys."""
+    for kernel in tk.KERNELS:
+        cands = tk.candidates(kernel, 128, 128)
+        assert cands[0] == {} and len(cands) > 4
+        for c in cands:
+            assert set(c) <= set(ops.KERNEL_KEYS[kernel]), (kernel, c)
+            ops._Cfg(128, 128, c)  # and _Cfg takes it
+
+
+def _grid(kernel, K, V):
+    return {"dqk": [{}, {"BKD": 16, "BVD": 16, "warps_dqk": 2}],
+            "wy_bwd": [{}, {"BKB": 16, "BVB": 16}]}.get(kernel, [{}])
+
+
+def test_tune_times_and_checks_each_candidate():
+    r = tk.tune(["gated_delta"], ["dqk", "wy_bwd"], 128, 32, 0, 0, log=lambda s: None, H=2,
+                device="cpu", dtype_name="float32", grid=_grid)
+    for kernel in ("dqk", "wy_bwd"):
+        rows = r["gated_delta"][kernel]["rows"]
+        assert len(rows) == 2 and all(row["ok"] and row["ms"] > 0 for row in rows)
+        assert rows[1]["rel_err"] < 1e-4  # other blocks, same math
+    assert "SUM fwd+bwd" in tk.summary(r)
+
+
+def test_tune_flags_a_candidate_whose_output_differs(monkeypatch):
+    real = ops._dqk
+
+    def wrong_for_small_blocks(q, k, vnew, do, h, dh, du, gam, scale, cfg):
+        dq, dk, dw, dgam = real(q, k, vnew, do, h, dh, du, gam, scale, cfg)
+        return (dq * 2 if cfg.BKD == 16 else dq), dk, dw, dgam
+
+    monkeypatch.setattr(ops, "_dqk", wrong_for_small_blocks)
+    r = tk.tune(["delta"], ["dqk"], 64, 32, 0, 0, log=lambda s: None, H=1, device="cpu",
+                dtype_name="float32", grid=_grid)["delta"]["dqk"]
+    assert r["rows"][0]["ok"] and not r["rows"][1]["ok"]
+    assert r["best"]["cfg"] == {}
+
+
+def test_tune_cli_refuses_lengths_that_change_compilation():
+    with pytest.raises(SystemExit):
+        tk.main(["--T", "1000"])
