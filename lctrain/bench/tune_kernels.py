@@ -1,6 +1,6 @@
 """Developer tool: time every Triton kernel of the chunk recurrences under many launch settings.
 
-    python -m lctrain.bench.tune_kernels [--T 131072] [--D 128] [--methods delta gated_delta gla]
+    python -m lctrain.bench.tune_kernels [--T 131072 [16384 ...]] [--D 128] [--methods delta gated_delta gla]
                                          [--kernels dqk wy_bwd ...] [--jobs 16] [--json PATH]
 
 Each kernel is timed on its own (triton.testing.do_bench, median) on the intermediates of one real
@@ -151,22 +151,31 @@ def _rel_err(a, b) -> float:
 
 
 def _compile_worker(args):
-    """Compile (launch once at a short T) one method's candidates; errors are returned, not raised."""
+    """Compile (launch once at a short T, then synchronize) candidates of one method.
+
+    Returns (failures, rest): a candidate that fails to compile is recorded and the next one tried;
+    one that faults on the GPU (an illegal address poisons the whole CUDA context) is recorded and
+    the worker stops, handing back the candidates it did not reach for a fresh process."""
     method, T, D, jobs = args
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     prob = _Problem(method, T, D)
-    errors = []
-    for kernel, cand in jobs:
+    failures = []
+    for i, (kernel, cand) in enumerate(jobs):
         try:
             prob.run(kernel, prob.ops._Cfg(D, D, cand), fresh=True)
-        except Exception as e:  # noqa: BLE001 - a config that cannot compile is reported, not fatal
-            errors.append((kernel, _label(cand), f"{type(e).__name__}: {str(e)[:200]}"))
-    prob.torch.cuda.synchronize()
-    return errors
+            prob.torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - reported per candidate, never fatal to the sweep
+            failures.append((method, kernel, _label(cand), f"{type(e).__name__}: {str(e)[:200]}"))
+            try:
+                prob.torch.cuda.synchronize()
+            except Exception:  # noqa: BLE001 - the context is gone: let a new process go on
+                return failures, (method, T, D, jobs[i + 1:]) if jobs[i + 1:] else None
+    return failures, None
 
 
-def precompile(methods, kernels, T: int, D: int, jobs: int) -> list:
-    """Fill Triton's cache with every candidate, `jobs` processes in parallel."""
+def precompile(methods, kernels, T: int, D: int, jobs: int, log=print) -> list:
+    """Fill Triton's cache with every candidate, `jobs` processes in parallel (a fresh process per
+    piece of work, so a candidate that faults cannot take others down). Returns the failures as
+    (method, kernel, label, error)."""
     import multiprocessing as mp
     work = []
     for m in methods:
@@ -174,8 +183,18 @@ def precompile(methods, kernels, T: int, D: int, jobs: int) -> list:
                 for c in candidates(kn, D, D)]
         per = 8  # small pieces keep the pool busy to the end (each piece sets up its own problem)
         work += [(m, T, D, todo[i:i + per]) for i in range(0, len(todo), per)]
-    with mp.get_context("spawn").Pool(min(jobs, len(work))) as pool:
-        return [e for errs in pool.imap_unordered(_compile_worker, work) for e in errs]
+    failures: list = []
+    with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+        while work:
+            again = []
+            for fails, rest in pool.imap_unordered(_compile_worker, work):
+                for f in fails:
+                    log("  candidate failed: " + " ".join(f))
+                failures += fails
+                if rest:
+                    again.append(rest)
+            work = again
+    return failures
 
 
 def _timer(device: str, warmup: int, rep: int):
@@ -192,7 +211,10 @@ def _timer(device: str, warmup: int, rep: int):
 
 
 def tune(methods, kernels, T: int, D: int, warmup: int, rep: int, log=print, *, H: int = 16,
-         device: str = "cuda", dtype_name: str = "bfloat16", grid=candidates) -> dict:
+         device: str = "cuda", dtype_name: str = "bfloat16", grid=candidates,
+         failed: set | None = None) -> dict:
+    """Time every candidate of every kernel; `failed` = {(method, kernel, label)} to skip (they
+    failed or faulted in precompile: one GPU fault would end this process)."""
     import torch
     timer = _timer(device, warmup, rep)
     results: dict = {}
@@ -204,6 +226,9 @@ def tune(methods, kernels, T: int, D: int, warmup: int, rep: int, log=print, *, 
             rows = []
             for cand in grid(kernel, D, D):
                 cfg = prob.ops._Cfg(D, D, cand)
+                if failed and (m, kernel, _label(cand)) in failed:
+                    rows.append({"cfg": cand, "ms": None, "error": "failed in precompile", "ok": False})
+                    continue
                 try:
                     err = _rel_err(prob.run(kernel, cfg, fresh=True), ref)
                     ms = timer(lambda p=prob, kn=kernel, c=cfg: p.run(kn, c))
@@ -242,7 +267,7 @@ def summary(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lctrain.bench.tune_kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--T", type=int, default=131072)
+    p.add_argument("--T", type=int, nargs="+", default=[131072], help="one or more lengths")
     p.add_argument("--D", type=int, default=128)
     p.add_argument("--methods", nargs="+", default=["delta", "gated_delta", "gla"],
                    choices=["delta", "gated_delta", "gla"])
@@ -254,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rep", type=int, default=80, help="do_bench measuring time, ms")
     p.add_argument("--json", default=None)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    for name, n in (("--T", args.T), ("--compile-T", args.compile_T)):
+    for name, n in [("--T", t) for t in args.T] + [("--compile-T", args.compile_T)]:
         if n % 1024:
             p.error(f"{name}={n}: use a multiple of 1024 (so T and the chunk count keep the same "
                     "divisibility as the timed problem, and the compiled kernels are reused)")
@@ -263,21 +288,23 @@ def main(argv: list[str] | None = None) -> int:
         p.error("needs a CUDA GPU (use python -m lctrain.bench.kernel_resources to check a config "
                 "without one)")
     t0 = time.time()
-    errors = precompile(args.methods, args.kernels, args.compile_T, args.D, args.jobs) if args.jobs else []
-    print(f"compiled in {time.time() - t0:.0f} s; {len(errors)} candidates failed to compile",
-          flush=True)
-    for e in errors:
-        print("  compile failed:", *e)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    errors = precompile(args.methods, args.kernels, args.compile_T, args.D, args.jobs, log) if args.jobs else []
+    log(f"compiled in {time.time() - t0:.0f} s; {len(errors)} candidates failed")
     t1 = time.time()
-    results = tune(args.methods, args.kernels, args.T, args.D, args.warmup, args.rep,
-                   log=lambda s: print(s, flush=True))
-    print(f"timed in {time.time() - t1:.0f} s\n")
-    print(summary(results))
+    results = {}
+    for T in args.T:
+        log(f"--- T={T}")
+        results[T] = tune(args.methods, args.kernels, T, args.D, args.warmup, args.rep, log=log,
+                          failed={e[:3] for e in errors})
+    print(f"timed in {time.time() - t1:.0f} s")
+    for T, r in results.items():
+        print(f"\n=== T={T}, D={args.D}\n" + summary(r))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"T": args.T, "D": args.D, "gpu": torch.cuda.get_device_name(),
                        "date": time.strftime("%Y-%m-%d"), "compile_errors": errors,
-                       "results": results}, f, indent=1)
+                       "results": {str(T): r for T, r in results.items()}}, f, indent=1)
     return 0
 
 
