@@ -210,31 +210,55 @@ def _timer(device: str, warmup: int, rep: int):
     return wall
 
 
+class GpuFault(Exception):
+    """A candidate left the CUDA context unusable; the sweep goes on in a fresh process."""
+
+
+def _context_alive(torch) -> bool:
+    try:
+        torch.cuda.synchronize()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def tune(methods, kernels, T: int, D: int, warmup: int, rep: int, log=print, *, H: int = 16,
          device: str = "cuda", dtype_name: str = "bfloat16", grid=candidates,
-         failed: set | None = None) -> dict:
-    """Time every candidate of every kernel; `failed` = {(method, kernel, label)} to skip (they
-    failed or faulted in precompile: one GPU fault would end this process)."""
+         skip: dict | None = None, done: dict | None = None, save=None) -> dict:
+    """Time every candidate of every kernel; returns {method: {kernel: {default_ms, best, rows}}}.
+
+    skip = {(method, kernel, label): why} is not run (failed in precompile, or faulted the GPU in an
+    earlier process); done = results of an earlier process, kept; save(results) is called after
+    each kernel. A candidate that faults the GPU raises GpuFault((method, kernel, label))."""
     import torch
     timer = _timer(device, warmup, rep)
-    results: dict = {}
+    results: dict = {m: dict((done or {}).get(m, {})) for m in methods}
+    skip = skip or {}
     for m in methods:
+        todo = [kn for kn in kernels if kn not in results[m]
+                and (kn not in _NEEDS_W or m != "gla")]
+        if not todo:
+            continue
         prob = _Problem(m, T, D, H=H, device=device, dtype_name=dtype_name)
-        results[m] = {}
-        for kernel in [kn for kn in kernels if kn in prob.kernels()]:
+        for kernel in todo:
             ref = prob.run(kernel, prob.ops._Cfg(D, D), fresh=True)
             rows = []
             for cand in grid(kernel, D, D):
                 cfg = prob.ops._Cfg(D, D, cand)
-                if failed and (m, kernel, _label(cand)) in failed:
-                    rows.append({"cfg": cand, "ms": None, "error": "failed in precompile", "ok": False})
+                why = skip.get((m, kernel, _label(cand)))
+                if why:
+                    rows.append({"cfg": cand, "ms": None, "error": why, "ok": False})
                     continue
                 try:
                     err = _rel_err(prob.run(kernel, cfg, fresh=True), ref)
                     ms = timer(lambda p=prob, kn=kernel, c=cfg: p.run(kn, c))
+                    if device == "cuda":
+                        torch.cuda.synchronize()
                     rows.append({"cfg": cand, "ms": round(ms, 4), "rel_err": float(f"{err:.2e}"),
                                  "ok": err <= 2e-2})
                 except Exception as e:  # noqa: BLE001
+                    if device == "cuda" and not _context_alive(torch):
+                        raise GpuFault((m, kernel, _label(cand))) from e
                     rows.append({"cfg": cand, "ms": None, "error": f"{type(e).__name__}: {str(e)[:160]}",
                                  "ok": False})
             good = [r for r in rows if r["ok"] and r["ms"] is not None]
@@ -243,6 +267,8 @@ def tune(methods, kernels, T: int, D: int, warmup: int, rep: int, log=print, *, 
             log(f"{m:12s} {kernel:11s} default {rows[0]['ms']} ms  best {best and best['ms']} ms "
                 f"[{best and _label(best['cfg'])}]  ({len(rows)} candidates, "
                 f"{sum(not r['ok'] for r in rows)} wrong/failed)")
+            if save:
+                save(results)
         prob = None  # free the problem's tensors before the next method's
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -278,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=20, help="do_bench warmup, ms")
     p.add_argument("--rep", type=int, default=80, help="do_bench measuring time, ms")
     p.add_argument("--json", default=None)
+    p.add_argument("--state", default=None, help=argparse.SUPPRESS)  # internal: a timing child
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     for name, n in [("--T", t) for t in args.T] + [("--compile-T", args.compile_T)]:
         if n % 1024:
@@ -287,23 +314,63 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU (use python -m lctrain.bench.kernel_resources to check a config "
                 "without one)")
-    t0 = time.time()
     log = lambda s: print(s, flush=True)  # noqa: E731
+    if args.state:
+        return _timing_child(args, log)
+    # Parent: compile in parallel, then time in child processes; a child that faults the GPU
+    # records the candidate in the state file and exits with 3, and the next child skips it.
+    import subprocess
+    import tempfile
+    t0 = time.time()
     errors = precompile(args.methods, args.kernels, args.compile_T, args.D, args.jobs, log) if args.jobs else []
     log(f"compiled in {time.time() - t0:.0f} s; {len(errors)} candidates failed")
+    fd, state_path = tempfile.mkstemp(suffix=".json", prefix="tune_state_")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"skip": [[*e[:3], "failed in precompile: " + e[3]] for e in errors],
+                   "results": {}}, f)
+    argv = sys.argv[1:] if argv is None else argv
+    for _ in range(50):
+        rc = subprocess.call([sys.executable, "-m", "lctrain.bench.tune_kernels", *argv,
+                              "--state", state_path])
+        if rc != 3:
+            return rc
+    log("gave up: 50 processes faulted the GPU")
+    return 1
+
+
+def _timing_child(args, log) -> int:
+    import torch
+    with open(args.state) as f:
+        state = json.load(f)
+
+    def save(T, res):
+        state["results"][str(T)] = res
+        tmp = args.state + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+        os.replace(tmp, args.state)
+
+    skip = {tuple(e[:3]): e[3] for e in state["skip"]}
     t1 = time.time()
     results = {}
     for T in args.T:
         log(f"--- T={T}")
-        results[T] = tune(args.methods, args.kernels, T, args.D, args.warmup, args.rep, log=log,
-                          failed={e[:3] for e in errors})
+        try:
+            results[T] = tune(args.methods, args.kernels, T, args.D, args.warmup, args.rep,
+                              log=log, skip=skip, done=state["results"].get(str(T)),
+                              save=lambda res, T=T: save(T, res))
+        except GpuFault as e:
+            log(f"  candidate faulted the GPU at T={T}: {' '.join(e.args[0])}; going on in a new process")
+            state["skip"].append([*e.args[0], f"faulted the GPU (illegal address) at T={T}"])
+            save(T, state["results"].get(str(T), {}))
+            return 3
     print(f"timed in {time.time() - t1:.0f} s")
     for T, r in results.items():
         print(f"\n=== T={T}, D={args.D}\n" + summary(r))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"T": args.T, "D": args.D, "gpu": torch.cuda.get_device_name(),
-                       "date": time.strftime("%Y-%m-%d"), "compile_errors": errors,
+                       "date": time.strftime("%Y-%m-%d"), "skipped": state["skip"],
                        "results": {str(T): r for T, r in results.items()}}, f, indent=1)
     return 0
 
