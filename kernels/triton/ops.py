@@ -91,25 +91,29 @@ _env_config()
 
 
 class _Cfg:
-    """Block sizes and launch settings for one problem shape (defaults measured on an H100);
-    `overrides` (tuning) take precedence over set_config's, which take precedence over defaults."""
+    """Block sizes and launch settings for one problem shape; `overrides` (tuning) take precedence
+    over set_config's, which take precedence over the defaults. `gated`: the mixer has a decay g
+    (dq/dk pipelines differently then). Defaults: the fastest correct settings of
+    `python -m lctrain.bench.tune_kernels` on an H100 at D=128, T=16K and 128K (2026-11-23, NOTES.md)."""
 
-    def __init__(self, K: int, V: int, overrides: dict[str, int] | None = None):
+    def __init__(self, K: int, V: int, overrides: dict[str, int] | None = None, gated: bool = False):
         self.K, self.V = K, V
         self.BK = _pow2(K)
         BV = _pow2(V)
         big = self.BK > 64
+        wide = min(BV, 128 if self.BK <= 128 else 64)
         defaults = dict(
-            BKS=64, warps_solve=4,
-            BKW=min(self.BK, 64), BVW=min(BV, 64), warps_wy=8,
+            BKS=64, warps_solve=1,                      # 16x16 tiles: one warp, no barriers
+            BKW=128, BVW=128, warps_wy=8,
             BVS=16 if big else 32, warps_seq=4,
-            BVO=min(BV, 128 if self.BK <= 128 else 64), warps_out=8 if big else 4,
-            BVP=min(BV, 128 if self.BK <= 128 else 64), warps_dv=8 if big else 4,
+            BVO=wide, warps_out=4,
+            BVP=wide, warps_dv=4,
             BVSB=16 if big else 32, warps_seqb=8,
-            BKD=min(self.BK, 64), BVD=min(BV, 128 if self.BK <= 128 else 64),
-            warps_dqk=8 if big else 4,
-            BKB=32, BVB=32, warps_wyb=8,
+            BKD=64, BVD=64, warps_dqk=4,
+            BKB=64, BVB=64, warps_wyb=4,
         )
+        if not gated:
+            defaults["stages_dqk"] = 2
         defaults.update(_overrides)
         defaults.update(overrides or {})
         self.values = defaults
@@ -284,7 +288,7 @@ def _chunk_suffix_sum(x: torch.Tensor) -> torch.Tensor:
 
 def _forward(q, k, v, g, beta, s0, scale, want_final):
     """o, final state, and (gam, Tm): what the backward needs besides the inputs."""
-    cfg = _Cfg(k.shape[-1], v.shape[-1])
+    cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None)
     gam, tm, w, ut = _wy_fwd(k, v, g, beta, cfg)
     u = ut if w is not None else v
     h, vnew, st, _ = _state_fwd(k, w, u, gam, s0, cfg, store_h=True, store_vnew=True,
@@ -294,7 +298,7 @@ def _forward(q, k, v, g, beta, s0, scale, want_final):
 
 
 def _backward(q, k, v, g, beta, s0, scale, do, dst, gam, tm):
-    cfg = _Cfg(k.shape[-1], v.shape[-1])
+    cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None)
     has_g, has_w = g is not None, beta is not None
     w, ut = _wy_apply(k, v, beta, gam, tm, cfg)  # Tm and gam come from the forward
     u = ut if has_w else v
@@ -374,7 +378,7 @@ def shard_transition(kind, k, v, *, g=None, beta=None, chunk_size=CHUNK):
     k, v = k.contiguous(), v.contiguous()
     g = None if g is None else g.contiguous().float()
     beta = None if beta is None else beta.contiguous().float()
-    cfg = _Cfg(k.shape[-1], v.shape[-1])
+    cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None)
     with torch.no_grad():
         gam, _tm, w, ut = _wy_fwd(k, v, g, beta, cfg)
         if kind == "gla":
@@ -393,7 +397,7 @@ def shard_state_grad(kind, q, k, do, *, g=None, beta=None, scale=None, chunk_siz
     q, k, do = q.contiguous(), k.contiguous(), do.contiguous().to(q.dtype)
     g = None if g is None else g.contiguous().float()
     beta = None if beta is None else beta.contiguous().float()
-    cfg = _Cfg(k.shape[-1], do.shape[-1])
+    cfg = _Cfg(k.shape[-1], do.shape[-1], gated=g is not None)
     with torch.no_grad():
         gam, _tm, w, _ = _wy_fwd(k, None, g, beta, cfg, want_u=False)
         dvl = _dv_local(q, k, do, gam, scale, cfg)

@@ -89,7 +89,8 @@ class _Problem:
         self.q, self.k, self.v, self.do, self.g, self.beta = q, k, v, do, g, beta
         self.scale = D ** -0.5
         self.K = self.V = D
-        cfg = ops._Cfg(D, D)
+        self.gated = g is not None
+        cfg = self.cfg()
         with torch.no_grad():
             self.gam, self.tm = ops._wy_solve(k, g, beta, cfg)
             self.w, ut = ops._wy_apply(k, v, beta, self.gam, self.tm, cfg)
@@ -104,6 +105,9 @@ class _Problem:
                 q, k, self.vnew, do, self.h, self.dh, self.du if beta is not None else None,
                 self.gam, self.scale, cfg)
         self.dk_work = self.dk.clone()  # wy_bwd completes dk in place: timing runs use a scratch
+
+    def cfg(self, overrides: dict | None = None):
+        return self.ops._Cfg(self.K, self.V, overrides, gated=self.gated)
 
     def kernels(self) -> list[str]:
         return [n for n in KERNELS if self.beta is not None or n not in _NEEDS_W]
@@ -161,7 +165,7 @@ def _compile_worker(args):
     failures = []
     for i, (kernel, cand) in enumerate(jobs):
         try:
-            prob.run(kernel, prob.ops._Cfg(D, D, cand), fresh=True)
+            prob.run(kernel, prob.cfg(cand), fresh=True)
             prob.torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - reported per candidate, never fatal to the sweep
             failures.append((method, kernel, _label(cand), f"{type(e).__name__}: {str(e)[:200]}"))
@@ -241,10 +245,10 @@ def tune(methods, kernels, T: int, D: int, warmup: int, rep: int, log=print, *, 
             continue
         prob = _Problem(m, T, D, H=H, device=device, dtype_name=dtype_name)
         for kernel in todo:
-            ref = prob.run(kernel, prob.ops._Cfg(D, D), fresh=True)
+            ref = prob.run(kernel, prob.cfg(), fresh=True)
             rows = []
             for cand in grid(kernel, D, D):
-                cfg = prob.ops._Cfg(D, D, cand)
+                cfg = prob.cfg(cand)
                 why = skip.get((m, kernel, _label(cand)))
                 if why:
                     rows.append({"cfg": cand, "ms": None, "error": why, "ok": False})
