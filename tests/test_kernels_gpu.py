@@ -38,9 +38,11 @@ def make_inputs(kind, B, T, H, D, seed):
 
 @pytest.mark.parametrize("kind", MIXERS)
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("B,T,ref_backend", [(2, 333, "naive"), (1, 16384, "torch")])
-def test_bf16_matches_fp32_reference(kind, D, B, T, ref_backend):
-    H = 4
+@pytest.mark.parametrize("B,T,H,ref_backend", [(2, 333, 4, "naive"), (1, 16384, 4, "torch"),
+                                                 (1, 16384, 16, "torch")])
+def test_bf16_matches_fp32_reference(kind, D, B, T, H, ref_backend):
+    # H=16 is the benchmark's shape: some launch settings that pass at H=4 lose dbeta accuracy
+    # there (a Triton 3.6 / Hopper codegen effect, kernels/triton/NOTES.md)
     x = make_inputs(kind, B, T, H, D, seed=T + D)
     x_bf16 = dict(x)
     for n in ("q", "k", "v"):

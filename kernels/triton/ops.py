@@ -110,7 +110,7 @@ class _Cfg:
             BVP=wide, warps_dv=4,
             BVSB=16 if big else 32, warps_seqb=8,
             BKD=64, BVD=64, warps_dqk=4,
-            BKB=64, BVB=64, warps_wyb=4,
+            BKB=64, BVB=64, warps_wyb=4, stages_wyb=1,   # see NOTES: dbeta accuracy
         )
         if not gated:
             defaults["stages_dqk"] = 2

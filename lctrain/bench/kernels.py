@@ -94,7 +94,6 @@ def _make_inputs(B, T, H, D, dtype, device):
 
 def _method_fns(name: str, x: dict, fla) -> tuple[Callable, list]:
     """(forward returning the output, differentiable inputs) of one method."""
-    import torch
     import torch.nn.functional as F
 
     from lctrain.kernels import delta_rule, gated_delta_rule, gated_linear_attn
@@ -105,6 +104,12 @@ def _method_fns(name: str, x: dict, fla) -> tuple[Callable, list]:
         return (lambda: gated_delta_rule(q, k, v, g, beta, backend="triton")[0]), [q, k, v, g, beta]
     if name == "gla":
         return (lambda: gated_linear_attn(q, k, v, g, backend="triton")[0]), [q, k, v, g]
+    if name == "ref_delta":  # the chunkwise torch backend: a float32 reference for accuracy
+        return (lambda: delta_rule(q, k, v, beta, backend="torch")[0]), [q, k, v, beta]
+    if name == "ref_gated_delta":
+        return (lambda: gated_delta_rule(q, k, v, g, beta, backend="torch")[0]), [q, k, v, g, beta]
+    if name == "ref_gla":
+        return (lambda: gated_linear_attn(q, k, v, g, backend="torch")[0]), [q, k, v, g]
     if name == "fla_delta":
         return (lambda: fla[0](q, k, v, beta)[0]), [q, k, v, beta]
     if name == "fla_gated_delta":
@@ -160,19 +165,33 @@ def _measure(fwd, inputs, do, warmup, rep):
 
 
 def _agreement(x, fla, notes):
-    """Same function? max relative difference of ours vs fla outputs and input grads (bf16)."""
+    """Same function, and how accurate? Relative difference of ours vs fla (outputs and input
+    grads), and of each against the chunkwise torch backend in float32 on the same bf16 inputs."""
     import torch
     print("checking ours against fla (fla's first call autotunes: this can take minutes)", flush=True)
+    xr = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
+
+    def run(name, inputs):
+        fwd, leaves = _method_fns(name, inputs, fla)
+        o = fwd()
+        return [o] + list(torch.autograd.grad(o, leaves, inputs["do"]))
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
     for ours, theirs in (("delta", "fla_delta"), ("gated_delta", "fla_gated_delta")):
-        res = []
-        for name in (ours, theirs):
-            fwd, inputs = _method_fns(name, x, fla)
-            o = fwd()
-            grads = torch.autograd.grad(o, inputs, x["do"])
-            res.append([o] + list(grads))
-        errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(*res)]
-        notes.append(f"agreement {ours} vs {theirs} at T={x['q'].shape[1]}: rel diff of o and input "
-                     f"grads = {', '.join(f'{e:.1e}' for e in errs)}")
+        mine, other = run(ours, x), run(theirs, x)
+        ref = run("ref_" + ours, xr)
+        names = ["o", "dq", "dk", "dv"] + (["dg"] if ours == "gated_delta" else []) + ["dbeta"]
+        T = x["q"].shape[1]
+
+        def fmt(errs):
+            return ", ".join(f"{n} {e:.1e}" for n, e in zip(names, errs))
+        notes.append(f"agreement {ours} vs {theirs} at T={T}: rel diff "
+                     + fmt([rel(a, b) for a, b in zip(mine, other)]))
+        notes.append(f"accuracy vs float32 torch reference at T={T}: {ours}: "
+                     + fmt([rel(a, b) for a, b in zip(mine, ref)]) + f"; {theirs}: "
+                     + fmt([rel(a, b) for a, b in zip(other, ref)]))
 
 
 def run(args) -> dict:

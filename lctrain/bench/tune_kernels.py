@@ -279,6 +279,45 @@ def tune(methods, kernels, T: int, D: int, warmup: int, rep: int, log=print, *, 
     return results
 
 
+def accuracy(methods, kernel: str, T: int, D: int, H: int = 16, skip: set | None = None,
+             log=print) -> dict:
+    """Relative error of the output and every input gradient of one full fwd+bwd (public API,
+    bf16) against the chunkwise torch backend in float32 on the same inputs, for each candidate of
+    `kernel` (the others at their defaults). Candidates in `skip` {(method, label)} are left out."""
+    import torch
+
+    from lctrain.kernels.triton import ops
+
+    from .kernels import _make_inputs, _method_fns
+    out: dict = {}
+    for m in methods:
+        x = _make_inputs(1, T, H, D, torch.bfloat16, "cuda")
+        xr = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
+
+        def run(name, inputs):
+            fwd, leaves = _method_fns(name, inputs, None)
+            o = fwd()
+            return [o] + list(torch.autograd.grad(o, leaves, inputs["do"]))
+
+        ref = run("ref_" + m, xr)
+        names = ["o", "dq", "dk", "dv"] + (["dg"] if m != "delta" else []) + (["dbeta"] if m != "gla" else [])
+        out[m] = []
+        for cand in candidates(kernel, D, D):
+            if skip and (m, _label(cand)) in skip:
+                continue
+            previous = ops.set_config(**cand)
+            try:
+                errs = [float(((a.float() - b.float()).norm() / b.float().norm()).item())
+                        for a, b in zip(run(m, x), ref)]
+            finally:
+                ops.set_config(**previous)
+            row = {"cfg": cand, "max_rel_err": max(errs), **{n: float(f"{e:.2e}") for n, e in zip(names, errs)}}
+            out[m].append(row)
+            log(f"{m:12s} {kernel} {_label(cand):45s} max {max(errs):.2e}  "
+                + " ".join(f"{n} {e:.1e}" for n, e in zip(names, errs)))
+    return out
+
+
 def summary(results: dict) -> str:
     lines = ["method        kernel       default_ms  best_ms  best settings"]
     for m, per in results.items():
@@ -308,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=20, help="do_bench warmup, ms")
     p.add_argument("--rep", type=int, default=80, help="do_bench measuring time, ms")
     p.add_argument("--json", default=None)
+    p.add_argument("--accuracy-of", default=None, choices=list(KERNELS),
+                   help="instead of timing: error of a full fwd+bwd against the float32 torch "
+                        "backend for each candidate of this kernel (at the first --T)")
+    p.add_argument("--skip-from", default=None,
+                   help="a --json of an earlier timing run: leave out its failed/faulted candidates")
     p.add_argument("--state", default=None, help=argparse.SUPPRESS)  # internal: a timing child
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     for name, n in [("--T", t) for t in args.T] + [("--compile-T", args.compile_T)]:
@@ -319,6 +363,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error("needs a CUDA GPU (use python -m lctrain.bench.kernel_resources to check a config "
                 "without one)")
     log = lambda s: print(s, flush=True)  # noqa: E731
+    if args.accuracy_of:
+        skip = set()
+        if args.skip_from:
+            with open(args.skip_from) as f:
+                skip = {(e[0], e[2]) for e in json.load(f)["skipped"] if e[1] == args.accuracy_of}
+        res = accuracy(args.methods, args.accuracy_of, args.T[0], args.D, skip=skip, log=log)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"T": args.T[0], "D": args.D, "kernel": args.accuracy_of,
+                           "gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                           "accuracy": res}, f, indent=1)
+        return 0
     if args.state:
         return _timing_child(args, log)
     # Parent: compile in parallel, then time in child processes; a child that faults the GPU
