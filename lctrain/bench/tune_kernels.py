@@ -2,6 +2,7 @@
 
     python -m lctrain.bench.tune_kernels [--T 131072 [16384 ...]] [--D 128] [--methods delta gated_delta gla]
                                          [--kernels dqk wy_bwd ...] [--jobs 16] [--json PATH]
+    python -m lctrain.bench.tune_kernels --accuracy-of wy_bwd --T 16384 [--skip-from tune.json]
 
 Each kernel is timed on its own (triton.testing.do_bench, median) on the intermediates of one real
 fwd+bwd (B=1, H=16, bf16), for every candidate of a grid of its launch keys (ops.KERNEL_KEYS: each
@@ -9,7 +10,13 @@ key tunes one kernel, so kernels are tuned independently). Every candidate's out
 with the default settings' outputs: a candidate that disagrees (relative error > 2e-2) is reported
 as WRONG and never chosen. Compilation, which dominates a sweep, runs first in --jobs worker
 processes at a short --compile-T (same specialisations: T and NT stay multiples of 16) and fills
-Triton's cache; the timing process then only loads the binaries.
+Triton's cache; the timing processes then only load the binaries. Some settings fault the GPU
+(illegal address; Triton 3.6 on Hopper, kernels/triton/NOTES.md): such a candidate is recorded and
+skipped, and the sweep goes on in a fresh process.
+
+Agreement with the defaults is not accuracy: `--accuracy-of KERNEL` instead runs a full fwd+bwd per
+candidate of KERNEL through the public API and reports the relative error of the output and every
+gradient against the chunkwise torch backend in float32.
 
 Prints per kernel and method the default's time, the best candidate and its time, and the sum over
 the kernels of one fwd+bwd (state_fwd and wy_apply run twice: forward and backward). New defaults
