@@ -1,7 +1,7 @@
 """Triton kernels on a CUDA GPU in bfloat16 against a float32 reference (`pytest -m gpu`).
 
 Outputs, final states and every gradient (with an initial state and a final-state gradient) must
-match to relative error <= 1e-2, for head dims 64 and 128, up to T = 16K. The reference is the
+match to relative error <= 1e-2, for head dims 64, 128 and 256, up to T = 16K. The reference is the
 naive float32 recurrence for short sequences and the chunkwise torch backend in float32 for long
 ones (itself tested against the naive recurrence on CPU). This is also where a compiler
 miscompile of a gated backward on Hopper (fla issue #640) would show.
@@ -37,7 +37,7 @@ def make_inputs(kind, B, T, H, D, seed):
 
 
 @pytest.mark.parametrize("kind", MIXERS)
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("B,T,H,ref_backend", [(2, 333, 4, "naive"), (1, 16384, 4, "torch"),
                                                  (1, 16384, 16, "torch")])
 def test_bf16_matches_fp32_reference(kind, D, B, T, H, ref_backend):
@@ -62,7 +62,7 @@ def test_bf16_matches_fp32_reference(kind, D, B, T, H, ref_backend):
 
 
 @pytest.mark.parametrize("kind", MIXERS)
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 128, 256])
 def test_bf16_cp_primitives(kind, D):
     # a short shard: A, a product of contractions, shrinks towards 0 over long shards
     B, T, H = 1, 300, 4

@@ -114,6 +114,8 @@ class _Cfg:
         )
         if not gated:
             defaults["stages_dqk"] = 2
+        if self.BK > 128:  # three [C, 256] tiles in 3 stages need 300 KiB of shared memory
+            defaults["stages_seqb"] = 2
         defaults.update(_overrides)
         defaults.update(overrides or {})
         self.values = defaults

@@ -44,7 +44,9 @@ def record_launches(D: int, dtype_name: str) -> list:
     try:
         for n in names:
             setattr(ck, n, _Recorder(saved[n], calls))
-        B, T, H = 1, 256, 2
+        # T and the chunk count divisible by 16, as in real runs: Triton specialises on that, and the
+        # software pipeliner (so shared memory) differs otherwise
+        B, T, H = 1, 4096, 16
         m = dict(device="meta")
         q, k, v, do = (torch.empty(B, T, H, D, dtype=dtype, **m) for _ in range(4))
         g = torch.empty(B, T, H, dtype=torch.float32, **m)
@@ -59,23 +61,31 @@ def record_launches(D: int, dtype_name: str) -> list:
 
 
 def _signature(fn, args, kw):
+    """Triton's signature, constexprs and attributes for one launch, as the JIT would specialise it:
+    pointers (16-byte aligned allocations) and ints divisible by 16 are marked so. Without that
+    attribute Triton cannot use async copies, so it does not software-pipeline the loads, and the
+    shared memory, registers and spills it reports are not those of the real launch."""
     import inspect
 
     import torch
     params = list(inspect.signature(fn.fn).parameters)
-    sig, consts = {}, {}
-    for name, val in zip(params, args):
+    sig, consts, attrs = {}, {}, {}
+    divisible = [["tt.divisibility", 16]]
+    for i, (name, val) in enumerate(zip(params, args)):
         if isinstance(val, torch.Tensor):
             sig[name] = _SIG[str(val.dtype)]
+            attrs[(i,)] = divisible
         elif isinstance(val, float):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
+            if val % 16 == 0:
+                attrs[(i,)] = divisible
     for name, val in kw.items():
         if name not in ("num_warps", "num_stages"):
             sig[name] = "constexpr"
             consts[name] = val
-    return sig, consts
+    return sig, consts, attrs
 
 
 def compile_report(calls, target: int) -> list[dict]:
@@ -84,14 +94,15 @@ def compile_report(calls, target: int) -> list[dict]:
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     rows, seen = [], set()
     for fn, args, kw in calls:
-        sig, consts = _signature(fn, args, kw)
+        sig, consts, attrs = _signature(fn, args, kw)
         opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
         key = (fn.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(consts.items())),
-               tuple(sorted(opts.items())))
+               tuple(sorted(attrs)), tuple(sorted(opts.items())))
         if key in seen:
             continue
         seen.add(key)
-        compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts),
+        compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts,
+                                                                   attrs=attrs),
                                   target=GPUTarget("cuda", target, 32), options=opts)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
