@@ -26,6 +26,7 @@ LAYER_KINDS = {
 LINEAR_LAYERS = set("GDM")
 ATTENTION_LAYERS = set("SA")
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
+ROPE_LAYERS = ("all", "sliding")
 KERNEL_BACKENDS = ("auto", "naive", "torch", "triton")
 
 
@@ -41,6 +42,10 @@ class RopeConfig:
     factor: float = 1.0
     # the context length the base was trained for; 0 means data.seq_len
     original_max_position: int = 0
+    # which attention layers rotate q and k: all | sliding (global "A" layers then carry no position
+    # signal, "NoPE": they can only retrieve by content, which is what lets retrieval learned at short
+    # distances work across the whole context; the sliding-window and recurrent layers give order)
+    layers: str = "all"
 
 
 @dataclass
@@ -201,6 +206,8 @@ def validate(cfg: DictConfig) -> None:
         _fail("model.rope.scaling", f"unknown scaling {m.rope.scaling!r}", f"use one of {ROPE_SCALINGS}")
     if m.rope.scaling != "none" and m.rope.factor <= 1.0:
         _fail("model.rope.factor", f"is {m.rope.factor} with scaling={m.rope.scaling}", "set a factor > 1 (context extension ratio)")
+    if m.rope.layers not in ROPE_LAYERS:
+        _fail("model.rope.layers", f"unknown value {m.rope.layers!r}", f"use one of {ROPE_LAYERS}")
     if m.rope.base <= 1.0:
         _fail("model.rope.base", f"must exceed 1, got {m.rope.base}", "use e.g. 10000 (grow it with context length)")
     if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_head_dim % 2:

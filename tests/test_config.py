@@ -34,6 +34,7 @@ def test_every_recipe_validates(recipe):
         (["parallel.tp=3"], "model.n_heads", "multiple of tp"),
         (["parallel.cp=8", "data.seq_len=1024", "model.attn_heads=4"], "model.attn_heads", "multiple of cp"),
         (["model.rope.scaling=magic"], "model.rope.scaling", "use one of"),
+        (["model.rope.layers=global"], "model.rope.layers", "use one of"),
         (["model.rope.scaling=yarn", "model.rope.factor=1.0"], "model.rope.factor", "factor > 1"),
         (["model.kernel_backend=cuda"], "model.kernel_backend", "use one of"),
         (["train.steps=0"], "train.steps", "number of optimizer steps"),

@@ -291,10 +291,10 @@ def test_activation_checkpointing_gives_identical_loss_and_grads():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("pattern", ["GSDMA", "SAMG"])
-def test_incremental_decoding_matches_full_forward(pattern, backend):
+@pytest.mark.parametrize("pattern,rope_layers", [("GSDMA", "all"), ("SAMG", "all"), ("SAMG", "sliding")])
+def test_incremental_decoding_matches_full_forward(pattern, rope_layers, backend):
     torch.manual_seed(12)
-    model = build_model(tiny_cfg(pattern, backend)).eval()
+    model = build_model(tiny_cfg(pattern, backend, rope_layers=rope_layers)).eval()
     ids = torch.randint(0, 64, (2, 23))
     with torch.no_grad():
         full = model(ids)
@@ -317,6 +317,23 @@ def test_position_offset_reaches_attention_rope():
     torch.testing.assert_close(model(ids, position_offset=100), model(ids), atol=1e-4, rtol=1e-4)
     yarn = build_model(tiny_cfg("A", rope_scaling="yarn", rope_factor=4.0, rope_original_max_position=16)).eval()
     assert not torch.allclose(yarn(ids), model(ids))
+
+
+def test_rope_layers_sliding_leaves_global_attention_without_positions():
+    """rope.layers=sliding: a global-attention layer sees its keys as a set (content only), so the
+    last position's output ignores the order of the earlier tokens; with RoPE it does not."""
+    torch.manual_seed(16)
+    ids = torch.randint(0, 64, (1, 9))
+    shuffled = torch.cat([ids[:, :8][:, torch.randperm(8)], ids[:, 8:]], 1)
+    nope = build_model(tiny_cfg("A", rope_layers="sliding")).eval()
+    assert nope.blocks[0].mixer.rope is None
+    with torch.no_grad():
+        torch.testing.assert_close(nope(shuffled)[:, -1], nope(ids)[:, -1], atol=1e-5, rtol=1e-5)
+        roped = build_model(tiny_cfg("A")).eval()
+        roped.load_state_dict(nope.state_dict())
+        assert not torch.allclose(roped(shuffled)[:, -1], roped(ids)[:, -1], atol=1e-3)
+    # sliding-window layers keep their rotation
+    assert build_model(tiny_cfg("SA", rope_layers="sliding")).blocks[0].mixer.rope is not None
 
 
 def test_bad_pattern_names_the_key():
@@ -367,12 +384,14 @@ def _cp_errors(rank, world, pattern, **over):
 
 
 def _cp_worker(rank, world):
-    return [_cp_errors(rank, world, "GSMA"), _cp_errors(rank, world, "DSA", checkpoint_activations=True)]
+    return [_cp_errors(rank, world, "GSMA"), _cp_errors(rank, world, "DSA", checkpoint_activations=True),
+            _cp_errors(rank, world, "SGA", rope_layers="sliding")]
 
 
 @pytest.mark.skipif(not _cp_available(), reason="lctrain.parallel (context_parallel, halo, ulysses) not landed yet")
 def test_context_parallel_matches_one_process():
-    """Patterns GSMA and DSA (the latter with activation checkpointing) on 2 gloo ranks: each rank's
+    """Patterns GSMA, DSA (with activation checkpointing) and SGA with a NoPE global layer on 2 gloo
+    ranks: each rank's
     logits equal the one-process logits of its shard; summed gradients equal the one-process ones."""
     from dist_utils import run_world
 

@@ -76,9 +76,11 @@ def _flex_sliding_window(q, k, v, window: int, halo: int, first_valid: int = 0):
 
 
 class Attention(nn.Module):
-    """Multi-head softmax attention with RoPE; `window=None` for global causal attention."""
+    """Multi-head softmax attention with RoPE (`rope=None`: no positions, NoPE); `window=None` for
+    global causal attention."""
 
-    def __init__(self, d_model: int, n_heads: int, head_dim: int, *, window: int | None, rope: RotaryEmbedding,
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, *, window: int | None,
+                 rope: RotaryEmbedding | None,
                  cp_group=None, use_flex: bool = True):
         super().__init__()
         if window is not None and window < 1:
@@ -101,8 +103,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
         pos = torch.arange(position_offset, position_offset + T, device=x.device)
-        q = self.rope(self.q_proj(x).view(B, T, H, D), pos)
-        k = self.rope(self.k_proj(x).view(B, T, H, D), pos)
+        q = self.q_proj(x).view(B, T, H, D)
+        k = self.k_proj(x).view(B, T, H, D)
+        if self.rope is not None:
+            q, k = self.rope(q, pos), self.rope(k, pos)
         v = self.v_proj(x).view(B, T, H, D)
         if cache is not None:
             if self.cp_group is not None:

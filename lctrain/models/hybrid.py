@@ -61,8 +61,9 @@ class Block(nn.Module):
         elif kind == "M":
             self.mixer = Mamba2Mixer(d, **lin)
         else:
+            nope = kind == "A" and str(_cfg(m.rope, "layers", "all")) == "sliding"
             self.mixer = Attention(d, m.attn_heads, m.attn_head_dim, window=m.window if kind == "S" else None,
-                                   rope=rope, cp_group=cp_group)
+                                   rope=None if nope else rope, cp_group=cp_group)
         self.mlp = SwiGLU(d, swiglu_hidden_size(d, m.mlp_ratio))
 
     def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None) -> torch.Tensor:
