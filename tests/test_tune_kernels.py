@@ -51,3 +51,18 @@ def test_tune_flags_a_candidate_whose_output_differs(monkeypatch):
 def test_tune_cli_refuses_lengths_that_change_compilation():
     with pytest.raises(SystemExit):
         tk.main(["--T", "1000"])
+
+
+@pytest.mark.parametrize("method", ["delta", "gated_delta", "gla"])
+def test_accuracy_helpers_name_every_gradient_and_see_agreement(method):
+    """The bench's accuracy line and `--accuracy-of` share these: one name per output/gradient, and
+    our Triton kernels (interpreter, float32) agree with the float32 torch reference."""
+    import torch
+
+    from lctrain.bench.kernels import (_float32_inputs, _grad_names, _make_inputs,
+                                       _outputs_and_grads, _rel_diff)
+    x = _make_inputs(1, 80, 2, 16, torch.float32, "cpu")
+    ref = _outputs_and_grads("ref_" + method, _float32_inputs(x), None)
+    ours = _outputs_and_grads(method, x, None)
+    assert len(ours) == len(ref) == len(_grad_names(method))
+    assert max(_rel_diff(a, b) for a, b in zip(ours, ref)) < 1e-3

@@ -119,8 +119,12 @@ class _Cfg:
         defaults.update(_overrides)
         defaults.update(overrides or {})
         self.values = defaults
-        for key, val in defaults.items():
-            setattr(self, key, val)
+
+    def __getattr__(self, key: str):  # cfg.BVS etc.: the launch settings in `values`
+        try:
+            return self.__dict__["values"][key]
+        except KeyError:
+            raise AttributeError(key) from None
 
     def launch(self, kernel: str) -> dict:
         """num_warps (and num_stages when set) of one kernel."""

@@ -164,34 +164,46 @@ def _measure(fwd, inputs, do, warmup, rep):
     return t_fwd, t_all, peak
 
 
+def _outputs_and_grads(name: str, inputs: dict, fla) -> list:
+    """[o, grad of each differentiable input] of one fwd+bwd of `name` with upstream inputs["do"]."""
+    import torch
+    fwd, leaves = _method_fns(name, inputs, fla)
+    o = fwd()
+    return [o] + list(torch.autograd.grad(o, leaves, inputs["do"]))
+
+
+def _float32_inputs(x: dict) -> dict:
+    """float32 leaf copies of the (bf16-rounded) inputs: what the "ref_*" methods see."""
+    return {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
+
+
+def _grad_names(method: str) -> list[str]:
+    """Names of _outputs_and_grads' entries for one of OURS (fla's methods share delta's / GDN's)."""
+    return (["o", "dq", "dk", "dv"] + (["dg"] if method != "delta" else [])
+            + (["dbeta"] if method != "gla" else []))
+
+
+def _rel_diff(a, b) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
 def _agreement(x, fla, notes):
     """Same function, and how accurate? Relative difference of ours vs fla (outputs and input
     grads), and of each against the chunkwise torch backend in float32 on the same bf16 inputs."""
-    import torch
     print("checking ours against fla (fla's first call autotunes: this can take minutes)", flush=True)
-    xr = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
-
-    def run(name, inputs):
-        fwd, leaves = _method_fns(name, inputs, fla)
-        o = fwd()
-        return [o] + list(torch.autograd.grad(o, leaves, inputs["do"]))
-
-    def rel(a, b):
-        return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
+    xr = _float32_inputs(x)
+    T = x["q"].shape[1]
     for ours, theirs in (("delta", "fla_delta"), ("gated_delta", "fla_gated_delta")):
-        mine, other = run(ours, x), run(theirs, x)
-        ref = run("ref_" + ours, xr)
-        names = ["o", "dq", "dk", "dv"] + (["dg"] if ours == "gated_delta" else []) + ["dbeta"]
-        T = x["q"].shape[1]
+        mine, other = _outputs_and_grads(ours, x, fla), _outputs_and_grads(theirs, x, fla)
+        ref = _outputs_and_grads("ref_" + ours, xr, fla)
+        names = _grad_names(ours)
 
-        def fmt(errs):
-            return ", ".join(f"{n} {e:.1e}" for n, e in zip(names, errs))
-        notes.append(f"agreement {ours} vs {theirs} at T={T}: rel diff "
-                     + fmt([rel(a, b) for a, b in zip(mine, other)]))
-        notes.append(f"accuracy vs float32 torch reference at T={T}: {ours}: "
-                     + fmt([rel(a, b) for a, b in zip(mine, ref)]) + f"; {theirs}: "
-                     + fmt([rel(a, b) for a, b in zip(other, ref)]))
+        def fmt(a_list, b_list):
+            return ", ".join(f"{n} {_rel_diff(a, b):.1e}" for n, a, b in zip(names, a_list, b_list))
+        notes.append(f"agreement {ours} vs {theirs} at T={T}: rel diff " + fmt(mine, other))
+        notes.append(f"accuracy vs float32 torch reference at T={T}: {ours}: " + fmt(mine, ref)
+                     + f"; {theirs}: " + fmt(other, ref))
 
 
 def run(args) -> dict:

@@ -154,11 +154,9 @@ def _flat(x) -> list:
 
 
 def _rel_err(a, b) -> float:
-    worst = 0.0
-    for x, y in zip(_flat(a), _flat(b)):
-        x, y = x.float(), y.float()
-        worst = max(worst, float((x - y).norm() / y.norm().clamp_min(1e-30)))
-    return worst
+    """Worst relative difference over the tensors of two (nested) kernel outputs."""
+    from .kernels import _rel_diff
+    return max((_rel_diff(x, y) for x, y in zip(_flat(a), _flat(b))), default=0.0)
 
 
 def _compile_worker(args):
@@ -295,27 +293,19 @@ def accuracy(methods, kernel: str, T: int, D: int, H: int = 16, skip: set | None
 
     from lctrain.kernels.triton import ops
 
-    from .kernels import _make_inputs, _method_fns
+    from .kernels import _float32_inputs, _grad_names, _make_inputs, _outputs_and_grads, _rel_diff
     out: dict = {}
     for m in methods:
         x = _make_inputs(1, T, H, D, torch.bfloat16, "cuda")
-        xr = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
-
-        def run(name, inputs):
-            fwd, leaves = _method_fns(name, inputs, None)
-            o = fwd()
-            return [o] + list(torch.autograd.grad(o, leaves, inputs["do"]))
-
-        ref = run("ref_" + m, xr)
-        names = ["o", "dq", "dk", "dv"] + (["dg"] if m != "delta" else []) + (["dbeta"] if m != "gla" else [])
+        ref = _outputs_and_grads("ref_" + m, _float32_inputs(x), None)
+        names = _grad_names(m)
         out[m] = []
         for cand in candidates(kernel, D, D):
             if skip and (m, _label(cand)) in skip:
                 continue
             previous = ops.set_config(**cand)
             try:
-                errs = [float(((a.float() - b.float()).norm() / b.float().norm()).item())
-                        for a, b in zip(run(m, x), ref)]
+                errs = [_rel_diff(a, b) for a, b in zip(_outputs_and_grads(m, x, None), ref)]
             finally:
                 ops.set_config(**previous)
             row = {"cfg": cand, "max_rel_err": max(errs), **{n: float(f"{e:.2e}") for n, e in zip(names, errs)}}
