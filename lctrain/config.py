@@ -30,6 +30,10 @@ ROPE_LAYERS = ("all", "sliding")
 KERNEL_BACKENDS = ("auto", "naive", "torch", "triton")
 
 
+# Longest data.seq_len with model.document_end_id set: the document mask is a dense T x T tensor.
+MAX_DOCUMENT_MASK_LEN = 16384
+
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and what to change."""
 
@@ -45,7 +49,7 @@ class RopeConfig:
     # which attention layers rotate q and k: all | sliding (global "A" layers then carry no position
     # signal, "NoPE": they can only retrieve by content, which is what lets retrieval learned at short
     # distances work across the whole context; the sliding-window and recurrent layers give order)
-    layers: str = "all"
+    layers: str = "sliding"
 
 
 @dataclass
@@ -53,13 +57,24 @@ class ModelConfig:
     vocab_size: int = 264  # byte tokenizer: 256 bytes + specials, rounded up
     d_model: int = 128
     # one letter per block: G gated DeltaNet, D DeltaNet, M Mamba-2, S sliding-window attn, A global attn
-    layer_pattern: Any = "GSGA"  # a string or a list of letters
+    layer_pattern: Any = "SAGA"  # a string or a list of letters
     n_heads: int = 4  # heads of the linear-recurrent mixers
     head_dim: int = 32  # d_k = d_v of the linear-recurrent mixers
     attn_heads: int = 4
     attn_head_dim: int = 32
     window: int = 128  # sliding-window attention span (tokens, including the current one)
     conv_size: int = 4  # short causal depthwise conv of the linear mixers
+    # short causal conv on the attention layers' q, k, v (residual; 0 = none): keys that see the tokens
+    # before them let a single attention layer act as an induction head (lctrain/models/attention.py)
+    attn_conv_size: int = 4
+    # which attention layers get it: all | global (only "A" layers; with it on the sliding-window
+    # layers too, those learn to retrieve by position at short range and the global ones never learn
+    # the long-range retrieval: lctrain/eval/NOTES.md)
+    attn_conv_layers: str = "global"
+    # token id that ends a packed document (the tokenizer's EOS: 257 for the byte tokenizer); when set,
+    # attention never looks across it, so packed documents do not see each other. null = whole-sample
+    # attention. It uses a dense T x T mask, so only up to MAX_DOCUMENT_MASK_LEN tokens.
+    document_end_id: Optional[int] = 257
     mlp_ratio: float = 4.0  # SwiGLU hidden size = mlp_ratio * 2/3 * d_model, rounded up to 32
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
@@ -92,14 +107,15 @@ class DataConfig:
     tokenizer: str = "byte"  # "byte" or a path to a HF tokenizers `tokenizer.json`
     seq_len: int = 512
     micro_batch_size: int = 8
-    needle_fraction: float = 0.5  # share of synthetic passkey/needle samples in the embedded mix
+    # share of synthetic passkey/needle samples in the embedded mix (their haystacks are half essay text)
+    needle_fraction: float = 1.0
     num_workers: int = 0
     seed: int = 0
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 400
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
@@ -108,6 +124,10 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     grad_accum: int = 1
+    # loss weight of the answer tokens of synthetic needle samples (the dataset's answer_mask column;
+    # data without it trains unweighted). A tiny model learns long-distance retrieval in a few hundred
+    # steps only with it (lctrain/eval/NOTES.md); 1 = the plain LM loss
+    answer_loss_weight: float = 20.0
     seed: int = 1234
     out_dir: str = "runs/default"
     log_every: int = 10
@@ -197,6 +217,13 @@ def validate(cfg: DictConfig) -> None:
     for key in ("d_model", "n_heads", "head_dim", "attn_heads", "attn_head_dim", "vocab_size", "chunk_size", "conv_size"):
         if getattr(m, key) < 1:
             _fail(f"model.{key}", f"must be positive, got {getattr(m, key)}", "set a positive integer")
+    if m.attn_conv_size < 0:
+        _fail("model.attn_conv_size", f"must be >= 0, got {m.attn_conv_size}", "use 0 (no conv) or a kernel size such as 4")
+    if m.attn_conv_layers not in ("all", "global"):
+        _fail("model.attn_conv_layers", f"unknown value {m.attn_conv_layers!r}", "use all or global")
+    if m.document_end_id is not None and m.document_end_id < 0:
+        _fail("model.document_end_id", f"{m.document_end_id} is not a token id",
+              "use the tokenizer's EOS id (257 for the byte tokenizer) or null")
     if m.init_std is not None and m.init_std <= 0:
         _fail("model.init_std", f"must be positive, got {m.init_std}",
               "set a positive std, or null for sqrt(2 / (5 d_model))")
@@ -242,6 +269,8 @@ def validate(cfg: DictConfig) -> None:
                   "use window <= seq_len / cp + 1 or a smaller cp")
         if any(c in LINEAR_LAYERS for c in pattern) and m.conv_size - 1 > shard:
             _fail("model.conv_size", f"conv reaches past the previous rank's shard of {shard} tokens", "use a smaller conv_size or cp")
+        if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_conv_size - 1 > shard:
+            _fail("model.attn_conv_size", f"conv reaches past the previous rank's shard of {shard} tokens", "use a smaller attn_conv_size or cp")
     if p.dist_backend not in ("auto", "nccl", "gloo"):
         _fail("parallel.dist_backend", f"unknown backend {p.dist_backend!r}", "use auto, nccl or gloo")
 
@@ -258,6 +287,11 @@ def validate(cfg: DictConfig) -> None:
         _fail("train.steps", f"must be >= 1, got {t.steps}", "set the number of optimizer steps")
     if t.lr <= 0:
         _fail("train.lr", f"must be positive, got {t.lr}", "set a learning rate such as 3e-4")
+    if t.answer_loss_weight < 0:
+        _fail("train.answer_loss_weight", f"must be >= 0, got {t.answer_loss_weight}", "use 1 for the plain LM loss")
+    if m.document_end_id is not None and d.seq_len > MAX_DOCUMENT_MASK_LEN:
+        _fail("model.document_end_id", f"document masking builds a seq_len x seq_len mask, too large at seq_len={d.seq_len}",
+              f"set model.document_end_id=null for seq_len > {MAX_DOCUMENT_MASK_LEN}")
     if t.grad_accum < 1:
         _fail("train.grad_accum", f"must be >= 1, got {t.grad_accum}", "set the micro-batches per step")
     if t.device not in ("auto", "cpu", "cuda"):

@@ -87,3 +87,14 @@ class _PrependHalo(torch.autograd.Function):
         if got is not None:
             g_x.narrow(dim, ctx.length - halo, halo).add_(got)
         return g_x, None, None, None
+
+
+def gather_sequence(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
+    """Every CP rank's ``x`` concatenated along ``dim`` in rank order (the full sequence), on every
+    rank; not differentiable (used for token bookkeeping such as document ids)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    comm = x.contiguous().to(_comm_device(x, group))
+    parts = [torch.empty_like(comm) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, comm, group=group)
+    return torch.cat(parts, dim=dim).to(x.device)

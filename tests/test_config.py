@@ -44,6 +44,13 @@ def test_every_recipe_validates(recipe):
         (["train.steps=many"], "train.steps", "could not be converted"),
         (["train.steps"], "train.steps", "key=value"),
         (["model.init_std=0"], "model.init_std", "null for sqrt(2 / (5 d_model))"),
+        (["model.attn_conv_size=-1"], "model.attn_conv_size", "use 0 (no conv)"),
+        (["model.attn_conv_layers=sliding"], "model.attn_conv_layers", "use all or global"),
+        (["model.document_end_id=-1"], "model.document_end_id", "tokenizer's EOS id"),
+        (["data.seq_len=32768"], "model.document_end_id", "set model.document_end_id=null"),
+        (["parallel.cp=8", "data.seq_len=16", "model.attn_heads=8", "model.window=2", "model.chunk_size=2", "model.conv_size=2"],
+         "model.attn_conv_size", "smaller attn_conv_size"),
+        (["train.answer_loss_weight=-1"], "train.answer_loss_weight", "plain LM loss"),
     ],
 )
 def test_validation_names_key_and_fix(overrides, key, fix):
@@ -81,6 +88,14 @@ def test_train_refuses_a_vocab_smaller_than_the_tokenizer(capsys, tmp_path):
     assert code == 2
     err = capsys.readouterr().err
     assert "model.vocab_size" in err and ">= 259" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_a_document_end_that_is_not_the_eos(capsys, tmp_path):
+    code = cli_main(["train", "model.document_end_id=5", f"train.out_dir={tmp_path}/run"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "model.document_end_id=257" in err and "EOS" in err
     assert not (tmp_path / "run").exists()
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ import torch
 
 from lctrain.data import ByteTokenizer, DataError, TokenizerError, build_train_loader, check_vocab_size, cp_slice, get_tokenizer
 from lctrain.data import needle
+from lctrain.data.embedded import NEEDLE_DIGITS
 from lctrain.data.mds import DatasetExistsError, read_meta, write_mds
 from lctrain.data.packing import pack_documents, packed_epochs
 
@@ -199,8 +201,15 @@ def test_prepare_needle_fraction_mixes_retrieval_samples(tmp_path):
     assert all("pass key" not in t and "words of a" in t for t in texts if t not in with_needle)
     for t in with_needle:  # the answer closes the sample and is the number hidden earlier
         value = t.rsplit("The pass key is:", 1)[1].strip()
-        assert value.isdigit() and len(value) == 5
+        assert value.isdigit() and len(value) == NEEDLE_DIGITS
         assert f"The pass key is {value}." in t
+    # the answer_mask column marks exactly the answers: " " + digits after each question
+    for i in range(len(ds)):
+        tokens, mask = ds[i]["tokens"].tolist(), ds[i]["answer_mask"].astype(bool)
+        text = tok.decode(tokens)
+        marked = tok.decode([t for t, m in zip(tokens, mask) if m])
+        answers = re.findall(r"The pass key is:( \d+)", text)
+        assert marked == "".join(answers) and (bool(answers) == (text in with_needle))
 
 
 # ---------------------------------------------------------------- needles
@@ -355,6 +364,26 @@ def test_loader_cp_ranks_read_the_same_samples(tmp_path):
         labels = torch.cat([b0["labels"], b1["labels"]], dim=1)
         rows = torch.from_numpy(data[_rows_of({"input_ids": inputs, "labels": labels}, data)])
         assert torch.equal(inputs, rows[:, :-1]) and torch.equal(labels, rows[:, 1:])
+
+
+def test_loader_slices_the_answer_mask_like_the_labels(tmp_path):
+    data = np.random.default_rng(1).integers(0, 259, size=(6, 17))
+    masks = (data % 3 == 0).astype(np.uint8)
+    path = write_mds(tmp_path / "masked", list(data), answer_masks=list(masks), sample_len=17, dtype=np.uint16)
+    cfg = _data_cfg(source=str(path), seq_len=16, micro_batch_size=2)
+    loaders = [iter(build_train_loader(cfg, dp_rank=0, dp_size=1, cp_rank=r, cp_size=2)) for r in range(2)]
+    for _ in range(3):
+        b0, b1 = next(loaders[0]), next(loaders[1])
+        labels = torch.cat([b0["labels"], b1["labels"]], dim=1)
+        mask = torch.cat([b0["answer_mask"], b1["answer_mask"]], dim=1)
+        assert b0["answer_mask"].shape == b0["labels"].shape
+        assert torch.equal(mask.bool(), labels % 3 == 0)  # the mask of each label token, global shift included
+    unmasked, _ = _small_dataset(tmp_path)
+    batch = next(iter(build_train_loader(_data_cfg(source=str(unmasked), seq_len=16, micro_batch_size=2),
+                                         dp_rank=0, dp_size=1, cp_rank=0, cp_size=1)))
+    assert "answer_mask" not in batch
+    with pytest.raises(ValueError, match="answer mask 0 has shape"):
+        write_mds(tmp_path / "bad", list(data), answer_masks=[np.zeros(5)], sample_len=17, dtype=np.uint16)
 
 
 def test_loader_state_dict_resume_gives_the_same_next_batch(tmp_path):

@@ -42,6 +42,10 @@ def tiny_cfg(pattern="GSGA", backend="torch", **over):
     cfg.chunk_size = 8
     cfg.kernel_backend = backend
     cfg.layer_pattern = pattern
+    # the tiny default model's retrieval aids are off unless a test asks for them
+    cfg.rope.layers = "all"
+    cfg.attn_conv_size = 0
+    cfg.document_end_id = None
     for key, value in over.items():
         if key.startswith("rope_"):
             setattr(cfg.rope, key[5:], value)
@@ -291,10 +295,12 @@ def test_activation_checkpointing_gives_identical_loss_and_grads():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("pattern,rope_layers", [("GSDMA", "all"), ("SAMG", "all"), ("SAMG", "sliding")])
-def test_incremental_decoding_matches_full_forward(pattern, rope_layers, backend):
+@pytest.mark.parametrize("pattern,rope_layers,attn_conv", [("GSDMA", "all", 0), ("SAMG", "all", 0), ("SAMG", "sliding", 0),
+                                                           ("SAMG", "sliding", 3)])
+def test_incremental_decoding_matches_full_forward(pattern, rope_layers, attn_conv, backend):
     torch.manual_seed(12)
-    model = build_model(tiny_cfg(pattern, backend, rope_layers=rope_layers)).eval()
+    model = build_model(tiny_cfg(pattern, backend, rope_layers=rope_layers, attn_conv_size=attn_conv,
+                                 attn_conv_layers="all")).eval()
     ids = torch.randint(0, 64, (2, 23))
     with torch.no_grad():
         full = model(ids)
@@ -336,6 +342,43 @@ def test_rope_layers_sliding_leaves_global_attention_without_positions():
     assert build_model(tiny_cfg("SA", rope_layers="sliding")).blocks[0].mixer.rope is not None
 
 
+def test_attention_conv_reaches_the_layers_config_names():
+    """attn_conv_size on every attention layer (all) or only the global ones (global); a key then
+    depends on the tokens before it, which without the conv it does not."""
+    both = build_model(tiny_cfg("SA", attn_conv_size=3, attn_conv_layers="all"))
+    only_global = build_model(tiny_cfg("SA", attn_conv_size=3, attn_conv_layers="global"))
+    assert [b.mixer.conv_size for b in both.blocks] == [3, 3]
+    assert [b.mixer.conv_size for b in only_global.blocks] == [0, 3]
+    torch.manual_seed(17)
+    x = torch.randn(1, 6, 32)
+    layer = only_global.blocks[1].mixer
+    k = layer._project(layer.k_proj, "k_conv", x, None)
+    x2 = x.clone()
+    x2[:, 2] += 1.0
+    k2 = layer._project(layer.k_proj, "k_conv", x2, None)
+    assert torch.equal(k[:, :2], k2[:, :2]) and not torch.allclose(k[:, 3], k2[:, 3])  # causal, and sees back
+
+
+@pytest.mark.parametrize("pattern", ["SA", "A"])
+def test_document_mask_keeps_packed_documents_apart(pattern):
+    """With model.document_end_id, a document packed after another gives the same logits as alone
+    (attention-only patterns: the recurrent layers and short convs do carry context across)."""
+    torch.manual_seed(18)
+    model = build_model(tiny_cfg(pattern, document_end_id=63)).eval()
+    first, second = torch.randint(0, 63, (2, 7)), torch.randint(0, 63, (2, 9))
+    sep = torch.full((2, 1), 63)
+    with torch.no_grad():
+        packed = model(torch.cat([first, sep, second], 1))
+        torch.testing.assert_close(packed[:, :8], model(torch.cat([first, sep], 1)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed[:, 8:], model(second), atol=1e-5, rtol=1e-5)
+        unmasked = build_model(tiny_cfg(pattern)).eval()
+        unmasked.load_state_dict(model.state_dict())
+        assert not torch.allclose(unmasked(torch.cat([first, sep, second], 1))[:, 8:], model(second), atol=1e-3)
+    # decoding: one document per prompt
+    with pytest.raises(ValueError, match="one document per prompt"):
+        model(torch.cat([first, sep, second], 1), cache=model.new_cache(2))
+
+
 def test_bad_pattern_names_the_key():
     with pytest.raises(ValueError, match="layer_pattern"):
         build_model(tiny_cfg("GXA"))
@@ -355,8 +398,9 @@ def _cp_available() -> bool:
     return True
 
 
-def _cp_errors(rank, world, pattern, **over):
-    """(max |logits error|, max relative gradient error) of the CP model on this rank vs one process."""
+def _cp_errors(rank, world, pattern, separators=(), **over):
+    """(max |logits error|, max relative gradient error) of the CP model on this rank vs one process.
+    `separators`: positions that hold token 63 (the document end when document_end_id=63)."""
     import torch.distributed as dist
 
     torch.manual_seed(14)
@@ -365,7 +409,8 @@ def _cp_errors(rank, world, pattern, **over):
     cp_model = build_model(cfg, cp_group=dist.group.WORLD)
     cp_model.load_state_dict(full_model.state_dict())
     T = 16
-    ids = torch.randint(0, 64, (2, T))
+    ids = torch.randint(0, 63, (2, T))
+    ids[:, list(separators)] = 63
     weights = torch.randn(2, T, 64)
     full = full_model(ids)
     (full * weights).sum().backward()
@@ -385,13 +430,16 @@ def _cp_errors(rank, world, pattern, **over):
 
 def _cp_worker(rank, world):
     return [_cp_errors(rank, world, "GSMA"), _cp_errors(rank, world, "DSA", checkpoint_activations=True),
-            _cp_errors(rank, world, "SGA", rope_layers="sliding")]
+            _cp_errors(rank, world, "SGA", rope_layers="sliding"),
+            # the default model's retrieval settings: q/k/v convs (halo), documents across the shard edge
+            _cp_errors(rank, world, "SAGA", separators=(3, 7, 9), rope_layers="sliding", attn_conv_size=3,
+                       attn_conv_layers="all", document_end_id=63)]
 
 
 @pytest.mark.skipif(not _cp_available(), reason="lctrain.parallel (context_parallel, halo, ulysses) not landed yet")
 def test_context_parallel_matches_one_process():
-    """Patterns GSMA, DSA (with activation checkpointing) and SGA with a NoPE global layer on 2 gloo
-    ranks: each rank's
+    """Patterns GSMA, DSA (with activation checkpointing), SGA with a NoPE global layer, and SAGA with
+    attention convs and packed documents (document masking) on 2 gloo ranks: each rank's
     logits equal the one-process logits of its shard; summed gradients equal the one-process ones."""
     from dist_utils import run_world
 

@@ -70,6 +70,24 @@ def test_lm_loss_equals_cross_entropy_mean():
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(mean, want)
     assert loss.requires_grad and not mean.requires_grad
+    # token weights scale each token's loss; the normalisation (valid tokens) and the reported mean stay
+    weights = torch.ones(3, 7)
+    weights[1, 2:5] = 20.0
+    wloss, wmean = lm_loss(model, ids, labels, token_weights=weights)
+    per_token = F.cross_entropy(head(ids).reshape(-1, vocab), labels.reshape(-1), ignore_index=-100, reduction="none")
+    torch.testing.assert_close(wloss, (per_token * weights.reshape(-1)).sum() / (labels != -100).sum())
+    torch.testing.assert_close(wmean, want)
+    with pytest.raises(ValueError, match="token_weights"):
+        lm_loss(model, ids, labels, token_weights=weights[:, :3])
+
+
+def test_answer_weights_from_the_batch():
+    from lctrain.train.loop import answer_weights
+
+    mask = torch.tensor([[0, 1, 1, 0]], dtype=torch.uint8)
+    torch.testing.assert_close(answer_weights({"answer_mask": mask}, 20.0, "cpu"), torch.tensor([[1.0, 20.0, 20.0, 1.0]]))
+    assert answer_weights({"answer_mask": mask}, 1.0, "cpu") is None
+    assert answer_weights({}, 20.0, "cpu") is None
 
 
 def test_lr_schedule_shape():

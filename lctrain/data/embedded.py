@@ -31,12 +31,13 @@ from lctrain.data.needle import _SentenceIds, min_training_length, packed_needle
 from lctrain.data.packing import packed_epochs, token_dtype
 from lctrain.data.tokenizer import get_tokenizer
 
-FORMAT_VERSION = 2  # 2: half of the needle samples pack several passkey units (needle.packed_needle_sample)
+# 3: answer_mask column, 7-digit values, no digit-copy units (see NEEDLE_DIGITS and mix_samples)
+FORMAT_VERSION = 3
 # Share of needle samples that pack several passkey units; the rest hold one needle over the whole
 # length (the eval's length stays in distribution).
 PACKED_NEEDLE_SHARE = 0.8
-# Share of the packed samples' units that are digit-copy units (needle.copy_unit).
-COPY_UNIT_SHARE = 0.6
+# Digits of the passkey values: RULER's S-NIAH values have 7, and a model trained on 5 writes 5.
+NEEDLE_DIGITS = 7
 # Enough samples for the default job (train.steps 300 x micro_batch 8 = 2400) without repeating
 # one, and ~2M tokens for short sequence lengths (at most MAX_SAMPLES samples).
 MIN_SAMPLES = 2400
@@ -55,7 +56,7 @@ def embedded_settings(data_cfg: Any, num_samples: int | None = None) -> dict:
     return {
         "format": FORMAT_VERSION,
         "packed_needle_share": PACKED_NEEDLE_SHARE,
-        "copy_unit_share": COPY_UNIT_SHARE,
+        "needle_digits": NEEDLE_DIGITS,
         "seq_len": int(data_cfg.seq_len),
         "needle_fraction": float(data_cfg.needle_fraction),
         "tokenizer": tok.name,
@@ -71,33 +72,46 @@ def embedded_dataset_path(data_cfg: Any, num_samples: int | None = None) -> Path
     return Path(os.path.expanduser(str(data_cfg.cache_dir))).absolute() / f"embedded-{digest}"
 
 
-def mix_samples(text: list[np.ndarray], n_needle: int, tokenizer: Any, length: int, seed: int) -> list[np.ndarray]:
-    """`text` samples and `n_needle` synthetic needle samples (each `length` ids), interleaved in a seeded order.
+def mix_samples(text: list[np.ndarray], n_needle: int, tokenizer: Any, length: int,
+                seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(samples, answer_masks): `text` samples and `n_needle` synthetic needle samples (each `length`
+    ids), interleaved in a seeded order, and per sample a uint8 mask that is 1 on the needle answers'
+    tokens (all 0 for text), which training can weight (train.answer_loss_weight).
 
     A share PACKED_NEEDLE_SHARE of the needle samples holds several passkey units (dense retrieval
-    signal), the rest one needle over the whole length.
+    signal), the rest one needle over the whole length. The digit-copy units `needle.copy_unit` are
+    left out: in probes (lctrain/eval/NOTES.md) they made the sliding-window layer learn to copy
+    digits by position, and the global layer then never learned the long-distance retrieval.
 
     Samples shorter than `needle.min_training_length` cannot hold a needle: then none are added.
     """
-    if length < min_training_length(tokenizer):
+    if length < min_training_length(tokenizer, NEEDLE_DIGITS):
         n_needle = 0
     rng = random.Random(f"needle-{seed}")
     cache = _SentenceIds(tokenizer)
     needles = []
     for _ in range(n_needle):
         build = packed_needle_sample if rng.random() < PACKED_NEEDLE_SHARE else training_needle_sample
-        kw = {"copy_share": COPY_UNIT_SHARE} if build is packed_needle_sample else {}
-        needles.append(np.asarray(build(tokenizer, length, rng, _encode_cache=cache, **kw), dtype=np.int64))
+        ids, mask = build(tokenizer, length, rng, digits=NEEDLE_DIGITS, with_answer_mask=True, _encode_cache=cache)
+        needles.append((np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)))
     kinds = [0] * len(text) + [1] * n_needle
     random.Random(f"mix-{seed}").shuffle(kinds)
     it_text, it_needle = iter(text), iter(needles)
-    return [next(it_needle) if k else next(it_text) for k in kinds]
+    no_answers = np.zeros(length, dtype=np.uint8)
+    samples, masks = [], []
+    for k in kinds:
+        ids, mask = next(it_needle) if k else (next(it_text), no_answers)
+        samples.append(ids)
+        masks.append(mask)
+    return samples, masks
 
 
-def build_embedded_samples(tokenizer: Any, seq_len: int, num_samples: int, needle_fraction: float, seed: int) -> list[np.ndarray]:
-    """The samples of the embedded dataset (each seq_len + 1 ids), text and needle samples interleaved."""
+def build_embedded_samples(tokenizer: Any, seq_len: int, num_samples: int, needle_fraction: float,
+                           seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(samples, answer_masks) of the embedded dataset (each seq_len + 1 long): text and needle
+    samples interleaved (see mix_samples); all text when seq_len is too short for a needle."""
     length = seq_len + 1
-    n_needle = round(needle_fraction * num_samples)
+    n_needle = round(needle_fraction * num_samples) if length >= min_training_length(tokenizer, NEEDLE_DIGITS) else 0
     n_text = num_samples - n_needle
     text: list[np.ndarray] = []
     if n_text:
@@ -124,9 +138,9 @@ def ensure_embedded_dataset(data_cfg: Any, *, num_samples: int | None = None, bu
         failed.unlink(missing_ok=True)
         tok = get_tokenizer(data_cfg)
         try:
-            samples = build_embedded_samples(tok, settings["seq_len"], settings["num_samples"],
-                                             settings["needle_fraction"], settings["seed"])
-            write_mds(path, samples, sample_len=settings["seq_len"] + 1, dtype=token_dtype(tok.vocab_size),
+            samples, masks = build_embedded_samples(tok, settings["seq_len"], settings["num_samples"],
+                                                    settings["needle_fraction"], settings["seed"])
+            write_mds(path, samples, answer_masks=masks, sample_len=settings["seq_len"] + 1, dtype=token_dtype(tok.vocab_size),
                       meta=dict(settings, source="embedded", vocab_size=tok.vocab_size, eos_id=tok.eos_id))
         except DatasetExistsError:
             pass  # another builder finished it first

@@ -1,7 +1,8 @@
 """Writing token samples as MDS shards (mosaicml-streaming), atomically.
 
 A dataset directory holds `index.json` + shards written by `streaming.MDSWriter` (one column,
-`tokens`: a fixed-length ndarray of uint16 or uint32) and `lctrain.json` describing it (sample length,
+`tokens`: a fixed-length ndarray of uint16 or uint32; optionally `answer_mask`, uint8 of the same length,
+1 on tokens that answer a synthetic needle question) and `lctrain.json` describing it (sample length,
 tokenizer, count). It is written into a temporary sibling directory and renamed into place, so a
 directory that exists is complete; an existing dataset is never clobbered unless overwrite=True.
 """
@@ -28,8 +29,10 @@ def _tmp_sibling(path: Path, tag: str) -> Path:
 
 
 def write_mds(out_dir: str | os.PathLike, samples: Iterable[np.ndarray], *, sample_len: int, dtype: np.dtype,
-              meta: dict[str, Any] | None = None, overwrite: bool = False, size_limit: int = 1 << 26) -> Path:
+              meta: dict[str, Any] | None = None, overwrite: bool = False, size_limit: int = 1 << 26,
+              answer_masks: Iterable[np.ndarray] | None = None) -> Path:
     """Write every sample (exactly `sample_len` ids) to `out_dir`; returns the final path.
+    `answer_masks` (one 0/1 array per sample, in the same order) adds the `answer_mask` column.
 
     Raises DatasetExistsError if `out_dir` exists and overwrite is False. If another process
     finishes the same directory first, this raises DatasetExistsError too (callers building a cache
@@ -44,8 +47,12 @@ def write_mds(out_dir: str | os.PathLike, samples: Iterable[np.ndarray], *, samp
     dtype = np.dtype(dtype)
     tmp = _tmp_sibling(out, "tmp")
     count = 0
+    columns = {"tokens": f"ndarray:{dtype.name}:{sample_len}"}
+    if answer_masks is not None:
+        columns["answer_mask"] = f"ndarray:uint8:{sample_len}"
+        masks = iter(answer_masks)
     try:
-        with MDSWriter(out=str(tmp), columns={"tokens": f"ndarray:{dtype.name}:{sample_len}"},
+        with MDSWriter(out=str(tmp), columns=columns,
                        compression=None, size_limit=size_limit, progress_bar=False, exist_ok=False) as writer:
             for sample in samples:
                 arr = np.asarray(sample)
@@ -53,7 +60,13 @@ def write_mds(out_dir: str | os.PathLike, samples: Iterable[np.ndarray], *, samp
                     raise ValueError(f"sample {count} has shape {arr.shape}, expected ({sample_len},)")
                 if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(dtype).max):
                     raise ValueError(f"sample {count} holds ids outside {dtype.name}")
-                writer.write({"tokens": arr.astype(dtype)})
+                row = {"tokens": arr.astype(dtype)}
+                if answer_masks is not None:
+                    mask = np.asarray(next(masks, ()))
+                    if mask.shape != (sample_len,):
+                        raise ValueError(f"answer mask {count} has shape {mask.shape}, expected ({sample_len},)")
+                    row["answer_mask"] = (mask != 0).astype(np.uint8)
+                writer.write(row)
                 count += 1
         if count == 0:
             raise ValueError("no samples to write: the input holds fewer tokens than one sample (seq_len + 1)")

@@ -228,14 +228,15 @@ def niah_prompt(task: str, tokenizer: Any, target_tokens: int, depth: float, *, 
 
 
 def training_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, tasks: Sequence[str] = ("s_niah_1", "s_niah_2"),
-                           digits: int = 5, compact: bool | None = None,
-                           _encode_cache: _SentenceIds | None = None) -> list[int]:
+                           digits: int = 5, compact: bool | None = None, with_answer_mask: bool = False,
+                           _encode_cache: _SentenceIds | None = None) -> list[int] | tuple[list[int], list[int]]:
     """`length` token ids: a needle prompt at a random depth whose last tokens are the answer digits.
 
     Used for training samples (length = seq_len + 1): the loss on the final answer tokens rewards
     retrieving the number from far back in the context. Lengths too short for the RULER wording use
     the compact one; `min_training_length` is the shortest length that works at all.
     compact=True/False forces a wording (packed samples put RULER-worded units into short spans too).
+    with_answer_mask=True returns (ids, mask): mask[i] = 1 where ids[i] is an answer token, else 0.
     """
     task = rng.choice(list(tasks))
     value = random_number(rng, digits)
@@ -246,6 +247,8 @@ def training_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, t
                             compact=compact, _encode_cache=_encode_cache)
     ids = s.prompt_ids + s.answer_ids
     assert len(ids) == length
+    if with_answer_mask:
+        return ids, [0] * len(s.prompt_ids) + [1] * len(s.answer_ids)
     return ids
 
 
@@ -273,7 +276,8 @@ def copy_unit(tokenizer: Any, length: int, rng: random.Random, *, digits: int = 
 
 def packed_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, tasks: Sequence[str] = ("s_niah_1", "s_niah_2"),
                          digits: int = 5, max_unit: int = MAX_UNIT_TOKENS, full_unit_share: float = 0.5,
-                         copy_share: float = 0.0, _encode_cache: _SentenceIds | None = None) -> list[int]:
+                         copy_share: float = 0.0, with_answer_mask: bool = False,
+                         _encode_cache: _SentenceIds | None = None) -> list[int] | tuple[list[int], list[int]]:
     """`length` token ids holding SEVERAL complete passkey units joined by EOS, the last one ending the sample.
 
     Each unit is a `training_needle_sample`; its length is drawn log-uniformly from the shortest that
@@ -284,6 +288,7 @@ def packed_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, tas
     One sample thus yields several answers at varied distances instead of one. A share `copy_share`
     of the other units are `copy_unit`s (dense copying signal). Units are separated by EOS as packed
     documents are; a passkey unit ends the sample.
+    with_answer_mask=True returns (ids, mask): 1 on the passkey units' answer tokens, else 0 (copy units too).
     """
     lo = min_training_length(tokenizer, digits)
     if length < lo:
@@ -299,7 +304,8 @@ def packed_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, tas
         units.append((n, False))
         left -= n + len(sep)
     # the rest becomes the last unit when another unit + separator would not fit beside a shortest one
-    while left > min(max_unit, 2 * lo + len(sep)):
+    # (and while a shortest unit still fits after this one: with max_unit < 2 * lo the last unit may exceed max_unit)
+    while left > min(max_unit, 2 * lo + len(sep)) and left - len(sep) - lo >= lo:
         hi = min(max_unit, left - lo - len(sep))
         n = min(hi, max(lo, round(math.exp(rng.uniform(math.log(lo), math.log(hi))))))
         units.append((n, "copy" if rng.random() < copy_share else None))
@@ -307,15 +313,22 @@ def packed_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, tas
     rng.shuffle(units)
     units.append((left, None))  # a passkey unit always ends the sample
     ids: list[int] = []
+    mask: list[int] = []
     for i, (n, kind) in enumerate(units):
         if kind == "copy":
-            ids += copy_unit(tokenizer, n, rng, digits=digits)
+            unit = copy_unit(tokenizer, n, rng, digits=digits)
+            ids += unit
+            mask += [0] * len(unit)
         else:
-            ids += training_needle_sample(tokenizer, n, rng, tasks=tasks, digits=digits, compact=kind, _encode_cache=enc)
+            unit, unit_mask = training_needle_sample(tokenizer, n, rng, tasks=tasks, digits=digits, compact=kind,
+                                                     with_answer_mask=True, _encode_cache=enc)
+            ids += unit
+            mask += unit_mask
         if i < len(units) - 1:
             ids += sep
-    assert len(ids) == length, (len(ids), length)
-    return ids
+            mask += [0] * len(sep)
+    assert len(ids) == length == len(mask), (len(ids), length)
+    return (ids, mask) if with_answer_mask else ids
 
 
 def _min_prompt(tokenizer: Any, *, compact: bool, digits: int = 5) -> int:

@@ -112,11 +112,11 @@ def prepare(args: argparse.Namespace) -> Path:
             raise PrepareError(f"the input holds fewer than {length} tokens (one sample of --seq-len {args.seq_len} + 1); give more text or a shorter --seq-len")
         f = args.needle_fraction
         n_needle = math.ceil(f * len(text) / (1.0 - f)) if f > 0 else 0
-    samples = mix_samples(text, n_needle, tok, length, args.seed)
+    samples, masks = mix_samples(text, n_needle, tok, length, args.seed)
     meta = {"source": "prepare", "inputs": [str(p) for p in (args.input or ["<embedded>"])], "tokenizer": tok.name,
             "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "seq_len": args.seq_len,
             "needle_fraction": args.needle_fraction, "seed": args.seed}
-    return write_mds(out, samples, sample_len=length, dtype=token_dtype(tok.vocab_size), meta=meta, overwrite=args.overwrite)
+    return write_mds(out, samples, answer_masks=masks if n_needle else None, sample_len=length, dtype=token_dtype(tok.vocab_size), meta=meta, overwrite=args.overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

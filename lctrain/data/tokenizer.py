@@ -110,5 +110,11 @@ def check_vocab_size(model_vocab_size: int, tokenizer: Any) -> None:
 
 
 def check_model_vocab(cfg: Any) -> None:
-    """`check_vocab_size` on a whole config (model.vocab_size vs the tokenizer of data.tokenizer)."""
-    check_vocab_size(cfg.model.vocab_size, get_tokenizer(cfg.data))
+    """`check_vocab_size` on a whole config (model.vocab_size vs the tokenizer of data.tokenizer), and
+    model.document_end_id (when set) must be that tokenizer's EOS id."""
+    tok = get_tokenizer(cfg.data)
+    check_vocab_size(cfg.model.vocab_size, tok)
+    end = getattr(cfg.model, "document_end_id", None)
+    if end is not None and int(end) != int(tok.eos_id):
+        raise TokenizerError(f"model.document_end_id={end} is not the EOS id of the tokenizer ({tok.eos_id}, {tok!r}), which "
+                             f"separates packed documents; set model.document_end_id={tok.eos_id} (or null for no document masking)")

@@ -87,6 +87,8 @@ def cp_prefill_length(n_tokens: int, cp: int, model_cfg) -> int:
         need = max(need, int(model_cfg.conv_size) - 1)
     if "S" in pattern:
         need = max(need, int(model_cfg.window) - 1)
+    if any(c in "SA" for c in pattern):
+        need = max(need, int(getattr(model_cfg, "attn_conv_size", 0) or 0) - 1)
     return n_cp if n_cp // cp >= need else 0
 
 
@@ -113,8 +115,15 @@ class _PrefillRecorder:
         for block, rec in zip(cp_model.blocks, self.records):
             mixer = block.mixer
             if isinstance(mixer, Attention):
-                self.handles.append(mixer.k_proj.register_forward_hook(self._keep(rec, "k_raw")))
-                self.handles.append(mixer.v_proj.register_forward_hook(self._keep(rec, "v_raw")))
+                for name in ("k", "v"):  # k and v before RoPE: after the conv when there is one
+                    if mixer.conv_size > 0:
+                        conv = getattr(mixer, f"{name}_conv")
+                        self.handles.append(conv.register_forward_hook(self._keep_residual(rec, f"{name}_raw")))
+                    else:
+                        self.handles.append(getattr(mixer, f"{name}_proj").register_forward_hook(self._keep(rec, f"{name}_raw")))
+                if mixer.conv_size > 0:
+                    for name in ("q_conv", "k_conv", "v_conv"):
+                        self.handles.append(getattr(mixer, name).register_forward_hook(self._keep_tail(rec, name)))
                 continue
             convs = [(name, child) for name, child in mixer.named_children() if isinstance(child, ShortConv)]
             if not hasattr(mixer, "_op") or not hasattr(mixer, "_cp_op") or not convs:
@@ -130,6 +139,13 @@ class _PrefillRecorder:
     def _keep(rec, key):
         def hook(module, inputs, output):
             rec[key] = output.detach()
+        return hook
+
+    @staticmethod
+    def _keep_residual(rec, key):
+        """For a residual conv (y = x + conv(x)): keeps y."""
+        def hook(module, inputs, output):
+            rec[key] = (inputs[0] + output[0]).detach()
         return hook
 
     @staticmethod
@@ -168,7 +184,9 @@ def _generate_cp(model, cp_model, ids: list[int], max_new_tokens, eos_id, group,
             if isinstance(mixer, Attention):
                 H, D = mixer.n_heads, mixer.head_dim
                 pos = torch.arange(r * shard, (r + 1) * shard, device=device)
-                k = mixer.rope(rec["k_raw"].view(1, shard, H, D), pos)
+                k = rec["k_raw"].view(1, shard, H, D)
+                if mixer.rope is not None:  # None: a NoPE global layer (model.rope.layers=sliding)
+                    k = mixer.rope(k, pos)
                 v = rec["v_raw"].view(1, shard, H, D)
                 if mixer.window is None:
                     k, v = _gather_to(k, group, last), _gather_to(v, group, last)
@@ -177,6 +195,7 @@ def _generate_cp(model, cp_model, ids: list[int], max_new_tokens, eos_id, group,
                     keep = T if mixer.window is None else min(T, mixer.window - 1)
                     kpos = torch.arange(n_cp - T, n_cp, device=device)
                     cache.layers[i].update(k=k[:, T - keep:].contiguous(), v=v[:, T - keep:].contiguous(), pos=kpos[T - keep:])
+                    cache.layers[i].update({name: rec[name] for name in ("q_conv", "k_conv", "v_conv") if name in rec})
             elif r == last:
                 cache.layers[i].update({key: val for key, val in rec.items()})
     result = None

@@ -8,6 +8,12 @@ Under context parallelism (cp_group of size > 1):
   (`lctrain.parallel.halo.prepend_halo`); halo keys sit at positions offset-halo .. offset-1 and the
   zeros rank 0 receives (negative positions) are masked out.
 The parallel modules are imported lazily, only when CP is on.
+
+`conv_size` > 0 adds a short causal depthwise conv on q, k and v after their projections, as a
+residual (q = q + conv(q), ...), before RoPE: each key then carries the tokens just before it, so
+one attention layer can match "the token after an earlier occurrence of what I just read" (an
+induction head) without first composing with a previous-token head in an earlier layer. Under CP
+each conv gets the previous rank's last conv_size-1 inputs (halo); decoding caches their tails.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import ShortConv, run_short_conv
 from .rope import RotaryEmbedding
 
 
@@ -40,6 +47,14 @@ def masked_attention(q, k, v, q_pos, k_pos, window=None):
     """SDPA on [B, T, H, D] tensors with the mask of `window_mask`. Returns [B, Tq, H, D]."""
     mask = window_mask(q_pos, k_pos, window)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def document_attention(q, k, v, q_pos, k_pos, q_docs, k_docs, window=None):
+    """masked_attention restricted to keys of the query's document: q_docs [B, Tq], k_docs [B, Tk]
+    hold each token's document index. Builds a [B, Tq, Tk] mask (short contexts only)."""
+    mask = window_mask(q_pos, k_pos, window)[None] & (q_docs[:, :, None] == k_docs[:, None, :])
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None])
     return out.transpose(1, 2)
 
 
@@ -77,10 +92,10 @@ def _flex_sliding_window(q, k, v, window: int, halo: int, first_valid: int = 0):
 
 class Attention(nn.Module):
     """Multi-head softmax attention with RoPE (`rope=None`: no positions, NoPE); `window=None` for
-    global causal attention."""
+    global causal attention; `conv_size` > 0: short convs on q, k, v (module doc)."""
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, *, window: int | None,
-                 rope: RotaryEmbedding | None,
+                 rope: RotaryEmbedding | None, conv_size: int = 0,
                  cp_group=None, use_flex: bool = True):
         super().__init__()
         if window is not None and window < 1:
@@ -91,6 +106,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
         self.o_proj.is_output_projection = True
+        self.conv_size = conv_size
+        if conv_size > 0:
+            self.q_conv = ShortConv(n_heads * head_dim, conv_size, activation=False)
+            self.k_conv = ShortConv(n_heads * head_dim, conv_size, activation=False)
+            self.v_conv = ShortConv(n_heads * head_dim, conv_size, activation=False)
         self.rope = rope
         self.cp_group = cp_group if _group_size(cp_group) > 1 else None
         self.use_flex = use_flex
@@ -99,24 +119,38 @@ class Attention(nn.Module):
     def new_cache(self, batch_size: int, device) -> dict:
         return {"k": None, "v": None, "pos": None}
 
-    def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """doc_ids [B, T] (optional, single process, no cache): a query attends only to keys of its own
+        document (packed documents do not see each other)."""
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
         pos = torch.arange(position_offset, position_offset + T, device=x.device)
-        q = self.q_proj(x).view(B, T, H, D)
-        k = self.k_proj(x).view(B, T, H, D)
+        q = self._project(self.q_proj, "q_conv", x, cache).view(B, T, H, D)
+        k = self._project(self.k_proj, "k_conv", x, cache).view(B, T, H, D)
         if self.rope is not None:
             q, k = self.rope(q, pos), self.rope(k, pos)
-        v = self.v_proj(x).view(B, T, H, D)
+        v = self._project(self.v_proj, "v_conv", x, cache).view(B, T, H, D)
         if cache is not None:
             if self.cp_group is not None:
                 raise ValueError("incremental decoding (cache=) is single-process; build the model with cp_group=None")
+            if doc_ids is not None:
+                raise ValueError("document masking (doc_ids) does not apply to incremental decoding")
             out = self._attend_cached(q, k, v, pos, cache)
         elif self.cp_group is not None:
-            out = self._attend_cp(q, k, v, position_offset)
+            out = self._attend_cp(q, k, v, position_offset, doc_ids)
+        elif doc_ids is not None:
+            out = document_attention(q, k, v, pos, pos, doc_ids, doc_ids, self.window)
         else:
             out = self._attend_local(q, k, v)
         return self.o_proj(out.reshape(B, T, H * D))
+
+    def _project(self, proj: nn.Linear, conv_name: str, x: torch.Tensor, cache: dict | None) -> torch.Tensor:
+        """proj(x), plus the short conv of it when conv_size > 0 (residual)."""
+        y = proj(x)
+        if self.conv_size > 0:
+            y = y + run_short_conv(getattr(self, conv_name), y, cache, conv_name, self.cp_group)
+        return y
 
     def _attend_local(self, q, k, v):
         T = q.shape[1]
@@ -127,11 +161,18 @@ class Attention(nn.Module):
         pos = torch.arange(T, device=q.device)
         return masked_attention(q, k, v, pos, pos, self.window)
 
-    def _attend_cp(self, q, k, v, position_offset: int):
+    def _attend_cp(self, q, k, v, position_offset: int, doc_ids=None):
         if self.window is None:
             from lctrain.parallel.ulysses import ulysses_attention
 
-            return ulysses_attention(q, k, v, self.cp_group, causal_attention)
+            if doc_ids is None:
+                return ulysses_attention(q, k, v, self.cp_group, causal_attention)
+            from lctrain.parallel.halo import gather_sequence
+
+            full_docs = gather_sequence(doc_ids, self.cp_group, dim=1)  # Ulysses attends over the whole sequence
+            full_pos = torch.arange(full_docs.shape[1], device=q.device)
+            return ulysses_attention(q, k, v, self.cp_group, lambda q, k, v: document_attention(
+                q, k, v, full_pos, full_pos, full_docs, full_docs))
         from lctrain.parallel.halo import prepend_halo
 
         halo = self.window - 1
@@ -142,6 +183,9 @@ class Attention(nn.Module):
         v = prepend_halo(v, halo, self.cp_group, dim=1)
         q_pos = torch.arange(position_offset, position_offset + T, device=q.device)
         k_pos = torch.arange(position_offset - halo, position_offset + T, device=q.device)
+        if doc_ids is not None:
+            k_docs = prepend_halo(doc_ids, halo, self.cp_group, dim=1)
+            return document_attention(q, k, v, q_pos, k_pos, doc_ids, k_docs, self.window)
         if self.use_flex and q.is_cuda:
             return _flex_sliding_window(q, k, v, self.window, halo=halo, first_valid=max(0, halo - position_offset))
         return masked_attention(q, k, v, q_pos, k_pos, self.window)

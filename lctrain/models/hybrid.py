@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lctrain.config import init_std
 
-from .attention import Attention
+from .attention import Attention, _group_size
 from .layers import RMSNorm, SwiGLU, swiglu_hidden_size
 from .linear_mixers import DeltaNetMixer, Mamba2Mixer
 from .rope import RotaryEmbedding
@@ -44,6 +44,13 @@ def _pattern(cfg_model: Any) -> str:
     return pattern
 
 
+def _attn_conv_size(cfg_model: Any, kind: str) -> int:
+    """model.attn_conv_size for this attention layer: 0 for "S" layers when model.attn_conv_layers=global."""
+    if kind == "S" and str(_cfg(cfg_model, "attn_conv_layers", "all")) == "global":
+        return 0
+    return int(_cfg(cfg_model, "attn_conv_size", 0) or 0)
+
+
 class Block(nn.Module):
     """Pre-norm mixer + residual, pre-norm SwiGLU MLP + residual."""
 
@@ -63,11 +70,16 @@ class Block(nn.Module):
         else:
             nope = kind == "A" and str(_cfg(m.rope, "layers", "all")) == "sliding"
             self.mixer = Attention(d, m.attn_heads, m.attn_head_dim, window=m.window if kind == "S" else None,
-                                   rope=None if nope else rope, cp_group=cp_group)
+                                   rope=None if nope else rope, conv_size=_attn_conv_size(m, kind),
+                                   cp_group=cp_group)
         self.mlp = SwiGLU(d, swiglu_hidden_size(d, m.mlp_ratio))
 
-    def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None) -> torch.Tensor:
-        x = x + self.mixer(self.norm1(x), position_offset, cache)
+    def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if doc_ids is not None and isinstance(self.mixer, Attention):
+            x = x + self.mixer(self.norm1(x), position_offset, cache, doc_ids=doc_ids)
+        else:
+            x = x + self.mixer(self.norm1(x), position_offset, cache)
         return x + self.mlp(self.norm2(x))
 
 
@@ -79,6 +91,7 @@ class LMCache:
         self.layers: list[dict] = [{} for _ in range(n_layers)]
         self.batch_size = batch_size
         self.seen_tokens = 0
+        self.last_was_end = False  # the last token fed was a document end (model.document_end_id)
 
 
 class HybridLM(nn.Module):
@@ -128,16 +141,45 @@ class HybridLM(nn.Module):
             if cache.batch_size != input_ids.shape[0]:
                 raise ValueError(f"cache was made for batch {cache.batch_size}, got input batch {input_ids.shape[0]}")
             offset += cache.seen_tokens
+        doc_ids = self._doc_ids(input_ids, cache)
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
             if self.checkpoint_activations and cache is None and torch.is_grad_enabled():
-                x = checkpoint(block, x, offset, None, use_reentrant=False)
+                x = checkpoint(block, x, offset, None, doc_ids, use_reentrant=False)
             else:
-                x = block(x, offset, layer_cache)
+                x = block(x, offset, layer_cache, doc_ids)
         if cache is not None:
             cache.seen_tokens += input_ids.shape[1]
         return self.lm_head(self.norm(x)).float()
+
+    def _doc_ids(self, input_ids: torch.Tensor, cache: LMCache | None) -> torch.Tensor | None:
+        """Document index of each token when model.document_end_id is set: the number of separators
+        strictly before it in the whole sequence (a separator belongs to the document it ends; under
+        CP the counts of the earlier shards are added). None when unset or when the sequence holds no
+        separator (plain causal attention is then the same thing)."""
+        end = _cfg(self.cfg, "document_end_id", None)
+        if end is None:
+            return None
+        is_end = input_ids == int(end)
+        if cache is not None:
+            if bool(is_end[:, :-1].any()) or (cache.seen_tokens and cache.last_was_end):
+                raise ValueError(f"decoding across a document end (token {end}) is not supported with "
+                                 "model.document_end_id set; give one document per prompt")
+            cache.last_was_end = bool(is_end[:, -1].any())
+            return None
+        local = torch.cumsum(is_end, dim=1) - is_end.long()
+        if _group_size(self.cp_group) == 1:
+            return local if bool(is_end[:, :-1].any()) else None
+        import torch.distributed as dist
+
+        from lctrain.parallel.halo import gather_sequence
+
+        counts = gather_sequence(is_end.sum(dim=1, keepdim=True), self.cp_group, dim=1)  # [B, P]
+        if not bool(counts.any()):
+            return None
+        before = counts[:, : dist.get_rank(self.cp_group)].sum(dim=1, keepdim=True)
+        return local + before
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied head counts once); optionally without the embedding table."""

@@ -79,3 +79,19 @@ class ShortConv(nn.Module):
         if self.activation:
             y = F.silu(y)
         return y, xcat[:, xcat.shape[1] - (K - 1):]
+
+
+def run_short_conv(conv: ShortConv, x: torch.Tensor, cache: dict | None, name: str, cp_group=None) -> torch.Tensor:
+    """Runs `conv` on x [B, T, C] with the right prefix: the tail cached under `name` when decoding
+    (and stores the new tail there), else the previous CP rank's last inputs when cp_group is set,
+    else zeros."""
+    if cache is not None:
+        y, tail = conv(x, cache.get(name))
+        cache[name] = tail.detach()
+        return y
+    if cp_group is not None and conv.kernel_size > 1:
+        from lctrain.parallel.halo import prepend_halo
+
+        xh = prepend_halo(x, conv.kernel_size - 1, cp_group, dim=1)
+        return conv(x, xh[:, : conv.kernel_size - 1])[0]
+    return conv(x)[0]

@@ -28,7 +28,7 @@ from torch import nn
 from lctrain import kernels
 
 from .attention import _group_size
-from .layers import GatedRMSNorm, ShortConv
+from .layers import GatedRMSNorm, ShortConv, run_short_conv
 
 
 def _init_decay_params(n_heads: int, A_init_range=(1.0, 16.0), dt_min=1e-3, dt_max=0.1):
@@ -70,18 +70,7 @@ class _LinearMixerBase(nn.Module):
         return self._cp_op
 
     def _conv(self, conv: ShortConv, x: torch.Tensor, cache: dict | None, name: str) -> torch.Tensor:
-        """Runs one short conv, taking its prefix from the cache (decoding) or the CP halo."""
-        if cache is not None:
-            y, tail = conv(x, cache.get(name))
-            cache[name] = tail.detach()
-            return y
-        if self.cp_group is not None and self.conv_size > 1:
-            from lctrain.parallel.halo import prepend_halo
-
-            xh = prepend_halo(x, self.conv_size - 1, self.cp_group, dim=1)
-            y, _ = conv(x, xh[:, : self.conv_size - 1])
-            return y
-        return conv(x)[0]
+        return run_short_conv(conv, x, cache, name, self.cp_group)
 
     def _run_op(self, args: tuple, cache: dict | None, scale=None) -> torch.Tensor:
         kw = dict(backend=self.backend, chunk_size=self.chunk_size)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lctrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lctrain.train.optim import build_optimizer, build_scheduler
@@ -151,6 +151,16 @@ def reduce_gradients(params: list[torch.nn.Parameter], group, dp_size: int) -> N
         for g in bucket:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+def answer_weights(batch: dict, answer_loss_weight: float, device) -> torch.Tensor | None:
+    """Per-token loss weights: train.answer_loss_weight on the tokens the dataset marks as answers
+    (its `answer_mask` column: the synthetic needle samples' answer digits), 1 elsewhere. None when
+    the data has no such column or the weight is 1."""
+    mask = batch.get("answer_mask")
+    if mask is None or answer_loss_weight == 1.0:
+        return None
+    return 1.0 + (float(answer_loss_weight) - 1.0) * mask.to(device, non_blocking=True).float()
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, tp_group=None) -> torch.Tensor:
@@ -343,8 +353,10 @@ def _train(cfg: DictConfig, device: torch.device, mesh) -> dict:
                 batch = next(batches)
                 input_ids = batch["input_ids"].to(device, non_blocking=True)
                 labels = batch["labels"].to(device, non_blocking=True)
+                weights = answer_weights(batch, t.answer_loss_weight, device)
                 with autocast:
-                    loss, mean_loss = lm_loss(model, input_ids, labels, cp_group=cp_group, position_offset=cp_rank * input_ids.shape[1])
+                    loss, mean_loss = lm_loss(model, input_ids, labels, cp_group=cp_group, position_offset=cp_rank * input_ids.shape[1],
+                                              token_weights=weights)
                 loss = loss / t.grad_accum
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 loss_sum += mean_loss.detach()

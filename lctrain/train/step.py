@@ -3,6 +3,11 @@
 Under CP each rank holds a contiguous shard of one sequence. `loss` is this rank's share:
 (sum of its token losses) / (number of valid tokens in the whole CP group's sequence), so that the
 SUM of parameter gradients over the CP ranks is the gradient of the full-sequence mean loss.
+
+`token_weights` (same shape as labels) scales each token's loss in the differentiable share (e.g. x20
+on the answer tokens of synthetic needle samples); the normalisation stays the number of valid
+tokens, so weighting some tokens raises their share of the gradient instead of rescaling the rest.
+The reported mean is always the unweighted mean.
 """
 from __future__ import annotations
 
@@ -13,19 +18,25 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, cp_group=None, position_offset: int = 0):
+def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, cp_group=None, position_offset: int = 0,
+            token_weights: torch.Tensor | None = None):
     """-> (loss, mean_loss): this rank's differentiable share and the detached full-sequence mean.
 
-    Labels equal to -100 are ignored. With `cp_group` None (or of size 1) both are the plain mean.
+    Labels equal to -100 are ignored. With `cp_group` None (or of size 1) and no token_weights both
+    are the plain mean.
     """
     if input_ids.shape != labels.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} must have the same shape [B, T_local]")
+    if token_weights is not None and token_weights.shape != labels.shape:
+        raise ValueError(f"token_weights {tuple(token_weights.shape)} must have the labels' shape {tuple(labels.shape)}")
     logits = model(input_ids, position_offset=position_offset)
-    token_losses = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    per_token = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     )
+    token_losses = per_token.sum()
+    weighted = token_losses if token_weights is None else (per_token * token_weights.reshape(-1).float()).sum()
     stats = torch.stack([token_losses.detach(), (labels != IGNORE_INDEX).sum().to(token_losses.dtype)])
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=cp_group)
     total_loss, n_tokens = stats[0], stats[1].clamp(min=1.0)
-    return token_losses / n_tokens, total_loss / n_tokens
+    return weighted / n_tokens, total_loss / n_tokens
