@@ -121,8 +121,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """doc_ids [B, T] (optional, single process, no cache): a query attends only to keys of its own
-        document (packed documents do not see each other)."""
+        """doc_ids [B, T] (optional, not with a cache; global document indices under CP): a query
+        attends only to keys of its own document (packed documents do not see each other)."""
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
         pos = torch.arange(position_offset, position_offset + T, device=x.device)
