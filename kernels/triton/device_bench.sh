@@ -6,7 +6,8 @@
 # and fla's autotune results; saves minutes). Results land in $OUT.
 set -u
 STEPS="${*:-tests bench profile sweep}"
-# TUNE_ARGS: extra arguments of lctrain.bench.tune_kernels (e.g. "--kernels dqk --methods delta")
+# TUNE_ARGS: extra arguments of lctrain.bench.tune_kernels (e.g. "--kernels dqk --methods delta");
+# TEST_ARGS: extra pytest arguments of the tests step (e.g. "-k 256")
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tcache FLA_CACHE_RESULTS=1
 R=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/tcache
@@ -22,7 +23,7 @@ save_cache() { (cd /tmp/tcache && find . -name '*.autotune.json' | tar czf "$OUT
 for s in $STEPS; do
   echo "=== $s $(date +%T)"
   case $s in
-    tests) python3 -m pytest -m gpu -q -x -p no:cacheprovider -c "$R/pyproject.toml" --rootdir "$R" \
+    tests) python3 -m pytest -m gpu -q -x -p no:cacheprovider -c "$R/pyproject.toml" --rootdir "$R" ${TEST_ARGS:-} \
              "$R/tests/test_kernels_gpu.py" 2>&1 | tail -5 ;;
     bench) python3 -m lctrain.cli bench kernels --json "$OUT/bench.json" \
              ${BENCH_ARGS:---warmup 10 --rep 50} 2>&1 | tee "$OUT/bench.txt" | grep -v "^T="; save_cache ;;
