@@ -83,19 +83,15 @@ def test_cli_config_show_and_errors(capsys):
     assert cli_main(["bench"]) == 2
 
 
-def test_train_refuses_a_vocab_smaller_than_the_tokenizer(capsys, tmp_path):
-    code = cli_main(["train", "model.vocab_size=200", f"train.out_dir={tmp_path}/run"])
+@pytest.mark.parametrize("override, expected", [
+    ("model.vocab_size=200", ("model.vocab_size", ">= 259")),  # smaller than the tokenizer
+    ("model.document_end_id=5", ("model.document_end_id=257", "EOS")),  # not the tokenizer's EOS
+])
+def test_train_refuses_ids_that_do_not_fit_the_tokenizer(override, expected, capsys, tmp_path):
+    code = cli_main(["train", override, f"train.out_dir={tmp_path}/run"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "model.vocab_size" in err and ">= 259" in err
-    assert not (tmp_path / "run").exists()
-
-
-def test_train_refuses_a_document_end_that_is_not_the_eos(capsys, tmp_path):
-    code = cli_main(["train", "model.document_end_id=5", f"train.out_dir={tmp_path}/run"])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "model.document_end_id=257" in err and "EOS" in err
+    assert all(text in err for text in expected)
     assert not (tmp_path / "run").exists()
 
 

@@ -42,6 +42,7 @@ def run(name: str, opts: dict) -> dict:
     from lctrain.data.tokenizer import get_tokenizer
     from lctrain.eval.niah import run_niah
     from lctrain.models import build_model
+    from lctrain.train.loop import answer_weights
     from lctrain.train.optim import build_optimizer, build_scheduler
     from lctrain.train.step import lm_loss
 
@@ -68,7 +69,7 @@ def run(name: str, opts: dict) -> dict:
         rows = order[step * mb:(step + 1) * mb]
         batch = torch.as_tensor(np.stack([samples[i] for i in rows]).astype(np.int64)).to(dev)
         mask = torch.as_tensor(np.stack([masks[i] for i in rows]).astype(np.int64))[:, 1:].to(dev)
-        weights = 1.0 + (float(t.answer_loss_weight) - 1.0) * mask.float()
+        weights = answer_weights({"answer_mask": mask}, t.answer_loss_weight, dev)
         loss, mean = lm_loss(model, batch[:, :-1], batch[:, 1:], token_weights=weights)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

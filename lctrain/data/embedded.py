@@ -72,6 +72,11 @@ def embedded_dataset_path(data_cfg: Any, num_samples: int | None = None) -> Path
     return Path(os.path.expanduser(str(data_cfg.cache_dir))).absolute() / f"embedded-{digest}"
 
 
+def holds_needle(tokenizer: Any, length: int) -> bool:
+    """Whether a sample of `length` tokens is long enough for a passkey unit of NEEDLE_DIGITS digits."""
+    return length >= min_training_length(tokenizer, NEEDLE_DIGITS)
+
+
 def mix_samples(text: list[np.ndarray], n_needle: int, tokenizer: Any, length: int,
                 seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(samples, answer_masks): `text` samples and `n_needle` synthetic needle samples (each `length`
@@ -85,7 +90,7 @@ def mix_samples(text: list[np.ndarray], n_needle: int, tokenizer: Any, length: i
 
     Samples shorter than `needle.min_training_length` cannot hold a needle: then none are added.
     """
-    if length < min_training_length(tokenizer, NEEDLE_DIGITS):
+    if not holds_needle(tokenizer, length):
         n_needle = 0
     rng = random.Random(f"needle-{seed}")
     cache = _SentenceIds(tokenizer)
@@ -111,7 +116,7 @@ def build_embedded_samples(tokenizer: Any, seq_len: int, num_samples: int, needl
     """(samples, answer_masks) of the embedded dataset (each seq_len + 1 long): text and needle
     samples interleaved (see mix_samples); all text when seq_len is too short for a needle."""
     length = seq_len + 1
-    n_needle = round(needle_fraction * num_samples) if length >= min_training_length(tokenizer, NEEDLE_DIGITS) else 0
+    n_needle = round(needle_fraction * num_samples) if holds_needle(tokenizer, length) else 0
     n_text = num_samples - n_needle
     text: list[np.ndarray] = []
     if n_text:

@@ -76,10 +76,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if doc_ids is not None and isinstance(self.mixer, Attention):
-            x = x + self.mixer(self.norm1(x), position_offset, cache, doc_ids=doc_ids)
-        else:
-            x = x + self.mixer(self.norm1(x), position_offset, cache)
+        documents = {"doc_ids": doc_ids} if doc_ids is not None and self.kind in "SA" else {}  # attention only
+        x = x + self.mixer(self.norm1(x), position_offset, cache, **documents)
         return x + self.mlp(self.norm2(x))
 
 
