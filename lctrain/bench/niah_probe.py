@@ -5,7 +5,7 @@ One run = the real config (`load_config` + overrides), the embedded dataset's sa
 with train.answer_loss_weight, batches from memory in a seeded shuffled order (no MDS, no streaming),
 float32 and the chunkwise torch kernels, then `run_niah` on S-NIAH-1 at the training length with the
 RULER and the train template. Prints one JSON line: eval accuracy, mean loss and mean answer-token
-loss per 50 steps. Many runs fit on one GPU at once (tiny models), which is how lctrain/eval/NOTES.md's
+loss per 50 steps. Many runs fit on one GPU at once (tiny models), which is how docs/eval-notes.md's
 tables were measured:
 
     python -m lctrain.bench.niah_probe NAME '{"overrides": ["train.seed=7"], "extra_lengths": [2048]}'

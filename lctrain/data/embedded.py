@@ -85,7 +85,7 @@ def mix_samples(text: list[np.ndarray], n_needle: int, tokenizer: Any, length: i
 
     A share PACKED_NEEDLE_SHARE of the needle samples holds several passkey units (dense retrieval
     signal), the rest one needle over the whole length. The digit-copy units `needle.copy_unit` are
-    left out: in probes (lctrain/eval/NOTES.md) they made the sliding-window layer learn to copy
+    left out: in probes (docs/eval-notes.md) they made the sliding-window layer learn to copy
     digits by position, and the global layer then never learned the long-distance retrieval.
 
     Samples shorter than `needle.min_training_length` cannot hold a needle: then none are added.
