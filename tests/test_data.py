@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,8 +16,6 @@ from lctrain.data import needle
 from lctrain.data.embedded import NEEDLE_DIGITS
 from lctrain.data.mds import DatasetExistsError, read_meta, write_mds
 from lctrain.data.packing import pack_documents, packed_epochs
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 def _data_cfg(**kw):
@@ -60,13 +57,12 @@ def test_bad_tokenizer_path_gives_clear_error(tmp_path):
         get_tokenizer(_data_cfg(tokenizer=str(tmp_path / "missing.json")))
     bad = tmp_path / "tokenizer.json"
     bad.write_text("{not json")
-    pytest.importorskip("tokenizers")
     with pytest.raises(TokenizerError, match="not a valid HF tokenizer.json"):
         get_tokenizer(str(bad))
 
 
 def _tiny_hf_tokenizer(path: Path, specials=("<s>", "</s>", "<pad>")) -> Path:
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers  # the test extra declares it
     from tokenizers import models, pre_tokenizers, decoders, trainers
 
     tok = tokenizers.Tokenizer(models.BPE(unk_token=None))

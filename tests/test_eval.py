@@ -28,8 +28,7 @@ from lctrain.eval.ruler import (
     string_match_all,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_utils import run_world  # noqa: E402
+from dist_utils import run_world  # tests/ is on sys.path through conftest.py (see there)
 
 TINY = ["model.d_model=32", "model.layer_pattern=GSGA", "model.n_heads=2", "model.head_dim=8", "model.attn_heads=2",
         "model.attn_head_dim=8", "model.window=8", "model.chunk_size=16", "model.conv_size=4", "model.mlp_ratio=2.0",
