@@ -11,8 +11,8 @@ tables were measured:
     python -m lctrain.bench.niah_probe NAME '{"overrides": ["train.seed=7"], "extra_lengths": [2048]}'
 
 Keys: overrides (config key=value list), device (cuda|cpu), samples (per depth), extra_lengths
-(RULER-template lengths beyond seq_len, 3 depths x 4 samples), threads, digits / packed_share (the
-embedded builder's NEEDLE_DIGITS / PACKED_NEEDLE_SHARE).
+(RULER-template lengths beyond seq_len, 3 depths x 4 samples), threads, digits / packed_share (passed to the
+embedded sample builder; its NEEDLE_DIGITS / PACKED_NEEDLE_SHARE when left out).
 """
 from __future__ import annotations
 
@@ -50,13 +50,11 @@ def run(name: str, opts: dict) -> dict:
     torch.set_num_threads(int(c["threads"]))
     cfg = load_config(None, ["model.kernel_backend=torch", "train.dtype=float32", *c["overrides"]])
     dev = torch.device(c["device"] if torch.cuda.is_available() else "cpu")
-    if c["digits"] is not None:
-        embedded.NEEDLE_DIGITS = int(c["digits"])
-    if c["packed_share"] is not None:
-        embedded.PACKED_NEEDLE_SHARE = float(c["packed_share"])
+    mix = {k: v for k, v in (("digits", c["digits"]), ("packed_share", c["packed_share"])) if v is not None}
     tok = get_tokenizer(cfg.data)
     t, L, mb = cfg.train, int(cfg.data.seq_len), int(cfg.data.micro_batch_size)
-    samples, masks = embedded.build_embedded_samples(tok, L, t.steps * mb, float(cfg.data.needle_fraction), int(cfg.data.seed))
+    samples, masks = embedded.build_embedded_samples(tok, L, t.steps * mb, float(cfg.data.needle_fraction), int(cfg.data.seed),
+                                                     **mix)
     order = list(range(len(samples)))
     random.Random(c["order_seed"]).shuffle(order)
     torch.manual_seed(int(t.seed))

@@ -43,8 +43,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def default_max_new_tokens(task: str, template: str, tokenizer) -> int:
     """Room for every expected value plus separators: answers * (tokens of ' value' + 2) + 8."""
-    spec, tmpl = TASKS[task], get_template(template)
-    value = random_value(random.Random(0), spec.value_type, tmpl.number_digits)
+    spec = TASKS[task]
+    get_template(template)  # an unknown name is refused here too
+    value = random_value(random.Random(0), spec.value_type)
     answers = spec.num_values * spec.num_queries
     return answers * (len(tokenizer.encode(" " + value)) + 2) + 8
 
