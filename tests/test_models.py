@@ -5,7 +5,6 @@ Tiny float32 shapes on CPU, backends "torch" and "naive".
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
