@@ -12,7 +12,7 @@ import sys
 import warnings
 
 from lctrain.config import ConfigError, load_config, split_recipe_and_overrides, world_size_needed
-from lctrain.launcher import self_launch
+from lctrain.local_launch import self_launch
 from lctrain.data.tokenizer import TokenizerError, check_model_vocab
 
 
