@@ -82,7 +82,7 @@ def test_lm_loss_equals_cross_entropy_mean():
 
 
 def test_answer_weights_from_the_batch():
-    from lctrain.train.loop import answer_weights
+    from lctrain.train.step import answer_weights
 
     mask = torch.tensor([[0, 1, 1, 0]], dtype=torch.uint8)
     torch.testing.assert_close(answer_weights({"answer_mask": mask}, 20.0, "cpu"), torch.tensor([[1.0, 20.0, 20.0, 1.0]]))
@@ -128,22 +128,22 @@ class _Crash(Exception):
 
 
 def test_train_writes_checkpoint_and_resume_continues(tmp_path, parts, monkeypatch):
-    from lctrain.train import loop
+    from lctrain.train import trainer
 
     full, split = tmp_path / "full", tmp_path / "split"
     assert _run(parts, full, "train.steps=5") == 0
     assert ckpt_mod.latest_checkpoint(full).name == "step_5"
     # the split run dies right after its step-3 checkpoint ...
-    real_save = loop.save_checkpoint
+    real_save = trainer.save_checkpoint
 
     def save_then_crash(*args, **kwargs):
         path = real_save(*args, **kwargs)
         raise _Crash(path)
 
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
     with pytest.raises(_Crash):
         _run(parts, split, "train.steps=5", "train.ckpt_every=3")
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
     ckpt = ckpt_mod.latest_checkpoint(split)
     assert ckpt is not None and ckpt.name == "step_3"
     assert (split / "config.yaml").is_file() and not list((split / "ckpt").glob("*.tmp"))
@@ -254,7 +254,7 @@ class _PosModel(torch.nn.Module):
 def _grad_worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
-    from lctrain.train.loop import reduce_gradients
+    from lctrain.train.grad_comm import reduce_gradients
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -331,28 +331,28 @@ def test_cp2_self_launch_runs_two_steps(tmp_path, data_cache):
 
 
 def test_cpu_threads_policy(monkeypatch):
-    from lctrain.train import loop
+    from lctrain.train import device
 
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert loop.cpu_threads() == 3
+    assert device.cpu_threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
-    monkeypatch.setattr(loop.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(device.os, "cpu_count", lambda: 8)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    monkeypatch.setattr(loop.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
-    assert loop.cpu_threads() == 4
-    monkeypatch.setattr(loop.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
-    assert loop.cpu_threads() == 1
+    monkeypatch.setattr(device.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert device.cpu_threads() == 4
+    monkeypatch.setattr(device.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert device.cpu_threads() == 1
 
 
 def test_cpu_threads_guard_drops_to_one_thread_when_steps_slow_down():
-    from lctrain.train.loop import _CpuThreadsGuard
+    from lctrain.train.device import CpuThreadsGuard
 
     said = []
     reporter = types.SimpleNamespace(say=said.append)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        guard = _CpuThreadsGuard(torch.device("cpu"))
+        guard = CpuThreadsGuard(torch.device("cpu"))
         for i, t in enumerate([5.0, 1.0, 1.1, 0.9, 1.2, 3.0]):  # warm-up, steady, 3.3x: keep threads
             guard.observe(i, t, reporter)
         assert torch.get_num_threads() == 2 and not said

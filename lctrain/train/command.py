@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     # megatron-core warns at import that it falls back to torch without Transformer Engine / Apex
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     from lctrain.train.checkpoint import CheckpointError
-    from lctrain.train.loop import TrainingError, train
+    from lctrain.train.trainer import TrainingError, train
 
     try:
         train(cfg)
