@@ -114,6 +114,31 @@ def test_scheduler_drives_optimizer_lr():
     assert seen == pytest.approx(want)
 
 
+def test_trainer_step_reports_loss_and_grad_norm_of_its_micro_batches():
+    """Trainer.step over two micro-batches: the mean of their losses and the norm of the mean gradient,
+    as one process computes them by hand on a copy of the model, then one optimizer update."""
+    import copy
+
+    from lctrain.train.trainer import Trainer
+
+    cfg = load_config(None, [*TINY, "train.grad_clip=0"])
+    trainer = Trainer(cfg, torch.device("cpu"), data=False)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 2, 33), generator=g)
+    batches = [{"input_ids": x[:, :-1], "labels": x[:, 1:]} for x in ids]
+    ref = copy.deepcopy(trainer.model)
+    shares = [lm_loss(ref, b["input_ids"], b["labels"]) for b in batches]
+    (sum(loss for loss, _ in shares) / 2).backward()
+    want_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in ref.parameters() if p.grad is not None))
+    metrics = trainer.step(batches)
+    assert metrics.step == trainer.step_count == 1
+    assert metrics.loss == pytest.approx(float(sum(mean for _, mean in shares) / 2), rel=1e-6)
+    assert metrics.grad_norm == pytest.approx(float(want_norm), rel=1e-5)
+    assert metrics.lr == pytest.approx(cfg.train.lr * lr_factor(0, warmup_steps=1, total_steps=3, min_lr_ratio=cfg.train.min_lr_ratio))
+    assert all(p.grad is None for p in trainer.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(trainer.model.parameters(), ref.parameters()))
+
+
 def test_no_weight_decay_on_norms_biases_embeddings():
     model = torch.nn.ModuleDict({"emb": torch.nn.Embedding(10, 4), "lin": torch.nn.Linear(4, 4), "norm": torch.nn.LayerNorm(4)})
     groups = param_groups(model, 0.1)
