@@ -1,8 +1,9 @@
 """Retrieval probe: does a model config learn S-NIAH-1 from the embedded needle data? (issue 5 research)
 
 One run = the real config (`load_config` + overrides), the embedded dataset's sample builder
-(`build_embedded_samples`, answer masks included), the repo's model / optimizer / schedule / lm_loss
-with train.answer_loss_weight, batches from memory in a seeded shuffled order (no MDS, no streaming),
+(`build_embedded_samples`, answer masks included), the training `Trainer` without its loader (its
+model, optimizer, schedule and `step`: loss with train.answer_loss_weight, clipping), batches from
+memory in a seeded shuffled order (no MDS, no streaming),
 float32 and the chunkwise torch kernels, then `run_niah` on S-NIAH-1 at the training length with the
 RULER and the train template. Prints one JSON line: eval accuracy, mean loss and mean answer-token
 loss per 50 steps. Many runs fit on one GPU at once (tiny models), which is how docs/eval-notes.md's
@@ -41,10 +42,7 @@ def run(name: str, opts: dict) -> dict:
     from lctrain.data import embedded
     from lctrain.data.tokenizer import get_tokenizer
     from lctrain.eval.niah import run_niah
-    from lctrain.models import build_model
-    from lctrain.train.loop import answer_weights
-    from lctrain.train.optim import build_optimizer, build_scheduler
-    from lctrain.train.step import lm_loss
+    from lctrain.train.trainer import Trainer
 
     c = dict(DEFAULTS, **opts)
     torch.set_num_threads(int(c["threads"]))
@@ -57,24 +55,16 @@ def run(name: str, opts: dict) -> dict:
                                                      **mix)
     order = list(range(len(samples)))
     random.Random(c["order_seed"]).shuffle(order)
-    torch.manual_seed(int(t.seed))
-    model = build_model(cfg.model, max_position=L).to(dev)
-    optimizer = build_optimizer(model, t)
-    scheduler = build_scheduler(optimizer, t)
+    trainer = Trainer(cfg, dev, data=False)  # the model, optimizer, schedule and step of `lctrain train`
+    model = trainer.model
     losses, answer_losses, start = [], [], time.time()
     model.train()
     for step in range(t.steps):
         rows = order[step * mb:(step + 1) * mb]
         batch = torch.as_tensor(np.stack([samples[i] for i in rows]).astype(np.int64)).to(dev)
         mask = torch.as_tensor(np.stack([masks[i] for i in rows]).astype(np.int64))[:, 1:].to(dev)
-        weights = answer_weights({"answer_mask": mask}, t.answer_loss_weight, dev)
-        loss, mean = lm_loss(model, batch[:, :-1], batch[:, 1:], token_weights=weights)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(mean))
+        metrics = trainer.step([{"input_ids": batch[:, :-1], "labels": batch[:, 1:], "answer_mask": mask}])
+        losses.append(metrics.loss)
         if mask.any():
             with torch.no_grad():  # the answer tokens' plain loss (a second forward: probes only)
                 logits = model(batch[:, :-1])
