@@ -379,6 +379,45 @@ def test_document_mask_keeps_packed_documents_apart(pattern):
         model(torch.cat([first, sep, second], 1), cache=model.new_cache(2))
 
 
+def _packed_vs_alone(model, lengths, batch=1, seed=0):
+    """Logits of documents packed into rows (each ending in token 63) vs each document alone."""
+    gen = torch.Generator().manual_seed(seed)
+    docs = [torch.cat([torch.randint(0, 63, (batch, n - 1), generator=gen), torch.full((batch, 1), 63)], 1)
+            for n in lengths]
+    with torch.no_grad():
+        packed = model(torch.cat(docs, 1))
+        start = 0
+        for doc in docs:
+            alone = model(doc)
+            torch.testing.assert_close(packed[:, start:start + doc.shape[1]], alone, atol=2e-5, rtol=2e-5)
+            start += doc.shape[1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_documents_are_apart_in_every_layer(backend):
+    """model.document_end_id: recurrent states, short convs (mixers' and attention's) and attention
+    all restart at each document; documents shorter than a chunk / the conv / the window, of one token;
+    two rows with the same layout go end to end as one packed stream."""
+    torch.manual_seed(19)
+    model = build_model(tiny_cfg("GDMSA", backend, document_end_id=63, attn_conv_size=3,
+                                 attn_conv_layers="all")).eval()
+    _packed_vs_alone(model, [6, 1, 2, 11, 9], batch=2)
+
+
+@pytest.mark.slow
+def test_packed_documents_apart_above_the_old_16k_cap():
+    """Every layer letter at 16.5K packed tokens (no T x T mask anywhere), CPU-sized model."""
+    torch.manual_seed(20)
+    model = build_model(tiny_cfg("GDMSA", "torch", document_end_id=63, chunk_size=64, window=64,
+                                 attn_conv_size=3, attn_conv_layers="all")).eval()
+    _packed_vs_alone(model, [9000, 1, 30, 7469])
+
+
+def test_document_end_id_outside_the_vocabulary_is_refused():
+    with pytest.raises(ValueError, match="model.document_end_id=64 is not a token id"):
+        build_model(tiny_cfg("GA", document_end_id=64))
+
+
 def test_bad_pattern_names_the_key():
     with pytest.raises(ValueError, match="layer_pattern"):
         build_model(tiny_cfg("GXA"))
@@ -433,13 +472,18 @@ def _cp_worker(rank, world):
             _cp_errors(rank, world, "SGA", rope_layers="sliding"),
             # the default model's retrieval settings: q/k/v convs (halo), documents across the shard edge
             _cp_errors(rank, world, "SAGA", separators=(3, 7, 9), rope_layers="sliding", attn_conv_size=3,
-                       attn_conv_layers="all", document_end_id=63)]
+                       attn_conv_layers="all", document_end_id=63),
+            # every layer letter with packed documents: one crosses the shard edge, one of a single
+            # token; recurrent states, convs and attention restart in every layer
+            _cp_errors(rank, world, "GDMSA", separators=(2, 3, 9, 12), attn_conv_size=3, attn_conv_layers="all",
+                       document_end_id=63, checkpoint_activations=True)]
 
 
 @pytest.mark.skipif(not _cp_available(), reason="lctrain.parallel (context_parallel, halo, ulysses) not landed yet")
 def test_context_parallel_matches_one_process():
-    """Patterns GSMA, DSA (with activation checkpointing), SGA with a NoPE global layer, and SAGA with
-    attention convs and packed documents (document masking) on 2 gloo ranks: each rank's
+    """Patterns GSMA, DSA (with activation checkpointing), SGA with a NoPE global layer, SAGA with
+    attention convs and packed documents (document masking), and GDMSA with packed documents in every
+    layer (checkpointed) on 2 gloo ranks: each rank's
     logits equal the one-process logits of its shard; summed gradients equal the one-process ones."""
     from dist_utils import run_world
 
