@@ -379,6 +379,30 @@ def test_document_mask_keeps_packed_documents_apart(pattern):
         model(torch.cat([first, sep, second], 1), cache=model.new_cache(2))
 
 
+@pytest.mark.parametrize("window,halo", [(None, 0), (5, 0), (5, 4), (40, 0)])
+def test_windowed_attention_equals_the_dense_mask(window, halo):
+    """The CPU path (query blocks over the keys in reach, no Tq x Tk mask) equals SDPA with the dense
+    mask, across several blocks, with a halo whose first keys sit at negative positions, and with
+    documents."""
+    from lctrain.models.attention import windowed_attention
+
+    torch.manual_seed(21)
+    B, T, H, D = 2, 37, 2, 8
+    q = torch.randn(B, T, H, D)
+    k, v = (torch.randn(B, T + halo, H, D) for _ in range(2))
+    q_pos, k_pos = torch.arange(T), torch.arange(-halo, T)
+    torch.testing.assert_close(windowed_attention(q, k, v, 0, -halo, window, block=8),
+                               masked_attention(q, k, v, q_pos, k_pos, window))
+    k_docs = (k_pos[None] >= torch.tensor([[9], [20]])).long()  # one boundary per row
+    q_docs = k_docs[:, halo:]
+    mask = (k_pos[None, None] <= q_pos[None, :, None]) & (k_pos[None, None] >= 0) & (q_docs[:, :, None] == k_docs[:, None])
+    if window is not None:
+        mask &= k_pos[None, None] > q_pos[None, :, None] - window
+    want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_mask=mask[:, None]).transpose(1, 2)
+    torch.testing.assert_close(windowed_attention(q, k, v, 0, -halo, window, q_docs, k_docs, block=8), want)
+
+
 def _packed_vs_alone(model, lengths, batch=1, seed=0):
     """Logits of documents packed into rows (each ending in token 63) vs each document alone."""
     gen = torch.Generator().manual_seed(seed)
@@ -511,6 +535,28 @@ def test_flex_sliding_window_matches_masked_attention_on_cuda(offset):
     k_pos = torch.arange(offset - (W - 1), offset + T, device="cuda")
     want = masked_attention(q, k, v, q_pos, k_pos, W)
     got = _flex_sliding_window(q, k, v, W, halo=W - 1, first_valid=max(0, W - 1 - offset))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window,halo", [(None, 0), (64, 0), (64, 63)])
+def test_flex_document_mask_matches_the_exact_path_on_cuda(window, halo):
+    """FlexAttention with a document block mask (global, sliding, sliding with a CP halo) equals the
+    exact per-block SDPA path; documents of one token and crossing block edges."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from lctrain.models.attention import _flex_sliding_window, windowed_attention
+
+    torch.manual_seed(16)
+    B, T, H, D = 2, 700, 4, 64
+    q = torch.randn(B, T, H, D, device="cuda")
+    k, v = (torch.randn(B, T + halo, H, D, device="cuda") for _ in range(2))
+    cuts = torch.tensor([0, 1, 130, 131, 400, 10_000], device="cuda")
+    pos = torch.arange(-halo, T, device="cuda")
+    k_docs = (torch.searchsorted(cuts, pos, right=True) - 1).expand(B, -1).contiguous()
+    q_docs = k_docs[:, halo:].contiguous()
+    want = windowed_attention(q, k, v, 0, -halo, window, q_docs, k_docs)
+    got = _flex_sliding_window(q, k, v, window, halo=halo, first_valid=halo, q_docs=q_docs, k_docs=k_docs)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
