@@ -81,23 +81,47 @@ class Documents:
                                                                   device=self.device))
 
 
+def _shard(input_ids: torch.Tensor, cp_group) -> tuple[int, int]:
+    """(global position of this rank's first token, the whole sequence's length)."""
+    from .attention import _group_size
+
+    T, P = input_ids.shape[1], _group_size(cp_group)
+    if P == 1:
+        return 0, T
+    import torch.distributed as dist
+
+    return dist.get_rank(cp_group) * T, P * T
+
+
+def documents_from_bounds(bounds: list[list[int]], input_ids: torch.Tensor, *, cp_group=None) -> Documents | None:
+    """Documents from boundaries the data loader found (lctrain.data.loader.document_bounds: per row,
+    the GLOBAL [0, ..., T_full]); checked, not trusted. None when no row has a boundary inside."""
+    B, T = input_ids.shape
+    start, total = _shard(input_ids, cp_group)
+    if len(bounds) != B:
+        raise ValueError(f"doc_bounds holds {len(bounds)} rows for a batch of {B}")
+    rows = []
+    for b, row in enumerate(bounds):
+        row = [int(x) for x in row]
+        if len(row) < 2 or row[0] != 0 or row[-1] != total or any(y <= x for x, y in zip(row, row[1:])):
+            raise ValueError(f"doc_bounds row {b} must run strictly increasing from 0 to the whole sequence's length "
+                             f"{total}; got {row[:4]}{' ...' if len(row) > 4 else ''} {row[-1:] if len(row) > 4 else ''}")
+        rows.append(row)
+    if all(len(row) == 2 for row in rows):
+        return None
+    return Documents(rows, start, T, total, input_ids.device)
+
+
 def find_documents(input_ids: torch.Tensor, end_id: int, *, cp_group=None) -> Documents | None:
     """The documents of ``input_ids`` [B, T_local] (this rank's shard under CP), or None when no row
     holds a document end before its last token (one document per row: nothing to keep apart)."""
-    from .attention import _group_size
-
     B, T = input_ids.shape
     is_end = input_ids == int(end_id)
-    P = _group_size(cp_group)
-    start = 0
-    if P > 1:
-        import torch.distributed as dist
-
+    start, total = _shard(input_ids, cp_group)
+    if total > T:
         from lctrain.parallel.halo import gather_sequence
 
         is_end = gather_sequence(is_end.to(torch.uint8), cp_group, dim=1).bool()  # [B, P * T]
-        start = dist.get_rank(cp_group) * T
-    total = is_end.shape[1]
     rows, cols = is_end[:, :-1].nonzero(as_tuple=True)  # one host sync per forward
     if rows.numel() == 0:
         return None

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from lctrain.config import init_std
 
 from .attention import Attention
-from .documents import Documents, find_documents
+from .documents import Documents, documents_from_bounds, find_documents
 from .layers import RMSNorm, SwiGLU, swiglu_hidden_size
 from .linear_mixers import DeltaNetMixer, Mamba2Mixer
 from .rope import RotaryEmbedding
@@ -133,9 +133,12 @@ class HybridLM(nn.Module):
     def new_cache(self, batch_size: int, device=None) -> LMCache:
         return LMCache(len(self.blocks), batch_size)
 
-    def forward(self, input_ids: torch.Tensor, *, position_offset: int = 0, cache: LMCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, *, position_offset: int = 0, cache: LMCache | None = None,
+                doc_bounds: list[list[int]] | None = None) -> torch.Tensor:
         """input_ids [B, T_local] -> float32 logits [B, T_local, vocab]. Positions of the tokens are
-        position_offset + (tokens the cache has seen) + 0 .. T-1."""
+        position_offset + (tokens the cache has seen) + 0 .. T-1. `doc_bounds` (optional, with
+        model.document_end_id set): the packed documents' GLOBAL boundaries per row as the data loader
+        found them; without it the model finds them in input_ids."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         offset = int(position_offset)
@@ -143,7 +146,7 @@ class HybridLM(nn.Module):
             if cache.batch_size != input_ids.shape[0]:
                 raise ValueError(f"cache was made for batch {cache.batch_size}, got input batch {input_ids.shape[0]}")
             offset += cache.seen_tokens
-        docs = self._documents(input_ids, cache)
+        docs = self._documents(input_ids, cache, doc_bounds)
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
@@ -155,11 +158,15 @@ class HybridLM(nn.Module):
             cache.seen_tokens += input_ids.shape[1]
         return self.lm_head(self.norm(x)).float()
 
-    def _documents(self, input_ids: torch.Tensor, cache: LMCache | None) -> Documents | None:
+    def _documents(self, input_ids: torch.Tensor, cache: LMCache | None, doc_bounds=None) -> Documents | None:
         """The packed documents of this forward when model.document_end_id is set (every layer keeps
         them apart: see lctrain.models.documents); None when unset or when no row holds a document
         end before its last token (one document per row: nothing to keep apart)."""
         end = _cfg(self.cfg, "document_end_id", None)
+        if doc_bounds is not None:
+            if end is None or cache is not None:
+                raise ValueError("doc_bounds needs model.document_end_id set and no decoding cache; leave doc_bounds out")
+            return documents_from_bounds(doc_bounds, input_ids, cp_group=self.cp_group)
         if end is None:
             return None
         if cache is not None:

@@ -318,6 +318,7 @@ def _train(cfg: DictConfig, device: torch.device, mesh) -> dict:
     loader = build_train_loader(
         cfg.data, dp_rank=dp_rank, dp_size=dp_size, cp_rank=cp_rank, cp_size=cp_size,
         tp_size=cfg.parallel.tp, global_rank=dist.get_rank() if dist.is_initialized() else 0, world_size=world,
+        document_end_id=cfg.model.document_end_id,
     )
 
     start_step = 0
@@ -356,7 +357,7 @@ def _train(cfg: DictConfig, device: torch.device, mesh) -> dict:
                 weights = answer_weights(batch, t.answer_loss_weight, device)
                 with autocast:
                     loss, mean_loss = lm_loss(model, input_ids, labels, cp_group=cp_group, position_offset=cp_rank * input_ids.shape[1],
-                                              token_weights=weights)
+                                              token_weights=weights, doc_bounds=batch.get("doc_bounds"))
                 loss = loss / t.grad_accum
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 loss_sum += mean_loss.detach()
