@@ -178,7 +178,8 @@ def check_cu_seqlens(cu_seqlens, batch: int, seq_len: int, device) -> list[int] 
 
     ``cu_seqlens``: 1-D int32/int64 tensor ``[N+1]`` on ``device``, starting at 0, strictly
     increasing, ending at ``seq_len``; only with ``batch == 1`` (the documents are packed into one
-    stream). Reads the values on the host (one small device-to-host copy)."""
+    stream). Reads the values on the host: one small device-to-host copy per tensor, remembered while
+    the tensor lives unmodified (a model passes one cu_seqlens to all its layers)."""
     if cu_seqlens is None:
         return None
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -194,7 +195,11 @@ def check_cu_seqlens(cu_seqlens, batch: int, seq_len: int, device) -> list[int] 
     if batch != 1:
         raise ValueError(f"cu_seqlens needs the documents packed into one stream of batch size 1, got batch "
                          f"{batch}; reshape [B, T, ...] to [1, B*T, ...] and add the row ends to cu_seqlens")
-    bounds = [int(b) for b in cu_seqlens.tolist()]
+    seen = getattr(cu_seqlens, "_lctrain_bounds", None)
+    if seen is not None and seen[0] == cu_seqlens._version:
+        bounds = seen[1]
+    else:
+        bounds = [int(b) for b in cu_seqlens.tolist()]
     if bounds[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
     if bounds[-1] != seq_len:
@@ -203,6 +208,7 @@ def check_cu_seqlens(cu_seqlens, batch: int, seq_len: int, device) -> list[int] 
     if bad is not None:
         raise ValueError(f"cu_seqlens must be strictly increasing (no empty documents); entries {bad - 1} and "
                          f"{bad} are {bounds[bad - 1]}, {bounds[bad]}")
+    cu_seqlens._lctrain_bounds = (cu_seqlens._version, bounds)
     return bounds
 
 
