@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 
-from lctrain.bench.kernels import _load_fla, _make_inputs, _measure, _rel_diff, format_table
+from lctrain.bench.kernels import _load_fla, _make_inputs, _measure, _rel_diff
+from lctrain.bench.report import publish
 
 OPS = ("delta", "gated_delta", "gla")
 COLUMNS = ["T", "docs", "op", "path", "fwd ms", "fwd+bwd ms", "fwd+bwd / one", "fwd+bwd / fla"]
@@ -149,20 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
     args.argv = argv
-    result = run(args)
-    print()
-    print(result["title"], "-", result["device"], result["versions"])
-    for n in result["notes"]:
-        print("note:", n)
-    print(format_table(result["columns"], result["rows"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
-    if args.record:
-        from lctrain.bench.report import append_to_benchmarks_md
-        append_to_benchmarks_md(result, args.record)
-        print(f"recorded in {args.record}")
+    publish(run(args), args.json, args.record)
     return 0
 
 
