@@ -62,16 +62,27 @@ class _LinearMixerBase(nn.Module):
         self.backend, self.chunk_size = backend, chunk_size
         self.cp_group = cp_group if _group_size(cp_group) > 1 else None
         self._cp_op = None
+        self._cp_row_ops: dict[int, object] = {}  # rows > 0 of a batch with documents under CP
 
-    def _op(self):
+    def _op(self, row: int = 0):
+        """The op; under CP its context-parallel callable, one per batch row that runs alone (packed
+        documents), so that each holds one live forward and checkpoint replays reuse its states."""
         op = getattr(kernels, self.op_name)
         if self.cp_group is None:
             return op
-        if self._cp_op is None:
-            from lctrain.parallel import context_parallel
+        from lctrain.parallel import context_parallel
 
+        if row > 0:
+            if row not in self._cp_row_ops:
+                self._cp_row_ops[row] = context_parallel(op, self.cp_group)
+            return self._cp_row_ops[row]
+        if self._cp_op is None:
             self._cp_op = context_parallel(op, self.cp_group)
         return self._cp_op
+
+    def cp_ops(self) -> list:
+        """Every context-parallel callable this mixer made (counters for tests and benchmarks)."""
+        return [op for op in [self._cp_op, *self._cp_row_ops.values()] if op is not None]
 
     def _conv(self, conv: ShortConv, x: torch.Tensor, cache: dict | None, name: str, docs=None) -> torch.Tensor:
         return run_short_conv(conv, x, cache, name, self.cp_group, docs)
@@ -100,8 +111,8 @@ class _LinearMixerBase(nn.Module):
             packed = [a.reshape(1, B * T, *a.shape[2:]) for a in args]
             o, _ = self._op()(*packed, cu_seqlens=cu, **kw)
             return o.reshape(B, T, *o.shape[2:])
-        # CP ops take one row's global boundaries (B = 1): one call per row
-        outs = [self._op()(*(a[b:b + 1] for a in args), cu_seqlens=docs.row_cu_seqlens(b), **kw)[0]
+        # CP ops take one row's global boundaries (B = 1): one call (and one state all-gather) per row
+        outs = [self._op(b)(*(a[b:b + 1] for a in args), cu_seqlens=docs.row_cu_seqlens(b), **kw)[0]
                 for b in range(B)]
         return outs[0] if B == 1 else torch.cat(outs)
 
