@@ -83,9 +83,9 @@ class Documents:
 
 def _shard(input_ids: torch.Tensor, cp_group) -> tuple[int, int]:
     """(global position of this rank's first token, the whole sequence's length)."""
-    from .attention import _group_size
+    from lctrain.parallel.mesh import group_size
 
-    T, P = input_ids.shape[1], _group_size(cp_group)
+    T, P = input_ids.shape[1], group_size(cp_group)
     if P == 1:
         return 0, T
     import torch.distributed as dist

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lctrain import kernels
+from lctrain.parallel.mesh import group_size
 
-from .attention import _group_size
 from .layers import GatedRMSNorm, ShortConv, run_short_conv
 
 
@@ -60,7 +60,7 @@ class _LinearMixerBase(nn.Module):
         self.n_heads, self.head_dim = n_heads, head_dim
         self.conv_size = conv_size
         self.backend, self.chunk_size = backend, chunk_size
-        self.cp_group = cp_group if _group_size(cp_group) > 1 else None
+        self.cp_group = cp_group if group_size(cp_group) > 1 else None
         self._cp_op = None
         self._cp_row_ops: dict[int, object] = {}  # rows > 0 of a batch with documents under CP
 
