@@ -20,7 +20,8 @@ LENGTHS = [5, 1, 13, 3, 20]  # chunk 8: shorter than a chunk, one token, ragged 
 H, K, V = 2, 4, 6
 
 
-def make_inputs(kind, T, dtype, seed, n_docs):
+def make_inputs(kind, T, dtype, seed, n_docs, dims=(H, K, V)):
+    H, K, V = dims
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     x = dict(q=r(1, T, H, K), k=F.normalize(r(1, T, H, K), dim=-1), v=r(1, T, H, V),
@@ -36,11 +37,12 @@ def call(kind, x, backend, chunk, **kw):
                      chunk_size=chunk, **kw)
 
 
-def packed_and_alone(kind, backend, chunk, dtype, lengths, seed=0):
+def packed_and_alone(kind, backend, chunk, dtype, lengths, seed=0, dims=(H, K, V)):
     """(packed results, per-document results): (o, final states, {name: grad}) for the loss
     sum(o * do) + sum(S * dS), with the packed stream vs each document alone (naive, float64)."""
     T, N = sum(lengths), len(lengths)
-    x = make_inputs(kind, T, dtype, seed, N)
+    H, K, V = dims
+    x = make_inputs(kind, T, dtype, seed, N, dims)
     gen = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(1, T, H, V, generator=gen, dtype=torch.float64)
     dS = torch.randn(N, H, K, V, generator=gen, dtype=torch.float64)
@@ -83,17 +85,29 @@ def test_packed_documents_equal_each_document_alone(kind, backend):
     assert_same(packed, alone, 1e-10, f"{kind}/{backend}")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs CUDA or TRITON_INTERPRET=1 (set by conftest on CPU runs)")
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="CPU runs through the Triton interpreter (TRITON_INTERPRET=1, set by conftest); "
+                           "tests/test_kernels_gpu.py covers CUDA")
 @pytest.mark.parametrize("kind", MIXERS)
-def test_triton_packed_documents_equal_each_document_alone(kind):
-    """backend="triton" (interpreter on CPU, float32, chunk 64): documents shorter than, equal to and
-    longer than a chunk, and one token."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        pytest.skip("the GPU tests cover the Triton backend on CUDA")
-    packed, alone = packed_and_alone(kind, "triton", 64, torch.float32, [7, 1, 64, 70], seed=5)
-    assert_same(packed, alone, 1e-4, f"{kind}/triton")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)])
+def test_triton_packed_documents_equal_each_document_alone(kind, dtype, tol, monkeypatch):
+    """backend="triton" runs its native varlen kernels (the per-document loop must not run), with
+    blocks of 16 so the state passes run two V blocks per document: documents shorter than, equal
+    to and longer than a chunk (64, the last chunk partial, odd lengths), and one token."""
+    from lctrain.kernels import api
+    from lctrain.kernels.triton import ops
+    from kernel_cases import SMALL_BLOCKS
+
+    def loop(*a, **kw):
+        raise AssertionError("backend='triton' with cu_seqlens fell back to the per-document loop")
+    monkeypatch.setattr(api, "per_document", loop)
+    previous = ops.set_config(**SMALL_BLOCKS)
+    try:
+        packed, alone = packed_and_alone(kind, "triton", 64, dtype, [7, 1, 64, 77], seed=5,
+                                         dims=(2, 16, 20))
+    finally:
+        ops.set_config(**previous)
+    assert_same(packed, alone, tol, f"{kind}/triton/{dtype}")
 
 
 @pytest.mark.parametrize("kind", MIXERS)
