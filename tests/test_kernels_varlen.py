@@ -111,23 +111,31 @@ def test_triton_packed_documents_equal_each_document_alone(kind, dtype, tol, mon
 
 
 @pytest.mark.parametrize("kind", MIXERS)
-def test_cp_primitives_with_cu_seqlens(kind):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cp_primitives_with_cu_seqlens(kind, backend):
     """shard_transition: the (A, B) of the last document piece; shard_state_grad: the first piece's
-    gradient of the incoming state; both on the torch backend equal naive on the slices."""
-    x = make_inputs(kind, 21, torch.float64, 3, 3)
+    gradient of the incoming state; the torch (float64, chunk 4) and triton (float32, chunk 64,
+    interpreter on CPU) backends equal naive on the slices."""
+    if backend == "triton" and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("Triton runs on CPU through the interpreter; tests/test_kernels_gpu.py covers CUDA")
+    dtype, chunk, tol = (torch.float64, 4, {}) if backend == "torch" else \
+        (torch.float32, 64, dict(rtol=1e-4, atol=1e-5))
+    x = make_inputs(kind, 21, dtype, 3, 3)
     gen = torch.Generator().manual_seed(4)
-    do = torch.randn(1, 21, H, V, generator=gen, dtype=torch.float64)
+    do = torch.randn(1, 21, H, V, generator=gen, dtype=torch.float64).to(dtype)
     cu = torch.tensor([0, 6, 9, 21])
     gates = {n: x[n] for n in ("g", "beta")}
-    A, Bst = shard_transition(kind, x["k"], x["v"], **gates, backend="torch", chunk_size=4, cu_seqlens=cu)
+    A, Bst = shard_transition(kind, x["k"], x["v"], **gates, backend=backend, chunk_size=chunk,
+                              cu_seqlens=cu)
     A_ref, B_ref = shard_transition(kind, x["k"][:, 9:], x["v"][:, 9:], backend="naive",
                                     **{n: None if t is None else t[:, 9:] for n, t in gates.items()})
-    torch.testing.assert_close(A, A_ref)
-    torch.testing.assert_close(Bst, B_ref)
-    G = shard_state_grad(kind, x["q"], x["k"], do, **gates, backend="torch", chunk_size=4, cu_seqlens=cu)
+    torch.testing.assert_close(A, A_ref.to(A.dtype), **tol)
+    torch.testing.assert_close(Bst, B_ref.to(Bst.dtype), **tol)
+    G = shard_state_grad(kind, x["q"], x["k"], do, **gates, backend=backend, chunk_size=chunk,
+                         cu_seqlens=cu)
     G_ref = shard_state_grad(kind, x["q"][:, :6], x["k"][:, :6], do[:, :6], backend="naive",
                              **{n: None if t is None else t[:, :6] for n, t in gates.items()})
-    torch.testing.assert_close(G, G_ref)
+    torch.testing.assert_close(G, G_ref.to(G.dtype), **tol)
 
 
 @pytest.mark.parametrize("cu,batch,error,match", [
