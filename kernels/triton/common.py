@@ -72,7 +72,7 @@ def varlen_of(cu_seqlens: torch.Tensor, bounds: list[int]) -> Varlen:
     cu = cu_seqlens.to(torch.int32)
     # token t of document d sits at row offsets[d] * CHUNK + (t - cu[d]) of the padded layout
     doc = torch.repeat_interleave(torch.arange(len(lengths), device=dev),
-                                  torch.tensor(lengths, device=dev))
+                                  torch.tensor(lengths, device=dev), output_size=bounds[-1])
     slots = torch.arange(bounds[-1], device=dev) + (offsets_t.long() * CHUNK - cu.long())[doc]
     vl = Varlen(cu, torch.tensor(chunks, **i32).reshape(-1, 2), offsets_t, slots, offsets[-1],
                 len(lengths))
