@@ -20,14 +20,14 @@ LENGTHS = [5, 1, 13, 3, 20]  # chunk 8: shorter than a chunk, one token, ragged 
 H, K, V = 2, 4, 6
 
 
-def make_inputs(kind, T, dtype, seed, n_docs):
+def make_inputs(kind, T, dtype, seed, n_docs, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     x = dict(q=r(1, T, H, K), k=F.normalize(r(1, T, H, K), dim=-1), v=r(1, T, H, V),
              g=F.logsigmoid(r(1, T, H) + 2.0) if kind != "delta" else None,
              beta=torch.sigmoid(r(1, T, H)) if kind != "gla" else None,
              initial_state=r(n_docs, H, K, V))
-    return {n: None if t is None else t.to(dtype) for n, t in x.items()}
+    return {n: None if t is None else t.to(device, dtype) for n, t in x.items()}
 
 
 def call(kind, x, backend, chunk, **kw):
@@ -36,15 +36,15 @@ def call(kind, x, backend, chunk, **kw):
                      chunk_size=chunk, **kw)
 
 
-def packed_and_alone(kind, backend, chunk, dtype, lengths, seed=0):
+def packed_and_alone(kind, backend, chunk, dtype, lengths, seed=0, device="cpu"):
     """(packed results, per-document results): (o, final states, {name: grad}) for the loss
     sum(o * do) + sum(S * dS), with the packed stream vs each document alone (naive, float64)."""
     T, N = sum(lengths), len(lengths)
-    x = make_inputs(kind, T, dtype, seed, N)
+    x = make_inputs(kind, T, dtype, seed, N, device)
     gen = torch.Generator().manual_seed(seed + 1)
-    do = torch.randn(1, T, H, V, generator=gen, dtype=torch.float64)
-    dS = torch.randn(N, H, K, V, generator=gen, dtype=torch.float64)
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    do = torch.randn(1, T, H, V, generator=gen, dtype=torch.float64).to(device)
+    dS = torch.randn(N, H, K, V, generator=gen, dtype=torch.float64).to(device)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
 
     leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items() if t is not None}
     full = {n: leaves.get(n) for n in x}
@@ -52,9 +52,10 @@ def packed_and_alone(kind, backend, chunk, dtype, lengths, seed=0):
     loss = (o.double() * do).sum() + (S.double() * dS).sum()
     packed = (o.detach(), S.detach(), dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())))))
 
-    ref_leaves = {n: t.detach().double().clone().requires_grad_() for n, t in x.items() if t is not None}
+    ref_leaves = {n: t.detach().cpu().double().clone().requires_grad_() for n, t in x.items() if t is not None}
+    do, dS = do.cpu(), dS.cpu()
     outs, finals, loss = [], [], 0.0
-    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):  # naive on CPU, float64
         doc = {n: None if t is None else (t[i:i + 1] if n == "initial_state" else t[:, s:e])
                for n, t in ((n, ref_leaves.get(n)) for n in x)}
         o_i, S_i = call(kind, doc, "naive", chunk)
@@ -67,7 +68,7 @@ def packed_and_alone(kind, backend, chunk, dtype, lengths, seed=0):
 
 
 def assert_same(packed, alone, tol, what):
-    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()  # noqa: E731
+    rel = lambda a, b: ((a.cpu().double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()  # noqa: E731
     assert packed[0].shape == alone[0].shape and packed[1].shape == alone[1].shape
     assert rel(packed[0], alone[0]) <= tol, f"{what}: output"
     assert rel(packed[1], alone[1]) <= tol, f"{what}: final states"
@@ -83,17 +84,18 @@ def test_packed_documents_equal_each_document_alone(kind, backend):
     assert_same(packed, alone, 1e-10, f"{kind}/{backend}")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs CUDA or TRITON_INTERPRET=1 (set by conftest on CPU runs)")
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                                 reason="needs TRITON_INTERPRET=1 (set by conftest on CPU runs)")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="needs CUDA")]),
+])
 @pytest.mark.parametrize("kind", MIXERS)
-def test_triton_packed_documents_equal_each_document_alone(kind):
-    """backend="triton" (interpreter on CPU, float32, chunk 64): documents shorter than, equal to and
+def test_triton_packed_documents_equal_each_document_alone(kind, device):
+    """backend="triton" (interpreter on CPU; float32, chunk 64): documents shorter than, equal to and
     longer than a chunk, and one token."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        pytest.skip("the GPU tests cover the Triton backend on CUDA")
-    packed, alone = packed_and_alone(kind, "triton", 64, torch.float32, [7, 1, 64, 70], seed=5)
-    assert_same(packed, alone, 1e-4, f"{kind}/triton")
+    packed, alone = packed_and_alone(kind, "triton", 64, torch.float32, [7, 1, 64, 70], seed=5, device=device)
+    assert_same(packed, alone, 1e-4, f"{kind}/triton on {device}")
 
 
 @pytest.mark.parametrize("kind", MIXERS)
