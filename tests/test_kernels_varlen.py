@@ -20,7 +20,7 @@ LENGTHS = [5, 1, 13, 3, 20]  # chunk 8: shorter than a chunk, one token, ragged 
 H, K, V = 2, 4, 6
 
 
-def make_inputs(kind, T, dtype, seed, n_docs, dims=(H, K, V)):
+def make_inputs(kind, T, dtype, seed, n_docs, device="cpu", dims=(H, K, V)):
     H, K, V = dims
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
@@ -28,7 +28,7 @@ def make_inputs(kind, T, dtype, seed, n_docs, dims=(H, K, V)):
              g=F.logsigmoid(r(1, T, H) + 2.0) if kind != "delta" else None,
              beta=torch.sigmoid(r(1, T, H)) if kind != "gla" else None,
              initial_state=r(n_docs, H, K, V))
-    return {n: None if t is None else t.to(dtype) for n, t in x.items()}
+    return {n: None if t is None else t.to(device, dtype) for n, t in x.items()}
 
 
 def call(kind, x, backend, chunk, **kw):
@@ -37,16 +37,16 @@ def call(kind, x, backend, chunk, **kw):
                      chunk_size=chunk, **kw)
 
 
-def packed_and_alone(kind, backend, chunk, dtype, lengths, seed=0, dims=(H, K, V)):
+def packed_and_alone(kind, backend, chunk, dtype, lengths, seed=0, device="cpu", dims=(H, K, V)):
     """(packed results, per-document results): (o, final states, {name: grad}) for the loss
     sum(o * do) + sum(S * dS), with the packed stream vs each document alone (naive, float64)."""
     T, N = sum(lengths), len(lengths)
     H, K, V = dims
-    x = make_inputs(kind, T, dtype, seed, N, dims)
+    x = make_inputs(kind, T, dtype, seed, N, device, dims)
     gen = torch.Generator().manual_seed(seed + 1)
-    do = torch.randn(1, T, H, V, generator=gen, dtype=torch.float64)
-    dS = torch.randn(N, H, K, V, generator=gen, dtype=torch.float64)
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    do = torch.randn(1, T, H, V, generator=gen, dtype=torch.float64).to(device)
+    dS = torch.randn(N, H, K, V, generator=gen, dtype=torch.float64).to(device)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
 
     leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items() if t is not None}
     full = {n: leaves.get(n) for n in x}
@@ -54,9 +54,10 @@ def packed_and_alone(kind, backend, chunk, dtype, lengths, seed=0, dims=(H, K, V
     loss = (o.double() * do).sum() + (S.double() * dS).sum()
     packed = (o.detach(), S.detach(), dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())))))
 
-    ref_leaves = {n: t.detach().double().clone().requires_grad_() for n, t in x.items() if t is not None}
+    ref_leaves = {n: t.detach().cpu().double().clone().requires_grad_() for n, t in x.items() if t is not None}
+    do, dS = do.cpu(), dS.cpu()
     outs, finals, loss = [], [], 0.0
-    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):  # naive on CPU, float64
         doc = {n: None if t is None else (t[i:i + 1] if n == "initial_state" else t[:, s:e])
                for n, t in ((n, ref_leaves.get(n)) for n in x)}
         o_i, S_i = call(kind, doc, "naive", chunk)
@@ -69,7 +70,7 @@ def packed_and_alone(kind, backend, chunk, dtype, lengths, seed=0, dims=(H, K, V
 
 
 def assert_same(packed, alone, tol, what):
-    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()  # noqa: E731
+    rel = lambda a, b: ((a.cpu().double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()  # noqa: E731
     assert packed[0].shape == alone[0].shape and packed[1].shape == alone[1].shape
     assert rel(packed[0], alone[0]) <= tol, f"{what}: output"
     assert rel(packed[1], alone[1]) <= tol, f"{what}: final states"
@@ -85,15 +86,19 @@ def test_packed_documents_equal_each_document_alone(kind, backend):
     assert_same(packed, alone, 1e-10, f"{kind}/{backend}")
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="CPU runs through the Triton interpreter (TRITON_INTERPRET=1, set by conftest); "
-                           "tests/test_kernels_gpu.py covers CUDA")
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                                 reason="needs TRITON_INTERPRET=1 (set by conftest on CPU runs)")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="needs CUDA")]),
+])
 @pytest.mark.parametrize("kind", MIXERS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)])
-def test_triton_packed_documents_equal_each_document_alone(kind, dtype, tol, monkeypatch):
-    """backend="triton" runs its native varlen kernels (the per-document loop must not run), with
-    blocks of 16 so the state passes run two V blocks per document: documents shorter than, equal
-    to and longer than a chunk (64, the last chunk partial, odd lengths), and one token."""
+def test_triton_packed_documents_equal_each_document_alone(kind, dtype, tol, device, monkeypatch):
+    """backend="triton" runs its native varlen kernels (the per-document loop must not run):
+    documents shorter than, equal to and longer than a chunk (64, the last chunk partial, odd
+    lengths), and one token. In the interpreter with blocks of 16, so the state passes run two V
+    blocks per document; on CUDA with the default launch settings."""
     from lctrain.kernels import api
     from lctrain.kernels.triton import ops
     from kernel_cases import SMALL_BLOCKS
@@ -101,13 +106,13 @@ def test_triton_packed_documents_equal_each_document_alone(kind, dtype, tol, mon
     def loop(*a, **kw):
         raise AssertionError("backend='triton' with cu_seqlens fell back to the per-document loop")
     monkeypatch.setattr(api, "per_document", loop)
-    previous = ops.set_config(**SMALL_BLOCKS)
+    previous = ops.set_config(**(SMALL_BLOCKS if device == "cpu" else {}))
     try:
         packed, alone = packed_and_alone(kind, "triton", 64, dtype, [7, 1, 64, 77], seed=5,
-                                         dims=(2, 16, 20))
+                                         device=device, dims=(2, 16, 20))
     finally:
         ops.set_config(**previous)
-    assert_same(packed, alone, tol, f"{kind}/triton/{dtype}")
+    assert_same(packed, alone, tol, f"{kind}/triton/{dtype} on {device}")
 
 
 @pytest.mark.parametrize("kind", MIXERS)

@@ -191,17 +191,16 @@ class Attention(nn.Module):
             y = y + run_short_conv(getattr(self, conv_name), y, cache, conv_name, self.cp_group, docs)
         return y
 
-    def _attend_documents(self, q, k, v, docs, bounds=None):
+    def _attend_documents(self, q, k, v, docs):
         """Attention inside documents over a whole sequence (positions 0 .. T-1): one process, or the
-        full sequence Ulysses hands each rank (`bounds`: that sequence's boundaries)."""
+        full sequence Ulysses hands each rank (docs.bounds are global, so they fit both)."""
         T = q.shape[1]
-        bounds = docs.bounds if bounds is None else bounds
         window = None if self.window is None or self.window >= T else self.window
         if self.use_flex and q.is_cuda:
             ids = docs.doc_ids(0, T)
             return _flex_sliding_window(q, k, v, window, q_docs=ids, k_docs=ids, mask_cache=docs.cache)
         if window is None:
-            return document_causal_attention(q, k, v, bounds)
+            return document_causal_attention(q, k, v, docs.bounds)
         ids = docs.doc_ids(0, T)
         return windowed_attention(q, k, v, 0, 0, window, ids, ids)
 
