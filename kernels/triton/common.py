@@ -17,14 +17,16 @@ and the intra-chunk part of dU), ``dqdk`` (dq, dk, dW, dgam). A launcher takes `
 settings of one shape (``ops._Cfg``); ``ops`` chains the stages.
 
 Every tensor is [B, T, H, D] contiguous (row t of head h at ((b*T + t)*H + h)*D); per-chunk states
-are [B, NT, H, K, V]. Packed documents (``Varlen``, B = 1): each document has its own chunks, the
-per-chunk kernels find theirs in a chunk map, the state passes run one program per (document, V
-block, head) and initial / final states are [N, H, K, V]; ``IS_VARLEN`` (set by ``flags_given``
-from the boundary pointer) compiles that code only for varlen calls. Rows past T (ragged last chunk) are loaded as zeros (g = beta = 0: identity
+are [B, NT, H, K, V]. Rows past T (ragged last chunk) are loaded as zeros (g = beta = 0: identity
 steps) and never stored. All pointer arithmetic is plain offsets with masks (no block pointers),
 so the kernels run on Triton 3.x and in the interpreter alike. An optional argument is passed as
 None and its flag is set by ``flags_given`` (a ``@triton.heuristics``): the code that reads it is
 compiled only where it is given.
+
+Packed documents (``Varlen``, B = 1): each document has its own chunks (the last one partial; its
+end plays the role of T), the per-chunk kernels find theirs in a chunk map, the state passes run
+one program per (V block, document x head), and initial / final states are [N, H, K, V].
+``IS_VARLEN`` (``flags_given`` on the boundary pointer) compiles that code only for varlen calls.
 """
 from __future__ import annotations
 

@@ -101,9 +101,9 @@ def dqk(q, k, vnew, do, h, dh, du, gam, scale, cfg, varlen=None):
     bk = min(cfg.BK, cfg.BKD)
     nkb = triton.cdiv(K, bk)
     dgam = torch.empty(nkb, B, T, H, device=k.device, dtype=torch.float32) if gam is not None else None
-    dqk_kernel[(nkb * NT, B * H)](q, k, vnew, do, h, dh, du, gam, dq, dk, dw, dgam, *chunk_map(varlen), scale,
-                                  T, NT, H,
-                                  K=K, V=V, BK=bk, BV=min(pow2(V), cfg.BVD), C=CHUNK,
+    dqk_kernel[(nkb * NT, B * H)](q, k, vnew, do, h, dh, du, gam, dq, dk, dw, dgam,
+                                  *chunk_map(varlen), scale, T, NT, H, K=K, V=V, BK=bk,
+                                  BV=min(pow2(V), cfg.BVD), C=CHUNK,
                                   **cfg.launch("dqk"))
     if dgam is not None:
         dgam = dgam.sum(0) if nkb > 1 else dgam[0]

@@ -85,7 +85,8 @@ def output_fwd(q, k, vnew, h, gam, scale, cfg, varlen=None):
     NT = n_chunks(T, varlen)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     grid = (triton.cdiv(V, cfg.BVO), NT, B * H)
-    output_fwd_kernel[grid](q, k, vnew, h, gam, o, *chunk_map(varlen), scale, T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVO,
+    output_fwd_kernel[grid](q, k, vnew, h, gam, o, *chunk_map(varlen), scale, T, NT, H, K=K, V=V,
+                            BK=cfg.BK, BV=cfg.BVO,
                             C=CHUNK, **cfg.launch("output_fwd"))
     return o
 
@@ -96,6 +97,7 @@ def dv_local(q, k, do, gam, scale, cfg, varlen=None):
     NT = n_chunks(T, varlen)
     dvl = torch.empty_like(do)
     grid = (triton.cdiv(V, cfg.BVP), NT, B * H)
-    dv_local_kernel[grid](q, k, do, gam, dvl, *chunk_map(varlen), scale, T, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVP, C=CHUNK,
+    dv_local_kernel[grid](q, k, do, gam, dvl, *chunk_map(varlen), scale, T, H, K=K, V=V, BK=cfg.BK,
+                          BV=cfg.BVP, C=CHUNK,
                           **cfg.launch("dv_local"))
     return dvl

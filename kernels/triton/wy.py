@@ -299,8 +299,8 @@ def wy_solve(k, g, beta, cfg, varlen=None):
     gam = torch.empty(B, T, H, device=k.device, dtype=torch.float32) if g is not None else None
     tm = torch.empty(B, T, H, CHUNK, device=k.device, dtype=k.dtype) if beta is not None else None
     wy_solve_kernel[(n_chunks(T, varlen), B * H)](k, beta, g, gam, tm, *chunk_map(varlen), T, H, K=K,
-                                                    BKS=min(cfg.BK, cfg.BKS), C=CHUNK,
-                                                    **cfg.launch("wy_solve"))
+                                                  BKS=min(cfg.BK, cfg.BKS), C=CHUNK,
+                                                  **cfg.launch("wy_solve"))
     return gam, tm
 
 
@@ -313,8 +313,9 @@ def wy_apply(k, v, beta, gam, tm, cfg, want_u: bool = True, varlen=None):
     u = torch.empty_like(v) if want_u else None
     V = v.shape[-1] if want_u else 16
     wy_apply_kernel[(n_chunks(T, varlen), B * H)](k, v if want_u else None, beta, gam, tm, w, u,
-                                                  *chunk_map(varlen), T, H, K=K, V=V, BK=min(cfg.BK, cfg.BKW),
-                                                    BV=cfg.BVW, C=CHUNK, **cfg.launch("wy_apply"))
+                                                  *chunk_map(varlen), T, H, K=K, V=V,
+                                                  BK=min(cfg.BK, cfg.BKW), BV=cfg.BVW, C=CHUNK,
+                                                  **cfg.launch("wy_apply"))
     return w, u
 
 
@@ -333,7 +334,7 @@ def wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg, varlen=None):
     dbeta = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     dg = torch.empty(B, T, H, device=k.device, dtype=torch.float32) if gam is not None else None
     wy_bwd_kernel[(n_chunks(T, varlen), B * H)](k, v, beta, gam, tm, dw, du, dk, dgam, dv, dbeta,
-                                                dg, *chunk_map(varlen), T, H, K=K, V=V, BK=min(cfg.BK, cfg.BKB),
-                                                  BV=min(pow2(V), cfg.BVB), C=CHUNK,
+                                                dg, *chunk_map(varlen), T, H, K=K, V=V,
+                                                BK=min(cfg.BK, cfg.BKB), BV=min(pow2(V), cfg.BVB), C=CHUNK,
                                                   **cfg.launch("wy_bwd"))
     return dv, dbeta, dg
