@@ -115,6 +115,37 @@ def test_triton_packed_documents_equal_each_document_alone(kind, dtype, tol, dev
     assert_same(packed, alone, tol, f"{kind}/triton/{dtype} on {device}")
 
 
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="CPU runs through the Triton interpreter (TRITON_INTERPRET=1, set by conftest)")
+@pytest.mark.parametrize("kind", ["gated_delta", "gla"])
+def test_triton_varlen_is_bitwise_each_document_alone(kind):
+    """Without initial or final state, int64 boundaries: the native varlen kernels give bit for bit
+    the outputs and gradients of the ordinary Triton kernels run on each document alone (the same
+    chunks, the same arithmetic)."""
+    from lctrain.kernels import api
+
+    x = make_inputs(kind, 94, torch.float32, 7, 4, dims=(2, 16, 16))
+    cu = torch.tensor([0, 3, 73, 74, 94])
+    gen = torch.Generator().manual_seed(8)
+    do = torch.randn(1, 94, 2, 16, generator=gen)
+    names = ["q", "k", "v"] + [n for n in ("g", "beta") if x[n] is not None]
+
+    def run(packed):
+        leaves = [x[n].clone().requires_grad_() for n in names]
+        op = lambda q, k, v, g, beta, **kw: OPS[kind](  # noqa: E731
+            q, k, v, *[t for t in (g, beta) if t is not None], backend="triton", **kw)
+        lv = dict(zip(names, leaves))
+        args = (lv["q"], lv["k"], lv["v"], lv.get("g"), lv.get("beta"))
+        if packed:
+            o, S = op(*args, cu_seqlens=cu)
+        else:
+            o, S = api.per_document(op, cu.tolist(), *args)
+        assert S is None
+        return [o] + list(torch.autograd.grad((o * do).sum(), leaves))
+    for name, a, b in zip(["o"] + names, run(True), run(False)):
+        assert torch.equal(a, b), f"{kind}: {name} differs"
+
+
 @pytest.mark.parametrize("kind", MIXERS)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_cp_primitives_with_cu_seqlens(kind, backend):
