@@ -48,7 +48,6 @@ def record_launches(D: int, dtype_name: str, varlen: bool = False) -> list:
     import torch
 
     from lctrain.kernels.triton import dqdk, ops, output, state, wy
-    from lctrain.kernels.triton.common import Varlen
     dtype = getattr(torch, dtype_name)
     calls: list = []
     saved = {(mod, n): getattr(mod, n) for mod in (wy, state, output, dqdk) for n in dir(mod)
@@ -65,6 +64,7 @@ def record_launches(D: int, dtype_name: str, varlen: bool = False) -> list:
         beta = torch.empty(B, T, H, dtype=torch.float32, **m)
         vl, s0 = None, None
         if varlen:
+            from lctrain.kernels.triton.common import Varlen
             i32 = dict(dtype=torch.int32, **m)
             vl = Varlen(torch.empty(5, **i32), torch.empty(80, 2, **i32), torch.empty(5, **i32),
                         torch.empty(T, dtype=torch.int64, **m), 80, 4)
