@@ -70,8 +70,9 @@ def record_launches(D: int, dtype_name: str, varlen: bool = False) -> list:
                         torch.empty(T, dtype=torch.int64, **m), 80, 4)
             s0 = torch.empty(4, H, D, D, dtype=torch.float32, **m)
         for gate, b in ((None, beta), (g, beta), (g, None)):
-            _, _, gam, tm = ops._forward(q, k, v, gate, b, s0, 1.0, False, vl)
-            ops._backward(q, k, v, gate, b, s0, 1.0, do, None, gam, tm, vl)
+            vkw = {} if vl is None else {"varlen": vl}
+            _, _, gam, tm = ops._forward(q, k, v, gate, b, s0, 1.0, False, **vkw)
+            ops._backward(q, k, v, gate, b, s0, 1.0, do, None, gam, tm, **vkw)
     finally:
         for (mod, n), kernel in saved.items():
             setattr(mod, n, kernel)
