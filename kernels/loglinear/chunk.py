@@ -1,0 +1,95 @@
+"""Log-linear ops as a sum of base-op runs, one per level (backends "torch" and "triton").
+
+Because level(t, s) <= l exactly when s and t share the aligned block of 2^l positions, let R_l be the
+base op (gated_delta_rule / gated_linear_attn) run with its state reset at every multiple of 2^l:
+R_l(q)_t sums the sources of levels 0..l. With lambda[t, top+1] := 0,
+
+    o = sum_{l=0..top} R_l(q * (lambda[:, l] - lambda[:, l+1]))
+
+telescopes to sum_s lambda[t, level(t, s)] (write_s carried to t) q_t: the definition. Each R_l is one
+call of the base op on the sequence cut into whole blocks of 2^l tokens (a reshape to a larger batch),
+plus at most two ragged pieces at the ends (no padding: the base op handles ragged chunks). Only the
+first block can carry an incoming state; the chunk size of a level is min(chunk_size, 2^l).
+
+Run states. The state of R_l at a position is the sum of the level states 0..l there when the block
+continues; so the per-level ("slot") states of the public API and the run states convert by a cumsum
+over levels (in) and a difference (out), see ``runs_from_slots`` / ``slots_from_runs``.
+
+Levels above top = bit_length(p0 + T - 1) all see one block holding the whole sequence: R_top covers
+them, so they cost nothing (they get a zero gradient: no query uses them). With an initial state every
+level is run, since its higher levels may be non-zero.
+
+The cost is (top + 1) base-op runs over T tokens, i.e. O(T log T) work, a factor ~log2(T) over the base
+op; the fused one-pass kernel of the paper shares the intra-chunk work across levels instead.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..naive import compute_dtype
+
+
+def runs_from_slots(slots: torch.Tensor, position_offset: int) -> torch.Tensor:
+    """Incoming run states [B, H, L, K, V] from the level states of query p0-1 (p0 = position_offset):
+    run l continues into this call iff p0 is not a multiple of 2^l, and then holds slots 0..l."""
+    L = slots.shape[2]
+    keep = torch.tensor([position_offset % (1 << l) != 0 for l in range(L)], device=slots.device)
+    return slots.cumsum(dim=2) * keep[:, None, None].to(slots.dtype)
+
+
+def slots_from_runs(runs: torch.Tensor, L: int) -> torch.Tensor:
+    """Level states [B, H, L, K, V] of the last query from the final run states of levels 0..top."""
+    slots = torch.cat([runs[:, :, :1], runs[:, :, 1:] - runs[:, :, :-1]], dim=2)
+    if slots.shape[2] < L:
+        pad = slots.new_zeros(*slots.shape[:2], L - slots.shape[2], *slots.shape[3:])
+        slots = torch.cat([slots, pad], dim=2)
+    return slots
+
+
+def level_run(base, q, k, v, gates, init, start: int, block: int, backend: str, chunk_size: int, scale=None):
+    """The base op with its state reset at every multiple of ``block`` of the global position; the tokens
+    sit at start .. start+T-1; ``init`` (or None) enters the first token when ``start`` is inside a block.
+    Returns (o [B, T, H, V] in q.dtype, the state at the end of the last block)."""
+    B, T, H = q.shape[:3]
+    cs = min(chunk_size, block)
+    if backend != "torch" and cs < chunk_size:
+        backend = "torch"  # blocks shorter than a Triton chunk: the torch base op (cheap, see docs)
+    run = lambda xs, s0: base(*xs, scale=scale, initial_state=s0, output_final_state=True,  # noqa: E731
+                              backend=backend, chunk_size=cs)
+    xs = (q, k, v) + tuple(gates)
+    outs, state, lo = [], None, 0
+    f = start % block
+    if f:
+        lo = min(block - f, T)
+        o, state = run(tuple(x[:, :lo] for x in xs), init)
+        outs.append(o)
+    nb = (T - lo) // block
+    if nb:
+        hi = lo + nb * block
+        blocks = tuple(x[:, lo:hi].reshape(B * nb, block, *x.shape[2:]) for x in xs)
+        o, st = run(blocks, None)
+        outs.append(o.reshape(B, nb * block, *o.shape[2:]))
+        state = st.reshape(B, nb, *st.shape[1:])[:, -1]
+        lo = hi
+    if lo < T:
+        o, state = run(tuple(x[:, lo:] for x in xs), None)
+        outs.append(o)
+    return torch.cat(outs, dim=1), state
+
+
+def loglinear_by_levels(base, q, k, v, gates, level_weights, *, scale, run_init, position_offset: int,
+                        top: int, backend: str, chunk_size: int):
+    """o = sum_l R_l(q * w_l) for l = 0..top and the final run states [B, H, top+1, K, V].
+
+    ``run_init``: incoming run states [B, H, >= top+1, K, V] or None (all zero). ``base`` is the public
+    base op (``gated_delta_rule`` or ``gated_linear_attn``) taking (q, k, v, *gates)."""
+    lam = level_weights[..., : top + 1].to(compute_dtype(q, level_weights))
+    w = torch.cat([lam[..., :-1] - lam[..., 1:], lam[..., -1:]], dim=-1)      # [B, T, H, top+1]
+    o, finals = None, []
+    for lev in range(top + 1):
+        ql = (q.to(w.dtype) * w[..., lev, None]).to(q.dtype)
+        init = None if run_init is None else run_init[:, :, lev]
+        o_l, s_l = level_run(base, ql, k, v, gates, init, position_offset, 1 << lev, backend, chunk_size, scale)
+        o = o_l.to(w.dtype) if o is None else o + o_l.to(w.dtype)
+        finals.append(s_l)
+    return o.to(q.dtype), torch.stack(finals, dim=2)
