@@ -46,6 +46,17 @@ def slots_from_runs(runs: torch.Tensor, L: int) -> torch.Tensor:
     return slots
 
 
+def level_weight_differences(q, level_weights, top: int) -> torch.Tensor:
+    """w_l = lambda_l - lambda_{l+1} for l < top, w_top = lambda_top: [B, T, H, top+1] (float32/64)."""
+    lam = level_weights[..., : top + 1].to(compute_dtype(q, level_weights))
+    return torch.cat([lam[..., :-1] - lam[..., 1:], lam[..., -1:]], dim=-1)
+
+
+def level_query(q, w, lev: int) -> torch.Tensor:
+    """The queries of run R_lev: q * w_lev, in q's dtype (what the base op takes)."""
+    return (q.to(w.dtype) * w[..., lev, None]).to(q.dtype)
+
+
 def level_run(base, q, k, v, gates, init, start: int, block: int, backend: str, chunk_size: int, scale=None):
     """The base op with its state reset at every multiple of ``block`` of the global position; the tokens
     sit at start .. start+T-1; ``init`` (or None) enters the first token when ``start`` is inside a block.
@@ -83,11 +94,10 @@ def loglinear_by_levels(base, q, k, v, gates, level_weights, *, scale, run_init,
 
     ``run_init``: incoming run states [B, H, >= top+1, K, V] or None (all zero). ``base`` is the public
     base op (``gated_delta_rule`` or ``gated_linear_attn``) taking (q, k, v, *gates)."""
-    lam = level_weights[..., : top + 1].to(compute_dtype(q, level_weights))
-    w = torch.cat([lam[..., :-1] - lam[..., 1:], lam[..., -1:]], dim=-1)      # [B, T, H, top+1]
+    w = level_weight_differences(q, level_weights, top)
     o, finals = None, []
     for lev in range(top + 1):
-        ql = (q.to(w.dtype) * w[..., lev, None]).to(q.dtype)
+        ql = level_query(q, w, lev)
         init = None if run_init is None else run_init[:, :, lev]
         o_l, s_l = level_run(base, ql, k, v, gates, init, position_offset, 1 << lev, backend, chunk_size, scale)
         o = o_l.to(w.dtype) if o is None else o + o_l.to(w.dtype)
