@@ -100,3 +100,19 @@ def test_cp4_matches_one_process():
 def test_cp_refuses_a_shard_that_is_not_a_power_of_two():
     with pytest.raises(WorkerError, match="power of two"):
         run_world(cp_worker, 2, [(5, "gdn", 1, 6, 1, 4, 4, 6, 2)], timeout=120)
+
+
+def test_bench_cp_runs_the_loglinear_op_on_cpu(tmp_path):
+    """`lctrain bench cp --op loglinear_gated_delta_rule --device cpu`: 2 gloo ranks, JSON written."""
+    import json
+
+    from lctrain.bench.cp import COLUMNS, main
+
+    out = tmp_path / "cp.json"
+    rc = main(["--device", "cpu", "--nproc", "2", "--T", "16", "--H", "2", "--D", "8", "--chunk-size", "8",
+               "--warmup", "0", "--iters", "1", "--op", "loglinear_gated_delta_rule", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    row = dict(zip(COLUMNS, result["rows"][0]))
+    assert row["T total"] == 32 and row["CP fwd+bwd ms"] > 0
+    assert "loglinear gated delta rule" in result["title"]
