@@ -79,10 +79,13 @@ def test_naive_dense_torch_agree_with_every_gradient(kind, T, p0):
         assert rel(o, ref[0]) < 1e-10 and rel(S, ref[1]) < 1e-10, backend
         for name in ref[2]:
             assert rel(g[name], ref[2][name]) < 1e-10, (backend, name)
-    if p0 == 0:  # a level no query reaches gets exactly zero gradient; the others do not
-        assert ref[2]["lam"][..., L - 1].abs().max() == 0
-        assert ref[2]["lam"][..., : L - 1].abs().amax(dim=(0, 1, 2)).min() > 0
-    # (a random initial state fills every level slot, so there every level is reached)
+    # a level no query reaches gets exactly zero gradient; the others do not
+    assert ref[2]["lam"][..., L - 1].abs().max() == 0
+    assert ref[2]["lam"][..., : L - 1].abs().amax(dim=(0, 1, 2)).min() > 0
+    if p0:  # initial slots above bit_length(p0 - 1) cannot hold anything: ignored
+        reach = (p0 - 1).bit_length()
+        assert ref[2]["init"][:, :, reach + 1:].abs().max() == 0
+        assert ref[2]["init"][:, :, : reach + 1].abs().amax(dim=(0, 1, 3, 4)).min() > 0
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -93,7 +96,8 @@ def test_unit_level_weights_give_the_plain_op(kind, backend):
     x = make_inputs(kind, T, K, V, L, torch.float64, seed=3, p0=p0)
     x["lam"] = torch.ones_like(x["lam"])
     o, S = call(kind, x, backend, p0)
-    plain = dict(initial_state=x["init"].sum(dim=2), output_final_state=True, backend="naive")
+    reach = (p0 - 1).bit_length()  # the slots an initial state can have
+    plain = dict(initial_state=x["init"][:, :, : reach + 1].sum(dim=2), output_final_state=True, backend="naive")
     if kind == "gdn":
         o_ref, S_ref = gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], **plain)
     else:

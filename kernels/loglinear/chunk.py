@@ -16,8 +16,8 @@ continues; so the per-level ("slot") states of the public API and the run states
 over levels (in) and a difference (out), see ``runs_from_slots`` / ``slots_from_runs``.
 
 Levels above top = bit_length(p0 + T - 1) all see one block holding the whole sequence: R_top covers
-them, so they cost nothing (they get a zero gradient: no query uses them). With an initial state every
-level is run, since its higher levels may be non-zero.
+them, so they cost nothing (they get a zero gradient: no query uses them). (An initial state has nothing
+above level bit_length(p0 - 1) <= top: ops.py drops such slots.)
 
 The cost is (top + 1) base-op runs over T tokens, i.e. O(T log T) work, a factor ~log2(T) over the base
 op; the fused one-pass kernel of the paper shares the intra-chunk work across levels instead.
@@ -25,8 +25,11 @@ op; the fused one-pass kernel of the paper shares the intra-chunk work across le
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
+from ..chunk import _ChunkTerms, _to_chunks
 from ..naive import compute_dtype
+from .levels import level_matrix
 
 
 def runs_from_slots(slots: torch.Tensor, position_offset: int) -> torch.Tensor:
@@ -88,15 +91,71 @@ def level_run(base, q, k, v, gates, init, start: int, block: int, backend: str, 
     return torch.cat(outs, dim=1), state
 
 
+def intra_chunk_levels(q, k, v, g, beta, level_weights, *, scale, chunk_size: int, top: int) -> torch.Tensor:
+    """sum_{l <= c} R_l(q * w_l) in one pass (c = log2(chunk_size), chunks aligned to the positions):
+    those levels never leave a chunk, so they are the base mixer's intra-chunk attention matrix
+    Aeff[t, s] = q_t^T (A_t ... A_{s+1}) w_s k_s (decay * Q K^T, times the WY transform for the delta rule)
+    masked with lambda[t, level(t, s)] - lambda[t, c+1] (the levels above c come from the runs).
+    Returns float32/64 [B, T, H, V]."""
+    B, T, H, K = q.shape
+    C = chunk_size
+    c = C.bit_length() - 1
+    hi = min(c, top)
+    dt = compute_dtype(q, k, v, g, beta, level_weights)
+    scale = K ** -0.5 if scale is None else scale
+    lam = level_weights[..., : hi + 1].to(dt)
+    if top > c:
+        lam = lam - level_weights[..., c + 1: c + 2].to(dt)
+    terms = _ChunkTerms(k, None, g, beta, C, dt, q=q, keep_transform=True)
+    aeff = terms.decay * (terms.Q @ terms.K.transpose(-1, -2))             # [B, H, N, C, C]
+    if terms.Tm is not None:
+        aeff = aeff @ terms.Tm
+    idx = torch.arange(C, device=q.device)
+    lv = level_matrix(idx, idx)                                             # level inside an aligned chunk
+    lamc = _to_chunks(lam, C, dt)                                           # [B, H, N, C, hi+1]
+    mask = torch.gather(lamc, -1, lv.clamp(0, hi).expand(*lamc.shape[:3], C, C)) * (lv >= 0)
+    O = scale * ((mask * aeff) @ _to_chunks(v, C, dt))
+    return O.movedim(1, 3).reshape(B, -1, H, v.shape[-1])[:, :T]
+
+
+def _last_block_states(base, k, v, gates, position_offset: int, levels, backend: str, chunk_size: int):
+    """Final run states of the given low levels (blocks inside the last chunk, starting at or after
+    position_offset): the base op from zero over the last block of each."""
+    T = k.shape[1]
+    e = position_offset + T - 1
+    out = []
+    for lev in levels:
+        lo = e - (e % (1 << lev)) - position_offset
+        xs = [x[:, lo:] for x in (k, v) + tuple(gates)]
+        _, s = level_run(base, xs[0], xs[0], xs[1], xs[2:], None, position_offset + lo, 1 << lev, backend,
+                         chunk_size)
+        out.append(s)
+    return out
+
+
 def loglinear_by_levels(base, q, k, v, gates, level_weights, *, scale, run_init, position_offset: int,
                         top: int, backend: str, chunk_size: int):
     """o = sum_l R_l(q * w_l) for l = 0..top and the final run states [B, H, top+1, K, V].
 
     ``run_init``: incoming run states [B, H, >= top+1, K, V] or None (all zero). ``base`` is the public
-    base op (``gated_delta_rule`` or ``gated_linear_attn``) taking (q, k, v, *gates)."""
+    base op (``gated_delta_rule`` or ``gated_linear_attn``) taking (q, k, v, *gates).
+    When chunk_size is a power of two and position_offset a multiple of it, levels 0..log2(chunk_size)
+    take one intra-chunk pass (``intra_chunk_levels``, recomputed in the backward) instead of one run each;
+    their incoming run states are then unused (every such block starts inside this call)."""
+    C = chunk_size
+    o, finals, first = None, [], 0
+    if C & (C - 1) == 0 and position_offset % C == 0:
+        g, beta = gates[0], (gates[1] if len(gates) > 1 else None)
+        args = (q, k, v, g, beta, level_weights)
+        kw = dict(scale=scale, chunk_size=C, top=top)
+        if torch.is_grad_enabled():
+            o = checkpoint(lambda *a: intra_chunk_levels(*a, **kw), *args, use_reentrant=False)
+        else:
+            o = intra_chunk_levels(*args, **kw)
+        first = min(C.bit_length() - 1, top) + 1
+        finals = _last_block_states(base, k, v, gates, position_offset, range(first), backend, chunk_size)
     w = level_weight_differences(q, level_weights, top)
-    o, finals = None, []
-    for lev in range(top + 1):
+    for lev in range(first, top + 1):
         ql = level_query(q, w, lev)
         init = None if run_init is None else run_init[:, :, lev]
         o_l, s_l = level_run(base, ql, k, v, gates, init, position_offset, 1 << lev, backend, chunk_size, scale)

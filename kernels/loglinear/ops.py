@@ -5,6 +5,8 @@ slot l holds the level-l bucket state of the LAST query seen (slot 0 = that toke
 carried by the base transitions up to that query. It is only meaningful together with the global
 position of the next token, ``position_offset``: an initial state describes the queries 0..p0-1 of the
 sequence, so it needs position_offset = p0 >= 1 (a decoding cache keeps the count of tokens seen).
+Slots above level bit_length(p0 - 1) cannot hold anything (no earlier query reaches them): they are
+ignored (zero gradient) by every backend.
 
 Backends: "naive" (token recurrence with Fenwick merges, the ground truth), "dense" (masked T x T form,
 tests only), "torch" (one torch base-op run per level, ``chunk.py``), "triton" (the same per-level runs
@@ -80,19 +82,36 @@ def _run(name, base_name, q, k, v, g, beta, level_weights, scale, initial_state,
     _validate(name, q, k, v, g, beta, level_weights, initial_state, position_offset, cu_seqlens, scale,
               chunk_size)
     which = _resolve(backend, base_name, q.device)
+    if initial_state is not None:
+        reach = torch.arange(level_weights.shape[-1], device=q.device) <= (int(position_offset) - 1).bit_length()
+        initial_state = initial_state * reach[:, None, None].to(initial_state.dtype)
     kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
               position_offset=int(position_offset))
     if which == "naive":
         return naive_loglinear(q, k, v, g, beta, level_weights, **kw)
     if which == "dense":
         return dense_loglinear(q, k, v, g, beta, level_weights, **kw)
-    L = level_weights.shape[-1]
-    p0, T = int(position_offset), q.shape[1]
-    top = L - 1 if initial_state is not None else levels_needed(p0 + T) - 1
+    return _by_levels(base_name, q, k, v, g, beta, level_weights, scale, initial_state, output_final_state,
+                      int(position_offset), which, chunk_size)
+
+
+def _by_levels(base_name, q, k, v, g, beta, level_weights, scale, initial_state, output_final_state, p0, backend,
+               chunk_size):
+    """The per-level runs (chunk.py). A start inside a chunk is first brought to the next chunk boundary
+    by a short call, so that the rest can take the one-pass intra-chunk levels."""
+    T, C, L = q.shape[1], chunk_size, level_weights.shape[-1]
+    head = (C - p0 % C) % C if C & (C - 1) == 0 else 0
+    if 0 < head < T:
+        cut = lambda x: (None if x is None else x[:, :head], None if x is None else x[:, head:])  # noqa: E731
+        (q1, q2), (k1, k2), (v1, v2), (g1, g2), (b1, b2), (l1, l2) = map(cut, (q, k, v, g, beta, level_weights))
+        o1, S = _by_levels(base_name, q1, k1, v1, g1, b1, l1, scale, initial_state, True, p0, backend, C)
+        o2, S = _by_levels(base_name, q2, k2, v2, g2, b2, l2, scale, S, output_final_state, p0 + head, backend, C)
+        return torch.cat([o1, o2], dim=1), S
+    top = levels_needed(p0 + T) - 1
     run_init = None if initial_state is None else runs_from_slots(initial_state, p0)
     gates = (g,) if beta is None else (g, beta)
     o, runs = loglinear_by_levels(_BASE[base_name], q, k, v, gates, level_weights, scale=scale,
-                                  run_init=run_init, position_offset=p0, top=top, backend=which,
+                                  run_init=run_init, position_offset=p0, top=top, backend=backend,
                                   chunk_size=chunk_size)
     return o, (slots_from_runs(runs, L) if output_final_state else None)
 
