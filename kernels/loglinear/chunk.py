@@ -19,8 +19,11 @@ Levels above top = bit_length(p0 + T - 1) all see one block holding the whole se
 them, so they cost nothing (they get a zero gradient: no query uses them). (An initial state has nothing
 above level bit_length(p0 - 1) <= top: ops.py drops such slots.)
 
-The cost is (top + 1) base-op runs over T tokens, i.e. O(T log T) work, a factor ~log2(T) over the base
-op; the fused one-pass kernel of the paper shares the intra-chunk work across levels instead.
+Levels 0..c (c = log2 chunk_size) never leave an aligned chunk: they take one intra-chunk pass instead
+(``intra_chunk_levels``: the base mixer's chunk attention masked by the level weights). The cost is then
+one intra pass plus (top - c) base-op runs over T tokens, i.e. O(T log(T / C)) work, a factor
+~log2(T / C) over the base op; a fused kernel (one pass sharing the WY transform and the intra-chunk work
+across levels, as in the paper) would cut that further and is not written.
 """
 from __future__ import annotations
 

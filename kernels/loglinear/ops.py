@@ -9,10 +9,10 @@ Slots above level bit_length(p0 - 1) cannot hold anything (no earlier query reac
 ignored (zero gradient) by every backend.
 
 Backends: "naive" (token recurrence with Fenwick merges, the ground truth), "dense" (masked T x T form,
-tests only), "torch" (one torch base-op run per level, ``chunk.py``), "triton" (the same per-level runs
-on the Triton base kernels, forward and backward; levels whose blocks are shorter than a Triton chunk
-(the lowest log2(chunk_size) levels) run on the torch base op), "auto" ("triton" on CUDA when the
-Triton base op is available, else "torch").
+tests only), "torch" and "triton" (chunk.py: levels 0..log2(chunk_size) in one intra-chunk pass in
+torch, every higher level one run of the base op, on the torch or the Triton base kernels; forward and
+backward alike), "auto" ("triton" on CUDA when the Triton base op is available, else "torch").
+There is no fused log-linear Triton kernel: "triton" composes the base Triton kernels.
 """
 from __future__ import annotations
 
