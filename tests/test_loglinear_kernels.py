@@ -122,6 +122,32 @@ def test_torch_float32_and_float16(kind):
             assert rel(g[name], ref[2][name]) < tol, (dtype, name)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_cu_seqlens_runs_every_document_from_position_zero(kind):
+    bounds = [0, 5, 21, 37]
+    T, K, V, L = 37, 4, 3, levels_needed(16) + 1
+    x = make_inputs(kind, T, K, V, L, torch.float64, seed=12)
+    cu = torch.tensor(bounds)
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items() if t is not None}
+    kw = dict(output_final_state=True, backend="torch", chunk_size=4, cu_seqlens=cu)
+    if kind == "gdn":
+        o, S = loglinear_gated_delta_rule(*(leaves[n] for n in ("q", "k", "v", "g", "beta", "lam")), **kw)
+    else:
+        o, S = loglinear_gated_linear_attn(*(leaves[n] for n in ("q", "k", "v", "g", "lam")), **kw)
+    assert S.shape == (3, H, L, K, V)
+    grads = torch.autograd.grad(o.square().sum() + S.sum(), list(leaves.values()))
+    ref_leaves = {n: t.clone().requires_grad_() for n, t in x.items() if t is not None}
+    loss = 0.0
+    for i, (bos, eos) in enumerate(zip(bounds, bounds[1:])):
+        doc = {**{n: None for n in x}, **{n: t[:, bos:eos] for n, t in ref_leaves.items()}}
+        o_ref, S_ref = call(kind, doc, "naive")
+        assert rel(o[:, bos:eos], o_ref) < 1e-10 and rel(S[i:i + 1], S_ref) < 1e-10
+        loss = loss + o_ref.square().sum() + S_ref.sum()
+    ref_grads = torch.autograd.grad(loss, list(ref_leaves.values()))
+    for name, got, want in zip(leaves, grads, ref_grads):
+        assert rel(got, want) < 1e-10, name
+
+
 def test_decoding_one_token_at_a_time_equals_one_call():
     T, K, V = 21, 4, 4
     L = levels_needed(T)
@@ -165,10 +191,12 @@ def test_errors_name_the_argument():
     x["init"] = torch.zeros(B, H, 5, 4, 4)
     with pytest.raises(ValueError, match="position_offset"):
         call("gdn", x, "torch", p0=0)
+    with pytest.raises(ValueError, match="initial_state with cu_seqlens"):
+        loglinear_gated_linear_attn(x["q"], x["k"], x["v"], x["g"], x["lam"], initial_state=x["init"],
+                                    position_offset=3, cu_seqlens=torch.tensor([0, 4, 9]))
     x["init"] = None
     with pytest.raises(ValueError, match="cu_seqlens"):
-        loglinear_gated_linear_attn(x["q"], x["k"], x["v"], x["g"], x["lam"],
-                                    cu_seqlens=torch.tensor([0, 9]))
+        loglinear_gated_linear_attn(x["q"], x["k"], x["v"], x["g"], x["lam"], cu_seqlens=torch.tensor([0, 5, 4, 9]))
     with pytest.raises(ValueError, match="unknown backend"):
         call("gdn", x, "fast")
     with pytest.raises(ValueError, match="level_weights must be"):

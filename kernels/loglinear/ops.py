@@ -13,6 +13,9 @@ tests only), "torch" and "triton" (chunk.py: levels 0..log2(chunk_size) in one i
 torch, every higher level one run of the base op, on the torch or the Triton base kernels; forward and
 backward alike), "auto" ("triton" on CUDA when the Triton base op is available, else "torch").
 There is no fused log-linear Triton kernel: "triton" composes the base Triton kernels.
+
+cu_seqlens (packed documents, B == 1): every document starts at position 0 and is run on its own (a
+loop over the documents); the final state is then [N, H, L, K, V]; initial_state is refused with it.
 """
 from __future__ import annotations
 
@@ -45,11 +48,24 @@ def _validate(name, q, k, v, g, beta, level_weights, initial_state, position_off
             or position_offset < 0:
         raise ValueError(f"{name}: position_offset must be an int >= 0, got {position_offset!r}")
     L = level_weights.shape[-1]
-    need = levels_needed(position_offset + T)
+    need = levels_needed(position_offset + T) if cu_seqlens is None else 0
     if L < need:
         raise ValueError(f"{name}: level_weights has L={L} levels but positions up to "
                          f"{position_offset + T - 1} reach level {need - 1}; give L >= {need} "
                          "(= bit_length(last position) + 1)")
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, B, T, q.device)
+        if initial_state is not None:
+            raise ValueError(f"{name}: initial_state with cu_seqlens is not supported (every packed document "
+                             "starts at position 0); pass initial_state=None")
+        if position_offset:
+            raise ValueError(f"{name}: position_offset must be 0 with cu_seqlens (every packed document starts "
+                             "at position 0)")
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if L < levels_needed(longest):
+            raise ValueError(f"{name}: level_weights has L={L} levels but the longest document ({longest} tokens) "
+                             f"reaches level {levels_needed(longest) - 1}; give L >= {levels_needed(longest)}")
+        return
     if initial_state is not None:
         base_api._check_tensor("initial_state", initial_state, 5)
         want = (B, H, L, K, v.shape[-1])
@@ -62,9 +78,26 @@ def _validate(name, q, k, v, g, beta, level_weights, initial_state, position_off
             raise ValueError(f"{name}: an initial_state holds the level states of the tokens before this "
                              "call, so position_offset (the global position of the first token) must be >= 1; "
                              "pass the number of tokens the state has seen")
-    if cu_seqlens is not None:
-        raise ValueError(f"{name}: cu_seqlens (packed variable-length sequences) is not supported by the "
-                         "log-linear ops yet; pass one sequence per batch row (cu_seqlens=None)")
+
+
+def _check_cu_seqlens(cu_seqlens, batch: int, seq_len: int, device) -> None:
+    """The shared contract of cu_seqlens (lctrain.kernels.api.check_cu_seqlens when it exists): a 1-D
+    integer tensor [N+1] on q's device, starting at 0, strictly increasing, ending at T; only with B == 1."""
+    shared = getattr(base_api, "check_cu_seqlens", None)
+    if shared is not None:
+        shared(cu_seqlens, batch, seq_len, device)
+        return
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
+            or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [N+1] of document boundaries, got "
+                         f"{getattr(cu_seqlens, 'shape', type(cu_seqlens).__name__)}")
+    if batch != 1:
+        raise ValueError(f"cu_seqlens packs documents along T and needs B == 1, got B={batch}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, q on {device}")
+    c = cu_seqlens.tolist()
+    if c[0] != 0 or c[-1] != seq_len or any(b <= a for a, b in zip(c, c[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, increase strictly and end at T={seq_len}; got {c}")
 
 
 def _resolve(backend: str, base_name: str, device: torch.device) -> str:
@@ -82,6 +115,16 @@ def _run(name, base_name, q, k, v, g, beta, level_weights, scale, initial_state,
     _validate(name, q, k, v, g, beta, level_weights, initial_state, position_offset, cu_seqlens, scale,
               chunk_size)
     which = _resolve(backend, base_name, q.device)
+    if cu_seqlens is not None:  # one call per packed document, each starting at position 0
+        bounds = cu_seqlens.tolist()
+        outs, finals = [], []
+        for bos, eos in zip(bounds, bounds[1:]):
+            piece = lambda x: None if x is None else x[:, bos:eos]  # noqa: E731
+            o, S = _run(name, base_name, piece(q), piece(k), piece(v), piece(g), piece(beta), piece(level_weights),
+                        scale, None, output_final_state, 0, None, backend, chunk_size)
+            outs.append(o)
+            finals.append(S)
+        return torch.cat(outs, dim=1), (torch.cat(finals, dim=0) if output_final_state else None)
     if initial_state is not None:
         reach = torch.arange(level_weights.shape[-1], device=q.device) <= (int(position_offset) - 1).bit_length()
         initial_state = initial_state * reach[:, None, None].to(initial_state.dtype)
