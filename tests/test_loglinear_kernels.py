@@ -60,13 +60,15 @@ def test_level_definition():
         assert counts == {b + 1: 1 << b for b in range(t.bit_length()) if t >> b & 1}
 
 
-# T not a power of two and at powers of two; p0 > 0 carries an initial state (levels of query p0-1)
-CASES = [(37, 0), (100, 0), (32, 0), (64, 0), (37, 5), (20, 16)]
+# (T, p0, chunk): T not a power of two and at powers of two; p0 > 0 carries an initial state (levels of
+# query p0-1) and, off a chunk boundary, a head call; T=5: every level inside one chunk; chunk 6 (not a
+# power of two): every level as its own run
+CASES = [(37, 0, 8), (100, 0, 8), (32, 0, 8), (64, 0, 8), (37, 5, 8), (20, 16, 8), (5, 0, 8), (30, 3, 6)]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("T,p0", CASES)
-def test_naive_dense_torch_agree_with_every_gradient(kind, T, p0):
+@pytest.mark.parametrize("T,p0,chunk", CASES)
+def test_naive_dense_torch_agree_with_every_gradient(kind, T, p0, chunk):
     K, V = 4, 3
     L = levels_needed(p0 + T) + 1  # one level more than any query uses
     x = make_inputs(kind, T, K, V, L, torch.float64, seed=T + p0, p0=p0)
@@ -75,7 +77,7 @@ def test_naive_dense_torch_agree_with_every_gradient(kind, T, p0):
     dS = torch.randn(B, H, L, K, V, generator=gen, dtype=torch.float64)
     ref = outputs_and_grads(kind, x, "naive", p0, do, dS)
     for backend in ("dense", "torch"):
-        o, S, g = outputs_and_grads(kind, x, backend, p0, do, dS)
+        o, S, g = outputs_and_grads(kind, x, backend, p0, do, dS, chunk_size=chunk)
         assert rel(o, ref[0]) < 1e-10 and rel(S, ref[1]) < 1e-10, backend
         for name in ref[2]:
             assert rel(g[name], ref[2][name]) < 1e-10, (backend, name)
