@@ -226,3 +226,22 @@ def test_triton_bf16_on_gpu_matches_float32_torch(kind, T, p0):
     assert rel(o, ref[0]) < 2e-2 and rel(S, ref[1]) < 2e-2
     for name in ref[2]:
         assert rel(g[name], ref[2][name]) < 2e-2, name
+
+
+def test_recomputed_level_runs_give_the_same_gradients(monkeypatch):
+    """The memory-saving path of long sequences (every level run recomputed in the backward)."""
+    from lctrain.kernels.loglinear import chunk
+    T, K, V = 40, 4, 4
+    L = levels_needed(T)
+    x = make_inputs("gdn", T, K, V, L, torch.float64, seed=21)
+    do, dS = torch.randn(B, T, H, V, dtype=torch.float64), torch.randn(B, H, L, K, V, dtype=torch.float64)
+    kept = outputs_and_grads("gdn", x, "torch", 0, do, dS, chunk_size=4)
+    monkeypatch.setattr(chunk, "RECOMPUTE_LEVELS", True)
+    calls = []
+    monkeypatch.setattr(chunk, "checkpoint", lambda fn, *a, **kw: calls.append(fn) or
+                        torch.utils.checkpoint.checkpoint(fn, *a, **kw))
+    recomputed = outputs_and_grads("gdn", x, "torch", 0, do, dS, chunk_size=4)
+    assert len(calls) == 1 + (levels_needed(T) - 1 - 2)  # the intra pass + every level above log2(4)
+    assert rel(recomputed[0], kept[0]) < 1e-12
+    for name in kept[2]:
+        assert rel(recomputed[2][name], kept[2][name]) < 1e-12, name

@@ -94,6 +94,24 @@ def level_run(base, q, k, v, gates, init, start: int, block: int, backend: str, 
     return torch.cat(outs, dim=1), state
 
 
+# Level runs keep their scaled queries and the base op's saved tensors for the backward, about
+# B*T*H*(K*itemsize + 4*chunk) bytes each. When all of them would exceed this fraction of the GPU's memory
+# (e.g. 1M tokens, 16 heads of 128 on one H200), every run recomputes its forward in the backward instead
+# (torch.utils.checkpoint: ~1/3 more time, memory of one run). ``RECOMPUTE_LEVELS`` True/False forces it.
+RECOMPUTE_FRACTION = 0.25
+RECOMPUTE_LEVELS: bool | None = None
+
+
+def _recompute_levels(q: torch.Tensor, n_levels: int, chunk_size: int) -> bool:
+    if RECOMPUTE_LEVELS is not None:
+        return RECOMPUTE_LEVELS
+    if q.device.type != "cuda" or n_levels <= 0:
+        return False
+    B, T, H, K = q.shape
+    saved = n_levels * B * T * H * (K * q.element_size() + 4 * chunk_size)
+    return saved > RECOMPUTE_FRACTION * torch.cuda.get_device_properties(q.device).total_memory
+
+
 def intra_chunk_levels(q, k, v, g, beta, level_weights, *, scale, chunk_size: int, top: int) -> torch.Tensor:
     """sum_{l <= c} R_l(q * w_l) in one pass (c = log2(chunk_size), chunks aligned to the positions):
     those levels never leave a chunk, so they are the base mixer's intra-chunk attention matrix
@@ -158,10 +176,18 @@ def loglinear_by_levels(base, q, k, v, gates, level_weights, *, scale, run_init,
         first = min(C.bit_length() - 1, top) + 1
         finals = _last_block_states(base, k, v, gates, position_offset, range(first), backend, chunk_size)
     w = level_weight_differences(q, level_weights, top)
+    recompute = torch.is_grad_enabled() and _recompute_levels(q, top + 1 - first, chunk_size)
+
+    def one_level(q, w, init, lev):
+        return level_run(base, level_query(q, w, lev), k, v, gates, init, position_offset, 1 << lev, backend,
+                         chunk_size, scale)
+
     for lev in range(first, top + 1):
-        ql = level_query(q, w, lev)
         init = None if run_init is None else run_init[:, :, lev]
-        o_l, s_l = level_run(base, ql, k, v, gates, init, position_offset, 1 << lev, backend, chunk_size, scale)
+        if recompute:
+            o_l, s_l = checkpoint(one_level, q, w, init, lev, use_reentrant=False)
+        else:
+            o_l, s_l = one_level(q, w, init, lev)
         o = o_l.to(w.dtype) if o is None else o + o_l.to(w.dtype)
         finals.append(s_l)
     return o.to(q.dtype), torch.stack(finals, dim=2)
