@@ -237,11 +237,12 @@ def test_recomputed_level_runs_give_the_same_gradients(monkeypatch):
     do, dS = torch.randn(B, T, H, V, dtype=torch.float64), torch.randn(B, H, L, K, V, dtype=torch.float64)
     kept = outputs_and_grads("gdn", x, "torch", 0, do, dS, chunk_size=4)
     monkeypatch.setattr(chunk, "RECOMPUTE_LEVELS", True)
+    monkeypatch.setattr(chunk, "INTRA_SEGMENT", 16)  # the intra-chunk pass in 3 pieces
     calls = []
     monkeypatch.setattr(chunk, "checkpoint", lambda fn, *a, **kw: calls.append(fn) or
                         torch.utils.checkpoint.checkpoint(fn, *a, **kw))
     recomputed = outputs_and_grads("gdn", x, "torch", 0, do, dS, chunk_size=4)
-    assert len(calls) == 1 + (levels_needed(T) - 1 - 2)  # the intra pass + every level above log2(4)
+    assert len(calls) == 3 + (levels_needed(T) - 1 - 2)  # 3 intra pieces + every level above log2(4)
     assert rel(recomputed[0], kept[0]) < 1e-12
     for name in kept[2]:
         assert rel(recomputed[2][name], kept[2][name]) < 1e-12, name

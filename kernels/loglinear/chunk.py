@@ -100,6 +100,9 @@ def level_run(base, q, k, v, gates, init, start: int, block: int, backend: str, 
 # (torch.utils.checkpoint: ~1/3 more time, memory of one run). ``RECOMPUTE_LEVELS`` True/False forces it.
 RECOMPUTE_FRACTION = 0.25
 RECOMPUTE_LEVELS: bool | None = None
+# The intra-chunk pass runs over pieces of this many tokens (each recomputed in the backward), so its
+# float32 temporaries stay a few GiB however long the sequence.
+INTRA_SEGMENT = 32768
 
 
 def _recompute_levels(q: torch.Tensor, n_levels: int, chunk_size: int) -> bool:
@@ -167,12 +170,16 @@ def loglinear_by_levels(base, q, k, v, gates, level_weights, *, scale, run_init,
     o, finals, first = None, [], 0
     if C & (C - 1) == 0 and position_offset % C == 0:
         g, beta = gates[0], (gates[1] if len(gates) > 1 else None)
-        args = (q, k, v, g, beta, level_weights)
         kw = dict(scale=scale, chunk_size=C, top=top)
-        if torch.is_grad_enabled():
-            o = checkpoint(lambda *a: intra_chunk_levels(*a, **kw), *args, use_reentrant=False)
-        else:
-            o = intra_chunk_levels(*args, **kw)
+        seg = max(C, INTRA_SEGMENT // C * C)  # chunks are independent here: bound the pass's memory
+        parts = []
+        for a in range(0, q.shape[1], seg):
+            args = tuple(None if x is None else x[:, a:a + seg] for x in (q, k, v, g, beta, level_weights))
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(lambda *xs: intra_chunk_levels(*xs, **kw), *args, use_reentrant=False))
+            else:
+                parts.append(intra_chunk_levels(*args, **kw))
+        o = torch.cat(parts, dim=1)
         first = min(C.bit_length() - 1, top) + 1
         finals = _last_block_states(base, k, v, gates, position_offset, range(first), backend, chunk_size)
     w = level_weight_differences(q, level_weights, top)
