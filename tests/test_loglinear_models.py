@@ -74,11 +74,11 @@ def test_config_rules_for_loglinear_layers():
         validate(cfg)
 
 
-# --------------------------------------------------------------------------------- CP training step
+# ------------------------------------------------------- CP training step (with activation checkpointing)
 
 def _cfg(pattern):
     import test_cp_model
-    m = test_cp_model.tiny_model_cfg(False)
+    m = test_cp_model.tiny_model_cfg(True)  # activation checkpointing: the CP op runs again in the backward
     m.layer_pattern, m.loglinear_levels = pattern, 6
     return m
 
