@@ -6,6 +6,7 @@ torch.distributed.
 from .api import (
     apply_transition,
     apply_transition_transposed,
+    check_cu_seqlens,
     delta_rule,
     gated_delta_rule,
     gated_linear_attn,
@@ -20,5 +21,6 @@ __all__ = [
     "delta_rule", "gated_delta_rule", "gated_linear_attn",
     "loglinear_gated_delta_rule", "loglinear_gated_linear_attn", "levels_needed",
     "shard_transition", "shard_state_grad", "apply_transition", "apply_transition_transposed",
+    "check_cu_seqlens",
     "register_backend", "resolve_backend",
 ]

@@ -72,6 +72,10 @@ def test_config_rules_for_loglinear_layers():
     cfg.data.seq_len = 3 * 128 * 2
     with pytest.raises(ConfigError, match="power of two"):
         validate(cfg)
+    cfg.data.seq_len = 4096
+    cfg.model.document_end_id = 257
+    with pytest.raises(ConfigError, match="model.document_end_id"):
+        validate(cfg)
 
 
 # ------------------------------------------------------- CP training step (with activation checkpointing)
@@ -80,6 +84,7 @@ def _cfg(pattern):
     import test_cp_model
     m = test_cp_model.tiny_model_cfg(True)  # activation checkpointing: the CP op runs again in the backward
     m.layer_pattern, m.loglinear_levels = pattern, 6
+    m.document_end_id = None  # packed documents are refused by the log-linear CP op
     return m
 
 

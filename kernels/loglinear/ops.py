@@ -54,7 +54,7 @@ def _validate(name, q, k, v, g, beta, level_weights, initial_state, position_off
                          f"{position_offset + T - 1} reach level {need - 1}; give L >= {need} "
                          "(= bit_length(last position) + 1)")
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, B, T, q.device)
+        base_api.check_cu_seqlens(cu_seqlens, B, T, q.device)
         if initial_state is not None:
             raise ValueError(f"{name}: initial_state with cu_seqlens is not supported (every packed document "
                              "starts at position 0); pass initial_state=None")
@@ -80,26 +80,6 @@ def _validate(name, q, k, v, g, beta, level_weights, initial_state, position_off
                              "pass the number of tokens the state has seen")
 
 
-def _check_cu_seqlens(cu_seqlens, batch: int, seq_len: int, device) -> None:
-    """The shared contract of cu_seqlens (lctrain.kernels.api.check_cu_seqlens when it exists): a 1-D
-    integer tensor [N+1] on q's device, starting at 0, strictly increasing, ending at T; only with B == 1."""
-    shared = getattr(base_api, "check_cu_seqlens", None)
-    if shared is not None:
-        shared(cu_seqlens, batch, seq_len, device)
-        return
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
-            or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [N+1] of document boundaries, got "
-                         f"{getattr(cu_seqlens, 'shape', type(cu_seqlens).__name__)}")
-    if batch != 1:
-        raise ValueError(f"cu_seqlens packs documents along T and needs B == 1, got B={batch}")
-    if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, q on {device}")
-    c = cu_seqlens.tolist()
-    if c[0] != 0 or c[-1] != seq_len or any(b <= a for a, b in zip(c, c[1:])):
-        raise ValueError(f"cu_seqlens must start at 0, increase strictly and end at T={seq_len}; got {c}")
-
-
 def _resolve(backend: str, base_name: str, device: torch.device) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} for the log-linear ops; choose one of {list(BACKENDS)}")
@@ -116,7 +96,7 @@ def _run(name, base_name, q, k, v, g, beta, level_weights, scale, initial_state,
               chunk_size)
     which = _resolve(backend, base_name, q.device)
     if cu_seqlens is not None:  # one call per packed document, each starting at position 0
-        bounds = cu_seqlens.tolist()
+        bounds = base_api.check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], q.device)
         outs, finals = [], []
         for bos, eos in zip(bounds, bounds[1:]):
             piece = lambda x: None if x is None else x[:, bos:eos]  # noqa: E731
