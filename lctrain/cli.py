@@ -49,8 +49,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lctrain {command}: give one of: {choices}", file=sys.stderr)
             return 2
         target, rest = target[rest[0]], rest[1:]
-    module = importlib.import_module(target)
-    return int(module.main(rest) or 0)
+    prog = f"lctrain {command}" + (f" {argv[1]}" if isinstance(COMMANDS[command], dict) else "")
+    return run_command(prog, target, rest)
+
+
+def run_command(prog: str, module_name: str, argv: list[str]) -> int:
+    """Run one command's `main`: a UserError (anything the user gave wrong) becomes one line on
+    stderr and exit code 2, Ctrl-C outside training one line and 130; other errors keep their
+    traceback (they are bugs to report)."""
+    from lctrain.errors import UserError, report_user_error
+    from lctrain.process_tree import die_with_parent_if_worker
+
+    die_with_parent_if_worker()
+    try:
+        module = importlib.import_module(module_name)
+        return int(module.main(argv) or 0)
+    except UserError as err:
+        return report_user_error(prog, err)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lctrain.config import ConfigError, load_config, split_recipe_and_overrides, validate, world_size_needed
+from lctrain.errors import UserError
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch.tmpl"
 DEFAULT_PORT = 29500
@@ -31,7 +32,7 @@ _TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
 
 
-class SubmitError(ValueError):
+class SubmitError(UserError, ValueError):
     """The Slurm request does not fit the configuration or the machine; the message says what to change."""
 
 

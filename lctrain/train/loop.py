@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from lctrain.errors import UserError
+
 from lctrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lctrain.train.optim import build_optimizer, build_scheduler
 from lctrain.train.step import lm_loss
@@ -31,7 +33,7 @@ from lctrain.train.step import lm_loss
 _BUCKET_NUMEL = 32 * 1024 * 1024  # gradients are all-reduced in flat fp32 buckets of this size
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """The run cannot go on; the message says why and what to change."""
 
 
