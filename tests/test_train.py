@@ -151,7 +151,9 @@ def test_train_writes_checkpoint_and_resume_continues(tmp_path, parts, monkeypat
     # ... and resuming continues at step 4 from the same loader position: the same losses and LRs
     assert _run(parts, split, "train.steps=5", "train.ckpt_every=3") == 0
     full_m, split_m = _metrics(full), _metrics(split)
-    assert [m["step"] for m in split_m] == [1, 2, 3, 4, 5]
+    # each step once, and the restart marked where it happened
+    assert [(m.get("event"), m["step"]) for m in split_m] == [(None, 1), (None, 2), (None, 3), ("resume", 3), (None, 4), (None, 5)]
+    split_m = [m for m in split_m if "event" not in m]
     for a, b in zip(full_m, split_m):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
         assert a["lr"] == pytest.approx(b["lr"])
@@ -160,7 +162,7 @@ def test_train_writes_checkpoint_and_resume_continues(tmp_path, parts, monkeypat
 
 def test_resume_refuses_a_different_model(tmp_path, parts, capsys):
     assert _run(parts, tmp_path, "train.steps=1") == 0
-    assert _run(parts, tmp_path, "train.steps=2", "model.d_model=48") == 1
+    assert _run(parts, tmp_path, "train.steps=2", "model.d_model=48") == 2
     err = capsys.readouterr().err
     assert "model.d_model" in err and "train.resume=false" in err
 

@@ -26,7 +26,11 @@ from omegaconf import DictConfig
 
 from lctrain.errors import UserError
 
-from lctrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lctrain.train.bad_steps import BadStepGuard
+from lctrain.train.cadence import CheckpointCadence
+from lctrain.train.checkpoint import check_not_back_in_time, latest_checkpoint, load_checkpoint, save_checkpoint
+from lctrain.train.metrics_file import restart_metrics
+from lctrain.train.preemption import StopSignals, requeue_or_exit_code
 from lctrain.train.optim import build_optimizer, build_scheduler
 from lctrain.train.step import lm_loss
 
@@ -249,14 +253,14 @@ class _Reporter:
         else:
             print(text, flush=True)
 
-    def step(self, step: int, loss: float, lr: float, tokens: float, seconds: float, grad_norm: float) -> None:
+    def step(self, step: int, loss: float, lr: float, tokens: float, seconds: float, grad_norm: float, bad_steps: int = 0) -> None:
         if not self.main:
             return
         tps = tokens / max(seconds, 1e-9)
         self.tps_ema = tps if self.tps_ema is None else 0.9 * self.tps_ema + 0.1 * tps
         self.window_tokens += tokens
         self.window_time += seconds
-        record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tps, "grad_norm": grad_norm}
+        record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tps, "grad_norm": grad_norm, "bad_steps": bad_steps}
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
         if self.tb is not None:
@@ -325,11 +329,16 @@ def _train(cfg: DictConfig, device: torch.device, mesh) -> dict:
     start_step = 0
     resume_from = latest_checkpoint(t.out_dir) if t.resume else None
     if resume_from is not None:
-        start_step = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, cfg=cfg, tp_rank=tp_rank)
+        start_step = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, cfg=cfg,
+                                     tp_rank=tp_rank, verified=True)
+    elif not t.resume:
+        check_not_back_in_time(t.out_dir, 0)
 
     tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * t.grad_accum * dp_size
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    if main:
+        restart_metrics(Path(t.out_dir) / "metrics.jsonl", start_step, str(resume_from) if resume_from else None)
     reporter = _Reporter(cfg, main, start_step)
     n_params = sum(p.numel() for p in params)
     reporter.say(
@@ -337,6 +346,9 @@ def _train(cfg: DictConfig, device: torch.device, mesh) -> dict:
         f"world {world} (dp {dp_size} x cp {cp_size} x tp {cfg.parallel.tp}), {_device_text(device)} {str(dtype).replace('torch.', '')}, "
         f"steps {start_step}->{t.steps}" + (f", resumed from {resume_from}" if resume_from else "")
     )
+    out = Path(t.out_dir)
+    reporter.say(f"lctrain train: out_dir {out}: checkpoints {out / 'ckpt'}, metrics {out / 'metrics.jsonl'}"
+                 + (f", tensorboard {out / 'tb'}" if t.tensorboard else ""))
 
     if start_step >= t.steps:
         reporter.say(f"lctrain train: {resume_from} is already at step {start_step} of train.steps={t.steps}; nothing to do "
@@ -347,6 +359,16 @@ def _train(cfg: DictConfig, device: torch.device, mesh) -> dict:
     first_loss = last_loss = None
     last_saved = start_step if resume_from is not None else -1
     run_start = time.perf_counter()
+    bad_steps = BadStepGuard(t.max_bad_steps)
+    cadence = CheckpointCadence(t.ckpt_every, t.ckpt_minutes, t.steps)
+    stop = StopSignals().install()
+    stopped_by = 0
+
+    def save(step_done: int):
+        path = save_checkpoint(t.out_dir, step_done, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, cfg=cfg, tp_rank=tp_rank)
+        cadence.saved()
+        return path
+
     try:
         for step in range(start_step, t.steps):
             step_start = time.perf_counter()
@@ -367,41 +389,52 @@ def _train(cfg: DictConfig, device: torch.device, mesh) -> dict:
                 scaler.unscale_(optimizer)
             grad_norm = clip_grad_norm(params, t.grad_clip, tp_group)
             lr = optimizer.param_groups[0]["lr"]
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
             # every cp rank holds the same mean; average over the data-parallel replicas
             stat = loss_sum / t.grad_accum
             if _group_size(grad_group) > 1:
                 dist.all_reduce(stat, op=dist.ReduceOp.SUM, group=grad_group)
                 stat = stat / (dp_size * cp_size)
             step_loss = float(stat)
-            if not math.isfinite(step_loss):
-                raise TrainingError(f"loss became {step_loss} at step {step + 1}; lower train.lr or check the data")
+            # fp16's GradScaler skips overflowing steps itself (and lowers its scale): only the loss counts then
+            if bad_steps.is_good(step + 1, step_loss, float(grad_norm) if scaler is None else 0.0):
+                if scaler is not None:
+                    scaler.step(optimizer)
+                else:
+                    optimizer.step()
+            else:
+                reporter.say(f"lctrain train: step {step + 1}: loss {step_loss}, grad_norm {float(grad_norm)}: not finite, "
+                             f"update skipped ({bad_steps.in_row} in a row, {bad_steps.total} in all)")
+            if scaler is not None:
+                scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
             first_loss = step_loss if first_loss is None else first_loss
             last_loss = step_loss
             step_time = time.perf_counter() - step_start
-            reporter.step(step + 1, step_loss, lr, tokens_per_step, step_time, float(grad_norm))
+            reporter.step(step + 1, step_loss, lr, tokens_per_step, step_time, float(grad_norm), bad_steps.total)
             threads_guard.observe(step - start_step, step_time, reporter)
 
             done = step + 1
-            if t.ckpt_every > 0 and done % t.ckpt_every == 0 and done < t.steps:
-                save_checkpoint(t.out_dir, done, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, cfg=cfg, tp_rank=tp_rank)
+            signum, save_due = stop.poll(cadence.by_time(done) if main else False, device)
+            if done < t.steps and (signum or save_due or cadence.by_steps(done)):
+                ckpt = save(done)
                 last_saved = done
-        ckpt = None
-        if last_saved != t.steps:
-            ckpt = save_checkpoint(t.out_dir, t.steps, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, cfg=cfg, tp_rank=tp_rank)
-        else:
-            ckpt = latest_checkpoint(t.out_dir)
+                if signum:  # stop here; on the last step the run simply finishes
+                    stopped_by = signum
+                    break
+        if start_step >= t.steps:
+            ckpt = resume_from  # nothing was trained: write nothing (above all not an older step)
+        elif not stopped_by:
+            ckpt = save(t.steps) if last_saved != t.steps else latest_checkpoint(t.out_dir)
     finally:
+        stop.restore()
         reporter.close()
     wall = time.perf_counter() - run_start
-    summary = {"steps": t.steps, "start_step": start_step, "first_loss": first_loss, "last_loss": last_loss, "wall_s": wall, "checkpoint": str(ckpt)}
+    summary = {"steps": t.steps, "start_step": start_step, "first_loss": first_loss, "last_loss": last_loss, "wall_s": wall,
+               "checkpoint": str(ckpt), "bad_steps": bad_steps.total, "exit_code": 0}
+    if stopped_by:
+        summary["exit_code"] = requeue_or_exit_code(stopped_by, ckpt, reporter.say)
+        return summary
     if main:
         losses = f"loss {first_loss:.4f} -> {last_loss:.4f}, " if first_loss is not None else ""
         print(f"lctrain train: done, {losses}{wall:.1f}s, checkpoint {ckpt}", flush=True)
