@@ -101,6 +101,28 @@ def _quiet_fresh_start_warning() -> None:
         logger.addFilter(_FreshStartReplicationNote())
 
 
+def check_shards(path: Path, *, embedded: bool) -> None:
+    """Every shard index.json lists is there with its size (a partly deleted cache fails here, not in
+    a streaming worker's traceback)."""
+    import json
+
+    fix = (f"delete {path} (data.cache_dir) so that it is built again" if embedded
+           else "prepare the data again with `lctrain data prepare`")
+    try:
+        shards = json.loads((path / "index.json").read_text())["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path}/index.json is unreadable ({type(err).__name__}); {fix}") from None
+    for shard in shards:
+        raw = shard.get("raw_data") or {}
+        name, size = raw.get("basename"), raw.get("bytes")
+        if name is None:
+            continue
+        f = path / name
+        if not f.is_file() or (size is not None and f.stat().st_size != size):
+            state = "is missing" if not f.is_file() else f"holds {f.stat().st_size} bytes, index.json says {size}"
+            raise DataError(f"dataset {path}: shard {name} {state}; {fix}")
+
+
 def _check_env(global_rank: int, world_size: int) -> None:
     """StreamingDataset takes the world from env vars; make sure they say what the trainer says."""
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -146,6 +168,7 @@ def build_train_loader(data_cfg: Any, *, dp_rank: int, dp_size: int, cp_rank: in
         raise DataError(f"data.seq_len={seq_len} does not split into parallel.cp={cp_size} equal slices; make seq_len a multiple of cp")
     _check_env(global_rank, world_size)
     path = resolve_dataset(data_cfg)
+    check_shards(path, embedded=str(data_cfg.source) == "embedded")
     meta = read_meta(path)
     _check_same_dataset_everywhere(path, meta)
     if meta.get("tokenizer") is not None:

@@ -149,33 +149,38 @@ def finished_steps(root: Path) -> list[Path]:
     return sorted(dirs, key=step_of, reverse=True)
 
 
-def find_checkpoint(root: Path, warn=_warn) -> Path | None:
+def find_checkpoint(root: Path, warn=_warn, quarantine: bool = False) -> Path | None:
     """The newest `step_<n>` under `root` (a ckpt/ folder) that verifies; `warn` names each newer one
     that does not, and a `latest` that is empty or points elsewhere. None when there is no checkpoint;
-    CheckpointError when there are some and none verifies."""
-    candidates = finished_steps(root)
+    CheckpointError (saying what is damaged, no separate warnings) when there are some and none verifies.
+
+    quarantine (training only): rename each damaged one to `step_<n>.damaged`, so that it is neither
+    resumed from nor counted by keep_last again, but is still there to inspect."""
     pointer = root / LATEST
-    named = None
-    if pointer.is_file():
-        named = pointer.read_text().strip()
-        if not named:
-            warn(f"{pointer} is empty; looking for the newest checkpoint that verifies")
-    bad = []
-    for ckpt in candidates:
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    notes, bad = [], []
+    if named == "":
+        notes.append(f"{pointer} is empty")
+    for ckpt in finished_steps(root):
         problem = verify_checkpoint(ckpt)
         if problem is None:
-            if named and named != ckpt.name:
-                warn(f"{pointer} names {named!r}, but the newest checkpoint that verifies is {ckpt.name}; using {ckpt}")
+            if named and named != ckpt.name and named not in {p.name for p in bad}:
+                notes.append(f"{pointer} names {named!r}, but the newest checkpoint that verifies is {ckpt.name}")
+            for note in notes:
+                warn(f"{note}; using {ckpt}")
             return ckpt
         bad.append(ckpt)
-        warn(f"checkpoint {ckpt} is damaged: {problem}; skipping it")
+        notes.append(f"checkpoint {ckpt} is damaged: {problem}")
+        if quarantine:
+            moved = ckpt.with_name(ckpt.name + ".damaged")
+            shutil.rmtree(moved, ignore_errors=True)
+            os.replace(ckpt, moved)
+            notes[-1] += f" (moved to {moved.name})"
     if bad:
         raise CheckpointError(
-            f"no checkpoint under {root} verifies ({', '.join(p.name for p in bad)} are damaged); "
-            "delete them to start over, or set train.resume=false with a new train.out_dir"
+            f"no checkpoint under {root} verifies ({'; '.join(notes)}); "
+            "delete the damaged ones to start over, or use a new train.out_dir"
         )
-    if named:
-        warn(f"{pointer} names {named!r}, which does not exist")
     return None
 
 
@@ -203,17 +208,17 @@ def resolve_checkpoint(path: str | os.PathLike, warn=_warn) -> Path:
     return found
 
 
-def latest_checkpoint(out_dir: str | os.PathLike, warn=_warn) -> Path | None:
-    """The newest checkpoint of the run that verifies, or None when it has none.
+def latest_checkpoint(out_dir: str | os.PathLike, warn=_warn, quarantine: bool = False) -> Path | None:
+    """The newest checkpoint of the run that verifies, or None when it has none (see find_checkpoint).
 
     Under torch.distributed rank 0 looks (and warns) and every rank gets its answer, so that all
     resume from the same one."""
     if not _is_dist() or dist.get_world_size() == 1:
-        return find_checkpoint(ckpt_root(out_dir), warn)
+        return find_checkpoint(ckpt_root(out_dir), warn, quarantine)
     answer: list = [None]
     if _rank() == 0:
         try:
-            found = find_checkpoint(ckpt_root(out_dir), warn)
+            found = find_checkpoint(ckpt_root(out_dir), warn, quarantine)
             answer[0] = ("ok", None if found is None else str(found))
         except CheckpointError as err:
             answer[0] = ("error", str(err))

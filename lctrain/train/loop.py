@@ -327,7 +327,7 @@ def _train(cfg: DictConfig, device: torch.device, mesh) -> dict:
     )
 
     start_step = 0
-    resume_from = latest_checkpoint(t.out_dir) if t.resume else None
+    resume_from = latest_checkpoint(t.out_dir, quarantine=True) if t.resume else None
     if resume_from is not None:
         start_step = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, cfg=cfg,
                                      tp_rank=tp_rank, verified=True)
