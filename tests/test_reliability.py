@@ -458,3 +458,50 @@ def test_bad_input_in_a_real_process_is_one_line(inputs):
     for args in (["config", "show", str(inputs["bad_yaml"])], ["train", "train.lr=nan"]):
         proc = subprocess.run([sys.executable, "-m", "lctrain.cli", *args], env=_env(), capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------- 3. through the real (single-node) Slurm
+@pytest.mark.slurm
+def test_slurm_sigusr1_checkpoints_requeues_and_finishes_identically(reference, dataset, tmp_path, capsys, monkeypatch):
+    """`scancel --batch --signal=USR1` is what `#SBATCH --signal=B:USR1@<grace>` delivers before a
+    preemption: the job script forwards it, the worker saves, requeues the job, and the requeued job
+    resumes and ends with the uninterrupted run's loss."""
+    from test_submit import _job_state, _require_cluster
+
+    from lctrain.submit import main as submit_main
+
+    if os.environ.get("LCTRAIN_NO_SLURM") == "1":
+        pytest.skip("LCTRAIN_NO_SLURM=1")
+    _require_cluster()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job inherits it, as the reference run had it
+    out = tmp_path / "run"
+    rc = submit_main([*TINY, f"data.source={dataset}", "train.steps=30", "--gpus-per-node", "0", "--port", "29573",
+                      "--time", "00:10:00", "--output-dir", str(out)])
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout
+    job = stdout.split("submitted job ")[1].split(";")[0].split()[0]
+    log = out / "slurm" / f"{job}.out"
+    try:
+        _wait_for(lambda: _steps_logged(out) >= 3 or _job_state(job) not in ("PENDING", "CONFIGURING", "RUNNING"),
+                  "the job's step 3", log=log)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+        requeued = {"done": False}
+
+        def finished() -> bool:
+            state = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
+            if "JobState=PENDING" in state and "Restarts=0" not in state and not requeued["done"]:
+                # Slurm holds a requeued job for ~2 minutes (BeginTime); release it now
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+                requeued["done"] = True
+            return _job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", None)
+
+        _wait_for(finished, "the requeued job to finish", log=log, timeout=WAIT_S + 120)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    text = log.read_text()
+    assert requeued["done"] and _job_state(job) in ("COMPLETED", None), text[-3000:]
+    assert "stopped on SIGUSR1" in text and f"Slurm job {job} requeued" in text and "(restart 1)" in text, text[-3000:]
+    records = _step_records(out)
+    assert [r["step"] for r in records] == list(range(1, 31)), text[-3000:]
+    assert _final_loss(out) == _final_loss(reference)

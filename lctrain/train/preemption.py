@@ -45,6 +45,10 @@ class StopSignals:
         return self
 
     def restore(self) -> None:
+        """Put the previous handlers back, unless a stop is under way: then further signals keep being
+        only noted until the process has exited (a late one must not kill the clean exit)."""
+        if self.signum:
+            return
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
