@@ -203,9 +203,9 @@ def test_resume_skips_a_damaged_checkpoint(trained, dataset, tmp_path, capsys):
 def test_non_finite_steps_are_skipped_then_stop_the_run(dataset, tmp_path, monkeypatch, capsys):
     import torch
 
-    from lctrain.train import loop
+    from lctrain.train import trainer
 
-    real = loop.lm_loss
+    real = trainer.lm_loss
     calls = {"n": 0}
     poison = {2}
 
@@ -216,7 +216,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(dataset, tmp_path, monke
             return loss * float("nan"), mean * float("nan")
         return loss, mean
 
-    monkeypatch.setattr(loop, "lm_loss", lm_loss)
+    monkeypatch.setattr(trainer, "lm_loss", lm_loss)
     saved = {}
     real_step = torch.optim.AdamW.step
 

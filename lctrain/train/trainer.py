@@ -1,0 +1,259 @@
+"""The training job of one rank: `Trainer` and `train(cfg)`, the entry point of `lctrain train`.
+
+`Trainer(cfg, device)` builds everything from the config on this process's mesh (a one-process
+world when no mesh was initialised: every mesh query then answers for one rank): the model,
+optimizer, LR schedule and (unless `data=False`) the train loader. Then:
+
+- `compute_loss(batch)`: one micro-batch's loss, the one place the loss is computed;
+- `step(batches)`: one optimizer step over this rank's micro-batches; returns `StepMetrics`;
+- `save(step)` / `load(path)`: checkpoints (collective over all ranks);
+- `run()`: the loop: resume, step to train.steps, report, checkpoint; returns a summary.
+
+How the gradients of the ranks are combined (and why the loss is scaled as it is): grad_comm.py.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from lctrain.parallel import mesh
+from lctrain.train.bad_steps import BadStepGuard
+from lctrain.train.cadence import CheckpointCadence
+from lctrain.train.checkpoint import check_not_back_in_time, latest_checkpoint, load_checkpoint, save_checkpoint
+from lctrain.train.device import TrainingError, device_text, pick_device, pick_dtype, seed_everything
+from lctrain.train.grad_comm import broadcast_parameters, clip_grad_norm, mean_over_group, reduce_gradients
+from lctrain.train.metrics import Reporter
+from lctrain.train.metrics_file import restart_metrics
+from lctrain.train.preemption import StopSignals, requeue_or_exit_code
+from lctrain.train.optim import build_optimizer, build_scheduler
+from lctrain.train.step import answer_weights, lm_loss
+
+__all__ = ["StepMetrics", "Trainer", "TrainingError", "train"]
+
+
+@dataclass
+class StepMetrics:
+    """What one optimizer step reports."""
+    step: int  # optimizer steps done, this one included
+    loss: float  # unweighted mean loss over the step's micro-batches and the dp x cp replicas
+    grad_norm: float  # global L2 norm of the gradients before clipping
+    lr: float  # the learning rate this step used
+    skipped: bool = False  # loss or gradient norm not finite: the optimizer did not update (bad_steps.py)
+
+
+class _Infinite:
+    """Iterates the loader for ever (a finite loader starts its next epoch)."""
+
+    def __init__(self, loader):
+        self.loader, self.it = loader, None
+
+    def __next__(self):
+        if self.it is None:
+            self.it = iter(self.loader)
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.it = iter(self.loader)
+            return next(self.it)
+
+
+class Trainer:
+    """One rank's model, optimizer, schedule and data, and the step that trains them."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, *, data: bool = True):
+        from lctrain.data import build_train_loader
+        from lctrain.models import build_model
+
+        t = cfg.train
+        if cfg.parallel.pp > 1:
+            raise TrainingError("parallel.pp > 1 is not supported by the training loop yet; use parallel.pp=1")
+        self.cfg, self.device = cfg, device
+        self.is_main = mesh.is_main()
+        self.cp_group, self.cp_rank, self.cp_size = mesh.cp_group(), mesh.cp_rank(), mesh.cp_size()
+        self.dp_rank, self.dp_size, self.grad_group = mesh.dp_rank(), mesh.dp_size(), mesh.dp_cp_group()
+        self.tp_group, self.tp_rank = mesh.tp_group(), mesh.tp_rank()
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.dtype = pick_dtype(t, device)
+        if self.cp_size != cfg.parallel.cp or (cfg.parallel.cp > 1 and self.cp_group is None):
+            # context_parallel(op, None) falls back to the plain op: a missing group would train on wrong math.
+            raise TrainingError(f"parallel.cp={cfg.parallel.cp} but the mesh has a CP group of size {self.cp_size}")
+
+        seed_everything(t.seed)
+        self.model = build_model(cfg.model, cp_group=self.cp_group, max_position=cfg.data.seq_len).to(device)
+        broadcast_parameters(self.model, self.grad_group)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, t)
+        self.scheduler = build_scheduler(self.optimizer, t)
+        self.loader = None
+        if data:
+            self.loader = build_train_loader(
+                cfg.data, dp_rank=self.dp_rank, dp_size=self.dp_size, cp_rank=self.cp_rank, cp_size=self.cp_size,
+                tp_size=cfg.parallel.tp, global_rank=dist.get_rank() if dist.is_initialized() else 0, world_size=self.world,
+            )
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        self.step_count = 0  # optimizer steps done (restored by load)
+        self.bad_steps = BadStepGuard(t.max_bad_steps)
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (loss, mean_loss) of one micro-batch (`input_ids`, `labels`, optional `answer_mask`):
+        this rank's differentiable share (answer tokens weighted) and the detached unweighted mean
+        of the whole sequence (see step.lm_loss)."""
+        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        weights = answer_weights(batch, self.cfg.train.answer_loss_weight, self.device)
+        with self._autocast():
+            return lm_loss(self.model, input_ids, labels, cp_group=self.cp_group, position_offset=self.cp_rank * input_ids.shape[1],
+                           token_weights=weights)
+
+    def forward_backward(self, batches: Sequence[dict]) -> torch.Tensor:
+        """Accumulate the gradients of the micro-batches (each loss / len(batches)); returns the step's
+        mean loss, averaged over the dp x cp replicas (every CP rank holds the same mean)."""
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in batches:
+            loss, mean_loss = self.compute_loss(batch)
+            loss = loss / len(batches)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss_sum += mean_loss.detach()
+        return mean_over_group(loss_sum / len(batches), self.grad_group)
+
+    def finish_gradients(self) -> torch.Tensor:
+        """Reduce the gradients over the replicas, unscale them (float16), clip them; returns the norm before clipping."""
+        reduce_gradients(self.params, self.grad_group, self.dp_size)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        return clip_grad_norm(self.params, self.cfg.train.grad_clip, self.tp_group)
+
+    def optimizer_step(self, apply: bool = True) -> None:
+        """Apply the finished gradients (unless `apply` is False: a skipped step leaves parameters and
+        optimizer state untouched), advance the LR schedule, drop the gradients."""
+        if apply:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, batches: Sequence[dict]) -> StepMetrics:
+        """One optimizer step over this rank's micro-batches (`run` passes train.grad_accum of them).
+
+        The loss and the gradient norm (the same on every rank) are known before `optimizer_step`
+        acts: a step where either is not finite is skipped (bad_steps.py); train.max_bad_steps of
+        them in a row end the run with a message naming the step. float16's GradScaler skips
+        overflowing gradients itself (and lowers its scale), so there only the loss is judged."""
+        loss = float(self.forward_backward(batches))
+        grad_norm = float(self.finish_gradients())
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.step_count += 1
+        good = self.bad_steps.is_good(self.step_count, loss, grad_norm if self.scaler is None else 0.0)
+        self.optimizer_step(apply=good)
+        return StepMetrics(step=self.step_count, loss=loss, grad_norm=grad_norm, lr=lr, skipped=not good)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, step: int | None = None) -> Path:
+        """Collective: write checkpoint `step_<step>` (default: the steps done) under train.out_dir."""
+        return save_checkpoint(self.cfg.train.out_dir, self.step_count if step is None else step, model=self.model,
+                               optimizer=self.optimizer, scheduler=self.scheduler, loader=self.loader, cfg=self.cfg,
+                               tp_rank=self.tp_rank)
+
+    def load(self, path, verified: bool = False) -> int:
+        """Collective: restore model, optimizer, schedule, loader position and RNGs; returns the step.
+        `verified`: `path` has just passed its manifest check (latest_checkpoint), skip hashing it again."""
+        self.step_count = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                          loader=self.loader, cfg=self.cfg, tp_rank=self.tp_rank, verified=verified)
+        return self.step_count
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        """Resume (train.resume) from the newest checkpoint that verifies, train to train.steps, checkpoint
+        every train.ckpt_every steps / train.ckpt_minutes minutes, on SIGUSR1/SIGTERM/SIGINT
+        (then stop: preemption.py) and at the end. Returns a summary; its exit_code is the command's."""
+        cfg, t = self.cfg, self.cfg.train
+        if self.loader is None:
+            raise TrainingError("Trainer.run needs the train loader; build the Trainer with data=True")
+        resume_from = latest_checkpoint(t.out_dir, quarantine=True) if t.resume else None
+        if resume_from is not None:
+            self.load(resume_from, verified=True)
+        elif not t.resume:
+            check_not_back_in_time(t.out_dir, 0)  # starting over must not mix with a later history
+        start_step = self.step_count
+
+        tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * t.grad_accum * self.dp_size
+        out = Path(t.out_dir)
+        if self.is_main:
+            restart_metrics(out / "metrics.jsonl", start_step, str(resume_from) if resume_from else None)
+        reporter = Reporter(cfg, self.is_main, start_step)
+        n_params = sum(p.numel() for p in self.params)
+        reporter.say(
+            f"lctrain train: {n_params / 1e6:.2f}M parameters, layers {cfg.model.layer_pattern}, seq_len {cfg.data.seq_len}, "
+            f"world {self.world} (dp {self.dp_size} x cp {self.cp_size} x tp {cfg.parallel.tp}), "
+            f"{device_text(self.device)} {str(self.dtype).replace('torch.', '')}, "
+            f"steps {start_step}->{t.steps}" + (f", resumed from {resume_from}" if resume_from else "")
+        )
+        reporter.say(f"lctrain train: out_dir {out}: checkpoints {out / 'ckpt'}, metrics {out / 'metrics.jsonl'}"
+                     + (f", tensorboard {out / 'tb'}" if t.tensorboard else ""))
+        if start_step >= t.steps:
+            reporter.say(f"lctrain train: {resume_from} is already at step {start_step} of train.steps={t.steps}; nothing to do "
+                         "(raise train.steps to continue, or use a new train.out_dir / train.resume=false to start over)")
+        batches = _Infinite(self.loader)
+        self.model.train()
+        first_loss = last_loss = None
+        ckpt, last_saved, stopped_by = resume_from, start_step if resume_from is not None else -1, 0
+        cadence = CheckpointCadence(t.ckpt_every, t.ckpt_minutes, t.steps)
+        stop = StopSignals().install()
+        run_start = time.perf_counter()
+        try:
+            for _ in range(start_step, t.steps):
+                step_start = time.perf_counter()
+                metrics = self.step([next(batches) for _ in range(t.grad_accum)])
+                if metrics.skipped:
+                    reporter.say(f"lctrain train: step {metrics.step}: loss {metrics.loss}, grad_norm {metrics.grad_norm}: "
+                                 f"not finite, update skipped ({self.bad_steps.in_row} in a row, {self.bad_steps.total} in all)")
+                first_loss = metrics.loss if first_loss is None else first_loss
+                last_loss = metrics.loss
+                reporter.step(metrics.step, metrics.loss, metrics.lr, tokens_per_step, time.perf_counter() - step_start,
+                              metrics.grad_norm, self.bad_steps.total)
+                signum, save_due = stop.poll(cadence.by_time(metrics.step) if self.is_main else False, self.device)
+                if metrics.step < t.steps and (signum or save_due or cadence.by_steps(metrics.step)):
+                    ckpt, last_saved = self.save(), metrics.step
+                    cadence.saved()
+                    if signum:  # on the last step the run simply finishes
+                        stopped_by = signum
+                        break
+            if start_step < t.steps and not stopped_by:  # nothing trained: write nothing (above all no older step)
+                ckpt = self.save(t.steps) if last_saved != t.steps else ckpt
+        finally:
+            stop.restore()
+            reporter.close()
+        wall = time.perf_counter() - run_start
+        summary = {"steps": t.steps, "start_step": start_step, "first_loss": first_loss, "last_loss": last_loss, "wall_s": wall,
+                   "checkpoint": str(ckpt), "bad_steps": self.bad_steps.total, "exit_code": 0}
+        if stopped_by:
+            summary["exit_code"] = requeue_or_exit_code(stopped_by, ckpt, reporter.say)
+        elif self.is_main:
+            losses = f"loss {first_loss:.4f} -> {last_loss:.4f}, " if first_loss is not None else ""
+            print(f"lctrain train: done, {losses}{wall:.1f}s, checkpoint {ckpt}", flush=True)
+        return summary
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run the whole job in this process (the mesh must not be initialised yet). Returns a summary."""
+    device = pick_device(cfg.train)
+    mesh.init_mesh(cfg.parallel, device)
+    try:
+        return Trainer(cfg, device).run()
+    finally:
+        mesh.destroy_mesh()
