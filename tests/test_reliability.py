@@ -505,3 +505,85 @@ def test_slurm_sigusr1_checkpoints_requeues_and_finishes_identically(reference, 
     records = _step_records(out)
     assert [r["step"] for r in records] == list(range(1, 31)), text[-3000:]
     assert _final_loss(out) == _final_loss(reference)
+
+
+# ---------------------------------------------------------------- small pieces
+def test_internal_errors_keep_their_traceback(monkeypatch):
+    """Only UserError is turned into one line: a bug must still show where it happened."""
+    import lctrain.cli as cli
+
+    monkeypatch.setitem(cli.COMMANDS, "boom", "lctrain.errors:no_such_function")
+    with pytest.raises(AttributeError):
+        cli.main(["boom"])
+
+
+def test_time_cadence_and_step_cadence():
+    from lctrain.train.cadence import CheckpointCadence
+
+    now = [0.0]
+    c = CheckpointCadence(ckpt_every=4, ckpt_minutes=1.0, total_steps=10, clock=lambda: now[0])
+    assert [s for s in range(1, 11) if c.by_steps(s)] == [4, 8]  # never the last step: the end saves anyway
+    assert not c.by_time(1)
+    now[0] = 61.0
+    assert c.by_time(2) and not c.by_time(10)
+    c.saved()
+    assert not c.by_time(3)
+
+
+def test_resume_false_refuses_to_mix_with_existing_checkpoints(trained, dataset, tmp_path, capsys):
+    run = _copy_run(trained, tmp_path / "run")
+    rc, _, err = _cli(_args(dataset, run, "train.steps=2", "train.resume=false"), capsys)
+    assert rc == 2 and "train.resume=false" in err and "step_3" in err
+    assert sorted(p.name for p in (run / "ckpt").glob("step_*")) == ["step_2", "step_3"]
+
+
+def test_sbatch_asks_for_the_warning_signal_and_forwards_it(tmp_path, capsys, monkeypatch):
+    from lctrain.submit import main as submit_main
+
+    monkeypatch.chdir(tmp_path)
+    for grace, want in (("120", "#SBATCH --signal=B:USR1@120"), ("0", None)):
+        out = tmp_path / f"g{grace}"
+        assert submit_main([*TINY, "--gpus-per-node", "0", "--signal-grace", grace, "--output-dir", str(out), "--dry-run"]) == 0
+        script = (out / "slurm" / "job.sbatch").read_text()
+        assert (want in script) if want else "--signal=" not in script
+        assert "trap 'forward USR1' USR1" in script and "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in script
+        assert subprocess.run(["bash", "-n", str(out / "slurm" / "job.sbatch")]).returncode == 0
+    capsys.readouterr()
+
+
+# ---------------------------------------------------------------- on GPUs (NCCL): the lead's H200 machine
+@pytest.mark.gpu
+def test_gpu_cp2_sigusr1_to_the_launcher_saves_both_ranks_and_resumes(work, tmp_path):
+    """The stop agreement (an int64 all-reduce MAX) and the collective save over NCCL, 2 GPUs."""
+    import torch
+
+    from lctrain.cli import main
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    data = work / "data256"
+    text = work / "text.txt"
+    rng = random.Random(1)
+    text.write_text("\n".join(" ".join(rng.choice(["a1", "b22", "c333", "d4444"]) for _ in range(16)) for _ in range(3000)))
+    assert main(["data", "prepare", "--input", str(text), "--out", str(data), "--seq-len", "256"]) == 0
+    args = ["train", "data.seq_len=256", "model.layer_pattern=GSMA", "parallel.cp=2", "train.device=cuda",
+            "data.micro_batch_size=2", "train.log_every=1", "train.progress=false", "train.tensorboard=false",
+            f"data.source={data}", "train.steps=300"]
+    out, log = tmp_path / "run", tmp_path / "log"
+    env = {k: v for k, v in _env().items() if k != "OMP_NUM_THREADS"}
+    env.pop("DS_ACCELERATOR", None)
+    launcher = subprocess.Popen([sys.executable, "-m", "lctrain.cli", *args, f"train.out_dir={out}"], env=env,
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    _wait_for(lambda: _steps_logged(out) >= 20, "step 20", launcher, log, timeout=600)
+    workers = _descendants(launcher.pid)
+    launcher.send_signal(signal.SIGUSR1)
+    assert launcher.wait(600) == 128 + signal.SIGUSR1, log.read_text()[-3000:]
+    ckpt = ckpt_mod.latest_checkpoint(out)
+    stopped = _steps_logged(out)
+    assert ckpt.name == f"step_{stopped}" and {p.name for p in ckpt.glob("rank*.pt")} == {"rank0.pt", "rank1.pt"}
+    _wait_for(lambda: not any(_alive(p) for p in workers), "the workers to exit", timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "lctrain.cli", *args, f"train.out_dir={out}"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {ckpt}" in proc.stdout
+    assert [r["step"] for r in _step_records(out)] == list(range(1, 301))

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from lctrain.parallel import mesh
 from lctrain.train.bad_steps import BadStepGuard
 from lctrain.train.cadence import CheckpointCadence
-from lctrain.train.checkpoint import check_not_back_in_time, latest_checkpoint, load_checkpoint, save_checkpoint
+from lctrain.train.checkpoint import ckpt_root, finished_steps, latest_checkpoint, load_checkpoint, save_checkpoint
 from lctrain.train.device import TrainingError, device_text, pick_device, pick_dtype, seed_everything
 from lctrain.train.grad_comm import broadcast_parameters, clip_grad_norm, mean_over_group, reduce_gradients
 from lctrain.train.metrics import Reporter
@@ -187,8 +187,10 @@ class Trainer:
         resume_from = latest_checkpoint(t.out_dir, quarantine=True) if t.resume else None
         if resume_from is not None:
             self.load(resume_from, verified=True)
-        elif not t.resume:
-            check_not_back_in_time(t.out_dir, 0)  # starting over must not mix with a later history
+        elif not t.resume and finished_steps(ckpt_root(t.out_dir)):
+            newest = finished_steps(ckpt_root(t.out_dir))[0]
+            raise TrainingError(f"train.resume=false but {newest} exists: starting over in this out_dir would mix two runs' "
+                                "checkpoints; use a new train.out_dir (or delete its ckpt/ folder)")
         start_step = self.step_count
 
         tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * t.grad_accum * self.dp_size
