@@ -102,12 +102,25 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(ckpt: Path) -> None:
-    """Record size and sha256 of every file of the (complete) checkpoint folder, atomically."""
+def _file_record(p: Path) -> dict:
+    return {"size": p.stat().st_size, "sha256": _sha256(p)}
+
+
+def hash_own_files(ckpt: Path, rank: int) -> dict[str, dict]:
+    """Size and sha256 of the files this rank wrote (DCP names its data files `__<rank>_<n>.distcp`),
+    so that the ranks share the hashing of a large checkpoint."""
+    own = [p for p in ckpt.iterdir() if p.is_file() and (p.name == f"rank{rank}.pt" or p.name.startswith(f"__{rank}_"))]
+    return {p.name: _file_record(p) for p in own}
+
+
+def write_manifest(ckpt: Path, known: dict[str, dict] | None = None) -> None:
+    """Record size and sha256 of every file of the (complete) checkpoint folder, atomically; `known`
+    holds records the other ranks computed already, the rest is hashed here."""
+    known = known or {}
     files = {}
     for p in sorted(ckpt.iterdir()):
         if p.is_file() and p.name != MANIFEST and not p.name.startswith(MANIFEST + ".tmp"):
-            files[p.name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+            files[p.name] = known.get(p.name) or _file_record(p)
     _write_atomic(ckpt / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1, sort_keys=True))
 
 
@@ -320,10 +333,13 @@ def save_checkpoint(
             trainer["scheduler"] = {k: v for k, v in trainer["scheduler"].items() if k != "lr_lambdas"}
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
         OmegaConf.save(cfg, tmp / "config.yaml")
-    _barrier()  # every rank's files are in tmp
+    hashes = [hash_own_files(tmp, rank)]
+    if _is_dist() and dist.get_world_size() > 1:  # also the barrier: every rank's files are in tmp
+        hashes = [None] * dist.get_world_size()
+        dist.all_gather_object(hashes, hash_own_files(tmp, rank))
 
     if rank == 0:
-        write_manifest(tmp)
+        write_manifest(tmp, {name: rec for part in hashes for name, rec in part.items()})
         old = root / f"step_{step}.old"
         if final.exists():  # re-saving the same step: keep it until the new one is in place
             os.replace(final, old)

@@ -52,7 +52,10 @@ def main(argv: list[str]) -> int:
 
         with OutDirLock(cfg.train.out_dir):  # held for the workers, who see HOLDER_ENV
             os.environ[HOLDER_ENV] = str(os.getpid())
-            return self_launch(["train"], list(argv), nproc, use_cuda)
+            try:
+                return self_launch(["train"], list(argv), nproc, use_cuda)
+            finally:
+                del os.environ[HOLDER_ENV]
 
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) % (cfg.parallel.cp * cfg.parallel.tp * cfg.parallel.pp):
         print(
