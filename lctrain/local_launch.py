@@ -4,7 +4,8 @@
 torch.distributed.run, so a single-node CP/TP run needs no launcher of its own.
 
 Signals: SIGUSR1, SIGTERM, SIGINT, SIGHUP, SIGQUIT sent to this process are forwarded to every
-worker (torchrun's --signals-to-handle), which then finish their step and save (see
+worker (torchrun's --signals-to-handle; a torch whose torchrun lacks it forwards only the last four,
+and SIGUSR1 is then forwarded here), which then finish their step and save (see
 lctrain.train.preemption); workers still running after SHUTDOWN_TIMEOUT_S get SIGKILL. Workers
 die with this process even when it is killed with SIGKILL (lctrain.process_tree).
 
@@ -23,6 +24,39 @@ FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 SHUTDOWN_TIMEOUT_S = 600  # a worker stopping on a signal saves a checkpoint first
 
 
+def torchrun_signal_options(shutdown_timeout_s: int) -> list[str]:
+    """The torchrun options that forward SIGUSR1 too and give the workers time to save, as far as
+    this torch's torchrun knows them (--signals-to-handle and --shutdown-timeout are recent)."""
+    from torch.distributed.run import get_args_parser
+
+    known = {s for action in get_args_parser()._actions for s in action.option_strings}
+    options = []
+    if "--signals-to-handle" in known:
+        options += ["--signals-to-handle", FORWARDED_SIGNALS]
+    if "--shutdown-timeout" in known:
+        options += ["--shutdown-timeout", str(shutdown_timeout_s)]
+    return options
+
+
+def _forward_sigusr1_to_children() -> None:
+    """For a torchrun without --signals-to-handle: pass SIGUSR1 on to the worker process groups."""
+    me = os.getpid()
+
+    def forward(signum, frame):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                if ppid == me:
+                    os.killpg(int(entry), signum)  # torchrun starts each worker in its own session
+            except (OSError, ValueError, IndexError):
+                continue
+
+    signal.signal(signal.SIGUSR1, forward)
+
+
 def self_launch(command: list[str], argv: list[str], n: int, use_cuda: bool) -> int:
     """Start `n` local ranks with torch.distributed.run, each running `lctrain <command> argv`; returns an exit code."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -34,9 +68,11 @@ def self_launch(command: list[str], argv: list[str], n: int, use_cuda: bool) -> 
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     print(f"{name}: launching {n} local processes", flush=True)
+    options = torchrun_signal_options(SHUTDOWN_TIMEOUT_S)
+    if "--signals-to-handle" not in options:
+        _forward_sigusr1_to_children()
     try:
-        torchrun_main(["--standalone", f"--nproc_per_node={n}", "--signals-to-handle", FORWARDED_SIGNALS,
-                       "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S), "-m", "lctrain.cli", *command, *argv])
+        torchrun_main(["--standalone", f"--nproc_per_node={n}", *options, "-m", "lctrain.cli", *command, *argv])
     except ChildFailedError as err:
         return _report_failure(name, err)
     except SignalException as err:  # forwarded; the workers said what they did

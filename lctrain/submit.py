@@ -173,6 +173,9 @@ def write_job(cfg: DictConfig, ns: argparse.Namespace, *, recipe: str | None, ov
     config_path = slurm_dir / "config.yaml"
     script_path = slurm_dir / "job.sbatch"
     env = ["export DS_ACCELERATOR=cpu"] if ns.gpus_per_node == 0 else []
+    from lctrain.local_launch import torchrun_signal_options
+
+    signal_options = torchrun_signal_options(max(ns.signal_grace, 60))
     values = {
         "job_name": ns.job_name or f"lctrain-{out_dir.name}",
         "nodes": str(ns.nodes),
@@ -189,7 +192,8 @@ def write_job(cfg: DictConfig, ns: argparse.Namespace, *, recipe: str | None, ov
         "config": shlex.quote(str(config_path)),
         "signal_directive": f"#SBATCH --signal=B:USR1@{ns.signal_grace}" if ns.signal_grace else "",
         # torchrun waits this long for the workers to save after forwarding a signal, then kills them
-        "shutdown_timeout": str(max(ns.signal_grace, 60)),
+        "torchrun_signal_options": " ".join(signal_options),
+        "warning_forwarded_as": "USR1" if "--signals-to-handle" in signal_options else "TERM",
     }
     if any(c.isspace() for c in values["job_name"]):
         raise SubmitError(f"--job-name {values['job_name']!r} contains whitespace; use a name without spaces")

@@ -587,3 +587,23 @@ def test_gpu_cp2_sigusr1_to_the_launcher_saves_both_ranks_and_resumes(work, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {ckpt}" in proc.stdout
     assert [r["step"] for r in _step_records(out)] == list(range(1, 301))
+
+
+def test_older_torchrun_without_signal_options_gets_sigterm(tmp_path, capsys, monkeypatch):
+    """torchrun gained --signals-to-handle / --shutdown-timeout recently; without them the job script
+    forwards Slurm's SIGUSR1 as SIGTERM (which every torchrun passes on) and passes neither option."""
+    import argparse
+
+    import torch.distributed.run as run
+
+    from lctrain.local_launch import torchrun_signal_options
+    from lctrain.submit import main as submit_main
+
+    monkeypatch.setattr(run, "get_args_parser", lambda: argparse.ArgumentParser())
+    assert torchrun_signal_options(60) == []
+    monkeypatch.chdir(tmp_path)
+    assert submit_main([*TINY, "--gpus-per-node", "0", "--output-dir", str(tmp_path / "o"), "--dry-run"]) == 0
+    script = (tmp_path / "o" / "slurm" / "job.sbatch").read_text()
+    assert "trap 'forward TERM' USR1" in script and "--signals-to-handle" not in script
+    assert subprocess.run(["bash", "-n", str(tmp_path / "o" / "slurm" / "job.sbatch")]).returncode == 0
+    capsys.readouterr()
