@@ -14,9 +14,10 @@ from .api import (
     shard_state_grad,
     shard_transition,
 )
+from .deltaformer import deltaformer, deltaformer_u
 
 __all__ = [
-    "delta_rule", "gated_delta_rule", "gated_linear_attn",
+    "deltaformer", "deltaformer_u", "delta_rule", "gated_delta_rule", "gated_linear_attn",
     "shard_transition", "shard_state_grad", "apply_transition", "apply_transition_transposed",
     "register_backend", "resolve_backend",
 ]
