@@ -155,3 +155,31 @@ def deltaformer(q, k, v, beta, *, scale=None, cu_seqlens=None, backend="auto", c
         return o
     u = us[0] if len(us) == 1 else torch.cat(us, dim=1)
     return o, u.to(v.dtype)
+
+
+def doc_boundaries(doc_ids: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens [N+1] (int64, on doc_ids' device) of one row of document ids [T] (non-decreasing:
+    a new document starts where the id changes)."""
+    change = torch.nonzero(doc_ids[1:] != doc_ids[:-1]).flatten() + 1
+    T = doc_ids.shape[0]
+    return torch.cat([change.new_zeros(1), change, change.new_full((1,), T)])
+
+
+def _by_rows(fn, tensors, doc_ids, **kw):
+    """fn on each batch row with that row's documents as cu_seqlens; plain fn when doc_ids is None."""
+    if doc_ids is None:
+        return fn(*tensors, **kw)
+    rows = [fn(*(t[b:b + 1] for t in tensors), cu_seqlens=doc_boundaries(doc_ids[b]), **kw)
+            for b in range(doc_ids.shape[0])]
+    return torch.cat(rows, dim=0)
+
+
+def deltaformer_u_by_documents(k, v, beta, doc_ids: torch.Tensor | None, **kw):
+    """``deltaformer_u`` where doc_ids [B, T] (document index per token, or None) splits every batch
+    row into its documents."""
+    return _by_rows(deltaformer_u, (k, v, beta), doc_ids, **kw)
+
+
+def deltaformer_by_documents(q, k, v, beta, doc_ids: torch.Tensor | None, **kw):
+    """``deltaformer`` (output only) with the documents of doc_ids [B, T] (or None) kept apart."""
+    return _by_rows(deltaformer, (q, k, v, beta), doc_ids, **kw)

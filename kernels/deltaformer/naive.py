@@ -13,21 +13,25 @@ import torch
 from ..naive import compute_dtype
 
 
-def naive_u_pass(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float) -> torch.Tensor:
+def naive_u_pass(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
+                 prefix_k: torch.Tensor | None = None, prefix_u: torch.Tensor | None = None) -> torch.Tensor:
     """u [B, T, H, V] in the compute dtype (float32/float64) from k [B, T, H, K], v [B, T, H, V],
-    beta [B, T, H]."""
+    beta [B, T, H]. ``prefix_k`` / ``prefix_u`` [B, n, H, *]: keys and u of n tokens before these
+    (decoding continues a cached sequence this way)."""
     dt = compute_dtype(k, v, beta)
     kf, vf, bf = k.to(dt), v.to(dt), beta.to(dt)
-    us = []
+    n0 = 0 if prefix_k is None else prefix_k.shape[1]
+    k_all = kf if prefix_k is None else torch.cat([prefix_k.to(dt), kf], dim=1)
+    us = [] if prefix_u is None else list(prefix_u.to(dt).unbind(1))
     for t in range(k.shape[1]):
-        if t == 0:
+        if n0 + t == 0:
             us.append(vf[:, 0])
             continue
-        prev_u = torch.stack(us, dim=1)                                   # [B, t, H, V]
-        p = torch.softmax(scale * torch.einsum("bhk,bjhk->bhj", kf[:, t], kf[:, :t]), dim=-1)
+        prev_u = torch.stack(us, dim=1)                                   # [B, n0 + t, H, V]
+        p = torch.softmax(scale * torch.einsum("bhk,bjhk->bhj", kf[:, t], k_all[:, : n0 + t]), dim=-1)
         w = torch.einsum("bhj,bjhv->bhv", p, prev_u)
         us.append(vf[:, t] - bf[:, t, :, None] * w)
-    return torch.stack(us, dim=1)
+    return torch.stack(us[n0:], dim=1)
 
 
 def naive_readout(q: torch.Tensor, k: torch.Tensor, u: torch.Tensor, scale: float) -> torch.Tensor:
