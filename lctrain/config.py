@@ -22,9 +22,10 @@ LAYER_KINDS = {
     "M": "Mamba-2 style gated linear attention",
     "S": "sliding-window softmax attention",
     "A": "global softmax attention",
+    "F": "Deltaformer (delta rule with a softmax kernel, then causal attention)",
 }
 LINEAR_LAYERS = set("GDM")
-ATTENTION_LAYERS = set("SA")
+ATTENTION_LAYERS = set("SAF")  # layers with attn_heads x attn_head_dim heads and RoPE
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
 ROPE_LAYERS = ("all", "sliding")
 KERNEL_BACKENDS = ("auto", "naive", "torch", "triton")
@@ -56,7 +57,8 @@ class RopeConfig:
 class ModelConfig:
     vocab_size: int = 264  # byte tokenizer: 256 bytes + specials, rounded up
     d_model: int = 128
-    # one letter per block: G gated DeltaNet, D DeltaNet, M Mamba-2, S sliding-window attn, A global attn
+    # one letter per block: G gated DeltaNet, D DeltaNet, M Mamba-2, S sliding-window attn, A global attn,
+    # F Deltaformer
     layer_pattern: Any = "SAGA"  # a string or a list of letters
     n_heads: int = 4  # heads of the linear-recurrent mixers
     head_dim: int = 32  # d_k = d_v of the linear-recurrent mixers

@@ -44,13 +44,22 @@ def cp_worker(rank, P, cases):
                            backend=backend, chunk_size=4)
         (o * x["do"][:, sl]).sum().backward()
         out.append((o.detach(), {n: t.grad for n, t in leaves.items()}))
-    return out
+    model_errors = []
+    if P == 2:  # the layer in a hybrid, on the same world: logits and summed parameter gradients
+        from test_models import _cp_errors
+        model_errors = [_cp_errors(rank, P, "GFSF"),
+                        _cp_errors(rank, P, "FSF", separators=(3, 7, 9), document_end_id=63)]
+    return out, model_errors
 
 
 @pytest.mark.parametrize("P", [2, 4])
 def test_cp_equals_one_process(P):
     cases = [(11, False, "torch"), (12, True, "torch"), (13, True, "naive")]
     results = run_world(cp_worker, P, cases)
+    for _, model_errors in results:
+        for out_err, grad_err in model_errors:
+            assert out_err < 1e-4 and grad_err < 1e-3
+    results = [per_rank for per_rank, _ in results]
     for i, (seed, with_docs, _) in enumerate(cases):
         x, docs = make_case(seed, P, with_docs)
         o_ref, g_ref = single_process(x, docs)

@@ -80,6 +80,8 @@ def generate(model, prompt_ids, max_new_tokens: int, *, eos_id: int | None = Non
 def cp_prefill_length(n_tokens: int, cp: int, model_cfg) -> int:
     """How many leading prompt tokens are prefilled across the CP ranks (see the module doc)."""
     pattern = "".join(str(c) for c in model_cfg.layer_pattern)
+    if "F" in pattern:  # Deltaformer layers record no cache during a CP forward: prefill on the last rank
+        return 0
     unit = cp * int(model_cfg.chunk_size)
     n_cp = (n_tokens // unit) * unit
     need = 1

@@ -1,7 +1,8 @@
 """HybridLM: embedding -> blocks from model.layer_pattern -> final RMSNorm -> LM head (tied or not).
 
 Each block: x = x + mixer(norm1(x)); x = x + mlp(norm2(x)), mixer chosen by the block's letter
-(G gated DeltaNet, D DeltaNet, M Mamba-2 style, S sliding-window attention, A global attention).
+(G gated DeltaNet, D DeltaNet, M Mamba-2 style, S sliding-window attention, A global attention,
+F Deltaformer).
 
 Context parallelism: every rank passes its contiguous shard of the sequence and
 position_offset = cp_rank * T_local; the mixers do the cross-rank work (see their modules).
@@ -21,11 +22,12 @@ from torch.utils.checkpoint import checkpoint
 from lctrain.config import init_std
 
 from .attention import Attention, _group_size
+from .deltaformer import DeltaformerMixer
 from .layers import RMSNorm, SwiGLU, swiglu_hidden_size
 from .linear_mixers import DeltaNetMixer, Mamba2Mixer
 from .rope import RotaryEmbedding
 
-LAYER_LETTERS = "GDMSA"
+LAYER_LETTERS = "GDMSAF"
 
 
 def _cfg(cfg_model: Any, key: str, default=None):
@@ -67,6 +69,10 @@ class Block(nn.Module):
             self.mixer = DeltaNetMixer(d, gated=kind == "G", **lin)
         elif kind == "M":
             self.mixer = Mamba2Mixer(d, **lin)
+        elif kind == "F":
+            nope = str(_cfg(m.rope, "layers", "all")) == "sliding"
+            self.mixer = DeltaformerMixer(d, m.attn_heads, m.attn_head_dim, rope=None if nope else rope,
+                                          backend=m.kernel_backend, chunk_size=m.chunk_size, cp_group=cp_group)
         else:
             nope = kind == "A" and str(_cfg(m.rope, "layers", "all")) == "sliding"
             self.mixer = Attention(d, m.attn_heads, m.attn_head_dim, window=m.window if kind == "S" else None,
@@ -76,7 +82,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        documents = {"doc_ids": doc_ids} if doc_ids is not None and self.kind in "SA" else {}  # attention only
+        documents = {"doc_ids": doc_ids} if doc_ids is not None and self.kind in "SAF" else {}  # attention only
         x = x + self.mixer(self.norm1(x), position_offset, cache, **documents)
         return x + self.mlp(self.norm2(x))
 
@@ -104,7 +110,7 @@ class HybridLM(nn.Module):
         self.checkpoint_activations = bool(_cfg(m, "checkpoint_activations", False))
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         rope = None
-        if any(c in "SA" for c in self.pattern):
+        if any(c in "SAF" for c in self.pattern):
             r = m.rope
             original = int(r.original_max_position) or int(max_position or 0)
             rope = RotaryEmbedding(m.attn_head_dim, float(r.base), str(r.scaling), float(r.factor), original)
