@@ -99,3 +99,23 @@ def test_errors_name_the_argument():
         deltaformer(x["q"], x["k"], x["v"], x["beta"][..., :1])
     with pytest.raises(TypeError, match="float32"):
         deltaformer(*inputs(4, torch.float64).values(), backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_on_cuda_equals_torch_backend(D, dtype):
+    """The compiled Triton u-pass (TF32 dots) against the float32 torch backend and, at a short
+    length, the naive recurrence: outputs and gradients."""
+    g = torch.Generator().manual_seed(D)
+    T, Hh = 1000, 2
+    x = {n: torch.randn(1, T, Hh, D, generator=g).cuda().to(dtype) for n in ("q", "k", "v")}
+    x["beta"] = torch.rand(1, T, Hh, generator=g).cuda().to(dtype)
+    cot = tuple(torch.randn(1, T, Hh, D, generator=g, dtype=torch.float64).cuda() for _ in range(2))
+    ref = outputs_and_grads({n: t.float() for n, t in x.items()}, cot, backend="torch", chunk_size=64)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    assert_close(outputs_and_grads(x, cot, backend="triton", chunk_size=128), ref, tol)
+    short = {n: t[:, :70].float() for n, t in x.items()}
+    cot_short = tuple(c[:, :70] for c in cot)
+    assert_close(outputs_and_grads(short, cot_short, backend="triton", chunk_size=32),
+                 outputs_and_grads(short, cot_short, backend="naive"), 2e-3)

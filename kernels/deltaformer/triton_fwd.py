@@ -100,5 +100,5 @@ def triton_chunk_stats(k: torch.Tensor, u: torch.Tensor, s: int, e: int, scale: 
     BT = 64 if max(K, V) <= 128 else 32
     grid = (triton.cdiv(c, BR), B * H)
     _chunk_stats_kernel[grid](k, u, w, p, lse, s, c, T, float(scale), K=K, V=V, BK=_pow2(K), BV=_pow2(V),
-                              BR=BR, BT=BT, num_warps=4)
+                              BR=BR, BT=BT, num_warps=4 if max(K, V) <= 64 else 8)
     return w, p, lse
