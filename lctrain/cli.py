@@ -18,6 +18,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "bench": {"kernels": "lctrain.bench.kernels", "cp": "lctrain.bench.cp", "deltaformer": "lctrain.bench.deltaformer",
               "record": "lctrain.bench.report"},
     "submit": "lctrain.submit",
+    "rope": "lctrain.rope_cli",
 }
 
 USAGE = """usage: lctrain <command> [args]
@@ -31,6 +32,7 @@ commands:
   bench kernels | cp | deltaformer | record ...
                                           kernel / context-parallel benchmarks; record into BENCHMARKS.md
   submit RECIPE.yaml [key=value ...]      render and submit a SLURM job
+  rope bound --head-dim D --context T     smallest RoPE base the 'base bounds context length' criterion allows
 
 `lctrain <command> [<sub-command>] --help` for details."""
 

@@ -39,6 +39,10 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and what to change."""
 
 
+class ConfigWarning(UserWarning):
+    """A configuration is allowed but likely not what was meant; the message says why."""
+
+
 @dataclass
 class RopeConfig:
     base: float = 10000.0
@@ -300,6 +304,40 @@ def validate(cfg: DictConfig) -> None:
         _fail("train.device", f"unknown device {t.device!r}", "use auto, cpu or cuda")
     if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
         _fail("train.dtype", f"unknown dtype {t.dtype!r}", "use auto, float32, bfloat16 or float16")
+    _warn_rope_base(m, d, pattern)
+
+
+def rope_context(m: Any, seq_len: int, pattern: str) -> int:
+    """The longest relative distance + 1 that a rotary layer of the pattern sees in training: seq_len
+    for global layers ("A", "F") that rotate (model.rope.layers=all), the window for sliding-window
+    layers; 0 when no layer rotates."""
+    context = 0
+    if str(m.rope.layers) == "all" and any(c in "AF" for c in pattern):
+        context = seq_len
+    if "S" in pattern:
+        context = max(context, min(int(m.window), seq_len))
+    return context
+
+
+def _warn_rope_base(m: Any, d: Any, pattern: str) -> None:
+    """Warn (not fail) when model.rope.base fails the 'base bounds context length' criterion for the
+    distances the rotary layers train on (lctrain/models/rope.py, base_lower_bound). Skipped with a
+    context-extension scaling, whose effective base is not model.rope.base."""
+    import warnings
+
+    from lctrain.models.rope import decay_criterion_holds
+
+    context = rope_context(m, int(d.seq_len), pattern)
+    if context < 2 or m.rope.scaling != "none":
+        return
+    dim = int(m.attn_head_dim)
+    if not decay_criterion_holds(float(m.rope.base), dim, context):
+        warnings.warn(
+            f"model.rope.base={m.rope.base:g} is below what the 'base bounds context length' criterion allows "
+            f"for {context} tokens with head dim {dim}: sum_i cos(m theta_i) turns negative at some distance "
+            f"m < {context}, so similar keys far away score below random ones; `lctrain rope bound --head-dim "
+            f"{dim} --context {context}` prints the smallest base that passes (a warning, not an error)",
+            ConfigWarning, stacklevel=3)
 
 
 def _letters() -> str:

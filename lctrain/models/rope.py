@@ -17,6 +17,7 @@ the `max_position` the model was built with when that is 0):
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -82,3 +83,75 @@ class RotaryEmbedding(nn.Module):
         half = xf.shape[-1] // 2
         rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
         return (xf * cos + rotated * sin).to(x.dtype)
+
+
+# ------------------------------------------------------------------ the base bounds the context length
+
+BOUND_GRID_PER_DECADE = 200  # scan resolution of base_lower_bound: 10^(1/200) ~ 1.2% steps
+BOUND_MAX_BASE = 1e15
+
+
+def decay_criterion_holds(base: float, rotary_dim: int, context: int) -> bool:
+    """Whether sum_i cos(m theta_i) >= 0 for every relative distance m = 0 .. context - 1, with
+    theta_i = base^(-2i/d). Distances are checked in growing blocks, so a base that fails early is
+    rejected cheaply."""
+    import numpy as np
+
+    theta = base ** (-np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+    start, block = 0, 1024
+    while start < context:
+        m = np.arange(start, min(context, start + block), dtype=np.float64)
+        if np.cos(np.outer(m, theta)).sum(axis=1).min() < 0:
+            return False
+        start += block
+        block = min(block * 2, 1 << 16)
+    return True
+
+
+@functools.lru_cache(maxsize=64)
+def base_lower_bound(rotary_dim: int, context: int) -> float:
+    """The smallest RoPE base b for which the "base bounds context length" criterion holds at
+    context length T = ``context`` with ``rotary_dim`` rotated dims d (even).
+
+    The criterion (long-term decay of the ability to tell a similar key from a random one): for
+    a query q and a key k = q + noise, the expected advantage of the similar key over a random one
+    at relative distance m is proportional to
+
+        B(m) = sum_{i=0}^{d/2-1} cos(m theta_i),     theta_i = b^(-2i/d),
+
+    and a model can only prefer similar tokens at every distance it trains on if B(m) >= 0 for all
+    m = 0 .. T-1. B(m) dips below zero first where m theta_i passes pi/2 for the slow pairs, and a
+    larger b slows all pairs but the first, so the criterion fails below some base and holds above it
+    (not monotonically just above it: isolated good bases can sit below the first stable one).
+
+    Computation: scan b = 2 * 10^(j/200) upwards and take the first grid point where B(m) >= 0 for
+    every m < T (exact cosines, float64); then bisect between it and the grid point below to 0.1%.
+    Worked examples (d = 4: theta = (1, b^-1/2), so B(m) = cos m + cos(m / sqrt b)):
+      T = 3: m = 2 needs cos(2 / sqrt b) >= -cos 2 = cos(pi - 2), i.e. b >= (2 / (pi - 2))^2 = 3.069;
+      T = 4: m = 3 needs 3 / sqrt b <= pi - 3, i.e. b >= (3 / (pi - 3))^2 = 448.9 (m = 2 then holds too).
+    For d = 128 it gives 4.31e3 at T = 1024 and 6.3e5 at T = 32768 (the published figures of Men et
+    al. 2024 read 4.3e3 and 6.4e5). Raises ValueError when no base up to 1e15 satisfies it (d = 2:
+    B(m) = cos m, negative at m = 2, whatever b)."""
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise ValueError(f"the rotated head dim must be even and >= 2, got {rotary_dim}")
+    if context < 1:
+        raise ValueError(f"the context length must be >= 1, got {context}")
+    step = 10.0 ** (1.0 / BOUND_GRID_PER_DECADE)
+    lo, b = None, 2.0
+    while b <= BOUND_MAX_BASE:
+        if decay_criterion_holds(b, rotary_dim, context):
+            break
+        lo, b = b, b * step
+    else:
+        raise ValueError(f"no RoPE base up to {BOUND_MAX_BASE:g} satisfies the criterion at context {context} "
+                         f"with {rotary_dim} rotated dims")
+    if lo is None:
+        return b
+    hi = b
+    while hi / lo > 1.001:
+        mid = math.sqrt(lo * hi)
+        if decay_criterion_holds(mid, rotary_dim, context):
+            hi = mid
+        else:
+            lo = mid
+    return hi
