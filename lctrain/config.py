@@ -55,6 +55,9 @@ class RopeConfig:
     # signal, "NoPE": they can only retrieve by content, which is what lets retrieval learned at short
     # distances work across the whole context; the sliding-window and recurrent layers give order)
     layers: str = "sliding"
+    # share of each head's dims that rotate (partial RoPE): the first 2*round(fraction*D/2) dims; the
+    # rest carry no position. 1 = all dims
+    fraction: float = 1.0
 
 
 @dataclass
@@ -241,6 +244,12 @@ def validate(cfg: DictConfig) -> None:
         _fail("model.rope.factor", f"is {m.rope.factor} with scaling={m.rope.scaling}", "set a factor > 1 (context extension ratio)")
     if m.rope.layers not in ROPE_LAYERS:
         _fail("model.rope.layers", f"unknown value {m.rope.layers!r}", f"use one of {ROPE_LAYERS}")
+    if any(c in ATTENTION_LAYERS for c in pattern):
+        from lctrain.models.rope import rotary_dim
+        try:
+            rotary_dim(int(m.attn_head_dim), float(m.rope.fraction))
+        except ValueError as err:
+            _fail("model.rope.fraction", str(err).replace("model.rope.fraction", "value"), "use a fraction in (0, 1]")
     if m.rope.base <= 1.0:
         _fail("model.rope.base", f"must exceed 1, got {m.rope.base}", "use e.g. 10000 (grow it with context length)")
     if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_head_dim % 2:
@@ -330,11 +339,13 @@ def _warn_rope_base(m: Any, d: Any, pattern: str) -> None:
     context = rope_context(m, int(d.seq_len), pattern)
     if context < 2 or m.rope.scaling != "none":
         return
-    dim = int(m.attn_head_dim)
+    from lctrain.models.rope import rotary_dim
+
+    dim = rotary_dim(int(m.attn_head_dim), float(m.rope.fraction))
     if not decay_criterion_holds(float(m.rope.base), dim, context):
         warnings.warn(
             f"model.rope.base={m.rope.base:g} is below what the 'base bounds context length' criterion allows "
-            f"for {context} tokens with head dim {dim}: sum_i cos(m theta_i) turns negative at some distance "
+            f"for {context} tokens with {dim} rotated dims: sum_i cos(m theta_i) turns negative at some distance "
             f"m < {context}, so similar keys far away score below random ones; `lctrain rope bound --head-dim "
             f"{dim} --context {context}` prints the smallest base that passes (a warning, not an error)",
             ConfigWarning, stacklevel=3)

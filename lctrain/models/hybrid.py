@@ -113,7 +113,8 @@ class HybridLM(nn.Module):
         if any(c in "SAF" for c in self.pattern):
             r = m.rope
             original = int(r.original_max_position) or int(max_position or 0)
-            rope = RotaryEmbedding(m.attn_head_dim, float(r.base), str(r.scaling), float(r.factor), original)
+            rope = RotaryEmbedding(m.attn_head_dim, float(r.base), str(r.scaling), float(r.factor), original,
+                                   fraction=float(_cfg(r, "fraction", 1.0)))
         self.blocks = nn.ModuleList(Block(c, m, rope, cp_group) for c in self.pattern)
         self.norm = RMSNorm(m.d_model, m.norm_eps)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)

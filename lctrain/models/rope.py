@@ -56,20 +56,36 @@ def rope_inv_freq(head_dim: int, base: float = 10000.0, scaling: str = "none", f
     raise ValueError(f"unknown model.rope.scaling {scaling!r}; use none, linear, ntk or yarn")
 
 
+def rotary_dim(head_dim: int, fraction: float) -> int:
+    """Dims rotated by partial RoPE (model.rope.fraction): the even number nearest fraction * head_dim."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"model.rope.fraction must lie in (0, 1], got {fraction}")
+    dim = 2 * round(fraction * head_dim / 2)
+    if dim < 2:
+        raise ValueError(f"model.rope.fraction={fraction} rotates {dim} of {head_dim} dims; rotate at least 2 "
+                         "(a larger fraction), or drop positions from a layer with model.rope.layers")
+    return dim
+
+
 class RotaryEmbedding(nn.Module):
     """Applies RoPE at explicit (global) positions. Angles are computed in float64 on the fly, so
-    positions of 100K+ tokens keep their precision; no table of max length is kept."""
+    positions of 100K+ tokens keep their precision; no table of max length is kept.
+
+    ``fraction`` < 1 is partial RoPE: only the first ``rotary_dim(head_dim, fraction)`` dims of each
+    head rotate (with frequencies spread over those dims), the rest carry no position."""
 
     def __init__(self, head_dim: int, base: float = 10000.0, scaling: str = "none", factor: float = 1.0,
-                 original_max_position: int = 0):
+                 original_max_position: int = 0, fraction: float = 1.0):
         super().__init__()
-        theta, mscale = rope_inv_freq(head_dim, base, scaling, factor, original_max_position)
+        self.head_dim = head_dim
+        self.rotary_dim = rotary_dim(head_dim, fraction)
+        theta, mscale = rope_inv_freq(self.rotary_dim, base, scaling, factor, original_max_position)
         self.register_buffer("inv_freq", theta.float(), persistent=False)
         self._theta64 = theta
         self.mscale = mscale
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, head_dim] (already times mscale) for integer positions [T]."""
+        """cos, sin [T, rotary_dim] (already times mscale) for integer positions [T]."""
         theta = self._theta64.to(positions.device)
         angles = positions.to(torch.float64)[:, None] * theta[None, :]
         angles = torch.cat([angles, angles], dim=-1)
@@ -80,9 +96,14 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.cos_sin(positions, torch.float32)
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
         xf = x.float()
-        half = xf.shape[-1] // 2
-        rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-        return (xf * cos + rotated * sin).to(x.dtype)
+        r = self.rotary_dim
+        xr = xf[..., :r]
+        half = r // 2
+        rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
+        out = xr * cos + rotated * sin
+        if r < xf.shape[-1]:
+            out = torch.cat([out, xf[..., r:]], dim=-1)
+        return out.to(x.dtype)
 
 
 # ------------------------------------------------------------------ the base bounds the context length
