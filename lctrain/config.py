@@ -238,10 +238,7 @@ def validate(cfg: DictConfig) -> None:
               "set a positive std, or null for sqrt(2 / (5 d_model))")
     if m.kernel_backend not in KERNEL_BACKENDS:
         _fail("model.kernel_backend", f"unknown backend {m.kernel_backend!r}", f"use one of {KERNEL_BACKENDS}")
-    if m.rope.scaling not in ROPE_SCALINGS:
-        _fail("model.rope.scaling", f"unknown scaling {m.rope.scaling!r}", f"use one of {ROPE_SCALINGS}")
-    if m.rope.scaling != "none" and m.rope.factor <= 1.0:
-        _fail("model.rope.factor", f"is {m.rope.factor} with scaling={m.rope.scaling}", "set a factor > 1 (context extension ratio)")
+    validate_rope_scaling(m)
     if m.rope.layers not in ROPE_LAYERS:
         _fail("model.rope.layers", f"unknown value {m.rope.layers!r}", f"use one of {ROPE_LAYERS}")
     if any(c in ATTENTION_LAYERS for c in pattern):
@@ -349,6 +346,17 @@ def _warn_rope_base(m: Any, d: Any, pattern: str) -> None:
             f"m < {context}, so similar keys far away score below random ones; `lctrain rope bound --head-dim "
             f"{dim} --context {context}` prints the smallest base that passes (a warning, not an error)",
             ConfigWarning, stacklevel=3)
+
+
+def validate_rope_scaling(m: Any) -> None:
+    """The model.rope.scaling / factor rules (also checked for eval-time overrides)."""
+    if m.rope.scaling not in ROPE_SCALINGS:
+        _fail("model.rope.scaling", f"unknown scaling {m.rope.scaling!r}", f"use one of {ROPE_SCALINGS}")
+    if m.rope.scaling != "none" and m.rope.factor <= 1.0:
+        _fail("model.rope.factor", f"is {m.rope.factor} with scaling={m.rope.scaling}", "set a factor > 1 (context extension ratio)")
+    if m.rope.original_max_position < 0:
+        _fail("model.rope.original_max_position", f"must be >= 0, got {m.rope.original_max_position}",
+              "use 0 for data.seq_len")
 
 
 def _letters() -> str:

@@ -109,18 +109,32 @@ class HybridLM(nn.Module):
         self.cp_group = cp_group
         self.checkpoint_activations = bool(_cfg(m, "checkpoint_activations", False))
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
-        rope = None
-        if any(c in "SAF" for c in self.pattern):
-            r = m.rope
-            original = int(r.original_max_position) or int(max_position or 0)
-            rope = RotaryEmbedding(m.attn_head_dim, float(r.base), str(r.scaling), float(r.factor), original,
-                                   fraction=float(_cfg(r, "fraction", 1.0)))
+        self.max_position = max_position
+        rope = self._make_rope(m.rope) if any(c in "SAF" for c in self.pattern) else None
         self.blocks = nn.ModuleList(Block(c, m, rope, cp_group) for c in self.pattern)
         self.norm = RMSNorm(m.d_model, m.norm_eps)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         self._init_weights(init_std(m))
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    def _make_rope(self, r: Any) -> RotaryEmbedding:
+        original = int(r.original_max_position) or int(self.max_position or 0)
+        return RotaryEmbedding(self.cfg.attn_head_dim, float(r.base), str(r.scaling), float(r.factor), original,
+                               fraction=float(_cfg(r, "fraction", 1.0)))
+
+    def set_rope_scaling(self, scaling: str, factor: float, original_max_position: int = 0) -> None:
+        """Eval-time position scaling of a trained model: rebuild the rotary embedding of every layer
+        that rotates with model.rope.scaling / factor / original_max_position changed (base, fraction
+        and the layers that carry positions stay). Touches no weight: RoPE has no parameters."""
+        from omegaconf import OmegaConf
+
+        r = OmegaConf.merge(OmegaConf.create(self.cfg.rope),
+                            {"scaling": scaling, "factor": float(factor), "original_max_position": int(original_max_position)})
+        rope = self._make_rope(r)
+        for block in self.blocks:
+            if getattr(block.mixer, "rope", None) is not None:
+                block.mixer.rope = rope.to(next(self.parameters()).device)
 
     def _init_weights(self, std: float) -> None:
         """N(0, std) for embeddings and projections; output projections (mixer out, MLP down) use
