@@ -26,7 +26,8 @@ LAYER_KINDS = {
 }
 LINEAR_LAYERS = set("GDM")
 ATTENTION_LAYERS = set("SAF")  # layers with attn_heads x attn_head_dim heads and RoPE
-ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
+ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "rerope", "leaky_rerope")
+EVAL_ONLY_SCALINGS = ("rerope", "leaky_rerope")
 ROPE_LAYERS = ("all", "sliding")
 KERNEL_BACKENDS = ("auto", "naive", "torch", "triton")
 
@@ -46,11 +47,15 @@ class ConfigWarning(UserWarning):
 @dataclass
 class RopeConfig:
     base: float = 10000.0
-    # none | linear (position interpolation) | ntk (NTK-aware base change) | yarn
+    # none | linear (position interpolation) | ntk (NTK-aware base change) | yarn, and at eval time only
+    # rerope | leaky_rerope (global attention: exact relative positions within rerope_window, clipped /
+    # leaked by 1/factor beyond it)
     scaling: str = "none"
     factor: float = 1.0
     # the context length the base was trained for; 0 means data.seq_len
     original_max_position: int = 0
+    # ReRoPE / Leaky ReRoPE window w (relative positions < w stay exact)
+    rerope_window: int = 0
     # which attention layers rotate q and k: all | sliding (global "A" layers then carry no position
     # signal, "NoPE": they can only retrieve by content, which is what lets retrieval learned at short
     # distances work across the whole context; the sliding-window and recurrent layers give order)
@@ -239,6 +244,9 @@ def validate(cfg: DictConfig) -> None:
     if m.kernel_backend not in KERNEL_BACKENDS:
         _fail("model.kernel_backend", f"unknown backend {m.kernel_backend!r}", f"use one of {KERNEL_BACKENDS}")
     validate_rope_scaling(m)
+    if m.rope.scaling in EVAL_ONLY_SCALINGS:
+        _fail("model.rope.scaling", f"{m.rope.scaling} is an eval-time position scaling",
+              "train with none/linear/ntk/yarn and pass it to `lctrain eval ... model.rope.scaling=...`")
     if m.rope.layers not in ROPE_LAYERS:
         _fail("model.rope.layers", f"unknown value {m.rope.layers!r}", f"use one of {ROPE_LAYERS}")
     if any(c in ATTENTION_LAYERS for c in pattern):
@@ -352,7 +360,10 @@ def validate_rope_scaling(m: Any) -> None:
     """The model.rope.scaling / factor rules (also checked for eval-time overrides)."""
     if m.rope.scaling not in ROPE_SCALINGS:
         _fail("model.rope.scaling", f"unknown scaling {m.rope.scaling!r}", f"use one of {ROPE_SCALINGS}")
-    if m.rope.scaling != "none" and m.rope.factor <= 1.0:
+    if m.rope.scaling in EVAL_ONLY_SCALINGS and m.rope.rerope_window < 1:
+        _fail("model.rope.rerope_window", f"is {m.rope.rerope_window} with scaling={m.rope.scaling}",
+              "set the window of exact relative positions, e.g. the training seq_len")
+    if m.rope.scaling not in ("none", "rerope") and m.rope.factor <= 1.0:
         _fail("model.rope.factor", f"is {m.rope.factor} with scaling={m.rope.scaling}", "set a factor > 1 (context extension ratio)")
     if m.rope.original_max_position < 0:
         _fail("model.rope.original_max_position", f"must be >= 0, got {m.rope.original_max_position}",

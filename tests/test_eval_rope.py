@@ -57,3 +57,11 @@ def test_eval_refuses_other_model_keys(rope_ckpt):
         runtime.eval_config(rope_ckpt, None, ["model.rope.scaling=ntk", "model.rope.factor=1"])
     with pytest.raises(runtime.EvalError, match="model.rope.scaling"):
         runtime.eval_config(rope_ckpt, None, ["model.rope.scaling=magic"])
+
+
+def test_eval_accepts_rerope_on_the_global_layer(rope_ckpt):
+    model = _load(rope_ckpt, ["model.rope.scaling=leaky_rerope", "model.rope.factor=8", "model.rope.rerope_window=16"])
+    kinds = {blk.kind: getattr(blk.mixer, "rope", None) for blk in model.blocks}
+    assert kinds["A"].rerope == (16, 1 / 8) and kinds["S"].rerope is None
+    with pytest.raises(runtime.EvalError, match="rerope_window"):
+        runtime.eval_config(rope_ckpt, None, ["model.rope.scaling=rerope"])

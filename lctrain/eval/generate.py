@@ -82,6 +82,8 @@ def cp_prefill_length(n_tokens: int, cp: int, model_cfg) -> int:
     pattern = "".join(str(c) for c in model_cfg.layer_pattern)
     if "F" in pattern:  # Deltaformer layers record no cache during a CP forward: prefill on the last rank
         return 0
+    if str(model_cfg.rope.get("scaling", "none")) in ("rerope", "leaky_rerope"):  # the cache keeps unrotated keys
+        return 0
     unit = cp * int(model_cfg.chunk_size)
     n_cp = (n_tokens // unit) * unit
     need = 1

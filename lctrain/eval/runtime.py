@@ -3,8 +3,8 @@
 The parallel layout defaults to the checkpoint's own `parallel` section (the layout it was trained
 with); an optional recipe YAML and `key=value` overrides change it, as for `lctrain train`. Only
 `parallel.*`, `model.kernel_backend`, `train.device`, `train.dtype` and the eval-time position
-scaling `model.rope.scaling` / `model.rope.factor` / `model.rope.original_max_position` may be
-overridden (the scaling rebuilds the rotary embedding of the loaded model and touches no weight; the
+scaling `model.rope.scaling` / `model.rope.factor` / `model.rope.original_max_position` /
+`model.rope.rerope_window` may be overridden (the scaling rebuilds the rotary embedding of the loaded model and touches no weight; the
 original context defaults to the checkpoint's data.seq_len): the rest of the model is what the
 checkpoint holds. With parallel.cp (or nproc_per_node) > 1 and no torchrun
 environment, the command re-launches itself on that many local processes (torch.distributed.run),
@@ -22,8 +22,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 OVERRIDABLE = ("parallel.", "model.kernel_backend", "train.device", "train.dtype", *(
-    f"model.rope.{key}" for key in ("scaling", "factor", "original_max_position")))
-ROPE_EVAL_KEYS = ("scaling", "factor", "original_max_position")
+    f"model.rope.{key}" for key in ("scaling", "factor", "original_max_position", "rerope_window")))
+ROPE_EVAL_KEYS = ("scaling", "factor", "original_max_position", "rerope_window")
 
 
 class EvalError(ValueError):

@@ -128,10 +128,13 @@ class Attention(nn.Module):
         pos = torch.arange(position_offset, position_offset + T, device=x.device)
         q = self._project(self.q_proj, "q_conv", x, cache).view(B, T, H, D)
         k = self._project(self.k_proj, "k_conv", x, cache).view(B, T, H, D)
-        if self.rope is not None:
+        rerope = self.rope is not None and self.rope.rerope is not None and self.window is None
+        if self.rope is not None and not rerope:
             q, k = self.rope(q, pos), self.rope(k, pos)
         v = self._project(self.v_proj, "v_conv", x, cache).view(B, T, H, D)
-        if cache is not None:
+        if rerope:  # eval-time (Leaky) ReRoPE: q and k stay unrotated, positions go to the attention
+            out = self._attend_rerope(q, k, v, pos, cache, doc_ids)
+        elif cache is not None:
             if self.cp_group is not None:
                 raise ValueError("incremental decoding (cache=) is single-process; build the model with cp_group=None")
             if doc_ids is not None:
@@ -189,6 +192,34 @@ class Attention(nn.Module):
         if self.use_flex and q.is_cuda:
             return _flex_sliding_window(q, k, v, self.window, halo=halo, first_valid=max(0, halo - position_offset))
         return masked_attention(q, k, v, q_pos, k_pos, self.window)
+
+    def _attend_rerope(self, q, k, v, pos, cache: dict | None, doc_ids=None):
+        """Global attention with (Leaky) ReRoPE positions (lctrain/models/rerope.py); the decoding cache
+        keeps unrotated keys and their positions."""
+        from .rerope import rerope_attention
+
+        window, leak = self.rope.rerope
+        attend = lambda q, k, v, qp, kp, qd=None, kd=None: rerope_attention(  # noqa: E731
+            q, k, v, self.rope, window, leak, qp, kp, qd, kd)
+        if cache is not None:
+            if self.cp_group is not None or doc_ids is not None:
+                raise ValueError("incremental decoding (cache=) is single-process and one document per prompt")
+            if cache.get("k") is not None:
+                k, v = torch.cat([cache["k"], k], dim=1), torch.cat([cache["v"], v], dim=1)
+                k_pos = torch.cat([cache["pos"], pos])
+            else:
+                k_pos = pos
+            cache["k"], cache["v"], cache["pos"] = k.detach(), v.detach(), k_pos
+            return attend(q, k, v, pos, k_pos)
+        if self.cp_group is None:
+            return attend(q, k, v, pos, pos, doc_ids, doc_ids)
+        from lctrain.parallel.halo import gather_sequence
+        from lctrain.parallel.ulysses import ulysses_attention
+
+        full_docs = None if doc_ids is None else gather_sequence(doc_ids, self.cp_group, dim=1)
+        full_pos = gather_sequence(pos[None], self.cp_group, dim=1)[0]
+        return ulysses_attention(q, k, v, self.cp_group, lambda q, k, v: attend(q, k, v, full_pos, full_pos,
+                                                                                 full_docs, full_docs))
 
     def _attend_cached(self, q, k, v, pos, cache: dict):
         if cache.get("k") is not None:

@@ -121,20 +121,30 @@ class HybridLM(nn.Module):
     def _make_rope(self, r: Any) -> RotaryEmbedding:
         original = int(r.original_max_position) or int(self.max_position or 0)
         return RotaryEmbedding(self.cfg.attn_head_dim, float(r.base), str(r.scaling), float(r.factor), original,
-                               fraction=float(_cfg(r, "fraction", 1.0)))
+                               fraction=float(_cfg(r, "fraction", 1.0)), rerope_window=int(_cfg(r, "rerope_window", 0)))
 
-    def set_rope_scaling(self, scaling: str, factor: float, original_max_position: int = 0) -> None:
+    def set_rope_scaling(self, scaling: str, factor: float, original_max_position: int = 0,
+                         rerope_window: int = 0) -> None:
         """Eval-time position scaling of a trained model: rebuild the rotary embedding of every layer
-        that rotates with model.rope.scaling / factor / original_max_position changed (base, fraction
-        and the layers that carry positions stay). Touches no weight: RoPE has no parameters."""
+        that rotates with model.rope.scaling / factor / original_max_position / rerope_window changed
+        (base, fraction and which layers carry positions stay). Touches no weight: RoPE has no
+        parameters. ReRoPE / Leaky ReRoPE apply to the global attention layers ("A"); sliding-window
+        layers keep their exact positions, and Deltaformer layers ("F") refuse it."""
         from omegaconf import OmegaConf
 
         r = OmegaConf.merge(OmegaConf.create(self.cfg.rope),
-                            {"scaling": scaling, "factor": float(factor), "original_max_position": int(original_max_position)})
-        rope = self._make_rope(r)
+                            {"scaling": scaling, "factor": float(factor), "original_max_position": int(original_max_position),
+                             "rerope_window": int(rerope_window)})
+        rope = self._make_rope(r).to(next(self.parameters()).device)
         for block in self.blocks:
-            if getattr(block.mixer, "rope", None) is not None:
-                block.mixer.rope = rope.to(next(self.parameters()).device)
+            if getattr(block.mixer, "rope", None) is None:
+                continue
+            if rope.rerope is not None and block.kind == "F":
+                raise ValueError(f"model.rope.scaling={scaling} applies to global attention layers (A); the "
+                                 "Deltaformer layers (F) of this model rotate too: use ntk, yarn or linear")
+            if rope.rerope is not None and block.kind == "S":
+                continue
+            block.mixer.rope = rope
 
     def _init_weights(self, std: float) -> None:
         """N(0, std) for embeddings and projections; output projections (mixer out, MLP down) use

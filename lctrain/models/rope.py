@@ -23,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+RELATIVE_SCALINGS = ("rerope", "leaky_rerope")  # applied inside global attention (lctrain/models/rerope.py)
 YARN_ALPHA = 1.0
 YARN_BETA = 32.0
 
@@ -32,12 +33,12 @@ def rope_inv_freq(head_dim: int, base: float = 10000.0, scaling: str = "none", f
     """(theta [head_dim/2] float64, attention magnitude m) for the given scaling (see module doc)."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head dim (model.attn_head_dim), got {head_dim}")
-    if scaling != "none" and factor < 1.0:
+    if scaling not in ("none", "rerope") and factor < 1.0:
         raise ValueError(f"model.rope.factor must be >= 1 for scaling={scaling!r}, got {factor}")
     d = head_dim
     idx = torch.arange(0, d, 2, dtype=torch.float64)
     theta = base ** (-idx / d)
-    if scaling == "none":
+    if scaling in ("none",) + RELATIVE_SCALINGS:  # (Leaky) ReRoPE changes relative positions, not theta
         return theta, 1.0
     if scaling == "linear":
         return theta / factor, 1.0
@@ -53,7 +54,7 @@ def rope_inv_freq(head_dim: int, base: float = 10000.0, scaling: str = "none", f
         new_theta = (1 - gamma) * theta / factor + gamma * theta
         mscale = 0.1 * math.log(factor) + 1.0 if factor > 1.0 else 1.0
         return new_theta, mscale
-    raise ValueError(f"unknown model.rope.scaling {scaling!r}; use none, linear, ntk or yarn")
+    raise ValueError(f"unknown model.rope.scaling {scaling!r}; use none, linear, ntk, yarn, rerope or leaky_rerope")
 
 
 def rotary_dim(head_dim: int, fraction: float) -> int:
@@ -72,12 +73,21 @@ class RotaryEmbedding(nn.Module):
     positions of 100K+ tokens keep their precision; no table of max length is kept.
 
     ``fraction`` < 1 is partial RoPE: only the first ``rotary_dim(head_dim, fraction)`` dims of each
-    head rotate (with frequencies spread over those dims), the rest carry no position."""
+    head rotate (with frequencies spread over those dims), the rest carry no position. With scaling
+    ``rerope`` / ``leaky_rerope`` the rotation is plain and ``rerope`` holds (window, leak) for the
+    global attention layers (lctrain/models/rerope.py)."""
 
     def __init__(self, head_dim: int, base: float = 10000.0, scaling: str = "none", factor: float = 1.0,
-                 original_max_position: int = 0, fraction: float = 1.0):
+                 original_max_position: int = 0, fraction: float = 1.0, rerope_window: int = 0):
         super().__init__()
         self.head_dim = head_dim
+        # (window, leak) for ReRoPE (leak 0) / Leaky ReRoPE (leak 1/factor): global attention layers then
+        # attend through rerope_attention with unrotated q, k; None = ordinary rotation
+        self.rerope: tuple[int, float] | None = None
+        if scaling in RELATIVE_SCALINGS:
+            if rerope_window < 1:
+                raise ValueError(f"model.rope.scaling={scaling} needs model.rope.rerope_window >= 1, got {rerope_window}")
+            self.rerope = (int(rerope_window), 0.0 if scaling == "rerope" else 1.0 / factor)
         self.rotary_dim = rotary_dim(head_dim, fraction)
         theta, mscale = rope_inv_freq(self.rotary_dim, base, scaling, factor, original_max_position)
         self.register_buffer("inv_freq", theta.float(), persistent=False)
