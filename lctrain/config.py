@@ -75,6 +75,9 @@ class ModelConfig:
     n_heads: int = 4  # heads of the linear-recurrent mixers
     head_dim: int = 32  # d_k = d_v of the linear-recurrent mixers
     attn_heads: int = 4
+    # key/value heads of the attention layers (S, A): null = attn_heads; fewer = grouped-query
+    # attention (1 = MQA), a smaller decoding KV cache
+    attn_kv_heads: Optional[int] = None
     attn_head_dim: int = 32
     window: int = 128  # sliding-window attention span (tokens, including the current one)
     conv_size: int = 4  # short causal depthwise conv of the linear mixers
@@ -235,6 +238,9 @@ def validate(cfg: DictConfig) -> None:
         _fail("model.attn_conv_size", f"must be >= 0, got {m.attn_conv_size}", "use 0 (no conv) or a kernel size such as 4")
     if m.attn_conv_layers not in ("all", "global"):
         _fail("model.attn_conv_layers", f"unknown value {m.attn_conv_layers!r}", "use all or global")
+    if m.attn_kv_heads is not None and (m.attn_kv_heads < 1 or m.attn_heads % m.attn_kv_heads):
+        _fail("model.attn_kv_heads", f"{m.attn_kv_heads} key/value heads do not divide model.attn_heads={m.attn_heads}",
+              "use a divisor of attn_heads (1 = MQA) or null for one per query head")
     if m.document_end_id is not None and m.document_end_id < 0:
         _fail("model.document_end_id", f"{m.document_end_id} is not a token id",
               "use the tokenizer's EOS id (257 for the byte tokenizer) or null")
@@ -284,6 +290,11 @@ def validate(cfg: DictConfig) -> None:
         if "A" in pattern and (m.attn_heads // p.tp) % p.cp:
             _fail("model.attn_heads", f"{m.attn_heads // p.tp} attention heads per TP rank do not split over parallel.cp={p.cp} (Ulysses all-to-all)",
                   "make attn_heads / tp a multiple of cp")
+        kv = (m.attn_kv_heads or m.attn_heads) // p.tp
+        if "A" in pattern and kv % p.cp and p.cp % kv:
+            _fail("model.attn_kv_heads", f"{kv} key/value heads per TP rank neither split over parallel.cp={p.cp} nor divide it "
+                  "(Ulysses gives each rank whole kv heads, replicating them when cp > kv heads)",
+                  "use a kv head count that divides or is a multiple of cp")
         if "S" in pattern and m.window - 1 > shard:
             _fail("model.window", f"window {m.window} reaches past the previous rank's shard of {shard} tokens",
                   "use window <= seq_len / cp + 1 or a smaller cp")

@@ -186,7 +186,7 @@ def _generate_cp(model, cp_model, ids: list[int], max_new_tokens, eos_id, group,
         for i, (block, rec) in enumerate(zip(cp_model.blocks, records)):
             mixer = block.mixer
             if isinstance(mixer, Attention):
-                H, D = mixer.n_heads, mixer.head_dim
+                H, D = mixer.kv_heads, mixer.head_dim  # k and v have the kv heads (GQA)
                 pos = torch.arange(r * shard, (r + 1) * shard, device=device)
                 k = rec["k_raw"].view(1, shard, H, D)
                 if mixer.rope is not None:  # None: a NoPE global layer (model.rope.layers=sliding)

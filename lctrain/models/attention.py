@@ -43,8 +43,19 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
     return allowed
 
 
+def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Grouped-query attention: k or v [B, T, Hkv, D] with each head repeated for the n_heads / Hkv
+    query heads of its group (query head h reads kv head h // (n_heads / Hkv)); unchanged if Hkv == n_heads."""
+    if x.shape[2] == n_heads:
+        return x
+    if n_heads % x.shape[2]:
+        raise ValueError(f"{x.shape[2]} key/value heads do not divide {n_heads} query heads")
+    return x.repeat_interleave(n_heads // x.shape[2], dim=2)
+
+
 def masked_attention(q, k, v, q_pos, k_pos, window=None):
     """SDPA on [B, T, H, D] tensors with the mask of `window_mask`. Returns [B, Tq, H, D]."""
+    k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
     mask = window_mask(q_pos, k_pos, window)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
@@ -53,6 +64,7 @@ def masked_attention(q, k, v, q_pos, k_pos, window=None):
 def document_attention(q, k, v, q_pos, k_pos, q_docs, k_docs, window=None):
     """masked_attention restricted to keys of the query's document: q_docs [B, Tq], k_docs [B, Tk]
     hold each token's document index. Builds a [B, Tq, Tk] mask (short contexts only)."""
+    k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
     mask = window_mask(q_pos, k_pos, window)[None] & (q_docs[:, :, None] == k_docs[:, None, :])
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None])
     return out.transpose(1, 2)
@@ -60,6 +72,7 @@ def document_attention(q, k, v, q_pos, k_pos, q_docs, k_docs, window=None):
 
 def causal_attention(q, k, v):
     """Plain causal SDPA (flash on CUDA) on [B, T, H, D]."""
+    k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
     return out.transpose(1, 2)
 
@@ -76,6 +89,7 @@ def _flex_sliding_window(q, k, v, window: int, halo: int, first_valid: int = 0):
 
     if _FLEX is None:
         _FLEX = torch.compile(flex_attention)
+    k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
     Tq, Tk = q.shape[1], k.shape[1]
     key = (Tq, Tk, window, halo, first_valid, str(q.device))
     block_mask = _BLOCK_MASKS.get(key)
@@ -92,25 +106,29 @@ def _flex_sliding_window(q, k, v, window: int, halo: int, first_valid: int = 0):
 
 class Attention(nn.Module):
     """Multi-head softmax attention with RoPE (`rope=None`: no positions, NoPE); `window=None` for
-    global causal attention; `conv_size` > 0: short convs on q, k, v (module doc)."""
+    global causal attention; `conv_size` > 0: short convs on q, k, v (module doc); `kv_heads` < n_heads:
+    grouped-query attention (1 = MQA), k and v (and the decoding cache) have kv_heads heads."""
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, *, window: int | None,
                  rope: RotaryEmbedding | None, conv_size: int = 0,
-                 cp_group=None, use_flex: bool = True):
+                 cp_group=None, use_flex: bool = True, kv_heads: int | None = None):
         super().__init__()
         if window is not None and window < 1:
             raise ValueError(f"model.window must be >= 1, got {window}")
-        self.n_heads, self.head_dim, self.window = n_heads, head_dim, window
+        kv_heads = n_heads if kv_heads is None else kv_heads
+        if kv_heads < 1 or n_heads % kv_heads:
+            raise ValueError(f"model.attn_kv_heads={kv_heads} must divide model.attn_heads={n_heads}")
+        self.n_heads, self.head_dim, self.window, self.kv_heads = n_heads, head_dim, window, kv_heads
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
         self.o_proj.is_output_projection = True
         self.conv_size = conv_size
         if conv_size > 0:
             self.q_conv = ShortConv(n_heads * head_dim, conv_size, activation=False)
-            self.k_conv = ShortConv(n_heads * head_dim, conv_size, activation=False)
-            self.v_conv = ShortConv(n_heads * head_dim, conv_size, activation=False)
+            self.k_conv = ShortConv(kv_heads * head_dim, conv_size, activation=False)
+            self.v_conv = ShortConv(kv_heads * head_dim, conv_size, activation=False)
         self.rope = rope
         self.cp_group = cp_group if _group_size(cp_group) > 1 else None
         self.use_flex = use_flex
@@ -127,11 +145,11 @@ class Attention(nn.Module):
         H, D = self.n_heads, self.head_dim
         pos = torch.arange(position_offset, position_offset + T, device=x.device)
         q = self._project(self.q_proj, "q_conv", x, cache).view(B, T, H, D)
-        k = self._project(self.k_proj, "k_conv", x, cache).view(B, T, H, D)
+        k = self._project(self.k_proj, "k_conv", x, cache).view(B, T, self.kv_heads, D)
         rerope = self.rope is not None and self.rope.rerope is not None and self.window is None
         if self.rope is not None and not rerope:
             q, k = self.rope(q, pos), self.rope(k, pos)
-        v = self._project(self.v_proj, "v_conv", x, cache).view(B, T, H, D)
+        v = self._project(self.v_proj, "v_conv", x, cache).view(B, T, self.kv_heads, D)
         if rerope:  # eval-time (Leaky) ReRoPE: q and k stay unrotated, positions go to the attention
             out = self._attend_rerope(q, k, v, pos, cache, doc_ids)
         elif cache is not None:
@@ -168,6 +186,8 @@ class Attention(nn.Module):
         if self.window is None:
             from lctrain.parallel.ulysses import ulysses_attention
 
+            k, v = self._replicate_kv_for_ulysses(k), self._replicate_kv_for_ulysses(v)
+
             if doc_ids is None:
                 return ulysses_attention(q, k, v, self.cp_group, causal_attention)
             from lctrain.parallel.halo import gather_sequence
@@ -192,6 +212,12 @@ class Attention(nn.Module):
         if self.use_flex and q.is_cuda:
             return _flex_sliding_window(q, k, v, self.window, halo=halo, first_valid=max(0, halo - position_offset))
         return masked_attention(q, k, v, q_pos, k_pos, self.window)
+
+    def _replicate_kv_for_ulysses(self, x):
+        """GQA under Ulysses: with fewer kv heads than CP ranks each kv head is repeated so that every
+        rank gets one (as DeepSpeed does); rank r's query heads all belong to that head's group."""
+        P = _group_size(self.cp_group)
+        return expand_kv(x, P) if x.shape[2] % P else x
 
     def _attend_rerope(self, q, k, v, pos, cache: dict | None, doc_ids=None):
         """Global attention with (Leaky) ReRoPE positions (lctrain/models/rerope.py); the decoding cache
@@ -218,6 +244,7 @@ class Attention(nn.Module):
 
         full_docs = None if doc_ids is None else gather_sequence(doc_ids, self.cp_group, dim=1)
         full_pos = gather_sequence(pos[None], self.cp_group, dim=1)[0]
+        k, v = self._replicate_kv_for_ulysses(k), self._replicate_kv_for_ulysses(v)
         return ulysses_attention(q, k, v, self.cp_group, lambda q, k, v: attend(q, k, v, full_pos, full_pos,
                                                                                  full_docs, full_docs))
 

@@ -77,7 +77,7 @@ class Block(nn.Module):
             nope = kind == "A" and str(_cfg(m.rope, "layers", "all")) == "sliding"
             self.mixer = Attention(d, m.attn_heads, m.attn_head_dim, window=m.window if kind == "S" else None,
                                    rope=None if nope else rope, conv_size=_attn_conv_size(m, kind),
-                                   cp_group=cp_group)
+                                   cp_group=cp_group, kv_heads=_cfg(m, "attn_kv_heads", None))
         self.mlp = SwiGLU(d, swiglu_hidden_size(d, m.mlp_ratio))
 
     def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,

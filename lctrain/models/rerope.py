@@ -31,7 +31,10 @@ def rerope_attention(q, k, v, rope: RotaryEmbedding, window: int, leak: float, q
         raise ValueError(f"ReRoPE window must be >= 1, got {window}")
     if not 0.0 <= leak < 1.0:
         raise ValueError(f"ReRoPE leak (1/k) must lie in [0, 1), got {leak}")
+    from .attention import expand_kv
+
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
     k_in = rope(k, k_pos).transpose(1, 2).float()
     k_out = rope(k, k_pos.double() * leak).transpose(1, 2).float()
     vt = v.transpose(1, 2).float()
