@@ -21,16 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lctrain.parallel.mesh import group_size
+
 from .layers import ShortConv, run_short_conv
 from .rope import RotaryEmbedding
-
-
-def _group_size(group) -> int:
-    if group is None:
-        return 1
-    import torch.distributed as dist
-
-    return dist.get_world_size(group)
 
 
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -130,7 +124,7 @@ class Attention(nn.Module):
             self.k_conv = ShortConv(kv_heads * head_dim, conv_size, activation=False)
             self.v_conv = ShortConv(kv_heads * head_dim, conv_size, activation=False)
         self.rope = rope
-        self.cp_group = cp_group if _group_size(cp_group) > 1 else None
+        self.cp_group = cp_group if group_size(cp_group) > 1 else None
         self.use_flex = use_flex
 
     # ------------------------------------------------------------------ cache
@@ -216,7 +210,7 @@ class Attention(nn.Module):
     def _replicate_kv_for_ulysses(self, x):
         """GQA under Ulysses: with fewer kv heads than CP ranks each kv head is repeated so that every
         rank gets one (as DeepSpeed does); rank r's query heads all belong to that head's group."""
-        P = _group_size(self.cp_group)
+        P = group_size(self.cp_group)
         return expand_kv(x, P) if x.shape[2] % P else x
 
     def _attend_rerope(self, q, k, v, pos, cache: dict | None, doc_ids=None):

@@ -20,8 +20,8 @@ from torch import nn
 from lctrain.kernels.deltaformer import deltaformer, deltaformer_by_documents
 from lctrain.kernels.deltaformer.naive import naive_u_pass
 from lctrain.kernels.deltaformer.readout import prefix_readout
+from lctrain.parallel.mesh import group_size
 
-from .attention import _group_size
 from .rope import RotaryEmbedding
 
 
@@ -39,7 +39,7 @@ class DeltaformerMixer(nn.Module):
         self.o_proj = nn.Linear(inner, d_model, bias=False)
         self.o_proj.is_output_projection = True
         self.rope = rope
-        self.cp_group = cp_group if _group_size(cp_group) > 1 else None
+        self.cp_group = cp_group if group_size(cp_group) > 1 else None
 
     def new_cache(self, batch_size: int, device) -> dict:
         return {}
