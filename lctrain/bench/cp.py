@@ -70,11 +70,11 @@ def _parse(argv):
 
 # ------------------------------------------------------------------------------------------ launching
 
-def _launch(argv: list[str], nproc: int) -> int:
-    """Re-run this command under torchrun with nproc ranks on this node."""
+def _launch(argv: list[str], nproc: int, module: str = "lctrain.bench.cp") -> int:
+    """Re-run this command (the module's main) under torchrun with nproc ranks on this node."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "lctrain.bench.cp", *argv]
-    print("lctrain bench cp: launching", " ".join(cmd), flush=True)
+           "-m", module, *argv]
+    print(f"{module}: launching", " ".join(cmd), flush=True)
     env = dict(os.environ, NCCL_NVLS_ENABLE=os.environ.get("NCCL_NVLS_ENABLE", "0"))
     return subprocess.call(cmd, env=env)
 
