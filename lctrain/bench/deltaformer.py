@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 
-from lctrain.bench.kernels import _measure, _rel_diff, format_table
+from lctrain.bench.kernels import _measure, _rel_diff
 
 METHODS = ("ours", "ours_torch", "fla", "sdpa")
 COLUMNS = ["T", "method", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd / fla", "fwd+bwd / fla", "peak / fla"]
@@ -162,20 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
     args.argv = argv
-    result = run(args)
-    print()
-    print(result["title"], "-", result["device"], result["versions"])
-    for n in result["notes"]:
-        print("note:", n)
-    print(format_table(result["columns"], result["rows"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
-    if args.record:
-        from lctrain.bench.report import append_to_benchmarks_md
-        append_to_benchmarks_md(result, args.record)
-        print(f"recorded in {args.record}")
+    from lctrain.bench.report import publish
+    publish(run(args), args.json, args.record)
     return 0
 
 

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
-import os
 import sys
 
-from lctrain.bench.cp import _launch, _peak_mib, _timed, _version, _without_nproc
+from lctrain.bench.cp import _peak_mib, _timed, _version, init_worker, run_or_launch
 
 COLUMNS = ["T total", "T/rank", "1-dev fwd ms", "1-dev fwd+bwd ms", "CP fwd ms", "CP fwd+bwd ms", "speed-up",
            "1-dev peak MiB", "CP peak MiB"]
@@ -56,16 +54,7 @@ def _parse(argv):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
-    if "RANK" not in os.environ:
-        nproc = args.nproc
-        if nproc is None:
-            import torch
-            nproc = torch.cuda.device_count() if args.device == "cuda" else 2
-        if nproc < 2:
-            print(f"lctrain bench deltaformer-cp: needs >= 2 ranks (got {nproc})", file=sys.stderr)
-            return 2
-        return _launch(_without_nproc(argv), nproc, module="lctrain.bench.deltaformer_cp")
-    return _worker(args, argv)
+    return run_or_launch(args, argv, "lctrain.bench.deltaformer_cp", _worker)
 
 
 def _worker(args, argv) -> int:
@@ -75,15 +64,7 @@ def _worker(args, argv) -> int:
     from lctrain.kernels import deltaformer
     from lctrain.parallel.deltaformer_cp import deltaformer_cp
 
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if args.device == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    group = dist.group.WORLD
-    P, rank = dist.get_world_size(), dist.get_rank()
+    device, group, P, rank = init_worker(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     kw = dict(backend=args.backend, chunk_size=args.chunk_size)
     rows, raw = [], []
@@ -136,14 +117,8 @@ def _worker(args, argv) -> int:
         "rows": rows,
         "raw": raw,
     }
-    from lctrain.bench.kernels import format_table
-    print(format_table(COLUMNS, rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    if args.record:
-        from lctrain.bench.report import append_to_benchmarks_md
-        append_to_benchmarks_md(result, args.record)
+    from lctrain.bench.report import publish
+    publish(result, args.json, args.record)
     return 0
 
 

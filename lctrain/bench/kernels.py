@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 from typing import Callable
 
@@ -299,16 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
     args.argv = argv
-    result = run(args)
-    print()
-    print(result["title"], "-", result["device"], result["versions"])
-    for n in result["notes"]:
-        print("note:", n)
-    print(format_table(result["columns"], result["rows"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+    from lctrain.bench.report import publish
+    publish(run(args), args.json)
     return 0
 
 

@@ -80,6 +80,25 @@ def append_to_benchmarks_md(result_json_path_or_dict, md_path: str = "BENCHMARKS
     return section
 
 
+def publish(result: dict, json_path: str | None = None, record_md: str | None = None) -> None:
+    """What every benchmark does with its result: print the title, notes and table; write the JSON
+    to ``json_path`` and append the section to ``record_md`` (BENCHMARKS.md) when given."""
+    from lctrain.bench.kernels import format_table
+
+    print()
+    print(result["title"], "-", result["device"], result.get("versions") or "")
+    for note in result.get("notes") or []:
+        print("note:", note)
+    print(format_table(result["columns"], result["rows"]))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {json_path}")
+    if record_md:
+        append_to_benchmarks_md(result, record_md)
+        print(f"recorded in {record_md}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lctrain bench record",
                                 description="append benchmark results (JSON) to BENCHMARKS.md")
