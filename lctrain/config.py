@@ -78,6 +78,11 @@ class ModelConfig:
     # key/value heads of the attention layers (S, A): null = attn_heads; fewer = grouped-query
     # attention (1 = MQA), a smaller decoding KV cache
     attn_kv_heads: Optional[int] = None
+    # multi-head latent attention for the global ("A") layers: keys and values from a latent of this
+    # rank (0 = off) plus a decoupled RoPE part of mla_rope_dim dims shared by the heads; decoding caches
+    # only the latent and the rope key (lctrain/models/mla.py)
+    mla_kv_rank: int = 0
+    mla_rope_dim: int = 16
     attn_head_dim: int = 32
     window: int = 128  # sliding-window attention span (tokens, including the current one)
     conv_size: int = 4  # short causal depthwise conv of the linear mixers
@@ -241,6 +246,14 @@ def validate(cfg: DictConfig) -> None:
     if m.attn_kv_heads is not None and (m.attn_kv_heads < 1 or m.attn_heads % m.attn_kv_heads):
         _fail("model.attn_kv_heads", f"{m.attn_kv_heads} key/value heads do not divide model.attn_heads={m.attn_heads}",
               "use a divisor of attn_heads (1 = MQA) or null for one per query head")
+    if m.mla_kv_rank < 0:
+        _fail("model.mla_kv_rank", f"must be >= 0, got {m.mla_kv_rank}", "use 0 (off) or the latent rank, e.g. 4 * attn_head_dim")
+    if m.mla_kv_rank > 0 and "A" in pattern:
+        if m.mla_rope_dim < 2 or m.mla_rope_dim % 2:
+            _fail("model.mla_rope_dim", f"must be even and >= 2, got {m.mla_rope_dim}", "use e.g. 16 or 64")
+        if m.attn_conv_size > 0:
+            _fail("model.attn_conv_size", "short q/k/v convs are not supported on MLA layers (model.mla_kv_rank > 0)",
+                  "set model.attn_conv_size=0, or model.attn_conv_layers=all with MLA off")
     if m.document_end_id is not None and m.document_end_id < 0:
         _fail("model.document_end_id", f"{m.document_end_id} is not a token id",
               "use the tokenizer's EOS id (257 for the byte tokenizer) or null")

@@ -53,10 +53,12 @@ def _cp_gqa_worker(rank, world):
     from test_models import _cp_errors
     # kv heads 1 < cp = 2: replicated for Ulysses; kv heads 2 = cp: one per rank; with a sliding layer (halo)
     return [_cp_errors(rank, world, "SGA", attn_heads=4, attn_kv_heads=1),
-            _cp_errors(rank, world, "SA", attn_heads=4, attn_kv_heads=2)]
+            _cp_errors(rank, world, "SA", attn_heads=4, attn_kv_heads=2),
+            # MLA global layer (tests/test_mla.py) through Ulysses, with packed documents
+            _cp_errors(rank, world, "SA", separators=(3, 9), document_end_id=63, mla_kv_rank=12, mla_rope_dim=4)]
 
 
-def test_gqa_under_ulysses_cp_matches_one_process():
+def test_gqa_and_mla_under_ulysses_cp_match_one_process():
     from dist_utils import run_world
 
     for per_rank in run_world(_cp_gqa_worker, 2, timeout=240):

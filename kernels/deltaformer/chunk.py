@@ -110,17 +110,37 @@ def chunk_backward(k, beta, u, lse, gu, scale: float, chunk_size: int):
     return dk, dv, dbeta
 
 
+class _Tf32Matmuls:
+    """float32 matmuls on TF32 tensor cores inside the block (on for half-precision inputs, whose
+    rounding already dominates; the Triton statistics use TF32 dots too)."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        if self.on:
+            self.saved = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        if self.on:
+            torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
 class UPass(torch.autograd.Function):
     """u = u_pass(k, v, beta) on [B, T, H, *] inputs; returns u [B, T, H, V] in the compute dtype.
     Forward: ``chunk_forward`` with the given statistics (torch or Triton); backward: the exact
-    ``chunk_backward``. Saves k, beta, u and the row log-sum-exp (O(T), no T x T tensor)."""
+    ``chunk_backward``. Saves k, beta, u and the row log-sum-exp (O(T), no T x T tensor). With
+    bf16/fp16 inputs on CUDA the float32 matmuls run in TF32."""
 
     @staticmethod
     def forward(ctx, k, v, beta, scale: float, chunk_size: int, stats: StatsFn, dtype: torch.dtype):
         kh = k.transpose(1, 2).to(dtype).contiguous()
         vh = v.transpose(1, 2).to(dtype).contiguous()
         bh = beta.transpose(1, 2).to(dtype).contiguous()
-        u, lse = chunk_forward(kh, vh, bh, scale, chunk_size, stats)
+        ctx.tf32 = k.is_cuda and k.dtype in (torch.bfloat16, torch.float16)
+        with _Tf32Matmuls(ctx.tf32):
+            u, lse = chunk_forward(kh, vh, bh, scale, chunk_size, stats)
         ctx.save_for_backward(kh, bh, u, lse)
         ctx.scale, ctx.chunk_size = scale, chunk_size
         ctx.in_dtypes = (k.dtype, v.dtype, beta.dtype)
@@ -130,7 +150,8 @@ class UPass(torch.autograd.Function):
     def backward(ctx, gu):
         kh, bh, u, lse = ctx.saved_tensors
         guh = gu.transpose(1, 2).to(u.dtype).contiguous()
-        dk, dv, dbeta = chunk_backward(kh, bh, u, lse, guh, ctx.scale, ctx.chunk_size)
+        with _Tf32Matmuls(ctx.tf32):
+            dk, dv, dbeta = chunk_backward(kh, bh, u, lse, guh, ctx.scale, ctx.chunk_size)
         kd, vd, bd = ctx.in_dtypes
         return (dk.transpose(1, 2).to(kd), dv.transpose(1, 2).to(vd), dbeta.transpose(1, 2).to(bd),
                 None, None, None, None)

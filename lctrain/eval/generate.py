@@ -77,8 +77,8 @@ def generate(model, prompt_ids, max_new_tokens: int, *, eos_id: int | None = Non
 def cp_prefill_length(n_tokens: int, cp: int, model_cfg) -> int:
     """How many leading prompt tokens are prefilled across the CP ranks (see the module doc)."""
     pattern = "".join(str(c) for c in model_cfg.layer_pattern)
-    if "F" in pattern:  # Deltaformer layers record no cache during a CP forward: prefill on the last rank
-        return 0
+    if "F" in pattern or ("A" in pattern and int(model_cfg.get("mla_kv_rank", 0) or 0) > 0):
+        return 0  # Deltaformer / MLA layers record no cache during a CP forward: prefill on the last rank
     if str(model_cfg.rope.get("scaling", "none")) in ("rerope", "leaky_rerope"):  # the cache keeps unrotated keys
         return 0
     unit = cp * int(model_cfg.chunk_size)

@@ -24,6 +24,7 @@ from lctrain.parallel.mesh import group_size
 
 from .attention import Attention
 from .deltaformer import DeltaformerMixer
+from .mla import MLAttention
 from .layers import RMSNorm, SwiGLU, swiglu_hidden_size
 from .linear_mixers import DeltaNetMixer, Mamba2Mixer
 from .rope import RotaryEmbedding
@@ -74,6 +75,11 @@ class Block(nn.Module):
             nope = str(_cfg(m.rope, "layers", "all")) == "sliding"
             self.mixer = DeltaformerMixer(d, m.attn_heads, m.attn_head_dim, rope=None if nope else rope,
                                           backend=m.kernel_backend, chunk_size=m.chunk_size, cp_group=cp_group)
+        elif kind == "A" and int(_cfg(m, "mla_kv_rank", 0) or 0) > 0:
+            nope = str(_cfg(m.rope, "layers", "all")) == "sliding"
+            self.mixer = MLAttention(d, m.attn_heads, m.attn_head_dim, kv_rank=int(m.mla_kv_rank),
+                                     rope_dim=int(m.mla_rope_dim), rope=None if nope else rope,
+                                     norm_eps=m.norm_eps, cp_group=cp_group)
         else:
             nope = kind == "A" and str(_cfg(m.rope, "layers", "all")) == "sliding"
             self.mixer = Attention(d, m.attn_heads, m.attn_head_dim, window=m.window if kind == "S" else None,
@@ -140,6 +146,9 @@ class HybridLM(nn.Module):
         for block in self.blocks:
             if getattr(block.mixer, "rope", None) is None:
                 continue
+            if isinstance(block.mixer, MLAttention):
+                raise ValueError("eval-time model.rope.scaling is not supported for MLA layers (model.mla_kv_rank > 0): "
+                                 "their decoupled RoPE part has its own frequencies; evaluate without scaling")
             if rope.rerope is not None and block.kind == "F":
                 raise ValueError(f"model.rope.scaling={scaling} applies to global attention layers (A); the "
                                  "Deltaformer layers (F) of this model rotate too: use ntk, yarn or linear")

@@ -80,7 +80,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, base: float = 10000.0, scaling: str = "none", factor: float = 1.0,
                  original_max_position: int = 0, fraction: float = 1.0, rerope_window: int = 0):
         super().__init__()
-        self.head_dim = head_dim
+        self.head_dim, self.base = head_dim, base
         # (window, leak) for ReRoPE (leak 0) / Leaky ReRoPE (leak 1/factor): global attention layers then
         # attend through rerope_attention with unrotated q, k; None = ordinary rotation
         self.rerope: tuple[int, float] | None = None
