@@ -16,8 +16,8 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "config": {"show": "lctrain.cli:config_show"},
     "data": {"prepare": "lctrain.data.prepare"},
     "eval": {"niah": "lctrain.eval.niah", "position-loss": "lctrain.eval.position_loss"},
-    "bench": {"kernels": "lctrain.bench.kernels", "cp": "lctrain.bench.cp", "deltaformer": "lctrain.bench.deltaformer",
-              "deltaformer-cp": "lctrain.bench.deltaformer_cp",
+    "bench": {"kernels": "lctrain.bench.kernels", "varlen": "lctrain.bench.varlen", "cp": "lctrain.bench.cp",
+              "deltaformer": "lctrain.bench.deltaformer", "deltaformer-cp": "lctrain.bench.deltaformer_cp",
               "record": "lctrain.bench.report"},
     "submit": "lctrain.submit",
     "rope": {"bound": "lctrain.cli:rope_bound"},
@@ -31,8 +31,9 @@ commands:
   data prepare ...                        write MDS shards (embedded text or your own files)
   eval niah --ckpt DIR ...                needle-in-a-haystack accuracy, JSON + heatmaps
   eval position-loss --ckpt DIR ...       next-token loss at every position, CSV/JSON + plot
-  bench kernels | cp | deltaformer | deltaformer-cp | record ...
-                                          kernel / context-parallel benchmarks; record into BENCHMARKS.md
+  bench kernels | varlen | cp | deltaformer | deltaformer-cp | record
+                                          kernel / packed-document / context-parallel / Deltaformer
+                                          benchmarks; record into BENCHMARKS.md
   submit RECIPE.yaml [key=value ...]      render and submit a SLURM job
   rope bound --head-dim D --context T     smallest RoPE base the 'base bounds context length' criterion allows
 

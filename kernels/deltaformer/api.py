@@ -27,29 +27,13 @@ import os
 
 import torch
 
+from ..api import check_cu_seqlens
 from ..naive import compute_dtype
 from . import chunk
 from .naive import naive_readout, naive_u_pass
 from .readout import causal_readout
 
 BACKENDS = ("auto", "naive", "torch", "triton")
-
-
-def check_cu_seqlens(cu_seqlens, batch: int, seq_len: int, device) -> list[int]:
-    """Validate packed-sequence boundaries (the shared contract: 1-D int tensor [N+1] on q's device,
-    0 = c_0 < c_1 < ... < c_N = T, only with B == 1). Returns them as a list of ints.
-    (Written here to the same contract as ``lctrain.kernels.api.check_cu_seqlens``, which lands
-    separately; swap to that one once both are merged.)"""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [N+1] of document boundaries")
-    if batch != 1:
-        raise ValueError(f"cu_seqlens needs batch size 1 (documents packed along T); got B={batch}")
-    if cu_seqlens.device != torch.device(device) and not (cu_seqlens.device.type == torch.device(device).type == "cuda"):
-        raise ValueError(f"cu_seqlens must be on the device of q ({device}); got {cu_seqlens.device}")
-    b = [int(x) for x in cu_seqlens.tolist()]
-    if len(b) < 2 or b[0] != 0 or b[-1] != seq_len or any(y <= x for x, y in zip(b, b[1:])):
-        raise ValueError(f"cu_seqlens must start at 0, increase strictly and end at T={seq_len}; got {b}")
-    return b
 
 
 def _interpreting() -> bool:

@@ -20,6 +20,8 @@ import datetime as _dt
 import sys
 from typing import Callable
 
+from lctrain.bench.report import publish
+
 OURS = ("delta", "gated_delta", "gla")
 FLA_OF = {"delta": "fla_delta", "gated_delta": "fla_gated_delta"}
 ALL_METHODS = ("delta", "gated_delta", "gla", "fla_delta", "fla_gated_delta", "sdpa")
@@ -287,18 +289,10 @@ def run(args) -> dict:
     }
 
 
-def format_table(columns, rows) -> str:
-    cells = [[("—" if c is None else str(c)) for c in row] for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(columns)]
-    line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths))
-    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
     args.argv = argv
-    from lctrain.bench.report import publish
     publish(run(args), args.json)
     return 0
 

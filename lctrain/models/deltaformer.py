@@ -45,7 +45,8 @@ class DeltaformerMixer(nn.Module):
         return {}
 
     def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                docs=None) -> torch.Tensor:
+        """docs (lctrain.models.documents.Documents, optional): packed documents kept apart."""
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
         q = self.q_proj(x).view(B, T, H, D)
@@ -56,11 +57,12 @@ class DeltaformerMixer(nn.Module):
             pos = torch.arange(position_offset, position_offset + T, device=x.device)
             q, k = self.rope(q, pos), self.rope(k, pos)
         kw = dict(backend=self.backend, chunk_size=self.chunk_size)
+        doc_ids = None if docs is None else docs.local_doc_ids()  # global document index per local token
         if cache is not None:
             if self.cp_group is not None:
                 raise ValueError("incremental decoding (cache=) is single-process; build the model with cp_group=None")
-            if doc_ids is not None:
-                raise ValueError("document masking (doc_ids) does not apply to incremental decoding")
+            if docs is not None:
+                raise ValueError("document masking (docs) does not apply to incremental decoding")
             o = self._decode(q, k, v, beta, cache)
         elif self.cp_group is not None:
             from lctrain.parallel.deltaformer_cp import deltaformer_cp

@@ -20,7 +20,7 @@ from torch import nn
 
 from lctrain.parallel.mesh import group_size
 
-from .attention import causal_attention, document_attention
+from .attention import causal_attention, document_causal_attention
 from .layers import RMSNorm
 from .rope import RotaryEmbedding
 
@@ -49,7 +49,7 @@ class MLAttention(nn.Module):
         return {}
 
     def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                docs=None) -> torch.Tensor:
         B, T, _ = x.shape
         H, D, R = self.n_heads, self.head_dim, self.rope_dim
         pos = torch.arange(position_offset, position_offset + T, device=x.device)
@@ -59,28 +59,21 @@ class MLAttention(nn.Module):
         if self.rope is not None:
             q_rope, k_rope = self.rope(q_rope, pos), self.rope(k_rope, pos)
         if cache is not None:
-            if self.cp_group is not None or doc_ids is not None:
+            if self.cp_group is not None or docs is not None:
                 raise ValueError("incremental decoding (cache=) is single-process, one document per prompt")
             out = self._absorbed(q_nope, q_rope, c, k_rope[:, :, 0], pos, cache)
         else:
             q = torch.cat([q_nope, q_rope], dim=-1)
             k = torch.cat([self.k_up(c).view(B, T, H, D), k_rope.expand(B, T, H, R)], dim=-1)
             v = self.v_up(c).view(B, T, H, D)
+            attend = causal_attention if docs is None else (
+                lambda q, k, v: document_causal_attention(q, k, v, docs.bounds))  # global bounds: fit Ulysses' full sequence
             if self.cp_group is not None:
-                from lctrain.parallel.halo import gather_sequence
                 from lctrain.parallel.ulysses import ulysses_attention
 
-                if doc_ids is None:
-                    out = ulysses_attention(q, k, v, self.cp_group, causal_attention)
-                else:
-                    docs = gather_sequence(doc_ids, self.cp_group, dim=1)
-                    full = torch.arange(docs.shape[1], device=x.device)
-                    out = ulysses_attention(q, k, v, self.cp_group, lambda q, k, v: document_attention(
-                        q, k, v, full, full, docs, docs))
-            elif doc_ids is not None:
-                out = document_attention(q, k, v, pos, pos, doc_ids, doc_ids)
+                out = ulysses_attention(q, k, v, self.cp_group, attend)
             else:
-                out = causal_attention(q, k, v)
+                out = attend(q, k, v)
         return self.o_proj(out.reshape(B, T, H * D))
 
     def _absorbed(self, q_nope, q_rope, c, k_rope, pos, cache: dict) -> torch.Tensor:
