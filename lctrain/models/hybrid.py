@@ -1,8 +1,8 @@
 """HybridLM: embedding -> blocks from model.layer_pattern -> final RMSNorm -> LM head (tied or not).
 
 Each block: x = x + mixer(norm1(x)); x = x + mlp(norm2(x)), mixer chosen by the block's letter
-(G gated DeltaNet, D DeltaNet, M Mamba-2 style, S sliding-window attention, A global attention,
-F Deltaformer).
+(G gated DeltaNet, D DeltaNet, M Mamba-2 style, L log-linear gated DeltaNet, K log-linear Mamba-2,
+S sliding-window attention, A global attention, F Deltaformer).
 
 Context parallelism: every rank passes its contiguous shard of the sequence and
 position_offset = cp_rank * T_local; the mixers do the cross-rank work (see their modules).
@@ -27,9 +27,10 @@ from .documents import Documents, documents_from_bounds, find_documents
 from .mla import MLAttention
 from .layers import RMSNorm, SwiGLU, swiglu_hidden_size
 from .linear_mixers import DeltaNetMixer, Mamba2Mixer
+from .loglinear_mixers import LogLinearDeltaNetMixer, LogLinearMamba2Mixer
 from .rope import RotaryEmbedding
 
-LAYER_LETTERS = "GDMSAF"
+LAYER_LETTERS = "GDMLKSAF"
 
 
 def _cfg(cfg_model: Any, key: str, default=None):
@@ -71,6 +72,10 @@ class Block(nn.Module):
             self.mixer = DeltaNetMixer(d, gated=kind == "G", **lin)
         elif kind == "M":
             self.mixer = Mamba2Mixer(d, **lin)
+        elif kind == "L":
+            self.mixer = LogLinearDeltaNetMixer(d, levels=int(_cfg(m, "loglinear_levels", 24)), **lin)
+        elif kind == "K":
+            self.mixer = LogLinearMamba2Mixer(d, levels=int(_cfg(m, "loglinear_levels", 24)), **lin)
         elif kind == "F":
             nope = str(_cfg(m.rope, "layers", "all")) == "sliding"
             self.mixer = DeltaformerMixer(d, m.attn_heads, m.attn_head_dim, rope=None if nope else rope,
