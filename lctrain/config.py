@@ -28,11 +28,13 @@ LAYER_KINDS = {
     "K": "log-linear Mamba-2",
     "S": "sliding-window softmax attention",
     "A": "global softmax attention",
+    "F": "Deltaformer (delta rule with a softmax kernel, then causal attention)",
 }
 LINEAR_LAYERS = set("GDMLK")
 LOGLINEAR_LAYERS = set("LK")
-ATTENTION_LAYERS = set("SA")
-ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
+ATTENTION_LAYERS = set("SAF")  # layers with attn_heads x attn_head_dim heads and RoPE
+ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "rerope", "leaky_rerope")
+EVAL_ONLY_SCALINGS = ("rerope", "leaky_rerope")
 ROPE_LAYERS = ("all", "sliding")
 KERNEL_BACKENDS = ("auto", "naive", "torch", "triton")
 
@@ -43,18 +45,29 @@ class ConfigError(UserError, ValueError):
     """A configuration value is wrong; the message names the key and what to change."""
 
 
+class ConfigWarning(UserWarning):
+    """A configuration is allowed but likely not what was meant; the message says why."""
+
+
 @dataclass
 class RopeConfig:
     base: float = 10000.0
-    # none | linear (position interpolation) | ntk (NTK-aware base change) | yarn
+    # none | linear (position interpolation) | ntk (NTK-aware base change) | yarn, and at eval time only
+    # rerope | leaky_rerope (global attention: exact relative positions within rerope_window, clipped /
+    # leaked by 1/factor beyond it)
     scaling: str = "none"
     factor: float = 1.0
     # the context length the base was trained for; 0 means data.seq_len
     original_max_position: int = 0
+    # ReRoPE / Leaky ReRoPE window w (relative positions < w stay exact)
+    rerope_window: int = 0
     # which attention layers rotate q and k: all | sliding (global "A" layers then carry no position
     # signal, "NoPE": they can only retrieve by content, which is what lets retrieval learned at short
     # distances work across the whole context; the sliding-window and recurrent layers give order)
     layers: str = "sliding"
+    # share of each head's dims that rotate (partial RoPE): the first 2*round(fraction*D/2) dims; the
+    # rest carry no position. 1 = all dims
+    fraction: float = 1.0
 
 
 @dataclass
@@ -62,11 +75,19 @@ class ModelConfig:
     vocab_size: int = 264  # byte tokenizer: 256 bytes + specials, rounded up
     d_model: int = 128
     # one letter per block: G gated DeltaNet, D DeltaNet, M Mamba-2, L log-linear gated DeltaNet,
-    # K log-linear Mamba-2, S sliding-window attn, A global attn
+    # K log-linear Mamba-2, S sliding-window attn, A global attn, F Deltaformer
     layer_pattern: Any = "SAGA"  # a string or a list of letters
     n_heads: int = 4  # heads of the linear-recurrent mixers
     head_dim: int = 32  # d_k = d_v of the linear-recurrent mixers
     attn_heads: int = 4
+    # key/value heads of the attention layers (S, A): null = attn_heads; fewer = grouped-query
+    # attention (1 = MQA), a smaller decoding KV cache
+    attn_kv_heads: Optional[int] = None
+    # multi-head latent attention for the global ("A") layers: keys and values from a latent of this
+    # rank (0 = off) plus a decoupled RoPE part of mla_rope_dim dims shared by the heads; decoding caches
+    # only the latent and the rope key (lctrain/models/mla.py)
+    mla_kv_rank: int = 0
+    mla_rope_dim: int = 16
     attn_head_dim: int = 32
     window: int = 128  # sliding-window attention span (tokens, including the current one)
     conv_size: int = 4  # short causal depthwise conv of the linear mixers
@@ -258,6 +279,17 @@ def validate(cfg: DictConfig) -> None:
         _fail("model.attn_conv_size", f"must be >= 0, got {m.attn_conv_size}", "use 0 (no conv) or a kernel size such as 4")
     if m.attn_conv_layers not in ("all", "global"):
         _fail("model.attn_conv_layers", f"unknown value {m.attn_conv_layers!r}", "use all or global")
+    if m.attn_kv_heads is not None and (m.attn_kv_heads < 1 or m.attn_heads % m.attn_kv_heads):
+        _fail("model.attn_kv_heads", f"{m.attn_kv_heads} key/value heads do not divide model.attn_heads={m.attn_heads}",
+              "use a divisor of attn_heads (1 = MQA) or null for one per query head")
+    if m.mla_kv_rank < 0:
+        _fail("model.mla_kv_rank", f"must be >= 0, got {m.mla_kv_rank}", "use 0 (off) or the latent rank, e.g. 4 * attn_head_dim")
+    if m.mla_kv_rank > 0 and "A" in pattern:
+        if m.mla_rope_dim < 2 or m.mla_rope_dim % 2:
+            _fail("model.mla_rope_dim", f"must be even and >= 2, got {m.mla_rope_dim}", "use e.g. 16 or 64")
+        if m.attn_conv_size > 0:
+            _fail("model.attn_conv_size", "short q/k/v convs are not supported on MLA layers (model.mla_kv_rank > 0)",
+                  "set model.attn_conv_size=0, or model.attn_conv_layers=all with MLA off")
     # (an id >= model.vocab_size is refused by the tokenizer check of `lctrain train` and by the model)
     if m.document_end_id is not None and m.document_end_id < 0:
         _fail("model.document_end_id", f"{m.document_end_id} is not a token id",
@@ -272,12 +304,18 @@ def validate(cfg: DictConfig) -> None:
         if m.loglinear_levels < levels_needed(d.seq_len):
             _fail("model.loglinear_levels", f"{m.loglinear_levels} levels do not reach position {d.seq_len - 1}",
                   f"use at least {levels_needed(d.seq_len)} (= bit_length(seq_len - 1) + 1)")
-    if m.rope.scaling not in ROPE_SCALINGS:
-        _fail("model.rope.scaling", f"unknown scaling {m.rope.scaling!r}", f"use one of {ROPE_SCALINGS}")
-    if m.rope.scaling != "none" and m.rope.factor <= 1.0:
-        _fail("model.rope.factor", f"is {m.rope.factor} with scaling={m.rope.scaling}", "set a factor > 1 (context extension ratio)")
+    validate_rope_scaling(m)
+    if m.rope.scaling in EVAL_ONLY_SCALINGS:
+        _fail("model.rope.scaling", f"{m.rope.scaling} is an eval-time position scaling",
+              "train with none/linear/ntk/yarn and pass it to `lctrain eval ... model.rope.scaling=...`")
     if m.rope.layers not in ROPE_LAYERS:
         _fail("model.rope.layers", f"unknown value {m.rope.layers!r}", f"use one of {ROPE_LAYERS}")
+    if any(c in ATTENTION_LAYERS for c in pattern):
+        from lctrain.models.rope import rotary_dim
+        try:
+            rotary_dim(int(m.attn_head_dim), float(m.rope.fraction))
+        except ValueError as err:
+            _fail("model.rope.fraction", str(err).replace("model.rope.fraction", "value"), "use a fraction in (0, 1]")
     if m.rope.base <= 1.0:
         _fail("model.rope.base", f"must exceed 1, got {m.rope.base}", "use e.g. 10000 (grow it with context length)")
     if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_head_dim % 2:
@@ -313,6 +351,11 @@ def validate(cfg: DictConfig) -> None:
         if "A" in pattern and (m.attn_heads // p.tp) % p.cp:
             _fail("model.attn_heads", f"{m.attn_heads // p.tp} attention heads per TP rank do not split over parallel.cp={p.cp} (Ulysses all-to-all)",
                   "make attn_heads / tp a multiple of cp")
+        kv = (m.attn_kv_heads or m.attn_heads) // p.tp
+        if "A" in pattern and kv % p.cp and p.cp % kv:
+            _fail("model.attn_kv_heads", f"{kv} key/value heads per TP rank neither split over parallel.cp={p.cp} nor divide it "
+                  "(Ulysses gives each rank whole kv heads, replicating them when cp > kv heads)",
+                  "use a kv head count that divides or is a multiple of cp")
         if "S" in pattern and m.window - 1 > shard:
             _fail("model.window", f"window {m.window} reaches past the previous rank's shard of {shard} tokens",
                   "use window <= seq_len / cp + 1 or a smaller cp")
@@ -369,6 +412,56 @@ def validate(cfg: DictConfig) -> None:
         _fail("train.device", f"unknown device {t.device!r}", "use auto, cpu or cuda")
     if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
         _fail("train.dtype", f"unknown dtype {t.dtype!r}", "use auto, float32, bfloat16 or float16")
+    _warn_rope_base(m, d, pattern)
+
+
+def rope_context(m: Any, seq_len: int, pattern: str) -> int:
+    """The longest relative distance + 1 that a rotary layer of the pattern sees in training: seq_len
+    for global layers ("A", "F") that rotate (model.rope.layers=all), the window for sliding-window
+    layers; 0 when no layer rotates."""
+    context = 0
+    if str(m.rope.layers) == "all" and any(c in "AF" for c in pattern):
+        context = seq_len
+    if "S" in pattern:
+        context = max(context, min(int(m.window), seq_len))
+    return context
+
+
+def _warn_rope_base(m: Any, d: Any, pattern: str) -> None:
+    """Warn (not fail) when model.rope.base fails the 'base bounds context length' criterion for the
+    distances the rotary layers train on (lctrain/models/rope.py, base_lower_bound). Skipped with a
+    context-extension scaling, whose effective base is not model.rope.base."""
+    import warnings
+
+    from lctrain.models.rope import decay_criterion_holds
+
+    context = rope_context(m, int(d.seq_len), pattern)
+    if context < 2 or m.rope.scaling != "none":
+        return
+    from lctrain.models.rope import rotary_dim
+
+    dim = rotary_dim(int(m.attn_head_dim), float(m.rope.fraction))
+    if not decay_criterion_holds(float(m.rope.base), dim, context):
+        warnings.warn(
+            f"model.rope.base={m.rope.base:g} is below what the 'base bounds context length' criterion allows "
+            f"for {context} tokens with {dim} rotated dims: sum_i cos(m theta_i) turns negative at some distance "
+            f"m < {context}, so similar keys far away score below random ones; `lctrain rope bound --head-dim "
+            f"{dim} --context {context}` prints the smallest base that passes (a warning, not an error)",
+            ConfigWarning, stacklevel=3)
+
+
+def validate_rope_scaling(m: Any) -> None:
+    """The model.rope.scaling / factor rules (also checked for eval-time overrides)."""
+    if m.rope.scaling not in ROPE_SCALINGS:
+        _fail("model.rope.scaling", f"unknown scaling {m.rope.scaling!r}", f"use one of {ROPE_SCALINGS}")
+    if m.rope.scaling in EVAL_ONLY_SCALINGS and m.rope.rerope_window < 1:
+        _fail("model.rope.rerope_window", f"is {m.rope.rerope_window} with scaling={m.rope.scaling}",
+              "set the window of exact relative positions, e.g. the training seq_len")
+    if m.rope.scaling not in ("none", "rerope") and m.rope.factor <= 1.0:
+        _fail("model.rope.factor", f"is {m.rope.factor} with scaling={m.rope.scaling}", "set a factor > 1 (context extension ratio)")
+    if m.rope.original_max_position < 0:
+        _fail("model.rope.original_max_position", f"must be >= 0, got {m.rope.original_max_position}",
+              "use 0 for data.seq_len")
 
 
 def _file_in_path(path: str) -> str | None:
