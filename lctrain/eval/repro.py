@@ -154,14 +154,21 @@ def check_claim(checks: list[dict], results: dict) -> tuple[bool, list[str]]:
     """Each check is one of
     - `{model, series?, at: all|last|mean, min: a}` / `{..., max: a}`: the model's accuracy (0..1) there
       is >= a / <= a;
-    - `{order: [m1, m2, ...], series?, at: mean|last}`: accuracy m1 >= m2 >= ... (ties allowed).
+    - `{order: [m1, m2, ...], series?, at: mean|last}`: accuracy m1 >= m2 >= ..., and m1 > the last
+      (all equal, e.g. all 0%, shows no ordering and does not hold).
+    A check naming a model that was not run (`--models`) does not hold.
     Returns (all held, one line per check)."""
     lines, held = [], True
     for c in checks:
         at = c.get("at", "all")
+        missing = [m for m in (c["order"] if "order" in c else [c["model"]]) if m not in results]
+        if missing:
+            lines.append(f"not run: {', '.join(missing)} (a check needs them)")
+            held = False
+            continue
         if "order" in c:
             accs = [_pick(_series_values(results, m, c.get("series")), at)[0] for m in c["order"]]
-            ok = all(a >= b for a, b in zip(accs, accs[1:]))
+            ok = all(a >= b for a, b in zip(accs, accs[1:])) and accs[0] > accs[-1]
             what = " >= ".join(f"{m} {100 * a:.0f}%" for m, a in zip(c["order"], accs))
             lines.append(f"{'held' if ok else 'FAILED'}: {c.get('series', '')} {at}: {what}")
         else:
