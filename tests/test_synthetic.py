@@ -171,3 +171,14 @@ def test_repro_recipe_runs_tiny(tmp_path, name, models):
     assert report["tiny"] and report["command"].startswith(f"lctrain repro {name}") and report["device"]
     assert (tmp_path / "out" / f"{name}.png").stat().st_size > 0
     assert "smoke run" in (tmp_path / "out" / f"{name}.md").read_text()
+
+
+def test_repro_refuses_a_niah_length_too_short_before_training():
+    from lctrain.eval import repro
+
+    rec = repro.load_repro("sniah_ordering")
+    rec["tiny"]["eval"]["lengths"] = [256]
+    with pytest.raises(repro.ReproError, match="length 256"):
+        repro.check_niah_eval(rec, True, load_config(None, []))
+    with pytest.raises(repro.ReproError, match="no repro recipe"):
+        repro.load_repro("no_such_claim")

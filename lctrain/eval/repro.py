@@ -117,6 +117,24 @@ def eval_argv(rec: dict, tiny: bool, out_dir: str) -> tuple[list[str], dict]:
     return argv, ev
 
 
+def check_niah_eval(rec: dict, tiny: bool, cfg) -> None:
+    """A niah eval's shortest length must hold each task's prompt (else it would fail after training)."""
+    _, ev = eval_argv(rec, tiny, "")
+    if ev["kind"] != "niah":
+        return
+    from lctrain.data.tokenizer import get_tokenizer
+
+    from .niah import default_max_new_tokens
+    from .ruler import build_sample
+
+    tok = get_tokenizer(cfg.data)
+    for t in ev["tasks"]:
+        try:
+            build_sample(t, min(ev["lengths"]), 0.0, tok, max_new_tokens=default_max_new_tokens(t, "ruler", tok))
+        except ValueError as err:
+            raise ReproError(f"{rec['path']}: eval{' (tiny)' if tiny else ''}: {err}") from None
+
+
 def read_eval(ev: dict, out_dir: str) -> dict:
     """{series: {x: accuracy 0..1}} of one run's eval output."""
     eval_dir = Path(out_dir) / "eval"
@@ -225,8 +243,9 @@ def main(argv: list[str]) -> int:
 
     from lctrain.config import load_config
 
-    for r in runs_plan:  # every run's config is valid before the first one trains
-        load_config(None, r["train_argv"])
+    for r in runs_plan:  # every run's config (and a niah eval's prompt) is valid before the first one trains
+        cfg = load_config(None, r["train_argv"])
+        check_niah_eval(rec, ns.tiny, cfg)
     from lctrain.train.command import main as train_main
 
     from . import niah, task
