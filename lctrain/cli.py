@@ -18,7 +18,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "eval": {"niah": "lctrain.eval.niah", "position-loss": "lctrain.eval.position_loss",
              "task": "lctrain.eval.task"},
     "bench": {"kernels": "lctrain.bench.kernels", "varlen": "lctrain.bench.varlen", "cp": "lctrain.bench.cp",
-              "record": "lctrain.bench.report"},
+              "loglinear": "lctrain.bench.loglinear", "record": "lctrain.bench.report"},
     "submit": "lctrain.submit",
     "repro": "lctrain.eval.repro",
 }
@@ -33,8 +33,8 @@ commands:
   eval position-loss --ckpt DIR ...       next-token loss at every position, CSV/JSON + plot
   eval task --ckpt DIR [--task mqar ...]  synthetic-task accuracy (MQAR, swap tracking, DAG), JSON
   repro NAME [--tiny] [--out DIR]         train + evaluate the models of recipes/repro/NAME.yaml, JSON + PNG
-  bench kernels | varlen | cp | record   kernel / packed-document / context-parallel benchmarks; record
-                                          into BENCHMARKS.md
+  bench kernels | varlen | cp | loglinear | record   kernel / packed-document / context-parallel /
+                                          log-linear benchmarks; record into BENCHMARKS.md
   submit RECIPE.yaml [key=value ...]      render and submit a SLURM job
 
 `lctrain <command> [<sub-command>] --help` for details."""

@@ -24,10 +24,13 @@ LAYER_KINDS = {
     "G": "gated DeltaNet",
     "D": "DeltaNet",
     "M": "Mamba-2 style gated linear attention",
+    "L": "log-linear gated DeltaNet",
+    "K": "log-linear Mamba-2",
     "S": "sliding-window softmax attention",
     "A": "global softmax attention",
 }
-LINEAR_LAYERS = set("GDM")
+LINEAR_LAYERS = set("GDMLK")
+LOGLINEAR_LAYERS = set("LK")
 ATTENTION_LAYERS = set("SA")
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
 ROPE_LAYERS = ("all", "sliding")
@@ -58,7 +61,8 @@ class RopeConfig:
 class ModelConfig:
     vocab_size: int = 264  # byte tokenizer: 256 bytes + specials, rounded up
     d_model: int = 128
-    # one letter per block: G gated DeltaNet, D DeltaNet, M Mamba-2, S sliding-window attn, A global attn
+    # one letter per block: G gated DeltaNet, D DeltaNet, M Mamba-2, L log-linear gated DeltaNet,
+    # K log-linear Mamba-2, S sliding-window attn, A global attn
     layer_pattern: Any = "SAGA"  # a string or a list of letters
     n_heads: int = 4  # heads of the linear-recurrent mixers
     head_dim: int = 32  # d_k = d_v of the linear-recurrent mixers
@@ -83,6 +87,9 @@ class ModelConfig:
     checkpoint_activations: bool = False
     chunk_size: int = 64
     kernel_backend: str = "auto"
+    # level weights per head of the log-linear layers (L, K): positions up to 2^(levels-1) - 1 are
+    # covered; 24 reaches 8M tokens (fixed at build time: it sizes the lambda projection)
+    loglinear_levels: int = 24
     # std of the N(0, std) init; null = sqrt(2 / (5 d_model)), the width-scaled "small init" (0.056 at
     # d_model 128, 0.014 at 2048): 0.02 is tuned for d_model ~1000 and starves the attention of a tiny model
     init_std: Optional[float] = None
@@ -274,6 +281,11 @@ def validate(cfg: DictConfig) -> None:
               "set a positive std, or null for sqrt(2 / (5 d_model))")
     if m.kernel_backend not in KERNEL_BACKENDS:
         _fail("model.kernel_backend", f"unknown backend {m.kernel_backend!r}", f"use one of {KERNEL_BACKENDS}")
+    if any(c in LOGLINEAR_LAYERS for c in pattern):
+        from lctrain.kernels.loglinear.levels import levels_needed
+        if m.loglinear_levels < levels_needed(d.seq_len):
+            _fail("model.loglinear_levels", f"{m.loglinear_levels} levels do not reach position {d.seq_len - 1}",
+                  f"use at least {levels_needed(d.seq_len)} (= bit_length(seq_len - 1) + 1)")
     if m.rope.scaling not in ROPE_SCALINGS:
         _fail("model.rope.scaling", f"unknown scaling {m.rope.scaling!r}", f"use one of {ROPE_SCALINGS}")
     if m.rope.scaling != "none" and m.rope.factor <= 1.0:
@@ -303,6 +315,12 @@ def validate(cfg: DictConfig) -> None:
         shard = d.seq_len // p.cp
         if d.seq_len % p.cp:
             _fail("data.seq_len", f"{d.seq_len} does not split into parallel.cp={p.cp} equal shards", "make seq_len a multiple of cp")
+        if any(c in LOGLINEAR_LAYERS for c in pattern) and m.document_end_id is not None:
+            _fail("model.document_end_id", "the log-linear layers (L, K) do not take packed documents under context "
+                  "parallelism", "set model.document_end_id=null or parallel.cp=1")
+        if any(c in LOGLINEAR_LAYERS for c in pattern) and shard & (shard - 1):
+            _fail("data.seq_len", f"each of the {p.cp} context-parallel shards holds {shard} tokens; the log-linear layers "
+                  "(L, K) need a power of two per shard", "make seq_len / cp a power of two")
         if any(c in LINEAR_LAYERS for c in pattern) and shard % m.chunk_size:
             _fail("data.seq_len", f"each of the {p.cp} context-parallel shards holds {shard} tokens, not a multiple of model.chunk_size={m.chunk_size}",
                   f"make seq_len a multiple of cp * chunk_size = {p.cp * m.chunk_size}")

@@ -245,7 +245,8 @@ def test_bad_override_exits_2_before_any_work(tmp_path, capsys):
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "gdn_swa_16k.yaml", "hybrid_131k_cp8.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "gdn_swa_16k.yaml", "hybrid_131k_cp8.yaml",
+                                  "loglinear_gdn_position_loss.yaml"])
 def test_recipes_validate(name):
     cfg = load_config(RECIPES / name)
     if name == "gdn_swa_16k.yaml":
