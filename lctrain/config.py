@@ -128,10 +128,23 @@ class ParallelConfig:
 
 
 @dataclass
+class TaskConfig:
+    """Knobs of a synthetic task (data.source=synthetic:<task>, lctrain/data/synthetic.py); 0 = the
+    task's default where it has one. A knob the chosen task does not take must stay 0."""
+    num_pairs: int = 0  # mqar: key-value pairs per sample (required)
+    num_queries: int = 0  # mqar: default every key; swap / dag: default 1
+    num_elements: int = 0  # swap: elements being swapped (required)
+    num_nodes: int = 0  # dag: nodes of the graph (required)
+    vocab_size: int = 256  # the task's ids are < this (<= model.vocab_size)
+    num_samples: int = 0  # samples built into the cached dataset; 0 = 20000
+
+
+@dataclass
 class DataConfig:
     # "embedded" = text this machine already has + synthetic needle samples, built once into MDS
-    # shards under cache_dir; anything else is a local path (or remote URL) of MDS shards written by
-    # `lctrain data prepare`.
+    # shards under cache_dir; "synthetic:<task>" = a synthetic task (mqar | swap | dag) with the knobs
+    # in data.task, also built once; anything else is a local path (or remote URL) of MDS shards
+    # written by `lctrain data prepare`.
     source: str = "embedded"
     cache_dir: str = "~/.cache/lctrain"
     tokenizer: str = "byte"  # "byte" or a path to a HF tokenizers `tokenizer.json`
@@ -141,6 +154,7 @@ class DataConfig:
     needle_fraction: float = 1.0
     num_workers: int = 0
     seed: int = 0
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 @dataclass
@@ -396,6 +410,7 @@ def validate(cfg: DictConfig) -> None:
         _fail("train.ckpt_minutes", f"must be >= 0, got {t.ckpt_minutes}", "use 0 to save only by steps, on signals and at the end")
     if t.max_bad_steps < 1:
         _fail("train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}", "set how many non-finite steps in a row stop the run")
+    _validate_task(cfg)
     if d.num_workers < 0:
         _fail("data.num_workers", f"must be >= 0, got {d.num_workers}", "use 0 to load in the training process")
     if not str(t.out_dir).strip():
@@ -462,6 +477,53 @@ def validate_rope_scaling(m: Any) -> None:
     if m.rope.original_max_position < 0:
         _fail("model.rope.original_max_position", f"must be >= 0, got {m.rope.original_max_position}",
               "use 0 for data.seq_len")
+
+
+REQUIRED_TASK_KNOBS = {"mqar": "num_pairs", "swap": "num_elements", "dag": "num_nodes"}
+
+
+def _validate_task(cfg: DictConfig) -> None:
+    """data.source=synthetic:<task> and data.task: the task exists, its required knob is set, no other
+    task's knob is set, and one sample can be built at data.seq_len (the generator's own check)."""
+    import numpy as np
+
+    from lctrain.data.synthetic import TASK_KNOBS, TASKS, TaskError
+
+    d, task = cfg.data, cfg.data.task
+    source = str(d.source)
+    defaults = TaskConfig()
+    if not source.startswith("synthetic:"):
+        changed = [k for k in ("num_pairs", "num_queries", "num_elements", "num_nodes", "vocab_size", "num_samples")
+                   if task[k] != getattr(defaults, k)]
+        if changed:
+            _fail(f"data.task.{changed[0]}", f"is set but data.source={source!r} is not a synthetic task",
+                  "set data.source=synthetic:<task> (mqar | swap | dag) or drop data.task")
+        return
+    name = source.split(":", 1)[1]
+    if name not in TASKS:
+        _fail("data.source", f"unknown synthetic task {name!r}", f"use synthetic:<task> with a task of {sorted(TASKS)}")
+    for k in ("num_pairs", "num_queries", "num_elements", "num_nodes", "vocab_size", "num_samples"):
+        if task[k] < 0:
+            _fail(f"data.task.{k}", f"must be >= 0, got {task[k]}", "use 0 for the task's default")
+    for k in ("num_pairs", "num_elements", "num_nodes"):
+        if task[k] and k not in TASK_KNOBS[name]:
+            _fail(f"data.task.{k}", f"is not a knob of the {name} task", f"leave it 0; {name} takes {', '.join(TASK_KNOBS[name])}")
+    need = REQUIRED_TASK_KNOBS[name]
+    if not task[need]:
+        _fail(f"data.task.{need}", f"is required by the {name} task", f"set data.task.{need}")
+    if task.vocab_size > cfg.model.vocab_size:
+        _fail("data.task.vocab_size", f"{task.vocab_size} exceeds model.vocab_size={cfg.model.vocab_size}",
+              "lower data.task.vocab_size or raise model.vocab_size")
+    end = cfg.model.document_end_id
+    if end is not None and end < task.vocab_size:
+        _fail("model.document_end_id", f"{end} is a token of the synthetic task (ids < data.task.vocab_size={task.vocab_size})",
+              "set model.document_end_id=null (task samples are one stream each)")
+    knobs = {k: int(task[k]) for k in TASK_KNOBS[name] if task[k]}
+    try:
+        TASKS[name](np.random.default_rng(0), length=int(d.seq_len) + 1, vocab_size=int(task.vocab_size), **knobs)
+    except TaskError as err:
+        _fail("data.task", f"the {name} task cannot be built at data.seq_len={d.seq_len} ({err})",
+              "change the task's knobs, data.task.vocab_size or data.seq_len")
 
 
 def _file_in_path(path: str) -> str | None:
