@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lctrain.config import init_std
+from lctrain.config import checkpointed_kinds, init_std
 
 from .attention import Attention, _group_size
 from .layers import RMSNorm, SwiGLU, swiglu_hidden_size
@@ -72,7 +72,7 @@ class Block(nn.Module):
             self.mixer = Attention(d, m.attn_heads, m.attn_head_dim, window=m.window if kind == "S" else None,
                                    rope=None if nope else rope, conv_size=_attn_conv_size(m, kind),
                                    cp_group=cp_group)
-        self.mlp = SwiGLU(d, swiglu_hidden_size(d, m.mlp_ratio))
+        self.mlp = SwiGLU(d, swiglu_hidden_size(d, m.mlp_ratio), int(_cfg(m, "mlp_chunk_tokens", 0) or 0))
 
     def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,7 +101,9 @@ class HybridLM(nn.Module):
         self.cfg = m
         self.pattern = _pattern(m)
         self.cp_group = cp_group
-        self.checkpoint_activations = bool(_cfg(m, "checkpoint_activations", False))
+        # the block kinds model.activation_checkpointing checkpoints ("" = none)
+        self.checkpointed = checkpointed_kinds(m, self.pattern)
+        self.residual_in_compute_dtype = str(_cfg(m, "residual_dtype", "float32")) == "compute"
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         rope = None
         if any(c in "SA" for c in self.pattern):
@@ -132,6 +134,12 @@ class HybridLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, position_offset: int = 0, cache: LMCache | None = None) -> torch.Tensor:
         """input_ids [B, T_local] -> float32 logits [B, T_local, vocab]. Positions of the tokens are
         position_offset + (tokens the cache has seen) + 0 .. T-1."""
+        x = self.hidden_states(input_ids, position_offset=position_offset, cache=cache)
+        return self.lm_head(self.norm(x)).float()
+
+    def hidden_states(self, input_ids: torch.Tensor, *, position_offset: int = 0, cache: LMCache | None = None) -> torch.Tensor:
+        """The residual stream after the last block, before the final norm: [B, T_local, d_model]
+        (what `forward` turns into logits; the chunked loss of lctrain.train.loss starts from it)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         offset = int(position_offset)
@@ -141,15 +149,18 @@ class HybridLM(nn.Module):
             offset += cache.seen_tokens
         doc_ids = self._doc_ids(input_ids, cache)
         x = self.embed(input_ids)
+        if self.residual_in_compute_dtype and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        recompute = cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
-            if self.checkpoint_activations and cache is None and torch.is_grad_enabled():
+            if recompute and block.kind in self.checkpointed:
                 x = checkpoint(block, x, offset, None, doc_ids, use_reentrant=False)
             else:
                 x = block(x, offset, layer_cache, doc_ids)
         if cache is not None:
             cache.seen_tokens += input_ids.shape[1]
-        return self.lm_head(self.norm(x)).float()
+        return x
 
     def _doc_ids(self, input_ids: torch.Tensor, cache: LMCache | None) -> torch.Tensor | None:
         """Document index of each token when model.document_end_id is set: the number of separators
