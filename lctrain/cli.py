@@ -15,7 +15,8 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "config": {"show": "lctrain.config_cli"},
     "data": {"prepare": "lctrain.data.prepare"},
     "eval": {"niah": "lctrain.eval.niah", "position-loss": "lctrain.eval.position_loss"},
-    "bench": {"kernels": "lctrain.bench.kernels", "cp": "lctrain.bench.cp", "record": "lctrain.bench.report"},
+    "bench": {"kernels": "lctrain.bench.kernels", "cp": "lctrain.bench.cp", "train": "lctrain.bench.train",
+              "record": "lctrain.bench.report"},
     "submit": "lctrain.submit",
 }
 
@@ -28,6 +29,7 @@ commands:
   eval niah --ckpt DIR ...                needle-in-a-haystack accuracy, JSON + heatmaps
   eval position-loss --ckpt DIR ...       next-token loss at every position, CSV/JSON + plot
   bench kernels | cp | record ...         kernel / context-parallel benchmarks; record into BENCHMARKS.md
+  bench train [RECIPE.yaml] [key=value]   training steps on synthetic tokens: tokens/s, MFU, peak memory
   submit RECIPE.yaml [key=value ...]      render and submit a SLURM job
 
 `lctrain <command> [<sub-command>] --help` for details."""

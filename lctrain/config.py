@@ -83,6 +83,9 @@ class ModelConfig:
     # e.g. selective:GM): a checkpointed block keeps only its input for the backward and runs its forward
     # again there (under CP the linear mixers' replay reuses the states gathered in the forward)
     activation_checkpointing: str = "none"
+    # with checkpointing: keep the checkpointed blocks' inputs in pinned host memory (copied back for the
+    # recomputation), so the GPU holds no per-block activations between forward and backward (CUDA only)
+    checkpoint_offload: bool = False
     # > 0: the SwiGLU MLP runs over the sequence in chunks of this many tokens, each checkpointed, so its
     # hidden-size activations never exist for the whole sequence (lctrain/models/layers.py); 0 = off
     mlp_chunk_tokens: int = 0
@@ -241,7 +244,9 @@ def validate(cfg: DictConfig) -> None:
     if m.init_std is not None and m.init_std <= 0:
         _fail("model.init_std", f"must be positive, got {m.init_std}",
               "set a positive std, or null for sqrt(2 / (5 d_model))")
-    checkpointed_kinds(m, pattern)  # raises ConfigError on a bad model.activation_checkpointing
+    if not checkpointed_kinds(m, pattern) and m.checkpoint_offload:  # (raises on a bad activation_checkpointing)
+        _fail("model.checkpoint_offload", "offloads the inputs of checkpointed blocks but model.activation_checkpointing=none",
+              "set model.activation_checkpointing=full (or selective:LETTERS), or checkpoint_offload=false")
     if m.mlp_chunk_tokens < 0:
         _fail("model.mlp_chunk_tokens", f"must be >= 0, got {m.mlp_chunk_tokens}", "use 0 (off) or a token count such as 16384")
     if m.residual_dtype not in RESIDUAL_DTYPES:

@@ -103,7 +103,7 @@ def check(results, dp: int):
         for res in rank_results:
             ckpt, loss_chunk = res["checkpointing"]
             if (ckpt, loss_chunk) not in refs:  # one process: the replicas' samples as gradient accumulation
-                refs[ckpt, loss_chunk] = one_step(build(ckpt), [sample(100 + d) for d in range(dp)])
+                refs[ckpt, loss_chunk] = one_step(build(ckpt), [sample(100 + d) for d in range(dp)], loss_chunk_tokens=loss_chunk)
             ref_loss, ref_grads, ref_params = refs[ckpt, loss_chunk]
             where = f"rank {rank}, checkpointing={ckpt}"
             if dp == 1:  # lm_loss's mean_loss is the full-sequence mean on every CP rank
@@ -119,7 +119,7 @@ def check(results, dp: int):
 
 
 def test_cp2_training_step_equals_one_process_with_and_without_checkpointing():
-    # the one-process reference of (mode, loss chunk) uses the plain loss: chunking must not change it
+    # against the one-process step of the same mode and loss chunking (chunked vs plain loss: test_long_context.py)
     modes = (("none", 0), ("full", 0), ("selective:GSM", 5))
     check(run_world(model_worker, 2, 2, modes, timeout=300, init_process_group=False), dp=1)
 

@@ -81,6 +81,27 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class _ToHost(torch.autograd.Function):
+    """x -> a copy in pinned host memory (asynchronous, stream-ordered); the gradient goes back to x's device."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.device = x.device
+        out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
+        return out.copy_(x, non_blocking=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.device, non_blocking=True)
+
+
+def _block_from_host(block: Block, x_host: torch.Tensor, offset: int, doc_ids) -> torch.Tensor:
+    """A checkpointed block whose saved input is x_host (model.checkpoint_offload): the GPU copy made
+    here lives only while the block runs, in the forward and again in the recomputation."""
+    x = x_host.to(block.norm1.weight.device, non_blocking=True)
+    return block(x, offset, None, doc_ids)
+
+
 class LMCache:
     """Decoding state of a HybridLM: one dict per block (recurrent state + conv tails, or KV cache)
     and the number of tokens seen so far."""
@@ -104,6 +125,7 @@ class HybridLM(nn.Module):
         # the block kinds model.activation_checkpointing checkpoints ("" = none)
         self.checkpointed = checkpointed_kinds(m, self.pattern)
         self.residual_in_compute_dtype = str(_cfg(m, "residual_dtype", "float32")) == "compute"
+        self.checkpoint_offload = bool(_cfg(m, "checkpoint_offload", False))
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         rope = None
         if any(c in "SA" for c in self.pattern):
@@ -154,7 +176,9 @@ class HybridLM(nn.Module):
         recompute = cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
-            if recompute and block.kind in self.checkpointed:
+            if recompute and block.kind in self.checkpointed and self.checkpoint_offload and x.is_cuda:
+                x = checkpoint(_block_from_host, block, _ToHost.apply(x), offset, doc_ids, use_reentrant=False)
+            elif recompute and block.kind in self.checkpointed:
                 x = checkpoint(block, x, offset, None, doc_ids, use_reentrant=False)
             else:
                 x = block(x, offset, layer_cache, doc_ids)

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 LATEST = "latest"
 # model-section keys that change how the model runs, not which parameters it has
-RUNTIME_MODEL_KEYS = ("kernel_backend", "activation_checkpointing", "mlp_chunk_tokens", "residual_dtype",
+RUNTIME_MODEL_KEYS = ("kernel_backend", "activation_checkpointing", "checkpoint_offload", "mlp_chunk_tokens", "residual_dtype",
                       "checkpoint_activations")  # the last: the boolean that activation_checkpointing replaced
 
 
