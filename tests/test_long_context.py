@@ -116,6 +116,7 @@ def test_residual_in_compute_dtype_under_autocast():
     ("model.activation_checkpointing=selective:X", "model.activation_checkpointing"),
     ("model.activation_checkpointing=selective:M", "model.activation_checkpointing"),  # no M block in SAGA
     ("model.residual_dtype=bfloat16", "model.residual_dtype"),
+    ("model.checkpoint_offload=true", "model.checkpoint_offload"),  # with activation_checkpointing=none
     ("model.mlp_chunk_tokens=-1", "model.mlp_chunk_tokens"),
     ("train.loss_chunk_tokens=-1", "train.loss_chunk_tokens"),
 ])

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import sys
 import time
@@ -477,9 +476,13 @@ def _length_search(bench, args, recipe) -> dict | None:
         say(f"seq_len {T}: {result}, {seconds:.2f}s" + (f", peak {peak:.2f} GiB per GPU" if device.type == "cuda" else ""), flush=True)
         rows.append([Path(recipe).name if recipe else "default", T, _world_text(bench), _checkpointing_text(cfg), result,
                      round(seconds, 3), round(peak, 2) if device.type == "cuda" else None])
+        if ok:
+            longest = (T, peak)
+        if _is_main() and args.json:  # so far, in case a later length kills the process (not an OOM)
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"rows": rows, "longest_seq_len": longest and longest[0], "partial": True}) + "\n")
         if not ok:
             break
-        longest = (T, peak)
     if not _is_main():
         return None
     say(f"lctrain bench train: longest context one step ran at: {longest[0] if longest else 'none'}"
