@@ -1,4 +1,5 @@
-"""Chunkwise PyTorch implementation (backend="torch") of the three mixers and the CP primitives.
+"""Chunkwise PyTorch implementation (backend="torch") of the three mixers and the CP primitives
+(the derivation: docs/design.md §2).
 
 Math (K x V state layout). Inside a chunk of C tokens with incoming state S0, let
 gam_i = sum_{j<=i} g_j (cumulative log-decay inside the chunk) and Gam_i = exp(gam_i). The delta

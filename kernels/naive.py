@@ -1,4 +1,5 @@
-"""Token-by-token recurrences: the ground truth every faster implementation is tested against.
+"""Token-by-token recurrences: the ground truth every faster implementation is tested against
+(docs/design.md §2).
 
 One generic recurrence covers the three mixers (state S is [B, H, K, V], K x V layout):
 

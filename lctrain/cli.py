@@ -1,18 +1,19 @@
 """The `lctrain` command: routes each sub-command to the module that owns it.
 
-Every module here exposes `main(argv: list[str]) -> int` with its own argparse parser, so
-`lctrain <command> --help` is answered by the module that does the work. Imports are lazy: the
-CLI starts fast and a command never pays for another's dependencies.
+Each target is a module exposing `main(argv: list[str]) -> int`, or `module:function` for a command
+small enough to live here (`config show`); each has its own argparse parser, so `lctrain <command>
+--help` is answered by the code that does the work. Imports are lazy: the CLI starts fast and a
+command never pays for another's dependencies.
 """
 from __future__ import annotations
 
 import importlib
 import sys
 
-# command -> module, or sub-command -> module
+# command -> target, or sub-command -> target; a target is "module" (its main) or "module:function"
 COMMANDS: dict[str, str | dict[str, str]] = {
-    "train": "lctrain.train.launch",
-    "config": {"show": "lctrain.config_cli"},
+    "train": "lctrain.train.command",
+    "config": {"show": "lctrain.cli:config_show"},
     "data": {"prepare": "lctrain.data.prepare"},
     "eval": {"niah": "lctrain.eval.niah", "position-loss": "lctrain.eval.position_loss"},
     "bench": {"kernels": "lctrain.bench.kernels", "cp": "lctrain.bench.cp", "train": "lctrain.bench.train",
@@ -35,6 +36,27 @@ commands:
 `lctrain <command> [<sub-command>] --help` for details."""
 
 
+def config_show(argv: list[str]) -> int:
+    """`lctrain config show [RECIPE.yaml] [key=value ...]`: print the resolved, validated configuration."""
+    import argparse
+
+    from omegaconf import OmegaConf
+
+    from lctrain.config import ConfigError, load_config, split_recipe_and_overrides
+
+    parser = argparse.ArgumentParser(prog="lctrain config show", description=config_show.__doc__)
+    parser.add_argument("args", nargs="*", help="an optional recipe YAML, then key=value overrides")
+    ns = parser.parse_args(argv)
+    try:
+        recipe, overrides = split_recipe_and_overrides(ns.args)
+        cfg = load_config(recipe, overrides)
+    except ConfigError as err:
+        print(f"lctrain: configuration error: {err}", file=sys.stderr)
+        return 2
+    print(OmegaConf.to_yaml(cfg), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -51,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lctrain {command}: give one of: {choices}", file=sys.stderr)
             return 2
         target, rest = target[rest[0]], rest[1:]
-    module = importlib.import_module(target)
-    return int(module.main(rest) or 0)
+    module_name, _, function = target.partition(":")
+    run = getattr(importlib.import_module(module_name), function or "main")
+    return int(run(rest) or 0)
 
 
 if __name__ == "__main__":

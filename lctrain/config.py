@@ -70,7 +70,7 @@ class ModelConfig:
     attn_conv_size: int = 4
     # which attention layers get it: all | global (only "A" layers; with it on the sliding-window
     # layers too, those learn to retrieve by position at short range and the global ones never learn
-    # the long-range retrieval: lctrain/eval/NOTES.md)
+    # the long-range retrieval: docs/eval-notes.md)
     attn_conv_layers: str = "global"
     # token id that ends a packed document (the tokenizer's EOS: 257 for the byte tokenizer); when set,
     # attention never looks across it, so packed documents do not see each other. null = whole-sample
@@ -139,7 +139,7 @@ class TrainConfig:
     grad_accum: int = 1
     # loss weight of the answer tokens of synthetic needle samples (the dataset's answer_mask column;
     # data without it trains unweighted). A tiny model learns long-distance retrieval in a few hundred
-    # steps only with it (lctrain/eval/NOTES.md); 1 = the plain LM loss
+    # steps only with it (docs/eval-notes.md); 1 = the plain LM loss
     answer_loss_weight: float = 20.0
     # > 0: the final norm, LM head and cross-entropy run over chunks of this many tokens with the
     # gradient computed chunk by chunk, so [tokens, vocab] logits never exist whole (lctrain/train/loss.py);

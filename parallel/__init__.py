@@ -16,6 +16,7 @@ from .mesh import (
     dp_cp_size,
     dp_rank,
     dp_size,
+    group_size,
     init_mesh,
     is_main,
     mesh_info,
@@ -27,5 +28,5 @@ from .mesh import (
 __all__ = [
     "context_parallel", "ContextParallelOp", "ContextParallelError",
     "MeshInfo", "init_mesh", "destroy_mesh", "mesh_info", "cp_group", "cp_rank", "cp_size",
-    "tp_group", "tp_rank", "tp_size", "dp_rank", "dp_size", "dp_cp_group", "dp_cp_size", "is_main",
+    "tp_group", "tp_rank", "tp_size", "dp_rank", "dp_size", "dp_cp_group", "dp_cp_size", "is_main", "group_size",
 ]

@@ -1,4 +1,5 @@
-"""Context parallelism for the linear-recurrent ops: the affine scan over ranks (DESIGN.md §3).
+"""Context parallelism for the linear-recurrent ops: the affine scan over ranks (docs/design.md §3;
+its costs: §5).
 
 Rank r of a CP group of size P holds the contiguous tokens [r T, (r+1) T) of every sequence. Over
 its shard the state evolves affinely, S_out(r) = A_r S_in(r) + B_r, so

@@ -1,4 +1,5 @@
-"""Halo exchange: each CP rank gets the previous rank's last ``halo`` positions prepended.
+"""Halo exchange: each CP rank gets the previous rank's last ``halo`` positions prepended
+(docs/design.md §4).
 
 Used by the short causal conv of the linear mixers (halo = conv_size - 1) and by sliding-window
 attention (halo = window - 1 keys/values). Point to point: rank r sends its tail to r + 1 and receives

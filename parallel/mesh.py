@@ -164,6 +164,11 @@ def _ps():
 
 # --------------------------------------------------------------------------------------- queries
 
+def group_size(group) -> int:
+    """Ranks in `group`; None (the "no group" every CP/TP op accepts) counts as 1."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
 def cp_group():
     """The context-parallel process group of this rank, or None when there is no CP (cp == 1 or no
     mesh): every CP op treats None as "the whole sequence is local"."""

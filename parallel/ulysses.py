@@ -1,4 +1,5 @@
-"""Ulysses attention over the CP group: all-to-all from sequence shards to head shards and back.
+"""Ulysses attention over the CP group: all-to-all from sequence shards to head shards and back
+(docs/design.md §4).
 
 Each rank holds q/k/v ``[B, T_local, H, D]`` of its contiguous shard. DeepSpeed's
 ``DistributedAttention`` all-to-alls them to ``[B, T_full, H/P, D]`` (every rank: the whole sequence

@@ -3,6 +3,12 @@
 CPU runs (CI) execute Triton kernels through the interpreter, which must be switched on before
 triton is first imported, so this happens in pytest_configure, before any test module loads torch.
 Runs that select the `gpu` marker compile the kernels for the real device instead.
+
+Shared helpers live beside this file as plain modules, imported by name from any test module:
+`dist_utils` (run a function in N gloo processes) and `kernel_cases` (call an op, collect its
+outputs and gradients). pytest puts this folder (tests/, which has no __init__.py) on sys.path
+when it loads this conftest.py (rootdir-relative "prepend" import mode, pytest's default), so no
+test edits sys.path itself.
 """
 import os
 

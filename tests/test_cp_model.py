@@ -46,7 +46,7 @@ def sample(seed: int):
 
 def one_step(model, batches, *, cp_group=None, cp_rank=0, cp_size=1, grad_group=None, dp_size=1, loss_chunk_tokens=0):
     """lm_loss + backward per batch, gradient reduction, SGD step; returns (mean loss, grads, params)."""
-    from lctrain.train.loop import reduce_gradients
+    from lctrain.train.grad_comm import reduce_gradients
     from lctrain.train.step import lm_loss
 
     params = list(model.parameters())

@@ -3,7 +3,7 @@ changed (400 steps, ~5 minutes on 2 CPU cores), retrieves the passkey of S-NIAH-
 length (512) with the RULER template.
 
 Chance is ~1e-7 (an exact 7-digit number). On an H100, 16 training/data seeds of this default scored
-16-100% (13 of 16 at >= 86%, lctrain/eval/NOTES.md); the CPU run of the default seed scored 90%.
+16-100% (13 of 16 at >= 86%, docs/eval-notes.md); the CPU run of the default seed scored 90%.
 The bar here, 10% of 50 prompts, is far above chance and low enough that a CPU whose rounding sends
 training down one of the slower seeds' paths still passes.
 """
@@ -38,7 +38,7 @@ def test_default_model_retrieves_the_passkey_at_its_training_length(tmp_path):
 
 
 def test_niah_probe_runs_and_reports_on_cpu():
-    """The probe behind NOTES.md's tables: two tiny steps on CPU, then the eval record it prints."""
+    """The probe behind docs/eval-notes.md's tables: two tiny steps on CPU, then the eval record it prints."""
     from lctrain.bench.niah_probe import run
 
     tiny = ["model.d_model=32", "model.n_heads=2", "model.head_dim=16", "model.attn_heads=2", "model.attn_head_dim=16",

@@ -28,8 +28,7 @@ from lctrain.eval.ruler import (
     string_match_all,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_utils import run_world  # noqa: E402
+from dist_utils import run_world  # tests/ is on sys.path through conftest.py (see there)
 
 TINY = ["model.d_model=32", "model.layer_pattern=GSGA", "model.n_heads=2", "model.head_dim=8", "model.attn_heads=2",
         "model.attn_head_dim=8", "model.window=8", "model.chunk_size=16", "model.conv_size=4", "model.mlp_ratio=2.0",
@@ -119,9 +118,9 @@ def test_sample_length_and_depth(task, tokenizer):
             assert 0.99 * length <= total <= length, (task, length, depth, total)
             assert s.prompt_ids == tokenizer.encode(s.prompt)
             # the queried needle sits at its token offset and holds the first answer
-            needle = tokenizer.decode(s.prompt_ids[s.needle_token_start:s.needle_token_start + s.needle_tokens])
+            needle = tokenizer.decode(s.prompt_ids[s.needle_start:s.needle_start + s.needle_tokens])
             assert needle.startswith("One of the special magic") and s.answers[0] in needle, needle
-            assert s.extra["keys"][0] in needle
+            assert s.keys[0] in needle
             # depth: the nearest sentence boundary, within 10% of the context (5% once sentences are short)
             slack = 0.05 if length == 8192 else 0.1
             assert abs(s.measured_depth - depth) <= slack, (task, length, depth, s.measured_depth)
@@ -138,7 +137,7 @@ def test_sample_length_and_depth(task, tokenizer):
 
 def test_depth_moves_the_needle_monotonically():
     tok = ByteTokenizer()
-    starts = [build_sample("s_niah_2", 4096, d, tok, seed=1).needle_token_start for d in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    starts = [build_sample("s_niah_2", 4096, d, tok, seed=1).needle_start for d in (0.0, 0.25, 0.5, 0.75, 1.0)]
     assert starts == sorted(starts) and starts[0] < starts[-1]
 
 
@@ -157,11 +156,11 @@ def test_templates_follow_ruler_and_the_training_format():
     uuid_sample = build_sample("s_niah_3", 2048, 0.5, tok)
     assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", uuid_sample.answers[0])
 
-    from lctrain.data.needle import question_text
+    from lctrain.data.needle import NEEDLE_DIGITS, question_text
 
     t = build_sample("s_niah_1", 512, 0.5, tok, template="train", max_new_tokens=16)
     assert t.prompt.endswith("\n\n" + question_text("s_niah_1", t.extra["query"]))
-    assert len(t.answers[0]) == 5 and t.prompt.startswith("The grass is green.")
+    assert len(t.answers[0]) == NEEDLE_DIGITS and t.prompt.startswith("The grass is green.")  # as training writes
     assert t.template == "train"
     short = build_sample("s_niah_1", 256, 0.5, tok, template="train", max_new_tokens=16)
     assert short.template == "train_compact"  # as training_needle_sample writes a 256-token sample

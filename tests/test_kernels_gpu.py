@@ -42,7 +42,7 @@ def make_inputs(kind, B, T, H, D, seed):
                                                  (1, 16384, 16, "torch")])
 def test_bf16_matches_fp32_reference(kind, D, B, T, H, ref_backend):
     # H=16 is the benchmark's shape: some launch settings that pass at H=4 lose dbeta accuracy
-    # there (a Triton 3.6 / Hopper codegen effect, kernels/triton/NOTES.md)
+    # there (a Triton 3.6 / Hopper codegen effect, docs/kernels-notes.md)
     x = make_inputs(kind, B, T, H, D, seed=T + D)
     x_bf16 = dict(x)
     for n in ("q", "k", "v"):

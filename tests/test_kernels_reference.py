@@ -137,10 +137,12 @@ def test_shard_transition_definition(kind, backend, T, C, K, V):
                               **kind_kwargs(kind, x))
     assert A.shape == ((B, H) if kind == "gla" else (B, H, K, K))
     assert Bst.shape == (B, H, K, V)
-    _, S_out = run(kind, x, "naive")  # from the random initial state
+    # the states come from the OTHER backend: the naive Bst is naive_recurrence from zero itself
+    other = "torch" if backend == "naive" else "naive"
+    _, S_out = run(kind, x, other, chunk_size=C)  # from the random initial state
     assert rel(apply_transition(A, x["initial_state"]) + Bst, S_out) < 1e-10
     # Bst is the final state from zero
-    _, S_zero = run(kind, x | {"initial_state": torch.zeros_like(x["initial_state"])}, "naive")
+    _, S_zero = run(kind, x | {"initial_state": torch.zeros_like(x["initial_state"])}, other, chunk_size=C)
     assert rel(Bst, S_zero) < 1e-10
 
 

@@ -7,6 +7,7 @@ ragged third chunk. bfloat16 is not tested here: the interpreter computes it wro
 tested on the GPU, tests/test_kernels_gpu.py).
 """
 import os
+import zlib
 
 import pytest
 import torch
@@ -55,7 +56,7 @@ CASES = [  # (B, T, K, V, dtype, tol): T=37 partial chunk, 64 exact, 130 ragged 
 @pytest.mark.parametrize("B,T,K,V,dtype,tol", CASES)
 def test_triton_matches_naive(kind, B, T, K, V, dtype, tol):
     H = 2
-    x = make_inputs(kind, B, T, H, K, V, dtype, seed=hash((kind, T, K, V)) % 1000)
+    x = make_inputs(kind, B, T, H, K, V, dtype, seed=zlib.crc32(f"{kind}-{T}-{K}-{V}".encode()))  # the same in every process
     gen = torch.Generator().manual_seed(7)
     do = torch.randn(B, T, H, V, generator=gen)
     dS = torch.randn(B, H, K, V, generator=gen)

@@ -82,7 +82,7 @@ def test_lm_loss_equals_cross_entropy_mean():
 
 
 def test_answer_weights_from_the_batch():
-    from lctrain.train.loop import answer_weights
+    from lctrain.train.step import answer_weights
 
     mask = torch.tensor([[0, 1, 1, 0]], dtype=torch.uint8)
     torch.testing.assert_close(answer_weights({"answer_mask": mask}, 20.0, "cpu"), torch.tensor([[1.0, 20.0, 20.0, 1.0]]))
@@ -114,6 +114,31 @@ def test_scheduler_drives_optimizer_lr():
     assert seen == pytest.approx(want)
 
 
+def test_trainer_step_reports_loss_and_grad_norm_of_its_micro_batches():
+    """Trainer.step over two micro-batches: the mean of their losses and the norm of the mean gradient,
+    as one process computes them by hand on a copy of the model, then one optimizer update."""
+    import copy
+
+    from lctrain.train.trainer import Trainer
+
+    cfg = load_config(None, [*TINY, "train.grad_clip=0"])
+    trainer = Trainer(cfg, torch.device("cpu"), data=False)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 2, 33), generator=g)
+    batches = [{"input_ids": x[:, :-1], "labels": x[:, 1:]} for x in ids]
+    ref = copy.deepcopy(trainer.model)
+    shares = [lm_loss(ref, b["input_ids"], b["labels"]) for b in batches]
+    (sum(loss for loss, _ in shares) / 2).backward()
+    want_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in ref.parameters() if p.grad is not None))
+    metrics = trainer.step(batches)
+    assert metrics.step == trainer.step_count == 1
+    assert metrics.loss == pytest.approx(float(sum(mean for _, mean in shares) / 2), rel=1e-6)
+    assert metrics.grad_norm == pytest.approx(float(want_norm), rel=1e-5)
+    assert metrics.lr == pytest.approx(cfg.train.lr * lr_factor(0, warmup_steps=1, total_steps=3, min_lr_ratio=cfg.train.min_lr_ratio))
+    assert all(p.grad is None for p in trainer.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(trainer.model.parameters(), ref.parameters()))
+
+
 def test_no_weight_decay_on_norms_biases_embeddings():
     model = torch.nn.ModuleDict({"emb": torch.nn.Embedding(10, 4), "lin": torch.nn.Linear(4, 4), "norm": torch.nn.LayerNorm(4)})
     groups = param_groups(model, 0.1)
@@ -128,22 +153,22 @@ class _Crash(Exception):
 
 
 def test_train_writes_checkpoint_and_resume_continues(tmp_path, parts, monkeypatch):
-    from lctrain.train import loop
+    from lctrain.train import trainer
 
     full, split = tmp_path / "full", tmp_path / "split"
     assert _run(parts, full, "train.steps=5") == 0
     assert ckpt_mod.latest_checkpoint(full).name == "step_5"
     # the split run dies right after its step-3 checkpoint ...
-    real_save = loop.save_checkpoint
+    real_save = trainer.save_checkpoint
 
     def save_then_crash(*args, **kwargs):
         path = real_save(*args, **kwargs)
         raise _Crash(path)
 
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
     with pytest.raises(_Crash):
         _run(parts, split, "train.steps=5", "train.ckpt_every=3")
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
     ckpt = ckpt_mod.latest_checkpoint(split)
     assert ckpt is not None and ckpt.name == "step_3"
     assert (split / "config.yaml").is_file() and not list((split / "ckpt").glob("*.tmp"))
@@ -254,7 +279,7 @@ class _PosModel(torch.nn.Module):
 def _grad_worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
-    from lctrain.train.loop import reduce_gradients
+    from lctrain.train.grad_comm import reduce_gradients
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -331,28 +356,28 @@ def test_cp2_self_launch_runs_two_steps(tmp_path, data_cache):
 
 
 def test_cpu_threads_policy(monkeypatch):
-    from lctrain.train import loop
+    from lctrain.train import device
 
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert loop.cpu_threads() == 3
+    assert device.cpu_threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
-    monkeypatch.setattr(loop.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(device.os, "cpu_count", lambda: 8)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    monkeypatch.setattr(loop.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
-    assert loop.cpu_threads() == 4
-    monkeypatch.setattr(loop.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
-    assert loop.cpu_threads() == 1
+    monkeypatch.setattr(device.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert device.cpu_threads() == 4
+    monkeypatch.setattr(device.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert device.cpu_threads() == 1
 
 
 def test_cpu_threads_guard_drops_to_one_thread_when_steps_slow_down():
-    from lctrain.train.loop import _CpuThreadsGuard
+    from lctrain.train.device import CpuThreadsGuard
 
     said = []
     reporter = types.SimpleNamespace(say=said.append)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        guard = _CpuThreadsGuard(torch.device("cpu"))
+        guard = CpuThreadsGuard(torch.device("cpu"))
         for i, t in enumerate([5.0, 1.0, 1.1, 0.9, 1.2, 3.0]):  # warm-up, steady, 3.3x: keep threads
             guard.observe(i, t, reporter)
         assert torch.get_num_threads() == 2 and not said

@@ -94,7 +94,7 @@ class _Cfg:
     """Block sizes and launch settings for one problem shape; `overrides` (tuning) take precedence
     over set_config's, which take precedence over the defaults. `gated`: the mixer has a decay g
     (dq/dk pipelines differently then). Defaults: the fastest correct settings of
-    `python -m lctrain.bench.tune_kernels` on an H100 at D=128, T=16K and 128K (2026-11-23, NOTES.md)."""
+    `python -m lctrain.bench.tune_kernels` on an H100 at D=128, T=16K and 128K (2026-11-23, docs/kernels-notes.md)."""
 
     def __init__(self, K: int, V: int, overrides: dict[str, int] | None = None, gated: bool = False):
         self.K, self.V = K, V
@@ -110,7 +110,7 @@ class _Cfg:
             BVP=wide, warps_dv=4,
             BVSB=16 if big else 32, warps_seqb=8,
             BKD=64, BVD=64, warps_dqk=4,
-            BKB=64, BVB=64, warps_wyb=4, stages_wyb=1,   # see NOTES: dbeta accuracy
+            BKB=64, BVB=64, warps_wyb=4, stages_wyb=1,   # see docs/kernels-notes.md: dbeta accuracy
         )
         if not gated:
             defaults["stages_dqk"] = 2

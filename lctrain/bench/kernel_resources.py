@@ -6,7 +6,7 @@ Runs one forward and backward of each mixer through ``lctrain.kernels.triton.ops
 with every kernel launch intercepted, so exactly the launches ops makes (same constexprs, warps and
 stages, under the current launch settings) are compiled for sm_<target> by Triton and read back
 with the ``cuobjdump`` that ships with Triton. A STACK above 0 means the kernel spills registers to
-local memory: on Hopper that was the main cause of slow kernels here (see kernels/triton/NOTES.md).
+local memory: on Hopper that was the main cause of slow kernels here (see docs/kernels-notes.md).
 Use the Triton version of the GPU machines (3.6) for numbers that match them.
 """
 from __future__ import annotations

@@ -1,18 +1,19 @@
 """Retrieval probe: does a model config learn S-NIAH-1 from the embedded needle data? (issue 5 research)
 
 One run = the real config (`load_config` + overrides), the embedded dataset's sample builder
-(`build_embedded_samples`, answer masks included), the repo's model / optimizer / schedule / lm_loss
-with train.answer_loss_weight, batches from memory in a seeded shuffled order (no MDS, no streaming),
+(`build_embedded_samples`, answer masks included), the training `Trainer` without its loader (its
+model, optimizer, schedule and `step`: loss with train.answer_loss_weight, clipping), batches from
+memory in a seeded shuffled order (no MDS, no streaming),
 float32 and the chunkwise torch kernels, then `run_niah` on S-NIAH-1 at the training length with the
 RULER and the train template. Prints one JSON line: eval accuracy, mean loss and mean answer-token
-loss per 50 steps. Many runs fit on one GPU at once (tiny models), which is how lctrain/eval/NOTES.md's
+loss per 50 steps. Many runs fit on one GPU at once (tiny models), which is how docs/eval-notes.md's
 tables were measured:
 
     python -m lctrain.bench.niah_probe NAME '{"overrides": ["train.seed=7"], "extra_lengths": [2048]}'
 
 Keys: overrides (config key=value list), device (cuda|cpu), samples (per depth), extra_lengths
-(RULER-template lengths beyond seq_len, 3 depths x 4 samples), threads, digits / packed_share (the
-embedded builder's NEEDLE_DIGITS / PACKED_NEEDLE_SHARE).
+(RULER-template lengths beyond seq_len, 3 depths x 4 samples), threads, digits / packed_share (passed to the
+embedded sample builder; its NEEDLE_DIGITS / PACKED_NEEDLE_SHARE when left out).
 """
 from __future__ import annotations
 
@@ -41,42 +42,29 @@ def run(name: str, opts: dict) -> dict:
     from lctrain.data import embedded
     from lctrain.data.tokenizer import get_tokenizer
     from lctrain.eval.niah import run_niah
-    from lctrain.models import build_model
-    from lctrain.train.loop import answer_weights
-    from lctrain.train.optim import build_optimizer, build_scheduler
-    from lctrain.train.step import lm_loss
+    from lctrain.train.trainer import Trainer
 
     c = dict(DEFAULTS, **opts)
     torch.set_num_threads(int(c["threads"]))
     cfg = load_config(None, ["model.kernel_backend=torch", "train.dtype=float32", *c["overrides"]])
     dev = torch.device(c["device"] if torch.cuda.is_available() else "cpu")
-    if c["digits"] is not None:
-        embedded.NEEDLE_DIGITS = int(c["digits"])
-    if c["packed_share"] is not None:
-        embedded.PACKED_NEEDLE_SHARE = float(c["packed_share"])
+    mix = {k: v for k, v in (("digits", c["digits"]), ("packed_share", c["packed_share"])) if v is not None}
     tok = get_tokenizer(cfg.data)
     t, L, mb = cfg.train, int(cfg.data.seq_len), int(cfg.data.micro_batch_size)
-    samples, masks = embedded.build_embedded_samples(tok, L, t.steps * mb, float(cfg.data.needle_fraction), int(cfg.data.seed))
+    samples, masks = embedded.build_embedded_samples(tok, L, t.steps * mb, float(cfg.data.needle_fraction), int(cfg.data.seed),
+                                                     **mix)
     order = list(range(len(samples)))
     random.Random(c["order_seed"]).shuffle(order)
-    torch.manual_seed(int(t.seed))
-    model = build_model(cfg.model, max_position=L).to(dev)
-    optimizer = build_optimizer(model, t)
-    scheduler = build_scheduler(optimizer, t)
+    trainer = Trainer(cfg, dev, data=False)  # the model, optimizer, schedule and step of `lctrain train`
+    model = trainer.model
     losses, answer_losses, start = [], [], time.time()
     model.train()
     for step in range(t.steps):
         rows = order[step * mb:(step + 1) * mb]
         batch = torch.as_tensor(np.stack([samples[i] for i in rows]).astype(np.int64)).to(dev)
         mask = torch.as_tensor(np.stack([masks[i] for i in rows]).astype(np.int64))[:, 1:].to(dev)
-        weights = answer_weights({"answer_mask": mask}, t.answer_loss_weight, dev)
-        loss, mean = lm_loss(model, batch[:, :-1], batch[:, 1:], token_weights=weights)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(mean))
+        metrics = trainer.step([{"input_ids": batch[:, :-1], "labels": batch[:, 1:], "answer_mask": mask}])
+        losses.append(metrics.loss)
         if mask.any():
             with torch.no_grad():  # the answer tokens' plain loss (a second forward: probes only)
                 logits = model(batch[:, :-1])

@@ -1,6 +1,6 @@
 """`lctrain bench train RECIPE [key=value ...] --steps N`: real training steps on synthetic tokens.
 
-Builds the recipe's model, optimizer, mesh and loss exactly as `lctrain train` does, feeds uniformly
+Runs the steps of `lctrain train` (its `Trainer`, on the recipe's mesh, without the loader), feeds uniformly
 random token ids (the speed and memory of a step do not depend on the text), runs `--warmup` untimed
 steps and then `--steps` timed ones, and reports:
 
@@ -242,58 +242,37 @@ def split_text(split: dict) -> str:
 # ------------------------------------------------------------------------------------------ the run
 
 class _Bench:
-    """The pieces of one rank's training step, built as the training loop builds them."""
+    """The training step of `lctrain train` (a `Trainer` without its loader) fed synthetic tokens."""
 
-    def __init__(self, cfg, device, mesh):
+    def __init__(self, cfg, device):
         import torch
 
-        from lctrain.models import build_model
-        from lctrain.train.loop import broadcast_parameters, pick_dtype, seed_everything
-        from lctrain.train.optim import build_optimizer
+        from lctrain.parallel import mesh
+        from lctrain.train.trainer import Trainer
 
-        self.cfg, self.device, self.mesh = cfg, device, mesh
-        self.cp_group, self.cp_rank, self.cp_size = mesh.cp_group(), mesh.cp_rank(), mesh.cp_size()
-        self.dp_size, self.grad_group = mesh.dp_size(), mesh.dp_cp_group()
-        self.dtype = pick_dtype(cfg.train, device)
-        seed_everything(cfg.train.seed)
-        self.model = build_model(cfg.model, cp_group=self.cp_group, max_position=cfg.data.seq_len).to(device)
-        broadcast_parameters(self.model, self.grad_group)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.cfg, self.device = cfg, device
+        self.trainer = Trainer(cfg, device, data=False)
+        tr = self.trainer
+        self.model, self.params, self.dtype = tr.model, tr.params, tr.dtype
+        self.cp_rank, self.cp_size, self.dp_size = tr.cp_rank, tr.cp_size, tr.dp_size
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.data.seed + 1000 * mesh.dp_rank())
 
-    def batch(self, seq_len: int):
-        """Synthetic (input_ids, labels) of this rank's shard: the same sample on every CP rank."""
+    def batch(self, seq_len: int) -> dict:
+        """Synthetic `input_ids` / `labels` of this rank's shard: the same sample on every CP rank."""
         import torch
 
         B, V = self.cfg.data.micro_batch_size, self.cfg.model.vocab_size
         tokens = torch.randint(0, V, (B, seq_len + 1), generator=self.gen)
         local = seq_len // self.cp_size
         sl = slice(self.cp_rank * local, (self.cp_rank + 1) * local)
-        return tokens[:, :-1][:, sl].to(self.device), tokens[:, 1:][:, sl].to(self.device)
+        return {"input_ids": tokens[:, :-1][:, sl], "labels": tokens[:, 1:][:, sl]}
 
     def step(self, seq_len: int) -> float:
-        """One optimizer step (grad_accum micro-batches); returns the mean loss."""
-        import torch
+        """One optimizer step of train.grad_accum micro-batches (Trainer.step); returns the mean loss."""
+        return self.trainer.step([self.batch(seq_len) for _ in range(self.cfg.train.grad_accum)]).loss
 
-        from lctrain.train.loop import clip_grad_norm, reduce_gradients
-        from lctrain.train.step import lm_loss
-
-        t = self.cfg.train
-        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
-        total = 0.0
-        for _ in range(t.grad_accum):
-            input_ids, labels = self.batch(seq_len)
-            with autocast:
-                loss, mean = lm_loss(self.model, input_ids, labels, cp_group=self.cp_group,
-                                     position_offset=self.cp_rank * input_ids.shape[1], loss_chunk_tokens=t.loss_chunk_tokens)
-            (loss / t.grad_accum).backward()
-            total += float(mean) / t.grad_accum
-        reduce_gradients(self.params, self.grad_group, self.dp_size)
-        clip_grad_norm(self.params, t.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total
+    def drop_gradients(self) -> None:
+        self.trainer.optimizer.zero_grad(set_to_none=True)
 
     def sync(self):
         import torch
@@ -353,12 +332,12 @@ def run(cfg, args, *, recipe=None, command="lctrain bench train") -> dict | None
     """Initialise the mesh, run the benchmark (timed steps or the length search), tear down.
     Returns the result on the main rank, None elsewhere."""
     from lctrain.parallel import mesh
-    from lctrain.train.loop import pick_device
+    from lctrain.train.device import pick_device
 
     device = pick_device(cfg.train)
     mesh.init_mesh(cfg.parallel, device)
     try:
-        bench = _Bench(cfg, device, mesh)
+        bench = _Bench(cfg, device)
         if args.lengths:
             result = _length_search(bench, args, recipe)
         else:
@@ -466,7 +445,7 @@ def _length_search(bench, args, recipe) -> dict | None:
         except torch.OutOfMemoryError:
             ok = 0.0
         seconds = time.perf_counter() - t0
-        bench.optimizer.zero_grad(set_to_none=True)
+        bench.drop_gradients()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         # every rank must agree: one rank's OOM ends the search for all

@@ -11,7 +11,7 @@ with the default settings' outputs: a candidate that disagrees (relative error >
 as WRONG and never chosen. Compilation, which dominates a sweep, runs first in --jobs worker
 processes at a short --compile-T (same specialisations: T and NT stay multiples of 16) and fills
 Triton's cache; the timing processes then only load the binaries. Some settings fault the GPU
-(illegal address; Triton 3.6 on Hopper, kernels/triton/NOTES.md): such a candidate is recorded and
+(illegal address; Triton 3.6 on Hopper, docs/kernels-notes.md): such a candidate is recorded and
 skipped, and the sweep goes on in a fresh process.
 
 Agreement with the defaults is not accuracy: `--accuracy-of KERNEL` instead runs a full fwd+bwd per

@@ -27,7 +27,7 @@ import numpy as np
 
 from lctrain.data.corpus import corpus_fingerprint, embedded_documents
 from lctrain.data.mds import DatasetExistsError, write_mds
-from lctrain.data.needle import _SentenceIds, min_training_length, packed_needle_sample, training_needle_sample
+from lctrain.data.needle import NEEDLE_DIGITS, _SentenceIds, min_training_length, packed_needle_sample, training_needle_sample
 from lctrain.data.packing import packed_epochs, token_dtype
 from lctrain.data.tokenizer import get_tokenizer
 
@@ -36,8 +36,6 @@ FORMAT_VERSION = 3
 # Share of needle samples that pack several passkey units; the rest hold one needle over the whole
 # length (the eval's length stays in distribution).
 PACKED_NEEDLE_SHARE = 0.8
-# Digits of the passkey values: RULER's S-NIAH values have 7, and a model trained on 5 writes 5.
-NEEDLE_DIGITS = 7
 # Enough samples for the default job (train.steps 300 x micro_batch 8 = 2400) without repeating
 # one, and ~2M tokens for short sequence lengths (at most MAX_SAMPLES samples).
 MIN_SAMPLES = 2400
@@ -72,32 +70,34 @@ def embedded_dataset_path(data_cfg: Any, num_samples: int | None = None) -> Path
     return Path(os.path.expanduser(str(data_cfg.cache_dir))).absolute() / f"embedded-{digest}"
 
 
-def holds_needle(tokenizer: Any, length: int) -> bool:
-    """Whether a sample of `length` tokens is long enough for a passkey unit of NEEDLE_DIGITS digits."""
-    return length >= min_training_length(tokenizer, NEEDLE_DIGITS)
+def holds_needle(tokenizer: Any, length: int, digits: int = NEEDLE_DIGITS) -> bool:
+    """Whether a sample of `length` tokens is long enough for a passkey unit of `digits` digits."""
+    return length >= min_training_length(tokenizer, digits)
 
 
-def mix_samples(text: list[np.ndarray], n_needle: int, tokenizer: Any, length: int,
-                seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def mix_samples(text: list[np.ndarray], n_needle: int, tokenizer: Any, length: int, seed: int, *,
+                digits: int = NEEDLE_DIGITS,
+                packed_share: float = PACKED_NEEDLE_SHARE) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(samples, answer_masks): `text` samples and `n_needle` synthetic needle samples (each `length`
     ids), interleaved in a seeded order, and per sample a uint8 mask that is 1 on the needle answers'
     tokens (all 0 for text), which training can weight (train.answer_loss_weight).
 
-    A share PACKED_NEEDLE_SHARE of the needle samples holds several passkey units (dense retrieval
-    signal), the rest one needle over the whole length. The digit-copy units `needle.copy_unit` are
-    left out: in probes (lctrain/eval/NOTES.md) they made the sliding-window layer learn to copy
-    digits by position, and the global layer then never learned the long-distance retrieval.
+    A share `packed_share` of the needle samples holds several passkey units (dense retrieval
+    signal), the rest one needle over the whole length; values have `digits` digits. (Probes may
+    vary both; the embedded dataset uses the module's defaults.) Digit-copy units are gone: in probes
+    (docs/eval-notes.md) they made the sliding-window layer learn to copy digits by position, and the
+    global layer then never learned the long-distance retrieval.
 
     Samples shorter than `needle.min_training_length` cannot hold a needle: then none are added.
     """
-    if not holds_needle(tokenizer, length):
+    if not holds_needle(tokenizer, length, digits):
         n_needle = 0
     rng = random.Random(f"needle-{seed}")
     cache = _SentenceIds(tokenizer)
     needles = []
     for _ in range(n_needle):
-        build = packed_needle_sample if rng.random() < PACKED_NEEDLE_SHARE else training_needle_sample
-        ids, mask = build(tokenizer, length, rng, digits=NEEDLE_DIGITS, with_answer_mask=True, _encode_cache=cache)
+        build = packed_needle_sample if rng.random() < packed_share else training_needle_sample
+        ids, mask = build(tokenizer, length, rng, digits=digits, with_answer_mask=True, _encode_cache=cache)
         needles.append((np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)))
     kinds = [0] * len(text) + [1] * n_needle
     random.Random(f"mix-{seed}").shuffle(kinds)
@@ -111,18 +111,20 @@ def mix_samples(text: list[np.ndarray], n_needle: int, tokenizer: Any, length: i
     return samples, masks
 
 
-def build_embedded_samples(tokenizer: Any, seq_len: int, num_samples: int, needle_fraction: float,
-                           seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def build_embedded_samples(tokenizer: Any, seq_len: int, num_samples: int, needle_fraction: float, seed: int, *,
+                           digits: int = NEEDLE_DIGITS,
+                           packed_share: float = PACKED_NEEDLE_SHARE) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(samples, answer_masks) of the embedded dataset (each seq_len + 1 long): text and needle
-    samples interleaved (see mix_samples); all text when seq_len is too short for a needle."""
+    samples interleaved (see mix_samples, which `digits` and `packed_share` go to); all text when
+    seq_len is too short for a needle."""
     length = seq_len + 1
-    n_needle = round(needle_fraction * num_samples) if holds_needle(tokenizer, length) else 0
+    n_needle = round(needle_fraction * num_samples) if holds_needle(tokenizer, length, digits) else 0
     n_text = num_samples - n_needle
     text: list[np.ndarray] = []
     if n_text:
         doc_ids = [tokenizer.encode(d) for d in embedded_documents()]
         text = packed_epochs(doc_ids, length, tokenizer.eos_id, n_text, seed)
-    return mix_samples(text, n_needle, tokenizer, length, seed)
+    return mix_samples(text, n_needle, tokenizer, length, seed, digits=digits, packed_share=packed_share)
 
 
 def ensure_embedded_dataset(data_cfg: Any, *, num_samples: int | None = None, builder: bool | None = None,

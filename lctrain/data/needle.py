@@ -1,17 +1,23 @@
-"""Needle-in-a-haystack (RULER S-NIAH) prompts, for training samples and for evals.
+"""Needles in haystacks: the one place that says what a needle, its key and value, the haystack
+noise and the needle's placement are, for the training samples and the evals alike.
 
-Tasks:
+- values: `random_value` (NEEDLE_DIGITS-digit numbers, RULER's 7, or UUIDs); keys: `random_key`
+  ("adjective-noun", from one of two word lists: the training samples' or the evals' larger one);
+- wording: RULER's needle sentence (`needle_text`), the training samples' question (`question_text`)
+  and their compact form for short samples (COMPACT_*); the evals' prompt templates
+  (lctrain/eval/ruler.py) are built from these;
+- haystacks: NOISE (RULER's repeated sentences, task s_niah_1) or essay text (the embedded corpus);
+- placement: `needle_position`, the sentence end nearest the requested depth, else the nearest word
+  boundary; `NeedleSample`, what a built prompt holds and where its needle went.
+
+Training tasks:
   s_niah_1  a number hidden in repeated noise sentences (the classic passkey)
   s_niah_2  a number hidden in essay text (the embedded corpus)
   s_niah_3  a UUID hidden in essay text
-The needle is "One of the special magic numbers for {key} is: {value}." (uuids for s_niah_3), placed
-at the sentence end (else word boundary) closest to `depth` in [0, 1] of the haystack; the prompt ends with the question and the
-answer prefix, and the answer is " {value}".
-
-`build_needle_sample` works on token ids so that the prompt has EXACTLY the requested number of tokens for any
-tokenizer (words are encoded separately and the last one is cut at a token; used for training);
-`niah_sample` / `niah_prompt` (evals) return text whose re-encoding is within +-1% of the target (exact for the byte
-tokenizer on ASCII text).
+`build_needle_sample` works on token ids so that the prompt has EXACTLY the requested number of tokens
+for any tokenizer (words are encoded separately and the last one is cut at a token): the prompt is
+haystack + " " + needle + haystack + "\n\n" + question, and the answer is " {value}".
+`training_needle_sample` / `packed_needle_sample` turn such prompts into training samples.
 """
 from __future__ import annotations
 
@@ -21,8 +27,11 @@ import uuid as _uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+# Digits of every numeric needle value, in training and in the evals: RULER's S-NIAH values have 7,
+# and a model trained on fewer writes fewer.
+NEEDLE_DIGITS = 7
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-NEEDLE_TEMPLATE = "One of the special magic {kind} for {key} is: {value}."
+NEEDLE_TEMPLATE = "One of the special magic {kind} for {key} is: {value}."  # RULER's needle sentence
 QUESTION_TEMPLATE = (
     "What is the special magic {kind_one} for {key} mentioned in the provided text? "
     "The special magic {kind_one} for {key} mentioned in the provided text is:"
@@ -32,60 +41,88 @@ TASKS = ("s_niah_1", "s_niah_2", "s_niah_3")
 COMPACT_NEEDLE_TEMPLATE = "The pass key is {value}."
 COMPACT_QUESTION = "The pass key is:"
 
-_KEY_WORDS_A = ("amber", "brave", "calm", "dusty", "eager", "faint", "gentle", "hollow", "icy", "jolly",
-                "keen", "lively", "mellow", "noble", "odd", "proud", "quiet", "rapid", "silent", "tidy")
-_KEY_WORDS_B = ("anchor", "badger", "canyon", "dragon", "ember", "falcon", "garden", "harbor", "island",
-                "jungle", "kettle", "lantern", "meadow", "needle", "orchard", "pepper", "quarry", "river",
-                "saddle", "tunnel")
+# "adjective-noun" keys, as RULER's look: the training samples draw from the short lists, the evals'
+# RULER template from the long ones (keys the model has not seen in training)
+KEY_WORDS = {
+    "train": (
+        ("amber", "brave", "calm", "dusty", "eager", "faint", "gentle", "hollow", "icy", "jolly",
+         "keen", "lively", "mellow", "noble", "odd", "proud", "quiet", "rapid", "silent", "tidy"),
+        ("anchor", "badger", "canyon", "dragon", "ember", "falcon", "garden", "harbor", "island",
+         "jungle", "kettle", "lantern", "meadow", "needle", "orchard", "pepper", "quarry", "river",
+         "saddle", "tunnel"),
+    ),
+    "eval": (
+        tuple("ancient bitter brave calm clever crimson curious damp eager early fancy fierce fragile gentle "
+              "gloomy golden grumpy hollow humble icy jolly lazy lively loud lucky mellow misty modest nimble "
+              "noisy odd pale polite proud quick quiet rapid rough rusty shiny silent silly sleepy slow smooth "
+              "sour spicy steady stormy sturdy sunny swift tame tender tidy tiny vast velvet vivid wary wild "
+              "witty young zealous".split()),
+        tuple("anchor apple arrow badge basket beacon bell blanket bottle bridge bucket cabin candle canyon "
+              "castle cloud compass copper cottage crayon desert dragon drum eagle engine falcon feather fiddle "
+              "forest fountain garden glacier hammer harbor helmet island jacket kettle ladder lantern lemon "
+              "magnet meadow mirror mountain needle orchard otter paddle parrot pebble pencil piano pillow "
+              "planet pocket puzzle quilt rabbit ribbon river rocket saddle shovel spoon storm tiger tower "
+              "tulip valley violin wagon whistle".split()),
+    ),
+}
 
 
 @dataclass
 class NeedleSample:
-    """One prompt: `prompt_ids` ends with the answer prefix; `answer_ids` is what should follow."""
+    """One built prompt. `prompt_ids` ends where the model should continue with the answers."""
 
     task: str
-    key: str
-    value: str
+    depth: float  # requested depth in [0, 1]
+    prompt: str
     prompt_ids: list[int]
-    answer_ids: list[int]
-    prompt_text: str
-    answer_text: str
-    depth: float  # requested depth
-    needle_start: int  # token offset of the needle inside prompt_ids
-    needle_len: int
-    haystack_len: int  # haystack tokens (prompt minus needle minus question)
+    answers: list[str]  # the values the model must produce, in order
+    keys: list[str]  # every needle's key; the queried ones first
+    needle_start: int  # token offset of the (first queried) needle in prompt_ids
+    needle_tokens: int  # its length in tokens
+    context_span: tuple[int, int]  # [start, end) tokens of the context: the haystack with its needles
+    template: str = ""  # the wording used
+    length: int = 0  # the token budget it was built for
+    index: int = 0  # sample index within its (task, length, depth) cell
     extra: dict = field(default_factory=dict)
 
     @property
-    def actual_depth(self) -> float:
-        return self.needle_start / max(1, self.haystack_len)
+    def measured_depth(self) -> float:
+        """Context tokens before the needle / context tokens other than the needle."""
+        a, b = self.context_span
+        return (self.needle_start - a) / max(1, b - a - self.needle_tokens)
 
 
-def random_key(rng: random.Random) -> str:
-    return f"{rng.choice(_KEY_WORDS_A)}-{rng.choice(_KEY_WORDS_B)}"
+def random_key(rng: random.Random, words: str = "train") -> str:
+    """An "adjective-noun" key from the word lists KEY_WORDS[words]."""
+    if words not in KEY_WORDS:
+        raise ValueError(f"unknown key word list {words!r}; use one of {sorted(KEY_WORDS)}")
+    adjectives, nouns = KEY_WORDS[words]
+    return f"{rng.choice(adjectives)}-{rng.choice(nouns)}"
 
 
-def random_number(rng: random.Random, digits: int) -> str:
-    if digits < 1:
-        raise ValueError(f"digits must be >= 1, got {digits}")
-    return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+def random_value(rng: random.Random, value_type: str = "numbers", digits: int = NEEDLE_DIGITS) -> str:
+    """A needle value: a `digits`-digit number ("numbers") or a UUID4 ("uuids")."""
+    if value_type == "numbers":
+        if digits < 1:
+            raise ValueError(f"digits must be >= 1, got {digits}")
+        return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+    if value_type == "uuids":
+        return str(_uuid.UUID(int=rng.getrandbits(128), version=4))
+    raise ValueError(f"unknown needle value type {value_type!r}; use numbers or uuids")
 
 
-def random_uuid(rng: random.Random) -> str:
-    return str(_uuid.UUID(int=rng.getrandbits(128), version=4))
+def value_type(task: str) -> str:
+    """What the needles of a training task hold: "uuids" (s_niah_3) or "numbers"."""
+    _check_task(task)
+    return "uuids" if task == "s_niah_3" else "numbers"
 
 
 def needle_text(task: str, key: str, value: str) -> str:
-    return NEEDLE_TEMPLATE.format(kind=_kind(task), key=key, value=value)
+    return NEEDLE_TEMPLATE.format(kind=value_type(task), key=key, value=value)
 
 
 def question_text(task: str, key: str) -> str:
-    return QUESTION_TEMPLATE.format(kind_one=_kind(task)[:-1], key=key)
-
-
-def _kind(task: str) -> str:
-    _check_task(task)
-    return "uuids" if task == "s_niah_3" else "numbers"
+    return QUESTION_TEMPLATE.format(kind_one=value_type(task)[:-1], key=key)
 
 
 def _check_task(task: str) -> None:
@@ -93,10 +130,27 @@ def _check_task(task: str) -> None:
         raise ValueError(f"unknown needle task {task!r}; use one of {TASKS}")
 
 
+def noise_sentences() -> list[str]:
+    """NOISE as sentences, each with its full stop."""
+    return [s + "." for s in NOISE.rstrip(".").split(". ")]
+
+
+def needle_position(bounds: Sequence[float], sentence_ends: Sequence[bool], target: float, slack: float) -> int:
+    """Where a needle aimed at offset `target` goes: the index into `bounds` (ascending boundary
+    offsets of the haystack, first = its start, last = its end) of the nearest boundary that ends a
+    sentence (`sentence_ends`; the first and last boundary count as such) when it lies within `slack`
+    of the target, else of the nearest boundary. Ties go to the earlier boundary."""
+    last = len(bounds) - 1
+    nearest = min(range(len(bounds)), key=lambda j: (abs(bounds[j] - target), j))
+    ends = [j for j in range(len(bounds)) if sentence_ends[j] or j in (0, last)]
+    best = min(ends, key=lambda j: (abs(bounds[j] - target), j))
+    return best if abs(bounds[best] - target) <= slack else nearest
+
+
 def _haystack_sentences(task: str, rng: random.Random) -> tuple[Sequence[str], int]:
     """The haystack's sentences and where to start reading them (random start for essays)."""
     if task == "s_niah_1":
-        return [s + "." for s in NOISE.rstrip(".").split(". ")], 0
+        return noise_sentences(), 0
     from lctrain.data.corpus import _essay_sentences
 
     sents = _essay_sentences()  # the cached tuple: no copy per sample
@@ -123,7 +177,7 @@ def build_needle_sample(
     depth: float,
     rng: random.Random,
     *,
-    digits: int = 7,
+    digits: int = NEEDLE_DIGITS,
     key: str | None = None,
     value: str | None = None,
     compact: bool = False,
@@ -138,14 +192,12 @@ def build_needle_sample(
         raise ValueError(f"needle depth must lie in [0, 1], got {depth}")
     key = key or random_key(rng)
     if value is None:
-        value = random_uuid(rng) if task == "s_niah_3" else random_number(rng, digits)
+        value = random_value(rng, value_type(task), digits)
     enc = _encode_cache or _SentenceIds(tokenizer)
     needle = COMPACT_NEEDLE_TEMPLATE.format(value=value) if compact else needle_text(task, key, value)
     question = COMPACT_QUESTION if compact else question_text(task, key)
     needle_ids = tokenizer.encode(" " + needle)
     question_ids = tokenizer.encode("\n\n" + question)
-    answer_text = " " + value
-    answer_ids = tokenizer.encode(answer_text)
     hay_budget = prompt_tokens - len(needle_ids) - len(question_ids)
     if hay_budget < 0:
         raise ValueError(f"prompt_tokens={prompt_tokens} is too short for the needle and the question "
@@ -175,60 +227,21 @@ def build_needle_sample(
     bounds = [0]
     for p in pieces:
         bounds.append(bounds[-1] + len(p))
-    target = depth * hay_budget
-    by_distance = sorted(range(len(bounds)), key=lambda j: (abs(bounds[j] - target), j))
-    cut = by_distance[0]
-    sentence_cuts = [j for j in by_distance if sentence_end[j] or j == len(bounds) - 1]
-    if sentence_cuts and abs(bounds[sentence_cuts[0]] - target) <= 0.02 * hay_budget:
-        cut = sentence_cuts[0]
+    cut = needle_position(bounds, sentence_end, depth * hay_budget, 0.02 * hay_budget)
     hay_before = [t for p in pieces[:cut] for t in p]
     hay_after = [t for p in pieces[cut:] for t in p]
     prompt_ids = hay_before + needle_ids + hay_after + question_ids
     assert len(prompt_ids) == prompt_tokens, (len(prompt_ids), prompt_tokens)
 
-    prompt_text = "".join(texts[:cut]) + " " + needle + "".join(texts[cut:]) + "\n\n" + question
-    return NeedleSample(task=task, key=key, value=value, prompt_ids=prompt_ids, answer_ids=answer_ids,
-                        prompt_text=prompt_text, answer_text=answer_text, depth=depth,
-                        needle_start=len(hay_before), needle_len=len(needle_ids), haystack_len=hay_budget)
-
-
-def niah_sample(task: str, tokenizer: Any, target_tokens: int, depth: float, *, seed: int = 0,
-                digits: int = 7) -> NeedleSample:
-    """An eval prompt whose text re-encodes to within +-1% of `target_tokens` (exactly, for the byte
-    tokenizer on ASCII); `prompt_ids` here ARE `tokenizer.encode(prompt_text)` (canonical tokens).
-
-    The token-level builder joins separately encoded words, which a BPE tokenizer may merge
-    differently when it encodes the whole text, so the haystack size is corrected a few times.
-    """
-    want, best = target_tokens, None
-    for _ in range(8):
-        s = build_needle_sample(task, tokenizer, want, depth, random.Random(seed), digits=digits)
-        text = s.prompt_text[1:] if s.prompt_text.startswith(" ") else s.prompt_text
-        ids = tokenizer.encode(text)
-        if best is None or abs(len(ids) - target_tokens) < abs(len(best[2]) - target_tokens):
-            best = (s, text, ids)
-        if len(ids) == target_tokens:
-            break
-        step = round((target_tokens - len(ids)) * want / max(1, len(ids)))
-        want = max(1, want + (step or (1 if len(ids) < target_tokens else -1)))
-    s, text, ids = best
-    needle = text.index(" " + needle_text(task, s.key, s.value)) if s.needle_start else 0
-    needle_start = len(tokenizer.encode(text[:needle])) if needle else 0
-    question = len(tokenizer.encode("\n\n" + question_text(task, s.key)))
-    return NeedleSample(task=task, key=s.key, value=s.value, prompt_ids=ids, answer_ids=s.answer_ids,
-                        prompt_text=text, answer_text=s.answer_text, depth=depth, needle_start=needle_start,
-                        needle_len=s.needle_len, haystack_len=len(ids) - s.needle_len - question)
-
-
-def niah_prompt(task: str, tokenizer: Any, target_tokens: int, depth: float, *, seed: int = 0,
-                digits: int = 7) -> tuple[str, str]:
-    """(prompt_text, answer_text): about `target_tokens` prompt tokens (+-1%), the needle at `depth`."""
-    s = niah_sample(task, tokenizer, target_tokens, depth, seed=seed, digits=digits)
-    return s.prompt_text, s.answer_text
+    prompt = "".join(texts[:cut]) + " " + needle + "".join(texts[cut:]) + "\n\n" + question
+    return NeedleSample(task=task, depth=depth, prompt=prompt, prompt_ids=prompt_ids, answers=[value], keys=[key],
+                        needle_start=len(hay_before), needle_tokens=len(needle_ids),
+                        context_span=(0, hay_budget + len(needle_ids)), template="compact" if compact else "train",
+                        length=prompt_tokens)
 
 
 def training_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, tasks: Sequence[str] = ("s_niah_1", "s_niah_2"),
-                           digits: int = 5, compact: bool | None = None, with_answer_mask: bool = False,
+                           digits: int = NEEDLE_DIGITS, compact: bool | None = None, with_answer_mask: bool = False,
                            _encode_cache: _SentenceIds | None = None) -> list[int] | tuple[list[int], list[int]]:
     """`length` token ids: a needle prompt at a random depth whose last tokens are the answer digits.
 
@@ -239,16 +252,16 @@ def training_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, t
     with_answer_mask=True returns (ids, mask): mask[i] = 1 where ids[i] is an answer token, else 0.
     """
     task = rng.choice(list(tasks))
-    value = random_number(rng, digits)
-    answer_len = len(tokenizer.encode(" " + value))
+    value = random_value(rng, "numbers", digits)
+    answer_ids = tokenizer.encode(" " + value)
     if compact is None:
-        compact = uses_compact_wording(tokenizer, length, answer_len)
-    s = build_needle_sample(task, tokenizer, length - answer_len, rng.random(), rng, value=value,
+        compact = uses_compact_wording(tokenizer, length, len(answer_ids))
+    s = build_needle_sample(task, tokenizer, length - len(answer_ids), rng.random(), rng, value=value,
                             compact=compact, _encode_cache=_encode_cache)
-    ids = s.prompt_ids + s.answer_ids
+    ids = s.prompt_ids + answer_ids
     assert len(ids) == length
     if with_answer_mask:
-        return ids, [0] * len(s.prompt_ids) + [1] * len(s.answer_ids)
+        return ids, [0] * len(s.prompt_ids) + [1] * len(answer_ids)
     return ids
 
 
@@ -256,27 +269,9 @@ def training_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, t
 MAX_UNIT_TOKENS = 450
 
 
-def copy_unit(tokenizer: Any, length: int, rng: random.Random, *, digits: int = 5) -> list[int]:
-    """`length` token ids: a line of random `digits`-digit numbers, a blank line, then the same line again.
-
-    Every token of the repeat can be predicted only by copying from the first line: a dense signal
-    for the induction (copy) heads that passkey retrieval rests on, which the few answer digits of
-    passkey units alone train too slowly. The repeat is cut to fit `length`.
-    """
-    if length < 4:
-        raise ValueError(f"a copy unit needs >= 4 tokens, got {length}")
-    sep = tokenizer.encode("\n\n")
-    half = (length - len(sep)) // 2 + 1
-    line: list[int] = []
-    while len(line) < half:
-        line += tokenizer.encode(" " + random_number(rng, digits))
-    ids = line[:half] + sep + line
-    return ids[:length]
-
-
 def packed_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, tasks: Sequence[str] = ("s_niah_1", "s_niah_2"),
-                         digits: int = 5, max_unit: int = MAX_UNIT_TOKENS, full_unit_share: float = 0.5,
-                         copy_share: float = 0.0, with_answer_mask: bool = False,
+                         digits: int = NEEDLE_DIGITS, max_unit: int = MAX_UNIT_TOKENS, full_unit_share: float = 0.5,
+                         with_answer_mask: bool = False,
                          _encode_cache: _SentenceIds | None = None) -> list[int] | tuple[list[int], list[int]]:
     """`length` token ids holding SEVERAL complete passkey units joined by EOS, the last one ending the sample.
 
@@ -285,10 +280,9 @@ def packed_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, tas
     first) are common and long ones occur. Units follow the length rule for their wording (compact
     below ~340 byte tokens); with probability `full_unit_share` one unit of 240+ tokens uses RULER's
     wording regardless, so that the wording the evals use at longer lengths is trained densely too.
-    One sample thus yields several answers at varied distances instead of one. A share `copy_share`
-    of the other units are `copy_unit`s (dense copying signal). Units are separated by EOS as packed
-    documents are; a passkey unit ends the sample.
-    with_answer_mask=True returns (ids, mask): 1 on the passkey units' answer tokens, else 0 (copy units too).
+    One sample thus yields several answers at varied distances instead of one. Units are separated
+    by EOS as packed documents are.
+    with_answer_mask=True returns (ids, mask): 1 on the units' answer tokens, else 0.
     """
     lo = min_training_length(tokenizer, digits)
     if length < lo:
@@ -296,7 +290,7 @@ def packed_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, tas
     eos = getattr(tokenizer, "eos_id", None)
     sep = [] if eos is None else [eos]
     enc = _encode_cache or _SentenceIds(tokenizer)
-    units: list[tuple[int, bool | str | None]] = []  # (tokens, forced wording or "copy")
+    units: list[tuple[int, bool | None]] = []  # (tokens, forced wording)
     left = length
     full_lo = _min_prompt(tokenizer, compact=False, digits=digits) + len(tokenizer.encode(" " + "9" * digits)) + 16
     if rng.random() < full_unit_share and left >= full_lo + lo + len(sep):
@@ -308,22 +302,18 @@ def packed_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, tas
     while left > min(max_unit, 2 * lo + len(sep)) and left - len(sep) - lo >= lo:
         hi = min(max_unit, left - lo - len(sep))
         n = min(hi, max(lo, round(math.exp(rng.uniform(math.log(lo), math.log(hi))))))
-        units.append((n, "copy" if rng.random() < copy_share else None))
+        rng.random()  # this draw once chose digit-copy units (gone); kept so the embedded data stays as built
+        units.append((n, None))
         left -= n + len(sep)
     rng.shuffle(units)
     units.append((left, None))  # a passkey unit always ends the sample
     ids: list[int] = []
     mask: list[int] = []
-    for i, (n, kind) in enumerate(units):
-        if kind == "copy":
-            unit = copy_unit(tokenizer, n, rng, digits=digits)
-            ids += unit
-            mask += [0] * len(unit)
-        else:
-            unit, unit_mask = training_needle_sample(tokenizer, n, rng, tasks=tasks, digits=digits, compact=kind,
-                                                     with_answer_mask=True, _encode_cache=enc)
-            ids += unit
-            mask += unit_mask
+    for i, (n, compact) in enumerate(units):
+        unit, unit_mask = training_needle_sample(tokenizer, n, rng, tasks=tasks, digits=digits, compact=compact,
+                                                 with_answer_mask=True, _encode_cache=enc)
+        ids += unit
+        mask += unit_mask
         if i < len(units) - 1:
             ids += sep
             mask += [0] * len(sep)
@@ -331,7 +321,13 @@ def packed_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, tas
     return (ids, mask) if with_answer_mask else ids
 
 
-def _min_prompt(tokenizer: Any, *, compact: bool, digits: int = 5) -> int:
+# The compact-wording rule measures the full wording with a 5-digit placeholder value (the value's own
+# tokens enter as answer_tokens). The rule was set so and the embedded dataset is built by it: changing
+# it changes which samples are compact.
+_RULE_PLACEHOLDER_DIGITS = 5
+
+
+def _min_prompt(tokenizer: Any, *, compact: bool, digits: int = NEEDLE_DIGITS) -> int:
     """Prompt tokens taken by the needle and the question alone (no haystack)."""
     value = "9" * digits
     if compact:
@@ -344,17 +340,9 @@ def _min_prompt(tokenizer: Any, *, compact: bool, digits: int = 5) -> int:
 def uses_compact_wording(tokenizer: Any, length: int, answer_tokens: int) -> bool:
     """Whether a training sample of `length` tokens (answer included) is too short for the full
     wording and uses the compact one: length < 1.5 x (full needle + question tokens) + answer tokens."""
-    return length < _min_prompt(tokenizer, compact=False) * 1.5 + answer_tokens
+    return length < _min_prompt(tokenizer, compact=False, digits=_RULE_PLACEHOLDER_DIGITS) * 1.5 + answer_tokens
 
 
-def min_training_length(tokenizer: Any, digits: int = 5) -> int:
+def min_training_length(tokenizer: Any, digits: int = NEEDLE_DIGITS) -> int:
     """The shortest sample `training_needle_sample` can build (compact wording, a little haystack)."""
     return _min_prompt(tokenizer, compact=True, digits=digits) + len(tokenizer.encode(" " + "9" * digits)) + 8
-
-
-def answer_from_prompt(prompt_text: str, key: str) -> str | None:
-    """The value the prompt's needle gives for `key` (what a perfect reader answers), or None."""
-    import re
-
-    m = re.search(r"One of the special magic (?:numbers|uuids) for " + re.escape(key) + r" is: ([0-9a-f\-]+)\.", prompt_text)
-    return m.group(1) if m else None

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from lctrain.models.attention import Attention
 from lctrain.models.layers import ShortConv
+from lctrain.parallel.mesh import group_size
 
 
 @dataclass
@@ -35,10 +36,6 @@ class Generation:
     tokens: list[int]  # the new tokens (greedy), ending at EOS or after max_new_tokens
     first_logits: torch.Tensor  # float32 [vocab] logits that chose the first new token (CPU)
     cp_prefill_tokens: int = 0  # prompt tokens prefilled across CP ranks (0 without CP)
-
-
-def _group_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
 
 
 def _decode(model, cache, logits: torch.Tensor, max_new_tokens: int, eos_id: int | None, device) -> list[int]:
@@ -67,7 +64,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, eos_id: int | None = Non
     device = next(model.parameters()).device
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     with ctx:
-        if _group_size(cp_group) == 1:
+        if group_size(cp_group) == 1:
             cache = model.new_cache(1, device)
             logits = model(torch.tensor([list(prompt_ids)], device=device), cache=cache)[0, -1]
             tokens = _decode(model, cache, logits, max_new_tokens, eos_id, device)

@@ -43,8 +43,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def default_max_new_tokens(task: str, template: str, tokenizer) -> int:
     """Room for every expected value plus separators: answers * (tokens of ' value' + 2) + 8."""
-    spec, tmpl = TASKS[task], get_template(template)
-    value = random_value(random.Random(0), spec.value_type, tmpl.number_digits)
+    spec = TASKS[task]
+    get_template(template)  # an unknown name is refused here too
+    value = random_value(random.Random(0), spec.value_type)
     answers = spec.num_values * spec.num_queries
     return answers * (len(tokenizer.encode(" " + value)) + 2) + 8
 
@@ -133,7 +134,7 @@ def main(argv: list[str]) -> int:
     ns = _parse(argv)
     from lctrain.config import ConfigError, split_recipe_and_overrides
 
-    from lctrain.launcher import self_launch
+    from lctrain.local_launch import self_launch
 
     from . import runtime
 

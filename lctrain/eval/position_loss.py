@@ -236,7 +236,7 @@ def main(argv: list[str]) -> int:
     ns = _parse(argv)
     from lctrain.config import ConfigError, split_recipe_and_overrides
 
-    from lctrain.launcher import self_launch
+    from lctrain.local_launch import self_launch
 
     from . import runtime
 

@@ -11,7 +11,9 @@ Tasks (RULER's "niah" family; Hsieh et al. 2024, NVIDIA/RULER scripts/data/synth
 | mv_niah    | essay text                  | 1 key -> 4 numbers                | that key (all 4)|
 | mq_niah    | essay text                  | 4 keys -> 1 number each           | all 4 keys      |
 
-Keys are "adjective-noun" words (RULER draws them from wonderwords' lists; we keep our own short lists).
+Needle values, keys, wording, noise text and the placement rule come from `lctrain.data.needle`, the
+one module the training samples use too: numeric values have NEEDLE_DIGITS (7) digits in every
+template; keys are "adjective-noun" words (RULER draws them from wonderwords' lists; we keep our own).
 Templates ("ruler", the default) are RULER's: needle "One of the special magic {type} for {key} is:
 {value}.", question "What are all the special magic {type} for {query} mentioned in the provided
 text?", answer prefix " The special magic {type} for {query} mentioned in the provided text are",
@@ -19,7 +21,7 @@ singularised when only one answer is asked for, as RULER does. Template "passkey
 passkey-retrieval prompt (Mohtashami & Jaggi 2023); template "train" is the passkey format the
 embedded training data uses (`lctrain.data.needle`), for models trained only on that: RULER's needle
 and singular question without the introduction, or, at lengths where the training data does so, its
-compact wording ("The pass key is 12345." ... "The pass key is:"); each record names the one used.
+compact wording ("The pass key is 1234567." ... "The pass key is:"); each record names the one used.
 
 Placement and length (both in tokens of the model's tokenizer):
 - `length` is the whole sequence budget as in RULER: prompt tokens + max_new_tokens <= length; the
@@ -37,9 +39,11 @@ from __future__ import annotations
 
 import hashlib
 import random
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
+
+from lctrain.data import needle as _needle
+from lctrain.data.needle import NEEDLE_DIGITS, NeedleSample, needle_position, random_key, random_value
 
 from .text import essay_words, noise_words
 
@@ -50,30 +54,27 @@ from .text import essay_words, noise_words
 class Template:
     """How needles and the question are written. `needle(key, value, task)` -> the needle sentence;
     `prompt(context, query, task, n_answers)` -> the whole prompt, ending with the answer prefix the
-    model continues. `number_digits`: digits of the numeric values; `single_only`: the template can
-    ask for one value only."""
+    model continues. `single_only`: the template can ask for one value only. `key_words`: the
+    word lists of its keys (lctrain.data.needle.KEY_WORDS)."""
 
     name: str
     needle: Callable[[str, str, "TaskSpec"], str]
     prompt: Callable[[str, str, "TaskSpec", int], str]
     description: str = ""
-    number_digits: int = 7
     single_only: bool = False
-    key_words: str = "ours"  # "ours" (ADJECTIVES x NOUNS below) or "train" (lctrain.data.needle's key words)
+    key_words: str = "eval"
 
 
-RULER_NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 RULER_TEMPLATE = (
     "Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
     "I will quiz you about the {type_needle_v} afterwards.\n{context}\n"
     "What are all the special magic {type_needle_v} for {query} mentioned in the provided text?"
 )
 RULER_ANSWER_PREFIX = " The special magic {type_needle_v} for {query} mentioned in the provided text are"
-NOISE_SENTENCES = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
 
 def _ruler_needle(key: str, value: str, spec: "TaskSpec") -> str:
-    return RULER_NEEDLE.format(type_needle_v=spec.value_type, key=key, value=value)
+    return _needle.NEEDLE_TEMPLATE.format(kind=spec.value_type, key=key, value=value)
 
 
 def _ruler_prompt(context: str, query: str, spec: "TaskSpec", n_answers: int) -> str:
@@ -103,52 +104,41 @@ def _train_task(spec: "TaskSpec") -> str:
 
 
 def _train_needle(key: str, value: str, spec: "TaskSpec") -> str:
-    from lctrain.data.needle import needle_text
-
-    return needle_text(_train_task(spec), key, value)
+    return _needle.needle_text(_train_task(spec), key, value)
 
 
 def _train_prompt(context: str, query: str, spec: "TaskSpec", n_answers: int) -> str:
-    from lctrain.data.needle import question_text
-
-    return f"{context}\n\n{question_text(_train_task(spec), query)}"
+    return f"{context}\n\n{_needle.question_text(_train_task(spec), query)}"
 
 
 def _compact_needle(key: str, value: str, spec: "TaskSpec") -> str:
-    from lctrain.data.needle import COMPACT_NEEDLE_TEMPLATE
-
-    return COMPACT_NEEDLE_TEMPLATE.format(value=value)
+    return _needle.COMPACT_NEEDLE_TEMPLATE.format(value=value)
 
 
 def _compact_prompt(context: str, query: str, spec: "TaskSpec", n_answers: int) -> str:
-    from lctrain.data.needle import COMPACT_QUESTION
-
-    return f"{context}\n\n{COMPACT_QUESTION}"
+    return f"{context}\n\n{_needle.COMPACT_QUESTION}"
 
 
-def train_uses_compact(length: int, tokenizer, digits: int = 5) -> bool:
+def train_uses_compact(length: int, tokenizer) -> bool:
     """Whether lctrain.data.needle.training_needle_sample writes a sample of `length` tokens in its
     compact wording (the rule is needle.uses_compact_wording)."""
-    from lctrain.data.needle import uses_compact_wording
-
-    return uses_compact_wording(tokenizer, length, len(tokenizer.encode(" " + "9" * digits)))
+    return _needle.uses_compact_wording(tokenizer, length, len(tokenizer.encode(" " + "9" * NEEDLE_DIGITS)))
 
 
 TEMPLATES: dict[str, Template] = {
-    "ruler": Template("ruler", _ruler_needle, _ruler_prompt, "RULER's niah needle, question and answer prefix; 7-digit numbers"),
+    "ruler": Template("ruler", _ruler_needle, _ruler_prompt, "RULER's niah needle, question and answer prefix"),
     "passkey": Template("passkey", _passkey_needle, _passkey_prompt,
-                        "classic passkey retrieval (Mohtashami & Jaggi); 5-digit numbers; one needle",
-                        number_digits=5, single_only=True),
+                        "classic passkey retrieval (Mohtashami & Jaggi); one needle", single_only=True),
     # what `lctrain train` teaches the embedded default model (lctrain.data.needle.training_needle_sample):
-    # haystack + needle + "\n\n" + singular question ending in "is:", 5-digit numbers
+    # haystack + needle + "\n\n" + singular question ending in "is:"
     "train": Template("train", _train_needle, _train_prompt,
-                      "the embedded training data's passkey format (lctrain.data.needle); 5-digit numbers",
-                      number_digits=5, single_only=True, key_words="train"),
+                      "the embedded training data's passkey format (lctrain.data.needle)",
+                      single_only=True, key_words="train"),
     # its compact wording, which the training data uses for samples too short for the full one
     # (`--template train` switches to it by itself at such lengths, as training did)
     "train_compact": Template("train_compact", _compact_needle, _compact_prompt,
-                              "the embedded training data's compact passkey format (short samples); 5-digit numbers",
-                              number_digits=5, single_only=True),
+                              "the embedded training data's compact passkey format (short samples)",
+                              single_only=True),
 }
 
 
@@ -179,38 +169,6 @@ TASKS: dict[str, TaskSpec] = {
     "mv_niah": TaskSpec("mv_niah", "essay", "numbers", num_values=4),
     "mq_niah": TaskSpec("mq_niah", "essay", "numbers", num_keys=4, num_queries=4),
 }
-
-# our own key vocabulary ("adjective-noun", as RULER's keys look)
-ADJECTIVES = (
-    "ancient bitter brave calm clever crimson curious damp eager early fancy fierce fragile gentle gloomy "
-    "golden grumpy hollow humble icy jolly lazy lively loud lucky mellow misty modest nimble noisy odd "
-    "pale polite proud quick quiet rapid rough rusty shiny silent silly sleepy slow smooth sour spicy "
-    "steady stormy sturdy sunny swift tame tender tidy tiny vast velvet vivid wary wild witty young zealous"
-).split()
-NOUNS = (
-    "anchor apple arrow badge basket beacon bell blanket bottle bridge bucket cabin candle canyon castle "
-    "cloud compass copper cottage crayon desert dragon drum eagle engine falcon feather fiddle forest "
-    "fountain garden glacier hammer harbor helmet island jacket kettle ladder lantern lemon magnet meadow "
-    "mirror mountain needle orchard otter paddle parrot pebble pencil piano pillow planet pocket puzzle "
-    "quilt rabbit ribbon river rocket saddle shovel spoon storm tiger tower tulip valley violin wagon whistle"
-).split()
-
-
-def random_key(rng: random.Random, words: str = "ours") -> str:
-    if words == "train":  # the keys the embedded training samples use
-        from lctrain.data.needle import random_key as train_key
-
-        return train_key(rng)
-    return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
-
-
-def random_value(rng: random.Random, value_type: str, digits: int = 7) -> str:
-    if value_type == "numbers":
-        return str(rng.randint(10 ** (digits - 1), 10**digits - 1))  # RULER: 7 digits
-    if value_type == "uuids":
-        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-    raise ValueError(f"unknown needle value type {value_type!r}; use numbers or uuids")
-
 
 # ------------------------------------------------------------------------------- lengths and depths
 
@@ -269,28 +227,6 @@ def parse_depths(text: str | Sequence) -> list[float]:
 # -------------------------------------------------------------------------------------- the samples
 
 
-@dataclass
-class NeedleSample:
-    task: str
-    length: int
-    depth: float
-    index: int
-    template: str
-    prompt: str
-    prompt_ids: list[int]
-    answers: list[str]
-    needle_token_start: int  # token offset of the queried needle in prompt_ids
-    context_token_span: tuple[int, int]  # [start, end) tokens of the context (haystack + needles)
-    extra: dict = field(default_factory=dict)
-    needle_tokens: int = 0  # tokens of the queried needle
-
-    @property
-    def measured_depth(self) -> float:
-        """Context tokens before the queried needle / context tokens other than that needle."""
-        a, b = self.context_token_span
-        return (self.needle_token_start - a) / max(1, b - a - self.needle_tokens)
-
-
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Prompt token ids. No BOS: the training data (lctrain.data) packs documents joined by EOS and
     never starts a sample with BOS, so the evals do not either."""
@@ -306,34 +242,34 @@ def sample_rng(seed: int, *parts) -> random.Random:
 _CONTEXT_MARK = "\x00context\x00"
 
 
-def _insertion_points(context_words: list[str]) -> tuple[list[int], list[int], int]:
-    """Char offsets of word boundaries and sentence boundaries of ' '.join(words), and its length."""
-    word_bounds, sentence_bounds, pos = [0], [0], 0
+def _insertion_points(context_words: list[str]) -> tuple[list[int], list[bool]]:
+    """Char offsets of the word boundaries of ' '.join(words) (start and end included) and whether a
+    sentence ends at each."""
+    bounds, sentence_ends, pos = [0], [True], 0
     for i, w in enumerate(context_words):
         pos += len(w)
         if i < len(context_words) - 1:
-            word_bounds.append(pos + 1)
-            if w and w[-1] in ".!?":
-                sentence_bounds.append(pos + 1)
+            bounds.append(pos + 1)
+            sentence_ends.append(bool(w) and w[-1] in ".!?")
             pos += 1
-    word_bounds.append(pos)
-    sentence_bounds.append(pos)
-    return word_bounds, sentence_bounds, pos
+    bounds.append(pos)
+    sentence_ends.append(True)
+    return bounds, sentence_ends
 
 
 def insert_needles(haystack_words: list[str], needles: list[tuple[float, str]], sentence_slack: float = 0.1) -> tuple[str, list[int]]:
     """Context text with each (depth, needle) inserted; returns (text, char offset of each needle).
 
-    A needle at depth d goes to the sentence boundary nearest d * len(haystack) when one lies within
-    `sentence_slack` of the haystack's length, else to the nearest word boundary."""
-    word_b, sent_b, total = _insertion_points(haystack_words)
+    A needle at depth d goes where `lctrain.data.needle.needle_position` puts it: the sentence
+    boundary nearest d * len(haystack) when one lies within `sentence_slack` of the haystack's
+    length, else the nearest word boundary."""
+    bounds, sentence_ends = _insertion_points(haystack_words)
+    total = bounds[-1]
     text = " ".join(haystack_words)
     cuts = []
     for k, (depth, needle) in enumerate(needles):
-        target = depth * total
-        best_sent = min(sent_b, key=lambda b: abs(b - target))
-        cut = best_sent if abs(best_sent - target) <= sentence_slack * max(total, 1) else min(word_b, key=lambda b: abs(b - target))
-        cuts.append((cut, k, needle))
+        j = needle_position(bounds, sentence_ends, depth * total, sentence_slack * max(total, 1))
+        cuts.append((bounds[j], k, needle))
     cuts.sort()
     pieces, offsets, last, out_len = [], [0] * len(needles), 0, 0
     for cut, k, needle in cuts:
@@ -363,7 +299,7 @@ def build_sample(task: str | TaskSpec, length: int, depth: float, tokenizer, *, 
     if isinstance(task, str) and task not in TASKS:
         raise ValueError(f"unknown NIAH task {task!r}; use one of {sorted(TASKS)}")
     tmpl = get_template(template) if isinstance(template, str) else template
-    if tmpl.name == "train" and train_uses_compact(length, tokenizer, tmpl.number_digits):
+    if tmpl.name == "train" and train_uses_compact(length, tokenizer):
         tmpl = TEMPLATES["train_compact"]  # what a training sample of this length looks like
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must lie in [0, 1], got {depth}")
@@ -377,7 +313,7 @@ def build_sample(task: str | TaskSpec, length: int, depth: float, tokenizer, *, 
         key = random_key(rng, tmpl.key_words)
         if key not in keys:
             keys.append(key)
-    values = [[random_value(rng, spec.value_type, tmpl.number_digits) for _ in range(spec.num_values)] for _ in keys]
+    values = [[random_value(rng, spec.value_type) for _ in range(spec.num_values)] for _ in keys]
     queried = list(range(spec.num_queries))  # keys 0.. are asked for; the rest are distractors
     # the first queried needle sits at `depth`, every other needle at a random depth
     needles = []
@@ -428,8 +364,9 @@ def build_sample(task: str | TaskSpec, length: int, depth: float, tokenizer, *, 
     ctx_a = len(encode_prompt(tokenizer, prompt[:ctx_start]))
     ctx_b = len(encode_prompt(tokenizer, prompt[: ctx_start + len(context)]))
     needle_end = len(encode_prompt(tokenizer, prompt[: ctx_start + needle_char + len(first_needle)]))
-    return NeedleSample(spec.name, length, depth, index, tmpl.name, prompt, ids, answers, needle_tok, (ctx_a, ctx_b),
-                        {"keys": keys, "query": query}, needle_tokens=needle_end - needle_tok)
+    return NeedleSample(task=spec.name, depth=depth, prompt=prompt, prompt_ids=ids, answers=answers, keys=keys,
+                        needle_start=needle_tok, needle_tokens=needle_end - needle_tok, context_span=(ctx_a, ctx_b),
+                        template=tmpl.name, length=length, index=index, extra={"query": query})
 
 
 # ------------------------------------------------------------------------------------------ scoring

@@ -112,7 +112,7 @@ def start(cfg: DictConfig) -> EvalContext:
     """Initialise the mesh (a one-process world when not launched) and pick device and dtype."""
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     from lctrain.parallel import mesh
-    from lctrain.train.loop import pick_device, pick_dtype
+    from lctrain.train.device import pick_device, pick_dtype
 
     device = pick_device(cfg.train)
     mesh.init_mesh(cfg.parallel, device)

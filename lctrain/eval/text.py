@@ -1,6 +1,7 @@
 """Haystack text that every machine already has (no download).
 
-- noise: RULER's repeated noise sentences ("The grass is green. The sky is blue. ..."), cycled.
+- noise: RULER's repeated noise sentences (`lctrain.data.needle.NOISE`: "The grass is green. The sky
+  is blue. ..."), cycled.
 - essay: the embedded corpus of the data pipeline (`lctrain.data.corpus.essay_sentences`: prose
   paragraphs of CPython's reference docs and the machine's license texts), as words. RULER uses
   Paul Graham's essays; this is our offline stand-in. Words are cycled when a haystack needs more.
@@ -14,9 +15,9 @@ _MIN_ESSAY_WORDS = 2000
 
 @functools.lru_cache(maxsize=1)
 def noise_words() -> list[str]:
-    from .ruler import NOISE_SENTENCES
+    from lctrain.data.needle import NOISE
 
-    return NOISE_SENTENCES.split()
+    return NOISE.split()
 
 
 @functools.lru_cache(maxsize=1)

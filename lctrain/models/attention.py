@@ -21,16 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lctrain.parallel.mesh import group_size
+
 from .layers import ShortConv, run_short_conv
 from .rope import RotaryEmbedding
-
-
-def _group_size(group) -> int:
-    if group is None:
-        return 1
-    import torch.distributed as dist
-
-    return dist.get_world_size(group)
 
 
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -112,7 +106,7 @@ class Attention(nn.Module):
             self.k_conv = ShortConv(n_heads * head_dim, conv_size, activation=False)
             self.v_conv = ShortConv(n_heads * head_dim, conv_size, activation=False)
         self.rope = rope
-        self.cp_group = cp_group if _group_size(cp_group) > 1 else None
+        self.cp_group = cp_group if group_size(cp_group) > 1 else None
         self.use_flex = use_flex
 
     # ------------------------------------------------------------------ cache

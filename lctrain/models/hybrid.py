@@ -19,8 +19,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lctrain.config import checkpointed_kinds, init_std
+from lctrain.parallel.mesh import group_size
 
-from .attention import Attention, _group_size
+from .attention import Attention
 from .layers import RMSNorm, SwiGLU, swiglu_hidden_size
 from .linear_mixers import DeltaNetMixer, Mamba2Mixer
 from .rope import RotaryEmbedding
@@ -202,7 +203,7 @@ class HybridLM(nn.Module):
             cache.last_was_end = bool(is_end[:, -1].any())
             return None
         local = torch.cumsum(is_end, dim=1) - is_end.long()
-        if _group_size(self.cp_group) == 1:
+        if group_size(self.cp_group) == 1:
             return local if bool(is_end[:, :-1].any()) else None
         import torch.distributed as dist
 

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lctrain import kernels
+from lctrain.parallel.mesh import group_size
 
-from .attention import _group_size
 from .layers import GatedRMSNorm, ShortConv, run_short_conv
 
 
@@ -56,7 +56,7 @@ class _LinearMixerBase(nn.Module):
         self.n_heads, self.head_dim = n_heads, head_dim
         self.conv_size = conv_size
         self.backend, self.chunk_size = backend, chunk_size
-        self.cp_group = cp_group if _group_size(cp_group) > 1 else None
+        self.cp_group = cp_group if group_size(cp_group) > 1 else None
         self._cp_op = None
 
     def _op(self):

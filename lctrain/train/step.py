@@ -7,7 +7,7 @@ SUM of parameter gradients over the CP ranks is the gradient of the full-sequenc
 `token_weights` (same shape as labels) scales each token's loss in the differentiable share (e.g. x20
 on the answer tokens of synthetic needle samples); the normalisation stays the number of valid
 tokens, so weighting some tokens raises their share of the gradient instead of rescaling the rest.
-The reported mean is always the unweighted mean.
+The reported mean is always the unweighted mean. `answer_weights` makes those weights from a batch.
 """
 from __future__ import annotations
 
@@ -47,3 +47,13 @@ def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, cp_group=No
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=cp_group)
     total_loss, n_tokens = stats[0], stats[1].clamp(min=1.0)
     return weighted / n_tokens, total_loss / n_tokens
+
+
+def answer_weights(batch: dict, answer_loss_weight: float, device) -> torch.Tensor | None:
+    """Per-token loss weights: train.answer_loss_weight on the tokens the dataset marks as answers
+    (its `answer_mask` column: the synthetic needle samples' answer digits), 1 elsewhere. None when
+    the data has no such column or the weight is 1."""
+    mask = batch.get("answer_mask")
+    if mask is None or answer_loss_weight == 1.0:
+        return None
+    return 1.0 + (float(answer_loss_weight) - 1.0) * mask.to(device, non_blocking=True).float()

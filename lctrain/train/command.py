@@ -12,7 +12,7 @@ import sys
 import warnings
 
 from lctrain.config import ConfigError, load_config, split_recipe_and_overrides, world_size_needed
-from lctrain.launcher import self_launch
+from lctrain.local_launch import self_launch
 from lctrain.data.tokenizer import TokenizerError, check_model_vocab
 
 
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     # megatron-core warns at import that it falls back to torch without Transformer Engine / Apex
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     from lctrain.train.checkpoint import CheckpointError
-    from lctrain.train.loop import TrainingError, train
+    from lctrain.train.trainer import TrainingError, train
 
     try:
         train(cfg)

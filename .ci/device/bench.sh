@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, (optionally) GPU tests, kernel bench with fla in-process, per-kernel
 # profile, a launch-setting sweep. Run from the repository root on the GPU machine:
-#   bash kernels/triton/device_bench.sh [tests] [bench] [profile] [sweep] [tune]  (default: the first four)
+#   bash .ci/device/bench.sh [tests] [bench] [profile] [sweep] [tune]  (default: the first four)
 # Carry `.whl` (fla_core wheel) and `.tcache` (Triton cache from an earlier call: compiled kernels
 # and fla's autotune results; saves minutes). Results land in $OUT.
 set -u

@@ -1,0 +1,230 @@
+"""The training job of one rank: `Trainer` and `train(cfg)`, the entry point of `lctrain train`.
+
+`Trainer(cfg, device)` builds everything from the config on this process's mesh (a one-process
+world when no mesh was initialised: every mesh query then answers for one rank): the model,
+optimizer, LR schedule and (unless `data=False`) the train loader. Then:
+
+- `compute_loss(batch)`: one micro-batch's loss, the one place the loss is computed;
+- `step(batches)`: one optimizer step over this rank's micro-batches; returns `StepMetrics`;
+- `save(step)` / `load(path)`: checkpoints (collective over all ranks);
+- `run()`: the loop: resume, step to train.steps, report, checkpoint; returns a summary.
+
+How the gradients of the ranks are combined (and why the loss is scaled as it is): grad_comm.py.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from lctrain.parallel import mesh
+from lctrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lctrain.train.device import CpuThreadsGuard, TrainingError, device_text, pick_device, pick_dtype, seed_everything
+from lctrain.train.grad_comm import broadcast_parameters, clip_grad_norm, mean_over_group, reduce_gradients
+from lctrain.train.metrics import Reporter
+from lctrain.train.optim import build_optimizer, build_scheduler
+from lctrain.train.step import answer_weights, lm_loss
+
+__all__ = ["StepMetrics", "Trainer", "TrainingError", "train"]
+
+
+@dataclass
+class StepMetrics:
+    """What one optimizer step reports."""
+    step: int  # optimizer steps done, this one included
+    loss: float  # unweighted mean loss over the step's micro-batches and the dp x cp replicas
+    grad_norm: float  # global L2 norm of the gradients before clipping
+    lr: float  # the learning rate this step used
+
+
+class _Infinite:
+    """Iterates the loader for ever (a finite loader starts its next epoch)."""
+
+    def __init__(self, loader):
+        self.loader, self.it = loader, None
+
+    def __next__(self):
+        if self.it is None:
+            self.it = iter(self.loader)
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.it = iter(self.loader)
+            return next(self.it)
+
+
+class Trainer:
+    """One rank's model, optimizer, schedule and data, and the step that trains them."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, *, data: bool = True):
+        from lctrain.data import build_train_loader
+        from lctrain.models import build_model
+
+        t = cfg.train
+        if cfg.parallel.pp > 1:
+            raise TrainingError("parallel.pp > 1 is not supported by the training loop yet; use parallel.pp=1")
+        self.cfg, self.device = cfg, device
+        self.is_main = mesh.is_main()
+        self.cp_group, self.cp_rank, self.cp_size = mesh.cp_group(), mesh.cp_rank(), mesh.cp_size()
+        self.dp_rank, self.dp_size, self.grad_group = mesh.dp_rank(), mesh.dp_size(), mesh.dp_cp_group()
+        self.tp_group, self.tp_rank = mesh.tp_group(), mesh.tp_rank()
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.dtype = pick_dtype(t, device)
+        if self.cp_size != cfg.parallel.cp or (cfg.parallel.cp > 1 and self.cp_group is None):
+            # context_parallel(op, None) falls back to the plain op: a missing group would train on wrong math.
+            raise TrainingError(f"parallel.cp={cfg.parallel.cp} but the mesh has a CP group of size {self.cp_size}")
+
+        seed_everything(t.seed)
+        self.model = build_model(cfg.model, cp_group=self.cp_group, max_position=cfg.data.seq_len).to(device)
+        broadcast_parameters(self.model, self.grad_group)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, t)
+        self.scheduler = build_scheduler(self.optimizer, t)
+        self.loader = None
+        if data:
+            self.loader = build_train_loader(
+                cfg.data, dp_rank=self.dp_rank, dp_size=self.dp_size, cp_rank=self.cp_rank, cp_size=self.cp_size,
+                tp_size=cfg.parallel.tp, global_rank=dist.get_rank() if dist.is_initialized() else 0, world_size=self.world,
+            )
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        self.step_count = 0  # optimizer steps done (restored by load)
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (loss, mean_loss) of one micro-batch (`input_ids`, `labels`, optional `answer_mask`):
+        this rank's differentiable share (answer tokens weighted) and the detached unweighted mean
+        of the whole sequence (see step.lm_loss)."""
+        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        weights = answer_weights(batch, self.cfg.train.answer_loss_weight, self.device)
+        with self._autocast():
+            return lm_loss(self.model, input_ids, labels, cp_group=self.cp_group, position_offset=self.cp_rank * input_ids.shape[1],
+                           token_weights=weights, loss_chunk_tokens=self.cfg.train.loss_chunk_tokens)
+
+    def forward_backward(self, batches: Sequence[dict]) -> torch.Tensor:
+        """Accumulate the gradients of the micro-batches (each loss / len(batches)); returns the step's
+        mean loss, averaged over the dp x cp replicas (every CP rank holds the same mean)."""
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in batches:
+            loss, mean_loss = self.compute_loss(batch)
+            loss = loss / len(batches)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss_sum += mean_loss.detach()
+        return mean_over_group(loss_sum / len(batches), self.grad_group)
+
+    def finish_gradients(self) -> torch.Tensor:
+        """Reduce the gradients over the replicas, unscale them (float16), clip them; returns the norm before clipping."""
+        reduce_gradients(self.params, self.grad_group, self.dp_size)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        return clip_grad_norm(self.params, self.cfg.train.grad_clip, self.tp_group)
+
+    def optimizer_step(self) -> None:
+        """Apply the finished gradients, advance the LR schedule, drop the gradients."""
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, batches: Sequence[dict]) -> StepMetrics:
+        """One optimizer step over this rank's micro-batches (`run` passes train.grad_accum of them).
+
+        The loss and the gradient norm are known before `optimizer_step` acts; a non-finite loss
+        ends the run with a TrainingError."""
+        loss = self.forward_backward(batches)
+        grad_norm = self.finish_gradients()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer_step()
+        self.step_count += 1
+        metrics = StepMetrics(step=self.step_count, loss=float(loss), grad_norm=float(grad_norm), lr=lr)
+        if not math.isfinite(metrics.loss):
+            raise TrainingError(f"loss became {metrics.loss} at step {self.step_count}; lower train.lr or check the data")
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, step: int | None = None) -> Path:
+        """Collective: write checkpoint `step_<step>` (default: the steps done) under train.out_dir."""
+        return save_checkpoint(self.cfg.train.out_dir, self.step_count if step is None else step, model=self.model,
+                               optimizer=self.optimizer, scheduler=self.scheduler, loader=self.loader, cfg=self.cfg,
+                               tp_rank=self.tp_rank)
+
+    def load(self, path) -> int:
+        """Collective: restore model, optimizer, schedule, loader position and RNGs; returns the step."""
+        self.step_count = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                          loader=self.loader, cfg=self.cfg, tp_rank=self.tp_rank)
+        return self.step_count
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        """Resume (train.resume), train to train.steps, checkpoint every train.ckpt_every and at the end."""
+        cfg, t = self.cfg, self.cfg.train
+        if self.loader is None:
+            raise TrainingError("Trainer.run needs the train loader; build the Trainer with data=True")
+        resume_from = latest_checkpoint(t.out_dir) if t.resume else None
+        if resume_from is not None:
+            self.load(resume_from)
+        start_step = self.step_count
+
+        tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * t.grad_accum * self.dp_size
+        reporter = Reporter(cfg, self.is_main, start_step)
+        n_params = sum(p.numel() for p in self.params)
+        reporter.say(
+            f"lctrain train: {n_params / 1e6:.2f}M parameters, layers {cfg.model.layer_pattern}, seq_len {cfg.data.seq_len}, "
+            f"world {self.world} (dp {self.dp_size} x cp {self.cp_size} x tp {cfg.parallel.tp}), "
+            f"{device_text(self.device)} {str(self.dtype).replace('torch.', '')}, "
+            f"steps {start_step}->{t.steps}" + (f", resumed from {resume_from}" if resume_from else "")
+        )
+        if start_step >= t.steps:
+            reporter.say(f"lctrain train: {resume_from} is already at step {start_step} of train.steps={t.steps}; nothing to do "
+                         "(raise train.steps to continue, or use a new train.out_dir / train.resume=false to start over)")
+        threads_guard = CpuThreadsGuard(self.device)
+        batches = _Infinite(self.loader)
+        self.model.train()
+        first_loss = last_loss = None
+        last_saved = start_step if resume_from is not None else -1
+        run_start = time.perf_counter()
+        try:
+            for step in range(start_step, t.steps):
+                step_start = time.perf_counter()
+                metrics = self.step([next(batches) for _ in range(t.grad_accum)])
+                first_loss = metrics.loss if first_loss is None else first_loss
+                last_loss = metrics.loss
+                step_time = time.perf_counter() - step_start
+                reporter.step(metrics.step, metrics.loss, metrics.lr, tokens_per_step, step_time, metrics.grad_norm)
+                threads_guard.observe(step - start_step, step_time, reporter)
+                if t.ckpt_every > 0 and metrics.step % t.ckpt_every == 0 and metrics.step < t.steps:
+                    self.save()
+                    last_saved = metrics.step
+            ckpt = self.save(t.steps) if last_saved != t.steps else latest_checkpoint(t.out_dir)
+        finally:
+            reporter.close()
+        wall = time.perf_counter() - run_start
+        summary = {"steps": t.steps, "start_step": start_step, "first_loss": first_loss, "last_loss": last_loss, "wall_s": wall,
+                   "checkpoint": str(ckpt)}
+        if self.is_main:
+            losses = f"loss {first_loss:.4f} -> {last_loss:.4f}, " if first_loss is not None else ""
+            print(f"lctrain train: done, {losses}{wall:.1f}s, checkpoint {ckpt}", flush=True)
+        return summary
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run the whole job in this process (the mesh must not be initialised yet). Returns a summary."""
+    device = pick_device(cfg.train)
+    mesh.init_mesh(cfg.parallel, device)
+    try:
+        return Trainer(cfg, device).run()
+    finally:
+        mesh.destroy_mesh()
