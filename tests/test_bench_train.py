@@ -50,3 +50,20 @@ def test_attention_flops_count_the_keys_each_query_sees():
     keys = sum(min(t + 1, w) for t in range(T))  # the S layer's sliding window
     assert flops["attention"] == pytest.approx(12 * cfg.model.attn_heads * cfg.model.attn_head_dim * keys * 3)
     assert flops["dense"] == pytest.approx(6 * flops["matmul_params"] * T * 3)
+
+
+def test_activation_memory_parts_add_up(tmp_path):
+    """Per token, the block keeps what its two halves keep (the residual adds save nothing), and the
+    numbers do not depend on the length (weights cancel out)."""
+    import torch
+
+    cfg = load_config(None, TINY)
+    kib = bench_train.saved_kib_per_token(cfg, torch.device("cpu"))
+    assert set(kib) == {"G", "S"}
+    for kind, v in kib.items():
+        assert v["mixer"] > 0 and v["mlp"] > 0, (kind, v)
+        assert v["block"] == pytest.approx(v["mixer"] + v["mlp"], rel=1e-6), (kind, v)
+    assert bench_train.saved_kib_per_token(cfg, torch.device("cpu"), lengths=(64, 320))["S"]["mlp"] == pytest.approx(kib["S"]["mlp"])
+    out = tmp_path / "mem.json"
+    assert bench_train.main([*TINY, "--activation-memory", "--json", str(out)]) == 0
+    assert [r[0] for r in json.loads(out.read_text())["rows"]] == ["G", "S"]

@@ -4,7 +4,8 @@
 # selective:S) and the longest context one training step of it runs at. Run from the repository root
 # on the GPU machine, carrying `.whl` (built here by `bash .ci/device/build_wheels.sh`):
 #     bash .ci/device/train_bench.sh [tests] [sanity] [bench] [maxlen] [train131k] [train131k_cp2]
-# (default: tests sanity bench maxlen, ~6-8 minutes). train131k: 20 real steps of gdn_h1_1p3b at 131K on
+# (default: tests sanity bench maxlen, ~6-8 minutes; bench also measures the activations each block kind
+# saves per token, H1 and H2). train131k: 20 real steps of gdn_h1_1p3b at 131K on
 # one GPU; train131k_cp2: the same with parallel.cp=2 (needs 2 GPUs). Every step's full output (pytest's
 # included) and JSON go to $OUT/results/; copy that folder into docs/results/<date>_train_bench/ and
 # record the JSONs with `lctrain bench record docs/results/<...>/*.json`.
@@ -32,7 +33,9 @@ for s in $STEPS; do
     sanity) timeout 240 $LC train "$H1" model.d_model=512 model.n_heads=4 model.attn_heads=4 model.layer_pattern=GSGS \
               data.seq_len=4096 train.steps=10 train.warmup_steps=2 train.grad_accum=1 train.log_every=1 \
               train.out_dir=/tmp/runs/sanity train.resume=false train.progress=false 2>&1 | tee "$RES/train_sanity.log" | tail -4 ;;
-    bench) for mode in full selective:S; do
+    bench) timeout 120 $LC bench train "$H1" --activation-memory --json "$RES/actmem_h1.json" 2>&1 | tee "$RES/actmem_h1.log" | tail -3
+           timeout 120 $LC bench train "$R/recipes/gdn_h2_1p3b.yaml" --activation-memory --json "$RES/actmem_h2.json" 2>&1 | tee "$RES/actmem_h2.log" | tail -3
+           for mode in full selective:S; do
              tag=${mode/:/_}
              timeout 200 $LC bench train "$H1" model.activation_checkpointing=$mode --steps 5 --warmup 2 \
                --json "$RES/bench_h1_32k_$tag.json" 2>&1 | tee "$RES/bench_h1_32k_$tag.log" | grep -v "^step\|^warm"

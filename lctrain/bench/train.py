@@ -23,6 +23,11 @@ steps and then `--steps` timed ones, and reports:
   includes its recomputation under checkpointing. Head + loss, and the rest (embedding, gradient
   reduction, clipping, optimizer) are the remainder.
 
+`--activation-memory` instead measures what one block of each kind keeps for its backward, per token
+(saved tensors, through torch.autograd.graph.saved_tensors_hooks, at two lengths so that weights and
+other length-independent tensors cancel), split into norm1 + mixer and norm2 + MLP: the numbers that
+decide which blocks to checkpoint and whether the MLP needs chunks (docs/long_context.md).
+
 `--lengths L1 L2 ...` instead runs one training step per data.seq_len, increasing, and stops at the
 first that runs out of memory: the longest context one step runs at, with its peak memory.
 `--json PATH` writes the result, `--record [MD]` appends it to BENCHMARKS.md (lctrain.bench.report).
@@ -57,6 +62,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lengths", type=int, nargs="+", metavar="SEQ_LEN",
                    help="instead of timing: one step per seq_len (increasing) until one runs out of memory")
     p.add_argument("--no-split", action="store_true", help="skip the per-layer-kind timing step")
+    p.add_argument("--activation-memory", action="store_true",
+                   help="instead of timing: KB per token each block kind keeps for the backward (mixer, MLP)")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
     p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD", help="append the result to BENCHMARKS.md (or MD)")
     args = p.parse_args(argv)
@@ -86,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
+    if args.activation_memory:
+        return _activation_memory_main(cfg, args, recipe, "lctrain bench train " + " ".join(argv))
     nproc = world_size_needed(cfg)
     if "WORLD_SIZE" not in os.environ and nproc > 1:
         use_cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
@@ -108,6 +117,81 @@ def main(argv: list[str] | None = None) -> int:
 
         append_to_benchmarks_md(result, args.record)
         print(f"lctrain bench train: recorded in {args.record}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ activation memory
+
+def saved_kib_per_token(cfg, device, lengths=(128, 256)) -> dict:
+    """{kind: {"mixer": KiB, "mlp": KiB, "block": KiB}}: what one block of each kind of cfg's pattern
+    saves for its backward per token (norm1 + mixer, norm2 + MLP, the whole block), under the
+    training dtype's autocast with the residual stream in model.residual_dtype."""
+    import torch
+
+    from lctrain.models.hybrid import Block
+    from lctrain.models.rope import RotaryEmbedding
+    from lctrain.train.device import pick_dtype
+
+    m = cfg.model
+    dtype = pick_dtype(cfg.train, device)
+    residual = dtype if (m.residual_dtype == "compute" and dtype != torch.float32) else torch.float32
+    rope = RotaryEmbedding(m.attn_head_dim, float(m.rope.base), "none", 1.0, 0)
+
+    def saved_bytes(fn, x) -> int:
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x)
+        return sum(storages.values())
+
+    out = {}
+    for kind in sorted(set(m.layer_pattern if isinstance(m.layer_pattern, str) else "".join(m.layer_pattern))):
+        torch.manual_seed(0)
+        block = Block(kind, m, rope).to(device)
+        parts = {"mixer": lambda x: block.mixer(block.norm1(x)), "mlp": lambda x: block.mlp(block.norm2(x)),
+                 "block": lambda x: block(x)}
+        out[kind] = {}
+        for name, fn in parts.items():
+            sizes = []
+            for T in lengths:
+                x = torch.randn(1, T, m.d_model, device=device, dtype=residual, requires_grad=True)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    sizes.append(saved_bytes(fn, x))
+            out[kind][name] = (sizes[1] - sizes[0]) / (lengths[1] - lengths[0]) / 1024
+        del block
+    return out
+
+
+def _activation_memory_main(cfg, args, recipe, command) -> int:
+    from lctrain.train.device import pick_device
+
+    device = pick_device(cfg.train)
+    kib = saved_kib_per_token(cfg, device)
+    m = cfg.model
+    rows = [[kind, round(v["mixer"], 1), round(v["mlp"], 1), round(v["block"], 1),
+             round(v["block"] * 1e6 * 1024 / 2**30, 1)] for kind, v in kib.items()]
+    for row in rows:
+        print(f"{row[0]}: norm1+mixer {row[1]} KiB, norm2+MLP {row[2]} KiB, block {row[3]} KiB per token "
+              f"({row[4]} GiB per 1M tokens)", flush=True)
+    result = {"title": f"Activations saved for the backward: {Path(recipe).stem if recipe else 'default'}",
+              "command": command, "device": _device_name(device), "versions": _versions(),
+              "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "notes": [f"d_model {m.d_model}, heads {m.n_heads} x {m.head_dim}, attention {m.attn_heads} x {m.attn_head_dim}, "
+                        f"kernel backend {m.kernel_backend}, residual {m.residual_dtype}; per token, without checkpointing"],
+              "columns": ["layer kind", "norm1 + mixer KiB/token", "norm2 + MLP KiB/token", "block KiB/token", "block GiB per 1M tokens"],
+              "rows": rows, "kib_per_token": kib}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"lctrain bench train: wrote {args.json}")
+    if args.record:
+        from lctrain.bench.report import append_to_benchmarks_md
+
+        append_to_benchmarks_md(result, args.record)
     return 0
 
 
