@@ -123,3 +123,16 @@ def test_residual_in_compute_dtype_under_autocast():
 def test_memory_options_refuse_bad_values(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, [override])
+
+
+def test_bf16_on_cpu_runs_on_the_torch_kernels_and_refuses_the_triton_interpreter():
+    from lctrain.train.trainer import Trainer, TrainingError
+
+    small = ["model.d_model=32", "model.layer_pattern=GS", "data.seq_len=32", "data.micro_batch_size=1", "train.dtype=bfloat16"]
+    trainer = Trainer(load_config(None, small), torch.device("cpu"), data=False)
+    ids = torch.randint(0, 64, (1, 33))
+    metrics = trainer.step([{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}])
+    assert trainer.dtype == torch.bfloat16 and metrics.loss > 0
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # float32 master weights
+    with pytest.raises(TrainingError, match="model.kernel_backend=triton"):
+        Trainer(load_config(None, [*small, "model.kernel_backend=triton"]), torch.device("cpu"), data=False)
