@@ -136,3 +136,32 @@ def test_bf16_on_cpu_runs_on_the_torch_kernels_and_refuses_the_triton_interprete
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # float32 master weights
     with pytest.raises(TrainingError, match="model.kernel_backend=triton"):
         Trainer(load_config(None, [*small, "model.kernel_backend=triton"]), torch.device("cpu"), data=False)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rms_norm_backward_equals_autograd_of_the_formula(gated, dtype):
+    """The memory-lean RMSNorm (it keeps x, gate and rstd only) against autograd through the formula."""
+    import torch.nn.functional as F
+
+    from lctrain.models.layers import rms_norm
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 7, 16, generator=gen, dtype=dtype, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(16, generator=gen, dtype=dtype)).requires_grad_()
+    gate = torch.randn(3, 7, 16, generator=gen, dtype=dtype, requires_grad=True) if gated else None
+    dy = torch.randn(3, 7, 16, generator=gen, dtype=dtype)
+
+    def formula(x, w, gate):
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()).to(x.dtype)
+        return y if gate is None else (y.float() * F.silu(gate.float())).to(x.dtype)
+
+    inputs = [t for t in (x, w, gate) if t is not None]
+    ref_out = formula(x, w, gate)
+    ref = torch.autograd.grad(ref_out, inputs, dy)
+    out = rms_norm(x, w, 1e-6, gate)
+    got = torch.autograd.grad(out, inputs, dy)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
