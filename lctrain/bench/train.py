@@ -138,15 +138,16 @@ def saved_kib_per_token(cfg, device, lengths=(128, 256)) -> dict:
     rope = RotaryEmbedding(m.attn_head_dim, float(m.rope.base), "none", 1.0, 0)
 
     def saved_bytes(fn, x) -> int:
-        storages = {}
+        storages = {}  # data_ptr -> (bytes, tensor): holding the tensor keeps its address from being reused
 
         def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            storages[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t)
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(x)
-        return sum(storages.values())
+            out = fn(x)
+        del out
+        return sum(n for n, _ in storages.values())
 
     out = {}
     for kind in sorted(set(m.layer_pattern if isinstance(m.layer_pattern, str) else "".join(m.layer_pattern))):
