@@ -67,3 +67,11 @@ def test_activation_memory_parts_add_up(tmp_path):
     out = tmp_path / "mem.json"
     assert bench_train.main([*TINY, "--activation-memory", "--json", str(out)]) == 0
     assert [r[0] for r in json.loads(out.read_text())["rows"]] == ["G", "S"]
+
+
+@pytest.mark.parametrize("flags", [["--lengths", "64", "--steps", "3"], ["--activation-memory", "--no-split"],
+                                   ["--lengths", "64", "--activation-memory"]])
+def test_bench_train_refuses_options_its_mode_would_ignore(flags, capsys):
+    with pytest.raises(SystemExit) as err:
+        bench_train.main([*TINY, *flags])
+    assert err.value.code == 2 and "--" in capsys.readouterr().err

@@ -42,7 +42,6 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16 tensor-core peak
@@ -55,8 +54,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lctrain bench train", description=__doc__.split("\n\n")[0],
                                 epilog="example: lctrain bench train recipes/gdn_h1_1p3b.yaml data.seq_len=32768 --steps 10")
     p.add_argument("args", nargs="*", help="an optional recipe YAML, then key=value overrides (as lctrain train)")
-    p.add_argument("--steps", type=int, default=5, help="timed training steps (default 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (kernel compilation, allocator; default 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps (default 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (kernel compilation, allocator; default 2)")
     p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                    help=f"peak dense TFLOP/s of one GPU for MFU (default {DEFAULT_PEAK_TFLOPS:g}: H100/H200 bf16)")
     p.add_argument("--lengths", type=int, nargs="+", metavar="SEQ_LEN",
@@ -67,6 +66,16 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
     p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD", help="append the result to BENCHMARKS.md (or MD)")
     args = p.parse_args(argv)
+    other_mode = "--lengths" if args.lengths else "--activation-memory" if args.activation_memory else None
+    if args.lengths and args.activation_memory:
+        p.error("--lengths and --activation-memory are two different runs; give one")
+    if other_mode:
+        timing = [flag for flag, given in (("--steps", args.steps is not None), ("--warmup", args.warmup is not None),
+                                           ("--no-split", args.no_split)) if given]
+        if timing:
+            p.error(f"{timing[0]} times steps, which {other_mode} does not; leave it out")
+    args.steps = 5 if args.steps is None else args.steps
+    args.warmup = 2 if args.warmup is None else args.warmup
     if args.steps < 1:
         p.error("--steps must be >= 1")
     if args.warmup < 0:
@@ -94,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.activation_memory:
-        return _activation_memory_main(cfg, args, recipe, "lctrain bench train " + " ".join(argv))
+        if world_size_needed(cfg) > 1:
+            print("lctrain bench train: --activation-memory measures one block in one process; leave parallel.* at 1 "
+                  "(the per-token numbers do not depend on it)", file=sys.stderr)
+            return 2
+        return _write(_activation_memory(cfg, recipe, "lctrain bench train " + " ".join(argv)), args)
     nproc = world_size_needed(cfg)
     if "WORLD_SIZE" not in os.environ and nproc > 1:
         use_cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
@@ -102,12 +115,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lctrain bench train: configuration error: parallel needs {nproc} processes but this node has "
                   f"{torch.cuda.device_count()} GPUs; lower parallel.cp/tp", file=sys.stderr)
             return 2
-        from lctrain.launcher import self_launch
+        from lctrain.local_launch import self_launch
 
         return self_launch(["bench", "train"], argv, nproc, use_cuda)
     result = run(cfg, args, recipe=recipe, command="lctrain bench train " + " ".join(argv))
     if result is None:  # not the main rank
         return 0
+    return _write(result, args)
+
+
+def _write(result: dict, args) -> int:
+    """--json and --record of a finished result."""
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
@@ -163,11 +181,10 @@ def saved_kib_per_token(cfg, device, lengths=(128, 256)) -> dict:
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     sizes.append(saved_bytes(fn, x))
             out[kind][name] = (sizes[1] - sizes[0]) / (lengths[1] - lengths[0]) / 1024
-        del block
     return out
 
 
-def _activation_memory_main(cfg, args, recipe, command) -> int:
+def _activation_memory(cfg, recipe, command) -> dict:
     from lctrain.train.device import pick_device
 
     device = pick_device(cfg.train)
@@ -185,15 +202,7 @@ def _activation_memory_main(cfg, args, recipe, command) -> int:
                         f"kernel backend {m.kernel_backend}, residual {m.residual_dtype}; per token, without checkpointing"],
               "columns": ["layer kind", "norm1 + mixer KiB/token", "norm2 + MLP KiB/token", "block KiB/token", "block GiB per 1M tokens"],
               "rows": rows, "kib_per_token": kib}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"lctrain bench train: wrote {args.json}")
-    if args.record:
-        from lctrain.bench.report import append_to_benchmarks_md
-
-        append_to_benchmarks_md(result, args.record)
-    return 0
+    return result
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
