@@ -29,7 +29,7 @@ warnings.filterwarnings("ignore")
 norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
 present = {norm(n) for n in sys.argv[1].split()}
 import lctrain.config, lctrain.data, lctrain.models, lctrain.train.step, lctrain.parallel  # noqa: F401
-import lctrain.train.loop  # noqa: F401
+import lctrain.train.trainer, lctrain.train.command  # noqa: F401,E401
 from lctrain.parallel import mesh, ulysses  # noqa: F401
 from megatron.core import parallel_state  # noqa: F401
 import deepspeed.comm  # noqa: F401
