@@ -3,10 +3,11 @@
 # `lctrain train` (sanity), `lctrain bench train` of the 1.3B GDN-H1 at 32K (checkpointing none,
 # selective:S, full) and the longest context one training step of it runs at. Run from the repository root
 # on the GPU machine, carrying `.whl` (built here by `bash .ci/device/build_wheels.sh`):
-#     bash .ci/device/train_bench.sh [tests] [sanity] [bench] [maxlen] [train131k] [train131k_cp2]
+#     bash .ci/device/train_bench.sh [tests] [sanity] [bench] [maxlen] [train131k] [maxlen_cp2] [train131k_cp2]
 # (default: tests sanity bench, ~5 minutes; then a second call `maxlen train131k`, ~6 minutes; bench also
 # measures the activations each block kind saves per token, H1 and H2). train131k: 20 real steps of gdn_h1_1p3b at 131K on
-# one GPU; train131k_cp2: the same with parallel.cp=2 (needs 2 GPUs). Every step's full output (pytest's
+# one GPU; maxlen_cp2 / train131k_cp2: the length search from 512K and the 131K run with parallel.cp=2
+# (2 GPUs). Every step's full output (pytest's
 # included) and JSON go to $OUT/results/; copy that folder into docs/results/<date>_train_bench/ and
 # record the JSONs with `lctrain bench record docs/results/<...>/*.json`.
 set -u
@@ -42,6 +43,8 @@ for s in $STEPS; do
            done ;;
     maxlen) timeout 240 $LC bench train "$H1" model.mlp_chunk_tokens=65536 model.checkpoint_offload=true train.grad_accum=1 \
               --lengths 131072 262144 524288 786432 1048576 --json "$RES/maxlen_h1.json" 2>&1 | tee "$RES/maxlen_h1.log" | tail -8 ;;
+    maxlen_cp2) timeout 300 $LC bench train "$H1" parallel.cp=2 model.mlp_chunk_tokens=65536 model.checkpoint_offload=true \
+              train.grad_accum=1 --lengths 524288 1048576 1572864 --json "$RES/maxlen_h1_cp2.json" 2>&1 | tee "$RES/maxlen_h1_cp2.log" | tail -8 ;;
     train131k) timeout 330 $LC train "$H1" data.seq_len=131072 train.steps=20 train.grad_accum=1 train.warmup_steps=5 \
                  train.out_dir=/tmp/runs/h1_131k train.resume=false train.progress=false 2>&1 | tee "$RES/train_h1_131k.log" | tail -25 ;;
     train131k_cp2) timeout 560 $LC train "$H1" data.seq_len=131072 parallel.cp=2 train.steps=20 train.warmup_steps=5 \
