@@ -16,8 +16,8 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "config": {"show": "lctrain.cli:config_show"},
     "data": {"prepare": "lctrain.data.prepare"},
     "eval": {"niah": "lctrain.eval.niah", "position-loss": "lctrain.eval.position_loss"},
-    "bench": {"kernels": "lctrain.bench.kernels", "cp": "lctrain.bench.cp", "train": "lctrain.bench.train",
-              "record": "lctrain.bench.report"},
+    "bench": {"kernels": "lctrain.bench.kernels", "varlen": "lctrain.bench.varlen", "cp": "lctrain.bench.cp",
+              "train": "lctrain.bench.train", "record": "lctrain.bench.report"},
     "submit": "lctrain.submit",
 }
 
@@ -29,7 +29,8 @@ commands:
   data prepare ...                        write MDS shards (embedded text or your own files)
   eval niah --ckpt DIR ...                needle-in-a-haystack accuracy, JSON + heatmaps
   eval position-loss --ckpt DIR ...       next-token loss at every position, CSV/JSON + plot
-  bench kernels | cp | record ...         kernel / context-parallel benchmarks; record into BENCHMARKS.md
+  bench kernels | varlen | cp | record   kernel / packed-document / context-parallel benchmarks; record
+                                          into BENCHMARKS.md
   bench train [RECIPE.yaml] [key=value]   training steps on synthetic tokens: tokens/s, MFU, peak memory
   submit RECIPE.yaml [key=value ...]      render and submit a SLURM job
 
