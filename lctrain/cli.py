@@ -19,7 +19,8 @@ COMMANDS: dict[str, str | dict[str, str]] = {
              "task": "lctrain.eval.task"},
     "bench": {"kernels": "lctrain.bench.kernels", "varlen": "lctrain.bench.varlen", "cp": "lctrain.bench.cp",
               "loglinear": "lctrain.bench.loglinear", "deltaformer": "lctrain.bench.deltaformer",
-              "deltaformer-cp": "lctrain.bench.deltaformer_cp", "record": "lctrain.bench.report"},
+              "deltaformer-cp": "lctrain.bench.deltaformer_cp", "train": "lctrain.bench.train",
+              "record": "lctrain.bench.report"},
     "submit": "lctrain.submit",
     "rope": {"bound": "lctrain.cli:rope_bound"},
     "repro": "lctrain.eval.repro",
@@ -38,6 +39,7 @@ commands:
   bench kernels | varlen | cp | loglinear | deltaformer | deltaformer-cp | record
                                           kernel / packed-document / context-parallel / log-linear /
                                           Deltaformer benchmarks; record into BENCHMARKS.md
+  bench train [RECIPE.yaml] [key=value]   training steps on synthetic tokens: tokens/s, MFU, peak memory
   submit RECIPE.yaml [key=value ...]      render and submit a SLURM job
   rope bound --head-dim D --context T     smallest RoPE base the 'base bounds context length' criterion allows
 
