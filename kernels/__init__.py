@@ -15,11 +15,11 @@ from .api import (
     shard_state_grad,
     shard_transition,
 )
-from .grouped import grouped_shard_transition
+from .grouped import grouped_shard_state_grad, grouped_shard_transition
 
 __all__ = [
     "delta_rule", "gated_delta_rule", "gated_linear_attn",
-    "shard_transition", "grouped_shard_transition", "shard_state_grad", "apply_transition", "apply_transition_transposed",
+    "shard_transition", "grouped_shard_transition", "shard_state_grad", "grouped_shard_state_grad", "apply_transition", "apply_transition_transposed",
     "check_cu_seqlens",
     "register_backend", "resolve_backend",
 ]

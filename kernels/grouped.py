@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .api import apply_transition, shard_transition
+from .api import apply_transition, apply_transition_transposed, shard_state_grad, shard_transition
 
 # programs per head of the Triton state pass at D = 128 (V and A column blocks of 16) times heads
 # and groups: aim at a few waves of a 132-SM GPU, and keep each group at least MIN_CHUNKS long
@@ -53,6 +53,21 @@ def fold_groups(A: torch.Tensor, B: torch.Tensor):
     return A[:, 0], B[:, 0]
 
 
+def _groups(T: int, chunk_size: int, chains: int, groups: int | None) -> int:
+    """The number of groups: ``groups`` checked (a positive divisor of the chunk count), or auto."""
+    if T % chunk_size:
+        if groups not in (None, 1):
+            raise ValueError(f"grouped transition: groups={groups} needs T={T} to be a multiple of "
+                             f"chunk_size={chunk_size}")
+        return 1
+    n_chunks = T // chunk_size
+    G = auto_groups(n_chunks, chains) if groups is None else groups
+    if isinstance(G, bool) or not isinstance(G, int) or G < 1 or n_chunks % G:
+        raise ValueError(f"grouped transition: groups={G!r} must be a positive divisor of the "
+                         f"{n_chunks} chunks of the shard")
+    return G
+
+
 def grouped_shard_transition(kind, k, v, *, g=None, beta=None, backend="auto", chunk_size=64,
                              groups: int | None = None):
     """Same result as ``shard_transition`` (no ``cu_seqlens``), by G parallel groups of chunks.
@@ -60,16 +75,7 @@ def grouped_shard_transition(kind, k, v, *, g=None, beta=None, backend="auto", c
     ``groups``: G, which must divide the number of chunks T / chunk_size (T a multiple of
     chunk_size); None picks ``auto_groups``. G = 1 is ``shard_transition`` itself."""
     Bt, T, H = k.shape[:3]
-    if T % chunk_size:
-        if groups not in (None, 1):
-            raise ValueError(f"grouped_shard_transition: groups={groups} needs T={T} to be a multiple of "
-                             f"chunk_size={chunk_size}")
-        groups = 1
-    n_chunks = T // chunk_size
-    G = auto_groups(n_chunks, Bt * H * 16) if groups is None else groups
-    if isinstance(G, bool) or not isinstance(G, int) or G < 1 or n_chunks % G:
-        raise ValueError(f"grouped_shard_transition: groups={G!r} must be a positive divisor of the "
-                         f"{n_chunks} chunks of the shard")
+    G = _groups(T, chunk_size, Bt * H * 16, groups)
     if G == 1:
         return shard_transition(kind, k, v, g=g, beta=beta, backend=backend, chunk_size=chunk_size)
     split = lambda x: None if x is None else x.reshape(Bt * G, T // G, *x.shape[2:])  # noqa: E731
@@ -78,3 +84,40 @@ def grouped_shard_transition(kind, k, v, *, g=None, beta=None, backend="auto", c
     dt = torch.promote_types(torch.float32, Bs.dtype)  # the fold stays in (at least) fp32
     with torch.no_grad(), torch.autocast(device_type=k.device.type, enabled=False):
         return fold_groups(A.to(dt).view(Bt, G, *A.shape[1:]), Bs.to(dt).view(Bt, G, *Bs.shape[1:]))
+
+
+def fold_group_grads(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """G [b, n, ...] of n consecutive pieces (each one's gradient w.r.t. its own incoming state)
+    and their transitions A [b, n, ...] -> the whole's G, by a tree: for 'early, then late',
+    G = G_early + A_early^T G_late and A = A_late A_early."""
+    while G.shape[1] > 1:
+        n = G.shape[1]
+        even = n - n % 2
+        Ae, Al, Ge, Gl = A[:, 0:even:2], A[:, 1:even:2], G[:, 0:even:2], G[:, 1:even:2]
+        G2 = Ge + apply_transition_transposed(Ae, Gl)
+        A2 = Al * Ae if Ae.dim() == Ge.dim() - 2 else Al @ Ae
+        if n % 2:
+            A2, G2 = torch.cat([A2, A[:, -1:]], 1), torch.cat([G2, G[:, -1:]], 1)
+        A, G = A2, G2
+    return G[:, 0]
+
+
+def grouped_shard_state_grad(kind, q, k, v, do, *, g=None, beta=None, scale=None, backend="auto",
+                             chunk_size=64, groups: int | None = None):
+    """Same result as ``shard_state_grad`` by G parallel groups: each group's own state gradient
+    and its transition (a state pass over the group: ``v`` is needed for nothing else, its B is
+    dropped) run as a G-times wider batch, then a tree fold from the right. It costs one extra
+    forward-type pass over the shard's chunks in exchange for a G-times shorter chain."""
+    Bt, T, H = k.shape[:3]
+    G = _groups(T, chunk_size, Bt * H * 16, groups)
+    if G == 1:
+        return shard_state_grad(kind, q, k, do, g=g, beta=beta, scale=scale, backend=backend,
+                                chunk_size=chunk_size)
+    split = lambda x: None if x is None else x.reshape(Bt * G, T // G, *x.shape[2:])  # noqa: E731
+    A, _ = shard_transition(kind, split(k), split(v), g=split(g), beta=split(beta), backend=backend,
+                            chunk_size=chunk_size)
+    Gs = shard_state_grad(kind, split(q), split(k), split(do), g=split(g), beta=split(beta), scale=scale,
+                          backend=backend, chunk_size=chunk_size)
+    dt = torch.promote_types(torch.float32, Gs.dtype)
+    with torch.no_grad(), torch.autocast(device_type=k.device.type, enabled=False):
+        return fold_group_grads(A.to(dt).view(Bt, G, *A.shape[1:]), Gs.to(dt).view(Bt, G, *Gs.shape[1:]))

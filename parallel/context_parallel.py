@@ -62,6 +62,7 @@ import torch.distributed as dist
 
 from lctrain.kernels import (
     apply_transition,
+    grouped_shard_state_grad,
     grouped_shard_transition,
     apply_transition_transposed,
     check_cu_seqlens,
@@ -82,8 +83,10 @@ _KIND_IDS = {"delta": 0, "gated_delta": 1, "gla": 2}
 _LOCAL_OPS: dict[str, Callable] = {"delta": delta_rule, "gated_delta": gated_delta_rule, "gla": gated_linear_attn}
 # how a shard's (A, B) is computed: "sequential" walks its chunks in one chain (shard_transition, the
 # reference); "grouped" runs groups of chunks in parallel and folds them (grouped_shard_transition);
-# "grouped:G" fixes the number of groups. DEFAULT_TRANSITION is what context_parallel uses unless told.
-TRANSITIONS = ("sequential", "grouped")
+# "grouped+grad" groups the backward's state-gradient pass as well (grouped_shard_state_grad: it adds a
+# state pass per group for the groups' A); ":G" fixes the number of groups. DEFAULT_TRANSITION is what
+# context_parallel uses unless told.
+TRANSITIONS = ("sequential", "grouped", "grouped+grad")
 DEFAULT_TRANSITION = "sequential"
 
 
@@ -104,19 +107,20 @@ def context_parallel(op, group, transition: str | None = None) -> "ContextParall
     """A callable with ``op``'s signature that runs on the local contiguous shard of each rank of
     ``group`` and returns the local outputs. ``group`` None or of size 1 means no CP (plain op).
     ``transition``: how the shard's (A, B) is computed, "sequential" (one chain over the shard's
-    chunks), "grouped" (groups of chunks in parallel, then a fold; "grouped:G" for G groups); None:
-    ``DEFAULT_TRANSITION``. Both give the same result up to float rounding.
+    chunks), "grouped" (groups of chunks in parallel, then a fold; "grouped:G" for G groups),
+    "grouped+grad" (the backward's state-gradient pass grouped too); None: ``DEFAULT_TRANSITION``.
+    All give the same result up to float rounding.
 
     Create it once per layer (not per call) so that checkpoint replays can reuse gathered states."""
     return ContextParallelOp(op, group, transition)
 
 
 def _parse_transition(transition) -> tuple[str, int | None]:
-    """"sequential" | "grouped" | "grouped:G" -> (mode, groups or None)."""
+    """"sequential" | "grouped[+grad]" | "grouped[+grad]:G" -> (mode, groups or None)."""
     mode, _, groups = str(transition).partition(":")
-    if mode not in TRANSITIONS or (groups and (mode != "grouped" or not groups.isdigit() or int(groups) < 1)):
-        raise ContextParallelError(f"context_parallel: transition={transition!r}; choose 'sequential', 'grouped' "
-                                   "or 'grouped:G' with G a positive number of chunk groups")
+    if mode not in TRANSITIONS or (groups and (mode == "sequential" or not groups.isdigit() or int(groups) < 1)):
+        raise ContextParallelError(f"context_parallel: transition={transition!r}; choose 'sequential', 'grouped', "
+                                   "'grouped+grad', or either grouped one with ':G', G a positive number of chunk groups")
     return mode, (int(groups) if groups else None)
 
 
@@ -323,7 +327,7 @@ class ContextParallelOp:
     def _transition(self, k, v, g, beta, backend, chunk_size, cu=None):
         """This shard's (A, B) (with documents: of its last piece), by the chosen transition."""
         mode, groups = self._transition_mode
-        if mode == "grouped" and cu is None:
+        if mode != "sequential" and cu is None:
             return grouped_shard_transition(self.kind, k, v, g=g, beta=beta, backend=backend,
                                             chunk_size=chunk_size, groups=groups)
         return shard_transition(self.kind, k, v, g=g, beta=beta, backend=backend, chunk_size=chunk_size,
@@ -390,6 +394,9 @@ class ContextParallelOp:
             # rank 0's G is folded by nobody (the fold below reads ranks > r only): zeros are sent
             G = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], do.shape[3], dtype=stash.A_all.dtype)
             u_first = None
+        elif self._transition_mode[0] == "grouped+grad" and (docs is None or docs.local_cu is None):
+            G = grouped_shard_state_grad(self.kind, q, k, v, do, g=g, beta=beta, scale=scale, backend=backend,
+                                         chunk_size=chunk_size, groups=self._transition_mode[1])
         else:
             G = shard_state_grad(self.kind, q, k, do, g=g, beta=beta, scale=scale, backend=backend,
                                  chunk_size=chunk_size, cu_seqlens=None if docs is None else docs.local_cu)

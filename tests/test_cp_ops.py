@@ -161,7 +161,7 @@ OPS_CASES = {P: random_cases(P, 6) for P in (2, 3, 4)}
 # the Triton backend's CP primitives (interpreter on CPU, float32; its chunk size is 64)
 OPS_CASES[2].append((77, "gated_delta", 1, 64, 1, 16, 16, "triton", 64, True, True))
 CKPT_CASES = random_cases(11, 3, backends=("torch",))
-# the grouped transition (each shard's chunks in 2 parallel groups, then a fold): shards of 4 or 6 chunks
+# the grouped state passes (each shard's chunks in 2 parallel groups, then a fold): shards of 4 or 6 chunks
 GROUPED_CASES = {P: [(50 + P * 10 + i, kind, 2 - i % 2, 4 * (4 + 2 * (i % 2)), 2, 8, 6, "torch", 4, bool(i % 2), True)
                      for i, kind in enumerate(("delta", "gated_delta", "gla"))] for P in (2, 3, 4)}
 COMM_ARGS = {2: (7, 2, 6, 5, 4, 4, 8), 3: (8, 2, 6, 5, 4, 3, 8), 4: (9, 2, 6, 5, 4, 4, 8)}  # seed B Tl C ks H D
@@ -250,7 +250,7 @@ def cp_doc_worker(rank, P, cases):
 def world_worker(rank, P):
     out = {"ops": cp_worker(rank, P, OPS_CASES[P]), "comm": comm_worker(rank, P, *COMM_ARGS[P]),
            "docs": cp_doc_worker(rank, P, DOC_CASES[P]),
-           "grouped": cp_worker(rank, P, GROUPED_CASES[P], transition="grouped:2")}
+           "grouped": cp_worker(rank, P, GROUPED_CASES[P], transition="grouped+grad:2")}
     if P == 4:
         out["mesh"] = mesh_worker(rank, P)
     if P == 2:
@@ -279,7 +279,7 @@ def test_cp_ops_match_single_process(P):
 
 @pytest.mark.parametrize("P", [2, 3, 4])
 def test_cp_grouped_transition_matches_single_process(P):
-    """transition="grouped:2" gives the sequential path's results: outputs, states and every gradient
+    """transition="grouped+grad:2" (both state passes grouped) gives the sequential path's results: outputs, states and every gradient
     equal the single process (whose chained reference the sequential path is tested against above)."""
     check_world(P, GROUPED_CASES[P], part(P, "grouped"))
 

@@ -1,10 +1,10 @@
-"""The grouped transition (groups of chunks in parallel, folded by a tree) against the sequential
-``shard_transition``, for every mixer, on the torch backend and the Triton one (interpreter on CPU)."""
+"""The grouped state passes (groups of chunks in parallel, folded by a tree) against the sequential
+``shard_transition`` and ``shard_state_grad``, for every mixer, on the torch backend and the Triton one (interpreter on CPU)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lctrain.kernels import grouped_shard_transition, shard_transition
+from lctrain.kernels import grouped_shard_state_grad, grouped_shard_transition, shard_state_grad, shard_transition
 from lctrain.kernels.grouped import auto_groups
 
 
@@ -17,15 +17,22 @@ def _inputs(kind, B, T, H, K, V, seed):
     return k, v, g, beta
 
 
-@pytest.mark.parametrize("kind", ["delta", "gated_delta", "gla"])
-@pytest.mark.parametrize("backend,chunk,n_chunks,groups", [("torch", 4, 6, 3), ("torch", 8, 8, 8), ("triton", 64, 4, 4)])
-def test_grouped_equals_sequential(kind, backend, chunk, n_chunks, groups):
-    k, v, g, beta = _inputs(kind, 2, chunk * n_chunks, 2, 16, 8, seed=n_chunks * 10 + groups)
+CASES = [(kind, "torch", 2, 4, 6, 3) for kind in ("delta", "gated_delta", "gla")]
+CASES += [("gla", "torch", 1, 8, 8, 8), ("gated_delta", "triton", 1, 64, 4, 2)]  # the interpreter is slow: one case
+
+
+@pytest.mark.parametrize("kind,backend,B,chunk,n_chunks,groups", CASES)
+def test_grouped_equals_sequential(kind, backend, B, chunk, n_chunks, groups):
+    k, v, g, beta = _inputs(kind, B, chunk * n_chunks, 2 if B > 1 else 1, 16, 8, seed=n_chunks * 10 + groups)
     A0, B0 = shard_transition(kind, k, v, g=g, beta=beta, backend=backend, chunk_size=chunk)
     A1, B1 = grouped_shard_transition(kind, k, v, g=g, beta=beta, backend=backend, chunk_size=chunk, groups=groups)
     assert A1.shape == A0.shape and B1.shape == B0.shape and A1.dtype == torch.float32
     torch.testing.assert_close(A1, A0.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(B1, B0.float(), rtol=1e-5, atol=1e-5)
+    q, do = torch.randn_like(k), torch.randn_like(v)
+    G0 = shard_state_grad(kind, q, k, do, g=g, beta=beta, backend=backend, chunk_size=chunk)
+    G1 = grouped_shard_state_grad(kind, q, k, v, do, g=g, beta=beta, backend=backend, chunk_size=chunk, groups=groups)
+    torch.testing.assert_close(G1, G0.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_rejects_bad_groups_and_picks_powers_of_two():

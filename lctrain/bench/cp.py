@@ -59,8 +59,9 @@ def _parse(argv):
     p.add_argument("--layer", nargs="+", choices=LAYERS, default=["gdn"],
                    help="layers to time (default gdn): gdn delta gla (affine scan), swa (halo), attn (Ulysses)")
     p.add_argument("--transition", nargs="+", default=["sequential"],
-                   help="linear mixers: how each shard's (A, B) is computed, one row each: sequential, grouped, "
-                        "grouped:G (G chunk groups)")
+                   help="linear mixers: how each shard's state passes run, one row each: sequential, grouped (the "
+                        "forward's (A, B) by parallel chunk groups), grouped+grad (the backward's state gradient "
+                        "too); ':G' fixes G chunk groups, e.g. grouped:8")
     p.add_argument("--window", type=int, default=2048, help="swa: window in tokens (default 2048)")
     p.add_argument("--strong", action="store_true",
                    help="also time one device at the total length P*T (always on for attn): strong scaling and "
@@ -257,14 +258,27 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first):
     """One result dict per --transition for a linear mixer at T tokens per rank."""
     from lctrain import kernels
     from lctrain.parallel import context_parallel
+    from lctrain.parallel.context_parallel import _parse_transition
     kind = LINEAR[layer]
     op = {"gated_delta": kernels.gated_delta_rule, "delta": kernels.delta_rule, "gla": kernels.gated_linear_attn}[kind]
     tensors = lambda: [x[n] for n in ("q", "k", "v") + _names(layer)]  # noqa: E731
     single = _measure(lambda: op(*tensors(), **kw)[0], x, layer, device, group, args, False)
     fla = _fla_times(layer, args, x, device, group, notes if first else [])
     gates = dict(g=x["g"] if kind != "delta" else None, beta=x["beta"] if kind != "gla" else None)
-    sgrad = lambda: kernels.shard_state_grad(kind, x["q"], x["k"], x["do"], **gates, **kw)  # noqa: E731
-    grad_ms = _timed(sgrad, device, group, args.warmup, args.iters, False)
+    grad_ms = {}
+
+    def state_grad_ms(transition):
+        """The state-gradient pass alone, grouped for "grouped+grad[:G]", else sequential."""
+        mode, groups = _parse_transition(transition)
+        if mode != "grouped+grad":
+            fn = lambda: kernels.shard_state_grad(kind, x["q"], x["k"], x["do"], **gates, **kw)  # noqa: E731
+            transition = "sequential"
+        else:
+            fn = lambda: kernels.grouped_shard_state_grad(kind, x["q"], x["k"], x["v"], x["do"], **gates,  # noqa: E731
+                                                          groups=groups, **kw)
+        if transition not in grad_ms:
+            grad_ms[transition] = _timed(fn, device, group, args.warmup, args.iters, False)
+        return grad_ms[transition]
     out = []
     for transition in args.transition:
         cp_op = context_parallel(op, group, transition=transition)
@@ -272,7 +286,7 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first):
         res.update(_prefixed("cp", _measure(lambda: cp_op(*tensors(), **kw)[0], x, layer, device, group, args, True)))
         trans = lambda: cp_op._transition(x["k"], x["v"], gates["g"], gates["beta"], kw["backend"], kw["chunk_size"])  # noqa: E731
         res["state_pass_ms"] = _timed(trans, device, group, args.warmup, args.iters, False)
-        res["state_grad_pass_ms"] = grad_ms
+        res["state_grad_pass_ms"] = state_grad_ms(transition)
         res.update(fla)
         out.append(res)
     if args.strong:
