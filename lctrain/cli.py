@@ -17,7 +17,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "data": {"prepare": "lctrain.data.prepare"},
     "eval": {"niah": "lctrain.eval.niah", "position-loss": "lctrain.eval.position_loss"},
     "bench": {"kernels": "lctrain.bench.kernels", "varlen": "lctrain.bench.varlen", "cp": "lctrain.bench.cp",
-              "record": "lctrain.bench.report"},
+              "loglinear": "lctrain.bench.loglinear", "record": "lctrain.bench.report"},
     "submit": "lctrain.submit",
 }
 
@@ -29,8 +29,8 @@ commands:
   data prepare ...                        write MDS shards (embedded text or your own files)
   eval niah --ckpt DIR ...                needle-in-a-haystack accuracy, JSON + heatmaps
   eval position-loss --ckpt DIR ...       next-token loss at every position, CSV/JSON + plot
-  bench kernels | varlen | cp | record   kernel / packed-document / context-parallel benchmarks; record
-                                          into BENCHMARKS.md
+  bench kernels | varlen | cp | loglinear | record   kernel / packed-document / context-parallel /
+                                          log-linear benchmarks; record into BENCHMARKS.md
   submit RECIPE.yaml [key=value ...]      render and submit a SLURM job
 
 `lctrain <command> [<sub-command>] --help` for details."""
@@ -73,9 +73,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lctrain {command}: give one of: {choices}", file=sys.stderr)
             return 2
         target, rest = target[rest[0]], rest[1:]
-    module_name, _, function = target.partition(":")
-    run = getattr(importlib.import_module(module_name), function or "main")
-    return int(run(rest) or 0)
+    prog = f"lctrain {command}" + (f" {argv[1]}" if isinstance(COMMANDS[command], dict) else "")
+    return run_command(prog, target, rest)
+
+
+def run_command(prog: str, target: str, argv: list[str]) -> int:
+    """Run one command's target: a UserError (anything the user gave wrong) becomes one line on
+    stderr and exit code 2, Ctrl-C outside training one line and 130; other errors keep their
+    traceback (they are bugs to report)."""
+    from lctrain.errors import UserError, report_user_error
+    from lctrain.process_tree import die_with_parent_if_worker
+
+    die_with_parent_if_worker()
+    try:
+        module_name, _, function = target.partition(":")
+        run = getattr(importlib.import_module(module_name), function or "main")
+        return int(run(argv) or 0)
+    except UserError as err:
+        return report_user_error(prog, err)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,23 +7,30 @@ key and the fix in its error.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from lctrain.errors import UserError
 
 # One letter per block kind in model.layer_pattern.
 LAYER_KINDS = {
     "G": "gated DeltaNet",
     "D": "DeltaNet",
     "M": "Mamba-2 style gated linear attention",
+    "L": "log-linear gated DeltaNet",
+    "K": "log-linear Mamba-2",
     "S": "sliding-window softmax attention",
     "A": "global softmax attention",
 }
-LINEAR_LAYERS = set("GDM")
+LINEAR_LAYERS = set("GDMLK")
+LOGLINEAR_LAYERS = set("LK")
 ATTENTION_LAYERS = set("SA")
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
 ROPE_LAYERS = ("all", "sliding")
@@ -32,7 +39,7 @@ KERNEL_BACKENDS = ("auto", "naive", "torch", "triton")
 
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is wrong; the message names the key and what to change."""
 
 
@@ -54,7 +61,8 @@ class RopeConfig:
 class ModelConfig:
     vocab_size: int = 264  # byte tokenizer: 256 bytes + specials, rounded up
     d_model: int = 128
-    # one letter per block: G gated DeltaNet, D DeltaNet, M Mamba-2, S sliding-window attn, A global attn
+    # one letter per block: G gated DeltaNet, D DeltaNet, M Mamba-2, L log-linear gated DeltaNet,
+    # K log-linear Mamba-2, S sliding-window attn, A global attn
     layer_pattern: Any = "SAGA"  # a string or a list of letters
     n_heads: int = 4  # heads of the linear-recurrent mixers
     head_dim: int = 32  # d_k = d_v of the linear-recurrent mixers
@@ -79,6 +87,9 @@ class ModelConfig:
     checkpoint_activations: bool = False
     chunk_size: int = 64
     kernel_backend: str = "auto"
+    # level weights per head of the log-linear layers (L, K): positions up to 2^(levels-1) - 1 are
+    # covered; 24 reaches 8M tokens (fixed at build time: it sizes the lambda projection)
+    loglinear_levels: int = 24
     # std of the N(0, std) init; null = sqrt(2 / (5 d_model)), the width-scaled "small init" (0.056 at
     # d_model 128, 0.014 at 2048): 0.02 is tuned for d_model ~1000 and starves the attention of a tiny model
     init_std: Optional[float] = None
@@ -128,9 +139,16 @@ class TrainConfig:
     answer_loss_weight: float = 20.0
     seed: int = 1234
     out_dir: str = "runs/default"
-    log_every: int = 10
-    ckpt_every: int = 0  # 0 = only at the end
-    resume: bool = True  # continue from the latest checkpoint in out_dir if there is one
+    log_every: int = 10  # 0 = no log lines (metrics.jsonl still gets every step)
+    ckpt_every: int = 0  # save every n steps; 0 = only by time (ckpt_minutes), on a signal and at the end
+    # save when this many minutes have passed since the last save (0 = off): a crash or kill -9 then
+    # loses at most this much work; SIGTERM / SIGUSR1 / SIGINT save at once anyway
+    ckpt_minutes: float = 10.0
+    keep_last: int = 3  # finished checkpoints kept; older ones are deleted once a newer one is complete; 0 = all
+    # a step whose loss or gradient norm is not finite is skipped (no optimizer update); this many in a
+    # row stop the run
+    max_bad_steps: int = 5
+    resume: bool = True  # continue from the newest checkpoint in out_dir that verifies, if there is one
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     progress: bool = True
@@ -164,10 +182,9 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: Sequence[str
     cfg = default_config()
     if recipe is not None:
         path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe {str(recipe)!r} does not exist; pass a YAML file such as recipes/default.yaml")
+        loaded = load_recipe(path)
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as err:
             raise ConfigError(f"recipe {path}: {_explain(err)}") from None
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
@@ -179,6 +196,28 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: Sequence[str
         raise ConfigError(f"override: {_explain(err)}") from None
     validate(cfg)
     return cfg
+
+
+def load_recipe(path: str | os.PathLike) -> DictConfig:
+    """A recipe YAML as a DictConfig; any unreadable or malformed file is a ConfigError naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist; pass a YAML file such as recipes/default.yaml")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"recipe {path} is not valid YAML{at} ({problem}); fix the file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"recipe {path} cannot be read ({type(err).__name__}); pass a YAML text file") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"recipe {path}: {_explain(err)}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"recipe {path} holds a {type(loaded).__name__}, not a mapping of sections; "
+                          "write it like recipes/default.yaml (model:, data:, train: ...)")
+    return loaded
 
 
 def _explain(err: OmegaConfBaseException) -> str:
@@ -228,6 +267,11 @@ def validate(cfg: DictConfig) -> None:
               "set a positive std, or null for sqrt(2 / (5 d_model))")
     if m.kernel_backend not in KERNEL_BACKENDS:
         _fail("model.kernel_backend", f"unknown backend {m.kernel_backend!r}", f"use one of {KERNEL_BACKENDS}")
+    if any(c in LOGLINEAR_LAYERS for c in pattern):
+        from lctrain.kernels.loglinear.levels import levels_needed
+        if m.loglinear_levels < levels_needed(d.seq_len):
+            _fail("model.loglinear_levels", f"{m.loglinear_levels} levels do not reach position {d.seq_len - 1}",
+                  f"use at least {levels_needed(d.seq_len)} (= bit_length(seq_len - 1) + 1)")
     if m.rope.scaling not in ROPE_SCALINGS:
         _fail("model.rope.scaling", f"unknown scaling {m.rope.scaling!r}", f"use one of {ROPE_SCALINGS}")
     if m.rope.scaling != "none" and m.rope.factor <= 1.0:
@@ -257,6 +301,12 @@ def validate(cfg: DictConfig) -> None:
         shard = d.seq_len // p.cp
         if d.seq_len % p.cp:
             _fail("data.seq_len", f"{d.seq_len} does not split into parallel.cp={p.cp} equal shards", "make seq_len a multiple of cp")
+        if any(c in LOGLINEAR_LAYERS for c in pattern) and m.document_end_id is not None:
+            _fail("model.document_end_id", "the log-linear layers (L, K) do not take packed documents under context "
+                  "parallelism", "set model.document_end_id=null or parallel.cp=1")
+        if any(c in LOGLINEAR_LAYERS for c in pattern) and shard & (shard - 1):
+            _fail("data.seq_len", f"each of the {p.cp} context-parallel shards holds {shard} tokens; the log-linear layers "
+                  "(L, K) need a power of two per shard", "make seq_len / cp a power of two")
         if any(c in LINEAR_LAYERS for c in pattern) and shard % m.chunk_size:
             _fail("data.seq_len", f"each of the {p.cp} context-parallel shards holds {shard} tokens, not a multiple of model.chunk_size={m.chunk_size}",
                   f"make seq_len a multiple of cp * chunk_size = {p.cp * m.chunk_size}")
@@ -284,8 +334,33 @@ def validate(cfg: DictConfig) -> None:
 
     if t.steps < 1:
         _fail("train.steps", f"must be >= 1, got {t.steps}", "set the number of optimizer steps")
+    for key in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "answer_loss_weight", "ckpt_minutes"):
+        if not math.isfinite(float(t[key])):
+            _fail(f"train.{key}", f"must be a finite number, got {t[key]}", "set a real value")
     if t.lr <= 0:
         _fail("train.lr", f"must be positive, got {t.lr}", "set a learning rate such as 3e-4")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= t[key] < 1.0:
+            _fail(f"train.{key}", f"must lie in [0, 1), got {t[key]}", "use e.g. beta1=0.9, beta2=0.95")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        _fail("train.min_lr_ratio", f"must lie in [0, 1], got {t.min_lr_ratio}", "set the final LR as a fraction of train.lr")
+    if t.weight_decay < 0:
+        _fail("train.weight_decay", f"must be >= 0, got {t.weight_decay}", "use 0 to switch it off")
+    for key in ("warmup_steps", "log_every", "ckpt_every", "keep_last"):
+        if t[key] < 0:
+            _fail(f"train.{key}", f"must be >= 0, got {t[key]}", "use 0 to switch it off")
+    if t.ckpt_minutes < 0:
+        _fail("train.ckpt_minutes", f"must be >= 0, got {t.ckpt_minutes}", "use 0 to save only by steps, on signals and at the end")
+    if t.max_bad_steps < 1:
+        _fail("train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}", "set how many non-finite steps in a row stop the run")
+    if d.num_workers < 0:
+        _fail("data.num_workers", f"must be >= 0, got {d.num_workers}", "use 0 to load in the training process")
+    if not str(t.out_dir).strip():
+        _fail("train.out_dir", "is empty", "name the run's directory, e.g. runs/default")
+    blocker = _file_in_path(os.path.expanduser(str(t.out_dir)))
+    if blocker is not None:
+        _fail("train.out_dir", f"{t.out_dir!r} lies under {blocker!r}, which is a file, not a directory",
+              "choose another train.out_dir")
     if t.answer_loss_weight < 0:
         _fail("train.answer_loss_weight", f"must be >= 0, got {t.answer_loss_weight}", "use 1 for the plain LM loss")
     if t.grad_accum < 1:
@@ -294,6 +369,17 @@ def validate(cfg: DictConfig) -> None:
         _fail("train.device", f"unknown device {t.device!r}", "use auto, cpu or cuda")
     if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
         _fail("train.dtype", f"unknown dtype {t.dtype!r}", "use auto, float32, bfloat16 or float16")
+
+
+def _file_in_path(path: str) -> str | None:
+    """The first existing non-directory on the way to `path` (a file where a folder must be), or None."""
+    p = Path(path).absolute()
+    for part in [*reversed(p.parents), p]:
+        if part.exists() and not part.is_dir():
+            return str(part)
+        if not part.exists():
+            return None
+    return None
 
 
 def _letters() -> str:

@@ -102,7 +102,7 @@ def _gate_fed_to_op(layer, x):
     """The log-decay g that `layer` hands its kernel op for input x (captured at the op call)."""
     seen = {}
 
-    def capture(args, cache, scale=None, docs=None):
+    def capture(args, cache, scale=None, docs=None, **_):  # x, position_offset: for the log-linear mixers
         seen["g"] = args[3]  # (q, k, v, g, ...) for both gated mixers
         return torch.zeros_like(args[2])
 

@@ -21,6 +21,9 @@ by side when it can be imported (benchmark-only dependency, never imported by lc
 Run on N GPUs: ``lctrain bench cp --nproc 2`` (launches torchrun itself; or run it under torchrun).
 ``--device cpu`` runs the same code on gloo at tiny sizes so that it is exercised without GPUs.
 ``--json PATH`` writes the result; ``--record`` also appends it to BENCHMARKS.md (lctrain.bench.report).
+``--op loglinear_gated_delta_rule`` times the log-linear Gated DeltaNet instead of ``--layer`` (T per
+rank a power of two; level weights L = bit_length(N*T - 1) + 1; its state passes and fla rows are not
+timed).
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ COLUMNS = ["layer", "transition", "T/rank", "T total", "1-dev fwd ms", "1-dev fw
            "CP peak / 1-dev at T total"]
 LAYERS = ("gdn", "delta", "gla", "swa", "attn")
 LINEAR = {"gdn": "gated_delta", "delta": "delta", "gla": "gla"}
+TITLES = {"gdn": "gated delta rule", "delta": "delta rule", "gla": "gated linear attention", "swa": "sliding-window attention",
+          "attn": "global attention", "loglinear": "loglinear gated delta rule"}
 GPU_DEFAULTS = dict(T=[8192, 16384, 32768, 65536], H=16, D=128, dtype="bf16", chunk_size=64, warmup=5, iters=20)
 CPU_DEFAULTS = dict(T=[64, 128], H=2, D=16, dtype="fp32", chunk_size=16, warmup=1, iters=3)
 
@@ -62,6 +67,8 @@ def _parse(argv):
                    help="linear mixers: how each shard's state passes run, one row each: sequential, grouped (the "
                         "forward's (A, B) by parallel chunk groups), grouped+grad (the backward's state gradient "
                         "too); ':G' fixes G chunk groups, e.g. grouped:8")
+    p.add_argument("--op", choices=["gated_delta_rule", "loglinear_gated_delta_rule"], default="gated_delta_rule",
+                   help="loglinear_gated_delta_rule: time the log-linear Gated DeltaNet instead of --layer")
     p.add_argument("--window", type=int, default=2048, help="swa: window in tokens (default 2048)")
     p.add_argument("--strong", action="store_true",
                    help="also time one device at the total length P*T (always on for attn): strong scaling and "
@@ -92,6 +99,13 @@ def _parse(argv):
     bad = [t for t in args.T if t < 1 or t % args.chunk_size]
     if bad:
         p.error(f"--T {bad}: tokens per rank must be positive multiples of --chunk-size {args.chunk_size}")
+    if args.op.startswith("loglinear"):
+        if args.layer != ["gdn"] or args.transition != ["sequential"]:
+            p.error("--op loglinear_gated_delta_rule times that op alone: drop --layer / --transition")
+        args.layer = ["loglinear"]
+        bad = [t for t in args.T if t & (t - 1)]
+        if bad:
+            p.error(f"--T {bad}: the log-linear op under CP needs a power of two tokens per rank")
     return args
 
 
@@ -298,6 +312,26 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first):
     return out
 
 
+def _loglinear_rows(args, x, T, P, device, group, kw):
+    """The log-linear Gated DeltaNet (its own CP op: lctrain.parallel.loglinear_cp); level weights for
+    the whole CP sequence, the 1-device run uses its first levels."""
+    import torch
+
+    from lctrain import kernels
+    from lctrain.parallel import context_parallel
+    op = kernels.loglinear_gated_delta_rule
+    cp_op = context_parallel(op, group)
+    lam = torch.nn.functional.softplus(torch.randn(args.B, T, args.H, kernels.levels_needed(P * T), device=device))
+    lam.requires_grad_(True)
+    args5 = lambda: (x["q"], x["k"], x["v"], x["g"], x["beta"], lam)  # noqa: E731
+    res = dict(layer="loglinear", transition="levels")
+    res.update(_prefixed("single", _measure(lambda: op(*args5(), **kw)[0], x, "gdn", device, group, args, False)))
+    res.update(_prefixed("cp", _measure(lambda: cp_op(*args5(), **kw)[0], x, "gdn", device, group, args, True)))
+    trans = lambda: kernels.shard_transition("gated_delta", x["k"], x["v"], g=x["g"], beta=x["beta"], **kw)  # noqa: E731
+    res["state_pass_ms"] = _timed(trans, device, group, args.warmup, args.iters, False)
+    return [res]
+
+
 def _softmax_rows(layer, args, x, T, P, rank, device, group):
     single_fn, cp_fn = _softmax_layer(layer, args, group, rank, T, device)
     qkv = lambda: (x["q"], x["k"], x["v"])  # noqa: E731
@@ -367,7 +401,9 @@ def _worker(args, argv) -> int:
             for i, T in enumerate(args.T):
                 x = _inputs(args.B, T, args.H, args.D, dtype, device, seed=1000 * rank + T)
                 try:
-                    if layer in LINEAR:
+                    if layer == "loglinear":
+                        results = _loglinear_rows(args, x, T, P, device, group, kw)
+                    elif layer in LINEAR:
                         results = _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, i == 0)
                     else:
                         results = _softmax_rows(layer, args, x, T, P, rank, device, group)
@@ -409,7 +445,7 @@ def _worker(args, argv) -> int:
     for note in notes:
         print("note:", note, flush=True)
     result = {
-        "title": f"Context parallelism, weak scaling, CP={P}: {', '.join(args.layer)}",
+        "title": f"Context-parallel {', '.join(TITLES[layer] for layer in args.layer)}, weak scaling, CP={P}",
         "command": "lctrain bench cp " + " ".join(argv),
         "device": f"{P} x " + (torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (gloo)"),
         "versions": {"torch": torch.__version__, "triton": _version("triton"), "fla-core": fla_version},

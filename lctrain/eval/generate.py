@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lctrain.config import LINEAR_LAYERS, LOGLINEAR_LAYERS
 from lctrain.models.attention import Attention
 from lctrain.models.layers import ShortConv
 from lctrain.parallel.mesh import group_size
@@ -79,8 +80,10 @@ def cp_prefill_length(n_tokens: int, cp: int, model_cfg) -> int:
     pattern = "".join(str(c) for c in model_cfg.layer_pattern)
     unit = cp * int(model_cfg.chunk_size)
     n_cp = (n_tokens // unit) * unit
+    if any(c in LOGLINEAR_LAYERS for c in pattern) and n_cp:
+        n_cp = cp * (1 << ((n_cp // cp).bit_length() - 1))  # log-linear CP: a power of two per rank
     need = 1
-    if any(c in "GDM" for c in pattern):
+    if any(c in LINEAR_LAYERS for c in pattern):
         need = max(need, int(model_cfg.conv_size) - 1)
     if "S" in pattern:
         need = max(need, int(model_cfg.window) - 1)

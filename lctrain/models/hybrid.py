@@ -1,7 +1,8 @@
 """HybridLM: embedding -> blocks from model.layer_pattern -> final RMSNorm -> LM head (tied or not).
 
 Each block: x = x + mixer(norm1(x)); x = x + mlp(norm2(x)), mixer chosen by the block's letter
-(G gated DeltaNet, D DeltaNet, M Mamba-2 style, S sliding-window attention, A global attention).
+(G gated DeltaNet, D DeltaNet, M Mamba-2 style, L log-linear gated DeltaNet, K log-linear Mamba-2,
+S sliding-window attention, A global attention).
 
 Context parallelism: every rank passes its contiguous shard of the sequence and
 position_offset = cp_rank * T_local; the mixers do the cross-rank work (see their modules).
@@ -24,9 +25,10 @@ from .attention import Attention
 from .documents import Documents, documents_from_bounds, find_documents
 from .layers import RMSNorm, SwiGLU, swiglu_hidden_size
 from .linear_mixers import DeltaNetMixer, Mamba2Mixer
+from .loglinear_mixers import LogLinearDeltaNetMixer, LogLinearMamba2Mixer
 from .rope import RotaryEmbedding
 
-LAYER_LETTERS = "GDMSA"
+LAYER_LETTERS = "GDMLKSA"
 
 
 def _cfg(cfg_model: Any, key: str, default=None):
@@ -68,6 +70,10 @@ class Block(nn.Module):
             self.mixer = DeltaNetMixer(d, gated=kind == "G", **lin)
         elif kind == "M":
             self.mixer = Mamba2Mixer(d, **lin)
+        elif kind == "L":
+            self.mixer = LogLinearDeltaNetMixer(d, levels=int(_cfg(m, "loglinear_levels", 24)), **lin)
+        elif kind == "K":
+            self.mixer = LogLinearMamba2Mixer(d, levels=int(_cfg(m, "loglinear_levels", 24)), **lin)
         else:
             nope = kind == "A" and str(_cfg(m.rope, "layers", "all")) == "sliding"
             self.mixer = Attention(d, m.attn_heads, m.attn_head_dim, window=m.window if kind == "S" else None,
