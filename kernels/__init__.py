@@ -15,11 +15,15 @@ from .api import (
     shard_state_grad,
     shard_transition,
 )
+<<<<<<< HEAD
 from .grouped import grouped_shard_state_grad, grouped_shard_transition
+=======
+from .deltaformer import deltaformer, deltaformer_u
+>>>>>>> main
 from .loglinear import levels_needed, loglinear_gated_delta_rule, loglinear_gated_linear_attn
 
 __all__ = [
-    "delta_rule", "gated_delta_rule", "gated_linear_attn",
+    "deltaformer", "deltaformer_u", "delta_rule", "gated_delta_rule", "gated_linear_attn",
     "loglinear_gated_delta_rule", "loglinear_gated_linear_attn", "levels_needed",
     "shard_transition", "grouped_shard_transition", "shard_state_grad", "grouped_shard_state_grad",
     "apply_transition", "apply_transition_transposed",

@@ -111,11 +111,11 @@ def _parse(argv):
 
 # ------------------------------------------------------------------------------------------ launching
 
-def _launch(argv: list[str], nproc: int) -> int:
-    """Re-run this command under torchrun with nproc ranks on this node."""
+def _launch(argv: list[str], nproc: int, module: str = "lctrain.bench.cp") -> int:
+    """Re-run this command (the module's main) under torchrun with nproc ranks on this node."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "lctrain.bench.cp", *argv]
-    print("lctrain bench cp: launching", " ".join(cmd), flush=True)
+           "-m", module, *argv]
+    print(f"{module}: launching", " ".join(cmd), flush=True)
     env = dict(os.environ, NCCL_NVLS_ENABLE=os.environ.get("NCCL_NVLS_ENABLE", "0"))
     return subprocess.call(cmd, env=env)
 
@@ -136,16 +136,39 @@ def _without_nproc(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
-    if "RANK" not in os.environ:
-        nproc = args.nproc
-        if nproc is None:
-            import torch
-            nproc = torch.cuda.device_count() if args.device == "cuda" else 2
-        if nproc < 2:
-            print(f"lctrain bench cp: needs >= 2 ranks (got {nproc}); pass --nproc 2 (or more GPUs)", file=sys.stderr)
-            return 2
-        return _launch(_without_nproc(argv), nproc)
-    return _worker(args, argv)
+    return run_or_launch(args, argv, "lctrain.bench.cp", _worker)
+
+
+def run_or_launch(args, argv: list[str], module: str, worker) -> int:
+    """Under torchrun: ``worker(args, argv)``; otherwise re-launch ``module`` on --nproc ranks (default:
+    every GPU, 2 on CPU)."""
+    if "RANK" in os.environ:
+        return worker(args, argv)
+    nproc = args.nproc
+    if nproc is None:
+        import torch
+        nproc = torch.cuda.device_count() if args.device == "cuda" else 2
+    if nproc < 2:
+        print(f"{module}: needs >= 2 ranks (got {nproc}); pass --nproc 2 (or more GPUs)", file=sys.stderr)
+        return 2
+    return _launch(_without_nproc(argv), nproc, module)
+
+
+def init_worker(device_kind: str):
+    """(device, group, world size, rank) of a benchmark rank: its GPU (LOCAL_RANK) and NCCL, or the
+    CPU and gloo with the cores shared out between the local ranks."""
+    import torch
+    import torch.distributed as dist
+
+    if device_kind == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.group.WORLD, dist.get_world_size(), dist.get_rank()
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -378,16 +401,7 @@ def _worker(args, argv) -> int:
     import torch
     import torch.distributed as dist
 
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if args.device == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    group = dist.group.WORLD
-    P, rank = dist.get_world_size(), dist.get_rank()
+    device, group, P, rank = init_worker(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     kw = dict(backend=args.backend, chunk_size=args.chunk_size)
     notes = [f"B={args.B}, H={args.H}, head dim {args.D}, {args.dtype}, backend {args.backend}, chunk {args.chunk_size}, "

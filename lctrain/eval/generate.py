@@ -78,6 +78,10 @@ def generate(model, prompt_ids, max_new_tokens: int, *, eos_id: int | None = Non
 def cp_prefill_length(n_tokens: int, cp: int, model_cfg) -> int:
     """How many leading prompt tokens are prefilled across the CP ranks (see the module doc)."""
     pattern = "".join(str(c) for c in model_cfg.layer_pattern)
+    if "F" in pattern or ("A" in pattern and int(model_cfg.get("mla_kv_rank", 0) or 0) > 0):
+        return 0  # Deltaformer / MLA layers record no cache during a CP forward: prefill on the last rank
+    if str(model_cfg.rope.get("scaling", "none")) in ("rerope", "leaky_rerope"):  # the cache keeps unrotated keys
+        return 0
     unit = cp * int(model_cfg.chunk_size)
     n_cp = (n_tokens // unit) * unit
     if any(c in LOGLINEAR_LAYERS for c in pattern) and n_cp:
@@ -182,7 +186,7 @@ def _generate_cp(model, cp_model, ids: list[int], max_new_tokens, eos_id, group,
         for i, (block, rec) in enumerate(zip(cp_model.blocks, records)):
             mixer = block.mixer
             if isinstance(mixer, Attention):
-                H, D = mixer.n_heads, mixer.head_dim
+                H, D = mixer.kv_heads, mixer.head_dim  # k and v have the kv heads (GQA)
                 pos = torch.arange(r * shard, (r + 1) * shard, device=device)
                 k = rec["k_raw"].view(1, shard, H, D)
                 if mixer.rope is not None:  # None: a NoPE global layer (model.rope.layers=sliding)

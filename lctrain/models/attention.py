@@ -43,8 +43,19 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
     return allowed
 
 
+def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Grouped-query attention: k or v [B, T, Hkv, D] with each head repeated for the n_heads / Hkv
+    query heads of its group (query head h reads kv head h // (n_heads / Hkv)); unchanged if Hkv == n_heads."""
+    if x.shape[2] == n_heads:
+        return x
+    if n_heads % x.shape[2]:
+        raise ValueError(f"{x.shape[2]} key/value heads do not divide {n_heads} query heads")
+    return x.repeat_interleave(n_heads // x.shape[2], dim=2)
+
+
 def masked_attention(q, k, v, q_pos, k_pos, window=None):
     """SDPA on [B, T, H, D] tensors with the mask of `window_mask`. Returns [B, Tq, H, D]."""
+    k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
     mask = window_mask(q_pos, k_pos, window)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
@@ -56,6 +67,7 @@ def windowed_attention(q, k, v, q_start: int, k_start: int, window: int | None, 
     each block of queries attends over the keys it can reach. Query i sits at position q_start + i,
     key j at k_start + j (keys at negative positions are masked); q_docs [B, Tq] / k_docs [B, Tk]
     (optional) hold each token's document. The CPU path of sliding-window and halo attention."""
+    k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
     Tq, Tk = q.shape[1], k.shape[1]
     block = max(block, window or 0)
     outs = []
@@ -87,6 +99,7 @@ def document_causal_attention(q, k, v, bounds: list[list[int]]):
 
 def causal_attention(q, k, v):
     """Plain causal SDPA (flash on CUDA) on [B, T, H, D]."""
+    k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
     return out.transpose(1, 2)
 
@@ -102,6 +115,7 @@ def _flex_sliding_window(q, k, v, window: int | None, halo: int = 0, first_valid
     receives as halo) are excluded. q_docs [B, Tq] / k_docs [B, Tk]: a query sees only keys of its
     document; the block mask then depends on the batch and is kept in `mask_cache` (the forward's
     Documents.cache), else in a module-level cache by geometry."""
+    k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
     global _FLEX
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -130,25 +144,29 @@ def _flex_sliding_window(q, k, v, window: int | None, halo: int = 0, first_valid
 
 class Attention(nn.Module):
     """Multi-head softmax attention with RoPE (`rope=None`: no positions, NoPE); `window=None` for
-    global causal attention; `conv_size` > 0: short convs on q, k, v (module doc)."""
+    global causal attention; `conv_size` > 0: short convs on q, k, v (module doc); `kv_heads` < n_heads:
+    grouped-query attention (1 = MQA), k and v (and the decoding cache) have kv_heads heads."""
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, *, window: int | None,
                  rope: RotaryEmbedding | None, conv_size: int = 0,
-                 cp_group=None, use_flex: bool = True):
+                 cp_group=None, use_flex: bool = True, kv_heads: int | None = None):
         super().__init__()
         if window is not None and window < 1:
             raise ValueError(f"model.window must be >= 1, got {window}")
-        self.n_heads, self.head_dim, self.window = n_heads, head_dim, window
+        kv_heads = n_heads if kv_heads is None else kv_heads
+        if kv_heads < 1 or n_heads % kv_heads:
+            raise ValueError(f"model.attn_kv_heads={kv_heads} must divide model.attn_heads={n_heads}")
+        self.n_heads, self.head_dim, self.window, self.kv_heads = n_heads, head_dim, window, kv_heads
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
         self.o_proj.is_output_projection = True
         self.conv_size = conv_size
         if conv_size > 0:
             self.q_conv = ShortConv(n_heads * head_dim, conv_size, activation=False)
-            self.k_conv = ShortConv(n_heads * head_dim, conv_size, activation=False)
-            self.v_conv = ShortConv(n_heads * head_dim, conv_size, activation=False)
+            self.k_conv = ShortConv(kv_heads * head_dim, conv_size, activation=False)
+            self.v_conv = ShortConv(kv_heads * head_dim, conv_size, activation=False)
         self.rope = rope
         self.cp_group = cp_group if group_size(cp_group) > 1 else None
         self.use_flex = use_flex
@@ -165,11 +183,14 @@ class Attention(nn.Module):
         H, D = self.n_heads, self.head_dim
         pos = torch.arange(position_offset, position_offset + T, device=x.device)
         q = self._project(self.q_proj, "q_conv", x, cache, docs).view(B, T, H, D)
-        k = self._project(self.k_proj, "k_conv", x, cache, docs).view(B, T, H, D)
-        if self.rope is not None:
+        k = self._project(self.k_proj, "k_conv", x, cache, docs).view(B, T, self.kv_heads, D)
+        rerope = self.rope is not None and self.rope.rerope is not None and self.window is None
+        if self.rope is not None and not rerope:
             q, k = self.rope(q, pos), self.rope(k, pos)
-        v = self._project(self.v_proj, "v_conv", x, cache, docs).view(B, T, H, D)
-        if cache is not None:
+        v = self._project(self.v_proj, "v_conv", x, cache, docs).view(B, T, self.kv_heads, D)
+        if rerope:  # eval-time (Leaky) ReRoPE: q and k stay unrotated, positions go to the attention
+            out = self._attend_rerope(q, k, v, pos, cache, docs)
+        elif cache is not None:
             if self.cp_group is not None:
                 raise ValueError("incremental decoding (cache=) is single-process; build the model with cp_group=None")
             if docs is not None:
@@ -216,6 +237,7 @@ class Attention(nn.Module):
         if self.window is None:
             from lctrain.parallel.ulysses import ulysses_attention
 
+            k, v = self._replicate_kv_for_ulysses(k), self._replicate_kv_for_ulysses(v)
             if docs is None:
                 return ulysses_attention(q, k, v, self.cp_group, causal_attention)
             # Ulysses attends over the whole sequence, whose documents every rank knows
@@ -235,6 +257,42 @@ class Attention(nn.Module):
             return _flex_sliding_window(q, k, v, self.window, halo=halo, first_valid=max(0, halo - position_offset),
                                         q_docs=q_docs, k_docs=k_docs, mask_cache=None if docs is None else docs.cache)
         return windowed_attention(q, k, v, position_offset, position_offset - halo, self.window, q_docs, k_docs)
+
+    def _replicate_kv_for_ulysses(self, x):
+        """GQA under Ulysses: with fewer kv heads than CP ranks each kv head is repeated so that every
+        rank gets one (as DeepSpeed does); rank r's query heads all belong to that head's group."""
+        P = group_size(self.cp_group)
+        return expand_kv(x, P) if x.shape[2] % P else x
+
+    def _attend_rerope(self, q, k, v, pos, cache: dict | None, docs=None):
+        """Global attention with (Leaky) ReRoPE positions (lctrain/models/rerope.py); the decoding cache
+        keeps unrotated keys and their positions. Documents: dense per-block masks from docs' ids."""
+        from .rerope import rerope_attention
+
+        window, leak = self.rope.rerope
+        attend = lambda q, k, v, qp, kp, qd=None, kd=None: rerope_attention(  # noqa: E731
+            q, k, v, self.rope, window, leak, qp, kp, qd, kd)
+        if cache is not None:
+            if self.cp_group is not None or docs is not None:
+                raise ValueError("incremental decoding (cache=) is single-process and one document per prompt")
+            if cache.get("k") is not None:
+                k, v = torch.cat([cache["k"], k], dim=1), torch.cat([cache["v"], v], dim=1)
+                k_pos = torch.cat([cache["pos"], pos])
+            else:
+                k_pos = pos
+            cache["k"], cache["v"], cache["pos"] = k.detach(), v.detach(), k_pos
+            return attend(q, k, v, pos, k_pos)
+        if self.cp_group is None:
+            ids = None if docs is None else docs.local_doc_ids()
+            return attend(q, k, v, pos, pos, ids, ids)
+        from lctrain.parallel.halo import gather_sequence
+        from lctrain.parallel.ulysses import ulysses_attention
+
+        full_pos = gather_sequence(pos[None], self.cp_group, dim=1)[0]
+        full_ids = None if docs is None else docs.doc_ids(0, docs.total)
+        k, v = self._replicate_kv_for_ulysses(k), self._replicate_kv_for_ulysses(v)
+        return ulysses_attention(q, k, v, self.cp_group, lambda q, k, v: attend(q, k, v, full_pos, full_pos,
+                                                                                 full_ids, full_ids))
 
     def _attend_cached(self, q, k, v, pos, cache: dict):
         if cache.get("k") is not None:
