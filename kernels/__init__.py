@@ -15,11 +15,8 @@ from .api import (
     shard_state_grad,
     shard_transition,
 )
-<<<<<<< HEAD
-from .grouped import grouped_shard_state_grad, grouped_shard_transition
-=======
 from .deltaformer import deltaformer, deltaformer_u
->>>>>>> main
+from .grouped import grouped_shard_state_grad, grouped_shard_transition
 from .loglinear import levels_needed, loglinear_gated_delta_rule, loglinear_gated_linear_attn
 
 __all__ = [
