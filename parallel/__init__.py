@@ -31,13 +31,17 @@ from .mesh import (
 
 
 
-def context_parallel(op, group):
+def context_parallel(op, group, transition: str | None = None):
     """A callable with ``op``'s signature over the local contiguous shard of each rank of ``group``:
-    ``ContextParallelOp`` for delta_rule / gated_delta_rule / gated_linear_attn,
+    ``ContextParallelOp`` for delta_rule / gated_delta_rule / gated_linear_attn (``transition``: how
+    its state passes run, see ``lctrain.parallel.context_parallel.context_parallel``),
     ``LogLinearContextParallelOp`` for loglinear_gated_delta_rule / loglinear_gated_linear_attn."""
     if _loglinear_op_name(op) is not None:
+        if transition is not None:
+            raise ContextParallelError(f"context_parallel: transition={transition!r} applies to delta_rule, "
+                                       "gated_delta_rule and gated_linear_attn only; drop it for the log-linear ops")
         return LogLinearContextParallelOp(op, group)
-    return _context_parallel_base(op, group)
+    return _context_parallel_base(op, group, transition)
 
 
 __all__ = [

@@ -17,6 +17,13 @@ backward  5. state-gradient pass with dO: G_r = shard_state_grad(...)           
           8. the local op's own backward, fed dO and dS_out(r): it yields exact dq, dk, dv, dg, dbeta
              (the later ranks' dependence on this shard arrives through dS_out(r)) and d initial_state.
 
+Nobody reads the last rank's (A, B) (the fold of rank r uses ranks < r) nor rank 0's G'_0 (the fold
+from the right uses ranks > r): the last rank skips its state pass and rank 0 its state-gradient
+pass, and they send zeros of the right size in the all-gathers (the last rank computes its own A in
+the backward only when its returned final state has a gradient). The state pass itself is
+``shard_transition`` (``transition="sequential"``) or ``grouped_shard_transition``
+(``transition="grouped"``: groups of chunks in parallel, then a log-depth fold).
+
 Steps 5-7 live in ``_StateGradExchange``, an identity on (o, final_state) whose backward turns the
 local output gradient into the missing final-state gradient before autograd runs the local backward.
 
@@ -55,6 +62,8 @@ import torch.distributed as dist
 
 from lctrain.kernels import (
     apply_transition,
+    grouped_shard_state_grad,
+    grouped_shard_transition,
     apply_transition_transposed,
     check_cu_seqlens,
     delta_rule,
@@ -72,6 +81,13 @@ _OPS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 _KIND_IDS = {"delta": 0, "gated_delta": 1, "gla": 2}
 _LOCAL_OPS: dict[str, Callable] = {"delta": delta_rule, "gated_delta": gated_delta_rule, "gla": gated_linear_attn}
+# how a shard's (A, B) is computed: "sequential" walks its chunks in one chain (shard_transition, the
+# reference); "grouped" runs groups of chunks in parallel and folds them (grouped_shard_transition);
+# "grouped+grad" groups the backward's state-gradient pass as well (grouped_shard_state_grad: it adds a
+# state pass per group for the groups' A); ":G" fixes the number of groups. DEFAULT_TRANSITION is what
+# context_parallel uses unless told.
+TRANSITIONS = ("sequential", "grouped", "grouped+grad")
+DEFAULT_TRANSITION = "sequential"
 
 
 class ContextParallelError(ValueError):
@@ -87,12 +103,25 @@ def _op_name(op) -> str:
     return name
 
 
-def context_parallel(op, group) -> "ContextParallelOp":
+def context_parallel(op, group, transition: str | None = None) -> "ContextParallelOp":
     """A callable with ``op``'s signature that runs on the local contiguous shard of each rank of
     ``group`` and returns the local outputs. ``group`` None or of size 1 means no CP (plain op).
+    ``transition``: how the shard's (A, B) is computed, "sequential" (one chain over the shard's
+    chunks), "grouped" (groups of chunks in parallel, then a fold; "grouped:G" for G groups),
+    "grouped+grad" (the backward's state-gradient pass grouped too); None: ``DEFAULT_TRANSITION``.
+    All give the same result up to float rounding.
 
     Create it once per layer (not per call) so that checkpoint replays can reuse gathered states."""
-    return ContextParallelOp(op, group)
+    return ContextParallelOp(op, group, transition)
+
+
+def _parse_transition(transition) -> tuple[str, int | None]:
+    """"sequential" | "grouped[+grad]" | "grouped[+grad]:G" -> (mode, groups or None)."""
+    mode, _, groups = str(transition).partition(":")
+    if mode not in TRANSITIONS or (groups and (mode == "sequential" or not groups.isdigit() or int(groups) < 1)):
+        raise ContextParallelError(f"context_parallel: transition={transition!r}; choose 'sequential', 'grouped', "
+                                   "'grouped+grad', or either grouped one with ':G', G a positive number of chunk groups")
+    return mode, (int(groups) if groups else None)
 
 
 class _ShardDocuments:
@@ -136,8 +165,10 @@ class ContextParallelOp:
     reused a stash instead of communicating) and ``shape_checks`` (cross-rank shape checks), useful in
     tests and benchmarks."""
 
-    def __init__(self, op, group):
+    def __init__(self, op, group, transition: str | None = None):
         self.name = _op_name(op)
+        self.transition = DEFAULT_TRANSITION if transition is None else transition
+        self._transition_mode = _parse_transition(self.transition)
         self.kind, self._extra = _OPS[self.name]
         if group is not None and not isinstance(group, dist.ProcessGroup):
             raise ContextParallelError(f"context_parallel: group must be a torch.distributed ProcessGroup or None, "
@@ -155,7 +186,7 @@ class ContextParallelOp:
         self.shape_checks = 0
 
     def __repr__(self) -> str:
-        return f"context_parallel({self.name}, cp={self.size}, rank={self.rank})"
+        return f"context_parallel({self.name}, cp={self.size}, rank={self.rank}, transition={self.transition})"
 
     def __call__(self, q, k, v, *args, scale=None, initial_state=None, output_final_state=False,
                  backend="auto", chunk_size=64, cu_seqlens=None):
@@ -293,15 +324,39 @@ class ContextParallelOp:
             raise ContextParallelError(f"{self.name}: CP ranks disagree on shapes ({rows}); every rank must pass "
                                        "an equal-length contiguous shard of the same batch")
 
+    def _transition(self, k, v, g, beta, backend, chunk_size, cu=None):
+        """This shard's (A, B) (with documents: of its last piece), by the chosen transition."""
+        mode, groups = self._transition_mode
+        if mode != "sequential" and cu is None:
+            return grouped_shard_transition(self.kind, k, v, g=g, beta=beta, backend=backend,
+                                            chunk_size=chunk_size, groups=groups)
+        return shard_transition(self.kind, k, v, g=g, beta=beta, backend=backend, chunk_size=chunk_size,
+                                cu_seqlens=cu)
+
+    def _own_A(self, k, v, g, beta, backend, chunk_size, docs, dtype):
+        """A_r of this rank, computed on demand: the last rank skips its transition in the forward
+        (nobody folds its (A, B)) and needs A only for a gradient on its own final state."""
+        if docs is not None and docs.cut:
+            return torch.zeros(_A_shape(self.kind, k), dtype=dtype, device=k.device)
+        A, _ = self._transition(k, v, g, beta, backend, chunk_size, None if docs is None else docs.local_cu)
+        return A.to(dtype)
+
     def _gather_and_fold(self, k, v, g, beta, initial_state, backend, chunk_size, docs=None):
         cu = None if docs is None else docs.local_cu
-        # with documents: the transition of the last piece (the only one when none starts inside)
-        A, Bst = shard_transition(self.kind, k, v, g=g, beta=beta, backend=backend, chunk_size=chunk_size,
-                                  cu_seqlens=cu)
-        dt = torch.promote_types(torch.float32, Bst.dtype)
+        dt = torch.promote_types(torch.float32, k.dtype)
+        last = self.rank == self.size - 1
+        if last:
+            # nobody reads the last rank's (A, B): it sends zeros of the right size instead
+            A = torch.zeros(_A_shape(self.kind, k), dtype=dt, device=k.device)
+            Bst = torch.zeros(k.shape[0], k.shape[2], k.shape[3], v.shape[3], dtype=dt, device=k.device)
+        else:
+            # with documents: the transition of the last piece (the only one when none starts inside)
+            A, Bst = self._transition(k, v, g, beta, backend, chunk_size, cu)
         with _exact(k.device):
             A, Bst = A.to(dt), Bst.to(dt)
-            if docs is None:
+            if last:
+                pass  # its zeros stand, whatever its documents
+            elif docs is None:
                 if self.rank == 0 and initial_state is not None:
                     # rank 0 hands on its real outgoing state, S_out(0) = A_0 S_0 + B_0
                     Bst = apply_transition(A, initial_state.detach().to(dt)) + Bst
@@ -335,8 +390,13 @@ class ContextParallelOp:
             if docs.n_pieces > 1 and not docs.fresh:
                 u_first = u[:1]
             u = u[-1:]
-        if docs is not None and docs.fresh:
+        if self.rank == 0 or (docs is not None and docs.fresh):
+            # rank 0's G is folded by nobody (the fold below reads ranks > r only): zeros are sent
             G = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], do.shape[3], dtype=stash.A_all.dtype)
+            u_first = None
+        elif self._transition_mode[0] == "grouped+grad" and (docs is None or docs.local_cu is None):
+            G = grouped_shard_state_grad(self.kind, q, k, v, do, g=g, beta=beta, scale=scale, backend=backend,
+                                         chunk_size=chunk_size, groups=self._transition_mode[1])
         else:
             G = shard_state_grad(self.kind, q, k, do, g=g, beta=beta, scale=scale, backend=backend,
                                  chunk_size=chunk_size, cu_seqlens=None if docs is None else docs.local_cu)
@@ -350,15 +410,24 @@ class ContextParallelOp:
         A_all = stash.A_all
         with _exact(q.device):
             G = G.to(A_all.dtype)
-            if u is not None:
-                G = G + apply_transition_transposed(A_all[self.rank], u.to(A_all.dtype))
+            if u is not None and self.rank > 0:
+                A_own = (self._own_A(k, v, g, beta, backend, chunk_size, docs, A_all.dtype)
+                         if self.rank == self.size - 1 else A_all[self.rank])
+                G = G + apply_transition_transposed(A_own, u.to(A_all.dtype))
             G_all = _all_gather(G.reshape(-1), self.group).reshape(self.size, *G.shape)
-            D = torch.zeros_like(G)
-            for j in range(self.size - 1, self.rank, -1):
+            # dS_in(P-1) = G'_{P-1}: the last rank's A (never gathered) is not needed
+            D = G_all[-1].clone() if self.rank < self.size - 1 else torch.zeros_like(G)
+            for j in range(self.size - 2, self.rank, -1):
                 D = apply_transition_transposed(A_all[j], D) + G_all[j]
             if u is not None:
                 D = D + u.to(D.dtype)
         return D
+
+
+def _A_shape(kind: str, k: torch.Tensor) -> tuple[int, ...]:
+    """[B, H, K, K] for the delta rules, [B, H] (a scalar decay) for gated linear attention."""
+    B, _, H, K = k.shape
+    return (B, H) if kind == "gla" else (B, H, K, K)
 
 
 def _signature(q, k, v, g, beta, chunk_size):

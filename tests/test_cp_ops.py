@@ -79,7 +79,7 @@ def reference(case, P):
                 init_grad=None if init is None else init.grad, o_direct=o_direct, s_direct=s_direct)
 
 
-def cp_worker(rank, P, cases, checkpoint_mode="none"):
+def cp_worker(rank, P, cases, checkpoint_mode="none", transition=None):
     """Runs every case on this rank's shard; returns the local outputs, state and gradients."""
     import torch.distributed as dist
     from torch.utils.checkpoint import checkpoint
@@ -94,7 +94,7 @@ def cp_worker(rank, P, cases, checkpoint_mode="none"):
         t = leaves(kind, x, slice(rank * Tl, (rank + 1) * Tl))
         init = x["init"].clone().requires_grad_() if with_init else None
         W = state_weights(seed, P, B, H, K, V)
-        cp_op = context_parallel(getattr(kernels, OPS[kind]), dist.group.WORLD)
+        cp_op = context_parallel(getattr(kernels, OPS[kind]), dist.group.WORLD, transition=transition)
 
         def run(*tensors):
             return cp_op(*tensors, initial_state=init, output_final_state=True, backend=backend, chunk_size=chunk)
@@ -161,6 +161,9 @@ OPS_CASES = {P: random_cases(P, 6) for P in (2, 3, 4)}
 # the Triton backend's CP primitives (interpreter on CPU, float32; its chunk size is 64)
 OPS_CASES[2].append((77, "gated_delta", 1, 64, 1, 16, 16, "triton", 64, True, True))
 CKPT_CASES = random_cases(11, 3, backends=("torch",))
+# the grouped state passes (each shard's chunks in 2 parallel groups, then a fold): shards of 4 or 6 chunks
+GROUPED_CASES = {P: [(50 + P * 10 + i, kind, 2 - i % 2, 4 * (4 + 2 * (i % 2)), 2, 8, 6, "torch", 4, bool(i % 2), True)
+                     for i, kind in enumerate(("delta", "gated_delta", "gla"))] for P in (2, 3, 4)}
 COMM_ARGS = {2: (7, 2, 6, 5, 4, 4, 8), 3: (8, 2, 6, 5, 4, 3, 8), 4: (9, 2, 6, 5, 4, 4, 8)}  # seed B Tl C ks H D
 CKPT_MODES = ("non_reentrant", "reentrant")
 ERROR_CASES = ("mismatch", "ragged", "heads", "recheck")
@@ -246,7 +249,8 @@ def cp_doc_worker(rank, P, cases):
 
 def world_worker(rank, P):
     out = {"ops": cp_worker(rank, P, OPS_CASES[P]), "comm": comm_worker(rank, P, *COMM_ARGS[P]),
-           "docs": cp_doc_worker(rank, P, DOC_CASES[P])}
+           "docs": cp_doc_worker(rank, P, DOC_CASES[P]),
+           "grouped": cp_worker(rank, P, GROUPED_CASES[P], transition="grouped+grad:2")}
     if P == 4:
         out["mesh"] = mesh_worker(rank, P)
     if P == 2:
@@ -271,6 +275,13 @@ def test_cp_ops_match_single_process(P):
     check_world(P, OPS_CASES[P], results)
     for r in range(P):
         assert all(res["gathers"] == 1 for res in results[r]), "one state all-gather per forward"
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_cp_grouped_transition_matches_single_process(P):
+    """transition="grouped+grad:2" (both state passes grouped) gives the sequential path's results: outputs, states and every gradient
+    equal the single process (whose chained reference the sequential path is tested against above)."""
+    check_world(P, GROUPED_CASES[P], part(P, "grouped"))
 
 
 @pytest.mark.parametrize("P", [2, 3, 4])

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install, (optionally) GPU tests, kernel bench with fla in-process, per-kernel
 # profile, a launch-setting sweep. Run from the repository root on the GPU machine:
-#   bash .ci/device/bench.sh [tests] [bench] [profile] [sweep] [tune] [varlen]  (default: the first four)
+#   bash .ci/device/bench.sh [tests] [bench] [profile] [sweep] [tune] [varlen] [cptests] [cp]  (default: the first four)
+# (cptests and cp need 2 GPUs: context parallelism tests and `lctrain bench cp`)
 # Carry `.whl` (fla_core wheel) and `.tcache` (Triton cache from an earlier call: compiled kernels
 # and fla's autotune results; saves minutes). Results land in $OUT.
 set -u
@@ -34,6 +35,13 @@ for s in $STEPS; do
              | tee "$OUT/sweep.txt" | grep -v "^T=" ;;
     varlen) python3 -m lctrain.cli bench varlen --json "$OUT/varlen.json" ${VARLEN_ARGS:-} 2>&1 \
              | tee "$OUT/varlen.txt"; save_cache ;;
+    cptests) python3 -m pytest -m gpu -q -p no:cacheprovider -c "$R/pyproject.toml" --rootdir "$R" \
+             "$R/tests/test_cp_gpu.py" 2>&1 | tail -15 ;;
+    cp) python3 -m lctrain.cli bench cp --nproc 2 --layer gdn delta gla --strong \
+          --transition sequential grouped grouped:2 grouped:32 grouped+grad --json "$OUT/cp_linear.json" 2>&1 \
+          | tee "$OUT/cp_linear.txt"
+        python3 -m lctrain.cli bench cp --nproc 2 --layer swa attn --T 65536 --strong --warmup 2 --iters 5 \
+          --json "$OUT/cp_softmax.json" 2>&1 | tee "$OUT/cp_softmax.txt"; save_cache ;;
     tune) python3 -m lctrain.bench.tune_kernels --json "$OUT/tune.json" ${TUNE_ARGS:-} 2>&1 \
              | tee "$OUT/tune.txt" | grep -v "compile failed" ;;
   esac

@@ -1,4 +1,10 @@
-"""`lctrain bench cp`: weak scaling of context-parallel gated delta rule, forward + backward.
+"""`lctrain bench cp`: weak scaling of a context-parallel layer, forward + backward.
+
+Layers (``--layer``, several at once): ``gdn`` (gated delta rule), ``delta``, ``gla`` through
+``context_parallel``; ``swa`` (sliding-window attention, ``--window``) through the halo exchange and
+``attn`` (global causal attention) through Ulysses, both as the model's Attention block runs them.
+For the linear mixers ``--transition`` times each given way of computing a shard's (A, B)
+(``sequential``, ``grouped``, ``grouped:G``) as its own row.
 
 For each per-rank length T: the plain op on one device at T against ``context_parallel`` over N ranks
 at N*T (every rank holds T tokens), so the ideal CP time equals the one-device time and
@@ -15,8 +21,9 @@ by side when it can be imported (benchmark-only dependency, never imported by lc
 Run on N GPUs: ``lctrain bench cp --nproc 2`` (launches torchrun itself; or run it under torchrun).
 ``--device cpu`` runs the same code on gloo at tiny sizes so that it is exercised without GPUs.
 ``--json PATH`` writes the result; ``--record`` also appends it to BENCHMARKS.md (lctrain.bench.report).
-``--op loglinear_gated_delta_rule`` times the log-linear Gated DeltaNet instead (T per rank a power of
-two; level weights L = bit_length(N*T - 1) + 1; its state passes and fla rows are not timed).
+``--op loglinear_gated_delta_rule`` times the log-linear Gated DeltaNet instead of ``--layer`` (T per
+rank a power of two; level weights L = bit_length(N*T - 1) + 1; its state passes and fla rows are not
+timed).
 """
 from __future__ import annotations
 
@@ -28,8 +35,14 @@ import subprocess
 import sys
 import time
 
-COLUMNS = ["T/rank", "T total", "1-dev fwd ms", "1-dev fwd+bwd ms", "CP fwd ms", "CP fwd+bwd ms", "efficiency",
-           "state pass ms", "state-grad pass ms", "1-dev peak MiB", "CP peak MiB", "fla 1-dev fwd+bwd ms", "fla CP fwd+bwd ms", "fla efficiency"]
+COLUMNS = ["layer", "transition", "T/rank", "T total", "1-dev fwd ms", "1-dev fwd+bwd ms", "CP fwd ms", "CP fwd+bwd ms", "efficiency",
+           "state pass ms", "state-grad pass ms", "1-dev peak MiB", "CP peak MiB", "fla 1-dev fwd+bwd ms", "fla CP fwd+bwd ms", "fla efficiency",
+           "1-dev at T total fwd+bwd ms", "1-dev at T total peak MiB", "CP time / 1-dev at T total",
+           "CP peak / 1-dev at T total"]
+LAYERS = ("gdn", "delta", "gla", "swa", "attn")
+LINEAR = {"gdn": "gated_delta", "delta": "delta", "gla": "gla"}
+TITLES = {"gdn": "gated delta rule", "delta": "delta rule", "gla": "gated linear attention", "swa": "sliding-window attention",
+          "attn": "global attention", "loglinear": "loglinear gated delta rule"}
 GPU_DEFAULTS = dict(T=[8192, 16384, 32768, 65536], H=16, D=128, dtype="bf16", chunk_size=64, warmup=5, iters=20)
 CPU_DEFAULTS = dict(T=[64, 128], H=2, D=16, dtype="fp32", chunk_size=16, warmup=1, iters=3)
 
@@ -45,11 +58,21 @@ def _parse(argv):
     p.add_argument("--D", type=int, default=None, help="head dim of q/k and v (GPU default 128)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="GPU default bf16, CPU fp32")
     p.add_argument("--backend", default="auto", help="kernel backend (auto = triton on CUDA, torch on CPU)")
-    p.add_argument("--op", choices=["gated_delta_rule", "loglinear_gated_delta_rule"], default="gated_delta_rule",
-                   help="the op under CP (default gated_delta_rule)")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations")
     p.add_argument("--iters", type=int, default=None, help="timed iterations")
+    p.add_argument("--layer", nargs="+", choices=LAYERS, default=["gdn"],
+                   help="layers to time (default gdn): gdn delta gla (affine scan), swa (halo), attn (Ulysses)")
+    p.add_argument("--transition", nargs="+", default=["sequential"],
+                   help="linear mixers: how each shard's state passes run, one row each: sequential, grouped (the "
+                        "forward's (A, B) by parallel chunk groups), grouped+grad (the backward's state gradient "
+                        "too); ':G' fixes G chunk groups, e.g. grouped:8")
+    p.add_argument("--op", choices=["gated_delta_rule", "loglinear_gated_delta_rule"], default="gated_delta_rule",
+                   help="loglinear_gated_delta_rule: time the log-linear Gated DeltaNet instead of --layer")
+    p.add_argument("--window", type=int, default=2048, help="swa: window in tokens (default 2048)")
+    p.add_argument("--strong", action="store_true",
+                   help="also time one device at the total length P*T (always on for attn): strong scaling and "
+                        "the peak-memory ratio at equal total length")
     p.add_argument("--no-fla", action="store_true", help="skip fla-core's CP")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
     p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD",
@@ -65,12 +88,24 @@ def _parse(argv):
     for key in ("B", "H", "D", "chunk_size", "iters"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
+    from lctrain.parallel.context_parallel import ContextParallelError, _parse_transition
+    for t in args.transition:
+        try:
+            _parse_transition(t)
+        except ContextParallelError as err:
+            p.error(f"--transition: {err}")
+    if args.window < 1:
+        p.error("--window must be >= 1")
     bad = [t for t in args.T if t < 1 or t % args.chunk_size]
     if bad:
         p.error(f"--T {bad}: tokens per rank must be positive multiples of --chunk-size {args.chunk_size}")
-    bad = [t for t in args.T if args.op.startswith("loglinear") and t & (t - 1)]
-    if bad:
-        p.error(f"--T {bad}: the log-linear op under CP needs a power of two tokens per rank")
+    if args.op.startswith("loglinear"):
+        if args.layer != ["gdn"] or args.transition != ["sequential"]:
+            p.error("--op loglinear_gated_delta_rule times that op alone: drop --layer / --transition")
+        args.layer = ["loglinear"]
+        bad = [t for t in args.T if t & (t - 1)]
+        if bad:
+            p.error(f"--T {bad}: the log-linear op under CP needs a power of two tokens per rank")
     return args
 
 
@@ -193,10 +228,15 @@ def _inputs(B, T, H, D, dtype, device, seed):
     return x
 
 
-def _pair(fwd, x):
+def _names(layer):
+    """The differentiable inputs of a layer, in its call order after q, k, v."""
+    return {"gdn": ("g", "beta"), "delta": ("beta",), "gla": ("g",)}.get(layer, ())
+
+
+def _pair(fwd, x, layer):
     """(forward-only, forward+backward) closures of a method returning o."""
     import torch
-    inputs = [x[n] for n in ("q", "k", "v", "g", "beta")]
+    inputs = [x[n] for n in ("q", "k", "v") + _names(layer)]
 
     def fwd_only():
         with torch.no_grad():
@@ -207,13 +247,17 @@ def _pair(fwd, x):
     return fwd_only, fwd_bwd
 
 
-def _fla_methods(x, group, notes):
-    """fla-core's one-device and CP gated delta rule as closures, or None with a note why not."""
+def _fla_methods(layer, x, group, notes):
+    """fla-core's one-device and CP op of a linear layer as closures, or None with a note why not.
+    Its guard refusing the gated backward on Hopper with Triton < 3.7.1 (fla #640) is lifted as in
+    ``lctrain bench kernels`` (``_load_fla``), and the note says so."""
     try:
-        import importlib.metadata as md
-
         from fla.ops.cp import build_cp_context
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        from lctrain.bench.kernels import _load_fla
+        chunk_delta_rule, chunk_gated_delta_rule, version = _load_fla(notes)
+        if layer == "gla":
+            from fla.ops.simple_gla import chunk_simple_gla
     except Exception as err:  # noqa: BLE001 - any import failure means "no fla here"
         notes.append(f"fla-core CP not timed: {type(err).__name__}: {err}")
         return None
@@ -229,85 +273,193 @@ def _fla_methods(x, group, notes):
     except Exception as err:  # noqa: BLE001
         notes.append(f"fla-core CP not timed: build_cp_context failed ({type(err).__name__}: {err})")
         return None
-    try:
-        version = md.version("fla-core")
-    except Exception:  # noqa: BLE001
-        version = "unknown"
-    notes.append(f"fla-core {version}: chunk_gated_delta_rule, CP via fla.ops.cp.build_cp_context")
-    args = lambda: (x["q"], x["k"], x["v"], x["g"], x["beta"])  # noqa: E731
-    single = lambda: chunk_gated_delta_rule(*args())[0]  # noqa: E731
-    cp = lambda: chunk_gated_delta_rule(*args(), cp_context=ctx)[0]  # noqa: E731
+    fn = {"gdn": chunk_gated_delta_rule, "delta": chunk_delta_rule}.get(layer) or chunk_simple_gla
+    notes.append(f"fla-core {version}: {fn.__name__} for {layer}, CP via fla.ops.cp.build_cp_context")
+    args = lambda: [x[n] for n in ("q", "k", "v") + _names(layer)]  # noqa: E731
+    single = lambda: fn(*args())[0]  # noqa: E731
+    cp = lambda: fn(*args(), cp_context=ctx)[0]  # noqa: E731
     return single, cp, version
+
+
+def _softmax_layer(layer, args, group, rank, T, device):
+    """(one device, CP) closures of q, k, v for swa / attn, run as the model's Attention block does
+    (lctrain.models.attention): halo exchange for the window, Ulysses for global attention."""
+    from lctrain.models.attention import Attention
+    window = args.window if layer == "swa" else None
+    make = lambda grp: Attention(args.H * args.D, args.H, args.D, window=window, rope=None, cp_group=grp).to(device)  # noqa: E731
+    single, cp = make(None), make(group)
+    return single._attend_local, lambda q, k, v: cp._attend_cp(q, k, v, rank * T)
+
+
+def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first):
+    """One result dict per --transition for a linear mixer at T tokens per rank."""
+    from lctrain import kernels
+    from lctrain.parallel import context_parallel
+    from lctrain.parallel.context_parallel import _parse_transition
+    kind = LINEAR[layer]
+    op = {"gated_delta": kernels.gated_delta_rule, "delta": kernels.delta_rule, "gla": kernels.gated_linear_attn}[kind]
+    tensors = lambda: [x[n] for n in ("q", "k", "v") + _names(layer)]  # noqa: E731
+    single = _measure(lambda: op(*tensors(), **kw)[0], x, layer, device, group, args, False)
+    fla = _fla_times(layer, args, x, device, group, notes if first else [])
+    gates = dict(g=x["g"] if kind != "delta" else None, beta=x["beta"] if kind != "gla" else None)
+    grad_ms = {}
+
+    def state_grad_ms(transition):
+        """The state-gradient pass alone, grouped for "grouped+grad[:G]", else sequential."""
+        mode, groups = _parse_transition(transition)
+        if mode != "grouped+grad":
+            fn = lambda: kernels.shard_state_grad(kind, x["q"], x["k"], x["do"], **gates, **kw)  # noqa: E731
+            transition = "sequential"
+        else:
+            fn = lambda: kernels.grouped_shard_state_grad(kind, x["q"], x["k"], x["v"], x["do"], **gates,  # noqa: E731
+                                                          groups=groups, **kw)
+        if transition not in grad_ms:
+            grad_ms[transition] = _timed(fn, device, group, args.warmup, args.iters, False)
+        return grad_ms[transition]
+    out = []
+    for transition in args.transition:
+        cp_op = context_parallel(op, group, transition=transition)
+        res = dict(layer=layer, transition=transition, **_prefixed("single", single))
+        res.update(_prefixed("cp", _measure(lambda: cp_op(*tensors(), **kw)[0], x, layer, device, group, args, True)))
+        trans = lambda: cp_op._transition(x["k"], x["v"], gates["g"], gates["beta"], kw["backend"], kw["chunk_size"])  # noqa: E731
+        res["state_pass_ms"] = _timed(trans, device, group, args.warmup, args.iters, False)
+        res["state_grad_pass_ms"] = state_grad_ms(transition)
+        res.update(fla)
+        out.append(res)
+    if args.strong:
+        xs = _inputs(args.B, P * T, args.H, args.D, x["q"].dtype, device, seed=7 + P * T)
+        whole = _measure(lambda: op(*[xs[n] for n in ("q", "k", "v") + _names(layer)], **kw)[0], xs, layer, device,
+                         group, args, False)
+        for res in out:
+            res.update(_prefixed("whole", whole))
+    return out
+
+
+def _loglinear_rows(args, x, T, P, device, group, kw):
+    """The log-linear Gated DeltaNet (its own CP op: lctrain.parallel.loglinear_cp); level weights for
+    the whole CP sequence, the 1-device run uses its first levels."""
+    import torch
+
+    from lctrain import kernels
+    from lctrain.parallel import context_parallel
+    op = kernels.loglinear_gated_delta_rule
+    cp_op = context_parallel(op, group)
+    lam = torch.nn.functional.softplus(torch.randn(args.B, T, args.H, kernels.levels_needed(P * T), device=device))
+    lam.requires_grad_(True)
+    args5 = lambda: (x["q"], x["k"], x["v"], x["g"], x["beta"], lam)  # noqa: E731
+    res = dict(layer="loglinear", transition="levels")
+    res.update(_prefixed("single", _measure(lambda: op(*args5(), **kw)[0], x, "gdn", device, group, args, False)))
+    res.update(_prefixed("cp", _measure(lambda: cp_op(*args5(), **kw)[0], x, "gdn", device, group, args, True)))
+    trans = lambda: kernels.shard_transition("gated_delta", x["k"], x["v"], g=x["g"], beta=x["beta"], **kw)  # noqa: E731
+    res["state_pass_ms"] = _timed(trans, device, group, args.warmup, args.iters, False)
+    return [res]
+
+
+def _softmax_rows(layer, args, x, T, P, rank, device, group):
+    single_fn, cp_fn = _softmax_layer(layer, args, group, rank, T, device)
+    qkv = lambda: (x["q"], x["k"], x["v"])  # noqa: E731
+    res = dict(layer=layer, transition="halo" if layer == "swa" else "ulysses")
+    res.update(_prefixed("single", _measure(lambda: single_fn(*qkv()), x, layer, device, group, args, False)))
+    res.update(_prefixed("cp", _measure(lambda: cp_fn(*qkv()), x, layer, device, group, args, True)))
+    if args.strong or layer == "attn":
+        xs = _inputs(args.B, P * T, args.H, args.D, x["q"].dtype, device, seed=7 + P * T)
+        res.update(_prefixed("whole", _measure(lambda: single_fn(xs["q"], xs["k"], xs["v"]), xs, layer, device, group,
+                                               args, False)))
+    return [res]
+
+
+def _measure(fwd, x, layer, device, group, args, slowest) -> dict:
+    f_only, f_bwd = _pair(fwd, x, layer)
+    return {"fwd_ms": _timed(f_only, device, group, args.warmup, args.iters, slowest),
+            "fwd_bwd_ms": _timed(f_bwd, device, group, args.warmup, args.iters, slowest),
+            "peak_mib": _peak_mib(f_bwd, device, group)}
+
+
+def _prefixed(prefix, d):
+    return {f"{prefix}_{k}": v for k, v in d.items()}
+
+
+def _fla_times(layer, args, x, device, group, notes) -> dict:
+    res = {"fla_single_fwd_bwd_ms": None, "fla_cp_fwd_bwd_ms": None, "fla_efficiency": None}
+    if args.no_fla or device.type != "cuda":
+        notes.append("fla-core CP not timed: " + ("--no-fla" if args.no_fla else "it needs CUDA"))
+        return res
+    fla = _fla_methods(layer, x, group, notes)
+    if fla is None:
+        return res
+    try:
+        res["fla_single_fwd_bwd_ms"] = _timed(_pair(fla[0], x, layer)[1], device, group, args.warmup, args.iters, False)
+        res["fla_cp_fwd_bwd_ms"] = _timed(_pair(fla[1], x, layer)[1], device, group, args.warmup, args.iters, True)
+        res["fla_efficiency"] = res["fla_single_fwd_bwd_ms"] / res["fla_cp_fwd_bwd_ms"]
+    except Exception as err:  # noqa: BLE001 - report, keep our own figures
+        notes.append(f"fla-core {layer} at T/rank={x['q'].shape[1]} failed: {type(err).__name__}: {str(err)[:200]}")
+    res["fla_version"] = fla[2]
+    return res
 
 
 def _worker(args, argv) -> int:
     import torch
     import torch.distributed as dist
 
-    from lctrain import kernels
-    from lctrain.kernels import levels_needed, shard_state_grad, shard_transition
-    from lctrain.parallel import context_parallel
-
     device, group, P, rank = init_worker(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     kw = dict(backend=args.backend, chunk_size=args.chunk_size)
-    op = getattr(kernels, args.op)
-    loglinear = args.op.startswith("loglinear")
-    cp_op = context_parallel(op, group)
-    notes = [f"op {args.op}, B={args.B}, H={args.H}, head dim {args.D}, {args.dtype}, backend {args.backend}, chunk {args.chunk_size}, "
-             f"{args.warmup} warm-up + {args.iters} timed iterations; efficiency = 1-device fwd+bwd at T / CP fwd+bwd at {P}*T"]
+    notes = [f"B={args.B}, H={args.H}, head dim {args.D}, {args.dtype}, backend {args.backend}, chunk {args.chunk_size}, "
+             f"{args.warmup} warm-up + {args.iters} timed iterations; efficiency = 1-device fwd+bwd at T / CP fwd+bwd at "
+             f"{P}*T; '1-dev at T total' = one device at {P}*T (strong scaling, --strong or attn); swa window "
+             f"{args.window}; the last rank skips its state pass and rank 0 its state-gradient pass (nobody reads them)"]
     rows, raw = [], []
     fla_version = None
     try:
-        for T in args.T:
-            x = _inputs(args.B, T, args.H, args.D, dtype, device, seed=1000 * rank + T)
-            extra = ()
-            if loglinear:  # weights for the whole CP sequence; the 1-device run uses its first levels
-                lam = torch.nn.functional.softplus(torch.randn(args.B, T, args.H, levels_needed(P * T), device=device))
-                extra = (lam.requires_grad_(True),)
-            plain = lambda: op(x["q"], x["k"], x["v"], x["g"], x["beta"], *extra, **kw)[0]  # noqa: E731
-            cp = lambda: cp_op(x["q"], x["k"], x["v"], x["g"], x["beta"], *extra, **kw)[0]  # noqa: E731
-            res = {"T_per_rank": T, "T_total": P * T}
-            for name, fwd, slowest in (("single", plain, False), ("cp", cp, True)):
-                f_only, f_bwd = _pair(fwd, x)
-                res[f"{name}_fwd_ms"] = _timed(f_only, device, group, args.warmup, args.iters, slowest)
-                res[f"{name}_fwd_bwd_ms"] = _timed(f_bwd, device, group, args.warmup, args.iters, slowest)
-                res[f"{name}_peak_mib"] = _peak_mib(f_bwd, device, group)
-            res["efficiency"] = res["single_fwd_bwd_ms"] / res["cp_fwd_bwd_ms"]
-            # CP's own compute, local and without communication: where the overhead comes from
-            trans = lambda: shard_transition("gated_delta", x["k"], x["v"], g=x["g"], beta=x["beta"], **kw)  # noqa: E731
-            sgrad = lambda: shard_state_grad("gated_delta", x["q"], x["k"], x["do"], g=x["g"], beta=x["beta"], **kw)  # noqa: E731
-            res["state_pass_ms"] = _timed(trans, device, group, args.warmup, args.iters, False)
-            res["state_grad_pass_ms"] = None if loglinear else _timed(sgrad, device, group, args.warmup, args.iters, False)
-            res["fla_single_fwd_bwd_ms"] = res["fla_cp_fwd_bwd_ms"] = res["fla_efficiency"] = None
-            if loglinear:
-                pass  # fla-core has no CP for its log-linear op
-            elif not args.no_fla and device.type == "cuda":
-                fla = _fla_methods(x, group, notes if T == args.T[0] else [])
-                if fla is not None:
-                    fla_version = fla[2]
-                    try:
-                        res["fla_single_fwd_bwd_ms"] = _timed(_pair(fla[0], x)[1], device, group, args.warmup, args.iters, False)
-                        res["fla_cp_fwd_bwd_ms"] = _timed(_pair(fla[1], x)[1], device, group, args.warmup, args.iters, True)
-                        res["fla_efficiency"] = res["fla_single_fwd_bwd_ms"] / res["fla_cp_fwd_bwd_ms"]
-                    except Exception as err:  # noqa: BLE001 - report, keep our own figures
-                        notes.append(f"fla-core at T/rank={T} failed: {type(err).__name__}: {str(err)[:200]}")
-            elif T == args.T[0]:
-                notes.append("fla-core CP not timed: " + ("--no-fla" if args.no_fla else "it needs CUDA"))
-            raw.append(res)
-            rows.append([T, P * T] + [_round(res[k]) for k in (
-                "single_fwd_ms", "single_fwd_bwd_ms", "cp_fwd_ms", "cp_fwd_bwd_ms", "efficiency", "state_pass_ms",
-                "state_grad_pass_ms", "single_peak_mib",
-                "cp_peak_mib", "fla_single_fwd_bwd_ms", "fla_cp_fwd_bwd_ms", "fla_efficiency")])
-            if rank == 0:
-                print(f"T/rank {T}: 1-dev {res['single_fwd_bwd_ms']:.3f} ms, CP={P} {res['cp_fwd_bwd_ms']:.3f} ms, "
-                      f"efficiency {res['efficiency']:.3f}", flush=True)
+        for layer in args.layer:
+            for i, T in enumerate(args.T):
+                x = _inputs(args.B, T, args.H, args.D, dtype, device, seed=1000 * rank + T)
+                try:
+                    if layer == "loglinear":
+                        results = _loglinear_rows(args, x, T, P, device, group, kw)
+                    elif layer in LINEAR:
+                        results = _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, i == 0)
+                    else:
+                        results = _softmax_rows(layer, args, x, T, P, rank, device, group)
+                except Exception as err:  # noqa: BLE001 - e.g. DeepSpeed missing for Ulysses: say so, go on
+                    if device.type == "cuda" and isinstance(err, torch.cuda.OutOfMemoryError):
+                        torch.cuda.empty_cache()
+                    notes.append(f"{layer} at T/rank={T} failed: {type(err).__name__}: {str(err)[:300]}")
+                    if rank == 0:
+                        print(notes[-1], flush=True)
+                    continue
+                for res in results:
+                    res["T_per_rank"], res["T_total"] = T, P * T
+                    res["efficiency"] = res["single_fwd_bwd_ms"] / res["cp_fwd_bwd_ms"]
+                    whole = res.get("whole_fwd_bwd_ms")
+                    res["cp_over_whole"] = None if whole is None else res["cp_fwd_bwd_ms"] / whole
+                    wp = res.get("whole_peak_mib")
+                    res["cp_peak_over_whole"] = None if not wp or res["cp_peak_mib"] is None else res["cp_peak_mib"] / wp
+                    fla_version = res.pop("fla_version", None) or fla_version
+                    raw.append(res)
+                    rows.append([layer, res["transition"], T, P * T] + [_round(res.get(k)) for k in (
+                        "single_fwd_ms", "single_fwd_bwd_ms", "cp_fwd_ms", "cp_fwd_bwd_ms", "efficiency",
+                        "state_pass_ms", "state_grad_pass_ms", "single_peak_mib", "cp_peak_mib",
+                        "fla_single_fwd_bwd_ms", "fla_cp_fwd_bwd_ms", "fla_efficiency", "whole_fwd_bwd_ms",
+                        "whole_peak_mib", "cp_over_whole", "cp_peak_over_whole")])
+                    if rank == 0:
+                        print(f"{layer} [{res['transition']}] T/rank {T}: 1-dev {res['single_fwd_bwd_ms']:.3f} ms, "
+                              f"CP={P} {res['cp_fwd_bwd_ms']:.3f} ms, efficiency {res['efficiency']:.3f}"
+                              + (f", state pass {res['state_pass_ms']:.3f} ms" if "state_pass_ms" in res else "")
+                              + (f", CP / 1-dev at {P}*T {res['cp_over_whole']:.3f}" if res["cp_over_whole"] else ""),
+                              flush=True)
+                del x
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     finally:
         dist.destroy_process_group()
     if rank != 0:
         return 0
+    notes = list(dict.fromkeys(notes))  # a note made at every T or layer once
+    for note in notes:
+        print("note:", note, flush=True)
     result = {
-        "title": f"Context-parallel {args.op.replace('_', ' ')}, weak scaling, CP={P}",
+        "title": f"Context-parallel {', '.join(TITLES[layer] for layer in args.layer)}, weak scaling, CP={P}",
         "command": "lctrain bench cp " + " ".join(argv),
         "device": f"{P} x " + (torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (gloo)"),
         "versions": {"torch": torch.__version__, "triton": _version("triton"), "fla-core": fla_version},

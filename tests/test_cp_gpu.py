@@ -1,0 +1,179 @@
+"""Context parallelism on 2 GPUs with NCCL (`python -m pytest -m gpu tests/test_cp_gpu.py`).
+
+One process per GPU (tests/dist_utils.run_world, NCCL, rank r on cuda:r). In bfloat16, each rank's
+outputs and gradients must equal the plain op run by one GPU on the whole sequence in float32
+(relative error of the norm <= 2e-2): every linear mixer under ``context_parallel`` with both
+transitions (sequential, grouped), with an initial state and a gradient on every rank's final
+state; the short conv through the halo exchange; sliding-window attention through the halo
+exchange; global attention through Ulysses (skipped when DeepSpeed is not installed).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_utils import run_world
+
+P = 2
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < P,
+                                 reason=f"needs {P} CUDA GPUs")]
+TOL = 2e-2
+KINDS = {"delta": ("delta_rule", ("beta",)), "gated_delta": ("gated_delta_rule", ("g", "beta")),
+         "gla": ("gated_linear_attn", ("g",))}
+TRANSITIONS = ("sequential", "grouped:4")
+B, TL, H, D = 1, 512, 4, 128            # 8 chunks of 64 per rank
+CONV = (B, TL, 256, 4)                   # batch, tokens per rank, channels, kernel size
+ATTN = dict(H=4, D=64, TL=1024, window=256)
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _full_inputs(kind, seed, device):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, device=device)  # noqa: E731
+    T = P * TL
+    x = dict(q=r(B, T, H, D), k=F.normalize(r(B, T, H, D), dim=-1), v=r(B, T, H, D),
+             g=F.logsigmoid(r(B, T, H) + 3.0), beta=torch.sigmoid(r(B, T, H)),
+             init=r(B, H, D, D), do=r(B, T, H, D), w_state=[r(B, H, D, D) for _ in range(P)])
+    return x
+
+
+def _linear_case(rank, kind, transition, device):
+    """Returns {name: rel error} of this rank's CP results against one GPU on the whole sequence."""
+    import torch.distributed as dist
+
+    from lctrain import kernels
+    from lctrain.parallel import context_parallel
+
+    name, extra = KINDS[kind]
+    op = getattr(kernels, name)
+    x = _full_inputs(kind, seed=len(kind) * 7 + len(transition), device=device)
+    names = ("q", "k", "v") + extra
+    sl = slice(rank * TL, (rank + 1) * TL)
+
+    # one GPU, float32, the whole sequence as P consecutive calls chained through the state, so
+    # that every shard's outgoing state can carry a loss term as under CP
+    full = {n: x[n].clone().requires_grad_() for n in names}
+    init = x["init"].clone().requires_grad_()
+    state, outs, states, loss = init, [], [], 0.0
+    for r in range(P):
+        s = slice(r * TL, (r + 1) * TL)
+        o, state = op(*(full[n][:, s] for n in names), initial_state=state, output_final_state=True)
+        outs.append(o)
+        states.append(state)
+        loss = loss + (o * x["do"][:, s]).sum() + (state * x["w_state"][r]).sum()
+    loss.backward()
+
+    # CP, bfloat16 activations (g stays float32 as in the model)
+    loc = {n: (x[n][:, sl].to(torch.bfloat16) if n != "g" else x[n][:, sl]).clone().requires_grad_() for n in names}
+    init_cp = x["init"].clone().requires_grad_()
+    cp = context_parallel(op, dist.group.WORLD, transition=transition)
+    o, s_out = cp(*(loc[n] for n in names), initial_state=init_cp, output_final_state=True)
+    ((o.float() * x["do"][:, sl]).sum() + (s_out * x["w_state"][rank]).sum()).backward()
+    err = {"o": rel(o, outs[rank]), "state": rel(s_out, states[rank])}
+    for n in names:
+        err["d" + n] = rel(loc[n].grad, full[n].grad[:, sl])
+    if rank == 0:
+        err["d initial_state"] = rel(init_cp.grad, init.grad)
+    return err
+
+
+def _conv_case(rank, device):
+    import torch.distributed as dist
+
+    from lctrain.parallel.halo import prepend_halo
+    Bc, Tl, C, ks = CONV
+    gen = torch.Generator(device=device).manual_seed(5)
+    x_full, dy = (torch.randn(Bc, P * Tl, C, generator=gen, device=device) for _ in range(2))
+    w_full = torch.randn(C, ks, generator=gen, device=device)
+    xr, wr = x_full.clone().requires_grad_(), w_full.clone().requires_grad_()
+    y_ref = F.conv1d(F.pad(xr.transpose(1, 2), (ks - 1, 0)), wr[:, None, :], groups=C).transpose(1, 2)
+    (y_ref * dy).sum().backward()
+    sl = slice(rank * Tl, (rank + 1) * Tl)
+    x = x_full[:, sl].to(torch.bfloat16).clone().requires_grad_()
+    w = w_full.to(torch.bfloat16).clone().requires_grad_()
+    xh = prepend_halo(x, ks - 1, dist.group.WORLD, dim=1)
+    y = F.conv1d(xh.transpose(1, 2), w[:, None, :], groups=C).transpose(1, 2)
+    (y.float() * dy[:, sl]).sum().backward()
+    dw = w.grad.float()
+    dist.all_reduce(dw)
+    return {"conv y": rel(y, y_ref[:, sl]), "conv dx": rel(x.grad, xr.grad[:, sl]), "conv dw": rel(dw, wr.grad)}
+
+
+def _attention_case(rank, window, device):
+    """The model's Attention block core: halo path (window) or Ulysses (window None) vs one GPU."""
+    import torch.distributed as dist
+
+    from lctrain.models.attention import Attention
+    Ha, Da, Tl = ATTN["H"], ATTN["D"], ATTN["TL"]
+    gen = torch.Generator(device=device).manual_seed(11 if window else 13)
+    q, k, v, do = (torch.randn(1, P * Tl, Ha, Da, generator=gen, device=device) for _ in range(4))
+    make = lambda grp: Attention(Ha * Da, Ha, Da, window=window, rope=None, cp_group=grp).to(device)  # noqa: E731
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    o_ref = make(None)._attend_local(*ref_in)
+    (o_ref * do).sum().backward()
+    sl = slice(rank * Tl, (rank + 1) * Tl)
+    loc = [t[:, sl].to(torch.bfloat16).clone().requires_grad_() for t in (q, k, v)]
+    o = make(dist.group.WORLD)._attend_cp(*loc, rank * Tl)
+    (o.float() * do[:, sl]).sum().backward()
+    tag = "swa" if window else "ulysses"
+    err = {f"{tag} o": rel(o, o_ref[:, sl])}
+    for n, a, r in zip("qkv", loc, ref_in):
+        err[f"{tag} d{n}"] = rel(a.grad, r.grad[:, sl])
+    return err
+
+
+def gpu_worker(rank, world_size):
+    import torch.distributed as dist
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method="env://", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=300), device_id=device)
+    out = {}
+    for kind in KINDS:
+        for transition in TRANSITIONS:
+            out[(kind, transition)] = _linear_case(rank, kind, transition, device)
+    out["conv"] = _conv_case(rank, device)
+    out["swa"] = _attention_case(rank, ATTN["window"], device)
+    if HAS_DEEPSPEED:
+        out["ulysses"] = _attention_case(rank, None, device)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def world():
+    return run_world(gpu_worker, P, timeout=900, init_process_group=False)
+
+
+def _check(key):
+    for rank, res in enumerate(world()):
+        bad = {k: e for k, e in res[key].items() if not e <= TOL}
+        assert not bad, f"{key} rank {rank}: relative errors above {TOL}: {bad}"
+
+
+@pytest.mark.parametrize("transition", TRANSITIONS)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_cp_linear_mixer_on_two_gpus(kind, transition):
+    _check((kind, transition))
+
+
+def test_cp_conv_halo_on_two_gpus():
+    _check("conv")
+
+
+def test_cp_sliding_window_halo_on_two_gpus():
+    _check("swa")
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="Ulysses needs DeepSpeed")
+def test_cp_ulysses_on_two_gpus():
+    _check("ulysses")
