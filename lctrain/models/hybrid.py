@@ -5,6 +5,11 @@ Each block: x = x + mixer(norm1(x)); x = x + mlp(norm2(x)), mixer chosen by the 
 
 Context parallelism: every rank passes its contiguous shard of the sequence and
 position_offset = cp_rank * T_local; the mixers do the cross-rank work (see their modules).
+Tensor parallelism (tp_group of size tp > 1): every mixer and MLP holds 1/tp of its heads / hidden
+units (see their modules), the embedding is vocabulary-parallel and the LM head column-parallel, so
+`forward` returns this rank's vocabulary slice of the logits (`lm_loss` then uses the vocab-parallel
+cross-entropy). `build_model` initialises such a model from the full one-process model (same RNG
+draws), so every layout starts from the same weights.
 Incremental decoding: `cache = model.new_cache(B, device)`, then `model(prompt, cache=cache)` (prefill)
 and `model(next_token[:, None], cache=cache)` per step; positions continue from the tokens the
 cache has seen.
@@ -20,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lctrain.config import init_std
 from lctrain.parallel.mesh import group_size
+from lctrain.parallel.tensor_parallel import column_linear, local_size, shard_from_full, vocab_embedding
 
 from .attention import Attention
 from .layers import RMSNorm, SwiGLU, swiglu_hidden_size
@@ -55,7 +61,7 @@ def _attn_conv_size(cfg_model: Any, kind: str) -> int:
 class Block(nn.Module):
     """Pre-norm mixer + residual, pre-norm SwiGLU MLP + residual."""
 
-    def __init__(self, kind: str, cfg_model: Any, rope: RotaryEmbedding | None, cp_group=None):
+    def __init__(self, kind: str, cfg_model: Any, rope: RotaryEmbedding | None, cp_group=None, tp_group=None):
         super().__init__()
         m = cfg_model
         d = m.d_model
@@ -63,7 +69,7 @@ class Block(nn.Module):
         self.norm1 = RMSNorm(d, m.norm_eps)
         self.norm2 = RMSNorm(d, m.norm_eps)
         lin = dict(n_heads=m.n_heads, head_dim=m.head_dim, conv_size=m.conv_size, backend=m.kernel_backend,
-                   chunk_size=m.chunk_size, norm_eps=m.norm_eps, cp_group=cp_group)
+                   chunk_size=m.chunk_size, norm_eps=m.norm_eps, cp_group=cp_group, tp_group=tp_group)
         if kind in "GD":
             self.mixer = DeltaNetMixer(d, gated=kind == "G", **lin)
         elif kind == "M":
@@ -72,8 +78,8 @@ class Block(nn.Module):
             nope = kind == "A" and str(_cfg(m.rope, "layers", "all")) == "sliding"
             self.mixer = Attention(d, m.attn_heads, m.attn_head_dim, window=m.window if kind == "S" else None,
                                    rope=None if nope else rope, conv_size=_attn_conv_size(m, kind),
-                                   cp_group=cp_group)
-        self.mlp = SwiGLU(d, swiglu_hidden_size(d, m.mlp_ratio))
+                                   cp_group=cp_group, tp_group=tp_group)
+        self.mlp = SwiGLU(d, swiglu_hidden_size(d, m.mlp_ratio), tp_group)
 
     def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,24 +100,27 @@ class LMCache:
 
 
 class HybridLM(nn.Module):
-    def __init__(self, model_cfg: Any, cp_group=None, *, max_position: int | None = None):
+    def __init__(self, model_cfg: Any, cp_group=None, *, tp_group=None, max_position: int | None = None):
         """`max_position`: the original context length YaRN uses when model.rope.original_max_position
-        is 0 (pass the training seq_len)."""
+        is 0 (pass the training seq_len). With a tp_group of size > 1 the weights are left for
+        `build_model` to fill from the full model."""
         super().__init__()
         m = model_cfg
         self.cfg = m
         self.pattern = _pattern(m)
         self.cp_group = cp_group
+        self.tp_group = tp_group if group_size(tp_group) > 1 else None
+        local_size(m.vocab_size, self.tp_group, "model.vocab_size")
         self.checkpoint_activations = bool(_cfg(m, "checkpoint_activations", False))
-        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        self.embed = vocab_embedding(m.vocab_size, m.d_model, self.tp_group)
         rope = None
         if any(c in "SA" for c in self.pattern):
             r = m.rope
             original = int(r.original_max_position) or int(max_position or 0)
             rope = RotaryEmbedding(m.attn_head_dim, float(r.base), str(r.scaling), float(r.factor), original)
-        self.blocks = nn.ModuleList(Block(c, m, rope, cp_group) for c in self.pattern)
+        self.blocks = nn.ModuleList(Block(c, m, rope, cp_group, self.tp_group) for c in self.pattern)
         self.norm = RMSNorm(m.d_model, m.norm_eps)
-        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        self.lm_head = column_linear(m.d_model, m.vocab_size, self.tp_group)
         self._init_weights(init_std(m))
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -131,7 +140,8 @@ class HybridLM(nn.Module):
         return LMCache(len(self.blocks), batch_size)
 
     def forward(self, input_ids: torch.Tensor, *, position_offset: int = 0, cache: LMCache | None = None) -> torch.Tensor:
-        """input_ids [B, T_local] -> float32 logits [B, T_local, vocab]. Positions of the tokens are
+        """input_ids [B, T_local] -> float32 logits [B, T_local, vocab] (vocab / tp: this rank's
+        vocabulary slice under tensor parallelism). Positions of the tokens are
         position_offset + (tokens the cache has seen) + 0 .. T-1."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
@@ -181,7 +191,7 @@ class HybridLM(nn.Module):
         return local + before
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Distinct parameters (a tied head counts once); optionally without the embedding table."""
+        """Distinct parameters of this rank (a tied head counts once); optionally without the embedding table."""
         seen, total = set(), 0
         for p in self.parameters():
             if id(p) in seen:
@@ -193,5 +203,15 @@ class HybridLM(nn.Module):
         return total
 
 
-def build_model(cfg_model: Any, cp_group=None, *, max_position: int | None = None) -> HybridLM:
-    return HybridLM(cfg_model, cp_group=cp_group, max_position=max_position)
+def build_model(cfg_model: Any, cp_group=None, *, tp_group=None, max_position: int | None = None) -> HybridLM:
+    """The model for this rank. Under tensor parallelism the one-process model is built first (the
+    same random draws as tp=1) and each rank copies its shards from it; the RNG then continues from
+    where the one-process build leaves it, so any layout starts from the same weights and state."""
+    if group_size(tp_group) == 1:
+        return HybridLM(cfg_model, cp_group=cp_group, max_position=max_position)
+    full = HybridLM(cfg_model, cp_group=None, max_position=max_position)
+    rng = torch.get_rng_state()
+    model = HybridLM(cfg_model, cp_group=cp_group, tp_group=tp_group, max_position=max_position)
+    shard_from_full(model, full.state_dict(), tp_group)
+    torch.set_rng_state(rng)
+    return model

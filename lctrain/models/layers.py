@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lctrain.parallel.tensor_parallel import column_linear, row_linear
+
 
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32, returned in x's dtype."""
@@ -37,13 +39,14 @@ def swiglu_hidden_size(d_model: int, mlp_ratio: float) -> int:
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x))."""
+    """down(silu(gate(x)) * up(x)); under tensor parallelism gate/up are column- and down row-parallel
+    (each rank holds hidden / tp of the hidden units)."""
 
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, tp_group=None):
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.gate_proj = column_linear(d_model, hidden, tp_group)
+        self.up_proj = column_linear(d_model, hidden, tp_group)
+        self.down_proj = row_linear(hidden, d_model, tp_group)
         self.down_proj.is_output_projection = True  # scaled init, see HybridLM._init_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

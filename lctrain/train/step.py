@@ -30,9 +30,14 @@ def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, cp_group=No
     if token_weights is not None and token_weights.shape != labels.shape:
         raise ValueError(f"token_weights {tuple(token_weights.shape)} must have the labels' shape {tuple(labels.shape)}")
     logits = model(input_ids, position_offset=position_offset)
-    per_token = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    )
+    if getattr(model, "tp_group", None) is not None:  # vocabulary-split logits (tensor parallelism)
+        from lctrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
+
+        per_token = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), IGNORE_INDEX)
+    else:
+        per_token = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        )
     token_losses = per_token.sum()
     weighted = token_losses if token_weights is None else (per_token * token_weights.reshape(-1).float()).sum()
     stats = torch.stack([token_losses.detach(), (labels != IGNORE_INDEX).sum().to(token_losses.dtype)])
