@@ -133,6 +133,10 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 0  # 0 = only at the end
     resume: bool = True  # continue from the latest checkpoint in out_dir if there is one
+    # start a new run from a checkpoint's weights (any parallel layout; new optimizer and schedule,
+    # step 0), e.g. to continue a 16K model at 131K with another RoPE base; null = random init.
+    # A checkpoint in out_dir (train.resume) takes precedence.
+    init_from: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     progress: bool = True
@@ -245,9 +249,22 @@ def validate(cfg: DictConfig) -> None:
     for key in ("cp", "tp", "pp"):
         if getattr(p, key) < 1:
             _fail(f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}", "use 1 to switch it off")
+    if p.pp > len(pattern):
+        _fail("parallel.pp", f"{len(pattern)} layers are fewer than {p.pp} pipeline stages", "use pp <= the number of layers")
     if p.pp > 1 and len(pattern) % p.pp:
         _fail("parallel.pp", f"{len(pattern)} layers do not split into {p.pp} pipeline stages", "choose pp dividing the number of layers")
+    if p.pp > 1:
+        _fail("parallel.pp", "pipeline parallelism is not implemented yet", "use parallel.pp=1 (tensor and context parallelism work)")
+    model_size = p.tp * p.cp * p.pp
+    if p.nproc_per_node and p.nproc_per_node % model_size:
+        _fail("parallel.nproc_per_node", f"{p.nproc_per_node} processes do not factor into tp*cp*pp = {p.tp}*{p.cp}*{p.pp} = {model_size} "
+              "times a data-parallel size", f"use a multiple of {model_size}, or lower parallel.tp / parallel.cp / parallel.pp")
     if p.tp > 1:
+        from lctrain.models.layers import swiglu_hidden_size
+
+        hidden = swiglu_hidden_size(m.d_model, m.mlp_ratio)
+        if hidden % p.tp:
+            _fail("model.mlp_ratio", f"the MLP's {hidden} hidden units do not divide over parallel.tp={p.tp}", "use a tp dividing it")
         if any(c in LINEAR_LAYERS for c in pattern) and m.n_heads % p.tp:
             _fail("model.n_heads", f"{m.n_heads} heads do not divide over parallel.tp={p.tp}", "make n_heads a multiple of tp")
         if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_heads % p.tp:
@@ -292,6 +309,8 @@ def validate(cfg: DictConfig) -> None:
     if m.document_end_id is not None and d.seq_len > MAX_DOCUMENT_MASK_LEN:
         _fail("model.document_end_id", f"document masking builds a seq_len x seq_len mask, too large at seq_len={d.seq_len}",
               f"set model.document_end_id=null for seq_len > {MAX_DOCUMENT_MASK_LEN}")
+    if t.init_from and not Path(os.path.expanduser(str(t.init_from))).exists():
+        _fail("train.init_from", f"{t.init_from!r} does not exist", "pass a run's out_dir or one of its ckpt/step_<n> folders, or null")
     if t.grad_accum < 1:
         _fail("train.grad_accum", f"must be >= 1, got {t.grad_accum}", "set the micro-batches per step")
     if t.device not in ("auto", "cpu", "cuda"):
