@@ -1,7 +1,9 @@
 """Triton backend of lctrain.kernels: the three mixers (autograd) and the CP primitives.
 
 ``lctrain.kernels.api`` imports this module lazily and calls the functions below with the public
-signatures minus ``backend``; inputs arrive validated. Layout and math: see ``chunk_kernels.py``.
+signatures minus ``backend``; inputs arrive validated. Layout and math: see ``common.py``; the
+kernels and their launchers live by stage in ``wy.py``, ``state.py``, ``output.py`` and ``dqdk.py``;
+this module holds the launch settings and chains the stages.
 
 Forward  : wy_solve (gam, Tm) -> wy_apply (W, Ut) -> state_fwd (per-chunk states h, U) -> output_fwd (o).
 Backward : wy_apply again from the saved gam and Tm, state_fwd again (per-chunk states are not kept
@@ -13,15 +15,22 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import chunk_kernels as ck
+from .common import CHUNK, pow2
 
-CHUNK = ck.CHUNK
+# The stages under the names this module chains them by; lctrain.bench.tune_kernels launches them
+# through these names too, so a test can stand in for one stage.
+from .dqdk import dqk as _dqk
+from .output import dv_local as _dv_local
+from .output import output_fwd as _output_fwd
+from .state import state_bwd as _state_bwd
+from .state import state_fwd as _state_fwd
+from .wy import wy_apply as _wy_apply
+from .wy import wy_bwd as _wy_bwd
+from .wy import wy_fwd as _wy_fwd
+from .wy import wy_solve as _wy_solve  # noqa: F401 - tune_kernels launches it alone
+
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _pow2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
 
 
 def _check(op: str, q, k, v, chunk_size: int) -> None:
@@ -98,8 +107,8 @@ class _Cfg:
 
     def __init__(self, K: int, V: int, overrides: dict[str, int] | None = None, gated: bool = False):
         self.K, self.V = K, V
-        self.BK = _pow2(K)
-        BV = _pow2(V)
+        self.BK = pow2(K)
+        BV = pow2(V)
         big = self.BK > 64
         wide = min(BV, 128 if self.BK <= 128 else 64)
         defaults = dict(
@@ -132,156 +141,6 @@ class _Cfg:
         warps = self.values[next(k for k in keys if k.startswith("warps_"))]
         stages = self.values.get(next(k for k in keys if k.startswith("stages_")))
         return {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
-
-
-def _dummy(ref: torch.Tensor) -> torch.Tensor:
-    return torch.empty(1, device=ref.device, dtype=torch.float32)
-
-
-def _wy_solve(k, g, beta, cfg: _Cfg):
-    """gam (fp32 in-chunk cumsum of g, or None) and Tm = (I + L)^-1 per chunk (k's dtype, or None)."""
-    B, T, H, K = k.shape
-    has_g, has_w = g is not None, beta is not None
-    if not has_g and not has_w:
-        return None, None
-    d = _dummy(k)
-    gam = torch.empty(B, T, H, device=k.device, dtype=torch.float32) if has_g else None
-    tm = torch.empty(B, T, H, CHUNK, device=k.device, dtype=k.dtype) if has_w else None
-    ck.wy_solve_kernel[(triton.cdiv(T, CHUNK), B * H)](
-        k, beta if has_w else d, g if has_g else d, gam if has_g else d, tm if has_w else d,
-        T, H, K=K, BKS=min(cfg.BK, cfg.BKS), C=CHUNK, HAS_G=has_g, HAS_W=has_w, **cfg.launch("wy_solve"))
-    return gam, tm
-
-
-def _wy_apply(k, v, beta, gam, tm, cfg: _Cfg, want_u: bool = True):
-    """W = Tm diag(beta Gam) K and (want_u) Ut = Tm diag(beta) V; (None, None) without beta."""
-    if tm is None:
-        return None, None
-    B, T, H, K = k.shape
-    d = _dummy(k)
-    w = torch.empty_like(k)
-    u = torch.empty_like(v) if want_u else None
-    V = v.shape[-1] if want_u else 16
-    ck.wy_apply_kernel[(triton.cdiv(T, CHUNK), B * H)](
-        k, v if want_u else d, beta, gam if gam is not None else d, tm, w, u if want_u else d,
-        T, H, K=K, V=V, BK=min(cfg.BK, cfg.BKW), BV=cfg.BVW, C=CHUNK, HAS_G=gam is not None,
-        HAS_V=want_u, **cfg.launch("wy_apply"))
-    return w, u
-
-
-def _wy_fwd(k, v, g, beta, cfg: _Cfg, want_u: bool = True):
-    """gam, Tm, W, Ut (None where not applicable)."""
-    gam, tm = _wy_solve(k, g, beta, cfg)
-    w, u = _wy_apply(k, v, beta, gam, tm, cfg, want_u=want_u and v is not None)
-    return gam, tm, w, u
-
-
-def _state_fwd(k, w, u, gam, s0, cfg: _Cfg, *, store_h: bool, store_vnew: bool,
-               store_final: bool, compute_a: bool = False):
-    """Per-chunk incoming states h [B, NT, H, K, V] (u's dtype), U = Ut - W S, final state, A."""
-    B, T, H, K = k.shape
-    V = u.shape[-1]
-    NT = triton.cdiv(T, CHUNK)
-    d = _dummy(k)
-    h = torch.empty(B, NT, H, K, V, device=k.device, dtype=k.dtype) if store_h else None
-    vnew = torch.empty_like(u) if (store_vnew and w is not None) else None
-    st = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32) if store_final else None
-    a = torch.empty(B, H, K, K, device=k.device, dtype=torch.float32) if compute_a else None
-    nvb = triton.cdiv(V, cfg.BVS)
-    grid = (nvb + (triton.cdiv(K, cfg.BVS) if compute_a else 0), B * H)
-    ck.state_fwd_kernel[grid](
-        k, w if w is not None else d, u, gam if gam is not None else d,
-        s0 if s0 is not None else d, h if store_h else d, vnew if vnew is not None else d,
-        st if store_final else d, a if compute_a else d,
-        T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVS, C=CHUNK, NVB=nvb,
-        HAS_G=gam is not None, HAS_W=w is not None, HAS_S0=s0 is not None,
-        STORE_H=store_h, STORE_VNEW=vnew is not None, STORE_ST=store_final, COMPUTE_A=compute_a,
-        **cfg.launch("state_fwd"))
-    return h, (vnew if vnew is not None else u), st, a
-
-
-def _output_fwd(q, k, vnew, h, gam, scale, cfg: _Cfg):
-    B, T, H, K = q.shape
-    V = vnew.shape[-1]
-    NT = triton.cdiv(T, CHUNK)
-    o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
-    grid = (triton.cdiv(V, cfg.BVO), NT, B * H)
-    ck.output_fwd_kernel[grid](q, k, vnew, h, gam if gam is not None else _dummy(q), o, scale,
-                               T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVO, C=CHUNK,
-                               HAS_G=gam is not None, **cfg.launch("output_fwd"))
-    return o
-
-
-def _dv_local(q, k, do, gam, scale, cfg: _Cfg):
-    B, T, H, K = q.shape
-    V = do.shape[-1]
-    NT = triton.cdiv(T, CHUNK)
-    dvl = torch.empty_like(do)
-    grid = (triton.cdiv(V, cfg.BVP), NT, B * H)
-    ck.dv_local_kernel[grid](q, k, do, gam if gam is not None else _dummy(q), dvl, scale,
-                             T, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVP, C=CHUNK,
-                             HAS_G=gam is not None, **cfg.launch("dv_local"))
-    return dvl
-
-
-def _state_bwd(q, k, w, do, dvl, gam, dst, scale, cfg: _Cfg, *, store: bool):
-    """Reverse pass: dh per chunk, full dU, gradient of the initial state (fp32)."""
-    B, T, H, K = q.shape
-    V = do.shape[-1]
-    NT = triton.cdiv(T, CHUNK)
-    d = _dummy(q)
-    dh = torch.empty(B, NT, H, K, V, device=q.device, dtype=q.dtype) if store else None
-    du = torch.empty_like(do) if store else None
-    ds0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(V, cfg.BVSB), B * H)
-    ck.state_bwd_kernel[grid](
-        q, k, w if w is not None else d, do, dvl, gam if gam is not None else d,
-        dst if dst is not None else d, dh if store else d, du if store else d, ds0, scale,
-        T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVSB, C=CHUNK,
-        HAS_G=gam is not None, HAS_W=w is not None, HAS_DST=dst is not None,
-        STORE_DH=store, STORE_DU=store, **cfg.launch("state_bwd"))
-    return dh, du, ds0
-
-
-def _dqk(q, k, vnew, do, h, dh, du, gam, scale, cfg: _Cfg):
-    """dq, the partial dk (state and intra-chunk terms), dW = -dU S0^T (with du), dgam (fp32, with
-    gam; the K-block parts summed)."""
-    B, T, H, K = q.shape
-    V = do.shape[-1]
-    NT = triton.cdiv(T, CHUNK)
-    has_g, has_w = gam is not None, du is not None
-    d = _dummy(q)
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dw = torch.empty_like(k) if has_w else None
-    bk = min(cfg.BK, cfg.BKD)
-    nkb = triton.cdiv(K, bk)
-    dgam = torch.empty(nkb, B, T, H, device=k.device, dtype=torch.float32) if has_g else None
-    ck.dqk_kernel[(nkb * NT, B * H)](
-        q, k, vnew, do, h, dh, du if has_w else d, gam if has_g else d,
-        dq, dk, dw if has_w else d, dgam if has_g else d, scale,
-        T, NT, H, K=K, V=V, BK=bk, BV=min(_pow2(V), cfg.BVD), C=CHUNK, HAS_G=has_g,
-        HAS_W=has_w, **cfg.launch("dqk"))
-    if has_g:
-        dgam = dgam.sum(0) if nkb > 1 else dgam[0]
-    return dq, dk, dw, dgam
-
-
-def _wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg: _Cfg):
-    """dv, dbeta, dg (with gam) through the WY transform; completes dk IN PLACE."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    has_g = gam is not None
-    d = _dummy(k)
-    dv = torch.empty_like(v)
-    dbeta = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
-    dg = torch.empty(B, T, H, device=k.device, dtype=torch.float32) if has_g else None
-    ck.wy_bwd_kernel[(triton.cdiv(T, CHUNK), B * H)](
-        k, v, beta, gam if has_g else d, tm, dw, du, dk, dgam if has_g else d,
-        dv, dbeta, dg if has_g else d,
-        T, H, K=K, V=V, BK=min(cfg.BK, cfg.BKB), BV=min(_pow2(V), cfg.BVB), C=CHUNK, HAS_G=has_g,
-        **cfg.launch("wy_bwd"))
-    return dv, dbeta, dg
 
 
 def _chunk_suffix_sum(x: torch.Tensor) -> torch.Tensor:

@@ -22,28 +22,37 @@ _SIG = {"torch.bfloat16": "*bf16", "torch.float16": "*fp16", "torch.float32": "*
 
 
 class _Recorder:
-    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kw)` records the call."""
+    """Stands in for a kernel: `kernel[grid](*args, **kw)` records the call as the @triton.jit
+    function with every argument bound, its @triton.heuristics flags applied as their run would."""
 
-    def __init__(self, fn, calls):
-        self.fn, self.calls = fn, calls
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
 
     def __getitem__(self, grid):
-        return lambda *args, **kw: self.calls.append((self.fn, args, kw))
+        return self._record
+
+    def _record(self, *args, **kw):
+        from triton.runtime.autotuner import Heuristics
+        fn = self.kernel
+        while isinstance(fn, Heuristics):
+            for flag, rule in fn.values.items():
+                kw[flag] = rule({**dict(zip(fn.arg_names, args)), **kw})
+            fn = fn.fn
+        self.calls.append((fn, args, kw))
 
 
 def record_launches(D: int, dtype_name: str) -> list:
     """(jit function, args, kwargs) of every launch of one fwd+bwd of each mixer, on meta tensors."""
     import torch
 
-    from lctrain.kernels.triton import chunk_kernels as ck
-    from lctrain.kernels.triton import ops
+    from lctrain.kernels.triton import dqdk, ops, output, state, wy
     dtype = getattr(torch, dtype_name)
     calls: list = []
-    names = [n for n in dir(ck) if n.endswith("_kernel")]
-    saved = {n: getattr(ck, n) for n in names}
+    saved = {(mod, n): getattr(mod, n) for mod in (wy, state, output, dqdk) for n in dir(mod)
+             if n.endswith("_kernel")}
     try:
-        for n in names:
-            setattr(ck, n, _Recorder(saved[n], calls))
+        for (mod, n), kernel in saved.items():
+            setattr(mod, n, _Recorder(kernel, calls))
         # T and the chunk count divisible by 16, as in real runs: Triton specialises on that, and the
         # software pipeliner (so shared memory) differs otherwise
         B, T, H = 1, 4096, 16
@@ -55,16 +64,17 @@ def record_launches(D: int, dtype_name: str) -> list:
             _, _, gam, tm = ops._forward(q, k, v, gate, b, None, 1.0, False)
             ops._backward(q, k, v, gate, b, None, 1.0, do, None, gam, tm)
     finally:
-        for n, fn in saved.items():
-            setattr(ck, n, fn)
+        for (mod, n), kernel in saved.items():
+            setattr(mod, n, kernel)
     return calls
 
 
 def _signature(fn, args, kw):
     """Triton's signature, constexprs and attributes for one launch, as the JIT would specialise it:
-    pointers (16-byte aligned allocations) and ints divisible by 16 are marked so. Without that
-    attribute Triton cannot use async copies, so it does not software-pipeline the loads, and the
-    shared memory, registers and spills it reports are not those of the real launch."""
+    pointers (16-byte aligned allocations) and ints divisible by 16 are marked so, and an absent
+    (None) argument is a constexpr. Without that attribute Triton cannot use async copies, so it
+    does not software-pipeline the loads, and the shared memory, registers and spills it reports
+    are not those of the real launch."""
     import inspect
 
     import torch
@@ -75,6 +85,9 @@ def _signature(fn, args, kw):
         if isinstance(val, torch.Tensor):
             sig[name] = _SIG[str(val.dtype)]
             attrs[(i,)] = divisible
+        elif val is None:
+            sig[name] = "constexpr"
+            consts[name] = None
         elif isinstance(val, float):
             sig[name] = "fp32"
         else:
@@ -85,7 +98,7 @@ def _signature(fn, args, kw):
         if name not in ("num_warps", "num_stages"):
             sig[name] = "constexpr"
             consts[name] = val
-    return sig, consts, attrs
+    return {name: sig[name] for name in params}, consts, attrs  # in parameter order, as the JIT's
 
 
 def compile_report(calls, target: int) -> list[dict]:
