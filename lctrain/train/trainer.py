@@ -177,6 +177,15 @@ class Trainer:
                                           dp_rank=self.dp_rank, dp_size=self.dp_size)
         return self.step_count
 
+    def peak_memory_mib(self) -> float | None:
+        """The largest peak of allocated GPU memory over all ranks so far (collective); None off CUDA."""
+        if self.device.type != "cuda":
+            return None
+        peak = torch.tensor(float(torch.cuda.max_memory_allocated(self.device)) / 2**20, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return float(peak)
+
     def parameter_counts(self) -> tuple[int, int]:
         """(parameters of the whole model, parameters this rank holds); a tied head counts once."""
         from lctrain.parallel.tensor_parallel import TP_SPLIT_DIM
@@ -229,7 +238,8 @@ class Trainer:
                 first_loss = metrics.loss if first_loss is None else first_loss
                 last_loss = metrics.loss
                 step_time = time.perf_counter() - step_start
-                reporter.step(metrics.step, metrics.loss, metrics.lr, tokens_per_step, step_time, metrics.grad_norm)
+                reporter.step(metrics.step, metrics.loss, metrics.lr, tokens_per_step, step_time, metrics.grad_norm,
+                              self.peak_memory_mib())
                 threads_guard.observe(step - start_step, step_time, reporter)
                 if t.ckpt_every > 0 and metrics.step % t.ckpt_every == 0 and metrics.step < t.steps:
                     self.save()
