@@ -124,6 +124,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     grad_accum: int = 1
+    # ZeRO-1: shard the Adam state over the data x context-parallel replicas (train/optim.py says how)
+    shard_optimizer: bool = False
     # loss weight of the answer tokens of synthetic needle samples (the dataset's answer_mask column;
     # data without it trains unweighted). A tiny model learns long-distance retrieval in a few hundred
     # steps only with it (docs/eval-notes.md); 1 = the plain LM loss

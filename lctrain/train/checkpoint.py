@@ -14,7 +14,10 @@ then replaces `latest` (write to a temporary file + os.replace). A crash at any 
 previous `latest` pointing at a complete checkpoint; a stale `.tmp` is removed by the next save.
 
 Model and optimizer states go through `torch.distributed.checkpoint.state_dict` (FQN keys), with
-every tensor-parallel shard gathered to its full tensor first (`tensor_parallel.full_state_dict`):
+every tensor-parallel shard gathered to its full tensor first (`tensor_parallel.full_state_dict`);
+the optimizer's state is stored per parameter name ({"step", "exp_avg", "exp_avg_sq"}), gathered
+from the replica that owns it under ZeRO-1 (train.shard_optimizer), so sharded and unsharded runs
+resume from each other:
 the checkpoint is the one-process model's state, whatever the (tp, cp, dp) layout that wrote it, so
 any layout resumes from it (each rank loads the full tensors and keeps its shards) and evals load it
 in one process. Replicas write identical tensors, which DCP de-duplicates. The price: each rank
@@ -38,14 +41,13 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
-    get_optimizer_state_dict,
     set_model_state_dict,
-    set_optimizer_state_dict,
 )
 
 LATEST = "latest"
 # model-section keys that change how the model runs, not which parameters it has
 RUNTIME_MODEL_KEYS = ("kernel_backend", "checkpoint_activations")
+_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 class CheckpointError(RuntimeError):
@@ -100,37 +102,74 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return resolve_checkpoint(pointer)
 
 
-def _optim_map(state: dict, convert) -> dict:
-    """`state` (an optimizer state dict with FQN keys) with `convert(name, tensor)` applied to every
-    per-parameter tensor of the parameter's shape (Adam's moments; not its step counter)."""
-    out = dict(state)
-    out["state"] = {name: {k: convert(name, v) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in per.items()}
-                    for name, per in state["state"].items()}
+def _state_holder(optimizer):
+    """(the optimizer holding Adam state, {param id: global rank owning it} or None): under ZeRO-1
+    (ZeroRedundancyOptimizer) each replica holds the state of its own share of the parameters."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        group = optimizer.process_group
+        return optimizer.optim, {id(p): dist.get_global_rank(group, r) for p, r in optimizer._param_to_rank.items()}
+    return optimizer, None
+
+
+def _full_optim_state(model, optimizer, tp_group) -> dict:
+    """{parameter name: {"step", "exp_avg", "exp_avg_sq"}}, full tensors (TP-gathered; under ZeRO-1
+    broadcast from the replica owning them); zeros and step 0 for a parameter not stepped yet."""
+    from lctrain.parallel.tensor_parallel import gather_full, split_dims
+
+    holder, owners = _state_holder(optimizer)
+    dims = split_dims(model)
+    out = {}
+    for name, p in model.named_parameters():
+        st = holder.state.get(p) or {}
+        entry = {"step": torch.tensor(float(st["step"]) if "step" in st else 0.0),
+                 **{k: st[k].detach().clone() if k in st else torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    for k in _ADAM_KEYS}}
+        if owners is not None:
+            for t in entry.values():
+                dist.broadcast(t, src=owners[id(p)], group=optimizer.process_group)
+        if name in dims:
+            entry.update({k: gather_full(entry[k], dims[name], tp_group) for k in _ADAM_KEYS})
+        out[name] = entry
     return out
+
+
+def _set_optim_state(model, optimizer, full: dict, tp_group) -> None:
+    """The inverse of `_full_optim_state`: this rank's shards into the optimizer (under ZeRO-1 only
+    the parameters this replica owns)."""
+    from lctrain.parallel.tensor_parallel import split_dims, take_shard
+
+    holder, owners = _state_holder(optimizer)
+    dims = split_dims(model)
+    rank = _rank()
+    for name, p in model.named_parameters():
+        entry = full[name]
+        if owners is not None and owners[id(p)] != rank:
+            continue
+        if float(entry["step"]) == 0:
+            holder.state.pop(p, None)
+            continue
+        shard = (lambda t: take_shard(t, dims[name], tp_group)) if name in dims else (lambda t: t)
+        holder.state[p] = {"step": entry["step"].clone().float(),
+                           **{k: shard(entry[k]).to(device=p.device, dtype=p.dtype).clone() for k in _ADAM_KEYS}}
 
 
 def _app_state(model, optimizer, tp_group=None) -> dict[str, Any]:
     """{"model", "optim"}: the full (TP-gathered) states, the same whatever the layout."""
-    from lctrain.parallel.tensor_parallel import full_state_dict, gather_full, split_dims
+    from lctrain.parallel.tensor_parallel import full_state_dict
 
     state = {"model": full_state_dict(model, get_model_state_dict(model), tp_group)}
     if optimizer is not None:
-        dims = split_dims(model)
-        state["optim"] = _optim_map(get_optimizer_state_dict(model, optimizer),
-                                    lambda name, t: gather_full(t, dims[name], tp_group) if name in dims else t)
+        state["optim"] = _full_optim_state(model, optimizer, tp_group)
     return state
 
 
-def _shard_app_state(model, state: dict, tp_group=None) -> dict:
-    """The inverse of `_app_state`: this rank's shards of the full states."""
+def _shard_model_state(model, state: dict, tp_group=None) -> dict:
     from lctrain.parallel.tensor_parallel import split_dims, take_shard
 
     dims = split_dims(model)
-    shard = lambda name, t: take_shard(t, dims[name], tp_group) if name in dims else t  # noqa: E731
-    out = {"model": {k: shard(k, v) for k, v in state["model"].items()}}
-    if "optim" in state:
-        out["optim"] = _optim_map(state["optim"], shard)
-    return out
+    return {k: take_shard(v, dims[k], tp_group) if k in dims else v for k, v in state.items()}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -262,14 +301,16 @@ def load_checkpoint(
 
     state = _app_state(model, optimizer, tp_group)  # full-size templates (their values are replaced)
     dcp.load(state, checkpoint_id=str(ckpt))
-    state = _shard_app_state(model, state, tp_group)
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, _shard_model_state(model, state["model"], tp_group))
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        _set_optim_state(model, optimizer, state["optim"], tp_group)
     if scheduler is not None and trainer.get("scheduler"):
         sched = scheduler.state_dict()
         sched.update({k: v for k, v in trainer["scheduler"].items() if k != "lr_lambdas"})
         scheduler.load_state_dict(sched)
+        if optimizer is not None:  # the LR the next step uses (the optimizer's hyper-parameters are not stored)
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
     per_rank = torch.load(_rank_file(ckpt, trainer, dp_rank, dp_size), weights_only=False)
     if loader is not None and per_rank["loader"] is not None and hasattr(loader, "load_state_dict"):
         loader.load_state_dict(per_rank["loader"])
@@ -292,7 +333,7 @@ def load_model_weights(path: str | os.PathLike, model, tp_group=None) -> Path:
             raise CheckpointError(f"train.init_from={str(path)!r}: weight {name!r} has shape {tuple(meta.size)} there, "
                                   f"{tuple(tensor.shape)} here; keep the model's sizes (d_model, heads, vocab_size, ...)")
     dcp.load(state, checkpoint_id=str(ckpt))
-    set_model_state_dict(model, _shard_app_state(model, state, tp_group)["model"])
+    set_model_state_dict(model, _shard_model_state(model, state["model"], tp_group))
     return ckpt
 
 

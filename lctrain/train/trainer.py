@@ -93,7 +93,7 @@ class Trainer:
                                  max_position=cfg.data.seq_len).to(device)
         broadcast_parameters(self.model, self.grad_group)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, t)
+        self.optimizer = build_optimizer(self.model, t, self.grad_group if t.get("shard_optimizer") else None)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.loader = None
         if data:
