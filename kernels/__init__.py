@@ -6,6 +6,7 @@ torch.distributed.
 from .api import (
     apply_transition,
     apply_transition_transposed,
+    check_cu_seqlens,
     delta_rule,
     gated_delta_rule,
     gated_linear_attn,
@@ -18,5 +19,6 @@ from .api import (
 __all__ = [
     "delta_rule", "gated_delta_rule", "gated_linear_attn",
     "shard_transition", "shard_state_grad", "apply_transition", "apply_transition_transposed",
+    "check_cu_seqlens",
     "register_backend", "resolve_backend",
 ]

@@ -126,7 +126,8 @@ def _check_tensor(name: str, x, ndim: int) -> None:
 
 
 def _validate(q, k, v, *, g=None, beta=None, need_g=False, need_beta=False, scale=None,
-              initial_state=None, chunk_size=64, v_name="v", check_q=True) -> None:
+              initial_state=None, chunk_size=64, v_name="v", check_q=True, cu_seqlens=None) -> list[int] | None:
+    """Checks every input; returns the document boundaries as ints when cu_seqlens is given."""
     if check_q:
         _check_tensor("q", q, 4)
     _check_tensor("k", k, 4)
@@ -153,11 +154,13 @@ def _validate(q, k, v, *, g=None, beta=None, need_g=False, need_beta=False, scal
         _check_tensor(name, x, 3)
         if tuple(x.shape) != (B, T, H):
             raise ValueError(f"{name} must be [B, T, H] = {[B, T, H]}, got {list(x.shape)}")
+    bounds = check_cu_seqlens(cu_seqlens, B, T, k.device)
     if initial_state is not None:
         _check_tensor("initial_state", initial_state, 4)
-        want = (B, H, K, v.shape[-1])
+        rows, what = (B, "B") if bounds is None else (len(bounds) - 1, "N (one per document of cu_seqlens)")
+        want = (rows, H, K, v.shape[-1])
         if tuple(initial_state.shape) != want:
-            raise ValueError(f"initial_state must be [B, H, K, V] = {list(want)}, got "
+            raise ValueError(f"initial_state must be [{what}, H, K, V] = {list(want)}, got "
                              f"{list(initial_state.shape)}")
     devices = {x.device for x in (q if check_q else None, k, v, g, beta, initial_state)
                if x is not None}
@@ -167,49 +170,135 @@ def _validate(q, k, v, *, g=None, beta=None, need_g=False, need_beta=False, scal
         raise TypeError(f"scale must be a real number or None, got {scale!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return bounds
+
+
+def check_cu_seqlens(cu_seqlens, batch: int, seq_len: int, device) -> list[int] | None:
+    """Validates packed-sequence boundaries; returns them as a list of ints (None for None).
+
+    ``cu_seqlens``: 1-D int32/int64 tensor ``[N+1]`` on ``device``, starting at 0, strictly
+    increasing, ending at ``seq_len``; only with ``batch == 1`` (the documents are packed into one
+    stream). Reads the values on the host: one small device-to-host copy per tensor, remembered while
+    the tensor lives unmodified (a model passes one cu_seqlens to all its layers)."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a 1-D int32/int64 torch.Tensor of document boundaries, got "
+                        f"{type(cu_seqlens).__name__}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [N+1] with N >= 1 documents, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if torch.device(device) != cu_seqlens.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}; move it "
+                         "to the inputs' device")
+    if batch != 1:
+        raise ValueError(f"cu_seqlens needs the documents packed into one stream of batch size 1, got batch "
+                         f"{batch}; reshape [B, T, ...] to [1, B*T, ...] and add the row ends to cu_seqlens")
+    seen = getattr(cu_seqlens, "_lctrain_bounds", None)
+    if seen is not None and seen[0] == cu_seqlens._version:
+        bounds = seen[1]
+    else:
+        bounds = [int(b) for b in cu_seqlens.tolist()]
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+    if bounds[-1] != seq_len:
+        raise ValueError(f"cu_seqlens must end at the sequence length T={seq_len}, got {bounds[-1]}")
+    bad = next((i for i in range(1, len(bounds)) if bounds[i] <= bounds[i - 1]), None)
+    if bad is not None:
+        raise ValueError(f"cu_seqlens must be strictly increasing (no empty documents); entries {bad - 1} and "
+                         f"{bad} are {bounds[bad - 1]}, {bounds[bad]}")
+    cu_seqlens._lctrain_bounds = (cu_seqlens._version, bounds)
+    return bounds
 
 
 # ----------------------------------------------------------------------------------------- the ops
 
-def _dispatch(op_name, backend, chunk_size, q, k, v, g, beta, **kw):
+def _dispatch(op_name, backend, chunk_size, q, k, v, g, beta, bounds=None, cu_seqlens=None, **kw):
     """Run a validated op on the chosen backend. g / beta are None where the mixer has none; the
-    Triton entry points take the ones it has positionally, in the order (g, beta)."""
+    Triton entry points take the ones it has positionally, in the order (g, beta).
+
+    With document boundaries (``bounds`` from ``cu_seqlens``): a backend function that takes a
+    ``cu_seqlens`` keyword gets it; the others run once per document (``per_document``)."""
     which = resolve_backend(backend, op_name, q.device)
     if which == "naive":
-        return naive.naive_recurrence(q, k, v, g=g, beta=beta, **kw)
-    if which == "torch":
-        return _chunk_module().chunk_recurrence(q, k, v, g=g, beta=beta, chunk_size=chunk_size, **kw)
-    fn = _REGISTRY.get((which, op_name)) or _triton_fn(op_name)[0]
-    gates = tuple(x for x in (g, beta) if x is not None)
-    return fn(q, k, v, *gates, chunk_size=chunk_size, **kw)
+        fn = lambda q, k, v, g, beta, **kw: naive.naive_recurrence(q, k, v, g=g, beta=beta, **kw)  # noqa: E731
+    elif which == "torch":
+        fn = lambda q, k, v, g, beta, **kw: _chunk_module().chunk_recurrence(  # noqa: E731
+            q, k, v, g=g, beta=beta, chunk_size=chunk_size, **kw)
+    else:
+        backend_fn = _REGISTRY.get((which, op_name)) or _triton_fn(op_name)[0]
+        if bounds is not None and _takes_cu_seqlens(backend_fn):
+            gates = tuple(x for x in (g, beta) if x is not None)
+            return backend_fn(q, k, v, *gates, chunk_size=chunk_size, cu_seqlens=cu_seqlens, **kw)
+
+        def fn(q, k, v, g, beta, **kw):
+            gates = tuple(x for x in (g, beta) if x is not None)
+            return backend_fn(q, k, v, *gates, chunk_size=chunk_size, **kw)
+    if bounds is None:
+        return fn(q, k, v, g, beta, **kw)
+    # naive / torch: exact per-document runs. Triton: its native varlen kernels are pending (a
+    # backend function that takes cu_seqlens is called directly above); until they land, one call
+    # of the ordinary kernels per document: exact, slower with many short documents.
+    return per_document(fn, bounds, q, k, v, g, beta, **kw)
+
+
+def _takes_cu_seqlens(fn: Callable) -> bool:
+    import inspect
+
+    try:
+        return "cu_seqlens" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def per_document(fn: Callable, bounds: list[int], q, k, v, g, beta, *, initial_state=None,
+                 output_final_state=False, **kw):
+    """Runs ``fn(q, k, v, g, beta, initial_state=, output_final_state=, **kw)`` on every document
+    ``[bounds[i], bounds[i+1])`` of a B=1 packed stream alone (document i starts from
+    ``initial_state[i]``, or zeros); returns (o [1, T, H, V], final states [N, H, K, V] or None)."""
+    cut = lambda x, s, e: None if x is None else x[:, s:e]  # noqa: E731
+    outs, finals = [], []
+    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        init = None if initial_state is None else initial_state[i:i + 1]
+        o, S = fn(cut(q, s, e), cut(k, s, e), cut(v, s, e), cut(g, s, e), cut(beta, s, e),
+                  initial_state=init, output_final_state=output_final_state, **kw)
+        outs.append(o)
+        finals.append(S)
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return o, (torch.cat(finals, dim=0) if output_final_state else None)
 
 
 def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
-               backend="auto", chunk_size=64):
+               backend="auto", chunk_size=64, cu_seqlens=None):
     """DeltaNet: S_t = (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T, o_t = scale S_t^T q_t.
 
-    Returns (o [B, T, H, V] in q.dtype, final state [B, H, K, V] float32 or None)."""
-    _validate(q, k, v, beta=beta, need_beta=True, scale=scale, initial_state=initial_state,
-              chunk_size=chunk_size)
-    return _dispatch("delta_rule", backend, chunk_size, q, k, v, None, beta,
+    Returns (o [B, T, H, V] in q.dtype, final state [B, H, K, V] float32 or None).
+
+    ``cu_seqlens`` (every op): int32/int64 ``[N+1]`` boundaries of N documents packed into one B=1
+    stream; the state restarts at each boundary, ``initial_state`` and the final state are then
+    ``[N, H, K, V]`` (one per document)."""
+    bounds = _validate(q, k, v, beta=beta, need_beta=True, scale=scale, initial_state=initial_state,
+                       chunk_size=chunk_size, cu_seqlens=cu_seqlens)
+    return _dispatch("delta_rule", backend, chunk_size, q, k, v, None, beta, bounds, cu_seqlens,
                      scale=scale, initial_state=initial_state, output_final_state=output_final_state)
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-                     backend="auto", chunk_size=64):
+                     backend="auto", chunk_size=64, cu_seqlens=None):
     """Gated DeltaNet: S_t = exp(g_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T."""
-    _validate(q, k, v, g=g, beta=beta, need_g=True, need_beta=True, scale=scale,
-              initial_state=initial_state, chunk_size=chunk_size)
-    return _dispatch("gated_delta_rule", backend, chunk_size, q, k, v, g, beta,
+    bounds = _validate(q, k, v, g=g, beta=beta, need_g=True, need_beta=True, scale=scale,
+                       initial_state=initial_state, chunk_size=chunk_size, cu_seqlens=cu_seqlens)
+    return _dispatch("gated_delta_rule", backend, chunk_size, q, k, v, g, beta, bounds, cu_seqlens,
                      scale=scale, initial_state=initial_state, output_final_state=output_final_state)
 
 
 def gated_linear_attn(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
-                      backend="auto", chunk_size=64):
+                      backend="auto", chunk_size=64, cu_seqlens=None):
     """Mamba-2 style scalar-gated linear attention: S_t = exp(g_t) S_{t-1} + k_t v_t^T."""
-    _validate(q, k, v, g=g, need_g=True, scale=scale, initial_state=initial_state,
-              chunk_size=chunk_size)
-    return _dispatch("gated_linear_attn", backend, chunk_size, q, k, v, g, None,
+    bounds = _validate(q, k, v, g=g, need_g=True, scale=scale, initial_state=initial_state,
+                       chunk_size=chunk_size, cu_seqlens=cu_seqlens)
+    return _dispatch("gated_linear_attn", backend, chunk_size, q, k, v, g, None, bounds, cu_seqlens,
                      scale=scale, initial_state=initial_state, output_final_state=output_final_state)
 
 
@@ -223,39 +312,63 @@ def _check_kind(kind, g, beta) -> tuple[bool, bool]:
     return need_g, need_beta
 
 
-def shard_transition(kind, k, v, *, g=None, beta=None, backend="auto", chunk_size=64):
+def shard_transition(kind, k, v, *, g=None, beta=None, backend="auto", chunk_size=64, cu_seqlens=None):
     """The shard as an affine map of its incoming state: S_out = A @ S_in + Bst.
 
     A: [B, H, K, K] float32 (= M_T ... M_1), or [B, H] (the scalar decay exp(sum g)) for "gla";
-    Bst: [B, H, K, V] float32, the shard's final state from a zero start. Runs without autograd."""
+    Bst: [B, H, K, V] float32, the shard's final state from a zero start. Runs without autograd.
+
+    With ``cu_seqlens`` (B=1, boundaries local to this shard): (A, Bst) of the shard's LAST document
+    piece, after its last boundary: S_out = A @ S_piece_start + Bst. Context parallelism cuts the
+    chain over ranks itself where a piece starts a document."""
     need_g, need_beta = _check_kind(kind, g, beta)
-    _validate(None, k, v, g=g, beta=beta, need_g=need_g, need_beta=need_beta,
-              chunk_size=chunk_size, check_q=False)
+    bounds = _validate(None, k, v, g=g, beta=beta, need_g=need_g, need_beta=need_beta,
+                       chunk_size=chunk_size, check_q=False, cu_seqlens=cu_seqlens)
     which = resolve_backend(backend, "shard_transition", k.device)
+    fn = _REGISTRY.get((which, "shard_transition")) or (_triton_fn("shard_transition")[0]
+                                                        if which == "triton" else None)
+    if bounds is not None:
+        if fn is not None and _takes_cu_seqlens(fn):
+            with torch.no_grad():
+                return fn(kind, k, v, g=g, beta=beta, chunk_size=chunk_size, cu_seqlens=cu_seqlens)
+        s = bounds[-2]  # the last piece alone (no boundary inside it)
+        k, v = k[:, s:], v[:, s:]
+        g, beta = (None if x is None else x[:, s:] for x in (g, beta))
     with torch.no_grad():
         if which == "naive":
             return naive.naive_shard_transition(k, v, g=g, beta=beta)
         if which == "torch":
             return _chunk_module().chunk_shard_transition(k, v, g=g, beta=beta, chunk_size=chunk_size)
-        fn = _REGISTRY.get((which, "shard_transition")) or _triton_fn("shard_transition")[0]
         return fn(kind, k, v, g=g, beta=beta, chunk_size=chunk_size)
 
 
 def shard_state_grad(kind, q, k, do, *, g=None, beta=None, scale=None, backend="auto",
-                     chunk_size=64):
+                     chunk_size=64, cu_seqlens=None):
     """G [B, H, K, V] float32 = d sum(o * do) / d initial_state for this shard's own outputs
-    (= sum_t scale (M_t ... M_1)^T q_t do_t^T). Runs without autograd."""
+    (= sum_t scale (M_t ... M_1)^T q_t do_t^T). Runs without autograd.
+
+    With ``cu_seqlens`` (B=1, boundaries local to this shard): the incoming state feeds only the
+    first document piece, so G comes from that piece's outputs alone."""
     need_g, need_beta = _check_kind(kind, g, beta)
-    _validate(q, k, do, g=g, beta=beta, need_g=need_g, need_beta=need_beta, scale=scale,
-              chunk_size=chunk_size, v_name="do", check_q=True)
+    bounds = _validate(q, k, do, g=g, beta=beta, need_g=need_g, need_beta=need_beta, scale=scale,
+                       chunk_size=chunk_size, v_name="do", check_q=True, cu_seqlens=cu_seqlens)
     which = resolve_backend(backend, "shard_state_grad", q.device)
+    fn = _REGISTRY.get((which, "shard_state_grad")) or (_triton_fn("shard_state_grad")[0]
+                                                        if which == "triton" else None)
+    if bounds is not None:
+        if fn is not None and _takes_cu_seqlens(fn):
+            with torch.no_grad():
+                return fn(kind, q, k, do, g=g, beta=beta, scale=scale, chunk_size=chunk_size,
+                          cu_seqlens=cu_seqlens)
+        e = bounds[1]  # the first piece alone
+        q, k, do = q[:, :e], k[:, :e], do[:, :e]
+        g, beta = (None if x is None else x[:, :e] for x in (g, beta))
     with torch.no_grad():
         if which == "naive":
             return naive.naive_shard_state_grad(q, k, do, g=g, beta=beta, scale=scale)
         if which == "torch":
             return _chunk_module().chunk_shard_state_grad(q, k, do, g=g, beta=beta, scale=scale,
                                                           chunk_size=chunk_size)
-        fn = _REGISTRY.get((which, "shard_state_grad")) or _triton_fn("shard_state_grad")[0]
         return fn(kind, q, k, do, g=g, beta=beta, scale=scale, chunk_size=chunk_size)
 
 

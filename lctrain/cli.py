@@ -16,7 +16,8 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "config": {"show": "lctrain.cli:config_show"},
     "data": {"prepare": "lctrain.data.prepare"},
     "eval": {"niah": "lctrain.eval.niah", "position-loss": "lctrain.eval.position_loss"},
-    "bench": {"kernels": "lctrain.bench.kernels", "cp": "lctrain.bench.cp", "layouts": "lctrain.bench.layouts", "record": "lctrain.bench.report"},
+    "bench": {"kernels": "lctrain.bench.kernels", "varlen": "lctrain.bench.varlen", "cp": "lctrain.bench.cp",
+              "layouts": "lctrain.bench.layouts", "record": "lctrain.bench.report"},
     "submit": "lctrain.submit",
 }
 
@@ -28,7 +29,9 @@ commands:
   data prepare ...                        write MDS shards (embedded text or your own files)
   eval niah --ckpt DIR ...                needle-in-a-haystack accuracy, JSON + heatmaps
   eval position-loss --ckpt DIR ...       next-token loss at every position, CSV/JSON + plot
-  bench kernels | cp | layouts | record   kernel / context-parallel / parallel-layout benchmarks; record into BENCHMARKS.md
+  bench kernels | varlen | cp | layouts | record
+                                          kernel / packed-document / context-parallel / parallel-layout
+                                          benchmarks; record into BENCHMARKS.md
   submit RECIPE.yaml [key=value ...]      render and submit a SLURM job
 
 `lctrain <command> [<sub-command>] --help` for details."""

@@ -30,8 +30,6 @@ ROPE_LAYERS = ("all", "sliding")
 KERNEL_BACKENDS = ("auto", "naive", "torch", "triton")
 
 
-# Longest data.seq_len with model.document_end_id set: the document mask is a dense T x T tensor.
-MAX_DOCUMENT_MASK_LEN = 16384
 
 
 class ConfigError(ValueError):
@@ -72,8 +70,8 @@ class ModelConfig:
     # the long-range retrieval: docs/eval-notes.md)
     attn_conv_layers: str = "global"
     # token id that ends a packed document (the tokenizer's EOS: 257 for the byte tokenizer); when set,
-    # attention never looks across it, so packed documents do not see each other. null = whole-sample
-    # attention. It uses a dense T x T mask, so only up to MAX_DOCUMENT_MASK_LEN tokens.
+    # no layer looks across it (attention masks other documents, recurrent states and short convs
+    # restart), so packed documents do not see each other, at any length. null = one stream per sample.
     document_end_id: Optional[int] = 257
     mlp_ratio: float = 4.0  # SwiGLU hidden size = mlp_ratio * 2/3 * d_model, rounded up to 32
     norm_eps: float = 1e-6
@@ -227,6 +225,7 @@ def validate(cfg: DictConfig) -> None:
         _fail("model.attn_conv_size", f"must be >= 0, got {m.attn_conv_size}", "use 0 (no conv) or a kernel size such as 4")
     if m.attn_conv_layers not in ("all", "global"):
         _fail("model.attn_conv_layers", f"unknown value {m.attn_conv_layers!r}", "use all or global")
+    # (an id >= model.vocab_size is refused by the tokenizer check of `lctrain train` and by the model)
     if m.document_end_id is not None and m.document_end_id < 0:
         _fail("model.document_end_id", f"{m.document_end_id} is not a token id",
               "use the tokenizer's EOS id (257 for the byte tokenizer) or null")
@@ -308,9 +307,6 @@ def validate(cfg: DictConfig) -> None:
         _fail("train.lr", f"must be positive, got {t.lr}", "set a learning rate such as 3e-4")
     if t.answer_loss_weight < 0:
         _fail("train.answer_loss_weight", f"must be >= 0, got {t.answer_loss_weight}", "use 1 for the plain LM loss")
-    if m.document_end_id is not None and d.seq_len > MAX_DOCUMENT_MASK_LEN:
-        _fail("model.document_end_id", f"document masking builds a seq_len x seq_len mask, too large at seq_len={d.seq_len}",
-              f"set model.document_end_id=null for seq_len > {MAX_DOCUMENT_MASK_LEN}")
     if t.init_from and not Path(os.path.expanduser(str(t.init_from))).exists():
         _fail("train.init_from", f"{t.init_from!r} does not exist", "pass a run's out_dir or one of its ckpt/step_<n> folders, or null")
     if t.grad_accum < 1:

@@ -26,6 +26,16 @@ Conventions
   other ranks may pass None or anything of the right shape: it is ignored there and gets no gradient.
 - With ``output_final_state=True`` every rank returns the outgoing state of ITS shard, S_out(r);
   on the last rank that is the sequence's final state. A gradient on any of them is honoured.
+- Packed documents: ``cu_seqlens`` is the GLOBAL boundary tensor (``[N+1]`` over the P * T_local
+  tokens, B = 1), identical on every rank; documents may start, end or span whole shards. A shard
+  holding a boundary (at its first token or inside) cuts the chain: its transition is that of its
+  last document piece, with A = 0, so no state crosses a document end. Its first piece continues the
+  previous rank's state unless a document starts at the shard's first token; every other piece starts
+  from zero or from its document's row of ``initial_state`` ``[N, H, K, V]``, which every rank then
+  passes (the same tensor): each rank uses, and gives gradient to, the rows of the documents that
+  start in its shard, so the full gradient is the sum over ranks. With ``output_final_state`` each
+  rank returns ``[N, H, K, V]``: for every document with tokens in its shard, the state after its
+  last token there (the document's final state on the rank where it ends), zeros elsewhere.
 - Activation checkpointing (torch.utils.checkpoint, non-reentrant): the replay of the forward during
   the backward reuses the gathered (A, fold) of the original forward instead of a second state pass
   and all-gather when the match is unambiguous: the CP callable (one per layer: create it once, e.g.
@@ -35,6 +45,7 @@ Conventions
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import weakref
 from typing import Callable
@@ -45,6 +56,7 @@ import torch.distributed as dist
 from lctrain.kernels import (
     apply_transition,
     apply_transition_transposed,
+    check_cu_seqlens,
     delta_rule,
     gated_delta_rule,
     gated_linear_attn,
@@ -83,6 +95,33 @@ def context_parallel(op, group) -> "ContextParallelOp":
     return ContextParallelOp(op, group)
 
 
+class _ShardDocuments:
+    """Where the global document boundaries fall in this rank's shard [lo, lo + T)."""
+
+    def __init__(self, bounds: list[int], rank: int, T: int, device):
+        lo = rank * T
+        self.n_docs = len(bounds) - 1
+        inside = [b - lo for b in bounds if lo < b < lo + T]
+        self.local_bounds = [0] + inside + [T]
+        self.n_pieces = len(self.local_bounds) - 1
+        self.first_doc = bisect.bisect_right(bounds, lo) - 1     # the document holding token lo
+        self.fresh = bounds[self.first_doc] == lo                # a document starts at the shard's first token
+        self.cut = self.fresh or bool(inside)                    # no state passes through this shard
+        self.local_cu = (None if self.n_pieces == 1 else
+                         torch.tensor(self.local_bounds, dtype=torch.int32, device=device))
+        self.fingerprint = (self.n_docs, sum((i + 1) * b for i, b in enumerate(bounds)) % (2 ** 61))
+
+    def piece_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of ``x`` [N, ...] for the documents of this shard's pieces."""
+        return x[self.first_doc:self.first_doc + self.n_pieces]
+
+    def to_global(self, finals: torch.Tensor) -> torch.Tensor:
+        """[n_pieces, H, K, V] -> [N, H, K, V] with zeros for documents not in this shard."""
+        before = finals.new_zeros(self.first_doc, *finals.shape[1:])
+        after = finals.new_zeros(self.n_docs - self.first_doc - self.n_pieces, *finals.shape[1:])
+        return torch.cat([before, finals, after])
+
+
 class _Stash:
     """What a forward gathered, kept (detached, small) for a checkpoint replay of that forward."""
     __slots__ = ("A_all", "S_in", "backward_done", "__weakref__")
@@ -119,34 +158,75 @@ class ContextParallelOp:
         return f"context_parallel({self.name}, cp={self.size}, rank={self.rank})"
 
     def __call__(self, q, k, v, *args, scale=None, initial_state=None, output_final_state=False,
-                 backend="auto", chunk_size=64):
+                 backend="auto", chunk_size=64, cu_seqlens=None):
         if len(args) != len(self._extra):
             raise TypeError(f"{self.name}(q, k, v, {', '.join(self._extra)}, *, ...) takes {3 + len(self._extra)} "
                             f"positional tensors, got {3 + len(args)}")
         local = _LOCAL_OPS[self.kind]
         if self.size == 1:
-            return local(q, k, v, *args, scale=scale, initial_state=initial_state,
+            return local(q, k, v, *args, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
                          output_final_state=output_final_state, backend=backend, chunk_size=chunk_size)
         named = dict(zip(self._extra, args))
         g, beta = named.get("g"), named.get("beta")
+        docs, cu_problem = self._documents(cu_seqlens, k)
         stash = self._replay_stash()
         if stash is None:
-            signature = _signature(q, k, v, g, beta, chunk_size)
+            signature = _signature(q, k, v, g, beta, chunk_size) + (
+                None if docs is None else docs.fingerprint, cu_problem, initial_state is None)
             if signature != self._validated:
-                self._check_inputs(q, k, v, g, beta, initial_state, chunk_size)
+                self._check_inputs(q, k, v, g, beta, initial_state, chunk_size, docs, cu_problem)
                 self._validated = signature
                 self.shape_checks += 1
-            A_all, S_in = self._gather_and_fold(k, v, g, beta, initial_state, backend, chunk_size)
+            A_all, S_in = self._gather_and_fold(k, v, g, beta, initial_state, backend, chunk_size, docs)
             stash = _Stash(A_all, S_in)
             if torch.is_grad_enabled() and not _in_backward():
                 self._stashes = [r for r in self._stashes if r() is not None] + [weakref.ref(stash)]
-        # rank 0 feeds the caller's initial state itself (differentiable); other ranks the fold
-        start = initial_state if self.rank == 0 else stash.S_in
-        o, s_out = local(q, k, v, *args, scale=scale, initial_state=start, output_final_state=True,
-                         backend=backend, chunk_size=chunk_size)
+        if docs is None:
+            # rank 0 feeds the caller's initial state itself (differentiable); other ranks the fold
+            start = initial_state if self.rank == 0 else stash.S_in
+            o, s_out = local(q, k, v, *args, scale=scale, initial_state=start, output_final_state=True,
+                             backend=backend, chunk_size=chunk_size)
+            finals = None
+        else:
+            o, finals = local(q, k, v, *args, scale=scale, initial_state=self._piece_starts(docs, initial_state, stash),
+                              output_final_state=True, backend=backend, chunk_size=chunk_size,
+                              cu_seqlens=docs.local_cu)
+            s_out = finals
         if torch.is_grad_enabled() and (o.requires_grad or s_out.requires_grad):
-            o, s_out = _StateGradExchange.apply(o, s_out, q, k, g, beta, self, stash, scale, backend, chunk_size)
-        return o, (s_out if output_final_state else None)
+            o, s_out = _StateGradExchange.apply(o, s_out, q, k, v, g, beta, self, stash, scale, backend, chunk_size,
+                                                docs)
+        if not output_final_state:
+            return o, None
+        return o, (s_out if docs is None else docs.to_global(s_out))
+
+    def _documents(self, cu_seqlens, k) -> tuple[_ShardDocuments | None, str]:
+        """This shard's view of the global boundaries, or the problem with them (raised on every rank
+        by _check_inputs, so that no rank is left alone in a collective)."""
+        if cu_seqlens is None:
+            return None, ""
+        if not (isinstance(k, torch.Tensor) and k.dim() == 4):
+            return None, ""  # _check_inputs names the bad k
+        B, T = k.shape[:2]
+        try:
+            bounds = check_cu_seqlens(cu_seqlens, B, self.size * T, k.device)
+        except (TypeError, ValueError) as err:
+            return None, (f"{self.name} under context parallelism: {err} (cu_seqlens is the GLOBAL boundary tensor "
+                          f"of the whole sequence, T = {self.size} ranks x {T} tokens, the same on every rank)")
+        return _ShardDocuments(bounds, self.rank, T, k.device), ""
+
+    def _piece_starts(self, docs: _ShardDocuments, initial_state, stash: _Stash):
+        """Initial state of every document piece of this shard: the fold for a first piece that
+        continues the previous rank's document, the document's row of initial_state (or zeros) for
+        pieces that start one."""
+        if initial_state is None:
+            if docs.fresh:
+                return None
+            zeros = stash.S_in.new_zeros(docs.n_pieces - 1, *stash.S_in.shape[1:])
+            return torch.cat([stash.S_in, zeros])
+        rows = docs.piece_rows(initial_state)
+        if docs.fresh:
+            return rows
+        return torch.cat([stash.S_in.to(rows.dtype), rows[1:]])
 
     # ------------------------------------------------------------------------------------ forward
 
@@ -160,7 +240,7 @@ class ContextParallelOp:
         self.replays_reused += 1
         return live[0]
 
-    def _check_inputs(self, q, k, v, g, beta, initial_state, chunk_size) -> None:
+    def _check_inputs(self, q, k, v, g, beta, initial_state, chunk_size, docs=None, cu_problem="") -> None:
         """Local checks, then one tiny all-gather so that every rank sees every rank's shapes and
         raises the same error (a rank failing alone would leave the others hanging in a collective).
 
@@ -168,7 +248,7 @@ class ContextParallelOp:
         costs a host-device sync. Ranks whose shapes agree change them together, so they skip or
         check together; only shapes that change on some ranks alone can then reach the state
         all-gather unchecked (and fail there, or hang on NCCL until its timeout)."""
-        problem = ""
+        problem = cu_problem
         try:
             for name, x, nd in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("g", g, 3), ("beta", beta, 3)):
                 if x is not None and (not isinstance(x, torch.Tensor) or x.dim() != nd):
@@ -180,12 +260,21 @@ class ContextParallelOp:
                     f"{self.name} under context parallelism: each of the {self.size} ranks holds T_local={T} tokens, "
                     f"not a multiple of chunk_size={chunk_size}; make the sequence length a multiple of "
                     f"cp * chunk_size = {self.size * chunk_size} (data.seq_len) or lower model.chunk_size")
+            if docs is not None and initial_state is not None and (
+                    not isinstance(initial_state, torch.Tensor) or initial_state.dim() != 4
+                    or initial_state.shape[0] != docs.n_docs):
+                raise ContextParallelError(
+                    f"{self.name} under context parallelism with cu_seqlens: initial_state must be [N, H, K, V] with "
+                    f"N = {docs.n_docs} documents, the same tensor on every rank; got "
+                    f"{getattr(initial_state, 'shape', type(initial_state).__name__)}")
         except ContextParallelError as err:
-            problem = str(err)
+            problem = problem or str(err)
         B, T, H, K = (tuple(k.shape) + (0, 0, 0, 0))[:4] if isinstance(k, torch.Tensor) else (0, 0, 0, 0)
         V = v.shape[-1] if isinstance(v, torch.Tensor) else 0
         meta = torch.tensor([B, T, H, K, V, _KIND_IDS[self.kind], int(chunk_size) if isinstance(chunk_size, int) else -1,
-                             int(bool(problem))], dtype=torch.int64,
+                             int(bool(problem)), -1 if docs is None else docs.fingerprint[0],
+                             -1 if docs is None else docs.fingerprint[1],
+                             -1 if docs is None else int(initial_state is not None)], dtype=torch.int64,
                             device=_comm_device(k if isinstance(k, torch.Tensor) else None, self.group))
         metas = _all_gather(meta, self.group).tolist()
         if problem:
@@ -194,19 +283,34 @@ class ContextParallelOp:
         if bad:
             raise ContextParallelError(f"{self.name}: CP rank(s) {bad} rejected their input (see their error); "
                                        "every rank must pass a valid shard")
+        if any(m[8:] != metas[0][8:] for m in metas):
+            raise ContextParallelError(f"{self.name}: CP ranks disagree on cu_seqlens or on passing initial_state with it "
+                                       f"(rank: [N, fingerprint, has initial_state] = "
+                                       f"{ {r: m[8:] for r, m in enumerate(metas)} }); pass the same GLOBAL cu_seqlens "
+                                       "(and initial_state, or None) on every rank")
         if any(m != metas[0] for m in metas):
             rows = "; ".join(f"rank {r}: B,T,H,K,V={m[:5]} chunk={m[6]}" for r, m in enumerate(metas))
             raise ContextParallelError(f"{self.name}: CP ranks disagree on shapes ({rows}); every rank must pass "
                                        "an equal-length contiguous shard of the same batch")
 
-    def _gather_and_fold(self, k, v, g, beta, initial_state, backend, chunk_size):
-        A, Bst = shard_transition(self.kind, k, v, g=g, beta=beta, backend=backend, chunk_size=chunk_size)
+    def _gather_and_fold(self, k, v, g, beta, initial_state, backend, chunk_size, docs=None):
+        cu = None if docs is None else docs.local_cu
+        # with documents: the transition of the last piece (the only one when none starts inside)
+        A, Bst = shard_transition(self.kind, k, v, g=g, beta=beta, backend=backend, chunk_size=chunk_size,
+                                  cu_seqlens=cu)
         dt = torch.promote_types(torch.float32, Bst.dtype)
         with _exact(k.device):
             A, Bst = A.to(dt), Bst.to(dt)
-            if self.rank == 0 and initial_state is not None:
-                # rank 0 hands on its real outgoing state, S_out(0) = A_0 S_0 + B_0
-                Bst = apply_transition(A, initial_state.detach().to(dt)) + Bst
+            if docs is None:
+                if self.rank == 0 and initial_state is not None:
+                    # rank 0 hands on its real outgoing state, S_out(0) = A_0 S_0 + B_0
+                    Bst = apply_transition(A, initial_state.detach().to(dt)) + Bst
+            elif docs.cut:
+                # the last piece starts a document: its outgoing state does not depend on S_in
+                if initial_state is not None:
+                    start = docs.piece_rows(initial_state)[-1:].detach().to(dt)
+                    Bst = apply_transition(A, start) + Bst
+                A = torch.zeros_like(A)
             packed = torch.cat([A.reshape(-1), Bst.reshape(-1)])
             gathered = _all_gather(packed, self.group)          # [P, n]
             self.gathers += 1
@@ -220,9 +324,29 @@ class ContextParallelOp:
 
     # ----------------------------------------------------------------------------------- backward
 
-    def _fold_gradients(self, stash: _Stash, q, k, g, beta, do, u, scale, backend, chunk_size):
-        """dS_out(r) from this rank's output gradient do and final-state gradient u (or None)."""
-        G = shard_state_grad(self.kind, q, k, do, g=g, beta=beta, scale=scale, backend=backend, chunk_size=chunk_size)
+    def _fold_gradients(self, stash: _Stash, q, k, v, g, beta, do, u, scale, backend, chunk_size, docs=None):
+        """dS_out(r) from this rank's output gradient do and final-state gradient u (or None).
+
+        With documents, S_in(r) feeds only a first piece that continues a document: G comes from its
+        outputs and, when it is not also the last piece, from the gradient u_first on its own final
+        state (A_first^T u_first); u is then the gradient of the per-piece final states."""
+        u_first = None
+        if docs is not None and u is not None:
+            if docs.n_pieces > 1 and not docs.fresh:
+                u_first = u[:1]
+            u = u[-1:]
+        if docs is not None and docs.fresh:
+            G = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], do.shape[3], dtype=stash.A_all.dtype)
+        else:
+            G = shard_state_grad(self.kind, q, k, do, g=g, beta=beta, scale=scale, backend=backend,
+                                 chunk_size=chunk_size, cu_seqlens=None if docs is None else docs.local_cu)
+        if u_first is not None:
+            e = docs.local_bounds[1]
+            cut = lambda x: None if x is None else x[:, :e]  # noqa: E731
+            A_first, _ = shard_transition(self.kind, k[:, :e], v[:, :e], g=cut(g), beta=cut(beta),
+                                          backend=backend, chunk_size=chunk_size)
+            with _exact(q.device):
+                G = G.to(A_first.dtype) + apply_transition_transposed(A_first, u_first.to(A_first.dtype))
         A_all = stash.A_all
         with _exact(q.device):
             G = G.to(A_all.dtype)
@@ -281,12 +405,14 @@ _gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_int
 
 class _StateGradExchange(torch.autograd.Function):
     """Identity on (o, final_state) in the forward. In the backward it runs steps 5-7 of the module
-    docstring and hands the local op's backward the gradient of its final state, dS_out(r)."""
+    docstring and hands the local op's backward the gradient of its final state, dS_out(r).
+    With documents ``s_out`` holds the final state of every document piece of the shard (the last
+    is S_out(r)); only the last one's gradient changes."""
 
     @staticmethod
-    def forward(ctx, o, s_out, q, k, g, beta, cp_op, stash, scale, backend, chunk_size):
-        ctx.save_for_backward(q, k, g, beta)
-        ctx.cp_op, ctx.stash = cp_op, stash
+    def forward(ctx, o, s_out, q, k, v, g, beta, cp_op, stash, scale, backend, chunk_size, docs):
+        ctx.save_for_backward(q, k, v, g, beta)
+        ctx.cp_op, ctx.stash, ctx.docs = cp_op, stash, docs
         ctx.scale, ctx.backend, ctx.chunk_size = scale, backend, chunk_size
         ctx.o_shape, ctx.s_dtype = o.shape, s_out.dtype
         ctx.set_materialize_grads(False)  # an unused final state costs nothing in the backward
@@ -294,11 +420,15 @@ class _StateGradExchange(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, ds_user):
-        q, k, g, beta = ctx.saved_tensors
+        q, k, v, g, beta = ctx.saved_tensors
         cp_op, stash = ctx.cp_op, ctx.stash
         stash.backward_done = True
         if do is None:  # every rank must still take part in the gather
             do = torch.zeros(ctx.o_shape, dtype=q.dtype, device=q.device)
-        ds_out = cp_op._fold_gradients(stash, q, k, g, beta, do.to(q.dtype), ds_user, ctx.scale, ctx.backend,
-                                       ctx.chunk_size)
-        return (do, ds_out.to(ctx.s_dtype), None, None, None, None, None, None, None, None, None)
+        ds_out = cp_op._fold_gradients(stash, q, k, v, g, beta, do.to(q.dtype), ds_user, ctx.scale, ctx.backend,
+                                       ctx.chunk_size, ctx.docs).to(ctx.s_dtype)
+        if ctx.docs is not None and ctx.docs.n_pieces > 1:
+            earlier = (torch.zeros((ctx.docs.n_pieces - 1,) + tuple(ds_out.shape[1:]), dtype=ds_out.dtype,
+                                   device=ds_out.device) if ds_user is None else ds_user[:-1])
+            ds_out = torch.cat([earlier, ds_out])
+        return (do, ds_out, None, None, None, None, None, None, None, None, None, None, None)

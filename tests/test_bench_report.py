@@ -27,3 +27,17 @@ def test_record_appends_and_keeps_what_was_there(tmp_path):
     assert cli_main(["bench", "record", str(path), "--md", str(md)]) == 0
     text = md.read_text()
     assert text.startswith(first) and "Second run" in text
+
+
+def test_bench_varlen_document_bounds_and_cli():
+    """The varlen bench's packed layout: --docs documents of >= 1 token covering T exactly; the
+    command is routed and refuses more documents than tokens."""
+    import pytest
+
+    from lctrain.bench.varlen import _parse, document_bounds
+
+    b = document_bounds(1000, 64, seed=3)
+    assert b[0] == 0 and b[-1] == 1000 and len(b) == 65 and all(x < y for x, y in zip(b, b[1:]))
+    assert document_bounds(1000, 64, seed=3) == b
+    with pytest.raises(SystemExit):
+        _parse(["--T", "10", "--docs", "64"])

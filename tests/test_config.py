@@ -66,7 +66,6 @@ def test_every_recipe_validates_and_every_key_takes_effect(recipe):
         (["model.attn_conv_size=-1"], "model.attn_conv_size", "use 0 (no conv)"),
         (["model.attn_conv_layers=sliding"], "model.attn_conv_layers", "use all or global"),
         (["model.document_end_id=-1"], "model.document_end_id", "tokenizer's EOS id"),
-        (["data.seq_len=32768"], "model.document_end_id", "set model.document_end_id=null"),
         (["parallel.cp=8", "data.seq_len=16", "model.attn_heads=8", "model.window=2", "model.chunk_size=2", "model.conv_size=2"],
          "model.attn_conv_size", "smaller attn_conv_size"),
         (["train.answer_loss_weight=-1"], "train.answer_loss_weight", "plain LM loss"),

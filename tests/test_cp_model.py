@@ -5,8 +5,8 @@ each CP rank takes its contiguous slice of the same (seq_len + 1)-token sample; 
 lm_loss, gradients summed over the dp x cp group by the training loop's reduce_gradients, then one
 SGD step. Compared with the same step on one process over the full sequence: the loss, every
 parameter gradient and every updated parameter. Layers: gated DeltaNet, sliding-window attention
-(halo), DeltaNet, Mamba-2 (context_parallel + conv halos) and global attention (Ulysses); activation
-checkpointing off and on (where replays must reuse the gathered states: one all-gather per layer).
+(halo), DeltaNet, Mamba-2 (context_parallel + conv halos) and global attention (Ulysses), with packed
+documents kept apart in every layer; activation checkpointing off and on.
 """
 from __future__ import annotations
 
@@ -31,13 +31,17 @@ def tiny_model_cfg(checkpointing: bool):
     m.window, m.conv_size, m.mlp_ratio, m.chunk_size = 5, 3, 2.0, 4
     m.kernel_backend = "torch"
     m.checkpoint_activations = checkpointing
+    m.document_end_id = 63  # packed documents in every layer (see sample)
     return m
 
 
 def sample(seed: int):
-    """(input_ids, labels) of one (seq_len + 1)-token sample, batch of 2, some labels ignored."""
+    """(input_ids, labels) of one (seq_len + 1)-token sample, batch of 2, some labels ignored; packed
+    documents (token 63 ends one) crossing the CP shard edges, different in each row."""
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 64, (2, SEQ_LEN + 1), generator=gen)
+    tokens = torch.randint(0, 63, (2, SEQ_LEN + 1), generator=gen)
+    tokens[0, [2, 6]] = 63
+    tokens[1, 9] = 63
     labels = tokens[:, 1:].clone()
     labels[0, 3] = labels[1, SEQ_LEN - 2] = -100
     return tokens[:, :-1], labels
@@ -75,8 +79,8 @@ def model_worker(rank, world, cp, checkpoint_modes):
         batch = sample(100 + mesh.dp_rank())
         loss, grads, params = one_step(model, [batch], cp_group=mesh.cp_group(), cp_rank=mesh.cp_rank(), cp_size=cp,
                                        grad_group=mesh.dp_cp_group(), dp_size=mesh.dp_size())
-        counts = [(b.mixer._cp_op.gathers, b.mixer._cp_op.replays_reused) for b in model.blocks
-                  if getattr(b.mixer, "_cp_op", None) is not None]
+        counts = [(op.gathers, op.replays_reused) for b in model.blocks if hasattr(b.mixer, "cp_ops")
+                  for op in b.mixer.cp_ops()]
         out.append(dict(checkpointing=checkpointing, loss=loss, grads=grads,
                         params=params, counts=counts))
     return out
@@ -110,8 +114,9 @@ def check(results, dp: int):
                 assert _rel(got, ref) <= RTOL, f"{where}: gradient of {name} differs by {_rel(got, ref):.2e}"
             for name, got, ref in zip(names, res["params"], ref_params):
                 assert _rel(got, ref) <= RTOL, f"{where}: updated {name} differs by {_rel(got, ref):.2e}"
-            # one state all-gather per linear layer per step; under checkpointing the replay reuses it
-            assert len(res["counts"]) == 3, res["counts"]
+            # one state all-gather per linear layer and batch row (packed documents run row by row)
+            # per step; under checkpointing the replay reuses it
+            assert len(res["counts"]) == 3 * 2, res["counts"]
             want = (1, 1) if ckpt else (1, 0)
             assert all(c == want for c in res["counts"]), (where, res["counts"])
 

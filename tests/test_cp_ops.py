@@ -166,8 +166,87 @@ CKPT_MODES = ("non_reentrant", "reentrant")
 ERROR_CASES = ("mismatch", "ragged", "heads", "recheck")
 
 
+# ------------------------------------------------------------------ packed documents (cu_seqlens)
+# (seed, kind, T_local, backend, chunk, global boundaries, with initial_state): documents that cross
+# shard edges, start exactly at one, span whole shards, of one token and shorter than a chunk
+H_DOC, K_DOC, V_DOC = 2, 4, 3
+DOC_CASES = {
+    2: [(21, "gated_delta", 8, "torch", 4, [0, 3, 8, 9, 16], True),
+        (22, "delta", 8, "naive", 4, [0, 16], False),
+        (23, "gla", 8, "torch", 4, [0, 11, 16], True)],
+    3: [(31, "delta", 8, "torch", 4, [0, 5, 6, 19, 24], True),
+        (32, "gla", 8, "naive", 4, [0, 8, 16, 24], False),
+        (33, "gated_delta", 8, "torch", 8, [0, 1, 17, 24], False)],
+    4: [(41, "gla", 4, "torch", 4, [0, 2, 13, 16], True),
+        (42, "gated_delta", 4, "naive", 4, [0, 7, 8, 12, 15, 16], True),
+        (43, "delta", 4, "torch", 4, [0, 6, 16], False)],
+}
+
+
+def doc_inputs(case, P):
+    seed, kind, Tl, _, _, bounds, with_init = case
+    x = make_inputs(seed, kind, 1, P * Tl, H_DOC, K_DOC, V_DOC, False)
+    gen = torch.Generator().manual_seed(seed + 3)
+    N = len(bounds) - 1
+    x["init"] = torch.randn(N, H_DOC, K_DOC, V_DOC, generator=gen) if with_init else None
+    W = [torch.randn(N, H_DOC, K_DOC, V_DOC, generator=gen) for _ in range(P)]
+    return x, W
+
+
+def doc_reference(case, P):
+    """One process: the stream cut at every document boundary and shard edge, each segment run alone,
+    chained through the state inside a document; rank r's returned states are those at the ends of its
+    segments."""
+    import bisect
+
+    from lctrain import kernels
+    seed, kind, Tl, _, _, bounds, with_init = case
+    x, W = doc_inputs(case, P)
+    t = leaves(kind, x, slice(None))
+    init = x["init"].clone().requires_grad_() if with_init else None
+    fn = getattr(kernels, OPS[kind])
+    args = op_args(kind, t)
+    cuts = sorted(set(bounds) | {r * Tl for r in range(P + 1)})
+    states = [torch.zeros(len(bounds) - 1, H_DOC, K_DOC, V_DOC) for _ in range(P)]
+    outs, state, loss = [], None, 0.0
+    for s, e in zip(cuts[:-1], cuts[1:]):
+        d, r = bisect.bisect_right(bounds, s) - 1, s // Tl
+        if s == bounds[d]:
+            state = None if init is None else init[d:d + 1]
+        o, state = fn(*(a[:, s:e] for a in args), initial_state=state, output_final_state=True, backend="naive")
+        outs.append(o)
+        states[r] = states[r].index_copy(0, torch.tensor([d]), state)
+        loss = loss + (o * x["do"][:, s:e]).sum() + (state * W[r][d]).sum()
+    loss.backward()
+    return dict(o=torch.cat(outs, 1).detach(), states=[s.detach() for s in states],
+                grads={n: v.grad for n, v in t.items()}, init_grad=None if init is None else init.grad)
+
+
+def cp_doc_worker(rank, P, cases):
+    import torch.distributed as dist
+
+    from lctrain import kernels
+    from lctrain.parallel import context_parallel
+
+    out = []
+    for case in cases:
+        seed, kind, Tl, backend, chunk, bounds, with_init = case
+        x, W = doc_inputs(case, P)
+        t = leaves(kind, x, slice(rank * Tl, (rank + 1) * Tl))
+        init = x["init"].clone().requires_grad_() if with_init else None
+        cp_op = context_parallel(getattr(kernels, OPS[kind]), dist.group.WORLD)
+        o, s = cp_op(*op_args(kind, t), initial_state=init, output_final_state=True, backend=backend,
+                     chunk_size=chunk, cu_seqlens=torch.tensor(bounds))
+        loss = (o * x["do"][:, rank * Tl:(rank + 1) * Tl]).sum() + (s * W[rank]).sum()
+        loss.backward()
+        out.append(dict(o=o.detach(), state=s.detach(), grads={n: v.grad for n, v in t.items()},
+                        init_grad=None if init is None else init.grad))
+    return out
+
+
 def world_worker(rank, P):
-    out = {"ops": cp_worker(rank, P, OPS_CASES[P]), "comm": comm_worker(rank, P, *COMM_ARGS[P])}
+    out = {"ops": cp_worker(rank, P, OPS_CASES[P]), "comm": comm_worker(rank, P, *COMM_ARGS[P]),
+           "docs": cp_doc_worker(rank, P, DOC_CASES[P])}
     if P == 4:
         out["mesh"] = mesh_worker(rank, P)
     if P == 2:
@@ -192,6 +271,25 @@ def test_cp_ops_match_single_process(P):
     check_world(P, OPS_CASES[P], results)
     for r in range(P):
         assert all(res["gathers"] == 1 for res in results[r]), "one state all-gather per forward"
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_cp_with_cu_seqlens_matches_single_process(P):
+    """Packed documents under CP (global cu_seqlens): outputs, each rank's per-document states, the
+    gradients of every input and (summed over ranks) of the per-document initial states."""
+    results = part(P, "docs")
+    for i, case in enumerate(DOC_CASES[P]):
+        ref = doc_reference(case, P)
+        Tl = case[2]
+        for r in range(P):
+            got, sl, tag = results[r][i], slice(r * Tl, (r + 1) * Tl), f"case {case} rank {r}"
+            assert_close(got["o"], ref["o"][:, sl], f"{tag}: output")
+            assert_close(got["state"], ref["states"][r], f"{tag}: per-document states")
+            for name, g in got["grads"].items():
+                assert_close(g, ref["grads"][name][:, sl], f"{tag}: d{name}")
+        if ref["init_grad"] is not None:
+            assert_close(sum(results[r][i]["init_grad"] for r in range(P)), ref["init_grad"],
+                         f"case {case}: d initial_state summed over ranks")
 
 
 def test_cp_under_activation_checkpointing():

@@ -365,6 +365,32 @@ def test_loader_slices_the_answer_mask_like_the_labels(tmp_path):
         write_mds(tmp_path / "bad", list(data), answer_masks=[np.zeros(5)], sample_len=17, dtype=np.uint16)
 
 
+def test_loader_hands_the_global_document_bounds_to_the_model(tmp_path):
+    """With document_end_id the loader gives each CP rank the WHOLE sample's boundaries (no scan and
+    no all-gather in the model); the model given them computes what it computes finding them itself."""
+    from lctrain.config import default_config
+    from lctrain.models import build_model
+
+    data = np.random.default_rng(2).integers(0, 60, size=(4, 17))
+    data[:, [2, 7, 8]] = 63  # ends: a one-token document at 8, one crossing the CP shard edge at 8
+    data[0, 15] = 63         # the last input token: no boundary inside beyond T
+    path = write_mds(tmp_path / "docs", list(data), sample_len=17, dtype=np.uint16)
+    cfg = _data_cfg(source=str(path), seq_len=16, micro_batch_size=2)
+    loaders = [iter(build_train_loader(cfg, dp_rank=0, dp_size=1, cp_rank=r, cp_size=2, document_end_id=63))
+               for r in range(2)]
+    b0, b1 = next(loaders[0]), next(loaders[1])
+    assert b0["doc_bounds"] == b1["doc_bounds"] == [[0, 3, 8, 9, 16]] * 2
+    m = default_config().model
+    m.vocab_size, m.d_model, m.n_heads, m.head_dim, m.attn_heads, m.attn_head_dim = 64, 16, 2, 8, 2, 8
+    m.layer_pattern, m.kernel_backend, m.chunk_size, m.document_end_id, m.window = "GSA", "torch", 8, 63, 4
+    model = build_model(m).eval()
+    ids = torch.cat([b0["input_ids"], b1["input_ids"]], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, doc_bounds=b0["doc_bounds"]), model(ids))
+    with pytest.raises(ValueError, match="doc_bounds row 0 must run strictly increasing"):
+        model(ids, doc_bounds=[[0, 5], [0, 16]])
+
+
 def test_loader_state_dict_resume_gives_the_same_next_batch(tmp_path):
     path, data = _small_dataset(tmp_path, n=10)
     cfg = _data_cfg(source=str(path), seq_len=16, micro_batch_size=3)

@@ -102,7 +102,7 @@ def _gate_fed_to_op(layer, x):
     """The log-decay g that `layer` hands its kernel op for input x (captured at the op call)."""
     seen = {}
 
-    def capture(args, cache, scale=None):
+    def capture(args, cache, scale=None, docs=None):
         seen["g"] = args[3]  # (q, k, v, g, ...) for both gated mixers
         return torch.zeros_like(args[2])
 
@@ -398,6 +398,69 @@ def test_document_mask_keeps_packed_documents_apart(pattern):
         model(torch.cat([first, sep, second], 1), cache=model.new_cache(2))
 
 
+@pytest.mark.parametrize("window,halo", [(None, 0), (5, 0), (5, 4), (40, 0)])
+def test_windowed_attention_equals_the_dense_mask(window, halo):
+    """The CPU path (query blocks over the keys in reach, no Tq x Tk mask) equals SDPA with the dense
+    mask, across several blocks, with a halo whose first keys sit at negative positions, and with
+    documents."""
+    from lctrain.models.attention import windowed_attention
+
+    torch.manual_seed(21)
+    B, T, H, D = 2, 37, 2, 8
+    q = torch.randn(B, T, H, D)
+    k, v = (torch.randn(B, T + halo, H, D) for _ in range(2))
+    q_pos, k_pos = torch.arange(T), torch.arange(-halo, T)
+    torch.testing.assert_close(windowed_attention(q, k, v, 0, -halo, window, block=8),
+                               masked_attention(q, k, v, q_pos, k_pos, window))
+    k_docs = (k_pos[None] >= torch.tensor([[9], [20]])).long()  # one boundary per row
+    q_docs = k_docs[:, halo:]
+    mask = (k_pos[None, None] <= q_pos[None, :, None]) & (k_pos[None, None] >= 0) & (q_docs[:, :, None] == k_docs[:, None])
+    if window is not None:
+        mask &= k_pos[None, None] > q_pos[None, :, None] - window
+    want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_mask=mask[:, None]).transpose(1, 2)
+    torch.testing.assert_close(windowed_attention(q, k, v, 0, -halo, window, q_docs, k_docs, block=8), want)
+
+
+def _packed_vs_alone(model, lengths, batch=1, seed=0):
+    """Logits of documents packed into rows (each ending in token 63) vs each document alone."""
+    gen = torch.Generator().manual_seed(seed)
+    docs = [torch.cat([torch.randint(0, 63, (batch, n - 1), generator=gen), torch.full((batch, 1), 63)], 1)
+            for n in lengths]
+    with torch.no_grad():
+        packed = model(torch.cat(docs, 1))
+        start = 0
+        for doc in docs:
+            alone = model(doc)
+            torch.testing.assert_close(packed[:, start:start + doc.shape[1]], alone, atol=2e-5, rtol=2e-5)
+            start += doc.shape[1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_documents_are_apart_in_every_layer(backend):
+    """model.document_end_id: recurrent states, short convs (mixers' and attention's) and attention
+    all restart at each document; documents shorter than a chunk / the conv / the window, of one token;
+    two rows with the same layout go end to end as one packed stream."""
+    torch.manual_seed(19)
+    model = build_model(tiny_cfg("GDMSA", backend, document_end_id=63, attn_conv_size=3,
+                                 attn_conv_layers="all")).eval()
+    _packed_vs_alone(model, [6, 1, 2, 11, 9], batch=2)
+
+
+@pytest.mark.slow
+def test_packed_documents_apart_above_the_old_16k_cap():
+    """Every layer letter at 16.5K packed tokens (no T x T mask anywhere), CPU-sized model."""
+    torch.manual_seed(20)
+    model = build_model(tiny_cfg("GDMSA", "torch", document_end_id=63, chunk_size=64, window=64,
+                                 attn_conv_size=3, attn_conv_layers="all")).eval()
+    _packed_vs_alone(model, [9000, 1, 30, 7469])
+
+
+def test_document_end_id_outside_the_vocabulary_is_refused():
+    with pytest.raises(ValueError, match="model.document_end_id=64 is not a token id"):
+        build_model(tiny_cfg("GA", document_end_id=64))
+
+
 def test_bad_pattern_names_the_key():
     with pytest.raises(ValueError, match="layer_pattern"):
         build_model(tiny_cfg("GXA"))
@@ -442,12 +505,17 @@ def _cp_worker(rank, world):
             _cp_errors(rank, world, "SGA", rope_layers="sliding"),
             # the default model's retrieval settings: q/k/v convs (halo), documents across the shard edge
             _cp_errors(rank, world, "SAGA", separators=(3, 7, 9), rope_layers="sliding", attn_conv_size=3,
-                       attn_conv_layers="all", document_end_id=63)]
+                       attn_conv_layers="all", document_end_id=63),
+            # every layer letter with packed documents: one crosses the shard edge, one of a single
+            # token; recurrent states, convs and attention restart in every layer
+            _cp_errors(rank, world, "GDMSA", separators=(2, 3, 9, 12), attn_conv_size=3, attn_conv_layers="all",
+                       document_end_id=63, checkpoint_activations=True)]
 
 
 def test_context_parallel_matches_one_process():
-    """Patterns GSMA, DSA (with activation checkpointing), SGA with a NoPE global layer, and SAGA with
-    attention convs and packed documents (document masking) on 2 gloo ranks: each rank's
+    """Patterns GSMA, DSA (with activation checkpointing), SGA with a NoPE global layer, SAGA with
+    attention convs and packed documents (document masking), and GDMSA with packed documents in every
+    layer (checkpointed) on 2 gloo ranks: each rank's
     logits equal the one-process logits of its shard; summed gradients equal the one-process ones."""
     from dist_utils import run_world
 
@@ -475,6 +543,28 @@ def test_flex_sliding_window_matches_masked_attention_on_cuda(offset):
     k_pos = torch.arange(offset - (W - 1), offset + T, device="cuda")
     want = masked_attention(q, k, v, q_pos, k_pos, W)
     got = _flex_sliding_window(q, k, v, W, halo=W - 1, first_valid=max(0, W - 1 - offset))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window,halo", [(None, 0), (64, 0), (64, 63)])
+def test_flex_document_mask_matches_the_exact_path_on_cuda(window, halo):
+    """FlexAttention with a document block mask (global, sliding, sliding with a CP halo) equals the
+    exact per-block SDPA path; documents of one token and crossing block edges."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from lctrain.models.attention import _flex_sliding_window, windowed_attention
+
+    torch.manual_seed(16)
+    B, T, H, D = 2, 700, 4, 64
+    q = torch.randn(B, T, H, D, device="cuda")
+    k, v = (torch.randn(B, T + halo, H, D, device="cuda") for _ in range(2))
+    cuts = torch.tensor([0, 1, 130, 131, 400, 10_000], device="cuda")
+    pos = torch.arange(-halo, T, device="cuda")
+    k_docs = (torch.searchsorted(cuts, pos, right=True) - 1).expand(B, -1).contiguous()
+    q_docs = k_docs[:, halo:].contiguous()
+    want = windowed_attention(q, k, v, 0, -halo, window, q_docs, k_docs)
+    got = _flex_sliding_window(q, k, v, window, halo=halo, first_valid=halo, q_docs=q_docs, k_docs=k_docs)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

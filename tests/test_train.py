@@ -410,8 +410,9 @@ def test_bad_layouts_exit_2_before_any_work(tmp_path, capsys, bad, key):
 @pytest.mark.slow
 def test_tp2_cp2_cli_losses_equal_one_process_and_resume_with_tp1(tmp_path, parts, data_cache, capsys):
     """`lctrain train parallel.tp=2 parallel.cp=2` (4 gloo processes) logs the losses of the
-    one-process run; its checkpoint resumes with tp=cp=1 and the next step's loss equals the one of
-    the run that never stopped; `train.init_from` starts a new run from those weights."""
+    one-process run; its checkpoint loads for evals in one process and resumes with tp=cp=1, the next
+    step's loss equal to the one of the run that never stopped; `train.init_from` starts a new run
+    from those weights (another RoPE base)."""
     ref = tmp_path / "ref"
     assert _run(parts, ref, *TP_MODEL) == 0
     assert "parameters (" in capsys.readouterr().out
@@ -430,6 +431,8 @@ def test_tp2_cp2_cli_losses_equal_one_process_and_resume_with_tp1(tmp_path, part
     assert 0.45 * n_all <= n_rank <= 0.55 * n_all, proc.stdout
     got = [m["loss"] for m in _metrics(out)]
     assert got == pytest.approx(ref_losses[:2], rel=1e-5)
+    model, _ = ckpt_mod.load_model_for_eval(out)  # evals load the tp=2 x cp=2 checkpoint in one process
+    assert model.embed.weight.shape == (model.cfg.vocab_size, 32) and model.tp_group is None
 
     assert _run(parts, out, *TP_MODEL) == 0  # resume with tp=1, cp=1 for step 3
     assert "resumed from" in capsys.readouterr().out

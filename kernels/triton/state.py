@@ -31,7 +31,11 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, s0_ptr, h_ptr, vnew_ptr, st_p
     base_v = base_g * V
     rk = tl.arange(0, BK)
     mk = rk < K
-    is_a = iv >= NVB
+    # Without COMPUTE_A no program carries A: is_a is a compile-time False and the A code goes.
+    if COMPUTE_A:
+        is_a = iv >= NVB
+    else:
+        is_a = tl.constexpr(False)
     if is_a:
         rv = (iv - NVB) * BV + tl.arange(0, BV)
         mv = rv < K
@@ -84,12 +88,12 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, s0_ptr, h_ptr, vnew_ptr, st_p
             S = S * tl.exp(gl)
             u = u * tl.exp(gl - gam)[:, None]      # the decay on the small operand, not on k
         S += tl.dot(tl.trans(kc), u.to(kc.dtype)).to(tl.float32)
-    if is_a:
-        if COMPUTE_A:  # else a_ptr is None (and no program has is_a)
+    if COMPUTE_A:
+        if is_a:
             tl.store(a_ptr + bh * K * K + rk[:, None] * K + rv[None, :], S, mask=mkv)
-    else:
-        if STORE_ST:
-            tl.store(st_ptr + bh * K * V + rk[:, None] * V + rv[None, :], S, mask=mkv)
+            return
+    if STORE_ST:
+        tl.store(st_ptr + bh * K * V + rk[:, None] * V + rv[None, :], S, mask=mkv)
 
 
 @flags_given(HAS_G="gam_ptr", HAS_W="w_ptr", HAS_DST="dst_ptr", STORE_DH="dh_ptr", STORE_DU="du_ptr")

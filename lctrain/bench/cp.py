@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import statistics
 import subprocess
@@ -288,20 +287,8 @@ def _worker(args, argv) -> int:
         "rows": rows,
         "raw": raw,
     }
-    from lctrain.bench.kernels import format_table
-    print()
-    print(result["title"], "-", result["device"])
-    for n in notes:
-        print("note:", n)
-    print(format_table(COLUMNS, rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
-    if args.record:
-        from lctrain.bench.report import append_to_benchmarks_md
-        append_to_benchmarks_md(result, args.record)
-        print(f"recorded in {args.record}")
+    from lctrain.bench.report import publish
+    publish(result, args.json, args.record)
     return 0
 
 

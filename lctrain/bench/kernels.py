@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 from typing import Callable
+
+from lctrain.bench.report import publish
 
 OURS = ("delta", "gated_delta", "gla")
 FLA_OF = {"delta": "fla_delta", "gated_delta": "fla_gated_delta"}
@@ -288,27 +289,11 @@ def run(args) -> dict:
     }
 
 
-def format_table(columns, rows) -> str:
-    cells = [[("—" if c is None else str(c)) for c in row] for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(columns)]
-    line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths))
-    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
     args.argv = argv
-    result = run(args)
-    print()
-    print(result["title"], "-", result["device"], result["versions"])
-    for n in result["notes"]:
-        print("note:", n)
-    print(format_table(result["columns"], result["rows"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+    publish(run(args), args.json)
     return 0
 
 

@@ -80,6 +80,32 @@ def append_to_benchmarks_md(result_json_path_or_dict, md_path: str = "BENCHMARKS
     return section
 
 
+def format_table(columns, rows) -> str:
+    """A plain-text table for the terminal (None as "—")."""
+    cells = [[("—" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(columns)]
+    line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def publish(result: dict, json_path: str | None = None, record_md: str | None = None) -> None:
+    """What every benchmark does with its result: print it, write it as JSON to ``json_path`` and
+    append it to ``record_md`` (BENCHMARKS.md) when asked."""
+    versions = result.get("versions")
+    print()
+    print(result["title"], "-", result["device"], *([versions] if versions else []))
+    for n in result.get("notes") or []:
+        print("note:", n)
+    print(format_table(result["columns"], result["rows"]))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {json_path}")
+    if record_md:
+        append_to_benchmarks_md(result, record_md)
+        print(f"recorded in {record_md}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lctrain bench record",
                                 description="append benchmark results (JSON) to BENCHMARKS.md")

@@ -40,6 +40,28 @@ def cp_slice(tokens: np.ndarray | torch.Tensor, cp_rank: int, cp_size: int) -> t
     return t[..., lo:hi].contiguous(), t[..., lo + 1:hi + 1].contiguous()
 
 
+def document_bounds(input_ids, end_id: int) -> list[int]:
+    """[0, ..., T]: where packed documents of one sample's input ids [T] start (right after each
+    `end_id` token, which belongs to the document it ends) and end. The loader computes them from
+    the whole sample once, on the host, so the model needs no scan of its own."""
+    ids = np.asarray(input_ids)
+    T = ids.shape[-1]
+    ends = np.flatnonzero(ids[:-1] == int(end_id)) + 1
+    return [0] + ends.tolist() + [T]
+
+
+def collate_samples(items: list[dict]) -> dict:
+    """Default collation, except "doc_bounds" (one list per sample, of varying length), which stays a
+    list of lists."""
+    from torch.utils.data import default_collate
+
+    bounds = [item.pop("doc_bounds") for item in items] if items and "doc_bounds" in items[0] else None
+    batch = default_collate(items)
+    if bounds is not None:
+        batch["doc_bounds"] = bounds
+    return batch
+
+
 class TrainLoader:
     """Iterates batches for ever (epoch after epoch); state_dict()/load_state_dict() for checkpoints."""
 
@@ -113,8 +135,10 @@ def _check_same_dataset_everywhere(path: Path, meta: dict) -> None:
 
 
 def build_train_loader(data_cfg: Any, *, dp_rank: int, dp_size: int, cp_rank: int, cp_size: int, tp_size: int = 1,
-                       global_rank: int = 0, world_size: int = 1) -> TrainLoader:
-    """Batches {"input_ids", "labels"}: LongTensor [micro_batch_size, seq_len / cp_size] for this rank."""
+                       global_rank: int = 0, world_size: int = 1, document_end_id: int | None = None) -> TrainLoader:
+    """Batches {"input_ids", "labels"}: LongTensor [micro_batch_size, seq_len / cp_size] for this rank;
+    with `document_end_id` also "doc_bounds": per sample, the global document boundaries [0, ..., seq_len]
+    (pass them to the model as doc_bounds)."""
     from streaming import StreamingDataLoader
 
     seq_len, batch = int(data_cfg.seq_len), int(data_cfg.micro_batch_size)
@@ -146,11 +170,12 @@ def build_train_loader(data_cfg: Any, *, dp_rank: int, dp_size: int, cp_rank: in
     dataset = TokenSamples(
         local=str(path), remote=None, shuffle=True, shuffle_seed=int(data_cfg.seed), batch_size=batch,
         replication=replication if replication > 1 else None, cp_rank=cp_rank, cp_size=cp_size,
+        document_end_id=document_end_id,
     )
     if dataset.num_samples < batch * dp_size:
         raise DataError(f"{path} holds {dataset.num_samples} samples, fewer than one global batch "
                         f"(micro_batch_size {batch} x {dp_size} data-parallel ranks); prepare more data")
     workers = int(getattr(data_cfg, "num_workers", 0) or 0)
     loader = StreamingDataLoader(dataset, batch_size=batch, num_workers=workers, drop_last=True,
-                                 persistent_workers=workers > 0)
+                                 persistent_workers=workers > 0, collate_fn=collate_samples)
     return TrainLoader(dataset, loader, path=path, seq_len=seq_len, cp_rank=cp_rank, cp_size=cp_size)

@@ -9,6 +9,12 @@ Under context parallelism (cp_group of size > 1):
   zeros rank 0 receives (negative positions) are masked out.
 The parallel modules are imported lazily, only when CP is on.
 
+Packed documents (`docs`, lctrain.models.documents.Documents): a query attends only to keys of its own
+document, at any length and without a T x T mask: FlexAttention with a document block mask on CUDA;
+on CPU exact SDPA per document (global) or per block of queries over the keys in reach (sliding
+window). Under CP the Ulysses path and the halo path look the documents of the full sequence / of
+the halo keys up in the same global boundaries (no extra communication).
+
 `conv_size` > 0 adds a short causal depthwise conv on q, k and v after their projections, as a
 residual (q = q + conv(q), ...), before RoPE: each key then carries the tokens just before it, so
 one attention layer can match "the token after an earlier occurrence of what I just read" (an
@@ -45,12 +51,39 @@ def masked_attention(q, k, v, q_pos, k_pos, window=None):
     return out.transpose(1, 2)
 
 
-def document_attention(q, k, v, q_pos, k_pos, q_docs, k_docs, window=None):
-    """masked_attention restricted to keys of the query's document: q_docs [B, Tq], k_docs [B, Tk]
-    hold each token's document index. Builds a [B, Tq, Tk] mask (short contexts only)."""
-    mask = window_mask(q_pos, k_pos, window)[None] & (q_docs[:, :, None] == k_docs[:, None, :])
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None])
-    return out.transpose(1, 2)
+def windowed_attention(q, k, v, q_start: int, k_start: int, window: int | None, q_docs=None, k_docs=None,
+                       block: int = 256):
+    """Exact causal attention of `window_mask` (+ documents) on [B, T, H, D] without a Tq x Tk mask:
+    each block of queries attends over the keys it can reach. Query i sits at position q_start + i,
+    key j at k_start + j (keys at negative positions are masked); q_docs [B, Tq] / k_docs [B, Tk]
+    (optional) hold each token's document. The CPU path of sliding-window and halo attention."""
+    Tq, Tk = q.shape[1], k.shape[1]
+    block = max(block, window or 0)
+    outs = []
+    for i0 in range(0, Tq, block):
+        i1 = min(Tq, i0 + block)
+        first_key = k_start if window is None else q_start + i0 - window + 1
+        j0, j1 = max(0, first_key - k_start), min(Tk, q_start + i1 - k_start)
+        q_pos = torch.arange(q_start + i0, q_start + i1, device=q.device)
+        k_pos = torch.arange(k_start + j0, k_start + j1, device=q.device)
+        mask = window_mask(q_pos, k_pos, window)
+        if q_docs is not None:
+            mask = (mask[None] & (q_docs[:, i0:i1, None] == k_docs[:, None, j0:j1]))[:, None]
+        out = F.scaled_dot_product_attention(q[:, i0:i1].transpose(1, 2), k[:, j0:j1].transpose(1, 2),
+                                             v[:, j0:j1].transpose(1, 2), attn_mask=mask)
+        outs.append(out.transpose(1, 2))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def document_causal_attention(q, k, v, bounds: list[list[int]]):
+    """Causal attention inside each document of the whole sequence (q, k, v [B, T, H, D] at positions
+    0 .. T-1; bounds[b] the document boundaries of row b): plain causal SDPA per document."""
+    rows = []
+    for b, cuts in enumerate(bounds):
+        parts = [causal_attention(q[b:b + 1, s:e], k[b:b + 1, s:e], v[b:b + 1, s:e])
+                 for s, e in zip(cuts[:-1], cuts[1:])]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def causal_attention(q, k, v):
@@ -63,24 +96,35 @@ _FLEX = None
 _BLOCK_MASKS: dict = {}
 
 
-def _flex_sliding_window(q, k, v, window: int, halo: int, first_valid: int = 0):
-    """FlexAttention sliding window on CUDA (no T x T mask in memory). Key j sits at local position
-    j - halo, query i at i; keys j < first_valid (the zeros CP rank 0 receives as halo) are excluded."""
+def _flex_sliding_window(q, k, v, window: int | None, halo: int = 0, first_valid: int = 0,
+                         q_docs=None, k_docs=None, mask_cache: dict | None = None):
+    """FlexAttention on CUDA (no T x T mask in memory): causal, within `window` (None: global).
+    Key j sits at local position j - halo, query i at i; keys j < first_valid (the zeros CP rank 0
+    receives as halo) are excluded. q_docs [B, Tq] / k_docs [B, Tk]: a query sees only keys of its
+    document; the block mask then depends on the batch and is kept in `mask_cache` (the forward's
+    Documents.cache), else in a module-level cache by geometry."""
     global _FLEX
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if _FLEX is None:
         _FLEX = torch.compile(flex_attention)
     Tq, Tk = q.shape[1], k.shape[1]
-    key = (Tq, Tk, window, halo, first_valid, str(q.device))
-    block_mask = _BLOCK_MASKS.get(key)
+    key = ("flex", Tq, Tk, window, halo, first_valid, str(q.device))
+    store = _BLOCK_MASKS if q_docs is None else mask_cache if mask_cache is not None else {}
+    block_mask = store.get(key)
     if block_mask is None:
         def mask_mod(b, h, qi, kj):
             kpos = kj - halo
-            return (kpos <= qi) & (kpos > qi - window) & (kj >= first_valid)
+            allowed = (kpos <= qi) & (kj >= first_valid)
+            if window is not None:
+                allowed = allowed & (kpos > qi - window)
+            if q_docs is not None:
+                allowed = allowed & (q_docs[b, qi] == k_docs[b, kj])
+            return allowed
 
-        block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=Tq, KV_LEN=Tk, device=q.device, _compile=True)
-        _BLOCK_MASKS[key] = block_mask
+        batch = None if q_docs is None else q.shape[0]
+        block_mask = create_block_mask(mask_mod, B=batch, H=None, Q_LEN=Tq, KV_LEN=Tk, device=q.device, _compile=True)
+        store[key] = block_mask
     out = _FLEX(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
     return out.transpose(1, 2)
 
@@ -120,37 +164,51 @@ class Attention(nn.Module):
         return {"k": None, "v": None, "pos": None}
 
     def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """doc_ids [B, T] (optional, not with a cache; global document indices under CP): a query
-        attends only to keys of its own document (packed documents do not see each other)."""
+                docs=None) -> torch.Tensor:
+        """docs (optional, not with a cache; lctrain.models.documents.Documents): a query attends only
+        to keys of its own document (packed documents do not see each other)."""
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
         pos = torch.arange(position_offset, position_offset + T, device=x.device)
-        q = self._project(self.q_proj, "q_conv", x, cache).view(B, T, H, D)
-        k = self._project(self.k_proj, "k_conv", x, cache).view(B, T, H, D)
+        q = self._project(self.q_proj, "q_conv", x, cache, docs).view(B, T, H, D)
+        k = self._project(self.k_proj, "k_conv", x, cache, docs).view(B, T, H, D)
         if self.rope is not None:
             q, k = self.rope(q, pos), self.rope(k, pos)
-        v = self._project(self.v_proj, "v_conv", x, cache).view(B, T, H, D)
+        v = self._project(self.v_proj, "v_conv", x, cache, docs).view(B, T, H, D)
         if cache is not None:
             if self.cp_group is not None:
                 raise ValueError("incremental decoding (cache=) is single-process; build the model with cp_group=None")
-            if doc_ids is not None:
-                raise ValueError("document masking (doc_ids) does not apply to incremental decoding")
+            if docs is not None:
+                raise ValueError("document masking (docs) does not apply to incremental decoding")
             out = self._attend_cached(q, k, v, pos, cache)
         elif self.cp_group is not None:
-            out = self._attend_cp(q, k, v, position_offset, doc_ids)
-        elif doc_ids is not None:
-            out = document_attention(q, k, v, pos, pos, doc_ids, doc_ids, self.window)
+            out = self._attend_cp(q, k, v, position_offset, docs)
+        elif docs is not None:
+            out = self._attend_documents(q, k, v, docs)
         else:
             out = self._attend_local(q, k, v)
         return self.o_proj(out.reshape(B, T, H * D))
 
-    def _project(self, proj: nn.Linear, conv_name: str, x: torch.Tensor, cache: dict | None) -> torch.Tensor:
+    def _project(self, proj: nn.Linear, conv_name: str, x: torch.Tensor, cache: dict | None,
+                 docs=None) -> torch.Tensor:
         """proj(x), plus the short conv of it when conv_size > 0 (residual)."""
         y = proj(x)
         if self.conv_size > 0:
-            y = y + run_short_conv(getattr(self, conv_name), y, cache, conv_name, self.cp_group)
+            y = y + run_short_conv(getattr(self, conv_name), y, cache, conv_name, self.cp_group, docs)
         return y
+
+    def _attend_documents(self, q, k, v, docs):
+        """Attention inside documents over a whole sequence (positions 0 .. T-1): one process, or the
+        full sequence Ulysses hands each rank (docs.bounds are global, so they fit both)."""
+        T = q.shape[1]
+        window = None if self.window is None or self.window >= T else self.window
+        if self.use_flex and q.is_cuda:
+            ids = docs.doc_ids(0, T)
+            return _flex_sliding_window(q, k, v, window, q_docs=ids, k_docs=ids, mask_cache=docs.cache)
+        if window is None:
+            return document_causal_attention(q, k, v, docs.bounds)
+        ids = docs.doc_ids(0, T)
+        return windowed_attention(q, k, v, 0, 0, window, ids, ids)
 
     def _attend_local(self, q, k, v):
         T = q.shape[1]
@@ -158,37 +216,31 @@ class Attention(nn.Module):
             return causal_attention(q, k, v)
         if self.use_flex and q.is_cuda:
             return _flex_sliding_window(q, k, v, self.window, halo=0)
-        pos = torch.arange(T, device=q.device)
-        return masked_attention(q, k, v, pos, pos, self.window)
+        return windowed_attention(q, k, v, 0, 0, self.window)
 
-    def _attend_cp(self, q, k, v, position_offset: int, doc_ids=None):
+    def _attend_cp(self, q, k, v, position_offset: int, docs=None):
         if self.window is None:
             from lctrain.parallel.ulysses import ulysses_attention
 
-            if doc_ids is None:
+            if docs is None:
                 return ulysses_attention(q, k, v, self.cp_group, causal_attention)
-            from lctrain.parallel.halo import gather_sequence
-
-            full_docs = gather_sequence(doc_ids, self.cp_group, dim=1)  # Ulysses attends over the whole sequence
-            full_pos = torch.arange(full_docs.shape[1], device=q.device)
-            return ulysses_attention(q, k, v, self.cp_group, lambda q, k, v: document_attention(
-                q, k, v, full_pos, full_pos, full_docs, full_docs))
+            # Ulysses attends over the whole sequence, whose documents every rank knows
+            return ulysses_attention(q, k, v, self.cp_group, lambda q, k, v: self._attend_documents(q, k, v, docs))
         from lctrain.parallel.halo import prepend_halo
 
         halo = self.window - 1
         T = q.shape[1]
         if halo == 0:
-            return masked_attention(q, k, v, torch.arange(T, device=q.device), torch.arange(T, device=q.device), 1)
+            return windowed_attention(q, k, v, 0, 0, 1)  # each token sees itself only
         k = prepend_halo(k, halo, self.cp_group, dim=1)
         v = prepend_halo(v, halo, self.cp_group, dim=1)
-        q_pos = torch.arange(position_offset, position_offset + T, device=q.device)
-        k_pos = torch.arange(position_offset - halo, position_offset + T, device=q.device)
-        if doc_ids is not None:
-            k_docs = prepend_halo(doc_ids, halo, self.cp_group, dim=1)
-            return document_attention(q, k, v, q_pos, k_pos, doc_ids, k_docs, self.window)
+        q_docs = k_docs = None
+        if docs is not None:  # the halo keys' documents, from the global boundaries
+            q_docs, k_docs = docs.local_doc_ids(), docs.doc_ids(docs.start - halo, docs.start + T)
         if self.use_flex and q.is_cuda:
-            return _flex_sliding_window(q, k, v, self.window, halo=halo, first_valid=max(0, halo - position_offset))
-        return masked_attention(q, k, v, q_pos, k_pos, self.window)
+            return _flex_sliding_window(q, k, v, self.window, halo=halo, first_valid=max(0, halo - position_offset),
+                                        q_docs=q_docs, k_docs=k_docs, mask_cache=None if docs is None else docs.cache)
+        return windowed_attention(q, k, v, position_offset, position_offset - halo, self.window, q_docs, k_docs)
 
     def _attend_cached(self, q, k, v, pos, cache: dict):
         if cache.get("k") is not None:

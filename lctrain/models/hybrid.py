@@ -28,6 +28,7 @@ from lctrain.parallel.mesh import group_size
 from lctrain.parallel.tensor_parallel import column_linear, local_size, shard_from_full, vocab_embedding
 
 from .attention import Attention
+from .documents import Documents, documents_from_bounds, find_documents
 from .layers import RMSNorm, SwiGLU, swiglu_hidden_size
 from .linear_mixers import DeltaNetMixer, Mamba2Mixer
 from .rope import RotaryEmbedding
@@ -82,9 +83,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(d, swiglu_hidden_size(d, m.mlp_ratio), tp_group)
 
     def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        documents = {"doc_ids": doc_ids} if doc_ids is not None and self.kind in "SA" else {}  # attention only
-        x = x + self.mixer(self.norm1(x), position_offset, cache, **documents)
+                docs: Documents | None = None) -> torch.Tensor:
+        x = x + self.mixer(self.norm1(x), position_offset, cache, docs)
         return x + self.mlp(self.norm2(x))
 
 
@@ -112,6 +112,10 @@ class HybridLM(nn.Module):
         self.tp_group = tp_group if group_size(tp_group) > 1 else None
         local_size(m.vocab_size, self.tp_group, "model.vocab_size")
         self.checkpoint_activations = bool(_cfg(m, "checkpoint_activations", False))
+        end = _cfg(m, "document_end_id", None)
+        if end is not None and not 0 <= int(end) < m.vocab_size:
+            raise ValueError(f"model.document_end_id={end} is not a token id of the vocabulary [0, {m.vocab_size}); "
+                             "set it to the tokenizer's EOS id or null")
         self.embed = vocab_embedding(m.vocab_size, m.d_model, self.tp_group)
         rope = None
         if any(c in "SA" for c in self.pattern):
@@ -139,10 +143,13 @@ class HybridLM(nn.Module):
     def new_cache(self, batch_size: int, device=None) -> LMCache:
         return LMCache(len(self.blocks), batch_size)
 
-    def forward(self, input_ids: torch.Tensor, *, position_offset: int = 0, cache: LMCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, *, position_offset: int = 0, cache: LMCache | None = None,
+                doc_bounds: list[list[int]] | None = None) -> torch.Tensor:
         """input_ids [B, T_local] -> float32 logits [B, T_local, vocab] (vocab / tp: this rank's
         vocabulary slice under tensor parallelism). Positions of the tokens are
-        position_offset + (tokens the cache has seen) + 0 .. T-1."""
+        position_offset + (tokens the cache has seen) + 0 .. T-1. `doc_bounds` (optional, with
+        model.document_end_id set): the packed documents' GLOBAL boundaries per row as the data loader
+        found them; without it the model finds them in input_ids."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         offset = int(position_offset)
@@ -150,45 +157,37 @@ class HybridLM(nn.Module):
             if cache.batch_size != input_ids.shape[0]:
                 raise ValueError(f"cache was made for batch {cache.batch_size}, got input batch {input_ids.shape[0]}")
             offset += cache.seen_tokens
-        doc_ids = self._doc_ids(input_ids, cache)
+        docs = self._documents(input_ids, cache, doc_bounds)
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
             if self.checkpoint_activations and cache is None and torch.is_grad_enabled():
-                x = checkpoint(block, x, offset, None, doc_ids, use_reentrant=False)
+                x = checkpoint(block, x, offset, None, docs, use_reentrant=False)
             else:
-                x = block(x, offset, layer_cache, doc_ids)
+                x = block(x, offset, layer_cache, docs)
         if cache is not None:
             cache.seen_tokens += input_ids.shape[1]
         return self.lm_head(self.norm(x)).float()
 
-    def _doc_ids(self, input_ids: torch.Tensor, cache: LMCache | None) -> torch.Tensor | None:
-        """Document index of each token when model.document_end_id is set: the number of separators
-        strictly before it in the whole sequence (a separator belongs to the document it ends; under
-        CP the counts of the earlier shards are added). None when unset or when the sequence holds no
-        separator (plain causal attention is then the same thing)."""
+    def _documents(self, input_ids: torch.Tensor, cache: LMCache | None, doc_bounds=None) -> Documents | None:
+        """The packed documents of this forward when model.document_end_id is set (every layer keeps
+        them apart: see lctrain.models.documents); None when unset or when no row holds a document
+        end before its last token (one document per row: nothing to keep apart)."""
         end = _cfg(self.cfg, "document_end_id", None)
+        if doc_bounds is not None:
+            if end is None or cache is not None:
+                raise ValueError("doc_bounds needs model.document_end_id set and no decoding cache; leave doc_bounds out")
+            return documents_from_bounds(doc_bounds, input_ids, cp_group=self.cp_group)
         if end is None:
             return None
-        is_end = input_ids == int(end)
         if cache is not None:
+            is_end = input_ids == int(end)
             if bool(is_end[:, :-1].any()) or (cache.seen_tokens and cache.last_was_end):
                 raise ValueError(f"decoding across a document end (token {end}) is not supported with "
                                  "model.document_end_id set; give one document per prompt")
             cache.last_was_end = bool(is_end[:, -1].any())
             return None
-        local = torch.cumsum(is_end, dim=1) - is_end.long()
-        if group_size(self.cp_group) == 1:
-            return local if bool(is_end[:, :-1].any()) else None
-        import torch.distributed as dist
-
-        from lctrain.parallel.halo import gather_sequence
-
-        counts = gather_sequence(is_end.sum(dim=1, keepdim=True), self.cp_group, dim=1)  # [B, P]
-        if not bool(counts.any()):
-            return None
-        before = counts[:, : dist.get_rank(self.cp_group)].sum(dim=1, keepdim=True)
-        return local + before
+        return find_documents(input_ids, int(end), cp_group=self.cp_group)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters of this rank (a tied head counts once); optionally without the embedding table."""

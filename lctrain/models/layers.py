@@ -59,7 +59,11 @@ class ShortConv(nn.Module):
     `prefix` ([B, kernel_size-1, C]) supplies the inputs before the first position: the cached tail
     when decoding, or the previous CP rank's last positions (halo). Without it zeros are used. The
     conv then runs "valid" over prefix + x. Returns (y [B, T, C], the last kernel_size-1 inputs of
-    prefix + x, i.e. the tail to cache)."""
+    prefix + x, i.e. the tail to cache).
+
+    `position_in_document` ([B, T], packed documents): a tap reaching j positions back is dropped
+    where the token has fewer than j tokens of its own document before it, so no document sees the
+    end of the previous one (the prefix included)."""
 
     def __init__(self, channels: int, kernel_size: int, activation: bool = True):
         super().__init__()
@@ -70,7 +74,8 @@ class ShortConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # Conv1d's default init
 
-    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None,
+                position_in_document: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
         K = self.kernel_size
         if prefix is None:
@@ -78,16 +83,25 @@ class ShortConv(nn.Module):
         elif tuple(prefix.shape) != (B, K - 1, C):
             raise ValueError(f"conv prefix must be [B, conv_size-1, C] = {[B, K - 1, C]}, got {list(prefix.shape)}")
         xcat = torch.cat([prefix.to(x.dtype), x], dim=1)
-        y = F.conv1d(xcat.transpose(1, 2), self.weight.to(x.dtype), groups=C).transpose(1, 2)
+        w = self.weight.to(x.dtype)
+        if position_in_document is None:
+            y = F.conv1d(xcat.transpose(1, 2), w, groups=C).transpose(1, 2)
+        else:  # tap i multiplies x at lag K-1-i: keep it only inside the token's document
+            y = xcat[:, K - 1:] * w[:, 0, K - 1]
+            for i in range(K - 1):
+                keep = (position_in_document >= K - 1 - i).to(x.dtype)[..., None]
+                y = y + xcat[:, i:i + T] * w[:, 0, i] * keep
         if self.activation:
             y = F.silu(y)
         return y, xcat[:, xcat.shape[1] - (K - 1):]
 
 
-def run_short_conv(conv: ShortConv, x: torch.Tensor, cache: dict | None, name: str, cp_group=None) -> torch.Tensor:
+def run_short_conv(conv: ShortConv, x: torch.Tensor, cache: dict | None, name: str, cp_group=None,
+                   docs=None) -> torch.Tensor:
     """Runs `conv` on x [B, T, C] with the right prefix: the tail cached under `name` when decoding
     (and stores the new tail there), else the previous CP rank's last inputs when cp_group is set,
-    else zeros."""
+    else zeros. `docs` (lctrain.models.documents.Documents): taps stay inside each token's document."""
+    pos = None if docs is None else docs.position_in_document()
     if cache is not None:
         y, tail = conv(x, cache.get(name))
         cache[name] = tail.detach()
@@ -96,5 +110,5 @@ def run_short_conv(conv: ShortConv, x: torch.Tensor, cache: dict | None, name: s
         from lctrain.parallel.halo import prepend_halo
 
         xh = prepend_halo(x, conv.kernel_size - 1, cp_group, dim=1)
-        return conv(x, xh[:, : conv.kernel_size - 1])[0]
-    return conv(x)[0]
+        return conv(x, xh[:, : conv.kernel_size - 1], pos)[0]
+    return conv(x, None, pos)[0]

@@ -19,6 +19,10 @@ so its gradient is summed over the TP group) and the output projection is row-pa
 Under CP the op is wrapped with `lctrain.parallel.context_parallel(op, cp_group)` and each conv gets
 the previous rank's last conv_size-1 inputs via `prepend_halo`. Both are imported only when CP is on.
 
+Packed documents (`docs`, lctrain.models.documents.Documents): the convs drop taps from the previous
+document and the op restarts its state at every boundary (`cu_seqlens`): the batch rows go end to end
+as one B=1 stream on one process; under CP each row runs with its global boundaries.
+
 Incremental decoding: the cache holds the recurrent state [B, H, K, V] (float32) and each conv's tail.
 A prefill calls the chunk op with initial_state / output_final_state; a one-token step calls it with T=1.
 """
@@ -77,21 +81,32 @@ class _LinearMixerBase(nn.Module):
         self.backend, self.chunk_size = backend, chunk_size
         self.cp_group = cp_group if group_size(cp_group) > 1 else None
         self._cp_op = None
+        self._cp_row_ops: dict[int, object] = {}  # rows > 0 of a batch with documents under CP
 
-    def _op(self):
+    def _op(self, row: int = 0):
+        """The op; under CP its context-parallel callable, one per batch row that runs alone (packed
+        documents), so that each holds one live forward and checkpoint replays reuse its states."""
         op = getattr(kernels, self.op_name)
         if self.cp_group is None:
             return op
-        if self._cp_op is None:
-            from lctrain.parallel import context_parallel
+        from lctrain.parallel import context_parallel
 
+        if row > 0:
+            if row not in self._cp_row_ops:
+                self._cp_row_ops[row] = context_parallel(op, self.cp_group)
+            return self._cp_row_ops[row]
+        if self._cp_op is None:
             self._cp_op = context_parallel(op, self.cp_group)
         return self._cp_op
 
-    def _conv(self, conv: ShortConv, x: torch.Tensor, cache: dict | None, name: str) -> torch.Tensor:
-        return run_short_conv(conv, x, cache, name, self.cp_group)
+    def cp_ops(self) -> list:
+        """Every context-parallel callable this mixer made (counters for tests and benchmarks)."""
+        return [op for op in [self._cp_op, *self._cp_row_ops.values()] if op is not None]
 
-    def _run_op(self, args: tuple, cache: dict | None, scale=None) -> torch.Tensor:
+    def _conv(self, conv: ShortConv, x: torch.Tensor, cache: dict | None, name: str, docs=None) -> torch.Tensor:
+        return run_short_conv(conv, x, cache, name, self.cp_group, docs)
+
+    def _run_op(self, args: tuple, cache: dict | None, scale=None, docs=None) -> torch.Tensor:
         kw = dict(backend=self.backend, chunk_size=self.chunk_size)
         if scale is not None:
             kw["scale"] = scale
@@ -101,8 +116,24 @@ class _LinearMixerBase(nn.Module):
             o, state = self._op()(*args, initial_state=cache.get("state"), output_final_state=True, **kw)
             cache["state"] = state.detach()
             return o
+        if docs is not None:
+            return self._run_documents(args, docs, kw)
         o, _ = self._op()(*args, **kw)
         return o
+
+    def _run_documents(self, args: tuple, docs, kw: dict) -> torch.Tensor:
+        B, T = args[0].shape[:2]
+        if self.cp_group is None:
+            cu = docs.packed_cu_seqlens()
+            if cu is None:
+                return self._op()(*args, **kw)[0]
+            packed = [a.reshape(1, B * T, *a.shape[2:]) for a in args]
+            o, _ = self._op()(*packed, cu_seqlens=cu, **kw)
+            return o.reshape(B, T, *o.shape[2:])
+        # CP ops take one row's global boundaries (B = 1): one call (and one state all-gather) per row
+        outs = [self._op(b)(*(a[b:b + 1] for a in args), cu_seqlens=docs.row_cu_seqlens(b), **kw)[0]
+                for b in range(B)]
+        return outs[0] if B == 1 else torch.cat(outs)
 
     def new_cache(self, batch_size: int, device) -> dict:
         return {}
@@ -135,20 +166,21 @@ class DeltaNetMixer(_LinearMixerBase):
         self.o_proj.is_output_projection = True
         _mark_head_params(self)
 
-    def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
+                docs=None) -> torch.Tensor:
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
-        q = self._conv(self.q_conv, self.q_proj(x), cache, "q_conv").view(B, T, H, D)
-        k = self._conv(self.k_conv, self.k_proj(x), cache, "k_conv").view(B, T, H, D)
-        v = self._conv(self.v_conv, self.v_proj(x), cache, "v_conv").view(B, T, H, D)
+        q = self._conv(self.q_conv, self.q_proj(x), cache, "q_conv", docs).view(B, T, H, D)
+        k = self._conv(self.k_conv, self.k_proj(x), cache, "k_conv", docs).view(B, T, H, D)
+        v = self._conv(self.v_conv, self.v_proj(x), cache, "v_conv", docs).view(B, T, H, D)
         q, k = _l2norm(q), _l2norm(k)
         v = v.to(q.dtype)
         beta = torch.sigmoid(self.b_proj(x).float())
         if self.gated:
             g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
-            o = self._run_op((q, k, v, g, beta), cache)
+            o = self._run_op((q, k, v, g, beta), cache, docs=docs)
         else:
-            o = self._run_op((q, k, v, beta), cache)
+            o = self._run_op((q, k, v, beta), cache, docs=docs)
         o = self.o_norm(o, self.g_proj(x).view(B, T, H, D))
         return self.o_proj(o.reshape(B, T, H * D).to(x.dtype))
 
@@ -179,16 +211,17 @@ class Mamba2Mixer(_LinearMixerBase):
         self.o_proj.is_output_projection = True
         _mark_head_params(self)
 
-    def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
+                docs=None) -> torch.Tensor:
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
-        xs = self._conv(self.x_conv, self.x_proj(x), cache, "x_conv").view(B, T, H, D)
-        k = self._conv(self.B_conv, self.B_proj(x), cache, "B_conv").view(B, T, H, D)
-        q = self._conv(self.C_conv, self.C_proj(x), cache, "C_conv").view(B, T, H, D)
+        xs = self._conv(self.x_conv, self.x_proj(x), cache, "x_conv", docs).view(B, T, H, D)
+        k = self._conv(self.B_conv, self.B_proj(x), cache, "B_conv", docs).view(B, T, H, D)
+        q = self._conv(self.C_conv, self.C_proj(x), cache, "C_conv", docs).view(B, T, H, D)
         dt = F.softplus(self.dt_proj(x).float() + self.dt_bias.float())  # [B, T, H]
         g = -torch.exp(self.A_log.float()) * dt
         v = (xs.float() * dt[..., None]).to(q.dtype)
-        o = self._run_op((q, k.to(q.dtype), v, g), cache)
+        o = self._run_op((q, k.to(q.dtype), v, g), cache, docs=docs)
         o = o.float() + self.D.float()[:, None] * xs.float()
         o = self.o_norm(o, self.z_proj(x).view(B, T, H, D))
         return self.o_proj(o.reshape(B, T, H * D).to(x.dtype))

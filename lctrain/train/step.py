@@ -19,17 +19,19 @@ IGNORE_INDEX = -100
 
 
 def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, cp_group=None, position_offset: int = 0,
-            token_weights: torch.Tensor | None = None):
+            token_weights: torch.Tensor | None = None, doc_bounds: list[list[int]] | None = None):
     """-> (loss, mean_loss): this rank's differentiable share and the detached full-sequence mean.
 
     Labels equal to -100 are ignored. With `cp_group` None (or of size 1) and no token_weights both
-    are the plain mean.
+    are the plain mean. `doc_bounds` (from the loader): the packed documents' global boundaries per
+    sample, handed to the model so that it need not find them itself.
     """
     if input_ids.shape != labels.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} must have the same shape [B, T_local]")
     if token_weights is not None and token_weights.shape != labels.shape:
         raise ValueError(f"token_weights {tuple(token_weights.shape)} must have the labels' shape {tuple(labels.shape)}")
-    logits = model(input_ids, position_offset=position_offset)
+    documents = {} if doc_bounds is None else {"doc_bounds": doc_bounds}
+    logits = model(input_ids, position_offset=position_offset, **documents)
     if getattr(model, "tp_group", None) is not None:  # vocabulary-split logits (tensor parallelism)
         from lctrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
 

@@ -100,6 +100,7 @@ class Trainer:
             self.loader = build_train_loader(
                 cfg.data, dp_rank=self.dp_rank, dp_size=self.dp_size, cp_rank=self.cp_rank, cp_size=self.cp_size,
                 tp_size=cfg.parallel.tp, global_rank=dist.get_rank() if dist.is_initialized() else 0, world_size=self.world,
+                document_end_id=cfg.model.document_end_id,
             )
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.step_count = 0  # optimizer steps done (restored by load)
@@ -109,7 +110,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (loss, mean_loss) of one micro-batch (`input_ids`, `labels`, optional `answer_mask`):
+        """-> (loss, mean_loss) of one micro-batch (`input_ids`, `labels`, optional `answer_mask` and
+        `doc_bounds`, the packed documents' boundaries the loader found):
         this rank's differentiable share (answer tokens weighted) and the detached unweighted mean
         of the whole sequence (see step.lm_loss)."""
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
@@ -117,7 +119,7 @@ class Trainer:
         weights = answer_weights(batch, self.cfg.train.answer_loss_weight, self.device)
         with self._autocast():
             return lm_loss(self.model, input_ids, labels, cp_group=self.cp_group, position_offset=self.cp_rank * input_ids.shape[1],
-                           token_weights=weights)
+                           token_weights=weights, doc_bounds=batch.get("doc_bounds"))
 
     def forward_backward(self, batches: Sequence[dict]) -> torch.Tensor:
         """Accumulate the gradients of the micro-batches (each loss / len(batches)); returns the step's

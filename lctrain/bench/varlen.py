@@ -1,0 +1,157 @@
+"""`lctrain bench varlen`: packed variable-length sequences (cu_seqlens) against one long sequence.
+
+For each op (delta_rule, gated_delta_rule, gated_linear_attn; backend="triton") and each T: forward
+and forward+backward (``triton.testing.do_bench``, median ms) of
+
+    one     one sequence of T tokens (B=1, no cu_seqlens)
+    packed  the same T tokens as --docs documents of random lengths (B=1, cu_seqlens)
+    fla     fla-core's varlen path on the same packed stream (chunk_delta_rule /
+            chunk_gated_delta_rule with cu_seqlens), in the same process
+
+Targets: packed / one <= 1.1 and packed / fla <= 1.0. Until our native varlen Triton kernels land,
+backend="triton" with cu_seqlens runs the ordinary kernels once per document (slower; the output
+says which path ran). fla's gated backward guard on Hopper with Triton 3.4 - 3.7.0 is lifted as in
+``lctrain bench kernels`` and said in the notes. ``--json PATH`` writes the result; ``--record``
+appends it to BENCHMARKS.md (lctrain.bench.report).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+
+from lctrain.bench.kernels import _load_fla, _make_inputs, _measure, _rel_diff
+from lctrain.bench.report import publish
+
+OPS = ("delta", "gated_delta", "gla")
+COLUMNS = ["T", "docs", "op", "path", "fwd ms", "fwd+bwd ms", "fwd+bwd / one", "fwd+bwd / fla"]
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="lctrain bench varlen", description=__doc__.split("\n\n")[0])
+    p.add_argument("--T", type=int, nargs="+", default=[131072], help="packed lengths (default 128K)")
+    p.add_argument("--docs", type=int, default=64, help="documents per packed stream (default 64)")
+    p.add_argument("--H", type=int, default=16, help="heads (default 16)")
+    p.add_argument("--D", type=int, default=128, help="head dim, for q/k and v (default 128)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    p.add_argument("--seed", type=int, default=0, help="seed of the document lengths (default 0)")
+    p.add_argument("--no-fla", action="store_true", help="skip fla-core")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default 25)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms (default 100)")
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
+    p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD",
+                   help="append the result to BENCHMARKS.md (or MD)")
+    args = p.parse_args(argv)
+    if args.docs < 1 or any(T < args.docs for T in args.T):
+        p.error(f"--docs must be >= 1 and at most every --T (got docs={args.docs}, T={args.T})")
+    return args
+
+
+def document_bounds(T: int, n_docs: int, seed: int) -> list[int]:
+    """[0, ..., T]: n_docs documents of random lengths >= 1 (seeded cut points)."""
+    import random
+
+    cuts = sorted(random.Random(seed).sample(range(1, T), n_docs - 1))
+    return [0] + cuts + [T]
+
+
+def _ours(op: str, x: dict, cu):
+    from lctrain.kernels import delta_rule, gated_delta_rule, gated_linear_attn
+    q, k, v, g, beta = x["q"], x["k"], x["v"], x["g"], x["beta"]
+    kw = dict(backend="triton", cu_seqlens=cu)
+    if op == "delta":
+        return (lambda: delta_rule(q, k, v, beta, **kw)[0]), [q, k, v, beta]
+    if op == "gated_delta":
+        return (lambda: gated_delta_rule(q, k, v, g, beta, **kw)[0]), [q, k, v, g, beta]
+    return (lambda: gated_linear_attn(q, k, v, g, **kw)[0]), [q, k, v, g]
+
+
+def _fla(op: str, x: dict, cu, fla):
+    q, k, v, g, beta = x["q"], x["k"], x["v"], x["g"], x["beta"]
+    if op == "delta":
+        return (lambda: fla[0](q, k, v, beta, cu_seqlens=cu)[0]), [q, k, v, beta]
+    return (lambda: fla[1](q, k, v, g, beta, cu_seqlens=cu)[0]), [q, k, v, g, beta]
+
+
+def _packed_path() -> str:
+    """Which code runs backend="triton" with cu_seqlens: native varlen kernels or the per-document loop."""
+    from lctrain.kernels import api
+    fn = api._triton_fn("gated_delta_rule")[0]
+    return "native varlen kernels" if fn is not None and api._takes_cu_seqlens(fn) else \
+        "per-document loop over the ordinary Triton kernels (native varlen kernels pending)"
+
+
+def run(args) -> dict:
+    import torch
+    import triton
+    if not torch.cuda.is_available():
+        raise SystemExit("lctrain bench varlen needs a CUDA GPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    notes = [f"backend='triton' with cu_seqlens ran: {_packed_path()}"]
+    fla, fla_version = None, None
+    if not args.no_fla:
+        try:
+            *fla, fla_version = _load_fla(notes)
+        except ImportError as e:
+            notes.append(f"fla-core not importable ({e}); fla rows skipped")
+    rows, raw = [], []
+    for T in args.T:
+        bounds = document_bounds(T, args.docs, args.seed)
+        lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+        notes.append(f"T={T}: {args.docs} documents, lengths {min(lengths)} .. {max(lengths)} (seed {args.seed})")
+        cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
+        cu_fla = cu.long()
+        x = _make_inputs(1, T, args.H, args.D, dtype, "cuda")
+        for op in args.ops:
+            runs = [("one", _ours(op, x, None)), ("packed", _ours(op, x, cu))]
+            if fla is not None and op != "gla":
+                runs.append(("fla packed", _fla(op, x, cu_fla, fla)))
+                with torch.no_grad():
+                    diff = _rel_diff(runs[1][1][0](), runs[2][1][0]())
+                notes.append(f"T={T} {op}: packed output vs fla packed, rel diff {diff:.1e}")
+            res = {}
+            for path, (fwd, inputs) in runs:
+                try:
+                    res[path] = _measure(fwd, inputs, x["do"], args.warmup, args.rep)
+                except torch.cuda.OutOfMemoryError:
+                    res[path] = None
+                    notes.append(f"{op} {path} at T={T}: out of memory")
+                torch.cuda.empty_cache()
+                r = res[path]
+                print(f"T={T} {op} {path}: " + ("OOM" if r is None else f"fwd {r[0]:.3f} ms, fwd+bwd {r[1]:.3f} ms"),
+                      flush=True)
+            for path, r in res.items():
+                ratio = lambda ref: (None if r is None or ref is None or path != "packed"  # noqa: E731
+                                     else round(r[1] / ref[1], 3))
+                rows.append([T, args.docs if path != "one" else 1, op, path,
+                             None if r is None else round(r[0], 3), None if r is None else round(r[1], 3),
+                             ratio(res.get("one")), ratio(res.get("fla packed"))])
+                raw.append({"T": T, "op": op, "path": path, "fwd_ms": None if r is None else r[0],
+                            "fwd_bwd_ms": None if r is None else r[1]})
+        del x
+        torch.cuda.empty_cache()
+    return {
+        "title": f"Varlen kernels: {args.docs} packed documents vs one sequence, H={args.H} D={args.D} {args.dtype}",
+        "command": "lctrain bench varlen " + " ".join(args.argv),
+        "device": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "fla-core": fla_version},
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "notes": notes + ["times: triton.testing.do_bench median; targets: packed fwd+bwd / one <= 1.1, "
+                          "packed / fla packed <= 1.0"],
+        "columns": COLUMNS,
+        "rows": rows,
+        "raw": raw,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(argv)
+    args.argv = argv
+    publish(run(args), args.json, args.record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

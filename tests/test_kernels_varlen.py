@@ -1,0 +1,147 @@
+"""Packed variable-length sequences (cu_seqlens) in the kernel ops and the CP primitives.
+
+Every op and backend on a B=1 stream of packed documents equals running each document alone: outputs,
+final states (one per document) and the gradients of every input and of every initial state. The
+documents have odd lengths, some shorter than a chunk, one of a single token. Bad cu_seqlens are
+refused before anything runs, with an error naming cu_seqlens.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lctrain.kernels import (check_cu_seqlens, delta_rule, gated_delta_rule, gated_linear_attn,
+                             shard_state_grad, shard_transition)
+
+MIXERS = ("delta", "gated_delta", "gla")
+OPS = {"delta": delta_rule, "gated_delta": gated_delta_rule, "gla": gated_linear_attn}
+LENGTHS = [5, 1, 13, 3, 20]  # chunk 8: shorter than a chunk, one token, ragged chunks
+H, K, V = 2, 4, 6
+
+
+def make_inputs(kind, T, dtype, seed, n_docs, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x = dict(q=r(1, T, H, K), k=F.normalize(r(1, T, H, K), dim=-1), v=r(1, T, H, V),
+             g=F.logsigmoid(r(1, T, H) + 2.0) if kind != "delta" else None,
+             beta=torch.sigmoid(r(1, T, H)) if kind != "gla" else None,
+             initial_state=r(n_docs, H, K, V))
+    return {n: None if t is None else t.to(device, dtype) for n, t in x.items()}
+
+
+def call(kind, x, backend, chunk, **kw):
+    args = [x["q"], x["k"], x["v"]] + [x[n] for n in ("g", "beta") if x[n] is not None]
+    return OPS[kind](*args, initial_state=x["initial_state"], output_final_state=True, backend=backend,
+                     chunk_size=chunk, **kw)
+
+
+def packed_and_alone(kind, backend, chunk, dtype, lengths, seed=0, device="cpu"):
+    """(packed results, per-document results): (o, final states, {name: grad}) for the loss
+    sum(o * do) + sum(S * dS), with the packed stream vs each document alone (naive, float64)."""
+    T, N = sum(lengths), len(lengths)
+    x = make_inputs(kind, T, dtype, seed, N, device)
+    gen = torch.Generator().manual_seed(seed + 1)
+    do = torch.randn(1, T, H, V, generator=gen, dtype=torch.float64).to(device)
+    dS = torch.randn(N, H, K, V, generator=gen, dtype=torch.float64).to(device)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
+
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items() if t is not None}
+    full = {n: leaves.get(n) for n in x}
+    o, S = call(kind, full, backend, chunk, cu_seqlens=cu)
+    loss = (o.double() * do).sum() + (S.double() * dS).sum()
+    packed = (o.detach(), S.detach(), dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())))))
+
+    ref_leaves = {n: t.detach().cpu().double().clone().requires_grad_() for n, t in x.items() if t is not None}
+    do, dS = do.cpu(), dS.cpu()
+    outs, finals, loss = [], [], 0.0
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):  # naive on CPU, float64
+        doc = {n: None if t is None else (t[i:i + 1] if n == "initial_state" else t[:, s:e])
+               for n, t in ((n, ref_leaves.get(n)) for n in x)}
+        o_i, S_i = call(kind, doc, "naive", chunk)
+        outs.append(o_i)
+        finals.append(S_i)
+        loss = loss + (o_i * do[:, s:e]).sum() + (S_i * dS[i:i + 1]).sum()
+    alone = (torch.cat(outs, 1).detach(), torch.cat(finals).detach(),
+             dict(zip(ref_leaves, torch.autograd.grad(loss, list(ref_leaves.values())))))
+    return packed, alone
+
+
+def assert_same(packed, alone, tol, what):
+    rel = lambda a, b: ((a.cpu().double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()  # noqa: E731
+    assert packed[0].shape == alone[0].shape and packed[1].shape == alone[1].shape
+    assert rel(packed[0], alone[0]) <= tol, f"{what}: output"
+    assert rel(packed[1], alone[1]) <= tol, f"{what}: final states"
+    assert set(packed[2]) == set(alone[2])
+    for name, g in packed[2].items():
+        assert rel(g, alone[2][name]) <= tol, f"{what}: grad of {name}"
+
+
+@pytest.mark.parametrize("kind", MIXERS)
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+def test_packed_documents_equal_each_document_alone(kind, backend):
+    packed, alone = packed_and_alone(kind, backend, 8, torch.float64, LENGTHS, seed=MIXERS.index(kind))
+    assert_same(packed, alone, 1e-10, f"{kind}/{backend}")
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                                 reason="needs TRITON_INTERPRET=1 (set by conftest on CPU runs)")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="needs CUDA")]),
+])
+@pytest.mark.parametrize("kind", MIXERS)
+def test_triton_packed_documents_equal_each_document_alone(kind, device):
+    """backend="triton" (interpreter on CPU; float32, chunk 64): documents shorter than, equal to and
+    longer than a chunk, and one token."""
+    packed, alone = packed_and_alone(kind, "triton", 64, torch.float32, [7, 1, 64, 70], seed=5, device=device)
+    assert_same(packed, alone, 1e-4, f"{kind}/triton on {device}")
+
+
+@pytest.mark.parametrize("kind", MIXERS)
+def test_cp_primitives_with_cu_seqlens(kind):
+    """shard_transition: the (A, B) of the last document piece; shard_state_grad: the first piece's
+    gradient of the incoming state; both on the torch backend equal naive on the slices."""
+    x = make_inputs(kind, 21, torch.float64, 3, 3)
+    gen = torch.Generator().manual_seed(4)
+    do = torch.randn(1, 21, H, V, generator=gen, dtype=torch.float64)
+    cu = torch.tensor([0, 6, 9, 21])
+    gates = {n: x[n] for n in ("g", "beta")}
+    A, Bst = shard_transition(kind, x["k"], x["v"], **gates, backend="torch", chunk_size=4, cu_seqlens=cu)
+    A_ref, B_ref = shard_transition(kind, x["k"][:, 9:], x["v"][:, 9:], backend="naive",
+                                    **{n: None if t is None else t[:, 9:] for n, t in gates.items()})
+    torch.testing.assert_close(A, A_ref)
+    torch.testing.assert_close(Bst, B_ref)
+    G = shard_state_grad(kind, x["q"], x["k"], do, **gates, backend="torch", chunk_size=4, cu_seqlens=cu)
+    G_ref = shard_state_grad(kind, x["q"][:, :6], x["k"][:, :6], do[:, :6], backend="naive",
+                             **{n: None if t is None else t[:, :6] for n, t in gates.items()})
+    torch.testing.assert_close(G, G_ref)
+
+
+@pytest.mark.parametrize("cu,batch,error,match", [
+    ([1, 4, 9], 1, ValueError, "start at 0"),
+    ([0, 4, 4, 9], 1, ValueError, "strictly increasing"),
+    ([0, 6, 4, 9], 1, ValueError, "strictly increasing"),
+    ([0, 4, 8], 1, ValueError, "end at the sequence length T=9"),
+    ([0, 4, 9], 2, ValueError, "batch size 1"),
+    ([0.0, 4.0, 9.0], 1, TypeError, "int32 or int64"),
+    ([[0, 4, 9]], 1, ValueError, r"1-D \[N\+1\]"),
+    ([9], 1, ValueError, r"1-D \[N\+1\]"),
+])
+def test_bad_cu_seqlens_is_refused_naming_it(cu, batch, error, match):
+    q = torch.randn(batch, 9, H, K)
+    beta = torch.rand(batch, 9, H)
+    with pytest.raises(error, match=match) as info:
+        delta_rule(q, q, q, beta, cu_seqlens=torch.tensor(cu), backend="torch")
+    assert "cu_seqlens" in str(info.value)
+
+
+def test_cu_seqlens_device_and_initial_state_rows_are_checked():
+    q, beta = torch.randn(1, 9, H, K), torch.rand(1, 9, H)
+    with pytest.raises(ValueError, match="cu_seqlens is on meta"):
+        check_cu_seqlens(torch.tensor([0, 9], device="meta"), 1, 9, q.device)
+    with pytest.raises(ValueError, match=r"initial_state must be \[N \(one per document of cu_seqlens\)"):
+        delta_rule(q, q, q, beta, cu_seqlens=torch.tensor([0, 4, 9]), initial_state=torch.zeros(1, H, K, K))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        shard_transition("delta", q, q, beta=beta, cu_seqlens=torch.tensor([0, 5]))
+    assert check_cu_seqlens(torch.tensor([0, 4, 9], dtype=torch.int32), 1, 9, q.device) == [0, 4, 9]
