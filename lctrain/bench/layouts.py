@@ -35,7 +35,8 @@ def _parse(argv):
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the tokens/s median")
     p.add_argument("--out-dir", default=None, help="where the runs go (default: a temporary folder)")
     p.add_argument("--json", default=None, help="write the result here")
-    p.add_argument("--record", action="store_true", help="append the result to BENCHMARKS.md")
+    p.add_argument("--record", nargs="?", const="BENCHMARKS.md", default=None, metavar="MD",
+                   help="append the result to BENCHMARKS.md (or MD)")
     return p.parse_args(argv)
 
 
@@ -92,12 +93,9 @@ def main(argv=None) -> int:
         "columns": COLUMNS,
         "rows": rows,
     }
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    if args.record:
-        from lctrain.bench.report import append_to_benchmarks_md
+    from lctrain.bench.report import publish
 
-        append_to_benchmarks_md(result)
+    publish(result, args.json, args.record)
     return 0
 
 
