@@ -74,9 +74,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lctrain {command}: give one of: {choices}", file=sys.stderr)
             return 2
         target, rest = target[rest[0]], rest[1:]
-    module_name, _, function = target.partition(":")
-    run = getattr(importlib.import_module(module_name), function or "main")
-    return int(run(rest) or 0)
+    prog = f"lctrain {command}" + (f" {argv[1]}" if isinstance(COMMANDS[command], dict) else "")
+    return run_command(prog, target, rest)
+
+
+def run_command(prog: str, target: str, argv: list[str]) -> int:
+    """Run one command's target: a UserError (anything the user gave wrong) becomes one line on
+    stderr and exit code 2, Ctrl-C outside training one line and 130; other errors keep their
+    traceback (they are bugs to report)."""
+    from lctrain.errors import UserError, report_user_error
+    from lctrain.process_tree import die_with_parent_if_worker
+
+    die_with_parent_if_worker()
+    try:
+        module_name, _, function = target.partition(":")
+        run = getattr(importlib.import_module(module_name), function or "main")
+        return int(run(argv) or 0)
+    except UserError as err:
+        return report_user_error(prog, err)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

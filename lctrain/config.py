@@ -7,13 +7,17 @@ key and the fix in its error.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from lctrain.errors import UserError
 
 # One letter per block kind in model.layer_pattern.
 LAYER_KINDS = {
@@ -32,7 +36,7 @@ KERNEL_BACKENDS = ("auto", "naive", "torch", "triton")
 
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is wrong; the message names the key and what to change."""
 
 
@@ -130,9 +134,16 @@ class TrainConfig:
     answer_loss_weight: float = 20.0
     seed: int = 1234
     out_dir: str = "runs/default"
-    log_every: int = 10
-    ckpt_every: int = 0  # 0 = only at the end
-    resume: bool = True  # continue from the latest checkpoint in out_dir if there is one
+    log_every: int = 10  # 0 = no log lines (metrics.jsonl still gets every step)
+    ckpt_every: int = 0  # save every n steps; 0 = only by time (ckpt_minutes), on a signal and at the end
+    # save when this many minutes have passed since the last save (0 = off): a crash or kill -9 then
+    # loses at most this much work; SIGTERM / SIGUSR1 / SIGINT save at once anyway
+    ckpt_minutes: float = 10.0
+    keep_last: int = 3  # finished checkpoints kept; older ones are deleted once a newer one is complete; 0 = all
+    # a step whose loss or gradient norm is not finite is skipped (no optimizer update); this many in a
+    # row stop the run
+    max_bad_steps: int = 5
+    resume: bool = True  # continue from the newest checkpoint in out_dir that verifies, if there is one
     # start a new run from a checkpoint's weights (any parallel layout; new optimizer and schedule,
     # step 0), e.g. to continue a 16K model at 131K with another RoPE base; null = random init.
     # A checkpoint in out_dir (train.resume) takes precedence.
@@ -170,10 +181,9 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: Sequence[str
     cfg = default_config()
     if recipe is not None:
         path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe {str(recipe)!r} does not exist; pass a YAML file such as recipes/default.yaml")
+        loaded = load_recipe(path)
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as err:
             raise ConfigError(f"recipe {path}: {_explain(err)}") from None
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
@@ -185,6 +195,28 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: Sequence[str
         raise ConfigError(f"override: {_explain(err)}") from None
     validate(cfg)
     return cfg
+
+
+def load_recipe(path: str | os.PathLike) -> DictConfig:
+    """A recipe YAML as a DictConfig; any unreadable or malformed file is a ConfigError naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist; pass a YAML file such as recipes/default.yaml")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"recipe {path} is not valid YAML{at} ({problem}); fix the file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"recipe {path} cannot be read ({type(err).__name__}); pass a YAML text file") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"recipe {path}: {_explain(err)}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"recipe {path} holds a {type(loaded).__name__}, not a mapping of sections; "
+                          "write it like recipes/default.yaml (model:, data:, train: ...)")
+    return loaded
 
 
 def _explain(err: OmegaConfBaseException) -> str:
@@ -303,8 +335,33 @@ def validate(cfg: DictConfig) -> None:
 
     if t.steps < 1:
         _fail("train.steps", f"must be >= 1, got {t.steps}", "set the number of optimizer steps")
+    for key in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "answer_loss_weight", "ckpt_minutes"):
+        if not math.isfinite(float(t[key])):
+            _fail(f"train.{key}", f"must be a finite number, got {t[key]}", "set a real value")
     if t.lr <= 0:
         _fail("train.lr", f"must be positive, got {t.lr}", "set a learning rate such as 3e-4")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= t[key] < 1.0:
+            _fail(f"train.{key}", f"must lie in [0, 1), got {t[key]}", "use e.g. beta1=0.9, beta2=0.95")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        _fail("train.min_lr_ratio", f"must lie in [0, 1], got {t.min_lr_ratio}", "set the final LR as a fraction of train.lr")
+    if t.weight_decay < 0:
+        _fail("train.weight_decay", f"must be >= 0, got {t.weight_decay}", "use 0 to switch it off")
+    for key in ("warmup_steps", "log_every", "ckpt_every", "keep_last"):
+        if t[key] < 0:
+            _fail(f"train.{key}", f"must be >= 0, got {t[key]}", "use 0 to switch it off")
+    if t.ckpt_minutes < 0:
+        _fail("train.ckpt_minutes", f"must be >= 0, got {t.ckpt_minutes}", "use 0 to save only by steps, on signals and at the end")
+    if t.max_bad_steps < 1:
+        _fail("train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}", "set how many non-finite steps in a row stop the run")
+    if d.num_workers < 0:
+        _fail("data.num_workers", f"must be >= 0, got {d.num_workers}", "use 0 to load in the training process")
+    if not str(t.out_dir).strip():
+        _fail("train.out_dir", "is empty", "name the run's directory, e.g. runs/default")
+    blocker = _file_in_path(os.path.expanduser(str(t.out_dir)))
+    if blocker is not None:
+        _fail("train.out_dir", f"{t.out_dir!r} lies under {blocker!r}, which is a file, not a directory",
+              "choose another train.out_dir")
     if t.answer_loss_weight < 0:
         _fail("train.answer_loss_weight", f"must be >= 0, got {t.answer_loss_weight}", "use 1 for the plain LM loss")
     if t.init_from and not Path(os.path.expanduser(str(t.init_from))).exists():
@@ -315,6 +372,17 @@ def validate(cfg: DictConfig) -> None:
         _fail("train.device", f"unknown device {t.device!r}", "use auto, cpu or cuda")
     if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
         _fail("train.dtype", f"unknown dtype {t.dtype!r}", "use auto, float32, bfloat16 or float16")
+
+
+def _file_in_path(path: str) -> str | None:
+    """The first existing non-directory on the way to `path` (a file where a folder must be), or None."""
+    p = Path(path).absolute()
+    for part in [*reversed(p.parents), p]:
+        if part.exists() and not part.is_dir():
+            return str(part)
+        if not part.exists():
+            return None
+    return None
 
 
 def _letters() -> str:

@@ -23,15 +23,17 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lctrain.config import ConfigError, load_config, split_recipe_and_overrides, validate, world_size_needed
+from lctrain.errors import UserError
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch.tmpl"
 DEFAULT_PORT = 29500
+DEFAULT_SIGNAL_GRACE_S = 120
 # Slurm's --time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
 _TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2})$")
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
 
 
-class SubmitError(ValueError):
+class SubmitError(UserError, ValueError):
     """The Slurm request does not fit the configuration or the machine; the message says what to change."""
 
 
@@ -64,6 +66,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                         help="an extra sbatch option written as an #SBATCH line, e.g. --sbatch-arg=--qos=high (repeatable)")
     parser.add_argument("--output-dir", help="the run's directory (sets train.out_dir; default: train.out_dir of the config)")
     parser.add_argument("--template", default=str(TEMPLATE), help="the sbatch template (default: slurm/train.sbatch.tmpl)")
+    parser.add_argument("--signal-grace", type=int, default=DEFAULT_SIGNAL_GRACE_S, metavar="SECONDS",
+                        help="Slurm sends SIGUSR1 this long before the time limit or a preemption (#SBATCH --signal=B:USR1@S); "
+                        f"the run then saves and requeues itself. 0 = no warning signal (default {DEFAULT_SIGNAL_GRACE_S})")
     parser.add_argument("--dry-run", action="store_true", help="write the script and config but do not call sbatch")
     return parser.parse_intermixed_args(argv)
 
@@ -168,6 +173,9 @@ def write_job(cfg: DictConfig, ns: argparse.Namespace, *, recipe: str | None, ov
     config_path = slurm_dir / "config.yaml"
     script_path = slurm_dir / "job.sbatch"
     env = ["export DS_ACCELERATOR=cpu"] if ns.gpus_per_node == 0 else []
+    from lctrain.local_launch import torchrun_signal_options
+
+    signal_options = torchrun_signal_options(max(ns.signal_grace, 60))
     values = {
         "job_name": ns.job_name or f"lctrain-{out_dir.name}",
         "nodes": str(ns.nodes),
@@ -182,9 +190,15 @@ def write_job(cfg: DictConfig, ns: argparse.Namespace, *, recipe: str | None, ov
         "nproc_per_node": str(per_node),
         "torchrun": torchrun_command(),
         "config": shlex.quote(str(config_path)),
+        "signal_directive": f"#SBATCH --signal=B:USR1@{ns.signal_grace}" if ns.signal_grace else "",
+        # torchrun waits this long for the workers to save after forwarding a signal, then kills them
+        "torchrun_signal_options": " ".join(signal_options),
+        "warning_forwarded_as": "USR1" if "--signals-to-handle" in signal_options else "TERM",
     }
     if any(c.isspace() for c in values["job_name"]):
         raise SubmitError(f"--job-name {values['job_name']!r} contains whitespace; use a name without spaces")
+    if ns.signal_grace < 0:
+        raise SubmitError(f"--signal-grace must be >= 0 seconds (0 = no warning signal), got {ns.signal_grace}")
     if not 1 <= ns.port <= 65535:
         raise SubmitError(f"--port must lie in 1..65535, got {ns.port}")
     text = render(template.read_text(), values)

@@ -20,3 +20,7 @@ def pytest_configure(config):
         os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not gpu_run else os.environ.get("DS_ACCELERATOR", "cuda"))
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    # training uses OMP_NUM_THREADS or every core per rank, fixed for the run (deterministic); with
+    # pytest-xdist's workers sharing the CI box's 2 cores, one thread each avoids OpenMP waiting on
+    # descheduled threads (which made steps up to ~20x slower)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -13,6 +13,7 @@ their own shared-memory prefix.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,10 +21,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from lctrain.errors import UserError
 from lctrain.data.mds import read_meta
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data settings or files are wrong; the message says what to change."""
 
 
@@ -106,6 +108,43 @@ def resolve_dataset(data_cfg: Any) -> Path:
     return path
 
 
+class _FreshStartReplicationNote(logging.Filter):
+    """StreamingDataset warns about "resuming from the wrong sample" whenever `replication` is set, even
+    on a fresh start (sample 0), where nothing is resumed; a CP run would print it on every start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("`replication` arg" in msg and "resuming from sample 0." in msg)
+
+
+def _quiet_fresh_start_warning() -> None:
+    logger = logging.getLogger("streaming.base.dataset")
+    if not any(isinstance(f, _FreshStartReplicationNote) for f in logger.filters):
+        logger.addFilter(_FreshStartReplicationNote())
+
+
+def check_shards(path: Path, *, embedded: bool) -> None:
+    """Every shard index.json lists is there with its size (a partly deleted cache fails here, not in
+    a streaming worker's traceback)."""
+    import json
+
+    fix = (f"delete {path} (data.cache_dir) so that it is built again" if embedded
+           else "prepare the data again with `lctrain data prepare`")
+    try:
+        shards = json.loads((path / "index.json").read_text())["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path}/index.json is unreadable ({type(err).__name__}); {fix}") from None
+    for shard in shards:
+        raw = shard.get("raw_data") or {}
+        name, size = raw.get("basename"), raw.get("bytes")
+        if name is None:
+            continue
+        f = path / name
+        if not f.is_file() or (size is not None and f.stat().st_size != size):
+            state = "is missing" if not f.is_file() else f"holds {f.stat().st_size} bytes, index.json says {size}"
+            raise DataError(f"dataset {path}: shard {name} {state}; {fix}")
+
+
 def _check_env(global_rank: int, world_size: int) -> None:
     """StreamingDataset takes the world from env vars; make sure they say what the trainer says."""
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -153,6 +192,7 @@ def build_train_loader(data_cfg: Any, *, dp_rank: int, dp_size: int, cp_rank: in
         raise DataError(f"data.seq_len={seq_len} does not split into parallel.cp={cp_size} equal slices; make seq_len a multiple of cp")
     _check_env(global_rank, world_size)
     path = resolve_dataset(data_cfg)
+    check_shards(path, embedded=str(data_cfg.source) == "embedded")
     meta = read_meta(path)
     _check_same_dataset_everywhere(path, meta)
     if meta.get("tokenizer") is not None:
@@ -166,6 +206,8 @@ def build_train_loader(data_cfg: Any, *, dp_rank: int, dp_size: int, cp_rank: in
         raise DataError(f"{path} holds samples of {meta['sample_len']} tokens but data.seq_len={seq_len} needs {seq_len + 1}; "
                         f"set data.seq_len={meta['sample_len'] - 1} or prepare the data again with --seq-len {seq_len}")
     from lctrain.data.token_dataset import TokenSamples
+
+    _quiet_fresh_start_warning()
 
     dataset = TokenSamples(
         local=str(path), remote=None, shuffle=True, shuffle_seed=int(data_cfg.seed), batch_size=batch,

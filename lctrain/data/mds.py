@@ -17,10 +17,12 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from lctrain.errors import UserError
+
 META_FILE = "lctrain.json"
 
 
-class DatasetExistsError(FileExistsError):
+class DatasetExistsError(UserError, FileExistsError):
     """The output directory already holds something."""
 
 

@@ -24,36 +24,49 @@ from lctrain.data.embedded import mix_samples
 from lctrain.data.mds import DatasetExistsError, write_mds
 from lctrain.data.packing import pack_documents, packed_epochs, token_dtype
 from lctrain.data.tokenizer import TokenizerError, get_tokenizer
+from lctrain.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError, ValueError):
     """Bad input to `lctrain data prepare`; the message says what to change."""
 
 
-def _input_files(paths: Sequence[str]) -> list[Path]:
+def _input_files(paths: Sequence[str], flag: str = "--input") -> list[Path]:
     files: list[Path] = []
     for p in paths:
         path = Path(p).expanduser()
         if path.is_dir():
             found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES)
             if not found:
-                raise PrepareError(f"--input {p}: the directory holds no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
+                raise PrepareError(f"{flag} {p}: the directory holds no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
             files += found
         elif path.is_file():
             files.append(path)
         else:
-            raise PrepareError(f"--input {p}: no such file or directory")
+            raise PrepareError(f"{flag} {p}: no such file or directory")
     return files
 
 
-def iter_documents(paths: Sequence[str], text_field: str = "text") -> Iterator[str]:
-    """Documents of the input files, in order."""
-    for f in _input_files(paths):
+def _read_text(f: Path, flag: str) -> str:
+    """A text file's contents; a binary file (NUL bytes, or not UTF-8) is refused, not tokenized as text."""
+    data = f.read_bytes()
+    if b"\0" in data[: 1 << 20]:
+        raise PrepareError(f"{flag} {f}: looks like a binary file (it holds NUL bytes); pass UTF-8 text, .jsonl or an MDS folder")
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd")
+    if bad > max(8, len(text) // 100):
+        raise PrepareError(f"{flag} {f}: is not UTF-8 text ({bad} undecodable bytes); convert it to UTF-8 or pass another file")
+    return text
+
+
+def iter_documents(paths: Sequence[str], text_field: str = "text", flag: str = "--input") -> Iterator[str]:
+    """Documents of the input files, in order. `flag` names the option in error messages."""
+    for f in _input_files(paths, flag):
         if f.suffix in JSONL_SUFFIXES:
-            with f.open(encoding="utf-8") as fh:
+            with f.open(encoding="utf-8", errors="replace") as fh:
                 for n, line in enumerate(fh, 1):
                     if not line.strip():
                         continue
@@ -68,7 +81,7 @@ def iter_documents(paths: Sequence[str], text_field: str = "text") -> Iterator[s
                         raise PrepareError(f"{f}:{n}: field {text_field!r} is not a string")
                     yield obj[text_field]
         else:
-            yield f.read_text(encoding="utf-8", errors="replace")
+            yield _read_text(f, flag)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

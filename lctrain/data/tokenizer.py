@@ -10,8 +10,10 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from lctrain.errors import UserError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(UserError, ValueError):
     """The tokenizer setting is wrong; the message says what to change."""
 
 

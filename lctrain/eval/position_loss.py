@@ -114,7 +114,7 @@ def iter_windows(data: str, tokenizer, seq_len: int, *, pack: bool = False, text
         raise ValueError(f"--data {data}: no such file or folder; pass an MDS folder, .txt/.jsonl files or 'embedded'")
     from lctrain.data.prepare import iter_documents
 
-    docs = (tokenizer.encode(d) for d in iter_documents([str(path)], text_field))
+    docs = (tokenizer.encode(d) for d in iter_documents([str(path)], text_field, flag="--data"))
     if pack:
         yield from _pack(docs, length, tokenizer.eos_id)
     else:
@@ -247,7 +247,7 @@ def main(argv: list[str]) -> int:
             runtime.eval_config(extra, recipe, overrides)  # every checkpoint must resolve
         if ns.label and len(ns.label) != len(ns.ckpt):
             raise runtime.EvalError(f"give one --label per --ckpt ({len(ns.ckpt)}), got {len(ns.label)}")
-        seq_len = ns.seq_len or int(cfg.data.seq_len)
+        seq_len = ns.seq_len if ns.seq_len is not None else int(cfg.data.seq_len)
         for key in ("num_windows", "batch_size"):
             if getattr(ns, key) < 1:
                 raise runtime.EvalError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(ns, key)}")

@@ -18,10 +18,12 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from lctrain.errors import UserError
+
 OVERRIDABLE = ("parallel.", "model.kernel_backend", "train.device", "train.dtype")
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Bad eval input; the message says what to change."""
 
 
@@ -36,9 +38,9 @@ def eval_config(ckpt: str | os.PathLike, recipe: str | None, overrides: list[str
         raise EvalError(str(err)) from None
     cfg = OmegaConf.merge(default_config(), OmegaConf.load(path / "config.yaml"))
     if recipe is not None:
-        if not Path(recipe).is_file():
-            raise EvalError(f"recipe {recipe!r} does not exist; pass a YAML file such as recipes/default.yaml")
-        rec = OmegaConf.load(recipe)
+        from lctrain.config import load_recipe
+
+        rec = load_recipe(recipe)
         if "parallel" in rec:
             cfg = OmegaConf.merge(cfg, {"parallel": rec.parallel})
     for item in overrides:

@@ -7,11 +7,19 @@ Layout under `out_dir/ckpt/`:
         rank<r>.pt       per-rank state: data-loader state, RNG states, data-parallel rank
         trainer.json     step, LR-scheduler state, world and data-parallel sizes
         config.yaml      the resolved config of the run
+        manifest.json    size and sha256 of every file above, written last
     latest               text file holding the name of the newest finished checkpoint ("step_<n>")
 
-Every rank writes into `step_<n>.tmp`; after a barrier global rank 0 renames it to `step_<n>` and
-then replaces `latest` (write to a temporary file + os.replace). A crash at any point leaves the
-previous `latest` pointing at a complete checkpoint; a stale `.tmp` is removed by the next save.
+Every rank writes into `step_<n>.tmp`; after a barrier global rank 0 hashes the files into
+`manifest.json`, renames the folder to `step_<n>` and then replaces `latest` (write to a temporary
+file + os.replace). A crash at any point leaves the previous `latest` pointing at a complete
+checkpoint; a stale `.tmp` is removed by the next save. Only then are checkpoints older than the
+newest `train.keep_last` removed, so a complete one always exists. A checkpoint is never written
+"back in time": saving step n while a finished step m > n exists is refused.
+
+Loading verifies the manifest: resume and the evals take the newest checkpoint that verifies
+(`find_checkpoint`), warning about every newer one that does not (flipped bytes, a truncated shard,
+an empty or dangling `latest`).
 
 Model and optimizer states go through `torch.distributed.checkpoint.state_dict` (FQN keys), with
 every tensor-parallel shard gathered to its full tensor first (`tensor_parallel.full_state_dict`);
@@ -27,10 +35,13 @@ holds the full tensors of the model and Adam state once while saving / loading.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +55,17 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 
+from lctrain.errors import UserError
+
 LATEST = "latest"
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
 # model-section keys that change how the model runs, not which parameters it has
 RUNTIME_MODEL_KEYS = ("kernel_backend", "checkpoint_activations")
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used; the message says which and what to do."""
 
 
@@ -73,33 +88,185 @@ def _barrier() -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A finished checkpoint dir from: a step dir, a `latest` file, a ckpt/ dir, or a run's out_dir."""
+def _warn(text: str) -> None:
+    print(f"lctrain: warning: {text}", file=sys.stderr, flush=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_record(p: Path) -> dict:
+    return {"size": p.stat().st_size, "sha256": _sha256(p)}
+
+
+def hash_own_files(ckpt: Path, rank: int) -> dict[str, dict]:
+    """Size and sha256 of the files this rank wrote (DCP names its data files `__<rank>_<n>.distcp`),
+    so that the ranks share the hashing of a large checkpoint."""
+    own = [p for p in ckpt.iterdir() if p.is_file() and (p.name == f"rank{rank}.pt" or p.name.startswith(f"__{rank}_"))]
+    return {p.name: _file_record(p) for p in own}
+
+
+def write_manifest(ckpt: Path, known: dict[str, dict] | None = None) -> None:
+    """Record size and sha256 of every file of the (complete) checkpoint folder, atomically; `known`
+    holds records the other ranks computed already, the rest is hashed here."""
+    known = known or {}
+    files = {}
+    for p in sorted(ckpt.iterdir()):
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(MANIFEST + ".tmp"):
+            files[p.name] = known.get(p.name) or _file_record(p)
+    _write_atomic(ckpt / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1, sort_keys=True))
+
+
+def verify_checkpoint(ckpt: str | os.PathLike) -> str | None:
+    """None when every file the manifest lists is there with its size and sha256; else what is wrong."""
+    ckpt = Path(ckpt)
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the save did not finish, or an lctrain version without integrity checks wrote it)"
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        return f"unreadable {MANIFEST} ({type(err).__name__})"
+    for name in (".metadata", "trainer.json", "config.yaml"):
+        if name not in files:
+            return f"{MANIFEST} does not list {name}"
+    for name, want in files.items():
+        p = ckpt / name
+        if not p.is_file():
+            return f"{name} is missing"
+        size = p.stat().st_size
+        if size != want["size"]:
+            return f"{name} holds {size} bytes, the manifest says {want['size']} (truncated or rewritten)"
+        if _sha256(p) != want["sha256"]:
+            return f"{name} does not match its sha256 in the manifest (the bytes changed)"
+    return None
+
+
+def step_of(path: Path) -> int | None:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def finished_steps(root: Path) -> list[Path]:
+    """The `step_<n>` folders under ckpt/ (renamed into place, so not partial writes), newest first."""
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None]
+    return sorted(dirs, key=step_of, reverse=True)
+
+
+def find_checkpoint(root: Path, warn=_warn, quarantine: bool = False) -> Path | None:
+    """The newest `step_<n>` under `root` (a ckpt/ folder) that verifies; `warn` names each newer one
+    that does not, and a `latest` that is empty or points elsewhere. None when there is no checkpoint;
+    CheckpointError (saying what is damaged, no separate warnings) when there are some and none verifies.
+
+    quarantine (training only): rename each damaged one to `step_<n>.damaged`, so that it is neither
+    resumed from nor counted by keep_last again, but is still there to inspect."""
+    pointer = root / LATEST
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    notes, bad = [], []
+    if named == "":
+        notes.append(f"{pointer} is empty")
+    for ckpt in finished_steps(root):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            if named and named != ckpt.name and named not in {p.name for p in bad}:
+                notes.append(f"{pointer} names {named!r}, but the newest checkpoint that verifies is {ckpt.name}")
+            for note in notes:
+                warn(f"{note}; using {ckpt}")
+            return ckpt
+        bad.append(ckpt)
+        notes.append(f"checkpoint {ckpt} is damaged: {problem}")
+        if quarantine:
+            moved = ckpt.with_name(ckpt.name + ".damaged")
+            shutil.rmtree(moved, ignore_errors=True)
+            os.replace(ckpt, moved)
+            notes[-1] += f" (moved to {moved.name})"
+    if bad:
+        raise CheckpointError(
+            f"no checkpoint under {root} verifies ({'; '.join(notes)}); "
+            "delete the damaged ones to start over, or use a new train.out_dir"
+        )
+    return None
+
+
+def resolve_checkpoint(path: str | os.PathLike, warn=_warn) -> Path:
+    """A verified checkpoint dir from: a step dir, a `latest` file, a ckpt/ dir, or a run's out_dir.
+    For all but a step dir, the newest checkpoint that verifies (see find_checkpoint)."""
     p = Path(path).expanduser()
+    if p.is_dir() and step_of(p) is not None or (p / ".metadata").is_file():
+        problem = verify_checkpoint(p)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {p} is damaged: {problem}; pass the run's out_dir to use its newest good checkpoint")
+        return p
+    root = None
     if p.is_file() and p.name == LATEST:
-        return resolve_checkpoint(p.parent / p.read_text().strip())
-    if p.is_dir():
-        if (p / ".metadata").is_file() and (p / "config.yaml").is_file():
-            return p
-        if (p / LATEST).is_file():
-            return resolve_checkpoint(p / LATEST)
-        if (p / "ckpt" / LATEST).is_file():
-            return resolve_checkpoint(p / "ckpt" / LATEST)
-    raise CheckpointError(
-        f"{str(path)!r} is not a checkpoint: pass a run's out_dir, its ckpt/ folder, ckpt/latest or a ckpt/step_<n> folder"
-    )
+        root = p.parent
+    elif p.is_dir() and ((p / LATEST).is_file() or finished_steps(p)):
+        root = p
+    elif p.is_dir() and (p / "ckpt").is_dir():
+        root = p / "ckpt"
+    found = find_checkpoint(root, warn) if root is not None else None
+    if found is None:
+        raise CheckpointError(
+            f"{str(path)!r} is not a checkpoint: pass a run's out_dir, its ckpt/ folder, ckpt/latest or a ckpt/step_<n> folder"
+        )
+    return found
 
 
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The finished checkpoint `out_dir/ckpt/latest` points to, or None when there is none."""
-    pointer = ckpt_root(out_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    return resolve_checkpoint(pointer)
+def latest_checkpoint(out_dir: str | os.PathLike, warn=_warn, quarantine: bool = False) -> Path | None:
+    """The newest checkpoint of the run that verifies, or None when it has none (see find_checkpoint).
+
+    Under torch.distributed rank 0 looks (and warns) and every rank gets its answer, so that all
+    resume from the same one."""
+    if not _is_dist() or dist.get_world_size() == 1:
+        return find_checkpoint(ckpt_root(out_dir), warn, quarantine)
+    answer: list = [None]
+    if _rank() == 0:
+        try:
+            found = find_checkpoint(ckpt_root(out_dir), warn, quarantine)
+            answer[0] = ("ok", None if found is None else str(found))
+        except CheckpointError as err:
+            answer[0] = ("error", str(err))
+    dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return None if value is None else Path(value)
+
+
+def check_not_back_in_time(out_dir: str | os.PathLike, step: int) -> None:
+    """Refuse to write step `step` when a later finished checkpoint exists (it would rewrite history)."""
+    newer = [p for p in finished_steps(ckpt_root(out_dir)) if step_of(p) > step]
+    if newer:
+        raise CheckpointError(
+            f"{newer[0]} is newer than step {step}: writing step_{step} now would go back in time; "
+            f"raise train.steps above {step_of(newer[0])} to continue that run, or use a new train.out_dir"
+        )
+
+
+def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int, newest: Path) -> list[Path]:
+    """Delete finished checkpoints older than the newest `keep_last` (0 keeps all); `newest` (just
+    completed) is always kept. Returns what was deleted."""
+    if keep_last <= 0:
+        return []
+    older = [p for p in finished_steps(ckpt_root(out_dir)) if step_of(p) < step_of(newest)]
+    doomed = older[max(keep_last - 1, 0):]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
 
 
 def _state_holder(optimizer):
@@ -205,6 +372,7 @@ def save_checkpoint(
     final = root / f"step_{step}"
     tmp = root / f"step_{step}.tmp"
     rank = _rank()
+    check_not_back_in_time(out_dir, step)  # every rank sees the same folder: all refuse together
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -231,9 +399,13 @@ def save_checkpoint(
             trainer["scheduler"] = {k: v for k, v in trainer["scheduler"].items() if k != "lr_lambdas"}
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
         OmegaConf.save(cfg, tmp / "config.yaml")
-    _barrier()  # every rank's files are in tmp
+    hashes = [hash_own_files(tmp, rank)]
+    if _is_dist() and dist.get_world_size() > 1:  # also the barrier: every rank's files are in tmp
+        hashes = [None] * dist.get_world_size()
+        dist.all_gather_object(hashes, hash_own_files(tmp, rank))
 
     if rank == 0:
+        write_manifest(tmp, {name: rec for part in hashes for name, rec in part.items()})
         old = root / f"step_{step}.old"
         if final.exists():  # re-saving the same step: keep it until the new one is in place
             os.replace(final, old)
@@ -242,6 +414,7 @@ def save_checkpoint(
         if old.exists():
             shutil.rmtree(old)
         _write_atomic(Path(out_dir) / "config.yaml", OmegaConf.to_yaml(cfg))
+        prune_checkpoints(out_dir, int(cfg.train.get("keep_last", 0) or 0), final)
     _barrier()
     return final
 
@@ -289,10 +462,12 @@ def load_checkpoint(
     tp_group=None,
     dp_rank: int = 0,
     dp_size: int = 1,
+    verified: bool = False,
 ) -> int:
     """Collective: restore everything `save_checkpoint` wrote into live objects; returns the step.
-    The checkpoint may come from any (tp, cp, dp) layout (module doc)."""
-    ckpt = resolve_checkpoint(path)
+    The checkpoint may come from any (tp, cp, dp) layout (module doc). `verified=True` skips the
+    manifest check for a path `latest_checkpoint` has just verified."""
+    ckpt = Path(path) if verified else resolve_checkpoint(path)
     saved_cfg = OmegaConf.load(ckpt / "config.yaml")
     check_same_model(saved_cfg, cfg, ckpt)
     trainer = json.loads((ckpt / "trainer.json").read_text())

@@ -48,7 +48,14 @@ def main(argv: list[str]) -> int:
                 file=sys.stderr,
             )
             return 2
-        return self_launch(["train"], list(argv), nproc, use_cuda)
+        from lctrain.train.run_lock import HOLDER_ENV, OutDirLock
+
+        with OutDirLock(cfg.train.out_dir):  # held for the workers, who see HOLDER_ENV
+            os.environ[HOLDER_ENV] = str(os.getpid())
+            try:
+                return self_launch(["train"], list(argv), nproc, use_cuda)
+            finally:
+                del os.environ[HOLDER_ENV]
 
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) % (cfg.parallel.cp * cfg.parallel.tp * cfg.parallel.pp):
         print(
@@ -60,12 +67,13 @@ def main(argv: list[str]) -> int:
 
     # megatron-core warns at import that it falls back to torch without Transformer Engine / Apex
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    from lctrain.train.checkpoint import CheckpointError
-    from lctrain.train.trainer import TrainingError, train
+    from lctrain.train.run_lock import lock_for_this_process
+    from lctrain.train.trainer import train
 
+    lock = lock_for_this_process(cfg.train.out_dir)
     try:
-        train(cfg)
-    except (CheckpointError, TrainingError) as err:
-        print(f"lctrain train: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        summary = train(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+    return int(summary.get("exit_code", 0))

@@ -1,5 +1,6 @@
 """What a training run reports, on the main rank only: a rich progress bar (on a TTY) or log lines,
-`out_dir/metrics.jsonl` (one JSON record per step) and tensorboard scalars (`out_dir/tb`)."""
+`out_dir/metrics.jsonl` (one JSON record per step; restarts marked, see metrics_file.py) and
+tensorboard scalars (`out_dir/tb`)."""
 from __future__ import annotations
 
 import json
@@ -48,7 +49,7 @@ class Reporter:
         else:
             print(text, flush=True)
 
-    def step(self, step: int, loss: float, lr: float, tokens: float, seconds: float, grad_norm: float,
+    def step(self, step: int, loss: float, lr: float, tokens: float, seconds: float, grad_norm: float, bad_steps: int = 0,
              peak_mib: float | None = None) -> None:
         """`peak_mib`: the largest peak GPU memory of any rank so far (None on CPU)."""
         if not self.main:
@@ -57,7 +58,7 @@ class Reporter:
         self.tps_ema = tps if self.tps_ema is None else 0.9 * self.tps_ema + 0.1 * tps
         self.window_tokens += tokens
         self.window_time += seconds
-        record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tps, "grad_norm": grad_norm}
+        record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tps, "grad_norm": grad_norm, "bad_steps": bad_steps}
         if peak_mib is not None:
             record["peak_mib"] = peak_mib
         self.metrics.write(json.dumps(record) + "\n")

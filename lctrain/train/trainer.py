@@ -13,7 +13,6 @@ How the gradients of the ranks are combined (and why the loss is scaled as it is
 """
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,10 +24,15 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from lctrain.parallel import mesh
-from lctrain.train.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
-from lctrain.train.device import CpuThreadsGuard, TrainingError, device_text, pick_device, pick_dtype, seed_everything
+from lctrain.train.bad_steps import BadStepGuard
+from lctrain.train.cadence import CheckpointCadence
+from lctrain.train.checkpoint import (ckpt_root, finished_steps, latest_checkpoint, load_checkpoint, load_model_weights,
+                                     save_checkpoint)
+from lctrain.train.device import TrainingError, device_text, pick_device, pick_dtype, seed_everything
 from lctrain.train.grad_comm import broadcast_parameters, clip_grad_norm, mean_over_group, reduce_gradients
 from lctrain.train.metrics import Reporter
+from lctrain.train.metrics_file import restart_metrics
+from lctrain.train.preemption import StopSignals, requeue_or_exit_code
 from lctrain.train.optim import build_optimizer, build_scheduler
 from lctrain.train.step import answer_weights, lm_loss
 
@@ -42,6 +46,7 @@ class StepMetrics:
     loss: float  # unweighted mean loss over the step's micro-batches and the dp x cp replicas
     grad_norm: float  # global L2 norm of the gradients before clipping
     lr: float  # the learning rate this step used
+    skipped: bool = False  # loss or gradient norm not finite: the optimizer did not update (bad_steps.py)
 
 
 def _millions(n: int) -> str:
@@ -104,6 +109,7 @@ class Trainer:
             )
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.step_count = 0  # optimizer steps done (restored by load)
+        self.bad_steps = BadStepGuard(t.max_bad_steps)
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
@@ -139,30 +145,33 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         return clip_grad_norm(self.params, self.cfg.train.grad_clip, self.tp_group)
 
-    def optimizer_step(self) -> None:
-        """Apply the finished gradients, advance the LR schedule, drop the gradients."""
+    def optimizer_step(self, apply: bool = True) -> None:
+        """Apply the finished gradients (unless `apply` is False: a skipped step leaves parameters and
+        optimizer state untouched), advance the LR schedule, drop the gradients."""
+        if apply:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
-            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self, batches: Sequence[dict]) -> StepMetrics:
         """One optimizer step over this rank's micro-batches (`run` passes train.grad_accum of them).
 
-        The loss and the gradient norm are known before `optimizer_step` acts; a non-finite loss
-        ends the run with a TrainingError."""
-        loss = self.forward_backward(batches)
-        grad_norm = self.finish_gradients()
+        The loss and the gradient norm (the same on every rank) are known before `optimizer_step`
+        acts: a step where either is not finite is skipped (bad_steps.py); train.max_bad_steps of
+        them in a row end the run with a message naming the step. float16's GradScaler skips
+        overflowing gradients itself (and lowers its scale), so there only the loss is judged."""
+        loss = float(self.forward_backward(batches))
+        grad_norm = float(self.finish_gradients())
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer_step()
         self.step_count += 1
-        metrics = StepMetrics(step=self.step_count, loss=float(loss), grad_norm=float(grad_norm), lr=lr)
-        if not math.isfinite(metrics.loss):
-            raise TrainingError(f"loss became {metrics.loss} at step {self.step_count}; lower train.lr or check the data")
-        return metrics
+        good = self.bad_steps.is_good(self.step_count, loss, grad_norm if self.scaler is None else 0.0)
+        self.optimizer_step(apply=good)
+        return StepMetrics(step=self.step_count, loss=loss, grad_norm=grad_norm, lr=lr, skipped=not good)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int | None = None) -> Path:
@@ -171,12 +180,13 @@ class Trainer:
                                optimizer=self.optimizer, scheduler=self.scheduler, loader=self.loader, cfg=self.cfg,
                                tp_group=self.tp_group, dp_rank=self.dp_rank, dp_size=self.dp_size)
 
-    def load(self, path) -> int:
+    def load(self, path, verified: bool = False) -> int:
         """Collective: restore model, optimizer, schedule, loader position and RNGs (saved with any
-        parallel layout); returns the step."""
+        parallel layout); returns the step. `verified`: `path` has just passed its manifest check
+        (latest_checkpoint), skip hashing it again."""
         self.step_count = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                           loader=self.loader, cfg=self.cfg, tp_group=self.tp_group,
-                                          dp_rank=self.dp_rank, dp_size=self.dp_size)
+                                          dp_rank=self.dp_rank, dp_size=self.dp_size, verified=verified)
         return self.step_count
 
     def peak_memory_mib(self) -> float | None:
@@ -202,19 +212,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
-        """Resume (train.resume), train to train.steps, checkpoint every train.ckpt_every and at the end."""
+        """Resume (train.resume) from the newest checkpoint that verifies, train to train.steps, checkpoint
+        every train.ckpt_every steps / train.ckpt_minutes minutes, on SIGUSR1/SIGTERM/SIGINT
+        (then stop: preemption.py) and at the end. Returns a summary; its exit_code is the command's."""
         cfg, t = self.cfg, self.cfg.train
         if self.loader is None:
             raise TrainingError("Trainer.run needs the train loader; build the Trainer with data=True")
-        resume_from = latest_checkpoint(t.out_dir) if t.resume else None
-        init_from = None
+        resume_from = latest_checkpoint(t.out_dir, quarantine=True) if t.resume else None
         if resume_from is not None:
-            self.load(resume_from)
-        elif t.get("init_from"):
+            self.load(resume_from, verified=True)
+        elif not t.resume and finished_steps(ckpt_root(t.out_dir)):
+            newest = finished_steps(ckpt_root(t.out_dir))[0]
+            raise TrainingError(f"train.resume=false but {newest} exists: starting over in this out_dir would mix two runs' "
+                                "checkpoints; use a new train.out_dir (or delete its ckpt/ folder)")
+        init_from = None
+        if resume_from is None and t.get("init_from"):
             init_from = load_model_weights(t.init_from, self.model, self.tp_group)
         start_step = self.step_count
 
         tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * t.grad_accum * self.dp_size
+        out = Path(t.out_dir)
+        if self.is_main:
+            restart_metrics(out / "metrics.jsonl", start_step, str(resume_from) if resume_from else None)
         reporter = Reporter(cfg, self.is_main, start_step)
         n_params, n_local = self.parameter_counts()
         reporter.say(
@@ -224,35 +243,48 @@ class Trainer:
             f"steps {start_step}->{t.steps}" + (f", resumed from {resume_from}" if resume_from else "")
             + (f", weights from {init_from}" if init_from else "")
         )
+        reporter.say(f"lctrain train: out_dir {out}: checkpoints {out / 'ckpt'}, metrics {out / 'metrics.jsonl'}"
+                     + (f", tensorboard {out / 'tb'}" if t.tensorboard else ""))
         if start_step >= t.steps:
             reporter.say(f"lctrain train: {resume_from} is already at step {start_step} of train.steps={t.steps}; nothing to do "
                          "(raise train.steps to continue, or use a new train.out_dir / train.resume=false to start over)")
-        threads_guard = CpuThreadsGuard(self.device)
         batches = _Infinite(self.loader)
         self.model.train()
         first_loss = last_loss = None
-        last_saved = start_step if resume_from is not None else -1
+        ckpt, last_saved, stopped_by = resume_from, start_step if resume_from is not None else -1, 0
+        cadence = CheckpointCadence(t.ckpt_every, t.ckpt_minutes, t.steps)
+        stop = StopSignals().install()
         run_start = time.perf_counter()
         try:
-            for step in range(start_step, t.steps):
+            for _ in range(start_step, t.steps):
                 step_start = time.perf_counter()
                 metrics = self.step([next(batches) for _ in range(t.grad_accum)])
+                if metrics.skipped:
+                    reporter.say(f"lctrain train: step {metrics.step}: loss {metrics.loss}, grad_norm {metrics.grad_norm}: "
+                                 f"not finite, update skipped ({self.bad_steps.in_row} in a row, {self.bad_steps.total} in all)")
                 first_loss = metrics.loss if first_loss is None else first_loss
                 last_loss = metrics.loss
-                step_time = time.perf_counter() - step_start
-                reporter.step(metrics.step, metrics.loss, metrics.lr, tokens_per_step, step_time, metrics.grad_norm,
+                reporter.step(metrics.step, metrics.loss, metrics.lr, tokens_per_step, time.perf_counter() - step_start,
+                              metrics.grad_norm, self.bad_steps.total,
                               self.peak_memory_mib())
-                threads_guard.observe(step - start_step, step_time, reporter)
-                if t.ckpt_every > 0 and metrics.step % t.ckpt_every == 0 and metrics.step < t.steps:
-                    self.save()
-                    last_saved = metrics.step
-            ckpt = self.save(t.steps) if last_saved != t.steps else latest_checkpoint(t.out_dir)
+                signum, save_due = stop.poll(cadence.by_time(metrics.step) if self.is_main else False, self.device)
+                if metrics.step < t.steps and (signum or save_due or cadence.by_steps(metrics.step)):
+                    ckpt, last_saved = self.save(), metrics.step
+                    cadence.saved()
+                    if signum:  # on the last step the run simply finishes
+                        stopped_by = signum
+                        break
+            if start_step < t.steps and not stopped_by:  # nothing trained: write nothing (above all no older step)
+                ckpt = self.save(t.steps) if last_saved != t.steps else ckpt
         finally:
+            stop.restore()
             reporter.close()
         wall = time.perf_counter() - run_start
         summary = {"steps": t.steps, "start_step": start_step, "first_loss": first_loss, "last_loss": last_loss, "wall_s": wall,
-                   "checkpoint": str(ckpt)}
-        if self.is_main:
+                   "checkpoint": str(ckpt), "bad_steps": self.bad_steps.total, "exit_code": 0}
+        if stopped_by:
+            summary["exit_code"] = requeue_or_exit_code(stopped_by, ckpt, reporter.say)
+        elif self.is_main:
             losses = f"loss {first_loss:.4f} -> {last_loss:.4f}, " if first_loss is not None else ""
             print(f"lctrain train: done, {losses}{wall:.1f}s, checkpoint {ckpt}", flush=True)
         return summary
