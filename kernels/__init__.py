@@ -15,9 +15,12 @@ from .api import (
     shard_state_grad,
     shard_transition,
 )
+from .deltaformer import deltaformer, deltaformer_u
+from .loglinear import levels_needed, loglinear_gated_delta_rule, loglinear_gated_linear_attn
 
 __all__ = [
-    "delta_rule", "gated_delta_rule", "gated_linear_attn",
+    "deltaformer", "deltaformer_u", "delta_rule", "gated_delta_rule", "gated_linear_attn",
+    "loglinear_gated_delta_rule", "loglinear_gated_linear_attn", "levels_needed",
     "shard_transition", "shard_state_grad", "apply_transition", "apply_transition_transposed",
     "check_cu_seqlens",
     "register_backend", "resolve_backend",

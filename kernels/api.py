@@ -237,9 +237,8 @@ def _dispatch(op_name, backend, chunk_size, q, k, v, g, beta, bounds=None, cu_se
             return backend_fn(q, k, v, *gates, chunk_size=chunk_size, **kw)
     if bounds is None:
         return fn(q, k, v, g, beta, **kw)
-    # naive / torch: exact per-document runs. Triton: its native varlen kernels are pending (a
-    # backend function that takes cu_seqlens is called directly above); until they land, one call
-    # of the ordinary kernels per document: exact, slower with many short documents.
+    # naive / torch, and a registered backend without a cu_seqlens keyword: exact per-document
+    # runs. The Triton ops take cu_seqlens (native varlen kernels) and are called directly above.
     return per_document(fn, bounds, q, k, v, g, beta, **kw)
 
 

@@ -44,9 +44,10 @@ def _to_chunks(x: torch.Tensor, C: int, dt: torch.dtype) -> torch.Tensor:
 
 
 class _ChunkTerms:
-    """Per-chunk quantities that do not depend on the incoming state (all chunks at once)."""
+    """Per-chunk quantities that do not depend on the incoming state (all chunks at once).
+    ``keep_transform``: also keep T = (I + L)^-1 diag(b) itself as ``Tm`` [B, H, N, C, C] (with beta)."""
 
-    def __init__(self, k, v, g, beta, C, dt, q=None):
+    def __init__(self, k, v, g, beta, C, dt, q=None, keep_transform=False):
         self.K = _to_chunks(k, C, dt)                          # [B, H, N, C, K]
         self.V = None if v is None else _to_chunks(v, C, dt)  # [B, H, N, C, V]
         self.Q = None if q is None else _to_chunks(q, C, dt)
@@ -64,18 +65,22 @@ class _ChunkTerms:
         # Gam_i / Gam_j on and below the diagonal, 0 above (masked before exp: no overflow)
         self.decay = torch.exp(torch.where(incl, diff, torch.full_like(diff, float("-inf"))))
         self.K_end = self.K * torch.exp(self.gam_last[..., None] - gam)[..., None]  # K diag(Gam_C/Gam)
-        self.W = self.Ut = None
+        self.W = self.Ut = self.Tm = None
         if beta is not None:
             b = _to_chunks(beta, C, dt)                         # [B, H, N, C]
             strict = idx[:, None] > idx[None, :]
             L = (b[..., :, None] * self.decay * (self.K @ self.K.transpose(-1, -2))) * strict
             eye = torch.eye(C, dtype=dt, device=k.device)
             parts = [self.Gam[..., None] * self.K] + ([] if self.V is None else [self.V])
+            if keep_transform:
+                parts.append(eye.expand(*b.shape, C))
             rhs = b[..., None] * torch.cat(parts, dim=-1)
             X = torch.linalg.solve_triangular(eye + L, rhs, upper=False, unitriangular=True)
             Kdim = self.K.shape[-1]
             self.W = X[..., :Kdim]
-            self.Ut = None if self.V is None else X[..., Kdim:]
+            self.Ut = None if self.V is None else X[..., Kdim:Kdim + self.V.shape[-1]]
+            if keep_transform:
+                self.Tm = X[..., -C:]
 
     def chunk_transitions(self) -> torch.Tensor:
         """A_c per chunk: [B, H, N, K, K], or [B, H, N] (scalar decay) without erase."""

@@ -15,10 +15,16 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "train": "lctrain.train.command",
     "config": {"show": "lctrain.cli:config_show"},
     "data": {"prepare": "lctrain.data.prepare"},
-    "eval": {"niah": "lctrain.eval.niah", "position-loss": "lctrain.eval.position_loss"},
+    "eval": {"niah": "lctrain.eval.niah", "position-loss": "lctrain.eval.position_loss",
+             "task": "lctrain.eval.task"},
     "bench": {"kernels": "lctrain.bench.kernels", "varlen": "lctrain.bench.varlen", "cp": "lctrain.bench.cp",
-              "layouts": "lctrain.bench.layouts", "record": "lctrain.bench.report"},
+              "loglinear": "lctrain.bench.loglinear", "deltaformer": "lctrain.bench.deltaformer",
+              "deltaformer-cp": "lctrain.bench.deltaformer_cp", "train": "lctrain.bench.train",
+              "layouts": "lctrain.bench.layouts",
+              "record": "lctrain.bench.report"},
     "submit": "lctrain.submit",
+    "rope": {"bound": "lctrain.cli:rope_bound"},
+    "repro": "lctrain.eval.repro",
 }
 
 USAGE = """usage: lctrain <command> [args]
@@ -29,10 +35,15 @@ commands:
   data prepare ...                        write MDS shards (embedded text or your own files)
   eval niah --ckpt DIR ...                needle-in-a-haystack accuracy, JSON + heatmaps
   eval position-loss --ckpt DIR ...       next-token loss at every position, CSV/JSON + plot
-  bench kernels | varlen | cp | layouts | record
-                                          kernel / packed-document / context-parallel / parallel-layout
-                                          benchmarks; record into BENCHMARKS.md
+  eval task --ckpt DIR [--task mqar ...]  synthetic-task accuracy (MQAR, swap tracking, DAG), JSON
+  repro NAME [--tiny] [--out DIR]         train + evaluate the models of recipes/repro/NAME.yaml, JSON + PNG
+  bench kernels | varlen | cp | loglinear | deltaformer | deltaformer-cp | record
+                                          kernel / packed-document / context-parallel / log-linear /
+                                          Deltaformer benchmarks; record into BENCHMARKS.md
+  bench train [RECIPE.yaml] [key=value]   training steps on synthetic tokens: tokens/s, MFU, peak memory
+  bench layouts RECIPE.yaml [key=value]   one recipe under several parallel layouts: tokens/s, peak memory
   submit RECIPE.yaml [key=value ...]      render and submit a SLURM job
+  rope bound --head-dim D --context T     smallest RoPE base the 'base bounds context length' criterion allows
 
 `lctrain <command> [<sub-command>] --help` for details."""
 
@@ -55,6 +66,31 @@ def config_show(argv: list[str]) -> int:
         print(f"lctrain: configuration error: {err}", file=sys.stderr)
         return 2
     print(OmegaConf.to_yaml(cfg), end="")
+    return 0
+
+
+def rope_bound(argv: list[str]) -> int:
+    """`lctrain rope bound --head-dim D --context T [--base B]`: the smallest RoPE base that the 'base
+    bounds context length' criterion allows for T tokens (lctrain/models/rope.py, base_lower_bound, shows
+    the computation); with --base, also whether B passes."""
+    import argparse
+
+    from lctrain.models.rope import base_lower_bound, decay_criterion_holds
+
+    p = argparse.ArgumentParser(prog="lctrain rope bound", description=rope_bound.__doc__)
+    p.add_argument("--head-dim", type=int, required=True, help="rotated dims per head (even)")
+    p.add_argument("--context", type=int, required=True, help="context length in tokens")
+    p.add_argument("--base", type=float, default=None, help="also check this base")
+    args = p.parse_args(argv)
+    try:
+        bound = base_lower_bound(args.head_dim, args.context)
+    except ValueError as e:
+        print(f"lctrain rope bound: {e}", file=sys.stderr)
+        return 2
+    print(f"smallest base for head dim {args.head_dim} at context {args.context}: {bound:.4g}")
+    if args.base is not None:
+        ok = decay_criterion_holds(args.base, args.head_dim, args.context)
+        print(f"base {args.base:g}: {'passes' if ok else 'fails'} the criterion")
     return 0
 
 

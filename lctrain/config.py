@@ -24,14 +24,20 @@ LAYER_KINDS = {
     "G": "gated DeltaNet",
     "D": "DeltaNet",
     "M": "Mamba-2 style gated linear attention",
+    "L": "log-linear gated DeltaNet",
+    "K": "log-linear Mamba-2",
     "S": "sliding-window softmax attention",
     "A": "global softmax attention",
+    "F": "Deltaformer (delta rule with a softmax kernel, then causal attention)",
 }
-LINEAR_LAYERS = set("GDM")
-ATTENTION_LAYERS = set("SA")
-ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
+LINEAR_LAYERS = set("GDMLK")
+LOGLINEAR_LAYERS = set("LK")
+ATTENTION_LAYERS = set("SAF")  # layers with attn_heads x attn_head_dim heads and RoPE
+ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "rerope", "leaky_rerope")
+EVAL_ONLY_SCALINGS = ("rerope", "leaky_rerope")
 ROPE_LAYERS = ("all", "sliding")
 KERNEL_BACKENDS = ("auto", "naive", "torch", "triton")
+RESIDUAL_DTYPES = ("float32", "compute")
 
 
 
@@ -40,29 +46,49 @@ class ConfigError(UserError, ValueError):
     """A configuration value is wrong; the message names the key and what to change."""
 
 
+class ConfigWarning(UserWarning):
+    """A configuration is allowed but likely not what was meant; the message says why."""
+
+
 @dataclass
 class RopeConfig:
     base: float = 10000.0
-    # none | linear (position interpolation) | ntk (NTK-aware base change) | yarn
+    # none | linear (position interpolation) | ntk (NTK-aware base change) | yarn, and at eval time only
+    # rerope | leaky_rerope (global attention: exact relative positions within rerope_window, clipped /
+    # leaked by 1/factor beyond it)
     scaling: str = "none"
     factor: float = 1.0
     # the context length the base was trained for; 0 means data.seq_len
     original_max_position: int = 0
+    # ReRoPE / Leaky ReRoPE window w (relative positions < w stay exact)
+    rerope_window: int = 0
     # which attention layers rotate q and k: all | sliding (global "A" layers then carry no position
     # signal, "NoPE": they can only retrieve by content, which is what lets retrieval learned at short
     # distances work across the whole context; the sliding-window and recurrent layers give order)
     layers: str = "sliding"
+    # share of each head's dims that rotate (partial RoPE): the first 2*round(fraction*D/2) dims; the
+    # rest carry no position. 1 = all dims
+    fraction: float = 1.0
 
 
 @dataclass
 class ModelConfig:
     vocab_size: int = 264  # byte tokenizer: 256 bytes + specials, rounded up
     d_model: int = 128
-    # one letter per block: G gated DeltaNet, D DeltaNet, M Mamba-2, S sliding-window attn, A global attn
+    # one letter per block: G gated DeltaNet, D DeltaNet, M Mamba-2, L log-linear gated DeltaNet,
+    # K log-linear Mamba-2, S sliding-window attn, A global attn, F Deltaformer
     layer_pattern: Any = "SAGA"  # a string or a list of letters
     n_heads: int = 4  # heads of the linear-recurrent mixers
     head_dim: int = 32  # d_k = d_v of the linear-recurrent mixers
     attn_heads: int = 4
+    # key/value heads of the attention layers (S, A): null = attn_heads; fewer = grouped-query
+    # attention (1 = MQA), a smaller decoding KV cache
+    attn_kv_heads: Optional[int] = None
+    # multi-head latent attention for the global ("A") layers: keys and values from a latent of this
+    # rank (0 = off) plus a decoupled RoPE part of mla_rope_dim dims shared by the heads; decoding caches
+    # only the latent and the rope key (lctrain/models/mla.py)
+    mla_kv_rank: int = 0
+    mla_rope_dim: int = 16
     attn_head_dim: int = 32
     window: int = 128  # sliding-window attention span (tokens, including the current one)
     conv_size: int = 4  # short causal depthwise conv of the linear mixers
@@ -80,9 +106,24 @@ class ModelConfig:
     mlp_ratio: float = 4.0  # SwiGLU hidden size = mlp_ratio * 2/3 * d_model, rounded up to 32
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
-    checkpoint_activations: bool = False
+    # activation checkpointing: none | full (every block) | selective:LETTERS (the blocks of those kinds,
+    # e.g. selective:GM): a checkpointed block keeps only its input for the backward and runs its forward
+    # again there (under CP the linear mixers' replay reuses the states gathered in the forward)
+    activation_checkpointing: str = "none"
+    # with checkpointing: keep the checkpointed blocks' inputs in pinned host memory (copied back for the
+    # recomputation), so the GPU holds no per-block activations between forward and backward (CUDA only)
+    checkpoint_offload: bool = False
+    # > 0: the SwiGLU MLP runs over the sequence in chunks of this many tokens, each checkpointed, so its
+    # hidden-size activations never exist for the whole sequence (lctrain/models/layers.py); 0 = off
+    mlp_chunk_tokens: int = 0
+    # dtype of the residual stream between blocks: float32, or compute = the autocast dtype when
+    # train.dtype autocasts (bf16 halves what full checkpointing keeps per block), else float32
+    residual_dtype: str = "float32"
     chunk_size: int = 64
     kernel_backend: str = "auto"
+    # level weights per head of the log-linear layers (L, K): positions up to 2^(levels-1) - 1 are
+    # covered; 24 reaches 8M tokens (fixed at build time: it sizes the lambda projection)
+    loglinear_levels: int = 24
     # std of the N(0, std) init; null = sqrt(2 / (5 d_model)), the width-scaled "small init" (0.056 at
     # d_model 128, 0.014 at 2048): 0.02 is tuned for d_model ~1000 and starves the attention of a tiny model
     init_std: Optional[float] = None
@@ -100,10 +141,23 @@ class ParallelConfig:
 
 
 @dataclass
+class TaskConfig:
+    """Knobs of a synthetic task (data.source=synthetic:<task>, lctrain/data/synthetic.py); 0 = the
+    task's default where it has one. A knob the chosen task does not take must stay 0."""
+    num_pairs: int = 0  # mqar: key-value pairs per sample (required)
+    num_queries: int = 0  # mqar: default every key; swap / dag: default 1
+    num_elements: int = 0  # swap: elements being swapped (required)
+    num_nodes: int = 0  # dag: nodes of the graph (required)
+    vocab_size: int = 256  # the task's ids are < this (<= model.vocab_size)
+    num_samples: int = 0  # samples built into the cached dataset; 0 = 20000
+
+
+@dataclass
 class DataConfig:
     # "embedded" = text this machine already has + synthetic needle samples, built once into MDS
-    # shards under cache_dir; anything else is a local path (or remote URL) of MDS shards written by
-    # `lctrain data prepare`.
+    # shards under cache_dir; "synthetic:<task>" = a synthetic task (mqar | swap | dag) with the knobs
+    # in data.task, also built once; anything else is a local path (or remote URL) of MDS shards
+    # written by `lctrain data prepare`.
     source: str = "embedded"
     cache_dir: str = "~/.cache/lctrain"
     tokenizer: str = "byte"  # "byte" or a path to a HF tokenizers `tokenizer.json`
@@ -113,6 +167,7 @@ class DataConfig:
     needle_fraction: float = 1.0
     num_workers: int = 0
     seed: int = 0
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 @dataclass
@@ -132,6 +187,10 @@ class TrainConfig:
     # data without it trains unweighted). A tiny model learns long-distance retrieval in a few hundred
     # steps only with it (docs/eval-notes.md); 1 = the plain LM loss
     answer_loss_weight: float = 20.0
+    # > 0: the final norm, LM head and cross-entropy run over chunks of this many tokens with the
+    # gradient computed chunk by chunk, so [tokens, vocab] logits never exist whole (lctrain/train/loss.py);
+    # 0 = one [tokens, vocab] logits tensor
+    loss_chunk_tokens: int = 0
     seed: int = 1234
     out_dir: str = "runs/default"
     log_every: int = 10  # 0 = no log lines (metrics.jsonl still gets every step)
@@ -257,6 +316,17 @@ def validate(cfg: DictConfig) -> None:
         _fail("model.attn_conv_size", f"must be >= 0, got {m.attn_conv_size}", "use 0 (no conv) or a kernel size such as 4")
     if m.attn_conv_layers not in ("all", "global"):
         _fail("model.attn_conv_layers", f"unknown value {m.attn_conv_layers!r}", "use all or global")
+    if m.attn_kv_heads is not None and (m.attn_kv_heads < 1 or m.attn_heads % m.attn_kv_heads):
+        _fail("model.attn_kv_heads", f"{m.attn_kv_heads} key/value heads do not divide model.attn_heads={m.attn_heads}",
+              "use a divisor of attn_heads (1 = MQA) or null for one per query head")
+    if m.mla_kv_rank < 0:
+        _fail("model.mla_kv_rank", f"must be >= 0, got {m.mla_kv_rank}", "use 0 (off) or the latent rank, e.g. 4 * attn_head_dim")
+    if m.mla_kv_rank > 0 and "A" in pattern:
+        if m.mla_rope_dim < 2 or m.mla_rope_dim % 2:
+            _fail("model.mla_rope_dim", f"must be even and >= 2, got {m.mla_rope_dim}", "use e.g. 16 or 64")
+        if m.attn_conv_size > 0:
+            _fail("model.attn_conv_size", "short q/k/v convs are not supported on MLA layers (model.mla_kv_rank > 0)",
+                  "set model.attn_conv_size=0, or model.attn_conv_layers=all with MLA off")
     # (an id >= model.vocab_size is refused by the tokenizer check of `lctrain train` and by the model)
     if m.document_end_id is not None and m.document_end_id < 0:
         _fail("model.document_end_id", f"{m.document_end_id} is not a token id",
@@ -264,14 +334,32 @@ def validate(cfg: DictConfig) -> None:
     if m.init_std is not None and m.init_std <= 0:
         _fail("model.init_std", f"must be positive, got {m.init_std}",
               "set a positive std, or null for sqrt(2 / (5 d_model))")
+    if not checkpointed_kinds(m, pattern) and m.checkpoint_offload:  # (raises on a bad activation_checkpointing)
+        _fail("model.checkpoint_offload", "offloads the inputs of checkpointed blocks but model.activation_checkpointing=none",
+              "set model.activation_checkpointing=full (or selective:LETTERS), or checkpoint_offload=false")
+    if m.mlp_chunk_tokens < 0:
+        _fail("model.mlp_chunk_tokens", f"must be >= 0, got {m.mlp_chunk_tokens}", "use 0 (off) or a token count such as 16384")
+    if m.residual_dtype not in RESIDUAL_DTYPES:
+        _fail("model.residual_dtype", f"unknown value {m.residual_dtype!r}", f"use one of {RESIDUAL_DTYPES}")
     if m.kernel_backend not in KERNEL_BACKENDS:
         _fail("model.kernel_backend", f"unknown backend {m.kernel_backend!r}", f"use one of {KERNEL_BACKENDS}")
-    if m.rope.scaling not in ROPE_SCALINGS:
-        _fail("model.rope.scaling", f"unknown scaling {m.rope.scaling!r}", f"use one of {ROPE_SCALINGS}")
-    if m.rope.scaling != "none" and m.rope.factor <= 1.0:
-        _fail("model.rope.factor", f"is {m.rope.factor} with scaling={m.rope.scaling}", "set a factor > 1 (context extension ratio)")
+    if any(c in LOGLINEAR_LAYERS for c in pattern):
+        from lctrain.kernels.loglinear.levels import levels_needed
+        if m.loglinear_levels < levels_needed(d.seq_len):
+            _fail("model.loglinear_levels", f"{m.loglinear_levels} levels do not reach position {d.seq_len - 1}",
+                  f"use at least {levels_needed(d.seq_len)} (= bit_length(seq_len - 1) + 1)")
+    validate_rope_scaling(m)
+    if m.rope.scaling in EVAL_ONLY_SCALINGS:
+        _fail("model.rope.scaling", f"{m.rope.scaling} is an eval-time position scaling",
+              "train with none/linear/ntk/yarn and pass it to `lctrain eval ... model.rope.scaling=...`")
     if m.rope.layers not in ROPE_LAYERS:
         _fail("model.rope.layers", f"unknown value {m.rope.layers!r}", f"use one of {ROPE_LAYERS}")
+    if any(c in ATTENTION_LAYERS for c in pattern):
+        from lctrain.models.rope import rotary_dim
+        try:
+            rotary_dim(int(m.attn_head_dim), float(m.rope.fraction))
+        except ValueError as err:
+            _fail("model.rope.fraction", str(err).replace("model.rope.fraction", "value"), "use a fraction in (0, 1]")
     if m.rope.base <= 1.0:
         _fail("model.rope.base", f"must exceed 1, got {m.rope.base}", "use e.g. 10000 (grow it with context length)")
     if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_head_dim % 2:
@@ -293,6 +381,16 @@ def validate(cfg: DictConfig) -> None:
         _fail("parallel.nproc_per_node", f"{p.nproc_per_node} processes do not factor into tp*cp*pp = {p.tp}*{p.cp}*{p.pp} = {model_size} "
               "times a data-parallel size", f"use a multiple of {model_size}, or lower parallel.tp / parallel.cp / parallel.pp")
     if p.tp > 1:
+        no_tp = sorted({c for c in pattern if c not in "GDMSA"})
+        if no_tp:
+            _fail("parallel.tp", f"layers {''.join(no_tp)} have no tensor-parallel form yet (G, D, M, S and A have)",
+                  "use parallel.tp=1 with them (context parallelism works)")
+        if any(c in ATTENTION_LAYERS for c in pattern) and m.mla_kv_rank > 0:
+            _fail("parallel.tp", "multi-head latent attention (model.mla_kv_rank > 0) has no tensor-parallel form yet",
+                  "use parallel.tp=1 or model.mla_kv_rank=0")
+        if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_kv_heads is not None and m.attn_kv_heads % p.tp:
+            _fail("model.attn_kv_heads", f"{m.attn_kv_heads} key/value heads do not divide over parallel.tp={p.tp}",
+                  "make attn_kv_heads a multiple of tp")
         from lctrain.models.layers import swiglu_hidden_size
 
         hidden = swiglu_hidden_size(m.d_model, m.mlp_ratio)
@@ -308,12 +406,23 @@ def validate(cfg: DictConfig) -> None:
         shard = d.seq_len // p.cp
         if d.seq_len % p.cp:
             _fail("data.seq_len", f"{d.seq_len} does not split into parallel.cp={p.cp} equal shards", "make seq_len a multiple of cp")
+        if any(c in LOGLINEAR_LAYERS for c in pattern) and m.document_end_id is not None:
+            _fail("model.document_end_id", "the log-linear layers (L, K) do not take packed documents under context "
+                  "parallelism", "set model.document_end_id=null or parallel.cp=1")
+        if any(c in LOGLINEAR_LAYERS for c in pattern) and shard & (shard - 1):
+            _fail("data.seq_len", f"each of the {p.cp} context-parallel shards holds {shard} tokens; the log-linear layers "
+                  "(L, K) need a power of two per shard", "make seq_len / cp a power of two")
         if any(c in LINEAR_LAYERS for c in pattern) and shard % m.chunk_size:
             _fail("data.seq_len", f"each of the {p.cp} context-parallel shards holds {shard} tokens, not a multiple of model.chunk_size={m.chunk_size}",
                   f"make seq_len a multiple of cp * chunk_size = {p.cp * m.chunk_size}")
         if "A" in pattern and (m.attn_heads // p.tp) % p.cp:
             _fail("model.attn_heads", f"{m.attn_heads // p.tp} attention heads per TP rank do not split over parallel.cp={p.cp} (Ulysses all-to-all)",
                   "make attn_heads / tp a multiple of cp")
+        kv = (m.attn_kv_heads or m.attn_heads) // p.tp
+        if "A" in pattern and kv % p.cp and p.cp % kv:
+            _fail("model.attn_kv_heads", f"{kv} key/value heads per TP rank neither split over parallel.cp={p.cp} nor divide it "
+                  "(Ulysses gives each rank whole kv heads, replicating them when cp > kv heads)",
+                  "use a kv head count that divides or is a multiple of cp")
         if "S" in pattern and m.window - 1 > shard:
             _fail("model.window", f"window {m.window} reaches past the previous rank's shard of {shard} tokens",
                   "use window <= seq_len / cp + 1 or a smaller cp")
@@ -340,6 +449,10 @@ def validate(cfg: DictConfig) -> None:
             _fail(f"train.{key}", f"must be a finite number, got {t[key]}", "set a real value")
     if t.lr <= 0:
         _fail("train.lr", f"must be positive, got {t.lr}", "set a learning rate such as 3e-4")
+    if t.loss_chunk_tokens > 0 and p.tp > 1:
+        _fail("train.loss_chunk_tokens", "the chunked head loss has no tensor-parallel form yet", "use 0 with parallel.tp > 1")
+    if t.loss_chunk_tokens < 0:
+        _fail("train.loss_chunk_tokens", f"must be >= 0, got {t.loss_chunk_tokens}", "use 0 (whole logits) or a token count such as 8192")
     for key in ("beta1", "beta2"):
         if not 0.0 <= t[key] < 1.0:
             _fail(f"train.{key}", f"must lie in [0, 1), got {t[key]}", "use e.g. beta1=0.9, beta2=0.95")
@@ -354,6 +467,7 @@ def validate(cfg: DictConfig) -> None:
         _fail("train.ckpt_minutes", f"must be >= 0, got {t.ckpt_minutes}", "use 0 to save only by steps, on signals and at the end")
     if t.max_bad_steps < 1:
         _fail("train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}", "set how many non-finite steps in a row stop the run")
+    _validate_task(cfg)
     if d.num_workers < 0:
         _fail("data.num_workers", f"must be >= 0, got {d.num_workers}", "use 0 to load in the training process")
     if not str(t.out_dir).strip():
@@ -372,6 +486,103 @@ def validate(cfg: DictConfig) -> None:
         _fail("train.device", f"unknown device {t.device!r}", "use auto, cpu or cuda")
     if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
         _fail("train.dtype", f"unknown dtype {t.dtype!r}", "use auto, float32, bfloat16 or float16")
+    _warn_rope_base(m, d, pattern)
+
+
+def rope_context(m: Any, seq_len: int, pattern: str) -> int:
+    """The longest relative distance + 1 that a rotary layer of the pattern sees in training: seq_len
+    for global layers ("A", "F") that rotate (model.rope.layers=all), the window for sliding-window
+    layers; 0 when no layer rotates."""
+    context = 0
+    if str(m.rope.layers) == "all" and any(c in "AF" for c in pattern):
+        context = seq_len
+    if "S" in pattern:
+        context = max(context, min(int(m.window), seq_len))
+    return context
+
+
+def _warn_rope_base(m: Any, d: Any, pattern: str) -> None:
+    """Warn (not fail) when model.rope.base fails the 'base bounds context length' criterion for the
+    distances the rotary layers train on (lctrain/models/rope.py, base_lower_bound). Skipped with a
+    context-extension scaling, whose effective base is not model.rope.base."""
+    import warnings
+
+    from lctrain.models.rope import decay_criterion_holds
+
+    context = rope_context(m, int(d.seq_len), pattern)
+    if context < 2 or m.rope.scaling != "none":
+        return
+    from lctrain.models.rope import rotary_dim
+
+    dim = rotary_dim(int(m.attn_head_dim), float(m.rope.fraction))
+    if not decay_criterion_holds(float(m.rope.base), dim, context):
+        warnings.warn(
+            f"model.rope.base={m.rope.base:g} is below what the 'base bounds context length' criterion allows "
+            f"for {context} tokens with {dim} rotated dims: sum_i cos(m theta_i) turns negative at some distance "
+            f"m < {context}, so similar keys far away score below random ones; `lctrain rope bound --head-dim "
+            f"{dim} --context {context}` prints the smallest base that passes (a warning, not an error)",
+            ConfigWarning, stacklevel=3)
+
+
+def validate_rope_scaling(m: Any) -> None:
+    """The model.rope.scaling / factor rules (also checked for eval-time overrides)."""
+    if m.rope.scaling not in ROPE_SCALINGS:
+        _fail("model.rope.scaling", f"unknown scaling {m.rope.scaling!r}", f"use one of {ROPE_SCALINGS}")
+    if m.rope.scaling in EVAL_ONLY_SCALINGS and m.rope.rerope_window < 1:
+        _fail("model.rope.rerope_window", f"is {m.rope.rerope_window} with scaling={m.rope.scaling}",
+              "set the window of exact relative positions, e.g. the training seq_len")
+    if m.rope.scaling not in ("none", "rerope") and m.rope.factor <= 1.0:
+        _fail("model.rope.factor", f"is {m.rope.factor} with scaling={m.rope.scaling}", "set a factor > 1 (context extension ratio)")
+    if m.rope.original_max_position < 0:
+        _fail("model.rope.original_max_position", f"must be >= 0, got {m.rope.original_max_position}",
+              "use 0 for data.seq_len")
+
+
+REQUIRED_TASK_KNOBS = {"mqar": "num_pairs", "swap": "num_elements", "dag": "num_nodes"}
+
+
+def _validate_task(cfg: DictConfig) -> None:
+    """data.source=synthetic:<task> and data.task: the task exists, its required knob is set, no other
+    task's knob is set, and one sample can be built at data.seq_len (the generator's own check)."""
+    import numpy as np
+
+    from lctrain.data.synthetic import TASK_KNOBS, TASKS, TaskError
+
+    d, task = cfg.data, cfg.data.task
+    source = str(d.source)
+    defaults = TaskConfig()
+    if not source.startswith("synthetic:"):
+        changed = [k for k in ("num_pairs", "num_queries", "num_elements", "num_nodes", "vocab_size", "num_samples")
+                   if task[k] != getattr(defaults, k)]
+        if changed:
+            _fail(f"data.task.{changed[0]}", f"is set but data.source={source!r} is not a synthetic task",
+                  "set data.source=synthetic:<task> (mqar | swap | dag) or drop data.task")
+        return
+    name = source.split(":", 1)[1]
+    if name not in TASKS:
+        _fail("data.source", f"unknown synthetic task {name!r}", f"use synthetic:<task> with a task of {sorted(TASKS)}")
+    for k in ("num_pairs", "num_queries", "num_elements", "num_nodes", "vocab_size", "num_samples"):
+        if task[k] < 0:
+            _fail(f"data.task.{k}", f"must be >= 0, got {task[k]}", "use 0 for the task's default")
+    for k in ("num_pairs", "num_elements", "num_nodes"):
+        if task[k] and k not in TASK_KNOBS[name]:
+            _fail(f"data.task.{k}", f"is not a knob of the {name} task", f"leave it 0; {name} takes {', '.join(TASK_KNOBS[name])}")
+    need = REQUIRED_TASK_KNOBS[name]
+    if not task[need]:
+        _fail(f"data.task.{need}", f"is required by the {name} task", f"set data.task.{need}")
+    if task.vocab_size > cfg.model.vocab_size:
+        _fail("data.task.vocab_size", f"{task.vocab_size} exceeds model.vocab_size={cfg.model.vocab_size}",
+              "lower data.task.vocab_size or raise model.vocab_size")
+    end = cfg.model.document_end_id
+    if end is not None and end < task.vocab_size:
+        _fail("model.document_end_id", f"{end} is a token of the synthetic task (ids < data.task.vocab_size={task.vocab_size})",
+              "set model.document_end_id=null (task samples are one stream each)")
+    knobs = {k: int(task[k]) for k in TASK_KNOBS[name] if task[k]}
+    try:
+        TASKS[name](np.random.default_rng(0), length=int(d.seq_len) + 1, vocab_size=int(task.vocab_size), **knobs)
+    except TaskError as err:
+        _fail("data.task", f"the {name} task cannot be built at data.seq_len={d.seq_len} ({err})",
+              "change the task's knobs, data.task.vocab_size or data.seq_len")
 
 
 def _file_in_path(path: str) -> str | None:
@@ -387,6 +598,28 @@ def _file_in_path(path: str) -> str | None:
 
 def _letters() -> str:
     return ", ".join(f"{k}={v}" for k, v in LAYER_KINDS.items())
+
+
+def checkpointed_kinds(cfg_model: Any, pattern: str | None = None) -> str:
+    """The block letters model.activation_checkpointing checkpoints: "" (none), every letter of the
+    pattern (full) or the LETTERS of selective:LETTERS. Raises ConfigError naming the key otherwise."""
+    pattern = layer_pattern(cfg_model) if pattern is None else pattern
+    mode = str(getattr(cfg_model, "activation_checkpointing", "none") if not isinstance(cfg_model, dict)
+               else cfg_model.get("activation_checkpointing", "none"))
+    key = "model.activation_checkpointing"
+    if mode == "none":
+        return ""
+    if mode == "full":
+        return "".join(sorted(set(pattern)))
+    kind, _, letters = mode.partition(":")
+    if kind != "selective" or not letters:
+        _fail(key, f"unknown value {mode!r}", "use none, full or selective:LETTERS (block kinds to checkpoint, e.g. selective:GM)")
+    for letter in letters:
+        if letter not in LAYER_KINDS:
+            _fail(key, f"unknown layer letter {letter!r} in {mode!r}", f"use only {_letters()}")
+        if letter not in pattern:
+            _fail(key, f"{mode!r} names {letter!r} but model.layer_pattern {pattern!r} has no such block", "name only kinds the pattern has")
+    return "".join(sorted(set(letters)))
 
 
 def layer_pattern(cfg_model: Any) -> str:

@@ -2,12 +2,16 @@
 tensor-parallel layers.
 
 - ``lctrain.parallel.mesh``: ``init_mesh`` / ``destroy_mesh`` and the group queries (megatron-core).
-- ``lctrain.parallel.context_parallel(op, group)``: a linear-recurrent op over contiguous CP shards.
+- ``lctrain.parallel.context_parallel(op, group)``: a linear-recurrent op over contiguous CP shards
+  (the log-linear ops go to ``loglinear_cp``).
 - ``lctrain.parallel.halo.prepend_halo``: previous rank's last tokens (short conv, sliding window).
 - ``lctrain.parallel.ulysses.ulysses_attention``: all-to-all attention over the CP group (DeepSpeed).
 - ``lctrain.parallel.tensor_parallel``: megatron-core column/row/vocab-parallel layers, full <-> shard states.
 """
-from .context_parallel import ContextParallelError, ContextParallelOp, context_parallel
+from .context_parallel import ContextParallelError, ContextParallelOp
+from .context_parallel import context_parallel as _context_parallel_base
+from .loglinear_cp import LogLinearContextParallelOp
+from .loglinear_cp import op_name as _loglinear_op_name
 from .mesh import (
     MeshInfo,
     cp_group,
@@ -27,8 +31,19 @@ from .mesh import (
     tp_size,
 )
 
+
+
+def context_parallel(op, group):
+    """A callable with ``op``'s signature over the local contiguous shard of each rank of ``group``:
+    ``ContextParallelOp`` for delta_rule / gated_delta_rule / gated_linear_attn,
+    ``LogLinearContextParallelOp`` for loglinear_gated_delta_rule / loglinear_gated_linear_attn."""
+    if _loglinear_op_name(op) is not None:
+        return LogLinearContextParallelOp(op, group)
+    return _context_parallel_base(op, group)
+
+
 __all__ = [
-    "context_parallel", "ContextParallelOp", "ContextParallelError",
+    "context_parallel", "ContextParallelOp", "ContextParallelError", "LogLinearContextParallelOp",
     "MeshInfo", "init_mesh", "destroy_mesh", "mesh_info", "cp_group", "cp_rank", "cp_size",
     "tp_group", "tp_rank", "tp_size", "dp_rank", "dp_size", "dp_cp_group", "dp_cp_size", "is_main", "group_size",
 ]

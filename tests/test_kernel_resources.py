@@ -4,11 +4,15 @@ The tool compiles those launches for sm_90 on a GPU-less machine; that compile i
 because the CPU tests load the kernels in interpreter mode."""
 import inspect
 
+import pytest
+
 from lctrain.bench.kernel_resources import record_launches
 
 
-def test_records_every_kernel_launch_of_the_three_mixers():
-    calls = record_launches(32, "bfloat16")
+@pytest.mark.parametrize("varlen", [False, True])
+def test_records_every_kernel_launch_of_the_three_mixers(varlen):
+    calls = record_launches(32, "bfloat16", varlen)
+    assert all(bool(kw["IS_VARLEN"]) == varlen for _, _, kw in calls)
     names = {getattr(fn, "fn", fn).__name__ for fn, _, _ in calls}
     assert names == {"wy_solve_kernel", "wy_apply_kernel", "state_fwd_kernel", "output_fwd_kernel",
                      "dv_local_kernel", "state_bwd_kernel", "dqk_kernel", "wy_bwd_kernel"}

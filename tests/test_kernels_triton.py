@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from lctrain.kernels import (delta_rule, gated_delta_rule, gated_linear_attn, shard_state_grad,
                              shard_transition)
-from kernel_cases import call, outputs_and_grads
+from kernel_cases import SMALL_BLOCKS, call, outputs_and_grads
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
@@ -148,9 +148,7 @@ def small_blocks():
     """K and V blocks of 16 everywhere, so every K / V loop and block grid runs more than one block
     (dq/dk then sums several dgam parts)."""
     from lctrain.kernels.triton import ops
-    previous = ops.set_config(BVP=16, BVO=16, BVS=16, BVSB=16, BKW=16, BVW=16, BKS=16, BKD=16,
-                              BVD=16, BKB=16, BVB=16, warps_seq=2, warps_seqb=2, warps_dv=2,
-                              warps_dqk=2, warps_out=2, warps_wy=2, warps_solve=1, warps_wyb=2)
+    previous = ops.set_config(**SMALL_BLOCKS)
     yield
     ops.set_config(**previous)
 

@@ -20,7 +20,8 @@ LENGTHS = [5, 1, 13, 3, 20]  # chunk 8: shorter than a chunk, one token, ragged 
 H, K, V = 2, 4, 6
 
 
-def make_inputs(kind, T, dtype, seed, n_docs, device="cpu"):
+def make_inputs(kind, T, dtype, seed, n_docs, device="cpu", dims=(H, K, V)):
+    H, K, V = dims
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     x = dict(q=r(1, T, H, K), k=F.normalize(r(1, T, H, K), dim=-1), v=r(1, T, H, V),
@@ -36,11 +37,12 @@ def call(kind, x, backend, chunk, **kw):
                      chunk_size=chunk, **kw)
 
 
-def packed_and_alone(kind, backend, chunk, dtype, lengths, seed=0, device="cpu"):
+def packed_and_alone(kind, backend, chunk, dtype, lengths, seed=0, device="cpu", dims=(H, K, V)):
     """(packed results, per-document results): (o, final states, {name: grad}) for the loss
     sum(o * do) + sum(S * dS), with the packed stream vs each document alone (naive, float64)."""
     T, N = sum(lengths), len(lengths)
-    x = make_inputs(kind, T, dtype, seed, N, device)
+    H, K, V = dims
+    x = make_inputs(kind, T, dtype, seed, N, device, dims)
     gen = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(1, T, H, V, generator=gen, dtype=torch.float64).to(device)
     dS = torch.randn(N, H, K, V, generator=gen, dtype=torch.float64).to(device)
@@ -91,31 +93,85 @@ def test_packed_documents_equal_each_document_alone(kind, backend):
                                                                     reason="needs CUDA")]),
 ])
 @pytest.mark.parametrize("kind", MIXERS)
-def test_triton_packed_documents_equal_each_document_alone(kind, device):
-    """backend="triton" (interpreter on CPU; float32, chunk 64): documents shorter than, equal to and
-    longer than a chunk, and one token."""
-    packed, alone = packed_and_alone(kind, "triton", 64, torch.float32, [7, 1, 64, 70], seed=5, device=device)
-    assert_same(packed, alone, 1e-4, f"{kind}/triton on {device}")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)])
+def test_triton_packed_documents_equal_each_document_alone(kind, dtype, tol, device, monkeypatch):
+    """backend="triton" runs its native varlen kernels (the per-document loop must not run):
+    documents shorter than, equal to and longer than a chunk (64, the last chunk partial, odd
+    lengths), and one token. In the interpreter with blocks of 16, so the state passes run two V
+    blocks per document; on CUDA with the default launch settings."""
+    from lctrain.kernels import api
+    from lctrain.kernels.triton import ops
+    from kernel_cases import SMALL_BLOCKS
+
+    def loop(*a, **kw):
+        raise AssertionError("backend='triton' with cu_seqlens fell back to the per-document loop")
+    monkeypatch.setattr(api, "per_document", loop)
+    previous = ops.set_config(**(SMALL_BLOCKS if device == "cpu" else {}))
+    try:
+        packed, alone = packed_and_alone(kind, "triton", 64, dtype, [7, 1, 64, 77], seed=5,
+                                         device=device, dims=(2, 16, 20))
+    finally:
+        ops.set_config(**previous)
+    assert_same(packed, alone, tol, f"{kind}/triton/{dtype} on {device}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="CPU runs through the Triton interpreter (TRITON_INTERPRET=1, set by conftest)")
+@pytest.mark.parametrize("kind", ["gated_delta", "gla"])
+def test_triton_varlen_is_bitwise_each_document_alone(kind):
+    """Without initial or final state, int64 boundaries: the native varlen kernels give bit for bit
+    the outputs and gradients of the ordinary Triton kernels run on each document alone (the same
+    chunks, the same arithmetic)."""
+    from lctrain.kernels import api
+
+    x = make_inputs(kind, 94, torch.float32, 7, 4, dims=(2, 16, 16))
+    cu = torch.tensor([0, 3, 73, 74, 94])
+    gen = torch.Generator().manual_seed(8)
+    do = torch.randn(1, 94, 2, 16, generator=gen)
+    names = ["q", "k", "v"] + [n for n in ("g", "beta") if x[n] is not None]
+
+    def run(packed):
+        leaves = [x[n].clone().requires_grad_() for n in names]
+        op = lambda q, k, v, g, beta, **kw: OPS[kind](  # noqa: E731
+            q, k, v, *[t for t in (g, beta) if t is not None], backend="triton", **kw)
+        lv = dict(zip(names, leaves))
+        args = (lv["q"], lv["k"], lv["v"], lv.get("g"), lv.get("beta"))
+        if packed:
+            o, S = op(*args, cu_seqlens=cu)
+        else:
+            o, S = api.per_document(op, cu.tolist(), *args)
+        assert S is None
+        return [o] + list(torch.autograd.grad((o * do).sum(), leaves))
+    for name, a, b in zip(["o"] + names, run(True), run(False)):
+        assert torch.equal(a, b), f"{kind}: {name} differs"
 
 
 @pytest.mark.parametrize("kind", MIXERS)
-def test_cp_primitives_with_cu_seqlens(kind):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cp_primitives_with_cu_seqlens(kind, backend):
     """shard_transition: the (A, B) of the last document piece; shard_state_grad: the first piece's
-    gradient of the incoming state; both on the torch backend equal naive on the slices."""
-    x = make_inputs(kind, 21, torch.float64, 3, 3)
+    gradient of the incoming state; the torch (float64, chunk 4) and triton (float32, chunk 64,
+    interpreter on CPU) backends equal naive on the slices."""
+    if backend == "triton" and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("Triton runs on CPU through the interpreter; tests/test_kernels_gpu.py covers CUDA")
+    dtype, chunk, tol = (torch.float64, 4, {}) if backend == "torch" else \
+        (torch.float32, 64, dict(rtol=1e-4, atol=1e-5))
+    x = make_inputs(kind, 21, dtype, 3, 3)
     gen = torch.Generator().manual_seed(4)
-    do = torch.randn(1, 21, H, V, generator=gen, dtype=torch.float64)
+    do = torch.randn(1, 21, H, V, generator=gen, dtype=torch.float64).to(dtype)
     cu = torch.tensor([0, 6, 9, 21])
     gates = {n: x[n] for n in ("g", "beta")}
-    A, Bst = shard_transition(kind, x["k"], x["v"], **gates, backend="torch", chunk_size=4, cu_seqlens=cu)
+    A, Bst = shard_transition(kind, x["k"], x["v"], **gates, backend=backend, chunk_size=chunk,
+                              cu_seqlens=cu)
     A_ref, B_ref = shard_transition(kind, x["k"][:, 9:], x["v"][:, 9:], backend="naive",
                                     **{n: None if t is None else t[:, 9:] for n, t in gates.items()})
-    torch.testing.assert_close(A, A_ref)
-    torch.testing.assert_close(Bst, B_ref)
-    G = shard_state_grad(kind, x["q"], x["k"], do, **gates, backend="torch", chunk_size=4, cu_seqlens=cu)
+    torch.testing.assert_close(A, A_ref.to(A.dtype), **tol)
+    torch.testing.assert_close(Bst, B_ref.to(Bst.dtype), **tol)
+    G = shard_state_grad(kind, x["q"], x["k"], do, **gates, backend=backend, chunk_size=chunk,
+                         cu_seqlens=cu)
     G_ref = shard_state_grad(kind, x["q"][:, :6], x["k"][:, :6], do[:, :6], backend="naive",
                              **{n: None if t is None else t[:, :6] for n, t in gates.items()})
-    torch.testing.assert_close(G, G_ref)
+    torch.testing.assert_close(G, G_ref.to(G.dtype), **tol)
 
 
 @pytest.mark.parametrize("cu,batch,error,match", [

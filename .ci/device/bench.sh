@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One device call: install, (optionally) GPU tests, kernel bench with fla in-process, per-kernel
 # profile, a launch-setting sweep. Run from the repository root on the GPU machine:
-#   bash .ci/device/bench.sh [tests] [bench] [profile] [sweep] [tune]  (default: the first four)
+#   bash .ci/device/bench.sh [tests] [bench] [profile] [sweep] [tune] [varlen]  (default: the first four)
 # Carry `.whl` (fla_core wheel) and `.tcache` (Triton cache from an earlier call: compiled kernels
 # and fla's autotune results; saves minutes). Results land in $OUT.
 set -u
 STEPS="${*:-tests bench profile sweep}"
 # TUNE_ARGS: extra arguments of lctrain.bench.tune_kernels (e.g. "--kernels dqk --methods delta");
-# TEST_ARGS: extra pytest arguments of the tests step (e.g. "-k 256")
+# TEST_ARGS: extra pytest arguments of the tests step (e.g. "-k 256");
+# VARLEN_ARGS: arguments of `lctrain bench varlen` (packed documents; default 64 documents in 128K)
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tcache FLA_CACHE_RESULTS=1
 R=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/tcache
@@ -24,13 +25,15 @@ for s in $STEPS; do
   echo "=== $s $(date +%T)"
   case $s in
     tests) python3 -m pytest -m gpu -q -x -p no:cacheprovider -c "$R/pyproject.toml" --rootdir "$R" ${TEST_ARGS:-} \
-             "$R/tests/test_kernels_gpu.py" 2>&1 | tail -5 ;;
+             "$R/tests/test_kernels_gpu.py" "$R/tests/test_kernels_varlen.py" 2>&1 | tail -5 ;;
     bench) python3 -m lctrain.cli bench kernels --json "$OUT/bench.json" \
              ${BENCH_ARGS:---warmup 10 --rep 50} 2>&1 | tee "$OUT/bench.txt" | grep -v "^T="; save_cache ;;
     profile) python3 -m lctrain.bench.profile_kernels --T 131072 > "$OUT/profile.txt" 2>&1; save_cache ;;
     sweep) python3 -m lctrain.cli bench kernels --T 65536 --no-sdpa --no-fla --warmup 5 --rep 30 \
              --methods delta gated_delta gla --json "$OUT/sweep.json" ${SWEEP:-} 2>&1 \
              | tee "$OUT/sweep.txt" | grep -v "^T=" ;;
+    varlen) python3 -m lctrain.cli bench varlen --json "$OUT/varlen.json" ${VARLEN_ARGS:-} 2>&1 \
+             | tee "$OUT/varlen.txt"; save_cache ;;
     tune) python3 -m lctrain.bench.tune_kernels --json "$OUT/tune.json" ${TUNE_ARGS:-} 2>&1 \
              | tee "$OUT/tune.txt" | grep -v "compile failed" ;;
   esac

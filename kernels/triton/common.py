@@ -22,13 +22,74 @@ steps) and never stored. All pointer arithmetic is plain offsets with masks (no 
 so the kernels run on Triton 3.x and in the interpreter alike. An optional argument is passed as
 None and its flag is set by ``flags_given`` (a ``@triton.heuristics``): the code that reads it is
 compiled only where it is given.
+
+Packed documents (``Varlen``, B = 1): each document has its own chunks (the last one partial; its
+end plays the role of T), the per-chunk kernels find theirs in a chunk map, the state passes run
+one program per (V block, document x head), and initial / final states are [N, H, K, V].
+``IS_VARLEN`` (``flags_given`` on the boundary pointer) compiles that code only for varlen calls.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import torch
 import triton
 import triton.language as tl
 
 CHUNK = 64  # tokens per chunk; the WY solve is written for 4 blocks of 16
+
+
+class Varlen(NamedTuple):
+    """N documents packed into one B=1 stream, as the kernels take them: every document is cut into
+    its own chunks (the last one partial), so no chunk straddles a boundary.
+
+    cu [N+1] int32 boundaries; chunks [NT, 2] int32, (document, chunk within it) of every chunk in
+    stream order (the per-chunk kernels' grid); offsets [N+1] int32, the index of each document's
+    first chunk (the state passes' h / dh rows); slots [T] int64, the row of each token in a
+    [NT * CHUNK] layout where every chunk is padded to CHUNK rows (in-chunk sums done in torch)."""
+    cu: torch.Tensor
+    chunks: torch.Tensor
+    offsets: torch.Tensor
+    slots: torch.Tensor
+    n_chunks: int
+    n_docs: int
+
+
+def varlen_of(cu_seqlens: torch.Tensor, bounds: list[int]) -> Varlen:
+    """The Varlen of validated boundaries (``bounds``: cu_seqlens as ints). Built once per
+    cu_seqlens tensor and remembered on it while it is unmodified (a model passes one cu_seqlens to
+    every layer; the few small copies to the device happen once)."""
+    seen = getattr(cu_seqlens, "_lctrain_varlen", None)
+    if seen is not None and seen[0] == cu_seqlens._version:
+        return seen[1]
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    counts = [triton.cdiv(n, CHUNK) for n in lengths]
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    chunks = [(d, i) for d, c in enumerate(counts) for i in range(c)]
+    dev = cu_seqlens.device
+    i32 = dict(device=dev, dtype=torch.int32)
+    offsets_t = torch.tensor(offsets, **i32)
+    cu = cu_seqlens.to(torch.int32)
+    # token t of document d sits at row offsets[d] * CHUNK + (t - cu[d]) of the padded layout
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=dev),
+                                  torch.tensor(lengths, device=dev), output_size=bounds[-1])
+    slots = torch.arange(bounds[-1], device=dev) + (offsets_t.long() * CHUNK - cu.long())[doc]
+    vl = Varlen(cu, torch.tensor(chunks, **i32).reshape(-1, 2), offsets_t, slots, offsets[-1],
+                len(lengths))
+    cu_seqlens._lctrain_varlen = (cu_seqlens._version, vl)
+    return vl
+
+
+def chunk_map(varlen: Varlen | None) -> tuple:
+    """cu_ptr, chunks_ptr of the per-chunk kernels: None, None without varlen."""
+    return (None, None) if varlen is None else (varlen.cu, varlen.chunks)
+
+
+def n_chunks(T: int, varlen: Varlen | None) -> int:
+    """How many chunks the per-chunk kernels run: cdiv(T, CHUNK), or the documents' chunks."""
+    return triton.cdiv(T, CHUNK) if varlen is None else varlen.n_chunks
 
 
 def pow2(x: int) -> int:
@@ -44,14 +105,52 @@ def flags_given(**flag_args: str):
 
 
 @triton.jit
-def chunk_prologue(n, T, H, C: tl.constexpr, BH_AXIS: tl.constexpr):
-    """Where one program works: bh = b * H + h from program axis BH_AXIS (int64, so offsets of
-    long sequences do not overflow), its batch b and head h, base = the offset of (b, t=0, h) in a
-    [B, T, H] tensor (times D for a [B, T, H, D] one), the rows rt of chunk n and their mask rt < T.
-    Unused results cost nothing: the helper is inlined and dead values removed."""
+def chunk_prologue(n, T, H, C: tl.constexpr, BH_AXIS: tl.constexpr, cu_ptr, idx_ptr,
+                   IS_VARLEN: tl.constexpr):
+    """Where one program of a per-chunk kernel works: bh = b * H + h from program axis BH_AXIS
+    (int64, so offsets of long sequences do not overflow), its batch b and head h, base = the offset
+    of (b, t=0, h) in a [B, T, H] tensor (times D for a [B, T, H, D] one), the rows rt of chunk n,
+    their mask, the chunk's first row t0 and tend, the end of its sequence (rows >= tend are not
+    the chunk's). Without varlen chunk n covers rows n*C .. and tend = T. With varlen (B = 1),
+    chunk n is chunk idx[n, 1] of document idx[n, 0], which spans rows cu[doc] .. cu[doc + 1]:
+    tend is the document's end, so no chunk straddles a boundary. Unused results cost nothing:
+    the helper is inlined and dead values removed."""
     bh = tl.program_id(BH_AXIS).to(tl.int64)
     b = bh // H
     h = bh % H
     base = b * T * H + h
-    rt = n * C + tl.arange(0, C)
-    return bh, b, h, base, rt, rt < T
+    if IS_VARLEN:
+        doc = tl.load(idx_ptr + 2 * n).to(tl.int32)
+        t0 = tl.load(cu_ptr + doc).to(tl.int32) + tl.load(idx_ptr + 2 * n + 1).to(tl.int32) * C
+        tend = tl.load(cu_ptr + doc + 1).to(tl.int32)
+    else:
+        t0 = n * C
+        tend = T
+    rt = t0 + tl.arange(0, C)
+    return bh, b, h, base, rt, rt < tend, t0, tend
+
+
+@triton.jit
+def sequence_prologue(T, NT, H, C: tl.constexpr, cu_ptr, offsets_ptr, IS_VARLEN: tl.constexpr):
+    """Where one program of a sequential state pass works (program axis 1 = b * H + h, or
+    doc * H + h with varlen): bh (also the row of its [B or N, H, K, V] states), base (the offset
+    of (b, t=0, h) in a [B, T, H] tensor), its sequence's rows bos .. eos, its chunk count nt and
+    c0, the index of its first chunk in the per-chunk states [*, H, K, V]. Without varlen the
+    sequence is batch row b (bos = 0, eos = T, nt = NT, c0 = b * NT); with varlen (B = 1) it is
+    document bh // H: rows cu[doc] .. cu[doc + 1], its chunks numbered from offsets[doc]."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    if IS_VARLEN:
+        base = h
+        bos = tl.load(cu_ptr + b).to(tl.int32)
+        eos = tl.load(cu_ptr + b + 1).to(tl.int32)
+        nt = tl.cdiv(eos - bos, C)
+        c0 = tl.load(offsets_ptr + b).to(tl.int64)
+    else:
+        base = b * T * H + h
+        bos = 0
+        eos = T
+        nt = NT
+        c0 = b * NT
+    return bh, h, base, bos, eos, nt, c0

@@ -6,15 +6,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import CHUNK, chunk_prologue, flags_given, pow2
+from .common import CHUNK, chunk_map, chunk_prologue, flags_given, n_chunks, pow2
 
 
-@flags_given(HAS_G="gam_ptr", HAS_W="du_ptr")
+@flags_given(HAS_G="gam_ptr", HAS_W="du_ptr", IS_VARLEN="cu_ptr")
 @triton.jit
 def dqk_kernel(q_ptr, k_ptr, vnew_ptr, do_ptr, h_ptr, dh_ptr, du_ptr, gam_ptr,
-               dq_ptr, dk_ptr, dw_ptr, dgam_ptr, scale,
+               dq_ptr, dk_ptr, dw_ptr, dgam_ptr, cu_ptr, chunks_ptr, scale,
                T, NT, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               C: tl.constexpr, HAS_G: tl.constexpr, HAS_W: tl.constexpr):
+               C: tl.constexpr, HAS_G: tl.constexpr, HAS_W: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Per chunk and BK-column block of K, with S0 = h, dS = dh (outgoing-state gradient),
     U = vnew, dU = du:
         dQ = scale [diag(Gam) dO S0^T + P K],  P = causal * decay * (dO U^T)
@@ -27,7 +27,7 @@ def dqk_kernel(q_ptr, k_ptr, vnew_ptr, do_ptr, h_ptr, dh_ptr, du_ptr, gam_ptr,
     pid = tl.program_id(0)
     ikb = pid % NKB
     n = pid // NKB
-    _, b, h, base_g, rt, mt = chunk_prologue(n, T, H, C, 1)
+    _, b, h, base_g, rt, mt, t0, tend = chunk_prologue(n, T, H, C, 1, cu_ptr, chunks_ptr, IS_VARLEN)
     rk = ikb * BK + tl.arange(0, BK)
     mk = rk < K
     mtk = mt[:, None] & mk[None, :]
@@ -59,7 +59,7 @@ def dqk_kernel(q_ptr, k_ptr, vnew_ptr, do_ptr, h_ptr, dh_ptr, du_ptr, gam_ptr,
     kc = tl.load(k_ptr + base_g * K + rt[:, None] * H * K + rk[None, :], mask=mtk, other=0.0)
     causal = rt[:, None] >= rt[None, :]
     if HAS_G:
-        last = tl.minimum(n * C + C - 1, T - 1)
+        last = tl.minimum(t0 + C - 1, tend - 1)
         gl = tl.load(gam_ptr + base_g + last * H)
         gam = tl.load(gam_ptr + base_g + rt * H, mask=mt, other=0.0)
         p = da * tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf"))) * scale
@@ -89,20 +89,21 @@ def dqk_kernel(q_ptr, k_ptr, vnew_ptr, do_ptr, h_ptr, dh_ptr, du_ptr, gam_ptr,
 
 
 
-def dqk(q, k, vnew, do, h, dh, du, gam, scale, cfg):
+def dqk(q, k, vnew, do, h, dh, du, gam, scale, cfg, varlen=None):
     """dq, the partial dk (state and intra-chunk terms), dW = -dU S0^T (with du), dgam (fp32, with
     gam; the K-block parts summed)."""
     B, T, H, K = q.shape
     V = do.shape[-1]
-    NT = triton.cdiv(T, CHUNK)
+    NT = n_chunks(T, varlen)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dw = torch.empty_like(k) if du is not None else None
     bk = min(cfg.BK, cfg.BKD)
     nkb = triton.cdiv(K, bk)
     dgam = torch.empty(nkb, B, T, H, device=k.device, dtype=torch.float32) if gam is not None else None
-    dqk_kernel[(nkb * NT, B * H)](q, k, vnew, do, h, dh, du, gam, dq, dk, dw, dgam, scale, T, NT, H,
-                                  K=K, V=V, BK=bk, BV=min(pow2(V), cfg.BVD), C=CHUNK,
+    dqk_kernel[(nkb * NT, B * H)](q, k, vnew, do, h, dh, du, gam, dq, dk, dw, dgam,
+                                  *chunk_map(varlen), scale, T, NT, H, K=K, V=V, BK=bk,
+                                  BV=min(pow2(V), cfg.BVD), C=CHUNK,
                                   **cfg.launch("dqk"))
     if dgam is not None:
         dgam = dgam.sum(0) if nkb > 1 else dgam[0]

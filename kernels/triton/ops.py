@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .common import CHUNK, pow2
+from .common import CHUNK, pow2, varlen_of
 
 # The stages under the names this module chains them by; lctrain.bench.tune_kernels launches them
 # through these names too, so a test can stand in for one stage.
@@ -143,51 +143,60 @@ class _Cfg:
         return {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
 
 
-def _chunk_suffix_sum(x: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] -> sum of x over the rows at and after each row inside its chunk (dgam -> dg)."""
+def _chunk_suffix_sum(x: torch.Tensor, varlen=None) -> torch.Tensor:
+    """[B, T, H] -> sum of x over the rows at and after each row inside its chunk (dgam -> dg);
+    with ``varlen`` the chunks are the documents' own (each token placed at its slot of a layout
+    where every chunk has CHUNK rows)."""
     B, T, H = x.shape
+    if varlen is not None:
+        xp = x.new_zeros(varlen.n_chunks * CHUNK, H).index_copy_(0, varlen.slots, x[0])
+        xp = xp.view(varlen.n_chunks, CHUNK, H).flip(1).cumsum(1).flip(1)
+        return xp.view(-1, H)[varlen.slots][None]
     NT = triton.cdiv(T, CHUNK)
     xp = torch.nn.functional.pad(x, (0, 0, 0, NT * CHUNK - T)).view(B, NT, CHUNK, H)
     return xp.flip(2).cumsum(2).flip(2).reshape(B, NT * CHUNK, H)[:, :T]
 
 
-def _forward(q, k, v, g, beta, s0, scale, want_final):
-    """o, final state, and (gam, Tm): what the backward needs besides the inputs."""
+def _forward(q, k, v, g, beta, s0, scale, want_final, varlen=None):
+    """o, final state, and (gam, Tm): what the backward needs besides the inputs. ``varlen``
+    (common.Varlen): packed documents, each run from its own initial state."""
     cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None)
-    gam, tm, w, ut = _wy_fwd(k, v, g, beta, cfg)
+    gam, tm, w, ut = _wy_fwd(k, v, g, beta, cfg, varlen=varlen)
     u = ut if w is not None else v
     h, vnew, st, _ = _state_fwd(k, w, u, gam, s0, cfg, store_h=True, store_vnew=True,
-                                store_final=want_final)
-    o = _output_fwd(q, k, vnew, h, gam, scale, cfg)
+                                store_final=want_final, varlen=varlen)
+    o = _output_fwd(q, k, vnew, h, gam, scale, cfg, varlen=varlen)
     return o, st, gam, tm
 
 
-def _backward(q, k, v, g, beta, s0, scale, do, dst, gam, tm):
+def _backward(q, k, v, g, beta, s0, scale, do, dst, gam, tm, varlen=None):
     cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None)
     has_g, has_w = g is not None, beta is not None
-    w, ut = _wy_apply(k, v, beta, gam, tm, cfg)  # Tm and gam come from the forward
+    vl = dict(varlen=varlen)
+    w, ut = _wy_apply(k, v, beta, gam, tm, cfg, **vl)  # Tm and gam come from the forward
     u = ut if has_w else v
     h, vnew, _, _ = _state_fwd(k, w, u, gam, s0, cfg, store_h=True, store_vnew=True,
-                               store_final=False)
+                               store_final=False, **vl)
     del u, ut  # free what is dead as soon as it is: this backward sets the op's peak memory
-    dvl = _dv_local(q, k, do, gam, scale, cfg)
-    dh, du, ds0 = _state_bwd(q, k, w, do, dvl, gam, dst, scale, cfg, store=True)
+    dvl = _dv_local(q, k, do, gam, scale, cfg, **vl)
+    dh, du, ds0 = _state_bwd(q, k, w, do, dvl, gam, dst, scale, cfg, store=True, **vl)
     del dvl, w  # wy_bwd recomputes W from Tm
-    dq, dk, dw, dgam = _dqk(q, k, vnew, do, h, dh, du if has_w else None, gam, scale, cfg)
+    dq, dk, dw, dgam = _dqk(q, k, vnew, do, h, dh, du if has_w else None, gam, scale, cfg, **vl)
     del h, dh, vnew
     if not has_w:
-        dg = _chunk_suffix_sum(dgam).to(g.dtype) if has_g else None
+        dg = _chunk_suffix_sum(dgam, varlen).to(g.dtype) if has_g else None
         return dq, dk, du.to(v.dtype), dg, None, ds0
-    dv, dbeta, dg = _wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg)
+    dv, dbeta, dg = _wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg, **vl)
     return dq, dk, dv, dg, dbeta, ds0  # wy_bwd completed dk in place
 
 
 class _ChunkRecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, s0, scale, want_final):
-        o, st, gam, tm = _forward(q, k, v, g, beta, s0, scale, want_final)
+    def forward(ctx, q, k, v, g, beta, s0, scale, want_final, varlen):
+        o, st, gam, tm = _forward(q, k, v, g, beta, s0, scale, want_final, varlen)
         ctx.save_for_backward(q, k, v, g, beta, s0, gam, tm)
         ctx.scale = scale
+        ctx.varlen = varlen
         if st is not None:
             return o, st
         return o, None
@@ -197,13 +206,24 @@ class _ChunkRecurrence(torch.autograd.Function):
         q, k, v, g, beta, s0, gam, tm = ctx.saved_tensors
         do = do.contiguous()
         dst = None if dst is None else dst.contiguous().float()
-        dq, dk, dv, dg, dbeta, ds0 = _backward(q, k, v, g, beta, s0, ctx.scale, do, dst, gam, tm)
+        dq, dk, dv, dg, dbeta, ds0 = _backward(q, k, v, g, beta, s0, ctx.scale, do, dst, gam, tm,
+                                               ctx.varlen)
         ds0 = None if s0 is None else ds0.to(s0.dtype)
-        return dq, dk, dv, dg, dbeta, ds0, None, None
+        return dq, dk, dv, dg, dbeta, ds0, None, None, None
 
 
-def _run(op, q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size):
+def _varlen(cu_seqlens, k):
+    """The kernels' Varlen of a cu_seqlens (None for None), validated as lctrain.kernels.api does
+    (its boundaries are remembered on the tensor, so this costs no device sync after the first)."""
+    if cu_seqlens is None:
+        return None
+    from lctrain.kernels.api import check_cu_seqlens
+    return varlen_of(cu_seqlens, check_cu_seqlens(cu_seqlens, k.shape[0], k.shape[1], k.device))
+
+
+def _run(op, q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size, cu_seqlens):
     _check(op, q, k, v, chunk_size)
+    varlen = _varlen(cu_seqlens, k)
     K = k.shape[-1]
     scale = float(K ** -0.5 if scale is None else scale)
     dt = q.dtype
@@ -212,26 +232,26 @@ def _run(op, q, k, v, g, beta, scale, initial_state, output_final_state, chunk_s
     g = None if g is None else g.contiguous().float()
     beta = None if beta is None else beta.contiguous().float()
     s0 = None if initial_state is None else initial_state.contiguous().float()
-    o, st = _ChunkRecurrence.apply(q, k, v, g, beta, s0, scale, bool(output_final_state))
+    o, st = _ChunkRecurrence.apply(q, k, v, g, beta, s0, scale, bool(output_final_state), varlen)
     return o.to(dt), (st if output_final_state else None)
 
 
 def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
-               chunk_size=CHUNK):
+               chunk_size=CHUNK, cu_seqlens=None):
     return _run("delta_rule", q, k, v, None, beta, scale, initial_state, output_final_state,
-                chunk_size)
+                chunk_size, cu_seqlens)
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-                     chunk_size=CHUNK):
+                     chunk_size=CHUNK, cu_seqlens=None):
     return _run("gated_delta_rule", q, k, v, g, beta, scale, initial_state, output_final_state,
-                chunk_size)
+                chunk_size, cu_seqlens)
 
 
 def gated_linear_attn(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
-                      chunk_size=CHUNK):
+                      chunk_size=CHUNK, cu_seqlens=None):
     return _run("gated_linear_attn", q, k, v, g, None, scale, initial_state, output_final_state,
-                chunk_size)
+                chunk_size, cu_seqlens)
 
 
 # ------------------------------------------------------------------------ context-parallel primitives

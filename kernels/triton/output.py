@@ -7,19 +7,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import CHUNK, chunk_prologue, flags_given
+from .common import CHUNK, chunk_map, chunk_prologue, flags_given, n_chunks
 
 
-@flags_given(HAS_G="gam_ptr")
+@flags_given(HAS_G="gam_ptr", IS_VARLEN="cu_ptr")
 @triton.jit
-def output_fwd_kernel(q_ptr, k_ptr, vnew_ptr, h_ptr, gam_ptr, o_ptr, scale,
+def output_fwd_kernel(q_ptr, k_ptr, vnew_ptr, h_ptr, gam_ptr, o_ptr, cu_ptr, chunks_ptr, scale,
                       T, NT, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, C: tl.constexpr, HAS_G: tl.constexpr):
+                      BV: tl.constexpr, C: tl.constexpr, HAS_G: tl.constexpr,
+                      IS_VARLEN: tl.constexpr):
     """O = scale [diag(Gam) Q S0 + (causal * decay * Q K^T) U], one (V block, chunk) per program.
     Grid (cdiv(V, BV), NT, B*H)."""
     iv = tl.program_id(0)
     n = tl.program_id(1)
-    _, b, h, base_g, rt, mt = chunk_prologue(n, T, H, C, 2)
+    _, b, h, base_g, rt, mt, _, _ = chunk_prologue(n, T, H, C, 2, cu_ptr, chunks_ptr, IS_VARLEN)
     rk = tl.arange(0, BK)
     mk = rk < K
     rv = iv * BV + tl.arange(0, BV)
@@ -45,15 +46,15 @@ def output_fwd_kernel(q_ptr, k_ptr, vnew_ptr, h_ptr, gam_ptr, o_ptr, scale,
     tl.store(o_ptr + base_g * V + rt[:, None] * H * V + rv[None, :],
              (o * scale).to(o_ptr.dtype.element_ty), mask=mt[:, None] & mv[None, :])
 
-@flags_given(HAS_G="gam_ptr")
+@flags_given(HAS_G="gam_ptr", IS_VARLEN="cu_ptr")
 @triton.jit
-def dv_local_kernel(q_ptr, k_ptr, do_ptr, gam_ptr, dv_ptr, scale,
+def dv_local_kernel(q_ptr, k_ptr, do_ptr, gam_ptr, dv_ptr, cu_ptr, chunks_ptr, scale,
                     T, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    C: tl.constexpr, HAS_G: tl.constexpr):
+                    C: tl.constexpr, HAS_G: tl.constexpr, IS_VARLEN: tl.constexpr):
     """dU (intra-chunk part) = scale (causal * decay * Q K^T)^T dO. Grid (cdiv(V, BV), NT, B*H)."""
     iv = tl.program_id(0)
     n = tl.program_id(1)
-    _, _, _, base_g, rt, mt = chunk_prologue(n, T, H, C, 2)
+    _, _, _, base_g, rt, mt, _, _ = chunk_prologue(n, T, H, C, 2, cu_ptr, chunks_ptr, IS_VARLEN)
     rk = tl.arange(0, BK)
     mk = rk < K
     rv = iv * BV + tl.arange(0, BV)
@@ -78,23 +79,25 @@ def dv_local_kernel(q_ptr, k_ptr, do_ptr, gam_ptr, dv_ptr, scale,
 
 
 
-def output_fwd(q, k, vnew, h, gam, scale, cfg):
+def output_fwd(q, k, vnew, h, gam, scale, cfg, varlen=None):
     B, T, H, K = q.shape
     V = vnew.shape[-1]
-    NT = triton.cdiv(T, CHUNK)
+    NT = n_chunks(T, varlen)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     grid = (triton.cdiv(V, cfg.BVO), NT, B * H)
-    output_fwd_kernel[grid](q, k, vnew, h, gam, o, scale, T, NT, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVO,
+    output_fwd_kernel[grid](q, k, vnew, h, gam, o, *chunk_map(varlen), scale, T, NT, H, K=K, V=V,
+                            BK=cfg.BK, BV=cfg.BVO,
                             C=CHUNK, **cfg.launch("output_fwd"))
     return o
 
 
-def dv_local(q, k, do, gam, scale, cfg):
+def dv_local(q, k, do, gam, scale, cfg, varlen=None):
     B, T, H, K = q.shape
     V = do.shape[-1]
-    NT = triton.cdiv(T, CHUNK)
+    NT = n_chunks(T, varlen)
     dvl = torch.empty_like(do)
     grid = (triton.cdiv(V, cfg.BVP), NT, B * H)
-    dv_local_kernel[grid](q, k, do, gam, dvl, scale, T, H, K=K, V=V, BK=cfg.BK, BV=cfg.BVP, C=CHUNK,
+    dv_local_kernel[grid](q, k, do, gam, dvl, *chunk_map(varlen), scale, T, H, K=K, V=V, BK=cfg.BK,
+                          BV=cfg.BVP, C=CHUNK,
                           **cfg.launch("dv_local"))
     return dvl

@@ -7,26 +7,29 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import CHUNK, chunk_prologue, flags_given
+from .common import CHUNK, flags_given, n_chunks, sequence_prologue
 
 
 @flags_given(HAS_G="gam_ptr", HAS_W="w_ptr", HAS_S0="s0_ptr", STORE_H="h_ptr", STORE_VNEW="vnew_ptr",
-             STORE_ST="st_ptr", COMPUTE_A="a_ptr")
+             STORE_ST="st_ptr", COMPUTE_A="a_ptr", IS_VARLEN="cu_ptr")
 @triton.jit
 def state_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, s0_ptr, h_ptr, vnew_ptr, st_ptr, a_ptr,
+                     cu_ptr, offsets_ptr,
                      T, NT, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      C: tl.constexpr, NVB: tl.constexpr,
                      HAS_G: tl.constexpr, HAS_W: tl.constexpr, HAS_S0: tl.constexpr,
                      STORE_H: tl.constexpr, STORE_VNEW: tl.constexpr, STORE_ST: tl.constexpr,
-                     COMPUTE_A: tl.constexpr):
+                     COMPUTE_A: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Sequential pass over chunks carrying a [K, BV] slice of the state in fp32 registers.
 
     Stores the incoming state of every chunk (h), the pseudo-values U = Ut - W S (vnew) and the
     final state. Programs with pid0 >= NVB (only when COMPUTE_A) carry a column block of the
     shard transition A = A_NT ... A_1 instead: the same update from S0 = I with Ut = 0.
-    Grid (NVB [+ cdiv(K, BV)], B*H)."""
+    With varlen each program runs one document (its own initial and final state, its chunks in
+    h numbered from offsets[doc]). Grid (NVB [+ cdiv(K, BV)], B*H or N*H)."""
     iv = tl.program_id(0)
-    bh, b, h, base_g, rc, _ = chunk_prologue(0, T, H, C, 1)   # rc: the rows of chunk 0
+    bh, h, base_g, bos, eos, nt, c0 = sequence_prologue(T, NT, H, C, cu_ptr, offsets_ptr, IS_VARLEN)
+    rc = bos + tl.arange(0, C)   # the rows of the first chunk
     base_k = base_g * K
     base_v = base_g * V
     rk = tl.arange(0, BK)
@@ -53,27 +56,27 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, s0_ptr, h_ptr, vnew_ptr, st_p
     # their latency overlaps the previous chunk's products instead of stalling the state chain;
     # k and w feed the dots directly and are pipelined by the compiler.
     u_nxt = tl.load(u_ptr + base_v + rc[:, None] * H * V + rv[None, :],
-                    mask=(rc[:, None] < T) & mv[None, :] & (not is_a), other=0.0)
+                    mask=(rc[:, None] < eos) & mv[None, :] & (not is_a), other=0.0)
     gam_nxt = tl.zeros([C], dtype=tl.float32)
     gl_nxt = tl.sum(gam_nxt, axis=0)
     if HAS_G:
-        gam_nxt = tl.load(gam_ptr + base_g + rc * H, mask=rc < T, other=0.0)
-        gl_nxt = tl.load(gam_ptr + base_g + tl.minimum(C - 1, T - 1) * H)
-    for n in range(0, NT):
+        gam_nxt = tl.load(gam_ptr + base_g + rc * H, mask=rc < eos, other=0.0)
+        gl_nxt = tl.load(gam_ptr + base_g + tl.minimum(bos + C - 1, eos - 1) * H)
+    for n in range(0, nt):
         rt = n * C + rc
-        mt = rt < T
+        mt = rt < eos
         mtv = mt[:, None] & mv[None, :]
         u = u_nxt.to(tl.float32)
         gam = gam_nxt
         gl = gl_nxt
         rt1 = rt + C
         u_nxt = tl.load(u_ptr + base_v + rt1[:, None] * H * V + rv[None, :],
-                        mask=(rt1[:, None] < T) & mv[None, :] & (not is_a), other=0.0)
+                        mask=(rt1[:, None] < eos) & mv[None, :] & (not is_a), other=0.0)
         if HAS_G:
-            gam_nxt = tl.load(gam_ptr + base_g + rt1 * H, mask=rt1 < T, other=0.0)
-            gl_nxt = tl.load(gam_ptr + base_g + tl.minimum(n * C + 2 * C - 1, T - 1) * H)
+            gam_nxt = tl.load(gam_ptr + base_g + rt1 * H, mask=rt1 < eos, other=0.0)
+            gl_nxt = tl.load(gam_ptr + base_g + tl.minimum(bos + n * C + 2 * C - 1, eos - 1) * H)
         if STORE_H:
-            tl.store(h_ptr + ((b * NT + n) * H + h) * K * V + rk[:, None] * V + rv[None, :],
+            tl.store(h_ptr + ((c0 + n) * H + h) * K * V + rk[:, None] * V + rv[None, :],
                      S.to(h_ptr.dtype.element_ty), mask=mkv)
         kc = tl.load(k_ptr + base_k + rt[:, None] * H * K + rk[None, :],
                      mask=mt[:, None] & mk[None, :], other=0.0)
@@ -96,19 +99,22 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, s0_ptr, h_ptr, vnew_ptr, st_p
         tl.store(st_ptr + bh * K * V + rk[:, None] * V + rv[None, :], S, mask=mkv)
 
 
-@flags_given(HAS_G="gam_ptr", HAS_W="w_ptr", HAS_DST="dst_ptr", STORE_DH="dh_ptr", STORE_DU="du_ptr")
+@flags_given(HAS_G="gam_ptr", HAS_W="w_ptr", HAS_DST="dst_ptr", STORE_DH="dh_ptr", STORE_DU="du_ptr",
+             IS_VARLEN="cu_ptr")
 @triton.jit
 def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dvl_ptr, gam_ptr, dst_ptr, dh_ptr, du_ptr,
-                     ds0_ptr, scale, T, NT, H, K: tl.constexpr, V: tl.constexpr,
+                     ds0_ptr, cu_ptr, offsets_ptr, scale, T, NT, H, K: tl.constexpr, V: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                      HAS_G: tl.constexpr, HAS_W: tl.constexpr, HAS_DST: tl.constexpr,
-                     STORE_DH: tl.constexpr, STORE_DU: tl.constexpr):
+                     STORE_DH: tl.constexpr, STORE_DU: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Reverse pass over chunks carrying dS (gradient w.r.t. a chunk's outgoing state):
         dU     = dU_local + diag(exp(gl - gam)) K dS            (stored: the full dU)
         dS_in  = exp(gl) dS + scale (Gam Q)^T dO - W^T dU
-    Stores dS of every chunk (dh) and the gradient of the initial state. Grid (cdiv(V, BV), B*H)."""
+    Stores dS of every chunk (dh) and the gradient of the initial state; with varlen one document
+    per program, as in state_fwd_kernel. Grid (cdiv(V, BV), B*H or N*H)."""
     iv = tl.program_id(0)
-    bh, b, h, base_g, rc, _ = chunk_prologue(0, T, H, C, 1)   # rc: the rows of chunk 0
+    bh, h, base_g, bos, eos, nt, c0 = sequence_prologue(T, NT, H, C, cu_ptr, offsets_ptr, IS_VARLEN)
+    rc = bos + tl.arange(0, C)   # the rows of the first chunk
     base_k = base_g * K
     base_v = base_g * V
     rk = tl.arange(0, BK)
@@ -123,20 +129,20 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dvl_ptr, gam_ptr, dst_ptr, dh_
         dS = tl.zeros([BK, BV], dtype=tl.float32)
     # dO, dU_local and the decays are loaded one chunk ahead (see state_fwd_kernel); q, k, w feed
     # the dots directly. The decays and the scale go on the [C, BV] operands, not on q and k.
-    r0 = (NT - 1) * C + rc
+    r0 = (nt - 1) * C + rc
     do_nxt = tl.load(do_ptr + base_v + r0[:, None] * H * V + rv[None, :],
-                     mask=(r0[:, None] < T) & mv[None, :], other=0.0)
+                     mask=(r0[:, None] < eos) & mv[None, :], other=0.0)
     du_nxt = tl.load(dvl_ptr + base_v + r0[:, None] * H * V + rv[None, :],
-                     mask=(r0[:, None] < T) & mv[None, :], other=0.0)
+                     mask=(r0[:, None] < eos) & mv[None, :], other=0.0)
     gam_nxt = tl.zeros([C], dtype=tl.float32)
     gl_nxt = tl.sum(gam_nxt, axis=0)
     if HAS_G:
-        gam_nxt = tl.load(gam_ptr + base_g + r0 * H, mask=r0 < T, other=0.0)
-        gl_nxt = tl.load(gam_ptr + base_g + (T - 1) * H)
-    for i in range(0, NT):
-        n = NT - 1 - i
+        gam_nxt = tl.load(gam_ptr + base_g + r0 * H, mask=r0 < eos, other=0.0)
+        gl_nxt = tl.load(gam_ptr + base_g + (eos - 1) * H)
+    for i in range(0, nt):
+        n = nt - 1 - i
         rt = n * C + rc
-        mt = rt < T
+        mt = rt < eos
         mtk = mt[:, None] & mk[None, :]
         mtv = mt[:, None] & mv[None, :]
         do = do_nxt.to(tl.float32)
@@ -144,16 +150,16 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dvl_ptr, gam_ptr, dst_ptr, dh_
         gam = gam_nxt
         gl = gl_nxt
         rt1 = rt - C
-        m1 = (rt1 >= 0) & (rt1 < T)
+        m1 = (rt1 >= bos) & (rt1 < eos)
         do_nxt = tl.load(do_ptr + base_v + rt1[:, None] * H * V + rv[None, :],
                          mask=m1[:, None] & mv[None, :], other=0.0)
         du_nxt = tl.load(dvl_ptr + base_v + rt1[:, None] * H * V + rv[None, :],
                          mask=m1[:, None] & mv[None, :], other=0.0)
         if HAS_G:
             gam_nxt = tl.load(gam_ptr + base_g + rt1 * H, mask=m1, other=0.0)
-            gl_nxt = tl.load(gam_ptr + base_g + tl.maximum(n * C - 1, 0) * H)
+            gl_nxt = tl.load(gam_ptr + base_g + (bos + tl.maximum(n * C - 1, 0)) * H)
         if STORE_DH:
-            tl.store(dh_ptr + ((b * NT + n) * H + h) * K * V + rk[:, None] * V + rv[None, :],
+            tl.store(dh_ptr + ((c0 + n) * H + h) * K * V + rk[:, None] * V + rv[None, :],
                      dS.to(dh_ptr.dtype.element_ty), mask=mkv)
         kc = tl.load(k_ptr + base_k + rt[:, None] * H * K + rk[None, :], mask=mtk, other=0.0)
         qc = tl.load(q_ptr + base_k + rt[:, None] * H * K + rk[None, :], mask=mtk, other=0.0)
@@ -178,31 +184,42 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dvl_ptr, gam_ptr, dst_ptr, dh_
 
 
 def state_fwd(k, w, u, gam, s0, cfg, *, store_h: bool, store_vnew: bool, store_final: bool,
-              compute_a: bool = False):
-    """Per-chunk incoming states h [B, NT, H, K, V] (u's dtype), U = Ut - W S, final state, A."""
+              compute_a: bool = False, varlen=None):
+    """Per-chunk incoming states h [B, NT, H, K, V] (u's dtype), U = Ut - W S, final state, A.
+    With ``varlen`` (a common.Varlen): one pass per document, s0 and the final state [N, H, K, V]."""
     B, T, H, K = k.shape
     V = u.shape[-1]
-    NT = triton.cdiv(T, CHUNK)
+    NT = n_chunks(T, varlen)
+    S = B if varlen is None else varlen.n_docs   # sequences: batch rows, or documents
     h = torch.empty(B, NT, H, K, V, device=k.device, dtype=k.dtype) if store_h else None
     vnew = torch.empty_like(u) if (store_vnew and w is not None) else None
-    st = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32) if store_final else None
+    st = torch.empty(S, H, K, V, device=k.device, dtype=torch.float32) if store_final else None
     a = torch.empty(B, H, K, K, device=k.device, dtype=torch.float32) if compute_a else None
+    if compute_a and varlen is not None:
+        raise ValueError("state_fwd: the CP transition is computed on one document piece, without varlen")
     nvb = triton.cdiv(V, cfg.BVS)
-    grid = (nvb + (triton.cdiv(K, cfg.BVS) if compute_a else 0), B * H)
-    state_fwd_kernel[grid](k, w, u, gam, s0, h, vnew, st, a, T, NT, H, K=K, V=V, BK=cfg.BK,
-                           BV=cfg.BVS, C=CHUNK, NVB=nvb, **cfg.launch("state_fwd"))
+    grid = (nvb + (triton.cdiv(K, cfg.BVS) if compute_a else 0), S * H)
+    state_fwd_kernel[grid](k, w, u, gam, s0, h, vnew, st, a, *_sequences(varlen), T, NT, H, K=K, V=V,
+                           BK=cfg.BK, BV=cfg.BVS, C=CHUNK, NVB=nvb, **cfg.launch("state_fwd"))
     return h, (vnew if vnew is not None else u), st, a
 
 
-def state_bwd(q, k, w, do, dvl, gam, dst, scale, cfg, *, store: bool):
-    """Reverse pass: dh per chunk, full dU, gradient of the initial state (fp32)."""
+def state_bwd(q, k, w, do, dvl, gam, dst, scale, cfg, *, store: bool, varlen=None):
+    """Reverse pass: dh per chunk, full dU, gradient of the initial state (fp32; [N, H, K, V] with
+    ``varlen``)."""
     B, T, H, K = q.shape
     V = do.shape[-1]
-    NT = triton.cdiv(T, CHUNK)
+    NT = n_chunks(T, varlen)
+    S = B if varlen is None else varlen.n_docs
     dh = torch.empty(B, NT, H, K, V, device=q.device, dtype=q.dtype) if store else None
     du = torch.empty_like(do) if store else None
-    ds0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(V, cfg.BVSB), B * H)
-    state_bwd_kernel[grid](q, k, w, do, dvl, gam, dst, dh, du, ds0, scale, T, NT, H, K=K, V=V,
-                           BK=cfg.BK, BV=cfg.BVSB, C=CHUNK, **cfg.launch("state_bwd"))
+    ds0 = torch.empty(S, H, K, V, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(V, cfg.BVSB), S * H)
+    state_bwd_kernel[grid](q, k, w, do, dvl, gam, dst, dh, du, ds0, *_sequences(varlen), scale, T, NT,
+                           H, K=K, V=V, BK=cfg.BK, BV=cfg.BVSB, C=CHUNK, **cfg.launch("state_bwd"))
     return dh, du, ds0
+
+
+def _sequences(varlen):
+    """cu_ptr, offsets_ptr of the state kernels: None, None without varlen."""
+    return (None, None) if varlen is None else (varlen.cu, varlen.offsets)

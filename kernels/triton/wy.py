@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import CHUNK, chunk_prologue, flags_given, pow2
+from .common import CHUNK, chunk_map, chunk_prologue, flags_given, n_chunks, pow2
 
 
 @triton.jit
@@ -73,17 +73,18 @@ def _store16(tm_ptr, base_tm, t0, T, H, X, I: tl.constexpr, J: tl.constexpr, C: 
              mask=ri[:, None] < T)
 
 
-@flags_given(HAS_G="g_ptr", HAS_W="beta_ptr")
+@flags_given(HAS_G="g_ptr", HAS_W="beta_ptr", IS_VARLEN="cu_ptr")
 @triton.jit
-def wy_solve_kernel(k_ptr, beta_ptr, g_ptr, gam_ptr, tm_ptr, T, H, K: tl.constexpr,
-                    BKS: tl.constexpr, C: tl.constexpr, HAS_G: tl.constexpr, HAS_W: tl.constexpr):
+def wy_solve_kernel(k_ptr, beta_ptr, g_ptr, gam_ptr, tm_ptr, cu_ptr, chunks_ptr, T, H,
+                    K: tl.constexpr, BKS: tl.constexpr, C: tl.constexpr, HAS_G: tl.constexpr,
+                    HAS_W: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Per chunk: gam = in-chunk cumsum of g (stored, fp32); with beta: Tm = (I + L)^-1, stored in
     tm's dtype (the dtype of the products it feeds). L is built in 16x16 blocks from one pass over
     k (BKS columns at a time); the diagonal blocks are inverted by forward substitution and merged
-    blockwise in exact fp32. Few warps suit it: the work is 16x16 tiles. Grid (NT, B*H)."""
+    blockwise in exact fp32. Few warps suit it: the work is 16x16 tiles. Grid (NT, B*H).
+    Rows from tend on (the sequence's or document's end) are zeros and not stored."""
     n = tl.program_id(0)
-    _, _, _, base_g, _, _ = chunk_prologue(n, T, H, C, 1)   # [B, T, H] scalars
-    t0 = n * C
+    _, _, _, base_g, _, _, t0, tend = chunk_prologue(n, T, H, C, 1, cu_ptr, chunks_ptr, IS_VARLEN)
     base_tok = base_g * K                   # [B, T, H, K]
     g0 = tl.zeros([16], dtype=tl.float32)
     g1 = g0
@@ -91,10 +92,10 @@ def wy_solve_kernel(k_ptr, beta_ptr, g_ptr, gam_ptr, tm_ptr, T, H, K: tl.constex
     g3 = g0
     if HAS_G:
         off = tl.sum(g0, axis=0)
-        g0, off = _gam16(g_ptr, gam_ptr, base_g, t0, T, H, 0, off)
-        g1, off = _gam16(g_ptr, gam_ptr, base_g, t0, T, H, 1, off)
-        g2, off = _gam16(g_ptr, gam_ptr, base_g, t0, T, H, 2, off)
-        g3, off = _gam16(g_ptr, gam_ptr, base_g, t0, T, H, 3, off)
+        g0, off = _gam16(g_ptr, gam_ptr, base_g, t0, tend, H, 0, off)
+        g1, off = _gam16(g_ptr, gam_ptr, base_g, t0, tend, H, 1, off)
+        g2, off = _gam16(g_ptr, gam_ptr, base_g, t0, tend, H, 2, off)
+        g3, off = _gam16(g_ptr, gam_ptr, base_g, t0, tend, H, 3, off)
     if HAS_W:
         L00 = tl.zeros([16, 16], dtype=tl.float32)
         L11 = L00
@@ -107,10 +108,10 @@ def wy_solve_kernel(k_ptr, beta_ptr, g_ptr, gam_ptr, tm_ptr, T, H, K: tl.constex
         L31 = L00
         L32 = L00
         for k0 in range(0, K, BKS):
-            k_0 = _ktile(k_ptr, base_tok, t0, T, H, K, 0, k0, BKS)
-            k_1 = _ktile(k_ptr, base_tok, t0, T, H, K, 1, k0, BKS)
-            k_2 = _ktile(k_ptr, base_tok, t0, T, H, K, 2, k0, BKS)
-            k_3 = _ktile(k_ptr, base_tok, t0, T, H, K, 3, k0, BKS)
+            k_0 = _ktile(k_ptr, base_tok, t0, tend, H, K, 0, k0, BKS)
+            k_1 = _ktile(k_ptr, base_tok, t0, tend, H, K, 1, k0, BKS)
+            k_2 = _ktile(k_ptr, base_tok, t0, tend, H, K, 2, k0, BKS)
+            k_3 = _ktile(k_ptr, base_tok, t0, tend, H, K, 3, k0, BKS)
             L00 = tl.dot(k_0, tl.trans(k_0), L00)
             L11 = tl.dot(k_1, tl.trans(k_1), L11)
             L22 = tl.dot(k_2, tl.trans(k_2), L22)
@@ -121,10 +122,10 @@ def wy_solve_kernel(k_ptr, beta_ptr, g_ptr, gam_ptr, tm_ptr, T, H, K: tl.constex
             L30 = tl.dot(k_3, tl.trans(k_0), L30)
             L31 = tl.dot(k_3, tl.trans(k_1), L31)
             L32 = tl.dot(k_3, tl.trans(k_2), L32)
-        b0 = _beta16(beta_ptr, base_g, t0, T, H, 0)
-        b1 = _beta16(beta_ptr, base_g, t0, T, H, 1)
-        b2 = _beta16(beta_ptr, base_g, t0, T, H, 2)
-        b3 = _beta16(beta_ptr, base_g, t0, T, H, 3)
+        b0 = _beta16(beta_ptr, base_g, t0, tend, H, 0)
+        b1 = _beta16(beta_ptr, base_g, t0, tend, H, 1)
+        b2 = _beta16(beta_ptr, base_g, t0, tend, H, 2)
+        b3 = _beta16(beta_ptr, base_g, t0, tend, H, 3)
         L00 = _scale_l(L00, b0, g0, g0, 0, 0, HAS_G)
         L11 = _scale_l(L11, b1, g1, g1, 1, 1, HAS_G)
         L22 = _scale_l(L22, b2, g2, g2, 2, 2, HAS_G)
@@ -148,22 +149,22 @@ def wy_solve_kernel(k_ptr, beta_ptr, g_ptr, gam_ptr, tm_ptr, T, H, K: tl.constex
         X30 = -_mm(X33, _mm(L30, X00) + _mm(L31, X10) + _mm(L32, X20))
         Z = tl.zeros([16, 16], dtype=tl.float32)
         base_tm = base_g * C
-        _store16(tm_ptr, base_tm, t0, T, H, X00, 0, 0, C)
-        _store16(tm_ptr, base_tm, t0, T, H, Z, 0, 1, C)
-        _store16(tm_ptr, base_tm, t0, T, H, Z, 0, 2, C)
-        _store16(tm_ptr, base_tm, t0, T, H, Z, 0, 3, C)
-        _store16(tm_ptr, base_tm, t0, T, H, X10, 1, 0, C)
-        _store16(tm_ptr, base_tm, t0, T, H, X11, 1, 1, C)
-        _store16(tm_ptr, base_tm, t0, T, H, Z, 1, 2, C)
-        _store16(tm_ptr, base_tm, t0, T, H, Z, 1, 3, C)
-        _store16(tm_ptr, base_tm, t0, T, H, X20, 2, 0, C)
-        _store16(tm_ptr, base_tm, t0, T, H, X21, 2, 1, C)
-        _store16(tm_ptr, base_tm, t0, T, H, X22, 2, 2, C)
-        _store16(tm_ptr, base_tm, t0, T, H, Z, 2, 3, C)
-        _store16(tm_ptr, base_tm, t0, T, H, X30, 3, 0, C)
-        _store16(tm_ptr, base_tm, t0, T, H, X31, 3, 1, C)
-        _store16(tm_ptr, base_tm, t0, T, H, X32, 3, 2, C)
-        _store16(tm_ptr, base_tm, t0, T, H, X33, 3, 3, C)
+        _store16(tm_ptr, base_tm, t0, tend, H, X00, 0, 0, C)
+        _store16(tm_ptr, base_tm, t0, tend, H, Z, 0, 1, C)
+        _store16(tm_ptr, base_tm, t0, tend, H, Z, 0, 2, C)
+        _store16(tm_ptr, base_tm, t0, tend, H, Z, 0, 3, C)
+        _store16(tm_ptr, base_tm, t0, tend, H, X10, 1, 0, C)
+        _store16(tm_ptr, base_tm, t0, tend, H, X11, 1, 1, C)
+        _store16(tm_ptr, base_tm, t0, tend, H, Z, 1, 2, C)
+        _store16(tm_ptr, base_tm, t0, tend, H, Z, 1, 3, C)
+        _store16(tm_ptr, base_tm, t0, tend, H, X20, 2, 0, C)
+        _store16(tm_ptr, base_tm, t0, tend, H, X21, 2, 1, C)
+        _store16(tm_ptr, base_tm, t0, tend, H, X22, 2, 2, C)
+        _store16(tm_ptr, base_tm, t0, tend, H, Z, 2, 3, C)
+        _store16(tm_ptr, base_tm, t0, tend, H, X30, 3, 0, C)
+        _store16(tm_ptr, base_tm, t0, tend, H, X31, 3, 1, C)
+        _store16(tm_ptr, base_tm, t0, tend, H, X32, 3, 2, C)
+        _store16(tm_ptr, base_tm, t0, tend, H, X33, 3, 3, C)
 
 
 @triton.jit
@@ -173,15 +174,16 @@ def _tm_tile(tm_ptr, base_g, rt, mt, H, C: tl.constexpr):
     return tl.load(tm_ptr + base_g * C + rt[:, None] * H * C + rc[None, :], mask=mt[:, None], other=0.0)
 
 
-@flags_given(HAS_G="gam_ptr", HAS_V="v_ptr")
+@flags_given(HAS_G="gam_ptr", HAS_V="v_ptr", IS_VARLEN="cu_ptr")
 @triton.jit
-def wy_apply_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, w_ptr, u_ptr,
+def wy_apply_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, w_ptr, u_ptr, cu_ptr, chunks_ptr,
                     T, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    C: tl.constexpr, HAS_G: tl.constexpr, HAS_V: tl.constexpr):
+                    C: tl.constexpr, HAS_G: tl.constexpr, HAS_V: tl.constexpr,
+                    IS_VARLEN: tl.constexpr):
     """W = Tm diag(beta Gam) K and (HAS_V) Ut = Tm diag(beta) V, BK / BV columns at a time.
     Grid (NT, B*H)."""
     n = tl.program_id(0)
-    _, _, _, base_g, rt, mt = chunk_prologue(n, T, H, C, 1)
+    _, _, _, base_g, rt, mt, _, _ = chunk_prologue(n, T, H, C, 1, cu_ptr, chunks_ptr, IS_VARLEN)
     tm = _tm_tile(tm_ptr, base_g, rt, mt, H, C)
     beta = tl.load(beta_ptr + base_g + rt * H, mask=mt, other=0.0).to(tl.float32)
     kscale = beta
@@ -206,12 +208,12 @@ def wy_apply_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, w_ptr, u_ptr,
                      u.to(u_ptr.dtype.element_ty), mask=mtv)
 
 
-@flags_given(HAS_G="gam_ptr")
+@flags_given(HAS_G="gam_ptr", IS_VARLEN="cu_ptr")
 @triton.jit
 def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, dw_ptr, du_ptr, dk_ptr, dgam_ptr,
-                  dv_ptr, dbeta_ptr, dg_ptr,
+                  dv_ptr, dbeta_ptr, dg_ptr, cu_ptr, chunks_ptr,
                   T, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  C: tl.constexpr, HAS_G: tl.constexpr):
+                  C: tl.constexpr, HAS_G: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Backward of W = Tm diag(beta Gam) K, Ut = Tm diag(beta) V through Tm = (I + L)^-1:
         dR = Tm^T [dW | dU],  dL = -strict_lower(dR [W | Ut]^T),
     then dk (completed in place over the partial dk of dqk_kernel), dv, dbeta and dgam (finished
@@ -221,7 +223,7 @@ def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, dw_ptr, du_ptr, dk_pt
     live; the products take the inputs' dtype with fp32 accumulation. dk needs the whole dL, so
     its K blocks are visited twice (the second visit recomputes Tm^T dW, one small product)."""
     n = tl.program_id(0)
-    _, _, _, base_g, rt, mt = chunk_prologue(n, T, H, C, 1)
+    _, _, _, base_g, rt, mt, _, _ = chunk_prologue(n, T, H, C, 1, cu_ptr, chunks_ptr, IS_VARLEN)
     tm = _tm_tile(tm_ptr, base_g, rt, mt, H, C).to(k_ptr.dtype.element_ty)
     tmt = tl.trans(tm)
     beta = tl.load(beta_ptr + base_g + rt * H, mask=mt, other=0.0).to(tl.float32)
@@ -288,20 +290,21 @@ def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, dw_ptr, du_ptr, dk_pt
         tl.store(dg_ptr + base_g + rt * H, dg.to(dg_ptr.dtype.element_ty), mask=mt)
 
 
-def wy_solve(k, g, beta, cfg):
-    """gam (fp32 in-chunk cumsum of g, or None) and Tm = (I + L)^-1 per chunk (k's dtype, or None)."""
+def wy_solve(k, g, beta, cfg, varlen=None):
+    """gam (fp32 in-chunk cumsum of g, or None) and Tm = (I + L)^-1 per chunk (k's dtype, or None);
+    with ``varlen`` (common.Varlen) the chunks are the documents' own."""
     B, T, H, K = k.shape
     if g is None and beta is None:
         return None, None
     gam = torch.empty(B, T, H, device=k.device, dtype=torch.float32) if g is not None else None
     tm = torch.empty(B, T, H, CHUNK, device=k.device, dtype=k.dtype) if beta is not None else None
-    wy_solve_kernel[(triton.cdiv(T, CHUNK), B * H)](k, beta, g, gam, tm, T, H, K=K,
-                                                    BKS=min(cfg.BK, cfg.BKS), C=CHUNK,
-                                                    **cfg.launch("wy_solve"))
+    wy_solve_kernel[(n_chunks(T, varlen), B * H)](k, beta, g, gam, tm, *chunk_map(varlen), T, H, K=K,
+                                                  BKS=min(cfg.BK, cfg.BKS), C=CHUNK,
+                                                  **cfg.launch("wy_solve"))
     return gam, tm
 
 
-def wy_apply(k, v, beta, gam, tm, cfg, want_u: bool = True):
+def wy_apply(k, v, beta, gam, tm, cfg, want_u: bool = True, varlen=None):
     """W = Tm diag(beta Gam) K and (want_u) Ut = Tm diag(beta) V; (None, None) without beta."""
     if tm is None:
         return None, None
@@ -309,28 +312,29 @@ def wy_apply(k, v, beta, gam, tm, cfg, want_u: bool = True):
     w = torch.empty_like(k)
     u = torch.empty_like(v) if want_u else None
     V = v.shape[-1] if want_u else 16
-    wy_apply_kernel[(triton.cdiv(T, CHUNK), B * H)](k, v if want_u else None, beta, gam, tm, w, u,
-                                                    T, H, K=K, V=V, BK=min(cfg.BK, cfg.BKW),
-                                                    BV=cfg.BVW, C=CHUNK, **cfg.launch("wy_apply"))
+    wy_apply_kernel[(n_chunks(T, varlen), B * H)](k, v if want_u else None, beta, gam, tm, w, u,
+                                                  *chunk_map(varlen), T, H, K=K, V=V,
+                                                  BK=min(cfg.BK, cfg.BKW), BV=cfg.BVW, C=CHUNK,
+                                                  **cfg.launch("wy_apply"))
     return w, u
 
 
-def wy_fwd(k, v, g, beta, cfg, want_u: bool = True):
+def wy_fwd(k, v, g, beta, cfg, want_u: bool = True, varlen=None):
     """gam, Tm, W, Ut (None where not applicable)."""
-    gam, tm = wy_solve(k, g, beta, cfg)
-    w, u = wy_apply(k, v, beta, gam, tm, cfg, want_u=want_u and v is not None)
+    gam, tm = wy_solve(k, g, beta, cfg, varlen)
+    w, u = wy_apply(k, v, beta, gam, tm, cfg, want_u=want_u and v is not None, varlen=varlen)
     return gam, tm, w, u
 
 
-def wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg):
+def wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg, varlen=None):
     """dv, dbeta, dg (with gam) through the WY transform; completes dk IN PLACE."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     dv = torch.empty_like(v)
     dbeta = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     dg = torch.empty(B, T, H, device=k.device, dtype=torch.float32) if gam is not None else None
-    wy_bwd_kernel[(triton.cdiv(T, CHUNK), B * H)](k, v, beta, gam, tm, dw, du, dk, dgam, dv, dbeta,
-                                                  dg, T, H, K=K, V=V, BK=min(cfg.BK, cfg.BKB),
-                                                  BV=min(pow2(V), cfg.BVB), C=CHUNK,
+    wy_bwd_kernel[(n_chunks(T, varlen), B * H)](k, v, beta, gam, tm, dw, du, dk, dgam, dv, dbeta,
+                                                dg, *chunk_map(varlen), T, H, K=K, V=V,
+                                                BK=min(cfg.BK, cfg.BKB), BV=min(pow2(V), cfg.BVB), C=CHUNK,
                                                   **cfg.launch("wy_bwd"))
     return dv, dbeta, dg

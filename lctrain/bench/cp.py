@@ -15,6 +15,8 @@ by side when it can be imported (benchmark-only dependency, never imported by lc
 Run on N GPUs: ``lctrain bench cp --nproc 2`` (launches torchrun itself; or run it under torchrun).
 ``--device cpu`` runs the same code on gloo at tiny sizes so that it is exercised without GPUs.
 ``--json PATH`` writes the result; ``--record`` also appends it to BENCHMARKS.md (lctrain.bench.report).
+``--op loglinear_gated_delta_rule`` times the log-linear Gated DeltaNet instead (T per rank a power of
+two; level weights L = bit_length(N*T - 1) + 1; its state passes and fla rows are not timed).
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ def _parse(argv):
     p.add_argument("--D", type=int, default=None, help="head dim of q/k and v (GPU default 128)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="GPU default bf16, CPU fp32")
     p.add_argument("--backend", default="auto", help="kernel backend (auto = triton on CUDA, torch on CPU)")
+    p.add_argument("--op", choices=["gated_delta_rule", "loglinear_gated_delta_rule"], default="gated_delta_rule",
+                   help="the op under CP (default gated_delta_rule)")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations")
     p.add_argument("--iters", type=int, default=None, help="timed iterations")
@@ -64,16 +68,19 @@ def _parse(argv):
     bad = [t for t in args.T if t < 1 or t % args.chunk_size]
     if bad:
         p.error(f"--T {bad}: tokens per rank must be positive multiples of --chunk-size {args.chunk_size}")
+    bad = [t for t in args.T if args.op.startswith("loglinear") and t & (t - 1)]
+    if bad:
+        p.error(f"--T {bad}: the log-linear op under CP needs a power of two tokens per rank")
     return args
 
 
 # ------------------------------------------------------------------------------------------ launching
 
-def _launch(argv: list[str], nproc: int) -> int:
-    """Re-run this command under torchrun with nproc ranks on this node."""
+def _launch(argv: list[str], nproc: int, module: str = "lctrain.bench.cp") -> int:
+    """Re-run this command (the module's main) under torchrun with nproc ranks on this node."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "lctrain.bench.cp", *argv]
-    print("lctrain bench cp: launching", " ".join(cmd), flush=True)
+           "-m", module, *argv]
+    print(f"{module}: launching", " ".join(cmd), flush=True)
     env = dict(os.environ, NCCL_NVLS_ENABLE=os.environ.get("NCCL_NVLS_ENABLE", "0"))
     return subprocess.call(cmd, env=env)
 
@@ -94,16 +101,39 @@ def _without_nproc(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
-    if "RANK" not in os.environ:
-        nproc = args.nproc
-        if nproc is None:
-            import torch
-            nproc = torch.cuda.device_count() if args.device == "cuda" else 2
-        if nproc < 2:
-            print(f"lctrain bench cp: needs >= 2 ranks (got {nproc}); pass --nproc 2 (or more GPUs)", file=sys.stderr)
-            return 2
-        return _launch(_without_nproc(argv), nproc)
-    return _worker(args, argv)
+    return run_or_launch(args, argv, "lctrain.bench.cp", _worker)
+
+
+def run_or_launch(args, argv: list[str], module: str, worker) -> int:
+    """Under torchrun: ``worker(args, argv)``; otherwise re-launch ``module`` on --nproc ranks (default:
+    every GPU, 2 on CPU)."""
+    if "RANK" in os.environ:
+        return worker(args, argv)
+    nproc = args.nproc
+    if nproc is None:
+        import torch
+        nproc = torch.cuda.device_count() if args.device == "cuda" else 2
+    if nproc < 2:
+        print(f"{module}: needs >= 2 ranks (got {nproc}); pass --nproc 2 (or more GPUs)", file=sys.stderr)
+        return 2
+    return _launch(_without_nproc(argv), nproc, module)
+
+
+def init_worker(device_kind: str):
+    """(device, group, world size, rank) of a benchmark rank: its GPU (LOCAL_RANK) and NCCL, or the
+    CPU and gloo with the cores shared out between the local ranks."""
+    import torch
+    import torch.distributed as dist
+
+    if device_kind == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.group.WORLD, dist.get_world_size(), dist.get_rank()
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -214,31 +244,29 @@ def _worker(args, argv) -> int:
     import torch
     import torch.distributed as dist
 
-    from lctrain.kernels import gated_delta_rule, shard_state_grad, shard_transition
+    from lctrain import kernels
+    from lctrain.kernels import levels_needed, shard_state_grad, shard_transition
     from lctrain.parallel import context_parallel
 
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if args.device == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    group = dist.group.WORLD
-    P, rank = dist.get_world_size(), dist.get_rank()
+    device, group, P, rank = init_worker(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     kw = dict(backend=args.backend, chunk_size=args.chunk_size)
-    cp_op = context_parallel(gated_delta_rule, group)
-    notes = [f"B={args.B}, H={args.H}, head dim {args.D}, {args.dtype}, backend {args.backend}, chunk {args.chunk_size}, "
+    op = getattr(kernels, args.op)
+    loglinear = args.op.startswith("loglinear")
+    cp_op = context_parallel(op, group)
+    notes = [f"op {args.op}, B={args.B}, H={args.H}, head dim {args.D}, {args.dtype}, backend {args.backend}, chunk {args.chunk_size}, "
              f"{args.warmup} warm-up + {args.iters} timed iterations; efficiency = 1-device fwd+bwd at T / CP fwd+bwd at {P}*T"]
     rows, raw = [], []
     fla_version = None
     try:
         for T in args.T:
             x = _inputs(args.B, T, args.H, args.D, dtype, device, seed=1000 * rank + T)
-            plain = lambda: gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], **kw)[0]  # noqa: E731
-            cp = lambda: cp_op(x["q"], x["k"], x["v"], x["g"], x["beta"], **kw)[0]  # noqa: E731
+            extra = ()
+            if loglinear:  # weights for the whole CP sequence; the 1-device run uses its first levels
+                lam = torch.nn.functional.softplus(torch.randn(args.B, T, args.H, levels_needed(P * T), device=device))
+                extra = (lam.requires_grad_(True),)
+            plain = lambda: op(x["q"], x["k"], x["v"], x["g"], x["beta"], *extra, **kw)[0]  # noqa: E731
+            cp = lambda: cp_op(x["q"], x["k"], x["v"], x["g"], x["beta"], *extra, **kw)[0]  # noqa: E731
             res = {"T_per_rank": T, "T_total": P * T}
             for name, fwd, slowest in (("single", plain, False), ("cp", cp, True)):
                 f_only, f_bwd = _pair(fwd, x)
@@ -250,9 +278,11 @@ def _worker(args, argv) -> int:
             trans = lambda: shard_transition("gated_delta", x["k"], x["v"], g=x["g"], beta=x["beta"], **kw)  # noqa: E731
             sgrad = lambda: shard_state_grad("gated_delta", x["q"], x["k"], x["do"], g=x["g"], beta=x["beta"], **kw)  # noqa: E731
             res["state_pass_ms"] = _timed(trans, device, group, args.warmup, args.iters, False)
-            res["state_grad_pass_ms"] = _timed(sgrad, device, group, args.warmup, args.iters, False)
+            res["state_grad_pass_ms"] = None if loglinear else _timed(sgrad, device, group, args.warmup, args.iters, False)
             res["fla_single_fwd_bwd_ms"] = res["fla_cp_fwd_bwd_ms"] = res["fla_efficiency"] = None
-            if not args.no_fla and device.type == "cuda":
+            if loglinear:
+                pass  # fla-core has no CP for its log-linear op
+            elif not args.no_fla and device.type == "cuda":
                 fla = _fla_methods(x, group, notes if T == args.T[0] else [])
                 if fla is not None:
                     fla_version = fla[2]
@@ -277,7 +307,7 @@ def _worker(args, argv) -> int:
     if rank != 0:
         return 0
     result = {
-        "title": f"Context-parallel gated delta rule, weak scaling, CP={P}",
+        "title": f"Context-parallel {args.op.replace('_', ' ')}, weak scaling, CP={P}",
         "command": "lctrain bench cp " + " ".join(argv),
         "device": f"{P} x " + (torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (gloo)"),
         "versions": {"torch": torch.__version__, "triton": _version("triton"), "fla-core": fla_version},

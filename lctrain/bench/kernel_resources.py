@@ -1,6 +1,6 @@
 """Developer tool: registers, spills and shared memory of our Triton kernels on Hopper, without a GPU.
 
-    python -m lctrain.bench.kernel_resources [--D 128] [--cfg KEY=INT[,KEY=INT]] [--target 90]
+    python -m lctrain.bench.kernel_resources [--D 128] [--cfg KEY=INT[,KEY=INT]] [--target 90] [--varlen]
 
 Runs one forward and backward of each mixer through ``lctrain.kernels.triton.ops`` on meta tensors
 with every kernel launch intercepted, so exactly the launches ops makes (same constexprs, warps and
@@ -18,7 +18,8 @@ import subprocess
 import sys
 import tempfile
 
-_SIG = {"torch.bfloat16": "*bf16", "torch.float16": "*fp16", "torch.float32": "*fp32"}
+_SIG = {"torch.bfloat16": "*bf16", "torch.float16": "*fp16", "torch.float32": "*fp32", "torch.int32": "*i32",
+        "torch.int64": "*i64"}  # int: the varlen boundaries and chunk map
 
 
 class _Recorder:
@@ -41,8 +42,9 @@ class _Recorder:
         self.calls.append((fn, args, kw))
 
 
-def record_launches(D: int, dtype_name: str) -> list:
-    """(jit function, args, kwargs) of every launch of one fwd+bwd of each mixer, on meta tensors."""
+def record_launches(D: int, dtype_name: str, varlen: bool = False) -> list:
+    """(jit function, args, kwargs) of every launch of one fwd+bwd of each mixer, on meta tensors;
+    ``varlen``: of packed documents (cu_seqlens: 4 documents, 80 chunks), the varlen kernels."""
     import torch
 
     from lctrain.kernels.triton import dqdk, ops, output, state, wy
@@ -60,9 +62,17 @@ def record_launches(D: int, dtype_name: str) -> list:
         q, k, v, do = (torch.empty(B, T, H, D, dtype=dtype, **m) for _ in range(4))
         g = torch.empty(B, T, H, dtype=torch.float32, **m)
         beta = torch.empty(B, T, H, dtype=torch.float32, **m)
+        vl, s0 = None, None
+        if varlen:
+            from lctrain.kernels.triton.common import Varlen
+            i32 = dict(dtype=torch.int32, **m)
+            vl = Varlen(torch.empty(5, **i32), torch.empty(80, 2, **i32), torch.empty(5, **i32),
+                        torch.empty(T, dtype=torch.int64, **m), 80, 4)
+            s0 = torch.empty(4, H, D, D, dtype=torch.float32, **m)
         for gate, b in ((None, beta), (g, beta), (g, None)):
-            _, _, gam, tm = ops._forward(q, k, v, gate, b, None, 1.0, False)
-            ops._backward(q, k, v, gate, b, None, 1.0, do, None, gam, tm)
+            vkw = {} if vl is None else {"varlen": vl}
+            _, _, gam, tm = ops._forward(q, k, v, gate, b, s0, 1.0, False, **vkw)
+            ops._backward(q, k, v, gate, b, s0, 1.0, do, None, gam, tm, **vkw)
     finally:
         for (mod, n), kernel in saved.items():
             setattr(mod, n, kernel)
@@ -145,11 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg", default="", metavar="KEY=INT[,KEY=INT]",
                    help="launch settings, as LCTRAIN_TRITON_CFG (see ops.set_config)")
     p.add_argument("--target", type=int, default=90, help="compute capability x10 (default 90)")
+    p.add_argument("--varlen", action="store_true",
+                   help="the launches of packed documents (cu_seqlens): the varlen kernels")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     from lctrain.kernels.triton import ops
     if args.cfg:
         ops.set_config(**{k.strip(): int(v) for k, v in (i.split("=") for i in args.cfg.split(","))})
-    rows = compile_report(record_launches(args.D, args.dtype), args.target)
+    rows = compile_report(record_launches(args.D, args.dtype, args.varlen), args.target)
     cols = ["kernel", "flags", "warps", "stages", "regs", "spill_bytes", "local_loads", "smem", "gmma",
             "blocks"]
     print("  ".join(cols))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lctrain.config import LINEAR_LAYERS, LOGLINEAR_LAYERS
 from lctrain.models.attention import Attention
 from lctrain.models.layers import ShortConv
 from lctrain.parallel.mesh import group_size
@@ -77,10 +78,16 @@ def generate(model, prompt_ids, max_new_tokens: int, *, eos_id: int | None = Non
 def cp_prefill_length(n_tokens: int, cp: int, model_cfg) -> int:
     """How many leading prompt tokens are prefilled across the CP ranks (see the module doc)."""
     pattern = "".join(str(c) for c in model_cfg.layer_pattern)
+    if "F" in pattern or ("A" in pattern and int(model_cfg.get("mla_kv_rank", 0) or 0) > 0):
+        return 0  # Deltaformer / MLA layers record no cache during a CP forward: prefill on the last rank
+    if str(model_cfg.rope.get("scaling", "none")) in ("rerope", "leaky_rerope"):  # the cache keeps unrotated keys
+        return 0
     unit = cp * int(model_cfg.chunk_size)
     n_cp = (n_tokens // unit) * unit
+    if any(c in LOGLINEAR_LAYERS for c in pattern) and n_cp:
+        n_cp = cp * (1 << ((n_cp // cp).bit_length() - 1))  # log-linear CP: a power of two per rank
     need = 1
-    if any(c in "GDM" for c in pattern):
+    if any(c in LINEAR_LAYERS for c in pattern):
         need = max(need, int(model_cfg.conv_size) - 1)
     if "S" in pattern:
         need = max(need, int(model_cfg.window) - 1)
@@ -179,7 +186,7 @@ def _generate_cp(model, cp_model, ids: list[int], max_new_tokens, eos_id, group,
         for i, (block, rec) in enumerate(zip(cp_model.blocks, records)):
             mixer = block.mixer
             if isinstance(mixer, Attention):
-                H, D = mixer.n_heads, mixer.head_dim
+                H, D = mixer.kv_heads, mixer.head_dim  # k and v have the kv heads (GQA)
                 pos = torch.arange(r * shard, (r + 1) * shard, device=device)
                 k = rec["k_raw"].view(1, shard, H, D)
                 if mixer.rope is not None:  # None: a NoPE global layer (model.rope.layers=sliding)

@@ -234,7 +234,7 @@ def score_checkpoint(model, windows: Iterable[list[int]], seq_len: int, *, num_w
 
 def main(argv: list[str]) -> int:
     ns = _parse(argv)
-    from lctrain.config import ConfigError, split_recipe_and_overrides
+    from lctrain.config import LINEAR_LAYERS, ConfigError, split_recipe_and_overrides
 
     from lctrain.local_launch import self_launch
 
@@ -255,7 +255,7 @@ def main(argv: list[str]) -> int:
             raise runtime.EvalError(f"--seq-len must be >= 1, got {seq_len}")
         cp = cfg.parallel.cp
         pattern = "".join(str(c) for c in cfg.model.layer_pattern)
-        unit = cp * int(cfg.model.chunk_size) if any(c in "GDM" for c in pattern) else cp
+        unit = cp * int(cfg.model.chunk_size) if any(c in LINEAR_LAYERS for c in pattern) else cp
         if cp > 1 and seq_len % unit:
             raise runtime.EvalError(f"--seq-len {seq_len} does not split into parallel.cp={cp} shards of whole chunks; "
                                     f"use a multiple of {unit}")

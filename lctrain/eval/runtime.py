@@ -2,8 +2,11 @@
 
 The parallel layout defaults to the checkpoint's own `parallel` section (the layout it was trained
 with); an optional recipe YAML and `key=value` overrides change it, as for `lctrain train`. Only
-`parallel.*`, `model.kernel_backend`, `train.device` and `train.dtype` may be overridden: the rest
-of the model is what the checkpoint holds. With parallel.cp (or nproc_per_node) > 1 and no torchrun
+`parallel.*`, `model.kernel_backend`, `train.device`, `train.dtype` and the eval-time position
+scaling `model.rope.scaling` / `model.rope.factor` / `model.rope.original_max_position` /
+`model.rope.rerope_window` may be overridden (the scaling rebuilds the rotary embedding of the loaded model and touches no weight; the
+original context defaults to the checkpoint's data.seq_len): the rest of the model is what the
+checkpoint holds. With parallel.cp (or nproc_per_node) > 1 and no torchrun
 environment, the command re-launches itself on that many local processes (torch.distributed.run),
 like `lctrain train`. World = cp x dp: CP ranks share one sequence, DP groups split the work.
 """
@@ -20,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lctrain.errors import UserError
 
-OVERRIDABLE = ("parallel.", "model.kernel_backend", "train.device", "train.dtype")
+OVERRIDABLE = ("parallel.", "model.kernel_backend", "train.device", "train.dtype", *(
+    f"model.rope.{key}" for key in ("scaling", "factor", "original_max_position", "rerope_window")))
+ROPE_EVAL_KEYS = ("scaling", "factor", "original_max_position", "rerope_window")
 
 
 class EvalError(UserError, ValueError):
@@ -54,6 +59,11 @@ def eval_config(ckpt: str | os.PathLike, recipe: str | None, overrides: list[str
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except Exception as err:  # omegaconf's errors name the key
         raise EvalError(f"override: {err}") from None
+    from lctrain.config import ConfigError as _ConfigError, validate_rope_scaling
+    try:
+        validate_rope_scaling(cfg.model)
+    except _ConfigError as err:
+        raise EvalError(str(err)) from None
     p = cfg.parallel
     if p.tp != 1 or p.pp != 1:
         raise EvalError(f"evals run with parallel.tp=1 and parallel.pp=1 (got tp={p.tp}, pp={p.pp}); "
@@ -140,7 +150,10 @@ def load_models(ckpt: str | os.PathLike, ctx: EvalContext, cfg: DictConfig):
     model, ckpt_cfg = load_model_for_eval(path, ctx.device)
     backend = cfg.model.kernel_backend
     _set_backend(model, backend)
-    ckpt_cfg = OmegaConf.merge(ckpt_cfg, {"model": {"kernel_backend": backend}})
+    rope = {key: cfg.model.rope[key] for key in ROPE_EVAL_KEYS}
+    if any(rope[key] != ckpt_cfg.model.rope.get(key) for key in ROPE_EVAL_KEYS):
+        model.set_rope_scaling(**rope)
+    ckpt_cfg = OmegaConf.merge(ckpt_cfg, {"model": {"kernel_backend": backend, "rope": rope}})
     cp_model = None
     if ctx.cp_size > 1:
         cp_model = build_model(ckpt_cfg.model, cp_group=ctx.cp_group, max_position=int(ckpt_cfg.data.seq_len))

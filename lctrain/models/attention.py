@@ -44,8 +44,19 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
     return allowed
 
 
+def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Grouped-query attention: k or v [B, T, Hkv, D] with each head repeated for the n_heads / Hkv
+    query heads of its group (query head h reads kv head h // (n_heads / Hkv)); unchanged if Hkv == n_heads."""
+    if x.shape[2] == n_heads:
+        return x
+    if n_heads % x.shape[2]:
+        raise ValueError(f"{x.shape[2]} key/value heads do not divide {n_heads} query heads")
+    return x.repeat_interleave(n_heads // x.shape[2], dim=2)
+
+
 def masked_attention(q, k, v, q_pos, k_pos, window=None):
     """SDPA on [B, T, H, D] tensors with the mask of `window_mask`. Returns [B, Tq, H, D]."""
+    k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
     mask = window_mask(q_pos, k_pos, window)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
@@ -57,6 +68,7 @@ def windowed_attention(q, k, v, q_start: int, k_start: int, window: int | None, 
     each block of queries attends over the keys it can reach. Query i sits at position q_start + i,
     key j at k_start + j (keys at negative positions are masked); q_docs [B, Tq] / k_docs [B, Tk]
     (optional) hold each token's document. The CPU path of sliding-window and halo attention."""
+    k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
     Tq, Tk = q.shape[1], k.shape[1]
     block = max(block, window or 0)
     outs = []
@@ -88,6 +100,7 @@ def document_causal_attention(q, k, v, bounds: list[list[int]]):
 
 def causal_attention(q, k, v):
     """Plain causal SDPA (flash on CUDA) on [B, T, H, D]."""
+    k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
     return out.transpose(1, 2)
 
@@ -103,6 +116,7 @@ def _flex_sliding_window(q, k, v, window: int | None, halo: int = 0, first_valid
     receives as halo) are excluded. q_docs [B, Tq] / k_docs [B, Tk]: a query sees only keys of its
     document; the block mask then depends on the batch and is kept in `mask_cache` (the forward's
     Documents.cache), else in a module-level cache by geometry."""
+    k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
     global _FLEX
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -131,28 +145,34 @@ def _flex_sliding_window(q, k, v, window: int | None, halo: int = 0, first_valid
 
 class Attention(nn.Module):
     """Multi-head softmax attention with RoPE (`rope=None`: no positions, NoPE); `window=None` for
-    global causal attention; `conv_size` > 0: short convs on q, k, v (module doc)."""
+    global causal attention; `conv_size` > 0: short convs on q, k, v (module doc); `kv_heads` < n_heads:
+    grouped-query attention (1 = MQA), k and v (and the decoding cache) have kv_heads heads."""
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, *, window: int | None,
                  rope: RotaryEmbedding | None, conv_size: int = 0,
-                 cp_group=None, tp_group=None, use_flex: bool = True):
-        """tp_group (size tp > 1): this rank owns n_heads / tp heads (column-parallel q/k/v and
-        their conv channels, row-parallel output); under CP Ulysses splits those local heads."""
+                 cp_group=None, tp_group=None, use_flex: bool = True, kv_heads: int | None = None):
+        """tp_group (size tp > 1): this rank owns n_heads / tp query heads and kv_heads / tp key/value
+        heads (column-parallel q/k/v and their conv channels, row-parallel output; contiguous chunks
+        keep every query head with its kv head); under CP Ulysses splits those local heads."""
         super().__init__()
         if window is not None and window < 1:
             raise ValueError(f"model.window must be >= 1, got {window}")
+        kv_heads = n_heads if kv_heads is None else kv_heads
+        if kv_heads < 1 or n_heads % kv_heads:
+            raise ValueError(f"model.attn_kv_heads={kv_heads} must divide model.attn_heads={n_heads}")
         local_heads = local_size(n_heads, tp_group, "model.attn_heads")
-        self.n_heads, self.head_dim, self.window = local_heads, head_dim, window
+        local_kv = local_size(kv_heads, tp_group, "model.attn_kv_heads")
+        self.n_heads, self.head_dim, self.window, self.kv_heads = local_heads, head_dim, window, local_kv
         self.q_proj = column_linear(d_model, n_heads * head_dim, tp_group)
-        self.k_proj = column_linear(d_model, n_heads * head_dim, tp_group)
-        self.v_proj = column_linear(d_model, n_heads * head_dim, tp_group)
+        self.k_proj = column_linear(d_model, kv_heads * head_dim, tp_group)
+        self.v_proj = column_linear(d_model, kv_heads * head_dim, tp_group)
         self.o_proj = row_linear(n_heads * head_dim, d_model, tp_group)
         self.o_proj.is_output_projection = True
         self.conv_size = conv_size
         if conv_size > 0:
             self.q_conv = ShortConv(local_heads * head_dim, conv_size, activation=False)
-            self.k_conv = ShortConv(local_heads * head_dim, conv_size, activation=False)
-            self.v_conv = ShortConv(local_heads * head_dim, conv_size, activation=False)
+            self.k_conv = ShortConv(local_kv * head_dim, conv_size, activation=False)
+            self.v_conv = ShortConv(local_kv * head_dim, conv_size, activation=False)
             for conv in (self.q_conv, self.k_conv, self.v_conv):
                 mark_split(conv.weight, 0)
         self.rope = rope
@@ -171,11 +191,14 @@ class Attention(nn.Module):
         H, D = self.n_heads, self.head_dim
         pos = torch.arange(position_offset, position_offset + T, device=x.device)
         q = self._project(self.q_proj, "q_conv", x, cache, docs).view(B, T, H, D)
-        k = self._project(self.k_proj, "k_conv", x, cache, docs).view(B, T, H, D)
-        if self.rope is not None:
+        k = self._project(self.k_proj, "k_conv", x, cache, docs).view(B, T, self.kv_heads, D)
+        rerope = self.rope is not None and self.rope.rerope is not None and self.window is None
+        if self.rope is not None and not rerope:
             q, k = self.rope(q, pos), self.rope(k, pos)
-        v = self._project(self.v_proj, "v_conv", x, cache, docs).view(B, T, H, D)
-        if cache is not None:
+        v = self._project(self.v_proj, "v_conv", x, cache, docs).view(B, T, self.kv_heads, D)
+        if rerope:  # eval-time (Leaky) ReRoPE: q and k stay unrotated, positions go to the attention
+            out = self._attend_rerope(q, k, v, pos, cache, docs)
+        elif cache is not None:
             if self.cp_group is not None:
                 raise ValueError("incremental decoding (cache=) is single-process; build the model with cp_group=None")
             if docs is not None:
@@ -222,6 +245,7 @@ class Attention(nn.Module):
         if self.window is None:
             from lctrain.parallel.ulysses import ulysses_attention
 
+            k, v = self._replicate_kv_for_ulysses(k), self._replicate_kv_for_ulysses(v)
             if docs is None:
                 return ulysses_attention(q, k, v, self.cp_group, causal_attention)
             # Ulysses attends over the whole sequence, whose documents every rank knows
@@ -241,6 +265,42 @@ class Attention(nn.Module):
             return _flex_sliding_window(q, k, v, self.window, halo=halo, first_valid=max(0, halo - position_offset),
                                         q_docs=q_docs, k_docs=k_docs, mask_cache=None if docs is None else docs.cache)
         return windowed_attention(q, k, v, position_offset, position_offset - halo, self.window, q_docs, k_docs)
+
+    def _replicate_kv_for_ulysses(self, x):
+        """GQA under Ulysses: with fewer kv heads than CP ranks each kv head is repeated so that every
+        rank gets one (as DeepSpeed does); rank r's query heads all belong to that head's group."""
+        P = group_size(self.cp_group)
+        return expand_kv(x, P) if x.shape[2] % P else x
+
+    def _attend_rerope(self, q, k, v, pos, cache: dict | None, docs=None):
+        """Global attention with (Leaky) ReRoPE positions (lctrain/models/rerope.py); the decoding cache
+        keeps unrotated keys and their positions. Documents: dense per-block masks from docs' ids."""
+        from .rerope import rerope_attention
+
+        window, leak = self.rope.rerope
+        attend = lambda q, k, v, qp, kp, qd=None, kd=None: rerope_attention(  # noqa: E731
+            q, k, v, self.rope, window, leak, qp, kp, qd, kd)
+        if cache is not None:
+            if self.cp_group is not None or docs is not None:
+                raise ValueError("incremental decoding (cache=) is single-process and one document per prompt")
+            if cache.get("k") is not None:
+                k, v = torch.cat([cache["k"], k], dim=1), torch.cat([cache["v"], v], dim=1)
+                k_pos = torch.cat([cache["pos"], pos])
+            else:
+                k_pos = pos
+            cache["k"], cache["v"], cache["pos"] = k.detach(), v.detach(), k_pos
+            return attend(q, k, v, pos, k_pos)
+        if self.cp_group is None:
+            ids = None if docs is None else docs.local_doc_ids()
+            return attend(q, k, v, pos, pos, ids, ids)
+        from lctrain.parallel.halo import gather_sequence
+        from lctrain.parallel.ulysses import ulysses_attention
+
+        full_pos = gather_sequence(pos[None], self.cp_group, dim=1)[0]
+        full_ids = None if docs is None else docs.doc_ids(0, docs.total)
+        k, v = self._replicate_kv_for_ulysses(k), self._replicate_kv_for_ulysses(v)
+        return ulysses_attention(q, k, v, self.cp_group, lambda q, k, v: attend(q, k, v, full_pos, full_pos,
+                                                                                 full_ids, full_ids))
 
     def _attend_cached(self, q, k, v, pos, cache: dict):
         if cache.get("k") is not None:

@@ -1,7 +1,8 @@
 """HybridLM: embedding -> blocks from model.layer_pattern -> final RMSNorm -> LM head (tied or not).
 
 Each block: x = x + mixer(norm1(x)); x = x + mlp(norm2(x)), mixer chosen by the block's letter
-(G gated DeltaNet, D DeltaNet, M Mamba-2 style, S sliding-window attention, A global attention).
+(G gated DeltaNet, D DeltaNet, M Mamba-2 style, L log-linear gated DeltaNet, K log-linear Mamba-2,
+S sliding-window attention, A global attention, F Deltaformer).
 
 Context parallelism: every rank passes its contiguous shard of the sequence and
 position_offset = cp_rank * T_local; the mixers do the cross-rank work (see their modules).
@@ -23,17 +24,20 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lctrain.config import init_std
+from lctrain.config import checkpointed_kinds, init_std
 from lctrain.parallel.mesh import group_size
 from lctrain.parallel.tensor_parallel import column_linear, local_size, shard_from_full, vocab_embedding
 
 from .attention import Attention
+from .deltaformer import DeltaformerMixer
 from .documents import Documents, documents_from_bounds, find_documents
+from .mla import MLAttention
 from .layers import RMSNorm, SwiGLU, swiglu_hidden_size
 from .linear_mixers import DeltaNetMixer, Mamba2Mixer
+from .loglinear_mixers import LogLinearDeltaNetMixer, LogLinearMamba2Mixer
 from .rope import RotaryEmbedding
 
-LAYER_LETTERS = "GDMSA"
+LAYER_LETTERS = "GDMLKSAF"
 
 
 def _cfg(cfg_model: Any, key: str, default=None):
@@ -70,22 +74,57 @@ class Block(nn.Module):
         self.norm1 = RMSNorm(d, m.norm_eps)
         self.norm2 = RMSNorm(d, m.norm_eps)
         lin = dict(n_heads=m.n_heads, head_dim=m.head_dim, conv_size=m.conv_size, backend=m.kernel_backend,
-                   chunk_size=m.chunk_size, norm_eps=m.norm_eps, cp_group=cp_group, tp_group=tp_group)
+                   chunk_size=m.chunk_size, norm_eps=m.norm_eps, cp_group=cp_group)
+        # tensor parallelism: G, D, M, S, A layers (config.validate refuses tp > 1 with the others)
         if kind in "GD":
-            self.mixer = DeltaNetMixer(d, gated=kind == "G", **lin)
+            self.mixer = DeltaNetMixer(d, gated=kind == "G", tp_group=tp_group, **lin)
         elif kind == "M":
-            self.mixer = Mamba2Mixer(d, **lin)
+            self.mixer = Mamba2Mixer(d, tp_group=tp_group, **lin)
+        elif kind == "L":
+            self.mixer = LogLinearDeltaNetMixer(d, levels=int(_cfg(m, "loglinear_levels", 24)), **lin)
+        elif kind == "K":
+            self.mixer = LogLinearMamba2Mixer(d, levels=int(_cfg(m, "loglinear_levels", 24)), **lin)
+        elif kind == "F":
+            nope = str(_cfg(m.rope, "layers", "all")) == "sliding"
+            self.mixer = DeltaformerMixer(d, m.attn_heads, m.attn_head_dim, rope=None if nope else rope,
+                                          backend=m.kernel_backend, chunk_size=m.chunk_size, cp_group=cp_group)
+        elif kind == "A" and int(_cfg(m, "mla_kv_rank", 0) or 0) > 0:
+            nope = str(_cfg(m.rope, "layers", "all")) == "sliding"
+            self.mixer = MLAttention(d, m.attn_heads, m.attn_head_dim, kv_rank=int(m.mla_kv_rank),
+                                     rope_dim=int(m.mla_rope_dim), rope=None if nope else rope,
+                                     norm_eps=m.norm_eps, cp_group=cp_group)
         else:
             nope = kind == "A" and str(_cfg(m.rope, "layers", "all")) == "sliding"
             self.mixer = Attention(d, m.attn_heads, m.attn_head_dim, window=m.window if kind == "S" else None,
                                    rope=None if nope else rope, conv_size=_attn_conv_size(m, kind),
-                                   cp_group=cp_group, tp_group=tp_group)
-        self.mlp = SwiGLU(d, swiglu_hidden_size(d, m.mlp_ratio), tp_group)
+                                   cp_group=cp_group, tp_group=tp_group, kv_heads=_cfg(m, "attn_kv_heads", None))
+        self.mlp = SwiGLU(d, swiglu_hidden_size(d, m.mlp_ratio), int(_cfg(m, "mlp_chunk_tokens", 0) or 0), tp_group)
 
     def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
                 docs: Documents | None = None) -> torch.Tensor:
         x = x + self.mixer(self.norm1(x), position_offset, cache, docs)
         return x + self.mlp(self.norm2(x))
+
+
+class _ToHost(torch.autograd.Function):
+    """x -> a copy in pinned host memory (asynchronous, stream-ordered); the gradient goes back to x's device."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.device = x.device
+        out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
+        return out.copy_(x, non_blocking=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.device, non_blocking=True)
+
+
+def _block_from_host(block: Block, x_host: torch.Tensor, offset: int, docs) -> torch.Tensor:
+    """A checkpointed block whose saved input is x_host (model.checkpoint_offload): the GPU copy made
+    here lives only while the block runs, in the forward and again in the recomputation."""
+    x = x_host.to(block.norm1.weight.device, non_blocking=True)
+    return block(x, offset, None, docs)
 
 
 class LMCache:
@@ -111,23 +150,54 @@ class HybridLM(nn.Module):
         self.cp_group = cp_group
         self.tp_group = tp_group if group_size(tp_group) > 1 else None
         local_size(m.vocab_size, self.tp_group, "model.vocab_size")
-        self.checkpoint_activations = bool(_cfg(m, "checkpoint_activations", False))
+        # the block kinds model.activation_checkpointing checkpoints ("" = none)
+        self.checkpointed = checkpointed_kinds(m, self.pattern)
+        self.residual_in_compute_dtype = str(_cfg(m, "residual_dtype", "float32")) == "compute"
+        self.checkpoint_offload = bool(_cfg(m, "checkpoint_offload", False))
         end = _cfg(m, "document_end_id", None)
         if end is not None and not 0 <= int(end) < m.vocab_size:
             raise ValueError(f"model.document_end_id={end} is not a token id of the vocabulary [0, {m.vocab_size}); "
                              "set it to the tokenizer's EOS id or null")
         self.embed = vocab_embedding(m.vocab_size, m.d_model, self.tp_group)
-        rope = None
-        if any(c in "SA" for c in self.pattern):
-            r = m.rope
-            original = int(r.original_max_position) or int(max_position or 0)
-            rope = RotaryEmbedding(m.attn_head_dim, float(r.base), str(r.scaling), float(r.factor), original)
+        self.max_position = max_position
+        rope = self._make_rope(m.rope) if any(c in "SAF" for c in self.pattern) else None
         self.blocks = nn.ModuleList(Block(c, m, rope, cp_group, self.tp_group) for c in self.pattern)
         self.norm = RMSNorm(m.d_model, m.norm_eps)
         self.lm_head = column_linear(m.d_model, m.vocab_size, self.tp_group)
         self._init_weights(init_std(m))
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    def _make_rope(self, r: Any) -> RotaryEmbedding:
+        original = int(r.original_max_position) or int(self.max_position or 0)
+        return RotaryEmbedding(self.cfg.attn_head_dim, float(r.base), str(r.scaling), float(r.factor), original,
+                               fraction=float(_cfg(r, "fraction", 1.0)), rerope_window=int(_cfg(r, "rerope_window", 0)))
+
+    def set_rope_scaling(self, scaling: str, factor: float, original_max_position: int = 0,
+                         rerope_window: int = 0) -> None:
+        """Eval-time position scaling of a trained model: rebuild the rotary embedding of every layer
+        that rotates with model.rope.scaling / factor / original_max_position / rerope_window changed
+        (base, fraction and which layers carry positions stay). Touches no weight: RoPE has no
+        parameters. ReRoPE / Leaky ReRoPE apply to the global attention layers ("A"); sliding-window
+        layers keep their exact positions, and Deltaformer layers ("F") refuse it."""
+        from omegaconf import OmegaConf
+
+        r = OmegaConf.merge(OmegaConf.create(self.cfg.rope),
+                            {"scaling": scaling, "factor": float(factor), "original_max_position": int(original_max_position),
+                             "rerope_window": int(rerope_window)})
+        rope = self._make_rope(r).to(next(self.parameters()).device)
+        for block in self.blocks:
+            if getattr(block.mixer, "rope", None) is None:
+                continue
+            if isinstance(block.mixer, MLAttention):
+                raise ValueError("eval-time model.rope.scaling is not supported for MLA layers (model.mla_kv_rank > 0): "
+                                 "their decoupled RoPE part has its own frequencies; evaluate without scaling")
+            if rope.rerope is not None and block.kind == "F":
+                raise ValueError(f"model.rope.scaling={scaling} applies to global attention layers (A); the "
+                                 "Deltaformer layers (F) of this model rotate too: use ntk, yarn or linear")
+            if rope.rerope is not None and block.kind == "S":
+                continue
+            block.mixer.rope = rope
 
     def _init_weights(self, std: float) -> None:
         """N(0, std) for embeddings and projections; output projections (mixer out, MLP down) use
@@ -150,6 +220,13 @@ class HybridLM(nn.Module):
         position_offset + (tokens the cache has seen) + 0 .. T-1. `doc_bounds` (optional, with
         model.document_end_id set): the packed documents' GLOBAL boundaries per row as the data loader
         found them; without it the model finds them in input_ids."""
+        x = self.hidden_states(input_ids, position_offset=position_offset, cache=cache, doc_bounds=doc_bounds)
+        return self.lm_head(self.norm(x)).float()
+
+    def hidden_states(self, input_ids: torch.Tensor, *, position_offset: int = 0, cache: LMCache | None = None,
+                      doc_bounds: list[list[int]] | None = None) -> torch.Tensor:
+        """The residual stream after the last block, before the final norm: [B, T_local, d_model]
+        (what `forward` turns into logits; the chunked loss of lctrain.train.loss starts from it)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         offset = int(position_offset)
@@ -159,15 +236,20 @@ class HybridLM(nn.Module):
             offset += cache.seen_tokens
         docs = self._documents(input_ids, cache, doc_bounds)
         x = self.embed(input_ids)
+        if self.residual_in_compute_dtype and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        recompute = cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
-            if self.checkpoint_activations and cache is None and torch.is_grad_enabled():
+            if recompute and block.kind in self.checkpointed and self.checkpoint_offload and x.is_cuda:
+                x = checkpoint(_block_from_host, block, _ToHost.apply(x), offset, docs, use_reentrant=False)
+            elif recompute and block.kind in self.checkpointed:
                 x = checkpoint(block, x, offset, None, docs, use_reentrant=False)
             else:
                 x = block(x, offset, layer_cache, docs)
         if cache is not None:
             cache.seen_tokens += input_ids.shape[1]
-        return self.lm_head(self.norm(x)).float()
+        return x
 
     def _documents(self, input_ids: torch.Tensor, cache: LMCache | None, doc_bounds=None) -> Documents | None:
         """The packed documents of this forward when model.document_end_id is set (every layer keeps

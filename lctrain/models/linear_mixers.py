@@ -106,10 +106,19 @@ class _LinearMixerBase(nn.Module):
     def _conv(self, conv: ShortConv, x: torch.Tensor, cache: dict | None, name: str, docs=None) -> torch.Tensor:
         return run_short_conv(conv, x, cache, name, self.cp_group, docs)
 
-    def _run_op(self, args: tuple, cache: dict | None, scale=None, docs=None) -> torch.Tensor:
+    def _op_extras(self, x: torch.Tensor, position_offset: int, cache: dict | None) -> tuple[tuple, dict]:
+        """Extra positional args and keywords of this mixer's op (none here; the log-linear mixers add
+        level weights and positions)."""
+        return (), {}
+
+    def _run_op(self, args: tuple, cache: dict | None, scale=None, docs=None, x: torch.Tensor | None = None,
+                position_offset: int = 0) -> torch.Tensor:
         kw = dict(backend=self.backend, chunk_size=self.chunk_size)
         if scale is not None:
             kw["scale"] = scale
+        if x is not None:
+            extra_args, extra_kw = self._op_extras(x, position_offset, cache)
+            args, kw = args + extra_args, {**kw, **extra_kw}
         if cache is not None:
             if self.cp_group is not None:
                 raise ValueError("incremental decoding (cache=) is single-process; build the model with cp_group=None")
@@ -178,9 +187,9 @@ class DeltaNetMixer(_LinearMixerBase):
         beta = torch.sigmoid(self.b_proj(x).float())
         if self.gated:
             g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
-            o = self._run_op((q, k, v, g, beta), cache, docs=docs)
+            o = self._run_op((q, k, v, g, beta), cache, docs=docs, x=x, position_offset=position_offset)
         else:
-            o = self._run_op((q, k, v, beta), cache, docs=docs)
+            o = self._run_op((q, k, v, beta), cache, docs=docs, x=x, position_offset=position_offset)
         o = self.o_norm(o, self.g_proj(x).view(B, T, H, D))
         return self.o_proj(o.reshape(B, T, H * D).to(x.dtype))
 
@@ -221,7 +230,7 @@ class Mamba2Mixer(_LinearMixerBase):
         dt = F.softplus(self.dt_proj(x).float() + self.dt_bias.float())  # [B, T, H]
         g = -torch.exp(self.A_log.float()) * dt
         v = (xs.float() * dt[..., None]).to(q.dtype)
-        o = self._run_op((q, k.to(q.dtype), v, g), cache, docs=docs)
+        o = self._run_op((q, k.to(q.dtype), v, g), cache, docs=docs, x=x, position_offset=position_offset)
         o = o.float() + self.D.float()[:, None] * xs.float()
         o = self.o_norm(o, self.z_proj(x).view(B, T, H, D))
         return self.o_proj(o.reshape(B, T, H * D).to(x.dtype))

@@ -1,0 +1,157 @@
+"""Deltaformer's u-pass, chunkwise: a triangular solve per chunk, and its exact backward.
+
+Layout here is head-major: k [B, H, T, K], v / u [B, H, T, V], beta [B, H, T], all in the compute
+dtype (float32, or float64 in tests). With P[t, j] = softmax_{j<t}(scale k_t . k_j) (zero for j >= t),
+the u-pass u_t = v_t - beta_t sum_j P[t, j] u_j is the unit lower-triangular system
+(I + diag(beta) P) u = v. For the chunk c = [s, e), with the rows of P normalised over ALL their
+earlier keys (earlier chunks and the strictly earlier part of the chunk):
+
+    (I + diag(beta_c) P[c, c]) u_c = v_c - beta_c * (P[c, :s] @ u[:s])
+
+so each chunk needs only the earlier u and a c x c solve. Per chunk the "statistics" are
+w_prev = P[c, :s] @ u[:s], the intra-chunk block P[c, c] and the row log-sum-exp; ``torch_chunk_stats``
+computes them from a [c, e] score block, the Triton kernel (``triton_fwd.py``) streams the earlier
+keys with an online softmax instead. The rest (the solve) is shared.
+
+Backward, for the gradient gu on u (exact; nothing of size T x T is kept, rows are recomputed from
+k and the saved log-sum-exp). The adjoint d of u solves the transposed system
+(I + diag(beta) P)^T d = gu, chunk by chunk from the last one:
+
+    d_c = solve((I + diag(beta_c) P[c, c])^T, gu_c - P[later, c]^T (beta d)[later])
+
+and then, with g_t = -beta_t d_t (the gradient on w_t = sum_j P[t, j] u_j):
+    dv = d,  dbeta_t = -w_t . d_t,
+    dS[t, j] = P[t, j] (g_t . u_j - g_t . w_t)      (softmax backward; S = scale k k^T)
+    dk = scale (dS + dS^T) k.
+One reverse loop over chunks does both: after d_c is solved, chunk c's rows are final, so they add
+their share to the earlier rows' right-hand sides and to dk.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+NEG = -1e30  # finite "minus infinity": keeps the softmax and its gradient free of inf - inf
+
+
+def _row_probs(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, lse: torch.Tensor | None):
+    """P[t, j] for the scores block [..., rows, cols]: strictly causal (j < t); normalised with the
+    given lse, or over the block itself when lse is None. Returns (P, lse)."""
+    allowed = cols[None, :] < rows[:, None]
+    scores = scores.masked_fill(~allowed, NEG)
+    if lse is None:
+        m = scores.amax(-1, keepdim=True)
+        l = torch.exp(scores - m).masked_fill(~allowed, 0.0).sum(-1, keepdim=True)
+        lse = torch.where(l > 0, m + torch.log(l.clamp_min(1e-300)), torch.zeros_like(m)).squeeze(-1)
+    p = torch.exp(scores - lse[..., None]).masked_fill(~allowed, 0.0)
+    return p, lse
+
+
+def torch_chunk_stats(k, u, s: int, e: int, scale: float):
+    """(w_prev [B, H, c, V], P[c, c] [B, H, c, c], lse [B, H, c]) for the chunk [s, e); u[:, :, :s]
+    must hold the earlier chunks' u."""
+    rows = torch.arange(s, e, device=k.device)
+    cols = torch.arange(e, device=k.device)
+    scores = scale * (k[:, :, s:e] @ k[:, :, :e].transpose(-1, -2))
+    p, lse = _row_probs(scores, rows, cols, None)
+    w_prev = p[..., :s] @ u[:, :, :s]
+    return w_prev, p[..., s:e], lse
+
+
+def _solve_chunk(p_cc, beta_c, rhs, transpose: bool = False):
+    """Solve (I + diag(beta_c) P_cc) x = rhs, or its transpose; P_cc is strictly lower triangular."""
+    A = beta_c[..., None] * p_cc
+    if transpose:
+        return torch.linalg.solve_triangular(A.transpose(-1, -2), rhs, upper=True, unitriangular=True)
+    return torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+
+
+StatsFn = Callable[[torch.Tensor, torch.Tensor, int, int, float], tuple]
+
+
+@torch.no_grad()
+def chunk_forward(k, v, beta, scale: float, chunk_size: int, stats: StatsFn = torch_chunk_stats):
+    """(u [B, H, T, V], lse [B, H, T]) in k's dtype; ``stats`` computes a chunk's statistics."""
+    B, H, T, _ = k.shape
+    u = torch.empty_like(v)
+    lse = k.new_zeros(B, H, T)
+    for s in range(0, T, chunk_size):
+        e = min(s + chunk_size, T)
+        w_prev, p_cc, lse_c = stats(k, u, s, e, scale)
+        lse[:, :, s:e] = lse_c
+        u[:, :, s:e] = _solve_chunk(p_cc, beta[:, :, s:e], v[:, :, s:e] - beta[:, :, s:e, None] * w_prev)
+    return u, lse
+
+
+@torch.no_grad()
+def chunk_backward(k, beta, u, lse, gu, scale: float, chunk_size: int):
+    """(dk, dv, dbeta) of sum(u * gu) (see the module doc)."""
+    T = k.shape[2]
+    rhs = gu.clone()                     # gu - (contributions of later rows), completed chunk by chunk
+    dk = torch.zeros_like(k)
+    dv = torch.empty_like(u)
+    dbeta = torch.empty_like(beta)
+    for s in reversed(range(0, T, chunk_size)):
+        e = min(s + chunk_size, T)
+        rows = torch.arange(s, e, device=k.device)
+        cols = torch.arange(e, device=k.device)
+        kc, bc = k[:, :, s:e], beta[:, :, s:e]
+        p, _ = _row_probs(scale * (kc @ k[:, :, :e].transpose(-1, -2)), rows, cols, lse[:, :, s:e])
+        d = _solve_chunk(p[..., s:e], bc, rhs[:, :, s:e], transpose=True)
+        dv[:, :, s:e] = d
+        g = -bc[..., None] * d                                  # gradient on w_c
+        rhs[:, :, :s] -= p[..., :s].transpose(-1, -2) @ (bc[..., None] * d)
+        w = p @ u[:, :, :e]
+        dbeta[:, :, s:e] = -(w * d).sum(-1)
+        ds = p * (g @ u[:, :, :e].transpose(-1, -2) - (g * w).sum(-1, keepdim=True))
+        dk[:, :, s:e] += scale * (ds @ k[:, :, :e])
+        dk[:, :, :e] += scale * (ds.transpose(-1, -2) @ kc)
+    return dk, dv, dbeta
+
+
+class _Tf32Matmuls:
+    """float32 matmuls on TF32 tensor cores inside the block (on for half-precision inputs, whose
+    rounding already dominates; the Triton statistics use TF32 dots too)."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        if self.on:
+            self.saved = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        if self.on:
+            torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+class UPass(torch.autograd.Function):
+    """u = u_pass(k, v, beta) on [B, T, H, *] inputs; returns u [B, T, H, V] in the compute dtype.
+    Forward: ``chunk_forward`` with the given statistics (torch or Triton); backward: the exact
+    ``chunk_backward``. Saves k, beta, u and the row log-sum-exp (O(T), no T x T tensor). With
+    bf16/fp16 inputs on CUDA the float32 matmuls run in TF32."""
+
+    @staticmethod
+    def forward(ctx, k, v, beta, scale: float, chunk_size: int, stats: StatsFn, dtype: torch.dtype):
+        kh = k.transpose(1, 2).to(dtype).contiguous()
+        vh = v.transpose(1, 2).to(dtype).contiguous()
+        bh = beta.transpose(1, 2).to(dtype).contiguous()
+        ctx.tf32 = k.is_cuda and k.dtype in (torch.bfloat16, torch.float16)
+        with _Tf32Matmuls(ctx.tf32):
+            u, lse = chunk_forward(kh, vh, bh, scale, chunk_size, stats)
+        ctx.save_for_backward(kh, bh, u, lse)
+        ctx.scale, ctx.chunk_size = scale, chunk_size
+        ctx.in_dtypes = (k.dtype, v.dtype, beta.dtype)
+        return u.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, gu):
+        kh, bh, u, lse = ctx.saved_tensors
+        guh = gu.transpose(1, 2).to(u.dtype).contiguous()
+        with _Tf32Matmuls(ctx.tf32):
+            dk, dv, dbeta = chunk_backward(kh, bh, u, lse, guh, ctx.scale, ctx.chunk_size)
+        kd, vd, bd = ctx.in_dtypes
+        return (dk.transpose(1, 2).to(kd), dv.transpose(1, 2).to(vd), dbeta.transpose(1, 2).to(bd),
+                None, None, None, None)

@@ -1,0 +1,170 @@
+"""`lctrain bench deltaformer`: Deltaformer forward and forward+backward on one GPU, ours against
+fla-core's ``deltaformer_attn`` in the same process.
+
+Methods: ``ours`` (backend="triton": Triton u-pass statistics, torch solve and backward, SDPA
+read-out), ``ours_torch`` (backend="torch": the chunkwise torch u-pass), ``fla`` (fla-core's
+``fla.ops.deltaformer.deltaformer_attn``, which needs the flash-attn package: when it cannot run, the
+result says "fla unavailable: <reason>" and the ratios stay empty) and ``sdpa`` (plain causal
+attention on the same q, k, v: the read-out alone, the floor). Before timing, the outputs and input
+gradients of ours and of fla are compared with the float32 torch backend at the first length.
+Times: ``triton.testing.do_bench`` medians; peak: the extra GPU memory of one fwd+bwd.
+``--json PATH`` writes the result, ``--record`` appends it to BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+
+from lctrain.bench.kernels import _measure, _rel_diff
+
+METHODS = ("ours", "ours_torch", "fla", "sdpa")
+COLUMNS = ["T", "method", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd / fla", "fwd+bwd / fla", "peak / fla"]
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="lctrain bench deltaformer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--T", type=int, nargs="+", default=[16384, 32768, 65536])
+    p.add_argument("--B", type=int, default=1)
+    p.add_argument("--H", type=int, default=16)
+    p.add_argument("--D", type=int, default=128, help="head dim of q, k and v")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--chunk-size", type=int, default=256, help="our u-pass chunk (default 256)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=["ours", "fla", "sdpa"])
+    p.add_argument("--warmup", type=int, default=10, help="do_bench warm-up, ms")
+    p.add_argument("--rep", type=int, default=50, help="do_bench repetition time, ms")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD",
+                   help="append the result to BENCHMARKS.md (or MD)")
+    return p.parse_args(argv)
+
+
+def _inputs(B, T, H, D, dtype):
+    import torch
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    r = lambda *s: torch.randn(*s, generator=gen, device="cuda")  # noqa: E731
+    x = dict(q=r(B, T, H, D).to(dtype), k=r(B, T, H, D).to(dtype), v=r(B, T, H, D).to(dtype),
+             beta=torch.sigmoid(r(B, T, H)).to(dtype))
+    for t in x.values():
+        t.requires_grad_(True)
+    x["do"] = r(B, T, H, D).to(dtype)
+    return x
+
+
+def _load_fla(notes):
+    """fla-core's deltaformer_attn, or None with the reason in notes (it needs flash-attn)."""
+    import torch
+    try:
+        from fla.ops.deltaformer import deltaformer_attn
+        x = _inputs(1, 64, 1, 64, torch.bfloat16)
+        deltaformer_attn(x["q"], x["k"], x["v"], x["beta"])
+    except Exception as e:  # noqa: BLE001 - any failure means: not comparable here
+        notes.append(f"fla unavailable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return None
+    import importlib.metadata as md
+    try:
+        notes.append(f"fla-core {md.version('fla-core')}")
+    except md.PackageNotFoundError:
+        pass
+    return deltaformer_attn
+
+
+def _fn(name, x, chunk_size, fla):
+    import torch.nn.functional as F
+
+    from lctrain.kernels import deltaformer
+    q, k, v, beta = x["q"], x["k"], x["v"], x["beta"]
+    if name == "ours":
+        return (lambda: deltaformer(q, k, v, beta, backend="triton", chunk_size=chunk_size)), [q, k, v, beta]
+    if name == "ours_torch":
+        return (lambda: deltaformer(q, k, v, beta, backend="torch", chunk_size=chunk_size)), [q, k, v, beta]
+    if name == "fla":
+        return (lambda: fla(q, k, v, beta)), [q, k, v, beta]
+    if name == "sdpa":
+        return (lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                       is_causal=True).transpose(1, 2)), [q, k, v]
+    raise ValueError(name)
+
+
+def _agreement(x, chunk_size, fla, notes):
+    import torch
+    xr = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
+
+    def outs(name, inputs):
+        fwd, leaves = _fn(name, inputs, chunk_size, fla)
+        o = fwd()
+        return [o] + list(torch.autograd.grad(o, leaves, inputs["do"].to(o.dtype)))
+
+    ref = outs("ours_torch", xr)
+    names = ["o", "dq", "dk", "dv", "dbeta"]
+    T = x["q"].shape[1]
+    for name in ["ours"] + (["fla"] if fla is not None else []):
+        got = outs(name, x)
+        notes.append(f"{name} vs the float32 torch backend at T={T}: rel diff "
+                     + ", ".join(f"{n} {_rel_diff(a, b):.1e}" for n, a, b in zip(names, got, ref)))
+
+
+def run(args) -> dict:
+    import torch
+    import triton
+    if not torch.cuda.is_available():
+        raise SystemExit("lctrain bench deltaformer needs a CUDA GPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    notes: list[str] = []
+    methods = list(args.methods)
+    fla = _load_fla(notes) if "fla" in methods else None
+    if fla is None:
+        methods = [m for m in methods if m != "fla"]
+    rows, raw = [], []
+    for i, T in enumerate(args.T):
+        x = _inputs(args.B, T, args.H, args.D, dtype)
+        if i == 0:
+            try:
+                _agreement(x, args.chunk_size, fla, notes)
+            except torch.cuda.OutOfMemoryError:
+                notes.append(f"agreement check at T={T}: out of memory")
+        res = {}
+        for m in methods:
+            fwd, leaves = _fn(m, x, args.chunk_size, fla)
+            try:
+                res[m] = _measure(fwd, leaves, x["do"], args.warmup, args.rep)
+            except torch.cuda.OutOfMemoryError:
+                res[m] = None
+                notes.append(f"{m} at T={T}: out of memory")
+            torch.cuda.empty_cache()
+            r = res[m]
+            print(f"T={T} {m}: " + ("OOM" if r is None else f"fwd {r[0]:.2f} ms, fwd+bwd {r[1]:.2f} ms, "
+                                                           f"peak {r[2]:.0f} MiB"), flush=True)
+        del x
+        torch.cuda.empty_cache()
+        ref = res.get("fla")
+        for m, r in res.items():
+            ratio = lambda j: round(r[j] / ref[j], 3) if (r is not None and ref is not None) else None  # noqa: E731
+            rows.append([T, m] + ([None] * 3 if r is None else [round(r[0], 3), round(r[1], 3), round(r[2], 1)])
+                        + [ratio(0), ratio(1), ratio(2)])
+            raw.append({"T": T, "method": m, "fwd_ms": None if r is None else r[0],
+                        "fwd_bwd_ms": None if r is None else r[1], "peak_mib": None if r is None else r[2]})
+    return {
+        "title": f"Deltaformer: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}, chunk {args.chunk_size}",
+        "command": "lctrain bench deltaformer " + " ".join(args.argv),
+        "device": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__},
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "notes": notes + ["ratios: method / fla; sdpa = plain causal attention on q, k, v (the read-out alone)"],
+        "columns": COLUMNS,
+        "rows": rows,
+        "raw": raw,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(argv)
+    args.argv = argv
+    from lctrain.bench.report import publish
+    publish(run(args), args.json, args.record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""`lctrain bench loglinear`: time the log-linear ops against their base ops and fla-core, one process.
+
+For each sequence length, forward and forward+backward (``triton.testing.do_bench``, median ms) and the
+peak extra GPU memory of one forward+backward, for
+
+    ll_gdn      loglinear_gated_delta_rule (ours, backend auto = per-level runs on the Triton base op)
+    gdn         gated_delta_rule (ours, Triton)                        -> column "/ base" of ll_gdn
+    ll_mamba2   loglinear_gated_linear_attn (ours)
+    mamba2      gated_linear_attn (ours, Triton)                       -> column "/ base" of ll_mamba2
+    fla_ll_mamba2  fla-core's chunk_log_linear_attn (fla.ops.log_linear_attn), imported lazily here only
+
+fla's log-linear Mamba-2 shares q and k over the heads (one group); ll_mamba2 and fla_ll_mamba2 get the
+same shared q/k (expanded to every head for ours), g, v and level weights; column "fla / ours" is
+fla's time over ours (target >= 5 at >= 64K). fla has no scale: ours runs with scale=1 there, and the
+first length also reports the relative difference of the two outputs (same definition: it should be
+small). Lengths where a method runs out of memory or is refused (fla: below 2^17) are reported as such.
+``--json PATH`` writes the result; ``--record`` also appends it to BENCHMARKS.md (lctrain.bench.report).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+
+METHODS = ("ll_gdn", "gdn", "ll_mamba2", "mamba2", "fla_ll_mamba2")
+BASE_OF = {"ll_gdn": "gdn", "ll_mamba2": "mamba2"}
+COLUMNS = ["T", "method", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd+bwd / base", "fla / ours (fwd+bwd)"]
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="lctrain bench loglinear", description=__doc__.split("\n\n")[0])
+    p.add_argument("--T", type=int, nargs="+", default=[16384, 32768, 65536, 131072],
+                   help="sequence lengths (default 16K 32K 64K 128K; the 1-GPU reach: --T 524288 1048576 --methods ll_gdn)")
+    p.add_argument("--B", type=int, default=1)
+    p.add_argument("--H", type=int, default=16)
+    p.add_argument("--D", type=int, default=128, help="head dim of q/k and v (default 128)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
+    p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD",
+                   help="append the result to BENCHMARKS.md (or MD)")
+    return p.parse_args(argv)
+
+
+def _inputs(B, T, H, D, dtype, device):
+    import torch
+    import torch.nn.functional as F
+
+    from lctrain.kernels import levels_needed
+    gen = torch.Generator(device=device).manual_seed(T)
+    r = lambda *s: torch.randn(*s, generator=gen, device=device)  # noqa: E731
+    x = dict(q=r(B, T, H, D).to(dtype), k=F.normalize(r(B, T, H, D), dim=-1).to(dtype), v=r(B, T, H, D).to(dtype),
+             g=F.logsigmoid(r(B, T, H) + 3.0), beta=torch.sigmoid(r(B, T, H)).to(dtype),
+             lam=F.softplus(r(B, T, H, levels_needed(T))),
+             q1=(r(B, T, 1, D) * D ** -0.5).to(dtype), k1=(r(B, T, 1, D) * D ** -0.5).to(dtype))  # shared q/k
+    for t in x.values():
+        t.requires_grad_(True)
+    x["do"] = r(B, T, H, D).to(dtype)
+    return x
+
+
+def _method(name, x, fla):
+    """(forward returning o, differentiable inputs)."""
+    from lctrain.kernels import (gated_delta_rule, gated_linear_attn, loglinear_gated_delta_rule,
+                                 loglinear_gated_linear_attn)
+    q, k, v, g, beta, lam = x["q"], x["k"], x["v"], x["g"], x["beta"], x["lam"]
+    H = v.shape[2]
+    shared = lambda t: t.expand(-1, -1, H, -1)  # noqa: E731 - ours takes one q/k per head
+    if name == "ll_gdn":
+        return (lambda: loglinear_gated_delta_rule(q, k, v, g, beta, lam)[0]), [q, k, v, g, beta, lam]
+    if name == "gdn":
+        return (lambda: gated_delta_rule(q, k, v, g, beta, backend="triton")[0]), [q, k, v, g, beta]
+    if name == "ll_mamba2":
+        return (lambda: loglinear_gated_linear_attn(shared(x["q1"]), shared(x["k1"]), v, g, lam, scale=1.0)[0],
+                [x["q1"], x["k1"], v, g, lam])
+    if name == "mamba2":
+        return (lambda: gated_linear_attn(shared(x["q1"]), shared(x["k1"]), v, g, scale=1.0, backend="triton")[0],
+                [x["q1"], x["k1"], v, g])
+    if name == "fla_ll_mamba2":
+        return (lambda: fla(x["q1"], x["k1"], v, g, lam)[0]), [x["q1"], x["k1"], v, g, lam]
+    raise ValueError(name)
+
+
+def _load_fla(notes):
+    try:
+        import importlib.metadata as md
+
+        from fla.ops.log_linear_attn import chunk_log_linear_attn
+    except Exception as err:  # noqa: BLE001 - any import failure means "no fla here"
+        notes.append(f"fla-core not importable ({type(err).__name__}: {err}); fla rows skipped")
+        return None
+    try:
+        version = md.version("fla-core")
+    except Exception:  # noqa: BLE001
+        version = "unknown"
+    notes.append(f"fla-core {version}: fla.ops.log_linear_attn.chunk_log_linear_attn")
+    return chunk_log_linear_attn, version
+
+
+def run(args) -> dict:
+    import torch
+    import triton
+
+    from lctrain.bench.kernels import _measure
+    if not torch.cuda.is_available():
+        raise SystemExit("lctrain bench loglinear needs a CUDA GPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    notes = [f"B={args.B}, H={args.H}, head dim {args.D}, {args.dtype}; level weights L = bit_length(T-1)+1"]
+    methods = list(args.methods)
+    fla, fla_version = None, None
+    if "fla_ll_mamba2" in methods:
+        loaded = _load_fla(notes)
+        if loaded is None:
+            methods.remove("fla_ll_mamba2")
+        else:
+            fla, fla_version = loaded
+    rows, raw = [], []
+    for i, T in enumerate(args.T):
+        x = _inputs(args.B, T, args.H, args.D, dtype, "cuda")
+        if i == 0 and fla is not None and "ll_mamba2" in methods:
+            try:
+                with torch.no_grad():
+                    a, b = _method("ll_mamba2", x, fla)[0](), _method("fla_ll_mamba2", x, fla)[0]()
+                diff = float((a.float() - b.float()).norm() / b.float().norm())
+                notes.append(f"ll_mamba2 vs fla_ll_mamba2 at T={T}: relative difference of outputs {diff:.2e}")
+            except Exception as err:  # noqa: BLE001
+                notes.append(f"agreement check with fla at T={T} failed: {type(err).__name__}: {str(err)[:200]}")
+        res = {}
+        for m in methods:
+            fwd, inputs = _method(m, x, fla)
+            try:
+                res[m] = _measure(fwd, inputs, x["do"], args.warmup, args.rep)
+            except torch.cuda.OutOfMemoryError:
+                res[m] = None
+                notes.append(f"{m} at T={T}: out of memory")
+            except Exception as err:  # noqa: BLE001 - e.g. fla's length cap; report and go on
+                res[m] = None
+                notes.append(f"{m} at T={T}: {type(err).__name__}: {str(err)[:200]}")
+            del fwd, inputs
+            torch.cuda.empty_cache()
+            r = res[m]
+            print(f"T={T} {m}: " + ("failed" if r is None else f"fwd {r[0]:.3f} ms, fwd+bwd {r[1]:.3f} ms, "
+                                    f"peak {r[2]:.0f} MiB"), flush=True)
+        del x
+        torch.cuda.empty_cache()
+        for m, r in res.items():
+            base = res.get(BASE_OF.get(m, ""))
+            fla_r = res.get("fla_ll_mamba2") if m == "ll_mamba2" else None
+            rows.append([T, m] + ([None] * 3 if r is None else [round(r[0], 3), round(r[1], 3), round(r[2], 1)])
+                        + [None if r is None or base is None else round(r[1] / base[1], 3),
+                           None if r is None or fla_r is None else round(fla_r[1] / r[1], 3)])
+            raw.append({"T": T, "method": m, "fwd_ms": None if r is None else r[0],
+                        "fwd_bwd_ms": None if r is None else r[1], "peak_mib": None if r is None else r[2]})
+    return {
+        "title": f"Log-linear kernels: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}",
+        "command": "lctrain bench loglinear " + " ".join(args.argv),
+        "device": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "fla-core": fla_version},
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "notes": notes + ["times: triton.testing.do_bench median; peak MiB: extra GPU memory of one fwd+bwd; "
+                          "'/ base': ll_gdn over gdn, ll_mamba2 over mamba2 (target for ll_gdn <= 3); "
+                          "'fla / ours': fla_ll_mamba2 over ll_mamba2 (target >= 5 at >= 64K)"],
+        "columns": COLUMNS,
+        "rows": rows,
+        "raw": raw,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(argv)
+    args.argv = argv
+    result = run(args)
+    from lctrain.bench.kernels import format_table
+    print()
+    print(result["title"], "-", result["device"], result["versions"])
+    for n in result["notes"]:
+        print("note:", n)
+    print(format_table(result["columns"], result["rows"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.record:
+        from lctrain.bench.report import append_to_benchmarks_md
+        append_to_benchmarks_md(result, args.record)
+        print(f"recorded in {args.record}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

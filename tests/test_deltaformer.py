@@ -1,0 +1,121 @@
+"""Deltaformer kernels: naive (token by token) = chunkwise torch = Triton (interpreter), outputs, u and
+the gradients of q, k, v, beta; packed documents (cu_seqlens); input errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lctrain.kernels import deltaformer
+
+B, H, K, V = 2, 2, 16, 8
+
+
+def inputs(T, dtype, seed=0, batch=B):
+    """Seeded float64 draws cast to dtype (the same numbers for every dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x = dict(q=r(batch, T, H, K), k=r(batch, T, H, K), v=r(batch, T, H, V),
+             beta=torch.rand(batch, T, H, generator=g, dtype=torch.float64))
+    return {n: t.to(dtype) for n, t in x.items()}
+
+
+def cotangents(x, seed=1):
+    """Seeded weights (do, du) of the loss sum(o * do) + sum(u * du), float64."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(x["v"].shape, generator=g, dtype=torch.float64) for _ in range(2))
+
+
+def outputs_and_grads(x, cot=None, **kw):
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+    o, u = deltaformer(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], return_u=True, **kw)
+    do, du = (c.to(o.dtype) for c in (cot or cotangents(x)))
+    grads = torch.autograd.grad((o * do).sum() + (u * du).sum(), list(leaves.values()), allow_unused=True,
+                                materialize_grads=True)  # beta of a one-token document is unused
+    return {"o": o.detach(), "u": u.detach(), **{f"d{n}": gr for n, gr in zip(leaves, grads)}}
+
+
+def assert_close(got, ref, rtol):
+    for name in ref:
+        err = (got[name].double() - ref[name].double()).abs().max().item()
+        scale = ref[name].double().abs().max().item()
+        assert err <= rtol * scale, f"{name}: max error {err:.2e} vs {rtol:.0e} x {scale:.2e}"
+
+
+def test_definition_by_hand():
+    """Three tokens, one head, written out from the definition (no kernel code)."""
+    x = inputs(3, torch.float64, seed=3, batch=1)
+    k, v, b, q = x["k"][0, :, 0], x["v"][0, :, 0], x["beta"][0, :, 0], x["q"][0, :, 0]
+    s = K ** -0.5
+    u0 = v[0]
+    u1 = v[1] - b[1] * u0
+    p2 = torch.softmax(s * torch.stack([k[2] @ k[0], k[2] @ k[1]]), 0)
+    u2 = v[2] - b[2] * (p2[0] * u0 + p2[1] * u1)
+    U = torch.stack([u0, u1, u2])
+    o2 = torch.softmax(s * (k @ q[2]), 0) @ U
+    for backend in ("naive", "torch"):
+        o, u = deltaformer(*x.values(), backend=backend, return_u=True)
+        torch.testing.assert_close(u[0, :, 0], U)
+        torch.testing.assert_close(o[0, 2, 0], o2)
+
+
+@pytest.mark.parametrize("T,chunk", [(1, 4), (13, 4), (13, 1), (13, 64)])
+def test_torch_chunks_equal_naive_float64(T, chunk):
+    x = inputs(T, torch.float64, seed=T)
+    ref = outputs_and_grads(x, backend="naive")
+    assert_close(outputs_and_grads(x, backend="torch", chunk_size=chunk), ref, 1e-12)
+
+
+@pytest.mark.parametrize("T,chunk", [(21, 8), (40, 16)])
+def test_triton_equals_naive(T, chunk):
+    x = inputs(T, torch.float32, seed=T)
+    ref = outputs_and_grads({n: t.double() for n, t in x.items()}, backend="naive")
+    assert_close(outputs_and_grads(x, backend="triton", chunk_size=chunk), ref, 2e-5)
+    assert_close(outputs_and_grads(x, backend="torch", chunk_size=chunk), ref, 2e-5)
+
+
+@pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
+def test_cu_seqlens_is_each_document_alone(backend):
+    lens = [5, 1, 11]
+    x = inputs(sum(lens), torch.float32, seed=5, batch=1)
+    cu = torch.tensor([0, 5, 6, 17])
+    cot = cotangents(x)
+    got = outputs_and_grads(x, cot, backend=backend, chunk_size=4, cu_seqlens=cu)
+    parts = [outputs_and_grads({n: t[:, a:b] for n, t in x.items()}, tuple(c[:, a:b] for c in cot), backend="naive")
+             for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    ref = {n: torch.cat([p[n] for p in parts], 1) for n in parts[0]}
+    assert_close(got, ref, 2e-5)
+
+
+def test_errors_name_the_argument():
+    x = inputs(4, torch.float32, batch=1)
+    args = list(x.values())
+    with pytest.raises(ValueError, match="backend"):
+        deltaformer(*args, backend="flash")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        deltaformer(*args, cu_seqlens=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        deltaformer(*inputs(4, torch.float32).values(), cu_seqlens=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="beta"):
+        deltaformer(x["q"], x["k"], x["v"], x["beta"][..., :1])
+    with pytest.raises(TypeError, match="float32"):
+        deltaformer(*inputs(4, torch.float64).values(), backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_on_cuda_equals_torch_backend(D, dtype):
+    """The compiled Triton u-pass (TF32 dots) against the float32 torch backend and, at a short
+    length, the naive recurrence: outputs and gradients."""
+    g = torch.Generator().manual_seed(D)
+    T, Hh = 1000, 2
+    x = {n: torch.randn(1, T, Hh, D, generator=g).cuda().to(dtype) for n in ("q", "k", "v")}
+    x["beta"] = torch.rand(1, T, Hh, generator=g).cuda().to(dtype)
+    cot = tuple(torch.randn(1, T, Hh, D, generator=g, dtype=torch.float64).cuda() for _ in range(2))
+    ref = outputs_and_grads({n: t.float() for n, t in x.items()}, cot, backend="torch", chunk_size=64)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    assert_close(outputs_and_grads(x, cot, backend="triton", chunk_size=128), ref, tol)
+    short = {n: t[:, :70].float() for n, t in x.items()}
+    cot_short = tuple(c[:, :70] for c in cot)
+    assert_close(outputs_and_grads(short, cot_short, backend="triton", chunk_size=32),
+                 outputs_and_grads(short, cot_short, backend="naive"), 2e-3)

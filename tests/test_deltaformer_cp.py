@@ -1,0 +1,70 @@
+"""Deltaformer under context parallelism (gloo, 2 and 4 processes) equals one process: outputs and the
+gradients of q, k, v, beta, with and without packed documents (float64, exact to rounding)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_utils import run_world
+
+B, H, K, V, T_LOCAL = 2, 2, 8, 4, 6
+
+
+def make_case(seed, P, with_docs):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    T = P * T_LOCAL
+    x = dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, V),
+             beta=torch.rand(B, T, H, generator=g, dtype=torch.float64), do=r(B, T, H, V))
+    docs = None
+    if with_docs:  # documents that cross shard boundaries, different per row
+        ends = torch.rand(B, T, generator=g) < 0.25
+        docs = torch.cumsum(ends.long(), dim=1) - ends.long()
+    return x, docs
+
+
+def single_process(x, docs):
+    from lctrain.kernels.deltaformer import deltaformer_by_documents
+    leaves = {n: x[n].clone().requires_grad_() for n in ("q", "k", "v", "beta")}
+    o = deltaformer_by_documents(*leaves.values(), docs, backend="naive")
+    grads = torch.autograd.grad((o * x["do"]).sum(), list(leaves.values()))
+    return o.detach(), dict(zip(leaves, grads))
+
+
+def cp_worker(rank, P, cases):
+    import torch.distributed as dist
+
+    from lctrain.parallel.deltaformer_cp import deltaformer_cp
+    out = []
+    for seed, with_docs, backend in cases:
+        x, docs = make_case(seed, P, with_docs)
+        sl = slice(rank * T_LOCAL, (rank + 1) * T_LOCAL)
+        leaves = {n: x[n][:, sl].clone().requires_grad_() for n in ("q", "k", "v", "beta")}
+        o = deltaformer_cp(*leaves.values(), dist.group.WORLD, doc_ids=None if docs is None else docs[:, sl],
+                           backend=backend, chunk_size=4)
+        (o * x["do"][:, sl]).sum().backward()
+        out.append((o.detach(), {n: t.grad for n, t in leaves.items()}))
+    model_errors = []
+    if P == 2:  # the layer in a hybrid, on the same world: logits and summed parameter gradients
+        from test_models import _cp_errors
+        model_errors = [_cp_errors(rank, P, "GFSF"),
+                        _cp_errors(rank, P, "FSF", separators=(3, 7, 9), document_end_id=63)]
+    return out, model_errors
+
+
+@pytest.mark.parametrize("P", [2, 4])
+def test_cp_equals_one_process(P):
+    cases = [(11, False, "torch"), (12, True, "torch"), (13, True, "naive")]
+    results = run_world(cp_worker, P, cases)
+    for _, model_errors in results:
+        for out_err, grad_err in model_errors:
+            assert out_err < 1e-4 and grad_err < 1e-3
+    results = [per_rank for per_rank, _ in results]
+    for i, (seed, with_docs, _) in enumerate(cases):
+        x, docs = make_case(seed, P, with_docs)
+        o_ref, g_ref = single_process(x, docs)
+        o = torch.cat([results[r][i][0] for r in range(P)], dim=1)
+        torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
+        for n in g_ref:
+            g = torch.cat([results[r][i][1][n] for r in range(P)], dim=1)
+            torch.testing.assert_close(g, g_ref[n], rtol=1e-10, atol=1e-10, msg=f"d{n}, case {i}")

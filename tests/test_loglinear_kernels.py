@@ -1,0 +1,248 @@
+"""Log-linear Gated DeltaNet / Mamba-2 ops: naive (Fenwick recurrence) = dense (masked T x T form) =
+torch (per-level base-op runs) = triton (the same runs on the Triton base kernels, interpreter), in
+outputs, final level states and every gradient; lambda = 1 gives the plain op; input errors."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lctrain.kernels import (gated_delta_rule, gated_linear_attn, levels_needed,
+                             loglinear_gated_delta_rule, loglinear_gated_linear_attn)
+from lctrain.kernels.loglinear import level
+
+KINDS = ("gdn", "mamba2")
+B, H = 1, 2
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(kind, T, K, V, L, dtype, seed, p0=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x = dict(q=r(B, T, H, K), k=F.normalize(r(B, T, H, K), dim=-1), v=r(B, T, H, V),
+             g=F.logsigmoid(r(B, T, H) + 2.0),
+             beta=torch.sigmoid(r(B, T, H)) if kind == "gdn" else None,
+             lam=F.softplus(r(B, T, H, L)),
+             init=r(B, H, L, K, V) if p0 else None)
+    gate_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return {n: (None if t is None else t.to(dtype if n in ("q", "k", "v") else gate_dtype))
+            for n, t in x.items()}
+
+
+def call(kind, x, backend, p0=0, chunk_size=8, final=True):
+    kw = dict(initial_state=x["init"], output_final_state=final, position_offset=p0, backend=backend,
+              chunk_size=chunk_size)
+    if kind == "gdn":
+        return loglinear_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], x["lam"], **kw)
+    return loglinear_gated_linear_attn(x["q"], x["k"], x["v"], x["g"], x["lam"], **kw)
+
+
+def outputs_and_grads(kind, x, backend, p0, do, dS, chunk_size=8):
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items() if t is not None}
+    o, S = call(kind, {**{n: None for n in x}, **leaves}, backend, p0, chunk_size)
+    loss = (o.double() * do).sum() + (S.double() * dS).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return o.detach(), S.detach(), dict(zip(leaves, grads))
+
+
+def test_level_definition():
+    assert level(5, 5) == 0 and level(5, 4) == 1 and level(5, 3) == 3 and level(5, 0) == 3
+    assert level(4, 3) == 3 and level(8, 7) == 4
+    assert levels_needed(1) == 1 and levels_needed(2) == 2 and levels_needed(37) == 7 and levels_needed(64) == 7
+    # query t has one bucket of 2^(l-1) tokens at each set bit l-1 of t
+    for t in (37, 64, 100):
+        counts = {}
+        for s in range(t):
+            counts[level(t, s)] = counts.get(level(t, s), 0) + 1
+        assert counts == {b + 1: 1 << b for b in range(t.bit_length()) if t >> b & 1}
+
+
+# (T, p0, chunk): T not a power of two and at powers of two; p0 > 0 carries an initial state (levels of
+# query p0-1) and, off a chunk boundary, a head call; T=5: every level inside one chunk; chunk 6 (not a
+# power of two): every level as its own run
+CASES = [(37, 0, 8), (100, 0, 8), (32, 0, 8), (64, 0, 8), (37, 5, 8), (20, 16, 8), (5, 0, 8), (30, 3, 6)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T,p0,chunk", CASES)
+def test_naive_dense_torch_agree_with_every_gradient(kind, T, p0, chunk):
+    K, V = 4, 3
+    L = levels_needed(p0 + T) + 1  # one level more than any query uses
+    x = make_inputs(kind, T, K, V, L, torch.float64, seed=T + p0, p0=p0)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    dS = torch.randn(B, H, L, K, V, generator=gen, dtype=torch.float64)
+    ref = outputs_and_grads(kind, x, "naive", p0, do, dS)
+    for backend in ("dense", "torch"):
+        o, S, g = outputs_and_grads(kind, x, backend, p0, do, dS, chunk_size=chunk)
+        assert rel(o, ref[0]) < 1e-10 and rel(S, ref[1]) < 1e-10, backend
+        for name in ref[2]:
+            assert rel(g[name], ref[2][name]) < 1e-10, (backend, name)
+    # a level no query reaches gets exactly zero gradient; the others do not
+    assert ref[2]["lam"][..., L - 1].abs().max() == 0
+    assert ref[2]["lam"][..., : L - 1].abs().amax(dim=(0, 1, 2)).min() > 0
+    if p0:  # initial slots above bit_length(p0 - 1) cannot hold anything: ignored
+        reach = (p0 - 1).bit_length()
+        assert ref[2]["init"][:, :, reach + 1:].abs().max() == 0
+        assert ref[2]["init"][:, :, : reach + 1].abs().amax(dim=(0, 1, 3, 4)).min() > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+def test_unit_level_weights_give_the_plain_op(kind, backend):
+    T, K, V, p0 = 45, 4, 5, 11
+    L = levels_needed(p0 + T)
+    x = make_inputs(kind, T, K, V, L, torch.float64, seed=3, p0=p0)
+    x["lam"] = torch.ones_like(x["lam"])
+    o, S = call(kind, x, backend, p0)
+    reach = (p0 - 1).bit_length()  # the slots an initial state can have
+    plain = dict(initial_state=x["init"][:, :, : reach + 1].sum(dim=2), output_final_state=True, backend="naive")
+    if kind == "gdn":
+        o_ref, S_ref = gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], **plain)
+    else:
+        o_ref, S_ref = gated_linear_attn(x["q"], x["k"], x["v"], x["g"], **plain)
+    assert rel(o, o_ref) < 1e-12 and rel(S.sum(dim=2), S_ref) < 1e-12
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_float32_and_float16(kind):
+    T, K, V = 40, 8, 8
+    L = levels_needed(T)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
+        x = make_inputs(kind, T, K, V, L, dtype, seed=4)
+        do = torch.randn(B, T, H, V, dtype=torch.float64)
+        dS = torch.randn(B, H, L, K, V, dtype=torch.float64)
+        x64 = {n: (t.double() if t is not None else None) for n, t in x.items()}
+        ref = outputs_and_grads(kind, x64, "naive", 0, do, dS)
+        o, S, g = outputs_and_grads(kind, x, "torch", 0, do, dS, chunk_size=16)
+        assert o.dtype == dtype and S.dtype == torch.float32
+        assert rel(o, ref[0]) < tol and rel(S, ref[1]) < tol
+        for name in ref[2]:
+            assert rel(g[name], ref[2][name]) < tol, (dtype, name)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cu_seqlens_runs_every_document_from_position_zero(kind):
+    bounds = [0, 5, 21, 37]
+    T, K, V, L = 37, 4, 3, levels_needed(16) + 1
+    x = make_inputs(kind, T, K, V, L, torch.float64, seed=12)
+    cu = torch.tensor(bounds)
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items() if t is not None}
+    kw = dict(output_final_state=True, backend="torch", chunk_size=4, cu_seqlens=cu)
+    if kind == "gdn":
+        o, S = loglinear_gated_delta_rule(*(leaves[n] for n in ("q", "k", "v", "g", "beta", "lam")), **kw)
+    else:
+        o, S = loglinear_gated_linear_attn(*(leaves[n] for n in ("q", "k", "v", "g", "lam")), **kw)
+    assert S.shape == (3, H, L, K, V)
+    grads = torch.autograd.grad(o.square().sum() + S.sum(), list(leaves.values()))
+    ref_leaves = {n: t.clone().requires_grad_() for n, t in x.items() if t is not None}
+    loss = 0.0
+    for i, (bos, eos) in enumerate(zip(bounds, bounds[1:])):
+        doc = {**{n: None for n in x}, **{n: t[:, bos:eos] for n, t in ref_leaves.items()}}
+        o_ref, S_ref = call(kind, doc, "naive")
+        assert rel(o[:, bos:eos], o_ref) < 1e-10 and rel(S[i:i + 1], S_ref) < 1e-10
+        loss = loss + o_ref.square().sum() + S_ref.sum()
+    ref_grads = torch.autograd.grad(loss, list(ref_leaves.values()))
+    for name, got, want in zip(leaves, grads, ref_grads):
+        assert rel(got, want) < 1e-10, name
+
+
+def test_decoding_one_token_at_a_time_equals_one_call():
+    T, K, V = 21, 4, 4
+    L = levels_needed(T)
+    x = make_inputs("gdn", T, K, V, L, torch.float64, seed=8)
+    o_full, S_full = call("gdn", x, "torch")
+    state, outs = None, []
+    for t in range(T):
+        step = {n: (v[:, t:t + 1] if v is not None and n != "init" else None) for n, v in x.items()}
+        o, state = call("gdn", {**step, "init": state}, "naive", p0=t)
+        outs.append(o)
+    assert rel(torch.cat(outs, dim=1), o_full) < 1e-12 and rel(state, S_full) < 1e-12
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs CUDA or TRITON_INTERPRET=1 (set by conftest on CPU runs)")
+@pytest.mark.parametrize("kind,T,p0,dtype,tol", [("gdn", 100, 0, torch.float32, 1e-4),
+                                                 ("mamba2", 100, 0, torch.float32, 1e-4),
+                                                 ("mamba2", 72, 60, torch.float16, 1e-2)])
+def test_triton_matches_naive(kind, T, p0, dtype, tol):
+    """Levels above log2(64) run the Triton base kernels (forward and backward); T=100 has one such level,
+    and the unaligned start p0=60 also runs a short head call level by level."""
+    K, V = 16, 16
+    L = levels_needed(p0 + T)
+    x = make_inputs(kind, T, K, V, L, dtype, seed=T, p0=p0)
+    do = torch.randn(B, T, H, V, dtype=torch.float64)
+    dS = torch.randn(B, H, L, K, V, dtype=torch.float64)
+    x64 = {n: (t.double() if t is not None else None) for n, t in x.items()}
+    ref = outputs_and_grads(kind, x64, "naive", p0, do, dS)
+    o, S, g = outputs_and_grads(kind, x, "triton", p0, do, dS, chunk_size=64)
+    assert o.dtype == dtype
+    assert rel(o, ref[0]) < tol and rel(S, ref[1]) < tol
+    for name in ref[2]:
+        assert rel(g[name], ref[2][name]) < tol, name
+
+
+def test_errors_name_the_argument():
+    x = make_inputs("gdn", 9, 4, 4, 3, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="L >= 5"):
+        call("gdn", x, "torch")
+    x = make_inputs("gdn", 9, 4, 4, 5, torch.float32, seed=0)
+    x["init"] = torch.zeros(B, H, 5, 4, 4)
+    with pytest.raises(ValueError, match="position_offset"):
+        call("gdn", x, "torch", p0=0)
+    with pytest.raises(ValueError, match="initial_state with cu_seqlens"):
+        loglinear_gated_linear_attn(x["q"], x["k"], x["v"], x["g"], x["lam"], initial_state=x["init"],
+                                    position_offset=3, cu_seqlens=torch.tensor([0, 4, 9]))
+    x["init"] = None
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        loglinear_gated_linear_attn(x["q"], x["k"], x["v"], x["g"], x["lam"], cu_seqlens=torch.tensor([0, 5, 4, 9]))
+    with pytest.raises(ValueError, match="unknown backend"):
+        call("gdn", x, "fast")
+    with pytest.raises(ValueError, match="level_weights must be"):
+        loglinear_gated_linear_attn(x["q"], x["k"], x["v"], x["g"], x["lam"][:, :4])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T,p0", [(1000, 0), (4096, 0), (777, 300)])
+def test_triton_bf16_on_gpu_matches_float32_torch(kind, T, p0):
+    """`pytest -m gpu`: the triton backend in bfloat16 against the torch backend in float32 (itself equal
+    to the naive recurrence on CPU), outputs, level states and every gradient within 2e-2."""
+    K = V = 64
+    L = levels_needed(p0 + T)
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    r = lambda *s: torch.randn(*s, generator=gen, device="cuda")  # noqa: E731
+    x = dict(q=r(B, T, H, K), k=F.normalize(r(B, T, H, K), dim=-1), v=r(B, T, H, V),
+             g=F.logsigmoid(r(B, T, H) + 3.0), beta=torch.sigmoid(r(B, T, H)) if kind == "gdn" else None,
+             lam=F.softplus(r(B, T, H, L)), init=r(B, H, L, K, V) * 0.1 if p0 else None)
+    do, dS = r(B, T, H, V).double(), r(B, H, L, K, V).double()
+    ref = outputs_and_grads(kind, x, "torch", p0, do, dS, chunk_size=64)
+    xb = {n: (t.bfloat16() if n in ("q", "k", "v") else t) for n, t in x.items()}
+    o, S, g = outputs_and_grads(kind, xb, "triton", p0, do, dS, chunk_size=64)
+    assert rel(o, ref[0]) < 2e-2 and rel(S, ref[1]) < 2e-2
+    for name in ref[2]:
+        assert rel(g[name], ref[2][name]) < 2e-2, name
+
+
+def test_recomputed_level_runs_give_the_same_gradients(monkeypatch):
+    """The memory-saving path of long sequences (every level run recomputed in the backward)."""
+    from lctrain.kernels.loglinear import chunk
+    T, K, V = 40, 4, 4
+    L = levels_needed(T)
+    x = make_inputs("gdn", T, K, V, L, torch.float64, seed=21)
+    do, dS = torch.randn(B, T, H, V, dtype=torch.float64), torch.randn(B, H, L, K, V, dtype=torch.float64)
+    kept = outputs_and_grads("gdn", x, "torch", 0, do, dS, chunk_size=4)
+    monkeypatch.setattr(chunk, "RECOMPUTE_LEVELS", True)
+    monkeypatch.setattr(chunk, "INTRA_SEGMENT", 16)  # the intra-chunk pass in 3 pieces
+    calls = []
+    monkeypatch.setattr(chunk, "checkpoint", lambda fn, *a, **kw: calls.append(fn) or
+                        torch.utils.checkpoint.checkpoint(fn, *a, **kw))
+    recomputed = outputs_and_grads("gdn", x, "torch", 0, do, dS, chunk_size=4)
+    assert len(calls) == 3 + (levels_needed(T) - 1 - 2)  # 3 intra pieces + every level above log2(4)
+    assert rel(recomputed[0], kept[0]) < 1e-12
+    for name in kept[2]:
+        assert rel(recomputed[2][name], kept[2][name]) < 1e-12, name
