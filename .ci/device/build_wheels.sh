@@ -53,10 +53,12 @@ PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_34_x86_64)
 for spec in $SPECS; do
   name=${spec%%==*}
-  if ! python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-         "${PLATFORMS[@]}" -d "$DEST" "$spec" 2>/dev/null; then
-    echo "no binary wheel of $spec: building a wheel here"
-    python3 -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" "$spec"
+  get() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+           "${PLATFORMS[@]}" -d "$DEST" "$1" 2>/dev/null; }
+  # A wheel built here would be for this machine's Python (3.11), which the device's 3.12 refuses
+  # (zstd 1.5.7.2 has no cp312 wheel): take the newest release that has a 3.12 wheel instead.
+  if ! get "$spec" && ! { echo "no 3.12 wheel of $spec: taking the newest $name that has one"; get "$name"; }; then
+    echo "no 3.12 wheel of any $name release: the GPU machine cannot install it" >&2; exit 1
   fi
 done
 echo "bundle: $(ls "$DEST"/*.whl | wc -l) wheels, $(du -ch "$DEST"/*.whl | tail -1 | cut -f1) (the device call carries at most 64 MiB in all)"
