@@ -20,6 +20,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "bench": {"kernels": "lctrain.bench.kernels", "varlen": "lctrain.bench.varlen", "cp": "lctrain.bench.cp",
               "loglinear": "lctrain.bench.loglinear", "deltaformer": "lctrain.bench.deltaformer",
               "deltaformer-cp": "lctrain.bench.deltaformer_cp", "train": "lctrain.bench.train",
+              "layouts": "lctrain.bench.layouts",
               "record": "lctrain.bench.report"},
     "submit": "lctrain.submit",
     "rope": {"bound": "lctrain.cli:rope_bound"},
@@ -40,6 +41,7 @@ commands:
                                           kernel / packed-document / context-parallel / log-linear /
                                           Deltaformer benchmarks; record into BENCHMARKS.md
   bench train [RECIPE.yaml] [key=value]   training steps on synthetic tokens: tokens/s, MFU, peak memory
+  bench layouts RECIPE.yaml [key=value]   one recipe under several parallel layouts: tokens/s, peak memory
   submit RECIPE.yaml [key=value ...]      render and submit a SLURM job
   rope bound --head-dim D --context T     smallest RoPE base the 'base bounds context length' criterion allows
 

@@ -181,6 +181,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     grad_accum: int = 1
+    # ZeRO-1: shard the Adam state over the data x context-parallel replicas (train/optim.py says how)
+    shard_optimizer: bool = False
     # loss weight of the answer tokens of synthetic needle samples (the dataset's answer_mask column;
     # data without it trains unweighted). A tiny model learns long-distance retrieval in a few hundred
     # steps only with it (docs/eval-notes.md); 1 = the plain LM loss
@@ -201,6 +203,10 @@ class TrainConfig:
     # row stop the run
     max_bad_steps: int = 5
     resume: bool = True  # continue from the newest checkpoint in out_dir that verifies, if there is one
+    # start a new run from a checkpoint's weights (any parallel layout; new optimizer and schedule,
+    # step 0), e.g. to continue a 16K model at 131K with another RoPE base; null = random init.
+    # A checkpoint in out_dir (train.resume) takes precedence.
+    init_from: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     progress: bool = True
@@ -364,9 +370,32 @@ def validate(cfg: DictConfig) -> None:
     for key in ("cp", "tp", "pp"):
         if getattr(p, key) < 1:
             _fail(f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}", "use 1 to switch it off")
+    if p.pp > len(pattern):
+        _fail("parallel.pp", f"{len(pattern)} layers are fewer than {p.pp} pipeline stages", "use pp <= the number of layers")
     if p.pp > 1 and len(pattern) % p.pp:
         _fail("parallel.pp", f"{len(pattern)} layers do not split into {p.pp} pipeline stages", "choose pp dividing the number of layers")
+    if p.pp > 1:
+        _fail("parallel.pp", "pipeline parallelism is not implemented yet", "use parallel.pp=1 (tensor and context parallelism work)")
+    model_size = p.tp * p.cp * p.pp
+    if p.nproc_per_node and p.nproc_per_node % model_size:
+        _fail("parallel.nproc_per_node", f"{p.nproc_per_node} processes do not factor into tp*cp*pp = {p.tp}*{p.cp}*{p.pp} = {model_size} "
+              "times a data-parallel size", f"use a multiple of {model_size}, or lower parallel.tp / parallel.cp / parallel.pp")
     if p.tp > 1:
+        no_tp = sorted({c for c in pattern if c not in "GDMSA"})
+        if no_tp:
+            _fail("parallel.tp", f"layers {''.join(no_tp)} have no tensor-parallel form yet (G, D, M, S and A have)",
+                  "use parallel.tp=1 with them (context parallelism works)")
+        if any(c in ATTENTION_LAYERS for c in pattern) and m.mla_kv_rank > 0:
+            _fail("parallel.tp", "multi-head latent attention (model.mla_kv_rank > 0) has no tensor-parallel form yet",
+                  "use parallel.tp=1 or model.mla_kv_rank=0")
+        if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_kv_heads is not None and m.attn_kv_heads % p.tp:
+            _fail("model.attn_kv_heads", f"{m.attn_kv_heads} key/value heads do not divide over parallel.tp={p.tp}",
+                  "make attn_kv_heads a multiple of tp")
+        from lctrain.models.layers import swiglu_hidden_size
+
+        hidden = swiglu_hidden_size(m.d_model, m.mlp_ratio)
+        if hidden % p.tp:
+            _fail("model.mlp_ratio", f"the MLP's {hidden} hidden units do not divide over parallel.tp={p.tp}", "use a tp dividing it")
         if any(c in LINEAR_LAYERS for c in pattern) and m.n_heads % p.tp:
             _fail("model.n_heads", f"{m.n_heads} heads do not divide over parallel.tp={p.tp}", "make n_heads a multiple of tp")
         if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_heads % p.tp:
@@ -420,6 +449,8 @@ def validate(cfg: DictConfig) -> None:
             _fail(f"train.{key}", f"must be a finite number, got {t[key]}", "set a real value")
     if t.lr <= 0:
         _fail("train.lr", f"must be positive, got {t.lr}", "set a learning rate such as 3e-4")
+    if t.loss_chunk_tokens > 0 and p.tp > 1:
+        _fail("train.loss_chunk_tokens", "the chunked head loss has no tensor-parallel form yet", "use 0 with parallel.tp > 1")
     if t.loss_chunk_tokens < 0:
         _fail("train.loss_chunk_tokens", f"must be >= 0, got {t.loss_chunk_tokens}", "use 0 (whole logits) or a token count such as 8192")
     for key in ("beta1", "beta2"):
@@ -447,6 +478,8 @@ def validate(cfg: DictConfig) -> None:
               "choose another train.out_dir")
     if t.answer_loss_weight < 0:
         _fail("train.answer_loss_weight", f"must be >= 0, got {t.answer_loss_weight}", "use 1 for the plain LM loss")
+    if t.init_from and not Path(os.path.expanduser(str(t.init_from))).exists():
+        _fail("train.init_from", f"{t.init_from!r} does not exist", "pass a run's out_dir or one of its ckpt/step_<n> folders, or null")
     if t.grad_accum < 1:
         _fail("train.grad_accum", f"must be >= 1, got {t.grad_accum}", "set the micro-batches per step")
     if t.device not in ("auto", "cpu", "cuda"):

@@ -1,10 +1,12 @@
-"""Communication only: mesh, context-parallel state passing, halo exchange, Ulysses attention.
+"""Communication only: mesh, context-parallel state passing, halo exchange, Ulysses attention,
+tensor-parallel layers.
 
 - ``lctrain.parallel.mesh``: ``init_mesh`` / ``destroy_mesh`` and the group queries (megatron-core).
 - ``lctrain.parallel.context_parallel(op, group)``: a linear-recurrent op over contiguous CP shards
   (the log-linear ops go to ``loglinear_cp``).
 - ``lctrain.parallel.halo.prepend_halo``: previous rank's last tokens (short conv, sliding window).
 - ``lctrain.parallel.ulysses.ulysses_attention``: all-to-all attention over the CP group (DeepSpeed).
+- ``lctrain.parallel.tensor_parallel``: megatron-core column/row/vocab-parallel layers, full <-> shard states.
 """
 from .context_parallel import ContextParallelError, ContextParallelOp
 from .context_parallel import context_parallel as _context_parallel_base

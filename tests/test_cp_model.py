@@ -49,7 +49,8 @@ def sample(seed: int):
     return tokens[:, :-1], labels
 
 
-def one_step(model, batches, *, cp_group=None, cp_rank=0, cp_size=1, grad_group=None, dp_size=1, loss_chunk_tokens=0):
+def one_step(model, batches, *, cp_group=None, cp_rank=0, cp_size=1, grad_group=None, dp_size=1, loss_chunk_tokens=0,
+             tp_group=None):
     """lm_loss + backward per batch, gradient reduction, SGD step; returns (mean loss, grads, params)."""
     from lctrain.train.grad_comm import reduce_gradients
     from lctrain.train.step import lm_loss
@@ -65,7 +66,7 @@ def one_step(model, batches, *, cp_group=None, cp_rank=0, cp_size=1, grad_group=
                              loss_chunk_tokens=loss_chunk_tokens)
         (loss / len(batches)).backward()
         means.append(mean.item())
-    reduce_gradients(params, grad_group, dp_size)
+    reduce_gradients(params, grad_group, dp_size, tp_group)
     grads = [p.grad.detach().clone() for p in params]
     opt.step()
     return sum(means) / len(means), grads, [p.detach().clone() for p in params]

@@ -378,3 +378,64 @@ def test_cpu_threads_policy_ignores_the_machine_load(monkeypatch):
         monkeypatch.setattr(device.os, "getloadavg", lambda load=load: (load, load, load))
         assert device.cpu_threads() == 4
     assert not hasattr(device, "CpuThreadsGuard")  # nothing changes the count mid-run
+
+
+# ---------------------------------------------------------------- tensor parallelism and resharding
+def _losses(out_dir: Path) -> list[float]:
+    return [m["loss"] for m in _metrics(out_dir) if "loss" in m]  # step records (not the restart notes)
+
+
+TP_MODEL = ["model.layer_pattern=GSMA", "model.n_heads=4", "model.attn_heads=4", "model.head_dim=8", "model.attn_head_dim=8"]
+
+
+@pytest.mark.parametrize("bad, key", [
+    (["model.n_heads=3", "parallel.tp=2"], "model.n_heads"),
+    (["model.attn_heads=3", "parallel.tp=2"], "model.attn_heads"),
+    (["model.vocab_size=259", "parallel.tp=2"], "model.vocab_size"),
+    (["parallel.pp=3"], "parallel.pp"),  # 2 layers, 3 stages
+    (["parallel.tp=2", "parallel.nproc_per_node=3"], "parallel.nproc_per_node"),
+    (["train.init_from=/nonexistent/run"], "train.init_from"),
+])
+def test_bad_layouts_exit_2_before_any_work(tmp_path, capsys, bad, key):
+    from lctrain.cli import main
+
+    assert main(["train", *TINY, *bad, f"train.out_dir={tmp_path}"]) == 2
+    assert key in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_tp2_cp2_cli_losses_equal_one_process_and_resume_with_tp1(tmp_path, parts, data_cache, capsys):
+    """`lctrain train parallel.tp=2 parallel.cp=2` (4 gloo processes) logs the losses of the
+    one-process run; its checkpoint loads for evals in one process and resumes with tp=cp=1, the next
+    step's loss equal to the one of the run that never stopped; `train.init_from` starts a new run
+    from those weights (another RoPE base)."""
+    ref = tmp_path / "ref"
+    assert _run(parts, ref, *TP_MODEL) == 0
+    assert "parameters (" in capsys.readouterr().out
+    ref_losses = _losses(ref)
+
+    out = tmp_path / "tp2cp2"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "lctrain.cli", "train", *TINY, *TP_MODEL, "parallel.tp=2", "parallel.cp=2",
+           "train.steps=2", f"train.out_dir={out}", f"data.cache_dir={data_cache}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "(dp 1 x cp 2 x tp 2)" in proc.stdout
+    n_all, n_rank = (float(x) for x in
+                     __import__("re").search(r"([\d.]+)M parameters \(([\d.]+)M per rank\)", proc.stdout).groups())
+    assert 0.45 * n_all <= n_rank <= 0.55 * n_all, proc.stdout
+    got = _losses(out)
+    assert got == pytest.approx(ref_losses[:2], rel=1e-5)
+    model, _ = ckpt_mod.load_model_for_eval(out)  # evals load the tp=2 x cp=2 checkpoint in one process
+    assert model.embed.weight.shape == (model.cfg.vocab_size, 32) and model.tp_group is None
+
+    assert _run(parts, out, *TP_MODEL) == 0  # resume with tp=1, cp=1 for step 3
+    assert "resumed from" in capsys.readouterr().out
+    assert _losses(out)[2:] == pytest.approx(ref_losses[2:], rel=1e-5)
+
+    new = tmp_path / "init_from"
+    assert _run(parts, new, *TP_MODEL, "train.steps=1", f"train.init_from={out}", "model.rope.base=20000") == 0
+    assert "weights from" in capsys.readouterr().out
+    assert len(_losses(new)) == 1

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lctrain.parallel.mesh import group_size
+from lctrain.parallel.tensor_parallel import column_linear, local_size, mark_split, row_linear
 
 from .layers import ShortConv, run_short_conv
 from .rope import RotaryEmbedding
@@ -149,24 +150,31 @@ class Attention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, *, window: int | None,
                  rope: RotaryEmbedding | None, conv_size: int = 0,
-                 cp_group=None, use_flex: bool = True, kv_heads: int | None = None):
+                 cp_group=None, tp_group=None, use_flex: bool = True, kv_heads: int | None = None):
+        """tp_group (size tp > 1): this rank owns n_heads / tp query heads and kv_heads / tp key/value
+        heads (column-parallel q/k/v and their conv channels, row-parallel output; contiguous chunks
+        keep every query head with its kv head); under CP Ulysses splits those local heads."""
         super().__init__()
         if window is not None and window < 1:
             raise ValueError(f"model.window must be >= 1, got {window}")
         kv_heads = n_heads if kv_heads is None else kv_heads
         if kv_heads < 1 or n_heads % kv_heads:
             raise ValueError(f"model.attn_kv_heads={kv_heads} must divide model.attn_heads={n_heads}")
-        self.n_heads, self.head_dim, self.window, self.kv_heads = n_heads, head_dim, window, kv_heads
-        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        local_heads = local_size(n_heads, tp_group, "model.attn_heads")
+        local_kv = local_size(kv_heads, tp_group, "model.attn_kv_heads")
+        self.n_heads, self.head_dim, self.window, self.kv_heads = local_heads, head_dim, window, local_kv
+        self.q_proj = column_linear(d_model, n_heads * head_dim, tp_group)
+        self.k_proj = column_linear(d_model, kv_heads * head_dim, tp_group)
+        self.v_proj = column_linear(d_model, kv_heads * head_dim, tp_group)
+        self.o_proj = row_linear(n_heads * head_dim, d_model, tp_group)
         self.o_proj.is_output_projection = True
         self.conv_size = conv_size
         if conv_size > 0:
-            self.q_conv = ShortConv(n_heads * head_dim, conv_size, activation=False)
-            self.k_conv = ShortConv(kv_heads * head_dim, conv_size, activation=False)
-            self.v_conv = ShortConv(kv_heads * head_dim, conv_size, activation=False)
+            self.q_conv = ShortConv(local_heads * head_dim, conv_size, activation=False)
+            self.k_conv = ShortConv(local_kv * head_dim, conv_size, activation=False)
+            self.v_conv = ShortConv(local_kv * head_dim, conv_size, activation=False)
+            for conv in (self.q_conv, self.k_conv, self.v_conv):
+                mark_split(conv.weight, 0)
         self.rope = rope
         self.cp_group = cp_group if group_size(cp_group) > 1 else None
         self.use_flex = use_flex

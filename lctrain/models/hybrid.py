@@ -6,6 +6,11 @@ S sliding-window attention, A global attention, F Deltaformer).
 
 Context parallelism: every rank passes its contiguous shard of the sequence and
 position_offset = cp_rank * T_local; the mixers do the cross-rank work (see their modules).
+Tensor parallelism (tp_group of size tp > 1): every mixer and MLP holds 1/tp of its heads / hidden
+units (see their modules), the embedding is vocabulary-parallel and the LM head column-parallel, so
+`forward` returns this rank's vocabulary slice of the logits (`lm_loss` then uses the vocab-parallel
+cross-entropy). `build_model` initialises such a model from the full one-process model (same RNG
+draws), so every layout starts from the same weights.
 Incremental decoding: `cache = model.new_cache(B, device)`, then `model(prompt, cache=cache)` (prefill)
 and `model(next_token[:, None], cache=cache)` per step; positions continue from the tokens the
 cache has seen.
@@ -20,6 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lctrain.config import checkpointed_kinds, init_std
+from lctrain.parallel.mesh import group_size
+from lctrain.parallel.tensor_parallel import column_linear, local_size, shard_from_full, vocab_embedding
 
 from .attention import Attention
 from .deltaformer import DeltaformerMixer
@@ -59,7 +66,7 @@ def _attn_conv_size(cfg_model: Any, kind: str) -> int:
 class Block(nn.Module):
     """Pre-norm mixer + residual, pre-norm SwiGLU MLP + residual."""
 
-    def __init__(self, kind: str, cfg_model: Any, rope: RotaryEmbedding | None, cp_group=None):
+    def __init__(self, kind: str, cfg_model: Any, rope: RotaryEmbedding | None, cp_group=None, tp_group=None):
         super().__init__()
         m = cfg_model
         d = m.d_model
@@ -68,10 +75,11 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(d, m.norm_eps)
         lin = dict(n_heads=m.n_heads, head_dim=m.head_dim, conv_size=m.conv_size, backend=m.kernel_backend,
                    chunk_size=m.chunk_size, norm_eps=m.norm_eps, cp_group=cp_group)
+        # tensor parallelism: G, D, M, S, A layers (config.validate refuses tp > 1 with the others)
         if kind in "GD":
-            self.mixer = DeltaNetMixer(d, gated=kind == "G", **lin)
+            self.mixer = DeltaNetMixer(d, gated=kind == "G", tp_group=tp_group, **lin)
         elif kind == "M":
-            self.mixer = Mamba2Mixer(d, **lin)
+            self.mixer = Mamba2Mixer(d, tp_group=tp_group, **lin)
         elif kind == "L":
             self.mixer = LogLinearDeltaNetMixer(d, levels=int(_cfg(m, "loglinear_levels", 24)), **lin)
         elif kind == "K":
@@ -89,8 +97,8 @@ class Block(nn.Module):
             nope = kind == "A" and str(_cfg(m.rope, "layers", "all")) == "sliding"
             self.mixer = Attention(d, m.attn_heads, m.attn_head_dim, window=m.window if kind == "S" else None,
                                    rope=None if nope else rope, conv_size=_attn_conv_size(m, kind),
-                                   cp_group=cp_group, kv_heads=_cfg(m, "attn_kv_heads", None))
-        self.mlp = SwiGLU(d, swiglu_hidden_size(d, m.mlp_ratio), int(_cfg(m, "mlp_chunk_tokens", 0) or 0))
+                                   cp_group=cp_group, tp_group=tp_group, kv_heads=_cfg(m, "attn_kv_heads", None))
+        self.mlp = SwiGLU(d, swiglu_hidden_size(d, m.mlp_ratio), int(_cfg(m, "mlp_chunk_tokens", 0) or 0), tp_group)
 
     def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
                 docs: Documents | None = None) -> torch.Tensor:
@@ -131,14 +139,17 @@ class LMCache:
 
 
 class HybridLM(nn.Module):
-    def __init__(self, model_cfg: Any, cp_group=None, *, max_position: int | None = None):
+    def __init__(self, model_cfg: Any, cp_group=None, *, tp_group=None, max_position: int | None = None):
         """`max_position`: the original context length YaRN uses when model.rope.original_max_position
-        is 0 (pass the training seq_len)."""
+        is 0 (pass the training seq_len). With a tp_group of size > 1 the weights are left for
+        `build_model` to fill from the full model."""
         super().__init__()
         m = model_cfg
         self.cfg = m
         self.pattern = _pattern(m)
         self.cp_group = cp_group
+        self.tp_group = tp_group if group_size(tp_group) > 1 else None
+        local_size(m.vocab_size, self.tp_group, "model.vocab_size")
         # the block kinds model.activation_checkpointing checkpoints ("" = none)
         self.checkpointed = checkpointed_kinds(m, self.pattern)
         self.residual_in_compute_dtype = str(_cfg(m, "residual_dtype", "float32")) == "compute"
@@ -147,12 +158,12 @@ class HybridLM(nn.Module):
         if end is not None and not 0 <= int(end) < m.vocab_size:
             raise ValueError(f"model.document_end_id={end} is not a token id of the vocabulary [0, {m.vocab_size}); "
                              "set it to the tokenizer's EOS id or null")
-        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        self.embed = vocab_embedding(m.vocab_size, m.d_model, self.tp_group)
         self.max_position = max_position
         rope = self._make_rope(m.rope) if any(c in "SAF" for c in self.pattern) else None
-        self.blocks = nn.ModuleList(Block(c, m, rope, cp_group) for c in self.pattern)
+        self.blocks = nn.ModuleList(Block(c, m, rope, cp_group, self.tp_group) for c in self.pattern)
         self.norm = RMSNorm(m.d_model, m.norm_eps)
-        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        self.lm_head = column_linear(m.d_model, m.vocab_size, self.tp_group)
         self._init_weights(init_std(m))
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -204,7 +215,8 @@ class HybridLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, position_offset: int = 0, cache: LMCache | None = None,
                 doc_bounds: list[list[int]] | None = None) -> torch.Tensor:
-        """input_ids [B, T_local] -> float32 logits [B, T_local, vocab]. Positions of the tokens are
+        """input_ids [B, T_local] -> float32 logits [B, T_local, vocab] (vocab / tp: this rank's
+        vocabulary slice under tensor parallelism). Positions of the tokens are
         position_offset + (tokens the cache has seen) + 0 .. T-1. `doc_bounds` (optional, with
         model.document_end_id set): the packed documents' GLOBAL boundaries per row as the data loader
         found them; without it the model finds them in input_ids."""
@@ -260,7 +272,7 @@ class HybridLM(nn.Module):
         return find_documents(input_ids, int(end), cp_group=self.cp_group)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Distinct parameters (a tied head counts once); optionally without the embedding table."""
+        """Distinct parameters of this rank (a tied head counts once); optionally without the embedding table."""
         seen, total = set(), 0
         for p in self.parameters():
             if id(p) in seen:
@@ -272,5 +284,15 @@ class HybridLM(nn.Module):
         return total
 
 
-def build_model(cfg_model: Any, cp_group=None, *, max_position: int | None = None) -> HybridLM:
-    return HybridLM(cfg_model, cp_group=cp_group, max_position=max_position)
+def build_model(cfg_model: Any, cp_group=None, *, tp_group=None, max_position: int | None = None) -> HybridLM:
+    """The model for this rank. Under tensor parallelism the one-process model is built first (the
+    same random draws as tp=1) and each rank copies its shards from it; the RNG then continues from
+    where the one-process build leaves it, so any layout starts from the same weights and state."""
+    if group_size(tp_group) == 1:
+        return HybridLM(cfg_model, cp_group=cp_group, max_position=max_position)
+    full = HybridLM(cfg_model, cp_group=None, max_position=max_position)
+    rng = torch.get_rng_state()
+    model = HybridLM(cfg_model, cp_group=cp_group, tp_group=tp_group, max_position=max_position)
+    shard_from_full(model, full.state_dict(), tp_group)
+    torch.set_rng_state(rng)
+    return model

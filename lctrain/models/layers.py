@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lctrain.parallel.tensor_parallel import column_linear, row_linear
+
 
 class _RMSNormFn(torch.autograd.Function):
     """(gated) RMSNorm that keeps only x, the gate and one float32 rstd per row for the backward.
@@ -80,7 +82,8 @@ def swiglu_hidden_size(d_model: int, mlp_ratio: float) -> int:
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)).
+    """down(silu(gate(x)) * up(x)); under tensor parallelism (tp_group) gate/up are column- and down
+    row-parallel (each rank holds hidden / tp of the hidden units).
 
     `chunk_tokens` > 0 (model.mlp_chunk_tokens): while gradients are recorded, the sequence runs in
     chunks of that many tokens, each under non-reentrant activation checkpointing, so that the
@@ -89,11 +92,11 @@ class SwiGLU(nn.Module):
     backward, instead of being saved for the whole sequence. The price is one more MLP forward per
     chunk in the backward (the MLP's FLOPs rise by a third). Same outputs and gradients."""
 
-    def __init__(self, d_model: int, hidden: int, chunk_tokens: int = 0):
+    def __init__(self, d_model: int, hidden: int, chunk_tokens: int = 0, tp_group=None):
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.gate_proj = column_linear(d_model, hidden, tp_group)
+        self.up_proj = column_linear(d_model, hidden, tp_group)
+        self.down_proj = row_linear(hidden, d_model, tp_group)
         self.down_proj.is_output_projection = True  # scaled init, see HybridLM._init_weights
         self.chunk_tokens = int(chunk_tokens)
 

@@ -11,6 +11,11 @@ Mamba-2 style (scalar gate per head, no beta; heads have their own B/C, i.e. one
   dt = softplus(x W_dt + dt_bias) per head;  g = -exp(A_log) * dt;
   o = gated_linear_attn(q=C, k=B, v=dt * xs, g) + D * xs;  o = RMSNorm(o) * silu(z);  out = o W_o.
 
+Under tensor parallelism (tp_group of size tp > 1) each rank owns n_heads / tp heads: the input
+projections are column-parallel, the per-head parameters (A_log, dt_bias, D, conv channels) hold
+this rank's heads, the gated output norm works on local heads (its per-head-dim weight is shared,
+so its gradient is summed over the TP group) and the output projection is row-parallel.
+
 Under CP the op is wrapped with `lctrain.parallel.context_parallel(op, cp_group)` and each conv gets
 the previous rank's last conv_size-1 inputs via `prepend_halo`. Both are imported only when CP is on.
 
@@ -31,6 +36,7 @@ from torch import nn
 
 from lctrain import kernels
 from lctrain.parallel.mesh import group_size
+from lctrain.parallel.tensor_parallel import column_linear, local_size, mark_partial_grad, mark_split, row_linear
 
 from .layers import GatedRMSNorm, ShortConv, run_short_conv
 
@@ -48,6 +54,19 @@ def _init_decay_params(n_heads: int, A_init_range=(1.0, 16.0), dt_min=1e-3, dt_m
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _mark_head_params(mixer: nn.Module) -> None:
+    """Tensor-parallel roles of the parameters a mixer owns directly: per-head vectors and conv
+    channels are this rank's heads (split along dim 0); the output norm's weight is shared by the
+    heads, so each TP rank holds part of its gradient."""
+    for name in ("A_log", "dt_bias", "D"):
+        if hasattr(mixer, name):
+            mark_split(getattr(mixer, name), 0)
+    for module in mixer.children():
+        if isinstance(module, ShortConv):
+            mark_split(module.weight, 0)
+    mark_partial_grad(mixer.o_norm.weight)
 
 
 class _LinearMixerBase(nn.Module):
@@ -133,26 +152,28 @@ class DeltaNetMixer(_LinearMixerBase):
     """DeltaNet (gated=False, op delta_rule) or Gated DeltaNet (gated=True, op gated_delta_rule)."""
 
     def __init__(self, d_model: int, *, n_heads: int, head_dim: int, conv_size: int, gated: bool,
-                 backend: str = "auto", chunk_size: int = 64, norm_eps: float = 1e-6, cp_group=None):
-        super().__init__(n_heads=n_heads, head_dim=head_dim, conv_size=conv_size, backend=backend,
+                 backend: str = "auto", chunk_size: int = 64, norm_eps: float = 1e-6, cp_group=None, tp_group=None):
+        heads = local_size(n_heads, tp_group, "model.n_heads")
+        super().__init__(n_heads=heads, head_dim=head_dim, conv_size=conv_size, backend=backend,
                          chunk_size=chunk_size, cp_group=cp_group)
         self.gated = gated
         self.op_name = "gated_delta_rule" if gated else "delta_rule"
-        inner = n_heads * head_dim
-        self.q_proj = nn.Linear(d_model, inner, bias=False)
-        self.k_proj = nn.Linear(d_model, inner, bias=False)
-        self.v_proj = nn.Linear(d_model, inner, bias=False)
-        self.b_proj = nn.Linear(d_model, n_heads, bias=False)
+        inner, local_inner = n_heads * head_dim, heads * head_dim
+        self.q_proj = column_linear(d_model, inner, tp_group)
+        self.k_proj = column_linear(d_model, inner, tp_group)
+        self.v_proj = column_linear(d_model, inner, tp_group)
+        self.b_proj = column_linear(d_model, n_heads, tp_group)
         if gated:
-            self.a_proj = nn.Linear(d_model, n_heads, bias=False)
-            self.A_log, self.dt_bias = _init_decay_params(n_heads)
-        self.q_conv = ShortConv(inner, conv_size)
-        self.k_conv = ShortConv(inner, conv_size)
-        self.v_conv = ShortConv(inner, conv_size)
-        self.g_proj = nn.Linear(d_model, inner, bias=False)
+            self.a_proj = column_linear(d_model, n_heads, tp_group)
+            self.A_log, self.dt_bias = _init_decay_params(heads)
+        self.q_conv = ShortConv(local_inner, conv_size)
+        self.k_conv = ShortConv(local_inner, conv_size)
+        self.v_conv = ShortConv(local_inner, conv_size)
+        self.g_proj = column_linear(d_model, inner, tp_group)
         self.o_norm = GatedRMSNorm(head_dim, eps=norm_eps)
-        self.o_proj = nn.Linear(inner, d_model, bias=False)
+        self.o_proj = row_linear(inner, d_model, tp_group)
         self.o_proj.is_output_projection = True
+        _mark_head_params(self)
 
     def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
                 docs=None) -> torch.Tensor:
@@ -179,23 +200,25 @@ class Mamba2Mixer(_LinearMixerBase):
     op_name = "gated_linear_attn"
 
     def __init__(self, d_model: int, *, n_heads: int, head_dim: int, conv_size: int,
-                 backend: str = "auto", chunk_size: int = 64, norm_eps: float = 1e-6, cp_group=None):
-        super().__init__(n_heads=n_heads, head_dim=head_dim, conv_size=conv_size, backend=backend,
+                 backend: str = "auto", chunk_size: int = 64, norm_eps: float = 1e-6, cp_group=None, tp_group=None):
+        heads = local_size(n_heads, tp_group, "model.n_heads")
+        super().__init__(n_heads=heads, head_dim=head_dim, conv_size=conv_size, backend=backend,
                          chunk_size=chunk_size, cp_group=cp_group)
-        inner = n_heads * head_dim
-        self.x_proj = nn.Linear(d_model, inner, bias=False)
-        self.z_proj = nn.Linear(d_model, inner, bias=False)
-        self.B_proj = nn.Linear(d_model, inner, bias=False)
-        self.C_proj = nn.Linear(d_model, inner, bias=False)
-        self.dt_proj = nn.Linear(d_model, n_heads, bias=False)
-        self.A_log, self.dt_bias = _init_decay_params(n_heads)
-        self.D = nn.Parameter(torch.ones(n_heads))
-        self.x_conv = ShortConv(inner, conv_size)
-        self.B_conv = ShortConv(inner, conv_size)
-        self.C_conv = ShortConv(inner, conv_size)
+        inner, local_inner = n_heads * head_dim, heads * head_dim
+        self.x_proj = column_linear(d_model, inner, tp_group)
+        self.z_proj = column_linear(d_model, inner, tp_group)
+        self.B_proj = column_linear(d_model, inner, tp_group)
+        self.C_proj = column_linear(d_model, inner, tp_group)
+        self.dt_proj = column_linear(d_model, n_heads, tp_group)
+        self.A_log, self.dt_bias = _init_decay_params(heads)
+        self.D = nn.Parameter(torch.ones(heads))
+        self.x_conv = ShortConv(local_inner, conv_size)
+        self.B_conv = ShortConv(local_inner, conv_size)
+        self.C_conv = ShortConv(local_inner, conv_size)
         self.o_norm = GatedRMSNorm(head_dim, eps=norm_eps)
-        self.o_proj = nn.Linear(inner, d_model, bias=False)
+        self.o_proj = row_linear(inner, d_model, tp_group)
         self.o_proj.is_output_projection = True
+        _mark_head_params(self)
 
     def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
                 docs=None) -> torch.Tensor:

@@ -3,9 +3,9 @@
 Layout under `out_dir/ckpt/`:
 
     step_<n>/            one finished checkpoint
-        .metadata, *.distcp   DCP: {"model": ..., "optim": ...} (per model-parallel rank, see below)
-        rank<r>.pt       per-rank state: data-loader state, RNG states
-        trainer.json     step, LR-scheduler state, world sizes
+        .metadata, *.distcp   DCP: {"model": ..., "optim": ...}, full (unsharded) tensors
+        rank<r>.pt       per-rank state: data-loader state, RNG states, data-parallel rank
+        trainer.json     step, LR-scheduler state, world and data-parallel sizes
         config.yaml      the resolved config of the run
         manifest.json    size and sha256 of every file above, written last
     latest               text file holding the name of the newest finished checkpoint ("step_<n>")
@@ -21,11 +21,17 @@ Loading verifies the manifest: resume and the evals take the newest checkpoint t
 (`find_checkpoint`), warning about every newer one that does not (flipped bytes, a truncated shard,
 an empty or dangling `latest`).
 
-Model and optimizer states go through `torch.distributed.checkpoint.state_dict` (FQN keys).
-With tensor/pipeline parallelism > 1 the ranks hold different shards under the same parameter names,
-so their states are stored under a key naming the model-parallel rank (`mp_tp<i>_pp<j>`); such a
-checkpoint resumes only with the same tp/pp. Data- and context-parallel replicas hold identical
-copies, which DCP de-duplicates.
+Model and optimizer states go through `torch.distributed.checkpoint.state_dict` (FQN keys), with
+every tensor-parallel shard gathered to its full tensor first (`tensor_parallel.full_state_dict`);
+the optimizer's state is stored per parameter name ({"step", "exp_avg", "exp_avg_sq"}), gathered
+from the replica that owns it under ZeRO-1 (train.shard_optimizer), so sharded and unsharded runs
+resume from each other:
+the checkpoint is the one-process model's state, whatever the (tp, cp, dp) layout that wrote it, so
+any layout resumes from it (each rank loads the full tensors and keeps its shards) and evals load it
+in one process. Replicas write identical tensors, which DCP de-duplicates. The price: each rank
+holds the full tensors of the model and Adam state once while saving / loading.
+
+`load_model_weights` (train.init_from) loads only the model weights into a new run.
 """
 from __future__ import annotations
 
@@ -46,9 +52,7 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
-    get_optimizer_state_dict,
     set_model_state_dict,
-    set_optimizer_state_dict,
 )
 
 from lctrain.errors import UserError
@@ -59,6 +63,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 # model-section keys that change how the model runs, not which parameters it has
 RUNTIME_MODEL_KEYS = ("kernel_backend", "activation_checkpointing", "checkpoint_offload", "mlp_chunk_tokens", "residual_dtype",
                       "checkpoint_activations")  # the last: the boolean that activation_checkpointing replaced
+_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -265,15 +270,74 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int, newest: Path) 
     return doomed
 
 
-def _mp_key(tp_rank: int, pp_rank: int, tp: int, pp: int) -> str | None:
-    return None if tp * pp == 1 else f"mp_tp{tp_rank}_pp{pp_rank}"
+def _state_holder(optimizer):
+    """(the optimizer holding Adam state, {param id: global rank owning it} or None): under ZeRO-1
+    (ZeroRedundancyOptimizer) each replica holds the state of its own share of the parameters."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        group = optimizer.process_group
+        return optimizer.optim, {id(p): dist.get_global_rank(group, r) for p, r in optimizer._param_to_rank.items()}
+    return optimizer, None
 
 
-def _app_state(model, optimizer, mp_key: str | None) -> dict[str, Any]:
-    state = {"model": get_model_state_dict(model)}
+def _full_optim_state(model, optimizer, tp_group) -> dict:
+    """{parameter name: {"step", "exp_avg", "exp_avg_sq"}}, full tensors (TP-gathered; under ZeRO-1
+    broadcast from the replica owning them); zeros and step 0 for a parameter not stepped yet."""
+    from lctrain.parallel.tensor_parallel import gather_full, split_dims
+
+    holder, owners = _state_holder(optimizer)
+    dims = split_dims(model)
+    out = {}
+    for name, p in model.named_parameters():
+        st = holder.state.get(p) or {}
+        entry = {"step": torch.tensor(float(st["step"]) if "step" in st else 0.0),
+                 **{k: st[k].detach().clone() if k in st else torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    for k in _ADAM_KEYS}}
+        if owners is not None:
+            for t in entry.values():
+                dist.broadcast(t, src=owners[id(p)], group=optimizer.process_group)
+        if name in dims:
+            entry.update({k: gather_full(entry[k], dims[name], tp_group) for k in _ADAM_KEYS})
+        out[name] = entry
+    return out
+
+
+def _set_optim_state(model, optimizer, full: dict, tp_group) -> None:
+    """The inverse of `_full_optim_state`: this rank's shards into the optimizer (under ZeRO-1 only
+    the parameters this replica owns)."""
+    from lctrain.parallel.tensor_parallel import split_dims, take_shard
+
+    holder, owners = _state_holder(optimizer)
+    dims = split_dims(model)
+    rank = _rank()
+    for name, p in model.named_parameters():
+        entry = full[name]
+        if owners is not None and owners[id(p)] != rank:
+            continue
+        if float(entry["step"]) == 0:
+            holder.state.pop(p, None)
+            continue
+        shard = (lambda t: take_shard(t, dims[name], tp_group)) if name in dims else (lambda t: t)
+        holder.state[p] = {"step": entry["step"].clone().float(),
+                           **{k: shard(entry[k]).to(device=p.device, dtype=p.dtype).clone() for k in _ADAM_KEYS}}
+
+
+def _app_state(model, optimizer, tp_group=None) -> dict[str, Any]:
+    """{"model", "optim"}: the full (TP-gathered) states, the same whatever the layout."""
+    from lctrain.parallel.tensor_parallel import full_state_dict
+
+    state = {"model": full_state_dict(model, get_model_state_dict(model), tp_group)}
     if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
-    return state if mp_key is None else {mp_key: state}
+        state["optim"] = _full_optim_state(model, optimizer, tp_group)
+    return state
+
+
+def _shard_model_state(model, state: dict, tp_group=None) -> dict:
+    from lctrain.parallel.tensor_parallel import split_dims, take_shard
+
+    dims = split_dims(model)
+    return {k: take_shard(v, dims[k], tp_group) if k in dims else v for k, v in state.items()}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -300,8 +364,9 @@ def save_checkpoint(
     scheduler=None,
     loader=None,
     cfg: DictConfig,
-    tp_rank: int = 0,
-    pp_rank: int = 0,
+    tp_group=None,
+    dp_rank: int = 0,
+    dp_size: int = 1,
 ) -> Path:
     """Collective over all ranks: write `out_dir/ckpt/step_<step>` and point `latest` at it."""
     root = ckpt_root(out_dir)
@@ -316,10 +381,10 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier()
 
-    mp_key = _mp_key(tp_rank, pp_rank, cfg.parallel.tp, cfg.parallel.pp)
-    dcp.save(_app_state(model, optimizer, mp_key), checkpoint_id=str(tmp))
+    dcp.save(_app_state(model, optimizer, tp_group), checkpoint_id=str(tmp))
     torch.save(
-        {"loader": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None, "rng": _rng_state()},
+        {"loader": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None, "rng": _rng_state(),
+         "dp_rank": dp_rank},
         tmp / f"rank{rank}.pt",
     )
     if rank == 0:
@@ -327,7 +392,8 @@ def save_checkpoint(
             "step": step,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "world_size": dist.get_world_size() if _is_dist() else 1,
-            "mp_keys": mp_key is not None,
+            "dp_size": dp_size,
+            "layout": {k: int(cfg.parallel[k]) for k in ("tp", "cp", "pp")},
         }
         # lambdas are not JSON; the schedule is rebuilt from the config, only its counters matter
         if trainer["scheduler"] is not None:
@@ -371,6 +437,21 @@ def check_same_model(saved_cfg: DictConfig, cfg: DictConfig, where: Path) -> Non
         )
 
 
+def _rank_file(ckpt: Path, trainer: dict, dp_rank: int, dp_size: int) -> Path:
+    """The per-rank file to restore this rank's loader position and RNGs from: its own when the
+    world is unchanged, else one written by a rank of the same data-parallel rank (any rank when
+    the data-parallel size changed: the streaming loader's position is global, its RNGs are not used)."""
+    own = ckpt / f"rank{_rank()}.pt"
+    if trainer["world_size"] == (dist.get_world_size() if _is_dist() else 1):
+        return own
+    if trainer.get("dp_size", trainer["world_size"]) == dp_size:
+        for r in range(trainer["world_size"]):
+            path = ckpt / f"rank{r}.pt"
+            if torch.load(path, weights_only=False).get("dp_rank", r) == dp_rank:
+                return path
+    return ckpt / "rank0.pt"
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
@@ -379,57 +460,70 @@ def load_checkpoint(
     scheduler=None,
     loader=None,
     cfg: DictConfig,
-    tp_rank: int = 0,
-    pp_rank: int = 0,
+    tp_group=None,
+    dp_rank: int = 0,
+    dp_size: int = 1,
     verified: bool = False,
 ) -> int:
     """Collective: restore everything `save_checkpoint` wrote into live objects; returns the step.
-    `verified=True` skips the manifest check for a path `latest_checkpoint` has just verified."""
+    The checkpoint may come from any (tp, cp, dp) layout (module doc). `verified=True` skips the
+    manifest check for a path `latest_checkpoint` has just verified."""
     ckpt = Path(path) if verified else resolve_checkpoint(path)
     saved_cfg = OmegaConf.load(ckpt / "config.yaml")
     check_same_model(saved_cfg, cfg, ckpt)
     trainer = json.loads((ckpt / "trainer.json").read_text())
-    world = dist.get_world_size() if _is_dist() else 1
-    if trainer["world_size"] != world:
-        raise CheckpointError(
-            f"cannot resume from {ckpt}: it was written by {trainer['world_size']} processes, this run has {world}; "
-            "resume with the same parallel layout or use a new train.out_dir"
-        )
-    for key in ("tp", "pp"):
-        if saved_cfg.parallel[key] != cfg.parallel[key]:
-            raise CheckpointError(f"cannot resume from {ckpt}: parallel.{key} was {saved_cfg.parallel[key]}, now {cfg.parallel[key]}; keep it")
+    if "mp_keys" in trainer and trainer["mp_keys"]:
+        raise CheckpointError(f"{ckpt} holds per-model-parallel-rank states (an older format); resume it with its own tp/pp")
 
-    mp_key = _mp_key(tp_rank, pp_rank, cfg.parallel.tp, cfg.parallel.pp)
-    state = _app_state(model, optimizer, mp_key)
+    state = _app_state(model, optimizer, tp_group)  # full-size templates (their values are replaced)
     dcp.load(state, checkpoint_id=str(ckpt))
-    inner = state if mp_key is None else state[mp_key]
-    set_model_state_dict(model, inner["model"])
+    set_model_state_dict(model, _shard_model_state(model, state["model"], tp_group))
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, inner["optim"])
+        _set_optim_state(model, optimizer, state["optim"], tp_group)
     if scheduler is not None and trainer.get("scheduler"):
         sched = scheduler.state_dict()
         sched.update({k: v for k, v in trainer["scheduler"].items() if k != "lr_lambdas"})
         scheduler.load_state_dict(sched)
-    per_rank = torch.load(ckpt / f"rank{_rank()}.pt", weights_only=False)
+        if optimizer is not None:  # the LR the next step uses (the optimizer's hyper-parameters are not stored)
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
+    per_rank = torch.load(_rank_file(ckpt, trainer, dp_rank, dp_size), weights_only=False)
     if loader is not None and per_rank["loader"] is not None and hasattr(loader, "load_state_dict"):
         loader.load_state_dict(per_rank["loader"])
     _set_rng_state(per_rank["rng"])
     return int(trainer["step"])
 
 
+def load_model_weights(path: str | os.PathLike, model, tp_group=None) -> Path:
+    """Collective: only the model weights of a checkpoint (any layout) into `model` (train.init_from).
+    The architecture may differ only in what does not change parameter shapes (RoPE base, say)."""
+    ckpt = resolve_checkpoint(path)
+    saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    state = _app_state(model, None, tp_group)
+    for name, tensor in state["model"].items():
+        meta = saved.get(f"model.{name}")
+        if meta is None or not hasattr(meta, "size"):
+            raise CheckpointError(f"train.init_from={str(path)!r}: the checkpoint has no weight {name!r}; "
+                                  "its model.layer_pattern / architecture differs from this run's")
+        if tuple(meta.size) != tuple(tensor.shape):
+            raise CheckpointError(f"train.init_from={str(path)!r}: weight {name!r} has shape {tuple(meta.size)} there, "
+                                  f"{tuple(tensor.shape)} here; keep the model's sizes (d_model, heads, vocab_size, ...)")
+    dcp.load(state, checkpoint_id=str(ckpt))
+    set_model_state_dict(model, _shard_model_state(model, state["model"], tp_group))
+    return ckpt
+
+
 def load_model_for_eval(ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu"):
     """-> (model, cfg): the trained HybridLM in eval mode on `device`, from a checkpoint.
 
     `ckpt_dir` may be a run's out_dir, its ckpt/ folder, ckpt/latest or a step folder. Single
-    process: needs no torch.distributed initialisation (DCP loads with no_dist=True). Only
-    checkpoints written with parallel.tp = parallel.pp = 1 are supported here.
+    process: needs no torch.distributed initialisation (DCP loads with no_dist=True). Checkpoints
+    of any parallel layout load (they hold full tensors).
     """
     from lctrain.models import build_model
 
     ckpt = resolve_checkpoint(ckpt_dir)
     cfg = OmegaConf.load(ckpt / "config.yaml")
-    if cfg.parallel.tp * cfg.parallel.pp != 1:
-        raise CheckpointError(f"{ckpt} was written with tp={cfg.parallel.tp}, pp={cfg.parallel.pp}; load_model_for_eval needs tp=pp=1 checkpoints")
     model = build_model(cfg.model, cp_group=None, max_position=int(cfg.data.seq_len))
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)

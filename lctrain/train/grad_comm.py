@@ -30,8 +30,13 @@ def broadcast_parameters(model: torch.nn.Module, group) -> None:
             dist.broadcast(p.data, src=src, group=group)
 
 
-def reduce_gradients(params: list[torch.nn.Parameter], group, dp_size: int) -> None:
-    """SUM over the dp x cp group, then / dp_size (see the module docstring)."""
+def reduce_gradients(params: list[torch.nn.Parameter], group, dp_size: int, tp_group=None) -> None:
+    """SUM over the dp x cp group, then / dp_size (see the module docstring). With a `tp_group`, the
+    gradients each TP rank holds only part of (`tensor_parallel.mark_partial_grad`) are first summed
+    over it."""
+    from lctrain.parallel.tensor_parallel import reduce_partial_grads
+
+    reduce_partial_grads(params, tp_group)
     if group_size(group) == 1 and dp_size == 1:
         return
     grads = []

@@ -49,7 +49,9 @@ class Reporter:
         else:
             print(text, flush=True)
 
-    def step(self, step: int, loss: float, lr: float, tokens: float, seconds: float, grad_norm: float, bad_steps: int = 0) -> None:
+    def step(self, step: int, loss: float, lr: float, tokens: float, seconds: float, grad_norm: float, bad_steps: int = 0,
+             peak_mib: float | None = None) -> None:
+        """`peak_mib`: the largest peak GPU memory of any rank so far (None on CPU)."""
         if not self.main:
             return
         tps = tokens / max(seconds, 1e-9)
@@ -57,6 +59,8 @@ class Reporter:
         self.window_tokens += tokens
         self.window_time += seconds
         record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tps, "grad_norm": grad_norm, "bad_steps": bad_steps}
+        if peak_mib is not None:
+            record["peak_mib"] = peak_mib
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
         if self.tb is not None:

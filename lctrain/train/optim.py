@@ -28,13 +28,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, train_cfg) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        param_groups(model, train_cfg.weight_decay),
-        lr=train_cfg.lr,
-        betas=(train_cfg.beta1, train_cfg.beta2),
-        eps=1e-8,
-    )
+def build_optimizer(model: nn.Module, train_cfg, shard_group=None) -> torch.optim.Optimizer:
+    """AdamW; with `shard_group` (the data x context-parallel replicas, when train.shard_optimizer is
+    on) a ZeRO-1 `ZeroRedundancyOptimizer`: each replica keeps the Adam state of, and updates, only
+    its share of the parameters, then broadcasts them. torch's, because megatron-core's distributed
+    optimizer allocates its buffers on CUDA only (no gloo/CPU test could run it) and DeepSpeed's
+    ZeRO wants to own the model, the backward and the step. Gradients are still all-reduced whole
+    (grad_comm.reduce_gradients), so the update is exactly the unsharded one."""
+    kwargs = dict(lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), eps=1e-8)
+    groups = param_groups(model, train_cfg.weight_decay)
+    if shard_group is not None and torch.distributed.get_world_size(shard_group) > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=shard_group, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:

@@ -26,7 +26,8 @@ from omegaconf import DictConfig
 from lctrain.parallel import mesh
 from lctrain.train.bad_steps import BadStepGuard
 from lctrain.train.cadence import CheckpointCadence
-from lctrain.train.checkpoint import ckpt_root, finished_steps, latest_checkpoint, load_checkpoint, save_checkpoint
+from lctrain.train.checkpoint import (ckpt_root, finished_steps, latest_checkpoint, load_checkpoint, load_model_weights,
+                                     save_checkpoint)
 from lctrain.train.device import TrainingError, device_text, pick_device, pick_dtype, seed_everything
 from lctrain.train.grad_comm import broadcast_parameters, clip_grad_norm, mean_over_group, reduce_gradients
 from lctrain.train.metrics import Reporter
@@ -46,6 +47,11 @@ class StepMetrics:
     grad_norm: float  # global L2 norm of the gradients before clipping
     lr: float  # the learning rate this step used
     skipped: bool = False  # loss or gradient norm not finite: the optimizer did not update (bad_steps.py)
+
+
+def _millions(n: int) -> str:
+    """1.42M; below a million three significant digits (0.0712M), so small models still compare."""
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e6:.3g}M"
 
 
 class _Infinite:
@@ -72,7 +78,7 @@ class Trainer:
         from lctrain.models import build_model
 
         t = cfg.train
-        if cfg.parallel.pp > 1:
+        if cfg.parallel.pp > 1:  # config.validate refuses it first
             raise TrainingError("parallel.pp > 1 is not supported by the training loop yet; use parallel.pp=1")
         self.cfg, self.device = cfg, device
         self.is_main = mesh.is_main()
@@ -88,12 +94,15 @@ class Trainer:
         if self.cp_size != cfg.parallel.cp or (cfg.parallel.cp > 1 and self.cp_group is None):
             # context_parallel(op, None) falls back to the plain op: a missing group would train on wrong math.
             raise TrainingError(f"parallel.cp={cfg.parallel.cp} but the mesh has a CP group of size {self.cp_size}")
+        if mesh.tp_size() != cfg.parallel.tp:
+            raise TrainingError(f"parallel.tp={cfg.parallel.tp} but the mesh has a TP group of size {mesh.tp_size()}")
 
         seed_everything(t.seed)
-        self.model = build_model(cfg.model, cp_group=self.cp_group, max_position=cfg.data.seq_len).to(device)
+        self.model = build_model(cfg.model, cp_group=self.cp_group, tp_group=self.tp_group,
+                                 max_position=cfg.data.seq_len).to(device)
         broadcast_parameters(self.model, self.grad_group)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, t)
+        self.optimizer = build_optimizer(self.model, t, self.grad_group if t.get("shard_optimizer") else None)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.loader = None
         if data:
@@ -136,7 +145,7 @@ class Trainer:
 
     def finish_gradients(self) -> torch.Tensor:
         """Reduce the gradients over the replicas, unscale them (float16), clip them; returns the norm before clipping."""
-        reduce_gradients(self.params, self.grad_group, self.dp_size)
+        reduce_gradients(self.params, self.grad_group, self.dp_size, self.tp_group)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         return clip_grad_norm(self.params, self.cfg.train.grad_clip, self.tp_group)
@@ -174,14 +183,37 @@ class Trainer:
         """Collective: write checkpoint `step_<step>` (default: the steps done) under train.out_dir."""
         return save_checkpoint(self.cfg.train.out_dir, self.step_count if step is None else step, model=self.model,
                                optimizer=self.optimizer, scheduler=self.scheduler, loader=self.loader, cfg=self.cfg,
-                               tp_rank=self.tp_rank)
+                               tp_group=self.tp_group, dp_rank=self.dp_rank, dp_size=self.dp_size)
 
     def load(self, path, verified: bool = False) -> int:
-        """Collective: restore model, optimizer, schedule, loader position and RNGs; returns the step.
-        `verified`: `path` has just passed its manifest check (latest_checkpoint), skip hashing it again."""
+        """Collective: restore model, optimizer, schedule, loader position and RNGs (saved with any
+        parallel layout); returns the step. `verified`: `path` has just passed its manifest check
+        (latest_checkpoint), skip hashing it again."""
         self.step_count = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                          loader=self.loader, cfg=self.cfg, tp_rank=self.tp_rank, verified=verified)
+                                          loader=self.loader, cfg=self.cfg, tp_group=self.tp_group,
+                                          dp_rank=self.dp_rank, dp_size=self.dp_size, verified=verified)
         return self.step_count
+
+    def peak_memory_mib(self) -> float | None:
+        """The largest peak of allocated GPU memory over all ranks so far (collective); None off CUDA."""
+        if self.device.type != "cuda":
+            return None
+        peak = torch.tensor(float(torch.cuda.max_memory_allocated(self.device)) / 2**20, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return float(peak)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(parameters of the whole model, parameters this rank holds); a tied head counts once."""
+        from lctrain.parallel.tensor_parallel import TP_SPLIT_DIM
+
+        seen, local, split = set(), 0, 0
+        for p in self.model.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                local += p.numel()
+                split += p.numel() if hasattr(p, TP_SPLIT_DIM) else 0
+        return local + split * (self.cfg.parallel.tp - 1), local
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -198,6 +230,9 @@ class Trainer:
             newest = finished_steps(ckpt_root(t.out_dir))[0]
             raise TrainingError(f"train.resume=false but {newest} exists: starting over in this out_dir would mix two runs' "
                                 "checkpoints; use a new train.out_dir (or delete its ckpt/ folder)")
+        init_from = None
+        if resume_from is None and t.get("init_from"):
+            init_from = load_model_weights(t.init_from, self.model, self.tp_group)
         start_step = self.step_count
 
         tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * t.grad_accum * self.dp_size
@@ -205,12 +240,13 @@ class Trainer:
         if self.is_main:
             restart_metrics(out / "metrics.jsonl", start_step, str(resume_from) if resume_from else None)
         reporter = Reporter(cfg, self.is_main, start_step)
-        n_params = sum(p.numel() for p in self.params)
+        n_params, n_local = self.parameter_counts()
         reporter.say(
-            f"lctrain train: {n_params / 1e6:.2f}M parameters, layers {cfg.model.layer_pattern}, seq_len {cfg.data.seq_len}, "
+            f"lctrain train: {_millions(n_params)} parameters ({_millions(n_local)} per rank), layers {cfg.model.layer_pattern}, seq_len {cfg.data.seq_len}, "
             f"world {self.world} (dp {self.dp_size} x cp {self.cp_size} x tp {cfg.parallel.tp}), "
             f"{device_text(self.device)} {str(self.dtype).replace('torch.', '')}, "
             f"steps {start_step}->{t.steps}" + (f", resumed from {resume_from}" if resume_from else "")
+            + (f", weights from {init_from}" if init_from else "")
         )
         reporter.say(f"lctrain train: out_dir {out}: checkpoints {out / 'ckpt'}, metrics {out / 'metrics.jsonl'}"
                      + (f", tensorboard {out / 'tb'}" if t.tensorboard else ""))
@@ -234,7 +270,8 @@ class Trainer:
                 first_loss = metrics.loss if first_loss is None else first_loss
                 last_loss = metrics.loss
                 reporter.step(metrics.step, metrics.loss, metrics.lr, tokens_per_step, time.perf_counter() - step_start,
-                              metrics.grad_norm, self.bad_steps.total)
+                              metrics.grad_norm, self.bad_steps.total,
+                              self.peak_memory_mib())
                 signum, save_due = stop.poll(cadence.by_time(metrics.step) if self.is_main else False, self.device)
                 if metrics.step < t.steps and (signum or save_due or cadence.by_steps(metrics.step)):
                     ckpt, last_saved = self.save(), metrics.step

@@ -1,0 +1,103 @@
+"""`lctrain bench layouts RECIPE`: one model trained under several parallel layouts, side by side.
+
+For each layout (default ``tp=2 cp=2 pp=2``: each a comma-separated list of ``key=value`` of the
+``parallel`` section) it runs ``lctrain train RECIPE [overrides] parallel.<layout>`` for --steps
+steps in a fresh out_dir and reads the run's metrics.jsonl: tokens/s (median over the steps after
+--warmup, the whole job and per GPU) and the peak GPU memory per GPU (the largest over ranks,
+metrics.jsonl's ``peak_mib``). A layout the trainer refuses (e.g. one not implemented) shows as a
+row with the refusal instead of figures, so the table still says what was asked.
+
+Example (the mesh target: 1.3B GDN-H1 at 64K on 2 GPUs):
+    lctrain bench layouts recipes/<recipe>.yaml data.seq_len=65536 --steps 10 --json layouts.json --record
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+COLUMNS = ["layout", "processes", "tokens/s", "tokens/s per GPU", "peak MiB per GPU", "final loss", "status"]
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="lctrain bench layouts", description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe", help="recipe YAML (or 'default')")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides applied to every layout")
+    p.add_argument("--layouts", nargs="+", default=["tp=2", "cp=2", "pp=2"],
+                   help="layouts, each comma-separated parallel keys, e.g. tp=2 cp=2 tp=2,cp=2")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3, help="steps left out of the tokens/s median")
+    p.add_argument("--out-dir", default=None, help="where the runs go (default: a temporary folder)")
+    p.add_argument("--json", default=None, help="write the result here")
+    p.add_argument("--record", nargs="?", const="BENCHMARKS.md", default=None, metavar="MD",
+                   help="append the result to BENCHMARKS.md (or MD)")
+    return p.parse_args(argv)
+
+
+def _layout_overrides(layout: str) -> list[str]:
+    keys = [kv.strip() for kv in layout.split(",") if kv.strip()]
+    for kv in keys:
+        if "=" not in kv:
+            raise SystemExit(f"lctrain bench layouts: layout item {kv!r} is not key=value (e.g. tp=2)")
+    return [f"parallel.{kv}" for kv in keys]
+
+
+def run_layout(recipe: str, overrides: list[str], layout: str, steps: int, warmup: int, out_dir: Path) -> list:
+    """One table row: train under `layout`, read its metrics."""
+    extra = _layout_overrides(layout)
+    run_dir = out_dir / layout.replace(",", "_").replace("=", "")
+    cmd = [sys.executable, "-m", "lctrain.cli", "train", recipe, *overrides, *extra, f"train.steps={steps}",
+           f"train.out_dir={run_dir}", "train.resume=false", "train.ckpt_every=0", "train.log_every=1",
+           "train.progress=false", "train.tensorboard=false"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    nproc = None
+    for line in proc.stdout.splitlines():
+        if "world " in line and "parameters" in line:
+            nproc = int(line.split("world ")[1].split()[0])
+    if proc.returncode != 0:
+        err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        return [layout, nproc, None, None, None, None, f"exit {proc.returncode}: {err[:200]}"]
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = [r["tokens_per_s"] for r in records[warmup:]] or [r["tokens_per_s"] for r in records]
+    tps = statistics.median(timed)
+    peaks = [r["peak_mib"] for r in records if r.get("peak_mib") is not None]
+    gpus = nproc or 1
+    return [layout, nproc, round(tps), round(tps / gpus), round(max(peaks)) if peaks else None, records[-1]["loss"], "ok"]
+
+
+def main(argv=None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    base = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="lctrain_layouts_"))
+    rows = []
+    for layout in args.layouts:
+        row = run_layout(args.recipe, args.overrides, layout, args.steps, args.warmup, base)
+        print(dict(zip(COLUMNS, row)), flush=True)
+        rows.append(row)
+    import torch
+
+    result = {
+        "title": f"Parallel layouts side by side: {Path(args.recipe).name} {' '.join(args.overrides)}".strip(),
+        "command": "lctrain bench layouts " + " ".join(sys.argv[1:] if argv is None else argv),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "versions": {"torch": torch.__version__},
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
+        "notes": [f"{args.steps} steps per layout, tokens/s = median after {args.warmup} warm-up steps; "
+                  "peak MiB = largest per-rank peak of allocated memory"],
+        "columns": COLUMNS,
+        "rows": rows,
+    }
+    from lctrain.bench.report import publish
+
+    publish(result, args.json, args.record)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
