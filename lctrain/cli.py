@@ -15,12 +15,15 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "train": "lctrain.train.command",
     "config": {"show": "lctrain.cli:config_show"},
     "data": {"prepare": "lctrain.data.prepare"},
-    "eval": {"niah": "lctrain.eval.niah", "position-loss": "lctrain.eval.position_loss"},
+    "eval": {"niah": "lctrain.eval.niah", "position-loss": "lctrain.eval.position_loss",
+             "task": "lctrain.eval.task"},
     "bench": {"kernels": "lctrain.bench.kernels", "varlen": "lctrain.bench.varlen", "cp": "lctrain.bench.cp",
               "loglinear": "lctrain.bench.loglinear", "deltaformer": "lctrain.bench.deltaformer",
-              "deltaformer-cp": "lctrain.bench.deltaformer_cp", "record": "lctrain.bench.report"},
+              "deltaformer-cp": "lctrain.bench.deltaformer_cp", "train": "lctrain.bench.train",
+              "record": "lctrain.bench.report"},
     "submit": "lctrain.submit",
     "rope": {"bound": "lctrain.cli:rope_bound"},
+    "repro": "lctrain.eval.repro",
 }
 
 USAGE = """usage: lctrain <command> [args]
@@ -31,9 +34,12 @@ commands:
   data prepare ...                        write MDS shards (embedded text or your own files)
   eval niah --ckpt DIR ...                needle-in-a-haystack accuracy, JSON + heatmaps
   eval position-loss --ckpt DIR ...       next-token loss at every position, CSV/JSON + plot
+  eval task --ckpt DIR [--task mqar ...]  synthetic-task accuracy (MQAR, swap tracking, DAG), JSON
+  repro NAME [--tiny] [--out DIR]         train + evaluate the models of recipes/repro/NAME.yaml, JSON + PNG
   bench kernels | varlen | cp | loglinear | deltaformer | deltaformer-cp | record
                                           kernel / packed-document / context-parallel / log-linear /
                                           Deltaformer benchmarks; record into BENCHMARKS.md
+  bench train [RECIPE.yaml] [key=value]   training steps on synthetic tokens: tokens/s, MFU, peak memory
   submit RECIPE.yaml [key=value ...]      render and submit a SLURM job
   rope bound --head-dim D --context T     smallest RoPE base the 'base bounds context length' criterion allows
 

@@ -37,6 +37,7 @@ ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "rerope", "leaky_rerope")
 EVAL_ONLY_SCALINGS = ("rerope", "leaky_rerope")
 ROPE_LAYERS = ("all", "sliding")
 KERNEL_BACKENDS = ("auto", "naive", "torch", "triton")
+RESIDUAL_DTYPES = ("float32", "compute")
 
 
 
@@ -105,7 +106,19 @@ class ModelConfig:
     mlp_ratio: float = 4.0  # SwiGLU hidden size = mlp_ratio * 2/3 * d_model, rounded up to 32
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
-    checkpoint_activations: bool = False
+    # activation checkpointing: none | full (every block) | selective:LETTERS (the blocks of those kinds,
+    # e.g. selective:GM): a checkpointed block keeps only its input for the backward and runs its forward
+    # again there (under CP the linear mixers' replay reuses the states gathered in the forward)
+    activation_checkpointing: str = "none"
+    # with checkpointing: keep the checkpointed blocks' inputs in pinned host memory (copied back for the
+    # recomputation), so the GPU holds no per-block activations between forward and backward (CUDA only)
+    checkpoint_offload: bool = False
+    # > 0: the SwiGLU MLP runs over the sequence in chunks of this many tokens, each checkpointed, so its
+    # hidden-size activations never exist for the whole sequence (lctrain/models/layers.py); 0 = off
+    mlp_chunk_tokens: int = 0
+    # dtype of the residual stream between blocks: float32, or compute = the autocast dtype when
+    # train.dtype autocasts (bf16 halves what full checkpointing keeps per block), else float32
+    residual_dtype: str = "float32"
     chunk_size: int = 64
     kernel_backend: str = "auto"
     # level weights per head of the log-linear layers (L, K): positions up to 2^(levels-1) - 1 are
@@ -128,10 +141,23 @@ class ParallelConfig:
 
 
 @dataclass
+class TaskConfig:
+    """Knobs of a synthetic task (data.source=synthetic:<task>, lctrain/data/synthetic.py); 0 = the
+    task's default where it has one. A knob the chosen task does not take must stay 0."""
+    num_pairs: int = 0  # mqar: key-value pairs per sample (required)
+    num_queries: int = 0  # mqar: default every key; swap / dag: default 1
+    num_elements: int = 0  # swap: elements being swapped (required)
+    num_nodes: int = 0  # dag: nodes of the graph (required)
+    vocab_size: int = 256  # the task's ids are < this (<= model.vocab_size)
+    num_samples: int = 0  # samples built into the cached dataset; 0 = 20000
+
+
+@dataclass
 class DataConfig:
     # "embedded" = text this machine already has + synthetic needle samples, built once into MDS
-    # shards under cache_dir; anything else is a local path (or remote URL) of MDS shards written by
-    # `lctrain data prepare`.
+    # shards under cache_dir; "synthetic:<task>" = a synthetic task (mqar | swap | dag) with the knobs
+    # in data.task, also built once; anything else is a local path (or remote URL) of MDS shards
+    # written by `lctrain data prepare`.
     source: str = "embedded"
     cache_dir: str = "~/.cache/lctrain"
     tokenizer: str = "byte"  # "byte" or a path to a HF tokenizers `tokenizer.json`
@@ -141,6 +167,7 @@ class DataConfig:
     needle_fraction: float = 1.0
     num_workers: int = 0
     seed: int = 0
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 @dataclass
@@ -158,6 +185,10 @@ class TrainConfig:
     # data without it trains unweighted). A tiny model learns long-distance retrieval in a few hundred
     # steps only with it (docs/eval-notes.md); 1 = the plain LM loss
     answer_loss_weight: float = 20.0
+    # > 0: the final norm, LM head and cross-entropy run over chunks of this many tokens with the
+    # gradient computed chunk by chunk, so [tokens, vocab] logits never exist whole (lctrain/train/loss.py);
+    # 0 = one [tokens, vocab] logits tensor
+    loss_chunk_tokens: int = 0
     seed: int = 1234
     out_dir: str = "runs/default"
     log_every: int = 10  # 0 = no log lines (metrics.jsonl still gets every step)
@@ -297,6 +328,13 @@ def validate(cfg: DictConfig) -> None:
     if m.init_std is not None and m.init_std <= 0:
         _fail("model.init_std", f"must be positive, got {m.init_std}",
               "set a positive std, or null for sqrt(2 / (5 d_model))")
+    if not checkpointed_kinds(m, pattern) and m.checkpoint_offload:  # (raises on a bad activation_checkpointing)
+        _fail("model.checkpoint_offload", "offloads the inputs of checkpointed blocks but model.activation_checkpointing=none",
+              "set model.activation_checkpointing=full (or selective:LETTERS), or checkpoint_offload=false")
+    if m.mlp_chunk_tokens < 0:
+        _fail("model.mlp_chunk_tokens", f"must be >= 0, got {m.mlp_chunk_tokens}", "use 0 (off) or a token count such as 16384")
+    if m.residual_dtype not in RESIDUAL_DTYPES:
+        _fail("model.residual_dtype", f"unknown value {m.residual_dtype!r}", f"use one of {RESIDUAL_DTYPES}")
     if m.kernel_backend not in KERNEL_BACKENDS:
         _fail("model.kernel_backend", f"unknown backend {m.kernel_backend!r}", f"use one of {KERNEL_BACKENDS}")
     if any(c in LOGLINEAR_LAYERS for c in pattern):
@@ -382,6 +420,8 @@ def validate(cfg: DictConfig) -> None:
             _fail(f"train.{key}", f"must be a finite number, got {t[key]}", "set a real value")
     if t.lr <= 0:
         _fail("train.lr", f"must be positive, got {t.lr}", "set a learning rate such as 3e-4")
+    if t.loss_chunk_tokens < 0:
+        _fail("train.loss_chunk_tokens", f"must be >= 0, got {t.loss_chunk_tokens}", "use 0 (whole logits) or a token count such as 8192")
     for key in ("beta1", "beta2"):
         if not 0.0 <= t[key] < 1.0:
             _fail(f"train.{key}", f"must lie in [0, 1), got {t[key]}", "use e.g. beta1=0.9, beta2=0.95")
@@ -396,6 +436,7 @@ def validate(cfg: DictConfig) -> None:
         _fail("train.ckpt_minutes", f"must be >= 0, got {t.ckpt_minutes}", "use 0 to save only by steps, on signals and at the end")
     if t.max_bad_steps < 1:
         _fail("train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}", "set how many non-finite steps in a row stop the run")
+    _validate_task(cfg)
     if d.num_workers < 0:
         _fail("data.num_workers", f"must be >= 0, got {d.num_workers}", "use 0 to load in the training process")
     if not str(t.out_dir).strip():
@@ -464,6 +505,53 @@ def validate_rope_scaling(m: Any) -> None:
               "use 0 for data.seq_len")
 
 
+REQUIRED_TASK_KNOBS = {"mqar": "num_pairs", "swap": "num_elements", "dag": "num_nodes"}
+
+
+def _validate_task(cfg: DictConfig) -> None:
+    """data.source=synthetic:<task> and data.task: the task exists, its required knob is set, no other
+    task's knob is set, and one sample can be built at data.seq_len (the generator's own check)."""
+    import numpy as np
+
+    from lctrain.data.synthetic import TASK_KNOBS, TASKS, TaskError
+
+    d, task = cfg.data, cfg.data.task
+    source = str(d.source)
+    defaults = TaskConfig()
+    if not source.startswith("synthetic:"):
+        changed = [k for k in ("num_pairs", "num_queries", "num_elements", "num_nodes", "vocab_size", "num_samples")
+                   if task[k] != getattr(defaults, k)]
+        if changed:
+            _fail(f"data.task.{changed[0]}", f"is set but data.source={source!r} is not a synthetic task",
+                  "set data.source=synthetic:<task> (mqar | swap | dag) or drop data.task")
+        return
+    name = source.split(":", 1)[1]
+    if name not in TASKS:
+        _fail("data.source", f"unknown synthetic task {name!r}", f"use synthetic:<task> with a task of {sorted(TASKS)}")
+    for k in ("num_pairs", "num_queries", "num_elements", "num_nodes", "vocab_size", "num_samples"):
+        if task[k] < 0:
+            _fail(f"data.task.{k}", f"must be >= 0, got {task[k]}", "use 0 for the task's default")
+    for k in ("num_pairs", "num_elements", "num_nodes"):
+        if task[k] and k not in TASK_KNOBS[name]:
+            _fail(f"data.task.{k}", f"is not a knob of the {name} task", f"leave it 0; {name} takes {', '.join(TASK_KNOBS[name])}")
+    need = REQUIRED_TASK_KNOBS[name]
+    if not task[need]:
+        _fail(f"data.task.{need}", f"is required by the {name} task", f"set data.task.{need}")
+    if task.vocab_size > cfg.model.vocab_size:
+        _fail("data.task.vocab_size", f"{task.vocab_size} exceeds model.vocab_size={cfg.model.vocab_size}",
+              "lower data.task.vocab_size or raise model.vocab_size")
+    end = cfg.model.document_end_id
+    if end is not None and end < task.vocab_size:
+        _fail("model.document_end_id", f"{end} is a token of the synthetic task (ids < data.task.vocab_size={task.vocab_size})",
+              "set model.document_end_id=null (task samples are one stream each)")
+    knobs = {k: int(task[k]) for k in TASK_KNOBS[name] if task[k]}
+    try:
+        TASKS[name](np.random.default_rng(0), length=int(d.seq_len) + 1, vocab_size=int(task.vocab_size), **knobs)
+    except TaskError as err:
+        _fail("data.task", f"the {name} task cannot be built at data.seq_len={d.seq_len} ({err})",
+              "change the task's knobs, data.task.vocab_size or data.seq_len")
+
+
 def _file_in_path(path: str) -> str | None:
     """The first existing non-directory on the way to `path` (a file where a folder must be), or None."""
     p = Path(path).absolute()
@@ -477,6 +565,28 @@ def _file_in_path(path: str) -> str | None:
 
 def _letters() -> str:
     return ", ".join(f"{k}={v}" for k, v in LAYER_KINDS.items())
+
+
+def checkpointed_kinds(cfg_model: Any, pattern: str | None = None) -> str:
+    """The block letters model.activation_checkpointing checkpoints: "" (none), every letter of the
+    pattern (full) or the LETTERS of selective:LETTERS. Raises ConfigError naming the key otherwise."""
+    pattern = layer_pattern(cfg_model) if pattern is None else pattern
+    mode = str(getattr(cfg_model, "activation_checkpointing", "none") if not isinstance(cfg_model, dict)
+               else cfg_model.get("activation_checkpointing", "none"))
+    key = "model.activation_checkpointing"
+    if mode == "none":
+        return ""
+    if mode == "full":
+        return "".join(sorted(set(pattern)))
+    kind, _, letters = mode.partition(":")
+    if kind != "selective" or not letters:
+        _fail(key, f"unknown value {mode!r}", "use none, full or selective:LETTERS (block kinds to checkpoint, e.g. selective:GM)")
+    for letter in letters:
+        if letter not in LAYER_KINDS:
+            _fail(key, f"unknown layer letter {letter!r} in {mode!r}", f"use only {_letters()}")
+        if letter not in pattern:
+            _fail(key, f"{mode!r} names {letter!r} but model.layer_pattern {pattern!r} has no such block", "name only kinds the pattern has")
+    return "".join(sorted(set(letters)))
 
 
 def layer_pattern(cfg_model: Any) -> str:

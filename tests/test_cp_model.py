@@ -6,7 +6,9 @@ lm_loss, gradients summed over the dp x cp group by the training loop's reduce_g
 SGD step. Compared with the same step on one process over the full sequence: the loss, every
 parameter gradient and every updated parameter. Layers: gated DeltaNet, sliding-window attention
 (halo), DeltaNet, Mamba-2 (context_parallel + conv halos) and global attention (Ulysses), with packed
-documents kept apart in every layer; activation checkpointing off and on.
+documents kept apart in every layer; activation checkpointing none, full and selective (where replays must
+reuse the gathered states: one all-gather per layer and row), the last also with the chunked cross-entropy
+(train.loss_chunk_tokens) under CP.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ DTYPE = torch.float64
 RTOL = 2e-6
 
 
-def tiny_model_cfg(checkpointing: bool):
+def tiny_model_cfg(checkpointing: str):
     from lctrain.config import default_config
 
     m = default_config().model
@@ -30,7 +32,7 @@ def tiny_model_cfg(checkpointing: bool):
     m.n_heads, m.head_dim, m.attn_heads, m.attn_head_dim = 2, 8, 2, 8
     m.window, m.conv_size, m.mlp_ratio, m.chunk_size = 5, 3, 2.0, 4
     m.kernel_backend = "torch"
-    m.checkpoint_activations = checkpointing
+    m.activation_checkpointing = checkpointing
     m.document_end_id = 63  # packed documents in every layer (see sample)
     return m
 
@@ -47,7 +49,7 @@ def sample(seed: int):
     return tokens[:, :-1], labels
 
 
-def one_step(model, batches, *, cp_group=None, cp_rank=0, cp_size=1, grad_group=None, dp_size=1):
+def one_step(model, batches, *, cp_group=None, cp_rank=0, cp_size=1, grad_group=None, dp_size=1, loss_chunk_tokens=0):
     """lm_loss + backward per batch, gradient reduction, SGD step; returns (mean loss, grads, params)."""
     from lctrain.train.grad_comm import reduce_gradients
     from lctrain.train.step import lm_loss
@@ -59,7 +61,8 @@ def one_step(model, batches, *, cp_group=None, cp_rank=0, cp_size=1, grad_group=
     for input_ids, labels in batches:
         Tl = SEQ_LEN // cp_size
         sl = slice(cp_rank * Tl, (cp_rank + 1) * Tl)
-        loss, mean = lm_loss(model, input_ids[:, sl], labels[:, sl], cp_group=cp_group, position_offset=cp_rank * Tl)
+        loss, mean = lm_loss(model, input_ids[:, sl], labels[:, sl], cp_group=cp_group, position_offset=cp_rank * Tl,
+                             loss_chunk_tokens=loss_chunk_tokens)
         (loss / len(batches)).backward()
         means.append(mean.item())
     reduce_gradients(params, grad_group, dp_size)
@@ -74,19 +77,19 @@ def model_worker(rank, world, cp, checkpoint_modes):
     mesh.init_mesh({"cp": cp, "tp": 1, "pp": 1}, "cpu")
     assert (mesh.cp_size(), mesh.dp_size()) == (cp, world // cp), (mesh.cp_size(), mesh.dp_size())
     out = []
-    for checkpointing in checkpoint_modes:
+    for checkpointing, loss_chunk in checkpoint_modes:
         model = build(checkpointing, cp_group=mesh.cp_group())
         batch = sample(100 + mesh.dp_rank())
         loss, grads, params = one_step(model, [batch], cp_group=mesh.cp_group(), cp_rank=mesh.cp_rank(), cp_size=cp,
-                                       grad_group=mesh.dp_cp_group(), dp_size=mesh.dp_size())
-        counts = [(op.gathers, op.replays_reused) for b in model.blocks if hasattr(b.mixer, "cp_ops")
+                                       grad_group=mesh.dp_cp_group(), dp_size=mesh.dp_size(), loss_chunk_tokens=loss_chunk)
+        counts = [(b.kind, op.gathers, op.replays_reused) for b in model.blocks if hasattr(b.mixer, "cp_ops")
                   for op in b.mixer.cp_ops()]
-        out.append(dict(checkpointing=checkpointing, loss=loss, grads=grads,
+        out.append(dict(checkpointing=(checkpointing, loss_chunk), loss=loss, grads=grads,
                         params=params, counts=counts))
     return out
 
 
-def build(checkpointing: bool, cp_group=None):
+def build(checkpointing: str, cp_group=None):
     from lctrain.models import build_model
 
     torch.manual_seed(0)
@@ -100,13 +103,13 @@ def _rel(got, ref):
 def check(results, dp: int):
     """Every rank's step against the one-process step over the dp replicas' full samples."""
     refs = {}
-    names = [n for n, _ in build(False).named_parameters()]
+    names = [n for n, _ in build("none").named_parameters()]
     for rank, rank_results in enumerate(results):
         for res in rank_results:
-            ckpt = res["checkpointing"]
-            if ckpt not in refs:  # one process: the replicas' samples as gradient accumulation
-                refs[ckpt] = one_step(build(ckpt), [sample(100 + d) for d in range(dp)])
-            ref_loss, ref_grads, ref_params = refs[ckpt]
+            ckpt, loss_chunk = res["checkpointing"]
+            if (ckpt, loss_chunk) not in refs:  # one process: the replicas' samples as gradient accumulation
+                refs[ckpt, loss_chunk] = one_step(build(ckpt), [sample(100 + d) for d in range(dp)], loss_chunk_tokens=loss_chunk)
+            ref_loss, ref_grads, ref_params = refs[ckpt, loss_chunk]
             where = f"rank {rank}, checkpointing={ckpt}"
             if dp == 1:  # lm_loss's mean_loss is the full-sequence mean on every CP rank
                 assert abs(res["loss"] - ref_loss) <= RTOL * abs(ref_loss), (where, res["loss"], ref_loss)
@@ -117,13 +120,15 @@ def check(results, dp: int):
             # one state all-gather per linear layer and batch row (packed documents run row by row)
             # per step; under checkpointing the replay reuses it
             assert len(res["counts"]) == 3 * 2, res["counts"]
-            want = (1, 1) if ckpt else (1, 0)
-            assert all(c == want for c in res["counts"]), (where, res["counts"])
+            checkpointed = {"none": "", "full": "GDM"}.get(ckpt, ckpt.partition(":")[2])
+            assert all((g, r) == (1, int(kind in checkpointed)) for kind, g, r in res["counts"]), (where, res["counts"])
 
 
 def test_cp2_training_step_equals_one_process_with_and_without_checkpointing():
-    check(run_world(model_worker, 2, 2, (False, True), timeout=300, init_process_group=False), dp=1)
+    # against the one-process step of the same mode and loss chunking (chunked vs plain loss: test_long_context.py)
+    modes = (("none", 0), ("full", 0), ("selective:GSM", 5))
+    check(run_world(model_worker, 2, 2, modes, timeout=300, init_process_group=False), dp=1)
 
 
 def test_cp2_times_dp2_training_step_equals_one_process():
-    check(run_world(model_worker, 4, 2, (True,), timeout=300, init_process_group=False), dp=2)
+    check(run_world(model_worker, 4, 2, (("full", 0),), timeout=300, init_process_group=False), dp=2)

@@ -297,10 +297,10 @@ def test_init_scales_output_projections():
 def test_activation_checkpointing_gives_identical_loss_and_grads():
     torch.manual_seed(11)
     plain = build_model(tiny_cfg("GSMA"))
-    ckpt_cfg = tiny_cfg("GSMA", checkpoint_activations=True)
+    ckpt_cfg = tiny_cfg("GSMA", activation_checkpointing="full")
     ckpt = build_model(ckpt_cfg)
     ckpt.load_state_dict(plain.state_dict())
-    assert ckpt.checkpoint_activations and not plain.checkpoint_activations
+    assert ckpt.checkpointed == "AGMS" and plain.checkpointed == ""
     ids = torch.randint(0, 64, (2, 17))
     labels = torch.randint(0, 64, (2, 17))
     losses = []
@@ -501,7 +501,7 @@ def _cp_errors(rank, world, pattern, separators=(), **over):
 
 
 def _cp_worker(rank, world):
-    return [_cp_errors(rank, world, "GSMA"), _cp_errors(rank, world, "DSA", checkpoint_activations=True),
+    return [_cp_errors(rank, world, "GSMA"), _cp_errors(rank, world, "DSA", activation_checkpointing="full"),
             _cp_errors(rank, world, "SGA", rope_layers="sliding"),
             # the default model's retrieval settings: q/k/v convs (halo), documents across the shard edge
             _cp_errors(rank, world, "SAGA", separators=(3, 7, 9), rope_layers="sliding", attn_conv_size=3,
@@ -509,7 +509,7 @@ def _cp_worker(rank, world):
             # every layer letter with packed documents: one crosses the shard edge, one of a single
             # token; recurrent states, convs and attention restart in every layer
             _cp_errors(rank, world, "GDMSA", separators=(2, 3, 9, 12), attn_conv_size=3, attn_conv_layers="all",
-                       document_end_id=63, checkpoint_activations=True)]
+                       document_end_id=63, activation_checkpointing="full")]
 
 
 def test_context_parallel_matches_one_process():

@@ -246,9 +246,16 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @pytest.mark.parametrize("name", ["default.yaml", "gdn_swa_16k.yaml", "hybrid_131k_cp8.yaml",
-                                  "loglinear_gdn_position_loss.yaml"])
+                                  "loglinear_gdn_position_loss.yaml", "gdn_h1_1p3b.yaml", "gdn_h2_1p3b.yaml"])
 def test_recipes_validate(name):
     cfg = load_config(RECIPES / name)
+    if name.startswith("gdn_h"):  # the Gated DeltaNet hybrids H1 (GDN + SWA) and H2 (Mamba-2 + GDN + SWA), 1.3B class
+        from lctrain.models import build_model
+
+        with torch.device("meta"):
+            n_params = build_model(cfg.model).num_parameters()
+        assert cfg.model.d_model == 2048 and len(cfg.model.layer_pattern) == 24 and 1.3e9 < n_params < 1.45e9
+        assert set(cfg.model.layer_pattern) == (set("GS") if "h1" in name else set("MGS"))
     if name == "gdn_swa_16k.yaml":
         assert cfg.parallel.cp == 2 and cfg.data.seq_len == 16384
     if name == "hybrid_131k_cp8.yaml":

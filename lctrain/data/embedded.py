@@ -21,7 +21,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -135,7 +135,21 @@ def ensure_embedded_dataset(data_cfg: Any, *, num_samples: int | None = None, bu
     Non-builders wait up to timeout_s for the builder.
     """
     settings = embedded_settings(data_cfg, num_samples)
-    path = embedded_dataset_path(data_cfg, num_samples)
+
+    def write(path: Path) -> None:
+        tok = get_tokenizer(data_cfg)
+        samples, masks = build_embedded_samples(tok, settings["seq_len"], settings["num_samples"],
+                                                settings["needle_fraction"], settings["seed"])
+        write_mds(path, samples, answer_masks=masks, sample_len=settings["seq_len"] + 1, dtype=token_dtype(tok.vocab_size),
+                  meta=dict(settings, source="embedded", vocab_size=tok.vocab_size, eos_id=tok.eos_id))
+
+    return build_once(embedded_dataset_path(data_cfg, num_samples), write, builder=builder, timeout_s=timeout_s)
+
+
+def build_once(path: Path, write: Callable[[Path], None], *, builder: bool | None = None,
+               timeout_s: float = 3600.0) -> Path:
+    """`path` once a cached MDS dataset is there: a builder rank runs `write(path)` if it is missing
+    (concurrent builders are fine: write_mds renames atomically), the others wait (see module doc)."""
     failed = path.with_name(path.name + ".failed")
     if (path / "index.json").is_file():
         return path
@@ -143,12 +157,8 @@ def ensure_embedded_dataset(data_cfg: Any, *, num_samples: int | None = None, bu
         builder = int(os.environ.get("LOCAL_RANK", "0")) == 0
     if builder:
         failed.unlink(missing_ok=True)
-        tok = get_tokenizer(data_cfg)
         try:
-            samples, masks = build_embedded_samples(tok, settings["seq_len"], settings["num_samples"],
-                                                    settings["needle_fraction"], settings["seed"])
-            write_mds(path, samples, answer_masks=masks, sample_len=settings["seq_len"] + 1, dtype=token_dtype(tok.vocab_size),
-                      meta=dict(settings, source="embedded", vocab_size=tok.vocab_size, eos_id=tok.eos_id))
+            write(path)
         except DatasetExistsError:
             pass  # another builder finished it first
         except BaseException as err:
@@ -160,9 +170,9 @@ def ensure_embedded_dataset(data_cfg: Any, *, num_samples: int | None = None, bu
     started = time.time()
     while not (path / "index.json").is_file():
         if failed.is_file() and failed.stat().st_mtime > started - STALE_FAILURE_S:
-            raise RuntimeError(f"building the embedded dataset {path} failed on the builder rank: {failed.read_text()}")
+            raise RuntimeError(f"building the dataset {path} failed on the builder rank: {failed.read_text()}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_s:.0f}s for the embedded dataset {path}; the builder (LOCAL_RANK 0) "
+            raise TimeoutError(f"waited {timeout_s:.0f}s for the dataset {path}; the builder (LOCAL_RANK 0) "
                                "did not finish: check its log, or build it first with `lctrain data prepare`")
         time.sleep(0.2)
     return path

@@ -93,11 +93,15 @@ class TrainLoader:
 
 
 def resolve_dataset(data_cfg: Any) -> Path:
-    """Local MDS directory for data.source: "embedded" (built on first use) or a path from `lctrain data prepare`."""
+    """Local MDS directory for data.source: "embedded" or "synthetic:<task>" (built on first use) or a path from `lctrain data prepare`."""
     if str(data_cfg.source) == "embedded":
         from lctrain.data.embedded import ensure_embedded_dataset
 
         return ensure_embedded_dataset(data_cfg)
+    if str(data_cfg.source).startswith("synthetic:"):
+        from lctrain.data.task_dataset import ensure_task_dataset
+
+        return ensure_task_dataset(data_cfg)
     src = str(data_cfg.source)
     if "://" in src:
         raise DataError(f"data.source={src!r}: remote datasets are not supported yet; copy the MDS directory locally and pass its path")
@@ -192,7 +196,7 @@ def build_train_loader(data_cfg: Any, *, dp_rank: int, dp_size: int, cp_rank: in
         raise DataError(f"data.seq_len={seq_len} does not split into parallel.cp={cp_size} equal slices; make seq_len a multiple of cp")
     _check_env(global_rank, world_size)
     path = resolve_dataset(data_cfg)
-    check_shards(path, embedded=str(data_cfg.source) == "embedded")
+    check_shards(path, embedded=str(data_cfg.source) == "embedded" or str(data_cfg.source).startswith("synthetic:"))
     meta = read_meta(path)
     _check_same_dataset_everywhere(path, meta)
     if meta.get("tokenizer") is not None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lctrain.config import init_std
+from lctrain.config import checkpointed_kinds, init_std
 
 from .attention import Attention
 from .deltaformer import DeltaformerMixer
@@ -90,12 +90,33 @@ class Block(nn.Module):
             self.mixer = Attention(d, m.attn_heads, m.attn_head_dim, window=m.window if kind == "S" else None,
                                    rope=None if nope else rope, conv_size=_attn_conv_size(m, kind),
                                    cp_group=cp_group, kv_heads=_cfg(m, "attn_kv_heads", None))
-        self.mlp = SwiGLU(d, swiglu_hidden_size(d, m.mlp_ratio))
+        self.mlp = SwiGLU(d, swiglu_hidden_size(d, m.mlp_ratio), int(_cfg(m, "mlp_chunk_tokens", 0) or 0))
 
     def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
                 docs: Documents | None = None) -> torch.Tensor:
         x = x + self.mixer(self.norm1(x), position_offset, cache, docs)
         return x + self.mlp(self.norm2(x))
+
+
+class _ToHost(torch.autograd.Function):
+    """x -> a copy in pinned host memory (asynchronous, stream-ordered); the gradient goes back to x's device."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.device = x.device
+        out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
+        return out.copy_(x, non_blocking=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.device, non_blocking=True)
+
+
+def _block_from_host(block: Block, x_host: torch.Tensor, offset: int, docs) -> torch.Tensor:
+    """A checkpointed block whose saved input is x_host (model.checkpoint_offload): the GPU copy made
+    here lives only while the block runs, in the forward and again in the recomputation."""
+    x = x_host.to(block.norm1.weight.device, non_blocking=True)
+    return block(x, offset, None, docs)
 
 
 class LMCache:
@@ -118,7 +139,10 @@ class HybridLM(nn.Module):
         self.cfg = m
         self.pattern = _pattern(m)
         self.cp_group = cp_group
-        self.checkpoint_activations = bool(_cfg(m, "checkpoint_activations", False))
+        # the block kinds model.activation_checkpointing checkpoints ("" = none)
+        self.checkpointed = checkpointed_kinds(m, self.pattern)
+        self.residual_in_compute_dtype = str(_cfg(m, "residual_dtype", "float32")) == "compute"
+        self.checkpoint_offload = bool(_cfg(m, "checkpoint_offload", False))
         end = _cfg(m, "document_end_id", None)
         if end is not None and not 0 <= int(end) < m.vocab_size:
             raise ValueError(f"model.document_end_id={end} is not a token id of the vocabulary [0, {m.vocab_size}); "
@@ -184,6 +208,13 @@ class HybridLM(nn.Module):
         position_offset + (tokens the cache has seen) + 0 .. T-1. `doc_bounds` (optional, with
         model.document_end_id set): the packed documents' GLOBAL boundaries per row as the data loader
         found them; without it the model finds them in input_ids."""
+        x = self.hidden_states(input_ids, position_offset=position_offset, cache=cache, doc_bounds=doc_bounds)
+        return self.lm_head(self.norm(x)).float()
+
+    def hidden_states(self, input_ids: torch.Tensor, *, position_offset: int = 0, cache: LMCache | None = None,
+                      doc_bounds: list[list[int]] | None = None) -> torch.Tensor:
+        """The residual stream after the last block, before the final norm: [B, T_local, d_model]
+        (what `forward` turns into logits; the chunked loss of lctrain.train.loss starts from it)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         offset = int(position_offset)
@@ -193,15 +224,20 @@ class HybridLM(nn.Module):
             offset += cache.seen_tokens
         docs = self._documents(input_ids, cache, doc_bounds)
         x = self.embed(input_ids)
+        if self.residual_in_compute_dtype and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        recompute = cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
-            if self.checkpoint_activations and cache is None and torch.is_grad_enabled():
+            if recompute and block.kind in self.checkpointed and self.checkpoint_offload and x.is_cuda:
+                x = checkpoint(_block_from_host, block, _ToHost.apply(x), offset, docs, use_reentrant=False)
+            elif recompute and block.kind in self.checkpointed:
                 x = checkpoint(block, x, offset, None, docs, use_reentrant=False)
             else:
                 x = block(x, offset, layer_cache, docs)
         if cache is not None:
             cache.seen_tokens += input_ids.shape[1]
-        return self.lm_head(self.norm(x)).float()
+        return x
 
     def _documents(self, input_ids: torch.Tensor, cache: LMCache | None, doc_bounds=None) -> Documents | None:
         """The packed documents of this forward when model.document_end_id is set (every layer keeps

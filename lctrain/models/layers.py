@@ -6,6 +6,48 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """(gated) RMSNorm that keeps only x, the gate and one float32 rstd per row for the backward.
+
+    Autograd through the float32 formula keeps two float32 copies of x (and, gated, two of the gate):
+    16 (gated: 32) bytes per channel and token against 2-4 here in bf16, the largest saving per token
+    of a block after the MLP's (docs/long_context.md). Same outputs; gradients equal up to rounding."""
+
+    @staticmethod
+    def forward(ctx, x, weight, gate, eps):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = (xf * rstd * weight.float()).to(x.dtype)
+        if gate is not None:
+            y = (y.float() * F.silu(gate.float())).to(x.dtype)
+        ctx.save_for_backward(x, weight, gate, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, gate, rstd = ctx.saved_tensors
+        n = x.float() * rstd
+        dy = dy.float()
+        dgate = None
+        if gate is not None:
+            gf = gate.float()
+            sig = torch.sigmoid(gf)
+            a = n * weight.float()
+            dgate = (dy * a * sig * (1 + gf * (1 - sig))).to(gate.dtype)
+            dy = dy * gf * sig  # through silu(gate)
+        dw = (dy * n).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype)
+        dn = dy * weight.float()
+        dx = rstd * (dn - n * (dn * n).mean(-1, keepdim=True))
+        return dx.to(x.dtype), dw, dgate, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight (times silu(gate) when given), computed in float32, returned
+    in x's dtype; the backward keeps x, the gate and rstd only (_RMSNormFn)."""
+    return _RMSNormFn.apply(x, weight, gate, eps)
 
 
 class RMSNorm(nn.Module):
@@ -17,17 +59,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def norm_fn(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """This norm with another (detached) weight tensor: what a chunked loss differentiates."""
+        return rms_norm(x, weight, self.eps)
 
 
 class GatedRMSNorm(RMSNorm):
     """Output norm of the linear mixers: RMSNorm(o) * silu(gate), per head (normalised over the last dim)."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        y = super().forward(x).float() * F.silu(gate.float())
-        return y.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, gate)
 
 
 def swiglu_hidden_size(d_model: int, mlp_ratio: float) -> int:
@@ -37,17 +80,32 @@ def swiglu_hidden_size(d_model: int, mlp_ratio: float) -> int:
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x))."""
+    """down(silu(gate(x)) * up(x)).
 
-    def __init__(self, d_model: int, hidden: int):
+    `chunk_tokens` > 0 (model.mlp_chunk_tokens): while gradients are recorded, the sequence runs in
+    chunks of that many tokens, each under non-reentrant activation checkpointing, so that the
+    hidden-size activations (gate, up, silu(gate), their product: 4 x hidden / d_model = 10.7x the
+    block's input per token at mlp_ratio 4) exist for one chunk at a time in the forward AND the
+    backward, instead of being saved for the whole sequence. The price is one more MLP forward per
+    chunk in the backward (the MLP's FLOPs rise by a third). Same outputs and gradients."""
+
+    def __init__(self, d_model: int, hidden: int, chunk_tokens: int = 0):
         super().__init__()
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
         self.down_proj.is_output_projection = True  # scaled init, see HybridLM._init_weights
+        self.chunk_tokens = int(chunk_tokens)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        T = x.shape[1]
+        if self.chunk_tokens <= 0 or not torch.is_grad_enabled() or x.dim() != 3 or x.shape[0] * T <= self.chunk_tokens:
+            return self._mlp(x)
+        step = max(1, self.chunk_tokens // x.shape[0])  # tokens of each sequence per chunk
+        return torch.cat([checkpoint(self._mlp, x[:, s:s + step], use_reentrant=False) for s in range(0, T, step)], dim=1)
 
 
 class ShortConv(nn.Module):

@@ -57,7 +57,8 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # model-section keys that change how the model runs, not which parameters it has
-RUNTIME_MODEL_KEYS = ("kernel_backend", "checkpoint_activations")
+RUNTIME_MODEL_KEYS = ("kernel_backend", "activation_checkpointing", "checkpoint_offload", "mlp_chunk_tokens", "residual_dtype",
+                      "checkpoint_activations")  # the last: the boolean that activation_checkpointing replaced
 
 
 class CheckpointError(UserError, RuntimeError):

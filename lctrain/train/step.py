@@ -15,28 +15,37 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from lctrain.train.loss import IGNORE_INDEX, chunked_head_loss
 
 
 def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, cp_group=None, position_offset: int = 0,
-            token_weights: torch.Tensor | None = None, doc_bounds: list[list[int]] | None = None):
+            token_weights: torch.Tensor | None = None, doc_bounds: list[list[int]] | None = None,
+            loss_chunk_tokens: int = 0):
     """-> (loss, mean_loss): this rank's differentiable share and the detached full-sequence mean.
 
     Labels equal to -100 are ignored. With `cp_group` None (or of size 1) and no token_weights both
     are the plain mean. `doc_bounds` (from the loader): the packed documents' global boundaries per
-    sample, handed to the model so that it need not find them itself.
+    sample, handed to the model so that it need not find them itself. `loss_chunk_tokens` > 0
+    (train.loss_chunk_tokens): the head and the loss run in chunks of that many tokens
+    (lctrain.train.loss), never materialising the whole logits.
     """
     if input_ids.shape != labels.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} must have the same shape [B, T_local]")
     if token_weights is not None and token_weights.shape != labels.shape:
         raise ValueError(f"token_weights {tuple(token_weights.shape)} must have the labels' shape {tuple(labels.shape)}")
     documents = {} if doc_bounds is None else {"doc_bounds": doc_bounds}
-    logits = model(input_ids, position_offset=position_offset, **documents)
-    per_token = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    token_losses = per_token.sum()
-    weighted = token_losses if token_weights is None else (per_token * token_weights.reshape(-1).float()).sum()
+    if loss_chunk_tokens > 0:
+        hidden = model.hidden_states(input_ids, position_offset=position_offset, **documents)
+        weighted, token_losses = chunked_head_loss(hidden, model.norm.weight, model.lm_head.weight, labels,
+                                                   norm_fn=model.norm.norm_fn, chunk_tokens=loss_chunk_tokens,
+                                                   token_weights=token_weights)
+    else:
+        logits = model(input_ids, position_offset=position_offset, **documents)
+        per_token = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        token_losses = per_token.sum()
+        weighted = token_losses if token_weights is None else (per_token * token_weights.reshape(-1).float()).sum()
     stats = torch.stack([token_losses.detach(), (labels != IGNORE_INDEX).sum().to(token_losses.dtype)])
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=cp_group)

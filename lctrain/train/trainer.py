@@ -81,6 +81,10 @@ class Trainer:
         self.tp_group, self.tp_rank = mesh.tp_group(), mesh.tp_rank()
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.dtype = pick_dtype(t, device)
+        if device.type == "cpu" and self.dtype == torch.bfloat16 and cfg.model.kernel_backend == "triton":
+            # bf16 autocast on CPU is real with the torch kernels; the Triton interpreter computes bf16 wrongly
+            raise TrainingError("train.dtype=bfloat16 on CPU with model.kernel_backend=triton runs the Triton interpreter, "
+                                "whose bfloat16 results are wrong; use model.kernel_backend=auto (torch on CPU) or train.dtype=float32")
         if self.cp_size != cfg.parallel.cp or (cfg.parallel.cp > 1 and self.cp_group is None):
             # context_parallel(op, None) falls back to the plain op: a missing group would train on wrong math.
             raise TrainingError(f"parallel.cp={cfg.parallel.cp} but the mesh has a CP group of size {self.cp_size}")
@@ -116,7 +120,8 @@ class Trainer:
         weights = answer_weights(batch, self.cfg.train.answer_loss_weight, self.device)
         with self._autocast():
             return lm_loss(self.model, input_ids, labels, cp_group=self.cp_group, position_offset=self.cp_rank * input_ids.shape[1],
-                           token_weights=weights, doc_bounds=batch.get("doc_bounds"))
+                           token_weights=weights, doc_bounds=batch.get("doc_bounds"),
+                           loss_chunk_tokens=self.cfg.train.loss_chunk_tokens)
 
     def forward_backward(self, batches: Sequence[dict]) -> torch.Tensor:
         """Accumulate the gradients of the micro-batches (each loss / len(batches)); returns the step's

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Builds .whl/: the wheels `lctrain train` / `lctrain bench train` import on the GPU machines, whose
+# Python (3.12; torch 2.11, triton 3.6, numpy, rich, tensorboard, pyyaml, requests, ... preinstalled)
+# lacks megatron-core, deepspeed, mosaicml-streaming and omegaconf and cannot reach a registry.
+# Run here (PyPI reachable, the CI environment active), from anywhere in the checkout:
+#     bash .ci/device/build_wheels.sh            (DEST=.whl by default; .whl/ is git-ignored)
+# then carry `.whl` in the device call; .ci/device/train_bench.sh installs it with --no-index --no-deps.
+#
+# What goes in is measured, not listed by hand: a Python probe imports everything the training path
+# imports on a GPU (config, data loader, mesh, CP ops, Ulysses, the loop, `lctrain bench train`),
+# maps the loaded modules to their distributions, drops the ones the GPU image already has
+# (PRESENT, from the device notes' package list) and torch/triton/nvidia-*, and pins each to the
+# version installed here (what CI tests with). Binary wheels are for CPython 3.12 / x86-64;
+# sdist-only packages (deepspeed) are built here as pure-python wheels (DS_BUILD_OPS=0).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DEST=${DEST:-.whl}
+mkdir -p "$DEST"
+export DS_ACCELERATOR=cpu DS_BUILD_OPS=0
+PRESENT="absl-py accelerate aiohttp attrs certifi charset-normalizer click cloudpickle contourpy cycler einops filelock
+fonttools fsspec grpcio h5py huggingface-hub humanize idna jinja2 joblib kiwisolver markdown markdown-it-py markupsafe
+matplotlib mdurl ml-dtypes mpmath msgpack networkx ninja numpy nvidia-ml-py packaging pandas pillow pip protobuf psutil
+py-cpuinfo pygments pyparsing python-dateutil pyyaml regex requests rich safetensors scipy sentencepiece setuptools six
+sympy tensorboard tensorboard-data-server tokenizers tqdm transformers typing-inspect urllib3 werkzeug wheel xxhash
+cuda-bindings cuda-pathfinder cuda-core cuda-toolkit lctrain"
+SPECS=$(python3 - "$PRESENT" <<'PY'
+import importlib.metadata as md, re, sys, warnings
+warnings.filterwarnings("ignore")
+norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+present = {norm(n) for n in sys.argv[1].split()}
+import lctrain.config, lctrain.data, lctrain.models, lctrain.train.step, lctrain.parallel  # noqa: F401
+import lctrain.train.trainer, lctrain.train.command  # noqa: F401,E401
+from lctrain.parallel import mesh, ulysses  # noqa: F401
+from megatron.core import parallel_state  # noqa: F401
+import deepspeed.comm  # noqa: F401
+from deepspeed.sequence.layer import DistributedAttention  # noqa: F401
+from deepspeed.accelerator import get_accelerator  # noqa: F401
+from streaming import MDSWriter, StreamingDataLoader, StreamingDataset  # noqa: F401
+from streaming.base.format import reader_from_json  # noqa: F401
+try:
+    import lctrain.bench.train  # noqa: F401
+except ImportError:
+    pass
+owners = md.packages_distributions()
+dists = {d for m in list(sys.modules) for d in owners.get(m.split(".")[0], [])}
+# typing_extensions is always carried: pydantic needs a newer one than older images hold
+keep = sorted(d for d in dists if norm(d) not in present and not norm(d).startswith(("torch", "triton", "nvidia-")))
+print(" ".join(f"{d}=={md.version(d)}" for d in keep))
+PY
+)
+echo "bundling: $SPECS"
+PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
+           --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_34_x86_64)
+for spec in $SPECS; do
+  name=${spec%%==*}
+  if ! python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+         "${PLATFORMS[@]}" -d "$DEST" "$spec" 2>/dev/null; then
+    echo "no binary wheel of $spec: building a wheel here"
+    python3 -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" "$spec"
+  fi
+done
+echo "bundle: $(ls "$DEST"/*.whl | wc -l) wheels, $(du -ch "$DEST"/*.whl | tail -1 | cut -f1) (the device call carries at most 64 MiB in all)"
+ls -S -s "$DEST" | head -6

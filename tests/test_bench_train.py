@@ -1,0 +1,77 @@
+"""`lctrain bench train` on CPU: real steps of a tiny recipe, its JSON and BENCHMARKS.md section; the
+length search; the FLOP count it divides by."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lctrain.bench import train as bench_train
+from lctrain.config import load_config
+from lctrain.models import build_model
+
+TINY = ["data.seq_len=64", "data.micro_batch_size=1", "model.d_model=64", "model.layer_pattern=GS", "model.window=16",
+        "model.activation_checkpointing=selective:G", "train.loss_chunk_tokens=24"]
+
+
+def test_bench_train_runs_two_steps_and_writes_json(tmp_path):
+    out, md = tmp_path / "r.json", tmp_path / "B.md"
+    assert bench_train.main([*TINY, "--steps", "2", "--warmup", "0", "--json", str(out), "--record", str(md)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["losses"]) == 2 and all(loss > 0 for loss in result["losses"])
+    assert result["tokens_per_s"] > 0 and result["step_s"] > 0
+    assert result["mfu_percent"] is None  # CPU: no peak to divide by
+    split = result["time_split_ms"]
+    assert set(split["fwd"]) == set(split["bwd"]) == {"G", "S"}
+    assert all(v > 0 for v in [*split["fwd"].values(), *split["bwd"].values()])
+    row = dict(zip(result["columns"], result["rows"][0]))
+    assert row["seq_len"] == 64 and row["checkpointing"] == "selective:G, loss chunk 24"
+    assert "Training step: default at 64 tokens" in md.read_text()
+
+
+def test_bench_train_length_search_on_cpu(tmp_path):
+    out = tmp_path / "len.json"
+    assert bench_train.main([*TINY, "--lengths", "64", "32", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r[1] for r in result["rows"]] == [32, 64] and result["longest_seq_len"] == 64
+
+
+def test_bench_train_refuses_a_bad_length_before_work(capsys):
+    # a length that does not split into cp * chunk_size shards is refused by the config check
+    assert bench_train.main([*TINY, "parallel.cp=2", "--lengths", "64", "100"]) == 2
+    assert "data.seq_len" in capsys.readouterr().err
+
+
+def test_attention_flops_count_the_keys_each_query_sees():
+    cfg = load_config(None, TINY)
+    model = build_model(cfg.model)
+    T, w = 64, 16
+    flops = bench_train.model_flops_per_step(model, cfg, T, sequences=3)
+    keys = sum(min(t + 1, w) for t in range(T))  # the S layer's sliding window
+    assert flops["attention"] == pytest.approx(12 * cfg.model.attn_heads * cfg.model.attn_head_dim * keys * 3)
+    assert flops["dense"] == pytest.approx(6 * flops["matmul_params"] * T * 3)
+
+
+def test_activation_memory_parts_add_up(tmp_path):
+    """Per token, the block keeps what its two halves keep (the residual adds save nothing), and the
+    numbers do not depend on the length (weights cancel out)."""
+    import torch
+
+    cfg = load_config(None, TINY)
+    kib = bench_train.saved_kib_per_token(cfg, torch.device("cpu"))
+    assert set(kib) == {"G", "S"}
+    for kind, v in kib.items():
+        assert v["mixer"] > 0 and v["mlp"] > 0, (kind, v)
+        assert v["block"] == pytest.approx(v["mixer"] + v["mlp"], rel=1e-6), (kind, v)
+    assert bench_train.saved_kib_per_token(cfg, torch.device("cpu"), lengths=(64, 320))["S"]["mlp"] == pytest.approx(kib["S"]["mlp"])
+    out = tmp_path / "mem.json"
+    assert bench_train.main([*TINY, "--activation-memory", "--json", str(out)]) == 0
+    assert [r[0] for r in json.loads(out.read_text())["rows"]] == ["G", "S"]
+
+
+@pytest.mark.parametrize("flags", [["--lengths", "64", "--steps", "3"], ["--activation-memory", "--no-split"],
+                                   ["--lengths", "64", "--activation-memory"]])
+def test_bench_train_refuses_options_its_mode_would_ignore(flags, capsys):
+    with pytest.raises(SystemExit) as err:
+        bench_train.main([*TINY, *flags])
+    assert err.value.code == 2 and "--" in capsys.readouterr().err
