@@ -421,3 +421,35 @@ def test_niah_cli_cp2_self_launch_equals_cp1(ckpt, tmp_path):
     ref = run_niah(model, ByteTokenizer(), tasks=["s_niah_1"], lengths=[256], depths=[0.5], samples=2, template="train",
                    seed=0, log=None)
     assert [r["prediction"] for r in report["records"]] == [r["prediction"] for r in ref]
+
+
+def _cp_generate_heads_worker(rank, world):
+    """Greedy generation with the prompt prefilled over 2 CP ranks vs one process, for layers whose
+    decoding cache is not plain rotated k/v: MLA (latent + rope key), (Leaky) ReRoPE (unrotated keys),
+    MQA (one kv head)."""
+    import torch.distributed as dist
+
+    from lctrain.models import build_model
+    from test_models import tiny_cfg
+
+    out = []
+    for over in (dict(attn_heads=4, attn_kv_heads=1), dict(attn_heads=4, mla_kv_rank=6, mla_rope_dim=4),
+                 dict(rope_scaling="rerope", rope_rerope_window=3),
+                 dict(rope_scaling="leaky_rerope", rope_rerope_window=3, rope_factor=4.0)):
+        torch.manual_seed(21)
+        cfg = tiny_cfg("SA", **over)
+        model = build_model(cfg).eval()
+        cp_model = build_model(cfg, cp_group=dist.group.WORLD).eval()
+        cp_model.load_state_dict(model.state_dict())
+        prompt = torch.randint(0, 64, (21,), generator=torch.Generator().manual_seed(5)).tolist()
+        cp, one = generate(model, prompt, 5, cp_model=cp_model, cp_group=dist.group.WORLD), generate(model, prompt, 5)
+        out.append((cp.cp_prefill_tokens, cp.tokens == one.tokens, float((cp.first_logits - one.first_logits).abs().max())))
+    return out
+
+
+def test_cp_prefill_of_mla_rerope_and_mqa_equals_one_process():
+    """The CP prefill records MLA's latent and ReRoPE's unrotated keys (16 of 21 prompt tokens over
+    2 ranks), then decoding gives the one-process tokens and logits."""
+    for per_rank in run_world(_cp_generate_heads_worker, 2, timeout=240):
+        for prefilled, same_tokens, logit_err in per_rank:
+            assert prefilled == 16 and same_tokens and logit_err < 1e-4

@@ -58,3 +58,11 @@ def test_validate_warns_below_the_bound_only():
         warnings.simplefilter("error", ConfigWarning)
         load_config(overrides=low[:-1] + ["model.rope.base=50000"])
         load_config()  # the default: RoPE only in the 128-token windows
+
+
+@pytest.mark.parametrize("recipe", ["default.yaml", "gdn_swa_16k.yaml", "hybrid_131k_cp8.yaml"])
+def test_recipes_respect_the_base_bound(recipe):
+    """Every shipped recipe's base passes the criterion for the distances its RoPE layers see."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        load_config(f"recipes/{recipe}")

@@ -11,7 +11,8 @@ tokens, global positions, the ordinary CP forward: state scan over ranks, conv /
 Ulysses for global attention). While it runs, hooks record what decoding needs: each linear layer's
 outgoing state and conv tails (on the last rank these are the prefix's), and each attention layer's
 roped keys and values (gathered onto the last rank for global attention; the last window-1 of the
-last rank for sliding windows). The last rank turns them into an ordinary decoding cache, feeds the
+last rank for sliding windows; unrotated keys for (Leaky) ReRoPE layers, which rotate per query; the
+latent and the rotated RoPE key part for MLA layers, whose absorbed decoding needs nothing else). The last rank turns them into an ordinary decoding cache, feeds the
 remaining n - n_cp (< P * chunk) prompt tokens through the single-process model with that cache, and
 decodes greedily; the tokens are then broadcast to the group. No padding is ever added, so every
 token sits at its true position and cp=P computes the same function as cp=1 (up to float rounding).
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from lctrain.config import LINEAR_LAYERS, LOGLINEAR_LAYERS
 from lctrain.models.attention import Attention
 from lctrain.models.layers import ShortConv
+from lctrain.models.mla import MLAttention
 from lctrain.parallel.mesh import group_size
 
 
@@ -78,10 +80,8 @@ def generate(model, prompt_ids, max_new_tokens: int, *, eos_id: int | None = Non
 def cp_prefill_length(n_tokens: int, cp: int, model_cfg) -> int:
     """How many leading prompt tokens are prefilled across the CP ranks (see the module doc)."""
     pattern = "".join(str(c) for c in model_cfg.layer_pattern)
-    if "F" in pattern or ("A" in pattern and int(model_cfg.get("mla_kv_rank", 0) or 0) > 0):
-        return 0  # Deltaformer / MLA layers record no cache during a CP forward: prefill on the last rank
-    if str(model_cfg.rope.get("scaling", "none")) in ("rerope", "leaky_rerope"):  # the cache keeps unrotated keys
-        return 0
+    if "F" in pattern:
+        return 0  # Deltaformer layers record no cache during a CP forward: prefill on the last rank
     unit = cp * int(model_cfg.chunk_size)
     n_cp = (n_tokens // unit) * unit
     if any(c in LOGLINEAR_LAYERS for c in pattern) and n_cp:
@@ -118,6 +118,10 @@ class _PrefillRecorder:
         self.handles, self.swapped = [], []
         for block, rec in zip(cp_model.blocks, self.records):
             mixer = block.mixer
+            if isinstance(mixer, MLAttention):  # the latent and the shared RoPE key part (before RoPE)
+                self.handles.append(mixer.kv_norm.register_forward_hook(self._keep(rec, "c")))
+                self.handles.append(mixer.k_rope.register_forward_hook(self._keep(rec, "kr_raw")))
+                continue
             if isinstance(mixer, Attention):
                 for name in ("k", "v"):  # k and v before RoPE: after the conv when there is one
                     if mixer.conv_size > 0:
@@ -185,11 +189,20 @@ def _generate_cp(model, cp_model, ids: list[int], max_new_tokens, eos_id, group,
     if n_cp:
         for i, (block, rec) in enumerate(zip(cp_model.blocks, records)):
             mixer = block.mixer
-            if isinstance(mixer, Attention):
+            if isinstance(mixer, MLAttention):  # the absorbed-decoding cache: latent, rotated rope key, positions
+                pos = torch.arange(r * shard, (r + 1) * shard, device=device)
+                k_rope = rec["kr_raw"].view(1, shard, 1, mixer.rope_dim)
+                if mixer.rope is not None:
+                    k_rope = mixer.rope(k_rope, pos)
+                c, k_rope = _gather_to(rec["c"], group, last), _gather_to(k_rope[:, :, 0].contiguous(), group, last)
+                if r == last:
+                    cache.layers[i].update(c=c, k_rope=k_rope, pos=torch.arange(n_cp, device=device))
+            elif isinstance(mixer, Attention):
                 H, D = mixer.kv_heads, mixer.head_dim  # k and v have the kv heads (GQA)
                 pos = torch.arange(r * shard, (r + 1) * shard, device=device)
                 k = rec["k_raw"].view(1, shard, H, D)
-                if mixer.rope is not None:  # None: a NoPE global layer (model.rope.layers=sliding)
+                rerope = mixer.rope is not None and mixer.rope.rerope is not None and mixer.window is None
+                if mixer.rope is not None and not rerope:  # None: NoPE global layer; ReRoPE caches unrotated keys
                     k = mixer.rope(k, pos)
                 v = rec["v_raw"].view(1, shard, H, D)
                 if mixer.window is None:
