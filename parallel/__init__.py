@@ -32,7 +32,6 @@ from .mesh import (
 )
 
 
-
 def context_parallel(op, group, transition: str | None = None):
     """A callable with ``op``'s signature over the local contiguous shard of each rank of ``group``:
     ``ContextParallelOp`` for delta_rule / gated_delta_rule / gated_linear_attn (``transition``: how

@@ -59,16 +59,15 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-
 from lctrain.kernels import (
     apply_transition,
-    grouped_shard_state_grad,
-    grouped_shard_transition,
     apply_transition_transposed,
     check_cu_seqlens,
     delta_rule,
     gated_delta_rule,
     gated_linear_attn,
+    grouped_shard_state_grad,
+    grouped_shard_transition,
     shard_state_grad,
     shard_transition,
 )

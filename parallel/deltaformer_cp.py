@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
 from lctrain.kernels.deltaformer.api import deltaformer_by_documents, deltaformer_u_by_documents
 from lctrain.kernels.deltaformer.readout import prefix_readout
 

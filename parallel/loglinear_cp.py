@@ -27,14 +27,17 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
-from lctrain.kernels import (apply_transition, apply_transition_transposed, levels_needed,
-                             loglinear_gated_delta_rule, loglinear_gated_linear_attn, shard_state_grad,
-                             shard_transition)
-from lctrain.kernels import api as base_api
+from lctrain.kernels import (
+    apply_transition,
+    apply_transition_transposed,
+    levels_needed,
+    loglinear_gated_delta_rule,
+    loglinear_gated_linear_attn,
+    shard_state_grad,
+    shard_transition,
+)
 from lctrain.kernels.loglinear import ops as ll_ops
-from lctrain.kernels.loglinear.chunk import (level_query, level_weight_differences, loglinear_by_levels,
-                                             slots_from_runs)
+from lctrain.kernels.loglinear.chunk import level_query, level_weight_differences, loglinear_by_levels, slots_from_runs
 
 from .context_parallel import ContextParallelError, _all_gather, _comm_device, _exact
 

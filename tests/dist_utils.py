@@ -11,6 +11,7 @@ are killed at once; the whole run is bounded by ``timeout`` seconds (collectives
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import pickle
 import queue
@@ -18,8 +19,6 @@ import socket
 import time
 import traceback
 from datetime import timedelta
-
-import multiprocessing as mp
 
 
 class WorkerError(RuntimeError):

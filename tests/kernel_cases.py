@@ -1,8 +1,6 @@
 """Shared by the Triton kernel tests (CPU interpreter and GPU): call an op by kind, take its outputs and all gradients."""
 import torch
-
 from lctrain.kernels import delta_rule, gated_delta_rule, gated_linear_attn
-
 
 # K and V blocks of 16 everywhere, so every K / V loop and block grid of the Triton kernels runs more
 # than one block (dq/dk then sums several dgam parts); few warps for the interpreter

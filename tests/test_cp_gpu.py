@@ -16,7 +16,6 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dist_utils import run_world
 
 P = 2
@@ -50,9 +49,9 @@ def _full_inputs(kind, seed, device):
 def _linear_case(rank, kind, transition, device):
     """Returns {name: rel error} of this rank's CP results against one GPU on the whole sequence."""
     import torch.distributed as dist
+    from lctrain.parallel import context_parallel
 
     from lctrain import kernels
-    from lctrain.parallel import context_parallel
 
     name, extra = KINDS[kind]
     op = getattr(kernels, name)
@@ -89,7 +88,6 @@ def _linear_case(rank, kind, transition, device):
 
 def _conv_case(rank, device):
     import torch.distributed as dist
-
     from lctrain.parallel.halo import prepend_halo
     Bc, Tl, C, ks = CONV
     gen = torch.Generator(device=device).manual_seed(5)

@@ -13,7 +13,6 @@ reuse the gathered states: one all-gather per layer and row), the last also with
 from __future__ import annotations
 
 import torch
-
 from dist_utils import run_world
 
 PATTERN = "GSDMA"

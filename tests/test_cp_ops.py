@@ -13,7 +13,6 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dist_utils import WorkerError, run_world
 
 OPS = {"delta": "delta_rule", "gated_delta": "gated_delta_rule", "gla": "gated_linear_attn"}
@@ -82,10 +81,10 @@ def reference(case, P):
 def cp_worker(rank, P, cases, checkpoint_mode="none", transition=None):
     """Runs every case on this rank's shard; returns the local outputs, state and gradients."""
     import torch.distributed as dist
+    from lctrain.parallel import context_parallel
     from torch.utils.checkpoint import checkpoint
 
     from lctrain import kernels
-    from lctrain.parallel import context_parallel
 
     out = []
     for case in cases:
@@ -227,9 +226,9 @@ def doc_reference(case, P):
 
 def cp_doc_worker(rank, P, cases):
     import torch.distributed as dist
+    from lctrain.parallel import context_parallel
 
     from lctrain import kernels
-    from lctrain.parallel import context_parallel
 
     out = []
     for case in cases:
@@ -317,7 +316,6 @@ def test_cp_under_activation_checkpointing():
 
 def error_worker(rank, P, what):
     import torch.distributed as dist
-
     from lctrain.kernels import gated_delta_rule
     from lctrain.parallel import context_parallel
     from lctrain.parallel.context_parallel import ContextParallelError
@@ -379,7 +377,6 @@ def test_cp_rejects_bad_group_and_op():
 def mesh_worker(rank, P):
     """megatron-core groups for tp=2 x cp=2 on the already initialised world, then torn down."""
     import torch.distributed as dist
-
     from lctrain.parallel import mesh
     info = mesh.init_mesh({"tp": 2, "cp": 2, "pp": 1}, "cpu")
     assert mesh.init_mesh({"tp": 2, "cp": 2}) is info, "init_mesh must be idempotent"
@@ -411,7 +408,6 @@ def test_mesh_groups_tp2_cp2():
 
 def test_mesh_single_process():
     import torch.distributed as dist
-
     from lctrain.parallel import mesh
     if dist.is_initialized():
         pytest.skip("this pytest process already has a process group")
@@ -463,7 +459,6 @@ def _ulysses_inputs(seed, P, B, Tl, H, D):
 def comm_worker(rank, P, seed, B, Tl, C, ks, H, D):
     """Short causal depthwise conv through prepend_halo, and Ulysses attention, on this rank's shard."""
     import torch.distributed as dist
-
     from lctrain.parallel.halo import prepend_halo
     from lctrain.parallel.ulysses import ulysses_attention
 

@@ -11,8 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from lctrain.data import ByteTokenizer, DataError, TokenizerError, build_train_loader, check_vocab_size, cp_slice, get_tokenizer
-from lctrain.data import needle
+from lctrain.data import (
+    ByteTokenizer,
+    DataError,
+    TokenizerError,
+    build_train_loader,
+    check_vocab_size,
+    cp_slice,
+    get_tokenizer,
+    needle,
+)
 from lctrain.data.mds import DatasetExistsError, read_meta, write_mds
 from lctrain.data.packing import pack_documents, packed_epochs
 
@@ -62,7 +70,7 @@ def test_bad_tokenizer_path_gives_clear_error(tmp_path):
 
 def _tiny_hf_tokenizer(path: Path, specials=("<s>", "</s>", "<pad>")) -> Path:
     import tokenizers  # the test extra declares it
-    from tokenizers import models, pre_tokenizers, decoders, trainers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = tokenizers.Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -129,6 +137,7 @@ def _write_jsonl(path: Path, docs: list[str]) -> Path:
 
 def test_prepare_writes_mds_that_reads_back_identically(tmp_path):
     from streaming import StreamingDataset
+
     from lctrain.data.prepare import main
 
     rng = random.Random(2)
@@ -182,6 +191,7 @@ def test_prepare_errors_name_the_fix(tmp_path, capsys):
 
 def test_prepare_needle_fraction_mixes_retrieval_samples(tmp_path):
     from streaming import StreamingDataset
+
     from lctrain.data.prepare import main
 
     src = tmp_path / "a.txt"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from lctrain.kernels import deltaformer
 
 B, H, K, V = 2, 2, 16, 8

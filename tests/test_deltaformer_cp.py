@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_utils import run_world
 
 B, H, K, V, T_LOCAL = 2, 2, 8, 4, 6
@@ -33,7 +32,6 @@ def single_process(x, docs):
 
 def cp_worker(rank, P, cases):
     import torch.distributed as dist
-
     from lctrain.parallel.deltaformer_cp import deltaformer_cp
     out = []
     for seed, with_docs, backend in cases:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_models import tiny_cfg
 
 from lctrain.config import ConfigError, load_config
 from lctrain.models import build_model
-from test_models import tiny_cfg
 
 
 def test_hybrid_with_deltaformer_trains():

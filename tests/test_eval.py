@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_utils import run_world  # tests/ is on sys.path through conftest.py (see there)
 
 from lctrain.config import load_config
 from lctrain.data.tokenizer import ByteTokenizer
@@ -27,8 +28,6 @@ from lctrain.eval.ruler import (
     parse_lengths,
     string_match_all,
 )
-
-from dist_utils import run_world  # tests/ is on sys.path through conftest.py (see there)
 
 TINY = ["model.d_model=32", "model.layer_pattern=GSGA", "model.n_heads=2", "model.head_dim=8", "model.attn_heads=2",
         "model.attn_head_dim=8", "model.window=8", "model.chunk_size=16", "model.conv_size=4", "model.mlp_ratio=2.0",
@@ -428,9 +427,9 @@ def _cp_generate_heads_worker(rank, world):
     decoding cache is not plain rotated k/v: MLA (latent + rope key), (Leaky) ReRoPE (unrotated keys),
     MQA (one kv head)."""
     import torch.distributed as dist
+    from test_models import tiny_cfg
 
     from lctrain.models import build_model
-    from test_models import tiny_cfg
 
     out = []
     for over in (dict(attn_heads=4, attn_kv_heads=1), dict(attn_heads=4, mla_kv_rank=6, mla_rope_dim=4),

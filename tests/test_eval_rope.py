@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_eval import make_checkpoint
 
 from lctrain.eval import runtime
-from test_eval import make_checkpoint
 
 ROPE_ALL = ["model.rope.layers=all"]
 

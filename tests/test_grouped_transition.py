@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from lctrain.kernels import grouped_shard_state_grad, grouped_shard_transition, shard_state_grad, shard_transition
 from lctrain.kernels.grouped import auto_groups
 

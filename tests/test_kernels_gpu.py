@@ -9,9 +9,8 @@ miscompile of a gated backward on Hopper (fla issue #640) would show.
 import pytest
 import torch
 import torch.nn.functional as F
-
-from lctrain.kernels import shard_state_grad, shard_transition
 from kernel_cases import outputs_and_grads
+from lctrain.kernels import shard_state_grad, shard_transition
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

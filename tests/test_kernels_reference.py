@@ -6,12 +6,18 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from lctrain.kernels import (
+    api,
+    apply_transition,
+    apply_transition_transposed,
+    delta_rule,
+    gated_delta_rule,
+    gated_linear_attn,
+    shard_state_grad,
+    shard_transition,
+)
 
 from lctrain import kernels
-from lctrain.kernels import (apply_transition, apply_transition_transposed, delta_rule,
-                             gated_delta_rule, gated_linear_attn, shard_state_grad,
-                             shard_transition)
-from lctrain.kernels import api
 
 MIXERS = ("delta", "gated_delta", "gla")
 # (T, chunk, K, V): ragged last chunks, exact multiples, K != V, chunk larger than T

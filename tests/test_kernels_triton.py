@@ -12,10 +12,8 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-
-from lctrain.kernels import (delta_rule, gated_delta_rule, gated_linear_attn, shard_state_grad,
-                             shard_transition)
 from kernel_cases import SMALL_BLOCKS, call, outputs_and_grads
+from lctrain.kernels import delta_rule, gated_delta_rule, gated_linear_attn, shard_state_grad, shard_transition
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",

@@ -10,9 +10,14 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
-from lctrain.kernels import (check_cu_seqlens, delta_rule, gated_delta_rule, gated_linear_attn,
-                             shard_state_grad, shard_transition)
+from lctrain.kernels import (
+    check_cu_seqlens,
+    delta_rule,
+    gated_delta_rule,
+    gated_linear_attn,
+    shard_state_grad,
+    shard_transition,
+)
 
 MIXERS = ("delta", "gated_delta", "gla")
 OPS = {"delta": delta_rule, "gated_delta": gated_delta_rule, "gla": gated_linear_attn}
@@ -99,9 +104,9 @@ def test_triton_packed_documents_equal_each_document_alone(kind, dtype, tol, dev
     documents shorter than, equal to and longer than a chunk (64, the last chunk partial, odd
     lengths), and one token. In the interpreter with blocks of 16, so the state passes run two V
     blocks per document; on CUDA with the default launch settings."""
+    from kernel_cases import SMALL_BLOCKS
     from lctrain.kernels import api
     from lctrain.kernels.triton import ops
-    from kernel_cases import SMALL_BLOCKS
 
     def loop(*a, **kw):
         raise AssertionError("backend='triton' with cu_seqlens fell back to the per-document loop")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dist_utils import WorkerError, run_world
 
 OPS = {"gdn": "loglinear_gated_delta_rule", "mamba2": "loglinear_gated_linear_attn"}
@@ -33,9 +32,9 @@ def names(kind):
 
 def cp_worker(rank, P, cases):
     import torch.distributed as dist
+    from lctrain.parallel import LogLinearContextParallelOp, context_parallel
 
     from lctrain import kernels
-    from lctrain.parallel import LogLinearContextParallelOp, context_parallel
 
     out = []
     for seed, kind, B, Tl, H, K, V, L, chunk in cases:

@@ -6,9 +6,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
-from lctrain.kernels import (gated_delta_rule, gated_linear_attn, levels_needed,
-                             loglinear_gated_delta_rule, loglinear_gated_linear_attn)
+from lctrain.kernels import (
+    gated_delta_rule,
+    gated_linear_attn,
+    levels_needed,
+    loglinear_gated_delta_rule,
+    loglinear_gated_linear_attn,
+)
 from lctrain.kernels.loglinear import level
 
 KINDS = ("gdn", "mamba2")

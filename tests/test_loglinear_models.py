@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dist_utils import run_world
+from test_models import tiny_cfg
+
 from lctrain.config import ConfigError, default_config, validate
 from lctrain.models import build_model
-from test_models import tiny_cfg
 
 
 def test_hybrid_with_loglinear_layers_forward_backward():

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_models import tiny_cfg
 
 from lctrain.config import ConfigError, load_config
 from lctrain.models import build_model
 from lctrain.train.step import lm_loss
-from test_models import tiny_cfg
 
 
 def _step(model, ids, labels, weights=None, **kw):

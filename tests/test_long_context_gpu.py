@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_long_context import _assert_grads_close, _batch
+from test_models import tiny_cfg
 
 from lctrain.models import build_model
 from lctrain.train.step import lm_loss
-from test_long_context import _assert_grads_close, _batch
-from test_models import tiny_cfg
 
 pytestmark = pytest.mark.gpu
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

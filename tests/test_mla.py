@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_models import tiny_cfg
 
 from lctrain.config import ConfigError, load_config
 from lctrain.models import build_model
 from lctrain.models.mla import MLAttention
-from test_models import tiny_cfg
 
 
 @pytest.mark.parametrize("rope_layers", ["all", "sliding"])

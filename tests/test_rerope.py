@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_models import tiny_cfg
 
 from lctrain.config import ConfigError, load_config
 from lctrain.models import RotaryEmbedding, build_model
 from lctrain.models.attention import masked_attention
 from lctrain.models.rerope import rerope_attention
-from test_models import tiny_cfg
 
 
 def brute_force(q, k, v, rope, window, leak):

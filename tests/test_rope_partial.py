@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_models import tiny_cfg
 
 from lctrain.config import ConfigError, load_config
 from lctrain.models import RotaryEmbedding, build_model
-from test_models import tiny_cfg
 
 
 def test_partial_rope_rotates_only_the_leading_dims():

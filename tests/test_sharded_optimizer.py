@@ -9,7 +9,6 @@ so it does not matter which replica computes it), and each replica must hold onl
 from __future__ import annotations
 
 import torch
-
 from dist_utils import run_world
 
 TINY = ["model.d_model=32", "model.layer_pattern=GS", "model.n_heads=2", "model.head_dim=16", "model.attn_heads=2",
@@ -24,8 +23,9 @@ def _batches(dp_rank: int, vocab: int):
 
 
 def zero_worker(rank, world, out_dir):
-    from lctrain.config import load_config
     from lctrain.parallel import mesh
+
+    from lctrain.config import load_config
     from lctrain.train.trainer import Trainer
 
     cpu = torch.device("cpu")

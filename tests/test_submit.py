@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from lctrain.config import load_config
+from lctrain.submit import SubmitError, render
 from lctrain.submit import main as submit_main
-from lctrain.submit import render, SubmitError
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [

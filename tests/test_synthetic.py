@@ -11,7 +11,16 @@ import torch
 
 from lctrain.config import ConfigError, load_config
 from lctrain.data.synthetic import (
-    NO, YES, TaskError, check_dag, check_mqar, check_swap, dag_sample, mqar_sample, swap_sample, task_samples,
+    NO,
+    YES,
+    TaskError,
+    check_dag,
+    check_mqar,
+    check_swap,
+    dag_sample,
+    mqar_sample,
+    swap_sample,
+    task_samples,
 )
 
 
@@ -105,9 +114,10 @@ def test_task_config_errors_name_the_key(overrides, key):
 
 
 def test_task_dataset_holds_the_samples(tmp_path):
+    from streaming import LocalDataset
+
     from lctrain.data.mds import read_meta
     from lctrain.data.task_dataset import ensure_task_dataset
-    from streaming import LocalDataset
 
     cfg = load_config(None, SYN + ["data.task.num_pairs=4", "data.task.num_samples=6", "data.seq_len=31",
                                    f"data.cache_dir={tmp_path}"])

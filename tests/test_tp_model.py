@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_utils import run_world
 from test_cp_model import DTYPE, RTOL, _rel, one_step, sample, tiny_model_cfg
 

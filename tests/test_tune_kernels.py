@@ -5,8 +5,9 @@ import pytest
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from lctrain.bench import tune_kernels as tk  # noqa: E402
 from lctrain.kernels.triton import ops  # noqa: E402
+
+from lctrain.bench import tune_kernels as tk  # noqa: E402
 
 
 def test_every_candidate_tunes_only_its_own_kernel():
@@ -59,8 +60,7 @@ def test_accuracy_helpers_name_every_gradient_and_see_agreement(method):
     our Triton kernels (interpreter, float32) agree with the float32 torch reference."""
     import torch
 
-    from lctrain.bench.kernels import (_float32_inputs, _grad_names, _make_inputs,
-                                       _outputs_and_grads, _rel_diff)
+    from lctrain.bench.kernels import _float32_inputs, _grad_names, _make_inputs, _outputs_and_grads, _rel_diff
     x = _make_inputs(1, 80, 2, 16, torch.float32, "cpu")
     ref = _outputs_and_grads("ref_" + method, _float32_inputs(x), None)
     ours = _outputs_and_grads(method, x, None)

@@ -55,10 +55,9 @@ def _load_fla(notes: list[str]):
 
     import torch
     import triton
-    from packaging import version
-
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    from packaging import version
     try:
         fla_version = md.version("fla-core")
     except md.PackageNotFoundError:

@@ -64,8 +64,12 @@ def _inputs(B, T, H, D, dtype, device):
 
 def _method(name, x, fla):
     """(forward returning o, differentiable inputs)."""
-    from lctrain.kernels import (gated_delta_rule, gated_linear_attn, loglinear_gated_delta_rule,
-                                 loglinear_gated_linear_attn)
+    from lctrain.kernels import (
+        gated_delta_rule,
+        gated_linear_attn,
+        loglinear_gated_delta_rule,
+        loglinear_gated_linear_attn,
+    )
     q, k, v, g, beta, lam = x["q"], x["k"], x["v"], x["g"], x["beta"], x["lam"]
     H = v.shape[2]
     shared = lambda t: t.expand(-1, -1, H, -1)  # noqa: E731 - ours takes one q/k per head

@@ -2,6 +2,7 @@
 
 Heavy imports (mosaicml-streaming) happen only when a loader or a dataset is built.
 """
+from lctrain.data.loader import DataError, TrainLoader, build_train_loader, cp_slice  # noqa: F401
 from lctrain.data.tokenizer import (  # noqa: F401
     ByteTokenizer,
     HFTokenizer,
@@ -10,4 +11,3 @@ from lctrain.data.tokenizer import (  # noqa: F401
     check_vocab_size,
     get_tokenizer,
 )
-from lctrain.data.loader import DataError, TrainLoader, build_train_loader, cp_slice  # noqa: F401

@@ -27,7 +27,13 @@ import numpy as np
 
 from lctrain.data.corpus import corpus_fingerprint, embedded_documents
 from lctrain.data.mds import DatasetExistsError, write_mds
-from lctrain.data.needle import NEEDLE_DIGITS, _SentenceIds, min_training_length, packed_needle_sample, training_needle_sample
+from lctrain.data.needle import (
+    NEEDLE_DIGITS,
+    _SentenceIds,
+    min_training_length,
+    packed_needle_sample,
+    training_needle_sample,
+)
 from lctrain.data.packing import packed_epochs, token_dtype
 from lctrain.data.tokenizer import get_tokenizer
 

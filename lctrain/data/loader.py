@@ -21,8 +21,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from lctrain.errors import UserError
 from lctrain.data.mds import read_meta
+from lctrain.errors import UserError
 
 
 class DataError(UserError, ValueError):

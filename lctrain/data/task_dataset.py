@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-
 from lctrain.data.embedded import build_once
 from lctrain.data.mds import write_mds
 from lctrain.data.packing import token_dtype

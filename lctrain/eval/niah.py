@@ -20,7 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-from .ruler import TASKS, TEMPLATES, build_sample, get_template, parse_depths, parse_lengths, random_value, string_match_all
+from .ruler import (
+    TASKS,
+    TEMPLATES,
+    build_sample,
+    get_template,
+    parse_depths,
+    parse_lengths,
+    random_value,
+    string_match_all,
+)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -133,7 +142,6 @@ def format_table(summary: dict, lengths, depths) -> str:
 def main(argv: list[str]) -> int:
     ns = _parse(argv)
     from lctrain.config import ConfigError, split_recipe_and_overrides
-
     from lctrain.local_launch import self_launch
 
     from . import runtime

@@ -235,7 +235,6 @@ def score_checkpoint(model, windows: Iterable[list[int]], seq_len: int, *, num_w
 def main(argv: list[str]) -> int:
     ns = _parse(argv)
     from lctrain.config import LINEAR_LAYERS, ConfigError, split_recipe_and_overrides
-
     from lctrain.local_launch import self_launch
 
     from . import runtime

@@ -59,7 +59,8 @@ def eval_config(ckpt: str | os.PathLike, recipe: str | None, overrides: list[str
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except Exception as err:  # omegaconf's errors name the key
         raise EvalError(f"override: {err}") from None
-    from lctrain.config import ConfigError as _ConfigError, validate_rope_scaling
+    from lctrain.config import ConfigError as _ConfigError
+    from lctrain.config import validate_rope_scaling
     try:
         validate_rope_scaling(cfg.model)
     except _ConfigError as err:

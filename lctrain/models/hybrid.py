@@ -31,10 +31,10 @@ from lctrain.parallel.tensor_parallel import column_linear, local_size, shard_fr
 from .attention import Attention
 from .deltaformer import DeltaformerMixer
 from .documents import Documents, documents_from_bounds, find_documents
-from .mla import MLAttention
 from .layers import RMSNorm, SwiGLU, swiglu_hidden_size
 from .linear_mixers import DeltaNetMixer, Mamba2Mixer
 from .loglinear_mixers import LogLinearDeltaNetMixer, LogLinearMamba2Mixer
+from .mla import MLAttention
 from .rope import RotaryEmbedding
 
 LAYER_LETTERS = "GDMLKSAF"

@@ -12,8 +12,8 @@ import sys
 import warnings
 
 from lctrain.config import ConfigError, load_config, split_recipe_and_overrides, world_size_needed
-from lctrain.local_launch import self_launch
 from lctrain.data.tokenizer import TokenizerError, check_model_vocab
+from lctrain.local_launch import self_launch
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -31,7 +31,14 @@ class Reporter:
             except ImportError as err:  # tensorboard is a dependency, but do not die for a log
                 print(f"lctrain train: tensorboard unavailable ({err}); continuing without it", file=sys.stderr)
         if cfg.train.progress and sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),

@@ -26,14 +26,20 @@ from omegaconf import DictConfig
 from lctrain.parallel import mesh
 from lctrain.train.bad_steps import BadStepGuard
 from lctrain.train.cadence import CheckpointCadence
-from lctrain.train.checkpoint import (ckpt_root, finished_steps, latest_checkpoint, load_checkpoint, load_model_weights,
-                                     save_checkpoint)
+from lctrain.train.checkpoint import (
+    ckpt_root,
+    finished_steps,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
 from lctrain.train.device import TrainingError, device_text, pick_device, pick_dtype, seed_everything
 from lctrain.train.grad_comm import broadcast_parameters, clip_grad_norm, mean_over_group, reduce_gradients
 from lctrain.train.metrics import Reporter
 from lctrain.train.metrics_file import restart_metrics
-from lctrain.train.preemption import StopSignals, requeue_or_exit_code
 from lctrain.train.optim import build_optimizer, build_scheduler
+from lctrain.train.preemption import StopSignals, requeue_or_exit_code
 from lctrain.train.step import answer_weights, lm_loss
 
 __all__ = ["StepMetrics", "Trainer", "TrainingError", "train"]
