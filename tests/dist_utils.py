@@ -55,7 +55,7 @@ def _worker(rank, world_size, port, fn, args, results, init_pg, timeout):
         results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         results.put((rank, "error", traceback.format_exc()))
-        raise SystemExit(1)
+        raise SystemExit(1) from None  # the traceback already went to the parent
 
 
 _SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
@@ -102,7 +102,7 @@ def run_world(fn, world_size: int, *args, timeout: float = 180.0, init_process_g
                         raise WorkerError(f"rank {dead[0][0]} died with exit code {dead[0][1]} and no traceback") from None
                 elif time.monotonic() > deadline:
                     raise TimeoutError(f"run_world({getattr(fn, '__name__', fn)}, {world_size}) exceeded {timeout}s; "
-                                       f"finished ranks: {sorted(out)}")
+                                       f"finished ranks: {sorted(out)}") from None
                 else:
                     continue
             if status == "error":

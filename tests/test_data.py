@@ -323,7 +323,7 @@ def test_cp_slices_concatenate_to_the_sample_with_global_shift(cp_size):
     full = torch.from_numpy(tokens.astype(np.int64))
     assert inputs.dtype == torch.long and inputs.shape == (3, 32)
     assert torch.equal(inputs, full[:, :-1]) and torch.equal(labels, full[:, 1:])
-    for r, (x, y) in enumerate(parts):  # each rank's last label is the next rank's first input
+    for r, (_, y) in enumerate(parts):  # each rank's last label is the next rank's first input
         if r + 1 < cp_size:
             assert torch.equal(y[:, -1], parts[r + 1][0][:, 0])
     with pytest.raises(DataError, match="multiple of cp"):

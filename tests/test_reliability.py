@@ -306,7 +306,7 @@ def test_kill9_at_random_moments_of_saves_leaves_a_loadable_latest(dataset, tmp_
         log = tmp_path / f"log{attempt}"
         before = _steps_logged(out)
         proc = _spawn(_args(dataset, out, "train.steps=400", "train.ckpt_every=1", "train.keep_last=2"), log)
-        _wait_for(lambda: _steps_logged(out) > before + 1, "a few steps", proc, log)
+        _wait_for(lambda before=before: _steps_logged(out) > before + 1, "a few steps", proc, log)
         time.sleep(rng.uniform(0.0, 0.5))  # saving is most of each step here: a kill lands in a save
         proc.kill()
         proc.wait()

@@ -26,7 +26,6 @@ def _transition(x: torch.Tensor, k_t, a_t, b_t) -> torch.Tensor:
 def dense_loglinear(q, k, v, g, beta, level_weights, *, scale=None, initial_state=None,
                     output_final_state=False, position_offset=0):
     B, T, H, K = q.shape
-    V = v.shape[-1]
     L = level_weights.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     dt = compute_dtype(q, k, v, g, beta, level_weights, initial_state)

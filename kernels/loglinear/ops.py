@@ -99,7 +99,7 @@ def _run(name, base_name, q, k, v, g, beta, level_weights, scale, initial_state,
         bounds = base_api.check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], q.device)
         outs, finals = [], []
         for bos, eos in zip(bounds, bounds[1:]):
-            piece = lambda x: None if x is None else x[:, bos:eos]  # noqa: E731
+            piece = lambda x, bos=bos, eos=eos: None if x is None else x[:, bos:eos]  # noqa: E731
             o, S = _run(name, base_name, piece(q), piece(k), piece(v), piece(g), piece(beta), piece(level_weights),
                         scale, None, output_final_state, 0, None, backend, chunk_size)
             outs.append(o)

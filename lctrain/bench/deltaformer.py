@@ -139,7 +139,7 @@ def run(args) -> dict:
         torch.cuda.empty_cache()
         ref = res.get("fla")
         for m, r in res.items():
-            ratio = lambda j: round(r[j] / ref[j], 3) if (r is not None and ref is not None) else None  # noqa: E731
+            ratio = lambda j, r=r, ref=ref: round(r[j] / ref[j], 3) if (r is not None and ref is not None) else None  # noqa: E731
             rows.append([T, m] + ([None] * 3 if r is None else [round(r[0], 3), round(r[1], 3), round(r[2], 1)])
                         + [ratio(0), ratio(1), ratio(2)])
             raw.append({"T": T, "method": m, "fwd_ms": None if r is None else r[0],

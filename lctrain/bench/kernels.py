@@ -199,7 +199,7 @@ def _agreement(x, fla, notes):
         ref = _outputs_and_grads("ref_" + ours, xr, fla)
         names = _grad_names(ours)
 
-        def fmt(a_list, b_list):
+        def fmt(a_list, b_list, names=names):
             return ", ".join(f"{n} {_rel_diff(a, b):.1e}" for n, a, b in zip(names, a_list, b_list))
         notes.append(f"agreement {ours} vs {theirs} at T={T}: rel diff " + fmt(mine, other))
         notes.append(f"accuracy vs float32 torch reference at T={T}: {ours}: " + fmt(mine, ref)
@@ -259,7 +259,7 @@ def run(args) -> dict:
         for m in res:
             r = res[m]
             ref = res.get(FLA_OF.get(m.split("@")[0], ""))
-            ratio = lambda j: (round(r[j] / ref[j], 3) if (r is not None and ref is not None) else None)
+            ratio = lambda j, r=r, ref=ref: (round(r[j] / ref[j], 3) if (r is not None and ref is not None) else None)
             rows.append([T, m,
                          None if r is None else round(r[0], 3),
                          None if r is None else round(r[1], 3),

@@ -318,7 +318,7 @@ def _set_optim_state(model, optimizer, full: dict, tp_group) -> None:
         if float(entry["step"]) == 0:
             holder.state.pop(p, None)
             continue
-        shard = (lambda t: take_shard(t, dims[name], tp_group)) if name in dims else (lambda t: t)
+        shard = (lambda t, name=name: take_shard(t, dims[name], tp_group)) if name in dims else (lambda t: t)
         holder.state[p] = {"step": entry["step"].clone().float(),
                            **{k: shard(entry[k]).to(device=p.device, dtype=p.dtype).clone() for k in _ADAM_KEYS}}
 
