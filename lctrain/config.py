@@ -309,18 +309,21 @@ def validate(cfg: DictConfig) -> None:
     for i, letter in enumerate(pattern):
         if letter not in LAYER_KINDS:
             _fail("model.layer_pattern", f"unknown layer letter {letter!r} at position {i}", f"use only {_letters()}")
-    for key in ("d_model", "n_heads", "head_dim", "attn_heads", "attn_head_dim", "vocab_size", "chunk_size", "conv_size"):
+    for key in ("d_model", "n_heads", "head_dim", "attn_heads", "attn_head_dim", "vocab_size", "chunk_size",
+                "conv_size"):
         if getattr(m, key) < 1:
             _fail(f"model.{key}", f"must be positive, got {getattr(m, key)}", "set a positive integer")
     if m.attn_conv_size < 0:
-        _fail("model.attn_conv_size", f"must be >= 0, got {m.attn_conv_size}", "use 0 (no conv) or a kernel size such as 4")
+        _fail("model.attn_conv_size", f"must be >= 0, got {m.attn_conv_size}",
+              "use 0 (no conv) or a kernel size such as 4")
     if m.attn_conv_layers not in ("all", "global"):
         _fail("model.attn_conv_layers", f"unknown value {m.attn_conv_layers!r}", "use all or global")
     if m.attn_kv_heads is not None and (m.attn_kv_heads < 1 or m.attn_heads % m.attn_kv_heads):
         _fail("model.attn_kv_heads", f"{m.attn_kv_heads} key/value heads do not divide model.attn_heads={m.attn_heads}",
               "use a divisor of attn_heads (1 = MQA) or null for one per query head")
     if m.mla_kv_rank < 0:
-        _fail("model.mla_kv_rank", f"must be >= 0, got {m.mla_kv_rank}", "use 0 (off) or the latent rank, e.g. 4 * attn_head_dim")
+        _fail("model.mla_kv_rank", f"must be >= 0, got {m.mla_kv_rank}",
+              "use 0 (off) or the latent rank, e.g. 4 * attn_head_dim")
     if m.mla_kv_rank > 0 and "A" in pattern:
         if m.mla_rope_dim < 2 or m.mla_rope_dim % 2:
             _fail("model.mla_rope_dim", f"must be even and >= 2, got {m.mla_rope_dim}", "use e.g. 16 or 64")
@@ -335,10 +338,12 @@ def validate(cfg: DictConfig) -> None:
         _fail("model.init_std", f"must be positive, got {m.init_std}",
               "set a positive std, or null for sqrt(2 / (5 d_model))")
     if not checkpointed_kinds(m, pattern) and m.checkpoint_offload:  # (raises on a bad activation_checkpointing)
-        _fail("model.checkpoint_offload", "offloads the inputs of checkpointed blocks but model.activation_checkpointing=none",
+        _fail("model.checkpoint_offload",
+              "offloads the inputs of checkpointed blocks but model.activation_checkpointing=none",
               "set model.activation_checkpointing=full (or selective:LETTERS), or checkpoint_offload=false")
     if m.mlp_chunk_tokens < 0:
-        _fail("model.mlp_chunk_tokens", f"must be >= 0, got {m.mlp_chunk_tokens}", "use 0 (off) or a token count such as 16384")
+        _fail("model.mlp_chunk_tokens", f"must be >= 0, got {m.mlp_chunk_tokens}",
+              "use 0 (off) or a token count such as 16384")
     if m.residual_dtype not in RESIDUAL_DTYPES:
         _fail("model.residual_dtype", f"unknown value {m.residual_dtype!r}", f"use one of {RESIDUAL_DTYPES}")
     if m.kernel_backend not in KERNEL_BACKENDS:
@@ -371,15 +376,20 @@ def validate(cfg: DictConfig) -> None:
         if getattr(p, key) < 1:
             _fail(f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}", "use 1 to switch it off")
     if p.pp > len(pattern):
-        _fail("parallel.pp", f"{len(pattern)} layers are fewer than {p.pp} pipeline stages", "use pp <= the number of layers")
+        _fail("parallel.pp", f"{len(pattern)} layers are fewer than {p.pp} pipeline stages",
+              "use pp <= the number of layers")
     if p.pp > 1 and len(pattern) % p.pp:
-        _fail("parallel.pp", f"{len(pattern)} layers do not split into {p.pp} pipeline stages", "choose pp dividing the number of layers")
+        _fail("parallel.pp", f"{len(pattern)} layers do not split into {p.pp} pipeline stages",
+              "choose pp dividing the number of layers")
     if p.pp > 1:
-        _fail("parallel.pp", "pipeline parallelism is not implemented yet", "use parallel.pp=1 (tensor and context parallelism work)")
+        _fail("parallel.pp", "pipeline parallelism is not implemented yet",
+              "use parallel.pp=1 (tensor and context parallelism work)")
     model_size = p.tp * p.cp * p.pp
     if p.nproc_per_node and p.nproc_per_node % model_size:
-        _fail("parallel.nproc_per_node", f"{p.nproc_per_node} processes do not factor into tp*cp*pp = {p.tp}*{p.cp}*{p.pp} = {model_size} "
-              "times a data-parallel size", f"use a multiple of {model_size}, or lower parallel.tp / parallel.cp / parallel.pp")
+        _fail("parallel.nproc_per_node",
+              f"{p.nproc_per_node} processes do not factor into tp*cp*pp = {p.tp}*{p.cp}*{p.pp} = {model_size} "
+              "times a data-parallel size",
+              f"use a multiple of {model_size}, or lower parallel.tp / parallel.cp / parallel.pp")
     if p.tp > 1:
         no_tp = sorted({c for c in pattern if c not in "GDMSA"})
         if no_tp:
@@ -395,41 +405,54 @@ def validate(cfg: DictConfig) -> None:
 
         hidden = swiglu_hidden_size(m.d_model, m.mlp_ratio)
         if hidden % p.tp:
-            _fail("model.mlp_ratio", f"the MLP's {hidden} hidden units do not divide over parallel.tp={p.tp}", "use a tp dividing it")
+            _fail("model.mlp_ratio", f"the MLP's {hidden} hidden units do not divide over parallel.tp={p.tp}",
+                  "use a tp dividing it")
         if any(c in LINEAR_LAYERS for c in pattern) and m.n_heads % p.tp:
-            _fail("model.n_heads", f"{m.n_heads} heads do not divide over parallel.tp={p.tp}", "make n_heads a multiple of tp")
+            _fail("model.n_heads", f"{m.n_heads} heads do not divide over parallel.tp={p.tp}",
+                  "make n_heads a multiple of tp")
         if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_heads % p.tp:
-            _fail("model.attn_heads", f"{m.attn_heads} heads do not divide over parallel.tp={p.tp}", "make attn_heads a multiple of tp")
+            _fail("model.attn_heads", f"{m.attn_heads} heads do not divide over parallel.tp={p.tp}",
+                  "make attn_heads a multiple of tp")
         if m.vocab_size % p.tp:
-            _fail("model.vocab_size", f"{m.vocab_size} does not divide over parallel.tp={p.tp}", "pad vocab_size to a multiple of tp")
+            _fail("model.vocab_size", f"{m.vocab_size} does not divide over parallel.tp={p.tp}",
+                  "pad vocab_size to a multiple of tp")
     if p.cp > 1:
         shard = d.seq_len // p.cp
         if d.seq_len % p.cp:
-            _fail("data.seq_len", f"{d.seq_len} does not split into parallel.cp={p.cp} equal shards", "make seq_len a multiple of cp")
+            _fail("data.seq_len", f"{d.seq_len} does not split into parallel.cp={p.cp} equal shards",
+                  "make seq_len a multiple of cp")
         if any(c in LOGLINEAR_LAYERS for c in pattern) and m.document_end_id is not None:
             _fail("model.document_end_id", "the log-linear layers (L, K) do not take packed documents under context "
                   "parallelism", "set model.document_end_id=null or parallel.cp=1")
         if any(c in LOGLINEAR_LAYERS for c in pattern) and shard & (shard - 1):
-            _fail("data.seq_len", f"each of the {p.cp} context-parallel shards holds {shard} tokens; the log-linear layers "
+            _fail("data.seq_len",
+                  f"each of the {p.cp} context-parallel shards holds {shard} tokens; the log-linear layers "
                   "(L, K) need a power of two per shard", "make seq_len / cp a power of two")
         if any(c in LINEAR_LAYERS for c in pattern) and shard % m.chunk_size:
-            _fail("data.seq_len", f"each of the {p.cp} context-parallel shards holds {shard} tokens, not a multiple of model.chunk_size={m.chunk_size}",
+            _fail("data.seq_len",
+                  f"each of the {p.cp} context-parallel shards holds {shard} tokens, not a multiple of "
+                  f"model.chunk_size={m.chunk_size}",
                   f"make seq_len a multiple of cp * chunk_size = {p.cp * m.chunk_size}")
         if "A" in pattern and (m.attn_heads // p.tp) % p.cp:
-            _fail("model.attn_heads", f"{m.attn_heads // p.tp} attention heads per TP rank do not split over parallel.cp={p.cp} (Ulysses all-to-all)",
+            _fail("model.attn_heads",
+                  f"{m.attn_heads // p.tp} attention heads per TP rank do not split over parallel.cp={p.cp} (Ulysses "
+                  "all-to-all)",
                   "make attn_heads / tp a multiple of cp")
         kv = (m.attn_kv_heads or m.attn_heads) // p.tp
         if "A" in pattern and kv % p.cp and p.cp % kv:
-            _fail("model.attn_kv_heads", f"{kv} key/value heads per TP rank neither split over parallel.cp={p.cp} nor divide it "
+            _fail("model.attn_kv_heads",
+                  f"{kv} key/value heads per TP rank neither split over parallel.cp={p.cp} nor divide it "
                   "(Ulysses gives each rank whole kv heads, replicating them when cp > kv heads)",
                   "use a kv head count that divides or is a multiple of cp")
         if "S" in pattern and m.window - 1 > shard:
             _fail("model.window", f"window {m.window} reaches past the previous rank's shard of {shard} tokens",
                   "use window <= seq_len / cp + 1 or a smaller cp")
         if any(c in LINEAR_LAYERS for c in pattern) and m.conv_size - 1 > shard:
-            _fail("model.conv_size", f"conv reaches past the previous rank's shard of {shard} tokens", "use a smaller conv_size or cp")
+            _fail("model.conv_size", f"conv reaches past the previous rank's shard of {shard} tokens",
+                  "use a smaller conv_size or cp")
         if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_conv_size - 1 > shard:
-            _fail("model.attn_conv_size", f"conv reaches past the previous rank's shard of {shard} tokens", "use a smaller attn_conv_size or cp")
+            _fail("model.attn_conv_size", f"conv reaches past the previous rank's shard of {shard} tokens",
+                  "use a smaller attn_conv_size or cp")
     if p.dist_backend not in ("auto", "nccl", "gloo"):
         _fail("parallel.dist_backend", f"unknown backend {p.dist_backend!r}", "use auto, nccl or gloo")
 
@@ -440,33 +463,40 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 <= d.needle_fraction <= 1.0:
         _fail("data.needle_fraction", f"must lie in [0, 1], got {d.needle_fraction}", "set the share of needle samples")
     if d.tokenizer != "byte" and not Path(os.path.expanduser(d.tokenizer)).is_file():
-        _fail("data.tokenizer", f"{d.tokenizer!r} is neither 'byte' nor an existing tokenizer.json", "pass 'byte' or the path of a HF tokenizer.json")
+        _fail("data.tokenizer", f"{d.tokenizer!r} is neither 'byte' nor an existing tokenizer.json",
+              "pass 'byte' or the path of a HF tokenizer.json")
 
     if t.steps < 1:
         _fail("train.steps", f"must be >= 1, got {t.steps}", "set the number of optimizer steps")
-    for key in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "answer_loss_weight", "ckpt_minutes"):
+    for key in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "answer_loss_weight",
+                "ckpt_minutes"):
         if not math.isfinite(float(t[key])):
             _fail(f"train.{key}", f"must be a finite number, got {t[key]}", "set a real value")
     if t.lr <= 0:
         _fail("train.lr", f"must be positive, got {t.lr}", "set a learning rate such as 3e-4")
     if t.loss_chunk_tokens > 0 and p.tp > 1:
-        _fail("train.loss_chunk_tokens", "the chunked head loss has no tensor-parallel form yet", "use 0 with parallel.tp > 1")
+        _fail("train.loss_chunk_tokens", "the chunked head loss has no tensor-parallel form yet",
+              "use 0 with parallel.tp > 1")
     if t.loss_chunk_tokens < 0:
-        _fail("train.loss_chunk_tokens", f"must be >= 0, got {t.loss_chunk_tokens}", "use 0 (whole logits) or a token count such as 8192")
+        _fail("train.loss_chunk_tokens", f"must be >= 0, got {t.loss_chunk_tokens}",
+              "use 0 (whole logits) or a token count such as 8192")
     for key in ("beta1", "beta2"):
         if not 0.0 <= t[key] < 1.0:
             _fail(f"train.{key}", f"must lie in [0, 1), got {t[key]}", "use e.g. beta1=0.9, beta2=0.95")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
-        _fail("train.min_lr_ratio", f"must lie in [0, 1], got {t.min_lr_ratio}", "set the final LR as a fraction of train.lr")
+        _fail("train.min_lr_ratio", f"must lie in [0, 1], got {t.min_lr_ratio}",
+              "set the final LR as a fraction of train.lr")
     if t.weight_decay < 0:
         _fail("train.weight_decay", f"must be >= 0, got {t.weight_decay}", "use 0 to switch it off")
     for key in ("warmup_steps", "log_every", "ckpt_every", "keep_last"):
         if t[key] < 0:
             _fail(f"train.{key}", f"must be >= 0, got {t[key]}", "use 0 to switch it off")
     if t.ckpt_minutes < 0:
-        _fail("train.ckpt_minutes", f"must be >= 0, got {t.ckpt_minutes}", "use 0 to save only by steps, on signals and at the end")
+        _fail("train.ckpt_minutes", f"must be >= 0, got {t.ckpt_minutes}",
+              "use 0 to save only by steps, on signals and at the end")
     if t.max_bad_steps < 1:
-        _fail("train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}", "set how many non-finite steps in a row stop the run")
+        _fail("train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}",
+              "set how many non-finite steps in a row stop the run")
     _validate_task(cfg)
     if d.num_workers < 0:
         _fail("data.num_workers", f"must be >= 0, got {d.num_workers}", "use 0 to load in the training process")
@@ -479,7 +509,8 @@ def validate(cfg: DictConfig) -> None:
     if t.answer_loss_weight < 0:
         _fail("train.answer_loss_weight", f"must be >= 0, got {t.answer_loss_weight}", "use 1 for the plain LM loss")
     if t.init_from and not Path(os.path.expanduser(str(t.init_from))).exists():
-        _fail("train.init_from", f"{t.init_from!r} does not exist", "pass a run's out_dir or one of its ckpt/step_<n> folders, or null")
+        _fail("train.init_from", f"{t.init_from!r} does not exist",
+              "pass a run's out_dir or one of its ckpt/step_<n> folders, or null")
     if t.grad_accum < 1:
         _fail("train.grad_accum", f"must be >= 1, got {t.grad_accum}", "set the micro-batches per step")
     if t.device not in ("auto", "cpu", "cuda"):
@@ -532,7 +563,8 @@ def validate_rope_scaling(m: Any) -> None:
         _fail("model.rope.rerope_window", f"is {m.rope.rerope_window} with scaling={m.rope.scaling}",
               "set the window of exact relative positions, e.g. the training seq_len")
     if m.rope.scaling not in ("none", "rerope") and m.rope.factor <= 1.0:
-        _fail("model.rope.factor", f"is {m.rope.factor} with scaling={m.rope.scaling}", "set a factor > 1 (context extension ratio)")
+        _fail("model.rope.factor", f"is {m.rope.factor} with scaling={m.rope.scaling}",
+              "set a factor > 1 (context extension ratio)")
     if m.rope.original_max_position < 0:
         _fail("model.rope.original_max_position", f"must be >= 0, got {m.rope.original_max_position}",
               "use 0 for data.seq_len")
@@ -566,7 +598,8 @@ def _validate_task(cfg: DictConfig) -> None:
             _fail(f"data.task.{k}", f"must be >= 0, got {task[k]}", "use 0 for the task's default")
     for k in ("num_pairs", "num_elements", "num_nodes"):
         if task[k] and k not in TASK_KNOBS[name]:
-            _fail(f"data.task.{k}", f"is not a knob of the {name} task", f"leave it 0; {name} takes {', '.join(TASK_KNOBS[name])}")
+            _fail(f"data.task.{k}", f"is not a knob of the {name} task",
+                  f"leave it 0; {name} takes {', '.join(TASK_KNOBS[name])}")
     need = REQUIRED_TASK_KNOBS[name]
     if not task[need]:
         _fail(f"data.task.{need}", f"is required by the {name} task", f"set data.task.{need}")
@@ -575,7 +608,8 @@ def _validate_task(cfg: DictConfig) -> None:
               "lower data.task.vocab_size or raise model.vocab_size")
     end = cfg.model.document_end_id
     if end is not None and end < task.vocab_size:
-        _fail("model.document_end_id", f"{end} is a token of the synthetic task (ids < data.task.vocab_size={task.vocab_size})",
+        _fail("model.document_end_id",
+              f"{end} is a token of the synthetic task (ids < data.task.vocab_size={task.vocab_size})",
               "set model.document_end_id=null (task samples are one stream each)")
     knobs = {k: int(task[k]) for k in TASK_KNOBS[name] if task[k]}
     try:
@@ -613,12 +647,14 @@ def checkpointed_kinds(cfg_model: Any, pattern: str | None = None) -> str:
         return "".join(sorted(set(pattern)))
     kind, _, letters = mode.partition(":")
     if kind != "selective" or not letters:
-        _fail(key, f"unknown value {mode!r}", "use none, full or selective:LETTERS (block kinds to checkpoint, e.g. selective:GM)")
+        _fail(key, f"unknown value {mode!r}",
+              "use none, full or selective:LETTERS (block kinds to checkpoint, e.g. selective:GM)")
     for letter in letters:
         if letter not in LAYER_KINDS:
             _fail(key, f"unknown layer letter {letter!r} in {mode!r}", f"use only {_letters()}")
         if letter not in pattern:
-            _fail(key, f"{mode!r} names {letter!r} but model.layer_pattern {pattern!r} has no such block", "name only kinds the pattern has")
+            _fail(key, f"{mode!r} names {letter!r} but model.layer_pattern {pattern!r} has no such block",
+                  "name only kinds the pattern has")
     return "".join(sorted(set(letters)))
 
 
@@ -636,7 +672,8 @@ def world_size_needed(cfg: DictConfig) -> int:
 
 
 def split_recipe_and_overrides(args: Sequence[str]) -> tuple[str | None, list[str]]:
-    """`[RECIPE.yaml] [key=value ...]` as the CLI takes them: the first argument is a recipe unless it is an override."""
+    """`[RECIPE.yaml] [key=value ...]` as the CLI takes them: the first argument is a recipe unless it is an
+    override."""
     args = list(args)
     if args and "=" not in args[0]:
         return args[0], args[1:]

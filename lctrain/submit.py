@@ -61,19 +61,25 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cpus-per-task", type=int,
                         help="CPUs per node for the job (default: unset for GPU jobs, the process count for CPU jobs)")
     parser.add_argument("--job-name", help="Slurm job name (default: lctrain-<out_dir name>)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"torchrun rendezvous port on the first node (default {DEFAULT_PORT})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"torchrun rendezvous port on the first node (default {DEFAULT_PORT})")
     parser.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
-                        help="an extra sbatch option written as an #SBATCH line, e.g. --sbatch-arg=--qos=high (repeatable)")
-    parser.add_argument("--output-dir", help="the run's directory (sets train.out_dir; default: train.out_dir of the config)")
-    parser.add_argument("--template", default=str(TEMPLATE), help="the sbatch template (default: slurm/train.sbatch.tmpl)")
+                        help="an extra sbatch option written as an #SBATCH line, e.g. --sbatch-arg=--qos=high "
+                             "(repeatable)")
+    parser.add_argument("--output-dir",
+                        help="the run's directory (sets train.out_dir; default: train.out_dir of the config)")
+    parser.add_argument("--template", default=str(TEMPLATE),
+                        help="the sbatch template (default: slurm/train.sbatch.tmpl)")
     parser.add_argument("--signal-grace", type=int, default=DEFAULT_SIGNAL_GRACE_S, metavar="SECONDS",
-                        help="Slurm sends SIGUSR1 this long before the time limit or a preemption (#SBATCH --signal=B:USR1@S); "
-                        f"the run then saves and requeues itself. 0 = no warning signal (default {DEFAULT_SIGNAL_GRACE_S})")
+                        help="Slurm sends SIGUSR1 this long before the time limit or a preemption (#SBATCH "
+                        "--signal=B:USR1@S); the run then saves and requeues itself. 0 = no warning signal (default "
+                        f"{DEFAULT_SIGNAL_GRACE_S})")
     parser.add_argument("--dry-run", action="store_true", help="write the script and config but do not call sbatch")
     return parser.parse_intermixed_args(argv)
 
 
-def resolve_job_config(cfg: DictConfig, *, nodes: int, gpus_per_node: int, out_dir: str | None) -> tuple[DictConfig, int]:
+def resolve_job_config(cfg: DictConfig, *, nodes: int, gpus_per_node: int,
+                       out_dir: str | None) -> tuple[DictConfig, int]:
     """The config the job will train with, and the processes per node. Raises SubmitError / ConfigError.
 
     Makes train.out_dir absolute (the job may start in another directory) and, for CPU jobs, pins
@@ -88,19 +94,23 @@ def resolve_job_config(cfg: DictConfig, *, nodes: int, gpus_per_node: int, out_d
     model_parallel = p.cp * p.tp * p.pp
     if gpus_per_node == 0:
         if t.device == "cuda":
-            raise SubmitError("train.device=cuda but --gpus-per-node 0 asks for a CPU job; give --gpus-per-node G or set train.device=cpu")
+            raise SubmitError("train.device=cuda but --gpus-per-node 0 asks for a CPU job; give --gpus-per-node G or "
+                              "set train.device=cpu")
         if p.dist_backend == "nccl":
-            raise SubmitError("parallel.dist_backend=nccl cannot run a CPU job (--gpus-per-node 0); set parallel.dist_backend=gloo or auto")
+            raise SubmitError("parallel.dist_backend=nccl cannot run a CPU job (--gpus-per-node 0); set "
+                              "parallel.dist_backend=gloo or auto")
         t.device, p.dist_backend = "cpu", "gloo"
         per_node = world_size_needed(cfg)
-        per_node_what = f"parallel.nproc_per_node={p.nproc_per_node}" if p.nproc_per_node else f"parallel.cp*tp*pp={model_parallel}"
+        per_node_what = (f"parallel.nproc_per_node={p.nproc_per_node}" if p.nproc_per_node
+                         else f"parallel.cp*tp*pp={model_parallel}")
     else:
         if t.device == "cpu":
-            raise SubmitError(f"train.device=cpu but --gpus-per-node {gpus_per_node} asks for GPUs; use --gpus-per-node 0 for a CPU job")
+            raise SubmitError(f"train.device=cpu but --gpus-per-node {gpus_per_node} asks for GPUs; use "
+                              "--gpus-per-node 0 for a CPU job")
         if p.nproc_per_node and p.nproc_per_node != gpus_per_node:
             raise SubmitError(
-                f"parallel.nproc_per_node={p.nproc_per_node} disagrees with --gpus-per-node {gpus_per_node} (one process per GPU); "
-                f"set parallel.nproc_per_node=0 or {gpus_per_node}"
+                f"parallel.nproc_per_node={p.nproc_per_node} disagrees with --gpus-per-node {gpus_per_node} (one "
+                f"process per GPU); set parallel.nproc_per_node=0 or {gpus_per_node}"
             )
         per_node = gpus_per_node
         per_node_what = f"--gpus-per-node {gpus_per_node}"
@@ -108,11 +118,13 @@ def resolve_job_config(cfg: DictConfig, *, nodes: int, gpus_per_node: int, out_d
     if world % model_parallel:
         raise SubmitError(
             f"--nodes {nodes} x {per_node} processes per node ({per_node_what}) = {world} processes, not a multiple of "
-            f"parallel.cp*tp*pp = {p.cp}*{p.tp}*{p.pp} = {model_parallel}; change --nodes / --gpus-per-node or parallel.cp / parallel.tp / parallel.pp"
+            f"parallel.cp*tp*pp = {p.cp}*{p.tp}*{p.pp} = {model_parallel}; change --nodes / --gpus-per-node or "
+            "parallel.cp / parallel.tp / parallel.pp"
         )
     t.out_dir = str(Path(os.path.expanduser(out_dir or t.out_dir)).resolve())
     if any(c.isspace() for c in t.out_dir):
-        raise SubmitError(f"the run directory {t.out_dir!r} contains whitespace, which #SBATCH lines cannot hold; use --output-dir without spaces")
+        raise SubmitError(f"the run directory {t.out_dir!r} contains whitespace, which #SBATCH lines cannot hold; use "
+                          "--output-dir without spaces")
     validate(cfg)
     return cfg, per_node
 
@@ -163,11 +175,13 @@ def render(template_text: str, values: dict[str, str]) -> str:
     return "\n".join(line for i, line in enumerate(lines) if line or (i and lines[i - 1])) + "\n"
 
 
-def write_job(cfg: DictConfig, ns: argparse.Namespace, *, recipe: str | None, overrides: list[str], per_node: int) -> JobFiles:
+def write_job(cfg: DictConfig, ns: argparse.Namespace, *, recipe: str | None, overrides: list[str],
+              per_node: int) -> JobFiles:
     """Write <out_dir>/slurm/config.yaml and job.sbatch."""
     template = Path(ns.template)
     if not template.is_file():
-        raise SubmitError(f"sbatch template {str(template)!r} not found; pass --template PATH (the checkout's slurm/train.sbatch.tmpl)")
+        raise SubmitError(f"sbatch template {str(template)!r} not found; pass --template PATH (the checkout's "
+                          "slurm/train.sbatch.tmpl)")
     out_dir = Path(cfg.train.out_dir)
     slurm_dir = out_dir / "slurm"
     config_path = slurm_dir / "config.yaml"
@@ -219,10 +233,12 @@ def submit(script: Path) -> str:
     """sbatch the script; -> the job id."""
     sbatch = shutil.which("sbatch")
     if sbatch is None:
-        raise SubmitError("sbatch not found on PATH: run on a Slurm login node, or use --dry-run to only write the script")
+        raise SubmitError("sbatch not found on PATH: run on a Slurm login node, or use --dry-run to only write the "
+                          "script")
     proc = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SubmitError(f"sbatch refused the job (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        raise SubmitError(f"sbatch refused the job (exit {proc.returncode}): "
+                          f"{proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout.strip().splitlines()[-1].split(";")[0]
 
 
@@ -237,13 +253,15 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         if not ns.dry_run and shutil.which("sbatch") is None:
-            raise SubmitError("sbatch not found on PATH: run on a Slurm login node, or use --dry-run to only write the script")
+            raise SubmitError("sbatch not found on PATH: run on a Slurm login node, or use --dry-run to only write the "
+                              "script")
         files = write_job(cfg, ns, recipe=recipe, overrides=overrides, per_node=per_node)
     except SubmitError as err:
         print(f"lctrain submit: error: {err}", file=sys.stderr)
         return 2
     if not cfg.train.resume:
-        print("lctrain submit: warning: train.resume=false, so a requeued job starts again from step 0", file=sys.stderr)
+        print("lctrain submit: warning: train.resume=false, so a requeued job starts again from step 0",
+              file=sys.stderr)
     world = ns.nodes * per_node
     print(f"lctrain submit: {ns.nodes} node(s) x {per_node} process(es) = {world} "
           f"({'CPU, gloo' if ns.gpus_per_node == 0 else 'GPU'}); run directory {cfg.train.out_dir}")

@@ -119,7 +119,8 @@ def _parse_transition(transition) -> tuple[str, int | None]:
     mode, _, groups = str(transition).partition(":")
     if mode not in TRANSITIONS or (groups and (mode == "sequential" or not groups.isdigit() or int(groups) < 1)):
         raise ContextParallelError(f"context_parallel: transition={transition!r}; choose 'sequential', 'grouped', "
-                                   "'grouped+grad', or either grouped one with ':G', G a positive number of chunk groups")
+                                   "'grouped+grad', or either grouped one with ':G', G a positive number of chunk "
+                                   "groups")
     return mode, (int(groups) if groups else None)
 
 
@@ -301,7 +302,8 @@ class ContextParallelOp:
             problem = problem or str(err)
         B, T, H, K = (tuple(k.shape) + (0, 0, 0, 0))[:4] if isinstance(k, torch.Tensor) else (0, 0, 0, 0)
         V = v.shape[-1] if isinstance(v, torch.Tensor) else 0
-        meta = torch.tensor([B, T, H, K, V, _KIND_IDS[self.kind], int(chunk_size) if isinstance(chunk_size, int) else -1,
+        meta = torch.tensor([B, T, H, K, V, _KIND_IDS[self.kind],
+                             int(chunk_size) if isinstance(chunk_size, int) else -1,
                              int(bool(problem)), -1 if docs is None else docs.fingerprint[0],
                              -1 if docs is None else docs.fingerprint[1],
                              -1 if docs is None else int(initial_state is not None)], dtype=torch.int64,
@@ -314,8 +316,8 @@ class ContextParallelOp:
             raise ContextParallelError(f"{self.name}: CP rank(s) {bad} rejected their input (see their error); "
                                        "every rank must pass a valid shard")
         if any(m[8:] != metas[0][8:] for m in metas):
-            raise ContextParallelError(f"{self.name}: CP ranks disagree on cu_seqlens or on passing initial_state with it "
-                                       f"(rank: [N, fingerprint, has initial_state] = "
+            raise ContextParallelError(f"{self.name}: CP ranks disagree on cu_seqlens or on passing initial_state with "
+                                       f"it (rank: [N, fingerprint, has initial_state] = "
                                        f"{ {r: m[8:] for r, m in enumerate(metas)} }); pass the same GLOBAL cu_seqlens "
                                        "(and initial_state, or None) on every rank")
         if any(m != metas[0] for m in metas):

@@ -26,9 +26,10 @@ def prepend_halo(x: torch.Tensor, halo: int, group=None, dim: int = 1) -> torch.
     if halo == 0:
         return x
     if halo > x.shape[dim]:
-        raise ValueError(f"prepend_halo: halo of {halo} positions exceeds the local shard of {x.shape[dim]} along dim {dim}; "
-                         "each rank's shard must be at least window-1 (attention) / conv_size-1 (conv) long: "
-                         "use a longer data.seq_len, a smaller parallel.cp, or a smaller model.window / model.conv_size")
+        raise ValueError(f"prepend_halo: halo of {halo} positions exceeds the local shard of {x.shape[dim]} along dim "
+                         f"{dim}; each rank's shard must be at least window-1 (attention) / conv_size-1 (conv) long: "
+                         "use a longer data.seq_len, a smaller parallel.cp, or a smaller model.window / "
+                         "model.conv_size")
     if group is None or dist.get_world_size(group) == 1:
         shape = list(x.shape)
         shape[dim] = halo
@@ -50,7 +51,8 @@ def _comm_device(x: torch.Tensor, group) -> torch.device:
     return torch.device("cpu")
 
 
-def _shift(send: torch.Tensor | None, recv_like: torch.Tensor, src: int | None, dst: int | None, group) -> torch.Tensor | None:
+def _shift(send: torch.Tensor | None, recv_like: torch.Tensor, src: int | None, dst: int | None,
+           group) -> torch.Tensor | None:
     """Send ``send`` to ``dst`` and receive a tensor shaped like ``recv_like`` from ``src`` (either may be None)."""
     device = _comm_device(recv_like, group)
     recv = torch.empty(recv_like.shape, dtype=recv_like.dtype, device=device) if src is not None else None

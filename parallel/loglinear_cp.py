@@ -145,7 +145,8 @@ class LogLinearContextParallelOp:
         elif cu_seqlens is not None:
             problem = f"{self.name} under context parallelism: cu_seqlens is not supported; pass None"
         elif backend == "dense":
-            problem = f"{self.name} under context parallelism: backend='dense' is a test form; use naive/torch/triton/auto"
+            problem = (f"{self.name} under context parallelism: backend='dense' is a test form; "
+                       "use naive/torch/triton/auto")
         shape = tuple(k.shape) if isinstance(k, torch.Tensor) else ()
         shape = (shape + (0, 0, 0, 0))[:4]
         V = v.shape[-1] if isinstance(v, torch.Tensor) else 0

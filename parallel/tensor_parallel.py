@@ -172,7 +172,8 @@ def take_shard(full: torch.Tensor, dim: int, tp_group) -> torch.Tensor:
 
 
 def full_state_dict(model: nn.Module, state: dict, tp_group) -> dict:
-    """`state` (a model state dict, or a per-parameter mapping by name) with every TP-split entry gathered to full size."""
+    """`state` (a model state dict, or a per-parameter mapping by name) with every TP-split entry gathered to full
+    size."""
     dims = split_dims(model)
     return {k: gather_full(v, dims[k], tp_group) if k in dims and torch.is_tensor(v) else v for k, v in state.items()}
 
@@ -189,7 +190,8 @@ def shard_from_full(model: nn.Module, full: dict, tp_group) -> None:
         if name in dims:
             src = take_shard(src, dims[name], tp_group)
         if tuple(src.shape) != tuple(tensor.shape):
-            raise ValueError(f"{name}: shard of shape {tuple(src.shape)} does not fit the parameter {tuple(tensor.shape)}")
+            raise ValueError(f"{name}: shard of shape {tuple(src.shape)} does not fit the parameter "
+                             f"{tuple(tensor.shape)}")
         tensor.data.copy_(src)
 
 

@@ -99,7 +99,8 @@ def run_world(fn, world_size: int, *args, timeout: float = 180.0, init_process_g
                     try:
                         rank, status, value = results.get(timeout=2.0)
                     except queue.Empty:
-                        raise WorkerError(f"rank {dead[0][0]} died with exit code {dead[0][1]} and no traceback") from None
+                        raise WorkerError(f"rank {dead[0][0]} died with exit code {dead[0][1]} "
+                                          "and no traceback") from None
                 elif time.monotonic() > deadline:
                     raise TimeoutError(f"run_world({getattr(fn, '__name__', fn)}, {world_size}) exceeded {timeout}s; "
                                        f"finished ranks: {sorted(out)}") from None

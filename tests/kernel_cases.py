@@ -1,4 +1,5 @@
-"""Shared by the Triton kernel tests (CPU interpreter and GPU): call an op by kind, take its outputs and all gradients."""
+"""Shared by the Triton kernel tests (CPU interpreter and GPU): call an op by kind, take its outputs and all
+gradients."""
 import torch
 from lctrain.kernels import delta_rule, gated_delta_rule, gated_linear_attn
 

@@ -14,7 +14,8 @@ RESULT = {
 
 def test_render_has_command_device_date_and_every_row():
     text = render(RESULT)
-    for needle in ("Kernels: test", "lctrain bench kernels --T 16384", "Some GPU", "2026-01-01", "a note", "| 16384 |", "gated_delta"):
+    for needle in ("Kernels: test", "lctrain bench kernels --T 16384", "Some GPU", "2026-01-01", "a note", "| 16384 |",
+                   "gated_delta"):
         assert needle in text, needle
 
 

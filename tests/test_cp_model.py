@@ -81,7 +81,8 @@ def model_worker(rank, world, cp, checkpoint_modes):
         model = build(checkpointing, cp_group=mesh.cp_group())
         batch = sample(100 + mesh.dp_rank())
         loss, grads, params = one_step(model, [batch], cp_group=mesh.cp_group(), cp_rank=mesh.cp_rank(), cp_size=cp,
-                                       grad_group=mesh.dp_cp_group(), dp_size=mesh.dp_size(), loss_chunk_tokens=loss_chunk)
+                                       grad_group=mesh.dp_cp_group(), dp_size=mesh.dp_size(),
+                                       loss_chunk_tokens=loss_chunk)
         counts = [(b.kind, op.gathers, op.replays_reused) for b in model.blocks if hasattr(b.mixer, "cp_ops")
                   for op in b.mixer.cp_ops()]
         out.append(dict(checkpointing=(checkpointing, loss_chunk), loss=loss, grads=grads,
@@ -108,7 +109,8 @@ def check(results, dp: int):
         for res in rank_results:
             ckpt, loss_chunk = res["checkpointing"]
             if (ckpt, loss_chunk) not in refs:  # one process: the replicas' samples as gradient accumulation
-                refs[ckpt, loss_chunk] = one_step(build(ckpt), [sample(100 + d) for d in range(dp)], loss_chunk_tokens=loss_chunk)
+                refs[ckpt, loss_chunk] = one_step(build(ckpt), [sample(100 + d) for d in range(dp)],
+                                                  loss_chunk_tokens=loss_chunk)
             ref_loss, ref_grads, ref_params = refs[ckpt, loss_chunk]
             where = f"rank {rank}, checkpointing={ckpt}"
             if dp == 1:  # lm_loss's mean_loss is the full-sequence mean on every CP rank

@@ -279,7 +279,8 @@ def test_cp_ops_match_single_process(P):
 
 @pytest.mark.parametrize("P", [2, 3, 4])
 def test_cp_grouped_transition_matches_single_process(P):
-    """transition="grouped+grad:2" (both state passes grouped) gives the sequential path's results: outputs, states and every gradient
+    """transition="grouped+grad:2" (both state passes grouped) gives the sequential path's results: outputs, states and
+    every gradient
     equal the single process (whose chained reference the sequential path is tested against above)."""
     check_world(P, GROUPED_CASES[P], part(P, "grouped"))
 

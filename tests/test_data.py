@@ -197,7 +197,8 @@ def test_prepare_needle_fraction_mixes_retrieval_samples(tmp_path):
     src = tmp_path / "a.txt"
     src.write_text("Plain words of a document. " * 200)
     out = tmp_path / "mds"
-    assert main(["--out", str(out), "--input", str(src), "--seq-len", "127", "--needle-fraction", "0.5", "--seed", "3"]) == 0
+    assert main(["--out", str(out), "--input", str(src), "--seq-len", "127", "--needle-fraction", "0.5", "--seed",
+                 "3"]) == 0
     ds = StreamingDataset(local=str(out), remote=None, shuffle=False, batch_size=1)
     tok = ByteTokenizer()
     texts = [tok.decode(ds[i]["tokens"].tolist()) for i in range(len(ds))]
@@ -447,7 +448,8 @@ def test_embedded_dataset_is_built_once_and_reused(tmp_path):
     stamp = (path / "index.json").stat().st_mtime_ns
     assert ensure_embedded_dataset(cfg, num_samples=40, builder=False, timeout_s=0.5) == path
     assert (path / "index.json").stat().st_mtime_ns == stamp
-    assert ensure_embedded_dataset(_data_cfg(cache_dir=str(tmp_path), seq_len=300, needle_fraction=0.25, seed=1), num_samples=40) != path
+    assert ensure_embedded_dataset(_data_cfg(cache_dir=str(tmp_path), seq_len=300, needle_fraction=0.25, seed=1),
+                                   num_samples=40) != path
     meta = read_meta(path)
     assert meta["num_samples"] == 40 and meta["sample_len"] == 301 and meta["tokenizer"] == "byte"
     from streaming import StreamingDataset
@@ -471,7 +473,8 @@ def _world_worker(rank, world_size, path, seq_len, other_paths):
         del it, loader
     # ranks that would read different datasets are stopped with a clear error
     try:
-        build_train_loader(_data_cfg(source=other_paths[rank], seq_len=seq_len, micro_batch_size=2), dp_rank=rank, dp_size=2,
+        build_train_loader(_data_cfg(source=other_paths[rank], seq_len=seq_len, micro_batch_size=2), dp_rank=rank,
+                           dp_size=2,
                            cp_rank=0, cp_size=1, global_rank=rank, world_size=world_size)
         out["mismatch"] = "no error"
     except DataError as err:
@@ -487,7 +490,8 @@ def test_loader_replication_over_two_processes(tmp_path):
     res = run_world(_world_worker, 2, str(path), 16, others, timeout=120)
     assert all("ranks read different datasets" in r["mismatch"] for r in res), [r["mismatch"] for r in res]
     for b0, b1 in zip(res[0]["cp"], res[1]["cp"]):
-        full = {"input_ids": torch.cat([b0["input_ids"], b1["input_ids"]], 1), "labels": torch.cat([b0["labels"], b1["labels"]], 1)}
+        full = {"input_ids": torch.cat([b0["input_ids"], b1["input_ids"]], 1),
+                "labels": torch.cat([b0["labels"], b1["labels"]], 1)}
         rows = torch.from_numpy(data[_rows_of(full, data)])
         assert torch.equal(full["input_ids"], rows[:, :-1]) and torch.equal(full["labels"], rows[:, 1:])
     seen = [set(_rows_of(b, data)) for b in res[0]["dp"]] + [set(_rows_of(b, data)) for b in res[1]["dp"]]

@@ -34,7 +34,8 @@ def tracked_markdown(root: Path) -> list[Path]:
     except (OSError, subprocess.CalledProcessError):
         pass
     return [p for p in root.rglob("*.md")
-            if not any(part.startswith(".") or part in ("venv", "node_modules") for part in p.relative_to(root).parts[:-1])]
+            if not any(part.startswith(".") or part in ("venv",
+                                                        "node_modules") for part in p.relative_to(root).parts[:-1])]
 
 
 def _prose_lines(text: str):

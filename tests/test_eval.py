@@ -144,9 +144,11 @@ def test_templates_follow_ruler_and_the_training_format():
     tok = ByteTokenizer()
     single = build_sample("s_niah_2", 2048, 0.5, tok, template="ruler").prompt
     assert single.startswith("A special magic number is hidden within the following text.")
-    assert single.endswith(f"What is the special magic number for {build_sample('s_niah_2', 2048, 0.5, tok).extra['query']} "
+    assert single.endswith("What is the special magic number for "
+                           f"{build_sample('s_niah_2', 2048, 0.5, tok).extra['query']} "
                            "mentioned in the provided text? The special magic number for "
-                           f"{build_sample('s_niah_2', 2048, 0.5, tok).extra['query']} mentioned in the provided text is")
+                           f"{build_sample('s_niah_2', 2048, 0.5, tok).extra['query']} mentioned in the provided text "
+                           "is")
     multi = build_sample("mv_niah", 2048, 0.5, tok, template="ruler")
     assert multi.prompt.startswith("Some special magic numbers are hidden")
     assert multi.prompt.endswith("mentioned in the provided text are") and len(multi.answers) == 4
@@ -408,7 +410,8 @@ def test_niah_cli_cp2_self_launch_equals_cp1(ckpt, tmp_path):
 
     out = tmp_path / "cp2"
     proc = subprocess.run([sys.executable, "-m", "lctrain.cli", "eval", "niah", "--ckpt", str(ckpt), "--lengths", "256",
-                           "--depths", "0.5", "--samples", "2", "--template", "train", "--out", str(out), "parallel.cp=2"],
+                           "--depths", "0.5", "--samples", "2", "--template", "train", "--out", str(out),
+                           "parallel.cp=2"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "launching 2 local processes" in proc.stdout
@@ -442,7 +445,8 @@ def _cp_generate_heads_worker(rank, world):
         cp_model.load_state_dict(model.state_dict())
         prompt = torch.randint(0, 64, (21,), generator=torch.Generator().manual_seed(5)).tolist()
         cp, one = generate(model, prompt, 5, cp_model=cp_model, cp_group=dist.group.WORLD), generate(model, prompt, 5)
-        out.append((cp.cp_prefill_tokens, cp.tokens == one.tokens, float((cp.first_logits - one.first_logits).abs().max())))
+        out.append((cp.cp_prefill_tokens, cp.tokens == one.tokens,
+                    float((cp.first_logits - one.first_logits).abs().max())))
     return out
 
 

@@ -1,5 +1,6 @@
 """The grouped state passes (groups of chunks in parallel, folded by a tree) against the sequential
-``shard_transition`` and ``shard_state_grad``, for every mixer, on the torch backend and the Triton one (interpreter on CPU)."""
+``shard_transition`` and ``shard_state_grad``, for every mixer, on the torch backend and the Triton one (interpreter on
+CPU)."""
 import pytest
 import torch
 import torch.nn.functional as F

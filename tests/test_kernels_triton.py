@@ -54,7 +54,8 @@ CASES = [  # (B, T, K, V, dtype, tol): T=37 partial chunk, 64 exact, 130 ragged 
 @pytest.mark.parametrize("B,T,K,V,dtype,tol", CASES)
 def test_triton_matches_naive(kind, B, T, K, V, dtype, tol):
     H = 2
-    x = make_inputs(kind, B, T, H, K, V, dtype, seed=zlib.crc32(f"{kind}-{T}-{K}-{V}".encode()))  # the same in every process
+    # the same in every process
+    x = make_inputs(kind, B, T, H, K, V, dtype, seed=zlib.crc32(f"{kind}-{T}-{K}-{V}".encode()))
     gen = torch.Generator().manual_seed(7)
     do = torch.randn(B, T, H, V, generator=gen)
     dS = torch.randn(B, H, K, V, generator=gen)

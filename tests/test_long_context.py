@@ -128,7 +128,8 @@ def test_memory_options_refuse_bad_values(override, key):
 def test_bf16_on_cpu_runs_on_the_torch_kernels_and_refuses_the_triton_interpreter():
     from lctrain.train.trainer import Trainer, TrainingError
 
-    small = ["model.d_model=32", "model.layer_pattern=GS", "data.seq_len=32", "data.micro_batch_size=1", "train.dtype=bfloat16"]
+    small = ["model.d_model=32", "model.layer_pattern=GS", "data.seq_len=32", "data.micro_batch_size=1",
+             "train.dtype=bfloat16"]
     trainer = Trainer(load_config(None, small), torch.device("cpu"), data=False)
     ids = torch.randint(0, 64, (1, 33))
     metrics = trainer.step([{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}])

@@ -68,14 +68,16 @@ def test_memory_savers_lower_the_peak():
     peaks = {}
     for name, over, loss_chunk in [("plain", {}, 0), ("chunked loss", {}, 8192),
                                    ("+ full checkpointing", {"activation_checkpointing": "full"}, 8192),
-                                   ("+ MLP chunks", {"activation_checkpointing": "full", "mlp_chunk_tokens": 8192}, 8192),
+                                   ("+ MLP chunks", {"activation_checkpointing": "full", "mlp_chunk_tokens": 8192},
+                                    8192),
                                    ("+ offload", {"activation_checkpointing": "full", "mlp_chunk_tokens": 8192,
                                                   "checkpoint_offload": True}, 8192)]:
         model = build_model(tiny_cfg("GSGS", "triton", **base, **over)).cuda()
         peaks[name] = _peak_gib(model, ids, labels, loss_chunk_tokens=loss_chunk)
         del model
         torch.cuda.empty_cache()
-    print("peak GiB of one fwd+bwd, 4 blocks GSGS, d_model 1024, 32K tokens, bf16:", {k: round(v, 2) for k, v in peaks.items()})
+    print("peak GiB of one fwd+bwd, 4 blocks GSGS, d_model 1024, 32K tokens, bf16:",
+          {k: round(v, 2) for k, v in peaks.items()})
     assert peaks["chunked loss"] < peaks["plain"] and peaks["+ full checkpointing"] < peaks["chunked loss"], peaks
     # MLP chunks lower the peak only where the MLP's recomputed activations are part of it (long T,
     # wide MLP); they must never raise it

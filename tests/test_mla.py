@@ -26,7 +26,8 @@ def test_mla_absorbed_decoding_equals_full_forward(rope_layers):
         parts += [model(ids[:, t:t + 1], cache=cache) for t in range(9, 16)]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=0)
     layer = cache.layers[2]
-    assert set(layer) == {"c", "k_rope", "pos"} and layer["c"].shape == (2, 16, 12) and layer["k_rope"].shape == (2, 16, 4)
+    assert set(layer) == {"c", "k_rope", "pos"}
+    assert layer["c"].shape == (2, 16, 12) and layer["k_rope"].shape == (2, 16, 4)
 
 
 def test_mla_trains_and_is_causal():

@@ -314,7 +314,8 @@ def test_activation_checkpointing_gives_identical_loss_and_grads():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("pattern,rope_layers,attn_conv", [("GSDMA", "all", 0), ("SAMG", "all", 0), ("SAMG", "sliding", 0),
+@pytest.mark.parametrize("pattern,rope_layers,attn_conv",
+                         [("GSDMA", "all", 0), ("SAMG", "all", 0), ("SAMG", "sliding", 0),
                                                            ("SAMG", "sliding", 3)])
 def test_incremental_decoding_matches_full_forward(pattern, rope_layers, attn_conv, backend):
     torch.manual_seed(12)
@@ -414,7 +415,8 @@ def test_windowed_attention_equals_the_dense_mask(window, halo):
                                masked_attention(q, k, v, q_pos, k_pos, window))
     k_docs = (k_pos[None] >= torch.tensor([[9], [20]])).long()  # one boundary per row
     q_docs = k_docs[:, halo:]
-    mask = (k_pos[None, None] <= q_pos[None, :, None]) & (k_pos[None, None] >= 0) & (q_docs[:, :, None] == k_docs[:, None])
+    mask = ((k_pos[None, None] <= q_pos[None, :, None]) & (k_pos[None, None] >= 0)
+            & (q_docs[:, :, None] == k_docs[:, None]))
     if window is not None:
         mask &= k_pos[None, None] > q_pos[None, :, None] - window
     want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

@@ -239,7 +239,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(dataset, tmp_path, monke
 # ---------------------------------------------------------------- 2. one run per out_dir
 def test_second_run_on_the_same_out_dir_is_refused_naming_the_holder(dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time\nfrom lctrain.train.run_lock import OutDirLock\n"
+    holder = subprocess.Popen([sys.executable, "-c",
+                               f"import sys, time\nfrom lctrain.train.run_lock import OutDirLock\n"
                                f"OutDirLock({str(out)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
                               stdout=subprocess.PIPE, text=True, env=_env())
     try:
@@ -456,8 +457,10 @@ def test_bad_input_table_is_large_enough():
 def test_bad_input_in_a_real_process_is_one_line(inputs):
     """The installed entry point, not only main(): yaml error and a config value, as the user sees them."""
     for args in (["config", "show", str(inputs["bad_yaml"])], ["train", "train.lr=nan"]):
-        proc = subprocess.run([sys.executable, "-m", "lctrain.cli", *args], env=_env(), capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        proc = subprocess.run([sys.executable, "-m", "lctrain.cli", *args], env=_env(), capture_output=True, text=True,
+                              timeout=120)
+        assert (proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+                and "Traceback" not in proc.stderr), proc.stderr
 
 
 # ---------------------------------------------------------------- 3. through the real (single-node) Slurm
@@ -543,10 +546,12 @@ def test_sbatch_asks_for_the_warning_signal_and_forwards_it(tmp_path, capsys, mo
     monkeypatch.chdir(tmp_path)
     for grace, want in (("120", "#SBATCH --signal=B:USR1@120"), ("0", None)):
         out = tmp_path / f"g{grace}"
-        assert submit_main([*TINY, "--gpus-per-node", "0", "--signal-grace", grace, "--output-dir", str(out), "--dry-run"]) == 0
+        assert submit_main([*TINY, "--gpus-per-node", "0", "--signal-grace", grace, "--output-dir", str(out),
+                            "--dry-run"]) == 0
         script = (out / "slurm" / "job.sbatch").read_text()
         assert (want in script) if want else "--signal=" not in script
-        assert "trap 'forward USR1' USR1" in script and "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in script
+        assert "trap 'forward USR1' USR1" in script
+        assert "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in script
         assert subprocess.run(["bash", "-n", str(out / "slurm" / "job.sbatch")]).returncode == 0
     capsys.readouterr()
 
@@ -564,7 +569,8 @@ def test_gpu_cp2_sigusr1_to_the_launcher_saves_both_ranks_and_resumes(work, tmp_
     data = work / "data256"
     text = work / "text.txt"
     rng = random.Random(1)
-    text.write_text("\n".join(" ".join(rng.choice(["a1", "b22", "c333", "d4444"]) for _ in range(16)) for _ in range(3000)))
+    text.write_text("\n".join(" ".join(rng.choice(["a1", "b22", "c333",
+                                                   "d4444"]) for _ in range(16)) for _ in range(3000)))
     assert main(["data", "prepare", "--input", str(text), "--out", str(data), "--seq-len", "256"]) == 0
     args = ["train", "data.seq_len=256", "model.layer_pattern=GSMA", "parallel.cp=2", "train.device=cuda",
             "data.micro_batch_size=2", "train.log_every=1", "train.progress=false", "train.tensorboard=false",

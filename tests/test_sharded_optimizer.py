@@ -12,7 +12,8 @@ import torch
 from dist_utils import run_world
 
 TINY = ["model.d_model=32", "model.layer_pattern=GS", "model.n_heads=2", "model.head_dim=16", "model.attn_heads=2",
-        "model.attn_head_dim=16", "model.window=16", "model.chunk_size=16", "data.seq_len=32", "data.micro_batch_size=2",
+        "model.attn_head_dim=16", "model.window=16", "model.chunk_size=16", "data.seq_len=32",
+        "data.micro_batch_size=2",
         "train.steps=3", "train.warmup_steps=1", "train.progress=false", "train.tensorboard=false", "train.lr=1e-2"]
 
 

@@ -55,7 +55,8 @@ def _fake_slurm_tools(bin_dir: Path, record: Path) -> None:
         (bin_dir / tool).chmod(0o755)
 
 
-def _run_script_with_fakes(script: Path, tmp_path: Path, *, nodes: int, cpus: str | None = None) -> tuple[list[str], dict]:
+def _run_script_with_fakes(script: Path, tmp_path: Path, *, nodes: int,
+                           cpus: str | None = None) -> tuple[list[str], dict]:
     """Execute the rendered script with fake srun/scontrol and Slurm's job variables; -> (srun argv, env)."""
     record = tmp_path / "srun_args.txt"
     _fake_slurm_tools(tmp_path / "fakebin", record)
@@ -174,7 +175,8 @@ def test_missing_sbatch_is_a_clear_error(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_routes_submit(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lctrain.cli", "submit", "--help"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "lctrain.cli", "submit", "--help"], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0 and "--gpus-per-node" in proc.stdout and "--dry-run" in proc.stdout
 
 

@@ -30,7 +30,8 @@ def _assert_consistent(sample, positions, answers, length):
     assert sample.ids[positions].tolist() == answers == sample.answers
 
 
-@pytest.mark.parametrize("length,pairs,queries,vocab", [(64, 8, None, 256), (37, 8, 3, 64), (512, 124, 124, 256), (20, 5, 5, 32)])
+@pytest.mark.parametrize("length,pairs,queries,vocab",
+                         [(64, 8, None, 256), (37, 8, 3, 64), (512, 124, 124, 256), (20, 5, 5, 32)])
 def test_mqar_answers_match_checker(length, pairs, queries, vocab):
     rng = np.random.default_rng(length)
     for _ in range(20):
@@ -143,7 +144,8 @@ class _Oracle(torch.nn.Module):
     def forward(self, ids):
         out = torch.zeros(*ids.shape, self.vocab)
         for b, row in enumerate(ids):
-            nxt = torch.as_tensor(self.by_prefix[tuple(row[:8].tolist())][1:]) if self.right else torch.zeros(ids.shape[1], dtype=torch.long)
+            nxt = (torch.as_tensor(self.by_prefix[tuple(row[:8].tolist())][1:]) if self.right
+                   else torch.zeros(ids.shape[1], dtype=torch.long))
             out[b, torch.arange(ids.shape[1]), nxt] = 1.0
         return out
 
@@ -169,11 +171,13 @@ def test_check_claim():
     assert not check_claim([{"model": "c", "min": 0.1}], res)[0]  # not run
 
 
-@pytest.mark.parametrize("name,models", [("mqar_deltanet", "deltanet,gla_mamba2"), ("sniah_ordering", "gated_deltanet")])
+@pytest.mark.parametrize("name,models",
+                         [("mqar_deltanet", "deltanet,gla_mamba2"), ("sniah_ordering", "gated_deltanet")])
 def test_repro_recipe_runs_tiny(tmp_path, name, models):
     from lctrain.eval import repro
 
-    assert repro.main([name, "--tiny", "--models", models, "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+    assert repro.main([name, "--tiny", "--models", models, "--runs", str(tmp_path / "runs"), "--out",
+                       str(tmp_path / "out"),
                        f"data.cache_dir={tmp_path / 'cache'}"]) == 0
     report = json.loads((tmp_path / "out" / f"{name}.json").read_text())
     assert sorted(report["results"]) == sorted(models.split(","))

@@ -59,9 +59,11 @@ def check(results):
         assert abs(res["loss"] - ref_loss) <= RTOL * abs(ref_loss), (rank, res["loss"], ref_loss)
         assert set(res["init"]) == set(ref_init)
         for name, ref in ref_init.items():
-            assert torch.equal(res["init"][name], ref), f"rank {rank}: initial {name} differs from the one-process model"
+            assert torch.equal(res["init"][name], ref), \
+                f"rank {rank}: initial {name} differs from the one-process model"
         for name, ref_g, ref_p in zip(names, ref_grads, ref_params):
-            assert _rel(res["grads"][name], ref_g) <= GRAD_RTOL, f"rank {rank}: gradient of {name} differs by {_rel(res['grads'][name], ref_g):.2e}"
+            assert _rel(res["grads"][name], ref_g) <= GRAD_RTOL, \
+                f"rank {rank}: gradient of {name} differs by {_rel(res['grads'][name], ref_g):.2e}"
             assert _rel(res["params"][name], ref_p) <= GRAD_RTOL, f"rank {rank}: updated {name} differs"
     return ref_model.num_parameters()
 

@@ -84,7 +84,8 @@ def test_answer_weights_from_the_batch():
     from lctrain.train.step import answer_weights
 
     mask = torch.tensor([[0, 1, 1, 0]], dtype=torch.uint8)
-    torch.testing.assert_close(answer_weights({"answer_mask": mask}, 20.0, "cpu"), torch.tensor([[1.0, 20.0, 20.0, 1.0]]))
+    torch.testing.assert_close(answer_weights({"answer_mask": mask}, 20.0, "cpu"),
+                               torch.tensor([[1.0, 20.0, 20.0, 1.0]]))
     assert answer_weights({"answer_mask": mask}, 1.0, "cpu") is None
     assert answer_weights({}, 20.0, "cpu") is None
 
@@ -133,13 +134,15 @@ def test_trainer_step_reports_loss_and_grad_norm_of_its_micro_batches():
     assert metrics.step == trainer.step_count == 1
     assert metrics.loss == pytest.approx(float(sum(mean for _, mean in shares) / 2), rel=1e-6)
     assert metrics.grad_norm == pytest.approx(float(want_norm), rel=1e-5)
-    assert metrics.lr == pytest.approx(cfg.train.lr * lr_factor(0, warmup_steps=1, total_steps=3, min_lr_ratio=cfg.train.min_lr_ratio))
+    assert metrics.lr == pytest.approx(cfg.train.lr * lr_factor(0, warmup_steps=1, total_steps=3,
+                                                                min_lr_ratio=cfg.train.min_lr_ratio))
     assert all(p.grad is None for p in trainer.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(trainer.model.parameters(), ref.parameters()))
 
 
 def test_no_weight_decay_on_norms_biases_embeddings():
-    model = torch.nn.ModuleDict({"emb": torch.nn.Embedding(10, 4), "lin": torch.nn.Linear(4, 4), "norm": torch.nn.LayerNorm(4)})
+    model = torch.nn.ModuleDict({"emb": torch.nn.Embedding(10, 4), "lin": torch.nn.Linear(4, 4),
+                                 "norm": torch.nn.LayerNorm(4)})
     groups = param_groups(model, 0.1)
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {id(model["lin"].weight)}
@@ -176,7 +179,8 @@ def test_train_writes_checkpoint_and_resume_continues(tmp_path, parts, monkeypat
     assert _run(parts, split, "train.steps=5", "train.ckpt_every=3") == 0
     full_m, split_m = _metrics(full), _metrics(split)
     # each step once, and the restart marked where it happened
-    assert [(m.get("event"), m["step"]) for m in split_m] == [(None, 1), (None, 2), (None, 3), ("resume", 3), (None, 4), (None, 5)]
+    assert [(m.get("event"), m["step"]) for m in split_m] == [(None, 1), (None, 2), (None, 3), ("resume", 3), (None, 4),
+                                                              (None, 5)]
     split_m = [m for m in split_m if "event" not in m]
     for a, b in zip(full_m, split_m):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
@@ -300,7 +304,8 @@ def _grad_worker(rank, world, init_file, out_dir):
         # context parallel: both ranks hold halves of sequence batch 0
         model = _PosModel()
         shard = slice(rank * 6, (rank + 1) * 6)
-        loss, mean = lm_loss(model, ids[0][:, shard], labels[0][:, shard], cp_group=dist.group.WORLD, position_offset=rank * 6)
+        loss, mean = lm_loss(model, ids[0][:, shard], labels[0][:, shard], cp_group=dist.group.WORLD,
+                             position_offset=rank * 6)
         loss.backward()
         reduce_gradients(list(model.parameters()), dist.group.WORLD, dp_size=1)
         results["cp_mean"] = mean
@@ -385,7 +390,8 @@ def _losses(out_dir: Path) -> list[float]:
     return [m["loss"] for m in _metrics(out_dir) if "loss" in m]  # step records (not the restart notes)
 
 
-TP_MODEL = ["model.layer_pattern=GSMA", "model.n_heads=4", "model.attn_heads=4", "model.head_dim=8", "model.attn_head_dim=8"]
+TP_MODEL = ["model.layer_pattern=GSMA", "model.n_heads=4", "model.attn_heads=4", "model.head_dim=8",
+            "model.attn_head_dim=8"]
 
 
 @pytest.mark.parametrize("bad, key", [

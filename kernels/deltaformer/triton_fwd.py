@@ -55,7 +55,8 @@ def _chunk_stats_kernel(k_ptr, u_ptr, w_ptr, p_ptr, lse_ptr, s, c, T, scale,
     # the chunk itself: keys s <= j < t (normaliser only)
     for j0 in range(s, s + c, BT):
         cols = j0 + tl.arange(0, BT)
-        kj = tl.load(k_base + cols[:, None] * K + dk[None, :], mask=(cols[:, None] < s + c) & (dk[None, :] < K), other=0.0)
+        kj = tl.load(k_base + cols[:, None] * K + dk[None, :], mask=(cols[:, None] < s + c) & (dk[None, :] < K),
+                     other=0.0)
         sc = tl.dot(kq, tl.trans(kj)) * scale
         ok = row_ok[:, None] & (cols[None, :] < rows[:, None])
         sc = tl.where(ok, sc, NEG)
@@ -73,7 +74,8 @@ def _chunk_stats_kernel(k_ptr, u_ptr, w_ptr, p_ptr, lse_ptr, s, c, T, scale,
     # intra-chunk probabilities with the final normaliser
     for j0 in range(s, s + c, BT):
         cols = j0 + tl.arange(0, BT)
-        kj = tl.load(k_base + cols[:, None] * K + dk[None, :], mask=(cols[:, None] < s + c) & (dk[None, :] < K), other=0.0)
+        kj = tl.load(k_base + cols[:, None] * K + dk[None, :], mask=(cols[:, None] < s + c) & (dk[None, :] < K),
+                     other=0.0)
         sc = tl.dot(kq, tl.trans(kj)) * scale
         ok = row_ok[:, None] & (cols[None, :] < rows[:, None])
         p = tl.where(ok, tl.exp(tl.where(ok, sc, 0.0) - lse[:, None]), 0.0)

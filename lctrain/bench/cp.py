@@ -35,13 +35,16 @@ import subprocess
 import sys
 import time
 
-COLUMNS = ["layer", "transition", "T/rank", "T total", "1-dev fwd ms", "1-dev fwd+bwd ms", "CP fwd ms", "CP fwd+bwd ms", "efficiency",
-           "state pass ms", "state-grad pass ms", "1-dev peak MiB", "CP peak MiB", "fla 1-dev fwd+bwd ms", "fla CP fwd+bwd ms", "fla efficiency",
+COLUMNS = ["layer", "transition", "T/rank", "T total", "1-dev fwd ms", "1-dev fwd+bwd ms", "CP fwd ms", "CP fwd+bwd ms",
+           "efficiency",
+           "state pass ms", "state-grad pass ms", "1-dev peak MiB", "CP peak MiB", "fla 1-dev fwd+bwd ms",
+           "fla CP fwd+bwd ms", "fla efficiency",
            "1-dev at T total fwd+bwd ms", "1-dev at T total peak MiB", "CP time / 1-dev at T total",
            "CP peak / 1-dev at T total"]
 LAYERS = ("gdn", "delta", "gla", "swa", "attn")
 LINEAR = {"gdn": "gated_delta", "delta": "delta", "gla": "gla"}
-TITLES = {"gdn": "gated delta rule", "delta": "delta rule", "gla": "gated linear attention", "swa": "sliding-window attention",
+TITLES = {"gdn": "gated delta rule", "delta": "delta rule", "gla": "gated linear attention",
+          "swa": "sliding-window attention",
           "attn": "global attention", "loglinear": "loglinear gated delta rule"}
 GPU_DEFAULTS = dict(T=[8192, 16384, 32768, 65536], H=16, D=128, dtype="bf16", chunk_size=64, warmup=5, iters=20)
 CPU_DEFAULTS = dict(T=[64, 128], H=2, D=16, dtype="fp32", chunk_size=16, warmup=1, iters=3)
@@ -286,7 +289,8 @@ def _softmax_layer(layer, args, group, rank, T, device):
     (lctrain.models.attention): halo exchange for the window, Ulysses for global attention."""
     from lctrain.models.attention import Attention
     window = args.window if layer == "swa" else None
-    make = lambda grp: Attention(args.H * args.D, args.H, args.D, window=window, rope=None, cp_group=grp).to(device)  # noqa: E731
+    make = lambda grp: Attention(args.H * args.D, args.H, args.D, window=window, rope=None,
+                                 cp_group=grp).to(device)  # noqa: E731
     single, cp = make(None), make(group)
     return single._attend_local, lambda q, k, v: cp._attend_cp(q, k, v, rank * T)
 
@@ -323,7 +327,8 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first):
         # the closures below are called within this iteration, so the late binding of cp_op is harmless
         res.update(_prefixed("cp", _measure(lambda: cp_op(*tensors(), **kw)[0],  # noqa: B023
                                             x, layer, device, group, args, True)))
-        trans = lambda: cp_op._transition(x["k"], x["v"], gates["g"], gates["beta"], kw["backend"], kw["chunk_size"])  # noqa: E731, B023
+        trans = lambda: cp_op._transition(x["k"], x["v"], gates["g"], gates["beta"],  # noqa: E731, B023
+                                          kw["backend"], kw["chunk_size"])
         res["state_pass_ms"] = _timed(trans, device, group, args.warmup, args.iters, False)
         res["state_grad_pass_ms"] = state_grad_ms(transition)
         res.update(fla)
@@ -352,7 +357,8 @@ def _loglinear_rows(args, x, T, P, device, group, kw):
     res = dict(layer="loglinear", transition="levels")
     res.update(_prefixed("single", _measure(lambda: op(*args5(), **kw)[0], x, "gdn", device, group, args, False)))
     res.update(_prefixed("cp", _measure(lambda: cp_op(*args5(), **kw)[0], x, "gdn", device, group, args, True)))
-    trans = lambda: kernels.shard_transition("gated_delta", x["k"], x["v"], g=x["g"], beta=x["beta"], **kw)  # noqa: E731
+    trans = lambda: kernels.shard_transition("gated_delta", x["k"], x["v"], g=x["g"], beta=x["beta"],
+                                             **kw)  # noqa: E731
     res["state_pass_ms"] = _timed(trans, device, group, args.warmup, args.iters, False)
     return [res]
 
@@ -406,10 +412,12 @@ def _worker(args, argv) -> int:
     device, group, P, rank = init_worker(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     kw = dict(backend=args.backend, chunk_size=args.chunk_size)
-    notes = [f"B={args.B}, H={args.H}, head dim {args.D}, {args.dtype}, backend {args.backend}, chunk {args.chunk_size}, "
-             f"{args.warmup} warm-up + {args.iters} timed iterations; efficiency = 1-device fwd+bwd at T / CP fwd+bwd at "
-             f"{P}*T; '1-dev at T total' = one device at {P}*T (strong scaling, --strong or attn); swa window "
-             f"{args.window}; the last rank skips its state pass and rank 0 its state-gradient pass (nobody reads them)"]
+    notes = [f"B={args.B}, H={args.H}, head dim {args.D}, {args.dtype}, backend {args.backend}, chunk "
+             f"{args.chunk_size}, "
+             f"{args.warmup} warm-up + {args.iters} timed iterations; efficiency = 1-device fwd+bwd at T / CP fwd+bwd "
+             f"at {P}*T; '1-dev at T total' = one device at {P}*T (strong scaling, --strong or attn); swa window "
+             f"{args.window}; the last rank skips its state pass and rank 0 its state-gradient pass "
+             "(nobody reads them)"]
     rows, raw = [], []
     fla_version = None
     try:
@@ -436,7 +444,8 @@ def _worker(args, argv) -> int:
                     whole = res.get("whole_fwd_bwd_ms")
                     res["cp_over_whole"] = None if whole is None else res["cp_fwd_bwd_ms"] / whole
                     wp = res.get("whole_peak_mib")
-                    res["cp_peak_over_whole"] = None if not wp or res["cp_peak_mib"] is None else res["cp_peak_mib"] / wp
+                    res["cp_peak_over_whole"] = (None if not wp or res["cp_peak_mib"] is None
+                                                 else res["cp_peak_mib"] / wp)
                     fla_version = res.pop("fla_version", None) or fla_version
                     raw.append(res)
                     rows.append([layer, res["transition"], T, P * T] + [_round(res.get(k)) for k in (

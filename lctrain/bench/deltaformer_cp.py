@@ -73,7 +73,8 @@ def _worker(args, argv) -> int:
             if T % P:
                 raise SystemExit(f"--T {T} does not split over {P} ranks")
             gen = torch.Generator(device=device).manual_seed(T)
-            full = {n: torch.randn(1, T, args.H, args.D, generator=gen, device=device).to(dtype) for n in ("q", "k", "v", "do")}
+            full = {n: torch.randn(1, T, args.H, args.D, generator=gen, device=device).to(dtype)
+                    for n in ("q", "k", "v", "do")}
             full["beta"] = torch.sigmoid(torch.randn(1, T, args.H, generator=gen, device=device)).to(dtype)
             Tl = T // P
             local = {n: t[:, rank * Tl:(rank + 1) * Tl].contiguous() for n, t in full.items()}
@@ -99,7 +100,8 @@ def _worker(args, argv) -> int:
                 "single_fwd_ms", "single_fwd_bwd_ms", "cp_fwd_ms", "cp_fwd_bwd_ms", "speed_up", "single_peak_mib",
                 "cp_peak_mib")])
             if rank == 0:
-                print(f"T {T}: 1-dev {res['single_fwd_bwd_ms']:.1f} ms, CP={P} {res['cp_fwd_bwd_ms']:.1f} ms", flush=True)
+                print(f"T {T}: 1-dev {res['single_fwd_bwd_ms']:.1f} ms, CP={P} {res['cp_fwd_bwd_ms']:.1f} ms",
+                      flush=True)
     finally:
         dist.destroy_process_group()
     if rank != 0:

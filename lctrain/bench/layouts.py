@@ -69,7 +69,8 @@ def run_layout(recipe: str, overrides: list[str], layout: str, steps: int, warmu
     tps = statistics.median(timed)
     peaks = [r["peak_mib"] for r in records if r.get("peak_mib") is not None]
     gpus = nproc or 1
-    return [layout, nproc, round(tps), round(tps / gpus), round(max(peaks)) if peaks else None, records[-1]["loss"], "ok"]
+    return [layout, nproc, round(tps), round(tps / gpus), round(max(peaks)) if peaks else None, records[-1]["loss"],
+            "ok"]
 
 
 def main(argv=None) -> int:

@@ -31,7 +31,8 @@ COLUMNS = ["T", "method", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd+bwd / base", 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="lctrain bench loglinear", description=__doc__.split("\n\n")[0])
     p.add_argument("--T", type=int, nargs="+", default=[16384, 32768, 65536, 131072],
-                   help="sequence lengths (default 16K 32K 64K 128K; the 1-GPU reach: --T 524288 1048576 --methods ll_gdn)")
+                   help="sequence lengths (default 16K 32K 64K 128K; the 1-GPU reach: --T 524288 1048576 --methods "
+                        "ll_gdn)")
     p.add_argument("--B", type=int, default=1)
     p.add_argument("--H", type=int, default=16)
     p.add_argument("--D", type=int, default=128, help="head dim of q/k and v (default 128)")

@@ -51,7 +51,8 @@ def run(name: str, opts: dict) -> dict:
     mix = {k: v for k, v in (("digits", c["digits"]), ("packed_share", c["packed_share"])) if v is not None}
     tok = get_tokenizer(cfg.data)
     t, L, mb = cfg.train, int(cfg.data.seq_len), int(cfg.data.micro_batch_size)
-    samples, masks = embedded.build_embedded_samples(tok, L, t.steps * mb, float(cfg.data.needle_fraction), int(cfg.data.seed),
+    samples, masks = embedded.build_embedded_samples(tok, L, t.steps * mb, float(cfg.data.needle_fraction),
+                                                     int(cfg.data.seed),
                                                      **mix)
     order = list(range(len(samples)))
     random.Random(c["order_seed"]).shuffle(order)
@@ -68,7 +69,8 @@ def run(name: str, opts: dict) -> dict:
         if mask.any():
             with torch.no_grad():  # the answer tokens' plain loss (a second forward: probes only)
                 logits = model(batch[:, :-1])
-                per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+                per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                              batch[:, 1:].reshape(-1), reduction="none")
                 answer_losses.append(float(per_token[mask.reshape(-1) > 0].mean()))
     train_s = time.time() - start
     model.eval()

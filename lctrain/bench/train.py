@@ -52,10 +52,12 @@ LENGTH_COLUMNS = ["recipe", "seq_len", "world (dp x cp)", "checkpointing", "resu
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lctrain bench train", description=__doc__.split("\n\n")[0],
-                                epilog="example: lctrain bench train recipes/gdn_h1_1p3b.yaml data.seq_len=32768 --steps 10")
+                                epilog="example: lctrain bench train recipes/gdn_h1_1p3b.yaml data.seq_len=32768 "
+                                       "--steps 10")
     p.add_argument("args", nargs="*", help="an optional recipe YAML, then key=value overrides (as lctrain train)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 5)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (kernel compilation, allocator; default 2)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first (kernel compilation, allocator; default 2)")
     p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                    help=f"peak dense TFLOP/s of one GPU for MFU (default {DEFAULT_PEAK_TFLOPS:g}: H100/H200 bf16)")
     p.add_argument("--lengths", type=int, nargs="+", metavar="SEQ_LEN",
@@ -64,7 +66,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--activation-memory", action="store_true",
                    help="instead of timing: KB per token each block kind keeps for the backward (mixer, MLP)")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
-    p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD", help="append the result to BENCHMARKS.md (or MD)")
+    p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD",
+                   help="append the result to BENCHMARKS.md (or MD)")
     args = p.parse_args(argv)
     other_mode = "--lengths" if args.lengths else "--activation-memory" if args.activation_memory else None
     if args.lengths and args.activation_memory:
@@ -172,7 +175,8 @@ def saved_kib_per_token(cfg, device, lengths=(128, 256)) -> dict:
         torch.manual_seed(0)
         block = Block(kind, m, rope).to(device)
         # used only within this iteration, so the closures' late binding of `block` is harmless
-        parts = {"mixer": lambda x: block.mixer(block.norm1(x)), "mlp": lambda x: block.mlp(block.norm2(x)),  # noqa: B023
+        parts = {"mixer": lambda x: block.mixer(block.norm1(x)),  # noqa: B023
+                 "mlp": lambda x: block.mlp(block.norm2(x)),  # noqa: B023
                  "block": lambda x: block(x)}  # noqa: B023
         out[kind] = {}
         for name, fn in parts.items():
@@ -199,9 +203,12 @@ def _activation_memory(cfg, recipe, command) -> dict:
     result = {"title": f"Activations saved for the backward: {Path(recipe).stem if recipe else 'default'}",
               "command": command, "device": _device_name(device), "versions": _versions(),
               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "notes": [f"d_model {m.d_model}, heads {m.n_heads} x {m.head_dim}, attention {m.attn_heads} x {m.attn_head_dim}, "
-                        f"kernel backend {m.kernel_backend}, residual {m.residual_dtype}; per token, without checkpointing"],
-              "columns": ["layer kind", "norm1 + mixer KiB/token", "norm2 + MLP KiB/token", "block KiB/token", "block GiB per 1M tokens"],
+              "notes": [f"d_model {m.d_model}, heads {m.n_heads} x {m.head_dim}, attention {m.attn_heads} x "
+                        f"{m.attn_head_dim}, "
+                        f"kernel backend {m.kernel_backend}, residual {m.residual_dtype}; per token, without "
+                        "checkpointing"],
+              "columns": ["layer kind", "norm1 + mixer KiB/token", "norm2 + MLP KiB/token", "block KiB/token",
+                          "block GiB per 1M tokens"],
               "rows": rows, "kib_per_token": kib}
     return result
 
@@ -470,7 +477,8 @@ def _timed(bench, args, recipe) -> dict | None:
     say = print if _is_main() else (lambda *a, **k: None)
     n_params = sum(p.numel() for p in bench.params)
     say(f"lctrain bench train: {n_params / 1e6:.1f}M parameters, layers {bench.model.pattern}, seq_len {T}, "
-        f"world {_world_text(bench)}, {device} {str(bench.dtype).replace('torch.', '')}, checkpointing {_checkpointing_text(cfg)}", flush=True)
+        f"world {_world_text(bench)}, {device} {str(bench.dtype).replace('torch.', '')}, checkpointing "
+        f"{_checkpointing_text(cfg)}", flush=True)
     losses = []
     for i in range(args.warmup):
         t0 = time.perf_counter()
@@ -508,18 +516,22 @@ def _timed(bench, args, recipe) -> dict | None:
         + (f", MFU {mfu:.1f}% of {args.peak_tflops:g} TFLOP/s" if mfu is not None else " (CPU: no MFU)")
         + (f", peak {peak_all:.2f} GiB per GPU" if device.type == "cuda" else ""), flush=True)
     if split:
-        say(f"time split (ms, fwd/bwd by layer kind; bwd includes checkpoint recomputation): {split_text(split)}", flush=True)
+        say(f"time split (ms, fwd/bwd by layer kind; bwd includes checkpoint recomputation): {split_text(split)}",
+            flush=True)
     row = [Path(recipe).name if recipe else "default", T, _world_text(bench), _checkpointing_text(cfg), round(tps, 1),
            None if mfu is None else round(mfu, 2), round(tflops_per_gpu, 3), round(step_s, 4),
            round(peak_all, 2) if device.type == "cuda" else None, split_text(split) if split else None]
     notes = [f"{args.steps} timed steps after {args.warmup} warm-up steps, synthetic tokens, "
-             f"dtype {str(bench.dtype).replace('torch.', '')}, micro_batch_size {cfg.data.micro_batch_size}, grad_accum {cfg.train.grad_accum}",
-             f"MFU counts model FLOPs (lctrain/bench/train.py): 6 x {flops['matmul_params'] / 1e9:.3f}B matmul parameters x tokens "
+             f"dtype {str(bench.dtype).replace('torch.', '')}, micro_batch_size {cfg.data.micro_batch_size}, "
+             f"grad_accum {cfg.train.grad_accum}",
+             f"MFU counts model FLOPs (lctrain/bench/train.py): 6 x {flops['matmul_params'] / 1e9:.3f}B matmul "
+             "parameters x tokens "
              f"+ attention {flops['attention'] / 1e12:.1f} + linear mixers {flops['mixer'] / 1e12:.1f} TFLOP per step, "
              f"against {args.peak_tflops:g} TFLOP/s per GPU; checkpoint recomputation is not counted"]
     return {"title": f"Training step: {Path(recipe).stem if recipe else 'default'} at {T} tokens", "notes": notes,
             "columns": COLUMNS, "rows": [row], "tokens_per_s": tps, "step_s": step_s, "mfu_percent": mfu,
-            "peak_tflops": args.peak_tflops, "model_flops_per_step": flops, "peak_gib_per_gpu": peak_all if device.type == "cuda" else None,
+            "peak_tflops": args.peak_tflops, "model_flops_per_step": flops,
+            "peak_gib_per_gpu": peak_all if device.type == "cuda" else None,
             "time_split_ms": split, "losses": losses, "parameters": n_params}
 
 
@@ -547,14 +559,17 @@ def _length_search(bench, args, recipe) -> dict | None:
         ok = -bench.reduce_max([-ok])[0]
         seconds, peak = bench.reduce_max([seconds, _peak_gib(device) or 0.0])
         result = "ok" if ok else "out of memory"
-        say(f"seq_len {T}: {result}, {seconds:.2f}s" + (f", peak {peak:.2f} GiB per GPU" if device.type == "cuda" else ""), flush=True)
-        rows.append([Path(recipe).name if recipe else "default", T, _world_text(bench), _checkpointing_text(cfg), result,
+        peak_text = f", peak {peak:.2f} GiB per GPU" if device.type == "cuda" else ""
+        say(f"seq_len {T}: {result}, {seconds:.2f}s" + peak_text, flush=True)
+        rows.append([Path(recipe).name if recipe else "default", T, _world_text(bench), _checkpointing_text(cfg),
+                     result,
                      round(seconds, 3), round(peak, 2) if device.type == "cuda" else None])
         if ok:
             longest = (T, peak)
         if _is_main() and args.json:  # so far, in case a later length kills the process (not an OOM)
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps({"rows": rows, "longest_seq_len": longest and longest[0], "partial": True}) + "\n")
+            Path(args.json).write_text(json.dumps({"rows": rows, "longest_seq_len": longest and longest[0],
+                                                   "partial": True}) + "\n")
         if not ok:
             break
     if not _is_main():

@@ -9,7 +9,8 @@ and forward+backward (``triton.testing.do_bench``, median ms) of
             chunk_gated_delta_rule with cu_seqlens), in the same process
 
 Targets: packed / one <= 1.1 and packed / fla <= 1.0. backend="triton" with cu_seqlens runs the
-native varlen kernels (each document cut into its own chunks; the notes say which path ran). fla's gated backward guard on Hopper with Triton 3.4 - 3.7.0 is lifted as in
+native varlen kernels (each document cut into its own chunks; the notes say which path ran). fla's gated backward guard
+on Hopper with Triton 3.4 - 3.7.0 is lifted as in
 ``lctrain bench kernels`` and said in the notes. ``--json PATH`` writes the result; ``--record``
 appends it to BENCHMARKS.md (lctrain.bench.report).
 """

@@ -146,7 +146,8 @@ def ensure_embedded_dataset(data_cfg: Any, *, num_samples: int | None = None, bu
         tok = get_tokenizer(data_cfg)
         samples, masks = build_embedded_samples(tok, settings["seq_len"], settings["num_samples"],
                                                 settings["needle_fraction"], settings["seed"])
-        write_mds(path, samples, answer_masks=masks, sample_len=settings["seq_len"] + 1, dtype=token_dtype(tok.vocab_size),
+        write_mds(path, samples, answer_masks=masks, sample_len=settings["seq_len"] + 1,
+                  dtype=token_dtype(tok.vocab_size),
                   meta=dict(settings, source="embedded", vocab_size=tok.vocab_size, eos_id=tok.eos_id))
 
     return build_once(embedded_dataset_path(data_cfg, num_samples), write, builder=builder, timeout_s=timeout_s)

@@ -34,7 +34,8 @@ def cp_slice(tokens: np.ndarray | torch.Tensor, cp_rank: int, cp_size: int) -> t
     t = torch.as_tensor(np.asarray(tokens).astype(np.int64)) if not torch.is_tensor(tokens) else tokens.long()
     seq_len = t.shape[-1] - 1
     if seq_len % cp_size:
-        raise DataError(f"data.seq_len={seq_len} does not split into parallel.cp={cp_size} equal slices; make seq_len a multiple of cp")
+        raise DataError(f"data.seq_len={seq_len} does not split into parallel.cp={cp_size} equal slices; make seq_len "
+                        "a multiple of cp")
     if not 0 <= cp_rank < cp_size:
         raise DataError(f"cp_rank={cp_rank} is outside [0, {cp_size})")
     n = seq_len // cp_size
@@ -86,14 +87,15 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("seq_len") not in (None, self.seq_len):
-            raise DataError(f"the checkpoint's loader state is for seq_len={state['seq_len']}, this run uses {self.seq_len}; "
-                            "resume with the same data.seq_len or start a fresh out_dir")
+            raise DataError(f"the checkpoint's loader state is for seq_len={state['seq_len']}, this run uses "
+                            f"{self.seq_len}; resume with the same data.seq_len or start a fresh out_dir")
         if state.get("streaming") is not None:
             self.loader.load_state_dict(state["streaming"])
 
 
 def resolve_dataset(data_cfg: Any) -> Path:
-    """Local MDS directory for data.source: "embedded" or "synthetic:<task>" (built on first use) or a path from `lctrain data prepare`."""
+    """Local MDS directory for data.source: "embedded" or "synthetic:<task>" (built on first use) or a path from
+    `lctrain data prepare`."""
     if str(data_cfg.source) == "embedded":
         from lctrain.data.embedded import ensure_embedded_dataset
 
@@ -104,7 +106,8 @@ def resolve_dataset(data_cfg: Any) -> Path:
         return ensure_task_dataset(data_cfg)
     src = str(data_cfg.source)
     if "://" in src:
-        raise DataError(f"data.source={src!r}: remote datasets are not supported yet; copy the MDS directory locally and pass its path")
+        raise DataError(f"data.source={src!r}: remote datasets are not supported yet; copy the MDS directory locally "
+                        "and pass its path")
     path = Path(os.path.expanduser(src)).absolute()
     if not (path / "index.json").is_file():
         raise DataError(f"data.source={src!r} is not an MDS dataset (no index.json); "
@@ -155,10 +158,11 @@ def _check_env(global_rank: int, world_size: int) -> None:
     env_rank = int(os.environ.get("RANK", "0"))
     if (env_rank, env_world) != (global_rank, world_size):
         if "WORLD_SIZE" not in os.environ and world_size > 1:
-            raise DataError(f"rank {global_rank} of {world_size}: RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE are not set; "
-                            "launch with torchrun (or `lctrain train`), which sets them for mosaicml-streaming")
+            raise DataError(f"rank {global_rank} of {world_size}: RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE are not "
+                            "set; launch with torchrun (or `lctrain train`), which sets them for mosaicml-streaming")
         raise DataError(f"the environment says RANK={env_rank} WORLD_SIZE={env_world} but the loader was built for "
-                        f"global_rank={global_rank} world_size={world_size}; pass the torch.distributed rank and world size")
+                        f"global_rank={global_rank} world_size={world_size}; pass the torch.distributed rank and world "
+                        "size")
 
 
 def _check_same_dataset_everywhere(path: Path, meta: dict) -> None:
@@ -190,10 +194,11 @@ def build_train_loader(data_cfg: Any, *, dp_rank: int, dp_size: int, cp_rank: in
     replication = world_size // dp_size  # TP x CP x PP ranks that read the same sample
     if world_size > 1 and global_rank // replication != dp_rank:
         raise DataError(f"global rank {global_rank} with {replication} ranks per data-parallel group should be dp rank "
-                        f"{global_rank // replication}, got dp_rank={dp_rank}: the mesh must put data parallelism outermost "
-                        "(megatron-core's default order)")
+                        f"{global_rank // replication}, got dp_rank={dp_rank}: the mesh must put data parallelism "
+                        "outermost (megatron-core's default order)")
     if seq_len % cp_size:
-        raise DataError(f"data.seq_len={seq_len} does not split into parallel.cp={cp_size} equal slices; make seq_len a multiple of cp")
+        raise DataError(f"data.seq_len={seq_len} does not split into parallel.cp={cp_size} equal slices; make seq_len "
+                        "a multiple of cp")
     _check_env(global_rank, world_size)
     path = resolve_dataset(data_cfg)
     check_shards(path, embedded=str(data_cfg.source) == "embedded" or str(data_cfg.source).startswith("synthetic:"))
@@ -204,10 +209,12 @@ def build_train_loader(data_cfg: Any, *, dp_rank: int, dp_size: int, cp_rank: in
 
         ours = get_tokenizer(data_cfg).name
         if meta["tokenizer"] != ours:
-            raise DataError(f"{path} was tokenized with {meta['tokenizer']!r} but data.tokenizer={data_cfg.tokenizer!r} is {ours!r}; "
+            raise DataError(f"{path} was tokenized with {meta['tokenizer']!r} but "
+                            f"data.tokenizer={data_cfg.tokenizer!r} is {ours!r}; "
                             "set data.tokenizer to the tokenizer the data was prepared with, or prepare it again")
     if meta.get("sample_len") not in (None, seq_len + 1):
-        raise DataError(f"{path} holds samples of {meta['sample_len']} tokens but data.seq_len={seq_len} needs {seq_len + 1}; "
+        raise DataError(f"{path} holds samples of {meta['sample_len']} tokens but data.seq_len={seq_len} needs "
+                        f"{seq_len + 1}; "
                         f"set data.seq_len={meta['sample_len'] - 1} or prepare the data again with --seq-len {seq_len}")
     from lctrain.data.token_dataset import TokenSamples
 

@@ -240,7 +240,8 @@ def build_needle_sample(
                         length=prompt_tokens)
 
 
-def training_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, tasks: Sequence[str] = ("s_niah_1", "s_niah_2"),
+def training_needle_sample(tokenizer: Any, length: int, rng: random.Random, *,
+                           tasks: Sequence[str] = ("s_niah_1", "s_niah_2"),
                            digits: int = NEEDLE_DIGITS, compact: bool | None = None, with_answer_mask: bool = False,
                            _encode_cache: _SentenceIds | None = None) -> list[int] | tuple[list[int], list[int]]:
     """`length` token ids: a needle prompt at a random depth whose last tokens are the answer digits.
@@ -269,7 +270,8 @@ def training_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, t
 MAX_UNIT_TOKENS = 450
 
 
-def packed_needle_sample(tokenizer: Any, length: int, rng: random.Random, *, tasks: Sequence[str] = ("s_niah_1", "s_niah_2"),
+def packed_needle_sample(tokenizer: Any, length: int, rng: random.Random, *,
+                         tasks: Sequence[str] = ("s_niah_1", "s_niah_2"),
                          digits: int = NEEDLE_DIGITS, max_unit: int = MAX_UNIT_TOKENS, full_unit_share: float = 0.5,
                          with_answer_mask: bool = False,
                          _encode_cache: _SentenceIds | None = None) -> list[int] | tuple[list[int], list[int]]:
@@ -331,7 +333,8 @@ def _min_prompt(tokenizer: Any, *, compact: bool, digits: int = NEEDLE_DIGITS) -
     """Prompt tokens taken by the needle and the question alone (no haystack)."""
     value = "9" * digits
     if compact:
-        return len(tokenizer.encode(" " + COMPACT_NEEDLE_TEMPLATE.format(value=value))) + len(tokenizer.encode("\n\n" + COMPACT_QUESTION))
+        return (len(tokenizer.encode(" " + COMPACT_NEEDLE_TEMPLATE.format(value=value)))
+                + len(tokenizer.encode("\n\n" + COMPACT_QUESTION)))
     key = "gentle-lantern"
     return (len(tokenizer.encode(" " + needle_text("s_niah_2", key, value)))
             + len(tokenizer.encode("\n\n" + question_text("s_niah_2", key))))

@@ -28,12 +28,14 @@ def pack_documents(docs: Iterable[Sequence[int]], length: int, eos_id: int) -> I
             del buf[:length]
 
 
-def packed_epochs(doc_ids: Sequence[Sequence[int]], length: int, eos_id: int, num_samples: int, seed: int) -> list[np.ndarray]:
+def packed_epochs(doc_ids: Sequence[Sequence[int]], length: int, eos_id: int, num_samples: int,
+                  seed: int) -> list[np.ndarray]:
     """`num_samples` packed samples; when one pass over the corpus is not enough, further passes
     ("epochs") shuffle the document order and start at a random offset so that samples differ."""
     total = sum(len(d) + 1 for d in doc_ids)
     if total < length:
-        raise ValueError(f"the corpus holds {total} tokens, fewer than one sample of {length}; give more text or a shorter data.seq_len")
+        raise ValueError(f"the corpus holds {total} tokens, fewer than one sample of {length}; give more text or a "
+                         "shorter data.seq_len")
     out: list[np.ndarray] = []
     epoch = 0
     while len(out) < num_samples:

@@ -41,7 +41,8 @@ def _input_files(paths: Sequence[str], flag: str = "--input") -> list[Path]:
         if path.is_dir():
             found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES)
             if not found:
-                raise PrepareError(f"{flag} {p}: the directory holds no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
+                raise PrepareError(f"{flag} {p}: the directory holds no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} "
+                                   "files")
             files += found
         elif path.is_file():
             files.append(path)
@@ -54,11 +55,13 @@ def _read_text(f: Path, flag: str) -> str:
     """A text file's contents; a binary file (NUL bytes, or not UTF-8) is refused, not tokenized as text."""
     data = f.read_bytes()
     if b"\0" in data[: 1 << 20]:
-        raise PrepareError(f"{flag} {f}: looks like a binary file (it holds NUL bytes); pass UTF-8 text, .jsonl or an MDS folder")
+        raise PrepareError(f"{flag} {f}: looks like a binary file (it holds NUL bytes); pass UTF-8 text, .jsonl or an "
+                           "MDS folder")
     text = data.decode("utf-8", errors="replace")
     bad = text.count("\ufffd")
     if bad > max(8, len(text) // 100):
-        raise PrepareError(f"{flag} {f}: is not UTF-8 text ({bad} undecodable bytes); convert it to UTF-8 or pass another file")
+        raise PrepareError(f"{flag} {f}: is not UTF-8 text ({bad} undecodable bytes); convert it to UTF-8 or pass "
+                           "another file")
     return text
 
 
@@ -86,14 +89,18 @@ def iter_documents(paths: Sequence[str], text_field: str = "text", flag: str = "
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="lctrain data prepare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="output directory of the MDS dataset (must not exist unless --overwrite)")
-    ap.add_argument("--input", nargs="+", default=None, metavar="PATH", help="text/jsonl files or directories (default: the embedded corpus)")
+    ap.add_argument("--out", required=True,
+                    help="output directory of the MDS dataset (must not exist unless --overwrite)")
+    ap.add_argument("--input", nargs="+", default=None, metavar="PATH",
+                    help="text/jsonl files or directories (default: the embedded corpus)")
     ap.add_argument("--text-field", default="text", help="JSON field holding the document in .jsonl inputs")
     ap.add_argument("--seq-len", type=int, default=512, help="training context length; samples hold seq_len + 1 tokens")
     ap.add_argument("--tokenizer", default="byte", help="'byte' or the path of a HF tokenizer.json")
-    ap.add_argument("--needle-fraction", type=float, default=0.0, help="share of synthetic passkey/needle samples in [0, 1]")
+    ap.add_argument("--needle-fraction", type=float, default=0.0,
+                    help="share of synthetic passkey/needle samples in [0, 1]")
     ap.add_argument("--num-samples", type=int, default=None,
-                    help="number of samples; default: one pass over the text (plus the needle share); more repeats the text reshuffled")
+                    help="number of samples; default: one pass over the text (plus the needle share); more repeats the "
+                         "text reshuffled")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return ap.parse_args(list(argv))
@@ -122,14 +129,16 @@ def prepare(args: argparse.Namespace) -> Path:
             raise PrepareError("--needle-fraction 1 leaves no text to count samples by; pass --num-samples N")
         text = list(pack_documents(doc_ids, length, tok.eos_id))
         if not text:
-            raise PrepareError(f"the input holds fewer than {length} tokens (one sample of --seq-len {args.seq_len} + 1); give more text or a shorter --seq-len")
+            raise PrepareError(f"the input holds fewer than {length} tokens (one sample of --seq-len {args.seq_len} + "
+                               "1); give more text or a shorter --seq-len")
         f = args.needle_fraction
         n_needle = math.ceil(f * len(text) / (1.0 - f)) if f > 0 else 0
     samples, masks = mix_samples(text, n_needle, tok, length, args.seed)
     meta = {"source": "prepare", "inputs": [str(p) for p in (args.input or ["<embedded>"])], "tokenizer": tok.name,
             "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "seq_len": args.seq_len,
             "needle_fraction": args.needle_fraction, "seed": args.seed}
-    return write_mds(out, samples, answer_masks=masks if n_needle else None, sample_len=length, dtype=token_dtype(tok.vocab_size), meta=meta, overwrite=args.overwrite)
+    return write_mds(out, samples, answer_masks=masks if n_needle else None, sample_len=length,
+                     dtype=token_dtype(tok.vocab_size), meta=meta, overwrite=args.overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

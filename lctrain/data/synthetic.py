@@ -113,10 +113,13 @@ def swap_sample(rng: np.random.Generator, *, length: int, num_elements: int, num
     before `num_queries` queries (PAD fills the remainder at the front)."""
     n = num_elements
     _need(n >= 2, f"num_elements must be >= 2, got {n}")
-    _need(vocab_size >= SPECIALS + 2 * n, f"{n} elements and {n} positions need vocab_size >= {SPECIALS + 2 * n}, got {vocab_size}")
+    _need(vocab_size >= SPECIALS + 2 * n,
+          f"{n} elements and {n} positions need vocab_size >= {SPECIALS + 2 * n}, got {vocab_size}")
     _need(1 <= num_queries <= n, f"num_queries must lie in [1, num_elements={n}], got {num_queries}")
     room = length - n - 3 * num_queries
-    _need(room >= 3, f"length {length} holds no swap after {n} elements and {num_queries} queries (needs >= {n + 3 * num_queries + 3})")
+    _need(room >= 3,
+          f"length {length} holds no swap after {n} elements and {num_queries} queries (needs >= "
+          f"{n + 3 * num_queries + 3})")
     num_swaps, pad = divmod(room, 3)
     elem0, pos0 = SPECIALS, SPECIALS + n
     where = rng.permutation(n)  # where[x] = position of element x

@@ -53,7 +53,8 @@ class HFTokenizer:
     def __init__(self, path: str | os.PathLike):
         path = Path(os.path.expanduser(str(path)))
         if not path.is_file():
-            raise TokenizerError(f"data.tokenizer: {str(path)!r} is not a file; pass 'byte' or the path of a HF tokenizer.json")
+            raise TokenizerError(f"data.tokenizer: {str(path)!r} is not a file; pass 'byte' or the path of a HF "
+                                 "tokenizer.json")
         try:
             from tokenizers import Tokenizer
         except ImportError:
@@ -69,7 +70,8 @@ class HFTokenizer:
         vocab = self._tok.get_vocab(with_added_tokens=True)
         eos = _first_present(vocab, _EOS_NAMES)
         if eos is None:
-            raise TokenizerError(f"data.tokenizer: {str(path)!r} has no end-of-text token (looked for {', '.join(_EOS_NAMES)}); "
+            raise TokenizerError(f"data.tokenizer: {str(path)!r} has no end-of-text token (looked for "
+                                 f"{', '.join(_EOS_NAMES)}); "
                                  "add one so that documents can be separated")
         self.eos_id = eos
         self.bos_id = _first_present(vocab, _BOS_NAMES, default=eos)
@@ -107,7 +109,8 @@ def check_vocab_size(model_vocab_size: int, tokenizer: Any) -> None:
     """The embedding must hold every token id: model.vocab_size >= tokenizer.vocab_size."""
     if int(model_vocab_size) < int(tokenizer.vocab_size):
         raise TokenizerError(
-            f"model.vocab_size={model_vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size} ids, {tokenizer!r}); "
+            f"model.vocab_size={model_vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size} "
+            f"ids, {tokenizer!r}); "
             f"set model.vocab_size >= {tokenizer.vocab_size} (rounded up to a multiple of parallel.tp)")
 
 
@@ -121,5 +124,7 @@ def check_model_vocab(cfg: Any) -> None:
     check_vocab_size(cfg.model.vocab_size, tok)
     end = getattr(cfg.model, "document_end_id", None)
     if end is not None and int(end) != int(tok.eos_id):
-        raise TokenizerError(f"model.document_end_id={end} is not the EOS id of the tokenizer ({tok.eos_id}, {tok!r}), which "
-                             f"separates packed documents; set model.document_end_id={tok.eos_id} (or null for no document masking)")
+        raise TokenizerError(f"model.document_end_id={end} is not the EOS id of the tokenizer ({tok.eos_id}, {tok!r}), "
+                             "which "
+                             f"separates packed documents; set model.document_end_id={tok.eos_id} (or null for no "
+                             "document masking)")

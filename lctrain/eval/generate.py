@@ -12,7 +12,8 @@ Ulysses for global attention). While it runs, hooks record what decoding needs: 
 outgoing state and conv tails (on the last rank these are the prefix's), and each attention layer's
 roped keys and values (gathered onto the last rank for global attention; the last window-1 of the
 last rank for sliding windows; unrotated keys for (Leaky) ReRoPE layers, which rotate per query; the
-latent and the rotated RoPE key part for MLA layers, whose absorbed decoding needs nothing else). The last rank turns them into an ordinary decoding cache, feeds the
+latent and the rotated RoPE key part for MLA layers, whose absorbed decoding needs nothing else). The last rank turns
+them into an ordinary decoding cache, feeds the
 remaining n - n_cp (< P * chunk) prompt tokens through the single-process model with that cache, and
 decodes greedily; the tokens are then broadcast to the group. No padding is ever added, so every
 token sits at its true position and cp=P computes the same function as cp=1 (up to float rounding).
@@ -128,7 +129,8 @@ class _PrefillRecorder:
                         conv = getattr(mixer, f"{name}_conv")
                         self.handles.append(conv.register_forward_hook(self._keep_residual(rec, f"{name}_raw")))
                     else:
-                        self.handles.append(getattr(mixer, f"{name}_proj").register_forward_hook(self._keep(rec, f"{name}_raw")))
+                        proj = getattr(mixer, f"{name}_proj")
+                        self.handles.append(proj.register_forward_hook(self._keep(rec, f"{name}_raw")))
                 if mixer.conv_size > 0:
                     for name in ("q_conv", "k_conv", "v_conv"):
                         self.handles.append(getattr(mixer, name).register_forward_hook(self._keep_tail(rec, name)))
@@ -211,7 +213,8 @@ def _generate_cp(model, cp_model, ids: list[int], max_new_tokens, eos_id, group,
                     T = k.shape[1]
                     keep = T if mixer.window is None else min(T, mixer.window - 1)
                     kpos = torch.arange(n_cp - T, n_cp, device=device)
-                    cache.layers[i].update(k=k[:, T - keep:].contiguous(), v=v[:, T - keep:].contiguous(), pos=kpos[T - keep:])
+                    cache.layers[i].update(k=k[:, T - keep:].contiguous(), v=v[:, T - keep:].contiguous(),
+                                           pos=kpos[T - keep:])
                     cache.layers[i].update({name: rec[name] for name in ("q_conv", "k_conv", "v_conv") if name in rec})
             elif r == last:
                 cache.layers[i].update({key: val for key, val in rec.items()})

@@ -35,15 +35,19 @@ from .ruler import (
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lctrain eval niah", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example: lctrain eval niah --ckpt runs/default --template train --lengths 256,512 parallel.cp=2")
+                                epilog="example: lctrain eval niah --ckpt runs/default --template train --lengths "
+                                       "256,512 parallel.cp=2")
     p.add_argument("--ckpt", required=True, help="a run's out_dir, its ckpt/ folder or a ckpt/step_<n> folder")
-    p.add_argument("--lengths", help="comma list of lengths in tokens, k = 1024 (default: eval.niah_lengths of the run)")
-    p.add_argument("--depths", help="start:stop:count (linspace) or a comma list of fractions (default: eval.niah_depths)")
+    p.add_argument("--lengths",
+                   help="comma list of lengths in tokens, k = 1024 (default: eval.niah_lengths of the run)")
+    p.add_argument("--depths",
+                   help="start:stop:count (linspace) or a comma list of fractions (default: eval.niah_depths)")
     p.add_argument("--tasks", help=f"comma list of {', '.join(TASKS)} (default: eval.niah_tasks)")
     p.add_argument("--samples", type=int, help="prompts per (task, length, depth) (default: eval.niah_samples)")
     p.add_argument("--template", default="ruler", choices=sorted(TEMPLATES),
                    help="ruler: RULER's wording; train: the embedded training data's passkey format; passkey: classic")
-    p.add_argument("--max-new-tokens", type=int, help="greedy tokens per answer (default: enough for the task's answers)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="greedy tokens per answer (default: enough for the task's answers)")
     p.add_argument("--seed", type=int, help="sample seed (default: eval.seed)")
     p.add_argument("--out", help="output folder (default: <run out_dir>/eval)")
     p.add_argument("args", nargs="*", help="an optional recipe YAML (its parallel section), then key=value overrides")
@@ -90,12 +94,14 @@ def run_niah(model, tokenizer, *, tasks, lengths, depths, samples: int, template
                     prediction = tokenizer.decode(tokens)
                     records.append({
                         "task": task, "length": length, "depth": depth, "index": index, "template": s.template,
-                        "answers": s.answers, "prediction": prediction, "score": string_match_all(prediction, s.answers),
+                        "answers": s.answers, "prediction": prediction,
+                        "score": string_match_all(prediction, s.answers),
                         "prompt_tokens": len(s.prompt_ids), "max_new_tokens": new_tokens,
                         "measured_depth": round(s.measured_depth, 4), "cp_prefill_tokens": gen.cp_prefill_tokens,
                     })
             if log is not None and (ctx is None or ctx.main):
-                log(f"niah: {task} length {length}: {len(depths) * samples} samples in {time.perf_counter() - start:.1f}s"
+                log(f"niah: {task} length {length}: {len(depths) * samples} samples in "
+                    f"{time.perf_counter() - start:.1f}s"
                     + (" (this rank's share)" if dp_size > 1 else ""))
     if ctx is not None:
         mine = records if ctx.cp_rank == 0 else []
@@ -164,7 +170,8 @@ def main(argv: list[str]) -> int:
         for t in tasks:
             spec = TASKS[t]
             if tmpl.single_only and spec.num_keys * spec.num_values > 1:
-                raise runtime.EvalError(f"--template {ns.template} holds one needle only; run {t} with --template ruler")
+                raise runtime.EvalError(f"--template {ns.template} holds one needle only; "
+                                        f"run {t} with --template ruler")
         tokenizer = _tokenizer(cfg)
         for t in tasks:  # fail before any model work when a length cannot hold the prompt
             new_tokens = ns.max_new_tokens or default_max_new_tokens(t, ns.template, tokenizer)
@@ -180,13 +187,16 @@ def main(argv: list[str]) -> int:
     try:
         model, cp_model, ckpt_cfg, path = runtime.load_models(ns.ckpt, ctx, cfg)
         if ctx.main:
-            print(f"lctrain eval niah: {runtime.checkpoint_label(path)}, template {ns.template}, tasks {','.join(tasks)}, "
+            print(f"lctrain eval niah: {runtime.checkpoint_label(path)}, template {ns.template}, tasks "
+                  f"{','.join(tasks)}, "
                   f"lengths {','.join(map(str, lengths))}, {len(depths)} depths x {samples} samples, "
                   f"cp {ctx.cp_size} x dp {ctx.dp_size} on {ctx.device.type}", flush=True)
         records = run_niah(model, tokenizer, tasks=tasks, lengths=lengths, depths=depths, samples=samples,
-                           template=ns.template, seed=seed, max_new_tokens=ns.max_new_tokens, ctx=ctx, cp_model=cp_model)
+                           template=ns.template, seed=seed, max_new_tokens=ns.max_new_tokens, ctx=ctx,
+                           cp_model=cp_model)
         if ctx.main:
-            write_outputs(Path(ns.out) if ns.out else runtime.default_out_dir(path), path, records, tasks, lengths, depths,
+            write_outputs(Path(ns.out) if ns.out else runtime.default_out_dir(path), path, records, tasks, lengths,
+                          depths,
                           ns.template, seed, {"cp": ctx.cp_size, "dp": ctx.dp_size})
     finally:
         runtime.stop()
@@ -201,7 +211,8 @@ def _tokenizer(ckpt_cfg):
     return get_tokenizer(ckpt_cfg.data)
 
 
-def write_outputs(out: Path, ckpt_path: Path, records, tasks, lengths, depths, template: str, seed: int, parallel: dict) -> dict:
+def write_outputs(out: Path, ckpt_path: Path, records, tasks, lengths, depths, template: str, seed: int,
+                  parallel: dict) -> dict:
     from . import runtime
     from .plots import niah_heatmap
 
@@ -210,7 +221,8 @@ def write_outputs(out: Path, ckpt_path: Path, records, tasks, lengths, depths, t
     report = {
         "checkpoint": str(ckpt_path), "label": runtime.checkpoint_label(ckpt_path), "template": template,
         "template_description": get_template(template).description, "seed": seed, "parallel": parallel,
-        "metric": "string_match_all: share of the reference values contained in the greedy continuation (case-insensitive), %",
+        "metric": "string_match_all: share of the reference values contained in the greedy continuation "
+                  "(case-insensitive), %",
         "tasks": tasks, "lengths": lengths, "depths": depths, "summary": summary, "records": records,
     }
     json_path = out / f"niah_{template}.json"

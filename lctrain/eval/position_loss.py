@@ -44,7 +44,8 @@ IGNORE_INDEX = -100
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lctrain eval position-loss", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example: lctrain eval position-loss --ckpt runs/a --ckpt runs/b --data embedded --seq-len 512")
+                                epilog="example: lctrain eval position-loss --ckpt runs/a --ckpt runs/b --data "
+                                       "embedded --seq-len 512")
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint (repeat for several curves on one plot)")
     p.add_argument("--label", action="append", help="legend label per --ckpt (default: <run>/step_<n>)")
     p.add_argument("--data", default="embedded", help="MDS folder, .txt/.jsonl file or folder, or 'embedded' (default)")
@@ -53,7 +54,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward (default 1)")
     p.add_argument("--pack", action="store_true", help="pack .txt/.jsonl documents with EOS instead of one per window")
     p.add_argument("--text-field", default="text", help="JSON field of .jsonl documents (default text)")
-    p.add_argument("--bins-per-decade", type=int, default=20, help="log-spaced smoothing bins per factor 10 (default 20)")
+    p.add_argument("--bins-per-decade", type=int, default=20,
+                   help="log-spaced smoothing bins per factor 10 (default 20)")
     p.add_argument("--out", help="output folder (default: <first run out_dir>/eval)")
     p.add_argument("args", nargs="*", help="an optional recipe YAML (its parallel section), then key=value overrides")
     return p.parse_args(argv)
@@ -98,7 +100,8 @@ def _chunks(stream: Iterable[int], length: int) -> Iterator[list[int]]:
             buf = []
 
 
-def iter_windows(data: str, tokenizer, seq_len: int, *, pack: bool = False, text_field: str = "text") -> Iterator[list[int]]:
+def iter_windows(data: str, tokenizer, seq_len: int, *, pack: bool = False,
+                 text_field: str = "text") -> Iterator[list[int]]:
     """Token windows of at most seq_len + 1 ids (see module doc)."""
     length = seq_len + 1
     if data == "embedded":
@@ -159,7 +162,8 @@ class PositionLoss:
 
     def mean(self) -> torch.Tensor:
         """Per-position mean loss (NaN where no window had a token)."""
-        return torch.where(self.counts > 0, self.sums / self.counts.clamp(min=1), torch.full_like(self.sums, float("nan")))
+        return torch.where(self.counts > 0, self.sums / self.counts.clamp(min=1),
+                           torch.full_like(self.sums, float("nan")))
 
 
 def log_bins(n: int, per_decade: int = 20) -> list[tuple[int, int]]:
@@ -259,7 +263,8 @@ def main(argv: list[str]) -> int:
             raise runtime.EvalError(f"--seq-len {seq_len} does not split into parallel.cp={cp} shards of whole chunks; "
                                     f"use a multiple of {unit}")
         if ns.data != "embedded" and not Path(ns.data).expanduser().exists():
-            raise runtime.EvalError(f"--data {ns.data}: no such file or folder; pass an MDS folder, .txt/.jsonl files or 'embedded'")
+            raise runtime.EvalError(f"--data {ns.data}: no such file or folder; pass an MDS folder, .txt/.jsonl files "
+                                    "or 'embedded'")
     except (ConfigError, ValueError) as err:
         print(f"lctrain eval position-loss: error: {err}", file=sys.stderr)
         return 2
@@ -278,7 +283,8 @@ def main(argv: list[str]) -> int:
             start = time.perf_counter()
             windows = iter_windows(ns.data, tokenizer, seq_len, pack=ns.pack, text_field=ns.text_field)
             acc = score_checkpoint(cp_model if cp_model is not None else model, windows, seq_len,
-                                   num_windows=ns.num_windows, batch_size=ns.batch_size, pad_id=tokenizer.pad_id, ctx=ctx)
+                                   num_windows=ns.num_windows, batch_size=ns.batch_size, pad_id=tokenizer.pad_id,
+                                   ctx=ctx)
             sm = smooth(acc.sums, acc.counts, ns.bins_per_decade)
             total = float(acc.sums.sum() / acc.counts.sum().clamp(min=1))
             if ctx.main:
@@ -286,7 +292,8 @@ def main(argv: list[str]) -> int:
                       f"({time.perf_counter() - start:.1f}s)", flush=True)
             results.append({"label": label, "checkpoint": str(path), "train_seq_len": int(ckpt_cfg.data.seq_len),
                             "mean_loss": total, "tokens": int(acc.counts.sum()),
-                            "per_position": {"mean": _nan_to_none(acc.mean().tolist()), "count": acc.counts.long().tolist()},
+                            "per_position": {"mean": _nan_to_none(acc.mean().tolist()),
+                                             "count": acc.counts.long().tolist()},
                             "smoothed": sm})
             del model, cp_model
         if ctx.main:
@@ -319,7 +326,8 @@ def write_outputs(out: Path, results: list[dict], *, seq_len: int, data: str, bi
                      "(edges 10^(i/k) rounded to whole positions), plotted at the geometric mean of each bin's ends",
         "checkpoints": results,
     }
-    paths = [out / "position_loss.json", out / "position_loss.csv", out / "position_loss_smoothed.csv", out / "position_loss.png"]
+    paths = [out / "position_loss.json", out / "position_loss.csv", out / "position_loss_smoothed.csv",
+             out / "position_loss.png"]
     paths[0].write_text(json.dumps(report))
     with paths[1].open("w", newline="") as f:
         w = csv.writer(f)

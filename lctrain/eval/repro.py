@@ -43,7 +43,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("name", help="recipes/repro/NAME.yaml (or a path to a repro YAML)")
     p.add_argument("--tiny", action="store_true", help="the recipe's CPU-sized smoke settings (2 steps): plumbing only")
     p.add_argument("--runs", help="where the training runs go (default runs/repro/NAME)")
-    p.add_argument("--out", help="where NAME.json / .png / .md go (default docs/results/repro; with --tiny: <runs>/results)")
+    p.add_argument("--out",
+                   help="where NAME.json / .png / .md go (default docs/results/repro; with --tiny: <runs>/results)")
     p.add_argument("--models", help="comma list: only these models of the recipe")
     p.add_argument("overrides", nargs="*", help="key=value training overrides for every run (after the recipe's)")
     return p.parse_intermixed_args(argv)
@@ -282,7 +283,8 @@ def main(argv: list[str]) -> int:
     png = plot(out / f"{name}.png", results, report["x"], f"{name}: {rec['claim']['text']}"[:160])
     md = [f"# {name}", "", f"Claim: {rec['claim']['text']}", "", f"**{verdict}.**", "",
           *[f"- {line}" for line in lines], "", f"- command: `{command}`", f"- device: {report['device']}",
-          f"- wall time: {wall / 60:.1f} min", "", f"![{name}]({png.name})", "", f"Data: [{name}.json]({name}.json)", ""]
+          f"- wall time: {wall / 60:.1f} min", "", f"![{name}]({png.name})", "", f"Data: [{name}.json]({name}.json)",
+          ""]
     (out / f"{name}.md").write_text("\n".join(md))
     print(f"lctrain repro {name}: {verdict}; wrote {out / (name + '.json')}, {png}, {out / (name + '.md')}", flush=True)
     return 0

@@ -30,7 +30,8 @@ Placement and length (both in tokens of the model's tokenizer):
 - `depth` in [0, 1] is the fraction of the context (the haystack with its needles) that lies before
   the queried needle. The needle goes to the sentence boundary nearest that point (as RULER and the
   training samples place needles) when one lies within 10% of the context, else to the nearest word
-  boundary (only very short or very long-sentenced haystacks); `measured_depth` records where it went. Other needles (distractor keys,
+  boundary (only very short or very long-sentenced haystacks); `measured_depth` records where it went. Other needles
+  (distractor keys,
   further values) go to random depths.
 Scoring is RULER's string_match_all: the fraction of the reference values that occur in the
 prediction, case-insensitive; for one needle, exact containment of the value.
@@ -257,7 +258,8 @@ def _insertion_points(context_words: list[str]) -> tuple[list[int], list[bool]]:
     return bounds, sentence_ends
 
 
-def insert_needles(haystack_words: list[str], needles: list[tuple[float, str]], sentence_slack: float = 0.1) -> tuple[str, list[int]]:
+def insert_needles(haystack_words: list[str], needles: list[tuple[float, str]],
+                   sentence_slack: float = 0.1) -> tuple[str, list[int]]:
     """Context text with each (depth, needle) inserted; returns (text, char offset of each needle).
 
     A needle at depth d goes where `lctrain.data.needle.needle_position` puts it: the sentence
@@ -341,7 +343,8 @@ def build_sample(task: str | TaskSpec, length: int, depth: float, tokenizer, *, 
 
     if n_tokens([]) > budget:
         raise ValueError(f"{spec.name} at length {length}: the template and needles alone take {n_tokens([])} tokens, "
-                         f"more than length - max_new_tokens = {budget}; use lengths >= {n_tokens([]) + max_new_tokens} "
+                         f"more than length - max_new_tokens = {budget}; use lengths >= "
+                         f"{n_tokens([]) + max_new_tokens} "
                          "or fewer --max-new-tokens")
     # largest word count that fits (exponential then binary search), then fill the last word by characters
     lo, hi = 0, 1

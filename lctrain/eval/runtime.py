@@ -4,7 +4,8 @@ The parallel layout defaults to the checkpoint's own `parallel` section (the lay
 with); an optional recipe YAML and `key=value` overrides change it, as for `lctrain train`. Only
 `parallel.*`, `model.kernel_backend`, `train.device`, `train.dtype` and the eval-time position
 scaling `model.rope.scaling` / `model.rope.factor` / `model.rope.original_max_position` /
-`model.rope.rerope_window` may be overridden (the scaling rebuilds the rotary embedding of the loaded model and touches no weight; the
+`model.rope.rerope_window` may be overridden (the scaling rebuilds the rotary embedding of the loaded model and touches
+no weight; the
 original context defaults to the checkpoint's data.seq_len): the rest of the model is what the
 checkpoint holds. With parallel.cp (or nproc_per_node) > 1 and no torchrun
 environment, the command re-launches itself on that many local processes (torch.distributed.run),

@@ -58,7 +58,8 @@ def task_from(cfg, ns: argparse.Namespace) -> tuple[str, dict, int]:
         knobs[knob] = int(value)
     length = int(ns.length or cfg.data.seq_len)
     if knobs["vocab_size"] > int(cfg.model.vocab_size):
-        raise EvalError(f"the task's ids reach {knobs['vocab_size']} but the model's vocabulary is {cfg.model.vocab_size}")
+        raise EvalError(f"the task's ids reach {knobs['vocab_size']} but the model's vocabulary is "
+                        f"{cfg.model.vocab_size}")
     return name, knobs, length
 
 
@@ -102,7 +103,8 @@ def main(argv: list[str]) -> int:
     ctx = runtime.start(cfg)
     try:
         model, _, _, path = runtime.load_models(ns.ckpt, ctx, cfg)
-        result = task_accuracy(model, samples, device=ctx.device, batch_size=ns.batch_size, autocast_dtype=ctx.autocast_dtype)
+        result = task_accuracy(model, samples, device=ctx.device, batch_size=ns.batch_size,
+                               autocast_dtype=ctx.autocast_dtype)
     finally:
         runtime.stop()
     report = {"checkpoint": str(path), "label": runtime.checkpoint_label(path), "task": name, "knobs": knobs,

@@ -105,7 +105,8 @@ def documents_from_bounds(bounds: list[list[int]], input_ids: torch.Tensor, *, c
         row = [int(x) for x in row]
         if len(row) < 2 or row[0] != 0 or row[-1] != total or any(y <= x for x, y in zip(row, row[1:])):
             raise ValueError(f"doc_bounds row {b} must run strictly increasing from 0 to the whole sequence's length "
-                             f"{total}; got {row[:4]}{' ...' if len(row) > 4 else ''} {row[-1:] if len(row) > 4 else ''}")
+                             f"{total}; got {row[:4]}{' ...' if len(row) > 4 else ''} "
+                             f"{row[-1:] if len(row) > 4 else ''}")
         rows.append(row)
     if all(len(row) == 2 for row in rows):
         return None

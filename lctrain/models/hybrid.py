@@ -52,7 +52,8 @@ def _pattern(cfg_model: Any) -> str:
         raise ValueError("model.layer_pattern is empty; give one letter per block, e.g. 'GSGA'")
     for i, letter in enumerate(pattern):
         if letter not in LAYER_LETTERS:
-            raise ValueError(f"model.layer_pattern: unknown layer letter {letter!r} at position {i}; use only {LAYER_LETTERS}")
+            raise ValueError(f"model.layer_pattern: unknown layer letter {letter!r} at position {i}; use only "
+                             f"{LAYER_LETTERS}")
     return pattern
 
 
@@ -183,15 +184,16 @@ class HybridLM(nn.Module):
         from omegaconf import OmegaConf
 
         r = OmegaConf.merge(OmegaConf.create(self.cfg.rope),
-                            {"scaling": scaling, "factor": float(factor), "original_max_position": int(original_max_position),
+                            {"scaling": scaling, "factor": float(factor),
+                             "original_max_position": int(original_max_position),
                              "rerope_window": int(rerope_window)})
         rope = self._make_rope(r).to(next(self.parameters()).device)
         for block in self.blocks:
             if getattr(block.mixer, "rope", None) is None:
                 continue
             if isinstance(block.mixer, MLAttention):
-                raise ValueError("eval-time model.rope.scaling is not supported for MLA layers (model.mla_kv_rank > 0): "
-                                 "their decoupled RoPE part has its own frequencies; evaluate without scaling")
+                raise ValueError("eval-time model.rope.scaling is not supported for MLA layers (model.mla_kv_rank > "
+                                 "0): their decoupled RoPE part has its own frequencies; evaluate without scaling")
             if rope.rerope is not None and block.kind == "F":
                 raise ValueError(f"model.rope.scaling={scaling} applies to global attention layers (A); the "
                                  "Deltaformer layers (F) of this model rotate too: use ntk, yarn or linear")
@@ -258,7 +260,8 @@ class HybridLM(nn.Module):
         end = _cfg(self.cfg, "document_end_id", None)
         if doc_bounds is not None:
             if end is None or cache is not None:
-                raise ValueError("doc_bounds needs model.document_end_id set and no decoding cache; leave doc_bounds out")
+                raise ValueError("doc_bounds needs model.document_end_id set and no decoding cache; leave doc_bounds "
+                                 "out")
             return documents_from_bounds(doc_bounds, input_ids, cp_group=self.cp_group)
         if end is None:
             return None

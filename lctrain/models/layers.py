@@ -108,7 +108,8 @@ class SwiGLU(nn.Module):
         if self.chunk_tokens <= 0 or not torch.is_grad_enabled() or x.dim() != 3 or x.shape[0] * T <= self.chunk_tokens:
             return self._mlp(x)
         step = max(1, self.chunk_tokens // x.shape[0])  # tokens of each sequence per chunk
-        return torch.cat([checkpoint(self._mlp, x[:, s:s + step], use_reentrant=False) for s in range(0, T, step)], dim=1)
+        return torch.cat([checkpoint(self._mlp, x[:, s:s + step], use_reentrant=False) for s in range(0, T, step)],
+                         dim=1)
 
 
 class ShortConv(nn.Module):

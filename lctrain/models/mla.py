@@ -67,7 +67,8 @@ class MLAttention(nn.Module):
             k = torch.cat([self.k_up(c).view(B, T, H, D), k_rope.expand(B, T, H, R)], dim=-1)
             v = self.v_up(c).view(B, T, H, D)
             attend = causal_attention if docs is None else (
-                lambda q, k, v: document_causal_attention(q, k, v, docs.bounds))  # global bounds: fit Ulysses' full sequence
+                # global bounds: fit Ulysses' full sequence
+                lambda q, k, v: document_causal_attention(q, k, v, docs.bounds))
             if self.cp_group is not None:
                 from lctrain.parallel.ulysses import ulysses_attention
 

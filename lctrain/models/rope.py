@@ -86,7 +86,8 @@ class RotaryEmbedding(nn.Module):
         self.rerope: tuple[int, float] | None = None
         if scaling in RELATIVE_SCALINGS:
             if rerope_window < 1:
-                raise ValueError(f"model.rope.scaling={scaling} needs model.rope.rerope_window >= 1, got {rerope_window}")
+                raise ValueError(f"model.rope.scaling={scaling} needs model.rope.rerope_window >= 1, got "
+                                 f"{rerope_window}")
             self.rerope = (int(rerope_window), 0.0 if scaling == "rerope" else 1.0 / factor)
         self.rotary_dim = rotary_dim(head_dim, fraction)
         theta, mscale = rope_inv_freq(self.rotary_dim, base, scaling, factor, original_max_position)

@@ -61,7 +61,8 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # model-section keys that change how the model runs, not which parameters it has
-RUNTIME_MODEL_KEYS = ("kernel_backend", "activation_checkpointing", "checkpoint_offload", "mlp_chunk_tokens", "residual_dtype",
+RUNTIME_MODEL_KEYS = ("kernel_backend", "activation_checkpointing", "checkpoint_offload", "mlp_chunk_tokens",
+                      "residual_dtype",
                       "checkpoint_activations")  # the last: the boolean that activation_checkpointing replaced
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -210,7 +211,8 @@ def resolve_checkpoint(path: str | os.PathLike, warn=_warn) -> Path:
     if p.is_dir() and step_of(p) is not None or (p / ".metadata").is_file():
         problem = verify_checkpoint(p)
         if problem is not None:
-            raise CheckpointError(f"checkpoint {p} is damaged: {problem}; pass the run's out_dir to use its newest good checkpoint")
+            raise CheckpointError(f"checkpoint {p} is damaged: {problem}; pass the run's out_dir to use its newest "
+                                  "good checkpoint")
         return p
     root = None
     if p.is_file() and p.name == LATEST:
@@ -222,7 +224,8 @@ def resolve_checkpoint(path: str | os.PathLike, warn=_warn) -> Path:
     found = find_checkpoint(root, warn) if root is not None else None
     if found is None:
         raise CheckpointError(
-            f"{str(path)!r} is not a checkpoint: pass a run's out_dir, its ckpt/ folder, ckpt/latest or a ckpt/step_<n> folder"
+            f"{str(path)!r} is not a checkpoint: pass a run's out_dir, its ckpt/ folder, ckpt/latest or a "
+            "ckpt/step_<n> folder"
         )
     return found
 
@@ -383,7 +386,8 @@ def save_checkpoint(
 
     dcp.save(_app_state(model, optimizer, tp_group), checkpoint_id=str(tmp))
     torch.save(
-        {"loader": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None, "rng": _rng_state(),
+        {"loader": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None,
+         "rng": _rng_state(),
          "dp_rank": dp_rank},
         tmp / f"rank{rank}.pt",
     )
@@ -430,7 +434,8 @@ def _model_section(cfg: DictConfig) -> dict:
 def check_same_model(saved_cfg: DictConfig, cfg: DictConfig, where: Path) -> None:
     saved, current = _model_section(saved_cfg), _model_section(cfg)
     if saved != current:
-        diffs = [f"model.{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+        diffs = [f"model.{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
+                 for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
         raise CheckpointError(
             f"cannot resume from {where}: the model differs from the saved one ({'; '.join(diffs)}); "
             "restore those values, use a new train.out_dir, or set train.resume=false"
@@ -473,7 +478,8 @@ def load_checkpoint(
     check_same_model(saved_cfg, cfg, ckpt)
     trainer = json.loads((ckpt / "trainer.json").read_text())
     if "mp_keys" in trainer and trainer["mp_keys"]:
-        raise CheckpointError(f"{ckpt} holds per-model-parallel-rank states (an older format); resume it with its own tp/pp")
+        raise CheckpointError(f"{ckpt} holds per-model-parallel-rank states (an older format); resume it with its own "
+                              "tp/pp")
 
     state = _app_state(model, optimizer, tp_group)  # full-size templates (their values are replaced)
     dcp.load(state, checkpoint_id=str(ckpt))
@@ -507,7 +513,8 @@ def load_model_weights(path: str | os.PathLike, model, tp_group=None) -> Path:
                                   "its model.layer_pattern / architecture differs from this run's")
         if tuple(meta.size) != tuple(tensor.shape):
             raise CheckpointError(f"train.init_from={str(path)!r}: weight {name!r} has shape {tuple(meta.size)} there, "
-                                  f"{tuple(tensor.shape)} here; keep the model's sizes (d_model, heads, vocab_size, ...)")
+                                  f"{tuple(tensor.shape)} here; keep the model's sizes (d_model, heads, vocab_size, "
+                                  "...)")
     dcp.load(state, checkpoint_id=str(ckpt))
     set_model_state_dict(model, _shard_model_state(model, state["model"], tp_group))
     return ckpt

@@ -57,10 +57,11 @@ def main(argv: list[str]) -> int:
             finally:
                 del os.environ[HOLDER_ENV]
 
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) % (cfg.parallel.cp * cfg.parallel.tp * cfg.parallel.pp):
+    model_parallel = cfg.parallel.cp * cfg.parallel.tp * cfg.parallel.pp
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) % model_parallel:
         print(
             f"lctrain train: configuration error: WORLD_SIZE={os.environ['WORLD_SIZE']} is not a multiple of "
-            f"parallel.cp*tp*pp={cfg.parallel.cp * cfg.parallel.tp * cfg.parallel.pp}; fix the launcher or parallel.*",
+            f"parallel.cp*tp*pp={model_parallel}; fix the launcher or parallel.*",
             file=sys.stderr,
         )
         return 2

@@ -22,7 +22,8 @@ def pick_device(train_cfg) -> torch.device:
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if local_rank >= torch.cuda.device_count():
-            raise TrainingError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); lower parallel.nproc_per_node")
+            raise TrainingError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); lower "
+                                "parallel.nproc_per_node")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     torch.set_num_threads(cpu_threads())

@@ -77,7 +77,9 @@ def chunked_head_loss(hidden: torch.Tensor, norm_weight: torch.Tensor, head_weig
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1 (train.loss_chunk_tokens), got {chunk_tokens}")
     if hidden.shape[:-1] != labels.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} must agree but for the last dim")
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} must agree but for the last "
+                         "dim")
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     weights = None if token_weights is None else token_weights.reshape(-1).float()
-    return _ChunkedHeadLoss.apply(flat_hidden, norm_weight, head_weight, labels.reshape(-1), weights, norm_fn, int(chunk_tokens))
+    return _ChunkedHeadLoss.apply(flat_hidden, norm_weight, head_weight, labels.reshape(-1), weights, norm_fn,
+                                  int(chunk_tokens))

@@ -45,7 +45,8 @@ class Reporter:
                 TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
                 TimeElapsedColumn(), TimeRemainingColumn(),
             )
-            self.task = self.progress.add_task("train", total=cfg.train.steps, completed=start_step, loss="-", lr="-", tps="-")
+            self.task = self.progress.add_task("train", total=cfg.train.steps, completed=start_step, loss="-", lr="-",
+                                               tps="-")
             self.progress.start()
 
     def say(self, text: str) -> None:
@@ -56,7 +57,8 @@ class Reporter:
         else:
             print(text, flush=True)
 
-    def step(self, step: int, loss: float, lr: float, tokens: float, seconds: float, grad_norm: float, bad_steps: int = 0,
+    def step(self, step: int, loss: float, lr: float, tokens: float, seconds: float, grad_norm: float,
+             bad_steps: int = 0,
              peak_mib: float | None = None) -> None:
         """`peak_mib`: the largest peak GPU memory of any rank so far (None on CPU)."""
         if not self.main:
@@ -65,7 +67,8 @@ class Reporter:
         self.tps_ema = tps if self.tps_ema is None else 0.9 * self.tps_ema + 0.1 * tps
         self.window_tokens += tokens
         self.window_time += seconds
-        record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tps, "grad_norm": grad_norm, "bad_steps": bad_steps}
+        record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tps, "grad_norm": grad_norm,
+                  "bad_steps": bad_steps}
         if peak_mib is not None:
             record["peak_mib"] = peak_mib
         self.metrics.write(json.dumps(record) + "\n")
@@ -76,12 +79,14 @@ class Reporter:
             self.tb.add_scalar("train/tokens_per_s", tps, step)
             self.tb.add_scalar("train/grad_norm", grad_norm, step)
         if self.progress is not None:
-            self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tps=f"{self.tps_ema:,.0f}")
+            self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                 tps=f"{self.tps_ema:,.0f}")
         every = self.cfg.train.log_every
         if every > 0 and (step % every == 0 or step == self.cfg.train.steps):
             window_tps = self.window_tokens / max(self.window_time, 1e-9)  # mean since the last log line
             self.window_tokens, self.window_time = 0.0, 0.0
-            self.say(f"step {step}/{self.cfg.train.steps}  loss {loss:.4f}  lr {lr:.3e}  grad_norm {grad_norm:.3f}  {window_tps:,.0f} tok/s")
+            self.say(f"step {step}/{self.cfg.train.steps}  loss {loss:.4f}  lr {lr:.3e}  grad_norm {grad_norm:.3f}  "
+                     f"{window_tps:,.0f} tok/s")
 
     def close(self) -> None:
         if not self.main:

@@ -89,11 +89,12 @@ def requeue_or_exit_code(signum: int, checkpoint, say) -> int:
             scontrol = shutil.which("scontrol")
             proc = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True) if scontrol else None
             if proc is not None and proc.returncode == 0:
-                say(f"lctrain train: stopped on {name}; checkpoint {checkpoint} written; Slurm job {job} requeued, it resumes from there")
+                say(f"lctrain train: stopped on {name}; checkpoint {checkpoint} written; Slurm job {job} requeued, it "
+                    "resumes from there")
                 return 0
             why = "scontrol not found" if proc is None else (proc.stderr.strip() or f"exit {proc.returncode}")
-            say(f"lctrain train: stopped on {name}; checkpoint {checkpoint} written; requeueing Slurm job {job} failed ({why}): "
-                "resubmit the job to resume")
+            say(f"lctrain train: stopped on {name}; checkpoint {checkpoint} written; requeueing Slurm job {job} failed "
+                f"({why}): resubmit the job to resume")
             return 128 + signum
         return 0
     say(f"lctrain train: stopped on {name}; checkpoint {checkpoint} written; run the same command again to resume")

@@ -36,7 +36,8 @@ class OutDirLock:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            raise UserError(f"train.out_dir {str(self.out_dir)!r} cannot be used ({err.strerror}); choose a writable directory") from None
+            raise UserError(f"train.out_dir {str(self.out_dir)!r} cannot be used ({err.strerror}); choose a writable "
+                            "directory") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -47,7 +48,9 @@ class OutDirLock:
                 "wait for it to finish or stop it, or choose another train.out_dir"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        os.pwrite(fd,
+                  f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+                  0)
         self.fd = fd
         return self
 

@@ -30,9 +30,11 @@ def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, cp_group=No
     (lctrain.train.loss), never materialising the whole logits.
     """
     if input_ids.shape != labels.shape:
-        raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} must have the same shape [B, T_local]")
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} must have the same "
+                         "shape [B, T_local]")
     if token_weights is not None and token_weights.shape != labels.shape:
-        raise ValueError(f"token_weights {tuple(token_weights.shape)} must have the labels' shape {tuple(labels.shape)}")
+        raise ValueError(f"token_weights {tuple(token_weights.shape)} must have the labels' shape "
+                         f"{tuple(labels.shape)}")
     documents = {} if doc_bounds is None else {"doc_bounds": doc_bounds}
     if loss_chunk_tokens > 0:
         if getattr(model, "tp_group", None) is not None:
@@ -47,10 +49,12 @@ def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, cp_group=No
         if getattr(model, "tp_group", None) is not None:  # vocabulary-split logits (tensor parallelism)
             from lctrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
 
-            per_token = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), IGNORE_INDEX)
+            per_token = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                     IGNORE_INDEX)
         else:
             per_token = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                reduction="none"
             )
         token_losses = per_token.sum()
         weighted = token_losses if token_weights is None else (per_token * token_weights.reshape(-1).float()).sum()

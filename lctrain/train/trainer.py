@@ -95,8 +95,10 @@ class Trainer:
         self.dtype = pick_dtype(t, device)
         if device.type == "cpu" and self.dtype == torch.bfloat16 and cfg.model.kernel_backend == "triton":
             # bf16 autocast on CPU is real with the torch kernels; the Triton interpreter computes bf16 wrongly
-            raise TrainingError("train.dtype=bfloat16 on CPU with model.kernel_backend=triton runs the Triton interpreter, "
-                                "whose bfloat16 results are wrong; use model.kernel_backend=auto (torch on CPU) or train.dtype=float32")
+            raise TrainingError("train.dtype=bfloat16 on CPU with model.kernel_backend=triton runs the Triton "
+                                "interpreter, "
+                                "whose bfloat16 results are wrong; use model.kernel_backend=auto (torch on CPU) or "
+                                "train.dtype=float32")
         if self.cp_size != cfg.parallel.cp or (cfg.parallel.cp > 1 and self.cp_group is None):
             # context_parallel(op, None) falls back to the plain op: a missing group would train on wrong math.
             raise TrainingError(f"parallel.cp={cfg.parallel.cp} but the mesh has a CP group of size {self.cp_size}")
@@ -114,7 +116,8 @@ class Trainer:
         if data:
             self.loader = build_train_loader(
                 cfg.data, dp_rank=self.dp_rank, dp_size=self.dp_size, cp_rank=self.cp_rank, cp_size=self.cp_size,
-                tp_size=cfg.parallel.tp, global_rank=dist.get_rank() if dist.is_initialized() else 0, world_size=self.world,
+                tp_size=cfg.parallel.tp, global_rank=dist.get_rank() if dist.is_initialized() else 0,
+                world_size=self.world,
                 document_end_id=cfg.model.document_end_id,
             )
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
@@ -134,7 +137,8 @@ class Trainer:
         labels = batch["labels"].to(self.device, non_blocking=True)
         weights = answer_weights(batch, self.cfg.train.answer_loss_weight, self.device)
         with self._autocast():
-            return lm_loss(self.model, input_ids, labels, cp_group=self.cp_group, position_offset=self.cp_rank * input_ids.shape[1],
+            return lm_loss(self.model, input_ids, labels, cp_group=self.cp_group,
+                           position_offset=self.cp_rank * input_ids.shape[1],
                            token_weights=weights, doc_bounds=batch.get("doc_bounds"),
                            loss_chunk_tokens=self.cfg.train.loss_chunk_tokens)
 
@@ -150,7 +154,8 @@ class Trainer:
         return mean_over_group(loss_sum / len(batches), self.grad_group)
 
     def finish_gradients(self) -> torch.Tensor:
-        """Reduce the gradients over the replicas, unscale them (float16), clip them; returns the norm before clipping."""
+        """Reduce the gradients over the replicas, unscale them (float16), clip them; returns the norm before
+        clipping."""
         reduce_gradients(self.params, self.grad_group, self.dp_size, self.tp_group)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -234,8 +239,8 @@ class Trainer:
             self.load(resume_from, verified=True)
         elif not t.resume and finished_steps(ckpt_root(t.out_dir)):
             newest = finished_steps(ckpt_root(t.out_dir))[0]
-            raise TrainingError(f"train.resume=false but {newest} exists: starting over in this out_dir would mix two runs' "
-                                "checkpoints; use a new train.out_dir (or delete its ckpt/ folder)")
+            raise TrainingError(f"train.resume=false but {newest} exists: starting over in this out_dir would mix two "
+                                "runs' checkpoints; use a new train.out_dir (or delete its ckpt/ folder)")
         init_from = None
         if resume_from is None and t.get("init_from"):
             init_from = load_model_weights(t.init_from, self.model, self.tp_group)
@@ -248,7 +253,8 @@ class Trainer:
         reporter = Reporter(cfg, self.is_main, start_step)
         n_params, n_local = self.parameter_counts()
         reporter.say(
-            f"lctrain train: {_millions(n_params)} parameters ({_millions(n_local)} per rank), layers {cfg.model.layer_pattern}, seq_len {cfg.data.seq_len}, "
+            f"lctrain train: {_millions(n_params)} parameters ({_millions(n_local)} per rank), layers "
+            f"{cfg.model.layer_pattern}, seq_len {cfg.data.seq_len}, "
             f"world {self.world} (dp {self.dp_size} x cp {self.cp_size} x tp {cfg.parallel.tp}), "
             f"{device_text(self.device)} {str(self.dtype).replace('torch.', '')}, "
             f"steps {start_step}->{t.steps}" + (f", resumed from {resume_from}" if resume_from else "")
@@ -257,8 +263,10 @@ class Trainer:
         reporter.say(f"lctrain train: out_dir {out}: checkpoints {out / 'ckpt'}, metrics {out / 'metrics.jsonl'}"
                      + (f", tensorboard {out / 'tb'}" if t.tensorboard else ""))
         if start_step >= t.steps:
-            reporter.say(f"lctrain train: {resume_from} is already at step {start_step} of train.steps={t.steps}; nothing to do "
-                         "(raise train.steps to continue, or use a new train.out_dir / train.resume=false to start over)")
+            reporter.say(f"lctrain train: {resume_from} is already at step {start_step} of train.steps={t.steps}; "
+                         "nothing to do "
+                         "(raise train.steps to continue, or use a new train.out_dir / train.resume=false to start "
+                         "over)")
         batches = _Infinite(self.loader)
         self.model.train()
         first_loss = last_loss = None
@@ -271,8 +279,9 @@ class Trainer:
                 step_start = time.perf_counter()
                 metrics = self.step([next(batches) for _ in range(t.grad_accum)])
                 if metrics.skipped:
-                    reporter.say(f"lctrain train: step {metrics.step}: loss {metrics.loss}, grad_norm {metrics.grad_norm}: "
-                                 f"not finite, update skipped ({self.bad_steps.in_row} in a row, {self.bad_steps.total} in all)")
+                    reporter.say(f"lctrain train: step {metrics.step}: loss {metrics.loss}, grad_norm "
+                                 f"{metrics.grad_norm}: not finite, update skipped ({self.bad_steps.in_row} in a row, "
+                                 f"{self.bad_steps.total} in all)")
                 first_loss = metrics.loss if first_loss is None else first_loss
                 last_loss = metrics.loss
                 reporter.step(metrics.step, metrics.loss, metrics.lr, tokens_per_step, time.perf_counter() - step_start,
@@ -291,7 +300,8 @@ class Trainer:
             stop.restore()
             reporter.close()
         wall = time.perf_counter() - run_start
-        summary = {"steps": t.steps, "start_step": start_step, "first_loss": first_loss, "last_loss": last_loss, "wall_s": wall,
+        summary = {"steps": t.steps, "start_step": start_step, "first_loss": first_loss, "last_loss": last_loss,
+                   "wall_s": wall,
                    "checkpoint": str(ckpt), "bad_steps": self.bad_steps.total, "exit_code": 0}
         if stopped_by:
             summary["exit_code"] = requeue_or_exit_code(stopped_by, ckpt, reporter.say)
