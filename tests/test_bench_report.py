@@ -42,3 +42,18 @@ def test_bench_varlen_document_bounds_and_cli():
     assert document_bounds(1000, 64, seed=3) == b
     with pytest.raises(SystemExit):
         _parse(["--T", "10", "--docs", "64"])
+
+
+def test_record_note_adds_context_without_touching_figures(tmp_path):
+    """`lctrain bench record --note` appends the note; the JSON's figures and notes are recorded as they are."""
+    from lctrain.bench.report import main as record_main
+    result = {"title": "t", "command": "lctrain bench x", "device": "cpu", "date": "2026-11-30",
+              "notes": ["from the bench"], "columns": ["T", "ms"], "rows": [[16, 1.25]]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(result))
+    md = tmp_path / "B.md"
+    assert record_main([str(path), "--md", str(md), "--note", "variant B (split2 reverted)"]) == 0
+    text = md.read_text()
+    assert "- note: from the bench" in text and "- note: variant B (split2 reverted)" in text
+    assert "| 16 | 1.25 |" in text
+    assert json.loads(path.read_text()) == result

@@ -111,9 +111,17 @@ def main(argv: list[str] | None = None) -> int:
                                 description="append benchmark results (JSON) to BENCHMARKS.md")
     p.add_argument("results", nargs="+", help="result JSON file(s) written by `lctrain bench ... --json`")
     p.add_argument("--md", default="BENCHMARKS.md", help="markdown file to append to (default BENCHMARKS.md)")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="context the JSON does not carry (which code variant, which device call), "
+                        "recorded as a note of each result; repeatable")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     for path in args.results:
-        append_to_benchmarks_md(path, args.md)
+        result = path
+        if args.note:
+            with open(path) as f:
+                result = json.load(f)
+            result["notes"] = [*(result.get("notes") or []), *args.note]
+        append_to_benchmarks_md(result, args.md)
         print(f"recorded {path} in {args.md}")
     return 0
 
