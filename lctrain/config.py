@@ -401,18 +401,18 @@ def validate(cfg: DictConfig) -> None:
         if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_kv_heads is not None and m.attn_kv_heads % p.tp:
             _fail("model.attn_kv_heads", f"{m.attn_kv_heads} key/value heads do not divide over parallel.tp={p.tp}",
                   "make attn_kv_heads a multiple of tp")
-        from lctrain.models.layers import swiglu_hidden_size
-
-        hidden = swiglu_hidden_size(m.d_model, m.mlp_ratio)
-        if hidden % p.tp:
-            _fail("model.mlp_ratio", f"the MLP's {hidden} hidden units do not divide over parallel.tp={p.tp}",
-                  "use a tp dividing it")
         if any(c in LINEAR_LAYERS for c in pattern) and m.n_heads % p.tp:
             _fail("model.n_heads", f"{m.n_heads} heads do not divide over parallel.tp={p.tp}",
                   "make n_heads a multiple of tp")
         if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_heads % p.tp:
             _fail("model.attn_heads", f"{m.attn_heads} heads do not divide over parallel.tp={p.tp}",
                   "make attn_heads a multiple of tp")
+        from lctrain.models.layers import swiglu_hidden_size
+
+        hidden = swiglu_hidden_size(m.d_model, m.mlp_ratio)
+        if hidden % p.tp:
+            _fail("model.mlp_ratio", f"the MLP's {hidden} hidden units do not divide over parallel.tp={p.tp}",
+                  "use a tp dividing it")
         if m.vocab_size % p.tp:
             _fail("model.vocab_size", f"{m.vocab_size} does not divide over parallel.tp={p.tp}",
                   "pad vocab_size to a multiple of tp")
