@@ -82,7 +82,7 @@ def test_config_rules_for_loglinear_layers():
 
 def _cfg(pattern):
     import test_cp_model
-    m = test_cp_model.tiny_model_cfg(True)  # activation checkpointing: the CP op runs again in the backward
+    m = test_cp_model.tiny_model_cfg("full")  # activation checkpointing: the CP op runs again in the backward
     m.layer_pattern, m.loglinear_levels = pattern, 6
     m.document_end_id = None  # packed documents are refused by the log-linear CP op
     return m
