@@ -57,3 +57,33 @@ def test_record_note_adds_context_without_touching_figures(tmp_path):
     assert "- note: from the bench" in text and "- note: variant B (split2 reverted)" in text
     assert "| 16 | 1.25 |" in text
     assert json.loads(path.read_text()) == result
+
+
+def test_bench_main_publishes_the_result_with_the_command_it_was_given(tmp_path, capsys):
+    """bench_main: the argv given becomes args.argv (the recorded command); the result is printed, written
+    with --json and appended with --record; result_dict keeps the key order and dates in UTC."""
+    import argparse
+    import re
+
+    from lctrain.bench.report import bench_main, result_dict
+
+    def parse(argv):
+        p = argparse.ArgumentParser()
+        p.add_argument("--T", type=int)
+        p.add_argument("--json")
+        p.add_argument("--record")
+        return p.parse_args(argv)
+
+    def run(args):
+        return result_dict("t", "lctrain bench x " + " ".join(args.argv), "cpu", {"torch": "2.x"}, ["n"],
+                           ["T", "ms"], [[args.T, 1.5]], [{"T": args.T}])
+
+    out, md = tmp_path / "r.json", tmp_path / "B.md"
+    assert bench_main(parse, run, ["--T", "16", "--json", str(out), "--record", str(md)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result) == ["title", "command", "device", "versions", "date", "notes", "columns", "rows", "raw"]
+    assert result["command"] == f"lctrain bench x --T 16 --json {out} --record {md}"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", result["date"])
+    assert "| 16 | 1.5 |" in md.read_text()
+    printed = capsys.readouterr().out
+    assert "t - cpu {'torch': '2.x'}" in printed and "note: n" in printed and f"recorded in {md}" in printed

@@ -469,20 +469,20 @@ def _worker(args, argv) -> int:
     notes = list(dict.fromkeys(notes))  # a note made at every T or layer once
     for note in notes:
         print("note:", note, flush=True)
-    result = {
-        "title": f"Context-parallel {', '.join(TITLES[layer] for layer in args.layer)}, weak scaling, CP={P}",
-        "command": "lctrain bench cp " + " ".join(argv),
-        "device": f"{P} x " + (torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (gloo)"),
-        "versions": {"torch": torch.__version__, "triton": _version("triton"), "fla-core": fla_version},
-        "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "notes": notes,
-        "columns": COLUMNS,
-        "rows": rows,
-        "raw": raw,
-    }
-    from lctrain.bench.report import publish
+    from lctrain.bench.report import publish, result_dict
+    result = result_dict(
+        f"Context-parallel {', '.join(TITLES[layer] for layer in args.layer)}, weak scaling, CP={P}",
+        "lctrain bench cp " + " ".join(argv), _cp_device(P, device),
+        {"torch": torch.__version__, "triton": _version("triton"), "fla-core": fla_version},
+        notes, COLUMNS, rows, raw, date=_dt.datetime.now().isoformat(timespec="seconds"))
     publish(result, args.json, args.record)
     return 0
+
+
+def _cp_device(P: int, device) -> str:
+    """The device text of a CP result: the rank count times the GPU name (gloo on CPU)."""
+    import torch
+    return f"{P} x " + (torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (gloo)")
 
 
 def _round(x):

@@ -13,10 +13,10 @@ Times: ``triton.testing.do_bench`` medians; peak: the extra GPU memory of one fw
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import sys
 
 from lctrain.bench.kernels import _measure, _rel_diff
+from lctrain.bench.report import bench_main, result_dict
 
 METHODS = ("ours", "ours_torch", "fla", "sdpa")
 COLUMNS = ["T", "method", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd / fla", "fwd+bwd / fla", "peak / fla"]
@@ -144,26 +144,16 @@ def run(args) -> dict:
                         + [ratio(0), ratio(1), ratio(2)])
             raw.append({"T": T, "method": m, "fwd_ms": None if r is None else r[0],
                         "fwd_bwd_ms": None if r is None else r[1], "peak_mib": None if r is None else r[2]})
-    return {
-        "title": f"Deltaformer: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}, chunk {args.chunk_size}",
-        "command": "lctrain bench deltaformer " + " ".join(args.argv),
-        "device": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__},
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "notes": notes + ["ratios: method / fla; sdpa = plain causal attention on q, k, v (the read-out alone)"],
-        "columns": COLUMNS,
-        "rows": rows,
-        "raw": raw,
-    }
+    return result_dict(
+        f"Deltaformer: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}, chunk {args.chunk_size}",
+        "lctrain bench deltaformer " + " ".join(args.argv),
+        torch.cuda.get_device_name(), {"torch": torch.__version__, "triton": triton.__version__},
+        notes + ["ratios: method / fla; sdpa = plain causal attention on q, k, v (the read-out alone)"],
+        COLUMNS, rows, raw)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parse(argv)
-    args.argv = argv
-    from lctrain.bench.report import publish
-    publish(run(args), args.json, args.record)
-    return 0
+    return bench_main(_parse, run, argv)
 
 
 if __name__ == "__main__":

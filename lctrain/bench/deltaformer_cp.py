@@ -14,10 +14,9 @@ the ranks, gains back. ``--device cpu`` runs the same code on gloo at tiny sizes
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import sys
 
-from lctrain.bench.cp import _peak_mib, _timed, _version, init_worker, run_or_launch
+from lctrain.bench.cp import _cp_device, _peak_mib, _timed, _version, init_worker, run_or_launch
 
 COLUMNS = ["T total", "T/rank", "1-dev fwd ms", "1-dev fwd+bwd ms", "CP fwd ms", "CP fwd+bwd ms", "speed-up",
            "1-dev peak MiB", "CP peak MiB"]
@@ -106,20 +105,15 @@ def _worker(args, argv) -> int:
         dist.destroy_process_group()
     if rank != 0:
         return 0
-    result = {
-        "title": f"Context-parallel Deltaformer, strong scaling, CP={P}",
-        "command": "lctrain bench deltaformer-cp " + " ".join(argv),
-        "device": f"{P} x " + (torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (gloo)"),
-        "versions": {"torch": torch.__version__, "triton": _version("triton")},
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "notes": [f"H={args.H}, head dim {args.D}, {args.dtype}, backend {args.backend}, chunk {args.chunk_size}, "
-                  f"{args.warmup} warm-up + {args.iters} timed iterations; CP = all-gather of k, v, beta and the "
-                  "u-pass of each rank's whole prefix (the last rank repeats the full u-pass)"],
-        "columns": COLUMNS,
-        "rows": rows,
-        "raw": raw,
-    }
-    from lctrain.bench.report import publish
+    from lctrain.bench.report import publish, result_dict
+    result = result_dict(
+        f"Context-parallel Deltaformer, strong scaling, CP={P}",
+        "lctrain bench deltaformer-cp " + " ".join(argv), _cp_device(P, device),
+        {"torch": torch.__version__, "triton": _version("triton")},
+        [f"H={args.H}, head dim {args.D}, {args.dtype}, backend {args.backend}, chunk {args.chunk_size}, "
+         f"{args.warmup} warm-up + {args.iters} timed iterations; CP = all-gather of k, v, beta and the "
+         "u-pass of each rank's whole prefix (the last rank repeats the full u-pass)"],
+        COLUMNS, rows, raw)
     publish(result, args.json, args.record)
     return 0
 

@@ -16,11 +16,10 @@ appends it to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import sys
 from typing import Callable
 
-from lctrain.bench.report import publish
+from lctrain.bench.report import bench_main, result_dict
 
 OURS = ("delta", "gated_delta", "gla")
 FLA_OF = {"delta": "fla_delta", "gated_delta": "fla_gated_delta"}
@@ -47,6 +46,14 @@ def _parse(argv):
                         "lctrain.kernels.triton.ops.set_config), rows named METHOD@NAME; repeatable")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
     return p.parse_args(argv)
+
+
+def kernel_versions(fla_version: str | None) -> dict:
+    """The versions a kernel bench that compares against fla records."""
+    import torch
+    import triton
+
+    return {"torch": torch.__version__, "triton": triton.__version__, "fla-core": fla_version}
 
 
 def _load_fla(notes: list[str]):
@@ -208,7 +215,6 @@ def _agreement(x, fla, notes):
 
 def run(args) -> dict:
     import torch
-    import triton
     if not torch.cuda.is_available():
         raise SystemExit("lctrain bench kernels needs a CUDA GPU")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -272,28 +278,18 @@ def run(args) -> dict:
     if len(variants) > 1:
         notes.append("variants (METHOD@NAME rows): " + "; ".join(
             f"{name} = {kv}" for name, kv in variants[1:]))
-    return {
-        "title": f"Kernels: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}",
-        "command": "lctrain bench kernels " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
-        "device": dev,
-        "versions": {"torch": torch.__version__, "triton": triton.__version__,
-                     "fla-core": fla_version},
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "notes": notes + ["times: triton.testing.do_bench median; peak MiB: max extra GPU memory "
-                          "allocated during one fwd+bwd beyond the inputs; ratios: ours / fla "
-                          "(fla_delta for delta, fla_gated_delta for gated_delta)"],
-        "columns": COLUMNS,
-        "rows": rows,
-        "raw": raw,
-    }
+    return result_dict(
+        f"Kernels: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}",
+        "lctrain bench kernels " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+        dev, kernel_versions(fla_version),
+        notes + ["times: triton.testing.do_bench median; peak MiB: max extra GPU memory "
+                 "allocated during one fwd+bwd beyond the inputs; ratios: ours / fla "
+                 "(fla_delta for delta, fla_gated_delta for gated_delta)"],
+        COLUMNS, rows, raw)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parse(argv)
-    args.argv = argv
-    publish(run(args), args.json)
-    return 0
+    return bench_main(_parse, run, argv)
 
 
 if __name__ == "__main__":

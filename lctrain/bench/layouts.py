@@ -13,7 +13,6 @@ Example (the mesh target: 1.3B GDN-H1 at 64K on 2 GPUs):
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import statistics
@@ -74,7 +73,13 @@ def run_layout(recipe: str, overrides: list[str], layout: str, steps: int, warmu
 
 
 def main(argv=None) -> int:
-    args = _parse(sys.argv[1:] if argv is None else argv)
+    from lctrain.bench.report import bench_main
+
+    return bench_main(_parse, run, argv)
+
+
+def run(args) -> dict:
+    """Train each layout of ``args.layouts`` in turn and return the side-by-side result."""
     base = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="lctrain_layouts_"))
     rows = []
     for layout in args.layouts:
@@ -83,21 +88,15 @@ def main(argv=None) -> int:
         rows.append(row)
     import torch
 
-    result = {
-        "title": f"Parallel layouts side by side: {Path(args.recipe).name} {' '.join(args.overrides)}".strip(),
-        "command": "lctrain bench layouts " + " ".join(sys.argv[1:] if argv is None else argv),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "versions": {"torch": torch.__version__},
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
-        "notes": [f"{args.steps} steps per layout, tokens/s = median after {args.warmup} warm-up steps; "
-                  "peak MiB = largest per-rank peak of allocated memory"],
-        "columns": COLUMNS,
-        "rows": rows,
-    }
-    from lctrain.bench.report import publish
+    from lctrain.bench.report import result_dict, utc_date
 
-    publish(result, args.json, args.record)
-    return 0
+    return result_dict(
+        f"Parallel layouts side by side: {Path(args.recipe).name} {' '.join(args.overrides)}".strip(),
+        "lctrain bench layouts " + " ".join(args.argv),
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", {"torch": torch.__version__},
+        [f"{args.steps} steps per layout, tokens/s = median after {args.warmup} warm-up steps; "
+         "peak MiB = largest per-rank peak of allocated memory"],
+        COLUMNS, rows, date=utc_date("%Y-%m-%d"))
 
 
 if __name__ == "__main__":

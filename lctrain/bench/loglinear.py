@@ -19,9 +19,9 @@ small). Lengths where a method runs out of memory or is refused (fla: below 2^17
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import sys
+
+from lctrain.bench.report import bench_main, result_dict
 
 METHODS = ("ll_gdn", "gdn", "ll_mamba2", "mamba2", "fla_ll_mamba2")
 BASE_OF = {"ll_gdn": "gdn", "ll_mamba2": "mamba2"}
@@ -107,9 +107,8 @@ def _load_fla(notes):
 
 def run(args) -> dict:
     import torch
-    import triton
 
-    from lctrain.bench.kernels import _measure
+    from lctrain.bench.kernels import _measure, kernel_versions
     if not torch.cuda.is_available():
         raise SystemExit("lctrain bench loglinear needs a CUDA GPU")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -159,41 +158,18 @@ def run(args) -> dict:
                            None if r is None or fla_r is None else round(fla_r[1] / r[1], 3)])
             raw.append({"T": T, "method": m, "fwd_ms": None if r is None else r[0],
                         "fwd_bwd_ms": None if r is None else r[1], "peak_mib": None if r is None else r[2]})
-    return {
-        "title": f"Log-linear kernels: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}",
-        "command": "lctrain bench loglinear " + " ".join(args.argv),
-        "device": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "fla-core": fla_version},
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "notes": notes + ["times: triton.testing.do_bench median; peak MiB: extra GPU memory of one fwd+bwd; "
-                          "'/ base': ll_gdn over gdn, ll_mamba2 over mamba2 (target for ll_gdn <= 3); "
-                          "'fla / ours': fla_ll_mamba2 over ll_mamba2 (target >= 5 at >= 64K)"],
-        "columns": COLUMNS,
-        "rows": rows,
-        "raw": raw,
-    }
+    return result_dict(
+        f"Log-linear kernels: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}",
+        "lctrain bench loglinear " + " ".join(args.argv),
+        torch.cuda.get_device_name(), kernel_versions(fla_version),
+        notes + ["times: triton.testing.do_bench median; peak MiB: extra GPU memory of one fwd+bwd; "
+                 "'/ base': ll_gdn over gdn, ll_mamba2 over mamba2 (target for ll_gdn <= 3); "
+                 "'fla / ours': fla_ll_mamba2 over ll_mamba2 (target >= 5 at >= 64K)"],
+        COLUMNS, rows, raw)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parse(argv)
-    args.argv = argv
-    result = run(args)
-    from lctrain.bench.kernels import format_table
-    print()
-    print(result["title"], "-", result["device"], result["versions"])
-    for n in result["notes"]:
-        print("note:", n)
-    print(format_table(result["columns"], result["rows"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
-    if args.record:
-        from lctrain.bench.report import append_to_benchmarks_md
-        append_to_benchmarks_md(result, args.record)
-        print(f"recorded in {args.record}")
-    return 0
+    return bench_main(_parse, run, argv)
 
 
 if __name__ == "__main__":

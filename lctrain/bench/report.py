@@ -16,6 +16,7 @@ BENCHMARKS.md is written only through this module: figures are never typed by ha
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
 import os
 import sys
@@ -86,6 +87,33 @@ def format_table(columns, rows) -> str:
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(columns)]
     line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths))  # noqa: E731
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def utc_date(fmt: str = "%Y-%m-%d %H:%M UTC") -> str:
+    """Now in UTC, as the benchmarks date their results."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime(fmt)
+
+
+def result_dict(title: str, command: str, device: str, versions: dict, notes: list, columns: list, rows: list,
+                raw: list | None = None, *, date: str | None = None, **extra) -> dict:
+    """A benchmark result with the keys in the order every bench writes them (``raw`` only when given,
+    then any ``extra`` keys); ``date`` defaults to :func:`utc_date`."""
+    result = {"title": title, "command": command, "device": device, "versions": versions,
+              "date": utc_date() if date is None else date, "notes": notes, "columns": columns, "rows": rows}
+    if raw is not None:
+        result["raw"] = raw
+    result.update(extra)
+    return result
+
+
+def bench_main(parse, run, argv: list[str] | None = None) -> int:
+    """The ``main`` of a bench: parse ``argv`` (default ``sys.argv[1:]``), keep it as ``args.argv`` (the
+    recorded command), run, and :func:`publish` the result (``--record`` where the bench has it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    args.argv = argv
+    publish(run(args), args.json, getattr(args, "record", None))
+    return 0
 
 
 def publish(result: dict, json_path: str | None = None, record_md: str | None = None) -> None:

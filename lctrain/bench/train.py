@@ -37,12 +37,13 @@ its own ranks like `lctrain train` does.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import sys
 import time
 from pathlib import Path
+
+from lctrain.bench.report import result_dict, utc_date
 
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16 tensor-core peak
 COLUMNS = ["recipe", "seq_len", "world (dp x cp)", "checkpointing", "tokens/s", "MFU %", "model TFLOP/s per GPU",
@@ -200,17 +201,14 @@ def _activation_memory(cfg, recipe, command) -> dict:
     for row in rows:
         print(f"{row[0]}: norm1+mixer {row[1]} KiB, norm2+MLP {row[2]} KiB, block {row[3]} KiB per token "
               f"({row[4]} GiB per 1M tokens)", flush=True)
-    result = {"title": f"Activations saved for the backward: {Path(recipe).stem if recipe else 'default'}",
-              "command": command, "device": _device_name(device), "versions": _versions(),
-              "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "notes": [f"d_model {m.d_model}, heads {m.n_heads} x {m.head_dim}, attention {m.attn_heads} x "
-                        f"{m.attn_head_dim}, "
-                        f"kernel backend {m.kernel_backend}, residual {m.residual_dtype}; per token, without "
-                        "checkpointing"],
-              "columns": ["layer kind", "norm1 + mixer KiB/token", "norm2 + MLP KiB/token", "block KiB/token",
-                          "block GiB per 1M tokens"],
-              "rows": rows, "kib_per_token": kib}
-    return result
+    return result_dict(
+        f"Activations saved for the backward: {Path(recipe).stem if recipe else 'default'}",
+        command, _device_name(device), _versions(),
+        [f"d_model {m.d_model}, heads {m.n_heads} x {m.head_dim}, attention {m.attn_heads} x {m.attn_head_dim}, "
+         f"kernel backend {m.kernel_backend}, residual {m.residual_dtype}; per token, without checkpointing"],
+        ["layer kind", "norm1 + mixer KiB/token", "norm2 + MLP KiB/token", "block KiB/token",
+         "block GiB per 1M tokens"],
+        rows, kib_per_token=kib)
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
@@ -449,7 +447,7 @@ def run(cfg, args, *, recipe=None, command="lctrain bench train") -> dict | None
     if result is None:  # not the main rank
         return None
     result.update(command=command, device=_device_name(device), versions=_versions(),
-                  date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+                  date=utc_date())
     return result
 
 

@@ -17,11 +17,10 @@ appends it to BENCHMARKS.md (lctrain.bench.report).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import sys
 
-from lctrain.bench.kernels import _load_fla, _make_inputs, _measure, _rel_diff
-from lctrain.bench.report import publish
+from lctrain.bench.kernels import _load_fla, _make_inputs, _measure, _rel_diff, kernel_versions
+from lctrain.bench.report import bench_main, result_dict
 
 OPS = ("delta", "gated_delta", "gla")
 COLUMNS = ["T", "docs", "op", "path", "fwd ms", "fwd+bwd ms", "fwd+bwd / one", "fwd+bwd / fla"]
@@ -84,7 +83,6 @@ def _packed_path() -> str:
 
 def run(args) -> dict:
     import torch
-    import triton
     if not torch.cuda.is_available():
         raise SystemExit("lctrain bench varlen needs a CUDA GPU")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -131,26 +129,17 @@ def run(args) -> dict:
                             "fwd_bwd_ms": None if r is None else r[1]})
         del x
         torch.cuda.empty_cache()
-    return {
-        "title": f"Varlen kernels: {args.docs} packed documents vs one sequence, H={args.H} D={args.D} {args.dtype}",
-        "command": "lctrain bench varlen " + " ".join(args.argv),
-        "device": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "fla-core": fla_version},
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "notes": notes + ["times: triton.testing.do_bench median; targets: packed fwd+bwd / one <= 1.1, "
-                          "packed / fla packed <= 1.0"],
-        "columns": COLUMNS,
-        "rows": rows,
-        "raw": raw,
-    }
+    return result_dict(
+        f"Varlen kernels: {args.docs} packed documents vs one sequence, H={args.H} D={args.D} {args.dtype}",
+        "lctrain bench varlen " + " ".join(args.argv),
+        torch.cuda.get_device_name(), kernel_versions(fla_version),
+        notes + ["times: triton.testing.do_bench median; targets: packed fwd+bwd / one <= 1.1, "
+                 "packed / fla packed <= 1.0"],
+        COLUMNS, rows, raw)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parse(argv)
-    args.argv = argv
-    publish(run(args), args.json, args.record)
-    return 0
+    return bench_main(_parse, run, argv)
 
 
 if __name__ == "__main__":
