@@ -343,14 +343,23 @@ def test_cp2_launcher_forwards_signals_never_orphans_and_prints_worker_errors(da
     assert {p.name for p in ckpt.glob("rank*.pt")} == {"rank0.pt", "rank1.pt"}
     _wait_for(lambda: not any(_alive(p) for p in workers), "the workers to exit")
 
-    # kill -9 of the launcher: the workers die with it; the run resumes
-    launcher = _spawn(_args(dataset, out, *cp2, "train.steps=400", "train.ckpt_every=1"), log)
-    _wait_for(lambda: _steps_logged(out) >= ckpt_mod.step_of(ckpt) + 2, "two more steps", launcher, log)
-    workers = _descendants(launcher.pid)
-    launcher.kill()
-    launcher.wait()
-    _wait_for(lambda: not any(_alive(p) for p in workers), "the orphaned workers to die", timeout=30)
-    assert ckpt_mod.verify_checkpoint(ckpt_mod.latest_checkpoint(out)) is None
+    # kill -9 of the launcher at 5 random moments (saving every step, so some land in a save): the
+    # workers die with it, `latest` verifies and loads, and the next launch resumes from it
+    rng = random.Random(23)
+    for attempt in range(5):
+        start = ckpt_mod.step_of(ckpt_mod.latest_checkpoint(out))
+        launcher = _spawn(_args(dataset, out, *cp2, "train.steps=400", "train.ckpt_every=1"), log)
+        _wait_for(lambda start=start: _steps_logged(out) >= start + 2, "two more steps", launcher, log)
+        workers = _descendants(launcher.pid)
+        time.sleep(rng.uniform(0.0, 0.5))
+        launcher.kill()
+        launcher.wait()
+        _wait_for(lambda workers=workers: not any(_alive(p) for p in workers), "the orphaned workers to die",
+                  timeout=30)
+        latest = ckpt_mod.latest_checkpoint(out)
+        assert ckpt_mod.verify_checkpoint(latest) is None, f"attempt {attempt}"
+        assert ckpt_mod.step_of(latest) > start, f"attempt {attempt}: resumed from step {start}, saved nothing newer"
+        ckpt_mod.load_model_for_eval(out)
 
 
 # ---------------------------------------------------------------- 5, 6. bad inputs: exit 2, one line, no traceback
