@@ -267,6 +267,21 @@ def reference(work, dataset) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def reference_long(work, dataset) -> Path:
+    """An uninterrupted run long enough (SLURM_STEPS) that a signal sent through Slurm lands mid-run: the
+    tiny model takes ~4 ms a step, and scancel -> job script -> srun -> torchrun -> worker took ~25 steps
+    once, so 30 steps could end before the signal arrived."""
+    out = work / "reference_long"
+    proc = subprocess.run([sys.executable, "-m", "lctrain.cli", *_args(dataset, out, f"train.steps={SLURM_STEPS}")],
+                          env=_env(), capture_output=True, text=True, timeout=WAIT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+SLURM_STEPS = 1500
+
+
 def test_sigusr1_saves_and_a_second_signal_does_not_corrupt_it(reference, dataset, tmp_path):
     out, log = tmp_path / "run", tmp_path / "log"
     proc = _spawn(_args(dataset, out, "train.steps=30"), log)
@@ -474,7 +489,8 @@ def test_bad_input_in_a_real_process_is_one_line(inputs):
 
 # ---------------------------------------------------------------- 3. through the real (single-node) Slurm
 @pytest.mark.slurm
-def test_slurm_sigusr1_checkpoints_requeues_and_finishes_identically(reference, dataset, tmp_path, capsys, monkeypatch):
+def test_slurm_sigusr1_checkpoints_requeues_and_finishes_identically(reference_long, dataset, tmp_path, capsys,
+                                                                      monkeypatch):
     """`scancel --batch --signal=USR1` is what `#SBATCH --signal=B:USR1@<grace>` delivers before a
     preemption: the job script forwards it, the worker saves, requeues the job, and the requeued job
     resumes and ends with the uninterrupted run's loss."""
@@ -488,7 +504,8 @@ def test_slurm_sigusr1_checkpoints_requeues_and_finishes_identically(reference, 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job inherits it, as the reference run had it
     out = tmp_path / "run"
-    rc = submit_main([*TINY, f"data.source={dataset}", "train.steps=30", "--gpus-per-node", "0", "--port", "29573",
+    rc = submit_main([*TINY, f"data.source={dataset}", f"train.steps={SLURM_STEPS}", "--gpus-per-node", "0",
+                      "--port", "29573",
                       "--time", "00:10:00", "--output-dir", str(out)])
     stdout = capsys.readouterr().out
     assert rc == 0, stdout
@@ -515,8 +532,8 @@ def test_slurm_sigusr1_checkpoints_requeues_and_finishes_identically(reference, 
     assert requeued["done"] and _job_state(job) in ("COMPLETED", None), text[-3000:]
     assert "stopped on SIGUSR1" in text and f"Slurm job {job} requeued" in text and "(restart 1)" in text, text[-3000:]
     records = _step_records(out)
-    assert [r["step"] for r in records] == list(range(1, 31)), text[-3000:]
-    assert _final_loss(out) == _final_loss(reference)
+    assert [r["step"] for r in records] == list(range(1, SLURM_STEPS + 1)), text[-3000:]
+    assert _final_loss(out) == _final_loss(reference_long)
 
 
 # ---------------------------------------------------------------- small pieces
