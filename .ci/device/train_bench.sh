@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
-# One device call on an H200 (or H100): GPU tests of the long-context memory savers, a short real
-# `lctrain train` (sanity), `lctrain bench train` of the 1.3B GDN-H1 at 32K (checkpointing none,
-# selective:S, full) and the longest context one training step of it runs at. Run from the repository root
-# on the GPU machine, carrying `.whl` (built here by `bash .ci/device/build_wheels.sh`):
-#     bash .ci/device/train_bench.sh [tests] [sanity] [bench] [maxlen] [train131k] [maxlen_cp2] [train131k_cp2]
-# (default: tests sanity bench, ~5 minutes; then a second call `maxlen train131k`, ~6 minutes; bench also
-# measures the activations each block kind saves per token, H1 and H2). train131k: 20 real steps of gdn_h1_1p3b at 131K on
-# one GPU; maxlen_cp2 / train131k_cp2: the length search from 512K and the 131K run with parallel.cp=2
-# (2 GPUs). Every step's full output (pytest's
-# included) and JSON go to $OUT/results/; copy that folder into docs/results/<date>_train_bench/ and
-# record the JSONs with `lctrain bench record docs/results/<...>/*.json`.
+# Device calls for the 1.3B GDN-H1 training targets (issue 14), sized for ~8-minute calls on 2 x H200.
+# Run from the repository root on the GPU machine, carrying `.whl` (built here by
+# `bash .ci/device/build_wheels.sh`):
+#     bash .ci/device/train_bench.sh STEP [STEP ...]
+# Steps (each under its own timeout; each keeps its FULL output in $OUT/results/<name>.log, JSONs beside;
+# the console shows only their summaries):
+#   quick          32K on one GPU: bench with checkpointing none and selective:S, each + --profile
+#                  (top kernels, time by kind, chrome trace in results/profile_<tag>/)          ~3.5 min
+#   compile        the same two 32K benches with model.compile=true (the fused elementwise regions) ~3 min
+#   reach          longest context of one training step on ONE GPU (256K .. 1M)                 ~4 min
+#   reach_cp2      the same with parallel.cp=2 on TWO GPUs (1M .. 2M)                            ~4 min
+#   train131k_cp2  `lctrain train` 20 real steps at 131K with parallel.cp=2 (loss, tokens/s)     ~3.5 min
+#   tests          the GPU tests of the long-context memory savers and the fused ops             ~2 min
+#   actmem         activations each block kind keeps per token (H1, H2)                          ~1 min
+#   sanity         a 10-step `lctrain train` of a small model                                    ~1 min
+#   bench_full     32K bench with full checkpointing                                              ~1.5 min
+# Suggested calls: `quick train131k_cp2` (first), `reach reach_cp2` (second), `compile tests` (third).
+# Copy $OUT/results into docs/results/<date>_train_bench/ and record the JSONs with
+# `lctrain bench record docs/results/<...>/*.json`.
 set -u
-STEPS="${*:-tests sanity bench}"
+STEPS="${*:-quick train131k_cp2}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tcache PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 R=$PWD
@@ -19,36 +27,59 @@ OUT=${OUT:-/tmp/out}; RES="$OUT/results"; mkdir -p "$RES" /tmp/tcache
 {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   python3 -m pip install -q --upgrade --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 1
-} 2>&1 | tee "$RES/install.log"
+} > "$RES/install.log" 2>&1 || { tail -20 "$RES/install.log"; exit 1; }
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
 LC="python3 -m lctrain.cli"
 H1="$R/recipes/gdn_h1_1p3b.yaml"
 cd /tmp
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$RES/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())" | tee -a "$RES/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > "$RES/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())" >> "$RES/gpu.txt"
+cat "$RES/gpu.txt"
+
+# run NAME SECONDS PATTERN CMD...: CMD's whole output to $RES/NAME.log, its exit status appended; the
+# console shows the lines matching PATTERN (grep -E) and the last 3 lines
+run() {
+  local name=$1 limit=$2 pattern=$3; shift 3
+  local t0=$SECONDS
+  timeout -k 15 "$limit" "$@" > "$RES/$name.log" 2>&1
+  local rc=$?
+  echo "[exit status $rc after $((SECONDS - t0)) s; 124/137 = cut at ${limit} s]" >> "$RES/$name.log"
+  echo "--- $name: rc $rc, $((SECONDS - t0)) s"
+  { grep -E "$pattern" "$RES/$name.log" | grep -vE "^step [0-9]+/[0-9]+:|^warm-up"; tail -3 "$RES/$name.log"; } | awk '!seen[$0]++' | cut -c1-400
+}
+SUMMARY="tokens/s|time split|profile of one step|seq_len [0-9]+:|longest context|Error|error:|Traceback|out of memory"
+
+bench32k() {  # bench32k TAG LIMIT [overrides...]
+  local tag=$1 limit=$2; shift 2
+  run "bench_h1_32k_$tag" "$limit" "$SUMMARY|^ +[0-9.]+ +[0-9.]+ +[0-9]+  " \
+    $LC bench train "$H1" "$@" --steps 3 --warmup 2 --profile "$RES/profile_$tag" --json "$RES/bench_h1_32k_$tag.json"
+}
+
 for s in $STEPS; do
   echo "=== $s $(date +%T)"
   case $s in
-    tests) timeout 180 python3 -m pytest -m gpu -v -s -p no:cacheprovider -c "$R/pyproject.toml" --rootdir "$R" \
-             "$R/tests/test_long_context_gpu.py" > "$RES/tests_long_context_gpu.log" 2>&1; tail -5 "$RES/tests_long_context_gpu.log" ;;
-    sanity) timeout 150 $LC train "$H1" model.d_model=512 model.n_heads=4 model.attn_heads=4 model.layer_pattern=GSGS \
-              data.seq_len=4096 train.steps=10 train.warmup_steps=2 train.grad_accum=1 train.log_every=1 \
-              train.out_dir=/tmp/runs/sanity train.resume=false train.progress=false 2>&1 | tee "$RES/train_sanity.log" | tail -4 ;;
-    bench) timeout 60 $LC bench train "$H1" --activation-memory --json "$RES/actmem_h1.json" 2>&1 | tee "$RES/actmem_h1.log" | tail -3
-           timeout 60 $LC bench train "$R/recipes/gdn_h2_1p3b.yaml" --activation-memory --json "$RES/actmem_h2.json" 2>&1 | tee "$RES/actmem_h2.log" | tail -3
-           for mode in none selective:S full; do
-             tag=${mode/:/_}
-             timeout 120 $LC bench train "$H1" model.activation_checkpointing=$mode --steps 5 --warmup 2 \
-               --json "$RES/bench_h1_32k_$tag.json" 2>&1 | tee "$RES/bench_h1_32k_$tag.log" | grep -v "^step\|^warm"
-           done ;;
-    maxlen) timeout 240 $LC bench train "$H1" model.mlp_chunk_tokens=65536 model.checkpoint_offload=true train.grad_accum=1 \
-              --lengths 131072 262144 524288 786432 1048576 --json "$RES/maxlen_h1.json" 2>&1 | tee "$RES/maxlen_h1.log" | tail -8 ;;
-    maxlen_cp2) timeout 300 $LC bench train "$H1" parallel.cp=2 model.mlp_chunk_tokens=65536 model.checkpoint_offload=true \
-              train.grad_accum=1 --lengths 524288 1048576 1572864 --json "$RES/maxlen_h1_cp2.json" 2>&1 | tee "$RES/maxlen_h1_cp2.log" | tail -8 ;;
-    train131k) timeout 330 $LC train "$H1" data.seq_len=131072 train.steps=20 train.grad_accum=1 train.warmup_steps=5 \
-                 train.out_dir=/tmp/runs/h1_131k train.resume=false train.progress=false 2>&1 | tee "$RES/train_h1_131k.log" | tail -25 ;;
-    train131k_cp2) timeout 560 $LC train "$H1" data.seq_len=131072 parallel.cp=2 train.steps=20 train.warmup_steps=5 \
-                 train.out_dir=/tmp/runs/h1_131k_cp2 train.resume=false train.progress=false 2>&1 | tee "$RES/train_h1_131k_cp2.log" | tail -25 ;;
+    quick) bench32k selS 150 model.activation_checkpointing=selective:S
+           bench32k none 150 model.activation_checkpointing=none ;;
+    compile) bench32k selS_compile 200 model.activation_checkpointing=selective:S model.compile=true
+             bench32k none_compile 200 model.activation_checkpointing=none model.compile=true ;;
+    bench_full) bench32k full 120 model.activation_checkpointing=full ;;
+    reach) run reach_h1 270 "$SUMMARY" $LC bench train "$H1" model.mlp_chunk_tokens=65536 model.checkpoint_offload=true \
+             train.grad_accum=1 --lengths 262144 524288 786432 1048576 --json "$RES/reach_h1.json" ;;
+    reach_cp2) run reach_h1_cp2 270 "$SUMMARY" $LC bench train "$H1" parallel.cp=2 model.mlp_chunk_tokens=65536 \
+                 model.checkpoint_offload=true train.grad_accum=1 --lengths 1048576 1572864 2097152 \
+                 --json "$RES/reach_h1_cp2.json" ;;
+    train131k_cp2) run train_h1_131k_cp2 330 "$SUMMARY|^step +(1|2|5|10|15|19|20)/20 " \
+                     $LC train "$H1" data.seq_len=131072 parallel.cp=2 train.steps=20 train.warmup_steps=5 \
+                     train.out_dir=/tmp/runs/h1_131k_cp2 train.resume=false train.progress=false ;;
+    tests) run tests_gpu 170 "passed|failed|error" python3 -m pytest -m gpu -v -s -p no:cacheprovider \
+             -c "$R/pyproject.toml" --rootdir "$R" "$R/tests/test_long_context_gpu.py" "$R/tests/test_short_conv.py" ;;
+    actmem) run actmem_h1 60 "KiB" $LC bench train "$H1" --activation-memory --json "$RES/actmem_h1.json"
+            run actmem_h2 60 "KiB" $LC bench train "$R/recipes/gdn_h2_1p3b.yaml" --activation-memory \
+              --json "$RES/actmem_h2.json" ;;
+    sanity) run train_sanity 150 "step +10|loss|Error" $LC train "$H1" model.d_model=512 model.n_heads=4 \
+              model.attn_heads=4 model.layer_pattern=GSGS data.seq_len=4096 train.steps=10 train.warmup_steps=2 \
+              train.grad_accum=1 train.log_every=1 train.out_dir=/tmp/runs/sanity train.resume=false \
+              train.progress=false ;;
     *) echo "unknown step $s" ;;
   esac
 done

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lctrain.kernels.short_conv import causal_conv1d
 from lctrain.parallel.tensor_parallel import column_linear, row_linear
 
 
@@ -124,12 +125,13 @@ class ShortConv(nn.Module):
     where the token has fewer than j tokens of its own document before it, so no document sees the
     end of the previous one (the prefix included)."""
 
-    def __init__(self, channels: int, kernel_size: int, activation: bool = True):
+    def __init__(self, channels: int, kernel_size: int, activation: bool = True, backend: str = "auto"):
         super().__init__()
         if kernel_size < 1:
             raise ValueError(f"model.conv_size must be >= 1, got {kernel_size}")
         self.kernel_size = kernel_size
         self.activation = activation
+        self.backend = backend  # lctrain.kernels.short_conv: auto = the Triton kernel on CUDA, F.conv1d on CPU
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # Conv1d's default init
 
@@ -137,19 +139,23 @@ class ShortConv(nn.Module):
                 position_in_document: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
         K = self.kernel_size
+        if prefix is not None and tuple(prefix.shape) != (B, K - 1, C):
+            raise ValueError(f"conv prefix must be [B, conv_size-1, C] = {[B, K - 1, C]}, got {list(prefix.shape)}")
+        if position_in_document is None:
+            y = causal_conv1d(x, self.weight[:, 0], prefix, self.activation, backend=self.backend)
+            if T >= K - 1:
+                return y, x[:, T - (K - 1):]
+            before = x.new_zeros(B, K - 1, C) if prefix is None else prefix.to(x.dtype)
+            return y, torch.cat([before, x], dim=1)[:, T:]
         if prefix is None:
             prefix = x.new_zeros(B, K - 1, C)
-        elif tuple(prefix.shape) != (B, K - 1, C):
-            raise ValueError(f"conv prefix must be [B, conv_size-1, C] = {[B, K - 1, C]}, got {list(prefix.shape)}")
         xcat = torch.cat([prefix.to(x.dtype), x], dim=1)
         w = self.weight.to(x.dtype)
-        if position_in_document is None:
-            y = F.conv1d(xcat.transpose(1, 2), w, groups=C).transpose(1, 2)
-        else:  # tap i multiplies x at lag K-1-i: keep it only inside the token's document
-            y = xcat[:, K - 1:] * w[:, 0, K - 1]
-            for i in range(K - 1):
-                keep = (position_in_document >= K - 1 - i).to(x.dtype)[..., None]
-                y = y + xcat[:, i:i + T] * w[:, 0, i] * keep
+        # tap i multiplies x at lag K-1-i: keep it only inside the token's document
+        y = xcat[:, K - 1:] * w[:, 0, K - 1]
+        for i in range(K - 1):
+            keep = (position_in_document >= K - 1 - i).to(x.dtype)[..., None]
+            y = y + xcat[:, i:i + T] * w[:, 0, i] * keep
         if self.activation:
             y = F.silu(y)
         return y, xcat[:, xcat.shape[1] - (K - 1):]

@@ -1,0 +1,145 @@
+"""Triton causal depthwise short conv (+ SiLU): forward and backward kernels on the [B, T, C] layout.
+
+Why: ``F.conv1d`` needs channels first, so the torch path transposes the projections' [B, T, C]
+output, runs cuDNN's depthwise conv (slow in the weight gradient), and hands the mixer a
+transposed (strided) tensor that every later elementwise op and the kernel's ``.contiguous()`` pay
+for; autograd also keeps xcat and the pre-activation. Here one program computes a [BT, BC] tile
+from K shifted, coalesced loads with float32 accumulation, the SiLU in the same pass, and the
+backward keeps only x (the pre-activation is recomputed from it): dx, the per-tile partial sums of
+dw (added up in torch, deterministic) in one kernel. The prefix's own gradient (K-1 rows, the CP
+halo's) is computed in torch from the reference. Math: ``naive.py``."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .naive import naive_causal_conv1d
+
+BT, BC = 64, 128  # tile: tokens x channels
+
+
+@triton.jit
+def _load_x(x_ptr, pre_ptr, b, rows, c, T, C, K: tl.constexpr, HAS_PREFIX: tl.constexpr):
+    """x[b, rows, c] as float32 [BT, BC]; rows < 0 read the prefix ([B, K-1, C]) or zeros, rows >= T zeros."""
+    cm = (c < C)[None, :]
+    inside = ((rows >= 0) & (rows < T))[:, None] & cm
+    r = tl.maximum(rows, 0).to(tl.int64)
+    v = tl.load(x_ptr + (b * T + r)[:, None] * C + c[None, :], mask=inside, other=0.0).to(tl.float32)
+    if HAS_PREFIX:
+        before = ((rows < 0) & (rows >= 1 - K))[:, None] & cm
+        p = tl.maximum(rows + (K - 1), 0).to(tl.int64)
+        v += tl.load(pre_ptr + (b * (K - 1) + p)[:, None] * C + c[None, :], mask=before, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _pre_activation(x_ptr, pre_ptr, w_ptr, b, rows, c, T, C, K: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                    BT: tl.constexpr, BC: tl.constexpr):
+    """sum_i w[c, i] x[b, rows - (K-1) + i, c] in float32 ([BT, BC])."""
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for i in tl.static_range(K):
+        w = tl.load(w_ptr + c * K + i, mask=c < C, other=0.0).to(tl.float32)
+        acc += _load_x(x_ptr, pre_ptr, b, rows - (K - 1) + i, c, T, C, K, HAS_PREFIX) * w[None, :]
+    return acc
+
+
+@triton.jit
+def _dsilu(p):
+    s = tl.sigmoid(p)
+    return s * (1.0 + p * (1.0 - s))
+
+
+@triton.jit
+def conv_fwd_kernel(x_ptr, pre_ptr, w_ptr, y_ptr, T, C, K: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                    ACT: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_t * BT + tl.arange(0, BT)
+    c = pid_c * BC + tl.arange(0, BC)
+    acc = _pre_activation(x_ptr, pre_ptr, w_ptr, b, rows, c, T, C, K, HAS_PREFIX, BT, BC)
+    if ACT:
+        acc = acc * tl.sigmoid(acc)
+    mask = (rows < T)[:, None] & (c < C)[None, :]
+    tl.store(y_ptr + (b * T + rows.to(tl.int64))[:, None] * C + c[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def conv_bwd_kernel(x_ptr, pre_ptr, w_ptr, dy_ptr, dx_ptr, dwp_ptr, T, C, NT, K: tl.constexpr,
+                    HAS_PREFIX: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """dx of the tile's rows, and the tile's partial dw (sum over its rows) into dwp [B * NT, C, K]."""
+    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_t * BT + tl.arange(0, BT)
+    c = pid_c * BC + tl.arange(0, BC)
+    cm = c < C
+    valid = (rows < T)[:, None] & cm[None, :]
+    # dw[c, j] += sum_t dpre[t, c] * x[t - (K-1) + j, c] over this tile's rows t
+    dp = tl.load(dy_ptr + (b * T + tl.minimum(rows, T - 1).to(tl.int64))[:, None] * C + c[None, :], mask=valid,
+                 other=0.0).to(tl.float32)
+    if ACT:
+        dp = dp * _dsilu(_pre_activation(x_ptr, pre_ptr, w_ptr, b, rows, c, T, C, K, HAS_PREFIX, BT, BC))
+    tile = (b * NT + pid_t).to(tl.int64)
+    for j in tl.static_range(K):
+        xs = _load_x(x_ptr, pre_ptr, b, rows - (K - 1) + j, c, T, C, K, HAS_PREFIX)
+        tl.store(dwp_ptr + (tile * C + c) * K + j, tl.sum(dp * xs, axis=0), mask=cm)
+    # dx[s, c] = sum_i w[c, i] dpre[s + K-1-i, c]
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for i in tl.static_range(K):
+        t = rows + (K - 1 - i)
+        inside = (t < T)[:, None] & cm[None, :]
+        d = tl.load(dy_ptr + (b * T + tl.minimum(t, T - 1).to(tl.int64))[:, None] * C + c[None, :], mask=inside,
+                    other=0.0).to(tl.float32)
+        if ACT:
+            d = d * _dsilu(_pre_activation(x_ptr, pre_ptr, w_ptr, b, t, c, T, C, K, HAS_PREFIX, BT, BC))
+        w = tl.load(w_ptr + c * K + i, mask=cm, other=0.0).to(tl.float32)
+        acc += d * w[None, :]
+    tl.store(dx_ptr + (b * T + rows.to(tl.int64))[:, None] * C + c[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=valid)
+
+
+class _CausalConv1d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, prefix, activation):
+        B, T, C = x.shape
+        K = weight.shape[-1]
+        x = x.contiguous()
+        w = weight.contiguous()
+        has_prefix = prefix is not None and K > 1
+        pre = prefix.to(x.dtype).contiguous() if has_prefix else x
+        y = torch.empty_like(x)
+        grid = (triton.cdiv(T, BT), triton.cdiv(C, BC), B)
+        conv_fwd_kernel[grid](x, pre, w, y, T, C, K=K, HAS_PREFIX=has_prefix, ACT=bool(activation), BT=BT, BC=BC,
+                              num_warps=4)
+        ctx.save_for_backward(x, w, pre if has_prefix else None)
+        ctx.activation, ctx.has_prefix = bool(activation), has_prefix
+        ctx.prefix_dtype = None if prefix is None else prefix.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, pre = ctx.saved_tensors
+        B, T, C = x.shape
+        K = w.shape[-1]
+        dy = dy.contiguous()
+        NT = triton.cdiv(T, BT)
+        dx = torch.empty_like(x)
+        dwp = torch.empty(B * NT, C, K, device=x.device, dtype=torch.float32)
+        conv_bwd_kernel[(NT, triton.cdiv(C, BC), B)](x, pre if ctx.has_prefix else x, w, dy, dx, dwp, T, C, NT, K=K,
+                                                     HAS_PREFIX=ctx.has_prefix, ACT=ctx.activation, BT=BT, BC=BC,
+                                                     num_warps=4)
+        dw = dwp.sum(0).to(w.dtype)
+        dprefix = None
+        if ctx.needs_input_grad[2]:
+            if ctx.has_prefix:  # only the first K-1 outputs read the prefix: differentiate the reference there
+                n = min(K - 1, T)
+                with torch.enable_grad():
+                    p = pre.detach().float().requires_grad_(True)
+                    y = naive_causal_conv1d(x[:, :n].float(), w.float(), p, ctx.activation)
+                    (dprefix,) = torch.autograd.grad(y, p, dy[:, :n].float())
+                dprefix = dprefix.to(ctx.prefix_dtype)
+            else:  # K == 1: the prefix is empty
+                dprefix = torch.zeros(B, 0, C, device=x.device, dtype=ctx.prefix_dtype)
+        return dx, dw, dprefix, None
+
+
+def triton_causal_conv1d(x, weight, prefix=None, activation=True):
+    return _CausalConv1d.apply(x, weight, prefix, activation)
