@@ -5,9 +5,10 @@
 #     bash .ci/device/train_bench.sh STEP [STEP ...]
 # Steps (each under its own timeout; each keeps its FULL output in $OUT/results/<name>.log, JSONs beside;
 # the console shows only their summaries):
-#   quick          32K on one GPU: bench with checkpointing none and selective:S, each + --profile
-#                  (top kernels, time by kind, chrome trace in results/profile_<tag>/)          ~3.5 min
-#   compile        the same two 32K benches with model.compile=true (the fused elementwise regions) ~3 min
+#   quick          32K on one GPU, selective:S: GPU tests of the short conv kernel and model.compile, then
+#                  the bench with model.compile=false and =true, each + --profile (top kernels, time by
+#                  kind, chrome trace in results/profile_<tag>/)                                 ~4 min
+#   none           32K bench with checkpointing none, model.compile=false and =true (+ --profile)  ~4 min
 #   reach          longest context of one training step on ONE GPU (256K .. 1M)                 ~4 min
 #   reach_cp2      the same with parallel.cp=2 on TWO GPUs (1M .. 2M)                            ~4 min
 #   train131k_cp2  `lctrain train` 20 real steps at 131K with parallel.cp=2 (loss, tokens/s)     ~3.5 min
@@ -15,7 +16,7 @@
 #   actmem         activations each block kind keeps per token (H1, H2)                          ~1 min
 #   sanity         a 10-step `lctrain train` of a small model                                    ~1 min
 #   bench_full     32K bench with full checkpointing                                              ~1.5 min
-# Suggested calls: `quick train131k_cp2` (first), `reach reach_cp2` (second), `compile tests` (third).
+# Suggested calls: `quick train131k_cp2` (first), `reach reach_cp2` (second), `none tests` (third).
 # Copy $OUT/results into docs/results/<date>_train_bench/ and record the JSONs with
 # `lctrain bench record docs/results/<...>/*.json`.
 set -u
@@ -58,10 +59,12 @@ bench32k() {  # bench32k TAG LIMIT [overrides...]
 for s in $STEPS; do
   echo "=== $s $(date +%T)"
   case $s in
-    quick) bench32k selS 150 model.activation_checkpointing=selective:S
-           bench32k none 150 model.activation_checkpointing=none ;;
-    compile) bench32k selS_compile 200 model.activation_checkpointing=selective:S model.compile=true
-             bench32k none_compile 200 model.activation_checkpointing=none model.compile=true ;;
+    quick) run tests_fused_gpu 100 "passed|failed|error" python3 -m pytest -m gpu -v -p no:cacheprovider \
+             -c "$R/pyproject.toml" --rootdir "$R" "$R/tests/test_short_conv.py" "$R/tests/test_fused.py"
+           bench32k selS 130 model.activation_checkpointing=selective:S model.compile=false
+           bench32k selS_compile 160 model.activation_checkpointing=selective:S model.compile=true ;;
+    none) bench32k none 130 model.activation_checkpointing=none model.compile=false
+          bench32k none_compile 160 model.activation_checkpointing=none model.compile=true ;;
     bench_full) bench32k full 120 model.activation_checkpointing=full ;;
     reach) run reach_h1 270 "$SUMMARY" $LC bench train "$H1" model.mlp_chunk_tokens=65536 model.checkpoint_offload=true \
              train.grad_accum=1 --lengths 262144 524288 786432 1048576 --json "$RES/reach_h1.json" ;;
@@ -72,7 +75,7 @@ for s in $STEPS; do
                      $LC train "$H1" data.seq_len=131072 parallel.cp=2 train.steps=20 train.warmup_steps=5 \
                      train.out_dir=/tmp/runs/h1_131k_cp2 train.resume=false train.progress=false ;;
     tests) run tests_gpu 170 "passed|failed|error" python3 -m pytest -m gpu -v -s -p no:cacheprovider \
-             -c "$R/pyproject.toml" --rootdir "$R" "$R/tests/test_long_context_gpu.py" "$R/tests/test_short_conv.py" ;;
+             -c "$R/pyproject.toml" --rootdir "$R" "$R/tests/test_long_context_gpu.py" "$R/tests/test_short_conv.py" "$R/tests/test_fused.py" ;;
     actmem) run actmem_h1 60 "KiB" $LC bench train "$H1" --activation-memory --json "$RES/actmem_h1.json"
             run actmem_h2 60 "KiB" $LC bench train "$R/recipes/gdn_h2_1p3b.yaml" --activation-memory \
               --json "$RES/actmem_h2.json" ;;

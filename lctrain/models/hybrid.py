@@ -168,6 +168,10 @@ class HybridLM(nn.Module):
         self._init_weights(init_std(m))
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        if bool(_cfg(m, "compile", False)):
+            from .fused import enable
+
+            enable(self)
 
     def _make_rope(self, r: Any) -> RotaryEmbedding:
         original = int(r.original_max_position) or int(self.max_position or 0)

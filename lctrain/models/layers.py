@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lctrain.kernels.short_conv import causal_conv1d
+from lctrain.models.fused import compiled, rms_norm_math, swiglu_math
 from lctrain.parallel.tensor_parallel import column_linear, row_linear
 
 
@@ -61,7 +62,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    compiled = False  # model.compile: the compiled float32 formula (lctrain.models.fused)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled:
+            return compiled(rms_norm_math)(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
     def norm_fn(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -73,6 +78,8 @@ class GatedRMSNorm(RMSNorm):
     """Output norm of the linear mixers: RMSNorm(o) * silu(gate), per head (normalised over the last dim)."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.compiled:
+            return compiled(rms_norm_math)(x, self.weight, self.eps, gate)
         return rms_norm(x, self.weight, self.eps, gate)
 
 
@@ -101,8 +108,11 @@ class SwiGLU(nn.Module):
         self.down_proj.is_output_projection = True  # scaled init, see HybridLM._init_weights
         self.chunk_tokens = int(chunk_tokens)
 
+    compiled = False  # model.compile: silu(gate) * up as one compiled kernel (lctrain.models.fused)
+
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        act = compiled(swiglu_math) if self.compiled else swiglu_math
+        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[1]

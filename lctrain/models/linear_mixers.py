@@ -38,6 +38,7 @@ from lctrain import kernels
 from lctrain.parallel.mesh import group_size
 from lctrain.parallel.tensor_parallel import column_linear, local_size, mark_partial_grad, mark_split, row_linear
 
+from .fused import compiled, l2norm_math
 from .layers import GatedRMSNorm, ShortConv, run_short_conv
 
 
@@ -49,11 +50,6 @@ def _init_decay_params(n_heads: int, A_init_range=(1.0, 16.0), dt_min=1e-3, dt_m
     dt = dt.clamp(min=1e-4)
     dt_bias = dt + torch.log(-torch.expm1(-dt))
     return nn.Parameter(torch.log(A)), nn.Parameter(dt_bias)
-
-
-def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def _mark_head_params(mixer: nn.Module) -> None:
@@ -73,6 +69,7 @@ class _LinearMixerBase(nn.Module):
     """Shared plumbing: the op (wrapped for CP lazily), conv halos, cache handling."""
 
     op_name: str = ""
+    compiled = False  # model.compile: the L2 norms of q, k compiled (lctrain.models.fused)
 
     def __init__(self, *, n_heads: int, head_dim: int, conv_size: int, backend: str, chunk_size: int, cp_group=None):
         super().__init__()
@@ -182,7 +179,8 @@ class DeltaNetMixer(_LinearMixerBase):
         q = self._conv(self.q_conv, self.q_proj(x), cache, "q_conv", docs).view(B, T, H, D)
         k = self._conv(self.k_conv, self.k_proj(x), cache, "k_conv", docs).view(B, T, H, D)
         v = self._conv(self.v_conv, self.v_proj(x), cache, "v_conv", docs).view(B, T, H, D)
-        q, k = _l2norm(q), _l2norm(k)
+        l2norm = compiled(l2norm_math) if self.compiled else l2norm_math
+        q, k = l2norm(q), l2norm(k)
         v = v.to(q.dtype)
         beta = torch.sigmoid(self.b_proj(x).float())
         if self.gated:
