@@ -582,6 +582,26 @@ def _reset_peak(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def _reset_host_peak(device):
+    import torch
+
+    if device.type == "cuda" and hasattr(torch.cuda, "reset_peak_host_memory_stats"):
+        torch.cuda.reset_peak_host_memory_stats()
+
+
+def _host_pinned_gib(device) -> float | None:
+    """Peak pinned host memory of the caching host allocator (model.checkpoint_offload's copies), if known."""
+    import torch
+
+    if device.type != "cuda" or not hasattr(torch.cuda, "host_memory_stats"):
+        return None
+    stats = torch.cuda.host_memory_stats()
+    for key in ("allocated_bytes.peak", "allocated_bytes.all.peak", "reserved_bytes.peak"):
+        if key in stats:
+            return stats[key] / 2**30
+    return None
+
+
 def _device_name(device) -> str:
     import torch
 
@@ -635,8 +655,12 @@ def _world_text(bench) -> str:
 def _checkpointing_text(cfg) -> str:
     m = cfg.model
     extra = [f"mlp chunk {m.mlp_chunk_tokens}"] if m.mlp_chunk_tokens else []
+    if m.checkpoint_offload:
+        extra.append("offload")
     if cfg.train.loss_chunk_tokens:
         extra.append(f"loss chunk {cfg.train.loss_chunk_tokens}")
+    if m.get("compile"):
+        extra.append("compile")
     return ", ".join([str(m.activation_checkpointing), *extra])
 
 
@@ -725,22 +749,35 @@ def _length_search(bench, args, recipe) -> dict | None:
         _reset_peak(device)
         bench.sync()
         t0 = time.perf_counter()
+        _reset_host_peak(device)
+        why = ""
         try:
             bench.step(T)
             bench.sync()
             ok = 1.0
-        except torch.OutOfMemoryError:
-            ok = 0.0
+        except (torch.OutOfMemoryError, RuntimeError) as err:  # cudaHostAlloc failing (offload) is a RuntimeError
+            if not isinstance(err, torch.OutOfMemoryError) and "out of memory" not in str(err).lower():
+                raise
+            ok, why = 0.0, str(err).splitlines()[0][:200]
         seconds = time.perf_counter() - t0
+        host = _host_pinned_gib(device)
         bench.drop_gradients()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+            # the pinned blocks model.checkpoint_offload took: cached for reuse by the caching host
+            # allocator, but never by a LONGER step; without this the search holds 24 + 48 + 72 GiB
+            # of pinned host memory by 786K and the host runs out
+            empty_host = getattr(torch._C, "_host_emptyCache", None)
+            if empty_host is not None:
+                empty_host()
         # every rank must agree: one rank's OOM ends the search for all
         ok = -bench.reduce_max([-ok])[0]
         seconds, peak = bench.reduce_max([seconds, _peak_gib(device) or 0.0])
         result = "ok" if ok else "out of memory"
         peak_text = f", peak {peak:.2f} GiB per GPU" if device.type == "cuda" else ""
-        say(f"seq_len {T}: {result}, {seconds:.2f}s" + peak_text, flush=True)
+        if host:
+            peak_text += f", pinned host {host:.1f} GiB"
+        say(f"seq_len {T}: {result}, {seconds:.2f}s" + peak_text + (f" ({why})" if why else ""), flush=True)
         rows.append([Path(recipe).name if recipe else "default", T, _world_text(bench), _checkpointing_text(cfg),
                      result,
                      round(seconds, 3), round(peak, 2) if device.type == "cuda" else None])
