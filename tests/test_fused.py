@@ -51,3 +51,16 @@ def test_compiled_elementwise_equals_eager_bf16_on_gpu():
     for name in grads:
         rel = (grads_c[name] - grads[name]).norm() / grads[name].norm().clamp(min=1e-12)
         assert rel < 5e-2, (name, float(rel))
+
+
+def test_lean_l2_norm_equals_the_float32_formula():
+    from lctrain.models.layers import l2_norm
+
+    x = torch.randn(2, 5, 3, 16, requires_grad=True)
+    dy = torch.randn(2, 5, 3, 16)
+    y = l2_norm(x, 1e-6)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    y_ref = fused.l2norm_math(x, 1e-6)
+    (dx_ref,) = torch.autograd.grad(y_ref, x, dy)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)

@@ -39,7 +39,7 @@ from lctrain.parallel.mesh import group_size
 from lctrain.parallel.tensor_parallel import column_linear, local_size, mark_partial_grad, mark_split, row_linear
 
 from .fused import compiled, l2norm_math
-from .layers import GatedRMSNorm, ShortConv, run_short_conv
+from .layers import GatedRMSNorm, ShortConv, l2_norm, run_short_conv
 
 
 def _init_decay_params(n_heads: int, A_init_range=(1.0, 16.0), dt_min=1e-3, dt_max=0.1):
@@ -179,7 +179,7 @@ class DeltaNetMixer(_LinearMixerBase):
         q = self._conv(self.q_conv, self.q_proj(x), cache, "q_conv", docs).view(B, T, H, D)
         k = self._conv(self.k_conv, self.k_proj(x), cache, "k_conv", docs).view(B, T, H, D)
         v = self._conv(self.v_conv, self.v_proj(x), cache, "v_conv", docs).view(B, T, H, D)
-        l2norm = compiled(l2norm_math) if self.compiled else l2norm_math
+        l2norm = compiled(l2norm_math) if self.compiled else l2_norm
         q, k = l2norm(q), l2norm(k)
         v = v.to(q.dtype)
         beta = torch.sigmoid(self.b_proj(x).float())
