@@ -66,9 +66,9 @@ for s in $STEPS; do
     none) bench32k none 130 model.activation_checkpointing=none model.compile=false
           bench32k none_compile 160 model.activation_checkpointing=none model.compile=true ;;
     bench_full) bench32k full 120 model.activation_checkpointing=full ;;
-    reach) run reach_h1 270 "$SUMMARY" $LC bench train "$H1" model.mlp_chunk_tokens=65536 model.checkpoint_offload=true \
+    reach) run reach_h1 240 "$SUMMARY" $LC bench train "$H1" model.mlp_chunk_tokens=65536 model.checkpoint_offload=true \
              train.grad_accum=1 --lengths 262144 524288 786432 1048576 --json "$RES/reach_h1.json" ;;
-    reach_cp2) run reach_h1_cp2 270 "$SUMMARY" $LC bench train "$H1" parallel.cp=2 model.mlp_chunk_tokens=65536 \
+    reach_cp2) run reach_h1_cp2 240 "$SUMMARY" $LC bench train "$H1" parallel.cp=2 model.mlp_chunk_tokens=65536 \
                  model.checkpoint_offload=true train.grad_accum=1 --lengths 1048576 1572864 2097152 \
                  --json "$RES/reach_h1_cp2.json" ;;
     train131k_cp2) run train_h1_131k_cp2 330 "$SUMMARY|^step +(1|2|5|10|15|19|20)/20 " \
