@@ -3,8 +3,11 @@
 # Run from the repository root on the GPU machine, carrying `.whl` (built here by
 # `bash .ci/device/build_wheels.sh`):
 #     bash .ci/device/train_bench.sh STEP [STEP ...]
-# Steps (each under its own timeout; each keeps its FULL output in $OUT/results/<name>.log, JSONs beside;
-# the console shows only their summaries):
+# Steps (each under its own timeout; each keeps its FULL output in $RES/<name>.log, JSONs and profiles
+# beside; the console, and $OUT/summary.txt, show only their summaries). A device call brings back at most
+# 8 files, so after every step $RES is packed into $OUT/train_bench_results.tgz (logs, JSONs, kernel
+# tables) and $OUT/train_bench_traces.tgz (the chrome traces, left out when over 15 MiB): a call cut at
+# its limit still returns the steps before.
 #   quick          32K on one GPU, selective:S: GPU tests of the short conv kernel and model.compile, then
 #                  the bench with model.compile=false and =true, each + --profile (top kernels, time by
 #                  kind, chrome trace in results/profile_<tag>/)                                 ~4 min
@@ -17,14 +20,23 @@
 #   sanity         a 10-step `lctrain train` of a small model                                    ~1 min
 #   bench_full     32K bench with full checkpointing                                              ~1.5 min
 # Suggested calls: `quick train131k_cp2` (first), `reach reach_cp2` (second), `none tests` (third).
-# Copy $OUT/results into docs/results/<date>_train_bench/ and record the JSONs with
+# Unpack train_bench_results.tgz into docs/results/<date>_train_bench/ and record the JSONs with
 # `lctrain bench record docs/results/<...>/*.json`.
 set -u
 STEPS="${*:-quick train131k_cp2}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tcache PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 R=$PWD
-OUT=${OUT:-/tmp/out}; RES="$OUT/results"; mkdir -p "$RES" /tmp/tcache
+OUT=${OUT:-/tmp/out}; RES=${RES:-/tmp/train_bench_results}; mkdir -p "$OUT" "$RES" /tmp/tcache
+exec > >(tee -a "$OUT/summary.txt") 2>&1
+pack() {  # everything but the traces in one archive, the traces in another when small enough
+  tar -czf "$OUT/train_bench_results.tgz" -C "$(dirname "$RES")" --exclude='*.json.gz' "$(basename "$RES")"
+  local traces; traces=$(cd "$(dirname "$RES")" && ls "$(basename "$RES")"/*/*.json.gz 2>/dev/null)
+  [ -n "$traces" ] && (cd "$(dirname "$RES")" && tar -czf "$OUT/train_bench_traces.tgz" $traces)
+  if [ -f "$OUT/train_bench_traces.tgz" ] && [ "$(stat -c %s "$OUT/train_bench_traces.tgz")" -gt 15728640 ]; then
+    rm -f "$OUT/train_bench_traces.tgz"; echo "(chrome traces over 15 MiB: left out)"
+  fi
+}
 {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   python3 -m pip install -q --upgrade --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 1
@@ -85,5 +97,6 @@ for s in $STEPS; do
               train.progress=false ;;
     *) echo "unknown step $s" ;;
   esac
+  pack
 done
 echo "=== done $(date +%T)"
