@@ -57,9 +57,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--models", help="comma list: only these models of the recipe")
     p.add_argument("--points", help="comma list: only these values of the recipe's sweep")
     p.add_argument("--budget-minutes", type=float,
-                   help="start no further training run once the time spent plus the mean time of a finished run "
-                        "would pass this many minutes; the runs left out are listed and the claim is then not "
-                        "decided (default: no limit)")
+                   help="start no further training run once the time spent plus that run's expected time (the "
+                        "model's last run, else the mean finished run) would pass this many minutes; the runs "
+                        "left out are listed and the claim is then not decided (default: no limit)")
     p.add_argument("overrides", nargs="*", help="key=value training overrides for every run (after the recipe's)")
     return p.parse_intermixed_args(argv)
 
@@ -211,7 +211,8 @@ def read_eval(ev: dict, out_dir: str) -> dict:
 def read_position_loss(out: Path) -> dict:
     """{model: {"loss": {position: smoothed loss}}} of a position-loss eval labelled by model."""
     r = json.loads((out / "position_loss.json").read_text())
-    return {c["label"]: {"loss": {f"{p:.1f}": loss for p, loss in zip(c["smoothed"]["position"], c["smoothed"]["loss"])}}
+    return {c["label"]: {"loss": {f"{p:.1f}": loss
+                                  for p, loss in zip(c["smoothed"]["position"], c["smoothed"]["loss"])}}
             for c in r["checkpoints"]}
 
 
@@ -264,7 +265,7 @@ def check_claim(checks: list[dict], results: dict, *, lower_is_better: bool = Fa
             held = False
             continue
 
-        def values(model):
+        def values(model, c=c):
             return [(x, v) for x, v in _series_values(results, model, c.get("series"))
                     if float(x) >= float(c.get("from", float("-inf")))]
 
@@ -343,6 +344,12 @@ def _x_label(rec: dict, tiny: bool) -> str:
     return sweep["key"] + "".join(f" (with {k} {v[0]}..{v[-1]})" for k, v in sweep["with"].items())
 
 
+def expected_wall(done: list[dict], model: str) -> float:
+    """Seconds the next run of `model` should take: its own last run's, else the mean finished run's."""
+    own = [d["wall_s"] for d in done if d["model"] == model]
+    return own[-1] if own else sum(d["wall_s"] for d in done) / len(done)
+
+
 def main(argv: list[str]) -> int:
     ns = _parse(argv)
     rec = load_repro(ns.name)
@@ -372,9 +379,8 @@ def main(argv: list[str]) -> int:
     results: dict = {}
     done, skipped = [], []
     for r in runs_plan:
-        spent = time.time() - started
-        if done and ns.budget_minutes is not None and \
-                spent + sum(d["wall_s"] for d in done) / len(done) > 60 * ns.budget_minutes:
+        if ns.budget_minutes is not None and done and \
+                time.time() - started + expected_wall(done, r["model"]) > 60 * ns.budget_minutes:
             skipped.append(r)
             continue
         t0 = time.time()
@@ -409,7 +415,8 @@ def main(argv: list[str]) -> int:
     command = "lctrain repro " + shlex.join(argv)
     verdict = ("The claim held" if held else
                "The claim was NOT decided: runs were left out by the budget" if skipped else
-               "The claim did NOT hold") + (" (--tiny: 2-step smoke run, says nothing about the claim)" if ns.tiny else "")
+               "The claim did NOT hold") + (" (--tiny: 2-step smoke run, says nothing about the claim)"
+                                            if ns.tiny else "")
     report = {"name": name, "claim": rec["claim"]["text"], "held": held, "decided": not skipped, "checks": lines,
               "command": command, "device": device_name(), "wall_s": round(wall, 1), "tiny": ns.tiny,
               "metric": "loss (lower is better)" if lower else "accuracy", "results": results, "runs": done,
