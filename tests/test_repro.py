@@ -116,3 +116,18 @@ def test_expected_wall_uses_the_models_own_last_run():
     done = [{"model": "g", "wall_s": 10.0}, {"model": "ll", "wall_s": 40.0}, {"model": "g", "wall_s": 8.0}]
     assert repro.expected_wall(done, "ll") == 40.0 and repro.expected_wall(done, "g") == 8.0
     assert repro.expected_wall(done, "new") == pytest.approx(58.0 / 3)
+
+
+def test_report_written_mid_repro_says_it_is_not_finished(tmp_path):
+    """After each run the report is rewritten; until the last run it must not claim a verdict."""
+    rec = repro.load_repro("mqar_deltanet")
+    runs = repro.plan(rec, tiny=True, runs=tmp_path, overrides=[], only=None)
+    for r in runs:
+        r.update(steps=2, wall_s=1.0)
+    res = {"deltanet": {"mqar": {"4": 1.0}}}
+    verdict, lines = repro.write_report(tmp_path, rec, ["mqar_deltanet"], tiny=False, budget=None, results=res,
+                                        done=runs[:1], skipped=[], pending=runs[1:], wall=2.0)
+    report = json.loads((tmp_path / "mqar_deltanet.json").read_text())
+    assert "has not finished" in verdict and lines[-1] == "not run yet: gla_mamba2 at 4"
+    assert not report["held"] and not report["decided"] and not report["finished"]
+    assert "has not finished" in (tmp_path / "mqar_deltanet.md").read_text()

@@ -43,7 +43,7 @@ queue() {  # queue GPU NAME...: each repro in turn on that GPU; one line per rep
       --runs "$RUNS/$name" --out "$RES" --budget-minutes "$BUDGET" data.cache_dir="$CACHE" ${REPRO_ARGS:-} \
       > "$RES/logs/$name.log" 2>&1
     local rc=$?
-    echo "$name: exit $rc after $(( $(date +%s) - t0 )) s on GPU $gpu$([ $rc = 124 ] && echo ' (TIMEOUT: no report)')" \
+    echo "$name: exit $rc after $(( $(date +%s) - t0 )) s on GPU $gpu$([ $rc = 124 ] && echo ' (TIMEOUT: its report holds the runs that finished)')" \
       | tee -a "$RES/logs/queue$gpu.txt"
     sed -n "/^lctrain repro $name: The claim/,\$p" "$RES/logs/$name.log" | head -12
   done

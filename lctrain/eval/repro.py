@@ -344,6 +344,48 @@ def _x_label(rec: dict, tiny: bool) -> str:
     return sweep["key"] + "".join(f" (with {k} {v[0]}..{v[-1]})" for k, v in sweep["with"].items())
 
 
+def write_report(out: Path, rec: dict, argv: list[str], *, tiny: bool, budget: float | None, results: dict,
+                 done: list[dict], skipped: list[dict], pending: list[dict], wall: float) -> tuple[str, list[str]]:
+    """NAME.json / .png / .md in `out`; with runs `pending` (written after each run) the verdict says the
+    repro has not finished. Returns (verdict, one line per check)."""
+    name = Path(rec["path"]).stem
+    lower = eval_settings(rec, tiny)["kind"] == "position_loss"
+    held, lines = check_claim(rec["claim"].get("checks", []), results, lower_is_better=lower)
+
+    def where(runs):
+        return ", ".join(f"{r['model']}" + (f" at {r['x']}" if r["x"] is not None else "") for r in runs)
+
+    if skipped:
+        lines.append(f"not run (--budget-minutes {budget:g}): {where(skipped)}")
+    if pending:
+        lines.append(f"not run yet: {where(pending)}")
+    command = "lctrain repro " + shlex.join(argv)
+    verdict = ("The claim is NOT decided: the repro has not finished (written after each run)" if pending else
+               "The claim held" if held else
+               "The claim was NOT decided: runs were left out by the budget" if skipped else
+               "The claim did NOT hold") + (" (--tiny: 2-step smoke run, says nothing about the claim)"
+                                            if tiny else "")
+    report = {"name": name, "claim": rec["claim"]["text"], "held": held and not pending,
+              "decided": not (skipped or pending), "finished": not pending, "checks": lines, "command": command,
+              "device": device_name(), "wall_s": round(wall, 1), "tiny": tiny,
+              "metric": "loss (lower is better)" if lower else "accuracy", "results": results, "runs": done,
+              "skipped": [r["out_dir"] for r in skipped], "pending": [r["out_dir"] for r in pending],
+              "recipe": rec["path"], "x": _x_label(rec, tiny)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    png = plot(out / f"{name}.png", results, report["x"], f"{name}: {rec['claim']['text']}"[:160],
+               ylabel="next-token loss (nats)" if lower else "accuracy (%)")
+    md = [f"# {name}", "", f"Claim: {rec['claim']['text']}", "", f"**{verdict}.**", "",
+          *[f"- {line}" for line in lines], "", f"- command: `{command}`", f"- device: {report['device']}",
+          f"- wall time: {wall / 60:.1f} min ({len(done)} training runs"
+          + (f", {len(skipped)} left out" if skipped else "") + ")", "",
+          "| model | x | steps | wall (s, train + eval) |", "|---|---|---|---|",
+          *[f"| {r['model']} | {'' if r['x'] is None else r['x']} | {r['steps']} | {r['wall_s']} |" for r in done], "",
+          f"![{name}]({png.name})", "", f"Data: [{name}.json]({name}.json)", ""]
+    (out / f"{name}.md").write_text("\n".join(md))
+    return verdict, lines
+
+
 def expected_wall(done: list[dict], model: str) -> float:
     """Seconds the next run of `model` should take: its own last run's, else the mean finished run's."""
     own = [d["wall_s"] for d in done if d["model"] == model]
@@ -399,6 +441,9 @@ def main(argv: list[str]) -> int:
                                                   else {str(k): v for k, v in value.items()})
         r["wall_s"] = round(time.time() - t0, 1)
         done.append(r)
+        if kind != "position_loss":  # so that a repro stopped from outside still leaves what it measured
+            write_report(out, rec, argv, tiny=ns.tiny, budget=ns.budget_minutes, results=results, done=done,
+                         skipped=skipped, pending=runs_plan[len(done) + len(skipped):], wall=time.time() - started)
     if kind == "position_loss" and done:
         pl_out = runs / "position_loss"
         pl_argv = position_loss_argv(ev_cfg, done, pl_out)
@@ -406,34 +451,9 @@ def main(argv: list[str]) -> int:
         if position_loss.main(pl_argv) != 0:
             raise ReproError("the position-loss eval failed (see above)")
         results = read_position_loss(pl_out)
-    wall = time.time() - started
-    lower = kind == "position_loss"
-    held, lines = check_claim(rec["claim"].get("checks", []), results, lower_is_better=lower)
-    if skipped:
-        lines.append(f"not run (--budget-minutes {ns.budget_minutes:g}): "
-                     + ", ".join(f"{r['model']}" + (f" at {r['x']}" if r["x"] is not None else "") for r in skipped))
-    command = "lctrain repro " + shlex.join(argv)
-    verdict = ("The claim held" if held else
-               "The claim was NOT decided: runs were left out by the budget" if skipped else
-               "The claim did NOT hold") + (" (--tiny: 2-step smoke run, says nothing about the claim)"
-                                            if ns.tiny else "")
-    report = {"name": name, "claim": rec["claim"]["text"], "held": held, "decided": not skipped, "checks": lines,
-              "command": command, "device": device_name(), "wall_s": round(wall, 1), "tiny": ns.tiny,
-              "metric": "loss (lower is better)" if lower else "accuracy", "results": results, "runs": done,
-              "skipped": [r["out_dir"] for r in skipped], "recipe": rec["path"], "x": _x_label(rec, ns.tiny)}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
-    png = plot(out / f"{name}.png", results, report["x"], f"{name}: {rec['claim']['text']}"[:160],
-               ylabel="next-token loss (nats)" if lower else "accuracy (%)")
-    md = [f"# {name}", "", f"Claim: {rec['claim']['text']}", "", f"**{verdict}.**", "",
-          *[f"- {line}" for line in lines], "", f"- command: `{command}`", f"- device: {report['device']}",
-          f"- wall time: {wall / 60:.1f} min ({len(done)} training runs"
-          + (f", {len(skipped)} left out" if skipped else "") + ")", "",
-          "| model | x | steps | wall (s, train + eval) |", "|---|---|---|---|",
-          *[f"| {r['model']} | {'' if r['x'] is None else r['x']} | {r['steps']} | {r['wall_s']} |" for r in done], "",
-          f"![{name}]({png.name})", "", f"Data: [{name}.json]({name}.json)", ""]
-    (out / f"{name}.md").write_text("\n".join(md))
-    print(f"lctrain repro {name}: {verdict}; wrote {out / (name + '.json')}, {png}, {out / (name + '.md')}", flush=True)
+    verdict, lines = write_report(out, rec, argv, tiny=ns.tiny, budget=ns.budget_minutes, results=results,
+                                  done=done, skipped=skipped, pending=[], wall=time.time() - started)
+    print(f"lctrain repro {name}: {verdict}; wrote {out / name}.json, .png, .md", flush=True)
     for line in lines:
         print(f"  {line}", flush=True)
     return 0
