@@ -23,6 +23,7 @@ LIMIT=$(python3 -c "print(int(60 * $BUDGET + 120))")
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tcache PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 R=$PWD
 OUT=${OUT:-/tmp/out}; RES=${RES:-/tmp/repro_results}; RUNS=${RUNS:-/tmp/runs/repro}; CACHE=${CACHE:-/tmp/lctrain_cache}
+rm -rf "$RES"  # a warm machine keeps /tmp: results and runs of an earlier call must not mix in (runs would resume)
 mkdir -p "$OUT" "$RES/logs" /tmp/tcache "$RUNS"
 [ "${REPRO_NO_INSTALL:-0}" = 1 ] || {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -38,6 +39,7 @@ queue() {  # queue GPU NAME...: each repro in turn on that GPU; one line per rep
   local gpu=$1; shift
   for name in "$@"; do
     local t0=$(date +%s)
+    rm -rf "${RUNS:?}/$name"
     echo "=== GPU $gpu: $name start $(date +%T), budget $BUDGET min, timeout ${LIMIT}s"
     CUDA_VISIBLE_DEVICES=$gpu timeout -k 20 "$LIMIT" python3 -m lctrain.cli repro "$R/recipes/repro/$name.yaml" \
       --runs "$RUNS/$name" --out "$RES" --budget-minutes "$BUDGET" data.cache_dir="$CACHE" ${REPRO_ARGS:-} \

@@ -60,6 +60,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                    help="start no further training run once the time spent plus that run's expected time (the "
                         "model's last run, else the mean finished run) would pass this many minutes; the runs "
                         "left out are listed and the claim is then not decided (default: no limit)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the training runs (validated) and their total steps, then stop: nothing trains")
     p.add_argument("overrides", nargs="*", help="key=value training overrides for every run (after the recipe's)")
     return p.parse_intermixed_args(argv)
 
@@ -410,6 +412,12 @@ def main(argv: list[str]) -> int:
         cfg = load_config(None, r["train_argv"])
         r["steps"] = int(cfg.train.steps)
         check_niah_eval(rec, ns.tiny, cfg)
+    if ns.plan:
+        for r in runs_plan:
+            print(f"{r['model']} x={r['x']} steps={r['steps']}: lctrain train {shlex.join(r['train_argv'])}")
+        print(f"lctrain repro {name}: {len(runs_plan)} runs, {sum(r['steps'] for r in runs_plan)} steps in all "
+              f"(eval: {eval_settings(rec, ns.tiny)['kind']})", flush=True)
+        return 0
     from lctrain.train.command import main as train_main
 
     from . import niah, position_loss, task
