@@ -5,12 +5,16 @@
 # GPU machine, carrying `.whl` (built here by `bash .ci/device/build_wheels.sh`):
 #     bash .ci/device/repro.sh ["QUEUE for GPU 0"] ["QUEUE for GPU 1"]
 # A queue is a space-separated list of recipe names. The default is the first of two calls that cover
-# all five recipes; each call should take ~8 minutes (estimates; the recipes say how they were made):
+# all five recipes; each call takes at most ~8 minutes (7 for the queues, REPRO_CALL_MIN, plus the
+# install and packing; the recipes estimate ~3-4 minutes each on one H200):
 #     bash .ci/device/repro.sh mqar_deltanet sniah_ordering
 #     bash .ci/device/repro.sh "loglinear_mqar loglinear_position_loss" deltaformer_swap
-# Env: REPRO_BUDGET_MIN (default 4): each repro's --budget-minutes (it starts no training run that
-# would end past it; the claim is then reported as not decided), its timeout is that plus 2 minutes
-# (kernel compiles, the last eval); REPRO_ARGS: more arguments for every repro (e.g. "train.steps=400").
+# Time: REPRO_CALL_MIN (default 7): minutes the queues may take (install excluded). A repro's share is
+# the queue's time left less REPRO_RESERVE_S (default 150) for each repro after it in the queue; it runs
+# with --budget-minutes = min(REPRO_BUDGET_MIN (default 4.5), share - 1 minute) (it starts no training
+# run that would end past it; the claim is then reported as not decided) under a `timeout` of its share
+# (a repro killed there still leaves its report of the runs that finished); one with under 2 minutes
+# left is not started. REPRO_ARGS: more arguments for every repro (e.g. "train.steps=400").
 # Every log, JSON, PNG and Markdown report, each run's metrics.jsonl and eval output go to $RES
 # (default /tmp/repro_results); $OUT gets them as one repro_results.tgz plus summary.md (the
 # verdicts). Unpack into docs/results/repro/ (NAME.{json,png,md}; logs in logs/) and link from README.
@@ -18,8 +22,9 @@
 set -u
 Q0="${1:-mqar_deltanet}"
 Q1="${2:-sniah_ordering}"
-BUDGET=${REPRO_BUDGET_MIN:-4}
-LIMIT=$(python3 -c "print(int(60 * $BUDGET + 120))")
+BUDGET=${REPRO_BUDGET_MIN:-4.5}
+CALL_MIN=${REPRO_CALL_MIN:-7}
+RESERVE=${REPRO_RESERVE_S:-150}
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tcache PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 R=$PWD
 OUT=${OUT:-/tmp/out}; RES=${RES:-/tmp/repro_results}; RUNS=${RUNS:-/tmp/runs/repro}; CACHE=${CACHE:-/tmp/lctrain_cache}
@@ -37,12 +42,19 @@ cd /tmp  # run from outside the checkout so that the installed lctrain (not the 
 
 queue() {  # queue GPU NAME...: each repro in turn on that GPU; one line per repro in $RES/logs/queue<GPU>.txt
   local gpu=$1; shift
+  local left_n=$#
   for name in "$@"; do
     local t0=$(date +%s)
+    left_n=$(( left_n - 1 ))
+    local share=$(( deadline - t0 - RESERVE * left_n ))  # what is left, less a reserve for each repro after it
+    local budget=$(python3 -c "print(round(min($BUDGET, $share / 60 - 1), 2))")
+    if [ "$share" -lt 120 ]; then
+      echo "$name: not started on GPU $gpu: ${share}s left for it" | tee -a "$RES/logs/queue$gpu.txt"; continue
+    fi
     rm -rf "${RUNS:?}/$name"
-    echo "=== GPU $gpu: $name start $(date +%T), budget $BUDGET min, timeout ${LIMIT}s"
-    CUDA_VISIBLE_DEVICES=$gpu timeout -k 20 "$LIMIT" python3 -m lctrain.cli repro "$R/recipes/repro/$name.yaml" \
-      --runs "$RUNS/$name" --out "$RES" --budget-minutes "$BUDGET" data.cache_dir="$CACHE" ${REPRO_ARGS:-} \
+    echo "=== GPU $gpu: $name start $(date +%T), budget $budget min, timeout ${share}s"
+    CUDA_VISIBLE_DEVICES=$gpu timeout -k 20 "$share" python3 -m lctrain.cli repro "$R/recipes/repro/$name.yaml" \
+      --runs "$RUNS/$name" --out "$RES" --budget-minutes "$budget" data.cache_dir="$CACHE" ${REPRO_ARGS:-} \
       > "$RES/logs/$name.log" 2>&1
     local rc=$?
     echo "$name: exit $rc after $(( $(date +%s) - t0 )) s on GPU $gpu$([ $rc = 124 ] && echo ' (TIMEOUT: its report holds the runs that finished)')" \
@@ -51,6 +63,7 @@ queue() {  # queue GPU NAME...: each repro in turn on that GPU; one line per rep
   done
 }
 start=$(date +%s)
+deadline=$(( start + $(python3 -c "print(int(60 * $CALL_MIN))") ))
 queue 0 $Q0 &
 queue 1 $Q1 &
 wait
