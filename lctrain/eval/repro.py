@@ -31,6 +31,7 @@ import os
 import platform
 import shlex
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -306,7 +307,8 @@ def plot(path: Path, results: dict, xlabel: str, title: str, ylabel: str = "accu
 
     scale = 100.0 if ylabel.startswith("accuracy") else 1.0
     series = sorted({s for per in results.values() for s in per})
-    fig, axes = plt.subplots(1, max(len(series), 1), figsize=(4.0 * max(len(series), 1), 3.2), squeeze=False)
+    n = max(len(series), 1)
+    fig, axes = plt.subplots(1, n, figsize=(max(4.0 * n, 7.0), 3.6), squeeze=False)
     for ax, s in zip(axes[0], series):
         for model, per in results.items():
             if s in per:
@@ -321,7 +323,7 @@ def plot(path: Path, results: dict, xlabel: str, title: str, ylabel: str = "accu
         ax.set_title(s, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 110), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -375,7 +377,7 @@ def write_report(out: Path, rec: dict, argv: list[str], *, tiny: bool, budget: f
               "recipe": rec["path"], "x": _x_label(rec, tiny)}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=1))
-    png = plot(out / f"{name}.png", results, report["x"], f"{name}: {rec['claim']['text']}"[:160],
+    png = plot(out / f"{name}.png", results, report["x"], f"{name}: {rec['claim']['text']}",
                ylabel="next-token loss (nats)" if lower else "accuracy (%)")
     md = [f"# {name}", "", f"Claim: {rec['claim']['text']}", "", f"**{verdict}.**", "",
           *[f"- {line}" for line in lines], "", f"- command: `{command}`", f"- device: {report['device']}",
