@@ -136,5 +136,5 @@ def test_report_written_mid_repro_says_it_is_not_finished(tmp_path):
 def test_plan_flag_prints_the_runs_and_trains_nothing(tmp_path, capsys):
     assert repro.main(["loglinear_mqar", "--plan", "--runs", str(tmp_path / "runs"), "--points", "128"]) == 0
     out = capsys.readouterr().out
-    assert "2 runs, 1200 steps in all" in out and "data.seq_len=1024" in out
+    assert "2 runs, 1000 steps in all" in out and "data.seq_len=1024" in out
     assert not (tmp_path / "runs").exists()
