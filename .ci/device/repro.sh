@@ -20,8 +20,8 @@
 # verdicts). Unpack into docs/results/repro/ (NAME.{json,png,md}; logs in logs/) and link from README.
 # REPRO_NO_INSTALL=1 uses the lctrain already importable (a CPU rehearsal: REPRO_ARGS=--tiny).
 set -u
-Q0="${1:-mqar_deltanet}"
-Q1="${2:-sniah_ordering}"
+Q0="${1-mqar_deltanet}"
+Q1="${2-sniah_ordering}"  # "" = an empty queue (a 1-GPU machine: bash .ci/device/repro.sh NAME "")
 BUDGET=${REPRO_BUDGET_MIN:-4.5}
 CALL_MIN=${REPRO_CALL_MIN:-7}
 RESERVE=${REPRO_RESERVE_S:-150}
