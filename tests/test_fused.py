@@ -27,10 +27,13 @@ def _loss_and_grads(overrides, T=24, device="cpu", dtype=None):
     return model, loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_compiled_elementwise_equals_eager(monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["model.activation_checkpointing=full", "model.mlp_chunk_tokens=20"]])
+def test_compiled_elementwise_equals_eager(monkeypatch, extra):
+    """Also under checkpointing (the compiled functions run again in the recomputation) with MLP chunks
+    (a shorter last chunk: another shape)."""
     monkeypatch.setattr(fused, "BACKEND", "aot_eager")
-    _, loss, grads = _loss_and_grads(TINY)
-    model, loss_c, grads_c = _loss_and_grads([*TINY, "model.compile=true"])
+    _, loss, grads = _loss_and_grads([*TINY, *extra])
+    model, loss_c, grads_c = _loss_and_grads([*TINY, *extra, "model.compile=true"])
     switched = {type(m).__name__ for m in model.modules() if getattr(m, "compiled", False)}
     assert {"RMSNorm", "GatedRMSNorm", "SwiGLU", "DeltaNetMixer", "Mamba2Mixer", "RotaryEmbedding"} <= switched
     torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
