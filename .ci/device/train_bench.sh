@@ -8,10 +8,10 @@
 # 8 files, so after every step $RES is packed into $OUT/train_bench_results.tgz (logs, JSONs, kernel
 # tables) and $OUT/train_bench_traces.tgz (the chrome traces, left out when over 15 MiB): a call cut at
 # its limit still returns the steps before.
-#   quick          32K on one GPU, selective:S: GPU tests of the short conv kernel and model.compile, then
-#                  the bench with model.compile=false and =true, each + --profile (top kernels, time by
-#                  kind, chrome trace in results/profile_<tag>/)                                 ~4 min
-#   none           32K bench with checkpointing none, model.compile=false and =true (+ --profile)  ~4 min
+#   quick          32K on one GPU: GPU tests of the short conv kernel and model.compile, then the bench
+#                  with selective:S (model.compile=false) and with none + model.compile=true (the likely
+#                  fastest), each + --profile (top kernels, time by kind, chrome trace in profile_<tag>/) ~4 min
+#   compare        the other two corners: selective:S + compile, none without compile (+ --profile) ~4 min
 #   reach          longest context of one training step on ONE GPU (256K .. 1M)                 ~4 min
 #   reach_cp2      the same with parallel.cp=2 on TWO GPUs (1M .. 2M)                            ~4 min
 #   train131k_cp2  `lctrain train` 20 real steps at 131K with parallel.cp=2 (loss, tokens/s)     ~3.5 min
@@ -19,7 +19,7 @@
 #   actmem         activations each block kind keeps per token (H1, H2)                          ~1 min
 #   sanity         a 10-step `lctrain train` of a small model                                    ~1 min
 #   bench_full     32K bench with full checkpointing                                              ~1.5 min
-# Suggested calls: `quick train131k_cp2` (first), `reach reach_cp2` (second), `none tests` (third).
+# Suggested calls: `quick train131k_cp2` (first), `reach reach_cp2` (second), `compare tests` (third).
 # Unpack train_bench_results.tgz into docs/results/<date>_train_bench/ and record the JSONs with
 # `lctrain bench record docs/results/<...>/*.json`.
 set -u
@@ -74,9 +74,9 @@ for s in $STEPS; do
     quick) run tests_fused_gpu 100 "passed|failed|error" python3 -m pytest -m gpu -v -p no:cacheprovider \
              -c "$R/pyproject.toml" --rootdir "$R" "$R/tests/test_short_conv.py" "$R/tests/test_fused.py"
            bench32k selS 130 model.activation_checkpointing=selective:S model.compile=false
-           bench32k selS_compile 160 model.activation_checkpointing=selective:S model.compile=true ;;
-    none) bench32k none 130 model.activation_checkpointing=none model.compile=false
-          bench32k none_compile 160 model.activation_checkpointing=none model.compile=true ;;
+           bench32k none_compile 160 model.activation_checkpointing=none model.compile=true ;;
+    compare) bench32k selS_compile 160 model.activation_checkpointing=selective:S model.compile=true
+             bench32k none 130 model.activation_checkpointing=none model.compile=false ;;
     bench_full) bench32k full 120 model.activation_checkpointing=full ;;
     reach) run reach_h1 240 "$SUMMARY" $LC bench train "$H1" model.mlp_chunk_tokens=65536 model.checkpoint_offload=true \
              train.grad_accum=1 --lengths 262144 524288 786432 1048576 --json "$RES/reach_h1.json" ;;
