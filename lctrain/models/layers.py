@@ -13,15 +13,34 @@ from lctrain.models.fused import compiled, rms_norm_math, swiglu_math
 from lctrain.parallel.tensor_parallel import column_linear, row_linear
 
 
+TRITON_NORMS_ON_CPU = False  # tests: run the norm kernels through the Triton interpreter on CPU tensors
+
+
+def _triton_norms(x: torch.Tensor) -> bool:
+    """The row-norm kernels (kernels/rms_norm) on CUDA; the float32 formula in torch elsewhere."""
+    return x.is_cuda or TRITON_NORMS_ON_CPU
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.reshape(-1, t.shape[-1]).contiguous()
+
+
 class _RMSNormFn(torch.autograd.Function):
     """(gated) RMSNorm that keeps only x, the gate and one float32 rstd per row for the backward.
 
     Autograd through the float32 formula keeps two float32 copies of x (and, gated, two of the gate):
     16 (gated: 32) bytes per channel and token against 2-4 here in bf16, the largest saving per token
-    of a block after the MLP's (docs/long_context.md). Same outputs; gradients equal up to rounding."""
+    of a block after the MLP's (docs/long_context.md). Same outputs; gradients equal up to rounding.
+    On CUDA one Triton kernel each way (kernels/rms_norm) computes the same formula."""
 
     @staticmethod
     def forward(ctx, x, weight, gate, eps):
+        if _triton_norms(x):
+            from lctrain.kernels.rms_norm import row_norm_fwd
+
+            y, rstd = row_norm_fwd(_rows(x), weight, _rows(gate), eps)
+            ctx.save_for_backward(x, weight, gate, rstd)
+            return y.view(x.shape)
         xf = x.float()
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         y = (xf * rstd * weight.float()).to(x.dtype)
@@ -33,6 +52,12 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, gate, rstd = ctx.saved_tensors
+        if _triton_norms(x):
+            from lctrain.kernels.rms_norm import row_norm_bwd
+
+            dx, dw, dgate = row_norm_bwd(_rows(dy), _rows(x), weight, _rows(gate), rstd)
+            return (dx.view(x.shape), dw.to(weight.dtype), None if gate is None else dgate.view(gate.shape),
+                    None)
         n = x.float() * rstd
         dy = dy.float()
         dgate = None
@@ -55,6 +80,12 @@ class _L2NormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, eps):
+        if _triton_norms(x):
+            from lctrain.kernels.rms_norm import row_norm_fwd
+
+            y, rstd = row_norm_fwd(_rows(x), None, None, eps, mean=False)
+            ctx.save_for_backward(x, rstd)
+            return y.view(x.shape)
         xf = x.float()
         rstd = torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, rstd)
@@ -63,6 +94,10 @@ class _L2NormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, rstd = ctx.saved_tensors
+        if _triton_norms(x):
+            from lctrain.kernels.rms_norm import row_norm_bwd
+
+            return row_norm_bwd(_rows(dy), _rows(x), None, None, rstd, mean=False)[0].view(x.shape), None
         n = x.float() * rstd
         dy = dy.float()
         return (rstd * (dy - n * (dy * n).sum(-1, keepdim=True))).to(x.dtype), None
