@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lctrain.kernels.short_conv import causal_conv1d
+from lctrain.kernels.swiglu import swiglu
 from lctrain.models.fused import compiled, rms_norm_math, swiglu_math
 from lctrain.parallel.tensor_parallel import column_linear, row_linear
 
@@ -171,7 +172,7 @@ class SwiGLU(nn.Module):
     compiled = False  # model.compile: silu(gate) * up as one compiled kernel (lctrain.models.fused)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        act = compiled(swiglu_math) if self.compiled else swiglu_math
+        act = compiled(swiglu_math) if self.compiled else swiglu
         return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
