@@ -85,7 +85,8 @@ for s in $STEPS; do
                  --json "$RES/reach_h1_cp2.json" ;;
     train131k_cp2) run train_h1_131k_cp2 330 "$SUMMARY|^step +(1|2|5|10|15|19|20)/20 " \
                      $LC train "$H1" data.seq_len=131072 parallel.cp=2 train.steps=20 train.warmup_steps=5 \
-                     train.out_dir=/tmp/runs/h1_131k_cp2 train.resume=false train.progress=false ;;
+                     train.out_dir=/tmp/runs/h1_131k_cp2 train.resume=false train.progress=false
+                   cp /tmp/runs/h1_131k_cp2/metrics.jsonl "$RES/train_h1_131k_cp2_metrics.jsonl" 2>/dev/null ;;
     tests) run tests_gpu 170 "passed|failed|error" python3 -m pytest -m gpu -v -s -p no:cacheprovider \
              -c "$R/pyproject.toml" --rootdir "$R" "$R/tests/test_long_context_gpu.py" "$R/tests/test_short_conv.py" "$R/tests/test_fused.py" \
              "$R/tests/test_rms_norm_kernel.py" "$R/tests/test_swiglu_kernel.py" ;;
