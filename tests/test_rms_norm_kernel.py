@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from lctrain.models import layers
+from lctrain.models import fused, layers
 
 triton_ok = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                reason="needs CUDA or TRITON_INTERPRET=1 (set by conftest on CPU runs)")
@@ -36,9 +36,9 @@ def test_norm_kernels_equal_the_float32_formula(case, monkeypatch):
     dy = torch.randn(*shapes[0], generator=g)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     inputs, dy = [t.to(device) for t in inputs], dy.to(device)
-    monkeypatch.setattr(layers, "TRITON_NORMS_ON_CPU", False)  # the reference: the formula on CPU tensors
+    monkeypatch.setattr(fused, "TRITON_ON_CPU", False)  # the reference: the formula on CPU tensors
     ref = _grads(fn, [t.cpu() for t in inputs], dy.cpu())
-    monkeypatch.setattr(layers, "TRITON_NORMS_ON_CPU", True)
+    monkeypatch.setattr(fused, "TRITON_ON_CPU", True)
     got = _grads(fn, inputs, dy)
     for i, (a, b) in enumerate(zip(got, ref)):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5, msg=f"{case} output/grad {i}")

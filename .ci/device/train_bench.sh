@@ -72,7 +72,8 @@ for s in $STEPS; do
   echo "=== $s $(date +%T)"
   case $s in
     quick) run tests_fused_gpu 100 "passed|failed|error" python3 -m pytest -m gpu -v -p no:cacheprovider \
-             -c "$R/pyproject.toml" --rootdir "$R" "$R/tests/test_short_conv.py" "$R/tests/test_fused.py" "$R/tests/test_rms_norm_kernel.py" "$R/tests/test_swiglu_kernel.py"
+             -c "$R/pyproject.toml" --rootdir "$R" "$R/tests/test_short_conv.py" "$R/tests/test_fused.py" "$R/tests/test_rms_norm_kernel.py" "$R/tests/test_swiglu_kernel.py" \
+             "$R/tests/test_rope_kernel.py"
            bench32k selS 130 model.activation_checkpointing=selective:S model.compile=false
            bench32k none_compile 160 model.activation_checkpointing=none model.compile=true ;;
     compare) bench32k selS_compile 160 model.activation_checkpointing=selective:S model.compile=true
@@ -89,7 +90,8 @@ for s in $STEPS; do
                    cp /tmp/runs/h1_131k_cp2/metrics.jsonl "$RES/train_h1_131k_cp2_metrics.jsonl" 2>/dev/null ;;
     tests) run tests_gpu 170 "passed|failed|error" python3 -m pytest -m gpu -v -s -p no:cacheprovider \
              -c "$R/pyproject.toml" --rootdir "$R" "$R/tests/test_long_context_gpu.py" "$R/tests/test_short_conv.py" "$R/tests/test_fused.py" \
-             "$R/tests/test_rms_norm_kernel.py" "$R/tests/test_swiglu_kernel.py" ;;
+             "$R/tests/test_rms_norm_kernel.py" "$R/tests/test_swiglu_kernel.py" \
+             "$R/tests/test_rope_kernel.py" ;;
     actmem) run actmem_h1 60 "KiB" $LC bench train "$H1" --activation-memory --json "$RES/actmem_h1.json"
             run actmem_h2 60 "KiB" $LC bench train "$R/recipes/gdn_h2_1p3b.yaml" --activation-memory \
               --json "$RES/actmem_h2.json" ;;

@@ -403,6 +403,7 @@ KERNEL_CATEGORIES = [
     ("short conv (Triton, lctrain.kernels.short_conv)", ("conv_fwd_kernel", "conv_bwd_kernel")),
     ("RMS / L2 norms (Triton, lctrain.kernels.rms_norm)", ("row_norm_fwd_kernel", "row_norm_bwd_kernel")),
     ("SwiGLU activation (Triton, lctrain.kernels.swiglu)", ("swiglu_fwd_kernel", "swiglu_bwd_kernel")),
+    ("RoPE (Triton, lctrain.kernels.rope)", ("rope_kernel",)),
     ("flex attention", ("flex", "triton_tem_fused")),
     ("compiled fused (inductor)", ("triton_poi_", "triton_red_", "triton_per_")),
     ("matmul (GEMM)", ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "cublas", "sm90_", "sm80_")),

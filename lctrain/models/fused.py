@@ -21,6 +21,13 @@ import torch
 import torch.nn.functional as F
 
 BACKEND = "inductor"  # torch.compile backend (tests trace with aot_eager: same graphs, no code generation)
+TRITON_ON_CPU = False  # tests: the hand-written kernels (norms, SwiGLU, RoPE) through the Triton interpreter
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the blocks' hand-written Triton kernels (kernels/rms_norm, swiglu, rope) run for x: on
+    CUDA (the eager float32 formulas are the CPU path and the kernels' reference)."""
+    return x.is_cuda or TRITON_ON_CPU
 _COMPILED: dict = {}
 
 

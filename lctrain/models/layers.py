@@ -10,16 +10,8 @@ from torch.utils.checkpoint import checkpoint
 
 from lctrain.kernels.short_conv import causal_conv1d
 from lctrain.kernels.swiglu import swiglu
-from lctrain.models.fused import compiled, rms_norm_math, swiglu_math
+from lctrain.models.fused import compiled, rms_norm_math, swiglu_math, use_triton
 from lctrain.parallel.tensor_parallel import column_linear, row_linear
-
-
-TRITON_NORMS_ON_CPU = False  # tests: run the norm kernels through the Triton interpreter on CPU tensors
-
-
-def _triton_norms(x: torch.Tensor) -> bool:
-    """The row-norm kernels (kernels/rms_norm) on CUDA; the float32 formula in torch elsewhere."""
-    return x.is_cuda or TRITON_NORMS_ON_CPU
 
 
 def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -36,7 +28,7 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, gate, eps):
-        if _triton_norms(x):
+        if use_triton(x):
             from lctrain.kernels.rms_norm import row_norm_fwd
 
             y, rstd = row_norm_fwd(_rows(x), weight, _rows(gate), eps)
@@ -53,7 +45,7 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, gate, rstd = ctx.saved_tensors
-        if _triton_norms(x):
+        if use_triton(x):
             from lctrain.kernels.rms_norm import row_norm_bwd
 
             dx, dw, dgate = row_norm_bwd(_rows(dy), _rows(x), weight, _rows(gate), rstd)
@@ -81,7 +73,7 @@ class _L2NormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, eps):
-        if _triton_norms(x):
+        if use_triton(x):
             from lctrain.kernels.rms_norm import row_norm_fwd
 
             y, rstd = row_norm_fwd(_rows(x), None, None, eps, mean=False)
@@ -95,7 +87,7 @@ class _L2NormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, rstd = ctx.saved_tensors
-        if _triton_norms(x):
+        if use_triton(x):
             from lctrain.kernels.rms_norm import row_norm_bwd
 
             return row_norm_bwd(_rows(dy), _rows(x), None, None, rstd, mean=False)[0].view(x.shape), None
@@ -172,8 +164,10 @@ class SwiGLU(nn.Module):
     compiled = False  # model.compile: silu(gate) * up as one compiled kernel (lctrain.models.fused)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        act = compiled(swiglu_math) if self.compiled else swiglu
-        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.compiled:
+            return self.down_proj(compiled(swiglu_math)(gate, up))
+        return self.down_proj(swiglu(gate, up, use_triton=use_triton(gate)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[1]

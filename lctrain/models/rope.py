@@ -111,9 +111,16 @@ class RotaryEmbedding(nn.Module):
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, T, H, D] rotated by cos / sin [T, rotary_dim] (float32, from cos_sin / cos_sin_range)."""
-        from .fused import compiled, rotate_math
+        from .fused import compiled, rotate_math, use_triton
 
-        return (compiled(rotate_math) if self.compiled else rotate_math)(x, cos, sin, self.rotary_dim)
+        if self.compiled:
+            return compiled(rotate_math)(x, cos, sin, self.rotary_dim)
+        D = x.shape[-1]
+        if use_triton(x) and self.rotary_dim == D and D & (D - 1) == 0 and cos.shape == (x.shape[1], D):
+            from lctrain.kernels.rope import rope_rotate
+
+            return rope_rotate(x, cos, sin)  # one Triton kernel each way, the same float32 formula
+        return rotate_math(x, cos, sin, self.rotary_dim)
 
     def cos_sin_range(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos_sin of positions start .. start+length-1 in float32, computed once and kept (the last two
