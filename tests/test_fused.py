@@ -67,3 +67,14 @@ def test_lean_l2_norm_equals_the_float32_formula():
     (dx_ref,) = torch.autograd.grad(y_ref, x, dy)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_block_kernels_in_the_model_equal_eager(monkeypatch):
+    """The hand-written kernels the blocks use on CUDA (norms, L2 norms, SwiGLU, RoPE; here through the
+    Triton interpreter) give the eager model's loss and gradients: the model wires them right."""
+    _, loss, grads = _loss_and_grads(TINY)
+    monkeypatch.setattr(fused, "TRITON_ON_CPU", True)
+    _, loss_k, grads_k = _loss_and_grads(TINY)
+    torch.testing.assert_close(loss_k, loss, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads_k[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
