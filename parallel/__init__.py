@@ -25,7 +25,11 @@ from .mesh import (
     group_size,
     init_mesh,
     is_main,
+    embedding_group,
     mesh_info,
+    pp_group,
+    pp_rank,
+    pp_size,
     tp_group,
     tp_rank,
     tp_size,
@@ -48,5 +52,5 @@ def context_parallel(op, group, transition: str | None = None):
 __all__ = [
     "context_parallel", "ContextParallelOp", "ContextParallelError", "LogLinearContextParallelOp",
     "MeshInfo", "init_mesh", "destroy_mesh", "mesh_info", "cp_group", "cp_rank", "cp_size",
-    "tp_group", "tp_rank", "tp_size", "dp_rank", "dp_size", "dp_cp_group", "dp_cp_size", "is_main", "group_size",
+    "tp_group", "tp_rank", "tp_size", "pp_group", "pp_rank", "pp_size", "embedding_group", "dp_rank", "dp_size", "dp_cp_group", "dp_cp_size", "is_main", "group_size",
 ]
