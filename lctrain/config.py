@@ -134,7 +134,9 @@ class ModelConfig:
 class ParallelConfig:
     cp: int = 1  # context-parallel degree: the sequence is split into cp contiguous shards
     tp: int = 1  # tensor-parallel degree (heads and vocabulary)
-    pp: int = 1  # pipeline-parallel degree
+    # pipeline-parallel degree: stages of contiguous blocks (the layer count must divide by it); a step's
+    # train.grad_accum micro-batches go through megatron-core's 1F1B schedule (use grad_accum >= pp)
+    pp: int = 1
     # processes on this node when `lctrain train` launches them itself; 0 = cp * tp * pp
     nproc_per_node: int = 0
     dist_backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU

@@ -359,7 +359,7 @@ def test_cp2_self_launch_runs_two_steps(tmp_path, data_cache):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "launching 2 local processes" in proc.stdout
-    assert "(dp 1 x cp 2 x tp 1)" in proc.stdout
+    assert "(dp 1 x cp 2 x tp 1 x pp 1)" in proc.stdout
     steps = _metrics(out)
     assert [m["step"] for m in steps] == [1, 2] and all(math.isfinite(m["loss"]) for m in steps)
     ckpt = ckpt_mod.latest_checkpoint(out)
