@@ -24,8 +24,9 @@ pytestmark = [pytest.mark.gpu,
 
 MODEL = ["model.d_model=256", "model.layer_pattern=GSGS", "model.n_heads=4", "model.head_dim=64",
          "model.attn_heads=4", "model.attn_head_dim=64", "model.window=128", "data.seq_len=2048",
-         "data.micro_batch_size=1", "train.grad_accum=4", "train.steps=3", "train.warmup_steps=1",
-         "train.log_every=1", "train.progress=false", "train.tensorboard=false", "train.device=cuda"]
+         "data.micro_batch_size=1", "model.document_end_id=null", "train.grad_accum=4", "train.steps=3",
+         "train.warmup_steps=1", "train.log_every=1", "train.progress=false", "train.tensorboard=false",
+         "train.device=cuda"]
 
 
 def _train(tmp_path: Path, name: str, *overrides: str) -> list[float]:
