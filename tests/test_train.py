@@ -476,6 +476,8 @@ def test_cp2_pp2_cli_losses_equal_one_process_and_resume_with_pp1(tmp_path, part
         r"([\d.]+)M parameters \(([\d.]+)M to ([\d.]+)M per rank\)", stdout).groups())
     assert n_all == n_ref and 0.45 * n_all < fewest < most < 0.6 * n_all, stdout  # the tied table on both ends
     assert _losses(out) == pytest.approx(ref_losses[:2], rel=1e-5)
+    model, _ = ckpt_mod.load_model_for_eval(out)  # the stages' parts make the whole model for evals
+    assert len(model.blocks) == 4 and model.lm_head.weight is model.embed.weight
 
     assert _run(parts, out, *TP_MODEL, "train.grad_accum=2") == 0  # resume with pp=1, cp=1 for step 3
     assert "resumed from" in capsys.readouterr().out
