@@ -53,7 +53,8 @@ for s in $STEPS; do
                  train.out_dir=/tmp/runs/h1_131k_cp2 train.resume=false train.progress=false 2>&1 | tee "$RES/train_h1_131k_cp2.log" | tail -25 ;;
     pptests) timeout 560 python3 -m pytest -m gpu -v -s -p no:cacheprovider -c "$R/pyproject.toml" --rootdir "$R" \
                "$R/tests/test_pp_gpu.py" > "$RES/tests_pp_gpu.log" 2>&1; tail -8 "$RES/tests_pp_gpu.log" ;;
-    layouts) timeout 590 $LC bench layouts "$H1" data.seq_len=65536 train.loss_chunk_tokens=0 \
+    layouts) rm -rf /tmp/runs/layouts  # a warm machine's earlier runs would refuse train.resume=false
+             timeout 590 $LC bench layouts "$H1" data.seq_len=65536 train.loss_chunk_tokens=0 \
                --layouts ${LAYOUTS:-tp=2 cp=2 pp=2} --steps 5 --warmup 2 --out-dir /tmp/runs/layouts \
                --json "$RES/layouts_h1_64k.json" 2>&1 | tee "$RES/layouts_h1_64k.log" | tail -8
              for f in /tmp/runs/layouts/*/train.log; do cp "$f" "$RES/layouts_$(basename "$(dirname "$f")").log"; done ;;
