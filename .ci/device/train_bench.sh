@@ -19,6 +19,11 @@
 #   actmem         activations each block kind keeps per token (H1, H2)                          ~1 min
 #   sanity         a 10-step `lctrain train` of a small model                                    ~1 min
 #   bench_full     32K bench with full checkpointing                                              ~1.5 min
+#   train131k      `lctrain train` 20 real steps at 131K on ONE GPU                               ~5 min
+#   pptests        pipeline parallelism pp=2 vs one GPU (2 GPUs)                                 ~9 min
+#   layouts        `lctrain bench layouts` of gdn_h1_1p3b at 64K, tp=2 / cp=2 / pp=2 side by side (2 GPUs;
+#                  LAYOUTS="pp=2" for one)                                                       ~10 min
+# (maxlen / maxlen_cp2: the earlier names of reach / reach_cp2.)
 # Suggested calls: `quick train131k_cp2` (first), `reach reach_cp2` (second), `compare tests` (third).
 # Unpack train_bench_results.tgz into docs/results/<date>_train_bench/ and record the JSONs with
 # `lctrain bench record docs/results/<...>/*.json`.
@@ -79,12 +84,13 @@ for s in $STEPS; do
     compare) bench32k selS_compile 160 model.activation_checkpointing=selective:S model.compile=true
              bench32k none 130 model.activation_checkpointing=none model.compile=false ;;
     bench_full) bench32k full 120 model.activation_checkpointing=full ;;
-    reach) run reach_h1 240 "$SUMMARY" $LC bench train "$H1" model.mlp_chunk_tokens=65536 model.checkpoint_offload=true \
+    reach|maxlen) run reach_h1 240 "$SUMMARY" $LC bench train "$H1" model.mlp_chunk_tokens=65536 model.checkpoint_offload=true \
              train.grad_accum=1 --lengths 262144 524288 786432 1048576 --json "$RES/reach_h1.json" ;;
-    reach_cp2) run reach_h1_cp2 240 "$SUMMARY" $LC bench train "$H1" parallel.cp=2 model.mlp_chunk_tokens=65536 \
+    reach_cp2|maxlen_cp2) run reach_h1_cp2 240 "$SUMMARY" $LC bench train "$H1" parallel.cp=2 model.mlp_chunk_tokens=65536 \
                  model.checkpoint_offload=true train.grad_accum=1 --lengths 1048576 1572864 2097152 \
                  --json "$RES/reach_h1_cp2.json" ;;
-    train131k_cp2) run train_h1_131k_cp2 330 "$SUMMARY|^step +(1|2|5|10|15|19|20)/20 " \
+    train131k_cp2) rm -rf /tmp/runs/h1_131k_cp2  # a warm machine's earlier run would make train.resume=false refuse
+                   run train_h1_131k_cp2 330 "$SUMMARY|^step +(1|2|5|10|15|19|20)/20 " \
                      $LC train "$H1" data.seq_len=131072 parallel.cp=2 train.steps=20 train.warmup_steps=5 \
                      train.out_dir=/tmp/runs/h1_131k_cp2 train.resume=false train.progress=false
                    cp /tmp/runs/h1_131k_cp2/metrics.jsonl "$RES/train_h1_131k_cp2_metrics.jsonl" 2>/dev/null ;;
@@ -95,10 +101,22 @@ for s in $STEPS; do
     actmem) run actmem_h1 60 "KiB" $LC bench train "$H1" --activation-memory --json "$RES/actmem_h1.json"
             run actmem_h2 60 "KiB" $LC bench train "$R/recipes/gdn_h2_1p3b.yaml" --activation-memory \
               --json "$RES/actmem_h2.json" ;;
-    sanity) run train_sanity 150 "step +10|loss|Error" $LC train "$H1" model.d_model=512 model.n_heads=4 \
+    sanity) rm -rf /tmp/runs/sanity  # a warm machine's earlier run would make train.resume=false refuse
+            run train_sanity 150 "step +10|loss|Error" $LC train "$H1" model.d_model=512 model.n_heads=4 \
               model.attn_heads=4 model.layer_pattern=GSGS data.seq_len=4096 train.steps=10 train.warmup_steps=2 \
               train.grad_accum=1 train.log_every=1 train.out_dir=/tmp/runs/sanity train.resume=false \
               train.progress=false ;;
+    train131k) rm -rf /tmp/runs/h1_131k  # a warm machine's earlier run would make train.resume=false refuse
+               run train_h1_131k 330 "$SUMMARY|^step +(1|2|5|10|15|19|20)/20 " \
+                 $LC train "$H1" data.seq_len=131072 train.steps=20 train.grad_accum=1 train.warmup_steps=5 \
+                 train.out_dir=/tmp/runs/h1_131k train.resume=false train.progress=false ;;
+    pptests) run tests_pp_gpu 560 "passed|failed|error" python3 -m pytest -m gpu -v -s -p no:cacheprovider \
+               -c "$R/pyproject.toml" --rootdir "$R" "$R/tests/test_pp_gpu.py" ;;
+    layouts) rm -rf /tmp/runs/layouts  # a warm machine's earlier runs would refuse train.resume=false
+             run layouts_h1_64k 590 "$SUMMARY" $LC bench layouts "$H1" data.seq_len=65536 train.loss_chunk_tokens=0 \
+               --layouts ${LAYOUTS:-tp=2 cp=2 pp=2} --steps 5 --warmup 2 --out-dir /tmp/runs/layouts \
+               --json "$RES/layouts_h1_64k.json"
+             for f in /tmp/runs/layouts/*/train.log; do cp "$f" "$RES/layouts_$(basename "$(dirname "$f")").log"; done ;;
     *) echo "unknown step $s" ;;
   esac
   pack
