@@ -32,10 +32,17 @@ _COMPILED: dict = {}
 
 
 def compiled(fn):
-    """fn under torch.compile (one per function; shapes become dynamic after a second length)."""
+    """fn under torch.compile (one per function; shapes become dynamic after a second length). Tensor
+    arguments are made contiguous first (a no-op for the blocks' own tensors), so that a strided input
+    (e.g. F.conv1d's transposed output on CPU) does not cost a recompilation for its strides."""
     key = (fn, BACKEND)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, fullgraph=True, dynamic=None, backend=BACKEND)
+        inner = torch.compile(fn, fullgraph=True, dynamic=None, backend=BACKEND)
+
+        def call(*args):
+            return inner(*(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args))
+
+        _COMPILED[key] = call
     return _COMPILED[key]
 
 
