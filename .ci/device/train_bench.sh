@@ -7,7 +7,8 @@
 # beside; the console, and $OUT/summary.txt, show only their summaries). A device call brings back at most
 # 8 files, so after every step $RES is packed into $OUT/train_bench_results.tgz (logs, JSONs, kernel
 # tables) and $OUT/train_bench_traces.tgz (the chrome traces, left out when over 15 MiB): a call cut at
-# its limit still returns the steps before.
+# its limit still returns the steps before, and $OUT/running_step.log holds the cut step's output.
+# Typical times below; each step's timeout is larger, so give a call's steps ~8 minutes of typical time.
 #   quick          32K on one GPU: GPU tests of the short conv kernel and model.compile, then the bench
 #                  with selective:S (model.compile=false) and with none + model.compile=true (the likely
 #                  fastest), each + --profile (top kernels, time by kind, chrome trace in profile_<tag>/) ~4 min
@@ -59,8 +60,9 @@ cat "$RES/gpu.txt"
 run() {
   local name=$1 limit=$2 pattern=$3; shift 3
   local t0=$SECONDS
-  timeout -k 15 "$limit" "$@" > "$RES/$name.log" 2>&1
-  local rc=$?
+  # also to $OUT/running_step.log: if the device call is cut mid-step, that step's output still comes back
+  timeout -k 15 "$limit" "$@" 2>&1 | tee "$RES/$name.log" > "$OUT/running_step.log"
+  local rc=${PIPESTATUS[0]}
   echo "[exit status $rc after $((SECONDS - t0)) s; 124/137 = cut at ${limit} s]" >> "$RES/$name.log"
   echo "--- $name: rc $rc, $((SECONDS - t0)) s"
   { grep -E "$pattern" "$RES/$name.log" | grep -vE "^step [0-9]+/[0-9]+:|^warm-up"; tail -3 "$RES/$name.log"; } | awk '!seen[$0]++' | cut -c1-400
@@ -76,7 +78,7 @@ bench32k() {  # bench32k TAG LIMIT [overrides...]
 for s in $STEPS; do
   echo "=== $s $(date +%T)"
   case $s in
-    quick) run tests_fused_gpu 100 "passed|failed|error" python3 -m pytest -m gpu -v -p no:cacheprovider \
+    quick) run tests_fused_gpu 120 "passed|failed|error" python3 -m pytest -m gpu -v -p no:cacheprovider \
              -c "$R/pyproject.toml" --rootdir "$R" "$R/tests/test_short_conv.py" "$R/tests/test_fused.py" "$R/tests/test_rms_norm_kernel.py" "$R/tests/test_swiglu_kernel.py" \
              "$R/tests/test_rope_kernel.py"
            bench32k selS 130 model.activation_checkpointing=selective:S model.compile=false
