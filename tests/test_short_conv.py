@@ -62,3 +62,17 @@ def test_triton_conv_bf16_on_gpu_matches_float32_reference():
     ref = _run("naive", x.detach().float().requires_grad_(), w, p.detach().float().requires_grad_(), dy.float(), True)
     for name, a, b in zip(["y", "dx", "dw", "dprefix"], got, ref):
         torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2 * b.abs().max().item(), msg=name)
+
+
+@triton_ok
+def test_triton_conv_backward_programs_loop_over_tiles(monkeypatch):
+    """Fewer backward programs along T than tiles (4 tiles, 3 programs): each loops over its tiles and
+    keeps one dw partial."""
+    from lctrain.kernels.short_conv import triton as conv_triton
+
+    monkeypatch.setattr(conv_triton, "BWD_PROGRAMS_T", 3)
+    x, w, p, dy = _inputs(1, 200, 40, 4, True)
+    ref = _run("naive", x, w, p, dy, True)
+    got = _run("triton", x, w, p, dy, True)
+    for name, a, b in zip(["y", "dx", "dw", "dprefix"], got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)

@@ -5,8 +5,9 @@ output, runs cuDNN's depthwise conv (slow in the weight gradient), and hands the
 transposed (strided) tensor that every later elementwise op and the kernel's ``.contiguous()`` pay
 for; autograd also keeps xcat and the pre-activation. Here one program computes a [BT, BC] tile
 from K shifted, coalesced loads with float32 accumulation, the SiLU in the same pass, and the
-backward keeps only x (the pre-activation is recomputed from it): dx, the per-tile partial sums of
-dw (added up in torch, deterministic) in one kernel. The prefix's own gradient (K-1 rows, the CP
+backward keeps only x (the pre-activation is recomputed from it): dx, and per program partial sums of
+dw (a fixed number of programs along T, each looping over tiles; added up in torch, deterministic),
+in one kernel. The prefix's own gradient (K-1 rows, the CP
 halo's) is computed in torch from the reference. Math: ``naive.py``."""
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import triton.language as tl
 from .naive import naive_causal_conv1d
 
 BT, BC = 64, 128  # tile: tokens x channels
+BWD_PROGRAMS_T = 128  # backward programs along T (each loops over tiles): dw partials [B * 128, C, K] at any T
 
 
 @triton.jit
@@ -64,36 +66,42 @@ def conv_fwd_kernel(x_ptr, pre_ptr, w_ptr, y_ptr, T, C, K: tl.constexpr, HAS_PRE
 
 
 @triton.jit
-def conv_bwd_kernel(x_ptr, pre_ptr, w_ptr, dy_ptr, dx_ptr, dwp_ptr, T, C, NT, K: tl.constexpr,
+def conv_bwd_kernel(x_ptr, pre_ptr, w_ptr, dy_ptr, dx_ptr, dwp_ptr, T, C, NT, K: tl.constexpr, KP: tl.constexpr,
                     HAS_PREFIX: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """dx of the tile's rows, and the tile's partial dw (sum over its rows) into dwp [B * NT, C, K]."""
+    """dx of the rows of tiles pid_t, pid_t + P, ... (P programs along T), and their partial dw (summed
+    over those rows) into dwp [B * P, C, K]: a fixed number of partials at any length."""
     pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = pid_t * BT + tl.arange(0, BT)
+    P = tl.num_programs(0)
     c = pid_c * BC + tl.arange(0, BC)
     cm = c < C
-    valid = (rows < T)[:, None] & cm[None, :]
-    # dw[c, j] += sum_t dpre[t, c] * x[t - (K-1) + j, c] over this tile's rows t
-    dp = tl.load(dy_ptr + (b * T + tl.minimum(rows, T - 1).to(tl.int64))[:, None] * C + c[None, :], mask=valid,
-                 other=0.0).to(tl.float32)
-    if ACT:
-        dp = dp * _dsilu(_pre_activation(x_ptr, pre_ptr, w_ptr, b, rows, c, T, C, K, HAS_PREFIX, BT, BC))
-    tile = (b * NT + pid_t).to(tl.int64)
-    for j in tl.static_range(K):
-        xs = _load_x(x_ptr, pre_ptr, b, rows - (K - 1) + j, c, T, C, K, HAS_PREFIX)
-        tl.store(dwp_ptr + (tile * C + c) * K + j, tl.sum(dp * xs, axis=0), mask=cm)
-    # dx[s, c] = sum_i w[c, i] dpre[s + K-1-i, c]
-    acc = tl.zeros([BT, BC], dtype=tl.float32)
-    for i in tl.static_range(K):
-        t = rows + (K - 1 - i)
-        inside = (t < T)[:, None] & cm[None, :]
-        d = tl.load(dy_ptr + (b * T + tl.minimum(t, T - 1).to(tl.int64))[:, None] * C + c[None, :], mask=inside,
-                    other=0.0).to(tl.float32)
+    kk = tl.arange(0, KP)
+    dw = tl.zeros([BC, KP], dtype=tl.float32)
+    for tile_t in range(pid_t, NT, P):
+        rows = tile_t * BT + tl.arange(0, BT)
+        valid = (rows < T)[:, None] & cm[None, :]
+        # dw[c, j] += sum_t dpre[t, c] * x[t - (K-1) + j, c] over this tile's rows t
+        dp = tl.load(dy_ptr + (b * T + tl.minimum(rows, T - 1).to(tl.int64))[:, None] * C + c[None, :], mask=valid,
+                     other=0.0).to(tl.float32)
         if ACT:
-            d = d * _dsilu(_pre_activation(x_ptr, pre_ptr, w_ptr, b, t, c, T, C, K, HAS_PREFIX, BT, BC))
-        w = tl.load(w_ptr + c * K + i, mask=cm, other=0.0).to(tl.float32)
-        acc += d * w[None, :]
-    tl.store(dx_ptr + (b * T + rows.to(tl.int64))[:, None] * C + c[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=valid)
+            dp = dp * _dsilu(_pre_activation(x_ptr, pre_ptr, w_ptr, b, rows, c, T, C, K, HAS_PREFIX, BT, BC))
+        for j in tl.static_range(K):
+            xs = _load_x(x_ptr, pre_ptr, b, rows - (K - 1) + j, c, T, C, K, HAS_PREFIX)
+            dw += tl.sum(dp * xs, axis=0)[:, None] * (kk[None, :] == j).to(tl.float32)
+        # dx[s, c] = sum_i w[c, i] dpre[s + K-1-i, c]
+        acc = tl.zeros([BT, BC], dtype=tl.float32)
+        for i in tl.static_range(K):
+            t = rows + (K - 1 - i)
+            inside = (t < T)[:, None] & cm[None, :]
+            d = tl.load(dy_ptr + (b * T + tl.minimum(t, T - 1).to(tl.int64))[:, None] * C + c[None, :], mask=inside,
+                        other=0.0).to(tl.float32)
+            if ACT:
+                d = d * _dsilu(_pre_activation(x_ptr, pre_ptr, w_ptr, b, t, c, T, C, K, HAS_PREFIX, BT, BC))
+            w = tl.load(w_ptr + c * K + i, mask=cm, other=0.0).to(tl.float32)
+            acc += d * w[None, :]
+        tl.store(dx_ptr + (b * T + rows.to(tl.int64))[:, None] * C + c[None, :], acc.to(dx_ptr.dtype.element_ty),
+                 mask=valid)
+    part = (b * P + pid_t).to(tl.int64)
+    tl.store(dwp_ptr + (part * C + c[:, None]) * K + kk[None, :], dw, mask=cm[:, None] & (kk[None, :] < K))
 
 
 class _CausalConv1d(torch.autograd.Function):
@@ -121,11 +129,12 @@ class _CausalConv1d(torch.autograd.Function):
         K = w.shape[-1]
         dy = dy.contiguous()
         NT = triton.cdiv(T, BT)
+        P = min(NT, BWD_PROGRAMS_T)
         dx = torch.empty_like(x)
-        dwp = torch.empty(B * NT, C, K, device=x.device, dtype=torch.float32)
-        conv_bwd_kernel[(NT, triton.cdiv(C, BC), B)](x, pre if ctx.has_prefix else x, w, dy, dx, dwp, T, C, NT, K=K,
-                                                     HAS_PREFIX=ctx.has_prefix, ACT=ctx.activation, BT=BT, BC=BC,
-                                                     num_warps=4)
+        dwp = torch.empty(B * P, C, K, device=x.device, dtype=torch.float32)
+        conv_bwd_kernel[(P, triton.cdiv(C, BC), B)](x, pre if ctx.has_prefix else x, w, dy, dx, dwp, T, C, NT, K=K,
+                                                    KP=triton.next_power_of_2(K), HAS_PREFIX=ctx.has_prefix,
+                                                    ACT=ctx.activation, BT=BT, BC=BC, num_warps=4)
         dw = dwp.sum(0).to(w.dtype)
         dprefix = None
         if ctx.needs_input_grad[2]:
