@@ -76,3 +76,9 @@ def test_triton_conv_backward_programs_loop_over_tiles(monkeypatch):
     got = _run("triton", x, w, p, dy, True)
     for name, a, b in zip(["y", "dx", "dw", "dprefix"], got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_triton_conv_refuses_more_taps_than_its_accumulators():
+    x, w, _, _ = _inputs(1, 8, 4, 5, False)
+    with pytest.raises(ValueError, match="at most 4 taps"):
+        causal_conv1d(x, w, backend="triton")

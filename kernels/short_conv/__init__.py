@@ -2,15 +2,18 @@
 
 ``causal_conv1d(x, weight, prefix=None, activation=True, backend="auto")`` on x [B, T, C] (channels
 last, the projections' own layout), weight [C, K], prefix [B, K-1, C] (the inputs before position 0:
-a decoding cache's tail or the previous CP rank's halo; zeros when None). Backends: ``triton`` (one
-fused kernel each way, float32 accumulation, keeps only x for the backward), ``torch`` (F.conv1d on
-the transposed layout), ``naive`` (tap by tap, the reference); ``auto`` = triton on CUDA, else torch."""
+a decoding cache's tail or the previous CP rank's halo; zeros when None). Backends: ``triton`` (fused
+kernels, float32 accumulation, keeps only x for the backward; up to 4 taps), ``torch`` (F.conv1d on
+the transposed layout), ``naive`` (tap by tap, the reference); ``auto`` = triton on CUDA (for up to
+4 taps), else torch."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from .naive import naive_causal_conv1d
+
+MAX_TAPS = 4  # the Triton kernels' limit (kernels/short_conv/triton.py keeps one dw accumulator per tap)
 
 BACKENDS = ("auto", "naive", "torch", "triton")
 
@@ -38,7 +41,10 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, prefix: torch.Tensor | 
         raise ValueError(f"causal_conv1d: prefix must be [B, K-1, C] = {[x.shape[0], K - 1, x.shape[-1]]}, got "
                          f"{list(prefix.shape)}")
     if backend == "auto":
-        backend = "triton" if x.is_cuda else "torch"
+        backend = "triton" if x.is_cuda and K <= MAX_TAPS else "torch"
+    if backend == "triton" and K > MAX_TAPS:
+        raise ValueError(f"causal_conv1d: the Triton kernel takes at most {MAX_TAPS} taps, got {K} "
+                         "(model.conv_size); use backend auto or torch (model.kernel_backend=auto runs F.conv1d then)")
     if backend == "naive":
         return naive_causal_conv1d(x, weight, prefix, activation)
     if backend == "torch":

@@ -3,24 +3,29 @@
 Why: ``F.conv1d`` needs channels first, so the torch path transposes the projections' [B, T, C]
 output, runs cuDNN's depthwise conv (slow in the weight gradient), and hands the mixer a
 transposed (strided) tensor that every later elementwise op and the kernel's ``.contiguous()`` pay
-for; autograd also keeps xcat and the pre-activation. Here one program computes a [BT, BC] tile
-from K shifted, coalesced loads with float32 accumulation, the SiLU in the same pass, and the
-backward keeps only x: a first kernel recomputes the pre-activation, forms its gradient dpre (stored,
-like eager's silu backward, in x's dtype) and per program partial sums of dw (a fixed number of
-programs along T, each looping over tiles; added up in torch, deterministic); a second runs dpre
-backwards through the taps for dx. (One kernel that recomputed the pre-activation at every tap's
-shift took 3.6 ms per [32K, 2048] conv on an H200 against 0.15 ms forward: five live [64, 128]
-float32 tiles are 320 registers per thread at 4 warps. The first kernel here holds three, at 8 warps.) The prefix's own gradient
-(K-1 rows, the CP halo's) is computed in torch from the reference. Math: ``naive.py``."""
+for; autograd also keeps xcat and the pre-activation. Here one program computes a tile from K
+shifted, coalesced loads with float32 accumulation and the SiLU in the same pass. The backward
+keeps only x: a first kernel recomputes the pre-activation, forms its gradient dpre (stored, like
+eager's silu backward, in x's dtype) and per program partial sums of dw (a fixed number of programs
+along T, each looping over tiles; added up in torch, deterministic); a second runs dpre backwards
+through the taps for dx. A one-kernel backward that recomputed the pre-activation at every tap's
+shift took 3.6 ms per [32K, 2048] conv on an H200 (against 0.15 ms forward): compiled, it spilled
+4.9 KB per thread. The prefix's own gradient (K-1 rows, the CP halo's) is computed in torch from
+the reference. Math: ``naive.py``. Taps: K <= 4 (MAX_TAPS)."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
+from . import MAX_TAPS  # noqa: F401  (the dpre kernel keeps one dw accumulator per tap)
 from .naive import naive_causal_conv1d
 
-BT, BC = 64, 128  # tile: tokens x channels
+# tiles (tokens x channels) and warps per kernel, chosen so that none spills registers on sm_90 (cuobjdump
+# --dump-resource-usage of the compiled kernels: the dpre kernel at 64 x 128 held 255 registers and
+# spilled 0.5-1 KB per thread; at 16 x 128 it holds ~160 and spills nothing)
+BT, BC, FWD_WARPS = 32, 128, 8       # forward and dx
+BT_DPRE, DPRE_WARPS = 16, 4          # dpre + dw partials
 BWD_PROGRAMS_T = 128  # dpre programs along T (each loops over tiles): dw partials [B * 128, C, K] at any T
 
 
@@ -69,18 +74,21 @@ def conv_fwd_kernel(x_ptr, pre_ptr, w_ptr, y_ptr, T, C, K: tl.constexpr, HAS_PRE
 
 
 @triton.jit
-def conv_dpre_kernel(x_ptr, pre_ptr, w_ptr, dy_ptr, dpre_ptr, dwp_ptr, T, C, NT, K: tl.constexpr, KP: tl.constexpr,
+def conv_dpre_kernel(x_ptr, pre_ptr, w_ptr, dy_ptr, dpre_ptr, dwp_ptr, T, C, NT, K: tl.constexpr,
                      HAS_PREFIX: tl.constexpr, ACT: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """Backward, first pass, over the tiles pid_t, pid_t + P, ... (P programs along T): the gradient of
     the pre-activation dpre = dy * silu'(pre) (pre recomputed from x; stored in x's dtype, as eager's
     silu backward hands it to the conv) and the programs' partial dw (sum over their rows of
-    dpre * x[t - (K-1) + j]) into dwp [B * P, C, K]: a fixed number of partials at any length."""
+    dpre * x[t - (K-1) + j]) into dwp [B * P, C, K]: a fixed number of partials at any length.
+    K <= MAX_TAPS (one accumulator per tap)."""
     pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     P = tl.num_programs(0)
     c = pid_c * BC + tl.arange(0, BC)
     cm = c < C
-    kk = tl.arange(0, KP)
-    dw = tl.zeros([BC, KP], dtype=tl.float32)
+    dw0 = tl.zeros([BC], dtype=tl.float32)
+    dw1 = tl.zeros([BC], dtype=tl.float32)
+    dw2 = tl.zeros([BC], dtype=tl.float32)
+    dw3 = tl.zeros([BC], dtype=tl.float32)
     for tile_t in range(pid_t, NT, P):
         rows = tile_t * BT + tl.arange(0, BT)
         valid = (rows < T)[:, None] & cm[None, :]
@@ -90,10 +98,23 @@ def conv_dpre_kernel(x_ptr, pre_ptr, w_ptr, dy_ptr, dpre_ptr, dwp_ptr, T, C, NT,
             dp = dp * _dsilu(_pre_activation(x_ptr, pre_ptr, w_ptr, b, rows, c, T, C, K, HAS_PREFIX, BT, BC))
             tl.store(dpre_ptr + offs, dp.to(dpre_ptr.dtype.element_ty), mask=valid)
         for j in tl.static_range(K):
-            xs = _load_x(x_ptr, pre_ptr, b, rows - (K - 1) + j, c, T, C, K, HAS_PREFIX)
-            dw += tl.sum(dp * xs, axis=0)[:, None] * (kk[None, :] == j).to(tl.float32)
-    part = (b * P + pid_t).to(tl.int64)
-    tl.store(dwp_ptr + (part * C + c[:, None]) * K + kk[None, :], dw, mask=cm[:, None] & (kk[None, :] < K))
+            part = tl.sum(dp * _load_x(x_ptr, pre_ptr, b, rows - (K - 1) + j, c, T, C, K, HAS_PREFIX), axis=0)
+            if j == 0:
+                dw0 += part
+            elif j == 1:
+                dw1 += part
+            elif j == 2:
+                dw2 += part
+            else:
+                dw3 += part
+    base = ((b * P + pid_t).to(tl.int64) * C + c) * K
+    tl.store(dwp_ptr + base, dw0, mask=cm)
+    if K > 1:
+        tl.store(dwp_ptr + base + 1, dw1, mask=cm)
+    if K > 2:
+        tl.store(dwp_ptr + base + 2, dw2, mask=cm)
+    if K > 3:
+        tl.store(dwp_ptr + base + 3, dw3, mask=cm)
 
 
 @triton.jit
@@ -127,7 +148,7 @@ class _CausalConv1d(torch.autograd.Function):
         y = torch.empty_like(x)
         grid = (triton.cdiv(T, BT), triton.cdiv(C, BC), B)
         conv_fwd_kernel[grid](x, pre, w, y, T, C, K=K, HAS_PREFIX=has_prefix, ACT=bool(activation), BT=BT, BC=BC,
-                              num_warps=4)
+                              num_warps=FWD_WARPS)
         ctx.save_for_backward(x, w, pre if has_prefix else None)
         ctx.activation, ctx.has_prefix = bool(activation), has_prefix
         ctx.prefix_dtype = None if prefix is None else prefix.dtype
@@ -139,16 +160,17 @@ class _CausalConv1d(torch.autograd.Function):
         B, T, C = x.shape
         K = w.shape[-1]
         dy = dy.contiguous()
-        NT = triton.cdiv(T, BT)
+        NT = triton.cdiv(T, BT_DPRE)
         P = min(NT, BWD_PROGRAMS_T)
         # dpre: the pre-activation's gradient (without the SiLU it is dy itself)
         dpre = torch.empty_like(x) if ctx.activation else dy
         dwp = torch.empty(B * P, C, K, device=x.device, dtype=torch.float32)
         conv_dpre_kernel[(P, triton.cdiv(C, BC), B)](x, pre if ctx.has_prefix else x, w, dy, dpre, dwp, T, C, NT,
-                                                     K=K, KP=triton.next_power_of_2(K), HAS_PREFIX=ctx.has_prefix,
-                                                     ACT=ctx.activation, BT=BT, BC=BC, num_warps=8)
+                                                     K=K, HAS_PREFIX=ctx.has_prefix,
+                                                     ACT=ctx.activation, BT=BT_DPRE, BC=BC, num_warps=DPRE_WARPS)
         dx = torch.empty_like(x)
-        conv_dx_kernel[(NT, triton.cdiv(C, BC), B)](dpre, w, dx, T, C, K=K, BT=BT, BC=BC, num_warps=4)
+        conv_dx_kernel[(triton.cdiv(T, BT), triton.cdiv(C, BC), B)](dpre, w, dx, T, C, K=K, BT=BT, BC=BC,
+                                                                    num_warps=FWD_WARPS)
         del dpre
         dw = dwp.sum(0).to(w.dtype)
         dprefix = None
