@@ -447,6 +447,8 @@ def kernel_rows(prof, cuda: bool) -> list[dict]:
         on_device = getattr(evt, "device_type", DeviceType.CPU) == DeviceType.CUDA
         if on_device != cuda:
             continue
+        if cuda and (getattr(evt, "is_user_annotation", False) or evt.key.startswith("Optimizer.")):
+            continue  # a range on the GPU timeline around kernels listed on their own (AdamW.step's)
         ms = _event_time_us(evt, cuda) / 1e3
         if ms > 0:
             rows.append({"name": evt.key, "category": kernel_category(evt.key) if cuda else "cpu op",
