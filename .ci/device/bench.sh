@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # One device call: install, (optionally) GPU tests, kernel bench with fla in-process, per-kernel
 # profile, a launch-setting sweep. Run from the repository root on the GPU machine:
-#   bash .ci/device/bench.sh [tests] [bench] [profile] [sweep] [tune] [varlen] [cptests] [cp]  (default: the first four)
-# (cptests and cp need 2 GPUs: context parallelism tests and `lctrain bench cp`)
+#   bash .ci/device/bench.sh [tests] [bench] [profile] [sweep] [tune] [varlen] [variants] [cptests] [cp]
+# (default: the first four; cptests and cp need 2 GPUs: context parallelism tests and `lctrain bench cp`).
+# variants: `python -m lctrain.bench.variants` (issue 12) against the kernels/triton trees carried in
+# .device/presplit and .device/split (`git archive 5404906 kernels/triton | tar x -C .device/presplit`,
+# the same with df18be3 for split; each is skipped with a note where it is absent).
 # Carry `.whl` (fla_core wheel) and `.tcache` (Triton cache from an earlier call: compiled kernels
 # and fla's autotune results; saves minutes). Results land in $OUT.
 set -u
 STEPS="${*:-tests bench profile sweep}"
 # TUNE_ARGS: extra arguments of lctrain.bench.tune_kernels (e.g. "--kernels dqk --methods delta");
 # TEST_ARGS: extra pytest arguments of the tests step (e.g. "-k 256");
-# VARLEN_ARGS: arguments of `lctrain bench varlen` (packed documents; default 64 documents in 128K)
+# VARLEN_ARGS: arguments of `lctrain bench varlen` (packed documents; default 64 documents in 128K);
+# VARIANTS_ARGS: extra arguments of lctrain.bench.variants (e.g. "--ops gated_delta delta");
+# PROFILE_ARGS: arguments of lctrain.bench.profile_kernels (default --T 131072)
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tcache FLA_CACHE_RESULTS=1
 R=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/tcache
@@ -29,12 +34,15 @@ for s in $STEPS; do
              "$R/tests/test_kernels_gpu.py" "$R/tests/test_kernels_varlen.py" 2>&1 | tail -5 ;;
     bench) python3 -m lctrain.cli bench kernels --json "$OUT/bench.json" \
              ${BENCH_ARGS:---warmup 10 --rep 50} 2>&1 | tee "$OUT/bench.txt" | grep -v "^T="; save_cache ;;
-    profile) python3 -m lctrain.bench.profile_kernels --T 131072 > "$OUT/profile.txt" 2>&1; save_cache ;;
+    profile) python3 -m lctrain.bench.profile_kernels ${PROFILE_ARGS:---T 131072} > "$OUT/profile.txt" 2>&1; save_cache ;;
     sweep) python3 -m lctrain.cli bench kernels --T 65536 --no-sdpa --no-fla --warmup 5 --rep 30 \
              --methods delta gated_delta gla --json "$OUT/sweep.json" ${SWEEP:-} 2>&1 \
              | tee "$OUT/sweep.txt" | grep -v "^T=" ;;
     varlen) python3 -m lctrain.cli bench varlen --json "$OUT/varlen.json" ${VARLEN_ARGS:-} 2>&1 \
              | tee "$OUT/varlen.txt"; save_cache ;;
+    variants) python3 -m lctrain.bench.variants --tree "presplit:$R/.device/presplit/kernels/triton" \
+             --tree "split:$R/.device/split/kernels/triton" --json "$OUT/variants.json" ${VARIANTS_ARGS:-} 2>&1 \
+             | tee "$OUT/variants.txt" ;;
     cptests) python3 -m pytest -m gpu -q -p no:cacheprovider -c "$R/pyproject.toml" --rootdir "$R" \
              "$R/tests/test_cp_gpu.py" 2>&1 | tail -15 ;;
     cp) python3 -m lctrain.cli bench cp --nproc 2 --layer gdn delta gla --strong \
