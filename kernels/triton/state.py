@@ -14,7 +14,7 @@ from .common import CHUNK, flags_given, n_chunks, sequence_prologue
              STORE_ST="st_ptr", IS_VARLEN="cu_ptr")
 @triton.jit
 def state_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, s0_ptr, h_ptr, vnew_ptr, st_ptr, a_ptr,
-                     cu_ptr, offsets_ptr,
+                     cu_ptr, seqs_ptr,
                      T, NT, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      C: tl.constexpr, NVB: tl.constexpr,
                      HAS_G: tl.constexpr, HAS_W: tl.constexpr, HAS_S0: tl.constexpr,
@@ -28,9 +28,9 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, s0_ptr, h_ptr, vnew_ptr, st_p
     always a tensor (a one-element one without A programs): the A store is compiled in every
     specialisation, see ``state_fwd``.
     With varlen each program runs one document (its own initial and final state, its chunks in
-    h numbered from offsets[doc]). Grid (NVB [+ cdiv(K, BV)], B*H or N*H)."""
+    h numbered from its first chunk's index, the longest documents first). Grid (NVB [+ cdiv(K, BV)], B*H or N*H)."""
     iv = tl.program_id(0)
-    bh, h, base_g, bos, eos, nt, c0 = sequence_prologue(T, NT, H, C, cu_ptr, offsets_ptr, IS_VARLEN)
+    bh, h, base_g, bos, eos, nt, c0 = sequence_prologue(T, NT, H, C, cu_ptr, seqs_ptr, IS_VARLEN)
     rc = bos + tl.arange(0, C)   # the rows of the first chunk
     base_k = base_g * K
     base_v = base_g * V
@@ -100,7 +100,7 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, s0_ptr, h_ptr, vnew_ptr, st_p
              IS_VARLEN="cu_ptr")
 @triton.jit
 def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dvl_ptr, gam_ptr, dst_ptr, dh_ptr, du_ptr,
-                     ds0_ptr, cu_ptr, offsets_ptr, scale, T, NT, H, K: tl.constexpr, V: tl.constexpr,
+                     ds0_ptr, cu_ptr, seqs_ptr, scale, T, NT, H, K: tl.constexpr, V: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                      HAS_G: tl.constexpr, HAS_W: tl.constexpr, HAS_DST: tl.constexpr,
                      STORE_DH: tl.constexpr, STORE_DU: tl.constexpr, IS_VARLEN: tl.constexpr):
@@ -110,7 +110,7 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dvl_ptr, gam_ptr, dst_ptr, dh_
     Stores dS of every chunk (dh) and the gradient of the initial state; with varlen one document
     per program, as in state_fwd_kernel. Grid (cdiv(V, BV), B*H or N*H)."""
     iv = tl.program_id(0)
-    bh, h, base_g, bos, eos, nt, c0 = sequence_prologue(T, NT, H, C, cu_ptr, offsets_ptr, IS_VARLEN)
+    bh, h, base_g, bos, eos, nt, c0 = sequence_prologue(T, NT, H, C, cu_ptr, seqs_ptr, IS_VARLEN)
     rc = bos + tl.arange(0, C)   # the rows of the first chunk
     base_k = base_g * K
     base_v = base_g * V
@@ -223,5 +223,5 @@ def state_bwd(q, k, w, do, dvl, gam, dst, scale, cfg, *, store: bool, varlen=Non
 
 
 def _sequences(varlen):
-    """cu_ptr, offsets_ptr of the state kernels: None, None without varlen."""
-    return (None, None) if varlen is None else (varlen.cu, varlen.offsets)
+    """cu_ptr, seqs_ptr of the state kernels: None, None without varlen."""
+    return (None, None) if varlen is None else (varlen.cu, varlen.seqs)

@@ -66,7 +66,7 @@ def record_launches(D: int, dtype_name: str, varlen: bool = False) -> list:
         if varlen:
             from lctrain.kernels.triton.common import Varlen
             i32 = dict(dtype=torch.int32, **m)
-            vl = Varlen(torch.empty(5, **i32), torch.empty(80, 2, **i32), torch.empty(5, **i32),
+            vl = Varlen(torch.empty(5, **i32), torch.empty(80, 2, **i32), torch.empty(4, 2, **i32),
                         torch.empty(T, dtype=torch.int64, **m), 80, 4)
             s0 = torch.empty(4, H, D, D, dtype=torch.float32, **m)
         for gate, b in ((None, beta), (g, beta), (g, None)):
