@@ -48,12 +48,12 @@ for s in $STEPS; do
     kperf) # issues 12 and 13 in ~3 minutes, no fla: the state_fwd variants, the packed paths under
            # V-block settings of the state passes (default = wide), the per-kernel split of the packed path
            python3 -m lctrain.bench.variants --tree "presplit:$R/.device/presplit/kernels/triton" \
-             --tree "split:$R/.device/split/kernels/triton" --ops gated_delta delta --json "$OUT/variants.json" 2>&1 \
+             --tree "split:$R/.device/split/kernels/triton" --ops gated_delta delta --rep 100 \
+             --json "$OUT/variants.json" 2>&1 \
              | tee "$OUT/variants.txt"
            python3 -m lctrain.cli bench varlen --ops delta gated_delta --paths one packed --warmup 10 --rep 60 \
              --variant narrow:BVS=16,BVSB=16 --variant bv32:BVS=32,BVSB=32 \
-             --variant bv64s2:BVS=64,BVSB=64,stages_seq=2,stages_seqb=2 \
-             --variant bv32w4:BVS=32,BVSB=32,stages_seqb=2,warps_seqb=4 --json "$OUT/varlen_variants.json" 2>&1 \
+             --variant bv64s2:BVS=64,BVSB=64,stages_seq=2,stages_seqb=2 --json "$OUT/varlen_variants.json" 2>&1 \
              | tee "$OUT/varlen_variants.txt"
            python3 -m lctrain.bench.profile_kernels --T 131072 --docs 64 --no-fla --methods delta gated_delta \
              > "$OUT/profile_packed.txt" 2>&1 ;;
