@@ -126,7 +126,8 @@ def test_triton_packed_documents_equal_each_document_alone(kind, dtype, tol, dev
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                     reason="needs CUDA")]),
 ])
-def test_triton_packed_documents_with_wide_state_blocks(device, monkeypatch):
+@pytest.mark.parametrize("kind", MIXERS)
+def test_triton_packed_documents_with_wide_state_blocks(kind, device, monkeypatch):
     """Many documents widen the state passes' V blocks (ops._wide_state_block); here the threshold
     is lowered so that 4 documents get them: one 64-wide block per document and head, whatever the
     defaults for one sequence, and the result still equals each document alone."""
@@ -139,10 +140,10 @@ def test_triton_packed_documents_with_wide_state_blocks(device, monkeypatch):
         seen.append((a[5].BVS, a[5].BVSB))
         return real(*a, **kw)
     monkeypatch.setattr(ops, "_state_fwd", spy)
-    packed, alone = packed_and_alone("gated_delta", "triton", 64, torch.float32, [7, 1, 64, 77], seed=6,
+    packed, alone = packed_and_alone(kind, "triton", 64, torch.float32, [7, 1, 64, 77], seed=6,
                                      device=device, dims=(2, 16, 64))
     assert seen and set(seen) == {(64, 64)}
-    assert_same(packed, alone, 1e-4, f"gated_delta/triton wide state blocks on {device}")
+    assert_same(packed, alone, 1e-4, f"{kind}/triton wide state blocks on {device}")
     assert ops._Cfg(128, 128, chains=1024).BVS == 64 and ops._Cfg(128, 128, chains=None).BVS == 16
 
 

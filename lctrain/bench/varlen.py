@@ -39,7 +39,8 @@ def _parse(argv):
     p.add_argument("--H", type=int, default=16, help="heads (default 16)")
     p.add_argument("--D", type=int, default=128, help="head dim, for q/k and v (default 128)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    p.add_argument("--ops", "--methods", dest="ops", nargs="+", choices=OPS, default=list(OPS),
+                   help="which mixers (default all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the document lengths (default 0)")
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
                    help="which paths to time (default all: one sequence, packed, fla packed)")
