@@ -53,7 +53,8 @@ for s in $STEPS; do
              | tee "$OUT/variants.txt"
            python3 -m lctrain.cli bench varlen --ops delta gated_delta --paths one packed --warmup 10 --rep 60 \
              --variant narrow:BVS=16,BVSB=16 --variant bv32:BVS=32,BVSB=32 \
-             --variant bv64s2:BVS=64,BVSB=64,stages_seq=2,stages_seqb=2 --json "$OUT/varlen_variants.json" 2>&1 \
+             --variant bv64s2:BVS=64,BVSB=64,stages_seq=2,stages_seqb=2 --variant bv64fs2:BVS=64,BVSB=64,stages_seq=2 \
+             --json "$OUT/varlen_variants.json" 2>&1 \
              | tee "$OUT/varlen_variants.txt"
            python3 -m lctrain.bench.profile_kernels --T 131072 --docs 64 --no-fla --methods delta gated_delta \
              > "$OUT/profile_packed.txt" 2>&1 ;;
