@@ -167,14 +167,25 @@ def test_decoding_one_token_at_a_time_equals_one_call():
     assert rel(torch.cat(outs, dim=1), o_full) < 1e-12 and rel(state, S_full) < 1e-12
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs CUDA or TRITON_INTERPRET=1 (set by conftest on CPU runs)")
-@pytest.mark.parametrize("kind,T,p0,dtype,tol", [("gdn", 100, 0, torch.float32, 1e-4),
-                                                 ("mamba2", 100, 0, torch.float32, 1e-4),
-                                                 ("mamba2", 72, 60, torch.float16, 1e-2)])
-def test_triton_matches_naive(kind, T, p0, dtype, tol):
-    """Levels above log2(64) run the Triton base kernels (forward and backward); T=100 has one such level,
-    and the unaligned start p0=60 also runs a short head call level by level."""
+needs_triton = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                                  reason="needs CUDA or TRITON_INTERPRET=1 (set by conftest on CPU runs)")
+
+
+@needs_triton
+@pytest.mark.parametrize("backend,kind,T,p0,dtype,tol", [
+    ("triton_composed", "gdn", 100, 0, torch.float32, 1e-4),
+    ("triton_composed", "mamba2", 72, 60, torch.float16, 1e-2),
+    ("triton", "gdn", 300, 0, torch.float32, 1e-4),
+    ("triton", "mamba2", 300, 0, torch.float32, 1e-4),
+    ("triton", "gdn", 250, 70, torch.float32, 1e-4),
+    ("triton", "mamba2", 150, 128, torch.float16, 1e-2),
+    ("triton", "gdn", 40, 0, torch.float32, 1e-4)])
+def test_triton_matches_naive(backend, kind, T, p0, dtype, tol):
+    """triton_composed: the levels above log2(64) run the Triton base kernels (forward and backward); the
+    unaligned start p0=60 also runs a short head call level by level. triton (fused): T=300 has three levels
+    in the level kernels (ragged last chunk); p0=70 carries an initial state into them after a head call of
+    58 tokens; p0=128 starts the level-8 block mid-way (its run state comes from the initial state) while
+    level 7's starts fresh; T=40: no level above the chunk."""
     K, V = 16, 16
     L = levels_needed(p0 + T)
     x = make_inputs(kind, T, K, V, L, dtype, seed=T, p0=p0)
@@ -182,11 +193,50 @@ def test_triton_matches_naive(kind, T, p0, dtype, tol):
     dS = torch.randn(B, H, L, K, V, dtype=torch.float64)
     x64 = {n: (t.double() if t is not None else None) for n, t in x.items()}
     ref = outputs_and_grads(kind, x64, "naive", p0, do, dS)
-    o, S, g = outputs_and_grads(kind, x, "triton", p0, do, dS, chunk_size=64)
+    o, S, g = outputs_and_grads(kind, x, backend, p0, do, dS, chunk_size=64)
     assert o.dtype == dtype
     assert rel(o, ref[0]) < tol and rel(S, ref[1]) < tol
     for name in ref[2]:
         assert rel(g[name], ref[2][name]) < tol, name
+
+
+@needs_triton
+def test_fused_triton_level_groups_and_segments_change_nothing(monkeypatch):
+    """The backward recomputes the level states in groups (one level per group here) and the per-chunk
+    pass runs in checkpointed pieces (two here): same outputs and gradients as one group, one piece."""
+    from lctrain.kernels.loglinear import fused, triton_levels
+    T, K, V = 200, 16, 16
+    L = levels_needed(T)
+    x = make_inputs("gdn", T, K, V, L, torch.float32, seed=5)
+    do, dS = torch.randn(B, T, H, V, dtype=torch.float64), torch.randn(B, H, L, K, V, dtype=torch.float64)
+    whole = outputs_and_grads("gdn", x, "triton", 0, do, dS, chunk_size=64)
+    monkeypatch.setattr(triton_levels, "STATE_BUDGET", 1)
+    monkeypatch.setattr(fused, "SEGMENT", 128)
+    parts = outputs_and_grads("gdn", x, "triton", 0, do, dS, chunk_size=64)
+    assert rel(parts[0], whole[0]) < 1e-6 and rel(parts[1], whole[1]) < 1e-6
+    for name in whole[2]:
+        assert rel(parts[2][name], whole[2][name]) < 1e-6, name
+
+
+@needs_triton
+def test_fused_triton_cu_seqlens_and_refusals():
+    """cu_seqlens: every document from position 0 (one call each), against the naive op per document;
+    chunk sizes other than 64 and float64 are refused by name."""
+    bounds = [0, 70, 75, 200]
+    T, K, V = 200, 16, 16
+    L = levels_needed(125)
+    x = make_inputs("mamba2", T, K, V, L, torch.float32, seed=13)
+    o, S = loglinear_gated_linear_attn(x["q"], x["k"], x["v"], x["g"], x["lam"], output_final_state=True,
+                                       backend="triton", cu_seqlens=torch.tensor(bounds))
+    for i, (bos, eos) in enumerate(zip(bounds, bounds[1:])):
+        doc = {n: (None if t is None else t[:, bos:eos]) for n, t in x.items()}
+        o_ref, S_ref = call("mamba2", doc, "naive")
+        assert rel(o[:, bos:eos], o_ref) < 1e-5 and rel(S[i:i + 1], S_ref) < 1e-5
+    short = {n: (None if t is None else t[:, :100]) for n, t in x.items()}
+    with pytest.raises(ValueError, match="chunk_size=64"):
+        call("mamba2", short, "triton", chunk_size=32)
+    with pytest.raises(TypeError, match="float64"):
+        call("mamba2", {n: (None if t is None else t.double()) for n, t in short.items()}, "triton", chunk_size=64)
 
 
 def test_errors_name_the_argument():

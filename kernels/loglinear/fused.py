@@ -82,34 +82,42 @@ def _chunk_parts_by_segments(q, k, v, g, beta, level_weights, *, scale: float, t
     return tuple(None if p[0] is None else torch.cat(p, dim=1) for p in zip(*pieces))
 
 
-def fused_loglinear(base, q, k, v, g, beta, level_weights, *, scale, initial_state, output_final_state: bool,
-                    position_offset: int):
-    """The log-linear op for a call starting on a chunk boundary (position_offset % C == 0). ``base``: the
-    public base op (for the final states of the levels inside the last chunk). Returns (o in q.dtype,
-    final level states [B, H, L, K, V] fp32 or None)."""
+def fused_by_levels(base, q, k, v, g, beta, level_weights, *, scale, run_init, position_offset: int, top: int,
+                    want_runs: bool):
+    """The log-linear op from its incoming run states (``run_init`` [B, H, >= top+1, K, V] or None, as
+    chunk.loglinear_by_levels takes them) for a call starting on a chunk boundary (position_offset % C ==
+    0). ``base``: the public base op (the final runs of the levels inside the last chunk). Returns (o
+    fp32, final run states [B, H, top+1, K, V] fp32 or None)."""
     from .triton_levels import LevelRuns
 
     p0 = position_offset
-    B, T, H, K = q.shape
-    L = level_weights.shape[-1]
+    K = q.shape[-1]
     c = CHUNK.bit_length() - 1
-    top = levels_needed(p0 + T) - 1
     scale = float(K ** -0.5 if scale is None else scale)
     o, qt, w, ut, gam = _chunk_parts_by_segments(q, k, v, g, beta, level_weights, scale=scale, top=top)
-    finals = []
-    if output_final_state:
+    runs = []
+    if want_runs:  # blocks of <= C tokens start inside this call: their runs come from the last block alone
         gates = (g,) if beta is None else (g, beta)
-        finals = _last_block_states(base, k, v, gates, p0, range(min(c, top) + 1), "torch", CHUNK)
-        finals = [s.float() for s in finals]
+        runs = [s.float() for s in _last_block_states(base, k, v, gates, p0, range(min(c, top) + 1), "torch",
+                                                       CHUNK)]
     if top > c:
         lw = level_weight_differences(q, level_weights, top)[..., c + 1:].float().contiguous()
-        s0 = None
-        if initial_state is not None:
-            s0 = runs_from_slots(initial_state.float(), p0)[:, :, c + 1: top + 1].contiguous()
-        o_inter, st = LevelRuns.apply(qt, k.contiguous(), w, ut, gam, lw, s0, scale, p0 // CHUNK,
-                                      bool(output_final_state))
+        s0 = None if run_init is None else run_init[:, :, c + 1: top + 1].float().contiguous()
+        o_inter, st = LevelRuns.apply(qt, k.contiguous(), w, ut, gam, lw, s0, scale, p0 // CHUNK, bool(want_runs))
         o = o + o_inter
-        if output_final_state:
-            finals += list(st.unbind(dim=2))
-    final = slots_from_runs(torch.stack(finals, dim=2), L) if output_final_state else None
+        if want_runs:
+            runs += list(st.unbind(dim=2))
+    return o, (torch.stack(runs, dim=2) if want_runs else None)
+
+
+def fused_loglinear(base, q, k, v, g, beta, level_weights, *, scale, initial_state, output_final_state: bool,
+                    position_offset: int):
+    """The log-linear op from its incoming level states (ops.py's layout) for a call starting on a chunk
+    boundary. Returns (o in q.dtype, final level states [B, H, L, K, V] fp32 or None)."""
+    p0 = position_offset
+    top = levels_needed(p0 + q.shape[1]) - 1
+    run_init = None if initial_state is None else runs_from_slots(initial_state.float(), p0)
+    o, runs = fused_by_levels(base, q, k, v, g, beta, level_weights, scale=scale, run_init=run_init,
+                              position_offset=p0, top=top, want_runs=output_final_state)
+    final = slots_from_runs(runs, level_weights.shape[-1]) if output_final_state else None
     return o.to(q.dtype), final

@@ -97,6 +97,8 @@ def _run(name, base_name, q, k, v, g, beta, level_weights, scale, initial_state,
     _validate(name, q, k, v, g, beta, level_weights, initial_state, position_offset, cu_seqlens, scale,
               chunk_size)
     which = _resolve(backend, base_name, q.device)
+    if which == "triton":
+        _check_fused(chunk_size, q, k, v)
     if cu_seqlens is not None:  # one call per packed document, each starting at position 0
         bounds = base_api.check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], q.device)
         outs, finals = [], []
@@ -123,9 +125,8 @@ def _run(name, base_name, q, k, v, g, beta, level_weights, scale, initial_state,
                       int(position_offset), "triton" if which == "triton_composed" else which, chunk_size)
 
 
-def _fused(base_name, q, k, v, g, beta, level_weights, scale, initial_state, output_final_state, p0, chunk_size):
-    """Backend "triton" (fused.py). A start inside a 64-token chunk is first brought to the chunk boundary
-    by the per-level torch path (fewer than 64 tokens)."""
+def _check_fused(chunk_size, q, k, v):
+    """Backend "triton" refuses what its kernels cannot take, before any work."""
     from ..triton.common import CHUNK
     if chunk_size != CHUNK:
         raise ValueError(f"log-linear backend 'triton' works in chunks of {CHUNK} tokens; got chunk_size="
@@ -134,6 +135,12 @@ def _fused(base_name, q, k, v, g, beta, level_weights, scale, initial_state, out
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"log-linear backend 'triton' takes float16, bfloat16 or float32 {name}; got {x.dtype}. "
                             "Cast the inputs or use backend='torch'.")
+
+
+def _fused(base_name, q, k, v, g, beta, level_weights, scale, initial_state, output_final_state, p0, chunk_size):
+    """Backend "triton" (fused.py). A start inside a 64-token chunk is first brought to the chunk boundary
+    by the per-level torch path (fewer than 64 tokens)."""
+    from ..triton.common import CHUNK
     T = q.shape[1]
     head = (CHUNK - p0 % CHUNK) % CHUNK
     if head:
