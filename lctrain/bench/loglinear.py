@@ -3,11 +3,13 @@
 For each sequence length, forward and forward+backward (``triton.testing.do_bench``, median ms) and the
 peak extra GPU memory of one forward+backward, for
 
-    ll_gdn      loglinear_gated_delta_rule (ours, backend auto = per-level runs on the Triton base op)
+    ll_gdn      loglinear_gated_delta_rule (ours, backend "triton": the fused level kernels)
     gdn         gated_delta_rule (ours, Triton)                        -> column "/ base" of ll_gdn
-    ll_mamba2   loglinear_gated_linear_attn (ours)
+    ll_mamba2   loglinear_gated_linear_attn (ours, backend "triton")
     mamba2      gated_linear_attn (ours, Triton)                       -> column "/ base" of ll_mamba2
     fla_ll_mamba2  fla-core's chunk_log_linear_attn (fla.ops.log_linear_attn), imported lazily here only
+    ll_gdn_composed, ll_mamba2_composed  the same ops on backend "triton_composed" (one base-op run per
+                level, the reference the fused kernels replace; not in the default --methods)
 
 fla's log-linear Mamba-2 shares q and k over the heads (one group); ll_mamba2 and fla_ll_mamba2 get the
 same shared q/k (expanded to every head for ours), g, v and level weights; column "fla / ours" is
@@ -24,7 +26,8 @@ import sys
 from lctrain.bench.report import bench_main, result_dict
 
 METHODS = ("ll_gdn", "gdn", "ll_mamba2", "mamba2", "fla_ll_mamba2")
-BASE_OF = {"ll_gdn": "gdn", "ll_mamba2": "mamba2"}
+EXTRA_METHODS = ("ll_gdn_composed", "ll_mamba2_composed")
+BASE_OF = {"ll_gdn": "gdn", "ll_mamba2": "mamba2", "ll_gdn_composed": "gdn", "ll_mamba2_composed": "mamba2"}
 COLUMNS = ["T", "method", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd+bwd / base", "fla / ours (fwd+bwd)"]
 
 
@@ -37,7 +40,7 @@ def _parse(argv):
     p.add_argument("--H", type=int, default=16)
     p.add_argument("--D", type=int, default=128, help="head dim of q/k and v (default 128)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS + EXTRA_METHODS, default=list(METHODS))
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
@@ -74,12 +77,15 @@ def _method(name, x, fla):
     q, k, v, g, beta, lam = x["q"], x["k"], x["v"], x["g"], x["beta"], x["lam"]
     H = v.shape[2]
     shared = lambda t: t.expand(-1, -1, H, -1)  # noqa: E731 - ours takes one q/k per head
-    if name == "ll_gdn":
-        return (lambda: loglinear_gated_delta_rule(q, k, v, g, beta, lam)[0]), [q, k, v, g, beta, lam]
+    if name in ("ll_gdn", "ll_gdn_composed"):
+        backend = "triton" if name == "ll_gdn" else "triton_composed"
+        return (lambda: loglinear_gated_delta_rule(q, k, v, g, beta, lam, backend=backend)[0]), [q, k, v, g, beta, lam]
     if name == "gdn":
         return (lambda: gated_delta_rule(q, k, v, g, beta, backend="triton")[0]), [q, k, v, g, beta]
-    if name == "ll_mamba2":
-        return (lambda: loglinear_gated_linear_attn(shared(x["q1"]), shared(x["k1"]), v, g, lam, scale=1.0)[0],
+    if name in ("ll_mamba2", "ll_mamba2_composed"):
+        backend = "triton" if name == "ll_mamba2" else "triton_composed"
+        return (lambda: loglinear_gated_linear_attn(shared(x["q1"]), shared(x["k1"]), v, g, lam, scale=1.0,
+                                                    backend=backend)[0],
                 [x["q1"], x["k1"], v, g, lam])
     if name == "mamba2":
         return (lambda: gated_linear_attn(shared(x["q1"]), shared(x["k1"]), v, g, scale=1.0, backend="triton")[0],
