@@ -38,7 +38,6 @@ from lctrain.kernels import (
 )
 from lctrain.kernels.loglinear import ops as ll_ops
 from lctrain.kernels.loglinear.chunk import level_query, level_weight_differences, loglinear_by_levels, slots_from_runs
-from lctrain.kernels.loglinear.fused import fused_by_levels
 
 from .context_parallel import ContextParallelError, _all_gather, _comm_device, _exact
 
@@ -116,6 +115,7 @@ class LogLinearContextParallelOp:
                 run_init = torch.stack(inits, dim=2)
         gates = (g,) if beta is None else (g, beta)
         if which == "triton" and (self.rank * T) % chunk_size == 0:  # the fused kernels (else T < 64)
+            from lctrain.kernels.loglinear.fused import fused_by_levels  # imports triton
             o, runs = fused_by_levels(ll_ops._BASE[self.base_name], q, k, v, g, beta, lam, scale=scale,
                                       run_init=run_init, position_offset=self.rank * T, top=top, want_runs=True)
             o = o.to(q.dtype)

@@ -180,16 +180,15 @@ def _launch_args(qt, u):
     return B, T, H, K, V, triton.cdiv(T, CHUNK), bv, triton.cdiv(V, bv)
 
 
-def levels_forward(qt, k, w, ut, gam, lw, s0, scale: float, n0: int, want_final: bool):
-    """o_inter [B, T, H, V] fp32 (the readout of every level above log2(C)) and the final run states
-    [B, H, NL, K, V] fp32 (or None)."""
+def levels_forward(o, qt, k, w, ut, gam, lw, s0, scale: float, n0: int, want_final: bool):
+    """Adds the readout of every level above log2(C) to o ([B, T, H, V] fp32); returns the final run
+    states [B, H, NL, K, V] fp32 (or None)."""
     B, T, H, K, V, NT, bv, nvb = _launch_args(qt, ut)
     NL = lw.shape[-1]
-    o = torch.zeros(B, T, H, V, device=qt.device, dtype=torch.float32)
     st = torch.empty(B, H, NL, K, V, device=qt.device, dtype=torch.float32) if want_final else None
     levels_fwd_kernel[(NL, nvb, B * H)](qt, k, w, ut, gam, lw, s0, o, st, None, scale, B, T, NT, H, NL, n0, 0,
                                         K=K, V=V, BK=pow2(K), BV=bv, C=CHUNK, num_warps=WARPS_LEVELS)
-    return o, st
+    return st
 
 
 def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, need_ds0: bool):
@@ -214,26 +213,3 @@ def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, n
                                            num_warps=WARPS_LEVELS)
         del hs
     return dqt, dk, dw, du, dgam, dlw, ds0
-
-
-class LevelRuns(torch.autograd.Function):
-    """(o_inter fp32, final run states or None) = the level scans; inputs as ``levels_forward``."""
-
-    @staticmethod
-    def forward(ctx, qt, k, w, ut, gam, lw, s0, scale, n0, want_final):
-        o, st = levels_forward(qt, k, w, ut, gam, lw, s0, scale, n0, want_final)
-        ctx.save_for_backward(qt, k, w, ut, gam, lw, s0)
-        ctx.scale, ctx.n0 = scale, n0
-        return o, st
-
-    @staticmethod
-    def backward(ctx, do, dst):
-        qt, k, w, ut, gam, lw, s0 = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros(*ut.shape, device=ut.device, dtype=torch.float32)
-        dst = None if dst is None else dst.contiguous().float()
-        dqt, dk, dw, du, dgam, dlw, ds0 = levels_backward(qt, k, w, ut, gam, lw, s0, do.float(), dst, ctx.scale,
-                                                          ctx.n0, s0 is not None)
-        cast = lambda g, x: None if g is None else g.to(x.dtype)  # noqa: E731
-        return (cast(dqt, qt), cast(dk, k), cast(dw, w), cast(du, ut), dgam, dlw, cast(ds0, s0),
-                None, None, None)
