@@ -16,9 +16,11 @@ per-chunk tiles: one program per (V block, batch x head, level), levels on the f
 the launch, so the programs of one head run side by side and share those tiles through L2 instead of one
 pass per level over the whole sequence. The outputs of the levels are summed with fp32 atomics.
 
-The backward recomputes the per-chunk states of a group of levels (``levels_fwd_kernel`` storing them),
-then runs the reverse scan (``levels_bwd_kernel``) carrying dS_l, adding every level's share of dqt, dk,
-dW, dUt, dgam and d w_l with fp32 atomics. Groups bound the stored states to ``STATE_BUDGET`` bytes.
+The backward, per group of levels: the forward scan again storing every chunk's incoming state h
+(``levels_fwd_kernel``), the reverse scan storing every chunk's outgoing-state gradient dh
+(``levels_dstate_kernel``: the dS recursion needs no forward state), then one program per chunk pairs h
+and dh of every level of the group (``levels_grad_kernel``), summing the levels' shares of dqt, dk, dW,
+dUt, dgam in registers: no atomics. Groups bound h and dh to ``STATE_BUDGET`` bytes.
 
 Layout as in ``kernels/triton``: tokens [B, T, H, D] contiguous, gam and w as [B, T, H] / [B, T, H, NL]
 fp32, states [B, H, NL, K, V] fp32. ``n0`` is the global chunk index of the first chunk (position_offset
@@ -32,12 +34,15 @@ import triton.language as tl
 
 from ..triton.common import CHUNK, flags_given, pow2
 
-# V block of the level programs (the state tile is [K, BV] fp32) and num_warps.
+# V block of the level scans (the state tile is [K, BV] fp32) and num_warps; V block and warps of the
+# per-chunk gradient pass (three [C, K] fp32 accumulators).
 BV_LEVELS = 32
 WARPS_LEVELS = 4
+BV_GRAD = 32
+WARPS_GRAD = 8
 # Bytes of per-chunk states the backward keeps at once (one group of levels); more levels recompute in
 # more groups.
-STATE_BUDGET = 8 << 30
+STATE_BUDGET = 16 << 30
 
 
 @flags_given(HAS_W="w_ptr", HAS_S0="s0_ptr", STORE_ST="st_ptr", STORE_H="h_ptr", WRITE_O="o_ptr")
@@ -97,19 +102,15 @@ def levels_fwd_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, s0_ptr, o_pt
 
 @flags_given(HAS_W="w_ptr", HAS_DST="dst_ptr", STORE_DS0="ds0_ptr")
 @triton.jit
-def levels_bwd_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, do_ptr, h_ptr, dst_ptr,
-                      dqt_ptr, dk_ptr, dw_ptr, du_ptr, dgam_ptr, dlw_ptr, ds0_ptr,
-                      scale, B, T, NT, H, NL, n0, j0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr, HAS_DST: tl.constexpr,
-                      STORE_DS0: tl.constexpr):
-    """Reverse scan of one level (program as in ``levels_fwd_kernel``), dS = gradient of the state
-    leaving chunk n, S = its incoming state (from h):
-        dU     = diag(exp(gl - gam)) K dS                        -> dUt += dU, dW -= dU S^T
-        dK    += diag(exp(gl - gam)) (Ut - W S) dS^T
-        dgam  += -rowsum(dU * U), last row + sum(dU * U) + exp(gl) <S, dS>
-        dqt   += scale diag(w) dO S^T,   dw_l += scale rowsum(dO * (qt S))
-        dS_in  = exp(gl) dS - W^T dU + scale qt^T diag(w) dO,  cut to 0 where the chunk starts a block.
-    Everything but d initial state is summed over levels and V blocks with fp32 atomics."""
+def levels_dstate_kernel(qt_ptr, k_ptr, w_ptr, gam_ptr, lw_ptr, do_ptr, dst_ptr, dh_ptr, ds0_ptr,
+                         scale, B, T, NT, H, NL, n0, j0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                         BV: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr, HAS_DST: tl.constexpr,
+                         STORE_DS0: tl.constexpr):
+    """Reverse scan of one level (program as in ``levels_fwd_kernel``): dS = gradient of the state
+    leaving chunk n (stored in dh [G, B, NT, H, K, V]), then
+        dS_in = exp(gl) dS - W^T diag(exp(gl - gam)) K dS + scale qt^T diag(w) dO,
+    cut to 0 where chunk n starts a block; what is left at the start is the gradient of the level's
+    incoming run state (ds0). It needs no forward state: ``levels_grad_kernel`` pairs dh with h."""
     jj = tl.program_id(0)
     j = j0 + jj
     iv = tl.program_id(1)
@@ -132,45 +133,111 @@ def levels_bwd_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, do_ptr, h_pt
         rt = n * C + rc
         mt = rt < T
         mtk = mt[:, None] & mk[None, :]
-        mtv = mt[:, None] & mv[None, :]
-        S = tl.load(h_ptr + (((jj * B + b) * NT + n) * H + h) * K * V + rk[:, None] * V + rv[None, :],
-                    mask=mkv, other=0.0).to(tl.float32)
-        last = tl.minimum(n * C + C - 1, T - 1)
-        gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
-        gl = tl.load(gam_ptr + base + last * H)
-        dec = tl.exp(gl - gam)
+        tl.store(dh_ptr + (((jj * B + b) * NT + n) * H + h) * K * V + rk[:, None] * V + rv[None, :],
+                 dS.to(dh_ptr.dtype.element_ty), mask=mkv)
         qc = tl.load(qt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
-        kc = tl.load(k_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
         lw = tl.load(lw_ptr + (base + rt * H) * NL + j, mask=mt, other=0.0)
-        do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtv, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtv, other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :],
+                     other=0.0).to(tl.float32)
+        gl = tl.load(gam_ptr + base + tl.minimum(n * C + C - 1, T - 1) * H)
+        dS_in = dS * tl.exp(gl) + tl.dot(tl.trans(qc), (do * (scale * lw)[:, None]).to(qc.dtype)).to(tl.float32)
         if HAS_W:
+            gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
+            kc = tl.load(k_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
             wc = tl.load(w_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
-            u -= tl.dot(wc, S.to(wc.dtype)).to(tl.float32)
-        du = tl.dot(kc, dS.to(kc.dtype)).to(tl.float32) * dec[:, None]
-        tl.atomic_add(du_ptr + (base + rt[:, None] * H) * V + rv[None, :], du, mask=mtv)
-        St = tl.trans(S)
-        dSt = tl.trans(dS)
-        if HAS_W:
-            tl.atomic_add(dw_ptr + (base + rt[:, None] * H) * K + rk[None, :],
-                          -tl.dot(du.to(wc.dtype), St.to(wc.dtype)).to(tl.float32), mask=mtk)
-        dk = tl.dot((u * dec[:, None]).to(kc.dtype), dSt.to(kc.dtype)).to(tl.float32)
-        tl.atomic_add(dk_ptr + (base + rt[:, None] * H) * K + rk[None, :], dk, mask=mtk)
-        a = tl.sum(du * u, axis=1)
-        dgam = tl.where(rt == last, tl.sum(a, axis=0) + tl.exp(gl) * tl.sum(tl.sum(S * dS, axis=1), axis=0), 0.0)
-        tl.atomic_add(dgam_ptr + base + rt * H, dgam - a, mask=mt)
-        dow = do * (scale * lw)[:, None]
-        tl.atomic_add(dqt_ptr + (base + rt[:, None] * H) * K + rk[None, :],
-                      tl.dot(dow.to(qc.dtype), St.to(qc.dtype)).to(tl.float32), mask=mtk)
-        qs = tl.dot(qc, S.to(qc.dtype)).to(tl.float32)
-        tl.atomic_add(dlw_ptr + (base + rt * H) * NL + j, scale * tl.sum(do * qs, axis=1), mask=mt)
-        dS = dS * tl.exp(gl) + tl.dot(tl.trans(qc), dow.to(qc.dtype)).to(tl.float32)
-        if HAS_W:
-            dS -= tl.dot(tl.trans(wc), du.to(wc.dtype)).to(tl.float32)
-        keep = ((n0 + n) % span != 0)
-        dS = dS * keep.to(tl.float32)
+            du = tl.dot(kc, dS.to(kc.dtype)).to(tl.float32) * tl.exp(gl - gam)[:, None]
+            dS_in -= tl.dot(tl.trans(wc), du.to(wc.dtype)).to(tl.float32)
+        dS = dS_in * ((n0 + n) % span != 0).to(tl.float32)
     if STORE_DS0:
         tl.store(ds0_ptr + ((bh * NL + j) * K + rk[:, None]) * V + rv[None, :], dS, mask=mkv)
+
+
+@flags_given(HAS_W="w_ptr")
+@triton.jit
+def levels_grad_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, do_ptr, h_ptr, dh_ptr,
+                       dqt_ptr, dk_ptr, dw_ptr, du_ptr, dgam_ptr, dlw_ptr,
+                       scale, B, T, NT, H, NL, j0, G, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr, FIRST: tl.constexpr):
+    """Per chunk (program (chunk, batch x head)), summed over the G levels j0.. of this group and the V
+    blocks, with S = h (incoming state), dS = dh (gradient of the outgoing state), U = Ut - W S:
+        dU    = diag(exp(gl - gam)) K dS          -> dUt += dU,  dW -= dU S^T
+        dK   += diag(exp(gl - gam)) U dS^T
+        dgam += -rowsum(dU * U), last row + sum(dU * U) + exp(gl) <S, dS>
+        dqt  += scale diag(w) dO S^T,   dw_l = scale rowsum(dO * (qt S))
+    The chunk's rows belong to this program alone: plain stores, added to the previous groups' sums
+    unless FIRST."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    base = b * T * H + h
+    rt = n * C + tl.arange(0, C)
+    mt = rt < T
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    mtk = mt[:, None] & mk[None, :]
+    last = tl.minimum(n * C + C - 1, T - 1)
+    gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
+    gl = tl.load(gam_ptr + base + last * H)
+    dec = tl.exp(gl - gam)
+    qc = tl.load(qt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+    kc = tl.load(k_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+    if HAS_W:
+        wc = tl.load(w_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+    dqt = tl.zeros([C, BK], dtype=tl.float32)
+    dk = tl.zeros([C, BK], dtype=tl.float32)
+    dw = tl.zeros([C, BK], dtype=tl.float32)
+    dgam = tl.zeros([C], dtype=tl.float32)
+    glast = tl.sum(dgam, axis=0)
+    for v0 in range(0, V, BV):
+        rv = v0 + tl.arange(0, BV)
+        mv = rv < V
+        mkv = mk[:, None] & mv[None, :]
+        mtv = mt[:, None] & mv[None, :]
+        do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtv, other=0.0).to(tl.float32)
+        ut = tl.load(u_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtv, other=0.0).to(tl.float32)
+        du_sum = tl.zeros([C, BV], dtype=tl.float32)
+        for jj in range(0, G):
+            j = j0 + jj
+            off = (((jj * B + b) * NT + n) * H + h) * K * V + rk[:, None] * V + rv[None, :]
+            S = tl.load(h_ptr + off, mask=mkv, other=0.0)
+            dS = tl.load(dh_ptr + off, mask=mkv, other=0.0)
+            if HAS_W:
+                u = ut - tl.dot(wc, S.to(wc.dtype)).to(tl.float32)
+            else:
+                u = ut
+            du = tl.dot(kc, dS.to(kc.dtype)).to(tl.float32) * dec[:, None]
+            du_sum += du
+            St = tl.trans(S).to(kc.dtype)
+            if HAS_W:
+                dw -= tl.dot(du.to(kc.dtype), St).to(tl.float32)
+            dk += tl.dot((u * dec[:, None]).to(kc.dtype), tl.trans(dS).to(kc.dtype)).to(tl.float32)
+            a = tl.sum(du * u, axis=1)
+            dgam -= a
+            glast += tl.sum(a, axis=0) + tl.exp(gl) * tl.sum(tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1),
+                                                               axis=0)
+            lw = tl.load(lw_ptr + (base + rt * H) * NL + j, mask=mt, other=0.0)
+            dqt += tl.dot((do * (scale * lw)[:, None]).to(kc.dtype), St).to(tl.float32)
+            qs = tl.dot(qc, S.to(qc.dtype)).to(tl.float32)
+            part = scale * tl.sum(do * qs, axis=1)
+            if v0 > 0:
+                part += tl.load(dlw_ptr + (base + rt * H) * NL + j, mask=mt, other=0.0)
+            tl.store(dlw_ptr + (base + rt * H) * NL + j, part, mask=mt)
+        if not FIRST:
+            du_sum += tl.load(du_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtv, other=0.0)
+        tl.store(du_ptr + (base + rt[:, None] * H) * V + rv[None, :], du_sum, mask=mtv)
+    dgam += tl.where(rt == last, glast, 0.0)
+    if not FIRST:
+        dqt += tl.load(dqt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+        dk += tl.load(dk_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+        dgam += tl.load(dgam_ptr + base + rt * H, mask=mt, other=0.0)
+    tl.store(dqt_ptr + (base + rt[:, None] * H) * K + rk[None, :], dqt, mask=mtk)
+    tl.store(dk_ptr + (base + rt[:, None] * H) * K + rk[None, :], dk, mask=mtk)
+    tl.store(dgam_ptr + base + rt * H, dgam, mask=mt)
+    if HAS_W:
+        if not FIRST:
+            dw += tl.load(dw_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+        tl.store(dw_ptr + (base + rt[:, None] * H) * K + rk[None, :], dw, mask=mtk)
 
 
 def _launch_args(qt, u):
@@ -192,24 +259,30 @@ def levels_forward(o, qt, k, w, ut, gam, lw, s0, scale: float, n0: int, want_fin
 
 
 def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, need_ds0: bool):
-    """Gradients (fp32) of sum(o_inter * do) + sum(final * dst) w.r.t. qt, k, w, ut, gam, lw and s0."""
+    """Gradients (fp32) of sum(o_inter * do) + sum(final * dst) w.r.t. qt, k, w, ut, gam, lw and s0. Per
+    group of levels: the forward scan again (storing the incoming states h), the reverse scan (storing the
+    outgoing-state gradients dh), then one per-chunk pass pairing them."""
     B, T, H, K, V, NT, bv, nvb = _launch_args(qt, ut)
     NL = lw.shape[-1]
     f32 = dict(device=qt.device, dtype=torch.float32)
-    dqt, dk, du = torch.zeros(B, T, H, K, **f32), torch.zeros(B, T, H, K, **f32), torch.zeros(B, T, H, V, **f32)
-    dw = torch.zeros(B, T, H, K, **f32) if w is not None else None
-    dgam, dlw = torch.zeros(B, T, H, **f32), torch.zeros(B, T, H, NL, **f32)
+    dqt, dk, du = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, V, **f32)
+    dw = torch.empty(B, T, H, K, **f32) if w is not None else None
+    dgam, dlw = torch.empty(B, T, H, **f32), torch.empty(B, T, H, NL, **f32)
     ds0 = torch.zeros(B, H, NL, K, V, **f32) if need_ds0 else None
-    per_level = B * NT * H * K * V * qt.element_size()
+    per_level = 2 * B * NT * H * K * V * qt.element_size()
     group = max(1, min(NL, STATE_BUDGET // max(per_level, 1)))
     do = do.contiguous()
+    common = dict(K=K, V=V, BK=pow2(K), BV=bv, C=CHUNK)
     for j0 in range(0, NL, group):
         G = min(group, NL - j0)
         hs = torch.empty(G, B, NT, H, K, V, device=qt.device, dtype=qt.dtype)
+        dhs = torch.empty_like(hs)
         levels_fwd_kernel[(G, nvb, B * H)](qt, k, w, ut, gam, lw, s0, None, None, hs, scale, B, T, NT, H, NL, n0,
-                                           j0, K=K, V=V, BK=pow2(K), BV=bv, C=CHUNK, num_warps=WARPS_LEVELS)
-        levels_bwd_kernel[(G, nvb, B * H)](qt, k, w, ut, gam, lw, do, hs, dst, dqt, dk, dw, du, dgam, dlw, ds0,
-                                           scale, B, T, NT, H, NL, n0, j0, K=K, V=V, BK=pow2(K), BV=bv, C=CHUNK,
-                                           num_warps=WARPS_LEVELS)
-        del hs
+                                           j0, **common, num_warps=WARPS_LEVELS)
+        levels_dstate_kernel[(G, nvb, B * H)](qt, k, w, gam, lw, do, dst, dhs, ds0, scale, B, T, NT, H, NL, n0, j0,
+                                              **common, num_warps=WARPS_LEVELS)
+        levels_grad_kernel[(NT, B * H)](qt, k, w, ut, gam, lw, do, hs, dhs, dqt, dk, dw, du, dgam, dlw, scale,
+                                        B, T, NT, H, NL, j0, G, K=K, V=V, BK=pow2(K), BV=min(pow2(V), BV_GRAD),
+                                        C=CHUNK, FIRST=j0 == 0, num_warps=WARPS_GRAD)
+        del hs, dhs
     return dqt, dk, dw, du, dgam, dlw, ds0
