@@ -299,3 +299,26 @@ def test_recomputed_level_runs_give_the_same_gradients(monkeypatch):
     assert rel(recomputed[0], kept[0]) < 1e-12
     for name in kept[2]:
         assert rel(recomputed[2][name], kept[2][name]) < 1e-12, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T,D", [(20000, 64), (4096, 128)])
+def test_fused_triton_gpu_long_and_wide(kind, T, D):
+    """`pytest -m gpu`: the fused kernels in bfloat16 over 9 levels above the chunk (T=20000, ragged) and at
+    the benchmark's head dim 128, against the torch backend in float32 and against triton_composed."""
+    L = levels_needed(T)
+    gen = torch.Generator(device="cuda").manual_seed(T + D)
+    r = lambda *s: torch.randn(*s, generator=gen, device="cuda")  # noqa: E731
+    x = dict(q=r(B, T, H, D), k=F.normalize(r(B, T, H, D), dim=-1), v=r(B, T, H, D),
+             g=F.logsigmoid(r(B, T, H) + 3.0), beta=torch.sigmoid(r(B, T, H)) if kind == "gdn" else None,
+             lam=F.softplus(r(B, T, H, L)), init=None)
+    do, dS = r(B, T, H, D).double(), r(B, H, L, D, D).double()
+    ref = outputs_and_grads(kind, x, "torch", 0, do, dS, chunk_size=64)
+    xb = {n: (t.bfloat16() if n in ("q", "k", "v") else t) for n, t in x.items()}
+    for backend in ("triton", "triton_composed"):
+        o, S, g = outputs_and_grads(kind, xb, backend, 0, do, dS, chunk_size=64)
+        assert rel(o, ref[0]) < 2e-2 and rel(S, ref[1]) < 2e-2, backend
+        for name in ref[2]:
+            assert rel(g[name], ref[2][name]) < 2e-2, (backend, name)
