@@ -29,6 +29,7 @@ from ..triton.common import CHUNK, flags_given, pow2
 BK_INTRA = 64     # K columns per step of the [C, K] products
 BV_INTRA = 64     # V columns per step
 WARPS_INTRA = 4
+WARPS_INTRA_BWD = 8   # the backward holds several [C, C] fp32 tiles: 4 warps spill (sm_90, D=128)
 
 
 @triton.jit
@@ -207,5 +208,5 @@ def intra_backward(q, k, v, w, tm, beta, gam, lam, hi: int, scale: float, do, dq
     dlam = torch.empty(B, T, H, hi + 1, device=q.device, dtype=torch.float32)
     intra_bwd_kernel[(triton.cdiv(T, CHUNK), B * H)](q, k, v, w, tm, beta, gam, lam, do, dqt, dv, dq, dk, dw, dx,
                                                      dgam, dlam, scale, T, H, lam.shape[-1], K=K, V=V, BK=bk,
-                                                     BV=bv, C=CHUNK, HI=hi, num_warps=WARPS_INTRA)
+                                                     BV=bv, C=CHUNK, HI=hi, num_warps=WARPS_INTRA_BWD)
     return dv, dq, dx, dlam

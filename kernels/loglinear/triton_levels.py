@@ -38,7 +38,7 @@ from ..triton.common import CHUNK, flags_given, pow2
 # per-chunk gradient pass (three [C, K] fp32 accumulators).
 BV_LEVELS = 32
 WARPS_LEVELS = 4
-BV_GRAD = 32
+BV_GRAD = 16
 WARPS_GRAD = 8
 # Bytes of per-chunk states the backward keeps at once (one group of levels); more levels recompute in
 # more groups.
