@@ -12,9 +12,11 @@ state scan and its readout,
 with the effective queries qt = diag(Gam) Q - (causal * decay * Q K^T) W (qt_t^T S = q_t^T A_t...A_t0 S:
 the query carried back to the chunk start), W, Ut the WY terms (Mamba-2: W = 0, Ut = V), gam the in-chunk
 cumulative log-decay, w_l = lambda_l - lambda_{l+1} (the top level: lambda_top). All levels read the same
-per-chunk tiles: one program per (V block, batch x head, level), levels on the fastest-changing axis of
-the launch, so the programs of one head run side by side and share those tiles through L2 instead of one
-pass per level over the whole sequence. The outputs of the levels are summed with fp32 atomics.
+per-chunk tiles: one program per (group of CONFIG["LP"] levels, V block, batch x head) carries the
+group's states side by side as the columns of one tile, so each chunk tile is loaded once for the group
+and each product covers all of its levels; groups on the fastest-changing grid axis, so the programs of
+one head run side by side and share the tiles through L2. No pass per level over the whole sequence. The
+outputs of the groups are summed with fp32 atomics.
 
 The backward, per group of levels: the forward scan again storing every chunk's incoming state h
 (``levels_fwd_kernel``), the reverse scan storing every chunk's outgoing-state gradient dh
@@ -28,128 +30,172 @@ fp32, states [B, H, NL, K, V] fp32. ``n0`` is the global chunk index of the firs
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from ..triton.common import CHUNK, flags_given, pow2
 
-# V block of the level scans (the state tile is [K, BV] fp32) and num_warps; V block and warps of the
-# per-chunk gradient pass (three [C, K] fp32 accumulators).
-BV_LEVELS = 32
-WARPS_LEVELS = 4
-BV_GRAD = 16
-WARPS_GRAD = 8
+# Launch settings. The scans: V block BV, levels per program LP (the state tile is [K, LP * BV] fp32),
+# num_warps, num_stages (None: Triton's default); the per-chunk gradient pass: V block, num_warps.
+# Defaults: no register spills and shared memory within sm_90's 228 KiB at head dim 128 (checked with
+# kernel_resources-style compiles); ``set_levels_config`` / LCTRAIN_LOGLINEAR_CFG="LP=4,BV=16" change them
+# (``lctrain bench loglinear --levels-cfg`` times several).
+CONFIG = {"LP": 2, "BV": 32, "warps": 8, "stages": 2, "BV_grad": 16, "warps_grad": 8}
+
+
+def set_levels_config(**values: int) -> dict:
+    """Override launch settings (keys of CONFIG; no arguments: back to the defaults). Returns the old ones."""
+    global CONFIG
+    old = dict(CONFIG)
+    if not values:
+        CONFIG = dict(_DEFAULTS)
+        return old
+    for key, val in values.items():
+        if key not in CONFIG:
+            raise ValueError(f"set_levels_config: unknown key {key!r}; choose from {sorted(CONFIG)}")
+        if not isinstance(val, int) or val < 1 or (key.startswith("BV") and (val < 16 or val & (val - 1))):
+            raise ValueError(f"set_levels_config: {key}={val!r} must be a positive int"
+                             + (" and a power of two >= 16" if key.startswith("BV") else ""))
+    CONFIG = {**CONFIG, **values}
+    return old
+
+
+def parse_levels_config(spec: str) -> dict:
+    """"LP=4,BV=16" -> {"LP": 4, "BV": 16} (as LCTRAIN_LOGLINEAR_CFG and --levels-cfg take it)."""
+    try:
+        return {k.strip(): int(v) for k, v in (item.split("=") for item in spec.split(",") if item.strip())}
+    except ValueError:
+        raise ValueError(f"log-linear launch settings {spec!r} are not KEY=INT[,KEY=INT]") from None
+
+
+_DEFAULTS = dict(CONFIG)
+if os.environ.get("LCTRAIN_LOGLINEAR_CFG", "").strip():
+    set_levels_config(**parse_levels_config(os.environ["LCTRAIN_LOGLINEAR_CFG"]))
 # Bytes of per-chunk states the backward keeps at once (one group of levels); more levels recompute in
 # more groups.
 STATE_BUDGET = 16 << 30
 
 
+@triton.jit
+def _level_columns(jg, iv, j0, jend, V, BV: tl.constexpr, LP: tl.constexpr):
+    """The LP * BV state columns of one program: column c holds V column iv * BV + c % BV of level
+    j = j0 + jg * LP + c // BV (levels >= jend are padding). Returns j, the V index, the column mask and
+    the block length in chunks of each column's level (2 << j: level c + 1 + j spans 2^(j+1) chunks)."""
+    cols = tl.arange(0, LP * BV)
+    j = j0 + jg * LP + cols // BV
+    rv = iv * BV + cols % BV
+    return j, rv, (rv < V) & (j < jend), 2 << j
+
+
 @flags_given(HAS_W="w_ptr", HAS_S0="s0_ptr", STORE_ST="st_ptr", STORE_H="h_ptr", WRITE_O="o_ptr")
 @triton.jit
 def levels_fwd_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, s0_ptr, o_ptr, st_ptr, h_ptr,
-                      scale, B, T, NT, H, NL, n0, j0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr, HAS_S0: tl.constexpr,
-                      STORE_ST: tl.constexpr, STORE_H: tl.constexpr, WRITE_O: tl.constexpr):
-    """Program (level j0 + pid0, V block pid1, batch x head pid2): the scan of one level. Adds its
-    readout to o (fp32, atomics), stores its final state (st [B, H, NL, K, V]) and, for the backward,
-    its incoming state of every chunk (h [G, B, NT, H, K, V], G = levels of this launch)."""
-    jj = tl.program_id(0)
-    j = j0 + jj
+                      scale, B, T, NT, H, NL, n0, j0, jend, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, LP: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr,
+                      HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, STORE_H: tl.constexpr, WRITE_O: tl.constexpr):
+    """Program (level group pid0, V block pid1, batch x head pid2): the scans of LP levels at once, their
+    states side by side as the columns of one [K, LP * BV] tile (``_level_columns``), so every chunk
+    tile (k, W, qt, Ut, gam) is loaded once for the LP levels and each product covers all of them.
+    Adds the weighted readout of the LP levels to o (fp32, atomics), stores the final states (st
+    [B, H, NL, K, V]) and, for the backward, the incoming states of every chunk (h [jend - j0, B, NT, H,
+    K, V]). Levels j0 .. jend-1."""
+    jg = tl.program_id(0)
     iv = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     b = bh // H
     h = bh % H
     base = b * T * H + h
-    span = 2 << j                          # chunks per block of this level (level c + 1 + j)
+    j, rv, mcol, span = _level_columns(jg, iv, j0, jend, V, BV, LP)
     rk = tl.arange(0, BK)
     mk = rk < K
-    rv = iv * BV + tl.arange(0, BV)
-    mv = rv < V
-    mkv = mk[:, None] & mv[None, :]
+    mkv = mk[:, None] & mcol[None, :]
     rc = tl.arange(0, C)
-    S = tl.zeros([BK, BV], dtype=tl.float32)
+    hcol = (j - j0).to(tl.int64) * B * NT * H * K * V + rv     # column offsets in h
+    S = tl.zeros([BK, LP * BV], dtype=tl.float32)
     if HAS_S0:
-        if n0 % span != 0:
-            S = tl.load(s0_ptr + ((bh * NL + j) * K + rk[:, None]) * V + rv[None, :], mask=mkv, other=0.0)
+        S = tl.load(s0_ptr + ((bh * NL + j[None, :]) * K + rk[:, None]) * V + rv[None, :],
+                    mask=mkv & (n0 % span != 0)[None, :], other=0.0)
     for n in range(0, NT):
         keep = ((n0 + n) % span != 0) | (n == 0)
-        S = S * keep.to(tl.float32)
+        S = S * keep.to(tl.float32)[None, :]
         rt = n * C + rc
         mt = rt < T
         if STORE_H:
-            tl.store(h_ptr + (((jj * B + b) * NT + n) * H + h) * K * V + rk[:, None] * V + rv[None, :],
+            tl.store(h_ptr + hcol[None, :] + (((b * NT + n) * H + h) * K + rk[:, None]) * V,
                      S.to(h_ptr.dtype.element_ty), mask=mkv)
         mtk = mt[:, None] & mk[None, :]
-        mtv = mt[:, None] & mv[None, :]
+        mtc = mt[:, None] & mcol[None, :]
         gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
         gl = tl.load(gam_ptr + base + tl.minimum(n * C + C - 1, T - 1) * H)
         if WRITE_O:
             qc = tl.load(qt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
-            lw = tl.load(lw_ptr + (base + rt * H) * NL + j, mask=mt, other=0.0)
-            o = tl.dot(qc, S.to(qc.dtype)).to(tl.float32) * (scale * lw)[:, None]
-            tl.atomic_add(o_ptr + (base + rt[:, None] * H) * V + rv[None, :], o, mask=mtv)
+            lw = tl.load(lw_ptr + (base + rt[:, None] * H) * NL + j[None, :], mask=mtc, other=0.0)
+            o = tl.dot(qc, S.to(qc.dtype)).to(tl.float32) * lw * scale
+            o = tl.sum(tl.reshape(o, [C, LP, BV]), axis=1)
+            ro = iv * BV + tl.arange(0, BV)
+            tl.atomic_add(o_ptr + (base + rt[:, None] * H) * V + ro[None, :], o, mask=mt[:, None] & (ro < V)[None, :])
         kc = tl.load(k_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
-        u = tl.load(u_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtv, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtc, other=0.0).to(tl.float32)
         if HAS_W:
             wc = tl.load(w_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
             u -= tl.dot(wc, S.to(wc.dtype)).to(tl.float32)
         u = u * tl.exp(gl - gam)[:, None]
         S = S * tl.exp(gl) + tl.dot(tl.trans(kc), u.to(kc.dtype)).to(tl.float32)
     if STORE_ST:
-        tl.store(st_ptr + ((bh * NL + j) * K + rk[:, None]) * V + rv[None, :], S, mask=mkv)
+        tl.store(st_ptr + ((bh * NL + j[None, :]) * K + rk[:, None]) * V + rv[None, :], S, mask=mkv)
 
 
 @flags_given(HAS_W="w_ptr", HAS_DST="dst_ptr", STORE_DS0="ds0_ptr")
 @triton.jit
 def levels_dstate_kernel(qt_ptr, k_ptr, w_ptr, gam_ptr, lw_ptr, do_ptr, dst_ptr, dh_ptr, ds0_ptr,
-                         scale, B, T, NT, H, NL, n0, j0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                         BV: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr, HAS_DST: tl.constexpr,
-                         STORE_DS0: tl.constexpr):
-    """Reverse scan of one level (program as in ``levels_fwd_kernel``): dS = gradient of the state
-    leaving chunk n (stored in dh [G, B, NT, H, K, V]), then
+                         scale, B, T, NT, H, NL, n0, j0, jend, K: tl.constexpr, V: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, LP: tl.constexpr, C: tl.constexpr,
+                         HAS_W: tl.constexpr, HAS_DST: tl.constexpr, STORE_DS0: tl.constexpr):
+    """Reverse scans of LP levels (program and columns as in ``levels_fwd_kernel``): dS = gradient of
+    the state leaving chunk n (stored in dh, laid out as h), then
         dS_in = exp(gl) dS - W^T diag(exp(gl - gam)) K dS + scale qt^T diag(w) dO,
     cut to 0 where chunk n starts a block; what is left at the start is the gradient of the level's
     incoming run state (ds0). It needs no forward state: ``levels_grad_kernel`` pairs dh with h."""
-    jj = tl.program_id(0)
-    j = j0 + jj
+    jg = tl.program_id(0)
     iv = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     b = bh // H
     h = bh % H
     base = b * T * H + h
-    span = 2 << j
+    j, rv, mcol, span = _level_columns(jg, iv, j0, jend, V, BV, LP)
     rk = tl.arange(0, BK)
     mk = rk < K
-    rv = iv * BV + tl.arange(0, BV)
-    mv = rv < V
-    mkv = mk[:, None] & mv[None, :]
+    mkv = mk[:, None] & mcol[None, :]
     rc = tl.arange(0, C)
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    hcol = (j - j0).to(tl.int64) * B * NT * H * K * V + rv
+    dS = tl.zeros([BK, LP * BV], dtype=tl.float32)
     if HAS_DST:
-        dS = tl.load(dst_ptr + ((bh * NL + j) * K + rk[:, None]) * V + rv[None, :], mask=mkv, other=0.0)
+        dS = tl.load(dst_ptr + ((bh * NL + j[None, :]) * K + rk[:, None]) * V + rv[None, :], mask=mkv, other=0.0)
     for i in range(0, NT):
         n = NT - 1 - i
         rt = n * C + rc
         mt = rt < T
         mtk = mt[:, None] & mk[None, :]
-        tl.store(dh_ptr + (((jj * B + b) * NT + n) * H + h) * K * V + rk[:, None] * V + rv[None, :],
+        mtc = mt[:, None] & mcol[None, :]
+        tl.store(dh_ptr + hcol[None, :] + (((b * NT + n) * H + h) * K + rk[:, None]) * V,
                  dS.to(dh_ptr.dtype.element_ty), mask=mkv)
         qc = tl.load(qt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
-        lw = tl.load(lw_ptr + (base + rt * H) * NL + j, mask=mt, other=0.0)
-        do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :],
-                     other=0.0).to(tl.float32)
+        lw = tl.load(lw_ptr + (base + rt[:, None] * H) * NL + j[None, :], mask=mtc, other=0.0)
+        do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtc, other=0.0).to(tl.float32)
         gl = tl.load(gam_ptr + base + tl.minimum(n * C + C - 1, T - 1) * H)
-        dS_in = dS * tl.exp(gl) + tl.dot(tl.trans(qc), (do * (scale * lw)[:, None]).to(qc.dtype)).to(tl.float32)
+        dS_in = dS * tl.exp(gl) + tl.dot(tl.trans(qc), (do * lw * scale).to(qc.dtype)).to(tl.float32)
         if HAS_W:
             gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
             kc = tl.load(k_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
             wc = tl.load(w_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
             du = tl.dot(kc, dS.to(kc.dtype)).to(tl.float32) * tl.exp(gl - gam)[:, None]
             dS_in -= tl.dot(tl.trans(wc), du.to(wc.dtype)).to(tl.float32)
-        dS = dS_in * ((n0 + n) % span != 0).to(tl.float32)
+        dS = dS_in * ((n0 + n) % span != 0).to(tl.float32)[None, :]
     if STORE_DS0:
-        tl.store(ds0_ptr + ((bh * NL + j) * K + rk[:, None]) * V + rv[None, :], dS, mask=mkv)
+        tl.store(ds0_ptr + ((bh * NL + j[None, :]) * K + rk[:, None]) * V + rv[None, :], dS, mask=mkv)
 
 
 @flags_given(HAS_W="w_ptr")
@@ -243,8 +289,16 @@ def levels_grad_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, do_ptr, h_p
 def _launch_args(qt, u):
     B, T, H, K = qt.shape
     V = u.shape[-1]
-    bv = min(pow2(V), BV_LEVELS)
+    bv = min(pow2(V), CONFIG["BV"])
     return B, T, H, K, V, triton.cdiv(T, CHUNK), bv, triton.cdiv(V, bv)
+
+
+def _scan_launch() -> dict:
+    return {"num_warps": CONFIG["warps"], "num_stages": CONFIG["stages"]}
+
+
+def _scan_grid(levels: int, nvb: int, BH: int) -> tuple:
+    return (triton.cdiv(levels, CONFIG["LP"]), nvb, BH)
 
 
 def levels_forward(o, qt, k, w, ut, gam, lw, s0, scale: float, n0: int, want_final: bool):
@@ -253,8 +307,9 @@ def levels_forward(o, qt, k, w, ut, gam, lw, s0, scale: float, n0: int, want_fin
     B, T, H, K, V, NT, bv, nvb = _launch_args(qt, ut)
     NL = lw.shape[-1]
     st = torch.empty(B, H, NL, K, V, device=qt.device, dtype=torch.float32) if want_final else None
-    levels_fwd_kernel[(NL, nvb, B * H)](qt, k, w, ut, gam, lw, s0, o, st, None, scale, B, T, NT, H, NL, n0, 0,
-                                        K=K, V=V, BK=pow2(K), BV=bv, C=CHUNK, num_warps=WARPS_LEVELS)
+    levels_fwd_kernel[_scan_grid(NL, nvb, B * H)](qt, k, w, ut, gam, lw, s0, o, st, None, scale, B, T, NT, H, NL,
+                                                  n0, 0, NL, K=K, V=V, BK=pow2(K), BV=bv, LP=CONFIG["LP"],
+                                                  C=CHUNK, **_scan_launch())
     return st
 
 
@@ -272,17 +327,19 @@ def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, n
     per_level = 2 * B * NT * H * K * V * qt.element_size()
     group = max(1, min(NL, STATE_BUDGET // max(per_level, 1)))
     do = do.contiguous()
-    common = dict(K=K, V=V, BK=pow2(K), BV=bv, C=CHUNK)
+    common = dict(K=K, V=V, BK=pow2(K), BV=bv, LP=CONFIG["LP"], C=CHUNK, **_scan_launch())
     for j0 in range(0, NL, group):
         G = min(group, NL - j0)
         hs = torch.empty(G, B, NT, H, K, V, device=qt.device, dtype=qt.dtype)
         dhs = torch.empty_like(hs)
-        levels_fwd_kernel[(G, nvb, B * H)](qt, k, w, ut, gam, lw, s0, None, None, hs, scale, B, T, NT, H, NL, n0,
-                                           j0, **common, num_warps=WARPS_LEVELS)
-        levels_dstate_kernel[(G, nvb, B * H)](qt, k, w, gam, lw, do, dst, dhs, ds0, scale, B, T, NT, H, NL, n0, j0,
-                                              **common, num_warps=WARPS_LEVELS)
+        grid = _scan_grid(G, nvb, B * H)
+        levels_fwd_kernel[grid](qt, k, w, ut, gam, lw, s0, None, None, hs, scale, B, T, NT, H, NL, n0, j0, j0 + G,
+                                **common)
+        levels_dstate_kernel[grid](qt, k, w, gam, lw, do, dst, dhs, ds0, scale, B, T, NT, H, NL, n0, j0, j0 + G,
+                                   **common)
         levels_grad_kernel[(NT, B * H)](qt, k, w, ut, gam, lw, do, hs, dhs, dqt, dk, dw, du, dgam, dlw, scale,
-                                        B, T, NT, H, NL, j0, G, K=K, V=V, BK=pow2(K), BV=min(pow2(V), BV_GRAD),
-                                        C=CHUNK, FIRST=j0 == 0, num_warps=WARPS_GRAD)
+                                        B, T, NT, H, NL, j0, G, K=K, V=V, BK=pow2(K),
+                                        BV=min(pow2(V), CONFIG["BV_grad"]), C=CHUNK, FIRST=j0 == 0,
+                                        num_warps=CONFIG["warps_grad"])
         del hs, dhs
     return dqt, dk, dw, du, dgam, dlw, ds0
