@@ -286,30 +286,37 @@ def levels_grad_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, do_ptr, h_p
         tl.store(dw_ptr + (base + rt[:, None] * H) * K + rk[None, :], dw, mask=mtk)
 
 
+def _settings(K: int) -> dict:
+    """CONFIG for head dim K: above 128 one level per program and no software pipelining (the defaults
+    need 246-279 KiB of shared memory at K = 256)."""
+    return {**CONFIG, "LP": 1, "stages": 1} if K > 128 else CONFIG
+
+
 def _launch_args(qt, u):
     B, T, H, K = qt.shape
     V = u.shape[-1]
-    bv = min(pow2(V), CONFIG["BV"])
-    return B, T, H, K, V, triton.cdiv(T, CHUNK), bv, triton.cdiv(V, bv)
+    cfg = _settings(K)
+    bv = min(pow2(V), cfg["BV"])
+    return B, T, H, K, V, triton.cdiv(T, CHUNK), bv, triton.cdiv(V, bv), cfg
 
 
-def _scan_launch() -> dict:
-    return {"num_warps": CONFIG["warps"], "num_stages": CONFIG["stages"]}
+def _scan_launch(cfg) -> dict:
+    return {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
 
 
-def _scan_grid(levels: int, nvb: int, BH: int) -> tuple:
-    return (triton.cdiv(levels, CONFIG["LP"]), nvb, BH)
+def _scan_grid(levels: int, nvb: int, BH: int, cfg) -> tuple:
+    return (triton.cdiv(levels, cfg["LP"]), nvb, BH)
 
 
 def levels_forward(o, qt, k, w, ut, gam, lw, s0, scale: float, n0: int, want_final: bool):
     """Adds the readout of every level above log2(C) to o ([B, T, H, V] fp32); returns the final run
     states [B, H, NL, K, V] fp32 (or None)."""
-    B, T, H, K, V, NT, bv, nvb = _launch_args(qt, ut)
+    B, T, H, K, V, NT, bv, nvb, cfg = _launch_args(qt, ut)
     NL = lw.shape[-1]
     st = torch.empty(B, H, NL, K, V, device=qt.device, dtype=torch.float32) if want_final else None
-    levels_fwd_kernel[_scan_grid(NL, nvb, B * H)](qt, k, w, ut, gam, lw, s0, o, st, None, scale, B, T, NT, H, NL,
-                                                  n0, 0, NL, K=K, V=V, BK=pow2(K), BV=bv, LP=CONFIG["LP"],
-                                                  C=CHUNK, **_scan_launch())
+    levels_fwd_kernel[_scan_grid(NL, nvb, B * H, cfg)](qt, k, w, ut, gam, lw, s0, o, st, None, scale, B, T, NT, H,
+                                                       NL, n0, 0, NL, K=K, V=V, BK=pow2(K), BV=bv, LP=cfg["LP"],
+                                                       C=CHUNK, **_scan_launch(cfg))
     return st
 
 
@@ -317,7 +324,7 @@ def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, n
     """Gradients (fp32) of sum(o_inter * do) + sum(final * dst) w.r.t. qt, k, w, ut, gam, lw and s0. Per
     group of levels: the forward scan again (storing the incoming states h), the reverse scan (storing the
     outgoing-state gradients dh), then one per-chunk pass pairing them."""
-    B, T, H, K, V, NT, bv, nvb = _launch_args(qt, ut)
+    B, T, H, K, V, NT, bv, nvb, cfg = _launch_args(qt, ut)
     NL = lw.shape[-1]
     f32 = dict(device=qt.device, dtype=torch.float32)
     dqt, dk, du = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, V, **f32)
@@ -327,19 +334,19 @@ def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, n
     per_level = 2 * B * NT * H * K * V * qt.element_size()
     group = max(1, min(NL, STATE_BUDGET // max(per_level, 1)))
     do = do.contiguous()
-    common = dict(K=K, V=V, BK=pow2(K), BV=bv, LP=CONFIG["LP"], C=CHUNK, **_scan_launch())
+    common = dict(K=K, V=V, BK=pow2(K), BV=bv, LP=cfg["LP"], C=CHUNK, **_scan_launch(cfg))
     for j0 in range(0, NL, group):
         G = min(group, NL - j0)
         hs = torch.empty(G, B, NT, H, K, V, device=qt.device, dtype=qt.dtype)
         dhs = torch.empty_like(hs)
-        grid = _scan_grid(G, nvb, B * H)
+        grid = _scan_grid(G, nvb, B * H, cfg)
         levels_fwd_kernel[grid](qt, k, w, ut, gam, lw, s0, None, None, hs, scale, B, T, NT, H, NL, n0, j0, j0 + G,
                                 **common)
         levels_dstate_kernel[grid](qt, k, w, gam, lw, do, dst, dhs, ds0, scale, B, T, NT, H, NL, n0, j0, j0 + G,
                                    **common)
         levels_grad_kernel[(NT, B * H)](qt, k, w, ut, gam, lw, do, hs, dhs, dqt, dk, dw, du, dgam, dlw, scale,
                                         B, T, NT, H, NL, j0, G, K=K, V=V, BK=pow2(K),
-                                        BV=min(pow2(V), CONFIG["BV_grad"]), C=CHUNK, FIRST=j0 == 0,
-                                        num_warps=CONFIG["warps_grad"])
+                                        BV=min(pow2(V), cfg["BV_grad"]), C=CHUNK, FIRST=j0 == 0,
+                                        num_warps=cfg["warps_grad"])
         del hs, dhs
     return dqt, dk, dw, du, dgam, dlw, ds0
