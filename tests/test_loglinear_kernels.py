@@ -220,6 +220,27 @@ def test_fused_triton_level_groups_change_nothing(monkeypatch):
 
 
 @needs_triton
+def test_fused_triton_batch_of_two_and_wider_values():
+    """B=2 and V=32 != K=16 (the kernels' batch and value offsets), against the torch backend."""
+    gen = torch.Generator().manual_seed(30)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    Bt, T, K, V = 2, 150, 16, 32
+    L = levels_needed(T)
+    x = [r(Bt, T, H, K), F.normalize(r(Bt, T, H, K), dim=-1), r(Bt, T, H, V), F.logsigmoid(r(Bt, T, H) + 2.0),
+         torch.sigmoid(r(Bt, T, H)), F.softplus(r(Bt, T, H, L))]
+    do, dS = r(Bt, T, H, V), r(Bt, H, L, K, V)
+    results = []
+    for backend in ("torch", "triton"):
+        leaves = [t.clone().requires_grad_() for t in x]
+        o, S = loglinear_gated_delta_rule(*leaves, output_final_state=True, backend=backend, chunk_size=64)
+        results.append((o, S, torch.autograd.grad((o * do).sum() + (S * dS).sum(), leaves)))
+    (o_ref, S_ref, g_ref), (o, S, g) = results
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+    for name, got, want in zip(("q", "k", "v", "g", "beta", "lam"), g, g_ref):
+        assert rel(got, want) < 1e-5, name
+
+
+@needs_triton
 def test_fused_triton_cu_seqlens_and_refusals():
     """cu_seqlens: every document from position 0 (one call each), against the naive op per document;
     chunk sizes other than 64 and float64 are refused by name."""
