@@ -92,17 +92,21 @@ def _level_columns(jg, iv, j0, jend, V, BV: tl.constexpr, LP: tl.constexpr):
 
 @flags_given(HAS_W="w_ptr", HAS_S0="s0_ptr", STORE_ST="st_ptr", STORE_H="h_ptr", WRITE_O="o_ptr")
 @triton.jit
-def levels_fwd_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, s0_ptr, o_ptr, st_ptr, h_ptr,
+def levels_fwd_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, s0_ptr, o_ptr, st_ptr, h_ptr, work_ptr,
                       scale, B, T, NT, H, NL, n0, j0, jend, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, LP: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr,
                       HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, STORE_H: tl.constexpr, WRITE_O: tl.constexpr):
-    """Program (level group pid0, V block pid1, batch x head pid2): the scans of LP levels at once, their
-    states side by side as the columns of one [K, LP * BV] tile (``_level_columns``), so every chunk
-    tile (k, W, qt, Ut, gam) is loaded once for the LP levels and each product covers all of them.
-    Adds the weighted readout of the LP levels to o (fp32, atomics), stores the final states (st
-    [B, H, NL, K, V]) and, for the backward, the incoming states of every chunk (h [jend - j0, B, NT, H,
-    K, V]). Levels j0 .. jend-1."""
-    jg = tl.program_id(0)
+    """Program (work item pid0 = (level group, chunks lo..hi-1), V block pid1, batch x head pid2): the
+    scans of LP levels at once, their states side by side as the columns of one [K, LP * BV] tile
+    (``_level_columns``), so every chunk tile (k, W, qt, Ut, gam) is loaded once for the LP levels and
+    each product covers all of them. lo..hi is one block of the group's top level (``_work``): every
+    level of the group starts afresh there, so the blocks run as independent programs. Adds the weighted
+    readout to o (fp32, atomics), stores the final states (st [B, H, NL, K, V], from the last block) and,
+    for the backward, the incoming states of every chunk (h [jend - j0, B, NT, H, K, V]). Levels j0 ..
+    jend-1."""
+    jg = tl.load(work_ptr + 3 * tl.program_id(0))
+    lo = tl.load(work_ptr + 3 * tl.program_id(0) + 1)
+    hi = tl.load(work_ptr + 3 * tl.program_id(0) + 2)
     iv = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     b = bh // H
@@ -115,10 +119,10 @@ def levels_fwd_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, s0_ptr, o_pt
     rc = tl.arange(0, C)
     hcol = (j - j0).to(tl.int64) * B * NT * H * K * V + rv     # column offsets in h
     S = tl.zeros([BK, LP * BV], dtype=tl.float32)
-    if HAS_S0:
+    if HAS_S0:  # only the first block can continue one that began before this call
         S = tl.load(s0_ptr + ((bh * NL + j[None, :]) * K + rk[:, None]) * V + rv[None, :],
-                    mask=mkv & (n0 % span != 0)[None, :], other=0.0)
-    for n in range(0, NT):
+                    mask=mkv & ((n0 % span != 0) & (lo == 0))[None, :], other=0.0)
+    for n in range(lo, hi):
         keep = ((n0 + n) % span != 0) | (n == 0)
         S = S * keep.to(tl.float32)[None, :]
         rt = n * C + rc
@@ -145,12 +149,12 @@ def levels_fwd_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, s0_ptr, o_pt
         u = u * tl.exp(gl - gam)[:, None]
         S = S * tl.exp(gl) + tl.dot(tl.trans(kc), u.to(kc.dtype)).to(tl.float32)
     if STORE_ST:
-        tl.store(st_ptr + ((bh * NL + j[None, :]) * K + rk[:, None]) * V + rv[None, :], S, mask=mkv)
+        tl.store(st_ptr + ((bh * NL + j[None, :]) * K + rk[:, None]) * V + rv[None, :], S, mask=mkv & (hi == NT))
 
 
 @flags_given(HAS_W="w_ptr", HAS_DST="dst_ptr", STORE_DS0="ds0_ptr")
 @triton.jit
-def levels_dstate_kernel(qt_ptr, k_ptr, w_ptr, gam_ptr, lw_ptr, do_ptr, dst_ptr, dh_ptr, ds0_ptr,
+def levels_dstate_kernel(qt_ptr, k_ptr, w_ptr, gam_ptr, lw_ptr, do_ptr, dst_ptr, dh_ptr, ds0_ptr, work_ptr,
                          scale, B, T, NT, H, NL, n0, j0, jend, K: tl.constexpr, V: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, LP: tl.constexpr, C: tl.constexpr,
                          HAS_W: tl.constexpr, HAS_DST: tl.constexpr, STORE_DS0: tl.constexpr):
@@ -158,8 +162,11 @@ def levels_dstate_kernel(qt_ptr, k_ptr, w_ptr, gam_ptr, lw_ptr, do_ptr, dst_ptr,
     the state leaving chunk n (stored in dh, laid out as h), then
         dS_in = exp(gl) dS - W^T diag(exp(gl - gam)) K dS + scale qt^T diag(w) dO,
     cut to 0 where chunk n starts a block; what is left at the start is the gradient of the level's
-    incoming run state (ds0). It needs no forward state: ``levels_grad_kernel`` pairs dh with h."""
-    jg = tl.program_id(0)
+    incoming run state (ds0). It needs no forward state: ``levels_grad_kernel`` pairs dh with h. One
+    program per work item as in ``levels_fwd_kernel`` (the gradient does not cross a block start)."""
+    jg = tl.load(work_ptr + 3 * tl.program_id(0))
+    lo = tl.load(work_ptr + 3 * tl.program_id(0) + 1)
+    hi = tl.load(work_ptr + 3 * tl.program_id(0) + 2)
     iv = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     b = bh // H
@@ -172,10 +179,11 @@ def levels_dstate_kernel(qt_ptr, k_ptr, w_ptr, gam_ptr, lw_ptr, do_ptr, dst_ptr,
     rc = tl.arange(0, C)
     hcol = (j - j0).to(tl.int64) * B * NT * H * K * V + rv
     dS = tl.zeros([BK, LP * BV], dtype=tl.float32)
-    if HAS_DST:
-        dS = tl.load(dst_ptr + ((bh * NL + j[None, :]) * K + rk[:, None]) * V + rv[None, :], mask=mkv, other=0.0)
-    for i in range(0, NT):
-        n = NT - 1 - i
+    if HAS_DST:  # the final states are those of the last block
+        dS = tl.load(dst_ptr + ((bh * NL + j[None, :]) * K + rk[:, None]) * V + rv[None, :], mask=mkv & (hi == NT),
+                     other=0.0)
+    for i in range(0, hi - lo):
+        n = hi - 1 - i
         rt = n * C + rc
         mt = rt < T
         mtk = mt[:, None] & mk[None, :]
@@ -195,7 +203,7 @@ def levels_dstate_kernel(qt_ptr, k_ptr, w_ptr, gam_ptr, lw_ptr, do_ptr, dst_ptr,
             dS_in -= tl.dot(tl.trans(wc), du.to(wc.dtype)).to(tl.float32)
         dS = dS_in * ((n0 + n) % span != 0).to(tl.float32)[None, :]
     if STORE_DS0:
-        tl.store(ds0_ptr + ((bh * NL + j[None, :]) * K + rk[:, None]) * V + rv[None, :], dS, mask=mkv)
+        tl.store(ds0_ptr + ((bh * NL + j[None, :]) * K + rk[:, None]) * V + rv[None, :], dS, mask=mkv & (lo == 0))
 
 
 @flags_given(HAS_W="w_ptr")
@@ -304,8 +312,31 @@ def _scan_launch(cfg) -> dict:
     return {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
 
 
-def _scan_grid(levels: int, nvb: int, BH: int, cfg) -> tuple:
-    return (triton.cdiv(levels, cfg["LP"]), nvb, BH)
+_WORK: dict = {}
+
+
+def _work(j0: int, jend: int, n0: int, NT: int, LP: int, device) -> torch.Tensor:
+    """Work items [P, 3] int32 of the scans of levels j0..jend-1: (level group, first chunk, end chunk),
+    one per block of the group's top level (2^(j+1) chunks for level index j, aligned to the global chunk
+    index n0 + n), longest first (the long scans of the top levels start before the short ones)."""
+    key = (j0, jend, n0, NT, LP, str(device))
+    if key not in _WORK:
+        items = []
+        for jg in range(triton.cdiv(jend - j0, LP)):
+            span = 2 << min(j0 + (jg + 1) * LP - 1, jend - 1)
+            a = n0 // span * span
+            while a < n0 + NT:
+                items.append((jg, max(a, n0) - n0, min(a + span, n0 + NT) - n0))
+                a += span
+        items.sort(key=lambda it: it[1] - it[2])
+        if len(_WORK) > 64:
+            _WORK.clear()
+        _WORK[key] = torch.tensor(items, dtype=torch.int32, device=device)
+    return _WORK[key]
+
+
+def _scan_grid(work: torch.Tensor, nvb: int, BH: int) -> tuple:
+    return (work.shape[0], nvb, BH)
 
 
 def levels_forward(o, qt, k, w, ut, gam, lw, s0, scale: float, n0: int, want_final: bool):
@@ -314,9 +345,10 @@ def levels_forward(o, qt, k, w, ut, gam, lw, s0, scale: float, n0: int, want_fin
     B, T, H, K, V, NT, bv, nvb, cfg = _launch_args(qt, ut)
     NL = lw.shape[-1]
     st = torch.empty(B, H, NL, K, V, device=qt.device, dtype=torch.float32) if want_final else None
-    levels_fwd_kernel[_scan_grid(NL, nvb, B * H, cfg)](qt, k, w, ut, gam, lw, s0, o, st, None, scale, B, T, NT, H,
-                                                       NL, n0, 0, NL, K=K, V=V, BK=pow2(K), BV=bv, LP=cfg["LP"],
-                                                       C=CHUNK, **_scan_launch(cfg))
+    work = _work(0, NL, n0, NT, cfg["LP"], qt.device)
+    levels_fwd_kernel[_scan_grid(work, nvb, B * H)](qt, k, w, ut, gam, lw, s0, o, st, None, work, scale, B, T, NT,
+                                                    H, NL, n0, 0, NL, K=K, V=V, BK=pow2(K), BV=bv, LP=cfg["LP"],
+                                                    C=CHUNK, **_scan_launch(cfg))
     return st
 
 
@@ -339,11 +371,12 @@ def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, n
         G = min(group, NL - j0)
         hs = torch.empty(G, B, NT, H, K, V, device=qt.device, dtype=qt.dtype)
         dhs = torch.empty_like(hs)
-        grid = _scan_grid(G, nvb, B * H, cfg)
-        levels_fwd_kernel[grid](qt, k, w, ut, gam, lw, s0, None, None, hs, scale, B, T, NT, H, NL, n0, j0, j0 + G,
-                                **common)
-        levels_dstate_kernel[grid](qt, k, w, gam, lw, do, dst, dhs, ds0, scale, B, T, NT, H, NL, n0, j0, j0 + G,
-                                   **common)
+        work = _work(j0, j0 + G, n0, NT, cfg["LP"], qt.device)
+        grid = _scan_grid(work, nvb, B * H)
+        levels_fwd_kernel[grid](qt, k, w, ut, gam, lw, s0, None, None, hs, work, scale, B, T, NT, H, NL, n0, j0,
+                                j0 + G, **common)
+        levels_dstate_kernel[grid](qt, k, w, gam, lw, do, dst, dhs, ds0, work, scale, B, T, NT, H, NL, n0, j0,
+                                   j0 + G, **common)
         levels_grad_kernel[(NT, B * H)](qt, k, w, ut, gam, lw, do, hs, dhs, dqt, dk, dw, du, dgam, dlw, scale,
                                         B, T, NT, H, NL, j0, G, K=K, V=V, BK=pow2(K),
                                         BV=min(pow2(V), cfg["BV_grad"]), C=CHUNK, FIRST=j0 == 0,
