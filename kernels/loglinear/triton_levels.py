@@ -140,7 +140,8 @@ def levels_fwd_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, s0_ptr, o_pt
             o = tl.dot(qc, S.to(qc.dtype)).to(tl.float32) * lw * scale
             o = tl.sum(tl.reshape(o, [C, LP, BV]), axis=1)
             ro = iv * BV + tl.arange(0, BV)
-            tl.atomic_add(o_ptr + (base + rt[:, None] * H) * V + ro[None, :], o, mask=mt[:, None] & (ro < V)[None, :])
+            tl.atomic_add(o_ptr + (base + rt[:, None] * H) * V + ro[None, :], o, mask=mt[:, None] & (ro < V)[None, :],
+                          sem="relaxed")
         kc = tl.load(k_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
         u = tl.load(u_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtc, other=0.0).to(tl.float32)
         if HAS_W:
