@@ -203,8 +203,8 @@ def test_triton_matches_naive(backend, kind, T, p0, dtype, tol):
 @needs_triton
 def test_fused_triton_level_groups_change_nothing(monkeypatch):
     """The backward recomputes the level states in groups (one level per group here) and the scans run
-    4 levels per program in V blocks of 16 (levels past the group padded): same outputs and gradients as
-    the defaults (one group, 2 levels per program, V blocks of 32)."""
+    one level per program in V blocks of 16: same outputs and gradients as the defaults (one group, 2
+    levels per program, V blocks of 32)."""
     from lctrain.kernels.loglinear import triton_levels
     T, K, V = 200, 16, 16
     L = levels_needed(T)
@@ -212,7 +212,7 @@ def test_fused_triton_level_groups_change_nothing(monkeypatch):
     do, dS = torch.randn(B, T, H, V, dtype=torch.float64), torch.randn(B, H, L, K, V, dtype=torch.float64)
     whole = outputs_and_grads("gdn", x, "triton", 0, do, dS, chunk_size=64)
     monkeypatch.setattr(triton_levels, "STATE_BUDGET", 1)
-    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "LP": 4, "BV": 16})
+    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "LP": 1, "BV": 16})
     parts = outputs_and_grads("gdn", x, "triton", 0, do, dS, chunk_size=64)
     assert rel(parts[0], whole[0]) < 1e-6 and rel(parts[1], whole[1]) < 1e-6
     for name in whole[2]:

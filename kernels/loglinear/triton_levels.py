@@ -74,8 +74,8 @@ def parse_levels_config(spec: str) -> dict:
 _DEFAULTS = dict(CONFIG)
 if os.environ.get("LCTRAIN_LOGLINEAR_CFG", "").strip():
     set_levels_config(**parse_levels_config(os.environ["LCTRAIN_LOGLINEAR_CFG"]))
-# Bytes of per-chunk states the backward keeps at once (one group of levels); more levels recompute in
-# more groups.
+# Bytes of per-chunk states (h and dh) the backward keeps at once (one group of levels, at least
+# CONFIG["LP"] of them); more levels recompute in more groups.
 STATE_BUDGET = 16 << 30
 
 
@@ -365,7 +365,8 @@ def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, n
     dgam, dlw = torch.empty(B, T, H, **f32), torch.empty(B, T, H, NL, **f32)
     ds0 = torch.zeros(B, H, NL, K, V, **f32) if need_ds0 else None
     per_level = 2 * B * NT * H * K * V * qt.element_size()
-    group = max(1, min(NL, STATE_BUDGET // max(per_level, 1)))
+    # whole program groups (a smaller group leaves state columns idle), at least one
+    group = min(NL, max(cfg["LP"], STATE_BUDGET // max(per_level, 1) // cfg["LP"] * cfg["LP"]))
     do = do.contiguous()
     common = dict(K=K, V=V, BK=pow2(K), BV=bv, LP=cfg["LP"], C=CHUNK, **_scan_launch(cfg))
     for j0 in range(0, NL, group):
