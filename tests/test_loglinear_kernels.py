@@ -1,6 +1,7 @@
 """Log-linear Gated DeltaNet / Mamba-2 ops: naive (Fenwick recurrence) = dense (masked T x T form) =
-torch (per-level base-op runs) = triton (the same runs on the Triton base kernels, interpreter), in
-outputs, final level states and every gradient; lambda = 1 gives the plain op; input errors."""
+torch (per-level base-op runs) = triton_composed (the same runs on the Triton base kernels) = triton (the
+fused kernels; both in the interpreter), in outputs, final level states and every gradient; lambda = 1
+gives the plain op; input errors."""
 import os
 
 import pytest
