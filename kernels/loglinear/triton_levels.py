@@ -30,6 +30,7 @@ fp32, states [B, H, NL, K, V] fp32. ``n0`` is the global chunk index of the firs
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -375,10 +376,18 @@ def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, n
         dhs = torch.empty_like(hs)
         work = _work(j0, j0 + G, n0, NT, cfg["LP"], qt.device)
         grid = _scan_grid(work, nvb, B * H)
-        levels_fwd_kernel[grid](qt, k, w, ut, gam, lw, s0, None, None, hs, work, scale, B, T, NT, H, NL, n0, j0,
-                                j0 + G, **common)
+        # the two scans are independent: on CUDA the forward one runs on a side stream, so the long
+        # sequential scans of the top levels of both overlap
+        side = torch.cuda.Stream(qt.device) if qt.is_cuda else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(qt.device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            levels_fwd_kernel[grid](qt, k, w, ut, gam, lw, s0, None, None, hs, work, scale, B, T, NT, H, NL, n0,
+                                    j0, j0 + G, **common)
         levels_dstate_kernel[grid](qt, k, w, gam, lw, do, dst, dhs, ds0, work, scale, B, T, NT, H, NL, n0, j0,
                                    j0 + G, **common)
+        if side is not None:
+            torch.cuda.current_stream(qt.device).wait_stream(side)
         levels_grad_kernel[(NT, B * H)](qt, k, w, ut, gam, lw, do, hs, dhs, dqt, dk, dw, du, dgam, dlw, scale,
                                         B, T, NT, H, NL, j0, G, K=K, V=V, BK=pow2(K),
                                         BV=min(pow2(V), cfg["BV_grad"]), C=CHUNK, FIRST=j0 == 0,
