@@ -136,7 +136,8 @@ def run(args) -> dict:
             fla, fla_version = loaded
     from lctrain.kernels.loglinear import triton_levels
     for spec in args.levels_cfg:
-        triton_levels.parse_levels_config(spec)  # refuse a malformed one before any timing
+        # refuse a malformed one (format, keys, values) before any timing
+        triton_levels.set_levels_config(**triton_levels.set_levels_config(**triton_levels.parse_levels_config(spec)))
         methods += [f"{m}@{spec}" for m in ("ll_gdn", "ll_mamba2") if m in args.methods]
     rows, raw = [], []
     for i, T in enumerate(args.T):
