@@ -12,17 +12,19 @@ state scan and its readout,
 with the effective queries qt = diag(Gam) Q - (causal * decay * Q K^T) W (qt_t^T S = q_t^T A_t...A_t0 S:
 the query carried back to the chunk start), W, Ut the WY terms (Mamba-2: W = 0, Ut = V), gam the in-chunk
 cumulative log-decay, w_l = lambda_l - lambda_{l+1} (the top level: lambda_top). All levels read the same
-per-chunk tiles: one program per (group of CONFIG["LP"] levels, V block, batch x head) carries the
-group's states side by side as the columns of one tile, so each chunk tile is loaded once for the group
-and each product covers all of its levels; groups on the fastest-changing grid axis, so the programs of
-one head run side by side and share the tiles through L2. No pass per level over the whole sequence. The
-outputs of the groups are summed with fp32 atomics.
+per-chunk tiles: a program carries a group of CONFIG["LP"] levels side by side as the columns of one
+state tile, so each chunk tile is loaded once for the group and each product covers all of its levels;
+and it scans one block of the group's top level only (all the group's levels restart there), so the
+blocks are independent programs (``_work``: grid (work item, V block, batch x head), longest first):
+the low levels are many short scans, only the top group runs the whole sequence. No pass per level
+over the whole sequence; the outputs of the groups are summed with fp32 atomics.
 
 The backward, per group of levels: the forward scan again storing every chunk's incoming state h
 (``levels_fwd_kernel``), the reverse scan storing every chunk's outgoing-state gradient dh
 (``levels_dstate_kernel``: the dS recursion needs no forward state), then one program per chunk pairs h
 and dh of every level of the group (``levels_grad_kernel``), summing the levels' shares of dqt, dk, dW,
-dUt, dgam in registers: no atomics. Groups bound h and dh to ``STATE_BUDGET`` bytes.
+dUt, dgam in registers: no atomics. Groups bound h and dh to ``STATE_BUDGET`` bytes; on CUDA the two
+scans of a group run on two streams (they are independent).
 
 Layout as in ``kernels/triton``: tokens [B, T, H, D] contiguous, gam and w as [B, T, H] / [B, T, H, NL]
 fp32, states [B, H, NL, K, V] fp32. ``n0`` is the global chunk index of the first chunk (position_offset
