@@ -35,7 +35,7 @@ from .triton_levels import levels_backward, levels_forward
 
 
 class _FusedLogLinear(torch.autograd.Function):
-    """(o fp32, final run states of the levels above c or None). g, beta, lam, lw, s0 arrive fp32 and
+    """(o in q's dtype, final run states of the levels above c (fp32) or None). g, beta, lam, lw, s0 arrive fp32 and
     contiguous; lam [B, T, H, L], lw [B, T, H, NL] (NL = top - c, may be 0)."""
 
     @staticmethod
@@ -48,7 +48,7 @@ class _FusedLogLinear(torch.autograd.Function):
             st = levels_forward(o, qt, k, w, v if ut is None else ut, gam, lw, s0, scale, n0, want_final)
         ctx.save_for_backward(q, k, v, beta, lam, lw, s0, gam, tm, qt)
         ctx.scale, ctx.n0, ctx.hi = scale, n0, hi
-        return o, st
+        return o.to(q.dtype), st  # (dO then arrives in q's dtype too: half the reads of an fp32 one)
 
     @staticmethod
     def backward(ctx, do, dst):
@@ -84,8 +84,8 @@ def fused_by_levels(base, q, k, v, g, beta, level_weights, *, scale, run_init, p
                     want_runs: bool):
     """The log-linear op from its incoming run states (``run_init`` [B, H, >= top+1, K, V] or None, as
     chunk.loglinear_by_levels takes them) for a call starting on a chunk boundary (position_offset % C ==
-    0). ``base``: the public base op (the final runs of the levels inside the last chunk). Returns (o
-    fp32, final run states [B, H, top+1, K, V] fp32 or None)."""
+    0). ``base``: the public base op (the final runs of the levels inside the last chunk). Returns (o in
+    q's dtype, final run states [B, H, top+1, K, V] fp32 or None)."""
     p0 = position_offset
     K = q.shape[-1]
     c = CHUNK.bit_length() - 1
@@ -116,4 +116,4 @@ def fused_loglinear(base, q, k, v, g, beta, level_weights, *, scale, initial_sta
     o, runs = fused_by_levels(base, q, k, v, g, beta, level_weights, scale=scale, run_init=run_init,
                               position_offset=p0, top=top, want_runs=output_final_state)
     final = slots_from_runs(runs, level_weights.shape[-1]) if output_final_state else None
-    return o.to(q.dtype), final
+    return o, final
