@@ -474,9 +474,6 @@ def validate(cfg: DictConfig) -> None:
             _fail(f"train.{key}", f"must be a finite number, got {t[key]}", "set a real value")
     if t.lr <= 0:
         _fail("train.lr", f"must be positive, got {t.lr}", "set a learning rate such as 3e-4")
-    if t.loss_chunk_tokens > 0 and p.tp > 1:
-        _fail("train.loss_chunk_tokens", "the chunked head loss has no tensor-parallel form yet",
-              "use 0 with parallel.tp > 1")
     if t.loss_chunk_tokens < 0:
         _fail("train.loss_chunk_tokens", f"must be >= 0, got {t.loss_chunk_tokens}",
               "use 0 (whole logits) or a token count such as 8192")

@@ -75,3 +75,68 @@ def test_tp2_times_cp2_training_step_equals_one_process_and_halves_parameters():
     total = check(results)
     # every weight matrix and the (tied) embedding are split; only the norms are replicated
     assert all(0.5 * total <= r["n_local"] <= 0.52 * total for r in results), (total, [r["n_local"] for r in results])
+
+
+# ---------------------------------------------------------------- vocab-parallel loss in sequence chunks
+CHUNK_PATTERN = "SA"
+CHUNK_TOKENS = 7  # does not divide the 2 x 16 tokens: the last chunk is short
+
+
+def chunk_cfg():
+    m = tp_cfg()
+    m.layer_pattern = CHUNK_PATTERN
+    return m
+
+
+def loss_and_grads(model, loss_chunk_tokens):
+    """lm_loss (answer-style token weights included) + backward: (loss, mean, {name: grad})."""
+    from lctrain.train.step import lm_loss
+
+    model.zero_grad(set_to_none=True)
+    input_ids, labels = sample(100)
+    weights = torch.ones(labels.shape)
+    weights[1, 4:9] = 20.0
+    loss, mean = lm_loss(model, input_ids, labels, token_weights=weights, loss_chunk_tokens=loss_chunk_tokens)
+    loss.backward()
+    return loss.item(), mean.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def chunked_loss_worker(rank, world):
+    from lctrain.models import build_model
+    from lctrain.parallel import mesh
+    from lctrain.parallel.tensor_parallel import full_state_dict
+
+    mesh.init_mesh({"tp": world, "cp": 1, "pp": 1}, "cpu")
+    torch.manual_seed(0)
+    model = build_model(chunk_cfg(), tp_group=mesh.tp_group()).to(DTYPE)
+    out = {}
+    for chunk in (0, CHUNK_TOKENS):
+        loss, mean, grads = loss_and_grads(model, chunk)
+        out[chunk] = dict(loss=loss, mean=mean, grads=grads,
+                          full_grads=full_state_dict(model, grads, mesh.tp_group()))
+    return out
+
+
+def test_tp2_vocab_parallel_loss_in_chunks_equals_unchunked_and_one_process():
+    """train.loss_chunk_tokens under tp=2: the chunked vocab-parallel loss (logits [7, V/2] at a time)
+    gives every rank the loss and the gradients (its shards) of the unchunked vocab-parallel loss, and
+    gathered they equal the one-process chunked loss's."""
+    from lctrain.models import build_model
+
+    results = run_world(chunked_loss_worker, 2, timeout=300, init_process_group=False)
+    torch.manual_seed(0)
+    ref_loss, ref_mean, ref_grads = loss_and_grads(build_model(chunk_cfg()).to(DTYPE), CHUNK_TOKENS)
+    for rank, res in enumerate(results):
+        plain, chunked = res[0], res[CHUNK_TOKENS]
+        for got in (chunked, plain):
+            assert got["loss"] == pytest.approx(ref_loss, rel=RTOL), (rank, got["loss"], ref_loss)
+            assert got["mean"] == pytest.approx(ref_mean, rel=RTOL), (rank, got["mean"], ref_mean)
+        assert set(chunked["grads"]) == set(plain["grads"])
+        for name, g in chunked["grads"].items():
+            assert _rel(g, plain["grads"][name]) <= GRAD_RTOL, \
+                f"rank {rank}: chunked gradient of {name} differs from the unchunked by {_rel(g, plain['grads'][name]):.2e}"
+        for name, ref in ref_grads.items():
+            got = chunked["full_grads"][name]
+            assert _rel(got, ref) <= RTOL, f"rank {rank}: gathered {name} differs by {_rel(got, ref):.2e}"
+    # the head is split: each rank's chunked gradient of the tied embedding is its vocabulary half
+    assert results[0][CHUNK_TOKENS]["grads"]["embed.weight"].shape[0] == chunk_cfg().vocab_size // 2
