@@ -391,13 +391,6 @@ def validate(cfg: DictConfig) -> None:
               "times a data-parallel size",
               f"use a multiple of {model_size}, or lower parallel.tp / parallel.cp / parallel.pp")
     if p.tp > 1:
-        no_tp = sorted({c for c in pattern if c not in "GDMSA"})
-        if no_tp:
-            _fail("parallel.tp", f"layers {''.join(no_tp)} have no tensor-parallel form yet (G, D, M, S and A have)",
-                  "use parallel.tp=1 with them (context parallelism works)")
-        if any(c in ATTENTION_LAYERS for c in pattern) and m.mla_kv_rank > 0:
-            _fail("parallel.tp", "multi-head latent attention (model.mla_kv_rank > 0) has no tensor-parallel form yet",
-                  "use parallel.tp=1 or model.mla_kv_rank=0")
         if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_kv_heads is not None and m.attn_kv_heads % p.tp:
             _fail("model.attn_kv_heads", f"{m.attn_kv_heads} key/value heads do not divide over parallel.tp={p.tp}",
                   "make attn_kv_heads a multiple of tp")

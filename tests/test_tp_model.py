@@ -1,10 +1,13 @@
 """Tensor parallelism (megatron-core layers on gloo) equals the one-process model exactly.
 
-A tiny hybrid model with every layer kind (gated DeltaNet, sliding-window attention, DeltaNet,
-Mamba-2, global attention) takes one training step with tp=2 x cp=2 (Ulysses on the local
-heads); every rank's loss, every gradient and every updated parameter, gathered over the TP
-group to full size, must equal the one-process step. Also: a tp=2 model built from the same seed
-holds exactly the shards of the one-process model, and about half its parameters per rank.
+Tiny hybrid models with every layer kind take one training step with tp=2 x cp=2 (Ulysses on the
+local heads): gated DeltaNet, sliding-window attention, DeltaNet, Mamba-2 and global attention in
+one model; log-linear gated DeltaNet, log-linear Mamba-2 (level weights split with their heads),
+Deltaformer and multi-head latent attention (heads split, latent replicated) in another. Every
+rank's loss, every gradient and every updated parameter, gathered over the TP group to full size,
+must equal the one-process step. Also: a tp=2 model built from the same seed holds exactly the
+shards of the one-process model, and about half its parameters per rank. And the vocab-parallel
+loss in sequence chunks (train.loss_chunk_tokens) equals the unchunked one under tp=2.
 """
 from __future__ import annotations
 
@@ -20,26 +23,32 @@ from test_cp_model import DTYPE, RTOL, _rel, one_step, sample, tiny_model_cfg
 GRAD_RTOL = 2e-4
 
 
-def tp_cfg():
+def tp_cfg(pattern: str = "GSDMA"):
     m = tiny_model_cfg("none")
     m.n_heads, m.attn_heads = 4, 4  # 2 heads per TP rank, 1 per TP x CP rank under Ulysses
+    m.layer_pattern = pattern
+    if any(c in "LK" for c in pattern):
+        m.loglinear_levels = 5  # reaches position 15 (SEQ_LEN 16)
+        m.document_end_id = None  # the log-linear layers take no packed documents under CP
+    if "A" in pattern and "G" not in pattern:  # the second model: its global layer is MLA
+        m.mla_kv_rank, m.mla_rope_dim, m.attn_conv_size = 6, 4, 0
     return m
 
 
-def build(tp_group=None, cp_group=None):
+def build(tp_group=None, cp_group=None, pattern: str = "GSDMA"):
     from lctrain.models import build_model
 
     torch.manual_seed(0)
-    return build_model(tp_cfg(), cp_group=cp_group, tp_group=tp_group).to(DTYPE)
+    return build_model(tp_cfg(pattern), cp_group=cp_group, tp_group=tp_group).to(DTYPE)
 
 
-def tp_worker(rank, world, tp, cp):
+def tp_worker(rank, world, tp, cp, pattern):
     from lctrain.parallel import mesh
     from lctrain.parallel.tensor_parallel import full_state_dict
 
     mesh.init_mesh({"tp": tp, "cp": cp, "pp": 1}, "cpu")
     tp_group = mesh.tp_group()
-    model = build(tp_group, mesh.cp_group())
+    model = build(tp_group, mesh.cp_group(), pattern)
     init = {k: v.clone() for k, v in full_state_dict(model, model.state_dict(), tp_group).items()}
     n_local = model.num_parameters()
     names = [n for n, _ in model.named_parameters()]
@@ -50,8 +59,8 @@ def tp_worker(rank, world, tp, cp):
                 params=full_state_dict(model, dict(zip(names, params)), tp_group))
 
 
-def check(results):
-    ref_model = build()
+def check(results, pattern: str):
+    ref_model = build(pattern=pattern)
     ref_init = {k: v.clone() for k, v in ref_model.state_dict().items()}
     names = [n for n, _ in ref_model.named_parameters()]
     ref_loss, ref_grads, ref_params = one_step(ref_model, [sample(100)])
@@ -69,12 +78,47 @@ def check(results):
 
 
 @pytest.mark.slow
-def test_tp2_times_cp2_training_step_equals_one_process_and_halves_parameters():
+@pytest.mark.parametrize("pattern, replicated_share", [
+    ("GSDMA", 0.02),  # every weight matrix and the (tied) embedding are split; only the norms are replicated
+    ("LKFA", 0.06),  # + MLA's latent down-projection, its norm and the shared rope key projection
+])
+def test_tp2_times_cp2_training_step_equals_one_process_and_halves_parameters(pattern, replicated_share):
     """4 ranks: TP groups of 2 inside CP groups of 2 (one run covers the TP math and TP x CP)."""
-    results = run_world(tp_worker, 4, 2, 2, timeout=400, init_process_group=False)
-    total = check(results)
-    # every weight matrix and the (tied) embedding are split; only the norms are replicated
-    assert all(0.5 * total <= r["n_local"] <= 0.52 * total for r in results), (total, [r["n_local"] for r in results])
+    results = run_world(tp_worker, 4, 2, 2, pattern, timeout=400, init_process_group=False)
+    total = check(results, pattern)
+    assert all(0.5 * total <= r["n_local"] <= (0.5 + replicated_share) * total for r in results), \
+        (total, [r["n_local"] for r in results])
+
+
+def test_mla_under_tp_splits_heads_and_replicates_the_latent():
+    """What tensor parallelism splits in an MLA layer (its module doc says why): the per-head
+    projections are shards, the latent's down-projection, norm and the shared rope key are whole;
+    only the rope key's gradient is partial (marked for the sum over the TP group)."""
+    from lctrain.parallel.tensor_parallel import TP_PARTIAL_GRAD, TP_SPLIT_DIM
+
+    results = run_world(mla_split_worker, 2, timeout=200, init_process_group=False)
+    m = tp_cfg("LKFA")
+    H, D, R, r = m.attn_heads, m.attn_head_dim, m.mla_rope_dim, m.mla_kv_rank
+    assert results[0] == {
+        "q_proj.weight": ((H // 2 * (D + R), m.d_model), 0, False),
+        "kv_down.weight": ((r, m.d_model), None, False),  # k_up / v_up sum the latent's gradient
+        "kv_norm.weight": ((r,), None, False),
+        "k_up.weight": ((H // 2 * D, r), 0, False),
+        "v_up.weight": ((H // 2 * D, r), 0, False),
+        "k_rope.weight": ((R, m.d_model), None, True),
+        "o_proj.weight": ((m.d_model, H // 2 * D), 1, False),
+    }, (results[0], TP_SPLIT_DIM, TP_PARTIAL_GRAD)
+
+
+def mla_split_worker(rank, world):
+    from lctrain.parallel import mesh
+    from lctrain.parallel.tensor_parallel import TP_PARTIAL_GRAD, TP_SPLIT_DIM
+
+    mesh.init_mesh({"tp": world, "cp": 1, "pp": 1}, "cpu")
+    model = build(mesh.tp_group(), None, "LKFA")
+    mixer = model.blocks[3].mixer
+    return {n: (tuple(p.shape), getattr(p, TP_SPLIT_DIM, None), getattr(p, TP_PARTIAL_GRAD, False))
+            for n, p in mixer.named_parameters()}
 
 
 # ---------------------------------------------------------------- vocab-parallel loss in sequence chunks

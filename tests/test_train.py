@@ -410,6 +410,34 @@ def test_bad_layouts_exit_2_before_any_work(tmp_path, capsys, bad, key):
     assert not any(tmp_path.iterdir())
 
 
+# the layer kinds of TP_MODEL's complement: log-linear (level weights split with their heads), Deltaformer,
+# and a global layer with multi-head latent attention (heads split, latent replicated)
+TP_MODEL_REST = ["model.layer_pattern=LKFA", "model.n_heads=4", "model.attn_heads=4", "model.head_dim=8",
+                 "model.attn_head_dim=8", "model.loglinear_levels=6", "model.mla_kv_rank=8", "model.mla_rope_dim=4",
+                 "model.attn_conv_size=0"]
+
+
+@pytest.mark.slow
+def test_tp2_cli_log_linear_deltaformer_mla_with_chunked_loss_equal_one_process(tmp_path, parts, data_cache):
+    """`lctrain train parallel.tp=2` (2 gloo processes) on L, K, F and MLA layers, with the vocab-parallel
+    loss in sequence chunks, logs the losses of the one-process run with the whole logits; each rank
+    holds about half the parameters."""
+    ref = tmp_path / "ref"
+    assert _run(parts, ref, *TP_MODEL_REST, "train.steps=2") == 0
+    out = tmp_path / "tp2"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "lctrain.cli", "train", *TINY, *TP_MODEL_REST, "parallel.tp=2", "train.steps=2",
+           "train.loss_chunk_tokens=24", f"train.out_dir={out}", f"data.cache_dir={data_cache}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "(dp 1 x cp 1 x tp 2)" in proc.stdout
+    n_all, n_rank = (float(x) for x in
+                     __import__("re").search(r"([\d.]+)M parameters \(([\d.]+)M per rank\)", proc.stdout).groups())
+    assert 0.45 * n_all <= n_rank <= 0.56 * n_all, proc.stdout
+    assert _losses(out) == pytest.approx(_losses(ref), rel=1e-5)
+
+
 @pytest.mark.slow
 def test_tp2_cp2_cli_losses_equal_one_process_and_resume_with_tp1(tmp_path, parts, data_cache, capsys):
     """`lctrain train parallel.tp=2 parallel.cp=2` (4 gloo processes) logs the losses of the

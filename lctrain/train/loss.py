@@ -14,7 +14,7 @@ Autocast applies inside the chunks as it would to the plain head (bf16 matmul, f
 Under tensor parallelism (`tp_group`) the head weight is this rank's vocabulary shard [V/tp, d]: each
 chunk's logits are [chunk, V/tp] and megatron-core's vocab-parallel cross-entropy all-reduces their
 max, target logit and sum of exponentials over the TP group. The chunk's normed hidden states enter
-through megatron's `copy_to_tensor_model_parallel_region`, whose backward sums the TP ranks' partial
+through megatron's copy-to-TP-region (`to_tp_region`), whose backward sums the TP ranks' partial
 gradients, so the hidden-state and norm-weight gradients come out whole on every rank (as behind the
 column-parallel head) and the head-weight gradient is this rank's shard.
 """
@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from lctrain.parallel.tensor_parallel import to_tp_region
 
 IGNORE_INDEX = -100
 
@@ -36,15 +38,6 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group=Non
 
         return vocab_parallel_cross_entropy(logits, labels, IGNORE_INDEX)
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
-
-
-def _to_tp_region(x: torch.Tensor, tp_group) -> torch.Tensor:
-    """x as the input of a column-parallel matmul: identity forward, gradient summed over the TP group."""
-    if tp_group is None:
-        return x
-    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
-
-    return copy_to_tensor_model_parallel_region(x, tp_group)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -65,7 +58,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 x = hidden[start:stop].detach().requires_grad_(want[0])
                 nw = norm_weight.detach().requires_grad_(want[1])
                 hw = head_weight.detach().requires_grad_(want[2])
-                logits = F.linear(_to_tp_region(norm_fn(x, nw), tp_group), hw).float()
+                logits = F.linear(to_tp_region(norm_fn(x, nw), tp_group), hw).float()
                 per_token = token_cross_entropy(logits, labels[start:stop], tp_group)
                 weighted = per_token.sum() if token_weights is None else (per_token * token_weights[start:stop]).sum()
                 inputs = [t for t, w in zip((x, nw, hw), want) if w]
