@@ -135,6 +135,9 @@ class ParallelConfig:
     cp: int = 1  # context-parallel degree: the sequence is split into cp contiguous shards
     tp: int = 1  # tensor-parallel degree (heads and vocabulary)
     pp: int = 1  # pipeline-parallel degree
+    # megatron-core sequence parallelism (norms and residuals split along the sequence over the TP
+    # group): not available yet, refused when true (docs/design.md, "Tensor parallelism", says why)
+    sequence_parallel: bool = False
     # processes on this node when `lctrain train` launches them itself; 0 = cp * tp * pp
     nproc_per_node: int = 0
     dist_backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
@@ -390,6 +393,12 @@ def validate(cfg: DictConfig) -> None:
               f"{p.nproc_per_node} processes do not factor into tp*cp*pp = {p.tp}*{p.cp}*{p.pp} = {model_size} "
               "times a data-parallel size",
               f"use a multiple of {model_size}, or lower parallel.tp / parallel.cp / parallel.pp")
+    if p.sequence_parallel:
+        _fail("parallel.sequence_parallel",
+              "is not implemented: megatron-core's sequence-parallel gather / reduce-scatter regions allocate on the "
+              "current CUDA device, so the path cannot run (nor be checked against one process) on CPU/gloo, and "
+              "lctrain's layers keep [batch, sequence, hidden] where megatron's regions split dim 0",
+              "use parallel.sequence_parallel=false (tensor parallelism without it works)")
     if p.tp > 1:
         if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_kv_heads is not None and m.attn_kv_heads % p.tp:
             _fail("model.attn_kv_heads", f"{m.attn_kv_heads} key/value heads do not divide over parallel.tp={p.tp}",

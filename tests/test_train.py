@@ -400,6 +400,7 @@ TP_MODEL = ["model.layer_pattern=GSMA", "model.n_heads=4", "model.attn_heads=4",
     (["model.vocab_size=259", "parallel.tp=2"], "model.vocab_size"),
     (["parallel.pp=3"], "parallel.pp"),  # 2 layers, 3 stages
     (["parallel.tp=2", "parallel.nproc_per_node=3"], "parallel.nproc_per_node"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true"], "parallel.sequence_parallel"),  # refused, not ignored
     (["train.init_from=/nonexistent/run"], "train.init_from"),
 ])
 def test_bad_layouts_exit_2_before_any_work(tmp_path, capsys, bad, key):
