@@ -390,6 +390,11 @@ def _losses(out_dir: Path) -> list[float]:
     return [m["loss"] for m in _metrics(out_dir) if "loss" in m]  # step records (not the restart notes)
 
 
+def _grad_norms(out_dir: Path) -> list[float]:
+    """Each step's global gradient norm (TP shards' squares summed over the group, replicated ones once)."""
+    return [m["grad_norm"] for m in _metrics(out_dir) if "grad_norm" in m]
+
+
 TP_MODEL = ["model.layer_pattern=GSMA", "model.n_heads=4", "model.attn_heads=4", "model.head_dim=8",
             "model.attn_head_dim=8"]
 
@@ -421,8 +426,8 @@ TP_MODEL_REST = ["model.layer_pattern=LKFA", "model.n_heads=4", "model.attn_head
 @pytest.mark.slow
 def test_tp2_cli_log_linear_deltaformer_mla_with_chunked_loss_equal_one_process(tmp_path, parts, data_cache):
     """`lctrain train parallel.tp=2` (2 gloo processes) on L, K, F and MLA layers, with the vocab-parallel
-    loss in sequence chunks, logs the losses of the one-process run with the whole logits; each rank
-    holds about half the parameters."""
+    loss in sequence chunks, logs the losses and gradient norms of the one-process run with the whole
+    logits; each rank holds about half the parameters."""
     ref = tmp_path / "ref"
     assert _run(parts, ref, *TP_MODEL_REST, "train.steps=2") == 0
     out = tmp_path / "tp2"
@@ -437,6 +442,7 @@ def test_tp2_cli_log_linear_deltaformer_mla_with_chunked_loss_equal_one_process(
                      __import__("re").search(r"([\d.]+)M parameters \(([\d.]+)M per rank\)", proc.stdout).groups())
     assert 0.45 * n_all <= n_rank <= 0.56 * n_all, proc.stdout
     assert _losses(out) == pytest.approx(_losses(ref), rel=1e-5)
+    assert _grad_norms(out) == pytest.approx(_grad_norms(ref), rel=1e-5)
 
 
 @pytest.mark.slow
@@ -463,6 +469,7 @@ def test_tp2_cp2_cli_losses_equal_one_process_and_resume_with_tp1(tmp_path, part
     assert 0.45 * n_all <= n_rank <= 0.55 * n_all, proc.stdout
     got = _losses(out)
     assert got == pytest.approx(ref_losses[:2], rel=1e-5)
+    assert _grad_norms(out) == pytest.approx(_grad_norms(ref)[:2], rel=1e-5)
     model, _ = ckpt_mod.load_model_for_eval(out)  # evals load the tp=2 x cp=2 checkpoint in one process
     assert model.embed.weight.shape == (model.cfg.vocab_size, 32) and model.tp_group is None
 
