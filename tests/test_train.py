@@ -427,7 +427,8 @@ TP_MODEL_REST = ["model.layer_pattern=LKFA", "model.n_heads=4", "model.attn_head
 def test_tp2_cli_log_linear_deltaformer_mla_with_chunked_loss_equal_one_process(tmp_path, parts, data_cache):
     """`lctrain train parallel.tp=2` (2 gloo processes) on L, K, F and MLA layers, with the vocab-parallel
     loss in sequence chunks, logs the losses and gradient norms of the one-process run with the whole
-    logits; each rank holds about half the parameters."""
+    logits; each rank holds about half the parameters; its checkpoint loads in one process with the
+    one-process run's weights."""
     ref = tmp_path / "ref"
     assert _run(parts, ref, *TP_MODEL_REST, "train.steps=2") == 0
     out = tmp_path / "tp2"
@@ -443,6 +444,15 @@ def test_tp2_cli_log_linear_deltaformer_mla_with_chunked_loss_equal_one_process(
     assert 0.45 * n_all <= n_rank <= 0.56 * n_all, proc.stdout
     assert _losses(out) == pytest.approx(_losses(ref), rel=1e-5)
     assert _grad_norms(out) == pytest.approx(_grad_norms(ref), rel=1e-5)
+    # the checkpoint holds full tensors (level weights, Deltaformer and MLA shards gathered): one process
+    # loads it, and the weights are the one-process run's. Adam's first steps move every weight by ~lr
+    # whatever its gradient's size, so float32 rounding of small gradients shows up to ~3e-5 (0.3% of
+    # one step); a shard out of place would move weights by their own size (~0.4)
+    got, want = ckpt_mod.load_model_for_eval(out)[0].state_dict(), ckpt_mod.load_model_for_eval(ref)[0].state_dict()
+    assert got["blocks.0.mixer.l_bias"].shape == want["blocks.0.mixer.l_bias"].shape == (4, 6)
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-4, msg=name)
 
 
 @pytest.mark.slow
