@@ -134,9 +134,11 @@ class ModelConfig:
 class ParallelConfig:
     cp: int = 1  # context-parallel degree: the sequence is split into cp contiguous shards
     tp: int = 1  # tensor-parallel degree (heads and vocabulary)
-    pp: int = 1  # pipeline-parallel degree
+    # pipeline-parallel degree: stages of contiguous blocks (the layer count must divide by it); a step's
+    # train.grad_accum micro-batches go through megatron-core's 1F1B schedule (use grad_accum >= pp)
+    pp: int = 1
     # megatron-core sequence parallelism (norms and residuals split along the sequence over the TP
-    # group): not available yet, refused when true (docs/design.md, "Tensor parallelism", says why)
+    # group): not available yet, refused when true (docs/design.md §7 says why)
     sequence_parallel: bool = False
     # processes on this node when `lctrain train` launches them itself; 0 = cp * tp * pp
     nproc_per_node: int = 0
@@ -384,9 +386,6 @@ def validate(cfg: DictConfig) -> None:
     if p.pp > 1 and len(pattern) % p.pp:
         _fail("parallel.pp", f"{len(pattern)} layers do not split into {p.pp} pipeline stages",
               "choose pp dividing the number of layers")
-    if p.pp > 1:
-        _fail("parallel.pp", "pipeline parallelism is not implemented yet",
-              "use parallel.pp=1 (tensor and context parallelism work)")
     model_size = p.tp * p.cp * p.pp
     if p.nproc_per_node and p.nproc_per_node % model_size:
         _fail("parallel.nproc_per_node",
@@ -399,6 +398,14 @@ def validate(cfg: DictConfig) -> None:
               "current CUDA device, so the path cannot run (nor be checked against one process) on CPU/gloo, and "
               "lctrain's layers keep [batch, sequence, hidden] where megatron's regions split dim 0",
               "use parallel.sequence_parallel=false (tensor parallelism without it works)")
+    if p.pp > 1 and p.nproc_per_node > model_size:
+        _fail("parallel.pp", f"pipeline parallelism with data parallelism ({p.nproc_per_node} processes = "
+              f"{p.nproc_per_node // model_size} replicas of tp*cp*pp = {model_size}) is not supported yet (the "
+              "data loader needs each replica's ranks consecutive, megatron-core numbers pipeline stages outermost)",
+              f"use parallel.nproc_per_node={model_size} (or 0), or parallel.pp=1")
+    if p.pp > 1 and t.dtype == "float16":
+        _fail("train.dtype", "float16's loss scaler skips a step on the stage that overflowed only, and pipeline "
+              "stages would then drift apart", "use bfloat16 (or auto) with parallel.pp > 1")
     if p.tp > 1:
         if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_kv_heads is not None and m.attn_kv_heads % p.tp:
             _fail("model.attn_kv_heads", f"{m.attn_kv_heads} key/value heads do not divide over parallel.tp={p.tp}",

@@ -19,14 +19,15 @@ from lctrain.train.loss import IGNORE_INDEX, chunked_head_loss, token_cross_entr
 
 def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, cp_group=None, position_offset: int = 0,
             token_weights: torch.Tensor | None = None, doc_bounds: list[list[int]] | None = None,
-            loss_chunk_tokens: int = 0):
+            loss_chunk_tokens: int = 0, stage_input: torch.Tensor | None = None):
     """-> (loss, mean_loss): this rank's differentiable share and the detached full-sequence mean.
 
     Labels equal to -100 are ignored. With `cp_group` None (or of size 1) and no token_weights both
     are the plain mean. `doc_bounds` (from the loader): the packed documents' global boundaries per
     sample, handed to the model so that it need not find them itself. `loss_chunk_tokens` > 0
     (train.loss_chunk_tokens): the head and the loss run in chunks of that many tokens
-    (lctrain.train.loss), never materialising the whole logits.
+    (lctrain.train.loss), never materialising the whole logits. `stage_input`: on the last pipeline
+    stage, the previous stage's output (the model starts from it instead of embedding input_ids).
     """
     if input_ids.shape != labels.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} must have the same "
@@ -34,15 +35,17 @@ def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, cp_group=No
     if token_weights is not None and token_weights.shape != labels.shape:
         raise ValueError(f"token_weights {tuple(token_weights.shape)} must have the labels' shape "
                          f"{tuple(labels.shape)}")
-    documents = {} if doc_bounds is None else {"doc_bounds": doc_bounds}
+    model_kwargs = {} if doc_bounds is None else {"doc_bounds": doc_bounds}
+    if stage_input is not None:
+        model_kwargs["stage_input"] = stage_input
     tp_group = getattr(model, "tp_group", None)  # vocabulary-split logits under tensor parallelism
     if loss_chunk_tokens > 0:
-        hidden = model.hidden_states(input_ids, position_offset=position_offset, **documents)
+        hidden = model.hidden_states(input_ids, position_offset=position_offset, **model_kwargs)
         weighted, token_losses = chunked_head_loss(hidden, model.norm.weight, model.lm_head.weight, labels,
                                                    norm_fn=model.norm.norm_fn, chunk_tokens=loss_chunk_tokens,
                                                    token_weights=token_weights, tp_group=tp_group)
     else:
-        logits = model(input_ids, position_offset=position_offset, **documents)
+        logits = model(input_ids, position_offset=position_offset, **model_kwargs)
         per_token = token_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), tp_group)
         token_losses = per_token.sum()
         weighted = token_losses if token_weights is None else (per_token * token_weights.reshape(-1).float()).sum()
