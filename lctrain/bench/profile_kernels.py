@@ -2,6 +2,7 @@
 
     python -m lctrain.bench.profile_kernels [--T 131072] [--H 16] [--D 128] [--no-fla]
                                             [--docs 64] [--cfg KEY=INT[,KEY=INT]]
+    python -m lctrain.bench.profile_kernels --methods ll_gdn gated_delta ll_mamba2 gla   # log-linear ops
 
 Prints, for each method, the kernels sorted by total CUDA time (where the time goes), to guide
 tuning. ``--docs N``: the same T tokens packed as N documents (cu_seqlens, the layout of
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.docs is not None and (args.B != 1 or not 1 <= args.docs <= args.T):
         p.error(f"--docs needs --B 1 and 1 <= docs <= T (got B={args.B}, docs={args.docs}, T={args.T})")
+    if args.docs is not None and any(m.startswith("ll_") for m in args.methods):
+        p.error("--docs packs the chunk mixers and fla's; the log-linear ll_* methods take no cu_seqlens here")
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -53,19 +56,25 @@ def main(argv: list[str] | None = None) -> int:
         cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
         lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
         print(f"packed: {args.docs} documents of {min(lengths)} .. {max(lengths)} tokens (seed {args.seed})")
+    ll_x = None
     for m in methods:
-        if cu is None:
-            fwd, inputs = _method_fns(m, x, fla)
+        if m.startswith("ll_"):  # the log-linear ops, with the inputs of `lctrain bench loglinear`
+            from .loglinear import _inputs as ll_inputs
+            from .loglinear import _method as ll_method
+            ll_x = ll_x or ll_inputs(args.B, args.T, args.H, args.D, torch.bfloat16, "cuda")
+            (fwd, inputs), do = ll_method(m, ll_x, None), ll_x["do"]
+        elif cu is None:
+            (fwd, inputs), do = _method_fns(m, x, fla), x["do"]
         elif m.startswith("fla_"):
-            fwd, inputs = _fla(m[len("fla_"):], x, cu.long(), fla)
+            (fwd, inputs), do = _fla(m[len("fla_"):], x, cu.long(), fla), x["do"]
         else:
-            fwd, inputs = _ours(m, x, cu)
+            (fwd, inputs), do = _ours(m, x, cu), x["do"]
         for _ in range(2):  # compile / autotune first
-            torch.autograd.grad(fwd(), inputs, x["do"])
+            torch.autograd.grad(fwd(), inputs, do)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
-                torch.autograd.grad(fwd(), inputs, x["do"])
+                torch.autograd.grad(fwd(), inputs, do)
             torch.cuda.synchronize()
         what = "" if cu is None else f" packed as {args.docs} documents"
         print(f"\n=== {m}  T={args.T}{what} (3 iterations of fwd+bwd)", flush=True)
