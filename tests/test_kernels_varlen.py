@@ -233,3 +233,16 @@ def test_cu_seqlens_device_and_initial_state_rows_are_checked():
     with pytest.raises(ValueError, match="cu_seqlens"):
         shard_transition("delta", q, q, beta=beta, cu_seqlens=torch.tensor([0, 5]))
     assert check_cu_seqlens(torch.tensor([0, 4, 9], dtype=torch.int32), 1, 9, q.device) == [0, 4, 9]
+
+
+def test_remembered_cu_seqlens_are_checked_again_where_the_call_differs():
+    """The boundaries are read and checked once per tensor (not per layer call); a call with another
+    T is still refused, and an in-place change is read and checked anew."""
+    cu = torch.tensor([0, 4, 9])
+    first = check_cu_seqlens(cu, 1, 9, cu.device)
+    assert check_cu_seqlens(cu, 1, 9, cu.device) is first
+    with pytest.raises(ValueError, match="cu_seqlens must end at the sequence length T=8"):
+        check_cu_seqlens(cu, 1, 8, cu.device)
+    cu[1] = 0
+    with pytest.raises(ValueError, match="cu_seqlens must be strictly increasing"):
+        check_cu_seqlens(cu, 1, 9, cu.device)
