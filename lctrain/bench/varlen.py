@@ -153,8 +153,9 @@ def run(args) -> dict:
                 print(f"T={T} {op} {path}: " + ("OOM" if r is None else f"fwd {r[0]:.3f} ms, fwd+bwd {r[1]:.3f} ms")
                       + (f" (fwd+bwd {', '.join(vs)})" if vs else ""), flush=True)
             for path, r in res.items():
-                ratio = lambda ref, r=r, path=path: (None if r is None or ref is None or not path.startswith("packed")  # noqa: E731
-                                     else round(r[1] / ref[1], 3))
+                def ratio(ref, r=r, path=path):  # fwd+bwd of a packed row over the reference's
+                    packed = path.startswith("packed")
+                    return None if r is None or ref is None or not packed else round(r[1] / ref[1], 3)
                 rows.append([T, args.docs if path != "one" else 1, op, path,
                              None if r is None else round(r[0], 3), None if r is None else round(r[1], 3),
                              ratio(res.get("one")), ratio(res.get("fla packed"))])
