@@ -64,12 +64,22 @@ def test_torch_chunks_equal_naive_float64(T, chunk):
     assert_close(outputs_and_grads(x, backend="torch", chunk_size=chunk), ref, 1e-12)
 
 
-@pytest.mark.parametrize("T,chunk", [(21, 8), (40, 16)])
+@pytest.mark.parametrize("T,chunk", [(21, 8), (40, 16), (150, 80)])
 def test_triton_equals_naive(T, chunk):
+    """Forward statistics and backward push in Triton; (150, 80): two row blocks of 64 per chunk
+    and three key blocks, partial at both ends."""
     x = inputs(T, torch.float32, seed=T)
     ref = outputs_and_grads({n: t.double() for n, t in x.items()}, backend="naive")
     assert_close(outputs_and_grads(x, backend="triton", chunk_size=chunk), ref, 2e-5)
     assert_close(outputs_and_grads(x, backend="torch", chunk_size=chunk), ref, 2e-5)
+
+
+def test_triton_float16_inputs_equal_naive():
+    """fp16 inputs: the u-pass computes in float32 on the fp16 numbers; the read-out (SDPA) and the
+    returned gradients are fp16, hence the looser tolerance."""
+    x = inputs(70, torch.float16, seed=4)
+    ref = outputs_and_grads({n: t.double() for n, t in x.items()}, backend="naive")
+    assert_close(outputs_and_grads(x, backend="triton", chunk_size=32), ref, 5e-3)
 
 
 @pytest.mark.parametrize("backend", ["naive", "torch", "triton"])

@@ -71,42 +71,70 @@ StatsFn = Callable[[torch.Tensor, torch.Tensor, int, int, float], tuple]
 
 
 @torch.no_grad()
-def chunk_forward(k, v, beta, scale: float, chunk_size: int, stats: StatsFn = torch_chunk_stats):
-    """(u [B, H, T, V], lse [B, H, T]) in k's dtype; ``stats`` computes a chunk's statistics."""
+def chunk_forward(k, v, beta, scale: float, chunk_size: int, stats: StatsFn = torch_chunk_stats, w_pre=None):
+    """(u [B, H, T, V], lse [B, H, T], w [B, H, T, V]) in k's dtype; ``stats`` computes a chunk's
+    statistics; w_t = sum_j P[t, j] u_j (kept for the backward). ``w_pre`` [B, H, T, V] (context
+    parallelism): contributions of keys before these T tokens already folded into P (their
+    normaliser is in ``stats``' lse), added to every chunk's w."""
     B, H, T, _ = k.shape
     u = torch.empty_like(v)
+    w = torch.empty_like(v)
     lse = k.new_zeros(B, H, T)
     for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)
         w_prev, p_cc, lse_c = stats(k, u, s, e, scale)
+        if w_pre is not None:
+            w_prev = w_prev + w_pre[:, :, s:e]
         lse[:, :, s:e] = lse_c
         u[:, :, s:e] = _solve_chunk(p_cc, beta[:, :, s:e], v[:, :, s:e] - beta[:, :, s:e, None] * w_prev)
-    return u, lse
+        w[:, :, s:e] = w_prev + p_cc @ u[:, :, s:e]
+    return u, lse, w
+
+
+def chunk_probs(k, lse, s: int, e: int, scale: float):
+    """The intra-chunk block P[c, c] of the chunk [s, e), recomputed from k and the row lse."""
+    rows = torch.arange(s, e, device=k.device)
+    kc = k[:, :, s:e]
+    return _row_probs(scale * (kc @ kc.transpose(-1, -2)), rows, rows, lse[:, :, s:e])[0]
+
+
+def torch_chunk_push(k, u, lse, bd, bdw, rhs, dk, s: int, e: int, scale: float):
+    """Chunk [s, e)'s rows, with their adjoint final, add their share to the earlier rows (in place):
+    rhs[:s] -= P[c, :s]^T bd, and dk += scale (dS + dS^T) k over the block [c, :e], where
+    bd = beta_c d_c, bdw = bd . w_c and dS[t, j] = -P[t, j] (bd_t . u_j - bdw_t)."""
+    rows = torch.arange(s, e, device=k.device)
+    cols = torch.arange(e, device=k.device)
+    kc = k[:, :, s:e]
+    p, _ = _row_probs(scale * (kc @ k[:, :, :e].transpose(-1, -2)), rows, cols, lse[:, :, s:e])
+    rhs[:, :, :s] -= p[..., :s].transpose(-1, -2) @ bd
+    ds = -p * (bd @ u[:, :, :e].transpose(-1, -2) - bdw[..., None])
+    dk[:, :, s:e] += scale * (ds @ k[:, :, :e])
+    dk[:, :, :e] += scale * (ds.transpose(-1, -2) @ kc)
+
+
+PushFn = Callable[..., None]
 
 
 @torch.no_grad()
-def chunk_backward(k, beta, u, lse, gu, scale: float, chunk_size: int):
-    """(dk, dv, dbeta) of sum(u * gu) (see the module doc)."""
+def chunk_backward(k, beta, u, lse, w, gu, scale: float, chunk_size: int, push: PushFn = torch_chunk_push,
+                   rhs=None):
+    """(dk, dv, dbeta) of sum(u * gu) (see the module doc); ``push`` moves a solved chunk's share
+    onto the earlier rows (torch or Triton). ``rhs`` (context parallelism): gu with the shares of
+    tokens after these T already subtracted (used in place of a copy of gu, and overwritten)."""
     T = k.shape[2]
-    rhs = gu.clone()                     # gu - (contributions of later rows), completed chunk by chunk
+    rhs = gu.clone() if rhs is None else rhs   # gu - (contributions of later rows), completed chunk by chunk
     dk = torch.zeros_like(k)
     dv = torch.empty_like(u)
     dbeta = torch.empty_like(beta)
     for s in reversed(range(0, T, chunk_size)):
         e = min(s + chunk_size, T)
-        rows = torch.arange(s, e, device=k.device)
-        cols = torch.arange(e, device=k.device)
-        kc, bc = k[:, :, s:e], beta[:, :, s:e]
-        p, _ = _row_probs(scale * (kc @ k[:, :, :e].transpose(-1, -2)), rows, cols, lse[:, :, s:e])
-        d = _solve_chunk(p[..., s:e], bc, rhs[:, :, s:e], transpose=True)
+        bc = beta[:, :, s:e]
+        d = _solve_chunk(chunk_probs(k, lse, s, e, scale), bc, rhs[:, :, s:e], transpose=True)
         dv[:, :, s:e] = d
-        g = -bc[..., None] * d                                  # gradient on w_c
-        rhs[:, :, :s] -= p[..., :s].transpose(-1, -2) @ (bc[..., None] * d)
-        w = p @ u[:, :, :e]
-        dbeta[:, :, s:e] = -(w * d).sum(-1)
-        ds = p * (g @ u[:, :, :e].transpose(-1, -2) - (g * w).sum(-1, keepdim=True))
-        dk[:, :, s:e] += scale * (ds @ k[:, :, :e])
-        dk[:, :, :e] += scale * (ds.transpose(-1, -2) @ kc)
+        bd = bc[..., None] * d
+        wc = w[:, :, s:e]
+        dbeta[:, :, s:e] = -(wc * d).sum(-1)
+        push(k, u, lse, bd.contiguous(), (bd * wc).sum(-1).contiguous(), rhs, dk, s, e, scale)
     return dk, dv, dbeta
 
 
@@ -130,28 +158,28 @@ class _Tf32Matmuls:
 class UPass(torch.autograd.Function):
     """u = u_pass(k, v, beta) on [B, T, H, *] inputs; returns u [B, T, H, V] in the compute dtype.
     Forward: ``chunk_forward`` with the given statistics (torch or Triton); backward: the exact
-    ``chunk_backward``. Saves k, beta, u and the row log-sum-exp (O(T), no T x T tensor). With
-    bf16/fp16 inputs on CUDA the float32 matmuls run in TF32."""
+    ``chunk_backward`` with the given push (torch or Triton). Saves k, beta, u, w and the row
+    log-sum-exp (O(T), no T x T tensor). With bf16/fp16 inputs on CUDA the float32 matmuls run in TF32."""
 
     @staticmethod
-    def forward(ctx, k, v, beta, scale: float, chunk_size: int, stats: StatsFn, dtype: torch.dtype):
+    def forward(ctx, k, v, beta, scale: float, chunk_size: int, stats: StatsFn, push: PushFn, dtype: torch.dtype):
         kh = k.transpose(1, 2).to(dtype).contiguous()
         vh = v.transpose(1, 2).to(dtype).contiguous()
         bh = beta.transpose(1, 2).to(dtype).contiguous()
         ctx.tf32 = k.is_cuda and k.dtype in (torch.bfloat16, torch.float16)
         with _Tf32Matmuls(ctx.tf32):
-            u, lse = chunk_forward(kh, vh, bh, scale, chunk_size, stats)
-        ctx.save_for_backward(kh, bh, u, lse)
-        ctx.scale, ctx.chunk_size = scale, chunk_size
+            u, lse, w = chunk_forward(kh, vh, bh, scale, chunk_size, stats)
+        ctx.save_for_backward(kh, bh, u, lse, w)
+        ctx.scale, ctx.chunk_size, ctx.push = scale, chunk_size, push
         ctx.in_dtypes = (k.dtype, v.dtype, beta.dtype)
         return u.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, gu):
-        kh, bh, u, lse = ctx.saved_tensors
+        kh, bh, u, lse, w = ctx.saved_tensors
         guh = gu.transpose(1, 2).to(u.dtype).contiguous()
         with _Tf32Matmuls(ctx.tf32):
-            dk, dv, dbeta = chunk_backward(kh, bh, u, lse, guh, ctx.scale, ctx.chunk_size)
+            dk, dv, dbeta = chunk_backward(kh, bh, u, lse, w, guh, ctx.scale, ctx.chunk_size, ctx.push)
         kd, vd, bd = ctx.in_dtypes
         return (dk.transpose(1, 2).to(kd), dv.transpose(1, 2).to(vd), dbeta.transpose(1, 2).to(bd),
-                None, None, None, None)
+                None, None, None, None, None)

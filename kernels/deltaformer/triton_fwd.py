@@ -9,7 +9,7 @@ u only; the intra-chunk u are not known yet). It writes
     P[t, s:e] = exp(S[t, j] - lse_t) (j < t)
 
 so ``chunk.chunk_forward`` can solve the chunk. The scores block [c, e] is never materialised.
-The backward is ``chunk.chunk_backward`` (torch, exact), through ``chunk.UPass``.
+The backward is ``chunk.chunk_backward`` with the Triton push of ``triton_bwd.py``, through ``chunk.UPass``.
 """
 from __future__ import annotations
 
