@@ -95,16 +95,22 @@ def _segments(cu_seqlens, B, T, device) -> list[tuple[int, int]]:
     return list(zip(b, b[1:]))
 
 
+def chunk_stages(which: str):
+    """(forward statistics, backward push) of a resolved chunkwise backend ("torch" or "triton")."""
+    if which == "torch":
+        return chunk.torch_chunk_stats, chunk.torch_chunk_push
+    if which == "triton":
+        return _triton_stages()[0]
+    raise ValueError(f"deltaformer: backend {which!r} is not chunkwise; use 'torch' or 'triton'")
+
+
 def _u_pass_one(k, v, beta, scale, which, chunk_size):
     dtype = compute_dtype(k, v, beta)
     if which == "naive":
         return naive_u_pass(k, v, beta, scale)
-    if which == "torch":
-        return chunk.UPass.apply(k, v, beta, scale, chunk_size, chunk.torch_chunk_stats, chunk.torch_chunk_push,
-                                 dtype)
-    if dtype != torch.float32:
+    if which == "triton" and dtype != torch.float32:
         raise TypeError("deltaformer: the Triton u-pass computes in float32; float64 inputs need backend='torch'")
-    return chunk.UPass.apply(k, v, beta, scale, chunk_size, *_triton_stages()[0], dtype)
+    return chunk.UPass.apply(k, v, beta, scale, chunk_size, *chunk_stages(which), dtype)
 
 
 def deltaformer_u(k, v, beta, *, scale=None, cu_seqlens=None, backend="auto", chunk_size=64):

@@ -71,11 +71,10 @@ StatsFn = Callable[[torch.Tensor, torch.Tensor, int, int, float], tuple]
 
 
 @torch.no_grad()
-def chunk_forward(k, v, beta, scale: float, chunk_size: int, stats: StatsFn = torch_chunk_stats, w_pre=None):
+def chunk_forward(k, v, beta, scale: float, chunk_size: int, stats: StatsFn = torch_chunk_stats, on_chunk=None):
     """(u [B, H, T, V], lse [B, H, T], w [B, H, T, V]) in k's dtype; ``stats`` computes a chunk's
-    statistics; w_t = sum_j P[t, j] u_j (kept for the backward). ``w_pre`` [B, H, T, V] (context
-    parallelism): contributions of keys before these T tokens already folded into P (their
-    normaliser is in ``stats``' lse), added to every chunk's w."""
+    statistics; w_t = sum_j P[t, j] u_j (kept for the backward). ``on_chunk(e, u)`` is called after
+    each chunk [s, e) is solved (context parallelism streams the finished u from there)."""
     B, H, T, _ = k.shape
     u = torch.empty_like(v)
     w = torch.empty_like(v)
@@ -83,11 +82,11 @@ def chunk_forward(k, v, beta, scale: float, chunk_size: int, stats: StatsFn = to
     for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)
         w_prev, p_cc, lse_c = stats(k, u, s, e, scale)
-        if w_pre is not None:
-            w_prev = w_prev + w_pre[:, :, s:e]
         lse[:, :, s:e] = lse_c
         u[:, :, s:e] = _solve_chunk(p_cc, beta[:, :, s:e], v[:, :, s:e] - beta[:, :, s:e, None] * w_prev)
         w[:, :, s:e] = w_prev + p_cc @ u[:, :, s:e]
+        if on_chunk is not None:
+            on_chunk(e, u)
     return u, lse, w
 
 
@@ -117,10 +116,11 @@ PushFn = Callable[..., None]
 
 @torch.no_grad()
 def chunk_backward(k, beta, u, lse, w, gu, scale: float, chunk_size: int, push: PushFn = torch_chunk_push,
-                   rhs=None):
+                   rhs=None, on_chunk=None):
     """(dk, dv, dbeta) of sum(u * gu) (see the module doc); ``push`` moves a solved chunk's share
     onto the earlier rows (torch or Triton). ``rhs`` (context parallelism): gu with the shares of
-    tokens after these T already subtracted (used in place of a copy of gu, and overwritten)."""
+    tokens after these T already subtracted (used in place of a copy of gu, and overwritten).
+    ``on_chunk(s, e, bd, bdw)`` is called after each chunk's rows are final (the reverse loop)."""
     T = k.shape[2]
     rhs = gu.clone() if rhs is None else rhs   # gu - (contributions of later rows), completed chunk by chunk
     dk = torch.zeros_like(k)
@@ -134,7 +134,10 @@ def chunk_backward(k, beta, u, lse, w, gu, scale: float, chunk_size: int, push: 
         bd = bc[..., None] * d
         wc = w[:, :, s:e]
         dbeta[:, :, s:e] = -(wc * d).sum(-1)
-        push(k, u, lse, bd.contiguous(), (bd * wc).sum(-1).contiguous(), rhs, dk, s, e, scale)
+        bd, bdw = bd.contiguous(), (bd * wc).sum(-1).contiguous()
+        push(k, u, lse, bd, bdw, rhs, dk, s, e, scale)
+        if on_chunk is not None:
+            on_chunk(s, e, bd, bdw)
     return dk, dv, dbeta
 
 
