@@ -61,6 +61,9 @@ class PhaseTimes:
 
 
 PHASES = PhaseTimes()
+PHASE_ORDER = ("fwd: all-gather k", "fwd: wait for earlier u", "fwd: fold earlier u", "fwd: local chunk pass",
+               "fwd: drain sends", "fwd: read-out", "bwd: sum prefix grads to owners", "bwd: wait for later rows",
+               "bwd: pull later rows", "bwd: local chunk pass", "bwd: own rows vs earlier keys", "bwd: drain sends")
 
 
 def _sum_to_owners(full: torch.Tensor, group) -> torch.Tensor:

@@ -72,3 +72,20 @@ def test_cp_equals_one_process(P):
         for n in g_ref:
             g = torch.cat([results[r][i][1][n] for r in range(P)], dim=1).double()
             torch.testing.assert_close(g, g_ref[n], rtol=tol, atol=tol, msg=f"d{n}, case {i}")
+
+
+def test_bench_deltaformer_cp_runs_on_cpu(tmp_path):
+    """`lctrain bench deltaformer-cp --device cpu`: 2 gloo ranks, both schedules, the pipeline's
+    per-phase breakdown in the JSON."""
+    import json
+
+    from lctrain.bench.deltaformer_cp import COLUMNS, main
+    out = tmp_path / "dcp.json"
+    rc = main(["--device", "cpu", "--nproc", "2", "--T", "32", "--H", "1", "--D", "8", "--chunk-size", "4",
+               "--piece-size", "8", "--warmup", "0", "--iters", "1", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    rows = [dict(zip(COLUMNS, r)) for r in result["rows"]]
+    assert [r["schedule"] for r in rows] == ["pipeline", "gather"] and all(r["CP fwd+bwd ms"] > 0 for r in rows)
+    phases = result["raw"][0]["pipeline_phase_ms_per_rank"]
+    assert len(phases["fwd: local chunk pass"]) == 2 and phases["fwd: wait for earlier u"][0] == 0.0
