@@ -128,3 +128,18 @@ def test_triton_on_cuda_equals_torch_backend(D, dtype):
     cot_short = tuple(c[:, :70] for c in cot)
     assert_close(outputs_and_grads(short, cot_short, backend="triton", chunk_size=32),
                  outputs_and_grads(short, cot_short, backend="naive"), 2e-3)
+
+
+def test_bench_reports_why_fla_cannot_run():
+    """`lctrain bench deltaformer` probes each fla method and notes the exception's text instead of
+    crashing (here fla-core is not installed; on the GPU machine it is flash-attn that is missing)."""
+    import importlib.util
+
+    from lctrain.bench.deltaformer import _load_fla
+    if importlib.util.find_spec("fla") is not None:
+        pytest.skip("fla-core is installed here")
+    notes = []
+    fla = _load_fla(notes, ["fla", "fla_u_sdpa"], device="cpu")
+    assert fla == {"fla": None, "fla_u_sdpa": None}
+    assert "fla unavailable: ModuleNotFoundError: No module named 'fla'" in notes
+    assert "fla_u_sdpa unavailable: ModuleNotFoundError: No module named 'fla'" in notes
