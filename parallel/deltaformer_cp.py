@@ -183,7 +183,8 @@ class _PipelinedUPass(torch.autograd.Function):
         P, r = dist.get_world_size(group), dist.get_rank(group)
         dev = k.device
         comm = _comm_device(k, group)
-        stats, push = chunk_stages(which)
+        stages = chunk_stages(which)
+        stats = stages.stats
         kh = k.transpose(1, 2).to(dtype).contiguous()
         vh = v.transpose(1, 2).to(dtype).contiguous()
         bh = beta.transpose(1, 2).to(dtype).contiguous()
@@ -221,7 +222,7 @@ class _PipelinedUPass(torch.autograd.Function):
                 out.finish()
         u_pre = torch.cat(u_parts, dim=2) if u_parts else u[:, :, :0]
         ctx.save_for_backward(kh, bh, u, lse, w, k_pre, u_pre)
-        ctx.group, ctx.scale, ctx.chunk_size, ctx.push, ctx.tf32 = group, scale, chunk_size, push, tf32
+        ctx.group, ctx.scale, ctx.chunk_size, ctx.stages, ctx.tf32 = group, scale, chunk_size, stages, tf32
         ctx.pieces, ctx.piece = pieces, piece
         ctx.in_dtypes = (k.dtype, v.dtype, beta.dtype)
         return (torch.cat([k_pre, kh], dim=2).transpose(1, 2), torch.cat([u_pre, u], dim=2).transpose(1, 2))
@@ -259,19 +260,17 @@ class _PipelinedUPass(torch.autograd.Function):
                         dk += scale * (ds.transpose(-1, -2) @ kt)
                         del p, ds
             out = _Stream(group, range(r), comm)
-            bd_all, bdw_all = torch.empty_like(u), torch.empty_like(lse)
             todo = list(reversed(pieces))
 
-            def send_finished(s, e, bd, bdw):
-                bd_all[:, :, s:e], bdw_all[:, :, s:e] = bd, bdw
+            def send_finished(s, bd, bdw):
                 while todo and todo[0][0] >= s:
                     a, b = todo.pop(0)
-                    out.send(torch.cat([kh[:, :, a:b], bd_all[:, :, a:b], lse[:, :, a:b, None],
-                                        bdw_all[:, :, a:b, None]], dim=-1))
+                    out.send(torch.cat([kh[:, :, a:b], bd[:, :, a:b], lse[:, :, a:b, None], bdw[:, :, a:b, None]],
+                                       dim=-1))
 
             with PHASES("bwd: local chunk pass", dev):
-                dk_loc, dv, dbeta = chunk.chunk_backward(kh, bh, u, lse, w, None, scale, ctx.chunk_size, ctx.push,
-                                                         rhs=rhs, on_chunk=send_finished)
+                dk_loc, dv, dbeta, bd_all, bdw_all = chunk.chunk_backward(
+                    kh, bh, u, lse, w, None, scale, ctx.chunk_size, ctx.stages, rhs=rhs, on_chunk=send_finished)
                 dk += dk_loc
             with PHASES("bwd: own rows vs earlier keys", dev):
                 for a, b in _pieces(r * L, ctx.piece):

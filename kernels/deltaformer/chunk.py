@@ -19,16 +19,19 @@ k and the saved log-sum-exp). The adjoint d of u solves the transposed system
 
     d_c = solve((I + diag(beta_c) P[c, c])^T, gu_c - P[later, c]^T (beta d)[later])
 
-and then, with g_t = -beta_t d_t (the gradient on w_t = sum_j P[t, j] u_j):
-    dv = d,  dbeta_t = -w_t . d_t,
+so the reverse loop solves chunk c and then *pushes* its rows' share onto the earlier chunks'
+right-hand sides: rhs[:s] -= P[c, :s]^T (beta d)_c. That is all the loop does besides
+dv = d and dbeta_t = -w_t . d_t (w_t = sum_j P[t, j] u_j, saved by the forward). The gradient on
+the keys needs only final quantities, so it runs once after the loop, over the whole triangle
+(``key_grads``): with g_t = -beta_t d_t,
     dS[t, j] = P[t, j] (g_t . u_j - g_t . w_t)      (softmax backward; S = scale k k^T)
     dk = scale (dS + dS^T) k.
-One reverse loop over chunks does both: after d_c is solved, chunk c's rows are final, so they add
-their share to the earlier rows' right-hand sides and to dk.
+A backend is the triple ``Stages(stats, push, key_grads)``: torch here, Triton in
+``triton_fwd.py`` / ``triton_bwd.py``.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -67,7 +70,7 @@ def _solve_chunk(p_cc, beta_c, rhs, transpose: bool = False):
     return torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
 
 
-StatsFn = Callable[[torch.Tensor, torch.Tensor, int, int, float], tuple]
+StatsFn = Callable[[torch.Tensor, torch.Tensor, int, int, float], tuple]  # (k, u, s, e, scale) -> stats
 
 
 @torch.no_grad()
@@ -97,48 +100,88 @@ def chunk_probs(k, lse, s: int, e: int, scale: float):
     return _row_probs(scale * (kc @ kc.transpose(-1, -2)), rows, rows, lse[:, :, s:e])[0]
 
 
-def torch_chunk_push(k, u, lse, bd, bdw, rhs, dk, s: int, e: int, scale: float):
-    """Chunk [s, e)'s rows, with their adjoint final, add their share to the earlier rows (in place):
-    rhs[:s] -= P[c, :s]^T bd, and dk += scale (dS + dS^T) k over the block [c, :e], where
-    bd = beta_c d_c, bdw = bd . w_c and dS[t, j] = -P[t, j] (bd_t . u_j - bdw_t)."""
-    rows = torch.arange(s, e, device=k.device)
-    cols = torch.arange(e, device=k.device)
-    kc = k[:, :, s:e]
-    p, _ = _row_probs(scale * (kc @ k[:, :, :e].transpose(-1, -2)), rows, cols, lse[:, :, s:e])
-    rhs[:, :, :s] -= p[..., :s].transpose(-1, -2) @ bd
-    ds = -p * (bd @ u[:, :, :e].transpose(-1, -2) - bdw[..., None])
-    dk[:, :, s:e] += scale * (ds @ k[:, :, :e])
-    dk[:, :, :e] += scale * (ds.transpose(-1, -2) @ kc)
+def merge_intra_chunk(kc, m, l, acc, scale: float):
+    """Chunk statistics (chunk.StatsFn's result) from the online-softmax state of the rows kc
+    [B, H, c, K] over all earlier chunks' keys (running max m and sum l [B, H, c], acc [B, H, c, V] =
+    sum_j exp(S - m) u_j; m = NEG, l = 0 where there were none) and the chunk's own keys (j < t)."""
+    c = kc.shape[2]
+    idx = torch.arange(c, device=kc.device)
+    allowed = idx[None, :] < idx[:, None]
+    sc = (scale * (kc @ kc.transpose(-1, -2))).masked_fill(~allowed, NEG)
+    m2 = torch.maximum(m, sc.amax(-1))
+    alpha = torch.exp(m - m2)
+    l2 = l * alpha + torch.exp(sc - m2[..., None]).masked_fill(~allowed, 0.0).sum(-1)
+    has = l2 > 0
+    lse = torch.where(has, m2 + torch.log(torch.where(has, l2, 1.0)), 0.0)
+    w_prev = acc * (alpha / torch.where(has, l2, 1.0))[..., None]
+    p_cc = torch.exp(sc - lse[..., None]).masked_fill(~allowed, 0.0)
+    return w_prev, p_cc, lse
 
 
-PushFn = Callable[..., None]
+def torch_chunk_push(k, lse, bd, rhs, s: int, e: int, scale: float):
+    """Chunk [s, e)'s rows, their adjoint final, push onto the earlier chunks' right-hand sides (in
+    place): rhs[:s] -= P[c, :s]^T bd with bd = beta_c d_c."""
+    if s == 0:
+        return
+    p = torch.exp(scale * (k[:, :, s:e] @ k[:, :, :s].transpose(-1, -2)) - lse[:, :, s:e, None])
+    rhs[:, :, :s] -= p.transpose(-1, -2) @ bd
+
+
+def torch_key_grads(k, u, lse, bd, bdw, scale: float, chunk_size: int):
+    """dk = scale (dS + dS^T) k with dS[t, j] = -P[t, j] (bd_t . u_j - bdw_t) (j < t), bd = beta d,
+    bdw_t = bd_t . w_t; a chunk of rows at a time."""
+    T = k.shape[2]
+    dk = torch.zeros_like(k)
+    for s in range(0, T, chunk_size):
+        e = min(s + chunk_size, T)
+        rows = torch.arange(s, e, device=k.device)
+        cols = torch.arange(e, device=k.device)
+        kc, bdc = k[:, :, s:e], bd[:, :, s:e]
+        p, _ = _row_probs(scale * (kc @ k[:, :, :e].transpose(-1, -2)), rows, cols, lse[:, :, s:e])
+        ds = -p * (bdc @ u[:, :, :e].transpose(-1, -2) - bdw[:, :, s:e, None])
+        dk[:, :, s:e] += scale * (ds @ k[:, :, :e])
+        dk[:, :, :e] += scale * (ds.transpose(-1, -2) @ kc)
+    return dk
+
+
+class Stages(NamedTuple):
+    """A backend of the chunked u-pass: the forward statistics of a chunk, the backward push of a
+    solved chunk onto the earlier right-hand sides, and the key gradients after the backward loop."""
+    stats: Callable
+    push: Callable
+    key_grads: Callable
+
+
+TORCH_STAGES = Stages(torch_chunk_stats, torch_chunk_push, torch_key_grads)
 
 
 @torch.no_grad()
-def chunk_backward(k, beta, u, lse, w, gu, scale: float, chunk_size: int, push: PushFn = torch_chunk_push,
+def chunk_backward(k, beta, u, lse, w, gu, scale: float, chunk_size: int, stages: Stages = TORCH_STAGES,
                    rhs=None, on_chunk=None):
-    """(dk, dv, dbeta) of sum(u * gu) (see the module doc); ``push`` moves a solved chunk's share
-    onto the earlier rows (torch or Triton). ``rhs`` (context parallelism): gu with the shares of
-    tokens after these T already subtracted (used in place of a copy of gu, and overwritten).
-    ``on_chunk(s, e, bd, bdw)`` is called after each chunk's rows are final (the reverse loop)."""
+    """(dk, dv, dbeta, bd) of sum(u * gu) (see the module doc), bd = beta d. ``rhs`` (context
+    parallelism): gu with the shares of tokens after these T already subtracted (used in place of a
+    copy of gu, and overwritten). ``on_chunk(s, bd, bdw)`` is called after each chunk [s, e) is
+    solved (the reverse loop) with bd and bdw_t = bd_t . w_t, [B, H, T, *], final from row s on."""
     T = k.shape[2]
     rhs = gu.clone() if rhs is None else rhs   # gu - (contributions of later rows), completed chunk by chunk
-    dk = torch.zeros_like(k)
     dv = torch.empty_like(u)
+    bd = torch.empty_like(u)
     dbeta = torch.empty_like(beta)
+    bdw = torch.empty_like(beta)
     for s in reversed(range(0, T, chunk_size)):
         e = min(s + chunk_size, T)
         bc = beta[:, :, s:e]
         d = _solve_chunk(chunk_probs(k, lse, s, e, scale), bc, rhs[:, :, s:e], transpose=True)
         dv[:, :, s:e] = d
-        bd = bc[..., None] * d
+        bd[:, :, s:e] = bc[..., None] * d
         wc = w[:, :, s:e]
         dbeta[:, :, s:e] = -(wc * d).sum(-1)
-        bd, bdw = bd.contiguous(), (bd * wc).sum(-1).contiguous()
-        push(k, u, lse, bd, bdw, rhs, dk, s, e, scale)
+        bdw[:, :, s:e] = (bd[:, :, s:e] * wc).sum(-1)
+        stages.push(k, lse, bd[:, :, s:e], rhs, s, e, scale)
         if on_chunk is not None:
-            on_chunk(s, e, bd, bdw)
-    return dk, dv, dbeta
+            on_chunk(s, bd, bdw)
+    dk = stages.key_grads(k, u, lse, bd, bdw, scale, chunk_size)
+    return dk, dv, dbeta, bd, bdw
 
 
 class _Tf32Matmuls:
@@ -160,20 +203,20 @@ class _Tf32Matmuls:
 
 class UPass(torch.autograd.Function):
     """u = u_pass(k, v, beta) on [B, T, H, *] inputs; returns u [B, T, H, V] in the compute dtype.
-    Forward: ``chunk_forward`` with the given statistics (torch or Triton); backward: the exact
-    ``chunk_backward`` with the given push (torch or Triton). Saves k, beta, u, w and the row
+    Forward: ``chunk_forward`` with the backend's statistics; backward: the exact ``chunk_backward``
+    with its push and key gradients (``Stages``, torch or Triton). Saves k, beta, u, w and the row
     log-sum-exp (O(T), no T x T tensor). With bf16/fp16 inputs on CUDA the float32 matmuls run in TF32."""
 
     @staticmethod
-    def forward(ctx, k, v, beta, scale: float, chunk_size: int, stats: StatsFn, push: PushFn, dtype: torch.dtype):
+    def forward(ctx, k, v, beta, scale: float, chunk_size: int, stages: Stages, dtype: torch.dtype):
         kh = k.transpose(1, 2).to(dtype).contiguous()
         vh = v.transpose(1, 2).to(dtype).contiguous()
         bh = beta.transpose(1, 2).to(dtype).contiguous()
         ctx.tf32 = k.is_cuda and k.dtype in (torch.bfloat16, torch.float16)
         with _Tf32Matmuls(ctx.tf32):
-            u, lse, w = chunk_forward(kh, vh, bh, scale, chunk_size, stats)
+            u, lse, w = chunk_forward(kh, vh, bh, scale, chunk_size, stages.stats)
         ctx.save_for_backward(kh, bh, u, lse, w)
-        ctx.scale, ctx.chunk_size, ctx.push = scale, chunk_size, push
+        ctx.scale, ctx.chunk_size, ctx.stages = scale, chunk_size, stages
         ctx.in_dtypes = (k.dtype, v.dtype, beta.dtype)
         return u.transpose(1, 2)
 
@@ -182,7 +225,7 @@ class UPass(torch.autograd.Function):
         kh, bh, u, lse, w = ctx.saved_tensors
         guh = gu.transpose(1, 2).to(u.dtype).contiguous()
         with _Tf32Matmuls(ctx.tf32):
-            dk, dv, dbeta = chunk_backward(kh, bh, u, lse, w, guh, ctx.scale, ctx.chunk_size, ctx.push)
+            dk, dv, dbeta, _, _ = chunk_backward(kh, bh, u, lse, w, guh, ctx.scale, ctx.chunk_size, ctx.stages)
         kd, vd, bd = ctx.in_dtypes
         return (dk.transpose(1, 2).to(kd), dv.transpose(1, 2).to(vd), dbeta.transpose(1, 2).to(bd),
-                None, None, None, None, None)
+                None, None, None, None)
