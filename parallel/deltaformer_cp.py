@@ -131,28 +131,23 @@ def _recv(shape, dtype, src: int, group, comm_device, device) -> torch.Tensor:
 
 
 class _PrefixSoftmax:
-    """Online softmax of the rows k [B, H, L, K] over keys streamed block by block (all earlier than
-    every row): running max m, sum l and acc = sum_j exp(S - m) u_j."""
+    """Online softmax of a rank's rows over the earlier ranks' keys, folded in piece by piece (every
+    key earlier than every row): running max m, sum l and acc = sum_j exp(S - m) u_j."""
 
-    def __init__(self, k, V: int, scale: float):
-        B, H, L, _ = k.shape
-        self.k, self.scale = k, scale
-        self.m = k.new_full((B, H, L), chunk.NEG)
-        self.l = k.new_zeros(B, H, L)
-        self.acc = k.new_zeros(B, H, L, V)
+    def __init__(self, k, scale: float, partials):
+        self.k, self.scale, self.partials = k, scale, partials
+        self.state = None
 
     def add(self, keys, u):
-        s = self.scale * (self.k @ keys.transpose(-1, -2))
-        m_new = torch.maximum(self.m, s.amax(-1))
-        alpha = torch.exp(self.m - m_new)
-        p = torch.exp(s - m_new[..., None])
-        self.l = self.l * alpha + p.sum(-1)
-        self.acc = self.acc * alpha[..., None] + p @ u
-        self.m = m_new
+        new = self.partials(self.k, keys, u, self.scale)
+        if self.state is not None:
+            new = chunk.merge_partials(*(torch.stack([a, b], dim=2) for a, b in zip(self.state, new)))
+        self.state = new
 
     def result(self):
         """(lse over the keys seen, acc / l = the softmax-weighted u over them)."""
-        return self.m + torch.log(self.l), self.acc / self.l[..., None]
+        m, l, acc = self.state
+        return m + torch.log(l), acc / l[..., None]
 
 
 def _with_prefix(stats, lse_pre, wn_pre):
@@ -199,7 +194,7 @@ class _PipelinedUPass(torch.autograd.Function):
                 k_pre = torch.cat(parts[:r], dim=2).to(dev) if r else kh[:, :, :0]
             u_parts = []
             if r:
-                pre = _PrefixSoftmax(kh, V, scale)
+                pre = _PrefixSoftmax(kh, scale, stages.block_partials)
                 for src in range(r):
                     for a, b in pieces:
                         with PHASES("fwd: wait for earlier u", dev):
@@ -254,11 +249,7 @@ class _PipelinedUPass(torch.autograd.Function):
                         msg = _recv((B, H, b - a, K + V + 2), dt, src, group, comm, dev)
                     with PHASES("bwd: pull later rows", dev):
                         kt, bd, lse_t, bdw = msg.split([K, V, 1, 1], dim=-1)
-                        p = torch.exp(scale * (kt @ kh.transpose(-1, -2)) - lse_t)
-                        rhs -= p.transpose(-1, -2) @ bd
-                        ds = -p * (bd @ u.transpose(-1, -2) - bdw)
-                        dk += scale * (ds.transpose(-1, -2) @ kt)
-                        del p, ds
+                        ctx.stages.pull(kt, lse_t[..., 0], bd, bdw[..., 0], kh, u, rhs, dk, scale)
             out = _Stream(group, range(r), comm)
             todo = list(reversed(pieces))
 
@@ -274,11 +265,7 @@ class _PipelinedUPass(torch.autograd.Function):
                 dk += dk_loc
             with PHASES("bwd: own rows vs earlier keys", dev):
                 for a, b in _pieces(r * L, ctx.piece):
-                    kb = k_pre[:, :, a:b]
-                    p = torch.exp(scale * (kh @ kb.transpose(-1, -2)) - lse[..., None])
-                    ds = -p * (bd_all @ u_pre[:, :, a:b].transpose(-1, -2) - bdw_all[..., None])
-                    dk += scale * (ds @ kb)
-                    del p, ds
+                    ctx.stages.rows_vs_keys(kh, lse, bd_all, bdw_all, k_pre[:, :, a:b], u_pre[:, :, a:b], dk, scale)
             with PHASES("bwd: drain sends", dev):
                 out.finish()
         kd, vd, bd_ = ctx.in_dtypes

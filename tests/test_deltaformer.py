@@ -143,3 +143,24 @@ def test_bench_reports_why_fla_cannot_run():
     assert fla == {"fla": None, "fla_u_sdpa": None}
     assert "fla unavailable: ModuleNotFoundError: No module named 'fla'" in notes
     assert "fla_u_sdpa unavailable: ModuleNotFoundError: No module named 'fla'" in notes
+
+
+def test_triton_cross_blocks_equal_torch():
+    """The blocks context parallelism adds (rows of one rank against another rank's keys), Triton
+    (interpreter) against torch: 70 rows x 80 keys, two blocks each way."""
+    from lctrain.kernels.deltaformer.chunk import TORCH_STAGES
+    from lctrain.kernels.deltaformer.triton_fwd import triton_stages
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    L, G, s = 70, 80, K ** -0.5
+    k, u, kb, ub = r(1, H, L, K), r(1, H, L, V), r(1, H, G, K), r(1, H, G, V)
+    lse, bd, bdw = 3 + r(1, H, L), r(1, H, L, V), r(1, H, L)
+    lse_b, bd_b, bdw_b = 3 + r(1, H, G), r(1, H, G, V), r(1, H, G)
+    out = {}
+    for name, st in (("torch", TORCH_STAGES), ("triton", triton_stages())):
+        m, l, acc = st.block_partials(k, kb, ub, s)
+        rhs, dk, dk2 = u.clone(), k.clone(), k.clone()
+        st.pull(kb, lse_b, bd_b, bdw_b, k, u, rhs, dk, s)
+        st.rows_vs_keys(k, lse, bd, bdw, kb, ub, dk2, s)
+        out[name] = {"lse": m + torch.log(l), "w": acc / l[..., None], "rhs": rhs, "dk pull": dk, "dk rows": dk2}
+    assert_close(out["triton"], out["torch"], 1e-5)

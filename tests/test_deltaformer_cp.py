@@ -55,9 +55,10 @@ def cp_worker(rank, P, cases):
 
 @pytest.mark.parametrize("P", [2, 4])
 def test_cp_equals_one_process(P):
-    cases = [(11, False, "torch", "pipeline", 4), (14, False, "torch", "auto", None),
-             (15, False, "triton", "pipeline", 4), (16, False, "torch", "gather", None),
-             (12, True, "torch", "auto", None), (13, True, "naive", "gather", None)]
+    cases = [(11, False, "torch", "pipeline", 4), (15, False, "triton", "pipeline", 4), (12, True, "torch", "auto", None)]
+    if P == 2:  # the other schedule / backend combinations once (CI time)
+        cases += [(14, False, "torch", "auto", None), (16, False, "torch", "gather", None),
+                  (13, True, "naive", "gather", None)]
     results = run_world(cp_worker, P, cases)
     for _, model_errors in results:
         for out_err, grad_err in model_errors:

@@ -118,6 +118,41 @@ def merge_intra_chunk(kc, m, l, acc, scale: float):
     return w_prev, p_cc, lse
 
 
+def merge_partials(m, l, acc):
+    """Online-softmax states of disjoint key ranges [B, H, NS, rows(, V)] -> one state [B, H, rows(, V)]."""
+    m_all = m.amax(2)
+    a = torch.exp(m - m_all[:, :, None])
+    return m_all, (l * a).sum(2), (acc * a[..., None]).sum(2)
+
+
+def torch_block_partials(kr, kk, uk, scale: float):
+    """Online-softmax state (m, l, acc) of the rows kr [B, H, L, K] over keys kk [B, H, G, K] with
+    values uk [B, H, G, V], every key earlier than every row (context parallelism: a piece of an
+    earlier rank's keys and u)."""
+    sc = scale * (kr @ kk.transpose(-1, -2))
+    m = sc.amax(-1)
+    p = torch.exp(sc - m[..., None])
+    return m, p.sum(-1), p @ uk
+
+
+def torch_pull(kt, lse_t, bd_t, bdw_t, k, u, rhs, dk, scale: float):
+    """Later rows t (kt [B, H, G, K], their lse, bd = beta d, bdw = bd . w) onto the earlier keys k /
+    values u [B, H, L, *] (every key before every row), in place: rhs -= P^T bd and
+    dk += scale dS^T kt with dS[t, j] = -P[t, j] (bd_t . u_j - bdw_t)."""
+    p = torch.exp(scale * (kt @ k.transpose(-1, -2)) - lse_t[..., None])
+    rhs -= p.transpose(-1, -2) @ bd_t
+    ds = -p * (bd_t @ u.transpose(-1, -2) - bdw_t[..., None])
+    dk += scale * (ds.transpose(-1, -2) @ kt)
+
+
+def torch_rows_vs_keys(k, lse, bd, bdw, kb, ub, dk, scale: float):
+    """The row half of dk for the rows k [B, H, L, K] against earlier keys kb / values ub
+    [B, H, G, *] (every key before every row), in place: dk += scale dS kb."""
+    p = torch.exp(scale * (k @ kb.transpose(-1, -2)) - lse[..., None])
+    ds = -p * (bd @ ub.transpose(-1, -2) - bdw[..., None])
+    dk += scale * (ds @ kb)
+
+
 def torch_chunk_push(k, lse, bd, rhs, s: int, e: int, scale: float):
     """Chunk [s, e)'s rows, their adjoint final, push onto the earlier chunks' right-hand sides (in
     place): rhs[:s] -= P[c, :s]^T bd with bd = beta_c d_c."""
@@ -146,13 +181,18 @@ def torch_key_grads(k, u, lse, bd, bdw, scale: float, chunk_size: int):
 
 class Stages(NamedTuple):
     """A backend of the chunked u-pass: the forward statistics of a chunk, the backward push of a
-    solved chunk onto the earlier right-hand sides, and the key gradients after the backward loop."""
+    solved chunk onto the earlier right-hand sides, the key gradients after the backward loop, and
+    the three blocks context parallelism adds (rows against another rank's keys)."""
     stats: Callable
     push: Callable
     key_grads: Callable
+    block_partials: Callable
+    pull: Callable
+    rows_vs_keys: Callable
 
 
-TORCH_STAGES = Stages(torch_chunk_stats, torch_chunk_push, torch_key_grads)
+TORCH_STAGES = Stages(torch_chunk_stats, torch_chunk_push, torch_key_grads, torch_block_partials, torch_pull,
+                      torch_rows_vs_keys)
 
 
 @torch.no_grad()
