@@ -105,7 +105,8 @@ class _Cfg:
     (dq/dk pipelines differently then). Defaults: the fastest correct settings of
     `python -m lctrain.bench.tune_kernels` on an H100 at D=128, T=16K and 128K (2026-11-23, docs/kernels-notes.md)."""
 
-    def __init__(self, K: int, V: int, overrides: dict[str, int] | None = None, gated: bool = False):
+    def __init__(self, K: int, V: int, overrides: dict[str, int] | None = None, gated: bool = False,
+                 fp32: bool = False):
         self.K, self.V = K, V
         self.BK = pow2(K)
         BV = pow2(V)
@@ -125,6 +126,8 @@ class _Cfg:
             defaults["stages_dqk"] = 2
         if self.BK > 128:  # three [C, 256] tiles in 3 stages need 300 KiB of shared memory
             defaults["stages_seqb"] = 2
+        if fp32 and self.BK > 64:  # float32 inputs (references, tests): [C, 128] fp32 tiles in 3 stages
+            defaults["stages_seqb"] = 1  # need 304 KiB of shared memory, more than an H100/H200 has
         defaults.update(_overrides)
         defaults.update(overrides or {})
         self.values = defaults
@@ -160,7 +163,7 @@ def _chunk_suffix_sum(x: torch.Tensor, varlen=None) -> torch.Tensor:
 def _forward(q, k, v, g, beta, s0, scale, want_final, varlen=None):
     """o, final state, and (gam, Tm): what the backward needs besides the inputs. ``varlen``
     (common.Varlen): packed documents, each run from its own initial state."""
-    cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None)
+    cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None, fp32=k.dtype == torch.float32)
     gam, tm, w, ut = _wy_fwd(k, v, g, beta, cfg, varlen=varlen)
     u = ut if w is not None else v
     h, vnew, st, _ = _state_fwd(k, w, u, gam, s0, cfg, store_h=True, store_vnew=True,
@@ -170,7 +173,7 @@ def _forward(q, k, v, g, beta, s0, scale, want_final, varlen=None):
 
 
 def _backward(q, k, v, g, beta, s0, scale, do, dst, gam, tm, varlen=None):
-    cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None)
+    cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None, fp32=k.dtype == torch.float32)
     has_g, has_w = g is not None, beta is not None
     vl = dict(varlen=varlen)
     w, ut = _wy_apply(k, v, beta, gam, tm, cfg, **vl)  # Tm and gam come from the forward
@@ -263,7 +266,7 @@ def shard_transition(kind, k, v, *, g=None, beta=None, chunk_size=CHUNK):
     k, v = k.contiguous(), v.contiguous()
     g = None if g is None else g.contiguous().float()
     beta = None if beta is None else beta.contiguous().float()
-    cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None)
+    cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None, fp32=k.dtype == torch.float32)
     with torch.no_grad():
         gam, _tm, w, ut = _wy_fwd(k, v, g, beta, cfg)
         if kind == "gla":
@@ -282,7 +285,7 @@ def shard_state_grad(kind, q, k, do, *, g=None, beta=None, scale=None, chunk_siz
     q, k, do = q.contiguous(), k.contiguous(), do.contiguous().to(q.dtype)
     g = None if g is None else g.contiguous().float()
     beta = None if beta is None else beta.contiguous().float()
-    cfg = _Cfg(k.shape[-1], do.shape[-1], gated=g is not None)
+    cfg = _Cfg(k.shape[-1], do.shape[-1], gated=g is not None, fp32=k.dtype == torch.float32)
     with torch.no_grad():
         gam, _tm, w, _ = _wy_fwd(k, None, g, beta, cfg, want_u=False)
         dvl = _dv_local(q, k, do, gam, scale, cfg)
