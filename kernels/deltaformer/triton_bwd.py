@@ -15,8 +15,8 @@ after the loop over the whole causal triangle (like flash attention's backward, 
 by one program). Context parallelism uses the same kernels between two tensors (``CAUSAL`` off:
 another rank's rows all come after this rank's keys): ``triton_pull`` (later rows onto this rank's
 keys: push + columns) and ``triton_rows_vs_keys`` (this rank's rows against a piece of earlier keys).
-Row and key tensors are passed as views starting at their first row / key, with their own per-head
-strides (Tr, Tk rows).
+Row and key tensors are passed as row-contiguous views starting at their first row / key, with
+their own per-head strides (Tr, Tk rows), so slices of a rank's tensors need no copies.
 """
 from __future__ import annotations
 
@@ -143,14 +143,28 @@ def _blocks(K: int, V: int):
     return dict(BK=_pow2(K), BV=_pow2(V), BR=64, BT=32 if wide else 64, num_warps=8 if wide else 4)
 
 
-def _rows_of(x, T: int, name: str):
-    """x must be a view of a contiguous [B, H, T, *] tensor starting at some row (the kernels index
-    it with per-head stride T rows)."""
-    inner = x.shape[3] if x.dim() == 4 else 1
-    want = (x.shape[1] * T * inner, T * inner) + ((inner, 1) if x.dim() == 4 else (1,))
-    if x.stride() != want:
-        raise ValueError(f"deltaformer triton: {name} must be a row slice of a contiguous [B, H, {T}, *] tensor")
-    return x
+def _head_stride(*xs) -> int:
+    """The per-head stride, in rows, shared by row-contiguous views xs of [B, H, T, *] / [B, H, T]
+    tensors (a slice along T of a contiguous tensor qualifies); the kernels index rows with it."""
+    strides = set()
+    for x in xs:
+        inner = x.shape[3] if x.dim() == 4 else 1
+        B, H, T = x.shape[:3]
+        ok = x.dtype == torch.float32 and (T == 1 or x.stride(2) == inner)
+        ok = ok and (x.dim() == 3 or inner == 1 or x.stride(3) == 1)
+        per_bh = x.stride(1) if H > 1 else (x.stride(0) if B > 1 else None)   # size-1 dims: any stride
+        ok = ok and (H == 1 or B == 1 or x.stride(0) == H * x.stride(1))
+        ok = ok and (per_bh is None or per_bh % inner == 0)
+        if not ok:
+            raise ValueError(f"deltaformer triton: expected float32 row-contiguous views of [B, H, T, *] tensors, got "
+                             f"{x.dtype} shape {tuple(x.shape)} stride {x.stride()}")
+        if per_bh is not None:
+            strides.add(per_bh // inner)
+    if not strides:
+        return xs[0].shape[2]
+    if len(strides) != 1:
+        raise ValueError(f"deltaformer triton: tensors of one side must share the per-head row stride, got {strides}")
+    return strides.pop()
 
 
 def triton_chunk_push(k, lse, bd, rhs, s: int, e: int, scale: float):
@@ -159,11 +173,12 @@ def triton_chunk_push(k, lse, bd, rhs, s: int, e: int, scale: float):
     _check(k)
     if s == 0:
         return
-    B, H, T, K = k.shape
+    B, H, _, K = k.shape
     V = rhs.shape[-1]
     blk = _blocks(K, V)
-    _push_kernel[(triton.cdiv(s, blk["BT"]), B * H)](k[:, :, s:e], lse[:, :, s:e], _rows_of(bd, T, "bd"), k, rhs,
-                                                     e - s, T, s, T, float(scale), K=K, V=V, **blk)
+    kr, lr = k[:, :, s:e], lse[:, :, s:e]
+    _push_kernel[(triton.cdiv(s, blk["BT"]), B * H)](kr, lr, bd, k, rhs, e - s, _head_stride(kr, lr, bd), s,
+                                                     _head_stride(k, rhs), float(scale), K=K, V=V, **blk)
 
 
 def triton_key_grads(k, u, lse, bd, bdw, scale: float, chunk_size: int):
@@ -173,7 +188,9 @@ def triton_key_grads(k, u, lse, bd, bdw, scale: float, chunk_size: int):
     V = u.shape[-1]
     blk = _blocks(K, V)
     dk = torch.empty_like(k)
-    args = (k, lse, bd.contiguous(), bdw.contiguous(), k, u, dk, T, T, T, T, float(scale))
+    bd, bdw = bd.contiguous(), bdw.contiguous()
+    Tr = _head_stride(k, u, lse, bd, bdw, dk)
+    args = (k, lse, bd, bdw, k, u, dk, T, Tr, T, Tr, float(scale))
     _dk_rows_kernel[(triton.cdiv(T, blk["BR"]), B * H)](*args, K=K, V=V, CAUSAL=True, ACCUMULATE=False, **blk)
     _dk_cols_kernel[(triton.cdiv(T, blk["BT"]), B * H)](*args, K=K, V=V, CAUSAL=True, **blk)
     return dk
@@ -181,26 +198,30 @@ def triton_key_grads(k, u, lse, bd, bdw, scale: float, chunk_size: int):
 
 def triton_pull(kt, lse_t, bd_t, bdw_t, k, u, rhs, dk, scale: float):
     """Same contract as ``chunk.torch_pull``: later rows kt [B, H, G, K] (lse_t, bd_t, bdw_t) onto
-    the keys k / values u [B, H, L, *], in place on rhs and dk (contiguous float32)."""
+    the keys k / values u [B, H, L, *], in place on rhs and dk (float32; the key side may be row
+    slices of larger tensors)."""
     _check(k)
     B, H, L, K = k.shape
     V = u.shape[-1]
     G = kt.shape[2]
     blk = _blocks(K, V)
     kt, lse_t, bd_t, bdw_t = (x.contiguous() for x in (kt, lse_t, bd_t, bdw_t))
+    Tr, Tk = _head_stride(kt, lse_t, bd_t, bdw_t), _head_stride(k, u, rhs, dk)
     grid = (triton.cdiv(L, blk["BT"]), B * H)
-    _push_kernel[grid](kt, lse_t, bd_t, k, rhs, G, G, L, L, float(scale), K=K, V=V, **blk)
-    _dk_cols_kernel[grid](kt, lse_t, bd_t, bdw_t, k, u, dk, G, G, L, L, float(scale), K=K, V=V, CAUSAL=False, **blk)
+    _push_kernel[grid](kt, lse_t, bd_t, k, rhs, G, Tr, L, Tk, float(scale), K=K, V=V, **blk)
+    _dk_cols_kernel[grid](kt, lse_t, bd_t, bdw_t, k, u, dk, G, Tr, L, Tk, float(scale), K=K, V=V, CAUSAL=False,
+                          **blk)
 
 
 def triton_rows_vs_keys(k, lse, bd, bdw, kb, ub, dk, scale: float):
     """Same contract as ``chunk.torch_rows_vs_keys``: rows k [B, H, L, K] against earlier keys kb /
-    values ub [B, H, G, *], dk += (contiguous float32)."""
+    values ub [B, H, G, *], dk += (float32; the row side may be row slices of larger tensors)."""
     _check(k)
     B, H, L, K = k.shape
     V = ub.shape[-1]
     G = kb.shape[2]
     blk = _blocks(K, V)
     kb, ub = kb.contiguous(), ub.contiguous()
-    _dk_rows_kernel[(triton.cdiv(L, blk["BR"]), B * H)](k, lse, bd, bdw, kb, ub, dk, L, L, G, G, float(scale), K=K,
+    Tr, Tk = _head_stride(k, lse, bd, bdw, dk), _head_stride(kb, ub)
+    _dk_rows_kernel[(triton.cdiv(L, blk["BR"]), B * H)](k, lse, bd, bdw, kb, ub, dk, L, Tr, G, Tk, float(scale), K=K,
                                                         V=V, CAUSAL=False, ACCUMULATE=True, **blk)

@@ -121,7 +121,7 @@ def triton_block_partials(kr, kk, uk, scale: float):
     / uk [B, H, G, V] (all earlier), contiguous float32."""
     _check(kr)
     L, G = kr.shape[2], kk.shape[2]
-    return merge_partials(*_partials(kr, kk.contiguous(), uk.contiguous(), L, L, G, G, scale))
+    return merge_partials(*_partials(kr.contiguous(), kk.contiguous(), uk.contiguous(), L, L, G, G, scale))
 
 
 def triton_stages() -> Stages:
