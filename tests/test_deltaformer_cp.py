@@ -1,6 +1,8 @@
 """Deltaformer under context parallelism (gloo, 2 and 4 processes) equals one process: outputs and the
-gradients of q, k, v, beta; the pipelined schedule (pieces of 4 and 6 tokens on shards of 6, torch and
-Triton-interpreter chunk passes) and the gather schedule with and without packed documents."""
+gradients of q, k, v, beta; the pipelined schedule (pieces of 2 and 4 tokens on shards of 6, torch and
+Triton-interpreter chunk passes) with and without packed documents (random ones, and a document that
+reaches across every rank next to documents starting on and just after a shard boundary), and the
+gather schedule."""
 from __future__ import annotations
 
 import pytest
@@ -17,7 +19,13 @@ def make_case(seed, P, with_docs):
     x = dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, V),
              beta=torch.rand(B, T, H, generator=g, dtype=torch.float64), do=r(B, T, H, V))
     docs = None
-    if with_docs:  # documents that cross shard boundaries, different per row
+    if with_docs == "long":  # row 0: a document over all but the last 2 tokens (reaching across every
+        # rank); row 1: documents starting exactly at a shard boundary and one token after the next
+        docs = torch.zeros(B, T, dtype=torch.long)
+        docs[0, T - 2:] = 1
+        docs[1, T_LOCAL:] = 1
+        docs[1, 2 * T_LOCAL + 1:] = 2
+    elif with_docs:  # random documents that cross shard boundaries, different per row
         ends = torch.rand(B, T, generator=g) < 0.25
         docs = torch.cumsum(ends.long(), dim=1) - ends.long()
     return x, docs
@@ -55,7 +63,8 @@ def cp_worker(rank, P, cases):
 
 @pytest.mark.parametrize("P", [2, 4])
 def test_cp_equals_one_process(P):
-    cases = [(11, False, "torch", "pipeline", 4), (15, False, "triton", "pipeline", 4), (12, True, "torch", "auto", None)]
+    cases = [(11, False, "torch", "pipeline", 4), (15, False, "triton", "pipeline", 4),
+             (12, True, "torch", "pipeline", 4), (17, "long", "triton", "auto", 2), (18, "long", "torch", "pipeline", 4)]
     if P == 2:  # the other schedule / backend combinations once (CI time)
         cases += [(14, False, "torch", "auto", None), (16, False, "torch", "gather", None),
                   (13, True, "naive", "gather", None)]
