@@ -3,7 +3,8 @@
 One process per GPU (rank r on cuda:r). Both schedules, Triton chunk passes, bf16 inputs: each
 rank's output and the gradients of q, k, v, beta must equal one GPU's float32 torch backend on the
 whole sequence (relative error of the norm <= 2e-2). The pipeline streams its u / finished rows with
-NCCL point-to-point sends in pieces of 256 tokens (4 pieces per rank).
+NCCL point-to-point sends in pieces of 256 tokens (4 pieces per rank); "pipeline+docs" packs three
+documents, one across the shard boundary (cu_seqlens on the one-GPU side).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ pytestmark = [pytest.mark.gpu,
                                  reason=f"needs {P} CUDA GPUs")]
 TOL = 2e-2
 B, TL, H, D = 1, 1024, 4, 128
-SCHEDULES = ("pipeline", "gather")
+SCHEDULES = ("pipeline", "gather", "pipeline+docs")
+CUTS = [0, TL // 3, TL + TL // 5, P * TL]       # document boundaries of the docs case
 
 
 def rel(a, b):
@@ -41,15 +43,21 @@ def gpu_worker(rank, world_size):
     x = {n: torch.randn(B, T, H, D, generator=gen, device=device) for n in ("q", "k", "v", "do")}
     x["beta"] = torch.sigmoid(torch.randn(B, T, H, generator=gen, device=device))
     names = ("q", "k", "v", "beta")
-    ref = {n: x[n].clone().requires_grad_() for n in names}
-    o_ref = deltaformer(*ref.values(), backend="torch", chunk_size=64)
-    (o_ref * x["do"]).sum().backward()
     sl = slice(rank * TL, (rank + 1) * TL)
+    docs = torch.zeros(B, T, dtype=torch.long, device=device)
+    for i, c in enumerate(CUTS[1:-1]):
+        docs[:, c:] = i + 1
     out = {}
     for sched in SCHEDULES:
+        with_docs = sched.endswith("+docs")
+        ref = {n: x[n].clone().requires_grad_() for n in names}
+        o_ref = deltaformer(*ref.values(), backend="torch", chunk_size=64,
+                            cu_seqlens=torch.tensor(CUTS, device=device) if with_docs else None)
+        (o_ref * x["do"]).sum().backward()
         loc = {n: x[n][:, sl].to(torch.bfloat16).requires_grad_() for n in names}
-        o = deltaformer_cp(*loc.values(), dist.group.WORLD, backend="triton", chunk_size=128, schedule=sched,
-                           piece_size=256 if sched == "pipeline" else None)
+        o = deltaformer_cp(*loc.values(), dist.group.WORLD, backend="triton", chunk_size=128,
+                           schedule=sched.removesuffix("+docs"), piece_size=None if sched == "gather" else 256,
+                           doc_ids=docs[:, sl] if with_docs else None)
         (o.float() * x["do"][:, sl]).sum().backward()
         out[sched] = {"o": rel(o, o_ref[:, sl]), **{f"d{n}": rel(loc[n].grad, ref[n].grad[:, sl]) for n in names}}
     dist.destroy_process_group()
