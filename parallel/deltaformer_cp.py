@@ -29,8 +29,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from lctrain.kernels.deltaformer import chunk
-from lctrain.kernels.deltaformer.api import (chunk_stages, deltaformer_by_documents, deltaformer_u_by_documents,
-                                             resolve)
+from lctrain.kernels.deltaformer.api import chunk_stages, deltaformer_by_documents, deltaformer_u_by_documents, resolve
 from lctrain.kernels.deltaformer.readout import prefix_readout
 from lctrain.kernels.naive import compute_dtype
 

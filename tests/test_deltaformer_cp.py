@@ -64,7 +64,8 @@ def cp_worker(rank, P, cases):
 @pytest.mark.parametrize("P", [2, 4])
 def test_cp_equals_one_process(P):
     cases = [(11, False, "torch", "pipeline", 4), (15, False, "triton", "pipeline", 4),
-             (12, True, "torch", "pipeline", 4), (17, "long", "triton", "auto", 2), (18, "long", "torch", "pipeline", 4)]
+             (12, True, "torch", "pipeline", 4), (17, "long", "triton", "auto", 2),
+             (18, "long", "torch", "pipeline", 4)]
     if P == 2:  # the other schedule / backend combinations once (CI time)
         cases += [(14, False, "torch", "auto", None), (16, False, "torch", "gather", None),
                   (13, True, "naive", "gather", None)]

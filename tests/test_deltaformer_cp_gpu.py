@@ -31,7 +31,6 @@ def rel(a, b):
 
 def gpu_worker(rank, world_size):
     import torch.distributed as dist
-
     from lctrain.kernels import deltaformer
     from lctrain.parallel.deltaformer_cp import deltaformer_cp
     torch.cuda.set_device(rank)
