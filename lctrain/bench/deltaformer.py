@@ -35,14 +35,21 @@ def _parse(argv):
     p.add_argument("--H", type=int, default=16)
     p.add_argument("--D", type=int, default=128, help="head dim of q, k and v")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--chunk-size", type=int, default=256, help="our u-pass chunk (default 256)")
+    p.add_argument("--chunk-size", type=int, nargs="+", default=[256],
+                   help="our u-pass chunk (default 256); several: ours / ours_torch timed at each, as ours/c<N>")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["ours", "fla", "fla_u_sdpa", "sdpa"])
     p.add_argument("--warmup", type=int, default=10, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=50, help="do_bench repetition time, ms")
+    p.add_argument("--profile", metavar="PATH",
+                   help="after the timing, profile one fwd+bwd of each method at the first --T (torch.profiler) "
+                        "and write its kernel table and wall vs summed kernel time to PATH")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD",
                    help="append the result to BENCHMARKS.md (or MD)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if any(c < 1 for c in args.chunk_size):
+        p.error(f"--chunk-size must be positive, got {args.chunk_size}")
+    return args
 
 
 def _inputs(B, T, H, D, dtype, device="cuda"):
@@ -97,10 +104,14 @@ def _load_fla(notes, wanted, device="cuda") -> dict:
 
 
 def _fn(name, x, chunk_size, fla):
+    """(fwd closure, its differentiable inputs) of a method; "ours/c512" = ours at chunk 512."""
     import torch.nn.functional as F
 
     from lctrain.kernels import deltaformer
     q, k, v, beta = x["q"], x["k"], x["v"], x["beta"]
+    if "/c" in name:
+        name, chunk = name.split("/c")
+        chunk_size = int(chunk)
     if name == "ours":
         return (lambda: deltaformer(q, k, v, beta, backend="triton", chunk_size=chunk_size)), [q, k, v, beta]
     if name == "ours_torch":
@@ -131,6 +142,47 @@ def _agreement(x, chunk_size, fla, notes):
                      + ", ".join(f"{n} {_rel_diff(a, b):.1e}" for n, a, b in zip(names, got, ref)))
 
 
+def _expand(methods, chunk_sizes):
+    """ours / ours_torch once per chunk size when several are asked for."""
+    if len(chunk_sizes) == 1:
+        return methods
+    return [f"{m}/c{c}" if m in ("ours", "ours_torch") else m for m in methods
+            for c in (chunk_sizes if m in ("ours", "ours_torch") else [None])]
+
+
+def _profile(methods, x, chunk_size, fla, path):
+    """One fwd+bwd per method under torch.profiler: wall time, summed GPU kernel time (a wall far
+    above it means launch / Python bound) and the kernels by GPU time, written to path."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    out = []
+    for m in methods:
+        fwd, leaves = _fn(m, x, chunk_size, fla)
+        torch.autograd.grad(fwd(), leaves, x["do"])          # compile / autotune outside the profile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            torch.autograd.grad(fwd(), leaves, x["do"])
+            torch.cuda.synchronize()
+            wall = 1e3 * (time.perf_counter() - t0)
+        events = prof.key_averages()
+        dev_us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+                     for e in events)
+        launches = sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
+        head = (f"=== {m}  T={x['q'].shape[1]}: one fwd+bwd, wall {wall:.1f} ms under the profiler, GPU kernels "
+                f"{dev_us / 1e3:.1f} ms, {launches} kernel launches")
+        print(head, flush=True)
+        try:
+            table = events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
+        except (AttributeError, KeyError, ValueError):
+            table = events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
+        out += [head, table, ""]
+    with open(path, "w") as f:
+        f.write("\n".join(out))
+
+
 def run(args) -> dict:
     import torch
     import triton
@@ -140,18 +192,19 @@ def run(args) -> dict:
     notes: list[str] = []
     methods = list(args.methods)
     fla = _load_fla(notes, [m for m in methods if m in FLA_METHODS])
-    methods = [m for m in methods if m not in FLA_METHODS or fla[m] is not None]
+    methods = _expand([m for m in methods if m not in FLA_METHODS or fla[m] is not None], args.chunk_size)
+    chunk = args.chunk_size[0]
     rows, raw = [], []
     for i, T in enumerate(args.T):
         x = _inputs(args.B, T, args.H, args.D, dtype)
         if i == 0:
             try:
-                _agreement(x, args.chunk_size, fla, notes)
+                _agreement(x, chunk, fla, notes)
             except torch.cuda.OutOfMemoryError:
                 notes.append(f"agreement check at T={T}: out of memory")
         res = {}
         for m in methods:
-            fwd, leaves = _fn(m, x, args.chunk_size, fla)
+            fwd, leaves = _fn(m, x, chunk, fla)
             try:
                 res[m] = _measure(fwd, leaves, x["do"], args.warmup, args.rep)
             except torch.cuda.OutOfMemoryError:
@@ -161,6 +214,12 @@ def run(args) -> dict:
             r = res[m]
             print(f"T={T} {m}: " + ("OOM" if r is None else f"fwd {r[0]:.2f} ms, fwd+bwd {r[1]:.2f} ms, "
                                                            f"peak {r[2]:.0f} MiB"), flush=True)
+        if i == 0 and args.profile:
+            try:
+                _profile([m for m in methods if res[m] is not None], x, chunk, fla, args.profile)
+                notes.append(f"profile of one fwd+bwd per method at T={T}: {args.profile}")
+            except torch.cuda.OutOfMemoryError:
+                notes.append(f"profile at T={T}: out of memory")
         del x
         torch.cuda.empty_cache()
         ref_name = next((m for m in FLA_METHODS if res.get(m) is not None), None)
@@ -174,7 +233,8 @@ def run(args) -> dict:
             raw.append({"T": T, "method": m, "fwd_ms": None if r is None else r[0],
                         "fwd_bwd_ms": None if r is None else r[1], "peak_mib": None if r is None else r[2]})
     return result_dict(
-        f"Deltaformer: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}, chunk {args.chunk_size}",
+        f"Deltaformer: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}, chunk "
+        + "/".join(map(str, args.chunk_size)),
         "lctrain bench deltaformer " + " ".join(args.argv),
         torch.cuda.get_device_name(), {"torch": torch.__version__, "triton": triton.__version__},
         notes + ["sdpa = plain causal attention on q, k, v (the read-out alone); fla_u_sdpa = fla's u-pass "
