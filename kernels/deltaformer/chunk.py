@@ -100,24 +100,6 @@ def chunk_probs(k, lse, s: int, e: int, scale: float):
     return _row_probs(scale * (kc @ kc.transpose(-1, -2)), rows, rows, lse[:, :, s:e])[0]
 
 
-def merge_intra_chunk(kc, m, l, acc, scale: float):
-    """Chunk statistics (chunk.StatsFn's result) from the online-softmax state of the rows kc
-    [B, H, c, K] over all earlier chunks' keys (running max m and sum l [B, H, c], acc [B, H, c, V] =
-    sum_j exp(S - m) u_j; m = NEG, l = 0 where there were none) and the chunk's own keys (j < t)."""
-    c = kc.shape[2]
-    idx = torch.arange(c, device=kc.device)
-    allowed = idx[None, :] < idx[:, None]
-    sc = (scale * (kc @ kc.transpose(-1, -2))).masked_fill(~allowed, NEG)
-    m2 = torch.maximum(m, sc.amax(-1))
-    alpha = torch.exp(m - m2)
-    l2 = l * alpha + torch.exp(sc - m2[..., None]).masked_fill(~allowed, 0.0).sum(-1)
-    has = l2 > 0
-    lse = torch.where(has, m2 + torch.log(torch.where(has, l2, 1.0)), 0.0)
-    w_prev = acc * (alpha / torch.where(has, l2, 1.0))[..., None]
-    p_cc = torch.exp(sc - lse[..., None]).masked_fill(~allowed, 0.0)
-    return w_prev, p_cc, lse
-
-
 def merge_partials(m, l, acc):
     """Online-softmax states of disjoint key ranges [B, H, NS, rows(, V)] -> one state [B, H, rows(, V)]."""
     m_all = m.amax(2)
@@ -180,10 +162,12 @@ def torch_key_grads(k, u, lse, bd, bdw, scale: float, chunk_size: int):
 
 
 class Stages(NamedTuple):
-    """A backend of the chunked u-pass: the forward statistics of a chunk, the backward push of a
-    solved chunk onto the earlier right-hand sides, the key gradients after the backward loop, and
-    the three blocks context parallelism adds (rows against another rank's keys)."""
+    """A backend of the chunked u-pass: the forward statistics of a chunk, the intra-chunk block
+    P[c, c] from k and lse (backward), the backward push of a solved chunk onto the earlier
+    right-hand sides, the key gradients after the backward loop, and the three blocks context
+    parallelism adds (rows against another rank's keys)."""
     stats: Callable
+    probs: Callable
     push: Callable
     key_grads: Callable
     block_partials: Callable
@@ -191,8 +175,8 @@ class Stages(NamedTuple):
     rows_vs_keys: Callable
 
 
-TORCH_STAGES = Stages(torch_chunk_stats, torch_chunk_push, torch_key_grads, torch_block_partials, torch_pull,
-                      torch_rows_vs_keys)
+TORCH_STAGES = Stages(torch_chunk_stats, chunk_probs, torch_chunk_push, torch_key_grads, torch_block_partials,
+                      torch_pull, torch_rows_vs_keys)
 
 
 @torch.no_grad()
@@ -211,7 +195,7 @@ def chunk_backward(k, beta, u, lse, w, gu, scale: float, chunk_size: int, stages
     for s in reversed(range(0, T, chunk_size)):
         e = min(s + chunk_size, T)
         bc = beta[:, :, s:e]
-        d = _solve_chunk(chunk_probs(k, lse, s, e, scale), bc, rhs[:, :, s:e], transpose=True)
+        d = _solve_chunk(stages.probs(k, lse, s, e, scale), bc, rhs[:, :, s:e], transpose=True)
         dv[:, :, s:e] = d
         bd[:, :, s:e] = bc[..., None] * d
         wc = w[:, :, s:e]

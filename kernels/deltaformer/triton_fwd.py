@@ -7,8 +7,10 @@ S = scale k_t . k_j. Ranges are merged by their maxima (``merge_partials``).
 
 - A chunk [s, e) of the single-process u-pass (``triton_chunk_stats``): its rows against the keys
   j < s, split into ranges sized to fill the GPU (late in a long sequence a chunk has few rows but
-  up to T earlier keys); ``chunk.merge_intra_chunk`` (torch, O(c^2)) adds the chunk's own strictly
-  earlier keys and gives the statistics ``chunk.chunk_forward`` solves with.
+  up to T earlier keys); ``_finalize_kernel`` merges the ranges, adds the chunk's own strictly
+  earlier keys to the normaliser and writes lse and w_prev = P[c, :s] u[:s]; ``_intra_probs_kernel``
+  writes P[c, c] from k and lse (also what the backward recomputes per chunk). Two launches instead
+  of some thirty small torch ops per chunk: at 16K tokens the chunk loop is otherwise launch-bound.
 - Context parallelism (``triton_block_partials``): a rank's rows against a piece of an earlier
   rank's keys and u.
 
@@ -20,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import NEG, Stages, merge_intra_chunk, merge_partials
+from .chunk import NEG, Stages, merge_partials
 
 
 @triton.jit
@@ -65,6 +67,78 @@ def _partials_kernel(kr_ptr, kk_ptr, uk_ptr, m_ptr, l_ptr, acc_ptr, nrows, Tr, k
     tl.store(acc_ptr + out[:, None] * V + dv[None, :], acc, mask=row_ok[:, None] & (dv[None, :] < V))
 
 
+@triton.jit
+def _finalize_kernel(k_ptr, m_ptr, l_ptr, acc_ptr, w_ptr, lse_ptr, s, c, T, NS, scale,
+                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     BR: tl.constexpr, BT: tl.constexpr):
+    """Rows [s, s + c): merge the NS range states, add the strictly earlier keys of the chunk to the
+    normaliser, write lse (0 for a row with no key at all) and w_prev = acc / l."""
+    pid_r = tl.program_id(0)
+    bh = tl.program_id(1)
+    r_loc = pid_r * BR + tl.arange(0, BR)
+    rows = s + r_loc
+    row_ok = r_loc < c
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    m = tl.full([BR], NEG, tl.float32)
+    l = tl.zeros([BR], tl.float32)
+    acc = tl.zeros([BR, BV], tl.float32)
+    for g in range(0, NS):
+        at = (bh * NS + g) * c + r_loc
+        mg = tl.load(m_ptr + at, mask=row_ok, other=NEG)
+        lg = tl.load(l_ptr + at, mask=row_ok, other=0.0)
+        ag = tl.load(acc_ptr + at[:, None] * V + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < V), other=0.0)
+        m_new = tl.maximum(m, mg)
+        a_old = tl.exp(m - m_new)
+        a_new = tl.exp(mg - m_new)
+        l = l * a_old + lg * a_new
+        acc = acc * a_old[:, None] + ag * a_new[:, None]
+        m = m_new
+    k_base = k_ptr + bh * T * K
+    kq = tl.load(k_base + rows[:, None] * K + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < K), other=0.0)
+    for j0 in range(s, s + c, BT):                  # the chunk's own keys s <= j < t: normaliser only
+        cols = j0 + tl.arange(0, BT)
+        kj = tl.load(k_base + cols[:, None] * K + dk[None, :], mask=(cols[:, None] < s + c) & (dk[None, :] < K),
+                     other=0.0)
+        sc = tl.dot(kq, tl.trans(kj)) * scale
+        ok = row_ok[:, None] & (cols[None, :] < rows[:, None])
+        sc = tl.where(ok, sc, NEG)
+        m_new = tl.maximum(m, tl.max(sc, 1))
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(tl.where(ok, tl.exp(sc - m_new[:, None]), 0.0), 1)
+        acc = acc * alpha[:, None]
+        m = m_new
+    has = l > 0
+    tl.store(lse_ptr + bh * c + r_loc, tl.where(has, m + tl.log(tl.where(has, l, 1.0)), 0.0), mask=row_ok)
+    tl.store(w_ptr + (bh * c + r_loc)[:, None] * V + dv[None, :], acc / tl.where(has, l, 1.0)[:, None],
+             mask=row_ok[:, None] & (dv[None, :] < V))
+
+
+@triton.jit
+def _intra_probs_kernel(k_ptr, lse_ptr, p_ptr, s, c, T, Tl, scale,
+                        K: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BT: tl.constexpr):
+    """P[t, j] = exp(scale k_t . k_j - lse_t) for s <= j < t < s + c (zero elsewhere) -> p [c, c];
+    lse is read at lse_ptr + bh Tl + (t - s)."""
+    pid_r = tl.program_id(0)
+    bh = tl.program_id(1)
+    r_loc = pid_r * BR + tl.arange(0, BR)
+    rows = s + r_loc
+    row_ok = r_loc < c
+    dk = tl.arange(0, BK)
+    k_base = k_ptr + bh * T * K
+    kq = tl.load(k_base + rows[:, None] * K + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < K), other=0.0)
+    lse = tl.load(lse_ptr + bh * Tl + r_loc, mask=row_ok, other=0.0)
+    for j0 in range(s, s + c, BT):
+        cols = j0 + tl.arange(0, BT)
+        kj = tl.load(k_base + cols[:, None] * K + dk[None, :], mask=(cols[:, None] < s + c) & (dk[None, :] < K),
+                     other=0.0)
+        sc = tl.dot(kq, tl.trans(kj)) * scale
+        ok = row_ok[:, None] & (cols[None, :] < rows[:, None])
+        p = tl.where(ok, tl.exp(tl.where(ok, sc, 0.0) - lse[:, None]), 0.0)
+        c_loc = cols - s
+        tl.store(p_ptr + (bh * c + r_loc)[:, None] * c + c_loc[None, :], p, mask=row_ok[:, None] & (c_loc[None, :] < c))
+
+
 def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
@@ -104,16 +178,41 @@ def _partials(kr, kk, uk, nrows: int, Tr: int, key_hi: int, Tk: int, scale: floa
     return m, l, acc
 
 
+def _row_blocks(K: int, c: int):
+    BR = min(64, _pow2(c))
+    return dict(BR=BR, BT=64 if K <= 128 else 32, num_warps=4 if K <= 64 else 8), triton.cdiv(c, BR)
+
+
+def triton_chunk_probs(k, lse, s: int, e: int, scale: float):
+    """Same contract as ``chunk.chunk_probs``: P[c, c] [B, H, c, c] of the chunk [s, e) from k
+    [B, H, T, K] (contiguous float32) and the row lse (full [B, H, T], or the chunk's [B, H, c])."""
+    _check(k)
+    B, H, T, K = k.shape
+    c = e - s
+    lc = lse[:, :, s:e] if lse.shape[2] == T else lse
+    p = torch.empty(B, H, c, c, device=k.device, dtype=torch.float32)
+    blk, nb = _row_blocks(K, c)
+    _intra_probs_kernel[(nb, B * H)](k, lc, p, s, c, T, lse.shape[2], float(scale), K=K, BK=_pow2(K), **blk)
+    return p
+
+
 def triton_chunk_stats(k: torch.Tensor, u: torch.Tensor, s: int, e: int, scale: float):
     """Same contract as ``chunk.torch_chunk_stats``; k [B, H, T, K], u [B, H, T, V] contiguous float32."""
     _check(k)
-    B, H, T, _ = k.shape
+    B, H, T, K = k.shape
     V = u.shape[-1]
-    kc = k[:, :, s:e]
-    if s == 0:
-        m = k.new_full((B, H, e), NEG)
-        return merge_intra_chunk(kc, m, torch.zeros_like(m), k.new_zeros(B, H, e, V), scale)
-    return merge_intra_chunk(kc, *merge_partials(*_partials(kc, k, u, e - s, T, s, T, scale)), scale)
+    c = e - s
+    if s:
+        m_p, l_p, acc_p = _partials(k[:, :, s:e], k, u, c, T, s, T, scale)
+    else:
+        m_p = l_p = acc_p = k                       # no earlier keys: NS = 0, nothing is read
+    NS = m_p.shape[2] if s else 0
+    w = torch.empty(B, H, c, V, device=k.device, dtype=torch.float32)
+    lse = torch.empty(B, H, c, device=k.device, dtype=torch.float32)
+    blk, nb = _row_blocks(max(K, V), c)
+    _finalize_kernel[(nb, B * H)](k, m_p, l_p, acc_p, w, lse, s, c, T, NS, float(scale), K=K, V=V, BK=_pow2(K),
+                                  BV=_pow2(V), **blk)
+    return w, triton_chunk_probs(k, lse, s, e, scale), lse
 
 
 def triton_block_partials(kr, kk, uk, scale: float):
@@ -126,5 +225,5 @@ def triton_block_partials(kr, kk, uk, scale: float):
 
 def triton_stages() -> Stages:
     from .triton_bwd import triton_chunk_push, triton_key_grads, triton_pull, triton_rows_vs_keys
-    return Stages(triton_chunk_stats, triton_chunk_push, triton_key_grads, triton_block_partials, triton_pull,
-                  triton_rows_vs_keys)
+    return Stages(triton_chunk_stats, triton_chunk_probs, triton_chunk_push, triton_key_grads, triton_block_partials,
+                  triton_pull, triton_rows_vs_keys)
