@@ -344,21 +344,21 @@ class _PipelinedUPass(torch.autograd.Function):
         for a, b in reversed(plan.segs):
             done = [b - a]
 
-            def send_finished(s, bd, bdw, a=a, done=done):
+            def send_finished(s, bd, a=a, done=done):
                 bd_all[:, :, a + s:a + done[0]] = bd[:, :, s:done[0]]
-                bdw_all[:, :, a + s:a + done[0]] = bdw[:, :, s:done[0]]
                 done[0] = s
                 while todo and todo[0][0][0] >= a + s:
                     (pa, pb), dsts = todo.pop(0)
-                    out.send_to(torch.cat([kh[:, :, pa:pb], bd_all[:, :, pa:pb], lse[:, :, pa:pb, None],
-                                           bdw_all[:, :, pa:pb, None]], dim=-1), dsts)
+                    bdw = (bd_all[:, :, pa:pb] * w[:, :, pa:pb]).sum(-1, keepdim=True)
+                    out.send_to(torch.cat([kh[:, :, pa:pb], bd_all[:, :, pa:pb], lse[:, :, pa:pb, None], bdw], dim=-1),
+                                dsts)
 
             with PHASES("bwd: local chunk pass", dev):
-                dk_s, dv_s, dbeta_s, _, _ = chunk.chunk_backward(
+                dk_s, dv_s, dbeta_s, _, bdw_s = chunk.chunk_backward(
                     *(x[:, :, a:b].contiguous() for x in (kh, bh, u, lse, w)), None, scale, ctx.chunk_size, stages,
                     rhs=rhs[:, :, a:b].contiguous(), on_chunk=send_finished)
                 dk[:, :, a:b] += dk_s
-                dv[:, :, a:b], dbeta[:, :, a:b] = dv_s, dbeta_s
+                dv[:, :, a:b], dbeta[:, :, a:b], bdw_all[:, :, a:b] = dv_s, dbeta_s, bdw_s
         n0 = plan.prefix_rows()
         if n0:
             with PHASES("bwd: own rows vs earlier keys", dev):

@@ -184,26 +184,23 @@ def chunk_backward(k, beta, u, lse, w, gu, scale: float, chunk_size: int, stages
                    rhs=None, on_chunk=None):
     """(dk, dv, dbeta, bd) of sum(u * gu) (see the module doc), bd = beta d. ``rhs`` (context
     parallelism): gu with the shares of tokens after these T already subtracted (used in place of a
-    copy of gu, and overwritten). ``on_chunk(s, bd, bdw)`` is called after each chunk [s, e) is
-    solved (the reverse loop) with bd and bdw_t = bd_t . w_t, [B, H, T, *], final from row s on."""
+    copy of gu, and overwritten). ``on_chunk(s, bd)`` is called after each chunk [s, e) is solved
+    (the reverse loop) with bd [B, H, T, V], final from row s on. bdw_t = bd_t . w_t."""
     T = k.shape[2]
     rhs = gu.clone() if rhs is None else rhs   # gu - (contributions of later rows), completed chunk by chunk
     dv = torch.empty_like(u)
     bd = torch.empty_like(u)
-    dbeta = torch.empty_like(beta)
-    bdw = torch.empty_like(beta)
     for s in reversed(range(0, T, chunk_size)):
         e = min(s + chunk_size, T)
-        bc = beta[:, :, s:e]
-        d = _solve_chunk(stages.probs(k, lse, s, e, scale), bc, rhs[:, :, s:e], transpose=True)
+        bc = beta[:, :, s:e, None]
+        d = _solve_chunk(stages.probs(k, lse, s, e, scale), beta[:, :, s:e], rhs[:, :, s:e], transpose=True)
         dv[:, :, s:e] = d
-        bd[:, :, s:e] = bc[..., None] * d
-        wc = w[:, :, s:e]
-        dbeta[:, :, s:e] = -(wc * d).sum(-1)
-        bdw[:, :, s:e] = (bd[:, :, s:e] * wc).sum(-1)
+        bd[:, :, s:e] = bc * d
         stages.push(k, lse, bd[:, :, s:e], rhs, s, e, scale)
         if on_chunk is not None:
-            on_chunk(s, bd, bdw)
+            on_chunk(s, bd)
+    dbeta = -(w * dv).sum(-1)                  # per-row reductions once, not per chunk (launches)
+    bdw = (bd * w).sum(-1)
     dk = stages.key_grads(k, u, lse, bd, bdw, scale, chunk_size)
     return dk, dv, dbeta, bd, bdw
 
