@@ -139,8 +139,12 @@ def _dk_cols_kernel(kr_ptr, lse_ptr, bd_ptr, bdw_ptr, kk_ptr, uk_ptr, dk_ptr, nr
 
 
 def _blocks(K: int, V: int):
+    """Launch settings by head dim. Above 64, two pipeline stages: with three the columns kernel needs
+    201 KiB of shared memory at head dim 128 (``python -m lctrain.bench.kernel_resources --op
+    deltaformer``), too close to Hopper's 227 KiB."""
     wide = max(K, V) > 64
-    return dict(BK=_pow2(K), BV=_pow2(V), BR=64, BT=32 if wide else 64, num_warps=8 if wide else 4)
+    return dict(BK=_pow2(K), BV=_pow2(V), BR=64, BT=32 if wide else 64, num_warps=8 if wide else 4,
+                num_stages=2 if wide else 3)
 
 
 def _head_stride(*xs) -> int:

@@ -22,7 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import NEG, Stages, merge_partials
+from . import chunk
+from .chunk import Stages, merge_partials
+
+NEG = tl.constexpr(chunk.NEG)   # compiled kernels may read globals only when they are constexpr
 
 
 @triton.jit
@@ -165,7 +168,7 @@ def _partials(kr, kk, uk, nrows: int, Tr: int, key_hi: int, Tk: int, scale: floa
     B, H = kr.shape[:2]
     K, V = kr.shape[-1], uk.shape[-1]
     BR = min(64, _pow2(nrows))
-    BT = 64 if max(K, V) <= 128 else 32
+    BT = 64 if max(K, V) <= 64 else 32
     row_blocks = triton.cdiv(nrows, BR)
     G = _range_len(key_hi, row_blocks * B * H, BT, kr.device)
     NS = triton.cdiv(key_hi, G)
@@ -180,7 +183,7 @@ def _partials(kr, kk, uk, nrows: int, Tr: int, key_hi: int, Tk: int, scale: floa
 
 def _row_blocks(K: int, c: int):
     BR = min(64, _pow2(c))
-    return dict(BR=BR, BT=64 if K <= 128 else 32, num_warps=4 if K <= 64 else 8), triton.cdiv(c, BR)
+    return dict(BR=BR, BT=64 if K <= 64 else 32, num_warps=4 if K <= 64 else 8), triton.cdiv(c, BR)
 
 
 def triton_chunk_probs(k, lse, s: int, e: int, scale: float):
