@@ -1,5 +1,5 @@
 """`lctrain bench deltaformer`: Deltaformer forward and forward+backward on one GPU, ours against
-fla-core's ``deltaformer_attn`` in the same process.
+fla-core's (its whole op, or its u-pass with our read-out where flash-attn is missing) in the same process.
 
 Methods: ``ours`` (backend="triton": the Triton chunk passes of the u-pass forward and backward,
 torch c x c solves, SDPA read-out), ``ours_torch`` (backend="torch": the chunkwise torch u-pass),
