@@ -35,9 +35,10 @@ def test_records_every_deltaformer_kernel_launch():
 
 
 def test_deltaformer_kernels_compile_for_hopper():
-    """Every Deltaformer kernel launch compiles for sm_90 (in a subprocess: here Triton interprets)
-    within Hopper's 227 KiB of shared memory and without register spills. The interpreter does not
-    catch compile-only errors (a non-constexpr global in a kernel failed only on the GPU)."""
+    """Every Deltaformer kernel launch of bf16 / fp16 inputs (TF32 dots) compiles for sm_90 (in a
+    subprocess: here Triton interprets) within Hopper's 227 KiB of shared memory and without register
+    spills. The interpreter does not catch compile-only errors (a non-constexpr global in a kernel
+    failed only on the GPU)."""
     import os
     import subprocess
     import sys

@@ -24,13 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import _check, _pow2
+from .triton_fwd import _check, _pow2, dot_precision
 
 
 @triton.jit
 def _push_kernel(kr_ptr, lse_ptr, bd_ptr, kk_ptr, rhs_ptr, nrows, Tr, nkeys, Tk, scale,
                  K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 BR: tl.constexpr, BT: tl.constexpr):
+                 BR: tl.constexpr, BT: tl.constexpr, DOT: tl.constexpr):
     pid_j = tl.program_id(0)
     bh = tl.program_id(1)
     cols = pid_j * BT + tl.arange(0, BT)
@@ -48,30 +48,32 @@ def _push_kernel(kr_ptr, lse_ptr, bd_ptr, kk_ptr, rhs_ptr, nrows, Tr, nkeys, Tk,
         lse = tl.load(lse_ptr + bh * Tr + rows, mask=row_ok, other=0.0)
         bd = tl.load(bd_ptr + bh * Tr * V + rows[:, None] * V + dv_i[None, :],
                      mask=row_ok[:, None] & (dv_i[None, :] < V), other=0.0)
-        sc = tl.dot(kr, tl.trans(kj)) * scale
+        sc = tl.dot(kr, tl.trans(kj), input_precision=DOT) * scale
         ok = row_ok[:, None] & col_ok[None, :]
         p = tl.where(ok, tl.exp(tl.where(ok, sc, 0.0) - lse[:, None]), 0.0)
-        acc += tl.dot(tl.trans(p), bd)
+        acc += tl.dot(tl.trans(p), bd, input_precision=DOT)
     vmask = col_ok[:, None] & (dv_i[None, :] < V)
     ptrs = rhs_ptr + bh * Tk * V + cols[:, None] * V + dv_i[None, :]
     tl.store(ptrs, tl.load(ptrs, mask=vmask, other=0.0) - acc, mask=vmask)
 
 
 @triton.jit
-def _ds_block(kr, kj, lse, bd, bdw, uj, rows, cols, row_ok, col_ok, scale, CAUSAL: tl.constexpr):
+def _ds_block(kr, kj, lse, bd, bdw, uj, rows, cols, row_ok, col_ok, scale, CAUSAL: tl.constexpr,
+              DOT: tl.constexpr):
     """dS[t, j] = -P[t, j] (bd_t . u_j - bdw_t) on a [rows, cols] block (zero unless j < t if CAUSAL)."""
-    sc = tl.dot(kr, tl.trans(kj)) * scale
+    sc = tl.dot(kr, tl.trans(kj), input_precision=DOT) * scale
     ok = row_ok[:, None] & col_ok[None, :]
     if CAUSAL:
         ok = ok & (cols[None, :] < rows[:, None])
     p = tl.where(ok, tl.exp(tl.where(ok, sc, 0.0) - lse[:, None]), 0.0)
-    return -p * (tl.dot(bd, tl.trans(uj)) - bdw[:, None])
+    return -p * (tl.dot(bd, tl.trans(uj), input_precision=DOT) - bdw[:, None])
 
 
 @triton.jit
 def _dk_rows_kernel(kr_ptr, lse_ptr, bd_ptr, bdw_ptr, kk_ptr, uk_ptr, dk_ptr, nrows, Tr, nkeys, Tk, scale,
                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    BR: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr):
+                    BR: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr,
+                    DOT: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     rows = pid * BR + tl.arange(0, BR)
@@ -95,8 +97,8 @@ def _dk_rows_kernel(kr_ptr, lse_ptr, bd_ptr, bdw_ptr, kk_ptr, uk_ptr, dk_ptr, nr
                      mask=col_ok[:, None] & (dk_i[None, :] < K), other=0.0)
         uj = tl.load(uk_ptr + bh * Tk * V + cols[:, None] * V + dv_i[None, :],
                      mask=col_ok[:, None] & (dv_i[None, :] < V), other=0.0)
-        ds = _ds_block(kr, kj, lse, bd, bdw, uj, rows, cols, row_ok, col_ok, scale, CAUSAL)
-        acc += tl.dot(ds, kj)
+        ds = _ds_block(kr, kj, lse, bd, bdw, uj, rows, cols, row_ok, col_ok, scale, CAUSAL, DOT)
+        acc += tl.dot(ds, kj, input_precision=DOT)
     ptrs = dk_ptr + bh * Tr * K + rows[:, None] * K + dk_i[None, :]
     if ACCUMULATE:
         acc = acc * scale + tl.load(ptrs, mask=kmask_r, other=0.0)
@@ -108,7 +110,7 @@ def _dk_rows_kernel(kr_ptr, lse_ptr, bd_ptr, bdw_ptr, kk_ptr, uk_ptr, dk_ptr, nr
 @triton.jit
 def _dk_cols_kernel(kr_ptr, lse_ptr, bd_ptr, bdw_ptr, kk_ptr, uk_ptr, dk_ptr, nrows, Tr, nkeys, Tk, scale,
                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    BR: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr):
+                    BR: tl.constexpr, BT: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     cols = pid * BT + tl.arange(0, BT)
@@ -132,8 +134,8 @@ def _dk_cols_kernel(kr_ptr, lse_ptr, bd_ptr, bdw_ptr, kk_ptr, uk_ptr, dk_ptr, nr
         bd = tl.load(bd_ptr + bh * Tr * V + rows[:, None] * V + dv_i[None, :],
                      mask=row_ok[:, None] & (dv_i[None, :] < V), other=0.0)
         bdw = tl.load(bdw_ptr + bh * Tr + rows, mask=row_ok, other=0.0)
-        ds = _ds_block(kr, kj, lse, bd, bdw, uj, rows, cols, row_ok, col_ok, scale, CAUSAL)
-        acc += tl.dot(tl.trans(ds), kr)
+        ds = _ds_block(kr, kj, lse, bd, bdw, uj, rows, cols, row_ok, col_ok, scale, CAUSAL, DOT)
+        acc += tl.dot(tl.trans(ds), kr, input_precision=DOT)
     ptrs = dk_ptr + bh * Tk * K + cols[:, None] * K + dk_i[None, :]
     tl.store(ptrs, tl.load(ptrs, mask=kmask_c, other=0.0) + scale * acc, mask=kmask_c)
 
@@ -144,7 +146,7 @@ def _blocks(K: int, V: int):
     deltaformer``), too close to Hopper's 227 KiB."""
     wide = max(K, V) > 64
     return dict(BK=_pow2(K), BV=_pow2(V), BR=64, BT=32 if wide else 64, num_warps=8 if wide else 4,
-                num_stages=2 if wide else 3)
+                num_stages=2 if wide else 3, DOT=dot_precision())
 
 
 def _head_stride(*xs) -> int:

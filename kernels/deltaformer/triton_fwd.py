@@ -31,7 +31,7 @@ NEG = tl.constexpr(chunk.NEG)   # compiled kernels may read globals only when th
 @triton.jit
 def _partials_kernel(kr_ptr, kk_ptr, uk_ptr, m_ptr, l_ptr, acc_ptr, nrows, Tr, key_hi, Tk, G, NS, scale,
                      K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     BR: tl.constexpr, BT: tl.constexpr):
+                     BR: tl.constexpr, BT: tl.constexpr, DOT: tl.constexpr):
     """Rows kr[bh, :nrows] (per-head stride Tr rows) against keys kk / uk[bh, range] (stride Tk),
     range = [pid_g G, min(pid_g G + G, key_hi))."""
     pid_r = tl.program_id(0)
@@ -53,7 +53,7 @@ def _partials_kernel(kr_ptr, kk_ptr, uk_ptr, m_ptr, l_ptr, acc_ptr, nrows, Tr, k
         col_ok = cols < j_hi
         kj = tl.load(kk_ptr + bh * Tk * K + cols[:, None] * K + dk[None, :], mask=col_ok[:, None] & (dk[None, :] < K),
                      other=0.0)
-        sc = tl.dot(kq, tl.trans(kj)) * scale
+        sc = tl.dot(kq, tl.trans(kj), input_precision=DOT) * scale
         ok = row_ok[:, None] & col_ok[None, :]
         sc = tl.where(ok, sc, NEG)
         m_new = tl.maximum(m, tl.max(sc, 1))
@@ -62,7 +62,7 @@ def _partials_kernel(kr_ptr, kk_ptr, uk_ptr, m_ptr, l_ptr, acc_ptr, nrows, Tr, k
         l = l * alpha + tl.sum(p, 1)
         uj = tl.load(uk_ptr + bh * Tk * V + cols[:, None] * V + dv[None, :],
                      mask=col_ok[:, None] & (dv[None, :] < V), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p, uj)
+        acc = acc * alpha[:, None] + tl.dot(p, uj, input_precision=DOT)
         m = m_new
     out = (bh * NS + pid_g) * nrows + r_loc
     tl.store(m_ptr + out, m, mask=row_ok)
@@ -73,7 +73,7 @@ def _partials_kernel(kr_ptr, kk_ptr, uk_ptr, m_ptr, l_ptr, acc_ptr, nrows, Tr, k
 @triton.jit
 def _finalize_kernel(k_ptr, m_ptr, l_ptr, acc_ptr, w_ptr, lse_ptr, s, c, T, NS, scale,
                      K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     BR: tl.constexpr, BT: tl.constexpr):
+                     BR: tl.constexpr, BT: tl.constexpr, DOT: tl.constexpr):
     """Rows [s, s + c): merge the NS range states, add the strictly earlier keys of the chunk to the
     normaliser, write lse (0 for a row with no key at all) and w_prev = acc / l."""
     pid_r = tl.program_id(0)
@@ -103,7 +103,7 @@ def _finalize_kernel(k_ptr, m_ptr, l_ptr, acc_ptr, w_ptr, lse_ptr, s, c, T, NS, 
         cols = j0 + tl.arange(0, BT)
         kj = tl.load(k_base + cols[:, None] * K + dk[None, :], mask=(cols[:, None] < s + c) & (dk[None, :] < K),
                      other=0.0)
-        sc = tl.dot(kq, tl.trans(kj)) * scale
+        sc = tl.dot(kq, tl.trans(kj), input_precision=DOT) * scale
         ok = row_ok[:, None] & (cols[None, :] < rows[:, None])
         sc = tl.where(ok, sc, NEG)
         m_new = tl.maximum(m, tl.max(sc, 1))
@@ -119,7 +119,8 @@ def _finalize_kernel(k_ptr, m_ptr, l_ptr, acc_ptr, w_ptr, lse_ptr, s, c, T, NS, 
 
 @triton.jit
 def _intra_probs_kernel(k_ptr, lse_ptr, p_ptr, s, c, T, Tl, scale,
-                        K: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BT: tl.constexpr):
+                        K: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BT: tl.constexpr,
+                        DOT: tl.constexpr):
     """P[t, j] = exp(scale k_t . k_j - lse_t) for s <= j < t < s + c (zero elsewhere) -> p [c, c];
     lse is read at lse_ptr + bh Tl + (t - s)."""
     pid_r = tl.program_id(0)
@@ -135,11 +136,18 @@ def _intra_probs_kernel(k_ptr, lse_ptr, p_ptr, s, c, T, Tl, scale,
         cols = j0 + tl.arange(0, BT)
         kj = tl.load(k_base + cols[:, None] * K + dk[None, :], mask=(cols[:, None] < s + c) & (dk[None, :] < K),
                      other=0.0)
-        sc = tl.dot(kq, tl.trans(kj)) * scale
+        sc = tl.dot(kq, tl.trans(kj), input_precision=DOT) * scale
         ok = row_ok[:, None] & (cols[None, :] < rows[:, None])
         p = tl.where(ok, tl.exp(tl.where(ok, sc, 0.0) - lse[:, None]), 0.0)
         c_loc = cols - s
         tl.store(p_ptr + (bh * c + r_loc)[:, None] * c + c_loc[None, :], p, mask=row_ok[:, None] & (c_loc[None, :] < c))
+
+
+def dot_precision() -> str:
+    """The kernels' dots follow torch's float32 matmul switch: TF32 when
+    ``torch.backends.cuda.matmul.allow_tf32`` (``chunk._Tf32Matmuls`` turns it on for bf16 / fp16
+    inputs), else full float32 ("ieee"), so float32 inputs get float32 accuracy throughout."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _pow2(x: int) -> int:
@@ -177,13 +185,14 @@ def _partials(kr, kk, uk, nrows: int, Tr: int, key_hi: int, Tk: int, scale: floa
     acc = torch.empty(B, H, NS, nrows, V, device=kr.device, dtype=torch.float32)
     _partials_kernel[(row_blocks, NS, B * H)](
         kr, kk, uk, m, l, acc, nrows, Tr, key_hi, Tk, G, NS, float(scale), K=K, V=V, BK=_pow2(K), BV=_pow2(V),
-        BR=BR, BT=BT, num_warps=4 if max(K, V) <= 64 else 8)
+        BR=BR, BT=BT, DOT=dot_precision(), num_warps=4 if max(K, V) <= 64 else 8)
     return m, l, acc
 
 
 def _row_blocks(K: int, c: int):
     BR = min(64, _pow2(c))
-    return dict(BR=BR, BT=64 if K <= 64 else 32, num_warps=4 if K <= 64 else 8), triton.cdiv(c, BR)
+    return dict(BR=BR, BT=64 if K <= 64 else 32, num_warps=4 if K <= 64 else 8, DOT=dot_precision()), \
+        triton.cdiv(c, BR)
 
 
 def triton_chunk_probs(k, lse, s: int, e: int, scale: float):

@@ -80,15 +80,19 @@ def record_launches(D: int, dtype_name: str, varlen: bool = False) -> list:
     return calls
 
 
-def record_deltaformer_launches(D: int) -> list:
+def record_deltaformer_launches(D: int, tf32: bool = True) -> list:
     """(jit function, args, kwargs) of every Triton launch of one Deltaformer u-pass fwd+bwd (chunk
-    256 of a 4096-token sequence, 16 heads) and of the three context-parallel blocks, on meta tensors."""
+    256 of a 4096-token sequence, 16 heads) and of the three context-parallel blocks, on meta tensors.
+    ``tf32``: the launches of bf16 / fp16 inputs (TF32 dots, what training runs); False: of float32
+    inputs (full-precision dots, which spill at head dim 128: slower, for accuracy only)."""
     import torch
 
     from lctrain.kernels.deltaformer import chunk, triton_bwd, triton_fwd
     calls: list = []
     mods = (triton_fwd, triton_bwd)
     saved = {(mod, n): getattr(mod, n) for mod in mods for n in dir(mod) if n.endswith("_kernel")}
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         for (mod, n), kernel in saved.items():
             setattr(mod, n, _Recorder(kernel, calls))
@@ -103,6 +107,7 @@ def record_deltaformer_launches(D: int) -> list:
         st.pull(e(B, H, G, D), e(B, H, G), e(B, H, G, D), e(B, H, G), kl, ul, rhs, dk, 0.1)
         st.rows_vs_keys(kl, e(B, H, L), e(B, H, L, D), e(B, H, L), e(B, H, G, D), e(B, H, G, D), dk, 0.1)
     finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
         for (mod, n), kernel in saved.items():
             setattr(mod, n, kernel)
     return calls
@@ -165,7 +170,8 @@ def compile_report(calls, target: int) -> list[dict]:
                                   check=True).stdout
         reg = re.search(r"REG:(\d+)", usage)
         stack = re.search(r"STACK:(\d+)", usage)
-        flags = ",".join(k for k, v in consts.items() if k.startswith(("HAS_", "CAUSAL", "ACCUMULATE")) and v) or "-"
+        flags = ",".join([k for k, v in consts.items() if k.startswith(("HAS_", "CAUSAL", "ACCUMULATE")) and v]
+                         + [f"DOT={consts['DOT']}"] * ("DOT" in consts)) or "-"
         rows.append({"kernel": fn.fn.__name__, "flags": flags,
                      "blocks": ",".join(f"{k}={v}" for k, v in consts.items() if k.startswith("B")),
                      "warps": opts.get("num_warps"), "stages": opts.get("num_stages"),
@@ -187,15 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--varlen", action="store_true",
                    help="the launches of packed documents (cu_seqlens): the varlen kernels")
     p.add_argument("--op", choices=["mixers", "deltaformer"], default="mixers",
-                   help="the linear mixers' kernels (default) or Deltaformer's u-pass kernels (float32; "
-                        "--dtype, --cfg and --varlen do not apply)")
+                   help="the linear mixers' kernels (default) or Deltaformer's u-pass kernels (float32 tensors, "
+                        "TF32 dots as for bf16 inputs; --dtype float32: full-precision dots as for float32 inputs; "
+                        "--cfg and --varlen do not apply)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.op == "deltaformer":
-        bad = [f for f, given in (("--cfg", args.cfg), ("--varlen", args.varlen),
-                                  ("--dtype", args.dtype != "bfloat16")) if given]
+        bad = [f for f, given in (("--cfg", args.cfg), ("--varlen", args.varlen)) if given]
         if bad:
-            p.error(f"{', '.join(bad)} do not apply to --op deltaformer (its kernels compute in float32)")
-        calls = record_deltaformer_launches(args.D)
+            p.error(f"{', '.join(bad)} do not apply to --op deltaformer")
+        calls = record_deltaformer_launches(args.D, tf32=args.dtype != "float32")
     else:
         from lctrain.kernels.triton import ops
         if args.cfg:
