@@ -112,6 +112,7 @@ def loss_and_grads(model, loss_chunk_tokens, tp_group=None):
     """lm_loss (answer-style token weights included) + backward, partial TP gradients summed as the
     trainer sums them: (loss, mean, {name: grad})."""
     from lctrain.parallel.tensor_parallel import reduce_partial_grads
+
     from lctrain.train.step import lm_loss
 
     model.zero_grad(set_to_none=True)
@@ -125,9 +126,10 @@ def loss_and_grads(model, loss_chunk_tokens, tp_group=None):
 
 
 def chunked_loss_worker(rank, world):
-    from lctrain.models import build_model
     from lctrain.parallel import mesh
     from lctrain.parallel.tensor_parallel import TP_PARTIAL_GRAD, TP_SPLIT_DIM, full_state_dict
+
+    from lctrain.models import build_model
 
     mesh.init_mesh({"tp": world, "cp": 1, "pp": 1}, "cpu")
     torch.manual_seed(0)

@@ -31,8 +31,7 @@ import torch
 from torch import nn
 
 from lctrain.parallel.mesh import group_size
-from lctrain.parallel.tensor_parallel import (column_linear, local_size, mark_partial_grad, row_linear,
-                                              to_tp_region)
+from lctrain.parallel.tensor_parallel import column_linear, local_size, mark_partial_grad, row_linear, to_tp_region
 
 from .attention import causal_attention, document_causal_attention
 from .layers import RMSNorm
