@@ -63,12 +63,11 @@ def cp_worker(rank, P, cases):
 
 @pytest.mark.parametrize("P", [2, 4])
 def test_cp_equals_one_process(P):
-    cases = [(11, False, "torch", "pipeline", 4), (15, False, "triton", "pipeline", 4),
-             (12, True, "torch", "pipeline", 4), (17, "long", "triton", "auto", 2),
-             (18, "long", "torch", "pipeline", 4)]
-    if P == 2:  # the other schedule / backend combinations once (CI time)
-        cases += [(14, False, "torch", "auto", None), (16, False, "torch", "gather", None),
-                  (13, True, "naive", "gather", None)]
+    cases = [(12, True, "torch", "pipeline", 4), (18, "long", "torch", "pipeline", 4)]
+    if P == 2:  # the other schedule / backend combinations once (CI time; Triton interprets slowly)
+        cases += [(15, False, "triton", "pipeline", 4), (17, "long", "triton", "auto", 2),
+                  (11, False, "torch", "pipeline", 4), (14, False, "torch", "auto", None),
+                  (16, False, "torch", "gather", None), (13, True, "naive", "gather", None)]
     results = run_world(cp_worker, P, cases)
     for _, model_errors in results:
         for out_err, grad_err in model_errors:
