@@ -154,7 +154,14 @@ class _Cfg:
         tight = (fp32 and self.BK > 64) or self.BK > 128
         wide_bv = _wide_state_block(chains, BV) if (chains and not tight) else None
         if wide_bv is not None:
+            # 2 stages: 3% faster than 3 for 64 packed documents in 128K, delta and GDN (H200, bench.sh kperf,
+            # docs/results/h200x2_2026-11-30_call2/kperf)
             defaults["BVS"] = defaults["BVSB"] = wide_bv
+            defaults["stages_seq"] = defaults["stages_seqb"] = 2
+        elif not tight:
+            # 4 stages in the forward state pass: fwd 2.2% / fwd+bwd 1.2% faster than Triton's default 3 for
+            # gated_delta at 128K, 1.0% / 0.6% for delta (H200, 5 alternating rounds, same call)
+            defaults["stages_seq"] = 4
         defaults.update(_overrides)
         defaults.update(overrides or {})
         self.values = defaults
