@@ -9,6 +9,8 @@
 # tables) and $OUT/train_bench_traces.tgz (the chrome traces, left out when over 15 MiB): a call cut at
 # its limit still returns the steps before, and $OUT/running_step.log holds the cut step's output.
 # Typical times below; each step's timeout is larger, so give a call's steps ~8 minutes of typical time.
+#   targets        issue 14's targets in one call: 32K bench with none (MFU) on GPU 0 beside the one-GPU
+#                  length search (512K .. 1M) on GPU 1, then the 131K cp=2 run (20 steps)        ~7.5 min
 #   quick          32K on one GPU: GPU tests of the short conv kernel and model.compile, then the bench
 #                  with selective:S (model.compile=false) and with none + model.compile=true (the likely
 #                  fastest), each + --profile (top kernels, time by kind, chrome trace in profile_<tag>/) ~4 min
@@ -25,7 +27,7 @@
 #   layouts        `lctrain bench layouts` of gdn_h1_1p3b at 64K, tp=2 / cp=2 / pp=2 side by side (2 GPUs;
 #                  LAYOUTS="pp=2" for one)                                                       ~10 min
 # (maxlen / maxlen_cp2: the earlier names of reach / reach_cp2.)
-# Suggested calls: `quick train131k_cp2` (first), `reach reach_cp2` (second), `compare tests` (third).
+# Suggested calls: `targets` (first), `reach_cp2 quick` (second), `compare tests` (third).
 # Unpack train_bench_results.tgz into docs/results/<date>_train_bench/ and record the JSONs with
 # `lctrain bench record docs/results/<...>/*.json`.
 set -u
@@ -60,9 +62,11 @@ cat "$RES/gpu.txt"
 run() {
   local name=$1 limit=$2 pattern=$3; shift 3
   local t0=$SECONDS
-  # also to $OUT/running_step.log: if the device call is cut mid-step, that step's output still comes back
-  timeout -k 15 "$limit" "$@" 2>&1 | tee "$RES/$name.log" > "$OUT/running_step.log"
+  # also to $OUT/running_step.log (RUNLOG): if the device call is cut mid-step, its output still comes back
+  local runlog=${RUNLOG:-$OUT/running_step.log}
+  timeout -k 15 "$limit" "$@" 2>&1 | tee "$RES/$name.log" > "$runlog"
   local rc=${PIPESTATUS[0]}
+  rm -f "$runlog"  # finished: its whole log goes into the archive
   echo "[exit status $rc after $((SECONDS - t0)) s; 124/137 = cut at ${limit} s]" >> "$RES/$name.log"
   echo "--- $name: rc $rc, $((SECONDS - t0)) s"
   { grep -E "$pattern" "$RES/$name.log" | grep -vE "^step [0-9]+/[0-9]+:|^warm-up"; tail -3 "$RES/$name.log"; } | awk '!seen[$0]++' | cut -c1-400
@@ -78,6 +82,22 @@ bench32k() {  # bench32k TAG LIMIT [overrides...]
 for s in $STEPS; do
   echo "=== $s $(date +%T)"
   case $s in
+    targets) # one GPU each, side by side: the 32K bench with none (MFU) on GPU 0, the one-GPU length search
+             # (512K, 786K, 1M) on GPU 1; then, on both, the 131K cp=2 training run (20 steps)
+             ( export CUDA_VISIBLE_DEVICES=0 RUNLOG="$OUT/running_gpu0.log"
+               bench32k none 150 model.activation_checkpointing=none model.compile=false ) &
+             gpu0=$!
+             ( export CUDA_VISIBLE_DEVICES=1 RUNLOG="$OUT/running_gpu1.log"
+               run reach_h1 240 "$SUMMARY" $LC bench train "$H1" model.mlp_chunk_tokens=65536 \
+                 model.checkpoint_offload=true train.grad_accum=1 --lengths 524288 786432 1048576 \
+                 --json "$RES/reach_h1.json" ) &
+             wait "$gpu0" $!  # (a bare wait would also wait for the console's tee)
+             pack
+             rm -rf /tmp/runs/h1_131k_cp2
+             run train_h1_131k_cp2 330 "$SUMMARY|^step +(1|2|5|10|15|19|20)/20 " \
+               $LC train "$H1" data.seq_len=131072 parallel.cp=2 train.steps=20 train.warmup_steps=5 \
+               train.out_dir=/tmp/runs/h1_131k_cp2 train.resume=false train.progress=false
+             cp /tmp/runs/h1_131k_cp2/metrics.jsonl "$RES/train_h1_131k_cp2_metrics.jsonl" 2>/dev/null ;;
     quick) run tests_fused_gpu 120 "passed|failed|error" python3 -m pytest -m gpu -v -p no:cacheprovider \
              -c "$R/pyproject.toml" --rootdir "$R" "$R/tests/test_short_conv.py" "$R/tests/test_fused.py" "$R/tests/test_rms_norm_kernel.py" "$R/tests/test_swiglu_kernel.py" \
              "$R/tests/test_rope_kernel.py"
