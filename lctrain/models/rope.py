@@ -123,14 +123,14 @@ class RotaryEmbedding(nn.Module):
         return rotate_math(x, cos, sin, self.rotary_dim)
 
     def cos_sin_range(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos_sin of positions start .. start+length-1 in float32, computed once and kept (the last two
-        ranges): every layer of a forward, and its checkpoint recomputation, rotates at the same
-        positions, so the float64 angles are not recomputed per layer and per call."""
+        """cos_sin of positions start .. start+length-1 in float32, computed once and kept (the last
+        range only: 0.5 GiB at 512K tokens): every layer of a forward, and its checkpoint
+        recomputation, rotates at the same positions, so the float64 angles are not recomputed per
+        layer and per call."""
         key = (int(start), int(length), str(device))
         cache = self.__dict__.setdefault("_range_cache", {})
         if key not in cache:
-            if len(cache) >= 2:
-                cache.pop(next(iter(cache)))
+            cache.clear()
             with torch.inference_mode(False), torch.no_grad():  # usable by a later training step too
                 cache[key] = self.cos_sin(torch.arange(start, start + length, device=device), torch.float32)
         return cache[key]
