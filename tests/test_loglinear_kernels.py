@@ -202,18 +202,22 @@ def test_triton_matches_naive(backend, kind, T, p0, dtype, tol):
 
 
 @needs_triton
-def test_fused_triton_level_groups_change_nothing(monkeypatch):
-    """The backward recomputes the level states in groups (one level per group here) and the scans run
-    one level per program in V blocks of 16: same outputs and gradients as the defaults (one group, 2
-    levels per program, V blocks of 32)."""
+@pytest.mark.parametrize("budget,cfg", [(1, {"LP": 1, "BV": 16}), (None, {"LP": 1, "ATOMIC": 0}),
+                                        (None, {"LP": 4, "ATOMIC": 0})])
+def test_fused_triton_level_groups_change_nothing(monkeypatch, budget, cfg):
+    """Same outputs and gradients as the defaults (one group, 2 levels per program, V blocks of 32, the
+    readouts summed with atomics) when the backward recomputes the level states in groups (one level per
+    group) and the scans run one level per program in V blocks of 16; when every level's readout goes to
+    its own output slice (no atomics); and with 4 levels per program (2 of them padding)."""
     from lctrain.kernels.loglinear import triton_levels
     T, K, V = 200, 16, 16
     L = levels_needed(T)
     x = make_inputs("gdn", T, K, V, L, torch.float32, seed=5)
     do, dS = torch.randn(B, T, H, V, dtype=torch.float64), torch.randn(B, H, L, K, V, dtype=torch.float64)
     whole = outputs_and_grads("gdn", x, "triton", 0, do, dS, chunk_size=64)
-    monkeypatch.setattr(triton_levels, "STATE_BUDGET", 1)
-    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "LP": 1, "BV": 16})
+    if budget is not None:
+        monkeypatch.setattr(triton_levels, "STATE_BUDGET", budget)
+    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, **cfg})
     parts = outputs_and_grads("gdn", x, "triton", 0, do, dS, chunk_size=64)
     assert rel(parts[0], whole[0]) < 1e-6 and rel(parts[1], whole[1]) < 1e-6
     for name in whole[2]:
