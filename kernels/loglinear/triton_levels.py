@@ -45,11 +45,13 @@ from ..triton.common import CHUNK, flags_given, pow2
 # [K, LP * BV] fp32), num_warps, num_stages (None: Triton's default); the per-chunk gradient pass: V block,
 # num_warps; ATOMIC: the forward scans add their readouts to o with fp32 atomics (1) or, 0, every group
 # of levels stores into its own fp32 slice of a [groups, B, T, H, V] buffer summed afterwards (no atomics,
-# (groups - 1) x the output's memory more).
+# (groups - 1) x the output's memory more); TREE: log-linear Mamba-2 calls from position 0 take the
+# levels from Fenwick block totals (``scalar_tree``) instead of these scans (0: the scans).
 # Defaults: no register spills and shared memory within sm_90's 228 KiB at head dim 128 (checked with
 # kernel_resources-style compiles); ``set_levels_config`` / LCTRAIN_LOGLINEAR_CFG="LP=4,BV=16" change them
 # (``lctrain bench loglinear --levels-cfg`` times several).
-CONFIG = {"LP": 2, "BV": 32, "warps": 8, "stages": 2, "BV_grad": 16, "warps_grad": 8, "ATOMIC": 1}
+CONFIG = {"LP": 2, "BV": 32, "warps": 8, "stages": 2, "BV_grad": 16, "warps_grad": 8, "ATOMIC": 1,
+          "TREE": 1}
 
 
 def set_levels_config(**values: int) -> dict:
@@ -62,9 +64,9 @@ def set_levels_config(**values: int) -> dict:
     for key, val in values.items():
         if key not in CONFIG:
             raise ValueError(f"set_levels_config: unknown key {key!r}; choose from {sorted(CONFIG)}")
-        if key == "ATOMIC":
+        if key in ("ATOMIC", "TREE"):
             if val not in (0, 1):
-                raise ValueError(f"set_levels_config: ATOMIC={val!r} must be 0 or 1")
+                raise ValueError(f"set_levels_config: {key}={val!r} must be 0 or 1")
             continue
         pow2_key = key.startswith("BV") or key == "LP"
         if not isinstance(val, int) or val < 1 or (pow2_key and val & (val - 1)) or (key.startswith("BV") and val < 16):
