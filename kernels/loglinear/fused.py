@@ -31,9 +31,9 @@ import torch
 from ..triton.common import CHUNK
 from ..triton.ops import _Cfg, _chunk_suffix_sum
 from ..triton.wy import wy_apply, wy_bwd, wy_fwd
+from . import triton_levels
 from .chunk import _last_block_states, level_weight_differences, runs_from_slots, slots_from_runs
 from .levels import levels_needed
-from . import triton_levels
 from .scalar_tree import tree_levels
 from .triton_intra import intra_backward, intra_forward
 from .triton_levels import levels_backward, levels_forward
