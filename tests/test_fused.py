@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from lctrain.config import load_config
-from lctrain.models import build_model
-from lctrain.models import fused
+from lctrain.models import build_model, fused
 
 TINY = ["model.d_model=64", "model.layer_pattern=GSM", "model.window=8", "model.n_heads=2", "model.head_dim=16",
         "model.attn_heads=2", "model.attn_head_dim=16", "model.vocab_size=97", "model.kernel_backend=torch",
@@ -46,7 +45,8 @@ def test_compiled_elementwise_equals_eager(monkeypatch, extra):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_elementwise_equals_eager_bf16_on_gpu():
     big = ["model.d_model=256", "model.layer_pattern=GSGS", "model.window=128", "model.n_heads=2",
-           "model.head_dim=128", "model.attn_heads=2", "model.attn_head_dim=128", "model.vocab_size=512", "model.document_end_id=null",
+           "model.head_dim=128", "model.attn_heads=2", "model.attn_head_dim=128", "model.vocab_size=512",
+           "model.document_end_id=null",
            "model.kernel_backend=auto"]
     _, loss, grads = _loss_and_grads(big, T=1024, device="cuda", dtype=torch.bfloat16)
     _, loss_c, grads_c = _loss_and_grads([*big, "model.compile=true"], T=1024, device="cuda", dtype=torch.bfloat16)

@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-
 from lctrain.kernels.short_conv import causal_conv1d
 
 triton_ok = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",

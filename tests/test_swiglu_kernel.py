@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
 from lctrain.kernels.swiglu import swiglu
 
 triton_ok = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",

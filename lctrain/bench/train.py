@@ -401,7 +401,8 @@ def split_text(split: dict) -> str:
 # kernel name patterns -> what they are (first match wins); the mixers' Triton kernels are ours
 KERNEL_CATEGORIES = [
     ("communication (NCCL)", ("nccl",)),
-    ("mixer kernels (Triton, lctrain.kernels)", ("state_fwd_kernel", "state_bwd_kernel", "dqk_kernel", "wy_solve_kernel",
+    ("mixer kernels (Triton, lctrain.kernels)", ("state_fwd_kernel", "state_bwd_kernel", "dqk_kernel",
+                                                 "wy_solve_kernel",
                                                  "wy_apply_kernel", "wy_bwd_kernel", "output_fwd_kernel",
                                                  "dv_local_kernel", "_chunk_stats_kernel")),
     ("short conv (Triton, lctrain.kernels.short_conv)", ("conv_fwd_kernel", "conv_bwd_kernel")),
