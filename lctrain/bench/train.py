@@ -402,10 +402,9 @@ def split_text(split: dict) -> str:
 KERNEL_CATEGORIES = [
     ("communication (NCCL)", ("nccl",)),
     ("mixer kernels (Triton, lctrain.kernels)", ("state_fwd_kernel", "state_bwd_kernel", "dqk_kernel",
-                                                 "wy_solve_kernel",
-                                                 "wy_apply_kernel", "wy_bwd_kernel", "output_fwd_kernel",
-                                                 "dv_local_kernel", "_chunk_stats_kernel")),
-    ("short conv (Triton, lctrain.kernels.short_conv)", ("conv_fwd_kernel", "conv_bwd_kernel")),
+                                                 "wy_solve_kernel", "wy_apply_kernel", "wy_bwd_kernel",
+                                                 "output_fwd_kernel", "dv_local_kernel", "_chunk_stats_kernel")),
+    ("short conv (Triton, lctrain.kernels.short_conv)", ("conv_fwd_kernel", "conv_dpre_kernel", "conv_dx_kernel")),
     ("RMS / L2 norms (Triton, lctrain.kernels.rms_norm)", ("row_norm_fwd_kernel", "row_norm_bwd_kernel")),
     ("SwiGLU activation (Triton, lctrain.kernels.swiglu)", ("swiglu_fwd_kernel", "swiglu_bwd_kernel")),
     ("RoPE (Triton, lctrain.kernels.rope)", ("rope_kernel",)),
