@@ -9,8 +9,9 @@
 # tables) and $OUT/train_bench_traces.tgz (the chrome traces, left out when over 15 MiB): a call cut at
 # its limit still returns the steps before, and $OUT/running_step.log holds the cut step's output.
 # Typical times below; each step's timeout is larger, so give a call's steps ~8 minutes of typical time.
-#   targets        issue 14's targets in one call: 32K bench with none (MFU) on GPU 0 beside the one-GPU
-#                  length search (512K .. 1M) on GPU 1, then the 131K cp=2 run (20 steps)        ~7.5 min
+#   targets        issue 14's targets in one call: the block kernels' GPU tests and the 32K bench with none
+#                  (MFU) on GPU 0 beside the one-GPU length search (512K .. 1M) on GPU 1, then the
+#                  131K cp=2 run (20 steps)                                                      ~7.5 min
 #   quick          32K on one GPU: GPU tests of the short conv kernel and model.compile, then the bench
 #                  with selective:S (model.compile=false) and with none + model.compile=true (the likely
 #                  fastest), each + --profile (top kernels, time by kind, chrome trace in profile_<tag>/) ~4 min
@@ -85,6 +86,9 @@ for s in $STEPS; do
     targets) # one GPU each, side by side: the 32K bench with none (MFU) on GPU 0, the one-GPU length search
              # (512K, 786K, 1M) on GPU 1; then, on both, the 131K cp=2 training run (20 steps)
              ( export CUDA_VISIBLE_DEVICES=0 RUNLOG="$OUT/running_gpu0.log"
+               run tests_kernels_gpu 90 "passed|failed|error" python3 -m pytest -m gpu -v -p no:cacheprovider \
+                 -c "$R/pyproject.toml" --rootdir "$R" "$R/tests/test_short_conv.py" "$R/tests/test_rms_norm_kernel.py" \
+                 "$R/tests/test_swiglu_kernel.py" "$R/tests/test_rope_kernel.py"
                bench32k none 150 model.activation_checkpointing=none model.compile=false ) &
              gpu0=$!
              ( export CUDA_VISIBLE_DEVICES=1 RUNLOG="$OUT/running_gpu1.log"
