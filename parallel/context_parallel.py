@@ -334,6 +334,23 @@ class ContextParallelOp:
         return shard_transition(self.kind, k, v, g=g, beta=beta, backend=backend, chunk_size=chunk_size,
                                 cu_seqlens=cu)
 
+    def _state_grad(self, q, k, v, do, g, beta, scale, backend, chunk_size, cu=None):
+        """This shard's G (with documents: of its first piece), by the chosen transition."""
+        mode, groups = self._transition_mode
+        if mode == "grouped+grad" and cu is None:
+            return grouped_shard_state_grad(self.kind, q, k, v, do, g=g, beta=beta, scale=scale, backend=backend,
+                                            chunk_size=chunk_size, groups=groups)
+        return shard_state_grad(self.kind, q, k, do, g=g, beta=beta, scale=scale, backend=backend,
+                                chunk_size=chunk_size, cu_seqlens=cu)
+
+    def pass_keys(self) -> tuple[str, str]:
+        """Names of how the forward's state pass and the backward's state-gradient pass run (no
+        documents), e.g. ("grouped:auto", "sequential"): benchmarks time each distinct pass once."""
+        mode, groups = self._transition_mode
+        grouped = f"grouped:{groups or 'auto'}"
+        return (("sequential", "sequential") if mode == "sequential" else
+                (grouped, "sequential") if mode == "grouped" else (grouped, grouped))
+
     def _own_A(self, k, v, g, beta, backend, chunk_size, docs, dtype):
         """A_r of this rank, computed on demand: the last rank skips its transition in the forward
         (nobody folds its (A, B)) and needs A only for a gradient on its own final state."""
@@ -395,12 +412,9 @@ class ContextParallelOp:
             # rank 0's G is folded by nobody (the fold below reads ranks > r only): zeros are sent
             G = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], do.shape[3], dtype=stash.A_all.dtype)
             u_first = None
-        elif self._transition_mode[0] == "grouped+grad" and (docs is None or docs.local_cu is None):
-            G = grouped_shard_state_grad(self.kind, q, k, v, do, g=g, beta=beta, scale=scale, backend=backend,
-                                         chunk_size=chunk_size, groups=self._transition_mode[1])
         else:
-            G = shard_state_grad(self.kind, q, k, do, g=g, beta=beta, scale=scale, backend=backend,
-                                 chunk_size=chunk_size, cu_seqlens=None if docs is None else docs.local_cu)
+            G = self._state_grad(q, k, v, do, g, beta, scale, backend, chunk_size,
+                                 None if docs is None else docs.local_cu)
         if u_first is not None:
             e = docs.local_bounds[1]
             cut = lambda x: None if x is None else x[:, :e]  # noqa: E731

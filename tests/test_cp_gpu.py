@@ -3,7 +3,7 @@
 One process per GPU (tests/dist_utils.run_world, NCCL, rank r on cuda:r). In bfloat16, each rank's
 outputs and gradients must equal the plain op run by one GPU on the whole sequence in float32
 (relative error of the norm <= 2e-2): every linear mixer under ``context_parallel`` with both
-transitions (sequential, grouped), with an initial state and a gradient on every rank's final
+transitions (sequential, grouped, grouped+grad), with an initial state and a gradient on every rank's final
 state; the short conv through the halo exchange; sliding-window attention through the halo
 exchange; global attention through Ulysses (skipped when DeepSpeed is not installed).
 """
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.gpu,
 TOL = 2e-2
 KINDS = {"delta": ("delta_rule", ("beta",)), "gated_delta": ("gated_delta_rule", ("g", "beta")),
          "gla": ("gated_linear_attn", ("g",))}
-TRANSITIONS = ("sequential", "grouped:4")
+TRANSITIONS = ("sequential", "grouped:4", "grouped+grad:4")
 B, TL, H, D = 1, 512, 4, 128            # 8 chunks of 64 per rank
 CONV = (B, TL, 256, 4)                   # batch, tokens per rank, channels, kernel size
 ATTN = dict(H=4, D=64, TL=1024, window=256)

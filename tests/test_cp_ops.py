@@ -537,3 +537,24 @@ def test_bench_cp_runs_on_cpu(tmp_path):
     assert row["T/rank"] == 16 and row["T total"] == 32
     assert row["CP fwd+bwd ms"] > 0 and row["efficiency"] > 0
     assert "weak scaling, CP=2" in md.read_text()
+
+
+def test_bench_cp_parts_runs_on_cpu(tmp_path):
+    """`python -m lctrain.bench.cp_parts` on CPU (torch backend): every way of the state passes is timed
+    and gives the sequential pass's result up to float rounding."""
+    import json
+
+    from lctrain.bench.cp_parts import COLUMNS, main
+
+    out = tmp_path / "parts.json"
+    rc = main(["--layer", "gdn", "gla", "--T", "32", "--H", "2", "--D", "8", "--chunk-size", "8", "--dtype", "fp32",
+               "--transition", "grouped:2", "grouped+grad:4", "--cfg", "--warmup", "0", "--iters", "1",
+               "--json", str(out)])
+    assert rc == 0
+    rows = [dict(zip(COLUMNS, r)) for r in json.loads(out.read_text())["rows"]]
+    ways = {(r["layer"], r["pass"], r["way"]) for r in rows}
+    for layer in ("gdn", "gla"):
+        assert {(layer, "transition", "grouped:2"), (layer, "state grad", "grouped+grad:4"),
+                (layer, "op", "fwd+bwd")} <= ways
+    assert all(r["ms"] > 0 for r in rows)
+    assert all(r["rel diff"] <= 1e-5 for r in rows if r["rel diff"] is not None)
