@@ -22,7 +22,8 @@ from the right uses ranks > r): the last rank skips its state pass and rank 0 it
 pass, and they send zeros of the right size in the all-gathers (the last rank computes its own A in
 the backward only when its returned final state has a gradient). The state pass itself is
 ``shard_transition`` (``transition="sequential"``) or ``grouped_shard_transition``
-(``transition="grouped"``: groups of chunks in parallel, then a log-depth fold).
+(``transition="grouped"``: groups of chunks in parallel, then a log-depth fold); for gated linear
+attention ``transition="direct"`` computes both passes in closed form (``kernels/scalar_decay.py``).
 
 Steps 5-7 live in ``_StateGradExchange``, an identity on (o, final_state) whose backward turns the
 local output gradient into the missing final-state gradient before autograd runs the local backward.
@@ -68,6 +69,8 @@ from lctrain.kernels import (
     gated_linear_attn,
     grouped_shard_state_grad,
     grouped_shard_transition,
+    scalar_decay_shard_state_grad,
+    scalar_decay_shard_transition,
     shard_state_grad,
     shard_transition,
 )
@@ -83,9 +86,10 @@ _LOCAL_OPS: dict[str, Callable] = {"delta": delta_rule, "gated_delta": gated_del
 # how a shard's (A, B) is computed: "sequential" walks its chunks in one chain (shard_transition, the
 # reference); "grouped" runs groups of chunks in parallel and folds them (grouped_shard_transition);
 # "grouped+grad" groups the backward's state-gradient pass as well (grouped_shard_state_grad: it adds a
-# state pass per group for the groups' A); ":G" fixes the number of groups. DEFAULT_TRANSITION is what
-# context_parallel uses unless told.
-TRANSITIONS = ("sequential", "grouped", "grouped+grad")
+# state pass per group for the groups' A); ":G" fixes the number of groups; "direct" (gated linear attention
+# only) computes both passes in closed form, one matmul each (kernels/scalar_decay.py). DEFAULT_TRANSITION is
+# what context_parallel uses unless told.
+TRANSITIONS = ("sequential", "grouped", "grouped+grad", "direct")
 DEFAULT_TRANSITION = "sequential"
 
 
@@ -117,10 +121,11 @@ def context_parallel(op, group, transition: str | None = None) -> "ContextParall
 def _parse_transition(transition) -> tuple[str, int | None]:
     """"sequential" | "grouped[+grad]" | "grouped[+grad]:G" -> (mode, groups or None)."""
     mode, _, groups = str(transition).partition(":")
-    if mode not in TRANSITIONS or (groups and (mode == "sequential" or not groups.isdigit() or int(groups) < 1)):
+    if mode not in TRANSITIONS or (groups and (not mode.startswith("grouped") or not groups.isdigit()
+                                               or int(groups) < 1)):
         raise ContextParallelError(f"context_parallel: transition={transition!r}; choose 'sequential', 'grouped', "
-                                   "'grouped+grad', or either grouped one with ':G', G a positive number of chunk "
-                                   "groups")
+                                   "'grouped+grad', either grouped one with ':G', G a positive number of chunk "
+                                   "groups, or 'direct' (gated_linear_attn only)")
     return mode, (int(groups) if groups else None)
 
 
@@ -170,6 +175,11 @@ class ContextParallelOp:
         self.transition = DEFAULT_TRANSITION if transition is None else transition
         self._transition_mode = _parse_transition(self.transition)
         self.kind, self._extra = _OPS[self.name]
+        if self._transition_mode[0] == "direct" and self.kind != "gla":
+            raise ContextParallelError(
+                f"context_parallel({self.name}): transition='direct' is the closed form of gated_linear_attn's "
+                "scalar decay; a delta rule's shard map is a product of matrices: use 'sequential', "
+                "'grouped[:G]' or 'grouped+grad[:G]'")
         if group is not None and not isinstance(group, dist.ProcessGroup):
             raise ContextParallelError(f"context_parallel: group must be a torch.distributed ProcessGroup or None, "
                                        f"got {type(group).__name__}; take it from lctrain.parallel.mesh.cp_group()")
@@ -328,6 +338,8 @@ class ContextParallelOp:
     def _transition(self, k, v, g, beta, backend, chunk_size, cu=None):
         """This shard's (A, B) (with documents: of its last piece), by the chosen transition."""
         mode, groups = self._transition_mode
+        if mode == "direct" and cu is None:
+            return scalar_decay_shard_transition(k, v, g)
         if mode != "sequential" and cu is None:
             return grouped_shard_transition(self.kind, k, v, g=g, beta=beta, backend=backend,
                                             chunk_size=chunk_size, groups=groups)
@@ -337,6 +349,8 @@ class ContextParallelOp:
     def _state_grad(self, q, k, v, do, g, beta, scale, backend, chunk_size, cu=None):
         """This shard's G (with documents: of its first piece), by the chosen transition."""
         mode, groups = self._transition_mode
+        if mode == "direct" and cu is None:
+            return scalar_decay_shard_state_grad(q, do, g, scale)
         if mode == "grouped+grad" and cu is None:
             return grouped_shard_state_grad(self.kind, q, k, v, do, g=g, beta=beta, scale=scale, backend=backend,
                                             chunk_size=chunk_size, groups=groups)
@@ -348,7 +362,7 @@ class ContextParallelOp:
         documents), e.g. ("grouped:auto", "sequential"): benchmarks time each distinct pass once."""
         mode, groups = self._transition_mode
         grouped = f"grouped:{groups or 'auto'}"
-        return (("sequential", "sequential") if mode == "sequential" else
+        return (("sequential", "sequential") if mode == "sequential" else ("direct", "direct") if mode == "direct" else
                 (grouped, "sequential") if mode == "grouped" else (grouped, grouped))
 
     def _own_A(self, k, v, g, beta, backend, chunk_size, docs, dtype):

@@ -164,6 +164,9 @@ CKPT_CASES = random_cases(11, 3, backends=("torch",))
 # the grouped state passes (each shard's chunks in 2 parallel groups, then a fold): shards of 4 or 6 chunks
 GROUPED_CASES = {P: [(50 + P * 10 + i, kind, 2 - i % 2, 4 * (4 + 2 * (i % 2)), 2, 8, 6, "torch", 4, bool(i % 2), True)
                      for i, kind in enumerate(("delta", "gated_delta", "gla"))] for P in (2, 3, 4)}
+# transition="direct" (gated linear attention's closed-form passes): with and without initial state
+DIRECT_CASES = {P: [(90 + P * 10 + i, "gla", 2 - i, 8 + 4 * i, 2, 8, 6, "torch", 4, bool(i), True) for i in range(2)]
+                for P in (2, 3, 4)}
 COMM_ARGS = {2: (7, 2, 6, 5, 4, 4, 8), 3: (8, 2, 6, 5, 4, 3, 8), 4: (9, 2, 6, 5, 4, 4, 8)}  # seed B Tl C ks H D
 CKPT_MODES = ("non_reentrant", "reentrant")
 ERROR_CASES = ("mismatch", "ragged", "heads", "recheck")
@@ -250,7 +253,8 @@ def cp_doc_worker(rank, P, cases):
 def world_worker(rank, P):
     out = {"ops": cp_worker(rank, P, OPS_CASES[P]), "comm": comm_worker(rank, P, *COMM_ARGS[P]),
            "docs": cp_doc_worker(rank, P, DOC_CASES[P]),
-           "grouped": cp_worker(rank, P, GROUPED_CASES[P], transition="grouped+grad:2")}
+           "grouped": cp_worker(rank, P, GROUPED_CASES[P], transition="grouped+grad:2"),
+           "direct": cp_worker(rank, P, DIRECT_CASES[P], transition="direct")}
     if P == 4:
         out["mesh"] = mesh_worker(rank, P)
     if P == 2:
@@ -283,6 +287,13 @@ def test_cp_grouped_transition_matches_single_process(P):
     every gradient
     equal the single process (whose chained reference the sequential path is tested against above)."""
     check_world(P, GROUPED_CASES[P], part(P, "grouped"))
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_cp_direct_transition_matches_single_process(P):
+    """transition="direct" (gated linear attention's state passes in closed form): outputs, states and every
+    gradient equal the single process."""
+    check_world(P, DIRECT_CASES[P], part(P, "direct"))
 
 
 @pytest.mark.parametrize("P", [2, 3, 4])
@@ -368,6 +379,10 @@ def test_cp_rejects_bad_group_and_op():
         context_parallel(delta_rule, group="cp")
     with pytest.raises(ContextParallelError, match="unsupported op"):
         context_parallel(torch.matmul, group=None)
+    with pytest.raises(ContextParallelError, match="transition='direct'.*gated_linear_attn"):
+        context_parallel(delta_rule, None, transition="direct")
+    with pytest.raises(ContextParallelError, match="transition='direct:2'"):
+        context_parallel("gated_linear_attn", None, transition="direct:2")
     # no group: the plain op
     q, k, v = (torch.randn(1, 8, 1, 4) for _ in range(3))
     beta = torch.rand(1, 8, 1)

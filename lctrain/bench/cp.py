@@ -73,7 +73,8 @@ def _parse(argv):
     p.add_argument("--transition", nargs="+", default=["sequential"],
                    help="linear mixers: how each shard's state passes run, one row each: sequential, grouped (the "
                         "forward's (A, B) by parallel chunk groups), grouped+grad (the backward's state gradient "
-                        "too); ':G' fixes G chunk groups, e.g. grouped:8")
+                        "too); ':G' fixes G chunk groups, e.g. grouped:8; direct (gla only: closed form, one "
+                        "matmul per pass; other layers skip it with a note)")
     p.add_argument("--op", choices=["gated_delta_rule", "loglinear_gated_delta_rule"], default="gated_delta_rule",
                    help="loglinear_gated_delta_rule: time the log-linear Gated DeltaNet instead of --layer")
     p.add_argument("--window", type=int, default=2048, help="swa: window in tokens (default 2048)")
@@ -310,6 +311,7 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, cl
     it is measured (the one-device times, at T and with --strong at P*T, come first)."""
     from lctrain import kernels
     from lctrain.parallel import context_parallel
+    from lctrain.parallel.context_parallel import ContextParallelError
     kind = LINEAR[layer]
     op = {"gated_delta": kernels.gated_delta_rule, "delta": kernels.delta_rule, "gla": kernels.gated_linear_attn}[kind]
     tensors = lambda: [x[n] for n in ("q", "k", "v") + _names(layer)]  # noqa: E731
@@ -330,7 +332,11 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, cl
             notes.append(f"--time-limit {args.time_limit:g} s: {layer} [{transition}] at T/rank {T} and later "
                          "cases not measured")
             return
-        cp_op = context_parallel(op, group, transition=transition)
+        try:
+            cp_op = context_parallel(op, group, transition=transition)
+        except ContextParallelError as err:  # e.g. "direct" for a delta rule: no such row
+            notes.append(f"{layer} [{transition}] not measured: {err}")
+            continue
         res = dict(layer=layer, transition=transition, **_prefixed("single", single), **whole)
         # the closures below are called within this iteration, so the late binding of cp_op is harmless
         res.update(_prefixed("cp", _measure(lambda: cp_op(*tensors(), **kw)[0],  # noqa: B023

@@ -37,9 +37,11 @@ def _parse(argv):
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--backend", default="auto")
     p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--transition", nargs="+", default=["grouped:4", "grouped:8", "grouped:16", "grouped:32"],
+    p.add_argument("--transition", nargs="+", default=["grouped:4", "grouped:8", "grouped:16", "grouped:32", "grouped+grad:8",
+                                                   "grouped+grad:16", "direct"],
                    help="ways to time besides sequential (context_parallel's transition names); "
-                        "grouped+grad:G also times the grouped state-gradient pass")
+                        "grouped+grad:G also times the grouped state-gradient pass; direct: gla's closed form (other "
+                        "layers skip it with a note)")
     p.add_argument("--cfg", nargs="*", default=list(DEFAULT_CFGS),
                    help="Triton launch overrides (KEY=INT[,KEY=INT], lctrain.kernels.triton.ops.set_config) under "
                         "which the sequential passes are timed again; keys of state_fwd (BVS, warps_seq, stages_seq) "
@@ -115,6 +117,7 @@ def run(args):
     from lctrain.bench.cp import _inputs, _version, _write_json
     from lctrain.bench.report import result_dict, utc_date
     from lctrain.parallel import context_parallel
+    from lctrain.parallel.context_parallel import ContextParallelError
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     kw = dict(backend=args.backend, chunk_size=args.chunk_size)
@@ -168,9 +171,13 @@ def run(args):
             for transition, cfg in ways:
                 if out_of_time():
                     break
-                cp_op = context_parallel(op, None, transition=transition)
-                previous = triton_ops.set_config(**cfg)
                 label = transition + ("" if not cfg else " " + ",".join(f"{k}={v}" for k, v in cfg.items()))
+                try:
+                    cp_op = context_parallel(op, None, transition=transition)
+                except ContextParallelError as err:  # "direct" for a delta rule
+                    notes.append(f"{layer} [{label}] not measured: {err}")
+                    continue
+                previous = triton_ops.set_config(**cfg)
                 try:
                     for what, key, fn in (
                             ("transition", cp_op.pass_keys()[0], lambda: cp_op._transition(  # noqa: B023
