@@ -25,9 +25,13 @@ def _weighted_product(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torc
     dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda else wide
     a = (x.to(wide) * w.to(wide)[..., None]).to(dt).permute(0, 2, 3, 1).reshape(B * H, K, T)
     b = y.to(dt).permute(0, 2, 1, 3).reshape(B * H, T, V)
+    out = None
     if dt in (torch.float16, torch.bfloat16):
-        out = torch.bmm(a, b, out_dtype=torch.float32)  # half inputs, fp32 accumulation and result
-    else:
+        try:
+            out = torch.bmm(a, b, out_dtype=torch.float32)  # half inputs, fp32 accumulation and result
+        except (TypeError, RuntimeError):  # a torch without bmm's out_dtype: the same product in fp32
+            a, b = a.float(), b.float()
+    if out is None:
         out = torch.bmm(a, b)
     return out.view(B, H, K, V).to(wide)
 

@@ -3,7 +3,7 @@
 One process per GPU (tests/dist_utils.run_world, NCCL, rank r on cuda:r). In bfloat16, each rank's
 outputs and gradients must equal the plain op run by one GPU on the whole sequence in float32
 (relative error of the norm <= 2e-2): every linear mixer under ``context_parallel`` with both
-transitions (sequential, grouped, grouped+grad), with an initial state and a gradient on every rank's final
+transitions (sequential, grouped, grouped+grad; gla also direct), with an initial state and a gradient on every rank's final
 state; the short conv through the halo exchange; sliding-window attention through the halo
 exchange; global attention through Ulysses (skipped when DeepSpeed is not installed).
 """
@@ -26,6 +26,8 @@ TOL = 2e-2
 KINDS = {"delta": ("delta_rule", ("beta",)), "gated_delta": ("gated_delta_rule", ("g", "beta")),
          "gla": ("gated_linear_attn", ("g",))}
 TRANSITIONS = ("sequential", "grouped:4", "grouped+grad:4")
+# (kind, transition) of every linear case: each transition for each kind, and gla's closed form
+LINEAR_CASES = [(kind, t) for kind in KINDS for t in TRANSITIONS] + [("gla", "direct")]
 B, TL, H, D = 1, 512, 4, 128            # 8 chunks of 64 per rank
 CONV = (B, TL, 256, 4)                   # batch, tokens per rank, channels, kernel size
 ATTN = dict(H=4, D=64, TL=1024, window=256)
@@ -137,9 +139,8 @@ def gpu_worker(rank, world_size):
     dist.init_process_group("nccl", init_method="env://", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=300), device_id=device)
     out = {}
-    for kind in KINDS:
-        for transition in TRANSITIONS:
-            out[(kind, transition)] = _linear_case(rank, kind, transition, device)
+    for kind, transition in LINEAR_CASES:
+        out[(kind, transition)] = _linear_case(rank, kind, transition, device)
     out["conv"] = _conv_case(rank, device)
     out["swa"] = _attention_case(rank, ATTN["window"], device)
     if HAS_DEEPSPEED:
@@ -158,8 +159,7 @@ def _check(key):
         assert not bad, f"{key} rank {rank}: relative errors above {TOL}: {bad}"
 
 
-@pytest.mark.parametrize("transition", TRANSITIONS)
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind,transition", LINEAR_CASES)
 def test_cp_linear_mixer_on_two_gpus(kind, transition):
     _check((kind, transition))
 
