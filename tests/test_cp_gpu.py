@@ -3,7 +3,7 @@
 One process per GPU (tests/dist_utils.run_world, NCCL, rank r on cuda:r). In bfloat16, each rank's
 outputs and gradients must equal the plain op run by one GPU on the whole sequence in float32
 (relative error of the norm <= 2e-2): every linear mixer under ``context_parallel`` with both
-transitions (sequential, grouped, grouped+grad; gla also direct), with an initial state and a gradient on every rank's final
+transitions (sequential, grouped, grouped+grad, overlap; gla also direct), with an initial state and a gradient on every rank's final
 state; the short conv through the halo exchange; sliding-window attention through the halo
 exchange; global attention through Ulysses (skipped when DeepSpeed is not installed).
 """
@@ -27,7 +27,7 @@ KINDS = {"delta": ("delta_rule", ("beta",)), "gated_delta": ("gated_delta_rule",
          "gla": ("gated_linear_attn", ("g",))}
 TRANSITIONS = ("sequential", "grouped:4", "grouped+grad:4")
 # (kind, transition) of every linear case: each transition for each kind, and gla's closed form
-LINEAR_CASES = [(kind, t) for kind in KINDS for t in TRANSITIONS] + [("gla", "direct")]
+LINEAR_CASES = [(kind, t) for kind in KINDS for t in TRANSITIONS + ("overlap",)] + [("gla", "direct")]
 B, TL, H, D = 1, 512, 4, 128            # 8 chunks of 64 per rank
 CONV = (B, TL, 256, 4)                   # batch, tokens per rank, channels, kernel size
 ATTN = dict(H=4, D=64, TL=1024, window=256)

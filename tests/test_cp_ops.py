@@ -167,6 +167,14 @@ GROUPED_CASES = {P: [(50 + P * 10 + i, kind, 2 - i % 2, 4 * (4 + 2 * (i % 2)), 2
 # transition="direct" (gated linear attention's closed-form passes): with and without initial state
 DIRECT_CASES = {P: [(90 + P * 10 + i, "gla", 2 - i, 8 + 4 * i, 2, 8, 6, "torch", 4, bool(i), True) for i in range(2)]
                 for P in (2, 3, 4)}
+# transition="overlap" (the state passes inside the Triton op's own, kernels/triton/cp_overlap.py): the Triton
+# interpreter, float32, chunks of 64; shards of 1 and 2 chunks, with and without initial state and state weights
+OVERLAP_CASES = {2: [(131, "gated_delta", 1, 128, 2, 16, 16, "triton", 64, True, True),
+                     (132, "delta", 2, 64, 2, 16, 16, "triton", 64, False, True),
+                     (133, "gla", 1, 128, 2, 16, 16, "triton", 64, True, False)],
+                 3: [(141, "gated_delta", 2, 64, 2, 16, 16, "triton", 64, True, True),
+                     (142, "gla", 1, 64, 2, 16, 16, "triton", 64, False, True)],
+                 4: [(151, "delta", 1, 128, 2, 16, 16, "triton", 64, True, True)]}
 COMM_ARGS = {2: (7, 2, 6, 5, 4, 4, 8), 3: (8, 2, 6, 5, 4, 3, 8), 4: (9, 2, 6, 5, 4, 4, 8)}  # seed B Tl C ks H D
 CKPT_MODES = ("non_reentrant", "reentrant")
 ERROR_CASES = ("mismatch", "ragged", "heads", "recheck")
@@ -254,11 +262,14 @@ def world_worker(rank, P):
     out = {"ops": cp_worker(rank, P, OPS_CASES[P]), "comm": comm_worker(rank, P, *COMM_ARGS[P]),
            "docs": cp_doc_worker(rank, P, DOC_CASES[P]),
            "grouped": cp_worker(rank, P, GROUPED_CASES[P], transition="grouped+grad:2"),
-           "direct": cp_worker(rank, P, DIRECT_CASES[P], transition="direct")}
+           "direct": cp_worker(rank, P, DIRECT_CASES[P], transition="direct"),
+           "overlap": cp_worker(rank, P, OVERLAP_CASES[P], transition="overlap")}
     if P == 4:
         out["mesh"] = mesh_worker(rank, P)
     if P == 2:
         out["ckpt"] = {mode: cp_worker(rank, P, CKPT_CASES, mode) for mode in CKPT_MODES}
+        out["ckpt overlap"] = {mode: cp_worker(rank, P, OVERLAP_CASES[P][:1], mode, transition="overlap")
+                               for mode in CKPT_MODES}
         out["errors"] = {what: error_worker(rank, P, what) for what in ERROR_CASES}
     return out
 
@@ -297,6 +308,15 @@ def test_cp_direct_transition_matches_single_process(P):
 
 
 @pytest.mark.parametrize("P", [2, 3, 4])
+def test_cp_overlap_transition_matches_single_process(P):
+    """transition="overlap" (each rank's state passes run inside its Triton op, fixed up once S_in and dS_out
+    arrive): outputs, states and every gradient equal the single process; one state all-gather per forward."""
+    results = part(P, "overlap")
+    check_world(P, OVERLAP_CASES[P], results)
+    assert all(res["gathers"] == 1 for r in range(P) for res in results[r])
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
 def test_cp_with_cu_seqlens_matches_single_process(P):
     """Packed documents under CP (global cu_seqlens): outputs, each rank's per-document states, the
     gradients of every input and (summed over ranks) of the per-document initial states."""
@@ -325,6 +345,13 @@ def test_cp_under_activation_checkpointing():
         for r in range(P):
             for res in results[r]:
                 assert (res["gathers"], res["reused"]) == (gathers, reused), (mode, res["gathers"], res["reused"])
+        # the same with transition="overlap", whose exchanges run inside the Triton op
+        results = [r["ckpt overlap"][mode] for r in world(P)]
+        check_world(P, OVERLAP_CASES[P][:1], results)
+        for r in range(P):
+            for res in results[r]:
+                assert (res["gathers"], res["reused"]) == (gathers, reused), ("overlap", mode, res["gathers"],
+                                                                              res["reused"])
 
 
 def error_worker(rank, P, what):

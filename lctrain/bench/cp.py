@@ -74,7 +74,8 @@ def _parse(argv):
                    help="linear mixers: how each shard's state passes run, one row each: sequential, grouped (the "
                         "forward's (A, B) by parallel chunk groups), grouped+grad (the backward's state gradient "
                         "too); ':G' fixes G chunk groups, e.g. grouped:8; direct (gla only: closed form, one "
-                        "matmul per pass; other layers skip it with a note)")
+                        "matmul per pass; other layers skip it with a note); overlap (Triton: both passes inside the "
+                        "op's own, no separate pass: its state-pass columns stay empty)")
     p.add_argument("--op", choices=["gated_delta_rule", "loglinear_gated_delta_rule"], default="gated_delta_rule",
                    help="loglinear_gated_delta_rule: time the log-linear Gated DeltaNet instead of --layer")
     p.add_argument("--window", type=int, default=2048, help="swa: window in tokens (default 2048)")
@@ -343,6 +344,8 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, cl
                                             x, layer, device, group, args, True)))
         # the passes that CP adds, as this transition runs them (shared between rows that run them alike)
         fwd_key, bwd_key = (("state",) + cp_op.pass_keys()[:1]), (("grad",) + cp_op.pass_keys()[1:])
+        if fwd_key[1] == "overlap":  # no separate passes: they run inside the op (cp_parts times its overhead)
+            pass_ms[fwd_key] = pass_ms[bwd_key] = None
         if fwd_key not in pass_ms:
             pass_ms[fwd_key] = _timed(lambda: cp_op._transition(x["k"], x["v"], gates["g"], gates["beta"],  # noqa: B023
                                                                 kw["backend"], kw["chunk_size"]),

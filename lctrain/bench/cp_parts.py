@@ -5,7 +5,11 @@ the shard's affine map (A, B)) in the forward and a state-gradient pass (``shard
 the backward (docs/design.md §5). This times each way of running them, without NCCL or a second
 GPU, so that the fastest can be picked per sequence length:
 
-- ``op``: the plain op's forward and forward+backward at T (what CP's time is compared with);
+- ``op``: the plain op's forward and forward+backward at T (what CP's time is compared with), and
+  with ``overlap`` in ``--transition`` the overlapped op (kernels/triton/cp_overlap.py: the passes
+  carry the transition, then fix-ups; no separate state passes) with a fixed incoming state and
+  outgoing-state gradient: its 'x sequential' is its time over the plain op's, what that
+  transition costs a rank besides the two all-gathers;
 - ``transition``: each ``--transition`` way of the state pass (``sequential``, ``grouped:G``, ...),
   and the sequential one under each ``--cfg`` launch-setting override of the Triton state kernels
   (e.g. ``BVS=32``: fewer, wider programs; ``stages_seq=1``: less shared memory, more programs per SM);
@@ -37,11 +41,11 @@ def _parse(argv):
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--backend", default="auto")
     p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--transition", nargs="+", default=["grouped:4", "grouped:8", "grouped:16", "grouped:32", "grouped+grad:8",
-                                                   "grouped+grad:16", "direct"],
+    p.add_argument("--transition", nargs="+", default=["overlap", "grouped:4", "grouped:8", "grouped:16", "grouped:32",
+                                                   "grouped+grad:8", "grouped+grad:16", "direct"],
                    help="ways to time besides sequential (context_parallel's transition names); "
                         "grouped+grad:G also times the grouped state-gradient pass; direct: gla's closed form (other "
-                        "layers skip it with a note)")
+                        "layers skip it with a note); overlap: the overlapped op against the plain op (Triton)")
     p.add_argument("--cfg", nargs="*", default=list(DEFAULT_CFGS),
                    help="Triton launch overrides (KEY=INT[,KEY=INT], lctrain.kernels.triton.ops.set_config) under "
                         "which the sequential passes are timed again; keys of state_fwd (BVS, warps_seq, stages_seq) "
@@ -159,14 +163,17 @@ def run(args):
             x = _inputs(args.B, T, args.H, args.D, dtype, device, seed=T)
             gates = dict(g=x["g"] if "g" in names else None, beta=x["beta"] if "beta" in names else None)
             inputs = [x[n] for n in ("q", "k", "v") + names]
-            if not args.no_op:
+            op_ms = {}
+            if not args.no_op or "overlap" in args.transition:
                 with torch.no_grad():
-                    add(layer, T, "op", "fwd", _timed_ms(lambda: op(*inputs, **kw), args.warmup, args.iters, device),
-                        None, None)
-                add(layer, T, "op", "fwd+bwd", _timed_ms(
-                    lambda: torch.autograd.grad(op(*inputs, **kw)[0], inputs, x["do"]), args.warmup, args.iters,
-                    device), None, None)
-            ways = [("sequential", {})] + [(t, {}) for t in args.transition] + [("sequential", c) for c in args.cfg]
+                    op_ms["fwd"] = _timed_ms(lambda: op(*inputs, **kw), args.warmup, args.iters, device)
+                op_ms["fwd+bwd"] = _timed_ms(lambda: torch.autograd.grad(op(*inputs, **kw)[0], inputs, x["do"]),
+                                             args.warmup, args.iters, device)
+                for what, ms in op_ms.items():
+                    add(layer, T, "op", what, ms, None, None)
+            if "overlap" in args.transition and not out_of_time():
+                _time_overlap(layer, T, x, names, kw, args, device, add, notes, op_ms)
+            ways = [("sequential", {})] + [(t, {}) for t in args.transition if t != "overlap"] + [("sequential", c) for c in args.cfg]
             base = {}
             for transition, cfg in ways:
                 if out_of_time():
@@ -203,6 +210,45 @@ def run(args):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return result
+
+
+class _FixedLink:
+    """The two exchanges of the overlapped op (transition="overlap") on one device: a fixed incoming
+    state and outgoing-state gradient, so that its fix-ups run as under CP, without communication."""
+
+    def __init__(self, S, dS):
+        self.S, self.dS = S, dS
+
+    def start(self, A, B, s0):
+        return self.S
+
+    def end(self, G, At, u):
+        return self.dS
+
+
+def _time_overlap(layer, T, x, names, kw, args, device, add, notes, op_ms):
+    """The overlapped op (its state passes carry the transition, then fix-ups) against the plain op:
+    what transition="overlap" costs a rank besides the two all-gathers."""
+    import torch
+
+    from lctrain.kernels.triton.cp_overlap import overlapped
+    try:
+        B, _, H, K = x["k"].shape
+        gen = torch.Generator(device=device).manual_seed(T + 1)
+        S, dS = (0.1 * torch.randn(B, H, K, x["v"].shape[-1], generator=gen, device=device) for _ in range(2))
+        link = _FixedLink(S, dS)
+        args5 = {n: x[n] for n in ("q", "k", "v") + names}
+        inputs = list(args5.values())
+        run = lambda: overlapped(x["q"], x["k"], x["v"], args5.get("g"), args5.get("beta"), link=link,  # noqa: E731
+                                 chunk_size=kw["chunk_size"])[0]
+        with torch.no_grad():
+            ms = _timed_ms(run, args.warmup, args.iters, device)
+        add(layer, T, "op", "fwd overlap", ms, op_ms.get("fwd"), None)
+        ms = _timed_ms(lambda: torch.autograd.grad(run(), inputs, x["do"]), args.warmup, args.iters, device)
+        add(layer, T, "op", "fwd+bwd overlap", ms, op_ms.get("fwd+bwd"), None)
+    except Exception as err:  # noqa: BLE001 - e.g. no Triton here: say so, go on
+        notes.append(f"{layer} T {T} [overlap] failed: {type(err).__name__}: {str(err)[:200]}")
+        print(notes[-1], flush=True)
 
 
 def _cfg_touches(cfg: dict, what: str) -> bool:
