@@ -36,7 +36,7 @@ from .wy import wy_apply as _wy_apply
 from .wy import wy_bwd as _wy_bwd
 from .wy import wy_fwd as _wy_fwd
 
-_FIXUP_CHUNKS = 64  # chunks per fix-up product: bounds its temporary to 1/NT-th of h per 64 chunks
+_FIXUP_CHUNKS = 128  # chunks per fix-up product: its temporary is at most 128 chunks of h
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

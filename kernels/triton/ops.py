@@ -59,6 +59,10 @@ KERNEL_KEYS = {
     "state_bwd": ("BVSB", "warps_seqb", "stages_seqb"),
     "dqk": ("BKD", "BVD", "warps_dqk", "stages_dqk"),
     "wy_bwd": ("BKB", "BVB", "warps_wyb", "stages_wyb"),
+    # the same two passes as run by transition="overlap" (kernels/triton/cp_overlap.py), with twice the
+    # programs (the identity-carrying ones): their own keys, so that they tune apart from the plain op
+    "state_fwd_cp": ("BVSC", "warps_seqc", "stages_seqc"),
+    "state_bwd_cp": ("BVSBC", "warps_seqbc", "stages_seqbc"),
 }
 _CFG_KEYS = tuple(key for keys in KERNEL_KEYS.values() for key in keys)
 _overrides: dict[str, int] = {}
@@ -69,7 +73,8 @@ def set_config(**overrides: int) -> dict[str, int]:
 
     Keys (see KERNEL_KEYS for the kernel each one tunes): BKS (K block of the triangular solve's
     K K^T), BKW / BVW (K / V blocks of the W / U products), BVS / BVSB (V block of the forward /
-    backward sequential state pass: smaller means more programs in flight), BVO (V block of the
+    backward sequential state pass: smaller means more programs in flight; BVSC / BVSBC: the same
+    passes under transition="overlap", cp_overlap.py), BVO (V block of the
     output), BVP (V block of dv_local), BKD / BVD (K / V blocks of dq/dk), BKB / BVB (K / V blocks
     of the WY backward); warps_* and stages_* set num_warps / num_stages of one kernel (Triton's
     default stages when unset). Block sizes must be powers of two >= 16. Also read once from the
@@ -119,6 +124,10 @@ class _Cfg:
             BVO=wide, warps_out=4,
             BVP=wide, warps_dv=4,
             BVSB=16 if big else 32, warps_seqb=8,
+            BVSC=16 if big else 32, warps_seqc=4,
+            # 2 stages: the q, k, w tiles of 3 stages leave room for one program per SM, and the pass
+            # has twice the plain pass's programs (a guess until lctrain.bench.cp_parts measures it)
+            BVSBC=16 if big else 32, warps_seqbc=8, stages_seqbc=2,
             BKD=64, BVD=64, warps_dqk=4,
             BKB=64, BVB=64, warps_wyb=4, stages_wyb=1,   # see docs/kernels-notes.md: dbeta accuracy
         )
@@ -128,6 +137,7 @@ class _Cfg:
             defaults["stages_seqb"] = 2
         if fp32 and self.BK > 64:  # float32 inputs (references, tests): [C, 128] fp32 tiles in 3 stages
             defaults["stages_seqb"] = 1  # need 304 KiB of shared memory, more than an H100/H200 has
+            defaults["stages_seqbc"] = 1
         defaults.update(_overrides)
         defaults.update(overrides or {})
         self.values = defaults

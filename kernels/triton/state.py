@@ -240,10 +240,10 @@ def state_fwd_prefix(k, w, u, gam, cfg):
     vnew = torch.empty_like(u) if w is not None else None
     st = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
     a = torch.empty(B, H, K, K, device=k.device, dtype=torch.float32)
-    nvb = triton.cdiv(V, cfg.BVS)
-    grid = (nvb + triton.cdiv(K, cfg.BVS), B * H)
+    nvb = triton.cdiv(V, cfg.BVSC)
+    grid = (nvb + triton.cdiv(K, cfg.BVSC), B * H)
     state_fwd_kernel[grid](k, w, u, gam, None, h, vnew, st, a, hp, None, None, T, NT, H, K=K, V=V,
-                           BK=cfg.BK, BV=cfg.BVS, C=CHUNK, NVB=nvb, **cfg.launch("state_fwd"))
+                           BK=cfg.BK, BV=cfg.BVSC, C=CHUNK, NVB=nvb, **cfg.launch("state_fwd_cp"))
     return h, (vnew if vnew is not None else u), st, a, hp
 
 
@@ -278,10 +278,10 @@ def state_bwd_suffix(q, k, w, do, dvl, gam, scale, cfg):
     du = torch.empty_like(do)
     ds0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
     at = torch.empty(B, H, K, K, device=q.device, dtype=torch.float32)
-    nvb = triton.cdiv(V, cfg.BVSB)
-    grid = (nvb + triton.cdiv(K, cfg.BVSB), B * H)
+    nvb = triton.cdiv(V, cfg.BVSBC)
+    grid = (nvb + triton.cdiv(K, cfg.BVSBC), B * H)
     state_bwd_kernel[grid](q, k, w, do, dvl, gam, None, dh, du, ds0, at, dhp, None, None, scale, T, NT, H, K=K,
-                           V=V, BK=cfg.BK, BV=cfg.BVSB, C=CHUNK, NVB=nvb, **cfg.launch("state_bwd"))
+                           V=V, BK=cfg.BK, BV=cfg.BVSBC, C=CHUNK, NVB=nvb, **cfg.launch("state_bwd_cp"))
     return dh, du, ds0, at, dhp
 
 

@@ -9,7 +9,8 @@ GPU, so that the fastest can be picked per sequence length:
   with ``overlap`` in ``--transition`` the overlapped op (kernels/triton/cp_overlap.py: the passes
   carry the transition, then fix-ups; no separate state passes) with a fixed incoming state and
   outgoing-state gradient: its 'x sequential' is its time over the plain op's, what that
-  transition costs a rank besides the two all-gathers;
+  transition costs a rank besides the two all-gathers (again under each ``--cfg`` of its own
+  passes' keys: BVSC, stages_seqc, BVSBC, stages_seqbc, ...);
 - ``transition``: each ``--transition`` way of the state pass (``sequential``, ``grouped:G``, ...),
   and the sequential one under each ``--cfg`` launch-setting override of the Triton state kernels
   (e.g. ``BVS=32``: fewer, wider programs; ``stages_seq=1``: less shared memory, more programs per SM);
@@ -28,7 +29,8 @@ import time
 
 COLUMNS = ["layer", "T", "pass", "way", "ms", "x sequential", "rel diff"]
 KINDS = {"gdn": "gated_delta", "delta": "delta", "gla": "gla"}
-DEFAULT_CFGS = ("BVS=32", "BVS=64", "stages_seq=1", "warps_seq=8", "BVSB=32", "stages_seqb=1", "warps_seqb=4")
+DEFAULT_CFGS = ("BVS=32", "stages_seq=1", "warps_seq=8", "BVSB=32", "stages_seqb=1", "warps_seqb=4",
+                "BVSC=32", "stages_seqc=2", "BVSBC=32", "stages_seqbc=3", "stages_seqbc=1", "warps_seqbc=4")
 
 
 def _parse(argv):
@@ -171,8 +173,15 @@ def run(args):
                                              args.warmup, args.iters, device)
                 for what, ms in op_ms.items():
                     add(layer, T, "op", what, ms, None, None)
-            if "overlap" in args.transition and not out_of_time():
-                _time_overlap(layer, T, x, names, kw, args, device, add, notes, op_ms)
+            if "overlap" in args.transition:
+                for cfg in [{}] + [c for c in args.cfg if _cfg_touches(c, "overlap")]:
+                    if out_of_time():
+                        break
+                    previous = triton_ops.set_config(**cfg)
+                    try:
+                        _time_overlap(layer, T, x, names, kw, args, device, add, notes, op_ms, cfg)
+                    finally:
+                        triton_ops.set_config(**previous)
             ways = [("sequential", {})] + [(t, {}) for t in args.transition if t != "overlap"] + [("sequential", c) for c in args.cfg]
             base = {}
             for transition, cfg in ways:
@@ -226,7 +235,7 @@ class _FixedLink:
         return self.dS
 
 
-def _time_overlap(layer, T, x, names, kw, args, device, add, notes, op_ms):
+def _time_overlap(layer, T, x, names, kw, args, device, add, notes, op_ms, cfg):
     """The overlapped op (its state passes carry the transition, then fix-ups) against the plain op:
     what transition="overlap" costs a rank besides the two all-gathers."""
     import torch
@@ -241,11 +250,12 @@ def _time_overlap(layer, T, x, names, kw, args, device, add, notes, op_ms):
         inputs = list(args5.values())
         run = lambda: overlapped(x["q"], x["k"], x["v"], args5.get("g"), args5.get("beta"), link=link,  # noqa: E731
                                  chunk_size=kw["chunk_size"])[0]
+        label = "overlap" + ("" if not cfg else " " + ",".join(f"{k}={v}" for k, v in cfg.items()))
         with torch.no_grad():
             ms = _timed_ms(run, args.warmup, args.iters, device)
-        add(layer, T, "op", "fwd overlap", ms, op_ms.get("fwd"), None)
+        add(layer, T, "op", "fwd " + label, ms, op_ms.get("fwd"), None)
         ms = _timed_ms(lambda: torch.autograd.grad(run(), inputs, x["do"]), args.warmup, args.iters, device)
-        add(layer, T, "op", "fwd+bwd overlap", ms, op_ms.get("fwd+bwd"), None)
+        add(layer, T, "op", "fwd+bwd " + label, ms, op_ms.get("fwd+bwd"), None)
     except Exception as err:  # noqa: BLE001 - e.g. no Triton here: say so, go on
         notes.append(f"{layer} T {T} [overlap] failed: {type(err).__name__}: {str(err)[:200]}")
         print(notes[-1], flush=True)
@@ -256,7 +266,8 @@ def _cfg_touches(cfg: dict, what: str) -> bool:
     state_bwd / dv_local / wy for the state gradient)."""
     from lctrain.kernels.triton.ops import KERNEL_KEYS
     kernels = {"transition": ("state_fwd", "wy_solve", "wy_apply"),
-               "state grad": ("state_bwd", "dv_local", "wy_solve", "wy_apply")}[what]
+               "state grad": ("state_bwd", "dv_local", "wy_solve", "wy_apply"),
+               "overlap": ("state_fwd_cp", "state_bwd_cp")}[what]
     return any(key in KERNEL_KEYS[k] for k in kernels for key in cfg)
 
 
