@@ -335,6 +335,10 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, cl
             return
         try:
             cp_op = context_parallel(op, group, transition=transition)
+            if transition == "overlap" and kernels.resolve_backend(kw["backend"], "shard_transition",
+                                                                   device) != "triton":
+                raise ContextParallelError("transition='overlap' runs inside the Triton kernels (CUDA, or "
+                                           "TRITON_INTERPRET=1 with --backend triton)")
         except ContextParallelError as err:  # e.g. "direct" for a delta rule: no such row
             notes.append(f"{layer} [{transition}] not measured: {err}")
             continue
