@@ -8,8 +8,8 @@ path. Both are avoidable because the chunk states are affine in the unknown:
 forward   the state pass runs from a zero initial state and also carries the transition's prefix
           before every chunk (hp, ``state.state_fwd_prefix``): h = h0 + hp S_in and
           U = U0 - W (hp S_in), and its final state and A are exactly the (A, B) to share. So the
-          pass runs first, ``link.start(A, B)`` exchanges (A, B) and returns S_in, two batched
-          products fix h and U up, and the output stage runs as usual;
+          pass runs first, ``link.start(A, B)`` exchanges (A, B) and returns S_in, one kernel
+          (``fixup.py``) fixes h and U up in place, and the output stage runs as usual;
 backward  the reverse pass runs from a zero final-state gradient and carries the suffix products
           (dhp, ``state.state_bwd_suffix``): dh = dh0 + dhp dS_out, dU = dU0 + decay (K (dhp dS_out))
           and its dS_in from zero is the shard's own G. ``link.end(G, A^T, u)`` exchanges G and
@@ -28,6 +28,7 @@ import torch
 
 from .common import CHUNK
 from .dqdk import dqk as _dqk
+from .fixup import state_fixup
 from .ops import _Cfg, _check, _chunk_suffix_sum
 from .output import dv_local as _dv_local
 from .output import output_fwd as _output_fwd
@@ -35,42 +36,6 @@ from .state import state_bwd_suffix, state_fwd, state_fwd_prefix
 from .wy import wy_apply as _wy_apply
 from .wy import wy_bwd as _wy_bwd
 from .wy import wy_fwd as _wy_fwd
-
-_FIXUP_CHUNKS = 128  # chunks per fix-up product: its temporary is at most 128 chunks of h
-
-
-def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with fp32 accumulation, in a's dtype."""
-    return torch.bmm(a, b.to(a.dtype))
-
-
-def _by_chunk(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Per chunk n: rows x[:, chunk n] @ m[:, :, n]. x [B, T, H, K], m [B, H, nt, K, V] (nt chunks of
-    x) -> [B, T, H, V] in m's dtype."""
-    B, T, H, K = x.shape
-    nt, V = m.shape[2], m.shape[-1]
-    xc = x.reshape(B, nt, CHUNK, H, K).permute(0, 3, 1, 2, 4).reshape(B * H * nt, CHUNK, K)
-    out = _bmm(xc.to(m.dtype), m.reshape(B * H * nt, K, V))
-    return out.view(B, H, nt, CHUNK, V).permute(0, 2, 3, 1, 4).reshape(B, T, H, V)
-
-
-def _fix_states(states, prods, delta, rows=None, target=None, sign=1.0, row_scale=None):
-    """states [B, NT, H, K, V] += prods [B, H, NT, K, K] @ delta [B, H, K, V], chunk block by block;
-    with ``rows`` [B, T, H, K] also target [B, T, H, V] += sign * row_scale * (rows of each chunk @
-    that chunk's correction)."""
-    B, NT, H, K, V = states.shape
-    d = delta.to(prods.dtype).reshape(B * H, K, V)
-    for n0 in range(0, NT, _FIXUP_CHUNKS):
-        n1 = min(NT, n0 + _FIXUP_CHUNKS)
-        nb = n1 - n0
-        corr = torch.bmm(prods[:, :, n0:n1].reshape(B * H, nb * K, K), d).view(B, H, nb, K, V)
-        states[:, n0:n1] += corr.permute(0, 2, 1, 3, 4).to(states.dtype)
-        if rows is not None:
-            extra = _by_chunk(rows[:, n0 * CHUNK:n1 * CHUNK], corr)
-            if row_scale is not None:
-                extra = extra * row_scale[:, n0 * CHUNK:n1 * CHUNK, :, None]
-            target[:, n0 * CHUNK:n1 * CHUNK] += (sign * extra).to(target.dtype)
-
 
 class _Overlapped(torch.autograd.Function):
     @staticmethod
@@ -82,10 +47,7 @@ class _Overlapped(torch.autograd.Function):
         s_in = link.start(a, st, s0)
         if s_in is not None:
             s_in = s_in.float()
-            if w is not None:
-                _fix_states(h, hp, s_in, rows=w, target=vnew, sign=-1.0)
-            else:
-                _fix_states(h, hp, s_in)
+            state_fixup(h, hp, s_in, cfg, rows=w, target=vnew if w is not None else None, sign=-1.0)
             st = st + a @ s_in
         del hp
         o = _output_fwd(q, k, vnew, h, gam, scale, cfg)
@@ -109,12 +71,8 @@ class _Overlapped(torch.autograd.Function):
         ds0 = None
         if dst is not None:
             dst = dst.float()
-            decay = None
-            if gam is not None:  # dU gets exp(gl - gam) K dS: gl is gam at the chunk's last row
-                B, T, H = gam.shape
-                gc = gam.view(B, T // CHUNK, CHUNK, H)
-                decay = torch.exp(gc[:, :, -1:] - gc).view(B, T, H)
-            _fix_states(dh, dhp, dst, rows=k, target=du, row_scale=decay)
+            # dU gets exp(gl - gam) K dS (gl: gam at the chunk's last row), as in state_bwd_kernel
+            state_fixup(dh, dhp, dst, cfg, rows=k, target=du, sign=1.0, gam=gam)
             ds0 = G + at @ dst
         else:
             ds0 = G

@@ -63,6 +63,7 @@ KERNEL_KEYS = {
     # programs (the identity-carrying ones): their own keys, so that they tune apart from the plain op
     "state_fwd_cp": ("BVSC", "warps_seqc", "stages_seqc"),
     "state_bwd_cp": ("BVSBC", "warps_seqbc", "stages_seqbc"),
+    "state_fixup": ("BVF", "warps_fix", "stages_fix"),
 }
 _CFG_KEYS = tuple(key for keys in KERNEL_KEYS.values() for key in keys)
 _overrides: dict[str, int] = {}
@@ -74,7 +75,7 @@ def set_config(**overrides: int) -> dict[str, int]:
     Keys (see KERNEL_KEYS for the kernel each one tunes): BKS (K block of the triangular solve's
     K K^T), BKW / BVW (K / V blocks of the W / U products), BVS / BVSB (V block of the forward /
     backward sequential state pass: smaller means more programs in flight; BVSC / BVSBC: the same
-    passes under transition="overlap", cp_overlap.py), BVO (V block of the
+    passes under transition="overlap", cp_overlap.py; BVF: its fix-up, fixup.py), BVO (V block of the
     output), BVP (V block of dv_local), BKD / BVD (K / V blocks of dq/dk), BKB / BVB (K / V blocks
     of the WY backward); warps_* and stages_* set num_warps / num_stages of one kernel (Triton's
     default stages when unset). Block sizes must be powers of two >= 16. Also read once from the
@@ -128,6 +129,7 @@ class _Cfg:
             # 2 stages: the q, k, w tiles of 3 stages leave room for one program per SM, and the pass
             # has twice the plain pass's programs (a guess until lctrain.bench.cp_parts measures it)
             BVSBC=16 if big else 32, warps_seqbc=8, stages_seqbc=2,
+            BVF=32, warps_fix=4,                        # a [K, K] by [K, 32] product per program
             BKD=64, BVD=64, warps_dqk=4,
             BKB=64, BVB=64, warps_wyb=4, stages_wyb=1,   # see docs/kernels-notes.md: dbeta accuracy
         )
