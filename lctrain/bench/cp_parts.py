@@ -30,7 +30,7 @@ import time
 COLUMNS = ["layer", "T", "pass", "way", "ms", "x sequential", "rel diff"]
 KINDS = {"gdn": "gated_delta", "delta": "delta", "gla": "gla"}
 DEFAULT_CFGS = ("BVS=32", "stages_seq=1", "warps_seq=8", "BVSB=32", "stages_seqb=1", "warps_seqb=4",
-                "BVSC=32", "stages_seqc=2", "BVSBC=32", "stages_seqbc=3", "stages_seqbc=1", "warps_seqbc=4")
+                "BVSC=32", "stages_seqc=2", "BVSBC=32", "stages_seqbc=3", "stages_seqbc=1", "warps_seqbc=4", "BVF=64")
 
 
 def _parse(argv):
@@ -267,7 +267,7 @@ def _cfg_touches(cfg: dict, what: str) -> bool:
     from lctrain.kernels.triton.ops import KERNEL_KEYS
     kernels = {"transition": ("state_fwd", "wy_solve", "wy_apply"),
                "state grad": ("state_bwd", "dv_local", "wy_solve", "wy_apply"),
-               "overlap": ("state_fwd_cp", "state_bwd_cp")}[what]
+               "overlap": ("state_fwd_cp", "state_bwd_cp", "state_fixup")}[what]
     return any(key in KERNEL_KEYS[k] for k in kernels for key in cfg)
 
 
