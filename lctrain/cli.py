@@ -36,7 +36,8 @@ commands:
   eval niah --ckpt DIR ...                needle-in-a-haystack accuracy, JSON + heatmaps
   eval position-loss --ckpt DIR ...       next-token loss at every position, CSV/JSON + plot
   eval task --ckpt DIR [--task mqar ...]  synthetic-task accuracy (MQAR, swap tracking, DAG), JSON
-  repro NAME [--tiny] [--out DIR]         train + evaluate the models of recipes/repro/NAME.yaml, JSON + PNG
+  repro NAME [--tiny] [--plan] [--budget-minutes M]
+                                          train + evaluate the models of recipes/repro/NAME.yaml, JSON + PNG
   bench kernels | varlen | cp | loglinear | deltaformer | deltaformer-cp | record
                                           kernel / packed-document / context-parallel / log-linear /
                                           Deltaformer benchmarks; record into BENCHMARKS.md

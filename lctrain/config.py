@@ -134,7 +134,9 @@ class ModelConfig:
 class ParallelConfig:
     cp: int = 1  # context-parallel degree: the sequence is split into cp contiguous shards
     tp: int = 1  # tensor-parallel degree (heads and vocabulary)
-    pp: int = 1  # pipeline-parallel degree
+    # pipeline-parallel degree: stages of contiguous blocks (the layer count must divide by it); a step's
+    # train.grad_accum micro-batches go through megatron-core's 1F1B schedule (use grad_accum >= pp)
+    pp: int = 1
     # processes on this node when `lctrain train` launches them itself; 0 = cp * tp * pp
     nproc_per_node: int = 0
     dist_backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
@@ -381,15 +383,20 @@ def validate(cfg: DictConfig) -> None:
     if p.pp > 1 and len(pattern) % p.pp:
         _fail("parallel.pp", f"{len(pattern)} layers do not split into {p.pp} pipeline stages",
               "choose pp dividing the number of layers")
-    if p.pp > 1:
-        _fail("parallel.pp", "pipeline parallelism is not implemented yet",
-              "use parallel.pp=1 (tensor and context parallelism work)")
     model_size = p.tp * p.cp * p.pp
     if p.nproc_per_node and p.nproc_per_node % model_size:
         _fail("parallel.nproc_per_node",
               f"{p.nproc_per_node} processes do not factor into tp*cp*pp = {p.tp}*{p.cp}*{p.pp} = {model_size} "
               "times a data-parallel size",
               f"use a multiple of {model_size}, or lower parallel.tp / parallel.cp / parallel.pp")
+    if p.pp > 1 and p.nproc_per_node > model_size:
+        _fail("parallel.pp", f"pipeline parallelism with data parallelism ({p.nproc_per_node} processes = "
+              f"{p.nproc_per_node // model_size} replicas of tp*cp*pp = {model_size}) is not supported yet (the "
+              "data loader needs each replica's ranks consecutive, megatron-core numbers pipeline stages outermost)",
+              f"use parallel.nproc_per_node={model_size} (or 0), or parallel.pp=1")
+    if p.pp > 1 and t.dtype == "float16":
+        _fail("train.dtype", "float16's loss scaler skips a step on the stage that overflowed only, and pipeline "
+              "stages would then drift apart", "use bfloat16 (or auto) with parallel.pp > 1")
     if p.tp > 1:
         no_tp = sorted({c for c in pattern if c not in "GDMSA"})
         if no_tp:

@@ -121,6 +121,12 @@ def resolve_job_config(cfg: DictConfig, *, nodes: int, gpus_per_node: int,
             f"parallel.cp*tp*pp = {p.cp}*{p.tp}*{p.pp} = {model_parallel}; change --nodes / --gpus-per-node or "
             "parallel.cp / parallel.tp / parallel.pp"
         )
+    if p.pp > 1 and world > model_parallel:
+        raise SubmitError(
+            f"--nodes {nodes} x {per_node} processes = {world} would be {world // model_parallel} data-parallel "
+            f"replicas of parallel.cp*tp*pp = {model_parallel}; pipeline parallelism with data parallelism is not "
+            f"supported yet: ask for {model_parallel} processes in all, or use parallel.pp=1"
+        )
     t.out_dir = str(Path(os.path.expanduser(out_dir or t.out_dir)).resolve())
     if any(c.isspace() for c in t.out_dir):
         raise SubmitError(f"the run directory {t.out_dir!r} contains whitespace, which #SBATCH lines cannot hold; use "

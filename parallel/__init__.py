@@ -7,6 +7,7 @@ tensor-parallel layers.
 - ``lctrain.parallel.halo.prepend_halo``: previous rank's last tokens (short conv, sliding window).
 - ``lctrain.parallel.ulysses.ulysses_attention``: all-to-all attention over the CP group (DeepSpeed).
 - ``lctrain.parallel.tensor_parallel``: megatron-core column/row/vocab-parallel layers, full <-> shard states.
+- ``lctrain.parallel.pipeline``: stages' layer ranges and megatron-core's 1F1B pipeline schedule.
 """
 from .context_parallel import ContextParallelError, ContextParallelOp
 from .context_parallel import context_parallel as _context_parallel_base
@@ -22,10 +23,14 @@ from .mesh import (
     dp_cp_size,
     dp_rank,
     dp_size,
+    embedding_group,
     group_size,
     init_mesh,
     is_main,
     mesh_info,
+    pp_group,
+    pp_rank,
+    pp_size,
     tp_group,
     tp_rank,
     tp_size,
@@ -48,5 +53,7 @@ def context_parallel(op, group, transition: str | None = None):
 __all__ = [
     "context_parallel", "ContextParallelOp", "ContextParallelError", "LogLinearContextParallelOp",
     "MeshInfo", "init_mesh", "destroy_mesh", "mesh_info", "cp_group", "cp_rank", "cp_size",
-    "tp_group", "tp_rank", "tp_size", "dp_rank", "dp_size", "dp_cp_group", "dp_cp_size", "is_main", "group_size",
+    "tp_group", "tp_rank", "tp_size",
+    "pp_group", "pp_rank", "pp_size", "embedding_group",
+    "dp_rank", "dp_size", "dp_cp_group", "dp_cp_size", "is_main", "group_size",
 ]

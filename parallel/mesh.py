@@ -231,6 +231,34 @@ def dp_cp_size() -> int:
     return 1 if ps is None else ps.get_data_parallel_world_size(with_context_parallel=True)
 
 
+def pp_group():
+    """The pipeline-parallel group (this rank's stages, first to last), or None when pp == 1 or no mesh."""
+    ps = _ps()
+    if ps is None or _mesh.pp == 1:
+        return None
+    return ps.get_pipeline_model_parallel_group()
+
+
+def pp_rank() -> int:
+    """This rank's pipeline stage (0 = the one holding the embedding)."""
+    ps = _ps()
+    return 0 if ps is None else ps.get_pipeline_model_parallel_rank()
+
+
+def pp_size() -> int:
+    ps = _ps()
+    return 1 if ps is None else ps.get_pipeline_model_parallel_world_size()
+
+
+def embedding_group():
+    """Under pp > 1 on the first and the last stage: the group of those two ranks (same tp / cp / dp
+    position), over which a tied embedding's two copies sum their gradients; None elsewhere."""
+    ps = _ps()
+    if ps is None or _mesh.pp == 1 or not ps.is_rank_in_embedding_group(ignore_virtual=True):
+        return None
+    return ps.get_embedding_group()
+
+
 def is_main() -> bool:
     """True on global rank 0 (or when torch.distributed is not initialised)."""
     return not dist.is_initialized() or dist.get_rank() == 0

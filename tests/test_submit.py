@@ -151,6 +151,7 @@ def test_render_refuses_unfilled_placeholders():
     (["parallel.cp=2", "data.seq_len=256", "model.window=16", "parallel.nproc_per_node=3", "--gpus-per-node", "0"],
      ["parallel.nproc_per_node", "3 processes do not factor into tp*cp*pp"]),  # the config check comes first
     (["parallel.nproc_per_node=4", "--gpus-per-node", "8"], ["parallel.nproc_per_node=4", "--gpus-per-node 8"]),
+    (["parallel.pp=2", "--nodes", "2", "--gpus-per-node", "2"], ["= 4 would be 2 data-parallel", "parallel.pp=1"]),
     (["train.device=cuda", "--gpus-per-node", "0"], ["train.device=cuda", "--gpus-per-node"]),
     (["train.device=cpu", "--gpus-per-node", "8"], ["train.device=cpu", "--gpus-per-node 0"]),
     (["--nodes", "0"], ["--nodes"]),

@@ -1,9 +1,9 @@
-"""Synthetic tasks (lctrain/data/synthetic.py), their config keys, the task eval and `lctrain repro`.
+"""Synthetic tasks (lctrain/data/synthetic.py), their config keys and the task eval (`lctrain repro`:
+tests/test_repro.py).
 
 The generators' answers are checked against checkers that re-derive them from the token sequence by
 simulating the task (a lookup table, replayed swaps, a graph search), not from the generator's state.
 """
-import json
 
 import numpy as np
 import pytest
@@ -158,41 +158,3 @@ def test_task_accuracy_scores_answers_only():
     bad = task_accuracy(_Oracle(samples, 64, right=False), samples, device=torch.device("cpu"), batch_size=2)
     assert good == {"correct": 10, "total": 10, "accuracy": 1.0}
     assert bad["total"] == 10 and bad["correct"] == 0
-
-
-def test_check_claim():
-    from lctrain.eval.repro import check_claim
-
-    res = {"a": {"mqar": {"8": 1.0, "64": 0.95}}, "b": {"mqar": {"8": 0.9, "64": 0.2}}}
-    assert check_claim([{"model": "a", "at": "all", "min": 0.9}, {"order": ["a", "b"], "at": "last"}], res)[0]
-    assert not check_claim([{"model": "b", "at": "all", "min": 0.9}], res)[0]
-    tie = {"a": {"x": {"1": 0.0}}, "b": {"x": {"1": 0.0}}}
-    assert not check_claim([{"order": ["a", "b"], "at": "last"}], tie)[0]  # all 0%: no ordering shown
-    assert not check_claim([{"model": "c", "min": 0.1}], res)[0]  # not run
-
-
-@pytest.mark.parametrize("name,models",
-                         [("mqar_deltanet", "deltanet,gla_mamba2"), ("sniah_ordering", "gated_deltanet")])
-def test_repro_recipe_runs_tiny(tmp_path, name, models):
-    from lctrain.eval import repro
-
-    assert repro.main([name, "--tiny", "--models", models, "--runs", str(tmp_path / "runs"), "--out",
-                       str(tmp_path / "out"),
-                       f"data.cache_dir={tmp_path / 'cache'}"]) == 0
-    report = json.loads((tmp_path / "out" / f"{name}.json").read_text())
-    assert sorted(report["results"]) == sorted(models.split(","))
-    assert all(0.0 <= a <= 1.0 for per in report["results"].values() for s in per.values() for a in s.values())
-    assert report["tiny"] and report["command"].startswith(f"lctrain repro {name}") and report["device"]
-    assert (tmp_path / "out" / f"{name}.png").stat().st_size > 0
-    assert "smoke run" in (tmp_path / "out" / f"{name}.md").read_text()
-
-
-def test_repro_refuses_a_niah_length_too_short_before_training():
-    from lctrain.eval import repro
-
-    rec = repro.load_repro("sniah_ordering")
-    rec["tiny"]["eval"]["lengths"] = [256]
-    with pytest.raises(repro.ReproError, match="length 256"):
-        repro.check_niah_eval(rec, True, load_config(None, []))
-    with pytest.raises(repro.ReproError, match="no repro recipe"):
-        repro.load_repro("no_such_claim")

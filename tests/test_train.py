@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -358,7 +359,7 @@ def test_cp2_self_launch_runs_two_steps(tmp_path, data_cache):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "launching 2 local processes" in proc.stdout
-    assert "(dp 1 x cp 2 x tp 1)" in proc.stdout
+    assert "(dp 1 x cp 2 x tp 1 x pp 1)" in proc.stdout
     steps = _metrics(out)
     assert [m["step"] for m in steps] == [1, 2] and all(math.isfinite(m["loss"]) for m in steps)
     ckpt = ckpt_mod.latest_checkpoint(out)
@@ -410,32 +411,41 @@ def test_bad_layouts_exit_2_before_any_work(tmp_path, capsys, bad, key):
     assert not any(tmp_path.iterdir())
 
 
+def _launch(data_cache, out_dir: Path, *overrides: str) -> str:
+    """`lctrain train TINY overrides` in a subprocess that launches its own gloo ranks; its stdout."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "lctrain.cli", "train", *TINY, *overrides, f"train.out_dir={out_dir}",
+           f"data.cache_dir={data_cache}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
 @pytest.mark.slow
 def test_tp2_cp2_cli_losses_equal_one_process_and_resume_with_tp1(tmp_path, parts, data_cache, capsys):
     """`lctrain train parallel.tp=2 parallel.cp=2` (4 gloo processes) logs the losses of the
-    one-process run; its checkpoint loads for evals in one process and resumes with tp=cp=1, the next
-    step's loss equal to the one of the run that never stopped; `train.init_from` starts a new run
-    from those weights (another RoPE base)."""
+    one-process run; its checkpoint loads for evals in one process and resumes with tp=cp=1, and with
+    pp=2 (2 pipeline stages), the next step's loss equal to the one of the run that never stopped;
+    `train.init_from` starts a new run from those weights (another RoPE base)."""
     ref = tmp_path / "ref"
     assert _run(parts, ref, *TP_MODEL) == 0
     assert "parameters (" in capsys.readouterr().out
     ref_losses = _losses(ref)
 
     out = tmp_path / "tp2cp2"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "lctrain.cli", "train", *TINY, *TP_MODEL, "parallel.tp=2", "parallel.cp=2",
-           "train.steps=2", f"train.out_dir={out}", f"data.cache_dir={data_cache}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "(dp 1 x cp 2 x tp 2)" in proc.stdout
+    stdout = _launch(data_cache, out, *TP_MODEL, "parallel.tp=2", "parallel.cp=2", "train.steps=2")
+    assert "(dp 1 x cp 2 x tp 2 x pp 1)" in stdout
     n_all, n_rank = (float(x) for x in
-                     __import__("re").search(r"([\d.]+)M parameters \(([\d.]+)M per rank\)", proc.stdout).groups())
-    assert 0.45 * n_all <= n_rank <= 0.55 * n_all, proc.stdout
+                     __import__("re").search(r"([\d.]+)M parameters \(([\d.]+)M per rank\)", stdout).groups())
+    assert 0.45 * n_all <= n_rank <= 0.55 * n_all, stdout
     got = _losses(out)
     assert got == pytest.approx(ref_losses[:2], rel=1e-5)
     model, _ = ckpt_mod.load_model_for_eval(out)  # evals load the tp=2 x cp=2 checkpoint in one process
     assert model.embed.weight.shape == (model.cfg.vocab_size, 32) and model.tp_group is None
+    shutil.copytree(out, tmp_path / "tp2cp2_then_pp2")
+    assert "resumed from" in _launch(data_cache, tmp_path / "tp2cp2_then_pp2", *TP_MODEL, "parallel.pp=2")
+    assert _losses(tmp_path / "tp2cp2_then_pp2")[2:] == pytest.approx(ref_losses[2:], rel=1e-5)
 
     assert _run(parts, out, *TP_MODEL) == 0  # resume with tp=1, cp=1 for step 3
     assert "resumed from" in capsys.readouterr().out
@@ -445,3 +455,30 @@ def test_tp2_cp2_cli_losses_equal_one_process_and_resume_with_tp1(tmp_path, part
     assert _run(parts, new, *TP_MODEL, "train.steps=1", f"train.init_from={out}", "model.rope.base=20000") == 0
     assert "weights from" in capsys.readouterr().out
     assert len(_losses(new)) == 1
+
+
+@pytest.mark.slow
+def test_cp2_pp2_cli_losses_equal_one_process_and_resume_with_pp1(tmp_path, parts, data_cache, capsys):
+    """`lctrain train parallel.cp=2 parallel.pp=2` (4 gloo processes, 2 pipeline stages, each step's 2
+    micro-batches through megatron-core's 1F1B schedule) logs the losses of the one-process run and
+    counts the one-process model's parameters; its checkpoint resumes with pp=1, the next step's loss
+    equal to the run that never stopped."""
+    ref = tmp_path / "ref"
+    assert _run(parts, ref, *TP_MODEL, "train.grad_accum=2") == 0
+    n_ref = float(__import__("re").search(r"([\d.]+)M parameters", capsys.readouterr().out).group(1))
+    ref_losses = _losses(ref)
+
+    out = tmp_path / "cp2pp2"
+    stdout = _launch(data_cache, out, *TP_MODEL, "train.grad_accum=2", "parallel.cp=2", "parallel.pp=2",
+                     "train.steps=2")
+    assert "(dp 1 x cp 2 x tp 1 x pp 2)" in stdout
+    n_all, fewest, most = (float(x) for x in __import__("re").search(
+        r"([\d.]+)M parameters \(([\d.]+)M to ([\d.]+)M per rank\)", stdout).groups())
+    assert n_all == n_ref and 0.45 * n_all < fewest < most < 0.6 * n_all, stdout  # the tied table on both ends
+    assert _losses(out) == pytest.approx(ref_losses[:2], rel=1e-5)
+    model, _ = ckpt_mod.load_model_for_eval(out)  # the stages' parts make the whole model for evals
+    assert len(model.blocks) == 4 and model.lm_head.weight is model.embed.weight
+
+    assert _run(parts, out, *TP_MODEL, "train.grad_accum=2") == 0  # resume with pp=1, cp=1 for step 3
+    assert "resumed from" in capsys.readouterr().out
+    assert _losses(out)[2:] == pytest.approx(ref_losses[2:], rel=1e-5)

@@ -61,5 +61,11 @@ for spec in $SPECS; do
     echo "no 3.12 wheel of any $name release: the GPU machine cannot install it" >&2; exit 1
   fi
 done
+# Tools of the GPU runs, not imported by training: pytest-xdist (the GPU tests compile many Triton
+# kernels: -n N spreads the compilation over the host's cores) and fla-core, the anchor of the benches.
+for spec in "pytest-xdist==$(python3 -c 'import xdist; print(xdist.__version__)')" \
+            "execnet==$(python3 -c 'import execnet; print(execnet.__version__)')" fla-core==0.6.0; do
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 "${PLATFORMS[@]}" -d "$DEST" "$spec"
+done
 echo "bundle: $(ls "$DEST"/*.whl | wc -l) wheels, $(du -ch "$DEST"/*.whl | tail -1 | cut -f1) (the device call carries at most 64 MiB in all)"
 ls -S -s "$DEST" | head -6

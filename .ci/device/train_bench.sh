@@ -4,10 +4,12 @@
 # selective:S, full) and the longest context one training step of it runs at. Run from the repository root
 # on the GPU machine, carrying `.whl` (built here by `bash .ci/device/build_wheels.sh`):
 #     bash .ci/device/train_bench.sh [tests] [sanity] [bench] [maxlen] [train131k] [maxlen_cp2] [train131k_cp2]
+#         [pptests] [layouts]
 # (default: tests sanity bench, ~5 minutes; then a second call `maxlen train131k`, ~6 minutes; bench also
 # measures the activations each block kind saves per token, H1 and H2). train131k: 20 real steps of gdn_h1_1p3b at 131K on
 # one GPU; maxlen_cp2 / train131k_cp2: the length search from 512K and the 131K run with parallel.cp=2
-# (2 GPUs). Every step's full output (pytest's
+# (2 GPUs). pptests: pipeline parallelism pp=2 vs one GPU (2 GPUs); layouts: `lctrain bench layouts` of
+# gdn_h1_1p3b at 64K, tp=2 / cp=2 / pp=2 side by side (2 GPUs; LAYOUTS="pp=2" for one). Every step's full output (pytest's
 # included) and JSON go to $OUT/results/; copy that folder into docs/results/<date>_train_bench/ and
 # record the JSONs with `lctrain bench record docs/results/<...>/*.json`.
 set -u
@@ -49,6 +51,13 @@ for s in $STEPS; do
                  train.out_dir=/tmp/runs/h1_131k train.resume=false train.progress=false 2>&1 | tee "$RES/train_h1_131k.log" | tail -25 ;;
     train131k_cp2) timeout 560 $LC train "$H1" data.seq_len=131072 parallel.cp=2 train.steps=20 train.warmup_steps=5 \
                  train.out_dir=/tmp/runs/h1_131k_cp2 train.resume=false train.progress=false 2>&1 | tee "$RES/train_h1_131k_cp2.log" | tail -25 ;;
+    pptests) timeout 560 python3 -m pytest -m gpu -v -s -p no:cacheprovider -c "$R/pyproject.toml" --rootdir "$R" \
+               "$R/tests/test_pp_gpu.py" > "$RES/tests_pp_gpu.log" 2>&1; tail -8 "$RES/tests_pp_gpu.log" ;;
+    layouts) rm -rf /tmp/runs/layouts  # a warm machine's earlier runs would refuse train.resume=false
+             timeout 590 $LC bench layouts "$H1" data.seq_len=65536 train.loss_chunk_tokens=0 \
+               --layouts ${LAYOUTS:-tp=2 cp=2 pp=2} --steps 5 --warmup 2 --out-dir /tmp/runs/layouts \
+               --json "$RES/layouts_h1_64k.json" 2>&1 | tee "$RES/layouts_h1_64k.log" | tail -8
+             for f in /tmp/runs/layouts/*/train.log; do cp "$f" "$RES/layouts_$(basename "$(dirname "$f")").log"; done ;;
     *) echo "unknown step $s" ;;
   esac
 done

@@ -2,7 +2,8 @@
 
 For each layout (default ``tp=2 cp=2 pp=2``: each a comma-separated list of ``key=value`` of the
 ``parallel`` section) it runs ``lctrain train RECIPE [overrides] parallel.<layout>`` for --steps
-steps in a fresh out_dir and reads the run's metrics.jsonl: tokens/s (median over the steps after
+steps in a fresh out_dir (its output goes to ``train.log`` there) and reads the run's
+metrics.jsonl: tokens/s (median over the steps after
 --warmup, the whole job and per GPU) and the peak GPU memory per GPU (the largest over ranks,
 metrics.jsonl's ``peak_mib``). A layout the trainer refuses (e.g. one not implemented) shows as a
 row with the refusal instead of figures, so the table still says what was asked.
@@ -56,6 +57,8 @@ def run_layout(recipe: str, overrides: list[str], layout: str, steps: int, warmu
            "train.progress=false", "train.tensorboard=false"]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train.log").write_text(proc.stdout + proc.stderr)  # the whole run's output, to read a failure
     nproc = None
     for line in proc.stdout.splitlines():
         if "world " in line and "parameters" in line:

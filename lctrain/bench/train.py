@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
+    if cfg.parallel.pp > 1:
+        print("lctrain bench train: parallel.pp > 1 is not measured here (its FLOP count and layer split see one "
+              "stage); use `lctrain bench layouts RECIPE --layouts pp=2`, which times `lctrain train`", file=sys.stderr)
+        return 2
     if args.activation_memory:
         if world_size_needed(cfg) > 1:
             print("lctrain bench train: --activation-memory measures one block in one process; leave parallel.* at 1 "

@@ -6,11 +6,19 @@ A repro recipe (see recipes/repro/) holds:
 - `claim`: `text` (the claim in words) and `checks` (how the results decide it; see `check_claim`);
 - `base`: `key: value` training overrides shared by every run (dotted keys, as on `lctrain train`);
 - `models`: name -> overrides of that model (e.g. `model.layer_pattern: DD`);
-- `sweep` (optional): `key` and `values`: one training run per value and model (the x axis);
-- `eval`: `kind: task` (`lctrain eval task` on the run's own task; `samples`) or `kind: niah`
-  (`lctrain eval niah`; `tasks`, `lengths`, `depths`, `samples`): the x axis is then the length;
-- `tiny`: `base` overrides, and optionally `sweep_values` / `eval` replacements, for `--tiny`, a
-  CPU-sized smoke run (2 steps) that checks the plumbing, not the claim.
+- `sweep` (optional): `key` and `values`: one training run per value and model (the x axis); `with`
+  (optional): `{other.key: [one value per sweep value]}`, keys that move together with it (e.g. the
+  sequence length growing with the number of pairs);
+- `eval`: `kind: task` (`lctrain eval task` on the run's own task; `samples`), `kind: niah`
+  (`lctrain eval niah`; `tasks`, `lengths`, `depths`, `samples`: the x axis is then the length) or
+  `kind: position_loss` (`lctrain eval position-loss` over every model's checkpoint after all trained;
+  `data`, `seq_len`, `num_windows`, `batch_size`: the x axis is the token position, the value a loss,
+  lower is better);
+- `tiny`: `base` overrides, and optionally `sweep` (`values` / `with` replacing the sweep's) and `eval`
+  replacements, for `--tiny`, a CPU-sized smoke run (2 steps) that checks the plumbing, not the claim.
+
+Runs go sweep point by sweep point (every model at the first value, then the next), so that when
+`--budget-minutes` stops the repro early the points that ran compare every model.
 
 Training and evals run in this process through the commands' own `main`, so a run is exactly what
 `lctrain train` / `lctrain eval ...` would do with the printed arguments.
@@ -23,6 +31,7 @@ import os
 import platform
 import shlex
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -31,7 +40,8 @@ import yaml
 from lctrain.errors import UserError
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes" / "repro"
-EVAL_KINDS = ("task", "niah")
+EVAL_KINDS = ("task", "niah", "position_loss")
+CHECK_KEYS = {"model", "order", "series", "at", "min", "max", "from", "improves_after"}
 
 
 class ReproError(UserError, ValueError):
@@ -46,6 +56,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out",
                    help="where NAME.json / .png / .md go (default docs/results/repro; with --tiny: <runs>/results)")
     p.add_argument("--models", help="comma list: only these models of the recipe")
+    p.add_argument("--points", help="comma list: only these values of the recipe's sweep")
+    p.add_argument("--budget-minutes", type=float,
+                   help="start no further training run once the time spent plus that run's expected time (the "
+                        "model's last run, else the mean finished run) would pass this many minutes; the runs "
+                        "left out are listed and the claim is then not decided (default: no limit)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the training runs (validated) and their total steps, then stop: nothing trains")
     p.add_argument("overrides", nargs="*", help="key=value training overrides for every run (after the recipe's)")
     return p.parse_intermixed_args(argv)
 
@@ -74,8 +91,30 @@ def load_repro(name: str) -> dict:
     unknown = set(rec) - {"claim", "base", "models", "sweep", "eval", "tiny"}
     if unknown:
         raise ReproError(f"{path}: unknown key(s) {sorted(unknown)}")
+    for tiny in (False, True):
+        _sweep(rec, tiny, str(path))  # a `with` list of the wrong length is refused here
+    for i, c in enumerate(rec["claim"].get("checks", [])):
+        bad = set(c) - CHECK_KEYS
+        if bad or ("model" in c) == ("order" in c):
+            raise ReproError(f"{path}: claim.checks[{i}]: give `model` or `order` (not both) and only keys "
+                             f"{sorted(CHECK_KEYS)}; got {sorted(c)}")
     rec["path"] = str(path)
     return rec
+
+
+def _sweep(rec: dict, tiny: bool, where: str = "") -> dict:
+    """The sweep ({} when none): key, values and `with` ({key: values}), the tiny replacements applied."""
+    sweep = dict(rec.get("sweep") or {})
+    if not sweep:
+        return {}
+    if tiny:
+        sweep.update((rec.get("tiny") or {}).get("sweep") or {})
+    sweep.setdefault("with", {})
+    for key, vals in sweep["with"].items():
+        if len(vals) != len(sweep["values"]):
+            raise ReproError(f"{where or rec.get('path')}: {'tiny.' if tiny else ''}sweep.with.{key} holds "
+                             f"{len(vals)} values, sweep.values {len(sweep['values'])}; give one per sweep value")
+    return sweep
 
 
 def _dotlist(mapping: dict | None) -> list[str]:
@@ -83,31 +122,44 @@ def _dotlist(mapping: dict | None) -> list[str]:
             for k, v in (mapping or {}).items()]
 
 
-def plan(rec: dict, *, tiny: bool, runs: Path, overrides: list[str], only: list[str] | None) -> list[dict]:
-    """One entry per training run: model, x (the sweep value or None), out_dir and the train argv."""
+def plan(rec: dict, *, tiny: bool, runs: Path, overrides: list[str], only: list[str] | None,
+         points: list[str] | None = None) -> list[dict]:
+    """One entry per training run, sweep point by sweep point: model, x (the sweep value or None),
+    out_dir and the train argv."""
     models = rec["models"]
     if only:
         bad = [m for m in only if m not in models]
         if bad:
             raise ReproError(f"--models: {bad} not in the recipe's models {list(models)}")
         models = {m: models[m] for m in only}
-    sweep = rec.get("sweep") or {}
-    tiny_cfg = rec.get("tiny") or {}
-    values = (tiny_cfg.get("sweep_values") or sweep.get("values")) if tiny else sweep.get("values")
-    points = [(sweep["key"], v) for v in values] if sweep else [(None, None)]
-    base = _dotlist(rec.get("base")) + (_dotlist(tiny_cfg.get("base")) if tiny else [])
+    sweep = _sweep(rec, tiny)
+    if points is not None and not sweep:
+        raise ReproError(f"--points: the recipe {rec['path']} has no sweep; drop --points")
+    sweep_points = []  # (x, {key: value}) per sweep value
+    for i, v in enumerate(sweep.get("values", [])):
+        if points is None or str(v) in points:
+            sweep_points.append((v, {sweep["key"]: v, **{k: vals[i] for k, vals in sweep["with"].items()}}))
+    if points is not None:
+        bad = [p for p in points if p not in {str(v) for v in sweep["values"]}]
+        if bad:
+            raise ReproError(f"--points: {bad} not among the sweep's values {sweep['values']}")
+    base = _dotlist(rec.get("base")) + (_dotlist((rec.get("tiny") or {}).get("base")) if tiny else [])
     runs_plan = []
-    for model, model_over in models.items():
-        for key, value in points:
-            out = runs / (model if key is None else f"{model}_{value}")
-            argv = [*base, *_dotlist(model_over), *([f"{key}={value}"] if key else []), *overrides,
-                    f"train.out_dir={out}"]
-            runs_plan.append({"model": model, "x": value, "out_dir": str(out), "train_argv": argv})
+    for x, point in sweep_points or [(None, {})]:
+        for model, model_over in models.items():
+            out = runs / (model if x is None else f"{model}_{x}")
+            argv = [*base, *_dotlist(model_over), *_dotlist(point), *overrides, f"train.out_dir={out}"]
+            runs_plan.append({"model": model, "x": x, "out_dir": str(out), "train_argv": argv})
     return runs_plan
 
 
+def eval_settings(rec: dict, tiny: bool) -> dict:
+    return dict(rec["eval"], **((rec.get("tiny") or {}).get("eval") or {})) if tiny else dict(rec["eval"])
+
+
 def eval_argv(rec: dict, tiny: bool, out_dir: str) -> tuple[list[str], dict]:
-    ev = dict(rec["eval"], **((rec.get("tiny") or {}).get("eval") or {})) if tiny else dict(rec["eval"])
+    """The per-run eval's argv (task, niah) and the eval settings."""
+    ev = eval_settings(rec, tiny)
     argv = ["--ckpt", out_dir, "--out", str(Path(out_dir) / "eval")]
     if ev["kind"] == "task":
         argv += ["--samples", str(ev.get("samples", 256))]
@@ -118,9 +170,21 @@ def eval_argv(rec: dict, tiny: bool, out_dir: str) -> tuple[list[str], dict]:
     return argv, ev
 
 
+def position_loss_argv(ev: dict, trained: list[dict], out: Path) -> list[str]:
+    """`lctrain eval position-loss` over every trained model, labelled by model name."""
+    argv = []
+    for r in trained:
+        argv += ["--ckpt", r["out_dir"], "--label", r["model"]]
+    argv += ["--data", str(ev.get("data", "embedded")), "--num-windows", str(ev.get("num_windows", 16)),
+             "--batch-size", str(ev.get("batch_size", 1)), "--out", str(out)]
+    if ev.get("seq_len"):
+        argv += ["--seq-len", str(ev["seq_len"])]
+    return argv
+
+
 def check_niah_eval(rec: dict, tiny: bool, cfg) -> None:
     """A niah eval's shortest length must hold each task's prompt (else it would fail after training)."""
-    _, ev = eval_argv(rec, tiny, "")
+    ev = eval_settings(rec, tiny)
     if ev["kind"] != "niah":
         return
     from lctrain.data.tokenizer import get_tokenizer
@@ -147,6 +211,14 @@ def read_eval(ev: dict, out_dir: str) -> dict:
     return {t: {int(L): a / 100.0 for L, a in r["summary"][t]["by_length"].items()} for t in r["tasks"]}
 
 
+def read_position_loss(out: Path) -> dict:
+    """{model: {"loss": {position: smoothed loss}}} of a position-loss eval labelled by model."""
+    r = json.loads((out / "position_loss.json").read_text())
+    return {c["label"]: {"loss": {f"{p:.1f}": loss
+                                  for p, loss in zip(c["smoothed"]["position"], c["smoothed"]["loss"])}}
+            for c in r["checkpoints"]}
+
+
 def _series_values(results: dict, model: str, series: str | None) -> list[tuple]:
     per = results[model]
     if series is None:
@@ -169,14 +241,24 @@ def _pick(values: list[tuple], at: str) -> list[float]:
     raise ReproError(f"check `at` must be all, last or mean, got {at!r}")
 
 
-def check_claim(checks: list[dict], results: dict) -> tuple[bool, list[str]]:
+def check_claim(checks: list[dict], results: dict, *, lower_is_better: bool = False) -> tuple[bool, list[str]]:
     """Each check is one of
-    - `{model, series?, at: all|last|mean, min: a}` / `{..., max: a}`: the model's accuracy (0..1) there
-      is >= a / <= a;
-    - `{order: [m1, m2, ...], series?, at: mean|last}`: accuracy m1 >= m2 >= ..., and m1 > the last
-      (all equal, e.g. all 0%, shows no ordering and does not hold).
-    A check naming a model that was not run (`--models`) does not hold.
+    - `{model, series?, at: all|last|mean, min: a}` / `{..., max: a}`: the model's value there is
+      >= a / <= a (accuracies are 0..1);
+    - `{order: [m1, m2, ...], series?, at: mean|last}`: m1 is at least as good as m2, ... and strictly
+      better than the last (all equal, e.g. all 0%, shows no ordering and does not hold); good is a
+      higher accuracy, or a lower loss with `lower_is_better` (position_loss);
+    - `{model, series?, improves_after: x}`: the value at the last x is strictly better than at the
+      first x >= the given one (e.g. the loss still falls after position 512).
+    `from: x` (any check): only the x values >= x count.
+    A check naming a model that was not run (`--models`, `--budget-minutes`) does not hold.
     Returns (all held, one line per check)."""
+    def better_eq(a, b):
+        return a <= b if lower_is_better else a >= b
+
+    def fmt(a):
+        return f"{a:.4f}" if lower_is_better else f"{100 * a:.0f}%"
+
     lines, held = [], True
     for c in checks:
         at = c.get("at", "all")
@@ -185,40 +267,63 @@ def check_claim(checks: list[dict], results: dict) -> tuple[bool, list[str]]:
             lines.append(f"not run: {', '.join(missing)} (a check needs them)")
             held = False
             continue
+
+        def values(model, c=c):
+            return [(x, v) for x, v in _series_values(results, model, c.get("series"))
+                    if float(x) >= float(c.get("from", float("-inf")))]
+
+        where = " ".join(str(s) for s in (c.get("series", ""), f"x >= {c['from']}" if "from" in c else "") if s)
+        empty = [m for m in (c["order"] if "order" in c else [c["model"]]) if not values(m)]
+        if empty or ("improves_after" in c and not any(float(x) >= float(c["improves_after"])
+                                                      for x, _ in values(c["model"]))):
+            lines.append(f"FAILED: {where}: no value at x >= {c.get('improves_after', c.get('from'))} "
+                         f"for {', '.join(empty or [c['model']])}")
+            held = False
+            continue
         if "order" in c:
-            accs = [_pick(_series_values(results, m, c.get("series")), at)[0] for m in c["order"]]
-            ok = all(a >= b for a, b in zip(accs, accs[1:])) and accs[0] > accs[-1]
-            what = " >= ".join(f"{m} {100 * a:.0f}%" for m, a in zip(c["order"], accs))
-            lines.append(f"{'held' if ok else 'FAILED'}: {c.get('series', '')} {at}: {what}")
+            accs = [_pick(values(m), at)[0] for m in c["order"]]
+            ok = all(better_eq(a, b) for a, b in zip(accs, accs[1:])) and accs[0] != accs[-1]
+            what = (" <= " if lower_is_better else " >= ").join(f"{m} {fmt(a)}" for m, a in zip(c["order"], accs))
+            lines.append(f"{'held' if ok else 'FAILED'}: {where} {at}: {what}".replace("  ", " "))
+        elif "improves_after" in c:
+            vals = values(c["model"])
+            start = next((x, v) for x, v in vals if float(x) >= float(c["improves_after"]))
+            ok = start[1] != vals[-1][1] and better_eq(vals[-1][1], start[1])
+            lines.append(f"{'held' if ok else 'FAILED'}: {c['model']} {where} improves after x={float(start[0]):g}: "
+                         f"{fmt(start[1])} there, {fmt(vals[-1][1])} at x={float(vals[-1][0]):g}".replace("  ", " "))
         else:
-            accs = _pick(_series_values(results, c["model"], c.get("series")), at)
+            accs = _pick(values(c["model"]), at)
             ok = all(a >= c["min"] for a in accs) if "min" in c else all(a <= c["max"] for a in accs)
-            bound = f">= {100 * c['min']:.0f}%" if "min" in c else f"<= {100 * c['max']:.0f}%"
-            lines.append(f"{'held' if ok else 'FAILED'}: {c['model']} {c.get('series', '')} {at} {bound}: "
-                         + ", ".join(f"{100 * a:.0f}%" for a in accs))
+            bound = f">= {fmt(c['min'])}" if "min" in c else f"<= {fmt(c['max'])}"
+            lines.append(f"{'held' if ok else 'FAILED'}: {c['model']} {where} {at} {bound}: ".replace("  ", " ")
+                         + ", ".join(fmt(a) for a in accs))
         held &= ok
     return held, lines
 
 
-def plot(path: Path, results: dict, xlabel: str, title: str) -> Path:
-    """One panel per series: accuracy vs x, one line per model."""
+def plot(path: Path, results: dict, xlabel: str, title: str, ylabel: str = "accuracy (%)") -> Path:
+    """One panel per series: the value vs x (log x), one line per model; accuracies in percent."""
     from .plots import plt
 
+    scale = 100.0 if ylabel.startswith("accuracy") else 1.0
     series = sorted({s for per in results.values() for s in per})
-    fig, axes = plt.subplots(1, len(series), figsize=(4.0 * len(series), 3.2), squeeze=False)
+    n = max(len(series), 1)
+    fig, axes = plt.subplots(1, n, figsize=(max(4.0 * n, 7.0), 3.6), squeeze=False)
     for ax, s in zip(axes[0], series):
         for model, per in results.items():
             if s in per:
                 xs = sorted(per[s], key=float)
-                ax.plot([float(x) for x in xs], [100 * per[s][x] for x in xs], marker="o", label=model)
+                ax.plot([float(x) for x in xs], [scale * per[s][x] for x in xs],
+                        marker="o" if len(xs) < 20 else None, label=model)
         ax.set_xscale("log", base=2)
-        ax.set_ylim(-3, 103)
+        if scale == 100.0:
+            ax.set_ylim(-3, 103)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel(ylabel)
         ax.set_title(s, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 110), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -233,6 +338,64 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def _x_label(rec: dict, tiny: bool) -> str:
+    ev = eval_settings(rec, tiny)
+    if ev["kind"] == "niah":
+        return "eval length (tokens)"
+    if ev["kind"] == "position_loss":
+        return "token position"
+    sweep = _sweep(rec, tiny)
+    return sweep["key"] + "".join(f" (with {k} {v[0]}..{v[-1]})" for k, v in sweep["with"].items())
+
+
+def write_report(out: Path, rec: dict, argv: list[str], *, tiny: bool, budget: float | None, results: dict,
+                 done: list[dict], skipped: list[dict], pending: list[dict], wall: float) -> tuple[str, list[str]]:
+    """NAME.json / .png / .md in `out`; with runs `pending` (written after each run) the verdict says the
+    repro has not finished. Returns (verdict, one line per check)."""
+    name = Path(rec["path"]).stem
+    lower = eval_settings(rec, tiny)["kind"] == "position_loss"
+    held, lines = check_claim(rec["claim"].get("checks", []), results, lower_is_better=lower)
+
+    def where(runs):
+        return ", ".join(f"{r['model']}" + (f" at {r['x']}" if r["x"] is not None else "") for r in runs)
+
+    if skipped:
+        lines.append(f"not run (--budget-minutes {budget:g}): {where(skipped)}")
+    if pending:
+        lines.append(f"not run yet: {where(pending)}")
+    command = "lctrain repro " + shlex.join(argv)
+    verdict = ("The claim is NOT decided: the repro has not finished (written after each run)" if pending else
+               "The claim held" if held else
+               "The claim was NOT decided: runs were left out by the budget" if skipped else
+               "The claim did NOT hold") + (" (--tiny: 2-step smoke run, says nothing about the claim)"
+                                            if tiny else "")
+    report = {"name": name, "claim": rec["claim"]["text"], "held": held and not pending,
+              "decided": not (skipped or pending), "finished": not pending, "checks": lines, "command": command,
+              "device": device_name(), "wall_s": round(wall, 1), "tiny": tiny,
+              "metric": "loss (lower is better)" if lower else "accuracy", "results": results, "runs": done,
+              "skipped": [r["out_dir"] for r in skipped], "pending": [r["out_dir"] for r in pending],
+              "recipe": rec["path"], "x": _x_label(rec, tiny)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    png = plot(out / f"{name}.png", results, report["x"], f"{name}: {rec['claim']['text']}",
+               ylabel="next-token loss (nats)" if lower else "accuracy (%)")
+    md = [f"# {name}", "", f"Claim: {rec['claim']['text']}", "", f"**{verdict}.**", "",
+          *[f"- {line}" for line in lines], "", f"- command: `{command}`", f"- device: {report['device']}",
+          f"- wall time: {wall / 60:.1f} min ({len(done)} training runs"
+          + (f", {len(skipped)} left out" if skipped else "") + ")", "",
+          "| model | x | steps | wall (s, train + eval) |", "|---|---|---|---|",
+          *[f"| {r['model']} | {'' if r['x'] is None else r['x']} | {r['steps']} | {r['wall_s']} |" for r in done], "",
+          f"![{name}]({png.name})", "", f"Data: [{name}.json]({name}.json)", ""]
+    (out / f"{name}.md").write_text("\n".join(md))
+    return verdict, lines
+
+
+def expected_wall(done: list[dict], model: str) -> float:
+    """Seconds the next run of `model` should take: its own last run's, else the mean finished run's."""
+    own = [d["wall_s"] for d in done if d["model"] == model]
+    return own[-1] if own else sum(d["wall_s"] for d in done) / len(done)
+
+
 def main(argv: list[str]) -> int:
     ns = _parse(argv)
     rec = load_repro(ns.name)
@@ -240,53 +403,69 @@ def main(argv: list[str]) -> int:
     runs = Path(ns.runs or f"runs/repro/{name}{'_tiny' if ns.tiny else ''}")
     out = Path(ns.out or (runs / "results" if ns.tiny else "docs/results/repro"))
     only = [m.strip() for m in ns.models.split(",")] if ns.models else None
-    runs_plan = plan(rec, tiny=ns.tiny, runs=runs, overrides=list(ns.overrides), only=only)
+    points = [p.strip() for p in ns.points.split(",")] if ns.points else None
+    if ns.budget_minutes is not None and ns.budget_minutes <= 0:
+        raise ReproError(f"--budget-minutes must be > 0, got {ns.budget_minutes}")
+    runs_plan = plan(rec, tiny=ns.tiny, runs=runs, overrides=list(ns.overrides), only=only, points=points)
 
     from lctrain.config import load_config
 
     for r in runs_plan:  # every run's config (and a niah eval's prompt) is valid before the first one trains
         cfg = load_config(None, r["train_argv"])
+        r["steps"] = int(cfg.train.steps)
         check_niah_eval(rec, ns.tiny, cfg)
+    if ns.plan:
+        for r in runs_plan:
+            print(f"{r['model']} x={r['x']} steps={r['steps']}: lctrain train {shlex.join(r['train_argv'])}")
+        print(f"lctrain repro {name}: {len(runs_plan)} runs, {sum(r['steps'] for r in runs_plan)} steps in all "
+              f"(eval: {eval_settings(rec, ns.tiny)['kind']})", flush=True)
+        return 0
     from lctrain.train.command import main as train_main
 
-    from . import niah, task
+    from . import niah, position_loss, task
 
-    evaluate = task.main if rec["eval"]["kind"] == "task" else niah.main
+    ev_cfg = eval_settings(rec, ns.tiny)
+    kind = ev_cfg["kind"]
+    evaluate = {"task": task.main, "niah": niah.main}.get(kind)
     started = time.time()
     results: dict = {}
+    done, skipped = [], []
     for r in runs_plan:
+        if ns.budget_minutes is not None and done and \
+                time.time() - started + expected_wall(done, r["model"]) > 60 * ns.budget_minutes:
+            skipped.append(r)
+            continue
         t0 = time.time()
         print(f"lctrain repro {name}: {r['model']}" + (f" {rec['sweep']['key']}={r['x']}" if r["x"] is not None else "")
               + f": lctrain train {shlex.join(r['train_argv'])}", flush=True)
         if train_main(r["train_argv"]) != 0:
             raise ReproError(f"training {r['out_dir']} failed (see above)")
-        ev_argv, ev = eval_argv(rec, ns.tiny, r["out_dir"])
-        if evaluate(ev_argv) != 0:
-            raise ReproError(f"evaluating {r['out_dir']} failed (see above)")
-        got = read_eval(ev, r["out_dir"])
-        per = results.setdefault(r["model"], {})
-        for series, value in got.items():
-            per.setdefault(series, {}).update({str(r["x"]): value} if r["x"] is not None
-                                              else {str(k): v for k, v in value.items()})
+        if evaluate is not None:
+            ev_argv, ev = eval_argv(rec, ns.tiny, r["out_dir"])
+            if evaluate(ev_argv) != 0:
+                raise ReproError(f"evaluating {r['out_dir']} failed (see above)")
+            got = read_eval(ev, r["out_dir"])
+            per = results.setdefault(r["model"], {})
+            for series, value in got.items():
+                per.setdefault(series, {}).update({str(r["x"]): value} if r["x"] is not None
+                                                  else {str(k): v for k, v in value.items()})
         r["wall_s"] = round(time.time() - t0, 1)
-    wall = time.time() - started
-    held, lines = check_claim(rec["claim"].get("checks", []), results)
-    command = "lctrain repro " + shlex.join(argv)
-    verdict = ("The claim held" if held else "The claim did NOT hold") + (
-        " (--tiny: 2-step smoke run, says nothing about the claim)" if ns.tiny else "")
-    report = {"name": name, "claim": rec["claim"]["text"], "held": held, "checks": lines, "command": command,
-              "device": device_name(), "wall_s": round(wall, 1), "tiny": ns.tiny, "results": results,
-              "runs": runs_plan, "recipe": rec["path"],
-              "x": rec["sweep"]["key"] if rec.get("sweep") else "eval length (tokens)"}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
-    png = plot(out / f"{name}.png", results, report["x"], f"{name}: {rec['claim']['text']}"[:160])
-    md = [f"# {name}", "", f"Claim: {rec['claim']['text']}", "", f"**{verdict}.**", "",
-          *[f"- {line}" for line in lines], "", f"- command: `{command}`", f"- device: {report['device']}",
-          f"- wall time: {wall / 60:.1f} min", "", f"![{name}]({png.name})", "", f"Data: [{name}.json]({name}.json)",
-          ""]
-    (out / f"{name}.md").write_text("\n".join(md))
-    print(f"lctrain repro {name}: {verdict}; wrote {out / (name + '.json')}, {png}, {out / (name + '.md')}", flush=True)
+        done.append(r)
+        if kind != "position_loss":  # so that a repro stopped from outside still leaves what it measured
+            write_report(out, rec, argv, tiny=ns.tiny, budget=ns.budget_minutes, results=results, done=done,
+                         skipped=skipped, pending=runs_plan[len(done) + len(skipped):], wall=time.time() - started)
+    if kind == "position_loss" and done:
+        pl_out = runs / "position_loss"
+        pl_argv = position_loss_argv(ev_cfg, done, pl_out)
+        print(f"lctrain repro {name}: lctrain eval position-loss {shlex.join(pl_argv)}", flush=True)
+        if position_loss.main(pl_argv) != 0:
+            raise ReproError("the position-loss eval failed (see above)")
+        results = read_position_loss(pl_out)
+    verdict, lines = write_report(out, rec, argv, tiny=ns.tiny, budget=ns.budget_minutes, results=results,
+                                  done=done, skipped=skipped, pending=[], wall=time.time() - started)
+    print(f"lctrain repro {name}: {verdict}; wrote {out / name}.json, .png, .md", flush=True)
+    for line in lines:
+        print(f"  {line}", flush=True)
     return 0
 
 

@@ -9,8 +9,12 @@ position_offset = cp_rank * T_local; the mixers do the cross-rank work (see thei
 Tensor parallelism (tp_group of size tp > 1): every mixer and MLP holds 1/tp of its heads / hidden
 units (see their modules), the embedding is vocabulary-parallel and the LM head column-parallel, so
 `forward` returns this rank's vocabulary slice of the logits (`lm_loss` then uses the vocab-parallel
-cross-entropy). `build_model` initialises such a model from the full one-process model (same RNG
-draws), so every layout starts from the same weights.
+cross-entropy). Pipeline parallelism (`pp_stage=(stage, stages)`): the model holds only its stage's
+contiguous blocks (lctrain.parallel.pipeline.stage_layers), under their whole-model names (blocks.<i>);
+the first stage holds the embedding, the last the final norm and the LM head (and, with tied
+embeddings, a copy of the embedding table for it); `hidden_states` of a later stage starts from the
+previous stage's output (`stage_input`). `build_model` initialises TP and PP models from the full
+one-process model (same RNG draws), so every layout starts from the same weights.
 Incremental decoding: `cache = model.new_cache(B, device)`, then `model(prompt, cache=cache)` (prefill)
 and `model(next_token[:, None], cache=cache)` per step; positions continue from the tokens the
 cache has seen.
@@ -26,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lctrain.config import checkpointed_kinds, init_std
 from lctrain.parallel.mesh import group_size
+from lctrain.parallel.pipeline import mark_pipeline_copy, stage_layers
 from lctrain.parallel.tensor_parallel import column_linear, local_size, shard_from_full, vocab_embedding
 
 from .attention import Attention
@@ -128,6 +133,22 @@ def _block_from_host(block: Block, x_host: torch.Tensor, offset: int, docs) -> t
     return block(x, offset, None, docs)
 
 
+class StageBlocks(nn.ModuleList):
+    """The blocks of one pipeline stage, registered under their indices in the whole model (`blocks.<i>`)
+    so that parameter and state-dict names are the full model's (checkpoints and sharding go by them).
+    Indexing and iteration are the stage's own: `blocks[0]` is its first block."""
+
+    def __init__(self, blocks, first: int = 0):
+        super().__init__()
+        self.first = first
+        for i, block in enumerate(blocks):
+            self.add_module(str(first + i), block)
+
+    def __getitem__(self, idx):
+        blocks = list(self._modules.values())
+        return nn.ModuleList(blocks[idx]) if isinstance(idx, slice) else blocks[idx]
+
+
 class LMCache:
     """Decoding state of a HybridLM: one dict per block (recurrent state + conv tails, or KV cache)
     and the number of tokens seen so far."""
@@ -140,10 +161,11 @@ class LMCache:
 
 
 class HybridLM(nn.Module):
-    def __init__(self, model_cfg: Any, cp_group=None, *, tp_group=None, max_position: int | None = None):
+    def __init__(self, model_cfg: Any, cp_group=None, *, tp_group=None, max_position: int | None = None,
+                 pp_stage: tuple[int, int] = (0, 1)):
         """`max_position`: the original context length YaRN uses when model.rope.original_max_position
-        is 0 (pass the training seq_len). With a tp_group of size > 1 the weights are left for
-        `build_model` to fill from the full model."""
+        is 0 (pass the training seq_len). `pp_stage`: (this stage, number of stages). With a tp_group of
+        size > 1 or several stages the weights are left for `build_model` to fill from the full model."""
         super().__init__()
         m = model_cfg
         self.cfg = m
@@ -159,15 +181,24 @@ class HybridLM(nn.Module):
         if end is not None and not 0 <= int(end) < m.vocab_size:
             raise ValueError(f"model.document_end_id={end} is not a token id of the vocabulary [0, {m.vocab_size}); "
                              "set it to the tokenizer's EOS id or null")
-        self.embed = vocab_embedding(m.vocab_size, m.d_model, self.tp_group)
+        self.stage, self.stages = (int(x) for x in pp_stage)
+        layers = stage_layers(len(self.pattern), self.stages, self.stage)
+        self.has_embedding, self.has_head = self.stage == 0, self.stage == self.stages - 1
+        self.embed = self.norm = self.lm_head = None
+        if self.has_embedding or (self.has_head and m.tie_embeddings):
+            self.embed = vocab_embedding(m.vocab_size, m.d_model, self.tp_group)
         self.max_position = max_position
         rope = self._make_rope(m.rope) if any(c in "SAF" for c in self.pattern) else None
-        self.blocks = nn.ModuleList(Block(c, m, rope, cp_group, self.tp_group) for c in self.pattern)
-        self.norm = RMSNorm(m.d_model, m.norm_eps)
-        self.lm_head = column_linear(m.d_model, m.vocab_size, self.tp_group)
+        self.blocks = StageBlocks((Block(self.pattern[i], m, rope, cp_group, self.tp_group) for i in layers),
+                                  layers.start)
+        if self.has_head:
+            self.norm = RMSNorm(m.d_model, m.norm_eps)
+            self.lm_head = column_linear(m.d_model, m.vocab_size, self.tp_group)
         self._init_weights(init_std(m))
-        if m.tie_embeddings:
+        if m.tie_embeddings and self.has_head:
             self.lm_head.weight = self.embed.weight
+            if not self.has_embedding:  # the first stage owns the table; this copy follows it
+                mark_pipeline_copy(self.embed.weight)
 
     def _make_rope(self, r: Any) -> RotaryEmbedding:
         original = int(r.original_max_position) or int(self.max_position or 0)
@@ -216,19 +247,25 @@ class HybridLM(nn.Module):
         return LMCache(len(self.blocks), batch_size)
 
     def forward(self, input_ids: torch.Tensor, *, position_offset: int = 0, cache: LMCache | None = None,
-                doc_bounds: list[list[int]] | None = None) -> torch.Tensor:
+                doc_bounds: list[list[int]] | None = None, stage_input: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T_local] -> float32 logits [B, T_local, vocab] (vocab / tp: this rank's
         vocabulary slice under tensor parallelism). Positions of the tokens are
         position_offset + (tokens the cache has seen) + 0 .. T-1. `doc_bounds` (optional, with
         model.document_end_id set): the packed documents' GLOBAL boundaries per row as the data loader
-        found them; without it the model finds them in input_ids."""
-        x = self.hidden_states(input_ids, position_offset=position_offset, cache=cache, doc_bounds=doc_bounds)
+        found them; without it the model finds them in input_ids. `stage_input`: see `hidden_states`."""
+        if not self.has_head:
+            raise ValueError(f"pipeline stage {self.stage} of {self.stages} has no LM head; call hidden_states")
+        x = self.hidden_states(input_ids, position_offset=position_offset, cache=cache, doc_bounds=doc_bounds,
+                               stage_input=stage_input)
         return self.lm_head(self.norm(x)).float()
 
     def hidden_states(self, input_ids: torch.Tensor, *, position_offset: int = 0, cache: LMCache | None = None,
-                      doc_bounds: list[list[int]] | None = None) -> torch.Tensor:
+                      doc_bounds: list[list[int]] | None = None, stage_input: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         """The residual stream after the last block, before the final norm: [B, T_local, d_model]
-        (what `forward` turns into logits; the chunked loss of lctrain.train.loss starts from it)."""
+        (what `forward` turns into logits; the chunked loss of lctrain.train.loss starts from it).
+        A pipeline stage after the first starts from `stage_input`, the previous stage's output
+        (`input_ids` still gives the documents); the first stage embeds `input_ids`."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         offset = int(position_offset)
@@ -236,10 +273,17 @@ class HybridLM(nn.Module):
             if cache.batch_size != input_ids.shape[0]:
                 raise ValueError(f"cache was made for batch {cache.batch_size}, got input batch {input_ids.shape[0]}")
             offset += cache.seen_tokens
+        if (stage_input is None) != self.has_embedding:
+            raise ValueError(f"pipeline stage {self.stage} of {self.stages}: stage_input must be "
+                             + ("None (the first stage embeds input_ids)" if self.has_embedding else
+                                "the previous stage's output"))
         docs = self._documents(input_ids, cache, doc_bounds)
-        x = self.embed(input_ids)
-        if self.residual_in_compute_dtype and torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        if self.has_embedding:
+            x = self.embed(input_ids)
+            if self.residual_in_compute_dtype and torch.is_autocast_enabled(x.device.type):
+                x = x.to(torch.get_autocast_dtype(x.device.type))
+        else:
+            x = stage_input
         recompute = cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
@@ -282,20 +326,22 @@ class HybridLM(nn.Module):
                 continue
             seen.add(id(p))
             total += p.numel()
-        if exclude_embeddings:
+        if exclude_embeddings and self.embed is not None:
             total -= self.embed.weight.numel()
         return total
 
 
-def build_model(cfg_model: Any, cp_group=None, *, tp_group=None, max_position: int | None = None) -> HybridLM:
-    """The model for this rank. Under tensor parallelism the one-process model is built first (the
-    same random draws as tp=1) and each rank copies its shards from it; the RNG then continues from
-    where the one-process build leaves it, so any layout starts from the same weights and state."""
-    if group_size(tp_group) == 1:
+def build_model(cfg_model: Any, cp_group=None, *, tp_group=None, max_position: int | None = None,
+                pp_stage: tuple[int, int] = (0, 1)) -> HybridLM:
+    """The model for this rank. Under tensor or pipeline parallelism the one-process model is built
+    first (the same random draws as tp=pp=1) and each rank copies its shards / its stage's part from
+    it; the RNG then continues from where the one-process build leaves it, so any layout starts from
+    the same weights and state."""
+    if group_size(tp_group) == 1 and pp_stage[1] == 1:
         return HybridLM(cfg_model, cp_group=cp_group, max_position=max_position)
     full = HybridLM(cfg_model, cp_group=None, max_position=max_position)
     rng = torch.get_rng_state()
-    model = HybridLM(cfg_model, cp_group=cp_group, tp_group=tp_group, max_position=max_position)
+    model = HybridLM(cfg_model, cp_group=cp_group, tp_group=tp_group, max_position=max_position, pp_stage=pp_stage)
     shard_from_full(model, full.state_dict(), tp_group)
     torch.set_rng_state(rng)
     return model

@@ -61,11 +61,15 @@ def reduce_gradients(params: list[torch.nn.Parameter], group, dp_size: int, tp_g
             offset += g.numel()
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, tp_group=None) -> torch.Tensor:
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, tp_group=None, pp_group=None) -> torch.Tensor:
     """Global L2 norm of the gradients, clipped to max_norm (<= 0: only measured).
 
     Parameters sharded by tensor parallelism (megatron marks them `tensor_model_parallel`) add their
-    squares over the TP group; replicated ones count once."""
+    squares over the TP group; replicated ones count once. Each pipeline stage adds its own
+    parameters' squares over `pp_group`; a stage's copy of another stage's parameter (the tied
+    embedding, `pipeline.is_pipeline_copy`) is not counted again, but clipped alike."""
+    from lctrain.parallel.pipeline import is_pipeline_copy
+
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
@@ -73,7 +77,7 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, tp_group=N
     sharded = torch.zeros((), device=device, dtype=torch.float32)
     replicated = torch.zeros((), device=device, dtype=torch.float32)
     for p in params:
-        if p.grad is None:
+        if p.grad is None or is_pipeline_copy(p):
             continue
         sq = p.grad.detach().float().pow(2).sum()
         if getattr(p, "tensor_model_parallel", False):
@@ -82,7 +86,10 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, tp_group=N
             replicated += sq
     if group_size(tp_group) > 1:
         dist.all_reduce(sharded, op=dist.ReduceOp.SUM, group=tp_group)
-    norm = (sharded + replicated).sqrt()
+    total = sharded + replicated
+    if group_size(pp_group) > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pp_group)
+    norm = total.sqrt()
     if max_norm > 0:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads:

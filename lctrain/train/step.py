@@ -20,14 +20,15 @@ from lctrain.train.loss import IGNORE_INDEX, chunked_head_loss
 
 def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, cp_group=None, position_offset: int = 0,
             token_weights: torch.Tensor | None = None, doc_bounds: list[list[int]] | None = None,
-            loss_chunk_tokens: int = 0):
+            loss_chunk_tokens: int = 0, stage_input: torch.Tensor | None = None):
     """-> (loss, mean_loss): this rank's differentiable share and the detached full-sequence mean.
 
     Labels equal to -100 are ignored. With `cp_group` None (or of size 1) and no token_weights both
     are the plain mean. `doc_bounds` (from the loader): the packed documents' global boundaries per
     sample, handed to the model so that it need not find them itself. `loss_chunk_tokens` > 0
     (train.loss_chunk_tokens): the head and the loss run in chunks of that many tokens
-    (lctrain.train.loss), never materialising the whole logits.
+    (lctrain.train.loss), never materialising the whole logits. `stage_input`: on the last pipeline
+    stage, the previous stage's output (the model starts from it instead of embedding input_ids).
     """
     if input_ids.shape != labels.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} must have the same "
@@ -35,17 +36,19 @@ def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, cp_group=No
     if token_weights is not None and token_weights.shape != labels.shape:
         raise ValueError(f"token_weights {tuple(token_weights.shape)} must have the labels' shape "
                          f"{tuple(labels.shape)}")
-    documents = {} if doc_bounds is None else {"doc_bounds": doc_bounds}
+    model_kwargs = {} if doc_bounds is None else {"doc_bounds": doc_bounds}
+    if stage_input is not None:
+        model_kwargs["stage_input"] = stage_input
     if loss_chunk_tokens > 0:
         if getattr(model, "tp_group", None) is not None:
             raise ValueError("the chunked head loss (loss_chunk_tokens > 0) has no tensor-parallel form yet; "
                              "use parallel.tp=1 or switch the chunked loss off")
-        hidden = model.hidden_states(input_ids, position_offset=position_offset, **documents)
+        hidden = model.hidden_states(input_ids, position_offset=position_offset, **model_kwargs)
         weighted, token_losses = chunked_head_loss(hidden, model.norm.weight, model.lm_head.weight, labels,
                                                    norm_fn=model.norm.norm_fn, chunk_tokens=loss_chunk_tokens,
                                                    token_weights=token_weights)
     else:
-        logits = model(input_ids, position_offset=position_offset, **documents)
+        logits = model(input_ids, position_offset=position_offset, **model_kwargs)
         if getattr(model, "tp_group", None) is not None:  # vocabulary-split logits (tensor parallelism)
             from lctrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
 

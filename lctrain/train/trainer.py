@@ -10,6 +10,10 @@ optimizer, LR schedule and (unless `data=False`) the train loader. Then:
 - `run()`: the loop: resume, step to train.steps, report, checkpoint; returns a summary.
 
 How the gradients of the ranks are combined (and why the loss is scaled as it is): grad_comm.py.
+Under pipeline parallelism (parallel.pp > 1) this rank's model is one stage (a contiguous range of
+blocks, lctrain.models.hybrid) and a step's train.grad_accum micro-batches are the pipeline's
+micro-batches, run by megatron-core's 1F1B schedule (lctrain.parallel.pipeline); the loss exists on the
+last stage and is broadcast to the others for the report.
 """
 from __future__ import annotations
 
@@ -84,8 +88,6 @@ class Trainer:
         from lctrain.models import build_model
 
         t = cfg.train
-        if cfg.parallel.pp > 1:  # config.validate refuses it first
-            raise TrainingError("parallel.pp > 1 is not supported by the training loop yet; use parallel.pp=1")
         self.cfg, self.device = cfg, device
         self.is_main = mesh.is_main()
         self.cp_group, self.cp_rank, self.cp_size = mesh.cp_group(), mesh.cp_rank(), mesh.cp_size()
@@ -104,11 +106,25 @@ class Trainer:
             raise TrainingError(f"parallel.cp={cfg.parallel.cp} but the mesh has a CP group of size {self.cp_size}")
         if mesh.tp_size() != cfg.parallel.tp:
             raise TrainingError(f"parallel.tp={cfg.parallel.tp} but the mesh has a TP group of size {mesh.tp_size()}")
+        self.pp_group, self.pp_rank, self.pp_size = mesh.pp_group(), mesh.pp_rank(), mesh.pp_size()
+        if self.pp_size != cfg.parallel.pp:
+            raise TrainingError(f"parallel.pp={cfg.parallel.pp} but the mesh has {self.pp_size} pipeline stages")
+        if self.pp_size > 1 and self.dp_size > 1:  # (config.validate refuses it for nproc_per_node)
+            raise TrainingError(f"parallel.pp={self.pp_size} with {self.dp_size} data-parallel replicas (world "
+                                f"{self.world}) is not supported yet; launch tp*cp*pp processes")
 
         seed_everything(t.seed)
         self.model = build_model(cfg.model, cp_group=self.cp_group, tp_group=self.tp_group,
-                                 max_position=cfg.data.seq_len).to(device)
+                                 max_position=cfg.data.seq_len, pp_stage=(self.pp_rank, self.pp_size)).to(device)
         broadcast_parameters(self.model, self.grad_group)
+        self.pipeline = None
+        if self.pp_size > 1:
+            from lctrain.parallel.pipeline import PipelineSchedule
+
+            self.pipeline = PipelineSchedule(self.model, pp_group=self.pp_group, cp_size=self.cp_size,
+                                             n_layers=len(self.model.pattern), hidden_size=cfg.model.d_model,
+                                             device=device)
+            self.embedding_group = mesh.embedding_group() if cfg.model.tie_embeddings else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, t, self.grad_group if t.get("shard_optimizer") else None)
         self.scheduler = build_scheduler(self.optimizer, t)
@@ -128,11 +144,12 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
 
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_loss(self, batch: dict, stage_input: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (loss, mean_loss) of one micro-batch (`input_ids`, `labels`, optional `answer_mask` and
         `doc_bounds`, the packed documents' boundaries the loader found):
         this rank's differentiable share (answer tokens weighted) and the detached unweighted mean
-        of the whole sequence (see step.lm_loss)."""
+        of the whole sequence (see step.lm_loss). On the last pipeline stage `stage_input` is the
+        previous stage's output."""
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         weights = answer_weights(batch, self.cfg.train.answer_loss_weight, self.device)
@@ -140,11 +157,43 @@ class Trainer:
             return lm_loss(self.model, input_ids, labels, cp_group=self.cp_group,
                            position_offset=self.cp_rank * input_ids.shape[1],
                            token_weights=weights, doc_bounds=batch.get("doc_bounds"),
-                           loss_chunk_tokens=self.cfg.train.loss_chunk_tokens)
+                           loss_chunk_tokens=self.cfg.train.loss_chunk_tokens, stage_input=stage_input)
+
+    def residual_dtype(self) -> torch.dtype:
+        """The dtype of the residual stream between blocks (what pipeline stages pass on): the autocast
+        dtype with model.residual_dtype=compute under autocast, else the parameters'."""
+        if self.cfg.model.residual_dtype == "compute" and self.dtype != torch.float32:
+            return self.dtype
+        return self.params[0].dtype
+
+    def stage_output(self, batch: dict, stage_input: torch.Tensor | None) -> torch.Tensor:
+        """A pipeline stage before the last: its blocks' output for one micro-batch, in the residual
+        dtype (what the next stage receives)."""
+        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+        with self._autocast():
+            hidden = self.model.hidden_states(input_ids, position_offset=self.cp_rank * input_ids.shape[1],
+                                              doc_bounds=batch.get("doc_bounds"), stage_input=stage_input)
+        return hidden.to(self.residual_dtype())
+
+    def _pipeline_forward_backward(self, batches: Sequence[dict]) -> torch.Tensor:
+        """`forward_backward` through the pipeline's 1F1B schedule (lctrain.parallel.pipeline)."""
+        def forward(batch, stage_input):
+            if self.model.has_head:
+                loss, mean_loss = self.compute_loss(batch, stage_input)
+                return loss, mean_loss.detach()
+            return self.stage_output(batch, stage_input)
+
+        ids = batches[0]["input_ids"]
+        shape = (ids.shape[0], ids.shape[1], self.cfg.model.d_model)
+        reports = self.pipeline.forward_backward(forward, batches, shape, self.residual_dtype())
+        loss = torch.stack(reports).sum() / len(batches) if reports else torch.zeros((), device=self.device)
+        return self.pipeline.from_last_stage(mean_over_group(loss.float(), self.grad_group))
 
     def forward_backward(self, batches: Sequence[dict]) -> torch.Tensor:
         """Accumulate the gradients of the micro-batches (each loss / len(batches)); returns the step's
         mean loss, averaged over the dp x cp replicas (every CP rank holds the same mean)."""
+        if self.pipeline is not None:
+            return self._pipeline_forward_backward(batches)
         loss_sum = torch.zeros((), device=self.device)
         for batch in batches:
             loss, mean_loss = self.compute_loss(batch)
@@ -157,9 +206,14 @@ class Trainer:
         """Reduce the gradients over the replicas, unscale them (float16), clip them; returns the norm before
         clipping."""
         reduce_gradients(self.params, self.grad_group, self.dp_size, self.tp_group)
+        if self.pipeline is not None:
+            from lctrain.parallel.pipeline import sum_tied_embedding_grads
+
+            sum_tied_embedding_grads(self.model.embed.weight if self.model.embed is not None else None,
+                                     self.embedding_group)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        return clip_grad_norm(self.params, self.cfg.train.grad_clip, self.tp_group)
+        return clip_grad_norm(self.params, self.cfg.train.grad_clip, self.tp_group, self.pp_group)
 
     def optimizer_step(self, apply: bool = True) -> None:
         """Apply the finished gradients (unless `apply` is False: a skipped step leaves parameters and
@@ -214,17 +268,26 @@ class Trainer:
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         return float(peak)
 
-    def parameter_counts(self) -> tuple[int, int]:
-        """(parameters of the whole model, parameters this rank holds); a tied head counts once."""
+    def parameter_counts(self) -> tuple[int, int, int]:
+        """(parameters of the whole model, fewest and most parameters a rank holds); collective under
+        pp > 1. A tied head counts once (also when the last pipeline stage holds a copy of the table)."""
+        from lctrain.parallel.pipeline import is_pipeline_copy
         from lctrain.parallel.tensor_parallel import TP_SPLIT_DIM
 
-        seen, local, split = set(), 0, 0
+        seen, local, split, copies = set(), 0, 0, 0
         for p in self.model.parameters():
             if id(p) not in seen:
                 seen.add(id(p))
                 local += p.numel()
                 split += p.numel() if hasattr(p, TP_SPLIT_DIM) else 0
-        return local + split * (self.cfg.parallel.tp - 1), local
+                copies += p.numel() * self.cfg.parallel.tp if is_pipeline_copy(p) else 0
+        whole = local + split * (self.cfg.parallel.tp - 1) - copies  # this stage's share of the whole model
+        if self.pp_size == 1:
+            return whole, local, local
+        counts = torch.tensor([whole, local, -local], dtype=torch.float64, device=self.device)
+        dist.all_reduce(counts[:1], group=self.pp_group)
+        dist.all_reduce(counts[1:], op=dist.ReduceOp.MAX)
+        return int(counts[0]), -int(counts[2]), int(counts[1])
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -251,11 +314,12 @@ class Trainer:
         if self.is_main:
             restart_metrics(out / "metrics.jsonl", start_step, str(resume_from) if resume_from else None)
         reporter = Reporter(cfg, self.is_main, start_step)
-        n_params, n_local = self.parameter_counts()
+        n_params, fewest, most = self.parameter_counts()
+        per_rank = _millions(most) if fewest == most else f"{_millions(fewest)} to {_millions(most)}"
         reporter.say(
-            f"lctrain train: {_millions(n_params)} parameters ({_millions(n_local)} per rank), layers "
+            f"lctrain train: {_millions(n_params)} parameters ({per_rank} per rank), layers "
             f"{cfg.model.layer_pattern}, seq_len {cfg.data.seq_len}, "
-            f"world {self.world} (dp {self.dp_size} x cp {self.cp_size} x tp {cfg.parallel.tp}), "
+            f"world {self.world} (dp {self.dp_size} x cp {self.cp_size} x tp {cfg.parallel.tp} x pp {self.pp_size}), "
             f"{device_text(self.device)} {str(self.dtype).replace('torch.', '')}, "
             f"steps {start_step}->{t.steps}" + (f", resumed from {resume_from}" if resume_from else "")
             + (f", weights from {init_from}" if init_from else "")
