@@ -19,7 +19,7 @@ backward  the reverse pass runs from a zero final-state gradient and carries the
 
 Every rank then walks its chunks once per direction, concurrently with the other ranks; what CP
 adds is the identity-carrying programs inside the same passes (more programs, the same chain
-length), the fix-up products and the two small all-gathers. ``link`` is the CP side (two
+length), the fix-up kernel and the two small all-gathers. ``link`` is the CP side (two
 collectives); this module knows nothing of torch.distributed.
 """
 from __future__ import annotations
