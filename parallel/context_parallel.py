@@ -229,8 +229,8 @@ class ContextParallelOp:
         if overlap:
             from lctrain.kernels.triton.cp_overlap import overlapped
             link = _OverlapLink(self, stash, torch.is_grad_enabled() and not _in_backward())
-            o, s_out = overlapped(q, k, v, g, beta, scale=scale, initial_state=initial_state if self.rank == 0 else None,
-                                  link=link, chunk_size=chunk_size)
+            o, s_out = overlapped(q, k, v, g, beta, scale=scale, link=link, chunk_size=chunk_size,
+                                  initial_state=initial_state if self.rank == 0 else None)
             return o, (s_out if output_final_state else None)
         if stash is None:
             A_all, S_in = self._gather_and_fold(k, v, g, beta, initial_state, backend, chunk_size, docs)
@@ -500,7 +500,8 @@ class _OverlapLink:
         None), later ranks the fold; a checkpoint replay reuses its forward's gather."""
         op = self.cp_op
         if self.stash is None:
-            A_all, S_in = op._share_states(self._scalar(A), Bst, s0, None, torch.promote_types(torch.float32, Bst.dtype))
+            dt = torch.promote_types(torch.float32, Bst.dtype)
+            A_all, S_in = op._share_states(self._scalar(A), Bst, s0, None, dt)
             self.stash = _Stash(A_all, S_in)
             if self.remember:
                 op._remember(self.stash)

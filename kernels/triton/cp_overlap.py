@@ -37,6 +37,7 @@ from .wy import wy_apply as _wy_apply
 from .wy import wy_bwd as _wy_bwd
 from .wy import wy_fwd as _wy_fwd
 
+
 class _Overlapped(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, s0, scale, link):

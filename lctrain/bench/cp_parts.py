@@ -119,11 +119,8 @@ def _rel(got, want) -> float:
 def run(args):
     import torch
 
-    from lctrain import kernels
-    from lctrain.bench.cp import _inputs, _version, _write_json
+    from lctrain.bench.cp import _version, _write_json
     from lctrain.bench.report import result_dict, utc_date
-    from lctrain.parallel import context_parallel
-    from lctrain.parallel.context_parallel import ContextParallelError
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     kw = dict(backend=args.backend, chunk_size=args.chunk_size)
@@ -151,74 +148,83 @@ def run(args):
     def progress(what):
         print(f"[cp_parts {time.perf_counter() - t0:7.1f} s] {what}", file=sys.stderr, flush=True)
 
-    from lctrain.kernels.triton import ops as triton_ops
     for layer in args.layer:
-        kind = KINDS[layer]
-        op = {"gated_delta": kernels.gated_delta_rule, "delta": kernels.delta_rule,
-              "gla": kernels.gated_linear_attn}[kind]
-        names = {"gdn": ("g", "beta"), "delta": ("beta",), "gla": ("g",)}[layer]
         for T in args.T:
             if out_of_time():
                 notes.append(f"--time-limit {args.time_limit:g} s: {layer} at T {T} and later not measured")
                 break
             progress(f"{layer} at T {T}")
-            x = _inputs(args.B, T, args.H, args.D, dtype, device, seed=T)
-            gates = dict(g=x["g"] if "g" in names else None, beta=x["beta"] if "beta" in names else None)
-            inputs = [x[n] for n in ("q", "k", "v") + names]
-            op_ms = {}
-            if not args.no_op or "overlap" in args.transition:
-                with torch.no_grad():
-                    op_ms["fwd"] = _timed_ms(lambda: op(*inputs, **kw), args.warmup, args.iters, device)
-                op_ms["fwd+bwd"] = _timed_ms(lambda: torch.autograd.grad(op(*inputs, **kw)[0], inputs, x["do"]),
-                                             args.warmup, args.iters, device)
-                for what, ms in op_ms.items():
-                    add(layer, T, "op", what, ms, None, None)
-            if "overlap" in args.transition:
-                for cfg in [{}] + [c for c in args.cfg if _cfg_touches(c, "overlap")]:
-                    if out_of_time():
-                        break
-                    previous = triton_ops.set_config(**cfg)
-                    try:
-                        _time_overlap(layer, T, x, names, kw, args, device, add, notes, op_ms, cfg)
-                    finally:
-                        triton_ops.set_config(**previous)
-            ways = [("sequential", {})] + [(t, {}) for t in args.transition if t != "overlap"] + [("sequential", c) for c in args.cfg]
-            base = {}
-            for transition, cfg in ways:
-                if out_of_time():
-                    break
-                label = transition + ("" if not cfg else " " + ",".join(f"{k}={v}" for k, v in cfg.items()))
-                try:
-                    cp_op = context_parallel(op, None, transition=transition)
-                except ContextParallelError as err:  # "direct" for a delta rule
-                    notes.append(f"{layer} [{label}] not measured: {err}")
-                    continue
-                previous = triton_ops.set_config(**cfg)
-                try:
-                    for what, key, fn in (
-                            ("transition", cp_op.pass_keys()[0], lambda: cp_op._transition(  # noqa: B023
-                                x["k"], x["v"], gates["g"], gates["beta"], kw["backend"], kw["chunk_size"])),
-                            ("state grad", cp_op.pass_keys()[1], lambda: cp_op._state_grad(  # noqa: B023
-                                x["q"], x["k"], x["v"], x["do"], gates["g"], gates["beta"], None, kw["backend"],
-                                kw["chunk_size"]))):
-                        if (key == "sequential" and transition != "sequential"
-                                or cfg and not _cfg_touches(cfg, what)):
-                            continue  # the same pass as a row already measured
-                        out = fn()
-                        ms = _timed_ms(fn, args.warmup, args.iters, device)
-                        if key == "sequential" and not cfg:
-                            base[what] = (ms, out)
-                        ref_ms, ref = base[what]
-                        add(layer, T, what, label, ms, ref_ms, _rel(out, ref))
-                except Exception as err:  # noqa: BLE001 - e.g. a launch setting that does not fit: say so, go on
-                    notes.append(f"{layer} T {T} [{label}] failed: {type(err).__name__}: {str(err)[:200]}")
-                    print(notes[-1], flush=True)
-                finally:
-                    triton_ops.set_config(**previous)
-            del x
+            _case(layer, T, args, kw, device, dtype, add, notes, out_of_time)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return result
+
+
+def _case(layer, T, args, kw, device, dtype, add, notes, out_of_time):
+    """Every row of one layer at shard length T."""
+    import torch
+
+    from lctrain import kernels
+    from lctrain.bench.cp import _inputs
+    from lctrain.kernels.triton import ops as triton_ops
+    from lctrain.parallel import context_parallel
+    from lctrain.parallel.context_parallel import ContextParallelError
+    kind = KINDS[layer]
+    op = {"gated_delta": kernels.gated_delta_rule, "delta": kernels.delta_rule, "gla": kernels.gated_linear_attn}[kind]
+    names = {"gdn": ("g", "beta"), "delta": ("beta",), "gla": ("g",)}[layer]
+    x = _inputs(args.B, T, args.H, args.D, dtype, device, seed=T)
+    gates = dict(g=x["g"] if "g" in names else None, beta=x["beta"] if "beta" in names else None)
+    inputs = [x[n] for n in ("q", "k", "v") + names]
+    op_ms = {}
+    if not args.no_op or "overlap" in args.transition:
+        with torch.no_grad():
+            op_ms["fwd"] = _timed_ms(lambda: op(*inputs, **kw), args.warmup, args.iters, device)
+        op_ms["fwd+bwd"] = _timed_ms(lambda: torch.autograd.grad(op(*inputs, **kw)[0], inputs, x["do"]),
+                                     args.warmup, args.iters, device)
+        for what, ms in op_ms.items():
+            add(layer, T, "op", what, ms, None, None)
+    if "overlap" in args.transition:
+        for cfg in [{}] + [c for c in args.cfg if _cfg_touches(c, "overlap")]:
+            if out_of_time():
+                break
+            previous = triton_ops.set_config(**cfg)
+            try:
+                _time_overlap(layer, T, x, names, kw, args, device, add, notes, op_ms, cfg)
+            finally:
+                triton_ops.set_config(**previous)
+    ways = ([("sequential", {})] + [(t, {}) for t in args.transition if t != "overlap"]
+            + [("sequential", c) for c in args.cfg])
+    base = {}
+    for transition, cfg in ways:
+        if out_of_time():
+            break
+        label = transition + ("" if not cfg else " " + ",".join(f"{k}={v}" for k, v in cfg.items()))
+        try:
+            cp_op = context_parallel(op, None, transition=transition)
+        except ContextParallelError as err:  # "direct" for a delta rule
+            notes.append(f"{layer} [{label}] not measured: {err}")
+            continue
+        previous = triton_ops.set_config(**cfg)
+        try:
+            for what, key, fn in (
+                    ("transition", cp_op.pass_keys()[0], lambda: cp_op._transition(  # noqa: B023
+                        x["k"], x["v"], gates["g"], gates["beta"], kw["backend"], kw["chunk_size"])),
+                    ("state grad", cp_op.pass_keys()[1], lambda: cp_op._state_grad(  # noqa: B023
+                        x["q"], x["k"], x["v"], x["do"], gates["g"], gates["beta"], None, kw["backend"],
+                        kw["chunk_size"]))):
+                if key == "sequential" and transition != "sequential" or cfg and not _cfg_touches(cfg, what):
+                    continue  # the same pass as a row already measured
+                out = fn()
+                ms = _timed_ms(fn, args.warmup, args.iters, device)
+                if key == "sequential" and not cfg:
+                    base[what] = (ms, out)
+                ref_ms, ref = base[what]
+                add(layer, T, what, label, ms, ref_ms, _rel(out, ref))
+        except Exception as err:  # noqa: BLE001 - e.g. a launch setting that does not fit: say so, go on
+            notes.append(f"{layer} T {T} [{label}] failed: {type(err).__name__}: {str(err)[:200]}")
+            print(notes[-1], flush=True)
+        finally:
+            triton_ops.set_config(**previous)
 
 
 class _FixedLink:
