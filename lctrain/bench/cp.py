@@ -312,6 +312,8 @@ def _softmax_layer(layer, args, group, rank, T, device):
 def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, clock):
     """One result dict per --transition for a linear mixer at T tokens per rank, yielded as soon as
     it is measured (the one-device times, at T and with --strong at P*T, come first)."""
+    import torch
+
     from lctrain import kernels
     from lctrain.parallel import context_parallel
     from lctrain.parallel.context_parallel import ContextParallelError
@@ -345,9 +347,17 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, cl
             notes.append(f"{layer} [{transition}] not measured: {err}")
             continue
         res = dict(layer=layer, transition=transition, **_prefixed("single", single), **whole)
-        # the closures below are called within this iteration, so the late binding of cp_op is harmless
-        res.update(_prefixed("cp", _measure(lambda: cp_op(*tensors(), **kw)[0],  # noqa: B023
-                                            x, layer, device, group, args, True)))
+        try:  # a transition that fails (the same on every rank) loses its own row only
+            # the closures below are called within this iteration, so the late binding of cp_op is harmless
+            res.update(_prefixed("cp", _measure(lambda: cp_op(*tensors(), **kw)[0],  # noqa: B023
+                                                x, layer, device, group, args, True)))
+        except Exception as err:  # noqa: BLE001
+            if device.type == "cuda" and isinstance(err, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            notes.append(f"{layer} [{transition}] at T/rank={T} failed: {type(err).__name__}: {str(err)[:300]}")
+            if rank == 0:
+                print(notes[-1], flush=True)
+            continue
         # the passes that CP adds, as this transition runs them (shared between rows that run them alike)
         fwd_key, bwd_key = (("state",) + cp_op.pass_keys()[:1]), (("grad",) + cp_op.pass_keys()[1:])
         if fwd_key[1] == "overlap":  # no separate passes: they run inside the op (cp_parts times its overhead)
