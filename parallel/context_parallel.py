@@ -508,7 +508,7 @@ class _OverlapLink:
         return s0 if op.rank == 0 else self.stash.S_in
 
     def end(self, G, At, u):
-        """dS_out of this rank from its shard's own G, A^T and final-state gradient u."""
+        """dS_out of this rank from its shard's own G, A^T and final-state gradient u (None: zero)."""
         op = self.cp_op
         self.stash.backward_done = True
         dt = self.stash.A_all.dtype
@@ -518,7 +518,9 @@ class _OverlapLink:
                 G = torch.zeros_like(G)
             elif u is not None:
                 G = G + apply_transition(self._scalar(At).to(dt), u.to(dt))
-        return op._share_grads(G, u, self.stash.A_all)
+        D = op._share_grads(G, u, self.stash.A_all)
+        # the last rank's outgoing state feeds nobody: without a gradient of its own it needs no fix-up
+        return None if op.rank == op.size - 1 and u is None else D
 
 
 def _A_shape(kind: str, k: torch.Tensor) -> tuple[int, ...]:
