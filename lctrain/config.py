@@ -137,6 +137,9 @@ class ParallelConfig:
     # pipeline-parallel degree: stages of contiguous blocks (the layer count must divide by it); a step's
     # train.grad_accum micro-batches go through megatron-core's 1F1B schedule (use grad_accum >= pp)
     pp: int = 1
+    # megatron-core sequence parallelism (norms and residuals split along the sequence over the TP
+    # group): not available yet, refused when true (docs/design.md §7 says why)
+    sequence_parallel: bool = False
     # processes on this node when `lctrain train` launches them itself; 0 = cp * tp * pp
     nproc_per_node: int = 0
     dist_backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
@@ -389,6 +392,12 @@ def validate(cfg: DictConfig) -> None:
               f"{p.nproc_per_node} processes do not factor into tp*cp*pp = {p.tp}*{p.cp}*{p.pp} = {model_size} "
               "times a data-parallel size",
               f"use a multiple of {model_size}, or lower parallel.tp / parallel.cp / parallel.pp")
+    if p.sequence_parallel:
+        _fail("parallel.sequence_parallel",
+              "is not implemented: megatron-core's sequence-parallel gather / reduce-scatter regions allocate on the "
+              "current CUDA device, so the path cannot run (nor be checked against one process) on CPU/gloo, and "
+              "lctrain's layers keep [batch, sequence, hidden] where megatron's regions split dim 0",
+              "use parallel.sequence_parallel=false (tensor parallelism without it works)")
     if p.pp > 1 and p.nproc_per_node > model_size:
         _fail("parallel.pp", f"pipeline parallelism with data parallelism ({p.nproc_per_node} processes = "
               f"{p.nproc_per_node // model_size} replicas of tp*cp*pp = {model_size}) is not supported yet (the "
@@ -398,13 +407,6 @@ def validate(cfg: DictConfig) -> None:
         _fail("train.dtype", "float16's loss scaler skips a step on the stage that overflowed only, and pipeline "
               "stages would then drift apart", "use bfloat16 (or auto) with parallel.pp > 1")
     if p.tp > 1:
-        no_tp = sorted({c for c in pattern if c not in "GDMSA"})
-        if no_tp:
-            _fail("parallel.tp", f"layers {''.join(no_tp)} have no tensor-parallel form yet (G, D, M, S and A have)",
-                  "use parallel.tp=1 with them (context parallelism works)")
-        if any(c in ATTENTION_LAYERS for c in pattern) and m.mla_kv_rank > 0:
-            _fail("parallel.tp", "multi-head latent attention (model.mla_kv_rank > 0) has no tensor-parallel form yet",
-                  "use parallel.tp=1 or model.mla_kv_rank=0")
         if any(c in ATTENTION_LAYERS for c in pattern) and m.attn_kv_heads is not None and m.attn_kv_heads % p.tp:
             _fail("model.attn_kv_heads", f"{m.attn_kv_heads} key/value heads do not divide over parallel.tp={p.tp}",
                   "make attn_kv_heads a multiple of tp")
@@ -481,9 +483,6 @@ def validate(cfg: DictConfig) -> None:
             _fail(f"train.{key}", f"must be a finite number, got {t[key]}", "set a real value")
     if t.lr <= 0:
         _fail("train.lr", f"must be positive, got {t.lr}", "set a learning rate such as 3e-4")
-    if t.loss_chunk_tokens > 0 and p.tp > 1:
-        _fail("train.loss_chunk_tokens", "the chunked head loss has no tensor-parallel form yet",
-              "use 0 with parallel.tp > 1")
     if t.loss_chunk_tokens < 0:
         _fail("train.loss_chunk_tokens", f"must be >= 0, got {t.loss_chunk_tokens}",
               "use 0 (whole logits) or a token count such as 8192")

@@ -94,7 +94,10 @@ class LogLinearContextParallelOp:
         L = lam.shape[-1]
         # shapes, and L for the whole sequence (the last rank's last position)
         ll_ops._validate(self.name, q, k, v, g, beta, lam, None, (self.size - 1) * T, None, scale, chunk_size)
-        base_backend = "naive" if backend == "naive" else ll_ops._resolve(backend, self.base_name, q.device)
+        which = "naive" if backend == "naive" else ll_ops._resolve(backend, self.base_name, q.device)
+        if which == "triton":
+            ll_ops._check_fused(chunk_size, q, k, v)
+        base_backend = "triton" if which == "triton_composed" else which
         p = T.bit_length() - 1
         top = levels_needed(self.size * T) - 1
         cross = list(range(p + 1, top + 1))
@@ -111,9 +114,15 @@ class LogLinearContextParallelOp:
                     inits[lev] = S
                 run_init = torch.stack(inits, dim=2)
         gates = (g,) if beta is None else (g, beta)
-        o, runs = loglinear_by_levels(ll_ops._BASE[self.base_name], q, k, v, gates, lam, scale=scale,
-                                      run_init=run_init, position_offset=self.rank * T, top=top,
-                                      backend=base_backend, chunk_size=chunk_size)
+        if which == "triton" and (self.rank * T) % chunk_size == 0:  # the fused kernels (else T < 64)
+            from lctrain.kernels.loglinear.fused import fused_by_levels  # imports triton
+            o, runs = fused_by_levels(ll_ops._BASE[self.base_name], q, k, v, g, beta, lam, scale=scale,
+                                      run_init=run_init, position_offset=self.rank * T, top=top, want_runs=True)
+            o = o.to(q.dtype)
+        else:
+            o, runs = loglinear_by_levels(ll_ops._BASE[self.base_name], q, k, v, gates, lam, scale=scale,
+                                          run_init=run_init, position_offset=self.rank * T, top=top,
+                                          backend=base_backend, chunk_size=chunk_size)
         if cross and torch.is_grad_enabled() and (o.requires_grad or runs.requires_grad):
             o, runs = _LevelGradExchange.apply(o, runs, q, k, g, beta, lam, self, A_all, cross, p, top,
                                                scale, base_backend, chunk_size)

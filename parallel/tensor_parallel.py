@@ -18,7 +18,8 @@ chunk r) plus megatron's ``tensor_model_parallel`` / ``partition_dim`` (read by 
 ``mark_split(p, dim)`` marks per-head parameters the modules own directly (A_log, dt_bias, conv
 channels): they follow their heads. ``mark_partial_grad(p)`` marks a replicated parameter applied
 only to this rank's heads (the per-head-dim weight of the gated output norm): each TP rank then
-holds part of its gradient, and ``reduce_partial_grads`` sums them over the TP group.
+holds part of its gradient, and ``reduce_partial_grads`` sums them over the TP group; the input of
+such a replicated projection goes through ``to_tp_region`` so that its gradient is summed as well.
 
 ``full_state_dict`` / ``shard_from_full`` convert between a rank's state and the layout-free full
 state (used by model construction and by checkpoints that reshard). ``vocab_parallel_cross_entropy``
@@ -124,6 +125,17 @@ def vocab_embedding(vocab_size: int, dim: int, tp_group=None) -> nn.Module:
     layer = VocabParallelEmbedding(vocab_size, dim, init_method=_no_init, config=_config(tp), tp_group=tp_group)
     mark_split(layer.weight, 0)
     return layer
+
+
+def to_tp_region(x: torch.Tensor, tp_group) -> torch.Tensor:
+    """x entering computation split over the TP group without a column-parallel layer of megatron's
+    (a replicated projection applied for this rank's heads, the chunked loss's head): identity forward,
+    the gradient summed over the TP group in the backward (megatron's copy-to-TP-region)."""
+    if group_size(tp_group) == 1:
+        return x
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+    return copy_to_tensor_model_parallel_region(x, tp_group)
 
 
 def local_size(n: int, tp_group, what: str) -> int:

@@ -391,6 +391,11 @@ def _losses(out_dir: Path) -> list[float]:
     return [m["loss"] for m in _metrics(out_dir) if "loss" in m]  # step records (not the restart notes)
 
 
+def _grad_norms(out_dir: Path) -> list[float]:
+    """Each step's global gradient norm (TP shards' squares summed over the group, replicated ones once)."""
+    return [m["grad_norm"] for m in _metrics(out_dir) if "grad_norm" in m]
+
+
 TP_MODEL = ["model.layer_pattern=GSMA", "model.n_heads=4", "model.attn_heads=4", "model.head_dim=8",
             "model.attn_head_dim=8"]
 
@@ -401,6 +406,7 @@ TP_MODEL = ["model.layer_pattern=GSMA", "model.n_heads=4", "model.attn_heads=4",
     (["model.vocab_size=259", "parallel.tp=2"], "model.vocab_size"),
     (["parallel.pp=3"], "parallel.pp"),  # 2 layers, 3 stages
     (["parallel.tp=2", "parallel.nproc_per_node=3"], "parallel.nproc_per_node"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true"], "parallel.sequence_parallel"),  # refused, not ignored
     (["train.init_from=/nonexistent/run"], "train.init_from"),
 ])
 def test_bad_layouts_exit_2_before_any_work(tmp_path, capsys, bad, key):
@@ -422,6 +428,40 @@ def _launch(data_cache, out_dir: Path, *overrides: str) -> str:
     return proc.stdout
 
 
+# the layer kinds of TP_MODEL's complement: log-linear (level weights split with their heads), Deltaformer,
+# and a global layer with multi-head latent attention (heads split, latent replicated)
+TP_MODEL_REST = ["model.layer_pattern=LKFA", "model.n_heads=4", "model.attn_heads=4", "model.head_dim=8",
+                 "model.attn_head_dim=8", "model.loglinear_levels=6", "model.mla_kv_rank=8", "model.mla_rope_dim=4",
+                 "model.attn_conv_size=0"]
+
+
+@pytest.mark.slow
+def test_tp2_cli_log_linear_deltaformer_mla_with_chunked_loss_equal_one_process(tmp_path, parts, data_cache):
+    """`lctrain train parallel.tp=2` (2 gloo processes) on L, K, F and MLA layers, with the vocab-parallel
+    loss in sequence chunks, logs the losses and gradient norms of the one-process run with the whole
+    logits; each rank holds about half the parameters; its checkpoint loads in one process with the
+    one-process run's weights."""
+    ref = tmp_path / "ref"
+    assert _run(parts, ref, *TP_MODEL_REST, "train.steps=2") == 0
+    out = tmp_path / "tp2"
+    stdout = _launch(data_cache, out, *TP_MODEL_REST, "parallel.tp=2", "train.steps=2", "train.loss_chunk_tokens=24")
+    assert "(dp 1 x cp 1 x tp 2" in stdout
+    n_all, n_rank = (float(x) for x in
+                     __import__("re").search(r"([\d.]+)M parameters \(([\d.]+)M per rank\)", stdout).groups())
+    assert 0.45 * n_all <= n_rank <= 0.56 * n_all, stdout
+    assert _losses(out) == pytest.approx(_losses(ref), rel=1e-5)
+    assert _grad_norms(out) == pytest.approx(_grad_norms(ref), rel=1e-5)
+    # the checkpoint holds full tensors (level weights, Deltaformer and MLA shards gathered): one process
+    # loads it, and the weights are the one-process run's. Adam's first steps move every weight by ~lr
+    # whatever its gradient's size, so float32 rounding of small gradients shows up to ~3e-5 (0.3% of
+    # one step); a shard out of place would move weights by their own size (~0.4)
+    got, want = ckpt_mod.load_model_for_eval(out)[0].state_dict(), ckpt_mod.load_model_for_eval(ref)[0].state_dict()
+    assert got["blocks.0.mixer.l_bias"].shape == want["blocks.0.mixer.l_bias"].shape == (4, 6)
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-4, msg=name)
+
+
 @pytest.mark.slow
 def test_tp2_cp2_cli_losses_equal_one_process_and_resume_with_tp1(tmp_path, parts, data_cache, capsys):
     """`lctrain train parallel.tp=2 parallel.cp=2` (4 gloo processes) logs the losses of the
@@ -441,6 +481,7 @@ def test_tp2_cp2_cli_losses_equal_one_process_and_resume_with_tp1(tmp_path, part
     assert 0.45 * n_all <= n_rank <= 0.55 * n_all, stdout
     got = _losses(out)
     assert got == pytest.approx(ref_losses[:2], rel=1e-5)
+    assert _grad_norms(out) == pytest.approx(_grad_norms(ref)[:2], rel=1e-5)
     model, _ = ckpt_mod.load_model_for_eval(out)  # evals load the tp=2 x cp=2 checkpoint in one process
     assert model.embed.weight.shape == (model.cfg.vocab_size, 32) and model.tp_group is None
     shutil.copytree(out, tmp_path / "tp2cp2_then_pp2")

@@ -22,8 +22,8 @@ above level bit_length(p0 - 1) <= top: ops.py drops such slots.)
 Levels 0..c (c = log2 chunk_size) never leave an aligned chunk: they take one intra-chunk pass instead
 (``intra_chunk_levels``: the base mixer's chunk attention masked by the level weights). The cost is then
 one intra pass plus (top - c) base-op runs over T tokens, i.e. O(T log(T / C)) work, a factor
-~log2(T / C) over the base op; a fused kernel (one pass sharing the WY transform and the intra-chunk work
-across levels, as in the paper) would cut that further and is not written.
+~log2(T / C) over the base op. Backend "triton" (fused.py) shares the WY transform and the intra-chunk
+work across the levels and runs only the levels' chunk scans per level.
 """
 from __future__ import annotations
 

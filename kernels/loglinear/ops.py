@@ -9,10 +9,12 @@ Slots above level bit_length(p0 - 1) cannot hold anything (no earlier query reac
 ignored (zero gradient) by every backend.
 
 Backends: "naive" (token recurrence with Fenwick merges, the ground truth), "dense" (masked T x T form,
-tests only), "torch" and "triton" (chunk.py: levels 0..log2(chunk_size) in one intra-chunk pass in
-torch, every higher level one run of the base op, on the torch or the Triton base kernels; forward and
-backward alike), "auto" ("triton" on CUDA when the Triton base op is available, else "torch").
-There is no fused log-linear Triton kernel: "triton" composes the base Triton kernels.
+tests only), "torch" and "triton_composed" (chunk.py: levels 0..log2(chunk_size) in one intra-chunk pass
+in torch, every higher level one run of the base op, on the torch or the Triton base kernels; forward and
+backward alike: ~log2(T / C) base-op passes, kept as a reference), "triton" (fused.py: the same intra
+pass, then every level above log2(64) in one Triton launch each way, ``triton_levels.py``; chunk_size 64,
+float16 / bfloat16 / float32), "auto" ("triton" on CUDA when the Triton base op is available, else
+"torch").
 
 cu_seqlens (packed documents, B == 1): every document starts at position 0 and is run on its own (a
 loop over the documents); the final state is then [N, H, L, K, V]; initial_state is refused with it.
@@ -29,7 +31,7 @@ from .dense import dense_loglinear
 from .levels import levels_needed
 from .naive import naive_loglinear
 
-BACKENDS = ("auto", "naive", "dense", "torch", "triton")
+BACKENDS = ("auto", "naive", "dense", "torch", "triton", "triton_composed")
 _BASE = {"gated_delta_rule": base_api.gated_delta_rule, "gated_linear_attn": base_api.gated_linear_attn}
 
 
@@ -85,7 +87,7 @@ def _resolve(backend: str, base_name: str, device: torch.device) -> str:
         raise ValueError(f"unknown backend {backend!r} for the log-linear ops; choose one of {list(BACKENDS)}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and base_api._triton_fn(base_name)[0] is not None else "torch"
-    if backend == "triton":
+    if backend in ("triton", "triton_composed"):
         base_api.resolve_backend("triton", base_name, device)  # raises with the reason when unavailable
     return backend
 
@@ -95,6 +97,8 @@ def _run(name, base_name, q, k, v, g, beta, level_weights, scale, initial_state,
     _validate(name, q, k, v, g, beta, level_weights, initial_state, position_offset, cu_seqlens, scale,
               chunk_size)
     which = _resolve(backend, base_name, q.device)
+    if which == "triton":
+        _check_fused(chunk_size, q, k, v)
     if cu_seqlens is not None:  # one call per packed document, each starting at position 0
         bounds = base_api.check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], q.device)
         outs, finals = [], []
@@ -114,8 +118,43 @@ def _run(name, base_name, q, k, v, g, beta, level_weights, scale, initial_state,
         return naive_loglinear(q, k, v, g, beta, level_weights, **kw)
     if which == "dense":
         return dense_loglinear(q, k, v, g, beta, level_weights, **kw)
+    if which == "triton":
+        return _fused(base_name, q, k, v, g, beta, level_weights, scale, initial_state, output_final_state,
+                      int(position_offset), chunk_size)
     return _by_levels(base_name, q, k, v, g, beta, level_weights, scale, initial_state, output_final_state,
-                      int(position_offset), which, chunk_size)
+                      int(position_offset), "triton" if which == "triton_composed" else which, chunk_size)
+
+
+def _check_fused(chunk_size, q, k, v):
+    """Backend "triton" refuses what its kernels cannot take, before any work."""
+    from ..triton.common import CHUNK
+    if chunk_size != CHUNK:
+        raise ValueError(f"log-linear backend 'triton' works in chunks of {CHUNK} tokens; got chunk_size="
+                         f"{chunk_size}. Pass chunk_size={CHUNK}, or backend='torch' / 'triton_composed'.")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"log-linear backend 'triton' takes float16, bfloat16 or float32 {name}; got {x.dtype}. "
+                            "Cast the inputs or use backend='torch'.")
+
+
+def _fused(base_name, q, k, v, g, beta, level_weights, scale, initial_state, output_final_state, p0, chunk_size):
+    """Backend "triton" (fused.py). A start inside a 64-token chunk is first brought to the chunk boundary
+    by the per-level torch path (fewer than 64 tokens)."""
+    from ..triton.common import CHUNK
+    T = q.shape[1]
+    head = (CHUNK - p0 % CHUNK) % CHUNK
+    if head:
+        cut = lambda x: (None if x is None else x[:, :head], None if x is None else x[:, head:])  # noqa: E731
+        (q1, q2), (k1, k2), (v1, v2), (g1, g2), (b1, b2), (l1, l2) = map(cut, (q, k, v, g, beta, level_weights))
+        want = output_final_state or head < T
+        o1, S = _by_levels(base_name, q1, k1, v1, g1, b1, l1, scale, initial_state, want, p0, "torch", CHUNK)
+        if head >= T:
+            return o1, S
+        o2, S = _fused(base_name, q2, k2, v2, g2, b2, l2, scale, S, output_final_state, p0 + head, CHUNK)
+        return torch.cat([o1, o2], dim=1), S
+    from .fused import fused_loglinear
+    return fused_loglinear(_BASE[base_name], q, k, v, g, beta, level_weights, scale=scale,
+                           initial_state=initial_state, output_final_state=output_final_state, position_offset=p0)
 
 
 def _by_levels(base_name, q, k, v, g, beta, level_weights, scale, initial_state, output_final_state, p0, backend,

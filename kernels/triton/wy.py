@@ -208,12 +208,12 @@ def wy_apply_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, w_ptr, u_ptr, cu_pt
                      u.to(u_ptr.dtype.element_ty), mask=mtv)
 
 
-@flags_given(HAS_G="gam_ptr", IS_VARLEN="cu_ptr")
+@flags_given(HAS_G="gam_ptr", IS_VARLEN="cu_ptr", HAS_DX="dx_ptr")
 @triton.jit
 def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, dw_ptr, du_ptr, dk_ptr, dgam_ptr,
-                  dv_ptr, dbeta_ptr, dg_ptr, cu_ptr, chunks_ptr,
+                  dv_ptr, dbeta_ptr, dg_ptr, cu_ptr, chunks_ptr, dx_ptr,
                   T, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  C: tl.constexpr, HAS_G: tl.constexpr, IS_VARLEN: tl.constexpr):
+                  C: tl.constexpr, HAS_G: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DX: tl.constexpr):
     """Backward of W = Tm diag(beta Gam) K, Ut = Tm diag(beta) V through Tm = (I + L)^-1:
         dR = Tm^T [dW | dU],  dL = -strict_lower(dR [W | Ut]^T),
     then dk (completed in place over the partial dk of dqk_kernel), dv, dbeta and dgam (finished
@@ -221,7 +221,11 @@ def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, dw_ptr, du_ptr, dk_pt
 
     K and V are walked in BK / BV column blocks so that only [C, C] accumulators (dL, K K^T) stay
     live; the products take the inputs' dtype with fp32 accumulation. dk needs the whole dL, so
-    its K blocks are visited twice (the second visit recomputes Tm^T dW, one small product)."""
+    its K blocks are visited twice (the second visit recomputes Tm^T dW, one small product).
+
+    HAS_DX: also the gradient dX of X = Tm diag(beta) itself ([B, T, H, C] fp32, a chunk's [C, C] per
+    row block; the log-linear ops use X in their masked intra-chunk matrix): the U term with V = I,
+    dR = Tm^T dX, dL -= dR X^T, dbeta_s += sum_t Tm[t, s] dX[t, s]."""
     n = tl.program_id(0)
     _, _, _, base_g, rt, mt, _, _ = chunk_prologue(n, T, H, C, 1, cu_ptr, chunks_ptr, IS_VARLEN)
     tm = _tm_tile(tm_ptr, base_g, rt, mt, H, C).to(k_ptr.dtype.element_ty)
@@ -259,6 +263,13 @@ def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, dw_ptr, du_ptr, dk_pt
                  (dru * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=mtv)
         dbeta += tl.sum(dru * vf, axis=1)
         dl -= tl.dot(dru.to(vc.dtype), tl.trans(ut.to(vc.dtype)))
+    if HAS_DX:
+        rc = tl.arange(0, C)
+        dx = tl.load(dx_ptr + base_g * C + rt[:, None] * H * C + rc[None, :], mask=mt[:, None], other=0.0)
+        drx = tl.dot(tmt, dx.to(tm.dtype))
+        x = (tm.to(tl.float32) * beta[None, :]).to(tm.dtype)
+        dl -= tl.dot(drx.to(tm.dtype), tl.trans(x))
+        dbeta += tl.sum(tm.to(tl.float32) * dx, axis=0)
     strict = rt[:, None] > rt[None, :]
     if HAS_G:
         e = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], float("-inf")))
@@ -326,15 +337,16 @@ def wy_fwd(k, v, g, beta, cfg, want_u: bool = True, varlen=None):
     return gam, tm, w, u
 
 
-def wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg, varlen=None):
-    """dv, dbeta, dg (with gam) through the WY transform; completes dk IN PLACE."""
+def wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg, varlen=None, dx=None):
+    """dv, dbeta, dg (with gam) through the WY transform; completes dk IN PLACE. ``dx``: gradient of
+    X = Tm diag(beta) as well ([B, T, H, C] fp32, see wy_bwd_kernel)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     dv = torch.empty_like(v)
     dbeta = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     dg = torch.empty(B, T, H, device=k.device, dtype=torch.float32) if gam is not None else None
     wy_bwd_kernel[(n_chunks(T, varlen), B * H)](k, v, beta, gam, tm, dw, du, dk, dgam, dv, dbeta,
-                                                dg, *chunk_map(varlen), T, H, K=K, V=V,
+                                                dg, *chunk_map(varlen), dx, T, H, K=K, V=V,
                                                 BK=min(cfg.BK, cfg.BKB), BV=min(pow2(V), cfg.BVB), C=CHUNK,
                                                   **cfg.launch("wy_bwd"))
     return dv, dbeta, dg

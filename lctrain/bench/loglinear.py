@@ -3,11 +3,17 @@
 For each sequence length, forward and forward+backward (``triton.testing.do_bench``, median ms) and the
 peak extra GPU memory of one forward+backward, for
 
-    ll_gdn      loglinear_gated_delta_rule (ours, backend auto = per-level runs on the Triton base op)
+    ll_gdn      loglinear_gated_delta_rule (ours, backend "triton": the fused level kernels)
     gdn         gated_delta_rule (ours, Triton)                        -> column "/ base" of ll_gdn
-    ll_mamba2   loglinear_gated_linear_attn (ours)
+    ll_mamba2   loglinear_gated_linear_attn (ours, backend "triton")
     mamba2      gated_linear_attn (ours, Triton)                       -> column "/ base" of ll_mamba2
     fla_ll_mamba2  fla-core's chunk_log_linear_attn (fla.ops.log_linear_attn), imported lazily here only
+    ll_gdn_composed, ll_mamba2_composed  the same ops on backend "triton_composed" (one base-op run per
+                level, the reference the fused kernels replace; not in the default --methods)
+
+``--levels-cfg "LP=4,BV=16" "LP=1,BV=64,warps=4"`` also times ll_gdn / ll_mamba2 (those asked for) under
+each launch setting of the level kernels (rows ``ll_gdn@LP=4,BV=16``; keys: kernels/loglinear/
+triton_levels.CONFIG), to pick their defaults on a new GPU.
 
 fla's log-linear Mamba-2 shares q and k over the heads (one group); ll_mamba2 and fla_ll_mamba2 get the
 same shared q/k (expanded to every head for ours), g, v and level weights; column "fla / ours" is
@@ -24,7 +30,8 @@ import sys
 from lctrain.bench.report import bench_main, result_dict
 
 METHODS = ("ll_gdn", "gdn", "ll_mamba2", "mamba2", "fla_ll_mamba2")
-BASE_OF = {"ll_gdn": "gdn", "ll_mamba2": "mamba2"}
+EXTRA_METHODS = ("ll_gdn_composed", "ll_mamba2_composed")
+BASE_OF = {"ll_gdn": "gdn", "ll_mamba2": "mamba2", "ll_gdn_composed": "gdn", "ll_mamba2_composed": "mamba2"}
 COLUMNS = ["T", "method", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd+bwd / base", "fla / ours (fwd+bwd)"]
 
 
@@ -37,7 +44,9 @@ def _parse(argv):
     p.add_argument("--H", type=int, default=16)
     p.add_argument("--D", type=int, default=128, help="head dim of q/k and v (default 128)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS + EXTRA_METHODS, default=list(METHODS))
+    p.add_argument("--levels-cfg", nargs="+", default=[], metavar="KEY=INT[,KEY=INT]",
+                   help="also time ll_gdn / ll_mamba2 under these launch settings of the level kernels")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
@@ -71,15 +80,19 @@ def _method(name, x, fla):
         loglinear_gated_delta_rule,
         loglinear_gated_linear_attn,
     )
+    name = name.split("@")[0]  # "ll_gdn@LP=4": the launch settings are applied by the caller
     q, k, v, g, beta, lam = x["q"], x["k"], x["v"], x["g"], x["beta"], x["lam"]
     H = v.shape[2]
     shared = lambda t: t.expand(-1, -1, H, -1)  # noqa: E731 - ours takes one q/k per head
-    if name == "ll_gdn":
-        return (lambda: loglinear_gated_delta_rule(q, k, v, g, beta, lam)[0]), [q, k, v, g, beta, lam]
+    if name in ("ll_gdn", "ll_gdn_composed"):
+        backend = "triton" if name == "ll_gdn" else "triton_composed"
+        return (lambda: loglinear_gated_delta_rule(q, k, v, g, beta, lam, backend=backend)[0]), [q, k, v, g, beta, lam]
     if name == "gdn":
         return (lambda: gated_delta_rule(q, k, v, g, beta, backend="triton")[0]), [q, k, v, g, beta]
-    if name == "ll_mamba2":
-        return (lambda: loglinear_gated_linear_attn(shared(x["q1"]), shared(x["k1"]), v, g, lam, scale=1.0)[0],
+    if name in ("ll_mamba2", "ll_mamba2_composed"):
+        backend = "triton" if name == "ll_mamba2" else "triton_composed"
+        return (lambda: loglinear_gated_linear_attn(shared(x["q1"]), shared(x["k1"]), v, g, lam, scale=1.0,
+                                                    backend=backend)[0],
                 [x["q1"], x["k1"], v, g, lam])
     if name == "mamba2":
         return (lambda: gated_linear_attn(shared(x["q1"]), shared(x["k1"]), v, g, scale=1.0, backend="triton")[0],
@@ -121,6 +134,11 @@ def run(args) -> dict:
             methods.remove("fla_ll_mamba2")
         else:
             fla, fla_version = loaded
+    from lctrain.kernels.loglinear import triton_levels
+    for spec in args.levels_cfg:
+        # refuse a malformed one (format, keys, values) before any timing
+        triton_levels.set_levels_config(**triton_levels.set_levels_config(**triton_levels.parse_levels_config(spec)))
+        methods += [f"{m}@{spec}" for m in ("ll_gdn", "ll_mamba2") if m in args.methods]
     rows, raw = [], []
     for i, T in enumerate(args.T):
         x = _inputs(args.B, T, args.H, args.D, dtype, "cuda")
@@ -135,6 +153,8 @@ def run(args) -> dict:
         res = {}
         for m in methods:
             fwd, inputs = _method(m, x, fla)
+            cfg = triton_levels.parse_levels_config(m.split("@")[1]) if "@" in m else {}
+            old = triton_levels.set_levels_config(**cfg) if cfg else None
             try:
                 res[m] = _measure(fwd, inputs, x["do"], args.warmup, args.rep)
             except torch.cuda.OutOfMemoryError:
@@ -143,6 +163,9 @@ def run(args) -> dict:
             except Exception as err:  # noqa: BLE001 - e.g. fla's length cap; report and go on
                 res[m] = None
                 notes.append(f"{m} at T={T}: {type(err).__name__}: {str(err)[:200]}")
+            finally:
+                if old is not None:
+                    triton_levels.set_levels_config(**old)
             del fwd, inputs
             torch.cuda.empty_cache()
             r = res[m]
@@ -151,8 +174,8 @@ def run(args) -> dict:
         del x
         torch.cuda.empty_cache()
         for m, r in res.items():
-            base = res.get(BASE_OF.get(m, ""))
-            fla_r = res.get("fla_ll_mamba2") if m == "ll_mamba2" else None
+            base = res.get(BASE_OF.get(m.split("@")[0], ""))
+            fla_r = res.get("fla_ll_mamba2") if m.split("@")[0] == "ll_mamba2" else None
             rows.append([T, m] + ([None] * 3 if r is None else [round(r[0], 3), round(r[1], 3), round(r[2], 1)])
                         + [None if r is None or base is None else round(r[1] / base[1], 3),
                            None if r is None or fla_r is None else round(fla_r[1] / r[1], 3)])

@@ -11,6 +11,10 @@ Documents (doc_ids) are kept apart in both passes. Under CP (cp_group of size > 
 the earlier keys, values and betas (``lctrain.parallel.deltaformer_cp``). Decoding: the cache keeps
 the keys (after RoPE) and u of every token seen; a new token's u reads them, then its query attends
 over them like a KV cache with u in place of v.
+
+Under tensor parallelism (tp_group of size tp > 1) each rank owns attn_heads / tp heads: q, k, v and
+beta are column-parallel (the u pass and the attention are per head, so nothing else is shared) and
+the output projection is row-parallel; under CP the rank gathers the earlier keys of its own heads.
 """
 from __future__ import annotations
 
@@ -21,22 +25,23 @@ from lctrain.kernels.deltaformer import deltaformer, deltaformer_by_documents
 from lctrain.kernels.deltaformer.naive import naive_u_pass
 from lctrain.kernels.deltaformer.readout import prefix_readout
 from lctrain.parallel.mesh import group_size
+from lctrain.parallel.tensor_parallel import column_linear, local_size, row_linear
 
 from .rope import RotaryEmbedding
 
 
 class DeltaformerMixer(nn.Module):
     def __init__(self, d_model: int, n_heads: int, head_dim: int, *, rope: RotaryEmbedding | None,
-                 backend: str = "auto", chunk_size: int = 64, cp_group=None):
+                 backend: str = "auto", chunk_size: int = 64, cp_group=None, tp_group=None):
         super().__init__()
-        self.n_heads, self.head_dim = n_heads, head_dim
+        self.n_heads, self.head_dim = local_size(n_heads, tp_group, "model.attn_heads"), head_dim
         self.backend, self.chunk_size = backend, chunk_size
         inner = n_heads * head_dim
-        self.q_proj = nn.Linear(d_model, inner, bias=False)
-        self.k_proj = nn.Linear(d_model, inner, bias=False)
-        self.v_proj = nn.Linear(d_model, inner, bias=False)
-        self.b_proj = nn.Linear(d_model, n_heads, bias=False)
-        self.o_proj = nn.Linear(inner, d_model, bias=False)
+        self.q_proj = column_linear(d_model, inner, tp_group)
+        self.k_proj = column_linear(d_model, inner, tp_group)
+        self.v_proj = column_linear(d_model, inner, tp_group)
+        self.b_proj = column_linear(d_model, n_heads, tp_group)
+        self.o_proj = row_linear(inner, d_model, tp_group)
         self.o_proj.is_output_projection = True
         self.rope = rope
         self.cp_group = cp_group if group_size(cp_group) > 1 else None

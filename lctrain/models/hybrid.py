@@ -81,24 +81,25 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(d, m.norm_eps)
         lin = dict(n_heads=m.n_heads, head_dim=m.head_dim, conv_size=m.conv_size, backend=m.kernel_backend,
                    chunk_size=m.chunk_size, norm_eps=m.norm_eps, cp_group=cp_group)
-        # tensor parallelism: G, D, M, S, A layers (config.validate refuses tp > 1 with the others)
         if kind in "GD":
             self.mixer = DeltaNetMixer(d, gated=kind == "G", tp_group=tp_group, **lin)
         elif kind == "M":
             self.mixer = Mamba2Mixer(d, tp_group=tp_group, **lin)
         elif kind == "L":
-            self.mixer = LogLinearDeltaNetMixer(d, levels=int(_cfg(m, "loglinear_levels", 24)), **lin)
+            self.mixer = LogLinearDeltaNetMixer(d, levels=int(_cfg(m, "loglinear_levels", 24)), tp_group=tp_group,
+                                                **lin)
         elif kind == "K":
-            self.mixer = LogLinearMamba2Mixer(d, levels=int(_cfg(m, "loglinear_levels", 24)), **lin)
+            self.mixer = LogLinearMamba2Mixer(d, levels=int(_cfg(m, "loglinear_levels", 24)), tp_group=tp_group, **lin)
         elif kind == "F":
             nope = str(_cfg(m.rope, "layers", "all")) == "sliding"
             self.mixer = DeltaformerMixer(d, m.attn_heads, m.attn_head_dim, rope=None if nope else rope,
-                                          backend=m.kernel_backend, chunk_size=m.chunk_size, cp_group=cp_group)
+                                          backend=m.kernel_backend, chunk_size=m.chunk_size, cp_group=cp_group,
+                                          tp_group=tp_group)
         elif kind == "A" and int(_cfg(m, "mla_kv_rank", 0) or 0) > 0:
             nope = str(_cfg(m.rope, "layers", "all")) == "sliding"
             self.mixer = MLAttention(d, m.attn_heads, m.attn_head_dim, kv_rank=int(m.mla_kv_rank),
                                      rope_dim=int(m.mla_rope_dim), rope=None if nope else rope,
-                                     norm_eps=m.norm_eps, cp_group=cp_group)
+                                     norm_eps=m.norm_eps, cp_group=cp_group, tp_group=tp_group)
         else:
             nope = kind == "A" and str(_cfg(m.rope, "layers", "all")) == "sliding"
             self.mixer = Attention(d, m.attn_heads, m.attn_head_dim, window=m.window if kind == "S" else None,

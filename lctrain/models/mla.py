@@ -12,6 +12,18 @@ q_h . (c_s W_uk_h) = (W_uk_h^T q_h) . c_s and sum_s p_s c_s W_uv_h = (sum_s p_s 
 decoding cache holds just c (r numbers) and the rotated shared rope key (R numbers) per token,
 instead of 2 H D. Training, prefill under CP and documents use the materialised k and v with the
 ordinary attention kernels (Ulysses under CP).
+
+Tensor parallelism (tp_group of size tp > 1) splits the heads, not the latent: W_q, W_uk and W_uv are
+column-parallel (rank r holds the query, key and value up-projections of its attn_heads / tp heads)
+and W_o row-parallel, while W_dkv, the latent's RMSNorm and W_kr are replicated. Every head reads the
+whole latent c and the one shared rope key, so splitting W_dkv's rank would need an all-gather of c
+(and of its norm's statistics) in every layer; replicated, each rank computes c once from the input
+it already has, at the price of d_model * (r + R) + r extra weights per rank (small beside the
+per-head matrices at r << heads * head_dim). The latent feeds only the column-parallel W_uk / W_uv,
+whose backward sums c's gradient over the TP group (like the norm before a transformer's q/k/v), so
+W_dkv and its norm get whole gradients. The rope key is used directly by this rank's heads: W_kr's
+gradient is a partial sum (marked for `reduce_partial_grads`) and its input goes through
+`to_tp_region`, whose backward sums the ranks' input gradients. The decoding cache is per rank.
 """
 from __future__ import annotations
 
@@ -19,6 +31,7 @@ import torch
 from torch import nn
 
 from lctrain.parallel.mesh import group_size
+from lctrain.parallel.tensor_parallel import column_linear, local_size, mark_partial_grad, row_linear, to_tp_region
 
 from .attention import causal_attention, document_causal_attention
 from .layers import RMSNorm
@@ -27,19 +40,23 @@ from .rope import RotaryEmbedding
 
 class MLAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, head_dim: int, *, kv_rank: int, rope_dim: int,
-                 rope: RotaryEmbedding | None, norm_eps: float = 1e-6, cp_group=None):
+                 rope: RotaryEmbedding | None, norm_eps: float = 1e-6, cp_group=None, tp_group=None):
         super().__init__()
         if kv_rank < 1 or rope_dim < 2 or rope_dim % 2:
             raise ValueError(f"MLA needs model.mla_kv_rank >= 1 and an even model.mla_rope_dim >= 2; got "
                              f"{kv_rank}, {rope_dim}")
-        self.n_heads, self.head_dim, self.rope_dim = n_heads, head_dim, rope_dim
-        self.q_proj = nn.Linear(d_model, n_heads * (head_dim + rope_dim), bias=False)
-        self.kv_down = nn.Linear(d_model, kv_rank, bias=False)
+        self.n_heads = local_size(n_heads, tp_group, "model.attn_heads")
+        self.head_dim, self.rope_dim = head_dim, rope_dim
+        self.tp_group = tp_group if group_size(tp_group) > 1 else None
+        self.q_proj = column_linear(d_model, n_heads * (head_dim + rope_dim), tp_group)
+        self.kv_down = nn.Linear(d_model, kv_rank, bias=False)  # replicated under TP, as are kv_norm, k_rope
         self.kv_norm = RMSNorm(kv_rank, norm_eps)
-        self.k_up = nn.Linear(kv_rank, n_heads * head_dim, bias=False)
-        self.v_up = nn.Linear(kv_rank, n_heads * head_dim, bias=False)
+        self.k_up = column_linear(kv_rank, n_heads * head_dim, tp_group)
+        self.v_up = column_linear(kv_rank, n_heads * head_dim, tp_group)
         self.k_rope = nn.Linear(d_model, rope_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.o_proj = row_linear(n_heads * head_dim, d_model, tp_group)
+        if self.tp_group is not None:
+            mark_partial_grad(self.k_rope.weight)
         self.o_proj.is_output_projection = True
         # the decoupled part has its own frequencies (rope_dim dims, the model's base); None = NoPE
         self.rope = None if rope is None else RotaryEmbedding(rope_dim, float(rope.base))
@@ -54,8 +71,8 @@ class MLAttention(nn.Module):
         H, D, R = self.n_heads, self.head_dim, self.rope_dim
         pos = torch.arange(position_offset, position_offset + T, device=x.device)
         q_nope, q_rope = self.q_proj(x).view(B, T, H, D + R).split([D, R], dim=-1)
-        c = self.kv_norm(self.kv_down(x))
-        k_rope = self.k_rope(x).view(B, T, 1, R)
+        c = self.kv_norm(self.kv_down(x))  # W_uk / W_uv (column-parallel) sum its gradient over TP
+        k_rope = self.k_rope(to_tp_region(x, self.tp_group)).view(B, T, 1, R)  # used by local heads only
         if self.rope is not None:
             q_rope, k_rope = self.rope(q_rope, pos), self.rope(k_rope, pos)
         if cache is not None:

@@ -10,6 +10,13 @@ recomputed. The loss is a sum over tokens, so the chunks' gradients add up to th
 the result equals the plain loss (up to float summation order).
 
 Autocast applies inside the chunks as it would to the plain head (bf16 matmul, float32 loss).
+
+Under tensor parallelism (`tp_group`) the head weight is this rank's vocabulary shard [V/tp, d]: each
+chunk's logits are [chunk, V/tp] and megatron-core's vocab-parallel cross-entropy all-reduces their
+max, target logit and sum of exponentials over the TP group. The chunk's normed hidden states enter
+through megatron's copy-to-TP-region (`to_tp_region`), whose backward sums the TP ranks' partial
+gradients, so the hidden-state and norm-weight gradients come out whole on every rank (as behind the
+column-parallel head) and the head-weight gradient is this rank's shard.
 """
 from __future__ import annotations
 
@@ -18,15 +25,27 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lctrain.parallel.tensor_parallel import to_tp_region
+
 IGNORE_INDEX = -100
 
 
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """Per-token cross-entropy [N] of logits [N, V] (float32), labels [N] (-100 gives 0); with a
+    `tp_group` the logits are this rank's vocabulary slice [N, V/tp] (vocab-parallel cross-entropy)."""
+    if tp_group is not None:
+        from lctrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
+
+        return vocab_parallel_cross_entropy(logits, labels, IGNORE_INDEX)
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """(hidden [N, d], norm weight [d], head weight [V, d]) -> (weighted token-loss sum, plain
-    token-loss sum); the second output carries no gradient."""
+    """(hidden [N, d], norm weight [d], head weight [V, d] or its vocabulary shard under TP) ->
+    (weighted token-loss sum, plain token-loss sum); the second output carries no gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, norm_weight, head_weight, labels, token_weights, norm_fn, chunk_tokens):
+    def forward(ctx, hidden, norm_weight, head_weight, labels, token_weights, norm_fn, chunk_tokens, tp_group):
         want = [hidden.requires_grad, norm_weight.requires_grad, head_weight.requires_grad]
         grads = [torch.zeros_like(hidden) if want[0] else None,
                  torch.zeros_like(norm_weight, dtype=torch.float32) if want[1] else None,
@@ -39,8 +58,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 x = hidden[start:stop].detach().requires_grad_(want[0])
                 nw = norm_weight.detach().requires_grad_(want[1])
                 hw = head_weight.detach().requires_grad_(want[2])
-                logits = F.linear(norm_fn(x, nw), hw).float()
-                per_token = F.cross_entropy(logits, labels[start:stop], ignore_index=IGNORE_INDEX, reduction="none")
+                logits = F.linear(to_tp_region(norm_fn(x, nw), tp_group), hw).float()
+                per_token = token_cross_entropy(logits, labels[start:stop], tp_group)
                 weighted = per_token.sum() if token_weights is None else (per_token * token_weights[start:stop]).sum()
                 inputs = [t for t, w in zip((x, nw, hw), want) if w]
                 chunk_grads = iter(torch.autograd.grad(weighted, inputs) if inputs else ())
@@ -65,15 +84,17 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         out = []
         for g, want, dtype in zip(saved, ctx.want, ctx.input_dtypes):
             out.append((g * grad_weighted).to(dtype) if want else None)
-        return (*out, None, None, None, None)
+        return (*out, None, None, None, None, None)
 
 
 def chunked_head_loss(hidden: torch.Tensor, norm_weight: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
-                      *, norm_fn: Callable, chunk_tokens: int, token_weights: torch.Tensor | None = None):
+                      *, norm_fn: Callable, chunk_tokens: int, token_weights: torch.Tensor | None = None,
+                      tp_group=None):
     """-> (sum of token_weights * token losses, sum of token losses), both float32 scalars, over the
     tokens of hidden [..., d] (labels [...], -100 ignored), logits = F.linear(norm_fn(hidden,
     norm_weight), head_weight) computed `chunk_tokens` tokens at a time. Only the first sum is
-    differentiable (through hidden, norm_weight and head_weight)."""
+    differentiable (through hidden, norm_weight and head_weight). `tp_group` (size > 1): head_weight
+    is this rank's vocabulary shard (module doc); both sums are then the whole vocabulary's."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1 (train.loss_chunk_tokens), got {chunk_tokens}")
     if hidden.shape[:-1] != labels.shape:
@@ -82,4 +103,4 @@ def chunked_head_loss(hidden: torch.Tensor, norm_weight: torch.Tensor, head_weig
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     weights = None if token_weights is None else token_weights.reshape(-1).float()
     return _ChunkedHeadLoss.apply(flat_hidden, norm_weight, head_weight, labels.reshape(-1), weights, norm_fn,
-                                  int(chunk_tokens))
+                                  int(chunk_tokens), tp_group)

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from lctrain.train.loss import IGNORE_INDEX, chunked_head_loss
+from lctrain.train.loss import IGNORE_INDEX, chunked_head_loss, token_cross_entropy
 
 
 def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, cp_group=None, position_offset: int = 0,
@@ -39,26 +38,15 @@ def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, cp_group=No
     model_kwargs = {} if doc_bounds is None else {"doc_bounds": doc_bounds}
     if stage_input is not None:
         model_kwargs["stage_input"] = stage_input
+    tp_group = getattr(model, "tp_group", None)  # vocabulary-split logits under tensor parallelism
     if loss_chunk_tokens > 0:
-        if getattr(model, "tp_group", None) is not None:
-            raise ValueError("the chunked head loss (loss_chunk_tokens > 0) has no tensor-parallel form yet; "
-                             "use parallel.tp=1 or switch the chunked loss off")
         hidden = model.hidden_states(input_ids, position_offset=position_offset, **model_kwargs)
         weighted, token_losses = chunked_head_loss(hidden, model.norm.weight, model.lm_head.weight, labels,
                                                    norm_fn=model.norm.norm_fn, chunk_tokens=loss_chunk_tokens,
-                                                   token_weights=token_weights)
+                                                   token_weights=token_weights, tp_group=tp_group)
     else:
         logits = model(input_ids, position_offset=position_offset, **model_kwargs)
-        if getattr(model, "tp_group", None) is not None:  # vocabulary-split logits (tensor parallelism)
-            from lctrain.parallel.tensor_parallel import vocab_parallel_cross_entropy
-
-            per_token = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                     IGNORE_INDEX)
-        else:
-            per_token = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                reduction="none"
-            )
+        per_token = token_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), tp_group)
         token_losses = per_token.sum()
         weighted = token_losses if token_weights is None else (per_token * token_weights.reshape(-1).float()).sum()
     stats = torch.stack([token_losses.detach(), (labels != IGNORE_INDEX).sum().to(token_losses.dtype)])

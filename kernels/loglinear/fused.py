@@ -1,0 +1,119 @@
+"""Backend "triton" of the log-linear ops: one pass for the levels inside a chunk, one launch for the others.
+
+With chunks of C = 64 tokens aligned to the global positions (c = log2 C = 6):
+
+- levels 0..c never leave a chunk: o_intra = scale (Lambda * Aeff) V per chunk, Lambda[t, s] =
+  lambda[t, level(t, s)] and Aeff = (causal * decay * Q K^T) Tm diag(beta) (the base mixer's intra-chunk
+  matrix through the WY transform; Mamba-2: no Tm), ``triton_intra``;
+- every level l > c is the chunk-level scan of its run R_l (the base recurrence reset every 2^l tokens)
+  read out with the weights w_l = lambda_l - lambda_{l+1}: ``triton_levels`` runs all of them in one
+  launch that shares the per-chunk tiles (effective queries qt = diag(Gam) Q - (causal * decay * Q K^T)
+  W, W, Ut, gam) between the levels.
+
+Summing both gives sum_s lambda[t, level(t, s)] (write_s carried to t)^T q_t, the definition (the run
+decomposition of chunk.py, with R_l's intra-chunk part moved into the one masked pass). The WY terms
+(gam, Tm, W, Ut) come from the base op's kernels (``kernels/triton/wy``), whose backward also takes the
+gradient of Tm diag(beta). Forward: wy_fwd -> intra_forward (o, qt) -> levels_forward (adds to o).
+Backward: wy_apply (W, Ut again from the saved gam, Tm) -> levels_backward (recomputes the level
+states) -> intra_backward -> wy_bwd. Work: about one base op plus (log2(T) - c) chunk scans of ~3 C K V
+flops per chunk each way.
+
+Needs position_offset a multiple of C (ops.py first brings an unaligned start to the next chunk with the
+per-level "torch" path: fewer than C tokens).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..triton.common import CHUNK
+from ..triton.ops import _Cfg, _chunk_suffix_sum
+from ..triton.wy import wy_apply, wy_bwd, wy_fwd
+from .chunk import _last_block_states, level_weight_differences, runs_from_slots, slots_from_runs
+from .levels import levels_needed
+from .triton_intra import intra_backward, intra_forward
+from .triton_levels import levels_backward, levels_forward
+
+
+class _FusedLogLinear(torch.autograd.Function):
+    """(o in q's dtype, final run states of the levels above c (fp32) or None). g, beta, lam, lw, s0 arrive fp32 and
+    contiguous; lam [B, T, H, L], lw [B, T, H, NL] (NL = top - c, may be 0)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, lam, lw, s0, scale, n0, hi, want_final):
+        cfg = _Cfg(k.shape[-1], v.shape[-1], gated=True)
+        gam, tm, w, ut = wy_fwd(k, v, g, beta, cfg)
+        o, qt = intra_forward(q, k, v, w, tm, beta, gam, lam, hi, scale)
+        st = None
+        if lw.shape[-1]:
+            st = levels_forward(o, qt, k, w, v if ut is None else ut, gam, lw, s0, scale, n0, want_final)
+        ctx.save_for_backward(q, k, v, beta, lam, lw, s0, gam, tm, qt)
+        ctx.scale, ctx.n0, ctx.hi = scale, n0, hi
+        return o.to(q.dtype), st  # (dO then arrives in q's dtype too: half the reads of an fp32 one)
+
+    @staticmethod
+    def backward(ctx, do, dst):
+        q, k, v, beta, lam, lw, s0, gam, tm, qt = ctx.saved_tensors
+        scale, n0, hi = ctx.scale, ctx.n0, ctx.hi
+        cfg = _Cfg(k.shape[-1], v.shape[-1], gated=True)
+        B, T, H, K = q.shape
+        w, ut = wy_apply(k, v, beta, gam, tm, cfg)
+        do = torch.zeros(*v.shape, device=v.device, dtype=torch.float32) if do is None else do.contiguous()
+        f32 = dict(device=q.device, dtype=torch.float32)
+        if lw.shape[-1]:
+            dst = None if dst is None else dst.contiguous().float()
+            dqt, dk, dw, du, dgam, dlw, ds0 = levels_backward(qt, k, w, v if ut is None else ut, gam, lw, s0, do,
+                                                              dst, scale, n0, s0 is not None)
+        else:
+            dqt, dk, dgam = torch.zeros(B, T, H, K, **f32), torch.zeros(B, T, H, K, **f32), torch.zeros(B, T, H, **f32)
+            dw = None if w is None else torch.zeros(B, T, H, K, **f32)
+            du, dlw, ds0 = torch.zeros(*v.shape, **f32), None, None
+        dv_intra, dq, dx, dlam_intra = intra_backward(q, k, v, w, tm, beta, gam, lam, hi, scale, do, dqt, dk, dw,
+                                                      dgam)
+        del dqt
+        if w is None:
+            dv, dbeta, dg = du + dv_intra, None, _chunk_suffix_sum(dgam)
+        else:
+            dv, dbeta, dg = wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg, dx=dx)  # completes dk in place
+            dv = dv.float() + dv_intra
+        dlam = torch.zeros_like(lam)
+        dlam[..., : hi + 1] = dlam_intra
+        return (dq, dk.to(k.dtype), dv.to(v.dtype), dg, dbeta, dlam, dlw, ds0, None, None, None, None)
+
+
+def fused_by_levels(base, q, k, v, g, beta, level_weights, *, scale, run_init, position_offset: int, top: int,
+                    want_runs: bool):
+    """The log-linear op from its incoming run states (``run_init`` [B, H, >= top+1, K, V] or None, as
+    chunk.loglinear_by_levels takes them) for a call starting on a chunk boundary (position_offset % C ==
+    0). ``base``: the public base op (the final runs of the levels inside the last chunk). Returns (o in
+    q's dtype, final run states [B, H, top+1, K, V] fp32 or None)."""
+    p0 = position_offset
+    K = q.shape[-1]
+    c = CHUNK.bit_length() - 1
+    scale = float(K ** -0.5 if scale is None else scale)
+    runs = []
+    if want_runs:  # blocks of <= C tokens start inside this call: their runs come from the last block alone
+        gates = (g,) if beta is None else (g, beta)
+        runs = [s.float() for s in _last_block_states(base, k, v, gates, p0, range(min(c, top) + 1), "torch",
+                                                       CHUNK)]
+    lw = level_weight_differences(q, level_weights, top)[..., c + 1:].float().contiguous()
+    s0 = None if run_init is None or top <= c else run_init[:, :, c + 1: top + 1].float().contiguous()
+    f32 = lambda x: None if x is None else x.float().contiguous()  # noqa: E731
+    o, st = _FusedLogLinear.apply(q.contiguous(), k.contiguous(), v.contiguous(), f32(g), f32(beta),
+                                  f32(level_weights), lw, s0, scale, p0 // CHUNK, min(c, top),
+                                  bool(want_runs and top > c))
+    if want_runs and top > c:
+        runs += list(st.unbind(dim=2))
+    return o, (torch.stack(runs, dim=2) if want_runs else None)
+
+
+def fused_loglinear(base, q, k, v, g, beta, level_weights, *, scale, initial_state, output_final_state: bool,
+                    position_offset: int):
+    """The log-linear op from its incoming level states (ops.py's layout) for a call starting on a chunk
+    boundary. Returns (o in q.dtype, final level states [B, H, L, K, V] fp32 or None)."""
+    p0 = position_offset
+    top = levels_needed(p0 + q.shape[1]) - 1
+    run_init = None if initial_state is None else runs_from_slots(initial_state.float(), p0)
+    o, runs = fused_by_levels(base, q, k, v, g, beta, level_weights, scale=scale, run_init=run_init,
+                              position_offset=p0, top=top, want_runs=output_final_state)
+    final = slots_from_runs(runs, level_weights.shape[-1]) if output_final_state else None
+    return o, final

@@ -1,0 +1,398 @@
+"""Triton kernels of the inter-chunk levels: every level above log2(C) in ONE launch (forward and backward).
+
+Level l > c = log2(C) of the log-linear ops is the run R_l: the base recurrence with its state reset at
+every multiple of 2^l, i.e. at every chunk index that is a multiple of 2^(l-c). Its intra-chunk part is
+done elsewhere (``fused.py``: one masked pass for all levels); what is left per level is the chunk-level
+state scan and its readout,
+
+    o_t   += scale * w_l[t] * qt_t^T S_l(n)                  (t in chunk n)
+    S_l(n+1) = 0 if chunk n+1 starts a block of level l, else
+               exp(gl) S_l(n) + K^T diag(exp(gl - gam)) (Ut - W S_l(n))
+
+with the effective queries qt = diag(Gam) Q - (causal * decay * Q K^T) W (qt_t^T S = q_t^T A_t...A_t0 S:
+the query carried back to the chunk start), W, Ut the WY terms (Mamba-2: W = 0, Ut = V), gam the in-chunk
+cumulative log-decay, w_l = lambda_l - lambda_{l+1} (the top level: lambda_top). All levels read the same
+per-chunk tiles: a program carries a group of CONFIG["LP"] levels side by side as the columns of one
+state tile, so each chunk tile is loaded once for the group and each product covers all of its levels;
+and it scans one block of the group's top level only (all the group's levels restart there), so the
+blocks are independent programs (``_work``: grid (work item, V block, batch x head), longest first):
+the low levels are many short scans, only the top group runs the whole sequence. No pass per level
+over the whole sequence; the outputs of the groups are summed with fp32 atomics.
+
+The backward, per group of levels: the forward scan again storing every chunk's incoming state h
+(``levels_fwd_kernel``), the reverse scan storing every chunk's outgoing-state gradient dh
+(``levels_dstate_kernel``: the dS recursion needs no forward state), then one program per chunk pairs h
+and dh of every level of the group (``levels_grad_kernel``), summing the levels' shares of dqt, dk, dW,
+dUt, dgam in registers: no atomics. Groups bound h and dh to ``STATE_BUDGET`` bytes; on CUDA the two
+scans of a group run on two streams (they are independent).
+
+Layout as in ``kernels/triton``: tokens [B, T, H, D] contiguous, gam and w as [B, T, H] / [B, T, H, NL]
+fp32, states [B, H, NL, K, V] fp32. ``n0`` is the global chunk index of the first chunk (position_offset
+/ C); a level whose block begins before the call starts from its run state in ``s0``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..triton.common import CHUNK, flags_given, pow2
+
+# Launch settings. The scans: V block BV, levels per program LP (the state tile is [K, LP * BV] fp32),
+# num_warps, num_stages (None: Triton's default); the per-chunk gradient pass: V block, num_warps.
+# Defaults: no register spills and shared memory within sm_90's 228 KiB at head dim 128 (checked with
+# kernel_resources-style compiles); ``set_levels_config`` / LCTRAIN_LOGLINEAR_CFG="LP=4,BV=16" change them
+# (``lctrain bench loglinear --levels-cfg`` times several).
+CONFIG = {"LP": 2, "BV": 32, "warps": 8, "stages": 2, "BV_grad": 16, "warps_grad": 8}
+
+
+def set_levels_config(**values: int) -> dict:
+    """Override launch settings (keys of CONFIG; no arguments: back to the defaults). Returns the old ones."""
+    global CONFIG
+    old = dict(CONFIG)
+    if not values:
+        CONFIG = dict(_DEFAULTS)
+        return old
+    for key, val in values.items():
+        if key not in CONFIG:
+            raise ValueError(f"set_levels_config: unknown key {key!r}; choose from {sorted(CONFIG)}")
+        if not isinstance(val, int) or val < 1 or (key.startswith("BV") and (val < 16 or val & (val - 1))):
+            raise ValueError(f"set_levels_config: {key}={val!r} must be a positive int"
+                             + (" and a power of two >= 16" if key.startswith("BV") else ""))
+    CONFIG = {**CONFIG, **values}
+    return old
+
+
+def parse_levels_config(spec: str) -> dict:
+    """"LP=4,BV=16" -> {"LP": 4, "BV": 16} (as LCTRAIN_LOGLINEAR_CFG and --levels-cfg take it)."""
+    try:
+        return {k.strip(): int(v) for k, v in (item.split("=") for item in spec.split(",") if item.strip())}
+    except ValueError:
+        raise ValueError(f"log-linear launch settings {spec!r} are not KEY=INT[,KEY=INT]") from None
+
+
+_DEFAULTS = dict(CONFIG)
+if os.environ.get("LCTRAIN_LOGLINEAR_CFG", "").strip():
+    set_levels_config(**parse_levels_config(os.environ["LCTRAIN_LOGLINEAR_CFG"]))
+# Bytes of per-chunk states (h and dh) the backward keeps at once (one group of levels, at least
+# CONFIG["LP"] of them); more levels recompute in more groups.
+STATE_BUDGET = 16 << 30
+
+
+@triton.jit
+def _level_columns(jg, iv, j0, jend, V, BV: tl.constexpr, LP: tl.constexpr):
+    """The LP * BV state columns of one program: column c holds V column iv * BV + c % BV of level
+    j = j0 + jg * LP + c // BV (levels >= jend are padding). Returns j, the V index, the column mask and
+    the block length in chunks of each column's level (2 << j: level c + 1 + j spans 2^(j+1) chunks)."""
+    cols = tl.arange(0, LP * BV)
+    j = j0 + jg * LP + cols // BV
+    rv = iv * BV + cols % BV
+    return j, rv, (rv < V) & (j < jend), 2 << j
+
+
+@flags_given(HAS_W="w_ptr", HAS_S0="s0_ptr", STORE_ST="st_ptr", STORE_H="h_ptr", WRITE_O="o_ptr")
+@triton.jit
+def levels_fwd_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, s0_ptr, o_ptr, st_ptr, h_ptr, work_ptr,
+                      scale, B, T, NT, H, NL, n0, j0, jend, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, LP: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr,
+                      HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, STORE_H: tl.constexpr, WRITE_O: tl.constexpr):
+    """Program (work item pid0 = (level group, chunks lo..hi-1), V block pid1, batch x head pid2): the
+    scans of LP levels at once, their states side by side as the columns of one [K, LP * BV] tile
+    (``_level_columns``), so every chunk tile (k, W, qt, Ut, gam) is loaded once for the LP levels and
+    each product covers all of them. lo..hi is one block of the group's top level (``_work``): every
+    level of the group starts afresh there, so the blocks run as independent programs. Adds the weighted
+    readout to o (fp32, atomics), stores the final states (st [B, H, NL, K, V], from the last block) and,
+    for the backward, the incoming states of every chunk (h [jend - j0, B, NT, H, K, V]). Levels j0 ..
+    jend-1."""
+    jg = tl.load(work_ptr + 3 * tl.program_id(0))
+    lo = tl.load(work_ptr + 3 * tl.program_id(0) + 1)
+    hi = tl.load(work_ptr + 3 * tl.program_id(0) + 2)
+    iv = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    base = b * T * H + h
+    j, rv, mcol, span = _level_columns(jg, iv, j0, jend, V, BV, LP)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    mkv = mk[:, None] & mcol[None, :]
+    rc = tl.arange(0, C)
+    hcol = (j - j0).to(tl.int64) * B * NT * H * K * V + rv     # column offsets in h
+    S = tl.zeros([BK, LP * BV], dtype=tl.float32)
+    if HAS_S0:  # only the first block can continue one that began before this call
+        S = tl.load(s0_ptr + ((bh * NL + j[None, :]) * K + rk[:, None]) * V + rv[None, :],
+                    mask=mkv & ((n0 % span != 0) & (lo == 0))[None, :], other=0.0)
+    for n in range(lo, hi):
+        keep = ((n0 + n) % span != 0) | (n == 0)
+        S = S * keep.to(tl.float32)[None, :]
+        rt = n * C + rc
+        mt = rt < T
+        if STORE_H:
+            tl.store(h_ptr + hcol[None, :] + (((b * NT + n) * H + h) * K + rk[:, None]) * V,
+                     S.to(h_ptr.dtype.element_ty), mask=mkv)
+        mtk = mt[:, None] & mk[None, :]
+        mtc = mt[:, None] & mcol[None, :]
+        gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
+        gl = tl.load(gam_ptr + base + tl.minimum(n * C + C - 1, T - 1) * H)
+        if WRITE_O:
+            qc = tl.load(qt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+            lw = tl.load(lw_ptr + (base + rt[:, None] * H) * NL + j[None, :], mask=mtc, other=0.0)
+            o = tl.dot(qc, S.to(qc.dtype)).to(tl.float32) * lw * scale
+            o = tl.sum(tl.reshape(o, [C, LP, BV]), axis=1)
+            ro = iv * BV + tl.arange(0, BV)
+            tl.atomic_add(o_ptr + (base + rt[:, None] * H) * V + ro[None, :], o, mask=mt[:, None] & (ro < V)[None, :],
+                          sem="relaxed")
+        kc = tl.load(k_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+        u = tl.load(u_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtc, other=0.0).to(tl.float32)
+        if HAS_W:
+            wc = tl.load(w_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+            u -= tl.dot(wc, S.to(wc.dtype)).to(tl.float32)
+        u = u * tl.exp(gl - gam)[:, None]
+        S = S * tl.exp(gl) + tl.dot(tl.trans(kc), u.to(kc.dtype)).to(tl.float32)
+    if STORE_ST:
+        tl.store(st_ptr + ((bh * NL + j[None, :]) * K + rk[:, None]) * V + rv[None, :], S, mask=mkv & (hi == NT))
+
+
+@flags_given(HAS_W="w_ptr", HAS_DST="dst_ptr", STORE_DS0="ds0_ptr")
+@triton.jit
+def levels_dstate_kernel(qt_ptr, k_ptr, w_ptr, gam_ptr, lw_ptr, do_ptr, dst_ptr, dh_ptr, ds0_ptr, work_ptr,
+                         scale, B, T, NT, H, NL, n0, j0, jend, K: tl.constexpr, V: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, LP: tl.constexpr, C: tl.constexpr,
+                         HAS_W: tl.constexpr, HAS_DST: tl.constexpr, STORE_DS0: tl.constexpr):
+    """Reverse scans of LP levels (program and columns as in ``levels_fwd_kernel``): dS = gradient of
+    the state leaving chunk n (stored in dh, laid out as h), then
+        dS_in = exp(gl) dS - W^T diag(exp(gl - gam)) K dS + scale qt^T diag(w) dO,
+    cut to 0 where chunk n starts a block; what is left at the start is the gradient of the level's
+    incoming run state (ds0). It needs no forward state: ``levels_grad_kernel`` pairs dh with h. One
+    program per work item as in ``levels_fwd_kernel`` (the gradient does not cross a block start)."""
+    jg = tl.load(work_ptr + 3 * tl.program_id(0))
+    lo = tl.load(work_ptr + 3 * tl.program_id(0) + 1)
+    hi = tl.load(work_ptr + 3 * tl.program_id(0) + 2)
+    iv = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    base = b * T * H + h
+    j, rv, mcol, span = _level_columns(jg, iv, j0, jend, V, BV, LP)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    mkv = mk[:, None] & mcol[None, :]
+    rc = tl.arange(0, C)
+    hcol = (j - j0).to(tl.int64) * B * NT * H * K * V + rv
+    dS = tl.zeros([BK, LP * BV], dtype=tl.float32)
+    if HAS_DST:  # the final states are those of the last block
+        dS = tl.load(dst_ptr + ((bh * NL + j[None, :]) * K + rk[:, None]) * V + rv[None, :], mask=mkv & (hi == NT),
+                     other=0.0)
+    for i in range(0, hi - lo):
+        n = hi - 1 - i
+        rt = n * C + rc
+        mt = rt < T
+        mtk = mt[:, None] & mk[None, :]
+        mtc = mt[:, None] & mcol[None, :]
+        tl.store(dh_ptr + hcol[None, :] + (((b * NT + n) * H + h) * K + rk[:, None]) * V,
+                 dS.to(dh_ptr.dtype.element_ty), mask=mkv)
+        qc = tl.load(qt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+        lw = tl.load(lw_ptr + (base + rt[:, None] * H) * NL + j[None, :], mask=mtc, other=0.0)
+        do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtc, other=0.0).to(tl.float32)
+        gl = tl.load(gam_ptr + base + tl.minimum(n * C + C - 1, T - 1) * H)
+        dS_in = dS * tl.exp(gl) + tl.dot(tl.trans(qc), (do * lw * scale).to(qc.dtype)).to(tl.float32)
+        if HAS_W:
+            gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
+            kc = tl.load(k_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+            wc = tl.load(w_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+            du = tl.dot(kc, dS.to(kc.dtype)).to(tl.float32) * tl.exp(gl - gam)[:, None]
+            dS_in -= tl.dot(tl.trans(wc), du.to(wc.dtype)).to(tl.float32)
+        dS = dS_in * ((n0 + n) % span != 0).to(tl.float32)[None, :]
+    if STORE_DS0:
+        tl.store(ds0_ptr + ((bh * NL + j[None, :]) * K + rk[:, None]) * V + rv[None, :], dS, mask=mkv & (lo == 0))
+
+
+@flags_given(HAS_W="w_ptr")
+@triton.jit
+def levels_grad_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, do_ptr, h_ptr, dh_ptr,
+                       dqt_ptr, dk_ptr, dw_ptr, du_ptr, dgam_ptr, dlw_ptr,
+                       scale, B, T, NT, H, NL, j0, G, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr, FIRST: tl.constexpr):
+    """Per chunk (program (chunk, batch x head)), summed over the G levels j0.. of this group and the V
+    blocks, with S = h (incoming state), dS = dh (gradient of the outgoing state), U = Ut - W S:
+        dU    = diag(exp(gl - gam)) K dS          -> dUt += dU,  dW -= dU S^T
+        dK   += diag(exp(gl - gam)) U dS^T
+        dgam += -rowsum(dU * U), last row + sum(dU * U) + exp(gl) <S, dS>
+        dqt  += scale diag(w) dO S^T,   dw_l = scale rowsum(dO * (qt S))
+    The chunk's rows belong to this program alone: plain stores, added to the previous groups' sums
+    unless FIRST."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    base = b * T * H + h
+    rt = n * C + tl.arange(0, C)
+    mt = rt < T
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    mtk = mt[:, None] & mk[None, :]
+    last = tl.minimum(n * C + C - 1, T - 1)
+    gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
+    gl = tl.load(gam_ptr + base + last * H)
+    dec = tl.exp(gl - gam)
+    qc = tl.load(qt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+    kc = tl.load(k_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+    if HAS_W:
+        wc = tl.load(w_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+    dqt = tl.zeros([C, BK], dtype=tl.float32)
+    dk = tl.zeros([C, BK], dtype=tl.float32)
+    dw = tl.zeros([C, BK], dtype=tl.float32)
+    dgam = tl.zeros([C], dtype=tl.float32)
+    glast = tl.sum(dgam, axis=0)
+    for v0 in range(0, V, BV):
+        rv = v0 + tl.arange(0, BV)
+        mv = rv < V
+        mkv = mk[:, None] & mv[None, :]
+        mtv = mt[:, None] & mv[None, :]
+        do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtv, other=0.0).to(tl.float32)
+        ut = tl.load(u_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtv, other=0.0).to(tl.float32)
+        du_sum = tl.zeros([C, BV], dtype=tl.float32)
+        for jj in range(0, G):
+            j = j0 + jj
+            off = (((jj * B + b) * NT + n) * H + h) * K * V + rk[:, None] * V + rv[None, :]
+            S = tl.load(h_ptr + off, mask=mkv, other=0.0)
+            dS = tl.load(dh_ptr + off, mask=mkv, other=0.0)
+            if HAS_W:
+                u = ut - tl.dot(wc, S.to(wc.dtype)).to(tl.float32)
+            else:
+                u = ut
+            du = tl.dot(kc, dS.to(kc.dtype)).to(tl.float32) * dec[:, None]
+            du_sum += du
+            St = tl.trans(S).to(kc.dtype)
+            if HAS_W:
+                dw -= tl.dot(du.to(kc.dtype), St).to(tl.float32)
+            dk += tl.dot((u * dec[:, None]).to(kc.dtype), tl.trans(dS).to(kc.dtype)).to(tl.float32)
+            a = tl.sum(du * u, axis=1)
+            dgam -= a
+            glast += tl.sum(a, axis=0) + tl.exp(gl) * tl.sum(tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1),
+                                                               axis=0)
+            lw = tl.load(lw_ptr + (base + rt * H) * NL + j, mask=mt, other=0.0)
+            dqt += tl.dot((do * (scale * lw)[:, None]).to(kc.dtype), St).to(tl.float32)
+            qs = tl.dot(qc, S.to(qc.dtype)).to(tl.float32)
+            part = scale * tl.sum(do * qs, axis=1)
+            if v0 > 0:
+                part += tl.load(dlw_ptr + (base + rt * H) * NL + j, mask=mt, other=0.0)
+            tl.store(dlw_ptr + (base + rt * H) * NL + j, part, mask=mt)
+        if not FIRST:
+            du_sum += tl.load(du_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtv, other=0.0)
+        tl.store(du_ptr + (base + rt[:, None] * H) * V + rv[None, :], du_sum, mask=mtv)
+    dgam += tl.where(rt == last, glast, 0.0)
+    if not FIRST:
+        dqt += tl.load(dqt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+        dk += tl.load(dk_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+        dgam += tl.load(dgam_ptr + base + rt * H, mask=mt, other=0.0)
+    tl.store(dqt_ptr + (base + rt[:, None] * H) * K + rk[None, :], dqt, mask=mtk)
+    tl.store(dk_ptr + (base + rt[:, None] * H) * K + rk[None, :], dk, mask=mtk)
+    tl.store(dgam_ptr + base + rt * H, dgam, mask=mt)
+    if HAS_W:
+        if not FIRST:
+            dw += tl.load(dw_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+        tl.store(dw_ptr + (base + rt[:, None] * H) * K + rk[None, :], dw, mask=mtk)
+
+
+def _settings(K: int) -> dict:
+    """CONFIG for head dim K: above 128 one level per program and no software pipelining (the defaults
+    need 246-279 KiB of shared memory at K = 256)."""
+    return {**CONFIG, "LP": 1, "stages": 1} if K > 128 else CONFIG
+
+
+def _launch_args(qt, u):
+    B, T, H, K = qt.shape
+    V = u.shape[-1]
+    cfg = _settings(K)
+    bv = min(pow2(V), cfg["BV"])
+    return B, T, H, K, V, triton.cdiv(T, CHUNK), bv, triton.cdiv(V, bv), cfg
+
+
+def _scan_launch(cfg) -> dict:
+    return {"num_warps": cfg["warps"], "num_stages": cfg["stages"]}
+
+
+_WORK: dict = {}
+
+
+def _work(j0: int, jend: int, n0: int, NT: int, LP: int, device) -> torch.Tensor:
+    """Work items [P, 3] int32 of the scans of levels j0..jend-1: (level group, first chunk, end chunk),
+    one per block of the group's top level (2^(j+1) chunks for level index j, aligned to the global chunk
+    index n0 + n), longest first (the long scans of the top levels start before the short ones)."""
+    key = (j0, jend, n0, NT, LP, str(device))
+    if key not in _WORK:
+        items = []
+        for jg in range(triton.cdiv(jend - j0, LP)):
+            span = 2 << min(j0 + (jg + 1) * LP - 1, jend - 1)
+            a = n0 // span * span
+            while a < n0 + NT:
+                items.append((jg, max(a, n0) - n0, min(a + span, n0 + NT) - n0))
+                a += span
+        items.sort(key=lambda it: it[1] - it[2])
+        if len(_WORK) > 64:
+            _WORK.clear()
+        _WORK[key] = torch.tensor(items, dtype=torch.int32, device=device)
+    return _WORK[key]
+
+
+def _scan_grid(work: torch.Tensor, nvb: int, BH: int) -> tuple:
+    return (work.shape[0], nvb, BH)
+
+
+def levels_forward(o, qt, k, w, ut, gam, lw, s0, scale: float, n0: int, want_final: bool):
+    """Adds the readout of every level above log2(C) to o ([B, T, H, V] fp32); returns the final run
+    states [B, H, NL, K, V] fp32 (or None)."""
+    B, T, H, K, V, NT, bv, nvb, cfg = _launch_args(qt, ut)
+    NL = lw.shape[-1]
+    st = torch.empty(B, H, NL, K, V, device=qt.device, dtype=torch.float32) if want_final else None
+    work = _work(0, NL, n0, NT, cfg["LP"], qt.device)
+    levels_fwd_kernel[_scan_grid(work, nvb, B * H)](qt, k, w, ut, gam, lw, s0, o, st, None, work, scale, B, T, NT,
+                                                    H, NL, n0, 0, NL, K=K, V=V, BK=pow2(K), BV=bv, LP=cfg["LP"],
+                                                    C=CHUNK, **_scan_launch(cfg))
+    return st
+
+
+def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, need_ds0: bool):
+    """Gradients (fp32) of sum(o_inter * do) + sum(final * dst) w.r.t. qt, k, w, ut, gam, lw and s0. Per
+    group of levels: the forward scan again (storing the incoming states h), the reverse scan (storing the
+    outgoing-state gradients dh), then one per-chunk pass pairing them."""
+    B, T, H, K, V, NT, bv, nvb, cfg = _launch_args(qt, ut)
+    NL = lw.shape[-1]
+    f32 = dict(device=qt.device, dtype=torch.float32)
+    dqt, dk, du = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, V, **f32)
+    dw = torch.empty(B, T, H, K, **f32) if w is not None else None
+    dgam, dlw = torch.empty(B, T, H, **f32), torch.empty(B, T, H, NL, **f32)
+    ds0 = torch.zeros(B, H, NL, K, V, **f32) if need_ds0 else None
+    per_level = 2 * B * NT * H * K * V * qt.element_size()
+    # whole program groups (a smaller group leaves state columns idle), at least one
+    group = min(NL, max(cfg["LP"], STATE_BUDGET // max(per_level, 1) // cfg["LP"] * cfg["LP"]))
+    do = do.contiguous()
+    common = dict(K=K, V=V, BK=pow2(K), BV=bv, LP=cfg["LP"], C=CHUNK, **_scan_launch(cfg))
+    for j0 in range(0, NL, group):
+        G = min(group, NL - j0)
+        hs = torch.empty(G, B, NT, H, K, V, device=qt.device, dtype=qt.dtype)
+        dhs = torch.empty_like(hs)
+        work = _work(j0, j0 + G, n0, NT, cfg["LP"], qt.device)
+        grid = _scan_grid(work, nvb, B * H)
+        # the two scans are independent: on CUDA the forward one runs on a side stream, so the long
+        # sequential scans of the top levels of both overlap
+        side = torch.cuda.Stream(qt.device) if qt.is_cuda else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(qt.device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            levels_fwd_kernel[grid](qt, k, w, ut, gam, lw, s0, None, None, hs, work, scale, B, T, NT, H, NL, n0,
+                                    j0, j0 + G, **common)
+        levels_dstate_kernel[grid](qt, k, w, gam, lw, do, dst, dhs, ds0, work, scale, B, T, NT, H, NL, n0, j0,
+                                   j0 + G, **common)
+        if side is not None:
+            torch.cuda.current_stream(qt.device).wait_stream(side)
+        levels_grad_kernel[(NT, B * H)](qt, k, w, ut, gam, lw, do, hs, dhs, dqt, dk, dw, du, dgam, dlw, scale,
+                                        B, T, NT, H, NL, j0, G, K=K, V=V, BK=pow2(K),
+                                        BV=min(pow2(V), cfg["BV_grad"]), C=CHUNK, FIRST=j0 == 0,
+                                        num_warps=cfg["warps_grad"])
+        del hs, dhs
+    return dqt, dk, dw, du, dgam, dlw, ds0
