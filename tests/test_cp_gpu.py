@@ -29,6 +29,7 @@ KINDS = {"delta": ("delta_rule", ("beta",)), "gated_delta": ("gated_delta_rule",
 TRANSITIONS = ("sequential", "grouped:4", "grouped+grad:4")
 # (kind, transition) of every linear case: each transition for each kind, and gla's closed form
 LINEAR_CASES = [(kind, t) for kind in KINDS for t in TRANSITIONS + ("overlap",)] + [("gla", "direct")]
+FUSED_KINDS = ("gated_delta", "delta")  # overlap with its forward fix-up inside output_fwd (launch key fuse_out=1)
 B, TL, H, D = 1, 512, 4, 128            # 8 chunks of 64 per rank
 CONV = (B, TL, 256, 4)                   # batch, tokens per rank, channels, kernel size
 ATTN = dict(H=4, D=64, TL=1024, window=256)
@@ -89,6 +90,15 @@ def _linear_case(rank, kind, transition, device):
     return err
 
 
+def _fused_case(rank, kind, device):
+    from lctrain.kernels.triton import ops
+    previous = ops.set_config(fuse_out=1)
+    try:
+        return _linear_case(rank, kind, "overlap", device)
+    finally:
+        ops.set_config(**previous)
+
+
 def _conv_case(rank, device):
     import torch.distributed as dist
     from lctrain.parallel.halo import prepend_halo
@@ -141,6 +151,8 @@ def gpu_worker(rank, world_size):
                             timeout=timedelta(seconds=300), device_id=device)
     cases = {(kind, transition): functools.partial(_linear_case, rank, kind, transition, device)
              for kind, transition in LINEAR_CASES}
+    for kind in FUSED_KINDS:
+        cases[(kind, "overlap", "fuse_out")] = functools.partial(_fused_case, rank, kind, device)
     cases["conv"] = functools.partial(_conv_case, rank, device)
     cases["swa"] = functools.partial(_attention_case, rank, ATTN["window"], device)
     if HAS_DEEPSPEED:
@@ -171,6 +183,11 @@ def _check(key):
 @pytest.mark.parametrize("kind,transition", LINEAR_CASES)
 def test_cp_linear_mixer_on_two_gpus(kind, transition):
     _check((kind, transition))
+
+
+@pytest.mark.parametrize("kind", FUSED_KINDS)
+def test_cp_overlap_fused_output_on_two_gpus(kind):
+    _check((kind, "overlap", "fuse_out"))
 
 
 def test_cp_conv_halo_on_two_gpus():

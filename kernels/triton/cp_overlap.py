@@ -46,12 +46,16 @@ class _Overlapped(torch.autograd.Function):
         u = ut if w is not None else v
         h, vnew, st, a, hp = state_fwd_prefix(k, w, u, gam, cfg)
         s_in = link.start(a, st, s0)
+        fix = None
         if s_in is not None:
             s_in = s_in.float()
-            state_fixup(h, hp, s_in, cfg, rows=w, target=vnew if w is not None else None, sign=-1.0)
+            if cfg.values.get("fuse_out"):  # the output kernel adds S_in's part (hp read once, no write)
+                fix = (hp, s_in.contiguous(), w)
+            else:
+                state_fixup(h, hp, s_in, cfg, rows=w, target=vnew if w is not None else None, sign=-1.0)
             st = st + a @ s_in
-        del hp
-        o = _output_fwd(q, k, vnew, h, gam, scale, cfg)
+        o = _output_fwd(q, k, vnew, h, gam, scale, cfg, fix=fix)
+        del hp, fix
         ctx.save_for_backward(q, k, v, g, beta, s_in, gam, tm)
         ctx.scale, ctx.link, ctx.has_s0 = scale, link, s0 is not None
         ctx.set_materialize_grads(False)

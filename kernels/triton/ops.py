@@ -63,7 +63,8 @@ KERNEL_KEYS = {
     # programs (the identity-carrying ones): their own keys, so that they tune apart from the plain op
     "state_fwd_cp": ("BVSC", "warps_seqc", "stages_seqc"),
     "state_bwd_cp": ("BVSBC", "warps_seqbc", "stages_seqbc"),
-    "state_fixup": ("BVF", "warps_fix", "stages_fix"),
+    # fuse_out=1: the forward's fix-up runs inside output_fwd instead (reads hp once, writes nothing)
+    "state_fixup": ("BVF", "warps_fix", "stages_fix", "fuse_out"),
 }
 _CFG_KEYS = tuple(key for keys in KERNEL_KEYS.values() for key in keys)
 _overrides: dict[str, int] = {}
