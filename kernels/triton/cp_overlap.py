@@ -9,7 +9,8 @@ forward   the state pass runs from a zero initial state and also carries the tra
           before every chunk (hp, ``state.state_fwd_prefix``): h = h0 + hp S_in and
           U = U0 - W (hp S_in), and its final state and A are exactly the (A, B) to share. So the
           pass runs first, ``link.start(A, B)`` exchanges (A, B) and returns S_in, one kernel
-          (``fixup.py``) fixes h and U up in place, and the output stage runs as usual;
+          (``fixup.py``) fixes h and U up in place, and the output stage runs as usual (launch
+          key ``fuse_out=1``: the output kernel adds S_in's part itself, nothing is rewritten);
 backward  the reverse pass runs from a zero final-state gradient and carries the suffix products
           (dhp, ``state.state_bwd_suffix``): dh = dh0 + dhp dS_out, dU = dU0 + decay (K (dhp dS_out))
           and its dS_in from zero is the shard's own G. ``link.end(G, A^T, u)`` exchanges G and
