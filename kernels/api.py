@@ -197,18 +197,18 @@ def check_cu_seqlens(cu_seqlens, batch: int, seq_len: int, device) -> list[int] 
                          f"{batch}; reshape [B, T, ...] to [1, B*T, ...] and add the row ends to cu_seqlens")
     seen = getattr(cu_seqlens, "_lctrain_bounds", None)
     if seen is not None and seen[0] == cu_seqlens._version:
-        bounds = seen[1]
+        bounds = seen[1]  # checked when remembered: every layer of a model passes the same tensor
     else:
         bounds = [int(b) for b in cu_seqlens.tolist()]
-    if bounds[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+        if bounds[0] != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+        bad = next((i for i in range(1, len(bounds)) if bounds[i] <= bounds[i - 1]), None)
+        if bad is not None:
+            raise ValueError(f"cu_seqlens must be strictly increasing (no empty documents); entries {bad - 1} "
+                             f"and {bad} are {bounds[bad - 1]}, {bounds[bad]}")
+        cu_seqlens._lctrain_bounds = (cu_seqlens._version, bounds)
     if bounds[-1] != seq_len:
         raise ValueError(f"cu_seqlens must end at the sequence length T={seq_len}, got {bounds[-1]}")
-    bad = next((i for i in range(1, len(bounds)) if bounds[i] <= bounds[i - 1]), None)
-    if bad is not None:
-        raise ValueError(f"cu_seqlens must be strictly increasing (no empty documents); entries {bad - 1} and "
-                         f"{bad} are {bounds[bad - 1]}, {bounds[bad]}")
-    cu_seqlens._lctrain_bounds = (cu_seqlens._version, bounds)
     return bounds
 
 

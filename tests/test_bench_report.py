@@ -42,6 +42,12 @@ def test_bench_varlen_document_bounds_and_cli():
     assert document_bounds(1000, 64, seed=3) == b
     with pytest.raises(SystemExit):
         _parse(["--T", "10", "--docs", "64"])
+    # --paths picks what runs; --no-fla drops fla; --variant times packed, so it needs packed
+    a = _parse(["--paths", "packed", "fla", "--no-fla", "--variant", "bv32:BVS=32,BVSB=32", "--methods", "delta"])
+    assert a.paths == ["packed"] and a.variants == [("bv32", {"BVS": 32, "BVSB": 32})] and a.ops == ["delta"]
+    for bad in (["--paths", "one", "fla", "--variant", "bv32:BVS=32"], ["--variant", "bv32"]):
+        with pytest.raises(SystemExit):
+            _parse(bad)
 
 
 def test_record_note_adds_context_without_touching_figures(tmp_path):

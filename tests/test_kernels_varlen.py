@@ -120,6 +120,33 @@ def test_triton_packed_documents_equal_each_document_alone(kind, dtype, tol, dev
     assert_same(packed, alone, tol, f"{kind}/triton/{dtype} on {device}")
 
 
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                                 reason="needs TRITON_INTERPRET=1 (set by conftest on CPU runs)")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="needs CUDA")]),
+])
+@pytest.mark.parametrize("kind", MIXERS)
+def test_triton_packed_documents_with_wide_state_blocks(kind, device, monkeypatch):
+    """Many documents widen the state passes' V blocks (ops._wide_state_block); here the threshold
+    is lowered so that 4 documents get them: one 64-wide block per document and head, whatever the
+    defaults for one sequence, and the result still equals each document alone."""
+    from lctrain.kernels.triton import ops
+    monkeypatch.setattr(ops, "WIDE_STATE_PROGRAMS", 1)
+    seen = []
+    real = ops._state_fwd
+
+    def spy(*a, **kw):
+        seen.append((a[5].BVS, a[5].BVSB))
+        return real(*a, **kw)
+    monkeypatch.setattr(ops, "_state_fwd", spy)
+    packed, alone = packed_and_alone(kind, "triton", 64, torch.float32, [7, 1, 64, 77], seed=6,
+                                     device=device, dims=(2, 16, 64))
+    assert seen and set(seen) == {(64, 64)}
+    assert_same(packed, alone, 1e-4, f"{kind}/triton wide state blocks on {device}")
+    assert ops._Cfg(128, 128, chains=1024).BVS == 64 and ops._Cfg(128, 128, chains=None).BVS == 16
+
+
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="CPU runs through the Triton interpreter (TRITON_INTERPRET=1, set by conftest)")
 @pytest.mark.parametrize("kind", ["gated_delta", "gla"])
@@ -206,3 +233,16 @@ def test_cu_seqlens_device_and_initial_state_rows_are_checked():
     with pytest.raises(ValueError, match="cu_seqlens"):
         shard_transition("delta", q, q, beta=beta, cu_seqlens=torch.tensor([0, 5]))
     assert check_cu_seqlens(torch.tensor([0, 4, 9], dtype=torch.int32), 1, 9, q.device) == [0, 4, 9]
+
+
+def test_remembered_cu_seqlens_are_checked_again_where_the_call_differs():
+    """The boundaries are read and checked once per tensor (not per layer call); a call with another
+    T is still refused, and an in-place change is read and checked anew."""
+    cu = torch.tensor([0, 4, 9])
+    first = check_cu_seqlens(cu, 1, 9, cu.device)
+    assert check_cu_seqlens(cu, 1, 9, cu.device) is first
+    with pytest.raises(ValueError, match="cu_seqlens must end at the sequence length T=8"):
+        check_cu_seqlens(cu, 1, 8, cu.device)
+    cu[1] = 0
+    with pytest.raises(ValueError, match="cu_seqlens must be strictly increasing"):
+        check_cu_seqlens(cu, 1, 9, cu.device)

@@ -8,8 +8,10 @@ Definition (scale = K^-1/2 unless given; the same scale in both passes):
 Backends of the u-pass (the read-out is always causal softmax attention through SDPA):
 - ``"naive"``:  token by token (``naive.py``), autograd; the reference.
 - ``"torch"``:  chunkwise triangular solves (``chunk.py``) with the exact chunked backward.
-- ``"triton"``: the same, with the per-chunk statistics (the pass over all earlier keys) in Triton
-  (``triton_fwd.py``); needs CUDA tensors or TRITON_INTERPRET=1.
+- ``"triton"``: the same, with every pass over all earlier / later tokens in Triton: the forward
+  statistics (``triton_fwd.py``), the backward push onto the earlier right-hand sides and the key
+  gradients (``triton_bwd.py``); the c x c triangular solves stay torch. Needs CUDA tensors or
+  TRITON_INTERPRET=1.
 - ``"auto"``:   ``"triton"`` on CUDA when Triton imports, else ``"torch"``.
 The u-pass always computes in float32 (float64 if an input is float64).
 
@@ -40,21 +42,22 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_stats():
+def _triton_stages():
+    """(the Triton chunk.Stages, "") or (None, why not)."""
     try:
-        from .triton_fwd import triton_chunk_stats
+        from .triton_fwd import triton_stages
+        return triton_stages(), ""
     except ImportError as e:
         return None, f"{type(e).__name__}: {e}"
-    return triton_chunk_stats, ""
 
 
 def resolve(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"deltaformer: unknown backend {backend!r}; choose one of {list(BACKENDS)}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_stats()[0] is not None else "torch"
+        return "triton" if device.type == "cuda" and _triton_stages()[0] is not None else "torch"
     if backend == "triton":
-        fn, why = _triton_stats()
+        fn, why = _triton_stages()
         if fn is None:
             raise RuntimeError(f"deltaformer: backend='triton' is unavailable ({why}); use backend='torch'")
         if device.type != "cuda" and not _interpreting():
@@ -92,15 +95,22 @@ def _segments(cu_seqlens, B, T, device) -> list[tuple[int, int]]:
     return list(zip(b, b[1:]))
 
 
+def chunk_stages(which: str) -> chunk.Stages:
+    """The stages of a resolved chunkwise backend ("torch" or "triton")."""
+    if which == "torch":
+        return chunk.TORCH_STAGES
+    if which == "triton":
+        return _triton_stages()[0]
+    raise ValueError(f"deltaformer: backend {which!r} is not chunkwise; use 'torch' or 'triton'")
+
+
 def _u_pass_one(k, v, beta, scale, which, chunk_size):
     dtype = compute_dtype(k, v, beta)
     if which == "naive":
         return naive_u_pass(k, v, beta, scale)
-    if which == "torch":
-        return chunk.UPass.apply(k, v, beta, scale, chunk_size, chunk.torch_chunk_stats, dtype)
-    if dtype != torch.float32:
+    if which == "triton" and dtype != torch.float32:
         raise TypeError("deltaformer: the Triton u-pass computes in float32; float64 inputs need backend='torch'")
-    return chunk.UPass.apply(k, v, beta, scale, chunk_size, _triton_stats()[0], dtype)
+    return chunk.UPass.apply(k, v, beta, scale, chunk_size, chunk_stages(which), dtype)
 
 
 def deltaformer_u(k, v, beta, *, scale=None, cu_seqlens=None, backend="auto", chunk_size=64):

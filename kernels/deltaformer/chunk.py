@@ -19,16 +19,19 @@ k and the saved log-sum-exp). The adjoint d of u solves the transposed system
 
     d_c = solve((I + diag(beta_c) P[c, c])^T, gu_c - P[later, c]^T (beta d)[later])
 
-and then, with g_t = -beta_t d_t (the gradient on w_t = sum_j P[t, j] u_j):
-    dv = d,  dbeta_t = -w_t . d_t,
+so the reverse loop solves chunk c and then *pushes* its rows' share onto the earlier chunks'
+right-hand sides: rhs[:s] -= P[c, :s]^T (beta d)_c. That is all the loop does besides
+dv = d and dbeta_t = -w_t . d_t (w_t = sum_j P[t, j] u_j, saved by the forward). The gradient on
+the keys needs only final quantities, so it runs once after the loop, over the whole triangle
+(``key_grads``): with g_t = -beta_t d_t,
     dS[t, j] = P[t, j] (g_t . u_j - g_t . w_t)      (softmax backward; S = scale k k^T)
     dk = scale (dS + dS^T) k.
-One reverse loop over chunks does both: after d_c is solved, chunk c's rows are final, so they add
-their share to the earlier rows' right-hand sides and to dk.
+A backend is the triple ``Stages(stats, push, key_grads)``: torch here, Triton in
+``triton_fwd.py`` / ``triton_bwd.py``.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -67,47 +70,139 @@ def _solve_chunk(p_cc, beta_c, rhs, transpose: bool = False):
     return torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
 
 
-StatsFn = Callable[[torch.Tensor, torch.Tensor, int, int, float], tuple]
+StatsFn = Callable[[torch.Tensor, torch.Tensor, int, int, float], tuple]  # (k, u, s, e, scale) -> stats
 
 
 @torch.no_grad()
-def chunk_forward(k, v, beta, scale: float, chunk_size: int, stats: StatsFn = torch_chunk_stats):
-    """(u [B, H, T, V], lse [B, H, T]) in k's dtype; ``stats`` computes a chunk's statistics."""
+def chunk_forward(k, v, beta, scale: float, chunk_size: int, stats: StatsFn = torch_chunk_stats, on_chunk=None):
+    """(u [B, H, T, V], lse [B, H, T], w [B, H, T, V]) in k's dtype; ``stats`` computes a chunk's
+    statistics; w_t = sum_j P[t, j] u_j (kept for the backward). ``on_chunk(e, u)`` is called after
+    each chunk [s, e) is solved (context parallelism streams the finished u from there)."""
     B, H, T, _ = k.shape
     u = torch.empty_like(v)
+    w = torch.empty_like(v)
     lse = k.new_zeros(B, H, T)
     for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)
         w_prev, p_cc, lse_c = stats(k, u, s, e, scale)
         lse[:, :, s:e] = lse_c
         u[:, :, s:e] = _solve_chunk(p_cc, beta[:, :, s:e], v[:, :, s:e] - beta[:, :, s:e, None] * w_prev)
-    return u, lse
+        w[:, :, s:e] = w_prev + p_cc @ u[:, :, s:e]
+        if on_chunk is not None:
+            on_chunk(e, u)
+    return u, lse, w
 
 
-@torch.no_grad()
-def chunk_backward(k, beta, u, lse, gu, scale: float, chunk_size: int):
-    """(dk, dv, dbeta) of sum(u * gu) (see the module doc)."""
+def chunk_probs(k, lse, s: int, e: int, scale: float):
+    """The intra-chunk block P[c, c] of the chunk [s, e), recomputed from k and the row lse."""
+    rows = torch.arange(s, e, device=k.device)
+    kc = k[:, :, s:e]
+    return _row_probs(scale * (kc @ kc.transpose(-1, -2)), rows, rows, lse[:, :, s:e])[0]
+
+
+def merge_partials(m, l, acc):
+    """Online-softmax states of disjoint key ranges [B, H, NS, rows(, V)] -> one state [B, H, rows(, V)]."""
+    m_all = m.amax(2)
+    a = torch.exp(m - m_all[:, :, None])
+    return m_all, (l * a).sum(2), (acc * a[..., None]).sum(2)
+
+
+def torch_block_partials(kr, kk, uk, scale: float):
+    """Online-softmax state (m, l, acc) of the rows kr [B, H, L, K] over keys kk [B, H, G, K] with
+    values uk [B, H, G, V], every key earlier than every row (context parallelism: a piece of an
+    earlier rank's keys and u)."""
+    sc = scale * (kr @ kk.transpose(-1, -2))
+    m = sc.amax(-1)
+    p = torch.exp(sc - m[..., None])
+    return m, p.sum(-1), p @ uk
+
+
+def torch_pull(kt, lse_t, bd_t, bdw_t, k, u, rhs, dk, scale: float):
+    """Later rows t (kt [B, H, G, K], their lse, bd = beta d, bdw = bd . w) onto the earlier keys k /
+    values u [B, H, L, *] (every key before every row), in place: rhs -= P^T bd and
+    dk += scale dS^T kt with dS[t, j] = -P[t, j] (bd_t . u_j - bdw_t)."""
+    p = torch.exp(scale * (kt @ k.transpose(-1, -2)) - lse_t[..., None])
+    rhs -= p.transpose(-1, -2) @ bd_t
+    ds = -p * (bd_t @ u.transpose(-1, -2) - bdw_t[..., None])
+    dk += scale * (ds.transpose(-1, -2) @ kt)
+
+
+def torch_rows_vs_keys(k, lse, bd, bdw, kb, ub, dk, scale: float):
+    """The row half of dk for the rows k [B, H, L, K] against earlier keys kb / values ub
+    [B, H, G, *] (every key before every row), in place: dk += scale dS kb."""
+    p = torch.exp(scale * (k @ kb.transpose(-1, -2)) - lse[..., None])
+    ds = -p * (bd @ ub.transpose(-1, -2) - bdw[..., None])
+    dk += scale * (ds @ kb)
+
+
+def torch_chunk_push(k, lse, bd, rhs, s: int, e: int, scale: float):
+    """Chunk [s, e)'s rows, their adjoint final, push onto the earlier chunks' right-hand sides (in
+    place): rhs[:s] -= P[c, :s]^T bd with bd = beta_c d_c."""
+    if s == 0:
+        return
+    p = torch.exp(scale * (k[:, :, s:e] @ k[:, :, :s].transpose(-1, -2)) - lse[:, :, s:e, None])
+    rhs[:, :, :s] -= p.transpose(-1, -2) @ bd
+
+
+def torch_key_grads(k, u, lse, bd, bdw, scale: float, chunk_size: int):
+    """dk = scale (dS + dS^T) k with dS[t, j] = -P[t, j] (bd_t . u_j - bdw_t) (j < t), bd = beta d,
+    bdw_t = bd_t . w_t; a chunk of rows at a time."""
     T = k.shape[2]
-    rhs = gu.clone()                     # gu - (contributions of later rows), completed chunk by chunk
     dk = torch.zeros_like(k)
-    dv = torch.empty_like(u)
-    dbeta = torch.empty_like(beta)
-    for s in reversed(range(0, T, chunk_size)):
+    for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)
         rows = torch.arange(s, e, device=k.device)
         cols = torch.arange(e, device=k.device)
-        kc, bc = k[:, :, s:e], beta[:, :, s:e]
+        kc, bdc = k[:, :, s:e], bd[:, :, s:e]
         p, _ = _row_probs(scale * (kc @ k[:, :, :e].transpose(-1, -2)), rows, cols, lse[:, :, s:e])
-        d = _solve_chunk(p[..., s:e], bc, rhs[:, :, s:e], transpose=True)
-        dv[:, :, s:e] = d
-        g = -bc[..., None] * d                                  # gradient on w_c
-        rhs[:, :, :s] -= p[..., :s].transpose(-1, -2) @ (bc[..., None] * d)
-        w = p @ u[:, :, :e]
-        dbeta[:, :, s:e] = -(w * d).sum(-1)
-        ds = p * (g @ u[:, :, :e].transpose(-1, -2) - (g * w).sum(-1, keepdim=True))
+        ds = -p * (bdc @ u[:, :, :e].transpose(-1, -2) - bdw[:, :, s:e, None])
         dk[:, :, s:e] += scale * (ds @ k[:, :, :e])
         dk[:, :, :e] += scale * (ds.transpose(-1, -2) @ kc)
-    return dk, dv, dbeta
+    return dk
+
+
+class Stages(NamedTuple):
+    """A backend of the chunked u-pass: the forward statistics of a chunk, the intra-chunk block
+    P[c, c] from k and lse (backward), the backward push of a solved chunk onto the earlier
+    right-hand sides, the key gradients after the backward loop, and the three blocks context
+    parallelism adds (rows against another rank's keys)."""
+    stats: Callable
+    probs: Callable
+    push: Callable
+    key_grads: Callable
+    block_partials: Callable
+    pull: Callable
+    rows_vs_keys: Callable
+
+
+TORCH_STAGES = Stages(torch_chunk_stats, chunk_probs, torch_chunk_push, torch_key_grads, torch_block_partials,
+                      torch_pull, torch_rows_vs_keys)
+
+
+@torch.no_grad()
+def chunk_backward(k, beta, u, lse, w, gu, scale: float, chunk_size: int, stages: Stages = TORCH_STAGES,
+                   rhs=None, on_chunk=None):
+    """(dk, dv, dbeta, bd) of sum(u * gu) (see the module doc), bd = beta d. ``rhs`` (context
+    parallelism): gu with the shares of tokens after these T already subtracted (used in place of a
+    copy of gu, and overwritten). ``on_chunk(s, bd)`` is called after each chunk [s, e) is solved
+    (the reverse loop) with bd [B, H, T, V], final from row s on. bdw_t = bd_t . w_t."""
+    T = k.shape[2]
+    rhs = gu.clone() if rhs is None else rhs   # gu - (contributions of later rows), completed chunk by chunk
+    dv = torch.empty_like(u)
+    bd = torch.empty_like(u)
+    for s in reversed(range(0, T, chunk_size)):
+        e = min(s + chunk_size, T)
+        bc = beta[:, :, s:e, None]
+        d = _solve_chunk(stages.probs(k, lse, s, e, scale), beta[:, :, s:e], rhs[:, :, s:e], transpose=True)
+        dv[:, :, s:e] = d
+        bd[:, :, s:e] = bc * d
+        stages.push(k, lse, bd[:, :, s:e], rhs, s, e, scale)
+        if on_chunk is not None:
+            on_chunk(s, bd)
+    dbeta = -(w * dv).sum(-1)                  # per-row reductions once, not per chunk (launches)
+    bdw = (bd * w).sum(-1)
+    dk = stages.key_grads(k, u, lse, bd, bdw, scale, chunk_size)
+    return dk, dv, dbeta, bd, bdw
 
 
 class _Tf32Matmuls:
@@ -129,29 +224,29 @@ class _Tf32Matmuls:
 
 class UPass(torch.autograd.Function):
     """u = u_pass(k, v, beta) on [B, T, H, *] inputs; returns u [B, T, H, V] in the compute dtype.
-    Forward: ``chunk_forward`` with the given statistics (torch or Triton); backward: the exact
-    ``chunk_backward``. Saves k, beta, u and the row log-sum-exp (O(T), no T x T tensor). With
-    bf16/fp16 inputs on CUDA the float32 matmuls run in TF32."""
+    Forward: ``chunk_forward`` with the backend's statistics; backward: the exact ``chunk_backward``
+    with its push and key gradients (``Stages``, torch or Triton). Saves k, beta, u, w and the row
+    log-sum-exp (O(T), no T x T tensor). With bf16/fp16 inputs on CUDA the float32 matmuls run in TF32."""
 
     @staticmethod
-    def forward(ctx, k, v, beta, scale: float, chunk_size: int, stats: StatsFn, dtype: torch.dtype):
+    def forward(ctx, k, v, beta, scale: float, chunk_size: int, stages: Stages, dtype: torch.dtype):
         kh = k.transpose(1, 2).to(dtype).contiguous()
         vh = v.transpose(1, 2).to(dtype).contiguous()
         bh = beta.transpose(1, 2).to(dtype).contiguous()
         ctx.tf32 = k.is_cuda and k.dtype in (torch.bfloat16, torch.float16)
         with _Tf32Matmuls(ctx.tf32):
-            u, lse = chunk_forward(kh, vh, bh, scale, chunk_size, stats)
-        ctx.save_for_backward(kh, bh, u, lse)
-        ctx.scale, ctx.chunk_size = scale, chunk_size
+            u, lse, w = chunk_forward(kh, vh, bh, scale, chunk_size, stages.stats)
+        ctx.save_for_backward(kh, bh, u, lse, w)
+        ctx.scale, ctx.chunk_size, ctx.stages = scale, chunk_size, stages
         ctx.in_dtypes = (k.dtype, v.dtype, beta.dtype)
         return u.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, gu):
-        kh, bh, u, lse = ctx.saved_tensors
+        kh, bh, u, lse, w = ctx.saved_tensors
         guh = gu.transpose(1, 2).to(u.dtype).contiguous()
         with _Tf32Matmuls(ctx.tf32):
-            dk, dv, dbeta = chunk_backward(kh, bh, u, lse, guh, ctx.scale, ctx.chunk_size)
+            dk, dv, dbeta, _, _ = chunk_backward(kh, bh, u, lse, w, guh, ctx.scale, ctx.chunk_size, ctx.stages)
         kd, vd, bd = ctx.in_dtypes
         return (dk.transpose(1, 2).to(kd), dv.transpose(1, 2).to(vd), dbeta.transpose(1, 2).to(bd),
                 None, None, None, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 def causal_readout(q: torch.Tensor, k: torch.Tensor, u: torch.Tensor, scale: float) -> torch.Tensor:
@@ -18,9 +19,15 @@ def prefix_readout(q: torch.Tensor, k_all: torch.Tensor, u_all: torch.Tensor, sc
     """The read-out of the LAST Tq positions of a sequence whose keys / u are k_all, u_all
     [B, Tk, H, *] (Tk >= Tq): query i sits at position Tk - Tq + i and sees keys j <= that position
     (and, given document ids q_docs [B, Tq] / k_docs [B, Tk], only keys of its own document).
-    Used by decoding (cached keys) and by context parallelism (the earlier ranks' keys). Builds a
-    dense [Tq, Tk] mask."""
+    Used by decoding (cached keys) and by context parallelism (the earlier ranks' keys). Without
+    documents the mask is SDPA's lower-right causal bias (no mask tensor; the flash / efficient
+    kernels on CUDA); with documents it is a dense [Tq, Tk] mask."""
     Tq, Tk = q.shape[1], k_all.shape[1]
+    if q_docs is None:
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.to(q.dtype).transpose(1, 2),
+                                           u_all.to(q.dtype).transpose(1, 2), attn_mask=causal_lower_right(Tq, Tk),
+                                           scale=scale)
+        return o.transpose(1, 2)
     qpos = torch.arange(Tk - Tq, Tk, device=q.device)
     mask = torch.arange(Tk, device=q.device)[None, :] <= qpos[:, None]
     if q_docs is not None:

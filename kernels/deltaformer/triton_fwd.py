@@ -1,15 +1,20 @@
-"""Triton statistics of a chunk of Deltaformer's u-pass (the part that reads all earlier keys).
+"""Triton statistics of Deltaformer's u-pass: rows against a range of earlier keys.
 
-For the rows t of the chunk [s, e) one program streams the keys in blocks, flash-attention style,
-and keeps the running max m, sum l and acc = sum_{j<s} exp(S[t, j] - m) u_j (the earlier chunks'
-u only; the intra-chunk u are not known yet). It writes
+``_partials_kernel``: for a block of rows (keys k_r) and a range of G earlier keys (k_j, u_j), every
+key preceding every row, one program streams the keys flash-attention style and writes the
+online-softmax state of its range: running max m, sum l and acc = sum_j exp(S[t, j] - m) u_j with
+S = scale k_t . k_j. Ranges are merged by their maxima (``merge_partials``).
 
-    lse_t = m + log l              over ALL j < t (earlier chunks and the strict intra-chunk part)
-    w_prev_t = acc / l             = P[t, :s] @ u[:s]
-    P[t, s:e] = exp(S[t, j] - lse_t) (j < t)
+- A chunk [s, e) of the single-process u-pass (``triton_chunk_stats``): its rows against the keys
+  j < s, split into ranges sized to fill the GPU (late in a long sequence a chunk has few rows but
+  up to T earlier keys); ``_finalize_kernel`` merges the ranges, adds the chunk's own strictly
+  earlier keys to the normaliser and writes lse and w_prev = P[c, :s] u[:s]; ``_intra_probs_kernel``
+  writes P[c, c] from k and lse (also what the backward recomputes per chunk). Two launches instead
+  of some thirty small torch ops per chunk: at 16K tokens the chunk loop is otherwise launch-bound.
+- Context parallelism (``triton_block_partials``): a rank's rows against a piece of an earlier
+  rank's keys and u.
 
-so ``chunk.chunk_forward`` can solve the chunk. The scores block [c, e] is never materialised.
-The backward is ``chunk.chunk_backward`` (torch, exact), through ``chunk.UPass``.
+Nothing of size rows x keys is materialised; the partial states are [ranges, rows, V].
 """
 from __future__ import annotations
 
@@ -17,90 +22,220 @@ import torch
 import triton
 import triton.language as tl
 
-NEG = -1e30
+from . import chunk
+from .chunk import Stages, merge_partials
+
+NEG = tl.constexpr(chunk.NEG)   # compiled kernels may read globals only when they are constexpr
 
 
 @triton.jit
-def _chunk_stats_kernel(k_ptr, u_ptr, w_ptr, p_ptr, lse_ptr, s, c, T, scale,
-                        K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                        BR: tl.constexpr, BT: tl.constexpr):
+def _partials_kernel(kr_ptr, kk_ptr, uk_ptr, m_ptr, l_ptr, acc_ptr, nrows, Tr, key_hi, Tk, G, NS, scale,
+                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     BR: tl.constexpr, BT: tl.constexpr, DOT: tl.constexpr):
+    """Rows kr[bh, :nrows] (per-head stride Tr rows) against keys kk / uk[bh, range] (stride Tk),
+    range = [pid_g G, min(pid_g G + G, key_hi))."""
     pid_r = tl.program_id(0)
-    bh = tl.program_id(1)
-    k_base = k_ptr + bh * T * K
-    u_base = u_ptr + bh * T * V
-    r_loc = pid_r * BR + tl.arange(0, BR)          # row index inside the chunk
-    rows = s + r_loc
-    row_ok = r_loc < c
+    pid_g = tl.program_id(1)
+    bh = tl.program_id(2)
+    r_loc = pid_r * BR + tl.arange(0, BR)
+    row_ok = r_loc < nrows
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
-    kq = tl.load(k_base + rows[:, None] * K + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < K), other=0.0)
+    kq = tl.load(kr_ptr + bh * Tr * K + r_loc[:, None] * K + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < K),
+                 other=0.0)
     m = tl.full([BR], NEG, tl.float32)
     l = tl.zeros([BR], tl.float32)
     acc = tl.zeros([BR, BV], tl.float32)
-    # earlier chunks: every key j < s precedes every row, no causal mask
-    for j0 in range(0, s, BT):
+    j_lo = pid_g * G
+    j_hi = tl.minimum(j_lo + G, key_hi)
+    for j0 in range(j_lo, j_hi, BT):
         cols = j0 + tl.arange(0, BT)
-        col_ok = cols < s
-        kj = tl.load(k_base + cols[:, None] * K + dk[None, :], mask=col_ok[:, None] & (dk[None, :] < K), other=0.0)
-        sc = tl.dot(kq, tl.trans(kj)) * scale
+        col_ok = cols < j_hi
+        kj = tl.load(kk_ptr + bh * Tk * K + cols[:, None] * K + dk[None, :], mask=col_ok[:, None] & (dk[None, :] < K),
+                     other=0.0)
+        sc = tl.dot(kq, tl.trans(kj), input_precision=DOT) * scale
         ok = row_ok[:, None] & col_ok[None, :]
         sc = tl.where(ok, sc, NEG)
         m_new = tl.maximum(m, tl.max(sc, 1))
         alpha = tl.exp(m - m_new)
         p = tl.where(ok, tl.exp(sc - m_new[:, None]), 0.0)
         l = l * alpha + tl.sum(p, 1)
-        uj = tl.load(u_base + cols[:, None] * V + dv[None, :], mask=col_ok[:, None] & (dv[None, :] < V), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p, uj)
+        uj = tl.load(uk_ptr + bh * Tk * V + cols[:, None] * V + dv[None, :],
+                     mask=col_ok[:, None] & (dv[None, :] < V), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p, uj, input_precision=DOT)
         m = m_new
-    # the chunk itself: keys s <= j < t (normaliser only)
-    for j0 in range(s, s + c, BT):
+    out = (bh * NS + pid_g) * nrows + r_loc
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(l_ptr + out, l, mask=row_ok)
+    tl.store(acc_ptr + out[:, None] * V + dv[None, :], acc, mask=row_ok[:, None] & (dv[None, :] < V))
+
+
+@triton.jit
+def _finalize_kernel(k_ptr, m_ptr, l_ptr, acc_ptr, w_ptr, lse_ptr, s, c, T, NS, scale,
+                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     BR: tl.constexpr, BT: tl.constexpr, DOT: tl.constexpr):
+    """Rows [s, s + c): merge the NS range states, add the strictly earlier keys of the chunk to the
+    normaliser, write lse (0 for a row with no key at all) and w_prev = acc / l."""
+    pid_r = tl.program_id(0)
+    bh = tl.program_id(1)
+    r_loc = pid_r * BR + tl.arange(0, BR)
+    rows = s + r_loc
+    row_ok = r_loc < c
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    m = tl.full([BR], NEG, tl.float32)
+    l = tl.zeros([BR], tl.float32)
+    acc = tl.zeros([BR, BV], tl.float32)
+    for g in range(0, NS):
+        at = (bh * NS + g) * c + r_loc
+        mg = tl.load(m_ptr + at, mask=row_ok, other=NEG)
+        lg = tl.load(l_ptr + at, mask=row_ok, other=0.0)
+        ag = tl.load(acc_ptr + at[:, None] * V + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < V), other=0.0)
+        m_new = tl.maximum(m, mg)
+        a_old = tl.exp(m - m_new)
+        a_new = tl.exp(mg - m_new)
+        l = l * a_old + lg * a_new
+        acc = acc * a_old[:, None] + ag * a_new[:, None]
+        m = m_new
+    k_base = k_ptr + bh * T * K
+    kq = tl.load(k_base + rows[:, None] * K + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < K), other=0.0)
+    for j0 in range(s, s + c, BT):                  # the chunk's own keys s <= j < t: normaliser only
         cols = j0 + tl.arange(0, BT)
         kj = tl.load(k_base + cols[:, None] * K + dk[None, :], mask=(cols[:, None] < s + c) & (dk[None, :] < K),
                      other=0.0)
-        sc = tl.dot(kq, tl.trans(kj)) * scale
+        sc = tl.dot(kq, tl.trans(kj), input_precision=DOT) * scale
         ok = row_ok[:, None] & (cols[None, :] < rows[:, None])
         sc = tl.where(ok, sc, NEG)
         m_new = tl.maximum(m, tl.max(sc, 1))
         alpha = tl.exp(m - m_new)
-        p = tl.where(ok, tl.exp(sc - m_new[:, None]), 0.0)
-        l = l * alpha + tl.sum(p, 1)
+        l = l * alpha + tl.sum(tl.where(ok, tl.exp(sc - m_new[:, None]), 0.0), 1)
         acc = acc * alpha[:, None]
         m = m_new
     has = l > 0
-    lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), 0.0)
-    w = acc / tl.where(has, l, 1.0)[:, None]
-    tl.store(lse_ptr + bh * c + r_loc, lse, mask=row_ok)
-    tl.store(w_ptr + bh * c * V + r_loc[:, None] * V + dv[None, :], w, mask=row_ok[:, None] & (dv[None, :] < V))
-    # intra-chunk probabilities with the final normaliser
+    tl.store(lse_ptr + bh * c + r_loc, tl.where(has, m + tl.log(tl.where(has, l, 1.0)), 0.0), mask=row_ok)
+    tl.store(w_ptr + (bh * c + r_loc)[:, None] * V + dv[None, :], acc / tl.where(has, l, 1.0)[:, None],
+             mask=row_ok[:, None] & (dv[None, :] < V))
+
+
+@triton.jit
+def _intra_probs_kernel(k_ptr, lse_ptr, p_ptr, s, c, T, Tl, scale,
+                        K: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BT: tl.constexpr,
+                        DOT: tl.constexpr):
+    """P[t, j] = exp(scale k_t . k_j - lse_t) for s <= j < t < s + c (zero elsewhere) -> p [c, c];
+    lse is read at lse_ptr + bh Tl + (t - s)."""
+    pid_r = tl.program_id(0)
+    bh = tl.program_id(1)
+    r_loc = pid_r * BR + tl.arange(0, BR)
+    rows = s + r_loc
+    row_ok = r_loc < c
+    dk = tl.arange(0, BK)
+    k_base = k_ptr + bh * T * K
+    kq = tl.load(k_base + rows[:, None] * K + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < K), other=0.0)
+    lse = tl.load(lse_ptr + bh * Tl + r_loc, mask=row_ok, other=0.0)
     for j0 in range(s, s + c, BT):
         cols = j0 + tl.arange(0, BT)
         kj = tl.load(k_base + cols[:, None] * K + dk[None, :], mask=(cols[:, None] < s + c) & (dk[None, :] < K),
                      other=0.0)
-        sc = tl.dot(kq, tl.trans(kj)) * scale
+        sc = tl.dot(kq, tl.trans(kj), input_precision=DOT) * scale
         ok = row_ok[:, None] & (cols[None, :] < rows[:, None])
         p = tl.where(ok, tl.exp(tl.where(ok, sc, 0.0) - lse[:, None]), 0.0)
         c_loc = cols - s
-        tl.store(p_ptr + bh * c * c + r_loc[:, None] * c + c_loc[None, :], p,
-                 mask=row_ok[:, None] & (c_loc[None, :] < c))
+        tl.store(p_ptr + (bh * c + r_loc)[:, None] * c + c_loc[None, :], p, mask=row_ok[:, None] & (c_loc[None, :] < c))
+
+
+def dot_precision() -> str:
+    """The kernels' dots follow torch's float32 matmul switch: TF32 when
+    ``torch.backends.cuda.matmul.allow_tf32`` (``chunk._Tf32Matmuls`` turns it on for bf16 / fp16
+    inputs), else full float32 ("ieee"), so float32 inputs get float32 accuracy throughout."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
-def triton_chunk_stats(k: torch.Tensor, u: torch.Tensor, s: int, e: int, scale: float):
-    """Same contract as ``chunk.torch_chunk_stats``; k [B, H, T, K], u [B, H, T, V] contiguous float32."""
+def _check(k):
     if k.dtype != torch.float32:
         raise TypeError(f"deltaformer triton u-pass computes in float32; got k in {k.dtype}")
+
+
+def _range_len(n_keys: int, programs_per_range: int, BT: int, device: torch.device) -> int:
+    """Keys per range: enough ranges for ~4 programs per SM on CUDA, at least 8 key blocks each;
+    one key block per range in the interpreter (so the tests cross many ranges)."""
+    if device.type != "cuda":
+        return BT
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    ranges = max(1, -(-4 * sms // programs_per_range))
+    per_range = -(-n_keys // ranges)
+    return max(8 * BT, -(-per_range // BT) * BT)
+
+
+def _partials(kr, kk, uk, nrows: int, Tr: int, key_hi: int, Tk: int, scale: float):
+    """(m, l, acc) [B, H, NS, nrows(, V)] of the rows kr against keys kk / uk [.., :key_hi]; kr, kk, uk
+    are (views of) contiguous [B, H, Tr | Tk, *] float32 tensors starting at their first row / key."""
+    B, H = kr.shape[:2]
+    K, V = kr.shape[-1], uk.shape[-1]
+    BR = min(64, _pow2(nrows))
+    BT = 64 if max(K, V) <= 64 else 32
+    row_blocks = triton.cdiv(nrows, BR)
+    G = _range_len(key_hi, row_blocks * B * H, BT, kr.device)
+    NS = triton.cdiv(key_hi, G)
+    m = torch.empty(B, H, NS, nrows, device=kr.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = torch.empty(B, H, NS, nrows, V, device=kr.device, dtype=torch.float32)
+    _partials_kernel[(row_blocks, NS, B * H)](
+        kr, kk, uk, m, l, acc, nrows, Tr, key_hi, Tk, G, NS, float(scale), K=K, V=V, BK=_pow2(K), BV=_pow2(V),
+        BR=BR, BT=BT, DOT=dot_precision(), num_warps=4 if max(K, V) <= 64 else 8)
+    return m, l, acc
+
+
+def _row_blocks(K: int, c: int):
+    BR = min(64, _pow2(c))
+    return dict(BR=BR, BT=64 if K <= 64 else 32, num_warps=4 if K <= 64 else 8, DOT=dot_precision()), \
+        triton.cdiv(c, BR)
+
+
+def triton_chunk_probs(k, lse, s: int, e: int, scale: float):
+    """Same contract as ``chunk.chunk_probs``: P[c, c] [B, H, c, c] of the chunk [s, e) from k
+    [B, H, T, K] (contiguous float32) and the row lse (full [B, H, T], or the chunk's [B, H, c])."""
+    _check(k)
+    B, H, T, K = k.shape
+    c = e - s
+    lc = lse[:, :, s:e] if lse.shape[2] == T else lse
+    p = torch.empty(B, H, c, c, device=k.device, dtype=torch.float32)
+    blk, nb = _row_blocks(K, c)
+    _intra_probs_kernel[(nb, B * H)](k, lc, p, s, c, T, lse.shape[2], float(scale), K=K, BK=_pow2(K), **blk)
+    return p
+
+
+def triton_chunk_stats(k: torch.Tensor, u: torch.Tensor, s: int, e: int, scale: float):
+    """Same contract as ``chunk.torch_chunk_stats``; k [B, H, T, K], u [B, H, T, V] contiguous float32."""
+    _check(k)
     B, H, T, K = k.shape
     V = u.shape[-1]
     c = e - s
+    if s:
+        m_p, l_p, acc_p = _partials(k[:, :, s:e], k, u, c, T, s, T, scale)
+    else:
+        m_p = l_p = acc_p = k                       # no earlier keys: NS = 0, nothing is read
+    NS = m_p.shape[2] if s else 0
     w = torch.empty(B, H, c, V, device=k.device, dtype=torch.float32)
-    p = torch.empty(B, H, c, c, device=k.device, dtype=torch.float32)
     lse = torch.empty(B, H, c, device=k.device, dtype=torch.float32)
-    BR = min(64, _pow2(c))
-    BT = 64 if max(K, V) <= 128 else 32
-    grid = (triton.cdiv(c, BR), B * H)
-    _chunk_stats_kernel[grid](k, u, w, p, lse, s, c, T, float(scale), K=K, V=V, BK=_pow2(K), BV=_pow2(V),
-                              BR=BR, BT=BT, num_warps=4 if max(K, V) <= 64 else 8)
-    return w, p, lse
+    blk, nb = _row_blocks(max(K, V), c)
+    _finalize_kernel[(nb, B * H)](k, m_p, l_p, acc_p, w, lse, s, c, T, NS, float(scale), K=K, V=V, BK=_pow2(K),
+                                  BV=_pow2(V), **blk)
+    return w, triton_chunk_probs(k, lse, s, e, scale), lse
+
+
+def triton_block_partials(kr, kk, uk, scale: float):
+    """Same contract as ``chunk.torch_block_partials``: rows kr [B, H, L, K] against keys kk [B, H, G, K]
+    / uk [B, H, G, V] (all earlier), contiguous float32."""
+    _check(kr)
+    L, G = kr.shape[2], kk.shape[2]
+    return merge_partials(*_partials(kr.contiguous(), kk.contiguous(), uk.contiguous(), L, L, G, G, scale))
+
+
+def triton_stages() -> Stages:
+    from .triton_bwd import triton_chunk_push, triton_key_grads, triton_pull, triton_rows_vs_keys
+    return Stages(triton_chunk_stats, triton_chunk_probs, triton_chunk_push, triton_key_grads, triton_block_partials,
+                  triton_pull, triton_rows_vs_keys)

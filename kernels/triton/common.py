@@ -25,7 +25,8 @@ compiled only where it is given.
 
 Packed documents (``Varlen``, B = 1): each document has its own chunks (the last one partial; its
 end plays the role of T), the per-chunk kernels find theirs in a chunk map, the state passes run
-one program per (V block, document x head), and initial / final states are [N, H, K, V].
+one program per (V block, document x head), the longest documents first, and initial / final
+states are [N, H, K, V].
 ``IS_VARLEN`` (``flags_given`` on the boundary pointer) compiles that code only for varlen calls.
 """
 from __future__ import annotations
@@ -44,12 +45,13 @@ class Varlen(NamedTuple):
     its own chunks (the last one partial), so no chunk straddles a boundary.
 
     cu [N+1] int32 boundaries; chunks [NT, 2] int32, (document, chunk within it) of every chunk in
-    stream order (the per-chunk kernels' grid); offsets [N+1] int32, the index of each document's
-    first chunk (the state passes' h / dh rows); slots [T] int64, the row of each token in a
-    [NT * CHUNK] layout where every chunk is padded to CHUNK rows (in-chunk sums done in torch)."""
+    stream order (the per-chunk kernels' grid); seqs [N, 2] int32, (document, index of its first
+    chunk: its rows of the per-chunk states h / dh) in the order the state passes run them, the
+    most chunks first; slots [T] int64, the row of each token in a [NT * CHUNK] layout where every
+    chunk is padded to CHUNK rows (in-chunk sums done in torch)."""
     cu: torch.Tensor
     chunks: torch.Tensor
-    offsets: torch.Tensor
+    seqs: torch.Tensor
     slots: torch.Tensor
     n_chunks: int
     n_docs: int
@@ -68,6 +70,10 @@ def varlen_of(cu_seqlens: torch.Tensor, bounds: list[int]) -> Varlen:
     for c in counts:
         offsets.append(offsets[-1] + c)
     chunks = [(d, i) for d, c in enumerate(counts) for i in range(c)]
+    # The state passes' programs start in grid order and each runs its document's chunks one after
+    # the other: longest first, so a long document does not start last and run alone at the end
+    # (longest-processing-time-first scheduling of unequal chains).
+    seqs = sorted(((d, offsets[d]) for d in range(len(counts))), key=lambda s: -counts[s[0]])
     dev = cu_seqlens.device
     i32 = dict(device=dev, dtype=torch.int32)
     offsets_t = torch.tensor(offsets, **i32)
@@ -76,8 +82,8 @@ def varlen_of(cu_seqlens: torch.Tensor, bounds: list[int]) -> Varlen:
     doc = torch.repeat_interleave(torch.arange(len(lengths), device=dev),
                                   torch.tensor(lengths, device=dev), output_size=bounds[-1])
     slots = torch.arange(bounds[-1], device=dev) + (offsets_t.long() * CHUNK - cu.long())[doc]
-    vl = Varlen(cu, torch.tensor(chunks, **i32).reshape(-1, 2), offsets_t, slots, offsets[-1],
-                len(lengths))
+    vl = Varlen(cu, torch.tensor(chunks, **i32).reshape(-1, 2), torch.tensor(seqs, **i32).reshape(-1, 2),
+                slots, offsets[-1], len(lengths))
     cu_seqlens._lctrain_varlen = (cu_seqlens._version, vl)
     return vl
 
@@ -131,22 +137,25 @@ def chunk_prologue(n, T, H, C: tl.constexpr, BH_AXIS: tl.constexpr, cu_ptr, idx_
 
 
 @triton.jit
-def sequence_prologue(T, NT, H, C: tl.constexpr, cu_ptr, offsets_ptr, IS_VARLEN: tl.constexpr):
+def sequence_prologue(T, NT, H, C: tl.constexpr, cu_ptr, seqs_ptr, IS_VARLEN: tl.constexpr):
     """Where one program of a sequential state pass works (program axis 1 = b * H + h, or
-    doc * H + h with varlen): bh (also the row of its [B or N, H, K, V] states), base (the offset
+    i * H + h with varlen): bh (the row of its [B or N, H, K, V] states), base (the offset
     of (b, t=0, h) in a [B, T, H] tensor), its sequence's rows bos .. eos, its chunk count nt and
     c0, the index of its first chunk in the per-chunk states [*, H, K, V]. Without varlen the
     sequence is batch row b (bos = 0, eos = T, nt = NT, c0 = b * NT); with varlen (B = 1) it is
-    document bh // H: rows cu[doc] .. cu[doc + 1], its chunks numbered from offsets[doc]."""
+    document doc = seqs[i, 0] (bh = doc * H + h): rows cu[doc] .. cu[doc + 1], its chunks
+    numbered from seqs[i, 1]."""
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     if IS_VARLEN:
+        doc = tl.load(seqs_ptr + 2 * b).to(tl.int64)
+        bh = doc * H + h
         base = h
-        bos = tl.load(cu_ptr + b).to(tl.int32)
-        eos = tl.load(cu_ptr + b + 1).to(tl.int32)
+        bos = tl.load(cu_ptr + doc).to(tl.int32)
+        eos = tl.load(cu_ptr + doc + 1).to(tl.int32)
         nt = tl.cdiv(eos - bos, C)
-        c0 = tl.load(offsets_ptr + b).to(tl.int64)
+        c0 = tl.load(seqs_ptr + 2 * b + 1).to(tl.int64)
     else:
         base = b * T * H + h
         bos = 0

@@ -106,14 +106,36 @@ def _env_config() -> None:
 _env_config()
 
 
+# The state passes run one program per (V block, sequence x head): narrow V blocks (BVS / BVSB = 16)
+# give one 128K sequence of 16 heads 128 programs, about one per SM, which is what its latency-bound
+# chain needs. Packed documents have N x the chains, each N x shorter: with 64 documents that is
+# 8192 programs of [128, 16] state slices, one (state_bwd, 155 KiB of shared memory) or two
+# (state_fwd) resident per SM, every one re-reading the chunk's whole k / w / q tiles for its 16
+# columns. Once there are programs to spare, wider blocks do the same work in fewer programs
+# (no spills at 64 for D=128: python -m lctrain.bench.kernel_resources --varlen --cfg BVS=64,BVSB=64).
+WIDE_STATE_PROGRAMS = 512  # ~4 per SM on a 132-SM H100 / H200
+
+
+def _wide_state_block(chains: int, BV: int) -> int | None:
+    """The widest V block of the state passes (64, then 32; at most the head's BV) that still gives
+    WIDE_STATE_PROGRAMS programs for ``chains`` state chains; None where none does (the defaults,
+    tuned on one sequence, stay)."""
+    for bv in (64, 32):
+        if bv <= BV and chains * triton.cdiv(BV, bv) >= WIDE_STATE_PROGRAMS:
+            return bv
+    return None
+
+
 class _Cfg:
     """Block sizes and launch settings for one problem shape; `overrides` (tuning) take precedence
     over set_config's, which take precedence over the defaults. `gated`: the mixer has a decay g
     (dq/dk pipelines differently then). Defaults: the fastest correct settings of
-    `python -m lctrain.bench.tune_kernels` on an H100 at D=128, T=16K and 128K (2026-11-23, docs/kernels-notes.md)."""
+    `python -m lctrain.bench.tune_kernels` on an H100 at D=128, T=16K and 128K (2026-11-23, docs/kernels-notes.md).
+    `chains`: how many independent state chains (documents x heads with cu_seqlens) the state
+    passes run; with many their V blocks widen, see `_wide_state_block`."""
 
     def __init__(self, K: int, V: int, overrides: dict[str, int] | None = None, gated: bool = False,
-                 fp32: bool = False):
+                 fp32: bool = False, chains: int | None = None):
         self.K, self.V = K, V
         self.BK = pow2(K)
         BV = pow2(V)
@@ -141,6 +163,18 @@ class _Cfg:
         if fp32 and self.BK > 64:  # float32 inputs (references, tests): [C, 128] fp32 tiles in 3 stages
             defaults["stages_seqb"] = 1  # need 304 KiB of shared memory, more than an H100/H200 has
             defaults["stages_seqbc"] = 1
+        # not where shared memory is already at its limit: float32 tiles of K > 64, or K > 128
+        tight = (fp32 and self.BK > 64) or self.BK > 128
+        wide_bv = _wide_state_block(chains, BV) if (chains and not tight) else None
+        if wide_bv is not None:
+            # 2 stages: 3% faster than 3 for 64 packed documents in 128K, delta and GDN (H200, bench.sh kperf,
+            # docs/results/h200x2_2026-11-30_call2/kperf)
+            defaults["BVS"] = defaults["BVSB"] = wide_bv
+            defaults["stages_seq"] = defaults["stages_seqb"] = 2
+        elif not tight:
+            # 4 stages in the forward state pass: fwd 2.2% / fwd+bwd 1.2% faster than Triton's default 3 for
+            # gated_delta at 128K, 1.0% / 0.6% for delta (H200, 5 alternating rounds, same call)
+            defaults["stages_seq"] = 4
         defaults.update(_overrides)
         defaults.update(overrides or {})
         self.values = defaults
@@ -176,7 +210,8 @@ def _chunk_suffix_sum(x: torch.Tensor, varlen=None) -> torch.Tensor:
 def _forward(q, k, v, g, beta, s0, scale, want_final, varlen=None):
     """o, final state, and (gam, Tm): what the backward needs besides the inputs. ``varlen``
     (common.Varlen): packed documents, each run from its own initial state."""
-    cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None, fp32=k.dtype == torch.float32)
+    cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None, fp32=k.dtype == torch.float32,
+               chains=_chains(k, varlen))
     gam, tm, w, ut = _wy_fwd(k, v, g, beta, cfg, varlen=varlen)
     u = ut if w is not None else v
     h, vnew, st, _ = _state_fwd(k, w, u, gam, s0, cfg, store_h=True, store_vnew=True,
@@ -185,8 +220,16 @@ def _forward(q, k, v, g, beta, s0, scale, want_final, varlen=None):
     return o, st, gam, tm
 
 
+def _chains(k, varlen) -> int | None:
+    """State chains of the state passes with packed documents (documents x heads), which widen
+    their V blocks; None without: batches of whole sequences keep the settings tuned on one
+    sequence until a batched shape has been measured (the same rule would apply to B x H chains)."""
+    return None if varlen is None else varlen.n_docs * k.shape[2]
+
+
 def _backward(q, k, v, g, beta, s0, scale, do, dst, gam, tm, varlen=None):
-    cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None, fp32=k.dtype == torch.float32)
+    cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None, fp32=k.dtype == torch.float32,
+               chains=_chains(k, varlen))
     has_g, has_w = g is not None, beta is not None
     vl = dict(varlen=varlen)
     w, ut = _wy_apply(k, v, beta, gam, tm, cfg, **vl)  # Tm and gam come from the forward

@@ -11,27 +11,29 @@ from .common import CHUNK, flags_given, n_chunks, sequence_prologue
 
 
 @flags_given(HAS_G="gam_ptr", HAS_W="w_ptr", HAS_S0="s0_ptr", STORE_H="h_ptr", STORE_VNEW="vnew_ptr",
-             STORE_ST="st_ptr", COMPUTE_A="a_ptr", STORE_HP="hp_ptr", IS_VARLEN="cu_ptr")
+             STORE_ST="st_ptr", STORE_HP="hp_ptr", IS_VARLEN="cu_ptr")
 @triton.jit
 def state_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, s0_ptr, h_ptr, vnew_ptr, st_ptr, a_ptr, hp_ptr,
-                     cu_ptr, offsets_ptr,
+                     cu_ptr, seqs_ptr,
                      T, NT, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      C: tl.constexpr, NVB: tl.constexpr,
                      HAS_G: tl.constexpr, HAS_W: tl.constexpr, HAS_S0: tl.constexpr,
                      STORE_H: tl.constexpr, STORE_VNEW: tl.constexpr, STORE_ST: tl.constexpr,
-                     COMPUTE_A: tl.constexpr, STORE_HP: tl.constexpr, IS_VARLEN: tl.constexpr):
+                     STORE_HP: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Sequential pass over chunks carrying a [K, BV] slice of the state in fp32 registers.
 
     Stores the incoming state of every chunk (h), the pseudo-values U = Ut - W S (vnew) and the
-    final state. Programs with pid0 >= NVB (only when COMPUTE_A) carry a column block of the
-    shard transition A = A_NT ... A_1 instead: the same update from S0 = I with Ut = 0; with
-    STORE_HP they also store its prefix before every chunk (hp [B, H, NT, K, K], head-major, no
-    varlen: h of the state
-    from S_in is h from zero + hp @ S_in, which context parallelism uses to run the pass before S_in
-    is known). With varlen each program runs one document (its own initial and final state, its chunks in
-    h numbered from offsets[doc]). Grid (NVB [+ cdiv(K, BV)], B*H or N*H)."""
+    final state. Programs with pid0 >= NVB (only where the grid has them) carry a column block of
+    the shard transition A = A_NT ... A_1 instead: the same update from S0 = I with Ut = 0. a_ptr is
+    always a tensor (a one-element one without A programs): the A store is compiled in every
+    specialisation, see ``state_fwd``. With STORE_HP (context parallelism, no varlen) the A programs
+    also store their product before every chunk (hp [B, H, NT, K, K], head-major): the h of a pass
+    from S_in is the h from zero + hp @ S_in, so the pass can run before S_in is known
+    (``state_fwd_prefix``); without it the code is the plain pass's, unchanged.
+    With varlen each program runs one document (its own initial and final state, its chunks in
+    h numbered from its first chunk's index, the longest documents first). Grid (NVB [+ cdiv(K, BV)], B*H or N*H)."""
     iv = tl.program_id(0)
-    bh, h, base_g, bos, eos, nt, c0 = sequence_prologue(T, NT, H, C, cu_ptr, offsets_ptr, IS_VARLEN)
+    bh, h, base_g, bos, eos, nt, c0 = sequence_prologue(T, NT, H, C, cu_ptr, seqs_ptr, IS_VARLEN)
     rc = bos + tl.arange(0, C)   # the rows of the first chunk
     base_k = base_g * K
     base_v = base_g * V
@@ -74,12 +76,15 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, s0_ptr, h_ptr, vnew_ptr, st_p
         if HAS_G:
             gam_nxt = tl.load(gam_ptr + base_g + rt1 * H, mask=rt1 < eos, other=0.0)
             gl_nxt = tl.load(gam_ptr + base_g + tl.minimum(bos + n * C + 2 * C - 1, eos - 1) * H)
-        if STORE_H:
-            tl.store(h_ptr + ((c0 + n) * H + h) * K * V + rk[:, None] * V + rv[None, :],
-                     S.to(h_ptr.dtype.element_ty), mask=mkv & (not is_a))
         if STORE_HP:
+            if STORE_H:
+                tl.store(h_ptr + ((c0 + n) * H + h) * K * V + rk[:, None] * V + rv[None, :],
+                         S.to(h_ptr.dtype.element_ty), mask=mkv & (not is_a))
             tl.store(hp_ptr + (bh * NT + n) * K * K + rk[:, None] * K + rv[None, :],
                      S.to(hp_ptr.dtype.element_ty), mask=mkv & is_a)
+        elif STORE_H:
+            tl.store(h_ptr + ((c0 + n) * H + h) * K * V + rk[:, None] * V + rv[None, :],
+                     S.to(h_ptr.dtype.element_ty), mask=mkv)
         kc = tl.load(k_ptr + base_k + rt[:, None] * H * K + rk[None, :],
                      mask=mt[:, None] & mk[None, :], other=0.0)
         if HAS_W:
@@ -94,46 +99,53 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, s0_ptr, h_ptr, vnew_ptr, st_p
             u = u * tl.exp(gl - gam)[:, None]      # the decay on the small operand, not on k
         S += tl.dot(tl.trans(kc), u.to(kc.dtype)).to(tl.float32)
     if is_a:
-        if COMPUTE_A:  # else a_ptr is None (and no program has is_a)
-            tl.store(a_ptr + bh * K * K + rk[:, None] * K + rv[None, :], S, mask=mkv)
+        tl.store(a_ptr + bh * K * K + rk[:, None] * K + rv[None, :], S, mask=mkv)
     else:
         if STORE_ST:
             tl.store(st_ptr + bh * K * V + rk[:, None] * V + rv[None, :], S, mask=mkv)
 
 
 @flags_given(HAS_G="gam_ptr", HAS_W="w_ptr", HAS_DST="dst_ptr", STORE_DH="dh_ptr", STORE_DU="du_ptr",
-             COMPUTE_AT="at_ptr", STORE_DHP="dhp_ptr", IS_VARLEN="cu_ptr")
+             COMPUTE_AT="at_ptr", IS_VARLEN="cu_ptr")
 @triton.jit
 def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dvl_ptr, gam_ptr, dst_ptr, dh_ptr, du_ptr,
-                     ds0_ptr, at_ptr, dhp_ptr, cu_ptr, offsets_ptr, scale, T, NT, H, K: tl.constexpr,
+                     ds0_ptr, at_ptr, dhp_ptr, cu_ptr, seqs_ptr, scale, T, NT, H, K: tl.constexpr,
                      V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, NVB: tl.constexpr,
                      HAS_G: tl.constexpr, HAS_W: tl.constexpr, HAS_DST: tl.constexpr,
                      STORE_DH: tl.constexpr, STORE_DU: tl.constexpr, COMPUTE_AT: tl.constexpr,
-                     STORE_DHP: tl.constexpr, IS_VARLEN: tl.constexpr):
+                     IS_VARLEN: tl.constexpr):
     """Reverse pass over chunks carrying dS (gradient w.r.t. a chunk's outgoing state):
         dU     = dU_local + diag(exp(gl - gam)) K dS            (stored: the full dU)
         dS_in  = exp(gl) dS + scale (Gam Q)^T dO - W^T dU
     Stores dS of every chunk (dh) and the gradient of the initial state; with varlen one document
-    per program, as in state_fwd_kernel. Programs with pid0 >= NVB (only when COMPUTE_AT) carry a
-    column block of the identity through the same update with dO = dU_local = 0 instead: they
-    end with A^T (at, [B, H, K, K]) and with STORE_DHP store the product before every chunk (dhp
-    [B, H, NT, K, K], head-major, no varlen: dh of a final-state gradient dst is dh from dst = 0 + dhp @ dst).
-    Grid (NVB [+ cdiv(K, BV)], B*H or N*H)."""
+    per program, as in state_fwd_kernel. With COMPUTE_AT (context parallelism, no varlen, no dst)
+    programs with pid0 >= NVB carry a column block of the identity through the same update with
+    dO = dU_local = 0 instead: they end with A^T (at [B, H, K, K]) and store the product before
+    every chunk (dhp [B, H, NT, K, K], head-major): the dh of a final-state gradient dst is the dh
+    from zero + dhp @ dst (``state_bwd_suffix``); without it the code is the plain pass's,
+    unchanged. Grid (NVB [+ cdiv(K, BV)], B*H or N*H)."""
     iv = tl.program_id(0)
-    bh, h, base_g, bos, eos, nt, c0 = sequence_prologue(T, NT, H, C, cu_ptr, offsets_ptr, IS_VARLEN)
+    bh, h, base_g, bos, eos, nt, c0 = sequence_prologue(T, NT, H, C, cu_ptr, seqs_ptr, IS_VARLEN)
     rc = bos + tl.arange(0, C)   # the rows of the first chunk
     base_k = base_g * K
     base_v = base_g * V
     rk = tl.arange(0, BK)
     mk = rk < K
-    is_a = iv >= NVB  # never true without COMPUTE_AT (NVB is then the whole grid), as in state_fwd_kernel
-    if is_a:
-        rv = (iv - NVB) * BV + tl.arange(0, BV)
-        mv = rv < K
-        dS = ((rk[:, None] == rv[None, :]) & mv[None, :]).to(tl.float32)
+    if COMPUTE_AT:
+        is_a = iv >= NVB
+        if is_a:
+            rv = (iv - NVB) * BV + tl.arange(0, BV)
+            mv = rv < K
+            dS = ((rk[:, None] == rv[None, :]) & mv[None, :]).to(tl.float32)
+        else:
+            rv = iv * BV + tl.arange(0, BV)
+            mv = rv < V
+            dS = tl.zeros([BK, BV], dtype=tl.float32)
+        mio = mv & (not is_a)  # the columns that read dO and dU_local and store dh and dU
     else:
         rv = iv * BV + tl.arange(0, BV)
         mv = rv < V
+        mio = mv
         if HAS_DST:
             dS = tl.load(dst_ptr + bh * K * V + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :],
                          other=0.0).to(tl.float32)
@@ -144,9 +156,9 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dvl_ptr, gam_ptr, dst_ptr, dh_
     # the dots directly. The decays and the scale go on the [C, BV] operands, not on q and k.
     r0 = (nt - 1) * C + rc
     do_nxt = tl.load(do_ptr + base_v + r0[:, None] * H * V + rv[None, :],
-                     mask=(r0[:, None] < eos) & mv[None, :] & (not is_a), other=0.0)
+                     mask=(r0[:, None] < eos) & mio[None, :], other=0.0)
     du_nxt = tl.load(dvl_ptr + base_v + r0[:, None] * H * V + rv[None, :],
-                     mask=(r0[:, None] < eos) & mv[None, :] & (not is_a), other=0.0)
+                     mask=(r0[:, None] < eos) & mio[None, :], other=0.0)
     gam_nxt = tl.zeros([C], dtype=tl.float32)
     gl_nxt = tl.sum(gam_nxt, axis=0)
     if HAS_G:
@@ -157,7 +169,7 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dvl_ptr, gam_ptr, dst_ptr, dh_
         rt = n * C + rc
         mt = rt < eos
         mtk = mt[:, None] & mk[None, :]
-        mtv = mt[:, None] & mv[None, :]
+        mtv = mt[:, None] & mio[None, :]
         do = do_nxt.to(tl.float32)
         du = du_nxt.to(tl.float32)
         gam = gam_nxt
@@ -165,16 +177,16 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dvl_ptr, gam_ptr, dst_ptr, dh_
         rt1 = rt - C
         m1 = (rt1 >= bos) & (rt1 < eos)
         do_nxt = tl.load(do_ptr + base_v + rt1[:, None] * H * V + rv[None, :],
-                         mask=m1[:, None] & mv[None, :] & (not is_a), other=0.0)
+                         mask=m1[:, None] & mio[None, :], other=0.0)
         du_nxt = tl.load(dvl_ptr + base_v + rt1[:, None] * H * V + rv[None, :],
-                         mask=m1[:, None] & mv[None, :] & (not is_a), other=0.0)
+                         mask=m1[:, None] & mio[None, :], other=0.0)
         if HAS_G:
             gam_nxt = tl.load(gam_ptr + base_g + rt1 * H, mask=m1, other=0.0)
             gl_nxt = tl.load(gam_ptr + base_g + (bos + tl.maximum(n * C - 1, 0)) * H)
         if STORE_DH:
             tl.store(dh_ptr + ((c0 + n) * H + h) * K * V + rk[:, None] * V + rv[None, :],
-                     dS.to(dh_ptr.dtype.element_ty), mask=mkv & (not is_a))
-        if STORE_DHP:
+                     dS.to(dh_ptr.dtype.element_ty), mask=mk[:, None] & mio[None, :])
+        if COMPUTE_AT:
             tl.store(dhp_ptr + (bh * NT + n) * K * K + rk[:, None] * K + rv[None, :],
                      dS.to(dhp_ptr.dtype.element_ty), mask=mkv & is_a)
         kc = tl.load(k_ptr + base_k + rt[:, None] * H * K + rk[None, :], mask=mtk, other=0.0)
@@ -189,14 +201,16 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dvl_ptr, gam_ptr, dst_ptr, dh_
             do = do * scale
         if STORE_DU:
             tl.store(du_ptr + base_v + rt[:, None] * H * V + rv[None, :],
-                     du.to(du_ptr.dtype.element_ty), mask=mtv & (not is_a))
+                     du.to(du_ptr.dtype.element_ty), mask=mtv)
         dS += tl.dot(tl.trans(qc), do.to(qc.dtype)).to(tl.float32)
         if HAS_W:
             wc = tl.load(w_ptr + base_k + rt[:, None] * H * K + rk[None, :], mask=mtk, other=0.0)
             dS -= tl.dot(tl.trans(wc), du.to(wc.dtype)).to(tl.float32)
-    if is_a:
-        if COMPUTE_AT:  # else at_ptr is None (and no program has is_a)
+    if COMPUTE_AT:
+        if is_a:
             tl.store(at_ptr + bh * K * K + rk[:, None] * K + rv[None, :], dS, mask=mkv)
+        else:
+            tl.store(ds0_ptr + bh * K * V + rk[:, None] * V + rv[None, :], dS, mask=mkv)
     else:
         tl.store(ds0_ptr + bh * K * V + rk[:, None] * V + rv[None, :], dS, mask=mkv)
 
@@ -214,14 +228,19 @@ def state_fwd(k, w, u, gam, s0, cfg, *, store_h: bool, store_vnew: bool, store_f
     h = torch.empty(B, NT, H, K, V, device=k.device, dtype=k.dtype) if store_h else None
     vnew = torch.empty_like(u) if (store_vnew and w is not None) else None
     st = torch.empty(S, H, K, V, device=k.device, dtype=torch.float32) if store_final else None
-    a = torch.empty(B, H, K, K, device=k.device, dtype=torch.float32) if compute_a else None
+    # Without A programs a_ptr is a one-element stand-in, not None: with the A store compiled out
+    # (None, or is_a a compile-time False) ptxas schedules the chunk loop differently, and the
+    # gated forward was 1.6% (None) / 20% (compile-time False) slower on an H200; with the store
+    # kept, the loop's SASS is the one-file version's (docs/kernels-notes.md, issue 12).
+    a = torch.empty(B, H, K, K, device=k.device, dtype=torch.float32) if compute_a else \
+        torch.empty(1, device=k.device, dtype=torch.float32)
     if compute_a and varlen is not None:
         raise ValueError("state_fwd: the CP transition is computed on one document piece, without varlen")
     nvb = triton.cdiv(V, cfg.BVS)
     grid = (nvb + (triton.cdiv(K, cfg.BVS) if compute_a else 0), S * H)
     state_fwd_kernel[grid](k, w, u, gam, s0, h, vnew, st, a, None, *_sequences(varlen), T, NT, H, K=K, V=V,
                            BK=cfg.BK, BV=cfg.BVS, C=CHUNK, NVB=nvb, **cfg.launch("state_fwd"))
-    return h, (vnew if vnew is not None else u), st, a
+    return h, (vnew if vnew is not None else u), st, (a if compute_a else None)
 
 
 def state_fwd_prefix(k, w, u, gam, cfg):
@@ -283,5 +302,5 @@ def state_bwd_suffix(q, k, w, do, dvl, gam, scale, cfg):
 
 
 def _sequences(varlen):
-    """cu_ptr, offsets_ptr of the state kernels: None, None without varlen."""
-    return (None, None) if varlen is None else (varlen.cu, varlen.offsets)
+    """cu_ptr, seqs_ptr of the state kernels: None, None without varlen."""
+    return (None, None) if varlen is None else (varlen.cu, varlen.seqs)

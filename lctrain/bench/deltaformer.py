@@ -1,13 +1,18 @@
 """`lctrain bench deltaformer`: Deltaformer forward and forward+backward on one GPU, ours against
-fla-core's ``deltaformer_attn`` in the same process.
+fla-core's (its whole op, or its u-pass with our read-out where flash-attn is missing) in the same process.
 
-Methods: ``ours`` (backend="triton": Triton u-pass statistics, torch solve and backward, SDPA
-read-out), ``ours_torch`` (backend="torch": the chunkwise torch u-pass), ``fla`` (fla-core's
-``fla.ops.deltaformer.deltaformer_attn``, which needs the flash-attn package: when it cannot run, the
-result says "fla unavailable: <reason>" and the ratios stay empty) and ``sdpa`` (plain causal
-attention on the same q, k, v: the read-out alone, the floor). Before timing, the outputs and input
-gradients of ours and of fla are compared with the float32 torch backend at the first length.
-Times: ``triton.testing.do_bench`` medians; peak: the extra GPU memory of one fwd+bwd.
+Methods: ``ours`` (backend="triton": the Triton chunk passes of the u-pass forward and backward,
+torch c x c solves, SDPA read-out), ``ours_torch`` (backend="torch": the chunkwise torch u-pass),
+``fla`` (fla-core's ``fla.ops.deltaformer.deltaformer_attn``: its Triton u-pass and a flash-attn
+read-out, so it needs the flash-attn package), ``fla_u_sdpa`` (fla's u-pass alone,
+``fla.ops.deltaformer.parallel.ParallelDeltaformerFunction``, pure Triton, followed by OUR SDPA
+read-out: the like-for-like comparison of the u-pass where flash-attn is missing) and ``sdpa`` (plain
+causal attention on the same q, k, v: the read-out alone, the floor). Whatever of fla cannot run is
+reported in the notes with the exception's text ("fla unavailable: ..."), never a crash; the ratio
+columns divide by ``fla`` when it ran, else by ``fla_u_sdpa`` (the notes say which). Before timing,
+the outputs and input gradients of ours and of each fla method are compared with the float32 torch
+backend at the first length. Times: ``triton.testing.do_bench`` medians; peak: the extra GPU memory
+of one fwd+bwd.
 ``--json PATH`` writes the result, ``--record`` appends it to BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -18,7 +23,8 @@ import sys
 from lctrain.bench.kernels import _measure, _rel_diff
 from lctrain.bench.report import bench_main, result_dict
 
-METHODS = ("ours", "ours_torch", "fla", "sdpa")
+METHODS = ("ours", "ours_torch", "fla", "fla_u_sdpa", "sdpa")
+FLA_METHODS = ("fla", "fla_u_sdpa")
 COLUMNS = ["T", "method", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd / fla", "fwd+bwd / fla", "peak / fla"]
 
 
@@ -29,20 +35,27 @@ def _parse(argv):
     p.add_argument("--H", type=int, default=16)
     p.add_argument("--D", type=int, default=128, help="head dim of q, k and v")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--chunk-size", type=int, default=256, help="our u-pass chunk (default 256)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=["ours", "fla", "sdpa"])
+    p.add_argument("--chunk-size", type=int, nargs="+", default=[256],
+                   help="our u-pass chunk (default 256); several: ours / ours_torch timed at each, as ours/c<N>")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=["ours", "fla", "fla_u_sdpa", "sdpa"])
     p.add_argument("--warmup", type=int, default=10, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=50, help="do_bench repetition time, ms")
+    p.add_argument("--profile", metavar="PATH",
+                   help="after the timing, profile one fwd+bwd of each method at the first --T (torch.profiler) "
+                        "and write its kernel table and wall vs summed kernel time to PATH")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD",
                    help="append the result to BENCHMARKS.md (or MD)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if any(c < 1 for c in args.chunk_size):
+        p.error(f"--chunk-size must be positive, got {args.chunk_size}")
+    return args
 
 
-def _inputs(B, T, H, D, dtype):
+def _inputs(B, T, H, D, dtype, device="cuda"):
     import torch
-    gen = torch.Generator(device="cuda").manual_seed(T)
-    r = lambda *s: torch.randn(*s, generator=gen, device="cuda")  # noqa: E731
+    gen = torch.Generator(device=device).manual_seed(T)
+    r = lambda *s: torch.randn(*s, generator=gen, device=device)  # noqa: E731
     x = dict(q=r(B, T, H, D).to(dtype), k=r(B, T, H, D).to(dtype), v=r(B, T, H, D).to(dtype),
              beta=torch.sigmoid(r(B, T, H)).to(dtype))
     for t in x.values():
@@ -51,35 +64,60 @@ def _inputs(B, T, H, D, dtype):
     return x
 
 
-def _load_fla(notes):
-    """fla-core's deltaformer_attn, or None with the reason in notes (it needs flash-attn)."""
-    import torch
-    try:
-        from fla.ops.deltaformer import deltaformer_attn
-        x = _inputs(1, 64, 1, 64, torch.bfloat16)
-        deltaformer_attn(x["q"], x["k"], x["v"], x["beta"])
-    except Exception as e:  # noqa: BLE001 - any failure means: not comparable here
-        notes.append(f"fla unavailable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        return None
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _load_fla(notes, wanted, device="cuda") -> dict:
+    """{method: callable(q, k, v, beta) or None} for the fla methods in ``wanted``; every reason one
+    cannot run goes into notes with the exception's text (fla's read-out needs flash-attn)."""
     import importlib.metadata as md
+
+    import torch
     try:
         notes.append(f"fla-core {md.version('fla-core')}")
     except md.PackageNotFoundError:
-        pass
-    return deltaformer_attn
+        notes.append("fla-core is not installed")
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - report, do not fail
+        notes.append(f"flash-attn not importable ({_why(e)}): fla's deltaformer_attn cannot read out")
+    probe = _inputs(1, 64, 1, 64, torch.bfloat16, device)
+    out = {}
+    for name in wanted:
+        try:
+            if name == "fla":
+                from fla.ops.deltaformer import deltaformer_attn as fn
+            else:
+                from fla.ops.deltaformer.parallel import ParallelDeltaformerFunction
+
+                from lctrain.kernels.deltaformer.readout import causal_readout
+
+                def fn(q, k, v, beta, f=ParallelDeltaformerFunction):
+                    return causal_readout(q, k, f.apply(k, k, v, beta), k.shape[-1] ** -0.5)
+            fn(probe["q"], probe["k"], probe["v"], probe["beta"])
+            out[name] = fn
+        except Exception as e:  # noqa: BLE001 - any failure means: not comparable here
+            notes.append(f"{name} unavailable: {_why(e)}")
+            out[name] = None
+    return out
 
 
 def _fn(name, x, chunk_size, fla):
+    """(fwd closure, its differentiable inputs) of a method; "ours/c512" = ours at chunk 512."""
     import torch.nn.functional as F
 
     from lctrain.kernels import deltaformer
     q, k, v, beta = x["q"], x["k"], x["v"], x["beta"]
+    if "/c" in name:
+        name, chunk = name.split("/c")
+        chunk_size = int(chunk)
     if name == "ours":
         return (lambda: deltaformer(q, k, v, beta, backend="triton", chunk_size=chunk_size)), [q, k, v, beta]
     if name == "ours_torch":
         return (lambda: deltaformer(q, k, v, beta, backend="torch", chunk_size=chunk_size)), [q, k, v, beta]
-    if name == "fla":
-        return (lambda: fla(q, k, v, beta)), [q, k, v, beta]
+    if name in FLA_METHODS:
+        return (lambda: fla[name](q, k, v, beta)), [q, k, v, beta]
     if name == "sdpa":
         return (lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                        is_causal=True).transpose(1, 2)), [q, k, v]
@@ -98,10 +136,51 @@ def _agreement(x, chunk_size, fla, notes):
     ref = outs("ours_torch", xr)
     names = ["o", "dq", "dk", "dv", "dbeta"]
     T = x["q"].shape[1]
-    for name in ["ours"] + (["fla"] if fla is not None else []):
+    for name in ["ours"] + [m for m in FLA_METHODS if fla.get(m) is not None]:
         got = outs(name, x)
         notes.append(f"{name} vs the float32 torch backend at T={T}: rel diff "
                      + ", ".join(f"{n} {_rel_diff(a, b):.1e}" for n, a, b in zip(names, got, ref)))
+
+
+def _expand(methods, chunk_sizes):
+    """ours / ours_torch once per chunk size when several are asked for."""
+    if len(chunk_sizes) == 1:
+        return methods
+    return [f"{m}/c{c}" if m in ("ours", "ours_torch") else m for m in methods
+            for c in (chunk_sizes if m in ("ours", "ours_torch") else [None])]
+
+
+def _profile(methods, x, chunk_size, fla, path):
+    """One fwd+bwd per method under torch.profiler: wall time, summed GPU kernel time (a wall far
+    above it means launch / Python bound) and the kernels by GPU time, written to path."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    out = []
+    for m in methods:
+        fwd, leaves = _fn(m, x, chunk_size, fla)
+        torch.autograd.grad(fwd(), leaves, x["do"])          # compile / autotune outside the profile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            torch.autograd.grad(fwd(), leaves, x["do"])
+            torch.cuda.synchronize()
+            wall = 1e3 * (time.perf_counter() - t0)
+        events = prof.key_averages()
+        dev_us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+                     for e in events)
+        launches = sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
+        head = (f"=== {m}  T={x['q'].shape[1]}: one fwd+bwd, wall {wall:.1f} ms under the profiler, GPU kernels "
+                f"{dev_us / 1e3:.1f} ms, {launches} kernel launches")
+        print(head, flush=True)
+        try:
+            table = events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
+        except (AttributeError, KeyError, ValueError):
+            table = events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
+        out += [head, table, ""]
+    with open(path, "w") as f:
+        f.write("\n".join(out))
 
 
 def run(args) -> dict:
@@ -112,20 +191,20 @@ def run(args) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     notes: list[str] = []
     methods = list(args.methods)
-    fla = _load_fla(notes) if "fla" in methods else None
-    if fla is None:
-        methods = [m for m in methods if m != "fla"]
+    fla = _load_fla(notes, [m for m in methods if m in FLA_METHODS])
+    methods = _expand([m for m in methods if m not in FLA_METHODS or fla[m] is not None], args.chunk_size)
+    chunk = args.chunk_size[0]
     rows, raw = [], []
     for i, T in enumerate(args.T):
         x = _inputs(args.B, T, args.H, args.D, dtype)
         if i == 0:
             try:
-                _agreement(x, args.chunk_size, fla, notes)
+                _agreement(x, chunk, fla, notes)
             except torch.cuda.OutOfMemoryError:
                 notes.append(f"agreement check at T={T}: out of memory")
         res = {}
         for m in methods:
-            fwd, leaves = _fn(m, x, args.chunk_size, fla)
+            fwd, leaves = _fn(m, x, chunk, fla)
             try:
                 res[m] = _measure(fwd, leaves, x["do"], args.warmup, args.rep)
             except torch.cuda.OutOfMemoryError:
@@ -135,9 +214,18 @@ def run(args) -> dict:
             r = res[m]
             print(f"T={T} {m}: " + ("OOM" if r is None else f"fwd {r[0]:.2f} ms, fwd+bwd {r[1]:.2f} ms, "
                                                            f"peak {r[2]:.0f} MiB"), flush=True)
+        if i == 0 and args.profile:
+            try:
+                _profile([m for m in methods if res[m] is not None], x, chunk, fla, args.profile)
+                notes.append(f"profile of one fwd+bwd per method at T={T}: {args.profile}")
+            except torch.cuda.OutOfMemoryError:
+                notes.append(f"profile at T={T}: out of memory")
         del x
         torch.cuda.empty_cache()
-        ref = res.get("fla")
+        ref_name = next((m for m in FLA_METHODS if res.get(m) is not None), None)
+        if i == 0 and ref_name is not None:
+            notes.append(f"ratio columns: method / {ref_name}")
+        ref = res.get(ref_name)
         for m, r in res.items():
             ratio = lambda j, r=r, ref=ref: round(r[j] / ref[j], 3) if (r is not None and ref is not None) else None  # noqa: E731
             rows.append([T, m] + ([None] * 3 if r is None else [round(r[0], 3), round(r[1], 3), round(r[2], 1)])
@@ -145,10 +233,12 @@ def run(args) -> dict:
             raw.append({"T": T, "method": m, "fwd_ms": None if r is None else r[0],
                         "fwd_bwd_ms": None if r is None else r[1], "peak_mib": None if r is None else r[2]})
     return result_dict(
-        f"Deltaformer: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}, chunk {args.chunk_size}",
+        f"Deltaformer: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}, chunk "
+        + "/".join(map(str, args.chunk_size)),
         "lctrain bench deltaformer " + " ".join(args.argv),
         torch.cuda.get_device_name(), {"torch": torch.__version__, "triton": triton.__version__},
-        notes + ["ratios: method / fla; sdpa = plain causal attention on q, k, v (the read-out alone)"],
+        notes + ["sdpa = plain causal attention on q, k, v (the read-out alone); fla_u_sdpa = fla's u-pass "
+                 "(u kept in the input dtype between chunks, chunk 512) + our SDPA read-out"],
         COLUMNS, rows, raw)
 
 

@@ -1,14 +1,18 @@
 """`lctrain bench deltaformer-cp`: what context parallelism costs Deltaformer (strong scaling).
 
 One sequence of T tokens: ``deltaformer`` on one device against ``deltaformer_cp`` over N ranks, each
-holding T / N tokens (lctrain/parallel/deltaformer_cp.py: every rank gathers k, v, beta and solves
-the u-pass over its whole prefix, so the last rank repeats the full u-pass). Times are medians of the
-slowest rank per iteration for CP and the ranks' mean for the one-device run;
+holding T / N tokens, for each ``--schedule`` (lctrain/parallel/deltaformer_cp.py): ``pipeline``
+(ranks stream their u piece by piece to the later ranks, the backward streams the finished rows back)
+and ``gather`` (every rank gathers k, v, beta and solves the u-pass over its whole prefix, so the last
+rank repeats the full u-pass). Times are medians of the slowest rank per iteration for CP and the
+ranks' mean for the one-device run;
 
     speed-up = time(1 device, T) / time(CP = N, T)
 
-which the u-pass caps near 1 by construction: the figure shows how much the read-out, spread over
-the ranks, gains back. ``--device cpu`` runs the same code on gloo at tiny sizes.
+After the timing, one more fwd+bwd of the pipeline runs with a device synchronisation at every
+phase edge and prints each rank's wall time per phase (waiting for earlier u / later rows, folding
+them in, the local chunk passes, the read-out): where the pipeline's time goes.
+``--device cpu`` runs the same code on gloo at tiny sizes.
 ``--json PATH`` writes the result, ``--record`` appends it to BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -18,8 +22,9 @@ import sys
 
 from lctrain.bench.cp import _cp_device, _peak_mib, _timed, _version, init_worker, run_or_launch
 
-COLUMNS = ["T total", "T/rank", "1-dev fwd ms", "1-dev fwd+bwd ms", "CP fwd ms", "CP fwd+bwd ms", "speed-up",
-           "1-dev peak MiB", "CP peak MiB"]
+COLUMNS = ["T total", "T/rank", "schedule", "1-dev fwd ms", "1-dev fwd+bwd ms", "CP fwd ms", "CP fwd+bwd ms",
+           "speed-up", "1-dev peak MiB", "CP peak MiB"]
+SCHEDULES = ("pipeline", "gather")
 
 
 def _parse(argv):
@@ -32,6 +37,10 @@ def _parse(argv):
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--backend", default="auto")
     p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--schedule", nargs="+", choices=SCHEDULES, default=list(SCHEDULES),
+                   help="CP schedules to time (default both)")
+    p.add_argument("--piece-size", type=int, default=None,
+                   help="pipeline: tokens per streamed piece (default 4 chunks)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--json", metavar="PATH")
@@ -56,6 +65,22 @@ def main(argv: list[str] | None = None) -> int:
     return run_or_launch(args, argv, "lctrain.bench.deltaformer_cp", _worker)
 
 
+def _breakdown(fn, group, rank, P) -> dict:
+    """Per-rank wall ms per pipeline phase of one call of fn (PHASES on), gathered to every rank."""
+    import torch.distributed as dist
+
+    from lctrain.parallel.deltaformer_cp import PHASE_ORDER, PHASES
+    PHASES.ms, PHASES.enabled = {}, True
+    try:
+        fn()
+    finally:
+        PHASES.enabled = False
+    per_rank = [None] * P
+    dist.all_gather_object(per_rank, PHASES.ms, group=group)
+    seen = set().union(*per_rank)
+    return {name: [round(d.get(name, 0.0), 2) for d in per_rank] for name in PHASE_ORDER if name in seen}
+
+
 def _worker(args, argv) -> int:
     import torch
     import torch.distributed as dist
@@ -66,7 +91,7 @@ def _worker(args, argv) -> int:
     device, group, P, rank = init_worker(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     kw = dict(backend=args.backend, chunk_size=args.chunk_size)
-    rows, raw = [], []
+    rows, raw, notes = [], [], []
     try:
         for T in args.T:
             if T % P:
@@ -77,10 +102,13 @@ def _worker(args, argv) -> int:
             full["beta"] = torch.sigmoid(torch.randn(1, T, args.H, generator=gen, device=device)).to(dtype)
             Tl = T // P
             local = {n: t[:, rank * Tl:(rank + 1) * Tl].contiguous() for n, t in full.items()}
-            res = {"T_total": T, "T_per_rank": Tl}
-            for name, x, op, slowest in (
-                    ("single", full, lambda x: deltaformer(x["q"], x["k"], x["v"], x["beta"], **kw), False),
-                    ("cp", local, lambda x: deltaformer_cp(x["q"], x["k"], x["v"], x["beta"], group, **kw), True)):
+            runs = [("single", full, lambda x: deltaformer(x["q"], x["k"], x["v"], x["beta"], **kw), False)]
+            for sched in args.schedule:
+                piece = args.piece_size if sched == "pipeline" else None
+                runs.append((sched, local, lambda x, sched=sched, piece=piece: deltaformer_cp(
+                    x["q"], x["k"], x["v"], x["beta"], group, schedule=sched, piece_size=piece, **kw), True))
+            res = {}
+            for name, x, op, slowest in runs:
                 leaves = {n: x[n].detach().requires_grad_(True) for n in ("q", "k", "v", "beta")}
 
                 def f_only(leaves=leaves, op=op):
@@ -90,17 +118,38 @@ def _worker(args, argv) -> int:
                 def f_bwd(leaves=leaves, op=op, do=x["do"]):
                     torch.autograd.grad(op(leaves), list(leaves.values()), do)
 
-                res[f"{name}_fwd_ms"] = _timed(f_only, device, group, args.warmup, args.iters, slowest)
-                res[f"{name}_fwd_bwd_ms"] = _timed(f_bwd, device, group, args.warmup, args.iters, slowest)
-                res[f"{name}_peak_mib"] = _peak_mib(f_bwd, device, group)
-            res["speed_up"] = res["single_fwd_bwd_ms"] / res["cp_fwd_bwd_ms"]
-            raw.append(res)
-            rows.append([T, Tl] + [None if res[k] is None else round(float(res[k]), 3) for k in (
-                "single_fwd_ms", "single_fwd_bwd_ms", "cp_fwd_ms", "cp_fwd_bwd_ms", "speed_up", "single_peak_mib",
-                "cp_peak_mib")])
-            if rank == 0:
-                print(f"T {T}: 1-dev {res['single_fwd_bwd_ms']:.1f} ms, CP={P} {res['cp_fwd_bwd_ms']:.1f} ms",
-                      flush=True)
+                try:
+                    res[name] = (_timed(f_only, device, group, args.warmup, args.iters, slowest),
+                                 _timed(f_bwd, device, group, args.warmup, args.iters, slowest),
+                                 _peak_mib(f_bwd, device, group))
+                except torch.cuda.OutOfMemoryError:  # every rank runs the same sizes; OOM is reported, not fatal
+                    res[name] = None
+                    notes.append(f"{name} at T={T}: out of memory")
+                if name == "pipeline" and res[name] is not None:
+                    phases = _breakdown(f_bwd, group, rank, P)
+                    raw.append({"T_total": T, "T_per_rank": Tl, "pipeline_phase_ms_per_rank": phases})
+                    if rank == 0:
+                        print(f"T {T}, pipeline fwd+bwd, wall ms per phase on ranks 0..{P - 1} "
+                              "(device synchronised at each phase edge):", flush=True)
+                        for ph, ms in phases.items():
+                            print(f"  {ph:34s} " + " ".join(f"{m:9.1f}" for m in ms), flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            single = res["single"]
+            for sched in args.schedule:
+                r = res[sched]
+                speed = None if (r is None or single is None) else single[1] / r[1]
+                raw.append({"T_total": T, "T_per_rank": Tl, "schedule": sched,
+                            **{f"single_{k}": None if single is None else v
+                               for k, v in zip(("fwd_ms", "fwd_bwd_ms", "peak_mib"), single or (None,) * 3)},
+                            **{f"cp_{k}": None if r is None else v
+                               for k, v in zip(("fwd_ms", "fwd_bwd_ms", "peak_mib"), r or (None,) * 3)},
+                            "speed_up": speed})
+                rows.append([T, Tl, sched] + [None if v is None else round(float(v), 3) for v in (
+                    *(single or (None,) * 3)[:2], *(r or (None,) * 3)[:2], speed, (single or (None,) * 3)[2],
+                    (r or (None,) * 3)[2])])
+                if rank == 0:
+                    print(f"T {T}: 1-dev fwd+bwd {_ms(single, 1)}, CP={P} {sched} {_ms(r, 1)}", flush=True)
     finally:
         dist.destroy_process_group()
     if rank != 0:
@@ -111,11 +160,16 @@ def _worker(args, argv) -> int:
         "lctrain bench deltaformer-cp " + " ".join(argv), _cp_device(P, device),
         {"torch": torch.__version__, "triton": _version("triton")},
         [f"H={args.H}, head dim {args.D}, {args.dtype}, backend {args.backend}, chunk {args.chunk_size}, "
-         f"{args.warmup} warm-up + {args.iters} timed iterations; CP = all-gather of k, v, beta and the "
-         "u-pass of each rank's whole prefix (the last rank repeats the full u-pass)"],
-        COLUMNS, rows, raw)
+         f"piece {args.piece_size or 4 * args.chunk_size}, {args.warmup} warm-up + {args.iters} timed iterations; "
+         "pipeline = u streamed piece by piece to later ranks; gather = all-gather of k, v, beta and the u-pass "
+         "of each rank's whole prefix (the last rank repeats the full u-pass); per-phase pipeline times in raw"]
+        + notes, COLUMNS, rows, raw)
     publish(result, args.json, args.record)
     return 0
+
+
+def _ms(r, i):
+    return "OOM" if r is None else f"{r[i]:.1f} ms"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Developer tool: registers, spills and shared memory of our Triton kernels on Hopper, without a GPU.
 
     python -m lctrain.bench.kernel_resources [--D 128] [--cfg KEY=INT[,KEY=INT]] [--target 90] [--varlen]
+    python -m lctrain.bench.kernel_resources --op deltaformer [--D 128]
 
 Runs one forward and backward of each mixer through ``lctrain.kernels.triton.ops`` on meta tensors
 with every kernel launch intercepted, so exactly the launches ops makes (same constexprs, warps and
@@ -66,7 +67,7 @@ def record_launches(D: int, dtype_name: str, varlen: bool = False) -> list:
         if varlen:
             from lctrain.kernels.triton.common import Varlen
             i32 = dict(dtype=torch.int32, **m)
-            vl = Varlen(torch.empty(5, **i32), torch.empty(80, 2, **i32), torch.empty(5, **i32),
+            vl = Varlen(torch.empty(5, **i32), torch.empty(80, 2, **i32), torch.empty(4, 2, **i32),
                         torch.empty(T, dtype=torch.int64, **m), 80, 4)
             s0 = torch.empty(4, H, D, D, dtype=torch.float32, **m)
         for gate, b in ((None, beta), (g, beta), (g, None)):
@@ -74,6 +75,39 @@ def record_launches(D: int, dtype_name: str, varlen: bool = False) -> list:
             _, _, gam, tm = ops._forward(q, k, v, gate, b, s0, 1.0, False, **vkw)
             ops._backward(q, k, v, gate, b, s0, 1.0, do, None, gam, tm, **vkw)
     finally:
+        for (mod, n), kernel in saved.items():
+            setattr(mod, n, kernel)
+    return calls
+
+
+def record_deltaformer_launches(D: int, tf32: bool = True) -> list:
+    """(jit function, args, kwargs) of every Triton launch of one Deltaformer u-pass fwd+bwd (chunk
+    256 of a 4096-token sequence, 16 heads) and of the three context-parallel blocks, on meta tensors.
+    ``tf32``: the launches of bf16 / fp16 inputs (TF32 dots, what training runs); False: of float32
+    inputs (full-precision dots, which spill at head dim 128: slower, for accuracy only)."""
+    import torch
+
+    from lctrain.kernels.deltaformer import chunk, triton_bwd, triton_fwd
+    calls: list = []
+    mods = (triton_fwd, triton_bwd)
+    saved = {(mod, n): getattr(mod, n) for mod in mods for n in dir(mod) if n.endswith("_kernel")}
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        for (mod, n), kernel in saved.items():
+            setattr(mod, n, _Recorder(kernel, calls))
+        B, T, H, L, G = 1, 4096, 16, 2048, 1024
+        e = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+        st = triton_fwd.triton_stages()
+        k, v, beta = e(B, H, T, D), e(B, H, T, D), e(B, H, T)
+        u, lse, w = chunk.chunk_forward(k, v, beta, D ** -0.5, 256, st.stats)
+        chunk.chunk_backward(k, beta, u, lse, w, e(B, H, T, D), D ** -0.5, 256, st)
+        kl, ul, dk, rhs = e(B, H, L, D), e(B, H, L, D), e(B, H, L, D), e(B, H, L, D)
+        st.block_partials(kl, e(B, H, G, D), e(B, H, G, D), 0.1)
+        st.pull(e(B, H, G, D), e(B, H, G), e(B, H, G, D), e(B, H, G), kl, ul, rhs, dk, 0.1)
+        st.rows_vs_keys(kl, e(B, H, L), e(B, H, L, D), e(B, H, L), e(B, H, G, D), e(B, H, G, D), dk, 0.1)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
         for (mod, n), kernel in saved.items():
             setattr(mod, n, kernel)
     return calls
@@ -136,7 +170,8 @@ def compile_report(calls, target: int) -> list[dict]:
                                   check=True).stdout
         reg = re.search(r"REG:(\d+)", usage)
         stack = re.search(r"STACK:(\d+)", usage)
-        flags = ",".join(k for k, v in consts.items() if k.startswith("HAS_") and v) or "-"
+        flags = ",".join([k for k, v in consts.items() if k.startswith(("HAS_", "CAUSAL", "ACCUMULATE")) and v]
+                         + [f"DOT={consts['DOT']}"] * ("DOT" in consts)) or "-"
         rows.append({"kernel": fn.fn.__name__, "flags": flags,
                      "blocks": ",".join(f"{k}={v}" for k, v in consts.items() if k.startswith("B")),
                      "warps": opts.get("num_warps"), "stages": opts.get("num_stages"),
@@ -157,11 +192,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=int, default=90, help="compute capability x10 (default 90)")
     p.add_argument("--varlen", action="store_true",
                    help="the launches of packed documents (cu_seqlens): the varlen kernels")
+    p.add_argument("--op", choices=["mixers", "deltaformer"], default="mixers",
+                   help="the linear mixers' kernels (default) or Deltaformer's u-pass kernels (float32 tensors, "
+                        "TF32 dots as for bf16 inputs; --dtype float32: full-precision dots as for float32 inputs; "
+                        "--cfg and --varlen do not apply)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    from lctrain.kernels.triton import ops
-    if args.cfg:
-        ops.set_config(**{k.strip(): int(v) for k, v in (i.split("=") for i in args.cfg.split(","))})
-    rows = compile_report(record_launches(args.D, args.dtype, args.varlen), args.target)
+    if args.op == "deltaformer":
+        bad = [f for f, given in (("--cfg", args.cfg), ("--varlen", args.varlen)) if given]
+        if bad:
+            p.error(f"{', '.join(bad)} do not apply to --op deltaformer")
+        calls = record_deltaformer_launches(args.D, tf32=args.dtype != "float32")
+    else:
+        from lctrain.kernels.triton import ops
+        if args.cfg:
+            ops.set_config(**{k.strip(): int(v) for k, v in (i.split("=") for i in args.cfg.split(","))})
+        calls = record_launches(args.D, args.dtype, args.varlen)
+    rows = compile_report(calls, args.target)
     cols = ["kernel", "flags", "warps", "stages", "regs", "spill_bytes", "local_loads", "smem", "gmma",
             "blocks"]
     print("  ".join(cols))

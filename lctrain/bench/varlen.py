@@ -7,6 +7,11 @@ and forward+backward (``triton.testing.do_bench``, median ms) of
     packed  the same T tokens as --docs documents of random lengths (B=1, cu_seqlens)
     fla     fla-core's varlen path on the same packed stream (chunk_delta_rule /
             chunk_gated_delta_rule with cu_seqlens), in the same process
+    packed@NAME  (--variant NAME:KEY=INT,...) packed under other launch settings (ops.set_config),
+            e.g. wider V blocks for the state passes, which have N x more programs with varlen
+
+``--paths`` picks which of one / packed / fla run (``--paths packed fla --ops delta`` is the quick
+comparison with fla); every row is printed (flushed) as soon as it is measured.
 
 Targets: packed / one <= 1.1 and packed / fla <= 1.0. backend="triton" with cu_seqlens runs the
 native varlen kernels (each document cut into its own chunks; the notes say which path ran). fla's gated backward guard
@@ -19,10 +24,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lctrain.bench.kernels import _load_fla, _make_inputs, _measure, _rel_diff, kernel_versions
+from lctrain.bench.kernels import _load_fla, _make_inputs, _measure, _parse_variants, _rel_diff, kernel_versions
 from lctrain.bench.report import bench_main, result_dict
 
 OPS = ("delta", "gated_delta", "gla")
+PATHS = ("one", "packed", "fla")
 COLUMNS = ["T", "docs", "op", "path", "fwd ms", "fwd+bwd ms", "fwd+bwd / one", "fwd+bwd / fla"]
 
 
@@ -33,9 +39,15 @@ def _parse(argv):
     p.add_argument("--H", type=int, default=16, help="heads (default 16)")
     p.add_argument("--D", type=int, default=128, help="head dim, for q/k and v (default 128)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    p.add_argument("--ops", "--methods", dest="ops", nargs="+", choices=OPS, default=list(OPS),
+                   help="which mixers (default all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the document lengths (default 0)")
-    p.add_argument("--no-fla", action="store_true", help="skip fla-core")
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
+                   help="which paths to time (default all: one sequence, packed, fla packed)")
+    p.add_argument("--no-fla", action="store_true", help="skip fla-core (same as leaving fla out of --paths)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=INT[,KEY=INT]",
+                   help="also time packed under these launch settings (lctrain.kernels.triton.ops.set_config), "
+                        "rows packed@NAME; repeatable")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default 25)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms (default 100)")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
@@ -44,6 +56,11 @@ def _parse(argv):
     args = p.parse_args(argv)
     if args.docs < 1 or any(T < args.docs for T in args.T):
         p.error(f"--docs must be >= 1 and at most every --T (got docs={args.docs}, T={args.T})")
+    if args.no_fla and "fla" in args.paths:
+        args.paths = [x for x in args.paths if x != "fla"]
+    if args.variant and "packed" not in args.paths:
+        p.error("--variant times the packed path with other launch settings: keep packed in --paths")
+    args.variants = _parse_variants(args.variant)[1:]  # SystemExit naming a malformed --variant
     return args
 
 
@@ -88,11 +105,14 @@ def run(args) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     notes = [f"backend='triton' with cu_seqlens ran: {_packed_path()}"]
     fla, fla_version = None, None
-    if not args.no_fla:
+    if "fla" in args.paths:
         try:
             *fla, fla_version = _load_fla(notes)
         except ImportError as e:
             notes.append(f"fla-core not importable ({e}); fla rows skipped")
+    from lctrain.kernels.triton import ops as triton_ops
+    for _, kv in args.variants:  # validate before any timing
+        triton_ops.set_config(**triton_ops.set_config(**kv))
     rows, raw = [], []
     for T in args.T:
         bounds = document_bounds(T, args.docs, args.seed)
@@ -102,26 +122,40 @@ def run(args) -> dict:
         cu_fla = cu.long()
         x = _make_inputs(1, T, args.H, args.D, dtype, "cuda")
         for op in args.ops:
-            runs = [("one", _ours(op, x, None)), ("packed", _ours(op, x, cu))]
+            runs = []  # (path, (fwd, inputs), launch settings); references first, so packed rows print ratios
             if fla is not None and op != "gla":
-                runs.append(("fla packed", _fla(op, x, cu_fla, fla)))
-                with torch.no_grad():
-                    diff = _rel_diff(runs[1][1][0](), runs[2][1][0]())
-                notes.append(f"T={T} {op}: packed output vs fla packed, rel diff {diff:.1e}")
+                runs.append(("fla packed", _fla(op, x, cu_fla, fla), {}))
+                if "packed" in args.paths:  # fla's first call autotunes: here, outside the timing
+                    with torch.no_grad():
+                        diff = _rel_diff(_ours(op, x, cu)[0](), runs[-1][1][0]())
+                    notes.append(f"T={T} {op}: packed output vs fla packed, rel diff {diff:.1e}")
+                    print(notes[-1], flush=True)
+            if "one" in args.paths:
+                runs.append(("one", _ours(op, x, None), {}))
+            if "packed" in args.paths:
+                runs.append(("packed", _ours(op, x, cu), {}))
+                runs += [(f"packed@{name}", _ours(op, x, cu), kv) for name, kv in args.variants]
             res = {}
-            for path, (fwd, inputs) in runs:
+            for path, (fwd, inputs), kv in runs:
+                previous = triton_ops.set_config(**kv) if kv else None
                 try:
                     res[path] = _measure(fwd, inputs, x["do"], args.warmup, args.rep)
                 except torch.cuda.OutOfMemoryError:
                     res[path] = None
                     notes.append(f"{op} {path} at T={T}: out of memory")
+                finally:
+                    if previous is not None:
+                        triton_ops.set_config(**previous)
                 torch.cuda.empty_cache()
                 r = res[path]
-                print(f"T={T} {op} {path}: " + ("OOM" if r is None else f"fwd {r[0]:.3f} ms, fwd+bwd {r[1]:.3f} ms"),
-                      flush=True)
+                vs = [f"{r[1] / res[ref][1]:.3f}x {ref}" for ref in ("one", "fla packed")
+                      if r is not None and path.startswith("packed") and res.get(ref) is not None]
+                print(f"T={T} {op} {path}: " + ("OOM" if r is None else f"fwd {r[0]:.3f} ms, fwd+bwd {r[1]:.3f} ms")
+                      + (f" (fwd+bwd {', '.join(vs)})" if vs else ""), flush=True)
             for path, r in res.items():
-                ratio = lambda ref, r=r, path=path: (None if r is None or ref is None or path != "packed"  # noqa: E731
-                                     else round(r[1] / ref[1], 3))
+                def ratio(ref, r=r, path=path):  # fwd+bwd of a packed row over the reference's
+                    packed = path.startswith("packed")
+                    return None if r is None or ref is None or not packed else round(r[1] / ref[1], 3)
                 rows.append([T, args.docs if path != "one" else 1, op, path,
                              None if r is None else round(r[0], 3), None if r is None else round(r[1], 3),
                              ratio(res.get("one")), ratio(res.get("fla packed"))])
@@ -129,6 +163,8 @@ def run(args) -> dict:
                             "fwd_bwd_ms": None if r is None else r[1]})
         del x
         torch.cuda.empty_cache()
+    if args.variants:
+        notes.append("variants (packed@NAME rows): " + "; ".join(f"{n} = {kv}" for n, kv in args.variants))
     return result_dict(
         f"Varlen kernels: {args.docs} packed documents vs one sequence, H={args.H} D={args.D} {args.dtype}",
         "lctrain bench varlen " + " ".join(args.argv),

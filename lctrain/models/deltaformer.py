@@ -7,8 +7,9 @@ the delta rule with a softmax kernel (``lctrain.kernels.deltaformer``):
     out = o W_o
 
 RoPE follows model.rope.layers like a global attention layer ("sliding": no positions here).
-Documents (doc_ids) are kept apart in both passes. Under CP (cp_group of size > 1) every rank gathers
-the earlier keys, values and betas (``lctrain.parallel.deltaformer_cp``). Decoding: the cache keeps
+Documents (doc_ids) are kept apart in both passes. Under CP (cp_group of size > 1):
+``lctrain.parallel.deltaformer_cp`` with its default schedule (the pipelined u-pass: ranks stream
+their u to later ranks piece by piece). Decoding: the cache keeps
 the keys (after RoPE) and u of every token seen; a new token's u reads them, then its query attends
 over them like a KV cache with u in place of v.
 
