@@ -7,33 +7,39 @@ map and its state gradient are sums over tokens, not a chain:
     B = sum_t exp(c_T - c_t) k_t v_t^T             (its final state from zero)
     G = sum_t scale exp(c_t) q_t do_t^T            (d sum(o * do) / d S_0)
 
-Each is one batched [K, T] x [T, V] product per (batch, head): no sequential pass over chunks, so
-it takes the time of a matmul at any shard length. Every weight is exp of a non-positive number
-(decays are <= 1), so nothing overflows; the weighted operand is rounded to the input dtype (as the
-chunk kernels round their operands) and products accumulate in fp32.
+Each is a batched matmul ([K, T] x [T, V] per batch and head, cut into blocks of tokens so that
+the GPU has enough output tiles): no sequential pass over chunks. Every weight is exp of a
+non-positive number (decays are <= 1), so nothing overflows; the weighted operand is in the input
+dtype (as the chunk kernels round their operands), products accumulate in fp32 and the blocks'
+partial sums are added in fp32.
 """
 from __future__ import annotations
 
 import torch
 
+# tokens per partial product: a [K, T] x [T, V] product per (batch, head) alone has B*H output tiles,
+# too few to fill a GPU (cuBLAS ran 16 of them for 12 ms at T = 32K); cut T into blocks of this many
+# tokens, one product each, and sum the partial results in fp32
+TOKENS_PER_PRODUCT = 1024
+
 
 def _weighted_product(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """sum_t w[b, t, h] x[b, t, h, :] y[b, t, h, :]^T -> [B, H, K, V] float32."""
+    """sum_t w[b, t, h] x[b, t, h, :] y[b, t, h, :]^T -> [B, H, K, V] in fp32 (or x's wider dtype).
+    Half inputs on CUDA: half products with fp32 accumulation, each block's partial rounded once."""
     B, T, H, K = x.shape
     V = y.shape[-1]
     wide = torch.promote_types(torch.float32, x.dtype)
-    dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda else wide
-    a = (x.to(wide) * w.to(wide)[..., None]).to(dt).permute(0, 2, 3, 1).reshape(B * H, K, T)
-    b = y.to(dt).permute(0, 2, 1, 3).reshape(B * H, T, V)
-    out = None
-    if dt in (torch.float16, torch.bfloat16):
-        try:
-            out = torch.bmm(a, b, out_dtype=torch.float32)  # half inputs, fp32 accumulation and result
-        except (TypeError, RuntimeError):  # a torch without bmm's out_dtype: the same product in fp32
-            a, b = a.float(), b.float()
-    if out is None:
-        out = torch.bmm(a, b)
-    return out.view(B, H, K, V).to(wide)
+    half = x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda
+    xw = x * w.to(x.dtype)[..., None] if half else x.to(wide) * w.to(wide)[..., None]
+    y = y.to(xw.dtype)
+    tc = min(T, TOKENS_PER_PRODUCT)
+    nc = -(-T // tc)
+    if nc * tc != T:  # zero tokens add nothing
+        pad = (0, 0, 0, 0, 0, nc * tc - T)
+        xw, y = torch.nn.functional.pad(xw, pad), torch.nn.functional.pad(y, pad)
+    a = xw.reshape(B, nc, tc, H, K).permute(0, 3, 1, 4, 2).reshape(B * H * nc, K, tc)
+    b = y.reshape(B, nc, tc, H, V).permute(0, 3, 1, 2, 4).reshape(B * H * nc, tc, V)
+    return torch.bmm(a, b).view(B, H, nc, K, V).to(wide).sum(2)
 
 
 def scalar_decay_shard_transition(k, v, g):

@@ -148,10 +148,11 @@ class _Cfg:
             BVO=wide, warps_out=4,
             BVP=wide, warps_dv=4,
             BVSB=16 if big else 32, warps_seqb=8,
-            BVSC=16 if big else 32, warps_seqc=4,
-            # 2 stages: the q, k, w tiles of 3 stages leave room for one program per SM, and the pass
-            # has twice the plain pass's programs (a guess until lctrain.bench.cp_parts measures it)
-            BVSBC=16 if big else 32, warps_seqbc=8, stages_seqbc=2,
+            # twice the plain passes' V block: with the identity columns (K more) the CP passes keep the plain
+            # passes' program count, so each chunk's k / w (/ q) tiles are read as often as there; at the plain
+            # block (16) they had twice the programs and took as long as a whole extra pass (2xH200, call 2)
+            BVSC=32 if big else 64, warps_seqc=4,
+            BVSBC=32 if big else 64, warps_seqbc=8,
             BVF=32, warps_fix=4,                        # a [K, K] by [K, 32] product per program
             BKD=64, BVD=64, warps_dqk=4,
             BKB=64, BVB=64, warps_wyb=4, stages_wyb=1,   # see docs/kernels-notes.md: dbeta accuracy
@@ -159,7 +160,7 @@ class _Cfg:
         if not gated:
             defaults["stages_dqk"] = 2
         if self.BK > 128:  # three [C, 256] tiles in 3 stages need 300 KiB of shared memory
-            defaults["stages_seqb"] = 2
+            defaults["stages_seqb"] = defaults["stages_seqbc"] = 2
         if fp32 and self.BK > 64:  # float32 inputs (references, tests): [C, 128] fp32 tiles in 3 stages
             defaults["stages_seqb"] = 1  # need 304 KiB of shared memory, more than an H100/H200 has
             defaults["stages_seqbc"] = 1
@@ -174,7 +175,7 @@ class _Cfg:
         elif not tight:
             # 4 stages in the forward state pass: fwd 2.2% / fwd+bwd 1.2% faster than Triton's default 3 for
             # gated_delta at 128K, 1.0% / 0.6% for delta (H200, 5 alternating rounds, same call)
-            defaults["stages_seq"] = 4
+            defaults["stages_seq"] = defaults["stages_seqc"] = 4
         defaults.update(_overrides)
         defaults.update(overrides or {})
         self.values = defaults

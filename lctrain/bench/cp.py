@@ -184,7 +184,8 @@ def init_worker(device_kind: str):
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     # a rank that fails alone (e.g. in fla-core's CP) leaves the others in a collective: give up after
     # 5 minutes instead of NCCL's default 10 (both ranks compile and autotune the same kernels at once)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=_dt.timedelta(minutes=5))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=_dt.timedelta(minutes=5),
+                            device_id=device if device.type == "cuda" else None)
     return device, dist.group.WORLD, dist.get_world_size(), dist.get_rank()
 
 

@@ -30,8 +30,8 @@ import time
 COLUMNS = ["layer", "T", "pass", "way", "ms", "x sequential", "rel diff"]
 KINDS = {"gdn": "gated_delta", "delta": "delta", "gla": "gla"}
 DEFAULT_CFGS = ("BVS=32", "stages_seq=1", "warps_seq=8", "BVSB=32", "stages_seqb=1", "warps_seqb=4",
-                "BVSC=32", "stages_seqc=2", "BVSBC=32", "stages_seqbc=3", "stages_seqbc=1", "warps_seqbc=4", "BVF=64",
-                "fuse_out=1")
+                "BVSC=16", "BVSC=64", "stages_seqc=3", "BVSBC=16", "BVSBC=64", "stages_seqbc=2", "warps_seqbc=4",
+                "BVF=64", "fuse_out=1")
 
 
 def _parse(argv):
