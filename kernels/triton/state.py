@@ -236,10 +236,13 @@ def state_fwd(k, w, u, gam, s0, cfg, *, store_h: bool, store_vnew: bool, store_f
         torch.empty(1, device=k.device, dtype=torch.float32)
     if compute_a and varlen is not None:
         raise ValueError("state_fwd: the CP transition is computed on one document piece, without varlen")
-    nvb = triton.cdiv(V, cfg.BVS)
-    grid = (nvb + (triton.cdiv(K, cfg.BVS) if compute_a else 0), S * H)
+    # with A programs (the CP transition) the pass runs at the CP passes' wider block (BVSC): the
+    # identity columns then add no programs, and a program count is what the pass's time follows
+    bv, launch = (cfg.BVSC, "state_fwd_cp") if compute_a else (cfg.BVS, "state_fwd")
+    nvb = triton.cdiv(V, bv)
+    grid = (nvb + (triton.cdiv(K, bv) if compute_a else 0), S * H)
     state_fwd_kernel[grid](k, w, u, gam, s0, h, vnew, st, a, None, *_sequences(varlen), T, NT, H, K=K, V=V,
-                           BK=cfg.BK, BV=cfg.BVS, C=CHUNK, NVB=nvb, **cfg.launch("state_fwd"))
+                           BK=cfg.BK, BV=bv, C=CHUNK, NVB=nvb, **cfg.launch(launch))
     return h, (vnew if vnew is not None else u), st, (a if compute_a else None)
 
 

@@ -272,7 +272,7 @@ def _cfg_touches(cfg: dict, what: str) -> bool:
     """Whether launch overrides change the kernels of this pass (state_fwd / wy for the transition,
     state_bwd / dv_local / wy for the state gradient)."""
     from lctrain.kernels.triton.ops import KERNEL_KEYS
-    kernels = {"transition": ("state_fwd", "wy_solve", "wy_apply"),
+    kernels = {"transition": ("state_fwd", "state_fwd_cp", "wy_solve", "wy_apply"),
                "state grad": ("state_bwd", "dv_local", "wy_solve", "wy_apply"),
                "overlap": ("state_fwd_cp", "state_bwd_cp", "state_fixup")}[what]
     return any(key in KERNEL_KEYS[k] for k in kernels for key in cfg)
