@@ -13,7 +13,7 @@ GPU, so that the fastest can be picked per sequence length:
   passes' keys: BVSC, stages_seqc, BVSBC, stages_seqbc, ...);
 - ``transition``: each ``--transition`` way of the state pass (``sequential``, ``grouped:G``, ...),
   and the sequential one under each ``--cfg`` launch-setting override of the Triton state kernels
-  (e.g. ``BVS=32``: fewer, wider programs; ``stages_seq=1``: less shared memory, more programs per SM);
+  (e.g. ``BVSC=16``: more, narrower programs; ``stages_seqc=3``: less shared memory per program);
 - ``state grad``: the same for the state-gradient pass (``grouped+grad:G`` groups it).
 
 Every row also gives its largest difference from the sequential pass's result, relative to the
@@ -29,9 +29,8 @@ import time
 
 COLUMNS = ["layer", "T", "pass", "way", "ms", "x sequential", "rel diff"]
 KINDS = {"gdn": "gated_delta", "delta": "delta", "gla": "gla"}
-DEFAULT_CFGS = ("BVS=32", "stages_seq=1", "warps_seq=8", "BVSB=32", "stages_seqb=1", "warps_seqb=4",
-                "BVSC=16", "BVSC=64", "stages_seqc=3", "BVSBC=16", "BVSBC=64", "stages_seqbc=2", "warps_seqbc=4",
-                "BVF=64", "fuse_out=1")
+DEFAULT_CFGS = ("BVSC=16", "BVSC=64", "stages_seqc=3", "BVSBC=16", "BVSBC=64", "stages_seqbc=2", "warps_seqbc=4",
+                "BVF=64", "fuse_out=1", "BVSB=32", "stages_seqb=1")
 
 
 def _parse(argv):
@@ -51,8 +50,10 @@ def _parse(argv):
                         "layers skip it with a note); overlap: the overlapped op against the plain op (Triton)")
     p.add_argument("--cfg", nargs="*", default=list(DEFAULT_CFGS),
                    help="Triton launch overrides (KEY=INT[,KEY=INT], lctrain.kernels.triton.ops.set_config) under "
-                        "which the sequential passes are timed again; keys of state_fwd (BVS, warps_seq, stages_seq) "
-                        "change the state pass, those of state_bwd (BVSB, ...) the state-gradient pass")
+                        "which the passes are timed again: state_fwd_cp keys (BVSC, ...) change the transition of the "
+                        "delta rules and overlap's forward pass, state_fwd's (BVS, ...) gla's transition, state_bwd's "
+                        "(BVSB, ...) the state-gradient pass, state_bwd_cp's (BVSBC, ...) overlap's reverse pass, "
+                        "BVF / fuse_out its fix-up")
     p.add_argument("--no-op", action="store_true", help="skip the plain op's times")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
