@@ -18,11 +18,13 @@ from .api import (
 from .deltaformer import deltaformer, deltaformer_u
 from .grouped import grouped_shard_state_grad, grouped_shard_transition
 from .loglinear import levels_needed, loglinear_gated_delta_rule, loglinear_gated_linear_attn
+from .scalar_decay import scalar_decay_shard_state_grad, scalar_decay_shard_transition
 
 __all__ = [
     "deltaformer", "deltaformer_u", "delta_rule", "gated_delta_rule", "gated_linear_attn",
     "loglinear_gated_delta_rule", "loglinear_gated_linear_attn", "levels_needed",
     "shard_transition", "grouped_shard_transition", "shard_state_grad", "grouped_shard_state_grad",
+    "scalar_decay_shard_transition", "scalar_decay_shard_state_grad",
     "apply_transition", "apply_transition_transposed",
     "check_cu_seqlens",
     "register_backend", "resolve_backend",

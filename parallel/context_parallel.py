@@ -22,7 +22,8 @@ from the right uses ranks > r): the last rank skips its state pass and rank 0 it
 pass, and they send zeros of the right size in the all-gathers (the last rank computes its own A in
 the backward only when its returned final state has a gradient). The state pass itself is
 ``shard_transition`` (``transition="sequential"``) or ``grouped_shard_transition``
-(``transition="grouped"``: groups of chunks in parallel, then a log-depth fold).
+(``transition="grouped"``: groups of chunks in parallel, then a log-depth fold); for gated linear
+attention ``transition="direct"`` computes both passes in closed form (``kernels/scalar_decay.py``).
 
 Steps 5-7 live in ``_StateGradExchange``, an identity on (o, final_state) whose backward turns the
 local output gradient into the missing final-state gradient before autograd runs the local backward.
@@ -68,6 +69,9 @@ from lctrain.kernels import (
     gated_linear_attn,
     grouped_shard_state_grad,
     grouped_shard_transition,
+    resolve_backend,
+    scalar_decay_shard_state_grad,
+    scalar_decay_shard_transition,
     shard_state_grad,
     shard_transition,
 )
@@ -83,9 +87,11 @@ _LOCAL_OPS: dict[str, Callable] = {"delta": delta_rule, "gated_delta": gated_del
 # how a shard's (A, B) is computed: "sequential" walks its chunks in one chain (shard_transition, the
 # reference); "grouped" runs groups of chunks in parallel and folds them (grouped_shard_transition);
 # "grouped+grad" groups the backward's state-gradient pass as well (grouped_shard_state_grad: it adds a
-# state pass per group for the groups' A); ":G" fixes the number of groups. DEFAULT_TRANSITION is what
-# context_parallel uses unless told.
-TRANSITIONS = ("sequential", "grouped", "grouped+grad")
+# state pass per group for the groups' A); ":G" fixes the number of groups; "direct" (gated linear attention
+# only) computes both passes in closed form, one matmul each (kernels/scalar_decay.py). DEFAULT_TRANSITION is
+# what context_parallel uses unless told.
+# "overlap" (Triton backend) folds both passes into the local op's own passes (kernels/triton/cp_overlap.py).
+TRANSITIONS = ("sequential", "grouped", "grouped+grad", "direct", "overlap")
 DEFAULT_TRANSITION = "sequential"
 
 
@@ -117,10 +123,11 @@ def context_parallel(op, group, transition: str | None = None) -> "ContextParall
 def _parse_transition(transition) -> tuple[str, int | None]:
     """"sequential" | "grouped[+grad]" | "grouped[+grad]:G" -> (mode, groups or None)."""
     mode, _, groups = str(transition).partition(":")
-    if mode not in TRANSITIONS or (groups and (mode == "sequential" or not groups.isdigit() or int(groups) < 1)):
+    if mode not in TRANSITIONS or (groups and (not mode.startswith("grouped") or not groups.isdigit()
+                                               or int(groups) < 1)):
         raise ContextParallelError(f"context_parallel: transition={transition!r}; choose 'sequential', 'grouped', "
-                                   "'grouped+grad', or either grouped one with ':G', G a positive number of chunk "
-                                   "groups")
+                                   "'grouped+grad', either grouped one with ':G', G a positive number of chunk "
+                                   "groups, 'direct' (gated_linear_attn only) or 'overlap'")
     return mode, (int(groups) if groups else None)
 
 
@@ -170,6 +177,11 @@ class ContextParallelOp:
         self.transition = DEFAULT_TRANSITION if transition is None else transition
         self._transition_mode = _parse_transition(self.transition)
         self.kind, self._extra = _OPS[self.name]
+        if self._transition_mode[0] == "direct" and self.kind != "gla":
+            raise ContextParallelError(
+                f"context_parallel({self.name}): transition='direct' is the closed form of gated_linear_attn's "
+                "scalar decay; a delta rule's shard map is a product of matrices: use 'sequential', "
+                "'grouped[:G]' or 'grouped+grad[:G]'")
         if group is not None and not isinstance(group, dist.ProcessGroup):
             raise ContextParallelError(f"context_parallel: group must be a torch.distributed ProcessGroup or None, "
                                        f"got {type(group).__name__}; take it from lctrain.parallel.mesh.cp_group()")
@@ -200,6 +212,12 @@ class ContextParallelOp:
         named = dict(zip(self._extra, args))
         g, beta = named.get("g"), named.get("beta")
         docs, cu_problem = self._documents(cu_seqlens, k)
+        overlap = self._transition_mode[0] == "overlap" and docs is None
+        if overlap and resolve_backend(backend, "shard_transition", k.device) != "triton":
+            raise ContextParallelError(
+                f"{self.name}: transition='overlap' runs inside the Triton kernels, but backend={backend!r} on "
+                f"{k.device.type} is not Triton; use backend='triton' (CUDA, or TRITON_INTERPRET=1 on CPU) or "
+                "another transition")
         stash = self._replay_stash()
         if stash is None:
             signature = _signature(q, k, v, g, beta, chunk_size) + (
@@ -208,10 +226,17 @@ class ContextParallelOp:
                 self._check_inputs(q, k, v, g, beta, initial_state, chunk_size, docs, cu_problem)
                 self._validated = signature
                 self.shape_checks += 1
+        if overlap:
+            from lctrain.kernels.triton.cp_overlap import overlapped
+            link = _OverlapLink(self, stash, torch.is_grad_enabled() and not _in_backward())
+            o, s_out = overlapped(q, k, v, g, beta, scale=scale, link=link, chunk_size=chunk_size,
+                                  initial_state=initial_state if self.rank == 0 else None)
+            return o, (s_out if output_final_state else None)
+        if stash is None:
             A_all, S_in = self._gather_and_fold(k, v, g, beta, initial_state, backend, chunk_size, docs)
             stash = _Stash(A_all, S_in)
             if torch.is_grad_enabled() and not _in_backward():
-                self._stashes = [r for r in self._stashes if r() is not None] + [weakref.ref(stash)]
+                self._remember(stash)
         if docs is None:
             # rank 0 feeds the caller's initial state itself (differentiable); other ranks the fold
             start = initial_state if self.rank == 0 else stash.S_in
@@ -229,6 +254,10 @@ class ContextParallelOp:
         if not output_final_state:
             return o, None
         return o, (s_out if docs is None else docs.to_global(s_out))
+
+    def _remember(self, stash: _Stash) -> None:
+        """Keep a weak reference to a forward's stash for a checkpoint replay of it."""
+        self._stashes = [r for r in self._stashes if r() is not None] + [weakref.ref(stash)]
 
     def _documents(self, cu_seqlens, k) -> tuple[_ShardDocuments | None, str]:
         """This shard's view of the global boundaries, or the problem with them (raised on every rank
@@ -328,11 +357,33 @@ class ContextParallelOp:
     def _transition(self, k, v, g, beta, backend, chunk_size, cu=None):
         """This shard's (A, B) (with documents: of its last piece), by the chosen transition."""
         mode, groups = self._transition_mode
-        if mode != "sequential" and cu is None:
+        if mode == "direct" and cu is None:
+            return scalar_decay_shard_transition(k, v, g)
+        if mode in ("grouped", "grouped+grad") and cu is None:
             return grouped_shard_transition(self.kind, k, v, g=g, beta=beta, backend=backend,
                                             chunk_size=chunk_size, groups=groups)
         return shard_transition(self.kind, k, v, g=g, beta=beta, backend=backend, chunk_size=chunk_size,
                                 cu_seqlens=cu)
+
+    def _state_grad(self, q, k, v, do, g, beta, scale, backend, chunk_size, cu=None):
+        """This shard's G (with documents: of its first piece), by the chosen transition."""
+        mode, groups = self._transition_mode
+        if mode == "direct" and cu is None:
+            return scalar_decay_shard_state_grad(q, do, g, scale)
+        if mode == "grouped+grad" and cu is None:
+            return grouped_shard_state_grad(self.kind, q, k, v, do, g=g, beta=beta, scale=scale, backend=backend,
+                                            chunk_size=chunk_size, groups=groups)
+        return shard_state_grad(self.kind, q, k, do, g=g, beta=beta, scale=scale, backend=backend,
+                                chunk_size=chunk_size, cu_seqlens=cu)
+
+    def pass_keys(self) -> tuple[str, str]:
+        """Names of how the forward's state pass and the backward's state-gradient pass run (no
+        documents), e.g. ("grouped:auto", "sequential"): benchmarks time each distinct pass once."""
+        mode, groups = self._transition_mode
+        grouped = f"grouped:{groups or 'auto'}"
+        if mode in ("sequential", "direct", "overlap"):  # overlap: no separate passes (inside the op)
+            return mode, mode
+        return (grouped, "sequential") if mode == "grouped" else (grouped, grouped)
 
     def _own_A(self, k, v, g, beta, backend, chunk_size, docs, dtype):
         """A_r of this rank, computed on demand: the last rank skips its transition in the forward
@@ -345,18 +396,23 @@ class ContextParallelOp:
     def _gather_and_fold(self, k, v, g, beta, initial_state, backend, chunk_size, docs=None):
         cu = None if docs is None else docs.local_cu
         dt = torch.promote_types(torch.float32, k.dtype)
-        last = self.rank == self.size - 1
-        if last:
+        if self.rank == self.size - 1:
             # nobody reads the last rank's (A, B): it sends zeros of the right size instead
             A = torch.zeros(_A_shape(self.kind, k), dtype=dt, device=k.device)
             Bst = torch.zeros(k.shape[0], k.shape[2], k.shape[3], v.shape[3], dtype=dt, device=k.device)
         else:
             # with documents: the transition of the last piece (the only one when none starts inside)
             A, Bst = self._transition(k, v, g, beta, backend, chunk_size, cu)
-        with _exact(k.device):
+        return self._share_states(A, Bst, initial_state, docs, dt)
+
+    def _share_states(self, A, Bst, initial_state, docs, dt):
+        """(A_all, S_in): this shard's (A, B) all-gathered (the last rank's replaced by zeros: nobody
+        reads it), and the fold of the ranks before this one."""
+        last = self.rank == self.size - 1
+        with _exact(Bst.device):
             A, Bst = A.to(dt), Bst.to(dt)
             if last:
-                pass  # its zeros stand, whatever its documents
+                A, Bst = torch.zeros_like(A), torch.zeros_like(Bst)  # whatever its documents
             elif docs is None:
                 if self.rank == 0 and initial_state is not None:
                     # rank 0 hands on its real outgoing state, S_out(0) = A_0 S_0 + B_0
@@ -395,12 +451,9 @@ class ContextParallelOp:
             # rank 0's G is folded by nobody (the fold below reads ranks > r only): zeros are sent
             G = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], do.shape[3], dtype=stash.A_all.dtype)
             u_first = None
-        elif self._transition_mode[0] == "grouped+grad" and (docs is None or docs.local_cu is None):
-            G = grouped_shard_state_grad(self.kind, q, k, v, do, g=g, beta=beta, scale=scale, backend=backend,
-                                         chunk_size=chunk_size, groups=self._transition_mode[1])
         else:
-            G = shard_state_grad(self.kind, q, k, do, g=g, beta=beta, scale=scale, backend=backend,
-                                 chunk_size=chunk_size, cu_seqlens=None if docs is None else docs.local_cu)
+            G = self._state_grad(q, k, v, do, g, beta, scale, backend, chunk_size,
+                                 None if docs is None else docs.local_cu)
         if u_first is not None:
             e = docs.local_bounds[1]
             cut = lambda x: None if x is None else x[:, :e]  # noqa: E731
@@ -415,6 +468,12 @@ class ContextParallelOp:
                 A_own = (self._own_A(k, v, g, beta, backend, chunk_size, docs, A_all.dtype)
                          if self.rank == self.size - 1 else A_all[self.rank])
                 G = G + apply_transition_transposed(A_own, u.to(A_all.dtype))
+        return self._share_grads(G, u, A_all)
+
+    def _share_grads(self, G, u, A_all):
+        """dS_out(r): every rank's G' (this rank's ``G``, = G + A^T u) all-gathered and folded from
+        the right over the ranks after this one, plus this rank's own final-state gradient u."""
+        with _exact(G.device):
             G_all = _all_gather(G.reshape(-1), self.group).reshape(self.size, *G.shape)
             # dS_in(P-1) = G'_{P-1}: the last rank's A (never gathered) is not needed
             D = G_all[-1].clone() if self.rank < self.size - 1 else torch.zeros_like(G)
@@ -423,6 +482,45 @@ class ContextParallelOp:
             if u is not None:
                 D = D + u.to(D.dtype)
         return D
+
+
+class _OverlapLink:
+    """The two exchanges of one call of the overlapped Triton op (transition="overlap",
+    kernels/triton/cp_overlap.py), called from inside its forward and backward passes."""
+
+    def __init__(self, cp_op: ContextParallelOp, stash: _Stash | None, remember: bool):
+        self.cp_op, self.stash, self.remember = cp_op, stash, remember
+
+    def _scalar(self, A):
+        """The op's A or A^T [B, H, K, K] as CP keeps it: gla's is a multiple of I, kept as [B, H]."""
+        return A[..., 0, 0] if self.cp_op.kind == "gla" else A
+
+    def start(self, A, Bst, s0):
+        """S_in of this rank from this shard's (A, B from zero): rank 0's own initial state s0 (or
+        None), later ranks the fold; a checkpoint replay reuses its forward's gather."""
+        op = self.cp_op
+        if self.stash is None:
+            dt = torch.promote_types(torch.float32, Bst.dtype)
+            A_all, S_in = op._share_states(self._scalar(A), Bst, s0, None, dt)
+            self.stash = _Stash(A_all, S_in)
+            if self.remember:
+                op._remember(self.stash)
+        return s0 if op.rank == 0 else self.stash.S_in
+
+    def end(self, G, At, u):
+        """dS_out of this rank from its shard's own G, A^T and final-state gradient u (None: zero)."""
+        op = self.cp_op
+        self.stash.backward_done = True
+        dt = self.stash.A_all.dtype
+        with _exact(G.device):
+            G = G.to(dt)
+            if op.rank == 0:  # folded by nobody: zeros are sent
+                G = torch.zeros_like(G)
+            elif u is not None:
+                G = G + apply_transition(self._scalar(At).to(dt), u.to(dt))
+        D = op._share_grads(G, u, self.stash.A_all)
+        # the last rank's outgoing state feeds nobody: without a gradient of its own it needs no fix-up
+        return None if op.rank == op.size - 1 and u is None else D
 
 
 def _A_shape(kind: str, k: torch.Tensor) -> tuple[int, ...]:

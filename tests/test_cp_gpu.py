@@ -2,10 +2,11 @@
 
 One process per GPU (tests/dist_utils.run_world, NCCL, rank r on cuda:r). In bfloat16, each rank's
 outputs and gradients must equal the plain op run by one GPU on the whole sequence in float32
-(relative error of the norm <= 2e-2): every linear mixer under ``context_parallel`` with both
-transitions (sequential, grouped), with an initial state and a gradient on every rank's final
-state; the short conv through the halo exchange; sliding-window attention through the halo
-exchange; global attention through Ulysses (skipped when DeepSpeed is not installed).
+(relative error of the norm <= 2e-2): every linear mixer under ``context_parallel`` with every
+transition (sequential, grouped, grouped+grad, overlap; gla also direct), with an initial state and
+a gradient on every rank's final state (a case that raises fails its own test only); the short
+conv through the halo exchange; sliding-window attention through the halo exchange; global
+attention through Ulysses (skipped when DeepSpeed is not installed).
 """
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ pytestmark = [pytest.mark.gpu,
 TOL = 2e-2
 KINDS = {"delta": ("delta_rule", ("beta",)), "gated_delta": ("gated_delta_rule", ("g", "beta")),
          "gla": ("gated_linear_attn", ("g",))}
-TRANSITIONS = ("sequential", "grouped:4")
+TRANSITIONS = ("sequential", "grouped:4", "grouped+grad:4")
+# (kind, transition) of every linear case: each transition for each kind, and gla's closed form
+LINEAR_CASES = [(kind, t) for kind in KINDS for t in TRANSITIONS + ("overlap",)] + [("gla", "direct")]
+FUSED_KINDS = ("gated_delta", "delta")  # overlap with its forward fix-up inside output_fwd (launch key fuse_out=1)
 B, TL, H, D = 1, 512, 4, 128            # 8 chunks of 64 per rank
 CONV = (B, TL, 256, 4)                   # batch, tokens per rank, channels, kernel size
 ATTN = dict(H=4, D=64, TL=1024, window=256)
@@ -86,6 +90,15 @@ def _linear_case(rank, kind, transition, device):
     return err
 
 
+def _fused_case(rank, kind, device):
+    from lctrain.kernels.triton import ops
+    previous = ops.set_config(fuse_out=1)
+    try:
+        return _linear_case(rank, kind, "overlap", device)
+    finally:
+        ops.set_config(**previous)
+
+
 def _conv_case(rank, device):
     import torch.distributed as dist
     from lctrain.parallel.halo import prepend_halo
@@ -136,14 +149,22 @@ def gpu_worker(rank, world_size):
     device = torch.device("cuda", rank)
     dist.init_process_group("nccl", init_method="env://", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=300), device_id=device)
-    out = {}
-    for kind in KINDS:
-        for transition in TRANSITIONS:
-            out[(kind, transition)] = _linear_case(rank, kind, transition, device)
-    out["conv"] = _conv_case(rank, device)
-    out["swa"] = _attention_case(rank, ATTN["window"], device)
+    cases = {(kind, transition): functools.partial(_linear_case, rank, kind, transition, device)
+             for kind, transition in LINEAR_CASES}
+    for kind in FUSED_KINDS:
+        cases[(kind, "overlap", "fuse_out")] = functools.partial(_fused_case, rank, kind, device)
+    cases["conv"] = functools.partial(_conv_case, rank, device)
+    cases["swa"] = functools.partial(_attention_case, rank, ATTN["window"], device)
     if HAS_DEEPSPEED:
-        out["ulysses"] = _attention_case(rank, None, device)
+        cases["ulysses"] = functools.partial(_attention_case, rank, None, device)
+    out = {}
+    for key, case in cases.items():
+        # one failing case (the same on every rank, before or after its collectives) fails its test only
+        try:
+            out[key] = case()
+        except Exception as err:  # noqa: BLE001 - reported by the case's test
+            import traceback
+            out[key] = {"error": "".join(traceback.format_exception(err))[-3000:]}
     return out
 
 
@@ -154,14 +175,19 @@ def world():
 
 def _check(key):
     for rank, res in enumerate(world()):
+        assert "error" not in res[key], f"{key} rank {rank} raised:\n{res[key].get('error')}"
         bad = {k: e for k, e in res[key].items() if not e <= TOL}
         assert not bad, f"{key} rank {rank}: relative errors above {TOL}: {bad}"
 
 
-@pytest.mark.parametrize("transition", TRANSITIONS)
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind,transition", LINEAR_CASES)
 def test_cp_linear_mixer_on_two_gpus(kind, transition):
     _check((kind, transition))
+
+
+@pytest.mark.parametrize("kind", FUSED_KINDS)
+def test_cp_overlap_fused_output_on_two_gpus(kind):
+    _check((kind, "overlap", "fuse_out"))
 
 
 def test_cp_conv_halo_on_two_gpus():

@@ -164,6 +164,17 @@ CKPT_CASES = random_cases(11, 3, backends=("torch",))
 # the grouped state passes (each shard's chunks in 2 parallel groups, then a fold): shards of 4 or 6 chunks
 GROUPED_CASES = {P: [(50 + P * 10 + i, kind, 2 - i % 2, 4 * (4 + 2 * (i % 2)), 2, 8, 6, "torch", 4, bool(i % 2), True)
                      for i, kind in enumerate(("delta", "gated_delta", "gla"))] for P in (2, 3, 4)}
+# transition="direct" (gated linear attention's closed-form passes): with and without initial state
+DIRECT_CASES = {P: [(90 + P * 10 + i, "gla", 2 - i, 8 + 4 * i, 2, 8, 6, "torch", 4, bool(i), True) for i in range(2)]
+                for P in (2, 3, 4)}
+# transition="overlap" (the state passes inside the Triton op's own, kernels/triton/cp_overlap.py): the Triton
+# interpreter, float32, chunks of 64; shards of 1 and 2 chunks, with and without initial state and state weights
+OVERLAP_CASES = {2: [(131, "gated_delta", 1, 128, 2, 16, 16, "triton", 64, True, True),
+                     (132, "delta", 2, 64, 2, 16, 16, "triton", 64, False, True),
+                     (133, "gla", 1, 128, 2, 16, 16, "triton", 64, True, False)],
+                 3: [(141, "gated_delta", 2, 64, 2, 16, 16, "triton", 64, True, True),
+                     (142, "gla", 1, 64, 2, 16, 16, "triton", 64, False, True)],
+                 4: [(151, "delta", 1, 128, 2, 16, 16, "triton", 64, True, True)]}
 COMM_ARGS = {2: (7, 2, 6, 5, 4, 4, 8), 3: (8, 2, 6, 5, 4, 3, 8), 4: (9, 2, 6, 5, 4, 4, 8)}  # seed B Tl C ks H D
 CKPT_MODES = ("non_reentrant", "reentrant")
 ERROR_CASES = ("mismatch", "ragged", "heads", "recheck")
@@ -250,11 +261,21 @@ def cp_doc_worker(rank, P, cases):
 def world_worker(rank, P):
     out = {"ops": cp_worker(rank, P, OPS_CASES[P]), "comm": comm_worker(rank, P, *COMM_ARGS[P]),
            "docs": cp_doc_worker(rank, P, DOC_CASES[P]),
-           "grouped": cp_worker(rank, P, GROUPED_CASES[P], transition="grouped+grad:2")}
+           "grouped": cp_worker(rank, P, GROUPED_CASES[P], transition="grouped+grad:2"),
+           "direct": cp_worker(rank, P, DIRECT_CASES[P], transition="direct"),
+           "overlap": cp_worker(rank, P, OVERLAP_CASES[P], transition="overlap")}
     if P == 4:
         out["mesh"] = mesh_worker(rank, P)
     if P == 2:
         out["ckpt"] = {mode: cp_worker(rank, P, CKPT_CASES, mode) for mode in CKPT_MODES}
+        out["ckpt overlap"] = {mode: cp_worker(rank, P, OVERLAP_CASES[P][:1], mode, transition="overlap")
+                               for mode in CKPT_MODES}
+        from lctrain.kernels.triton import ops
+        previous = ops.set_config(fuse_out=1)  # the forward's fix-up inside the output kernel
+        try:
+            out["overlap fused"] = cp_worker(rank, P, OVERLAP_CASES[P][:1], transition="overlap")
+        finally:
+            ops.set_config(**previous)
         out["errors"] = {what: error_worker(rank, P, what) for what in ERROR_CASES}
     return out
 
@@ -286,6 +307,27 @@ def test_cp_grouped_transition_matches_single_process(P):
 
 
 @pytest.mark.parametrize("P", [2, 3, 4])
+def test_cp_direct_transition_matches_single_process(P):
+    """transition="direct" (gated linear attention's state passes in closed form): outputs, states and every
+    gradient equal the single process."""
+    check_world(P, DIRECT_CASES[P], part(P, "direct"))
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_cp_overlap_transition_matches_single_process(P):
+    """transition="overlap" (each rank's state passes run inside its Triton op, fixed up once S_in and dS_out
+    arrive): outputs, states and every gradient equal the single process; one state all-gather per forward."""
+    results = part(P, "overlap")
+    check_world(P, OVERLAP_CASES[P], results)
+    assert all(res["gathers"] == 1 for r in range(P) for res in results[r])
+
+
+def test_cp_overlap_with_the_fix_up_in_the_output_kernel():
+    """transition="overlap" with launch key fuse_out=1 (S_in's part added inside output_fwd) on 2 ranks."""
+    check_world(2, OVERLAP_CASES[2][:1], part(2, "overlap fused"))
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
 def test_cp_with_cu_seqlens_matches_single_process(P):
     """Packed documents under CP (global cu_seqlens): outputs, each rank's per-document states, the
     gradients of every input and (summed over ranks) of the per-document initial states."""
@@ -314,6 +356,13 @@ def test_cp_under_activation_checkpointing():
         for r in range(P):
             for res in results[r]:
                 assert (res["gathers"], res["reused"]) == (gathers, reused), (mode, res["gathers"], res["reused"])
+        # the same with transition="overlap", whose exchanges run inside the Triton op
+        results = [r["ckpt overlap"][mode] for r in world(P)]
+        check_world(P, OVERLAP_CASES[P][:1], results)
+        for r in range(P):
+            for res in results[r]:
+                assert (res["gathers"], res["reused"]) == (gathers, reused), ("overlap", mode, res["gathers"],
+                                                                              res["reused"])
 
 
 def error_worker(rank, P, what):
@@ -368,6 +417,10 @@ def test_cp_rejects_bad_group_and_op():
         context_parallel(delta_rule, group="cp")
     with pytest.raises(ContextParallelError, match="unsupported op"):
         context_parallel(torch.matmul, group=None)
+    with pytest.raises(ContextParallelError, match="transition='direct'.*gated_linear_attn"):
+        context_parallel(delta_rule, None, transition="direct")
+    with pytest.raises(ContextParallelError, match="transition='direct:2'"):
+        context_parallel("gated_linear_attn", None, transition="direct:2")
     # no group: the plain op
     q, k, v = (torch.randn(1, 8, 1, 4) for _ in range(3))
     beta = torch.rand(1, 8, 1)
@@ -537,3 +590,24 @@ def test_bench_cp_runs_on_cpu(tmp_path):
     assert row["T/rank"] == 16 and row["T total"] == 32
     assert row["CP fwd+bwd ms"] > 0 and row["efficiency"] > 0
     assert "weak scaling, CP=2" in md.read_text()
+
+
+def test_bench_cp_parts_runs_on_cpu(tmp_path):
+    """`python -m lctrain.bench.cp_parts` on CPU (torch backend): every way of the state passes is timed
+    and gives the sequential pass's result up to float rounding."""
+    import json
+
+    from lctrain.bench.cp_parts import COLUMNS, main
+
+    out = tmp_path / "parts.json"
+    rc = main(["--layer", "gdn", "gla", "--T", "32", "--H", "2", "--D", "8", "--chunk-size", "8", "--dtype", "fp32",
+               "--transition", "grouped:2", "grouped+grad:4", "--cfg", "--warmup", "0", "--iters", "1",
+               "--json", str(out)])
+    assert rc == 0
+    rows = [dict(zip(COLUMNS, r)) for r in json.loads(out.read_text())["rows"]]
+    ways = {(r["layer"], r["pass"], r["way"]) for r in rows}
+    for layer in ("gdn", "gla"):
+        assert {(layer, "transition", "grouped:2"), (layer, "state grad", "grouped+grad:4"),
+                (layer, "op", "fwd+bwd")} <= ways
+    assert all(r["ms"] > 0 for r in rows)
+    assert all(r["rel diff"] <= 1e-5 for r in rows if r["rel diff"] is not None)

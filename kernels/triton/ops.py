@@ -59,6 +59,12 @@ KERNEL_KEYS = {
     "state_bwd": ("BVSB", "warps_seqb", "stages_seqb"),
     "dqk": ("BKD", "BVD", "warps_dqk", "stages_dqk"),
     "wy_bwd": ("BKB", "BVB", "warps_wyb", "stages_wyb"),
+    # the same two passes as run by transition="overlap" (kernels/triton/cp_overlap.py), with twice the
+    # programs (the identity-carrying ones): their own keys, so that they tune apart from the plain op
+    "state_fwd_cp": ("BVSC", "warps_seqc", "stages_seqc"),
+    "state_bwd_cp": ("BVSBC", "warps_seqbc", "stages_seqbc"),
+    # fuse_out=1: the forward's fix-up runs inside output_fwd instead (reads hp once, writes nothing)
+    "state_fixup": ("BVF", "warps_fix", "stages_fix", "fuse_out"),
 }
 _CFG_KEYS = tuple(key for keys in KERNEL_KEYS.values() for key in keys)
 _overrides: dict[str, int] = {}
@@ -69,7 +75,8 @@ def set_config(**overrides: int) -> dict[str, int]:
 
     Keys (see KERNEL_KEYS for the kernel each one tunes): BKS (K block of the triangular solve's
     K K^T), BKW / BVW (K / V blocks of the W / U products), BVS / BVSB (V block of the forward /
-    backward sequential state pass: smaller means more programs in flight), BVO (V block of the
+    backward sequential state pass: smaller means more programs in flight; BVSC / BVSBC: the same
+    passes under transition="overlap", cp_overlap.py; BVF: its fix-up, fixup.py), BVO (V block of the
     output), BVP (V block of dv_local), BKD / BVD (K / V blocks of dq/dk), BKB / BVB (K / V blocks
     of the WY backward); warps_* and stages_* set num_warps / num_stages of one kernel (Triton's
     default stages when unset). Block sizes must be powers of two >= 16. Also read once from the
@@ -141,15 +148,22 @@ class _Cfg:
             BVO=wide, warps_out=4,
             BVP=wide, warps_dv=4,
             BVSB=16 if big else 32, warps_seqb=8,
+            # twice the plain passes' V block: with the identity columns (K more) the CP passes keep the plain
+            # passes' program count, so each chunk's k / w (/ q) tiles are read as often as there; at the plain
+            # block (16) they had twice the programs and took as long as a whole extra pass (2xH200, call 2)
+            BVSC=32 if big else 64, warps_seqc=4,
+            BVSBC=32 if big else 64, warps_seqbc=8,
+            BVF=32, warps_fix=4,                        # a [K, K] by [K, 32] product per program
             BKD=64, BVD=64, warps_dqk=4,
             BKB=64, BVB=64, warps_wyb=4, stages_wyb=1,   # see docs/kernels-notes.md: dbeta accuracy
         )
         if not gated:
             defaults["stages_dqk"] = 2
         if self.BK > 128:  # three [C, 256] tiles in 3 stages need 300 KiB of shared memory
-            defaults["stages_seqb"] = 2
+            defaults["stages_seqb"] = defaults["stages_seqbc"] = 2
         if fp32 and self.BK > 64:  # float32 inputs (references, tests): [C, 128] fp32 tiles in 3 stages
             defaults["stages_seqb"] = 1  # need 304 KiB of shared memory, more than an H100/H200 has
+            defaults["stages_seqbc"] = 1
         # not where shared memory is already at its limit: float32 tiles of K > 64, or K > 128
         tight = (fp32 and self.BK > 64) or self.BK > 128
         wide_bv = _wide_state_block(chains, BV) if (chains and not tight) else None
@@ -161,7 +175,7 @@ class _Cfg:
         elif not tight:
             # 4 stages in the forward state pass: fwd 2.2% / fwd+bwd 1.2% faster than Triton's default 3 for
             # gated_delta at 128K, 1.0% / 0.6% for delta (H200, 5 alternating rounds, same call)
-            defaults["stages_seq"] = 4
+            defaults["stages_seq"] = defaults["stages_seqc"] = 4
         defaults.update(_overrides)
         defaults.update(overrides or {})
         self.values = defaults

@@ -15,8 +15,12 @@ Times are medians over iterations of the slowest rank (a CP step ends when its l
 one-device time is the same plain op run on every rank at once, averaged over ranks. The state pass
 (shard_transition) and state-gradient pass (shard_state_grad) are also timed alone: with the two small
 all-gathers they are all that CP adds to the plain op's forward and backward. Peak memory is
-the largest per-device peak of one forward+backward. fla-core's own CP (``fla.ops.cp``) is timed side
-by side when it can be imported (benchmark-only dependency, never imported by lctrain itself).
+the largest per-device peak of one forward+backward. ``--fla`` times fla-core's own CP
+(``fla.ops.cp``) side by side (benchmark-only dependency, never imported by lctrain itself); its first
+calls autotune for minutes, so it is off by default and best run in its own invocation.
+
+Each row is printed when measured, progress lines go to stderr, ``--json`` is rewritten after every
+row and ``--time-limit S`` starts no new case after S seconds: a run cut short leaves what it measured.
 
 Run on N GPUs: ``lctrain bench cp --nproc 2`` (launches torchrun itself; or run it under torchrun).
 ``--device cpu`` runs the same code on gloo at tiny sizes so that it is exercised without GPUs.
@@ -69,14 +73,20 @@ def _parse(argv):
     p.add_argument("--transition", nargs="+", default=["sequential"],
                    help="linear mixers: how each shard's state passes run, one row each: sequential, grouped (the "
                         "forward's (A, B) by parallel chunk groups), grouped+grad (the backward's state gradient "
-                        "too); ':G' fixes G chunk groups, e.g. grouped:8")
+                        "too); ':G' fixes G chunk groups, e.g. grouped:8; direct (gla only: closed form, one "
+                        "matmul per pass; other layers skip it with a note); overlap (Triton: both passes inside the "
+                        "op's own, no separate pass: its state-pass columns stay empty)")
     p.add_argument("--op", choices=["gated_delta_rule", "loglinear_gated_delta_rule"], default="gated_delta_rule",
                    help="loglinear_gated_delta_rule: time the log-linear Gated DeltaNet instead of --layer")
     p.add_argument("--window", type=int, default=2048, help="swa: window in tokens (default 2048)")
     p.add_argument("--strong", action="store_true",
                    help="also time one device at the total length P*T (always on for attn): strong scaling and "
                         "the peak-memory ratio at equal total length")
-    p.add_argument("--no-fla", action="store_true", help="skip fla-core's CP")
+    p.add_argument("--fla", action="store_true",
+                   help="also time fla-core's CP (off by default: its first calls autotune for minutes, so time "
+                        "it in its own invocation, e.g. `lctrain bench cp --nproc 2 --fla --T 16384`)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="start no new case (layer, T, transition) after S seconds; what was measured is written")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
     p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD",
                    help="append the result to BENCHMARKS.md (or MD)")
@@ -99,6 +109,8 @@ def _parse(argv):
             p.error(f"--transition: {err}")
     if args.window < 1:
         p.error("--window must be >= 1")
+    if args.time_limit is not None and args.time_limit <= 0:
+        p.error("--time-limit must be > 0 seconds")
     bad = [t for t in args.T if t < 1 or t % args.chunk_size]
     if bad:
         p.error(f"--T {bad}: tokens per rank must be positive multiples of --chunk-size {args.chunk_size}")
@@ -170,7 +182,10 @@ def init_worker(device_kind: str):
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # a rank that fails alone (e.g. in fla-core's CP) leaves the others in a collective: give up after
+    # 5 minutes instead of NCCL's default 10 (both ranks compile and autotune the same kernels at once)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=_dt.timedelta(minutes=5),
+                            device_id=device if device.type == "cuda" else None)
     return device, dist.group.WORLD, dist.get_world_size(), dist.get_rank()
 
 
@@ -295,51 +310,71 @@ def _softmax_layer(layer, args, group, rank, T, device):
     return single._attend_local, lambda q, k, v: cp._attend_cp(q, k, v, rank * T)
 
 
-def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first):
-    """One result dict per --transition for a linear mixer at T tokens per rank."""
+def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, clock):
+    """One result dict per --transition for a linear mixer at T tokens per rank, yielded as soon as
+    it is measured (the one-device times, at T and with --strong at P*T, come first)."""
+    import torch
+
     from lctrain import kernels
     from lctrain.parallel import context_parallel
-    from lctrain.parallel.context_parallel import _parse_transition
+    from lctrain.parallel.context_parallel import ContextParallelError
     kind = LINEAR[layer]
     op = {"gated_delta": kernels.gated_delta_rule, "delta": kernels.delta_rule, "gla": kernels.gated_linear_attn}[kind]
     tensors = lambda: [x[n] for n in ("q", "k", "v") + _names(layer)]  # noqa: E731
     single = _measure(lambda: op(*tensors(), **kw)[0], x, layer, device, group, args, False)
-    fla = _fla_times(layer, args, x, device, group, notes if first else [])
-    gates = dict(g=x["g"] if kind != "delta" else None, beta=x["beta"] if kind != "gla" else None)
-    grad_ms = {}
-
-    def state_grad_ms(transition):
-        """The state-gradient pass alone, grouped for "grouped+grad[:G]", else sequential."""
-        mode, groups = _parse_transition(transition)
-        if mode != "grouped+grad":
-            fn = lambda: kernels.shard_state_grad(kind, x["q"], x["k"], x["do"], **gates, **kw)  # noqa: E731
-            transition = "sequential"
-        else:
-            fn = lambda: kernels.grouped_shard_state_grad(kind, x["q"], x["k"], x["v"], x["do"], **gates,  # noqa: E731
-                                                          groups=groups, **kw)
-        if transition not in grad_ms:
-            grad_ms[transition] = _timed(fn, device, group, args.warmup, args.iters, False)
-        return grad_ms[transition]
-    out = []
-    for transition in args.transition:
-        cp_op = context_parallel(op, group, transition=transition)
-        res = dict(layer=layer, transition=transition, **_prefixed("single", single))
-        # the closures below are called within this iteration, so the late binding of cp_op is harmless
-        res.update(_prefixed("cp", _measure(lambda: cp_op(*tensors(), **kw)[0],  # noqa: B023
-                                            x, layer, device, group, args, True)))
-        trans = lambda: cp_op._transition(x["k"], x["v"], gates["g"], gates["beta"],  # noqa: E731, B023
-                                          kw["backend"], kw["chunk_size"])
-        res["state_pass_ms"] = _timed(trans, device, group, args.warmup, args.iters, False)
-        res["state_grad_pass_ms"] = state_grad_ms(transition)
-        res.update(fla)
-        out.append(res)
+    clock.progress(f"{layer} T/rank {T}: 1 device at T measured")
+    whole = {}
     if args.strong:
         xs = _inputs(args.B, P * T, args.H, args.D, x["q"].dtype, device, seed=7 + P * T)
-        whole = _measure(lambda: op(*[xs[n] for n in ("q", "k", "v") + _names(layer)], **kw)[0], xs, layer, device,
-                         group, args, False)
-        for res in out:
-            res.update(_prefixed("whole", whole))
-    return out
+        whole = _prefixed("whole", _measure(lambda: op(*[xs[n] for n in ("q", "k", "v") + _names(layer)], **kw)[0],
+                                            xs, layer, device, group, args, False))
+        del xs
+        clock.progress(f"{layer} T/rank {T}: 1 device at {P}*T measured")
+    fla = _fla_times(layer, args, x, device, group, notes if first else [])
+    gates = dict(g=x["g"] if kind != "delta" else None, beta=x["beta"] if kind != "gla" else None)
+    pass_ms = {}
+    for transition in args.transition:
+        if clock.out_of_time():
+            notes.append(f"--time-limit {args.time_limit:g} s: {layer} [{transition}] at T/rank {T} and later "
+                         "cases not measured")
+            return
+        try:
+            cp_op = context_parallel(op, group, transition=transition)
+            if transition == "overlap" and kernels.resolve_backend(kw["backend"], "shard_transition",
+                                                                   device) != "triton":
+                raise ContextParallelError("transition='overlap' runs inside the Triton kernels (CUDA, or "
+                                           "TRITON_INTERPRET=1 with --backend triton)")
+        except ContextParallelError as err:  # e.g. "direct" for a delta rule: no such row
+            notes.append(f"{layer} [{transition}] not measured: {err}")
+            continue
+        res = dict(layer=layer, transition=transition, **_prefixed("single", single), **whole)
+        try:  # a transition that fails (the same on every rank) loses its own row only
+            # the closures below are called within this iteration, so the late binding of cp_op is harmless
+            res.update(_prefixed("cp", _measure(lambda: cp_op(*tensors(), **kw)[0],  # noqa: B023
+                                                x, layer, device, group, args, True)))
+        except Exception as err:  # noqa: BLE001
+            if device.type == "cuda" and isinstance(err, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            notes.append(f"{layer} [{transition}] at T/rank={T} failed: {type(err).__name__}: {str(err)[:300]}")
+            if rank == 0:
+                print(notes[-1], flush=True)
+            continue
+        # the passes that CP adds, as this transition runs them (shared between rows that run them alike)
+        fwd_key, bwd_key = (("state",) + cp_op.pass_keys()[:1]), (("grad",) + cp_op.pass_keys()[1:])
+        if fwd_key[1] == "overlap":  # no separate passes: they run inside the op (cp_parts times its overhead)
+            pass_ms[fwd_key] = pass_ms[bwd_key] = None
+        if fwd_key not in pass_ms:
+            pass_ms[fwd_key] = _timed(lambda: cp_op._transition(x["k"], x["v"], gates["g"], gates["beta"],  # noqa: B023
+                                                                kw["backend"], kw["chunk_size"]),
+                                      device, group, args.warmup, args.iters, False)
+        if bwd_key not in pass_ms:
+            pass_ms[bwd_key] = _timed(lambda: cp_op._state_grad(x["q"], x["k"], x["v"], x["do"],  # noqa: B023
+                                                                gates["g"], gates["beta"], None, kw["backend"],
+                                                                kw["chunk_size"]),
+                                      device, group, args.warmup, args.iters, False)
+        res["state_pass_ms"], res["state_grad_pass_ms"] = pass_ms[fwd_key], pass_ms[bwd_key]
+        res.update(fla)
+        yield res
 
 
 def _loglinear_rows(args, x, T, P, device, group, kw):
@@ -389,8 +424,9 @@ def _prefixed(prefix, d):
 
 def _fla_times(layer, args, x, device, group, notes) -> dict:
     res = {"fla_single_fwd_bwd_ms": None, "fla_cp_fwd_bwd_ms": None, "fla_efficiency": None}
-    if args.no_fla or device.type != "cuda":
-        notes.append("fla-core CP not timed: " + ("--no-fla" if args.no_fla else "it needs CUDA"))
+    if not args.fla or device.type != "cuda":
+        notes.append("fla-core CP not timed: " + ("it needs CUDA" if args.fla else
+                                                  "pass --fla (in its own invocation: its autotuning takes minutes)"))
         return res
     fla = _fla_methods(layer, x, group, notes)
     if fla is None:
@@ -405,6 +441,91 @@ def _fla_times(layer, args, x, device, group, notes) -> dict:
     return res
 
 
+class _Clock:
+    """Elapsed time of the run, agreed between ranks (the largest), for progress lines on rank 0's
+    stderr and for --time-limit: every rank stops at the same case, so collectives stay matched."""
+
+    def __init__(self, limit_s, rank, group, device):
+        self.t0, self.limit, self.rank, self.group, self.device = time.perf_counter(), limit_s, rank, group, device
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def progress(self, what: str) -> None:
+        if self.rank == 0:
+            print(f"[bench cp {self.elapsed():7.1f} s] {what}", file=sys.stderr, flush=True)
+
+    def out_of_time(self) -> bool:
+        if self.limit is None:
+            return False
+        import torch
+        import torch.distributed as dist
+        t = torch.tensor([self.elapsed()], dtype=torch.float64,
+                         device=self.device if dist.get_backend(self.group) == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t.item() > self.limit
+
+
+class _Results:
+    """The rows measured so far (rank 0): each is printed when measured and the JSON (--json) is
+    rewritten after every row, so a run cut short still leaves what it measured."""
+
+    def __init__(self, args, argv, P, device, notes, rank):
+        self.args, self.argv, self.P, self.device, self.notes, self.rank = args, argv, P, device, notes, rank
+        self.rows, self.raw, self.fla_version = [], [], None
+
+    def add(self, res: dict) -> None:
+        T, P = res["T_per_rank"], self.P
+        res["T_total"] = P * T
+        res["efficiency"] = res["single_fwd_bwd_ms"] / res["cp_fwd_bwd_ms"]
+        whole = res.get("whole_fwd_bwd_ms")
+        res["cp_over_whole"] = None if whole is None else res["cp_fwd_bwd_ms"] / whole
+        wp = res.get("whole_peak_mib")
+        res["cp_peak_over_whole"] = None if not wp or res["cp_peak_mib"] is None else res["cp_peak_mib"] / wp
+        self.fla_version = res.pop("fla_version", None) or self.fla_version
+        self.raw.append(res)
+        self.rows.append([res["layer"], res["transition"], T, P * T] + [_round(res.get(k)) for k in (
+            "single_fwd_ms", "single_fwd_bwd_ms", "cp_fwd_ms", "cp_fwd_bwd_ms", "efficiency",
+            "state_pass_ms", "state_grad_pass_ms", "single_peak_mib", "cp_peak_mib",
+            "fla_single_fwd_bwd_ms", "fla_cp_fwd_bwd_ms", "fla_efficiency", "whole_fwd_bwd_ms",
+            "whole_peak_mib", "cp_over_whole", "cp_peak_over_whole")])
+        if self.rank != 0:
+            return
+        grad = res.get("state_grad_pass_ms")
+        print(f"{res['layer']} [{res['transition']}] T/rank {T}: 1-dev {res['single_fwd_bwd_ms']:.3f} ms, "
+              f"CP={P} {res['cp_fwd_bwd_ms']:.3f} ms, efficiency {res['efficiency']:.3f}"
+              + (f", state pass {res['state_pass_ms']:.3f} ms" if res.get("state_pass_ms") is not None else "")
+              + (f", state-grad pass {grad:.3f} ms" if grad is not None else "")
+              + (f", peak CP/1-dev {res['cp_peak_mib'] / res['single_peak_mib']:.2f}"
+                 if res.get("cp_peak_mib") and res.get("single_peak_mib") else "")
+              + (f", CP / 1-dev at {P}*T {res['cp_over_whole']:.3f}" if res["cp_over_whole"] else "")
+              + (f", CP peak / 1-dev at {P}*T {res['cp_peak_over_whole']:.3f}" if res["cp_peak_over_whole"] else ""),
+              flush=True)
+        if self.args.json:
+            _write_json(self.result(), self.args.json)
+
+    def result(self) -> dict:
+        import torch
+
+        from lctrain.bench.report import result_dict
+        args = self.args
+        return result_dict(
+            f"Context-parallel {', '.join(TITLES[layer] for layer in args.layer)}, weak scaling, CP={self.P}",
+            "lctrain bench cp " + " ".join(self.argv), _cp_device(self.P, self.device),
+            {"torch": torch.__version__, "triton": _version("triton"), "fla-core": self.fla_version},
+            list(dict.fromkeys(self.notes)), COLUMNS, self.rows, self.raw,
+            date=_dt.datetime.now().isoformat(timespec="seconds"))
+
+
+def _write_json(result: dict, path: str) -> None:
+    """Replace ``path`` in one step (a reader, or a kill mid-write, never sees half a file)."""
+    import json
+    tmp = f"{path}.part"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+
+
 def _worker(args, argv) -> int:
     import torch
     import torch.distributed as dist
@@ -416,66 +537,48 @@ def _worker(args, argv) -> int:
              f"{args.chunk_size}, "
              f"{args.warmup} warm-up + {args.iters} timed iterations; efficiency = 1-device fwd+bwd at T / CP fwd+bwd "
              f"at {P}*T; '1-dev at T total' = one device at {P}*T (strong scaling, --strong or attn); swa window "
-             f"{args.window}; the last rank skips its state pass and rank 0 its state-gradient pass "
-             "(nobody reads them)"]
-    rows, raw = [], []
-    fla_version = None
+             f"{args.window}; the state pass and state-grad pass columns time the passes CP adds as the row's "
+             "transition runs them, alone on every rank"]
+    clock = _Clock(args.time_limit, rank, group, device)
+    results = _Results(args, argv, P, device, notes, rank)
+    cases = [(layer, T) for layer in args.layer for T in args.T]
     try:
-        for layer in args.layer:
-            for i, T in enumerate(args.T):
-                x = _inputs(args.B, T, args.H, args.D, dtype, device, seed=1000 * rank + T)
-                try:
-                    if layer == "loglinear":
-                        results = _loglinear_rows(args, x, T, P, device, group, kw)
-                    elif layer in LINEAR:
-                        results = _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, i == 0)
-                    else:
-                        results = _softmax_rows(layer, args, x, T, P, rank, device, group)
-                except Exception as err:  # noqa: BLE001 - e.g. DeepSpeed missing for Ulysses: say so, go on
-                    if device.type == "cuda" and isinstance(err, torch.cuda.OutOfMemoryError):
-                        torch.cuda.empty_cache()
-                    notes.append(f"{layer} at T/rank={T} failed: {type(err).__name__}: {str(err)[:300]}")
-                    if rank == 0:
-                        print(notes[-1], flush=True)
-                    continue
-                for res in results:
-                    res["T_per_rank"], res["T_total"] = T, P * T
-                    res["efficiency"] = res["single_fwd_bwd_ms"] / res["cp_fwd_bwd_ms"]
-                    whole = res.get("whole_fwd_bwd_ms")
-                    res["cp_over_whole"] = None if whole is None else res["cp_fwd_bwd_ms"] / whole
-                    wp = res.get("whole_peak_mib")
-                    res["cp_peak_over_whole"] = (None if not wp or res["cp_peak_mib"] is None
-                                                 else res["cp_peak_mib"] / wp)
-                    fla_version = res.pop("fla_version", None) or fla_version
-                    raw.append(res)
-                    rows.append([layer, res["transition"], T, P * T] + [_round(res.get(k)) for k in (
-                        "single_fwd_ms", "single_fwd_bwd_ms", "cp_fwd_ms", "cp_fwd_bwd_ms", "efficiency",
-                        "state_pass_ms", "state_grad_pass_ms", "single_peak_mib", "cp_peak_mib",
-                        "fla_single_fwd_bwd_ms", "fla_cp_fwd_bwd_ms", "fla_efficiency", "whole_fwd_bwd_ms",
-                        "whole_peak_mib", "cp_over_whole", "cp_peak_over_whole")])
-                    if rank == 0:
-                        print(f"{layer} [{res['transition']}] T/rank {T}: 1-dev {res['single_fwd_bwd_ms']:.3f} ms, "
-                              f"CP={P} {res['cp_fwd_bwd_ms']:.3f} ms, efficiency {res['efficiency']:.3f}"
-                              + (f", state pass {res['state_pass_ms']:.3f} ms" if "state_pass_ms" in res else "")
-                              + (f", CP / 1-dev at {P}*T {res['cp_over_whole']:.3f}" if res["cp_over_whole"] else ""),
-                              flush=True)
+        for i, (layer, T) in enumerate(cases):
+            if clock.out_of_time():
+                notes.append(f"--time-limit {args.time_limit:g} s reached: {layer} at T/rank {T} and later cases not "
+                             "measured")
+                break
+            clock.progress(f"case {i + 1}/{len(cases)}: {layer} at T/rank {T} (CP={P}, T total {P * T})")
+            x = _inputs(args.B, T, args.H, args.D, dtype, device, seed=1000 * rank + T)
+            try:
+                if layer == "loglinear":
+                    rows = _loglinear_rows(args, x, T, P, device, group, kw)
+                elif layer in LINEAR:
+                    rows = _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes,
+                                        T == args.T[0], clock)
+                else:
+                    rows = _softmax_rows(layer, args, x, T, P, rank, device, group)
+                for res in rows:
+                    res["T_per_rank"] = T
+                    results.add(res)
+            except Exception as err:  # noqa: BLE001 - e.g. DeepSpeed missing for Ulysses: say so, go on
+                if device.type == "cuda" and isinstance(err, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+                notes.append(f"{layer} at T/rank={T} failed: {type(err).__name__}: {str(err)[:300]}")
+                if rank == 0:
+                    print(notes[-1], flush=True)
+                continue
+            finally:
                 del x
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+        clock.progress("done")
     finally:
         dist.destroy_process_group()
     if rank != 0:
         return 0
-    notes = list(dict.fromkeys(notes))  # a note made at every T or layer once
-    for note in notes:
-        print("note:", note, flush=True)
-    from lctrain.bench.report import publish, result_dict
-    result = result_dict(
-        f"Context-parallel {', '.join(TITLES[layer] for layer in args.layer)}, weak scaling, CP={P}",
-        "lctrain bench cp " + " ".join(argv), _cp_device(P, device),
-        {"torch": torch.__version__, "triton": _version("triton"), "fla-core": fla_version},
-        notes, COLUMNS, rows, raw, date=_dt.datetime.now().isoformat(timespec="seconds"))
-    publish(result, args.json, args.record)
+    from lctrain.bench.report import publish
+    publish(results.result(), args.json, args.record)
     return 0
 
 
