@@ -74,6 +74,11 @@ def packed_and_alone(kind, backend, chunk, dtype, lengths, seed=0, device="cpu",
     return packed, alone
 
 
+# float32 on a GPU: tl.dot takes float32 tiles as TF32 (10-bit mantissa), ~1e-3 relative (measured 1.3e-3 to
+# 1.7e-3 on an H200); the interpreter computes in full float32
+TF32_TOL = 5e-3
+
+
 def assert_same(packed, alone, tol, what):
     rel = lambda a, b: ((a.cpu().double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()  # noqa: E731
     assert packed[0].shape == alone[0].shape and packed[1].shape == alone[1].shape
@@ -117,6 +122,8 @@ def test_triton_packed_documents_equal_each_document_alone(kind, dtype, tol, dev
                                          device=device, dims=(2, 16, 20))
     finally:
         ops.set_config(**previous)
+    if device == "cuda" and dtype == torch.float32:
+        tol = TF32_TOL
     assert_same(packed, alone, tol, f"{kind}/triton/{dtype} on {device}")
 
 
@@ -143,7 +150,7 @@ def test_triton_packed_documents_with_wide_state_blocks(kind, device, monkeypatc
     packed, alone = packed_and_alone(kind, "triton", 64, torch.float32, [7, 1, 64, 77], seed=6,
                                      device=device, dims=(2, 16, 64))
     assert seen and set(seen) == {(64, 64)}
-    assert_same(packed, alone, 1e-4, f"{kind}/triton wide state blocks on {device}")
+    assert_same(packed, alone, TF32_TOL if device == "cuda" else 1e-4, f"{kind}/triton wide state blocks on {device}")
     assert ops._Cfg(128, 128, chains=1024).BVS == 64 and ops._Cfg(128, 128, chains=None).BVS == 16
 
 

@@ -13,6 +13,8 @@ from lctrain.train.step import lm_loss
 
 pytestmark = pytest.mark.gpu
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# the Triton mixers run chunks of 64 and tl.dot needs head dims >= 16 (tiny_cfg's CPU sizes are 8 and 8)
+TRITON = dict(chunk_size=64, head_dim=16, attn_head_dim=16)
 
 
 def _grads(model, ids, labels, dtype=torch.float32, **kw):
@@ -26,8 +28,9 @@ def _grads(model, ids, labels, dtype=torch.float32, **kw):
 @cuda
 def test_checkpoint_offload_matches_full_checkpointing():
     torch.manual_seed(0)
-    ref_model = build_model(tiny_cfg("GSMA", "triton", activation_checkpointing="full")).cuda()
-    off_model = build_model(tiny_cfg("GSMA", "triton", activation_checkpointing="full", checkpoint_offload=True)).cuda()
+    ref_model = build_model(tiny_cfg("GSMA", "triton", activation_checkpointing="full", **TRITON)).cuda()
+    off_model = build_model(tiny_cfg("GSMA", "triton", activation_checkpointing="full", checkpoint_offload=True,
+                                       **TRITON)).cuda()
     off_model.load_state_dict(ref_model.state_dict())
     ids, labels, _ = (t.cuda() for t in _batch(T=64))
     ref, got = _grads(ref_model, ids, labels), _grads(off_model, ids, labels)
@@ -38,7 +41,7 @@ def test_checkpoint_offload_matches_full_checkpointing():
 @cuda
 def test_chunked_loss_under_bf16_autocast_matches_plain():
     torch.manual_seed(1)
-    model = build_model(tiny_cfg("GS", "triton", residual_dtype="compute")).cuda()
+    model = build_model(tiny_cfg("GS", "triton", residual_dtype="compute", **TRITON)).cuda()
     ids, labels, weights = (t.cuda() for t in _batch(T=64))
     ref = _grads(model, ids, labels, torch.bfloat16, token_weights=weights)
     got = _grads(model, ids, labels, torch.bfloat16, token_weights=weights, loss_chunk_tokens=24)
