@@ -116,6 +116,10 @@ def test_triton_packed_documents_equal_each_document_alone(kind, dtype, tol, dev
     def loop(*a, **kw):
         raise AssertionError("backend='triton' with cu_seqlens fell back to the per-document loop")
     monkeypatch.setattr(api, "per_document", loop)
+    if device == "cuda" and dtype == torch.float16:  # refused on GPUs: its gradient of q failed this test (H200)
+        with pytest.raises(TypeError, match="float16"):
+            packed_and_alone(kind, "triton", 64, dtype, [7, 1, 64, 77], seed=5, device=device, dims=(2, 16, 20))
+        return
     previous = ops.set_config(**(SMALL_BLOCKS if device == "cpu" else {}))
     try:
         packed, alone = packed_and_alone(kind, "triton", 64, dtype, [7, 1, 64, 77], seed=5,
