@@ -68,6 +68,37 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
+def _fla_u_pass(notes):
+    """fla's u-pass, ``fla.ops.deltaformer.parallel.ParallelDeltaformerFunction`` (pure Triton).
+
+    That module imports ``pad_input`` / ``unpad_input`` from ``fla.layers.utils`` at its top, for
+    ``deltaformer_attn``'s ``attention_mask`` path only; the fla-core 0.6.0 wheel ships no
+    ``fla.layers`` package (only ``fla.ops`` and its helpers), so the import fails with
+    ModuleNotFoundError. Then a stand-in ``fla.layers.utils`` whose two functions raise is registered
+    (the u-pass calls neither) and the import is retried; a note says so."""
+    try:
+        from fla.ops.deltaformer.parallel import ParallelDeltaformerFunction
+        return ParallelDeltaformerFunction
+    except ModuleNotFoundError as e:
+        if e.name not in ("fla.layers", "fla.layers.utils"):
+            raise
+    import types
+
+    def absent(*args, **kwargs):
+        raise NotImplementedError("fla.layers is not part of this fla-core wheel (pad_input / unpad_input)")
+
+    utils = types.ModuleType("fla.layers.utils")
+    utils.pad_input = utils.unpad_input = absent
+    layers = types.ModuleType("fla.layers")
+    layers.__path__, layers.utils = [], utils
+    sys.modules["fla.layers"], sys.modules["fla.layers.utils"] = layers, utils
+    from fla.ops.deltaformer.parallel import ParallelDeltaformerFunction
+    notes.append("fla_u_sdpa: this fla-core wheel has no fla.layers, which fla.ops.deltaformer.parallel imports "
+                 "at its top (pad_input / unpad_input, for attention_mask only); a stand-in that raises was "
+                 "registered so that its u-pass (ParallelDeltaformerFunction, which uses neither) loads")
+    return ParallelDeltaformerFunction
+
+
 def _load_fla(notes, wanted, device="cuda") -> dict:
     """{method: callable(q, k, v, beta) or None} for the fla methods in ``wanted``; every reason one
     cannot run goes into notes with the exception's text (fla's read-out needs flash-attn)."""
@@ -89,9 +120,8 @@ def _load_fla(notes, wanted, device="cuda") -> dict:
             if name == "fla":
                 from fla.ops.deltaformer import deltaformer_attn as fn
             else:
-                from fla.ops.deltaformer.parallel import ParallelDeltaformerFunction
-
                 from lctrain.kernels.deltaformer.readout import causal_readout
+                ParallelDeltaformerFunction = _fla_u_pass(notes)
 
                 def fn(q, k, v, beta, f=ParallelDeltaformerFunction):
                     return causal_readout(q, k, f.apply(k, k, v, beta), k.shape[-1] ** -0.5)
