@@ -82,6 +82,17 @@ def test_triton_float16_inputs_equal_naive():
     assert_close(outputs_and_grads(x, backend="triton", chunk_size=32), ref, 5e-3)
 
 
+def test_triton_half_dots_equal_naive():
+    """kernel_dots="half": the kernels round their dot operands to fp16 (the interpreter's stand-in
+    for bf16, the same code path) and accumulate in float32; fp16 inputs against float64 naive.
+    Two row blocks, several key ranges and chunks (also the backward's push and key gradients)."""
+    x = inputs(90, torch.float16, seed=6)
+    ref = outputs_and_grads({n: t.double() for n, t in x.items()}, backend="naive")
+    got = outputs_and_grads(x, backend="triton", chunk_size=32, kernel_dots="half")
+    assert_close(got, ref, 3e-3)
+    assert_close(outputs_and_grads(x, backend="triton", chunk_size=32), ref, 5e-3)
+
+
 @pytest.mark.parametrize("backend,dtype", [("naive", torch.float32), ("torch", torch.float32),
                                            ("triton", torch.float32), ("triton", torch.float16)])
 def test_cu_seqlens_is_each_document_alone(backend, dtype):
@@ -112,14 +123,20 @@ def test_errors_name_the_argument():
         deltaformer(x["q"], x["k"], x["v"], x["beta"][..., :1])
     with pytest.raises(TypeError, match="float32"):
         deltaformer(*inputs(4, torch.float64).values(), backend="triton")
+    with pytest.raises(ValueError, match="kernel_dots"):
+        deltaformer(*args, kernel_dots="fp8")
+    with pytest.raises(ValueError, match="kernel_dots"):
+        deltaformer(*inputs(4, torch.float16).values(), backend="torch", kernel_dots="half")
+    with pytest.raises(ValueError, match="kernel_dots"):
+        deltaformer(*args, backend="triton", kernel_dots="half")   # float32 inputs
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_on_cuda_equals_torch_backend(D, dtype):
-    """The compiled Triton u-pass (TF32 dots) against the float32 torch backend and, at a short
-    length, the naive recurrence: outputs and gradients."""
+@pytest.mark.parametrize("dtype,dots", [(torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.bfloat16, "half")])
+def test_triton_on_cuda_equals_torch_backend(D, dtype, dots):
+    """The compiled Triton u-pass (TF32 dots, or bf16 ones with kernel_dots="half") against the
+    float32 torch backend and, at a short length, the naive recurrence: outputs and gradients."""
     g = torch.Generator().manual_seed(D)
     T, Hh = 1000, 2
     x = {n: torch.randn(1, T, Hh, D, generator=g).cuda().to(dtype) for n in ("q", "k", "v")}
@@ -127,7 +144,7 @@ def test_triton_on_cuda_equals_torch_backend(D, dtype):
     cot = tuple(torch.randn(1, T, Hh, D, generator=g, dtype=torch.float64).cuda() for _ in range(2))
     ref = outputs_and_grads({n: t.float() for n, t in x.items()}, cot, backend="torch", chunk_size=64)
     tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
-    assert_close(outputs_and_grads(x, cot, backend="triton", chunk_size=128), ref, tol)
+    assert_close(outputs_and_grads(x, cot, backend="triton", chunk_size=128, kernel_dots=dots), ref, tol)
     short = {n: t[:, :70].float() for n, t in x.items()}
     cot_short = tuple(c[:, :70] for c in cot)
     assert_close(outputs_and_grads(short, cot_short, backend="triton", chunk_size=32),

@@ -43,12 +43,14 @@ def test_deltaformer_kernels_compile_for_hopper():
     import subprocess
     import sys
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    out = subprocess.run([sys.executable, "-m", "lctrain.bench.kernel_resources", "--op", "deltaformer", "--D", "128"],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.strip().splitlines()
-    cols = lines[0].split()
-    rows = [dict(zip(cols, line.split())) for line in lines[1:]]
-    assert len({r["kernel"] for r in rows}) == 6
-    for r in rows:
-        assert int(r["smem"]) <= 227 * 1024 and r["spill_bytes"] == "0", r
+    for half in ([], ["--half-dots"]):          # and those of kernel_dots="half" (bf16 dot operands)
+        out = subprocess.run([sys.executable, "-m", "lctrain.bench.kernel_resources", "--op", "deltaformer", "--D",
+                              "128", *half], capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        lines = out.stdout.strip().splitlines()
+        cols = lines[0].split()
+        rows = [dict(zip(cols, line.split())) for line in lines[1:]]
+        assert len({r["kernel"] for r in rows}) == 6
+        for r in rows:
+            assert int(r["smem"]) <= 227 * 1024 and r["spill_bytes"] == "0", r
+            assert ("DOT=bf16" in r["flags"]) == bool(half), r

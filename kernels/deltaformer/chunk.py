@@ -31,6 +31,8 @@ A backend is the triple ``Stages(stats, push, key_grads)``: torch here, Triton i
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Callable, NamedTuple
 
 import torch
@@ -222,19 +224,36 @@ class _Tf32Matmuls:
             torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
+HALF_DOTS: ContextVar = ContextVar("deltaformer_half_dots", default=None)
+
+
+@contextmanager
+def half_dots(dtype: torch.dtype | None):
+    """Inside: the Triton kernels round their dot operands to ``dtype`` (bf16 / fp16; float32
+    accumulation, float32 tensors in memory); None leaves them as they are (TF32 / float32)."""
+    token = HALF_DOTS.set(dtype)
+    try:
+        yield
+    finally:
+        HALF_DOTS.reset(token)
+
+
 class UPass(torch.autograd.Function):
     """u = u_pass(k, v, beta) on [B, T, H, *] inputs; returns u [B, T, H, V] in the compute dtype.
     Forward: ``chunk_forward`` with the backend's statistics; backward: the exact ``chunk_backward``
     with its push and key gradients (``Stages``, torch or Triton). Saves k, beta, u, w and the row
-    log-sum-exp (O(T), no T x T tensor). With bf16/fp16 inputs on CUDA the float32 matmuls run in TF32."""
+    log-sum-exp (O(T), no T x T tensor). With bf16/fp16 inputs on CUDA the float32 matmuls run in TF32;
+    ``half``: a half dtype the Triton kernels round their dot operands to (``half_dots``), or None."""
 
     @staticmethod
-    def forward(ctx, k, v, beta, scale: float, chunk_size: int, stages: Stages, dtype: torch.dtype):
+    def forward(ctx, k, v, beta, scale: float, chunk_size: int, stages: Stages, dtype: torch.dtype,
+                half: torch.dtype | None = None):
         kh = k.transpose(1, 2).to(dtype).contiguous()
         vh = v.transpose(1, 2).to(dtype).contiguous()
         bh = beta.transpose(1, 2).to(dtype).contiguous()
         ctx.tf32 = k.is_cuda and k.dtype in (torch.bfloat16, torch.float16)
-        with _Tf32Matmuls(ctx.tf32):
+        ctx.half = half
+        with _Tf32Matmuls(ctx.tf32), half_dots(half):
             u, lse, w = chunk_forward(kh, vh, bh, scale, chunk_size, stages.stats)
         ctx.save_for_backward(kh, bh, u, lse, w)
         ctx.scale, ctx.chunk_size, ctx.stages = scale, chunk_size, stages
@@ -245,8 +264,8 @@ class UPass(torch.autograd.Function):
     def backward(ctx, gu):
         kh, bh, u, lse, w = ctx.saved_tensors
         guh = gu.transpose(1, 2).to(u.dtype).contiguous()
-        with _Tf32Matmuls(ctx.tf32):
+        with _Tf32Matmuls(ctx.tf32), half_dots(ctx.half):
             dk, dv, dbeta, _, _ = chunk_backward(kh, bh, u, lse, w, guh, ctx.scale, ctx.chunk_size, ctx.stages)
         kd, vd, bd = ctx.in_dtypes
         return (dk.transpose(1, 2).to(kd), dv.transpose(1, 2).to(vd), dbeta.transpose(1, 2).to(bd),
-                None, None, None, None)
+                None, None, None, None, None)

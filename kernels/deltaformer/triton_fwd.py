@@ -29,6 +29,19 @@ NEG = tl.constexpr(chunk.NEG)   # compiled kernels may read globals only when th
 
 
 @triton.jit
+def _dot(a, b, DOT: tl.constexpr):
+    """a @ b accumulated in float32. DOT "bf16" / "fp16": the operands rounded to that half type
+    first (half-precision tensor cores, twice TF32's rate, half the shared memory per tile), like
+    flash attention's P @ V; "tf32" / "ieee": float32 operands at that precision."""
+    if DOT == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif DOT == "fp16":
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    else:
+        return tl.dot(a, b, input_precision=DOT)
+
+
+@triton.jit
 def _partials_kernel(kr_ptr, kk_ptr, uk_ptr, m_ptr, l_ptr, acc_ptr, nrows, Tr, key_hi, Tk, G, NS, scale,
                      K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      BR: tl.constexpr, BT: tl.constexpr, DOT: tl.constexpr):
@@ -53,7 +66,7 @@ def _partials_kernel(kr_ptr, kk_ptr, uk_ptr, m_ptr, l_ptr, acc_ptr, nrows, Tr, k
         col_ok = cols < j_hi
         kj = tl.load(kk_ptr + bh * Tk * K + cols[:, None] * K + dk[None, :], mask=col_ok[:, None] & (dk[None, :] < K),
                      other=0.0)
-        sc = tl.dot(kq, tl.trans(kj), input_precision=DOT) * scale
+        sc = _dot(kq, tl.trans(kj), DOT) * scale
         ok = row_ok[:, None] & col_ok[None, :]
         sc = tl.where(ok, sc, NEG)
         m_new = tl.maximum(m, tl.max(sc, 1))
@@ -62,7 +75,7 @@ def _partials_kernel(kr_ptr, kk_ptr, uk_ptr, m_ptr, l_ptr, acc_ptr, nrows, Tr, k
         l = l * alpha + tl.sum(p, 1)
         uj = tl.load(uk_ptr + bh * Tk * V + cols[:, None] * V + dv[None, :],
                      mask=col_ok[:, None] & (dv[None, :] < V), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p, uj, input_precision=DOT)
+        acc = acc * alpha[:, None] + _dot(p, uj, DOT)
         m = m_new
     out = (bh * NS + pid_g) * nrows + r_loc
     tl.store(m_ptr + out, m, mask=row_ok)
@@ -103,7 +116,7 @@ def _finalize_kernel(k_ptr, m_ptr, l_ptr, acc_ptr, w_ptr, lse_ptr, s, c, T, NS, 
         cols = j0 + tl.arange(0, BT)
         kj = tl.load(k_base + cols[:, None] * K + dk[None, :], mask=(cols[:, None] < s + c) & (dk[None, :] < K),
                      other=0.0)
-        sc = tl.dot(kq, tl.trans(kj), input_precision=DOT) * scale
+        sc = _dot(kq, tl.trans(kj), DOT) * scale
         ok = row_ok[:, None] & (cols[None, :] < rows[:, None])
         sc = tl.where(ok, sc, NEG)
         m_new = tl.maximum(m, tl.max(sc, 1))
@@ -136,7 +149,7 @@ def _intra_probs_kernel(k_ptr, lse_ptr, p_ptr, s, c, T, Tl, scale,
         cols = j0 + tl.arange(0, BT)
         kj = tl.load(k_base + cols[:, None] * K + dk[None, :], mask=(cols[:, None] < s + c) & (dk[None, :] < K),
                      other=0.0)
-        sc = tl.dot(kq, tl.trans(kj), input_precision=DOT) * scale
+        sc = _dot(kq, tl.trans(kj), DOT) * scale
         ok = row_ok[:, None] & (cols[None, :] < rows[:, None])
         p = tl.where(ok, tl.exp(tl.where(ok, sc, 0.0) - lse[:, None]), 0.0)
         c_loc = cols - s
@@ -144,9 +157,13 @@ def _intra_probs_kernel(k_ptr, lse_ptr, p_ptr, s, c, T, Tl, scale,
 
 
 def dot_precision() -> str:
-    """The kernels' dots follow torch's float32 matmul switch: TF32 when
+    """The kernels' dots: half-precision operands ("bf16" / "fp16") inside ``chunk.half_dots(dtype)``
+    (``kernel_dots="half"``); otherwise they follow torch's float32 matmul switch: TF32 when
     ``torch.backends.cuda.matmul.allow_tf32`` (``chunk._Tf32Matmuls`` turns it on for bf16 / fp16
     inputs), else full float32 ("ieee"), so float32 inputs get float32 accuracy throughout."""
+    half = chunk.HALF_DOTS.get()
+    if half is not None:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}[half]
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
@@ -176,7 +193,8 @@ def _partials(kr, kk, uk, nrows: int, Tr: int, key_hi: int, Tk: int, scale: floa
     B, H = kr.shape[:2]
     K, V = kr.shape[-1], uk.shape[-1]
     BR = min(64, _pow2(nrows))
-    BT = 64 if max(K, V) <= 64 else 32
+    dot = dot_precision()
+    BT = _key_block(max(K, V), dot)
     row_blocks = triton.cdiv(nrows, BR)
     G = _range_len(key_hi, row_blocks * B * H, BT, kr.device)
     NS = triton.cdiv(key_hi, G)
@@ -185,14 +203,20 @@ def _partials(kr, kk, uk, nrows: int, Tr: int, key_hi: int, Tk: int, scale: floa
     acc = torch.empty(B, H, NS, nrows, V, device=kr.device, dtype=torch.float32)
     _partials_kernel[(row_blocks, NS, B * H)](
         kr, kk, uk, m, l, acc, nrows, Tr, key_hi, Tk, G, NS, float(scale), K=K, V=V, BK=_pow2(K), BV=_pow2(V),
-        BR=BR, BT=BT, DOT=dot_precision(), num_warps=4 if max(K, V) <= 64 else 8)
+        BR=BR, BT=BT, DOT=dot, num_warps=4 if max(K, V) <= 64 else 8)
     return m, l, acc
+
+
+def _key_block(width: int, dot: str) -> int:
+    """Keys per block: 64, or 32 for heads wider than 64 with float32 operands (their tiles take
+    twice the shared memory of half-precision ones)."""
+    return 64 if width <= 64 or dot in ("bf16", "fp16") else 32
 
 
 def _row_blocks(K: int, c: int):
     BR = min(64, _pow2(c))
-    return dict(BR=BR, BT=64 if K <= 64 else 32, num_warps=4 if K <= 64 else 8, DOT=dot_precision()), \
-        triton.cdiv(c, BR)
+    dot = dot_precision()
+    return dict(BR=BR, BT=_key_block(K, dot), num_warps=4 if K <= 64 else 8, DOT=dot), triton.cdiv(c, BR)
 
 
 def triton_chunk_probs(k, lse, s: int, e: int, scale: float):

@@ -80,11 +80,12 @@ def record_launches(D: int, dtype_name: str, varlen: bool = False) -> list:
     return calls
 
 
-def record_deltaformer_launches(D: int, tf32: bool = True) -> list:
+def record_deltaformer_launches(D: int, tf32: bool = True, half=None) -> list:
     """(jit function, args, kwargs) of every Triton launch of one Deltaformer u-pass fwd+bwd (chunk
     256 of a 4096-token sequence, 16 heads) and of the three context-parallel blocks, on meta tensors.
     ``tf32``: the launches of bf16 / fp16 inputs (TF32 dots, what training runs); False: of float32
-    inputs (full-precision dots, which spill at head dim 128: slower, for accuracy only)."""
+    inputs (full-precision dots, which spill at head dim 128: slower, for accuracy only). ``half``
+    (torch.bfloat16 / float16): the launches of ``kernel_dots="half"`` (dot operands in that type)."""
     import torch
 
     from lctrain.kernels.deltaformer import chunk, triton_bwd, triton_fwd
@@ -93,6 +94,8 @@ def record_deltaformer_launches(D: int, tf32: bool = True) -> list:
     saved = {(mod, n): getattr(mod, n) for mod in mods for n in dir(mod) if n.endswith("_kernel")}
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
+    dots = chunk.half_dots(half)
+    dots.__enter__()
     try:
         for (mod, n), kernel in saved.items():
             setattr(mod, n, _Recorder(kernel, calls))
@@ -107,6 +110,7 @@ def record_deltaformer_launches(D: int, tf32: bool = True) -> list:
         st.pull(e(B, H, G, D), e(B, H, G), e(B, H, G, D), e(B, H, G), kl, ul, rhs, dk, 0.1)
         st.rows_vs_keys(kl, e(B, H, L), e(B, H, L, D), e(B, H, L), e(B, H, G, D), e(B, H, G, D), dk, 0.1)
     finally:
+        dots.__exit__(None, None, None)
         torch.backends.cuda.matmul.allow_tf32 = saved_tf32
         for (mod, n), kernel in saved.items():
             setattr(mod, n, kernel)
@@ -196,16 +200,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="the linear mixers' kernels (default) or Deltaformer's u-pass kernels (float32 tensors, "
                         "TF32 dots as for bf16 inputs; --dtype float32: full-precision dots as for float32 inputs; "
                         "--cfg and --varlen do not apply)")
+    p.add_argument("--half-dots", action="store_true",
+                   help="--op deltaformer: the launches of kernel_dots='half' (dots in --dtype, bf16 / fp16)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.op == "deltaformer":
         bad = [f for f, given in (("--cfg", args.cfg), ("--varlen", args.varlen)) if given]
         if bad:
             p.error(f"{', '.join(bad)} do not apply to --op deltaformer")
-        calls = record_deltaformer_launches(args.D, tf32=args.dtype != "float32")
+        if args.half_dots and args.dtype == "float32":
+            p.error("--half-dots rounds the dots to --dtype: use --dtype bfloat16 or float16")
+        import torch
+        half = getattr(torch, args.dtype) if args.half_dots else None
+        calls = record_deltaformer_launches(args.D, tf32=args.dtype != "float32", half=half)
     else:
         from lctrain.kernels.triton import ops
         if args.cfg:
             ops.set_config(**{k.strip(): int(v) for k, v in (i.split("=") for i in args.cfg.split(","))})
+        if args.half_dots:
+            p.error("--half-dots applies to --op deltaformer")
         calls = record_launches(args.D, args.dtype, args.varlen)
     rows = compile_report(calls, args.target)
     cols = ["kernel", "flags", "warps", "stages", "regs", "spill_bytes", "local_loads", "smem", "gmma",
