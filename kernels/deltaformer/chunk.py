@@ -76,20 +76,26 @@ StatsFn = Callable[[torch.Tensor, torch.Tensor, int, int, float], tuple]  # (k, 
 
 
 @torch.no_grad()
-def chunk_forward(k, v, beta, scale: float, chunk_size: int, stats: StatsFn = torch_chunk_stats, on_chunk=None):
-    """(u [B, H, T, V], lse [B, H, T], w [B, H, T, V]) in k's dtype; ``stats`` computes a chunk's
+def chunk_forward(k, v, beta, scale: float, chunk_size: int, stats: StatsFn = torch_chunk_stats, on_chunk=None,
+                  stats_u_dtype: torch.dtype | None = None):
+    """(u [B, H, T, V], lse [B, H, T], w [B, H, T, V]) in v's dtype; ``stats`` computes a chunk's
     statistics; w_t = sum_j P[t, j] u_j (kept for the backward). ``on_chunk(e, u)`` is called after
-    each chunk [s, e) is solved (context parallelism streams the finished u from there)."""
+    each chunk [s, e) is solved (context parallelism streams the finished u from there).
+    ``stats_u_dtype`` (``kernel_dots="half"``): ``stats`` reads a copy of u in that dtype, kept up
+    to date chunk by chunk (half the bytes for the kernels that stream the earlier u)."""
     B, H, T, _ = k.shape
     u = torch.empty_like(v)
     w = torch.empty_like(v)
-    lse = k.new_zeros(B, H, T)
+    lse = v.new_zeros(B, H, T)
+    u_stats = u if stats_u_dtype is None else torch.empty(u.shape, dtype=stats_u_dtype, device=u.device)
     for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)
-        w_prev, p_cc, lse_c = stats(k, u, s, e, scale)
+        w_prev, p_cc, lse_c = stats(k, u_stats, s, e, scale)
         lse[:, :, s:e] = lse_c
         u[:, :, s:e] = _solve_chunk(p_cc, beta[:, :, s:e], v[:, :, s:e] - beta[:, :, s:e, None] * w_prev)
         w[:, :, s:e] = w_prev + p_cc @ u[:, :, s:e]
+        if u_stats is not u:
+            u_stats[:, :, s:e] = u[:, :, s:e]
         if on_chunk is not None:
             on_chunk(e, u)
     return u, lse, w
@@ -183,11 +189,12 @@ TORCH_STAGES = Stages(torch_chunk_stats, chunk_probs, torch_chunk_push, torch_ke
 
 @torch.no_grad()
 def chunk_backward(k, beta, u, lse, w, gu, scale: float, chunk_size: int, stages: Stages = TORCH_STAGES,
-                   rhs=None, on_chunk=None):
+                   rhs=None, on_chunk=None, key_grads_u_dtype: torch.dtype | None = None):
     """(dk, dv, dbeta, bd) of sum(u * gu) (see the module doc), bd = beta d. ``rhs`` (context
     parallelism): gu with the shares of tokens after these T already subtracted (used in place of a
     copy of gu, and overwritten). ``on_chunk(s, bd)`` is called after each chunk [s, e) is solved
-    (the reverse loop) with bd [B, H, T, V], final from row s on. bdw_t = bd_t . w_t."""
+    (the reverse loop) with bd [B, H, T, V], final from row s on. bdw_t = bd_t . w_t.
+    ``key_grads_u_dtype``: the key gradients read a copy of u in that dtype (``kernel_dots="half"``)."""
     T = k.shape[2]
     rhs = gu.clone() if rhs is None else rhs   # gu - (contributions of later rows), completed chunk by chunk
     dv = torch.empty_like(u)
@@ -203,7 +210,8 @@ def chunk_backward(k, beta, u, lse, w, gu, scale: float, chunk_size: int, stages
             on_chunk(s, bd)
     dbeta = -(w * dv).sum(-1)                  # per-row reductions once, not per chunk (launches)
     bdw = (bd * w).sum(-1)
-    dk = stages.key_grads(k, u, lse, bd, bdw, scale, chunk_size)
+    dk = stages.key_grads(k, u if key_grads_u_dtype is None else u.to(key_grads_u_dtype), lse, bd, bdw, scale,
+                          chunk_size)
     return dk, dv, dbeta, bd, bdw
 
 
@@ -243,18 +251,20 @@ class UPass(torch.autograd.Function):
     Forward: ``chunk_forward`` with the backend's statistics; backward: the exact ``chunk_backward``
     with its push and key gradients (``Stages``, torch or Triton). Saves k, beta, u, w and the row
     log-sum-exp (O(T), no T x T tensor). With bf16/fp16 inputs on CUDA the float32 matmuls run in TF32;
-    ``half``: a half dtype the Triton kernels round their dot operands to (``half_dots``), or None."""
+    ``half``: a half dtype the Triton kernels round their dot operands to (``half_dots``), or None;
+    then k (the inputs' half-precision numbers, unchanged) and the copies of u the kernels stream
+    are kept in that dtype: half the bytes."""
 
     @staticmethod
     def forward(ctx, k, v, beta, scale: float, chunk_size: int, stages: Stages, dtype: torch.dtype,
                 half: torch.dtype | None = None):
-        kh = k.transpose(1, 2).to(dtype).contiguous()
+        kh = k.transpose(1, 2).to(dtype if half is None else half).contiguous()
         vh = v.transpose(1, 2).to(dtype).contiguous()
         bh = beta.transpose(1, 2).to(dtype).contiguous()
         ctx.tf32 = k.is_cuda and k.dtype in (torch.bfloat16, torch.float16)
         ctx.half = half
         with _Tf32Matmuls(ctx.tf32), half_dots(half):
-            u, lse, w = chunk_forward(kh, vh, bh, scale, chunk_size, stages.stats)
+            u, lse, w = chunk_forward(kh, vh, bh, scale, chunk_size, stages.stats, stats_u_dtype=half)
         ctx.save_for_backward(kh, bh, u, lse, w)
         ctx.scale, ctx.chunk_size, ctx.stages = scale, chunk_size, stages
         ctx.in_dtypes = (k.dtype, v.dtype, beta.dtype)
@@ -265,7 +275,8 @@ class UPass(torch.autograd.Function):
         kh, bh, u, lse, w = ctx.saved_tensors
         guh = gu.transpose(1, 2).to(u.dtype).contiguous()
         with _Tf32Matmuls(ctx.tf32), half_dots(ctx.half):
-            dk, dv, dbeta, _, _ = chunk_backward(kh, bh, u, lse, w, guh, ctx.scale, ctx.chunk_size, ctx.stages)
+            dk, dv, dbeta, _, _ = chunk_backward(kh, bh, u, lse, w, guh, ctx.scale, ctx.chunk_size, ctx.stages,
+                                                 key_grads_u_dtype=ctx.half)
         kd, vd, bd = ctx.in_dtypes
         return (dk.transpose(1, 2).to(kd), dv.transpose(1, 2).to(vd), dbeta.transpose(1, 2).to(bd),
                 None, None, None, None, None)

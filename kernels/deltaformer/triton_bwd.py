@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import chunk
 from .triton_fwd import _check, _dot, _key_block, _pow2, dot_precision
 
 
@@ -163,14 +164,14 @@ def _head_stride(*xs) -> int:
     for x in xs:
         inner = x.shape[3] if x.dim() == 4 else 1
         B, H, T = x.shape[:3]
-        ok = x.dtype == torch.float32 and (T == 1 or x.stride(2) == inner)
+        ok = x.dtype in (torch.float32, chunk.HALF_DOTS.get()) and (T == 1 or x.stride(2) == inner)
         ok = ok and (x.dim() == 3 or inner == 1 or x.stride(3) == 1)
         per_bh = x.stride(1) if H > 1 else (x.stride(0) if B > 1 else None)   # size-1 dims: any stride
         ok = ok and (H == 1 or B == 1 or x.stride(0) == H * x.stride(1))
         ok = ok and (per_bh is None or per_bh % inner == 0)
         if not ok:
-            raise ValueError(f"deltaformer triton: expected float32 row-contiguous views of [B, H, T, *] tensors, got "
-                             f"{x.dtype} shape {tuple(x.shape)} stride {x.stride()}")
+            raise ValueError(f"deltaformer triton: expected float32 (or kernel_dots' half) row-contiguous views of "
+                             f"[B, H, T, *] tensors, got {x.dtype} shape {tuple(x.shape)} stride {x.stride()}")
         if per_bh is not None:
             strides.add(per_bh // inner)
     if not strides:
@@ -200,7 +201,7 @@ def triton_key_grads(k, u, lse, bd, bdw, scale: float, chunk_size: int):
     B, H, T, K = k.shape
     V = u.shape[-1]
     blk = _blocks(K, V)
-    dk = torch.empty_like(k)
+    dk = torch.empty(k.shape, device=k.device, dtype=torch.float32)     # k may be kernel_dots' half type
     bd, bdw = bd.contiguous(), bdw.contiguous()
     Tr = _head_stride(k, u, lse, bd, bdw, dk)
     args = (k, lse, bd, bdw, k, u, dk, T, Tr, T, Tr, float(scale))

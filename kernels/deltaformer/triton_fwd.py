@@ -172,7 +172,8 @@ def _pow2(x: int) -> int:
 
 
 def _check(k):
-    if k.dtype != torch.float32:
+    """k in float32, or in the half dtype of ``kernel_dots="half"`` (``chunk.half_dots``)."""
+    if k.dtype != torch.float32 and k.dtype != chunk.HALF_DOTS.get():
         raise TypeError(f"deltaformer triton u-pass computes in float32; got k in {k.dtype}")
 
 

@@ -103,8 +103,12 @@ def record_deltaformer_launches(D: int, tf32: bool = True, half=None) -> list:
         e = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
         st = triton_fwd.triton_stages()
         k, v, beta = e(B, H, T, D), e(B, H, T, D), e(B, H, T)
-        u, lse, w = chunk.chunk_forward(k, v, beta, D ** -0.5, 256, st.stats)
-        chunk.chunk_backward(k, beta, u, lse, w, e(B, H, T, D), D ** -0.5, 256, st)
+        if half is not None:                    # kernel_dots="half" keeps k (and copies of u) in it
+            k = k.to(half)
+        u, lse, w = chunk.chunk_forward(k, v, beta, D ** -0.5, 256, st.stats, stats_u_dtype=half)
+        chunk.chunk_backward(k, beta, u, lse, w, e(B, H, T, D), D ** -0.5, 256, st, key_grads_u_dtype=half)
+        if half is not None:                    # context parallelism has no kernel_dots
+            return calls
         kl, ul, dk, rhs = e(B, H, L, D), e(B, H, L, D), e(B, H, L, D), e(B, H, L, D)
         st.block_partials(kl, e(B, H, G, D), e(B, H, G, D), 0.1)
         st.pull(e(B, H, G, D), e(B, H, G), e(B, H, G, D), e(B, H, G), kl, ul, rhs, dk, 0.1)
