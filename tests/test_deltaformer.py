@@ -185,3 +185,27 @@ def test_triton_cross_blocks_equal_torch():
         st.rows_vs_keys(k, lse, bd, bdw, kb, ub, dk2, s)
         out[name] = {"lse": m + torch.log(l), "w": acc / l[..., None], "rhs": rhs, "dk pull": dk, "dk rows": dk2}
     assert_close(out["triton"], out["torch"], 1e-5)
+
+
+@pytest.mark.parametrize("s,e", [(0, 7), (20, 170)])
+def test_triton_chunk_solve_equals_torch(s, e):
+    """The forward solve of one chunk (Triton forward substitution, interpreter) against the torch
+    triangular solve: u, w and the fp16 copy of u; (20, 170): ten row blocks, three blocks of
+    earlier rows for the last, a partial one at the end; (0, 7): a chunk shorter than a block."""
+    from lctrain.kernels.deltaformer.chunk import torch_chunk_solve
+    from lctrain.kernels.deltaformer.triton_fwd import triton_chunk_solve
+    g = torch.Generator().manual_seed(e)
+    T, c, Vw = 180, e - s, 40
+    p = torch.rand(1, H, c, c, generator=g).tril(-1)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1.0)             # rows of a softmax over earlier keys
+    w_prev = torch.randn(1, H, c, Vw, generator=g)
+    beta, v = torch.rand(1, H, T, generator=g), torch.randn(1, H, T, Vw, generator=g)
+    out = {}
+    for name, fn in (("torch", torch_chunk_solve), ("triton", triton_chunk_solve)):
+        u, w, uc = torch.zeros(1, H, T, Vw), torch.zeros(1, H, T, Vw), torch.zeros(1, H, T, Vw, dtype=torch.float16)
+        fn(p, w_prev, beta, v, u, w, s, e, uc)
+        out[name] = {"u": u, "w": w, "u copy": uc.float()}
+    copies = [out[n].pop("u copy") for n in ("triton", "torch")]
+    assert_close(out["triton"], out["torch"], 1e-5)
+    assert_close({"u copy": copies[0]}, {"u copy": copies[1]}, 1e-3)        # an fp16 rounding apart at most
+    assert out["triton"]["u"][:, :, :s].abs().sum() == 0 and out["triton"]["u"][:, :, e:].abs().sum() == 0

@@ -75,14 +75,25 @@ def _solve_chunk(p_cc, beta_c, rhs, transpose: bool = False):
 StatsFn = Callable[[torch.Tensor, torch.Tensor, int, int, float], tuple]  # (k, u, s, e, scale) -> stats
 
 
+def torch_chunk_solve(p_cc, w_prev, beta, v, u, w, s: int, e: int, u_copy=None):
+    """Chunk [s, e)'s solve from its statistics, in place: u[s:e] from
+    (I + diag(beta_c) P[c, c]) u_c = v_c - beta_c w_prev, w[s:e] = w_prev + P[c, c] u_c, and u_c
+    into u_copy (another dtype) when given."""
+    u[:, :, s:e] = _solve_chunk(p_cc, beta[:, :, s:e], v[:, :, s:e] - beta[:, :, s:e, None] * w_prev)
+    w[:, :, s:e] = w_prev + p_cc @ u[:, :, s:e]
+    if u_copy is not None:
+        u_copy[:, :, s:e] = u[:, :, s:e]
+
+
 @torch.no_grad()
 def chunk_forward(k, v, beta, scale: float, chunk_size: int, stats: StatsFn = torch_chunk_stats, on_chunk=None,
-                  stats_u_dtype: torch.dtype | None = None):
+                  stats_u_dtype: torch.dtype | None = None, solve=torch_chunk_solve):
     """(u [B, H, T, V], lse [B, H, T], w [B, H, T, V]) in v's dtype; ``stats`` computes a chunk's
     statistics; w_t = sum_j P[t, j] u_j (kept for the backward). ``on_chunk(e, u)`` is called after
     each chunk [s, e) is solved (context parallelism streams the finished u from there).
     ``stats_u_dtype`` (``kernel_dots="half"``): ``stats`` reads a copy of u in that dtype, kept up
-    to date chunk by chunk (half the bytes for the kernels that stream the earlier u)."""
+    to date chunk by chunk (half the bytes for the kernels that stream the earlier u). ``solve``:
+    a chunk's solve from its statistics (``torch_chunk_solve``'s contract)."""
     B, H, T, _ = k.shape
     u = torch.empty_like(v)
     w = torch.empty_like(v)
@@ -92,10 +103,7 @@ def chunk_forward(k, v, beta, scale: float, chunk_size: int, stats: StatsFn = to
         e = min(s + chunk_size, T)
         w_prev, p_cc, lse_c = stats(k, u_stats, s, e, scale)
         lse[:, :, s:e] = lse_c
-        u[:, :, s:e] = _solve_chunk(p_cc, beta[:, :, s:e], v[:, :, s:e] - beta[:, :, s:e, None] * w_prev)
-        w[:, :, s:e] = w_prev + p_cc @ u[:, :, s:e]
-        if u_stats is not u:
-            u_stats[:, :, s:e] = u[:, :, s:e]
+        solve(p_cc, w_prev, beta, v, u, w, s, e, None if u_stats is u else u_stats)
         if on_chunk is not None:
             on_chunk(e, u)
     return u, lse, w
@@ -172,8 +180,9 @@ def torch_key_grads(k, u, lse, bd, bdw, scale: float, chunk_size: int):
 class Stages(NamedTuple):
     """A backend of the chunked u-pass: the forward statistics of a chunk, the intra-chunk block
     P[c, c] from k and lse (backward), the backward push of a solved chunk onto the earlier
-    right-hand sides, the key gradients after the backward loop, and the three blocks context
-    parallelism adds (rows against another rank's keys)."""
+    right-hand sides, the key gradients after the backward loop, the three blocks context
+    parallelism adds (rows against another rank's keys), and the forward solve of a chunk from its
+    statistics (the single-process u-pass; context parallelism keeps the torch one)."""
     stats: Callable
     probs: Callable
     push: Callable
@@ -181,6 +190,7 @@ class Stages(NamedTuple):
     block_partials: Callable
     pull: Callable
     rows_vs_keys: Callable
+    solve: Callable = torch_chunk_solve
 
 
 TORCH_STAGES = Stages(torch_chunk_stats, chunk_probs, torch_chunk_push, torch_key_grads, torch_block_partials,
@@ -264,7 +274,8 @@ class UPass(torch.autograd.Function):
         ctx.tf32 = k.is_cuda and k.dtype in (torch.bfloat16, torch.float16)
         ctx.half = half
         with _Tf32Matmuls(ctx.tf32), half_dots(half):
-            u, lse, w = chunk_forward(kh, vh, bh, scale, chunk_size, stages.stats, stats_u_dtype=half)
+            u, lse, w = chunk_forward(kh, vh, bh, scale, chunk_size, stages.stats, stats_u_dtype=half,
+                                      solve=stages.solve)
         ctx.save_for_backward(kh, bh, u, lse, w)
         ctx.scale, ctx.chunk_size, ctx.stages = scale, chunk_size, stages
         ctx.in_dtypes = (k.dtype, v.dtype, beta.dtype)

@@ -156,6 +156,67 @@ def _intra_probs_kernel(k_ptr, lse_ptr, p_ptr, s, c, T, Tl, scale,
         tl.store(p_ptr + (bh * c + r_loc)[:, None] * c + c_loc[None, :], p, mask=row_ok[:, None] & (c_loc[None, :] < c))
 
 
+@triton.jit
+def _chunk_solve_kernel(p_ptr, wp_ptr, beta_ptr, v_ptr, u_ptr, w_ptr, uc_ptr, s, c, T,
+                        V: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr, BJ: tl.constexpr,
+                        COPY: tl.constexpr):
+    """Chunk [s, s + c)'s solve, columns [pid_v BV, +BV) of u, by forward substitution in blocks of
+    BS rows: x_t = v_t - beta_t (w_prev_t + sum_{s<=j<t} P[t, j] x_j). The earlier blocks' x are
+    read back from u (written by this program, a barrier between blocks; L1 bypassed); inside a
+    block a column sweep (BS steps). Also w_t = w_prev_t + sum_j P[t, j] x_j and, with COPY, x in
+    uc's dtype. P [c, c] (zero on and above the diagonal) and w_prev [c, V] per head are contiguous."""
+    pid_v = tl.program_id(0)
+    bh = tl.program_id(1)
+    dv = pid_v * BV + tl.arange(0, BV)
+    v_ok = dv < V
+    ri = tl.arange(0, BS)
+    p_base = p_ptr + bh * c * c
+    for i0 in range(0, c, BS):
+        rows = i0 + ri
+        row_ok = rows < c
+        m2 = row_ok[:, None] & v_ok[None, :]
+        acc = tl.load(wp_ptr + (bh * c + rows)[:, None] * V + dv[None, :], mask=m2, other=0.0)
+        for j0 in range(0, i0, BJ):                 # the chunk's earlier blocks, solved already
+            cols = j0 + tl.arange(0, BJ)
+            col_ok = cols < i0
+            pij = tl.load(p_base + rows[:, None] * c + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            xj = tl.load(u_ptr + (bh * T + s + cols)[:, None] * V + dv[None, :], mask=col_ok[:, None] & v_ok[None, :],
+                         other=0.0, cache_modifier=".cg")
+            acc += tl.dot(pij, xj, input_precision="ieee")
+        beta = tl.load(beta_ptr + bh * T + s + rows, mask=row_ok, other=0.0)
+        x = tl.load(v_ptr + (bh * T + s + rows)[:, None] * V + dv[None, :], mask=m2, other=0.0) - beta[:, None] * acc
+        dcols = i0 + ri
+        pd = tl.load(p_base + rows[:, None] * c + dcols[None, :], mask=row_ok[:, None] & (dcols < c)[None, :],
+                     other=0.0)
+        for r in tl.static_range(BS):               # row r is final: take it out of the later rows
+            xr = tl.sum(tl.where(ri[:, None] == r, x, 0.0), 0)
+            pr = tl.sum(tl.where(ri[None, :] == r, pd, 0.0), 1)
+            x -= (beta * pr)[:, None] * xr[None, :]
+        out = (bh * T + s + rows)[:, None] * V + dv[None, :]
+        tl.store(u_ptr + out, x, mask=m2)
+        tl.store(w_ptr + out, acc + tl.dot(pd, x, input_precision="ieee"), mask=m2)
+        if COPY:
+            tl.store(uc_ptr + out, x.to(uc_ptr.dtype.element_ty), mask=m2)
+        tl.debug_barrier()                          # this block's x is visible to the next blocks
+
+
+def triton_chunk_solve(p_cc, w_prev, beta, v, u, w, s: int, e: int, u_copy=None):
+    """Same contract as ``chunk.torch_chunk_solve``, one launch (a program per head and block of
+    value columns) instead of the torch triangular solve and some ten small ops; float32
+    throughout (full-precision dots: the substitution compounds rounding). beta [B, H, T], v, u, w,
+    u_copy [B, H, T, V] contiguous."""
+    B, H, T, V = u.shape
+    c = e - s
+    for x in (beta, v, u, w) + (() if u_copy is None else (u_copy,)):
+        if not x.is_contiguous():
+            raise ValueError("deltaformer triton_chunk_solve: beta, v, u, w must be contiguous")
+    p_cc, w_prev = p_cc.contiguous(), w_prev.contiguous()
+    BV = min(32, _pow2(V))
+    _chunk_solve_kernel[(triton.cdiv(V, BV), B * H)](p_cc, w_prev, beta, v, u, w, u if u_copy is None else u_copy,
+                                                     s, c, T, V=V, BV=BV, BS=16, BJ=64, COPY=u_copy is not None,
+                                                     num_warps=4)
+
+
 def dot_precision() -> str:
     """The kernels' dots: half-precision operands ("bf16" / "fp16") inside ``chunk.half_dots(dtype)``
     (``kernel_dots="half"``); otherwise they follow torch's float32 matmul switch: TF32 when
@@ -263,4 +324,4 @@ def triton_block_partials(kr, kk, uk, scale: float):
 def triton_stages() -> Stages:
     from .triton_bwd import triton_chunk_push, triton_key_grads, triton_pull, triton_rows_vs_keys
     return Stages(triton_chunk_stats, triton_chunk_probs, triton_chunk_push, triton_key_grads, triton_block_partials,
-                  triton_pull, triton_rows_vs_keys)
+                  triton_pull, triton_rows_vs_keys, triton_chunk_solve)

@@ -105,7 +105,7 @@ def record_deltaformer_launches(D: int, tf32: bool = True, half=None) -> list:
         k, v, beta = e(B, H, T, D), e(B, H, T, D), e(B, H, T)
         if half is not None:                    # kernel_dots="half" keeps k (and copies of u) in it
             k = k.to(half)
-        u, lse, w = chunk.chunk_forward(k, v, beta, D ** -0.5, 256, st.stats, stats_u_dtype=half)
+        u, lse, w = chunk.chunk_forward(k, v, beta, D ** -0.5, 256, st.stats, stats_u_dtype=half, solve=st.solve)
         chunk.chunk_backward(k, beta, u, lse, w, e(B, H, T, D), D ** -0.5, 256, st, key_grads_u_dtype=half)
         if half is not None:                    # context parallelism has no kernel_dots
             return calls
@@ -178,8 +178,8 @@ def compile_report(calls, target: int) -> list[dict]:
                                   check=True).stdout
         reg = re.search(r"REG:(\d+)", usage)
         stack = re.search(r"STACK:(\d+)", usage)
-        flags = ",".join([k for k, v in consts.items() if k.startswith(("HAS_", "CAUSAL", "ACCUMULATE")) and v]
-                         + [f"DOT={consts['DOT']}"] * ("DOT" in consts)) or "-"
+        flags = ",".join([k for k, v in consts.items() if k.startswith(("HAS_", "CAUSAL", "ACCUMULATE", "COPY")) and v]
+                         + ([f"DOT={consts['DOT']}"] if "DOT" in consts else [])) or "-"
         rows.append({"kernel": fn.fn.__name__, "flags": flags,
                      "blocks": ",".join(f"{k}={v}" for k, v in consts.items() if k.startswith("B")),
                      "warps": opts.get("num_warps"), "stages": opts.get("num_stages"),
