@@ -209,3 +209,23 @@ def test_triton_chunk_solve_equals_torch(s, e):
     assert_close(out["triton"], out["torch"], 1e-5)
     assert_close({"u copy": copies[0]}, {"u copy": copies[1]}, 1e-3)        # an fp16 rounding apart at most
     assert out["triton"]["u"][:, :, :s].abs().sum() == 0 and out["triton"]["u"][:, :, e:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("s,e", [(0, 7), (20, 170)])
+def test_triton_chunk_adjoint_solve_equals_torch(s, e):
+    """The backward's adjoint solve of one chunk (Triton back substitution, interpreter) against the
+    torch transposed triangular solve: dv and bd = beta d."""
+    from lctrain.kernels.deltaformer.chunk import torch_chunk_solve_t
+    from lctrain.kernels.deltaformer.triton_fwd import triton_chunk_solve_t
+    g = torch.Generator().manual_seed(e + 1)
+    T, c, Vw = 180, e - s, 40
+    p = torch.rand(1, H, c, c, generator=g).tril(-1)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1.0)
+    beta, rhs = torch.rand(1, H, T, generator=g), torch.randn(1, H, T, Vw, generator=g)
+    out = {}
+    for name, fn in (("torch", torch_chunk_solve_t), ("triton", triton_chunk_solve_t)):
+        dv, bd = torch.zeros(1, H, T, Vw), torch.zeros(1, H, T, Vw)
+        fn(p, beta, rhs, dv, bd, s, e)
+        out[name] = {"dv": dv, "bd": bd}
+    assert_close(out["triton"], out["torch"], 1e-5)
+    assert out["triton"]["dv"][:, :, :s].abs().sum() == 0 and out["triton"]["dv"][:, :, e:].abs().sum() == 0

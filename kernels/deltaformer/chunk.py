@@ -75,6 +75,14 @@ def _solve_chunk(p_cc, beta_c, rhs, transpose: bool = False):
 StatsFn = Callable[[torch.Tensor, torch.Tensor, int, int, float], tuple]  # (k, u, s, e, scale) -> stats
 
 
+def torch_chunk_solve_t(p_cc, beta, rhs, dv, bd, s: int, e: int):
+    """Chunk [s, e)'s adjoint solve, in place: d from (I + diag(beta_c) P[c, c])^T d = rhs[s:e],
+    dv[s:e] = d and bd[s:e] = beta_c d."""
+    d = _solve_chunk(p_cc, beta[:, :, s:e], rhs[:, :, s:e], transpose=True)
+    dv[:, :, s:e] = d
+    bd[:, :, s:e] = beta[:, :, s:e, None] * d
+
+
 def torch_chunk_solve(p_cc, w_prev, beta, v, u, w, s: int, e: int, u_copy=None):
     """Chunk [s, e)'s solve from its statistics, in place: u[s:e] from
     (I + diag(beta_c) P[c, c]) u_c = v_c - beta_c w_prev, w[s:e] = w_prev + P[c, c] u_c, and u_c
@@ -182,7 +190,8 @@ class Stages(NamedTuple):
     P[c, c] from k and lse (backward), the backward push of a solved chunk onto the earlier
     right-hand sides, the key gradients after the backward loop, the three blocks context
     parallelism adds (rows against another rank's keys), and the forward solve of a chunk from its
-    statistics (the single-process u-pass; context parallelism keeps the torch one)."""
+    statistics (the single-process u-pass; context parallelism keeps the torch one) and the
+    backward's adjoint solve of a chunk."""
     stats: Callable
     probs: Callable
     push: Callable
@@ -191,6 +200,7 @@ class Stages(NamedTuple):
     pull: Callable
     rows_vs_keys: Callable
     solve: Callable = torch_chunk_solve
+    solve_t: Callable = torch_chunk_solve_t
 
 
 TORCH_STAGES = Stages(torch_chunk_stats, chunk_probs, torch_chunk_push, torch_key_grads, torch_block_partials,
@@ -211,10 +221,7 @@ def chunk_backward(k, beta, u, lse, w, gu, scale: float, chunk_size: int, stages
     bd = torch.empty_like(u)
     for s in reversed(range(0, T, chunk_size)):
         e = min(s + chunk_size, T)
-        bc = beta[:, :, s:e, None]
-        d = _solve_chunk(stages.probs(k, lse, s, e, scale), beta[:, :, s:e], rhs[:, :, s:e], transpose=True)
-        dv[:, :, s:e] = d
-        bd[:, :, s:e] = bc * d
+        stages.solve_t(stages.probs(k, lse, s, e, scale), beta, rhs, dv, bd, s, e)
         stages.push(k, lse, bd[:, :, s:e], rhs, s, e, scale)
         if on_chunk is not None:
             on_chunk(s, bd)

@@ -217,6 +217,60 @@ def triton_chunk_solve(p_cc, w_prev, beta, v, u, w, s: int, e: int, u_copy=None)
                                                      num_warps=4)
 
 
+@triton.jit
+def _chunk_solve_t_kernel(p_ptr, beta_ptr, r_ptr, dv_ptr, bd_ptr, s, c, T,
+                          V: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr, BJ: tl.constexpr):
+    """The backward's adjoint solve of chunk [s, s + c), columns [pid_v BV, +BV): back substitution
+    in blocks of BS rows from the last, d_t = rhs_t - sum_{t<i<s+c} P[i, t] beta_i d_i; writes
+    dv = d and bd = beta d (the later blocks' bd read back, as in ``_chunk_solve_kernel``)."""
+    pid_v = tl.program_id(0)
+    bh = tl.program_id(1)
+    dv_i = pid_v * BV + tl.arange(0, BV)
+    v_ok = dv_i < V
+    ri = tl.arange(0, BS)
+    p_base = p_ptr + bh * c * c
+    nb = tl.cdiv(c, BS)
+    for ib in range(0, nb):
+        i0 = (nb - 1 - ib) * BS
+        rows = i0 + ri
+        row_ok = rows < c
+        m2 = row_ok[:, None] & v_ok[None, :]
+        acc = tl.zeros([BS, BV], tl.float32)
+        for j0 in range(i0 + BS, c, BJ):            # the chunk's later rows, solved already
+            lat = j0 + tl.arange(0, BJ)
+            lat_ok = lat < c
+            pji = tl.load(p_base + lat[:, None] * c + rows[None, :], mask=lat_ok[:, None] & row_ok[None, :], other=0.0)
+            bdj = tl.load(bd_ptr + (bh * T + s + lat)[:, None] * V + dv_i[None, :],
+                          mask=lat_ok[:, None] & v_ok[None, :], other=0.0, cache_modifier=".cg")
+            acc += tl.dot(tl.trans(pji), bdj, input_precision="ieee")
+        beta = tl.load(beta_ptr + bh * T + s + rows, mask=row_ok, other=0.0)
+        out = (bh * T + s + rows)[:, None] * V + dv_i[None, :]
+        d = tl.load(r_ptr + out, mask=m2, other=0.0) - acc
+        pd = tl.load(p_base + rows[:, None] * c + rows[None, :], mask=row_ok[:, None] & row_ok[None, :], other=0.0)
+        for rr in tl.static_range(BS):              # row r is final: take it out of the earlier rows
+            r = BS - 1 - rr
+            at_r = ri[:, None] == r
+            dr = tl.sum(tl.where(at_r, d, 0.0), 0)
+            br = tl.sum(tl.where(ri == r, beta, 0.0), 0)
+            pr = tl.sum(tl.where(at_r, pd, 0.0), 0)
+            d -= pr[:, None] * (br * dr)[None, :]
+        tl.store(dv_ptr + out, d, mask=m2)
+        tl.store(bd_ptr + out, beta[:, None] * d, mask=m2)
+        tl.debug_barrier()                          # this block's bd is visible to the earlier blocks
+
+
+def triton_chunk_solve_t(p_cc, beta, rhs, dv, bd, s: int, e: int):
+    """Same contract as ``chunk.torch_chunk_solve_t``, one launch; float32 throughout. beta [B, H, T],
+    rhs, dv, bd [B, H, T, V] contiguous."""
+    B, H, T, V = dv.shape
+    for x in (beta, rhs, dv, bd):
+        if not x.is_contiguous():
+            raise ValueError("deltaformer triton_chunk_solve_t: beta, rhs, dv, bd must be contiguous")
+    BV = min(32, _pow2(V))
+    _chunk_solve_t_kernel[(triton.cdiv(V, BV), B * H)](p_cc.contiguous(), beta, rhs, dv, bd, s, e - s, T, V=V, BV=BV,
+                                                       BS=16, BJ=64, num_warps=4)
+
+
 def dot_precision() -> str:
     """The kernels' dots: half-precision operands ("bf16" / "fp16") inside ``chunk.half_dots(dtype)``
     (``kernel_dots="half"``); otherwise they follow torch's float32 matmul switch: TF32 when
@@ -324,4 +378,4 @@ def triton_block_partials(kr, kk, uk, scale: float):
 def triton_stages() -> Stages:
     from .triton_bwd import triton_chunk_push, triton_key_grads, triton_pull, triton_rows_vs_keys
     return Stages(triton_chunk_stats, triton_chunk_probs, triton_chunk_push, triton_key_grads, triton_block_partials,
-                  triton_pull, triton_rows_vs_keys, triton_chunk_solve)
+                  triton_pull, triton_rows_vs_keys, triton_chunk_solve, triton_chunk_solve_t)
