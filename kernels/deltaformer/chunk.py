@@ -190,8 +190,7 @@ class Stages(NamedTuple):
     P[c, c] from k and lse (backward), the backward push of a solved chunk onto the earlier
     right-hand sides, the key gradients after the backward loop, the three blocks context
     parallelism adds (rows against another rank's keys), and the forward solve of a chunk from its
-    statistics (the single-process u-pass; context parallelism keeps the torch one) and the
-    backward's adjoint solve of a chunk."""
+    statistics and the backward's adjoint solve of a chunk."""
     stats: Callable
     probs: Callable
     push: Callable

@@ -8,9 +8,11 @@ S = scale k_t . k_j. Ranges are merged by their maxima (``merge_partials``).
 - A chunk [s, e) of the single-process u-pass (``triton_chunk_stats``): its rows against the keys
   j < s, split into ranges sized to fill the GPU (late in a long sequence a chunk has few rows but
   up to T earlier keys); ``_finalize_kernel`` merges the ranges, adds the chunk's own strictly
-  earlier keys to the normaliser and writes lse and w_prev = P[c, :s] u[:s]; ``_intra_probs_kernel``
-  writes P[c, c] from k and lse (also what the backward recomputes per chunk). Two launches instead
-  of some thirty small torch ops per chunk: at 16K tokens the chunk loop is otherwise launch-bound.
+  earlier keys to the normaliser and writes lse, w_prev = P[c, :s] u[:s] and then, with the final
+  lse, P[c, c]; ``_intra_probs_kernel`` writes P[c, c] alone from k and lse (what the backward
+  recomputes per chunk). ``_chunk_solve_kernel`` then solves the chunk (below). Three launches a
+  chunk instead of some forty small torch ops: at 16K tokens the chunk loop is launch-bound
+  otherwise.
 - Context parallelism (``triton_block_partials``): a rank's rows against a piece of an earlier
   rank's keys and u.
 
@@ -84,7 +86,7 @@ def _partials_kernel(kr_ptr, kk_ptr, uk_ptr, m_ptr, l_ptr, acc_ptr, nrows, Tr, k
 
 
 @triton.jit
-def _finalize_kernel(k_ptr, m_ptr, l_ptr, acc_ptr, w_ptr, lse_ptr, s, c, T, NS, scale,
+def _finalize_kernel(k_ptr, m_ptr, l_ptr, acc_ptr, w_ptr, lse_ptr, p_ptr, s, c, T, NS, scale,
                      K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      BR: tl.constexpr, BT: tl.constexpr, DOT: tl.constexpr):
     """Rows [s, s + c): merge the NS range states, add the strictly earlier keys of the chunk to the
@@ -125,26 +127,20 @@ def _finalize_kernel(k_ptr, m_ptr, l_ptr, acc_ptr, w_ptr, lse_ptr, s, c, T, NS, 
         acc = acc * alpha[:, None]
         m = m_new
     has = l > 0
-    tl.store(lse_ptr + bh * c + r_loc, tl.where(has, m + tl.log(tl.where(has, l, 1.0)), 0.0), mask=row_ok)
+    lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), 0.0)
+    tl.store(lse_ptr + bh * c + r_loc, lse, mask=row_ok)
     tl.store(w_ptr + (bh * c + r_loc)[:, None] * V + dv[None, :], acc / tl.where(has, l, 1.0)[:, None],
              mask=row_ok[:, None] & (dv[None, :] < V))
+    _store_intra_probs(k_base, kq, lse, p_ptr, bh, r_loc, s, c, scale, K, BK, BT, DOT)   # P[c, c], lse now final
 
 
 @triton.jit
-def _intra_probs_kernel(k_ptr, lse_ptr, p_ptr, s, c, T, Tl, scale,
-                        K: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BT: tl.constexpr,
-                        DOT: tl.constexpr):
-    """P[t, j] = exp(scale k_t . k_j - lse_t) for s <= j < t < s + c (zero elsewhere) -> p [c, c];
-    lse is read at lse_ptr + bh Tl + (t - s)."""
-    pid_r = tl.program_id(0)
-    bh = tl.program_id(1)
-    r_loc = pid_r * BR + tl.arange(0, BR)
+def _store_intra_probs(k_base, kq, lse, p_ptr, bh, r_loc, s, c, scale,
+                       K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, DOT: tl.constexpr):
+    """The rows r_loc (keys kq, row lse) of P[c, c] -> p_ptr [c, c] of head bh (zero for j >= t)."""
     rows = s + r_loc
     row_ok = r_loc < c
     dk = tl.arange(0, BK)
-    k_base = k_ptr + bh * T * K
-    kq = tl.load(k_base + rows[:, None] * K + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < K), other=0.0)
-    lse = tl.load(lse_ptr + bh * Tl + r_loc, mask=row_ok, other=0.0)
     for j0 in range(s, s + c, BT):
         cols = j0 + tl.arange(0, BT)
         kj = tl.load(k_base + cols[:, None] * K + dk[None, :], mask=(cols[:, None] < s + c) & (dk[None, :] < K),
@@ -154,6 +150,24 @@ def _intra_probs_kernel(k_ptr, lse_ptr, p_ptr, s, c, T, Tl, scale,
         p = tl.where(ok, tl.exp(tl.where(ok, sc, 0.0) - lse[:, None]), 0.0)
         c_loc = cols - s
         tl.store(p_ptr + (bh * c + r_loc)[:, None] * c + c_loc[None, :], p, mask=row_ok[:, None] & (c_loc[None, :] < c))
+
+
+@triton.jit
+def _intra_probs_kernel(k_ptr, lse_ptr, p_ptr, s, c, T, Tl, scale,
+                        K: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BT: tl.constexpr,
+                        DOT: tl.constexpr):
+    """P[t, j] = exp(scale k_t . k_j - lse_t) for s <= j < t < s + c (zero elsewhere) -> p [c, c];
+    lse is read at lse_ptr + bh Tl + (t - s). (The forward writes P[c, c] in ``_finalize_kernel``.)"""
+    pid_r = tl.program_id(0)
+    bh = tl.program_id(1)
+    r_loc = pid_r * BR + tl.arange(0, BR)
+    rows = s + r_loc
+    row_ok = r_loc < c
+    dk = tl.arange(0, BK)
+    k_base = k_ptr + bh * T * K
+    kq = tl.load(k_base + rows[:, None] * K + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < K), other=0.0)
+    lse = tl.load(lse_ptr + bh * Tl + r_loc, mask=row_ok, other=0.0)
+    _store_intra_probs(k_base, kq, lse, p_ptr, bh, r_loc, s, c, scale, K, BK, BT, DOT)
 
 
 @triton.jit
@@ -361,10 +375,11 @@ def triton_chunk_stats(k: torch.Tensor, u: torch.Tensor, s: int, e: int, scale: 
     NS = m_p.shape[2] if s else 0
     w = torch.empty(B, H, c, V, device=k.device, dtype=torch.float32)
     lse = torch.empty(B, H, c, device=k.device, dtype=torch.float32)
+    p = torch.empty(B, H, c, c, device=k.device, dtype=torch.float32)
     blk, nb = _row_blocks(max(K, V), c)
-    _finalize_kernel[(nb, B * H)](k, m_p, l_p, acc_p, w, lse, s, c, T, NS, float(scale), K=K, V=V, BK=_pow2(K),
+    _finalize_kernel[(nb, B * H)](k, m_p, l_p, acc_p, w, lse, p, s, c, T, NS, float(scale), K=K, V=V, BK=_pow2(K),
                                   BV=_pow2(V), **blk)
-    return w, triton_chunk_probs(k, lse, s, e, scale), lse
+    return w, p, lse
 
 
 def triton_block_partials(kr, kk, uk, scale: float):

@@ -107,7 +107,7 @@ def _fla_u_pass(notes):
     return ParallelDeltaformerFunction
 
 
-def _load_fla(notes, wanted, device="cuda") -> dict:
+def _load_fla(notes, wanted, device="cuda", D: int = 64) -> dict:
     """{method: callable(q, k, v, beta) or None} for the fla methods in ``wanted``; every reason one
     cannot run goes into notes with the exception's text (fla's read-out needs flash-attn)."""
     import importlib.metadata as md
@@ -121,7 +121,7 @@ def _load_fla(notes, wanted, device="cuda") -> dict:
         import flash_attn  # noqa: F401
     except Exception as e:  # noqa: BLE001 - report, do not fail
         notes.append(f"flash-attn not importable ({_why(e)}): fla's deltaformer_attn cannot read out")
-    probe = _inputs(1, 64, 1, 64, torch.bfloat16, device)
+    probe = _inputs(1, 512, 1, D, torch.bfloat16, device)   # fla's chunk (512) and D: its autotune key, reused
     out = {}
     for name in wanted:
         try:
@@ -233,7 +233,7 @@ def run(args) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     notes: list[str] = []
     methods = list(args.methods)
-    fla = _load_fla(notes, [m for m in methods if m in FLA_METHODS])
+    fla = _load_fla(notes, [m for m in methods if m in FLA_METHODS], D=args.D)
     methods = _expand([m for m in methods if m not in FLA_METHODS or fla[m] is not None], args.chunk_size)
     chunk = args.chunk_size[0]
     rows, raw = [], []
