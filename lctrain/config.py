@@ -119,6 +119,9 @@ class ModelConfig:
     # dtype of the residual stream between blocks: float32, or compute = the autocast dtype when
     # train.dtype autocasts (bf16 halves what full checkpointing keeps per block), else float32
     residual_dtype: str = "float32"
+    # true: the blocks' elementwise chains (RMSNorms, the mixers' L2 norms, SwiGLU's activation, RoPE) run
+    # as torch.compile'd fused kernels (lctrain/models/fused.py); same formulas, other roundings
+    compile: bool = False
     chunk_size: int = 64
     kernel_backend: str = "auto"
     # level weights per head of the log-linear layers (L, K): positions up to 2^(levels-1) - 1 are

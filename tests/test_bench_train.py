@@ -16,7 +16,8 @@ TINY = ["data.seq_len=64", "data.micro_batch_size=1", "model.d_model=64", "model
 
 def test_bench_train_runs_two_steps_and_writes_json(tmp_path):
     out, md = tmp_path / "r.json", tmp_path / "B.md"
-    assert bench_train.main([*TINY, "--steps", "2", "--warmup", "0", "--json", str(out), "--record", str(md)]) == 0
+    assert bench_train.main([*TINY, "train.grad_accum=2", "--steps", "2", "--warmup", "0", "--profile",
+                             "--json", str(out), "--record", str(md)]) == 0
     result = json.loads(out.read_text())
     assert len(result["losses"]) == 2 and all(loss > 0 for loss in result["losses"])
     assert result["tokens_per_s"] > 0 and result["step_s"] > 0
@@ -24,6 +25,18 @@ def test_bench_train_runs_two_steps_and_writes_json(tmp_path):
     split = result["time_split_ms"]
     assert set(split["fwd"]) == set(split["bwd"]) == {"G", "S"}
     assert all(v > 0 for v in [*split["fwd"].values(), *split["bwd"].values()])
+    # both micro-batches are counted (the hooks fire once per micro-batch), the optimizer on its own,
+    # and the parts add up to the step
+    assert split["micro_batches"] == 2 and split["optimizer"] > 0 and split["gradients"] > 0
+    parts = (sum(split["fwd"].values()) + sum(split["bwd"].values()) + split["head_loss"] + split["micro_rest"]
+             + split["gradients"] + split["optimizer"] + split["other"])
+    assert parts == pytest.approx(split["step"])
+    assert split["micro_rest"] >= 0 and split["other"] >= 0
+    # --profile: the op table and the chrome trace beside the JSON
+    prof = result["profile"]
+    assert prof["top"] and prof["busy_ms"] > 0 and any("mm" in r["name"] for r in prof["top"])
+    assert (tmp_path / "profile_kernels.txt").read_text().startswith("profile of one step")
+    assert (tmp_path / "profile_trace.json.gz").stat().st_size > 0
     row = dict(zip(result["columns"], result["rows"][0]))
     assert row["seq_len"] == 64 and row["checkpointing"] == "selective:G, loss chunk 24"
     assert "Training step: default at 64 tokens" in md.read_text()
@@ -71,6 +84,7 @@ def test_activation_memory_parts_add_up(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--lengths", "64", "--steps", "3"], ["--activation-memory", "--no-split"],
+                                   ["--lengths", "64", "--profile"],
                                    ["--lengths", "64", "--activation-memory"]])
 def test_bench_train_refuses_options_its_mode_would_ignore(flags, capsys):
     with pytest.raises(SystemExit) as err:

@@ -15,6 +15,7 @@ from lctrain.kernels import (
     loglinear_gated_linear_attn,
 )
 from lctrain.kernels.loglinear import level
+from lctrain.kernels.loglinear.scalar_tree import tree_levels
 
 KINDS = ("gdn", "mamba2")
 B, H = 1, 2
@@ -180,6 +181,7 @@ needs_triton = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.g
     ("triton", "mamba2", 200, 0, torch.float32, 1e-4),
     ("triton", "gdn", 250, 70, torch.float32, 1e-4),
     ("triton", "mamba2", 150, 128, torch.float16, 1e-2),
+    ("triton", "mamba2", 300, 0, torch.float16, 1e-2),
     ("triton", "gdn", 40, 0, torch.float32, 1e-4)])
 def test_triton_matches_naive(backend, kind, T, p0, dtype, tol):
     """triton_composed: the levels above log2(64) run the Triton base kernels (forward and backward); the
@@ -202,22 +204,48 @@ def test_triton_matches_naive(backend, kind, T, p0, dtype, tol):
 
 
 @needs_triton
-def test_fused_triton_level_groups_change_nothing(monkeypatch):
-    """The backward recomputes the level states in groups (one level per group here) and the scans run
-    one level per program in V blocks of 16: same outputs and gradients as the defaults (one group, 2
-    levels per program, V blocks of 32)."""
+@pytest.mark.parametrize("budget,cfg", [(1, {"LP": 1, "BV": 16}), (None, {"LP": 1, "ATOMIC": 0}),
+                                        (None, {"LP": 4, "ATOMIC": 0})])
+def test_fused_triton_level_groups_change_nothing(monkeypatch, budget, cfg):
+    """Same outputs and gradients as the defaults (one group, 2 levels per program, V blocks of 32, the
+    readouts summed with atomics) when the backward recomputes the level states in groups (one level per
+    group) and the scans run one level per program in V blocks of 16; when every level's readout goes to
+    its own output slice (no atomics); and with 4 levels per program (2 of them padding)."""
     from lctrain.kernels.loglinear import triton_levels
     T, K, V = 200, 16, 16
     L = levels_needed(T)
     x = make_inputs("gdn", T, K, V, L, torch.float32, seed=5)
     do, dS = torch.randn(B, T, H, V, dtype=torch.float64), torch.randn(B, H, L, K, V, dtype=torch.float64)
     whole = outputs_and_grads("gdn", x, "triton", 0, do, dS, chunk_size=64)
-    monkeypatch.setattr(triton_levels, "STATE_BUDGET", 1)
-    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "LP": 1, "BV": 16})
+    if budget is not None:
+        monkeypatch.setattr(triton_levels, "STATE_BUDGET", budget)
+    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, **cfg})
     parts = outputs_and_grads("gdn", x, "triton", 0, do, dS, chunk_size=64)
     assert rel(parts[0], whole[0]) < 1e-6 and rel(parts[1], whole[1]) < 1e-6
     for name in whole[2]:
         assert rel(parts[2][name], whole[2][name]) < 1e-6, name
+
+
+@needs_triton
+def test_mamba2_block_totals_match_the_level_scans(monkeypatch):
+    """Log-linear Mamba-2 from position 0 takes its levels above the chunk from Fenwick block totals
+    (scalar_tree, checked to run); the level scans (TREE=0) give the same outputs, final states and
+    gradients. T=300: 5 chunks padded to 8, a ragged last chunk, 3 levels above the chunk."""
+    from lctrain.kernels.loglinear import fused, triton_levels
+    T, K, V = 300, 16, 16
+    L = levels_needed(T)
+    x = make_inputs("mamba2", T, K, V, L, torch.float32, seed=9)
+    do, dS = torch.randn(B, T, H, V, dtype=torch.float64), torch.randn(B, H, L, K, V, dtype=torch.float64)
+    calls = []
+    monkeypatch.setattr(fused, "tree_levels", lambda *a, **kw: calls.append(1) or tree_levels(*a, **kw))
+    tree = outputs_and_grads("mamba2", x, "triton", 0, do, dS, chunk_size=64)
+    assert calls
+    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "TREE": 0})
+    scans = outputs_and_grads("mamba2", x, "triton", 0, do, dS, chunk_size=64)
+    assert len(calls) == 1
+    assert rel(tree[0], scans[0]) < 1e-5 and rel(tree[1], scans[1]) < 1e-5
+    for name in scans[2]:
+        assert rel(tree[2][name], scans[2][name]) < 1e-5, name
 
 
 @needs_triton

@@ -18,6 +18,9 @@ Backward: wy_apply (W, Ut again from the saved gam, Tm) -> levels_backward (reco
 states) -> intra_backward -> wy_bwd. Work: about one base op plus (log2(T) - c) chunk scans of ~3 C K V
 flops per chunk each way.
 
+Log-linear Mamba-2 from position 0 takes the levels above c from Fenwick block totals instead
+(``scalar_tree``: no sequential scan per level; CONFIG["TREE"] = 0 keeps the scans).
+
 Needs position_offset a multiple of C (ops.py first brings an unaligned start to the next chunk with the
 per-level "torch" path: fewer than C tokens).
 """
@@ -28,8 +31,10 @@ import torch
 from ..triton.common import CHUNK
 from ..triton.ops import _Cfg, _chunk_suffix_sum
 from ..triton.wy import wy_apply, wy_bwd, wy_fwd
+from . import triton_levels
 from .chunk import _last_block_states, level_weight_differences, runs_from_slots, slots_from_runs
 from .levels import levels_needed
+from .scalar_tree import tree_levels
 from .triton_intra import intra_backward, intra_forward
 from .triton_levels import levels_backward, levels_forward
 
@@ -98,9 +103,14 @@ def fused_by_levels(base, q, k, v, g, beta, level_weights, *, scale, run_init, p
     lw = level_weight_differences(q, level_weights, top)[..., c + 1:].float().contiguous()
     s0 = None if run_init is None or top <= c else run_init[:, :, c + 1: top + 1].float().contiguous()
     f32 = lambda x: None if x is None else x.float().contiguous()  # noqa: E731
+    # scalar decay from position 0: the levels above c from block totals, no level scans (scalar_tree)
+    tree = beta is None and p0 == 0 and top > c and bool(triton_levels.CONFIG["TREE"])
     o, st = _FusedLogLinear.apply(q.contiguous(), k.contiguous(), v.contiguous(), f32(g), f32(beta),
-                                  f32(level_weights), lw, s0, scale, p0 // CHUNK, min(c, top),
-                                  bool(want_runs and top > c))
+                                  f32(level_weights), lw[..., :0] if tree else lw, s0, scale, p0 // CHUNK,
+                                  min(c, top), bool(want_runs and top > c and not tree))
+    if tree:
+        o_levels, st = tree_levels(q, k, v, f32(g), f32(level_weights), scale, top - c, want_runs)
+        o = (o.float() + o_levels).to(q.dtype)
     if want_runs and top > c:
         runs += list(st.unbind(dim=2))
     return o, (torch.stack(runs, dim=2) if want_runs else None)

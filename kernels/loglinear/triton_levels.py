@@ -41,12 +41,17 @@ import triton.language as tl
 
 from ..triton.common import CHUNK, flags_given, pow2
 
-# Launch settings. The scans: V block BV, levels per program LP (the state tile is [K, LP * BV] fp32),
-# num_warps, num_stages (None: Triton's default); the per-chunk gradient pass: V block, num_warps.
+# Launch settings. The scans: V block BV, levels per program LP (a power of two; the state tile is
+# [K, LP * BV] fp32), num_warps, num_stages (None: Triton's default); the per-chunk gradient pass: V block,
+# num_warps; ATOMIC: the forward scans add their readouts to o with fp32 atomics (1) or, 0, every group
+# of levels stores into its own fp32 slice of a [groups, B, T, H, V] buffer summed afterwards (no atomics,
+# (groups - 1) x the output's memory more); TREE: log-linear Mamba-2 calls from position 0 take the
+# levels from Fenwick block totals (``scalar_tree``) instead of these scans (0: the scans).
 # Defaults: no register spills and shared memory within sm_90's 228 KiB at head dim 128 (checked with
 # kernel_resources-style compiles); ``set_levels_config`` / LCTRAIN_LOGLINEAR_CFG="LP=4,BV=16" change them
 # (``lctrain bench loglinear --levels-cfg`` times several).
-CONFIG = {"LP": 2, "BV": 32, "warps": 8, "stages": 2, "BV_grad": 16, "warps_grad": 8}
+CONFIG = {"LP": 2, "BV": 32, "warps": 8, "stages": 2, "BV_grad": 16, "warps_grad": 8, "ATOMIC": 1,
+          "TREE": 1}
 
 
 def set_levels_config(**values: int) -> dict:
@@ -59,9 +64,15 @@ def set_levels_config(**values: int) -> dict:
     for key, val in values.items():
         if key not in CONFIG:
             raise ValueError(f"set_levels_config: unknown key {key!r}; choose from {sorted(CONFIG)}")
-        if not isinstance(val, int) or val < 1 or (key.startswith("BV") and (val < 16 or val & (val - 1))):
+        if key in ("ATOMIC", "TREE"):
+            if val not in (0, 1):
+                raise ValueError(f"set_levels_config: {key}={val!r} must be 0 or 1")
+            continue
+        pow2_key = key.startswith("BV") or key == "LP"
+        if not isinstance(val, int) or val < 1 or (pow2_key and val & (val - 1)) or (key.startswith("BV") and val < 16):
             raise ValueError(f"set_levels_config: {key}={val!r} must be a positive int"
-                             + (" and a power of two >= 16" if key.startswith("BV") else ""))
+                             + (" and a power of two >= 16" if key.startswith("BV") else "")
+                             + (" and a power of two" if key == "LP" else ""))
     CONFIG = {**CONFIG, **values}
     return old
 
@@ -93,12 +104,42 @@ def _level_columns(jg, iv, j0, jend, V, BV: tl.constexpr, LP: tl.constexpr):
     return j, rv, (rv < V) & (j < jend), 2 << j
 
 
+@triton.jit
+def _scan_program(work_ptr, NVB):
+    """(level group, first chunk, end chunk, V block, batch x head) of a scan program. Grid (NVB x B*H,
+    work items): the work item is the slowest axis, so the GPU dispatches the longest items (``_work``
+    sorts them first) of every head and V block before any short one, and the long sequential scans of
+    the top levels do not wait behind the many short blocks of the low ones."""
+    item = tl.program_id(1)
+    jg = tl.load(work_ptr + 3 * item)
+    lo = tl.load(work_ptr + 3 * item + 1)
+    hi = tl.load(work_ptr + 3 * item + 2)
+    iv = tl.program_id(0) % NVB
+    bh = (tl.program_id(0) // NVB).to(tl.int64)
+    return jg, lo, hi, iv, bh
+
+
+@triton.jit
+def _spread(x, C: tl.constexpr, LP: tl.constexpr, BV: tl.constexpr):
+    """[C, BV] -> [C, LP * BV]: the same V columns for each of the LP levels of a program (loaded once)."""
+    return tl.reshape(tl.broadcast_to(x[:, None, :], (C, LP, BV)), (C, LP * BV))
+
+
+@triton.jit
+def _group_weights(lw_ptr, base, rt, mt, H, NL, jg, j0, jend, LP: tl.constexpr):
+    """[C, LP] fp32: the readout weights w_l of the program's LP levels (0 for padding levels)."""
+    jl = j0 + jg * LP + tl.arange(0, LP)
+    return tl.load(lw_ptr + (base + rt[:, None] * H) * NL + jl[None, :], mask=mt[:, None] & (jl < jend)[None, :],
+                   other=0.0)
+
+
 @flags_given(HAS_W="w_ptr", HAS_S0="s0_ptr", STORE_ST="st_ptr", STORE_H="h_ptr", WRITE_O="o_ptr")
 @triton.jit
 def levels_fwd_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, s0_ptr, o_ptr, st_ptr, h_ptr, work_ptr,
-                      scale, B, T, NT, H, NL, n0, j0, jend, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                      scale, B, T, NT, H, NL, n0, j0, jend, NVB, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, LP: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr,
-                      HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, STORE_H: tl.constexpr, WRITE_O: tl.constexpr):
+                      HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, STORE_H: tl.constexpr, WRITE_O: tl.constexpr,
+                      ATOMIC: tl.constexpr):
     """Program (work item pid0 = (level group, chunks lo..hi-1), V block pid1, batch x head pid2): the
     scans of LP levels at once, their states side by side as the columns of one [K, LP * BV] tile
     (``_level_columns``), so every chunk tile (k, W, qt, Ut, gam) is loaded once for the LP levels and
@@ -107,11 +148,7 @@ def levels_fwd_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, s0_ptr, o_pt
     readout to o (fp32, atomics), stores the final states (st [B, H, NL, K, V], from the last block) and,
     for the backward, the incoming states of every chunk (h [jend - j0, B, NT, H, K, V]). Levels j0 ..
     jend-1."""
-    jg = tl.load(work_ptr + 3 * tl.program_id(0))
-    lo = tl.load(work_ptr + 3 * tl.program_id(0) + 1)
-    hi = tl.load(work_ptr + 3 * tl.program_id(0) + 2)
-    iv = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)
+    jg, lo, hi, iv, bh = _scan_program(work_ptr, NVB)
     b = bh // H
     h = bh % H
     base = b * T * H + h
@@ -134,19 +171,25 @@ def levels_fwd_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, s0_ptr, o_pt
             tl.store(h_ptr + hcol[None, :] + (((b * NT + n) * H + h) * K + rk[:, None]) * V,
                      S.to(h_ptr.dtype.element_ty), mask=mkv)
         mtk = mt[:, None] & mk[None, :]
-        mtc = mt[:, None] & mcol[None, :]
         gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
         gl = tl.load(gam_ptr + base + tl.minimum(n * C + C - 1, T - 1) * H)
+        ro = iv * BV + tl.arange(0, BV)
+        mto = mt[:, None] & (ro < V)[None, :]
         if WRITE_O:
             qc = tl.load(qt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
-            lw = tl.load(lw_ptr + (base + rt[:, None] * H) * NL + j[None, :], mask=mtc, other=0.0)
-            o = tl.dot(qc, S.to(qc.dtype)).to(tl.float32) * lw * scale
-            o = tl.sum(tl.reshape(o, [C, LP, BV]), axis=1)
-            ro = iv * BV + tl.arange(0, BV)
-            tl.atomic_add(o_ptr + (base + rt[:, None] * H) * V + ro[None, :], o, mask=mt[:, None] & (ro < V)[None, :],
-                          sem="relaxed")
+            lw = _group_weights(lw_ptr, base, rt, mt, H, NL, jg, j0, jend, LP)
+            o = tl.reshape(tl.dot(qc, S.to(qc.dtype)).to(tl.float32), [C, LP, BV])
+            o = tl.sum(o * lw[:, :, None], axis=1) * scale
+            if ATOMIC:
+                tl.atomic_add(o_ptr + (base + rt[:, None] * H) * V + ro[None, :], o, mask=mto, sem="relaxed")
+            else:  # this program alone writes these rows of its group's slice (group 0: o itself)
+                optr = o_ptr + jg.to(tl.int64) * B * T * H * V + (base + rt[:, None] * H) * V + ro[None, :]
+                if jg == 0:
+                    o += tl.load(optr, mask=mto, other=0.0)
+                tl.store(optr, o, mask=mto)
         kc = tl.load(k_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
-        u = tl.load(u_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtc, other=0.0).to(tl.float32)
+        u = _spread(tl.load(u_ptr + (base + rt[:, None] * H) * V + ro[None, :], mask=mto, other=0.0).to(tl.float32),
+                    C, LP, BV)
         if HAS_W:
             wc = tl.load(w_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
             u -= tl.dot(wc, S.to(wc.dtype)).to(tl.float32)
@@ -159,7 +202,7 @@ def levels_fwd_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, s0_ptr, o_pt
 @flags_given(HAS_W="w_ptr", HAS_DST="dst_ptr", STORE_DS0="ds0_ptr")
 @triton.jit
 def levels_dstate_kernel(qt_ptr, k_ptr, w_ptr, gam_ptr, lw_ptr, do_ptr, dst_ptr, dh_ptr, ds0_ptr, work_ptr,
-                         scale, B, T, NT, H, NL, n0, j0, jend, K: tl.constexpr, V: tl.constexpr,
+                         scale, B, T, NT, H, NL, n0, j0, jend, NVB, K: tl.constexpr, V: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, LP: tl.constexpr, C: tl.constexpr,
                          HAS_W: tl.constexpr, HAS_DST: tl.constexpr, STORE_DS0: tl.constexpr):
     """Reverse scans of LP levels (program and columns as in ``levels_fwd_kernel``): dS = gradient of
@@ -168,11 +211,7 @@ def levels_dstate_kernel(qt_ptr, k_ptr, w_ptr, gam_ptr, lw_ptr, do_ptr, dst_ptr,
     cut to 0 where chunk n starts a block; what is left at the start is the gradient of the level's
     incoming run state (ds0). It needs no forward state: ``levels_grad_kernel`` pairs dh with h. One
     program per work item as in ``levels_fwd_kernel`` (the gradient does not cross a block start)."""
-    jg = tl.load(work_ptr + 3 * tl.program_id(0))
-    lo = tl.load(work_ptr + 3 * tl.program_id(0) + 1)
-    hi = tl.load(work_ptr + 3 * tl.program_id(0) + 2)
-    iv = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)
+    jg, lo, hi, iv, bh = _scan_program(work_ptr, NVB)
     b = bh // H
     h = bh % H
     base = b * T * H + h
@@ -191,14 +230,16 @@ def levels_dstate_kernel(qt_ptr, k_ptr, w_ptr, gam_ptr, lw_ptr, do_ptr, dst_ptr,
         rt = n * C + rc
         mt = rt < T
         mtk = mt[:, None] & mk[None, :]
-        mtc = mt[:, None] & mcol[None, :]
         tl.store(dh_ptr + hcol[None, :] + (((b * NT + n) * H + h) * K + rk[:, None]) * V,
                  dS.to(dh_ptr.dtype.element_ty), mask=mkv)
         qc = tl.load(qt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
-        lw = tl.load(lw_ptr + (base + rt[:, None] * H) * NL + j[None, :], mask=mtc, other=0.0)
-        do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtc, other=0.0).to(tl.float32)
+        lw = _group_weights(lw_ptr, base, rt, mt, H, NL, jg, j0, jend, LP) * scale
+        ro = iv * BV + tl.arange(0, BV)
+        do = tl.load(do_ptr + (base + rt[:, None] * H) * V + ro[None, :], mask=mt[:, None] & (ro < V)[None, :],
+                     other=0.0).to(tl.float32)
+        dol = tl.reshape(do[:, None, :] * lw[:, :, None], (C, LP * BV))   # dO diag(w_l), level by level
         gl = tl.load(gam_ptr + base + tl.minimum(n * C + C - 1, T - 1) * H)
-        dS_in = dS * tl.exp(gl) + tl.dot(tl.trans(qc), (do * lw * scale).to(qc.dtype)).to(tl.float32)
+        dS_in = dS * tl.exp(gl) + tl.dot(tl.trans(qc), dol.to(qc.dtype)).to(tl.float32)
         if HAS_W:
             gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
             kc = tl.load(k_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
@@ -340,7 +381,10 @@ def _work(j0: int, jend: int, n0: int, NT: int, LP: int, device) -> torch.Tensor
 
 
 def _scan_grid(work: torch.Tensor, nvb: int, BH: int) -> tuple:
-    return (work.shape[0], nvb, BH)
+    if work.shape[0] > 65535:
+        raise ValueError(f"log-linear level scans: {work.shape[0]} work items exceed the grid's 65535; raise "
+                         "CONFIG['LP'] (LCTRAIN_LOGLINEAR_CFG=LP=...) or shorten the sequence")
+    return (nvb * BH, work.shape[0])
 
 
 def levels_forward(o, qt, k, w, ut, gam, lw, s0, scale: float, n0: int, want_final: bool):
@@ -350,9 +394,15 @@ def levels_forward(o, qt, k, w, ut, gam, lw, s0, scale: float, n0: int, want_fin
     NL = lw.shape[-1]
     st = torch.empty(B, H, NL, K, V, device=qt.device, dtype=torch.float32) if want_final else None
     work = _work(0, NL, n0, NT, cfg["LP"], qt.device)
-    levels_fwd_kernel[_scan_grid(work, nvb, B * H)](qt, k, w, ut, gam, lw, s0, o, st, None, work, scale, B, T, NT,
-                                                    H, NL, n0, 0, NL, K=K, V=V, BK=pow2(K), BV=bv, LP=cfg["LP"],
-                                                    C=CHUNK, **_scan_launch(cfg))
+    groups = triton.cdiv(NL, cfg["LP"])
+    atomic = bool(cfg["ATOMIC"]) and groups > 1
+    # without atomics group 0 adds to o itself, every other group stores into its own slice of parts
+    out = o if atomic or groups == 1 else torch.cat([o[None], o.new_empty(groups - 1, *o.shape)])
+    levels_fwd_kernel[_scan_grid(work, nvb, B * H)](qt, k, w, ut, gam, lw, s0, out, st, None, work, scale, B, T, NT,
+                                                    H, NL, n0, 0, NL, nvb, K=K, V=V, BK=pow2(K), BV=bv,
+                                                    LP=cfg["LP"], C=CHUNK, ATOMIC=atomic, **_scan_launch(cfg))
+    if out is not o:
+        torch.sum(out, dim=0, out=o)
     return st
 
 
@@ -385,9 +435,9 @@ def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, n
             side.wait_stream(torch.cuda.current_stream(qt.device))
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             levels_fwd_kernel[grid](qt, k, w, ut, gam, lw, s0, None, None, hs, work, scale, B, T, NT, H, NL, n0,
-                                    j0, j0 + G, **common)
+                                    j0, j0 + G, nvb, ATOMIC=False, **common)
         levels_dstate_kernel[grid](qt, k, w, gam, lw, do, dst, dhs, ds0, work, scale, B, T, NT, H, NL, n0, j0,
-                                   j0 + G, **common)
+                                   j0 + G, nvb, **common)
         if side is not None:
             torch.cuda.current_stream(qt.device).wait_stream(side)
         levels_grad_kernel[(NT, B * H)](qt, k, w, ut, gam, lw, do, hs, dhs, dqt, dk, dw, du, dgam, dlw, scale,

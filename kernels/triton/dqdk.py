@@ -31,7 +31,7 @@ def dqk_kernel(q_ptr, k_ptr, vnew_ptr, do_ptr, h_ptr, dh_ptr, du_ptr, gam_ptr,
     rk = ikb * BK + tl.arange(0, BK)
     mk = rk < K
     mtk = mt[:, None] & mk[None, :]
-    base_h = ((b * NT + n) * H + h) * K * V
+    base_h = ((b * NT + n) * H + h).to(tl.int64) * K * V  # int64: NT * H * K * V passes 2^31 beyond 512K tokens
     dq = tl.zeros([C, BK], dtype=tl.float32)
     dks = tl.zeros([C, BK], dtype=tl.float32)
     dw = tl.zeros([C, BK], dtype=tl.float32)

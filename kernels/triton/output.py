@@ -29,7 +29,7 @@ def output_fwd_kernel(q_ptr, k_ptr, vnew_ptr, h_ptr, gam_ptr, o_ptr, cu_ptr, chu
                  mask=mt[:, None] & mk[None, :], other=0.0)
     kc = tl.load(k_ptr + base_g * K + rt[:, None] * H * K + rk[None, :],
                  mask=mt[:, None] & mk[None, :], other=0.0)
-    s0 = tl.load(h_ptr + ((b * NT + n) * H + h) * K * V + rk[:, None] * V + rv[None, :],
+    s0 = tl.load(h_ptr + ((b * NT + n) * H + h).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :],
                  mask=mk[:, None] & mv[None, :], other=0.0)
     u = tl.load(vnew_ptr + base_g * V + rt[:, None] * H * V + rv[None, :],
                 mask=mt[:, None] & mv[None, :], other=0.0)

@@ -74,7 +74,7 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, s0_ptr, h_ptr, vnew_ptr, st_p
             gam_nxt = tl.load(gam_ptr + base_g + rt1 * H, mask=rt1 < eos, other=0.0)
             gl_nxt = tl.load(gam_ptr + base_g + tl.minimum(bos + n * C + 2 * C - 1, eos - 1) * H)
         if STORE_H:
-            tl.store(h_ptr + ((c0 + n) * H + h) * K * V + rk[:, None] * V + rv[None, :],
+            tl.store(h_ptr + ((c0 + n) * H + h).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :],
                      S.to(h_ptr.dtype.element_ty), mask=mkv)
         kc = tl.load(k_ptr + base_k + rt[:, None] * H * K + rk[None, :],
                      mask=mt[:, None] & mk[None, :], other=0.0)
@@ -156,7 +156,7 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dvl_ptr, gam_ptr, dst_ptr, dh_
             gam_nxt = tl.load(gam_ptr + base_g + rt1 * H, mask=m1, other=0.0)
             gl_nxt = tl.load(gam_ptr + base_g + (bos + tl.maximum(n * C - 1, 0)) * H)
         if STORE_DH:
-            tl.store(dh_ptr + ((c0 + n) * H + h) * K * V + rk[:, None] * V + rv[None, :],
+            tl.store(dh_ptr + ((c0 + n) * H + h).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :],
                      dS.to(dh_ptr.dtype.element_ty), mask=mkv)
         kc = tl.load(k_ptr + base_k + rt[:, None] * H * K + rk[None, :], mask=mtk, other=0.0)
         qc = tl.load(q_ptr + base_k + rt[:, None] * H * K + rk[None, :], mask=mtk, other=0.0)

@@ -2,6 +2,7 @@
 
     python -m lctrain.bench.kernel_resources [--D 128] [--cfg KEY=INT[,KEY=INT]] [--target 90] [--varlen]
     python -m lctrain.bench.kernel_resources --op deltaformer [--D 128]
+    python -m lctrain.bench.kernel_resources --op loglinear [--D 128] [--cfg LP=2,BV=32]
 
 Runs one forward and backward of each mixer through ``lctrain.kernels.triton.ops`` on meta tensors
 with every kernel launch intercepted, so exactly the launches ops makes (same constexprs, warps and
@@ -121,6 +122,36 @@ def record_deltaformer_launches(D: int, tf32: bool = True, half=None) -> list:
     return calls
 
 
+def record_loglinear_launches(D: int, dtype_name: str) -> list:
+    """(jit function, args, kwargs) of every Triton launch of one fwd+bwd of the fused log-linear ops
+    (backend "triton": Gated DeltaNet and Mamba-2) on a 4096-token sequence of 16 heads, on meta tensors."""
+    import torch
+
+    from lctrain.kernels.loglinear import fused, triton_intra, triton_levels
+    from lctrain.kernels.triton import wy
+    dtype = getattr(torch, dtype_name)
+    calls: list = []
+    mods = (triton_levels, triton_intra, wy)
+    saved = {(mod, n): getattr(mod, n) for mod in mods for n in dir(mod) if n.endswith("_kernel")}
+    try:
+        for (mod, n), kernel in saved.items():
+            setattr(mod, n, _Recorder(kernel, calls))
+        B, T, H, c = 1, 4096, 16, 6
+        m = dict(device="meta")
+        q, k, v, do = (torch.empty(B, T, H, D, dtype=dtype, **m) for _ in range(4))
+        g, beta = (torch.empty(B, T, H, dtype=torch.float32, **m) for _ in range(2))
+        lam = torch.empty(B, T, H, 13, dtype=torch.float32, **m)
+        lw = torch.empty(B, T, H, 13 - c - 1, dtype=torch.float32, **m)
+        for b in (beta, None):
+            ctx = type("Ctx", (), {"save_for_backward": lambda self, *t: setattr(self, "saved_tensors", t)})()
+            fused._FusedLogLinear.forward(ctx, q, k, v, g, b, lam, lw, None, D ** -0.5, 0, c, False)
+            fused._FusedLogLinear.backward(ctx, do, None)
+    finally:
+        for (mod, n), kernel in saved.items():
+            setattr(mod, n, kernel)
+    return calls
+
+
 def _signature(fn, args, kw):
     """Triton's signature, constexprs and attributes for one launch, as the JIT would specialise it:
     pointers (16-byte aligned allocations) and ints divisible by 16 are marked so, and an absent
@@ -200,13 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=int, default=90, help="compute capability x10 (default 90)")
     p.add_argument("--varlen", action="store_true",
                    help="the launches of packed documents (cu_seqlens): the varlen kernels")
-    p.add_argument("--op", choices=["mixers", "deltaformer"], default="mixers",
+    p.add_argument("--op", choices=["mixers", "deltaformer", "loglinear"], default="mixers",
                    help="the linear mixers' kernels (default) or Deltaformer's u-pass kernels (float32 tensors, "
                         "TF32 dots as for bf16 inputs; --dtype float32: full-precision dots as for float32 inputs; "
-                        "--cfg and --varlen do not apply)")
+                        "--cfg and --varlen do not apply), or the fused log-linear kernels (--cfg: the level "
+                        "kernels' settings, as LCTRAIN_LOGLINEAR_CFG; --varlen does not apply)")
     p.add_argument("--half-dots", action="store_true",
                    help="--op deltaformer: the launches of kernel_dots='half' (dots in --dtype, bf16 / fp16)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.half_dots and args.op != "deltaformer":
+        p.error("--half-dots applies to --op deltaformer")
     if args.op == "deltaformer":
         bad = [f for f, given in (("--cfg", args.cfg), ("--varlen", args.varlen)) if given]
         if bad:
@@ -216,12 +250,17 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         half = getattr(torch, args.dtype) if args.half_dots else None
         calls = record_deltaformer_launches(args.D, tf32=args.dtype != "float32", half=half)
+    elif args.op == "loglinear":
+        if args.varlen:
+            p.error("--varlen does not apply to --op loglinear")
+        from lctrain.kernels.loglinear import triton_levels
+        if args.cfg:
+            triton_levels.set_levels_config(**triton_levels.parse_levels_config(args.cfg))
+        calls = record_loglinear_launches(args.D, args.dtype)
     else:
         from lctrain.kernels.triton import ops
         if args.cfg:
             ops.set_config(**{k.strip(): int(v) for k, v in (i.split("=") for i in args.cfg.split(","))})
-        if args.half_dots:
-            p.error("--half-dots applies to --op deltaformer")
         calls = record_launches(args.D, args.dtype, args.varlen)
     rows = compile_report(calls, args.target)
     cols = ["kernel", "flags", "warps", "stages", "regs", "spill_bytes", "local_loads", "smem", "gmma",

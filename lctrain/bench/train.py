@@ -19,9 +19,15 @@ steps and then `--steps` timed ones, and reports:
              gated linear attention (Mamba-2 style) 2 x (2 Dk Dv + C (Dk + Dv)).
 - peak memory per GPU: torch.cuda.max_memory_allocated over the timed steps (each rank; the max);
 - time split by layer kind: one extra (untimed) step with CUDA events at every block's forward
-  entry/exit and where the gradient reaches each block's output and input; the backward of a block
-  includes its recomputation under checkpointing. Head + loss, and the rest (embedding, gradient
-  reduction, clipping, optimizer) are the remainder.
+  entry/exit and where the gradient reaches each block's output and input, summed over all the
+  step's micro-batches and printed per micro-batch; the backward of a block includes its
+  recomputation under checkpointing. Head + loss (last block's output to its gradient), the rest of
+  the micro-batches (embedding, its backward), and per step the gradient reduction + clipping, the
+  optimizer and what remains.
+- `--profile [DIR]`: one more (untimed) step under torch.profiler: the top 30 GPU kernels by total
+  time with their call counts, the time by kind of kernel (GEMM, the mixers' Triton kernels, flex
+  attention, eager elementwise, copies, ...) and the GPU's idle time; the table and the chrome trace
+  go to DIR (default: the --json's folder).
 
 `--activation-memory` instead measures what one block of each kind keeps for its backward, per token
 (saved tensors, through torch.autograd.graph.saved_tensors_hooks, at two lengths so that weights and
@@ -64,6 +70,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lengths", type=int, nargs="+", metavar="SEQ_LEN",
                    help="instead of timing: one step per seq_len (increasing) until one runs out of memory")
     p.add_argument("--no-split", action="store_true", help="skip the per-layer-kind timing step")
+    p.add_argument("--profile", nargs="?", const=True, default=None, metavar="DIR",
+                   help="one more step under torch.profiler: prints the top 30 GPU kernels (time, calls) and the "
+                        "time by kind of kernel; writes profile_kernels.txt and profile_trace.json.gz to DIR "
+                        "(default: the --json's folder, else the current one)")
     p.add_argument("--activation-memory", action="store_true",
                    help="instead of timing: KB per token each block kind keeps for the backward (mixer, MLP)")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
@@ -75,7 +85,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         p.error("--lengths and --activation-memory are two different runs; give one")
     if other_mode:
         timing = [flag for flag, given in (("--steps", args.steps is not None), ("--warmup", args.warmup is not None),
-                                           ("--no-split", args.no_split)) if given]
+                                           ("--no-split", args.no_split), ("--profile", args.profile is not None))
+                  if given]
         if timing:
             p.error(f"{timing[0]} times steps, which {other_mode} does not; leave it out")
     args.steps = 5 if args.steps is None else args.steps
@@ -265,18 +276,41 @@ class _Clock:
 
 
 class LayerTimer:
-    """Forward and backward time of every block, summed by layer kind (module docstring).
+    """Forward and backward time of every block, summed by layer kind over ALL micro-batches of a step,
+    plus the rest of each micro-batch and the step's gradient finishing and optimizer (module docstring).
 
-    Forward: pre-hook / hook on each block, ignored while the backward runs (those are checkpoint
-    recomputations, counted in the backward). Backward of block i: from the gradient reaching its
-    output to the gradient reaching its input (tensor hooks)."""
+    `attach(trainer)` wraps the trainer's compute_loss (a micro-batch's forward starts: the forward
+    hooks count again), finish_gradients (reduction + clipping) and optimizer_step, so each span is
+    timed where it happens. Forward: pre-hook / hook on each block, ignored while the backward runs
+    (those are checkpoint recomputations, counted in the backward). Backward of block i: from the
+    gradient reaching its output to the gradient reaching its input (tensor hooks). Each hook fires
+    once per micro-batch, and the k-th start is paired with the k-th end."""
 
     def __init__(self, model, device):
         self.model, self.clock = model, _Clock(device)
         self.handles, self.marks, self.in_backward = [], [], False
+        self._patched: list[tuple[object, str]] = []
         for i, block in enumerate(model.blocks):
             self.handles.append(block.register_forward_pre_hook(self._pre(i)))
             self.handles.append(block.register_forward_hook(self._post(i)))
+
+    def attach(self, trainer) -> "LayerTimer":
+        """Time the trainer's micro-batches and its gradient / optimizer phases (undone by `remove`)."""
+        for name, what in (("compute_loss", "micro"), ("finish_gradients", "grads"), ("optimizer_step", "optim")):
+            original = getattr(trainer, name)
+
+            def wrapped(*args, _original=original, _what=what, **kw):
+                if _what == "micro":
+                    self.in_backward = False  # a new micro-batch's forward
+                self.marks.append((_what + "_start", -1, self.clock.mark()))
+                out = _original(*args, **kw)
+                if _what != "micro":  # a micro-batch ends after its backward: the next start or "grads" closes it
+                    self.marks.append((_what + "_end", -1, self.clock.mark()))
+                return out
+
+            setattr(trainer, name, wrapped)
+            self._patched.append((trainer, name))
+        return self
 
     def _pre(self, i):
         def hook(module, args):
@@ -306,41 +340,191 @@ class LayerTimer:
         self.marks.append(("step_start", -1, self.clock.mark()))
 
     def stop(self) -> dict:
-        """Sums in ms: {'fwd': {kind: ms}, 'bwd': {kind: ms}, 'head_loss': ms, 'other': ms, 'step': ms}."""
+        """Sums over the step's micro-batches, in ms: {'fwd': {kind: ms}, 'bwd': {kind: ms},
+        'head_loss': ms (last block's output to its gradient: final norm, head, loss), 'micro_rest': ms
+        (the rest of the micro-batches: embedding, its backward, loss bookkeeping), 'micro_batches': n,
+        'gradients': ms (reduction + clipping), 'optimizer': ms (AdamW, LR schedule, zeroing),
+        'other': ms (step minus all of these), 'step': ms}."""
         end = self.clock.mark()
         if self.clock.cuda:
             import torch
 
             torch.cuda.synchronize()
-        first = {}
+        spans: dict = {}
         for what, i, t in self.marks:
-            first.setdefault((what, i), t)  # a tensor hook may fire once per micro-batch; take each span once
+            spans.setdefault((what, i), []).append(t)
+
+        def total(start, stop) -> float:
+            return sum(self.clock.ms(a, b) for a, b in zip(spans.get(start, []), spans.get(stop, [])))
+
         fwd, bwd = {}, {}
         pattern = self.model.pattern
         for i, kind in enumerate(pattern):
-            if ("fwd_start", i) in first and ("fwd_end", i) in first:
-                fwd[kind] = fwd.get(kind, 0.0) + self.clock.ms(first["fwd_start", i], first["fwd_end", i])
-            if ("bwd_start", i) in first and ("bwd_end", i) in first:
-                bwd[kind] = bwd.get(kind, 0.0) + self.clock.ms(first["bwd_start", i], first["bwd_end", i])
+            fwd[kind] = fwd.get(kind, 0.0) + total(("fwd_start", i), ("fwd_end", i))
+            bwd[kind] = bwd.get(kind, 0.0) + total(("bwd_start", i), ("bwd_end", i))
         last = len(pattern) - 1
-        head = 0.0
-        if ("fwd_end", last) in first and ("bwd_start", last) in first:
-            head = self.clock.ms(first["fwd_end", last], first["bwd_start", last])
-        step = self.clock.ms(first["step_start", -1], end)
-        return {"fwd": fwd, "bwd": bwd, "head_loss": head, "other": step - head - sum(fwd.values()) - sum(bwd.values()),
-                "step": step}
+        head = total(("fwd_end", last), ("bwd_start", last))
+        # micro-batch k runs from its start to the next one's (or to the gradient phase)
+        starts = spans.get(("micro_start", -1), [])
+        bounds = starts[1:] + spans.get(("grads_start", -1), [end])[:1]
+        micro = sum(self.clock.ms(a, b) for a, b in zip(starts, bounds))
+        grads = total(("grads_start", -1), ("grads_end", -1))
+        optim = total(("optim_start", -1), ("optim_end", -1))
+        step = self.clock.ms(spans[("step_start", -1)][0], end)
+        blocks = sum(fwd.values()) + sum(bwd.values())
+        return {"fwd": fwd, "bwd": bwd, "head_loss": head, "micro_rest": micro - blocks - head,
+                "micro_batches": len(starts), "gradients": grads, "optimizer": optim,
+                "other": step - micro - grads - optim, "step": step}
 
     def remove(self):
         for h in self.handles:
             h.remove()
+        for obj, name in self._patched:
+            delattr(obj, name)  # back to the class's method
+        self._patched = []
 
 
 def split_text(split: dict) -> str:
+    """'per micro-batch (n): G fwd/bwd, S fwd/bwd, head+loss, rest; per step: gradients, optimizer, other'."""
+    n = max(1, split.get("micro_batches", 1))
     kinds = sorted(set(split["fwd"]) | set(split["bwd"]))
-    parts = [f"{k} {split['fwd'].get(k, 0):.0f}/{split['bwd'].get(k, 0):.0f}" for k in kinds]
-    parts.append(f"head+loss {split['head_loss']:.0f}")
-    parts.append(f"other {split['other']:.0f}")
-    return ", ".join(parts)
+    parts = [f"{k} {split['fwd'].get(k, 0) / n:.0f}/{split['bwd'].get(k, 0) / n:.0f}" for k in kinds]
+    parts.append(f"head+loss {split['head_loss'] / n:.0f}")
+    parts.append(f"rest {split['micro_rest'] / n:.0f}")
+    return (f"per micro-batch (mean of {n}): " + ", ".join(parts)
+            + f"; per step: gradients (reduce + clip) {split['gradients']:.0f}, optimizer {split['optimizer']:.0f}, "
+              f"other {split['other']:.0f}, step {split['step']:.0f}")
+
+
+# ------------------------------------------------------------------------------------------ profile
+
+# kernel name patterns -> what they are (first match wins); the mixers' Triton kernels are ours
+KERNEL_CATEGORIES = [
+    ("communication (NCCL)", ("nccl",)),
+    ("mixer kernels (Triton, lctrain.kernels)", ("state_fwd_kernel", "state_bwd_kernel", "dqk_kernel",
+                                                 "wy_solve_kernel", "wy_apply_kernel", "wy_bwd_kernel",
+                                                 "output_fwd_kernel", "dv_local_kernel", "_chunk_stats_kernel")),
+    ("short conv (Triton, lctrain.kernels.short_conv)", ("conv_fwd_kernel", "conv_dpre_kernel", "conv_dx_kernel")),
+    ("RMS / L2 norms (Triton, lctrain.kernels.rms_norm)", ("row_norm_fwd_kernel", "row_norm_bwd_kernel")),
+    ("SwiGLU activation (Triton, lctrain.kernels.swiglu)", ("swiglu_fwd_kernel", "swiglu_bwd_kernel")),
+    ("RoPE (Triton, lctrain.kernels.rope)", ("rope_kernel",)),
+    ("flex attention", ("flex", "triton_tem_fused")),
+    ("compiled fused (inductor)", ("triton_poi_", "triton_red_", "triton_per_")),
+    ("matmul (GEMM)", ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "cublas", "sm90_", "sm80_")),
+    ("conv (cuDNN / native)", ("conv", "cudnn", "depthwise")),
+    ("optimizer", ("multi_tensor_apply", "adam")),
+    ("softmax / cross-entropy", ("softmax", "nll_loss", "cross_entropy")),
+    ("reduction (eager)", ("reduce_kernel",)),
+    ("copy / cast / cat (eager)", ("copy", "memcpy", "memset", "catarray", "cat_")),
+    ("elementwise (eager)", ("elementwise", "vectorized", "unrolled")),
+]
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    for category, patterns in KERNEL_CATEGORIES:
+        if any(p in low for p in patterns):
+            return category
+    return "other"
+
+
+def _event_time_us(evt, cuda: bool) -> float:
+    if not cuda:
+        return float(evt.self_cpu_time_total)
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(evt, attr):
+            return float(getattr(evt, attr))
+    return 0.0
+
+
+def kernel_rows(prof, cuda: bool) -> list[dict]:
+    """[{name, category, count, total_ms}] from a finished torch.profiler run, largest first: the GPU
+    kernels (CUDA), or the CPU ops by self time (CPU, where there are no kernels)."""
+    from torch.autograd import DeviceType
+
+    rows = []
+    for evt in prof.key_averages():
+        on_device = getattr(evt, "device_type", DeviceType.CPU) == DeviceType.CUDA
+        if on_device != cuda:
+            continue
+        if cuda and (getattr(evt, "is_user_annotation", False) or evt.key.startswith("Optimizer.")):
+            continue  # a range on the GPU timeline around kernels listed on their own (AdamW.step's)
+        ms = _event_time_us(evt, cuda) / 1e3
+        if ms > 0:
+            rows.append({"name": evt.key, "category": kernel_category(evt.key) if cuda else "cpu op",
+                         "count": int(evt.count), "total_ms": ms})
+    return sorted(rows, key=lambda r: -r["total_ms"])
+
+
+def kernel_table(rows: list[dict], top: int = 30) -> str:
+    """Text table: the top kernels (total ms, % of all kernel time, calls, mean us) and the time by category."""
+    total = sum(r["total_ms"] for r in rows) or 1.0
+    lines = [f"{'total ms':>10} {'%':>6} {'calls':>7} {'mean us':>9}  kernel"]
+    for r in rows[:top]:
+        lines.append(f"{r['total_ms']:10.2f} {100 * r['total_ms'] / total:6.1f} {r['count']:7d} "
+                     f"{1e3 * r['total_ms'] / r['count']:9.1f}  {r['name'][:120]}")
+    by_cat: dict[str, list] = {}
+    for r in rows:
+        c = by_cat.setdefault(r["category"], [0.0, 0])
+        c[0] += r["total_ms"]
+        c[1] += r["count"]
+    lines.append("")
+    lines.append(f"{'total ms':>10} {'%':>6} {'calls':>7}  category")
+    for cat, (ms, n) in sorted(by_cat.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"{ms:10.2f} {100 * ms / total:6.1f} {n:7d}  {cat}")
+    lines.append(f"{total:10.2f} {100.0:6.1f} {sum(r['count'] for r in rows):7d}  all")
+    return "\n".join(lines)
+
+
+def _profile_dir(args) -> Path:
+    """--profile DIR, else the --json's folder, else the current one."""
+    if isinstance(args.profile, str):
+        return Path(args.profile)
+    return Path(args.json).parent if args.json else Path(".")
+
+
+def profile_step(bench, seq_len: int, out_dir: Path, say, top: int = 30) -> dict | None:
+    """One optimizer step (all its micro-batches, gradient reduction, optimizer) under torch.profiler.
+    Prints the top `top` kernels by total GPU time with their call counts and the time by kind of
+    kernel; writes the table (profile_kernels.txt) and the chrome trace (profile_trace.json.gz, open it
+    in https://ui.perfetto.dev) to out_dir (main rank). Returns the summary (None off the main rank)."""
+    import gzip
+    import shutil
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = bench.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    bench.sync()
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        bench.step(seq_len)
+        bench.sync()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    if not _is_main():
+        return None
+    rows = kernel_rows(prof, cuda)
+    busy = sum(r["total_ms"] for r in rows)
+    what = "GPU kernels" if cuda else "CPU ops (self time; no GPU)"
+    head = (f"profile of one step ({what}): step {wall_ms:.0f} ms wall under the profiler, "
+            f"{busy:.0f} ms of {'kernel' if cuda else 'op'} time"
+            + (f" (GPU idle ~{max(0.0, wall_ms - busy):.0f} ms: launch gaps, host work, syncs)" if cuda else ""))
+    table = head + "\n" + kernel_table(rows, top)
+    say(table, flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "profile_kernels.txt").write_text(table + "\n")
+    trace = out_dir / "profile_trace.json"
+    prof.export_chrome_trace(str(trace))
+    with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
+    say(f"lctrain bench train: wrote {out_dir / 'profile_kernels.txt'} and {trace}.gz", flush=True)
+    categories: dict[str, float] = {}
+    for r in rows:
+        categories[r["category"]] = categories.get(r["category"], 0.0) + r["total_ms"]
+    return {"wall_ms": wall_ms, "busy_ms": busy, "device": "cuda" if cuda else "cpu", "top": rows[:top],
+            "categories_ms": categories, "table": str(out_dir / "profile_kernels.txt"),
+            "trace": f"{trace}.gz"}
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -409,6 +593,26 @@ def _reset_peak(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def _reset_host_peak(device):
+    import torch
+
+    if device.type == "cuda" and hasattr(torch.cuda, "reset_peak_host_memory_stats"):
+        torch.cuda.reset_peak_host_memory_stats()
+
+
+def _host_pinned_gib(device) -> float | None:
+    """Peak pinned host memory of the caching host allocator (model.checkpoint_offload's copies), if known."""
+    import torch
+
+    if device.type != "cuda" or not hasattr(torch.cuda, "host_memory_stats"):
+        return None
+    stats = torch.cuda.host_memory_stats()
+    for key in ("allocated_bytes.peak", "allocated_bytes.all.peak", "reserved_bytes.peak"):
+        if key in stats:
+            return stats[key] / 2**30
+    return None
+
+
 def _device_name(device) -> str:
     import torch
 
@@ -462,8 +666,12 @@ def _world_text(bench) -> str:
 def _checkpointing_text(cfg) -> str:
     m = cfg.model
     extra = [f"mlp chunk {m.mlp_chunk_tokens}"] if m.mlp_chunk_tokens else []
+    if m.checkpoint_offload:
+        extra.append("offload")
     if cfg.train.loss_chunk_tokens:
         extra.append(f"loss chunk {cfg.train.loss_chunk_tokens}")
+    if m.get("compile"):
+        extra.append("compile")
     return ", ".join([str(m.activation_checkpointing), *extra])
 
 
@@ -499,11 +707,16 @@ def _timed(bench, args, recipe) -> dict | None:
     peak = _peak_gib(device)
     split = None
     if not args.no_split:
-        timer = LayerTimer(bench.model, device)
-        timer.start()
-        bench.step(T)
-        split = timer.stop()
-        timer.remove()
+        timer = LayerTimer(bench.model, device).attach(bench.trainer)
+        try:
+            timer.start()
+            bench.step(T)
+            split = timer.stop()
+        finally:
+            timer.remove()
+    profile = None
+    if args.profile:
+        profile = profile_step(bench, T, _profile_dir(args), say)
     step_s, peak_all = bench.reduce_max([sum(times) / len(times), peak or 0.0])
     if not _is_main():
         return None
@@ -518,7 +731,7 @@ def _timed(bench, args, recipe) -> dict | None:
         + (f", MFU {mfu:.1f}% of {args.peak_tflops:g} TFLOP/s" if mfu is not None else " (CPU: no MFU)")
         + (f", peak {peak_all:.2f} GiB per GPU" if device.type == "cuda" else ""), flush=True)
     if split:
-        say(f"time split (ms, fwd/bwd by layer kind; bwd includes checkpoint recomputation): {split_text(split)}",
+        say(f"time split (ms; fwd/bwd by layer kind, bwd includes checkpoint recomputation): {split_text(split)}",
             flush=True)
     row = [Path(recipe).name if recipe else "default", T, _world_text(bench), _checkpointing_text(cfg), round(tps, 1),
            None if mfu is None else round(mfu, 2), round(tflops_per_gpu, 3), round(step_s, 4),
@@ -534,7 +747,7 @@ def _timed(bench, args, recipe) -> dict | None:
             "columns": COLUMNS, "rows": [row], "tokens_per_s": tps, "step_s": step_s, "mfu_percent": mfu,
             "peak_tflops": args.peak_tflops, "model_flops_per_step": flops,
             "peak_gib_per_gpu": peak_all if device.type == "cuda" else None,
-            "time_split_ms": split, "losses": losses, "parameters": n_params}
+            "time_split_ms": split, "profile": profile, "losses": losses, "parameters": n_params}
 
 
 def _length_search(bench, args, recipe) -> dict | None:
@@ -547,22 +760,35 @@ def _length_search(bench, args, recipe) -> dict | None:
         _reset_peak(device)
         bench.sync()
         t0 = time.perf_counter()
+        _reset_host_peak(device)
+        why = ""
         try:
             bench.step(T)
             bench.sync()
             ok = 1.0
-        except torch.OutOfMemoryError:
-            ok = 0.0
+        except (torch.OutOfMemoryError, RuntimeError) as err:  # cudaHostAlloc failing (offload) is a RuntimeError
+            if not isinstance(err, torch.OutOfMemoryError) and "out of memory" not in str(err).lower():
+                raise
+            ok, why = 0.0, str(err).splitlines()[0][:200]
         seconds = time.perf_counter() - t0
+        host = _host_pinned_gib(device)
         bench.drop_gradients()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+            # the pinned blocks model.checkpoint_offload took: cached for reuse by the caching host
+            # allocator, but never by a LONGER step; without this the search holds 24 + 48 + 72 GiB
+            # of pinned host memory by 786K and the host runs out
+            empty_host = getattr(torch._C, "_host_emptyCache", None)
+            if empty_host is not None:
+                empty_host()
         # every rank must agree: one rank's OOM ends the search for all
         ok = -bench.reduce_max([-ok])[0]
         seconds, peak = bench.reduce_max([seconds, _peak_gib(device) or 0.0])
         result = "ok" if ok else "out of memory"
         peak_text = f", peak {peak:.2f} GiB per GPU" if device.type == "cuda" else ""
-        say(f"seq_len {T}: {result}, {seconds:.2f}s" + peak_text, flush=True)
+        if host:
+            peak_text += f", pinned host {host:.1f} GiB"
+        say(f"seq_len {T}: {result}, {seconds:.2f}s" + peak_text + (f" ({why})" if why else ""), flush=True)
         rows.append([Path(recipe).name if recipe else "default", T, _world_text(bench), _checkpointing_text(cfg),
                      result,
                      round(seconds, 3), round(peak, 2) if device.type == "cuda" else None])

@@ -194,7 +194,8 @@ class Attention(nn.Module):
         k = self._project(self.k_proj, "k_conv", x, cache, docs).view(B, T, self.kv_heads, D)
         rerope = self.rope is not None and self.rope.rerope is not None and self.window is None
         if self.rope is not None and not rerope:
-            q, k = self.rope(q, pos), self.rope(k, pos)
+            cos, sin = self.rope.cos_sin_range(position_offset, T, x.device)
+            q, k = self.rope.rotate(q, cos, sin), self.rope.rotate(k, cos, sin)
         v = self._project(self.v_proj, "v_conv", x, cache, docs).view(B, T, self.kv_heads, D)
         if rerope:  # eval-time (Leaky) ReRoPE: q and k stay unrotated, positions go to the attention
             out = self._attend_rerope(q, k, v, pos, cache, docs)

@@ -200,6 +200,10 @@ class HybridLM(nn.Module):
             self.lm_head.weight = self.embed.weight
             if not self.has_embedding:  # the first stage owns the table; this copy follows it
                 mark_pipeline_copy(self.embed.weight)
+        if bool(_cfg(m, "compile", False)):
+            from .fused import enable
+
+            enable(self)
 
     def _make_rope(self, r: Any) -> RotaryEmbedding:
         original = int(r.original_max_position) or int(self.max_position or 0)

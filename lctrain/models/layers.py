@@ -8,7 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lctrain.kernels.short_conv import causal_conv1d
+from lctrain.kernels.swiglu import swiglu
+from lctrain.models.fused import compiled, rms_norm_math, swiglu_math, use_triton
 from lctrain.parallel.tensor_parallel import column_linear, row_linear
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.reshape(-1, t.shape[-1]).contiguous()
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -16,10 +23,17 @@ class _RMSNormFn(torch.autograd.Function):
 
     Autograd through the float32 formula keeps two float32 copies of x (and, gated, two of the gate):
     16 (gated: 32) bytes per channel and token against 2-4 here in bf16, the largest saving per token
-    of a block after the MLP's (docs/long_context.md). Same outputs; gradients equal up to rounding."""
+    of a block after the MLP's (docs/long_context.md). Same outputs; gradients equal up to rounding.
+    On CUDA one Triton kernel each way (kernels/rms_norm) computes the same formula."""
 
     @staticmethod
     def forward(ctx, x, weight, gate, eps):
+        if use_triton(x):
+            from lctrain.kernels.rms_norm import row_norm_fwd
+
+            y, rstd = row_norm_fwd(_rows(x), weight, _rows(gate), eps)
+            ctx.save_for_backward(x, weight, gate, rstd)
+            return y.view(x.shape)
         xf = x.float()
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         y = (xf * rstd * weight.float()).to(x.dtype)
@@ -31,6 +45,12 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, gate, rstd = ctx.saved_tensors
+        if use_triton(x):
+            from lctrain.kernels.rms_norm import row_norm_bwd
+
+            dx, dw, dgate = row_norm_bwd(_rows(dy), _rows(x), weight, _rows(gate), rstd)
+            return (dx.view(x.shape), dw.to(weight.dtype), None if gate is None else dgate.view(gate.shape),
+                    None)
         n = x.float() * rstd
         dy = dy.float()
         dgate = None
@@ -44,6 +64,41 @@ class _RMSNormFn(torch.autograd.Function):
         dn = dy * weight.float()
         dx = rstd * (dn - n * (dn * n).mean(-1, keepdim=True))
         return dx.to(x.dtype), dw, dgate, None
+
+
+class _L2NormFn(torch.autograd.Function):
+    """x / sqrt(sum(x^2) + eps) over the last dim, keeping only x and one float32 rstd per row for the
+    backward (autograd through the float32 formula keeps a float32 copy of x: the mixers' q and k at
+    8 KiB per token each). Same outputs; gradients equal up to rounding."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        if use_triton(x):
+            from lctrain.kernels.rms_norm import row_norm_fwd
+
+            y, rstd = row_norm_fwd(_rows(x), None, None, eps, mean=False)
+            ctx.save_for_backward(x, rstd)
+            return y.view(x.shape)
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, rstd)
+        return (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, rstd = ctx.saved_tensors
+        if use_triton(x):
+            from lctrain.kernels.rms_norm import row_norm_bwd
+
+            return row_norm_bwd(_rows(dy), _rows(x), None, None, rstd, mean=False)[0].view(x.shape), None
+        n = x.float() * rstd
+        dy = dy.float()
+        return (rstd * (dy - n * (dy * n).sum(-1, keepdim=True))).to(x.dtype), None
+
+
+def l2_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim, in float32, returned in x's dtype (_L2NormFn)."""
+    return _L2NormFn.apply(x, eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,7 +115,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    compiled = False  # model.compile: the compiled float32 formula (lctrain.models.fused)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled:
+            return compiled(rms_norm_math)(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
     def norm_fn(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -72,6 +131,8 @@ class GatedRMSNorm(RMSNorm):
     """Output norm of the linear mixers: RMSNorm(o) * silu(gate), per head (normalised over the last dim)."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.compiled:
+            return compiled(rms_norm_math)(x, self.weight, self.eps, gate)
         return rms_norm(x, self.weight, self.eps, gate)
 
 
@@ -100,8 +161,13 @@ class SwiGLU(nn.Module):
         self.down_proj.is_output_projection = True  # scaled init, see HybridLM._init_weights
         self.chunk_tokens = int(chunk_tokens)
 
+    compiled = False  # model.compile: silu(gate) * up as one compiled kernel (lctrain.models.fused)
+
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.compiled:
+            return self.down_proj(compiled(swiglu_math)(gate, up))
+        return self.down_proj(swiglu(gate, up, use_triton=use_triton(gate)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[1]
@@ -124,12 +190,13 @@ class ShortConv(nn.Module):
     where the token has fewer than j tokens of its own document before it, so no document sees the
     end of the previous one (the prefix included)."""
 
-    def __init__(self, channels: int, kernel_size: int, activation: bool = True):
+    def __init__(self, channels: int, kernel_size: int, activation: bool = True, backend: str = "auto"):
         super().__init__()
         if kernel_size < 1:
             raise ValueError(f"model.conv_size must be >= 1, got {kernel_size}")
         self.kernel_size = kernel_size
         self.activation = activation
+        self.backend = backend  # lctrain.kernels.short_conv: auto = the Triton kernel on CUDA, F.conv1d on CPU
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # Conv1d's default init
 
@@ -137,19 +204,23 @@ class ShortConv(nn.Module):
                 position_in_document: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
         K = self.kernel_size
+        if prefix is not None and tuple(prefix.shape) != (B, K - 1, C):
+            raise ValueError(f"conv prefix must be [B, conv_size-1, C] = {[B, K - 1, C]}, got {list(prefix.shape)}")
+        if position_in_document is None:
+            y = causal_conv1d(x, self.weight[:, 0], prefix, self.activation, backend=self.backend)
+            if T >= K - 1:
+                return y, x[:, T - (K - 1):]
+            before = x.new_zeros(B, K - 1, C) if prefix is None else prefix.to(x.dtype)
+            return y, torch.cat([before, x], dim=1)[:, T:]
         if prefix is None:
             prefix = x.new_zeros(B, K - 1, C)
-        elif tuple(prefix.shape) != (B, K - 1, C):
-            raise ValueError(f"conv prefix must be [B, conv_size-1, C] = {[B, K - 1, C]}, got {list(prefix.shape)}")
         xcat = torch.cat([prefix.to(x.dtype), x], dim=1)
         w = self.weight.to(x.dtype)
-        if position_in_document is None:
-            y = F.conv1d(xcat.transpose(1, 2), w, groups=C).transpose(1, 2)
-        else:  # tap i multiplies x at lag K-1-i: keep it only inside the token's document
-            y = xcat[:, K - 1:] * w[:, 0, K - 1]
-            for i in range(K - 1):
-                keep = (position_in_document >= K - 1 - i).to(x.dtype)[..., None]
-                y = y + xcat[:, i:i + T] * w[:, 0, i] * keep
+        # tap i multiplies x at lag K-1-i: keep it only inside the token's document
+        y = xcat[:, K - 1:] * w[:, 0, K - 1]
+        for i in range(K - 1):
+            keep = (position_in_document >= K - 1 - i).to(x.dtype)[..., None]
+            y = y + xcat[:, i:i + T] * w[:, 0, i] * keep
         if self.activation:
             y = F.silu(y)
         return y, xcat[:, xcat.shape[1] - (K - 1):]

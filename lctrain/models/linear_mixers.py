@@ -38,7 +38,8 @@ from lctrain import kernels
 from lctrain.parallel.mesh import group_size
 from lctrain.parallel.tensor_parallel import column_linear, local_size, mark_partial_grad, mark_split, row_linear
 
-from .layers import GatedRMSNorm, ShortConv, run_short_conv
+from .fused import compiled, l2norm_math
+from .layers import GatedRMSNorm, ShortConv, l2_norm, run_short_conv
 
 
 def _init_decay_params(n_heads: int, A_init_range=(1.0, 16.0), dt_min=1e-3, dt_max=0.1):
@@ -49,11 +50,6 @@ def _init_decay_params(n_heads: int, A_init_range=(1.0, 16.0), dt_min=1e-3, dt_m
     dt = dt.clamp(min=1e-4)
     dt_bias = dt + torch.log(-torch.expm1(-dt))
     return nn.Parameter(torch.log(A)), nn.Parameter(dt_bias)
-
-
-def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def _mark_head_params(mixer: nn.Module) -> None:
@@ -73,6 +69,7 @@ class _LinearMixerBase(nn.Module):
     """Shared plumbing: the op (wrapped for CP lazily), conv halos, cache handling."""
 
     op_name: str = ""
+    compiled = False  # model.compile: the L2 norms of q, k compiled (lctrain.models.fused)
 
     def __init__(self, *, n_heads: int, head_dim: int, conv_size: int, backend: str, chunk_size: int, cp_group=None):
         super().__init__()
@@ -166,9 +163,9 @@ class DeltaNetMixer(_LinearMixerBase):
         if gated:
             self.a_proj = column_linear(d_model, n_heads, tp_group)
             self.A_log, self.dt_bias = _init_decay_params(heads)
-        self.q_conv = ShortConv(local_inner, conv_size)
-        self.k_conv = ShortConv(local_inner, conv_size)
-        self.v_conv = ShortConv(local_inner, conv_size)
+        self.q_conv = ShortConv(local_inner, conv_size, backend=backend)
+        self.k_conv = ShortConv(local_inner, conv_size, backend=backend)
+        self.v_conv = ShortConv(local_inner, conv_size, backend=backend)
         self.g_proj = column_linear(d_model, inner, tp_group)
         self.o_norm = GatedRMSNorm(head_dim, eps=norm_eps)
         self.o_proj = row_linear(inner, d_model, tp_group)
@@ -182,7 +179,8 @@ class DeltaNetMixer(_LinearMixerBase):
         q = self._conv(self.q_conv, self.q_proj(x), cache, "q_conv", docs).view(B, T, H, D)
         k = self._conv(self.k_conv, self.k_proj(x), cache, "k_conv", docs).view(B, T, H, D)
         v = self._conv(self.v_conv, self.v_proj(x), cache, "v_conv", docs).view(B, T, H, D)
-        q, k = _l2norm(q), _l2norm(k)
+        l2norm = compiled(l2norm_math) if self.compiled else l2_norm
+        q, k = l2norm(q), l2norm(k)
         v = v.to(q.dtype)
         beta = torch.sigmoid(self.b_proj(x).float())
         if self.gated:
@@ -212,9 +210,9 @@ class Mamba2Mixer(_LinearMixerBase):
         self.dt_proj = column_linear(d_model, n_heads, tp_group)
         self.A_log, self.dt_bias = _init_decay_params(heads)
         self.D = nn.Parameter(torch.ones(heads))
-        self.x_conv = ShortConv(local_inner, conv_size)
-        self.B_conv = ShortConv(local_inner, conv_size)
-        self.C_conv = ShortConv(local_inner, conv_size)
+        self.x_conv = ShortConv(local_inner, conv_size, backend=backend)
+        self.B_conv = ShortConv(local_inner, conv_size, backend=backend)
+        self.C_conv = ShortConv(local_inner, conv_size, backend=backend)
         self.o_norm = GatedRMSNorm(head_dim, eps=norm_eps)
         self.o_proj = row_linear(inner, d_model, tp_group)
         self.o_proj.is_output_projection = True

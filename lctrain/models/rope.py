@@ -102,19 +102,38 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)
         return (angles.cos() * self.mscale).to(dtype), (angles.sin() * self.mscale).to(dtype)
 
+    compiled = False  # model.compile: rotate through the compiled function (lctrain.models.fused)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [B, T, H, D] rotated at positions [T]."""
         cos, sin = self.cos_sin(positions, torch.float32)
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-        xf = x.float()
-        r = self.rotary_dim
-        xr = xf[..., :r]
-        half = r // 2
-        rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
-        out = xr * cos + rotated * sin
-        if r < xf.shape[-1]:
-            out = torch.cat([out, xf[..., r:]], dim=-1)
-        return out.to(x.dtype)
+        return self.rotate(x, cos, sin)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, H, D] rotated by cos / sin [T, rotary_dim] (float32, from cos_sin / cos_sin_range)."""
+        from .fused import compiled, rotate_math, use_triton
+
+        if self.compiled:
+            return compiled(rotate_math)(x, cos, sin, self.rotary_dim)
+        D = x.shape[-1]
+        if use_triton(x) and self.rotary_dim == D and D & (D - 1) == 0 and cos.shape == (x.shape[1], D):
+            from lctrain.kernels.rope import rope_rotate
+
+            return rope_rotate(x, cos, sin)  # one Triton kernel each way, the same float32 formula
+        return rotate_math(x, cos, sin, self.rotary_dim)
+
+    def cos_sin_range(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos_sin of positions start .. start+length-1 in float32, computed once and kept (the last
+        range only: 0.5 GiB at 512K tokens): every layer of a forward, and its checkpoint
+        recomputation, rotates at the same positions, so the float64 angles are not recomputed per
+        layer and per call."""
+        key = (int(start), int(length), str(device))
+        cache = self.__dict__.setdefault("_range_cache", {})
+        if key not in cache:
+            cache.clear()
+            with torch.inference_mode(False), torch.no_grad():  # usable by a later training step too
+                cache[key] = self.cos_sin(torch.arange(start, start + length, device=device), torch.float32)
+        return cache[key]
 
 
 # ------------------------------------------------------------------ the base bounds the context length
