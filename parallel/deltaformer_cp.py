@@ -284,7 +284,7 @@ class _PipelinedUPass(torch.autograd.Function):
             with PHASES("fwd: local chunk pass", dev):
                 _, lse_s, w_s = chunk.chunk_forward(kh[:, :, a:b].contiguous(), vh[:, :, a:b].contiguous(),
                                                     bh[:, :, a:b].contiguous(), scale, chunk_size, stats,
-                                                    on_chunk=send_finished)
+                                                    on_chunk=send_finished, solve=stages.solve)
                 lse[:, :, a:b], w[:, :, a:b] = lse_s, w_s
         with PHASES("fwd: drain sends", dev):
             out.finish()

@@ -82,6 +82,17 @@ def test_triton_float16_inputs_equal_naive():
     assert_close(outputs_and_grads(x, backend="triton", chunk_size=32), ref, 5e-3)
 
 
+def test_triton_half_dots_equal_naive():
+    """kernel_dots="half": the kernels round their dot operands to fp16 (the interpreter's stand-in
+    for bf16, the same code path) and accumulate in float32; fp16 inputs against float64 naive.
+    Two row blocks, several key ranges and chunks (also the backward's push and key gradients)."""
+    x = inputs(90, torch.float16, seed=6)
+    ref = outputs_and_grads({n: t.double() for n, t in x.items()}, backend="naive")
+    got = outputs_and_grads(x, backend="triton", chunk_size=32, kernel_dots="half")
+    assert_close(got, ref, 3e-3)
+    assert_close(outputs_and_grads(x, backend="triton", chunk_size=32), ref, 5e-3)
+
+
 @pytest.mark.parametrize("backend,dtype", [("naive", torch.float32), ("torch", torch.float32),
                                            ("triton", torch.float32), ("triton", torch.float16)])
 def test_cu_seqlens_is_each_document_alone(backend, dtype):
@@ -112,14 +123,20 @@ def test_errors_name_the_argument():
         deltaformer(x["q"], x["k"], x["v"], x["beta"][..., :1])
     with pytest.raises(TypeError, match="float32"):
         deltaformer(*inputs(4, torch.float64).values(), backend="triton")
+    with pytest.raises(ValueError, match="kernel_dots"):
+        deltaformer(*args, kernel_dots="fp8")
+    with pytest.raises(ValueError, match="kernel_dots"):
+        deltaformer(*inputs(4, torch.float16).values(), backend="torch", kernel_dots="half")
+    with pytest.raises(ValueError, match="kernel_dots"):
+        deltaformer(*args, backend="triton", kernel_dots="half")   # float32 inputs
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_on_cuda_equals_torch_backend(D, dtype):
-    """The compiled Triton u-pass (TF32 dots) against the float32 torch backend and, at a short
-    length, the naive recurrence: outputs and gradients."""
+@pytest.mark.parametrize("dtype,dots", [(torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.bfloat16, "half")])
+def test_triton_on_cuda_equals_torch_backend(D, dtype, dots):
+    """The compiled Triton u-pass (TF32 dots, or bf16 ones with kernel_dots="half") against the
+    float32 torch backend and, at a short length, the naive recurrence: outputs and gradients."""
     g = torch.Generator().manual_seed(D)
     T, Hh = 1000, 2
     x = {n: torch.randn(1, T, Hh, D, generator=g).cuda().to(dtype) for n in ("q", "k", "v")}
@@ -127,7 +144,7 @@ def test_triton_on_cuda_equals_torch_backend(D, dtype):
     cot = tuple(torch.randn(1, T, Hh, D, generator=g, dtype=torch.float64).cuda() for _ in range(2))
     ref = outputs_and_grads({n: t.float() for n, t in x.items()}, cot, backend="torch", chunk_size=64)
     tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
-    assert_close(outputs_and_grads(x, cot, backend="triton", chunk_size=128), ref, tol)
+    assert_close(outputs_and_grads(x, cot, backend="triton", chunk_size=128, kernel_dots=dots), ref, tol)
     short = {n: t[:, :70].float() for n, t in x.items()}
     cot_short = tuple(c[:, :70] for c in cot)
     assert_close(outputs_and_grads(short, cot_short, backend="triton", chunk_size=32),
@@ -168,3 +185,47 @@ def test_triton_cross_blocks_equal_torch():
         st.rows_vs_keys(k, lse, bd, bdw, kb, ub, dk2, s)
         out[name] = {"lse": m + torch.log(l), "w": acc / l[..., None], "rhs": rhs, "dk pull": dk, "dk rows": dk2}
     assert_close(out["triton"], out["torch"], 1e-5)
+
+
+@pytest.mark.parametrize("s,e", [(0, 7), (20, 170)])
+def test_triton_chunk_solve_equals_torch(s, e):
+    """The forward solve of one chunk (Triton forward substitution, interpreter) against the torch
+    triangular solve: u, w and the fp16 copy of u; (20, 170): ten row blocks, three blocks of
+    earlier rows for the last, a partial one at the end; (0, 7): a chunk shorter than a block."""
+    from lctrain.kernels.deltaformer.chunk import torch_chunk_solve
+    from lctrain.kernels.deltaformer.triton_fwd import triton_chunk_solve
+    g = torch.Generator().manual_seed(e)
+    T, c, Vw = 180, e - s, 40
+    p = torch.rand(1, H, c, c, generator=g).tril(-1)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1.0)             # rows of a softmax over earlier keys
+    w_prev = torch.randn(1, H, c, Vw, generator=g)
+    beta, v = torch.rand(1, H, T, generator=g), torch.randn(1, H, T, Vw, generator=g)
+    out = {}
+    for name, fn in (("torch", torch_chunk_solve), ("triton", triton_chunk_solve)):
+        u, w, uc = torch.zeros(1, H, T, Vw), torch.zeros(1, H, T, Vw), torch.zeros(1, H, T, Vw, dtype=torch.float16)
+        fn(p, w_prev, beta, v, u, w, s, e, uc)
+        out[name] = {"u": u, "w": w, "u copy": uc.float()}
+    copies = [out[n].pop("u copy") for n in ("triton", "torch")]
+    assert_close(out["triton"], out["torch"], 1e-5)
+    assert_close({"u copy": copies[0]}, {"u copy": copies[1]}, 1e-3)        # an fp16 rounding apart at most
+    assert out["triton"]["u"][:, :, :s].abs().sum() == 0 and out["triton"]["u"][:, :, e:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("s,e", [(0, 7), (20, 170)])
+def test_triton_chunk_adjoint_solve_equals_torch(s, e):
+    """The backward's adjoint solve of one chunk (Triton back substitution, interpreter) against the
+    torch transposed triangular solve: dv and bd = beta d."""
+    from lctrain.kernels.deltaformer.chunk import torch_chunk_solve_t
+    from lctrain.kernels.deltaformer.triton_fwd import triton_chunk_solve_t
+    g = torch.Generator().manual_seed(e + 1)
+    T, c, Vw = 180, e - s, 40
+    p = torch.rand(1, H, c, c, generator=g).tril(-1)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1.0)
+    beta, rhs = torch.rand(1, H, T, generator=g), torch.randn(1, H, T, Vw, generator=g)
+    out = {}
+    for name, fn in (("torch", torch_chunk_solve_t), ("triton", triton_chunk_solve_t)):
+        dv, bd = torch.zeros(1, H, T, Vw), torch.zeros(1, H, T, Vw)
+        fn(p, beta, rhs, dv, bd, s, e)
+        out[name] = {"dv": dv, "bd": bd}
+    assert_close(out["triton"], out["torch"], 1e-5)
+    assert out["triton"]["dv"][:, :, :s].abs().sum() == 0 and out["triton"]["dv"][:, :, e:].abs().sum() == 0

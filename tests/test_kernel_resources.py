@@ -26,8 +26,8 @@ def test_records_every_deltaformer_kernel_launch():
     from lctrain.bench.kernel_resources import record_deltaformer_launches
     calls = record_deltaformer_launches(32)
     names = {getattr(fn, "fn", fn).__name__ for fn, _, _ in calls}
-    assert names == {"_partials_kernel", "_finalize_kernel", "_intra_probs_kernel", "_push_kernel",
-                     "_dk_rows_kernel", "_dk_cols_kernel"}
+    assert names == {"_partials_kernel", "_finalize_kernel", "_intra_probs_kernel", "_chunk_solve_kernel",
+                     "_chunk_solve_t_kernel", "_push_kernel", "_dk_rows_kernel", "_dk_cols_kernel"}
     for fn, args, kw in calls:
         params = inspect.signature(getattr(fn, "fn", fn)).parameters
         bound = len(args) + len([k for k in kw if k not in ("num_warps", "num_stages")])
@@ -43,12 +43,17 @@ def test_deltaformer_kernels_compile_for_hopper():
     import subprocess
     import sys
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    out = subprocess.run([sys.executable, "-m", "lctrain.bench.kernel_resources", "--op", "deltaformer", "--D", "128"],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.strip().splitlines()
-    cols = lines[0].split()
-    rows = [dict(zip(cols, line.split())) for line in lines[1:]]
-    assert len({r["kernel"] for r in rows}) == 6
-    for r in rows:
-        assert int(r["smem"]) <= 227 * 1024 and r["spill_bytes"] == "0", r
+    for half in ([], ["--half-dots"]):          # and those of kernel_dots="half" (bf16 dot operands)
+        out = subprocess.run([sys.executable, "-m", "lctrain.bench.kernel_resources", "--op", "deltaformer", "--D",
+                              "128", *half], capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        lines = out.stdout.strip().splitlines()
+        cols = lines[0].split()
+        rows = [dict(zip(cols, line.split())) for line in lines[1:]]
+        assert len({r["kernel"] for r in rows}) == 8
+        for r in rows:
+            assert int(r["smem"]) <= 227 * 1024 and r["spill_bytes"] == "0", r
+            if r["kernel"] == "_chunk_solve_kernel":   # the solves' dots are float32 always
+                assert ("COPY" in r["flags"]) == bool(half), r
+            elif r["kernel"] != "_chunk_solve_t_kernel":
+                assert ("DOT=bf16" in r["flags"]) == bool(half), r

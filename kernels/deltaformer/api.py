@@ -13,7 +13,11 @@ Backends of the u-pass (the read-out is always causal softmax attention through 
   gradients (``triton_bwd.py``); the c x c triangular solves stay torch. Needs CUDA tensors or
   TRITON_INTERPRET=1.
 - ``"auto"``:   ``"triton"`` on CUDA when Triton imports, else ``"torch"``.
-The u-pass always computes in float32 (float64 if an input is float64).
+The u-pass always computes in float32 (float64 if an input is float64): its tensors in memory and
+every accumulation. ``kernel_dots`` sets the operands of the Triton kernels' dots: ``"auto"`` TF32 for
+bf16 / fp16 inputs, full float32 for float32 inputs; ``"half"`` (Triton backend, bf16 / fp16 inputs)
+rounds them to the input dtype, as flash attention does for P @ V (half-precision tensor cores, at
+about twice TF32's rate; less accurate).
 
 Against fla-core's ``fla.ops.deltaformer.deltaformer_attn(q, k, v, beta, cu_seqlens=...)``
 (read, not run here): the same definition (its u-pass also uses key-key scores, scale d^-1/2 in both
@@ -66,7 +70,10 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _validate(q, k, v, beta, scale, chunk_size) -> None:
+KERNEL_DOTS = ("auto", "half")
+
+
+def _validate(q, k, v, beta, scale, chunk_size, kernel_dots="auto") -> None:
     for name, x, nd in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("beta", beta, 3)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"deltaformer: {name} must be a torch.Tensor, got {type(x).__name__}")
@@ -86,6 +93,8 @@ def _validate(q, k, v, beta, scale, chunk_size) -> None:
         raise TypeError(f"deltaformer: scale must be a real number or None, got {scale!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"deltaformer: chunk_size must be a positive int, got {chunk_size!r}")
+    if kernel_dots not in KERNEL_DOTS:
+        raise ValueError(f"deltaformer: kernel_dots must be one of {list(KERNEL_DOTS)}, got {kernel_dots!r}")
 
 
 def _segments(cu_seqlens, B, T, device) -> list[tuple[int, int]]:
@@ -104,41 +113,57 @@ def chunk_stages(which: str) -> chunk.Stages:
     raise ValueError(f"deltaformer: backend {which!r} is not chunkwise; use 'torch' or 'triton'")
 
 
-def _u_pass_one(k, v, beta, scale, which, chunk_size):
+def _half_dots(kernel_dots: str, which: str, k: torch.Tensor):
+    """The half dtype of the kernels' dot operands for ``kernel_dots`` (None: float32 operands)."""
+    if kernel_dots == "auto":
+        return None
+    if which != "triton":
+        raise ValueError(f"deltaformer: kernel_dots={kernel_dots!r} applies to the Triton kernels; the resolved "
+                         f"backend is {which!r} (pass backend='triton', or kernel_dots='auto')")
+    if k.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"deltaformer: kernel_dots='half' rounds the dots to the inputs' half dtype; got {k.dtype} "
+                         "inputs (use bf16 / fp16 inputs, or kernel_dots='auto')")
+    return k.dtype
+
+
+def _u_pass_one(k, v, beta, scale, which, chunk_size, half=None):
     dtype = compute_dtype(k, v, beta)
     if which == "naive":
         return naive_u_pass(k, v, beta, scale)
     if which == "triton" and dtype != torch.float32:
         raise TypeError("deltaformer: the Triton u-pass computes in float32; float64 inputs need backend='torch'")
-    return chunk.UPass.apply(k, v, beta, scale, chunk_size, chunk_stages(which), dtype)
+    return chunk.UPass.apply(k, v, beta, scale, chunk_size, chunk_stages(which), dtype, half)
 
 
-def deltaformer_u(k, v, beta, *, scale=None, cu_seqlens=None, backend="auto", chunk_size=64):
+def deltaformer_u(k, v, beta, *, scale=None, cu_seqlens=None, backend="auto", chunk_size=64, kernel_dots="auto"):
     """The u-pass alone: u [B, T, H, V] in the compute dtype (float32, or float64)."""
-    _validate(k, k, v, beta, scale, chunk_size)
+    _validate(k, k, v, beta, scale, chunk_size, kernel_dots)
     B, T, _, K = k.shape
     scale = K ** -0.5 if scale is None else float(scale)
     which = resolve(backend, k.device)
-    parts = [_u_pass_one(k[:, a:b], v[:, a:b], beta[:, a:b], scale, which, chunk_size)
+    half = _half_dots(kernel_dots, which, k)
+    parts = [_u_pass_one(k[:, a:b], v[:, a:b], beta[:, a:b], scale, which, chunk_size, half)
              for a, b in _segments(cu_seqlens, B, T, k.device)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def deltaformer(q, k, v, beta, *, scale=None, cu_seqlens=None, backend="auto", chunk_size=64,
-                return_u=False):
+                return_u=False, kernel_dots="auto"):
     """Deltaformer attention (module doc). q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H].
 
     Returns o [B, T, H, V] in q.dtype, or (o, u) with ``return_u=True`` (u in v.dtype: the values the
     read-out attended to, what a decoding cache keeps). Differentiable in q, k, v and beta.
-    ``cu_seqlens`` (B == 1): packed documents, each its own sequence in both passes."""
-    _validate(q, k, v, beta, scale, chunk_size)
+    ``cu_seqlens`` (B == 1): packed documents, each its own sequence in both passes.
+    ``kernel_dots``: "auto" or "half" (module doc)."""
+    _validate(q, k, v, beta, scale, chunk_size, kernel_dots)
     B, T, _, K = k.shape
     scale = K ** -0.5 if scale is None else float(scale)
     which = resolve(backend, q.device)
+    half = _half_dots(kernel_dots, which, k)
     outs, us = [], []
     for a, b in _segments(cu_seqlens, B, T, q.device):
         qs, ks = q[:, a:b], k[:, a:b]
-        u = _u_pass_one(ks, v[:, a:b], beta[:, a:b], scale, which, chunk_size)
+        u = _u_pass_one(ks, v[:, a:b], beta[:, a:b], scale, which, chunk_size, half)
         if which == "naive":
             outs.append(naive_readout(qs, ks, u, scale).to(q.dtype))
         else:

@@ -31,6 +31,8 @@ A backend is the triple ``Stages(stats, push, key_grads)``: torch here, Triton i
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Callable, NamedTuple
 
 import torch
@@ -73,21 +75,43 @@ def _solve_chunk(p_cc, beta_c, rhs, transpose: bool = False):
 StatsFn = Callable[[torch.Tensor, torch.Tensor, int, int, float], tuple]  # (k, u, s, e, scale) -> stats
 
 
+def torch_chunk_solve_t(p_cc, beta, rhs, dv, bd, s: int, e: int):
+    """Chunk [s, e)'s adjoint solve, in place: d from (I + diag(beta_c) P[c, c])^T d = rhs[s:e],
+    dv[s:e] = d and bd[s:e] = beta_c d."""
+    d = _solve_chunk(p_cc, beta[:, :, s:e], rhs[:, :, s:e], transpose=True)
+    dv[:, :, s:e] = d
+    bd[:, :, s:e] = beta[:, :, s:e, None] * d
+
+
+def torch_chunk_solve(p_cc, w_prev, beta, v, u, w, s: int, e: int, u_copy=None):
+    """Chunk [s, e)'s solve from its statistics, in place: u[s:e] from
+    (I + diag(beta_c) P[c, c]) u_c = v_c - beta_c w_prev, w[s:e] = w_prev + P[c, c] u_c, and u_c
+    into u_copy (another dtype) when given."""
+    u[:, :, s:e] = _solve_chunk(p_cc, beta[:, :, s:e], v[:, :, s:e] - beta[:, :, s:e, None] * w_prev)
+    w[:, :, s:e] = w_prev + p_cc @ u[:, :, s:e]
+    if u_copy is not None:
+        u_copy[:, :, s:e] = u[:, :, s:e]
+
+
 @torch.no_grad()
-def chunk_forward(k, v, beta, scale: float, chunk_size: int, stats: StatsFn = torch_chunk_stats, on_chunk=None):
-    """(u [B, H, T, V], lse [B, H, T], w [B, H, T, V]) in k's dtype; ``stats`` computes a chunk's
+def chunk_forward(k, v, beta, scale: float, chunk_size: int, stats: StatsFn = torch_chunk_stats, on_chunk=None,
+                  stats_u_dtype: torch.dtype | None = None, solve=torch_chunk_solve):
+    """(u [B, H, T, V], lse [B, H, T], w [B, H, T, V]) in v's dtype; ``stats`` computes a chunk's
     statistics; w_t = sum_j P[t, j] u_j (kept for the backward). ``on_chunk(e, u)`` is called after
-    each chunk [s, e) is solved (context parallelism streams the finished u from there)."""
+    each chunk [s, e) is solved (context parallelism streams the finished u from there).
+    ``stats_u_dtype`` (``kernel_dots="half"``): ``stats`` reads a copy of u in that dtype, kept up
+    to date chunk by chunk (half the bytes for the kernels that stream the earlier u). ``solve``:
+    a chunk's solve from its statistics (``torch_chunk_solve``'s contract)."""
     B, H, T, _ = k.shape
     u = torch.empty_like(v)
     w = torch.empty_like(v)
-    lse = k.new_zeros(B, H, T)
+    lse = v.new_zeros(B, H, T)
+    u_stats = u if stats_u_dtype is None else torch.empty(u.shape, dtype=stats_u_dtype, device=u.device)
     for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)
-        w_prev, p_cc, lse_c = stats(k, u, s, e, scale)
+        w_prev, p_cc, lse_c = stats(k, u_stats, s, e, scale)
         lse[:, :, s:e] = lse_c
-        u[:, :, s:e] = _solve_chunk(p_cc, beta[:, :, s:e], v[:, :, s:e] - beta[:, :, s:e, None] * w_prev)
-        w[:, :, s:e] = w_prev + p_cc @ u[:, :, s:e]
+        solve(p_cc, w_prev, beta, v, u, w, s, e, None if u_stats is u else u_stats)
         if on_chunk is not None:
             on_chunk(e, u)
     return u, lse, w
@@ -164,8 +188,9 @@ def torch_key_grads(k, u, lse, bd, bdw, scale: float, chunk_size: int):
 class Stages(NamedTuple):
     """A backend of the chunked u-pass: the forward statistics of a chunk, the intra-chunk block
     P[c, c] from k and lse (backward), the backward push of a solved chunk onto the earlier
-    right-hand sides, the key gradients after the backward loop, and the three blocks context
-    parallelism adds (rows against another rank's keys)."""
+    right-hand sides, the key gradients after the backward loop, the three blocks context
+    parallelism adds (rows against another rank's keys), and the forward solve of a chunk from its
+    statistics and the backward's adjoint solve of a chunk."""
     stats: Callable
     probs: Callable
     push: Callable
@@ -173,6 +198,8 @@ class Stages(NamedTuple):
     block_partials: Callable
     pull: Callable
     rows_vs_keys: Callable
+    solve: Callable = torch_chunk_solve
+    solve_t: Callable = torch_chunk_solve_t
 
 
 TORCH_STAGES = Stages(torch_chunk_stats, chunk_probs, torch_chunk_push, torch_key_grads, torch_block_partials,
@@ -181,27 +208,26 @@ TORCH_STAGES = Stages(torch_chunk_stats, chunk_probs, torch_chunk_push, torch_ke
 
 @torch.no_grad()
 def chunk_backward(k, beta, u, lse, w, gu, scale: float, chunk_size: int, stages: Stages = TORCH_STAGES,
-                   rhs=None, on_chunk=None):
+                   rhs=None, on_chunk=None, key_grads_u_dtype: torch.dtype | None = None):
     """(dk, dv, dbeta, bd) of sum(u * gu) (see the module doc), bd = beta d. ``rhs`` (context
     parallelism): gu with the shares of tokens after these T already subtracted (used in place of a
     copy of gu, and overwritten). ``on_chunk(s, bd)`` is called after each chunk [s, e) is solved
-    (the reverse loop) with bd [B, H, T, V], final from row s on. bdw_t = bd_t . w_t."""
+    (the reverse loop) with bd [B, H, T, V], final from row s on. bdw_t = bd_t . w_t.
+    ``key_grads_u_dtype``: the key gradients read a copy of u in that dtype (``kernel_dots="half"``)."""
     T = k.shape[2]
     rhs = gu.clone() if rhs is None else rhs   # gu - (contributions of later rows), completed chunk by chunk
     dv = torch.empty_like(u)
     bd = torch.empty_like(u)
     for s in reversed(range(0, T, chunk_size)):
         e = min(s + chunk_size, T)
-        bc = beta[:, :, s:e, None]
-        d = _solve_chunk(stages.probs(k, lse, s, e, scale), beta[:, :, s:e], rhs[:, :, s:e], transpose=True)
-        dv[:, :, s:e] = d
-        bd[:, :, s:e] = bc * d
+        stages.solve_t(stages.probs(k, lse, s, e, scale), beta, rhs, dv, bd, s, e)
         stages.push(k, lse, bd[:, :, s:e], rhs, s, e, scale)
         if on_chunk is not None:
             on_chunk(s, bd)
     dbeta = -(w * dv).sum(-1)                  # per-row reductions once, not per chunk (launches)
     bdw = (bd * w).sum(-1)
-    dk = stages.key_grads(k, u, lse, bd, bdw, scale, chunk_size)
+    dk = stages.key_grads(k, u if key_grads_u_dtype is None else u.to(key_grads_u_dtype), lse, bd, bdw, scale,
+                          chunk_size)
     return dk, dv, dbeta, bd, bdw
 
 
@@ -222,20 +248,40 @@ class _Tf32Matmuls:
             torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
+HALF_DOTS: ContextVar = ContextVar("deltaformer_half_dots", default=None)
+
+
+@contextmanager
+def half_dots(dtype: torch.dtype | None):
+    """Inside: the Triton kernels round their dot operands to ``dtype`` (bf16 / fp16; float32
+    accumulation, float32 tensors in memory); None leaves them as they are (TF32 / float32)."""
+    token = HALF_DOTS.set(dtype)
+    try:
+        yield
+    finally:
+        HALF_DOTS.reset(token)
+
+
 class UPass(torch.autograd.Function):
     """u = u_pass(k, v, beta) on [B, T, H, *] inputs; returns u [B, T, H, V] in the compute dtype.
     Forward: ``chunk_forward`` with the backend's statistics; backward: the exact ``chunk_backward``
     with its push and key gradients (``Stages``, torch or Triton). Saves k, beta, u, w and the row
-    log-sum-exp (O(T), no T x T tensor). With bf16/fp16 inputs on CUDA the float32 matmuls run in TF32."""
+    log-sum-exp (O(T), no T x T tensor). With bf16/fp16 inputs on CUDA the float32 matmuls run in TF32;
+    ``half``: a half dtype the Triton kernels round their dot operands to (``half_dots``), or None;
+    then k (the inputs' half-precision numbers, unchanged) and the copies of u the kernels stream
+    are kept in that dtype: half the bytes."""
 
     @staticmethod
-    def forward(ctx, k, v, beta, scale: float, chunk_size: int, stages: Stages, dtype: torch.dtype):
-        kh = k.transpose(1, 2).to(dtype).contiguous()
+    def forward(ctx, k, v, beta, scale: float, chunk_size: int, stages: Stages, dtype: torch.dtype,
+                half: torch.dtype | None = None):
+        kh = k.transpose(1, 2).to(dtype if half is None else half).contiguous()
         vh = v.transpose(1, 2).to(dtype).contiguous()
         bh = beta.transpose(1, 2).to(dtype).contiguous()
         ctx.tf32 = k.is_cuda and k.dtype in (torch.bfloat16, torch.float16)
-        with _Tf32Matmuls(ctx.tf32):
-            u, lse, w = chunk_forward(kh, vh, bh, scale, chunk_size, stages.stats)
+        ctx.half = half
+        with _Tf32Matmuls(ctx.tf32), half_dots(half):
+            u, lse, w = chunk_forward(kh, vh, bh, scale, chunk_size, stages.stats, stats_u_dtype=half,
+                                      solve=stages.solve)
         ctx.save_for_backward(kh, bh, u, lse, w)
         ctx.scale, ctx.chunk_size, ctx.stages = scale, chunk_size, stages
         ctx.in_dtypes = (k.dtype, v.dtype, beta.dtype)
@@ -245,8 +291,9 @@ class UPass(torch.autograd.Function):
     def backward(ctx, gu):
         kh, bh, u, lse, w = ctx.saved_tensors
         guh = gu.transpose(1, 2).to(u.dtype).contiguous()
-        with _Tf32Matmuls(ctx.tf32):
-            dk, dv, dbeta, _, _ = chunk_backward(kh, bh, u, lse, w, guh, ctx.scale, ctx.chunk_size, ctx.stages)
+        with _Tf32Matmuls(ctx.tf32), half_dots(ctx.half):
+            dk, dv, dbeta, _, _ = chunk_backward(kh, bh, u, lse, w, guh, ctx.scale, ctx.chunk_size, ctx.stages,
+                                                 key_grads_u_dtype=ctx.half)
         kd, vd, bd = ctx.in_dtypes
         return (dk.transpose(1, 2).to(kd), dv.transpose(1, 2).to(vd), dbeta.transpose(1, 2).to(bd),
-                None, None, None, None)
+                None, None, None, None, None)

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import _check, _pow2, dot_precision
+from . import chunk
+from .triton_fwd import _check, _dot, _key_block, _pow2, dot_precision
 
 
 @triton.jit
@@ -48,10 +49,10 @@ def _push_kernel(kr_ptr, lse_ptr, bd_ptr, kk_ptr, rhs_ptr, nrows, Tr, nkeys, Tk,
         lse = tl.load(lse_ptr + bh * Tr + rows, mask=row_ok, other=0.0)
         bd = tl.load(bd_ptr + bh * Tr * V + rows[:, None] * V + dv_i[None, :],
                      mask=row_ok[:, None] & (dv_i[None, :] < V), other=0.0)
-        sc = tl.dot(kr, tl.trans(kj), input_precision=DOT) * scale
+        sc = _dot(kr, tl.trans(kj), DOT) * scale
         ok = row_ok[:, None] & col_ok[None, :]
         p = tl.where(ok, tl.exp(tl.where(ok, sc, 0.0) - lse[:, None]), 0.0)
-        acc += tl.dot(tl.trans(p), bd, input_precision=DOT)
+        acc += _dot(tl.trans(p), bd, DOT)
     vmask = col_ok[:, None] & (dv_i[None, :] < V)
     ptrs = rhs_ptr + bh * Tk * V + cols[:, None] * V + dv_i[None, :]
     tl.store(ptrs, tl.load(ptrs, mask=vmask, other=0.0) - acc, mask=vmask)
@@ -61,12 +62,12 @@ def _push_kernel(kr_ptr, lse_ptr, bd_ptr, kk_ptr, rhs_ptr, nrows, Tr, nkeys, Tk,
 def _ds_block(kr, kj, lse, bd, bdw, uj, rows, cols, row_ok, col_ok, scale, CAUSAL: tl.constexpr,
               DOT: tl.constexpr):
     """dS[t, j] = -P[t, j] (bd_t . u_j - bdw_t) on a [rows, cols] block (zero unless j < t if CAUSAL)."""
-    sc = tl.dot(kr, tl.trans(kj), input_precision=DOT) * scale
+    sc = _dot(kr, tl.trans(kj), DOT) * scale
     ok = row_ok[:, None] & col_ok[None, :]
     if CAUSAL:
         ok = ok & (cols[None, :] < rows[:, None])
     p = tl.where(ok, tl.exp(tl.where(ok, sc, 0.0) - lse[:, None]), 0.0)
-    return -p * (tl.dot(bd, tl.trans(uj), input_precision=DOT) - bdw[:, None])
+    return -p * (_dot(bd, tl.trans(uj), DOT) - bdw[:, None])
 
 
 @triton.jit
@@ -98,7 +99,7 @@ def _dk_rows_kernel(kr_ptr, lse_ptr, bd_ptr, bdw_ptr, kk_ptr, uk_ptr, dk_ptr, nr
         uj = tl.load(uk_ptr + bh * Tk * V + cols[:, None] * V + dv_i[None, :],
                      mask=col_ok[:, None] & (dv_i[None, :] < V), other=0.0)
         ds = _ds_block(kr, kj, lse, bd, bdw, uj, rows, cols, row_ok, col_ok, scale, CAUSAL, DOT)
-        acc += tl.dot(ds, kj, input_precision=DOT)
+        acc += _dot(ds, kj, DOT)
     ptrs = dk_ptr + bh * Tr * K + rows[:, None] * K + dk_i[None, :]
     if ACCUMULATE:
         acc = acc * scale + tl.load(ptrs, mask=kmask_r, other=0.0)
@@ -135,7 +136,7 @@ def _dk_cols_kernel(kr_ptr, lse_ptr, bd_ptr, bdw_ptr, kk_ptr, uk_ptr, dk_ptr, nr
                      mask=row_ok[:, None] & (dv_i[None, :] < V), other=0.0)
         bdw = tl.load(bdw_ptr + bh * Tr + rows, mask=row_ok, other=0.0)
         ds = _ds_block(kr, kj, lse, bd, bdw, uj, rows, cols, row_ok, col_ok, scale, CAUSAL, DOT)
-        acc += tl.dot(tl.trans(ds), kr, input_precision=DOT)
+        acc += _dot(tl.trans(ds), kr, DOT)
     ptrs = dk_ptr + bh * Tk * K + cols[:, None] * K + dk_i[None, :]
     tl.store(ptrs, tl.load(ptrs, mask=kmask_c, other=0.0) + scale * acc, mask=kmask_c)
 
@@ -145,8 +146,15 @@ def _blocks(K: int, V: int):
     201 KiB of shared memory at head dim 128 (``python -m lctrain.bench.kernel_resources --op
     deltaformer``), too close to Hopper's 227 KiB."""
     wide = max(K, V) > 64
-    return dict(BK=_pow2(K), BV=_pow2(V), BR=64, BT=32 if wide else 64, num_warps=8 if wide else 4,
-                num_stages=2 if wide else 3, DOT=dot_precision())
+    dot = dot_precision()
+    return dict(BK=_pow2(K), BV=_pow2(V), BR=64, BT=_key_block(max(K, V), dot), num_warps=8 if wide else 4,
+                num_stages=2 if wide else 3, DOT=dot)
+
+
+def _cols_blocks(blk: dict, K: int, V: int) -> dict:
+    """The columns kernel's settings: 32 keys per program for heads wider than 64 (its [keys, K]
+    accumulator and the recomputed [rows, keys] blocks spill registers at 64 x 128 on sm_90)."""
+    return {**blk, "BT": 32} if max(K, V) > 64 else blk
 
 
 def _head_stride(*xs) -> int:
@@ -156,14 +164,14 @@ def _head_stride(*xs) -> int:
     for x in xs:
         inner = x.shape[3] if x.dim() == 4 else 1
         B, H, T = x.shape[:3]
-        ok = x.dtype == torch.float32 and (T == 1 or x.stride(2) == inner)
+        ok = x.dtype in (torch.float32, chunk.HALF_DOTS.get()) and (T == 1 or x.stride(2) == inner)
         ok = ok and (x.dim() == 3 or inner == 1 or x.stride(3) == 1)
         per_bh = x.stride(1) if H > 1 else (x.stride(0) if B > 1 else None)   # size-1 dims: any stride
         ok = ok and (H == 1 or B == 1 or x.stride(0) == H * x.stride(1))
         ok = ok and (per_bh is None or per_bh % inner == 0)
         if not ok:
-            raise ValueError(f"deltaformer triton: expected float32 row-contiguous views of [B, H, T, *] tensors, got "
-                             f"{x.dtype} shape {tuple(x.shape)} stride {x.stride()}")
+            raise ValueError(f"deltaformer triton: expected float32 (or kernel_dots' half) row-contiguous views of "
+                             f"[B, H, T, *] tensors, got {x.dtype} shape {tuple(x.shape)} stride {x.stride()}")
         if per_bh is not None:
             strides.add(per_bh // inner)
     if not strides:
@@ -193,12 +201,13 @@ def triton_key_grads(k, u, lse, bd, bdw, scale: float, chunk_size: int):
     B, H, T, K = k.shape
     V = u.shape[-1]
     blk = _blocks(K, V)
-    dk = torch.empty_like(k)
+    dk = torch.empty(k.shape, device=k.device, dtype=torch.float32)     # k may be kernel_dots' half type
     bd, bdw = bd.contiguous(), bdw.contiguous()
     Tr = _head_stride(k, u, lse, bd, bdw, dk)
     args = (k, lse, bd, bdw, k, u, dk, T, Tr, T, Tr, float(scale))
     _dk_rows_kernel[(triton.cdiv(T, blk["BR"]), B * H)](*args, K=K, V=V, CAUSAL=True, ACCUMULATE=False, **blk)
-    _dk_cols_kernel[(triton.cdiv(T, blk["BT"]), B * H)](*args, K=K, V=V, CAUSAL=True, **blk)
+    cblk = _cols_blocks(blk, K, V)
+    _dk_cols_kernel[(triton.cdiv(T, cblk["BT"]), B * H)](*args, K=K, V=V, CAUSAL=True, **cblk)
     return dk
 
 
@@ -213,10 +222,11 @@ def triton_pull(kt, lse_t, bd_t, bdw_t, k, u, rhs, dk, scale: float):
     blk = _blocks(K, V)
     kt, lse_t, bd_t, bdw_t = (x.contiguous() for x in (kt, lse_t, bd_t, bdw_t))
     Tr, Tk = _head_stride(kt, lse_t, bd_t, bdw_t), _head_stride(k, u, rhs, dk)
-    grid = (triton.cdiv(L, blk["BT"]), B * H)
-    _push_kernel[grid](kt, lse_t, bd_t, k, rhs, G, Tr, L, Tk, float(scale), K=K, V=V, **blk)
-    _dk_cols_kernel[grid](kt, lse_t, bd_t, bdw_t, k, u, dk, G, Tr, L, Tk, float(scale), K=K, V=V, CAUSAL=False,
-                          **blk)
+    cblk = _cols_blocks(blk, K, V)
+    _push_kernel[(triton.cdiv(L, blk["BT"]), B * H)](kt, lse_t, bd_t, k, rhs, G, Tr, L, Tk, float(scale), K=K, V=V,
+                                                     **blk)
+    _dk_cols_kernel[(triton.cdiv(L, cblk["BT"]), B * H)](kt, lse_t, bd_t, bdw_t, k, u, dk, G, Tr, L, Tk, float(scale),
+                                                         K=K, V=V, CAUSAL=False, **cblk)
 
 
 def triton_rows_vs_keys(k, lse, bd, bdw, kb, ub, dk, scale: float):

@@ -2,7 +2,9 @@
 fla-core's (its whole op, or its u-pass with our read-out where flash-attn is missing) in the same process.
 
 Methods: ``ours`` (backend="triton": the Triton chunk passes of the u-pass forward and backward,
-torch c x c solves, SDPA read-out), ``ours_torch`` (backend="torch": the chunkwise torch u-pass),
+torch c x c solves, SDPA read-out), ``ours_half`` (the same with ``kernel_dots="half"``: the
+kernels' dot operands in the input dtype, float32 accumulation), ``ours_torch`` (backend="torch":
+the chunkwise torch u-pass),
 ``fla`` (fla-core's ``fla.ops.deltaformer.deltaformer_attn``: its Triton u-pass and a flash-attn
 read-out, so it needs the flash-attn package), ``fla_u_sdpa`` (fla's u-pass alone,
 ``fla.ops.deltaformer.parallel.ParallelDeltaformerFunction``, pure Triton, followed by OUR SDPA
@@ -23,7 +25,7 @@ import sys
 from lctrain.bench.kernels import _measure, _rel_diff
 from lctrain.bench.report import bench_main, result_dict
 
-METHODS = ("ours", "ours_torch", "fla", "fla_u_sdpa", "sdpa")
+METHODS = ("ours", "ours_half", "ours_torch", "fla", "fla_u_sdpa", "sdpa")
 FLA_METHODS = ("fla", "fla_u_sdpa")
 COLUMNS = ["T", "method", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd / fla", "fwd+bwd / fla", "peak / fla"]
 
@@ -37,7 +39,8 @@ def _parse(argv):
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--chunk-size", type=int, nargs="+", default=[256],
                    help="our u-pass chunk (default 256); several: ours / ours_torch timed at each, as ours/c<N>")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=["ours", "fla", "fla_u_sdpa", "sdpa"])
+    p.add_argument("--methods", nargs="+", choices=METHODS,
+                   help="default: ours ours_half fla fla_u_sdpa sdpa (without ours_half for --dtype fp32)")
     p.add_argument("--warmup", type=int, default=10, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=50, help="do_bench repetition time, ms")
     p.add_argument("--profile", metavar="PATH",
@@ -49,6 +52,11 @@ def _parse(argv):
     args = p.parse_args(argv)
     if any(c < 1 for c in args.chunk_size):
         p.error(f"--chunk-size must be positive, got {args.chunk_size}")
+    if args.methods is None:
+        args.methods = [m for m in ("ours", "ours_half", "fla", "fla_u_sdpa", "sdpa")
+                        if m != "ours_half" or args.dtype != "fp32"]
+    if "ours_half" in args.methods and args.dtype == "fp32":
+        p.error("--methods ours_half rounds the kernels' dots to the input dtype: use --dtype bf16 or fp16")
     return args
 
 
@@ -68,7 +76,38 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
-def _load_fla(notes, wanted, device="cuda") -> dict:
+def _fla_u_pass(notes):
+    """fla's u-pass, ``fla.ops.deltaformer.parallel.ParallelDeltaformerFunction`` (pure Triton).
+
+    That module imports ``pad_input`` / ``unpad_input`` from ``fla.layers.utils`` at its top, for
+    ``deltaformer_attn``'s ``attention_mask`` path only; the fla-core 0.6.0 wheel ships no
+    ``fla.layers`` package (only ``fla.ops`` and its helpers), so the import fails with
+    ModuleNotFoundError. Then a stand-in ``fla.layers.utils`` whose two functions raise is registered
+    (the u-pass calls neither) and the import is retried; a note says so."""
+    try:
+        from fla.ops.deltaformer.parallel import ParallelDeltaformerFunction
+        return ParallelDeltaformerFunction
+    except ModuleNotFoundError as e:
+        if e.name not in ("fla.layers", "fla.layers.utils"):
+            raise
+    import types
+
+    def absent(*args, **kwargs):
+        raise NotImplementedError("fla.layers is not part of this fla-core wheel (pad_input / unpad_input)")
+
+    utils = types.ModuleType("fla.layers.utils")
+    utils.pad_input = utils.unpad_input = absent
+    layers = types.ModuleType("fla.layers")
+    layers.__path__, layers.utils = [], utils
+    sys.modules["fla.layers"], sys.modules["fla.layers.utils"] = layers, utils
+    from fla.ops.deltaformer.parallel import ParallelDeltaformerFunction
+    notes.append("fla_u_sdpa: this fla-core wheel has no fla.layers, which fla.ops.deltaformer.parallel imports "
+                 "at its top (pad_input / unpad_input, for attention_mask only); a stand-in that raises was "
+                 "registered so that its u-pass (ParallelDeltaformerFunction, which uses neither) loads")
+    return ParallelDeltaformerFunction
+
+
+def _load_fla(notes, wanted, device="cuda", D: int = 64) -> dict:
     """{method: callable(q, k, v, beta) or None} for the fla methods in ``wanted``; every reason one
     cannot run goes into notes with the exception's text (fla's read-out needs flash-attn)."""
     import importlib.metadata as md
@@ -82,16 +121,15 @@ def _load_fla(notes, wanted, device="cuda") -> dict:
         import flash_attn  # noqa: F401
     except Exception as e:  # noqa: BLE001 - report, do not fail
         notes.append(f"flash-attn not importable ({_why(e)}): fla's deltaformer_attn cannot read out")
-    probe = _inputs(1, 64, 1, 64, torch.bfloat16, device)
+    probe = _inputs(1, 512, 1, D, torch.bfloat16, device)   # fla's chunk (512) and D: its autotune key, reused
     out = {}
     for name in wanted:
         try:
             if name == "fla":
                 from fla.ops.deltaformer import deltaformer_attn as fn
             else:
-                from fla.ops.deltaformer.parallel import ParallelDeltaformerFunction
-
                 from lctrain.kernels.deltaformer.readout import causal_readout
+                ParallelDeltaformerFunction = _fla_u_pass(notes)
 
                 def fn(q, k, v, beta, f=ParallelDeltaformerFunction):
                     return causal_readout(q, k, f.apply(k, k, v, beta), k.shape[-1] ** -0.5)
@@ -114,6 +152,9 @@ def _fn(name, x, chunk_size, fla):
         chunk_size = int(chunk)
     if name == "ours":
         return (lambda: deltaformer(q, k, v, beta, backend="triton", chunk_size=chunk_size)), [q, k, v, beta]
+    if name == "ours_half":
+        return (lambda: deltaformer(q, k, v, beta, backend="triton", chunk_size=chunk_size, kernel_dots="half")), \
+            [q, k, v, beta]
     if name == "ours_torch":
         return (lambda: deltaformer(q, k, v, beta, backend="torch", chunk_size=chunk_size)), [q, k, v, beta]
     if name in FLA_METHODS:
@@ -124,7 +165,7 @@ def _fn(name, x, chunk_size, fla):
     raise ValueError(name)
 
 
-def _agreement(x, chunk_size, fla, notes):
+def _agreement(x, chunk_size, fla, notes, methods):
     import torch
     xr = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
 
@@ -136,18 +177,19 @@ def _agreement(x, chunk_size, fla, notes):
     ref = outs("ours_torch", xr)
     names = ["o", "dq", "dk", "dv", "dbeta"]
     T = x["q"].shape[1]
-    for name in ["ours"] + [m for m in FLA_METHODS if fla.get(m) is not None]:
+    ours = [m for m in ("ours", "ours_half") if m in methods]
+    for name in ours + [m for m in FLA_METHODS if fla.get(m) is not None]:
         got = outs(name, x)
         notes.append(f"{name} vs the float32 torch backend at T={T}: rel diff "
                      + ", ".join(f"{n} {_rel_diff(a, b):.1e}" for n, a, b in zip(names, got, ref)))
 
 
 def _expand(methods, chunk_sizes):
-    """ours / ours_torch once per chunk size when several are asked for."""
+    """ours / ours_half / ours_torch once per chunk size when several are asked for."""
     if len(chunk_sizes) == 1:
         return methods
-    return [f"{m}/c{c}" if m in ("ours", "ours_torch") else m for m in methods
-            for c in (chunk_sizes if m in ("ours", "ours_torch") else [None])]
+    ours = ("ours", "ours_half", "ours_torch")
+    return [f"{m}/c{c}" if m in ours else m for m in methods for c in (chunk_sizes if m in ours else [None])]
 
 
 def _profile(methods, x, chunk_size, fla, path):
@@ -191,7 +233,7 @@ def run(args) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     notes: list[str] = []
     methods = list(args.methods)
-    fla = _load_fla(notes, [m for m in methods if m in FLA_METHODS])
+    fla = _load_fla(notes, [m for m in methods if m in FLA_METHODS], D=args.D)
     methods = _expand([m for m in methods if m not in FLA_METHODS or fla[m] is not None], args.chunk_size)
     chunk = args.chunk_size[0]
     rows, raw = [], []
@@ -199,7 +241,7 @@ def run(args) -> dict:
         x = _inputs(args.B, T, args.H, args.D, dtype)
         if i == 0:
             try:
-                _agreement(x, chunk, fla, notes)
+                _agreement(x, chunk, fla, notes, args.methods)
             except torch.cuda.OutOfMemoryError:
                 notes.append(f"agreement check at T={T}: out of memory")
         res = {}

@@ -81,11 +81,12 @@ def record_launches(D: int, dtype_name: str, varlen: bool = False) -> list:
     return calls
 
 
-def record_deltaformer_launches(D: int, tf32: bool = True) -> list:
+def record_deltaformer_launches(D: int, tf32: bool = True, half=None) -> list:
     """(jit function, args, kwargs) of every Triton launch of one Deltaformer u-pass fwd+bwd (chunk
     256 of a 4096-token sequence, 16 heads) and of the three context-parallel blocks, on meta tensors.
     ``tf32``: the launches of bf16 / fp16 inputs (TF32 dots, what training runs); False: of float32
-    inputs (full-precision dots, which spill at head dim 128: slower, for accuracy only)."""
+    inputs (full-precision dots, which spill at head dim 128: slower, for accuracy only). ``half``
+    (torch.bfloat16 / float16): the launches of ``kernel_dots="half"`` (dot operands in that type)."""
     import torch
 
     from lctrain.kernels.deltaformer import chunk, triton_bwd, triton_fwd
@@ -94,6 +95,8 @@ def record_deltaformer_launches(D: int, tf32: bool = True) -> list:
     saved = {(mod, n): getattr(mod, n) for mod in mods for n in dir(mod) if n.endswith("_kernel")}
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
+    dots = chunk.half_dots(half)
+    dots.__enter__()
     try:
         for (mod, n), kernel in saved.items():
             setattr(mod, n, _Recorder(kernel, calls))
@@ -101,13 +104,18 @@ def record_deltaformer_launches(D: int, tf32: bool = True) -> list:
         e = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
         st = triton_fwd.triton_stages()
         k, v, beta = e(B, H, T, D), e(B, H, T, D), e(B, H, T)
-        u, lse, w = chunk.chunk_forward(k, v, beta, D ** -0.5, 256, st.stats)
-        chunk.chunk_backward(k, beta, u, lse, w, e(B, H, T, D), D ** -0.5, 256, st)
+        if half is not None:                    # kernel_dots="half" keeps k (and copies of u) in it
+            k = k.to(half)
+        u, lse, w = chunk.chunk_forward(k, v, beta, D ** -0.5, 256, st.stats, stats_u_dtype=half, solve=st.solve)
+        chunk.chunk_backward(k, beta, u, lse, w, e(B, H, T, D), D ** -0.5, 256, st, key_grads_u_dtype=half)
+        if half is not None:                    # context parallelism has no kernel_dots
+            return calls
         kl, ul, dk, rhs = e(B, H, L, D), e(B, H, L, D), e(B, H, L, D), e(B, H, L, D)
         st.block_partials(kl, e(B, H, G, D), e(B, H, G, D), 0.1)
         st.pull(e(B, H, G, D), e(B, H, G), e(B, H, G, D), e(B, H, G), kl, ul, rhs, dk, 0.1)
         st.rows_vs_keys(kl, e(B, H, L), e(B, H, L, D), e(B, H, L), e(B, H, G, D), e(B, H, G, D), dk, 0.1)
     finally:
+        dots.__exit__(None, None, None)
         torch.backends.cuda.matmul.allow_tf32 = saved_tf32
         for (mod, n), kernel in saved.items():
             setattr(mod, n, kernel)
@@ -201,8 +209,8 @@ def compile_report(calls, target: int) -> list[dict]:
                                   check=True).stdout
         reg = re.search(r"REG:(\d+)", usage)
         stack = re.search(r"STACK:(\d+)", usage)
-        flags = ",".join([k for k, v in consts.items() if k.startswith(("HAS_", "CAUSAL", "ACCUMULATE")) and v]
-                         + [f"DOT={consts.get('DOT')}"] * ("DOT" in consts)) or "-"
+        flags = ",".join([k for k, v in consts.items() if k.startswith(("HAS_", "CAUSAL", "ACCUMULATE", "COPY")) and v]
+                         + ([f"DOT={consts['DOT']}"] if "DOT" in consts else [])) or "-"
         rows.append({"kernel": fn.fn.__name__, "flags": flags,
                      "blocks": ",".join(f"{k}={v}" for k, v in consts.items() if k.startswith("B")),
                      "warps": opts.get("num_warps"), "stages": opts.get("num_stages"),
@@ -228,12 +236,20 @@ def main(argv: list[str] | None = None) -> int:
                         "TF32 dots as for bf16 inputs; --dtype float32: full-precision dots as for float32 inputs; "
                         "--cfg and --varlen do not apply), or the fused log-linear kernels (--cfg: the level "
                         "kernels' settings, as LCTRAIN_LOGLINEAR_CFG; --varlen does not apply)")
+    p.add_argument("--half-dots", action="store_true",
+                   help="--op deltaformer: the launches of kernel_dots='half' (dots in --dtype, bf16 / fp16)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.half_dots and args.op != "deltaformer":
+        p.error("--half-dots applies to --op deltaformer")
     if args.op == "deltaformer":
         bad = [f for f, given in (("--cfg", args.cfg), ("--varlen", args.varlen)) if given]
         if bad:
             p.error(f"{', '.join(bad)} do not apply to --op deltaformer")
-        calls = record_deltaformer_launches(args.D, tf32=args.dtype != "float32")
+        if args.half_dots and args.dtype == "float32":
+            p.error("--half-dots rounds the dots to --dtype: use --dtype bfloat16 or float16")
+        import torch
+        half = getattr(torch, args.dtype) if args.half_dots else None
+        calls = record_deltaformer_launches(args.D, tf32=args.dtype != "float32", half=half)
     elif args.op == "loglinear":
         if args.varlen:
             p.error("--varlen does not apply to --op loglinear")
