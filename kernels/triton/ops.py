@@ -45,7 +45,7 @@ def _check(op: str, q, k, v, chunk_size: int) -> None:
         if x is not None and x.dtype not in _DTYPES:
             raise TypeError(f"{op}: the Triton backend takes float16, bfloat16 or float32 {name}; got "
                             f"{x.dtype}. Cast the inputs or use backend='torch' (float64).")
-    if q.is_cuda and q.dtype == torch.float16:
+    if k.is_cuda and k.dtype == torch.float16:  # k: every op has it (the CP state passes have no q)
         # On an H200 (Triton 3.6) float16 gave a wrong gradient of q (relative error 0.9, for all three mixers,
         # packed documents at head dims 16/20: docs/results/h200x2_2026-11-30_call3/tests_gpu0.log), while bfloat16
         # and float32 pass; refused until that is understood and a GPU test passes
