@@ -49,6 +49,28 @@ def test_bench_train_length_search_on_cpu(tmp_path):
     assert [r[1] for r in result["rows"]] == [32, 64] and result["longest_seq_len"] == 64
 
 
+def test_length_search_cut_short_leaves_a_recordable_partial_result(tmp_path, monkeypatch):
+    """A search killed after its first length (a device call's time limit) keeps a JSON that
+    `lctrain bench record` accepts, marked partial."""
+    from lctrain.bench.report import append_to_benchmarks_md
+
+    calls = []
+
+    def pinned(device):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # the second length never finishes
+        return 0.0
+    monkeypatch.setattr(bench_train, "_host_pinned_gib", pinned)
+    out = tmp_path / "len.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_train.main([*TINY, "--lengths", "32", "64", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["partial"] and [r[1] for r in result["rows"]] == [32] and result["longest_seq_len"] == 32
+    append_to_benchmarks_md(result, str(tmp_path / "B.md"))
+    assert "Longest context of one training step" in (tmp_path / "B.md").read_text()
+
+
 def test_bench_train_refuses_a_bad_length_before_work(capsys):
     # a length that does not split into cp * chunk_size shards is refused by the config check
     assert bench_train.main([*TINY, "parallel.cp=2", "--lengths", "64", "100"]) == 2

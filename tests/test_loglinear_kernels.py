@@ -238,6 +238,7 @@ def test_mamba2_block_totals_match_the_level_scans(monkeypatch):
     do, dS = torch.randn(B, T, H, V, dtype=torch.float64), torch.randn(B, H, L, K, V, dtype=torch.float64)
     calls = []
     monkeypatch.setattr(fused, "tree_levels", lambda *a, **kw: calls.append(1) or tree_levels(*a, **kw))
+    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "TREE": 1})
     tree = outputs_and_grads("mamba2", x, "triton", 0, do, dS, chunk_size=64)
     assert calls
     monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "TREE": 0})

@@ -50,8 +50,12 @@ from ..triton.common import CHUNK, flags_given, pow2
 # Defaults: no register spills and shared memory within sm_90's 228 KiB at head dim 128 (checked with
 # kernel_resources-style compiles); ``set_levels_config`` / LCTRAIN_LOGLINEAR_CFG="LP=4,BV=16" change them
 # (``lctrain bench loglinear --levels-cfg`` times several).
+# TREE=0: log-linear Mamba-2 through the level scans; the block-total tree (TREE=1) was slower on an H200 in
+# its first measurement, fwd+bwd 14.50 vs 8.78 ms at 16K and 54.16 vs 41.81 ms at 64K (B=1, H=16, D=128, bf16;
+# docs/results/h200x2_2026-11-30_call3/loglinear_bench.log). In the same run ll_gdn at warps=4, stages=1 was
+# 12% faster than these defaults at 16K and 64K (one run, not yet the default).
 CONFIG = {"LP": 2, "BV": 32, "warps": 8, "stages": 2, "BV_grad": 16, "warps_grad": 8, "ATOMIC": 1,
-          "TREE": 1}
+          "TREE": 0}
 
 
 def set_levels_config(**values: int) -> dict:

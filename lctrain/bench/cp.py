@@ -573,6 +573,10 @@ def _worker(args, argv) -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         clock.progress("done")
+        # every rank done before any tears gloo down: a rank destroying its group while the other still
+        # finished its last collective aborted that rank once in CI ("terminate called without an active
+        # exception", after the results were printed)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     if rank != 0:

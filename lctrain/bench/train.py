@@ -647,7 +647,7 @@ def run(cfg, args, *, recipe=None, command="lctrain bench train") -> dict | None
     try:
         bench = _Bench(cfg, device)
         if args.lengths:
-            result = _length_search(bench, args, recipe)
+            result = _length_search(bench, args, recipe, command)
         else:
             result = _timed(bench, args, recipe)
     finally:
@@ -750,7 +750,15 @@ def _timed(bench, args, recipe) -> dict | None:
             "time_split_ms": split, "profile": profile, "losses": losses, "parameters": n_params}
 
 
-def _length_search(bench, args, recipe) -> dict | None:
+def _lengths_result(recipe, rows, longest, device) -> dict:
+    return {"title": f"Longest context of one training step: {Path(recipe).stem if recipe else 'default'}",
+            "notes": ["one optimizer step per length (forward, backward, AdamW), synthetic tokens; the first length "
+                      "includes kernel compilation; the search stops at the first out-of-memory"],
+            "columns": LENGTH_COLUMNS, "rows": rows, "longest_seq_len": longest[0] if longest else None,
+            "longest_peak_gib": longest[1] if longest and device.type == "cuda" else None}
+
+
+def _length_search(bench, args, recipe, command="lctrain bench train") -> dict | None:
     import torch
 
     cfg, device = bench.cfg, bench.device
@@ -796,16 +804,17 @@ def _length_search(bench, args, recipe) -> dict | None:
             longest = (T, peak)
         if _is_main() and args.json:  # so far, in case a later length kills the process (not an OOM)
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps({"rows": rows, "longest_seq_len": longest and longest[0],
-                                                   "partial": True}) + "\n")
+            # a complete result (recordable by `lctrain bench record`), marked partial
+            partial = _lengths_result(recipe, rows, longest, device)
+            partial.update(command=command, device=_device_name(device), versions=_versions(), date=utc_date(),
+                           partial=True)
+            partial["notes"] = partial["notes"] + ["partial: written after each length; the run ended before the "
+                                                   "search did (a time limit or a kill, not an out-of-memory)"]
+            Path(args.json).write_text(json.dumps(partial) + "\n")
         if not ok:
             break
     if not _is_main():
         return None
     say(f"lctrain bench train: longest context one step ran at: {longest[0] if longest else 'none'}"
         + (f" (peak {longest[1]:.2f} GiB per GPU)" if longest and device.type == "cuda" else ""), flush=True)
-    return {"title": f"Longest context of one training step: {Path(recipe).stem if recipe else 'default'}",
-            "notes": ["one optimizer step per length (forward, backward, AdamW), synthetic tokens; the first length "
-                      "includes kernel compilation; the search stops at the first out-of-memory"],
-            "columns": LENGTH_COLUMNS, "rows": rows, "longest_seq_len": longest[0] if longest else None,
-            "longest_peak_gib": longest[1] if longest and device.type == "cuda" else None}
+    return _lengths_result(recipe, rows, longest, device)
