@@ -131,6 +131,66 @@ def test_triton_packed_documents_equal_each_document_alone(kind, dtype, tol, dev
     assert_same(packed, alone, tol, f"{kind}/triton/{dtype} on {device}")
 
 
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="CPU runs through the Triton interpreter (TRITON_INTERPRET=1, set by conftest)")
+@pytest.mark.parametrize("kind", ["delta", "gated_delta"])
+def test_triton_direct_pt_equals_each_document_alone(kind):
+    """Launch key direct_pt=1 (dq/dk: dk's P^T as its own product U dO^T instead of tl.trans of P, the
+    default for float16) in float32: the same results as each document alone; float16 gets it by default,
+    other dtypes do not."""
+    from lctrain.kernels.triton import ops
+    assert ops._Cfg(16, 20, fp16=True).direct_pt == 1 and "direct_pt" not in ops._Cfg(16, 20).values
+    with pytest.raises(ValueError, match="direct_pt=2 must be 0 or 1"):
+        ops.set_config(direct_pt=2)
+    previous = ops.set_config(direct_pt=1)
+    try:
+        packed, alone = packed_and_alone(kind, "triton", 64, torch.float32, [7, 1, 64, 77], seed=5,
+                                         dims=(2, 16, 20))
+    finally:
+        ops.set_config(**previous)
+    assert_same(packed, alone, 1e-4, f"{kind}/triton direct_pt=1")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("direct_pt", [
+    pytest.param(0, marks=pytest.mark.xfail(strict=True, reason="the H200 float16 failure of 2026-11-30: "
+                                            "with tl.trans of P (Triton 3.6 on Hopper); passing refutes the cause")),
+    1])
+@pytest.mark.parametrize("kind", MIXERS)
+def test_float16_packed_documents_on_gpu_with_direct_pt(kind, direct_pt, monkeypatch):
+    """The test that can lift the float16 refusal (docs/kernels-notes.md, "float16 on GPUs"): the packed
+    float16 case that failed on an H200, with the refusal turned off, passes with direct_pt=1 (the float16
+    default) and fails with direct_pt=0 (what ran then)."""
+    from lctrain.kernels.triton import ops
+    monkeypatch.setattr(ops, "REFUSE_FP16_ON_GPU", False)
+    _assert_packed_on_gpu_with_direct_pt(kind, torch.float16, direct_pt, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("direct_pt", [0, 1])
+@pytest.mark.parametrize("kind", MIXERS)
+def test_bfloat16_packed_documents_on_gpu_at_small_head_dims(kind, direct_pt):
+    """bfloat16 at the head dims of the float16 failure (16 / 20; the bf16 GPU tests use 64 and up): if
+    direct_pt=0 (the bf16 default) fails here, the miscompile is set off by the tile shape, not float16,
+    and direct_pt=1 must become the default for every dtype."""
+    _assert_packed_on_gpu_with_direct_pt(kind, torch.bfloat16, direct_pt, 2e-2)
+
+
+def _assert_packed_on_gpu_with_direct_pt(kind, dtype, direct_pt, tol):
+    """The packed case of the H200 float16 failure (head dims 16 / 20) in ``dtype`` on CUDA, with launch key
+    direct_pt set, equals each document alone."""
+    from lctrain.kernels.triton import ops
+    previous = ops.set_config(direct_pt=direct_pt)
+    try:
+        packed, alone = packed_and_alone(kind, "triton", 64, dtype, [7, 1, 64, 77], seed=5, device="cuda",
+                                         dims=(2, 16, 20))
+    finally:
+        ops.set_config(**previous)
+    assert_same(packed, alone, tol, f"{kind}/triton/{dtype} direct_pt={direct_pt} on cuda")
+
+
 @pytest.mark.parametrize("device", [
     pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                                  reason="needs TRITON_INTERPRET=1 (set by conftest on CPU runs)")),
