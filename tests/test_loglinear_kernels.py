@@ -254,7 +254,6 @@ def test_interpreter_bounds_check_catches_an_overrun():
     """The bounds check below can fail: a kernel storing one element past its tensor is caught."""
     import triton
     import triton.language as tl
-
     from interp_bounds import bounds_checked
 
     @triton.jit
