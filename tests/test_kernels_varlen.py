@@ -74,6 +74,13 @@ def packed_and_alone(kind, backend, chunk, dtype, lengths, seed=0, device="cpu",
     return packed, alone
 
 
+# the Triton kernels on the CPU interpreter and, marked gpu, on CUDA
+TRITON_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                                 reason="needs TRITON_INTERPRET=1 (set by conftest on CPU runs)")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="needs CUDA")]),
+]
 # float32 on a GPU: tl.dot takes float32 tiles as TF32 (10-bit mantissa), ~1e-3 relative (measured 1.3e-3 to
 # 1.7e-3 on an H200); the interpreter computes in full float32
 TF32_TOL = 5e-3
@@ -96,12 +103,7 @@ def test_packed_documents_equal_each_document_alone(kind, backend):
     assert_same(packed, alone, 1e-10, f"{kind}/{backend}")
 
 
-@pytest.mark.parametrize("device", [
-    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                                 reason="needs TRITON_INTERPRET=1 (set by conftest on CPU runs)")),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                    reason="needs CUDA")]),
-])
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("kind", MIXERS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)])
 def test_triton_packed_documents_equal_each_document_alone(kind, dtype, tol, device, monkeypatch):
@@ -191,12 +193,7 @@ def _assert_packed_on_gpu_with_direct_pt(kind, dtype, direct_pt, tol):
     assert_same(packed, alone, tol, f"{kind}/triton/{dtype} direct_pt={direct_pt} on cuda")
 
 
-@pytest.mark.parametrize("device", [
-    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                                 reason="needs TRITON_INTERPRET=1 (set by conftest on CPU runs)")),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                    reason="needs CUDA")]),
-])
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("kind", MIXERS)
 def test_triton_packed_documents_with_wide_state_blocks(kind, device, monkeypatch):
     """Many documents widen the state passes' V blocks (ops._wide_state_block); here the threshold

@@ -148,6 +148,17 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def _note_failure(notes: list, what: str, err: Exception, device, rank: int) -> None:
+    """A case that raised (the same on every rank) becomes a note, printed once; the bench goes on."""
+    import torch
+
+    if device.type == "cuda" and isinstance(err, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+    notes.append(f"{what} failed: {type(err).__name__}: {str(err)[:300]}")
+    if rank == 0:
+        print(notes[-1], flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
@@ -313,7 +324,6 @@ def _softmax_layer(layer, args, group, rank, T, device):
 def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, clock):
     """One result dict per --transition for a linear mixer at T tokens per rank, yielded as soon as
     it is measured (the one-device times, at T and with --strong at P*T, come first)."""
-    import torch
 
     from lctrain import kernels
     from lctrain.parallel import context_parallel
@@ -353,11 +363,7 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, cl
             res.update(_prefixed("cp", _measure(lambda: cp_op(*tensors(), **kw)[0],  # noqa: B023
                                                 x, layer, device, group, args, True)))
         except Exception as err:  # noqa: BLE001
-            if device.type == "cuda" and isinstance(err, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            notes.append(f"{layer} [{transition}] at T/rank={T} failed: {type(err).__name__}: {str(err)[:300]}")
-            if rank == 0:
-                print(notes[-1], flush=True)
+            _note_failure(notes, f"{layer} [{transition}] at T/rank={T}", err, device, rank)
             continue
         # the passes that CP adds, as this transition runs them (shared between rows that run them alike)
         fwd_key, bwd_key = (("state",) + cp_op.pass_keys()[:1]), (("grad",) + cp_op.pass_keys()[1:])
@@ -562,11 +568,7 @@ def _worker(args, argv) -> int:
                     res["T_per_rank"] = T
                     results.add(res)
             except Exception as err:  # noqa: BLE001 - e.g. DeepSpeed missing for Ulysses: say so, go on
-                if device.type == "cuda" and isinstance(err, torch.cuda.OutOfMemoryError):
-                    torch.cuda.empty_cache()
-                notes.append(f"{layer} at T/rank={T} failed: {type(err).__name__}: {str(err)[:300]}")
-                if rank == 0:
-                    print(notes[-1], flush=True)
+                _note_failure(notes, f"{layer} at T/rank={T}", err, device, rank)
                 continue
             finally:
                 del x
