@@ -17,7 +17,7 @@
 #                  fastest), each + --profile (top kernels, time by kind, chrome trace in profile_<tag>/) ~4 min
 #   compare        the other two corners: selective:S + compile, none without compile (+ --profile) ~4 min
 #   reach          longest context of one training step on ONE GPU (256K .. 1M)                 ~4 min
-#   reach_cp2      the same with parallel.cp=2 on TWO GPUs (1M .. 2M)                            ~4 min
+#   reach_cp2      the same with parallel.cp=2 on TWO GPUs (1M .. 2M; REACH_CP2_LENGTHS, REACH_CP2_S) ~4 min
 #   train131k_cp2  `lctrain train` 20 real steps at 131K with parallel.cp=2 (loss, tokens/s)     ~3.5 min
 #   tests          the GPU tests of the long-context memory savers and the fused ops             ~2 min
 #   actmem         activations each block kind keeps per token (H1, H2)                          ~1 min
@@ -112,8 +112,8 @@ for s in $STEPS; do
     bench_full) bench32k full 120 model.activation_checkpointing=full ;;
     reach|maxlen) run reach_h1 240 "$SUMMARY" $LC bench train "$H1" model.mlp_chunk_tokens=65536 model.checkpoint_offload=true \
              train.grad_accum=1 --lengths 262144 524288 786432 1048576 --json "$RES/reach_h1.json" ;;
-    reach_cp2|maxlen_cp2) run reach_h1_cp2 240 "$SUMMARY" $LC bench train "$H1" parallel.cp=2 model.mlp_chunk_tokens=65536 \
-                 model.checkpoint_offload=true train.grad_accum=1 --lengths 1048576 1572864 2097152 \
+    reach_cp2|maxlen_cp2) run reach_h1_cp2 "${REACH_CP2_S:-240}" "$SUMMARY" $LC bench train "$H1" parallel.cp=2 model.mlp_chunk_tokens=65536 \
+                 model.checkpoint_offload=true train.grad_accum=1 --lengths ${REACH_CP2_LENGTHS:-1048576 1572864 2097152} \
                  --json "$RES/reach_h1_cp2.json" ;;
     train131k_cp2) rm -rf /tmp/runs/h1_131k_cp2  # a warm machine's earlier run would make train.resume=false refuse
                    run train_h1_131k_cp2 330 "$SUMMARY|^step +(1|2|5|10|15|19|20)/20 " \
