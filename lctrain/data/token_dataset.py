@@ -6,6 +6,7 @@ import torch
 from streaming import StreamingDataset
 
 from lctrain.data.loader import cp_slice, document_bounds
+from lctrain.data.streaming_lock import streaming_construction_lock
 
 
 class TokenSamples(StreamingDataset):
@@ -13,10 +14,15 @@ class TokenSamples(StreamingDataset):
     "answer_mask" (aligned with labels) when the dataset has that column, plus "doc_bounds" when
     `document_end_id` is given: the document boundaries of the WHOLE sample's input ids (see
     lctrain.data.loader.document_bounds), so the model needs neither a scan nor, under CP, an
-    all-gather to find them. Batch them with `collate_samples`."""
+    all-gather to find them. Batch them with `collate_samples`.
+
+    Construction holds the machine-wide `streaming_construction_lock` (two processes building
+    datasets at once can otherwise claim the same shared-memory prefix); under torch.distributed
+    every rank must construct it."""
 
     def __init__(self, *, cp_rank: int, cp_size: int, document_end_id: int | None = None, **kwargs):
-        super().__init__(**kwargs)
+        with streaming_construction_lock():
+            super().__init__(**kwargs)
         self.cp_rank, self.cp_size = cp_rank, cp_size
         self.document_end_id = document_end_id
 
