@@ -135,9 +135,19 @@ def _write_jsonl(path: Path, docs: list[str]) -> Path:
     return path
 
 
-def test_prepare_writes_mds_that_reads_back_identically(tmp_path):
+def _read_mds(path: Path) -> list[dict]:
+    """Every sample of an MDS dataset, raw. Built under the construction lock, as every
+    StreamingDataset in lctrain is (pytest-xdist workers build them side by side)."""
     from streaming import StreamingDataset
 
+    from lctrain.data.streaming_lock import streaming_construction_lock
+
+    with streaming_construction_lock():
+        ds = StreamingDataset(local=str(path), remote=None, shuffle=False, batch_size=1)
+    return [ds[i] for i in range(len(ds))]
+
+
+def test_prepare_writes_mds_that_reads_back_identically(tmp_path):
     from lctrain.data.prepare import main
 
     rng = random.Random(2)
@@ -147,8 +157,7 @@ def test_prepare_writes_mds_that_reads_back_identically(tmp_path):
     assert main(["--out", str(out), "--input", str(src), "--seq-len", "24"]) == 0
     tok = ByteTokenizer()
     expected = list(pack_documents([tok.encode(d) for d in docs], 25, tok.eos_id))
-    ds = StreamingDataset(local=str(out), remote=None, shuffle=False, batch_size=1)
-    got = [ds[i]["tokens"] for i in range(len(ds))]
+    got = [sample["tokens"] for sample in _read_mds(out)]
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         assert g.dtype == np.uint16
@@ -190,8 +199,6 @@ def test_prepare_errors_name_the_fix(tmp_path, capsys):
 
 
 def test_prepare_needle_fraction_mixes_retrieval_samples(tmp_path):
-    from streaming import StreamingDataset
-
     from lctrain.data.prepare import main
 
     src = tmp_path / "a.txt"
@@ -199,9 +206,9 @@ def test_prepare_needle_fraction_mixes_retrieval_samples(tmp_path):
     out = tmp_path / "mds"
     assert main(["--out", str(out), "--input", str(src), "--seq-len", "127", "--needle-fraction", "0.5", "--seed",
                  "3"]) == 0
-    ds = StreamingDataset(local=str(out), remote=None, shuffle=False, batch_size=1)
     tok = ByteTokenizer()
-    texts = [tok.decode(ds[i]["tokens"].tolist()) for i in range(len(ds))]
+    samples = _read_mds(out)
+    texts = [tok.decode(sample["tokens"].tolist()) for sample in samples]
     with_needle = [t for t in texts if "The pass key is:" in t]
     assert len(texts) % 2 == 0 and len(with_needle) == len(texts) // 2  # one needle sample per text sample
     assert all("pass key" not in t and "words of a" in t for t in texts if t not in with_needle)
@@ -210,8 +217,8 @@ def test_prepare_needle_fraction_mixes_retrieval_samples(tmp_path):
         assert value.isdigit() and len(value) == needle.NEEDLE_DIGITS
         assert f"The pass key is {value}." in t
     # the answer_mask column marks exactly the answers: " " + digits after each question
-    for i in range(len(ds)):
-        tokens, mask = ds[i]["tokens"].tolist(), ds[i]["answer_mask"].astype(bool)
+    for sample in samples:
+        tokens, mask = sample["tokens"].tolist(), sample["answer_mask"].astype(bool)
         text = tok.decode(tokens)
         marked = tok.decode([t for t, m in zip(tokens, mask) if m])
         answers = re.findall(r"The pass key is:( \d+)", text)
@@ -452,10 +459,7 @@ def test_embedded_dataset_is_built_once_and_reused(tmp_path):
                                    num_samples=40) != path
     meta = read_meta(path)
     assert meta["num_samples"] == 40 and meta["sample_len"] == 301 and meta["tokenizer"] == "byte"
-    from streaming import StreamingDataset
-
-    ds = StreamingDataset(local=str(path), remote=None, shuffle=False, batch_size=1)
-    texts = [ByteTokenizer().decode(ds[i]["tokens"].tolist()) for i in range(len(ds))]
+    texts = [ByteTokenizer().decode(sample["tokens"].tolist()) for sample in _read_mds(path)]
     n_needle = sum("pass key is:" in t or "mentioned in the provided text is:" in t for t in texts)
     assert n_needle == 20
 
