@@ -9,7 +9,8 @@ labels are the global shift even at slice edges.
 StreamingDataset reads RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE from the environment (not
 from torch.distributed); `build_train_loader` checks that they agree with the ranks it is given.
 Building several loaders in one process is safe: local-only datasets (remote=None) each register
-their own shared-memory prefix.
+their own shared-memory prefix; across the processes of a machine, TokenSamples registers it under
+lctrain.data.streaming_lock, so that two never claim the same one.
 """
 from __future__ import annotations
 

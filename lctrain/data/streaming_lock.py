@@ -59,17 +59,25 @@ def lock_path() -> str:
 def _open_lock_file(path: str) -> int:
     """A read-only descriptor (flock needs no write access, so another user's lock file serves too);
     create the file only if it is missing (protected_regular refuses O_CREAT on a file that another
-    user owns in a sticky directory)."""
-    for _ in range(3):
-        try:
-            return os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            pass
-        try:
-            return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            continue  # someone created it in between: open theirs
-    return os.open(path, os.O_RDONLY)
+    user owns in a sticky directory), readable by everyone whatever the umask."""
+    try:
+        for _ in range(3):
+            try:
+                return os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                pass
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                continue  # someone created it in between: open theirs
+            os.fchmod(fd, 0o644)
+            return fd
+        return os.open(path, os.O_RDONLY)
+    except PermissionError:
+        from lctrain.data.loader import DataError
+
+        raise DataError(f"cannot open the dataset construction lock {path}: make it readable for every user "
+                        f"(chmod a+r {path}) or remove it") from None
 
 
 def _try_lock(fd: int) -> bool:
@@ -130,7 +138,8 @@ def streaming_construction_lock() -> Iterator[None]:
     try:
         if distributed:
             _lock_on_every_machine(fd, path)
-        elif fd is not None:
+        elif fd is not None and not _try_lock(fd):
+            log.info("waiting for %s: another process on this machine is building a streaming dataset", path)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
         if distributed:
