@@ -24,50 +24,40 @@ def _tiny_dataset(tmp_path) -> str:
     return str(write_mds(tmp_path / "ds", list(rows), sample_len=9, dtype=np.uint16))
 
 
-def _slow_prefix_scan(seconds: float) -> None:
-    """Stretch streaming's scan-to-registration window, as a busy CI box (or a temp dir full of stale
-    `<n>_*_filelock` files, which the scan walks past one by one) does, so that the race shows on
-    every run and not only on an unlucky one. Patches a private name: if streaming renames it, this
-    fails loudly instead of silently testing nothing."""
+def _slow_prefix_scan(seconds: float):
+    """Streaming's prefix scan, stretched between picking the prefix and registering it, as a busy CI box
+    (or a temp dir full of stale `<n>_*_filelock` files, which the scan walks past one by one) stretches
+    it, so that the race shows on every run and not only on an unlucky one. Wraps a private name: if
+    streaming renames it or its arguments, this fails loudly instead of silently testing nothing."""
+    from streaming.base.constant import SHM_TO_CLEAN
     from streaming.base.shared import prefix
 
     scan = prefix._check_and_find_retrying
 
     def slow(*args, **kwargs):
         found = scan(*args, **kwargs)
-        time.sleep(seconds)
+        if kwargs["shm_name"] == SHM_TO_CLEAN[-1]:  # the last of its scans: the prefix is chosen
+            time.sleep(seconds)
         return found
 
-    prefix._check_and_find_retrying = slow
+    return slow
 
 
-def _job(rank, world_size, path, start, ready_dir, rounds):
-    """Processes 0 and 1 are one 2-rank gloo job (local rank 0 leads), process 2 a single-process job (as
-    a pytest-xdist worker is). Each builds TokenSamples `rounds` times, every round together with the
-    other job (all leave `start` at once), and keeps them all alive until everyone is done (a process
-    that exits frees its prefixes for reuse)."""
-    import threading
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    if rank < 2:  # run_world set RANK, LOCAL_RANK, MASTER_ADDR/PORT for a world of 3: make it a world of 2
-        os.environ.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-        dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=30))
-    else:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+def _build_rounds(path, start, ready, rounds) -> list[tuple]:
+    """One job's part: build TokenSamples `rounds` times, every round together with the other job (all
+    leave `start` at once); keep them all alive until everyone is done (a process that exits frees its
+    prefixes for reuse). Outcomes: ("ok", prefix, finish time) or ("error", traceback, time)."""
     from lctrain.data.token_dataset import TokenSamples
 
-    _slow_prefix_scan(0.03)
     kept, outcomes = [], []
+    ready.touch()
     for _ in range(rounds):
-        (ready_dir / f"process{rank}").touch()
         try:
             start.wait(timeout=30)
             kept.append(TokenSamples(local=path, remote=None, shuffle=False, batch_size=1, cp_rank=0, cp_size=1))
             outcomes.append(("ok", kept[-1]._shm_prefix_int, time.time()))
         except threading.BrokenBarrierError:
-            break  # another process failed and said so
+            break  # another job failed and said so
         except Exception:  # noqa: BLE001 - reported to the test, which names it
             outcomes.append(("error", traceback.format_exc(limit=3), time.time()))
             start.abort()  # the others stop at once instead of waiting for a barrier or a collective
@@ -80,22 +70,34 @@ def _job(rank, world_size, path, start, ready_dir, rounds):
     return outcomes
 
 
-def test_jobs_building_datasets_at_once_get_distinct_prefixes(tmp_path):
-    """A 2-rank job and a single-process job build datasets side by side, 3 times, while another
-    process at first holds the machine's construction lock: nobody may finish a construction before
-    that release (the lock covers a single process and every rank of a world), afterwards every
-    construction succeeds (no deadlock, no FileExistsError), and each job's live datasets have
-    shared memory of their own. Without the lock, the first round already fails."""
+def _two_rank_job(rank, world_size, path, start, ready_dir, rounds):
+    from streaming.base.shared import prefix
+
+    prefix._check_and_find_retrying = _slow_prefix_scan(0.05)
+    return _build_rounds(path, start, ready_dir / f"rank{rank}", rounds)
+
+
+def test_jobs_building_datasets_at_once_get_distinct_prefixes(tmp_path, monkeypatch):
+    """A 2-rank gloo job (two spawned processes; local rank 0 leads) and a single-process job (this
+    process, as a pytest-xdist worker is one) build datasets side by side, 3 times, while a third
+    party at first holds the machine's construction lock. Nobody may finish a construction before that
+    release (the lock covers a single process and every rank of a world); afterwards every
+    construction succeeds (no deadlock, no FileExistsError) and each job's live datasets have shared
+    memory of their own. Without the lock, the first round already fails."""
     from dist_utils import run_world
+    from streaming.base.shared import prefix
 
     from lctrain.data.streaming_lock import lock_path
 
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(prefix, "_check_and_find_retrying", _slow_prefix_scan(0.05))
     rounds, path, ready = 3, _tiny_dataset(tmp_path), tmp_path / "ready"
     ready.mkdir()
     start = mp.get_context("spawn").Barrier(3)
     fd = os.open(lock_path(), os.O_RDONLY | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    released, finished = [], threading.Event()
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a separate open file: it excludes this process's own job too
+    released, single, finished = [], [], threading.Event()
 
     def release_once_all_wait():
         while len(list(ready.iterdir())) < 3 and not finished.is_set():
@@ -104,19 +106,46 @@ def test_jobs_building_datasets_at_once_get_distinct_prefixes(tmp_path):
         released.append(time.time())
         os.close(fd)
 
-    releaser = threading.Thread(target=release_once_all_wait)
-    releaser.start()
+    threads = [threading.Thread(target=release_once_all_wait),
+               threading.Thread(target=lambda: single.extend(_build_rounds(path, start, ready / "single", rounds)))]
+    for t in threads:
+        t.start()
     try:
-        res = run_world(_job, 3, path, start, ready, rounds, init_process_group=False, timeout=120)
+        res = run_world(_two_rank_job, 2, path, start, ready, rounds, timeout=120) + [single]
     finally:
         finished.set()
-        releaser.join()
+        start.abort()  # if run_world failed, the single job stops waiting for it
+        for t in threads:
+            t.join()
     errors = [text for outcomes in res for status, text, _ in outcomes if status == "error"]
     assert not errors, f"{len(errors)} construction(s) failed; first:\n{errors[0]}"
     assert all(len(outcomes) == rounds for outcomes in res), res
-    early = [(p, round(outcomes[0][2] - released[0], 3)) for p, outcomes in enumerate(res)
+    early = [(job, round(outcomes[0][2] - released[0], 3)) for job, outcomes in zip(("rank 0", "rank 1", "single"), res)
              if outcomes[0][2] <= released[0]]
-    assert not early, f"process, seconds after the release: {early}; they did not wait for the held lock"
-    world, single = [[prefix for _, prefix, _ in outcomes] for outcomes in (res[0], res[2])]
+    assert not early, f"(job, seconds after the release): {early}; they did not wait for the held lock"
+    world, single_prefixes = [[prefix for _, prefix, _ in outcomes] for outcomes in (res[0], res[2])]
     assert [prefix for _, prefix, _ in res[1]] == world  # the ranks of one job share each registration
-    assert len(set(world + single)) == 2 * rounds, (world, single)
+    assert len(set(world + single_prefixes)) == 2 * rounds, (world, single_prefixes)
+
+
+def test_single_process_holds_the_lock_for_the_block_and_releases_it_on_an_exception(tmp_path, monkeypatch):
+    import pytest
+
+    from lctrain.data import streaming_lock
+    from lctrain.data.loader import DataError
+
+    path = tmp_path / "construction.lock"
+    monkeypatch.setattr(streaming_lock, "lock_path", lambda: str(path))  # not the machine's: no other process
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="boom"):
+        with streaming_lock.streaming_construction_lock():
+            other = os.open(path, os.O_RDONLY)  # a second descriptor conflicts with the first, as another process
+            assert not streaming_lock._try_lock(other)
+            raise ValueError("boom")
+    assert streaming_lock._try_lock(other)  # released although the block raised
+    os.close(other)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DataError, match="init_process_group"):
+        with streaming_lock.streaming_construction_lock():
+            pass
