@@ -17,7 +17,7 @@ backward  5. state-gradient pass with dO: G_r = shard_state_grad(...)           
           8. the local op's own backward, fed dO and dS_out(r): it yields exact dq, dk, dv, dg, dbeta
              (the later ranks' dependence on this shard arrives through dS_out(r)) and d initial_state.
 
-Nothing is computed that nobody reads (docs/long_context.md, "What each rank computes"):
+Nothing is computed that nobody reads (docs/design.md §3, "What each rank computes"):
 - the last rank's (A, B) are read by nobody (the fold of rank r uses ranks < r): it runs no state
   pass and sends zeros of the right size (it computes its own A in the backward only when its
   returned final state has a gradient);

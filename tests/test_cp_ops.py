@@ -649,20 +649,25 @@ def test_halo_and_ulysses_without_group():
 
 
 def test_bench_cp_runs_on_cpu(tmp_path):
-    """`lctrain bench cp --device cpu` launches torchrun with 2 gloo ranks and writes its JSON/markdown."""
+    """`lctrain bench cp --device cpu` launches torchrun with 2 gloo ranks and writes its JSON/markdown; the
+    default path and the skip-nothing reference each get a row with their state-pass times."""
     import json
 
     from lctrain.bench.cp import COLUMNS, main
 
     out, md = tmp_path / "cp.json", tmp_path / "BENCH.md"
     rc = main(["--device", "cpu", "--nproc", "2", "--T", "16", "--H", "2", "--D", "8", "--chunk-size", "8",
-               "--warmup", "0", "--iters", "1", "--json", str(out), "--record", str(md)])
+               "--warmup", "0", "--iters", "1", "--transition", "sequential", "sequential_all", "--json", str(out),
+               "--record", str(md)])
     assert rc == 0
     result = json.loads(out.read_text())
-    assert result["columns"] == COLUMNS and len(result["rows"]) == 1
-    row = dict(zip(COLUMNS, result["rows"][0]))
-    assert row["T/rank"] == 16 and row["T total"] == 32
-    assert row["CP fwd+bwd ms"] > 0 and row["efficiency"] > 0
+    assert result["columns"] == COLUMNS and len(result["rows"]) == 2
+    rows = [dict(zip(COLUMNS, r)) for r in result["rows"]]
+    assert [row["transition"] for row in rows] == ["sequential", "sequential_all"]
+    for row in rows:
+        assert row["T/rank"] == 16 and row["T total"] == 32
+        assert row["CP fwd+bwd ms"] > 0 and row["efficiency"] > 0
+        assert row["state pass ms"] > 0 and row["state-grad pass ms"] > 0
     assert "weak scaling, CP=2" in md.read_text()
 
 
@@ -682,6 +687,6 @@ def test_bench_cp_parts_runs_on_cpu(tmp_path):
     ways = {(r["layer"], r["pass"], r["way"]) for r in rows}
     for layer in ("gdn", "gla"):
         assert {(layer, "transition", "grouped:2"), (layer, "state grad", "grouped+grad:4"),
-                (layer, "op", "fwd+bwd")} <= ways
+                (layer, "op", "fwd+bwd"), (layer, "final state", "sequential")} <= ways
     assert all(r["ms"] > 0 for r in rows)
     assert all(r["rel diff"] <= 1e-5 for r in rows if r["rel diff"] is not None)
