@@ -409,7 +409,8 @@ def test_cp_skipping_unread_passes_matches_the_all_ranks_reference(P):
         for r in range(P):
             last = r == P - 1
             # the last rank computes its own A only for a gradient on its returned final state
-            want_new = {"shard_final_state": int(r == 0), "shard_transition": int(0 < r < P - 1 or (last and weigh_states)),
+            want_new = {"shard_final_state": int(r == 0),
+                        "shard_transition": int(0 < r < P - 1 or (last and weigh_states)),
                         "shard_state_grad": int(r > 0)}
             got = {n: new[r][i]["passes"].get(n, 0) for n in want_new}
             assert got == want_new, f"case {case} rank {r}: passes run {got}, want {want_new}"

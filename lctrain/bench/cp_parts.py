@@ -32,8 +32,8 @@ import time
 
 COLUMNS = ["layer", "T", "pass", "way", "ms", "x sequential", "rel diff"]
 KINDS = {"gdn": "gated_delta", "delta": "delta", "gla": "gla"}
-DEFAULT_CFGS = ("BVS=32", "BVSC=16", "BVSC=64", "stages_seqc=3", "BVSBC=16", "BVSBC=64", "stages_seqbc=2", "warps_seqbc=4",
-                "BVF=64", "fuse_out=1", "BVSB=32", "stages_seqb=1")
+DEFAULT_CFGS = ("BVS=32", "BVSC=16", "BVSC=64", "stages_seqc=3", "BVSBC=16", "BVSBC=64", "stages_seqbc=2",
+                "warps_seqbc=4", "BVF=64", "fuse_out=1", "BVSB=32", "stages_seqb=1")
 
 
 def _parse(argv):
