@@ -105,10 +105,13 @@ _LOCAL_OPS: dict[str, Callable] = {"delta": delta_rule, "gated_delta": gated_del
 # state pass per group for the groups' A); ":G" fixes the number of groups; "direct" (gated linear attention
 # only) computes both passes in closed form, one matmul each (kernels/scalar_decay.py). DEFAULT_TRANSITION is
 # what context_parallel uses unless told.
-# "overlap" (Triton backend) folds both passes into the local op's own passes (kernels/triton/cp_overlap.py).
+# "overlap" (Triton backend) folds both passes into the local op's own passes (kernels/triton/cp_overlap.py);
+# "pipeline" is "overlap" where the last rank waits for S_in and rank 0 for dS_out before their plain passes
+# (no prefix / suffix programs or fix-ups at P = 2: the ranks run the plain op's kernels one after the other).
 # "sequential_all" is "sequential" without skipping what nobody reads (the reference for that skipping:
 # every rank runs the (A, B) pass from zero and the state-gradient pass).
-TRANSITIONS = ("sequential", "sequential_all", "grouped", "grouped+grad", "direct", "overlap")
+TRANSITIONS = ("sequential", "sequential_all", "grouped", "grouped+grad", "direct", "overlap", "pipeline")
+_IN_OP = ("overlap", "pipeline")  # the transitions that run inside the Triton op (kernels/triton/cp_overlap.py)
 DEFAULT_TRANSITION = "sequential"
 
 
@@ -131,7 +134,8 @@ def context_parallel(op, group, transition: str | None = None) -> "ContextParall
     ``transition``: how the shard's (A, B) is computed, "sequential" (one chain over the shard's
     chunks), "grouped" (groups of chunks in parallel, then a fold; "grouped:G" for G groups),
     "grouped+grad" (the backward's state-gradient pass grouped too), "direct" (gated_linear_attn's
-    closed form), "overlap" (Triton: inside the op's own passes), "sequential_all" (the reference:
+    closed form), "overlap" (Triton: inside the op's own passes), "pipeline" (Triton: "overlap" with
+    the last rank waiting for S_in and rank 0 for dS_out instead), "sequential_all" (the reference:
     "sequential" with every rank computing every pass); None: ``DEFAULT_TRANSITION``.
     All give the same result up to float rounding.
 
@@ -146,8 +150,8 @@ def _parse_transition(transition) -> tuple[str, int | None]:
                                                or int(groups) < 1)):
         raise ContextParallelError(f"context_parallel: transition={transition!r}; choose 'sequential', 'grouped', "
                                    "'grouped+grad', either grouped one with ':G', G a positive number of chunk "
-                                   "groups, 'direct' (gated_linear_attn only), 'overlap' or 'sequential_all' "
-                                   "(the reference that skips no pass)")
+                                   "groups, 'direct' (gated_linear_attn only), 'overlap', 'pipeline' or "
+                                   "'sequential_all' (the reference that skips no pass)")
     return mode, (int(groups) if groups else None)
 
 
@@ -232,12 +236,12 @@ class ContextParallelOp:
         named = dict(zip(self._extra, args))
         g, beta = named.get("g"), named.get("beta")
         docs, cu_problem = self._documents(cu_seqlens, k)
-        overlap = self._transition_mode[0] == "overlap" and docs is None
+        overlap = self._transition_mode[0] in _IN_OP and docs is None
         if overlap and resolve_backend(backend, "shard_transition", k.device) != "triton":
             raise ContextParallelError(
-                f"{self.name}: transition='overlap' runs inside the Triton kernels, but backend={backend!r} on "
-                f"{k.device.type} is not Triton; use backend='triton' (CUDA, or TRITON_INTERPRET=1 on CPU) or "
-                "another transition")
+                f"{self.name}: transition={self.transition!r} runs inside the Triton kernels, but "
+                f"backend={backend!r} on {k.device.type} is not Triton; use backend='triton' (CUDA, or "
+                "TRITON_INTERPRET=1 on CPU) or another transition")
         stash = self._replay_stash()
         if stash is None:
             signature = _signature(q, k, v, g, beta, chunk_size) + (
@@ -403,7 +407,7 @@ class ContextParallelOp:
         grouped = f"grouped:{groups or 'auto'}"
         if mode == "sequential_all":  # the same passes as "sequential", run on every rank
             return "sequential", "sequential"
-        if mode in ("sequential", "direct", "overlap"):  # overlap: no separate passes (inside the op)
+        if mode in ("sequential", "direct") + _IN_OP:  # overlap, pipeline: no separate passes (inside the op)
             return mode, mode
         return (grouped, "sequential") if mode == "grouped" else (grouped, grouped)
 
@@ -439,7 +443,7 @@ class ContextParallelOp:
         if known and initial_state is not None:
             start = (initial_state if docs is None else docs.piece_rows(initial_state)[-1:]).detach()
         mode = self._transition_mode[0]
-        if skip and known and (docs is not None or mode in ("sequential", "overlap")):
+        if skip and known and (docs is not None or mode in ("sequential",) + _IN_OP):
             # the last piece alone (with documents it ends the shard after its last boundary)
             s = 0 if docs is None else docs.local_bounds[-2]
             cut = lambda x: None if x is None else x[:, s:]  # noqa: E731
@@ -535,11 +539,15 @@ class ContextParallelOp:
 
 
 class _OverlapLink:
-    """The two exchanges of one call of the overlapped Triton op (transition="overlap",
+    """The two exchanges of one call of the overlapped Triton op (transition="overlap" or "pipeline",
     kernels/triton/cp_overlap.py), called from inside its forward and backward passes."""
 
     def __init__(self, cp_op: ContextParallelOp, stash: _Stash | None, remember: bool):
         self.cp_op, self.stash, self.remember = cp_op, stash, remember
+        pipelined = cp_op._transition_mode[0] == "pipeline"
+        # "pipeline": the last rank waits for S_in, rank 0 for dS_out, before their plain passes
+        self.start_first = pipelined and cp_op.rank == cp_op.size - 1
+        self.end_first = pipelined and cp_op.rank == 0
 
     def _scalar(self, A):
         """The op's A or A^T [B, H, K, K] as CP keeps it: gla's is a multiple of I, kept as [B, H]."""

@@ -3,10 +3,11 @@
 One process per GPU (tests/dist_utils.run_world, NCCL, rank r on cuda:r). In bfloat16, each rank's
 outputs and gradients must equal the plain op run by one GPU on the whole sequence in float32
 (relative error of the norm <= 2e-2): every linear mixer under ``context_parallel`` with every
-transition (sequential, its skip-nothing reference sequential_all, grouped, grouped+grad, overlap; gla
-also direct), with an initial state and a gradient on every rank's final state, and sequential and
-overlap also without the final-state gradients (then the last rank runs no transition at all and
-overlap's last rank the plain reverse pass; a case that raises fails its own test only); the short
+transition (sequential, its skip-nothing reference sequential_all, grouped, grouped+grad, overlap,
+pipeline; gla also direct), with an initial state and a gradient on every rank's final state, and
+sequential, overlap and pipeline also without the final-state gradients (then the last rank runs no
+transition at all and overlap's last rank the plain reverse pass; a case that raises fails its own
+test only); the short
 conv through the halo exchange; sliding-window attention through the halo exchange; global
 attention through Ulysses (skipped when DeepSpeed is not installed).
 """
@@ -30,9 +31,10 @@ KINDS = {"delta": ("delta_rule", ("beta",)), "gated_delta": ("gated_delta_rule",
          "gla": ("gated_linear_attn", ("g",))}
 TRANSITIONS = ("sequential", "sequential_all", "grouped:4", "grouped+grad:4")
 # (kind, transition) of every linear case: each transition for each kind, and gla's closed form
-LINEAR_CASES = [(kind, t) for kind in KINDS for t in TRANSITIONS + ("overlap",)] + [("gla", "direct")]
+LINEAR_CASES = [(kind, t) for kind in KINDS for t in TRANSITIONS + ("overlap", "pipeline")] + [("gla", "direct")]
 # (kind, transition) run without a loss on the returned final states as well
-UNWEIGHTED_CASES = [("gated_delta", "sequential"), ("gated_delta", "overlap"), ("gla", "overlap")]
+UNWEIGHTED_CASES = [("gated_delta", "sequential"), ("gated_delta", "overlap"), ("gla", "overlap"),
+                    ("gated_delta", "pipeline")]
 FUSED_KINDS = ("gated_delta", "delta")  # overlap with its forward fix-up inside output_fwd (launch key fuse_out=1)
 B, TL, H, D = 1, 512, 4, 128            # 8 chunks of 64 per rank
 CONV = (B, TL, 256, 4)                   # batch, tokens per rank, channels, kernel size

@@ -293,13 +293,15 @@ def world_worker(rank, P):
            "docs all": cp_doc_worker(rank, P, DOC_CASES[P], transition="sequential_all"),
            "grouped": cp_worker(rank, P, GROUPED_CASES[P], transition="grouped+grad:2"),
            "direct": cp_worker(rank, P, DIRECT_CASES[P], transition="direct"),
-           "overlap": cp_worker(rank, P, OVERLAP_CASES[P], transition="overlap")}
+           "overlap": cp_worker(rank, P, OVERLAP_CASES[P], transition="overlap"),
+           "pipeline": cp_worker(rank, P, OVERLAP_CASES[P], transition="pipeline")}
     if P == 4:
         out["mesh"] = mesh_worker(rank, P)
     if P == 2:
         out["ckpt"] = {mode: cp_worker(rank, P, CKPT_CASES, mode) for mode in CKPT_MODES}
-        out["ckpt overlap"] = {mode: cp_worker(rank, P, OVERLAP_CASES[P][:1], mode, transition="overlap")
-                               for mode in CKPT_MODES}
+        for transition in ("overlap", "pipeline"):
+            out[f"ckpt {transition}"] = {mode: cp_worker(rank, P, OVERLAP_CASES[P][:1], mode, transition=transition)
+                                         for mode in CKPT_MODES}
         from lctrain.kernels.triton import ops
         previous = ops.set_config(fuse_out=1)  # the forward's fix-up inside the output kernel
         try:
@@ -348,6 +350,16 @@ def test_cp_overlap_transition_matches_single_process(P):
     """transition="overlap" (each rank's state passes run inside its Triton op, fixed up once S_in and dS_out
     arrive): outputs, states and every gradient equal the single process; one state all-gather per forward."""
     results = part(P, "overlap")
+    check_world(P, OVERLAP_CASES[P], results)
+    assert all(res["gathers"] == 1 for r in range(P) for res in results[r])
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_cp_pipeline_transition_matches_single_process(P):
+    """transition="pipeline" ("overlap" where the last rank waits for S_in and rank 0 for dS_out, then
+    both run the plain passes from the exact state): outputs, states and every gradient equal the single
+    process, with and without an initial state and a gradient on the last rank's final state."""
+    results = part(P, "pipeline")
     check_world(P, OVERLAP_CASES[P], results)
     assert all(res["gathers"] == 1 for r in range(P) for res in results[r])
 
@@ -431,13 +443,14 @@ def test_cp_under_activation_checkpointing():
         for r in range(P):
             for res in results[r]:
                 assert (res["gathers"], res["reused"]) == (gathers, reused), (mode, res["gathers"], res["reused"])
-        # the same with transition="overlap", whose exchanges run inside the Triton op
-        results = [r["ckpt overlap"][mode] for r in world(P)]
-        check_world(P, OVERLAP_CASES[P][:1], results)
-        for r in range(P):
-            for res in results[r]:
-                assert (res["gathers"], res["reused"]) == (gathers, reused), ("overlap", mode, res["gathers"],
-                                                                              res["reused"])
+        # the same with transition="overlap" / "pipeline", whose exchanges run inside the Triton op
+        for transition in ("overlap", "pipeline"):
+            results = [r[f"ckpt {transition}"][mode] for r in world(P)]
+            check_world(P, OVERLAP_CASES[P][:1], results)
+            for r in range(P):
+                for res in results[r]:
+                    assert (res["gathers"], res["reused"]) == (gathers, reused), (transition, mode, res["gathers"],
+                                                                                  res["reused"])
 
 
 def error_worker(rank, P, what):

@@ -78,8 +78,9 @@ def _parse(argv):
                         "forward's (A, B) by parallel chunk groups), grouped+grad (the backward's state gradient "
                         "too); ':G' fixes G chunk groups, e.g. grouped:8; direct (gla only: closed form, one "
                         "matmul per pass; other layers skip it with a note); overlap (Triton: both passes inside the "
-                        "op's own, no separate pass: its state-pass columns stay empty); sequential_all (the "
-                        "reference: sequential with every rank running every pass, nothing skipped)")
+                        "op's own, no separate pass: its state-pass columns stay empty); pipeline (Triton: overlap "
+                        "where the last rank waits for S_in and rank 0 for dS_out, then plain passes); sequential_all "
+                        "(the reference: sequential with every rank running every pass, nothing skipped)")
     p.add_argument("--op", choices=["gated_delta_rule", "loglinear_gated_delta_rule"], default="gated_delta_rule",
                    help="loglinear_gated_delta_rule: time the log-linear Gated DeltaNet instead of --layer")
     p.add_argument("--window", type=int, default=2048, help="swa: window in tokens (default 2048)")
@@ -353,9 +354,9 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, cl
             return
         try:
             cp_op = context_parallel(op, group, transition=transition)
-            if transition == "overlap" and kernels.resolve_backend(kw["backend"], "shard_transition",
-                                                                   device) != "triton":
-                raise ContextParallelError("transition='overlap' runs inside the Triton kernels (CUDA, or "
+            if cp_op.pass_keys()[0] in ("overlap", "pipeline") and kernels.resolve_backend(
+                    kw["backend"], "shard_transition", device) != "triton":
+                raise ContextParallelError(f"transition={transition!r} runs inside the Triton kernels (CUDA, or "
                                            "TRITON_INTERPRET=1 with --backend triton)")
         except ContextParallelError as err:  # e.g. "direct" for a delta rule: no such row
             notes.append(f"{layer} [{transition}] not measured: {err}")
@@ -370,7 +371,7 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, cl
             continue
         # the passes that CP adds, as this transition runs them on each rank (what each rank computes differs:
         # rank 0 the A-free pass, the last none, ...), the slowest rank's time: what they add to the step
-        if cp_op.pass_keys()[0] == "overlap":  # no separate passes: they run inside the op (cp_parts times it)
+        if cp_op.pass_keys()[0] in ("overlap", "pipeline"):  # no separate passes: inside the op (cp_parts times it)
             res["state_pass_ms"] = res["state_grad_pass_ms"] = None
         else:
             res["state_pass_ms"] = _timed(lambda: cp_op._forward_summary(  # noqa: B023

@@ -197,7 +197,7 @@ def _case(layer, T, args, kw, device, dtype, add, notes, out_of_time):
                 _time_overlap(layer, T, x, names, kw, args, device, add, notes, op_ms, cfg)
             finally:
                 triton_ops.set_config(**previous)
-    ways = ([("sequential", {})] + [(t, {}) for t in args.transition if t != "overlap"]
+    ways = ([("sequential", {})] + [(t, {}) for t in args.transition if t not in ("overlap", "pipeline")]
             + [("sequential", c) for c in args.cfg])
     base = {}
     for transition, cfg in ways:
@@ -242,7 +242,8 @@ class _FixedLink:
     """The two exchanges of the overlapped op (transition="overlap") on one device: a fixed incoming
     state and outgoing-state gradient, so that its fix-ups run as under CP (a middle rank's work),
     without communication."""
-    start_known = False  # as on a rank > 0: the prefix pass, then the fix-up
+    start_known = start_first = False  # as on a middle rank: the prefix pass, then the fix-up
+    end_first = False  # as on a middle rank: the suffix pass, then the fix-up
 
     def __init__(self, S, dS):
         self.S, self.dS = S, dS
