@@ -70,14 +70,15 @@ def _linear_case(rank, kind, transition, device, weigh_states=True):
     names = ("q", "k", "v") + extra
     sl = slice(rank * TL, (rank + 1) * TL)
 
-    # one GPU, float32, the whole sequence as P consecutive calls chained through the state, so
+    # one GPU, float32 through the chunkwise torch backend (the Triton kernels refuse float32 at head dim 128 on a
+    # GPU: ops.gpu_refusal), the whole sequence as P consecutive calls chained through the state, so
     # that every shard's outgoing state can carry a loss term as under CP
     full = {n: x[n].clone().requires_grad_() for n in names}
     init = x["init"].clone().requires_grad_()
     state, outs, states, loss = init, [], [], 0.0
     for r in range(P):
         s = slice(r * TL, (r + 1) * TL)
-        o, state = op(*(full[n][:, s] for n in names), initial_state=state, output_final_state=True)
+        o, state = op(*(full[n][:, s] for n in names), initial_state=state, output_final_state=True, backend="torch")
         outs.append(o)
         states.append(state)
         loss = loss + (o * x["do"][:, s]).sum() + (state * x["w_state"][r]).sum() * weigh_states

@@ -314,3 +314,15 @@ def test_remembered_cu_seqlens_are_checked_again_where_the_call_differs():
     cu[1] = 0
     with pytest.raises(ValueError, match="cu_seqlens must be strictly increasing"):
         check_cu_seqlens(cu, 1, 9, cu.device)
+
+
+def test_gpu_refusal_names_the_shapes_the_triton_kernels_got_wrong_on_a_gpu():
+    """ops.gpu_refusal (checked by every op on CUDA inputs and by the trainer): head dims below 32 in any dtype,
+    float32 above 64, float16 at all; bfloat16 from 32 to 256 and float32 up to 64 pass (kernel_check, H200)."""
+    from lctrain.kernels.triton.ops import gpu_refusal
+    for K, V in ((16, 20), (16, 64), (64, 20)):
+        assert "head dims below 32" in gpu_refusal(K, V, torch.bfloat16)
+    assert "float32 inputs at head dims above 64" in gpu_refusal(128, 128, torch.float32)
+    assert "float16" in gpu_refusal(64, 64, torch.float16)
+    for K, dtype in ((32, torch.bfloat16), (64, torch.float32), (128, torch.bfloat16), (256, torch.bfloat16)):
+        assert gpu_refusal(K, K, dtype) is None, (K, dtype)

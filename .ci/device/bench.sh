@@ -21,8 +21,10 @@ export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tcache FLA_CA
 R=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/tcache
 [ -f .tcache/autotune.tgz ] && tar xzf .tcache/autotune.tgz -C /tmp/tcache
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-python3 -m pip install -q --upgrade --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 1  # --upgrade: a warm machine keeps /tmp/site
+if [ "${BENCH_NO_INSTALL:-0}" != 1 ]; then  # 1: /tmp/site is already installed (another job of the call uses it)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  python3 -m pip install -q --upgrade --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 1  # --upgrade: a warm machine keeps /tmp/site
+fi
 export PYTHONPATH=/tmp/site
 cd /tmp
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw,utilization.gpu --format=csv

@@ -101,6 +101,7 @@ class Trainer:
                                 "interpreter, "
                                 "whose bfloat16 results are wrong; use model.kernel_backend=auto (torch on CPU) or "
                                 "train.dtype=float32")
+        self._refuse_gpu_kernel_shapes(cfg, device)
         if self.cp_size != cfg.parallel.cp or (cfg.parallel.cp > 1 and self.cp_group is None):
             # context_parallel(op, None) falls back to the plain op: a missing group would train on wrong math.
             raise TrainingError(f"parallel.cp={cfg.parallel.cp} but the mesh has a CP group of size {self.cp_size}")
@@ -141,6 +142,19 @@ class Trainer:
         self.bad_steps = BadStepGuard(t.max_bad_steps)
 
     # ------------------------------------------------------------------ one step
+    def _refuse_gpu_kernel_shapes(self, cfg, device) -> None:
+        """The head dims / dtypes the Triton mixer kernels refuse on a GPU (ops.gpu_refusal), refused here before
+        the model, the data and the optimizer are built rather than at the first forward."""
+        from lctrain.config import LINEAR_LAYERS
+        if device.type != "cuda" or cfg.model.kernel_backend not in ("auto", "triton"):
+            return
+        if not any(c in LINEAR_LAYERS for c in str(cfg.model.layer_pattern)):
+            return
+        from lctrain.kernels.triton.ops import gpu_refusal
+        why = gpu_refusal(int(cfg.model.head_dim), int(cfg.model.head_dim), self.dtype)
+        if why is not None:
+            raise TrainingError(f"model.head_dim={cfg.model.head_dim} with train.dtype={cfg.train.dtype}: {why}")
+
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
 

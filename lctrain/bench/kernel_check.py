@@ -1,0 +1,203 @@
+"""Where do the Triton chunk kernels go wrong on a GPU? A grid of cases (mixer x head dims x layout x dtype x
+launch setting), each compared with the chunkwise torch backend in float64 on the same device: the relative
+error of the output, the final state and every gradient, or FAULT when the case took its process down (an
+illegal memory access). ``python -m lctrain.bench.kernel_check --json X.json [--jobs 12] [--quick]``
+
+Every group of cases (one mixer and head-dim shape) runs in its own subprocess with CUDA_LAUNCH_BLOCKING=1,
+so a fault is pinned on the case (and the launch, in its log) that caused it and does not poison the other
+groups; after a fault the group's remaining cases run in a fresh process. Used for the GPU failures of
+2026-11-30 (docs/kernels-notes.md): packed documents at head dims 16/20 with wrong dq/dk, an illegal access in
+the forward state pass at head dim 64 and T=20000, a float32 fault at head dim 128.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+KINDS = ("delta", "gated_delta", "gla")
+DIMS = ((2, 16, 20), (2, 32, 32), (4, 64, 64), (2, 128, 128))   # (H, K, V)
+LAYOUTS = {"T200": dict(B=2, T=200), "T4133": dict(B=2, T=4133), "T20000": dict(B=1, T=20000),
+           "docs": dict(B=1, lengths=[7, 1, 64, 77, 300, 1000, 129])}
+VARIANTS = {"default": {}, "stages3": {"stages_seq": 3, "stages_seqc": 3}, "direct_pt": {"direct_pt": 1},
+            "stages_dqk1": {"stages_dqk": 1}}
+
+
+def grid(quick: bool) -> list[dict]:
+    cases = []
+    for kind in KINDS:
+        for dims in DIMS:
+            for layout in ("T200", "docs", "T4133", "T20000"):
+                for dtype in ("bfloat16", "float32", "float16"):
+                    if dtype == "float16" and (layout == "T20000" or dims[1] < 32):
+                        continue
+                    variants = ["default"] if (dtype != "bfloat16" or quick or layout == "T20000") else list(VARIANTS)
+                    if layout == "T20000" and dtype == "float32":
+                        continue
+                    for var in variants:
+                        cases.append(dict(kind=kind, dims=list(dims), layout=layout, dtype=dtype, variant=var))
+    return cases
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def run_case(case: dict) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from lctrain import kernels
+    from lctrain.kernels.triton import ops
+
+    kind, (H, K, V), lay = case["kind"], case["dims"], LAYOUTS[case["layout"]]
+    dtype = getattr(torch, case["dtype"])
+    B = lay["B"]
+    lengths = lay.get("lengths")
+    T = sum(lengths) if lengths else lay["T"]
+    N = len(lengths) if lengths else B
+    gen = torch.Generator().manual_seed(7 * T + K + len(kind))
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x = dict(q=r(B, T, H, K), k=F.normalize(r(B, T, H, K), dim=-1), v=r(B, T, H, V),
+             g=F.logsigmoid(r(B, T, H) + 3.0) if kind != "delta" else None,
+             beta=torch.sigmoid(r(B, T, H)) if kind != "gla" else None, initial_state=r(N, H, K, V))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: the Triton interpreter (a smoke test)
+    do, dS = r(B, T, H, V).to(dev), r(N, H, K, V).to(dev)
+    cu = None
+    if lengths:
+        cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=dev)
+    op = {"delta": kernels.delta_rule, "gated_delta": kernels.gated_delta_rule, "gla": kernels.gated_linear_attn}[kind]
+
+    def outputs(backend, dt):
+        leaves = {n: t.to(dev).to(torch.float32 if n in ("g", "initial_state") and dt != torch.float64 else dt)
+                  .requires_grad_() for n, t in x.items() if t is not None}
+        args = [leaves["q"], leaves["k"], leaves["v"]] + [leaves[n] for n in ("g", "beta") if n in leaves]
+        o, S = op(*args, initial_state=leaves["initial_state"], output_final_state=True, backend=backend,
+                  cu_seqlens=cu)
+        loss = (o.double() * do).sum() + (S.double() * dS).sum()
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return o.detach(), S.detach(), dict(zip(leaves, grads))
+
+    ops.REFUSE_FP16_ON_GPU = False  # the check measures float16 (whose refusal it is meant to inform)
+    previous = ops.set_config(**VARIANTS[case["variant"]])
+    try:
+        o, S, g = outputs("triton", dtype)
+    finally:
+        ops.set_config(**previous)
+    ro, rS, rg = outputs("torch", torch.float64)
+    err = {"o": _rel(o, ro), "state": _rel(S, rS)}
+    err.update({"d" + n: _rel(g[n], rg[n]) for n in rg})
+    return err
+
+
+def worker() -> None:
+    """Reads cases (JSON lines) from stdin; prints START i before and RESULT i {...} after each."""
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for line in sys.stdin:
+        item = json.loads(line)
+        print(f"START {item['i']}", flush=True)
+        t0 = time.time()
+        try:
+            err = run_case(item["case"])
+            print("RESULT " + json.dumps({"i": item["i"], "err": err, "s": round(time.time() - t0, 2)}), flush=True)
+        except Exception as e:  # a Python-level error (a refusal, a shape check): reported, the worker goes on
+            msg = f"{type(e).__name__}: {e}"
+            if "illegal memory access" in msg or "CUDA error" in msg:
+                print("RESULT " + json.dumps({"i": item["i"], "fault": msg[:300]}), flush=True)
+                sys.exit(3)
+            print("RESULT " + json.dumps({"i": item["i"], "error": msg[:300]}), flush=True)
+
+
+def run_group(items: list[dict], log, timeout: float) -> dict[int, dict]:
+    """Runs items in worker processes until every one has a result; a case whose worker died is a FAULT."""
+    results: dict[int, dict] = {}
+    todo = list(items)
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+    deadline = time.time() + timeout
+    while todo and time.time() < deadline:
+        p = subprocess.Popen([sys.executable, "-m", "lctrain.bench.kernel_check", "--worker"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        payload = "".join(json.dumps(it) + "\n" for it in todo)
+        killed = False
+        try:
+            out, _ = p.communicate(payload, timeout=max(5.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+            killed = True
+        log.write(out)
+        started = None
+        for line in out.splitlines():
+            if line.startswith("START "):
+                started = int(line.split()[1])
+            elif line.startswith("RESULT "):
+                res = json.loads(line[7:])
+                results[res["i"]] = res
+                started = None
+        if started is not None and started not in results:
+            tail = "\n".join(out.splitlines()[-6:])
+            results[started] = ({"i": started, "error": "time limit (killed while running)"} if killed else
+                                {"i": started, "fault": f"process died (exit {p.returncode}): " + tail[-400:]})
+        done_now = len(todo) - len([it for it in todo if it["i"] not in results])
+        todo = [it for it in todo if it["i"] not in results]
+        if killed or not done_now:  # the time limit, or a worker that dies before its first case
+            break
+    for it in todo:
+        results[it["i"]] = {"i": it["i"], "error": "not run (time limit)"}
+    return results
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--json", default="kernel_check.json")
+    p.add_argument("--log", default=None, help="every worker's whole output (default: next to --json)")
+    p.add_argument("--jobs", type=int, default=12, help="groups run at once (processes on the GPU)")
+    p.add_argument("--quick", action="store_true", help="default launch settings only")
+    p.add_argument("--kinds", nargs="+", default=list(KINDS))
+    p.add_argument("--time-limit", type=float, default=240.0, help="seconds for the whole grid")
+    p.add_argument("--tol", type=float, default=2e-2, help="bf16 relative error counted as wrong above this")
+    a = p.parse_args(argv)
+    if a.worker:
+        return worker()
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [c for c in grid(a.quick) if c["kind"] in a.kinds]
+    items = [{"i": i, "case": c} for i, c in enumerate(cases)]
+    groups: dict[tuple, list] = {}
+    for it in items:
+        groups.setdefault((it["case"]["kind"], tuple(it["case"]["dims"])), []).append(it)
+    log_path = a.log or os.path.splitext(a.json)[0] + ".log"
+    t0 = time.time()
+    with open(log_path, "w") as log, ThreadPoolExecutor(a.jobs) as pool:
+        futures = [pool.submit(run_group, g, log, a.time_limit) for g in groups.values()]
+        results = {}
+        for f in futures:
+            results.update(f.result())
+    rows = []
+    for it in items:
+        res, c = results[it["i"]], it["case"]
+        tol = {"bfloat16": a.tol, "float16": a.tol / 2}.get(c["dtype"], 5e-3)
+        if "err" in res:
+            worst = max(res["err"], key=res["err"].get)
+            verdict = "ok" if res["err"][worst] <= tol else f"WRONG {worst} {res['err'][worst]:.3g}"
+        else:
+            verdict = "FAULT" if "fault" in res else "ERROR " + res.get("error", "")[:120]
+        rows.append({**c, **res, "verdict": verdict})
+        print(f"{c['kind']:12s} H,K,V={tuple(c['dims'])!s:14s} {c['layout']:7s} {c['dtype']:9s} {c['variant']:12s} "
+              f"{verdict}")
+    bad = [r for r in rows if r["verdict"] != "ok"]
+    print(f"kernel_check: {len(rows) - len(bad)} of {len(rows)} cases ok, {len(bad)} not, in {time.time() - t0:.0f} s")
+    with open(a.json, "w") as f:
+        json.dump({"cases": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
