@@ -12,6 +12,7 @@ from .api import (
     gated_linear_attn,
     register_backend,
     resolve_backend,
+    shard_final_state,
     shard_state_grad,
     shard_transition,
 )
@@ -23,7 +24,7 @@ from .scalar_decay import scalar_decay_shard_state_grad, scalar_decay_shard_tran
 __all__ = [
     "deltaformer", "deltaformer_u", "delta_rule", "gated_delta_rule", "gated_linear_attn",
     "loglinear_gated_delta_rule", "loglinear_gated_linear_attn", "levels_needed",
-    "shard_transition", "grouped_shard_transition", "shard_state_grad", "grouped_shard_state_grad",
+    "shard_transition", "shard_final_state", "grouped_shard_transition", "shard_state_grad", "grouped_shard_state_grad",
     "scalar_decay_shard_transition", "scalar_decay_shard_state_grad",
     "apply_transition", "apply_transition_transposed",
     "check_cu_seqlens",

@@ -15,7 +15,7 @@ Two ways, checked in this order:
 1. ``register_backend("triton", op_name, fn)`` (any module may call it at import time);
 2. a lazily imported module ``lctrain.kernels.triton.ops`` that defines functions named exactly
    ``delta_rule``, ``gated_delta_rule``, ``gated_linear_attn``, ``shard_transition``,
-   ``shard_state_grad`` with the public signatures minus ``backend`` (``chunk_size`` is passed
+   ``shard_final_state``, ``shard_state_grad`` with the public signatures minus ``backend`` (``chunk_size`` is passed
    through). An op the module lacks is simply "not provided": ``auto`` then uses ``torch``.
 
 Inputs are validated here once, so implementations may assume well-formed tensors. Asking for
@@ -32,7 +32,7 @@ import torch
 from . import naive
 
 OP_NAMES = ("delta_rule", "gated_delta_rule", "gated_linear_attn", "shard_transition",
-            "shard_state_grad")
+            "shard_final_state", "shard_state_grad")
 BUILTIN_BACKENDS = ("auto", "naive", "torch", "triton")
 TRANSITION_KINDS = ("delta", "gated_delta", "gla")
 
@@ -339,6 +339,27 @@ def shard_transition(kind, k, v, *, g=None, beta=None, backend="auto", chunk_siz
         if which == "torch":
             return _chunk_module().chunk_shard_transition(k, v, g=g, beta=beta, chunk_size=chunk_size)
         return fn(kind, k, v, g=g, beta=beta, chunk_size=chunk_size)
+
+
+def shard_final_state(kind, k, v, *, g=None, beta=None, initial_state=None, backend="auto", chunk_size=64):
+    """The shard's final state [B, H, K, V] float32 from ``initial_state`` (zero when None), without
+    the transition A: ``A @ initial_state + Bst`` of ``shard_transition`` at about half its cost on
+    the Triton backend (only the state's column blocks run, not A's). Context parallelism uses it
+    where the incoming state is known (rank 0, or a shard whose last document piece starts a
+    document), so that A would only ever multiply a known state. Runs without autograd."""
+    need_g, need_beta = _check_kind(kind, g, beta)
+    _validate(None, k, v, g=g, beta=beta, need_g=need_g, need_beta=need_beta, initial_state=initial_state,
+              chunk_size=chunk_size, check_q=False)
+    which = resolve_backend(backend, "shard_final_state", k.device)
+    with torch.no_grad():
+        if which == "naive":
+            return naive.naive_recurrence(k, k, v, g=g, beta=beta, initial_state=initial_state,
+                                          output_final_state=True)[1]
+        if which == "torch":
+            return _chunk_module().chunk_shard_final_state(k, v, g=g, beta=beta, initial_state=initial_state,
+                                                           chunk_size=chunk_size)
+        fn = _REGISTRY.get((which, "shard_final_state")) or _triton_fn("shard_final_state")[0]
+        return fn(kind, k, v, g=g, beta=beta, initial_state=initial_state, chunk_size=chunk_size)
 
 
 def shard_state_grad(kind, q, k, do, *, g=None, beta=None, scale=None, backend="auto",

@@ -147,6 +147,15 @@ def chunk_shard_transition(k, v, *, g=None, beta=None, chunk_size=64):
     return A, Bst
 
 
+def chunk_shard_final_state(k, v, *, g=None, beta=None, initial_state=None, chunk_size=64):
+    """The shard's final state from ``initial_state`` (zero when None), without its transition."""
+    B, T, H, K = k.shape
+    dt = compute_dtype(k, v, g, beta, initial_state)
+    terms = _ChunkTerms(k, v, g, beta, chunk_size, dt)
+    S0 = k.new_zeros(B, H, K, v.shape[-1], dtype=dt) if initial_state is None else initial_state.to(dt)
+    return _state_scan(terms, S0)[2]
+
+
 def chunk_shard_state_grad(q, k, do, *, g=None, beta=None, scale=None, chunk_size=64):
     """G = d sum(o * do) / d S0 by a reverse scan over chunks: inside chunk n the output depends on
     its incoming state as O_n = scale Qeff_n S_in(n) + const with Qeff = diag(Gam) Q - attn W, so

@@ -17,13 +17,27 @@ backward  5. state-gradient pass with dO: G_r = shard_state_grad(...)           
           8. the local op's own backward, fed dO and dS_out(r): it yields exact dq, dk, dv, dg, dbeta
              (the later ranks' dependence on this shard arrives through dS_out(r)) and d initial_state.
 
-Nobody reads the last rank's (A, B) (the fold of rank r uses ranks < r) nor rank 0's G'_0 (the fold
-from the right uses ranks > r): the last rank skips its state pass and rank 0 its state-gradient
-pass, and they send zeros of the right size in the all-gathers (the last rank computes its own A in
-the backward only when its returned final state has a gradient). The state pass itself is
-``shard_transition`` (``transition="sequential"``) or ``grouped_shard_transition``
-(``transition="grouped"``: groups of chunks in parallel, then a log-depth fold); for gated linear
-attention ``transition="direct"`` computes both passes in closed form (``kernels/scalar_decay.py``).
+Nothing is computed that nobody reads (docs/design.md §3, "What each rank computes"):
+- the last rank's (A, B) are read by nobody (the fold of rank r uses ranks < r): it runs no state
+  pass and sends zeros of the right size (it computes its own A in the backward only when its
+  returned final state has a gradient);
+- where a rank's incoming state is known, A would only ever multiply that known state: rank 0
+  (its S_in is the caller's initial state, or zero) and a shard whose last document piece starts a
+  document (``cu_seqlens``) run the pass WITHOUT A, from that known start (``shard_final_state``:
+  about half the programs of the (A, B) pass on the Triton backend), and send that outgoing state
+  as B with A = 0; the fold for later ranks is unchanged, since it starts from zero;
+- rank 0's G'_0 is read by nobody (the fold from the right uses ranks > r): rank 0 runs no
+  state-gradient pass; the last rank's incoming final-state gradient is zero (without a gradient
+  of its own), so it needs G alone, which is all that pass computes.
+So at P = 2 the forward adds one A-free pass on rank 0 and the backward one G pass on rank 1;
+middle ranks (P >= 3) compute (A, B) and G. ``transition="sequential_all"`` is the reference that
+skips nothing: every rank computes (A, B) from zero and G, and rank 0 folds its initial state in
+with A_0 (tests compare the two). The (A, B) pass itself is ``shard_transition``
+(``transition="sequential"``) or ``grouped_shard_transition`` (``transition="grouped"``: groups of
+chunks in parallel, then a log-depth fold; the groups' A are needed by that fold, so grouped ranks
+keep computing A even where only B is read); for gated linear attention ``transition="direct"``
+computes both passes in closed form (``kernels/scalar_decay.py``; its A is one exp per head, nothing
+to skip).
 
 Steps 5-7 live in ``_StateGradExchange``, an identity on (o, final_state) whose backward turns the
 local output gradient into the missing final-state gradient before autograd runs the local backward.
@@ -72,6 +86,7 @@ from lctrain.kernels import (
     resolve_backend,
     scalar_decay_shard_state_grad,
     scalar_decay_shard_transition,
+    shard_final_state,
     shard_state_grad,
     shard_transition,
 )
@@ -90,8 +105,13 @@ _LOCAL_OPS: dict[str, Callable] = {"delta": delta_rule, "gated_delta": gated_del
 # state pass per group for the groups' A); ":G" fixes the number of groups; "direct" (gated linear attention
 # only) computes both passes in closed form, one matmul each (kernels/scalar_decay.py). DEFAULT_TRANSITION is
 # what context_parallel uses unless told.
-# "overlap" (Triton backend) folds both passes into the local op's own passes (kernels/triton/cp_overlap.py).
-TRANSITIONS = ("sequential", "grouped", "grouped+grad", "direct", "overlap")
+# "overlap" (Triton backend) folds both passes into the local op's own passes (kernels/triton/cp_overlap.py);
+# "pipeline" is "overlap" where the last rank waits for S_in and rank 0 for dS_out before their plain passes
+# (no prefix / suffix programs or fix-ups at P = 2: the ranks run the plain op's kernels one after the other).
+# "sequential_all" is "sequential" without skipping what nobody reads (the reference for that skipping:
+# every rank runs the (A, B) pass from zero and the state-gradient pass).
+TRANSITIONS = ("sequential", "sequential_all", "grouped", "grouped+grad", "direct", "overlap", "pipeline")
+_IN_OP = ("overlap", "pipeline")  # the transitions that run inside the Triton op (kernels/triton/cp_overlap.py)
 DEFAULT_TRANSITION = "sequential"
 
 
@@ -113,7 +133,10 @@ def context_parallel(op, group, transition: str | None = None) -> "ContextParall
     ``group`` and returns the local outputs. ``group`` None or of size 1 means no CP (plain op).
     ``transition``: how the shard's (A, B) is computed, "sequential" (one chain over the shard's
     chunks), "grouped" (groups of chunks in parallel, then a fold; "grouped:G" for G groups),
-    "grouped+grad" (the backward's state-gradient pass grouped too); None: ``DEFAULT_TRANSITION``.
+    "grouped+grad" (the backward's state-gradient pass grouped too), "direct" (gated_linear_attn's
+    closed form), "overlap" (Triton: inside the op's own passes), "pipeline" (Triton: "overlap" with
+    the last rank waiting for S_in and rank 0 for dS_out instead), "sequential_all" (the reference:
+    "sequential" with every rank computing every pass); None: ``DEFAULT_TRANSITION``.
     All give the same result up to float rounding.
 
     Create it once per layer (not per call) so that checkpoint replays can reuse gathered states."""
@@ -127,7 +150,8 @@ def _parse_transition(transition) -> tuple[str, int | None]:
                                                or int(groups) < 1)):
         raise ContextParallelError(f"context_parallel: transition={transition!r}; choose 'sequential', 'grouped', "
                                    "'grouped+grad', either grouped one with ':G', G a positive number of chunk "
-                                   "groups, 'direct' (gated_linear_attn only) or 'overlap'")
+                                   "groups, 'direct' (gated_linear_attn only), 'overlap', 'pipeline' or "
+                                   "'sequential_all' (the reference that skips no pass)")
     return mode, (int(groups) if groups else None)
 
 
@@ -181,7 +205,7 @@ class ContextParallelOp:
             raise ContextParallelError(
                 f"context_parallel({self.name}): transition='direct' is the closed form of gated_linear_attn's "
                 "scalar decay; a delta rule's shard map is a product of matrices: use 'sequential', "
-                "'grouped[:G]' or 'grouped+grad[:G]'")
+                "'grouped[:G]', 'grouped+grad[:G]' or 'sequential_all'")
         if group is not None and not isinstance(group, dist.ProcessGroup):
             raise ContextParallelError(f"context_parallel: group must be a torch.distributed ProcessGroup or None, "
                                        f"got {type(group).__name__}; take it from lctrain.parallel.mesh.cp_group()")
@@ -212,12 +236,12 @@ class ContextParallelOp:
         named = dict(zip(self._extra, args))
         g, beta = named.get("g"), named.get("beta")
         docs, cu_problem = self._documents(cu_seqlens, k)
-        overlap = self._transition_mode[0] == "overlap" and docs is None
+        overlap = self._transition_mode[0] in _IN_OP and docs is None
         if overlap and resolve_backend(backend, "shard_transition", k.device) != "triton":
             raise ContextParallelError(
-                f"{self.name}: transition='overlap' runs inside the Triton kernels, but backend={backend!r} on "
-                f"{k.device.type} is not Triton; use backend='triton' (CUDA, or TRITON_INTERPRET=1 on CPU) or "
-                "another transition")
+                f"{self.name}: transition={self.transition!r} runs inside the Triton kernels, but "
+                f"backend={backend!r} on {k.device.type} is not Triton; use backend='triton' (CUDA, or "
+                "TRITON_INTERPRET=1 on CPU) or another transition")
         stash = self._replay_stash()
         if stash is None:
             signature = _signature(q, k, v, g, beta, chunk_size) + (
@@ -381,7 +405,9 @@ class ContextParallelOp:
         documents), e.g. ("grouped:auto", "sequential"): benchmarks time each distinct pass once."""
         mode, groups = self._transition_mode
         grouped = f"grouped:{groups or 'auto'}"
-        if mode in ("sequential", "direct", "overlap"):  # overlap: no separate passes (inside the op)
+        if mode == "sequential_all":  # the same passes as "sequential", run on every rank
+            return "sequential", "sequential"
+        if mode in ("sequential", "direct") + _IN_OP:  # overlap, pipeline: no separate passes (inside the op)
             return mode, mode
         return (grouped, "sequential") if mode == "grouped" else (grouped, grouped)
 
@@ -393,36 +419,55 @@ class ContextParallelOp:
         A, _ = self._transition(k, v, g, beta, backend, chunk_size, None if docs is None else docs.local_cu)
         return A.to(dtype)
 
-    def _gather_and_fold(self, k, v, g, beta, initial_state, backend, chunk_size, docs=None):
-        cu = None if docs is None else docs.local_cu
-        dt = torch.promote_types(torch.float32, k.dtype)
-        if self.rank == self.size - 1:
-            # nobody reads the last rank's (A, B): it sends zeros of the right size instead
-            A = torch.zeros(_A_shape(self.kind, k), dtype=dt, device=k.device)
-            Bst = torch.zeros(k.shape[0], k.shape[2], k.shape[3], v.shape[3], dtype=dt, device=k.device)
-        else:
-            # with documents: the transition of the last piece (the only one when none starts inside)
-            A, Bst = self._transition(k, v, g, beta, backend, chunk_size, cu)
-        return self._share_states(A, Bst, initial_state, docs, dt)
+    def _skips(self) -> bool:
+        """Whether passes whose results nobody reads are skipped: every transition but the reference
+        "sequential_all"."""
+        return self._transition_mode[0] != "sequential_all"
 
-    def _share_states(self, A, Bst, initial_state, docs, dt):
-        """(A_all, S_in): this shard's (A, B) all-gathered (the last rank's replaced by zeros: nobody
-        reads it), and the fold of the ranks before this one."""
-        last = self.rank == self.size - 1
+    def _forward_summary(self, k, v, g, beta, initial_state, backend, chunk_size, docs=None):
+        """(A, B) that this rank sends in the forward's all-gather (fp32): its shard as the map
+        S_out = A S_in + B that later ranks fold, computing only what they read. The last rank sends
+        zeros (nobody folds it). Where the incoming state of the shard's last piece is known (rank 0:
+        the caller's initial state or zero; with documents, a last piece that starts a document: its
+        row of initial_state or zero) the outgoing state does not depend on S_in: it is sent as B with
+        A = 0, computed by the A-free pass from that start (``shard_final_state``) except where the
+        mode's pass must carry A anyway (grouped: the groups' A are needed by its own fold; direct:
+        A is one exp per head): then A multiplies the start and is dropped."""
+        dt = torch.promote_types(torch.float32, k.dtype)
+        skip = self._skips()
+        if skip and self.rank == self.size - 1:
+            return (torch.zeros(_A_shape(self.kind, k), dtype=dt, device=k.device),
+                    torch.zeros(k.shape[0], k.shape[2], k.shape[3], v.shape[3], dtype=dt, device=k.device))
+        known = self.rank == 0 if docs is None else docs.cut
+        start = None
+        if known and initial_state is not None:
+            start = (initial_state if docs is None else docs.piece_rows(initial_state)[-1:]).detach()
+        mode = self._transition_mode[0]
+        if skip and known and (docs is not None or mode in ("sequential",) + _IN_OP):
+            # the last piece alone (with documents it ends the shard after its last boundary)
+            s = 0 if docs is None else docs.local_bounds[-2]
+            cut = lambda x: None if x is None else x[:, s:]  # noqa: E731
+            Bst = shard_final_state(self.kind, cut(k), cut(v), g=cut(g), beta=cut(beta), initial_state=start,
+                                    backend=backend, chunk_size=chunk_size)
+            return torch.zeros(_A_shape(self.kind, k), dtype=dt, device=k.device), Bst.to(dt)
+        # with documents: the transition of the last piece (the only one when none starts inside)
+        A, Bst = self._transition(k, v, g, beta, backend, chunk_size, None if docs is None else docs.local_cu)
         with _exact(Bst.device):
             A, Bst = A.to(dt), Bst.to(dt)
-            if last:
-                A, Bst = torch.zeros_like(A), torch.zeros_like(Bst)  # whatever its documents
-            elif docs is None:
-                if self.rank == 0 and initial_state is not None:
-                    # rank 0 hands on its real outgoing state, S_out(0) = A_0 S_0 + B_0
-                    Bst = apply_transition(A, initial_state.detach().to(dt)) + Bst
-            elif docs.cut:
-                # the last piece starts a document: its outgoing state does not depend on S_in
-                if initial_state is not None:
-                    start = docs.piece_rows(initial_state)[-1:].detach().to(dt)
-                    Bst = apply_transition(A, start) + Bst
-                A = torch.zeros_like(A)
+            if start is not None:  # the real outgoing state, A_r start + B_r
+                Bst = apply_transition(A, start.to(dt)) + Bst
+            if docs is not None and docs.cut:
+                A = torch.zeros_like(A)  # the last piece starts a document: no state passes through
+        return A, Bst
+
+    def _gather_and_fold(self, k, v, g, beta, initial_state, backend, chunk_size, docs=None):
+        A, Bst = self._forward_summary(k, v, g, beta, initial_state, backend, chunk_size, docs)
+        return self._share_states(A, Bst)
+
+    def _share_states(self, A, Bst):
+        """(A_all, S_in): every rank's (A, B) (``_forward_summary``) all-gathered, and the fold of the
+        ranks before this one from zero (rank 0's incoming state is inside its B)."""
+        with _exact(Bst.device):
             packed = torch.cat([A.reshape(-1), Bst.reshape(-1)])
             gathered = _all_gather(packed, self.group)          # [P, n]
             self.gathers += 1
@@ -447,13 +492,9 @@ class ContextParallelOp:
             if docs.n_pieces > 1 and not docs.fresh:
                 u_first = u[:1]
             u = u[-1:]
+        G = self._own_state_grad(q, k, v, do, g, beta, scale, backend, chunk_size, docs)
         if self.rank == 0 or (docs is not None and docs.fresh):
-            # rank 0's G is folded by nobody (the fold below reads ranks > r only): zeros are sent
-            G = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], do.shape[3], dtype=stash.A_all.dtype)
-            u_first = None
-        else:
-            G = self._state_grad(q, k, v, do, g, beta, scale, backend, chunk_size,
-                                 None if docs is None else docs.local_cu)
+            u_first = None  # S_in feeds nothing here, nor through the first piece's final state
         if u_first is not None:
             e = docs.local_bounds[1]
             cut = lambda x: None if x is None else x[:, :e]  # noqa: E731
@@ -466,9 +507,22 @@ class ContextParallelOp:
             G = G.to(A_all.dtype)
             if u is not None and self.rank > 0:
                 A_own = (self._own_A(k, v, g, beta, backend, chunk_size, docs, A_all.dtype)
-                         if self.rank == self.size - 1 else A_all[self.rank])
+                         if self.rank == self.size - 1 and self._skips() else A_all[self.rank])
                 G = G + apply_transition_transposed(A_own, u.to(A_all.dtype))
         return self._share_grads(G, u, A_all)
+
+    def _own_state_grad(self, q, k, v, do, g, beta, scale, backend, chunk_size, docs=None):
+        """G of this rank as the backward's all-gather carries it (fp32): zeros where nobody reads it,
+        on rank 0 (the fold from the right reads ranks > r only; "sequential_all" computes it anyway)
+        and on a shard that starts with a document (its S_in feeds nothing: a zero there is the math,
+        not a skip); elsewhere the pass of the shard's first piece. No rank needs A^T here: the fold
+        uses the forward's gathered A, and the last rank computes its own only for a gradient on its
+        returned final state (``_own_A``)."""
+        dt = torch.promote_types(torch.float32, q.dtype)
+        if (self.rank == 0 and self._skips()) or (docs is not None and docs.fresh):
+            return q.new_zeros(q.shape[0], q.shape[2], q.shape[3], do.shape[3], dtype=dt)
+        return self._state_grad(q, k, v, do, g, beta, scale, backend, chunk_size,
+                                None if docs is None else docs.local_cu).to(dt)
 
     def _share_grads(self, G, u, A_all):
         """dS_out(r): every rank's G' (this rank's ``G``, = G + A^T u) all-gathered and folded from
@@ -485,27 +539,50 @@ class ContextParallelOp:
 
 
 class _OverlapLink:
-    """The two exchanges of one call of the overlapped Triton op (transition="overlap",
+    """The two exchanges of one call of the overlapped Triton op (transition="overlap" or "pipeline",
     kernels/triton/cp_overlap.py), called from inside its forward and backward passes."""
 
     def __init__(self, cp_op: ContextParallelOp, stash: _Stash | None, remember: bool):
         self.cp_op, self.stash, self.remember = cp_op, stash, remember
+        pipelined = cp_op._transition_mode[0] == "pipeline"
+        # "pipeline": the last rank waits for S_in, rank 0 for dS_out, before their plain passes
+        self.start_first = pipelined and cp_op.rank == cp_op.size - 1
+        self.end_first = pipelined and cp_op.rank == 0
 
     def _scalar(self, A):
         """The op's A or A^T [B, H, K, K] as CP keeps it: gla's is a multiple of I, kept as [B, H]."""
         return A[..., 0, 0] if self.cp_op.kind == "gla" else A
 
-    def start(self, A, Bst, s0):
-        """S_in of this rank from this shard's (A, B from zero): rank 0's own initial state s0 (or
-        None), later ranks the fold; a checkpoint replay reuses its forward's gather."""
+    @property
+    def start_known(self) -> bool:
+        """Rank 0 starts from its own initial state (or zero): it runs the plain state pass from it,
+        without the transition's programs, and ``start(None, final_state)`` only sends."""
+        return self.cp_op.rank == 0
+
+    def end_known(self, u) -> bool:
+        """The last rank without a gradient on its returned final state has dS_out = 0: it runs the
+        plain reverse pass, whose gradient of its incoming state is G, and ``end(G, None, None)``
+        only sends."""
+        return self.cp_op.rank == self.cp_op.size - 1 and u is None
+
+    def start(self, A, Bst):
+        """S_in of this rank (None on rank 0: its start is its own) from this shard's summary: A and B
+        from zero of the prefix pass, or on rank 0 (A None) its outgoing state; a checkpoint replay
+        reuses its forward's gather."""
         op = self.cp_op
         if self.stash is None:
             dt = torch.promote_types(torch.float32, Bst.dtype)
-            A_all, S_in = op._share_states(self._scalar(A), Bst, s0, None, dt)
+            with _exact(Bst.device):
+                Bst = Bst.to(dt)
+                A = (torch.zeros(Bst.shape[:2] + (() if op.kind == "gla" else Bst.shape[2:3] * 2), dtype=dt,
+                                 device=Bst.device) if A is None else self._scalar(A).to(dt))
+                if op.rank == op.size - 1:  # nobody folds the last rank's map: zeros are sent
+                    A, Bst = torch.zeros_like(A), torch.zeros_like(Bst)
+            A_all, S_in = op._share_states(A, Bst)
             self.stash = _Stash(A_all, S_in)
             if self.remember:
                 op._remember(self.stash)
-        return s0 if op.rank == 0 else self.stash.S_in
+        return None if op.rank == 0 else self.stash.S_in
 
     def end(self, G, At, u):
         """dS_out of this rank from its shard's own G, A^T and final-state gradient u (None: zero)."""

@@ -3,8 +3,11 @@
 One process per GPU (tests/dist_utils.run_world, NCCL, rank r on cuda:r). In bfloat16, each rank's
 outputs and gradients must equal the plain op run by one GPU on the whole sequence in float32
 (relative error of the norm <= 2e-2): every linear mixer under ``context_parallel`` with every
-transition (sequential, grouped, grouped+grad, overlap; gla also direct), with an initial state and
-a gradient on every rank's final state (a case that raises fails its own test only); the short
+transition (sequential, its skip-nothing reference sequential_all, grouped, grouped+grad, overlap,
+pipeline; gla also direct), with an initial state and a gradient on every rank's final state, and
+sequential, overlap and pipeline also without the final-state gradients (then the last rank runs no
+transition at all and overlap's last rank the plain reverse pass; a case that raises fails its own
+test only); the short
 conv through the halo exchange; sliding-window attention through the halo exchange; global
 attention through Ulysses (skipped when DeepSpeed is not installed).
 """
@@ -26,9 +29,12 @@ pytestmark = [pytest.mark.gpu,
 TOL = 2e-2
 KINDS = {"delta": ("delta_rule", ("beta",)), "gated_delta": ("gated_delta_rule", ("g", "beta")),
          "gla": ("gated_linear_attn", ("g",))}
-TRANSITIONS = ("sequential", "grouped:4", "grouped+grad:4")
+TRANSITIONS = ("sequential", "sequential_all", "grouped:4", "grouped+grad:4")
 # (kind, transition) of every linear case: each transition for each kind, and gla's closed form
-LINEAR_CASES = [(kind, t) for kind in KINDS for t in TRANSITIONS + ("overlap",)] + [("gla", "direct")]
+LINEAR_CASES = [(kind, t) for kind in KINDS for t in TRANSITIONS + ("overlap", "pipeline")] + [("gla", "direct")]
+# (kind, transition) run without a loss on the returned final states as well
+UNWEIGHTED_CASES = [("gated_delta", "sequential"), ("gated_delta", "overlap"), ("gla", "overlap"),
+                    ("gated_delta", "pipeline")]
 FUSED_KINDS = ("gated_delta", "delta")  # overlap with its forward fix-up inside output_fwd (launch key fuse_out=1)
 B, TL, H, D = 1, 512, 4, 128            # 8 chunks of 64 per rank
 CONV = (B, TL, 256, 4)                   # batch, tokens per rank, channels, kernel size
@@ -50,8 +56,9 @@ def _full_inputs(kind, seed, device):
     return x
 
 
-def _linear_case(rank, kind, transition, device):
-    """Returns {name: rel error} of this rank's CP results against one GPU on the whole sequence."""
+def _linear_case(rank, kind, transition, device, weigh_states=True):
+    """Returns {name: rel error} of this rank's CP results against one GPU on the whole sequence
+    (``weigh_states``: the loss also weighs every rank's returned final state)."""
     import torch.distributed as dist
     from lctrain.parallel import context_parallel
 
@@ -74,7 +81,7 @@ def _linear_case(rank, kind, transition, device):
         o, state = op(*(full[n][:, s] for n in names), initial_state=state, output_final_state=True, backend="torch")
         outs.append(o)
         states.append(state)
-        loss = loss + (o * x["do"][:, s]).sum() + (state * x["w_state"][r]).sum()
+        loss = loss + (o * x["do"][:, s]).sum() + (state * x["w_state"][r]).sum() * weigh_states
     loss.backward()
 
     # CP, bfloat16 activations (g stays float32 as in the model)
@@ -82,7 +89,8 @@ def _linear_case(rank, kind, transition, device):
     init_cp = x["init"].clone().requires_grad_()
     cp = context_parallel(op, dist.group.WORLD, transition=transition)
     o, s_out = cp(*(loc[n] for n in names), initial_state=init_cp, output_final_state=True)
-    ((o.float() * x["do"][:, sl]).sum() + (s_out * x["w_state"][rank]).sum()).backward()
+    loss = (o.float() * x["do"][:, sl]).sum()
+    (loss + (s_out * x["w_state"][rank]).sum() if weigh_states else loss).backward()
     err = {"o": rel(o, outs[rank]), "state": rel(s_out, states[rank])}
     for n in names:
         err["d" + n] = rel(loc[n].grad, full[n].grad[:, sl])
@@ -152,6 +160,9 @@ def gpu_worker(rank, world_size):
                             timeout=timedelta(seconds=300), device_id=device)
     cases = {(kind, transition): functools.partial(_linear_case, rank, kind, transition, device)
              for kind, transition in LINEAR_CASES}
+    for kind, transition in UNWEIGHTED_CASES:
+        cases[(kind, transition, "unweighted")] = functools.partial(_linear_case, rank, kind, transition, device,
+                                                                    weigh_states=False)
     for kind in FUSED_KINDS:
         cases[(kind, "overlap", "fuse_out")] = functools.partial(_fused_case, rank, kind, device)
     cases["conv"] = functools.partial(_conv_case, rank, device)
@@ -184,6 +195,11 @@ def _check(key):
 @pytest.mark.parametrize("kind,transition", LINEAR_CASES)
 def test_cp_linear_mixer_on_two_gpus(kind, transition):
     _check((kind, transition))
+
+
+@pytest.mark.parametrize("kind,transition", UNWEIGHTED_CASES)
+def test_cp_linear_mixer_without_final_state_loss_on_two_gpus(kind, transition):
+    _check((kind, transition, "unweighted"))
 
 
 @pytest.mark.parametrize("kind", FUSED_KINDS)

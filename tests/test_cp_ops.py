@@ -8,6 +8,8 @@ also exposes the state after every shard so that a loss may put weight on each r
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 
 import pytest
@@ -78,8 +80,31 @@ def reference(case, P):
                 init_grad=None if init is None else init.grad, o_direct=o_direct, s_direct=s_direct)
 
 
+@contextlib.contextmanager
+def counting_passes():
+    """Counts this process's calls of the CP state-pass primitives (as context_parallel calls them)."""
+    import importlib
+    cpm = importlib.import_module("lctrain.parallel.context_parallel")  # the module, not the function
+    counts = collections.Counter()
+    saved = {n: getattr(cpm, n) for n in ("shard_transition", "shard_final_state", "shard_state_grad")}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return call
+    for name, fn in saved.items():
+        setattr(cpm, name, counted(name, fn))
+    try:
+        yield counts
+    finally:
+        for name, fn in saved.items():
+            setattr(cpm, name, fn)
+
+
 def cp_worker(rank, P, cases, checkpoint_mode="none", transition=None):
-    """Runs every case on this rank's shard; returns the local outputs, state and gradients."""
+    """Runs every case on this rank's shard; returns the local outputs, state and gradients (and how
+    often each CP state-pass primitive ran)."""
     import torch.distributed as dist
     from lctrain.parallel import context_parallel
     from torch.utils.checkpoint import checkpoint
@@ -100,17 +125,18 @@ def cp_worker(rank, P, cases, checkpoint_mode="none", transition=None):
                          backend=backend, chunk_size=chunk)  # noqa: B023
 
         args = op_args(kind, t)
-        if checkpoint_mode == "none":
-            o, s = run(*args)
-        else:
-            o, s = checkpoint(run, *args, use_reentrant=(checkpoint_mode == "reentrant"))
-        loss = (o * x["do"][:, rank * Tl:(rank + 1) * Tl]).sum()
-        if weigh_states:
-            loss = loss + (s * W[rank]).sum()
-        loss.backward()
+        with counting_passes() as passes:
+            if checkpoint_mode == "none":
+                o, s = run(*args)
+            else:
+                o, s = checkpoint(run, *args, use_reentrant=(checkpoint_mode == "reentrant"))
+            loss = (o * x["do"][:, rank * Tl:(rank + 1) * Tl]).sum()
+            if weigh_states:
+                loss = loss + (s * W[rank]).sum()
+            loss.backward()
         out.append(dict(o=o.detach(), state=s.detach(), grads={n: v.grad for n, v in t.items()},
                         init_grad=None if init is None else init.grad,
-                        gathers=cp_op.gathers, reused=cp_op.replays_reused))
+                        gathers=cp_op.gathers, reused=cp_op.replays_reused, passes=dict(passes)))
     return out
 
 
@@ -173,7 +199,8 @@ OVERLAP_CASES = {2: [(131, "gated_delta", 1, 128, 2, 16, 16, "triton", 64, True,
                      (132, "delta", 2, 64, 2, 16, 16, "triton", 64, False, True),
                      (133, "gla", 1, 128, 2, 16, 16, "triton", 64, True, False)],
                  3: [(141, "gated_delta", 2, 64, 2, 16, 16, "triton", 64, True, True),
-                     (142, "gla", 1, 64, 2, 16, 16, "triton", 64, False, True)],
+                     (142, "gla", 1, 64, 2, 16, 16, "triton", 64, False, True),
+                     (143, "delta", 1, 64, 2, 16, 16, "triton", 64, True, False)],
                  4: [(151, "delta", 1, 128, 2, 16, 16, "triton", 64, True, True)]}
 COMM_ARGS = {2: (7, 2, 6, 5, 4, 4, 8), 3: (8, 2, 6, 5, 4, 3, 8), 4: (9, 2, 6, 5, 4, 4, 8)}  # seed B Tl C ks H D
 CKPT_MODES = ("non_reentrant", "reentrant")
@@ -236,7 +263,7 @@ def doc_reference(case, P):
                 grads={n: v.grad for n, v in t.items()}, init_grad=None if init is None else init.grad)
 
 
-def cp_doc_worker(rank, P, cases):
+def cp_doc_worker(rank, P, cases, transition=None):
     import torch.distributed as dist
     from lctrain.parallel import context_parallel
 
@@ -248,7 +275,7 @@ def cp_doc_worker(rank, P, cases):
         x, W = doc_inputs(case, P)
         t = leaves(kind, x, slice(rank * Tl, (rank + 1) * Tl))
         init = x["init"].clone().requires_grad_() if with_init else None
-        cp_op = context_parallel(getattr(kernels, OPS[kind]), dist.group.WORLD)
+        cp_op = context_parallel(getattr(kernels, OPS[kind]), dist.group.WORLD, transition=transition)
         o, s = cp_op(*op_args(kind, t), initial_state=init, output_final_state=True, backend=backend,
                      chunk_size=chunk, cu_seqlens=torch.tensor(bounds))
         loss = (o * x["do"][:, rank * Tl:(rank + 1) * Tl]).sum() + (s * W[rank]).sum()
@@ -261,15 +288,20 @@ def cp_doc_worker(rank, P, cases):
 def world_worker(rank, P):
     out = {"ops": cp_worker(rank, P, OPS_CASES[P]), "comm": comm_worker(rank, P, *COMM_ARGS[P]),
            "docs": cp_doc_worker(rank, P, DOC_CASES[P]),
+           # the reference that skips no pass (every rank runs (A, B) from zero and G)
+           "ops all": cp_worker(rank, P, OPS_CASES[P], transition="sequential_all"),
+           "docs all": cp_doc_worker(rank, P, DOC_CASES[P], transition="sequential_all"),
            "grouped": cp_worker(rank, P, GROUPED_CASES[P], transition="grouped+grad:2"),
            "direct": cp_worker(rank, P, DIRECT_CASES[P], transition="direct"),
-           "overlap": cp_worker(rank, P, OVERLAP_CASES[P], transition="overlap")}
+           "overlap": cp_worker(rank, P, OVERLAP_CASES[P], transition="overlap"),
+           "pipeline": cp_worker(rank, P, OVERLAP_CASES[P], transition="pipeline")}
     if P == 4:
         out["mesh"] = mesh_worker(rank, P)
     if P == 2:
         out["ckpt"] = {mode: cp_worker(rank, P, CKPT_CASES, mode) for mode in CKPT_MODES}
-        out["ckpt overlap"] = {mode: cp_worker(rank, P, OVERLAP_CASES[P][:1], mode, transition="overlap")
-                               for mode in CKPT_MODES}
+        for transition in ("overlap", "pipeline"):
+            out[f"ckpt {transition}"] = {mode: cp_worker(rank, P, OVERLAP_CASES[P][:1], mode, transition=transition)
+                                         for mode in CKPT_MODES}
         from lctrain.kernels.triton import ops
         previous = ops.set_config(fuse_out=1)  # the forward's fix-up inside the output kernel
         try:
@@ -322,6 +354,16 @@ def test_cp_overlap_transition_matches_single_process(P):
     assert all(res["gathers"] == 1 for r in range(P) for res in results[r])
 
 
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_cp_pipeline_transition_matches_single_process(P):
+    """transition="pipeline" ("overlap" where the last rank waits for S_in and rank 0 for dS_out, then
+    both run the plain passes from the exact state): outputs, states and every gradient equal the single
+    process, with and without an initial state and a gradient on the last rank's final state."""
+    results = part(P, "pipeline")
+    check_world(P, OVERLAP_CASES[P], results)
+    assert all(res["gathers"] == 1 for r in range(P) for res in results[r])
+
+
 def test_cp_overlap_with_the_fix_up_in_the_output_kernel():
     """transition="overlap" with launch key fuse_out=1 (S_in's part added inside output_fwd) on 2 ranks."""
     check_world(2, OVERLAP_CASES[2][:1], part(2, "overlap fused"))
@@ -331,8 +373,11 @@ def test_cp_overlap_with_the_fix_up_in_the_output_kernel():
 def test_cp_with_cu_seqlens_matches_single_process(P):
     """Packed documents under CP (global cu_seqlens): outputs, each rank's per-document states, the
     gradients of every input and (summed over ranks) of the per-document initial states."""
-    results = part(P, "docs")
-    for i, case in enumerate(DOC_CASES[P]):
+    check_doc_world(P, DOC_CASES[P], part(P, "docs"))
+
+
+def check_doc_world(P, cases, results):
+    for i, case in enumerate(cases):
         ref = doc_reference(case, P)
         Tl = case[2]
         for r in range(P):
@@ -346,6 +391,48 @@ def test_cp_with_cu_seqlens_matches_single_process(P):
                          f"case {case}: d initial_state summed over ranks")
 
 
+def assert_same_results(new, old, what):
+    """Two CP runs of the same cases (lists of result dicts per rank) agree: outputs, states, gradients."""
+    for r, (new_r, old_r) in enumerate(zip(new, old)):
+        for i, (a, b) in enumerate(zip(new_r, old_r)):
+            tag = f"{what}, case {i} rank {r}"
+            assert_close(a["o"], b["o"], f"{tag}: output")
+            assert_close(a["state"], b["state"], f"{tag}: outgoing state")
+            assert a["grads"].keys() == b["grads"].keys()
+            for name in a["grads"]:
+                assert_close(a["grads"][name], b["grads"][name], f"{tag}: d{name}")
+            assert (a["init_grad"] is None) == (b["init_grad"] is None), f"{tag}: d initial_state given on one only"
+            if a["init_grad"] is not None:
+                assert_close(a["init_grad"], b["init_grad"], f"{tag}: d initial_state")
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_cp_skipping_unread_passes_matches_the_all_ranks_reference(P):
+    """The default path computes only what another rank reads: rank 0 the A-free pass from its initial
+    state, the last rank no forward pass, rank 0 no state-gradient pass, middle ranks (A, B) and G. It
+    equals transition="sequential_all" (every rank runs every pass from zero) and one process: outputs,
+    states and every gradient incl. initial_state, with and without initial_state, and with packed
+    documents crossing shard edges (where a shard's last piece starts a document its pass is A-free too)."""
+    new, old = part(P, "ops"), part(P, "ops all")
+    check_world(P, OPS_CASES[P], old)
+    assert_same_results(new, old, "ops: skipping vs sequential_all")
+    for i, case in enumerate(OPS_CASES[P]):
+        weigh_states = case[-1]
+        for r in range(P):
+            last = r == P - 1
+            # the last rank computes its own A only for a gradient on its returned final state
+            want_new = {"shard_final_state": int(r == 0),
+                        "shard_transition": int(0 < r < P - 1 or (last and weigh_states)),
+                        "shard_state_grad": int(r > 0)}
+            got = {n: new[r][i]["passes"].get(n, 0) for n in want_new}
+            assert got == want_new, f"case {case} rank {r}: passes run {got}, want {want_new}"
+            got_old = {n: old[r][i]["passes"].get(n, 0) for n in want_new}
+            assert got_old == {"shard_final_state": 0, "shard_transition": 1, "shard_state_grad": 1}, (case, r, got_old)
+    docs_new, docs_old = part(P, "docs"), part(P, "docs all")
+    check_doc_world(P, DOC_CASES[P], docs_old)
+    assert_same_results(docs_new, docs_old, "documents: skipping vs sequential_all")
+
+
 def test_cp_under_activation_checkpointing():
     """Non-reentrant checkpoint replays reuse the gathered state (no second gather) and stay exact;
     reentrant checkpoint communicates again, in the same order on every rank, without deadlock."""
@@ -356,13 +443,14 @@ def test_cp_under_activation_checkpointing():
         for r in range(P):
             for res in results[r]:
                 assert (res["gathers"], res["reused"]) == (gathers, reused), (mode, res["gathers"], res["reused"])
-        # the same with transition="overlap", whose exchanges run inside the Triton op
-        results = [r["ckpt overlap"][mode] for r in world(P)]
-        check_world(P, OVERLAP_CASES[P][:1], results)
-        for r in range(P):
-            for res in results[r]:
-                assert (res["gathers"], res["reused"]) == (gathers, reused), ("overlap", mode, res["gathers"],
-                                                                              res["reused"])
+        # the same with transition="overlap" / "pipeline", whose exchanges run inside the Triton op
+        for transition in ("overlap", "pipeline"):
+            results = [r[f"ckpt {transition}"][mode] for r in world(P)]
+            check_world(P, OVERLAP_CASES[P][:1], results)
+            for r in range(P):
+                for res in results[r]:
+                    assert (res["gathers"], res["reused"]) == (gathers, reused), (transition, mode, res["gathers"],
+                                                                                  res["reused"])
 
 
 def error_worker(rank, P, what):
@@ -575,20 +663,25 @@ def test_halo_and_ulysses_without_group():
 
 
 def test_bench_cp_runs_on_cpu(tmp_path):
-    """`lctrain bench cp --device cpu` launches torchrun with 2 gloo ranks and writes its JSON/markdown."""
+    """`lctrain bench cp --device cpu` launches torchrun with 2 gloo ranks and writes its JSON/markdown; the
+    default path and the skip-nothing reference each get a row with their state-pass times."""
     import json
 
     from lctrain.bench.cp import COLUMNS, main
 
     out, md = tmp_path / "cp.json", tmp_path / "BENCH.md"
     rc = main(["--device", "cpu", "--nproc", "2", "--T", "16", "--H", "2", "--D", "8", "--chunk-size", "8",
-               "--warmup", "0", "--iters", "1", "--json", str(out), "--record", str(md)])
+               "--warmup", "0", "--iters", "1", "--transition", "sequential", "sequential_all", "--json", str(out),
+               "--record", str(md)])
     assert rc == 0
     result = json.loads(out.read_text())
-    assert result["columns"] == COLUMNS and len(result["rows"]) == 1
-    row = dict(zip(COLUMNS, result["rows"][0]))
-    assert row["T/rank"] == 16 and row["T total"] == 32
-    assert row["CP fwd+bwd ms"] > 0 and row["efficiency"] > 0
+    assert result["columns"] == COLUMNS and len(result["rows"]) == 2
+    rows = [dict(zip(COLUMNS, r)) for r in result["rows"]]
+    assert [row["transition"] for row in rows] == ["sequential", "sequential_all"]
+    for row in rows:
+        assert row["T/rank"] == 16 and row["T total"] == 32
+        assert row["CP fwd+bwd ms"] > 0 and row["efficiency"] > 0
+        assert row["state pass ms"] > 0 and row["state-grad pass ms"] > 0
     assert "weak scaling, CP=2" in md.read_text()
 
 
@@ -608,6 +701,6 @@ def test_bench_cp_parts_runs_on_cpu(tmp_path):
     ways = {(r["layer"], r["pass"], r["way"]) for r in rows}
     for layer in ("gdn", "gla"):
         assert {(layer, "transition", "grouped:2"), (layer, "state grad", "grouped+grad:4"),
-                (layer, "op", "fwd+bwd")} <= ways
+                (layer, "op", "fwd+bwd"), (layer, "final state", "sequential")} <= ways
     assert all(r["ms"] > 0 for r in rows)
     assert all(r["rel diff"] <= 1e-5 for r in rows if r["rel diff"] is not None)

@@ -13,6 +13,7 @@ from lctrain.kernels import (
     delta_rule,
     gated_delta_rule,
     gated_linear_attn,
+    shard_final_state,
     shard_state_grad,
     shard_transition,
 )
@@ -150,6 +151,25 @@ def test_shard_transition_definition(kind, backend, T, C, K, V):
     # Bst is the final state from zero
     _, S_zero = run(kind, x | {"initial_state": torch.zeros_like(x["initial_state"])}, other, chunk_size=C)
     assert rel(Bst, S_zero) < 1e-10
+
+
+@pytest.mark.parametrize("kind", MIXERS)
+@pytest.mark.parametrize("backend,T,C,dtype", [("naive", 37, 16, torch.float64), ("torch", 37, 16, torch.float64),
+                                               ("torch", 16, 8, torch.float64), ("triton", 70, 64, torch.float32)])
+def test_shard_final_state_is_the_final_state_from_the_start(kind, backend, T, C, dtype):
+    """The A-free pass that CP runs where the incoming state is known: the op's final state from that
+    state (and from zero), which equals A @ start + Bst of shard_transition. Triton: the interpreter,
+    a ragged second chunk."""
+    x = make_inputs(kind, T, 8, 5, dtype, seed=T + C)
+    kw = dict(backend=backend, chunk_size=C, **kind_kwargs(kind, x))
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    _, S_out = run(kind, x, "naive")
+    S = shard_final_state(kind, x["k"], x["v"], initial_state=x["initial_state"], **kw)
+    assert S.shape == S_out.shape and S.dtype == torch.promote_types(torch.float32, dtype)
+    assert rel(S, S_out) < tol
+    A, Bst = shard_transition(kind, x["k"], x["v"], **kw)
+    assert rel(S, apply_transition(A, x["initial_state"].to(A.dtype)) + Bst) < tol
+    assert rel(shard_final_state(kind, x["k"], x["v"], **kw), Bst) < tol
 
 
 @pytest.mark.parametrize("kind", MIXERS)

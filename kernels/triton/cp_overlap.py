@@ -20,7 +20,19 @@ backward  the reverse pass runs from a zero final-state gradient and carries the
 
 Every rank then walks its chunks once per direction, concurrently with the other ranks; what CP
 adds is the identity-carrying programs inside the same passes (more programs, the same chain
-length), the fix-up kernel and the two small all-gathers. ``link`` is the CP side (two
+length), the fix-up kernel and the two small all-gathers. Two ranks need neither, since what they
+wait for is known: rank 0 (``link.start_known``) starts from its own initial state, so it runs the
+plain state pass from it and only sends its final state; the last rank without a gradient on its
+final state (``link.end_known(u)``) has dS_out = 0, so it runs the plain reverse pass, whose
+gradient of the incoming state is G, and only sends that.
+
+``transition="pipeline"`` goes one step further for the other end of each chain: the last rank
+(``link.start_first``) waits for S_in before its state pass (after its WY stage, which needs no
+state) and rank 0 (``link.end_first``) for dS_out before its reverse pass (after the state
+recompute and dv_local); both then run the plain passes from the exact state. At P = 2 no rank then
+runs a prefix/suffix program or a fix-up: the ranks run the plain op's kernels, pipelined, and
+CP adds rank 0's forward state pass and rank 1's reverse pass (less the state recompute that rank
+0 does while it waits) to the critical path. Middle ranks (P > 2) run as under "overlap". ``link`` is the CP side (two
 collectives); this module knows nothing of torch.distributed.
 """
 from __future__ import annotations
@@ -33,7 +45,7 @@ from .fixup import state_fixup
 from .ops import _Cfg, _check, _chunk_suffix_sum
 from .output import dv_local as _dv_local
 from .output import output_fwd as _output_fwd
-from .state import state_bwd_suffix, state_fwd, state_fwd_prefix
+from .state import state_bwd, state_bwd_suffix, state_fwd, state_fwd_prefix
 from .wy import wy_apply as _wy_apply
 from .wy import wy_bwd as _wy_bwd
 from .wy import wy_fwd as _wy_fwd
@@ -45,18 +57,27 @@ class _Overlapped(torch.autograd.Function):
         cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None, fp32=k.dtype == torch.float32)
         gam, tm, w, ut = _wy_fwd(k, v, g, beta, cfg)
         u = ut if w is not None else v
-        h, vnew, st, a, hp = state_fwd_prefix(k, w, u, gam, cfg)
-        s_in = link.start(a, st, s0)
         fix = None
-        if s_in is not None:
-            s_in = s_in.float()
+        if link.start_known or link.start_first:
+            # the plain pass from the exact incoming state, nothing to fix up: rank 0's is s0 (it then sends its
+            # final state); with start_first (transition="pipeline", the last rank) it is waited for first
+            B, _, H, K = k.shape
+            s_in = s0 if link.start_known else link.start(
+                None, torch.zeros(B, H, K, v.shape[-1], device=k.device, dtype=torch.float32)).float()
+            h, vnew, st, _ = state_fwd(k, w, u, gam, s_in, cfg, store_h=True, store_vnew=True, store_final=True)
+            if link.start_known:
+                link.start(None, st)
+        else:
+            h, vnew, st, a, hp = state_fwd_prefix(k, w, u, gam, cfg)
+            s_in = link.start(a, st).float()
             if cfg.values.get("fuse_out"):  # the output kernel adds S_in's part (hp read once, no write)
                 fix = (hp, s_in.contiguous(), w)
             else:
                 state_fixup(h, hp, s_in, cfg, rows=w, target=vnew if w is not None else None, sign=-1.0)
             st = st + a @ s_in
+            del hp
         o = _output_fwd(q, k, vnew, h, gam, scale, cfg, fix=fix)
-        del hp, fix
+        del fix
         ctx.save_for_backward(q, k, v, g, beta, s_in, gam, tm)
         ctx.scale, ctx.link, ctx.has_s0 = scale, link, s0 is not None
         ctx.set_materialize_grads(False)
@@ -70,21 +91,35 @@ class _Overlapped(torch.autograd.Function):
         has_w = beta is not None
         do = q.new_zeros(*q.shape[:3], v.shape[-1]) if do is None else do.contiguous().to(q.dtype)
         w, ut = _wy_apply(k, v, beta, gam, tm, cfg)
-        dvl = _dv_local(q, k, do, gam, scale, cfg)
-        dh, du, G, at, dhp = state_bwd_suffix(q, k, w, do, dvl, gam, scale, cfg)
-        del dvl
-        dst = ctx.link.end(G, at, None if dst_user is None else dst_user.float())
-        ds0 = None
-        if dst is not None:
-            dst = dst.float()
-            # dU gets exp(gl - gam) K dS (gl: gam at the chunk's last row), as in state_bwd_kernel
-            state_fixup(dh, dhp, dst, cfg, rows=k, target=du, sign=1.0, gam=gam)
-            ds0 = G + at @ dst
-        else:
-            ds0 = G
-        del dhp
         u = ut if has_w else v
-        h, vnew, _, _ = state_fwd(k, w, u, gam, s_in, cfg, store_h=True, store_vnew=True, store_final=False)
+        h = None
+        if ctx.link.end_first:  # what needs no dS_out first (the plain backward's order), then wait for it
+            h, vnew, _, _ = state_fwd(k, w, u, gam, s_in, cfg, store_h=True, store_vnew=True, store_final=False)
+        dvl = _dv_local(q, k, do, gam, scale, cfg)
+        u_user = None if dst_user is None else dst_user.float()
+        if ctx.link.end_known(u_user):  # dS_out = 0: the plain reverse pass, nothing to fix up
+            dh, du, ds0 = state_bwd(q, k, w, do, dvl, gam, None, scale, cfg, store=True)
+            del dvl
+            ctx.link.end(ds0, None, None)
+        elif ctx.link.end_first:  # the plain reverse pass from the exact dS_out: its dS_in is d s0
+            B, _, H, K = k.shape
+            dst = ctx.link.end(torch.zeros(B, H, K, v.shape[-1], device=k.device, dtype=torch.float32), None,
+                               u_user)
+            dh, du, ds0 = state_bwd(q, k, w, do, dvl, gam, dst.float().contiguous(), scale, cfg, store=True)
+            del dvl
+        else:
+            dh, du, G, at, dhp = state_bwd_suffix(q, k, w, do, dvl, gam, scale, cfg)
+            del dvl
+            dst = ctx.link.end(G, at, u_user)
+            ds0 = G
+            if dst is not None:
+                dst = dst.float()
+                # dU gets exp(gl - gam) K dS (gl: gam at the chunk's last row), as in state_bwd_kernel
+                state_fixup(dh, dhp, dst, cfg, rows=k, target=du, sign=1.0, gam=gam)
+                ds0 = G + at @ dst
+            del dhp
+        if h is None:
+            h, vnew, _, _ = state_fwd(k, w, u, gam, s_in, cfg, store_h=True, store_vnew=True, store_final=False)
         del u, ut
         dq, dk, dw, dgam = _dqk(q, k, vnew, do, h, dh, du if has_w else None, gam, scale, cfg)
         del h, dh, vnew
@@ -99,9 +134,12 @@ class _Overlapped(torch.autograd.Function):
 
 def overlapped(q, k, v, g, beta, *, scale=None, initial_state=None, link, chunk_size=CHUNK):
     """o, final state of the chunk op (``g``/``beta`` None as the op has them) whose state passes
-    call ``link.start(A, B_from_zero, initial_state) -> S_in or None`` in the forward and
-    ``link.end(G, A^T, final_state_grad or None) -> dS_out or None`` in the backward (see the module
-    docstring). ``initial_state`` (rank 0's) gets the gradient dS_in; no ``cu_seqlens``."""
+    call ``link.start(A, B_from_zero) -> S_in`` in the forward (``link.start(None, final_state)``
+    where ``link.start_known``; ``link.start(None, zeros) -> S_in`` first where ``link.start_first``)
+    and ``link.end(G, A^T, final_state_grad or None) -> dS_out or None`` in the backward
+    (``link.end(G, None, None)`` where ``link.end_known(final_state_grad)``; ``link.end(zeros, None,
+    final_state_grad)`` first where ``link.end_first``); see the module docstring. ``initial_state``
+    (rank 0's) gets the gradient dS_in; no ``cu_seqlens``."""
     _check("context-parallel overlap", q, k, v, chunk_size)
     if k.shape[1] % CHUNK:
         raise ValueError(f"context-parallel overlap: T={k.shape[1]} must be a multiple of the chunk size {CHUNK}")

@@ -378,6 +378,22 @@ def shard_transition(kind, k, v, *, g=None, beta=None, chunk_size=CHUNK):
         return a, bst
 
 
+def shard_final_state(kind, k, v, *, g=None, beta=None, initial_state=None, chunk_size=CHUNK):
+    """[B, H, K, V] fp32: the shard's final state from ``initial_state`` (zero when None) by the
+    plain forward's state pass (no A programs: half the programs of ``shard_transition``'s)."""
+    _check("shard_final_state", None, k, v, chunk_size)
+    k, v = k.contiguous(), v.contiguous()
+    g = None if g is None else g.contiguous().float()
+    beta = None if beta is None else beta.contiguous().float()
+    s0 = None if initial_state is None else initial_state.contiguous().float()
+    cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None, fp32=k.dtype == torch.float32)
+    with torch.no_grad():
+        gam, _tm, w, ut = _wy_fwd(k, v, g, beta, cfg)
+        _, _, st, _ = _state_fwd(k, w, ut if w is not None else v, gam, s0, cfg, store_h=False,
+                                 store_vnew=False, store_final=True)
+    return st
+
+
 def shard_state_grad(kind, q, k, do, *, g=None, beta=None, scale=None, chunk_size=CHUNK):
     """G [B, H, K, V] fp32 = d sum(o * do) / d initial_state, by a reverse state-only pass."""
     _check("shard_state_grad", q, k, do, chunk_size)

@@ -4,7 +4,8 @@ Layers (``--layer``, several at once): ``gdn`` (gated delta rule), ``delta``, ``
 ``context_parallel``; ``swa`` (sliding-window attention, ``--window``) through the halo exchange and
 ``attn`` (global causal attention) through Ulysses, both as the model's Attention block runs them.
 For the linear mixers ``--transition`` times each given way of computing a shard's (A, B)
-(``sequential``, ``grouped``, ``grouped:G``) as its own row.
+(``sequential``, ``grouped``, ``grouped:G``, ...; ``sequential_all``: the reference in which every rank runs
+every pass) as its own row.
 
 For each per-rank length T: the plain op on one device at T against ``context_parallel`` over N ranks
 at N*T (every rank holds T tokens), so the ideal CP time equals the one-device time and
@@ -13,8 +14,10 @@ at N*T (every rank holds T tokens), so the ideal CP time equals the one-device t
 
 Times are medians over iterations of the slowest rank (a CP step ends when its last rank ends); the
 one-device time is the same plain op run on every rank at once, averaged over ranks. The state pass
-(shard_transition) and state-gradient pass (shard_state_grad) are also timed alone: with the two small
-all-gathers they are all that CP adds to the plain op's forward and backward. Peak memory is
+and state-gradient pass are also timed alone, each rank running what it runs under CP (rank 0 the
+A-free pass from its initial state, middle ranks (A, B), the last rank nothing; in the backward
+rank 0 nothing, the others G), the slowest rank's time: with the two small all-gathers they are all
+that CP adds to the plain op's forward and backward. Peak memory is
 the largest per-device peak of one forward+backward. ``--fla`` times fla-core's own CP
 (``fla.ops.cp``) side by side (benchmark-only dependency, never imported by lctrain itself); its first
 calls autotune for minutes, so it is off by default and best run in its own invocation.
@@ -75,7 +78,9 @@ def _parse(argv):
                         "forward's (A, B) by parallel chunk groups), grouped+grad (the backward's state gradient "
                         "too); ':G' fixes G chunk groups, e.g. grouped:8; direct (gla only: closed form, one "
                         "matmul per pass; other layers skip it with a note); overlap (Triton: both passes inside the "
-                        "op's own, no separate pass: its state-pass columns stay empty)")
+                        "op's own, no separate pass: its state-pass columns stay empty); pipeline (Triton: overlap "
+                        "where the last rank waits for S_in and rank 0 for dS_out, then plain passes); sequential_all "
+                        "(the reference: sequential with every rank running every pass, nothing skipped)")
     p.add_argument("--op", choices=["gated_delta_rule", "loglinear_gated_delta_rule"], default="gated_delta_rule",
                    help="loglinear_gated_delta_rule: time the log-linear Gated DeltaNet instead of --layer")
     p.add_argument("--window", type=int, default=2048, help="swa: window in tokens (default 2048)")
@@ -342,7 +347,6 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, cl
         clock.progress(f"{layer} T/rank {T}: 1 device at {P}*T measured")
     fla = _fla_times(layer, args, x, device, group, notes if first else [])
     gates = dict(g=x["g"] if kind != "delta" else None, beta=x["beta"] if kind != "gla" else None)
-    pass_ms = {}
     for transition in args.transition:
         if clock.out_of_time():
             notes.append(f"--time-limit {args.time_limit:g} s: {layer} [{transition}] at T/rank {T} and later "
@@ -350,9 +354,9 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, cl
             return
         try:
             cp_op = context_parallel(op, group, transition=transition)
-            if transition == "overlap" and kernels.resolve_backend(kw["backend"], "shard_transition",
-                                                                   device) != "triton":
-                raise ContextParallelError("transition='overlap' runs inside the Triton kernels (CUDA, or "
+            if cp_op.pass_keys()[0] in ("overlap", "pipeline") and kernels.resolve_backend(
+                    kw["backend"], "shard_transition", device) != "triton":
+                raise ContextParallelError(f"transition={transition!r} runs inside the Triton kernels (CUDA, or "
                                            "TRITON_INTERPRET=1 with --backend triton)")
         except ContextParallelError as err:  # e.g. "direct" for a delta rule: no such row
             notes.append(f"{layer} [{transition}] not measured: {err}")
@@ -365,20 +369,17 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, cl
         except Exception as err:  # noqa: BLE001
             _note_failure(notes, f"{layer} [{transition}] at T/rank={T}", err, device, rank)
             continue
-        # the passes that CP adds, as this transition runs them (shared between rows that run them alike)
-        fwd_key, bwd_key = (("state",) + cp_op.pass_keys()[:1]), (("grad",) + cp_op.pass_keys()[1:])
-        if fwd_key[1] == "overlap":  # no separate passes: they run inside the op (cp_parts times its overhead)
-            pass_ms[fwd_key] = pass_ms[bwd_key] = None
-        if fwd_key not in pass_ms:
-            pass_ms[fwd_key] = _timed(lambda: cp_op._transition(x["k"], x["v"], gates["g"], gates["beta"],  # noqa: B023
-                                                                kw["backend"], kw["chunk_size"]),
-                                      device, group, args.warmup, args.iters, False)
-        if bwd_key not in pass_ms:
-            pass_ms[bwd_key] = _timed(lambda: cp_op._state_grad(x["q"], x["k"], x["v"], x["do"],  # noqa: B023
-                                                                gates["g"], gates["beta"], None, kw["backend"],
-                                                                kw["chunk_size"]),
-                                      device, group, args.warmup, args.iters, False)
-        res["state_pass_ms"], res["state_grad_pass_ms"] = pass_ms[fwd_key], pass_ms[bwd_key]
+        # the passes that CP adds, as this transition runs them on each rank (what each rank computes differs:
+        # rank 0 the A-free pass, the last none, ...), the slowest rank's time: what they add to the step
+        if cp_op.pass_keys()[0] in ("overlap", "pipeline"):  # no separate passes: inside the op (cp_parts times it)
+            res["state_pass_ms"] = res["state_grad_pass_ms"] = None
+        else:
+            res["state_pass_ms"] = _timed(lambda: cp_op._forward_summary(  # noqa: B023
+                x["k"], x["v"], gates["g"], gates["beta"], None, kw["backend"], kw["chunk_size"]),
+                device, group, args.warmup, args.iters, True)
+            res["state_grad_pass_ms"] = _timed(lambda: cp_op._own_state_grad(  # noqa: B023
+                x["q"], x["k"], x["v"], x["do"], gates["g"], gates["beta"], None, kw["backend"], kw["chunk_size"]),
+                device, group, args.warmup, args.iters, True)
         res.update(fla)
         yield res
 
@@ -544,7 +545,9 @@ def _worker(args, argv) -> int:
              f"{args.warmup} warm-up + {args.iters} timed iterations; efficiency = 1-device fwd+bwd at T / CP fwd+bwd "
              f"at {P}*T; '1-dev at T total' = one device at {P}*T (strong scaling, --strong or attn); swa window "
              f"{args.window}; the state pass and state-grad pass columns time the passes CP adds as the row's "
-             "transition runs them, alone on every rank"]
+             "transition runs them on each rank (rank 0 the A-free pass, the last rank no forward pass, rank 0 no "
+             "state-gradient pass, middle ranks (A, B) and G; sequential_all: every pass on every rank), alone, the "
+             "slowest rank's time"]
     clock = _Clock(args.time_limit, rank, group, device)
     results = _Results(args, argv, P, device, notes, rank)
     cases = [(layer, T) for layer in args.layer for T in args.T]

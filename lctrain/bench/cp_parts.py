@@ -14,6 +14,9 @@ GPU, so that the fastest can be picked per sequence length:
 - ``transition``: each ``--transition`` way of the state pass (``sequential``, ``grouped:G``, ...),
   and the sequential one under each ``--cfg`` launch-setting override of the Triton state kernels
   (e.g. ``BVSC=16``: more, narrower programs; ``stages_seqc=3``: less shared memory per program);
+  ``final state``: the A-free pass (``shard_final_state``: the plain forward's state pass, launch
+  key ``state_fwd``, e.g. ``BVS=32``) that rank 0 runs instead under the sequential transition (its
+  'x sequential' is its time over the default (A, B) pass's);
 - ``state grad``: the same for the state-gradient pass (``grouped+grad:G`` groups it).
 
 Every row also gives its largest difference from the sequential pass's result, relative to the
@@ -29,8 +32,8 @@ import time
 
 COLUMNS = ["layer", "T", "pass", "way", "ms", "x sequential", "rel diff"]
 KINDS = {"gdn": "gated_delta", "delta": "delta", "gla": "gla"}
-DEFAULT_CFGS = ("BVSC=16", "BVSC=64", "stages_seqc=3", "BVSBC=16", "BVSBC=64", "stages_seqbc=2", "warps_seqbc=4",
-                "BVF=64", "fuse_out=1", "BVSB=32", "stages_seqb=1")
+DEFAULT_CFGS = ("BVS=32", "BVSC=16", "BVSC=64", "stages_seqc=3", "BVSBC=16", "BVSBC=64", "stages_seqbc=2",
+                "warps_seqbc=4", "BVF=64", "fuse_out=1", "BVSB=32", "stages_seqb=1")
 
 
 def _parse(argv):
@@ -194,7 +197,7 @@ def _case(layer, T, args, kw, device, dtype, add, notes, out_of_time):
                 _time_overlap(layer, T, x, names, kw, args, device, add, notes, op_ms, cfg)
             finally:
                 triton_ops.set_config(**previous)
-    ways = ([("sequential", {})] + [(t, {}) for t in args.transition if t != "overlap"]
+    ways = ([("sequential", {})] + [(t, {}) for t in args.transition if t not in ("overlap", "pipeline")]
             + [("sequential", c) for c in args.cfg])
     base = {}
     for transition, cfg in ways:
@@ -222,6 +225,12 @@ def _case(layer, T, args, kw, device, dtype, add, notes, out_of_time):
                     base[what] = (ms, out)
                 ref_ms, ref = base[what]
                 add(layer, T, what, label, ms, ref_ms, _rel(out, ref))
+                if what == "transition" and transition == "sequential" and (not cfg or _cfg_touches(cfg, "final")):
+                    # what rank 0 runs instead: B alone (its incoming state is known), against the (A, B) pass's B
+                    final = lambda: kernels.shard_final_state(kind, x["k"], x["v"], **gates, **kw)  # noqa: E731
+                    fs = final()
+                    add(layer, T, "final state", label, _timed_ms(final, args.warmup, args.iters, device),
+                        base["transition"][0], _rel(fs, base["transition"][1][1]))
         except Exception as err:  # noqa: BLE001 - e.g. a launch setting that does not fit: say so, go on
             notes.append(f"{layer} T {T} [{label}] failed: {type(err).__name__}: {str(err)[:200]}")
             print(notes[-1], flush=True)
@@ -231,12 +240,18 @@ def _case(layer, T, args, kw, device, dtype, add, notes, out_of_time):
 
 class _FixedLink:
     """The two exchanges of the overlapped op (transition="overlap") on one device: a fixed incoming
-    state and outgoing-state gradient, so that its fix-ups run as under CP, without communication."""
+    state and outgoing-state gradient, so that its fix-ups run as under CP (a middle rank's work),
+    without communication."""
+    start_known = start_first = False  # as on a middle rank: the prefix pass, then the fix-up
+    end_first = False  # as on a middle rank: the suffix pass, then the fix-up
 
     def __init__(self, S, dS):
         self.S, self.dS = S, dS
 
-    def start(self, A, B, s0):
+    def end_known(self, u):
+        return False  # as on a rank before the last: the suffix pass, then the fix-up
+
+    def start(self, A, B):
         return self.S
 
     def end(self, G, At, u):
@@ -275,7 +290,8 @@ def _cfg_touches(cfg: dict, what: str) -> bool:
     from lctrain.kernels.triton.ops import KERNEL_KEYS
     kernels = {"transition": ("state_fwd", "state_fwd_cp", "wy_solve", "wy_apply"),
                "state grad": ("state_bwd", "dv_local", "wy_solve", "wy_apply"),
-               "overlap": ("state_fwd_cp", "state_bwd_cp", "state_fixup")}[what]
+               "overlap": ("state_fwd_cp", "state_bwd_cp", "state_fixup"),
+               "final": ("state_fwd", "wy_solve", "wy_apply")}[what]
     return any(key in KERNEL_KEYS[k] for k in kernels for key in cfg)
 
 
