@@ -406,9 +406,6 @@ def validate(cfg: DictConfig) -> None:
               f"{p.nproc_per_node // model_size} replicas of tp*cp*pp = {model_size}) is not supported yet (the "
               "data loader needs each replica's ranks consecutive, megatron-core numbers pipeline stages outermost)",
               f"use parallel.nproc_per_node={model_size} (or 0), or parallel.pp=1")
-    if t.dtype == "float16" and m.kernel_backend in ("auto", "triton"):
-        _fail("train.dtype", "the Triton mixer kernels refuse float16 on a GPU (a wrong gradient of q in the GPU test "
-              "of 2026-11-30)", "use bfloat16 (or auto), or model.kernel_backend=torch")
     if p.pp > 1 and t.dtype == "float16":
         _fail("train.dtype", "float16's loss scaler skips a step on the stage that overflowed only, and pipeline "
               "stages would then drift apart", "use bfloat16 (or auto) with parallel.pp > 1")

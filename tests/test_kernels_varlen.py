@@ -118,14 +118,12 @@ def test_triton_packed_documents_equal_each_document_alone(kind, dtype, tol, dev
     def loop(*a, **kw):
         raise AssertionError("backend='triton' with cu_seqlens fell back to the per-document loop")
     monkeypatch.setattr(api, "per_document", loop)
-    if device == "cuda" and dtype == torch.float16:  # refused on GPUs: its gradient of q failed this test (H200)
-        with pytest.raises(TypeError, match="float16"):
-            packed_and_alone(kind, "triton", 64, dtype, [7, 1, 64, 77], seed=5, device=device, dims=(2, 16, 20))
-        return
+    # on CUDA the smallest head dim the kernels take there (ops.gpu_refusal: 16 / 20 gave wrong dq/dk on an H200)
+    dims = (2, 16, 20) if device == "cpu" else (2, 32, 32)
     previous = ops.set_config(**(SMALL_BLOCKS if device == "cpu" else {}))
     try:
         packed, alone = packed_and_alone(kind, "triton", 64, dtype, [7, 1, 64, 77], seed=5,
-                                         device=device, dims=(2, 16, 20))
+                                         device=device, dims=dims)
     finally:
         ops.set_config(**previous)
     if device == "cuda" and dtype == torch.float32:
@@ -155,42 +153,13 @@ def test_triton_direct_pt_equals_each_document_alone(kind):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("direct_pt", [
-    pytest.param(0, marks=pytest.mark.xfail(strict=True, reason="the H200 float16 failure of 2026-11-30: "
-                                            "with tl.trans of P (Triton 3.6 on Hopper); passing refutes the cause")),
-    1])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kind", MIXERS)
-def test_float16_packed_documents_on_gpu_with_direct_pt(kind, direct_pt, monkeypatch):
-    """The test that can lift the float16 refusal (docs/kernels-notes.md, "float16 on GPUs"): the packed
-    float16 case that failed on an H200, with the refusal turned off, passes with direct_pt=1 (the float16
-    default) and fails with direct_pt=0 (what ran then)."""
-    from lctrain.kernels.triton import ops
-    monkeypatch.setattr(ops, "REFUSE_FP16_ON_GPU", False)
-    _assert_packed_on_gpu_with_direct_pt(kind, torch.float16, direct_pt, 1e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("direct_pt", [0, 1])
-@pytest.mark.parametrize("kind", MIXERS)
-def test_bfloat16_packed_documents_on_gpu_at_small_head_dims(kind, direct_pt):
-    """bfloat16 at the head dims of the float16 failure (16 / 20; the bf16 GPU tests use 64 and up): if
-    direct_pt=0 (the bf16 default) fails here, the miscompile is set off by the tile shape, not float16,
-    and direct_pt=1 must become the default for every dtype."""
-    _assert_packed_on_gpu_with_direct_pt(kind, torch.bfloat16, direct_pt, 2e-2)
-
-
-def _assert_packed_on_gpu_with_direct_pt(kind, dtype, direct_pt, tol):
-    """The packed case of the H200 float16 failure (head dims 16 / 20) in ``dtype`` on CUDA, with launch key
-    direct_pt set, equals each document alone."""
-    from lctrain.kernels.triton import ops
-    previous = ops.set_config(direct_pt=direct_pt)
-    try:
-        packed, alone = packed_and_alone(kind, "triton", 64, dtype, [7, 1, 64, 77], seed=5, device="cuda",
-                                         dims=(2, 16, 20))
-    finally:
-        ops.set_config(**previous)
-    assert_same(packed, alone, tol, f"{kind}/triton/{dtype} direct_pt={direct_pt} on cuda")
+def test_small_head_dims_are_refused_on_gpu(kind, dtype):
+    """Head dims 16 / 20 gave wrong dq / dk on an H200 in every dtype and launch setting tried (kernel_check,
+    docs/kernels-notes.md): on CUDA the op refuses them before any kernel runs, naming the head dims."""
+    with pytest.raises(ValueError, match="head dims below 32"):
+        packed_and_alone(kind, "triton", 64, dtype, [7, 1, 64, 77], seed=5, device="cuda", dims=(2, 16, 20))
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -318,11 +287,11 @@ def test_remembered_cu_seqlens_are_checked_again_where_the_call_differs():
 
 def test_gpu_refusal_names_the_shapes_the_triton_kernels_got_wrong_on_a_gpu():
     """ops.gpu_refusal (checked by every op on CUDA inputs and by the trainer): head dims below 32 in any dtype,
-    float32 above 64, float16 at all; bfloat16 from 32 to 256 and float32 up to 64 pass (kernel_check, H200)."""
+    float32 above 64; bfloat16 / float16 from 32 up and float32 up to 64 pass (kernel_check, H200)."""
     from lctrain.kernels.triton.ops import gpu_refusal
     for K, V in ((16, 20), (16, 64), (64, 20)):
         assert "head dims below 32" in gpu_refusal(K, V, torch.bfloat16)
     assert "float32 inputs at head dims above 64" in gpu_refusal(128, 128, torch.float32)
-    assert "float16" in gpu_refusal(64, 64, torch.float16)
-    for K, dtype in ((32, torch.bfloat16), (64, torch.float32), (128, torch.bfloat16), (256, torch.bfloat16)):
+    for K, dtype in ((32, torch.bfloat16), (64, torch.float32), (128, torch.bfloat16), (128, torch.float16),
+                     (256, torch.bfloat16)):
         assert gpu_refusal(K, K, dtype) is None, (K, dtype)

@@ -31,8 +31,6 @@ from .wy import wy_solve as _wy_solve  # noqa: F401 - tune_kernels launches it a
 
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# float16 CUDA inputs are refused (see gpu_refusal); the GPU test of the fix turns this off to run them
-REFUSE_FP16_ON_GPU = True
 # On an H200 (Triton 3.6) `python -m lctrain.bench.kernel_check` (2026-11-30, docs/results/h200x2_2026-11-30_s3)
 # found, with every other case of its grid within bf16 / TF32 noise of float64 torch:
 # - head dims 16 / 20 (any dtype, any launch setting tried): dq, dk (and so dg) wrong, relative error ~1;
@@ -40,6 +38,8 @@ REFUSE_FP16_ON_GPU = True
 #   memory access at T=4133. Head dims 32 and 64 passed everything.
 # - float32 at head dim 128 (the shared-memory-limited settings, stages_seqb=1): an illegal memory access
 #   (delta) and wrong dk / dv / dbeta / initial-state gradients (gated_delta, 2-7%). float32 at 32 / 64 passed.
+# - float16 (direct_pt=1, its default) at head dims 32 / 64 / 128: every case passed (the same call's --quick
+#   grid), so the float16 refusal of the third call (a wrong dq at head dims 16 / 20, which bf16 shares) is lifted.
 MIN_GPU_HEAD_DIM = 32
 MAX_GPU_FP32_HEAD_DIM = 64
 
@@ -55,12 +55,6 @@ def gpu_refusal(K: int, V: int, dtype: torch.dtype) -> str | None:
         return (f"float32 inputs at head dims above {MAX_GPU_FP32_HEAD_DIM} (got K={K}, V={V}) are refused by the "
                 "Triton kernels on a GPU (wrong gradients / an illegal memory access on an H200: "
                 "docs/kernels-notes.md); use bfloat16 or backend='torch' (model.kernel_backend=torch)")
-    if REFUSE_FP16_ON_GPU and dtype == torch.float16:
-        # float16 gave a wrong gradient of q on an H200 at head dims 16/20 (call 3); kernel_check since showed
-        # bf16 fails the same way there, so the head dim is the likelier cause, but float16 at larger head dims
-        # has no GPU result yet
-        return ("float16 inputs on a GPU are refused by the Triton backend (its gradients failed the GPU test); use "
-                "bfloat16 (train.dtype=bfloat16 or auto) or backend='torch'")
     return None
 
 
@@ -79,7 +73,7 @@ def _check(op: str, q, k, v, chunk_size: int) -> None:
     if k.is_cuda:  # k: every op has it (CP passes: no q)
         why = gpu_refusal(K, V, k.dtype)
         if why is not None:
-            raise (TypeError if k.dtype == torch.float16 else ValueError)(f"{op}: {why}.")
+            raise ValueError(f"{op}: {why}.")
 
 
 # Launch settings, per kernel: block sizes (B...), warps and software-pipelining stages. Every key
