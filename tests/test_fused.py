@@ -44,16 +44,22 @@ def test_compiled_elementwise_equals_eager(monkeypatch, extra):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_elementwise_equals_eager_bf16_on_gpu():
+    """Compiled and eager bf16 differ by rounding (Inductor keeps fused elementwise chains in float32, eager rounds
+    to bf16 after every op): on an H200 the gradient of one A_log differed by 6% between them, a sum over all
+    tokens with cancellation. So each is compared with a float32 reference (torch kernels, float32): compiled must
+    be about as close to it as eager is, not bit-close to eager."""
     big = ["model.d_model=256", "model.layer_pattern=GSGS", "model.window=128", "model.n_heads=2",
            "model.head_dim=128", "model.attn_heads=2", "model.attn_head_dim=128", "model.vocab_size=512",
-           "model.document_end_id=null",
-           "model.kernel_backend=auto"]
-    _, loss, grads = _loss_and_grads(big, T=1024, device="cuda", dtype=torch.bfloat16)
-    _, loss_c, grads_c = _loss_and_grads([*big, "model.compile=true"], T=1024, device="cuda", dtype=torch.bfloat16)
-    torch.testing.assert_close(loss_c, loss, rtol=1e-2, atol=1e-2)
-    for name in grads:
-        rel = (grads_c[name] - grads[name]).norm() / grads[name].norm().clamp(min=1e-12)
-        assert rel < 5e-2, (name, float(rel))
+           "model.document_end_id=null"]
+    _, loss_r, ref = _loss_and_grads([*big, "model.kernel_backend=torch"], T=1024, device="cuda")
+    _, loss, grads = _loss_and_grads([*big, "model.kernel_backend=auto"], T=1024, device="cuda", dtype=torch.bfloat16)
+    _, loss_c, grads_c = _loss_and_grads([*big, "model.kernel_backend=auto", "model.compile=true"], T=1024,
+                                         device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(loss_c, loss_r, rtol=1e-2, atol=1e-2)
+    rel = lambda a, b: float((a - b).norm() / b.norm().clamp(min=1e-12))  # noqa: E731
+    for name in ref:
+        eager, compiled = rel(grads[name], ref[name]), rel(grads_c[name], ref[name])
+        assert compiled <= max(1.5 * eager, 2e-2), (name, compiled, eager)
 
 
 def test_lean_l2_norm_equals_the_float32_formula():
