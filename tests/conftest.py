@@ -14,8 +14,12 @@ import os
 
 import pytest
 
+_IN_XDIST_WORKER = False  # set in pytest_configure: whether this process is a pytest-xdist worker
+
 
 def pytest_configure(config):
+    global _IN_XDIST_WORKER
+    _IN_XDIST_WORKER = hasattr(config, "workerinput")
     markexpr = config.getoption("markexpr", "") or ""
     gpu_run = "gpu" in markexpr and "not gpu" not in markexpr
     if not gpu_run:
@@ -56,7 +60,7 @@ def pytest_runtest_makereport(item, call):
 @pytest.hookimpl(trylast=True)  # after xdist has sent the report and the terminal has shown it
 def pytest_runtest_logreport(report):
     # only in the xdist worker that ran the test (the controller sees the same report, attribute included)
-    if getattr(report, "sticky_cuda_error", False) and os.environ.get("PYTEST_XDIST_WORKER"):
+    if getattr(report, "sticky_cuda_error", False) and _IN_XDIST_WORKER:
         import sys
         sys.stderr.write(f"\nconftest: {report.nodeid} left a sticky CUDA error; ending this test process so that "
                          "later tests run in a fresh one\n")

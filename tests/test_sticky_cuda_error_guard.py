@@ -2,6 +2,7 @@
 run in a fresh process (under pytest-xdist) instead of all failing on the poisoned CUDA context. Checked with a
 stand-in: a test that raises the error text of a CUDA fault and poisons a module-level flag, then tests that fail
 if they run in the same process."""
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,8 @@ def test_a_sticky_cuda_error_ends_the_worker_and_later_tests_run_in_a_fresh_one(
     def pytest(*args):
         run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, "--rootdir",
                               str(tmp_path), str(tmp_path / "test_fault.py")],
-                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
+                             capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                             env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")})
         return run.stdout + run.stderr
 
     out = pytest("-n", "1")  # xdist: the worker ends after the fault, a fresh one runs the other three
