@@ -176,3 +176,53 @@ def test_set_config_rejects_bad_values():
         ops.set_config(BVS=24)
     with pytest.raises(ValueError, match="power of two"):
         ops.set_config(BKD=8)
+
+
+def test_aligned_input_copies_only_unaligned_views(monkeypatch):
+    """ALIGN_INPUTS (triton/ops.py): a view starting off a 16-byte boundary (token 1 of a float32 [1, T, 2] g:
+    8 bytes in) is copied to an aligned tensor with the same values; an aligned one is passed as it is."""
+    from lctrain.kernels.triton import ops
+    g = torch.randn(1, 9, 2)
+    view = g[:, 1:]
+    assert view.is_contiguous() and view.data_ptr() % 16 == 8 and ops.needs_aligned_copy(view)
+    out = ops.aligned_input(view)
+    assert out.data_ptr() % 16 == 0 and out.data_ptr() != view.data_ptr() and torch.equal(out, view)
+    even = g[:, 2:]   # 16 bytes in: aligned, no copy
+    assert not ops.needs_aligned_copy(even) and ops.aligned_input(even).data_ptr() == even.data_ptr()
+    assert ops.aligned_input(None) is None
+    monkeypatch.setattr(ops, "ALIGN_INPUTS", False)
+    assert not ops.needs_aligned_copy(view) and ops.aligned_input(view).data_ptr() == view.data_ptr()
+
+
+def test_unaligned_views_give_the_results_of_fresh_copies(monkeypatch):
+    """The plain op on views at an odd token of longer tensors (g / beta 8 bytes off a 16-byte boundary, as a
+    log-linear run after an odd head gets them) equals the op on fresh copies, output, final state and every
+    gradient; the kernels get aligned pointers only."""
+    from lctrain.kernels.triton import ops
+    B, T, H, K = 1, 20, 2, 16
+    gen = torch.Generator().manual_seed(18)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    full = dict(q=r(B, T + 1, H, K), k=F.normalize(r(B, T + 1, H, K), dim=-1), v=r(B, T + 1, H, K),
+                g=F.logsigmoid(r(B, T + 1, H) + 2.0), beta=torch.sigmoid(r(B, T + 1, H)))
+    do, dS = r(B, T, H, K), r(B, H, K, K)
+    seen = []
+    apply = ops._ChunkRecurrence.apply
+
+    def spy(*args):
+        seen.append([a.data_ptr() % 16 for a in args if isinstance(a, torch.Tensor)])
+        return apply(*args)
+
+    monkeypatch.setattr(ops._ChunkRecurrence, "apply", spy)
+
+    def run(fresh):
+        leaves = {n: t.clone().requires_grad_() for n, t in full.items()}
+        x = {n: (t[:, 1:].clone() if fresh else t[:, 1:]) for n, t in leaves.items()}
+        o, S = gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], output_final_state=True, backend="triton")
+        grads = torch.autograd.grad((o * do).sum() + (S * dS).sum(), list(leaves.values()))
+        return [o, S, *grads]
+
+    views, fresh = run(False), run(True)
+    assert full["g"][:, 1:].data_ptr() % 16 == 8   # the case is unaligned
+    assert seen and all(p == 0 for call_ptrs in seen for p in call_ptrs)
+    for a, b in zip(views, fresh):
+        assert torch.equal(a, b)

@@ -415,3 +415,22 @@ def test_fused_triton_gpu_long_and_wide(kind, T, D):
         errors[backend] = {"o": rel(o, ref[0]), "S": rel(S, ref[1]), **{n: rel(g[n], ref[2][n]) for n in ref[2]}}
     # both backends in the message: a bf16 error shared by both is precision, one of "triton" alone a bug
     assert all(e < 2e-2 for e in errors["triton"].values()), errors
+
+
+def test_level_runs_of_one_chunk_take_the_torch_base_op():
+    """Issue 18: a level run of at most one chunk per row (a Triton chunk count of 1, the call that faulted on an
+    H200) goes to the torch base op even under backend "triton"; longer runs and batched blocks keep Triton."""
+    from lctrain.kernels.loglinear.chunk import level_run
+    calls = []
+
+    def base(*xs, backend, chunk_size, **kw):
+        calls.append((xs[0].shape[0], xs[0].shape[1], backend))
+        return gated_delta_rule(*xs, backend="torch", chunk_size=chunk_size, **kw)
+
+    x = make_inputs("gdn", 2 * 128 + 97, 4, 4, 1, torch.float64, seed=18)
+    for T, start, want in [(2 * 128 + 32, 0, [(2, 128, "triton"), (1, 32, "torch")]),
+                           (64 + 128 + 65, 64, [(1, 64, "torch"), (1, 128, "triton"), (1, 65, "triton")])]:
+        calls.clear()
+        piece = [x[n][:, :T] for n in ("q", "k", "v", "g", "beta")]
+        level_run(base, *piece[:3], piece[3:], None, start, 128, "triton", 64)
+        assert calls == want

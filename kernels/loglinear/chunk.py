@@ -71,8 +71,14 @@ def level_run(base, q, k, v, gates, init, start: int, block: int, backend: str, 
     cs = min(chunk_size, block)
     if backend != "torch" and cs < chunk_size:
         backend = "torch"  # blocks shorter than a Triton chunk: the torch base op (cheap, see docs)
-    run = lambda xs, s0: base(*xs, scale=scale, initial_state=s0, output_final_state=True,  # noqa: E731
-                              backend=backend, chunk_size=cs)
+
+    def run(xs, s0):
+        # so are runs of one chunk or less (the level-6 final state, the last partial block of a level): the
+        # Triton kernels compile a constant chunk count of 1 as its own specialisation, which faulted on an
+        # H200 (issue 18, docs/loglinear.md); at most a chunk per row, so the torch op costs next to nothing
+        which = "torch" if xs[0].shape[1] <= cs else backend
+        return base(*xs, scale=scale, initial_state=s0, output_final_state=True, backend=which, chunk_size=cs)
+
     xs = (q, k, v) + tuple(gates)
     outs, state, lo = [], None, 0
     f = start % block

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..triton.common import CHUNK
-from ..triton.ops import _Cfg, _chunk_suffix_sum
+from ..triton.ops import _Cfg, _chunk_suffix_sum, aligned_input
 from ..triton.wy import wy_apply, wy_bwd, wy_fwd
 from . import triton_levels
 from .chunk import _last_block_states, level_weight_differences, runs_from_slots, slots_from_runs
@@ -102,10 +102,10 @@ def fused_by_levels(base, q, k, v, g, beta, level_weights, *, scale, run_init, p
                                                        CHUNK)]
     lw = level_weight_differences(q, level_weights, top)[..., c + 1:].float().contiguous()
     s0 = None if run_init is None or top <= c else run_init[:, :, c + 1: top + 1].float().contiguous()
-    f32 = lambda x: None if x is None else x.float().contiguous()  # noqa: E731
+    f32 = lambda x: aligned_input(x, torch.float32)  # noqa: E731  (ALIGN_INPUTS in triton/ops.py: why aligned)
     # scalar decay from position 0: the levels above c from block totals, no level scans (scalar_tree)
     tree = beta is None and p0 == 0 and top > c and bool(triton_levels.CONFIG["TREE"])
-    o, st = _FusedLogLinear.apply(q.contiguous(), k.contiguous(), v.contiguous(), f32(g), f32(beta),
+    o, st = _FusedLogLinear.apply(aligned_input(q), aligned_input(k), aligned_input(v), f32(g), f32(beta),
                                   f32(level_weights), lw[..., :0] if tree else lw, s0, scale, p0 // CHUNK,
                                   min(c, top), bool(want_runs and top > c and not tree))
     if tree:

@@ -42,7 +42,7 @@ import torch
 from .common import CHUNK
 from .dqdk import dqk as _dqk
 from .fixup import state_fixup
-from .ops import _Cfg, _check, _chunk_suffix_sum
+from .ops import _Cfg, _check, _chunk_suffix_sum, aligned_input
 from .output import dv_local as _dv_local
 from .output import output_fwd as _output_fwd
 from .state import state_bwd, state_bwd_suffix, state_fwd, state_fwd_prefix
@@ -145,9 +145,7 @@ def overlapped(q, k, v, g, beta, *, scale=None, initial_state=None, link, chunk_
         raise ValueError(f"context-parallel overlap: T={k.shape[1]} must be a multiple of the chunk size {CHUNK}")
     dt = q.dtype
     scale = float(k.shape[-1] ** -0.5 if scale is None else scale)
-    q, k, v = (x.contiguous() for x in (q, k, v))
-    g = None if g is None else g.contiguous().float()
-    beta = None if beta is None else beta.contiguous().float()
-    s0 = None if initial_state is None else initial_state.contiguous().float()
+    q, k, v = (aligned_input(x) for x in (q, k, v))
+    g, beta, s0 = (aligned_input(x, torch.float32) for x in (g, beta, initial_state))
     o, st = _Overlapped.apply(q, k, v, g, beta, s0, scale, link)
     return o.to(dt), st

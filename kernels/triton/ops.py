@@ -301,8 +301,7 @@ class _ChunkRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dst):
         q, k, v, g, beta, s0, gam, tm = ctx.saved_tensors
-        do = do.contiguous()
-        dst = None if dst is None else dst.contiguous().float()
+        do, dst = aligned_input(do), aligned_input(dst, torch.float32)
         dq, dk, dv, dg, dbeta, ds0 = _backward(q, k, v, g, beta, s0, ctx.scale, do, dst, gam, tm,
                                                ctx.varlen)
         ds0 = None if s0 is None else ds0.to(s0.dtype)
@@ -318,17 +317,38 @@ def _varlen(cu_seqlens, k):
     return varlen_of(cu_seqlens, check_cu_seqlens(cu_seqlens, k.shape[0], k.shape[1], k.device))
 
 
+# Triton compiles one kernel per combination of pointer arguments that are / are not 16-byte aligned (it
+# specialises on data_ptr % 16 to vectorise loads): a view whose start is off a 16-byte boundary, e.g. one
+# starting at an odd token of a float32 [B, T, H=2] g (what log-linear runs after an odd head and per-document
+# loops over packed documents pass), gets a kernel no fresh tensor runs, one the GPU tests never checked. So
+# the entry points hand the kernels aligned copies of such views (a copy only of an unaligned input; the values
+# are the same, so every result is too). kernel_check's "unaligned" cases turn this off to test that kernel.
+ALIGN_INPUTS = True
+
+
+def needs_aligned_copy(x: torch.Tensor) -> bool:
+    """True where ``x`` (contiguous) starts off a 16-byte boundary and ALIGN_INPUTS is on."""
+    return ALIGN_INPUTS and x.data_ptr() % 16 != 0
+
+
+def aligned_input(x: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """``x`` (cast to ``dtype`` when given) contiguous and 16-byte aligned: itself where it already is, else a
+    copy (see ALIGN_INPUTS)."""
+    if x is None:
+        return None
+    x = (x if dtype is None else x.to(dtype)).contiguous()
+    return x.clone() if needs_aligned_copy(x) else x
+
+
 def _run(op, q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size, cu_seqlens):
     _check(op, q, k, v, chunk_size)
     varlen = _varlen(cu_seqlens, k)
     K = k.shape[-1]
     scale = float(K ** -0.5 if scale is None else scale)
     dt = q.dtype
-    q, k, v = (x.contiguous() for x in (q, k, v))
+    q, k, v = (aligned_input(x) for x in (q, k, v))
     # k, v share q's dtype (api validates); per-token scalars go to fp32 for the kernels
-    g = None if g is None else g.contiguous().float()
-    beta = None if beta is None else beta.contiguous().float()
-    s0 = None if initial_state is None else initial_state.contiguous().float()
+    g, beta, s0 = (aligned_input(x, torch.float32) for x in (g, beta, initial_state))
     o, st = _ChunkRecurrence.apply(q, k, v, g, beta, s0, scale, bool(output_final_state), varlen)
     return o.to(dt), (st if output_final_state else None)
 
@@ -357,9 +377,8 @@ def shard_transition(kind, k, v, *, g=None, beta=None, chunk_size=CHUNK):
     """(A, Bst): A [B, H, K, K] fp32 (the shard's transition product, carried in the same state
     pass as Bst), or [B, H] = exp(sum g) for "gla"; Bst [B, H, K, V] fp32 = final state from 0."""
     _check("shard_transition", None, k, v, chunk_size)
-    k, v = k.contiguous(), v.contiguous()
-    g = None if g is None else g.contiguous().float()
-    beta = None if beta is None else beta.contiguous().float()
+    k, v = aligned_input(k), aligned_input(v)
+    g, beta = aligned_input(g, torch.float32), aligned_input(beta, torch.float32)
     cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None, fp32=k.dtype == torch.float32)
     with torch.no_grad():
         gam, _tm, w, ut = _wy_fwd(k, v, g, beta, cfg)
@@ -376,10 +395,8 @@ def shard_final_state(kind, k, v, *, g=None, beta=None, initial_state=None, chun
     """[B, H, K, V] fp32: the shard's final state from ``initial_state`` (zero when None) by the
     plain forward's state pass (no A programs: half the programs of ``shard_transition``'s)."""
     _check("shard_final_state", None, k, v, chunk_size)
-    k, v = k.contiguous(), v.contiguous()
-    g = None if g is None else g.contiguous().float()
-    beta = None if beta is None else beta.contiguous().float()
-    s0 = None if initial_state is None else initial_state.contiguous().float()
+    k, v = aligned_input(k), aligned_input(v)
+    g, beta, s0 = (aligned_input(x, torch.float32) for x in (g, beta, initial_state))
     cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None, fp32=k.dtype == torch.float32)
     with torch.no_grad():
         gam, _tm, w, ut = _wy_fwd(k, v, g, beta, cfg)
@@ -392,9 +409,8 @@ def shard_state_grad(kind, q, k, do, *, g=None, beta=None, scale=None, chunk_siz
     """G [B, H, K, V] fp32 = d sum(o * do) / d initial_state, by a reverse state-only pass."""
     _check("shard_state_grad", q, k, do, chunk_size)
     scale = float(k.shape[-1] ** -0.5 if scale is None else scale)
-    q, k, do = q.contiguous(), k.contiguous(), do.contiguous().to(q.dtype)
-    g = None if g is None else g.contiguous().float()
-    beta = None if beta is None else beta.contiguous().float()
+    q, k, do = aligned_input(q), aligned_input(k), aligned_input(do, q.dtype)
+    g, beta = aligned_input(g, torch.float32), aligned_input(beta, torch.float32)
     cfg = _Cfg(k.shape[-1], do.shape[-1], gated=g is not None, fp32=k.dtype == torch.float32)
     with torch.no_grad():
         gam, _tm, w, _ = _wy_fwd(k, None, g, beta, cfg, want_u=False)

@@ -3,6 +3,11 @@ launch setting), each compared with the chunkwise torch backend in float64 on th
 error of the output, the final state and every gradient, or FAULT when the case took its process down (an
 illegal memory access). ``python -m lctrain.bench.kernel_check --json X.json [--jobs 12] [--quick]``
 
+Besides fresh tensors, the grid replays how the log-linear ops call the plain ops (``REPLAY`` layouts: one
+partial chunk, no initial state, q passed as k, views at an offset into a longer tensor, many short batch rows,
+inputs whose data pointers are not 16-byte aligned), and ``--loglinear`` adds the log-linear ops themselves at
+the shape of ``test_fused_triton_gpu_long_and_wide`` (issue 18, docs/loglinear.md).
+
 Every group of cases (one mixer and head-dim shape) runs in its own subprocess with CUDA_LAUNCH_BLOCKING=1,
 so a fault is pinned on the case (and the launch, in its log) that caused it and does not poison the other
 groups; after a fault the group's remaining cases run in a fresh process. Used for the GPU failures of
@@ -22,8 +27,28 @@ KINDS = ("delta", "gated_delta", "gla")
 DIMS = ((2, 16, 20), (2, 32, 32), (4, 64, 64), (2, 128, 128))   # (H, K, V)
 LAYOUTS = {"T200": dict(B=2, T=200), "T4133": dict(B=2, T=4133), "T20000": dict(B=1, T=20000),
            "docs": dict(B=1, lengths=[7, 1, 64, 77, 300, 1000, 129])}
+# How chunk.py's level runs call the plain op (docs/loglinear.md, issue 18): at T=20000, H=2 the composed backend's
+# first Triton call, the one that faulted on an H200, is the last 32 tokens (one partial chunk, NT=1) as a view
+# at token 19968, no initial state, output_final_state, its k passed as q; then blocks of 2^l tokens reshaped to
+# B * nb rows (156 x 128 at level 7). Keys besides B / T: ``offset`` (the inputs are views starting this many
+# tokens into B=1 tensors of offset + T + 5 tokens), ``init`` (False: no initial state), ``q_is_k`` (k passed as
+# q too), ``shift`` (every input a view one element into its own buffer: data pointers not 16-byte aligned).
+REPLAY = {
+    "T32": dict(B=1, T=32),                                                   # NT=1 alone (Triton: NT a constant 1)
+    "T32_noinit": dict(B=1, T=32, init=False),                                # ... and no initial state
+    "T200_noinit": dict(B=2, T=200, init=False),                              # no initial state alone
+    "lastblock": dict(B=1, T=32, offset=19968, init=False, q_is_k=True),      # the faulting call, as made
+    "lastblock64": dict(B=1, T=64, offset=4032, init=False, q_is_k=True),     # the same at T=4096 (one full chunk)
+    "blocks128": dict(B=156, T=128, init=False),                              # level 7's B * nb rows
+    "T544_offset": dict(B=1, T=544, offset=19456, init=False),                # a level's last partial run
+    "shift": dict(B=2, T=200, shift=True),                                    # unaligned pointers
+    "shift_T32": dict(B=1, T=32, shift=True, init=False),
+}
+LAYOUTS.update(REPLAY)
 VARIANTS = {"default": {}, "stages3": {"stages_seq": 3, "stages_seqc": 3}, "direct_pt": {"direct_pt": 1},
-            "stages_dqk1": {"stages_dqk": 1}}
+            "stages_dqk1": {"stages_dqk": 1},
+            # the "shift" layouts with ops.ALIGN_INPUTS off: the kernels then get the unaligned pointers themselves
+            "unaligned": {}}
 
 
 def grid(quick: bool) -> list[dict]:
@@ -34,12 +59,28 @@ def grid(quick: bool) -> list[dict]:
                 for dtype in ("bfloat16", "float32", "float16"):
                     if dtype == "float16" and (layout == "T20000" or dims[1] < 32):
                         continue
-                    variants = ["default"] if (dtype != "bfloat16" or quick or layout == "T20000") else list(VARIANTS)
+                    variants = ["default"] if (dtype != "bfloat16" or quick or layout == "T20000") else [v for v in VARIANTS if v != "unaligned"]
                     if layout == "T20000" and dtype == "float32":
                         continue
                     for var in variants:
                         cases.append(dict(kind=kind, dims=list(dims), layout=layout, dtype=dtype, variant=var))
+            for layout in REPLAY if dims[1] >= 32 else ():   # head dims below 32 are refused on GPUs
+                for dtype in ("bfloat16", "float32") if dims[1] <= 64 else ("bfloat16",):  # fp32 > 64: refused
+                    for var in ["default"] + (["unaligned"] if LAYOUTS[layout].get("shift") else []):
+                        cases.append(dict(kind=kind, dims=list(dims), layout=layout, dtype=dtype, variant=var))
     return cases
+
+
+# --loglinear: test_fused_triton_gpu_long_and_wide's cases (B=1, H=2, bf16 q/k/v, fp32 g/beta/lambda, from
+# position 0, no initial state, output_final_state) against the torch backend in float32; each backend in its
+# own process so that a fault is pinned on it
+LOGLINEAR_KINDS = ("ll_gdn", "ll_mamba2")
+LOGLINEAR_SHAPES = ((20000, 64), (4096, 128))   # (T, D)
+
+
+def loglinear_grid() -> list[dict]:
+    return [dict(kind=kind, dims=[2, D, D], layout=f"T{T}", dtype="bfloat16", variant=backend)
+            for kind in LOGLINEAR_KINDS for T, D in LOGLINEAR_SHAPES for backend in ("triton", "triton_composed")]
 
 
 def _rel(a, b) -> float:
@@ -47,7 +88,27 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def _placed(t, lay: dict, dev: str):
+    """t [B, T, ...] on ``dev`` as the layout hands it to the op: a fresh tensor, a view ``offset`` tokens into a
+    longer B=1 tensor, or (``shift``) a contiguous view one element into a buffer (a data pointer that is not
+    16-byte aligned)."""
+    import torch
+    if lay.get("offset"):
+        a, n = lay["offset"], t.shape[1]
+        t = torch.cat([t.new_zeros(1, a, *t.shape[2:]), t, t.new_zeros(1, 5, *t.shape[2:])], dim=1).to(dev)[:, a:a + n]
+    else:
+        t = t.to(dev)
+    if lay.get("shift"):
+        buf = t.new_empty(t.numel() + 1)
+        view = buf[1:].view(t.shape)
+        view.copy_(t)
+        t = view
+    return t
+
+
 def run_case(case: dict) -> dict:
+    if case["kind"] in LOGLINEAR_KINDS:
+        return run_loglinear_case(case)
     import torch
     import torch.nn.functional as F
 
@@ -64,7 +125,10 @@ def run_case(case: dict) -> dict:
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     x = dict(q=r(B, T, H, K), k=F.normalize(r(B, T, H, K), dim=-1), v=r(B, T, H, V),
              g=F.logsigmoid(r(B, T, H) + 3.0) if kind != "delta" else None,
-             beta=torch.sigmoid(r(B, T, H)) if kind != "gla" else None, initial_state=r(N, H, K, V))
+             beta=torch.sigmoid(r(B, T, H)) if kind != "gla" else None,
+             initial_state=r(N, H, K, V) if lay.get("init", True) else None)
+    if lay.get("q_is_k"):
+        x["q"] = None
     dev = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: the Triton interpreter (a smoke test)
     do, dS = r(B, T, H, V).to(dev), r(N, H, K, V).to(dev)
     cu = None
@@ -73,10 +137,14 @@ def run_case(case: dict) -> dict:
     op = {"delta": kernels.delta_rule, "gated_delta": kernels.gated_delta_rule, "gla": kernels.gated_linear_attn}[kind]
 
     def outputs(backend, dt):
+        # leaves: the fresh tensors the gradients are taken of; the op gets them as the layout places them
         leaves = {n: t.to(dev).to(torch.float32 if n in ("g", "initial_state") and dt != torch.float64 else dt)
                   .requires_grad_() for n, t in x.items() if t is not None}
-        args = [leaves["q"], leaves["k"], leaves["v"]] + [leaves[n] for n in ("g", "beta") if n in leaves]
-        o, S = op(*args, initial_state=leaves["initial_state"], output_final_state=True, backend=backend,
+        placed = {n: _placed(t, lay, dev) if n != "initial_state" else t for n, t in leaves.items()}
+        if "q" not in placed:
+            placed["q"] = placed["k"]
+        args = [placed["q"], placed["k"], placed["v"]] + [placed[n] for n in ("g", "beta") if n in placed]
+        o, S = op(*args, initial_state=placed.get("initial_state"), output_final_state=True, backend=backend,
                   cu_seqlens=cu)
         loss = (o.double() * do).sum() + (S.double() * dS).sum()
         grads = torch.autograd.grad(loss, list(leaves.values()))
@@ -84,12 +152,55 @@ def run_case(case: dict) -> dict:
             torch.cuda.synchronize()
         return o.detach(), S.detach(), dict(zip(leaves, grads))
 
-    previous = ops.set_config(**VARIANTS[case["variant"]])
+    previous, aligning = ops.set_config(**VARIANTS[case["variant"]]), ops.ALIGN_INPUTS
+    ops.ALIGN_INPUTS = case["variant"] != "unaligned"
     try:
         o, S, g = outputs("triton", dtype)
     finally:
         ops.set_config(**previous)
+        ops.ALIGN_INPUTS = aligning
     ro, rS, rg = outputs("torch", torch.float64)
+    err = {"o": _rel(o, ro), "state": _rel(S, rS)}
+    err.update({"d" + n: _rel(g[n], rg[n]) for n in rg})
+    return err
+
+
+def run_loglinear_case(case: dict) -> dict:
+    """One backend ("variant") of a log-linear op in bf16 against the torch backend in float32, as
+    tests/test_loglinear_kernels.py::test_fused_triton_gpu_long_and_wide runs it."""
+    import torch
+    import torch.nn.functional as F
+
+    from lctrain import kernels
+
+    (H, D, _), T = case["dims"], int(case["layout"][1:])
+    B = 1
+    L = kernels.levels_needed(T)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(T + D)
+    r = lambda *s: torch.randn(*s, generator=gen).to(dev)  # noqa: E731
+    x = dict(q=r(B, T, H, D), k=F.normalize(r(B, T, H, D), dim=-1), v=r(B, T, H, D), g=F.logsigmoid(r(B, T, H) + 3.0),
+             beta=torch.sigmoid(r(B, T, H)) if case["kind"] == "ll_gdn" else None, lam=F.softplus(r(B, T, H, L)))
+    do, dS = r(B, T, H, D).double(), r(B, H, L, D, D).double()
+
+    def outputs(backend, low):
+        leaves = {n: (t.to(getattr(torch, case["dtype"])) if low and n in "qkv" else t).detach().clone()
+                  .requires_grad_() for n, t in x.items() if t is not None}
+        kw = dict(output_final_state=True, backend=backend, chunk_size=64)
+        if case["kind"] == "ll_gdn":
+            o, S = kernels.loglinear_gated_delta_rule(leaves["q"], leaves["k"], leaves["v"], leaves["g"],
+                                                      leaves["beta"], leaves["lam"], **kw)
+        else:
+            o, S = kernels.loglinear_gated_linear_attn(leaves["q"], leaves["k"], leaves["v"], leaves["g"],
+                                                       leaves["lam"], **kw)
+        loss = (o.double() * do).sum() + (S.double() * dS).sum()
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return o.detach(), S.detach(), dict(zip(leaves, grads))
+
+    o, S, g = outputs(case["variant"], True)
+    ro, rS, rg = outputs("torch", False)
     err = {"o": _rel(o, ro), "state": _rel(S, rS)}
     err.update({"d" + n: _rel(g[n], rg[n]) for n in rg})
     return err
@@ -161,6 +272,11 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=12, help="groups run at once (processes on the GPU)")
     p.add_argument("--quick", action="store_true", help="default launch settings only")
     p.add_argument("--kinds", nargs="+", default=list(KINDS))
+    p.add_argument("--layouts", nargs="+", default=None, choices=sorted(LAYOUTS),
+                   help="only these layouts of the plain-op grid (default: all)")
+    p.add_argument("--loglinear", action="store_true",
+                   help="also the log-linear ops at test_fused_triton_gpu_long_and_wide's shapes (issue 18)")
+    p.add_argument("--loglinear-only", action="store_true", help="the log-linear cases alone")
     p.add_argument("--time-limit", type=float, default=240.0, help="seconds for the whole grid")
     p.add_argument("--tol", type=float, default=2e-2, help="bf16 relative error counted as wrong above this")
     a = p.parse_args(argv)
@@ -168,11 +284,16 @@ def main(argv=None) -> None:
         return worker()
     from concurrent.futures import ThreadPoolExecutor
 
-    cases = [c for c in grid(a.quick) if c["kind"] in a.kinds]
+    cases = [] if a.loglinear_only else [c for c in grid(a.quick) if c["kind"] in a.kinds
+                                         and (a.layouts is None or c["layout"] in a.layouts)]
+    if a.loglinear or a.loglinear_only:
+        cases += loglinear_grid()
     items = [{"i": i, "case": c} for i, c in enumerate(cases)]
     groups: dict[tuple, list] = {}
     for it in items:
-        groups.setdefault((it["case"]["kind"], tuple(it["case"]["dims"])), []).append(it)
+        c = it["case"]
+        key = (c["kind"], tuple(c["dims"])) + ((c["layout"], c["variant"]) if c["kind"] in LOGLINEAR_KINDS else ())
+        groups.setdefault(key, []).append(it)
     log_path = a.log or os.path.splitext(a.json)[0] + ".log"
     t0 = time.time()
     with open(log_path, "w") as log, ThreadPoolExecutor(a.jobs) as pool:
@@ -190,7 +311,7 @@ def main(argv=None) -> None:
         else:
             verdict = "FAULT" if "fault" in res else "ERROR " + res.get("error", "")[:120]
         rows.append({**c, **res, "verdict": verdict})
-        print(f"{c['kind']:12s} H,K,V={tuple(c['dims'])!s:14s} {c['layout']:7s} {c['dtype']:9s} {c['variant']:12s} "
+        print(f"{c['kind']:12s} H,K,V={tuple(c['dims'])!s:14s} {c['layout']:11s} {c['dtype']:9s} {c['variant']:15s} "
               f"{verdict}")
     bad = [r for r in rows if r["verdict"] != "ok"]
     print(f"kernel_check: {len(rows) - len(bad)} of {len(rows)} cases ok, {len(bad)} not, in {time.time() - t0:.0f} s")

@@ -1,0 +1,43 @@
+"""lctrain.bench.kernel_check's cases on CPU through the Triton interpreter (tiny shapes, float32): the layouts
+that replay how the log-linear ops call the plain op, and the log-linear cases (issue 18). A smoke test that
+they run and agree with the torch backend; on a GPU the same cases decide the fault."""
+import os
+
+import pytest
+import torch
+from lctrain.bench import kernel_check
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs CUDA or TRITON_INTERPRET=1 (set by conftest on CPU runs)")
+
+
+@pytest.mark.parametrize("layout,variant", [
+    (dict(B=1, T=20, offset=45, init=False, q_is_k=True), "default"),   # "lastblock": one partial chunk of a view
+    (dict(B=3, T=16, init=False), "default"),                              # "blocks128": short batch rows
+    (dict(B=1, T=20, shift=True, init=False), "unaligned"),                # unaligned pointers, no copy
+])
+def test_replay_layouts_run_and_agree(monkeypatch, layout, variant):
+    monkeypatch.setitem(kernel_check.LAYOUTS, "tiny", layout)
+    err = kernel_check.run_case(dict(kind="gated_delta", dims=[2, 16, 16], layout="tiny", dtype="float32",
+                                     variant=variant))
+    assert set(err) >= {"o", "state", "dk", "dv", "dg", "dbeta"}
+    assert ("dq" in err) != layout.get("q_is_k", False) and "dinitial_state" not in err  # q is k: no dq leaf
+    assert max(err.values()) < 1e-4, err
+
+
+def test_replay_layouts_place_inputs_as_described():
+    """offset: a view into a longer tensor; shift: a contiguous view 4 bytes off a 16-byte boundary."""
+    t = torch.randn(1, 20, 2)
+    v = kernel_check._placed(t, dict(offset=45), "cpu")
+    assert v.storage_offset() == 90 and torch.equal(v, t)
+    s = kernel_check._placed(t, dict(shift=True), "cpu")
+    assert s.is_contiguous() and s.data_ptr() % 16 != 0 and torch.equal(s, t)
+    names = {c["layout"] for c in kernel_check.grid(quick=True)}
+    assert set(kernel_check.REPLAY) <= names
+
+
+def test_loglinear_case_runs():
+    err = kernel_check.run_loglinear_case(dict(kind="ll_gdn", dims=[1, 16, 16], layout="T70", dtype="float32",
+                                               variant="triton_composed"))
+    assert max(err.values()) < 1e-4, err
