@@ -6,8 +6,9 @@
 #     bash .ci/device/repro.sh ["QUEUE for GPU 0"] ["QUEUE for GPU 1"] ...
 # A queue is a space-separated list of recipe names ("" = an empty queue). Each recipe's header
 # estimates its time on one H200 from the measured throughput of the first runs (2026-11-30): each is
-# sized to at most ~7 minutes, one per queue, so that a call takes ~9 minutes (8.5 for the queues,
-# REPRO_CALL_MIN, plus the install and packing). The five recipes need three calls on nvidia-h200-x2:
+# sized to at most ~7 minutes, one per queue, so that a call takes ~9-9.5 minutes (8.5 for the queues,
+# REPRO_CALL_MIN, plus the install and packing: give the device call its full 600 s). The five
+# recipes need three calls on nvidia-h200-x2:
 #     bash .ci/device/repro.sh loglinear_mqar deltaformer_swap          (the default)
 #     bash .ci/device/repro.sh mqar_deltanet sniah_ordering
 #     bash .ci/device/repro.sh loglinear_position_loss                  (~2.5 min, on nvidia-h200)
