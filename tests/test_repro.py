@@ -51,6 +51,7 @@ def test_plan_joint_sweep_point_major_and_points(tmp_path):
                                                                                     "loglinear_gdn_128")
     cfg = load_config(None, last)
     assert (cfg.data.seq_len, cfg.data.task.num_pairs, cfg.model.layer_pattern) == (1024, 128, "LL")
+    assert cfg.train.steps == 5  # a command-line override beats the point's own train.steps
     only = repro.plan(rec, tiny=False, runs=tmp_path, overrides=[], only=["loglinear_gdn"], points=["128"])
     assert [(r["model"], r["x"]) for r in only] == [("loglinear_gdn", 128)]
     with pytest.raises(repro.ReproError, match="--points"):
@@ -136,5 +137,6 @@ def test_report_written_mid_repro_says_it_is_not_finished(tmp_path):
 def test_plan_flag_prints_the_runs_and_trains_nothing(tmp_path, capsys):
     assert repro.main(["loglinear_mqar", "--plan", "--runs", str(tmp_path / "runs"), "--points", "128"]) == 0
     out = capsys.readouterr().out
-    assert "2 runs, 1000 steps in all" in out and "data.seq_len=1024" in out
+    # the recipe's steps per sweep point (sweep.with.train.steps): 2 x 2400 at 128 pairs
+    assert "2 runs, 4800 steps in all" in out and "data.seq_len=1024" in out and "steps=2400" in out
     assert not (tmp_path / "runs").exists()

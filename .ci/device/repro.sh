@@ -1,29 +1,36 @@
 #!/usr/bin/env bash
-# The synthetic reproductions (`lctrain repro NAME`, recipes/repro/) on a 2-GPU machine (nvidia-h200-x2):
-# two queues run side by side, the first on GPU 0, the second on GPU 1 (CUDA_VISIBLE_DEVICES), each
-# repro of a queue after the other, each under its own `timeout`. Run from the repository root on the
-# GPU machine, carrying `.whl` (built here by `bash .ci/device/build_wheels.sh`):
-#     bash .ci/device/repro.sh ["QUEUE for GPU 0"] ["QUEUE for GPU 1"]
-# A queue is a space-separated list of recipe names. The default is the first of two calls that cover
-# all five recipes; each call takes at most ~8 minutes (7 for the queues, REPRO_CALL_MIN, plus the
-# install and packing; the recipes estimate ~3-4 minutes each on one H200):
+# The synthetic reproductions (`lctrain repro NAME`, recipes/repro/) on a machine of one or more GPUs:
+# one queue per GPU, side by side (queue i on GPU i, CUDA_VISIBLE_DEVICES), each repro of a queue after
+# the other, each under its own `timeout`. Run from the repository root on the GPU machine, carrying
+# `.whl` (built here by `bash .ci/device/build_wheels.sh`):
+#     bash .ci/device/repro.sh ["QUEUE for GPU 0"] ["QUEUE for GPU 1"] ...
+# A queue is a space-separated list of recipe names ("" = an empty queue). Each recipe's header
+# estimates its time on one H200 from the measured throughput of the first runs (2026-11-30): each is
+# sized to at most ~7 minutes, one per queue, so that a call takes ~9-9.5 minutes (8.5 for the queues,
+# REPRO_CALL_MIN, plus the install and packing: give the device call its full 600 s). The five
+# recipes need three calls on nvidia-h200-x2:
+#     bash .ci/device/repro.sh loglinear_mqar deltaformer_swap          (the default)
 #     bash .ci/device/repro.sh mqar_deltanet sniah_ordering
-#     bash .ci/device/repro.sh "loglinear_mqar loglinear_position_loss" deltaformer_swap
-# Time: REPRO_CALL_MIN (default 7): minutes the queues may take (install excluded). A repro's share is
+#     bash .ci/device/repro.sh loglinear_position_loss                  (~2.5 min, on nvidia-h200)
+# or one call on nvidia-h200-x4 (four queues) plus the short one on nvidia-h200:
+#     bash .ci/device/repro.sh loglinear_mqar deltaformer_swap mqar_deltanet sniah_ordering
+# Time: REPRO_CALL_MIN (default 8.5): minutes the queues may take (install excluded). A repro's share is
 # the queue's time left less REPRO_RESERVE_S (default 150) for each repro after it in the queue; it runs
-# with --budget-minutes = min(REPRO_BUDGET_MIN (default 4.5), share - 1 minute) (it starts no training
+# with --budget-minutes = min(REPRO_BUDGET_MIN (default 7.5), share - 1 minute) (it starts no training
 # run that would end past it; the claim is then reported as not decided) under a `timeout` of its share
 # (a repro killed there still leaves its report of the runs that finished); one with under 2 minutes
 # left is not started. REPRO_ARGS: more arguments for every repro (e.g. "train.steps=400").
 # Every log, JSON, PNG and Markdown report, each run's metrics.jsonl and eval output go to $RES
 # (default /tmp/repro_results); $OUT gets them as one repro_results.tgz plus summary.md (the
-# verdicts). Unpack into docs/results/repro/ (NAME.{json,png,md}; logs in logs/) and link from README.
+# verdicts): two files, well under a device call's limit of 8. Unpack into docs/results/repro/
+# (NAME.{json,png,md}; logs in logs/) and link from README.
 # REPRO_NO_INSTALL=1 uses the lctrain already importable (a CPU rehearsal: REPRO_ARGS=--tiny).
 set -u
-Q0="${1-mqar_deltanet}"
-Q1="${2-sniah_ordering}"  # "" = an empty queue (a 1-GPU machine: bash .ci/device/repro.sh NAME "")
-BUDGET=${REPRO_BUDGET_MIN:-4.5}
-CALL_MIN=${REPRO_CALL_MIN:-7}
+QUEUES=("$@")  # queue i runs on GPU i; "" = an empty queue
+[ $# -gt 0 ] || QUEUES=(loglinear_mqar deltaformer_swap)
+ALL="${QUEUES[*]}"  # every recipe name of every queue
+BUDGET=${REPRO_BUDGET_MIN:-7.5}
+CALL_MIN=${REPRO_CALL_MIN:-8.5}
 RESERVE=${REPRO_RESERVE_S:-150}
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tcache PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 R=$PWD
@@ -38,6 +45,9 @@ mkdir -p "$OUT" "$RES/logs" /tmp/tcache "$RUNS"
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$RES/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())" \
   | tee -a "$RES/gpu.txt"
+if command -v nvidia-smi > /dev/null && [ "${#QUEUES[@]}" -gt "$(nvidia-smi -L | wc -l)" ]; then
+  echo "repro.sh: ${#QUEUES[@]} queues but $(nvidia-smi -L | wc -l) GPUs: give at most one queue per GPU" >&2; exit 2
+fi
 cd /tmp  # run from outside the checkout so that the installed lctrain (not the source tree) is imported
 
 queue() {  # queue GPU NAME...: each repro in turn on that GPU; one line per repro in $RES/logs/queue<GPU>.txt
@@ -64,13 +74,14 @@ queue() {  # queue GPU NAME...: each repro in turn on that GPU; one line per rep
 }
 start=$(date +%s)
 deadline=$(( start + $(python3 -c "print(int(60 * $CALL_MIN))") ))
-queue 0 $Q0 &
-queue 1 $Q1 &
+for gpu in "${!QUEUES[@]}"; do
+  queue "$gpu" ${QUEUES[$gpu]} &
+done
 wait
-echo "=== both queues done after $(( $(date +%s) - start )) s"
+echo "=== ${#QUEUES[@]} queues done after $(( $(date +%s) - start )) s"
 
 # keep each run's metrics.jsonl and eval output (small) beside the reports
-for name in $Q0 $Q1; do
+for name in $ALL; do
   [ -d "$RUNS/$name" ] || continue
   (cd "$RUNS" && find "$name" \( -name metrics.jsonl -o -path '*/eval/*' -o -path '*/position_loss/*' \) -type f \
      -size -4M | tar cf - -T - | (mkdir -p "$RES/runs" && cd "$RES/runs" && tar xf -))
@@ -78,7 +89,7 @@ done
 {
   echo "# Repro device call $(date -u +%F)"; echo; cat "$RES/gpu.txt"; echo
   cat "$RES"/logs/queue*.txt; echo
-  for name in $Q0 $Q1; do [ -f "$RES/$name.md" ] && { cat "$RES/$name.md"; echo; }; done
+  for name in $ALL; do [ -f "$RES/$name.md" ] && { cat "$RES/$name.md"; echo; }; done
 } > "$OUT/summary.md"
 tar czf "$OUT/repro_results.tgz" -C "$(dirname "$RES")" "$(basename "$RES")"
 ls -la "$OUT"
