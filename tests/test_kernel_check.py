@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+
 from lctrain.bench import kernel_check
 
 pytestmark = pytest.mark.skipif(

@@ -59,7 +59,8 @@ def grid(quick: bool) -> list[dict]:
                 for dtype in ("bfloat16", "float32", "float16"):
                     if dtype == "float16" and (layout == "T20000" or dims[1] < 32):
                         continue
-                    variants = ["default"] if (dtype != "bfloat16" or quick or layout == "T20000") else [v for v in VARIANTS if v != "unaligned"]
+                    only_default = dtype != "bfloat16" or quick or layout == "T20000"
+                    variants = ["default"] if only_default else [v for v in VARIANTS if v != "unaligned"]
                     if layout == "T20000" and dtype == "float32":
                         continue
                     for var in variants:
