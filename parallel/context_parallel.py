@@ -111,7 +111,8 @@ _LOCAL_OPS: dict[str, Callable] = {"delta": delta_rule, "gated_delta": gated_del
 # "sequential_all" is "sequential" without skipping what nobody reads (the reference for that skipping:
 # every rank runs the (A, B) pass from zero and the state-gradient pass).
 TRANSITIONS = ("sequential", "sequential_all", "grouped", "grouped+grad", "direct", "overlap", "pipeline")
-_IN_OP = ("overlap", "pipeline")  # the transitions that run inside the Triton op (kernels/triton/cp_overlap.py)
+# the transitions that run inside the Triton op (kernels/triton/cp_overlap.py)
+IN_OP_TRANSITIONS = ("overlap", "pipeline")
 DEFAULT_TRANSITION = "sequential"
 
 
@@ -236,7 +237,7 @@ class ContextParallelOp:
         named = dict(zip(self._extra, args))
         g, beta = named.get("g"), named.get("beta")
         docs, cu_problem = self._documents(cu_seqlens, k)
-        overlap = self._transition_mode[0] in _IN_OP and docs is None
+        overlap = self._transition_mode[0] in IN_OP_TRANSITIONS and docs is None
         if overlap and resolve_backend(backend, "shard_transition", k.device) != "triton":
             raise ContextParallelError(
                 f"{self.name}: transition={self.transition!r} runs inside the Triton kernels, but "
@@ -407,7 +408,7 @@ class ContextParallelOp:
         grouped = f"grouped:{groups or 'auto'}"
         if mode == "sequential_all":  # the same passes as "sequential", run on every rank
             return "sequential", "sequential"
-        if mode in ("sequential", "direct") + _IN_OP:  # overlap, pipeline: no separate passes (inside the op)
+        if mode in ("sequential", "direct") + IN_OP_TRANSITIONS:  # in-op ones: no separate passes
             return mode, mode
         return (grouped, "sequential") if mode == "grouped" else (grouped, grouped)
 
@@ -443,7 +444,7 @@ class ContextParallelOp:
         if known and initial_state is not None:
             start = (initial_state if docs is None else docs.piece_rows(initial_state)[-1:]).detach()
         mode = self._transition_mode[0]
-        if skip and known and (docs is not None or mode in ("sequential",) + _IN_OP):
+        if skip and known and (docs is not None or mode in ("sequential",) + IN_OP_TRANSITIONS):
             # the last piece alone (with documents it ends the shard after its last boundary)
             s = 0 if docs is None else docs.local_bounds[-2]
             cut = lambda x: None if x is None else x[:, s:]  # noqa: E731
@@ -574,8 +575,8 @@ class _OverlapLink:
             dt = torch.promote_types(torch.float32, Bst.dtype)
             with _exact(Bst.device):
                 Bst = Bst.to(dt)
-                A = (torch.zeros(Bst.shape[:2] + (() if op.kind == "gla" else Bst.shape[2:3] * 2), dtype=dt,
-                                 device=Bst.device) if A is None else self._scalar(A).to(dt))
+                A = (torch.zeros(_A_shape_of(op.kind, *Bst.shape[:3]), dtype=dt, device=Bst.device) if A is None
+                     else self._scalar(A).to(dt))
                 if op.rank == op.size - 1:  # nobody folds the last rank's map: zeros are sent
                     A, Bst = torch.zeros_like(A), torch.zeros_like(Bst)
             A_all, S_in = op._share_states(A, Bst)
@@ -601,8 +602,12 @@ class _OverlapLink:
 
 
 def _A_shape(kind: str, k: torch.Tensor) -> tuple[int, ...]:
-    """[B, H, K, K] for the delta rules, [B, H] (a scalar decay) for gated linear attention."""
+    """[B, H, K, K] for the delta rules, [B, H] (a scalar decay) for gated linear attention; k [B, T, H, K]."""
     B, _, H, K = k.shape
+    return _A_shape_of(kind, B, H, K)
+
+
+def _A_shape_of(kind: str, B: int, H: int, K: int) -> tuple[int, ...]:
     return (B, H) if kind == "gla" else (B, H, K, K)
 
 

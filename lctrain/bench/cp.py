@@ -332,7 +332,7 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, cl
 
     from lctrain import kernels
     from lctrain.parallel import context_parallel
-    from lctrain.parallel.context_parallel import ContextParallelError
+    from lctrain.parallel.context_parallel import IN_OP_TRANSITIONS, ContextParallelError
     kind = LINEAR[layer]
     op = {"gated_delta": kernels.gated_delta_rule, "delta": kernels.delta_rule, "gla": kernels.gated_linear_attn}[kind]
     tensors = lambda: [x[n] for n in ("q", "k", "v") + _names(layer)]  # noqa: E731
@@ -354,7 +354,7 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, cl
             return
         try:
             cp_op = context_parallel(op, group, transition=transition)
-            if cp_op.pass_keys()[0] in ("overlap", "pipeline") and kernels.resolve_backend(
+            if cp_op.pass_keys()[0] in IN_OP_TRANSITIONS and kernels.resolve_backend(
                     kw["backend"], "shard_transition", device) != "triton":
                 raise ContextParallelError(f"transition={transition!r} runs inside the Triton kernels (CUDA, or "
                                            "TRITON_INTERPRET=1 with --backend triton)")
@@ -371,7 +371,7 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, cl
             continue
         # the passes that CP adds, as this transition runs them on each rank (what each rank computes differs:
         # rank 0 the A-free pass, the last none, ...), the slowest rank's time: what they add to the step
-        if cp_op.pass_keys()[0] in ("overlap", "pipeline"):  # no separate passes: inside the op (cp_parts times it)
+        if cp_op.pass_keys()[0] in IN_OP_TRANSITIONS:  # no separate passes: inside the op (cp_parts times it)
             res["state_pass_ms"] = res["state_grad_pass_ms"] = None
         else:
             res["state_pass_ms"] = _timed(lambda: cp_op._forward_summary(  # noqa: B023

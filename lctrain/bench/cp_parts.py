@@ -173,7 +173,7 @@ def _case(layer, T, args, kw, device, dtype, add, notes, out_of_time):
     from lctrain.bench.cp import _inputs
     from lctrain.kernels.triton import ops as triton_ops
     from lctrain.parallel import context_parallel
-    from lctrain.parallel.context_parallel import ContextParallelError
+    from lctrain.parallel.context_parallel import IN_OP_TRANSITIONS, ContextParallelError
     kind = KINDS[layer]
     op = {"gated_delta": kernels.gated_delta_rule, "delta": kernels.delta_rule, "gla": kernels.gated_linear_attn}[kind]
     names = {"gdn": ("g", "beta"), "delta": ("beta",), "gla": ("g",)}[layer]
@@ -197,7 +197,7 @@ def _case(layer, T, args, kw, device, dtype, add, notes, out_of_time):
                 _time_overlap(layer, T, x, names, kw, args, device, add, notes, op_ms, cfg)
             finally:
                 triton_ops.set_config(**previous)
-    ways = ([("sequential", {})] + [(t, {}) for t in args.transition if t not in ("overlap", "pipeline")]
+    ways = ([("sequential", {})] + [(t, {}) for t in args.transition if t not in IN_OP_TRANSITIONS]
             + [("sequential", c) for c in args.cfg])
     base = {}
     for transition, cfg in ways:

@@ -141,7 +141,6 @@ class Trainer:
         self.step_count = 0  # optimizer steps done (restored by load)
         self.bad_steps = BadStepGuard(t.max_bad_steps)
 
-    # ------------------------------------------------------------------ one step
     def _refuse_gpu_kernel_shapes(self, cfg, device) -> None:
         """The head dims / dtypes the Triton mixer kernels refuse on a GPU (ops.gpu_refusal), refused here before
         the model, the data and the optimizer are built rather than at the first forward."""
@@ -155,6 +154,7 @@ class Trainer:
         if why is not None:
             raise TrainingError(f"model.head_dim={cfg.model.head_dim} with train.dtype={cfg.train.dtype}: {why}")
 
+    # ------------------------------------------------------------------ one step
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
 
