@@ -138,6 +138,71 @@ def to_tp_region(x: torch.Tensor, tp_group) -> torch.Tensor:
     return copy_to_tensor_model_parallel_region(x, tp_group)
 
 
+# --------------------------------------------------------------------------------- sequence parallelism
+
+def _all_gather_dim1(x: torch.Tensor, tp_group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(group_size(tp_group))]
+    dist.all_gather(parts, x.contiguous(), group=tp_group)
+    return torch.cat(parts, dim=1)
+
+
+def _own_slice_dim1(x: torch.Tensor, tp_group) -> torch.Tensor:
+    return x.chunk(group_size(tp_group), dim=1)[dist.get_rank(tp_group)].contiguous()
+
+
+class _GatherSequence(torch.autograd.Function):
+    """[B, T/tp, ...] slices -> the whole [B, T, ...] on every TP rank. Backward: this rank's slice of
+    the gradient, which is already whole (the column-parallel layers and `to_tp_region` behind it sum
+    the TP ranks' input gradients, as they do for the replicated input of plain TP)."""
+
+    @staticmethod
+    def forward(ctx, x, tp_group):
+        ctx.tp_group = tp_group
+        return _all_gather_dim1(x, tp_group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _own_slice_dim1(grad, ctx.tp_group), None
+
+
+class _ScatterSequence(torch.autograd.Function):
+    """The whole [B, T, ...] (identical on every TP rank) -> this rank's slice [B, T/tp, ...].
+    Backward: the slices' gradients gathered (each rank's loss reaches only its own slice)."""
+
+    @staticmethod
+    def forward(ctx, x, tp_group):
+        ctx.tp_group = tp_group
+        return _own_slice_dim1(x, tp_group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_dim1(grad, ctx.tp_group), None
+
+
+def check_sequence_split(seq_len: int, tp_group) -> None:
+    tp = group_size(tp_group)
+    if seq_len % tp:
+        raise ValueError(f"parallel.sequence_parallel: the rank's {seq_len} tokens (data.seq_len / parallel.cp) do "
+                         f"not split over parallel.tp={tp}; make data.seq_len a multiple of cp * tp")
+
+
+def gather_sequence(x: torch.Tensor, tp_group) -> torch.Tensor:
+    """Sequence parallelism's all-gather along dim 1 (lctrain keeps [batch, sequence, hidden]), written
+    with torch.distributed so that it runs on gloo as on NCCL (megatron-core's sequence-parallel regions
+    allocate on the current CUDA device and split dim 0). Identity when the group is None or of size 1."""
+    if group_size(tp_group) == 1:
+        return x
+    return _GatherSequence.apply(x, tp_group)
+
+
+def scatter_sequence(x: torch.Tensor, tp_group) -> torch.Tensor:
+    """This TP rank's contiguous 1/tp of the sequence (dim 1) of a tensor whole on every rank."""
+    if group_size(tp_group) == 1:
+        return x
+    check_sequence_split(x.shape[1], tp_group)
+    return _ScatterSequence.apply(x, tp_group)
+
+
 def local_size(n: int, tp_group, what: str) -> int:
     """n / tp, or a ValueError naming `what` when it does not divide."""
     tp = group_size(tp_group)

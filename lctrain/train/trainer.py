@@ -116,7 +116,8 @@ class Trainer:
 
         seed_everything(t.seed)
         self.model = build_model(cfg.model, cp_group=self.cp_group, tp_group=self.tp_group,
-                                 max_position=cfg.data.seq_len, pp_stage=(self.pp_rank, self.pp_size)).to(device)
+                                 max_position=cfg.data.seq_len, pp_stage=(self.pp_rank, self.pp_size),
+                                 sequence_parallel=bool(cfg.parallel.sequence_parallel)).to(device)
         broadcast_parameters(self.model, self.grad_group)
         self.pipeline = None
         if self.pp_size > 1:
@@ -198,7 +199,8 @@ class Trainer:
             return self.stage_output(batch, stage_input)
 
         ids = batches[0]["input_ids"]
-        shape = (ids.shape[0], ids.shape[1], self.cfg.model.d_model)
+        seq = ids.shape[1] // (self.cfg.parallel.tp if self.cfg.parallel.sequence_parallel else 1)
+        shape = (ids.shape[0], seq, self.cfg.model.d_model)  # sequence parallelism passes the TP rank's slice
         reports = self.pipeline.forward_backward(forward, batches, shape, self.residual_dtype())
         loss = torch.stack(reports).sum() / len(batches) if reports else torch.zeros((), device=self.device)
         return self.pipeline.from_last_stage(mean_over_group(loss.float(), self.grad_group))
