@@ -70,3 +70,13 @@ def test_sequence_parallel_refusals():
     with pytest.raises(ConfigError, match="data.seq_len"):
         validate(load_config(None, base + ["parallel.tp=2", "parallel.cp=2", "data.seq_len=258"]))
     validate(load_config(None, base + ["parallel.tp=2", "parallel.cp=2", "data.seq_len=256"]))
+
+
+@pytest.mark.slow
+def test_tp2_pp2_sequence_parallel_step_equals_one_process():
+    """Pipeline stages pass the TP rank's sequence slice [B, T / tp, d] (tp=2 x pp=2, 4 ranks)."""
+    from test_pp import check, pp_worker
+
+    cases = [((2, 1, 2), ["model.tie_embeddings=false", "parallel.sequence_parallel=true"], torch.float64)]
+    results = run_world(pp_worker, 4, cases, timeout=400)
+    check(*cases[0], [per_rank[0] for per_rank in results])

@@ -342,7 +342,8 @@ class Trainer:
         reporter.say(
             f"lctrain train: {_millions(n_params)} parameters ({per_rank} per rank), layers "
             f"{cfg.model.layer_pattern}, seq_len {cfg.data.seq_len}, "
-            f"world {self.world} (dp {self.dp_size} x cp {self.cp_size} x tp {cfg.parallel.tp} x pp {self.pp_size}), "
+            f"world {self.world} (dp {self.dp_size} x cp {self.cp_size} x tp {cfg.parallel.tp}"
+            f"{' sequence-parallel' if cfg.parallel.sequence_parallel else ''} x pp {self.pp_size}), "
             f"{device_text(self.device)} {str(self.dtype).replace('torch.', '')}, "
             f"steps {start_step}->{t.steps}" + (f", resumed from {resume_from}" if resume_from else "")
             + (f", weights from {init_from}" if init_from else "")
