@@ -34,9 +34,10 @@ def test_tp2_times_cp2_sequence_parallel_training_step_equals_one_process():
 
 
 def chunked_sp_worker(rank, world):
-    from lctrain.models import build_model
     from lctrain.parallel import mesh
     from lctrain.parallel.tensor_parallel import full_state_dict
+
+    from lctrain.models import build_model
 
     mesh.init_mesh({"tp": world, "cp": 1, "pp": 1}, "cpu")
     torch.manual_seed(0)
@@ -46,8 +47,9 @@ def chunked_sp_worker(rank, world):
 
 
 def test_tp2_sequence_parallel_chunked_loss_equals_one_process():
-    from lctrain.models import build_model
     from test_cp_model import _rel
+
+    from lctrain.models import build_model
 
     results = run_world(chunked_sp_worker, 2, timeout=300, init_process_group=False)
     torch.manual_seed(0)

@@ -60,7 +60,7 @@ def tp_worker(rank, world, tp, cp, sequence_parallel=False):
         model = build(tp_group, mesh.cp_group(), pattern, mla, sequence_parallel)
         block_lens = []
         for block in model.blocks:
-            block.register_forward_pre_hook(lambda mod, args: block_lens.append(args[0].shape[1]))
+            block.register_forward_pre_hook(lambda mod, args, lens=block_lens: lens.append(args[0].shape[1]))
         init = {k: v.clone() for k, v in full_state_dict(model, model.state_dict(), tp_group).items()}
         n_local = model.num_parameters()
         names = [n for n, _ in model.named_parameters()]

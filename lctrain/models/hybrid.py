@@ -9,7 +9,9 @@ position_offset = cp_rank * T_local; the mixers do the cross-rank work (see thei
 Tensor parallelism (tp_group of size tp > 1): every mixer and MLP holds 1/tp of its heads / hidden
 units (see their modules), the embedding is vocabulary-parallel and the LM head column-parallel, so
 `forward` returns this rank's vocabulary slice of the logits (`lm_loss` then uses the vocab-parallel
-cross-entropy). Pipeline parallelism (`pp_stage=(stage, stages)`): the model holds only its stage's
+cross-entropy). Sequence parallelism (`sequence_parallel`, parallel.sequence_parallel): the residual
+stream between blocks holds the TP rank's 1/tp of the sequence (see `Block`), the last stage gathers it
+before the final norm. Pipeline parallelism (`pp_stage=(stage, stages)`): the model holds only its stage's
 contiguous blocks (lctrain.parallel.pipeline.stage_layers), under their whole-model names (blocks.<i>);
 the first stage holds the embedding, the last the final norm and the LM head (and, with tied
 embeddings, a copy of the embedding table for it); `hidden_states` of a later stage starts from the
@@ -31,8 +33,16 @@ from torch.utils.checkpoint import checkpoint
 from lctrain.config import checkpointed_kinds, init_std
 from lctrain.parallel.mesh import group_size
 from lctrain.parallel.pipeline import mark_pipeline_copy, stage_layers
-from lctrain.parallel.tensor_parallel import (check_sequence_split, column_linear, gather_sequence, local_size,
-                                              mark_partial_grad, scatter_sequence, shard_from_full, vocab_embedding)
+from lctrain.parallel.tensor_parallel import (
+    check_sequence_split,
+    column_linear,
+    gather_sequence,
+    local_size,
+    mark_partial_grad,
+    scatter_sequence,
+    shard_from_full,
+    vocab_embedding,
+)
 
 from .attention import Attention
 from .deltaformer import DeltaformerMixer
