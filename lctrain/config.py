@@ -140,8 +140,8 @@ class ParallelConfig:
     # pipeline-parallel degree: stages of contiguous blocks (the layer count must divide by it); a step's
     # train.grad_accum micro-batches go through megatron-core's 1F1B schedule (use grad_accum >= pp)
     pp: int = 1
-    # megatron-core sequence parallelism (norms and residuals split along the sequence over the TP
-    # group): not available yet, refused when true (docs/design.md §7 says why)
+    # sequence parallelism: the residual stream, the block norms and checkpointed block inputs hold
+    # 1/tp of the rank's sequence (needs tp > 1 and seq_len divisible by cp * tp; docs/design.md §7)
     sequence_parallel: bool = False
     # processes on this node when `lctrain train` launches them itself; 0 = cp * tp * pp
     nproc_per_node: int = 0

@@ -86,11 +86,16 @@ def _row_cls():
     from megatron.core.tensor_parallel import RowParallelLinear
 
     class RowLinear(RowParallelLinear):
-        """RowParallelLinear (input split, output all-reduced) returning only the output."""
+        """RowParallelLinear (input split, output all-reduced) returning only the output. With
+        `partial_output` set (sequence parallelism, `Block`) it returns this rank's partial sum, the local
+        matmul alone, and the caller reduce-scatters it along the sequence instead."""
 
         get_extra_state = nn.Module.get_extra_state
+        partial_output = False
 
         def forward(self, x):  # type: ignore[override]
+            if self.partial_output:
+                return torch.nn.functional.linear(x, self.weight)
             return super().forward(x)[0]
 
     return RowLinear
@@ -104,6 +109,15 @@ def column_linear(in_features: int, out_features: int, tp_group=None) -> nn.Modu
                           gather_output=False, tp_group=tp_group)
     mark_split(layer.weight, 0)
     return layer
+
+
+def skip_row_all_reduce(module: nn.Module) -> None:
+    """Make every row-parallel layer inside `module` return its partial sum (see `_row_cls`)."""
+    if not _row_cls.cache_info().currsize:
+        return  # no row-parallel layer was ever built
+    for m in module.modules():
+        if isinstance(m, _row_cls()):
+            m.partial_output = True
 
 
 def row_linear(in_features: int, out_features: int, tp_group=None) -> nn.Module:
@@ -165,6 +179,23 @@ class _GatherSequence(torch.autograd.Function):
         return _own_slice_dim1(grad, ctx.tp_group), None
 
 
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Partial sums [B, T, ...] on every TP rank -> this rank's slice [B, T/tp, ...] of their sum
+    (what replaces the row-parallel all-reduce). Backward: the slices' gradients gathered."""
+
+    @staticmethod
+    def forward(ctx, x, tp_group):
+        ctx.tp_group = tp_group
+        chunks = [c.contiguous() for c in x.chunk(group_size(tp_group), dim=1)]
+        out = torch.empty_like(chunks[dist.get_rank(tp_group)])
+        dist.reduce_scatter(out, chunks, group=tp_group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_dim1(grad, ctx.tp_group), None
+
+
 class _ScatterSequence(torch.autograd.Function):
     """The whole [B, T, ...] (identical on every TP rank) -> this rank's slice [B, T/tp, ...].
     Backward: the slices' gradients gathered (each rank's loss reaches only its own slice)."""
@@ -193,6 +224,24 @@ def gather_sequence(x: torch.Tensor, tp_group) -> torch.Tensor:
     if group_size(tp_group) == 1:
         return x
     return _GatherSequence.apply(x, tp_group)
+
+
+def reduce_scatter_sequence(x: torch.Tensor, tp_group) -> torch.Tensor:
+    """This TP rank's contiguous 1/tp of the sequence (dim 1) of the SUM over the group of `x`."""
+    if group_size(tp_group) == 1:
+        return x
+    check_sequence_split(x.shape[1], tp_group)
+    return _ReduceScatterSequence.apply(x, tp_group)
+
+
+def reduce_over_tp(x: torch.Tensor, tp_group) -> torch.Tensor:
+    """The sum over the TP group of `x` (megatron's reduce-from-TP-region: all-reduce forward, identity
+    backward)."""
+    if group_size(tp_group) == 1:
+        return x
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+    return reduce_from_tensor_model_parallel_region(x, tp_group)
 
 
 def scatter_sequence(x: torch.Tensor, tp_group) -> torch.Tensor:

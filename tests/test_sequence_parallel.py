@@ -3,16 +3,17 @@
 Under tp=2 with sequence parallelism the residual stream between blocks holds half of the sequence
 per rank (checked on every block's input), and a training step of the tiny models with every layer
 kind (G, S, D, M, A; L, K, F and an MLA global layer) gives the one-process loss, and every gradient
-and updated parameter gathered over TP equals the one-process step's: alone, and inside CP groups
-(tp=2 x cp=2, 4 ranks). The chunked loss (train.loss_chunk_tokens) gathers the sequence as the plain
-head does. Refusals: parallel.tp=1, a sequence that does not split over tp.
+and updated parameter gathered over TP equals the one-process step's: alone, inside CP groups
+(tp=2 x cp=2, 4 ranks) and across pipeline stages (tp=2 x pp=2). The chunked loss
+(train.loss_chunk_tokens) gathers the sequence as the plain head does; decoding with a cache (whole
+sequence) gives the one-process logits. Refusals: parallel.tp=1, a sequence that does not split over tp.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 from dist_utils import run_world
-from test_cp_model import RTOL, SEQ_LEN
+from test_cp_model import RTOL, SEQ_LEN, sample
 from test_tp_model import MODELS, check, chunk_cfg, loss_and_grads, tp_worker
 
 
@@ -43,18 +44,36 @@ def chunked_sp_worker(rank, world):
     torch.manual_seed(0)
     model = build_model(chunk_cfg(), tp_group=mesh.tp_group(), sequence_parallel=True).to(torch.float64)
     loss, mean, grads = loss_and_grads(model, 7, mesh.tp_group())
-    return dict(loss=loss, mean=mean, grads=full_state_dict(model, grads, mesh.tp_group()))
+    return dict(loss=loss, mean=mean, grads=full_state_dict(model, grads, mesh.tp_group()),
+                decoded=_decode(model, mesh.tp_group()))
 
 
-def test_tp2_sequence_parallel_chunked_loss_equals_one_process():
+def _decode(model, tp_group=None):
+    """Logits of a 5-token prefill and one decoding step (vocabulary gathered over TP): decoding runs on
+    the whole sequence, the row-parallel partial sums all-reduced."""
+    from lctrain.parallel.tensor_parallel import gather_full
+
+    ids = sample(3)[0].clone()
+    ids[ids == 63] = 1  # one document per prompt (decoding refuses document ends)
+    with torch.no_grad():
+        cache = model.new_cache(ids.shape[0])
+        return [gather_full(model(ids[:, :5], cache=cache), -1, tp_group),
+                gather_full(model(ids[:, 5:6], cache=cache), -1, tp_group)]
+
+
+def test_tp2_sequence_parallel_chunked_loss_and_decoding_equal_one_process():
     from test_cp_model import _rel
 
     from lctrain.models import build_model
 
     results = run_world(chunked_sp_worker, 2, timeout=300, init_process_group=False)
     torch.manual_seed(0)
-    ref_loss, ref_mean, ref_grads = loss_and_grads(build_model(chunk_cfg()).to(torch.float64), 7)
+    ref_model = build_model(chunk_cfg()).to(torch.float64)
+    ref_loss, ref_mean, ref_grads = loss_and_grads(ref_model, 7)
+    ref_decoded = _decode(ref_model)
     for rank, res in enumerate(results):
+        for got, ref in zip(res["decoded"], ref_decoded):
+            assert _rel(got, ref) <= RTOL, f"rank {rank}: decoding logits differ"
         assert res["loss"] == pytest.approx(ref_loss, rel=RTOL) and res["mean"] == pytest.approx(ref_mean, rel=RTOL)
         for name, ref in ref_grads.items():
             assert _rel(res["grads"][name], ref) <= RTOL, f"rank {rank}: gathered {name} differs"

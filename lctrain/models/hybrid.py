@@ -39,8 +39,11 @@ from lctrain.parallel.tensor_parallel import (
     gather_sequence,
     local_size,
     mark_partial_grad,
+    reduce_over_tp,
+    reduce_scatter_sequence,
     scatter_sequence,
     shard_from_full,
+    skip_row_all_reduce,
     vocab_embedding,
 )
 
@@ -86,8 +89,10 @@ class Block(nn.Module):
     With `sequence_parallel` (a TP group of size > 1) the block's input and output are this TP rank's
     1/tp of the sequence: the norms and residual adds run on the slice, the normed slices are gathered
     to the whole sequence before the mixer and the MLP (whose TP layers see their usual replicated
-    input), and their outputs (all-reduced by the row-parallel projection) are cut back to the slice.
-    The norm weights then see only the slice: their gradients are partial and summed over TP."""
+    input), and the partial sums of their row-parallel output projections are reduce-scattered back to
+    the slice (instead of all-reduced). The norm weights see only the slice: their gradients are
+    partial and summed over TP. Decoding (a cache) runs on the whole sequence: the partial sums are
+    then all-reduced."""
 
     def __init__(self, kind: str, cfg_model: Any, rope: RotaryEmbedding | None, cp_group=None, tp_group=None,
                  sequence_parallel: bool = False):
@@ -126,17 +131,21 @@ class Block(nn.Module):
         self.mlp = SwiGLU(d, swiglu_hidden_size(d, m.mlp_ratio), int(_cfg(m, "mlp_chunk_tokens", 0) or 0), tp_group)
         self.sp_group = tp_group if sequence_parallel and group_size(tp_group) > 1 else None
         if self.sp_group is not None:
+            skip_row_all_reduce(self)  # every mixer and the MLP return their row-parallel projection's output
             mark_partial_grad(self.norm1.weight)
             mark_partial_grad(self.norm2.weight)
 
     def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
                 docs: Documents | None = None) -> torch.Tensor:
-        sp = self.sp_group if cache is None else None  # decoding runs on the whole (replicated) sequence
+        sp = self.sp_group
         if sp is None:
             x = x + self.mixer(self.norm1(x), position_offset, cache, docs)
             return x + self.mlp(self.norm2(x))
-        x = x + scatter_sequence(self.mixer(gather_sequence(self.norm1(x), sp), position_offset, None, docs), sp)
-        return x + scatter_sequence(self.mlp(gather_sequence(self.norm2(x), sp)), sp)
+        if cache is not None:  # decoding: the whole (replicated) sequence
+            x = x + reduce_over_tp(self.mixer(self.norm1(x), position_offset, cache, docs), sp)
+            return x + reduce_over_tp(self.mlp(self.norm2(x)), sp)
+        x = x + reduce_scatter_sequence(self.mixer(gather_sequence(self.norm1(x), sp), position_offset, None, docs), sp)
+        return x + reduce_scatter_sequence(self.mlp(gather_sequence(self.norm2(x), sp)), sp)
 
 
 class _ToHost(torch.autograd.Function):
