@@ -266,18 +266,18 @@ class UPass(torch.autograd.Function):
     """u = u_pass(k, v, beta) on [B, T, H, *] inputs; returns u [B, T, H, V] in the compute dtype.
     Forward: ``chunk_forward`` with the backend's statistics; backward: the exact ``chunk_backward``
     with its push and key gradients (``Stages``, torch or Triton). Saves k, beta, u, w and the row
-    log-sum-exp (O(T), no T x T tensor). With bf16/fp16 inputs on CUDA the float32 matmuls run in TF32;
-    ``half``: a half dtype the Triton kernels round their dot operands to (``half_dots``), or None;
-    then k (the inputs' half-precision numbers, unchanged) and the copies of u the kernels stream
-    are kept in that dtype: half the bytes."""
+    log-sum-exp (O(T), no T x T tensor). With bf16/fp16 inputs on CUDA the float32 matmuls run in TF32
+    (``tf32``: always, ``kernel_dots="tf32"``); ``half``: a half dtype the Triton kernels round their
+    dot operands to (``half_dots``), or None; then k (the inputs' half-precision numbers, unchanged)
+    and the copies of u the kernels stream are kept in that dtype: half the bytes."""
 
     @staticmethod
     def forward(ctx, k, v, beta, scale: float, chunk_size: int, stages: Stages, dtype: torch.dtype,
-                half: torch.dtype | None = None):
+                half: torch.dtype | None = None, tf32: bool = False):
         kh = k.transpose(1, 2).to(dtype if half is None else half).contiguous()
         vh = v.transpose(1, 2).to(dtype).contiguous()
         bh = beta.transpose(1, 2).to(dtype).contiguous()
-        ctx.tf32 = k.is_cuda and k.dtype in (torch.bfloat16, torch.float16)
+        ctx.tf32 = tf32 or (k.is_cuda and k.dtype in (torch.bfloat16, torch.float16))
         ctx.half = half
         with _Tf32Matmuls(ctx.tf32), half_dots(half):
             u, lse, w = chunk_forward(kh, vh, bh, scale, chunk_size, stages.stats, stats_u_dtype=half,
@@ -296,4 +296,4 @@ class UPass(torch.autograd.Function):
                                                  key_grads_u_dtype=ctx.half)
         kd, vd, bd = ctx.in_dtypes
         return (dk.transpose(1, 2).to(kd), dv.transpose(1, 2).to(vd), dbeta.transpose(1, 2).to(bd),
-                None, None, None, None, None)
+                None, None, None, None, None, None)

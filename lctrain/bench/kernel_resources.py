@@ -84,9 +84,10 @@ def record_launches(D: int, dtype_name: str, varlen: bool = False) -> list:
 def record_deltaformer_launches(D: int, tf32: bool = True, half=None) -> list:
     """(jit function, args, kwargs) of every Triton launch of one Deltaformer u-pass fwd+bwd (chunk
     256 of a 4096-token sequence, 16 heads) and of the three context-parallel blocks, on meta tensors.
-    ``tf32``: the launches of bf16 / fp16 inputs (TF32 dots, what training runs); False: of float32
+    ``tf32``: the launches of ``kernel_dots="tf32"`` (TF32 dots); False: of float32
     inputs (full-precision dots, which spill at head dim 128: slower, for accuracy only). ``half``
-    (torch.bfloat16 / float16): the launches of ``kernel_dots="half"`` (dot operands in that type)."""
+    (torch.bfloat16 / float16): the launches of ``kernel_dots="half"`` (dot operands in that type; what
+    ``"auto"``, the default, runs for bf16 / fp16 inputs and so what training runs)."""
     import torch
 
     from lctrain.kernels.deltaformer import chunk, triton_bwd, triton_fwd
@@ -233,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the launches of packed documents (cu_seqlens): the varlen kernels")
     p.add_argument("--op", choices=["mixers", "deltaformer", "loglinear"], default="mixers",
                    help="the linear mixers' kernels (default) or Deltaformer's u-pass kernels (float32 tensors, "
-                        "TF32 dots as for bf16 inputs; --dtype float32: full-precision dots as for float32 inputs; "
+                        "TF32 dots as kernel_dots='tf32'; with --half-dots those of kernel_dots='half', the "
+                        "default for bf16 / fp16 inputs; --dtype float32: full-precision dots as for float32 inputs; "
                         "--cfg and --varlen do not apply), or the fused log-linear kernels (--cfg: the level "
                         "kernels' settings, as LCTRAIN_LOGLINEAR_CFG; --varlen does not apply)")
     p.add_argument("--half-dots", action="store_true",
