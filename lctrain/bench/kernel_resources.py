@@ -108,7 +108,7 @@ def record_deltaformer_launches(D: int, tf32: bool = True, half=None) -> list:
         if half is not None:                    # kernel_dots="half" keeps k (and copies of u) in it
             k = k.to(half)
         u, lse, w = chunk.chunk_forward(k, v, beta, D ** -0.5, 256, st.stats, stats_u_dtype=half, solve=st.solve)
-        chunk.chunk_backward(k, beta, u, lse, w, e(B, H, T, D), D ** -0.5, 256, st, key_grads_u_dtype=half)
+        chunk.chunk_backward(k, beta, u, lse, w, e(B, H, T, D), D ** -0.5, 256, st, half_copies=half)
         if half is not None:                    # context parallelism has no kernel_dots
             return calls
         kl, ul, dk, rhs = e(B, H, L, D), e(B, H, L, D), e(B, H, L, D), e(B, H, L, D)
