@@ -685,6 +685,42 @@ def test_bench_cp_runs_on_cpu(tmp_path):
     assert "weak scaling, CP=2" in md.read_text()
 
 
+def test_bench_cp_runs_softmax_layers_on_cpu(tmp_path):
+    """`lctrain bench cp --layer swa attn` end to end on 2 gloo ranks (halo exchange; Ulysses through
+    DeepSpeed's CPU accelerator): one row each, with the one-device run at the total length (always on
+    for these layers: the strong-scaling ratio), and the stage progress lines on stderr."""
+    import json
+    import subprocess
+    import sys
+
+    from lctrain.bench.cp import COLUMNS
+
+    out = tmp_path / "cp.json"
+    proc = subprocess.run([sys.executable, "-m", "lctrain.cli", "bench", "cp", "--device", "cpu", "--nproc", "2",
+                           "--layer", "swa", "attn", "--T", "16", "--window", "8", "--H", "2", "--D", "8",
+                           "--chunk-size", "8", "--warmup", "0", "--iters", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [dict(zip(COLUMNS, r)) for r in json.loads(out.read_text())["rows"]]
+    assert [(r["layer"], r["transition"], r["T/rank"], r["T total"]) for r in rows] == [
+        ("swa", "halo", 16, 32), ("attn", "ulysses", 16, 32)]
+    for row in rows:
+        for col in ("1-dev fwd+bwd ms", "CP fwd+bwd ms", "efficiency", "1-dev at T total fwd+bwd ms",
+                    "CP time / 1-dev at T total"):
+            assert row[col] > 0, (row["layer"], col)
+        assert abs(row["efficiency"] - row["1-dev fwd+bwd ms"] / row["CP fwd+bwd ms"]) < 0.01
+    for stage in ("1 device at T", "CP=2 at 2*T", "1 device at 2*T"):
+        assert f"swa T/rank 16: {stage}: first call" in proc.stderr and f"attn T/rank 16: {stage} measured" in proc.stderr
+
+
+def test_bench_cp_refuses_a_window_longer_than_the_shard():
+    from lctrain.bench.cp import _parse
+
+    with pytest.raises(SystemExit):
+        _parse(["--device", "cpu", "--layer", "swa", "--T", "16", "--window", "32"])
+    assert _parse(["--device", "cpu", "--layer", "swa", "--T", "16", "--window", "17"]).window == 17
+
+
 def test_bench_cp_parts_runs_on_cpu(tmp_path):
     """`python -m lctrain.bench.cp_parts` on CPU (torch backend): every way of the state passes is timed
     and gives the sequential pass's result up to float rounding."""
