@@ -22,9 +22,9 @@ the largest per-device peak of one forward+backward, the layer's inputs (q, k, v
 For ``swa`` and ``attn`` one device at the total length N*T is always timed too (``--strong`` for the
 linear mixers): strong scaling, ``CP time / 1-dev at T total`` (Ulysses' target: <= 0.55 at 128K total), and
 ``CP peak / 1-dev at T total`` (<= 0.55); their forward is timed with autograd on, and each stage's first
-call (FlexAttention's compile for a new shape, on CUDA) runs alone between progress lines. ``--fla`` times fla-core's own CP
-(``fla.ops.cp``) side by side (benchmark-only dependency, never imported by lctrain itself); its first
-calls autotune for minutes, so it is off by default and best run in its own invocation.
+call (FlexAttention's compile for a new shape, on CUDA) runs alone between progress lines. ``--fla``
+times fla-core's own CP (``fla.ops.cp``) side by side (benchmark-only dependency, never imported by lctrain
+itself); its first calls autotune for minutes, so it is off by default and best run in its own invocation.
 
 Each row is printed when measured, progress lines go to stderr, ``--json`` is rewritten after every
 row and ``--time-limit S`` starts no new case after S seconds: a run cut short leaves what it measured.
@@ -57,7 +57,8 @@ LINEAR = {"gdn": "gated_delta", "delta": "delta", "gla": "gla"}
 TITLES = {"gdn": "gated delta rule", "delta": "delta rule", "gla": "gated linear attention",
           "swa": "sliding-window attention",
           "attn": "global attention", "loglinear": "loglinear gated delta rule"}
-GPU_DEFAULTS = dict(T=[8192, 16384, 32768, 65536], H=16, D=128, dtype="bf16", chunk_size=64, warmup=5, iters=20, window=2048)
+GPU_DEFAULTS = dict(T=[8192, 16384, 32768, 65536], H=16, D=128, dtype="bf16", chunk_size=64, warmup=5, iters=20,
+                    window=2048)
 CPU_DEFAULTS = dict(T=[64, 128], H=2, D=16, dtype="fp32", chunk_size=16, warmup=1, iters=3, window=16)
 
 
@@ -450,7 +451,7 @@ def _softmax_rows(layer, args, x, T, P, rank, device, group, notes, clock):
         clock.progress(f"{layer} T/rank {T}: {what}: first call took {time.perf_counter() - t0:.1f} s; timing ...")
         res.update(_prefixed(prefix, _measure(fwd, inputs, layer, device, group, args, slowest, grad_forward=True)))
         clock.progress(f"{layer} T/rank {T}: {what} measured")
-    del xs
+    xs = None  # noqa: F841 - frees the whole-length inputs (the closure above holds the name)
     if "cp_fwd_bwd_ms" not in res:
         return []
     return [res]
@@ -590,7 +591,8 @@ def _worker(args, argv) -> int:
              f"{args.warmup} warm-up + {args.iters} timed iterations; efficiency = 1-device fwd+bwd at T / CP fwd+bwd "
              f"at {P}*T; '1-dev at T total' = one device at {P}*T (strong scaling, --strong, always for swa and attn); "
              f"swa window {args.window}; swa / attn forward timed with autograd on; peak MiB = the layer's inputs "
-             "(q, k, v, gates, do) + the most one forward+backward allocates; the state pass and state-grad pass columns time the passes CP adds as the row's "
+             "(q, k, v, gates, do) + the most one forward+backward allocates; the state pass and state-grad pass "
+             "columns time the passes CP adds as the row's "
              "transition runs them on each rank (rank 0 the A-free pass, the last rank no forward pass, rank 0 no "
              "state-gradient pass, middle ranks (A, B) and G; sequential_all: every pass on every rank), alone, the "
              "slowest rank's time"]
