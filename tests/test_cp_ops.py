@@ -433,6 +433,19 @@ def test_cp_skipping_unread_passes_matches_the_all_ranks_reference(P):
     assert_same_results(docs_new, docs_old, "documents: skipping vs sequential_all")
 
 
+def test_auto_transition_is_pipeline_only_at_two_ranks_on_triton_without_documents():
+    """The default transition ("auto"): pipeline at CP = 2 on the Triton backend (here the interpreter) without
+    packed documents; sequential on the torch / naive backends, with documents and at CP > 2."""
+    from lctrain.parallel.context_parallel import DEFAULT_TRANSITION, _parse_transition, auto_transition
+
+    cpu = torch.device("cpu")
+    assert DEFAULT_TRANSITION == "auto" and _parse_transition("auto") == ("auto", None)
+    assert auto_transition(2, "triton", cpu, False) == "pipeline"
+    assert [auto_transition(2, "torch", cpu, False), auto_transition(2, "auto", cpu, False),
+            auto_transition(2, "naive", cpu, False), auto_transition(2, "triton", cpu, True),
+            auto_transition(3, "triton", cpu, False), auto_transition(4, "triton", cpu, False)] == ["sequential"] * 6
+
+
 def test_cp_under_activation_checkpointing():
     """Non-reentrant checkpoint replays reuse the gathered state (no second gather) and stay exact;
     reentrant checkpoint communicates again, in the same order on every rank, without deadlock."""

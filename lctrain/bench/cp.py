@@ -85,7 +85,8 @@ def _parse(argv):
                         "matmul per pass; other layers skip it with a note); overlap (Triton: both passes inside the "
                         "op's own, no separate pass: its state-pass columns stay empty); pipeline (Triton: overlap "
                         "where the last rank waits for S_in and rank 0 for dS_out, then plain passes); sequential_all "
-                        "(the reference: sequential with every rank running every pass, nothing skipped)")
+                        "(the reference: sequential with every rank running every pass, nothing skipped); auto (the "
+                        "default of context_parallel and the model: pipeline at 2 ranks on Triton, else sequential)")
     p.add_argument("--op", choices=["gated_delta_rule", "loglinear_gated_delta_rule"], default="gated_delta_rule",
                    help="loglinear_gated_delta_rule: time the log-linear Gated DeltaNet instead of --layer")
     p.add_argument("--window", type=int, default=None, help="swa: window in tokens (GPU default 2048, CPU 16)")
@@ -367,14 +368,16 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, cl
             return
         try:
             cp_op = context_parallel(op, group, transition=transition)
-            if cp_op.pass_keys()[0] in IN_OP_TRANSITIONS and kernels.resolve_backend(
+            in_op = cp_op.resolved_transition(kw["backend"], device) in IN_OP_TRANSITIONS
+            if in_op and kernels.resolve_backend(
                     kw["backend"], "shard_transition", device) != "triton":
                 raise ContextParallelError(f"transition={transition!r} runs inside the Triton kernels (CUDA, or "
                                            "TRITON_INTERPRET=1 with --backend triton)")
         except ContextParallelError as err:  # e.g. "direct" for a delta rule: no such row
             notes.append(f"{layer} [{transition}] not measured: {err}")
             continue
-        res = dict(layer=layer, transition=transition, **_prefixed("single", single), **whole)
+        label = transition if transition != "auto" else f"auto={cp_op.resolved_transition(kw['backend'], device)}"
+        res = dict(layer=layer, transition=label, **_prefixed("single", single), **whole)
         try:  # a transition that fails (the same on every rank) loses its own row only
             # the closures below are called within this iteration, so the late binding of cp_op is harmless
             res.update(_prefixed("cp", _measure(lambda: cp_op(*tensors(), **kw)[0],  # noqa: B023
@@ -384,7 +387,7 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, cl
             continue
         # the passes that CP adds, as this transition runs them on each rank (what each rank computes differs:
         # rank 0 the A-free pass, the last none, ...), the slowest rank's time: what they add to the step
-        if cp_op.pass_keys()[0] in IN_OP_TRANSITIONS:  # no separate passes: inside the op (cp_parts times it)
+        if in_op:  # no separate passes: inside the op (cp_parts times it)
             res["state_pass_ms"] = res["state_grad_pass_ms"] = None
         else:
             res["state_pass_ms"] = _timed(lambda: cp_op._forward_summary(  # noqa: B023
