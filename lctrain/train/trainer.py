@@ -275,12 +275,19 @@ class Trainer:
 
     def peak_memory_mib(self) -> float | None:
         """The largest peak of allocated GPU memory over all ranks so far (collective); None off CUDA."""
-        if self.device.type != "cuda":
-            return None
-        peak = torch.tensor(float(torch.cuda.max_memory_allocated(self.device)) / 2**20, device=self.device)
+        return self._max_over_ranks_mib(torch.cuda.max_memory_allocated) if self.device.type == "cuda" else None
+
+    def held_memory_mib(self) -> float | None:
+        """GPU memory still allocated between steps, the largest over ranks (collective); None off CUDA.
+        After `optimizer_step` that is what the run holds for good: weights, optimizer state and the
+        gradient buffers a DDP wrapper keeps, i.e. what tensor parallelism and a sharded optimizer divide."""
+        return self._max_over_ranks_mib(torch.cuda.memory_allocated) if self.device.type == "cuda" else None
+
+    def _max_over_ranks_mib(self, measure) -> float:
+        value = torch.tensor(float(measure(self.device)) / 2**20, device=self.device)
         if dist.is_initialized():
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        return float(peak)
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return float(value)
 
     def parameter_counts(self) -> tuple[int, int, int]:
         """(parameters of the whole model, fewest and most parameters a rank holds); collective under
@@ -364,7 +371,7 @@ class Trainer:
                 last_loss = metrics.loss
                 reporter.step(metrics.step, metrics.loss, metrics.lr, tokens_per_step, time.perf_counter() - step_start,
                               metrics.grad_norm, self.bad_steps.total,
-                              self.peak_memory_mib())
+                              self.peak_memory_mib(), self.held_memory_mib())
                 signum, save_due = stop.poll(cadence.by_time(metrics.step) if self.is_main else False, self.device)
                 if metrics.step < t.steps and (signum or save_due or cadence.by_steps(metrics.step)):
                     ckpt, last_saved = self.save(), metrics.step
