@@ -35,7 +35,7 @@ LAYOUTS = {"T200": dict(B=2, T=200), "T4133": dict(B=2, T=4133), "T20000": dict(
 # q too), ``shift`` (every input, the initial state and the output gradients dO / dS a view one element into its
 # own buffer: data pointers not 16-byte aligned).
 REPLAY = {
-    "T32": dict(B=1, T=32),                                                   # NT=1 alone (the int 1 Triton specialises)
+    "T32": dict(B=1, T=32),                                                  # NT=1 alone (an int 1 Triton specialises)
     "T32_noinit": dict(B=1, T=32, init=False),                                # ... and no initial state
     "T200_noinit": dict(B=2, T=200, init=False),                              # no initial state alone
     "lastblock": dict(B=1, T=32, offset=19968, init=False, q_is_k=True),      # the faulting call, as made
