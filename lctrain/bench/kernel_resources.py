@@ -44,9 +44,9 @@ class _Recorder:
         self.calls.append((fn, args, kw))
 
 
-def record_launches(D: int, dtype_name: str, varlen: bool = False) -> list:
-    """(jit function, args, kwargs) of every launch of one fwd+bwd of each mixer, on meta tensors;
-    ``varlen``: of packed documents (cu_seqlens: 4 documents, 80 chunks), the varlen kernels."""
+def record_launches(D: int, dtype_name: str, varlen: bool = False, T: int = 4096) -> list:
+    """(jit function, args, kwargs) of every launch of one fwd+bwd of each mixer (B=1, T tokens, 16 heads), on
+    meta tensors; ``varlen``: of packed documents (cu_seqlens: 4 documents, 80 chunks), the varlen kernels."""
     import torch
 
     from lctrain.kernels.triton import dqdk, ops, output, state, wy
@@ -59,7 +59,7 @@ def record_launches(D: int, dtype_name: str, varlen: bool = False) -> list:
             setattr(mod, n, _Recorder(kernel, calls))
         # T and the chunk count divisible by 16, as in real runs: Triton specialises on that, and the
         # software pipeliner (so shared memory) differs otherwise
-        B, T, H = 1, 4096, 16
+        B, H = 1, 16
         m = dict(device="meta")
         q, k, v, do = (torch.empty(B, T, H, D, dtype=dtype, **m) for _ in range(4))
         g = torch.empty(B, T, H, dtype=torch.float32, **m)
@@ -163,6 +163,7 @@ def _signature(fn, args, kw):
 
     import torch
     params = list(inspect.signature(fn.fn).parameters)
+    plain = set(getattr(fn, "do_not_specialize", None) or ())   # @triton.jit(do_not_specialize=[...])
     sig, consts, attrs = {}, {}, {}
     divisible = [["tt.divisibility", 16]]
     for i, (name, val) in enumerate(zip(params, args)):
@@ -174,9 +175,12 @@ def _signature(fn, args, kw):
             consts[name] = None
         elif isinstance(val, float):
             sig[name] = "fp32"
+        elif val == 1 and name not in plain and i not in plain:   # the JIT compiles an int 1 as the constant
+            sig[name] = "constexpr"
+            consts[name] = 1
         else:
             sig[name] = "i32"
-            if val % 16 == 0:
+            if val % 16 == 0 and name not in plain and i not in plain:
                 attrs[(i,)] = divisible
     for name, val in kw.items():
         if name not in ("num_warps", "num_stages"):
@@ -185,9 +189,18 @@ def _signature(fn, args, kw):
     return {name: sig[name] for name in params}, consts, attrs  # in parameter order, as the JIT's
 
 
-def compile_report(calls, target: int) -> list[dict]:
+def compile_launch(fn, args, kw, target: int = 90):
+    """One recorded launch compiled for sm_<target> as the JIT would specialise it (``_signature``)."""
     import triton
     from triton.backends.compiler import GPUTarget
+    sig, consts, attrs = _signature(fn, args, kw)
+    opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
+    return triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", target, 32), options=opts)
+
+
+def compile_report(calls, target: int) -> list[dict]:
+    import triton
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     rows, seen = [], set()
     for fn, args, kw in calls:
@@ -198,9 +211,7 @@ def compile_report(calls, target: int) -> list[dict]:
         if key in seen:
             continue
         seen.add(key)
-        compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts,
-                                                                   attrs=attrs),
-                                  target=GPUTarget("cuda", target, 32), options=opts)
+        compiled = compile_launch(fn, args, kw, target)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
             f.flush()
