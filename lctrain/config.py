@@ -140,8 +140,8 @@ class ParallelConfig:
     # pipeline-parallel degree: stages of contiguous blocks (the layer count must divide by it); a step's
     # train.grad_accum micro-batches go through megatron-core's 1F1B schedule (use grad_accum >= pp)
     pp: int = 1
-    # megatron-core sequence parallelism (norms and residuals split along the sequence over the TP
-    # group): not available yet, refused when true (docs/design.md §7 says why)
+    # sequence parallelism: the residual stream, the block norms and checkpointed block inputs hold
+    # 1/tp of the rank's sequence (needs tp > 1 and seq_len divisible by cp * tp; docs/design.md §7)
     sequence_parallel: bool = False
     # processes on this node when `lctrain train` launches them itself; 0 = cp * tp * pp
     nproc_per_node: int = 0
@@ -395,12 +395,13 @@ def validate(cfg: DictConfig) -> None:
               f"{p.nproc_per_node} processes do not factor into tp*cp*pp = {p.tp}*{p.cp}*{p.pp} = {model_size} "
               "times a data-parallel size",
               f"use a multiple of {model_size}, or lower parallel.tp / parallel.cp / parallel.pp")
-    if p.sequence_parallel:
-        _fail("parallel.sequence_parallel",
-              "is not implemented: megatron-core's sequence-parallel gather / reduce-scatter regions allocate on the "
-              "current CUDA device, so the path cannot run (nor be checked against one process) on CPU/gloo, and "
-              "lctrain's layers keep [batch, sequence, hidden] where megatron's regions split dim 0",
-              "use parallel.sequence_parallel=false (tensor parallelism without it works)")
+    if p.sequence_parallel and p.tp == 1:
+        _fail("parallel.sequence_parallel", "splits the sequence over the tensor-parallel group, and parallel.tp=1",
+              "use parallel.tp > 1 with it, or parallel.sequence_parallel=false")
+    if p.sequence_parallel and d.seq_len % (p.cp * p.tp):
+        _fail("data.seq_len", f"{d.seq_len} tokens do not split into parallel.cp={p.cp} shards of parallel.tp={p.tp} "
+              "sequence-parallel slices each", f"make seq_len a multiple of cp * tp = {p.cp * p.tp}, or "
+              "parallel.sequence_parallel=false")
     if p.pp > 1 and p.nproc_per_node > model_size:
         _fail("parallel.pp", f"pipeline parallelism with data parallelism ({p.nproc_per_node} processes = "
               f"{p.nproc_per_node // model_size} replicas of tp*cp*pp = {model_size}) is not supported yet (the "

@@ -86,11 +86,16 @@ def _row_cls():
     from megatron.core.tensor_parallel import RowParallelLinear
 
     class RowLinear(RowParallelLinear):
-        """RowParallelLinear (input split, output all-reduced) returning only the output."""
+        """RowParallelLinear (input split, output all-reduced) returning only the output. With
+        `partial_output` set (sequence parallelism, `Block`) it returns this rank's partial sum, the local
+        matmul alone, and the caller reduce-scatters it along the sequence instead."""
 
         get_extra_state = nn.Module.get_extra_state
+        partial_output = False
 
         def forward(self, x):  # type: ignore[override]
+            if self.partial_output:
+                return torch.nn.functional.linear(x, self.weight)
             return super().forward(x)[0]
 
     return RowLinear
@@ -104,6 +109,15 @@ def column_linear(in_features: int, out_features: int, tp_group=None) -> nn.Modu
                           gather_output=False, tp_group=tp_group)
     mark_split(layer.weight, 0)
     return layer
+
+
+def skip_row_all_reduce(module: nn.Module) -> None:
+    """Make every row-parallel layer inside `module` return its partial sum (see `_row_cls`)."""
+    if not _row_cls.cache_info().currsize:
+        return  # no row-parallel layer was ever built
+    for m in module.modules():
+        if isinstance(m, _row_cls()):
+            m.partial_output = True
 
 
 def row_linear(in_features: int, out_features: int, tp_group=None) -> nn.Module:
@@ -136,6 +150,106 @@ def to_tp_region(x: torch.Tensor, tp_group) -> torch.Tensor:
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
     return copy_to_tensor_model_parallel_region(x, tp_group)
+
+
+# --------------------------------------------------------------------------------- sequence parallelism
+
+def _all_gather_dim1(x: torch.Tensor, tp_group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(group_size(tp_group))]
+    dist.all_gather(parts, x.contiguous(), group=tp_group)
+    return torch.cat(parts, dim=1)
+
+
+def _own_slice_dim1(x: torch.Tensor, tp_group) -> torch.Tensor:
+    return x.chunk(group_size(tp_group), dim=1)[dist.get_rank(tp_group)].contiguous()
+
+
+class _GatherSequence(torch.autograd.Function):
+    """[B, T/tp, ...] slices -> the whole [B, T, ...] on every TP rank. Backward: this rank's slice of
+    the gradient, which is already whole (the column-parallel layers and `to_tp_region` behind it sum
+    the TP ranks' input gradients, as they do for the replicated input of plain TP)."""
+
+    @staticmethod
+    def forward(ctx, x, tp_group):
+        ctx.tp_group = tp_group
+        return _all_gather_dim1(x, tp_group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _own_slice_dim1(grad, ctx.tp_group), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Partial sums [B, T, ...] on every TP rank -> this rank's slice [B, T/tp, ...] of their sum
+    (what replaces the row-parallel all-reduce). Backward: the slices' gradients gathered."""
+
+    @staticmethod
+    def forward(ctx, x, tp_group):
+        ctx.tp_group = tp_group
+        chunks = [c.contiguous() for c in x.chunk(group_size(tp_group), dim=1)]
+        out = torch.empty_like(chunks[dist.get_rank(tp_group)])
+        dist.reduce_scatter(out, chunks, group=tp_group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_dim1(grad, ctx.tp_group), None
+
+
+class _ScatterSequence(torch.autograd.Function):
+    """The whole [B, T, ...] (identical on every TP rank) -> this rank's slice [B, T/tp, ...].
+    Backward: the slices' gradients gathered (each rank's loss reaches only its own slice)."""
+
+    @staticmethod
+    def forward(ctx, x, tp_group):
+        ctx.tp_group = tp_group
+        return _own_slice_dim1(x, tp_group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_dim1(grad, ctx.tp_group), None
+
+
+def check_sequence_split(seq_len: int, tp_group) -> None:
+    tp = group_size(tp_group)
+    if seq_len % tp:
+        raise ValueError(f"parallel.sequence_parallel: the rank's {seq_len} tokens (data.seq_len / parallel.cp) do "
+                         f"not split over parallel.tp={tp}; make data.seq_len a multiple of cp * tp")
+
+
+def gather_sequence(x: torch.Tensor, tp_group) -> torch.Tensor:
+    """Sequence parallelism's all-gather along dim 1 (lctrain keeps [batch, sequence, hidden]), written
+    with torch.distributed so that it runs on gloo as on NCCL (megatron-core's sequence-parallel regions
+    allocate on the current CUDA device and split dim 0). Identity when the group is None or of size 1."""
+    if group_size(tp_group) == 1:
+        return x
+    return _GatherSequence.apply(x, tp_group)
+
+
+def reduce_scatter_sequence(x: torch.Tensor, tp_group) -> torch.Tensor:
+    """This TP rank's contiguous 1/tp of the sequence (dim 1) of the SUM over the group of `x`."""
+    if group_size(tp_group) == 1:
+        return x
+    check_sequence_split(x.shape[1], tp_group)
+    return _ReduceScatterSequence.apply(x, tp_group)
+
+
+def reduce_over_tp(x: torch.Tensor, tp_group) -> torch.Tensor:
+    """The sum over the TP group of `x` (megatron's reduce-from-TP-region: all-reduce forward, identity
+    backward)."""
+    if group_size(tp_group) == 1:
+        return x
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+    return reduce_from_tensor_model_parallel_region(x, tp_group)
+
+
+def scatter_sequence(x: torch.Tensor, tp_group) -> torch.Tensor:
+    """This TP rank's contiguous 1/tp of the sequence (dim 1) of a tensor whole on every rank."""
+    if group_size(tp_group) == 1:
+        return x
+    check_sequence_split(x.shape[1], tp_group)
+    return _ScatterSequence.apply(x, tp_group)
 
 
 def local_size(n: int, tp_group, what: str) -> int:

@@ -3,6 +3,7 @@ length search; the FLOP count it divides by."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,23 @@ def test_bench_train_refuses_options_its_mode_would_ignore(flags, capsys):
     with pytest.raises(SystemExit) as err:
         bench_train.main([*TINY, *flags])
     assert err.value.code == 2 and "--" in capsys.readouterr().err
+
+
+def test_bench_layouts_runs_each_layout_and_compares_held_memory(tmp_path):
+    """`lctrain bench layouts` on CPU: a one-process row and a tp=2 row (gloo) from real `lctrain train` runs,
+    a layout past --time-limit listed as not run; the held-memory fractions from GPU-like rows."""
+    from lctrain.bench import layouts
+
+    out = tmp_path / "layouts.json"
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "default.yaml")
+    assert layouts.main([recipe, *TINY, "train.grad_accum=1", "--layouts", "tp=1", "tp=2", "pp=2", "--steps", "2",
+                         "--warmup", "1", "--time-limit", "0.001", "--out-dir", str(tmp_path / "runs"), "--json",
+                         str(out)]) == 0
+    rows = {r[0]: dict(zip(layouts.COLUMNS, r)) for r in json.loads(out.read_text())["rows"]}
+    assert rows["tp=1"]["status"] == "ok" and rows["tp=1"]["processes"] == 1 and rows["tp=1"]["tokens/s"] > 0
+    assert rows["tp=2"]["status"].startswith("not run") and rows["pp=2"]["status"].startswith("not run")
+    # the fraction note, from rows as a GPU run writes them
+    gpu_rows = [["tp=1", 1, 10, 10, 900, 400, 1.0, "ok"], ["tp=2", 2, 18, 9, 600, 210, 1.0, "ok"],
+                ["pp=2", None, None, None, None, None, None, "exit 2: refused"]]
+    assert layouts.held_ratio_notes(gpu_rows) == ["held memory per GPU / tp=1 (one GPU): tp=2 0.53"]
+    assert layouts.held_ratio_notes(gpu_rows[1:]) == []

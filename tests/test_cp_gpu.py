@@ -9,7 +9,8 @@ sequential, overlap and pipeline also without the final-state gradients (then th
 transition at all and overlap's last rank the plain reverse pass; a case that raises fails its own
 test only); the short
 conv through the halo exchange; sliding-window attention through the halo exchange; global
-attention through Ulysses (skipped when DeepSpeed is not installed).
+attention through Ulysses (skipped when DeepSpeed is not installed); a training step of a float32
+G/D/M model (Triton, full checkpointing) with the default transition, which runs pipeline there.
 """
 from __future__ import annotations
 
@@ -152,6 +153,45 @@ def _attention_case(rank, window, device):
     return err
 
 
+def _model_case(rank, device):
+    """One training step (loss + backward, full checkpointing) of a float32 G/D/M model on the Triton backend
+    under CP = 2 with the default transition ("auto": pipeline here) against the same model on one GPU: the
+    loss and every parameter gradient (summed over the CP ranks, as the trainer does)."""
+    import torch.distributed as dist
+
+    from lctrain.config import default_config
+    from lctrain.models import build_model
+    from lctrain.train.step import lm_loss
+    m = default_config().model
+    m.vocab_size, m.d_model, m.layer_pattern, m.n_heads, m.head_dim = 256, 128, "GDM", 2, 64
+    m.chunk_size, m.kernel_backend, m.activation_checkpointing, m.document_end_id = 64, "triton", "full", None
+
+    def build(group):
+        torch.manual_seed(0)
+        return build_model(m, cp_group=group).to(device)
+
+    gen = torch.Generator(device=device).manual_seed(3)
+    tokens = torch.randint(0, m.vocab_size, (1, P * TL + 1), generator=gen, device=device)
+    ids, labels = tokens[:, :-1], tokens[:, 1:]
+    ref = build(None)
+    ref_loss, _ = lm_loss(ref, ids, labels)
+    ref_loss.backward()
+    model = build(dist.group.WORLD)
+    sl = slice(rank * TL, (rank + 1) * TL)
+    loss, mean = lm_loss(model, ids[:, sl], labels[:, sl], cp_group=dist.group.WORLD, position_offset=rank * TL)
+    loss.backward()
+    ops = [op for b in model.blocks if hasattr(b.mixer, "cp_ops") for op in b.mixer.cp_ops()]
+    ran = [(op.resolved_transition(m.kernel_backend, device), op.gathers, op.replays_reused) for op in ops]
+    err = {"loss": abs(mean.item() - ref_loss.item()) / abs(ref_loss.item()),
+           # 0 when every CP op ran pipeline with one all-gather, reused by its checkpoint replay
+           "default transition": 0.0 if ran == [("pipeline", 1, 1)] * 3 else float("inf")}
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        g = p.grad.detach().clone()
+        dist.all_reduce(g)
+        err["d " + name] = rel(g, p_ref.grad)
+    return err
+
+
 def gpu_worker(rank, world_size):
     import torch.distributed as dist
     torch.cuda.set_device(rank)
@@ -166,6 +206,7 @@ def gpu_worker(rank, world_size):
     for kind in FUSED_KINDS:
         cases[(kind, "overlap", "fuse_out")] = functools.partial(_fused_case, rank, kind, device)
     cases["conv"] = functools.partial(_conv_case, rank, device)
+    cases["model"] = functools.partial(_model_case, rank, device)
     cases["swa"] = functools.partial(_attention_case, rank, ATTN["window"], device)
     if HAS_DEEPSPEED:
         cases["ulysses"] = functools.partial(_attention_case, rank, None, device)
@@ -205,6 +246,10 @@ def test_cp_linear_mixer_without_final_state_loss_on_two_gpus(kind, transition):
 @pytest.mark.parametrize("kind", FUSED_KINDS)
 def test_cp_overlap_fused_output_on_two_gpus(kind):
     _check((kind, "overlap", "fuse_out"))
+
+
+def test_cp_model_step_with_the_default_transition_on_two_gpus():
+    _check("model")
 
 
 def test_cp_conv_halo_on_two_gpus():

@@ -59,7 +59,7 @@ def one_step(model, batches, *, cp_group=None, cp_rank=0, cp_size=1, grad_group=
     opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1)
     means = []
     for input_ids, labels in batches:
-        Tl = SEQ_LEN // cp_size
+        Tl = input_ids.shape[1] // cp_size
         sl = slice(cp_rank * Tl, (cp_rank + 1) * Tl)
         loss, mean = lm_loss(model, input_ids[:, sl], labels[:, sl], cp_group=cp_group, position_offset=cp_rank * Tl,
                              loss_chunk_tokens=loss_chunk_tokens)
@@ -134,3 +134,58 @@ def test_cp2_training_step_equals_one_process_with_and_without_checkpointing():
 
 def test_cp2_times_dp2_training_step_equals_one_process():
     check(run_world(model_worker, 4, 2, (("full", 0),), timeout=300, init_process_group=False), dp=2)
+
+
+# the default transition ("auto") on the Triton backend at CP = 2 is "pipeline": the linear layers of a float32
+# model through the Triton interpreter (chunks of 64: one per rank), no documents, full checkpointing
+TRITON_SEQ = 128
+
+
+def triton_model(cp_group=None):
+    from lctrain.models import build_model
+
+    m = tiny_model_cfg("full")
+    m.layer_pattern, m.chunk_size, m.kernel_backend, m.document_end_id = "GDM", 64, "triton", None
+    torch.manual_seed(0)
+    return build_model(m, cp_group=cp_group).to(torch.float32)
+
+
+def triton_sample():
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 64, (1, TRITON_SEQ + 1), generator=gen)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def pipeline_default_worker(rank, world):
+    import importlib
+
+    from lctrain.parallel import mesh
+
+    mesh.init_mesh({"cp": world, "tp": 1, "pp": 1}, "cpu")
+    cpm = importlib.import_module("lctrain.parallel.context_parallel")
+    passes = []  # the separate state passes of "sequential": "pipeline" runs none of them
+    for name in ("shard_transition", "shard_final_state", "shard_state_grad"):
+        fn = getattr(cpm, name)
+        setattr(cpm, name, lambda *a, _fn=fn, _name=name, **kw: passes.append(_name) or _fn(*a, **kw))
+    model = triton_model(mesh.cp_group())
+    loss, grads, params = one_step(model, [triton_sample()], cp_group=mesh.cp_group(), cp_rank=mesh.cp_rank(),
+                                   cp_size=world, grad_group=mesh.dp_cp_group())
+    ops = [op for b in model.blocks if hasattr(b.mixer, "cp_ops") for op in b.mixer.cp_ops()]
+    return dict(loss=loss, grads=grads, params=params, passes=passes,
+                ops=[(op.transition, op.resolved_transition("triton", torch.device("cpu")), op.gathers,
+                      op.replays_reused) for op in ops])
+
+
+def test_cp2_default_transition_is_pipeline_on_triton_and_exact():
+    """A training step (full checkpointing) of a float32 G/D/M model on the Triton backend under CP = 2 with the
+    default transition: every CP op runs "pipeline" (no separate state pass, one all-gather per forward, the
+    checkpoint replay reusing it), and the loss, gradients and updated parameters equal the one-process step."""
+    ref_loss, ref_grads, ref_params = one_step(triton_model(), [triton_sample()])
+    names = [n for n, _ in triton_model().named_parameters()]
+    for rank, res in enumerate(run_world(pipeline_default_worker, 2, timeout=600, init_process_group=False)):
+        assert res["ops"] == [("auto", "pipeline", 1, 1)] * 3, (rank, res["ops"])
+        assert res["passes"] == [], (rank, res["passes"])
+        assert abs(res["loss"] - ref_loss) <= 1e-5 * abs(ref_loss), (rank, res["loss"], ref_loss)
+        for what, got_all, ref_all in (("gradient", res["grads"], ref_grads), ("updated", res["params"], ref_params)):
+            for name, got, ref in zip(names, got_all, ref_all):
+                assert _rel(got, ref) <= 2e-4, f"rank {rank}: {what} {name} differs by {_rel(got, ref):.2e}"

@@ -286,7 +286,9 @@ def cp_doc_worker(rank, P, cases, transition=None):
 
 
 def world_worker(rank, P):
-    out = {"ops": cp_worker(rank, P, OPS_CASES[P]), "comm": comm_worker(rank, P, *COMM_ARGS[P]),
+    # "sequential" named: the default ("auto") runs the Triton case at P = 2 as "pipeline" (its own part below)
+    out = {"ops": cp_worker(rank, P, OPS_CASES[P], transition="sequential"),
+           "comm": comm_worker(rank, P, *COMM_ARGS[P]),
            "docs": cp_doc_worker(rank, P, DOC_CASES[P]),
            # the reference that skips no pass (every rank runs (A, B) from zero and G)
            "ops all": cp_worker(rank, P, OPS_CASES[P], transition="sequential_all"),
@@ -431,6 +433,19 @@ def test_cp_skipping_unread_passes_matches_the_all_ranks_reference(P):
     docs_new, docs_old = part(P, "docs"), part(P, "docs all")
     check_doc_world(P, DOC_CASES[P], docs_old)
     assert_same_results(docs_new, docs_old, "documents: skipping vs sequential_all")
+
+
+def test_auto_transition_is_pipeline_only_at_two_ranks_on_triton_without_documents():
+    """The default transition ("auto"): pipeline at CP = 2 on the Triton backend (here the interpreter) without
+    packed documents; sequential on the torch / naive backends, with documents and at CP > 2."""
+    from lctrain.parallel.context_parallel import DEFAULT_TRANSITION, _parse_transition, auto_transition
+
+    cpu = torch.device("cpu")
+    assert DEFAULT_TRANSITION == "auto" and _parse_transition("auto") == ("auto", None)
+    assert auto_transition(2, "triton", cpu, False) == "pipeline"
+    assert [auto_transition(2, "torch", cpu, False), auto_transition(2, "auto", cpu, False),
+            auto_transition(2, "naive", cpu, False), auto_transition(2, "triton", cpu, True),
+            auto_transition(3, "triton", cpu, False), auto_transition(4, "triton", cpu, False)] == ["sequential"] * 6
 
 
 def test_cp_under_activation_checkpointing():
@@ -683,6 +698,43 @@ def test_bench_cp_runs_on_cpu(tmp_path):
         assert row["CP fwd+bwd ms"] > 0 and row["efficiency"] > 0
         assert row["state pass ms"] > 0 and row["state-grad pass ms"] > 0
     assert "weak scaling, CP=2" in md.read_text()
+
+
+def test_bench_cp_runs_softmax_layers_on_cpu(tmp_path):
+    """`lctrain bench cp --layer swa attn` end to end on 2 gloo ranks (halo exchange; Ulysses through
+    DeepSpeed's CPU accelerator): one row each, with the one-device run at the total length (always on
+    for these layers: the strong-scaling ratio), and the stage progress lines on stderr."""
+    import json
+    import subprocess
+    import sys
+
+    from lctrain.bench.cp import COLUMNS
+
+    out = tmp_path / "cp.json"
+    proc = subprocess.run([sys.executable, "-m", "lctrain.cli", "bench", "cp", "--device", "cpu", "--nproc", "2",
+                           "--layer", "swa", "attn", "--T", "16", "--window", "8", "--H", "2", "--D", "8",
+                           "--chunk-size", "8", "--warmup", "0", "--iters", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [dict(zip(COLUMNS, r)) for r in json.loads(out.read_text())["rows"]]
+    assert [(r["layer"], r["transition"], r["T/rank"], r["T total"]) for r in rows] == [
+        ("swa", "halo", 16, 32), ("attn", "ulysses", 16, 32)]
+    for row in rows:
+        for col in ("1-dev fwd+bwd ms", "CP fwd+bwd ms", "efficiency", "1-dev at T total fwd+bwd ms",
+                    "CP time / 1-dev at T total"):
+            assert row[col] > 0, (row["layer"], col)
+        assert abs(row["efficiency"] - row["1-dev fwd+bwd ms"] / row["CP fwd+bwd ms"]) < 0.01
+    for stage in ("1 device at T", "CP=2 at 2*T", "1 device at 2*T"):
+        assert f"swa T/rank 16: {stage}: first call" in proc.stderr
+        assert f"attn T/rank 16: {stage} measured" in proc.stderr
+
+
+def test_bench_cp_refuses_a_window_longer_than_the_shard():
+    from lctrain.bench.cp import _parse
+
+    with pytest.raises(SystemExit):
+        _parse(["--device", "cpu", "--layer", "swa", "--T", "16", "--window", "32"])
+    assert _parse(["--device", "cpu", "--layer", "swa", "--T", "16", "--window", "17"]).window == 17
 
 
 def test_bench_cp_parts_runs_on_cpu(tmp_path):

@@ -74,35 +74,43 @@ def test_triton_equals_naive(T, chunk):
     assert_close(outputs_and_grads(x, backend="torch", chunk_size=chunk), ref, 2e-5)
 
 
-def test_triton_float16_inputs_equal_naive():
+@pytest.mark.parametrize("dots", ["auto", "tf32"])
+def test_triton_float16_inputs_equal_naive(dots):
     """fp16 inputs: the u-pass computes in float32 on the fp16 numbers; the read-out (SDPA) and the
-    returned gradients are fp16, hence the looser tolerance."""
+    returned gradients are fp16, hence the looser tolerance. "auto" = fp16 dot operands, "tf32" =
+    float32 ones (the interpreter computes those in full float32: it tests the float32 data path)."""
     x = inputs(70, torch.float16, seed=4)
     ref = outputs_and_grads({n: t.double() for n, t in x.items()}, backend="naive")
-    assert_close(outputs_and_grads(x, backend="triton", chunk_size=32), ref, 5e-3)
+    assert_close(outputs_and_grads(x, backend="triton", chunk_size=32, kernel_dots=dots), ref, 5e-3)
 
 
 def test_triton_half_dots_equal_naive():
     """kernel_dots="half": the kernels round their dot operands to fp16 (the interpreter's stand-in
     for bf16, the same code path) and accumulate in float32; fp16 inputs against float64 naive.
-    Two row blocks, several key ranges and chunks (also the backward's push and key gradients)."""
+    Two row blocks, several key ranges and chunks (also the backward's push and key gradients).
+    "auto" is the same computation for half inputs (bit for bit); "tf32" the float32-operand one."""
     x = inputs(90, torch.float16, seed=6)
     ref = outputs_and_grads({n: t.double() for n, t in x.items()}, backend="naive")
     got = outputs_and_grads(x, backend="triton", chunk_size=32, kernel_dots="half")
     assert_close(got, ref, 3e-3)
-    assert_close(outputs_and_grads(x, backend="triton", chunk_size=32), ref, 5e-3)
+    auto = outputs_and_grads(x, backend="triton", chunk_size=32)
+    assert all(torch.equal(auto[n], got[n]) for n in got), "kernel_dots='auto' on fp16 inputs is not 'half'"
+    tf32 = outputs_and_grads(x, backend="triton", chunk_size=32, kernel_dots="tf32")
+    assert_close(tf32, ref, 5e-3)
+    assert not all(torch.equal(tf32[n], got[n]) for n in got), "kernel_dots='tf32' took the half-dot path"
 
 
-@pytest.mark.parametrize("backend,dtype", [("naive", torch.float32), ("torch", torch.float32),
-                                           ("triton", torch.float32), ("triton", torch.float16)])
-def test_cu_seqlens_is_each_document_alone(backend, dtype):
+@pytest.mark.parametrize("backend,dtype,dots", [("naive", torch.float32, "auto"), ("torch", torch.float32, "auto"),
+                                                ("triton", torch.float32, "auto"), ("triton", torch.float16, "auto"),
+                                                ("triton", torch.float16, "tf32")])
+def test_cu_seqlens_is_each_document_alone(backend, dtype, dots):
     """Packed documents equal each document run alone through the naive reference in float64 (fp16:
     on the same fp16 numbers, with fp16 outputs and gradients, hence the looser tolerance)."""
     lens = [5, 1, 11]
     x = inputs(sum(lens), dtype, seed=5, batch=1)
     cu = torch.tensor([0, 5, 6, 17])
     cot = cotangents(x)
-    got = outputs_and_grads(x, cot, backend=backend, chunk_size=4, cu_seqlens=cu)
+    got = outputs_and_grads(x, cot, backend=backend, chunk_size=4, cu_seqlens=cu, kernel_dots=dots)
     parts = [outputs_and_grads({n: t[:, a:b].double() for n, t in x.items()}, tuple(c[:, a:b] for c in cot),
                                backend="naive")
              for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
@@ -129,13 +137,17 @@ def test_errors_name_the_argument():
         deltaformer(*inputs(4, torch.float16).values(), backend="torch", kernel_dots="half")
     with pytest.raises(ValueError, match="kernel_dots"):
         deltaformer(*args, backend="triton", kernel_dots="half")   # float32 inputs
+    with pytest.raises(ValueError, match="kernel_dots"):
+        deltaformer(*inputs(4, torch.float16).values(), backend="torch", kernel_dots="tf32")
+    with pytest.raises(ValueError, match="kernel_dots"):
+        deltaformer(*args, backend="naive", kernel_dots="tf32")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("dtype,dots", [(torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.bfloat16, "half")])
+@pytest.mark.parametrize("dtype,dots", [(torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.bfloat16, "tf32")])
 def test_triton_on_cuda_equals_torch_backend(D, dtype, dots):
-    """The compiled Triton u-pass (TF32 dots, or bf16 ones with kernel_dots="half") against the
+    """The compiled Triton u-pass (bf16 dots, the default for bf16 inputs, or TF32 ones) against the
     float32 torch backend and, at a short length, the naive recurrence: outputs and gradients."""
     g = torch.Generator().manual_seed(D)
     T, Hh = 1000, 2

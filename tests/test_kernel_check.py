@@ -42,3 +42,21 @@ def test_loglinear_case_runs():
     err = kernel_check.run_loglinear_case(dict(kind="ll_gdn", dims=[1, 16, 16], layout="T70", dtype="float32",
                                                variant="triton_composed"))
     assert max(err.values()) < 1e-4, err
+
+
+def test_groups_split_by_dtype_and_variant_with_bf16_defaults_first():
+    """One worker group per mixer, head dims, dtype and variant (they share no compiled kernel), bfloat16 and the
+    default settings started first, so that a run cut short by its time limit misses the least important cases."""
+    layouts = ("shift", "shift_T32", "T32", "lastblock")
+    items = [{"i": i, "case": c} for i, c in enumerate(c for c in kernel_check.grid(quick=True)
+                                                       if c["layout"] in layouts)]
+    groups = kernel_check.case_groups(items + [{"i": -1, "case": kernel_check.loglinear_grid()[0]}])
+    assert sorted(it["i"] for g in groups for it in g) == [-1] + [it["i"] for it in items]
+    keys = [{(it["case"]["kind"], tuple(it["case"]["dims"]), it["case"]["dtype"], it["case"]["variant"])
+             for it in g} for g in groups]
+    assert all(len(k) == 1 for k in keys)
+    order = [next(iter(k)) for k in keys]
+    assert {o[2:] for o in order[:9]} == {("bfloat16", "default")}
+    variants = [o[3] for o in order[:-1]]
+    assert variants.index("unaligned") > max(i for i, v in enumerate(variants) if v == "default")
+    assert groups[-1][0]["i"] == -1   # the log-linear cases last, as before

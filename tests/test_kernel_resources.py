@@ -57,3 +57,34 @@ def test_deltaformer_kernels_compile_for_hopper():
                 assert ("COPY" in r["flags"]) == bool(half), r
             elif r["kernel"] != "_chunk_solve_t_kernel":
                 assert ("DOT=bf16" in r["flags"]) == bool(half), r
+
+
+_ONE_CHUNK_PROBE = """
+import sys
+from lctrain.bench.kernel_resources import compile_launch, record_launches
+for D in (64, 128):
+    for T in (32, 64):   # one partial / one full chunk: the chunk count NT is 1
+        calls = [c for c in record_launches(D, "bfloat16", T=T) if c[0].fn.__name__ == "state_fwd_kernel"]
+        assert calls
+        for fn, args, kw in calls:
+            ttgir = compile_launch(fn, args, kw).asm["ttgir"]
+            print(D, T, "loop" if "scf.for" in ttgir else "straight")
+"""
+
+
+def test_one_chunk_state_pass_compiles_to_the_looped_kernel():
+    """With one chunk (NT == 1) the forward state pass must compile to the same looped kernel as longer runs:
+    Triton compiles an int argument equal to 1 as a constant, and state_fwd_kernel's chunk loop with a constant
+    trip count of 1 became straight-line code that gave a wrong final state on an H200 in bf16 at head dims 64 /
+    128 (kernel_check, 2026-12-01; docs/kernels-notes.md). Compiled for sm_90 in a subprocess (no GPU needed;
+    here Triton interprets), with the launch's ints specialised as the JIT does."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", _ONE_CHUNK_PROBE], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.split("\n")
+    kinds = [line.split()[-1] for line in lines if line.strip()]
+    assert kinds and set(kinds) == {"loop"}, out.stdout

@@ -39,15 +39,17 @@ def tp_cfg(pattern: str = "GSDMA", mla: bool = False):
     return m
 
 
-def build(tp_group=None, cp_group=None, pattern: str = "GSDMA", mla: bool = False):
+def build(tp_group=None, cp_group=None, pattern: str = "GSDMA", mla: bool = False, sequence_parallel: bool = False):
     from lctrain.models import build_model
 
     torch.manual_seed(0)
-    return build_model(tp_cfg(pattern, mla), cp_group=cp_group, tp_group=tp_group).to(DTYPE)
+    return build_model(tp_cfg(pattern, mla), cp_group=cp_group, tp_group=tp_group,
+                       sequence_parallel=sequence_parallel).to(DTYPE)
 
 
-def tp_worker(rank, world, tp, cp):
-    """One step of each of MODELS in one tp x cp world (one start-up for both)."""
+def tp_worker(rank, world, tp, cp, sequence_parallel=False):
+    """One step of each of MODELS in one tp x cp world (one start-up for both); also the sequence length
+    of every block's input (the residual stream: 1/tp of the rank's shard under sequence parallelism)."""
     from lctrain.parallel import mesh
     from lctrain.parallel.tensor_parallel import full_state_dict
 
@@ -55,7 +57,10 @@ def tp_worker(rank, world, tp, cp):
     tp_group = mesh.tp_group()
     out = {}
     for pattern, mla in MODELS:
-        model = build(tp_group, mesh.cp_group(), pattern, mla)
+        model = build(tp_group, mesh.cp_group(), pattern, mla, sequence_parallel)
+        block_lens = []
+        for block in model.blocks:
+            block.register_forward_pre_hook(lambda mod, args, lens=block_lens: lens.append(args[0].shape[1]))
         init = {k: v.clone() for k, v in full_state_dict(model, model.state_dict(), tp_group).items()}
         n_local = model.num_parameters()
         names = [n for n, _ in model.named_parameters()]
@@ -64,7 +69,8 @@ def tp_worker(rank, world, tp, cp):
                                        tp_group=tp_group)
         out[pattern] = dict(loss=loss, n_local=n_local, init=init,
                             grads=full_state_dict(model, dict(zip(names, grads)), tp_group),
-                            params=full_state_dict(model, dict(zip(names, params)), tp_group))
+                            params=full_state_dict(model, dict(zip(names, params)), tp_group),
+                            block_lens=sorted(set(block_lens)))
     return out
 
 

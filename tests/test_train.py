@@ -406,7 +406,7 @@ TP_MODEL = ["model.layer_pattern=GSMA", "model.n_heads=4", "model.attn_heads=4",
     (["model.vocab_size=259", "parallel.tp=2"], "model.vocab_size"),
     (["parallel.pp=3"], "parallel.pp"),  # 2 layers, 3 stages
     (["parallel.tp=2", "parallel.nproc_per_node=3"], "parallel.nproc_per_node"),
-    (["parallel.tp=2", "parallel.sequence_parallel=true"], "parallel.sequence_parallel"),  # refused, not ignored
+    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),  # needs tp > 1: refused, not ignored
     (["train.init_from=/nonexistent/run"], "train.init_from"),
 ])
 def test_bad_layouts_exit_2_before_any_work(tmp_path, capsys, bad, key):
@@ -460,6 +460,19 @@ def test_tp2_cli_log_linear_deltaformer_mla_with_chunked_loss_equal_one_process(
     assert set(got) == set(want)
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-4, msg=name)
+
+
+def test_tp2_sequence_parallel_cli_losses_equal_one_process(tmp_path, parts, data_cache):
+    """`lctrain train parallel.tp=2 parallel.sequence_parallel=true` (2 gloo processes, checkpointed
+    blocks, the chunked loss) logs the losses and gradient norms of the one-process run."""
+    common = [*TP_MODEL, "train.steps=2", "model.activation_checkpointing=full", "train.loss_chunk_tokens=24"]
+    ref = tmp_path / "ref"
+    assert _run(parts, ref, *common) == 0
+    out = tmp_path / "tp2sp"
+    stdout = _launch(data_cache, out, *common, "parallel.tp=2", "parallel.sequence_parallel=true")
+    assert "(dp 1 x cp 1 x tp 2 sequence-parallel x pp 1)" in stdout
+    assert _losses(out) == pytest.approx(_losses(ref), rel=1e-5)
+    assert _grad_norms(out) == pytest.approx(_grad_norms(ref), rel=1e-5)
 
 
 @pytest.mark.slow

@@ -25,8 +25,10 @@
 #   bench_full     32K bench with full checkpointing                                              ~1.5 min
 #   train131k      `lctrain train` 20 real steps at 131K on ONE GPU                               ~5 min
 #   pptests        pipeline parallelism pp=2 vs one GPU (2 GPUs)                                 ~9 min
-#   layouts        `lctrain bench layouts` of gdn_h1_1p3b at 64K, tp=2 / cp=2 / pp=2 side by side (2 GPUs;
-#                  LAYOUTS="pp=2" for one)                                                       ~10 min
+#   layouts        `lctrain bench layouts` of gdn_h1_1p3b at 64K, tp=1 (one GPU, the reference for held
+#                  memory) / tp=2 / cp=2 / pp=2 side by side (2 GPUs; LAYOUTS="pp=2" for one; LAYOUTS_LEN
+#                  the length, default 65536; LAYOUTS_S the step's limit, no layout starts in its last
+#                  150 s; ~2 min per layout, most of it start-up, first-step compiles, the final save) ~8 min
 # (maxlen / maxlen_cp2: the earlier names of reach / reach_cp2.)
 # Suggested calls: `targets` (first), `reach_cp2 quick` (second), `compare tests` (third).
 # Unpack train_bench_results.tgz into docs/results/<date>_train_bench/ and record the JSONs with
@@ -139,10 +141,13 @@ for s in $STEPS; do
     pptests) run tests_pp_gpu 560 "passed|failed|error" python3 -m pytest -m gpu -v -s -p no:cacheprovider \
                -c "$R/pyproject.toml" --rootdir "$R" "$R/tests/test_pp_gpu.py" ;;
     layouts) rm -rf /tmp/runs/layouts  # a warm machine's earlier runs would refuse train.resume=false
-             run layouts_h1_64k 590 "$SUMMARY" $LC bench layouts "$H1" data.seq_len=65536 train.loss_chunk_tokens=0 \
-               --layouts ${LAYOUTS:-tp=2 cp=2 pp=2} --steps 5 --warmup 2 --out-dir /tmp/runs/layouts \
-               --json "$RES/layouts_h1_64k.json"
-             for f in /tmp/runs/layouts/*/train.log; do cp "$f" "$RES/layouts_$(basename "$(dirname "$f")").log"; done ;;
+             len=${LAYOUTS_LEN:-65536}; tag=h1_$((len / 1024))k
+             run layouts_$tag "${LAYOUTS_S:-590}" "$SUMMARY|^\{'layout'|held memory" $LC bench layouts "$H1" \
+               data.seq_len=$len --layouts ${LAYOUTS:-tp=1 tp=2 cp=2 pp=2} --steps 5 \
+               --warmup 2 --time-limit $(( ${LAYOUTS_S:-590} - 150 )) --out-dir /tmp/runs/layouts \
+               --json "$RES/layouts_$tag.json"
+             for f in /tmp/runs/layouts/*/train.log; do cp "$f" "$RES/layouts_${tag}_$(basename "$(dirname "$f")").log"; done
+             rm -rf /tmp/runs/layouts ;;
     *) echo "unknown step $s" ;;
   esac
   pack

@@ -14,10 +14,17 @@ Backends of the u-pass (the read-out is always causal softmax attention through 
   TRITON_INTERPRET=1.
 - ``"auto"``:   ``"triton"`` on CUDA when Triton imports, else ``"torch"``.
 The u-pass always computes in float32 (float64 if an input is float64): its tensors in memory and
-every accumulation. ``kernel_dots`` sets the operands of the Triton kernels' dots: ``"auto"`` TF32 for
-bf16 / fp16 inputs, full float32 for float32 inputs; ``"half"`` (Triton backend, bf16 / fp16 inputs)
-rounds them to the input dtype, as flash attention does for P @ V (half-precision tensor cores, at
-about twice TF32's rate; less accurate).
+every accumulation. ``kernel_dots`` sets the operands of the Triton kernels' dots:
+- ``"auto"``: half-precision operands (``"half"``) for bf16 / fp16 inputs on the Triton backend, full
+  float32 for float32 inputs (and nothing to choose on the torch / naive backends). On one H200
+  the half dots were as accurate as TF32 against the float32 reference and 1.7-2.2x faster
+  (docs/deltaformer.md, "What limits it").
+- ``"half"`` (Triton backend, bf16 / fp16 inputs): the operands rounded to the input dtype, as
+  flash attention does for P @ V (half-precision tensor cores, about twice TF32's rate), float32
+  accumulation.
+- ``"tf32"`` (Triton backend): float32 operands on TF32 tensor cores, whatever the input dtype (the
+  default for bf16 / fp16 inputs before ``"auto"`` meant ``"half"``).
+Any other value, and ``"half"`` / ``"tf32"`` where they cannot apply, is refused naming ``kernel_dots``.
 
 Against fla-core's ``fla.ops.deltaformer.deltaformer_attn(q, k, v, beta, cu_seqlens=...)``
 (read, not run here): the same definition (its u-pass also uses key-key scores, scale d^-1/2 in both
@@ -70,7 +77,8 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
-KERNEL_DOTS = ("auto", "half")
+KERNEL_DOTS = ("auto", "half", "tf32")
+HALF_TYPES = (torch.bfloat16, torch.float16)
 
 
 def _validate(q, k, v, beta, scale, chunk_size, kernel_dots="auto") -> None:
@@ -113,26 +121,29 @@ def chunk_stages(which: str) -> chunk.Stages:
     raise ValueError(f"deltaformer: backend {which!r} is not chunkwise; use 'torch' or 'triton'")
 
 
-def _half_dots(kernel_dots: str, which: str, k: torch.Tensor):
-    """The half dtype of the kernels' dot operands for ``kernel_dots`` (None: float32 operands)."""
+def _dots(kernel_dots: str, which: str, k: torch.Tensor) -> tuple[torch.dtype | None, bool]:
+    """(the half dtype of the kernels' dot operands or None, whether float32 dots are forced onto TF32)
+    for ``kernel_dots`` on the resolved backend ``which``."""
     if kernel_dots == "auto":
-        return None
+        return (k.dtype if which == "triton" and k.dtype in HALF_TYPES else None), False
     if which != "triton":
         raise ValueError(f"deltaformer: kernel_dots={kernel_dots!r} applies to the Triton kernels; the resolved "
                          f"backend is {which!r} (pass backend='triton', or kernel_dots='auto')")
-    if k.dtype not in (torch.bfloat16, torch.float16):
+    if kernel_dots == "tf32":
+        return None, True
+    if k.dtype not in HALF_TYPES:
         raise ValueError(f"deltaformer: kernel_dots='half' rounds the dots to the inputs' half dtype; got {k.dtype} "
-                         "inputs (use bf16 / fp16 inputs, or kernel_dots='auto')")
-    return k.dtype
+                         "inputs (use bf16 / fp16 inputs, or kernel_dots='auto' / 'tf32')")
+    return k.dtype, False
 
 
-def _u_pass_one(k, v, beta, scale, which, chunk_size, half=None):
+def _u_pass_one(k, v, beta, scale, which, chunk_size, dots=(None, False)):
     dtype = compute_dtype(k, v, beta)
     if which == "naive":
         return naive_u_pass(k, v, beta, scale)
     if which == "triton" and dtype != torch.float32:
         raise TypeError("deltaformer: the Triton u-pass computes in float32; float64 inputs need backend='torch'")
-    return chunk.UPass.apply(k, v, beta, scale, chunk_size, chunk_stages(which), dtype, half)
+    return chunk.UPass.apply(k, v, beta, scale, chunk_size, chunk_stages(which), dtype, *dots)
 
 
 def deltaformer_u(k, v, beta, *, scale=None, cu_seqlens=None, backend="auto", chunk_size=64, kernel_dots="auto"):
@@ -141,8 +152,8 @@ def deltaformer_u(k, v, beta, *, scale=None, cu_seqlens=None, backend="auto", ch
     B, T, _, K = k.shape
     scale = K ** -0.5 if scale is None else float(scale)
     which = resolve(backend, k.device)
-    half = _half_dots(kernel_dots, which, k)
-    parts = [_u_pass_one(k[:, a:b], v[:, a:b], beta[:, a:b], scale, which, chunk_size, half)
+    dots = _dots(kernel_dots, which, k)
+    parts = [_u_pass_one(k[:, a:b], v[:, a:b], beta[:, a:b], scale, which, chunk_size, dots)
              for a, b in _segments(cu_seqlens, B, T, k.device)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
@@ -154,16 +165,16 @@ def deltaformer(q, k, v, beta, *, scale=None, cu_seqlens=None, backend="auto", c
     Returns o [B, T, H, V] in q.dtype, or (o, u) with ``return_u=True`` (u in v.dtype: the values the
     read-out attended to, what a decoding cache keeps). Differentiable in q, k, v and beta.
     ``cu_seqlens`` (B == 1): packed documents, each its own sequence in both passes.
-    ``kernel_dots``: "auto" or "half" (module doc)."""
+    ``kernel_dots``: "auto", "half" or "tf32" (module doc)."""
     _validate(q, k, v, beta, scale, chunk_size, kernel_dots)
     B, T, _, K = k.shape
     scale = K ** -0.5 if scale is None else float(scale)
     which = resolve(backend, q.device)
-    half = _half_dots(kernel_dots, which, k)
+    dots = _dots(kernel_dots, which, k)
     outs, us = [], []
     for a, b in _segments(cu_seqlens, B, T, q.device):
         qs, ks = q[:, a:b], k[:, a:b]
-        u = _u_pass_one(ks, v[:, a:b], beta[:, a:b], scale, which, chunk_size, half)
+        u = _u_pass_one(ks, v[:, a:b], beta[:, a:b], scale, which, chunk_size, dots)
         if which == "naive":
             outs.append(naive_readout(qs, ks, u, scale).to(q.dtype))
         else:

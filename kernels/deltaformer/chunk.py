@@ -208,25 +208,30 @@ TORCH_STAGES = Stages(torch_chunk_stats, chunk_probs, torch_chunk_push, torch_ke
 
 @torch.no_grad()
 def chunk_backward(k, beta, u, lse, w, gu, scale: float, chunk_size: int, stages: Stages = TORCH_STAGES,
-                   rhs=None, on_chunk=None, key_grads_u_dtype: torch.dtype | None = None):
+                   rhs=None, on_chunk=None, half_copies: torch.dtype | None = None):
     """(dk, dv, dbeta, bd) of sum(u * gu) (see the module doc), bd = beta d. ``rhs`` (context
     parallelism): gu with the shares of tokens after these T already subtracted (used in place of a
     copy of gu, and overwritten). ``on_chunk(s, bd)`` is called after each chunk [s, e) is solved
     (the reverse loop) with bd [B, H, T, V], final from row s on. bdw_t = bd_t . w_t.
-    ``key_grads_u_dtype``: the key gradients read a copy of u in that dtype (``kernel_dots="half"``)."""
+    ``half_copies`` (``kernel_dots="half"``, Triton stages): the push and the key gradients read copies
+    of bd (kept up to date chunk by chunk) and of u in that dtype: the kernels round both to it before
+    their only use, a dot, so the results are the same bit for bit with half the bytes streamed."""
     T = k.shape[2]
     rhs = gu.clone() if rhs is None else rhs   # gu - (contributions of later rows), completed chunk by chunk
     dv = torch.empty_like(u)
     bd = torch.empty_like(u)
+    bd_dots = bd if half_copies is None else torch.empty_like(u, dtype=half_copies)
     for s in reversed(range(0, T, chunk_size)):
         e = min(s + chunk_size, T)
         stages.solve_t(stages.probs(k, lse, s, e, scale), beta, rhs, dv, bd, s, e)
-        stages.push(k, lse, bd[:, :, s:e], rhs, s, e, scale)
+        if bd_dots is not bd:
+            bd_dots[:, :, s:e].copy_(bd[:, :, s:e])
+        stages.push(k, lse, bd_dots[:, :, s:e], rhs, s, e, scale)
         if on_chunk is not None:
             on_chunk(s, bd)
     dbeta = -(w * dv).sum(-1)                  # per-row reductions once, not per chunk (launches)
     bdw = (bd * w).sum(-1)
-    dk = stages.key_grads(k, u if key_grads_u_dtype is None else u.to(key_grads_u_dtype), lse, bd, bdw, scale,
+    dk = stages.key_grads(k, u if half_copies is None else u.to(half_copies), lse, bd_dots, bdw, scale,
                           chunk_size)
     return dk, dv, dbeta, bd, bdw
 
@@ -266,18 +271,18 @@ class UPass(torch.autograd.Function):
     """u = u_pass(k, v, beta) on [B, T, H, *] inputs; returns u [B, T, H, V] in the compute dtype.
     Forward: ``chunk_forward`` with the backend's statistics; backward: the exact ``chunk_backward``
     with its push and key gradients (``Stages``, torch or Triton). Saves k, beta, u, w and the row
-    log-sum-exp (O(T), no T x T tensor). With bf16/fp16 inputs on CUDA the float32 matmuls run in TF32;
-    ``half``: a half dtype the Triton kernels round their dot operands to (``half_dots``), or None;
-    then k (the inputs' half-precision numbers, unchanged) and the copies of u the kernels stream
-    are kept in that dtype: half the bytes."""
+    log-sum-exp (O(T), no T x T tensor). With bf16/fp16 inputs on CUDA the float32 matmuls run in TF32
+    (``tf32``: always, ``kernel_dots="tf32"``); ``half``: a half dtype the Triton kernels round their
+    dot operands to (``half_dots``), or None; then k (the inputs' half-precision numbers, unchanged)
+    and the copies of u the kernels stream are kept in that dtype: half the bytes."""
 
     @staticmethod
     def forward(ctx, k, v, beta, scale: float, chunk_size: int, stages: Stages, dtype: torch.dtype,
-                half: torch.dtype | None = None):
+                half: torch.dtype | None = None, tf32: bool = False):
         kh = k.transpose(1, 2).to(dtype if half is None else half).contiguous()
         vh = v.transpose(1, 2).to(dtype).contiguous()
         bh = beta.transpose(1, 2).to(dtype).contiguous()
-        ctx.tf32 = k.is_cuda and k.dtype in (torch.bfloat16, torch.float16)
+        ctx.tf32 = tf32 or (k.is_cuda and k.dtype in (torch.bfloat16, torch.float16))
         ctx.half = half
         with _Tf32Matmuls(ctx.tf32), half_dots(half):
             u, lse, w = chunk_forward(kh, vh, bh, scale, chunk_size, stages.stats, stats_u_dtype=half,
@@ -293,7 +298,7 @@ class UPass(torch.autograd.Function):
         guh = gu.transpose(1, 2).to(u.dtype).contiguous()
         with _Tf32Matmuls(ctx.tf32), half_dots(ctx.half):
             dk, dv, dbeta, _, _ = chunk_backward(kh, bh, u, lse, w, guh, ctx.scale, ctx.chunk_size, ctx.stages,
-                                                 key_grads_u_dtype=ctx.half)
+                                                 half_copies=ctx.half)
         kd, vd, bd = ctx.in_dtypes
         return (dk.transpose(1, 2).to(kd), dv.transpose(1, 2).to(vd), dbeta.transpose(1, 2).to(bd),
-                None, None, None, None, None)
+                None, None, None, None, None, None)

@@ -77,7 +77,9 @@ def varlen_of(cu_seqlens: torch.Tensor, bounds: list[int]) -> Varlen:
     dev = cu_seqlens.device
     i32 = dict(device=dev, dtype=torch.int32)
     offsets_t = torch.tensor(offsets, **i32)
-    cu = cu_seqlens.to(torch.int32)
+    cu = cu_seqlens.to(torch.int32).contiguous()
+    if cu.data_ptr() % 16:   # a view off a 16-byte boundary: the kernels get aligned pointers only (ops.py)
+        cu = cu.clone()
     # token t of document d sits at row offsets[d] * CHUNK + (t - cu[d]) of the padded layout
     doc = torch.repeat_interleave(torch.arange(len(lengths), device=dev),
                                   torch.tensor(lengths, device=dev), output_size=bounds[-1])

@@ -62,14 +62,14 @@ class _Overlapped(torch.autograd.Function):
             # the plain pass from the exact incoming state, nothing to fix up: rank 0's is s0 (it then sends its
             # final state); with start_first (transition="pipeline", the last rank) it is waited for first
             B, _, H, K = k.shape
-            s_in = s0 if link.start_known else link.start(
-                None, torch.zeros(B, H, K, v.shape[-1], device=k.device, dtype=torch.float32)).float()
+            s_in = s0 if link.start_known else aligned_input(link.start(
+                None, torch.zeros(B, H, K, v.shape[-1], device=k.device, dtype=torch.float32)), torch.float32)
             h, vnew, st, _ = state_fwd(k, w, u, gam, s_in, cfg, store_h=True, store_vnew=True, store_final=True)
             if link.start_known:
                 link.start(None, st)
         else:
             h, vnew, st, a, hp = state_fwd_prefix(k, w, u, gam, cfg)
-            s_in = link.start(a, st).float()
+            s_in = aligned_input(link.start(a, st), torch.float32)
             if cfg.values.get("fuse_out"):  # the output kernel adds S_in's part (hp read once, no write)
                 fix = (hp, s_in.contiguous(), w)
             else:
@@ -89,14 +89,15 @@ class _Overlapped(torch.autograd.Function):
         scale = ctx.scale
         cfg = _Cfg(k.shape[-1], v.shape[-1], gated=g is not None, fp32=k.dtype == torch.float32)
         has_w = beta is not None
-        do = q.new_zeros(*q.shape[:3], v.shape[-1]) if do is None else do.contiguous().to(q.dtype)
+        # dO / the final-state gradient / what the link hands back may be views off a 16-byte boundary (ops.py)
+        do = q.new_zeros(*q.shape[:3], v.shape[-1]) if do is None else aligned_input(do, q.dtype)
         w, ut = _wy_apply(k, v, beta, gam, tm, cfg)
         u = ut if has_w else v
         h = None
         if ctx.link.end_first:  # what needs no dS_out first (the plain backward's order), then wait for it
             h, vnew, _, _ = state_fwd(k, w, u, gam, s_in, cfg, store_h=True, store_vnew=True, store_final=False)
         dvl = _dv_local(q, k, do, gam, scale, cfg)
-        u_user = None if dst_user is None else dst_user.float()
+        u_user = aligned_input(dst_user, torch.float32)
         if ctx.link.end_known(u_user):  # dS_out = 0: the plain reverse pass, nothing to fix up
             dh, du, ds0 = state_bwd(q, k, w, do, dvl, gam, None, scale, cfg, store=True)
             del dvl
@@ -105,7 +106,7 @@ class _Overlapped(torch.autograd.Function):
             B, _, H, K = k.shape
             dst = ctx.link.end(torch.zeros(B, H, K, v.shape[-1], device=k.device, dtype=torch.float32), None,
                                u_user)
-            dh, du, ds0 = state_bwd(q, k, w, do, dvl, gam, dst.float().contiguous(), scale, cfg, store=True)
+            dh, du, ds0 = state_bwd(q, k, w, do, dvl, gam, aligned_input(dst, torch.float32), scale, cfg, store=True)
             del dvl
         else:
             dh, du, G, at, dhp = state_bwd_suffix(q, k, w, do, dvl, gam, scale, cfg)
@@ -113,7 +114,7 @@ class _Overlapped(torch.autograd.Function):
             dst = ctx.link.end(G, at, u_user)
             ds0 = G
             if dst is not None:
-                dst = dst.float()
+                dst = aligned_input(dst, torch.float32)
                 # dU gets exp(gl - gam) K dS (gl: gam at the chunk's last row), as in state_bwd_kernel
                 state_fixup(dh, dhp, dst, cfg, rows=k, target=du, sign=1.0, gam=gam)
                 ds0 = G + at @ dst

@@ -10,9 +10,17 @@ import triton.language as tl
 from .common import CHUNK, flags_given, n_chunks, sequence_prologue
 
 
+# NT is not specialised: Triton compiles an int argument equal to 1 as the constant 1, and with one chunk
+# (T <= 64, B rows without cu_seqlens) the chunk loop below then has a constant trip count of 1 and is compiled
+# as straight-line code (no software pipelining: k / w go through registers into shared memory, then the
+# transposed-k wgmma). On an H200 (Triton 3.6, bf16 / fp16 at head dims >= 64, where both dots are wgmma) that
+# code gave a wrong final state while o, h, U and every gradient were right (kernel_check 2026-12-01,
+# docs/kernels-notes.md). With NT a plain int the one-chunk case runs the looped kernel every other run uses
+# (the one that runs one-chunk documents of packed sequences correctly); for NT >= 2 the SASS is unchanged
+# (NT's divisibility-by-16 hint changes no instruction: sm_90, Triton 3.6, D=64/128, delta and GDN).
 @flags_given(HAS_G="gam_ptr", HAS_W="w_ptr", HAS_S0="s0_ptr", STORE_H="h_ptr", STORE_VNEW="vnew_ptr",
              STORE_ST="st_ptr", STORE_HP="hp_ptr", IS_VARLEN="cu_ptr")
-@triton.jit
+@triton.jit(do_not_specialize=["NT"])
 def state_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, s0_ptr, h_ptr, vnew_ptr, st_ptr, a_ptr, hp_ptr,
                      cu_ptr, seqs_ptr,
                      T, NT, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,

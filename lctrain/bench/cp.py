@@ -18,9 +18,13 @@ and state-gradient pass are also timed alone, each rank running what it runs und
 A-free pass from its initial state, middle ranks (A, B), the last rank nothing; in the backward
 rank 0 nothing, the others G), the slowest rank's time: with the two small all-gathers they are all
 that CP adds to the plain op's forward and backward. Peak memory is
-the largest per-device peak of one forward+backward. ``--fla`` times fla-core's own CP
-(``fla.ops.cp``) side by side (benchmark-only dependency, never imported by lctrain itself); its first
-calls autotune for minutes, so it is off by default and best run in its own invocation.
+the largest per-device peak of one forward+backward, the layer's inputs (q, k, v, gates, do) included.
+For ``swa`` and ``attn`` one device at the total length N*T is always timed too (``--strong`` for the
+linear mixers): strong scaling, ``CP time / 1-dev at T total`` (Ulysses' target: <= 0.55 at 128K total), and
+``CP peak / 1-dev at T total`` (<= 0.55); their forward is timed with autograd on, and each stage's first
+call (FlexAttention's compile for a new shape, on CUDA) runs alone between progress lines. ``--fla``
+times fla-core's own CP (``fla.ops.cp``) side by side (benchmark-only dependency, never imported by lctrain
+itself); its first calls autotune for minutes, so it is off by default and best run in its own invocation.
 
 Each row is printed when measured, progress lines go to stderr, ``--json`` is rewritten after every
 row and ``--time-limit S`` starts no new case after S seconds: a run cut short leaves what it measured.
@@ -53,8 +57,9 @@ LINEAR = {"gdn": "gated_delta", "delta": "delta", "gla": "gla"}
 TITLES = {"gdn": "gated delta rule", "delta": "delta rule", "gla": "gated linear attention",
           "swa": "sliding-window attention",
           "attn": "global attention", "loglinear": "loglinear gated delta rule"}
-GPU_DEFAULTS = dict(T=[8192, 16384, 32768, 65536], H=16, D=128, dtype="bf16", chunk_size=64, warmup=5, iters=20)
-CPU_DEFAULTS = dict(T=[64, 128], H=2, D=16, dtype="fp32", chunk_size=16, warmup=1, iters=3)
+GPU_DEFAULTS = dict(T=[8192, 16384, 32768, 65536], H=16, D=128, dtype="bf16", chunk_size=64, warmup=5, iters=20,
+                    window=2048)
+CPU_DEFAULTS = dict(T=[64, 128], H=2, D=16, dtype="fp32", chunk_size=16, warmup=1, iters=3, window=16)
 
 
 def _parse(argv):
@@ -80,13 +85,14 @@ def _parse(argv):
                         "matmul per pass; other layers skip it with a note); overlap (Triton: both passes inside the "
                         "op's own, no separate pass: its state-pass columns stay empty); pipeline (Triton: overlap "
                         "where the last rank waits for S_in and rank 0 for dS_out, then plain passes); sequential_all "
-                        "(the reference: sequential with every rank running every pass, nothing skipped)")
+                        "(the reference: sequential with every rank running every pass, nothing skipped); auto (the "
+                        "default of context_parallel and the model: pipeline at 2 ranks on Triton, else sequential)")
     p.add_argument("--op", choices=["gated_delta_rule", "loglinear_gated_delta_rule"], default="gated_delta_rule",
                    help="loglinear_gated_delta_rule: time the log-linear Gated DeltaNet instead of --layer")
-    p.add_argument("--window", type=int, default=2048, help="swa: window in tokens (default 2048)")
+    p.add_argument("--window", type=int, default=None, help="swa: window in tokens (GPU default 2048, CPU 16)")
     p.add_argument("--strong", action="store_true",
-                   help="also time one device at the total length P*T (always on for attn): strong scaling and "
-                        "the peak-memory ratio at equal total length")
+                   help="also time one device at the total length P*T (always on for swa and attn): strong scaling "
+                        "and the peak-memory ratio at equal total length")
     p.add_argument("--fla", action="store_true",
                    help="also time fla-core's CP (off by default: its first calls autotune for minutes, so time "
                         "it in its own invocation, e.g. `lctrain bench cp --nproc 2 --fla --T 16384`)")
@@ -114,6 +120,9 @@ def _parse(argv):
             p.error(f"--transition: {err}")
     if args.window < 1:
         p.error("--window must be >= 1")
+    if "swa" in args.layer and min(args.T) < args.window - 1:
+        p.error(f"--layer swa: the halo of --window {args.window} (window - 1 keys) must fit in one rank's shard; "
+                f"--T {min(args.T)} is shorter: pass --T >= {args.window - 1} or a smaller --window")
     if args.time_limit is not None and args.time_limit <= 0:
         p.error("--time-limit must be > 0 seconds")
     bad = [t for t in args.T if t < 1 or t % args.chunk_size]
@@ -234,7 +243,9 @@ def _timed(fn, device, group, warmup: int, iters: int, slowest: bool) -> float:
     return statistics.median(t.tolist())
 
 
-def _peak_mib(fn, device, group) -> float | None:
+def _peak_mib(fn, device, group, input_mib: float = 0.0) -> float | None:
+    """The largest per-rank peak of fn(): its inputs (input_mib) plus what fn allocates above what was
+    allocated before it."""
     import torch
     import torch.distributed as dist
     if device.type != "cuda":
@@ -244,7 +255,7 @@ def _peak_mib(fn, device, group) -> float | None:
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     _sync(device)
-    peak = torch.tensor([(torch.cuda.max_memory_allocated(device) - base) / 2**20], device=device)
+    peak = torch.tensor([(torch.cuda.max_memory_allocated(device) - base) / 2**20 + input_mib], device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
     return round(peak.item(), 1)
 
@@ -267,13 +278,16 @@ def _names(layer):
     return {"gdn": ("g", "beta"), "delta": ("beta",), "gla": ("g",)}.get(layer, ())
 
 
-def _pair(fwd, x, layer):
-    """(forward-only, forward+backward) closures of a method returning o."""
+def _pair(fwd, x, layer, grad_forward=False):
+    """(forward-only, forward+backward) closures of a method returning o; the forward-only one under
+    no_grad, or with autograd on (its graph dropped) when grad_forward."""
+    import contextlib
+
     import torch
     inputs = [x[n] for n in ("q", "k", "v") + _names(layer)]
 
     def fwd_only():
-        with torch.no_grad():
+        with contextlib.nullcontext() if grad_forward else torch.no_grad():
             fwd()
 
     def fwd_bwd():
@@ -354,14 +368,16 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, cl
             return
         try:
             cp_op = context_parallel(op, group, transition=transition)
-            if cp_op.pass_keys()[0] in IN_OP_TRANSITIONS and kernels.resolve_backend(
+            in_op = cp_op.resolved_transition(kw["backend"], device) in IN_OP_TRANSITIONS
+            if in_op and kernels.resolve_backend(
                     kw["backend"], "shard_transition", device) != "triton":
                 raise ContextParallelError(f"transition={transition!r} runs inside the Triton kernels (CUDA, or "
                                            "TRITON_INTERPRET=1 with --backend triton)")
         except ContextParallelError as err:  # e.g. "direct" for a delta rule: no such row
             notes.append(f"{layer} [{transition}] not measured: {err}")
             continue
-        res = dict(layer=layer, transition=transition, **_prefixed("single", single), **whole)
+        label = transition if transition != "auto" else f"auto={cp_op.resolved_transition(kw['backend'], device)}"
+        res = dict(layer=layer, transition=label, **_prefixed("single", single), **whole)
         try:  # a transition that fails (the same on every rank) loses its own row only
             # the closures below are called within this iteration, so the late binding of cp_op is harmless
             res.update(_prefixed("cp", _measure(lambda: cp_op(*tensors(), **kw)[0],  # noqa: B023
@@ -371,7 +387,7 @@ def _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes, first, cl
             continue
         # the passes that CP adds, as this transition runs them on each rank (what each rank computes differs:
         # rank 0 the A-free pass, the last none, ...), the slowest rank's time: what they add to the step
-        if cp_op.pass_keys()[0] in IN_OP_TRANSITIONS:  # no separate passes: inside the op (cp_parts times it)
+        if in_op:  # no separate passes: inside the op (cp_parts times it)
             res["state_pass_ms"] = res["state_grad_pass_ms"] = None
         else:
             res["state_pass_ms"] = _timed(lambda: cp_op._forward_summary(  # noqa: B023
@@ -405,24 +421,56 @@ def _loglinear_rows(args, x, T, P, device, group, kw):
     return [res]
 
 
-def _softmax_rows(layer, args, x, T, P, rank, device, group):
+def _softmax_rows(layer, args, x, T, P, rank, device, group, notes, clock):
+    """The row of swa / attn at T tokens per rank: one device at T, CP at P*T and one device at P*T (always:
+    the targets compare CP with one device holding the whole sequence, in time and in peak memory).
+
+    Each stage's first call runs alone, between progress lines, before its timing: on CUDA the sliding
+    window compiles FlexAttention there (one graph per geometry: T x T, the halo's T x (T + W - 1), then
+    the whole length; later lengths reuse the dynamic-shape graphs), which takes most of the first case's
+    time. The forward is timed with autograd on (as in a training step, the same compiled graph as the
+    forward+backward; no_grad would compile a second graph per geometry). --time-limit is checked between
+    the stages (on every rank alike), so a case stops after the stage that ran over."""
     single_fn, cp_fn = _softmax_layer(layer, args, group, rank, T, device)
-    qkv = lambda: (x["q"], x["k"], x["v"])  # noqa: E731
     res = dict(layer=layer, transition="halo" if layer == "swa" else "ulysses")
-    res.update(_prefixed("single", _measure(lambda: single_fn(*qkv()), x, layer, device, group, args, False)))
-    res.update(_prefixed("cp", _measure(lambda: cp_fn(*qkv()), x, layer, device, group, args, True)))
-    if args.strong or layer == "attn":
-        xs = _inputs(args.B, P * T, args.H, args.D, x["q"].dtype, device, seed=7 + P * T)
-        res.update(_prefixed("whole", _measure(lambda: single_fn(xs["q"], xs["k"], xs["v"]), xs, layer, device, group,
-                                               args, False)))
+    xs = None
+    stages = [("single", "1 device at T", lambda: single_fn(x["q"], x["k"], x["v"]), False),
+              ("cp", f"CP={P} at {P}*T", lambda: cp_fn(x["q"], x["k"], x["v"]), True),
+              ("whole", f"1 device at {P}*T", lambda: single_fn(xs["q"], xs["k"], xs["v"]), False)]
+    for i, (prefix, what, fwd, slowest) in enumerate(stages):
+        if i and clock.out_of_time():
+            notes.append(f"--time-limit {args.time_limit:g} s: {layer} at T/rank {T}: {what} and later stages "
+                         "not measured")
+            break
+        if prefix == "whole":
+            xs = _inputs(args.B, P * T, args.H, args.D, x["q"].dtype, device, seed=7 + P * T)
+        inputs = xs if prefix == "whole" else x
+        why = (", FlexAttention compiles for a new shape" if layer == "swa" and device.type == "cuda"
+               else ", DeepSpeed Ulysses set-up" if prefix == "cp" and layer == "attn" else "")
+        clock.progress(f"{layer} T/rank {T}: {what}: first call (untimed{why}) ...")
+        t0 = time.perf_counter()
+        _pair(fwd, inputs, layer, grad_forward=True)[1]()
+        _sync(device)
+        clock.progress(f"{layer} T/rank {T}: {what}: first call took {time.perf_counter() - t0:.1f} s; timing ...")
+        res.update(_prefixed(prefix, _measure(fwd, inputs, layer, device, group, args, slowest, grad_forward=True)))
+        clock.progress(f"{layer} T/rank {T}: {what} measured")
+    xs = None  # noqa: F841 - frees the whole-length inputs (the closure above holds the name)
+    if "cp_fwd_bwd_ms" not in res:
+        return []
     return [res]
 
 
-def _measure(fwd, x, layer, device, group, args, slowest) -> dict:
-    f_only, f_bwd = _pair(fwd, x, layer)
+def _measure(fwd, x, layer, device, group, args, slowest, grad_forward=False) -> dict:
+    f_only, f_bwd = _pair(fwd, x, layer, grad_forward)
     return {"fwd_ms": _timed(f_only, device, group, args.warmup, args.iters, slowest),
             "fwd_bwd_ms": _timed(f_bwd, device, group, args.warmup, args.iters, slowest),
-            "peak_mib": _peak_mib(f_bwd, device, group)}
+            "peak_mib": _peak_mib(f_bwd, device, group, _input_mib(x, layer))}
+
+
+def _input_mib(x, layer) -> float:
+    """MiB of the layer's own inputs (q, k, v, its gates, do): part of a device's peak, but allocated
+    before the measured call (and other stages' inputs may sit beside them)."""
+    return sum(x[n].numel() * x[n].element_size() for n in ("q", "k", "v", "do") + _names(layer)) / 2**20
 
 
 def _prefixed(prefix, d):
@@ -538,13 +586,16 @@ def _worker(args, argv) -> int:
     import torch.distributed as dist
 
     device, group, P, rank = init_worker(args.device)
+    _allow_recompiles()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     kw = dict(backend=args.backend, chunk_size=args.chunk_size)
     notes = [f"B={args.B}, H={args.H}, head dim {args.D}, {args.dtype}, backend {args.backend}, chunk "
              f"{args.chunk_size}, "
              f"{args.warmup} warm-up + {args.iters} timed iterations; efficiency = 1-device fwd+bwd at T / CP fwd+bwd "
-             f"at {P}*T; '1-dev at T total' = one device at {P}*T (strong scaling, --strong or attn); swa window "
-             f"{args.window}; the state pass and state-grad pass columns time the passes CP adds as the row's "
+             f"at {P}*T; '1-dev at T total' = one device at {P}*T (strong scaling, --strong, always for swa and attn); "
+             f"swa window {args.window}; swa / attn forward timed with autograd on; peak MiB = the layer's inputs "
+             "(q, k, v, gates, do) + the most one forward+backward allocates; the state pass and state-grad pass "
+             "columns time the passes CP adds as the row's "
              "transition runs them on each rank (rank 0 the A-free pass, the last rank no forward pass, rank 0 no "
              "state-gradient pass, middle ranks (A, B) and G; sequential_all: every pass on every rank), alone, the "
              "slowest rank's time"]
@@ -566,7 +617,7 @@ def _worker(args, argv) -> int:
                     rows = _linear_rows(layer, args, x, T, P, rank, device, group, kw, notes,
                                         T == args.T[0], clock)
                 else:
-                    rows = _softmax_rows(layer, args, x, T, P, rank, device, group)
+                    rows = _softmax_rows(layer, args, x, T, P, rank, device, group, notes, clock)
                 for res in rows:
                     res["T_per_rank"] = T
                     results.add(res)
@@ -589,6 +640,17 @@ def _worker(args, argv) -> int:
     from lctrain.bench.report import publish
     publish(results.result(), args.json, args.record)
     return 0
+
+
+def _allow_recompiles(limit: int = 64) -> None:
+    """FlexAttention (swa on CUDA) compiles once per geometry and grad mode; over Dynamo's default limit of
+    8 graphs it would fall back to the unfused path that materialises the T x T scores (minutes, or out
+    of memory, at these lengths). The bench raises the limit, and makes a hit an error (the case fails
+    with a note) instead of that silent fallback."""
+    import torch._dynamo.config as dynamo_config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
+    if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
+        dynamo_config.fail_on_recompile_limit_hit = True
 
 
 def _cp_device(P: int, device) -> str:

@@ -1,10 +1,12 @@
 """`lctrain bench deltaformer`: Deltaformer forward and forward+backward on one GPU, ours against
 fla-core's (its whole op, or its u-pass with our read-out where flash-attn is missing) in the same process.
 
-Methods: ``ours`` (backend="triton": the Triton chunk passes of the u-pass forward and backward,
-torch c x c solves, SDPA read-out), ``ours_half`` (the same with ``kernel_dots="half"``: the
-kernels' dot operands in the input dtype, float32 accumulation), ``ours_torch`` (backend="torch":
-the chunkwise torch u-pass),
+Methods: ``ours`` (backend="triton" with its default ``kernel_dots="auto"``: the Triton chunk passes
+and solves of the u-pass forward and backward, SDPA read-out; the kernels' dot operands in the input
+dtype for bf16 / fp16, float32 accumulation), ``ours_tf32`` (the same with ``kernel_dots="tf32"``:
+float32 dot operands on TF32 tensor cores, what ``ours`` was before 2026-12-01), ``ours_half``
+(``kernel_dots="half"``: the same computation as ``ours`` for bf16 / fp16, named explicitly; refused
+for fp32), ``ours_torch`` (backend="torch": the chunkwise torch u-pass),
 ``fla`` (fla-core's ``fla.ops.deltaformer.deltaformer_attn``: its Triton u-pass and a flash-attn
 read-out, so it needs the flash-attn package), ``fla_u_sdpa`` (fla's u-pass alone,
 ``fla.ops.deltaformer.parallel.ParallelDeltaformerFunction``, pure Triton, followed by OUR SDPA
@@ -25,7 +27,9 @@ import sys
 from lctrain.bench.kernels import _measure, _rel_diff
 from lctrain.bench.report import bench_main, result_dict
 
-METHODS = ("ours", "ours_half", "ours_torch", "fla", "fla_u_sdpa", "sdpa")
+METHODS = ("ours", "ours_tf32", "ours_half", "ours_torch", "fla", "fla_u_sdpa", "sdpa")
+OURS = ("ours", "ours_tf32", "ours_half")                   # the Triton backend, by kernel_dots
+DOTS = {"ours": "auto", "ours_tf32": "tf32", "ours_half": "half"}
 FLA_METHODS = ("fla", "fla_u_sdpa")
 COLUMNS = ["T", "method", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd / fla", "fwd+bwd / fla", "peak / fla"]
 
@@ -40,7 +44,7 @@ def _parse(argv):
     p.add_argument("--chunk-size", type=int, nargs="+", default=[256],
                    help="our u-pass chunk (default 256); several: ours / ours_torch timed at each, as ours/c<N>")
     p.add_argument("--methods", nargs="+", choices=METHODS,
-                   help="default: ours ours_half fla fla_u_sdpa sdpa (without ours_half for --dtype fp32)")
+                   help="default: ours ours_tf32 fla fla_u_sdpa sdpa")
     p.add_argument("--warmup", type=int, default=10, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=50, help="do_bench repetition time, ms")
     p.add_argument("--profile", metavar="PATH",
@@ -53,8 +57,7 @@ def _parse(argv):
     if any(c < 1 for c in args.chunk_size):
         p.error(f"--chunk-size must be positive, got {args.chunk_size}")
     if args.methods is None:
-        args.methods = [m for m in ("ours", "ours_half", "fla", "fla_u_sdpa", "sdpa")
-                        if m != "ours_half" or args.dtype != "fp32"]
+        args.methods = ["ours", "ours_tf32", "fla", "fla_u_sdpa", "sdpa"]
     if "ours_half" in args.methods and args.dtype == "fp32":
         p.error("--methods ours_half rounds the kernels' dots to the input dtype: use --dtype bf16 or fp16")
     return args
@@ -150,11 +153,9 @@ def _fn(name, x, chunk_size, fla):
     if "/c" in name:
         name, chunk = name.split("/c")
         chunk_size = int(chunk)
-    if name == "ours":
-        return (lambda: deltaformer(q, k, v, beta, backend="triton", chunk_size=chunk_size)), [q, k, v, beta]
-    if name == "ours_half":
-        return (lambda: deltaformer(q, k, v, beta, backend="triton", chunk_size=chunk_size, kernel_dots="half")), \
-            [q, k, v, beta]
+    if name in OURS:
+        return (lambda: deltaformer(q, k, v, beta, backend="triton", chunk_size=chunk_size,
+                                    kernel_dots=DOTS[name])), [q, k, v, beta]
     if name == "ours_torch":
         return (lambda: deltaformer(q, k, v, beta, backend="torch", chunk_size=chunk_size)), [q, k, v, beta]
     if name in FLA_METHODS:
@@ -177,7 +178,7 @@ def _agreement(x, chunk_size, fla, notes, methods):
     ref = outs("ours_torch", xr)
     names = ["o", "dq", "dk", "dv", "dbeta"]
     T = x["q"].shape[1]
-    ours = [m for m in ("ours", "ours_half") if m in methods]
+    ours = [m for m in OURS if m in methods]
     for name in ours + [m for m in FLA_METHODS if fla.get(m) is not None]:
         got = outs(name, x)
         notes.append(f"{name} vs the float32 torch backend at T={T}: rel diff "
@@ -185,10 +186,10 @@ def _agreement(x, chunk_size, fla, notes, methods):
 
 
 def _expand(methods, chunk_sizes):
-    """ours / ours_half / ours_torch once per chunk size when several are asked for."""
+    """ours / ours_tf32 / ours_half / ours_torch once per chunk size when several are asked for."""
     if len(chunk_sizes) == 1:
         return methods
-    ours = ("ours", "ours_half", "ours_torch")
+    ours = OURS + ("ours_torch",)
     return [f"{m}/c{c}" if m in ours else m for m in methods for c in (chunk_sizes if m in ours else [None])]
 
 
@@ -232,6 +233,10 @@ def run(args) -> dict:
         raise SystemExit("lctrain bench deltaformer needs a CUDA GPU")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     notes: list[str] = []
+    if "ours" in args.methods:
+        notes.append("ours: kernel_dots='auto' = " + ("float32 dots" if dtype == torch.float32 else
+                     f"{args.dtype} dot operands (kernel_dots='half')") + "; before 2026-12-01 'ours' meant TF32 "
+                     "dots (now ours_tf32)")
     methods = list(args.methods)
     fla = _load_fla(notes, [m for m in methods if m in FLA_METHODS], D=args.D)
     methods = _expand([m for m in methods if m not in FLA_METHODS or fla[m] is not None], args.chunk_size)

@@ -86,12 +86,20 @@ def _worker(args, argv) -> int:
     import torch.distributed as dist
 
     from lctrain.kernels import deltaformer
+    from lctrain.kernels.deltaformer.api import resolve
     from lctrain.parallel.deltaformer_cp import deltaformer_cp
 
     device, group, P, rank = init_worker(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     kw = dict(backend=args.backend, chunk_size=args.chunk_size)
     rows, raw, notes = [], [], []
+    # The CP pipeline's kernels take float32 (TF32) dot operands; the single-device reference takes
+    # the same ones (kernel_dots="tf32"), not the half dots its default would pick for bf16 / fp16.
+    single_dots = {}
+    if resolve(args.backend, device) == "triton" and dtype != torch.float32:
+        single_dots = {"kernel_dots": "tf32"}
+        notes.append("1 device: kernel_dots='tf32', the dots of the CP pipeline (its default for half inputs, "
+                     "half-precision dots, is faster)")
     try:
         for T in args.T:
             if T % P:
@@ -102,7 +110,8 @@ def _worker(args, argv) -> int:
             full["beta"] = torch.sigmoid(torch.randn(1, T, args.H, generator=gen, device=device)).to(dtype)
             Tl = T // P
             local = {n: t[:, rank * Tl:(rank + 1) * Tl].contiguous() for n, t in full.items()}
-            runs = [("single", full, lambda x: deltaformer(x["q"], x["k"], x["v"], x["beta"], **kw), False)]
+            runs = [("single", full, lambda x: deltaformer(x["q"], x["k"], x["v"], x["beta"], **kw, **single_dots),
+                     False)]
             for sched in args.schedule:
                 piece = args.piece_size if sched == "pipeline" else None
                 runs.append((sched, local, lambda x, sched=sched, piece=piece: deltaformer_cp(

@@ -32,9 +32,10 @@ LAYOUTS = {"T200": dict(B=2, T=200), "T4133": dict(B=2, T=4133), "T20000": dict(
 # at token 19968, no initial state, output_final_state, its k passed as q; then blocks of 2^l tokens reshaped to
 # B * nb rows (156 x 128 at level 7). Keys besides B / T: ``offset`` (the inputs are views starting this many
 # tokens into B=1 tensors of offset + T + 5 tokens), ``init`` (False: no initial state), ``q_is_k`` (k passed as
-# q too), ``shift`` (every input a view one element into its own buffer: data pointers not 16-byte aligned).
+# q too), ``shift`` (every input, the initial state and the output gradients dO / dS a view one element into its
+# own buffer: data pointers not 16-byte aligned).
 REPLAY = {
-    "T32": dict(B=1, T=32),                                                   # NT=1 alone (Triton: NT a constant 1)
+    "T32": dict(B=1, T=32),                                                  # NT=1 alone (an int 1 Triton specialises)
     "T32_noinit": dict(B=1, T=32, init=False),                                # ... and no initial state
     "T200_noinit": dict(B=2, T=200, init=False),                              # no initial state alone
     "lastblock": dict(B=1, T=32, offset=19968, init=False, q_is_k=True),      # the faulting call, as made
@@ -141,14 +142,17 @@ def run_case(case: dict) -> dict:
         # leaves: the fresh tensors the gradients are taken of; the op gets them as the layout places them
         leaves = {n: t.to(dev).to(torch.float32 if n in ("g", "initial_state") and dt != torch.float64 else dt)
                   .requires_grad_() for n, t in x.items() if t is not None}
-        placed = {n: _placed(t, lay, dev) if n != "initial_state" else t for n, t in leaves.items()}
+        # (shift: the initial state and the output gradients dO, dS misaligned too, as autograd may hand them over)
+        unshifted = {"shift": lay.get("shift")}
+        placed = {n: _placed(t, lay if n != "initial_state" else unshifted, dev) for n, t in leaves.items()}
         if "q" not in placed:
             placed["q"] = placed["k"]
         args = [placed["q"], placed["k"], placed["v"]] + [placed[n] for n in ("g", "beta") if n in placed]
         o, S = op(*args, initial_state=placed.get("initial_state"), output_final_state=True, backend=backend,
                   cu_seqlens=cu)
-        loss = (o.double() * do).sum() + (S.double() * dS).sum()
-        grads = torch.autograd.grad(loss, list(leaves.values()))
+        # the gradients of sum(o * do) + sum(S * dS) (do / dS in o's / S's dtype, as autograd would cast them)
+        grads = torch.autograd.grad([o, S], list(leaves.values()),
+                                    [_placed(do.to(o.dtype), unshifted, dev), _placed(dS.to(S.dtype), unshifted, dev)])
         if dev == "cuda":
             torch.cuda.synchronize()
         return o.detach(), S.detach(), dict(zip(leaves, grads))
@@ -265,6 +269,24 @@ def run_group(items: list[dict], log, timeout: float) -> dict[int, dict]:
     return results
 
 
+def case_groups(items: list[dict]) -> list[list[dict]]:
+    """The worker processes' shares of the grid, in the order they start: one per mixer, head dims, dtype and
+    variant (a log-linear case alone). Cases of different dtypes or variants share no compiled kernel (Triton
+    specialises on both), so the split costs only a process start, and the groups run ``--jobs`` at a time
+    instead of one long group per mixer running out of time. bfloat16 and the default settings start first: a
+    run cut short by its time limit then lacks the cases that matter least."""
+    groups: dict[tuple, list] = {}
+    for it in items:
+        c = it["case"]
+        key = (c["kind"], tuple(c["dims"]), c["dtype"], c["variant"]) + \
+            ((c["layout"],) if c["kind"] in LOGLINEAR_KINDS else ())
+        groups.setdefault(key, []).append(it)
+    dtypes = ("bfloat16", "float16", "float32")
+    first = sorted(groups, key=lambda k: (k[0] in LOGLINEAR_KINDS, k[3] != "default",
+                                          dtypes.index(k[2]) if k[2] in dtypes else 3))
+    return [groups[k] for k in first]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -275,6 +297,10 @@ def main(argv=None) -> None:
     p.add_argument("--kinds", nargs="+", default=list(KINDS))
     p.add_argument("--layouts", nargs="+", default=None, choices=sorted(LAYOUTS),
                    help="only these layouts of the plain-op grid (default: all)")
+    p.add_argument("--dtypes", nargs="+", default=None, choices=("bfloat16", "float16", "float32"),
+                   help="only these input dtypes of the plain-op grid (default: all)")
+    p.add_argument("--variants", nargs="+", default=None, choices=sorted(VARIANTS),
+                   help="only these launch variants of the plain-op grid (default: all that --quick leaves)")
     p.add_argument("--loglinear", action="store_true",
                    help="also the log-linear ops at test_fused_triton_gpu_long_and_wide's shapes (issue 18)")
     p.add_argument("--loglinear-only", action="store_true", help="the log-linear cases alone")
@@ -286,19 +312,16 @@ def main(argv=None) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     cases = [] if a.loglinear_only else [c for c in grid(a.quick) if c["kind"] in a.kinds
-                                         and (a.layouts is None or c["layout"] in a.layouts)]
+                                         and (a.layouts is None or c["layout"] in a.layouts)
+                                         and (a.dtypes is None or c["dtype"] in a.dtypes)
+                                         and (a.variants is None or c["variant"] in a.variants)]
     if a.loglinear or a.loglinear_only:
         cases += loglinear_grid()
     items = [{"i": i, "case": c} for i, c in enumerate(cases)]
-    groups: dict[tuple, list] = {}
-    for it in items:
-        c = it["case"]
-        key = (c["kind"], tuple(c["dims"])) + ((c["layout"], c["variant"]) if c["kind"] in LOGLINEAR_KINDS else ())
-        groups.setdefault(key, []).append(it)
     log_path = a.log or os.path.splitext(a.json)[0] + ".log"
     t0 = time.time()
     with open(log_path, "w") as log, ThreadPoolExecutor(a.jobs) as pool:
-        futures = [pool.submit(run_group, g, log, a.time_limit) for g in groups.values()]
+        futures = [pool.submit(run_group, g, log, a.time_limit) for g in case_groups(items)]
         results = {}
         for f in futures:
             results.update(f.result())

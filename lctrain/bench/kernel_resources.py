@@ -44,9 +44,9 @@ class _Recorder:
         self.calls.append((fn, args, kw))
 
 
-def record_launches(D: int, dtype_name: str, varlen: bool = False) -> list:
-    """(jit function, args, kwargs) of every launch of one fwd+bwd of each mixer, on meta tensors;
-    ``varlen``: of packed documents (cu_seqlens: 4 documents, 80 chunks), the varlen kernels."""
+def record_launches(D: int, dtype_name: str, varlen: bool = False, T: int = 4096) -> list:
+    """(jit function, args, kwargs) of every launch of one fwd+bwd of each mixer (B=1, T tokens, 16 heads), on
+    meta tensors; ``varlen``: of packed documents (cu_seqlens: 4 documents, 80 chunks), the varlen kernels."""
     import torch
 
     from lctrain.kernels.triton import dqdk, ops, output, state, wy
@@ -59,7 +59,7 @@ def record_launches(D: int, dtype_name: str, varlen: bool = False) -> list:
             setattr(mod, n, _Recorder(kernel, calls))
         # T and the chunk count divisible by 16, as in real runs: Triton specialises on that, and the
         # software pipeliner (so shared memory) differs otherwise
-        B, T, H = 1, 4096, 16
+        B, H = 1, 16
         m = dict(device="meta")
         q, k, v, do = (torch.empty(B, T, H, D, dtype=dtype, **m) for _ in range(4))
         g = torch.empty(B, T, H, dtype=torch.float32, **m)
@@ -84,9 +84,10 @@ def record_launches(D: int, dtype_name: str, varlen: bool = False) -> list:
 def record_deltaformer_launches(D: int, tf32: bool = True, half=None) -> list:
     """(jit function, args, kwargs) of every Triton launch of one Deltaformer u-pass fwd+bwd (chunk
     256 of a 4096-token sequence, 16 heads) and of the three context-parallel blocks, on meta tensors.
-    ``tf32``: the launches of bf16 / fp16 inputs (TF32 dots, what training runs); False: of float32
+    ``tf32``: the launches of ``kernel_dots="tf32"`` (TF32 dots); False: of float32
     inputs (full-precision dots, which spill at head dim 128: slower, for accuracy only). ``half``
-    (torch.bfloat16 / float16): the launches of ``kernel_dots="half"`` (dot operands in that type)."""
+    (torch.bfloat16 / float16): the launches of ``kernel_dots="half"`` (dot operands in that type; what
+    ``"auto"``, the default, runs for bf16 / fp16 inputs and so what training runs)."""
     import torch
 
     from lctrain.kernels.deltaformer import chunk, triton_bwd, triton_fwd
@@ -107,7 +108,7 @@ def record_deltaformer_launches(D: int, tf32: bool = True, half=None) -> list:
         if half is not None:                    # kernel_dots="half" keeps k (and copies of u) in it
             k = k.to(half)
         u, lse, w = chunk.chunk_forward(k, v, beta, D ** -0.5, 256, st.stats, stats_u_dtype=half, solve=st.solve)
-        chunk.chunk_backward(k, beta, u, lse, w, e(B, H, T, D), D ** -0.5, 256, st, key_grads_u_dtype=half)
+        chunk.chunk_backward(k, beta, u, lse, w, e(B, H, T, D), D ** -0.5, 256, st, half_copies=half)
         if half is not None:                    # context parallelism has no kernel_dots
             return calls
         kl, ul, dk, rhs = e(B, H, L, D), e(B, H, L, D), e(B, H, L, D), e(B, H, L, D)
@@ -162,6 +163,7 @@ def _signature(fn, args, kw):
 
     import torch
     params = list(inspect.signature(fn.fn).parameters)
+    plain = set(getattr(fn, "do_not_specialize", None) or ())   # @triton.jit(do_not_specialize=[...])
     sig, consts, attrs = {}, {}, {}
     divisible = [["tt.divisibility", 16]]
     for i, (name, val) in enumerate(zip(params, args)):
@@ -173,9 +175,12 @@ def _signature(fn, args, kw):
             consts[name] = None
         elif isinstance(val, float):
             sig[name] = "fp32"
+        elif val == 1 and name not in plain and i not in plain:   # the JIT compiles an int 1 as the constant
+            sig[name] = "constexpr"
+            consts[name] = 1
         else:
             sig[name] = "i32"
-            if val % 16 == 0:
+            if val % 16 == 0 and name not in plain and i not in plain:
                 attrs[(i,)] = divisible
     for name, val in kw.items():
         if name not in ("num_warps", "num_stages"):
@@ -184,9 +189,18 @@ def _signature(fn, args, kw):
     return {name: sig[name] for name in params}, consts, attrs  # in parameter order, as the JIT's
 
 
-def compile_report(calls, target: int) -> list[dict]:
+def compile_launch(fn, args, kw, target: int = 90):
+    """One recorded launch compiled for sm_<target> as the JIT would specialise it (``_signature``)."""
     import triton
     from triton.backends.compiler import GPUTarget
+    sig, consts, attrs = _signature(fn, args, kw)
+    opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
+    return triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", target, 32), options=opts)
+
+
+def compile_report(calls, target: int) -> list[dict]:
+    import triton
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     rows, seen = [], set()
     for fn, args, kw in calls:
@@ -197,9 +211,7 @@ def compile_report(calls, target: int) -> list[dict]:
         if key in seen:
             continue
         seen.add(key)
-        compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts,
-                                                                   attrs=attrs),
-                                  target=GPUTarget("cuda", target, 32), options=opts)
+        compiled = compile_launch(fn, args, kw, target)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
             f.flush()
@@ -233,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the launches of packed documents (cu_seqlens): the varlen kernels")
     p.add_argument("--op", choices=["mixers", "deltaformer", "loglinear"], default="mixers",
                    help="the linear mixers' kernels (default) or Deltaformer's u-pass kernels (float32 tensors, "
-                        "TF32 dots as for bf16 inputs; --dtype float32: full-precision dots as for float32 inputs; "
+                        "TF32 dots as kernel_dots='tf32'; with --half-dots those of kernel_dots='half', the "
+                        "default for bf16 / fp16 inputs; --dtype float32: full-precision dots as for float32 inputs; "
                         "--cfg and --varlen do not apply), or the fused log-linear kernels (--cfg: the level "
                         "kernels' settings, as LCTRAIN_LOGLINEAR_CFG; --varlen does not apply)")
     p.add_argument("--half-dots", action="store_true",

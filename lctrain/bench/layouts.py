@@ -4,8 +4,11 @@ For each layout (default ``tp=2 cp=2 pp=2``: each a comma-separated list of ``ke
 ``parallel`` section) it runs ``lctrain train RECIPE [overrides] parallel.<layout>`` for --steps
 steps in a fresh out_dir (its output goes to ``train.log`` there) and reads the run's
 metrics.jsonl: tokens/s (median over the steps after
---warmup, the whole job and per GPU) and the peak GPU memory per GPU (the largest over ranks,
-metrics.jsonl's ``peak_mib``). A layout the trainer refuses (e.g. one not implemented) shows as a
+--warmup, the whole job and per GPU), the peak GPU memory per GPU (the largest over ranks,
+metrics.jsonl's ``peak_mib``) and the memory held between steps per GPU (``held_mib``: weights,
+optimizer state, gradient buffers: what tensor parallelism and a sharded optimizer divide). A
+layout ``tp=1`` is the one-GPU run the others compare with: with it the notes give each layout's
+held memory as a fraction of it. A layout the trainer refuses (e.g. one not implemented) shows as a
 row with the refusal instead of figures, so the table still says what was asked.
 
 Example (the mesh target: 1.3B GDN-H1 at 64K on 2 GPUs):
@@ -20,19 +23,23 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-COLUMNS = ["layout", "processes", "tokens/s", "tokens/s per GPU", "peak MiB per GPU", "final loss", "status"]
+COLUMNS = ["layout", "processes", "tokens/s", "tokens/s per GPU", "peak MiB per GPU", "held MiB per GPU", "final loss",
+           "status"]
 
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="lctrain bench layouts", description=__doc__.split("\n\n")[0])
-    p.add_argument("recipe", help="recipe YAML (or 'default')")
+    p.add_argument("recipe", help="recipe YAML")
     p.add_argument("overrides", nargs="*", help="key=value config overrides applied to every layout")
     p.add_argument("--layouts", nargs="+", default=["tp=2", "cp=2", "pp=2"],
                    help="layouts, each comma-separated parallel keys, e.g. tp=2 cp=2 tp=2,cp=2")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the tokens/s median")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="start no new layout after S seconds (the table says which were not run)")
     p.add_argument("--out-dir", default=None, help="where the runs go (default: a temporary folder)")
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("--record", nargs="?", const="BENCHMARKS.md", default=None, metavar="MD",
@@ -65,14 +72,25 @@ def run_layout(recipe: str, overrides: list[str], layout: str, steps: int, warmu
             nproc = int(line.split("world ")[1].split()[0])
     if proc.returncode != 0:
         err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-        return [layout, nproc, None, None, None, None, f"exit {proc.returncode}: {err[:200]}"]
+        return [layout, nproc, None, None, None, None, None, f"exit {proc.returncode}: {err[:200]}"]
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = [r["tokens_per_s"] for r in records[warmup:]] or [r["tokens_per_s"] for r in records]
     tps = statistics.median(timed)
     peaks = [r["peak_mib"] for r in records if r.get("peak_mib") is not None]
+    held = [r["held_mib"] for r in records if r.get("held_mib") is not None]
     gpus = nproc or 1
-    return [layout, nproc, round(tps), round(tps / gpus), round(max(peaks)) if peaks else None, records[-1]["loss"],
-            "ok"]
+    return [layout, nproc, round(tps), round(tps / gpus), round(max(peaks)) if peaks else None,
+            round(max(held)) if held else None, records[-1]["loss"], "ok"]
+
+
+def held_ratio_notes(rows: list) -> list[str]:
+    """Each layout's held memory per GPU as a fraction of the one-process layout's (when both ran)."""
+    held = {row[0]: row[COLUMNS.index("held MiB per GPU")] for row in rows}
+    base = next((row[0] for row in rows if row[1] == 1 and held[row[0]]), None)
+    if base is None:
+        return []
+    parts = [f"{layout} {held[layout] / held[base]:.2f}" for layout in held if layout != base and held[layout]]
+    return [f"held memory per GPU / {base} (one GPU): " + ", ".join(parts)] if parts else []
 
 
 def main(argv=None) -> int:
@@ -84,22 +102,27 @@ def main(argv=None) -> int:
 def run(args) -> dict:
     """Train each layout of ``args.layouts`` in turn and return the side-by-side result."""
     base = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="lctrain_layouts_"))
-    rows = []
+    rows, start = [], time.monotonic()
     for layout in args.layouts:
-        row = run_layout(args.recipe, args.overrides, layout, args.steps, args.warmup, base)
+        if args.time_limit is not None and time.monotonic() - start > args.time_limit:
+            row = [layout] + [None] * (len(COLUMNS) - 2) + [f"not run (--time-limit {args.time_limit:g} s)"]
+        else:
+            row = run_layout(args.recipe, args.overrides, layout, args.steps, args.warmup, base)
         print(dict(zip(COLUMNS, row)), flush=True)
         rows.append(row)
     import torch
 
     from lctrain.bench.report import result_dict, utc_date
 
+    notes = [f"{args.steps} steps per layout, tokens/s = median after {args.warmup} warm-up steps; "
+             "peak MiB = largest per-rank peak of allocated memory; held MiB = the most a rank keeps allocated "
+             "after its optimizer step (weights, optimizer state, gradient buffers)"]
+    notes += held_ratio_notes(rows)
     return result_dict(
         f"Parallel layouts side by side: {Path(args.recipe).name} {' '.join(args.overrides)}".strip(),
         "lctrain bench layouts " + " ".join(args.argv),
         torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", {"torch": torch.__version__},
-        [f"{args.steps} steps per layout, tokens/s = median after {args.warmup} warm-up steps; "
-         "peak MiB = largest per-rank peak of allocated memory"],
-        COLUMNS, rows, date=utc_date("%Y-%m-%d"))
+        notes, COLUMNS, rows, date=utc_date("%Y-%m-%d"))
 
 
 if __name__ == "__main__":

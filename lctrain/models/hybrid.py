@@ -9,7 +9,9 @@ position_offset = cp_rank * T_local; the mixers do the cross-rank work (see thei
 Tensor parallelism (tp_group of size tp > 1): every mixer and MLP holds 1/tp of its heads / hidden
 units (see their modules), the embedding is vocabulary-parallel and the LM head column-parallel, so
 `forward` returns this rank's vocabulary slice of the logits (`lm_loss` then uses the vocab-parallel
-cross-entropy). Pipeline parallelism (`pp_stage=(stage, stages)`): the model holds only its stage's
+cross-entropy). Sequence parallelism (`sequence_parallel`, parallel.sequence_parallel): the residual
+stream between blocks holds the TP rank's 1/tp of the sequence (see `Block`), the last stage gathers it
+before the final norm. Pipeline parallelism (`pp_stage=(stage, stages)`): the model holds only its stage's
 contiguous blocks (lctrain.parallel.pipeline.stage_layers), under their whole-model names (blocks.<i>);
 the first stage holds the embedding, the last the final norm and the LM head (and, with tied
 embeddings, a copy of the embedding table for it); `hidden_states` of a later stage starts from the
@@ -31,7 +33,19 @@ from torch.utils.checkpoint import checkpoint
 from lctrain.config import checkpointed_kinds, init_std
 from lctrain.parallel.mesh import group_size
 from lctrain.parallel.pipeline import mark_pipeline_copy, stage_layers
-from lctrain.parallel.tensor_parallel import column_linear, local_size, shard_from_full, vocab_embedding
+from lctrain.parallel.tensor_parallel import (
+    check_sequence_split,
+    column_linear,
+    gather_sequence,
+    local_size,
+    mark_partial_grad,
+    reduce_over_tp,
+    reduce_scatter_sequence,
+    scatter_sequence,
+    shard_from_full,
+    skip_row_all_reduce,
+    vocab_embedding,
+)
 
 from .attention import Attention
 from .deltaformer import DeltaformerMixer
@@ -70,9 +84,18 @@ def _attn_conv_size(cfg_model: Any, kind: str) -> int:
 
 
 class Block(nn.Module):
-    """Pre-norm mixer + residual, pre-norm SwiGLU MLP + residual."""
+    """Pre-norm mixer + residual, pre-norm SwiGLU MLP + residual.
 
-    def __init__(self, kind: str, cfg_model: Any, rope: RotaryEmbedding | None, cp_group=None, tp_group=None):
+    With `sequence_parallel` (a TP group of size > 1) the block's input and output are this TP rank's
+    1/tp of the sequence: the norms and residual adds run on the slice, the normed slices are gathered
+    to the whole sequence before the mixer and the MLP (whose TP layers see their usual replicated
+    input), and the partial sums of their row-parallel output projections are reduce-scattered back to
+    the slice (instead of all-reduced). The norm weights see only the slice: their gradients are
+    partial and summed over TP. Decoding (a cache) runs on the whole sequence: the partial sums are
+    then all-reduced."""
+
+    def __init__(self, kind: str, cfg_model: Any, rope: RotaryEmbedding | None, cp_group=None, tp_group=None,
+                 sequence_parallel: bool = False):
         super().__init__()
         m = cfg_model
         d = m.d_model
@@ -106,11 +129,23 @@ class Block(nn.Module):
                                    rope=None if nope else rope, conv_size=_attn_conv_size(m, kind),
                                    cp_group=cp_group, tp_group=tp_group, kv_heads=_cfg(m, "attn_kv_heads", None))
         self.mlp = SwiGLU(d, swiglu_hidden_size(d, m.mlp_ratio), int(_cfg(m, "mlp_chunk_tokens", 0) or 0), tp_group)
+        self.sp_group = tp_group if sequence_parallel and group_size(tp_group) > 1 else None
+        if self.sp_group is not None:
+            skip_row_all_reduce(self)  # every mixer and the MLP return their row-parallel projection's output
+            mark_partial_grad(self.norm1.weight)
+            mark_partial_grad(self.norm2.weight)
 
     def forward(self, x: torch.Tensor, position_offset: int = 0, cache: dict | None = None,
                 docs: Documents | None = None) -> torch.Tensor:
-        x = x + self.mixer(self.norm1(x), position_offset, cache, docs)
-        return x + self.mlp(self.norm2(x))
+        sp = self.sp_group
+        if sp is None:
+            x = x + self.mixer(self.norm1(x), position_offset, cache, docs)
+            return x + self.mlp(self.norm2(x))
+        if cache is not None:  # decoding: the whole (replicated) sequence
+            x = x + reduce_over_tp(self.mixer(self.norm1(x), position_offset, cache, docs), sp)
+            return x + reduce_over_tp(self.mlp(self.norm2(x)), sp)
+        x = x + reduce_scatter_sequence(self.mixer(gather_sequence(self.norm1(x), sp), position_offset, None, docs), sp)
+        return x + reduce_scatter_sequence(self.mlp(gather_sequence(self.norm2(x), sp)), sp)
 
 
 class _ToHost(torch.autograd.Function):
@@ -163,16 +198,22 @@ class LMCache:
 
 class HybridLM(nn.Module):
     def __init__(self, model_cfg: Any, cp_group=None, *, tp_group=None, max_position: int | None = None,
-                 pp_stage: tuple[int, int] = (0, 1)):
+                 pp_stage: tuple[int, int] = (0, 1), sequence_parallel: bool = False):
         """`max_position`: the original context length YaRN uses when model.rope.original_max_position
         is 0 (pass the training seq_len). `pp_stage`: (this stage, number of stages). With a tp_group of
-        size > 1 or several stages the weights are left for `build_model` to fill from the full model."""
+        size > 1 or several stages the weights are left for `build_model` to fill from the full model.
+        `sequence_parallel` (parallel.sequence_parallel; needs a tp_group of size > 1): the residual
+        stream between blocks holds this TP rank's 1/tp of the sequence (see `Block`)."""
         super().__init__()
         m = model_cfg
         self.cfg = m
         self.pattern = _pattern(m)
         self.cp_group = cp_group
         self.tp_group = tp_group if group_size(tp_group) > 1 else None
+        if sequence_parallel and self.tp_group is None:
+            raise ValueError("parallel.sequence_parallel=true needs tensor parallelism (parallel.tp > 1): it splits "
+                             "the sequence over the TP group")
+        self.sp_group = self.tp_group if sequence_parallel else None
         local_size(m.vocab_size, self.tp_group, "model.vocab_size")
         # the block kinds model.activation_checkpointing checkpoints ("" = none)
         self.checkpointed = checkpointed_kinds(m, self.pattern)
@@ -190,7 +231,8 @@ class HybridLM(nn.Module):
             self.embed = vocab_embedding(m.vocab_size, m.d_model, self.tp_group)
         self.max_position = max_position
         rope = self._make_rope(m.rope) if any(c in "SAF" for c in self.pattern) else None
-        self.blocks = StageBlocks((Block(self.pattern[i], m, rope, cp_group, self.tp_group) for i in layers),
+        self.blocks = StageBlocks((Block(self.pattern[i], m, rope, cp_group, self.tp_group, sequence_parallel)
+                                   for i in layers),
                                   layers.start)
         if self.has_head:
             self.norm = RMSNorm(m.d_model, m.norm_eps)
@@ -270,7 +312,10 @@ class HybridLM(nn.Module):
         """The residual stream after the last block, before the final norm: [B, T_local, d_model]
         (what `forward` turns into logits; the chunked loss of lctrain.train.loss starts from it).
         A pipeline stage after the first starts from `stage_input`, the previous stage's output
-        (`input_ids` still gives the documents); the first stage embeds `input_ids`."""
+        (`input_ids` still gives the documents); the first stage embeds `input_ids`. Under sequence
+        parallelism (training, no cache) a stage without the head returns, and a later stage takes as
+        `stage_input`, this TP rank's slice [B, T_local / tp, d_model]; the last stage gathers the whole
+        sequence for the final norm and head."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         offset = int(position_offset)
@@ -283,10 +328,14 @@ class HybridLM(nn.Module):
                              + ("None (the first stage embeds input_ids)" if self.has_embedding else
                                 "the previous stage's output"))
         docs = self._documents(input_ids, cache, doc_bounds)
+        sp = self.sp_group if cache is None else None
+        if sp is not None:
+            check_sequence_split(input_ids.shape[1], sp)
         if self.has_embedding:
             x = self.embed(input_ids)
             if self.residual_in_compute_dtype and torch.is_autocast_enabled(x.device.type):
                 x = x.to(torch.get_autocast_dtype(x.device.type))
+            x = scatter_sequence(x, sp)
         else:
             x = stage_input
         recompute = cache is None and torch.is_grad_enabled()
@@ -300,7 +349,7 @@ class HybridLM(nn.Module):
                 x = block(x, offset, layer_cache, docs)
         if cache is not None:
             cache.seen_tokens += input_ids.shape[1]
-        return x
+        return gather_sequence(x, sp) if self.has_head else x
 
     def _documents(self, input_ids: torch.Tensor, cache: LMCache | None, doc_bounds=None) -> Documents | None:
         """The packed documents of this forward when model.document_end_id is set (every layer keeps
@@ -337,16 +386,17 @@ class HybridLM(nn.Module):
 
 
 def build_model(cfg_model: Any, cp_group=None, *, tp_group=None, max_position: int | None = None,
-                pp_stage: tuple[int, int] = (0, 1)) -> HybridLM:
+                pp_stage: tuple[int, int] = (0, 1), sequence_parallel: bool = False) -> HybridLM:
     """The model for this rank. Under tensor or pipeline parallelism the one-process model is built
     first (the same random draws as tp=pp=1) and each rank copies its shards / its stage's part from
     it; the RNG then continues from where the one-process build leaves it, so any layout starts from
     the same weights and state."""
     if group_size(tp_group) == 1 and pp_stage[1] == 1:
-        return HybridLM(cfg_model, cp_group=cp_group, max_position=max_position)
+        return HybridLM(cfg_model, cp_group=cp_group, max_position=max_position, sequence_parallel=sequence_parallel)
     full = HybridLM(cfg_model, cp_group=None, max_position=max_position)
     rng = torch.get_rng_state()
-    model = HybridLM(cfg_model, cp_group=cp_group, tp_group=tp_group, max_position=max_position, pp_stage=pp_stage)
+    model = HybridLM(cfg_model, cp_group=cp_group, tp_group=tp_group, max_position=max_position, pp_stage=pp_stage,
+                     sequence_parallel=sequence_parallel)
     shard_from_full(model, full.state_dict(), tp_group)
     torch.set_rng_state(rng)
     return model

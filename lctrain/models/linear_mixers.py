@@ -16,8 +16,9 @@ projections are column-parallel, the per-head parameters (A_log, dt_bias, D, con
 this rank's heads, the gated output norm works on local heads (its per-head-dim weight is shared,
 so its gradient is summed over the TP group) and the output projection is row-parallel.
 
-Under CP the op is wrapped with `lctrain.parallel.context_parallel(op, cp_group)` and each conv gets
-the previous rank's last conv_size-1 inputs via `prepend_halo`. Both are imported only when CP is on.
+Under CP the op is wrapped with `lctrain.parallel.context_parallel(op, cp_group)` (its default transition
+"auto": "pipeline" at 2 CP ranks on the Triton backend without documents, else "sequential") and each
+conv gets the previous rank's last conv_size-1 inputs via `prepend_halo`. Both are imported only when CP is on.
 
 Packed documents (`docs`, lctrain.models.documents.Documents): the convs drop taps from the previous
 document and the op restarts its state at every boundary (`cu_seqlens`): the batch rows go end to end

@@ -59,8 +59,9 @@ class Reporter:
 
     def step(self, step: int, loss: float, lr: float, tokens: float, seconds: float, grad_norm: float,
              bad_steps: int = 0,
-             peak_mib: float | None = None) -> None:
-        """`peak_mib`: the largest peak GPU memory of any rank so far (None on CPU)."""
+             peak_mib: float | None = None, held_mib: float | None = None) -> None:
+        """`peak_mib`: the largest peak GPU memory of any rank so far; `held_mib`: the most any rank
+        still holds after the step (weights, optimizer state, gradient buffers); both None on CPU."""
         if not self.main:
             return
         tps = tokens / max(seconds, 1e-9)
@@ -71,6 +72,8 @@ class Reporter:
                   "bad_steps": bad_steps}
         if peak_mib is not None:
             record["peak_mib"] = peak_mib
+        if held_mib is not None:
+            record["held_mib"] = held_mib
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
         if self.tb is not None:

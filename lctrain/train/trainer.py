@@ -116,7 +116,8 @@ class Trainer:
 
         seed_everything(t.seed)
         self.model = build_model(cfg.model, cp_group=self.cp_group, tp_group=self.tp_group,
-                                 max_position=cfg.data.seq_len, pp_stage=(self.pp_rank, self.pp_size)).to(device)
+                                 max_position=cfg.data.seq_len, pp_stage=(self.pp_rank, self.pp_size),
+                                 sequence_parallel=bool(cfg.parallel.sequence_parallel)).to(device)
         broadcast_parameters(self.model, self.grad_group)
         self.pipeline = None
         if self.pp_size > 1:
@@ -198,7 +199,8 @@ class Trainer:
             return self.stage_output(batch, stage_input)
 
         ids = batches[0]["input_ids"]
-        shape = (ids.shape[0], ids.shape[1], self.cfg.model.d_model)
+        seq = ids.shape[1] // (self.cfg.parallel.tp if self.cfg.parallel.sequence_parallel else 1)
+        shape = (ids.shape[0], seq, self.cfg.model.d_model)  # sequence parallelism passes the TP rank's slice
         reports = self.pipeline.forward_backward(forward, batches, shape, self.residual_dtype())
         loss = torch.stack(reports).sum() / len(batches) if reports else torch.zeros((), device=self.device)
         return self.pipeline.from_last_stage(mean_over_group(loss.float(), self.grad_group))
@@ -275,12 +277,19 @@ class Trainer:
 
     def peak_memory_mib(self) -> float | None:
         """The largest peak of allocated GPU memory over all ranks so far (collective); None off CUDA."""
-        if self.device.type != "cuda":
-            return None
-        peak = torch.tensor(float(torch.cuda.max_memory_allocated(self.device)) / 2**20, device=self.device)
+        return self._max_over_ranks_mib(torch.cuda.max_memory_allocated) if self.device.type == "cuda" else None
+
+    def held_memory_mib(self) -> float | None:
+        """GPU memory still allocated between steps, the largest over ranks (collective); None off CUDA.
+        After `optimizer_step` that is what the run holds for good: weights, optimizer state and the
+        gradient buffers a DDP wrapper keeps, i.e. what tensor parallelism and a sharded optimizer divide."""
+        return self._max_over_ranks_mib(torch.cuda.memory_allocated) if self.device.type == "cuda" else None
+
+    def _max_over_ranks_mib(self, measure) -> float:
+        value = torch.tensor(float(measure(self.device)) / 2**20, device=self.device)
         if dist.is_initialized():
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        return float(peak)
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return float(value)
 
     def parameter_counts(self) -> tuple[int, int, int]:
         """(parameters of the whole model, fewest and most parameters a rank holds); collective under
@@ -333,7 +342,8 @@ class Trainer:
         reporter.say(
             f"lctrain train: {_millions(n_params)} parameters ({per_rank} per rank), layers "
             f"{cfg.model.layer_pattern}, seq_len {cfg.data.seq_len}, "
-            f"world {self.world} (dp {self.dp_size} x cp {self.cp_size} x tp {cfg.parallel.tp} x pp {self.pp_size}), "
+            f"world {self.world} (dp {self.dp_size} x cp {self.cp_size} x tp {cfg.parallel.tp}"
+            f"{' sequence-parallel' if cfg.parallel.sequence_parallel else ''} x pp {self.pp_size}), "
             f"{device_text(self.device)} {str(self.dtype).replace('torch.', '')}, "
             f"steps {start_step}->{t.steps}" + (f", resumed from {resume_from}" if resume_from else "")
             + (f", weights from {init_from}" if init_from else "")
@@ -364,7 +374,7 @@ class Trainer:
                 last_loss = metrics.loss
                 reporter.step(metrics.step, metrics.loss, metrics.lr, tokens_per_step, time.perf_counter() - step_start,
                               metrics.grad_norm, self.bad_steps.total,
-                              self.peak_memory_mib())
+                              self.peak_memory_mib(), self.held_memory_mib())
                 signum, save_due = stop.poll(cadence.by_time(metrics.step) if self.is_main else False, self.device)
                 if metrics.step < t.steps and (signum or save_due or cadence.by_steps(metrics.step)):
                     ckpt, last_saved = self.save(), metrics.step
