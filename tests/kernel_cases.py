@@ -13,7 +13,7 @@ SMALL_BLOCKS = dict(BVP=16, BVO=16, BVS=16, BVSB=16, BKW=16, BVW=16, BKS=16, BKD
 def call(kind, x, backend, **extra):
     """Run the `kind` op ("delta", "gated_delta", "gla") on the inputs dict `x` with initial state and
     final state; `extra` keywords (cu_seqlens) go to the op."""
-    kw = dict(initial_state=x["initial_state"], output_final_state=True, backend=backend, **extra)
+    kw = dict(initial_state=x.get("initial_state"), output_final_state=True, backend=backend, **extra)
     if kind == "delta":
         return delta_rule(x["q"], x["k"], x["v"], x["beta"], **kw)
     if kind == "gated_delta":
