@@ -133,3 +133,24 @@ def test_bench_layouts_runs_each_layout_and_compares_held_memory(tmp_path):
                 ["pp=2", None, None, None, None, None, None, "exit 2: refused"]]
     assert layouts.held_ratio_notes(gpu_rows) == ["held memory per GPU / tp=1 (one GPU): tp=2 0.53"]
     assert layouts.held_ratio_notes(gpu_rows[1:]) == []
+
+
+def test_bench_layouts_keeps_the_rows_of_a_cut_run(tmp_path, monkeypatch):
+    """A run killed during its second layout (a device call's limit) leaves a recordable JSON of the first."""
+    from lctrain.bench import layouts
+    from lctrain.bench.report import append_to_benchmarks_md
+
+    def fake_run_layout(recipe, overrides, layout, *rest):
+        if layout != "tp=1":
+            raise KeyboardInterrupt  # stands in for the kill
+        return [layout, 1, 100, 100, 900, 400, 5.0, "ok"]
+
+    monkeypatch.setattr(layouts, "run_layout", fake_run_layout)
+    out = tmp_path / "cut.json"
+    with pytest.raises(KeyboardInterrupt):
+        layouts.main(["r.yaml", "--layouts", "tp=1", "pp=2", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["partial"] and [r[0] for r in result["rows"]] == ["tp=1"]
+    assert any("partial: written after 1 of 2 layouts" in n for n in result["notes"])
+    append_to_benchmarks_md(result, str(tmp_path / "B.md"))
+    assert "| tp=1 | 1 | 100 |" in (tmp_path / "B.md").read_text()

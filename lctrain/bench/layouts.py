@@ -100,7 +100,12 @@ def main(argv=None) -> int:
 
 
 def run(args) -> dict:
-    """Train each layout of ``args.layouts`` in turn and return the side-by-side result."""
+    """Train each layout of ``args.layouts`` in turn and return the side-by-side result. With --json,
+    the rows so far are written after every layout (marked partial), so a run cut by a time limit or a
+    kill keeps what it measured in a form `lctrain bench record` accepts."""
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     base = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="lctrain_layouts_"))
     rows, start = [], time.monotonic()
     for layout in args.layouts:
@@ -110,8 +115,16 @@ def run(args) -> dict:
             row = run_layout(args.recipe, args.overrides, layout, args.steps, args.warmup, base)
         print(dict(zip(COLUMNS, row)), flush=True)
         rows.append(row)
-    import torch
+        if args.json and len(rows) < len(args.layouts):
+            partial = _result(args, rows, device, torch.__version__)
+            partial["partial"] = True
+            partial["notes"].append(f"partial: written after {len(rows)} of {len(args.layouts)} layouts; the run "
+                                    "ended before the others (a time limit or a kill)")
+            Path(args.json).write_text(json.dumps(partial, indent=1) + "\n")
+    return _result(args, rows, device, torch.__version__)
 
+
+def _result(args, rows: list, device: str, torch_version: str) -> dict:
     from lctrain.bench.report import result_dict, utc_date
 
     notes = [f"{args.steps} steps per layout, tokens/s = median after {args.warmup} warm-up steps; "
@@ -120,9 +133,8 @@ def run(args) -> dict:
     notes += held_ratio_notes(rows)
     return result_dict(
         f"Parallel layouts side by side: {Path(args.recipe).name} {' '.join(args.overrides)}".strip(),
-        "lctrain bench layouts " + " ".join(args.argv),
-        torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", {"torch": torch.__version__},
-        notes, COLUMNS, rows, date=utc_date("%Y-%m-%d"))
+        "lctrain bench layouts " + " ".join(args.argv), device, {"torch": torch_version},
+        notes, COLUMNS, list(rows), date=utc_date("%Y-%m-%d"))
 
 
 if __name__ == "__main__":
