@@ -133,6 +133,17 @@ def test_bench_layouts_runs_each_layout_and_compares_held_memory(tmp_path):
                 ["pp=2", None, None, None, None, None, None, "exit 2: refused"]]
     assert layouts.held_ratio_notes(gpu_rows) == ["held memory per GPU / tp=1 (one GPU): tp=2 0.53"]
     assert layouts.held_ratio_notes(gpu_rows[1:]) == []
+    assert layouts.throughput_ratio_notes(gpu_rows) == ["tokens/s per GPU / tp=1 (one GPU): tp=2 0.90"]
+
+
+def test_bench_layouts_items_with_a_dot_are_whole_config_keys():
+    """`cp=2,data.seq_len=131072`: a parallel key and a length in one layout (weak scaling in one bench)."""
+    from lctrain.bench.layouts import _layout_overrides
+
+    assert _layout_overrides("cp=2,data.seq_len=131072") == ["parallel.cp=2", "data.seq_len=131072"]
+    assert _layout_overrides("tp=2, sequence_parallel=true") == ["parallel.tp=2", "parallel.sequence_parallel=true"]
+    with pytest.raises(SystemExit, match="not key=value"):
+        _layout_overrides("tp2")
 
 
 def test_bench_layouts_keeps_the_rows_of_a_cut_run(tmp_path, monkeypatch):

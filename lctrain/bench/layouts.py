@@ -35,7 +35,8 @@ def _parse(argv):
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("overrides", nargs="*", help="key=value config overrides applied to every layout")
     p.add_argument("--layouts", nargs="+", default=["tp=2", "cp=2", "pp=2"],
-                   help="layouts, each comma-separated parallel keys, e.g. tp=2 cp=2 tp=2,cp=2")
+                   help="layouts, each comma-separated parallel keys, e.g. tp=2 cp=2 tp=2,cp=2; a key with a dot "
+                        "is a whole config key (cp=2,data.seq_len=131072)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the tokens/s median")
     p.add_argument("--time-limit", type=float, default=None, metavar="S",
@@ -48,11 +49,14 @@ def _parse(argv):
 
 
 def _layout_overrides(layout: str) -> list[str]:
+    """A layout's config overrides: ``tp=2`` means ``parallel.tp=2``; an item whose key has a dot is a
+    whole config key, so a layout may also change e.g. the length (``cp=2,data.seq_len=131072``: weak
+    scaling against a one-GPU layout at half the length, in the same bench)."""
     keys = [kv.strip() for kv in layout.split(",") if kv.strip()]
     for kv in keys:
         if "=" not in kv:
             raise SystemExit(f"lctrain bench layouts: layout item {kv!r} is not key=value (e.g. tp=2)")
-    return [f"parallel.{kv}" for kv in keys]
+    return [kv if "." in kv.split("=", 1)[0] else f"parallel.{kv}" for kv in keys]
 
 
 def run_layout(recipe: str, overrides: list[str], layout: str, steps: int, warmup: int, out_dir: Path) -> list:
@@ -83,14 +87,26 @@ def run_layout(recipe: str, overrides: list[str], layout: str, steps: int, warmu
             round(max(held)) if held else None, records[-1]["loss"], "ok"]
 
 
-def held_ratio_notes(rows: list) -> list[str]:
-    """Each layout's held memory per GPU as a fraction of the one-process layout's (when both ran)."""
-    held = {row[0]: row[COLUMNS.index("held MiB per GPU")] for row in rows}
-    base = next((row[0] for row in rows if row[1] == 1 and held[row[0]]), None)
+def _ratio_note(rows: list, column: str, what: str) -> list[str]:
+    """Each layout's ``column`` as a fraction of the first one-process layout's (when both ran)."""
+    values = {row[0]: row[COLUMNS.index(column)] for row in rows}
+    base = next((row[0] for row in rows if row[1] == 1 and values[row[0]]), None)
     if base is None:
         return []
-    parts = [f"{layout} {held[layout] / held[base]:.2f}" for layout in held if layout != base and held[layout]]
-    return [f"held memory per GPU / {base} (one GPU): " + ", ".join(parts)] if parts else []
+    parts = [f"{layout} {values[layout] / values[base]:.2f}" for layout in values
+             if layout != base and values[layout]]
+    return [f"{what} / {base} (one GPU): " + ", ".join(parts)] if parts else []
+
+
+def held_ratio_notes(rows: list) -> list[str]:
+    """Each layout's held memory per GPU as a fraction of the one-process layout's (when both ran)."""
+    return _ratio_note(rows, "held MiB per GPU", "held memory per GPU")
+
+
+def throughput_ratio_notes(rows: list) -> list[str]:
+    """Each layout's tokens/s per GPU as a fraction of the one-process layout's: the scaling efficiency
+    (strong at the same length; weak where the layout's length is the one-GPU length times its GPUs)."""
+    return _ratio_note(rows, "tokens/s per GPU", "tokens/s per GPU")
 
 
 def main(argv=None) -> int:
@@ -130,7 +146,7 @@ def _result(args, rows: list, device: str, torch_version: str) -> dict:
     notes = [f"{args.steps} steps per layout, tokens/s = median after {args.warmup} warm-up steps; "
              "peak MiB = largest per-rank peak of allocated memory; held MiB = the most a rank keeps allocated "
              "after its optimizer step (weights, optimizer state, gradient buffers)"]
-    notes += held_ratio_notes(rows)
+    notes += held_ratio_notes(rows) + throughput_ratio_notes(rows)
     return result_dict(
         f"Parallel layouts side by side: {Path(args.recipe).name} {' '.join(args.overrides)}".strip(),
         "lctrain bench layouts " + " ".join(args.argv), device, {"torch": torch_version},
