@@ -206,6 +206,9 @@ class TrainConfig:
     # save when this many minutes have passed since the last save (0 = off): a crash or kill -9 then
     # loses at most this much work; SIGTERM / SIGUSR1 / SIGINT save at once anyway
     ckpt_minutes: float = 10.0
+    # save a checkpoint after the last step; false: a benchmark or throwaway run writes none at the end
+    # (saves by steps, by time and on signals still happen)
+    save_final: bool = True
     keep_last: int = 3  # finished checkpoints kept; older ones are deleted once a newer one is complete; 0 = all
     # a step whose loss or gradient norm is not finite is skipped (no optimizer update); this many in a
     # row stop the run

@@ -189,6 +189,16 @@ def test_train_writes_checkpoint_and_resume_continues(tmp_path, parts, monkeypat
     assert ckpt_mod.latest_checkpoint(split).name == "step_5"
 
 
+def test_save_final_false_writes_no_checkpoint_at_the_end(tmp_path, parts, capsys):
+    """train.save_final=false (what `lctrain bench layouts` runs with): no save after the last step, but the
+    saves by steps still happen, and the done line says so."""
+    assert _run(parts, tmp_path / "none", "train.steps=2", "train.save_final=false") == 0
+    assert ckpt_mod.latest_checkpoint(tmp_path / "none") is None
+    assert "no final checkpoint (train.save_final=false" in capsys.readouterr().out
+    assert _run(parts, tmp_path / "by_steps", "train.steps=3", "train.ckpt_every=2", "train.save_final=false") == 0
+    assert ckpt_mod.latest_checkpoint(tmp_path / "by_steps").name == "step_2"
+
+
 def test_resume_refuses_a_different_model(tmp_path, parts, capsys):
     assert _run(parts, tmp_path, "train.steps=1") == 0
     assert _run(parts, tmp_path, "train.steps=2", "model.d_model=48") == 2

@@ -64,7 +64,8 @@ def run_layout(recipe: str, overrides: list[str], layout: str, steps: int, warmu
     extra = _layout_overrides(layout)
     run_dir = out_dir / layout.replace(",", "_").replace("=", "")
     cmd = [sys.executable, "-m", "lctrain.cli", "train", recipe, *overrides, *extra, f"train.steps={steps}",
-           f"train.out_dir={run_dir}", "train.resume=false", "train.ckpt_every=0", "train.log_every=1",
+           f"train.out_dir={run_dir}", "train.resume=false", "train.ckpt_every=0", "train.ckpt_minutes=0",
+           "train.save_final=false", "train.log_every=1",
            "train.progress=false", "train.tensorboard=false"]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

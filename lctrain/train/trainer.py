@@ -382,7 +382,8 @@ class Trainer:
                     if signum:  # on the last step the run simply finishes
                         stopped_by = signum
                         break
-            if start_step < t.steps and not stopped_by:  # nothing trained: write nothing (above all no older step)
+            # nothing trained: write nothing (above all no older step); train.save_final=false: no save at the end
+            if start_step < t.steps and not stopped_by and t.save_final:
                 ckpt = self.save(t.steps) if last_saved != t.steps else ckpt
         finally:
             stop.restore()
@@ -395,7 +396,9 @@ class Trainer:
             summary["exit_code"] = requeue_or_exit_code(stopped_by, ckpt, reporter.say)
         elif self.is_main:
             losses = f"loss {first_loss:.4f} -> {last_loss:.4f}, " if first_loss is not None else ""
-            print(f"lctrain train: done, {losses}{wall:.1f}s, checkpoint {ckpt}", flush=True)
+            saved = (f"checkpoint {ckpt}" if t.save_final else
+                     f"no final checkpoint (train.save_final=false; last saved: {ckpt})")
+            print(f"lctrain train: done, {losses}{wall:.1f}s, {saved}", flush=True)
         return summary
 
 
