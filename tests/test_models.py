@@ -474,10 +474,13 @@ def test_bad_pattern_names_the_key():
 
 def _cp_errors(rank, world, pattern, separators=(), **over):
     """(max |logits error|, max relative gradient error) of the CP model on this rank vs one process.
-    `separators`: positions that hold token 63 (the document end when document_end_id=63)."""
+    `separators`: positions that hold token 63 (the document end when document_end_id=63). In float64:
+    some gradients are near-zero cancelling sums (a Mamba-2 D: norm 1.4e-3 from terms of order 1), whose
+    float32 relative error (1.2e-3 on one CPU, below 1e-3 on another) measures rounding, not CP."""
     import torch.distributed as dist
 
     torch.manual_seed(14)
+    torch.set_default_dtype(torch.float64)  # this worker process only
     cfg = tiny_cfg(pattern, "torch", window=4, chunk_size=4, **over)
     full_model = build_model(cfg)
     cp_model = build_model(cfg, cp_group=dist.group.WORLD)
@@ -517,14 +520,14 @@ def _cp_worker(rank, world):
 def test_context_parallel_matches_one_process():
     """Patterns GSMA, DSA (with activation checkpointing), SGA with a NoPE global layer, SAGA with
     attention convs and packed documents (document masking), and GDMSA with packed documents in every
-    layer (checkpointed) on 2 gloo ranks: each rank's
+    layer (checkpointed) on 2 gloo ranks, in float64: each rank's
     logits equal the one-process logits of its shard; summed gradients equal the one-process ones."""
     from dist_utils import run_world
 
     for per_rank in run_world(_cp_worker, 2, timeout=240):
         for out_err, grad_err in per_rank:
-            assert out_err < 1e-4
-            assert grad_err < 1e-3
+            assert out_err < 1e-9, per_rank
+            assert grad_err < 1e-6, per_rank
 
 
 # ----------------------------------------------------------------------------------------- GPU
