@@ -93,3 +93,65 @@ def test_bench_main_publishes_the_result_with_the_command_it_was_given(tmp_path,
     assert "| 16 | 1.5 |" in md.read_text()
     printed = capsys.readouterr().out
     assert "t - cpu {'torch': '2.x'}" in printed and "note: n" in printed and f"recorded in {md}" in printed
+
+
+def test_write_json_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    """write_json goes through a temporary file in the same folder and os.replace: a kill mid-write
+    (here json.dump raising after half the text) leaves the previous file as it was, and no stray file."""
+    from lctrain.bench import report
+
+    path = tmp_path / "sub" / "r.json"
+    report.write_json({"rows": [[1]]}, path)  # the folder is created
+    assert json.loads(path.read_text()) == {"rows": [[1]]}
+
+    def killed(obj, f, **kw):
+        f.write('{"rows": [[1], [')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report.json, "dump", killed)
+    try:
+        report.write_json({"rows": [[1], [2]]}, path)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the write was not interrupted")
+    assert json.loads(path.read_text()) == {"rows": [[1]]}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["r.json"]
+
+
+def test_a_partial_result_is_recorded_as_cut(tmp_path):
+    """write_partial marks a copy (partial: true, the note with N of M); `lctrain bench record` takes it and
+    the section's heading and note say the run was cut; a partial JSON without the note gets one; the final
+    write of the same result carries no mark."""
+    from lctrain.bench.report import PARTIAL_HEADING, publish, render, write_partial
+
+    path, md = tmp_path / "r.json", tmp_path / "B.md"
+    write_partial(RESULT, path, 2, 5)
+    result = json.loads(path.read_text())
+    assert result["partial"] is True and "partial" not in RESULT and result["rows"] == RESULT["rows"]
+    assert result["notes"] == ["a note", "partial: written after 2 of 5 cases; the run ended before the others "
+                                         "(a time limit or a kill)"]
+    assert cli_main(["bench", "record", str(path), "--md", str(md), "--note", "call 3"]) == 0
+    text = md.read_text()
+    assert "## Kernels: test (partial)" in text and "- note: partial: written after 2 of 5 cases" in text
+    assert "- note: call 3" in text and "| 32768 | gated_delta | 9.4189 |" in text
+    assert PARTIAL_HEADING in render(dict(RESULT, partial=True))
+    assert "partial" not in render(RESULT)
+    write_partial(RESULT, None, 1, 2)  # no --json: nothing written
+    publish(RESULT, str(path))
+    assert "partial" not in json.loads(path.read_text())
+
+
+def test_clock_time_limit_outside_torch_distributed():
+    """Clock: no limit never runs out; past the limit it is out of time and stays so; the note names the
+    cases not run."""
+    import time
+
+    from lctrain.bench.report import Clock
+
+    assert not Clock(None).out_of_time()
+    clock = Clock(0.05, "bench x")
+    assert not clock.out_of_time()
+    time.sleep(0.06)
+    assert clock.out_of_time() and clock.out_of_time()
+    assert clock.not_run_note([]) == []
+    assert clock.not_run_note(["T=64", "T=128"]) == ["--time-limit 0.05 s reached: not run: T=64, T=128"]

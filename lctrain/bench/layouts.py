@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 COLUMNS = ["layout", "processes", "tokens/s", "tokens/s per GPU", "peak MiB per GPU", "held MiB per GPU", "final loss",
@@ -105,22 +104,21 @@ def run(args) -> dict:
     kill keeps what it measured in a form `lctrain bench record` accepts."""
     import torch
 
+    from lctrain.bench.report import Clock, write_partial
+
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     base = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="lctrain_layouts_"))
-    rows, start = [], time.monotonic()
+    rows, clock = [], Clock(args.time_limit, "bench layouts")
     for layout in args.layouts:
-        if args.time_limit is not None and time.monotonic() - start > args.time_limit:
+        if clock.out_of_time():
             row = [layout] + [None] * (len(COLUMNS) - 2) + [f"not run (--time-limit {args.time_limit:g} s)"]
         else:
             row = run_layout(args.recipe, args.overrides, layout, args.steps, args.warmup, base)
         print(dict(zip(COLUMNS, row)), flush=True)
         rows.append(row)
-        if args.json and len(rows) < len(args.layouts):
-            partial = _result(args, rows, device, torch.__version__)
-            partial["partial"] = True
-            partial["notes"].append(f"partial: written after {len(rows)} of {len(args.layouts)} layouts; the run "
-                                    "ended before the others (a time limit or a kill)")
-            Path(args.json).write_text(json.dumps(partial, indent=1) + "\n")
+        if len(rows) < len(args.layouts):
+            write_partial(_result(args, rows, device, torch.__version__), args.json, len(rows), len(args.layouts),
+                          "layouts")
     return _result(args, rows, device, torch.__version__)
 
 
