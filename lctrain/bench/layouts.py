@@ -9,7 +9,9 @@ metrics.jsonl's ``peak_mib``) and the memory held between steps per GPU (``held_
 optimizer state, gradient buffers: what tensor parallelism and a sharded optimizer divide). A
 layout ``tp=1`` is the one-GPU run the others compare with: with it the notes give each layout's
 held memory as a fraction of it. A layout the trainer refuses (e.g. one not implemented) shows as a
-row with the refusal instead of figures, so the table still says what was asked.
+row with the refusal instead of figures, so the table still says what was asked. ``--json`` is rewritten
+after every layout (marked ``"partial": true`` until the run ends, so a run cut by a time limit or a kill
+keeps what it measured) and ``--time-limit S`` starts no new layout after S seconds (its row says not run).
 
 Example (the mesh target: 1.3B GDN-H1 at 64K on 2 GPUs):
     lctrain bench layouts recipes/<recipe>.yaml data.seq_len=65536 --steps 10 --json layouts.json --record
