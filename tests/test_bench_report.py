@@ -1,6 +1,8 @@
 """`lctrain bench record`: a benchmark's JSON result becomes a BENCHMARKS.md section, appended, never rewritten."""
 import json
 
+import pytest
+
 from lctrain.bench.report import append_to_benchmarks_md, render
 from lctrain.cli import main as cli_main
 
@@ -93,3 +95,135 @@ def test_bench_main_publishes_the_result_with_the_command_it_was_given(tmp_path,
     assert "| 16 | 1.5 |" in md.read_text()
     printed = capsys.readouterr().out
     assert "t - cpu {'torch': '2.x'}" in printed and "note: n" in printed and f"recorded in {md}" in printed
+
+
+def test_write_json_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    """write_json goes through a temporary file in the same folder and os.replace: a kill mid-write
+    (here json.dump raising after half the text) leaves the previous file as it was, and no stray file."""
+    from lctrain.bench import report
+
+    path = tmp_path / "sub" / "r.json"
+    report.write_json({"rows": [[1]]}, path)  # the folder is created
+    assert json.loads(path.read_text()) == {"rows": [[1]]}
+
+    def killed(obj, f, **kw):
+        f.write('{"rows": [[1], [')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report.json, "dump", killed)
+    try:
+        report.write_json({"rows": [[1], [2]]}, path)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the write was not interrupted")
+    assert json.loads(path.read_text()) == {"rows": [[1]]}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["r.json"]
+
+
+def test_a_partial_result_is_recorded_as_cut(tmp_path):
+    """write_partial marks a copy (partial: true, the note with N of M); `lctrain bench record` takes it and
+    the section's heading and note say the run was cut; a partial JSON without the note gets one; the final
+    write of the same result carries no mark."""
+    from lctrain.bench.report import PARTIAL_HEADING, publish, render, write_partial
+
+    path, md = tmp_path / "r.json", tmp_path / "B.md"
+    write_partial(RESULT, path, 2, 5)
+    result = json.loads(path.read_text())
+    assert result["partial"] is True and "partial" not in RESULT and result["rows"] == RESULT["rows"]
+    assert result["notes"] == ["a note", "partial: written after 2 of 5 cases; the run ended before the others "
+                                         "(a time limit or a kill)"]
+    assert cli_main(["bench", "record", str(path), "--md", str(md), "--note", "call 3"]) == 0
+    text = md.read_text()
+    assert "## Kernels: test (partial)" in text and "- note: partial: written after 2 of 5 cases" in text
+    assert "- note: call 3" in text and "| 32768 | gated_delta | 9.4189 |" in text
+    assert PARTIAL_HEADING in render(dict(RESULT, partial=True))
+    assert "partial" not in render(RESULT)
+    write_partial(RESULT, None, 1, 2)  # no --json: nothing written
+    publish(RESULT, str(path))
+    assert "partial" not in json.loads(path.read_text())
+
+
+def test_clock_time_limit_outside_torch_distributed():
+    """Clock: no limit never runs out; past the limit it is out of time and stays so; the note names the
+    cases not run."""
+    import time
+
+    from lctrain.bench.report import Clock
+
+    assert not Clock(None).out_of_time()
+    clock = Clock(0.05, "bench x")
+    assert not clock.out_of_time()
+    time.sleep(0.06)
+    assert clock.out_of_time() and clock.out_of_time()
+    assert clock.not_run_note([]) == []
+    assert clock.not_run_note(["T=64", "T=128"]) == ["--time-limit 0.05 s reached: not run: T=64, T=128"]
+
+
+# The single-process GPU benches (kernels, varlen, loglinear, deltaformer) need CUDA to time anything; their loop
+# (cases, partial JSON, --time-limit) runs here on CPU with CUDA faked: inputs made on the CPU and the timing
+# (_measure) replaced by a stand-in that returns figures, sleeps or is killed.
+SINGLE_PROCESS_BENCHES = {
+    "kernels": ["--T", "64", "128", "--H", "2", "--D", "8", "--methods", "delta", "gated_delta", "--no-fla",
+                "--no-sdpa"],
+    "varlen": ["--T", "64", "128", "--docs", "2", "--H", "2", "--D", "8", "--ops", "delta", "--paths", "one",
+               "packed"],
+    "loglinear": ["--T", "64", "128", "--H", "2", "--D", "8", "--methods", "ll_gdn", "gdn"],
+    "deltaformer": ["--T", "64", "128", "--H", "2", "--D", "8", "--methods", "ours", "sdpa"],
+}
+
+
+def _fake_gpu(monkeypatch, name, kill_at=None, sleep_s=0.0):
+    """The bench module `name` with CUDA faked; its n-th measurement raises KeyboardInterrupt (a kill) when
+    n == kill_at."""
+    import importlib
+    import time
+
+    import torch
+    module = importlib.import_module(f"lctrain.bench.{name}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    for fn in ("_make_inputs", "_inputs"):
+        if hasattr(module, fn):
+            orig = getattr(module, fn)
+            monkeypatch.setattr(module, fn, lambda *a, _orig=orig, **k: _orig(*a[:5], device="cpu"))
+    if hasattr(module, "_agreement"):
+        monkeypatch.setattr(module, "_agreement", lambda *a, **k: None)
+    calls = []
+
+    def measure(fwd, inputs, do, warmup, rep):
+        calls.append(1)
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt  # stands in for the device call's kill
+        time.sleep(sleep_s)
+        return 1.0 * len(calls), 2.0 * len(calls), 3.0
+    monkeypatch.setattr(module, "_measure", measure)
+    return module
+
+
+@pytest.mark.parametrize("name", list(SINGLE_PROCESS_BENCHES))
+def test_a_killed_bench_keeps_a_recordable_partial_json(name, tmp_path, monkeypatch):
+    """Killed during its third measurement of four (T=128's first), the bench leaves a JSON of the two
+    it measured (T=64), marked partial, that `lctrain bench record` takes."""
+    module = _fake_gpu(monkeypatch, name, kill_at=3)
+    out, md = tmp_path / "r.json", tmp_path / "B.md"
+    with pytest.raises(KeyboardInterrupt):
+        module.main([*SINGLE_PROCESS_BENCHES[name], "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["partial"] is True and result["device"] == "Fake GPU"
+    assert [r[0] for r in result["rows"]] == [64, 64]
+    assert any(n.startswith("partial: written after 2 of 4 measurements") for n in result["notes"])
+    assert cli_main(["bench", "record", str(out), "--md", str(md)]) == 0
+    assert "(partial)" in md.read_text() and "| 64 |" in md.read_text()
+
+
+@pytest.mark.parametrize("name", list(SINGLE_PROCESS_BENCHES))
+def test_bench_time_limit_stops_starting_cases(name, tmp_path, monkeypatch):
+    """--time-limit: the first measurement runs past the limit, the others are not started and are named in
+    the notes; the run ends normally and its JSON is final (not partial)."""
+    module = _fake_gpu(monkeypatch, name, sleep_s=0.6)
+    out = tmp_path / "r.json"
+    assert module.main([*SINGLE_PROCESS_BENCHES[name], "--time-limit", "0.5", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "partial" not in result and len(result["rows"]) == 1 and result["rows"][0][0] == 64
+    note = next(n for n in result["notes"] if n.startswith("--time-limit 0.5 s reached: not run: "))
+    assert note.endswith("T=128 (all)") and "T=64 " in note

@@ -48,6 +48,7 @@ def test_bench_train_length_search_on_cpu(tmp_path):
     assert bench_train.main([*TINY, "--lengths", "64", "32", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [r[1] for r in result["rows"]] == [32, 64] and result["longest_seq_len"] == 64
+    assert "partial" not in result
 
 
 def test_length_search_cut_short_leaves_a_recordable_partial_result(tmp_path, monkeypatch):
@@ -70,6 +71,19 @@ def test_length_search_cut_short_leaves_a_recordable_partial_result(tmp_path, mo
     assert result["partial"] and [r[1] for r in result["rows"]] == [32] and result["longest_seq_len"] == 32
     append_to_benchmarks_md(result, str(tmp_path / "B.md"))
     assert "Longest context of one training step" in (tmp_path / "B.md").read_text()
+
+
+def test_length_search_time_limit_starts_no_new_length(tmp_path, monkeypatch):
+    """--time-limit: the first length runs past the limit, the next is not started and is named in the notes
+    of the final (not partial) result."""
+    import time
+
+    monkeypatch.setattr(bench_train, "_host_pinned_gib", lambda device: time.sleep(0.6))
+    out = tmp_path / "len.json"
+    assert bench_train.main([*TINY, "--lengths", "32", "64", "--time-limit", "0.5", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r[1] for r in result["rows"]] == [32] and "partial" not in result
+    assert "--time-limit 0.5 s reached: not run: 64" in result["notes"]
 
 
 def test_bench_train_refuses_a_bad_length_before_work(capsys):
@@ -108,7 +122,7 @@ def test_activation_memory_parts_add_up(tmp_path):
 
 @pytest.mark.parametrize("flags", [["--lengths", "64", "--steps", "3"], ["--activation-memory", "--no-split"],
                                    ["--lengths", "64", "--profile"],
-                                   ["--lengths", "64", "--activation-memory"]])
+                                   ["--lengths", "64", "--activation-memory"], ["--time-limit", "60"]])
 def test_bench_train_refuses_options_its_mode_would_ignore(flags, capsys):
     with pytest.raises(SystemExit) as err:
         bench_train.main([*TINY, *flags])

@@ -690,7 +690,7 @@ def test_bench_cp_runs_on_cpu(tmp_path):
                "--record", str(md)])
     assert rc == 0
     result = json.loads(out.read_text())
-    assert result["columns"] == COLUMNS and len(result["rows"]) == 2
+    assert result["columns"] == COLUMNS and len(result["rows"]) == 2 and "partial" not in result  # the final write
     rows = [dict(zip(COLUMNS, r)) for r in result["rows"]]
     assert [row["transition"] for row in rows] == ["sequential", "sequential_all"]
     for row in rows:
@@ -749,10 +749,45 @@ def test_bench_cp_parts_runs_on_cpu(tmp_path):
                "--transition", "grouped:2", "grouped+grad:4", "--cfg", "--warmup", "0", "--iters", "1",
                "--json", str(out)])
     assert rc == 0
-    rows = [dict(zip(COLUMNS, r)) for r in json.loads(out.read_text())["rows"]]
+    result = json.loads(out.read_text())
+    assert "partial" not in result  # rewritten after every row, marked partial until the end
+    rows = [dict(zip(COLUMNS, r)) for r in result["rows"]]
     ways = {(r["layer"], r["pass"], r["way"]) for r in rows}
     for layer in ("gdn", "gla"):
         assert {(layer, "transition", "grouped:2"), (layer, "state grad", "grouped+grad:4"),
                 (layer, "op", "fwd+bwd"), (layer, "final state", "sequential")} <= ways
     assert all(r["ms"] > 0 for r in rows)
     assert all(r["rel diff"] <= 1e-5 for r in rows if r["rel diff"] is not None)
+
+
+def test_bench_cp_parts_cut_or_out_of_time_keeps_its_rows(tmp_path, monkeypatch):
+    """cp_parts killed during its third timing leaves the two rows it measured, marked partial (mid-case: 0 of
+    2 cases, plus 2 rows); with --time-limit it stops starting rows and its final JSON names what was not run."""
+    import json
+    import time
+
+    from lctrain.bench import cp_parts
+
+    calls = []
+
+    def timed(fn, warmup, iters, device, kill_at=None):
+        calls.append(1)
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt  # stands in for the device call's kill
+        time.sleep(0.3 if kill_at is None else 0)
+        return 1.0
+    argv = ["--layer", "gdn", "gla", "--T", "32", "--H", "2", "--D", "8", "--chunk-size", "8", "--dtype", "fp32",
+            "--transition", "grouped:2", "--cfg", "--warmup", "0", "--iters", "1"]
+    out = tmp_path / "cut.json"
+    monkeypatch.setattr(cp_parts, "_timed_ms", lambda *a: timed(*a, kill_at=3))
+    with pytest.raises(KeyboardInterrupt):
+        cp_parts.main([*argv, "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["partial"] and [r[2:4] for r in result["rows"]] == [["op", "fwd"], ["op", "fwd+bwd"]]
+    assert result["notes"][-1].startswith("partial: written after 0 of 2 cases (layer, T), plus 2 rows of the next;")
+    out = tmp_path / "limit.json"
+    monkeypatch.setattr(cp_parts, "_timed_ms", timed)
+    assert cp_parts.main([*argv, "--time-limit", "0.5", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "partial" not in result and {r[0] for r in result["rows"]} == {"gdn"} and len(result["rows"]) < 4
+    assert "--time-limit 0.5 s reached: not run: gla at T 32" in result["notes"]

@@ -84,18 +84,36 @@ def test_cp_equals_one_process(P):
             torch.testing.assert_close(g, g_ref[n], rtol=tol, atol=tol, msg=f"d{n}, case {i}")
 
 
-def test_bench_deltaformer_cp_runs_on_cpu(tmp_path):
-    """`lctrain bench deltaformer-cp --device cpu`: 2 gloo ranks, both schedules, the pipeline's
-    per-phase breakdown in the JSON."""
+def _bench_with_rank1_late(rank, world_size, argv):
+    """bench deltaformer-cp's worker where only rank 1's clock runs past --time-limit, from its fourth check
+    on (before the second T)."""
+    from lctrain.bench import deltaformer_cp, report
+    if rank == 1:
+        checks = []
+
+        def elapsed(self):
+            checks.append(1)
+            return 0.0 if len(checks) < 4 else 1e9
+        report.Clock.elapsed = elapsed
+    return deltaformer_cp._worker(deltaformer_cp._parse(argv), argv)
+
+
+def test_bench_deltaformer_cp_runs_on_cpu_and_stops_every_rank_at_the_same_case(tmp_path):
+    """`lctrain bench deltaformer-cp --device cpu` (its worker on 2 gloo ranks): both schedules, the pipeline's
+    per-phase breakdown in the JSON. --time-limit is agreed between ranks: rank 1 alone is past the limit after
+    the first T, yet rank 0 skips the second T too (a rank timing it alone would wait in its collectives until
+    the timeout); rank 0 writes the final JSON (not partial) naming what was not run."""
     import json
 
-    from lctrain.bench.deltaformer_cp import COLUMNS, main
+    from lctrain.bench.deltaformer_cp import COLUMNS
     out = tmp_path / "dcp.json"
-    rc = main(["--device", "cpu", "--nproc", "2", "--T", "32", "--H", "1", "--D", "8", "--chunk-size", "4",
-               "--piece-size", "8", "--warmup", "0", "--iters", "1", "--json", str(out)])
-    assert rc == 0
+    argv = ["--device", "cpu", "--T", "32", "64", "--H", "1", "--D", "8", "--chunk-size", "4", "--piece-size", "8",
+            "--warmup", "0", "--iters", "1", "--time-limit", "1000", "--json", str(out)]
+    assert run_world(_bench_with_rank1_late, 2, argv, init_process_group=False, timeout=180) == [0, 0]
     result = json.loads(out.read_text())
     rows = [dict(zip(COLUMNS, r)) for r in result["rows"]]
-    assert [r["schedule"] for r in rows] == ["pipeline", "gather"] and all(r["CP fwd+bwd ms"] > 0 for r in rows)
+    assert [(r["T total"], r["schedule"]) for r in rows] == [(32, "pipeline"), (32, "gather")]
+    assert all(r["CP fwd+bwd ms"] > 0 for r in rows)
     phases = result["raw"][0]["pipeline_phase_ms_per_rank"]
     assert len(phases["fwd: local chunk pass"]) == 2 and phases["fwd: wait for earlier u"][0] == 0.0
+    assert "partial" not in result and "--time-limit 1000 s reached: not run: T=64 (all)" in result["notes"]

@@ -60,3 +60,25 @@ def test_groups_split_by_dtype_and_variant_with_bf16_defaults_first():
     variants = [o[3] for o in order[:-1]]
     assert variants.index("unaligned") > max(i for i, v in enumerate(variants) if v == "default")
     assert groups[-1][0]["i"] == -1   # the log-linear cases last, as before
+
+
+def test_a_killed_grid_keeps_the_groups_it_finished(tmp_path, monkeypatch):
+    """The JSON is rewritten (atomically, marked partial) as each group finishes: a run killed during its second
+    group keeps the first group's cases with their verdicts."""
+    import json
+
+    calls = []
+
+    def run_group(group, log, timeout):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # stands in for the kill from outside
+        return {it["i"]: {"i": it["i"], "err": {"o": 1e-4}} for it in group}
+    monkeypatch.setattr(kernel_check, "run_group", run_group)
+    out = tmp_path / "kc.json"
+    with pytest.raises(KeyboardInterrupt):
+        kernel_check.main(["--json", str(out), "--jobs", "1", "--quick", "--kinds", "delta", "--dtypes", "float32"])
+    result = json.loads(out.read_text())
+    first = {(c["kind"], tuple(c["dims"]), c["dtype"], c["variant"]) for c in result["cases"]}
+    assert result["partial"] and len(first) == 1 and all(c["verdict"] == "ok" for c in result["cases"])
+    assert result["notes"][0].startswith("partial: written after 1 of ")

@@ -66,3 +66,31 @@ def test_accuracy_helpers_name_every_gradient_and_see_agreement(method):
     ours = _outputs_and_grads(method, x, None)
     assert len(ours) == len(ref) == len(_grad_names(method))
     assert max(_rel_diff(a, b) for a, b in zip(ours, ref)) < 1e-3
+
+
+def test_timing_json_is_kept_when_the_sweep_is_killed(tmp_path, monkeypatch):
+    """The timing process rewrites --json after every kernel (marked partial): killed during the second length,
+    the sweep keeps the first length's results and the part of the second it timed."""
+    import json
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+
+    def tune(methods, kernels, T, D, warmup, rep, log, skip, done, save):
+        save({"delta": {"dqk": {"default_ms": T / 1000}}})
+        if T == 2048:
+            raise KeyboardInterrupt  # stands in for the device call's kill
+        return {"delta": {"dqk": {"default_ms": T / 1000}}}
+    monkeypatch.setattr(tk, "tune", tune)
+    state, out = tmp_path / "state.json", tmp_path / "tune.json"
+    state.write_text(json.dumps({"skip": [], "results": {}}))
+    args = tk.argparse.Namespace(state=str(state), json=str(out), T=[1024, 2048], D=32, methods=["delta"],
+                                 kernels=["dqk"], warmup=0, rep=0)
+    with pytest.raises(KeyboardInterrupt):
+        tk._timing_child(args, log=lambda s: None)
+    result = json.loads(out.read_text())
+    assert result["partial"] and set(result["results"]) == {"1024", "2048"} and result["gpu"] == "Fake GPU"
+    assert result["notes"] == ["partial: written after 1 of 2 lengths, plus part of the next; the run ended before "
+                               "the others (a time limit or a kill)"]
+    assert set(json.loads(state.read_text())["results"]) == {"1024", "2048"}

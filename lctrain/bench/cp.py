@@ -27,7 +27,9 @@ times fla-core's own CP (``fla.ops.cp``) side by side (benchmark-only dependency
 itself); its first calls autotune for minutes, so it is off by default and best run in its own invocation.
 
 Each row is printed when measured, progress lines go to stderr, ``--json`` is rewritten after every
-row and ``--time-limit S`` starts no new case after S seconds: a run cut short leaves what it measured.
+row (marked ``"partial": true`` until the run ends; rank 0 writes) and ``--time-limit S`` starts no new
+case after S seconds (every rank stops at the same case; the notes name what was not run): a run cut short
+leaves what it measured, which ``lctrain bench record`` takes (lctrain.bench.report).
 
 Run on N GPUs: ``lctrain bench cp --nproc 2`` (launches torchrun itself; or run it under torchrun).
 ``--device cpu`` runs the same code on gloo at tiny sizes so that it is exercised without GPUs.
@@ -496,38 +498,16 @@ def _fla_times(layer, args, x, device, group, notes) -> dict:
     return res
 
 
-class _Clock:
-    """Elapsed time of the run, agreed between ranks (the largest), for progress lines on rank 0's
-    stderr and for --time-limit: every rank stops at the same case, so collectives stay matched."""
-
-    def __init__(self, limit_s, rank, group, device):
-        self.t0, self.limit, self.rank, self.group, self.device = time.perf_counter(), limit_s, rank, group, device
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def progress(self, what: str) -> None:
-        if self.rank == 0:
-            print(f"[bench cp {self.elapsed():7.1f} s] {what}", file=sys.stderr, flush=True)
-
-    def out_of_time(self) -> bool:
-        if self.limit is None:
-            return False
-        import torch
-        import torch.distributed as dist
-        t = torch.tensor([self.elapsed()], dtype=torch.float64,
-                         device=self.device if dist.get_backend(self.group) == "nccl" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return t.item() > self.limit
-
-
 class _Results:
     """The rows measured so far (rank 0): each is printed when measured and the JSON (--json) is
-    rewritten after every row, so a run cut short still leaves what it measured."""
+    rewritten after every row, marked partial (lctrain.bench.report.write_partial), so a run cut short
+    still leaves what it measured."""
 
     def __init__(self, args, argv, P, device, notes, rank):
         self.args, self.argv, self.P, self.device, self.notes, self.rank = args, argv, P, device, notes, rank
         self.rows, self.raw, self.fla_version = [], [], None
+        # the cases (layer, T, transition) asked for: one row each when all goes well
+        self.total = len(args.T) * sum(len(args.transition) if layer in LINEAR else 1 for layer in args.layer)
 
     def add(self, res: dict) -> None:
         T, P = res["T_per_rank"], self.P
@@ -556,8 +536,8 @@ class _Results:
               + (f", CP / 1-dev at {P}*T {res['cp_over_whole']:.3f}" if res["cp_over_whole"] else "")
               + (f", CP peak / 1-dev at {P}*T {res['cp_peak_over_whole']:.3f}" if res["cp_peak_over_whole"] else ""),
               flush=True)
-        if self.args.json:
-            _write_json(self.result(), self.args.json)
+        from lctrain.bench.report import write_partial
+        write_partial(self.result(), self.args.json, len(self.rows), self.total)
 
     def result(self) -> dict:
         import torch
@@ -570,15 +550,6 @@ class _Results:
             {"torch": torch.__version__, "triton": _version("triton"), "fla-core": self.fla_version},
             list(dict.fromkeys(self.notes)), COLUMNS, self.rows, self.raw,
             date=_dt.datetime.now().isoformat(timespec="seconds"))
-
-
-def _write_json(result: dict, path: str) -> None:
-    """Replace ``path`` in one step (a reader, or a kill mid-write, never sees half a file)."""
-    import json
-    tmp = f"{path}.part"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _worker(args, argv) -> int:
@@ -599,7 +570,8 @@ def _worker(args, argv) -> int:
              "transition runs them on each rank (rank 0 the A-free pass, the last rank no forward pass, rank 0 no "
              "state-gradient pass, middle ranks (A, B) and G; sequential_all: every pass on every rank), alone, the "
              "slowest rank's time"]
-    clock = _Clock(args.time_limit, rank, group, device)
+    from lctrain.bench.report import Clock
+    clock = Clock(args.time_limit, "bench cp", rank=rank, group=group, device=device)
     results = _Results(args, argv, P, device, notes, rank)
     cases = [(layer, T) for layer in args.layer for T in args.T]
     try:

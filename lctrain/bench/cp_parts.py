@@ -21,8 +21,9 @@ GPU, so that the fastest can be picked per sequence length:
 
 Every row also gives its largest difference from the sequential pass's result, relative to the
 largest entry of that result (the ways differ only by float rounding). Rows are printed as they are
-measured, the JSON (``--json``) is rewritten after every row, and ``--time-limit`` stops starting new
-rows, so a run cut short still leaves data. ``--record`` appends the result to BENCHMARKS.md.
+measured, the JSON (``--json``) is rewritten after every row (marked ``"partial": true`` until the run
+ends) and ``--time-limit S`` starts no new row after S seconds (the notes name the cases not run), so a
+run cut short still leaves data. ``--record`` appends the result to BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -124,12 +125,14 @@ def _rel(got, want) -> float:
 def run(args):
     import torch
 
-    from lctrain.bench.cp import _version, _write_json
-    from lctrain.bench.report import result_dict, utc_date
+    from lctrain.bench.cp import _version
+    from lctrain.bench.report import Clock, result_dict, utc_date, write_partial
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     kw = dict(backend=args.backend, chunk_size=args.chunk_size)
-    t0 = time.perf_counter()
+    clock = Clock(args.time_limit, "cp_parts")
+    cases = [(layer, T) for layer in args.layer for T in args.T]
+    done = [0, 0]  # cases (layer, T) finished, rows of the case in progress
     rows, notes = [], [f"B={args.B}, H={args.H}, head dim {args.D}, {args.dtype}, backend {args.backend}, chunk "
                            f"{args.chunk_size}, {args.warmup} warm-up + {args.iters} timed iterations, one device; "
                            "'x sequential': time / the sequential pass's; 'rel diff': max |difference| from the "
@@ -139,29 +142,27 @@ def run(args):
                          {"torch": torch.__version__, "triton": _version("triton")}, notes, COLUMNS, rows,
                          date=utc_date())
 
-    def out_of_time():
-        return args.time_limit is not None and time.perf_counter() - t0 > args.time_limit
+    out_of_time = clock.out_of_time
 
     def add(layer, T, what, way, ms, base, diff):
         rows.append([layer, T, what, way, round(ms, 4), None if base is None else round(ms / base, 3),
                      None if diff is None else float(f"{diff:.2e}")])
         print(f"{layer} T {T} {what} [{way}]: {ms:.3f} ms" + ("" if base is None else f", x{ms / base:.3f}")
               + ("" if diff is None else f", rel diff {diff:.1e}"), flush=True)
-        if args.json:
-            _write_json(result, args.json)
+        done[1] += 1
+        write_partial(result, args.json, done[0], len(cases),
+                      "cases (layer, T)" + (f", plus {done[1]} rows of the next" if done[1] else ""))
 
-    def progress(what):
-        print(f"[cp_parts {time.perf_counter() - t0:7.1f} s] {what}", file=sys.stderr, flush=True)
-
-    for layer in args.layer:
-        for T in args.T:
-            if out_of_time():
-                notes.append(f"--time-limit {args.time_limit:g} s: {layer} at T {T} and later not measured")
-                break
-            progress(f"{layer} at T {T}")
-            _case(layer, T, args, kw, device, dtype, add, notes, out_of_time)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    for i, (layer, T) in enumerate(cases):
+        if out_of_time():
+            notes.extend(clock.not_run_note([f"{la} at T {t}" for la, t in cases[i:]]))
+            break
+        clock.progress(f"{layer} at T {T}")
+        _case(layer, T, args, kw, device, dtype, add, notes, out_of_time)
+        done[:] = [done[0] + 1, 0]
+        write_partial(result, args.json, done[0], len(cases), "cases (layer, T)")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return result
 
 
@@ -191,6 +192,8 @@ def _case(layer, T, args, kw, device, dtype, add, notes, out_of_time):
     if "overlap" in args.transition:
         for cfg in [{}] + [c for c in args.cfg if _cfg_touches(c, "overlap")]:
             if out_of_time():
+                notes.append(f"--time-limit {args.time_limit:g} s reached: {layer} at T {T}: overlap "
+                             f"{','.join(f'{k}={v}' for k, v in cfg.items()) or '(defaults)'} and later rows not run")
                 break
             previous = triton_ops.set_config(**cfg)
             try:
@@ -201,9 +204,11 @@ def _case(layer, T, args, kw, device, dtype, add, notes, out_of_time):
             + [("sequential", c) for c in args.cfg])
     base = {}
     for transition, cfg in ways:
-        if out_of_time():
-            break
         label = transition + ("" if not cfg else " " + ",".join(f"{k}={v}" for k, v in cfg.items()))
+        if out_of_time():
+            notes.append(f"--time-limit {args.time_limit:g} s reached: {layer} at T {T}: {label} and later rows "
+                         "not run")
+            break
         try:
             cp_op = context_parallel(op, None, transition=transition)
         except ContextParallelError as err:  # "direct" for a delta rule

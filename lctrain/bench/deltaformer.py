@@ -17,7 +17,9 @@ columns divide by ``fla`` when it ran, else by ``fla_u_sdpa`` (the notes say whi
 the outputs and input gradients of ours and of each fla method are compared with the float32 torch
 backend at the first length. Times: ``triton.testing.do_bench`` medians; peak: the extra GPU memory
 of one fwd+bwd.
-``--json PATH`` writes the result, ``--record`` appends it to BENCHMARKS.md.
+``--json PATH`` writes the result, rewritten after every measurement (marked ``"partial": true`` until the
+run ends, so a run cut by a time limit or a kill keeps what it measured); ``--time-limit S`` starts no new
+measurement after S seconds (the notes name those not run); ``--record`` appends the result to BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import argparse
 import sys
 
 from lctrain.bench.kernels import _measure, _rel_diff
-from lctrain.bench.report import bench_main, result_dict
+from lctrain.bench.report import Clock, bench_main, result_dict, write_partial
 
 METHODS = ("ours", "ours_tf32", "ours_half", "ours_torch", "fla", "fla_u_sdpa", "sdpa")
 OURS = ("ours", "ours_tf32", "ours_half")                   # the Triton backend, by kernel_dots
@@ -50,10 +52,15 @@ def _parse(argv):
     p.add_argument("--profile", metavar="PATH",
                    help="after the timing, profile one fwd+bwd of each method at the first --T (torch.profiler) "
                         "and write its kernel table and wall vs summed kernel time to PATH")
-    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="start no new measurement (T, method) after S seconds; the notes name those not run")
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON here (rewritten after every "
+                   "measurement, marked partial until the run ends)")
     p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD",
                    help="append the result to BENCHMARKS.md (or MD)")
     args = p.parse_args(argv)
+    if args.time_limit is not None and args.time_limit <= 0:
+        p.error("--time-limit must be > 0 seconds")
     if any(c < 1 for c in args.chunk_size):
         p.error(f"--chunk-size must be positive, got {args.chunk_size}")
     if args.methods is None:
@@ -241,16 +248,36 @@ def run(args) -> dict:
     fla = _load_fla(notes, [m for m in methods if m in FLA_METHODS], D=args.D)
     methods = _expand([m for m in methods if m not in FLA_METHODS or fla[m] is not None], args.chunk_size)
     chunk = args.chunk_size[0]
-    rows, raw = [], []
+    measured: list[tuple[int, dict]] = []  # (T, {method: (fwd ms, fwd+bwd ms, peak MiB) or None}) in --T order
+    clock, skipped = Clock(args.time_limit, "bench deltaformer"), []
+
+    def result(final_notes=()):
+        return result_dict(
+            f"Deltaformer: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}, chunk "
+            + "/".join(map(str, args.chunk_size)),
+            "lctrain bench deltaformer " + " ".join(args.argv),
+            torch.cuda.get_device_name(), {"torch": torch.__version__, "triton": triton.__version__},
+            notes + list(final_notes) + [
+                "sdpa = plain causal attention on q, k, v (the read-out alone); fla_u_sdpa = fla's u-pass "
+                "(u kept in the input dtype between chunks, chunk 512) + our SDPA read-out"],
+            COLUMNS, *_table(measured))
+
     for i, T in enumerate(args.T):
+        if clock.out_of_time():
+            skipped.append(f"T={T} (all)")
+            continue
         x = _inputs(args.B, T, args.H, args.D, dtype)
         if i == 0:
             try:
                 _agreement(x, chunk, fla, notes, args.methods)
             except torch.cuda.OutOfMemoryError:
                 notes.append(f"agreement check at T={T}: out of memory")
-        res = {}
+        res: dict = {}
+        measured.append((T, res))
         for m in methods:
+            if clock.out_of_time():
+                skipped.append(f"T={T} {m}")
+                continue
             fwd, leaves = _fn(m, x, chunk, fla)
             try:
                 res[m] = _measure(fwd, leaves, x["do"], args.warmup, args.rep)
@@ -261,32 +288,37 @@ def run(args) -> dict:
             r = res[m]
             print(f"T={T} {m}: " + ("OOM" if r is None else f"fwd {r[0]:.2f} ms, fwd+bwd {r[1]:.2f} ms, "
                                                            f"peak {r[2]:.0f} MiB"), flush=True)
-        if i == 0 and args.profile:
+            write_partial(result(), args.json, sum(len(r) for _, r in measured), len(args.T) * len(methods),
+                          "measurements (T, method)")
+        if i == 0 and args.profile and not clock.out_of_time():
             try:
-                _profile([m for m in methods if res[m] is not None], x, chunk, fla, args.profile)
+                _profile([m for m in methods if res.get(m) is not None], x, chunk, fla, args.profile)
                 notes.append(f"profile of one fwd+bwd per method at T={T}: {args.profile}")
             except torch.cuda.OutOfMemoryError:
                 notes.append(f"profile at T={T}: out of memory")
+        elif i == 0 and args.profile:
+            skipped.append(f"--profile at T={T}")
         del x
         torch.cuda.empty_cache()
         ref_name = next((m for m in FLA_METHODS if res.get(m) is not None), None)
         if i == 0 and ref_name is not None:
             notes.append(f"ratio columns: method / {ref_name}")
-        ref = res.get(ref_name)
+    return result(clock.not_run_note(skipped))
+
+
+def _table(measured: list) -> tuple[list, list]:
+    """(rows, raw) of the measurements so far; the ratio columns divide by fla at the same T when it ran,
+    else by fla_u_sdpa (None until one of them is there)."""
+    rows, raw = [], []
+    for T, res in measured:
+        ref = res.get(next((m for m in FLA_METHODS if res.get(m) is not None), ""))
         for m, r in res.items():
             ratio = lambda j, r=r, ref=ref: round(r[j] / ref[j], 3) if (r is not None and ref is not None) else None  # noqa: E731
             rows.append([T, m] + ([None] * 3 if r is None else [round(r[0], 3), round(r[1], 3), round(r[2], 1)])
                         + [ratio(0), ratio(1), ratio(2)])
             raw.append({"T": T, "method": m, "fwd_ms": None if r is None else r[0],
                         "fwd_bwd_ms": None if r is None else r[1], "peak_mib": None if r is None else r[2]})
-    return result_dict(
-        f"Deltaformer: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}, chunk "
-        + "/".join(map(str, args.chunk_size)),
-        "lctrain bench deltaformer " + " ".join(args.argv),
-        torch.cuda.get_device_name(), {"torch": torch.__version__, "triton": triton.__version__},
-        notes + ["sdpa = plain causal attention on q, k, v (the read-out alone); fla_u_sdpa = fla's u-pass "
-                 "(u kept in the input dtype between chunks, chunk 512) + our SDPA read-out"],
-        COLUMNS, rows, raw)
+    return rows, raw
 
 
 def main(argv: list[str] | None = None) -> int:

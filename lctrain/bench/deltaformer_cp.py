@@ -13,7 +13,11 @@ After the timing, one more fwd+bwd of the pipeline runs with a device synchronis
 phase edge and prints each rank's wall time per phase (waiting for earlier u / later rows, folding
 them in, the local chunk passes, the read-out): where the pipeline's time goes.
 ``--device cpu`` runs the same code on gloo at tiny sizes.
-``--json PATH`` writes the result, ``--record`` appends it to BENCHMARKS.md.
+Each row is printed when measured; ``--json PATH`` writes the result (rank 0), rewritten after every row
+(marked ``"partial": true`` until the run ends, so a run cut by a time limit or a kill keeps what it
+measured); ``--time-limit S`` starts no new case (T, schedule) after S seconds, agreed between the ranks so
+that all stop at the same case (the notes name those not run); ``--record`` appends the result to
+BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -43,9 +47,15 @@ def _parse(argv):
                    help="pipeline: tokens per streamed piece (default 4 chunks)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="start no new case (T, schedule) after S seconds; every rank stops at the same one and the "
+                        "notes name those not run")
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON here (rank 0; rewritten after every "
+                   "row, marked partial until the run ends)")
     p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD")
     args = p.parse_args(argv)
+    if args.time_limit is not None and args.time_limit <= 0:
+        p.error("--time-limit must be > 0 seconds")
     if args.device == "auto":
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,6 +95,7 @@ def _worker(args, argv) -> int:
     import torch
     import torch.distributed as dist
 
+    from lctrain.bench.report import Clock, publish, result_dict, write_partial
     from lctrain.kernels import deltaformer
     from lctrain.kernels.deltaformer.api import resolve
     from lctrain.parallel.deltaformer_cp import deltaformer_cp
@@ -100,10 +111,27 @@ def _worker(args, argv) -> int:
         single_dots = {"kernel_dots": "tf32"}
         notes.append("1 device: kernel_dots='tf32', the dots of the CP pipeline (its default for half inputs, "
                      "half-precision dots, is faster)")
+    clock, skipped = Clock(args.time_limit, "bench deltaformer-cp", rank=rank, group=group, device=device), []
+
+    def result(final_notes=()):
+        return result_dict(
+            f"Context-parallel Deltaformer, strong scaling, CP={P}",
+            "lctrain bench deltaformer-cp " + " ".join(argv), _cp_device(P, device),
+            {"torch": torch.__version__, "triton": _version("triton")},
+            [f"H={args.H}, head dim {args.D}, {args.dtype}, backend {args.backend}, chunk {args.chunk_size}, "
+             f"piece {args.piece_size or 4 * args.chunk_size}, {args.warmup} warm-up + {args.iters} timed "
+             "iterations; pipeline = u streamed piece by piece to later ranks; gather = all-gather of k, v, beta "
+             "and the u-pass of each rank's whole prefix (the last rank repeats the full u-pass); per-phase "
+             "pipeline times in raw"] + notes + list(final_notes), COLUMNS, rows, raw)
+
     try:
         for T in args.T:
             if T % P:
                 raise SystemExit(f"--T {T} does not split over {P} ranks")
+            if clock.out_of_time():  # the same answer on every rank: they all stop here
+                skipped.append(f"T={T} (all)")
+                continue
+            clock.progress(f"T {T} (T/rank {T // P})")
             gen = torch.Generator(device=device).manual_seed(T)
             full = {n: torch.randn(1, T, args.H, args.D, generator=gen, device=device).to(dtype)
                     for n in ("q", "k", "v", "do")}
@@ -118,6 +146,9 @@ def _worker(args, argv) -> int:
                     x["q"], x["k"], x["v"], x["beta"], group, schedule=sched, piece_size=piece, **kw), True))
             res = {}
             for name, x, op, slowest in runs:
+                if name != "single" and clock.out_of_time():
+                    skipped.append(f"T={T} {name}")
+                    continue
                 leaves = {n: x[n].detach().requires_grad_(True) for n in ("q", "k", "v", "beta")}
 
                 def f_only(leaves=leaves, op=op):
@@ -144,37 +175,34 @@ def _worker(args, argv) -> int:
                             print(f"  {ph:34s} " + " ".join(f"{m:9.1f}" for m in ms), flush=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            single = res["single"]
-            for sched in args.schedule:
-                r = res[sched]
-                speed = None if (r is None or single is None) else single[1] / r[1]
-                raw.append({"T_total": T, "T_per_rank": Tl, "schedule": sched,
-                            **{f"single_{k}": None if single is None else v
-                               for k, v in zip(("fwd_ms", "fwd_bwd_ms", "peak_mib"), single or (None,) * 3)},
-                            **{f"cp_{k}": None if r is None else v
-                               for k, v in zip(("fwd_ms", "fwd_bwd_ms", "peak_mib"), r or (None,) * 3)},
-                            "speed_up": speed})
-                rows.append([T, Tl, sched] + [None if v is None else round(float(v), 3) for v in (
-                    *(single or (None,) * 3)[:2], *(r or (None,) * 3)[:2], speed, (single or (None,) * 3)[2],
-                    (r or (None,) * 3)[2])])
-                if rank == 0:
-                    print(f"T {T}: 1-dev fwd+bwd {_ms(single, 1)}, CP={P} {sched} {_ms(r, 1)}", flush=True)
+                if name != "single":
+                    _add_row(rows, raw, T, Tl, name, res["single"], res[name])
+                    if rank == 0:
+                        print(f"T {T}: 1-dev fwd+bwd {_ms(res['single'], 1)}, CP={P} {name} {_ms(res[name], 1)}",
+                              flush=True)
+                        write_partial(result(), args.json, len(rows), len(args.T) * len(args.schedule),
+                                      "cases (T, schedule)")
+        clock.progress("done")
     finally:
         dist.destroy_process_group()
     if rank != 0:
         return 0
-    from lctrain.bench.report import publish, result_dict
-    result = result_dict(
-        f"Context-parallel Deltaformer, strong scaling, CP={P}",
-        "lctrain bench deltaformer-cp " + " ".join(argv), _cp_device(P, device),
-        {"torch": torch.__version__, "triton": _version("triton")},
-        [f"H={args.H}, head dim {args.D}, {args.dtype}, backend {args.backend}, chunk {args.chunk_size}, "
-         f"piece {args.piece_size or 4 * args.chunk_size}, {args.warmup} warm-up + {args.iters} timed iterations; "
-         "pipeline = u streamed piece by piece to later ranks; gather = all-gather of k, v, beta and the u-pass "
-         "of each rank's whole prefix (the last rank repeats the full u-pass); per-phase pipeline times in raw"]
-        + notes, COLUMNS, rows, raw)
-    publish(result, args.json, args.record)
+    publish(result(clock.not_run_note(skipped)), args.json, args.record)
     return 0
+
+
+def _add_row(rows, raw, T, Tl, sched, single, r) -> None:
+    """The row (and raw entry) of one schedule at T: its times against the one-device run's."""
+    speed = None if (r is None or single is None) else single[1] / r[1]
+    raw.append({"T_total": T, "T_per_rank": Tl, "schedule": sched,
+                **{f"single_{k}": None if single is None else v
+                   for k, v in zip(("fwd_ms", "fwd_bwd_ms", "peak_mib"), single or (None,) * 3)},
+                **{f"cp_{k}": None if r is None else v
+                   for k, v in zip(("fwd_ms", "fwd_bwd_ms", "peak_mib"), r or (None,) * 3)},
+                "speed_up": speed})
+    rows.append([T, Tl, sched] + [None if v is None else round(float(v), 3) for v in (
+        *(single or (None,) * 3)[:2], *(r or (None,) * 3)[:2], speed, (single or (None,) * 3)[2],
+        (r or (None,) * 3)[2])])
 
 
 def _ms(r, i):

@@ -12,7 +12,9 @@ Every group of cases (one mixer and head-dim shape) runs in its own subprocess w
 so a fault is pinned on the case (and the launch, in its log) that caused it and does not poison the other
 groups; after a fault the group's remaining cases run in a fresh process. Used for the GPU failures of
 2026-11-30 (docs/kernels-notes.md): packed documents at head dims 16/20 with wrong dq/dk, an illegal access in
-the forward state pass at head dim 64 and T=20000, a float32 fault at head dim 128.
+the forward state pass at head dim 64 and T=20000, a float32 fault at head dim 128. ``--time-limit`` (default
+240 s) bounds the whole grid; the JSON is rewritten as groups finish (marked ``"partial": true`` until the end,
+lctrain.bench.report.write_partial), so a run killed from outside keeps the groups it finished.
 """
 from __future__ import annotations
 
@@ -309,7 +311,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.worker:
         return worker()
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     cases = [] if a.loglinear_only else [c for c in grid(a.quick) if c["kind"] in a.kinds
                                          and (a.layouts is None or c["layout"] in a.layouts)
@@ -319,28 +321,41 @@ def main(argv=None) -> None:
         cases += loglinear_grid()
     items = [{"i": i, "case": c} for i, c in enumerate(cases)]
     log_path = a.log or os.path.splitext(a.json)[0] + ".log"
+    from lctrain.bench.report import write_json, write_partial
+
     t0 = time.time()
     with open(log_path, "w") as log, ThreadPoolExecutor(a.jobs) as pool:
-        futures = [pool.submit(run_group, g, log, a.time_limit) for g in case_groups(items)]
+        groups = case_groups(items)
+        futures = [pool.submit(run_group, g, log, a.time_limit) for g in groups]
         results = {}
-        for f in futures:
+        for n, f in enumerate(as_completed(futures), 1):  # the groups so far, in case of a kill from outside
             results.update(f.result())
+            if n < len(futures):
+                write_partial({"cases": _rows(items, results, a.tol)}, a.json, n, len(futures), "case groups")
+    rows = _rows(items, results, a.tol)
+    for r in rows:
+        print(f"{r['kind']:12s} H,K,V={tuple(r['dims'])!s:14s} {r['layout']:11s} {r['dtype']:9s} {r['variant']:15s} "
+              f"{r['verdict']}")
+    bad = [r for r in rows if r["verdict"] != "ok"]
+    print(f"kernel_check: {len(rows) - len(bad)} of {len(rows)} cases ok, {len(bad)} not, in {time.time() - t0:.0f} s")
+    write_json({"cases": rows}, a.json)
+
+
+def _rows(items: list[dict], results: dict, tol_bf16: float) -> list[dict]:
+    """The JSON's rows of the cases with a result (each with its verdict), in grid order."""
     rows = []
     for it in items:
+        if it["i"] not in results:
+            continue
         res, c = results[it["i"]], it["case"]
-        tol = {"bfloat16": a.tol, "float16": a.tol / 2}.get(c["dtype"], 5e-3)
+        tol = {"bfloat16": tol_bf16, "float16": tol_bf16 / 2}.get(c["dtype"], 5e-3)
         if "err" in res:
             worst = max(res["err"], key=res["err"].get)
             verdict = "ok" if res["err"][worst] <= tol else f"WRONG {worst} {res['err'][worst]:.3g}"
         else:
             verdict = "FAULT" if "fault" in res else "ERROR " + res.get("error", "")[:120]
         rows.append({**c, **res, "verdict": verdict})
-        print(f"{c['kind']:12s} H,K,V={tuple(c['dims'])!s:14s} {c['layout']:11s} {c['dtype']:9s} {c['variant']:15s} "
-              f"{verdict}")
-    bad = [r for r in rows if r["verdict"] != "ok"]
-    print(f"kernel_check: {len(rows) - len(bad)} of {len(rows)} cases ok, {len(bad)} not, in {time.time() - t0:.0f} s")
-    with open(a.json, "w") as f:
-        json.dump({"cases": rows}, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ and the peak extra GPU memory of one forward+backward, for
 Ratios are ours / fla for the same recurrence, measured in the same process on the same GPU.
 fla refuses its gated backward on Triton 3.4 - 3.7.0 on Hopper (its issue #640); when that guard
 applies it is lifted for the benchmark and the output says so (our own gradients are checked by
-``pytest -m gpu``). Writes the result as JSON with ``--json PATH``; ``lctrain bench record PATH``
-appends it to BENCHMARKS.md.
+``pytest -m gpu``). Writes the result as JSON with ``--json PATH``, rewritten after every measurement
+(marked ``"partial": true`` until the run ends, so a run cut by a time limit or a kill keeps what it
+measured); ``--time-limit S`` starts no new measurement after S seconds (the notes name those not run);
+``lctrain bench record PATH`` appends it to BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import argparse
 import sys
 from typing import Callable
 
-from lctrain.bench.report import bench_main, result_dict
+from lctrain.bench.report import Clock, bench_main, result_dict, write_partial
 
 OURS = ("delta", "gated_delta", "gla")
 FLA_OF = {"delta": "fla_delta", "gated_delta": "fla_gated_delta"}
@@ -44,8 +46,14 @@ def _parse(argv):
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=INT[,KEY=INT]",
                    help="also time our kernels with these launch settings (see "
                         "lctrain.kernels.triton.ops.set_config), rows named METHOD@NAME; repeatable")
-    p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
-    return p.parse_args(argv)
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="start no new measurement (T, method) after S seconds; the notes name those not run")
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON here (rewritten after every "
+                   "measurement, marked partial until the run ends)")
+    args = p.parse_args(argv)
+    if args.time_limit is not None and args.time_limit <= 0:
+        p.error("--time-limit must be > 0 seconds")
+    return args
 
 
 def kernel_versions(fla_version: str | None) -> dict:
@@ -235,15 +243,36 @@ def run(args) -> dict:
         triton_ops.set_config(**triton_ops.set_config(**kv))
     runs = [(m, "", {}) for m in methods]
     runs += [(m, name, kv) for name, kv in variants[1:] for m in methods if m in OURS]
-    rows = []
-    raw = []
+    labels = [f"{m}@{vname}" if vname else m for m, vname, _ in runs]
+    if len(variants) > 1:
+        notes.append("variants (METHOD@NAME rows): " + "; ".join(f"{name} = {kv}" for name, kv in variants[1:]))
+    measured: list[tuple[int, dict]] = []  # (T, {label: (fwd ms, fwd+bwd ms, peak MiB) or None}) in --T order
+    clock, skipped = Clock(args.time_limit, "bench kernels"), []
+    dev = torch.cuda.get_device_name()
+
+    def result(final_notes=()):
+        return result_dict(
+            f"Kernels: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}",
+            "lctrain bench kernels " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+            dev, kernel_versions(fla_version),
+            notes + list(final_notes) + ["times: triton.testing.do_bench median; peak MiB: max extra GPU memory "
+                                         "allocated during one fwd+bwd beyond the inputs; ratios: ours / fla "
+                                         "(fla_delta for delta, fla_gated_delta for gated_delta)"],
+            COLUMNS, *_table(measured))
+
     for i, T in enumerate(args.T):
+        if clock.out_of_time():
+            skipped += [f"T={T} (all)"]
+            continue
         x = _make_inputs(args.B, T, args.H, args.D, dtype, "cuda")
         if i == 0 and fla is not None:
             _agreement(x, fla, notes)
-        res = {}
-        for m, vname, kv in runs:
-            label = f"{m}@{vname}" if vname else m
+        res: dict = {}
+        measured.append((T, res))
+        for (m, vname, kv), label in zip(runs, labels):
+            if clock.out_of_time():
+                skipped.append(f"T={T} {label}")
+                continue
             fwd, inputs = _method_fns(m, x, fla)
             previous = triton_ops.set_config(**kv) if vname else None
             try:
@@ -260,10 +289,19 @@ def run(args) -> dict:
             print(f"T={T} {label}: " + ("OOM" if r is None else
                                         f"fwd {r[0]:.3f} ms, fwd+bwd {r[1]:.3f} ms, peak {r[2]:.0f} MiB"),
                   flush=True)
+            write_partial(result(), args.json, sum(len(r) for _, r in measured), len(args.T) * len(runs),
+                          "measurements (T, method)")
         del x
         torch.cuda.empty_cache()
-        for m in res:
-            r = res[m]
+    return result(clock.not_run_note(skipped))
+
+
+def _table(measured: list) -> tuple[list, list]:
+    """(rows, raw) of the measurements so far, by T then in the order measured; a ratio needs fla's
+    measurement at the same T (None until it is there)."""
+    rows, raw = [], []
+    for T, res in measured:
+        for m, r in res.items():
             ref = res.get(FLA_OF.get(m.split("@")[0], ""))
             ratio = lambda j, r=r, ref=ref: (round(r[j] / ref[j], 3) if (r is not None and ref is not None) else None)
             rows.append([T, m,
@@ -274,18 +312,7 @@ def run(args) -> dict:
             raw.append({"T": T, "method": m, "fwd_ms": None if r is None else r[0],
                         "fwd_bwd_ms": None if r is None else r[1],
                         "peak_mib": None if r is None else r[2]})
-    dev = torch.cuda.get_device_name()
-    if len(variants) > 1:
-        notes.append("variants (METHOD@NAME rows): " + "; ".join(
-            f"{name} = {kv}" for name, kv in variants[1:]))
-    return result_dict(
-        f"Kernels: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}",
-        "lctrain bench kernels " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
-        dev, kernel_versions(fla_version),
-        notes + ["times: triton.testing.do_bench median; peak MiB: max extra GPU memory "
-                 "allocated during one fwd+bwd beyond the inputs; ratios: ours / fla "
-                 "(fla_delta for delta, fla_gated_delta for gated_delta)"],
-        COLUMNS, rows, raw)
+    return rows, raw
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,9 @@ metrics.jsonl's ``peak_mib``) and the memory held between steps per GPU (``held_
 optimizer state, gradient buffers: what tensor parallelism and a sharded optimizer divide). A
 layout ``tp=1`` is the one-GPU run the others compare with: with it the notes give each layout's
 held memory as a fraction of it. A layout the trainer refuses (e.g. one not implemented) shows as a
-row with the refusal instead of figures, so the table still says what was asked.
+row with the refusal instead of figures, so the table still says what was asked. ``--json`` is rewritten
+after every layout (marked ``"partial": true`` until the run ends, so a run cut by a time limit or a kill
+keeps what it measured) and ``--time-limit S`` starts no new layout after S seconds (its row says not run).
 
 Example (the mesh target: 1.3B GDN-H1 at 64K on 2 GPUs):
     lctrain bench layouts recipes/<recipe>.yaml data.seq_len=65536 --steps 10 --json layouts.json --record
@@ -23,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 COLUMNS = ["layout", "processes", "tokens/s", "tokens/s per GPU", "peak MiB per GPU", "held MiB per GPU", "final loss",
@@ -122,22 +123,21 @@ def run(args) -> dict:
     kill keeps what it measured in a form `lctrain bench record` accepts."""
     import torch
 
+    from lctrain.bench.report import Clock, write_partial
+
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     base = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="lctrain_layouts_"))
-    rows, start = [], time.monotonic()
+    rows, clock = [], Clock(args.time_limit, "bench layouts")
     for layout in args.layouts:
-        if args.time_limit is not None and time.monotonic() - start > args.time_limit:
+        if clock.out_of_time():
             row = [layout] + [None] * (len(COLUMNS) - 2) + [f"not run (--time-limit {args.time_limit:g} s)"]
         else:
             row = run_layout(args.recipe, args.overrides, layout, args.steps, args.warmup, base)
         print(dict(zip(COLUMNS, row)), flush=True)
         rows.append(row)
-        if args.json and len(rows) < len(args.layouts):
-            partial = _result(args, rows, device, torch.__version__)
-            partial["partial"] = True
-            partial["notes"].append(f"partial: written after {len(rows)} of {len(args.layouts)} layouts; the run "
-                                    "ended before the others (a time limit or a kill)")
-            Path(args.json).write_text(json.dumps(partial, indent=1) + "\n")
+        if len(rows) < len(args.layouts):
+            write_partial(_result(args, rows, device, torch.__version__), args.json, len(rows), len(args.layouts),
+                          "layouts")
     return _result(args, rows, device, torch.__version__)
 
 

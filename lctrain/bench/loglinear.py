@@ -20,14 +20,18 @@ same shared q/k (expanded to every head for ours), g, v and level weights; colum
 fla's time over ours (target >= 5 at >= 64K). fla has no scale: ours runs with scale=1 there, and the
 first length also reports the relative difference of the two outputs (same definition: it should be
 small). Lengths where a method runs out of memory or is refused (fla: below 2^17) are reported as such.
-``--json PATH`` writes the result; ``--record`` also appends it to BENCHMARKS.md (lctrain.bench.report).
+``--json PATH`` writes the result, rewritten after every measurement (marked ``"partial": true`` until the
+run ends, so a run cut by a time limit or a kill keeps what it measured); ``--time-limit S`` starts no new
+measurement after S seconds (the notes name those not run); ``--record`` also appends the result to
+BENCHMARKS.md (lctrain.bench.report).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from lctrain.bench.report import bench_main, result_dict
+from lctrain.bench.kernels import _measure, kernel_versions
+from lctrain.bench.report import Clock, bench_main, result_dict, write_partial
 
 METHODS = ("ll_gdn", "gdn", "ll_mamba2", "mamba2", "fla_ll_mamba2")
 EXTRA_METHODS = ("ll_gdn_composed", "ll_mamba2_composed")
@@ -49,10 +53,16 @@ def _parse(argv):
                    help="also time ll_gdn / ll_mamba2 under these launch settings of the level kernels")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
-    p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="start no new measurement (T, method) after S seconds; the notes name those not run")
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON here (rewritten after every "
+                   "measurement, marked partial until the run ends)")
     p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD",
                    help="append the result to BENCHMARKS.md (or MD)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.time_limit is not None and args.time_limit <= 0:
+        p.error("--time-limit must be > 0 seconds")
+    return args
 
 
 def _inputs(B, T, H, D, dtype, device):
@@ -121,7 +131,6 @@ def _load_fla(notes):
 def run(args) -> dict:
     import torch
 
-    from lctrain.bench.kernels import _measure, kernel_versions
     if not torch.cuda.is_available():
         raise SystemExit("lctrain bench loglinear needs a CUDA GPU")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -139,8 +148,24 @@ def run(args) -> dict:
         # refuse a malformed one (format, keys, values) before any timing
         triton_levels.set_levels_config(**triton_levels.set_levels_config(**triton_levels.parse_levels_config(spec)))
         methods += [f"{m}@{spec}" for m in ("ll_gdn", "ll_mamba2") if m in args.methods]
-    rows, raw = [], []
+    measured: list[tuple[int, dict]] = []  # (T, {method: (fwd ms, fwd+bwd ms, peak MiB) or None}) in --T order
+    clock, skipped = Clock(args.time_limit, "bench loglinear"), []
+
+    def result(final_notes=()):
+        return result_dict(
+            f"Log-linear kernels: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}",
+            "lctrain bench loglinear " + " ".join(args.argv),
+            torch.cuda.get_device_name(), kernel_versions(fla_version),
+            notes + list(final_notes) + [
+                "times: triton.testing.do_bench median; peak MiB: extra GPU memory of one fwd+bwd; "
+                "'/ base': ll_gdn over gdn, ll_mamba2 over mamba2 (target for ll_gdn <= 3); "
+                "'fla / ours': fla_ll_mamba2 over ll_mamba2 (target >= 5 at >= 64K)"],
+            COLUMNS, *_table(measured))
+
     for i, T in enumerate(args.T):
+        if clock.out_of_time():
+            skipped.append(f"T={T} (all)")
+            continue
         x = _inputs(args.B, T, args.H, args.D, dtype, "cuda")
         if i == 0 and fla is not None and "ll_mamba2" in methods:
             try:
@@ -150,8 +175,12 @@ def run(args) -> dict:
                 notes.append(f"ll_mamba2 vs fla_ll_mamba2 at T={T}: relative difference of outputs {diff:.2e}")
             except Exception as err:  # noqa: BLE001
                 notes.append(f"agreement check with fla at T={T} failed: {type(err).__name__}: {str(err)[:200]}")
-        res = {}
+        res: dict = {}
+        measured.append((T, res))
         for m in methods:
+            if clock.out_of_time():
+                skipped.append(f"T={T} {m}")
+                continue
             fwd, inputs = _method(m, x, fla)
             cfg = triton_levels.parse_levels_config(m.split("@")[1]) if "@" in m else {}
             old = triton_levels.set_levels_config(**cfg) if cfg else None
@@ -171,8 +200,18 @@ def run(args) -> dict:
             r = res[m]
             print(f"T={T} {m}: " + ("failed" if r is None else f"fwd {r[0]:.3f} ms, fwd+bwd {r[1]:.3f} ms, "
                                     f"peak {r[2]:.0f} MiB"), flush=True)
+            write_partial(result(), args.json, sum(len(r) for _, r in measured), len(args.T) * len(methods),
+                          "measurements (T, method)")
         del x
         torch.cuda.empty_cache()
+    return result(clock.not_run_note(skipped))
+
+
+def _table(measured: list) -> tuple[list, list]:
+    """(rows, raw) of the measurements so far; a ratio needs its base's (or fla's) measurement at the same
+    T (None until it is there)."""
+    rows, raw = [], []
+    for T, res in measured:
         for m, r in res.items():
             base = res.get(BASE_OF.get(m.split("@")[0], ""))
             fla_r = res.get("fla_ll_mamba2") if m.split("@")[0] == "ll_mamba2" else None
@@ -181,14 +220,7 @@ def run(args) -> dict:
                            None if r is None or fla_r is None else round(fla_r[1] / r[1], 3)])
             raw.append({"T": T, "method": m, "fwd_ms": None if r is None else r[0],
                         "fwd_bwd_ms": None if r is None else r[1], "peak_mib": None if r is None else r[2]})
-    return result_dict(
-        f"Log-linear kernels: fwd / fwd+bwd, B={args.B} H={args.H} D={args.D} {args.dtype}",
-        "lctrain bench loglinear " + " ".join(args.argv),
-        torch.cuda.get_device_name(), kernel_versions(fla_version),
-        notes + ["times: triton.testing.do_bench median; peak MiB: extra GPU memory of one fwd+bwd; "
-                 "'/ base': ll_gdn over gdn, ll_mamba2 over mamba2 (target for ll_gdn <= 3); "
-                 "'fla / ours': fla_ll_mamba2 over ll_mamba2 (target >= 5 at >= 64K)"],
-        COLUMNS, rows, raw)
+    return rows, raw
 
 
 def main(argv: list[str] | None = None) -> int:

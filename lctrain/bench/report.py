@@ -10,8 +10,18 @@ A result is a dict (or a JSON file of one) with the keys every benchmark writes:
     notes    list[str]            optional
     columns  list[str]
     rows     list[list]           one list per table row, None rendered as "—"
+    partial  bool                 optional: the run was cut (a time limit or a kill) after these rows
 
 BENCHMARKS.md is written only through this module: figures are never typed by hand.
+
+A bench's time on a GPU machine is bounded (a device call is killed at its limit), so every bench that
+writes ``--json`` keeps what it measured when it is cut: :func:`write_partial` rewrites the JSON after
+every case, marked ``"partial": true`` with a note saying after how many of how many cases it was written,
+and the final write (:func:`publish`) replaces it without the mark; every write goes through
+:func:`write_json` (a temporary file in the same folder, then ``os.replace``), so a kill mid-write never
+leaves half a file. ``--time-limit S`` (:class:`Clock`) starts no new case after S seconds, agreed between
+the ranks of a multi-rank bench; the cases it skipped are named in the result's notes. A partial result is
+a real measurement of its rows: ``lctrain bench record`` takes it and its section says that the run was cut.
 """
 from __future__ import annotations
 
@@ -20,8 +30,12 @@ import datetime as _dt
 import json
 import os
 import sys
+import time
 
 REQUIRED = ("title", "command", "device", "columns", "rows")
+PARTIAL_NOTE = ("partial: written after {done} of {total} {unit}; the run ended before the others "
+                "(a time limit or a kill)")
+PARTIAL_HEADING = "partial: the run was cut before every case was measured"
 HEADER = ("# Benchmarks\n\nWritten by `lctrain bench record` from the JSON results of `lctrain bench "
           "...` commands; never edited by hand.\n")
 
@@ -51,12 +65,15 @@ def render(result) -> str:
     r = _load(result)
     versions = r.get("versions") or {}
     ver = ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None)
-    lines = [f"## {r['title']}", ""]
+    lines = [f"## {r['title']}" + (" (partial)" if r.get("partial") else ""), ""]
     lines.append(f"- command: `{r['command']}`")
     lines.append(f"- device: {r['device']}" + (f" ({ver})" if ver else ""))
     if r.get("date"):
         lines.append(f"- date: {r['date']}")
-    for note in r.get("notes") or []:
+    notes = list(r.get("notes") or [])
+    if r.get("partial") and not any(str(n).startswith("partial:") for n in notes):
+        notes.append(PARTIAL_HEADING)  # a partial result written before the note existed says so all the same
+    for note in notes:
         lines.append(f"- note: {note}")
     lines.append("")
     cols = r["columns"]
@@ -94,6 +111,94 @@ def utc_date(fmt: str = "%Y-%m-%d %H:%M UTC") -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime(fmt)
 
 
+def write_json(obj, path) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically: into a temporary file in the same folder, flushed to
+    disk, then ``os.replace``d over ``path``; a kill mid-write leaves the previous file (or none), never
+    half a file. The folder is created if needed."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def partial_result(result: dict, done: int, total: int, unit: str = "cases") -> dict:
+    """A copy of ``result`` marked as cut: ``"partial": true`` and the note "partial: written after
+    ``done`` of ``total`` ``unit``; ..." after its own notes."""
+    note = PARTIAL_NOTE.format(done=done, total=total, unit=unit)
+    return {**result, "notes": [*(result.get("notes") or []), note], "partial": True}
+
+
+def write_partial(result: dict, path, done: int, total: int, unit: str = "cases") -> None:
+    """Rewrite ``path`` (a bench's ``--json``; nothing when None) with the rows measured so far, marked
+    partial (:func:`partial_result`), atomically: called after every case, so a run cut by a time limit or
+    a kill keeps what it measured in a form ``lctrain bench record`` takes. The final write (:func:`publish`)
+    replaces it without the mark. Multi-rank benches call it on rank 0 only."""
+    if path:
+        write_json(partial_result(result, done, total, unit), path)
+
+
+class Clock:
+    """Elapsed time of a bench run and its ``--time-limit S``: start no new case after S seconds.
+
+    Under torch.distributed (initialised, more than one rank in ``group``; None: the default group) the
+    elapsed time is agreed between the ranks (the largest, by an all-reduce), so every rank stops at the same
+    case and the collectives stay matched: every rank must then call :meth:`out_of_time` at the same points.
+    Once out of time it stays so (no further collective). Progress lines go to rank 0's stderr."""
+
+    def __init__(self, limit_s: float | None = None, name: str = "bench", *, rank: int = 0, group=None,
+                 device=None):
+        self.t0, self.limit, self.name = time.perf_counter(), limit_s, name
+        self.rank, self.group, self.device = rank, group, device
+        self._out = False
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def progress(self, what: str) -> None:
+        if self.rank == 0:
+            print(f"[{self.name} {self.elapsed():7.1f} s] {what}", file=sys.stderr, flush=True)
+
+    def _distributed(self) -> bool:
+        try:
+            import torch.distributed as dist
+        except ImportError:
+            return False
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1
+
+    def out_of_time(self) -> bool:
+        if self.limit is None or self._out:
+            return self._out
+        elapsed = self.elapsed()
+        if self._distributed():
+            import torch
+            import torch.distributed as dist
+            t = torch.tensor([elapsed], dtype=torch.float64,
+                             device=self.device if dist.get_backend(self.group) == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+            elapsed = t.item()
+        self._out = elapsed > self.limit
+        return self._out
+
+    def not_run_note(self, skipped: list[str]) -> list[str]:
+        """The note naming the cases --time-limit skipped ([] when none)."""
+        if not skipped:
+            return []
+        return [f"--time-limit {self.limit:g} s reached: not run: " + ", ".join(skipped)]
+
+
 def result_dict(title: str, command: str, device: str, versions: dict, notes: list, columns: list, rows: list,
                 raw: list | None = None, *, date: str | None = None, **extra) -> dict:
     """A benchmark result with the keys in the order every bench writes them (``raw`` only when given,
@@ -126,8 +231,7 @@ def publish(result: dict, json_path: str | None = None, record_md: str | None = 
         print("note:", n)
     print(format_table(result["columns"], result["rows"]))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(result, json_path)
         print(f"wrote {json_path}")
     if record_md:
         append_to_benchmarks_md(result, record_md)

@@ -35,7 +35,9 @@ other length-independent tensors cancel), split into norm1 + mixer and norm2 + M
 decide which blocks to checkpoint and whether the MLP needs chunks (docs/long_context.md).
 
 `--lengths L1 L2 ...` instead runs one training step per data.seq_len, increasing, and stops at the
-first that runs out of memory: the longest context one step runs at, with its peak memory.
+first that runs out of memory: the longest context one step runs at, with its peak memory. Its `--json`
+is rewritten after every length (marked `"partial": true` until the search ends; a kill during a longer
+length keeps the shorter ones), and `--time-limit S` starts no new length after S seconds.
 `--json PATH` writes the result, `--record [MD]` appends it to BENCHMARKS.md (lctrain.bench.report).
 Runs on CPU too (tiny recipes; no MFU or GPU memory there). Under parallel.cp/tp > 1 it launches
 its own ranks like `lctrain train` does.
@@ -43,13 +45,12 @@ its own ranks like `lctrain train` does.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from lctrain.bench.report import result_dict, utc_date
+from lctrain.bench.report import Clock, result_dict, utc_date, write_json, write_partial
 
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16 tensor-core peak
 COLUMNS = ["recipe", "seq_len", "world (dp x cp)", "checkpointing", "tokens/s", "MFU %", "model TFLOP/s per GPU",
@@ -69,6 +70,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                    help=f"peak dense TFLOP/s of one GPU for MFU (default {DEFAULT_PEAK_TFLOPS:g}: H100/H200 bf16)")
     p.add_argument("--lengths", type=int, nargs="+", metavar="SEQ_LEN",
                    help="instead of timing: one step per seq_len (increasing) until one runs out of memory")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="--lengths: start no new length after S seconds (every rank stops at the same one; the "
+                        "notes name the lengths not run)")
     p.add_argument("--no-split", action="store_true", help="skip the per-layer-kind timing step")
     p.add_argument("--profile", nargs="?", const=True, default=None, metavar="DIR",
                    help="one more step under torch.profiler: prints the top 30 GPU kernels (time, calls) and the "
@@ -99,6 +103,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         p.error("--peak-tflops must be positive")
     if args.lengths and any(n < 2 for n in args.lengths):
         p.error("--lengths: every seq_len must be >= 2")
+    if args.time_limit is not None and not args.lengths:
+        p.error("--time-limit stops the --lengths search between lengths; a timed run or --activation-memory is "
+                "one case")
+    if args.time_limit is not None and args.time_limit <= 0:
+        p.error("--time-limit must be > 0 seconds")
     return args
 
 
@@ -146,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 def _write(result: dict, args) -> int:
     """--json and --record of a finished result."""
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(result, args.json)
         print(f"lctrain bench train: wrote {args.json}")
     if args.record:
         from lctrain.bench.report import append_to_benchmarks_md
@@ -763,8 +771,14 @@ def _length_search(bench, args, recipe, command="lctrain bench train") -> dict |
 
     cfg, device = bench.cfg, bench.device
     say = print if _is_main() else (lambda *a, **k: None)
-    rows, longest = [], None
-    for T in sorted(args.lengths):
+    rows, longest, lengths = [], None, sorted(args.lengths)
+    clock = Clock(args.time_limit, "bench train", rank=0 if _is_main() else 1, device=device)
+    notes = []
+    for i, T in enumerate(lengths):
+        if clock.out_of_time():  # the same answer on every rank (the largest elapsed time)
+            notes = clock.not_run_note([str(n) for n in lengths[i:]])
+            say(notes[0], flush=True)
+            break
         _reset_peak(device)
         bench.sync()
         t0 = time.perf_counter()
@@ -802,19 +816,18 @@ def _length_search(bench, args, recipe, command="lctrain bench train") -> dict |
                      round(seconds, 3), round(peak, 2) if device.type == "cuda" else None])
         if ok:
             longest = (T, peak)
-        if _is_main() and args.json:  # so far, in case a later length kills the process (not an OOM)
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            # a complete result (recordable by `lctrain bench record`), marked partial
+        if _is_main() and ok and len(rows) < len(lengths):
+            # so far, in case a later length kills the process (not an OOM, which ends the search here): a
+            # complete result (recordable by `lctrain bench record`), marked partial
             partial = _lengths_result(recipe, rows, longest, device)
-            partial.update(command=command, device=_device_name(device), versions=_versions(), date=utc_date(),
-                           partial=True)
-            partial["notes"] = partial["notes"] + ["partial: written after each length; the run ended before the "
-                                                   "search did (a time limit or a kill, not an out-of-memory)"]
-            Path(args.json).write_text(json.dumps(partial) + "\n")
+            partial.update(command=command, device=_device_name(device), versions=_versions(), date=utc_date())
+            write_partial(partial, args.json, len(rows), len(lengths), "lengths")
         if not ok:
             break
     if not _is_main():
         return None
     say(f"lctrain bench train: longest context one step ran at: {longest[0] if longest else 'none'}"
         + (f" (peak {longest[1]:.2f} GiB per GPU)" if longest and device.type == "cuda" else ""), flush=True)
-    return _lengths_result(recipe, rows, longest, device)
+    result = _lengths_result(recipe, rows, longest, device)
+    result["notes"] += notes
+    return result

@@ -18,6 +18,9 @@ Agreement with the defaults is not accuracy: `--accuracy-of KERNEL` instead runs
 candidate of KERNEL through the public API and reports the relative error of the output and every
 gradient against the chunkwise torch backend in float32.
 
+The timing ``--json`` is rewritten after every kernel timed (marked ``"partial": true`` until the sweep
+ends), so a sweep killed by a time limit keeps what it timed.
+
 Prints per kernel and method the default's time, the best candidate and its time, and the sum over
 the kernels of one fwd+bwd (state_fwd and wy_apply run twice: forward and backward). New defaults
 belong in ops._Cfg only after `pytest -m gpu` and `lctrain bench kernels` agree.
@@ -30,6 +33,8 @@ import json
 import os
 import sys
 import time
+
+from lctrain.bench.report import write_json, write_partial
 
 KERNELS = ("wy_solve", "wy_apply", "state_fwd", "output_fwd", "dv_local", "state_bwd", "dqk",
            "wy_bwd")
@@ -367,10 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                 skip = {(e[0], e[2]) for e in json.load(f)["skipped"] if e[1] == args.accuracy_of}
         res = accuracy(args.methods, args.accuracy_of, args.T[0], args.D, skip=skip, log=log)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"T": args.T[0], "D": args.D, "kernel": args.accuracy_of,
-                           "gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-                           "accuracy": res}, f, indent=1)
+            write_json({"T": args.T[0], "D": args.D, "kernel": args.accuracy_of, "gpu": torch.cuda.get_device_name(),
+                        "date": time.strftime("%Y-%m-%d"), "accuracy": res}, args.json)
         return 0
     if args.state:
         return _timing_child(args, log)
@@ -400,12 +403,18 @@ def _timing_child(args, log) -> int:
     with open(args.state) as f:
         state = json.load(f)
 
+    def payload(results: dict) -> dict:
+        return {"T": args.T, "D": args.D, "gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                "skipped": state["skip"], "results": results}
+
     def save(T, res):
         state["results"][str(T)] = res
-        tmp = args.state + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-        os.replace(tmp, args.state)
+        write_json(state, args.state)
+        # the sweep so far (this and earlier processes), in case the run is killed before the end: the lengths
+        # done (each process runs them all again, those done in an earlier one at once) and part of T
+        if args.json:
+            write_partial(payload({str(t): state["results"][str(t)] for t in args.T if str(t) in state["results"]}),
+                          args.json, len(results), len(args.T), "lengths, plus part of the next")
 
     skip = {tuple(e[:3]): e[3] for e in state["skip"]}
     t1 = time.time()
@@ -425,10 +434,7 @@ def _timing_child(args, log) -> int:
     for T, r in results.items():
         print(f"\n=== T={T}, D={args.D}\n" + summary(r))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"T": args.T, "D": args.D, "gpu": torch.cuda.get_device_name(),
-                       "date": time.strftime("%Y-%m-%d"), "skipped": state["skip"],
-                       "results": {str(T): r for T, r in results.items()}}, f, indent=1)
+        write_json(payload({str(T): r for T, r in results.items()}), args.json)
     return 0
 
 

@@ -24,7 +24,9 @@ rotated each round), on the same inputs:
 Columns per variant: fwd ms, fwd+bwd ms (``triton.testing.do_bench`` medians; the median of the
 rounds' medians and the spread min..max over rounds), state_fwd alone (one launch on the forward's
 own W, U, gam) and the ratios to presplit (or current without it). Every variant's output is
-checked against current's first (a variant that computes something else stops the run).
+checked against current's first (a variant that computes something else stops the run). ``--json`` is
+rewritten after every round (marked ``"partial": true`` until the run ends) and ``--time-limit S`` starts
+no new round after S seconds, so a run cut short keeps the rounds it timed.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import statistics
 import sys
 
 from lctrain.bench.kernels import _make_inputs, _parse_variants, kernel_versions
-from lctrain.bench.report import bench_main, result_dict
+from lctrain.bench.report import Clock, bench_main, result_dict, write_partial
 
 TREES = ("presplit:.device/presplit/kernels/triton", "split:.device/split/kernels/triton")
 COLUMNS = ["op", "variant", "fwd ms", "fwd range", "fwd+bwd ms", "fwd+bwd range", "state_fwd ms",
@@ -60,8 +62,14 @@ def _parse(argv):
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
     p.add_argument("--rep", type=int, default=150, help="do_bench repetition time of the forward, ms "
                    "(fwd+bwd: twice that)")
-    p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="start no new round after S seconds (an op's rows then hold the rounds that ran; the notes "
+                        "name those not run)")
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON here (rewritten after every round, "
+                   "marked partial until the run ends)")
     args = p.parse_args(argv)
+    if args.time_limit is not None and args.time_limit <= 0:
+        p.error("--time-limit must be > 0 seconds")
     if args.tree is None:
         args.tree = list(TREES)
     for spec in args.tree:
@@ -170,8 +178,25 @@ def run(args) -> dict:
     for n in notes:
         print("note:", n, flush=True)
     x = _make_inputs(1, args.T, args.H, args.D, torch.bfloat16, "cuda")
-    rows, raw = [], []
-    for op in args.ops:
+    timed: list[tuple[str, dict]] = []  # (op, {variant: [(fwd, fwd+bwd, state_fwd) ms per round]})
+    clock, skipped = Clock(args.time_limit, "variants"), []
+    notes.append("settings of each variant: " + "; ".join(f"{n} = {kv or 'defaults'}" + ("" if lf is None else
+                                                          " (own launcher)") for n, lf, kv in variants))
+    notes.append(f"times: triton.testing.do_bench medians, the median over the rounds (--rounds {args.rounds}, "
+                 "alternating, the order rotated each round); range: min..max over rounds")
+
+    def result(final_notes=()):
+        rows, raw, bases = _table(timed)
+        return result_dict(
+            f"state_fwd variants (issue 12): T={args.T} H={args.H} D={args.D} bf16",
+            "python -m lctrain.bench.variants " + " ".join(args.argv),
+            torch.cuda.get_device_name(), kernel_versions(None),
+            notes + [f"{op}: ratios against {base}" for op, base in bases] + list(final_notes), COLUMNS, rows, raw)
+
+    for i, op in enumerate(args.ops):
+        if clock.out_of_time():
+            skipped += args.ops[i:]
+            break
         fwd, inputs, state_alone = _fns(op, x)
         with torch.no_grad():
             ref = fwd().float()
@@ -188,7 +213,11 @@ def run(args) -> dict:
             notes.append(f"{op} {name}: output vs current rel diff {diff:.1e}")
         torch.cuda.synchronize()
         times = {name: [] for name, _, _ in variants}
+        timed.append((op, times))
         for r in range(args.rounds):
+            if clock.out_of_time():
+                skipped.append(f"{op} rounds {r + 1}..{args.rounds}")
+                break
             shift = r % len(variants)
             for name, launcher, kv in variants[shift:] + variants[:shift]:
                 with _Using(launcher, kv):
@@ -196,24 +225,29 @@ def run(args) -> dict:
                 times[name].append(t)
                 print(f"round {r} {op} {name}: fwd {t[0]:.3f} ms, fwd+bwd {t[1]:.3f} ms, state_fwd {t[2]:.3f} ms",
                       flush=True)
+            write_partial(result(), args.json, i * args.rounds + r + 1, len(args.ops) * args.rounds,
+                          "rounds (op, round)")
+        del fwd, inputs, state_alone
+    return result(clock.not_run_note(skipped))
+
+
+def _table(timed: list) -> tuple[list, list, list]:
+    """(rows, raw, [(op, the variant its ratios divide by)]) of the rounds so far (an op before its first
+    round has no rows)."""
+    rows, raw, bases = [], [], []
+    for op, times in timed:
+        if not any(times.values()):
+            continue
         med = {n: [statistics.median(t[j] for t in ts) for j in range(3)] for n, ts in times.items()}
-        base = "presplit" if "presplit" in med else variants[0][0]
+        base = "presplit" if "presplit" in med else next(iter(med))
+        bases.append((op, base))
         for name, ts in times.items():
             m = med[name]
             span = lambda j, ts=ts: f"{min(t[j] for t in ts):.3f}..{max(t[j] for t in ts):.3f}"  # noqa: E731
             rows.append([op, name, round(m[0], 3), span(0), round(m[1], 3), span(1), round(m[2], 3),
                          *(round(m[j] / med[base][j], 4) for j in range(3))])
             raw.append({"op": op, "variant": name, "rounds": [list(t) for t in ts]})
-        notes.append(f"{op}: ratios against {base}")
-        del fwd, inputs, state_alone
-    notes.append("settings of each variant: " + "; ".join(f"{n} = {kv or 'defaults'}" + ("" if lf is None else
-                                                          " (own launcher)") for n, lf, kv in variants))
-    notes.append(f"times: triton.testing.do_bench medians, the median over {args.rounds} alternating rounds "
-                 "(order rotated each round); range: min..max over rounds")
-    return result_dict(
-        f"state_fwd variants (issue 12): T={args.T} H={args.H} D={args.D} bf16",
-        "python -m lctrain.bench.variants " + " ".join(args.argv),
-        torch.cuda.get_device_name(), kernel_versions(None), notes, COLUMNS, rows, raw)
+    return rows, raw, bases
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,9 @@ and forward+backward (``triton.testing.do_bench``, median ms) of
             e.g. wider V blocks for the state passes, which have N x more programs with varlen
 
 ``--paths`` picks which of one / packed / fla run (``--paths packed fla --ops delta`` is the quick
-comparison with fla); every row is printed (flushed) as soon as it is measured.
+comparison with fla); every row is printed (flushed) as soon as it is measured, the ``--json`` is rewritten
+after every row (marked ``"partial": true`` until the run ends: a run cut by a time limit or a kill keeps
+what it measured) and ``--time-limit S`` starts no new row after S seconds (the notes name those not run).
 
 Targets: packed / one <= 1.1 and packed / fla <= 1.0. backend="triton" with cu_seqlens runs the
 native varlen kernels (each document cut into its own chunks; the notes say which path ran). fla's gated backward guard
@@ -25,7 +27,7 @@ import argparse
 import sys
 
 from lctrain.bench.kernels import _load_fla, _make_inputs, _measure, _parse_variants, _rel_diff, kernel_versions
-from lctrain.bench.report import bench_main, result_dict
+from lctrain.bench.report import Clock, bench_main, result_dict, write_partial
 
 OPS = ("delta", "gated_delta", "gla")
 PATHS = ("one", "packed", "fla")
@@ -50,10 +52,15 @@ def _parse(argv):
                         "rows packed@NAME; repeatable")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default 25)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms (default 100)")
-    p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="start no new measurement (T, op, path) after S seconds; the notes name those not run")
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON here (rewritten after every "
+                   "measurement, marked partial until the run ends)")
     p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD",
                    help="append the result to BENCHMARKS.md (or MD)")
     args = p.parse_args(argv)
+    if args.time_limit is not None and args.time_limit <= 0:
+        p.error("--time-limit must be > 0 seconds")
     if args.docs < 1 or any(T < args.docs for T in args.T):
         p.error(f"--docs must be >= 1 and at most every --T (got docs={args.docs}, T={args.T})")
     if args.no_fla and "fla" in args.paths:
@@ -113,15 +120,36 @@ def run(args) -> dict:
     from lctrain.kernels.triton import ops as triton_ops
     for _, kv in args.variants:  # validate before any timing
         triton_ops.set_config(**triton_ops.set_config(**kv))
-    rows, raw = [], []
+    if args.variants:
+        notes.append("variants (packed@NAME rows): " + "; ".join(f"{n} = {kv}" for n, kv in args.variants))
+    measured: list[tuple[int, str, dict]] = []  # (T, op, {path: (fwd ms, fwd+bwd ms, peak) or None})
+    clock, skipped = Clock(args.time_limit, "bench varlen"), []
+    n_paths = sum(p != "fla" for p in args.paths) + len(args.variants) * ("packed" in args.paths)
+    total = len(args.T) * sum(n_paths + ("fla" in args.paths and fla is not None and op != "gla") for op in args.ops)
+
+    def result(final_notes=()):
+        return result_dict(
+            f"Varlen kernels: {args.docs} packed documents vs one sequence, H={args.H} D={args.D} {args.dtype}",
+            "lctrain bench varlen " + " ".join(args.argv),
+            torch.cuda.get_device_name(), kernel_versions(fla_version),
+            notes + list(final_notes) + ["times: triton.testing.do_bench median; targets: packed fwd+bwd / one "
+                                         "<= 1.1, packed / fla packed <= 1.0"],
+            COLUMNS, *_table(measured, args.docs))
+
     for T in args.T:
+        if clock.out_of_time():
+            skipped.append(f"T={T} (all)")
+            continue
         bounds = document_bounds(T, args.docs, args.seed)
         lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
         notes.append(f"T={T}: {args.docs} documents, lengths {min(lengths)} .. {max(lengths)} (seed {args.seed})")
-        cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
-        cu_fla = cu.long()
         x = _make_inputs(1, T, args.H, args.D, dtype, "cuda")
+        cu = torch.tensor(bounds, dtype=torch.int32, device=x["q"].device)
+        cu_fla = cu.long()
         for op in args.ops:
+            if clock.out_of_time():
+                skipped.append(f"T={T} {op}")
+                continue
             runs = []  # (path, (fwd, inputs), launch settings); references first, so packed rows print ratios
             if fla is not None and op != "gla":
                 runs.append(("fla packed", _fla(op, x, cu_fla, fla), {}))
@@ -135,8 +163,12 @@ def run(args) -> dict:
             if "packed" in args.paths:
                 runs.append(("packed", _ours(op, x, cu), {}))
                 runs += [(f"packed@{name}", _ours(op, x, cu), kv) for name, kv in args.variants]
-            res = {}
+            res: dict = {}
+            measured.append((T, op, res))
             for path, (fwd, inputs), kv in runs:
+                if clock.out_of_time():
+                    skipped.append(f"T={T} {op} {path}")
+                    continue
                 previous = triton_ops.set_config(**kv) if kv else None
                 try:
                     res[path] = _measure(fwd, inputs, x["do"], args.warmup, args.rep)
@@ -152,26 +184,28 @@ def run(args) -> dict:
                       if r is not None and path.startswith("packed") and res.get(ref) is not None]
                 print(f"T={T} {op} {path}: " + ("OOM" if r is None else f"fwd {r[0]:.3f} ms, fwd+bwd {r[1]:.3f} ms")
                       + (f" (fwd+bwd {', '.join(vs)})" if vs else ""), flush=True)
-            for path, r in res.items():
-                def ratio(ref, r=r, path=path):  # fwd+bwd of a packed row over the reference's
-                    packed = path.startswith("packed")
-                    return None if r is None or ref is None or not packed else round(r[1] / ref[1], 3)
-                rows.append([T, args.docs if path != "one" else 1, op, path,
-                             None if r is None else round(r[0], 3), None if r is None else round(r[1], 3),
-                             ratio(res.get("one")), ratio(res.get("fla packed"))])
-                raw.append({"T": T, "op": op, "path": path, "fwd_ms": None if r is None else r[0],
-                            "fwd_bwd_ms": None if r is None else r[1]})
+                write_partial(result(), args.json, sum(len(r) for *_, r in measured), total,
+                              "measurements (T, op, path)")
         del x
         torch.cuda.empty_cache()
-    if args.variants:
-        notes.append("variants (packed@NAME rows): " + "; ".join(f"{n} = {kv}" for n, kv in args.variants))
-    return result_dict(
-        f"Varlen kernels: {args.docs} packed documents vs one sequence, H={args.H} D={args.D} {args.dtype}",
-        "lctrain bench varlen " + " ".join(args.argv),
-        torch.cuda.get_device_name(), kernel_versions(fla_version),
-        notes + ["times: triton.testing.do_bench median; targets: packed fwd+bwd / one <= 1.1, "
-                 "packed / fla packed <= 1.0"],
-        COLUMNS, rows, raw)
+    return result(clock.not_run_note(skipped))
+
+
+def _table(measured: list, docs: int) -> tuple[list, list]:
+    """(rows, raw) of the measurements so far; a packed row's ratios need the reference's measurement at
+    the same T and op (None until it is there)."""
+    rows, raw = [], []
+    for T, op, res in measured:
+        for path, r in res.items():
+            def ratio(ref, r=r, path=path):  # fwd+bwd of a packed row over the reference's
+                packed = path.startswith("packed")
+                return None if r is None or ref is None or not packed else round(r[1] / ref[1], 3)
+            rows.append([T, docs if path != "one" else 1, op, path,
+                         None if r is None else round(r[0], 3), None if r is None else round(r[1], 3),
+                         ratio(res.get("one")), ratio(res.get("fla packed"))])
+            raw.append({"T": T, "op": op, "path": path, "fwd_ms": None if r is None else r[0],
+                        "fwd_bwd_ms": None if r is None else r[1]})
+    return rows, raw
 
 
 def main(argv: list[str] | None = None) -> int:
