@@ -219,10 +219,12 @@ def input_bytes(x: dict) -> int:
     return sum(t.untyped_storage().nbytes() for t in x.values())
 
 
-def fwd_bwd_trace(kind: str, B: int, T: int, H: int, D: int, dtype, device="meta", x: dict | None = None) -> Trace:
+def fwd_bwd_trace(kind: str, B: int, T: int, H: int, D: int, dtype, device="meta", x: dict | None = None,
+                  warmup: bool = True) -> Trace:
     """The allocation trace of one fwd+bwd (``torch.autograd.grad(o, inputs, dO)``, as the bench measures
     it). On meta every Triton launch is skipped; elsewhere the kernels run (CPU: the Triton interpreter).
-    A first call outside the tracker fills the caches the bench's warm-up call fills (work lists)."""
+    With ``warmup`` a first call outside the tracker fills the caches the bench's warm-up call fills (the
+    level scans' work lists, kept per device and shape): without, they count as allocations."""
     import torch
     if x is None:
         x = bench_inputs(kind, B, T, H, D, dtype, device)
@@ -231,7 +233,8 @@ def fwd_bwd_trace(kind: str, B: int, T: int, H: int, D: int, dtype, device="meta
     interp = _interpreting_env() if meta else contextlib.nullcontext()
     fwd, leaves = _call(kind, x)
     with skip, interp:
-        torch.autograd.grad(fwd(), leaves, x["do"])   # warm-up (the bench's compile call)
+        if warmup:
+            torch.autograd.grad(fwd(), leaves, x["do"])   # the bench's compile call
         with LiveBytes() as tracker:
             grads = torch.autograd.grad(fwd(), leaves, x["do"])
             del grads
