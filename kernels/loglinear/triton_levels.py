@@ -23,8 +23,10 @@ The backward, per group of levels: the forward scan again storing every chunk's 
 (``levels_fwd_kernel``), the reverse scan storing every chunk's outgoing-state gradient dh
 (``levels_dstate_kernel``: the dS recursion needs no forward state), then one program per chunk pairs h
 and dh of every level of the group (``levels_grad_kernel``), summing the levels' shares of dqt, dk, dW,
-dUt, dgam in registers: no atomics. Groups bound h and dh to ``STATE_BUDGET`` bytes; on CUDA the two
-scans of a group run on two streams (they are independent).
+dUt, dgam in registers: no atomics. Groups bound h and dh to ``STATE_BUDGET`` bytes, and where even one
+group over the whole sequence would not fit (1M tokens at H=16, D=128, bf16) the backward runs over
+segments of the sequence, each from run states the forward stored at its start (``backward_plan``); on
+CUDA the two scans of a group run on two streams (they are independent).
 
 Layout as in ``kernels/triton``: tokens [B, T, H, D] contiguous, gam and w as [B, T, H] / [B, T, H, NL]
 fp32, states [B, H, NL, K, V] fp32. ``n0`` is the global chunk index of the first chunk (position_offset
