@@ -209,8 +209,9 @@ def test_triton_matches_naive(backend, kind, T, p0, dtype, tol):
 def test_fused_triton_level_groups_change_nothing(monkeypatch, budget, cfg):
     """Same outputs and gradients as the defaults (one group, 2 levels per program, V blocks of 32, the
     readouts summed with atomics) when the backward recomputes the level states in groups (one level per
-    group) and the scans run one level per program in V blocks of 16; when every level's readout goes to
-    its own output slice (no atomics); and with 4 levels per program (2 of them padding)."""
+    group; budget 1 byte: also in segments of one chunk, see the next test) and the scans run one level per
+    program in V blocks of 16; when every level's readout goes to its own output slice (no atomics); and
+    with 4 levels per program (2 of them padding)."""
     from lctrain.kernels.loglinear import triton_levels
     T, K, V = 200, 16, 16
     L = levels_needed(T)
@@ -224,6 +225,48 @@ def test_fused_triton_level_groups_change_nothing(monkeypatch, budget, cfg):
     assert rel(parts[0], whole[0]) < 1e-6 and rel(parts[1], whole[1]) < 1e-6
     for name in whole[2]:
         assert rel(parts[2][name], whole[2][name]) < 1e-6, name
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_triton_backward_in_segments_changes_nothing(monkeypatch, kind):
+    """Where h and dh of one group of levels over the whole sequence would pass STATE_BUDGET (1M tokens at
+    H=16, D=128) the backward runs segment by segment from the last, each from the run states the forward
+    stored at its start and ending on the next one's incoming-state gradient. Here segments of 2 chunks
+    (a budget of 2 levels x 2 chunks of h and dh), B=2 (one batch row at a time), T=300 from position 128
+    with an initial state and the final states (3 segments, the last ragged; levels 7, 8, 9: the level-8
+    and level-9 blocks continue across the segment starts at tokens 256 and 384 of the sequence, level 7's
+    do not): the same outputs, final states and gradients (every input and the initial state) as in one
+    segment."""
+    from lctrain.kernels.loglinear import triton_levels
+    gen = torch.Generator().manual_seed(31)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    Bt, T, p0, K, V = 2, 300, 128, 16, 16
+    L = levels_needed(p0 + T)
+    x = [r(Bt, T, H, K), F.normalize(r(Bt, T, H, K), dim=-1), r(Bt, T, H, V), F.logsigmoid(r(Bt, T, H) + 2.0),
+         torch.sigmoid(r(Bt, T, H)), F.softplus(r(Bt, T, H, L)), r(Bt, H, L, K, V)]
+    if kind == "mamba2":
+        del x[4]
+    do, dS = r(Bt, T, H, V), r(Bt, H, L, K, V)
+    op = loglinear_gated_delta_rule if kind == "gdn" else loglinear_gated_linear_attn
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in x]
+        o, S = op(*leaves[:-1], initial_state=leaves[-1], output_final_state=True, position_offset=p0,
+                  backend="triton")
+        return o, S, torch.autograd.grad((o * do).sum() + (S * dS).sum(), leaves)
+
+    seen = []
+    plan = triton_levels.backward_plan
+    monkeypatch.setattr(triton_levels, "backward_plan", lambda *a: seen.append(plan(*a)) or plan(*a))
+    one = run()
+    assert seen[-1] == (3, 5)                               # one group of the 3 levels, one segment of 5 chunks
+    monkeypatch.setattr(triton_levels, "STATE_BUDGET", 2 * 2 * (2 * Bt * H * K * V * 4))
+    parts = run()
+    assert seen[-1] == (2, 2)
+    for name, a, b in zip(["o", "S", "dq", "dk", "dv", "dg"] + (["dbeta"] if kind == "gdn" else []) + ["dlam", "dS0"],
+                          one[:2] + one[2], parts[:2] + parts[2]):
+        assert rel(b, a) < 1e-6, name
 
 
 @needs_triton

@@ -44,20 +44,25 @@ class _FusedLogLinear(torch.autograd.Function):
     contiguous; lam [B, T, H, L], lw [B, T, H, NL] (NL = top - c, may be 0)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, lam, lw, s0, scale, n0, hi, want_final):
+    def forward(ctx, q, k, v, g, beta, lam, lw, s0, scale, n0, hi, want_final, train):
         cfg = _Cfg(k.shape[-1], v.shape[-1], gated=True)
         gam, tm, w, ut = wy_fwd(k, v, g, beta, cfg)
         o, qt = intra_forward(q, k, v, w, tm, beta, gam, lam, hi, scale)
-        st = None
+        st = ck = seg = None
         if lw.shape[-1]:
-            st = levels_forward(o, qt, k, w, v if ut is None else ut, gam, lw, s0, scale, n0, want_final)
-        ctx.save_for_backward(q, k, v, beta, lam, lw, s0, gam, tm, qt)
-        ctx.scale, ctx.n0, ctx.hi = scale, n0, hi
+            u = v if ut is None else ut
+            # a backward that has to cut the sequence into segments (very long T) starts each from run states
+            # this scan stores on the way (``backward_plan``)
+            seg = triton_levels.backward_plan(qt, u, lw.shape[-1])[1] if train else None
+            st, ck = levels_forward(o, qt, k, w, u, gam, lw, s0, scale, n0, want_final, seg)
+        del w, ut   # the backward makes them again (wy_apply): not kept beside o
+        ctx.save_for_backward(q, k, v, beta, lam, lw, s0, gam, tm, qt, ck)
+        ctx.scale, ctx.n0, ctx.hi, ctx.seg = scale, n0, hi, seg
         return o.to(q.dtype), st  # (dO then arrives in q's dtype too: half the reads of an fp32 one)
 
     @staticmethod
     def backward(ctx, do, dst):
-        q, k, v, beta, lam, lw, s0, gam, tm, qt = ctx.saved_tensors
+        q, k, v, beta, lam, lw, s0, gam, tm, qt, ck = ctx.saved_tensors
         scale, n0, hi = ctx.scale, ctx.n0, ctx.hi
         cfg = _Cfg(k.shape[-1], v.shape[-1], gated=True)
         B, T, H, K = q.shape
@@ -67,22 +72,26 @@ class _FusedLogLinear(torch.autograd.Function):
         if lw.shape[-1]:
             dst = None if dst is None else dst.contiguous().float()
             dqt, dk, dw, du, dgam, dlw, ds0 = levels_backward(qt, k, w, v if ut is None else ut, gam, lw, s0, do,
-                                                              dst, scale, n0, s0 is not None)
+                                                              dst, scale, n0, s0 is not None, ck, ctx.seg)
         else:
             dqt, dk, dgam = torch.zeros(B, T, H, K, **f32), torch.zeros(B, T, H, K, **f32), torch.zeros(B, T, H, **f32)
             dw = None if w is None else torch.zeros(B, T, H, K, **f32)
             du, dlw, ds0 = torch.zeros(*v.shape, **f32), None, None
+        # every buffer is dropped after its last reader (ut: the level scans), so the peak stays at the level
+        # scans or the intra pass (docs/loglinear.md, "Memory"; lctrain.bench.loglinear_memory lists it)
+        del ut
         dv_intra, dq, dx, dlam_intra = intra_backward(q, k, v, w, tm, beta, gam, lam, hi, scale, do, dqt, dk, dw,
                                                       dgam)
         del dqt
         if w is None:
-            dv, dbeta, dg = du + dv_intra, None, _chunk_suffix_sum(dgam)
+            dv, dbeta, dg = du.add_(dv_intra), None, _chunk_suffix_sum(dgam)
         else:
             dv, dbeta, dg = wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg, dx=dx)  # completes dk in place
-            dv = dv.float() + dv_intra
+            dv = dv_intra.add_(dv)   # = dv.float() + dv_intra, without two fp32 temporaries
+        del du, dw, dx, w, dv_intra, dgam
         dlam = torch.zeros_like(lam)
         dlam[..., : hi + 1] = dlam_intra
-        return (dq, dk.to(k.dtype), dv.to(v.dtype), dg, dbeta, dlam, dlw, ds0, None, None, None, None)
+        return (dq, dk.to(k.dtype), dv.to(v.dtype), dg, dbeta, dlam, dlw, ds0, None, None, None, None, None)
 
 
 def fused_by_levels(base, q, k, v, g, beta, level_weights, *, scale, run_init, position_offset: int, top: int,
@@ -105,9 +114,11 @@ def fused_by_levels(base, q, k, v, g, beta, level_weights, *, scale, run_init, p
     f32 = lambda x: aligned_input(x, torch.float32)  # noqa: E731  (ALIGN_INPUTS in triton/ops.py: why aligned)
     # scalar decay from position 0: the levels above c from block totals, no level scans (scalar_tree)
     tree = beta is None and p0 == 0 and top > c and bool(triton_levels.CONFIG["TREE"])
+    train = torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                            for x in (q, k, v, g, beta, level_weights, run_init))
     o, st = _FusedLogLinear.apply(aligned_input(q), aligned_input(k), aligned_input(v), f32(g), f32(beta),
                                   f32(level_weights), lw[..., :0] if tree else lw, s0, scale, p0 // CHUNK,
-                                  min(c, top), bool(want_runs and top > c and not tree))
+                                  min(c, top), bool(want_runs and top > c and not tree), train)
     if tree:
         o_levels, st = tree_levels(q, k, v, f32(g), f32(level_weights), scale, top - c, want_runs)
         o = (o.float() + o_levels).to(q.dtype)

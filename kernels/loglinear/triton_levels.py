@@ -23,8 +23,10 @@ The backward, per group of levels: the forward scan again storing every chunk's 
 (``levels_fwd_kernel``), the reverse scan storing every chunk's outgoing-state gradient dh
 (``levels_dstate_kernel``: the dS recursion needs no forward state), then one program per chunk pairs h
 and dh of every level of the group (``levels_grad_kernel``), summing the levels' shares of dqt, dk, dW,
-dUt, dgam in registers: no atomics. Groups bound h and dh to ``STATE_BUDGET`` bytes; on CUDA the two
-scans of a group run on two streams (they are independent).
+dUt, dgam in registers: no atomics. Groups bound h and dh to ``STATE_BUDGET`` bytes, and where even one
+group over the whole sequence would not fit (1M tokens at H=16, D=128, bf16) the backward runs over
+segments of the sequence, each from run states the forward stored at its start (``backward_plan``); on
+CUDA the two scans of a group run on two streams (they are independent).
 
 Layout as in ``kernels/triton``: tokens [B, T, H, D] contiguous, gam and w as [B, T, H] / [B, T, H, NL]
 fp32, states [B, H, NL, K, V] fp32. ``n0`` is the global chunk index of the first chunk (position_offset
@@ -92,8 +94,9 @@ def parse_levels_config(spec: str) -> dict:
 _DEFAULTS = dict(CONFIG)
 if os.environ.get("LCTRAIN_LOGLINEAR_CFG", "").strip():
     set_levels_config(**parse_levels_config(os.environ["LCTRAIN_LOGLINEAR_CFG"]))
-# Bytes of per-chunk states (h and dh) the backward keeps at once (one group of levels, at least
-# CONFIG["LP"] of them); more levels recompute in more groups.
+# Bytes of per-chunk states (h and dh) the backward keeps at once: more levels recompute in more groups
+# (whole programs: at least CONFIG["LP"] levels), and where even one group of the whole sequence would
+# pass it (H=16, D=128, bf16: from 1M tokens) the sequence is cut into segments (``backward_plan``).
 STATE_BUDGET = 16 << 30
 
 
@@ -137,21 +140,23 @@ def _group_weights(lw_ptr, base, rt, mt, H, NL, jg, j0, jend, LP: tl.constexpr):
                    other=0.0)
 
 
-@flags_given(HAS_W="w_ptr", HAS_S0="s0_ptr", STORE_ST="st_ptr", STORE_H="h_ptr", WRITE_O="o_ptr")
+@flags_given(HAS_W="w_ptr", HAS_S0="s0_ptr", STORE_ST="st_ptr", STORE_H="h_ptr", WRITE_O="o_ptr",
+             STORE_CK="ck_ptr")
 @triton.jit
-def levels_fwd_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, s0_ptr, o_ptr, st_ptr, h_ptr, work_ptr,
-                      scale, B, T, NT, H, NL, n0, j0, jend, NVB, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, LP: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr,
+def levels_fwd_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, s0_ptr, o_ptr, st_ptr, h_ptr, ck_ptr, work_ptr,
+                      scale, B, T, NT, H, NL, n0, j0, jend, NVB, SEG, K: tl.constexpr, V: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, LP: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr,
                       HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, STORE_H: tl.constexpr, WRITE_O: tl.constexpr,
-                      ATOMIC: tl.constexpr):
+                      STORE_CK: tl.constexpr, ATOMIC: tl.constexpr):
     """Program (work item pid0 = (level group, chunks lo..hi-1), V block pid1, batch x head pid2): the
     scans of LP levels at once, their states side by side as the columns of one [K, LP * BV] tile
     (``_level_columns``), so every chunk tile (k, W, qt, Ut, gam) is loaded once for the LP levels and
     each product covers all of them. lo..hi is one block of the group's top level (``_work``): every
     level of the group starts afresh there, so the blocks run as independent programs. Adds the weighted
     readout to o (fp32, atomics), stores the final states (st [B, H, NL, K, V], from the last block) and,
-    for the backward, the incoming states of every chunk (h [jend - j0, B, NT, H, K, V]). Levels j0 ..
-    jend-1."""
+    for the backward, the incoming states of every chunk (h [jend - j0, B, NT, H, K, V]) or those of the
+    chunks SEG, 2 SEG, ... only (ck [NT / SEG - 1, B, H, NL, K, V] fp32: where a segmented backward starts
+    its recompute, ``backward_plan``). Levels j0 .. jend-1."""
     jg, lo, hi, iv, bh = _scan_program(work_ptr, NVB)
     b = bh // H
     h = bh % H
@@ -174,6 +179,10 @@ def levels_fwd_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, s0_ptr, o_pt
         if STORE_H:
             tl.store(h_ptr + hcol[None, :] + (((b * NT + n) * H + h) * K + rk[:, None]) * V,
                      S.to(h_ptr.dtype.element_ty), mask=mkv)
+        if STORE_CK:  # the state entering chunk n, a segment start (the one program whose block holds n)
+            if (n % SEG == 0) & (n > 0):
+                tl.store(ck_ptr + ((((n // SEG - 1) * B * H + bh) * NL + j[None, :]) * K + rk[:, None]) * V
+                         + rv[None, :], S, mask=mkv)
         mtk = mt[:, None] & mk[None, :]
         gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
         gl = tl.load(gam_ptr + base + tl.minimum(n * C + C - 1, T - 1) * H)
@@ -391,40 +400,92 @@ def _scan_grid(work: torch.Tensor, nvb: int, BH: int) -> tuple:
     return (nvb * BH, work.shape[0])
 
 
-def levels_forward(o, qt, k, w, ut, gam, lw, s0, scale: float, n0: int, want_final: bool):
+def backward_plan(qt, ut, NL: int) -> tuple[int, int]:
+    """(G, SEG): ``levels_backward`` recomputes the level states in groups of G levels, and over segments
+    of SEG chunks of the sequence (SEG = NT: one segment), so that h and dh of one group over one
+    segment, 2 G SEG B H K V elements of qt's dtype, fit STATE_BUDGET. G is a multiple of the levels per
+    program (CONFIG["LP"]; fewer would leave state columns idle), at most NL, and as many as fit; the
+    sequence is cut only where even LP levels of the whole sequence would not fit, into segments of a
+    power of two chunks. The forward stores the run states at the segment starts for it (ck of
+    ``levels_fwd_kernel``), so ``levels_forward`` takes SEG from here too."""
+    B, T, H, K, V, NT, _, _, cfg = _launch_args(qt, ut)
+    per_chunk = 2 * B * H * K * V * qt.element_size()           # h and dh of one level at one chunk
+    per_level = per_chunk * NT
+    group = min(NL, max(cfg["LP"], STATE_BUDGET // max(per_level, 1) // cfg["LP"] * cfg["LP"]))
+    if NL == 0 or group * per_level <= STATE_BUDGET:
+        return group, NT
+    seg = max(1, STATE_BUDGET // (group * per_chunk))
+    return group, 1 << (seg.bit_length() - 1)
+
+
+def levels_forward(o, qt, k, w, ut, gam, lw, s0, scale: float, n0: int, want_final: bool, seg: int | None = None):
     """Adds the readout of every level above log2(C) to o ([B, T, H, V] fp32); returns the final run
-    states [B, H, NL, K, V] fp32 (or None)."""
+    states [B, H, NL, K, V] fp32 (or None) and, with ``seg`` < NT chunks (``backward_plan``), the run
+    states entering chunks seg, 2 seg, ... ([NT / seg - 1 rounded up, B, H, NL, K, V] fp32, for the
+    segmented backward), else None."""
     B, T, H, K, V, NT, bv, nvb, cfg = _launch_args(qt, ut)
     NL = lw.shape[-1]
     st = torch.empty(B, H, NL, K, V, device=qt.device, dtype=torch.float32) if want_final else None
+    ck = None
+    if seg is not None and seg < NT:
+        ck = torch.empty(triton.cdiv(NT, seg) - 1, B, H, NL, K, V, device=qt.device, dtype=torch.float32)
     work = _work(0, NL, n0, NT, cfg["LP"], qt.device)
     groups = triton.cdiv(NL, cfg["LP"])
     atomic = bool(cfg["ATOMIC"]) and groups > 1
     # without atomics group 0 adds to o itself, every other group stores into its own slice of parts
     out = o if atomic or groups == 1 else torch.cat([o[None], o.new_empty(groups - 1, *o.shape)])
-    levels_fwd_kernel[_scan_grid(work, nvb, B * H)](qt, k, w, ut, gam, lw, s0, out, st, None, work, scale, B, T, NT,
-                                                    H, NL, n0, 0, NL, nvb, K=K, V=V, BK=pow2(K), BV=bv,
-                                                    LP=cfg["LP"], C=CHUNK, ATOMIC=atomic, **_scan_launch(cfg))
+    levels_fwd_kernel[_scan_grid(work, nvb, B * H)](qt, k, w, ut, gam, lw, s0, out, st, None, ck, work, scale, B, T,
+                                                    NT, H, NL, n0, 0, NL, nvb, NT if ck is None else seg, K=K, V=V,
+                                                    BK=pow2(K), BV=bv, LP=cfg["LP"], C=CHUNK, ATOMIC=atomic,
+                                                    **_scan_launch(cfg))
     if out is not o:
         torch.sum(out, dim=0, out=o)
-    return st
+    return st, ck
 
 
-def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, need_ds0: bool):
+def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, need_ds0: bool, ck=None,
+                    seg: int | None = None):
     """Gradients (fp32) of sum(o_inter * do) + sum(final * dst) w.r.t. qt, k, w, ut, gam, lw and s0. Per
     group of levels: the forward scan again (storing the incoming states h), the reverse scan (storing the
-    outgoing-state gradients dh), then one per-chunk pass pairing them."""
+    outgoing-state gradients dh), then one per-chunk pass pairing them. With ``ck`` (the run states the
+    forward stored at the starts of segments of ``seg`` chunks, ``levels_forward``) the sequence is done
+    segment by segment from the last, each as a call of its own: it starts from its checkpoint (as from
+    an incoming run state) and its end takes the gradient of the next segment's incoming run state (as
+    that of a final state); the per-chunk work and the results are those of one call."""
     B, T, H, K, V, NT, bv, nvb, cfg = _launch_args(qt, ut)
     NL = lw.shape[-1]
     f32 = dict(device=qt.device, dtype=torch.float32)
     dqt, dk, du = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, V, **f32)
     dw = torch.empty(B, T, H, K, **f32) if w is not None else None
     dgam, dlw = torch.empty(B, T, H, **f32), torch.empty(B, T, H, NL, **f32)
-    ds0 = torch.zeros(B, H, NL, K, V, **f32) if need_ds0 else None
-    per_level = 2 * B * NT * H * K * V * qt.element_size()
-    # whole program groups (a smaller group leaves state columns idle), at least one
-    group = min(NL, max(cfg["LP"], STATE_BUDGET // max(per_level, 1) // cfg["LP"] * cfg["LP"]))
     do = do.contiguous()
+    group, _ = backward_plan(qt, ut, NL)
+    outs = (dqt, dk, dw, du, dgam, dlw)
+    if ck is None:
+        ds0 = _backward_groups(qt, k, w, ut, gam, lw, s0, do, dst, scale, n0, need_ds0, outs, group)
+        return dqt, dk, dw, du, dgam, dlw, ds0
+    ds0 = torch.zeros(B, H, NL, K, V, **f32) if need_ds0 else None
+    for b in range(B):   # one batch row at a time: a row's slice of [B, T, ...] is contiguous
+        carry = None if dst is None else dst[b:b + 1]
+        for i in reversed(range(triton.cdiv(NT, seg))):
+            rows = slice(i * seg * CHUNK, min(T, (i + 1) * seg * CHUNK))
+            cut = lambda x, rows=rows, b=b: None if x is None else x[b:b + 1, rows]  # noqa: E731
+            start = ck[i - 1, b:b + 1] if i else (None if s0 is None else s0[b:b + 1])
+            carry = _backward_groups(cut(qt), cut(k), cut(w), cut(ut), cut(gam), cut(lw), start, cut(do), carry,
+                                     scale, n0 + i * seg, bool(i) or need_ds0, tuple(map(cut, outs)), group)
+        if need_ds0:
+            ds0[b:b + 1] = carry
+    return dqt, dk, dw, du, dgam, dlw, ds0
+
+
+def _backward_groups(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, need_ds0: bool, outs,
+                     group: int):
+    """``levels_backward`` of one call (or segment) into ``outs`` = (dqt, dk, dw, du, dgam, dlw), in groups of
+    ``group`` levels; returns ds0 (or None)."""
+    dqt, dk, dw, du, dgam, dlw = outs
+    B, T, H, K, V, NT, bv, nvb, cfg = _launch_args(qt, ut)
+    NL = lw.shape[-1]
+    ds0 = torch.zeros(B, H, NL, K, V, device=qt.device, dtype=torch.float32) if need_ds0 else None
     common = dict(K=K, V=V, BK=pow2(K), BV=bv, LP=cfg["LP"], C=CHUNK, **_scan_launch(cfg))
     for j0 in range(0, NL, group):
         G = min(group, NL - j0)
@@ -438,8 +499,8 @@ def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, n
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(qt.device))
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            levels_fwd_kernel[grid](qt, k, w, ut, gam, lw, s0, None, None, hs, work, scale, B, T, NT, H, NL, n0,
-                                    j0, j0 + G, nvb, ATOMIC=False, **common)
+            levels_fwd_kernel[grid](qt, k, w, ut, gam, lw, s0, None, None, hs, None, work, scale, B, T, NT, H, NL,
+                                    n0, j0, j0 + G, nvb, NT, ATOMIC=False, **common)
         levels_dstate_kernel[grid](qt, k, w, gam, lw, do, dst, dhs, ds0, work, scale, B, T, NT, H, NL, n0, j0,
                                    j0 + G, nvb, **common)
         if side is not None:
@@ -449,4 +510,4 @@ def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, n
                                         BV=min(pow2(V), cfg["BV_grad"]), C=CHUNK, FIRST=j0 == 0,
                                         num_warps=cfg["warps_grad"])
         del hs, dhs
-    return dqt, dk, dw, du, dgam, dlw, ds0
+    return ds0
