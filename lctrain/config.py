@@ -156,6 +156,12 @@ class TaskConfig:
     num_queries: int = 0  # mqar: default every key; swap / dag: default 1
     num_elements: int = 0  # swap: elements being swapped (required)
     num_nodes: int = 0  # dag: nodes of the graph (required)
+    # swap, training data only: each training sample holds a number of swaps drawn uniformly from
+    # min_swaps..(as many as data.seq_len holds), PAD filling the front (a mixture of difficulties);
+    # 0 = every sample holds as many as fit. `lctrain eval task` ignores it: it scores the task as defined
+    min_swaps: int = 0
+    max_swaps: int = 0
+    curriculum_samples: int = 0
     vocab_size: int = 256  # the task's ids are < this (<= model.vocab_size)
     num_samples: int = 0  # samples built into the cached dataset; 0 = 20000
 
@@ -588,13 +594,14 @@ def _validate_task(cfg: DictConfig) -> None:
     task's knob is set, and one sample can be built at data.seq_len (the generator's own check)."""
     import numpy as np
 
-    from lctrain.data.synthetic import TASK_KNOBS, TASKS, TaskError
+    from lctrain.data.synthetic import TASK_KNOBS, TASKS, TRAIN_KNOBS, TaskError, task_samples
 
     d, task = cfg.data, cfg.data.task
     source = str(d.source)
     defaults = TaskConfig()
     if not source.startswith("synthetic:"):
-        changed = [k for k in ("num_pairs", "num_queries", "num_elements", "num_nodes", "vocab_size", "num_samples")
+        changed = [k for k in ("num_pairs", "num_queries", "num_elements", "num_nodes", "min_swaps", "max_swaps", "curriculum_samples", "vocab_size",
+                               "num_samples")
                    if task[k] != getattr(defaults, k)]
         if changed:
             _fail(f"data.task.{changed[0]}", f"is set but data.source={source!r} is not a synthetic task",
@@ -603,13 +610,13 @@ def _validate_task(cfg: DictConfig) -> None:
     name = source.split(":", 1)[1]
     if name not in TASKS:
         _fail("data.source", f"unknown synthetic task {name!r}", f"use synthetic:<task> with a task of {sorted(TASKS)}")
-    for k in ("num_pairs", "num_queries", "num_elements", "num_nodes", "vocab_size", "num_samples"):
+    for k in ("num_pairs", "num_queries", "num_elements", "num_nodes", "min_swaps", "max_swaps", "curriculum_samples", "vocab_size", "num_samples"):
         if task[k] < 0:
             _fail(f"data.task.{k}", f"must be >= 0, got {task[k]}", "use 0 for the task's default")
-    for k in ("num_pairs", "num_elements", "num_nodes"):
-        if task[k] and k not in TASK_KNOBS[name]:
+    for k in ("num_pairs", "num_elements", "num_nodes", "min_swaps", "max_swaps", "curriculum_samples"):
+        if task[k] and k not in TASK_KNOBS[name] + TRAIN_KNOBS[name]:
             _fail(f"data.task.{k}", f"is not a knob of the {name} task",
-                  f"leave it 0; {name} takes {', '.join(TASK_KNOBS[name])}")
+                  f"leave it 0; {name} takes {', '.join(TASK_KNOBS[name] + TRAIN_KNOBS[name])}")
     need = REQUIRED_TASK_KNOBS[name]
     if not task[need]:
         _fail(f"data.task.{need}", f"is required by the {name} task", f"set data.task.{need}")
@@ -621,9 +628,9 @@ def _validate_task(cfg: DictConfig) -> None:
         _fail("model.document_end_id",
               f"{end} is a token of the synthetic task (ids < data.task.vocab_size={task.vocab_size})",
               "set model.document_end_id=null (task samples are one stream each)")
-    knobs = {k: int(task[k]) for k in TASK_KNOBS[name] if task[k]}
+    knobs = {k: int(task[k]) for k in TASK_KNOBS[name] + TRAIN_KNOBS[name] if task[k]}
     try:
-        TASKS[name](np.random.default_rng(0), length=int(d.seq_len) + 1, vocab_size=int(task.vocab_size), **knobs)
+        task_samples(name, count=1, length=int(d.seq_len) + 1, seed=0, vocab_size=int(task.vocab_size), **knobs)
     except TaskError as err:
         _fail("data.task", f"the {name} task cannot be built at data.seq_len={d.seq_len} ({err})",
               "change the task's knobs, data.task.vocab_size or data.seq_len")
