@@ -96,6 +96,37 @@ def test_swap_min_swaps_reproducible_per_seed():
     assert not all(np.array_equal(x.ids, y.ids) for x, y in zip(a, c))
 
 
+def test_swap_max_swaps_caps_the_draw():
+    rng = np.random.default_rng(2)
+    kw = dict(length=40, num_elements=5, num_queries=2, vocab_size=64)
+    counts = {_num_swaps(swap_sample(rng, **kw, min_swaps=2, max_swaps=4).ids) for _ in range(100)}
+    assert counts == {2, 3, 4}
+    assert {_num_swaps(swap_sample(rng, **kw, max_swaps=2).ids) for _ in range(50)} == {1, 2}  # min_swaps 0 = 1
+
+
+def test_swap_curriculum_raises_the_cap_in_sample_order():
+    """curriculum_samples N: sample i holds at most swap_curriculum_cap(i, N, most) swaps, from 1 for the
+    first N/most samples up to all that fit from sample N on; every answer re-derived; reproducible."""
+    from lctrain.data.synthetic import swap_curriculum_cap
+
+    assert [swap_curriculum_cap(i, 8, 4) for i in range(10)] == [1, 1, 2, 2, 3, 3, 4, 4, 4, 4]
+    kw = dict(count=400, length=33, seed=5, vocab_size=32, num_elements=5, num_queries=5, curriculum_samples=200)
+    samples = task_samples("swap", **kw)
+    counts = [_num_swaps(s.ids) for s in samples]
+    for i, (s, k) in enumerate(zip(samples, counts)):
+        positions, answers = check_swap(s.ids, 5)
+        _assert_consistent(s, positions, answers, 33)
+        assert 1 <= k <= swap_curriculum_cap(i, 200, 4)
+    assert set(counts[:50]) == {1} and set(counts[200:]) == {1, 2, 3, 4}
+    assert all(np.array_equal(a.ids, b.ids) for a, b in zip(samples, task_samples("swap", **kw)))
+    capped = task_samples("swap", **dict(kw, max_swaps=2, min_swaps=2))
+    assert {_num_swaps(s.ids) for s in capped[100:]} == {2} and {_num_swaps(s.ids) for s in capped[:100]} == {1}
+    with pytest.raises(TaskError, match="curriculum_samples is a knob of the swap task"):
+        task_samples("mqar", count=2, length=64, seed=0, vocab_size=256, num_pairs=8, curriculum_samples=2)
+    with pytest.raises(TaskError, match="max_swaps"):
+        task_samples("swap", **dict(kw, max_swaps=5))
+
+
 def test_swap_checker_sees_a_wrong_answer():
     s = swap_sample(np.random.default_rng(0), length=60, num_elements=6, num_queries=3)
     pos = int(np.flatnonzero(s.answer_mask)[0])
@@ -161,6 +192,13 @@ SWAP_CFG = ["data.source=synthetic:swap", "model.document_end_id=null", "data.ta
     (["data.task.min_swaps=1"], "data.task.min_swaps"),  # without a synthetic source
     (SWAP_CFG + ["data.task.min_swaps=-1"], "data.task.min_swaps"),
     (SWAP_CFG + ["data.task.min_swaps=5"], "data.task"),  # 32 tokens hold 4 swaps after 5 queries
+    (SWAP_CFG + ["data.task.min_swaps=3", "data.task.max_swaps=2"], "data.task"),
+    (SWAP_CFG + ["data.task.max_swaps=5"], "data.task"),
+    (SYN + ["data.task.num_pairs=4", "data.task.curriculum_samples=8"], "data.task.curriculum_samples"),
+    (SWAP_CFG + ["data.task.curriculum_samples=-1"], "data.task.curriculum_samples"),
+    (SWAP_CFG + ["data.task.curriculum_samples=30000"], "data.task.curriculum_samples"),  # > 20000 held
+    (SWAP_CFG + ["data.task.curriculum_samples=100", "data.task.num_samples=200", "train.steps=100"],
+     "data.task.num_samples"),  # 100 steps x 8 samples read: the curriculum would start over
 ])
 def test_task_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -213,6 +251,26 @@ def test_min_swaps_trains_on_the_mixture_and_the_eval_scores_the_task(tmp_path):
     name, knobs, length = task_from(cfg, ns)
     assert (name, length) == ("swap", 32) and "min_swaps" not in knobs
     assert all(_num_swaps(s.ids) == 4 for s in eval_samples(name, knobs, length=33, count=20, seed=0))
+
+
+def test_curriculum_dataset_is_read_in_its_stored_order(tmp_path):
+    """A curriculum dataset is marked ordered and the train loader hands its samples over in the stored
+    order (no shuffle), so the cap on the swaps rises with the step."""
+    import itertools
+
+    from lctrain.data.loader import build_train_loader
+    from lctrain.data.mds import read_meta
+    from lctrain.data.task_dataset import ensure_task_dataset
+
+    cfg = load_config(None, SWAP_CFG + ["data.task.vocab_size=32", "data.task.num_samples=64",
+                                        "data.task.curriculum_samples=48", "data.micro_batch_size=4",
+                                        "train.steps=16", f"data.cache_dir={tmp_path}"])
+    assert read_meta(ensure_task_dataset(cfg.data))["ordered"] is True
+    loader = build_train_loader(cfg.data, dp_rank=0, dp_size=1, cp_rank=0, cp_size=1)
+    got = np.concatenate([b["input_ids"].numpy() for b in itertools.islice(iter(loader), 16)])
+    ref = task_samples("swap", count=64, length=33, seed=0, vocab_size=32, num_elements=5, num_queries=5,
+                       curriculum_samples=48)
+    assert np.array_equal(got, np.stack([s.ids[:-1] for s in ref]))
 
 
 class _Oracle(torch.nn.Module):
