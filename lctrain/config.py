@@ -156,6 +156,16 @@ class TaskConfig:
     num_queries: int = 0  # mqar: default every key; swap / dag: default 1
     num_elements: int = 0  # swap: elements being swapped (required)
     num_nodes: int = 0  # dag: nodes of the graph (required)
+    # swap, training data only (`lctrain eval task` ignores them: it scores the task as defined, every
+    # sample holding as many swaps as data.seq_len fits):
+    # min_swaps / max_swaps: each training sample holds a number of swaps drawn uniformly from
+    # min_swaps..max_swaps (0 = 1 / as many as fit), PAD filling the front; both 0 = every sample full
+    min_swaps: int = 0
+    max_swaps: int = 0
+    # > 0: a curriculum: the most swaps a training sample holds rises from 1 to max_swaps (or all that
+    # fit) in equal steps over the first curriculum_samples samples, and stays there; the dataset is
+    # then read in its stored order (not shuffled), so num_samples must cover every sample the run reads
+    curriculum_samples: int = 0
     vocab_size: int = 256  # the task's ids are < this (<= model.vocab_size)
     num_samples: int = 0  # samples built into the cached dataset; 0 = 20000
 
@@ -584,21 +594,20 @@ def validate_rope_scaling(m: Any) -> None:
 
 
 REQUIRED_TASK_KNOBS = {"mqar": "num_pairs", "swap": "num_elements", "dag": "num_nodes"}
+TASK_CONFIG_KNOBS = ("num_pairs", "num_queries", "num_elements", "num_nodes", "min_swaps", "max_swaps",
+                     "curriculum_samples", "vocab_size", "num_samples")
 
 
 def _validate_task(cfg: DictConfig) -> None:
     """data.source=synthetic:<task> and data.task: the task exists, its required knob is set, no other
     task's knob is set, and one sample can be built at data.seq_len (the generator's own check)."""
-    import numpy as np
-
-    from lctrain.data.synthetic import TASK_KNOBS, TASKS, TaskError
+    from lctrain.data.synthetic import TASK_KNOBS, TASKS, TRAIN_KNOBS, TaskError, task_samples
 
     d, task = cfg.data, cfg.data.task
     source = str(d.source)
     defaults = TaskConfig()
     if not source.startswith("synthetic:"):
-        changed = [k for k in ("num_pairs", "num_queries", "num_elements", "num_nodes", "vocab_size", "num_samples")
-                   if task[k] != getattr(defaults, k)]
+        changed = [k for k in TASK_CONFIG_KNOBS if task[k] != getattr(defaults, k)]
         if changed:
             _fail(f"data.task.{changed[0]}", f"is set but data.source={source!r} is not a synthetic task",
                   "set data.source=synthetic:<task> (mqar | swap | dag) or drop data.task")
@@ -606,13 +615,13 @@ def _validate_task(cfg: DictConfig) -> None:
     name = source.split(":", 1)[1]
     if name not in TASKS:
         _fail("data.source", f"unknown synthetic task {name!r}", f"use synthetic:<task> with a task of {sorted(TASKS)}")
-    for k in ("num_pairs", "num_queries", "num_elements", "num_nodes", "vocab_size", "num_samples"):
+    for k in TASK_CONFIG_KNOBS:
         if task[k] < 0:
             _fail(f"data.task.{k}", f"must be >= 0, got {task[k]}", "use 0 for the task's default")
-    for k in ("num_pairs", "num_elements", "num_nodes"):
-        if task[k] and k not in TASK_KNOBS[name]:
+    for k in ("num_pairs", "num_elements", "num_nodes", "min_swaps", "max_swaps", "curriculum_samples"):
+        if task[k] and k not in TASK_KNOBS[name] + TRAIN_KNOBS[name]:
             _fail(f"data.task.{k}", f"is not a knob of the {name} task",
-                  f"leave it 0; {name} takes {', '.join(TASK_KNOBS[name])}")
+                  f"leave it 0; {name} takes {', '.join(TASK_KNOBS[name] + TRAIN_KNOBS[name])}")
     need = REQUIRED_TASK_KNOBS[name]
     if not task[need]:
         _fail(f"data.task.{need}", f"is required by the {name} task", f"set data.task.{need}")
@@ -624,9 +633,21 @@ def _validate_task(cfg: DictConfig) -> None:
         _fail("model.document_end_id",
               f"{end} is a token of the synthetic task (ids < data.task.vocab_size={task.vocab_size})",
               "set model.document_end_id=null (task samples are one stream each)")
-    knobs = {k: int(task[k]) for k in TASK_KNOBS[name] if task[k]}
+    if task.curriculum_samples:
+        held = int(task.num_samples) or 20000  # lctrain.data.task_dataset.DEFAULT_SAMPLES
+        if task.curriculum_samples > held:
+            _fail("data.task.curriculum_samples", f"{task.curriculum_samples} exceeds the {held} samples the dataset "
+                  "holds (data.task.num_samples): the curriculum would never reach its last level",
+                  "raise data.task.num_samples or lower data.task.curriculum_samples")
+        used = int(cfg.train.steps) * int(d.micro_batch_size) * int(cfg.train.grad_accum)
+        if used > held:
+            _fail("data.task.num_samples", f"{held} samples are fewer than the {used} that train.steps x "
+                  "data.micro_batch_size x train.grad_accum reads (more with data parallelism): a curriculum "
+                  "(data.task.curriculum_samples) is read in order and would start over",
+                  f"set data.task.num_samples >= {used} x the data-parallel ranks")
+    knobs = {k: int(task[k]) for k in TASK_KNOBS[name] + TRAIN_KNOBS[name] if task[k]}
     try:
-        TASKS[name](np.random.default_rng(0), length=int(d.seq_len) + 1, vocab_size=int(task.vocab_size), **knobs)
+        task_samples(name, count=1, length=int(d.seq_len) + 1, seed=0, vocab_size=int(task.vocab_size), **knobs)
     except TaskError as err:
         _fail("data.task", f"the {name} task cannot be built at data.seq_len={d.seq_len} ({err})",
               "change the task's knobs, data.task.vocab_size or data.seq_len")

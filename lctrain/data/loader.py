@@ -221,8 +221,12 @@ def build_train_loader(data_cfg: Any, *, dp_rank: int, dp_size: int, cp_rank: in
 
     _quiet_fresh_start_warning()
 
+    # a curriculum dataset (data.task.curriculum_samples) is read in its stored order: no shuffle, one
+    # canonical node, so that global batch b holds samples b*B..(b+1)*B-1 for any number of ranks
+    ordered = bool(meta.get("ordered"))
     dataset = TokenSamples(
-        local=str(path), remote=None, shuffle=True, shuffle_seed=int(data_cfg.seed), batch_size=batch,
+        local=str(path), remote=None, shuffle=not ordered, shuffle_seed=int(data_cfg.seed), batch_size=batch,
+        **({"num_canonical_nodes": 1} if ordered else {}),
         replication=replication if replication > 1 else None, cp_rank=cp_rank, cp_size=cp_size,
         document_end_id=document_end_id,
     )

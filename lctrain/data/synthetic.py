@@ -107,10 +107,19 @@ def check_mqar(ids, num_pairs: int, vocab_size: int = 256) -> tuple[list[int], l
 
 # ---------------------------------------------------------------- swap tracking
 
+def swap_capacity(length: int, num_elements: int, num_queries: int = 1) -> int:
+    """How many swaps a swap sample of `length` ids holds (the task's number of swaps)."""
+    return (length - num_elements - 3 * num_queries) // 3
+
+
 def swap_sample(rng: np.random.Generator, *, length: int, num_elements: int, num_queries: int = 1,
-                vocab_size: int = 256) -> TaskSample:
+                vocab_size: int = 256, min_swaps: int = 0, max_swaps: int = 0) -> TaskSample:
     """One swap-tracking sample of exactly `length` ids: as many swaps as fit after the start and
-    before `num_queries` queries (PAD fills the remainder at the front)."""
+    before `num_queries` queries (PAD fills the remainder at the front).
+
+    `min_swaps` > 0 (a training mixture of difficulties): the sample holds a number of swaps drawn
+    uniformly from min_swaps..(as many as fit) instead, PAD filling the rest at the front; the
+    queries stay at the end. 0 (the default, and the eval's task) draws nothing extra from `rng`."""
     n = num_elements
     _need(n >= 2, f"num_elements must be >= 2, got {n}")
     _need(vocab_size >= SPECIALS + 2 * n,
@@ -121,6 +130,13 @@ def swap_sample(rng: np.random.Generator, *, length: int, num_elements: int, num
           f"length {length} holds no swap after {n} elements and {num_queries} queries (needs >= "
           f"{n + 3 * num_queries + 3})")
     num_swaps, pad = divmod(room, 3)
+    _need(0 <= min_swaps <= num_swaps,
+          f"min_swaps must lie in [0, {num_swaps}] (the swaps length {length} holds), got {min_swaps}")
+    _need(0 <= max_swaps <= num_swaps and (not max_swaps or max_swaps >= min_swaps),
+          f"max_swaps must lie in [max(1, min_swaps={min_swaps}), {num_swaps}] or be 0, got {max_swaps}")
+    if min_swaps or max_swaps:
+        fewer = num_swaps - int(rng.integers(max(min_swaps, 1), (max_swaps or num_swaps) + 1))
+        num_swaps, pad = num_swaps - fewer, pad + 3 * fewer
     elem0, pos0 = SPECIALS, SPECIALS + n
     where = rng.permutation(n)  # where[x] = position of element x
     at = np.empty(n, dtype=np.int64)
@@ -246,11 +262,39 @@ TASKS = {"mqar": mqar_sample, "swap": swap_sample, "dag": dag_sample}
 # knobs each task takes besides length and vocab_size
 TASK_KNOBS = {"mqar": ("num_pairs", "num_queries"), "swap": ("num_elements", "num_queries"),
               "dag": ("num_nodes", "num_queries")}
+# knobs that change only what a model is TRAINED on (the cached training dataset), never the task itself:
+# the eval (`lctrain eval task`) builds its samples from TASK_KNOBS alone, so it scores the task as defined
+TRAIN_KNOBS = {"mqar": (), "swap": ("min_swaps", "max_swaps", "curriculum_samples"), "dag": ()}
+
+
+def swap_curriculum_cap(index: int, curriculum_samples: int, most: int) -> int:
+    """The most swaps sample `index` of a curriculum may hold: 1 for the first 1/most of the
+    `curriculum_samples` samples, 2 for the next 1/most, ..., `most` from there on."""
+    return most if index >= curriculum_samples else 1 + index * most // curriculum_samples
 
 
 def task_samples(name: str, *, count: int, length: int, seed: int, vocab_size: int, **knobs) -> list[TaskSample]:
-    """`count` samples of task `name` from one seeded numpy Generator (reproducible for a seed)."""
+    """`count` samples of task `name` from one seeded numpy Generator (reproducible for a seed).
+
+    swap's `curriculum_samples` N (training only): sample i holds at most swap_curriculum_cap(i, N, most)
+    swaps (`most`: max_swaps, else as many as fit), drawn uniformly from min_swaps (at least 1) up to
+    that; the samples must then be read in order (the task dataset marks itself `ordered`)."""
     if name not in TASKS:
         raise TaskError(f"unknown task {name!r}; use one of {sorted(TASKS)}")
     rng = np.random.default_rng([seed, count, length])
-    return [TASKS[name](rng, length=length, vocab_size=vocab_size, **knobs) for _ in range(count)]
+    curriculum = int(knobs.pop("curriculum_samples", 0) or 0)
+    if not curriculum:
+        return [TASKS[name](rng, length=length, vocab_size=vocab_size, **knobs) for _ in range(count)]
+    _need(name == "swap", f"curriculum_samples is a knob of the swap task, not of {name}")
+    _need(curriculum > 0, f"curriculum_samples must be >= 0, got {curriculum}")
+    fit = swap_capacity(length, knobs["num_elements"], knobs.get("num_queries", 1))
+    most = int(knobs.pop("max_swaps", 0) or 0) or fit
+    low = max(1, int(knobs.pop("min_swaps", 0) or 0))
+    _need(1 <= low <= most <= fit, f"min_swaps {low} <= max_swaps {most} <= {fit} (the swaps length {length} "
+          "holds) must hold")
+    out = []
+    for i in range(count):
+        cap = swap_curriculum_cap(i, curriculum, most)
+        out.append(swap_sample(rng, length=length, vocab_size=vocab_size, min_swaps=min(low, cap), max_swaps=cap,
+                               **knobs))
+    return out

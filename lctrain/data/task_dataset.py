@@ -15,7 +15,7 @@ from typing import Any
 from lctrain.data.embedded import build_once
 from lctrain.data.mds import write_mds
 from lctrain.data.packing import token_dtype
-from lctrain.data.synthetic import TASK_KNOBS, task_samples
+from lctrain.data.synthetic import TASK_KNOBS, TRAIN_KNOBS, task_samples
 
 SOURCE_PREFIX = "synthetic:"
 FORMAT_VERSION = 1
@@ -27,15 +27,18 @@ def task_name(source: str) -> str | None:
     return source[len(SOURCE_PREFIX):] if source.startswith(SOURCE_PREFIX) else None
 
 
-def task_knobs(name: str, task_cfg: Any) -> dict:
-    """The generator's keyword knobs from data.task (0 = the generator's default, left out)."""
-    knobs = {k: int(task_cfg[k]) for k in TASK_KNOBS[name] if int(task_cfg[k])}
+def task_knobs(name: str, task_cfg: Any, *, train: bool = False) -> dict:
+    """The generator's keyword knobs from data.task (0 = the generator's default, left out). With
+    `train`, also the training-only knobs (TRAIN_KNOBS, e.g. swap's min_swaps): the training dataset
+    uses them, the eval does not (it scores the task as defined)."""
+    names = TASK_KNOBS[name] + (TRAIN_KNOBS[name] if train else ())
+    knobs = {k: int(task_cfg[k]) for k in names if int(task_cfg[k])}
     return dict(knobs, vocab_size=int(task_cfg.vocab_size))
 
 
 def task_settings(data_cfg: Any) -> dict:
     name = task_name(str(data_cfg.source))
-    return {"format": FORMAT_VERSION, "task": name, "knobs": task_knobs(name, data_cfg.task),
+    return {"format": FORMAT_VERSION, "task": name, "knobs": task_knobs(name, data_cfg.task, train=True),
             "seq_len": int(data_cfg.seq_len), "seed": int(data_cfg.seed),
             "num_samples": int(data_cfg.task.num_samples) or DEFAULT_SAMPLES}
 
@@ -56,7 +59,8 @@ def ensure_task_dataset(data_cfg: Any, *, builder: bool | None = None, timeout_s
         vocab = s["knobs"]["vocab_size"]
         write_mds(path, (x.ids for x in samples), answer_masks=(x.answer_mask for x in samples),
                   sample_len=s["seq_len"] + 1, dtype=token_dtype(vocab),
-                  meta=dict(s, source=f"{SOURCE_PREFIX}{s['task']}", vocab_size=vocab))
+                  meta=dict(s, source=f"{SOURCE_PREFIX}{s['task']}", vocab_size=vocab,
+                            ordered=bool(s["knobs"].get("curriculum_samples"))))
 
     return build_once(task_dataset_path(data_cfg), write, builder=builder, timeout_s=timeout_s)
 
