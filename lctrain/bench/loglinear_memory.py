@@ -54,6 +54,9 @@ def _roots() -> list:
     return sorted({os.path.dirname(os.path.dirname(os.path.abspath(m.__file__))) for m in (lctrain, lctrain.kernels)})
 
 
+_PACKAGES = ("lctrain", "kernels", "parallel")  # the folders of lctrain's code in a checkout
+
+
 def _site(roots) -> str:
     """The innermost frame of lctrain's code (not this file, not a test) that led to the allocation."""
     import linecache
@@ -62,8 +65,10 @@ def _site(roots) -> str:
         name = f.f_code.co_filename
         path = os.path.abspath(name)
         root = next((r for r in roots if path.startswith(r + os.sep)), None)
-        if root and not name.startswith("<") and path != _HERE and os.sep + "tests" + os.sep not in path:
-            return f"{os.path.relpath(path, root)}:{f.f_lineno} {linecache.getline(path, f.f_lineno).strip()}"
+        # only the repository's packages: a virtual environment may live inside the checkout (CI's .venv)
+        rel = os.path.relpath(path, root) if root else ""
+        if rel.split(os.sep)[0] in _PACKAGES and not name.startswith("<") and path != _HERE:
+            return f"{rel}:{f.f_lineno} {linecache.getline(path, f.f_lineno).strip()}"
         f = f.f_back
     return "(autograd, outside lctrain's code)"
 
