@@ -65,6 +65,8 @@ CPU_DEFAULTS = dict(T=[64, 128], H=2, D=16, dtype="fp32", chunk_size=16, warmup=
 
 
 def _parse(argv):
+    from lctrain.bench.report import time_limit_seconds
+
     p = argparse.ArgumentParser(prog="lctrain bench cp", description=__doc__.split("\n\n")[0])
     p.add_argument("--nproc", type=int, default=None,
                    help="CP ranks to launch (default: all visible GPUs; 2 on CPU); ignored under torchrun")
@@ -98,7 +100,7 @@ def _parse(argv):
     p.add_argument("--fla", action="store_true",
                    help="also time fla-core's CP (off by default: its first calls autotune for minutes, so time "
                         "it in its own invocation, e.g. `lctrain bench cp --nproc 2 --fla --T 16384`)")
-    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+    p.add_argument("--time-limit", type=time_limit_seconds, default=None, metavar="S",
                    help="start no new case (layer, T, transition) after S seconds; what was measured is written")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
     p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD",
@@ -125,8 +127,6 @@ def _parse(argv):
     if "swa" in args.layer and min(args.T) < args.window - 1:
         p.error(f"--layer swa: the halo of --window {args.window} (window - 1 keys) must fit in one rank's shard; "
                 f"--T {min(args.T)} is shorter: pass --T >= {args.window - 1} or a smaller --window")
-    if args.time_limit is not None and args.time_limit <= 0:
-        p.error("--time-limit must be > 0 seconds")
     bad = [t for t in args.T if t < 1 or t % args.chunk_size]
     if bad:
         p.error(f"--T {bad}: tokens per rank must be positive multiples of --chunk-size {args.chunk_size}")

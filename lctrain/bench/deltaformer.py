@@ -27,7 +27,7 @@ import argparse
 import sys
 
 from lctrain.bench.kernels import _measure, _rel_diff
-from lctrain.bench.report import Clock, bench_main, result_dict, write_partial
+from lctrain.bench.report import Clock, bench_main, result_dict, time_limit_seconds, write_partial
 
 METHODS = ("ours", "ours_tf32", "ours_half", "ours_torch", "fla", "fla_u_sdpa", "sdpa")
 OURS = ("ours", "ours_tf32", "ours_half")                   # the Triton backend, by kernel_dots
@@ -52,15 +52,13 @@ def _parse(argv):
     p.add_argument("--profile", metavar="PATH",
                    help="after the timing, profile one fwd+bwd of each method at the first --T (torch.profiler) "
                         "and write its kernel table and wall vs summed kernel time to PATH")
-    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+    p.add_argument("--time-limit", type=time_limit_seconds, default=None, metavar="S",
                    help="start no new measurement (T, method) after S seconds; the notes name those not run")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here (rewritten after every "
                    "measurement, marked partial until the run ends)")
     p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD",
                    help="append the result to BENCHMARKS.md (or MD)")
     args = p.parse_args(argv)
-    if args.time_limit is not None and args.time_limit <= 0:
-        p.error("--time-limit must be > 0 seconds")
     if any(c < 1 for c in args.chunk_size):
         p.error(f"--chunk-size must be positive, got {args.chunk_size}")
     if args.methods is None:

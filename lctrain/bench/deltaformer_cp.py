@@ -32,6 +32,8 @@ SCHEDULES = ("pipeline", "gather")
 
 
 def _parse(argv):
+    from lctrain.bench.report import time_limit_seconds
+
     p = argparse.ArgumentParser(prog="lctrain bench deltaformer-cp", description=__doc__.split("\n\n")[0])
     p.add_argument("--nproc", type=int, default=None, help="CP ranks (default: all GPUs; 2 on CPU)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
@@ -47,15 +49,13 @@ def _parse(argv):
                    help="pipeline: tokens per streamed piece (default 4 chunks)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+    p.add_argument("--time-limit", type=time_limit_seconds, default=None, metavar="S",
                    help="start no new case (T, schedule) after S seconds; every rank stops at the same one and the "
                         "notes name those not run")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here (rank 0; rewritten after every "
                    "row, marked partial until the run ends)")
     p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD")
     args = p.parse_args(argv)
-    if args.time_limit is not None and args.time_limit <= 0:
-        p.error("--time-limit must be > 0 seconds")
     if args.device == "auto":
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

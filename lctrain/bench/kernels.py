@@ -21,7 +21,7 @@ import argparse
 import sys
 from typing import Callable
 
-from lctrain.bench.report import Clock, bench_main, result_dict, write_partial
+from lctrain.bench.report import Clock, bench_main, result_dict, time_limit_seconds, write_partial
 
 OURS = ("delta", "gated_delta", "gla")
 FLA_OF = {"delta": "fla_delta", "gated_delta": "fla_gated_delta"}
@@ -46,14 +46,11 @@ def _parse(argv):
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=INT[,KEY=INT]",
                    help="also time our kernels with these launch settings (see "
                         "lctrain.kernels.triton.ops.set_config), rows named METHOD@NAME; repeatable")
-    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+    p.add_argument("--time-limit", type=time_limit_seconds, default=None, metavar="S",
                    help="start no new measurement (T, method) after S seconds; the notes name those not run")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here (rewritten after every "
                    "measurement, marked partial until the run ends)")
-    args = p.parse_args(argv)
-    if args.time_limit is not None and args.time_limit <= 0:
-        p.error("--time-limit must be > 0 seconds")
-    return args
+    return p.parse_args(argv)
 
 
 def kernel_versions(fla_version: str | None) -> dict:

@@ -31,7 +31,7 @@ import argparse
 import sys
 
 from lctrain.bench.kernels import _measure, kernel_versions
-from lctrain.bench.report import Clock, bench_main, result_dict, write_partial
+from lctrain.bench.report import Clock, bench_main, result_dict, time_limit_seconds, write_partial
 
 METHODS = ("ll_gdn", "gdn", "ll_mamba2", "mamba2", "fla_ll_mamba2")
 EXTRA_METHODS = ("ll_gdn_composed", "ll_mamba2_composed")
@@ -53,16 +53,13 @@ def _parse(argv):
                    help="also time ll_gdn / ll_mamba2 under these launch settings of the level kernels")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
-    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+    p.add_argument("--time-limit", type=time_limit_seconds, default=None, metavar="S",
                    help="start no new measurement (T, method) after S seconds; the notes name those not run")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here (rewritten after every "
                    "measurement, marked partial until the run ends)")
     p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD",
                    help="append the result to BENCHMARKS.md (or MD)")
-    args = p.parse_args(argv)
-    if args.time_limit is not None and args.time_limit <= 0:
-        p.error("--time-limit must be > 0 seconds")
-    return args
+    return p.parse_args(argv)
 
 
 def _inputs(B, T, H, D, dtype, device):

@@ -150,6 +150,16 @@ def write_partial(result: dict, path, done: int, total: int, unit: str = "cases"
         write_json(partial_result(result, done, total, unit), path)
 
 
+def time_limit_seconds(text: str) -> float:
+    """argparse ``type`` of every bench's ``--time-limit S``: seconds, > 0 (what :class:`Clock` takes)."""
+    import argparse
+
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
 class Clock:
     """Elapsed time of a bench run and its ``--time-limit S``: start no new case after S seconds.
 

@@ -50,7 +50,7 @@ import sys
 import time
 from pathlib import Path
 
-from lctrain.bench.report import Clock, result_dict, utc_date, write_json, write_partial
+from lctrain.bench.report import Clock, result_dict, time_limit_seconds, utc_date, write_json, write_partial
 
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16 tensor-core peak
 COLUMNS = ["recipe", "seq_len", "world (dp x cp)", "checkpointing", "tokens/s", "MFU %", "model TFLOP/s per GPU",
@@ -70,7 +70,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                    help=f"peak dense TFLOP/s of one GPU for MFU (default {DEFAULT_PEAK_TFLOPS:g}: H100/H200 bf16)")
     p.add_argument("--lengths", type=int, nargs="+", metavar="SEQ_LEN",
                    help="instead of timing: one step per seq_len (increasing) until one runs out of memory")
-    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+    p.add_argument("--time-limit", type=time_limit_seconds, default=None, metavar="S",
                    help="--lengths: start no new length after S seconds (every rank stops at the same one; the "
                         "notes name the lengths not run)")
     p.add_argument("--no-split", action="store_true", help="skip the per-layer-kind timing step")
@@ -106,8 +106,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     if args.time_limit is not None and not args.lengths:
         p.error("--time-limit stops the --lengths search between lengths; a timed run or --activation-memory is "
                 "one case")
-    if args.time_limit is not None and args.time_limit <= 0:
-        p.error("--time-limit must be > 0 seconds")
     return args
 
 

@@ -38,7 +38,7 @@ import statistics
 import sys
 
 from lctrain.bench.kernels import _make_inputs, _parse_variants, kernel_versions
-from lctrain.bench.report import Clock, bench_main, result_dict, write_partial
+from lctrain.bench.report import Clock, bench_main, result_dict, time_limit_seconds, write_partial
 
 TREES = ("presplit:.device/presplit/kernels/triton", "split:.device/split/kernels/triton")
 COLUMNS = ["op", "variant", "fwd ms", "fwd range", "fwd+bwd ms", "fwd+bwd range", "state_fwd ms",
@@ -62,14 +62,12 @@ def _parse(argv):
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
     p.add_argument("--rep", type=int, default=150, help="do_bench repetition time of the forward, ms "
                    "(fwd+bwd: twice that)")
-    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+    p.add_argument("--time-limit", type=time_limit_seconds, default=None, metavar="S",
                    help="start no new round after S seconds (an op's rows then hold the rounds that ran; the notes "
                         "name those not run)")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here (rewritten after every round, "
                    "marked partial until the run ends)")
     args = p.parse_args(argv)
-    if args.time_limit is not None and args.time_limit <= 0:
-        p.error("--time-limit must be > 0 seconds")
     if args.tree is None:
         args.tree = list(TREES)
     for spec in args.tree:

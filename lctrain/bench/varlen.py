@@ -27,7 +27,7 @@ import argparse
 import sys
 
 from lctrain.bench.kernels import _load_fla, _make_inputs, _measure, _parse_variants, _rel_diff, kernel_versions
-from lctrain.bench.report import Clock, bench_main, result_dict, write_partial
+from lctrain.bench.report import Clock, bench_main, result_dict, time_limit_seconds, write_partial
 
 OPS = ("delta", "gated_delta", "gla")
 PATHS = ("one", "packed", "fla")
@@ -52,15 +52,13 @@ def _parse(argv):
                         "rows packed@NAME; repeatable")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default 25)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms (default 100)")
-    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+    p.add_argument("--time-limit", type=time_limit_seconds, default=None, metavar="S",
                    help="start no new measurement (T, op, path) after S seconds; the notes name those not run")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here (rewritten after every "
                    "measurement, marked partial until the run ends)")
     p.add_argument("--record", nargs="?", const="BENCHMARKS.md", metavar="MD",
                    help="append the result to BENCHMARKS.md (or MD)")
     args = p.parse_args(argv)
-    if args.time_limit is not None and args.time_limit <= 0:
-        p.error("--time-limit must be > 0 seconds")
     if args.docs < 1 or any(T < args.docs for T in args.T):
         p.error(f"--docs must be >= 1 and at most every --T (got docs={args.docs}, T={args.T})")
     if args.no_fla and "fla" in args.paths:
