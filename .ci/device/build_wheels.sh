@@ -55,9 +55,17 @@ for spec in $SPECS; do
   name=${spec%%==*}
   get() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
            "${PLATFORMS[@]}" -d "$DEST" "$1" 2>/dev/null; }
-  # A wheel built here would be for this machine's Python (3.11), which the device's 3.12 refuses
-  # (zstd 1.5.7.2 has no cp312 wheel): take the newest release that has a 3.12 wheel instead.
-  if ! get "$spec" && ! { echo "no 3.12 wheel of $spec: taking the newest $name that has one"; get "$name"; }; then
+  get "$spec" && continue
+  # No binary wheel (deepspeed ships an sdist only): build it here. A pure-python build (py3-none-any)
+  # installs on the device's 3.12; one with compiled code would be for this machine's Python (3.11),
+  # which the device refuses (zstd 1.5.7.2 has no cp312 wheel): drop it and take the newest release
+  # that has a 3.12 wheel instead (never an old pure-python one: pip picked deepspeed 0.3.1.dev5 so).
+  tmp=$(mktemp -d)
+  if python3 -m pip wheel -q --no-deps --no-binary=:all: -w "$tmp" "$spec" > /dev/null 2>&1 && ls "$tmp"/*-py3-none-any.whl > /dev/null 2>&1; then
+    mv "$tmp"/*.whl "$DEST"/; rm -rf "$tmp"; echo "built $spec as a pure-python wheel"; continue
+  fi
+  rm -rf "$tmp"
+  if ! { echo "no 3.12 wheel of $spec: taking the newest $name that has one"; get "$name"; }; then
     echo "no 3.12 wheel of any $name release: the GPU machine cannot install it" >&2; exit 1
   fi
 done

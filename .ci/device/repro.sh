@@ -4,7 +4,9 @@
 # the other, each under its own `timeout`. Run from the repository root on the GPU machine, carrying
 # `.whl` (built here by `bash .ci/device/build_wheels.sh`):
 #     bash .ci/device/repro.sh ["QUEUE for GPU 0"] ["QUEUE for GPU 1"] ...
-# A queue is a space-separated list of recipe names ("" = an empty queue). Each recipe's header
+# A queue is a space-separated list of recipe names ("" = an empty queue). More queues than GPUs share
+# them (queue i on GPU i mod the GPU count): each repro's model is small and its step launch-bound, so two
+# processes on one GPU take less than twice one's time (logs/gpu_use.csv records the GPU's use). Each recipe's header
 # estimates its time on one H200 from the measured throughput of the first runs (2026-11-30): each is
 # sized to at most ~7 minutes, one per queue, so that a call takes ~9-9.5 minutes (8.5 for the queues,
 # REPRO_CALL_MIN, plus the install and packing: give the device call its full 600 s). The five
@@ -45,13 +47,17 @@ mkdir -p "$OUT" "$RES/logs" /tmp/tcache "$RUNS"
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$RES/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())" \
   | tee -a "$RES/gpu.txt"
-if command -v nvidia-smi > /dev/null && [ "${#QUEUES[@]}" -gt "$(nvidia-smi -L | wc -l)" ]; then
-  echo "repro.sh: ${#QUEUES[@]} queues but $(nvidia-smi -L | wc -l) GPUs: give at most one queue per GPU" >&2; exit 2
-fi
+NGPU=$(nvidia-smi -L 2> /dev/null | wc -l); [ "$NGPU" -gt 0 ] || NGPU=1
+[ "${#QUEUES[@]}" -le "$NGPU" ] || echo "repro.sh: ${#QUEUES[@]} queues on $NGPU GPU(s): queue i runs on GPU i mod $NGPU, sharing it"
+# GPU use while the queues run, every 5 s (whether sharing a GPU between queues paid: the small models'
+# steps are launch-bound, so one process leaves most of the GPU idle)
+(while :; do nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv,noheader; sleep 5; done \
+  > "$RES/logs/gpu_use.csv" 2> /dev/null) &
+SAMPLER=$!
 cd /tmp  # run from outside the checkout so that the installed lctrain (not the source tree) is imported
 
-queue() {  # queue GPU NAME...: each repro in turn on that GPU; one line per repro in $RES/logs/queue<GPU>.txt
-  local gpu=$1; shift
+queue() {  # queue Q GPU NAME...: each repro in turn on that GPU; one line per repro in $RES/logs/queue<Q>.txt
+  local q=$1 gpu=$2; shift 2
   local left_n=$#
   for name in "$@"; do
     local t0=$(date +%s)
@@ -59,7 +65,7 @@ queue() {  # queue GPU NAME...: each repro in turn on that GPU; one line per rep
     local share=$(( deadline - t0 - RESERVE * left_n ))  # what is left, less a reserve for each repro after it
     local budget=$(python3 -c "print(round(min($BUDGET, $share / 60 - 1), 2))")
     if [ "$share" -lt 120 ]; then
-      echo "$name: not started on GPU $gpu: ${share}s left for it" | tee -a "$RES/logs/queue$gpu.txt"; continue
+      echo "$name: not started on GPU $gpu: ${share}s left for it" | tee -a "$RES/logs/queue$q.txt"; continue
     fi
     rm -rf "${RUNS:?}/$name"
     echo "=== GPU $gpu: $name start $(date +%T), budget $budget min, timeout ${share}s"
@@ -68,16 +74,19 @@ queue() {  # queue GPU NAME...: each repro in turn on that GPU; one line per rep
       > "$RES/logs/$name.log" 2>&1
     local rc=$?
     echo "$name: exit $rc after $(( $(date +%s) - t0 )) s on GPU $gpu$([ $rc = 124 ] && echo ' (TIMEOUT: its report holds the runs that finished)')" \
-      | tee -a "$RES/logs/queue$gpu.txt"
+      | tee -a "$RES/logs/queue$q.txt"
     sed -n "/^lctrain repro $name: The claim/,\$p" "$RES/logs/$name.log" | head -12
   done
 }
 start=$(date +%s)
 deadline=$(( start + $(python3 -c "print(int(60 * $CALL_MIN))") ))
-for gpu in "${!QUEUES[@]}"; do
-  queue "$gpu" ${QUEUES[$gpu]} &
+PIDS=()
+for i in "${!QUEUES[@]}"; do
+  queue "$i" "$(( i % NGPU ))" ${QUEUES[$i]} &
+  PIDS+=($!)
 done
-wait
+wait "${PIDS[@]}"
+kill "$SAMPLER" 2> /dev/null
 echo "=== ${#QUEUES[@]} queues done after $(( $(date +%s) - start )) s"
 
 # keep each run's metrics.jsonl and eval output (small) beside the reports
