@@ -58,7 +58,8 @@ def _chunk_p(q_ptr, k_ptr, base, rt, mt, gam, H, K: tl.constexpr, BK: tl.constex
         kc = tl.load(k_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
         a = tl.dot(qc, tl.trans(kc), a)
     rc = tl.arange(0, C)
-    decay = tl.exp(tl.where(rc[:, None] >= rc[None, :], gam[:, None] - gam[None, :], float("-inf")))
+    causal = (rc[:, None] >= rc[None, :]) & mt[:, None]  # rows past the end: gam 0 (see triton/dqdk.py)
+    decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
     return a * decay, decay
 
 

@@ -64,8 +64,10 @@ def dqk_kernel(q_ptr, k_ptr, vnew_ptr, do_ptr, h_ptr, dh_ptr, du_ptr, gam_ptr,
             hdh += tl.sum(s0.to(tl.float32) * ds.to(tl.float32), axis=1)
     qc = tl.load(q_ptr + base_g * K + rt[:, None] * H * K + rk[None, :], mask=mtk, other=0.0)
     kc = tl.load(k_ptr + base_g * K + rt[:, None] * H * K + rk[None, :], mask=mtk, other=0.0)
-    causal = rt[:, None] >= rt[None, :]
-    causal_t = rt[:, None] <= rt[None, :]  # DIRECT_PT: p^T[j, i] = p[i, j]
+    # rows past the sequence's end load gam 0: exp(0 - gam_j) overflows once a chunk decays by > 88,
+    # and that inf times their zero dO made dk NaN; masking them keeps the exponent <= 0
+    causal = (rt[:, None] >= rt[None, :]) & mt[:, None]
+    causal_t = (rt[:, None] <= rt[None, :]) & mt[None, :]  # DIRECT_PT: p^T[j, i] = p[i, j]
     if HAS_G:
         last = tl.minimum(t0 + C - 1, tend - 1)
         gl = tl.load(gam_ptr + base_g + last * H)

@@ -49,7 +49,7 @@ def output_fwd_kernel(q_ptr, k_ptr, vnew_ptr, h_ptr, gam_ptr, o_ptr, hp_ptr, sin
             whp = tl.dot(wc, hp).to(wc.dtype)
             u = (u.to(tl.float32) - tl.dot(whp, sin.to(wc.dtype)).to(tl.float32)).to(u.dtype)
     a = tl.dot(qc, tl.trans(kc)).to(tl.float32)
-    causal = rt[:, None] >= rt[None, :]
+    causal = (rt[:, None] >= rt[None, :]) & mt[:, None]  # rows past the end: gam 0, exp(0 - gam_j) overflows
     if HAS_G:
         gam = tl.load(gam_ptr + base_g + rt * H, mask=mt, other=0.0)
         o = o * tl.exp(gam)[:, None]
@@ -80,7 +80,7 @@ def dv_local_kernel(q_ptr, k_ptr, do_ptr, gam_ptr, dv_ptr, cu_ptr, chunks_ptr, s
     do = tl.load(do_ptr + base_g * V + rt[:, None] * H * V + rv[None, :],
                  mask=mt[:, None] & mv[None, :], other=0.0)
     at = tl.dot(kc, tl.trans(qc)).to(tl.float32)          # at[j, i] = k_j . q_i
-    causal = rt[:, None] <= rt[None, :]                   # i >= j
+    causal = (rt[:, None] <= rt[None, :]) & mt[None, :]  # i >= j, row i inside the sequence (see output_fwd)
     if HAS_G:
         gam = tl.load(gam_ptr + base_g + rt * H, mask=mt, other=0.0)
         at = at * tl.exp(tl.where(causal, gam[None, :] - gam[:, None], float("-inf")))

@@ -270,7 +270,7 @@ def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, dw_ptr, du_ptr, dk_pt
         x = (tm.to(tl.float32) * beta[None, :]).to(tm.dtype)
         dl -= tl.dot(drx.to(tm.dtype), tl.trans(x))
         dbeta += tl.sum(tm.to(tl.float32) * dx, axis=0)
-    strict = rt[:, None] > rt[None, :]
+    strict = (rt[:, None] > rt[None, :]) & mt[:, None]  # rows past the end load gam 0 (see dqdk)
     if HAS_G:
         e = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], float("-inf")))
     else:
