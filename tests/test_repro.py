@@ -134,6 +134,27 @@ def test_report_written_mid_repro_says_it_is_not_finished(tmp_path):
     assert "has not finished" in (tmp_path / "mqar_deltanet.md").read_text()
 
 
+def test_runs_that_skipped_updates_leave_the_claim_undecided(tmp_path):
+    """A model whose optimizer steps were skipped on NaN gradients trained less than its rivals: even where its
+    checks pass, the claim is not decided, and the report names the run and the count."""
+    rec = repro.load_repro("mqar_deltanet")
+    runs = repro.plan(rec, tiny=True, runs=tmp_path, overrides=[], only=None)
+    (tmp_path / "gla_run").mkdir()
+    (tmp_path / "gla_run" / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 1.0, "bad_steps": 0}\n{"step": 2, "loss": NaN, "bad_steps": 1}\n'
+        '{"step": 3, "loss": 1.0, "bad_steps": 1}\n')
+    assert repro.skipped_updates(tmp_path / "gla_run") == 1 and repro.skipped_updates(tmp_path / "none") == 0
+    for r, bad in zip(runs, (0, 1)):
+        r.update(steps=3, wall_s=1.0, skipped_updates=bad)
+    res = {"deltanet": {"mqar": {"4": 1.0}}, "gla_mamba2": {"mqar": {"4": 0.0}}}
+    verdict, lines = repro.write_report(tmp_path, rec, ["mqar_deltanet"], tiny=False, budget=None, results=res,
+                                        done=runs, skipped=[], pending=[], wall=2.0)
+    report = json.loads((tmp_path / "mqar_deltanet.json").read_text())
+    assert "NOT decided" in verdict and not report["held"] and not report["decided"]
+    assert "updates skipped on non-finite gradients: gla_mamba2 at 4 1 of 3" in lines
+    assert "| gla_mamba2 | 4 | 3 | 1 |" in (tmp_path / "mqar_deltanet.md").read_text()
+
+
 def test_plan_flag_prints_the_runs_and_trains_nothing(tmp_path, capsys):
     assert repro.main(["loglinear_mqar", "--plan", "--runs", str(tmp_path / "runs"), "--points", "128"]) == 0
     out = capsys.readouterr().out

@@ -73,8 +73,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("args", nargs="*", help="[RECIPE] OVERRIDE...")
     ap.add_argument("--max-steps", type=int, default=200)
     ns = ap.parse_args(argv)
-    from lctrain.config import load_config, split_recipe_and_overrides
     from lctrain.parallel import mesh
+
+    from lctrain.config import load_config, split_recipe_and_overrides
     from lctrain.train.device import pick_device
     from lctrain.train.trainer import Trainer, _Infinite
 

@@ -359,18 +359,26 @@ def write_report(out: Path, rec: dict, argv: list[str], *, tiny: bool, budget: f
     def where(runs):
         return ", ".join(f"{r['model']}" + (f" at {r['x']}" if r["x"] is not None else "") for r in runs)
 
+    # A model whose updates were skipped trained on fewer steps than its rivals (or hardly at all): its
+    # scores compare nothing, so the claim is not decided (sniah_ordering 2026-12-01: 492 and 562 of 600 skipped)
+    unsound = [r for r in done if r.get("skipped_updates")]
+    if unsound:
+        lines.append("updates skipped on non-finite gradients: " + ", ".join(
+            f"{where([r])} {r['skipped_updates']} of {r['steps']}" for r in unsound))
     if skipped:
         lines.append(f"not run (--budget-minutes {budget:g}): {where(skipped)}")
     if pending:
         lines.append(f"not run yet: {where(pending)}")
     command = "lctrain repro " + shlex.join(argv)
     verdict = ("The claim is NOT decided: the repro has not finished (written after each run)" if pending else
+               "The claim was NOT decided: runs skipped updates on non-finite gradients" if unsound else
                "The claim held" if held else
                "The claim was NOT decided: runs were left out by the budget" if skipped else
                "The claim did NOT hold") + (" (--tiny: 2-step smoke run, says nothing about the claim)"
                                             if tiny else "")
-    report = {"name": name, "claim": rec["claim"]["text"], "held": held and not pending,
-              "decided": not (skipped or pending), "finished": not pending, "checks": lines, "command": command,
+    report = {"name": name, "claim": rec["claim"]["text"], "held": held and not (pending or unsound),
+              "decided": not (skipped or pending or unsound), "finished": not pending, "checks": lines,
+              "command": command,
               "device": device_name(), "wall_s": round(wall, 1), "tiny": tiny,
               "metric": "loss (lower is better)" if lower else "accuracy", "results": results, "runs": done,
               "skipped": [r["out_dir"] for r in skipped], "pending": [r["out_dir"] for r in pending],
@@ -383,11 +391,27 @@ def write_report(out: Path, rec: dict, argv: list[str], *, tiny: bool, budget: f
           *[f"- {line}" for line in lines], "", f"- command: `{command}`", f"- device: {report['device']}",
           f"- wall time: {wall / 60:.1f} min ({len(done)} training runs"
           + (f", {len(skipped)} left out" if skipped else "") + ")", "",
-          "| model | x | steps | wall (s, train + eval) |", "|---|---|---|---|",
-          *[f"| {r['model']} | {'' if r['x'] is None else r['x']} | {r['steps']} | {r['wall_s']} |" for r in done], "",
+          "| model | x | steps | skipped updates | wall (s, train + eval) |", "|---|---|---|---|---|",
+          *[f"| {r['model']} | {'' if r['x'] is None else r['x']} | {r['steps']} | {r.get('skipped_updates', 0)} "
+            f"| {r['wall_s']} |" for r in done], "",
           f"![{name}]({png.name})", "", f"Data: [{name}.json]({name}.json)", ""]
     (out / f"{name}.md").write_text("\n".join(md))
     return verdict, lines
+
+
+def skipped_updates(out_dir: Path) -> int:
+    """How many of a run's optimizer steps were skipped on a non-finite loss or gradient (the trainer's
+    bad_steps count in metrics.jsonl; 0 without one)."""
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    most = 0
+    for line in path.read_text().splitlines():
+        try:
+            most = max(most, int(json.loads(line).get("bad_steps", 0) or 0))
+        except (ValueError, AttributeError):
+            continue
+    return most
 
 
 def expected_wall(done: list[dict], model: str) -> float:
@@ -440,6 +464,7 @@ def main(argv: list[str]) -> int:
               + f": lctrain train {shlex.join(r['train_argv'])}", flush=True)
         if train_main(r["train_argv"]) != 0:
             raise ReproError(f"training {r['out_dir']} failed (see above)")
+        r["skipped_updates"] = skipped_updates(Path(r["out_dir"]))
         if evaluate is not None:
             ev_argv, ev = eval_argv(rec, ns.tiny, r["out_dir"])
             if evaluate(ev_argv) != 0:
