@@ -227,3 +227,22 @@ def test_bench_time_limit_stops_starting_cases(name, tmp_path, monkeypatch):
     assert "partial" not in result and len(result["rows"]) == 1 and result["rows"][0][0] == 64
     note = next(n for n in result["notes"] if n.startswith("--time-limit 0.5 s reached: not run: "))
     assert note.endswith("T=128 (all)") and "T=64 " in note
+
+
+def test_error_note_keeps_the_reason_at_the_end_of_a_long_error(capsys):
+    """A Triton CompilationError starts with kernel source and ends with the reason: the note keeps both ends,
+    and the whole traceback goes to stderr (the run's log)."""
+    from lctrain.bench.report import error_note
+
+    try:
+        raise RuntimeError("at 177:18:\n        b_g = tl.load(p_g, mask=m_t, other=0.0)\n" + "x\n" * 50
+                           + "ValueError: incompatible dimensions at index 0: 64 and 16")
+    except RuntimeError as err:
+        note = error_note(err)
+    assert note.startswith("RuntimeError: at 177:18:")
+    assert note.endswith("incompatible dimensions at index 0: 64 and 16")
+    assert "Traceback" in capsys.readouterr().err
+    try:
+        raise KeyError("one line")
+    except KeyError as err:
+        assert error_note(err) == "KeyError: 'one line'"

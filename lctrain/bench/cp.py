@@ -48,6 +48,8 @@ import subprocess
 import sys
 import time
 
+from lctrain.bench.report import error_note
+
 COLUMNS = ["layer", "transition", "T/rank", "T total", "1-dev fwd ms", "1-dev fwd+bwd ms", "CP fwd ms", "CP fwd+bwd ms",
            "efficiency",
            "state pass ms", "state-grad pass ms", "1-dev peak MiB", "CP peak MiB", "fla 1-dev fwd+bwd ms",
@@ -170,7 +172,7 @@ def _note_failure(notes: list, what: str, err: Exception, device, rank: int) -> 
 
     if device.type == "cuda" and isinstance(err, torch.cuda.OutOfMemoryError):
         torch.cuda.empty_cache()
-    notes.append(f"{what} failed: {type(err).__name__}: {str(err)[:300]}")
+    notes.append(f"{what} failed: {error_note(err)}")
     if rank == 0:
         print(notes[-1], flush=True)
 
@@ -493,7 +495,7 @@ def _fla_times(layer, args, x, device, group, notes) -> dict:
         res["fla_cp_fwd_bwd_ms"] = _timed(_pair(fla[1], x, layer)[1], device, group, args.warmup, args.iters, True)
         res["fla_efficiency"] = res["fla_single_fwd_bwd_ms"] / res["fla_cp_fwd_bwd_ms"]
     except Exception as err:  # noqa: BLE001 - report, keep our own figures
-        notes.append(f"fla-core {layer} at T/rank={x['q'].shape[1]} failed: {type(err).__name__}: {str(err)[:200]}")
+        notes.append(f"fla-core {layer} at T/rank={x['q'].shape[1]} failed: {error_note(err)}")
     res["fla_version"] = fla[2]
     return res
 

@@ -31,6 +31,8 @@ import argparse
 import sys
 import time
 
+from lctrain.bench.report import error_note
+
 COLUMNS = ["layer", "T", "pass", "way", "ms", "x sequential", "rel diff"]
 KINDS = {"gdn": "gated_delta", "delta": "delta", "gla": "gla"}
 DEFAULT_CFGS = ("BVS=32", "BVSC=16", "BVSC=64", "stages_seqc=3", "BVSBC=16", "BVSBC=64", "stages_seqbc=2",
@@ -237,7 +239,7 @@ def _case(layer, T, args, kw, device, dtype, add, notes, out_of_time):
                     add(layer, T, "final state", label, _timed_ms(final, args.warmup, args.iters, device),
                         base["transition"][0], _rel(fs, base["transition"][1][1]))
         except Exception as err:  # noqa: BLE001 - e.g. a launch setting that does not fit: say so, go on
-            notes.append(f"{layer} T {T} [{label}] failed: {type(err).__name__}: {str(err)[:200]}")
+            notes.append(f"{layer} T {T} [{label}] failed: {error_note(err)}")
             print(notes[-1], flush=True)
         finally:
             triton_ops.set_config(**previous)
@@ -285,7 +287,7 @@ def _time_overlap(layer, T, x, names, kw, args, device, add, notes, op_ms, cfg):
         ms = _timed_ms(lambda: torch.autograd.grad(run(), inputs, x["do"]), args.warmup, args.iters, device)
         add(layer, T, "op", "fwd+bwd " + label, ms, op_ms.get("fwd+bwd"), None)
     except Exception as err:  # noqa: BLE001 - e.g. no Triton here: say so, go on
-        notes.append(f"{layer} T {T} [overlap] failed: {type(err).__name__}: {str(err)[:200]}")
+        notes.append(f"{layer} T {T} [overlap] failed: {error_note(err)}")
         print(notes[-1], flush=True)
 
 

@@ -31,7 +31,7 @@ import argparse
 import sys
 
 from lctrain.bench.kernels import _measure, kernel_versions
-from lctrain.bench.report import Clock, bench_main, result_dict, time_limit_seconds, write_partial
+from lctrain.bench.report import Clock, bench_main, error_note, result_dict, time_limit_seconds, write_partial
 
 METHODS = ("ll_gdn", "gdn", "ll_mamba2", "mamba2", "fla_ll_mamba2")
 EXTRA_METHODS = ("ll_gdn_composed", "ll_mamba2_composed")
@@ -171,7 +171,7 @@ def run(args) -> dict:
                 diff = float((a.float() - b.float()).norm() / b.float().norm())
                 notes.append(f"ll_mamba2 vs fla_ll_mamba2 at T={T}: relative difference of outputs {diff:.2e}")
             except Exception as err:  # noqa: BLE001
-                notes.append(f"agreement check with fla at T={T} failed: {type(err).__name__}: {str(err)[:200]}")
+                notes.append(f"agreement check with fla at T={T} failed: {error_note(err)}")
         res: dict = {}
         measured.append((T, res))
         for m in methods:
@@ -188,7 +188,7 @@ def run(args) -> dict:
                 notes.append(f"{m} at T={T}: out of memory")
             except Exception as err:  # noqa: BLE001 - e.g. fla's length cap; report and go on
                 res[m] = None
-                notes.append(f"{m} at T={T}: {type(err).__name__}: {str(err)[:200]}")
+                notes.append(f"{m} at T={T}: {error_note(err)}")
             finally:
                 if old is not None:
                     triton_levels.set_levels_config(**old)

@@ -134,6 +134,19 @@ def write_json(obj, path) -> None:
         raise
 
 
+def error_note(err: BaseException, limit: int = 300) -> str:
+    """A failed case's note: the error's type, its first line and its LAST line (a Triton CompilationError
+    begins with the kernel's source and ends with the reason: fla's log-linear kernel on Triton 3.6 was
+    recorded as 'CompilationError: at 177:18: b_g = tl.load(...' and nothing more). The whole traceback goes to
+    stderr, into the run's log."""
+    import traceback
+
+    traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = "" if not lines else lines[0] if len(lines) == 1 else f"{lines[0][:80]} ... {lines[-1]}"
+    return f"{type(err).__name__}: {text[:limit]}"
+
+
 def partial_result(result: dict, done: int, total: int, unit: str = "cases") -> dict:
     """A copy of ``result`` marked as cut: ``"partial": true`` and the note "partial: written after
     ``done`` of ``total`` ``unit``; ..." after its own notes."""
