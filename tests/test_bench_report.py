@@ -246,3 +246,11 @@ def test_error_note_keeps_the_reason_at_the_end_of_a_long_error(capsys):
         raise KeyError("one line")
     except KeyError as err:
         assert error_note(err) == "KeyError: 'one line'"
+
+
+def test_a_note_of_many_lines_is_recorded_on_one():
+    from lctrain.bench.report import render
+
+    md = render({"title": "t", "command": "c", "device": "d", "notes": ["failed: at 1:2:\n    x = 1\n\n  y"],
+                 "columns": ["a"], "rows": [[1]]})
+    assert "- note: failed: at 1:2: x = 1 y\n" in md

@@ -73,8 +73,8 @@ def render(result) -> str:
     notes = list(r.get("notes") or [])
     if r.get("partial") and not any(str(n).startswith("partial:") for n in notes):
         notes.append(PARTIAL_HEADING)  # a partial result written before the note existed says so all the same
-    for note in notes:
-        lines.append(f"- note: {note}")
+    for note in notes:  # one line each: a note holding an error's kernel source would break the list
+        lines.append("- note: " + " ".join(str(note).split()))
     lines.append("")
     cols = r["columns"]
     lines.append("| " + " | ".join(_cell(c) for c in cols) + " |")
