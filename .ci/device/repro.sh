@@ -5,17 +5,14 @@
 # `.whl` (built here by `bash .ci/device/build_wheels.sh`):
 #     bash .ci/device/repro.sh ["QUEUE for GPU 0"] ["QUEUE for GPU 1"] ...
 # A queue is a space-separated list of recipe names ("" = an empty queue). More queues than GPUs share
-# them (queue i on GPU i mod the GPU count): each repro's model is small and its step launch-bound, so two
-# processes on one GPU take less than twice one's time (logs/gpu_use.csv records the GPU's use). Each recipe's header
-# estimates its time on one H200 from the measured throughput of the first runs (2026-11-30): each is
-# sized to at most ~7 minutes, one per queue, so that a call takes ~9-9.5 minutes (8.5 for the queues,
-# REPRO_CALL_MIN, plus the install and packing: give the device call its full 600 s). The five
-# recipes need three calls on nvidia-h200-x2:
-#     bash .ci/device/repro.sh loglinear_mqar deltaformer_swap          (the default)
-#     bash .ci/device/repro.sh mqar_deltanet sniah_ordering
-#     bash .ci/device/repro.sh loglinear_position_loss                  (~2.5 min, on nvidia-h200)
-# or one call on nvidia-h200-x4 (four queues) plus the short one on nvidia-h200:
-#     bash .ci/device/repro.sh loglinear_mqar deltaformer_swap mqar_deltanet sniah_ordering
+# them (queue i on GPU i mod the GPU count): each repro's model is small and its step launch-bound, so
+# repros side by side on one GPU take far less than one after the other (logs/gpu_use.csv records the
+# GPU's use). Each recipe's header estimates its time on one H200 alone (~2-7.5 minutes); a call takes
+# REPRO_CALL_MIN (8.5) for the queues plus the install and packing: give the device call its full 600 s.
+# The five recipes fit two calls on one H200 (measured 2026-12-01, docs/results/h200_2026-12-01_s6):
+#     bash .ci/device/repro.sh loglinear_mqar mqar_deltanet loglinear_position_loss   (464 s for all three)
+#     bash .ci/device/repro.sh deltaformer_swap sniah_ordering                        (~430 s)
+# On more GPUs the same queues spread over them.
 # Time: REPRO_CALL_MIN (default 8.5): minutes the queues may take (install excluded). A repro's share is
 # the queue's time left less REPRO_RESERVE_S (default 150) for each repro after it in the queue; it runs
 # with --budget-minutes = min(REPRO_BUDGET_MIN (default 7.5), share - 1 minute) (it starts no training
@@ -29,7 +26,7 @@
 # REPRO_NO_INSTALL=1 uses the lctrain already importable (a CPU rehearsal: REPRO_ARGS=--tiny).
 set -u
 QUEUES=("$@")  # queue i runs on GPU i; "" = an empty queue
-[ $# -gt 0 ] || QUEUES=(loglinear_mqar deltaformer_swap)
+[ $# -gt 0 ] || QUEUES=(loglinear_mqar mqar_deltanet loglinear_position_loss)
 ALL="${QUEUES[*]}"  # every recipe name of every queue
 BUDGET=${REPRO_BUDGET_MIN:-7.5}
 CALL_MIN=${REPRO_CALL_MIN:-8.5}
