@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from lctrain.config import load_config
 from lctrain.eval import repro
@@ -111,6 +112,28 @@ def test_budget_stops_starting_runs_and_leaves_the_claim_undecided(tmp_path):
     assert not report["held"] and not report["decided"]
     md = (tmp_path / "out" / "mqar_deltanet.md").read_text()
     assert "NOT decided" in md and "not run (--budget-minutes 0.0001): gla_mamba2 at 4" in md
+
+
+def test_jobs_train_side_by_side_and_give_the_sequential_results(tmp_path):
+    """--jobs 2: both runs train at once as `lctrain train` processes (their logs kept), the evals follow in the
+    plan's order, and the results equal one run after the other (same seeds, same data)."""
+    one = _run_tiny(tmp_path / "seq", "mqar_deltanet")
+    two = _run_tiny(tmp_path / "par", "mqar_deltanet", "--jobs", "2")
+    assert [r["model"] for r in two["runs"]] == [r["model"] for r in one["runs"]] == ["deltanet", "gla_mamba2"]
+    assert two["results"] == one["results"] and two["decided"]
+    assert all(r["train_s"] > 0 and r["wall_s"] >= r["train_s"] for r in two["runs"])
+    logs = sorted(p.name for p in (tmp_path / "par" / "runs" / "logs").iterdir())
+    assert logs == ["deltanet_4.train.log", "gla_mamba2_4.train.log"]
+    assert "lctrain train: done" in (tmp_path / "par" / "runs" / "logs" / "deltanet_4.train.log").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA: the run must fail at start")
+def test_a_failed_side_by_side_run_stops_the_repro_with_its_log(tmp_path):
+    """train.device=cuda passes the config check and fails in the training process on a CPU machine: the repro
+    stops with that process's log, not a silent gap in the results."""
+    failed = r"(?s)training .*(deltanet|gla_mamba2)_4 failed.*no CUDA device is visible"
+    with pytest.raises(repro.ReproError, match=failed):
+        _run_tiny(tmp_path, "mqar_deltanet", "--jobs", "2", "train.device=cuda")
 
 
 def test_expected_wall_uses_the_models_own_last_run():
