@@ -89,7 +89,7 @@ echo "=== ${#QUEUES[@]} queues done after $(( $(date +%s) - start )) s"
 # keep each run's metrics.jsonl and eval output (small) beside the reports
 for name in $ALL; do
   [ -d "$RUNS/$name" ] || continue
-  (cd "$RUNS" && find "$name" \( -name metrics.jsonl -o -path '*/eval/*' -o -path '*/position_loss/*' \) -type f \
+  (cd "$RUNS" && find "$name" \( -name metrics.jsonl -o -name '*.train.log' -o -path '*/eval/*' -o -path '*/position_loss/*' \) -type f \
      -size -4M | tar cf - -T - | (mkdir -p "$RES/runs" && cd "$RES/runs" && tar xf -))
 done
 {
