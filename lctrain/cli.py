@@ -96,7 +96,28 @@ def rope_bound(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The command line (argv None: this process's own, as the `lctrain` entry point and `python -m
+    lctrain.cli`; each rank of a launch is one too), or argv when called from Python."""
+    if argv is not None:
+        return _main(list(argv))
+    code = _main(sys.argv[1:])
+    _skip_the_collection_at_exit()
+    return code
+
+
+def _skip_the_collection_at_exit() -> None:
+    """The process is about to exit: move every object to the garbage collector's permanent generation,
+    so that the interpreter's shutdown collections do not walk the whole torch / megatron / streaming
+    object graph (~1.5 s of each process's exit, for every rank of a launch too, measured on CPU). Only
+    those collections are skipped: atexit handlers, the flushing of stdout / stderr and module teardown
+    run as before, and what the commands write they close themselves. Never in a process that goes on
+    (main called with argv, as the tests do): frozen objects are never collected."""
+    import gc
+
+    gc.freeze()
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 
 def causal_readout(q: torch.Tensor, k: torch.Tensor, u: torch.Tensor, scale: float) -> torch.Tensor:
@@ -24,6 +23,10 @@ def prefix_readout(q: torch.Tensor, k_all: torch.Tensor, u_all: torch.Tensor, sc
     kernels on CUDA); with documents it is a dense [Tq, Tk] mask."""
     Tq, Tk = q.shape[1], k_all.shape[1]
     if q_docs is None:
+        # imported here: torch.nn.attention.bias imports torch._dynamo (~1.5 s), which every process that
+        # validates a config (the cp/tp launcher, `config show`) used to pay through lctrain.models
+        from torch.nn.attention.bias import causal_lower_right
+
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.to(q.dtype).transpose(1, 2),
                                            u_all.to(q.dtype).transpose(1, 2), attn_mask=causal_lower_right(Tq, Tk),
                                            scale=scale)
