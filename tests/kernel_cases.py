@@ -1,7 +1,18 @@
 """Shared by the Triton kernel tests (CPU interpreter and GPU): call an op by kind, take its outputs and all
 gradients."""
+import os
+
+import pytest
 import torch
 from lctrain.kernels import delta_rule, gated_delta_rule, gated_linear_attn
+
+# the Triton kernels on the CPU interpreter and, marked gpu, on CUDA
+TRITON_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                                 reason="needs TRITON_INTERPRET=1 (set by conftest on CPU runs)")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="needs CUDA")]),
+]
 
 # K and V blocks of 16 everywhere, so every K / V loop and block grid of the Triton kernels runs more
 # than one block (dq/dk then sums several dgam parts); few warps for the interpreter

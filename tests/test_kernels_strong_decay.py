@@ -7,11 +7,11 @@ made dk, dv and dg NaN. Mamba-2-style and Gated DeltaNet layers reach such decay
 sniah_ordering: per-token log-decay down to -16.6, NaN gradients from step 38 on, in bfloat16 and float32).
 Interpreter, float32; the same cases marked gpu on CUDA.
 """
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_cases import TRITON_DEVICES
 from lctrain.kernels import (
     gated_delta_rule,
     gated_linear_attn,
@@ -20,12 +20,6 @@ from lctrain.kernels import (
     loglinear_gated_linear_attn,
 )
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                                 reason="needs TRITON_INTERPRET=1 (set by conftest on CPU runs)")),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                    reason="needs CUDA")]),
-]
 H, K, V = 2, 32, 32
 
 
@@ -85,14 +79,14 @@ def check(kind, x, device, cu=None, tol=1e-4):
     assert err < tol, f"{kind}: grad of g off by {err:.2e} of the q.dq, k.dk terms it is the difference of"
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("kind", ["gated_delta", "gla"])
 def test_strong_decay_in_a_partial_last_chunk(kind, device):
     """T = 100: the second chunk holds 36 rows, the decay over them reaches ~ -450."""
     check(kind, strong_inputs(100, kind, seed=1), device, tol=1e-4 if device == "cpu" else 5e-3)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("kind", ["gated_delta", "gla"])
 def test_strong_decay_in_packed_documents_ending_mid_chunk(kind, device):
     """Packed documents of 7, 77, 64 and 30 tokens: three end inside a chunk."""
@@ -100,7 +94,7 @@ def test_strong_decay_in_packed_documents_ending_mid_chunk(kind, device):
     check(kind, strong_inputs(178, kind, seed=2), device, cu=cu, tol=1e-4 if device == "cpu" else 5e-3)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("kind", ["ll_gdn", "ll_mamba2"])
 def test_strong_decay_in_the_loglinear_kernels(kind, device):
     """T = 100 through the fused log-linear kernels (their intra-chunk stage masks the same rows)."""

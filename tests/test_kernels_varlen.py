@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_cases import TRITON_DEVICES
 from lctrain.kernels import (
     check_cu_seqlens,
     delta_rule,
@@ -74,13 +75,6 @@ def packed_and_alone(kind, backend, chunk, dtype, lengths, seed=0, device="cpu",
     return packed, alone
 
 
-# the Triton kernels on the CPU interpreter and, marked gpu, on CUDA
-TRITON_DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                                 reason="needs TRITON_INTERPRET=1 (set by conftest on CPU runs)")),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                    reason="needs CUDA")]),
-]
 # float32 on a GPU: tl.dot takes float32 tiles as TF32 (10-bit mantissa), ~1e-3 relative (measured 1.3e-3 to
 # 1.7e-3 on an H200); the interpreter computes in full float32
 TF32_TOL = 5e-3
