@@ -601,7 +601,7 @@ TASK_CONFIG_KNOBS = ("num_pairs", "num_queries", "num_elements", "num_nodes", "m
 def _validate_task(cfg: DictConfig) -> None:
     """data.source=synthetic:<task> and data.task: the task exists, its required knob is set, no other
     task's knob is set, and one sample can be built at data.seq_len (the generator's own check)."""
-    from lctrain.data.synthetic import TASK_KNOBS, TASKS, TRAIN_KNOBS, TaskError, task_samples
+    from lctrain.data.synthetic import DEFAULT_TASK_SAMPLES, TASK_KNOBS, TASKS, TRAIN_KNOBS, TaskError, task_samples
 
     d, task = cfg.data, cfg.data.task
     source = str(d.source)
@@ -634,7 +634,7 @@ def _validate_task(cfg: DictConfig) -> None:
               f"{end} is a token of the synthetic task (ids < data.task.vocab_size={task.vocab_size})",
               "set model.document_end_id=null (task samples are one stream each)")
     if task.curriculum_samples:
-        held = int(task.num_samples) or 20000  # lctrain.data.task_dataset.DEFAULT_SAMPLES
+        held = int(task.num_samples) or DEFAULT_TASK_SAMPLES
         if task.curriculum_samples > held:
             _fail("data.task.curriculum_samples", f"{task.curriculum_samples} exceeds the {held} samples the dataset "
                   "holds (data.task.num_samples): the curriculum would never reach its last level",

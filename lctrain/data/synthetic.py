@@ -259,6 +259,9 @@ def check_dag(ids) -> tuple[list[int], list[int]]:
 # ---------------------------------------------------------------- registry
 
 TASKS = {"mqar": mqar_sample, "swap": swap_sample, "dag": dag_sample}
+# samples in a task's cached training dataset when data.task.num_samples is 0
+DEFAULT_TASK_SAMPLES = 20000
+
 # knobs each task takes besides length and vocab_size
 TASK_KNOBS = {"mqar": ("num_pairs", "num_queries"), "swap": ("num_elements", "num_queries"),
               "dag": ("num_nodes", "num_queries")}

@@ -15,11 +15,10 @@ from typing import Any
 from lctrain.data.embedded import build_once
 from lctrain.data.mds import write_mds
 from lctrain.data.packing import token_dtype
-from lctrain.data.synthetic import TASK_KNOBS, TRAIN_KNOBS, task_samples
+from lctrain.data.synthetic import DEFAULT_TASK_SAMPLES, TASK_KNOBS, TRAIN_KNOBS, task_samples
 
 SOURCE_PREFIX = "synthetic:"
 FORMAT_VERSION = 1
-DEFAULT_SAMPLES = 20000
 
 
 def task_name(source: str) -> str | None:
@@ -40,7 +39,7 @@ def task_settings(data_cfg: Any) -> dict:
     name = task_name(str(data_cfg.source))
     return {"format": FORMAT_VERSION, "task": name, "knobs": task_knobs(name, data_cfg.task, train=True),
             "seq_len": int(data_cfg.seq_len), "seed": int(data_cfg.seed),
-            "num_samples": int(data_cfg.task.num_samples) or DEFAULT_SAMPLES}
+            "num_samples": int(data_cfg.task.num_samples) or DEFAULT_TASK_SAMPLES}
 
 
 def task_dataset_path(data_cfg: Any) -> Path:
