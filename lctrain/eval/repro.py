@@ -364,7 +364,7 @@ def write_report(out: Path, rec: dict, argv: list[str], *, tiny: bool, budget: f
     held, lines = check_claim(rec["claim"].get("checks", []), results, lower_is_better=lower)
 
     def where(runs):
-        return ", ".join(f"{r['model']}" + (f" at {r['x']}" if r["x"] is not None else "") for r in runs)
+        return ", ".join(run_label(r) for r in runs)
 
     # A model whose updates were skipped trained on fewer steps than its rivals (or hardly at all): its
     # scores compare nothing, so the claim is not decided (sniah_ordering 2026-12-01: 492 and 562 of 600 skipped)
@@ -406,6 +406,19 @@ def write_report(out: Path, rec: dict, argv: list[str], *, tiny: bool, budget: f
     return verdict, lines
 
 
+def run_label(r: dict) -> str:
+    """A run as the reports and messages name it: its model, and its sweep value if any ("deltanet at 64")."""
+    return r["model"] + (f" at {r['x']}" if r["x"] is not None else "")
+
+
+def past_budget(started: float, budget_minutes: float | None, finished: list[dict], model: str,
+                key: str = "wall_s") -> bool:
+    """Whether a run of `model` started now would end past --budget-minutes: the time spent plus its
+    expected time (`expected_wall` over the finished runs' `key`). Never before a run has finished."""
+    return budget_minutes is not None and bool(finished) and \
+        time.time() - started + expected_wall(finished, model, key) > 60 * budget_minutes
+
+
 def skipped_updates(out_dir: Path) -> int:
     """How many of a run's optimizer steps were skipped on a non-finite loss or gradient (the trainer's
     bad_steps count in metrics.jsonl; 0 without one)."""
@@ -439,14 +452,12 @@ def train_side_by_side(runs_plan: list[dict], jobs: int, budget_minutes: float |
         while pending or running:
             while pending and len(running) < jobs:
                 r = pending.pop(0)
-                timed = [{"model": d["model"], "wall_s": d["train_s"]} for d in finished]
-                if budget_minutes is not None and timed and \
-                        time.time() - started + expected_wall(timed, r["model"]) > 60 * budget_minutes:
+                if past_budget(started, budget_minutes, finished, r["model"], key="train_s"):
                     skipped.append(r)
                     continue
                 log = log_dir / f"{Path(r['out_dir']).name}.train.log"
-                print(f"lctrain repro: start {r['model']}" + (f" at {r['x']}" if r["x"] is not None else "")
-                      + f" (log {log}): lctrain train {shlex.join(r['train_argv'])}", flush=True)
+                print(f"lctrain repro: start {run_label(r)} (log {log}): lctrain train {shlex.join(r['train_argv'])}",
+                      flush=True)
                 with open(log, "w") as fh:
                     proc = subprocess.Popen([sys.executable, "-m", "lctrain.cli", "train", *r["train_argv"]],
                                             stdout=fh, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
@@ -458,8 +469,7 @@ def train_side_by_side(runs_plan: list[dict], jobs: int, budget_minutes: float |
                 if proc.returncode != 0:
                     raise ReproError(f"training {r['out_dir']} failed (exit {proc.returncode}); the end of {log}:\n"
                                      + "\n".join(log.read_text().splitlines()[-25:]))
-                print(f"lctrain repro: {r['model']}" + (f" at {r['x']}" if r["x"] is not None else "")
-                      + f" trained in {r['train_s']} s", flush=True)
+                print(f"lctrain repro: {run_label(r)} trained in {r['train_s']} s", flush=True)
                 finished.append(r)
     finally:
         for proc in running:
@@ -469,10 +479,11 @@ def train_side_by_side(runs_plan: list[dict], jobs: int, budget_minutes: float |
     return sorted(finished, key=lambda r: order[id(r)]), sorted(skipped, key=lambda r: order[id(r)])
 
 
-def expected_wall(done: list[dict], model: str) -> float:
-    """Seconds the next run of `model` should take: its own last run's, else the mean finished run's."""
-    own = [d["wall_s"] for d in done if d["model"] == model]
-    return own[-1] if own else sum(d["wall_s"] for d in done) / len(done)
+def expected_wall(done: list[dict], model: str, key: str = "wall_s") -> float:
+    """Seconds the next run of `model` should take (`key`: wall_s, or train_s for training alone): its own
+    last run's, else the mean finished run's."""
+    own = [d[key] for d in done if d["model"] == model]
+    return own[-1] if own else sum(d[key] for d in done) / len(done)
 
 
 def main(argv: list[str]) -> int:
@@ -515,16 +526,14 @@ def main(argv: list[str]) -> int:
     if ns.jobs > 1:
         trained, skipped = train_side_by_side(runs_plan, ns.jobs, ns.budget_minutes, started, runs / "logs")
     queue = runs_plan if trained is None else trained  # what is evaluated, in order
-    for r in queue:
-        if trained is None and ns.budget_minutes is not None and done and \
-                time.time() - started + expected_wall(done, r["model"]) > 60 * ns.budget_minutes:
+    for i, r in enumerate(queue):
+        if trained is None and past_budget(started, ns.budget_minutes, done, r["model"]):
             skipped.append(r)
             continue
         t0 = time.time()
         if trained is None:
-            print(f"lctrain repro {name}: {r['model']}" + (f" {rec['sweep']['key']}={r['x']}" if r["x"] is not None
-                                                          else "") + f": lctrain train {shlex.join(r['train_argv'])}",
-                  flush=True)
+            sweep = f" {rec['sweep']['key']}={r['x']}" if r["x"] is not None else ""
+            print(f"lctrain repro {name}: {r['model']}{sweep}: lctrain train {shlex.join(r['train_argv'])}", flush=True)
             if train_main(r["train_argv"]) != 0:
                 raise ReproError(f"training {r['out_dir']} failed (see above)")
         r["skipped_updates"] = skipped_updates(Path(r["out_dir"]))
@@ -541,8 +550,7 @@ def main(argv: list[str]) -> int:
         done.append(r)
         if kind != "position_loss":  # so that a repro stopped from outside still leaves what it measured
             write_report(out, rec, argv, tiny=ns.tiny, budget=ns.budget_minutes, results=results, done=done,
-                         skipped=skipped, pending=queue[len(done) + (len(skipped) if trained is None else 0):],
-                         wall=time.time() - started)
+                         skipped=skipped, pending=queue[i + 1:], wall=time.time() - started)
     if kind == "position_loss" and done:
         pl_out = runs / "position_loss"
         pl_argv = position_loss_argv(ev_cfg, done, pl_out)
