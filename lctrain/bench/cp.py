@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 
-from lctrain.bench.report import error_note
+from lctrain.bench.report import Clock, error_note, publish, result_dict, time_limit_seconds, write_partial
 
 COLUMNS = ["layer", "transition", "T/rank", "T total", "1-dev fwd ms", "1-dev fwd+bwd ms", "CP fwd ms", "CP fwd+bwd ms",
            "efficiency",
@@ -67,8 +67,6 @@ CPU_DEFAULTS = dict(T=[64, 128], H=2, D=16, dtype="fp32", chunk_size=16, warmup=
 
 
 def _parse(argv):
-    from lctrain.bench.report import time_limit_seconds
-
     p = argparse.ArgumentParser(prog="lctrain bench cp", description=__doc__.split("\n\n")[0])
     p.add_argument("--nproc", type=int, default=None,
                    help="CP ranks to launch (default: all visible GPUs; 2 on CPU); ignored under torchrun")
@@ -538,13 +536,11 @@ class _Results:
               + (f", CP / 1-dev at {P}*T {res['cp_over_whole']:.3f}" if res["cp_over_whole"] else "")
               + (f", CP peak / 1-dev at {P}*T {res['cp_peak_over_whole']:.3f}" if res["cp_peak_over_whole"] else ""),
               flush=True)
-        from lctrain.bench.report import write_partial
         write_partial(self.result(), self.args.json, len(self.rows), self.total)
 
     def result(self) -> dict:
         import torch
 
-        from lctrain.bench.report import result_dict
         args = self.args
         return result_dict(
             f"Context-parallel {', '.join(TITLES[layer] for layer in args.layer)}, weak scaling, CP={self.P}",
@@ -572,7 +568,6 @@ def _worker(args, argv) -> int:
              "transition runs them on each rank (rank 0 the A-free pass, the last rank no forward pass, rank 0 no "
              "state-gradient pass, middle ranks (A, B) and G; sequential_all: every pass on every rank), alone, the "
              "slowest rank's time"]
-    from lctrain.bench.report import Clock
     clock = Clock(args.time_limit, "bench cp", rank=rank, group=group, device=device)
     results = _Results(args, argv, P, device, notes, rank)
     cases = [(layer, T) for layer in args.layer for T in args.T]
@@ -611,7 +606,6 @@ def _worker(args, argv) -> int:
         dist.destroy_process_group()
     if rank != 0:
         return 0
-    from lctrain.bench.report import publish
     publish(results.result(), args.json, args.record)
     return 0
 

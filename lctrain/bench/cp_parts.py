@@ -31,7 +31,7 @@ import argparse
 import sys
 import time
 
-from lctrain.bench.report import error_note
+from lctrain.bench.report import Clock, bench_main, error_note, result_dict, utc_date, write_partial
 
 COLUMNS = ["layer", "T", "pass", "way", "ms", "x sequential", "rel diff"]
 KINDS = {"gdn": "gated_delta", "delta": "delta", "gla": "gla"}
@@ -128,7 +128,6 @@ def run(args):
     import torch
 
     from lctrain.bench.cp import _version
-    from lctrain.bench.report import Clock, result_dict, utc_date, write_partial
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     kw = dict(backend=args.backend, chunk_size=args.chunk_size)
@@ -303,7 +302,6 @@ def _cfg_touches(cfg: dict, what: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lctrain.bench.report import bench_main
     return bench_main(_parse, run, argv)
 
 
