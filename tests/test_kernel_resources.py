@@ -88,3 +88,16 @@ def test_one_chunk_state_pass_compiles_to_the_looped_kernel():
     lines = out.stdout.split("\n")
     kinds = [line.split()[-1] for line in lines if line.strip()]
     assert kinds and set(kinds) == {"loop"}, out.stdout
+
+
+def test_records_every_loglinear_kernel_launch():
+    """`--op loglinear` replays the fused log-linear op's forward and backward (Gated DeltaNet and Mamba-2) on
+    meta tensors; the replay broke once when the autograd function gained an argument."""
+    from lctrain.bench.kernel_resources import record_loglinear_launches
+    calls = record_loglinear_launches(32, "bfloat16")
+    names = {getattr(fn, "fn", fn).__name__ for fn, _, _ in calls}
+    assert {"levels_fwd_kernel", "levels_dstate_kernel", "levels_grad_kernel"} <= names
+    for fn, args, kw in calls:
+        params = inspect.signature(getattr(fn, "fn", fn)).parameters
+        bound = len(args) + len([k for k in kw if k not in ("num_warps", "num_stages")])
+        assert bound == len(params) and "num_warps" in kw

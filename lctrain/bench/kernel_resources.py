@@ -145,7 +145,7 @@ def record_loglinear_launches(D: int, dtype_name: str) -> list:
         lw = torch.empty(B, T, H, 13 - c - 1, dtype=torch.float32, **m)
         for b in (beta, None):
             ctx = type("Ctx", (), {"save_for_backward": lambda self, *t: setattr(self, "saved_tensors", t)})()
-            fused._FusedLogLinear.forward(ctx, q, k, v, g, b, lam, lw, None, D ** -0.5, 0, c, False)
+            fused._FusedLogLinear.forward(ctx, q, k, v, g, b, lam, lw, None, D ** -0.5, 0, c, False, True)  # train
             fused._FusedLogLinear.backward(ctx, do, None)
     finally:
         for (mod, n), kernel in saved.items():
