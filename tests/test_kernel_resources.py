@@ -96,7 +96,8 @@ def test_records_every_loglinear_kernel_launch():
     from lctrain.bench.kernel_resources import record_loglinear_launches
     calls = record_loglinear_launches(32, "bfloat16")
     names = {getattr(fn, "fn", fn).__name__ for fn, _, _ in calls}
-    assert {"levels_fwd_kernel", "levels_dstate_kernel", "levels_grad_kernel"} <= names
+    assert {"levels_fwd_kernel", "levels_dstate_kernel", "levels_grad_state_kernel",
+            "levels_grad_query_kernel"} <= names
     for fn, args, kw in calls:
         params = inspect.signature(getattr(fn, "fn", fn)).parameters
         bound = len(args) + len([k for k in kw if k not in ("num_warps", "num_stages")])

@@ -331,8 +331,13 @@ def test_gdn_kernels_stay_inside_their_tensors(backend):
 
 
 @needs_triton
-def test_fused_triton_batch_of_two_and_wider_values():
-    """B=2 and V=32 != K=16 (the kernels' batch and value offsets), against the torch backend."""
+@pytest.mark.parametrize("cfg", [{}, {"BV_grad": 32, "BV_gradq": 16}])
+def test_fused_triton_batch_of_two_and_wider_values(monkeypatch, cfg):
+    """B=2 and V=32 != K=16 (the kernels' batch and value offsets), against the torch backend; with the
+    defaults the gradient pass's state part takes V in two blocks, its readout part in one, and the other way
+    round with the second settings."""
+    from lctrain.kernels.loglinear import triton_levels
+    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, **cfg})
     gen = torch.Generator().manual_seed(30)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
     Bt, T, K, V = 2, 150, 16, 32

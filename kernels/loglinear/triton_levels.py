@@ -56,7 +56,7 @@ from ..triton.common import CHUNK, flags_given, pow2
 # its first measurement, fwd+bwd 14.50 vs 8.78 ms at 16K and 54.16 vs 41.81 ms at 64K (B=1, H=16, D=128, bf16;
 # docs/results/h200x2_2026-11-30_call3/loglinear_bench.log). In the same run ll_gdn at warps=4, stages=1 was
 # 12% faster than these defaults at 16K and 64K (one run, not yet the default).
-CONFIG = {"LP": 2, "BV": 32, "warps": 8, "stages": 2, "BV_grad": 16, "warps_grad": 8, "ATOMIC": 1,
+CONFIG = {"LP": 2, "BV": 32, "warps": 8, "stages": 2, "BV_grad": 16, "BV_gradq": 64, "warps_grad": 8, "ATOMIC": 1,
           "TREE": 0}
 
 
@@ -266,18 +266,18 @@ def levels_dstate_kernel(qt_ptr, k_ptr, w_ptr, gam_ptr, lw_ptr, do_ptr, dst_ptr,
 
 @flags_given(HAS_W="w_ptr")
 @triton.jit
-def levels_grad_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, do_ptr, h_ptr, dh_ptr,
-                       dqt_ptr, dk_ptr, dw_ptr, du_ptr, dgam_ptr, dlw_ptr,
-                       scale, B, T, NT, H, NL, j0, G, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                       BV: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr, FIRST: tl.constexpr):
-    """Per chunk (program (chunk, batch x head)), summed over the G levels j0.. of this group and the V
-    blocks, with S = h (incoming state), dS = dh (gradient of the outgoing state), U = Ut - W S:
+def levels_grad_state_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, h_ptr, dh_ptr, dk_ptr, dw_ptr, du_ptr, dgam_ptr,
+                             B, T, NT, H, G, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                             BV: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr, FIRST: tl.constexpr):
+    """The gradients through the state update, per chunk (program (chunk, batch x head)), summed over the G
+    levels of this group and the V blocks, with S = h (incoming state), dS = dh (gradient of the outgoing
+    state), U = Ut - W S:
         dU    = diag(exp(gl - gam)) K dS          -> dUt += dU,  dW -= dU S^T
         dK   += diag(exp(gl - gam)) U dS^T
         dgam += -rowsum(dU * U), last row + sum(dU * U) + exp(gl) <S, dS>
-        dqt  += scale diag(w) dO S^T,   dw_l = scale rowsum(dO * (qt S))
-    The chunk's rows belong to this program alone: plain stores, added to the previous groups' sums
-    unless FIRST."""
+    (the readout's gradients are ``levels_grad_query_kernel``'s: split so that each program holds at most
+    two [C, K] fp32 accumulators, which lets the V blocks be wide without register spills). The chunk's
+    rows belong to this program alone: plain stores, added to the previous groups' sums unless FIRST."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -291,12 +291,10 @@ def levels_grad_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, do_ptr, h_p
     last = tl.minimum(n * C + C - 1, T - 1)
     gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
     gl = tl.load(gam_ptr + base + last * H)
-    dec = tl.exp(gl - gam)
-    qc = tl.load(qt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+    dec = tl.where(mt, tl.exp(gl - gam), 0.0)
     kc = tl.load(k_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
     if HAS_W:
         wc = tl.load(w_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
-    dqt = tl.zeros([C, BK], dtype=tl.float32)
     dk = tl.zeros([C, BK], dtype=tl.float32)
     dw = tl.zeros([C, BK], dtype=tl.float32)
     dgam = tl.zeros([C], dtype=tl.float32)
@@ -306,11 +304,9 @@ def levels_grad_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, do_ptr, h_p
         mv = rv < V
         mkv = mk[:, None] & mv[None, :]
         mtv = mt[:, None] & mv[None, :]
-        do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtv, other=0.0).to(tl.float32)
         ut = tl.load(u_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtv, other=0.0).to(tl.float32)
         du_sum = tl.zeros([C, BV], dtype=tl.float32)
         for jj in range(0, G):
-            j = j0 + jj
             off = (((jj * B + b) * NT + n) * H + h) * K * V + rk[:, None] * V + rv[None, :]
             S = tl.load(h_ptr + off, mask=mkv, other=0.0)
             dS = tl.load(dh_ptr + off, mask=mkv, other=0.0)
@@ -320,36 +316,65 @@ def levels_grad_kernel(qt_ptr, k_ptr, w_ptr, u_ptr, gam_ptr, lw_ptr, do_ptr, h_p
                 u = ut
             du = tl.dot(kc, dS.to(kc.dtype)).to(tl.float32) * dec[:, None]
             du_sum += du
-            St = tl.trans(S).to(kc.dtype)
             if HAS_W:
-                dw -= tl.dot(du.to(kc.dtype), St).to(tl.float32)
+                dw -= tl.dot(du.to(kc.dtype), tl.trans(S).to(kc.dtype)).to(tl.float32)
             dk += tl.dot((u * dec[:, None]).to(kc.dtype), tl.trans(dS).to(kc.dtype)).to(tl.float32)
             a = tl.sum(du * u, axis=1)
             dgam -= a
             glast += tl.sum(a, axis=0) + tl.exp(gl) * tl.sum(tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1),
                                                                axis=0)
-            lw = tl.load(lw_ptr + (base + rt * H) * NL + j, mask=mt, other=0.0)
-            dqt += tl.dot((do * (scale * lw)[:, None]).to(kc.dtype), St).to(tl.float32)
-            qs = tl.dot(qc, S.to(qc.dtype)).to(tl.float32)
-            part = scale * tl.sum(do * qs, axis=1)
-            if v0 > 0:
-                part += tl.load(dlw_ptr + (base + rt * H) * NL + j, mask=mt, other=0.0)
-            tl.store(dlw_ptr + (base + rt * H) * NL + j, part, mask=mt)
         if not FIRST:
             du_sum += tl.load(du_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtv, other=0.0)
         tl.store(du_ptr + (base + rt[:, None] * H) * V + rv[None, :], du_sum, mask=mtv)
     dgam += tl.where(rt == last, glast, 0.0)
     if not FIRST:
-        dqt += tl.load(dqt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
         dk += tl.load(dk_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
         dgam += tl.load(dgam_ptr + base + rt * H, mask=mt, other=0.0)
-    tl.store(dqt_ptr + (base + rt[:, None] * H) * K + rk[None, :], dqt, mask=mtk)
     tl.store(dk_ptr + (base + rt[:, None] * H) * K + rk[None, :], dk, mask=mtk)
     tl.store(dgam_ptr + base + rt * H, dgam, mask=mt)
     if HAS_W:
         if not FIRST:
             dw += tl.load(dw_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
         tl.store(dw_ptr + (base + rt[:, None] * H) * K + rk[None, :], dw, mask=mtk)
+
+
+@triton.jit
+def levels_grad_query_kernel(qt_ptr, lw_ptr, do_ptr, h_ptr, dqt_ptr, dlw_ptr, scale, B, T, NT, H, NL, j0, G,
+                             K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                             C: tl.constexpr, FIRST: tl.constexpr):
+    """The readout's gradients, per chunk (program (chunk, batch x head)), for the G levels j0.. of this
+    group with S = h (the chunk's incoming state of level j):
+        dqt += scale diag(w_j) dO S^T,   dw_j = scale rowsum(dO * (qt S))
+    Levels outermost, so each level's dw_j is summed over the V blocks in registers and stored once."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    base = b * T * H + h
+    rt = n * C + tl.arange(0, C)
+    mt = rt < T
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    mtk = mt[:, None] & mk[None, :]
+    qc = tl.load(qt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+    dqt = tl.zeros([C, BK], dtype=tl.float32)
+    for jj in range(0, G):
+        j = j0 + jj
+        lw = tl.load(lw_ptr + (base + rt * H) * NL + j, mask=mt, other=0.0) * scale
+        part = tl.zeros([C], dtype=tl.float32)
+        for v0 in range(0, V, BV):
+            rv = v0 + tl.arange(0, BV)
+            mv = rv < V
+            S = tl.load(h_ptr + (((jj * B + b) * NT + n) * H + h) * K * V + rk[:, None] * V + rv[None, :],
+                        mask=mk[:, None] & mv[None, :], other=0.0)
+            do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :],
+                         other=0.0).to(tl.float32)
+            dqt += tl.dot((do * lw[:, None]).to(qc.dtype), tl.trans(S).to(qc.dtype)).to(tl.float32)
+            part += tl.sum(do * tl.dot(qc, S.to(qc.dtype)).to(tl.float32), axis=1)
+        tl.store(dlw_ptr + (base + rt * H) * NL + j, part * scale, mask=mt)
+    if not FIRST:
+        dqt += tl.load(dqt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+    tl.store(dqt_ptr + (base + rt[:, None] * H) * K + rk[None, :], dqt, mask=mtk)
 
 
 def _settings(K: int) -> dict:
@@ -505,9 +530,10 @@ def _backward_groups(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, 
                                    j0 + G, nvb, **common)
         if side is not None:
             torch.cuda.current_stream(qt.device).wait_stream(side)
-        levels_grad_kernel[(NT, B * H)](qt, k, w, ut, gam, lw, do, hs, dhs, dqt, dk, dw, du, dgam, dlw, scale,
-                                        B, T, NT, H, NL, j0, G, K=K, V=V, BK=pow2(K),
-                                        BV=min(pow2(V), cfg["BV_grad"]), C=CHUNK, FIRST=j0 == 0,
-                                        num_warps=cfg["warps_grad"])
+        grad = dict(K=K, V=V, BK=pow2(K), C=CHUNK, FIRST=j0 == 0, num_warps=cfg["warps_grad"])
+        levels_grad_state_kernel[(NT, B * H)](k, w, ut, gam, hs, dhs, dk, dw, du, dgam, B, T, NT, H, G,
+                                              BV=min(pow2(V), cfg["BV_grad"]), **grad)
+        levels_grad_query_kernel[(NT, B * H)](qt, lw, do, hs, dqt, dlw, scale, B, T, NT, H, NL, j0, G,
+                                              BV=min(pow2(V), cfg["BV_gradq"]), **grad)
         del hs, dhs
     return ds0
