@@ -21,9 +21,10 @@ over the whole sequence; the outputs of the groups are summed with fp32 atomics.
 
 The backward, per group of levels: the forward scan again storing every chunk's incoming state h
 (``levels_fwd_kernel``), the reverse scan storing every chunk's outgoing-state gradient dh
-(``levels_dstate_kernel``: the dS recursion needs no forward state), then one program per chunk pairs h
-and dh of every level of the group (``levels_grad_kernel``), summing the levels' shares of dqt, dk, dW,
-dUt, dgam in registers: no atomics. Groups bound h and dh to ``STATE_BUDGET`` bytes, and where even one
+(``levels_dstate_kernel``: the dS recursion needs no forward state), then per chunk one program pairs h
+and dh of every level of the group for dk, dW, dUt, dgam (``levels_grad_state_kernel``) and one reads h
+for dqt and the level weights' gradients (``levels_grad_query_kernel``), summing the levels' shares in
+registers: no atomics. Groups bound h and dh to ``STATE_BUDGET`` bytes, and where even one
 group over the whole sequence would not fit (1M tokens at H=16, D=128, bf16) the backward runs over
 segments of the sequence, each from run states the forward stored at its start (``backward_plan``); on
 CUDA the two scans of a group run on two streams (they are independent).
@@ -44,19 +45,23 @@ import triton.language as tl
 from ..triton.common import CHUNK, flags_given, pow2
 
 # Launch settings. The scans: V block BV, levels per program LP (a power of two; the state tile is
-# [K, LP * BV] fp32), num_warps, num_stages (None: Triton's default); the per-chunk gradient pass: V block,
-# num_warps; ATOMIC: the forward scans add their readouts to o with fp32 atomics (1) or, 0, every group
-# of levels stores into its own fp32 slice of a [groups, B, T, H, V] buffer summed afterwards (no atomics,
-# (groups - 1) x the output's memory more); TREE: log-linear Mamba-2 calls from position 0 take the
-# levels from Fenwick block totals (``scalar_tree``) instead of these scans (0: the scans).
-# Defaults: no register spills and shared memory within sm_90's 228 KiB at head dim 128 (checked with
-# kernel_resources-style compiles); ``set_levels_config`` / LCTRAIN_LOGLINEAR_CFG="LP=4,BV=16" change them
-# (``lctrain bench loglinear --levels-cfg`` times several).
+# [K, LP * BV] fp32), num_warps, num_stages (None: Triton's default); the per-chunk gradient pass: the V
+# blocks of its state part (BV_grad) and of its readout part (BV_gradq), num_warps of both; ATOMIC: the
+# forward scans add their readouts to o with fp32 atomics (1) or, 0, every group of levels stores into its
+# own fp32 slice of a [groups, B, T, H, V] buffer summed afterwards (no atomics, (groups - 1) x the output's
+# memory more); TREE: log-linear Mamba-2 calls from position 0 take the levels from Fenwick block totals
+# (``scalar_tree``) instead of these scans (0: the scans).
+# Defaults: shared memory within sm_90's 228 KiB at head dim 128 (`python -m lctrain.bench.kernel_resources
+# --op loglinear` compiles them without a GPU; the state part of the gradient pass spills 16 bytes at
+# BV_grad=32 and is faster there than at 16 anyway); ``set_levels_config`` / LCTRAIN_LOGLINEAR_CFG="LP=4,BV=16"
+# change them (``lctrain bench loglinear --levels-cfg`` times several). Chosen on an H200 (B=1, H=16, D=128,
+# bf16; docs/results/h200_2026-12-01_s7/): the scans at 4 warps and 1 stage halve ll_gdn's forward against
+# 8 warps / 2 stages (13.1 -> 7.5 ms at 64K, in two runs) and BV_grad=32, BV_gradq=32 took its fwd+bwd from
+# 44.4 to 38.4 ms at 64K.
 # TREE=0: log-linear Mamba-2 through the level scans; the block-total tree (TREE=1) was slower on an H200 in
 # its first measurement, fwd+bwd 14.50 vs 8.78 ms at 16K and 54.16 vs 41.81 ms at 64K (B=1, H=16, D=128, bf16;
-# docs/results/h200x2_2026-11-30_call3/loglinear_bench.log). In the same run ll_gdn at warps=4, stages=1 was
-# 12% faster than these defaults at 16K and 64K (one run, not yet the default).
-CONFIG = {"LP": 2, "BV": 32, "warps": 8, "stages": 2, "BV_grad": 16, "BV_gradq": 64, "warps_grad": 8, "ATOMIC": 1,
+# docs/results/h200x2_2026-11-30_call3/loglinear_bench.log).
+CONFIG = {"LP": 2, "BV": 32, "warps": 4, "stages": 1, "BV_grad": 32, "BV_gradq": 32, "warps_grad": 8, "ATOMIC": 1,
           "TREE": 0}
 
 
@@ -222,7 +227,7 @@ def levels_dstate_kernel(qt_ptr, k_ptr, w_ptr, gam_ptr, lw_ptr, do_ptr, dst_ptr,
     the state leaving chunk n (stored in dh, laid out as h), then
         dS_in = exp(gl) dS - W^T diag(exp(gl - gam)) K dS + scale qt^T diag(w) dO,
     cut to 0 where chunk n starts a block; what is left at the start is the gradient of the level's
-    incoming run state (ds0). It needs no forward state: ``levels_grad_kernel`` pairs dh with h. One
+    incoming run state (ds0). It needs no forward state: ``levels_grad_state_kernel`` pairs dh with h. One
     program per work item as in ``levels_fwd_kernel`` (the gradient does not cross a block start)."""
     jg, lo, hi, iv, bh = _scan_program(work_ptr, NVB)
     b = bh // H
@@ -378,9 +383,10 @@ def levels_grad_query_kernel(qt_ptr, lw_ptr, do_ptr, h_ptr, dqt_ptr, dlw_ptr, sc
 
 
 def _settings(K: int) -> dict:
-    """CONFIG for head dim K: above 128 one level per program and no software pipelining (the defaults
-    need 246-279 KiB of shared memory at K = 256)."""
-    return {**CONFIG, "LP": 1, "stages": 1} if K > 128 else CONFIG
+    """CONFIG for head dim K: above 128 one level per program, no software pipelining (LP=2 at 2 stages
+    needs 246-279 KiB of shared memory at K = 256), 8 warps and V blocks of 16 in the gradient pass's state
+    part (4 warps and BV_grad=32 spill registers there: kernel_resources --D 256)."""
+    return {**CONFIG, "LP": 1, "stages": 1, "warps": 8, "BV_grad": 16} if K > 128 else CONFIG
 
 
 def _launch_args(qt, u):
