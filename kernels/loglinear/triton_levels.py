@@ -53,11 +53,13 @@ from ..triton.common import CHUNK, flags_given, pow2
 # (``scalar_tree``) instead of these scans (0: the scans).
 # Defaults: shared memory within sm_90's 228 KiB at head dim 128 (`python -m lctrain.bench.kernel_resources
 # --op loglinear` compiles them without a GPU; the state part of the gradient pass spills 16 bytes at
-# BV_grad=32 and is faster there than at 16 anyway); ``set_levels_config`` / LCTRAIN_LOGLINEAR_CFG="LP=4,BV=16"
-# change them (``lctrain bench loglinear --levels-cfg`` times several). Chosen on an H200 (B=1, H=16, D=128,
-# bf16; docs/results/h200_2026-12-01_s7/): the scans at 4 warps and 1 stage halve ll_gdn's forward against
-# 8 warps / 2 stages (13.1 -> 7.5 ms at 64K, in two runs) and BV_grad=32, BV_gradq=32 took its fwd+bwd from
-# 44.4 to 38.4 ms at 64K.
+# BV_grad=32 and is faster there than at 16 anyway, the Mamba-2 forward scan 96 bytes);
+# ``set_levels_config`` / LCTRAIN_LOGLINEAR_CFG="LP=4,BV=16" change them (``lctrain bench loglinear
+# --levels-cfg`` times several). Chosen on an H200 (B=1, H=16, D=128, bf16; docs/results/h200_2026-12-01_s7/):
+# the scans at 4 warps and 1 stage halve ll_gdn's forward against 8 warps / 2 stages (13.1 -> 7.5 ms at 64K,
+# in two runs) and BV_grad=32, BV_gradq=32 took its fwd+bwd from 44.4 to 38.4 ms at 64K. Known to fault there
+# (illegal memory access in the backward's recompute scan, Triton 3.6, at 4 and 8 warps): LP=2, BV=16 at
+# stages=1 (stages=2 ran); LP=1, BV=32 at stages=1 is untried.
 # TREE=0: log-linear Mamba-2 through the level scans; the block-total tree (TREE=1) was slower on an H200 in
 # its first measurement, fwd+bwd 14.50 vs 8.78 ms at 16K and 54.16 vs 41.81 ms at 64K (B=1, H=16, D=128, bf16;
 # docs/results/h200x2_2026-11-30_call3/loglinear_bench.log).
