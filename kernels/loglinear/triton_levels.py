@@ -271,6 +271,21 @@ def levels_dstate_kernel(qt_ptr, k_ptr, w_ptr, gam_ptr, lw_ptr, do_ptr, dst_ptr,
         tl.store(ds0_ptr + ((bh * NL + j[None, :]) * K + rk[:, None]) * V + rv[None, :], dS, mask=mkv & (lo == 0))
 
 
+@triton.jit
+def _chunk_program(T, H, K, BK: tl.constexpr, C: tl.constexpr):
+    """(chunk n, batch b, head h, token offset base, rows rt, row mask, K index, K mask, [C, BK] mask) of a
+    per-chunk program of the gradient pass (grid (chunk, batch x head))."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rt = n * C + tl.arange(0, C)
+    mt = rt < T
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    return n, b, h, b * T * H + h, rt, mt, rk, mk, mt[:, None] & mk[None, :]
+
+
 @flags_given(HAS_W="w_ptr")
 @triton.jit
 def levels_grad_state_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, h_ptr, dh_ptr, dk_ptr, dw_ptr, du_ptr, dgam_ptr,
@@ -285,16 +300,7 @@ def levels_grad_state_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, h_ptr, dh_ptr, dk_ptr
     (the readout's gradients are ``levels_grad_query_kernel``'s: split so that each program holds at most
     two [C, K] fp32 accumulators, which lets the V blocks be wide without register spills). The chunk's
     rows belong to this program alone: plain stores, added to the previous groups' sums unless FIRST."""
-    n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    base = b * T * H + h
-    rt = n * C + tl.arange(0, C)
-    mt = rt < T
-    rk = tl.arange(0, BK)
-    mk = rk < K
-    mtk = mt[:, None] & mk[None, :]
+    n, b, h, base, rt, mt, rk, mk, mtk = _chunk_program(T, H, K, BK, C)
     last = tl.minimum(n * C + C - 1, T - 1)
     gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
     gl = tl.load(gam_ptr + base + last * H)
@@ -353,16 +359,7 @@ def levels_grad_query_kernel(qt_ptr, lw_ptr, do_ptr, h_ptr, dqt_ptr, dlw_ptr, sc
     group with S = h (the chunk's incoming state of level j):
         dqt += scale diag(w_j) dO S^T,   dw_j = scale rowsum(dO * (qt S))
     Levels outermost, so each level's dw_j is summed over the V blocks in registers and stored once."""
-    n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    base = b * T * H + h
-    rt = n * C + tl.arange(0, C)
-    mt = rt < T
-    rk = tl.arange(0, BK)
-    mk = rk < K
-    mtk = mt[:, None] & mk[None, :]
+    n, b, h, base, rt, mt, rk, mk, mtk = _chunk_program(T, H, K, BK, C)
     qc = tl.load(qt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
     dqt = tl.zeros([C, BK], dtype=tl.float32)
     for jj in range(0, G):
