@@ -71,8 +71,12 @@ for spec in $SPECS; do
 done
 # Tools of the GPU runs, not imported by training: pytest-xdist (the GPU tests compile many Triton
 # kernels: -n N spreads the compilation over the host's cores) and fla-core, the anchor of the benches.
+# FLA_VERSION (default 0.6.0): 0.6.0's chunk_log_linear_attn did not compile on the image's Triton 3.6
+# (2026-12-01, BENCHMARKS.md), so `lctrain bench loglinear --methods fla_ll_mamba2` may need an older one
+# (0.5.x and 0.4.x have it too, without the scale argument the bench does not pass).
+rm -f "$DEST"/fla_core-*.whl   # one fla-core in the bundle: pip would refuse two versions of it
 for spec in "pytest-xdist==$(python3 -c 'import xdist; print(xdist.__version__)')" \
-            "execnet==$(python3 -c 'import execnet; print(execnet.__version__)')" fla-core==0.6.0; do
+            "execnet==$(python3 -c 'import execnet; print(execnet.__version__)')" "fla-core==${FLA_VERSION:-0.6.0}"; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 "${PLATFORMS[@]}" -d "$DEST" "$spec"
 done
 echo "bundle: $(ls "$DEST"/*.whl | wc -l) wheels, $(du -ch "$DEST"/*.whl | tail -1 | cut -f1) (the device call carries at most 64 MiB in all)"
