@@ -482,3 +482,23 @@ def test_level_runs_of_one_chunk_take_the_torch_base_op():
         piece = [x[n][:, :T] for n in ("q", "k", "v", "g", "beta")]
         level_run(base, *piece[:3], piece[3:], None, start, 128, "triton", 64)
         assert calls == want
+
+
+@needs_triton
+def test_level_launch_settings_are_checked_before_any_launch():
+    """set_levels_config (LCTRAIN_LOGLINEAR_CFG, --levels-cfg) refuses unknown keys, blocks that are not powers
+    of two, and the setting that faulted on an H200; a refusal leaves the settings as they were."""
+    from lctrain.kernels.loglinear import triton_levels
+    before = dict(triton_levels.CONFIG)
+    for bad, words in (({"LPX": 2}, "unknown key"), ({"BV": 24}, "power of two"), ({"ATOMIC": 2}, "0 or 1"),
+                       ({"LP": 2, "BV": 16, "stages": 1}, "illegal memory access")):
+        with pytest.raises(ValueError, match=words):
+            triton_levels.set_levels_config(**bad)
+        assert triton_levels.CONFIG == before
+    old = triton_levels.set_levels_config(LP=2, BV=16, stages=2)   # two stages ran
+    try:
+        assert triton_levels.CONFIG["BV"] == 16 and old == before
+    finally:
+        triton_levels.set_levels_config(**old)
+    assert triton_levels.CONFIG == before
+

@@ -59,12 +59,17 @@ from ..triton.common import CHUNK, flags_given, pow2
 # the scans at 4 warps and 1 stage halve ll_gdn's forward against 8 warps / 2 stages (13.1 -> 7.5 ms at 64K,
 # in two runs) and BV_grad=32, BV_gradq=32 took its fwd+bwd from 44.4 to 38.4 ms at 64K. Known to fault there
 # (illegal memory access in the backward's recompute scan, Triton 3.6, at 4 and 8 warps): LP=2, BV=16 at
-# stages=1 (stages=2 ran); LP=1, BV=32 at stages=1 is untried.
+# stages=1 (stages=2 ran; refused: FAULTING below); LP=1, BV=32 at stages=1 is untried.
 # TREE=0: log-linear Mamba-2 through the level scans; the block-total tree (TREE=1) was slower on an H200 in
 # its first measurement, fwd+bwd 14.50 vs 8.78 ms at 16K and 54.16 vs 41.81 ms at 64K (B=1, H=16, D=128, bf16;
 # docs/results/h200x2_2026-11-30_call3/loglinear_bench.log).
 CONFIG = {"LP": 2, "BV": 32, "warps": 4, "stages": 1, "BV_grad": 32, "BV_gradq": 32, "warps_grad": 8, "ATOMIC": 1,
           "TREE": 0}
+
+
+# Launch settings that stopped an H200 with an illegal memory access (Triton 3.6, 2026-12-01, at 4 and 8 warps;
+# docs/results/h200_2026-12-01_s7/): refused before any launch, since the fault ends the process's CUDA context.
+FAULTING = ({"LP": 2, "BV": 16, "stages": 1},)
 
 
 def set_levels_config(**values: int) -> dict:
@@ -86,7 +91,13 @@ def set_levels_config(**values: int) -> dict:
             raise ValueError(f"set_levels_config: {key}={val!r} must be a positive int"
                              + (" and a power of two >= 16" if key.startswith("BV") else "")
                              + (" and a power of two" if key == "LP" else ""))
-    CONFIG = {**CONFIG, **values}
+    new = {**CONFIG, **values}
+    for bad in FAULTING:
+        if all(new[k] == v for k, v in bad.items()):
+            setting = ", ".join(f"{k}={v}" for k, v in bad.items())
+            raise ValueError(f"set_levels_config: {setting} faults on an H200 (an illegal memory access in the level "
+                             "scans, Triton 3.6); use stages=2, or BV=32")
+    CONFIG = new
     return old
 
 
