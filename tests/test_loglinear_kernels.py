@@ -314,13 +314,18 @@ def test_interpreter_bounds_check_catches_an_overrun():
 
 @needs_triton
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="checks the interpreter's addresses")
-@pytest.mark.parametrize("backend", ["triton", "triton_composed"])
-def test_gdn_kernels_stay_inside_their_tensors(backend):
+@pytest.mark.parametrize("backend,cfg", [("triton", {}), ("triton_composed", {}),
+                                         ("triton", {"LP": 2, "BV": 16, "stages": 1})])
+def test_gdn_kernels_stay_inside_their_tensors(monkeypatch, backend, cfg):
     """Every load/store/atomic of the fused (and composed) log-linear GDN kernels, forward and backward,
     lies inside a tensor argument, in the shape of the GPU case that hit "an illegal memory access"
     (T=20000, D=64: a half-filled last chunk, an odd level count so the last level group is padded,
-    two V blocks, two heads), at T = 8 * 64 + 32 (3 levels above the chunk)."""
+    two V blocks, two heads), at T = 8 * 64 + 32 (3 levels above the chunk); and at the launch setting
+    that faulted on an H200 (LP=2, BV=16, one stage; set_levels_config refuses it), whose addresses are
+    in bounds here too: the fault is not an indexing error the interpreter can see."""
     from interp_bounds import bounds_checked
+    from lctrain.kernels.loglinear import triton_levels
+    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, **cfg})
     T, D = 8 * 64 + 32, 64
     L = levels_needed(T)
     x = make_inputs("gdn", T, D, D, L, torch.float32, seed=41)
