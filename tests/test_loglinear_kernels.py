@@ -506,4 +506,10 @@ def test_level_launch_settings_are_checked_before_any_launch():
     finally:
         triton_levels.set_levels_config(**old)
     assert triton_levels.CONFIG == before
+    # the defaults' V block shrinks to the value dimension: at V = 16 the launch would be the faulting one, so
+    # the scans take two stages there; at V = 32 they keep the defaults
+    for V, stages in ((16, 2), (32, before["stages"])):
+        qt, u = torch.empty(1, 64, 2, 16), torch.empty(1, 64, 2, V)
+        cfg = triton_levels._launch_args(qt, u)[-1]
+        assert cfg["stages"] == stages and cfg["LP"] == before["LP"], (V, cfg)
 

@@ -92,13 +92,20 @@ def set_levels_config(**values: int) -> dict:
                              + (" and a power of two >= 16" if key.startswith("BV") else "")
                              + (" and a power of two" if key == "LP" else ""))
     new = {**CONFIG, **values}
-    for bad in FAULTING:
-        if all(new[k] == v for k, v in bad.items()):
-            setting = ", ".join(f"{k}={v}" for k, v in bad.items())
-            raise ValueError(f"set_levels_config: {setting} faults on an H200 (an illegal memory access in the level "
-                             "scans, Triton 3.6); use stages=2, or BV=32")
+    bad = _faulting(new)
+    if bad:
+        raise ValueError(f"set_levels_config: {bad} faults on an H200 (an illegal memory access in the level scans, "
+                         "Triton 3.6); use stages=2, or BV=32")
     CONFIG = new
     return old
+
+
+def _faulting(cfg: dict) -> str:
+    """The FAULTING entry that ``cfg`` matches, as "LP=2, BV=16, stages=1", or "" if none."""
+    for bad in FAULTING:
+        if all(cfg[k] == v for k, v in bad.items()):
+            return ", ".join(f"{k}={v}" for k, v in bad.items())
+    return ""
 
 
 def parse_levels_config(spec: str) -> dict:
@@ -404,6 +411,8 @@ def _launch_args(qt, u):
     V = u.shape[-1]
     cfg = _settings(K)
     bv = min(pow2(V), cfg["BV"])
+    if _faulting({**cfg, "BV": bv}):   # V <= 16 shrinks the default blocks to a setting that faulted: the scans
+        cfg = {**cfg, "stages": 2}     # take two stages there (as before 2026-12-01), which ran at those blocks
     return B, T, H, K, V, triton.cdiv(T, CHUNK), bv, triton.cdiv(V, bv), cfg
 
 
