@@ -16,7 +16,10 @@ each launch setting of the level kernels (rows ``ll_gdn@LP=4,BV=16``; keys: kern
 triton_levels.CONFIG), to pick their defaults on a new GPU.
 
 fla's log-linear Mamba-2 shares q and k over the heads (one group); ll_mamba2 and fla_ll_mamba2 get the
-same shared q/k (expanded to every head for ours), g, v and level weights; column "fla / ours" is
+same shared q/k (expanded to every head for ours), g, v and level weights; the level weights are in the
+inputs' dtype for every method (fla's forward kernel multiplies its scores by them before a ``tl.dot``
+with v, and fp32 weights beside bf16 v do not compile: the CompilationError of fla-core 0.6.0 in the
+2026-12-01 runs); column "fla / ours" is
 fla's time over ours (target >= 5 at >= 64K). fla has no scale: ours runs with scale=1 there, and the
 first length also reports the relative difference of the two outputs (same definition: it should be
 small). Lengths where a method runs out of memory or is refused (fla: below 2^17) are reported as such.
@@ -71,7 +74,7 @@ def _inputs(B, T, H, D, dtype, device):
     r = lambda *s: torch.randn(*s, generator=gen, device=device)  # noqa: E731
     x = dict(q=r(B, T, H, D).to(dtype), k=F.normalize(r(B, T, H, D), dim=-1).to(dtype), v=r(B, T, H, D).to(dtype),
              g=F.logsigmoid(r(B, T, H) + 3.0), beta=torch.sigmoid(r(B, T, H)).to(dtype),
-             lam=F.softplus(r(B, T, H, levels_needed(T))),
+             lam=F.softplus(r(B, T, H, levels_needed(T))).to(dtype),
              q1=(r(B, T, 1, D) * D ** -0.5).to(dtype), k1=(r(B, T, 1, D) * D ** -0.5).to(dtype))  # shared q/k
     for t in x.values():
         t.requires_grad_(True)
