@@ -269,6 +269,50 @@ def test_fused_triton_backward_in_segments_changes_nothing(monkeypatch, kind):
         assert rel(b, a) < 1e-6, name
 
 
+class _Launches:
+    """A Triton kernel stand-in that counts its launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", KINDS)
+def test_kept_level_states_skip_the_recompute_and_change_nothing(monkeypatch, kind):
+    """KEEP_H=1: the training forward stores every level's per-chunk states and the backward uses them
+    instead of running the forward scan again (one launch fewer); outputs, final states and every gradient
+    are those of the recompute (the same scan stores the same states). T=300 from position 128 with an
+    initial state: levels continuing into the call. Where the states would not fit one group of the
+    budget, nothing is kept and the backward recomputes (two launches again), with the same results."""
+    from lctrain.kernels.loglinear import triton_levels
+    T, K, V, p0 = 300, 16, 16, 128
+    L = levels_needed(p0 + T)
+    x = make_inputs(kind, T, K, V, L, torch.float32, seed=13, p0=p0)
+    do, dS = torch.randn(B, T, H, V, dtype=torch.float64), torch.randn(B, H, L, K, V, dtype=torch.float64)
+    scans = _Launches(triton_levels.levels_fwd_kernel)
+    monkeypatch.setattr(triton_levels, "levels_fwd_kernel", scans)
+    runs = {}
+    for keep, budget in ((0, None), (1, None), (1, 2 * 2 * (2 * B * H * K * V * 4))):
+        monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "KEEP_H": keep})
+        if budget is not None:
+            monkeypatch.setattr(triton_levels, "STATE_BUDGET", budget)
+        before = scans.count
+        runs[keep, budget] = outputs_and_grads(kind, x, "triton", p0, do, dS, chunk_size=64)
+        runs[keep, budget] += (scans.count - before,)
+    assert runs[0, None][3] == 2 and runs[1, None][3] == 1
+    assert runs[1, budget][3] > 2          # groups and segments: the forward scan again, per group and segment
+    ref = runs[0, None]
+    for key in ((1, None), (1, budget)):
+        got = runs[key]
+        assert rel(got[0], ref[0]) < 1e-6 and rel(got[1], ref[1]) < 1e-6, key
+        for name in ref[2]:
+            assert rel(got[2][name], ref[2][name]) < 1e-6, (key, name)
+
+
 @needs_triton
 def test_mamba2_block_totals_match_the_level_scans(monkeypatch):
     """Log-linear Mamba-2 from position 0 takes its levels above the chunk from Fenwick block totals
@@ -468,6 +512,31 @@ def test_fused_triton_gpu_long_and_wide(kind, T, D):
         errors[backend] = {"o": rel(o, ref[0]), "S": rel(S, ref[1]), **{n: rel(g[n], ref[2][n]) for n in ref[2]}}
     # both backends in the message: a bf16 error shared by both is precision, one of "triton" alone a bug
     assert all(e < 2e-2 for e in errors["triton"].values()), errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", KINDS)
+def test_kept_level_states_on_gpu(monkeypatch, kind):
+    """`pytest -m gpu`: KEEP_H=1 (the forward scan stores the level states while it writes the readout, a
+    combination the CPU tests compile only in the interpreter) in bfloat16 at head dim 128 over 9 levels above
+    the chunk: the same outputs and gradients as the recompute, up to the order of the fp32 atomic sums."""
+    from lctrain.kernels.loglinear import triton_levels
+    T, D = 20000, 128
+    L = levels_needed(T)
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    r = lambda *s: torch.randn(*s, generator=gen, device="cuda")  # noqa: E731
+    x = dict(q=r(B, T, H, D).bfloat16(), k=F.normalize(r(B, T, H, D), dim=-1).bfloat16(), v=r(B, T, H, D).bfloat16(),
+             g=F.logsigmoid(r(B, T, H) + 3.0), beta=torch.sigmoid(r(B, T, H)) if kind == "gdn" else None,
+             lam=F.softplus(r(B, T, H, L)), init=None)
+    do, dS = r(B, T, H, D).double(), r(B, H, L, D, D).double()
+    runs = {}
+    for keep in (0, 1):
+        monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "KEEP_H": keep})
+        runs[keep] = outputs_and_grads(kind, x, "triton", 0, do, dS, chunk_size=64)
+        torch.cuda.synchronize()
+    errors = {"o": rel(runs[1][0], runs[0][0]), **{n: rel(runs[1][2][n], runs[0][2][n]) for n in runs[0][2]}}
+    assert all(e < 1e-3 for e in errors.values()), errors
 
 
 def test_level_runs_of_one_chunk_take_the_torch_base_op():

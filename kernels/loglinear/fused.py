@@ -48,21 +48,22 @@ class _FusedLogLinear(torch.autograd.Function):
         cfg = _Cfg(k.shape[-1], v.shape[-1], gated=True)
         gam, tm, w, ut = wy_fwd(k, v, g, beta, cfg)
         o, qt = intra_forward(q, k, v, w, tm, beta, gam, lam, hi, scale)
-        st = ck = seg = None
+        st = ck = seg = hs = None
         if lw.shape[-1]:
             u = v if ut is None else ut
             # a backward that has to cut the sequence into segments (very long T) starts each from run states
-            # this scan stores on the way (``backward_plan``)
+            # this scan stores on the way (``backward_plan``); with KEEP_H it keeps every level state instead
             seg = triton_levels.backward_plan(qt, u, lw.shape[-1])[1] if train else None
-            st, ck = levels_forward(o, qt, k, w, u, gam, lw, s0, scale, n0, want_final, seg)
+            keep = train and triton_levels.keeps_states(qt, u, lw.shape[-1])
+            st, ck, hs = levels_forward(o, qt, k, w, u, gam, lw, s0, scale, n0, want_final, seg, keep)
         del w, ut   # the backward makes them again (wy_apply): not kept beside o
-        ctx.save_for_backward(q, k, v, beta, lam, lw, s0, gam, tm, qt, ck)
+        ctx.save_for_backward(q, k, v, beta, lam, lw, s0, gam, tm, qt, ck, hs)
         ctx.scale, ctx.n0, ctx.hi, ctx.seg = scale, n0, hi, seg
         return o.to(q.dtype), st  # (dO then arrives in q's dtype too: half the reads of an fp32 one)
 
     @staticmethod
     def backward(ctx, do, dst):
-        q, k, v, beta, lam, lw, s0, gam, tm, qt, ck = ctx.saved_tensors
+        q, k, v, beta, lam, lw, s0, gam, tm, qt, ck, hs = ctx.saved_tensors
         scale, n0, hi = ctx.scale, ctx.n0, ctx.hi
         cfg = _Cfg(k.shape[-1], v.shape[-1], gated=True)
         B, T, H, K = q.shape
@@ -72,7 +73,8 @@ class _FusedLogLinear(torch.autograd.Function):
         if lw.shape[-1]:
             dst = None if dst is None else dst.contiguous().float()
             dqt, dk, dw, du, dgam, dlw, ds0 = levels_backward(qt, k, w, v if ut is None else ut, gam, lw, s0, do,
-                                                              dst, scale, n0, s0 is not None, ck, ctx.seg)
+                                                              dst, scale, n0, s0 is not None, ck, ctx.seg, hs)
+            del hs
         else:
             dqt, dk, dgam = torch.zeros(B, T, H, K, **f32), torch.zeros(B, T, H, K, **f32), torch.zeros(B, T, H, **f32)
             dw = None if w is None else torch.zeros(B, T, H, K, **f32)

@@ -50,7 +50,13 @@ from ..triton.common import CHUNK, flags_given, pow2
 # forward scans add their readouts to o with fp32 atomics (1) or, 0, every group of levels stores into its
 # own fp32 slice of a [groups, B, T, H, V] buffer summed afterwards (no atomics, (groups - 1) x the output's
 # memory more); TREE: log-linear Mamba-2 calls from position 0 take the levels from Fenwick block totals
-# (``scalar_tree``) instead of these scans (0: the scans).
+# (``scalar_tree``) instead of these scans (0: the scans); KEEP_H: 1, a training forward stores every level's
+# per-chunk incoming states h (as the backward's recompute scan would) and keeps them for the backward, which
+# then skips that scan, where all levels over the whole sequence fit one group of ``backward_plan`` (else the
+# backward recomputes them as with 0). It holds h ([NL, B, NT, H, K, V] in q's dtype, 80 KiB a token at H=16,
+# D=128 and 64K) from the forward to the backward: for models whose layers are recomputed before their
+# backward (activation checkpointing, where only one layer's h is alive at a time) or single-op benches;
+# stages_grad: num_stages of the gradient pass (3: Triton's default).
 # Defaults: shared memory within sm_90's 228 KiB at head dim 128 (`python -m lctrain.bench.kernel_resources
 # --op loglinear` compiles them without a GPU; the state part of the gradient pass spills 16 bytes at
 # BV_grad=32 and is faster there than at 16 anyway, the Mamba-2 forward scan 96 bytes);
@@ -63,8 +69,8 @@ from ..triton.common import CHUNK, flags_given, pow2
 # TREE=0: log-linear Mamba-2 through the level scans; the block-total tree (TREE=1) was slower on an H200 in
 # its first measurement, fwd+bwd 14.50 vs 8.78 ms at 16K and 54.16 vs 41.81 ms at 64K (B=1, H=16, D=128, bf16;
 # docs/results/h200x2_2026-11-30_call3/loglinear_bench.log).
-CONFIG = {"LP": 2, "BV": 32, "warps": 4, "stages": 1, "BV_grad": 32, "BV_gradq": 32, "warps_grad": 8, "ATOMIC": 1,
-          "TREE": 0}
+CONFIG = {"LP": 2, "BV": 32, "warps": 4, "stages": 1, "BV_grad": 32, "BV_gradq": 32, "warps_grad": 8,
+          "stages_grad": 3, "ATOMIC": 1, "TREE": 0, "KEEP_H": 0}
 
 
 # Launch settings that stopped an H200 with an illegal memory access (Triton 3.6, 2026-12-01, at 4 and 8 warps;
@@ -82,7 +88,7 @@ def set_levels_config(**values: int) -> dict:
     for key, val in values.items():
         if key not in CONFIG:
             raise ValueError(f"set_levels_config: unknown key {key!r}; choose from {sorted(CONFIG)}")
-        if key in ("ATOMIC", "TREE"):
+        if key in ("ATOMIC", "TREE", "KEEP_H"):
             if val not in (0, 1):
                 raise ValueError(f"set_levels_config: {key}={val!r} must be 0 or 1")
             continue
@@ -468,40 +474,51 @@ def backward_plan(qt, ut, NL: int) -> tuple[int, int]:
     return group, 1 << (seg.bit_length() - 1)
 
 
-def levels_forward(o, qt, k, w, ut, gam, lw, s0, scale: float, n0: int, want_final: bool, seg: int | None = None):
+def keeps_states(qt, ut, NL: int) -> bool:
+    """Whether a training forward keeps the level states h for the backward (CONFIG["KEEP_H"] and all NL
+    levels over the whole sequence in one group of ``backward_plan``)."""
+    B, T, H, K, V, NT, _, _, cfg = _launch_args(qt, ut)
+    return bool(cfg["KEEP_H"]) and NL > 0 and backward_plan(qt, ut, NL) == (NL, NT)
+
+
+def levels_forward(o, qt, k, w, ut, gam, lw, s0, scale: float, n0: int, want_final: bool, seg: int | None = None,
+                   keep_h: bool = False):
     """Adds the readout of every level above log2(C) to o ([B, T, H, V] fp32); returns the final run
-    states [B, H, NL, K, V] fp32 (or None) and, with ``seg`` < NT chunks (``backward_plan``), the run
+    states [B, H, NL, K, V] fp32 (or None), with ``seg`` < NT chunks (``backward_plan``) the run
     states entering chunks seg, 2 seg, ... ([NT / seg - 1 rounded up, B, H, NL, K, V] fp32, for the
-    segmented backward), else None."""
+    segmented backward), else None, and with ``keep_h`` (``keeps_states``) every level's incoming state
+    of every chunk (h [NL, B, NT, H, K, V] in qt's dtype, for ``levels_backward``), else None."""
     B, T, H, K, V, NT, bv, nvb, cfg = _launch_args(qt, ut)
     NL = lw.shape[-1]
     st = torch.empty(B, H, NL, K, V, device=qt.device, dtype=torch.float32) if want_final else None
     ck = None
     if seg is not None and seg < NT:
         ck = torch.empty(triton.cdiv(NT, seg) - 1, B, H, NL, K, V, device=qt.device, dtype=torch.float32)
+    hs = torch.empty(NL, B, NT, H, K, V, device=qt.device, dtype=qt.dtype) if keep_h else None
     work = _work(0, NL, n0, NT, cfg["LP"], qt.device)
     groups = triton.cdiv(NL, cfg["LP"])
     atomic = bool(cfg["ATOMIC"]) and groups > 1
     # without atomics group 0 adds to o itself, every other group stores into its own slice of parts
     out = o if atomic or groups == 1 else torch.cat([o[None], o.new_empty(groups - 1, *o.shape)])
-    levels_fwd_kernel[_scan_grid(work, nvb, B * H)](qt, k, w, ut, gam, lw, s0, out, st, None, ck, work, scale, B, T,
+    levels_fwd_kernel[_scan_grid(work, nvb, B * H)](qt, k, w, ut, gam, lw, s0, out, st, hs, ck, work, scale, B, T,
                                                     NT, H, NL, n0, 0, NL, nvb, NT if ck is None else seg, K=K, V=V,
                                                     BK=pow2(K), BV=bv, LP=cfg["LP"], C=CHUNK, ATOMIC=atomic,
                                                     **_scan_launch(cfg))
     if out is not o:
         torch.sum(out, dim=0, out=o)
-    return st, ck
+    return st, ck, hs
 
 
 def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, need_ds0: bool, ck=None,
-                    seg: int | None = None):
+                    seg: int | None = None, hs=None):
     """Gradients (fp32) of sum(o_inter * do) + sum(final * dst) w.r.t. qt, k, w, ut, gam, lw and s0. Per
     group of levels: the forward scan again (storing the incoming states h), the reverse scan (storing the
     outgoing-state gradients dh), then one per-chunk pass pairing them. With ``ck`` (the run states the
     forward stored at the starts of segments of ``seg`` chunks, ``levels_forward``) the sequence is done
     segment by segment from the last, each as a call of its own: it starts from its checkpoint (as from
     an incoming run state) and its end takes the gradient of the next segment's incoming run state (as
-    that of a final state); the per-chunk work and the results are those of one call."""
+    that of a final state); the per-chunk work and the results are those of one call. With ``hs`` (the
+    states the forward kept, ``keeps_states``: one group, one segment) the forward scan is not run again."""
     B, T, H, K, V, NT, bv, nvb, cfg = _launch_args(qt, ut)
     NL = lw.shape[-1]
     f32 = dict(device=qt.device, dtype=torch.float32)
@@ -512,7 +529,7 @@ def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, n
     group, _ = backward_plan(qt, ut, NL)
     outs = (dqt, dk, dw, du, dgam, dlw)
     if ck is None:
-        ds0 = _backward_groups(qt, k, w, ut, gam, lw, s0, do, dst, scale, n0, need_ds0, outs, group)
+        ds0 = _backward_groups(qt, k, w, ut, gam, lw, s0, do, dst, scale, n0, need_ds0, outs, group, hs)
         return dqt, dk, dw, du, dgam, dlw, ds0
     ds0 = torch.zeros(B, H, NL, K, V, **f32) if need_ds0 else None
     for b in range(B):   # one batch row at a time: a row's slice of [B, T, ...] is contiguous
@@ -529,9 +546,10 @@ def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, n
 
 
 def _backward_groups(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, need_ds0: bool, outs,
-                     group: int):
+                     group: int, kept=None):
     """``levels_backward`` of one call (or segment) into ``outs`` = (dqt, dk, dw, du, dgam, dlw), in groups of
-    ``group`` levels; returns ds0 (or None)."""
+    ``group`` levels (with ``kept``, the forward's h of all levels: one group, no forward scan); returns ds0
+    (or None)."""
     dqt, dk, dw, du, dgam, dlw = outs
     B, T, H, K, V, NT, bv, nvb, cfg = _launch_args(qt, ut)
     NL = lw.shape[-1]
@@ -539,23 +557,28 @@ def _backward_groups(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, 
     common = dict(K=K, V=V, BK=pow2(K), BV=bv, LP=cfg["LP"], C=CHUNK, **_scan_launch(cfg))
     for j0 in range(0, NL, group):
         G = min(group, NL - j0)
-        hs = torch.empty(G, B, NT, H, K, V, device=qt.device, dtype=qt.dtype)
+        if kept is not None and (G, *kept.shape[1:]) != (NL, B, NT, H, K, V):
+            raise ValueError(f"levels_backward: kept states {tuple(kept.shape)} are not those of all {NL} levels "
+                             f"over {NT} chunks (KEEP_H needs one group and one segment: keeps_states)")
+        hs = torch.empty(G, B, NT, H, K, V, device=qt.device, dtype=qt.dtype) if kept is None else kept
         dhs = torch.empty_like(hs)
         work = _work(j0, j0 + G, n0, NT, cfg["LP"], qt.device)
         grid = _scan_grid(work, nvb, B * H)
         # the two scans are independent: on CUDA the forward one runs on a side stream, so the long
         # sequential scans of the top levels of both overlap
-        side = torch.cuda.Stream(qt.device) if qt.is_cuda else None
+        side = torch.cuda.Stream(qt.device) if qt.is_cuda and kept is None else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(qt.device))
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            levels_fwd_kernel[grid](qt, k, w, ut, gam, lw, s0, None, None, hs, None, work, scale, B, T, NT, H, NL,
-                                    n0, j0, j0 + G, nvb, NT, ATOMIC=False, **common)
+            if kept is None:
+                levels_fwd_kernel[grid](qt, k, w, ut, gam, lw, s0, None, None, hs, None, work, scale, B, T, NT, H,
+                                        NL, n0, j0, j0 + G, nvb, NT, ATOMIC=False, **common)
         levels_dstate_kernel[grid](qt, k, w, gam, lw, do, dst, dhs, ds0, work, scale, B, T, NT, H, NL, n0, j0,
                                    j0 + G, nvb, **common)
         if side is not None:
             torch.cuda.current_stream(qt.device).wait_stream(side)
-        grad = dict(K=K, V=V, BK=pow2(K), C=CHUNK, FIRST=j0 == 0, num_warps=cfg["warps_grad"])
+        grad = dict(K=K, V=V, BK=pow2(K), C=CHUNK, FIRST=j0 == 0, num_warps=cfg["warps_grad"],
+                    num_stages=cfg["stages_grad"])
         levels_grad_state_kernel[(NT, B * H)](k, w, ut, gam, hs, dhs, dk, dw, du, dgam, B, T, NT, H, G,
                                               BV=min(pow2(V), cfg["BV_grad"]), **grad)
         levels_grad_query_kernel[(NT, B * H)](qt, lw, do, hs, dqt, dlw, scale, B, T, NT, H, NL, j0, G,
