@@ -284,10 +284,11 @@ class _Launches:
 @pytest.mark.parametrize("kind", KINDS)
 def test_kept_level_states_skip_the_recompute_and_change_nothing(monkeypatch, kind):
     """KEEP_H=1: the training forward stores every level's per-chunk states and the backward uses them
-    instead of running the forward scan again (one launch fewer); outputs, final states and every gradient
-    are those of the recompute (the same scan stores the same states). T=300 from position 128 with an
-    initial state: levels continuing into the call. Where the states would not fit one group of the
-    budget, nothing is kept and the backward recomputes (two launches again), with the same results."""
+    instead of running the forward scan again (one launch fewer), also where it works in groups of levels
+    (each reads its slice); outputs, final states and every gradient are those of the recompute (the same
+    scan stores the same states). T=300 from position 128 with an initial state: levels continuing into the
+    call, 3 levels above the chunk over 5 chunks. Where the backward has to cut the sequence into segments,
+    nothing is kept and it recomputes (per group and segment), with the same results."""
     from lctrain.kernels.loglinear import triton_levels
     T, K, V, p0 = 300, 16, 16, 128
     L = levels_needed(p0 + T)
@@ -295,22 +296,27 @@ def test_kept_level_states_skip_the_recompute_and_change_nothing(monkeypatch, ki
     do, dS = torch.randn(B, T, H, V, dtype=torch.float64), torch.randn(B, H, L, K, V, dtype=torch.float64)
     scans = _Launches(triton_levels.levels_fwd_kernel)
     monkeypatch.setattr(triton_levels, "levels_fwd_kernel", scans)
+    plans = []
+    plan = triton_levels.backward_plan
+    monkeypatch.setattr(triton_levels, "backward_plan", lambda *a: plans.append(plan(*a)) or plan(*a))
+    level = B * 5 * H * K * V * 4                  # bytes of h (or dh) of one level over the 5 chunks, fp32
+    cases = {"recompute": (0, None, (3, 5), 2), "kept": (1, None, (3, 5), 1),
+             "kept, 2 groups": (1, 6 * level - 1, (2, 5), 1),     # h of 3 levels fits, h and dh of 3 do not
+             "segments": (1, 2 * 2 * (2 * B * H * K * V * 4), (2, 2), None)}
     runs = {}
-    for keep, budget in ((0, None), (1, None), (1, 2 * 2 * (2 * B * H * K * V * 4))):
+    for name, (keep, budget, want_plan, launches) in cases.items():
         monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "KEEP_H": keep})
-        if budget is not None:
-            monkeypatch.setattr(triton_levels, "STATE_BUDGET", budget)
+        monkeypatch.setattr(triton_levels, "STATE_BUDGET", budget or 16 << 30)
         before = scans.count
-        runs[keep, budget] = outputs_and_grads(kind, x, "triton", p0, do, dS, chunk_size=64)
-        runs[keep, budget] += (scans.count - before,)
-    assert runs[0, None][3] == 2 and runs[1, None][3] == 1
-    assert runs[1, budget][3] > 2          # groups and segments: the forward scan again, per group and segment
-    ref = runs[0, None]
-    for key in ((1, None), (1, budget)):
-        got = runs[key]
-        assert rel(got[0], ref[0]) < 1e-6 and rel(got[1], ref[1]) < 1e-6, key
-        for name in ref[2]:
-            assert rel(got[2][name], ref[2][name]) < 1e-6, (key, name)
+        runs[name] = outputs_and_grads(kind, x, "triton", p0, do, dS, chunk_size=64)
+        assert plans[-1] == want_plan, name
+        count = scans.count - before
+        assert count == launches if launches else count > 2, (name, count)
+    ref = runs["recompute"]
+    for name, got in runs.items():
+        assert rel(got[0], ref[0]) < 1e-6 and rel(got[1], ref[1]) < 1e-6, name
+        for grad in ref[2]:
+            assert rel(got[2][grad], ref[2][grad]) < 1e-6, (name, grad)
 
 
 @needs_triton

@@ -313,6 +313,39 @@ def test_activation_checkpointing_gives_identical_loss_and_grads():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_checkpointed_loglinear_blocks_keep_their_level_states(monkeypatch):
+    """Activation-checkpointed log-linear blocks (L, K) run their op under KEEP_H=1, in the forward and in
+    the recomputation before their backward (the Triton kernels then keep the level states for the
+    backward instead of scanning again); blocks that are not checkpointed, and the settings after the
+    step, keep the default (0). Loss and gradients equal the plain model's."""
+    import lctrain.kernels as kernels
+    from lctrain.kernels.loglinear import triton_levels
+    seen = []
+    for name in ("loglinear_gated_delta_rule", "loglinear_gated_linear_attn"):
+        op = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _op=op, _n=name, **kw:
+                            seen.append((_n[10:], triton_levels.CONFIG["KEEP_H"])) or _op(*a, **kw))
+    torch.manual_seed(12)
+    plain = build_model(tiny_cfg("LSKA"))
+    ckpt = build_model(tiny_cfg("LSKA", activation_checkpointing="full"))
+    ckpt.load_state_dict(plain.state_dict())
+    ids, labels = torch.randint(0, 64, (1, 19)), torch.randint(0, 64, (1, 19))
+    losses, runs = [], []
+    for model in (plain, ckpt):
+        seen.clear()
+        loss = F.cross_entropy(model(ids).reshape(-1, 64), labels.reshape(-1))
+        loss.backward()
+        losses.append(loss)
+        runs.append(list(seen))
+    assert runs[0] == [("gated_delta_rule", 0), ("gated_linear_attn", 0)]
+    assert runs[1] == [("gated_delta_rule", 1), ("gated_linear_attn", 1),      # the forward
+                       ("gated_linear_attn", 1), ("gated_delta_rule", 1)]      # recomputed, last block first
+    assert triton_levels.CONFIG["KEEP_H"] == 0
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("pattern,rope_layers,attn_conv",
                          [("GSDMA", "all", 0), ("SAMG", "all", 0), ("SAMG", "sliding", 0),

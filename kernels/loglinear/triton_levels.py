@@ -52,10 +52,10 @@ from ..triton.common import CHUNK, flags_given, pow2
 # memory more); TREE: log-linear Mamba-2 calls from position 0 take the levels from Fenwick block totals
 # (``scalar_tree``) instead of these scans (0: the scans); KEEP_H: 1, a training forward stores every level's
 # per-chunk incoming states h (as the backward's recompute scan would) and keeps them for the backward, which
-# then skips that scan, where all levels over the whole sequence fit one group of ``backward_plan`` (else the
-# backward recomputes them as with 0). It holds h ([NL, B, NT, H, K, V] in q's dtype, 80 KiB a token at H=16,
-# D=128 and 64K) from the forward to the backward: for models whose layers are recomputed before their
-# backward (activation checkpointing, where only one layer's h is alive at a time) or single-op benches;
+# then skips that scan, where the backward runs in one segment and h of all levels fits STATE_BUDGET (else it
+# recomputes them as with 0). It holds h ([NL, B, NT, H, K, V] in q's dtype, 80 KiB a token at H=16, D=128 and
+# 64K) from the forward to the backward: for layers recomputed right before their backward (activation
+# checkpointing: the hybrid model's checkpointed blocks turn it on, ``keep_level_states``) or single-op benches;
 # stages_grad: num_stages of the gradient pass (3: Triton's default).
 # Defaults: shared memory within sm_90's 228 KiB at head dim 128 (`python -m lctrain.bench.kernel_resources
 # --op loglinear` compiles them without a GPU; the state part of the gradient pass spills 16 bytes at
@@ -475,10 +475,27 @@ def backward_plan(qt, ut, NL: int) -> tuple[int, int]:
 
 
 def keeps_states(qt, ut, NL: int) -> bool:
-    """Whether a training forward keeps the level states h for the backward (CONFIG["KEEP_H"] and all NL
-    levels over the whole sequence in one group of ``backward_plan``)."""
+    """Whether a training forward keeps the level states h for the backward: CONFIG["KEEP_H"], a backward of
+    one segment (``backward_plan``) and h of all NL levels within STATE_BUDGET (the backward then holds it
+    beside dh of one group of levels: at 128K, H=16, D=128, 11 levels of h and 8 of dh, 20.4 GiB against
+    16.8 GiB for h and dh of 8 levels when recomputing)."""
     B, T, H, K, V, NT, _, _, cfg = _launch_args(qt, ut)
-    return bool(cfg["KEEP_H"]) and NL > 0 and backward_plan(qt, ut, NL) == (NL, NT)
+    if not cfg["KEEP_H"] or NL == 0 or backward_plan(qt, ut, NL)[1] != NT:
+        return False
+    return NL * B * NT * H * K * V * qt.element_size() <= STATE_BUDGET
+
+
+@contextlib.contextmanager
+def keep_level_states():
+    """KEEP_H=1 inside the block (the hybrid model's activation-checkpointed blocks: their forward runs
+    again right before their backward, so the kept states of one block at a time are alive)."""
+    global CONFIG
+    old = CONFIG
+    CONFIG = {**CONFIG, "KEEP_H": 1}
+    try:
+        yield
+    finally:
+        CONFIG = old
 
 
 def levels_forward(o, qt, k, w, ut, gam, lw, s0, scale: float, n0: int, want_final: bool, seg: int | None = None,
@@ -518,7 +535,7 @@ def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, n
     segment by segment from the last, each as a call of its own: it starts from its checkpoint (as from
     an incoming run state) and its end takes the gradient of the next segment's incoming run state (as
     that of a final state); the per-chunk work and the results are those of one call. With ``hs`` (the
-    states the forward kept, ``keeps_states``: one group, one segment) the forward scan is not run again."""
+    states the forward kept, ``keeps_states``: one segment) the forward scan is not run again."""
     B, T, H, K, V, NT, bv, nvb, cfg = _launch_args(qt, ut)
     NL = lw.shape[-1]
     f32 = dict(device=qt.device, dtype=torch.float32)
@@ -548,8 +565,8 @@ def levels_backward(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, n
 def _backward_groups(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, need_ds0: bool, outs,
                      group: int, kept=None):
     """``levels_backward`` of one call (or segment) into ``outs`` = (dqt, dk, dw, du, dgam, dlw), in groups of
-    ``group`` levels (with ``kept``, the forward's h of all levels: one group, no forward scan); returns ds0
-    (or None)."""
+    ``group`` levels (with ``kept``, the forward's h of all levels: each group reads its slice, no forward
+    scan); returns ds0 (or None)."""
     dqt, dk, dw, du, dgam, dlw = outs
     B, T, H, K, V, NT, bv, nvb, cfg = _launch_args(qt, ut)
     NL = lw.shape[-1]
@@ -557,10 +574,10 @@ def _backward_groups(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, 
     common = dict(K=K, V=V, BK=pow2(K), BV=bv, LP=cfg["LP"], C=CHUNK, **_scan_launch(cfg))
     for j0 in range(0, NL, group):
         G = min(group, NL - j0)
-        if kept is not None and (G, *kept.shape[1:]) != (NL, B, NT, H, K, V):
+        if kept is not None and tuple(kept.shape) != (NL, B, NT, H, K, V):
             raise ValueError(f"levels_backward: kept states {tuple(kept.shape)} are not those of all {NL} levels "
-                             f"over {NT} chunks (KEEP_H needs one group and one segment: keeps_states)")
-        hs = torch.empty(G, B, NT, H, K, V, device=qt.device, dtype=qt.dtype) if kept is None else kept
+                             f"over {NT} chunks (KEEP_H needs one segment: keeps_states)")
+        hs = torch.empty(G, B, NT, H, K, V, device=qt.device, dtype=qt.dtype) if kept is None else kept[j0:j0 + G]
         dhs = torch.empty_like(hs)
         work = _work(j0, j0 + G, n0, NT, cfg["LP"], qt.device)
         grid = _scan_grid(work, nvb, B * H)

@@ -23,6 +23,7 @@ cache has seen.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -31,6 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lctrain.config import checkpointed_kinds, init_std
+from lctrain.kernels.loglinear.triton_levels import keep_level_states
 from lctrain.parallel.mesh import group_size
 from lctrain.parallel.pipeline import mark_pipeline_copy, stage_layers
 from lctrain.parallel.tensor_parallel import (
@@ -162,11 +164,23 @@ class _ToHost(torch.autograd.Function):
         return grad.to(ctx.device, non_blocking=True)
 
 
+LOGLINEAR_KINDS = "LK"
+
+
+def _checkpointed_block(block: Block, x: torch.Tensor, offset: int, docs) -> torch.Tensor:
+    """An activation-checkpointed block: it runs here and again right before its backward. A log-linear
+    block keeps its level states from that second run for its backward (the Triton kernels' KEEP_H:
+    one scan per level fewer there; the first run's states are dropped with everything else it saved, so
+    only one block's are alive at a time)."""
+    with keep_level_states() if block.kind in LOGLINEAR_KINDS else contextlib.nullcontext():
+        return block(x, offset, None, docs)
+
+
 def _block_from_host(block: Block, x_host: torch.Tensor, offset: int, docs) -> torch.Tensor:
     """A checkpointed block whose saved input is x_host (model.checkpoint_offload): the GPU copy made
     here lives only while the block runs, in the forward and again in the recomputation."""
     x = x_host.to(block.norm1.weight.device, non_blocking=True)
-    return block(x, offset, None, docs)
+    return _checkpointed_block(block, x, offset, docs)
 
 
 class StageBlocks(nn.ModuleList):
@@ -344,7 +358,7 @@ class HybridLM(nn.Module):
             if recompute and block.kind in self.checkpointed and self.checkpoint_offload and x.is_cuda:
                 x = checkpoint(_block_from_host, block, _ToHost.apply(x), offset, docs, use_reentrant=False)
             elif recompute and block.kind in self.checkpointed:
-                x = checkpoint(block, x, offset, None, docs, use_reentrant=False)
+                x = checkpoint(_checkpointed_block, block, x, offset, docs, use_reentrant=False)
             else:
                 x = block(x, offset, layer_cache, docs)
         if cache is not None:
