@@ -46,7 +46,8 @@ from ..triton.common import CHUNK, flags_given, pow2
 
 # Launch settings. The scans: V block BV, levels per program LP (a power of two; the state tile is
 # [K, LP * BV] fp32), num_warps, num_stages (None: Triton's default); the per-chunk gradient pass: the V
-# blocks of its state part (BV_grad) and of its readout part (BV_gradq), num_warps of both; ATOMIC: the
+# blocks of its state part (BV_grad) and of its readout part (BV_gradq), their num_warps (warps_grad,
+# warps_gradq) and num_stages (stages_grad: 3, Triton's default); ATOMIC: the
 # forward scans add their readouts to o with fp32 atomics (1) or, 0, every group of levels stores into its
 # own fp32 slice of a [groups, B, T, H, V] buffer summed afterwards (no atomics, (groups - 1) x the output's
 # memory more); TREE: log-linear Mamba-2 calls from position 0 take the levels from Fenwick block totals
@@ -55,22 +56,24 @@ from ..triton.common import CHUNK, flags_given, pow2
 # then skips that scan, where the backward runs in one segment and h of all levels fits STATE_BUDGET (else it
 # recomputes them as with 0). It holds h ([NL, B, NT, H, K, V] in q's dtype, 80 KiB a token at H=16, D=128 and
 # 64K) from the forward to the backward: for layers recomputed right before their backward (activation
-# checkpointing: the hybrid model's checkpointed blocks turn it on, ``keep_level_states``) or single-op benches;
-# stages_grad: num_stages of the gradient pass (3: Triton's default).
+# checkpointing: the hybrid model's checkpointed blocks turn it on, ``keep_level_states``) or single-op benches.
 # Defaults: shared memory within sm_90's 228 KiB at head dim 128 (`python -m lctrain.bench.kernel_resources
 # --op loglinear` compiles them without a GPU; the state part of the gradient pass spills 16 bytes at
 # BV_grad=32 and is faster there than at 16 anyway, the Mamba-2 forward scan 96 bytes);
 # ``set_levels_config`` / LCTRAIN_LOGLINEAR_CFG="LP=4,BV=16" change them (``lctrain bench loglinear
 # --levels-cfg`` times several). Chosen on an H200 (B=1, H=16, D=128, bf16; docs/results/h200_2026-12-01_s7/):
 # the scans at 4 warps and 1 stage halve ll_gdn's forward against 8 warps / 2 stages (13.1 -> 7.5 ms at 64K,
-# in two runs) and BV_grad=32, BV_gradq=32 took its fwd+bwd from 44.4 to 38.4 ms at 64K. Known to fault there
+# in two runs) and BV_grad=32, BV_gradq=32 took its fwd+bwd from 44.4 to 38.4 ms at 64K; the gradient pass at 4
+# warps instead of 8 (docs/results/h200_2026-12-01_s8/call3, two runs, with KEEP_H=1): ll_mamba2 28.8 -> 24.2 ms
+# and ll_gdn 35.7 -> 34.7 ms at 64K, faster at 16K and 128K too; 2 stages there are slower, 4 no faster than 3
+# (call2). Known to fault there
 # (illegal memory access in the backward's recompute scan, Triton 3.6, at 4 and 8 warps): LP=2, BV=16 at
 # stages=1 (stages=2 ran; refused: FAULTING below); LP=1, BV=32 at stages=1 is untried.
 # TREE=0: log-linear Mamba-2 through the level scans; the block-total tree (TREE=1) was slower on an H200 in
 # its first measurement, fwd+bwd 14.50 vs 8.78 ms at 16K and 54.16 vs 41.81 ms at 64K (B=1, H=16, D=128, bf16;
 # docs/results/h200x2_2026-11-30_call3/loglinear_bench.log).
-CONFIG = {"LP": 2, "BV": 32, "warps": 4, "stages": 1, "BV_grad": 32, "BV_gradq": 32, "warps_grad": 8,
-          "stages_grad": 3, "ATOMIC": 1, "TREE": 0, "KEEP_H": 0}
+CONFIG = {"LP": 2, "BV": 32, "warps": 4, "stages": 1, "BV_grad": 32, "BV_gradq": 32, "warps_grad": 4,
+          "warps_gradq": 4, "stages_grad": 3, "ATOMIC": 1, "TREE": 0, "KEEP_H": 0}
 
 
 # Launch settings that stopped an H200 with an illegal memory access (Triton 3.6, 2026-12-01, at 4 and 8 warps;
@@ -408,8 +411,10 @@ def levels_grad_query_kernel(qt_ptr, lw_ptr, do_ptr, h_ptr, dqt_ptr, dlw_ptr, sc
 def _settings(K: int) -> dict:
     """CONFIG for head dim K: above 128 one level per program, no software pipelining (LP=2 at 2 stages
     needs 246-279 KiB of shared memory at K = 256), 8 warps and V blocks of 16 in the gradient pass's state
-    part (4 warps and BV_grad=32 spill registers there: kernel_resources --D 256)."""
-    return {**CONFIG, "LP": 1, "stages": 1, "warps": 8, "BV_grad": 16} if K > 128 else CONFIG
+    part (4 warps and BV_grad=32 spill registers there: kernel_resources --D 256), 8 warps in its readout part."""
+    if K <= 128:
+        return CONFIG
+    return {**CONFIG, "LP": 1, "stages": 1, "warps": 8, "BV_grad": 16, "warps_grad": 8, "warps_gradq": 8}
 
 
 def _launch_args(qt, u):
@@ -594,11 +599,10 @@ def _backward_groups(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, 
                                    j0 + G, nvb, **common)
         if side is not None:
             torch.cuda.current_stream(qt.device).wait_stream(side)
-        grad = dict(K=K, V=V, BK=pow2(K), C=CHUNK, FIRST=j0 == 0, num_warps=cfg["warps_grad"],
-                    num_stages=cfg["stages_grad"])
+        grad = dict(K=K, V=V, BK=pow2(K), C=CHUNK, FIRST=j0 == 0, num_stages=cfg["stages_grad"])
         levels_grad_state_kernel[(NT, B * H)](k, w, ut, gam, hs, dhs, dk, dw, du, dgam, B, T, NT, H, G,
-                                              BV=min(pow2(V), cfg["BV_grad"]), **grad)
+                                              BV=min(pow2(V), cfg["BV_grad"]), num_warps=cfg["warps_grad"], **grad)
         levels_grad_query_kernel[(NT, B * H)](qt, lw, do, hs, dqt, dlw, scale, B, T, NT, H, NL, j0, G,
-                                              BV=min(pow2(V), cfg["BV_gradq"]), **grad)
+                                              BV=min(pow2(V), cfg["BV_gradq"]), num_warps=cfg["warps_gradq"], **grad)
         del hs, dhs
     return ds0
