@@ -8,7 +8,7 @@ stage in kernels/triton/wy.py, autograd's own gradient casts) is the code that i
 prediction cannot drift from it. What it reports is what ``lctrain bench loglinear`` reports as "peak
 MiB": the highest sum of live storages allocated during one fwd+bwd, inputs and dO excluded, the returned
 gradients included (``torch.cuda.max_memory_allocated`` after a call, less what was allocated before it),
-with the bench's inputs (q, k, v, dO in the dtype; g, level weights float32; beta in the dtype). The CUDA
+with the bench's inputs (q, k, v, level weights, dO in the dtype; g float32; beta in the dtype). The CUDA
 caching allocator rounds each block up to 512 bytes: nothing at these sizes.
 
     python -m lctrain.bench.loglinear_memory --T 65536 524288 1048576          # H=16, D=128, bf16
@@ -191,14 +191,14 @@ def bench_inputs(kind: str, B: int, T: int, H: int, D: int, dtype, device, seed:
         def mk(*s, dt=torch.float32):
             return torch.empty(*s, device=device, dtype=dt)
         x = dict(q=mk(B, T, H, D, dt=dtype), k=mk(B, T, H, D, dt=dtype), v=mk(B, T, H, D, dt=dtype),
-                 g=mk(B, T, H), beta=mk(B, T, H, dt=dtype), lam=mk(B, T, H, L),
+                 g=mk(B, T, H), beta=mk(B, T, H, dt=dtype), lam=mk(B, T, H, L, dt=dtype),
                  q1=mk(B, T, 1, D, dt=dtype), k1=mk(B, T, 1, D, dt=dtype), do=mk(B, T, H, D, dt=dtype))
     else:
         gen = torch.Generator(device=device).manual_seed(seed)
         r = lambda *s: torch.randn(*s, generator=gen, device=device)  # noqa: E731
         x = dict(q=r(B, T, H, D).to(dtype), k=F.normalize(r(B, T, H, D), dim=-1).to(dtype),
                  v=r(B, T, H, D).to(dtype), g=F.logsigmoid(r(B, T, H) + 3.0), beta=torch.sigmoid(r(B, T, H)).to(dtype),
-                 lam=F.softplus(r(B, T, H, L)), q1=(r(B, T, 1, D) * D ** -0.5).to(dtype),
+                 lam=F.softplus(r(B, T, H, L)).to(dtype), q1=(r(B, T, 1, D) * D ** -0.5).to(dtype),
                  k1=(r(B, T, 1, D) * D ** -0.5).to(dtype), do=r(B, T, H, D).to(dtype))
     for n, t in x.items():
         if n != "do":
