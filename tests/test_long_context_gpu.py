@@ -39,6 +39,39 @@ def test_checkpoint_offload_matches_full_checkpointing():
 
 
 @cuda
+def test_checkpointed_loglinear_blocks_keep_their_level_states_on_gpu(monkeypatch):
+    """Log-linear blocks (L, K) under full activation checkpointing on the Triton kernels, 1024 tokens (4 levels
+    above the chunk): their level states from the recomputation are kept for the backward (KEEP_H), so the
+    level scan runs 4 times (forward and recomputation, two blocks) where 6 would mean a scan again in each
+    backward; loss and gradients as without checkpointing."""
+    from lctrain.kernels.loglinear import triton_levels
+
+    class Launches:
+        def __init__(self, kernel):
+            self.kernel, self.count = kernel, 0
+
+        def __getitem__(self, grid):
+            self.count += 1
+            return self.kernel[grid]
+
+    torch.manual_seed(2)
+    plain = build_model(tiny_cfg("LSKA", "triton", **TRITON)).cuda()
+    ckpt = build_model(tiny_cfg("LSKA", "triton", activation_checkpointing="full", **TRITON)).cuda()
+    ckpt.load_state_dict(plain.state_dict())
+    ids, labels, _ = (t.cuda() for t in _batch(T=1024))
+    scans = Launches(triton_levels.levels_fwd_kernel)
+    monkeypatch.setattr(triton_levels, "levels_fwd_kernel", scans)
+    ref = _grads(plain, ids, labels)
+    assert scans.count == 4           # two blocks: the forward scan, and the backward's recompute
+    scans.count = 0
+    got = _grads(ckpt, ids, labels)
+    assert scans.count == 4           # forward, recomputation; none in the backward
+    assert triton_levels.CONFIG["KEEP_H"] == 0
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    _assert_grads_close(got[1], ref[1], 1e-4)
+
+
+@cuda
 def test_chunked_loss_under_bf16_autocast_matches_plain():
     torch.manual_seed(1)
     model = build_model(tiny_cfg("GS", "triton", residual_dtype="compute", **TRITON)).cuda()
