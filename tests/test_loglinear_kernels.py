@@ -269,7 +269,7 @@ def test_fused_triton_backward_in_segments_changes_nothing(monkeypatch, kind):
         assert rel(b, a) < 1e-6, name
 
 
-class _Launches:
+class Launches:
     """A Triton kernel stand-in that counts its launches (``kernel[grid](...)``)."""
 
     def __init__(self, kernel):
@@ -294,7 +294,7 @@ def test_kept_level_states_skip_the_recompute_and_change_nothing(monkeypatch, ki
     L = levels_needed(p0 + T)
     x = make_inputs(kind, T, K, V, L, torch.float32, seed=13, p0=p0)
     do, dS = torch.randn(B, T, H, V, dtype=torch.float64), torch.randn(B, H, L, K, V, dtype=torch.float64)
-    scans = _Launches(triton_levels.levels_fwd_kernel)
+    scans = Launches(triton_levels.levels_fwd_kernel)
     monkeypatch.setattr(triton_levels, "levels_fwd_kernel", scans)
     plans = []
     plan = triton_levels.backward_plan

@@ -45,14 +45,7 @@ def test_checkpointed_loglinear_blocks_keep_their_level_states_on_gpu(monkeypatc
     level scan runs 4 times (forward and recomputation, two blocks) where 6 would mean a scan again in each
     backward; loss and gradients as without checkpointing."""
     from lctrain.kernels.loglinear import triton_levels
-
-    class Launches:
-        def __init__(self, kernel):
-            self.kernel, self.count = kernel, 0
-
-        def __getitem__(self, grid):
-            self.count += 1
-            return self.kernel[grid]
+    from test_loglinear_kernels import Launches
 
     torch.manual_seed(2)
     plain = build_model(tiny_cfg("LSKA", "triton", **TRITON)).cuda()
