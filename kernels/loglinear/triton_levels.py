@@ -326,10 +326,7 @@ def levels_grad_state_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, h_ptr, dh_ptr, dk_ptr
         dgam += -rowsum(dU * U), last row + sum(dU * U) + exp(gl) <S, dS>
     (the readout's gradients are ``levels_grad_query_kernel``'s: split so that each program holds at most
     two [C, K] fp32 accumulators, which lets the V blocks be wide without register spills). The chunk's
-    rows belong to this program alone: plain stores, added to the previous groups' sums unless FIRST.
-    Mamba-2 (no W): U = Ut for every level, so dU, dK and the gam rows depend on the levels only through
-    D = sum_j dS_j: per V block the levels are summed first (elementwise, with the trace sum_j <S_j, dS_j>)
-    and the two products are taken once, from D in fp32, instead of once per level."""
+    rows belong to this program alone: plain stores, added to the previous groups' sums unless FIRST."""
     n, b, h, base, rt, mt, rk, mk, mtk = _chunk_program(T, H, K, BK, C)
     last = tl.minimum(n * C + C - 1, T - 1)
     gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
@@ -349,34 +346,23 @@ def levels_grad_state_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, h_ptr, dh_ptr, dk_ptr
         mtv = mt[:, None] & mv[None, :]
         ut = tl.load(u_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtv, other=0.0).to(tl.float32)
         du_sum = tl.zeros([C, BV], dtype=tl.float32)
-        if not HAS_W:   # the levels only through D = sum_j dS_j and the trace sum_j <S_j, dS_j>
-            D = tl.zeros([BK, BV], dtype=tl.float32)
-            trace = tl.zeros([BV], dtype=tl.float32)
-            for jj in range(0, G):
-                off = (((jj * B + b) * NT + n) * H + h) * K * V + rk[:, None] * V + rv[None, :]
-                S = tl.load(h_ptr + off, mask=mkv, other=0.0).to(tl.float32)
-                dS = tl.load(dh_ptr + off, mask=mkv, other=0.0).to(tl.float32)
-                D += dS
-                trace += tl.sum(S * dS, axis=0)
-            du_sum = tl.dot(kc.to(tl.float32), D) * dec[:, None]
-            dk += tl.dot(ut * dec[:, None], tl.trans(D))
-            a = tl.sum(du_sum * ut, axis=1)
-            dgam -= a
-            glast += tl.sum(a, axis=0) + tl.exp(gl) * tl.sum(trace, axis=0)
-        else:
-            for jj in range(0, G):
-                off = (((jj * B + b) * NT + n) * H + h) * K * V + rk[:, None] * V + rv[None, :]
-                S = tl.load(h_ptr + off, mask=mkv, other=0.0)
-                dS = tl.load(dh_ptr + off, mask=mkv, other=0.0)
+        for jj in range(0, G):
+            off = (((jj * B + b) * NT + n) * H + h) * K * V + rk[:, None] * V + rv[None, :]
+            S = tl.load(h_ptr + off, mask=mkv, other=0.0)
+            dS = tl.load(dh_ptr + off, mask=mkv, other=0.0)
+            if HAS_W:
                 u = ut - tl.dot(wc, S.to(wc.dtype)).to(tl.float32)
-                du = tl.dot(kc, dS.to(kc.dtype)).to(tl.float32) * dec[:, None]
-                du_sum += du
+            else:
+                u = ut
+            du = tl.dot(kc, dS.to(kc.dtype)).to(tl.float32) * dec[:, None]
+            du_sum += du
+            if HAS_W:
                 dw -= tl.dot(du.to(kc.dtype), tl.trans(S).to(kc.dtype)).to(tl.float32)
-                dk += tl.dot((u * dec[:, None]).to(kc.dtype), tl.trans(dS).to(kc.dtype)).to(tl.float32)
-                a = tl.sum(du * u, axis=1)
-                dgam -= a
-                glast += tl.sum(a, axis=0) + tl.exp(gl) * tl.sum(tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1),
-                                                                   axis=0)
+            dk += tl.dot((u * dec[:, None]).to(kc.dtype), tl.trans(dS).to(kc.dtype)).to(tl.float32)
+            a = tl.sum(du * u, axis=1)
+            dgam -= a
+            glast += tl.sum(a, axis=0) + tl.exp(gl) * tl.sum(tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1),
+                                                               axis=0)
         if not FIRST:
             du_sum += tl.load(du_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtv, other=0.0)
         tl.store(du_ptr + (base + rt[:, None] * H) * V + rv[None, :], du_sum, mask=mtv)
