@@ -58,8 +58,9 @@ from ..triton.common import CHUNK, flags_given, pow2
 # 64K) from the forward to the backward: for layers recomputed right before their backward (activation
 # checkpointing: the hybrid model's checkpointed blocks turn it on, ``keep_level_states``) or single-op benches.
 # Defaults: shared memory within sm_90's 228 KiB at head dim 128 (`python -m lctrain.bench.kernel_resources
-# --op loglinear` compiles them without a GPU; the state part of the gradient pass spills 16 bytes at
-# BV_grad=32 and is faster there than at 16 anyway, the Mamba-2 forward scan 96 bytes);
+# --op loglinear` compiles them without a GPU; for Gated DeltaNet the state part of the gradient pass spills
+# 304 bytes at BV_grad=32 and 4 warps (16 at 8 warps) and is no faster at 8 warps or at BV_grad=16, the Mamba-2
+# forward scan 96 bytes);
 # ``set_levels_config`` / LCTRAIN_LOGLINEAR_CFG="LP=4,BV=16" change them (``lctrain bench loglinear
 # --levels-cfg`` times several). Chosen on an H200 (B=1, H=16, D=128, bf16; docs/results/h200_2026-12-01_s7/):
 # the scans at 4 warps and 1 stage halve ll_gdn's forward against 8 warps / 2 stages (13.1 -> 7.5 ms at 64K,
@@ -577,11 +578,11 @@ def _backward_groups(qt, k, w, ut, gam, lw, s0, do, dst, scale: float, n0: int, 
     NL = lw.shape[-1]
     ds0 = torch.zeros(B, H, NL, K, V, device=qt.device, dtype=torch.float32) if need_ds0 else None
     common = dict(K=K, V=V, BK=pow2(K), BV=bv, LP=cfg["LP"], C=CHUNK, **_scan_launch(cfg))
+    if kept is not None and tuple(kept.shape) != (NL, B, NT, H, K, V):
+        raise ValueError(f"levels_backward: kept states {tuple(kept.shape)} are not those of all {NL} levels "
+                         f"over {NT} chunks (KEEP_H needs one segment: keeps_states)")
     for j0 in range(0, NL, group):
         G = min(group, NL - j0)
-        if kept is not None and tuple(kept.shape) != (NL, B, NT, H, K, V):
-            raise ValueError(f"levels_backward: kept states {tuple(kept.shape)} are not those of all {NL} levels "
-                             f"over {NT} chunks (KEEP_H needs one segment: keeps_states)")
         hs = torch.empty(G, B, NT, H, K, V, device=qt.device, dtype=qt.dtype) if kept is None else kept[j0:j0 + G]
         dhs = torch.empty_like(hs)
         work = _work(j0, j0 + G, n0, NT, cfg["LP"], qt.device)

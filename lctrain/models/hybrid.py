@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lctrain.config import checkpointed_kinds, init_std
+from lctrain.config import LOGLINEAR_LAYERS, checkpointed_kinds, init_std
 from lctrain.kernels.loglinear.triton_levels import keep_level_states
 from lctrain.parallel.mesh import group_size
 from lctrain.parallel.pipeline import mark_pipeline_copy, stage_layers
@@ -164,15 +164,12 @@ class _ToHost(torch.autograd.Function):
         return grad.to(ctx.device, non_blocking=True)
 
 
-LOGLINEAR_KINDS = "LK"
-
-
 def _checkpointed_block(block: Block, x: torch.Tensor, offset: int, docs) -> torch.Tensor:
     """An activation-checkpointed block: it runs here and again right before its backward. A log-linear
     block keeps its level states from that second run for its backward (the Triton kernels' KEEP_H:
     one scan per level fewer there; the first run's states are dropped with everything else it saved, so
     only one block's are alive at a time)."""
-    with keep_level_states() if block.kind in LOGLINEAR_KINDS else contextlib.nullcontext():
+    with keep_level_states() if block.kind in LOGLINEAR_LAYERS else contextlib.nullcontext():
         return block(x, offset, None, docs)
 
 
