@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 import triton
@@ -484,11 +485,16 @@ def keeps_states(qt, ut, NL: int) -> bool:
     """Whether a training forward keeps the level states h for the backward: CONFIG["KEEP_H"], a backward of
     one segment (``backward_plan``) and h of all NL levels within STATE_BUDGET (the backward then holds it
     beside dh of one group of levels: at 128K, H=16, D=128, bf16, 11 levels of h and 8 of dh, 19 GiB against
-    16 GiB for h and dh of 8 levels when recomputing; the H200 bench's peak 26,200 against 23,128 MiB)."""
+    16 GiB for h and dh of 8 levels when recomputing; the H200 bench's peak 26,200 against 23,128 MiB). Where
+    KEEP_H=1 cannot be kept, a warning says so (once per process) and the backward recomputes the states."""
     B, T, H, K, V, NT, _, _, cfg = _launch_args(qt, ut)
-    if not cfg["KEEP_H"] or NL == 0 or backward_plan(qt, ut, NL)[1] != NT:
+    if not cfg["KEEP_H"] or NL == 0:
         return False
-    return NL * B * NT * H * K * V * qt.element_size() <= STATE_BUDGET
+    if backward_plan(qt, ut, NL)[1] == NT and NL * B * NT * H * K * V * qt.element_size() <= STATE_BUDGET:
+        return True
+    warnings.warn("log-linear KEEP_H=1: the level states of this call do not fit triton_levels.STATE_BUDGET "
+                  "(or its backward runs in segments); the backward recomputes them instead", stacklevel=2)
+    return False
 
 
 @contextlib.contextmanager
