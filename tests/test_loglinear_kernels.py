@@ -324,23 +324,32 @@ def test_kept_level_states_skip_the_recompute_and_change_nothing(monkeypatch, ki
 
 
 @needs_triton
-def test_mamba2_block_totals_match_the_level_scans(monkeypatch):
-    """Log-linear Mamba-2 from position 0 takes its levels above the chunk from Fenwick block totals
-    (scalar_tree, checked to run); the level scans (TREE=0) give the same outputs, final states and
-    gradients. T=300: 5 chunks padded to 8, a ragged last chunk, 3 levels above the chunk."""
-    from lctrain.kernels.loglinear import fused, triton_levels
+@pytest.mark.parametrize("kind", KINDS)
+def test_block_totals_match_the_level_scans(monkeypatch, kind):
+    """TREE=1: calls from position 0 take their levels above the chunk from trees of block totals (Mamba-2:
+    scalar_tree; Gated DeltaNet: transition_tree, forward and its autograd backward, checked to run); the
+    level scans (TREE=0) give the same outputs, final states and gradients. T=300: 5 chunks padded to 8, a
+    ragged last chunk, 3 levels above the chunk."""
+    from lctrain.kernels.loglinear import fused, transition_tree, triton_levels
     T, K, V = 300, 16, 16
     L = levels_needed(T)
-    x = make_inputs("mamba2", T, K, V, L, torch.float32, seed=9)
+    x = make_inputs(kind, T, K, V, L, torch.float32, seed=9)
     do, dS = torch.randn(B, T, H, V, dtype=torch.float64), torch.randn(B, H, L, K, V, dtype=torch.float64)
     calls = []
-    monkeypatch.setattr(fused, "tree_levels", lambda *a, **kw: calls.append(1) or tree_levels(*a, **kw))
+    if kind == "mamba2":
+        monkeypatch.setattr(fused, "tree_levels", lambda *a, **kw: calls.append(1) or tree_levels(*a, **kw))
+    else:
+        def counted(f):
+            return lambda *a, **kw: calls.append(1) or f(*a, **kw)
+        for name in ("transition_tree_levels", "transition_tree_backward"):
+            monkeypatch.setattr(fused, name, counted(getattr(transition_tree, name)))
     monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "TREE": 1})
-    tree = outputs_and_grads("mamba2", x, "triton", 0, do, dS, chunk_size=64)
-    assert calls
+    tree = outputs_and_grads(kind, x, "triton", 0, do, dS, chunk_size=64)
+    want = len(calls)
+    assert want == (1 if kind == "mamba2" else 2)
     monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "TREE": 0})
-    scans = outputs_and_grads("mamba2", x, "triton", 0, do, dS, chunk_size=64)
-    assert len(calls) == 1
+    scans = outputs_and_grads(kind, x, "triton", 0, do, dS, chunk_size=64)
+    assert len(calls) == want
     assert rel(tree[0], scans[0]) < 1e-5 and rel(tree[1], scans[1]) < 1e-5
     for name in scans[2]:
         assert rel(tree[2][name], scans[2][name]) < 1e-5, name
@@ -548,6 +557,35 @@ def test_kept_level_states_on_gpu(monkeypatch, kind):
     errors = {"o": rel(runs[1][0], runs[0][0]), **{n: rel(runs[1][2][n], runs[0][2][n]) for n in runs[0][2]}}
     assert all(e < 1e-3 for e in errors.values()), errors
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", KINDS)
+def test_block_totals_on_gpu(monkeypatch, kind):
+    """`pytest -m gpu`: TREE=1 (block totals instead of the level scans; for Gated DeltaNet products of chunk
+    transitions in TF32) in bfloat16 at head dim 128 over 9 levels above the chunk, against the torch backend
+    in float32: as close as the level scans are (2e-2, the bound of the bf16 kernels above), outputs, final
+    states and every gradient."""
+    from lctrain.kernels.loglinear import triton_levels
+    T, D = 20000, 128
+    L = levels_needed(T)
+    gen = torch.Generator(device="cuda").manual_seed(T + 1)
+    r = lambda *s: torch.randn(*s, generator=gen, device="cuda")  # noqa: E731
+    x = dict(q=r(B, T, H, D), k=F.normalize(r(B, T, H, D), dim=-1), v=r(B, T, H, D),
+             g=F.logsigmoid(r(B, T, H) + 3.0), beta=torch.sigmoid(r(B, T, H)) if kind == "gdn" else None,
+             lam=F.softplus(r(B, T, H, L)), init=None)
+    do, dS = r(B, T, H, D).double(), r(B, H, L, D, D).double()
+    ref = outputs_and_grads(kind, x, "torch", 0, do, dS, chunk_size=64)
+    xb = {n: (t.bfloat16() if n in ("q", "k", "v") else t) for n, t in x.items()}
+    errors = {}
+    for tree in (0, 1):
+        monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "TREE": tree})
+        o, S, g = outputs_and_grads(kind, xb, "triton", 0, do, dS, chunk_size=64)
+        torch.cuda.synchronize()
+        errors[f"TREE={tree}"] = {"o": rel(o, ref[0]), "S": rel(S, ref[1]), **{n: rel(g[n], ref[2][n]) for n in ref[2]}}
+    print(kind, errors)
+    assert all(e < 2e-2 for e in errors["TREE=1"].values()), errors
 
 def test_level_runs_of_one_chunk_take_the_torch_base_op():
     """Issue 18: a level run of at most one chunk per row (a Triton chunk count of 1, the call that faulted on an

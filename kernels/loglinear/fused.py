@@ -35,6 +35,7 @@ from . import triton_levels
 from .chunk import _last_block_states, level_weight_differences, runs_from_slots, slots_from_runs
 from .levels import levels_needed
 from .scalar_tree import tree_levels
+from .transition_tree import transition_tree_backward, transition_tree_levels
 from .triton_intra import intra_backward, intra_forward
 from .triton_levels import levels_backward, levels_forward
 
@@ -44,12 +45,17 @@ class _FusedLogLinear(torch.autograd.Function):
     contiguous; lam [B, T, H, L], lw [B, T, H, NL] (NL = top - c, may be 0)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, lam, lw, s0, scale, n0, hi, want_final, train):
+    def forward(ctx, q, k, v, g, beta, lam, lw, s0, scale, n0, hi, want_final, train, tree):
         cfg = _Cfg(k.shape[-1], v.shape[-1], gated=True)
         gam, tm, w, ut = wy_fwd(k, v, g, beta, cfg)
         o, qt = intra_forward(q, k, v, w, tm, beta, gam, lam, hi, scale)
         st = ck = seg = hs = None
-        if lw.shape[-1]:
+        if lw.shape[-1] and tree:  # from position 0: the transition tree instead of the level scans
+            with torch.no_grad():
+                o_levels, st = transition_tree_levels(qt, k, w, v if ut is None else ut, gam, lw, scale, want_final)
+            o += o_levels
+            del o_levels
+        elif lw.shape[-1]:
             u = v if ut is None else ut
             # a backward that has to cut the sequence into segments (very long T) starts each from run states
             # this scan stores on the way (``backward_plan``); with KEEP_H it keeps every level state instead
@@ -58,7 +64,7 @@ class _FusedLogLinear(torch.autograd.Function):
             st, ck, hs = levels_forward(o, qt, k, w, u, gam, lw, s0, scale, n0, want_final, seg, keep)
         del w, ut   # the backward makes them again (wy_apply): not kept beside o
         ctx.save_for_backward(q, k, v, beta, lam, lw, s0, gam, tm, qt, ck, hs)
-        ctx.scale, ctx.n0, ctx.hi, ctx.seg = scale, n0, hi, seg
+        ctx.scale, ctx.n0, ctx.hi, ctx.seg, ctx.tree = scale, n0, hi, seg, tree
         return o.to(q.dtype), st  # (dO then arrives in q's dtype too: half the reads of an fp32 one)
 
     @staticmethod
@@ -70,7 +76,11 @@ class _FusedLogLinear(torch.autograd.Function):
         w, ut = wy_apply(k, v, beta, gam, tm, cfg)
         do = torch.zeros(*v.shape, device=v.device, dtype=torch.float32) if do is None else do.contiguous()
         f32 = dict(device=q.device, dtype=torch.float32)
-        if lw.shape[-1]:
+        if lw.shape[-1] and ctx.tree:
+            dqt, dk, dw, du, dgam, dlw = transition_tree_backward(qt, k, w, v if ut is None else ut, gam, lw, scale,
+                                                                  do, dst)
+            ds0 = None
+        elif lw.shape[-1]:
             dst = None if dst is None else dst.contiguous().float()
             dqt, dk, dw, du, dgam, dlw, ds0 = levels_backward(qt, k, w, v if ut is None else ut, gam, lw, s0, do,
                                                               dst, scale, n0, s0 is not None, ck, ctx.seg, hs)
@@ -93,7 +103,7 @@ class _FusedLogLinear(torch.autograd.Function):
         del du, dw, dx, w, dv_intra, dgam
         dlam = torch.zeros_like(lam)
         dlam[..., : hi + 1] = dlam_intra
-        return (dq, dk.to(k.dtype), dv.to(v.dtype), dg, dbeta, dlam, dlw, ds0, None, None, None, None, None)
+        return (dq, dk.to(k.dtype), dv.to(v.dtype), dg, dbeta, dlam, dlw, ds0, None, None, None, None, None, None)
 
 
 def fused_by_levels(base, q, k, v, g, beta, level_weights, *, scale, run_init, position_offset: int, top: int,
@@ -114,13 +124,16 @@ def fused_by_levels(base, q, k, v, g, beta, level_weights, *, scale, run_init, p
     lw = level_weight_differences(q, level_weights, top)[..., c + 1:].float().contiguous()
     s0 = None if run_init is None or top <= c else run_init[:, :, c + 1: top + 1].float().contiguous()
     f32 = lambda x: aligned_input(x, torch.float32)  # noqa: E731  (ALIGN_INPUTS in triton/ops.py: why aligned)
-    # scalar decay from position 0: the levels above c from block totals, no level scans (scalar_tree)
-    tree = beta is None and p0 == 0 and top > c and bool(triton_levels.CONFIG["TREE"])
+    # from position 0 with TREE=1 the levels above c come from block totals, no level scans: scalar decay
+    # (Mamba-2) outside the Function (scalar_tree), Gated DeltaNet inside it (transition_tree)
+    from_zero = p0 == 0 and s0 is None and top > c and bool(triton_levels.CONFIG["TREE"])
+    tree = beta is None and from_zero
     train = torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                             for x in (q, k, v, g, beta, level_weights, run_init))
     o, st = _FusedLogLinear.apply(aligned_input(q), aligned_input(k), aligned_input(v), f32(g), f32(beta),
                                   f32(level_weights), lw[..., :0] if tree else lw, s0, scale, p0 // CHUNK,
-                                  min(c, top), bool(want_runs and top > c and not tree), train)
+                                  min(c, top), bool(want_runs and top > c and not tree), train,
+                                  beta is not None and from_zero)
     if tree:
         o_levels, st = tree_levels(q, k, v, f32(g), f32(level_weights), scale, top - c, want_runs)
         o = (o.float() + o_levels).to(q.dtype)

@@ -1,0 +1,152 @@
+"""The inter-chunk levels of log-linear Gated DeltaNet without level scans: a tree of chunk transitions.
+
+The level scans (``triton_levels``) step every level's state through every chunk: NL sequential scans of
+~3 C K V flops a chunk each way, bound by moving the chunk tiles, not by their products. But the chunk
+step is the same affine map for every level,
+
+    S(n+1) = M_n S(n) + B_n,   M_n = exp(gl) I - K^T diag(exp(gl - gam)) W,   B_n = K^T diag(exp(gl - gam)) Ut
+
+(Mamba-2: W = 0, M_n = exp(gl) I), and the levels differ only in where they restart. So, as
+``scalar_tree`` does for a scalar decay, take block totals over a tree of aligned blocks of 2^m chunks,
+
+    Phi_0 = M,  Tot_0 = B,   Phi_{m+1} = Phi_b Phi_a,   Tot_{m+1} = Phi_b Tot_a + Tot_b   (a, b: the halves)
+
+and read chunk n's levels out of the buckets of its index: bit m of n set, the bucket is the block of 2^m
+chunks just before n's half-block (token level c + 1 + m, weight lambda_{c+1+m}: the run weights telescope).
+With the delta rule the bucket's total reaches chunk n through the transitions of the buckets below it,
+so the query is carried instead, lowest bucket first:
+
+    q <- qt_n;  for m with bit m of n set:  o_n += scale lambda_m (q Tot_m),   q <- q Phi_m
+
+Per chunk ~NL/2 buckets of two [C, K] x [K, K|V] products, the tree ~4 such products a chunk, all parallel
+(per m ONE batched matmul over the odd half-blocks, a view), against the scans' ~3 NL sequential ones.
+Written in torch: the products run as cuBLAS batched matmuls (TF32 on CUDA: the states stay fp32, their
+products keep 10 mantissa bits), and the backward is torch autograd on a recompute
+(``transition_tree_backward``). Needs the call to start at position 0 with no incoming state; pads the
+sequence with zero tokens to 2^NL chunks.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..triton.common import CHUNK
+from .scalar_tree import _heads_first
+
+
+@contextlib.contextmanager
+def _tf32_matmuls():
+    """fp32 matmuls on TF32 tensor cores inside (CUDA); the caller's setting back afterwards."""
+    mm = torch.backends.cuda.matmul
+    if hasattr(mm, "fp32_precision"):
+        old = mm.fp32_precision
+        mm.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            mm.fp32_precision = old
+    else:  # pragma: no cover (torch without the fp32_precision API)
+        old = mm.allow_tf32
+        mm.allow_tf32 = True
+        try:
+            yield
+        finally:
+            mm.allow_tf32 = old
+
+
+def _chunk_maps(k, w, u, gam, P: int):
+    """(M [B, H, P, K, K], B [B, H, P, K, V]) fp32: every chunk's affine state map. The time axis is padded to
+    P chunks: gam with its last value (the last, ragged chunk's gl is gam at T - 1, as in the scans), the
+    tokens with zeros (padded chunks map S to exp(gl) S: finite, and read by no real chunk)."""
+    Bsz, T, H, K = k.shape
+    Tp = P * CHUNK
+    gh = gam.movedim(1, 2).float()
+    gh = torch.cat([gh, gh[..., T - 1:T].expand(Bsz, H, Tp - T)], dim=-1).view(Bsz, H, P, CHUNK)
+    gl = gh[..., -1]
+    kd = _heads_first(k, Tp).float().view(Bsz, H, P, CHUNK, K) * torch.exp(gl[..., None] - gh)[..., None]
+    kdt = kd.transpose(-1, -2)
+    maps_b = kdt @ _heads_first(u, Tp).float().view(Bsz, H, P, CHUNK, -1)
+    eye = torch.eye(K, device=k.device, dtype=torch.float32)
+    maps_m = torch.exp(gl)[..., None, None] * eye
+    if w is not None:
+        maps_m = maps_m - kdt @ _heads_first(w, Tp).float().view(Bsz, H, P, CHUNK, K)
+    return maps_m, maps_b
+
+
+def transition_tree_levels(qt, k, w, u, gam, lw, scale: float, want_final: bool):
+    """The levels above the chunk (what ``levels_forward`` adds to o) for a call from position 0 with no
+    incoming state. qt, k, w (or None), u [B, T, H, .] (the effective queries and WY terms of fused.py), gam
+    [B, T, H] fp32 (in-chunk cumulative log-decay), lw [B, T, H, NL] fp32 (w_l = lambda_l - lambda_{l+1} of
+    the levels above the chunk). Returns (o_levels [B, T, H, V] fp32, final run states [B, H, NL, K, V] fp32
+    or None), differentiable in every input by torch autograd."""
+    Bsz, T, H, K = qt.shape
+    V = u.shape[-1]
+    NL = lw.shape[-1]
+    P = 1 << NL
+    if P * CHUNK < T:
+        raise ValueError(f"transition_tree_levels: {NL} levels above the chunk cover {P * CHUNK} < T={T} tokens")
+    Tp = P * CHUNK
+    with _tf32_matmuls() if qt.is_cuda else contextlib.nullcontext():
+        phis, tots = _chunk_maps(k, w, u, gam, P)
+        phis, tots = [phis], [tots]
+        top = NL if want_final else NL - 1   # the readout needs Tot_m, Phi_m up to m = NL - 1; final states Tot_NL
+        for m in range(top):
+            p2 = phis[m].view(Bsz, H, -1, 2, K, K)
+            t2 = tots[m].view(Bsz, H, -1, 2, K, V)
+            tots.append(p2[:, :, :, 1] @ t2[:, :, :, 0] + t2[:, :, :, 1])
+            if m + 1 < top:
+                phis.append(p2[:, :, :, 1] @ p2[:, :, :, 0])
+        # bucket m's weight: sum_{j >= m} w_j = lambda_{c+1+m}
+        lam = _heads_first(lw.float().flip(-1).cumsum(-1).flip(-1), Tp) * scale      # [B, H, Tp, NL]
+        q = _heads_first(qt, Tp).float()                                             # [B, H, Tp, K]
+        o = torch.zeros(Bsz, H, Tp, V, device=qt.device, dtype=torch.float32)
+        for m in range(NL):
+            A, rows = P >> (m + 1), CHUNK << m
+            q5 = q.view(Bsz, H, A, 2, rows, K)
+            odd = q5[:, :, :, 1]
+            read = odd @ tots[m].view(Bsz, H, A, 2, K, V)[:, :, :, 0]
+            o.view(Bsz, H, A, 2, rows, V)[:, :, :, 1].addcmul_(
+                read, lam.view(Bsz, H, A, 2, rows, NL)[:, :, :, 1, :, m, None])
+            if m < NL - 1:  # carried across this bucket for the buckets above it
+                q = torch.stack((q5[:, :, :, 0], odd @ phis[m].view(Bsz, H, A, 2, K, K)[:, :, :, 0]), dim=3)
+                q = q.view(Bsz, H, Tp, K)
+        final = None
+        if want_final:
+            NT = -(-T // CHUNK)
+            runs = []
+            for j in range(NL):   # level c + 1 + j: blocks of 2^(j+1) chunks
+                b = ((NT - 1) >> (j + 1)) << (j + 1)
+                if NT - b == 2 << j:  # the last block is complete: its tree total
+                    runs.append(tots[j + 1][:, :, b >> (j + 1)])
+                    continue
+                acc = None
+                for m in range(j, -1, -1):  # its buckets, earliest first
+                    if (NT >> m) & 1:
+                        i = (NT >> m) - 1
+                        acc = tots[m][:, :, i] if acc is None else phis[m][:, :, i] @ acc + tots[m][:, :, i]
+                runs.append(acc)
+            final = torch.stack(runs, dim=2)
+    return o[:, :, :T].movedim(1, 2), final
+
+
+def transition_tree_backward(qt, k, w, u, gam, lw, scale: float, do, dst):
+    """Gradients (dqt, dk, dw or None, du, dgam, dlw), fp32 and shaped like ``levels_backward``'s, of the
+    levels' readout (and of the final run states, with dst) against do, by torch autograd on a recompute of
+    ``transition_tree_levels``."""
+    inputs = [x.detach().requires_grad_() for x in (qt, k, u, gam, lw)]
+    wt = None if w is None else w.detach().requires_grad_()
+    with torch.enable_grad():
+        o, final = transition_tree_levels(inputs[0], inputs[1], wt, inputs[2], inputs[3], inputs[4], scale,
+                                          dst is not None)
+        outs, grads_out = [o], [do.float()]
+        if dst is not None:
+            outs.append(final)
+            grads_out.append(dst.float())
+        every = inputs + ([] if wt is None else [wt])
+        grads = torch.autograd.grad(outs, every, grads_out, allow_unused=True)
+    grads = [torch.zeros_like(x, dtype=torch.float32) if g is None else g.float().contiguous()
+             for g, x in zip(grads, every)]
+    dqt, dk, du, dgam, dlw = grads[:5]
+    dw = grads[5] if wt is not None else None
+    return dqt, dk, dw, du, dgam, dlw
