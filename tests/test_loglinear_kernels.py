@@ -327,9 +327,10 @@ def test_kept_level_states_skip_the_recompute_and_change_nothing(monkeypatch, ki
 @pytest.mark.parametrize("kind", KINDS)
 def test_block_totals_match_the_level_scans(monkeypatch, kind):
     """TREE=1: calls from position 0 take their levels above the chunk from trees of block totals (Mamba-2:
-    scalar_tree; Gated DeltaNet: transition_tree, forward and its autograd backward, checked to run); the
-    level scans (TREE=0) give the same outputs, final states and gradients. T=300: 5 chunks padded to 8, a
-    ragged last chunk, 3 levels above the chunk."""
+    scalar_tree; Gated DeltaNet: transition_tree's tree of chunk maps with the Triton readout, forward and
+    backward, checked to run); the level scans (TREE=0) give the same outputs, final states and gradients,
+    also without final states (the tree one level lower). T=300: 5 chunks padded to 8, a ragged last chunk,
+    3 levels above the chunk."""
     from lctrain.kernels.loglinear import fused, transition_tree, triton_levels
     T, K, V = 300, 16, 16
     L = levels_needed(T)
@@ -341,18 +342,61 @@ def test_block_totals_match_the_level_scans(monkeypatch, kind):
     else:
         def counted(f):
             return lambda *a, **kw: calls.append(1) or f(*a, **kw)
-        for name in ("transition_tree_levels", "transition_tree_backward"):
+        for name in ("tree_forward", "tree_backward"):
             monkeypatch.setattr(fused, name, counted(getattr(transition_tree, name)))
+
+    def without_final_states():  # the tree then stops a level lower
+        leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items() if t is not None}
+        o, _ = call(kind, {**{n: None for n in x}, **leaves}, "triton", 0, 64, final=False)
+        return o.detach(), torch.autograd.grad((o.double() * do).sum(), list(leaves.values()))
+
     monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "TREE": 1})
-    tree = outputs_and_grads(kind, x, "triton", 0, do, dS, chunk_size=64)
+    tree, tree_o = outputs_and_grads(kind, x, "triton", 0, do, dS, chunk_size=64), without_final_states()
     want = len(calls)
-    assert want == (1 if kind == "mamba2" else 2)
+    assert want == (2 if kind == "mamba2" else 4)
     monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "TREE": 0})
-    scans = outputs_and_grads(kind, x, "triton", 0, do, dS, chunk_size=64)
+    scans, scans_o = outputs_and_grads(kind, x, "triton", 0, do, dS, chunk_size=64), without_final_states()
     assert len(calls) == want
     assert rel(tree[0], scans[0]) < 1e-5 and rel(tree[1], scans[1]) < 1e-5
     for name in scans[2]:
         assert rel(tree[2][name], scans[2][name]) < 1e-5, name
+    assert rel(tree_o[0], scans_o[0]) < 1e-5
+    for got, ref in zip(tree_o[1], scans_o[1]):
+        assert rel(got, ref) < 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("T,final", [(837, True), (837, False), (1024, True)])
+def test_transition_tree_readout_kernels_match_autograd(T, final):
+    """The Triton readout of the transition tree (forward, backward, per-node sums) against torch autograd of
+    the torch reference (transition_tree_levels) on unstructured random inputs: W not a WY term, so the
+    chunk maps are far from symmetric and every transpose counts. T=837: 14 chunks padded to 16 (4 levels
+    above the chunk, chunks with up to 3 buckets); T=1024: a complete top block (final states from the tree's
+    root)."""
+    from lctrain.kernels.loglinear.transition_tree import (
+        transition_tree_backward,
+        transition_tree_levels,
+        tree_backward,
+        tree_forward,
+    )
+    gen = torch.Generator().manual_seed(T)
+    K, V, NL = 16, 32, (T - 1).bit_length() - 6
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    qt, k, w, u = r(B, T, H, K), r(B, T, H, K) * 0.3, r(B, T, H, K) * 0.3, r(B, T, H, V)
+    NC = -(-T // 64)
+    gam = (-0.05 * torch.rand(B, NC, 64, H, generator=gen)).cumsum(2).view(B, NC * 64, H)[:, :T].contiguous()
+    lw = torch.rand(B, T, H, NL, generator=gen)
+    do, dst = r(B, T, H, V), (r(B, H, NL, K, V) if final else None)
+    o = torch.zeros(B, T, H, V)
+    st = tree_forward(o, qt, k, w, u, gam, lw, 0.5, final)
+    ref_o, ref_st = transition_tree_levels(qt, k, w, u, gam, lw, 0.5, final)
+    assert rel(o, ref_o) < 1e-5
+    if final:
+        assert rel(st, ref_st) < 1e-5
+    got = tree_backward(qt, k, w, u, gam, lw, 0.5, do, dst)
+    ref = transition_tree_backward(qt, k, w, u, gam, lw, 0.5, do, dst)
+    for name, a, b in zip(("qt", "k", "w", "u", "gam", "lw"), got, ref):
+        assert rel(a, b) < 1e-5, name
 
 
 @needs_triton

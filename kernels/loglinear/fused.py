@@ -35,7 +35,7 @@ from . import triton_levels
 from .chunk import _last_block_states, level_weight_differences, runs_from_slots, slots_from_runs
 from .levels import levels_needed
 from .scalar_tree import tree_levels
-from .transition_tree import transition_tree_backward, transition_tree_levels
+from .transition_tree import tree_backward, tree_forward
 from .triton_intra import intra_backward, intra_forward
 from .triton_levels import levels_backward, levels_forward
 
@@ -52,9 +52,7 @@ class _FusedLogLinear(torch.autograd.Function):
         st = ck = seg = hs = None
         if lw.shape[-1] and tree:  # from position 0: the transition tree instead of the level scans
             with torch.no_grad():
-                o_levels, st = transition_tree_levels(qt, k, w, v if ut is None else ut, gam, lw, scale, want_final)
-            o += o_levels
-            del o_levels
+                st = tree_forward(o, qt, k, w, v if ut is None else ut, gam, lw, scale, want_final)
         elif lw.shape[-1]:
             u = v if ut is None else ut
             # a backward that has to cut the sequence into segments (very long T) starts each from run states
@@ -77,8 +75,7 @@ class _FusedLogLinear(torch.autograd.Function):
         do = torch.zeros(*v.shape, device=v.device, dtype=torch.float32) if do is None else do.contiguous()
         f32 = dict(device=q.device, dtype=torch.float32)
         if lw.shape[-1] and ctx.tree:
-            dqt, dk, dw, du, dgam, dlw = transition_tree_backward(qt, k, w, v if ut is None else ut, gam, lw, scale,
-                                                                  do, dst)
+            dqt, dk, dw, du, dgam, dlw = tree_backward(qt, k, w, v if ut is None else ut, gam, lw, scale, do, dst)
             ds0 = None
         elif lw.shape[-1]:
             dst = None if dst is None else dst.contiguous().float()

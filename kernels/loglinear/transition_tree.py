@@ -150,3 +150,90 @@ def transition_tree_backward(qt, k, w, u, gam, lw, scale: float, do, dst):
     dqt, dk, du, dgam, dlw = grads[:5]
     dw = grads[5] if wt is not None else None
     return dqt, dk, dw, du, dgam, dlw
+
+
+def _suffix_matrix(NL: int, device) -> torch.Tensor:
+    """U [NL, NL] fp32 with U[j, m] = 1 for j >= m: lw @ U are the bucket weights lambda_{c+1+m} (a matmul: torch's
+    cumsum over a short last axis is slow on CUDA)."""
+    return torch.ones(NL, NL, device=device).tril()
+
+
+def tree_states(k, w, u, gam, NL: int, top: int, dtype):
+    """The tree, differentiable: (phis [B, H, nodes, K, K] of levels 0 .. top - 1, tots [B, H, nodes, K, V] of
+    levels 0 .. top), the levels' nodes side by side (level m from node 2P - 2(P >> m)), in ``dtype``."""
+    Bsz, _, H, K = k.shape
+    V = u.shape[-1]
+    maps_m, maps_b = _chunk_maps(k, w, u, gam, 1 << NL)
+    phis, tots = [maps_m.to(dtype)], [maps_b.to(dtype)]
+    for m in range(top):
+        p2 = phis[m].view(Bsz, H, -1, 2, K, K)
+        t2 = tots[m].view(Bsz, H, -1, 2, K, V)
+        tots.append(torch.baddbmm(t2[:, :, :, 1].reshape(-1, K, V), p2[:, :, :, 1].reshape(-1, K, K),
+                                  t2[:, :, :, 0].reshape(-1, K, V)).view(Bsz, H, -1, K, V))
+        if m + 1 < top:
+            phis.append((p2[:, :, :, 1] @ p2[:, :, :, 0]))
+    return torch.cat(phis, dim=2), torch.cat(tots, dim=2)
+
+
+def _final_runs(phis, tots, T: int, NL: int):
+    """The final run states [B, H, NL, K, V] fp32 of the levels above the chunk, from the tree (as
+    ``transition_tree_levels`` forms them)."""
+    NT = -(-T // CHUNK)
+    P = 1 << NL
+    off = lambda m: 2 * P - 2 * (P >> m)  # noqa: E731
+    runs = []
+    for j in range(NL):
+        b = ((NT - 1) >> (j + 1)) << (j + 1)
+        if NT - b == 2 << j:
+            runs.append(tots[:, :, off(j + 1) + (b >> (j + 1))].float())
+            continue
+        acc = None
+        for m in range(j, -1, -1):
+            if (NT >> m) & 1:
+                i = off(m) + (NT >> m) - 1
+                acc = tots[:, :, i].float() if acc is None else phis[:, :, i].float() @ acc + tots[:, :, i].float()
+        runs.append(acc)
+    return torch.stack(runs, dim=2)
+
+
+def tree_forward(o, qt, k, w, u, gam, lw, scale: float, want_final: bool):
+    """``levels_forward`` by the tree: o [B, T, H, V] fp32 += the levels above the chunk; returns the final run
+    states (or None). The tree in q's dtype (torch batched matmuls), the readout in Triton (``tree_readout``)."""
+    from .tree_readout import readout_forward
+    NL = lw.shape[-1]
+    top = NL if want_final else NL - 1
+    phis, tots = tree_states(k, w, u, gam, NL, top, qt.dtype)
+    lam = (lw @ _suffix_matrix(NL, lw.device)).mul_(scale).contiguous()
+    readout_forward(o, qt, lam, phis, tots, 1 << NL, store_q=False)
+    return _final_runs(phis, tots, qt.shape[1], NL) if want_final else None
+
+
+def tree_backward(qt, k, w, u, gam, lw, scale: float, do, dst):
+    """``levels_backward`` by the tree: (dqt, dk, dw or None, du, dgam, dlw) fp32. The tree again under
+    autograd, the readout's backward in Triton (the per-node sums included), then autograd through the tree
+    and the chunk maps."""
+    from .tree_readout import readout_backward, readout_forward
+    NL = lw.shape[-1]
+    T = qt.shape[1]
+    top = NL if dst is not None else NL - 1
+    leaves = [x.detach().requires_grad_() for x in (k, u, gam)]
+    wt = None if w is None else w.detach().requires_grad_()
+    with torch.enable_grad():
+        phis, tots = tree_states(leaves[0], wt, leaves[1], leaves[2], NL, top, qt.dtype)
+    U = _suffix_matrix(NL, lw.device)
+    lam = (lw @ U).mul_(scale).contiguous()
+    qcs = readout_forward(None, qt, lam, phis.detach(), tots.detach(), 1 << NL, store_q=True)
+    dqt, dlam, dtots, dphis = readout_backward(qcs, lam, phis.detach(), tots.detach(), do.contiguous(), 1 << NL)
+    del qcs
+    outs, grads_out = [tots, phis], [dtots.to(tots.dtype), dphis.to(phis.dtype)]
+    with torch.enable_grad():
+        if dst is not None:
+            outs.append(_final_runs(phis, tots, T, NL))
+            grads_out.append(dst.float())
+        every = leaves + ([] if wt is None else [wt])
+        grads = torch.autograd.grad(outs, every, grads_out, allow_unused=True)
+    dk, du, dgam = (torch.zeros_like(x, dtype=torch.float32) if g is None else g.float().contiguous()
+                    for g, x in zip(grads[:3], leaves))
+    dw = None if wt is None else grads[3].float().contiguous()
+    dlw = (dlam @ U.t()).mul_(scale)
+    return dqt, dk, dw, du, dgam, dlw
