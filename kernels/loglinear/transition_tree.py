@@ -158,82 +158,89 @@ def _suffix_matrix(NL: int, device) -> torch.Tensor:
     return torch.ones(NL, NL, device=device).tril()
 
 
-def tree_states(k, w, u, gam, NL: int, top: int, dtype):
-    """The tree, differentiable: (phis [B, H, nodes, K, K] of levels 0 .. top - 1, tots [B, H, nodes, K, V] of
-    levels 0 .. top), the levels' nodes side by side (level m from node 2P - 2(P >> m)), in ``dtype``."""
-    Bsz, _, H, K = k.shape
-    V = u.shape[-1]
-    maps_m, maps_b = _chunk_maps(k, w, u, gam, 1 << NL)
-    phis, tots = [maps_m.to(dtype)], [maps_b.to(dtype)]
-    for m in range(top):
-        p2 = phis[m].view(Bsz, H, -1, 2, K, K)
-        t2 = tots[m].view(Bsz, H, -1, 2, K, V)
-        tots.append(torch.baddbmm(t2[:, :, :, 1].reshape(-1, K, V), p2[:, :, :, 1].reshape(-1, K, K),
-                                  t2[:, :, :, 0].reshape(-1, K, V)).view(Bsz, H, -1, K, V))
-        if m + 1 < top:
-            phis.append((p2[:, :, :, 1] @ p2[:, :, :, 0]))
-    return torch.cat(phis, dim=2), torch.cat(tots, dim=2)
 
-
-def _final_runs(phis, tots, T: int, NL: int):
-    """The final run states [B, H, NL, K, V] fp32 of the levels above the chunk, from the tree (as
-    ``transition_tree_levels`` forms them)."""
+def _final_nodes(T: int, NL: int) -> list[int]:
+    """The tree nodes the final run states read (``_final_runs``), sorted."""
     NT = -(-T // CHUNK)
     P = 1 << NL
+    nodes = set()
+    for j in range(NL):
+        b = ((NT - 1) >> (j + 1)) << (j + 1)
+        if NT - b == 2 << j:
+            nodes.add(2 * P - 2 * (P >> (j + 1)) + (b >> (j + 1)))
+        else:
+            nodes.update(2 * P - 2 * (P >> m) + (NT >> m) - 1 for m in range(j + 1) if (NT >> m) & 1)
+    return sorted(nodes)
+
+
+def _final_runs(nm, tots, ge, T: int, NL: int, slot=None):
+    """The final run states [B, H, NL, K, V] fp32 of the levels above the chunk from the tree (Triton layout,
+    M = e I - N), as ``transition_tree_levels`` forms them. ``slot``: where node i sits in the given
+    buffers (default: at i)."""
+    NT = -(-T // CHUNK)
+    P = 1 << NL
+    at = (lambda i: i) if slot is None else slot.__getitem__
     off = lambda m: 2 * P - 2 * (P >> m)  # noqa: E731
     runs = []
     for j in range(NL):
         b = ((NT - 1) >> (j + 1)) << (j + 1)
         if NT - b == 2 << j:
-            runs.append(tots[:, :, off(j + 1) + (b >> (j + 1))].float())
+            runs.append(tots[:, :, at(off(j + 1) + (b >> (j + 1)))].float())
             continue
         acc = None
         for m in range(j, -1, -1):
             if (NT >> m) & 1:
-                i = off(m) + (NT >> m) - 1
-                acc = tots[:, :, i].float() if acc is None else phis[:, :, i].float() @ acc + tots[:, :, i].float()
+                i = at(off(m) + (NT >> m) - 1)
+                tot = tots[:, :, i].float()
+                acc = tot if acc is None else (torch.exp(ge[:, :, i, None, None]) * acc
+                                               - nm[:, :, i].float() @ acc + tot)
         runs.append(acc)
     return torch.stack(runs, dim=2)
 
 
 def tree_forward(o, qt, k, w, u, gam, lw, scale: float, want_final: bool):
     """``levels_forward`` by the tree: o [B, T, H, V] fp32 += the levels above the chunk; returns the final run
-    states (or None). The tree in q's dtype (torch batched matmuls), the readout in Triton (``tree_readout``)."""
-    from .tree_readout import readout_forward
+    states (or None). All in Triton (``triton_tree``), the tree in q's dtype."""
+    from .triton_tree import build_tree, readout_forward
     NL = lw.shape[-1]
     top = NL if want_final else NL - 1
-    phis, tots = tree_states(k, w, u, gam, NL, top, qt.dtype)
+    nm, tots, ge = build_tree(k, w, u, gam, NL, top, qt.dtype)
     lam = (lw @ _suffix_matrix(NL, lw.device)).mul_(scale).contiguous()
-    readout_forward(o, qt, lam, phis, tots, 1 << NL, store_q=False)
-    return _final_runs(phis, tots, qt.shape[1], NL) if want_final else None
+    readout_forward(o, qt, lam, nm, tots, ge, 1 << NL, store_q=False)
+    return _final_runs(nm, tots, ge, qt.shape[1], NL) if want_final else None
 
 
 def tree_backward(qt, k, w, u, gam, lw, scale: float, do, dst):
-    """``levels_backward`` by the tree: (dqt, dk, dw or None, du, dgam, dlw) fp32. The tree again under
-    autograd, the readout's backward in Triton (the per-node sums included), then autograd through the tree
-    and the chunk maps."""
-    from .tree_readout import readout_backward, readout_forward
+    """``levels_backward`` by the tree: (dqt, dk, dw or None, du, dgam, dlw) fp32. The tree and the queries each
+    bucket reads again, then the readout's backward, the per-node sums, down the tree and into the chunks
+    (``triton_tree``); the final states' share (few nodes) by torch autograd."""
+    from .triton_tree import build_tree, readout_forward, tree_backward_pass, tree_gradients
     NL = lw.shape[-1]
-    T = qt.shape[1]
+    P = 1 << NL
     top = NL if dst is not None else NL - 1
-    leaves = [x.detach().requires_grad_() for x in (k, u, gam)]
-    wt = None if w is None else w.detach().requires_grad_()
-    with torch.enable_grad():
-        phis, tots = tree_states(leaves[0], wt, leaves[1], leaves[2], NL, top, qt.dtype)
+    nm, tots, ge = build_tree(k, w, u, gam, NL, top, qt.dtype)
     U = _suffix_matrix(NL, lw.device)
     lam = (lw @ U).mul_(scale).contiguous()
-    qcs = readout_forward(None, qt, lam, phis.detach(), tots.detach(), 1 << NL, store_q=True)
-    dqt, dlam, dtots, dphis = readout_backward(qcs, lam, phis.detach(), tots.detach(), do.contiguous(), 1 << NL)
+    qcs = readout_forward(None, qt, lam, nm, tots, ge, P, store_q=True)
+    dfinal = None if dst is None else _final_runs_grad(nm, tots, ge, qt.shape[1], NL, dst)
+    dqt, dlam, dnm, dtots, dge = tree_gradients(qcs, lam, nm, tots, ge, do.contiguous(), P, dfinal)
     del qcs
-    outs, grads_out = [tots, phis], [dtots.to(tots.dtype), dphis.to(phis.dtype)]
-    with torch.enable_grad():
-        if dst is not None:
-            outs.append(_final_runs(phis, tots, T, NL))
-            grads_out.append(dst.float())
-        every = leaves + ([] if wt is None else [wt])
-        grads = torch.autograd.grad(outs, every, grads_out, allow_unused=True)
-    dk, du, dgam = (torch.zeros_like(x, dtype=torch.float32) if g is None else g.float().contiguous()
-                    for g, x in zip(grads[:3], leaves))
-    dw = None if wt is None else grads[3].float().contiguous()
+    dk, dw, du, dgam = tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P, top)
     dlw = (dlam @ U.t()).mul_(scale)
     return dqt, dk, dw, du, dgam, dlw
+
+
+def _final_runs_grad(nm, tots, ge, T: int, NL: int, dst):
+    """(nodes, dnm, dtots, dge) of the final run states against dst, for the few nodes they read (autograd
+    through ``_final_runs`` on copies of those nodes)."""
+    nodes = _final_nodes(T, NL)
+    idx = torch.tensor(nodes, device=tots.device)
+    nphi = nm.shape[2]
+    phi_nodes = idx.clamp(max=nphi - 1)   # the top node has no N (never carried across): a stand-in, unread
+    leaves = [nm.index_select(2, phi_nodes).detach().requires_grad_(), tots.index_select(2, idx).detach()
+              .requires_grad_(), ge.index_select(2, phi_nodes).detach().requires_grad_()]
+    with torch.enable_grad():
+        runs = _final_runs(*leaves, T, NL, slot={n: i for i, n in enumerate(nodes)})
+        grads = torch.autograd.grad(runs, leaves, dst.float(), allow_unused=True)
+    grads = [torch.zeros_like(x, dtype=torch.float32) if g is None else g.float() for g, x in zip(grads, leaves)]
+    return idx, phi_nodes, grads

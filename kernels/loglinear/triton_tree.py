@@ -1,0 +1,434 @@
+"""Triton kernels of the transition tree (``transition_tree``): the levels above the chunk without level scans.
+
+The chunk maps S -> M_n S + B_n are kept as M = e I - N: the decay e = exp(ge) as a log (fp32 scalar per node)
+and the delta rule's part N in q's dtype, so the identity never passes through a bf16 rounding (for slow
+decays M is close to e I and its information is all in N). A tree over aligned blocks of 2^m chunks, nodes of
+level m numbered from off_m = 2P - 2(P >> m) (P = 2^NL chunks, the sequence padded), combines halves a, b:
+
+    ge_p = ge_a + ge_b,   N_p = e_b N_a + e_a N_b - N_b N_a,   Tot_p = e_b Tot_a - N_b Tot_a + Tot_b
+
+(``tree_maps_fwd_kernel``: level 0 from the chunk's k, W, Ut, gam; ``tree_level_fwd_kernel``: one launch per
+level). Chunk n reads its levels from the buckets of its index: for every bit m of n that is set, ascending,
+node i = off_m + (n >> m) - 1,
+
+    o_n += diag(lam_m) (q Tot_i),     q <- e_i q - q N_i      (q starts as qt_n)
+
+(``tree_readout_fwd_kernel``, per chunk). The backward: per chunk, buckets descending
+(``tree_readout_bwd_kernel``: dlam, dqt, and the gradient of the query leaving each bucket), per bucket node
+the sums over the chunks that read it (``tree_node_grad_kernel``: dTot, dN, dge), down the tree level by
+level (``tree_level_bwd_kernel``) and into k, W, Ut, gam (``tree_maps_bwd_kernel``). Every program owns what
+it writes: no atomics. Gradients fp32.
+
+Layouts: tokens [B, T, H, D]; gam [B, T, H]; lam, dlam [B, T, H, NL] fp32 (bucket weights, scale included);
+tree [B, H, nodes, K, K|V], ge [B, H, nodes]; qcs / dqcs [NL, B, T, H, K] (chunk n's rows at level m written
+only where bit m of n is set).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..triton.common import CHUNK, flags_given, pow2
+
+WARPS = 8
+
+
+def level_offset(P: int, m: int) -> int:
+    """The first node of tree level m (levels side by side: P nodes of level 0, P / 2 of level 1, ...)."""
+    return 2 * P - 2 * (P >> m)
+
+
+@triton.jit
+def _node(n, m, P):
+    """The tree node of chunk n's bucket at level m (bit m of n set)."""
+    return 2 * P - 2 * (P >> m) + (n >> m) - 1
+
+
+@flags_given(HAS_W="w_ptr")
+@triton.jit
+def tree_maps_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, T, H, NN, NPHI, K: tl.constexpr,
+                         V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr):
+    """Program (chunk n < P, batch x head): level 0 of the tree, N = kd^T W, Tot = kd^T Ut, ge = gl with
+    kd = diag(exp(gl - gam)) K (padded chunks: N = Tot = 0, gl that of the last token)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    base = b * T * H + h
+    rt = n * C + tl.arange(0, C)
+    mt = rt < T
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    rv = tl.arange(0, BV)
+    mv = rv < V
+    gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
+    gl = tl.load(gam_ptr + base + tl.minimum(n * C + C - 1, T - 1) * H)
+    d = tl.where(mt, tl.exp(gl - gam), 0.0)
+    kc = tl.load(k_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+    kd = (kc.to(tl.float32) * d[:, None]).to(kc.dtype)
+    uc = tl.load(u_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+    tot = tl.dot(tl.trans(kd), uc.to(kc.dtype))
+    tl.store(tot_ptr + ((bh * NN + n) * K + rk[:, None]) * V + rv[None, :], tot.to(tot_ptr.dtype.element_ty),
+             mask=mk[:, None] & mv[None, :])
+    if HAS_W:
+        wc = tl.load(w_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+        nm = tl.dot(tl.trans(kd), wc.to(kc.dtype))
+    else:
+        nm = tl.zeros([BK, BK], dtype=tl.float32)
+    tl.store(nm_ptr + ((bh * NPHI + n) * K + rk[:, None]) * K + rk[None, :], nm.to(nm_ptr.dtype.element_ty),
+             mask=mk[:, None] & mk[None, :])
+    tl.store(ge_ptr + bh * NPHI + n, gl)
+
+
+@triton.jit
+def tree_level_fwd_kernel(nm_ptr, tot_ptr, ge_ptr, NN, NPHI, OFF, OFF1, K: tl.constexpr, V: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr):
+    """Program (node i of level m + 1, batch x head): combine nodes a = OFF + 2i, b = a + 1 of level m into
+    p = OFF1 + i (N and ge only where p < NPHI: levels some query is carried across)."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    a = OFF + 2 * i
+    bn = a + 1
+    p = OFF1 + i
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    rv = tl.arange(0, BV)
+    mkv = mk[:, None] & (rv < V)[None, :]
+    mkk = mk[:, None] & mk[None, :]
+    ge_a = tl.load(ge_ptr + bh * NPHI + a)
+    ge_b = tl.load(ge_ptr + bh * NPHI + bn)
+    nb = tl.load(nm_ptr + ((bh * NPHI + bn) * K + rk[:, None]) * K + rk[None, :], mask=mkk, other=0.0)
+    ta = tl.load(tot_ptr + ((bh * NN + a) * K + rk[:, None]) * V + rv[None, :], mask=mkv, other=0.0)
+    tb = tl.load(tot_ptr + ((bh * NN + bn) * K + rk[:, None]) * V + rv[None, :], mask=mkv, other=0.0)
+    tp = tl.exp(ge_b) * ta.to(tl.float32) + tb.to(tl.float32) - tl.dot(nb, ta.to(nb.dtype)).to(tl.float32)
+    tl.store(tot_ptr + ((bh * NN + p) * K + rk[:, None]) * V + rv[None, :], tp.to(tot_ptr.dtype.element_ty), mask=mkv)
+    if p < NPHI:
+        na = tl.load(nm_ptr + ((bh * NPHI + a) * K + rk[:, None]) * K + rk[None, :], mask=mkk, other=0.0)
+        np_ = (tl.exp(ge_b) * na.to(tl.float32) + tl.exp(ge_a) * nb.to(tl.float32)
+               - tl.dot(nb, na).to(tl.float32))
+        tl.store(nm_ptr + ((bh * NPHI + p) * K + rk[:, None]) * K + rk[None, :], np_.to(nm_ptr.dtype.element_ty),
+                 mask=mkk)
+        tl.store(ge_ptr + bh * NPHI + p, ge_a + ge_b)
+
+
+@flags_given(WRITE_O="o_ptr", STORE_Q="qcs_ptr")
+@triton.jit
+def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, qcs_ptr, B, T, H, NL, P, NN, NPHI,
+                            K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                            C: tl.constexpr, WRITE_O: tl.constexpr, STORE_Q: tl.constexpr):
+    """Program (chunk n, batch x head): o[rows of n] += its buckets' readouts (fp32, rows of this program
+    alone), and with qcs the query each bucket reads (in qcs's dtype)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    base = b * T * H + h
+    rt = n * C + tl.arange(0, C)
+    mt = rt < T
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    rv = tl.arange(0, BV)
+    mv = rv < V
+    mtk = mt[:, None] & mk[None, :]
+    q = tl.load(qt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0).to(tl.float32)
+    o = tl.zeros([C, BV], dtype=tl.float32)
+    for m in range(0, NL):
+        if ((n >> m) & 1) == 1:
+            node = _node(n, m, P)
+            tot = tl.load(tot_ptr + ((bh * NN + node) * K + rk[:, None]) * V + rv[None, :],
+                          mask=mk[:, None] & mv[None, :], other=0.0)
+            lam = tl.load(lam_ptr + (base + rt * H) * NL + m, mask=mt, other=0.0)
+            if STORE_Q:
+                tl.store(qcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :],
+                         q.to(qcs_ptr.dtype.element_ty), mask=mtk)
+            o += lam[:, None] * tl.dot(q.to(tot.dtype), tot).to(tl.float32)
+            if (n >> (m + 1)) > 0:  # a bucket above reads the query carried across this one
+                nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
+                             mask=mk[:, None] & mk[None, :], other=0.0)
+                q = tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * q - tl.dot(q.to(nm.dtype), nm).to(tl.float32)
+    if WRITE_O:
+        optr = o_ptr + (base + rt[:, None] * H) * V + rv[None, :]
+        mtv = mt[:, None] & mv[None, :]
+        tl.store(optr, tl.load(optr, mask=mtv, other=0.0) + o, mask=mtv)
+
+
+@triton.jit
+def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, dqt_ptr, dlam_ptr, dqcs_ptr, B, T, H,
+                            NL, P, NN, NPHI, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                            C: tl.constexpr):
+    """Program (chunk n, batch x head): the readout's backward, buckets descending: dlam (every level of
+    this chunk's rows: 0 where the bit is clear), dqt (fp32), and dqcs (the gradient of the query leaving
+    each bucket that a bucket above read, in dqcs's dtype) for ``tree_node_grad_kernel``."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    base = b * T * H + h
+    rt = n * C + tl.arange(0, C)
+    mt = rt < T
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    rv = tl.arange(0, BV)
+    mv = rv < V
+    mtk = mt[:, None] & mk[None, :]
+    do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :],
+                 other=0.0).to(tl.float32)
+    dq = tl.zeros([C, BK], dtype=tl.float32)
+    for i in range(0, NL):
+        m = NL - 1 - i
+        part = tl.zeros([C], dtype=tl.float32)
+        if ((n >> m) & 1) == 1:
+            node = _node(n, m, P)
+            tot = tl.load(tot_ptr + ((bh * NN + node) * K + rk[:, None]) * V + rv[None, :],
+                          mask=mk[:, None] & mv[None, :], other=0.0)
+            lam = tl.load(lam_ptr + (base + rt * H) * NL + m, mask=mt, other=0.0)
+            q = tl.load(qcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :], mask=mtk,
+                        other=0.0)
+            part = tl.sum(do * tl.dot(q.to(tot.dtype), tot).to(tl.float32), axis=1)
+            if (n >> (m + 1)) > 0:
+                tl.store(dqcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :],
+                         dq.to(dqcs_ptr.dtype.element_ty), mask=mtk)
+                nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
+                             mask=mk[:, None] & mk[None, :], other=0.0)
+                dq = tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * dq - tl.dot(dq.to(nm.dtype),
+                                                                                tl.trans(nm)).to(tl.float32)
+            dq += tl.dot((do * lam[:, None]).to(tot.dtype), tl.trans(tot)).to(tl.float32)
+        tl.store(dlam_ptr + (base + rt * H) * NL + m, part, mask=mt)
+    tl.store(dqt_ptr + (base + rt[:, None] * H) * K + rk[None, :], dq, mask=mtk)
+
+
+@triton.jit
+def tree_node_grad_kernel(work_ptr, qcs_ptr, lam_ptr, do_ptr, dqcs_ptr, ge_ptr, dtot_ptr, dnm_ptr, dge_ptr, B, T, H,
+                          NL, P, NN, NPHI, NT, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                          BV: tl.constexpr, C: tl.constexpr):
+    """Program (bucket node, batch x head, which): the node's gradients summed over the chunks that read it:
+    which = 0: dTot = sum q^T diag(lam) dO (fp32 [K, V]); 1 (nodes a query is carried across): dN = -sum q^T dq'
+    and dge = e sum <q, dq'> (dq': the gradient of the query leaving the bucket). Work items (m, j), longest
+    first: node j of level m (j even: only those are buckets) serves chunks (j+1) 2^m .. (j+2) 2^m - 1."""
+    item = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    which = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    base = b * T * H + h
+    m = tl.load(work_ptr + 2 * item)
+    j = tl.load(work_ptr + 2 * item + 1)
+    node = 2 * P - 2 * (P >> m) + j
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    rv = tl.arange(0, BV)
+    mv = rv < V
+    n0 = (j + 1) << m
+    n1 = tl.minimum(n0 + (1 << m), NT)
+    if which == 0:
+        acc = tl.zeros([BK, BV], dtype=tl.float32)
+        for n in range(n0, n1):
+            rt = n * C + tl.arange(0, C)
+            mt = rt < T
+            q = tl.load(qcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :],
+                        mask=mt[:, None] & mk[None, :], other=0.0)
+            lam = tl.load(lam_ptr + (base + rt * H) * NL + m, mask=mt, other=0.0)
+            do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :],
+                         other=0.0).to(tl.float32)
+            acc += tl.dot(tl.trans(q), (do * lam[:, None]).to(q.dtype)).to(tl.float32)
+        tl.store(dtot_ptr + ((bh * NN + node) * K + rk[:, None]) * V + rv[None, :], acc,
+                 mask=mk[:, None] & mv[None, :])
+    elif (j > 0) & (node < NPHI):  # (j = 0: the first block, read by chunks with no bucket above)
+        acc = tl.zeros([BK, BK], dtype=tl.float32)
+        tr = tl.zeros([BK], dtype=tl.float32)
+        for n in range(n0, n1):
+            rt = n * C + tl.arange(0, C)
+            mtk = (rt < T)[:, None] & mk[None, :]
+            q = tl.load(qcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :], mask=mtk,
+                        other=0.0)
+            dq = tl.load(dqcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :], mask=mtk,
+                         other=0.0)
+            acc -= tl.dot(tl.trans(q), dq.to(q.dtype)).to(tl.float32)
+            tr += tl.sum(q.to(tl.float32) * dq.to(tl.float32), axis=0)
+        tl.store(dnm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :], acc,
+                 mask=mk[:, None] & mk[None, :])
+        tl.store(dge_ptr + bh * NPHI + node, tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * tl.sum(tr, axis=0))
+
+
+@triton.jit
+def tree_level_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, NN, NPHI, OFF, OFF1,
+                          K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Program (node i of level m + 1, batch x head, which): the gradients of node p = OFF1 + i passed to its
+    halves a, b (added to what they hold: each node has one parent). which = 0: dTot_a += e_b dTot_p -
+    N_b^T dTot_p, dTot_b += dTot_p; 1: dN_b += e_a dN_p - dTot_p Tot_a^T - dN_p N_a^T, dN_a += e_b dN_p -
+    N_b^T dN_p, dge_a += dge_p + e_a <dN_p, N_b>, dge_b += dge_p + e_b (<dTot_p, Tot_a> + <dN_p, N_a>)."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    which = tl.program_id(2)
+    a = OFF + 2 * i
+    bn = a + 1
+    p = OFF1 + i
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    rv = tl.arange(0, BV)
+    mkv = mk[:, None] & (rv < V)[None, :]
+    mkk = mk[:, None] & mk[None, :]
+    e_a = tl.exp(tl.load(ge_ptr + bh * NPHI + a))
+    e_b = tl.exp(tl.load(ge_ptr + bh * NPHI + bn))
+    tv = ((bh * NN) * K + rk[:, None]) * V + rv[None, :]     # + node * K * V
+    tk = ((bh * NPHI) * K + rk[:, None]) * K + rk[None, :]   # + node * K * K
+    dtp = tl.load(dtot_ptr + tv + p * K * V, mask=mkv, other=0.0)
+    nb = tl.load(nm_ptr + tk + bn * K * K, mask=mkk, other=0.0)
+    if which == 0:
+        dta = tl.load(dtot_ptr + tv + a * K * V, mask=mkv, other=0.0)
+        dta += e_b * dtp - tl.dot(tl.trans(nb), dtp.to(nb.dtype)).to(tl.float32)
+        tl.store(dtot_ptr + tv + a * K * V, dta, mask=mkv)
+        dtb = tl.load(dtot_ptr + tv + bn * K * V, mask=mkv, other=0.0)
+        tl.store(dtot_ptr + tv + bn * K * V, dtb + dtp, mask=mkv)
+    else:
+        ta = tl.load(tot_ptr + tv + a * K * V, mask=mkv, other=0.0)
+        dnb = tl.load(dnm_ptr + tk + bn * K * K, mask=mkk, other=0.0)
+        dnb -= tl.dot(dtp.to(ta.dtype), tl.trans(ta)).to(tl.float32)
+        de_b = tl.sum(tl.sum(dtp * ta.to(tl.float32), axis=1), axis=0)
+        de_a = 0.0
+        dge_p = 0.0
+        if p < NPHI:
+            dnp = tl.load(dnm_ptr + tk + p * K * K, mask=mkk, other=0.0)
+            dge_p = tl.load(dge_ptr + bh * NPHI + p)
+            na = tl.load(nm_ptr + tk + a * K * K, mask=mkk, other=0.0)
+            dnb += e_a * dnp - tl.dot(dnp.to(na.dtype), tl.trans(na)).to(tl.float32)
+            dna = tl.load(dnm_ptr + tk + a * K * K, mask=mkk, other=0.0)
+            dna += e_b * dnp - tl.dot(tl.trans(nb), dnp.to(nb.dtype)).to(tl.float32)
+            tl.store(dnm_ptr + tk + a * K * K, dna, mask=mkk)
+            de_b += tl.sum(tl.sum(dnp * na.to(tl.float32), axis=1), axis=0)
+            de_a = tl.sum(tl.sum(dnp * nb.to(tl.float32), axis=1), axis=0)
+        tl.store(dnm_ptr + tk + bn * K * K, dnb, mask=mkk)
+        tl.store(dge_ptr + bh * NPHI + a, tl.load(dge_ptr + bh * NPHI + a) + dge_p + e_a * de_a)
+        tl.store(dge_ptr + bh * NPHI + bn, tl.load(dge_ptr + bh * NPHI + bn) + dge_p + e_b * de_b)
+
+
+@flags_given(HAS_W="w_ptr")
+@triton.jit
+def tree_maps_bwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, dnm_ptr, dtot_ptr, dge_ptr, dk_ptr, dw_ptr, du_ptr, dgam_ptr,
+                         T, H, NN, NPHI, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         C: tl.constexpr, HAS_W: tl.constexpr):
+    """Program (chunk n, batch x head): the gradients of level 0 (dN, dTot, dge of node n) into the chunk's
+    k, W, Ut and gam rows (fp32 stores: the rows are this program's): N = kd^T W, Tot = kd^T Ut, ge = gl,
+    kd = diag(d) K with d = exp(gl - gam)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    base = b * T * H + h
+    rt = n * C + tl.arange(0, C)
+    mt = rt < T
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    rv = tl.arange(0, BV)
+    mv = rv < V
+    mtk = mt[:, None] & mk[None, :]
+    mtv = mt[:, None] & mv[None, :]
+    last = tl.minimum(n * C + C - 1, T - 1)
+    gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
+    gl = tl.load(gam_ptr + base + last * H)
+    d = tl.where(mt, tl.exp(gl - gam), 0.0)
+    kc = tl.load(k_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+    kd = (kc.to(tl.float32) * d[:, None]).to(kc.dtype)
+    uc = tl.load(u_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtv, other=0.0).to(kc.dtype)
+    dtot = tl.load(dtot_ptr + ((bh * NN + n) * K + rk[:, None]) * V + rv[None, :], mask=mk[:, None] & mv[None, :],
+                   other=0.0).to(kc.dtype)
+    dkd = tl.dot(uc, tl.trans(dtot)).to(tl.float32)
+    tl.store(du_ptr + (base + rt[:, None] * H) * V + rv[None, :], tl.dot(kd, dtot).to(tl.float32), mask=mtv)
+    if HAS_W:
+        dnm = tl.load(dnm_ptr + ((bh * NPHI + n) * K + rk[:, None]) * K + rk[None, :], mask=mk[:, None] & mk[None, :],
+                      other=0.0).to(kc.dtype)
+        wc = tl.load(w_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0).to(kc.dtype)
+        dkd += tl.dot(wc, tl.trans(dnm)).to(tl.float32)
+        tl.store(dw_ptr + (base + rt[:, None] * H) * K + rk[None, :], tl.dot(kd, dnm).to(tl.float32), mask=mtk)
+    tl.store(dk_ptr + (base + rt[:, None] * H) * K + rk[None, :], dkd * d[:, None], mask=mtk)
+    dd = tl.sum(dkd * kc.to(tl.float32), axis=1) * d     # the gradient of (gl - gam) per row
+    dgl = tl.sum(dd, axis=0) + tl.load(dge_ptr + bh * NPHI + n)
+    tl.store(dgam_ptr + base + rt * H, tl.where(rt == last, dgl, 0.0) - dd, mask=mt)
+
+
+def _launch(K: int, V: int) -> dict:
+    return dict(K=K, V=V, BK=pow2(K), BV=pow2(V), num_warps=WARPS)
+
+
+def build_tree(k, w, u, gam, NL: int, top: int, dtype):
+    """(nm [B, H, NPHI, K, K], tots [B, H, NN, K, V] in ``dtype``, ge [B, H, NPHI] fp32): Tot of levels
+    0 .. top, N and ge of levels 0 .. top - 1 (at least level 0)."""
+    B, T, H, K = k.shape
+    V = u.shape[-1]
+    P = 1 << NL
+    NN, NPHI = level_offset(P, top + 1), max(level_offset(P, top), P)
+    dev = k.device
+    nm = torch.empty(B, H, NPHI, K, K, device=dev, dtype=dtype)
+    tots = torch.empty(B, H, NN, K, V, device=dev, dtype=dtype)
+    ge = torch.empty(B, H, NPHI, device=dev, dtype=torch.float32)
+    launch = _launch(K, V)
+    tree_maps_fwd_kernel[(P, B * H)](k, w, u, gam, nm, tots, ge, T, H, NN, NPHI, C=CHUNK, **launch)
+    for m in range(top):
+        tree_level_fwd_kernel[(P >> (m + 1), B * H)](nm, tots, ge, NN, NPHI, level_offset(P, m),
+                                                     level_offset(P, m + 1), **launch)
+    return nm, tots, ge
+
+
+def readout_forward(o, qt, lam, nm, tots, ge, P: int, store_q: bool):
+    """o [B, T, H, V] fp32 += the buckets' readouts (o None: nothing written); returns qcs (or None): the query
+    each bucket read."""
+    B, T, H, K = qt.shape
+    NL = lam.shape[-1]
+    qcs = torch.empty(NL, B, T, H, K, device=qt.device, dtype=tots.dtype) if store_q else None
+    tree_readout_fwd_kernel[(triton.cdiv(T, CHUNK), B * H)](
+        qt, lam, nm, tots, ge, o, qcs, B, T, H, NL, P, tots.shape[2], nm.shape[2], C=CHUNK,
+        **_launch(K, tots.shape[-1]))
+    return qcs
+
+
+def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None):
+    """The readout's backward and the per-node sums: (dqt [B, T, H, K] fp32, dlam [B, T, H, NL] fp32, and the
+    tree's gradients dnm, dtots, dge fp32), before they go down the tree. ``dfinal``: the final states' share
+    on the nodes they read (``transition_tree._final_runs_grad``), added."""
+    NL, B, T, H, K = qcs.shape
+    V, NN, NPHI = tots.shape[-1], tots.shape[2], nm.shape[2]
+    NT = triton.cdiv(T, CHUNK)
+    dev = qcs.device
+    dqt = torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
+    dlam = torch.empty(B, T, H, NL, device=dev, dtype=torch.float32)
+    dqcs = torch.empty_like(qcs)
+    launch = dict(C=CHUNK, **_launch(K, V))
+    tree_readout_bwd_kernel[(NT, B * H)](qcs, lam, nm, tots, ge, do, dqt, dlam, dqcs, B, T, H, NL, P, NN, NPHI,
+                                         **launch)
+    dnm = torch.zeros(nm.shape, device=dev, dtype=torch.float32)
+    dtots = torch.zeros(tots.shape, device=dev, dtype=torch.float32)
+    dge = torch.zeros(ge.shape, device=dev, dtype=torch.float32)
+    # the buckets that real chunks read, the longest sums first
+    items = [(m, j) for m in range(NL - 1, -1, -1) for j in range(0, P >> m, 2) if ((j + 1) << m) < NT]
+    if items:
+        work = torch.tensor(items, dtype=torch.int32, device=dev)
+        tree_node_grad_kernel[(len(items), B * H, 2)](work, qcs, lam, do, dqcs, ge, dtots, dnm, dge, B, T, H, NL, P,
+                                                      NN, NPHI, NT, **launch)
+    if dfinal is not None:   # (nodes, their N / ge slots, gradients of those nodes' N, Tot, ge)
+        idx, phi_idx, (g_nm, g_tot, g_ge) = dfinal
+        dtots.index_add_(2, idx, g_tot)
+        keep = idx < NPHI    # the stand-in slot of a node without N gets no gradient
+        dnm.index_add_(2, phi_idx[keep], g_nm[:, :, keep])
+        dge.index_add_(2, phi_idx[keep], g_ge[:, :, keep])
+    return dqt, dlam, dnm, dtots, dge
+
+
+def tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P: int, top: int):
+    """Down the tree (level top - 1 to 0) and into the chunks: (dk, dw or None, du, dgam) fp32."""
+    B, T, H, K = k.shape
+    V = u.shape[-1]
+    NN, NPHI = tots.shape[2], nm.shape[2]
+    launch = _launch(K, V)
+    for m in range(top - 1, -1, -1):
+        tree_level_bwd_kernel[(P >> (m + 1), B * H, 2)](nm, tots, ge, dnm, dtots, dge, NN, NPHI, level_offset(P, m),
+                                                        level_offset(P, m + 1), **launch)
+    dev = k.device
+    dk = torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
+    dw = None if w is None else torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
+    du = torch.empty(B, T, H, V, device=dev, dtype=torch.float32)
+    dgam = torch.empty(B, T, H, device=dev, dtype=torch.float32)
+    tree_maps_bwd_kernel[(triton.cdiv(T, CHUNK), B * H)](k, w, u, gam, dnm, dtots, dge, dk, dw, du, dgam, T, H, NN,
+                                                         NPHI, C=CHUNK, **launch)
+    return dk, dw, du, dgam
+
