@@ -329,8 +329,8 @@ def test_block_totals_match_the_level_scans(monkeypatch, kind):
     """TREE=1: calls from position 0 take their levels above the chunk from trees of block totals (Mamba-2:
     scalar_tree; Gated DeltaNet: transition_tree's tree of chunk maps with the Triton readout, forward and
     backward, checked to run); the level scans (TREE=0) give the same outputs, final states and gradients,
-    also without final states (the tree one level lower). T=300: 5 chunks padded to 8, a ragged last chunk,
-    3 levels above the chunk."""
+    also without final states (the tree one level lower) and with KEEP_H (the forward's tree kept for the
+    backward). T=300: 5 chunks padded to 8, a ragged last chunk, 3 levels above the chunk."""
     from lctrain.kernels.loglinear import fused, transition_tree, triton_levels
     T, K, V = 300, 16, 16
     L = levels_needed(T)
@@ -363,6 +363,16 @@ def test_block_totals_match_the_level_scans(monkeypatch, kind):
     assert rel(tree_o[0], scans_o[0]) < 1e-5
     for got, ref in zip(tree_o[1], scans_o[1]):
         assert rel(got, ref) < 1e-5
+    if kind == "gdn":   # KEEP_H: the backward takes the forward's tree and queries instead of forming them again
+        from lctrain.kernels.loglinear import triton_tree
+        builds = []
+        monkeypatch.setattr(triton_tree, "build_tree", lambda *a, f=triton_tree.build_tree: builds.append(1) or f(*a))
+        monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "TREE": 1, "KEEP_H": 1})
+        kept = outputs_and_grads(kind, x, "triton", 0, do, dS, chunk_size=64)
+        assert len(builds) == 1
+        assert rel(kept[0], scans[0]) < 1e-5 and rel(kept[1], scans[1]) < 1e-5
+        for name in scans[2]:
+            assert rel(kept[2][name], scans[2][name]) < 1e-5, name
 
 
 @needs_triton
@@ -388,7 +398,7 @@ def test_transition_tree_readout_kernels_match_autograd(T, final):
     lw = torch.rand(B, T, H, NL, generator=gen)
     do, dst = r(B, T, H, V), (r(B, H, NL, K, V) if final else None)
     o = torch.zeros(B, T, H, V)
-    st = tree_forward(o, qt, k, w, u, gam, lw, 0.5, final)
+    st, _ = tree_forward(o, qt, k, w, u, gam, lw, 0.5, final)
     ref_o, ref_st = transition_tree_levels(qt, k, w, u, gam, lw, 0.5, final)
     assert rel(o, ref_o) < 1e-5
     if final:

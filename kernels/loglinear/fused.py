@@ -51,8 +51,10 @@ class _FusedLogLinear(torch.autograd.Function):
         o, qt = intra_forward(q, k, v, w, tm, beta, gam, lam, hi, scale)
         st = ck = seg = hs = None
         if lw.shape[-1] and tree:  # from position 0: the transition tree instead of the level scans
+            # KEEP_H: the tree and the queries each bucket read stay for the backward (else it forms them again)
             with torch.no_grad():
-                st = tree_forward(o, qt, k, w, v if ut is None else ut, gam, lw, scale, want_final)
+                st, ctx.tree_kept = tree_forward(o, qt, k, w, v if ut is None else ut, gam, lw, scale, want_final,
+                                                 keep=train and bool(triton_levels.CONFIG["KEEP_H"]))
         elif lw.shape[-1]:
             u = v if ut is None else ut
             # a backward that has to cut the sequence into segments (very long T) starts each from run states
@@ -75,7 +77,9 @@ class _FusedLogLinear(torch.autograd.Function):
         do = torch.zeros(*v.shape, device=v.device, dtype=torch.float32) if do is None else do.contiguous()
         f32 = dict(device=q.device, dtype=torch.float32)
         if lw.shape[-1] and ctx.tree:
-            dqt, dk, dw, du, dgam, dlw = tree_backward(qt, k, w, v if ut is None else ut, gam, lw, scale, do, dst)
+            dqt, dk, dw, du, dgam, dlw = tree_backward(qt, k, w, v if ut is None else ut, gam, lw, scale, do, dst,
+                                                       ctx.tree_kept)
+            ctx.tree_kept = None
             ds0 = None
         elif lw.shape[-1]:
             dst = None if dst is None else dst.contiguous().float()

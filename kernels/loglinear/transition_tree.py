@@ -198,30 +198,35 @@ def _final_runs(nm, tots, ge, T: int, NL: int, slot=None):
     return torch.stack(runs, dim=2)
 
 
-def tree_forward(o, qt, k, w, u, gam, lw, scale: float, want_final: bool):
-    """``levels_forward`` by the tree: o [B, T, H, V] fp32 += the levels above the chunk; returns the final run
-    states (or None). All in Triton (``triton_tree``), the tree in q's dtype."""
+def tree_forward(o, qt, k, w, u, gam, lw, scale: float, want_final: bool, keep: bool = False):
+    """``levels_forward`` by the tree: o [B, T, H, V] fp32 += the levels above the chunk. Returns (the final run
+    states or None, and with ``keep`` what the backward would compute again: the tree and the queries each
+    bucket read, else None). All in Triton (``triton_tree``), the tree in q's dtype."""
     from .triton_tree import build_tree, readout_forward
     NL = lw.shape[-1]
     top = NL if want_final else NL - 1
     nm, tots, ge = build_tree(k, w, u, gam, NL, top, qt.dtype)
     lam = (lw @ _suffix_matrix(NL, lw.device)).mul_(scale).contiguous()
-    readout_forward(o, qt, lam, nm, tots, ge, 1 << NL, store_q=False)
-    return _final_runs(nm, tots, ge, qt.shape[1], NL) if want_final else None
+    qcs = readout_forward(o, qt, lam, nm, tots, ge, 1 << NL, store_q=keep)
+    final = _final_runs(nm, tots, ge, qt.shape[1], NL) if want_final else None
+    return final, ((nm, tots, ge, qcs, top) if keep else None)
 
 
-def tree_backward(qt, k, w, u, gam, lw, scale: float, do, dst):
+def tree_backward(qt, k, w, u, gam, lw, scale: float, do, dst, kept=None):
     """``levels_backward`` by the tree: (dqt, dk, dw or None, du, dgam, dlw) fp32. The tree and the queries each
-    bucket reads again, then the readout's backward, the per-node sums, down the tree and into the chunks
-    (``triton_tree``); the final states' share (few nodes) by torch autograd."""
+    bucket reads again (unless ``kept`` from the forward), then the readout's backward, the per-node sums, down
+    the tree and into the chunks (``triton_tree``); the final states' share (few nodes) by torch autograd."""
     from .triton_tree import build_tree, readout_forward, tree_backward_pass, tree_gradients
     NL = lw.shape[-1]
     P = 1 << NL
-    top = NL if dst is not None else NL - 1
-    nm, tots, ge = build_tree(k, w, u, gam, NL, top, qt.dtype)
     U = _suffix_matrix(NL, lw.device)
     lam = (lw @ U).mul_(scale).contiguous()
-    qcs = readout_forward(None, qt, lam, nm, tots, ge, P, store_q=True)
+    if kept is None:
+        top = NL if dst is not None else NL - 1
+        nm, tots, ge = build_tree(k, w, u, gam, NL, top, qt.dtype)
+        qcs = readout_forward(None, qt, lam, nm, tots, ge, P, store_q=True)
+    else:
+        nm, tots, ge, qcs, top = kept
     dfinal = None if dst is None else _final_runs_grad(nm, tots, ge, qt.shape[1], NL, dst)
     dqt, dlam, dnm, dtots, dge = tree_gradients(qcs, lam, nm, tots, ge, do.contiguous(), P, dfinal)
     del qcs

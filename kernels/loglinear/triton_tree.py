@@ -101,12 +101,11 @@ def tree_level_fwd_kernel(nm_ptr, tot_ptr, ge_ptr, NN, NPHI, OFF, OFF1, K: tl.co
     nb = tl.load(nm_ptr + ((bh * NPHI + bn) * K + rk[:, None]) * K + rk[None, :], mask=mkk, other=0.0)
     ta = tl.load(tot_ptr + ((bh * NN + a) * K + rk[:, None]) * V + rv[None, :], mask=mkv, other=0.0)
     tb = tl.load(tot_ptr + ((bh * NN + bn) * K + rk[:, None]) * V + rv[None, :], mask=mkv, other=0.0)
-    tp = tl.exp(ge_b) * ta.to(tl.float32) + tb.to(tl.float32) - tl.dot(nb, ta.to(nb.dtype)).to(tl.float32)
+    tp = tl.dot(-nb, ta.to(nb.dtype), acc=tl.exp(ge_b) * ta.to(tl.float32) + tb.to(tl.float32))
     tl.store(tot_ptr + ((bh * NN + p) * K + rk[:, None]) * V + rv[None, :], tp.to(tot_ptr.dtype.element_ty), mask=mkv)
     if p < NPHI:
         na = tl.load(nm_ptr + ((bh * NPHI + a) * K + rk[:, None]) * K + rk[None, :], mask=mkk, other=0.0)
-        np_ = (tl.exp(ge_b) * na.to(tl.float32) + tl.exp(ge_a) * nb.to(tl.float32)
-               - tl.dot(nb, na).to(tl.float32))
+        np_ = tl.dot(-nb, na, acc=tl.exp(ge_b) * na.to(tl.float32) + tl.exp(ge_a) * nb.to(tl.float32))
         tl.store(nm_ptr + ((bh * NPHI + p) * K + rk[:, None]) * K + rk[None, :], np_.to(nm_ptr.dtype.element_ty),
                  mask=mkk)
         tl.store(ge_ptr + bh * NPHI + p, ge_a + ge_b)
@@ -146,7 +145,7 @@ def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, qcs
             if (n >> (m + 1)) > 0:  # a bucket above reads the query carried across this one
                 nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
                              mask=mk[:, None] & mk[None, :], other=0.0)
-                q = tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * q - tl.dot(q.to(nm.dtype), nm).to(tl.float32)
+                q = tl.dot(-q.to(nm.dtype), nm, acc=tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * q)
     if WRITE_O:
         optr = o_ptr + (base + rt[:, None] * H) * V + rv[None, :]
         mtv = mt[:, None] & mv[None, :]
@@ -172,8 +171,7 @@ def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, d
     rv = tl.arange(0, BV)
     mv = rv < V
     mtk = mt[:, None] & mk[None, :]
-    do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :],
-                 other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
     dq = tl.zeros([C, BK], dtype=tl.float32)
     for i in range(0, NL):
         m = NL - 1 - i
@@ -185,15 +183,14 @@ def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, d
             lam = tl.load(lam_ptr + (base + rt * H) * NL + m, mask=mt, other=0.0)
             q = tl.load(qcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :], mask=mtk,
                         other=0.0)
-            part = tl.sum(do * tl.dot(q.to(tot.dtype), tot).to(tl.float32), axis=1)
+            part = tl.sum(do.to(tl.float32) * tl.dot(q.to(tot.dtype), tot).to(tl.float32), axis=1)
             if (n >> (m + 1)) > 0:
                 tl.store(dqcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :],
                          dq.to(dqcs_ptr.dtype.element_ty), mask=mtk)
                 nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
                              mask=mk[:, None] & mk[None, :], other=0.0)
-                dq = tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * dq - tl.dot(dq.to(nm.dtype),
-                                                                                tl.trans(nm)).to(tl.float32)
-            dq += tl.dot((do * lam[:, None]).to(tot.dtype), tl.trans(tot)).to(tl.float32)
+                dq = tl.dot(-dq.to(nm.dtype), tl.trans(nm), acc=tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * dq)
+            dq = tl.dot((do.to(tl.float32) * lam[:, None]).to(tot.dtype), tl.trans(tot), acc=dq)
         tl.store(dlam_ptr + (base + rt * H) * NL + m, part, mask=mt)
     tl.store(dqt_ptr + (base + rt[:, None] * H) * K + rk[None, :], dq, mask=mtk)
 
@@ -253,14 +250,15 @@ def tree_node_grad_kernel(work_ptr, qcs_ptr, lam_ptr, do_ptr, dqcs_ptr, ge_ptr, 
 
 @triton.jit
 def tree_level_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, NN, NPHI, OFF, OFF1,
-                          K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Program (node i of level m + 1, batch x head, which): the gradients of node p = OFF1 + i passed to its
-    halves a, b (added to what they hold: each node has one parent). which = 0: dTot_a += e_b dTot_p -
-    N_b^T dTot_p, dTot_b += dTot_p; 1: dN_b += e_a dN_p - dTot_p Tot_a^T - dN_p N_a^T, dN_a += e_b dN_p -
-    N_b^T dN_p, dge_a += dge_p + e_a <dN_p, N_b>, dge_b += dge_p + e_b (<dTot_p, Tot_a> + <dN_p, N_a>)."""
+                          K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, WHICH: tl.constexpr):
+    """Program (node i of level m + 1, batch x head): the gradients of node p = OFF1 + i passed to its halves
+    a, b (added to what they hold: each node has one parent), one output per kernel variant (three launches a
+    level) so that at most two [K, K] fp32 tiles are live. WHICH = 0: dTot_a += e_b dTot_p - N_b^T dTot_p,
+    dTot_b += dTot_p; 1: dN_b += e_a dN_p - dTot_p Tot_a^T - dN_p N_a^T,
+    dge_b += dge_p + e_b (<dTot_p, Tot_a> + <dN_p, N_a>); 2: dN_a += e_b dN_p - N_b^T dN_p,
+    dge_a += dge_p + e_a <dN_p, N_b> (dN_p, dge_p: 0 where p has no N)."""
     i = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    which = tl.program_id(2)
     a = OFF + 2 * i
     bn = a + 1
     p = OFF1 + i
@@ -269,38 +267,49 @@ def tree_level_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, N
     rv = tl.arange(0, BV)
     mkv = mk[:, None] & (rv < V)[None, :]
     mkk = mk[:, None] & mk[None, :]
-    e_a = tl.exp(tl.load(ge_ptr + bh * NPHI + a))
-    e_b = tl.exp(tl.load(ge_ptr + bh * NPHI + bn))
     tv = ((bh * NN) * K + rk[:, None]) * V + rv[None, :]     # + node * K * V
     tk = ((bh * NPHI) * K + rk[:, None]) * K + rk[None, :]   # + node * K * K
-    dtp = tl.load(dtot_ptr + tv + p * K * V, mask=mkv, other=0.0)
-    nb = tl.load(nm_ptr + tk + bn * K * K, mask=mkk, other=0.0)
-    if which == 0:
-        dta = tl.load(dtot_ptr + tv + a * K * V, mask=mkv, other=0.0)
-        dta += e_b * dtp - tl.dot(tl.trans(nb), dtp.to(nb.dtype)).to(tl.float32)
-        tl.store(dtot_ptr + tv + a * K * V, dta, mask=mkv)
+    has_np = p < NPHI
+    dge_p = tl.load(dge_ptr + bh * NPHI + p, mask=has_np, other=0.0)
+    # fp32 gradients enter the axpy terms in fp32 and the products in q's dtype (loaded again, from L2), each
+    # product accumulating into its output: at most one [K, K] fp32 tile live besides the output
+    if WHICH == 0:
+        nb = tl.load(nm_ptr + tk + bn * K * K, mask=mkk, other=0.0)
+        e_b = tl.exp(tl.load(ge_ptr + bh * NPHI + bn))
+        dtp = tl.load(dtot_ptr + tv + p * K * V, mask=mkv, other=0.0)
         dtb = tl.load(dtot_ptr + tv + bn * K * V, mask=mkv, other=0.0)
         tl.store(dtot_ptr + tv + bn * K * V, dtb + dtp, mask=mkv)
-    else:
+        dta = tl.load(dtot_ptr + tv + a * K * V, mask=mkv, other=0.0) + e_b * dtp
+        dtp_lo = tl.load(dtot_ptr + tv + p * K * V, mask=mkv, other=0.0).to(nb.dtype)
+        dta = tl.dot(tl.trans(-nb), dtp_lo, acc=dta)
+        tl.store(dtot_ptr + tv + a * K * V, dta, mask=mkv)
+    elif WHICH == 1:
         ta = tl.load(tot_ptr + tv + a * K * V, mask=mkv, other=0.0)
+        de_b = tl.sum(tl.sum(tl.load(dtot_ptr + tv + p * K * V, mask=mkv, other=0.0) * ta.to(tl.float32), axis=1),
+                      axis=0)
         dnb = tl.load(dnm_ptr + tk + bn * K * K, mask=mkk, other=0.0)
-        dnb -= tl.dot(dtp.to(ta.dtype), tl.trans(ta)).to(tl.float32)
-        de_b = tl.sum(tl.sum(dtp * ta.to(tl.float32), axis=1), axis=0)
-        de_a = 0.0
-        dge_p = 0.0
-        if p < NPHI:
-            dnp = tl.load(dnm_ptr + tk + p * K * K, mask=mkk, other=0.0)
-            dge_p = tl.load(dge_ptr + bh * NPHI + p)
+        if has_np:
             na = tl.load(nm_ptr + tk + a * K * K, mask=mkk, other=0.0)
-            dnb += e_a * dnp - tl.dot(dnp.to(na.dtype), tl.trans(na)).to(tl.float32)
-            dna = tl.load(dnm_ptr + tk + a * K * K, mask=mkk, other=0.0)
-            dna += e_b * dnp - tl.dot(tl.trans(nb), dnp.to(nb.dtype)).to(tl.float32)
-            tl.store(dnm_ptr + tk + a * K * K, dna, mask=mkk)
+            dnp = tl.load(dnm_ptr + tk + p * K * K, mask=mkk, other=0.0)
+            dnb += tl.exp(tl.load(ge_ptr + bh * NPHI + a)) * dnp
             de_b += tl.sum(tl.sum(dnp * na.to(tl.float32), axis=1), axis=0)
-            de_a = tl.sum(tl.sum(dnp * nb.to(tl.float32), axis=1), axis=0)
+            dnp_lo = tl.load(dnm_ptr + tk + p * K * K, mask=mkk, other=0.0).to(na.dtype)
+            dnb = tl.dot(-dnp_lo, tl.trans(na), acc=dnb)
+        dtp_lo = tl.load(dtot_ptr + tv + p * K * V, mask=mkv, other=0.0).to(ta.dtype)
+        dnb = tl.dot(-dtp_lo, tl.trans(ta), acc=dnb)
         tl.store(dnm_ptr + tk + bn * K * K, dnb, mask=mkk)
-        tl.store(dge_ptr + bh * NPHI + a, tl.load(dge_ptr + bh * NPHI + a) + dge_p + e_a * de_a)
+        e_b = tl.exp(tl.load(ge_ptr + bh * NPHI + bn))
         tl.store(dge_ptr + bh * NPHI + bn, tl.load(dge_ptr + bh * NPHI + bn) + dge_p + e_b * de_b)
+    elif has_np:  # WHICH == 2
+        nb = tl.load(nm_ptr + tk + bn * K * K, mask=mkk, other=0.0)
+        dnp = tl.load(dnm_ptr + tk + p * K * K, mask=mkk, other=0.0)
+        de_a = tl.sum(tl.sum(dnp * nb.to(tl.float32), axis=1), axis=0)
+        dna = tl.load(dnm_ptr + tk + a * K * K, mask=mkk, other=0.0) + tl.exp(tl.load(ge_ptr + bh * NPHI + bn)) * dnp
+        dnp_lo = tl.load(dnm_ptr + tk + p * K * K, mask=mkk, other=0.0).to(nb.dtype)
+        dna = tl.dot(tl.trans(-nb), dnp_lo, acc=dna)
+        tl.store(dnm_ptr + tk + a * K * K, dna, mask=mkk)
+        e_a = tl.exp(tl.load(ge_ptr + bh * NPHI + a))
+        tl.store(dge_ptr + bh * NPHI + a, tl.load(dge_ptr + bh * NPHI + a) + dge_p + e_a * de_a)
 
 
 @flags_given(HAS_W="w_ptr")
@@ -421,8 +430,9 @@ def tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P: int, top:
     NN, NPHI = tots.shape[2], nm.shape[2]
     launch = _launch(K, V)
     for m in range(top - 1, -1, -1):
-        tree_level_bwd_kernel[(P >> (m + 1), B * H, 2)](nm, tots, ge, dnm, dtots, dge, NN, NPHI, level_offset(P, m),
-                                                        level_offset(P, m + 1), **launch)
+        for which in range(3):
+            tree_level_bwd_kernel[(P >> (m + 1), B * H)](nm, tots, ge, dnm, dtots, dge, NN, NPHI, level_offset(P, m),
+                                                         level_offset(P, m + 1), WHICH=which, **launch)
     dev = k.device
     dk = torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
     dw = None if w is None else torch.empty(B, T, H, K, device=dev, dtype=torch.float32)

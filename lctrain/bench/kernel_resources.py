@@ -125,14 +125,15 @@ def record_deltaformer_launches(D: int, tf32: bool = True, half=None) -> list:
 
 def record_loglinear_launches(D: int, dtype_name: str) -> list:
     """(jit function, args, kwargs) of every Triton launch of one fwd+bwd of the fused log-linear ops
-    (backend "triton": Gated DeltaNet and Mamba-2) on a 4096-token sequence of 16 heads, on meta tensors."""
+    (backend "triton": Gated DeltaNet and Mamba-2, and Gated DeltaNet by the transition tree) on a 4096-token
+    sequence of 16 heads, on meta tensors."""
     import torch
 
-    from lctrain.kernels.loglinear import fused, triton_intra, triton_levels
+    from lctrain.kernels.loglinear import fused, triton_intra, triton_levels, triton_tree
     from lctrain.kernels.triton import wy
     dtype = getattr(torch, dtype_name)
     calls: list = []
-    mods = (triton_levels, triton_intra, wy)
+    mods = (triton_levels, triton_intra, triton_tree, wy)
     saved = {(mod, n): getattr(mod, n) for mod in mods for n in dir(mod) if n.endswith("_kernel")}
     try:
         for (mod, n), kernel in saved.items():
@@ -143,9 +144,9 @@ def record_loglinear_launches(D: int, dtype_name: str) -> list:
         g, beta = (torch.empty(B, T, H, dtype=torch.float32, **m) for _ in range(2))
         lam = torch.empty(B, T, H, 13, dtype=torch.float32, **m)
         lw = torch.empty(B, T, H, 13 - c - 1, dtype=torch.float32, **m)
-        for b in (beta, None):
+        for b, tree in ((beta, False), (None, False), (beta, True)):   # (Gated DeltaNet's transition tree: TREE=1)
             ctx = type("Ctx", (), {"save_for_backward": lambda self, *t: setattr(self, "saved_tensors", t)})()
-            fused._FusedLogLinear.forward(ctx, q, k, v, g, b, lam, lw, None, D ** -0.5, 0, c, False, True)  # train
+            fused._FusedLogLinear.forward(ctx, q, k, v, g, b, lam, lw, None, D ** -0.5, 0, c, False, True, tree)
             fused._FusedLogLinear.backward(ctx, do, None)
     finally:
         for (mod, n), kernel in saved.items():
