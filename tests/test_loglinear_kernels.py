@@ -326,9 +326,10 @@ def test_kept_level_states_skip_the_recompute_and_change_nothing(monkeypatch, ki
 @needs_triton
 @pytest.mark.parametrize("kind", KINDS)
 def test_block_totals_match_the_level_scans(monkeypatch, kind):
-    """TREE=1: calls from position 0 take their levels above the chunk from trees of block totals (Mamba-2:
-    scalar_tree; Gated DeltaNet: transition_tree's tree of chunk maps with the Triton readout, forward and
-    backward, checked to run); the level scans (TREE=0) give the same outputs, final states and gradients,
+    """Calls from position 0 take their levels above the chunk from trees of block totals (Mamba-2 with
+    SCALAR_TREE=1: scalar_tree; Gated DeltaNet with TREE=1, the default: transition_tree's tree of chunk maps
+    in Triton, forward and backward, checked to run); the level scans (0) give the same outputs, final states
+    and gradients,
     also without final states (the tree one level lower) and with KEEP_H (the forward's tree kept for the
     backward). T=300: 5 chunks padded to 8, a ragged last chunk, 3 levels above the chunk."""
     from lctrain.kernels.loglinear import fused, transition_tree, triton_levels
@@ -350,11 +351,12 @@ def test_block_totals_match_the_level_scans(monkeypatch, kind):
         o, _ = call(kind, {**{n: None for n in x}, **leaves}, "triton", 0, 64, final=False)
         return o.detach(), torch.autograd.grad((o.double() * do).sum(), list(leaves.values()))
 
-    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "TREE": 1})
+    key = "SCALAR_TREE" if kind == "mamba2" else "TREE"
+    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, key: 1})
     tree, tree_o = outputs_and_grads(kind, x, "triton", 0, do, dS, chunk_size=64), without_final_states()
     want = len(calls)
     assert want == (2 if kind == "mamba2" else 4)
-    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "TREE": 0})
+    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, key: 0})
     scans, scans_o = outputs_and_grads(kind, x, "triton", 0, do, dS, chunk_size=64), without_final_states()
     assert len(calls) == want
     assert rel(tree[0], scans[0]) < 1e-5 and rel(tree[1], scans[1]) < 1e-5
@@ -618,8 +620,8 @@ def test_kept_level_states_on_gpu(monkeypatch, kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("bias", [3.0, 8.0])
 def test_block_totals_on_gpu(monkeypatch, kind, bias):
-    """`pytest -m gpu`: TREE=1 (block totals instead of the level scans; for Gated DeltaNet products of chunk
-    transitions in TF32) in bfloat16 at head dim 128 over 9 levels above the chunk, against the torch backend
+    """`pytest -m gpu`: block totals instead of the level scans (Gated DeltaNet: TREE=1, the transition tree in
+    Triton; Mamba-2: SCALAR_TREE=1) in bfloat16 at head dim 128 over 9 levels above the chunk, against the torch backend
     in float32: as close as the level scans are (2e-2, the bound of the bf16 kernels above), outputs, final
     states and every gradient. bias 8: slow decays (0.9997 a token), chunk maps close to exp(gl) I (the tree
     keeps that part apart from the bf16 one)."""
@@ -636,7 +638,8 @@ def test_block_totals_on_gpu(monkeypatch, kind, bias):
     xb = {n: (t.bfloat16() if n in ("q", "k", "v") else t) for n, t in x.items()}
     errors = {}
     for tree in (0, 1):
-        monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "TREE": tree})
+        key = "SCALAR_TREE" if kind == "mamba2" else "TREE"
+        monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, key: tree})
         o, S, g = outputs_and_grads(kind, xb, "triton", 0, do, dS, chunk_size=64)
         torch.cuda.synchronize()
         errors[f"TREE={tree}"] = {"o": rel(o, ref[0]), "S": rel(S, ref[1]), **{n: rel(g[n], ref[2][n]) for n in ref[2]}}

@@ -23,14 +23,17 @@ def _steps(trace):
 
 @needs_triton
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="compares with a CPU (interpreter) run")
-def test_prediction_is_what_a_real_run_allocates(monkeypatch):
+@pytest.mark.parametrize("tree", [0, 1])
+def test_prediction_is_what_a_real_run_allocates(monkeypatch, tree):
     """ll_gdn, T=320 (5 chunks, levels 7, 8, 9 above the chunk), H=1, D=16, fp16, the backward's h/dh budget
     set to 2 levels x 2 chunks (so it runs in a group of 2 levels and one of 1, over 3 segments): every
     allocation of one fwd+bwd (size, shape, dtype, the line that made it) and the live bytes after it are
     the same on meta tensors with the launches skipped as in the real run. (The real run collects garbage
     after each launch: the interpreter keeps a launch's arguments in a reference cycle. No warm-up call,
-    to keep it short: the work lists are then allocated in both.)"""
+    to keep it short: the work lists are then allocated in both.) tree=1: the same through the transition tree
+    (TREE=1, the default from position 0), which has no segments."""
     from lctrain.kernels.loglinear import triton_levels
+    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "TREE": tree})
     T, H, D = 320, 1, 16
     monkeypatch.setattr(triton_levels, "STATE_BUDGET", 2 * 2 * (2 * H * D * D * 2))
     monkeypatch.setattr(triton_levels, "_WORK", {})
@@ -39,29 +42,40 @@ def test_prediction_is_what_a_real_run_allocates(monkeypatch):
     assert _steps(predicted) == _steps(real)
     assert predicted.peak == real.peak > 0
     sites = {a.site.split(" ")[0] for _, a in predicted.timeline}
+    if tree:
+        assert any(s.startswith("kernels/loglinear/triton_tree.py") for s in sites)      # the tree's buffers
+        assert not any(s.startswith("kernels/loglinear/triton_levels.py") for s in sites)
+        return
     assert any(s.startswith("kernels/loglinear/triton_levels.py") for s in sites)  # the level buffers are seen
     assert sum("ck = torch.empty" in a.site for _, a in predicted.timeline) == 1    # segment checkpoints
 
 
-@pytest.mark.parametrize("kind,T,mib", [("gdn", 16384, 2882), ("gdn", 65536, 13600),
-                                        ("mamba2", 16384, 2721), ("mamba2", 65536, 12956)])
-def test_prediction_matches_the_h200_bench(kind, T, mib):
-    """The bench's rows (BENCHMARKS.md, "Log-linear kernels", H200, 2026-12-01, eighth session: B=1, H=16,
-    D=128, bf16, column "peak MiB"; ll_mamba2 with the level scans, TREE=0) are predicted to the MiB. A
-    change that moves them should say so: update these from the prediction and measure again on the GPU.
-    (Since the bench's level weights are bf16, the op's fp32 copy of them is part of the peak: 15 / 68 MiB
-    above the 2026-11-30 figures with fp32 weights, 2,867 / 13,532 and 2,706 / 12,888.)"""
+@pytest.mark.parametrize("kind,T,tree,mib", [("gdn", 16384, 1, 3008), ("gdn", 65536, 1, 13115),
+                                             ("gdn", 16384, 0, 2882), ("gdn", 65536, 0, 13600),
+                                             ("mamba2", 16384, 0, 2721), ("mamba2", 65536, 0, 12956)])
+def test_prediction_matches_the_h200_bench(monkeypatch, kind, T, tree, mib):
+    """The bench's rows (BENCHMARKS.md, "Log-linear kernels", H200, 2026-12-01: B=1, H=16, D=128, bf16, column
+    "peak MiB") are predicted to the MiB: ll_gdn through the transition tree (TREE=1, ninth session: 3,008.1 /
+    13,115.3 MiB) and through the level scans (TREE=0, eighth session), ll_mamba2 through the scans. A change
+    that moves them should say so: update these from the prediction and measure again on the GPU. (Since the
+    bench's level weights are bf16, the op's fp32 copy of them is part of the peak: 15 / 68 MiB above the
+    2026-11-30 figures with fp32 weights, 2,867 / 13,532 and 2,706 / 12,888.)"""
+    from lctrain.kernels.loglinear import triton_levels
+    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "TREE": tree})
     trace = lm.fwd_bwd_trace(kind, 1, T, 16, 128, torch.bfloat16)
     assert round(trace.peak / 2**20) == mib
 
 
-def test_prediction_with_kept_level_states_matches_the_h200_bench(monkeypatch):
-    """KEEP_H=1 at 128K (h of all 11 levels kept from the forward beside dh of a group of 8 in the backward):
-    the H200 bench's peak, 26,200 MiB (2026-12-01, eighth session), against 23,128 MiB recomputing."""
+@pytest.mark.parametrize("tree,mib", [(0, 26200), (1, 27295)])
+def test_prediction_with_kept_level_states_matches_the_h200_bench(monkeypatch, tree, mib):
+    """KEEP_H=1 at 128K: with the level scans (h of all 11 levels kept from the forward beside dh of a group of
+    8 in the backward) the H200 bench's peak, 26,200 MiB (2026-12-01, eighth session), against 23,128 MiB
+    recomputing; with the transition tree (the tree and the queries each bucket read kept) 27,295.5 MiB, the
+    same as recomputing (ninth session: the backward holds them at its peak anyway)."""
     from lctrain.kernels.loglinear import triton_levels
-    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "KEEP_H": 1})
+    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "KEEP_H": 1, "TREE": tree})
     trace = lm.fwd_bwd_trace("gdn", 1, 131072, 16, 128, torch.bfloat16)
-    assert round(trace.peak / 2**20) == 26200
+    assert round(trace.peak / 2**20) == mib
 
 
 def test_one_million_tokens_fit_one_h200():

@@ -18,8 +18,9 @@ Backward: wy_apply (W, Ut again from the saved gam, Tm) -> levels_backward (reco
 states) -> intra_backward -> wy_bwd. Work: about one base op plus (log2(T) - c) chunk scans of ~3 C K V
 flops per chunk each way.
 
-Log-linear Mamba-2 from position 0 takes the levels above c from Fenwick block totals instead
-(``scalar_tree``: no sequential scan per level; CONFIG["TREE"] = 0 keeps the scans).
+From position 0 with no incoming state, log-linear Gated DeltaNet takes the levels above c from the transition
+tree instead (``transition_tree``, ``triton_tree``: no sequential scan per level; CONFIG["TREE"], TREE_BUDGET),
+and log-linear Mamba-2 can take them from Fenwick block totals (``scalar_tree``, CONFIG["SCALAR_TREE"], off).
 
 Needs position_offset a multiple of C (ops.py first brings an unaligned start to the next chunk with the
 per-level "torch" path: fewer than C tokens).
@@ -35,7 +36,7 @@ from . import triton_levels
 from .chunk import _last_block_states, level_weight_differences, runs_from_slots, slots_from_runs
 from .levels import levels_needed
 from .scalar_tree import tree_levels
-from .transition_tree import tree_backward, tree_forward
+from .transition_tree import tree_backward, tree_bytes, tree_forward
 from .triton_intra import intra_backward, intra_forward
 from .triton_levels import levels_backward, levels_forward
 
@@ -125,16 +126,20 @@ def fused_by_levels(base, q, k, v, g, beta, level_weights, *, scale, run_init, p
     lw = level_weight_differences(q, level_weights, top)[..., c + 1:].float().contiguous()
     s0 = None if run_init is None or top <= c else run_init[:, :, c + 1: top + 1].float().contiguous()
     f32 = lambda x: aligned_input(x, torch.float32)  # noqa: E731  (ALIGN_INPUTS in triton/ops.py: why aligned)
-    # from position 0 with TREE=1 the levels above c come from block totals, no level scans: scalar decay
-    # (Mamba-2) outside the Function (scalar_tree), Gated DeltaNet inside it (transition_tree)
-    from_zero = p0 == 0 and s0 is None and top > c and bool(triton_levels.CONFIG["TREE"])
-    tree = beta is None and from_zero
+    # from position 0 the levels above c can come from block totals, no level scans: scalar decay (Mamba-2,
+    # SCALAR_TREE=1) outside the Function (scalar_tree), Gated DeltaNet (TREE=1, where its buffers fit
+    # TREE_BUDGET) inside it (transition_tree)
+    from_zero = p0 == 0 and s0 is None and top > c
+    cfg = triton_levels.CONFIG
+    tree = beta is None and from_zero and bool(cfg["SCALAR_TREE"])
+    B, T, H, _ = q.shape
+    gdn_tree = (beta is not None and from_zero and bool(cfg["TREE"])
+                and tree_bytes(B, T, H, K, v.shape[-1], top - c, q.element_size()) <= triton_levels.TREE_BUDGET)
     train = torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                             for x in (q, k, v, g, beta, level_weights, run_init))
     o, st = _FusedLogLinear.apply(aligned_input(q), aligned_input(k), aligned_input(v), f32(g), f32(beta),
                                   f32(level_weights), lw[..., :0] if tree else lw, s0, scale, p0 // CHUNK,
-                                  min(c, top), bool(want_runs and top > c and not tree), train,
-                                  beta is not None and from_zero)
+                                  min(c, top), bool(want_runs and top > c and not tree), train, gdn_tree)
     if tree:
         o_levels, st = tree_levels(q, k, v, f32(g), f32(level_weights), scale, top - c, want_runs)
         o = (o.float() + o_levels).to(q.dtype)

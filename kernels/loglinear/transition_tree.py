@@ -249,3 +249,12 @@ def _final_runs_grad(nm, tots, ge, T: int, NL: int, dst):
         grads = torch.autograd.grad(runs, leaves, dst.float(), allow_unused=True)
     grads = [torch.zeros_like(x, dtype=torch.float32) if g is None else g.float() for g, x in zip(grads, leaves)]
     return idx, phi_nodes, grads
+
+
+def tree_bytes(B: int, T: int, H: int, K: int, V: int, NL: int, itemsize: int) -> int:
+    """Bytes of the transition tree's own buffers in one fwd+bwd at their most (``tree_backward``): the tree (N and
+    Tot of ~2P nodes in q's dtype), their fp32 gradients, and the queries each bucket reads and their gradients
+    ([NL, B, T, H, K] each, in q's dtype)."""
+    nodes = 2 << NL
+    tree = B * H * nodes * (K * K + K * V)
+    return tree * (itemsize + 4) + 2 * NL * B * T * H * K * itemsize

@@ -51,11 +51,14 @@ from ..triton.common import CHUNK, flags_given, pow2
 # warps_gradq) and num_stages (stages_grad: 3, Triton's default); ATOMIC: the
 # forward scans add their readouts to o with fp32 atomics (1) or, 0, every group of levels stores into its
 # own fp32 slice of a [groups, B, T, H, V] buffer summed afterwards (no atomics, (groups - 1) x the output's
-# memory more); TREE: log-linear Mamba-2 calls from position 0 take the levels from Fenwick block totals
-# (``scalar_tree``) instead of these scans (0: the scans); KEEP_H: 1, a training forward stores every level's
-# per-chunk incoming states h (as the backward's recompute scan would) and keeps them for the backward, which
-# then skips that scan, where the backward runs in one segment and h of all levels fits STATE_BUDGET (else it
-# recomputes them as with 0). It holds h ([NL, B, NT, H, K, V] in q's dtype, 80 KiB a token at H=16, D=128 and
+# memory more); TREE: log-linear Gated DeltaNet calls from position 0 with no incoming state take the levels from
+# the transition tree (``transition_tree`` / ``triton_tree``: block totals and products of the chunk maps, no level
+# scans) where its buffers fit TREE_BUDGET (0: always the scans); SCALAR_TREE: log-linear Mamba-2 calls from
+# position 0 take them from Fenwick block totals in torch (``scalar_tree``; 0: the scans); KEEP_H: 1, a training
+# forward stores every level's per-chunk incoming states h (as the backward's recompute scan would) and keeps them
+# for the backward, which then skips that scan, where the backward runs in one segment and h of all levels fits
+# STATE_BUDGET (else it recomputes them as with 0); through the transition tree it keeps the tree and the queries
+# each bucket read. It holds h ([NL, B, NT, H, K, V] in q's dtype, 80 KiB a token at H=16, D=128 and
 # 64K) from the forward to the backward: for layers recomputed right before their backward (activation
 # checkpointing: the hybrid model's checkpointed blocks turn it on, ``keep_level_states``) or single-op benches.
 # Defaults: shared memory within sm_90's 228 KiB at head dim 128 (`python -m lctrain.bench.kernel_resources
@@ -71,11 +74,12 @@ from ..triton.common import CHUNK, flags_given, pow2
 # (call2). Known to fault there
 # (illegal memory access in the backward's recompute scan, Triton 3.6, at 4 and 8 warps): LP=2, BV=16 at
 # stages=1 (stages=2 ran; refused: FAULTING below); LP=1, BV=32 at stages=1 is untried.
-# TREE=0: log-linear Mamba-2 through the level scans; the block-total tree (TREE=1) was slower on an H200 in
-# its first measurement, fwd+bwd 14.50 vs 8.78 ms at 16K and 54.16 vs 41.81 ms at 64K (B=1, H=16, D=128, bf16;
-# docs/results/h200x2_2026-11-30_call3/loglinear_bench.log).
+# TREE=1: the transition tree was faster than the scans on an H200 at 16K-128K in two runs (ninth session,
+# docs/results/h200_2026-12-01_s9/, docs/loglinear.md); SCALAR_TREE=0: the Mamba-2 tree in torch was slower
+# than the scans on an H200, fwd+bwd 14.50 vs 8.78 ms at 16K and 54.16 vs 41.81 ms at 64K (B=1, H=16, D=128,
+# bf16; docs/results/h200x2_2026-11-30_call3/loglinear_bench.log).
 CONFIG = {"LP": 2, "BV": 32, "warps": 4, "stages": 1, "BV_grad": 32, "BV_gradq": 32, "warps_grad": 4,
-          "warps_gradq": 4, "stages_grad": 3, "ATOMIC": 1, "TREE": 0, "KEEP_H": 0}
+          "warps_gradq": 4, "stages_grad": 3, "ATOMIC": 1, "TREE": 1, "SCALAR_TREE": 0, "KEEP_H": 0}
 
 
 # Launch settings that stopped an H200 with an illegal memory access (Triton 3.6, 2026-12-01, at 4 and 8 warps;
@@ -93,7 +97,7 @@ def set_levels_config(**values: int) -> dict:
     for key, val in values.items():
         if key not in CONFIG:
             raise ValueError(f"set_levels_config: unknown key {key!r}; choose from {sorted(CONFIG)}")
-        if key in ("ATOMIC", "TREE", "KEEP_H"):
+        if key in ("ATOMIC", "TREE", "SCALAR_TREE", "KEEP_H"):
             if val not in (0, 1):
                 raise ValueError(f"set_levels_config: {key}={val!r} must be 0 or 1")
             continue
@@ -134,6 +138,10 @@ if os.environ.get("LCTRAIN_LOGLINEAR_CFG", "").strip():
 # (whole programs: at least CONFIG["LP"] levels), and where even one group of the whole sequence would
 # pass it (H=16, D=128, bf16: from 1M tokens) the sequence is cut into segments (``backward_plan``).
 STATE_BUDGET = 16 << 30
+# Bytes of the transition tree's own buffers (``transition_tree.tree_bytes``: the tree, its fp32 gradients and the
+# queries each bucket reads, with their gradients) up to which Gated DeltaNet takes the tree (CONFIG["TREE"]); past
+# it (H=16, D=128, bf16: from 256K tokens) the level scans, whose states the backward bounds by STATE_BUDGET.
+TREE_BUDGET = 32 << 30
 
 
 @triton.jit
