@@ -41,10 +41,11 @@ def test_checkpoint_offload_matches_full_checkpointing():
 @cuda
 def test_checkpointed_loglinear_blocks_keep_their_level_states_on_gpu(monkeypatch):
     """Log-linear blocks (L, K) under full activation checkpointing on the Triton kernels, 1024 tokens (4 levels
-    above the chunk): their level states from the recomputation are kept for the backward (KEEP_H), so the
-    level scan runs 4 times (forward and recomputation, two blocks) where 6 would mean a scan again in each
-    backward; loss and gradients as without checkpointing."""
-    from lctrain.kernels.loglinear import triton_levels
+    above the chunk): what the recomputation forms is kept for the backward (KEEP_H): the K block's level
+    states, so its level scan runs twice (forward and recomputation) where 3 would mean a scan again in its
+    backward, and the L block's transition tree (TREE=1 from position 0), built twice where 3 would mean a
+    build again in its backward; loss and gradients as without checkpointing."""
+    from lctrain.kernels.loglinear import triton_levels, triton_tree
     from test_loglinear_kernels import Launches
 
     torch.manual_seed(2)
@@ -54,11 +55,15 @@ def test_checkpointed_loglinear_blocks_keep_their_level_states_on_gpu(monkeypatc
     ids, labels, _ = (t.cuda() for t in _batch(T=1024))
     scans = Launches(triton_levels.levels_fwd_kernel)
     monkeypatch.setattr(triton_levels, "levels_fwd_kernel", scans)
+    builds = []
+    monkeypatch.setattr(triton_tree, "build_tree", lambda *a, f=triton_tree.build_tree: builds.append(1) or f(*a))
     ref = _grads(plain, ids, labels)
-    assert scans.count == 4           # two blocks: the forward scan, and the backward's recompute
+    # without checkpointing: each block's forward, and its backward's recompute (scan / tree build)
+    assert (scans.count, len(builds)) == (2, 2)
     scans.count = 0
+    builds.clear()
     got = _grads(ckpt, ids, labels)
-    assert scans.count == 4           # forward, recomputation; none in the backward
+    assert (scans.count, len(builds)) == (2, 2)    # forward, recomputation; none in the backward
     assert triton_levels.CONFIG["KEEP_H"] == 0
     # not bitwise: the level readouts are summed with fp32 atomics in any order, and tl.dot takes fp32 operands
     # as TF32 (the first H200 run: dt_bias of the K block 1.01e-4 apart, every other gradient below 1e-4)
