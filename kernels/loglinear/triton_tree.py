@@ -17,7 +17,7 @@ node i = off_m + (n >> m) - 1,
 (``tree_readout_bwd_kernel``: dlam, dqt, and the gradient of the query leaving each bucket), per bucket node
 the sums over the chunks that read it (``tree_node_grad_kernel``: dTot, dN, dge), down the tree level by
 level (``tree_level_bwd_kernel``) and into k, W, Ut, gam (``tree_maps_bwd_kernel``). Every program owns what
-it writes: no atomics. Gradients fp32.
+it writes: no atomics. Gradients fp32, except the tree's (dN, dTot: in the tree's dtype; dge fp32).
 
 Layouts: tokens [B, T, H, D]; gam [B, T, H]; lam, dlam [B, T, H, NL] fp32 (bucket weights, scale included);
 tree [B, H, nodes, K, K|V], ge [B, H, nodes]; qcs / dqcs [NL, B, T, H, K] (chunk n's rows at level m written
@@ -229,8 +229,8 @@ def tree_node_grad_kernel(work_ptr, qcs_ptr, lam_ptr, do_ptr, dqcs_ptr, ge_ptr, 
             do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :],
                          other=0.0).to(tl.float32)
             acc += tl.dot(tl.trans(q), (do * lam[:, None]).to(q.dtype)).to(tl.float32)
-        tl.store(dtot_ptr + ((bh * NN + node) * K + rk[:, None]) * V + rv[None, :], acc,
-                 mask=mk[:, None] & mv[None, :])
+        tl.store(dtot_ptr + ((bh * NN + node) * K + rk[:, None]) * V + rv[None, :],
+                 acc.to(dtot_ptr.dtype.element_ty), mask=mk[:, None] & mv[None, :])
     elif (j > 0) & (node < NPHI):  # (j = 0: the first block, read by chunks with no bucket above)
         acc = tl.zeros([BK, BK], dtype=tl.float32)
         tr = tl.zeros([BK], dtype=tl.float32)
@@ -243,8 +243,8 @@ def tree_node_grad_kernel(work_ptr, qcs_ptr, lam_ptr, do_ptr, dqcs_ptr, ge_ptr, 
                          other=0.0)
             acc -= tl.dot(tl.trans(q), dq.to(q.dtype)).to(tl.float32)
             tr += tl.sum(q.to(tl.float32) * dq.to(tl.float32), axis=0)
-        tl.store(dnm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :], acc,
-                 mask=mk[:, None] & mk[None, :])
+        tl.store(dnm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
+                 acc.to(dnm_ptr.dtype.element_ty), mask=mk[:, None] & mk[None, :])
         tl.store(dge_ptr + bh * NPHI + node, tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * tl.sum(tr, axis=0))
 
 
@@ -276,38 +276,39 @@ def tree_level_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, N
     if WHICH == 0:
         nb = tl.load(nm_ptr + tk + bn * K * K, mask=mkk, other=0.0)
         e_b = tl.exp(tl.load(ge_ptr + bh * NPHI + bn))
-        dtp = tl.load(dtot_ptr + tv + p * K * V, mask=mkv, other=0.0)
-        dtb = tl.load(dtot_ptr + tv + bn * K * V, mask=mkv, other=0.0)
-        tl.store(dtot_ptr + tv + bn * K * V, dtb + dtp, mask=mkv)
-        dta = tl.load(dtot_ptr + tv + a * K * V, mask=mkv, other=0.0) + e_b * dtp
+        dtp = tl.load(dtot_ptr + tv + p * K * V, mask=mkv, other=0.0).to(tl.float32)
+        dtb = tl.load(dtot_ptr + tv + bn * K * V, mask=mkv, other=0.0).to(tl.float32)
+        tl.store(dtot_ptr + tv + bn * K * V, (dtb + dtp).to(dtot_ptr.dtype.element_ty), mask=mkv)
+        dta = tl.load(dtot_ptr + tv + a * K * V, mask=mkv, other=0.0).to(tl.float32) + e_b * dtp
         dtp_lo = tl.load(dtot_ptr + tv + p * K * V, mask=mkv, other=0.0).to(nb.dtype)
         dta = tl.dot(tl.trans(-nb), dtp_lo, acc=dta)
-        tl.store(dtot_ptr + tv + a * K * V, dta, mask=mkv)
+        tl.store(dtot_ptr + tv + a * K * V, dta.to(dtot_ptr.dtype.element_ty), mask=mkv)
     elif WHICH == 1:
         ta = tl.load(tot_ptr + tv + a * K * V, mask=mkv, other=0.0)
-        de_b = tl.sum(tl.sum(tl.load(dtot_ptr + tv + p * K * V, mask=mkv, other=0.0) * ta.to(tl.float32), axis=1),
-                      axis=0)
-        dnb = tl.load(dnm_ptr + tk + bn * K * K, mask=mkk, other=0.0)
+        dtp = tl.load(dtot_ptr + tv + p * K * V, mask=mkv, other=0.0).to(tl.float32)
+        de_b = tl.sum(tl.sum(dtp * ta.to(tl.float32), axis=1), axis=0)
+        dnb = tl.load(dnm_ptr + tk + bn * K * K, mask=mkk, other=0.0).to(tl.float32)
         if has_np:
             na = tl.load(nm_ptr + tk + a * K * K, mask=mkk, other=0.0)
-            dnp = tl.load(dnm_ptr + tk + p * K * K, mask=mkk, other=0.0)
+            dnp = tl.load(dnm_ptr + tk + p * K * K, mask=mkk, other=0.0).to(tl.float32)
             dnb += tl.exp(tl.load(ge_ptr + bh * NPHI + a)) * dnp
             de_b += tl.sum(tl.sum(dnp * na.to(tl.float32), axis=1), axis=0)
             dnp_lo = tl.load(dnm_ptr + tk + p * K * K, mask=mkk, other=0.0).to(na.dtype)
             dnb = tl.dot(-dnp_lo, tl.trans(na), acc=dnb)
         dtp_lo = tl.load(dtot_ptr + tv + p * K * V, mask=mkv, other=0.0).to(ta.dtype)
         dnb = tl.dot(-dtp_lo, tl.trans(ta), acc=dnb)
-        tl.store(dnm_ptr + tk + bn * K * K, dnb, mask=mkk)
+        tl.store(dnm_ptr + tk + bn * K * K, dnb.to(dnm_ptr.dtype.element_ty), mask=mkk)
         e_b = tl.exp(tl.load(ge_ptr + bh * NPHI + bn))
         tl.store(dge_ptr + bh * NPHI + bn, tl.load(dge_ptr + bh * NPHI + bn) + dge_p + e_b * de_b)
     elif has_np:  # WHICH == 2
         nb = tl.load(nm_ptr + tk + bn * K * K, mask=mkk, other=0.0)
-        dnp = tl.load(dnm_ptr + tk + p * K * K, mask=mkk, other=0.0)
+        dnp = tl.load(dnm_ptr + tk + p * K * K, mask=mkk, other=0.0).to(tl.float32)
         de_a = tl.sum(tl.sum(dnp * nb.to(tl.float32), axis=1), axis=0)
-        dna = tl.load(dnm_ptr + tk + a * K * K, mask=mkk, other=0.0) + tl.exp(tl.load(ge_ptr + bh * NPHI + bn)) * dnp
+        dna = tl.load(dnm_ptr + tk + a * K * K, mask=mkk, other=0.0).to(tl.float32)
+        dna += tl.exp(tl.load(ge_ptr + bh * NPHI + bn)) * dnp
         dnp_lo = tl.load(dnm_ptr + tk + p * K * K, mask=mkk, other=0.0).to(nb.dtype)
         dna = tl.dot(tl.trans(-nb), dnp_lo, acc=dna)
-        tl.store(dnm_ptr + tk + a * K * K, dna, mask=mkk)
+        tl.store(dnm_ptr + tk + a * K * K, dna.to(dnm_ptr.dtype.element_ty), mask=mkk)
         e_a = tl.exp(tl.load(ge_ptr + bh * NPHI + a))
         tl.store(dge_ptr + bh * NPHI + a, tl.load(dge_ptr + bh * NPHI + a) + dge_p + e_a * de_a)
 
@@ -405,8 +406,9 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None):
     launch = dict(C=CHUNK, **_launch(K, V))
     tree_readout_bwd_kernel[(NT, B * H)](qcs, lam, nm, tots, ge, do, dqt, dlam, dqcs, B, T, H, NL, P, NN, NPHI,
                                          **launch)
-    dnm = torch.zeros(nm.shape, device=dev, dtype=torch.float32)
-    dtots = torch.zeros(tots.shape, device=dev, dtype=torch.float32)
+    # the tree's gradients in its own dtype (q's): sums formed in fp32 in registers, stored rounded once a level
+    dnm = torch.zeros(nm.shape, device=dev, dtype=nm.dtype)
+    dtots = torch.zeros(tots.shape, device=dev, dtype=tots.dtype)
     dge = torch.zeros(ge.shape, device=dev, dtype=torch.float32)
     # the buckets that real chunks read, the longest sums first
     items = [(m, j) for m in range(NL - 1, -1, -1) for j in range(0, P >> m, 2) if ((j + 1) << m) < NT]
@@ -416,9 +418,9 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None):
                                                       NN, NPHI, NT, **launch)
     if dfinal is not None:   # (nodes, their N / ge slots, gradients of those nodes' N, Tot, ge)
         idx, phi_idx, (g_nm, g_tot, g_ge) = dfinal
-        dtots.index_add_(2, idx, g_tot)
+        dtots.index_add_(2, idx, g_tot.to(dtots.dtype))
         keep = idx < NPHI    # the stand-in slot of a node without N gets no gradient
-        dnm.index_add_(2, phi_idx[keep], g_nm[:, :, keep])
+        dnm.index_add_(2, phi_idx[keep], g_nm[:, :, keep].to(dnm.dtype))
         dge.index_add_(2, phi_idx[keep], g_ge[:, :, keep])
     return dqt, dlam, dnm, dtots, dge
 
