@@ -45,23 +45,27 @@ def _node(n, m, P):
     return 2 * P - 2 * (P >> m) + (n >> m) - 1
 
 
+@triton.jit
+def _chunk_program(T, H, K, V, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
+    """(chunk n, bh, batch b, head h, token offset base, rows rt and their mask, K index and mask, V index and
+    mask) of a per-chunk program (grid (chunk, batch x head))."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rt = n * C + tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    return n, bh, b, h, b * T * H + h, rt, rt < T, rk, rk < K, rv, rv < V
+
+
 @flags_given(HAS_W="w_ptr")
 @triton.jit
 def tree_maps_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, T, H, NN, NPHI, K: tl.constexpr,
                          V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr):
     """Program (chunk n < P, batch x head): level 0 of the tree, N = kd^T W, Tot = kd^T Ut, ge = gl with
     kd = diag(exp(gl - gam)) K (padded chunks: N = Tot = 0, gl that of the last token)."""
-    n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    base = b * T * H + h
-    rt = n * C + tl.arange(0, C)
-    mt = rt < T
-    rk = tl.arange(0, BK)
-    mk = rk < K
-    rv = tl.arange(0, BV)
-    mv = rv < V
+    n, bh, b, h, base, rt, mt, rk, mk, rv, mv = _chunk_program(T, H, K, V, BK, BV, C)
     gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
     gl = tl.load(gam_ptr + base + tl.minimum(n * C + C - 1, T - 1) * H)
     d = tl.where(mt, tl.exp(gl - gam), 0.0)
@@ -82,20 +86,24 @@ def tree_maps_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, 
 
 
 @triton.jit
+def _node_program(OFF, OFF1, K, V, BK: tl.constexpr, BV: tl.constexpr):
+    """(bh, halves a and b, parent p, K index, V index, [K, V] and [K, K] masks) of a per-node program of tree
+    level m + 1 (grid (node i, batch x head); a = OFF + 2i, b = a + 1, p = OFF1 + i)."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    a = OFF + 2 * i
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    mk = rk < K
+    return bh, a, a + 1, OFF1 + i, rk, rv, mk[:, None] & (rv < V)[None, :], mk[:, None] & mk[None, :]
+
+
+@triton.jit
 def tree_level_fwd_kernel(nm_ptr, tot_ptr, ge_ptr, NN, NPHI, OFF, OFF1, K: tl.constexpr, V: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr):
     """Program (node i of level m + 1, batch x head): combine nodes a = OFF + 2i, b = a + 1 of level m into
     p = OFF1 + i (N and ge only where p < NPHI: levels some query is carried across)."""
-    i = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    a = OFF + 2 * i
-    bn = a + 1
-    p = OFF1 + i
-    rk = tl.arange(0, BK)
-    mk = rk < K
-    rv = tl.arange(0, BV)
-    mkv = mk[:, None] & (rv < V)[None, :]
-    mkk = mk[:, None] & mk[None, :]
+    bh, a, bn, p, rk, rv, mkv, mkk = _node_program(OFF, OFF1, K, V, BK, BV)
     ge_a = tl.load(ge_ptr + bh * NPHI + a)
     ge_b = tl.load(ge_ptr + bh * NPHI + bn)
     nb = tl.load(nm_ptr + ((bh * NPHI + bn) * K + rk[:, None]) * K + rk[None, :], mask=mkk, other=0.0)
@@ -118,17 +126,7 @@ def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, qcs
                             C: tl.constexpr, WRITE_O: tl.constexpr, STORE_Q: tl.constexpr):
     """Program (chunk n, batch x head): o[rows of n] += its buckets' readouts (fp32, rows of this program
     alone), and with qcs the query each bucket reads (in qcs's dtype)."""
-    n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    base = b * T * H + h
-    rt = n * C + tl.arange(0, C)
-    mt = rt < T
-    rk = tl.arange(0, BK)
-    mk = rk < K
-    rv = tl.arange(0, BV)
-    mv = rv < V
+    n, bh, b, h, base, rt, mt, rk, mk, rv, mv = _chunk_program(T, H, K, V, BK, BV, C)
     mtk = mt[:, None] & mk[None, :]
     q = tl.load(qt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0).to(tl.float32)
     o = tl.zeros([C, BV], dtype=tl.float32)
@@ -159,17 +157,7 @@ def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, d
     """Program (chunk n, batch x head): the readout's backward, buckets descending: dlam (every level of
     this chunk's rows: 0 where the bit is clear), dqt (fp32), and dqcs (the gradient of the query leaving
     each bucket that a bucket above read, in dqcs's dtype) for ``tree_node_grad_kernel``."""
-    n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    base = b * T * H + h
-    rt = n * C + tl.arange(0, C)
-    mt = rt < T
-    rk = tl.arange(0, BK)
-    mk = rk < K
-    rv = tl.arange(0, BV)
-    mv = rv < V
+    n, bh, b, h, base, rt, mt, rk, mk, rv, mv = _chunk_program(T, H, K, V, BK, BV, C)
     mtk = mt[:, None] & mk[None, :]
     do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
     dq = tl.zeros([C, BK], dtype=tl.float32)
@@ -257,16 +245,7 @@ def tree_level_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, N
     dTot_b += dTot_p; 1: dN_b += e_a dN_p - dTot_p Tot_a^T - dN_p N_a^T,
     dge_b += dge_p + e_b (<dTot_p, Tot_a> + <dN_p, N_a>); 2: dN_a += e_b dN_p - N_b^T dN_p,
     dge_a += dge_p + e_a <dN_p, N_b> (dN_p, dge_p: 0 where p has no N)."""
-    i = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    a = OFF + 2 * i
-    bn = a + 1
-    p = OFF1 + i
-    rk = tl.arange(0, BK)
-    mk = rk < K
-    rv = tl.arange(0, BV)
-    mkv = mk[:, None] & (rv < V)[None, :]
-    mkk = mk[:, None] & mk[None, :]
+    bh, a, bn, p, rk, rv, mkv, mkk = _node_program(OFF, OFF1, K, V, BK, BV)
     tv = ((bh * NN) * K + rk[:, None]) * V + rv[None, :]     # + node * K * V
     tk = ((bh * NPHI) * K + rk[:, None]) * K + rk[None, :]   # + node * K * K
     has_np = p < NPHI
@@ -321,17 +300,7 @@ def tree_maps_bwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, dnm_ptr, dtot_ptr, dge_pt
     """Program (chunk n, batch x head): the gradients of level 0 (dN, dTot, dge of node n) into the chunk's
     k, W, Ut and gam rows (fp32 stores: the rows are this program's): N = kd^T W, Tot = kd^T Ut, ge = gl,
     kd = diag(d) K with d = exp(gl - gam)."""
-    n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    base = b * T * H + h
-    rt = n * C + tl.arange(0, C)
-    mt = rt < T
-    rk = tl.arange(0, BK)
-    mk = rk < K
-    rv = tl.arange(0, BV)
-    mv = rv < V
+    n, bh, b, h, base, rt, mt, rk, mk, rv, mv = _chunk_program(T, H, K, V, BK, BV, C)
     mtk = mt[:, None] & mk[None, :]
     mtv = mt[:, None] & mv[None, :]
     last = tl.minimum(n * C + C - 1, T - 1)
