@@ -18,41 +18,20 @@ so the query is carried instead, lowest bucket first:
 
     q <- qt_n;  for m with bit m of n set:  o_n += scale lambda_m (q Tot_m),   q <- q Phi_m
 
-Per chunk ~NL/2 buckets of two [C, K] x [K, K|V] products, the tree ~4 such products a chunk, all parallel
-(per m ONE batched matmul over the odd half-blocks, a view), against the scans' ~3 NL sequential ones.
-Written in torch: the products run as cuBLAS batched matmuls (TF32 on CUDA: the states stay fp32, their
-products keep 10 mantissa bits), and the backward is torch autograd on a recompute
-(``transition_tree_backward``). Needs the call to start at position 0 with no incoming state; pads the
-sequence with zero tokens to 2^NL chunks.
+Per chunk ~NL/2 buckets of two [C, K] x [K, K|V] products, the tree ~4 such products a chunk, all parallel,
+against the scans' ~3 NL sequential ones. ``tree_forward`` / ``tree_backward`` run it in Triton
+(``triton_tree``: there M = e I - N, the decay kept apart from the bf16 part), as backend "triton" does for
+calls from position 0 with no incoming state (CONFIG["TREE"], within TREE_BUDGET: ``tree_bytes``);
+``transition_tree_levels`` is the same in torch, fp32 and differentiable by autograd
+(``transition_tree_backward``): the reference the kernels are tested against (too slow to run: on an H200 it
+took 4x the level scans). The sequence is padded with zero tokens to 2^NL chunks.
 """
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
 from ..triton.common import CHUNK
 from .scalar_tree import _heads_first
-
-
-@contextlib.contextmanager
-def _tf32_matmuls():
-    """fp32 matmuls on TF32 tensor cores inside (CUDA); the caller's setting back afterwards."""
-    mm = torch.backends.cuda.matmul
-    if hasattr(mm, "fp32_precision"):
-        old = mm.fp32_precision
-        mm.fp32_precision = "tf32"
-        try:
-            yield
-        finally:
-            mm.fp32_precision = old
-    else:  # pragma: no cover (torch without the fp32_precision API)
-        old = mm.allow_tf32
-        mm.allow_tf32 = True
-        try:
-            yield
-        finally:
-            mm.allow_tf32 = old
 
 
 def _chunk_maps(k, w, u, gam, P: int):
@@ -87,46 +66,45 @@ def transition_tree_levels(qt, k, w, u, gam, lw, scale: float, want_final: bool)
     if P * CHUNK < T:
         raise ValueError(f"transition_tree_levels: {NL} levels above the chunk cover {P * CHUNK} < T={T} tokens")
     Tp = P * CHUNK
-    with _tf32_matmuls() if qt.is_cuda else contextlib.nullcontext():
-        phis, tots = _chunk_maps(k, w, u, gam, P)
-        phis, tots = [phis], [tots]
-        top = NL if want_final else NL - 1   # the readout needs Tot_m, Phi_m up to m = NL - 1; final states Tot_NL
-        for m in range(top):
-            p2 = phis[m].view(Bsz, H, -1, 2, K, K)
-            t2 = tots[m].view(Bsz, H, -1, 2, K, V)
-            tots.append(p2[:, :, :, 1] @ t2[:, :, :, 0] + t2[:, :, :, 1])
-            if m + 1 < top:
-                phis.append(p2[:, :, :, 1] @ p2[:, :, :, 0])
-        # bucket m's weight: sum_{j >= m} w_j = lambda_{c+1+m}
-        lam = _heads_first(lw.float().flip(-1).cumsum(-1).flip(-1), Tp) * scale      # [B, H, Tp, NL]
-        q = _heads_first(qt, Tp).float()                                             # [B, H, Tp, K]
-        o = torch.zeros(Bsz, H, Tp, V, device=qt.device, dtype=torch.float32)
-        for m in range(NL):
-            A, rows = P >> (m + 1), CHUNK << m
-            q5 = q.view(Bsz, H, A, 2, rows, K)
-            odd = q5[:, :, :, 1]
-            read = odd @ tots[m].view(Bsz, H, A, 2, K, V)[:, :, :, 0]
-            o.view(Bsz, H, A, 2, rows, V)[:, :, :, 1].addcmul_(
-                read, lam.view(Bsz, H, A, 2, rows, NL)[:, :, :, 1, :, m, None])
-            if m < NL - 1:  # carried across this bucket for the buckets above it
-                q = torch.stack((q5[:, :, :, 0], odd @ phis[m].view(Bsz, H, A, 2, K, K)[:, :, :, 0]), dim=3)
-                q = q.view(Bsz, H, Tp, K)
-        final = None
-        if want_final:
-            NT = -(-T // CHUNK)
-            runs = []
-            for j in range(NL):   # level c + 1 + j: blocks of 2^(j+1) chunks
-                b = ((NT - 1) >> (j + 1)) << (j + 1)
-                if NT - b == 2 << j:  # the last block is complete: its tree total
-                    runs.append(tots[j + 1][:, :, b >> (j + 1)])
-                    continue
-                acc = None
-                for m in range(j, -1, -1):  # its buckets, earliest first
-                    if (NT >> m) & 1:
-                        i = (NT >> m) - 1
-                        acc = tots[m][:, :, i] if acc is None else phis[m][:, :, i] @ acc + tots[m][:, :, i]
-                runs.append(acc)
-            final = torch.stack(runs, dim=2)
+    phis, tots = _chunk_maps(k, w, u, gam, P)
+    phis, tots = [phis], [tots]
+    top = NL if want_final else NL - 1   # the readout needs Tot_m, Phi_m up to m = NL - 1; final states Tot_NL
+    for m in range(top):
+        p2 = phis[m].view(Bsz, H, -1, 2, K, K)
+        t2 = tots[m].view(Bsz, H, -1, 2, K, V)
+        tots.append(p2[:, :, :, 1] @ t2[:, :, :, 0] + t2[:, :, :, 1])
+        if m + 1 < top:
+            phis.append(p2[:, :, :, 1] @ p2[:, :, :, 0])
+    # bucket m's weight: sum_{j >= m} w_j = lambda_{c+1+m}
+    lam = _heads_first(lw.float().flip(-1).cumsum(-1).flip(-1), Tp) * scale      # [B, H, Tp, NL]
+    q = _heads_first(qt, Tp).float()                                             # [B, H, Tp, K]
+    o = torch.zeros(Bsz, H, Tp, V, device=qt.device, dtype=torch.float32)
+    for m in range(NL):
+        A, rows = P >> (m + 1), CHUNK << m
+        q5 = q.view(Bsz, H, A, 2, rows, K)
+        odd = q5[:, :, :, 1]
+        read = odd @ tots[m].view(Bsz, H, A, 2, K, V)[:, :, :, 0]
+        o.view(Bsz, H, A, 2, rows, V)[:, :, :, 1].addcmul_(
+            read, lam.view(Bsz, H, A, 2, rows, NL)[:, :, :, 1, :, m, None])
+        if m < NL - 1:  # carried across this bucket for the buckets above it
+            q = torch.stack((q5[:, :, :, 0], odd @ phis[m].view(Bsz, H, A, 2, K, K)[:, :, :, 0]), dim=3)
+            q = q.view(Bsz, H, Tp, K)
+    final = None
+    if want_final:
+        NT = -(-T // CHUNK)
+        runs = []
+        for j in range(NL):   # level c + 1 + j: blocks of 2^(j+1) chunks
+            b = ((NT - 1) >> (j + 1)) << (j + 1)
+            if NT - b == 2 << j:  # the last block is complete: its tree total
+                runs.append(tots[j + 1][:, :, b >> (j + 1)])
+                continue
+            acc = None
+            for m in range(j, -1, -1):  # its buckets, earliest first
+                if (NT >> m) & 1:
+                    i = (NT >> m) - 1
+                    acc = tots[m][:, :, i] if acc is None else phis[m][:, :, i] @ acc + tots[m][:, :, i]
+            runs.append(acc)
+        final = torch.stack(runs, dim=2)
     return o[:, :, :T].movedim(1, 2), final
 
 
