@@ -4,7 +4,8 @@
 #     bash .ci/device/pytest_gpu.sh tests/test_loglinear_kernels.py tests/test_kernels_strong_decay.py
 # pytest runs from /tmp against the installed lctrain: in the checkout `lctrain.kernels` cannot be imported
 # (the package is installed from kernels/), so a pytest started there stops at collection (2026-12-01).
-# PYTEST_GPU_S (default 240): the time limit of each file; PYTEST_ARGS: more pytest arguments (e.g. "-k long");
+# PYTEST_GPU_S (default 240): the time limit of each file; PYTEST_ARGS: more pytest arguments, split as the shell
+# splits words, quotes kept (PYTEST_ARGS='-k "block_totals or long_and_wide" -s');
 # PYTEST_NO_INSTALL=1: /tmp/site is installed already. Logs: $OUT/pytest_gpu_<file name>.log, one line per
 # file on the console (its summary and exit status).
 set -u
@@ -19,12 +20,13 @@ if [ "${PYTEST_NO_INSTALL:-0}" != 1 ]; then
     > "$OUT/pytest_gpu_install.log" 2>&1 || { tail -20 "$OUT/pytest_gpu_install.log"; exit 1; }
 fi
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
+eval "extra=(${PYTEST_ARGS:-})"   # (an unquoted expansion split -k "a or b" into words: one call lost its tests)
 cd /tmp
 status=0
 for f in "$@"; do
   log="$OUT/pytest_gpu_$(basename "$f" .py).log"; t=$SECONDS
   timeout -k 5 "${PYTEST_GPU_S:-240}" python3 -m pytest -m gpu -v --tb=short -rfE -p no:cacheprovider \
-    -c "$R/pyproject.toml" --rootdir "$R" ${PYTEST_ARGS:-} "$R/$f" > "$log" 2>&1
+    -c "$R/pyproject.toml" --rootdir "$R" "${extra[@]}" "$R/$f" > "$log" 2>&1
   rc=$?; [ $rc = 0 ] || status=$rc
   echo "[rc $rc after $((SECONDS - t)) s]" >> "$log"
   echo "$f: $(grep -E '^=+ .*(passed|failed|error|skipped|deselected)' "$log" | tail -1) rc $rc"
