@@ -31,7 +31,9 @@ from __future__ import annotations
 import torch
 
 from ..triton.common import CHUNK
+from . import triton_tree
 from .scalar_tree import _heads_first
+from .triton_tree import level_offset
 
 
 def _chunk_maps(k, w, u, gam, P: int):
@@ -136,42 +138,32 @@ def _suffix_matrix(NL: int, device) -> torch.Tensor:
     return torch.ones(NL, NL, device=device).tril()
 
 
-
-def _final_nodes(T: int, NL: int) -> list[int]:
-    """The tree nodes the final run states read (``_final_runs``), sorted."""
+def _final_buckets(T: int, NL: int) -> list[list[int]]:
+    """Per level j above the chunk (blocks of 2^(j+1) chunks), the tree nodes its final run state sums, earliest
+    first: the one node of a complete last block, else the buckets of NT (the chunk count) at levels <= j."""
     NT = -(-T // CHUNK)
     P = 1 << NL
-    nodes = set()
+    plan = []
     for j in range(NL):
         b = ((NT - 1) >> (j + 1)) << (j + 1)
         if NT - b == 2 << j:
-            nodes.add(2 * P - 2 * (P >> (j + 1)) + (b >> (j + 1)))
+            plan.append([level_offset(P, j + 1) + (b >> (j + 1))])
         else:
-            nodes.update(2 * P - 2 * (P >> m) + (NT >> m) - 1 for m in range(j + 1) if (NT >> m) & 1)
-    return sorted(nodes)
+            plan.append([level_offset(P, m) + (NT >> m) - 1 for m in range(j, -1, -1) if (NT >> m) & 1])
+    return plan
 
 
-def _final_runs(nm, tots, ge, T: int, NL: int, slot=None):
+def _final_runs(nm, tots, ge, plan, slot=None):
     """The final run states [B, H, NL, K, V] fp32 of the levels above the chunk from the tree (Triton layout,
-    M = e I - N), as ``transition_tree_levels`` forms them. ``slot``: where node i sits in the given
-    buffers (default: at i)."""
-    NT = -(-T // CHUNK)
-    P = 1 << NL
+    M = e I - N) along ``_final_buckets``: each bucket's total after the earlier ones carried across it.
+    ``slot``: where node i sits in the given buffers (default: at i)."""
     at = (lambda i: i) if slot is None else slot.__getitem__
-    off = lambda m: 2 * P - 2 * (P >> m)  # noqa: E731
     runs = []
-    for j in range(NL):
-        b = ((NT - 1) >> (j + 1)) << (j + 1)
-        if NT - b == 2 << j:
-            runs.append(tots[:, :, at(off(j + 1) + (b >> (j + 1)))].float())
-            continue
+    for nodes in plan:
         acc = None
-        for m in range(j, -1, -1):
-            if (NT >> m) & 1:
-                i = at(off(m) + (NT >> m) - 1)
-                tot = tots[:, :, i].float()
-                acc = tot if acc is None else (torch.exp(ge[:, :, i, None, None]) * acc
-                                               - nm[:, :, i].float() @ acc + tot)
+        for i in map(at, nodes):
+            tot = tots[:, :, i].float()
+            acc = tot if acc is None else torch.exp(ge[:, :, i, None, None]) * acc - nm[:, :, i].float() @ acc + tot
         runs.append(acc)
     return torch.stack(runs, dim=2)
 
@@ -180,13 +172,12 @@ def tree_forward(o, qt, k, w, u, gam, lw, scale: float, want_final: bool, keep: 
     """``levels_forward`` by the tree: o [B, T, H, V] fp32 += the levels above the chunk. Returns (the final run
     states or None, and with ``keep`` what the backward would compute again: the tree and the queries each
     bucket read, else None). All in Triton (``triton_tree``), the tree in q's dtype."""
-    from .triton_tree import build_tree, readout_forward
     NL = lw.shape[-1]
     top = NL if want_final else NL - 1
-    nm, tots, ge = build_tree(k, w, u, gam, NL, top, qt.dtype)
+    nm, tots, ge = triton_tree.build_tree(k, w, u, gam, NL, top, qt.dtype)
     lam = (lw @ _suffix_matrix(NL, lw.device)).mul_(scale).contiguous()
-    qcs = readout_forward(o, qt, lam, nm, tots, ge, 1 << NL, store_q=keep)
-    final = _final_runs(nm, tots, ge, qt.shape[1], NL) if want_final else None
+    qcs = triton_tree.readout_forward(o, qt, lam, nm, tots, ge, 1 << NL, store_q=keep)
+    final = _final_runs(nm, tots, ge, _final_buckets(qt.shape[1], NL)) if want_final else None
     return final, ((nm, tots, ge, qcs, top) if keep else None)
 
 
@@ -194,21 +185,20 @@ def tree_backward(qt, k, w, u, gam, lw, scale: float, do, dst, kept=None):
     """``levels_backward`` by the tree: (dqt, dk, dw or None, du, dgam, dlw) fp32. The tree and the queries each
     bucket reads again (unless ``kept`` from the forward), then the readout's backward, the per-node sums, down
     the tree and into the chunks (``triton_tree``); the final states' share (few nodes) by torch autograd."""
-    from .triton_tree import build_tree, readout_forward, tree_backward_pass, tree_gradients
     NL = lw.shape[-1]
     P = 1 << NL
     U = _suffix_matrix(NL, lw.device)
     lam = (lw @ U).mul_(scale).contiguous()
     if kept is None:
         top = NL if dst is not None else NL - 1
-        nm, tots, ge = build_tree(k, w, u, gam, NL, top, qt.dtype)
-        qcs = readout_forward(None, qt, lam, nm, tots, ge, P, store_q=True)
+        nm, tots, ge = triton_tree.build_tree(k, w, u, gam, NL, top, qt.dtype)
+        qcs = triton_tree.readout_forward(None, qt, lam, nm, tots, ge, P, store_q=True)
     else:
         nm, tots, ge, qcs, top = kept
     dfinal = None if dst is None else _final_runs_grad(nm, tots, ge, qt.shape[1], NL, dst)
-    dqt, dlam, dnm, dtots, dge = tree_gradients(qcs, lam, nm, tots, ge, do.contiguous(), P, dfinal)
+    dqt, dlam, dnm, dtots, dge = triton_tree.tree_gradients(qcs, lam, nm, tots, ge, do.contiguous(), P, dfinal)
     del qcs
-    dk, dw, du, dgam = tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P, top)
+    dk, dw, du, dgam = triton_tree.tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P, top)
     dlw = (dlam @ U.t()).mul_(scale)
     return dqt, dk, dw, du, dgam, dlw
 
@@ -216,14 +206,15 @@ def tree_backward(qt, k, w, u, gam, lw, scale: float, do, dst, kept=None):
 def _final_runs_grad(nm, tots, ge, T: int, NL: int, dst):
     """(nodes, dnm, dtots, dge) of the final run states against dst, for the few nodes they read (autograd
     through ``_final_runs`` on copies of those nodes)."""
-    nodes = _final_nodes(T, NL)
+    plan = _final_buckets(T, NL)
+    nodes = sorted({i for level in plan for i in level})
     idx = torch.tensor(nodes, device=tots.device)
     nphi = nm.shape[2]
     phi_nodes = idx.clamp(max=nphi - 1)   # the top node has no N (never carried across): a stand-in, unread
     leaves = [nm.index_select(2, phi_nodes).detach().requires_grad_(), tots.index_select(2, idx).detach()
               .requires_grad_(), ge.index_select(2, phi_nodes).detach().requires_grad_()]
     with torch.enable_grad():
-        runs = _final_runs(*leaves, T, NL, slot={n: i for i, n in enumerate(nodes)})
+        runs = _final_runs(*leaves, plan, slot={n: i for i, n in enumerate(nodes)})
         grads = torch.autograd.grad(runs, leaves, dst.float(), allow_unused=True)
     grads = [torch.zeros_like(x, dtype=torch.float32) if g is None else g.float() for g, x in zip(grads, leaves)]
     return idx, phi_nodes, grads

@@ -448,19 +448,26 @@ def _work(j0: int, jend: int, n0: int, NT: int, LP: int, device) -> torch.Tensor
     """Work items [P, 3] int32 of the scans of levels j0..jend-1: (level group, first chunk, end chunk),
     one per block of the group's top level (2^(j+1) chunks for level index j, aligned to the global chunk
     index n0 + n), longest first (the long scans of the top levels start before the short ones)."""
-    key = (j0, jend, n0, NT, LP, str(device))
-    if key not in _WORK:
-        items = []
+    def items():
+        out = []
         for jg in range(triton.cdiv(jend - j0, LP)):
             span = 2 << min(j0 + (jg + 1) * LP - 1, jend - 1)
             a = n0 // span * span
             while a < n0 + NT:
-                items.append((jg, max(a, n0) - n0, min(a + span, n0 + NT) - n0))
+                out.append((jg, max(a, n0) - n0, min(a + span, n0 + NT) - n0))
                 a += span
-        items.sort(key=lambda it: it[1] - it[2])
+        return sorted(out, key=lambda it: it[1] - it[2])
+    return cached_work(("scan", j0, jend, n0, NT, LP), items, device)
+
+
+def cached_work(key: tuple, items, device) -> torch.Tensor:
+    """The int32 work list ``items()`` (rows of ints) on ``device``, made once per key and device: no host list and
+    copy to the device at every call (work lists of the level scans and of the transition tree)."""
+    key = (*key, str(device))
+    if key not in _WORK:
         if len(_WORK) > 64:
             _WORK.clear()
-        _WORK[key] = torch.tensor(items, dtype=torch.int32, device=device)
+        _WORK[key] = torch.tensor(items(), dtype=torch.int32, device=device)
     return _WORK[key]
 
 

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ..triton.common import CHUNK, flags_given, pow2
+from .triton_levels import cached_work
 
 WARPS = 8
 
@@ -363,8 +364,8 @@ def readout_forward(o, qt, lam, nm, tots, ge, P: int, store_q: bool):
 
 def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None):
     """The readout's backward and the per-node sums: (dqt [B, T, H, K] fp32, dlam [B, T, H, NL] fp32, and the
-    tree's gradients dnm, dtots, dge fp32), before they go down the tree. ``dfinal``: the final states' share
-    on the nodes they read (``transition_tree._final_runs_grad``), added."""
+    tree's gradients dnm, dtots in the tree's dtype, dge fp32), before they go down the tree. ``dfinal``: the
+    final states' share on the nodes they read (``transition_tree._final_runs_grad``), added."""
     NL, B, T, H, K = qcs.shape
     V, NN, NPHI = tots.shape[-1], tots.shape[2], nm.shape[2]
     NT = triton.cdiv(T, CHUNK)
@@ -380,11 +381,11 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None):
     dtots = torch.zeros(tots.shape, device=dev, dtype=tots.dtype)
     dge = torch.zeros(ge.shape, device=dev, dtype=torch.float32)
     # the buckets that real chunks read, the longest sums first
-    items = [(m, j) for m in range(NL - 1, -1, -1) for j in range(0, P >> m, 2) if ((j + 1) << m) < NT]
-    if items:
-        work = torch.tensor(items, dtype=torch.int32, device=dev)
-        tree_node_grad_kernel[(len(items), B * H, 2)](work, qcs, lam, do, dqcs, ge, dtots, dnm, dge, B, T, H, NL, P,
-                                                      NN, NPHI, NT, **launch)
+    work = cached_work(("tree buckets", NL, NT), lambda: [(m, j) for m in range(NL - 1, -1, -1)
+                                                          for j in range(0, P >> m, 2) if ((j + 1) << m) < NT], dev)
+    if work.numel():
+        tree_node_grad_kernel[(work.shape[0], B * H, 2)](work, qcs, lam, do, dqcs, ge, dtots, dnm, dge, B, T, H, NL,
+                                                         P, NN, NPHI, NT, **launch)
     if dfinal is not None:   # (nodes, their N / ge slots, gradients of those nodes' N, Tot, ge)
         idx, phi_idx, (g_nm, g_tot, g_ge) = dfinal
         dtots.index_add_(2, idx, g_tot.to(dtots.dtype))
