@@ -331,11 +331,13 @@ def test_block_totals_match_the_level_scans(monkeypatch, kind):
     in Triton, forward and backward, checked to run); the level scans (0) give the same outputs, final states
     and gradients,
     also without final states (the tree one level lower) and with KEEP_H (the forward's tree kept for the
-    backward). T=300: 5 chunks padded to 8, a ragged last chunk, 3 levels above the chunk."""
+    backward). T=300: 5 chunks padded to 8, a ragged last chunk, 3 levels above the chunk; slow decays, so
+    the levels above the chunk are not lost beside the ones inside it."""
     from lctrain.kernels.loglinear import fused, transition_tree, triton_levels
     T, K, V = 300, 16, 16
     L = levels_needed(T)
     x = make_inputs(kind, T, K, V, L, torch.float32, seed=9)
+    x["g"] = x["g"] * 0.02   # slow decays (~0.997 a token): the levels above the chunk weigh in every result
     do, dS = torch.randn(B, T, H, V, dtype=torch.float64), torch.randn(B, H, L, K, V, dtype=torch.float64)
     calls = []
     if kind == "mamba2":
@@ -375,6 +377,37 @@ def test_block_totals_match_the_level_scans(monkeypatch, kind):
         assert rel(kept[0], scans[0]) < 1e-5 and rel(kept[1], scans[1]) < 1e-5
         for name in scans[2]:
             assert rel(kept[2][name], scans[2][name]) < 1e-5, name
+
+
+@needs_triton
+@pytest.mark.parametrize("T,p0,keep", [(256, 256, 0), (200, 512, 1)])
+def test_transition_tree_from_incoming_states_matches_the_level_scans(monkeypatch, T, p0, keep):
+    """A call from an aligned block with incoming states (a CP rank's shard) takes the transition tree too: the
+    levels inside the call from its buckets, the levels whose block began before it through the query carried
+    across all of them (tree_serves). Against the level scans (TREE=0): outputs, final states and every
+    gradient, the initial state's included. (256, 256): 4 chunks from chunk 4, the level of 8 chunks
+    continues a block; (200, 512): a ragged last chunk, the 8-chunk level starts afresh at the call (its
+    incoming state unread) and the 16-chunk one continues, with KEEP_H (the forward's tree kept)."""
+    from lctrain.kernels.loglinear import fused, transition_tree, triton_levels
+    K, V = 16, 16
+    L = levels_needed(p0 + T)
+    x = make_inputs("gdn", T, K, V, L, torch.float32, seed=T + p0, p0=p0)
+    x["g"] = x["g"] * 0.02   # slow decays (~0.997 a token): the levels above the chunk weigh in every result
+    do, dS = torch.randn(B, T, H, V, dtype=torch.float64), torch.randn(B, H, L, K, V, dtype=torch.float64)
+    calls = []
+    monkeypatch.setattr(fused, "tree_forward",
+                        lambda *a, **kw: calls.append(1) or transition_tree.tree_forward(*a, **kw))
+    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "TREE": 1, "KEEP_H": keep})
+    tree = outputs_and_grads("gdn", x, "triton", p0, do, dS, chunk_size=64)
+    assert len(calls) == 1
+    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "TREE": 0})
+    scans = outputs_and_grads("gdn", x, "triton", p0, do, dS, chunk_size=64)
+    assert len(calls) == 1
+    assert rel(tree[0], scans[0]) < 1e-5
+    for lev in range(L):   # each level's state apart (they differ in size by orders of magnitude)
+        assert (tree[1][:, :, lev] - scans[1][:, :, lev]).norm() <= 1e-5 * scans[1].norm(), lev
+    for name in scans[2]:
+        assert rel(tree[2][name], scans[2][name]) < 1e-5, name
 
 
 @needs_triton
@@ -644,6 +677,34 @@ def test_block_totals_on_gpu(monkeypatch, kind, bias):
         torch.cuda.synchronize()
         errors[f"TREE={tree}"] = {"o": rel(o, ref[0]), "S": rel(S, ref[1]), **{n: rel(g[n], ref[2][n]) for n in ref[2]}}
     print(kind, bias, errors)
+    assert all(e < 2e-2 for e in errors["TREE=1"].values()), errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bias", [3.0, 8.0])
+def test_transition_tree_from_incoming_states_on_gpu(monkeypatch, bias):
+    """`pytest -m gpu`: the transition tree from incoming states (a CP rank's shard: 8192 tokens from position 8192,
+    the top level continuing its block) in bfloat16 at head dim 128, against the torch backend in float32, as
+    close as the level scans (printed beside it) and within 2e-2: outputs, final states, every gradient."""
+    from lctrain.kernels.loglinear import triton_levels
+    T, p0, D = 8192, 8192, 128
+    L = levels_needed(p0 + T)
+    gen = torch.Generator(device="cuda").manual_seed(T + 2)
+    r = lambda *s: torch.randn(*s, generator=gen, device="cuda")  # noqa: E731
+    x = dict(q=r(B, T, H, D), k=F.normalize(r(B, T, H, D), dim=-1), v=r(B, T, H, D),
+             g=F.logsigmoid(r(B, T, H) + bias), beta=torch.sigmoid(r(B, T, H)), lam=F.softplus(r(B, T, H, L)),
+             init=r(B, H, L, D, D) * 0.1)
+    do, dS = r(B, T, H, D).double(), r(B, H, L, D, D).double()
+    ref = outputs_and_grads("gdn", x, "torch", p0, do, dS, chunk_size=64)
+    xb = {n: (t.bfloat16() if n in ("q", "k", "v") else t) for n, t in x.items()}
+    errors = {}
+    for tree in (0, 1):
+        monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "TREE": tree})
+        o, S, g = outputs_and_grads("gdn", xb, "triton", p0, do, dS, chunk_size=64)
+        torch.cuda.synchronize()
+        errors[f"TREE={tree}"] = {"o": rel(o, ref[0]), "S": rel(S, ref[1]), **{n: rel(g[n], ref[2][n]) for n in ref[2]}}
+    print("incoming", bias, errors)
     assert all(e < 2e-2 for e in errors["TREE=1"].values()), errors
 
 def test_level_runs_of_one_chunk_take_the_torch_base_op():

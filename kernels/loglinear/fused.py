@@ -18,9 +18,10 @@ Backward: wy_apply (W, Ut again from the saved gam, Tm) -> levels_backward (reco
 states) -> intra_backward -> wy_bwd. Work: about one base op plus (log2(T) - c) chunk scans of ~3 C K V
 flops per chunk each way.
 
-From position 0 with no incoming state, log-linear Gated DeltaNet takes the levels above c from the transition
-tree instead (``transition_tree``, ``triton_tree``: no sequential scan per level; CONFIG["TREE"], TREE_BUDGET),
-and log-linear Mamba-2 can take them from Fenwick block totals (``scalar_tree``, CONFIG["SCALAR_TREE"], off).
+From position 0, or from an aligned block of chunks with incoming run states (a CP rank's shard:
+``tree_serves``), log-linear Gated DeltaNet takes the levels above c from the transition tree instead
+(``transition_tree``, ``triton_tree``: no sequential scan per level; CONFIG["TREE"], TREE_BUDGET), and from
+position 0 log-linear Mamba-2 can take them from Fenwick block totals (``scalar_tree``, CONFIG["SCALAR_TREE"], off).
 
 Needs position_offset a multiple of C (ops.py first brings an unaligned start to the next chunk with the
 per-level "torch" path: fewer than C tokens).
@@ -36,7 +37,7 @@ from . import triton_levels
 from .chunk import _last_block_states, level_weight_differences, runs_from_slots, slots_from_runs
 from .levels import levels_needed
 from .scalar_tree import tree_levels
-from .transition_tree import tree_backward, tree_bytes, tree_forward
+from .transition_tree import tree_backward, tree_bytes, tree_depth, tree_forward, tree_serves
 from .triton_intra import intra_backward, intra_forward
 from .triton_levels import levels_backward, levels_forward
 
@@ -51,11 +52,11 @@ class _FusedLogLinear(torch.autograd.Function):
         gam, tm, w, ut = wy_fwd(k, v, g, beta, cfg)
         o, qt = intra_forward(q, k, v, w, tm, beta, gam, lam, hi, scale)
         st = ck = seg = hs = None
-        if lw.shape[-1] and tree:  # from position 0: the transition tree instead of the level scans
+        if lw.shape[-1] and tree:  # the transition tree instead of the level scans (tree_serves)
             # KEEP_H: the tree and the queries each bucket read stay for the backward (else it forms them again)
             with torch.no_grad():
                 st, ctx.tree_kept = tree_forward(o, qt, k, w, v if ut is None else ut, gam, lw, scale, want_final,
-                                                 keep=train and bool(triton_levels.CONFIG["KEEP_H"]))
+                                                 keep=train and bool(triton_levels.CONFIG["KEEP_H"]), s0=s0, n0=n0)
         elif lw.shape[-1]:
             u = v if ut is None else ut
             # a backward that has to cut the sequence into segments (very long T) starts each from run states
@@ -78,10 +79,9 @@ class _FusedLogLinear(torch.autograd.Function):
         do = torch.zeros(*v.shape, device=v.device, dtype=torch.float32) if do is None else do.contiguous()
         f32 = dict(device=q.device, dtype=torch.float32)
         if lw.shape[-1] and ctx.tree:
-            dqt, dk, dw, du, dgam, dlw = tree_backward(qt, k, w, v if ut is None else ut, gam, lw, scale, do, dst,
-                                                       ctx.tree_kept)
+            dqt, dk, dw, du, dgam, dlw, ds0 = tree_backward(qt, k, w, v if ut is None else ut, gam, lw, scale, do,
+                                                            dst, ctx.tree_kept, s0, n0)
             ctx.tree_kept = None
-            ds0 = None
         elif lw.shape[-1]:
             dst = None if dst is None else dst.contiguous().float()
             dqt, dk, dw, du, dgam, dlw, ds0 = levels_backward(qt, k, w, v if ut is None else ut, gam, lw, s0, do,
@@ -126,15 +126,16 @@ def fused_by_levels(base, q, k, v, g, beta, level_weights, *, scale, run_init, p
     lw = level_weight_differences(q, level_weights, top)[..., c + 1:].float().contiguous()
     s0 = None if run_init is None or top <= c else run_init[:, :, c + 1: top + 1].float().contiguous()
     f32 = lambda x: aligned_input(x, torch.float32)  # noqa: E731  (ALIGN_INPUTS in triton/ops.py: why aligned)
-    # from position 0 the levels above c can come from block totals, no level scans: scalar decay (Mamba-2,
-    # SCALAR_TREE=1) outside the Function (scalar_tree), Gated DeltaNet (TREE=1, where its buffers fit
-    # TREE_BUDGET) inside it (transition_tree)
+    # the levels above c can come from block totals, no level scans: for a scalar decay (Mamba-2, SCALAR_TREE=1,
+    # from position 0) outside the Function (scalar_tree); for Gated DeltaNet (TREE=1) inside it (transition_tree),
+    # from position 0 or from an aligned block with incoming states (tree_serves: CP ranks), where the tree's
+    # buffers fit TREE_BUDGET
     from_zero = p0 == 0 and s0 is None and top > c
     cfg = triton_levels.CONFIG
     tree = beta is None and from_zero and bool(cfg["SCALAR_TREE"])
     B, T, H, _ = q.shape
-    gdn_tree = (beta is not None and from_zero and bool(cfg["TREE"])
-                and tree_bytes(B, T, H, K, v.shape[-1], top - c, q.element_size()) <= triton_levels.TREE_BUDGET)
+    gdn_tree = (beta is not None and top > c and bool(cfg["TREE"]) and tree_serves(p0 // CHUNK, T, top - c)
+                and tree_bytes(B, T, H, K, v.shape[-1], tree_depth(T), q.element_size()) <= triton_levels.TREE_BUDGET)
     train = torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                             for x in (q, k, v, g, beta, level_weights, run_init))
     o, st = _FusedLogLinear.apply(aligned_input(q), aligned_input(k), aligned_input(v), f32(g), f32(beta),

@@ -21,10 +21,13 @@ so the query is carried instead, lowest bucket first:
 Per chunk ~NL/2 buckets of two [C, K] x [K, K|V] products, the tree ~4 such products a chunk, all parallel,
 against the scans' ~3 NL sequential ones. ``tree_forward`` / ``tree_backward`` run it in Triton
 (``triton_tree``: there M = e I - N, the decay kept apart from the bf16 part), as backend "triton" does for
-calls from position 0 with no incoming state (CONFIG["TREE"], within TREE_BUDGET: ``tree_bytes``);
-``transition_tree_levels`` is the same in torch, fp32 and differentiable by autograd
+calls from position 0 and for calls over an aligned block of chunks with incoming run states, a CP rank's
+shard (``tree_serves``: the levels above the call read their incoming states through the query carried
+across every bucket), with CONFIG["TREE"] and within TREE_BUDGET (``tree_bytes``);
+``transition_tree_levels`` is the same from position 0 in torch, fp32 and differentiable by autograd
 (``transition_tree_backward``): the reference the kernels are tested against (too slow to run: on an H200 it
-took 4x the level scans). The sequence is padded with zero tokens to 2^NL chunks.
+took 4x the level scans; the incoming states' share is tested against the level scans). The call is padded
+with zero tokens to 2^D chunks (``tree_depth``).
 """
 from __future__ import annotations
 
@@ -132,35 +135,66 @@ def transition_tree_backward(qt, k, w, u, gam, lw, scale: float, do, dst):
     return dqt, dk, dw, du, dgam, dlw
 
 
-def _suffix_matrix(NL: int, device) -> torch.Tensor:
-    """U [NL, NL] fp32 with U[j, m] = 1 for j >= m: lw @ U are the bucket weights lambda_{c+1+m} (a matmul: torch's
-    cumsum over a short last axis is slow on CUDA)."""
-    return torch.ones(NL, NL, device=device).tril()
+def tree_depth(T: int) -> int:
+    """D: the tree over a call of T tokens has 2^D chunks (the call padded to them)."""
+    return (-(-T // CHUNK) - 1).bit_length()
 
 
-def _final_buckets(T: int, NL: int) -> list[list[int]]:
+def tree_serves(n0: int, T: int, NL: int) -> bool:
+    """Whether the tree can take the levels above the chunk of a call of T tokens from global chunk n0 with NL of
+    them: its 2^D chunks must be an aligned block (n0 a multiple of 2^D, D >= 1). Then a level below D restarts
+    where the tree's blocks do, and every level from D holds the whole call in one block: its run inside the call
+    is the sum of all of a chunk's buckets (the weights telescope over every level), plus, where the block began
+    before the call, its incoming run state read through the query carried across them all (``_incoming``).
+    Calls from position 0 always qualify; under CP so do the ranks' power-of-two shards."""
+    D = tree_depth(T)
+    return 1 <= D <= NL and n0 % (1 << D) == 0
+
+
+def _incoming(n0: int, D: int, NL: int, s0) -> list[int]:
+    """The levels j >= D whose block began before the call (n0 not a multiple of its 2^(j+1) chunks): they start
+    from their run state in s0 (as in the scans; the other levels ignore s0)."""
+    return [] if s0 is None else [j for j in range(D, NL) if n0 % (2 << j)]
+
+
+def _bucket_weights(lw, D: int, scale: float):
+    """lam [B, T, H, D] fp32: bucket m's weight sum_{j >= m} w_j = lambda_{c+1+m} over all NL levels (a matmul with
+    the suffix matrix U[j, m] = 1 for j >= m: torch's cumsum over a short last axis is slow on CUDA), and U."""
+    NL = lw.shape[-1]
+    U = torch.ones(NL, NL, device=lw.device).tril()[:, :D]
+    return (lw @ U).mul_(scale).contiguous(), U
+
+
+def _final_buckets(T: int, D: int, NL: int) -> list[list[int]]:
     """Per level j above the chunk (blocks of 2^(j+1) chunks), the tree nodes its final run state sums, earliest
-    first: the one node of a complete last block, else the buckets of NT (the chunk count) at levels <= j."""
+    first: below D the one node of a complete last block, else the buckets of NT (the chunk count) at levels
+    <= j; from D (the block holds the whole call) the call's own blocks, at levels below D (nodes with N, so an
+    incoming state can be carried across them)."""
     NT = -(-T // CHUNK)
-    P = 1 << NL
+    P = 1 << D
+    whole = ([level_offset(P, D - 1), level_offset(P, D - 1) + 1] if NT == P else
+             [level_offset(P, m) + (NT >> m) - 1 for m in range(D - 1, -1, -1) if (NT >> m) & 1])
     plan = []
     for j in range(NL):
         b = ((NT - 1) >> (j + 1)) << (j + 1)
-        if NT - b == 2 << j:
+        if j >= D:
+            plan.append(whole)
+        elif NT - b == 2 << j:
             plan.append([level_offset(P, j + 1) + (b >> (j + 1))])
         else:
             plan.append([level_offset(P, m) + (NT >> m) - 1 for m in range(j, -1, -1) if (NT >> m) & 1])
     return plan
 
 
-def _final_runs(nm, tots, ge, plan, slot=None):
+def _final_runs(nm, tots, ge, plan, slot=None, init=None):
     """The final run states [B, H, NL, K, V] fp32 of the levels above the chunk from the tree (Triton layout,
-    M = e I - N) along ``_final_buckets``: each bucket's total after the earlier ones carried across it.
-    ``slot``: where node i sits in the given buffers (default: at i)."""
+    M = e I - N) along ``_final_buckets``: each bucket's total after the earlier ones (and the level's incoming
+    state, ``init[j]`` where not None) carried across it. ``slot``: where node i sits in the given buffers
+    (default: at i)."""
     at = (lambda i: i) if slot is None else slot.__getitem__
     runs = []
-    for nodes in plan:
-        acc = None
+    for j, nodes in enumerate(plan):
+        acc = None if init is None else init[j]
         for i in map(at, nodes):
             tot = tots[:, :, i].float()
             acc = tot if acc is None else torch.exp(ge[:, :, i, None, None]) * acc - nm[:, :, i].float() @ acc + tot
@@ -168,56 +202,103 @@ def _final_runs(nm, tots, ge, plan, slot=None):
     return torch.stack(runs, dim=2)
 
 
-def tree_forward(o, qt, k, w, u, gam, lw, scale: float, want_final: bool, keep: bool = False):
-    """``levels_forward`` by the tree: o [B, T, H, V] fp32 += the levels above the chunk. Returns (the final run
-    states or None, and with ``keep`` what the backward would compute again: the tree and the queries each
-    bucket read, else None). All in Triton (``triton_tree``), the tree in q's dtype."""
-    NL = lw.shape[-1]
-    top = NL if want_final else NL - 1
-    nm, tots, ge = triton_tree.build_tree(k, w, u, gam, NL, top, qt.dtype)
-    lam = (lw @ _suffix_matrix(NL, lw.device)).mul_(scale).contiguous()
-    qcs = triton_tree.readout_forward(o, qt, lam, nm, tots, ge, 1 << NL, store_q=keep)
-    final = _final_runs(nm, tots, ge, _final_buckets(qt.shape[1], NL)) if want_final else None
-    return final, ((nm, tots, ge, qcs, top) if keep else None)
+def _incoming_readout(o, qlast, lw, s0, levels, scale: float):
+    """o += scale w_j (qlast S_in,j) for the levels with an incoming run state: qlast, the query carried across
+    all of the chunk's buckets, reads the state entering the call."""
+    for j in levels:
+        o.add_(torch.einsum("bthk,bhkv->bthv", qlast, s0[:, :, j].float()).mul_(lw[..., j, None] * scale))
 
 
-def tree_backward(qt, k, w, u, gam, lw, scale: float, do, dst, kept=None):
-    """``levels_backward`` by the tree: (dqt, dk, dw or None, du, dgam, dlw) fp32. The tree and the queries each
-    bucket reads again (unless ``kept`` from the forward), then the readout's backward, the per-node sums, down
-    the tree and into the chunks (``triton_tree``); the final states' share (few nodes) by torch autograd."""
-    NL = lw.shape[-1]
-    P = 1 << NL
-    U = _suffix_matrix(NL, lw.device)
-    lam = (lw @ U).mul_(scale).contiguous()
+def _incoming_grads(qlast, lw, s0, levels, scale: float, do):
+    """(dqlast fp32, {j: dlw_j}, {j: ds0_j}) of ``_incoming_readout`` against do."""
+    dqlast, dlw, ds0 = torch.zeros_like(qlast), {}, {}
+    do = do.float()
+    for j in levels:
+        s = s0[:, :, j].float()
+        wj = lw[..., j, None] * scale
+        dlw[j] = (torch.einsum("bthk,bhkv->bthv", qlast, s) * do).sum(-1) * scale
+        dqlast += torch.einsum("bthv,bhkv->bthk", do, s) * wj
+        ds0[j] = torch.einsum("bthk,bthv->bhkv", qlast * wj, do)
+    return dqlast, dlw, ds0
+
+
+def tree_forward(o, qt, k, w, u, gam, lw, scale: float, want_final: bool, keep: bool = False, s0=None, n0: int = 0):
+    """``levels_forward`` by the tree (for calls ``tree_serves``): o [B, T, H, V] fp32 += the levels above the
+    chunk. s0 [B, H, NL, K, V] (or None): the run states entering the call, read where a level's block began
+    before it (global chunk n0). Returns (the final run states or None, and with ``keep`` what the backward
+    would compute again: the tree, the queries each bucket read and qlast, else None). All in Triton
+    (``triton_tree``), the tree in q's dtype."""
+    NL, T = lw.shape[-1], qt.shape[1]
+    D = tree_depth(T)
+    inc = _incoming(n0, D, NL, s0)
+    top = D if want_final or inc else D - 1
+    nm, tots, ge = triton_tree.build_tree(k, w, u, gam, D, top, qt.dtype)
+    lam, _ = _bucket_weights(lw, D, scale)
+    qcs, qlast = triton_tree.readout_forward(o, qt, lam, nm, tots, ge, 1 << D, store_q=keep, carry_all=bool(inc))
+    _incoming_readout(o, qlast, lw, s0, inc, scale)
+    final = None
+    if want_final:
+        init = [s0[:, :, j].float() if j in inc else None for j in range(NL)]
+        final = _final_runs(nm, tots, ge, _final_buckets(T, D, NL), init=init)
+    return final, ((nm, tots, ge, qcs, qlast, top) if keep else None)
+
+
+def tree_backward(qt, k, w, u, gam, lw, scale: float, do, dst, kept=None, s0=None, n0: int = 0):
+    """``levels_backward`` by the tree: (dqt, dk, dw or None, du, dgam, dlw, ds0 or None) fp32 (ds0 where s0 is
+    given: 0 for the levels that do not read it). The tree and the queries each bucket reads again (unless
+    ``kept`` from the forward), then the readout's backward, the per-node sums, down the tree and into the
+    chunks (``triton_tree``); the final states' and the incoming states' shares by torch (few nodes, few
+    levels)."""
+    NL, T = lw.shape[-1], qt.shape[1]
+    D = tree_depth(T)
+    P = 1 << D
+    inc = _incoming(n0, D, NL, s0)
+    lam, U = _bucket_weights(lw, D, scale)
     if kept is None:
-        top = NL if dst is not None else NL - 1
-        nm, tots, ge = triton_tree.build_tree(k, w, u, gam, NL, top, qt.dtype)
-        qcs = triton_tree.readout_forward(None, qt, lam, nm, tots, ge, P, store_q=True)
+        top = D if dst is not None or inc else D - 1
+        nm, tots, ge = triton_tree.build_tree(k, w, u, gam, D, top, qt.dtype)
+        qcs, qlast = triton_tree.readout_forward(None, qt, lam, nm, tots, ge, P, store_q=True, carry_all=bool(inc))
     else:
-        nm, tots, ge, qcs, top = kept
-    dfinal = None if dst is None else _final_runs_grad(nm, tots, ge, qt.shape[1], NL, dst)
-    dqt, dlam, dnm, dtots, dge = triton_tree.tree_gradients(qcs, lam, nm, tots, ge, do.contiguous(), P, dfinal)
-    del qcs
+        nm, tots, ge, qcs, qlast, top = kept
+    dqlast, dlw_in, ds0_in = _incoming_grads(qlast, lw, s0, inc, scale, do) if inc else (None, {}, {})
+    del qlast
+    dfinal, dinit = None, {}
+    if dst is not None:
+        *dfinal, dinit = _final_runs_grad(nm, tots, ge, T, D, NL, dst, s0, inc)
+    dqt, dlam, dnm, dtots, dge = triton_tree.tree_gradients(qcs, lam, nm, tots, ge, do.contiguous(), P, dfinal,
+                                                            dqlast)
+    del qcs, dqlast
     dk, dw, du, dgam = triton_tree.tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P, top)
     dlw = (dlam @ U.t()).mul_(scale)
-    return dqt, dk, dw, du, dgam, dlw
+    for j, g in dlw_in.items():
+        dlw[..., j] += g
+    ds0 = None
+    if s0 is not None:
+        ds0 = torch.zeros(s0.shape, device=s0.device, dtype=torch.float32)
+        for j in inc:
+            ds0[:, :, j] = ds0_in[j] + dinit[j] if j in dinit else ds0_in[j]
+    return dqt, dk, dw, du, dgam, dlw, ds0
 
 
-def _final_runs_grad(nm, tots, ge, T: int, NL: int, dst):
-    """(nodes, dnm, dtots, dge) of the final run states against dst, for the few nodes they read (autograd
-    through ``_final_runs`` on copies of those nodes)."""
-    plan = _final_buckets(T, NL)
+def _final_runs_grad(nm, tots, ge, T: int, D: int, NL: int, dst, s0=None, inc=()):
+    """(nodes, their N / ge slots, the gradients of those nodes' N, Tot, ge, and {j: the gradient of level j's
+    incoming state}) of the final run states against dst, for the few nodes they read (autograd through
+    ``_final_runs`` on copies of those nodes and of the incoming states)."""
+    plan = _final_buckets(T, D, NL)
     nodes = sorted({i for level in plan for i in level})
     idx = torch.tensor(nodes, device=tots.device)
     nphi = nm.shape[2]
     phi_nodes = idx.clamp(max=nphi - 1)   # the top node has no N (never carried across): a stand-in, unread
     leaves = [nm.index_select(2, phi_nodes).detach().requires_grad_(), tots.index_select(2, idx).detach()
               .requires_grad_(), ge.index_select(2, phi_nodes).detach().requires_grad_()]
+    init = {j: s0[:, :, j].float().detach().requires_grad_() for j in inc}
     with torch.enable_grad():
-        runs = _final_runs(*leaves, plan, slot={n: i for i, n in enumerate(nodes)})
-        grads = torch.autograd.grad(runs, leaves, dst.float(), allow_unused=True)
-    grads = [torch.zeros_like(x, dtype=torch.float32) if g is None else g.float() for g, x in zip(grads, leaves)]
-    return idx, phi_nodes, grads
+        runs = _final_runs(*leaves, plan, slot={n: i for i, n in enumerate(nodes)},
+                           init=[init.get(j) for j in range(NL)])
+        every = leaves + list(init.values())
+        grads = torch.autograd.grad(runs, every, dst.float(), allow_unused=True)
+    grads = [torch.zeros_like(x, dtype=torch.float32) if g is None else g.float() for g, x in zip(grads, every)]
+    return idx, phi_nodes, grads[:3], dict(zip(init, grads[3:]))
 
 
 def tree_bytes(B: int, T: int, H: int, K: int, V: int, NL: int, itemsize: int) -> int:

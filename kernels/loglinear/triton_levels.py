@@ -51,9 +51,10 @@ from ..triton.common import CHUNK, flags_given, pow2
 # warps_gradq) and num_stages (stages_grad: 3, Triton's default); ATOMIC: the
 # forward scans add their readouts to o with fp32 atomics (1) or, 0, every group of levels stores into its
 # own fp32 slice of a [groups, B, T, H, V] buffer summed afterwards (no atomics, (groups - 1) x the output's
-# memory more); TREE: log-linear Gated DeltaNet calls from position 0 with no incoming state take the levels from
-# the transition tree (``transition_tree`` / ``triton_tree``: block totals and products of the chunk maps, no level
-# scans) where its buffers fit TREE_BUDGET (0: always the scans); SCALAR_TREE: log-linear Mamba-2 calls from
+# memory more); TREE: log-linear Gated DeltaNet calls from position 0, or from an aligned block of 2^D chunks with
+# incoming states (CP ranks: ``transition_tree.tree_serves``), take the levels from the transition tree
+# (``transition_tree`` / ``triton_tree``: block totals and products of the chunk maps, no level scans) where its
+# buffers fit TREE_BUDGET (0: always the scans); SCALAR_TREE: log-linear Mamba-2 calls from
 # position 0 take them from Fenwick block totals in torch (``scalar_tree``; 0: the scans); KEEP_H: 1, a training
 # forward stores every level's per-chunk incoming states h (as the backward's recompute scan would) and keeps them
 # for the backward, which then skips that scan, where the backward runs in one segment and h of all levels fits

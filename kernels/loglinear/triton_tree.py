@@ -120,13 +120,15 @@ def tree_level_fwd_kernel(nm_ptr, tot_ptr, ge_ptr, NN, NPHI, OFF, OFF1, K: tl.co
         tl.store(ge_ptr + bh * NPHI + p, ge_a + ge_b)
 
 
-@flags_given(WRITE_O="o_ptr", STORE_Q="qcs_ptr")
+@flags_given(WRITE_O="o_ptr", STORE_Q="qcs_ptr", CARRY_ALL="qlast_ptr")
 @triton.jit
-def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, qcs_ptr, B, T, H, NL, P, NN, NPHI,
-                            K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                            C: tl.constexpr, WRITE_O: tl.constexpr, STORE_Q: tl.constexpr):
+def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, qcs_ptr, qlast_ptr, B, T, H, NL, P, NN,
+                            NPHI, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                            C: tl.constexpr, WRITE_O: tl.constexpr, STORE_Q: tl.constexpr, CARRY_ALL: tl.constexpr):
     """Program (chunk n, batch x head): o[rows of n] += its buckets' readouts (fp32, rows of this program
-    alone), and with qcs the query each bucket reads (in qcs's dtype)."""
+    alone), and with qcs the query each bucket reads (in qcs's dtype). With qlast (a call with incoming
+    states) the query is carried across every bucket, the last one too, and stored (fp32): what reads the
+    states entering the call."""
     n, bh, b, h, base, rt, mt, rk, mk, rv, mv = _chunk_program(T, H, K, V, BK, BV, C)
     mtk = mt[:, None] & mk[None, :]
     q = tl.load(qt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0).to(tl.float32)
@@ -141,27 +143,35 @@ def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, qcs
                 tl.store(qcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :],
                          q.to(qcs_ptr.dtype.element_ty), mask=mtk)
             o += lam[:, None] * tl.dot(q.to(tot.dtype), tot).to(tl.float32)
-            if (n >> (m + 1)) > 0:  # a bucket above reads the query carried across this one
+            if ((n >> (m + 1)) > 0) | CARRY_ALL:  # a bucket above (or the incoming states) reads it carried
                 nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
                              mask=mk[:, None] & mk[None, :], other=0.0)
                 q = tl.dot(-q.to(nm.dtype), nm, acc=tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * q)
+    if CARRY_ALL:
+        tl.store(qlast_ptr + (base + rt[:, None] * H) * K + rk[None, :], q, mask=mtk)
     if WRITE_O:
         optr = o_ptr + (base + rt[:, None] * H) * V + rv[None, :]
         mtv = mt[:, None] & mv[None, :]
         tl.store(optr, tl.load(optr, mask=mtv, other=0.0) + o, mask=mtv)
 
 
+@flags_given(CARRY_ALL="dqlast_ptr")
 @triton.jit
-def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, dqt_ptr, dlam_ptr, dqcs_ptr, B, T, H,
-                            NL, P, NN, NPHI, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                            C: tl.constexpr):
+def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, dqlast_ptr, dqt_ptr, dlam_ptr,
+                            dqcs_ptr, B, T, H, NL, P, NN, NPHI, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                            BV: tl.constexpr, C: tl.constexpr, CARRY_ALL: tl.constexpr):
     """Program (chunk n, batch x head): the readout's backward, buckets descending: dlam (every level of
     this chunk's rows: 0 where the bit is clear), dqt (fp32), and dqcs (the gradient of the query leaving
-    each bucket that a bucket above read, in dqcs's dtype) for ``tree_node_grad_kernel``."""
+    each bucket that a bucket above read, in dqcs's dtype) for ``tree_node_grad_kernel``. With dqlast (fp32,
+    the gradient of the query carried across every bucket: a call with incoming states) the walk starts from
+    it and every bucket's leaving query has a gradient."""
     n, bh, b, h, base, rt, mt, rk, mk, rv, mv = _chunk_program(T, H, K, V, BK, BV, C)
     mtk = mt[:, None] & mk[None, :]
     do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
-    dq = tl.zeros([C, BK], dtype=tl.float32)
+    if CARRY_ALL:
+        dq = tl.load(dqlast_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
+    else:
+        dq = tl.zeros([C, BK], dtype=tl.float32)
     for i in range(0, NL):
         m = NL - 1 - i
         part = tl.zeros([C], dtype=tl.float32)
@@ -173,7 +183,7 @@ def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, d
             q = tl.load(qcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :], mask=mtk,
                         other=0.0)
             part = tl.sum(do.to(tl.float32) * tl.dot(q.to(tot.dtype), tot).to(tl.float32), axis=1)
-            if (n >> (m + 1)) > 0:
+            if ((n >> (m + 1)) > 0) | CARRY_ALL:
                 tl.store(dqcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :],
                          dq.to(dqcs_ptr.dtype.element_ty), mask=mtk)
                 nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
@@ -187,7 +197,7 @@ def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, d
 @triton.jit
 def tree_node_grad_kernel(work_ptr, qcs_ptr, lam_ptr, do_ptr, dqcs_ptr, ge_ptr, dtot_ptr, dnm_ptr, dge_ptr, B, T, H,
                           NL, P, NN, NPHI, NT, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                          BV: tl.constexpr, C: tl.constexpr):
+                          BV: tl.constexpr, C: tl.constexpr, CARRY_ALL: tl.constexpr):
     """Program (bucket node, batch x head, which): the node's gradients summed over the chunks that read it:
     which = 0: dTot = sum q^T diag(lam) dO (fp32 [K, V]); 1 (nodes a query is carried across): dN = -sum q^T dq'
     and dge = e sum <q, dq'> (dq': the gradient of the query leaving the bucket). Work items (m, j), longest
@@ -220,7 +230,8 @@ def tree_node_grad_kernel(work_ptr, qcs_ptr, lam_ptr, do_ptr, dqcs_ptr, ge_ptr, 
             acc += tl.dot(tl.trans(q), (do * lam[:, None]).to(q.dtype)).to(tl.float32)
         tl.store(dtot_ptr + ((bh * NN + node) * K + rk[:, None]) * V + rv[None, :],
                  acc.to(dtot_ptr.dtype.element_ty), mask=mk[:, None] & mv[None, :])
-    elif (j > 0) & (node < NPHI):  # (j = 0: the first block, read by chunks with no bucket above)
+    elif ((j > 0) | CARRY_ALL) & (node < NPHI):  # (j = 0: the first block, read by chunks with no bucket above,
+        # unless the query goes on to the incoming states)
         acc = tl.zeros([BK, BK], dtype=tl.float32)
         tr = tl.zeros([BK], dtype=tl.float32)
         for n in range(n0, n1):
@@ -350,22 +361,25 @@ def build_tree(k, w, u, gam, NL: int, top: int, dtype):
     return nm, tots, ge
 
 
-def readout_forward(o, qt, lam, nm, tots, ge, P: int, store_q: bool):
-    """o [B, T, H, V] fp32 += the buckets' readouts (o None: nothing written); returns qcs (or None): the query
-    each bucket read."""
+def readout_forward(o, qt, lam, nm, tots, ge, P: int, store_q: bool, carry_all: bool = False):
+    """o [B, T, H, V] fp32 += the buckets' readouts (o None: nothing written); returns (qcs or None: the query
+    each bucket read; with ``carry_all`` qlast [B, T, H, K] fp32, the query carried across every bucket down to
+    the call's start, else None: the tree then needs N of every level it reads)."""
     B, T, H, K = qt.shape
     NL = lam.shape[-1]
     qcs = torch.empty(NL, B, T, H, K, device=qt.device, dtype=tots.dtype) if store_q else None
+    qlast = torch.empty(B, T, H, K, device=qt.device, dtype=torch.float32) if carry_all else None
     tree_readout_fwd_kernel[(triton.cdiv(T, CHUNK), B * H)](
-        qt, lam, nm, tots, ge, o, qcs, B, T, H, NL, P, tots.shape[2], nm.shape[2], C=CHUNK,
+        qt, lam, nm, tots, ge, o, qcs, qlast, B, T, H, NL, P, tots.shape[2], nm.shape[2], C=CHUNK,
         **_launch(K, tots.shape[-1]))
-    return qcs
+    return qcs, qlast
 
 
-def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None):
+def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None, dqlast=None):
     """The readout's backward and the per-node sums: (dqt [B, T, H, K] fp32, dlam [B, T, H, NL] fp32, and the
     tree's gradients dnm, dtots in the tree's dtype, dge fp32), before they go down the tree. ``dfinal``: the
-    final states' share on the nodes they read (``transition_tree._final_runs_grad``), added."""
+    final states' share on the nodes they read (``transition_tree._final_runs_grad``), added. ``dqlast``: the
+    gradient (fp32) of ``readout_forward``'s qlast (a call with incoming states)."""
     NL, B, T, H, K = qcs.shape
     V, NN, NPHI = tots.shape[-1], tots.shape[2], nm.shape[2]
     NT = triton.cdiv(T, CHUNK)
@@ -374,8 +388,8 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None):
     dlam = torch.empty(B, T, H, NL, device=dev, dtype=torch.float32)
     dqcs = torch.empty_like(qcs)
     launch = dict(C=CHUNK, **_launch(K, V))
-    tree_readout_bwd_kernel[(NT, B * H)](qcs, lam, nm, tots, ge, do, dqt, dlam, dqcs, B, T, H, NL, P, NN, NPHI,
-                                         **launch)
+    tree_readout_bwd_kernel[(NT, B * H)](qcs, lam, nm, tots, ge, do, dqlast, dqt, dlam, dqcs, B, T, H, NL, P, NN,
+                                         NPHI, **launch)
     # the tree's gradients in its own dtype (q's): sums formed in fp32 in registers, stored rounded once a level
     dnm = torch.zeros(nm.shape, device=dev, dtype=nm.dtype)
     dtots = torch.zeros(tots.shape, device=dev, dtype=tots.dtype)
@@ -385,7 +399,8 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None):
                                                           for j in range(0, P >> m, 2) if ((j + 1) << m) < NT], dev)
     if work.numel():
         tree_node_grad_kernel[(work.shape[0], B * H, 2)](work, qcs, lam, do, dqcs, ge, dtots, dnm, dge, B, T, H, NL,
-                                                         P, NN, NPHI, NT, **launch)
+                                                         P, NN, NPHI, NT, CARRY_ALL=dqlast is not None,
+                                                         **launch)
     if dfinal is not None:   # (nodes, their N / ge slots, gradients of those nodes' N, Tot, ge)
         idx, phi_idx, (g_nm, g_tot, g_ge) = dfinal
         dtots.index_add_(2, idx, g_tot.to(dtots.dtype))
