@@ -182,14 +182,16 @@ def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, d
             lam = tl.load(lam_ptr + (base + rt * H) * NL + m, mask=mt, other=0.0)
             q = tl.load(qcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :], mask=mtk,
                         other=0.0)
-            part = tl.sum(do.to(tl.float32) * tl.dot(q.to(tot.dtype), tot).to(tl.float32), axis=1)
+            # dO Tot^T serves both: dlam = rowsum(q * dO Tot^T), dq += diag(lam) dO Tot^T (one product, not two)
+            dx = tl.dot(do.to(tot.dtype), tl.trans(tot)).to(tl.float32)
+            part = tl.sum(q.to(tl.float32) * dx, axis=1)
             if ((n >> (m + 1)) > 0) | CARRY_ALL:
                 tl.store(dqcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :],
                          dq.to(dqcs_ptr.dtype.element_ty), mask=mtk)
                 nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
                              mask=mk[:, None] & mk[None, :], other=0.0)
                 dq = tl.dot(-dq.to(nm.dtype), tl.trans(nm), acc=tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * dq)
-            dq = tl.dot((do.to(tl.float32) * lam[:, None]).to(tot.dtype), tl.trans(tot), acc=dq)
+            dq += lam[:, None] * dx
         tl.store(dlam_ptr + (base + rt * H) * NL + m, part, mask=mt)
     tl.store(dqt_ptr + (base + rt[:, None] * H) * K + rk[None, :], dq, mask=mtk)
 

@@ -125,8 +125,8 @@ def record_deltaformer_launches(D: int, tf32: bool = True, half=None) -> list:
 
 def record_loglinear_launches(D: int, dtype_name: str) -> list:
     """(jit function, args, kwargs) of every Triton launch of one fwd+bwd of the fused log-linear ops
-    (backend "triton": Gated DeltaNet and Mamba-2, and Gated DeltaNet by the transition tree) on a 4096-token
-    sequence of 16 heads, on meta tensors."""
+    (backend "triton": Gated DeltaNet and Mamba-2, and Gated DeltaNet by the transition tree, from position 0 and
+    as a CP rank's shard with an incoming level state) on a 4096-token sequence of 16 heads, on meta tensors."""
     import torch
 
     from lctrain.kernels.loglinear import fused, triton_intra, triton_levels, triton_tree
@@ -144,9 +144,13 @@ def record_loglinear_launches(D: int, dtype_name: str) -> list:
         g, beta = (torch.empty(B, T, H, dtype=torch.float32, **m) for _ in range(2))
         lam = torch.empty(B, T, H, 13, dtype=torch.float32, **m)
         lw = torch.empty(B, T, H, 13 - c - 1, dtype=torch.float32, **m)
-        for b, tree in ((beta, False), (None, False), (beta, True)):   # (Gated DeltaNet's transition tree: TREE=1)
+        # the tree from an incoming state: 4096 tokens from 4096 (chunk 64), the level of 128 chunks continuing
+        lw_in = torch.empty(B, T, H, 14 - c - 1, dtype=torch.float32, **m)
+        s0 = torch.empty(B, H, 14 - c - 1, D, D, dtype=torch.float32, **m)
+        for b, tree, n0 in ((beta, False, 0), (None, False, 0), (beta, True, 0), (beta, True, T // 64)):
             ctx = type("Ctx", (), {"save_for_backward": lambda self, *t: setattr(self, "saved_tensors", t)})()
-            fused._FusedLogLinear.forward(ctx, q, k, v, g, b, lam, lw, None, D ** -0.5, 0, c, False, True, tree)
+            args = (lw, None) if not n0 else (lw_in, s0)
+            fused._FusedLogLinear.forward(ctx, q, k, v, g, b, lam, *args, D ** -0.5, n0, c, False, True, tree)
             fused._FusedLogLinear.backward(ctx, do, None)
     finally:
         for (mod, n), kernel in saved.items():
