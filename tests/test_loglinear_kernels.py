@@ -411,13 +411,13 @@ def test_transition_tree_from_incoming_states_matches_the_level_scans(monkeypatc
 
 
 @needs_triton
-@pytest.mark.parametrize("T,final", [(837, True), (837, False), (1024, True)])
+@pytest.mark.parametrize("T,final", [(837, True), (837, False), (1024, True), (100, False)])
 def test_transition_tree_readout_kernels_match_autograd(T, final):
     """The Triton readout of the transition tree (forward, backward, per-node sums) against torch autograd of
     the torch reference (transition_tree_levels) on unstructured random inputs: W not a WY term, so the
     chunk maps are far from symmetric and every transpose counts. T=837: 14 chunks padded to 16 (4 levels
     above the chunk, chunks with up to 3 buckets); T=1024: a complete top block (final states from the tree's
-    root)."""
+    root); T=100: one level, no level above it (the chunks' gradients need no parent's share)."""
     from lctrain.kernels.loglinear.transition_tree import (
         transition_tree_backward,
         transition_tree_levels,

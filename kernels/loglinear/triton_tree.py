@@ -306,17 +306,80 @@ def tree_level_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, N
         tl.store(dge_ptr + bh * NPHI + a, tl.load(dge_ptr + bh * NPHI + a) + dge_p + e_a * de_a)
 
 
+@triton.jit
+def _pulled_tot_grad(n, p, bh, nm_ptr, ge_ptr, dtot_ptr, NN, NPHI, K: tl.constexpr, V: tl.constexpr, rk, rv, mkk, mkv):
+    """(dTot of level-0 node n with its parent p's share, fp32; dTot_p in the tree's dtype): a = n even takes
+    e_b dTot_p - N_b^T dTot_p, b = n odd dTot_p (what ``tree_level_bwd_kernel`` WHICH=0 adds)."""
+    tv = ((bh * NN) * K + rk[:, None]) * V + rv[None, :]
+    dtp = tl.load(dtot_ptr + tv + p * K * V, mask=mkv, other=0.0)
+    own = tl.load(dtot_ptr + tv + n * K * V, mask=mkv, other=0.0).to(tl.float32)
+    if n % 2 == 1:
+        return own + dtp.to(tl.float32), dtp
+    nb = tl.load(nm_ptr + ((bh * NPHI + n + 1) * K + rk[:, None]) * K + rk[None, :], mask=mkk, other=0.0)
+    own += tl.exp(tl.load(ge_ptr + bh * NPHI + n + 1)) * dtp.to(tl.float32)
+    return tl.dot(tl.trans(-nb), dtp.to(nb.dtype), acc=own), dtp
+
+
+@triton.jit
+def _pulled_map_grad(n, p, bh, nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dge_ptr, dtp, NN, NPHI, K: tl.constexpr,
+                     V: tl.constexpr, rk, rv, mkk, mkv):
+    """(dN fp32, dge) of level-0 node n with its parent p's share (what ``tree_level_bwd_kernel`` WHICH=1 adds to
+    b = n odd, WHICH=2 to a = n even; dN_p, dge_p: 0 where p has no N)."""
+    tk = ((bh * NPHI) * K + rk[:, None]) * K + rk[None, :]
+    has_np = p < NPHI
+    dnp = tl.load(dnm_ptr + tk + p * K * K, mask=mkk & has_np, other=0.0)
+    dge = tl.load(dge_ptr + bh * NPHI + n) + tl.load(dge_ptr + bh * NPHI + p, mask=has_np, other=0.0)
+    e_n = tl.exp(tl.load(ge_ptr + bh * NPHI + n))
+    dn = tl.load(dnm_ptr + tk + n * K * K, mask=mkk, other=0.0).to(tl.float32)
+    # the decay gradients <dTot_p, Tot_a> + <dN_p, N_a> (b) and <dN_p, N_b> (a) are the traces of the products
+    # dN needs anyway (no [K, K] fp32 elementwise temporaries)
+    diag = rk[:, None] == rk[None, :]
+    if n % 2 == 1:   # b: sibling a = n - 1
+        a = n - 1
+        ta = tl.load(tot_ptr + ((bh * NN + a) * K + rk[:, None]) * V + rv[None, :], mask=mkv, other=0.0)
+        na = tl.load(nm_ptr + tk + a * K * K, mask=mkk, other=0.0)
+        x = tl.dot(dtp.to(ta.dtype), tl.trans(ta))
+        x = tl.dot(dnp.to(na.dtype), tl.trans(na), acc=x)
+        dge += e_n * tl.sum(tl.sum(tl.where(diag, x, 0.0), axis=1), axis=0)
+        dn += tl.exp(tl.load(ge_ptr + bh * NPHI + a)) * dnp.to(tl.float32) - x
+    else:            # a: sibling b = n + 1
+        nb = tl.load(nm_ptr + tk + (n + 1) * K * K, mask=mkk, other=0.0)
+        y = tl.dot(tl.trans(nb), dnp.to(nb.dtype))
+        dge += e_n * tl.sum(tl.sum(tl.where(diag, y, 0.0), axis=1), axis=0)
+        dn += tl.exp(tl.load(ge_ptr + bh * NPHI + n + 1)) * dnp.to(tl.float32) - y
+    return dn, dge
+
+
 @flags_given(HAS_W="w_ptr")
 @triton.jit
-def tree_maps_bwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, dnm_ptr, dtot_ptr, dge_ptr, dk_ptr, dw_ptr, du_ptr, dgam_ptr,
-                         T, H, NN, NPHI, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         C: tl.constexpr, HAS_W: tl.constexpr):
+def tree_maps_bwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, dk_ptr,
+                         dw_ptr, du_ptr, dgam_ptr, T, H, NN, NPHI, OFF1, K: tl.constexpr, V: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr,
+                         PULL: tl.constexpr):
     """Program (chunk n, batch x head): the gradients of level 0 (dN, dTot, dge of node n) into the chunk's
     k, W, Ut and gam rows (fp32 stores: the rows are this program's): N = kd^T W, Tot = kd^T Ut, ge = gl,
-    kd = diag(d) K with d = exp(gl - gam)."""
+    kd = diag(d) K with d = exp(gl - gam). With PULL the node's gradients are completed here with its parent's
+    share (parent OFF1 + n // 2, whose gradients are final): the last level of the pass down the tree, without
+    storing the level-0 gradients and loading them again."""
     n, bh, b, h, base, rt, mt, rk, mk, rv, mv = _chunk_program(T, H, K, V, BK, BV, C)
     mtk = mt[:, None] & mk[None, :]
     mtv = mt[:, None] & mv[None, :]
+    mkk = mk[:, None] & mk[None, :]
+    mkv = mk[:, None] & mv[None, :]
+    # the node's gradients first, rounded to the tree's dtype as the pass down the tree stores them: only those
+    # two tiles stay live into the chunk's part
+    lo = tot_ptr.dtype.element_ty
+    if PULL:
+        p = OFF1 + n // 2
+        dtot, dtp = _pulled_tot_grad(n, p, bh, nm_ptr, ge_ptr, dtot_ptr, NN, NPHI, K, V, rk, rv, mkk, mkv)
+        dtot = dtot.to(lo)
+        dnm, dge_n = _pulled_map_grad(n, p, bh, nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dge_ptr, dtp, NN, NPHI, K, V, rk,
+                                      rv, mkk, mkv)
+        dnm = dnm.to(lo)
+    else:
+        dtot = tl.load(dtot_ptr + ((bh * NN + n) * K + rk[:, None]) * V + rv[None, :], mask=mkv, other=0.0)
+        dnm = tl.load(dnm_ptr + ((bh * NPHI + n) * K + rk[:, None]) * K + rk[None, :], mask=mkk, other=0.0)
+        dge_n = tl.load(dge_ptr + bh * NPHI + n)
     last = tl.minimum(n * C + C - 1, T - 1)
     gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
     gl = tl.load(gam_ptr + base + last * H)
@@ -324,19 +387,17 @@ def tree_maps_bwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, dnm_ptr, dtot_ptr, dge_pt
     kc = tl.load(k_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
     kd = (kc.to(tl.float32) * d[:, None]).to(kc.dtype)
     uc = tl.load(u_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mtv, other=0.0).to(kc.dtype)
-    dtot = tl.load(dtot_ptr + ((bh * NN + n) * K + rk[:, None]) * V + rv[None, :], mask=mk[:, None] & mv[None, :],
-                   other=0.0).to(kc.dtype)
+    dtot = dtot.to(kc.dtype)
     dkd = tl.dot(uc, tl.trans(dtot)).to(tl.float32)
     tl.store(du_ptr + (base + rt[:, None] * H) * V + rv[None, :], tl.dot(kd, dtot).to(tl.float32), mask=mtv)
     if HAS_W:
-        dnm = tl.load(dnm_ptr + ((bh * NPHI + n) * K + rk[:, None]) * K + rk[None, :], mask=mk[:, None] & mk[None, :],
-                      other=0.0).to(kc.dtype)
+        dnm = dnm.to(kc.dtype)
         wc = tl.load(w_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0).to(kc.dtype)
         dkd += tl.dot(wc, tl.trans(dnm)).to(tl.float32)
         tl.store(dw_ptr + (base + rt[:, None] * H) * K + rk[None, :], tl.dot(kd, dnm).to(tl.float32), mask=mtk)
     tl.store(dk_ptr + (base + rt[:, None] * H) * K + rk[None, :], dkd * d[:, None], mask=mtk)
     dd = tl.sum(dkd * kc.to(tl.float32), axis=1) * d     # the gradient of (gl - gam) per row
-    dgl = tl.sum(dd, axis=0) + tl.load(dge_ptr + bh * NPHI + n)
+    dgl = tl.sum(dd, axis=0) + dge_n
     tl.store(dgam_ptr + base + rt * H, tl.where(rt == last, dgl, 0.0) - dd, mask=mt)
 
 
@@ -413,12 +474,13 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None, dqlast=None)
 
 
 def tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P: int, top: int):
-    """Down the tree (level top - 1 to 0) and into the chunks: (dk, dw or None, du, dgam) fp32."""
+    """Down the tree (level top - 1 to 1) and into the chunks, which take their level-0 node's share of its parent
+    themselves: (dk, dw or None, du, dgam) fp32."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     NN, NPHI = tots.shape[2], nm.shape[2]
     launch = _launch(K, V)
-    for m in range(top - 1, -1, -1):
+    for m in range(top - 1, 0, -1):
         for which in range(3):
             tree_level_bwd_kernel[(P >> (m + 1), B * H)](nm, tots, ge, dnm, dtots, dge, NN, NPHI, level_offset(P, m),
                                                          level_offset(P, m + 1), WHICH=which, **launch)
@@ -427,7 +489,8 @@ def tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P: int, top:
     dw = None if w is None else torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
     du = torch.empty(B, T, H, V, device=dev, dtype=torch.float32)
     dgam = torch.empty(B, T, H, device=dev, dtype=torch.float32)
-    tree_maps_bwd_kernel[(triton.cdiv(T, CHUNK), B * H)](k, w, u, gam, dnm, dtots, dge, dk, dw, du, dgam, T, H, NN,
-                                                         NPHI, C=CHUNK, **launch)
+    tree_maps_bwd_kernel[(triton.cdiv(T, CHUNK), B * H)](k, w, u, gam, nm, tots, ge, dnm, dtots, dge, dk, dw, du, dgam,
+                                                         T, H, NN, NPHI, level_offset(P, 1), C=CHUNK, PULL=top >= 1,
+                                                         **launch)
     return dk, dw, du, dgam
 
