@@ -303,8 +303,8 @@ def _final_runs_grad(nm, tots, ge, T: int, D: int, NL: int, dst, s0=None, inc=()
 
 def tree_bytes(B: int, T: int, H: int, K: int, V: int, NL: int, itemsize: int) -> int:
     """Bytes of the transition tree's own buffers in one fwd+bwd at their most (``tree_backward``): the tree (N and
-    Tot of ~2P nodes) and their gradients, and the queries each bucket reads and their gradients ([NL, B, T, H, K]
-    each), all in q's dtype."""
+    Tot of ~2P nodes) and their gradients, and the queries each bucket reads and their gradients ([NL, B, TH, H, K]
+    each, TH about T / 2: ``triton_tree.qcs_rows``), all in q's dtype."""
     nodes = 2 << NL
     tree = B * H * nodes * (K * K + K * V)
-    return 2 * tree * itemsize + 2 * NL * B * T * H * K * itemsize
+    return 2 * tree * itemsize + 2 * NL * B * triton_tree.qcs_rows(T) * H * K * itemsize

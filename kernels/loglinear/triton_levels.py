@@ -139,9 +139,10 @@ if os.environ.get("LCTRAIN_LOGLINEAR_CFG", "").strip():
 # (whole programs: at least CONFIG["LP"] levels), and where even one group of the whole sequence would
 # pass it (H=16, D=128, bf16: from 1M tokens) the sequence is cut into segments (``backward_plan``).
 STATE_BUDGET = 16 << 30
-# Bytes of the transition tree's own buffers (``transition_tree.tree_bytes``: the tree, its fp32 gradients and the
+# Bytes of the transition tree's own buffers (``transition_tree.tree_bytes``: the tree, its gradients and the
 # queries each bucket reads, with their gradients) up to which Gated DeltaNet takes the tree (CONFIG["TREE"]); past
-# it (H=16, D=128, bf16: from 256K tokens) the level scans, whose states the backward bounds by STATE_BUDGET.
+# it the level scans, whose states the backward bounds by STATE_BUDGET. At H=16, D=128, bf16 the tree takes up to
+# 256K tokens (28 GiB) and the scans from 512K (58 GiB).
 TREE_BUDGET = 32 << 30
 
 

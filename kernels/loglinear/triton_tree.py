@@ -20,8 +20,8 @@ level (``tree_level_bwd_kernel``) and into k, W, Ut, gam (``tree_maps_bwd_kernel
 it writes: no atomics. Gradients fp32, except the tree's (dN, dTot: in the tree's dtype; dge fp32).
 
 Layouts: tokens [B, T, H, D]; gam [B, T, H]; lam, dlam [B, T, H, NL] fp32 (bucket weights, scale included);
-tree [B, H, nodes, K, K|V], ge [B, H, nodes]; qcs / dqcs [NL, B, T, H, K] (chunk n's rows at level m written
-only where bit m of n is set).
+tree [B, H, nodes, K, K|V], ge [B, H, nodes]; qcs / dqcs [NL, B, TH, H, K], TH = ceil(NT / 2) C: at level m only
+the chunks n with bit m set have rows, compacted by dropping that bit (``_qcs_at``).
 """
 from __future__ import annotations
 
@@ -44,6 +44,16 @@ def level_offset(P: int, m: int) -> int:
 def _node(n, m, P):
     """The tree node of chunk n's bucket at level m (bit m of n set)."""
     return 2 * P - 2 * (P >> m) + (n >> m) - 1
+
+
+@triton.jit
+def _qcs_at(n, m, b, h, B, TH, H, K, rk, C: tl.constexpr):
+    """Offsets [C, BK] of chunk n's rows at level m in qcs / dqcs [NL, B, TH, H, K]: bit m of n is set, and the
+    chunk's slot is n without that bit (n = hi 2^(m+1) + 2^m + lo -> hi 2^m + lo < NT / 2), so TH = ceil(NT / 2) C
+    rows a level hold every chunk that reads a bucket there, half of [T, H, K]."""
+    slot = ((n >> (m + 1)) << m) | (n & ((1 << m) - 1))
+    rows = slot * C + tl.arange(0, C)
+    return ((m * B * TH + b * TH + rows[:, None]) * H + h) * K + rk[None, :]
 
 
 @triton.jit
@@ -122,8 +132,8 @@ def tree_level_fwd_kernel(nm_ptr, tot_ptr, ge_ptr, NN, NPHI, OFF, OFF1, K: tl.co
 
 @flags_given(WRITE_O="o_ptr", STORE_Q="qcs_ptr", CARRY_ALL="qlast_ptr")
 @triton.jit
-def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, qcs_ptr, qlast_ptr, B, T, H, NL, P, NN,
-                            NPHI, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, qcs_ptr, qlast_ptr, B, T, TH, H, NL, P,
+                            NN, NPHI, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                             C: tl.constexpr, WRITE_O: tl.constexpr, STORE_Q: tl.constexpr, CARRY_ALL: tl.constexpr):
     """Program (chunk n, batch x head): o[rows of n] += its buckets' readouts (fp32, rows of this program
     alone), and with qcs the query each bucket reads (in qcs's dtype). With qlast (a call with incoming
@@ -140,8 +150,7 @@ def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, qcs
                           mask=mk[:, None] & mv[None, :], other=0.0)
             lam = tl.load(lam_ptr + (base + rt * H) * NL + m, mask=mt, other=0.0)
             if STORE_Q:
-                tl.store(qcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :],
-                         q.to(qcs_ptr.dtype.element_ty), mask=mtk)
+                tl.store(qcs_ptr + _qcs_at(n, m, b, h, B, TH, H, K, rk, C), q.to(qcs_ptr.dtype.element_ty), mask=mtk)
             o += lam[:, None] * tl.dot(q.to(tot.dtype), tot).to(tl.float32)
             if ((n >> (m + 1)) > 0) | CARRY_ALL:  # a bucket above (or the incoming states) reads it carried
                 nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
@@ -158,7 +167,7 @@ def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, qcs
 @flags_given(CARRY_ALL="dqlast_ptr")
 @triton.jit
 def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, dqlast_ptr, dqt_ptr, dlam_ptr,
-                            dqcs_ptr, B, T, H, NL, P, NN, NPHI, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                            dqcs_ptr, B, T, TH, H, NL, P, NN, NPHI, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                             BV: tl.constexpr, C: tl.constexpr, CARRY_ALL: tl.constexpr):
     """Program (chunk n, batch x head): the readout's backward, buckets descending: dlam (every level of
     this chunk's rows: 0 where the bit is clear), dqt (fp32), and dqcs (the gradient of the query leaving
@@ -180,14 +189,13 @@ def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, d
             tot = tl.load(tot_ptr + ((bh * NN + node) * K + rk[:, None]) * V + rv[None, :],
                           mask=mk[:, None] & mv[None, :], other=0.0)
             lam = tl.load(lam_ptr + (base + rt * H) * NL + m, mask=mt, other=0.0)
-            q = tl.load(qcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :], mask=mtk,
-                        other=0.0)
+            at = _qcs_at(n, m, b, h, B, TH, H, K, rk, C)
+            q = tl.load(qcs_ptr + at, mask=mtk, other=0.0)
             # dO Tot^T serves both: dlam = rowsum(q * dO Tot^T), dq += diag(lam) dO Tot^T (one product, not two)
             dx = tl.dot(do.to(tot.dtype), tl.trans(tot)).to(tl.float32)
             part = tl.sum(q.to(tl.float32) * dx, axis=1)
             if ((n >> (m + 1)) > 0) | CARRY_ALL:
-                tl.store(dqcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :],
-                         dq.to(dqcs_ptr.dtype.element_ty), mask=mtk)
+                tl.store(dqcs_ptr + at, dq.to(dqcs_ptr.dtype.element_ty), mask=mtk)
                 nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
                              mask=mk[:, None] & mk[None, :], other=0.0)
                 dq = tl.dot(-dq.to(nm.dtype), tl.trans(nm), acc=tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * dq)
@@ -197,7 +205,7 @@ def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, d
 
 
 @triton.jit
-def tree_node_grad_kernel(work_ptr, qcs_ptr, lam_ptr, do_ptr, dqcs_ptr, ge_ptr, dtot_ptr, dnm_ptr, dge_ptr, B, T, H,
+def tree_node_grad_kernel(work_ptr, qcs_ptr, lam_ptr, do_ptr, dqcs_ptr, ge_ptr, dtot_ptr, dnm_ptr, dge_ptr, B, T, TH, H,
                           NL, P, NN, NPHI, NT, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                           BV: tl.constexpr, C: tl.constexpr, CARRY_ALL: tl.constexpr):
     """Program (bucket node, batch x head, which): the node's gradients summed over the chunks that read it:
@@ -224,8 +232,7 @@ def tree_node_grad_kernel(work_ptr, qcs_ptr, lam_ptr, do_ptr, dqcs_ptr, ge_ptr, 
         for n in range(n0, n1):
             rt = n * C + tl.arange(0, C)
             mt = rt < T
-            q = tl.load(qcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :],
-                        mask=mt[:, None] & mk[None, :], other=0.0)
+            q = tl.load(qcs_ptr + _qcs_at(n, m, b, h, B, TH, H, K, rk, C), mask=mt[:, None] & mk[None, :], other=0.0)
             lam = tl.load(lam_ptr + (base + rt * H) * NL + m, mask=mt, other=0.0)
             do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :],
                          other=0.0).to(tl.float32)
@@ -239,10 +246,9 @@ def tree_node_grad_kernel(work_ptr, qcs_ptr, lam_ptr, do_ptr, dqcs_ptr, ge_ptr, 
         for n in range(n0, n1):
             rt = n * C + tl.arange(0, C)
             mtk = (rt < T)[:, None] & mk[None, :]
-            q = tl.load(qcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :], mask=mtk,
-                        other=0.0)
-            dq = tl.load(dqcs_ptr + ((m * B * T + b * T + rt[:, None]) * H + h) * K + rk[None, :], mask=mtk,
-                         other=0.0)
+            at = _qcs_at(n, m, b, h, B, TH, H, K, rk, C)
+            q = tl.load(qcs_ptr + at, mask=mtk, other=0.0)
+            dq = tl.load(dqcs_ptr + at, mask=mtk, other=0.0)
             acc -= tl.dot(tl.trans(q), dq.to(q.dtype)).to(tl.float32)
             tr += tl.sum(q.to(tl.float32) * dq.to(tl.float32), axis=0)
         tl.store(dnm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
@@ -401,6 +407,11 @@ def tree_maps_bwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, 
     tl.store(dgam_ptr + base + rt * H, tl.where(rt == last, dgl, 0.0) - dd, mask=mt)
 
 
+def qcs_rows(T: int) -> int:
+    """TH: the rows a level of qcs holds, ceil(NT / 2) chunks (``_qcs_at``)."""
+    return -(-triton.cdiv(T, CHUNK) // 2) * CHUNK
+
+
 def _launch(K: int, V: int) -> dict:
     return dict(K=K, V=V, BK=pow2(K), BV=pow2(V), num_warps=WARPS)
 
@@ -430,10 +441,10 @@ def readout_forward(o, qt, lam, nm, tots, ge, P: int, store_q: bool, carry_all: 
     the call's start, else None: the tree then needs N of every level it reads)."""
     B, T, H, K = qt.shape
     NL = lam.shape[-1]
-    qcs = torch.empty(NL, B, T, H, K, device=qt.device, dtype=tots.dtype) if store_q else None
+    qcs = torch.empty(NL, B, qcs_rows(T), H, K, device=qt.device, dtype=tots.dtype) if store_q else None
     qlast = torch.empty(B, T, H, K, device=qt.device, dtype=torch.float32) if carry_all else None
     tree_readout_fwd_kernel[(triton.cdiv(T, CHUNK), B * H)](
-        qt, lam, nm, tots, ge, o, qcs, qlast, B, T, H, NL, P, tots.shape[2], nm.shape[2], C=CHUNK,
+        qt, lam, nm, tots, ge, o, qcs, qlast, B, T, qcs_rows(T), H, NL, P, tots.shape[2], nm.shape[2], C=CHUNK,
         **_launch(K, tots.shape[-1]))
     return qcs, qlast
 
@@ -443,7 +454,8 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None, dqlast=None)
     tree's gradients dnm, dtots in the tree's dtype, dge fp32), before they go down the tree. ``dfinal``: the
     final states' share on the nodes they read (``transition_tree._final_runs_grad``), added. ``dqlast``: the
     gradient (fp32) of ``readout_forward``'s qlast (a call with incoming states)."""
-    NL, B, T, H, K = qcs.shape
+    NL, B, TH, H, K = qcs.shape
+    T = lam.shape[1]
     V, NN, NPHI = tots.shape[-1], tots.shape[2], nm.shape[2]
     NT = triton.cdiv(T, CHUNK)
     dev = qcs.device
@@ -451,7 +463,7 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None, dqlast=None)
     dlam = torch.empty(B, T, H, NL, device=dev, dtype=torch.float32)
     dqcs = torch.empty_like(qcs)
     launch = dict(C=CHUNK, **_launch(K, V))
-    tree_readout_bwd_kernel[(NT, B * H)](qcs, lam, nm, tots, ge, do, dqlast, dqt, dlam, dqcs, B, T, H, NL, P, NN,
+    tree_readout_bwd_kernel[(NT, B * H)](qcs, lam, nm, tots, ge, do, dqlast, dqt, dlam, dqcs, B, T, TH, H, NL, P, NN,
                                          NPHI, **launch)
     # the tree's gradients in its own dtype (q's): sums formed in fp32 in registers, stored rounded once a level
     dnm = torch.zeros(nm.shape, device=dev, dtype=nm.dtype)
@@ -461,7 +473,7 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None, dqlast=None)
     work = cached_work(("tree buckets", NL, NT), lambda: [(m, j) for m in range(NL - 1, -1, -1)
                                                           for j in range(0, P >> m, 2) if ((j + 1) << m) < NT], dev)
     if work.numel():
-        tree_node_grad_kernel[(work.shape[0], B * H, 2)](work, qcs, lam, do, dqcs, ge, dtots, dnm, dge, B, T, H, NL,
+        tree_node_grad_kernel[(work.shape[0], B * H, 2)](work, qcs, lam, do, dqcs, ge, dtots, dnm, dge, B, T, TH, H, NL,
                                                          P, NN, NPHI, NT, CARRY_ALL=dqlast is not None,
                                                          **launch)
     if dfinal is not None:   # (nodes, their N / ge slots, gradients of those nodes' N, Tot, ge)
