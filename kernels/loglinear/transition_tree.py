@@ -202,23 +202,27 @@ def _final_runs(nm, tots, ge, plan, slot=None, init=None):
     return torch.stack(runs, dim=2)
 
 
-def _incoming_readout(o, qlast, lw, s0, levels, scale: float):
+def _incoming_readout(o, qlast, lw, s0, levels, scale: float, dtype):
     """o += scale w_j (qlast S_in,j) for the levels with an incoming run state: qlast, the query carried across
-    all of the chunk's buckets, reads the state entering the call."""
+    all of the chunk's buckets, reads the state entering the call. The products in ``dtype`` (q's, as the tree's
+    kernels form theirs; fp32 accumulation): in fp32 each would be a 17 GFLOP GEMM at 32K tokens, H=16, D=128 off
+    the tensor cores (an estimate, not timed), where CP ranks must stay balanced."""
     for j in levels:
-        o.add_(torch.einsum("bthk,bhkv->bthv", qlast, s0[:, :, j].float()).mul_(lw[..., j, None] * scale))
+        read = torch.einsum("bthk,bhkv->bthv", qlast.to(dtype), s0[:, :, j].to(dtype))
+        o.add_(read.float().mul_(lw[..., j, None] * scale))
 
 
-def _incoming_grads(qlast, lw, s0, levels, scale: float, do):
-    """(dqlast fp32, {j: dlw_j}, {j: ds0_j}) of ``_incoming_readout`` against do."""
+def _incoming_grads(qlast, lw, s0, levels, scale: float, do, dtype):
+    """(dqlast fp32, {j: dlw_j}, {j: ds0_j}) of ``_incoming_readout`` against do: X = dO S_in,j^T serves both dlw_j
+    = scale rowsum(qlast * X) and dqlast += scale w_j X; ds0_j = (scale w_j qlast)^T dO. Products in ``dtype``."""
     dqlast, dlw, ds0 = torch.zeros_like(qlast), {}, {}
-    do = do.float()
+    do = do.to(dtype)
     for j in levels:
-        s = s0[:, :, j].float()
         wj = lw[..., j, None] * scale
-        dlw[j] = (torch.einsum("bthk,bhkv->bthv", qlast, s) * do).sum(-1) * scale
-        dqlast += torch.einsum("bthv,bhkv->bthk", do, s) * wj
-        ds0[j] = torch.einsum("bthk,bthv->bhkv", qlast * wj, do)
+        x = torch.einsum("bthv,bhkv->bthk", do, s0[:, :, j].to(dtype)).float()
+        dlw[j] = (qlast * x).sum(-1) * scale
+        dqlast += x * wj
+        ds0[j] = torch.einsum("bthk,bthv->bhkv", (qlast * wj).to(dtype), do).float()
     return dqlast, dlw, ds0
 
 
@@ -235,7 +239,7 @@ def tree_forward(o, qt, k, w, u, gam, lw, scale: float, want_final: bool, keep: 
     nm, tots, ge = triton_tree.build_tree(k, w, u, gam, D, top, qt.dtype)
     lam, _ = _bucket_weights(lw, D, scale)
     qcs, qlast = triton_tree.readout_forward(o, qt, lam, nm, tots, ge, 1 << D, store_q=keep, carry_all=bool(inc))
-    _incoming_readout(o, qlast, lw, s0, inc, scale)
+    _incoming_readout(o, qlast, lw, s0, inc, scale, qt.dtype)
     final = None
     if want_final:
         init = [s0[:, :, j].float() if j in inc else None for j in range(NL)]
@@ -260,7 +264,7 @@ def tree_backward(qt, k, w, u, gam, lw, scale: float, do, dst, kept=None, s0=Non
         qcs, qlast = triton_tree.readout_forward(None, qt, lam, nm, tots, ge, P, store_q=True, carry_all=bool(inc))
     else:
         nm, tots, ge, qcs, qlast, top = kept
-    dqlast, dlw_in, ds0_in = _incoming_grads(qlast, lw, s0, inc, scale, do) if inc else (None, {}, {})
+    dqlast, dlw_in, ds0_in = _incoming_grads(qlast, lw, s0, inc, scale, do, qt.dtype) if inc else (None, {}, {})
     del qlast
     dfinal, dinit = None, {}
     if dst is not None:
