@@ -10,7 +10,8 @@ transition at all and overlap's last rank the plain reverse pass; a case that ra
 test only); the short
 conv through the halo exchange; sliding-window attention through the halo exchange; global
 attention through Ulysses (skipped when DeepSpeed is not installed); a training step of a float32
-G/D/M model (Triton, full checkpointing) with the default transition, which runs pipeline there.
+G/D/M model (Triton, full checkpointing) with the default transition, which runs pipeline there; log-linear
+Gated DeltaNet (backend "triton": both ranks through the transition tree, rank 1 from an incoming level state).
 """
 from __future__ import annotations
 
@@ -97,6 +98,54 @@ def _linear_case(rank, kind, transition, device, weigh_states=True):
         err["d" + n] = rel(loc[n].grad, full[n].grad[:, sl])
     if rank == 0:
         err["d initial_state"] = rel(init_cp.grad, init.grad)
+    return err
+
+
+def _loglinear_case(rank, device):
+    """Log-linear Gated DeltaNet under CP, backend "triton" in bfloat16, against one GPU in float32 (backend "torch")
+    over the whole sequence chained through the level states (as tests/test_loglinear_cp.py does on the CPU):
+    outputs, every rank's final level states and every gradient. 8 chunks a rank: both ranks take the transition
+    tree (checked), rank 1 with the level of 16 chunks continuing from rank 0 (its incoming state)."""
+    import torch.distributed as dist
+    from lctrain.kernels.loglinear import fused, transition_tree
+    from lctrain.parallel import context_parallel
+
+    from lctrain import kernels
+    T = P * TL
+    L = kernels.levels_needed(T)
+    gen = torch.Generator(device=device).manual_seed(17)
+    r = lambda *s: torch.randn(*s, generator=gen, device=device)  # noqa: E731
+    x = dict(q=r(B, T, H, D), k=F.normalize(r(B, T, H, D), dim=-1), v=r(B, T, H, D), g=F.logsigmoid(r(B, T, H) + 5.0),
+             beta=torch.sigmoid(r(B, T, H)), level_weights=F.softplus(r(B, T, H, L)))
+    do, w_state = r(B, T, H, D), [r(B, H, L, D, D) for _ in range(P)]
+    names = ("q", "k", "v", "g", "beta", "level_weights")
+    op = kernels.loglinear_gated_delta_rule
+    full = {n: x[n].clone().requires_grad_() for n in names}
+    state, outs, states, loss = None, [], [], 0.0
+    for rr in range(P):
+        s = slice(rr * TL, (rr + 1) * TL)
+        o, state = op(*(full[n][:, s] for n in names), initial_state=state, output_final_state=True,
+                      position_offset=rr * TL, backend="torch")
+        outs.append(o)
+        states.append(state)
+        loss = loss + (o * do[:, s]).sum() + (state * w_state[rr]).sum()
+    loss.backward()
+
+    sl = slice(rank * TL, (rank + 1) * TL)
+    loc = {n: (x[n][:, sl].to(torch.bfloat16) if n in ("q", "k", "v") else x[n][:, sl]).clone().requires_grad_()
+           for n in names}
+    trees, forward = [], fused.tree_forward
+    fused.tree_forward = lambda *a, **kw: trees.append(1) or transition_tree.tree_forward(*a, **kw)
+    try:
+        o, s_out = context_parallel(op, dist.group.WORLD)(*(loc[n] for n in names), output_final_state=True,
+                                                           backend="triton")
+    finally:
+        fused.tree_forward = forward
+    ((o.float() * do[:, sl]).sum() + (s_out * w_state[rank]).sum()).backward()
+    err = {"ll o": rel(o, outs[rank]), "ll state": rel(s_out, states[rank]),
+           "ll took the tree": 0.0 if len(trees) == 1 else float("inf")}
+    for n in names:
+        err["ll d" + n] = rel(loc[n].grad, full[n].grad[:, sl])
     return err
 
 
@@ -206,6 +255,7 @@ def gpu_worker(rank, world_size):
     for kind in FUSED_KINDS:
         cases[(kind, "overlap", "fuse_out")] = functools.partial(_fused_case, rank, kind, device)
     cases["conv"] = functools.partial(_conv_case, rank, device)
+    cases["loglinear"] = functools.partial(_loglinear_case, rank, device)
     cases["model"] = functools.partial(_model_case, rank, device)
     cases["swa"] = functools.partial(_attention_case, rank, ATTN["window"], device)
     if HAS_DEEPSPEED:
@@ -254,6 +304,10 @@ def test_cp_model_step_with_the_default_transition_on_two_gpus():
 
 def test_cp_conv_halo_on_two_gpus():
     _check("conv")
+
+
+def test_cp_loglinear_transition_tree_on_two_gpus():
+    _check("loglinear")
 
 
 def test_cp_sliding_window_halo_on_two_gpus():

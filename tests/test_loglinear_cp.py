@@ -19,7 +19,7 @@ def make_inputs(seed, kind, B, T, H, K, V, L):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     x = {"q": r(B, T, H, K), "k": F.normalize(r(B, T, H, K), dim=-1), "v": r(B, T, H, V),
-         "g": -F.softplus(r(B, T, H)) * 0.3}
+         "g": -F.softplus(r(B, T, H)) * 0.02}  # slow decays: the levels across ranks weigh in
     if kind == "gdn":
         x["beta"] = torch.sigmoid(r(B, T, H))
     x["level_weights"] = F.softplus(r(B, T, H, L))
