@@ -3,7 +3,9 @@
 The chunk maps S -> M_n S + B_n are kept as M = e I - N: the decay e = exp(ge) as a log (fp32 scalar per node)
 and the delta rule's part N in q's dtype, so the identity never passes through a bf16 rounding (for slow
 decays M is close to e I and its information is all in N). A tree over aligned blocks of 2^m chunks, nodes of
-level m numbered from off_m = 2P - 2(P >> m) (P = 2^NL chunks, the sequence padded), combines halves a, b:
+level m numbered from off_m = 2P - 2(P >> m) (P = 2^NL chunks, the call padded; NL here is the tree's depth, the
+levels its buckets serve: ``transition_tree.tree_depth``, fewer than the call's levels when some hold the whole
+call), combines halves a, b:
 
     ge_p = ge_a + ge_b,   N_p = e_b N_a + e_a N_b - N_b N_a,   Tot_p = e_b Tot_a - N_b Tot_a + Tot_b
 
