@@ -10,8 +10,11 @@ peak extra GPU memory of one forward+backward, for
     fla_ll_mamba2  fla-core's chunk_log_linear_attn (fla.ops.log_linear_attn), imported lazily here only
     ll_gdn_composed, ll_mamba2_composed  the same ops on backend "triton_composed" (one base-op run per
                 level, the reference the fused kernels replace; not in the default --methods)
+    ll_gdn_shard  ll_gdn as the second of two CP ranks runs its shard: the T tokens at position T, with an
+                incoming level state and the level weights of 2T tokens, final states returned (not in the
+                default --methods): against ll_gdn, what a CP=2 rank adds beyond the one-GPU call
 
-``--levels-cfg "LP=4,BV=16" "LP=1,BV=64,warps=4"`` also times ll_gdn / ll_mamba2 (those asked for) under
+``--levels-cfg "LP=4,BV=16" "LP=1,BV=64,warps=4"`` also times ll_gdn / ll_mamba2 / ll_gdn_shard (those asked for) under
 each launch setting of the level kernels (rows ``ll_gdn@LP=4,BV=16``; keys: kernels/loglinear/
 triton_levels.CONFIG), to pick their defaults on a new GPU.
 
@@ -37,8 +40,9 @@ from lctrain.bench.kernels import _measure, kernel_versions
 from lctrain.bench.report import Clock, bench_main, error_note, result_dict, time_limit_seconds, write_partial
 
 METHODS = ("ll_gdn", "gdn", "ll_mamba2", "mamba2", "fla_ll_mamba2")
-EXTRA_METHODS = ("ll_gdn_composed", "ll_mamba2_composed")
-BASE_OF = {"ll_gdn": "gdn", "ll_mamba2": "mamba2", "ll_gdn_composed": "gdn", "ll_mamba2_composed": "mamba2"}
+EXTRA_METHODS = ("ll_gdn_composed", "ll_mamba2_composed", "ll_gdn_shard")
+BASE_OF = {"ll_gdn": "gdn", "ll_mamba2": "mamba2", "ll_gdn_composed": "gdn", "ll_mamba2_composed": "mamba2",
+           "ll_gdn_shard": "gdn"}
 COLUMNS = ["T", "method", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd+bwd / base", "fla / ours (fwd+bwd)"]
 
 
@@ -53,7 +57,7 @@ def _parse(argv):
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--methods", nargs="+", choices=METHODS + EXTRA_METHODS, default=list(METHODS))
     p.add_argument("--levels-cfg", nargs="+", default=[], metavar="KEY=INT[,KEY=INT]",
-                   help="also time ll_gdn / ll_mamba2 under these launch settings of the level kernels")
+                   help="also time ll_gdn / ll_mamba2 / ll_gdn_shard under these launch settings of the level kernels")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     p.add_argument("--time-limit", type=time_limit_seconds, default=None, metavar="S",
@@ -75,9 +79,11 @@ def _inputs(B, T, H, D, dtype, device):
     x = dict(q=r(B, T, H, D).to(dtype), k=F.normalize(r(B, T, H, D), dim=-1).to(dtype), v=r(B, T, H, D).to(dtype),
              g=F.logsigmoid(r(B, T, H) + 3.0), beta=torch.sigmoid(r(B, T, H)).to(dtype),
              lam=F.softplus(r(B, T, H, levels_needed(T))).to(dtype),
-             q1=(r(B, T, 1, D) * D ** -0.5).to(dtype), k1=(r(B, T, 1, D) * D ** -0.5).to(dtype))  # shared q/k
+             q1=(r(B, T, 1, D) * D ** -0.5).to(dtype), k1=(r(B, T, 1, D) * D ** -0.5).to(dtype),  # shared q/k
+             lam2=F.softplus(r(B, T, H, levels_needed(2 * T))).to(dtype))    # ll_gdn_shard: the weights of 2T
     for t in x.values():
         t.requires_grad_(True)
+    x["init"] = r(B, H, levels_needed(2 * T), D, D) * 0.1   # ll_gdn_shard: its incoming level states (no grad)
     x["do"] = r(B, T, H, D).to(dtype)
     return x
 
@@ -97,6 +103,11 @@ def _method(name, x, fla):
     if name in ("ll_gdn", "ll_gdn_composed"):
         backend = "triton" if name == "ll_gdn" else "triton_composed"
         return (lambda: loglinear_gated_delta_rule(q, k, v, g, beta, lam, backend=backend)[0]), [q, k, v, g, beta, lam]
+    if name == "ll_gdn_shard":
+        T = q.shape[1]
+        return (lambda: loglinear_gated_delta_rule(q, k, v, g, beta, x["lam2"], initial_state=x["init"],
+                                                   output_final_state=True, position_offset=T, backend="triton")[0],
+                [q, k, v, g, beta, x["lam2"]])
     if name == "gdn":
         return (lambda: gated_delta_rule(q, k, v, g, beta, backend="triton")[0]), [q, k, v, g, beta]
     if name in ("ll_mamba2", "ll_mamba2_composed"):
@@ -147,7 +158,7 @@ def run(args) -> dict:
     for spec in args.levels_cfg:
         # refuse a malformed one (format, keys, values) before any timing
         triton_levels.set_levels_config(**triton_levels.set_levels_config(**triton_levels.parse_levels_config(spec)))
-        methods += [f"{m}@{spec}" for m in ("ll_gdn", "ll_mamba2") if m in args.methods]
+        methods += [f"{m}@{spec}" for m in ("ll_gdn", "ll_mamba2", "ll_gdn_shard") if m in args.methods]
     measured: list[tuple[int, dict]] = []  # (T, {method: (fwd ms, fwd+bwd ms, peak MiB) or None}) in --T order
     clock, skipped = Clock(args.time_limit, "bench loglinear"), []
 
