@@ -38,9 +38,11 @@ from .levels import level_matrix
 def runs_from_slots(slots: torch.Tensor, position_offset: int) -> torch.Tensor:
     """Incoming run states [B, H, L, K, V] from the level states of query p0-1 (p0 = position_offset):
     run l continues into this call iff p0 is not a multiple of 2^l, and then holds slots 0..l."""
-    L = slots.shape[2]
-    keep = torch.tensor([position_offset % (1 << l) != 0 for l in range(L)], device=slots.device)
-    return slots.cumsum(dim=2) * keep[:, None, None].to(slots.dtype)
+    runs = slots.cumsum(dim=2)
+    for lev in range(slots.shape[2]):   # (not a mask tensor: building one on the device waits for the GPU)
+        if position_offset % (1 << lev) == 0:
+            runs[:, :, lev] = 0
+    return runs
 
 
 def slots_from_runs(runs: torch.Tensor, L: int) -> torch.Tensor:
@@ -148,19 +150,30 @@ def intra_chunk_levels(q, k, v, g, beta, level_weights, *, scale, chunk_size: in
     return O.movedim(1, 3).reshape(B, -1, H, v.shape[-1])[:, :T]
 
 
-def _last_block_states(base, k, v, gates, position_offset: int, levels, backend: str, chunk_size: int):
+def _last_block_states(base, k, v, gates, position_offset: int, levels, chunk_size: int):
     """Final run states of the given low levels (blocks inside the last chunk, starting at or after
-    position_offset): the base op from zero over the last block of each."""
-    T = k.shape[1]
+    position_offset): the base op from zero over the last block of each, all in ONE call of the torch base op
+    (a run per level was ~7 calls of many small kernels: host time a GPU then waits on). Each level's block is a
+    suffix of the last n tokens, the levels side by side in the batch, the tokens before its block blanked
+    (k = v = 0, g = 0 and beta = 0: the identity step, nothing written)."""
+    levels = list(levels)
+    if not levels:
+        return []
+    B, T = k.shape[:2]
     e = position_offset + T - 1
-    out = []
-    for lev in levels:
-        lo = e - (e % (1 << lev)) - position_offset
-        xs = [x[:, lo:] for x in (k, v) + tuple(gates)]
-        _, s = level_run(base, xs[0], xs[0], xs[1], xs[2:], None, position_offset + lo, 1 << lev, backend,
-                         chunk_size)
-        out.append(s)
-    return out
+    starts = [e - (e % (1 << lev)) - position_offset for lev in levels]
+    n = T - min(starts)
+    keep = k.new_ones(len(levels), 1, n, dtype=torch.float32)
+    for i, lo in enumerate(starts):
+        keep[i, :, : lo - (T - n)] = 0
+    xs = []
+    for x in (k, v) + tuple(gates):
+        tail = x[:, T - n:]
+        mask = keep.view(len(levels), 1, n, *([1] * (x.dim() - 2))).to(x.dtype)   # (0 and 1: exact in any dtype)
+        xs.append((tail[None] * mask).reshape(len(levels) * B, n, *x.shape[2:]))
+    _, s = base(xs[0], xs[0], xs[1], *xs[2:], initial_state=None, output_final_state=True, backend="torch",
+                chunk_size=chunk_size)
+    return list(s.view(len(levels), B, *s.shape[1:]).unbind(0))
 
 
 def loglinear_by_levels(base, q, k, v, gates, level_weights, *, scale, run_init, position_offset: int,
@@ -187,7 +200,7 @@ def loglinear_by_levels(base, q, k, v, gates, level_weights, *, scale, run_init,
                 parts.append(intra_chunk_levels(*args, **kw))
         o = torch.cat(parts, dim=1)
         first = min(C.bit_length() - 1, top) + 1
-        finals = _last_block_states(base, k, v, gates, position_offset, range(first), backend, chunk_size)
+        finals = _last_block_states(base, k, v, gates, position_offset, range(first), chunk_size)
     w = level_weight_differences(q, level_weights, top)
     recompute = torch.is_grad_enabled() and _recompute_levels(q, top + 1 - first, chunk_size)
 

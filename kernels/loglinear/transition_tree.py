@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from ..triton.common import CHUNK
-from . import triton_tree
+from . import triton_levels, triton_tree
 from .scalar_tree import _heads_first
 from .triton_tree import level_offset
 
@@ -290,7 +290,8 @@ def _final_runs_grad(nm, tots, ge, T: int, D: int, NL: int, dst, s0=None, inc=()
     ``_final_runs`` on copies of those nodes and of the incoming states)."""
     plan = _final_buckets(T, D, NL)
     nodes = sorted({i for level in plan for i in level})
-    idx = torch.tensor(nodes, device=tots.device)
+    # (cached on the device: a tensor made from a host list at every call waits for the GPU to get there)
+    idx = triton_levels.cached_work(("final nodes", T, D, NL), lambda: nodes, tots.device).long()
     nphi = nm.shape[2]
     phi_nodes = idx.clamp(max=nphi - 1)   # the top node has no N (never carried across): a stand-in, unread
     leaves = [nm.index_select(2, phi_nodes).detach().requires_grad_(), tots.index_select(2, idx).detach()

@@ -481,9 +481,10 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None, dqlast=None)
     if dfinal is not None:   # (nodes, their N / ge slots, gradients of those nodes' N, Tot, ge)
         idx, phi_idx, (g_nm, g_tot, g_ge) = dfinal
         dtots.index_add_(2, idx, g_tot.to(dtots.dtype))
-        keep = idx < NPHI    # the stand-in slot of a node without N gets no gradient
-        dnm.index_add_(2, phi_idx[keep], g_nm[:, :, keep].to(dnm.dtype))
-        dge.index_add_(2, phi_idx[keep], g_ge[:, :, keep])
+        # a node without N (the top one) reads a stand-in slot whose N it never uses: its gradients there are
+        # 0, so they add nothing (no mask: selecting by one would wait for the GPU)
+        dnm.index_add_(2, phi_idx, g_nm.to(dnm.dtype))
+        dge.index_add_(2, phi_idx, g_ge)
     return dqt, dlam, dnm, dtots, dge
 
 
