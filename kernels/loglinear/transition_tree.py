@@ -202,28 +202,12 @@ def _final_runs(nm, tots, ge, plan, slot=None, init=None):
     return torch.stack(runs, dim=2)
 
 
-def _incoming_readout(o, qlast, lw, s0, levels, scale: float, dtype):
-    """o += scale w_j (qlast S_in,j) for the levels with an incoming run state: qlast, the query carried across
-    all of the chunk's buckets, reads the state entering the call. The products in ``dtype`` (q's, as the tree's
-    kernels form theirs; fp32 accumulation): in fp32 each would be a 17 GFLOP GEMM at 32K tokens, H=16, D=128 off
-    the tensor cores (an estimate, not timed), where CP ranks must stay balanced."""
-    for j in levels:
-        read = torch.einsum("bthk,bhkv->bthv", qlast.to(dtype), s0[:, :, j].to(dtype))
-        o.add_(read.float().mul_(lw[..., j, None] * scale))
-
-
-def _incoming_grads(qlast, lw, s0, levels, scale: float, do, dtype):
-    """(dqlast fp32, {j: dlw_j}, {j: ds0_j}) of ``_incoming_readout`` against do: X = dO S_in,j^T serves both dlw_j
-    = scale rowsum(qlast * X) and dqlast += scale w_j X; ds0_j = (scale w_j qlast)^T dO. Products in ``dtype``."""
-    dqlast, dlw, ds0 = torch.zeros_like(qlast), {}, {}
+def _incoming_state_grads(qlast, lw, s0, levels, scale: float, do, dtype):
+    """{j: ds0_j} = (scale w_j qlast)^T dO for the levels with an incoming run state (their readout and its other
+    gradients are in the readout kernels): one product a level in ``dtype`` (q's; fp32 accumulation)."""
     do = do.to(dtype)
-    for j in levels:
-        wj = lw[..., j, None] * scale
-        x = torch.einsum("bthv,bhkv->bthk", do, s0[:, :, j].to(dtype)).float()
-        dlw[j] = (qlast * x).sum(-1) * scale
-        dqlast += x * wj
-        ds0[j] = torch.einsum("bthk,bthv->bhkv", (qlast * wj).to(dtype), do).float()
-    return dqlast, dlw, ds0
+    return {j: torch.einsum("bthk,bthv->bhkv", (qlast * (lw[..., j, None] * scale)).to(dtype), do).float()
+            for j in levels}
 
 
 def tree_forward(o, qt, k, w, u, gam, lw, scale: float, want_final: bool, keep: bool = False, s0=None, n0: int = 0):
@@ -238,8 +222,9 @@ def tree_forward(o, qt, k, w, u, gam, lw, scale: float, want_final: bool, keep: 
     top = D if want_final or inc else D - 1
     nm, tots, ge = triton_tree.build_tree(k, w, u, gam, D, top, qt.dtype)
     lam, _ = _bucket_weights(lw, D, scale)
-    qcs, qlast = triton_tree.readout_forward(o, qt, lam, nm, tots, ge, 1 << D, store_q=keep, carry_all=bool(inc))
-    _incoming_readout(o, qlast, lw, s0, inc, scale, qt.dtype)
+    incoming = triton_tree.incoming_args(s0, lw, inc, scale) if inc else None
+    qcs, qlast = triton_tree.readout_forward(o, qt, lam, nm, tots, ge, 1 << D, store_q=keep, incoming=incoming,
+                                             store_last=keep and bool(inc))
     final = None
     if want_final:
         init = [s0[:, :, j].float() if j in inc else None for j in range(NL)]
@@ -258,24 +243,25 @@ def tree_backward(qt, k, w, u, gam, lw, scale: float, do, dst, kept=None, s0=Non
     P = 1 << D
     inc = _incoming(n0, D, NL, s0)
     lam, U = _bucket_weights(lw, D, scale)
+    incoming = triton_tree.incoming_args(s0, lw, inc, scale) if inc else None
     if kept is None:
         top = D if dst is not None or inc else D - 1
         nm, tots, ge = triton_tree.build_tree(k, w, u, gam, D, top, qt.dtype)
-        qcs, qlast = triton_tree.readout_forward(None, qt, lam, nm, tots, ge, P, store_q=True, carry_all=bool(inc))
+        qcs, qlast = triton_tree.readout_forward(None, qt, lam, nm, tots, ge, P, store_q=True, incoming=incoming,
+                                                 store_last=bool(inc))
     else:
         nm, tots, ge, qcs, qlast, top = kept
-    dqlast, dlw_in, ds0_in = _incoming_grads(qlast, lw, s0, inc, scale, do, qt.dtype) if inc else (None, {}, {})
-    del qlast
+    ds0_in = _incoming_state_grads(qlast, lw, s0, inc, scale, do, qt.dtype) if inc else {}
     dfinal, dinit = None, {}
     if dst is not None:
         *dfinal, dinit = _final_runs_grad(nm, tots, ge, T, D, NL, dst, s0, inc)
-    dqt, dlam, dnm, dtots, dge = triton_tree.tree_gradients(qcs, lam, nm, tots, ge, do.contiguous(), P, dfinal,
-                                                            dqlast)
-    del qcs, dqlast
+    dqt, dlam, dnm, dtots, dge, dlwin = triton_tree.tree_gradients(qcs, lam, nm, tots, ge, do.contiguous(), P,
+                                                                   dfinal, incoming, qlast)
+    del qcs, qlast
     dk, dw, du, dgam = triton_tree.tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P, top)
     dlw = (dlam @ U.t()).mul_(scale)
-    for j, g in dlw_in.items():
-        dlw[..., j] += g
+    for i, j in enumerate(inc):
+        dlw[..., j] += dlwin[..., i]
     ds0 = None
     if s0 is not None:
         ds0 = torch.zeros(s0.shape, device=s0.device, dtype=torch.float32)

@@ -132,15 +132,29 @@ def tree_level_fwd_kernel(nm_ptr, tot_ptr, ge_ptr, NN, NPHI, OFF, OFF1, K: tl.co
         tl.store(ge_ptr + bh * NPHI + p, ge_a + ge_b)
 
 
-@flags_given(WRITE_O="o_ptr", STORE_Q="qcs_ptr", CARRY_ALL="qlast_ptr")
 @triton.jit
-def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, qcs_ptr, qlast_ptr, B, T, TH, H, NL, P,
-                            NN, NPHI, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                            C: tl.constexpr, WRITE_O: tl.constexpr, STORE_Q: tl.constexpr, CARRY_ALL: tl.constexpr):
+def _incoming_level(s0_ptr, lw_ptr, inc_ptr, i, bh, base, rt, mt, H, NLW, K: tl.constexpr, V: tl.constexpr, rk, rv,
+                    dtype: tl.constexpr):
+    """(S_in,j [K, V] in ``dtype``, w_j of the chunk's rows fp32) of the i-th incoming level j = inc[i]: s0
+    [B, H, NLW, K, V] fp32, lw [B, T, H, NLW] fp32."""
+    j = tl.load(inc_ptr + i)
+    s = tl.load(s0_ptr + ((bh * NLW + j) * K + rk[:, None]) * V + rv[None, :],
+                mask=(rk < K)[:, None] & (rv < V)[None, :], other=0.0).to(dtype)
+    return s, tl.load(lw_ptr + (base + rt * H) * NLW + j, mask=mt, other=0.0)
+
+
+@flags_given(WRITE_O="o_ptr", STORE_Q="qcs_ptr", STORE_LAST="qlast_ptr", HAS_IN="s0_ptr")
+@triton.jit
+def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, qcs_ptr, qlast_ptr, s0_ptr, lw_ptr,
+                            inc_ptr, NINC, NLW, scale, B, T, TH, H, NL, P, NN, NPHI, K: tl.constexpr, V: tl.constexpr,
+                            BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, WRITE_O: tl.constexpr,
+                            STORE_Q: tl.constexpr, STORE_LAST: tl.constexpr, HAS_IN: tl.constexpr,
+                            CARRY_ALL: tl.constexpr):
     """Program (chunk n, batch x head): o[rows of n] += its buckets' readouts (fp32, rows of this program
-    alone), and with qcs the query each bucket reads (in qcs's dtype). With qlast (a call with incoming
-    states) the query is carried across every bucket, the last one too, and stored (fp32): what reads the
-    states entering the call."""
+    alone), and with qcs the query each bucket reads (in qcs's dtype). CARRY_ALL (a call with incoming states):
+    the query is carried across every bucket, the last one too, down to the call's start, where it reads the
+    incoming states (s0 of the levels inc[0..NINC-1]: o += scale w_j (q S_in,j)) and, with qlast, is stored
+    (fp32) for the backward."""
     n, bh, b, h, base, rt, mt, rk, mk, rv, mv = _chunk_program(T, H, K, V, BK, BV, C)
     mtk = mt[:, None] & mk[None, :]
     q = tl.load(qt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0).to(tl.float32)
@@ -158,31 +172,43 @@ def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, qcs
                 nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
                              mask=mk[:, None] & mk[None, :], other=0.0)
                 q = tl.dot(-q.to(nm.dtype), nm, acc=tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * q)
-    if CARRY_ALL:
+    if STORE_LAST:
         tl.store(qlast_ptr + (base + rt[:, None] * H) * K + rk[None, :], q, mask=mtk)
+    if HAS_IN:
+        for i in range(0, NINC):
+            s, w = _incoming_level(s0_ptr, lw_ptr, inc_ptr, i, bh, base, rt, mt, H, NLW, K, V, rk, rv,
+                                   tot_ptr.dtype.element_ty)
+            o += (w * scale)[:, None] * tl.dot(q.to(s.dtype), s).to(tl.float32)
     if WRITE_O:
         optr = o_ptr + (base + rt[:, None] * H) * V + rv[None, :]
         mtv = mt[:, None] & mv[None, :]
         tl.store(optr, tl.load(optr, mask=mtv, other=0.0) + o, mask=mtv)
 
 
-@flags_given(CARRY_ALL="dqlast_ptr")
+@flags_given(CARRY_ALL="s0_ptr")
 @triton.jit
-def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, dqlast_ptr, dqt_ptr, dlam_ptr,
-                            dqcs_ptr, B, T, TH, H, NL, P, NN, NPHI, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                            BV: tl.constexpr, C: tl.constexpr, CARRY_ALL: tl.constexpr):
+def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, qlast_ptr, s0_ptr, lw_ptr, inc_ptr,
+                            dlwin_ptr, NINC, NLW, scale, dqt_ptr, dlam_ptr, dqcs_ptr, B, T, TH, H, NL, P, NN, NPHI,
+                            K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                            CARRY_ALL: tl.constexpr):
     """Program (chunk n, batch x head): the readout's backward, buckets descending: dlam (every level of
     this chunk's rows: 0 where the bit is clear), dqt (fp32), and dqcs (the gradient of the query leaving
-    each bucket that a bucket above read, in dqcs's dtype) for ``tree_node_grad_kernel``. With dqlast (fp32,
-    the gradient of the query carried across every bucket: a call with incoming states) the walk starts from
-    it and every bucket's leaving query has a gradient."""
+    each bucket that a bucket above read, in dqcs's dtype) for ``tree_node_grad_kernel``. With s0 (a call with
+    incoming states) the walk starts from the gradient of the query that read them, sum_j scale w_j dO S_in,j^T,
+    every bucket's leaving query has a gradient, and dlwin [B, T, H, NINC] gets their levels' weight gradients
+    scale rowsum(qlast * dO S_in,j^T) (qlast: the forward's query at the call's start, fp32)."""
     n, bh, b, h, base, rt, mt, rk, mk, rv, mv = _chunk_program(T, H, K, V, BK, BV, C)
     mtk = mt[:, None] & mk[None, :]
     do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+    dq = tl.zeros([C, BK], dtype=tl.float32)
     if CARRY_ALL:
-        dq = tl.load(dqlast_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0)
-    else:
-        dq = tl.zeros([C, BK], dtype=tl.float32)
+        ql = tl.load(qlast_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0).to(tl.float32)
+        for i in range(0, NINC):
+            s, w = _incoming_level(s0_ptr, lw_ptr, inc_ptr, i, bh, base, rt, mt, H, NLW, K, V, rk, rv,
+                                   tot_ptr.dtype.element_ty)
+            x = tl.dot(do.to(s.dtype), tl.trans(s)).to(tl.float32)
+            dq += (w * scale)[:, None] * x
+            tl.store(dlwin_ptr + (base + rt * H) * NINC + i, scale * tl.sum(ql * x, axis=1), mask=mt)
     for i in range(0, NL):
         m = NL - 1 - i
         part = tl.zeros([C], dtype=tl.float32)
@@ -437,25 +463,36 @@ def build_tree(k, w, u, gam, NL: int, top: int, dtype):
     return nm, tots, ge
 
 
-def readout_forward(o, qt, lam, nm, tots, ge, P: int, store_q: bool, carry_all: bool = False):
+def readout_forward(o, qt, lam, nm, tots, ge, P: int, store_q: bool, incoming=None, store_last: bool = False):
     """o [B, T, H, V] fp32 += the buckets' readouts (o None: nothing written); returns (qcs or None: the query
-    each bucket read; with ``carry_all`` qlast [B, T, H, K] fp32, the query carried across every bucket down to
-    the call's start, else None: the tree then needs N of every level it reads)."""
+    each bucket read; with ``store_last`` qlast [B, T, H, K] fp32, else None). ``incoming`` (a call with incoming
+    states: ``_incoming_args``) carries the query across every bucket down to the call's start (the tree then needs
+    N of every level it reads), where it reads them into o; qlast is that query."""
     B, T, H, K = qt.shape
     NL = lam.shape[-1]
     qcs = torch.empty(NL, B, qcs_rows(T), H, K, device=qt.device, dtype=tots.dtype) if store_q else None
-    qlast = torch.empty(B, T, H, K, device=qt.device, dtype=torch.float32) if carry_all else None
+    qlast = torch.empty(B, T, H, K, device=qt.device, dtype=torch.float32) if store_last else None
+    s0, lw, inc, ninc, nlw, scale = incoming or (None, None, None, 0, 0, 0.0)
     tree_readout_fwd_kernel[(triton.cdiv(T, CHUNK), B * H)](
-        qt, lam, nm, tots, ge, o, qcs, qlast, B, T, qcs_rows(T), H, NL, P, tots.shape[2], nm.shape[2], C=CHUNK,
+        qt, lam, nm, tots, ge, o, qcs, qlast, s0 if o is not None else None, lw, inc, ninc, nlw, scale, B, T,
+        qcs_rows(T), H, NL, P, tots.shape[2], nm.shape[2], C=CHUNK, CARRY_ALL=incoming is not None,
         **_launch(K, tots.shape[-1]))
     return qcs, qlast
 
 
-def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None, dqlast=None):
+def incoming_args(s0, lw, levels: list[int], scale: float):
+    """What the readout kernels take of a call's incoming states: (s0 [B, H, NL, K, V] fp32, lw [B, T, H, NL] fp32,
+    the levels that read them (int32, on the device, cached), their count, NL, scale)."""
+    inc = cached_work(("incoming levels", tuple(levels)), lambda: list(levels), s0.device)
+    return s0.float().contiguous(), lw.contiguous(), inc, len(levels), lw.shape[-1], float(scale)
+
+
+def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None, incoming=None, qlast=None):
     """The readout's backward and the per-node sums: (dqt [B, T, H, K] fp32, dlam [B, T, H, NL] fp32, and the
     tree's gradients dnm, dtots in the tree's dtype, dge fp32), before they go down the tree. ``dfinal``: the
-    final states' share on the nodes they read (``transition_tree._final_runs_grad``), added. ``dqlast``: the
-    gradient (fp32) of ``readout_forward``'s qlast (a call with incoming states)."""
+    final states' share on the nodes they read (``transition_tree._final_runs_grad``), added. ``incoming``
+    (``incoming_args``) and qlast (``readout_forward``'s): a call with incoming states; then also returns dlwin
+    [B, T, H, len(levels)] fp32, those levels' weight gradients from the incoming readout."""
     NL, B, TH, H, K = qcs.shape
     T = lam.shape[1]
     V, NN, NPHI = tots.shape[-1], tots.shape[2], nm.shape[2]
@@ -465,8 +502,10 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None, dqlast=None)
     dlam = torch.empty(B, T, H, NL, device=dev, dtype=torch.float32)
     dqcs = torch.empty_like(qcs)
     launch = dict(C=CHUNK, **_launch(K, V))
-    tree_readout_bwd_kernel[(NT, B * H)](qcs, lam, nm, tots, ge, do, dqlast, dqt, dlam, dqcs, B, T, TH, H, NL, P, NN,
-                                         NPHI, **launch)
+    s0, lw, inc, ninc, nlw, scale = incoming or (None, None, None, 0, 0, 0.0)
+    dlwin = torch.empty(B, T, H, ninc, device=dev, dtype=torch.float32) if incoming else None
+    tree_readout_bwd_kernel[(NT, B * H)](qcs, lam, nm, tots, ge, do, qlast, s0, lw, inc, dlwin, ninc, nlw, scale, dqt,
+                                         dlam, dqcs, B, T, TH, H, NL, P, NN, NPHI, **launch)
     # the tree's gradients in its own dtype (q's): sums formed in fp32 in registers, stored rounded once a level
     dnm = torch.zeros(nm.shape, device=dev, dtype=nm.dtype)
     dtots = torch.zeros(tots.shape, device=dev, dtype=tots.dtype)
@@ -476,7 +515,7 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None, dqlast=None)
                                                           for j in range(0, P >> m, 2) if ((j + 1) << m) < NT], dev)
     if work.numel():
         tree_node_grad_kernel[(work.shape[0], B * H, 2)](work, qcs, lam, do, dqcs, ge, dtots, dnm, dge, B, T, TH, H, NL,
-                                                         P, NN, NPHI, NT, CARRY_ALL=dqlast is not None,
+                                                         P, NN, NPHI, NT, CARRY_ALL=incoming is not None,
                                                          **launch)
     if dfinal is not None:   # (nodes, their N / ge slots, gradients of those nodes' N, Tot, ge)
         idx, phi_idx, (g_nm, g_tot, g_ge) = dfinal
@@ -485,7 +524,7 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None, dqlast=None)
         # 0, so they add nothing (no mask: selecting by one would wait for the GPU)
         dnm.index_add_(2, phi_idx, g_nm.to(dnm.dtype))
         dge.index_add_(2, phi_idx, g_ge)
-    return dqt, dlam, dnm, dtots, dge
+    return dqt, dlam, dnm, dtots, dge, dlwin
 
 
 def tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P: int, top: int):
