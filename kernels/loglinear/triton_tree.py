@@ -466,7 +466,7 @@ def build_tree(k, w, u, gam, NL: int, top: int, dtype):
 def readout_forward(o, qt, lam, nm, tots, ge, P: int, store_q: bool, incoming=None, store_last: bool = False):
     """o [B, T, H, V] fp32 += the buckets' readouts (o None: nothing written); returns (qcs or None: the query
     each bucket read; with ``store_last`` qlast [B, T, H, K] fp32, else None). ``incoming`` (a call with incoming
-    states: ``_incoming_args``) carries the query across every bucket down to the call's start (the tree then needs
+    states: ``incoming_args``) carries the query across every bucket down to the call's start (the tree then needs
     N of every level it reads), where it reads them into o; qlast is that query."""
     B, T, H, K = qt.shape
     NL = lam.shape[-1]

@@ -69,7 +69,7 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
-def _inputs(B, T, H, D, dtype, device):
+def _inputs(B, T, H, D, dtype, device, shard: bool = False):
     import torch
     import torch.nn.functional as F
 
@@ -79,12 +79,13 @@ def _inputs(B, T, H, D, dtype, device):
     x = dict(q=r(B, T, H, D).to(dtype), k=F.normalize(r(B, T, H, D), dim=-1).to(dtype), v=r(B, T, H, D).to(dtype),
              g=F.logsigmoid(r(B, T, H) + 3.0), beta=torch.sigmoid(r(B, T, H)).to(dtype),
              lam=F.softplus(r(B, T, H, levels_needed(T))).to(dtype),
-             q1=(r(B, T, 1, D) * D ** -0.5).to(dtype), k1=(r(B, T, 1, D) * D ** -0.5).to(dtype),  # shared q/k
-             lam2=F.softplus(r(B, T, H, levels_needed(2 * T))).to(dtype))    # ll_gdn_shard: the weights of 2T
+             q1=(r(B, T, 1, D) * D ** -0.5).to(dtype), k1=(r(B, T, 1, D) * D ** -0.5).to(dtype))  # shared q/k
     for t in x.values():
         t.requires_grad_(True)
-    x["init"] = r(B, H, levels_needed(2 * T), D, D) * 0.1   # ll_gdn_shard: its incoming level states (no grad)
     x["do"] = r(B, T, H, D).to(dtype)
+    if shard:  # ll_gdn_shard's own inputs, drawn last (the others stay as they were) and only when it runs
+        x["lam2"] = F.softplus(r(B, T, H, levels_needed(2 * T))).to(dtype).requires_grad_(True)   # weights of 2T
+        x["init"] = r(B, H, levels_needed(2 * T), D, D) * 0.1   # its incoming level states (no grad)
     return x
 
 
@@ -177,7 +178,7 @@ def run(args) -> dict:
         if clock.out_of_time():
             skipped.append(f"T={T} (all)")
             continue
-        x = _inputs(args.B, T, args.H, args.D, dtype, "cuda")
+        x = _inputs(args.B, T, args.H, args.D, dtype, "cuda", shard="ll_gdn_shard" in args.methods)
         if i == 0 and fla is not None and "ll_mamba2" in methods:
             try:
                 with torch.no_grad():

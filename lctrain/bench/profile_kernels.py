@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         if m.startswith("ll_"):  # the log-linear ops, with the inputs of `lctrain bench loglinear`
             from .loglinear import _inputs as ll_inputs
             from .loglinear import _method as ll_method
-            ll_x = ll_x or ll_inputs(args.B, args.T, args.H, args.D, torch.bfloat16, "cuda")
+            ll_x = ll_x or ll_inputs(args.B, args.T, args.H, args.D, torch.bfloat16, "cuda",
+                                     shard="ll_gdn_shard" in methods)
             (fwd, inputs), do = ll_method(m, ll_x, None), ll_x["do"]
         elif cu is None:
             (fwd, inputs), do = _method_fns(m, x, fla), x["do"]
