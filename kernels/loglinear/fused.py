@@ -54,9 +54,13 @@ class _FusedLogLinear(torch.autograd.Function):
         st = ck = seg = hs = None
         if lw.shape[-1] and tree:  # the transition tree instead of the level scans (tree_serves)
             # KEEP_H: the tree and the queries each bucket read stay for the backward (else it forms them again)
+            # the readout writes o in q's dtype itself (no fp32 o to cast afterwards)
+            out = torch.empty(o.shape, device=o.device, dtype=q.dtype)
             with torch.no_grad():
                 st, ctx.tree_kept = tree_forward(o, qt, k, w, v if ut is None else ut, gam, lw, scale, want_final,
-                                                 keep=train and bool(triton_levels.CONFIG["KEEP_H"]), s0=s0, n0=n0)
+                                                 keep=train and bool(triton_levels.CONFIG["KEEP_H"]), s0=s0, n0=n0,
+                                                 out=out)
+            o = out
         elif lw.shape[-1]:
             u = v if ut is None else ut
             # a backward that has to cut the sequence into segments (very long T) starts each from run states
@@ -67,7 +71,8 @@ class _FusedLogLinear(torch.autograd.Function):
         del w, ut   # the backward makes them again (wy_apply): not kept beside o
         ctx.save_for_backward(q, k, v, beta, lam, lw, s0, gam, tm, qt, ck, hs)
         ctx.scale, ctx.n0, ctx.hi, ctx.seg, ctx.tree = scale, n0, hi, seg, tree
-        return o.to(q.dtype), st  # (dO then arrives in q's dtype too: half the reads of an fp32 one)
+        return o.to(q.dtype), st  # (dO then arrives in q's dtype too: half the reads of an fp32 one; the tree's o
+        # is in it already)
 
     @staticmethod
     def backward(ctx, do, dst):
@@ -98,14 +103,18 @@ class _FusedLogLinear(torch.autograd.Function):
                                                       dgam)
         del dqt
         if w is None:
-            dv, dbeta, dg = du.add_(dv_intra), None, _chunk_suffix_sum(dgam)
+            dv, dbeta, dg = du.add_(dv_intra).to(v.dtype), None, _chunk_suffix_sum(dgam)
+            dk = dk.to(k.dtype)
         else:
-            dv, dbeta, dg = wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg, dx=dx)  # completes dk in place
-            dv = dv_intra.add_(dv)   # = dv.float() + dv_intra, without two fp32 temporaries
+            # the WY backward finishes both in their dtypes: dv = its share + dv_intra, rounded once, and dk
+            # completed into a k-dtype buffer (no fp32 add and casts over [B, T, H, D] afterwards)
+            dk_out = torch.empty_like(k)
+            dv, dbeta, dg = wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg, dx=dx, dv_add=dv_intra, dk_out=dk_out)
+            dk = dk_out
         del du, dw, dx, w, dv_intra, dgam
         dlam = torch.zeros_like(lam)
         dlam[..., : hi + 1] = dlam_intra
-        return (dq, dk.to(k.dtype), dv.to(v.dtype), dg, dbeta, dlam, dlw, ds0, None, None, None, None, None, None)
+        return (dq, dk, dv, dg, dbeta, dlam, dlw, ds0, None, None, None, None, None, None)
 
 
 def fused_by_levels(base, q, k, v, g, beta, level_weights, *, scale, run_init, position_offset: int, top: int,

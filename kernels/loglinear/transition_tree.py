@@ -210,9 +210,11 @@ def _incoming_state_grads(qlast, lw, s0, levels, scale: float, do, dtype):
             for j in levels}
 
 
-def tree_forward(o, qt, k, w, u, gam, lw, scale: float, want_final: bool, keep: bool = False, s0=None, n0: int = 0):
+def tree_forward(o, qt, k, w, u, gam, lw, scale: float, want_final: bool, keep: bool = False, s0=None, n0: int = 0,
+                 out=None):
     """``levels_forward`` by the tree (for calls ``tree_serves``): o [B, T, H, V] fp32 += the levels above the
-    chunk. s0 [B, H, NL, K, V] (or None): the run states entering the call, read where a level's block began
+    chunk (into ``out`` instead where given, in its dtype: o + the levels, rounded once). s0 [B, H, NL, K, V]
+    (or None): the run states entering the call, read where a level's block began
     before it (global chunk n0). Returns (the final run states or None, and with ``keep`` what the backward
     would compute again: the tree, the queries each bucket read and qlast, else None). All in Triton
     (``triton_tree``), the tree in q's dtype."""
@@ -224,7 +226,7 @@ def tree_forward(o, qt, k, w, u, gam, lw, scale: float, want_final: bool, keep: 
     lam, _ = _bucket_weights(lw, D, scale)
     incoming = triton_tree.incoming_args(s0, lw, inc, scale) if inc else None
     qcs, qlast = triton_tree.readout_forward(o, qt, lam, nm, tots, ge, 1 << D, store_q=keep, incoming=incoming,
-                                             store_last=keep and bool(inc))
+                                             store_last=keep and bool(inc), out=out)
     final = None
     if want_final:
         init = [s0[:, :, j].float() if j in inc else None for j in range(NL)]
@@ -258,7 +260,8 @@ def tree_backward(qt, k, w, u, gam, lw, scale: float, do, dst, kept=None, s0=Non
     dqt, dlam, dnm, dtots, dge, dlwin = triton_tree.tree_gradients(qcs, lam, nm, tots, ge, do.contiguous(), P,
                                                                    dfinal, incoming, qlast)
     del qcs, qlast
-    dk, dw, du, dgam = triton_tree.tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P, top)
+    dk, dw, du, dgam = triton_tree.tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P, top,
+                                                      seeded=dfinal is None, carry_all=incoming is not None)
     dlw = (dlam @ U.t()).mul_(scale)
     for i, j in enumerate(inc):
         dlw[..., j] += dlwin[..., i]

@@ -19,7 +19,10 @@ node i = off_m + (n >> m) - 1,
 (``tree_readout_bwd_kernel``: dlam, dqt, and the gradient of the query leaving each bucket), per bucket node
 the sums over the chunks that read it (``tree_node_grad_kernel``: dTot, dN, dge), down the tree level by
 level (``tree_level_bwd_kernel``) and into k, W, Ut, gam (``tree_maps_bwd_kernel``). Every program owns what
-it writes: no atomics. Gradients fp32, except the tree's (dN, dTot: in the tree's dtype; dge fp32).
+it writes: no atomics. Gradients fp32, except the tree's (dN, dTot: in the tree's dtype; dge fp32). The tree's
+gradient buffers are not zero-filled (2 GiB at 64K, H=16, D=128): a node ``tree_node_grad_kernel`` did not write
+(``_seeded``) reads as 0 until the pass down the tree has written it, so every node below the top is written
+once before it is read (``SEEDED``; the final states' index_add needs zeros and turns it off).
 
 Layouts: tokens [B, T, H, D]; gam [B, T, H]; lam, dlam [B, T, H, NL] fp32 (bucket weights, scale included);
 tree [B, H, nodes, K, K|V], ge [B, H, nodes]; qcs / dqcs [NL, B, TH, H, K], TH = ceil(NT / 2) C: at level m only
@@ -46,6 +49,13 @@ def level_offset(P: int, m: int) -> int:
 def _node(n, m, P):
     """The tree node of chunk n's bucket at level m (bit m of n set)."""
     return 2 * P - 2 * (P >> m) + (n >> m) - 1
+
+
+@triton.jit
+def _seeded(m, j, NLB, NT):
+    """Whether ``tree_node_grad_kernel`` wrote dTot of node j of level m: a bucket (j even, m below the NLB bucket
+    levels) that real chunks read. Its dN too where also (j > 0 or CARRY_ALL) and the node has an N."""
+    return ((j % 2) == 0) & (m < NLB) & (((j + 1) << m) < NT)
 
 
 @triton.jit
@@ -145,13 +155,14 @@ def _incoming_level(s0_ptr, lw_ptr, inc_ptr, i, bh, base, rt, mt, H, NLW, K: tl.
 
 @flags_given(WRITE_O="o_ptr", STORE_Q="qcs_ptr", STORE_LAST="qlast_ptr", HAS_IN="s0_ptr")
 @triton.jit
-def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, qcs_ptr, qlast_ptr, s0_ptr, lw_ptr,
-                            inc_ptr, NINC, NLW, scale, B, T, TH, H, NL, P, NN, NPHI, K: tl.constexpr, V: tl.constexpr,
-                            BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, WRITE_O: tl.constexpr,
+def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, out_ptr, qcs_ptr, qlast_ptr, s0_ptr,
+                            lw_ptr, inc_ptr, NINC, NLW, scale, B, T, TH, H, NL, P, NN, NPHI, K: tl.constexpr,
+                            V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, WRITE_O: tl.constexpr,
                             STORE_Q: tl.constexpr, STORE_LAST: tl.constexpr, HAS_IN: tl.constexpr,
                             CARRY_ALL: tl.constexpr):
-    """Program (chunk n, batch x head): o[rows of n] += its buckets' readouts (fp32, rows of this program
-    alone), and with qcs the query each bucket reads (in qcs's dtype). CARRY_ALL (a call with incoming states):
+    """Program (chunk n, batch x head): out[rows of n] = o + its buckets' readouts (rows of this program alone; o
+    fp32, out in its own dtype, o itself for in place), and with qcs the query each bucket reads (in qcs's
+    dtype). CARRY_ALL (a call with incoming states):
     the query is carried across every bucket, the last one too, down to the call's start, where it reads the
     incoming states (s0 of the levels inc[0..NINC-1]: o += scale w_j (q S_in,j)) and, with qlast, is stored
     (fp32) for the backward."""
@@ -180,9 +191,9 @@ def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, qcs
                                    tot_ptr.dtype.element_ty)
             o += (w * scale)[:, None] * tl.dot(q.to(s.dtype), s).to(tl.float32)
     if WRITE_O:
-        optr = o_ptr + (base + rt[:, None] * H) * V + rv[None, :]
+        at = (base + rt[:, None] * H) * V + rv[None, :]
         mtv = mt[:, None] & mv[None, :]
-        tl.store(optr, tl.load(optr, mask=mtv, other=0.0) + o, mask=mtv)
+        tl.store(out_ptr + at, (tl.load(o_ptr + at, mask=mtv, other=0.0) + o).to(out_ptr.dtype.element_ty), mask=mtv)
 
 
 @flags_given(CARRY_ALL="s0_ptr")
@@ -285,15 +296,32 @@ def tree_node_grad_kernel(work_ptr, qcs_ptr, lam_ptr, do_ptr, dqcs_ptr, ge_ptr, 
 
 
 @triton.jit
-def tree_level_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, NN, NPHI, OFF, OFF1,
-                          K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, WHICH: tl.constexpr):
+def tree_level_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, NN, NPHI, OFF, OFF1, M, TOP, NLB, NT,
+                          K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, WHICH: tl.constexpr,
+                          SEEDED: tl.constexpr, CARRY_ALL: tl.constexpr):
     """Program (node i of level m + 1, batch x head): the gradients of node p = OFF1 + i passed to its halves
     a, b (added to what they hold: each node has one parent), one output per kernel variant (three launches a
     level) so that at most two [K, K] fp32 tiles are live. WHICH = 0: dTot_a += e_b dTot_p - N_b^T dTot_p,
     dTot_b += dTot_p; 1: dN_b += e_a dN_p - dTot_p Tot_a^T - dN_p N_a^T,
     dge_b += dge_p + e_b (<dTot_p, Tot_a> + <dN_p, N_a>); 2: dN_a += e_b dN_p - N_b^T dN_p,
-    dge_a += dge_p + e_a <dN_p, N_b> (dN_p, dge_p: 0 where p has no N)."""
+    dge_a += dge_p + e_a <dN_p, N_b> (dN_p, dge_p: 0 where p has no N). Nodes a, b are of level M, p of M + 1.
+    SEEDED: dN, dTot hold only what ``tree_node_grad_kernel`` wrote (``_seeded``) and what this pass wrote at the
+    levels above (all of those below TOP): the rest reads as 0, and a, b are written whole (b, odd, is never
+    seeded)."""
     bh, a, bn, p, rk, rv, mkv, mkk = _node_program(OFF, OFF1, K, V, BK, BV)
+    i = tl.program_id(0)
+    if SEEDED:
+        a_tot = _seeded(M, 2 * i, NLB, NT)
+        a_n = a_tot & ((i > 0) | CARRY_ALL)
+        b_own = False
+        p_tot = (M + 1 < TOP) | _seeded(M + 1, i, NLB, NT)
+        p_n = (M + 1 < TOP) | (_seeded(M + 1, i, NLB, NT) & ((i > 0) | CARRY_ALL))
+    else:
+        a_tot = True
+        a_n = True
+        b_own = True
+        p_tot = True
+        p_n = True
     tv = ((bh * NN) * K + rk[:, None]) * V + rv[None, :]     # + node * K * V
     tk = ((bh * NPHI) * K + rk[:, None]) * K + rk[None, :]   # + node * K * K
     has_np = p < NPHI
@@ -303,50 +331,54 @@ def tree_level_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, N
     if WHICH == 0:
         nb = tl.load(nm_ptr + tk + bn * K * K, mask=mkk, other=0.0)
         e_b = tl.exp(tl.load(ge_ptr + bh * NPHI + bn))
-        dtp = tl.load(dtot_ptr + tv + p * K * V, mask=mkv, other=0.0).to(tl.float32)
-        dtb = tl.load(dtot_ptr + tv + bn * K * V, mask=mkv, other=0.0).to(tl.float32)
+        dtp = tl.load(dtot_ptr + tv + p * K * V, mask=mkv & p_tot, other=0.0).to(tl.float32)
+        dtb = tl.load(dtot_ptr + tv + bn * K * V, mask=mkv & b_own, other=0.0).to(tl.float32)
         tl.store(dtot_ptr + tv + bn * K * V, (dtb + dtp).to(dtot_ptr.dtype.element_ty), mask=mkv)
-        dta = tl.load(dtot_ptr + tv + a * K * V, mask=mkv, other=0.0).to(tl.float32) + e_b * dtp
-        dtp_lo = tl.load(dtot_ptr + tv + p * K * V, mask=mkv, other=0.0).to(nb.dtype)
+        dta = tl.load(dtot_ptr + tv + a * K * V, mask=mkv & a_tot, other=0.0).to(tl.float32) + e_b * dtp
+        dtp_lo = tl.load(dtot_ptr + tv + p * K * V, mask=mkv & p_tot, other=0.0).to(nb.dtype)
         dta = tl.dot(tl.trans(-nb), dtp_lo, acc=dta)
         tl.store(dtot_ptr + tv + a * K * V, dta.to(dtot_ptr.dtype.element_ty), mask=mkv)
     elif WHICH == 1:
         ta = tl.load(tot_ptr + tv + a * K * V, mask=mkv, other=0.0)
-        dtp = tl.load(dtot_ptr + tv + p * K * V, mask=mkv, other=0.0).to(tl.float32)
+        dtp = tl.load(dtot_ptr + tv + p * K * V, mask=mkv & p_tot, other=0.0).to(tl.float32)
         de_b = tl.sum(tl.sum(dtp * ta.to(tl.float32), axis=1), axis=0)
-        dnb = tl.load(dnm_ptr + tk + bn * K * K, mask=mkk, other=0.0).to(tl.float32)
+        dnb = tl.load(dnm_ptr + tk + bn * K * K, mask=mkk & b_own, other=0.0).to(tl.float32)
         if has_np:
             na = tl.load(nm_ptr + tk + a * K * K, mask=mkk, other=0.0)
-            dnp = tl.load(dnm_ptr + tk + p * K * K, mask=mkk, other=0.0).to(tl.float32)
+            dnp = tl.load(dnm_ptr + tk + p * K * K, mask=mkk & p_n, other=0.0).to(tl.float32)
             dnb += tl.exp(tl.load(ge_ptr + bh * NPHI + a)) * dnp
             de_b += tl.sum(tl.sum(dnp * na.to(tl.float32), axis=1), axis=0)
-            dnp_lo = tl.load(dnm_ptr + tk + p * K * K, mask=mkk, other=0.0).to(na.dtype)
+            dnp_lo = tl.load(dnm_ptr + tk + p * K * K, mask=mkk & p_n, other=0.0).to(na.dtype)
             dnb = tl.dot(-dnp_lo, tl.trans(na), acc=dnb)
-        dtp_lo = tl.load(dtot_ptr + tv + p * K * V, mask=mkv, other=0.0).to(ta.dtype)
+        dtp_lo = tl.load(dtot_ptr + tv + p * K * V, mask=mkv & p_tot, other=0.0).to(ta.dtype)
         dnb = tl.dot(-dtp_lo, tl.trans(ta), acc=dnb)
         tl.store(dnm_ptr + tk + bn * K * K, dnb.to(dnm_ptr.dtype.element_ty), mask=mkk)
         e_b = tl.exp(tl.load(ge_ptr + bh * NPHI + bn))
         tl.store(dge_ptr + bh * NPHI + bn, tl.load(dge_ptr + bh * NPHI + bn) + dge_p + e_b * de_b)
-    elif has_np:  # WHICH == 2
-        nb = tl.load(nm_ptr + tk + bn * K * K, mask=mkk, other=0.0)
-        dnp = tl.load(dnm_ptr + tk + p * K * K, mask=mkk, other=0.0).to(tl.float32)
-        de_a = tl.sum(tl.sum(dnp * nb.to(tl.float32), axis=1), axis=0)
-        dna = tl.load(dnm_ptr + tk + a * K * K, mask=mkk, other=0.0).to(tl.float32)
-        dna += tl.exp(tl.load(ge_ptr + bh * NPHI + bn)) * dnp
-        dnp_lo = tl.load(dnm_ptr + tk + p * K * K, mask=mkk, other=0.0).to(nb.dtype)
-        dna = tl.dot(tl.trans(-nb), dnp_lo, acc=dna)
-        tl.store(dnm_ptr + tk + a * K * K, dna.to(dnm_ptr.dtype.element_ty), mask=mkk)
-        e_a = tl.exp(tl.load(ge_ptr + bh * NPHI + a))
-        tl.store(dge_ptr + bh * NPHI + a, tl.load(dge_ptr + bh * NPHI + a) + dge_p + e_a * de_a)
+    else:  # WHICH == 2 (with SEEDED, a is written even where p has no N: nothing else writes it)
+        dna = tl.load(dnm_ptr + tk + a * K * K, mask=mkk & a_n, other=0.0).to(tl.float32)
+        if has_np:
+            nb = tl.load(nm_ptr + tk + bn * K * K, mask=mkk, other=0.0)
+            dnp = tl.load(dnm_ptr + tk + p * K * K, mask=mkk & p_n, other=0.0).to(tl.float32)
+            de_a = tl.sum(tl.sum(dnp * nb.to(tl.float32), axis=1), axis=0)
+            dna += tl.exp(tl.load(ge_ptr + bh * NPHI + bn)) * dnp
+            dnp_lo = tl.load(dnm_ptr + tk + p * K * K, mask=mkk & p_n, other=0.0).to(nb.dtype)
+            dna = tl.dot(tl.trans(-nb), dnp_lo, acc=dna)
+            e_a = tl.exp(tl.load(ge_ptr + bh * NPHI + a))
+            tl.store(dge_ptr + bh * NPHI + a, tl.load(dge_ptr + bh * NPHI + a) + dge_p + e_a * de_a)
+        if has_np | SEEDED:
+            tl.store(dnm_ptr + tk + a * K * K, dna.to(dnm_ptr.dtype.element_ty), mask=mkk)
 
 
 @triton.jit
-def _pulled_tot_grad(n, p, bh, nm_ptr, ge_ptr, dtot_ptr, NN, NPHI, K: tl.constexpr, V: tl.constexpr, rk, rv, mkk, mkv):
+def _pulled_tot_grad(n, p, bh, nm_ptr, ge_ptr, dtot_ptr, NN, NPHI, K: tl.constexpr, V: tl.constexpr, rk, rv, mkk, mkv,
+                     n_tot, p_tot):
     """(dTot of level-0 node n with its parent p's share, fp32; dTot_p in the tree's dtype): a = n even takes
-    e_b dTot_p - N_b^T dTot_p, b = n odd dTot_p (what ``tree_level_bwd_kernel`` WHICH=0 adds)."""
+    e_b dTot_p - N_b^T dTot_p, b = n odd dTot_p (what ``tree_level_bwd_kernel`` WHICH=0 adds). n_tot, p_tot:
+    whether n's, p's dTot hold anything (else 0)."""
     tv = ((bh * NN) * K + rk[:, None]) * V + rv[None, :]
-    dtp = tl.load(dtot_ptr + tv + p * K * V, mask=mkv, other=0.0)
-    own = tl.load(dtot_ptr + tv + n * K * V, mask=mkv, other=0.0).to(tl.float32)
+    dtp = tl.load(dtot_ptr + tv + p * K * V, mask=mkv & p_tot, other=0.0)
+    own = tl.load(dtot_ptr + tv + n * K * V, mask=mkv & n_tot, other=0.0).to(tl.float32)
     if n % 2 == 1:
         return own + dtp.to(tl.float32), dtp
     nb = tl.load(nm_ptr + ((bh * NPHI + n + 1) * K + rk[:, None]) * K + rk[None, :], mask=mkk, other=0.0)
@@ -356,15 +388,16 @@ def _pulled_tot_grad(n, p, bh, nm_ptr, ge_ptr, dtot_ptr, NN, NPHI, K: tl.constex
 
 @triton.jit
 def _pulled_map_grad(n, p, bh, nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dge_ptr, dtp, NN, NPHI, K: tl.constexpr,
-                     V: tl.constexpr, rk, rv, mkk, mkv):
+                     V: tl.constexpr, rk, rv, mkk, mkv, n_n, p_n):
     """(dN fp32, dge) of level-0 node n with its parent p's share (what ``tree_level_bwd_kernel`` WHICH=1 adds to
-    b = n odd, WHICH=2 to a = n even; dN_p, dge_p: 0 where p has no N)."""
+    b = n odd, WHICH=2 to a = n even; dN_p, dge_p: 0 where p has no N). n_n, p_n: whether n's, p's dN hold
+    anything (else 0)."""
     tk = ((bh * NPHI) * K + rk[:, None]) * K + rk[None, :]
     has_np = p < NPHI
-    dnp = tl.load(dnm_ptr + tk + p * K * K, mask=mkk & has_np, other=0.0)
+    dnp = tl.load(dnm_ptr + tk + p * K * K, mask=mkk & has_np & p_n, other=0.0)
     dge = tl.load(dge_ptr + bh * NPHI + n) + tl.load(dge_ptr + bh * NPHI + p, mask=has_np, other=0.0)
     e_n = tl.exp(tl.load(ge_ptr + bh * NPHI + n))
-    dn = tl.load(dnm_ptr + tk + n * K * K, mask=mkk, other=0.0).to(tl.float32)
+    dn = tl.load(dnm_ptr + tk + n * K * K, mask=mkk & n_n, other=0.0).to(tl.float32)
     # the decay gradients <dTot_p, Tot_a> + <dN_p, N_a> (b) and <dN_p, N_b> (a) are the traces of the products
     # dN needs anyway (no [K, K] fp32 elementwise temporaries)
     diag = rk[:, None] == rk[None, :]
@@ -387,15 +420,25 @@ def _pulled_map_grad(n, p, bh, nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dge_ptr, dtp, N
 @flags_given(HAS_W="w_ptr")
 @triton.jit
 def tree_maps_bwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, dk_ptr,
-                         dw_ptr, du_ptr, dgam_ptr, T, H, NN, NPHI, OFF1, K: tl.constexpr, V: tl.constexpr,
-                         BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr,
-                         PULL: tl.constexpr):
+                         dw_ptr, du_ptr, dgam_ptr, T, H, NN, NPHI, OFF1, TOP, NLB, NT, K: tl.constexpr,
+                         V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr,
+                         PULL: tl.constexpr, SEEDED: tl.constexpr, CARRY_ALL: tl.constexpr):
     """Program (chunk n, batch x head): the gradients of level 0 (dN, dTot, dge of node n) into the chunk's
     k, W, Ut and gam rows (fp32 stores: the rows are this program's): N = kd^T W, Tot = kd^T Ut, ge = gl,
     kd = diag(d) K with d = exp(gl - gam). With PULL the node's gradients are completed here with its parent's
     share (parent OFF1 + n // 2, whose gradients are final): the last level of the pass down the tree, without
-    storing the level-0 gradients and loading them again."""
+    storing the level-0 gradients and loading them again. SEEDED: as in ``tree_level_bwd_kernel``."""
     n, bh, b, h, base, rt, mt, rk, mk, rv, mv = _chunk_program(T, H, K, V, BK, BV, C)
+    if SEEDED:
+        n_tot = _seeded(0, n, NLB, NT)
+        n_n = n_tot & ((n > 0) | CARRY_ALL)
+        p_tot = (1 < TOP) | _seeded(1, n // 2, NLB, NT)
+        p_n = (1 < TOP) | (_seeded(1, n // 2, NLB, NT) & ((n // 2 > 0) | CARRY_ALL))
+    else:
+        n_tot = True
+        n_n = True
+        p_tot = True
+        p_n = True
     mtk = mt[:, None] & mk[None, :]
     mtv = mt[:, None] & mv[None, :]
     mkk = mk[:, None] & mk[None, :]
@@ -405,14 +448,15 @@ def tree_maps_bwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, 
     lo = tot_ptr.dtype.element_ty
     if PULL:
         p = OFF1 + n // 2
-        dtot, dtp = _pulled_tot_grad(n, p, bh, nm_ptr, ge_ptr, dtot_ptr, NN, NPHI, K, V, rk, rv, mkk, mkv)
+        dtot, dtp = _pulled_tot_grad(n, p, bh, nm_ptr, ge_ptr, dtot_ptr, NN, NPHI, K, V, rk, rv, mkk, mkv, n_tot,
+                                     p_tot)
         dtot = dtot.to(lo)
         dnm, dge_n = _pulled_map_grad(n, p, bh, nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dge_ptr, dtp, NN, NPHI, K, V, rk,
-                                      rv, mkk, mkv)
+                                      rv, mkk, mkv, n_n, p_n)
         dnm = dnm.to(lo)
     else:
-        dtot = tl.load(dtot_ptr + ((bh * NN + n) * K + rk[:, None]) * V + rv[None, :], mask=mkv, other=0.0)
-        dnm = tl.load(dnm_ptr + ((bh * NPHI + n) * K + rk[:, None]) * K + rk[None, :], mask=mkk, other=0.0)
+        dtot = tl.load(dtot_ptr + ((bh * NN + n) * K + rk[:, None]) * V + rv[None, :], mask=mkv & n_tot, other=0.0)
+        dnm = tl.load(dnm_ptr + ((bh * NPHI + n) * K + rk[:, None]) * K + rk[None, :], mask=mkk & n_n, other=0.0)
         dge_n = tl.load(dge_ptr + bh * NPHI + n)
     last = tl.minimum(n * C + C - 1, T - 1)
     gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
@@ -463,8 +507,10 @@ def build_tree(k, w, u, gam, NL: int, top: int, dtype):
     return nm, tots, ge
 
 
-def readout_forward(o, qt, lam, nm, tots, ge, P: int, store_q: bool, incoming=None, store_last: bool = False):
-    """o [B, T, H, V] fp32 += the buckets' readouts (o None: nothing written); returns (qcs or None: the query
+def readout_forward(o, qt, lam, nm, tots, ge, P: int, store_q: bool, incoming=None, store_last: bool = False,
+                    out=None):
+    """out [B, T, H, V] = o (fp32) + the buckets' readouts (out None: o in place; o None: nothing written; a
+    separate out in q's dtype spares the caller a cast of the fp32 o); returns (qcs or None: the query
     each bucket read; with ``store_last`` qlast [B, T, H, K] fp32, else None). ``incoming`` (a call with incoming
     states: ``incoming_args``) carries the query across every bucket down to the call's start (the tree then needs
     N of every level it reads), where it reads them into o; qlast is that query."""
@@ -474,9 +520,9 @@ def readout_forward(o, qt, lam, nm, tots, ge, P: int, store_q: bool, incoming=No
     qlast = torch.empty(B, T, H, K, device=qt.device, dtype=torch.float32) if store_last else None
     s0, lw, inc, ninc, nlw, scale = incoming or (None, None, None, 0, 0, 0.0)
     tree_readout_fwd_kernel[(triton.cdiv(T, CHUNK), B * H)](
-        qt, lam, nm, tots, ge, o, qcs, qlast, s0 if o is not None else None, lw, inc, ninc, nlw, scale, B, T,
-        qcs_rows(T), H, NL, P, tots.shape[2], nm.shape[2], C=CHUNK, CARRY_ALL=incoming is not None,
-        **_launch(K, tots.shape[-1]))
+        qt, lam, nm, tots, ge, o, o if out is None else out, qcs, qlast, s0 if o is not None else None, lw, inc,
+        ninc, nlw, scale, B, T, qcs_rows(T), H, NL, P, tots.shape[2], nm.shape[2], C=CHUNK,
+        CARRY_ALL=incoming is not None, **_launch(K, tots.shape[-1]))
     return qcs, qlast
 
 
@@ -506,9 +552,9 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None, incoming=Non
     dlwin = torch.empty(B, T, H, ninc, device=dev, dtype=torch.float32) if incoming else None
     tree_readout_bwd_kernel[(NT, B * H)](qcs, lam, nm, tots, ge, do, qlast, s0, lw, inc, dlwin, ninc, nlw, scale, dqt,
                                          dlam, dqcs, B, T, TH, H, NL, P, NN, NPHI, **launch)
-    # the tree's gradients in its own dtype (q's): sums formed in fp32 in registers, stored rounded once a level
-    dnm = torch.zeros(nm.shape, device=dev, dtype=nm.dtype)
-    dtots = torch.zeros(tots.shape, device=dev, dtype=tots.dtype)
+    # the tree's gradients in its own dtype (q's): sums formed in fp32 in registers, stored rounded once a level;
+    # not zero-filled (SEEDED, module docstring) unless the final states' share is added to them below
+    dnm, dtots = (_unseeded(x) if dfinal is None else torch.zeros_like(x) for x in (nm, tots))
     dge = torch.zeros(ge.shape, device=dev, dtype=torch.float32)
     # the buckets that real chunks read, the longest sums first
     work = cached_work(("tree buckets", NL, NT), lambda: [(m, j) for m in range(NL - 1, -1, -1)
@@ -527,24 +573,37 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None, incoming=Non
     return dqt, dlam, dnm, dtots, dge, dlwin
 
 
-def tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P: int, top: int):
+def _unseeded(x):
+    """An uninitialised buffer like x for the tree's gradients (SEEDED: the kernels write every node before they
+    read it, or read it as 0). On the CPU (tests, the Triton interpreter) it is filled with NaN, so that a read of
+    a node nothing wrote shows in every result instead of passing on memory that happens to be zero."""
+    out = torch.empty_like(x)
+    return out.fill_(float("nan")) if out.device.type == "cpu" else out
+
+
+def tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P: int, top: int, seeded: bool = False,
+                       carry_all: bool = False):
     """Down the tree (level top - 1 to 1) and into the chunks, which take their level-0 node's share of its parent
-    themselves: (dk, dw or None, du, dgam) fp32."""
+    themselves: (dk, dw or None, du, dgam) fp32. ``seeded``: dnm, dtots hold only what ``tree_node_grad_kernel``
+    wrote (``tree_gradients`` without final states), ``carry_all``: it ran with CARRY_ALL (incoming states)."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     NN, NPHI = tots.shape[2], nm.shape[2]
+    NLB, NT = P.bit_length() - 1, triton.cdiv(T, CHUNK)
     launch = _launch(K, V)
+    flags = dict(SEEDED=seeded, CARRY_ALL=carry_all)
     for m in range(top - 1, 0, -1):
         for which in range(3):
             tree_level_bwd_kernel[(P >> (m + 1), B * H)](nm, tots, ge, dnm, dtots, dge, NN, NPHI, level_offset(P, m),
-                                                         level_offset(P, m + 1), WHICH=which, **launch)
+                                                         level_offset(P, m + 1), m, top, NLB, NT, WHICH=which,
+                                                         **flags, **launch)
     dev = k.device
     dk = torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
     dw = None if w is None else torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
     du = torch.empty(B, T, H, V, device=dev, dtype=torch.float32)
     dgam = torch.empty(B, T, H, device=dev, dtype=torch.float32)
     tree_maps_bwd_kernel[(triton.cdiv(T, CHUNK), B * H)](k, w, u, gam, nm, tots, ge, dnm, dtots, dge, dk, dw, du, dgam,
-                                                         T, H, NN, NPHI, level_offset(P, 1), C=CHUNK, PULL=top >= 1,
-                                                         **launch)
+                                                         T, H, NN, NPHI, level_offset(P, 1), top, NLB, NT, C=CHUNK,
+                                                         PULL=top >= 1, **flags, **launch)
     return dk, dw, du, dgam
 

@@ -208,12 +208,13 @@ def wy_apply_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, w_ptr, u_ptr, cu_pt
                      u.to(u_ptr.dtype.element_ty), mask=mtv)
 
 
-@flags_given(HAS_G="gam_ptr", IS_VARLEN="cu_ptr", HAS_DX="dx_ptr")
+@flags_given(HAS_G="gam_ptr", IS_VARLEN="cu_ptr", HAS_DX="dx_ptr", HAS_DVADD="dvadd_ptr")
 @triton.jit
 def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, dw_ptr, du_ptr, dk_ptr, dgam_ptr,
-                  dv_ptr, dbeta_ptr, dg_ptr, cu_ptr, chunks_ptr, dx_ptr,
+                  dv_ptr, dbeta_ptr, dg_ptr, cu_ptr, chunks_ptr, dx_ptr, dvadd_ptr, dkout_ptr,
                   T, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  C: tl.constexpr, HAS_G: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DX: tl.constexpr):
+                  C: tl.constexpr, HAS_G: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DX: tl.constexpr,
+                  HAS_DVADD: tl.constexpr):
     """Backward of W = Tm diag(beta Gam) K, Ut = Tm diag(beta) V through Tm = (I + L)^-1:
         dR = Tm^T [dW | dU],  dL = -strict_lower(dR [W | Ut]^T),
     then dk (completed in place over the partial dk of dqk_kernel), dv, dbeta and dgam (finished
@@ -225,7 +226,11 @@ def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, dw_ptr, du_ptr, dk_pt
 
     HAS_DX: also the gradient dX of X = Tm diag(beta) itself ([B, T, H, C] fp32, a chunk's [C, C] per
     row block; the log-linear ops use X in their masked intra-chunk matrix): the U term with V = I,
-    dR = Tm^T dX, dL -= dR X^T, dbeta_s += sum_t Tm[t, s] dX[t, s]."""
+    dR = Tm^T dX, dL -= dR X^T, dbeta_s += sum_t Tm[t, s] dX[t, s].
+
+    HAS_DVADD: dv = (the WY part) + dvadd (fp32, the caller's other share of dv) before the one rounding to
+    dv's dtype; dkout: where the completed dk goes, in its dtype (dk_ptr itself for in place). Both spare the
+    caller an fp32 [B, T, H, D] add and cast afterwards."""
     n = tl.program_id(0)
     _, _, _, base_g, rt, mt, _, _ = chunk_prologue(n, T, H, C, 1, cu_ptr, chunks_ptr, IS_VARLEN)
     tm = _tm_tile(tm_ptr, base_g, rt, mt, H, C).to(k_ptr.dtype.element_ty)
@@ -259,8 +264,10 @@ def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, dw_ptr, du_ptr, dk_pt
         vf = vc.to(tl.float32)
         ut = tl.dot(tm, (vf * beta[:, None]).to(vc.dtype))
         dru = tl.dot(tmt, duc.to(vc.dtype))
-        tl.store(dv_ptr + base_g * V + rt[:, None] * H * V + rv[None, :],
-                 (dru * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=mtv)
+        dvc = dru * beta[:, None]
+        if HAS_DVADD:
+            dvc += tl.load(dvadd_ptr + base_g * V + rt[:, None] * H * V + rv[None, :], mask=mtv, other=0.0)
+        tl.store(dv_ptr + base_g * V + rt[:, None] * H * V + rv[None, :], dvc.to(dv_ptr.dtype.element_ty), mask=mtv)
         dbeta += tl.sum(dru * vf, axis=1)
         dl -= tl.dot(dru.to(vc.dtype), tl.trans(ut.to(vc.dtype)))
     if HAS_DX:
@@ -289,8 +296,8 @@ def wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gam_ptr, tm_ptr, dw_ptr, du_ptr, dk_pt
                      other=0.0).to(tl.float32)
         drw = tl.dot(tmt, dwc.to(kc.dtype))
         dk += drw * kscale[:, None] + tl.dot(zb, kc) + tl.dot(zbt, kc)
-        tl.store(dk_ptr + base_g * K + rt[:, None] * H * K + rk[None, :],
-                 dk.to(dk_ptr.dtype.element_ty), mask=mtk)
+        tl.store(dkout_ptr + base_g * K + rt[:, None] * H * K + rk[None, :],
+                 dk.to(dkout_ptr.dtype.element_ty), mask=mtk)
     tl.store(dbeta_ptr + base_g + rt * H, dbeta.to(dbeta_ptr.dtype.element_ty), mask=mt)
     if HAS_G:
         zg = gmat * beta[:, None]
@@ -337,16 +344,18 @@ def wy_fwd(k, v, g, beta, cfg, want_u: bool = True, varlen=None):
     return gam, tm, w, u
 
 
-def wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg, varlen=None, dx=None):
-    """dv, dbeta, dg (with gam) through the WY transform; completes dk IN PLACE. ``dx``: gradient of
-    X = Tm diag(beta) as well ([B, T, H, C] fp32, see wy_bwd_kernel)."""
+def wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg, varlen=None, dx=None, dv_add=None, dk_out=None):
+    """dv, dbeta, dg (with gam) through the WY transform; completes dk IN PLACE, or into ``dk_out`` (any dtype)
+    where given. ``dx``: gradient of X = Tm diag(beta) as well ([B, T, H, C] fp32, see wy_bwd_kernel);
+    ``dv_add`` ([B, T, H, V] fp32): added to dv before it is rounded to v's dtype."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     dv = torch.empty_like(v)
     dbeta = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     dg = torch.empty(B, T, H, device=k.device, dtype=torch.float32) if gam is not None else None
     wy_bwd_kernel[(n_chunks(T, varlen), B * H)](k, v, beta, gam, tm, dw, du, dk, dgam, dv, dbeta,
-                                                dg, *chunk_map(varlen), dx, T, H, K=K, V=V,
+                                                dg, *chunk_map(varlen), dx, dv_add,
+                                                dk if dk_out is None else dk_out, T, H, K=K, V=V,
                                                 BK=min(cfg.BK, cfg.BKB), BV=min(pow2(V), cfg.BVB), C=CHUNK,
                                                   **cfg.launch("wy_bwd"))
     return dv, dbeta, dg
