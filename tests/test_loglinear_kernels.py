@@ -47,11 +47,12 @@ def call(kind, x, backend, p0=0, chunk_size=8, final=True):
 
 
 def outputs_and_grads(kind, x, backend, p0, do, dS, chunk_size=8):
+    """(o, final state or None, {input: gradient}) of sum(o do) + sum(S dS); dS None: no final state asked."""
     leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items() if t is not None}
-    o, S = call(kind, {**{n: None for n in x}, **leaves}, backend, p0, chunk_size)
-    loss = (o.double() * do).sum() + (S.double() * dS).sum()
+    o, S = call(kind, {**{n: None for n in x}, **leaves}, backend, p0, chunk_size, final=dS is not None)
+    loss = (o.double() * do).sum() + (0 if dS is None else (S.double() * dS).sum())
     grads = torch.autograd.grad(loss, list(leaves.values()))
-    return o.detach(), S.detach(), dict(zip(leaves, grads))
+    return o.detach(), None if S is None else S.detach(), dict(zip(leaves, grads))
 
 
 def test_level_definition():
@@ -380,20 +381,24 @@ def test_block_totals_match_the_level_scans(monkeypatch, kind):
 
 
 @needs_triton
-@pytest.mark.parametrize("T,p0,keep", [(256, 256, 0), (200, 512, 1)])
-def test_transition_tree_from_incoming_states_matches_the_level_scans(monkeypatch, T, p0, keep):
+@pytest.mark.parametrize("T,p0,keep,final", [(256, 256, 0, True), (200, 512, 1, True), (256, 768, 0, False)])
+def test_transition_tree_from_incoming_states_matches_the_level_scans(monkeypatch, T, p0, keep, final):
     """A call from an aligned block with incoming states (a CP rank's shard) takes the transition tree too: the
     levels inside the call from its buckets, the levels whose block began before it through the query carried
     across all of them (tree_serves). Against the level scans (TREE=0): outputs, final states and every
     gradient, the initial state's included. (256, 256): 4 chunks from chunk 4, the level of 8 chunks
     continues a block; (200, 512): a ragged last chunk, the 8-chunk level starts afresh at the call (its
-    incoming state unread) and the 16-chunk one continues, with KEEP_H (the forward's tree kept)."""
+    incoming state unread) and the 16-chunk one continues, with KEEP_H (the forward's tree kept); (256, 768): the
+    8- and the 16-chunk levels both continue blocks (an incoming level below the top one: its weight is a
+    difference of two level weights), and no final state asked (the tree's gradient buffers then start
+    unfilled, ``triton_tree._seeded``)."""
     from lctrain.kernels.loglinear import fused, transition_tree, triton_levels
     K, V = 16, 16
     L = levels_needed(p0 + T)
     x = make_inputs("gdn", T, K, V, L, torch.float32, seed=T + p0, p0=p0)
     x["g"] = x["g"] * 0.02   # slow decays (~0.997 a token): the levels above the chunk weigh in every result
     do, dS = torch.randn(B, T, H, V, dtype=torch.float64), torch.randn(B, H, L, K, V, dtype=torch.float64)
+    dS = dS if final else None
     calls = []
     monkeypatch.setattr(fused, "tree_forward",
                         lambda *a, **kw: calls.append(1) or transition_tree.tree_forward(*a, **kw))
@@ -404,7 +409,7 @@ def test_transition_tree_from_incoming_states_matches_the_level_scans(monkeypatc
     scans = outputs_and_grads("gdn", x, "triton", p0, do, dS, chunk_size=64)
     assert len(calls) == 1
     assert rel(tree[0], scans[0]) < 1e-5
-    for lev in range(L):   # each level's state apart (they differ in size by orders of magnitude)
+    for lev in range(L if final else 0):   # each level's state apart (they differ in size by orders of magnitude)
         assert (tree[1][:, :, lev] - scans[1][:, :, lev]).norm() <= 1e-5 * scans[1].norm(), lev
     for name in scans[2]:
         assert rel(tree[2][name], scans[2][name]) < 1e-5, name
@@ -433,14 +438,18 @@ def test_transition_tree_readout_kernels_match_autograd(T, final):
     lw = torch.rand(B, T, H, NL, generator=gen)
     do, dst = r(B, T, H, V), (r(B, H, NL, K, V) if final else None)
     o = torch.zeros(B, T, H, V)
-    st, _ = tree_forward(o, qt, k, w, u, gam, lw, 0.5, final)
+    # the kernels take the level weights lambda themselves (a slice of the op's [B, T, H, L]: a row stride above
+    # NL), the reference their differences lw
+    lam = torch.cat([lw.flip(-1).cumsum(-1).flip(-1), torch.rand(B, T, H, 3, generator=gen)], dim=-1)[..., :NL]
+    st, _ = tree_forward(o, qt, k, w, u, gam, lam, 0.5, final)
     ref_o, ref_st = transition_tree_levels(qt, k, w, u, gam, lw, 0.5, final)
     assert rel(o, ref_o) < 1e-5
     if final:
         assert rel(st, ref_st) < 1e-5
-    got = tree_backward(qt, k, w, u, gam, lw, 0.5, do, dst)
-    ref = transition_tree_backward(qt, k, w, u, gam, lw, 0.5, do, dst)
-    for name, a, b in zip(("qt", "k", "w", "u", "gam", "lw"), got, ref):
+    got = tree_backward(qt, k, w, u, gam, lam, 0.5, do, dst)
+    ref = list(transition_tree_backward(qt, k, w, u, gam, lw, 0.5, do, dst))
+    ref[5] = ref[5] - torch.nn.functional.pad(ref[5][..., :-1], (1, 0))   # d/dlam_i = dlw_i - dlw_{i-1}
+    for name, a, b in zip(("qt", "k", "w", "u", "gam", "lam"), got, ref):
         assert rel(a, b) < 1e-5, name
 
 

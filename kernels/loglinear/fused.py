@@ -34,7 +34,7 @@ from ..triton.common import CHUNK
 from ..triton.ops import _Cfg, _chunk_suffix_sum, aligned_input
 from ..triton.wy import wy_apply, wy_bwd, wy_fwd
 from . import triton_levels
-from .chunk import _last_block_states, level_weight_differences, runs_from_slots, slots_from_runs
+from .chunk import _last_block_states, runs_from_slots, slots_from_runs
 from .levels import levels_needed
 from .scalar_tree import tree_levels
 from .transition_tree import tree_backward, tree_bytes, tree_depth, tree_forward, tree_serves
@@ -42,65 +42,85 @@ from .triton_intra import intra_backward, intra_forward
 from .triton_levels import levels_backward, levels_forward
 
 
+def _differences(lvl):
+    """w [B, T, H, NL] fp32 of the level weights lvl = lambda_{c+1..top}: w_j = lvl_j - lvl_{j+1}, w_top = lvl_top
+    (what the level scans read; the tree reads lvl itself)."""
+    return torch.cat([lvl[..., :-1] - lvl[..., 1:], lvl[..., -1:]], dim=-1).contiguous()
+
+
 class _FusedLogLinear(torch.autograd.Function):
-    """(o in q's dtype, final run states of the levels above c (fp32) or None). g, beta, lam, lw, s0 arrive fp32 and
-    contiguous; lam [B, T, H, L], lw [B, T, H, NL] (NL = top - c, may be 0)."""
+    """(o in q's dtype, final run states of the levels above c (fp32) or None). g, beta, lam, s0 arrive fp32 and
+    contiguous; lam [B, T, H, L]; nl: the levels above the chunk (top - c, may be 0), whose weights are
+    lam[..., c+1 : c+1+nl] (a view: their differences w, the level scans' weights, are formed here, without autograd,
+    and their gradient mapped back, so no [B, T, H, L] temporaries pass through autograd)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, lam, lw, s0, scale, n0, hi, want_final, train, tree):
+    def forward(ctx, q, k, v, g, beta, lam, s0, scale, n0, hi, nl, want_final, train, tree):
         cfg = _Cfg(k.shape[-1], v.shape[-1], gated=True)
         gam, tm, w, ut = wy_fwd(k, v, g, beta, cfg)
         o, qt = intra_forward(q, k, v, w, tm, beta, gam, lam, hi, scale)
         st = ck = seg = hs = None
-        if lw.shape[-1] and tree:  # the transition tree instead of the level scans (tree_serves)
+        lvl = lam[..., hi + 1: hi + 1 + nl]
+        if nl and tree:  # the transition tree instead of the level scans (tree_serves)
             # KEEP_H: the tree and the queries each bucket read stay for the backward (else it forms them again)
             # the readout writes o in q's dtype itself (no fp32 o to cast afterwards)
             out = torch.empty(o.shape, device=o.device, dtype=q.dtype)
             with torch.no_grad():
-                st, ctx.tree_kept = tree_forward(o, qt, k, w, v if ut is None else ut, gam, lw, scale, want_final,
+                st, ctx.tree_kept = tree_forward(o, qt, k, w, v if ut is None else ut, gam, lvl, scale, want_final,
                                                  keep=train and bool(triton_levels.CONFIG["KEEP_H"]), s0=s0, n0=n0,
                                                  out=out)
             o = out
-        elif lw.shape[-1]:
+        elif nl:
             u = v if ut is None else ut
+            lw = _differences(lvl)
             # a backward that has to cut the sequence into segments (very long T) starts each from run states
             # this scan stores on the way (``backward_plan``); with KEEP_H it keeps every level state instead
-            seg = triton_levels.backward_plan(qt, u, lw.shape[-1])[1] if train else None
-            keep = train and triton_levels.keeps_states(qt, u, lw.shape[-1])
+            seg = triton_levels.backward_plan(qt, u, nl)[1] if train else None
+            keep = train and triton_levels.keeps_states(qt, u, nl)
             st, ck, hs = levels_forward(o, qt, k, w, u, gam, lw, s0, scale, n0, want_final, seg, keep)
         del w, ut   # the backward makes them again (wy_apply): not kept beside o
-        ctx.save_for_backward(q, k, v, beta, lam, lw, s0, gam, tm, qt, ck, hs)
-        ctx.scale, ctx.n0, ctx.hi, ctx.seg, ctx.tree = scale, n0, hi, seg, tree
+        ctx.save_for_backward(q, k, v, beta, lam, s0, gam, tm, qt, ck, hs)
+        ctx.scale, ctx.n0, ctx.hi, ctx.nl, ctx.seg, ctx.tree = scale, n0, hi, nl, seg, tree
         return o.to(q.dtype), st  # (dO then arrives in q's dtype too: half the reads of an fp32 one; the tree's o
         # is in it already)
 
     @staticmethod
     def backward(ctx, do, dst):
-        q, k, v, beta, lam, lw, s0, gam, tm, qt, ck, hs = ctx.saved_tensors
-        scale, n0, hi = ctx.scale, ctx.n0, ctx.hi
+        q, k, v, beta, lam, s0, gam, tm, qt, ck, hs = ctx.saved_tensors
+        scale, n0, hi, nl = ctx.scale, ctx.n0, ctx.hi, ctx.nl
         cfg = _Cfg(k.shape[-1], v.shape[-1], gated=True)
         B, T, H, K = q.shape
         w, ut = wy_apply(k, v, beta, gam, tm, cfg)
         do = torch.zeros(*v.shape, device=v.device, dtype=torch.float32) if do is None else do.contiguous()
         f32 = dict(device=q.device, dtype=torch.float32)
-        if lw.shape[-1] and ctx.tree:
-            dqt, dk, dw, du, dgam, dlw, ds0 = tree_backward(qt, k, w, v if ut is None else ut, gam, lw, scale, do,
-                                                            dst, ctx.tree_kept, s0, n0)
+        # the level weights' gradient, written in place: the levels above the chunk by the tree (or from the scans'
+        # dw), levels 0..hi by the intra pass, the rest (levels no query reaches) stay 0
+        dlam = torch.zeros_like(lam) if not nl or ctx.tree else None   # (the scans': after their peak)
+        lvl = lam[..., hi + 1: hi + 1 + nl]
+        if nl and ctx.tree:
+            dqt, dk, dw, du, dgam, _, ds0 = tree_backward(qt, k, w, v if ut is None else ut, gam, lvl, scale, do,
+                                                          dst, ctx.tree_kept, s0, n0,
+                                                          dlam=dlam[..., hi + 1: hi + 1 + nl])
             ctx.tree_kept = None
-        elif lw.shape[-1]:
+        elif nl:
             dst = None if dst is None else dst.contiguous().float()
-            dqt, dk, dw, du, dgam, dlw, ds0 = levels_backward(qt, k, w, v if ut is None else ut, gam, lw, s0, do,
-                                                              dst, scale, n0, s0 is not None, ck, ctx.seg, hs)
+            dqt, dk, dw, du, dgam, dlw, ds0 = levels_backward(qt, k, w, v if ut is None else ut, gam,
+                                                              _differences(lvl), s0, do, dst, scale, n0,
+                                                              s0 is not None, ck, ctx.seg, hs)
             del hs
+            dlam = torch.zeros_like(lam)
+            dlvl = dlam[..., hi + 1: hi + 1 + nl]
+            dlvl += dlw                    # w_j = lvl_j - lvl_{j+1}
+            dlvl[..., 1:] -= dlw[..., :-1]
+            del dlw, dlvl
         else:
             dqt, dk, dgam = torch.zeros(B, T, H, K, **f32), torch.zeros(B, T, H, K, **f32), torch.zeros(B, T, H, **f32)
             dw = None if w is None else torch.zeros(B, T, H, K, **f32)
-            du, dlw, ds0 = torch.zeros(*v.shape, **f32), None, None
+            du, ds0 = torch.zeros(*v.shape, **f32), None
         # every buffer is dropped after its last reader (ut: the level scans), so the peak stays at the level
         # scans or the intra pass (docs/loglinear.md, "Memory"; lctrain.bench.loglinear_memory lists it)
         del ut
-        dv_intra, dq, dx, dlam_intra = intra_backward(q, k, v, w, tm, beta, gam, lam, hi, scale, do, dqt, dk, dw,
-                                                      dgam)
+        dv_intra, dq, dx = intra_backward(q, k, v, w, tm, beta, gam, lam, hi, scale, do, dqt, dk, dw, dgam, dlam)
         del dqt
         if w is None:
             dv, dbeta, dg = du.add_(dv_intra).to(v.dtype), None, _chunk_suffix_sum(dgam)
@@ -112,9 +132,7 @@ class _FusedLogLinear(torch.autograd.Function):
             dv, dbeta, dg = wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg, dx=dx, dv_add=dv_intra, dk_out=dk_out)
             dk = dk_out
         del du, dw, dx, w, dv_intra, dgam
-        dlam = torch.zeros_like(lam)
-        dlam[..., : hi + 1] = dlam_intra
-        return (dq, dk, dv, dg, dbeta, dlam, dlw, ds0, None, None, None, None, None, None)
+        return (dq, dk, dv, dg, dbeta, dlam, ds0, None, None, None, None, None, None, None)
 
 
 def fused_by_levels(base, q, k, v, g, beta, level_weights, *, scale, run_init, position_offset: int, top: int,
@@ -131,7 +149,6 @@ def fused_by_levels(base, q, k, v, g, beta, level_weights, *, scale, run_init, p
     if want_runs:  # blocks of <= C tokens start inside this call: their runs come from the last block alone
         gates = (g,) if beta is None else (g, beta)
         runs = [s.float() for s in _last_block_states(base, k, v, gates, p0, range(min(c, top) + 1), CHUNK)]
-    lw = level_weight_differences(q, level_weights, top)[..., c + 1:].float().contiguous()
     s0 = None if run_init is None or top <= c else run_init[:, :, c + 1: top + 1].float().contiguous()
     f32 = lambda x: aligned_input(x, torch.float32)  # noqa: E731  (ALIGN_INPUTS in triton/ops.py: why aligned)
     # the levels above c can come from block totals, no level scans: for a scalar decay (Mamba-2, SCALAR_TREE=1,
@@ -146,9 +163,10 @@ def fused_by_levels(base, q, k, v, g, beta, level_weights, *, scale, run_init, p
                 and tree_bytes(B, T, H, K, v.shape[-1], tree_depth(T), q.element_size()) <= triton_levels.TREE_BUDGET)
     train = torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                             for x in (q, k, v, g, beta, level_weights, run_init))
+    nl = 0 if tree else max(top - c, 0)   # the levels above the chunk the Function takes (none: the scalar tree's)
     o, st = _FusedLogLinear.apply(aligned_input(q), aligned_input(k), aligned_input(v), f32(g), f32(beta),
-                                  f32(level_weights), lw[..., :0] if tree else lw, s0, scale, p0 // CHUNK,
-                                  min(c, top), bool(want_runs and top > c and not tree), train, gdn_tree)
+                                  f32(level_weights), s0, scale, p0 // CHUNK, min(c, top), nl,
+                                  bool(want_runs and top > c and not tree), train, gdn_tree)
     if tree:
         o_levels, st = tree_levels(q, k, v, f32(g), f32(level_weights), scale, top - c, want_runs)
         o = (o.float() + o_levels).to(q.dtype)

@@ -157,14 +157,6 @@ def _incoming(n0: int, D: int, NL: int, s0) -> list[int]:
     return [] if s0 is None else [j for j in range(D, NL) if n0 % (2 << j)]
 
 
-def _bucket_weights(lw, D: int, scale: float):
-    """lam [B, T, H, D] fp32: bucket m's weight sum_{j >= m} w_j = lambda_{c+1+m} over all NL levels (a matmul with
-    the suffix matrix U[j, m] = 1 for j >= m: torch's cumsum over a short last axis is slow on CUDA), and U."""
-    NL = lw.shape[-1]
-    U = torch.ones(NL, NL, device=lw.device).tril()[:, :D]
-    return (lw @ U).mul_(scale).contiguous(), U
-
-
 def _final_buckets(T: int, D: int, NL: int) -> list[list[int]]:
     """Per level j above the chunk (blocks of 2^(j+1) chunks), the tree nodes its final run state sums, earliest
     first: below D the one node of a complete last block, else the buckets of NT (the chunk count) at levels
@@ -202,30 +194,37 @@ def _final_runs(nm, tots, ge, plan, slot=None, init=None):
     return torch.stack(runs, dim=2)
 
 
-def _incoming_state_grads(qlast, lw, s0, levels, scale: float, do, dtype):
+def _level_weight(lam, j: int):
+    """w_j = lam[j] - lam[j + 1] (lam[NL] = 0) [B, T, H]: the weight of level j's run (``lam``: the weights of the
+    levels above the chunk, lambda_{c+1..top})."""
+    return lam[..., j] - lam[..., j + 1] if j + 1 < lam.shape[-1] else lam[..., j]
+
+
+def _incoming_state_grads(qlast, lam, s0, levels, scale: float, do, dtype):
     """{j: ds0_j} = (scale w_j qlast)^T dO for the levels with an incoming run state (their readout and its other
     gradients are in the readout kernels): one product a level in ``dtype`` (q's; fp32 accumulation)."""
     do = do.to(dtype)
-    return {j: torch.einsum("bthk,bthv->bhkv", (qlast * (lw[..., j, None] * scale)).to(dtype), do).float()
-            for j in levels}
+    return {j: torch.einsum("bthk,bthv->bhkv", (qlast * (_level_weight(lam, j)[..., None] * scale)).to(dtype),
+                            do).float() for j in levels}
 
 
-def tree_forward(o, qt, k, w, u, gam, lw, scale: float, want_final: bool, keep: bool = False, s0=None, n0: int = 0,
+def tree_forward(o, qt, k, w, u, gam, lam, scale: float, want_final: bool, keep: bool = False, s0=None, n0: int = 0,
                  out=None):
-    """``levels_forward`` by the tree (for calls ``tree_serves``): o [B, T, H, V] fp32 += the levels above the
-    chunk (into ``out`` instead where given, in its dtype: o + the levels, rounded once). s0 [B, H, NL, K, V]
-    (or None): the run states entering the call, read where a level's block began
-    before it (global chunk n0). Returns (the final run states or None, and with ``keep`` what the backward
-    would compute again: the tree, the queries each bucket read and qlast, else None). All in Triton
-    (``triton_tree``), the tree in q's dtype."""
-    NL, T = lw.shape[-1], qt.shape[1]
+    """``levels_forward`` by the tree (for calls ``tree_serves``), with the levels' weights ``lam`` [B, T, H, NL] fp32
+    (lambda_{c+1..top} themselves, not their differences w: bucket m weighs lambda_{c+1+m}, the run weights
+    telescope; a last-axis slice of the op's contiguous [B, T, H, L], ``triton_tree.row_stride``): o [B, T, H, V]
+    fp32 += the levels above the chunk (into ``out`` instead where given, in its dtype: o + the levels, rounded
+    once). s0 [B, H, NL, K, V] (or None): the run states entering the call, read where a level's block began before
+    it (global chunk n0). Returns (the final run states or None, and with ``keep`` what the backward would compute
+    again: the tree, the queries each bucket read and qlast, else None). All in Triton (``triton_tree``), the tree
+    in q's dtype."""
+    NL, T = lam.shape[-1], qt.shape[1]
     D = tree_depth(T)
     inc = _incoming(n0, D, NL, s0)
     top = D if want_final or inc else D - 1
     nm, tots, ge = triton_tree.build_tree(k, w, u, gam, D, top, qt.dtype)
-    lam, _ = _bucket_weights(lw, D, scale)
-    incoming = triton_tree.incoming_args(s0, lw, inc, scale) if inc else None
-    qcs, qlast = triton_tree.readout_forward(o, qt, lam, nm, tots, ge, 1 << D, store_q=keep, incoming=incoming,
+    incoming = triton_tree.incoming_args(s0, inc) if inc else None
+    qcs, qlast = triton_tree.readout_forward(o, qt, lam, nm, tots, ge, 1 << D, scale, store_q=keep, incoming=incoming,
                                              store_last=keep and bool(inc), out=out)
     final = None
     if want_final:
@@ -234,43 +233,46 @@ def tree_forward(o, qt, k, w, u, gam, lw, scale: float, want_final: bool, keep: 
     return final, ((nm, tots, ge, qcs, qlast, top) if keep else None)
 
 
-def tree_backward(qt, k, w, u, gam, lw, scale: float, do, dst, kept=None, s0=None, n0: int = 0):
-    """``levels_backward`` by the tree: (dqt, dk, dw or None, du, dgam, dlw, ds0 or None) fp32 (ds0 where s0 is
-    given: 0 for the levels that do not read it). The tree and the queries each bucket reads again (unless
-    ``kept`` from the forward), then the readout's backward, the per-node sums, down the tree and into the
-    chunks (``triton_tree``); the final states' and the incoming states' shares by torch (few nodes, few
-    levels)."""
-    NL, T = lw.shape[-1], qt.shape[1]
+def tree_backward(qt, k, w, u, gam, lam, scale: float, do, dst, kept=None, s0=None, n0: int = 0, dlam=None):
+    """``levels_backward`` by the tree: (dqt, dk, dw or None, du, dgam, dlam, ds0 or None) fp32 (ds0 where s0 is given:
+    0 for the levels that do not read it; dlam: the gradient of ``lam`` (``tree_forward``), written into ``dlam``
+    where given (a zero-filled view like lam, a slice of the op's gradient: no copy), else new). The tree and the
+    queries each bucket reads again (unless ``kept`` from the forward), then the readout's backward, the per-node
+    sums, down the tree and into the chunks (``triton_tree``); the final states' and the incoming states' shares by
+    torch (few nodes, few levels)."""
+    NL, T = lam.shape[-1], qt.shape[1]
     D = tree_depth(T)
     P = 1 << D
     inc = _incoming(n0, D, NL, s0)
-    lam, U = _bucket_weights(lw, D, scale)
-    incoming = triton_tree.incoming_args(s0, lw, inc, scale) if inc else None
+    incoming = triton_tree.incoming_args(s0, inc) if inc else None
     if kept is None:
         top = D if dst is not None or inc else D - 1
         nm, tots, ge = triton_tree.build_tree(k, w, u, gam, D, top, qt.dtype)
-        qcs, qlast = triton_tree.readout_forward(None, qt, lam, nm, tots, ge, P, store_q=True, incoming=incoming,
-                                                 store_last=bool(inc))
+        qcs, qlast = triton_tree.readout_forward(None, qt, lam, nm, tots, ge, P, scale, store_q=True,
+                                                 incoming=incoming, store_last=bool(inc))
     else:
         nm, tots, ge, qcs, qlast, top = kept
-    ds0_in = _incoming_state_grads(qlast, lw, s0, inc, scale, do, qt.dtype) if inc else {}
+    ds0_in = _incoming_state_grads(qlast, lam, s0, inc, scale, do, qt.dtype) if inc else {}
     dfinal, dinit = None, {}
     if dst is not None:
         *dfinal, dinit = _final_runs_grad(nm, tots, ge, T, D, NL, dst, s0, inc)
-    dqt, dlam, dnm, dtots, dge, dlwin = triton_tree.tree_gradients(qcs, lam, nm, tots, ge, do.contiguous(), P,
-                                                                   dfinal, incoming, qlast)
+    if dlam is None:
+        dlam = torch.zeros(lam.shape, device=lam.device, dtype=torch.float32)
+    dqt, dnm, dtots, dge, dlwin = triton_tree.tree_gradients(qcs, lam, nm, tots, ge, do.contiguous(), P, scale, dlam,
+                                                             dfinal, incoming, qlast)
     del qcs, qlast
     dk, dw, du, dgam = triton_tree.tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P, top,
                                                       seeded=dfinal is None, carry_all=incoming is not None)
-    dlw = (dlam @ U.t()).mul_(scale)
-    for i, j in enumerate(inc):
-        dlw[..., j] += dlwin[..., i]
+    for i, j in enumerate(inc):   # w_j = lam[j] - lam[j + 1]
+        dlam[..., j] += dlwin[..., i]
+        if j + 1 < NL:
+            dlam[..., j + 1] -= dlwin[..., i]
     ds0 = None
     if s0 is not None:
         ds0 = torch.zeros(s0.shape, device=s0.device, dtype=torch.float32)
         for j in inc:
             ds0[:, :, j] = ds0_in[j] + dinit[j] if j in dinit else ds0_in[j]
-    return dqt, dk, dw, du, dgam, dlw, ds0
+    return dqt, dk, dw, du, dgam, dlam, ds0
 
 
 def _final_runs_grad(nm, tots, ge, T: int, D: int, NL: int, dst, s0=None, inc=()):

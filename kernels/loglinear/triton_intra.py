@@ -116,7 +116,8 @@ def intra_bwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, tm_ptr, beta_ptr, gam_ptr, lam_
                      scale, T, H, L, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      C: tl.constexpr, HI: tl.constexpr, HAS_W: tl.constexpr):
     """The backward above. dv, dq are written; dk, dw, dgam (fp32) are ADDED to (they hold the level
-    scans' parts); dx [B, T, H, C] fp32 and dlam [B, T, H, HI+1] fp32 are written. Grid (NT, B*H)."""
+    scans' parts); dx [B, T, H, C] fp32 and dlam's columns 0..HI (dlam [B, T, H, L] fp32 like lam) are written.
+    Grid (NT, B*H)."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     base = (bh // H) * T * H + bh % H
@@ -145,7 +146,7 @@ def intra_bwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, tm_ptr, beta_ptr, gam_ptr, lam_
     dm = dm * scale
     dma = dm * aeff
     for lev in tl.static_range(0, HI + 1):
-        tl.store(dlam_ptr + (base + rt * H) * (HI + 1) + lev,
+        tl.store(dlam_ptr + (base + rt * H) * L + lev,
                  tl.sum(tl.where((lv == lev) & (rc[:, None] >= rc[None, :]), dma, 0.0), axis=1), mask=mt)
     da = lam * dm
     if HAS_W:
@@ -198,16 +199,17 @@ def intra_forward(q, k, v, w, tm, beta, gam, lam, hi: int, scale: float):
     return o, qt
 
 
-def intra_backward(q, k, v, w, tm, beta, gam, lam, hi: int, scale: float, do, dqt, dk, dw, dgam):
-    """dv_intra, dq (q's dtype), dX (or None), dlambda of the levels 0..hi; ADDS into dk, dw, dgam (fp32)."""
+def intra_backward(q, k, v, w, tm, beta, gam, lam, hi: int, scale: float, do, dqt, dk, dw, dgam, dlam):
+    """dv_intra, dq (q's dtype), dX (or None); writes dlam[..., :hi + 1] (dlam fp32, contiguous, lam's shape: the
+    levels above are the caller's) and ADDS into dk, dw, dgam (fp32)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     bk, bv = _blocks(K, V)
     dv = torch.empty(B, T, H, V, device=q.device, dtype=torch.float32)
     dq = torch.empty_like(q)
     dx = torch.empty(B, T, H, CHUNK, device=q.device, dtype=torch.float32) if w is not None else None
-    dlam = torch.empty(B, T, H, hi + 1, device=q.device, dtype=torch.float32)
+    assert dlam.shape == lam.shape and dlam.is_contiguous() and dlam.dtype == torch.float32
     intra_bwd_kernel[(triton.cdiv(T, CHUNK), B * H)](q, k, v, w, tm, beta, gam, lam, do, dqt, dv, dq, dk, dw, dx,
                                                      dgam, dlam, scale, T, H, lam.shape[-1], K=K, V=V, BK=bk,
                                                      BV=bv, C=CHUNK, HI=hi, num_warps=WARPS_INTRA_BWD)
-    return dv, dq, dx, dlam
+    return dv, dq, dx

@@ -24,7 +24,10 @@ gradient buffers are not zero-filled (2 GiB at 64K, H=16, D=128): a node ``tree_
 (``_seeded``) reads as 0 until the pass down the tree has written it, so every node below the top is written
 once before it is read (``SEEDED``; the final states' index_add needs zeros and turns it off).
 
-Layouts: tokens [B, T, H, D]; gam [B, T, H]; lam, dlam [B, T, H, NL] fp32 (bucket weights, scale included);
+Layouts: tokens [B, T, H, D]; gam [B, T, H]; lam, dlam [B, T, H, NLW] fp32, the level weights of the NLW levels
+above the chunk as the op takes them (lambda, not their differences; scale not included), views into the op's
+[B, T, H, L] with row stride LS: bucket m weighs scale lam[m] (the run weights telescope), an incoming level j
+scale (lam[j] - lam[j + 1]);
 tree [B, H, nodes, K, K|V], ge [B, H, nodes]; qcs / dqcs [NL, B, TH, H, K], TH = ceil(NT / 2) C: at level m only
 the chunks n with bit m set have rows, compacted by dropping that bit (``_qcs_at``).
 """
@@ -143,20 +146,21 @@ def tree_level_fwd_kernel(nm_ptr, tot_ptr, ge_ptr, NN, NPHI, OFF, OFF1, K: tl.co
 
 
 @triton.jit
-def _incoming_level(s0_ptr, lw_ptr, inc_ptr, i, bh, base, rt, mt, H, NLW, K: tl.constexpr, V: tl.constexpr, rk, rv,
-                    dtype: tl.constexpr):
-    """(S_in,j [K, V] in ``dtype``, w_j of the chunk's rows fp32) of the i-th incoming level j = inc[i]: s0
-    [B, H, NLW, K, V] fp32, lw [B, T, H, NLW] fp32."""
+def _incoming_level(s0_ptr, lam_ptr, inc_ptr, i, bh, base, rt, mt, H, NLW, LS, K: tl.constexpr, V: tl.constexpr, rk,
+                    rv, dtype: tl.constexpr):
+    """(S_in,j [K, V] in ``dtype``, w_j = lam[j] - lam[j + 1] (lam[NLW] = 0) of the chunk's rows fp32) of the i-th
+    incoming level j = inc[i]: s0 [B, H, NLW, K, V] fp32."""
     j = tl.load(inc_ptr + i)
     s = tl.load(s0_ptr + ((bh * NLW + j) * K + rk[:, None]) * V + rv[None, :],
                 mask=(rk < K)[:, None] & (rv < V)[None, :], other=0.0).to(dtype)
-    return s, tl.load(lw_ptr + (base + rt * H) * NLW + j, mask=mt, other=0.0)
+    row = lam_ptr + (base + rt * H) * LS + j
+    return s, tl.load(row, mask=mt, other=0.0) - tl.load(row + 1, mask=mt & (j + 1 < NLW), other=0.0)
 
 
 @flags_given(WRITE_O="o_ptr", STORE_Q="qcs_ptr", STORE_LAST="qlast_ptr", HAS_IN="s0_ptr")
 @triton.jit
 def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, out_ptr, qcs_ptr, qlast_ptr, s0_ptr,
-                            lw_ptr, inc_ptr, NINC, NLW, scale, B, T, TH, H, NL, P, NN, NPHI, K: tl.constexpr,
+                            inc_ptr, NINC, NLW, LS, scale, B, T, TH, H, NL, P, NN, NPHI, K: tl.constexpr,
                             V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, WRITE_O: tl.constexpr,
                             STORE_Q: tl.constexpr, STORE_LAST: tl.constexpr, HAS_IN: tl.constexpr,
                             CARRY_ALL: tl.constexpr):
@@ -175,7 +179,7 @@ def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, out
             node = _node(n, m, P)
             tot = tl.load(tot_ptr + ((bh * NN + node) * K + rk[:, None]) * V + rv[None, :],
                           mask=mk[:, None] & mv[None, :], other=0.0)
-            lam = tl.load(lam_ptr + (base + rt * H) * NL + m, mask=mt, other=0.0)
+            lam = scale * tl.load(lam_ptr + (base + rt * H) * LS + m, mask=mt, other=0.0)
             if STORE_Q:
                 tl.store(qcs_ptr + _qcs_at(n, m, b, h, B, TH, H, K, rk, C), q.to(qcs_ptr.dtype.element_ty), mask=mtk)
             o += lam[:, None] * tl.dot(q.to(tot.dtype), tot).to(tl.float32)
@@ -187,7 +191,7 @@ def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, out
         tl.store(qlast_ptr + (base + rt[:, None] * H) * K + rk[None, :], q, mask=mtk)
     if HAS_IN:
         for i in range(0, NINC):
-            s, w = _incoming_level(s0_ptr, lw_ptr, inc_ptr, i, bh, base, rt, mt, H, NLW, K, V, rk, rv,
+            s, w = _incoming_level(s0_ptr, lam_ptr, inc_ptr, i, bh, base, rt, mt, H, NLW, LS, K, V, rk, rv,
                                    tot_ptr.dtype.element_ty)
             o += (w * scale)[:, None] * tl.dot(q.to(s.dtype), s).to(tl.float32)
     if WRITE_O:
@@ -198,16 +202,16 @@ def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, out
 
 @flags_given(CARRY_ALL="s0_ptr")
 @triton.jit
-def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, qlast_ptr, s0_ptr, lw_ptr, inc_ptr,
-                            dlwin_ptr, NINC, NLW, scale, dqt_ptr, dlam_ptr, dqcs_ptr, B, T, TH, H, NL, P, NN, NPHI,
-                            K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, qlast_ptr, s0_ptr, inc_ptr,
+                            dlwin_ptr, NINC, NLW, LS, DLS, scale, dqt_ptr, dlam_ptr, dqcs_ptr, B, T, TH, H, NL, P, NN,
+                            NPHI, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                             CARRY_ALL: tl.constexpr):
-    """Program (chunk n, batch x head): the readout's backward, buckets descending: dlam (every level of
-    this chunk's rows: 0 where the bit is clear), dqt (fp32), and dqcs (the gradient of the query leaving
-    each bucket that a bucket above read, in dqcs's dtype) for ``tree_node_grad_kernel``. With s0 (a call with
-    incoming states) the walk starts from the gradient of the query that read them, sum_j scale w_j dO S_in,j^T,
-    every bucket's leaving query has a gradient, and dlwin [B, T, H, NINC] gets their levels' weight gradients
-    scale rowsum(qlast * dO S_in,j^T) (qlast: the forward's query at the call's start, fp32)."""
+    """Program (chunk n, batch x head): the readout's backward, buckets descending: dlam (the NL bucket levels of this
+    chunk's rows, scale included: 0 where the bit is clear; row stride DLS), dqt (fp32), and dqcs (the gradient of
+    the query leaving each bucket that a bucket above read, in dqcs's dtype) for ``tree_node_grad_kernel``. With s0
+    (a call with incoming states) the walk starts from the gradient of the query that read them, sum_j scale w_j dO
+    S_in,j^T, every bucket's leaving query has a gradient, and dlwin [B, T, H, NINC] gets their levels' weight
+    gradients scale rowsum(qlast * dO S_in,j^T) (qlast: the forward's query at the call's start, fp32)."""
     n, bh, b, h, base, rt, mt, rk, mk, rv, mv = _chunk_program(T, H, K, V, BK, BV, C)
     mtk = mt[:, None] & mk[None, :]
     do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
@@ -215,7 +219,7 @@ def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, q
     if CARRY_ALL:
         ql = tl.load(qlast_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0).to(tl.float32)
         for i in range(0, NINC):
-            s, w = _incoming_level(s0_ptr, lw_ptr, inc_ptr, i, bh, base, rt, mt, H, NLW, K, V, rk, rv,
+            s, w = _incoming_level(s0_ptr, lam_ptr, inc_ptr, i, bh, base, rt, mt, H, NLW, LS, K, V, rk, rv,
                                    tot_ptr.dtype.element_ty)
             x = tl.dot(do.to(s.dtype), tl.trans(s)).to(tl.float32)
             dq += (w * scale)[:, None] * x
@@ -227,7 +231,7 @@ def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, q
             node = _node(n, m, P)
             tot = tl.load(tot_ptr + ((bh * NN + node) * K + rk[:, None]) * V + rv[None, :],
                           mask=mk[:, None] & mv[None, :], other=0.0)
-            lam = tl.load(lam_ptr + (base + rt * H) * NL + m, mask=mt, other=0.0)
+            lam = scale * tl.load(lam_ptr + (base + rt * H) * LS + m, mask=mt, other=0.0)
             at = _qcs_at(n, m, b, h, B, TH, H, K, rk, C)
             q = tl.load(qcs_ptr + at, mask=mtk, other=0.0)
             # dO Tot^T serves both: dlam = rowsum(q * dO Tot^T), dq += diag(lam) dO Tot^T (one product, not two)
@@ -239,13 +243,13 @@ def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, q
                              mask=mk[:, None] & mk[None, :], other=0.0)
                 dq = tl.dot(-dq.to(nm.dtype), tl.trans(nm), acc=tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * dq)
             dq += lam[:, None] * dx
-        tl.store(dlam_ptr + (base + rt * H) * NL + m, part, mask=mt)
+        tl.store(dlam_ptr + (base + rt * H) * DLS + m, scale * part, mask=mt)
     tl.store(dqt_ptr + (base + rt[:, None] * H) * K + rk[None, :], dq, mask=mtk)
 
 
 @triton.jit
 def tree_node_grad_kernel(work_ptr, qcs_ptr, lam_ptr, do_ptr, dqcs_ptr, ge_ptr, dtot_ptr, dnm_ptr, dge_ptr, B, T, TH, H,
-                          NL, P, NN, NPHI, NT, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                          LS, scale, P, NN, NPHI, NT, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                           BV: tl.constexpr, C: tl.constexpr, CARRY_ALL: tl.constexpr):
     """Program (bucket node, batch x head, which): the node's gradients summed over the chunks that read it:
     which = 0: dTot = sum q^T diag(lam) dO (fp32 [K, V]); 1 (nodes a query is carried across): dN = -sum q^T dq'
@@ -272,7 +276,7 @@ def tree_node_grad_kernel(work_ptr, qcs_ptr, lam_ptr, do_ptr, dqcs_ptr, ge_ptr, 
             rt = n * C + tl.arange(0, C)
             mt = rt < T
             q = tl.load(qcs_ptr + _qcs_at(n, m, b, h, B, TH, H, K, rk, C), mask=mt[:, None] & mk[None, :], other=0.0)
-            lam = tl.load(lam_ptr + (base + rt * H) * NL + m, mask=mt, other=0.0)
+            lam = scale * tl.load(lam_ptr + (base + rt * H) * LS + m, mask=mt, other=0.0)
             do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :],
                          other=0.0).to(tl.float32)
             acc += tl.dot(tl.trans(q), (do * lam[:, None]).to(q.dtype)).to(tl.float32)
@@ -507,51 +511,66 @@ def build_tree(k, w, u, gam, NL: int, top: int, dtype):
     return nm, tots, ge
 
 
-def readout_forward(o, qt, lam, nm, tots, ge, P: int, store_q: bool, incoming=None, store_last: bool = False,
-                    out=None):
+def row_stride(lam) -> int:
+    """LS: the row stride of the level weights ``lam`` [B, T, H, NLW] fp32, a view of the levels above the chunk
+    into the op's [B, T, H, L] (contiguous) weights, as the kernels index it: (row b, t, h) at ((b T + t) H + h) LS."""
+    B, T, H, _ = lam.shape
+    LS = lam.stride(2)
+    assert lam.dtype == torch.float32 and lam.stride(3) == 1 and lam.stride(1) == H * LS and (
+        B == 1 or lam.stride(0) == T * H * LS), "level weights: a last-axis slice of a contiguous fp32 [B, T, H, L]"
+    return LS
+
+
+def readout_forward(o, qt, lam, nm, tots, ge, P: int, scale: float, store_q: bool, incoming=None,
+                    store_last: bool = False, out=None):
     """out [B, T, H, V] = o (fp32) + the buckets' readouts (out None: o in place; o None: nothing written; a
-    separate out in q's dtype spares the caller a cast of the fp32 o); returns (qcs or None: the query
-    each bucket read; with ``store_last`` qlast [B, T, H, K] fp32, else None). ``incoming`` (a call with incoming
-    states: ``incoming_args``) carries the query across every bucket down to the call's start (the tree then needs
-    N of every level it reads), where it reads them into o; qlast is that query."""
+    separate out in q's dtype spares the caller a cast of the fp32 o); lam: the weights of the levels above the
+    chunk (``row_stride``). Returns (qcs or None: the query each bucket read; with ``store_last`` qlast
+    [B, T, H, K] fp32, else None). ``incoming`` (a call with incoming states: ``incoming_args``) carries the query
+    across every bucket down to the call's start (the tree then needs N of every level it reads), where it reads
+    them into o; qlast is that query."""
     B, T, H, K = qt.shape
-    NL = lam.shape[-1]
+    NL = P.bit_length() - 1
     qcs = torch.empty(NL, B, qcs_rows(T), H, K, device=qt.device, dtype=tots.dtype) if store_q else None
     qlast = torch.empty(B, T, H, K, device=qt.device, dtype=torch.float32) if store_last else None
-    s0, lw, inc, ninc, nlw, scale = incoming or (None, None, None, 0, 0, 0.0)
+    s0, inc, ninc = incoming or (None, None, 0)
     tree_readout_fwd_kernel[(triton.cdiv(T, CHUNK), B * H)](
-        qt, lam, nm, tots, ge, o, o if out is None else out, qcs, qlast, s0 if o is not None else None, lw, inc,
-        ninc, nlw, scale, B, T, qcs_rows(T), H, NL, P, tots.shape[2], nm.shape[2], C=CHUNK,
-        CARRY_ALL=incoming is not None, **_launch(K, tots.shape[-1]))
+        qt, lam, nm, tots, ge, o, o if out is None else out, qcs, qlast, s0 if o is not None else None, inc,
+        ninc, lam.shape[-1], row_stride(lam), float(scale), B, T, qcs_rows(T), H, NL, P, tots.shape[2], nm.shape[2],
+        C=CHUNK, CARRY_ALL=incoming is not None, **_launch(K, tots.shape[-1]))
     return qcs, qlast
 
 
-def incoming_args(s0, lw, levels: list[int], scale: float):
-    """What the readout kernels take of a call's incoming states: (s0 [B, H, NL, K, V] fp32, lw [B, T, H, NL] fp32,
-    the levels that read them (int32, on the device, cached), their count, NL, scale)."""
+def incoming_args(s0, levels: list[int]):
+    """What the readout kernels take of a call's incoming states: (s0 [B, H, NLW, K, V] fp32, the levels that read
+    them (int32, on the device, cached), their count)."""
     inc = cached_work(("incoming levels", tuple(levels)), lambda: list(levels), s0.device)
-    return s0.float().contiguous(), lw.contiguous(), inc, len(levels), lw.shape[-1], float(scale)
+    return s0.float().contiguous(), inc, len(levels)
 
 
-def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None, incoming=None, qlast=None):
-    """The readout's backward and the per-node sums: (dqt [B, T, H, K] fp32, dlam [B, T, H, NL] fp32, and the
-    tree's gradients dnm, dtots in the tree's dtype, dge fp32), before they go down the tree. ``dfinal``: the
-    final states' share on the nodes they read (``transition_tree._final_runs_grad``), added. ``incoming``
-    (``incoming_args``) and qlast (``readout_forward``'s): a call with incoming states; then also returns dlwin
-    [B, T, H, len(levels)] fp32, those levels' weight gradients from the incoming readout."""
+def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, scale: float, dlam, dfinal=None, incoming=None, qlast=None):
+    """The readout's backward and the per-node sums: (dqt [B, T, H, K] fp32, the tree's gradients dnm, dtots in the
+    tree's dtype, dge fp32, before they go down the tree, and dlwin or None); writes the bucket levels' columns
+    of dlam (lam's layout, ``row_stride``). ``dfinal``: the final states' share on the nodes they read
+    (``transition_tree._final_runs_grad``), added. ``incoming`` (``incoming_args``) and qlast
+    (``readout_forward``'s): a call with incoming states; then dlwin [B, T, H, len(levels)] fp32 are the gradients
+    of those levels' weights w_j = lam[j] - lam[j + 1] from the incoming readout."""
     NL, B, TH, H, K = qcs.shape
     T = lam.shape[1]
     V, NN, NPHI = tots.shape[-1], tots.shape[2], nm.shape[2]
     NT = triton.cdiv(T, CHUNK)
     dev = qcs.device
+    LS = row_stride(lam)
+    assert dlam.shape == lam.shape
     dqt = torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
-    dlam = torch.empty(B, T, H, NL, device=dev, dtype=torch.float32)
     dqcs = torch.empty_like(qcs)
     launch = dict(C=CHUNK, **_launch(K, V))
-    s0, lw, inc, ninc, nlw, scale = incoming or (None, None, None, 0, 0, 0.0)
+    s0, inc, ninc = incoming or (None, None, 0)
+    scale = float(scale)
     dlwin = torch.empty(B, T, H, ninc, device=dev, dtype=torch.float32) if incoming else None
-    tree_readout_bwd_kernel[(NT, B * H)](qcs, lam, nm, tots, ge, do, qlast, s0, lw, inc, dlwin, ninc, nlw, scale, dqt,
-                                         dlam, dqcs, B, T, TH, H, NL, P, NN, NPHI, **launch)
+    tree_readout_bwd_kernel[(NT, B * H)](qcs, lam, nm, tots, ge, do, qlast, s0, inc, dlwin, ninc, lam.shape[-1], LS,
+                                         row_stride(dlam), scale, dqt, dlam, dqcs, B, T, TH, H, NL, P, NN, NPHI,
+                                         **launch)
     # the tree's gradients in its own dtype (q's): sums formed in fp32 in registers, stored rounded once a level;
     # not zero-filled (SEEDED, module docstring) unless the final states' share is added to them below
     dnm, dtots = (_unseeded(x) if dfinal is None else torch.zeros_like(x) for x in (nm, tots))
@@ -560,8 +579,8 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None, incoming=Non
     work = cached_work(("tree buckets", NL, NT), lambda: [(m, j) for m in range(NL - 1, -1, -1)
                                                           for j in range(0, P >> m, 2) if ((j + 1) << m) < NT], dev)
     if work.numel():
-        tree_node_grad_kernel[(work.shape[0], B * H, 2)](work, qcs, lam, do, dqcs, ge, dtots, dnm, dge, B, T, TH, H, NL,
-                                                         P, NN, NPHI, NT, CARRY_ALL=incoming is not None,
+        tree_node_grad_kernel[(work.shape[0], B * H, 2)](work, qcs, lam, do, dqcs, ge, dtots, dnm, dge, B, T, TH, H, LS,
+                                                         scale, P, NN, NPHI, NT, CARRY_ALL=incoming is not None,
                                                          **launch)
     if dfinal is not None:   # (nodes, their N / ge slots, gradients of those nodes' N, Tot, ge)
         idx, phi_idx, (g_nm, g_tot, g_ge) = dfinal
@@ -570,7 +589,7 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, dfinal=None, incoming=Non
         # 0, so they add nothing (no mask: selecting by one would wait for the GPU)
         dnm.index_add_(2, phi_idx, g_nm.to(dnm.dtype))
         dge.index_add_(2, phi_idx, g_ge)
-    return dqt, dlam, dnm, dtots, dge, dlwin
+    return dqt, dnm, dtots, dge, dlwin
 
 
 def _unseeded(x):

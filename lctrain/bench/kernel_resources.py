@@ -143,14 +143,13 @@ def record_loglinear_launches(D: int, dtype_name: str) -> list:
         q, k, v, do = (torch.empty(B, T, H, D, dtype=dtype, **m) for _ in range(4))
         g, beta = (torch.empty(B, T, H, dtype=torch.float32, **m) for _ in range(2))
         lam = torch.empty(B, T, H, 13, dtype=torch.float32, **m)
-        lw = torch.empty(B, T, H, 13 - c - 1, dtype=torch.float32, **m)
         # the tree from an incoming state: 4096 tokens from 4096 (chunk 64), the level of 128 chunks continuing
-        lw_in = torch.empty(B, T, H, 14 - c - 1, dtype=torch.float32, **m)
+        lam_in = torch.empty(B, T, H, 14, dtype=torch.float32, **m)
         s0 = torch.empty(B, H, 14 - c - 1, D, D, dtype=torch.float32, **m)
         for b, tree, n0 in ((beta, False, 0), (None, False, 0), (beta, True, 0), (beta, True, T // 64)):
             ctx = type("Ctx", (), {"save_for_backward": lambda self, *t: setattr(self, "saved_tensors", t)})()
-            args = (lw, None) if not n0 else (lw_in, s0)
-            fused._FusedLogLinear.forward(ctx, q, k, v, g, b, lam, *args, D ** -0.5, n0, c, False, True, tree)
+            args = (lam, None, D ** -0.5, n0, c, 13 - c - 1) if not n0 else (lam_in, s0, D ** -0.5, n0, c, 14 - c - 1)
+            fused._FusedLogLinear.forward(ctx, q, k, v, g, b, *args, False, True, tree)
             fused._FusedLogLinear.backward(ctx, do, None)
     finally:
         for (mod, n), kernel in saved.items():

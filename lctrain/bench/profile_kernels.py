@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, default=None,
                    help="pack the T tokens as this many documents (cu_seqlens; B must be 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the document lengths (default 0)")
+    p.add_argument("--rows", type=int, default=16, help="kernels listed per method, most time first (default 16)")
     p.add_argument("--cfg", default="", metavar="KEY=INT[,KEY=INT]",
                    help="our launch settings, as LCTRAIN_TRITON_CFG (see ops.set_config)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
         what = "" if cu is None else f" packed as {args.docs} documents"
         print(f"\n=== {m}  T={args.T}{what} (3 iterations of fwd+bwd)", flush=True)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60),
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60),
               flush=True)
     return 0
 
