@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ..triton.common import CHUNK, flags_given, pow2
+from . import triton_levels
 from .triton_levels import cached_work
 
 WARPS = 8
@@ -163,7 +164,7 @@ def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, out
                             inc_ptr, NINC, NLW, LS, scale, B, T, TH, H, NL, P, NN, NPHI, K: tl.constexpr,
                             V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, WRITE_O: tl.constexpr,
                             STORE_Q: tl.constexpr, STORE_LAST: tl.constexpr, HAS_IN: tl.constexpr,
-                            CARRY_ALL: tl.constexpr):
+                            CARRY_ALL: tl.constexpr, HOIST: tl.constexpr):
     """Program (chunk n, batch x head): out[rows of n] = o + its buckets' readouts (rows of this program alone; o
     fp32, out in its own dtype, o itself for in place), and with qcs the query each bucket reads (in qcs's
     dtype). CARRY_ALL (a call with incoming states):
@@ -177,15 +178,20 @@ def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, out
     for m in range(0, NL):
         if ((n >> m) & 1) == 1:
             node = _node(n, m, P)
+            carry = ((n >> (m + 1)) > 0) | CARRY_ALL   # a bucket above (or the incoming states) reads it carried
             tot = tl.load(tot_ptr + ((bh * NN + node) * K + rk[:, None]) * V + rv[None, :],
                           mask=mk[:, None] & mv[None, :], other=0.0)
+            if HOIST:   # N's load issued with Tot's: one memory latency a bucket, not two
+                nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
+                             mask=mk[:, None] & mk[None, :] & carry, other=0.0)
             lam = scale * tl.load(lam_ptr + (base + rt * H) * LS + m, mask=mt, other=0.0)
             if STORE_Q:
                 tl.store(qcs_ptr + _qcs_at(n, m, b, h, B, TH, H, K, rk, C), q.to(qcs_ptr.dtype.element_ty), mask=mtk)
             o += lam[:, None] * tl.dot(q.to(tot.dtype), tot).to(tl.float32)
-            if ((n >> (m + 1)) > 0) | CARRY_ALL:  # a bucket above (or the incoming states) reads it carried
-                nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
-                             mask=mk[:, None] & mk[None, :], other=0.0)
+            if carry:
+                if not HOIST:
+                    nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
+                                 mask=mk[:, None] & mk[None, :], other=0.0)
                 q = tl.dot(-q.to(nm.dtype), nm, acc=tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * q)
     if STORE_LAST:
         tl.store(qlast_ptr + (base + rt[:, None] * H) * K + rk[None, :], q, mask=mtk)
@@ -205,7 +211,7 @@ def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, out
 def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, qlast_ptr, s0_ptr, inc_ptr,
                             dlwin_ptr, NINC, NLW, LS, DLS, scale, dqt_ptr, dlam_ptr, dqcs_ptr, B, T, TH, H, NL, P, NN,
                             NPHI, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                            CARRY_ALL: tl.constexpr):
+                            CARRY_ALL: tl.constexpr, HOIST: tl.constexpr):
     """Program (chunk n, batch x head): the readout's backward, buckets descending: dlam (the NL bucket levels of this
     chunk's rows, scale included: 0 where the bit is clear; row stride DLS), dqt (fp32), and dqcs (the gradient of
     the query leaving each bucket that a bucket above read, in dqcs's dtype) for ``tree_node_grad_kernel``. With s0
@@ -229,18 +235,23 @@ def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, q
         part = tl.zeros([C], dtype=tl.float32)
         if ((n >> m) & 1) == 1:
             node = _node(n, m, P)
+            carry = ((n >> (m + 1)) > 0) | CARRY_ALL
             tot = tl.load(tot_ptr + ((bh * NN + node) * K + rk[:, None]) * V + rv[None, :],
                           mask=mk[:, None] & mv[None, :], other=0.0)
+            if HOIST:
+                nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
+                             mask=mk[:, None] & mk[None, :] & carry, other=0.0)
             lam = scale * tl.load(lam_ptr + (base + rt * H) * LS + m, mask=mt, other=0.0)
             at = _qcs_at(n, m, b, h, B, TH, H, K, rk, C)
             q = tl.load(qcs_ptr + at, mask=mtk, other=0.0)
             # dO Tot^T serves both: dlam = rowsum(q * dO Tot^T), dq += diag(lam) dO Tot^T (one product, not two)
             dx = tl.dot(do.to(tot.dtype), tl.trans(tot)).to(tl.float32)
             part = tl.sum(q.to(tl.float32) * dx, axis=1)
-            if ((n >> (m + 1)) > 0) | CARRY_ALL:
+            if carry:
                 tl.store(dqcs_ptr + at, dq.to(dqcs_ptr.dtype.element_ty), mask=mtk)
-                nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
-                             mask=mk[:, None] & mk[None, :], other=0.0)
+                if not HOIST:
+                    nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
+                                 mask=mk[:, None] & mk[None, :], other=0.0)
                 dq = tl.dot(-dq.to(nm.dtype), tl.trans(nm), acc=tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * dq)
             dq += lam[:, None] * dx
         tl.store(dlam_ptr + (base + rt * H) * DLS + m, scale * part, mask=mt)
@@ -537,7 +548,8 @@ def readout_forward(o, qt, lam, nm, tots, ge, P: int, scale: float, store_q: boo
     tree_readout_fwd_kernel[(triton.cdiv(T, CHUNK), B * H)](
         qt, lam, nm, tots, ge, o, o if out is None else out, qcs, qlast, s0 if o is not None else None, inc,
         ninc, lam.shape[-1], row_stride(lam), float(scale), B, T, qcs_rows(T), H, NL, P, tots.shape[2], nm.shape[2],
-        C=CHUNK, CARRY_ALL=incoming is not None, **_launch(K, tots.shape[-1]))
+        C=CHUNK, CARRY_ALL=incoming is not None, HOIST=bool(triton_levels.CONFIG["HOIST"]),
+        **_launch(K, tots.shape[-1]))
     return qcs, qlast
 
 
@@ -570,7 +582,7 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, scale: float, dlam, dfina
     dlwin = torch.empty(B, T, H, ninc, device=dev, dtype=torch.float32) if incoming else None
     tree_readout_bwd_kernel[(NT, B * H)](qcs, lam, nm, tots, ge, do, qlast, s0, inc, dlwin, ninc, lam.shape[-1], LS,
                                          row_stride(dlam), scale, dqt, dlam, dqcs, B, T, TH, H, NL, P, NN, NPHI,
-                                         **launch)
+                                         HOIST=bool(triton_levels.CONFIG["HOIST"]), **launch)
     # the tree's gradients in its own dtype (q's): sums formed in fp32 in registers, stored rounded once a level;
     # not zero-filled (SEEDED, module docstring) unless the final states' share is added to them below
     dnm, dtots = (_unseeded(x) if dfinal is None else torch.zeros_like(x) for x in (nm, tots))
