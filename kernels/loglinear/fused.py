@@ -127,12 +127,11 @@ class _FusedLogLinear(torch.autograd.Function):
             dk = dk.to(k.dtype)
         else:
             # the WY backward finishes both in their dtypes: dv = its share + dv_intra, rounded once, and dk
-            # completed into a k-dtype buffer (no fp32 add and casts over [B, T, H, D] afterwards). Its V block is
-            # CONFIG["BV_wy"] (32: with dv_intra's tile, the base op's 64 spills 232 bytes for sm_90, 32 16 bytes)
-            wy_cfg = _Cfg(k.shape[-1], v.shape[-1], overrides={"BVB": triton_levels.CONFIG["BV_wy"]}, gated=True)
+            # completed into a k-dtype buffer (no fp32 add and casts over [B, T, H, D] afterwards). (With dv_intra's
+            # tile it spills 232 bytes for sm_90 at the base op's V block of 64; V blocks of 32, which do not spill,
+            # compute wrong values on an H200, Triton 3.6: docs/kernels-notes.md, and the eleventh session's call 2)
             dk_out = torch.empty_like(k)
-            dv, dbeta, dg = wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, wy_cfg, dx=dx, dv_add=dv_intra,
-                                   dk_out=dk_out)
+            dv, dbeta, dg = wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg, dx=dx, dv_add=dv_intra, dk_out=dk_out)
             dk = dk_out
         del du, dw, dx, w, dv_intra, dgam
         return (dq, dk, dv, dg, dbeta, dlam, ds0, None, None, None, None, None, None, None)
