@@ -65,7 +65,7 @@ def test_prediction_matches_the_h200_bench(monkeypatch, kind, T, tree, mib):
     reads are stored compacted (half the rows): the H200 then measured 1,987.1 / 8,510.3 / 17,570.5 MiB, each
     within 1 KiB of the prediction (docs/results/h200_2026-12-01_s10/call1/). The eleventh session moved the level
     weights' gradient into the Function (no [B, T, H, L] temporaries through autograd) and the prediction fell to
-    1,978.1 / 8,458.2 / 17,450.5 MiB (to be measured: docs/results/h200_2026-12-01_s11/)."""
+    1,978.1 / 8,458.2 / 17,450.5 MiB, which the H200 bench then measured (docs/results/h200_2026-12-01_s11/call1/)."""
     from lctrain.kernels.loglinear import triton_levels
     monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "TREE": tree})
     trace = lm.fwd_bwd_trace(kind, 1, T, 16, 128, torch.bfloat16)
@@ -78,7 +78,8 @@ def test_prediction_with_kept_level_states_matches_the_h200_bench(monkeypatch, t
     8 in the backward) the H200 bench's peak, 26,200 MiB (2026-12-01, eighth session), against 23,128 MiB
     recomputing; with the transition tree (the tree and the queries each bucket read kept) the ninth session
     measured 23,202.5 MiB, the same as recomputing; with the compacted bucket queries (tenth session) 17,922.5 MiB
-    (17,570.5 recomputing), measured and predicted alike; since the eleventh session 17,714.5 predicted."""
+    (17,570.5 recomputing), measured and predicted alike; since the eleventh session 17,714.5, predicted and measured
+    (docs/results/h200_2026-12-01_s11/call1/)."""
     from lctrain.kernels.loglinear import triton_levels
     monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "KEEP_H": 1, "TREE": tree})
     trace = lm.fwd_bwd_trace("gdn", 1, 131072, 16, 128, torch.bfloat16)
