@@ -480,14 +480,16 @@ def test_interpreter_bounds_check_catches_an_overrun():
 @needs_triton
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="checks the interpreter's addresses")
 @pytest.mark.parametrize("backend,cfg", [("triton", {}), ("triton_composed", {}),
-                                         ("triton", {"LP": 2, "BV": 16, "stages": 1})])
+                                         ("triton", {"LP": 2, "BV": 16, "stages": 1, "TREE": 0})])
 def test_gdn_kernels_stay_inside_their_tensors(monkeypatch, backend, cfg):
     """Every load/store/atomic of the fused (and composed) log-linear GDN kernels, forward and backward,
     lies inside a tensor argument, in the shape of the GPU case that hit "an illegal memory access"
     (T=20000, D=64: a half-filled last chunk, an odd level count so the last level group is padded,
-    two V blocks, two heads), at T = 8 * 64 + 32 (3 levels above the chunk); and at the launch setting
-    that faulted on an H200 (LP=2, BV=16, one stage; set_levels_config refuses it), whose addresses are
-    in bounds here too: the fault is not an indexing error the interpreter can see."""
+    two V blocks, two heads), at T = 8 * 64 + 32 (3 levels above the chunk): backend "triton" by the transition
+    tree (its default) and, with TREE=0, by the level scans at the launch setting that faulted on an H200 (LP=2,
+    BV=16, one stage; set_levels_config refuses it), whose addresses are in bounds here too: the fault is not an
+    indexing error the interpreter can see. (Before TREE=0 was added here, in the eleventh session, that case had
+    run the tree since the ninth, and no case checked the level scans' addresses.)"""
     from interp_bounds import bounds_checked
     from lctrain.kernels.loglinear import triton_levels
     monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, **cfg})
