@@ -99,3 +99,15 @@ def test_one_million_tokens_fit_one_h200():
     inputs = lm.input_bytes(lm.bench_inputs("gdn", 1, T, 16, 128, torch.bfloat16, "meta"))
     assert trace.peak <= 70 << 30 and trace.peak + inputs <= 99 << 30
     assert lm.fwd_bwd_trace("gdn", 1, T // 2, 16, 128, torch.bfloat16).peak <= 45 << 30
+
+
+def test_torch_operations_around_the_kernels_stay_small():
+    """One fwd+bwd of ll_gdn at 64K (B=1, H=16, D=128, bf16; the transition tree, the default): the torch operations
+    around the Triton kernels move under 0.5 GB. They moved 8.0 GB until the eleventh session: fp32 adds and casts over
+    [T, H, D], the tree's gradient buffers zero-filled, the level weights' temporaries through autograd. That was
+    about 2 ms of a 24.5 ms step on an H200. Since then they move 0.37 GB. A change that brings such a pass back fails
+    here, and ``python -m lctrain.bench.loglinear_memory --T 65536 --torch-ops`` names it."""
+    ops = lm.torch_op_bytes("gdn", 1, 65536, 16, 128, torch.bfloat16)
+    top = sorted(ops, key=lambda o: -o.nbytes)[:3]
+    assert sum(o.nbytes for o in ops) < 0.5e9, [(o.op, o.nbytes, o.site) for o in top]
+

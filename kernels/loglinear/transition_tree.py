@@ -258,11 +258,10 @@ def tree_backward(qt, k, w, u, gam, lam, scale: float, do, dst, kept=None, s0=No
         *dfinal, dinit = _final_runs_grad(nm, tots, ge, T, D, NL, dst, s0, inc)
     if dlam is None:
         dlam = torch.zeros(lam.shape, device=lam.device, dtype=torch.float32)
-    dqt, dnm, dtots, dge, dlwin = triton_tree.tree_gradients(qcs, lam, nm, tots, ge, do.contiguous(), P, scale, dlam,
-                                                             dfinal, incoming, qlast)
+    dqt, dnm, dtots, dge, dlwin, flags = triton_tree.tree_gradients(qcs, lam, nm, tots, ge, do.contiguous(), P, scale,
+                                                                    dlam, top, dfinal, incoming, qlast)
     del qcs, qlast
-    dk, dw, du, dgam = triton_tree.tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P, top,
-                                                      seeded=dfinal is None, carry_all=incoming is not None)
+    dk, dw, du, dgam = triton_tree.tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P, top, flags)
     for i, j in enumerate(inc):   # w_j = lam[j] - lam[j + 1]
         dlam[..., j] += dlwin[..., i]
         if j + 1 < NL:
@@ -276,9 +275,9 @@ def tree_backward(qt, k, w, u, gam, lam, scale: float, do, dst, kept=None, s0=No
 
 
 def _final_runs_grad(nm, tots, ge, T: int, D: int, NL: int, dst, s0=None, inc=()):
-    """(nodes, their N / ge slots, the gradients of those nodes' N, Tot, ge, and {j: the gradient of level j's
-    incoming state}) of the final run states against dst, for the few nodes they read (autograd through
-    ``_final_runs`` on copies of those nodes and of the incoming states)."""
+    """(nodes, their N / ge slots, the gradients of those nodes' N, Tot, ge, the nodes as a host list, and {j: the
+    gradient of level j's incoming state}) of the final run states against dst, for the few nodes they read
+    (autograd through ``_final_runs`` on copies of those nodes and of the incoming states)."""
     plan = _final_buckets(T, D, NL)
     nodes = sorted({i for level in plan for i in level})
     # (cached on the device: a tensor made from a host list at every call waits for the GPU to get there)
@@ -294,7 +293,7 @@ def _final_runs_grad(nm, tots, ge, T: int, D: int, NL: int, dst, s0=None, inc=()
         every = leaves + list(init.values())
         grads = torch.autograd.grad(runs, every, dst.float(), allow_unused=True)
     grads = [torch.zeros_like(x, dtype=torch.float32) if g is None else g.float() for g, x in zip(grads, every)]
-    return idx, phi_nodes, grads[:3], dict(zip(init, grads[3:]))
+    return idx, phi_nodes, grads[:3], nodes, dict(zip(init, grads[3:]))
 
 
 def tree_bytes(B: int, T: int, H: int, K: int, V: int, NL: int, itemsize: int) -> int:

@@ -20,9 +20,10 @@ node i = off_m + (n >> m) - 1,
 the sums over the chunks that read it (``tree_node_grad_kernel``: dTot, dN, dge), down the tree level by
 level (``tree_level_bwd_kernel``) and into k, W, Ut, gam (``tree_maps_bwd_kernel``). Every program owns what
 it writes: no atomics. Gradients fp32, except the tree's (dN, dTot: in the tree's dtype; dge fp32). The tree's
-gradient buffers are not zero-filled (2 GiB at 64K, H=16, D=128): a node ``tree_node_grad_kernel`` did not write
-(``_seeded``) reads as 0 until the pass down the tree has written it, so every node below the top is written
-once before it is read (``SEEDED``; the final states' index_add needs zeros and turns it off).
+gradient buffers are not zero-filled (2 GiB at 64K, H=16, D=128): per node a flag says whether anything was written
+there before the pass down the tree (``written_flags``: the per-node sums' buckets, and the final states' nodes,
+zeroed one by one before their share is added); a node without reads as 0 until the pass has written it, and every
+node below the top is written once before it is read.
 
 Layouts: tokens [B, T, H, D]; gam [B, T, H]; lam, dlam [B, T, H, NLW] fp32, the level weights of the NLW levels
 above the chunk as the op takes them (lambda, not their differences; scale not included), views into the op's
@@ -53,13 +54,6 @@ def level_offset(P: int, m: int) -> int:
 def _node(n, m, P):
     """The tree node of chunk n's bucket at level m (bit m of n set)."""
     return 2 * P - 2 * (P >> m) + (n >> m) - 1
-
-
-@triton.jit
-def _seeded(m, j, NLB, NT):
-    """Whether ``tree_node_grad_kernel`` wrote dTot of node j of level m: a bucket (j even, m below the NLB bucket
-    levels) that real chunks read. Its dN too where also (j > 0 or CARRY_ALL) and the node has an N."""
-    return ((j % 2) == 0) & (m < NLB) & (((j + 1) << m) < NT)
 
 
 @triton.jit
@@ -311,35 +305,27 @@ def tree_node_grad_kernel(work_ptr, qcs_ptr, lam_ptr, do_ptr, dqcs_ptr, ge_ptr, 
 
 
 @triton.jit
-def tree_level_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, NN, NPHI, OFF, OFF1, M, TOP, NLB, NT,
-                          K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, WHICH: tl.constexpr,
-                          SEEDED: tl.constexpr, CARRY_ALL: tl.constexpr):
+def tree_level_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, flags_ptr, NN, NPHI, OFF, OFF1, M, TOP,
+                          K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, WHICH: tl.constexpr):
     """Program (node i of level m + 1, batch x head): the gradients of node p = OFF1 + i passed to its halves
     a, b (added to what they hold: each node has one parent), one output per kernel variant (three launches a
     level) so that at most two [K, K] fp32 tiles are live. WHICH = 0: dTot_a += e_b dTot_p - N_b^T dTot_p,
     dTot_b += dTot_p; 1: dN_b += e_a dN_p - dTot_p Tot_a^T - dN_p N_a^T,
     dge_b += dge_p + e_b (<dTot_p, Tot_a> + <dN_p, N_a>); 2: dN_a += e_b dN_p - N_b^T dN_p,
     dge_a += dge_p + e_a <dN_p, N_b> (dN_p, dge_p: 0 where p has no N). Nodes a, b are of level M, p of M + 1.
-    SEEDED: dN, dTot hold only what ``tree_node_grad_kernel`` wrote (``_seeded``) and what this pass wrote at the
-    levels above (all of those below TOP): the rest reads as 0, and a, b are written whole (b, odd, is never
-    seeded)."""
+    dN, dTot hold what the flags (``written_flags``: [NN] for dTot, then [NPHI] for dN) say was written before
+    this pass, and what it wrote at the levels above (every node below TOP): the rest reads as 0, and a, b are
+    written whole."""
     bh, a, bn, p, rk, rv, mkv, mkk = _node_program(OFF, OFF1, K, V, BK, BV)
-    i = tl.program_id(0)
-    if SEEDED:
-        a_tot = _seeded(M, 2 * i, NLB, NT)
-        a_n = a_tot & ((i > 0) | CARRY_ALL)
-        b_own = False
-        p_tot = (M + 1 < TOP) | _seeded(M + 1, i, NLB, NT)
-        p_n = (M + 1 < TOP) | (_seeded(M + 1, i, NLB, NT) & ((i > 0) | CARRY_ALL))
-    else:
-        a_tot = True
-        a_n = True
-        b_own = True
-        p_tot = True
-        p_n = True
+    has_np = p < NPHI
+    a_tot = tl.load(flags_ptr + a) != 0
+    a_n = tl.load(flags_ptr + NN + a) != 0
+    b_tot = tl.load(flags_ptr + bn) != 0
+    b_n = tl.load(flags_ptr + NN + bn) != 0
+    p_tot = (M + 1 < TOP) | (tl.load(flags_ptr + p) != 0)
+    p_n = (M + 1 < TOP) | (tl.load(flags_ptr + NN + p, mask=has_np, other=0) != 0)
     tv = ((bh * NN) * K + rk[:, None]) * V + rv[None, :]     # + node * K * V
     tk = ((bh * NPHI) * K + rk[:, None]) * K + rk[None, :]   # + node * K * K
-    has_np = p < NPHI
     dge_p = tl.load(dge_ptr + bh * NPHI + p, mask=has_np, other=0.0)
     # fp32 gradients enter the axpy terms in fp32 and the products in q's dtype (loaded again, from L2), each
     # product accumulating into its output: at most one [K, K] fp32 tile live besides the output
@@ -347,7 +333,7 @@ def tree_level_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, N
         nb = tl.load(nm_ptr + tk + bn * K * K, mask=mkk, other=0.0)
         e_b = tl.exp(tl.load(ge_ptr + bh * NPHI + bn))
         dtp = tl.load(dtot_ptr + tv + p * K * V, mask=mkv & p_tot, other=0.0).to(tl.float32)
-        dtb = tl.load(dtot_ptr + tv + bn * K * V, mask=mkv & b_own, other=0.0).to(tl.float32)
+        dtb = tl.load(dtot_ptr + tv + bn * K * V, mask=mkv & b_tot, other=0.0).to(tl.float32)
         tl.store(dtot_ptr + tv + bn * K * V, (dtb + dtp).to(dtot_ptr.dtype.element_ty), mask=mkv)
         dta = tl.load(dtot_ptr + tv + a * K * V, mask=mkv & a_tot, other=0.0).to(tl.float32) + e_b * dtp
         dtp_lo = tl.load(dtot_ptr + tv + p * K * V, mask=mkv & p_tot, other=0.0).to(nb.dtype)
@@ -357,7 +343,7 @@ def tree_level_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, N
         ta = tl.load(tot_ptr + tv + a * K * V, mask=mkv, other=0.0)
         dtp = tl.load(dtot_ptr + tv + p * K * V, mask=mkv & p_tot, other=0.0).to(tl.float32)
         de_b = tl.sum(tl.sum(dtp * ta.to(tl.float32), axis=1), axis=0)
-        dnb = tl.load(dnm_ptr + tk + bn * K * K, mask=mkk & b_own, other=0.0).to(tl.float32)
+        dnb = tl.load(dnm_ptr + tk + bn * K * K, mask=mkk & b_n, other=0.0).to(tl.float32)
         if has_np:
             na = tl.load(nm_ptr + tk + a * K * K, mask=mkk, other=0.0)
             dnp = tl.load(dnm_ptr + tk + p * K * K, mask=mkk & p_n, other=0.0).to(tl.float32)
@@ -370,7 +356,7 @@ def tree_level_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, N
         tl.store(dnm_ptr + tk + bn * K * K, dnb.to(dnm_ptr.dtype.element_ty), mask=mkk)
         e_b = tl.exp(tl.load(ge_ptr + bh * NPHI + bn))
         tl.store(dge_ptr + bh * NPHI + bn, tl.load(dge_ptr + bh * NPHI + bn) + dge_p + e_b * de_b)
-    else:  # WHICH == 2 (with SEEDED, a is written even where p has no N: nothing else writes it)
+    else:  # WHICH == 2 (a is written even where p has no N: nothing else writes it)
         dna = tl.load(dnm_ptr + tk + a * K * K, mask=mkk & a_n, other=0.0).to(tl.float32)
         if has_np:
             nb = tl.load(nm_ptr + tk + bn * K * K, mask=mkk, other=0.0)
@@ -381,8 +367,7 @@ def tree_level_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, N
             dna = tl.dot(tl.trans(-nb), dnp_lo, acc=dna)
             e_a = tl.exp(tl.load(ge_ptr + bh * NPHI + a))
             tl.store(dge_ptr + bh * NPHI + a, tl.load(dge_ptr + bh * NPHI + a) + dge_p + e_a * de_a)
-        if has_np | SEEDED:
-            tl.store(dnm_ptr + tk + a * K * K, dna.to(dnm_ptr.dtype.element_ty), mask=mkk)
+        tl.store(dnm_ptr + tk + a * K * K, dna.to(dnm_ptr.dtype.element_ty), mask=mkk)
 
 
 @triton.jit
@@ -435,25 +420,17 @@ def _pulled_map_grad(n, p, bh, nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dge_ptr, dtp, N
 @flags_given(HAS_W="w_ptr")
 @triton.jit
 def tree_maps_bwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, dk_ptr,
-                         dw_ptr, du_ptr, dgam_ptr, T, H, NN, NPHI, OFF1, TOP, NLB, NT, K: tl.constexpr,
+                         dw_ptr, du_ptr, dgam_ptr, flags_ptr, T, H, NN, NPHI, OFF1, TOP, K: tl.constexpr,
                          V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr,
-                         PULL: tl.constexpr, SEEDED: tl.constexpr, CARRY_ALL: tl.constexpr):
+                         PULL: tl.constexpr):
     """Program (chunk n, batch x head): the gradients of level 0 (dN, dTot, dge of node n) into the chunk's
     k, W, Ut and gam rows (fp32 stores: the rows are this program's): N = kd^T W, Tot = kd^T Ut, ge = gl,
     kd = diag(d) K with d = exp(gl - gam). With PULL the node's gradients are completed here with its parent's
     share (parent OFF1 + n // 2, whose gradients are final): the last level of the pass down the tree, without
-    storing the level-0 gradients and loading them again. SEEDED: as in ``tree_level_bwd_kernel``."""
+    storing the level-0 gradients and loading them again. Flags as in ``tree_level_bwd_kernel``."""
     n, bh, b, h, base, rt, mt, rk, mk, rv, mv = _chunk_program(T, H, K, V, BK, BV, C)
-    if SEEDED:
-        n_tot = _seeded(0, n, NLB, NT)
-        n_n = n_tot & ((n > 0) | CARRY_ALL)
-        p_tot = (1 < TOP) | _seeded(1, n // 2, NLB, NT)
-        p_n = (1 < TOP) | (_seeded(1, n // 2, NLB, NT) & ((n // 2 > 0) | CARRY_ALL))
-    else:
-        n_tot = True
-        n_n = True
-        p_tot = True
-        p_n = True
+    n_tot = tl.load(flags_ptr + n) != 0
+    n_n = tl.load(flags_ptr + NN + n) != 0
     mtk = mt[:, None] & mk[None, :]
     mtv = mt[:, None] & mv[None, :]
     mkk = mk[:, None] & mk[None, :]
@@ -463,6 +440,8 @@ def tree_maps_bwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, 
     lo = tot_ptr.dtype.element_ty
     if PULL:
         p = OFF1 + n // 2
+        p_tot = (1 < TOP) | (tl.load(flags_ptr + p) != 0)
+        p_n = (1 < TOP) | (tl.load(flags_ptr + NN + p, mask=p < NPHI, other=0) != 0)
         dtot, dtp = _pulled_tot_grad(n, p, bh, nm_ptr, ge_ptr, dtot_ptr, NN, NPHI, K, V, rk, rv, mkk, mkv, n_tot,
                                      p_tot)
         dtot = dtot.to(lo)
@@ -560,11 +539,44 @@ def incoming_args(s0, levels: list[int]):
     return s0.float().contiguous(), inc, len(levels)
 
 
-def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, scale: float, dlam, dfinal=None, incoming=None, qlast=None):
+def written_flags(P: int, top: int, NT: int, nphi: int, carry_all: bool, final: tuple, device):
+    """(flags, zt, zn) for the tree's gradient buffers before the pass down the tree, cached per shape on the device
+    as int32: flags [NN + NPHI], 1 where dTot (first NN) / dN (then NPHI) of a node holds a value: the buckets that
+    ``tree_node_grad_kernel`` writes (j even, bucket levels only, read by real chunks; dN where also j > 0 or
+    ``carry_all``, and the node has an N), and the final states' nodes ``final`` (dN: their N slots); zt, zn: the
+    final states' nodes (dTot) and N slots (dN) that the sums do not write, to be zeroed before their share is
+    added (int64 index tensors, or None)."""
+    NLB, NN = P.bit_length() - 1, level_offset(P, top + 1)
+
+    def build():
+        wt, wn = [0] * NN, [0] * nphi
+        for m in range(top + 1):
+            for j in range(0, P >> m, 2):
+                node = level_offset(P, m) + j
+                if m < NLB and ((j + 1) << m) < NT:
+                    wt[node] = 1
+                    if (j > 0 or carry_all) and node < nphi:
+                        wn[node] = 1
+        zt = sorted({i for i in final if not wt[i]})
+        zn = sorted({min(i, nphi - 1) for i in final if not wn[min(i, nphi - 1)]})
+        for i in final:
+            wt[i] = wn[min(i, nphi - 1)] = 1
+        return wt + wn, zt, zn
+
+    key = ("tree written", P, top, NT, nphi, bool(carry_all), tuple(final))
+    flags = cached_work(key, lambda: build()[0], device)
+    zt, zn = (cached_work((*key, which), lambda which=which: build()[which], device).long() if final else None
+              for which in (1, 2))
+    return flags, (zt if zt is not None and zt.numel() else None), (zn if zn is not None and zn.numel() else None)
+
+
+def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, scale: float, dlam, top: int, dfinal=None, incoming=None,
+                   qlast=None):
     """The readout's backward and the per-node sums: (dqt [B, T, H, K] fp32, the tree's gradients dnm, dtots in the
-    tree's dtype, dge fp32, before they go down the tree, and dlwin or None); writes the bucket levels' columns
-    of dlam (lam's layout, ``row_stride``). ``dfinal``: the final states' share on the nodes they read
-    (``transition_tree._final_runs_grad``), added. ``incoming`` (``incoming_args``) and qlast
+    tree's dtype, dge fp32, before they go down the tree, dlwin or None, and ``written_flags``' flags for the pass
+    down the tree); writes the bucket levels' columns of dlam (lam's layout, ``row_stride``). ``dfinal``: the final
+    states' share on the nodes they read (``transition_tree._final_runs_grad``: device indices, gradients and the
+    nodes as a host list), added. ``incoming`` (``incoming_args``) and qlast
     (``readout_forward``'s): a call with incoming states; then dlwin [B, T, H, len(levels)] fp32 are the gradients
     of those levels' weights w_j = lam[j] - lam[j + 1] from the incoming readout."""
     NL, B, TH, H, K = qcs.shape
@@ -584,9 +596,10 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, scale: float, dlam, dfina
                                          row_stride(dlam), scale, dqt, dlam, dqcs, B, T, TH, H, NL, P, NN, NPHI,
                                          HOIST=bool(triton_levels.CONFIG["HOIST"]), **launch)
     # the tree's gradients in its own dtype (q's): sums formed in fp32 in registers, stored rounded once a level;
-    # not zero-filled (SEEDED, module docstring) unless the final states' share is added to them below
-    dnm, dtots = (_unseeded(x) if dfinal is None else torch.zeros_like(x) for x in (nm, tots))
+    # not zero-filled (module docstring): the flags say which nodes hold a value
+    dnm, dtots = _unseeded(nm), _unseeded(tots)
     dge = torch.zeros(ge.shape, device=dev, dtype=torch.float32)
+    flags, zt, zn = written_flags(P, top, NT, NPHI, incoming is not None, tuple(dfinal[3]) if dfinal else (), dev)
     # the buckets that real chunks read, the longest sums first
     work = cached_work(("tree buckets", NL, NT), lambda: [(m, j) for m in range(NL - 1, -1, -1)
                                                           for j in range(0, P >> m, 2) if ((j + 1) << m) < NT], dev)
@@ -594,47 +607,48 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, scale: float, dlam, dfina
         tree_node_grad_kernel[(work.shape[0], B * H, 2)](work, qcs, lam, do, dqcs, ge, dtots, dnm, dge, B, T, TH, H, LS,
                                                          scale, P, NN, NPHI, NT, CARRY_ALL=incoming is not None,
                                                          **launch)
-    if dfinal is not None:   # (nodes, their N / ge slots, gradients of those nodes' N, Tot, ge)
-        idx, phi_idx, (g_nm, g_tot, g_ge) = dfinal
+    if dfinal is not None:   # (nodes, their N / ge slots, gradients of those nodes' N, Tot, ge, the nodes' list)
+        idx, phi_idx, (g_nm, g_tot, g_ge), _ = dfinal
+        if zt is not None:   # nodes the sums did not write: 0 before the share is added
+            dtots.index_fill_(2, zt, 0.0)
+        if zn is not None:
+            dnm.index_fill_(2, zn, 0.0)
         dtots.index_add_(2, idx, g_tot.to(dtots.dtype))
         # a node without N (the top one) reads a stand-in slot whose N it never uses: its gradients there are
         # 0, so they add nothing (no mask: selecting by one would wait for the GPU)
         dnm.index_add_(2, phi_idx, g_nm.to(dnm.dtype))
         dge.index_add_(2, phi_idx, g_ge)
-    return dqt, dnm, dtots, dge, dlwin
+    return dqt, dnm, dtots, dge, dlwin, flags
 
 
 def _unseeded(x):
-    """An uninitialised buffer like x for the tree's gradients (SEEDED: the kernels write every node before they
-    read it, or read it as 0). On the CPU (tests, the Triton interpreter) it is filled with NaN, so that a read of
-    a node nothing wrote shows in every result instead of passing on memory that happens to be zero."""
+    """An uninitialised buffer like x for the tree's gradients (the kernels write every node before they read it,
+    or read it as 0: ``written_flags``). On the CPU (tests, the Triton interpreter) it is filled with NaN, so that a
+    read of a node nothing wrote shows in every result instead of passing on memory that happens to be zero."""
     out = torch.empty_like(x)
     return out.fill_(float("nan")) if out.device.type == "cpu" else out
 
 
-def tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P: int, top: int, seeded: bool = False,
-                       carry_all: bool = False):
+def tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P: int, top: int, flags):
     """Down the tree (level top - 1 to 1) and into the chunks, which take their level-0 node's share of its parent
-    themselves: (dk, dw or None, du, dgam) fp32. ``seeded``: dnm, dtots hold only what ``tree_node_grad_kernel``
-    wrote (``tree_gradients`` without final states), ``carry_all``: it ran with CARRY_ALL (incoming states)."""
+    themselves: (dk, dw or None, du, dgam) fp32. ``flags``: which nodes of dnm, dtots hold a value
+    (``tree_gradients``)."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     NN, NPHI = tots.shape[2], nm.shape[2]
-    NLB, NT = P.bit_length() - 1, triton.cdiv(T, CHUNK)
     launch = _launch(K, V)
-    flags = dict(SEEDED=seeded, CARRY_ALL=carry_all)
     for m in range(top - 1, 0, -1):
         for which in range(3):
-            tree_level_bwd_kernel[(P >> (m + 1), B * H)](nm, tots, ge, dnm, dtots, dge, NN, NPHI, level_offset(P, m),
-                                                         level_offset(P, m + 1), m, top, NLB, NT, WHICH=which,
-                                                         **flags, **launch)
+            tree_level_bwd_kernel[(P >> (m + 1), B * H)](nm, tots, ge, dnm, dtots, dge, flags, NN, NPHI,
+                                                         level_offset(P, m), level_offset(P, m + 1), m, top,
+                                                         WHICH=which, **launch)
     dev = k.device
     dk = torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
     dw = None if w is None else torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
     du = torch.empty(B, T, H, V, device=dev, dtype=torch.float32)
     dgam = torch.empty(B, T, H, device=dev, dtype=torch.float32)
     tree_maps_bwd_kernel[(triton.cdiv(T, CHUNK), B * H)](k, w, u, gam, nm, tots, ge, dnm, dtots, dge, dk, dw, du, dgam,
-                                                         T, H, NN, NPHI, level_offset(P, 1), top, NLB, NT, C=CHUNK,
-                                                         PULL=top >= 1, **flags, **launch)
+                                                         flags, T, H, NN, NPHI, level_offset(P, 1), top, C=CHUNK,
+                                                         PULL=top >= 1, **launch)
     return dk, dw, du, dgam
 

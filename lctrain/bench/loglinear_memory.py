@@ -14,6 +14,10 @@ caching allocator rounds each block up to 512 bytes: nothing at these sizes.
     python -m lctrain.bench.loglinear_memory --T 65536 524288 1048576          # H=16, D=128, bf16
     python -m lctrain.bench.loglinear_memory --T 512 --H 2 --D 16 --dtype fp16 --check
 
+``--torch-ops`` also lists the torch operations of that fwd+bwd (every op that is not a view or an allocation:
+casts, adds, fills, matmuls around the Triton kernels) with the bytes each reads and writes, largest first
+(``torch_op_bytes``): on a GPU such ops are bound by memory, so their bytes over its bandwidth bound their time.
+
 ``--check`` also runs the same call for real on the CPU (Triton interpreter: small shapes only, seconds
 at T=512, D=16) under the same tracker and compares the two peaks (tests/test_loglinear_memory.py does it
 too). Without a GPU nothing here is a GPU measurement; ``lctrain bench loglinear --T ... --methods ll_gdn``
@@ -126,6 +130,66 @@ class LiveBytes:
         self._mode.__exit__(*exc)
         self.trace.final = sum(a.nbytes for ref, a in self._live.values() if not ref.expired())
         return False
+
+
+@dataclass
+class OpBytes:
+    op: str        # "aten.add_.Tensor"
+    nbytes: int    # bytes of its tensor arguments and results (what it reads and writes, views at their size)
+    site: str
+
+
+class TorchOpBytes:
+    """Context manager: every torch operation inside it that moves data (not a view, not an allocation) with the
+    bytes of its tensor arguments and results (``ops``, in order). Under ``kernel_launches_skipped`` on meta
+    tensors that is exactly the eager torch code around the Triton kernels."""
+
+    _VIEWS = ("view", "expand", "slice", "select", "as_strided", "t.default", "transpose", "permute", "unsqueeze",
+              "squeeze", "detach", "alias", "split", "unbind", "chunk", "narrow", "unflatten", "reshape", "empty")
+
+    def __init__(self):
+        self.ops: list = []
+
+    def __enter__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops, roots, views = self.ops, _roots(), self._VIEWS
+
+        def size(x):
+            return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                name = str(func)
+                if not any(v in name for v in views):
+                    flat = [t for a in (*args, *(kwargs or {}).values()) for t in (a if isinstance(a, (list, tuple))
+                                                                                     else (a,))]
+                    outs = out if isinstance(out, (list, tuple)) else (out,)
+                    ops.append(OpBytes(name, sum(map(size, flat)) + sum(map(size, outs)), _site(roots)))
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        return False
+
+
+def torch_op_bytes(kind: str, B: int, T: int, H: int, D: int, dtype) -> list:
+    """[OpBytes] of the torch operations of one fwd+bwd of the bench's call on meta tensors (Triton launches
+    skipped), after a first call that fills the caches as the bench's warm-up does."""
+    import torch
+    x = bench_inputs(kind, B, T, H, D, dtype, "meta")
+    fwd, leaves = _call(kind, x)
+    with kernel_launches_skipped(), _interpreting_env():
+        torch.autograd.grad(fwd(), leaves, x["do"])
+        with TorchOpBytes() as seen:
+            torch.autograd.grad(fwd(), leaves, x["do"])
+    return seen.ops
 
 
 @contextlib.contextmanager
@@ -288,6 +352,8 @@ def _parse(argv):
     p.add_argument("--levels-cfg", default="", metavar="KEY=INT[,KEY=INT]",
                    help="launch settings of the level kernels (triton_levels.CONFIG) for the prediction")
     p.add_argument("--top", type=int, default=12, help="allocation sites listed at the peak")
+    p.add_argument("--torch-ops", action="store_true",
+                   help="also list the torch operations around the kernels with the bytes each moves")
     p.add_argument("--check", action="store_true",
                    help="also run the call for real on the CPU (Triton interpreter; small T only) and compare")
     return p.parse_args(argv)
@@ -315,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  live at the peak ({len(trace.at_peak)} tensors), by allocation site:")
             for site, shape, dt, n, b in by_site(trace.at_peak)[: args.top]:
                 print(f"  {b / tok / 1024:9.2f} KiB/token {b / 2**20:11.1f} MiB  {n} x {list(shape)} {dt}  {site}")
+            if args.torch_ops:
+                ops = torch_op_bytes(args.kind, args.B, T, args.H, args.D, dtype)
+                print(f"  torch operations: {len(ops)}, moving {sum(o.nbytes for o in ops) / 1e9:.2f} GB; the largest:")
+                for o in sorted(ops, key=lambda o: -o.nbytes)[: args.top]:
+                    print(f"  {o.nbytes / 1e6:10.1f} MB  {o.op:32s} {o.site}")
             if args.check:
                 real = fwd_bwd_trace(args.kind, args.B, T, args.H, args.D, dtype, device="cpu")
                 same = "equal" if real.peak == trace.peak else f"DIFFERENT by {real.peak - trace.peak} bytes"
