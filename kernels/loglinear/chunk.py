@@ -54,10 +54,14 @@ def slots_from_runs(runs: torch.Tensor, L: int) -> torch.Tensor:
     return slots
 
 
+def weight_differences(lam) -> torch.Tensor:
+    """w_l = lam_l - lam_{l+1} along the last axis, the last one lam itself (the run weights of level weights)."""
+    return torch.cat([lam[..., :-1] - lam[..., 1:], lam[..., -1:]], dim=-1)
+
+
 def level_weight_differences(q, level_weights, top: int) -> torch.Tensor:
     """w_l = lambda_l - lambda_{l+1} for l < top, w_top = lambda_top: [B, T, H, top+1] (float32/64)."""
-    lam = level_weights[..., : top + 1].to(compute_dtype(q, level_weights))
-    return torch.cat([lam[..., :-1] - lam[..., 1:], lam[..., -1:]], dim=-1)
+    return weight_differences(level_weights[..., : top + 1].to(compute_dtype(q, level_weights)))
 
 
 def level_query(q, w, lev: int) -> torch.Tensor:

@@ -34,18 +34,12 @@ from ..triton.common import CHUNK
 from ..triton.ops import _Cfg, _chunk_suffix_sum, aligned_input
 from ..triton.wy import wy_apply, wy_bwd, wy_fwd
 from . import triton_levels
-from .chunk import _last_block_states, runs_from_slots, slots_from_runs
+from .chunk import _last_block_states, runs_from_slots, slots_from_runs, weight_differences
 from .levels import levels_needed
 from .scalar_tree import tree_levels
 from .transition_tree import tree_backward, tree_bytes, tree_depth, tree_forward, tree_serves
 from .triton_intra import intra_backward, intra_forward
 from .triton_levels import levels_backward, levels_forward
-
-
-def _differences(lvl):
-    """w [B, T, H, NL] fp32 of the level weights lvl = lambda_{c+1..top}: w_j = lvl_j - lvl_{j+1}, w_top = lvl_top
-    (what the level scans read; the tree reads lvl itself)."""
-    return torch.cat([lvl[..., :-1] - lvl[..., 1:], lvl[..., -1:]], dim=-1).contiguous()
 
 
 class _FusedLogLinear(torch.autograd.Function):
@@ -72,7 +66,7 @@ class _FusedLogLinear(torch.autograd.Function):
             o = out
         elif nl:
             u = v if ut is None else ut
-            lw = _differences(lvl)
+            lw = weight_differences(lvl)   # what the scans read (the tree reads lvl itself)
             # a backward that has to cut the sequence into segments (very long T) starts each from run states
             # this scan stores on the way (``backward_plan``); with KEEP_H it keeps every level state instead
             seg = triton_levels.backward_plan(qt, u, nl)[1] if train else None
@@ -105,7 +99,7 @@ class _FusedLogLinear(torch.autograd.Function):
         elif nl:
             dst = None if dst is None else dst.contiguous().float()
             dqt, dk, dw, du, dgam, dlw, ds0 = levels_backward(qt, k, w, v if ut is None else ut, gam,
-                                                              _differences(lvl), s0, do, dst, scale, n0,
+                                                              weight_differences(lvl), s0, do, dst, scale, n0,
                                                               s0 is not None, ck, ctx.seg, hs)
             del hs
             dlam = torch.zeros_like(lam)

@@ -57,6 +57,13 @@ def _node(n, m, P):
 
 
 @triton.jit
+def _map_tile(nm_ptr, bh, NPHI, node, K: tl.constexpr, rk, mk, carry):
+    """N of a bucket node [BK, BK], as the readout kernels load it (0 where no query is carried across it)."""
+    return tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
+                   mask=mk[:, None] & mk[None, :] & carry, other=0.0)
+
+
+@triton.jit
 def _qcs_at(n, m, b, h, B, TH, H, K, rk, C: tl.constexpr):
     """Offsets [C, BK] of chunk n's rows at level m in qcs / dqcs [NL, B, TH, H, K]: bit m of n is set, and the
     chunk's slot is n without that bit (n = hi 2^(m+1) + 2^m + lo -> hi 2^m + lo < NT / 2), so TH = ceil(NT / 2) C
@@ -176,16 +183,14 @@ def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, out
             tot = tl.load(tot_ptr + ((bh * NN + node) * K + rk[:, None]) * V + rv[None, :],
                           mask=mk[:, None] & mv[None, :], other=0.0)
             if HOIST:   # N's load issued with Tot's: one memory latency a bucket, not two
-                nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
-                             mask=mk[:, None] & mk[None, :] & carry, other=0.0)
+                nm = _map_tile(nm_ptr, bh, NPHI, node, K, rk, mk, carry)
             lam = scale * tl.load(lam_ptr + (base + rt * H) * LS + m, mask=mt, other=0.0)
             if STORE_Q:
                 tl.store(qcs_ptr + _qcs_at(n, m, b, h, B, TH, H, K, rk, C), q.to(qcs_ptr.dtype.element_ty), mask=mtk)
             o += lam[:, None] * tl.dot(q.to(tot.dtype), tot).to(tl.float32)
             if carry:
                 if not HOIST:
-                    nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
-                                 mask=mk[:, None] & mk[None, :], other=0.0)
+                    nm = _map_tile(nm_ptr, bh, NPHI, node, K, rk, mk, carry)
                 q = tl.dot(-q.to(nm.dtype), nm, acc=tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * q)
     if STORE_LAST:
         tl.store(qlast_ptr + (base + rt[:, None] * H) * K + rk[None, :], q, mask=mtk)
@@ -233,8 +238,7 @@ def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, q
             tot = tl.load(tot_ptr + ((bh * NN + node) * K + rk[:, None]) * V + rv[None, :],
                           mask=mk[:, None] & mv[None, :], other=0.0)
             if HOIST:
-                nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
-                             mask=mk[:, None] & mk[None, :] & carry, other=0.0)
+                nm = _map_tile(nm_ptr, bh, NPHI, node, K, rk, mk, carry)
             lam = scale * tl.load(lam_ptr + (base + rt * H) * LS + m, mask=mt, other=0.0)
             at = _qcs_at(n, m, b, h, B, TH, H, K, rk, C)
             q = tl.load(qcs_ptr + at, mask=mtk, other=0.0)
@@ -244,8 +248,7 @@ def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, q
             if carry:
                 tl.store(dqcs_ptr + at, dq.to(dqcs_ptr.dtype.element_ty), mask=mtk)
                 if not HOIST:
-                    nm = tl.load(nm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
-                                 mask=mk[:, None] & mk[None, :], other=0.0)
+                    nm = _map_tile(nm_ptr, bh, NPHI, node, K, rk, mk, carry)
                 dq = tl.dot(-dq.to(nm.dtype), tl.trans(nm), acc=tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * dq)
             dq += lam[:, None] * dx
         tl.store(dlam_ptr + (base + rt * H) * DLS + m, scale * part, mask=mt)
