@@ -80,7 +80,8 @@ from ..triton.common import CHUNK, flags_given, pow2
 # than the scans on an H200, fwd+bwd 14.50 vs 8.78 ms at 16K and 54.16 vs 41.81 ms at 64K (B=1, H=16, D=128,
 # bf16; docs/results/h200x2_2026-11-30_call3/loglinear_bench.log).
 CONFIG = {"LP": 2, "BV": 32, "warps": 4, "stages": 1, "BV_grad": 32, "BV_gradq": 32, "warps_grad": 4,
-          "warps_gradq": 4, "stages_grad": 3, "ATOMIC": 1, "TREE": 1, "SCALAR_TREE": 0, "KEEP_H": 0, "HOIST": 1}
+          "warps_gradq": 4, "stages_grad": 3, "ATOMIC": 1, "TREE": 1, "SCALAR_TREE": 0, "KEEP_H": 0, "HOIST": 1,
+          "SUBTREE": 0}
 
 
 # Launch settings that stopped an H200 with an illegal memory access (Triton 3.6, 2026-12-01, at 4 and 8 warps;
@@ -101,6 +102,11 @@ def set_levels_config(**values: int) -> dict:
         if key in ("ATOMIC", "TREE", "SCALAR_TREE", "KEEP_H", "HOIST"):
             if val not in (0, 1):
                 raise ValueError(f"set_levels_config: {key}={val!r} must be 0 or 1")
+            continue
+        if key == "SUBTREE":
+            if not isinstance(val, int) or not 0 <= val <= 6:
+                raise ValueError(f"set_levels_config: SUBTREE={val!r} must be an int in 0..6 (tree levels built in "
+                                 "the launch of level 0)")
             continue
         pow2_key = key.startswith("BV") or key == "LP"
         if not isinstance(val, int) or val < 1 or (pow2_key and val & (val - 1)) or (key.startswith("BV") and val < 16):

@@ -87,13 +87,20 @@ def _chunk_program(T, H, K, V, BK: tl.constexpr, BV: tl.constexpr, C: tl.constex
     return n, bh, b, h, b * T * H + h, rt, rt < T, rk, rk < K, rv, rv < V
 
 
-@flags_given(HAS_W="w_ptr")
 @triton.jit
-def tree_maps_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, T, H, NN, NPHI, K: tl.constexpr,
-                         V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr):
-    """Program (chunk n < P, batch x head): level 0 of the tree, N = kd^T W, Tot = kd^T Ut, ge = gl with
-    kd = diag(exp(gl - gam)) K (padded chunks: N = Tot = 0, gl that of the last token)."""
-    n, bh, b, h, base, rt, mt, rk, mk, rv, mv = _chunk_program(T, H, K, V, BK, BV, C)
+def _chunk_map(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, n, bh, T, H, NN, NPHI, K: tl.constexpr,
+               V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, HAS_W: tl.constexpr):
+    """Level 0 of the tree for chunk n (< P): N = kd^T W, Tot = kd^T Ut, ge = gl with kd = diag(exp(gl - gam)) K
+    (padded chunks: N = Tot = 0, gl that of the last token)."""
+    b = bh // H
+    h = bh % H
+    base = b * T * H + h
+    rt = n * C + tl.arange(0, C)
+    mt = rt < T
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    mk = rk < K
+    mv = rv < V
     gam = tl.load(gam_ptr + base + rt * H, mask=mt, other=0.0)
     gl = tl.load(gam_ptr + base + tl.minimum(n * C + C - 1, T - 1) * H)
     d = tl.where(mt, tl.exp(gl - gam), 0.0)
@@ -114,6 +121,53 @@ def tree_maps_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, 
 
 
 @triton.jit
+def _combine_halves(nm_ptr, tot_ptr, ge_ptr, bh, a, p, NN, NPHI, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr):
+    """Node p from its halves a, b = a + 1 (N and ge only where p < NPHI: levels some query is carried across)."""
+    bn = a + 1
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    mk = rk < K
+    mkv = mk[:, None] & (rv < V)[None, :]
+    mkk = mk[:, None] & mk[None, :]
+    ge_a = tl.load(ge_ptr + bh * NPHI + a)
+    ge_b = tl.load(ge_ptr + bh * NPHI + bn)
+    nb = tl.load(nm_ptr + ((bh * NPHI + bn) * K + rk[:, None]) * K + rk[None, :], mask=mkk, other=0.0)
+    ta = tl.load(tot_ptr + ((bh * NN + a) * K + rk[:, None]) * V + rv[None, :], mask=mkv, other=0.0)
+    tb = tl.load(tot_ptr + ((bh * NN + bn) * K + rk[:, None]) * V + rv[None, :], mask=mkv, other=0.0)
+    tp = tl.dot(-nb, ta.to(nb.dtype), acc=tl.exp(ge_b) * ta.to(tl.float32) + tb.to(tl.float32))
+    tl.store(tot_ptr + ((bh * NN + p) * K + rk[:, None]) * V + rv[None, :], tp.to(tot_ptr.dtype.element_ty), mask=mkv)
+    if p < NPHI:
+        na = tl.load(nm_ptr + ((bh * NPHI + a) * K + rk[:, None]) * K + rk[None, :], mask=mkk, other=0.0)
+        np_ = tl.dot(-nb, na, acc=tl.exp(ge_b) * na.to(tl.float32) + tl.exp(ge_a) * nb.to(tl.float32))
+        tl.store(nm_ptr + ((bh * NPHI + p) * K + rk[:, None]) * K + rk[None, :], np_.to(nm_ptr.dtype.element_ty),
+                 mask=mkk)
+        tl.store(ge_ptr + bh * NPHI + p, ge_a + ge_b)
+
+
+@flags_given(HAS_W="w_ptr")
+@triton.jit
+def tree_subtree_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, T, H, NN, NPHI, P,
+                            K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                            HAS_W: tl.constexpr, J: tl.constexpr):
+    """Program (block s of 2^J chunks, batch x head): level 0 of its chunks (``_chunk_map``) and levels 1..J of the
+    subtree above them, in one launch. Each level's nodes are stored before the next level reads them back: a
+    barrier of the program's threads between (they are its own recent stores, so mostly L2 hits), in place of a
+    launch per level that reads them from DRAM. J = 0: level 0 alone."""
+    s = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    for c in range(0, 1 << J):
+        _chunk_map(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, (s << J) + c, bh, T, H, NN, NPHI, K, V, BK,
+                   BV, C, HAS_W)
+    for m in tl.static_range(J):
+        tl.debug_barrier()
+        for i in range(0, 1 << (J - m - 1)):
+            idx = (s << (J - m - 1)) + i
+            _combine_halves(nm_ptr, tot_ptr, ge_ptr, bh, 2 * P - 2 * (P >> m) + 2 * idx,
+                            2 * P - 2 * (P >> (m + 1)) + idx, NN, NPHI, K, V, BK, BV)
+
+
+@triton.jit
 def _node_program(OFF, OFF1, K, V, BK: tl.constexpr, BV: tl.constexpr):
     """(bh, halves a and b, parent p, K index, V index, [K, V] and [K, K] masks) of a per-node program of tree
     level m + 1 (grid (node i, batch x head); a = OFF + 2i, b = a + 1, p = OFF1 + i)."""
@@ -130,21 +184,10 @@ def _node_program(OFF, OFF1, K, V, BK: tl.constexpr, BV: tl.constexpr):
 def tree_level_fwd_kernel(nm_ptr, tot_ptr, ge_ptr, NN, NPHI, OFF, OFF1, K: tl.constexpr, V: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr):
     """Program (node i of level m + 1, batch x head): combine nodes a = OFF + 2i, b = a + 1 of level m into
-    p = OFF1 + i (N and ge only where p < NPHI: levels some query is carried across)."""
-    bh, a, bn, p, rk, rv, mkv, mkk = _node_program(OFF, OFF1, K, V, BK, BV)
-    ge_a = tl.load(ge_ptr + bh * NPHI + a)
-    ge_b = tl.load(ge_ptr + bh * NPHI + bn)
-    nb = tl.load(nm_ptr + ((bh * NPHI + bn) * K + rk[:, None]) * K + rk[None, :], mask=mkk, other=0.0)
-    ta = tl.load(tot_ptr + ((bh * NN + a) * K + rk[:, None]) * V + rv[None, :], mask=mkv, other=0.0)
-    tb = tl.load(tot_ptr + ((bh * NN + bn) * K + rk[:, None]) * V + rv[None, :], mask=mkv, other=0.0)
-    tp = tl.dot(-nb, ta.to(nb.dtype), acc=tl.exp(ge_b) * ta.to(tl.float32) + tb.to(tl.float32))
-    tl.store(tot_ptr + ((bh * NN + p) * K + rk[:, None]) * V + rv[None, :], tp.to(tot_ptr.dtype.element_ty), mask=mkv)
-    if p < NPHI:
-        na = tl.load(nm_ptr + ((bh * NPHI + a) * K + rk[:, None]) * K + rk[None, :], mask=mkk, other=0.0)
-        np_ = tl.dot(-nb, na, acc=tl.exp(ge_b) * na.to(tl.float32) + tl.exp(ge_a) * nb.to(tl.float32))
-        tl.store(nm_ptr + ((bh * NPHI + p) * K + rk[:, None]) * K + rk[None, :], np_.to(nm_ptr.dtype.element_ty),
-                 mask=mkk)
-        tl.store(ge_ptr + bh * NPHI + p, ge_a + ge_b)
+    p = OFF1 + i (``_combine_halves``)."""
+    i = tl.program_id(0)
+    _combine_halves(nm_ptr, tot_ptr, ge_ptr, tl.program_id(1).to(tl.int64), OFF + 2 * i, OFF1 + i, NN, NPHI, K, V,
+                    BK, BV)
 
 
 @triton.jit
@@ -497,8 +540,9 @@ def build_tree(k, w, u, gam, NL: int, top: int, dtype):
     tots = torch.empty(B, H, NN, K, V, device=dev, dtype=dtype)
     ge = torch.empty(B, H, NPHI, device=dev, dtype=torch.float32)
     launch = _launch(K, V)
-    tree_maps_fwd_kernel[(P, B * H)](k, w, u, gam, nm, tots, ge, T, H, NN, NPHI, C=CHUNK, **launch)
-    for m in range(top):
+    J = min(int(triton_levels.CONFIG["SUBTREE"]), top)   # levels 1..J in the launch of level 0
+    tree_subtree_fwd_kernel[(P >> J, B * H)](k, w, u, gam, nm, tots, ge, T, H, NN, NPHI, P, C=CHUNK, J=J, **launch)
+    for m in range(J, top):
         tree_level_fwd_kernel[(P >> (m + 1), B * H)](nm, tots, ge, NN, NPHI, level_offset(P, m),
                                                      level_offset(P, m + 1), **launch)
     return nm, tots, ge
