@@ -416,16 +416,18 @@ def test_transition_tree_from_incoming_states_matches_the_level_scans(monkeypatc
 
 
 @needs_triton
-@pytest.mark.parametrize("T,final,hoist,subtree", [(837, True, 1, 0), (837, False, 1, 2), (1024, True, 1, 6),
-                                                   (100, False, 1, 3), (837, False, 0, 0), (837, True, 1, 3)])
+@pytest.mark.parametrize("T,final,hoist,subtree", [(837, True, 1, (0, 0)), (837, False, 1, (2, 3)),
+                                                   (1024, True, 1, (6, 6)), (100, False, 1, (3, 2)),
+                                                   (837, False, 0, (0, 0)), (837, True, 1, (3, 2))])
 def test_transition_tree_readout_kernels_match_autograd(monkeypatch, T, final, hoist, subtree):
     """The Triton readout of the transition tree (forward, backward, per-node sums) against torch autograd of
     the torch reference (transition_tree_levels) on unstructured random inputs: W not a WY term, so the
     chunk maps are far from symmetric and every transpose counts. T=837: 14 chunks padded to 16 (4 levels
     above the chunk, chunks with up to 3 buckets); T=1024: a complete top block (final states from the tree's
     root); T=100: one level, no level above it (the chunks' gradients need no parent's share). hoist=0: the readout
-    kernels load N where the query is carried, not beside Tot (CONFIG["HOIST"]). subtree: the tree levels built in
-    the launch of level 0 (CONFIG["SUBTREE"]; 6 and 3 at T=100: more than the tree has, so all of them)."""
+    kernels load N where the query is carried, not beside Tot (CONFIG["HOIST"]). subtree: the tree levels taken in
+    the launch of level 0, forward and backward (CONFIG["SUBTREE"], ["SUBTREE_BWD"]; 6, and 3 or 2 at T=100: more
+    than the tree has, so all of them)."""
     from lctrain.kernels.loglinear import triton_levels
     from lctrain.kernels.loglinear.transition_tree import (
         transition_tree_backward,
@@ -433,7 +435,8 @@ def test_transition_tree_readout_kernels_match_autograd(monkeypatch, T, final, h
         tree_backward,
         tree_forward,
     )
-    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "HOIST": hoist, "SUBTREE": subtree})
+    monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "HOIST": hoist, "SUBTREE": subtree[0],
+                                                  "SUBTREE_BWD": subtree[1]})
     gen = torch.Generator().manual_seed(T)
     K, V, NL = 16, 32, (T - 1).bit_length() - 6
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731

@@ -81,7 +81,7 @@ from ..triton.common import CHUNK, flags_given, pow2
 # bf16; docs/results/h200x2_2026-11-30_call3/loglinear_bench.log).
 CONFIG = {"LP": 2, "BV": 32, "warps": 4, "stages": 1, "BV_grad": 32, "BV_gradq": 32, "warps_grad": 4,
           "warps_gradq": 4, "stages_grad": 3, "ATOMIC": 1, "TREE": 1, "SCALAR_TREE": 0, "KEEP_H": 0, "HOIST": 1,
-          "SUBTREE": 0}
+          "SUBTREE": 0, "SUBTREE_BWD": 0}
 
 
 # Launch settings that stopped an H200 with an illegal memory access (Triton 3.6, 2026-12-01, at 4 and 8 warps;
@@ -103,9 +103,9 @@ def set_levels_config(**values: int) -> dict:
             if val not in (0, 1):
                 raise ValueError(f"set_levels_config: {key}={val!r} must be 0 or 1")
             continue
-        if key == "SUBTREE":
+        if key in ("SUBTREE", "SUBTREE_BWD"):
             if not isinstance(val, int) or not 0 <= val <= 6:
-                raise ValueError(f"set_levels_config: SUBTREE={val!r} must be an int in 0..6 (tree levels built in "
+                raise ValueError(f"set_levels_config: {key}={val!r} must be an int in 0..6 (tree levels taken in "
                                  "the launch of level 0)")
             continue
         pow2_key = key.startswith("BV") or key == "LP"

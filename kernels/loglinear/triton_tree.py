@@ -168,19 +168,6 @@ def tree_subtree_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_pt
 
 
 @triton.jit
-def _node_program(OFF, OFF1, K, V, BK: tl.constexpr, BV: tl.constexpr):
-    """(bh, halves a and b, parent p, K index, V index, [K, V] and [K, K] masks) of a per-node program of tree
-    level m + 1 (grid (node i, batch x head); a = OFF + 2i, b = a + 1, p = OFF1 + i)."""
-    i = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    a = OFF + 2 * i
-    rk = tl.arange(0, BK)
-    rv = tl.arange(0, BV)
-    mk = rk < K
-    return bh, a, a + 1, OFF1 + i, rk, rv, mk[:, None] & (rv < V)[None, :], mk[:, None] & mk[None, :]
-
-
-@triton.jit
 def tree_level_fwd_kernel(nm_ptr, tot_ptr, ge_ptr, NN, NPHI, OFF, OFF1, K: tl.constexpr, V: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr):
     """Program (node i of level m + 1, batch x head): combine nodes a = OFF + 2i, b = a + 1 of level m into
@@ -362,7 +349,21 @@ def tree_level_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, f
     dN, dTot hold what the flags (``written_flags``: [NN] for dTot, then [NPHI] for dN) say was written before
     this pass, and what it wrote at the levels above (every node below TOP): the rest reads as 0, and a, b are
     written whole."""
-    bh, a, bn, p, rk, rv, mkv, mkk = _node_program(OFF, OFF1, K, V, BK, BV)
+    i = tl.program_id(0)
+    _pass_down(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, flags_ptr, tl.program_id(1).to(tl.int64),
+               OFF + 2 * i, OFF1 + i, NN, NPHI, M, TOP, K, V, BK, BV, WHICH)
+
+
+@triton.jit
+def _pass_down(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, flags_ptr, bh, a, p, NN, NPHI, M, TOP,
+               K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, WHICH: tl.constexpr):
+    """One variant (WHICH) of ``tree_level_bwd_kernel`` for the halves a, b = a + 1 (level M) of node p."""
+    bn = a + 1
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    mk = rk < K
+    mkv = mk[:, None] & (rv < V)[None, :]
+    mkk = mk[:, None] & mk[None, :]
     has_np = p < NPHI
     a_tot = tl.load(flags_ptr + a) != 0
     a_n = tl.load(flags_ptr + NN + a) != 0
@@ -461,6 +462,27 @@ def _pulled_map_grad(n, p, bh, nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dge_ptr, dtp, N
         dge += e_n * tl.sum(tl.sum(tl.where(diag, y, 0.0), axis=1), axis=0)
         dn += tl.exp(tl.load(ge_ptr + bh * NPHI + n + 1)) * dnp.to(tl.float32) - y
     return dn, dge
+
+
+@triton.jit
+def tree_subtree_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, flags_ptr, NN, NPHI, P, TOP,
+                            K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, J: tl.constexpr):
+    """Program (node s of level J, batch x head): the pass down the tree inside its subtree, levels J - 1 to 1 as
+    ``tree_level_bwd_kernel`` (all three variants a node) in one launch; each level's gradients are stored before
+    the level below reads them, behind a barrier (the program's own recent stores: mostly L2 hits, where a launch
+    a level reads them from DRAM). (The chunks' part stays a launch of its own: with these levels in it, it
+    spilled 536 bytes for sm_90 at J = 2.)"""
+    s = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    for mm in range(0, J - 1):   # (a loop, not unrolled: unrolled over 2 levels it spilled 608 bytes)
+        m = J - 1 - mm       # parents of level m + 1, halves of level m
+        for i in range(0, 1 << (J - m - 1)):
+            idx = (s << (J - m - 1)) + i
+            for which in tl.static_range(3):
+                _pass_down(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, flags_ptr, bh,
+                           2 * P - 2 * (P >> m) + 2 * idx, 2 * P - 2 * (P >> (m + 1)) + idx, NN, NPHI, m, TOP, K, V,
+                           BK, BV, which)
+        tl.debug_barrier()
 
 
 @flags_given(HAS_W="w_ptr")
@@ -684,11 +706,15 @@ def tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P: int, top:
     V = u.shape[-1]
     NN, NPHI = tots.shape[2], nm.shape[2]
     launch = _launch(K, V)
-    for m in range(top - 1, 0, -1):
+    J = min(int(triton_levels.CONFIG["SUBTREE_BWD"]), top)   # levels J - 1 .. 1 in one launch
+    for m in range(top - 1, max(J, 1) - 1, -1):
         for which in range(3):
             tree_level_bwd_kernel[(P >> (m + 1), B * H)](nm, tots, ge, dnm, dtots, dge, flags, NN, NPHI,
                                                          level_offset(P, m), level_offset(P, m + 1), m, top,
                                                          WHICH=which, **launch)
+    if J >= 2:
+        tree_subtree_bwd_kernel[(P >> J, B * H)](nm, tots, ge, dnm, dtots, dge, flags, NN, NPHI, P, top, J=J,
+                                                 **launch, num_stages=1)
     dev = k.device
     dk = torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
     dw = None if w is None else torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
