@@ -245,27 +245,22 @@ def tree_backward(qt, k, w, u, gam, lam, scale: float, do, dst, kept=None, s0=No
     P = 1 << D
     inc = _incoming(n0, D, NL, s0)
     incoming = triton_tree.incoming_args(s0, inc) if inc else None
-    # FUSED_QUERIES: the readout's backward forms the queries each bucket reads itself (no launch of their own)
-    fused = kept is None and bool(triton_levels.CONFIG["FUSED_QUERIES"])
-    qcs = qlast = None
     if kept is None:
         top = D if dst is not None or inc else D - 1
         nm, tots, ge = triton_tree.build_tree(k, w, u, gam, D, top, qt.dtype)
-        if not fused:
-            qcs, qlast = triton_tree.readout_forward(None, qt, lam, nm, tots, ge, P, scale, store_q=True,
-                                                     incoming=incoming, store_last=bool(inc))
+        qcs, qlast = triton_tree.readout_forward(None, qt, lam, nm, tots, ge, P, scale, store_q=True,
+                                                 incoming=incoming, store_last=bool(inc))
     else:
         nm, tots, ge, qcs, qlast, top = kept
+    ds0_in = _incoming_state_grads(qlast, lam, s0, inc, scale, do, qt.dtype) if inc else {}
     dfinal, dinit = None, {}
     if dst is not None:
         *dfinal, dinit = _final_runs_grad(nm, tots, ge, T, D, NL, dst, s0, inc)
     if dlam is None:
         dlam = torch.zeros(lam.shape, device=lam.device, dtype=torch.float32)
-    dqt, dnm, dtots, dge, dlwin, flags, *formed = triton_tree.tree_gradients(
-        qcs, lam, nm, tots, ge, do.contiguous(), P, scale, dlam, top, dfinal, incoming, qlast, qt if fused else None)
-    qlast = formed[0] if fused else qlast
-    ds0_in = _incoming_state_grads(qlast, lam, s0, inc, scale, do, qt.dtype) if inc else {}
-    del qcs, qlast, formed
+    dqt, dnm, dtots, dge, dlwin, flags = triton_tree.tree_gradients(qcs, lam, nm, tots, ge, do.contiguous(), P, scale,
+                                                                    dlam, top, dfinal, incoming, qlast)
+    del qcs, qlast
     dk, dw, du, dgam = triton_tree.tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P, top, flags)
     for i, j in enumerate(inc):   # w_j = lam[j] - lam[j + 1]
         dlam[..., j] += dlwin[..., i]

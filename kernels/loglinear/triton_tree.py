@@ -235,36 +235,20 @@ def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, out
         tl.store(out_ptr + at, (tl.load(o_ptr + at, mask=mtv, other=0.0) + o).to(out_ptr.dtype.element_ty), mask=mtv)
 
 
-@flags_given(CARRY_ALL="s0_ptr", RECOMPUTE="qt_ptr")
+@flags_given(CARRY_ALL="s0_ptr")
 @triton.jit
-def tree_readout_bwd_kernel(qt_ptr, qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, qlast_ptr, s0_ptr, inc_ptr,
+def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, qlast_ptr, s0_ptr, inc_ptr,
                             dlwin_ptr, NINC, NLW, LS, DLS, scale, dqt_ptr, dlam_ptr, dqcs_ptr, B, T, TH, H, NL, P, NN,
                             NPHI, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                            CARRY_ALL: tl.constexpr, HOIST: tl.constexpr, RECOMPUTE: tl.constexpr):
+                            CARRY_ALL: tl.constexpr, HOIST: tl.constexpr):
     """Program (chunk n, batch x head): the readout's backward, buckets descending: dlam (the NL bucket levels of this
     chunk's rows, scale included: 0 where the bit is clear; row stride DLS), dqt (fp32), and dqcs (the gradient of
     the query leaving each bucket that a bucket above read, in dqcs's dtype) for ``tree_node_grad_kernel``. With s0
     (a call with incoming states) the walk starts from the gradient of the query that read them, sum_j scale w_j dO
     S_in,j^T, every bucket's leaving query has a gradient, and dlwin [B, T, H, NINC] gets their levels' weight
-    gradients scale rowsum(qlast * dO S_in,j^T) (qlast: the forward's query at the call's start, fp32). With qt
-    (RECOMPUTE: a forward that kept nothing) the program first forms and stores the queries each bucket reads (and
-    qlast) itself, walking up from qt as the forward did; the walk down then reads them back from the program's
-    own recent stores (behind a barrier: mostly L2 hits), not from a launch of their own through DRAM."""
+    gradients scale rowsum(qlast * dO S_in,j^T) (qlast: the forward's query at the call's start, fp32)."""
     n, bh, b, h, base, rt, mt, rk, mk, rv, mv = _chunk_program(T, H, K, V, BK, BV, C)
     mtk = mt[:, None] & mk[None, :]
-    if RECOMPUTE:
-        qu = tl.load(qt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0).to(tl.float32)
-        for m in range(0, NL):
-            if ((n >> m) & 1) == 1:
-                node = _node(n, m, P)
-                carry = ((n >> (m + 1)) > 0) | CARRY_ALL
-                tl.store(qcs_ptr + _qcs_at(n, m, b, h, B, TH, H, K, rk, C), qu.to(qcs_ptr.dtype.element_ty), mask=mtk)
-                if carry:
-                    nm = _map_tile(nm_ptr, bh, NPHI, node, K, rk, mk, carry)
-                    qu = tl.dot(-qu.to(nm.dtype), nm, acc=tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * qu)
-        if CARRY_ALL:
-            tl.store(qlast_ptr + (base + rt[:, None] * H) * K + rk[None, :], qu, mask=mtk)
-        tl.debug_barrier()
     do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
     dq = tl.zeros([C, BK], dtype=tl.float32)
     if CARRY_ALL:
@@ -579,8 +563,7 @@ def build_tree(k, w, u, gam, NL: int, top: int, dtype):
     ge = torch.empty(B, H, NPHI, device=dev, dtype=torch.float32)
     launch = _launch(K, V)
     J = min(int(triton_levels.CONFIG["SUBTREE"]), top)   # levels 1..J in the launch of level 0
-    tree_subtree_fwd_kernel[(P >> J, B * H)](k, w, u, gam, nm, tots, ge, T, H, NN, NPHI, P, C=CHUNK, J=J, **launch,
-                                             num_stages=int(triton_levels.CONFIG["stages_subtree"]))
+    tree_subtree_fwd_kernel[(P >> J, B * H)](k, w, u, gam, nm, tots, ge, T, H, NN, NPHI, P, C=CHUNK, J=J, **launch)
     for m in range(J, top):
         tree_level_fwd_kernel[(P >> (m + 1), B * H)](nm, tots, ge, NN, NPHI, level_offset(P, m),
                                                      level_offset(P, m + 1), **launch)
@@ -657,22 +640,16 @@ def written_flags(P: int, top: int, NT: int, nphi: int, carry_all: bool, final: 
 
 
 def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, scale: float, dlam, top: int, dfinal=None, incoming=None,
-                   qlast=None, qt=None):
+                   qlast=None):
     """The readout's backward and the per-node sums: (dqt [B, T, H, K] fp32, the tree's gradients dnm, dtots in the
     tree's dtype, dge fp32, before they go down the tree, dlwin or None, and ``written_flags``' flags for the pass
     down the tree); writes the bucket levels' columns of dlam (lam's layout, ``row_stride``). ``dfinal``: the final
     states' share on the nodes they read (``transition_tree._final_runs_grad``: device indices, gradients and the
     nodes as a host list), added. ``incoming`` (``incoming_args``) and qlast
     (``readout_forward``'s): a call with incoming states; then dlwin [B, T, H, len(levels)] fp32 are the gradients
-    of those levels' weights w_j = lam[j] - lam[j + 1] from the incoming readout. With ``qt`` instead of qcs and
-    qlast (None), the readout's backward forms them itself (``tree_readout_bwd_kernel``, RECOMPUTE); they are then
-    returned too: (..., flags, qlast)."""
-    B, T, H, K = lam.shape[0], lam.shape[1], lam.shape[2], nm.shape[-1]
-    NL = P.bit_length() - 1
-    if qt is not None:
-        qcs = torch.empty(NL, B, qcs_rows(T), H, K, device=qt.device, dtype=tots.dtype)
-        qlast = torch.empty(B, T, H, K, device=qt.device, dtype=torch.float32) if incoming else None
-    TH = qcs.shape[2]
+    of those levels' weights w_j = lam[j] - lam[j + 1] from the incoming readout."""
+    NL, B, TH, H, K = qcs.shape
+    T = lam.shape[1]
     V, NN, NPHI = tots.shape[-1], tots.shape[2], nm.shape[2]
     NT = triton.cdiv(T, CHUNK)
     dev = qcs.device
@@ -684,7 +661,7 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, scale: float, dlam, top: 
     s0, inc, ninc = incoming or (None, None, 0)
     scale = float(scale)
     dlwin = torch.empty(B, T, H, ninc, device=dev, dtype=torch.float32) if incoming else None
-    tree_readout_bwd_kernel[(NT, B * H)](qt, qcs, lam, nm, tots, ge, do, qlast, s0, inc, dlwin, ninc, lam.shape[-1], LS,
+    tree_readout_bwd_kernel[(NT, B * H)](qcs, lam, nm, tots, ge, do, qlast, s0, inc, dlwin, ninc, lam.shape[-1], LS,
                                          row_stride(dlam), scale, dqt, dlam, dqcs, B, T, TH, H, NL, P, NN, NPHI,
                                          HOIST=bool(triton_levels.CONFIG["HOIST"]), **launch)
     # the tree's gradients in its own dtype (q's): sums formed in fp32 in registers, stored rounded once a level;
@@ -710,7 +687,7 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, scale: float, dlam, top: 
         # 0, so they add nothing (no mask: selecting by one would wait for the GPU)
         dnm.index_add_(2, phi_idx, g_nm.to(dnm.dtype))
         dge.index_add_(2, phi_idx, g_ge)
-    return (dqt, dnm, dtots, dge, dlwin, flags) + ((qlast,) if qt is not None else ())
+    return dqt, dnm, dtots, dge, dlwin, flags
 
 
 def _unseeded(x):
