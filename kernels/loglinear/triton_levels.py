@@ -84,7 +84,7 @@ from ..triton.common import CHUNK, flags_given, pow2
 # than 2, and SUBTREE_BWD 2, 3 than 4 (docs/results/h200_2026-12-02_s12/call2/).
 CONFIG = {"LP": 2, "BV": 32, "warps": 4, "stages": 1, "BV_grad": 32, "BV_gradq": 32, "warps_grad": 4,
           "warps_gradq": 4, "stages_grad": 3, "ATOMIC": 1, "TREE": 1, "SCALAR_TREE": 0, "KEEP_H": 0, "HOIST": 1,
-          "SUBTREE": 2, "SUBTREE_BWD": 4, "NODE_MERGED": 0}
+          "SUBTREE": 2, "SUBTREE_BWD": 4}
 
 
 # Launch settings that stopped an H200 with an illegal memory access (Triton 3.6, 2026-12-01, at 4 and 8 warps;
@@ -102,7 +102,7 @@ def set_levels_config(**values: int) -> dict:
     for key, val in values.items():
         if key not in CONFIG:
             raise ValueError(f"set_levels_config: unknown key {key!r}; choose from {sorted(CONFIG)}")
-        if key in ("ATOMIC", "TREE", "SCALAR_TREE", "KEEP_H", "HOIST", "NODE_MERGED"):
+        if key in ("ATOMIC", "TREE", "SCALAR_TREE", "KEEP_H", "HOIST"):
             if val not in (0, 1):
                 raise ValueError(f"set_levels_config: {key}={val!r} must be 0 or 1")
             continue

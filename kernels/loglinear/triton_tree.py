@@ -288,13 +288,11 @@ def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, q
 @triton.jit
 def tree_node_grad_kernel(work_ptr, qcs_ptr, lam_ptr, do_ptr, dqcs_ptr, ge_ptr, dtot_ptr, dnm_ptr, dge_ptr, B, T, TH, H,
                           LS, scale, P, NN, NPHI, NT, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                          BV: tl.constexpr, C: tl.constexpr, CARRY_ALL: tl.constexpr, MERGED: tl.constexpr):
+                          BV: tl.constexpr, C: tl.constexpr, CARRY_ALL: tl.constexpr):
     """Program (bucket node, batch x head, which): the node's gradients summed over the chunks that read it:
     which = 0: dTot = sum q^T diag(lam) dO (fp32 [K, V]); 1 (nodes a query is carried across): dN = -sum q^T dq'
     and dge = e sum <q, dq'> (dq': the gradient of the query leaving the bucket). Work items (m, j), longest
-    first: node j of level m (j even: only those are buckets) serves chunks (j+1) 2^m .. (j+2) 2^m - 1. MERGED
-    (grid axis 2 of length 1): both sums in one program, each chunk's q loaded once for the two (dq' masked off
-    where the node has no N)."""
+    first: node j of level m (j even: only those are buckets) serves chunks (j+1) 2^m .. (j+2) 2^m - 1."""
     item = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     which = tl.program_id(2)
@@ -310,30 +308,7 @@ def tree_node_grad_kernel(work_ptr, qcs_ptr, lam_ptr, do_ptr, dqcs_ptr, ge_ptr, 
     mv = rv < V
     n0 = (j + 1) << m
     n1 = tl.minimum(n0 + (1 << m), NT)
-    if MERGED:
-        has_n = ((j > 0) | CARRY_ALL) & (node < NPHI)
-        acc = tl.zeros([BK, BV], dtype=tl.float32)
-        accn = tl.zeros([BK, BK], dtype=tl.float32)
-        tr = tl.zeros([BK], dtype=tl.float32)
-        for n in range(n0, n1):
-            rt = n * C + tl.arange(0, C)
-            mt = rt < T
-            at = _qcs_at(n, m, b, h, B, TH, H, K, rk, C)
-            q = tl.load(qcs_ptr + at, mask=mt[:, None] & mk[None, :], other=0.0)
-            lam = scale * tl.load(lam_ptr + (base + rt * H) * LS + m, mask=mt, other=0.0)
-            do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :],
-                         other=0.0).to(tl.float32)
-            dq = tl.load(dqcs_ptr + at, mask=mt[:, None] & mk[None, :] & has_n, other=0.0)
-            acc += tl.dot(tl.trans(q), (do * lam[:, None]).to(q.dtype)).to(tl.float32)
-            accn -= tl.dot(tl.trans(q), dq.to(q.dtype)).to(tl.float32)
-            tr += tl.sum(q.to(tl.float32) * dq.to(tl.float32), axis=0)
-        tl.store(dtot_ptr + ((bh * NN + node) * K + rk[:, None]) * V + rv[None, :],
-                 acc.to(dtot_ptr.dtype.element_ty), mask=mk[:, None] & mv[None, :])
-        if has_n:
-            tl.store(dnm_ptr + ((bh * NPHI + node) * K + rk[:, None]) * K + rk[None, :],
-                     accn.to(dnm_ptr.dtype.element_ty), mask=mk[:, None] & mk[None, :])
-            tl.store(dge_ptr + bh * NPHI + node, tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * tl.sum(tr, axis=0))
-    elif which == 0:
+    if which == 0:
         acc = tl.zeros([BK, BV], dtype=tl.float32)
         for n in range(n0, n1):
             rt = n * C + tl.arange(0, C)
@@ -698,10 +673,9 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, scale: float, dlam, top: 
     work = cached_work(("tree buckets", NL, NT), lambda: [(m, j) for m in range(NL - 1, -1, -1)
                                                           for j in range(0, P >> m, 2) if ((j + 1) << m) < NT], dev)
     if work.numel():
-        merged = bool(triton_levels.CONFIG["NODE_MERGED"])
-        tree_node_grad_kernel[(work.shape[0], B * H, 1 if merged else 2)](
-            work, qcs, lam, do, dqcs, ge, dtots, dnm, dge, B, T, TH, H, LS, scale, P, NN, NPHI, NT,
-            CARRY_ALL=incoming is not None, MERGED=merged, **launch)
+        tree_node_grad_kernel[(work.shape[0], B * H, 2)](work, qcs, lam, do, dqcs, ge, dtots, dnm, dge, B, T, TH, H, LS,
+                                                         scale, P, NN, NPHI, NT, CARRY_ALL=incoming is not None,
+                                                         **launch)
     if dfinal is not None:   # (nodes, their N / ge slots, gradients of those nodes' N, Tot, ge, the nodes' list)
         idx, phi_idx, (g_nm, g_tot, g_ge), _ = dfinal
         if zt is not None:   # nodes the sums did not write: 0 before the share is added
