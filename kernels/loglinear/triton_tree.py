@@ -9,8 +9,8 @@ call), combines halves a, b:
 
     ge_p = ge_a + ge_b,   N_p = e_b N_a + e_a N_b - N_b N_a,   Tot_p = e_b Tot_a - N_b Tot_a + Tot_b
 
-(``tree_maps_fwd_kernel``: level 0 from the chunk's k, W, Ut, gam; ``tree_level_fwd_kernel``: one launch per
-level). Chunk n reads its levels from the buckets of its index: for every bit m of n that is set, ascending,
+(``tree_subtree_fwd_kernel``: level 0 from the chunk's k, W, Ut, gam, and the lowest levels above it, CONFIG["SUBTREE"],
+in the same launch; ``tree_level_fwd_kernel``: one launch per level above those). Chunk n reads its levels from the buckets of its index: for every bit m of n that is set, ascending,
 node i = off_m + (n >> m) - 1,
 
     o_n += diag(lam_m) (q Tot_i),     q <- e_i q - q N_i      (q starts as qt_n)
@@ -18,7 +18,8 @@ node i = off_m + (n >> m) - 1,
 (``tree_readout_fwd_kernel``, per chunk). The backward: per chunk, buckets descending
 (``tree_readout_bwd_kernel``: dlam, dqt, and the gradient of the query leaving each bucket), per bucket node
 the sums over the chunks that read it (``tree_node_grad_kernel``: dTot, dN, dge), down the tree level by
-level (``tree_level_bwd_kernel``) and into k, W, Ut, gam (``tree_maps_bwd_kernel``). Every program owns what
+level (``tree_level_bwd_kernel``; its lowest levels in one launch, ``tree_subtree_bwd_kernel``, CONFIG["SUBTREE_BWD"])
+and into k, W, Ut, gam (``tree_maps_bwd_kernel``). Every program owns what
 it writes: no atomics. Gradients fp32, except the tree's (dN, dTot: in the tree's dtype; dge fp32). The tree's
 gradient buffers are not zero-filled (2 GiB at 64K, H=16, D=128): per node a flag says whether anything was written
 there before the pass down the tree (``written_flags``: the per-node sums' buckets, and the final states' nodes,
