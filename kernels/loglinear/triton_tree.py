@@ -9,8 +9,9 @@ call), combines halves a, b:
 
     ge_p = ge_a + ge_b,   N_p = e_b N_a + e_a N_b - N_b N_a,   Tot_p = e_b Tot_a - N_b Tot_a + Tot_b
 
-(``tree_subtree_fwd_kernel``: level 0 from the chunk's k, W, Ut, gam, and the lowest levels above it, CONFIG["SUBTREE"],
-in the same launch; ``tree_level_fwd_kernel``: one launch per level above those). Chunk n reads its levels from the buckets of its index: for every bit m of n that is set, ascending,
+(``tree_subtree_fwd_kernel``: level 0 from the chunk's k, W, Ut, gam, and the lowest levels above it,
+CONFIG["SUBTREE"], in the same launch; ``tree_level_fwd_kernel``: one launch per level above those). Chunk n
+reads its levels from the buckets of its index: for every bit m of n that is set, ascending,
 node i = off_m + (n >> m) - 1,
 
     o_n += diag(lam_m) (q Tot_i),     q <- e_i q - q N_i      (q starts as qt_n)
@@ -122,15 +123,19 @@ def _chunk_map(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, n, bh, T, 
 
 
 @triton.jit
-def _combine_halves(nm_ptr, tot_ptr, ge_ptr, bh, a, p, NN, NPHI, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                    BV: tl.constexpr):
-    """Node p from its halves a, b = a + 1 (N and ge only where p < NPHI: levels some query is carried across)."""
-    bn = a + 1
+def _halves(a, K, V, BK: tl.constexpr, BV: tl.constexpr):
+    """(b = a + 1, K index, V index, [K, V] and [K, K] masks) of a per-node program on the halves a, b."""
     rk = tl.arange(0, BK)
     rv = tl.arange(0, BV)
     mk = rk < K
-    mkv = mk[:, None] & (rv < V)[None, :]
-    mkk = mk[:, None] & mk[None, :]
+    return a + 1, rk, rv, mk[:, None] & (rv < V)[None, :], mk[:, None] & mk[None, :]
+
+
+@triton.jit
+def _combine_halves(nm_ptr, tot_ptr, ge_ptr, bh, a, p, NN, NPHI, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr):
+    """Node p from its halves a, b = a + 1 (N and ge only where p < NPHI: levels some query is carried across)."""
+    bn, rk, rv, mkv, mkk = _halves(a, K, V, BK, BV)
     ge_a = tl.load(ge_ptr + bh * NPHI + a)
     ge_b = tl.load(ge_ptr + bh * NPHI + bn)
     nb = tl.load(nm_ptr + ((bh * NPHI + bn) * K + rk[:, None]) * K + rk[None, :], mask=mkk, other=0.0)
@@ -359,12 +364,7 @@ def tree_level_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, f
 def _pass_down(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, flags_ptr, bh, a, p, NN, NPHI, M, TOP,
                K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, WHICH: tl.constexpr):
     """One variant (WHICH) of ``tree_level_bwd_kernel`` for the halves a, b = a + 1 (level M) of node p."""
-    bn = a + 1
-    rk = tl.arange(0, BK)
-    rv = tl.arange(0, BV)
-    mk = rk < K
-    mkv = mk[:, None] & (rv < V)[None, :]
-    mkk = mk[:, None] & mk[None, :]
+    bn, rk, rv, mkv, mkk = _halves(a, K, V, BK, BV)
     has_np = p < NPHI
     a_tot = tl.load(flags_ptr + a) != 0
     a_n = tl.load(flags_ptr + NN + a) != 0
