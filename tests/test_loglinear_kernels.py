@@ -416,9 +416,10 @@ def test_transition_tree_from_incoming_states_matches_the_level_scans(monkeypatc
 
 
 @needs_triton
-@pytest.mark.parametrize("T,final,hoist,subtree", [(837, True, 1, (0, 0)), (837, False, 1, (2, 3)),
-                                                   (1024, True, 1, (6, 6)), (100, False, 1, (3, 2)),
-                                                   (837, False, 0, (0, 0)), (837, True, 1, (3, 2))])
+@pytest.mark.parametrize("T,final,hoist,subtree", [(837, True, 1, (0, 0, 1)), (837, False, 1, (2, 3, 1)),
+                                                   (1024, True, 1, (6, 6, 1)), (100, False, 1, (3, 2, 2)),
+                                                   (837, False, 0, (0, 0, 2)), (837, True, 1, (1, 2, 2)),
+                                                   (1024, True, 1, (1, 1, 2))])
 def test_transition_tree_readout_kernels_match_autograd(monkeypatch, T, final, hoist, subtree):
     """The Triton readout of the transition tree (forward, backward, per-node sums) against torch autograd of
     the torch reference (transition_tree_levels) on unstructured random inputs: W not a WY term, so the
@@ -427,7 +428,7 @@ def test_transition_tree_readout_kernels_match_autograd(monkeypatch, T, final, h
     root); T=100: one level, no level above it (the chunks' gradients need no parent's share). hoist=0: the readout
     kernels load N where the query is carried, not beside Tot (CONFIG["HOIST"]). subtree: the tree levels taken in
     the launch of level 0, forward and backward (CONFIG["SUBTREE"], ["SUBTREE_BWD"]; 6, and 3 or 2 at T=100: more
-    than the tree has, so all of them)."""
+    than the tree has, so all of them), and the levels a launch above (["SUBTREE_UP"])."""
     from lctrain.kernels.loglinear import triton_levels
     from lctrain.kernels.loglinear.transition_tree import (
         transition_tree_backward,
@@ -436,7 +437,7 @@ def test_transition_tree_readout_kernels_match_autograd(monkeypatch, T, final, h
         tree_forward,
     )
     monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, "HOIST": hoist, "SUBTREE": subtree[0],
-                                                  "SUBTREE_BWD": subtree[1]})
+                                                  "SUBTREE_BWD": subtree[1], "SUBTREE_UP": subtree[2]})
     gen = torch.Generator().manual_seed(T)
     K, V, NL = 16, 32, (T - 1).bit_length() - 6
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731

@@ -84,7 +84,7 @@ from ..triton.common import CHUNK, flags_given, pow2
 # than 2, and SUBTREE_BWD 2, 3 than 4 (docs/results/h200_2026-12-02_s12/call2/).
 CONFIG = {"LP": 2, "BV": 32, "warps": 4, "stages": 1, "BV_grad": 32, "BV_gradq": 32, "warps_grad": 4,
           "warps_gradq": 4, "stages_grad": 3, "ATOMIC": 1, "TREE": 1, "SCALAR_TREE": 0, "KEEP_H": 0, "HOIST": 1,
-          "SUBTREE": 2, "SUBTREE_BWD": 4}
+          "SUBTREE": 2, "SUBTREE_BWD": 4, "SUBTREE_UP": 1}
 
 
 # Launch settings that stopped an H200 with an illegal memory access (Triton 3.6, 2026-12-01, at 4 and 8 warps;
@@ -106,7 +106,10 @@ def set_levels_config(**values: int) -> dict:
             if val not in (0, 1):
                 raise ValueError(f"set_levels_config: {key}={val!r} must be 0 or 1")
             continue
-        if key in ("SUBTREE", "SUBTREE_BWD"):
+        if key == "SUBTREE_UP" and val == 0:
+            raise ValueError("set_levels_config: SUBTREE_UP=0 must be an int in 1..6 (tree levels a launch above "
+                             "the subtree of level 0)")
+        if key in ("SUBTREE", "SUBTREE_BWD", "SUBTREE_UP"):
             if not isinstance(val, int) or not 0 <= val <= 6:
                 raise ValueError(f"set_levels_config: {key}={val!r} must be an int in 0..6 (tree levels taken in "
                                  "the launch of level 0)")

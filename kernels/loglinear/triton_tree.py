@@ -153,22 +153,25 @@ def _combine_halves(nm_ptr, tot_ptr, ge_ptr, bh, a, p, NN, NPHI, K: tl.constexpr
 
 @flags_given(HAS_W="w_ptr")
 @triton.jit
-def tree_subtree_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, T, H, NN, NPHI, P,
+def tree_subtree_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, T, H, NN, NPHI, P, M0,
                             K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                            HAS_W: tl.constexpr, J: tl.constexpr):
-    """Program (block s of 2^J chunks, batch x head): level 0 of its chunks (``_chunk_map``) and levels 1..J of the
-    subtree above them, in one launch. Each level's nodes are stored before the next level reads them back: a
-    barrier of the program's threads between (they are its own recent stores, so mostly L2 hits), in place of a
-    launch per level that reads them from DRAM. J = 0: level 0 alone."""
+                            HAS_W: tl.constexpr, J: tl.constexpr, MAPS: tl.constexpr):
+    """Program (block s of 2^J nodes of level M0, batch x head): with MAPS (M0 = 0) level 0 of its chunks
+    (``_chunk_map``) first, else those nodes as stored; then levels M0 + 1 .. M0 + J of the subtree above them, in
+    one launch. Each level's nodes are stored before the next level reads them back: a barrier of the program's
+    threads between (they are its own recent stores, so mostly L2 hits), in place of a launch per level that reads
+    them from DRAM. J = 0: level 0 alone."""
     s = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    for c in range(0, 1 << J):
-        _chunk_map(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, (s << J) + c, bh, T, H, NN, NPHI, K, V, BK,
-                   BV, C, HAS_W)
-    for m in tl.static_range(J):
+    if MAPS:
+        for c in range(0, 1 << J):
+            _chunk_map(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_ptr, (s << J) + c, bh, T, H, NN, NPHI, K, V,
+                       BK, BV, C, HAS_W)
+    for mm in tl.static_range(J):
+        m = M0 + mm
         tl.debug_barrier()
-        for i in range(0, 1 << (J - m - 1)):
-            idx = (s << (J - m - 1)) + i
+        for i in range(0, 1 << (J - mm - 1)):
+            idx = (s << (J - mm - 1)) + i
             _combine_halves(nm_ptr, tot_ptr, ge_ptr, bh, 2 * P - 2 * (P >> m) + 2 * idx,
                             2 * P - 2 * (P >> (m + 1)) + idx, NN, NPHI, K, V, BK, BV)
 
@@ -564,10 +567,18 @@ def build_tree(k, w, u, gam, NL: int, top: int, dtype):
     ge = torch.empty(B, H, NPHI, device=dev, dtype=torch.float32)
     launch = _launch(K, V)
     J = min(int(triton_levels.CONFIG["SUBTREE"]), top)   # levels 1..J in the launch of level 0
-    tree_subtree_fwd_kernel[(P >> J, B * H)](k, w, u, gam, nm, tots, ge, T, H, NN, NPHI, P, C=CHUNK, J=J, **launch)
-    for m in range(J, top):
-        tree_level_fwd_kernel[(P >> (m + 1), B * H)](nm, tots, ge, NN, NPHI, level_offset(P, m),
-                                                     level_offset(P, m + 1), **launch)
+    tree_subtree_fwd_kernel[(P >> J, B * H)](k, w, u, gam, nm, tots, ge, T, H, NN, NPHI, P, 0, C=CHUNK, J=J,
+                                             MAPS=True, **launch)
+    m, up = J, int(triton_levels.CONFIG["SUBTREE_UP"])   # the levels above: UP a launch (1: one a level)
+    while m < top:
+        j = min(up, top - m)
+        if j == 1:
+            tree_level_fwd_kernel[(P >> (m + 1), B * H)](nm, tots, ge, NN, NPHI, level_offset(P, m),
+                                                         level_offset(P, m + 1), **launch)
+        else:
+            tree_subtree_fwd_kernel[(P >> (m + j), B * H)](k, w, u, gam, nm, tots, ge, T, H, NN, NPHI, P, m, C=CHUNK,
+                                                           J=j, MAPS=False, **launch)
+        m += j
     return nm, tots, ge
 
 
