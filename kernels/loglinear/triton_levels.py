@@ -81,10 +81,12 @@ from ..triton.common import CHUNK, flags_given, pow2
 # bf16; docs/results/h200x2_2026-11-30_call3/loglinear_bench.log). SUBTREE=2, SUBTREE_BWD=4: the transition tree's
 # lowest levels in the launch of level 0 (forward) and in one launch (the pass down), against one launch a level:
 # ll_gdn fwd+bwd 23.89 -> 22.66 ms at 64K and 48.45 -> 46.32 at 128K in two runs; SUBTREE 1, 3 and 4 were slower
-# than 2, and SUBTREE_BWD 2, 3 than 4 (docs/results/h200_2026-12-02_s12/call2/).
+# than 2, and SUBTREE_BWD 2, 3 than 4 (docs/results/h200_2026-12-02_s12/call2/). SUBTREE_UP=2: the levels above
+# two a launch, 22.68-22.71 -> 22.56 ms at 64K and 46.37-46.42 -> 46.06-46.07 at 128K in two runs; 3 no faster
+# (call7/).
 CONFIG = {"LP": 2, "BV": 32, "warps": 4, "stages": 1, "BV_grad": 32, "BV_gradq": 32, "warps_grad": 4,
           "warps_gradq": 4, "stages_grad": 3, "ATOMIC": 1, "TREE": 1, "SCALAR_TREE": 0, "KEEP_H": 0, "HOIST": 1,
-          "SUBTREE": 2, "SUBTREE_BWD": 4, "SUBTREE_UP": 1}
+          "SUBTREE": 2, "SUBTREE_BWD": 4, "SUBTREE_UP": 2}
 
 
 # Launch settings that stopped an H200 with an illegal memory access (Triton 3.6, 2026-12-01, at 4 and 8 warps;

@@ -10,7 +10,8 @@ call), combines halves a, b:
     ge_p = ge_a + ge_b,   N_p = e_b N_a + e_a N_b - N_b N_a,   Tot_p = e_b Tot_a - N_b Tot_a + Tot_b
 
 (``tree_subtree_fwd_kernel``: level 0 from the chunk's k, W, Ut, gam, and the lowest levels above it,
-CONFIG["SUBTREE"], in the same launch; ``tree_level_fwd_kernel``: one launch per level above those). Chunk n
+CONFIG["SUBTREE"], in the same launch; the levels above those CONFIG["SUBTREE_UP"] a launch, by the same kernel from
+their stored nodes, or ``tree_level_fwd_kernel`` for one). Chunk n
 reads its levels from the buckets of its index: for every bit m of n that is set, ascending,
 node i = off_m + (n >> m) - 1,
 
