@@ -749,11 +749,13 @@ def test_level_runs_of_one_chunk_take_the_torch_base_op():
 @needs_triton
 def test_level_launch_settings_are_checked_before_any_launch():
     """set_levels_config (LCTRAIN_LOGLINEAR_CFG, --levels-cfg) refuses unknown keys, blocks that are not powers
-    of two, and the setting that faulted on an H200; a refusal leaves the settings as they were."""
+    of two, tree level counts out of range, and the setting that faulted on an H200; a refusal leaves the settings
+    as they were."""
     from lctrain.kernels.loglinear import triton_levels
     before = dict(triton_levels.CONFIG)
     for bad, words in (({"LPX": 2}, "unknown key"), ({"BV": 24}, "power of two"), ({"ATOMIC": 2}, "0 or 1"),
-                       ({"LP": 2, "BV": 16, "stages": 1}, "illegal memory access")):
+                       ({"LP": 2, "BV": 16, "stages": 1}, "illegal memory access"), ({"SUBTREE": 7}, "in 0..6"),
+                       ({"SUBTREE_UP": 0}, "in 1..6"), ({"SUBTREE_BWD": 2.0}, "in 0..6")):
         with pytest.raises(ValueError, match=words):
             triton_levels.set_levels_config(**bad)
         assert triton_levels.CONFIG == before

@@ -94,6 +94,12 @@ CONFIG = {"LP": 2, "BV": 32, "warps": 4, "stages": 1, "BV_grad": 32, "BV_gradq":
 FAULTING = ({"LP": 2, "BV": 16, "stages": 1},)
 
 
+# the transition tree's levels a launch: (smallest value, what it counts)
+_TREE_LEVELS = {"SUBTREE": (0, "tree levels built in the launch of level 0"),
+                "SUBTREE_BWD": (0, "levels of the pass down the tree in one launch"),
+                "SUBTREE_UP": (1, "tree levels a launch above the subtree of level 0")}
+
+
 def set_levels_config(**values: int) -> dict:
     """Override launch settings (keys of CONFIG; no arguments: back to the defaults). Returns the old ones."""
     global CONFIG
@@ -108,13 +114,10 @@ def set_levels_config(**values: int) -> dict:
             if val not in (0, 1):
                 raise ValueError(f"set_levels_config: {key}={val!r} must be 0 or 1")
             continue
-        if key == "SUBTREE_UP" and val == 0:
-            raise ValueError("set_levels_config: SUBTREE_UP=0 must be an int in 1..6 (tree levels a launch above "
-                             "the subtree of level 0)")
-        if key in ("SUBTREE", "SUBTREE_BWD", "SUBTREE_UP"):
-            if not isinstance(val, int) or not 0 <= val <= 6:
-                raise ValueError(f"set_levels_config: {key}={val!r} must be an int in 0..6 (tree levels taken in "
-                                 "the launch of level 0)")
+        if key in _TREE_LEVELS:
+            low, what = _TREE_LEVELS[key]
+            if not isinstance(val, int) or not low <= val <= 6:
+                raise ValueError(f"set_levels_config: {key}={val!r} must be an int in {low}..6 ({what})")
             continue
         pow2_key = key.startswith("BV") or key == "LP"
         if not isinstance(val, int) or val < 1 or (pow2_key and val & (val - 1)) or (key.startswith("BV") and val < 16):

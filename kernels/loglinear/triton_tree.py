@@ -54,8 +54,15 @@ def level_offset(P: int, m: int) -> int:
 
 
 @triton.jit
+def _offset(P, m):
+    """``level_offset`` in a kernel."""
+    return 2 * P - 2 * (P >> m)
+
+
+@triton.jit
 def _node(n, m, P):
-    """The tree node of chunk n's bucket at level m (bit m of n set)."""
+    """The tree node of chunk n's bucket at level m (bit m of n set). (``_offset`` written out: through the call the
+    readout backward compiled differently for sm_90, 252 registers against 250.)"""
     return 2 * P - 2 * (P >> m) + (n >> m) - 1
 
 
@@ -173,8 +180,8 @@ def tree_subtree_fwd_kernel(k_ptr, w_ptr, u_ptr, gam_ptr, nm_ptr, tot_ptr, ge_pt
         tl.debug_barrier()
         for i in range(0, 1 << (J - mm - 1)):
             idx = (s << (J - mm - 1)) + i
-            _combine_halves(nm_ptr, tot_ptr, ge_ptr, bh, 2 * P - 2 * (P >> m) + 2 * idx,
-                            2 * P - 2 * (P >> (m + 1)) + idx, NN, NPHI, K, V, BK, BV)
+            _combine_halves(nm_ptr, tot_ptr, ge_ptr, bh, _offset(P, m) + 2 * idx, _offset(P, m + 1) + idx, NN, NPHI,
+                            K, V, BK, BV)
 
 
 @triton.jit
@@ -311,7 +318,7 @@ def tree_node_grad_kernel(work_ptr, qcs_ptr, lam_ptr, do_ptr, dqcs_ptr, ge_ptr, 
     base = b * T * H + h
     m = tl.load(work_ptr + 2 * item)
     j = tl.load(work_ptr + 2 * item + 1)
-    node = 2 * P - 2 * (P >> m) + j
+    node = _offset(P, m) + j
     rk = tl.arange(0, BK)
     mk = rk < K
     rv = tl.arange(0, BV)
@@ -484,9 +491,8 @@ def tree_subtree_bwd_kernel(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr,
         for i in range(0, 1 << (J - m - 1)):
             idx = (s << (J - m - 1)) + i
             for which in tl.static_range(3):
-                _pass_down(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, flags_ptr, bh,
-                           2 * P - 2 * (P >> m) + 2 * idx, 2 * P - 2 * (P >> (m + 1)) + idx, NN, NPHI, m, TOP, K, V,
-                           BK, BV, which)
+                _pass_down(nm_ptr, tot_ptr, ge_ptr, dnm_ptr, dtot_ptr, dge_ptr, flags_ptr, bh, _offset(P, m) + 2 * idx,
+                           _offset(P, m + 1) + idx, NN, NPHI, m, TOP, K, V, BK, BV, which)
         tl.debug_barrier()
 
 
@@ -645,9 +651,16 @@ def written_flags(P: int, top: int, NT: int, nphi: int, carry_all: bool, final: 
             wt[i] = wn[min(i, nphi - 1)] = 1
         return wt + wn, zt, zn
 
+    built = []   # (build once, though three cached tensors come from it)
+
+    def part(which: int) -> list:
+        if not built:
+            built.append(build())
+        return built[0][which]
+
     key = ("tree written", P, top, NT, nphi, bool(carry_all), tuple(final))
-    flags = cached_work(key, lambda: build()[0], device)
-    zt, zn = (cached_work((*key, which), lambda which=which: build()[which], device).long() if final else None
+    flags = cached_work(key, lambda: part(0), device)
+    zt, zn = (cached_work((*key, which), lambda which=which: part(which), device).long() if final else None
               for which in (1, 2))
     return flags, (zt if zt is not None and zt.numel() else None), (zn if zn is not None and zn.numel() else None)
 
