@@ -25,11 +25,12 @@ import triton
 import triton.language as tl
 
 from ..triton.common import CHUNK, flags_given, pow2
+from . import triton_levels
 
-BK_INTRA = 64     # K columns per step of the [C, K] products
-BV_INTRA = 64     # V columns per step
+BK_INTRA = 64     # K columns per step of the [C, K] products (forward)
+BV_INTRA = 64     # V columns per step (forward)
 WARPS_INTRA = 4
-WARPS_INTRA_BWD = 8   # the backward holds several [C, C] fp32 tiles: 4 warps spill (sm_90, D=128)
+# the backward's: triton_levels.CONFIG["BK_intra_bwd", "BV_intra_bwd", "warps_intra_bwd", "stages_intra_bwd"]
 
 
 @triton.jit
@@ -204,12 +205,14 @@ def intra_backward(q, k, v, w, tm, beta, gam, lam, hi: int, scale: float, do, dq
     levels above are the caller's) and ADDS into dk, dw, dgam (fp32)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    bk, bv = _blocks(K, V)
+    cfg = triton_levels.CONFIG
+    bk, bv = min(pow2(K), cfg["BK_intra_bwd"]), min(pow2(V), cfg["BV_intra_bwd"])
     dv = torch.empty(B, T, H, V, device=q.device, dtype=torch.float32)
     dq = torch.empty_like(q)
     dx = torch.empty(B, T, H, CHUNK, device=q.device, dtype=torch.float32) if w is not None else None
     assert dlam.shape == lam.shape and dlam.is_contiguous() and dlam.dtype == torch.float32
     intra_bwd_kernel[(triton.cdiv(T, CHUNK), B * H)](q, k, v, w, tm, beta, gam, lam, do, dqt, dv, dq, dk, dw, dx,
                                                      dgam, dlam, scale, T, H, lam.shape[-1], K=K, V=V, BK=bk,
-                                                     BV=bv, C=CHUNK, HI=hi, num_warps=WARPS_INTRA_BWD)
+                                                     BV=bv, C=CHUNK, HI=hi, num_warps=cfg["warps_intra_bwd"],
+                                                     num_stages=cfg["stages_intra_bwd"])
     return dv, dq, dx

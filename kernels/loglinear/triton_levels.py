@@ -86,7 +86,9 @@ from ..triton.common import CHUNK, flags_given, pow2
 # (call7/).
 CONFIG = {"LP": 2, "BV": 32, "warps": 4, "stages": 1, "BV_grad": 32, "BV_gradq": 32, "warps_grad": 4,
           "warps_gradq": 4, "stages_grad": 3, "ATOMIC": 1, "TREE": 1, "SCALAR_TREE": 0, "KEEP_H": 0, "HOIST": 1,
-          "SUBTREE": 2, "SUBTREE_BWD": 4, "SUBTREE_UP": 2}
+          "SUBTREE": 2, "SUBTREE_BWD": 4, "SUBTREE_UP": 2,
+          "BK_intra_bwd": 64, "BV_intra_bwd": 64, "warps_intra_bwd": 8, "stages_intra_bwd": 3,
+          "warps_node": 8, "stages_node": 3}
 
 
 # Launch settings that stopped an H200 with an illegal memory access (Triton 3.6, 2026-12-01, at 4 and 8 warps;
@@ -119,10 +121,11 @@ def set_levels_config(**values: int) -> dict:
             if not isinstance(val, int) or not low <= val <= 6:
                 raise ValueError(f"set_levels_config: {key}={val!r} must be an int in {low}..6 ({what})")
             continue
-        pow2_key = key.startswith("BV") or key == "LP"
-        if not isinstance(val, int) or val < 1 or (pow2_key and val & (val - 1)) or (key.startswith("BV") and val < 16):
+        block = key.startswith(("BV", "BK"))
+        pow2_key = block or key == "LP"
+        if not isinstance(val, int) or val < 1 or (pow2_key and val & (val - 1)) or (block and val < 16):
             raise ValueError(f"set_levels_config: {key}={val!r} must be a positive int"
-                             + (" and a power of two >= 16" if key.startswith("BV") else "")
+                             + (" and a power of two >= 16" if block else "")
                              + (" and a power of two" if key == "LP" else ""))
     new = {**CONFIG, **values}
     bad = _faulting(new)

@@ -699,9 +699,11 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, scale: float, dlam, top: 
     work = cached_work(("tree buckets", NL, NT), lambda: [(m, j) for m in range(NL - 1, -1, -1)
                                                           for j in range(0, P >> m, 2) if ((j + 1) << m) < NT], dev)
     if work.numel():
+        cfg = triton_levels.CONFIG
         tree_node_grad_kernel[(work.shape[0], B * H, 2)](work, qcs, lam, do, dqcs, ge, dtots, dnm, dge, B, T, TH, H, LS,
                                                          scale, P, NN, NPHI, NT, CARRY_ALL=incoming is not None,
-                                                         **launch)
+                                                         **{**launch, "num_warps": cfg["warps_node"]},
+                                                         num_stages=cfg["stages_node"])
     if dfinal is not None:   # (nodes, their N / ge slots, gradients of those nodes' N, Tot, ge, the nodes' list)
         idx, phi_idx, (g_nm, g_tot, g_ge), _ = dfinal
         if zt is not None:   # nodes the sums did not write: 0 before the share is added
