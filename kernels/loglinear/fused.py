@@ -82,7 +82,10 @@ class _FusedLogLinear(torch.autograd.Function):
     def backward(ctx, do, dst):
         q, k, v, beta, lam, s0, gam, tm, qt, ck, hs = ctx.saved_tensors
         scale, n0, hi, nl = ctx.scale, ctx.n0, ctx.hi, ctx.nl
-        cfg = _Cfg(k.shape[-1], v.shape[-1], gated=True)
+        # (the WY backward of this op takes its launch from the log-linear settings: it also reads dX and adds dV)
+        lcfg = triton_levels.CONFIG
+        cfg = _Cfg(k.shape[-1], v.shape[-1], gated=True,
+                   overrides={"warps_wyb": lcfg["warps_wy_bwd"], "stages_wyb": lcfg["stages_wy_bwd"]})
         B, T, H, K = q.shape
         w, ut = wy_apply(k, v, beta, gam, tm, cfg)
         do = torch.zeros(*v.shape, device=v.device, dtype=torch.float32) if do is None else do.contiguous()

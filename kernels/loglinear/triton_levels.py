@@ -88,7 +88,8 @@ CONFIG = {"LP": 2, "BV": 32, "warps": 4, "stages": 1, "BV_grad": 32, "BV_gradq":
           "warps_gradq": 4, "stages_grad": 3, "ATOMIC": 1, "TREE": 1, "SCALAR_TREE": 0, "KEEP_H": 0, "HOIST": 1,
           "SUBTREE": 2, "SUBTREE_BWD": 4, "SUBTREE_UP": 2,
           "BK_intra_bwd": 64, "BV_intra_bwd": 64, "warps_intra_bwd": 8, "stages_intra_bwd": 3,
-          "warps_node": 8, "stages_node": 3}
+          "warps_node": 8, "stages_node": 3, "warps_readout_fwd": 8, "warps_readout_bwd": 8, "warps_maps_bwd": 8,
+          "warps_wy_bwd": 4, "stages_wy_bwd": 1}
 
 
 # Launch settings that stopped an H200 with an illegal memory access (Triton 3.6, 2026-12-01, at 4 and 8 warps;

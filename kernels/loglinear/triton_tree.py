@@ -557,8 +557,8 @@ def qcs_rows(T: int) -> int:
     return -(-triton.cdiv(T, CHUNK) // 2) * CHUNK
 
 
-def _launch(K: int, V: int) -> dict:
-    return dict(K=K, V=V, BK=pow2(K), BV=pow2(V), num_warps=WARPS)
+def _launch(K: int, V: int, warps: int = WARPS) -> dict:
+    return dict(K=K, V=V, BK=pow2(K), BV=pow2(V), num_warps=warps)
 
 
 def build_tree(k, w, u, gam, NL: int, top: int, dtype):
@@ -616,7 +616,7 @@ def readout_forward(o, qt, lam, nm, tots, ge, P: int, scale: float, store_q: boo
         qt, lam, nm, tots, ge, o, o if out is None else out, qcs, qlast, s0 if o is not None else None, inc,
         ninc, lam.shape[-1], row_stride(lam), float(scale), B, T, qcs_rows(T), H, NL, P, tots.shape[2], nm.shape[2],
         C=CHUNK, CARRY_ALL=incoming is not None, HOIST=bool(triton_levels.CONFIG["HOIST"]),
-        **_launch(K, tots.shape[-1]))
+        **_launch(K, tots.shape[-1], triton_levels.CONFIG["warps_readout_fwd"]))
     return qcs, qlast
 
 
@@ -687,9 +687,10 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, scale: float, dlam, top: 
     s0, inc, ninc = incoming or (None, None, 0)
     scale = float(scale)
     dlwin = torch.empty(B, T, H, ninc, device=dev, dtype=torch.float32) if incoming else None
+    cfg = triton_levels.CONFIG
     tree_readout_bwd_kernel[(NT, B * H)](qcs, lam, nm, tots, ge, do, qlast, s0, inc, dlwin, ninc, lam.shape[-1], LS,
                                          row_stride(dlam), scale, dqt, dlam, dqcs, B, T, TH, H, NL, P, NN, NPHI,
-                                         HOIST=bool(triton_levels.CONFIG["HOIST"]), **launch)
+                                         HOIST=bool(cfg["HOIST"]), **{**launch, "num_warps": cfg["warps_readout_bwd"]})
     # the tree's gradients in its own dtype (q's): sums formed in fp32 in registers, stored rounded once a level;
     # not zero-filled (module docstring): the flags say which nodes hold a value
     dnm, dtots = _unseeded(nm), _unseeded(tots)
@@ -699,7 +700,6 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, scale: float, dlam, top: 
     work = cached_work(("tree buckets", NL, NT), lambda: [(m, j) for m in range(NL - 1, -1, -1)
                                                           for j in range(0, P >> m, 2) if ((j + 1) << m) < NT], dev)
     if work.numel():
-        cfg = triton_levels.CONFIG
         tree_node_grad_kernel[(work.shape[0], B * H, 2)](work, qcs, lam, do, dqcs, ge, dtots, dnm, dge, B, T, TH, H, LS,
                                                          scale, P, NN, NPHI, NT, CARRY_ALL=incoming is not None,
                                                          **{**launch, "num_warps": cfg["warps_node"]},
@@ -750,6 +750,7 @@ def tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P: int, top:
     dgam = torch.empty(B, T, H, device=dev, dtype=torch.float32)
     tree_maps_bwd_kernel[(triton.cdiv(T, CHUNK), B * H)](k, w, u, gam, nm, tots, ge, dnm, dtots, dge, dk, dw, du, dgam,
                                                          flags, T, H, NN, NPHI, level_offset(P, 1), top, C=CHUNK,
-                                                         PULL=top >= 1, **launch)
+                                                         PULL=top >= 1,
+                                                         **_launch(K, V, triton_levels.CONFIG["warps_maps_bwd"]))
     return dk, dw, du, dgam
 
