@@ -508,16 +508,17 @@ def test_gdn_kernels_stay_inside_their_tensors(monkeypatch, backend, cfg):
 
 
 @needs_triton
-@pytest.mark.parametrize("cfg", [{}, {"BV_grad": 32, "BV_gradq": 16}])
-def test_fused_triton_batch_of_two_and_wider_values(monkeypatch, cfg):
+@pytest.mark.parametrize("cfg,K", [({}, 16), ({"BV_grad": 32, "BV_gradq": 16}, 16),
+                                   ({"BK_intra_bwd": 16, "BV_intra_bwd": 16}, 32)])
+def test_fused_triton_batch_of_two_and_wider_values(monkeypatch, cfg, K):
     """B=2 and V=32 != K=16 (the kernels' batch and value offsets), against the torch backend; with the
     defaults the gradient pass's state part takes V in two blocks, its readout part in one, and the other way
-    round with the second settings."""
+    round with the second settings; the third takes K = V = 32 in two blocks each in the intra-chunk backward."""
     from lctrain.kernels.loglinear import triton_levels
     monkeypatch.setattr(triton_levels, "CONFIG", {**triton_levels.CONFIG, **cfg})
     gen = torch.Generator().manual_seed(30)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
-    Bt, T, K, V = 2, 150, 16, 32
+    Bt, T, V = 2, 150, 32
     L = levels_needed(T)
     x = [r(Bt, T, H, K), F.normalize(r(Bt, T, H, K), dim=-1), r(Bt, T, H, V), F.logsigmoid(r(Bt, T, H) + 2.0),
          torch.sigmoid(r(Bt, T, H)), F.softplus(r(Bt, T, H, L))]
@@ -755,7 +756,9 @@ def test_level_launch_settings_are_checked_before_any_launch():
     before = dict(triton_levels.CONFIG)
     for bad, words in (({"LPX": 2}, "unknown key"), ({"BV": 24}, "power of two"), ({"ATOMIC": 2}, "0 or 1"),
                        ({"LP": 2, "BV": 16, "stages": 1}, "illegal memory access"), ({"SUBTREE": 7}, "in 0..6"),
-                       ({"SUBTREE_UP": 0}, "in 1..6"), ({"SUBTREE_BWD": 2.0}, "in 0..6")):
+                       ({"SUBTREE_UP": 0}, "in 1..6"), ({"SUBTREE_BWD": 2.0}, "in 0..6"),
+                       ({"BK_intra_bwd": 48}, "power of two >= 16"), ({"BV_intra_bwd": 8}, "power of two >= 16"),
+                       ({"warps_node": 0}, "positive int")):
         with pytest.raises(ValueError, match=words):
             triton_levels.set_levels_config(**bad)
         assert triton_levels.CONFIG == before
