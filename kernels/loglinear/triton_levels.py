@@ -83,12 +83,15 @@ from ..triton.common import CHUNK, flags_given, pow2
 # ll_gdn fwd+bwd 23.89 -> 22.66 ms at 64K and 48.45 -> 46.32 at 128K in two runs; SUBTREE 1, 3 and 4 were slower
 # than 2, and SUBTREE_BWD 2, 3 than 4 (docs/results/h200_2026-12-02_s12/call2/). SUBTREE_UP=2: the levels above
 # two a launch, 22.68-22.71 -> 22.56 ms at 64K and 46.37-46.42 -> 46.06-46.07 at 128K in two runs; 3 no faster
-# (call7/).
+# (call7/). The intra-chunk backward at 4 warps with 32 x 32 blocks, the per-node sums and the tree's readouts at
+# 4 warps (two programs an SM instead of one; they were latency-bound): ll_gdn fwd+bwd 22.56 -> 19.95-20.05 ms at
+# 64K and 46.07 -> 40.54-40.59 at 128K in two runs; the chunk maps' backward at 4 warps and this op's WY backward
+# at 8 were slower (docs/results/h200_2026-12-02_s13/call1/ .. call3/).
 CONFIG = {"LP": 2, "BV": 32, "warps": 4, "stages": 1, "BV_grad": 32, "BV_gradq": 32, "warps_grad": 4,
           "warps_gradq": 4, "stages_grad": 3, "ATOMIC": 1, "TREE": 1, "SCALAR_TREE": 0, "KEEP_H": 0, "HOIST": 1,
           "SUBTREE": 2, "SUBTREE_BWD": 4, "SUBTREE_UP": 2,
-          "BK_intra_bwd": 64, "BV_intra_bwd": 64, "warps_intra_bwd": 8, "stages_intra_bwd": 3,
-          "warps_node": 8, "stages_node": 3, "warps_readout_fwd": 8, "warps_readout_bwd": 8, "warps_maps_bwd": 8,
+          "BK_intra_bwd": 32, "BV_intra_bwd": 32, "warps_intra_bwd": 4, "stages_intra_bwd": 3,
+          "warps_node": 4, "stages_node": 3, "warps_readout_fwd": 4, "warps_readout_bwd": 4, "warps_maps_bwd": 8,
           "warps_wy_bwd": 4, "stages_wy_bwd": 1}
 
 
