@@ -91,7 +91,8 @@ CONFIG = {"LP": 2, "BV": 32, "warps": 4, "stages": 1, "BV_grad": 32, "BV_gradq":
           "warps_gradq": 4, "stages_grad": 3, "ATOMIC": 1, "TREE": 1, "SCALAR_TREE": 0, "KEEP_H": 0, "HOIST": 1,
           "SUBTREE": 2, "SUBTREE_BWD": 4, "SUBTREE_UP": 2,
           "BK_intra_bwd": 32, "BV_intra_bwd": 32, "warps_intra_bwd": 4, "stages_intra_bwd": 3,
-          "warps_node": 4, "stages_node": 3, "warps_readout_fwd": 4, "warps_readout_bwd": 4, "warps_maps_bwd": 8,
+          "warps_node": 4, "stages_node": 3, "warps_readout_fwd": 4, "warps_readout_in": 4,
+          "warps_readout_bwd": 4, "warps_maps_bwd": 8,
           "warps_wy_bwd": 4, "stages_wy_bwd": 1}
 
 

@@ -612,11 +612,12 @@ def readout_forward(o, qt, lam, nm, tots, ge, P: int, scale: float, store_q: boo
     qcs = torch.empty(NL, B, qcs_rows(T), H, K, device=qt.device, dtype=tots.dtype) if store_q else None
     qlast = torch.empty(B, T, H, K, device=qt.device, dtype=torch.float32) if store_last else None
     s0, inc, ninc = incoming or (None, None, 0)
+    has_in = incoming is not None and o is not None   # (the readout of the incoming states: HAS_IN)
     tree_readout_fwd_kernel[(triton.cdiv(T, CHUNK), B * H)](
-        qt, lam, nm, tots, ge, o, o if out is None else out, qcs, qlast, s0 if o is not None else None, inc,
+        qt, lam, nm, tots, ge, o, o if out is None else out, qcs, qlast, s0 if has_in else None, inc,
         ninc, lam.shape[-1], row_stride(lam), float(scale), B, T, qcs_rows(T), H, NL, P, tots.shape[2], nm.shape[2],
         C=CHUNK, CARRY_ALL=incoming is not None, HOIST=bool(triton_levels.CONFIG["HOIST"]),
-        **_launch(K, tots.shape[-1], triton_levels.CONFIG["warps_readout_fwd"]))
+        **_launch(K, tots.shape[-1], triton_levels.CONFIG["warps_readout_in" if has_in else "warps_readout_fwd"]))
     return qcs, qlast
 
 
