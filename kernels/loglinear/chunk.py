@@ -38,11 +38,10 @@ from .levels import level_matrix
 def runs_from_slots(slots: torch.Tensor, position_offset: int) -> torch.Tensor:
     """Incoming run states [B, H, L, K, V] from the level states of query p0-1 (p0 = position_offset):
     run l continues into this call iff p0 is not a multiple of 2^l, and then holds slots 0..l."""
-    runs = slots.cumsum(dim=2)
-    for lev in range(slots.shape[2]):   # (not a mask tensor: building one on the device waits for the GPU)
-        if position_offset % (1 << lev) == 0:
-            runs[:, :, lev] = 0
-    return runs
+    # (a mask formed on the device: one built from a host list would wait for the GPU, one zeroing a level at a
+    # time was 16 launches)
+    fresh = position_offset % torch.pow(2, torch.arange(slots.shape[2], device=slots.device)) == 0
+    return slots.cumsum(dim=2).masked_fill_(fresh[:, None, None], 0.0)
 
 
 def slots_from_runs(runs: torch.Tensor, L: int) -> torch.Tensor:
@@ -154,7 +153,7 @@ def intra_chunk_levels(q, k, v, g, beta, level_weights, *, scale, chunk_size: in
     return O.movedim(1, 3).reshape(B, -1, H, v.shape[-1])[:, :T]
 
 
-def _last_block_states(base, k, v, gates, position_offset: int, levels, chunk_size: int):
+def _last_block_states(base, k, v, gates, position_offset: int, levels, chunk_size: int, backend: str = "torch"):
     """Final run states of the given low levels (blocks inside the last chunk, starting at or after
     position_offset): the base op from zero over the last block of each, all in ONE call of the torch base op
     (a run per level was ~7 calls of many small kernels: host time a GPU then waits on). Each level's block is a
@@ -175,7 +174,7 @@ def _last_block_states(base, k, v, gates, position_offset: int, levels, chunk_si
         tail = x[:, T - n:]
         mask = keep.view(len(levels), 1, n, *([1] * (x.dim() - 2))).to(x.dtype)   # (0 and 1: exact in any dtype)
         xs.append((tail[None] * mask).reshape(len(levels) * B, n, *x.shape[2:]))
-    _, s = base(xs[0], xs[0], xs[1], *xs[2:], initial_state=None, output_final_state=True, backend="torch",
+    _, s = base(xs[0], xs[0], xs[1], *xs[2:], initial_state=None, output_final_state=True, backend=backend,
                 chunk_size=chunk_size)
     return list(s.view(len(levels), B, *s.shape[1:]).unbind(0))
 

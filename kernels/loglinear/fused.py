@@ -147,7 +147,10 @@ def fused_by_levels(base, q, k, v, g, beta, level_weights, *, scale, run_init, p
     runs = []
     if want_runs:  # blocks of <= C tokens start inside this call: their runs come from the last block alone
         gates = (g,) if beta is None else (g, beta)
-        runs = [s.float() for s in _last_block_states(base, k, v, gates, p0, range(min(c, top) + 1), CHUNK)]
+        # (the Triton base op: a dozen launches, where the torch one was ~150 small operations of host time that a
+        # CP rank's GPU waited on)
+        runs = [s.float() for s in _last_block_states(base, k, v, gates, p0, range(min(c, top) + 1), CHUNK,
+                                                      backend="triton")]
     s0 = None if run_init is None or top <= c else run_init[:, :, c + 1: top + 1].float().contiguous()
     f32 = lambda x: aligned_input(x, torch.float32)  # noqa: E731  (ALIGN_INPUTS in triton/ops.py: why aligned)
     # the levels above c can come from block totals, no level scans: for a scalar decay (Mamba-2, SCALAR_TREE=1,
