@@ -18,6 +18,13 @@ backward  4. for each cross level l: G_l = shard_state_grad of run l (queries q 
           5. fold from the right inside the block: dS_out(l) = u_l + sum over later ranks j of the block
              (A_{r+1}^T ... A_{j-1}^T) G'_l(j); the local backward then yields every input's gradient.
 
+Where the rank's call takes Gated DeltaNet's transition tree (backend "triton", ``fused.takes_gdn_tree``), both
+exchanges happen inside the fused call instead (``_TreeExchange``): (A_r, B_r) is the map of the shard's tree (its
+top node), gathered once the tree is built and before its readout; G_l is the gradient of the incoming state that
+the call's backward forms anyway (the queries carried to the shard's start, read against dO), gathered before the
+backward reads the final states' gradient. So no rank runs the transition pass of step 1 or the state-gradient
+pass of step 4 there.
+
 Conventions: position_offset must be 0 (rank r's tokens sit at r T ...) and initial_state None (refused
 with an error, on every rank together). With output_final_state=True every rank returns the level
 states of its own last query. level_weights is sliced like the other per-token inputs. Each call issues
@@ -101,6 +108,18 @@ class LogLinearContextParallelOp:
         p = T.bit_length() - 1
         top = levels_needed(self.size * T) - 1
         cross = list(range(p + 1, top + 1))
+        gates = (g,) if beta is None else (g, beta)
+        fused = which == "triton" and (self.rank * T) % chunk_size == 0   # the fused kernels (else T < 64)
+        if fused:
+            from lctrain.kernels.loglinear.fused import fused_by_levels, takes_gdn_tree  # imports triton
+            if cross and takes_gdn_tree(q, v, beta, self.rank * T, top):
+                # the transition tree: the shard maps and the incoming states' gradients are exchanged inside the
+                # call, from what its tree forms anyway (no transition pass, no state-gradient pass)
+                ex = _TreeExchange(self, cross, p, top)
+                o, runs = fused_by_levels(ll_ops._BASE[self.base_name], q, k, v, g, beta, lam, scale=scale,
+                                          run_init=None, position_offset=self.rank * T, top=top, want_runs=True,
+                                          exchange=ex)
+                return o.to(q.dtype), (slots_from_runs(runs, L) if output_final_state else None)
         A_all, B_all = self._gather_transitions(k, v, g, beta, base_backend, chunk_size)
         run_init = None
         if cross:
@@ -113,9 +132,7 @@ class LogLinearContextParallelOp:
                         S = apply_transition(A_all[j], S) + B_all[j]
                     inits[lev] = S
                 run_init = torch.stack(inits, dim=2)
-        gates = (g,) if beta is None else (g, beta)
-        if which == "triton" and (self.rank * T) % chunk_size == 0:  # the fused kernels (else T < 64)
-            from lctrain.kernels.loglinear.fused import fused_by_levels  # imports triton
+        if fused:
             o, runs = fused_by_levels(ll_ops._BASE[self.base_name], q, k, v, g, beta, lam, scale=scale,
                                       run_init=run_init, position_offset=self.rank * T, top=top, want_runs=True)
             o = o.to(q.dtype)
@@ -208,6 +225,71 @@ class LogLinearContextParallelOp:
             out = torch.stack(out, dim=2)
             if druns is not None:
                 out = out + druns.to(out.dtype)
+        return out
+
+
+class _TreeExchange:
+    """A rank's two exchanges inside its fused call when that call takes the transition tree
+    (``transition_tree.tree_forward`` / ``tree_backward`` call them): steps 1-2 of the module docstring with
+    (A_r, B_r) taken from the shard's tree (its top node) instead of a transition pass, and steps 4-5 with G_l
+    taken from the tree backward's gradient of the incoming state (the queries carried to the shard's start, read
+    against dO) instead of a state-gradient pass. Each is one all-gather that every rank joins."""
+
+    def __init__(self, cp_op, cross: list[int], p: int, top: int):
+        from lctrain.kernels.triton.common import CHUNK  # (imports triton: only the fused path gets here)
+        self.cp, self.cross, self.p, self.top = cp_op, cross, p, top
+        self.c = CHUNK.bit_length() - 1   # the Function's level j is level c + 1 + j
+        self.A_all = self.s0 = self.state_shape = None
+
+    def incoming(self, A, Bst):
+        """This shard's map (A [B, H, K, K], B [B, H, K, V] fp32) -> s0 [B, H, top - c, K, V] fp32: the run state
+        entering this shard of every level whose block began on an earlier rank, or None (no such level)."""
+        cp = self.cp
+        with _exact(A.device):
+            gathered = _all_gather(torch.cat([A.reshape(-1), Bst.reshape(-1)]), cp.group)
+            cp.gathers += 1
+            self.state_shape = tuple(Bst.shape)
+            A_all = gathered[:, :A.numel()].reshape(cp.size, *A.shape)
+            B_all = gathered[:, A.numel():].reshape(cp.size, *Bst.shape)
+            s0 = None
+            for lev in self.cross:
+                start = cp._block_start(lev, self.p)
+                if start == cp.rank:
+                    continue
+                S = B_all[start]
+                for j in range(start + 1, cp.rank):
+                    S = apply_transition(A_all[j], S) + B_all[j]
+                if s0 is None:
+                    s0 = Bst.new_zeros(*Bst.shape[:2], self.top - self.c, *Bst.shape[2:])
+                s0[:, :, lev - self.c - 1] = S
+        self.A_all, self.s0 = A_all, s0
+        return s0
+
+    def final_state_grads(self, dst, ds0_in: dict):
+        """dst (the gradient of this rank's final run states above the chunk [B, H, top - c, K, V], or None) plus
+        what the later ranks of each cross level's block owe them, from ds0_in {level j: the gradient of this
+        shard's incoming state of level c + 1 + j through its own outputs}."""
+        cp, A_r = self.cp, self.A_all[self.cp.rank]
+        shape = self.state_shape   # [B, H, K, V]
+        G = []
+        for lev in self.cross:
+            j = lev - self.c - 1
+            g = torch.zeros(shape, dtype=A_r.dtype, device=A_r.device)
+            if j in ds0_in:   # this shard continues the level's block: G = its outputs' share + A^T (dst's)
+                g = g + ds0_in[j].to(A_r.dtype)
+                if dst is not None:
+                    g = g + apply_transition_transposed(A_r, dst[:, :, j].to(A_r.dtype))
+            G.append(g)
+        with _exact(A_r.device):
+            G = torch.stack(G)
+            G_all = _all_gather(G.reshape(-1), cp.group).reshape(cp.size, *G.shape)
+            out = (torch.zeros(shape[:2] + (self.top - self.c,) + shape[2:], dtype=torch.float32, device=A_r.device)
+                   if dst is None else dst.float().clone())
+            for i, lev in enumerate(self.cross):
+                D = torch.zeros_like(G[i])
+                for j in range(cp._block_end(lev, self.p) - 1, cp.rank, -1):
+                    D = apply_transition_transposed(self.A_all[j], D) + G_all[j, i]
+                out[:, :, lev - self.c - 1] += D.to(out.dtype)
         return out
 
 

@@ -34,12 +34,21 @@ def names(kind):
 
 def cp_worker(rank, P, cases):
     import torch.distributed as dist
-    from lctrain.parallel import LogLinearContextParallelOp, context_parallel
+    from lctrain.parallel import LogLinearContextParallelOp, context_parallel, loglinear_cp
 
     from lctrain import kernels
 
+    passes = []   # the CP op's separate transition / state-gradient passes (none where the tree exchanges)
+
+    def counted(name):
+        f = getattr(loglinear_cp, name)
+        return lambda *a, **kw: passes.append(name) or f(*a, **kw)
+
+    for name in ("shard_transition", "shard_state_grad"):
+        setattr(loglinear_cp, name, counted(name))
     out = []
     for seed, kind, B, Tl, H, K, V, L, chunk, *backend in cases:
+        passes.clear()
         x = make_inputs(seed, kind, B, P * Tl, H, K, V, L)
         sl = slice(rank * Tl, (rank + 1) * Tl)
         dt = torch.float32 if backend else torch.float64  # the Triton kernels take float32 at most
@@ -49,7 +58,7 @@ def cp_worker(rank, P, cases):
         o, s = op(*(t[n] for n in names(kind)), output_final_state=True, backend=(backend or ["torch"])[0],
                   chunk_size=chunk)
         ((o.double() * x["do"][:, sl]).sum() + (s.double() * x["W"] * (rank + 1)).sum()).backward()
-        out.append(dict(o=o.detach(), state=s.detach(), grads={n: v.grad for n, v in t.items()}))
+        out.append(dict(o=o.detach(), state=s.detach(), grads={n: v.grad for n, v in t.items()}, passes=list(passes)))
     return out
 
 
@@ -76,8 +85,11 @@ def close(a, b, what, tol=1e-10):
     assert err < tol, f"{what}: relative error {err:.2e}"
 
 
-def check(P, cases, tol=1e-10):
+def check(P, cases, tol=1e-10, passes=None):
     results = run_world(cp_worker, P, cases, timeout=240)
+    if passes is not None:   # which separate passes every rank ran, per case
+        assert all(res["passes"] == passes for rank in results for res in rank), [
+            res["passes"] for rank in results for res in rank]
     for i, case in enumerate(cases):
         o_ref, s_ref, g_ref = reference(case, P)
         Tl = case[3]
@@ -93,7 +105,8 @@ def check(P, cases, tol=1e-10):
 # (seed, kind, B, T_local, H, K, V, L, chunk): level blocks inside a rank, spanning 2 and 4 ranks;
 # L one larger than needed (that level's gradient must be zero everywhere: checked through the reference)
 def test_cp2_matches_one_process():
-    check(2, [(1, "gdn", 1, 8, 2, 4, 3, 6, 4), (2, "mamba2", 2, 4, 1, 3, 4, 5, 4)])
+    check(2, [(1, "gdn", 1, 8, 2, 4, 3, 6, 4), (2, "mamba2", 2, 4, 1, 3, 4, 5, 4)],
+          passes=["shard_transition", "shard_state_grad"])
 
 
 def test_cp4_matches_one_process():
@@ -103,9 +116,19 @@ def test_cp4_matches_one_process():
 @pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs CUDA or TRITON_INTERPRET=1 (set by conftest on CPU runs)")
 def test_cp2_fused_triton_matches_one_process():
-    """Backend "triton" under CP (float32, interpreter): each rank runs the fused level kernels from the run
-    states folded in from the earlier ranks; 128 tokens a rank: levels 7 (inside a rank) and 8 (across)."""
-    check(2, [(6, "gdn", 1, 128, 1, 16, 16, 9, 64, "triton")], tol=1e-4)
+    """Backend "triton" under CP (float32, interpreter): each rank runs the fused level kernels, whose transition
+    tree exchanges the shard maps and the incoming states' gradients (no separate transition or state-gradient
+    pass); 128 tokens a rank: levels 7 (inside a rank) and 8 (across)."""
+    check(2, [(6, "gdn", 1, 128, 1, 16, 16, 9, 64, "triton")], tol=1e-4, passes=[])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs CUDA or TRITON_INTERPRET=1 (set by conftest on CPU runs)")
+def test_cp4_fused_triton_matches_one_process():
+    """Four ranks of 128 tokens through the fused kernels' transition tree: levels 8 and 9 span 2 and 4 ranks, so
+    rank 3's incoming state of level 9 folds the maps of ranks 0-2 taken from their trees, and the gradients of
+    rank 1's final states come back from ranks 2-3 (both exchanges inside the fused call)."""
+    check(4, [(7, "gdn", 1, 128, 1, 16, 16, 10, 64, "triton")], tol=1e-4, passes=[])
 
 
 def test_cp_refuses_a_shard_that_is_not_a_power_of_two():

@@ -49,7 +49,7 @@ class _FusedLogLinear(torch.autograd.Function):
     and their gradient mapped back, so no [B, T, H, L] temporaries pass through autograd)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, lam, s0, scale, n0, hi, nl, want_final, train, tree):
+    def forward(ctx, q, k, v, g, beta, lam, s0, scale, n0, hi, nl, want_final, train, tree, exchange=None):
         cfg = _Cfg(k.shape[-1], v.shape[-1], gated=True)
         gam, tm, w, ut = wy_fwd(k, v, g, beta, cfg)
         o, qt = intra_forward(q, k, v, w, tm, beta, gam, lam, hi, scale)
@@ -62,8 +62,10 @@ class _FusedLogLinear(torch.autograd.Function):
             with torch.no_grad():
                 st, ctx.tree_kept = tree_forward(o, qt, k, w, v if ut is None else ut, gam, lvl, scale, want_final,
                                                  keep=train and bool(triton_levels.CONFIG["KEEP_H"]), s0=s0, n0=n0,
-                                                 out=out)
+                                                 out=out, exchange=exchange)
             o = out
+            if exchange is not None:   # (the incoming states the ranks' exchange formed, for the backward)
+                s0 = exchange.s0
         elif nl:
             u = v if ut is None else ut
             lw = weight_differences(lvl)   # what the scans read (the tree reads lvl itself)
@@ -74,7 +76,7 @@ class _FusedLogLinear(torch.autograd.Function):
             st, ck, hs = levels_forward(o, qt, k, w, u, gam, lw, s0, scale, n0, want_final, seg, keep)
         del w, ut   # the backward makes them again (wy_apply): not kept beside o
         ctx.save_for_backward(q, k, v, beta, lam, s0, gam, tm, qt, ck, hs)
-        ctx.scale, ctx.n0, ctx.hi, ctx.nl, ctx.seg, ctx.tree = scale, n0, hi, nl, seg, tree
+        ctx.scale, ctx.n0, ctx.hi, ctx.nl, ctx.seg, ctx.tree, ctx.exchange = scale, n0, hi, nl, seg, tree, exchange
         return o.to(q.dtype), st  # (dO then arrives in q's dtype too: half the reads of an fp32 one; the tree's o
         # is in it already)
 
@@ -97,7 +99,9 @@ class _FusedLogLinear(torch.autograd.Function):
         if nl and ctx.tree:
             dqt, dk, dw, du, dgam, _, ds0 = tree_backward(qt, k, w, v if ut is None else ut, gam, lvl, scale, do,
                                                           dst, ctx.tree_kept, s0, n0,
-                                                          dlam=dlam[..., hi + 1: hi + 1 + nl])
+                                                          dlam=dlam[..., hi + 1: hi + 1 + nl], exchange=ctx.exchange)
+            if ctx.exchange is not None:
+                ds0 = None   # (s0 was formed inside the call, not given)
             ctx.tree_kept = None
         elif nl:
             dst = None if dst is None else dst.contiguous().float()
@@ -131,15 +135,28 @@ class _FusedLogLinear(torch.autograd.Function):
             dv, dbeta, dg = wy_bwd(k, v, beta, gam, tm, dw, du, dk, dgam, cfg, dx=dx, dv_add=dv_intra, dk_out=dk_out)
             dk = dk_out
         del du, dw, dx, w, dv_intra, dgam
-        return (dq, dk, dv, dg, dbeta, dlam, ds0, None, None, None, None, None, None, None)
+        return (dq, dk, dv, dg, dbeta, dlam, ds0, None, None, None, None, None, None, None, None)
+
+
+def takes_gdn_tree(q, v, beta, position_offset: int, top: int) -> bool:
+    """Whether Gated DeltaNet's levels above the chunk come from the transition tree (``transition_tree``; TREE=1):
+    from position 0 or from an aligned block of chunks (``tree_serves``: CP ranks' power-of-two shards), where the
+    tree's buffers fit TREE_BUDGET."""
+    B, T, H, K = q.shape
+    c = CHUNK.bit_length() - 1
+    return (beta is not None and top > c and bool(triton_levels.CONFIG["TREE"])
+            and tree_serves(position_offset // CHUNK, T, top - c)
+            and tree_bytes(B, T, H, K, v.shape[-1], tree_depth(T), q.element_size()) <= triton_levels.TREE_BUDGET)
 
 
 def fused_by_levels(base, q, k, v, g, beta, level_weights, *, scale, run_init, position_offset: int, top: int,
-                    want_runs: bool):
+                    want_runs: bool, exchange=None):
     """The log-linear op from its incoming run states (``run_init`` [B, H, >= top+1, K, V] or None, as
     chunk.loglinear_by_levels takes them) for a call starting on a chunk boundary (position_offset % C ==
     0). ``base``: the public base op (the final runs of the levels inside the last chunk). Returns (o in
-    q's dtype, final run states [B, H, top+1, K, V] fp32 or None)."""
+    q's dtype, final run states [B, H, top+1, K, V] fp32 or None). ``exchange`` (a CP rank whose call takes the
+    transition tree, ``takes_gdn_tree``; run_init then None): the incoming states come from the other ranks inside
+    the call (``transition_tree.tree_forward``)."""
     p0 = position_offset
     K = q.shape[-1]
     c = CHUNK.bit_length() - 1
@@ -160,15 +177,15 @@ def fused_by_levels(base, q, k, v, g, beta, level_weights, *, scale, run_init, p
     from_zero = p0 == 0 and s0 is None and top > c
     cfg = triton_levels.CONFIG
     tree = beta is None and from_zero and bool(cfg["SCALAR_TREE"])
-    B, T, H, _ = q.shape
-    gdn_tree = (beta is not None and top > c and bool(cfg["TREE"]) and tree_serves(p0 // CHUNK, T, top - c)
-                and tree_bytes(B, T, H, K, v.shape[-1], tree_depth(T), q.element_size()) <= triton_levels.TREE_BUDGET)
+    gdn_tree = takes_gdn_tree(q, v, beta, p0, top)
+    if exchange is not None and not (gdn_tree and run_init is None):
+        raise ValueError("fused_by_levels: an exchange of incoming states needs the transition tree and no run_init")
     train = torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                             for x in (q, k, v, g, beta, level_weights, run_init))
     nl = 0 if tree else max(top - c, 0)   # the levels above the chunk the Function takes (none: the scalar tree's)
     o, st = _FusedLogLinear.apply(aligned_input(q), aligned_input(k), aligned_input(v), f32(g), f32(beta),
                                   f32(level_weights), s0, scale, p0 // CHUNK, min(c, top), nl,
-                                  bool(want_runs and top > c and not tree), train, gdn_tree)
+                                  bool(want_runs and top > c and not tree), train, gdn_tree, exchange)
     if tree:
         o_levels, st = tree_levels(q, k, v, f32(g), f32(level_weights), scale, top - c, want_runs)
         o = (o.float() + o_levels).to(q.dtype)

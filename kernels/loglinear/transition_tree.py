@@ -211,8 +211,17 @@ def _incoming_state_grads(qlast, lam, s0, levels, scale: float, do, dtype):
             for j in levels}
 
 
+def shard_map(nm, tots, ge, D: int):
+    """(A [B, H, K, K], B [B, H, K, V]) fp32: the whole call's map S -> A S + B from its tree of 2^D chunks (built to
+    level D): B is the top node's Tot (from zero), A = M_b M_a of the two nodes below it (M = e I - N)."""
+    P, lo = 1 << D, level_offset(1 << D, D - 1)
+    eye = torch.eye(nm.shape[-1], device=nm.device, dtype=torch.float32)
+    Ma, Mb = (torch.exp(ge[:, :, i, None, None]) * eye - nm[:, :, i].float() for i in (lo, lo + 1))
+    return Mb @ Ma, tots[:, :, level_offset(P, D)].float()
+
+
 def tree_forward(o, qt, k, w, u, gam, lam, scale: float, want_final: bool, keep: bool = False, s0=None, n0: int = 0,
-                 out=None):
+                 out=None, exchange=None):
     """``levels_forward`` by the tree (for calls ``tree_serves``), with the levels' weights ``lam`` [B, T, H, NL] fp32
     (lambda_{c+1..top} themselves, not their differences w: bucket m weighs lambda_{c+1+m}, the run weights
     telescope; a last-axis slice of the op's contiguous [B, T, H, L], ``triton_tree.row_stride``): o [B, T, H, V]
@@ -220,12 +229,21 @@ def tree_forward(o, qt, k, w, u, gam, lam, scale: float, want_final: bool, keep:
     once). s0 [B, H, NL, K, V] (or None): the run states entering the call, read where a level's block began before
     it (global chunk n0). Returns (the final run states or None, and with ``keep`` what the backward would compute
     again: the tree, the queries each bucket read and qlast, else None). All in Triton (``triton_tree``), the tree
-    in q's dtype."""
+    in q's dtype. ``exchange`` (a CP rank, ``parallel.loglinear_cp``; s0 then not given): once the tree is built,
+    the ranks exchange their shards' maps (``shard_map``) and ``exchange.incoming`` forms s0 from them (kept as
+    ``exchange.s0``; None where no level continues a block from an earlier rank): no separate transition pass."""
     NL, T = lam.shape[-1], qt.shape[1]
     D = tree_depth(T)
-    inc = _incoming(n0, D, NL, s0)
-    top = D if want_final or inc else D - 1
-    nm, tots, ge = triton_tree.build_tree(k, w, u, gam, D, top, qt.dtype)
+    if exchange is not None:
+        assert s0 is None, "tree_forward: s0 comes from the exchange"
+        top = D
+        nm, tots, ge = triton_tree.build_tree(k, w, u, gam, D, top, qt.dtype)
+        s0 = exchange.incoming(*shard_map(nm, tots, ge, D))
+        inc = _incoming(n0, D, NL, s0)
+    else:
+        inc = _incoming(n0, D, NL, s0)
+        top = D if want_final or inc else D - 1
+        nm, tots, ge = triton_tree.build_tree(k, w, u, gam, D, top, qt.dtype)
     incoming = triton_tree.incoming_args(s0, inc) if inc else None
     qcs, qlast = triton_tree.readout_forward(o, qt, lam, nm, tots, ge, 1 << D, scale, store_q=keep, incoming=incoming,
                                              store_last=keep and bool(inc), out=out)
@@ -236,26 +254,31 @@ def tree_forward(o, qt, k, w, u, gam, lam, scale: float, want_final: bool, keep:
     return final, ((nm, tots, ge, qcs, qlast, top) if keep else None)
 
 
-def tree_backward(qt, k, w, u, gam, lam, scale: float, do, dst, kept=None, s0=None, n0: int = 0, dlam=None):
+def tree_backward(qt, k, w, u, gam, lam, scale: float, do, dst, kept=None, s0=None, n0: int = 0, dlam=None,
+                  exchange=None):
     """``levels_backward`` by the tree: (dqt, dk, dw or None, du, dgam, dlam, ds0 or None) fp32 (ds0 where s0 is given:
     0 for the levels that do not read it; dlam: the gradient of ``lam`` (``tree_forward``), written into ``dlam``
     where given (a zero-filled view like lam, a slice of the op's gradient: no copy), else new). The tree and the
     queries each bucket reads again (unless ``kept`` from the forward), then the readout's backward, the per-node
     sums, down the tree and into the chunks (``triton_tree``); the final states' and the incoming states' shares by
-    torch (few nodes, few levels)."""
+    torch (few nodes, few levels). ``exchange`` (``tree_forward``'s): as soon as the incoming states' gradients are
+    known, the ranks exchange them and ``exchange.final_state_grads`` adds to dst what the later ranks owe this
+    rank's final states, before the tree's backward reads dst."""
     NL, T = lam.shape[-1], qt.shape[1]
     D = tree_depth(T)
     P = 1 << D
     inc = _incoming(n0, D, NL, s0)
     incoming = triton_tree.incoming_args(s0, inc) if inc else None
     if kept is None:
-        top = D if dst is not None or inc else D - 1
+        top = D if dst is not None or inc or exchange is not None else D - 1   # (the exchange gives a dst)
         nm, tots, ge = triton_tree.build_tree(k, w, u, gam, D, top, qt.dtype)
         qcs, qlast = triton_tree.readout_forward(None, qt, lam, nm, tots, ge, P, scale, store_q=True,
                                                  incoming=incoming, store_last=bool(inc))
     else:
         nm, tots, ge, qcs, qlast, top = kept
     ds0_in = _incoming_state_grads(qlast, lam, s0, inc, scale, do, qt.dtype) if inc else {}
+    if exchange is not None:
+        dst = exchange.final_state_grads(dst, ds0_in)
     dfinal, dinit = None, {}
     if dst is not None:
         *dfinal, dinit = _final_runs_grad(nm, tots, ge, T, D, NL, dst, s0, inc)
