@@ -127,10 +127,7 @@ class LogLinearContextParallelOp:
                 zero = torch.zeros_like(B_all[0])
                 inits = [zero] * (top + 1)
                 for lev in cross:
-                    S = zero
-                    for j in range(self._block_start(lev, p), self.rank):
-                        S = apply_transition(A_all[j], S) + B_all[j]
-                    inits[lev] = S
+                    inits[lev] = self._fold_in(A_all, B_all, lev, p, zero)
                 run_init = torch.stack(inits, dim=2)
         if fused:
             o, runs = fused_by_levels(ll_ops._BASE[self.base_name], q, k, v, g, beta, lam, scale=scale,
@@ -153,6 +150,20 @@ class LogLinearContextParallelOp:
 
     def _block_end(self, lev: int, p: int) -> int:
         return min(self._block_start(lev, p) + (1 << (lev - p)), self.size)
+
+    def _fold_in(self, A_all, B_all, lev: int, p: int, S):
+        """Level lev's run state entering this rank's shard: S (zero) carried across the earlier ranks of its block
+        (step 2 of the module docstring)."""
+        for j in range(self._block_start(lev, p), self.rank):
+            S = apply_transition(A_all[j], S) + B_all[j]
+        return S
+
+    def _fold_back(self, A_all, G_level, lev: int, p: int, D):
+        """What the later ranks of level lev's block owe this rank's final state of that level: D (zero) plus their
+        G_level[j], carried back across the ranks between (step 5)."""
+        for j in range(self._block_end(lev, p) - 1, self.rank, -1):
+            D = apply_transition_transposed(A_all[j], D) + G_level[j]
+        return D
 
     def _check_inputs(self, q, k, v, lam, initial_state, position_offset, cu_seqlens, backend) -> None:
         """Local rules, then one small all-gather so that every rank raises the same error together."""
@@ -218,10 +229,7 @@ class LogLinearContextParallelOp:
             out = torch.zeros(G.shape[1:3] + (top + 1,) + G.shape[3:], dtype=A_all.dtype, device=G.device)
             out = list(out.unbind(2))
             for i, lev in enumerate(cross):
-                D = torch.zeros_like(G[i])
-                for j in range(self._block_end(lev, p) - 1, self.rank, -1):
-                    D = apply_transition_transposed(A_all[j], D) + G_all[j, i]
-                out[lev] = D
+                out[lev] = self._fold_back(A_all, G_all[:, i], lev, p, torch.zeros_like(G[i]))
             out = torch.stack(out, dim=2)
             if druns is not None:
                 out = out + druns.to(out.dtype)
@@ -253,12 +261,9 @@ class _TreeExchange:
             B_all = gathered[:, A.numel():].reshape(cp.size, *Bst.shape)
             s0 = None
             for lev in self.cross:
-                start = cp._block_start(lev, self.p)
-                if start == cp.rank:
+                if cp._block_start(lev, self.p) == cp.rank:   # the level's block starts here: nothing comes in
                     continue
-                S = B_all[start]
-                for j in range(start + 1, cp.rank):
-                    S = apply_transition(A_all[j], S) + B_all[j]
+                S = cp._fold_in(A_all, B_all, lev, self.p, torch.zeros_like(Bst))
                 if s0 is None:
                     s0 = Bst.new_zeros(*Bst.shape[:2], self.top - self.c, *Bst.shape[2:])
                 s0[:, :, lev - self.c - 1] = S
@@ -286,9 +291,7 @@ class _TreeExchange:
             out = (torch.zeros(shape[:2] + (self.top - self.c,) + shape[2:], dtype=torch.float32, device=A_r.device)
                    if dst is None else dst.float().clone())
             for i, lev in enumerate(self.cross):
-                D = torch.zeros_like(G[i])
-                for j in range(cp._block_end(lev, self.p) - 1, cp.rank, -1):
-                    D = apply_transition_transposed(self.A_all[j], D) + G_all[j, i]
+                D = cp._fold_back(self.A_all, G_all[:, i], lev, self.p, torch.zeros_like(G[i]))
                 out[:, :, lev - self.c - 1] += D.to(out.dtype)
         return out
 
