@@ -203,8 +203,13 @@ class LogLinearContextParallelOp:
 
     def _gather_transitions(self, k, v, g, beta, backend, chunk_size):
         A, Bst = shard_transition(self.kind, k, v, g=g, beta=beta, backend=backend, chunk_size=chunk_size)
+        return self._gather_maps(A, Bst)
+
+    def _gather_maps(self, A, Bst):
+        """Every rank's shard map (A_all [P, ...A], B_all [P, ...B], at least fp32) from this rank's (A, B): the
+        forward's one all-gather (step 1)."""
         dt = torch.promote_types(torch.float32, Bst.dtype)
-        with _exact(k.device):
+        with _exact(Bst.device):
             A, Bst = A.to(dt), Bst.to(dt)
             gathered = _all_gather(torch.cat([A.reshape(-1), Bst.reshape(-1)]), self.group)
             self.gathers += 1
@@ -253,12 +258,9 @@ class _TreeExchange:
         """This shard's map (A [B, H, K, K], B [B, H, K, V] fp32) -> s0 [B, H, top - c, K, V] fp32: the run state
         entering this shard of every level whose block began on an earlier rank, or None (no such level)."""
         cp = self.cp
+        self.state_shape = tuple(Bst.shape)
+        A_all, B_all = cp._gather_maps(A, Bst)
         with _exact(A.device):
-            gathered = _all_gather(torch.cat([A.reshape(-1), Bst.reshape(-1)]), cp.group)
-            cp.gathers += 1
-            self.state_shape = tuple(Bst.shape)
-            A_all = gathered[:, :A.numel()].reshape(cp.size, *A.shape)
-            B_all = gathered[:, A.numel():].reshape(cp.size, *Bst.shape)
             s0 = None
             for lev in self.cross:
                 if cp._block_start(lev, self.p) == cp.rank:   # the level's block starts here: nothing comes in
@@ -279,12 +281,11 @@ class _TreeExchange:
         G = []
         for lev in self.cross:
             j = lev - self.c - 1
-            g = torch.zeros(shape, dtype=A_r.dtype, device=A_r.device)
-            if j in ds0_in:   # this shard continues the level's block: G = its outputs' share + A^T (dst's)
-                g = g + ds0_in[j].to(A_r.dtype)
-                if dst is not None:
-                    g = g + apply_transition_transposed(A_r, dst[:, :, j].to(A_r.dtype))
-            G.append(g)
+            if j not in ds0_in:   # the level's block starts here: no earlier rank reads this G
+                G.append(torch.zeros(shape, dtype=A_r.dtype, device=A_r.device))
+                continue
+            g = ds0_in[j].to(A_r.dtype)   # this shard continues the block: its outputs' share + A^T (dst's)
+            G.append(g if dst is None else g + apply_transition_transposed(A_r, dst[:, :, j].to(A_r.dtype)))
         with _exact(A_r.device):
             G = torch.stack(G)
             G_all = _all_gather(G.reshape(-1), cp.group).reshape(cp.size, *G.shape)

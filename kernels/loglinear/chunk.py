@@ -155,8 +155,9 @@ def intra_chunk_levels(q, k, v, g, beta, level_weights, *, scale, chunk_size: in
 
 def _last_block_states(base, k, v, gates, position_offset: int, levels, chunk_size: int, backend: str = "torch"):
     """Final run states of the given low levels (blocks inside the last chunk, starting at or after
-    position_offset): the base op from zero over the last block of each, all in ONE call of the torch base op
-    (a run per level was ~7 calls of many small kernels: host time a GPU then waits on). Each level's block is a
+    position_offset): the base op from zero over the last block of each, all in ONE call of the base op on
+    ``backend`` (a run per level was ~7 calls of many small kernels: host time a GPU then waits on; the fused path
+    takes the Triton one, fewer launches still). Each level's block is a
     suffix of the last n tokens, the levels side by side in the batch, the tokens before its block blanked
     (k = v = 0, g = 0 and beta = 0: the identity step, nothing written)."""
     levels = list(levels)

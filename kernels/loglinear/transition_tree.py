@@ -214,7 +214,8 @@ def _incoming_state_grads(qlast, lam, s0, levels, scale: float, do, dtype):
 def shard_map(nm, tots, ge, D: int):
     """(A [B, H, K, K], B [B, H, K, V]) fp32: the whole call's map S -> A S + B from its tree of 2^D chunks (built to
     level D): B is the top node's Tot (from zero), A = M_b M_a of the two nodes below it (M = e I - N)."""
-    P, lo = 1 << D, level_offset(1 << D, D - 1)
+    P = 1 << D
+    lo = level_offset(P, D - 1)
     eye = torch.eye(nm.shape[-1], device=nm.device, dtype=torch.float32)
     Ma, Mb = (torch.exp(ge[:, :, i, None, None]) * eye - nm[:, :, i].float() for i in (lo, lo + 1))
     return Mb @ Ma, tots[:, :, level_offset(P, D)].float()

@@ -183,8 +183,8 @@ def intra_bwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, tm_ptr, beta_ptr, gam_ptr, lam_
     tl.store(dgam_ptr + base + rt * H, dgam, mask=mt)
 
 
-def _blocks(K, V):
-    return min(pow2(K), BK_INTRA), min(pow2(V), BV_INTRA)
+def _blocks(K, V, bk: int = BK_INTRA, bv: int = BV_INTRA):
+    return min(pow2(K), bk), min(pow2(V), bv)
 
 
 def intra_forward(q, k, v, w, tm, beta, gam, lam, hi: int, scale: float):
@@ -206,7 +206,7 @@ def intra_backward(q, k, v, w, tm, beta, gam, lam, hi: int, scale: float, do, dq
     B, T, H, K = q.shape
     V = v.shape[-1]
     cfg = triton_levels.CONFIG
-    bk, bv = min(pow2(K), cfg["BK_intra_bwd"]), min(pow2(V), cfg["BV_intra_bwd"])
+    bk, bv = _blocks(K, V, cfg["BK_intra_bwd"], cfg["BV_intra_bwd"])
     dv = torch.empty(B, T, H, V, device=q.device, dtype=torch.float32)
     dq = torch.empty_like(q)
     dx = torch.empty(B, T, H, CHUNK, device=q.device, dtype=torch.float32) if w is not None else None

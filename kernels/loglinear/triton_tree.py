@@ -684,14 +684,13 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, scale: float, dlam, top: 
     assert dlam.shape == lam.shape
     dqt = torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
     dqcs = torch.empty_like(qcs)
-    launch = dict(C=CHUNK, **_launch(K, V))
     s0, inc, ninc = incoming or (None, None, 0)
     scale = float(scale)
     dlwin = torch.empty(B, T, H, ninc, device=dev, dtype=torch.float32) if incoming else None
     cfg = triton_levels.CONFIG
     tree_readout_bwd_kernel[(NT, B * H)](qcs, lam, nm, tots, ge, do, qlast, s0, inc, dlwin, ninc, lam.shape[-1], LS,
                                          row_stride(dlam), scale, dqt, dlam, dqcs, B, T, TH, H, NL, P, NN, NPHI,
-                                         HOIST=bool(cfg["HOIST"]), **{**launch, "num_warps": cfg["warps_readout_bwd"]})
+                                         HOIST=bool(cfg["HOIST"]), C=CHUNK, **_launch(K, V, cfg["warps_readout_bwd"]))
     # the tree's gradients in its own dtype (q's): sums formed in fp32 in registers, stored rounded once a level;
     # not zero-filled (module docstring): the flags say which nodes hold a value
     dnm, dtots = _unseeded(nm), _unseeded(tots)
@@ -703,7 +702,7 @@ def tree_gradients(qcs, lam, nm, tots, ge, do, P: int, scale: float, dlam, top: 
     if work.numel():
         tree_node_grad_kernel[(work.shape[0], B * H, 2)](work, qcs, lam, do, dqcs, ge, dtots, dnm, dge, B, T, TH, H, LS,
                                                          scale, P, NN, NPHI, NT, CARRY_ALL=incoming is not None,
-                                                         **{**launch, "num_warps": cfg["warps_node"]},
+                                                         C=CHUNK, **_launch(K, V, cfg["warps_node"]),
                                                          num_stages=cfg["stages_node"])
     if dfinal is not None:   # (nodes, their N / ge slots, gradients of those nodes' N, Tot, ge, the nodes' list)
         idx, phi_idx, (g_nm, g_tot, g_ge), _ = dfinal
