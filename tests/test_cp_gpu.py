@@ -12,11 +12,17 @@ conv through the halo exchange; sliding-window attention through the halo exchan
 attention through Ulysses (skipped when DeepSpeed is not installed); a training step of a float32
 G/D/M model (Triton, full checkpointing) with the default transition, which runs pipeline there; log-linear
 Gated DeltaNet (backend "triton": both ranks through the transition tree, rank 1 from an incoming level state).
+
+Where one GPU is all there is, ``CP_GPU_ONE_DEVICE=1`` puts both ranks on cuda:0 and joins them over gloo (the
+collectives travel through host copies): the same comparisons, so the compiled kernels' CP paths are checked, but
+nothing about NCCL or speed. ``CP_GPU_CASES=loglinear,conv`` runs only the cases named (the tests of the others are
+skipped and say so); by default every case runs.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from datetime import timedelta
 
 import pytest
@@ -25,9 +31,12 @@ import torch.nn.functional as F
 from dist_utils import run_world
 
 P = 2
+ONE_DEVICE = os.environ.get("CP_GPU_ONE_DEVICE") == "1"   # both ranks on cuda:0, gloo (correctness only)
+GPUS = 1 if ONE_DEVICE else P
+CASES = [c for c in os.environ.get("CP_GPU_CASES", "").split(",") if c]   # empty: every case
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < P,
-                                 reason=f"needs {P} CUDA GPUs")]
+              pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < GPUS,
+                                 reason=f"needs {GPUS} CUDA GPU(s)")]
 TOL = 2e-2
 KINDS = {"delta": ("delta_rule", ("beta",)), "gated_delta": ("gated_delta_rule", ("g", "beta")),
          "gla": ("gated_linear_attn", ("g",))}
@@ -241,12 +250,20 @@ def _model_case(rank, device):
     return err
 
 
+def _case_name(key):
+    return key if isinstance(key, str) else "/".join(key)
+
+
 def gpu_worker(rank, world_size):
     import torch.distributed as dist
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    dist.init_process_group("nccl", init_method="env://", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=300), device_id=device)
+    device = torch.device("cuda", 0 if ONE_DEVICE else rank)
+    torch.cuda.set_device(device)
+    if ONE_DEVICE:
+        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=300))
+    else:
+        dist.init_process_group("nccl", init_method="env://", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=300), device_id=device)
     cases = {(kind, transition): functools.partial(_linear_case, rank, kind, transition, device)
              for kind, transition in LINEAR_CASES}
     for kind, transition in UNWEIGHTED_CASES:
@@ -260,6 +277,12 @@ def gpu_worker(rank, world_size):
     cases["swa"] = functools.partial(_attention_case, rank, ATTN["window"], device)
     if HAS_DEEPSPEED:
         cases["ulysses"] = functools.partial(_attention_case, rank, None, device)
+    if CASES:
+        unknown = set(CASES) - {_case_name(k).split("/")[0] for k in cases} - {_case_name(k) for k in cases}
+        if unknown:
+            raise ValueError(f"CP_GPU_CASES names no case: {sorted(unknown)}; the cases: "
+                             f"{sorted(_case_name(k) for k in cases)}")
+        cases = {k: c for k, c in cases.items() if _case_name(k) in CASES or _case_name(k).split("/")[0] in CASES}
     out = {}
     for key, case in cases.items():
         # one failing case (the same on every rank, before or after its collectives) fails its test only
@@ -277,6 +300,8 @@ def world():
 
 
 def _check(key):
+    if CASES and _case_name(key) not in CASES and _case_name(key).split("/")[0] not in CASES:
+        pytest.skip(f"CP_GPU_CASES={','.join(CASES)} leaves out {_case_name(key)}")
     for rank, res in enumerate(world()):
         assert "error" not in res[key], f"{key} rank {rank} raised:\n{res[key].get('error')}"
         bad = {k: e for k, e in res[key].items() if not e <= TOL}
