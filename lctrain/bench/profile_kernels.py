@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="pack the T tokens as this many documents (cu_seqlens; B must be 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the document lengths (default 0)")
     p.add_argument("--rows", type=int, default=16, help="kernels listed per method, most time first (default 16)")
+    p.add_argument("--by-source", type=int, default=0, metavar="N",
+                   help="also list the torch operators (not the Triton kernels, which the first table names) by the "
+                        "innermost N Python frames that called them, most CUDA time first: which line of ours "
+                        "launches the small elementwise kernels (default 0: off)")
     p.add_argument("--cfg", default="", metavar="KEY=INT[,KEY=INT]",
                    help="our launch settings, as LCTRAIN_TRITON_CFG (see ops.set_config)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -74,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(2):  # compile / autotune first
             torch.autograd.grad(fwd(), inputs, do)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.by_source else [])
+        # (the Python frames come only with the verbose experimental config: with_stack alone records none,
+        # pytorch#100253)
+        stacks = dict(with_stack=True, experimental_config=torch._C._profiler._ExperimentalConfig(verbose=True))
+        with profile(activities=activities, **(stacks if args.by_source else {})) as prof:
             for _ in range(3):
                 torch.autograd.grad(fwd(), inputs, do)
             torch.cuda.synchronize()
@@ -82,7 +90,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n=== {m}  T={args.T}{what} (3 iterations of fwd+bwd)", flush=True)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60),
               flush=True)
+        if args.by_source:
+            print(f"--- {m}: torch operators by their innermost {args.by_source} Python frames", flush=True)
+            print(_torch_ops_by_source(prof, args.by_source, args.rows), flush=True)
     return 0
+
+
+def _torch_ops_by_source(prof, frames: int, rows: int) -> str:
+    """The aten operators of ``prof`` (recorded with stacks) grouped by operator and call site, as lines
+    "CUDA ms  calls  operator  site" with the most CUDA time (of the kernels each launched) first."""
+    events = [e for e in prof.key_averages(group_by_stack_n=frames)
+              if e.key.startswith("aten::") and e.device_type.name == "CPU"]
+    def cuda_ms(e):
+        return getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)) / 1e3
+    # (an operator nested in another, e.g. aten::copy_ inside aten::to, counts its kernels in both: the
+    # innermost with time is the one to read)
+    events.sort(key=cuda_ms, reverse=True)
+    lines = [f"{'CUDA ms':>9} {'calls':>6}  operator / call site (innermost frame first)"]
+    for e in events[:rows]:
+        if cuda_ms(e) <= 0:
+            break
+        site = " <- ".join(s.strip() for s in e.stack[:frames]) or "?"
+        lines.append(f"{cuda_ms(e):9.3f} {e.count:6d}  {e.key}  {site}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
