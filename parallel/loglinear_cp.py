@@ -275,7 +275,8 @@ class _TreeExchange:
     def final_state_grads(self, dst, ds0_in: dict):
         """dst (the gradient of this rank's final run states above the chunk [B, H, top - c, K, V], or None) plus
         what the later ranks of each cross level's block owe them, from ds0_in {level j: the gradient of this
-        shard's incoming state of level c + 1 + j through its own outputs}."""
+        shard's incoming state of level c + 1 + j through its own outputs}. None where dst is None and no later
+        rank reads this rank's final states (the last rank of every block: nothing to carry back)."""
         cp, A_r = self.cp, self.A_all[self.cp.rank]
         shape = self.state_shape   # [B, H, K, V]
         G = []
@@ -289,6 +290,8 @@ class _TreeExchange:
         with _exact(A_r.device):
             G = torch.stack(G)
             G_all = _all_gather(G.reshape(-1), cp.group).reshape(cp.size, *G.shape)
+            if dst is None and all(cp._block_end(lev, self.p) - 1 == cp.rank for lev in self.cross):
+                return None
             out = (torch.zeros(shape[:2] + (self.top - self.c,) + shape[2:], dtype=torch.float32, device=A_r.device)
                    if dst is None else dst.float().clone())
             for i, lev in enumerate(self.cross):

@@ -77,6 +77,9 @@ class _FusedLogLinear(torch.autograd.Function):
         del w, ut   # the backward makes them again (wy_apply): not kept beside o
         ctx.save_for_backward(q, k, v, beta, lam, s0, gam, tm, qt, ck, hs)
         ctx.scale, ctx.n0, ctx.hi, ctx.nl, ctx.seg, ctx.tree, ctx.exchange = scale, n0, hi, nl, seg, tree, exchange
+        # final states that no loss reads arrive in the backward as None, not as zeros whose share (a gradient pass
+        # through the final states' nodes) would be formed for nothing
+        ctx.set_materialize_grads(False)
         return o.to(q.dtype), st  # (dO then arrives in q's dtype too: half the reads of an fp32 one; the tree's o
         # is in it already)
 

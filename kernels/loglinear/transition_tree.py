@@ -203,9 +203,9 @@ def _level_weight(lam, j: int):
 def _incoming_state_grads(qlast, lam, s0, levels, scale: float, do, dtype):
     """{j: ds0_j} = (scale w_j qlast)^T dO for the levels with an incoming run state (their readout and its other
     gradients are in the readout kernels): one product a level in ``dtype`` (q's; fp32 accumulation), on strided
-    views [B, H, K, T] by [B, H, T, V]. The weight goes into dO in ``dtype``, not into the fp32 qlast: half the
-    bytes of that product (meta-tensor count at 32K: 261 against 518 MiB)."""
-    q = qlast.to(dtype).permute(0, 2, 3, 1)   # (one rounding for every level)
+    views [B, H, K, T] by [B, H, T, V]. qlast arrives in ``dtype`` (the readout stores it so); the weight goes into
+    dO in ``dtype``: half the bytes of an fp32 product (meta-tensor count at 32K: 261 against 518 MiB)."""
+    q = qlast.to(dtype).permute(0, 2, 3, 1)
     do = do.to(dtype)
     return {j: torch.matmul(q, (do * (_level_weight(lam, j) * scale).to(dtype)[..., None]).permute(0, 2, 1, 3)).float()
             for j in levels}

@@ -218,7 +218,7 @@ def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, out
     dtype). CARRY_ALL (a call with incoming states):
     the query is carried across every bucket, the last one too, down to the call's start, where it reads the
     incoming states (s0 of the levels inc[0..NINC-1]: o += scale w_j (q S_in,j)) and, with qlast, is stored
-    (fp32) for the backward."""
+    (in qlast's dtype, q's) for the backward."""
     n, bh, b, h, base, rt, mt, rk, mk, rv, mv = _chunk_program(T, H, K, V, BK, BV, C)
     mtk = mt[:, None] & mk[None, :]
     q = tl.load(qt_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mtk, other=0.0).to(tl.float32)
@@ -240,12 +240,13 @@ def tree_readout_fwd_kernel(qt_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, o_ptr, out
                     nm = _map_tile(nm_ptr, bh, NPHI, node, K, rk, mk, carry)
                 q = tl.dot(-q.to(nm.dtype), nm, acc=tl.exp(tl.load(ge_ptr + bh * NPHI + node)) * q)
     if STORE_LAST:
-        tl.store(qlast_ptr + (base + rt[:, None] * H) * K + rk[None, :], q, mask=mtk)
+        tl.store(qlast_ptr + (base + rt[:, None] * H) * K + rk[None, :], q.to(qlast_ptr.dtype.element_ty), mask=mtk)
     if HAS_IN:
+        qb = q.to(tot_ptr.dtype.element_ty)   # (rounded once for every level; the fp32 q is not kept live)
         for i in range(0, NINC):
             s, w = _incoming_level(s0_ptr, lam_ptr, inc_ptr, i, bh, base, rt, mt, H, NLW, LS, K, V, rk, rv,
                                    tot_ptr.dtype.element_ty)
-            o += (w * scale)[:, None] * tl.dot(q.to(s.dtype), s).to(tl.float32)
+            o += (w * scale)[:, None] * tl.dot(qb, s).to(tl.float32)
     if WRITE_O:
         at = (base + rt[:, None] * H) * V + rv[None, :]
         mtv = mt[:, None] & mv[None, :]
@@ -263,7 +264,7 @@ def tree_readout_bwd_kernel(qcs_ptr, lam_ptr, nm_ptr, tot_ptr, ge_ptr, do_ptr, q
     the query leaving each bucket that a bucket above read, in dqcs's dtype) for ``tree_node_grad_kernel``. With s0
     (a call with incoming states) the walk starts from the gradient of the query that read them, sum_j scale w_j dO
     S_in,j^T, every bucket's leaving query has a gradient, and dlwin [B, T, H, NINC] gets their levels' weight
-    gradients scale rowsum(qlast * dO S_in,j^T) (qlast: the forward's query at the call's start, fp32)."""
+    gradients scale rowsum(qlast * dO S_in,j^T) (qlast: the forward's query at the call's start, in q's dtype)."""
     n, bh, b, h, base, rt, mt, rk, mk, rv, mv = _chunk_program(T, H, K, V, BK, BV, C)
     mtk = mt[:, None] & mk[None, :]
     do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
@@ -604,13 +605,14 @@ def readout_forward(o, qt, lam, nm, tots, ge, P: int, scale: float, store_q: boo
     """out [B, T, H, V] = o (fp32) + the buckets' readouts (out None: o in place; o None: nothing written; a
     separate out in q's dtype spares the caller a cast of the fp32 o); lam: the weights of the levels above the
     chunk (``row_stride``). Returns (qcs or None: the query each bucket read; with ``store_last`` qlast
-    [B, T, H, K] fp32, else None). ``incoming`` (a call with incoming states: ``incoming_args``) carries the query
-    across every bucket down to the call's start (the tree then needs N of every level it reads), where it reads
-    them into o; qlast is that query."""
+    [B, T, H, K] in q's dtype, else None). ``incoming`` (a call with incoming states: ``incoming_args``) carries
+    the query across every bucket down to the call's start (the tree then needs N of every level it reads), where
+    it reads them into o; qlast is that query."""
     B, T, H, K = qt.shape
     NL = P.bit_length() - 1
     qcs = torch.empty(NL, B, qcs_rows(T), H, K, device=qt.device, dtype=tots.dtype) if store_q else None
-    qlast = torch.empty(B, T, H, K, device=qt.device, dtype=torch.float32) if store_last else None
+    # (qlast in q's dtype: what the incoming states' gradients multiply in, and half the bytes of an fp32 one)
+    qlast = torch.empty(B, T, H, K, device=qt.device, dtype=qt.dtype) if store_last else None
     s0, inc, ninc = incoming or (None, None, 0)
     has_in = incoming is not None and o is not None   # (the readout of the incoming states: HAS_IN)
     tree_readout_fwd_kernel[(triton.cdiv(T, CHUNK), B * H)](

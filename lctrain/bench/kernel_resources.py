@@ -147,7 +147,8 @@ def record_loglinear_launches(D: int, dtype_name: str) -> list:
         lam_in = torch.empty(B, T, H, 14, dtype=torch.float32, **m)
         s0 = torch.empty(B, H, 14 - c - 1, D, D, dtype=torch.float32, **m)
         for b, tree, n0 in ((beta, False, 0), (None, False, 0), (beta, True, 0), (beta, True, T // 64)):
-            ctx = type("Ctx", (), {"save_for_backward": lambda self, *t: setattr(self, "saved_tensors", t)})()
+            ctx = type("Ctx", (), {"save_for_backward": lambda self, *t: setattr(self, "saved_tensors", t),
+                                   "set_materialize_grads": lambda self, value: None})()
             args = (lam, None, D ** -0.5, n0, c, 13 - c - 1) if not n0 else (lam_in, s0, D ** -0.5, n0, c, 14 - c - 1)
             fused._FusedLogLinear.forward(ctx, q, k, v, g, b, *args, False, True, tree)
             fused._FusedLogLinear.backward(ctx, do, None)
