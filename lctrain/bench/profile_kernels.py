@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="pack the T tokens as this many documents (cu_seqlens; B must be 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the document lengths (default 0)")
     p.add_argument("--rows", type=int, default=16, help="kernels listed per method, most time first (default 16)")
+    p.add_argument("--fwd", action="store_true",
+                   help="profile the forward alone (under no_grad): which launches the forward adds")
     p.add_argument("--by-source", type=int, default=0, metavar="N",
                    help="also list the torch operators (not the Triton kernels, which the first table names) by the "
                         "innermost N Python frames that called them, most CUDA time first: which line of ours "
@@ -75,8 +77,15 @@ def main(argv: list[str] | None = None) -> int:
             (fwd, inputs), do = _fla(m[len("fla_"):], x, cu.long(), fla), x["do"]
         else:
             (fwd, inputs), do = _ours(m, x, cu), x["do"]
+        def step(fwd=fwd, inputs=inputs, do=do):
+            if args.fwd:
+                with torch.no_grad():
+                    fwd()
+            else:
+                torch.autograd.grad(fwd(), inputs, do)
+
         for _ in range(2):  # compile / autotune first
-            torch.autograd.grad(fwd(), inputs, do)
+            step()
         torch.cuda.synchronize()
         activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.by_source else [])
         # (the Python frames come only with the verbose experimental config: with_stack alone records none,
@@ -84,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         stacks = dict(with_stack=True, experimental_config=torch._C._profiler._ExperimentalConfig(verbose=True))
         with profile(activities=activities, **(stacks if args.by_source else {})) as prof:
             for _ in range(3):
-                torch.autograd.grad(fwd(), inputs, do)
+                step()
             torch.cuda.synchronize()
         what = "" if cu is None else f" packed as {args.docs} documents"
-        print(f"\n=== {m}  T={args.T}{what} (3 iterations of fwd+bwd)", flush=True)
+        print(f"\n=== {m}  T={args.T}{what} (3 iterations of {'fwd' if args.fwd else 'fwd+bwd'})", flush=True)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60),
               flush=True)
         if args.by_source:
