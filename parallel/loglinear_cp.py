@@ -114,11 +114,12 @@ class LogLinearContextParallelOp:
             from lctrain.kernels.loglinear.fused import fused_by_levels, takes_gdn_tree  # imports triton
             if cross and takes_gdn_tree(q, v, beta, self.rank * T, top):
                 # the transition tree: the shard maps and the incoming states' gradients are exchanged inside the
-                # call, from what its tree forms anyway (no transition pass, no state-gradient pass)
+                # call, from what its tree forms anyway (no transition pass, no state-gradient pass); the final run
+                # states only where asked for (the later ranks' share of their gradient comes through the exchange)
                 ex = _TreeExchange(self, cross, p, top)
                 o, runs = fused_by_levels(ll_ops._BASE[self.base_name], q, k, v, g, beta, lam, scale=scale,
-                                          run_init=None, position_offset=self.rank * T, top=top, want_runs=True,
-                                          exchange=ex)
+                                          run_init=None, position_offset=self.rank * T, top=top,
+                                          want_runs=output_final_state, exchange=ex)
                 return o.to(q.dtype), (slots_from_runs(runs, L) if output_final_state else None)
         A_all, B_all = self._gather_transitions(k, v, g, beta, base_backend, chunk_size)
         run_init = None
