@@ -111,8 +111,8 @@ class LogLinearContextParallelOp:
         gates = (g,) if beta is None else (g, beta)
         fused = which == "triton" and (self.rank * T) % chunk_size == 0   # the fused kernels (else T < 64)
         if fused:
-            from lctrain.kernels.loglinear.fused import fused_by_levels, takes_gdn_tree  # imports triton
-            if cross and takes_gdn_tree(q, v, beta, self.rank * T, top):
+            from lctrain.kernels.loglinear.fused import fused_by_levels  # imports triton
+            if self.exchanges_in_call(q, v, beta, backend, chunk_size):
                 # the transition tree: the shard maps and the incoming states' gradients are exchanged inside the
                 # call, from what its tree forms anyway (no transition pass, no state-gradient pass); the final run
                 # states only where asked for (the later ranks' share of their gradient comes through the exchange)
@@ -142,6 +142,19 @@ class LogLinearContextParallelOp:
             o, runs = _LevelGradExchange.apply(o, runs, q, k, g, beta, lam, self, A_all, cross, p, top,
                                                scale, base_backend, chunk_size)
         return o, (slots_from_runs(runs, L) if output_final_state else None)
+
+    def exchanges_in_call(self, q, v, beta, backend="auto", chunk_size=64) -> bool:
+        """Whether this rank's call takes the transition tree and exchanges inside it (no separate transition or
+        state-gradient pass): backend "triton" (or "auto" resolving to it), a chunk-aligned shard, levels that
+        cross ranks, and Gated DeltaNet's tree taking this shard (``fused.takes_gdn_tree``)."""
+        if self.size == 1 or backend == "naive":
+            return False
+        T = q.shape[1]
+        if ll_ops._resolve(backend, self.base_name, q.device) != "triton" or (self.rank * T) % chunk_size:
+            return False
+        from lctrain.kernels.loglinear.fused import takes_gdn_tree  # imports triton
+        top = levels_needed(self.size * T) - 1
+        return top > T.bit_length() - 1 and takes_gdn_tree(q, v, beta, self.rank * T, top)
 
     # ------------------------------------------------------------------------------------------------
 

@@ -64,7 +64,8 @@ def cp_worker(rank, P, cases):
         loss = (o.double() * x["do"][:, sl]).sum()
         (loss + (s.double() * x["W"] * (rank + 1)).sum() if weigh_states else loss).backward()
         out.append(dict(o=o.detach(), state=None if s is None else s.detach(), grads={n: v.grad for n, v in t.items()},
-                        passes=list(passes)))
+                        passes=list(passes), exchanges=op.exchanges_in_call(t["q"], t["v"], t.get("beta"),
+                                                                            (backend or ["torch"])[0], chunk)))
     return out
 
 
@@ -95,9 +96,10 @@ def close(a, b, what, tol=1e-10):
 
 def check(P, cases, tol=1e-10, passes=None):
     results = run_world(cp_worker, P, cases, timeout=240)
-    if passes is not None:   # which separate passes every rank ran, per case
+    if passes is not None:   # which separate passes every rank ran, per case; exchanges_in_call says so beforehand
         assert all(res["passes"] == passes for rank in results for res in rank), [
             res["passes"] for rank in results for res in rank]
+        assert all(res["exchanges"] == (passes == []) for rank in results for res in rank)
     for i, case in enumerate(cases):
         o_ref, s_ref, g_ref = reference(case, P)
         Tl = case[3]
