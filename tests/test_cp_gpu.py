@@ -11,7 +11,8 @@ test only); the short
 conv through the halo exchange; sliding-window attention through the halo exchange; global
 attention through Ulysses (skipped when DeepSpeed is not installed); a training step of a float32
 G/D/M model (Triton, full checkpointing) with the default transition, which runs pipeline there; log-linear
-Gated DeltaNet (backend "triton": both ranks through the transition tree, rank 1 from an incoming level state).
+Gated DeltaNet (backend "triton": both ranks through the transition tree, rank 1 from an incoming level state; also
+with no final states asked for, as in training).
 
 Where one GPU is all there is, ``CP_GPU_ONE_DEVICE=1`` puts both ranks on cuda:0 and joins them over gloo (the
 collectives travel through host copies): the same comparisons, so the compiled kernels' CP paths are checked, but
@@ -110,11 +111,12 @@ def _linear_case(rank, kind, transition, device, weigh_states=True):
     return err
 
 
-def _loglinear_case(rank, device):
+def _loglinear_case(rank, device, want_states=True):
     """Log-linear Gated DeltaNet under CP, backend "triton" in bfloat16, against one GPU in float32 (backend "torch")
     over the whole sequence chained through the level states (as tests/test_loglinear_cp.py does on the CPU):
     outputs, every rank's final level states and every gradient. 8 chunks a rank: both ranks take the transition
-    tree (checked), rank 1 with the level of 16 chunks continuing from rank 0 (its incoming state)."""
+    tree (checked), rank 1 with the level of 16 chunks continuing from rank 0 (its incoming state). Without
+    ``want_states`` (as in training) no rank asks for its final states and the loss is on the outputs alone."""
     import torch.distributed as dist
     from lctrain.kernels.loglinear import fused, transition_tree
     from lctrain.parallel import context_parallel
@@ -137,7 +139,7 @@ def _loglinear_case(rank, device):
                       position_offset=rr * TL, backend="torch")
         outs.append(o)
         states.append(state)
-        loss = loss + (o * do[:, s]).sum() + (state * w_state[rr]).sum()
+        loss = loss + (o * do[:, s]).sum() + ((state * w_state[rr]).sum() if want_states else 0.0)
     loss.backward()
 
     sl = slice(rank * TL, (rank + 1) * TL)
@@ -146,13 +148,14 @@ def _loglinear_case(rank, device):
     trees, forward = [], fused.tree_forward
     fused.tree_forward = lambda *a, **kw: trees.append(1) or transition_tree.tree_forward(*a, **kw)
     try:
-        o, s_out = context_parallel(op, dist.group.WORLD)(*(loc[n] for n in names), output_final_state=True,
+        o, s_out = context_parallel(op, dist.group.WORLD)(*(loc[n] for n in names), output_final_state=want_states,
                                                            backend="triton")
     finally:
         fused.tree_forward = forward
-    ((o.float() * do[:, sl]).sum() + (s_out * w_state[rank]).sum()).backward()
-    err = {"ll o": rel(o, outs[rank]), "ll state": rel(s_out, states[rank]),
-           "ll took the tree": 0.0 if len(trees) == 1 else float("inf")}
+    ((o.float() * do[:, sl]).sum() + ((s_out * w_state[rank]).sum() if want_states else 0.0)).backward()
+    err = {"ll o": rel(o, outs[rank]), "ll took the tree": 0.0 if len(trees) == 1 else float("inf")}
+    if want_states:
+        err["ll state"] = rel(s_out, states[rank])
     for n in names:
         err["ll d" + n] = rel(loc[n].grad, full[n].grad[:, sl])
     return err
@@ -273,6 +276,7 @@ def gpu_worker(rank, world_size):
         cases[(kind, "overlap", "fuse_out")] = functools.partial(_fused_case, rank, kind, device)
     cases["conv"] = functools.partial(_conv_case, rank, device)
     cases["loglinear"] = functools.partial(_loglinear_case, rank, device)
+    cases[("loglinear", "no_state")] = functools.partial(_loglinear_case, rank, device, want_states=False)
     cases["model"] = functools.partial(_model_case, rank, device)
     cases["swa"] = functools.partial(_attention_case, rank, ATTN["window"], device)
     if HAS_DEEPSPEED:
@@ -333,6 +337,10 @@ def test_cp_conv_halo_on_two_gpus():
 
 def test_cp_loglinear_transition_tree_on_two_gpus():
     _check("loglinear")
+
+
+def test_cp_loglinear_transition_tree_without_final_states_on_two_gpus():
+    _check(("loglinear", "no_state"))
 
 
 def test_cp_sliding_window_halo_on_two_gpus():
