@@ -416,6 +416,29 @@ def test_transition_tree_from_incoming_states_matches_the_level_scans(monkeypatc
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_incoming_state_grads_kernel_matches_torch(dtype, tol):
+    """``triton_tree.incoming_state_grads`` (the tree backward's dS_in,j = sum_t (scale w_j qlast_t)^T dO_t, w_j =
+    lam[j] - lam[j + 1], the last level's lam[j] alone) against its torch form, on level weights that are a slice of
+    a wider [B, T, H, L] (row stride), two incoming levels (the top one and one below it), B=2, and T=837: a ragged
+    last chunk, cut into segments of 192 rows (5 segments, the last one short)."""
+    from lctrain.kernels.loglinear import triton_tree
+    from lctrain.kernels.loglinear.transition_tree import _incoming_state_grads
+    gen = torch.Generator().manual_seed(41)
+    B, T, H, K, V, L = 2, 837, 3, 16, 32, 9
+    qlast = torch.randn(B, T, H, K, generator=gen).to(dtype)
+    do = torch.randn(B, T, H, V, generator=gen).to(dtype)
+    lam = torch.rand(B, T, H, L, generator=gen)[..., 4:]   # the levels above the chunk: a view, row stride 9
+    levels = [2, 4]
+    got = triton_tree.incoming_state_grads(qlast, lam, levels, 0.3, do, rows=192)
+    want = _incoming_state_grads(qlast, lam, levels, 0.3, do, dtype)
+    assert set(got) == set(levels)
+    for j in levels:
+        assert got[j].shape == (B, H, K, V) and got[j].dtype == torch.float32
+        assert rel(got[j], want[j]) < tol, (j, rel(got[j], want[j]))
+
+
+@needs_triton
 @pytest.mark.parametrize("T,final,hoist,subtree", [(837, True, 1, (0, 0, 1)), (837, False, 1, (2, 3, 1)),
                                                    (1024, True, 1, (6, 6, 1)), (100, False, 1, (3, 2, 2)),
                                                    (837, False, 0, (0, 0, 2)), (837, True, 1, (1, 2, 2)),

@@ -195,15 +195,54 @@ def tree_level_fwd_kernel(nm_ptr, tot_ptr, ge_ptr, NN, NPHI, OFF, OFF1, K: tl.co
 
 
 @triton.jit
+def _incoming_weight(lam_ptr, j, base, rt, mt, H, NLW, LS):
+    """w_j = lam[j] - lam[j + 1] (lam[NLW] = 0) of the rows rt, fp32: the weight of level j's run."""
+    row = lam_ptr + (base + rt * H) * LS + j
+    return tl.load(row, mask=mt, other=0.0) - tl.load(row + 1, mask=mt & (j + 1 < NLW), other=0.0)
+
+
+@triton.jit
 def _incoming_level(s0_ptr, lam_ptr, inc_ptr, i, bh, base, rt, mt, H, NLW, LS, K: tl.constexpr, V: tl.constexpr, rk,
                     rv, dtype: tl.constexpr):
-    """(S_in,j [K, V] in ``dtype``, w_j = lam[j] - lam[j + 1] (lam[NLW] = 0) of the chunk's rows fp32) of the i-th
-    incoming level j = inc[i]: s0 [B, H, NLW, K, V] fp32."""
+    """(S_in,j [K, V] in ``dtype``, w_j of the chunk's rows fp32) of the i-th incoming level j = inc[i]: s0
+    [B, H, NLW, K, V] fp32."""
     j = tl.load(inc_ptr + i)
     s = tl.load(s0_ptr + ((bh * NLW + j) * K + rk[:, None]) * V + rv[None, :],
                 mask=(rk < K)[:, None] & (rv < V)[None, :], other=0.0).to(dtype)
-    row = lam_ptr + (base + rt * H) * LS + j
-    return s, tl.load(row, mask=mt, other=0.0) - tl.load(row + 1, mask=mt & (j + 1 < NLW), other=0.0)
+    return s, _incoming_weight(lam_ptr, j, base, rt, mt, H, NLW, LS)
+
+
+@triton.jit
+def incoming_grad_kernel(qlast_ptr, do_ptr, lam_ptr, inc_ptr, out_ptr, NINC, NLW, LS, scale, T, H, ROWS,
+                         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
+    """Program (segment s of ROWS rows, batch x head): for each incoming level j = inc[i], the segment's share of
+    dS_in,j = sum_t (scale w_j,t qlast_t)^T dO_t, fp32 [K, V] into out [S, B * H, NINC, K, V] (the caller sums the
+    segments: no atomics, the same sum every run). The weight goes into dO's rows, rounded to qlast's dtype with
+    them, as the product's operands."""
+    seg = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    base = b * T * H + h
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    rv = tl.arange(0, BV)
+    mv = rv < V
+    t1 = tl.minimum(seg * ROWS + ROWS, T)
+    for i in range(0, NINC):
+        j = tl.load(inc_ptr + i)
+        acc = tl.zeros([BK, BV], dtype=tl.float32)
+        for t0 in range(seg * ROWS, t1, C):
+            rt = t0 + tl.arange(0, C)
+            mt = rt < t1
+            q = tl.load(qlast_ptr + (base + rt[:, None] * H) * K + rk[None, :], mask=mt[:, None] & mk[None, :],
+                        other=0.0)
+            do = tl.load(do_ptr + (base + rt[:, None] * H) * V + rv[None, :], mask=mt[:, None] & mv[None, :],
+                         other=0.0).to(tl.float32)
+            w = scale * _incoming_weight(lam_ptr, j, base, rt, mt, H, NLW, LS)
+            acc += tl.dot(tl.trans(q), (do * w[:, None]).to(q.dtype)).to(tl.float32)
+        tl.store(out_ptr + (((seg * tl.num_programs(1) + bh) * NINC + i) * K + rk[:, None]) * V + rv[None, :], acc,
+                 mask=mk[:, None] & mv[None, :])
 
 
 @flags_given(WRITE_O="o_ptr", STORE_Q="qcs_ptr", STORE_LAST="qlast_ptr", HAS_IN="s0_ptr")
@@ -621,6 +660,27 @@ def readout_forward(o, qt, lam, nm, tots, ge, P: int, scale: float, store_q: boo
         C=CHUNK, CARRY_ALL=incoming is not None, HOIST=bool(triton_levels.CONFIG["HOIST"]),
         **_launch(K, tots.shape[-1], triton_levels.CONFIG["warps_readout_in" if has_in else "warps_readout_fwd"]))
     return qcs, qlast
+
+
+def incoming_state_grads(qlast, lam, levels: list[int], scale: float, do, rows: int | None = None) -> dict:
+    """{j: dS_in,j [B, H, K, V] fp32} = sum_t (scale w_j,t qlast_t)^T dO_t for the incoming levels j (``levels``) of a
+    call with incoming states: qlast [B, T, H, K] (``readout_forward``'s, in q's dtype), do [B, T, H, V] contiguous,
+    lam the level weights (``row_stride``). One pass over qlast and dO a level, the rows split into segments of
+    ``rows`` (a multiple of the chunk; default: at most 32 segments a batch x head, at least 2,048 rows each) whose
+    sums are added here."""
+    B, T, H, K = qlast.shape
+    V = do.shape[-1]
+    assert qlast.is_contiguous() and do.is_contiguous() and do.shape[:3] == (B, T, H)
+    rows = rows or max(2048, triton.cdiv(triton.cdiv(T, 32), CHUNK) * CHUNK)
+    assert rows % CHUNK == 0
+    segs = triton.cdiv(T, rows)
+    inc = cached_work(("incoming levels", tuple(levels)), lambda: list(levels), qlast.device)
+    out = torch.empty(segs, B * H, len(levels), K, V, device=qlast.device, dtype=torch.float32)
+    incoming_grad_kernel[(segs, B * H)](qlast, do, lam, inc, out, len(levels), lam.shape[-1], row_stride(lam),
+                                        float(scale), T, H, rows, K=K, V=V, BK=pow2(K), BV=pow2(V), C=CHUNK,
+                                        num_warps=4)
+    total = out.sum(0).view(B, H, len(levels), K, V)
+    return {j: total[:, :, i] for i, j in enumerate(levels)}
 
 
 def incoming_args(s0, levels: list[int]):
