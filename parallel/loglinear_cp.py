@@ -232,13 +232,19 @@ class LogLinearContextParallelOp:
                     gathered[:, nA:].reshape(self.size, *Bst.shape))
 
     def _fold_gradients(self, q, k, g, beta, lam, do, druns, A_all, cross, p, top, scale, backend, chunk_size):
-        """Gradient of every level's final run state of this rank (zero where no later rank reads it)."""
+        """Gradient of every level's final run state of this rank (zero where no later rank reads it). The
+        state-gradient pass runs only for the levels whose block began on an earlier rank (their G is what those
+        ranks read): rank 0 runs none."""
         w = level_weight_differences(q, lam, top)
         Gs = []
         for lev in cross:
+            if self._block_start(lev, p) == self.rank:   # the level's block starts here: no earlier rank reads G
+                Gs.append(torch.zeros(q.shape[0], q.shape[2], k.shape[-1], do.shape[-1], dtype=A_all.dtype,
+                                      device=q.device))
+                continue
             G = shard_state_grad(self.kind, level_query(q, w, lev), k, do, g=g, beta=beta, scale=scale,
                                  backend=backend, chunk_size=chunk_size)
-            Gs.append(G)
+            Gs.append(G.to(A_all.dtype))
         with _exact(q.device):
             G = torch.stack(Gs).to(A_all.dtype)                               # [n_cross, B, H, K, V]
             if druns is not None:

@@ -96,10 +96,12 @@ def close(a, b, what, tol=1e-10):
 
 def check(P, cases, tol=1e-10, passes=None):
     results = run_world(cp_worker, P, cases, timeout=240)
-    if passes is not None:   # which separate passes every rank ran, per case; exchanges_in_call says so beforehand
-        assert all(res["passes"] == passes for rank in results for res in rank), [
-            res["passes"] for rank in results for res in rank]
-        assert all(res["exchanges"] == (passes == []) for rank in results for res in rank)
+    if passes is not None:   # which separate passes each rank ran, per case (a list: every rank the same); and
+        # exchanges_in_call says beforehand whether it runs none
+        want = passes if isinstance(passes, dict) else {r: passes for r in range(P)}
+        ran = {r: [res["passes"] for res in results[r]] for r in range(P)}
+        assert all(p == want[r] for r in range(P) for p in ran[r]), ran
+        assert all(res["exchanges"] == (want[r] == []) for r in range(P) for res in results[r])
     for i, case in enumerate(cases):
         o_ref, s_ref, g_ref = reference(case, P)
         Tl = case[3]
@@ -116,12 +118,19 @@ def check(P, cases, tol=1e-10, passes=None):
 # (seed, kind, B, T_local, H, K, V, L, chunk): level blocks inside a rank, spanning 2 and 4 ranks;
 # L one larger than needed (that level's gradient must be zero everywhere: checked through the reference)
 def test_cp2_matches_one_process():
+    """Outside the transition tree every rank runs the transition pass; the state-gradient pass only where a level's
+    block began on an earlier rank (rank 0's G no rank reads)."""
     check(2, [(1, "gdn", 1, 8, 2, 4, 3, 6, 4), (2, "mamba2", 2, 4, 1, 3, 4, 5, 4)],
-          passes=["shard_transition", "shard_state_grad"])
+          passes={0: ["shard_transition"], 1: ["shard_transition", "shard_state_grad"]})
 
 
 def test_cp4_matches_one_process():
-    check(4, [(3, "gdn", 1, 4, 2, 4, 3, 6, 2), (4, "mamba2", 1, 8, 2, 3, 3, 7, 8)])
+    """Levels spanning 2 and 4 ranks: the state-gradient pass runs per level whose block began on an earlier rank,
+    so rank 0 none, rank 2 one (its pair's block starts there), ranks 1 and 3 two."""
+    grad = "shard_state_grad"
+    check(4, [(3, "gdn", 1, 4, 2, 4, 3, 6, 2), (4, "mamba2", 1, 8, 2, 3, 3, 7, 8)],
+          passes={0: ["shard_transition"], 1: ["shard_transition", grad, grad], 2: ["shard_transition", grad],
+                  3: ["shard_transition", grad, grad]})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
