@@ -58,6 +58,21 @@ def weight_differences(lam) -> torch.Tensor:
     return torch.cat([lam[..., :-1] - lam[..., 1:], lam[..., -1:]], dim=-1)
 
 
+def add_weight_differences_grad(dlam, dw, levels=None):
+    """dlam += the gradient through ``weight_differences``: w_j = lam_j - lam_{j+1} (the last lam itself), so lam_j
+    takes dw_j - dw_{j-1}. dw [..., n] holds the gradients of the levels ``levels`` (its column i is level
+    levels[i]'s), by default of every level of dlam in order. In place; returns dlam."""
+    if levels is None:
+        dlam += dw
+        dlam[..., 1:] -= dw[..., :-1]
+        return dlam
+    for i, j in enumerate(levels):
+        dlam[..., j] += dw[..., i]
+        if j + 1 < dlam.shape[-1]:
+            dlam[..., j + 1] -= dw[..., i]
+    return dlam
+
+
 def level_weight_differences(q, level_weights, top: int) -> torch.Tensor:
     """w_l = lambda_l - lambda_{l+1} for l < top, w_top = lambda_top: [B, T, H, top+1] (float32/64)."""
     return weight_differences(level_weights[..., : top + 1].to(compute_dtype(q, level_weights)))

@@ -34,7 +34,13 @@ from ..triton.common import CHUNK
 from ..triton.ops import _Cfg, _chunk_suffix_sum, aligned_input
 from ..triton.wy import wy_apply, wy_bwd, wy_fwd
 from . import triton_levels
-from .chunk import _last_block_states, runs_from_slots, slots_from_runs, weight_differences
+from .chunk import (
+    _last_block_states,
+    add_weight_differences_grad,
+    runs_from_slots,
+    slots_from_runs,
+    weight_differences,
+)
 from .levels import levels_needed
 from .scalar_tree import tree_levels
 from .transition_tree import tree_backward, tree_bytes, tree_depth, tree_forward, tree_serves
@@ -113,10 +119,8 @@ class _FusedLogLinear(torch.autograd.Function):
                                                               s0 is not None, ck, ctx.seg, hs)
             del hs
             dlam = torch.zeros_like(lam)
-            dlvl = dlam[..., hi + 1: hi + 1 + nl]
-            dlvl += dlw                    # w_j = lvl_j - lvl_{j+1}
-            dlvl[..., 1:] -= dlw[..., :-1]
-            del dlw, dlvl
+            add_weight_differences_grad(dlam[..., hi + 1: hi + 1 + nl], dlw)
+            del dlw
         else:
             dqt, dk, dgam = torch.zeros(B, T, H, K, **f32), torch.zeros(B, T, H, K, **f32), torch.zeros(B, T, H, **f32)
             dw = None if w is None else torch.zeros(B, T, H, K, **f32)

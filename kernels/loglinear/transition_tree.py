@@ -35,6 +35,7 @@ import torch
 
 from ..triton.common import CHUNK
 from . import triton_levels, triton_tree
+from .chunk import add_weight_differences_grad
 from .scalar_tree import _heads_first
 from .triton_tree import level_offset
 
@@ -290,10 +291,8 @@ def tree_backward(qt, k, w, u, gam, lam, scale: float, do, dst, kept=None, s0=No
                                                                     dlam, top, dfinal, incoming, qlast)
     del qcs, qlast
     dk, dw, du, dgam = triton_tree.tree_backward_pass(k, w, u, gam, nm, tots, ge, dnm, dtots, dge, P, top, flags)
-    for i, j in enumerate(inc):   # w_j = lam[j] - lam[j + 1]
-        dlam[..., j] += dlwin[..., i]
-        if j + 1 < NL:
-            dlam[..., j + 1] -= dlwin[..., i]
+    if inc:   # (the incoming readout's weights are w_j = lam[j] - lam[j + 1])
+        add_weight_differences_grad(dlam, dlwin, inc)
     ds0 = None
     if s0 is not None:
         ds0 = torch.zeros(s0.shape, device=s0.device, dtype=torch.float32)
