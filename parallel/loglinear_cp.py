@@ -147,7 +147,7 @@ class LogLinearContextParallelOp:
         """Whether this rank's call takes the transition tree and exchanges inside it (no separate transition or
         state-gradient pass): backend "triton" (or "auto" resolving to it), a chunk-aligned shard, levels that
         cross ranks, and Gated DeltaNet's tree taking this shard (``fused.takes_gdn_tree``)."""
-        if self.size == 1 or backend == "naive":
+        if self.size == 1:
             return False
         T = q.shape[1]
         if ll_ops._resolve(backend, self.base_name, q.device) != "triton" or (self.rank * T) % chunk_size:
@@ -246,7 +246,7 @@ class LogLinearContextParallelOp:
                                  backend=backend, chunk_size=chunk_size)
             Gs.append(G.to(A_all.dtype))
         with _exact(q.device):
-            G = torch.stack(Gs).to(A_all.dtype)                               # [n_cross, B, H, K, V]
+            G = torch.stack(Gs)                                                # [n_cross, B, H, K, V]
             if druns is not None:
                 u = druns[:, :, cross].movedim(2, 0).to(A_all.dtype)
                 G = G + torch.stack([apply_transition_transposed(A_all[self.rank], x) for x in u])

@@ -257,6 +257,11 @@ def _case_name(key):
     return key if isinstance(key, str) else "/".join(key)
 
 
+def _selected(key) -> bool:
+    """Whether CP_GPU_CASES (empty: every case) names the case, or the first part of its name."""
+    return not CASES or _case_name(key) in CASES or _case_name(key).split("/")[0] in CASES
+
+
 def gpu_worker(rank, world_size):
     import torch.distributed as dist
     device = torch.device("cuda", 0 if ONE_DEVICE else rank)
@@ -286,7 +291,7 @@ def gpu_worker(rank, world_size):
         if unknown:
             raise ValueError(f"CP_GPU_CASES names no case: {sorted(unknown)}; the cases: "
                              f"{sorted(_case_name(k) for k in cases)}")
-        cases = {k: c for k, c in cases.items() if _case_name(k) in CASES or _case_name(k).split("/")[0] in CASES}
+        cases = {k: c for k, c in cases.items() if _selected(k)}
     out = {}
     for key, case in cases.items():
         # one failing case (the same on every rank, before or after its collectives) fails its test only
@@ -304,7 +309,7 @@ def world():
 
 
 def _check(key):
-    if CASES and _case_name(key) not in CASES and _case_name(key).split("/")[0] not in CASES:
+    if not _selected(key):
         pytest.skip(f"CP_GPU_CASES={','.join(CASES)} leaves out {_case_name(key)}")
     for rank, res in enumerate(world()):
         assert "error" not in res[key], f"{key} rank {rank} raised:\n{res[key].get('error')}"
